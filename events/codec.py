@@ -1,0 +1,73 @@
+"""One JSON encoder and one typed decoder per message type, built once.
+
+``decode`` raises :class:`DecodeError` whose message names the offending field in the words of the
+contract (``$.max_tokens``), so actors can answer a bad message with a 400 that says what is wrong.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, TypeVar
+
+import msgspec
+
+from events.log import Event
+
+__all__ = ["DecodeError", "decode", "decode_event", "encode", "event_tag", "MAX_MESSAGE_BYTES"]
+
+T = TypeVar("T")
+
+# Requests larger than this are refused before any parsing (a 10 MB blob of garbage costs nothing).
+MAX_MESSAGE_BYTES = 1_048_576
+
+_encoder = msgspec.json.Encoder(decimal_format="string")
+_event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+class DecodeError(ValueError):
+    """A message could not be decoded into its contract type; the text names the problem."""
+
+
+def encode(message: Any) -> bytes:
+    """Encode any contract message or event to JSON bytes (money as decimal strings)."""
+    return _encoder.encode(message)
+
+
+@cache
+def _decoder(type_: Any) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(type_)
+
+
+def decode(data: bytes, type_: type[T], *, max_bytes: int = MAX_MESSAGE_BYTES) -> T:
+    """Decode ``data`` as ``type_``; raise :class:`DecodeError` naming the field on any problem."""
+    if len(data) > max_bytes:
+        raise DecodeError(f"message is {len(data)} bytes; the limit is {max_bytes} bytes")
+    try:
+        return _decoder(type_).decode(data)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise DecodeError(_describe(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}") from exc
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode one event of the log (any type of the union)."""
+    try:
+        return _event_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(_describe(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}") from exc
+
+
+def event_tag(event: msgspec.Struct) -> str:
+    """The ``type`` tag of an event or tagged message (``"spend_recorded"`` …)."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str), f"{type(event).__name__} is not a tagged message"
+    return tag
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    # msgspec wraps errors raised in __post_init__ as "<message> - at `$`"; keep its path hint.
+    return text or "invalid message"

@@ -1,0 +1,348 @@
+"""Requests, replies and stream messages of vapora's public and internal NATS contract (DESIGN §3).
+
+Every message is a frozen, keyword-only msgspec Struct; requests forbid unknown fields so that a
+typo in a caller's payload is a 400, not a silently ignored option. Money is ``Decimal`` (a JSON
+string on the wire). Token counts follow the OpenTelemetry GenAI convention: ``input_tokens``
+counts *all* input tokens, cached ones included; ``cache_read_tokens`` and ``cache_write_tokens``
+are subsets of it.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "Attempt",
+    "BudgetRelease",
+    "BudgetReserve",
+    "BudgetReserveReply",
+    "BudgetStatus",
+    "BudgetStatusRequest",
+    "Candidate",
+    "ChatMessage",
+    "CompletionRequest",
+    "CompletionResult",
+    "CostReport",
+    "ErrorBody",
+    "ErrorReply",
+    "FilterVerdict",
+    "Outcome",
+    "Price",
+    "ProviderCall",
+    "ProviderCallResult",
+    "Quality",
+    "ReportRequest",
+    "RouteDecision",
+    "StreamChunk",
+    "StreamEnd",
+    "StreamError",
+    "StreamMessage",
+    "TaskType",
+    "Tier",
+    "Usage",
+]
+
+
+class TaskType(enum.StrEnum):
+    """The guide's seven task types; each maps to a primary provider and a fallback chain."""
+
+    CODE_GENERATION = "CodeGeneration"
+    CODE_REVIEW = "CodeReview"
+    ARCHITECTURE_DESIGN = "ArchitectureDesign"
+    DOCUMENTATION = "Documentation"
+    GENERAL_QUERY = "GeneralQuery"
+    EMBEDDINGS = "Embeddings"
+    SECURITY_ANALYSIS = "SecurityAnalysis"
+
+
+class Quality(enum.StrEnum):
+    LOW = "Low"
+    MEDIUM = "Medium"
+    HIGH = "High"
+    CRITICAL = "Critical"
+
+
+class Tier(enum.StrEnum):
+    """Budget enforcement tier (DESIGN §4)."""
+
+    NORMAL = "Normal"
+    NEAR_THRESHOLD = "NearThreshold"
+    EXCEEDED = "Exceeded"
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    SKIPPED = "skipped"
+
+
+Tokens = Annotated[int, msgspec.Meta(ge=0)]
+Money = Annotated[Decimal, msgspec.Meta(description="USD as a decimal string, never a float")]
+Milliseconds = Annotated[float, msgspec.Meta(ge=0)]
+
+
+def _non_negative(name: str, value: Decimal | None) -> None:
+    # msgspec cannot constrain Decimal fields, and NaN/Infinity would poison every sum.
+    if value is not None and not (value.is_finite() and value >= 0):
+        raise ValueError(f"`{name}` must be a finite, non-negative decimal, got {value}")
+
+
+class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every message: immutable, keyword-only, unknown fields rejected."""
+
+
+class ChatMessage(_Message, kw_only=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class CompletionRequest(_Message, kw_only=True):
+    """A task for vapora: published by other services on ``vapora.complete`` / ``vapora.stream``."""
+
+    task_id: str | None = None
+    task_type: TaskType = TaskType.GENERAL_QUERY
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    system: str | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    quality: Quality = Quality.MEDIUM
+    domain: str | None = None
+    complexity: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    latency_required_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    budget_cents: Decimal | None = None
+    provider: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of `prompt` or `messages` is required")
+        if self.messages is not None and not self.messages:
+            raise ValueError("`messages` must not be empty")
+        if self.task_id is not None and not self.task_id:
+            raise ValueError("`task_id` must not be empty")
+        _non_negative("budget_cents", self.budget_cents)
+
+
+class Usage(_Message, kw_only=True):
+    """Provider-reported token counts. ``input_tokens`` includes both cache counts."""
+
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cache_read_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+
+
+class Price(_Message, kw_only=True):
+    """The prices a cost was computed from, per million tokens, and where they came from."""
+
+    input_per_mtok: Money
+    output_per_mtok: Money
+    cache_read_per_mtok: Money
+    cache_write_per_mtok: Money
+    source: str
+    version: str
+
+
+class Attempt(_Message, kw_only=True):
+    provider: str
+    model: str
+    outcome: Outcome
+    error_code: str | None = None
+    latency_ms: Milliseconds = 0.0
+    cost_usd: Money = Decimal(0)
+
+
+class FilterVerdict(_Message, kw_only=True):
+    """One routing filter's verdict on one candidate: kept or dropped, and why."""
+
+    filter: str
+    passed: bool
+    reason: str = ""
+
+
+class Candidate(_Message, kw_only=True):
+    provider: str
+    model: str
+    verdicts: list[FilterVerdict] = []
+    score: float | None = None
+    estimated_cost_usd: Money | None = None
+    kept: bool = False
+
+
+class RouteDecision(_Message, kw_only=True):
+    """Why the router chose what it chose: every candidate with each filter's verdict and score."""
+
+    reason: str
+    chain: list[str] = []
+    candidates: list[Candidate] = []
+    tier: Tier = Tier.NORMAL
+
+
+class CompletionResult(_Message, kw_only=True):
+    task_id: str
+    provider: str
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    cost_usd: Money
+    latency_ms: Milliseconds
+    attempts: list[Attempt]
+    route: RouteDecision
+
+
+class StreamChunk(_Message, tag="chunk", tag_field="type", kw_only=True):
+    task_id: str
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    text: str
+
+
+class StreamEnd(_Message, tag="end", tag_field="type", kw_only=True):
+    """The last message of a successful stream: every CompletionResult field but ``text``."""
+
+    task_id: str
+    provider: str
+    model: str
+    finish_reason: str | None
+    usage: Usage
+    cost_usd: Money
+    latency_ms: Milliseconds
+    attempts: list[Attempt]
+    route: RouteDecision
+
+
+class ErrorBody(_Message, kw_only=True):
+    code: str
+    message: str
+
+
+class StreamError(_Message, tag="error", tag_field="type", kw_only=True):
+    error: ErrorBody
+    task_id: str | None = None
+    usage: Usage | None = None
+    cost_usd: Money | None = None
+
+
+StreamMessage = StreamChunk | StreamEnd | StreamError
+
+
+class ErrorReply(_Message, kw_only=True):
+    """The body of every error reply (with ``Nats-Service-Error(-Code)`` headers)."""
+
+    error: ErrorBody
+
+
+class ReportRequest(_Message, kw_only=True):
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class CostReport(_Message, kw_only=True):
+    """The ledger's cost report; every figure is a sum of ``spend_recorded`` events."""
+
+    since: datetime | None
+    until: datetime | None
+    total_usd: Money
+    calls: int
+    by_provider: dict[str, Money] = {}
+    by_model: dict[str, Money] = {}
+    by_task_type: dict[str, Money] = {}
+    by_hour: dict[str, Money] = {}
+    by_day: dict[str, Money] = {}
+    days_observed: int = 0
+    daily_average_usd: Money = Decimal(0)
+    monthly_projection_usd: Money = Decimal(0)
+    last_sequence: int = 0
+
+
+class BudgetStatusRequest(_Message, kw_only=True):
+    """``vapora.budget`` takes an empty object."""
+
+
+class BudgetStatus(_Message, kw_only=True):
+    at: datetime
+    tier: Tier
+    daily_limit_usd: Money | None
+    monthly_limit_usd: Money | None
+    per_task_limit_usd: Money | None
+    spent_today_usd: Money
+    spent_month_usd: Money
+    reserved_usd: Money
+    open_reservations: int
+    daily_percent: float
+    monthly_percent: float
+    warn_threshold_percent: float
+
+
+# --- internal messages (router <-> provider actors, router <-> budget keeper) -------------------
+
+
+class ProviderCall(_Message, kw_only=True):
+    """Router -> provider actor on ``vapora.provider.<name>.call``: one attempt of a task.
+
+    For a stream, ``stream_to`` is the caller's reply subject: the provider actor publishes
+    chunks there directly, so they do not pass through the router.
+    """
+
+    task_id: str
+    task_type: TaskType
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    reservation_id: str | None = None
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    first_token_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stream_to: str | None = None
+
+
+class ProviderCallResult(_Message, kw_only=True):
+    """Provider actor -> router: what one attempt produced (a failure comes as an error reply)."""
+
+    provider: str
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    cost_usd: Money
+    latency_ms: Milliseconds
+    first_token_ms: Milliseconds | None = None
+    chunks: int = 0
+
+
+class BudgetReserve(_Message, kw_only=True):
+    """Router -> budget keeper on ``vapora.budget.reserve``: hold ``amount_usd`` for one attempt."""
+
+    reservation_id: str
+    task_id: str
+    provider: str
+    amount_usd: Money
+    task_limit_usd: Money | None = None
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
+
+    def __post_init__(self) -> None:
+        _non_negative("amount_usd", self.amount_usd)
+        _non_negative("task_limit_usd", self.task_limit_usd)
+
+
+class BudgetReserveReply(_Message, kw_only=True):
+    admitted: bool
+    reservation_id: str
+    tier: Tier
+    reason: str = ""
+
+
+class BudgetRelease(_Message, kw_only=True):
+    """Router -> budget keeper: give back a reservation whose attempt did not happen or failed."""
+
+    reservation_id: str
+    reason: str

@@ -1,0 +1,163 @@
+"""The event log's event types: one tagged union, tag field ``type`` (DESIGN §3, "The event log").
+
+Every event has an ``id`` (sent as ``Nats-Msg-Id`` so a retried append is stored once), ``at`` (UTC)
+and, where it belongs to one, the ``task_id``; ``causation_id`` names the event it answers.
+Evolution rules: new fields get defaults, nothing is renamed or retyped, a breaking change is a
+new tag. Unknown fields are tolerated on decode so that an older reader can replay a newer log.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+from events.contract import Price, Quality, RouteDecision, TaskType, Tier, Usage
+
+__all__ = [
+    "BudgetReleased",
+    "BudgetReserved",
+    "BudgetTierChanged",
+    "CallFailed",
+    "CallSucceeded",
+    "Event",
+    "EVENT_TYPES",
+    "FallbackTriggered",
+    "ProviderHealthChanged",
+    "RouteDecided",
+    "SpendRecorded",
+]
+
+Money = Annotated[Decimal, msgspec.Meta(description="USD as a decimal string, never a float")]
+Tokens = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    id: str
+    at: datetime
+    causation_id: str | None = None
+
+
+class RouteDecided(_Event, tag="route_decided", kw_only=True):
+    """The router chose a chain of providers for a task; ``decision`` says why."""
+
+    task_id: str
+    task_type: TaskType
+    quality: Quality
+    decision: RouteDecision
+    stream: bool = False
+
+
+class CallSucceeded(_Event, tag="call_succeeded", kw_only=True):
+    task_id: str
+    provider: str
+    model: str
+    attempt: int
+    usage: Usage
+    cost_usd: Money
+    latency_ms: float
+    first_token_ms: float | None = None
+    finish_reason: str | None = None
+    stream: bool = False
+
+
+class CallFailed(_Event, tag="call_failed", kw_only=True):
+    """An attempt failed. ``usage`` and ``cost_usd`` are what the provider billed anyway."""
+
+    task_id: str
+    provider: str
+    model: str
+    attempt: int
+    error_code: str
+    error_class: str
+    message: str
+    status: int | None = None
+    latency_ms: float = 0.0
+    usage: Usage = Usage()
+    cost_usd: Money = Decimal(0)
+    after_first_chunk: bool = False
+
+
+class FallbackTriggered(_Event, tag="fallback_triggered", kw_only=True):
+    task_id: str
+    from_provider: str
+    to_provider: str | None
+    reason: str
+    attempt: int
+
+
+class BudgetReserved(_Event, tag="budget_reserved", kw_only=True):
+    task_id: str
+    reservation_id: str
+    provider: str
+    amount_usd: Money
+    expires_at: datetime
+    task_limit_usd: Money | None = None
+
+
+class SpendRecorded(_Event, tag="spend_recorded", kw_only=True):
+    """Money spent: settles ``reservation_id`` at the actual cost. Carries the prices used."""
+
+    task_id: str
+    task_type: TaskType
+    provider: str
+    model: str
+    input_tokens: Tokens
+    output_tokens: Tokens
+    cache_read_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    cost_usd: Money
+    price: Price
+    reservation_id: str | None = None
+    attempt: int = 1
+
+
+class BudgetReleased(_Event, tag="budget_released", kw_only=True):
+    task_id: str
+    reservation_id: str
+    reason: Literal["settled", "failed", "expired", "not_called", "cancelled"]
+
+
+class BudgetTierChanged(_Event, tag="budget_tier_changed", kw_only=True):
+    """The tier moved; ``causation_id`` is the event that moved it."""
+
+    from_tier: Tier
+    to_tier: Tier
+    daily_percent: float
+    monthly_percent: float
+
+
+class ProviderHealthChanged(_Event, tag="provider_health_changed", kw_only=True):
+    provider: str
+    available: bool
+    reason: str
+    breaker: Literal["closed", "open", "half_open"] = "closed"
+    rate_limited_until: datetime | None = None
+    latency_estimate_ms: float | None = None
+
+
+Event = (
+    RouteDecided
+    | CallSucceeded
+    | CallFailed
+    | FallbackTriggered
+    | BudgetReserved
+    | SpendRecorded
+    | BudgetReleased
+    | BudgetTierChanged
+    | ProviderHealthChanged
+)
+
+EVENT_TYPES: dict[str, type[_Event]] = {
+    "route_decided": RouteDecided,
+    "call_succeeded": CallSucceeded,
+    "call_failed": CallFailed,
+    "fallback_triggered": FallbackTriggered,
+    "budget_reserved": BudgetReserved,
+    "spend_recorded": SpendRecorded,
+    "budget_released": BudgetReleased,
+    "budget_tier_changed": BudgetTierChanged,
+    "provider_health_changed": ProviderHealthChanged,
+}

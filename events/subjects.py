@@ -1,0 +1,65 @@
+"""Every NATS subject and stream name vapora uses, in one place.
+
+Public request subjects are what other services publish to (DESIGN §3). Internal subjects connect
+the actors. Event subjects are chosen so that each writer owns its own subjects: the budget keeper
+alone writes ``vapora.events.budget`` (fenced with ``Nats-Expected-Last-Subject-Sequence``), provider
+actors write ``call``/``spend``/``health`` events under their provider's name, routers write
+``route`` events. Per-writer subjects also make per-actor NATS permissions possible.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BUDGET",
+    "BUDGET_RESERVE",
+    "COMPLETE",
+    "EVENTS_PREFIX",
+    "EVENTS_WILDCARD",
+    "EVENT_STREAM",
+    "REPORT",
+    "STREAM",
+    "event_subject",
+    "provider_call",
+]
+
+COMPLETE = "vapora.complete"
+STREAM = "vapora.stream"
+REPORT = "vapora.report"
+BUDGET = "vapora.budget"
+BUDGET_RESERVE = "vapora.budget.reserve"
+
+EVENT_STREAM = "VAPORA_EVENTS"
+EVENTS_PREFIX = "vapora.events"
+EVENTS_WILDCARD = "vapora.events.>"
+
+_PROVIDER_CALL = "vapora.provider.{name}.call"
+
+# Event tag -> the subject family it is appended under.
+_EVENT_FAMILY = {
+    "route_decided": "route",
+    "fallback_triggered": "route",
+    "call_succeeded": "call",
+    "call_failed": "call",
+    "spend_recorded": "spend",
+    "provider_health_changed": "health",
+    "budget_reserved": "budget",
+    "budget_released": "budget",
+    "budget_tier_changed": "budget",
+}
+
+
+def provider_call(name: str) -> str:
+    """The subject a provider actor named ``name`` serves calls on."""
+    return _PROVIDER_CALL.format(name=name)
+
+
+def event_subject(event_type: str, provider: str | None = None) -> str:
+    """The subject an event of ``event_type`` is appended to.
+
+    Provider-written events are further split by provider so that each provider's actors (and
+    their NATS permissions) own a subject; budget events share one subject, the keeper's fence.
+    """
+    family = _EVENT_FAMILY.get(event_type, "other")
+    if provider is not None and family in ("call", "spend", "health"):
+        return f"{EVENTS_PREFIX}.{family}.{provider}"
+    return f"{EVENTS_PREFIX}.{family}"

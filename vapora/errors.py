@@ -1,0 +1,197 @@
+"""vapora's one exception tree.
+
+::
+
+    VaporaError                      code / status: how it crosses NATS (DESIGN §3 error codes)
+    ├── ConfigError                  a bad config file or flag                       500 internal
+    ├── InvalidRequest               a malformed or invalid message                  400 invalid_request
+    ├── UnknownProvider              a manual override naming no configured provider 404 unknown_provider
+    ├── UnknownTaskType              a task type with no mapping                     404 unknown_task_type
+    ├── BudgetExceeded               no admissible provider within the budget        402 budget_exceeded
+    ├── NoProviderAvailable          every candidate unavailable or failed           503 no_provider_available
+    ├── RequestTimeout               the whole task ran out of time                  504 timeout
+    ├── ConcurrencyConflict          a fenced append lost to another writer          409 conflict
+    ├── InternalError                a bug; the message says no more than needed     500 internal
+    └── ProviderError                one provider call failed (provider, status, error type)
+        ├── ProviderUnavailable      transient: 5xx, 529, 408, connection reset      -> fall back
+        │   └── ProviderTimeout      no first token / no answer in time              -> fall back
+        ├── ProviderRateLimited      429 with a wait (``retry_after`` seconds)       -> fall back
+        ├── ProviderQuotaExhausted   billing or quota used up: do not retry it       -> fall back
+        ├── ProviderConfigError      401/403/404: our key or model is wrong          -> fall back
+        ├── ProviderRejected         400/413/422: the caller's request is wrong      502, no fallback
+        └── ProviderStreamBroken     failed after the first chunk; ``usage`` so far   no fallback
+
+Foreign exceptions (httpx, nats) are translated at the boundary with ``raise ... from exc``.
+No error message ever contains an API key: provider messages are scrubbed by the clients.
+"""
+
+from __future__ import annotations
+
+from events.contract import Usage
+
+__all__ = [
+    "BudgetExceeded",
+    "ConcurrencyConflict",
+    "ConfigError",
+    "InternalError",
+    "InvalidRequest",
+    "NoProviderAvailable",
+    "ProviderConfigError",
+    "ProviderError",
+    "ProviderQuotaExhausted",
+    "ProviderRateLimited",
+    "ProviderRejected",
+    "ProviderStreamBroken",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RequestTimeout",
+    "UnknownProvider",
+    "UnknownTaskType",
+    "VaporaError",
+    "error_for_code",
+]
+
+
+class VaporaError(Exception):
+    """Base of every vapora error; ``code`` and ``status`` are its NATS service-error form."""
+
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(VaporaError):
+    code = "config_error"
+
+
+class InvalidRequest(VaporaError):
+    code = "invalid_request"
+    status = 400
+
+
+class UnknownProvider(VaporaError):
+    code = "unknown_provider"
+    status = 404
+
+
+class UnknownTaskType(VaporaError):
+    code = "unknown_task_type"
+    status = 404
+
+
+class BudgetExceeded(VaporaError):
+    code = "budget_exceeded"
+    status = 402
+
+
+class NoProviderAvailable(VaporaError):
+    code = "no_provider_available"
+    status = 503
+
+
+class RequestTimeout(VaporaError):
+    code = "timeout"
+    status = 504
+
+
+class ConcurrencyConflict(VaporaError):
+    code = "conflict"
+    status = 409
+
+
+class InternalError(VaporaError):
+    code = "internal"
+    status = 500
+
+
+class ProviderError(VaporaError):
+    """One provider call failed. ``usage`` is what the provider billed regardless (often zero)."""
+
+    code = "provider_error"
+    status = 502
+    error_class = "provider_error"
+    fallback = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        http_status: int | None = None,
+        error_type: str | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.http_status = http_status
+        self.error_type = error_type
+        self.usage = usage or Usage()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(provider={self.provider!r}, http_status={self.http_status!r}, "
+            f"error_type={self.error_type!r}, message={self.message!r})"
+        )
+
+
+class ProviderUnavailable(ProviderError):
+    error_class = "transient"
+
+
+class ProviderTimeout(ProviderUnavailable):
+    error_class = "timeout"
+
+
+class ProviderRateLimited(ProviderError):
+    error_class = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ProviderQuotaExhausted(ProviderError):
+    error_class = "quota_exhausted"
+
+
+class ProviderConfigError(ProviderError):
+    error_class = "configuration"
+
+
+class ProviderRejected(ProviderError):
+    """The provider rejected the caller's request (400/413/422): no other provider would differ."""
+
+    error_class = "caller_error"
+    fallback = False
+
+
+class ProviderStreamBroken(ProviderError):
+    """The call failed after its first chunk was forwarded: the caller already has partial text."""
+
+    error_class = "stream_broken"
+    fallback = False
+
+
+_BY_CODE: dict[str, type[VaporaError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        UnknownProvider,
+        UnknownTaskType,
+        BudgetExceeded,
+        NoProviderAvailable,
+        RequestTimeout,
+        ConcurrencyConflict,
+        InternalError,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> VaporaError:
+    """Rebuild our exception from a contract error reply (used by :class:`vapora.Client`)."""
+    if code == ProviderError.code:
+        return ProviderRejected(message, provider="")
+    return _BY_CODE.get(code, InternalError)(message)
