@@ -1,0 +1,922 @@
+"""vapora's configuration: one TOML file into frozen, typed, validated structs (DESIGN §5).
+
+The guide's ``config/llm-router.toml`` loads unchanged; the extra keys are optional and default
+sensibly. Loading goes in two steps: msgspec converts the TOML document into file-shaped structs
+(wrong types and unknown keys are rejected there), then each section is checked and resolved
+(provider kinds inferred, base URLs and qualities defaulted, prices resolved) into the public,
+frozen structs below. Every failure is a :class:`~vapora.errors.ConfigError` whose message names
+the file, the key path and the problem, e.g.
+``llm-router.toml: providers[2].timeout_ms: must be > 0, got -5``.
+
+Secrets: a provider names the environment variable that holds its key (``api_key_env``); the key
+itself is read only by :func:`api_key` from an env mapping the caller passes, and is never stored
+here. NATS passwords and tokens are masked in every repr and render.
+
+Environment: ``VAPORA_CONFIG`` names the config file and ``VAPORA_NATS_URL`` replaces the NATS
+URL(s); both are applied by functions that take the env mapping as a parameter (:func:`load`).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import importlib.resources
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from events.contract import Price, Quality, TaskType
+from vapora.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MAPPINGS",
+    "ENV_CONFIG",
+    "ENV_NATS_URL",
+    "BudgetConfig",
+    "Config",
+    "NatsConfig",
+    "PriceResolver",
+    "ProviderConfig",
+    "ProviderKind",
+    "RequiredQuality",
+    "RoutingConfig",
+    "RoutingRule",
+    "ScoreWeights",
+    "StorageConfig",
+    "TelemetryConfig",
+    "TlsConfig",
+    "api_key",
+    "apply_env",
+    "config_command",
+    "config_path",
+    "default_config",
+    "default_quality",
+    "infer_kind",
+    "load",
+    "load_config",
+    "missing_api_key",
+    "parse_config",
+    "render_json",
+    "render_text",
+]
+
+ENV_CONFIG: Final = "VAPORA_CONFIG"
+ENV_NATS_URL: Final = "VAPORA_NATS_URL"
+_MASK: Final = "***"
+
+
+class ProviderKind(enum.StrEnum):
+    """The wire protocol a provider speaks (which client vapora uses for it)."""
+
+    ANTHROPIC = "anthropic"
+    OPENAI = "openai"
+    GEMINI = "gemini"
+    OLLAMA = "ollama"
+
+
+DEFAULT_BASE_URLS: Final[Mapping[ProviderKind, str]] = {
+    ProviderKind.ANTHROPIC: "https://api.anthropic.com",
+    ProviderKind.OPENAI: "https://api.openai.com/v1",
+    ProviderKind.GEMINI: "https://generativelanguage.googleapis.com",
+    ProviderKind.OLLAMA: "http://localhost:11434",
+}
+
+DEFAULT_API_KEY_ENV: Final[Mapping[ProviderKind, str | None]] = {
+    ProviderKind.ANTHROPIC: "ANTHROPIC_API_KEY",
+    ProviderKind.OPENAI: "OPENAI_API_KEY",
+    ProviderKind.GEMINI: "GOOGLE_API_KEY",
+    ProviderKind.OLLAMA: None,
+}
+
+_KIND_BY_NAME: Final[Mapping[str, ProviderKind]] = {
+    "claude": ProviderKind.ANTHROPIC,
+    "anthropic": ProviderKind.ANTHROPIC,
+    "openai": ProviderKind.OPENAI,
+    "gemini": ProviderKind.GEMINI,
+    "google": ProviderKind.GEMINI,
+    "ollama": ProviderKind.OLLAMA,
+}
+
+# First match wins, so the more specific names come first. The guide's quality ladder:
+# Critical = Claude Opus; High = GPT-4, Claude Sonnet; Medium = GPT-3.5, Gemini Pro; Low = Ollama,
+# Gemini Flash. Numbers sit against RequiredQuality's defaults (0.4 / 0.6 / 0.8 / 0.9).
+_MODEL_QUALITY: Final[tuple[tuple[str, float], ...]] = (
+    ("opus", 0.95),
+    ("sonnet", 0.9),
+    ("haiku", 0.7),
+    ("nano", 0.6),
+    ("mini", 0.7),
+    ("gpt-3.5", 0.6),
+    ("gpt-4", 0.85),
+    ("gpt-5", 0.9),
+    ("flash-lite", 0.6),
+    ("flash", 0.7),
+    ("pro", 0.85),
+)
+_KIND_QUALITY: Final[Mapping[ProviderKind, float]] = {
+    ProviderKind.ANTHROPIC: 0.85,
+    ProviderKind.OPENAI: 0.8,
+    ProviderKind.GEMINI: 0.7,
+    ProviderKind.OLLAMA: 0.5,
+}
+
+# The guide's ``default_mappings``: used for a task type that has no ``[[routing_rules]]`` entry.
+# SecurityAnalysis has none, so without a rule it is an unknown task type (404).
+DEFAULT_MAPPINGS: Final[Mapping[TaskType, tuple[str, ...]]] = {
+    TaskType.CODE_GENERATION: ("claude", "openai", "ollama"),
+    TaskType.CODE_REVIEW: ("claude", "openai"),
+    TaskType.ARCHITECTURE_DESIGN: ("claude", "openai"),
+    TaskType.DOCUMENTATION: ("openai", "claude"),
+    TaskType.GENERAL_QUERY: ("gemini", "ollama"),
+    TaskType.EMBEDDINGS: ("ollama", "openai"),
+}
+
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")  # a name is a NATS subject token
+_NATS_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
+_HTTP_SCHEMES: Final = frozenset({"http", "https"})
+
+PriceResolver = Callable[..., Price]
+"""The signature of ``vapora.pricing.resolve_price(kind, model, *, input_per_mtok=None,
+output_per_mtok=None, cost_per_1k_tokens=None, at) -> Price``; raises ConfigError when a paid
+provider has no known price. Also passed: ``provider=`` (the configured name, for messages)."""
+
+
+class _Invalid(Exception):
+    """A problem at a key path; :func:`parse_config` adds the file name."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config struct: immutable, keyword-only, unknown keys rejected."""
+
+
+# --- public, resolved structs ------------------------------------------------------------------
+
+
+class ProviderConfig(_Section, frozen=True, kw_only=True):
+    """One provider, fully resolved: nothing here is optional that a client needs.
+
+    ``price`` is the price in force when the config was loaded (for estimates and display);
+    the cost of a call is computed with the price in force at the call's time.
+    """
+
+    name: str
+    kind: ProviderKind
+    model: str
+    base_url: str
+    api_key_env: str | None
+    priority: int
+    quality: float
+    timeout_ms: int
+    rate_limit_rpm: int | None
+    price: Price
+    cost_per_1k_tokens: Decimal | None = None
+    input_price_per_mtok: Decimal | None = None
+    output_price_per_mtok: Decimal | None = None
+
+    @property
+    def zero_cost(self) -> bool:
+        """True when every token is free (a local model)."""
+        p = self.price
+        prices = (
+            p.input_per_mtok,
+            p.output_per_mtok,
+            p.cache_read_per_mtok,
+            p.cache_write_per_mtok,
+        )
+        return all(x == 0 for x in prices)
+
+
+class RoutingRule(_Section, frozen=True, kw_only=True):
+    """A task type's mapping: the primary provider, then its fallback chain in order."""
+
+    task_type: TaskType
+    primary_provider: str
+    fallback_chain: tuple[str, ...] = ()
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The mapping in order: primary first."""
+        return (self.primary_provider, *self.fallback_chain)
+
+
+class BudgetConfig(_Section, frozen=True, kw_only=True):
+    """Spending limits in cents, as in the guide (``None``: no such limit)."""
+
+    daily_limit_cents: Decimal | None = None
+    monthly_limit_cents: Decimal | None = None
+    per_task_limit_cents: Decimal | None = None
+    warn_threshold_percent: float = 90.0
+
+    @property
+    def daily_limit_usd(self) -> Decimal | None:
+        """The daily limit in USD."""
+        return _usd(self.daily_limit_cents)
+
+    @property
+    def monthly_limit_usd(self) -> Decimal | None:
+        """The monthly limit in USD."""
+        return _usd(self.monthly_limit_cents)
+
+    @property
+    def per_task_limit_usd(self) -> Decimal | None:
+        """The per-task limit in USD."""
+        return _usd(self.per_task_limit_cents)
+
+
+class ScoreWeights(_Section, frozen=True, kw_only=True):
+    """Weights of the score's terms; each in [0, 1], summing to 1 (the guide's 0.4/0.3/0.3)."""
+
+    quality: float = 0.4
+    cost: float = 0.3
+    latency: float = 0.3
+
+
+class RequiredQuality(_Section, frozen=True, kw_only=True):
+    """The quality (0 to 1) each requirement level asks of a candidate; non-decreasing."""
+
+    low: float = 0.4
+    medium: float = 0.6
+    high: float = 0.8
+    critical: float = 0.9
+
+    def level(self, quality: Quality) -> float:
+        """The required quality for a request's ``quality``."""
+        return {
+            Quality.LOW: self.low,
+            Quality.MEDIUM: self.medium,
+            Quality.HIGH: self.high,
+            Quality.CRITICAL: self.critical,
+        }[quality]
+
+
+class RoutingConfig(_Section, frozen=True, kw_only=True):
+    """Knobs of the routing decision (see :mod:`vapora.routing` for how each is used).
+
+    ``shortfall_penalty``: how much a candidate's quality term loses per unit of quality below the
+    requirement, on top of its lower quality. ``use_default_mappings``: fall back to the guide's
+    mappings for task types without a rule. ``zero_cost_last_resort``: append configured zero-cost
+    providers that are not in a task's mapping to the end of its chain.
+    """
+
+    weights: ScoreWeights = msgspec.field(default_factory=ScoreWeights)
+    required_quality: RequiredQuality = msgspec.field(default_factory=RequiredQuality)
+    shortfall_penalty: float = 3.0
+    use_default_mappings: bool = True
+    zero_cost_last_resort: bool = True
+
+
+class TlsConfig(_Section, frozen=True, kw_only=True):
+    """TLS files for the NATS connection."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+class NatsConfig(_Section, frozen=True, kw_only=True):
+    """Where and how to connect to NATS. No URLs: ``vapora up`` starts the embedded server."""
+
+    urls: tuple[str, ...] = ()
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    tls: TlsConfig | None = None
+
+    def __repr__(self) -> str:
+        password = None if self.password is None else _MASK
+        token = None if self.token is None else _MASK
+        return (
+            f"NatsConfig(urls={self.urls!r}, user={self.user!r}, password={password!r}, "
+            f"token={token!r}, creds={self.creds!r}, tls={self.tls!r})"
+        )
+
+    __str__ = __repr__
+
+
+class StorageConfig(_Section, frozen=True, kw_only=True):
+    """Where the embedded server and the ledger keep their files."""
+
+    data_dir: str = ".vapora"
+
+
+class TelemetryConfig(_Section, frozen=True, kw_only=True):
+    """OpenTelemetry and metrics switches (parsed here, used by the actors)."""
+
+    enabled: bool = False
+    exporter: Literal["none", "console", "otlp"] = "none"
+    prometheus_port: int | None = None
+    capture_content: bool = False
+
+
+class Config(_Section, frozen=True, kw_only=True):
+    """A whole, validated configuration. ``source`` is the file it came from."""
+
+    source: str
+    providers: tuple[ProviderConfig, ...]
+    routing_rules: tuple[RoutingRule, ...] = ()
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        """The provider called ``name``, or None."""
+        return next((p for p in self.providers if p.name == name), None)
+
+    def rule(self, task_type: TaskType) -> RoutingRule | None:
+        """The configured rule for ``task_type``, or None."""
+        return next((r for r in self.routing_rules if r.task_type == task_type), None)
+
+    def mapping(self, task_type: TaskType) -> tuple[str, ...] | None:
+        """The task type's provider names in order: its rule, else the guide's default, else None.
+
+        A default mapping may name providers that are not configured; routing records them as
+        dropped.
+        """
+        rule = self.rule(task_type)
+        if rule is not None:
+            return rule.chain
+        if self.routing.use_default_mappings:
+            return DEFAULT_MAPPINGS.get(task_type)
+        return None
+
+
+# --- file-shaped structs (what the TOML may say) ------------------------------------------------
+
+
+class _ProviderFile(_Section, frozen=True, kw_only=True):
+    name: str
+    model: str
+    kind: str | None = None
+    api_key_env: str | None = None
+    base_url: str | None = None
+    endpoint: str | None = None
+    priority: int | None = None
+    quality: float | None = None
+    cost_per_1k_tokens: Decimal | None = None
+    input_price_per_mtok: Decimal | None = None
+    output_price_per_mtok: Decimal | None = None
+    timeout_ms: int = 30_000
+    rate_limit_rpm: int | None = None
+
+
+class _NatsFile(_Section, frozen=True, kw_only=True):
+    url: str | list[str] | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    tls: TlsConfig | None = None
+
+
+class _ConfigFile(_Section, frozen=True, kw_only=True):
+    providers: list[_ProviderFile] = []
+    routing_rules: list[RoutingRule] = []
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    nats: _NatsFile = msgspec.field(default_factory=_NatsFile)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+
+
+# --- small pure helpers -------------------------------------------------------------------------
+
+
+def _usd(cents: Decimal | None) -> Decimal | None:
+    return None if cents is None else cents / 100
+
+
+def infer_kind(name: str) -> ProviderKind | None:
+    """The kind named by a well-known word in ``name`` (``claude-fast`` → anthropic), or None."""
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    kinds = {_KIND_BY_NAME[w] for w in words if w in _KIND_BY_NAME}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def default_quality(kind: ProviderKind, model: str) -> float:
+    """A sensible quality (0 to 1) for a model when the config gives none."""
+    if kind is ProviderKind.OLLAMA:
+        return _KIND_QUALITY[kind]
+    lowered = model.lower()
+    match = next((q for word, q in _MODEL_QUALITY if word in lowered), None)
+    return _KIND_QUALITY[kind] if match is None else match
+
+
+def api_key(provider: ProviderConfig, env: Mapping[str, str]) -> str | None:
+    """The provider's API key from ``env``; None if it needs none or the variable is unset/empty."""
+    if provider.api_key_env is None:
+        return None
+    return env.get(provider.api_key_env) or None
+
+
+def missing_api_key(provider: ProviderConfig, env: Mapping[str, str]) -> str | None:
+    """Why the provider cannot authenticate (``ANTHROPIC_API_KEY is not set``); None if it can."""
+    if provider.api_key_env is None or api_key(provider, env) is not None:
+        return None
+    return f"{provider.api_key_env} is not set"
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        allowed = "|".join(sorted(schemes))
+        raise _Invalid(path, f"{url!r} is not a valid URL (expected {allowed}://host[:port])")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise _Invalid(path, f"{url!r} has a bad port") from exc
+    return url.rstrip("/")
+
+
+def _check_unit(path: str, value: float) -> None:
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise _Invalid(path, f"must be between 0 and 1, got {value}")
+
+
+def _check_money(path: str, value: Decimal | None, *, positive: bool = False) -> None:
+    if value is None:
+        return
+    if not value.is_finite() or value < 0 or (positive and value == 0):
+        bound = "> 0 (omit the key for no limit)" if positive else ">= 0"
+        raise _Invalid(path, f"must be a finite number {bound}, got {value}")
+
+
+def _check_positive_int(path: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise _Invalid(path, f"must be > 0, got {value}")
+
+
+# --- resolution of each section -----------------------------------------------------------------
+
+
+def _kind(path: str, raw: _ProviderFile) -> ProviderKind:
+    if raw.kind is not None:
+        try:
+            return ProviderKind(raw.kind)
+        except ValueError:
+            allowed = "|".join(k.value for k in ProviderKind)
+            raise _Invalid(
+                f"{path}.kind", f"unknown kind {raw.kind!r} (expected {allowed})"
+            ) from None
+    kind = infer_kind(raw.name)
+    if kind is None:
+        problem = f"cannot infer the kind from the name {raw.name!r}; set kind = anthropic|openai|…"
+        raise _Invalid(f"{path}.kind", problem)
+    return kind
+
+
+def _base_url(path: str, raw: _ProviderFile, kind: ProviderKind) -> str:
+    if raw.base_url is not None and raw.endpoint is not None and raw.base_url != raw.endpoint:
+        raise _Invalid(f"{path}.endpoint", "is an alias of base_url; give one, not both")
+    given = raw.base_url if raw.base_url is not None else raw.endpoint
+    key = "base_url" if raw.base_url is not None else "endpoint"
+    if given is None:
+        return DEFAULT_BASE_URLS[kind]
+    return _check_url(f"{path}.{key}", given, _HTTP_SCHEMES)
+
+
+def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
+    if not _NAME_RE.match(raw.name):
+        raise _Invalid(f"{path}.name", f"{raw.name!r} must be letters, digits, '-' or '_'")
+    if not raw.model.strip():
+        raise _Invalid(f"{path}.model", "must not be empty")
+    if raw.api_key_env is not None and not raw.api_key_env.strip():
+        raise _Invalid(f"{path}.api_key_env", "must not be empty")
+    if raw.quality is not None:
+        _check_unit(f"{path}.quality", raw.quality)
+    _check_positive_int(f"{path}.timeout_ms", raw.timeout_ms)
+    _check_positive_int(f"{path}.rate_limit_rpm", raw.rate_limit_rpm)
+    if raw.priority is not None and raw.priority < 0:
+        raise _Invalid(f"{path}.priority", f"must be >= 0, got {raw.priority}")
+    for key in ("cost_per_1k_tokens", "input_price_per_mtok", "output_price_per_mtok"):
+        _check_money(f"{path}.{key}", getattr(raw, key))
+    if (raw.input_price_per_mtok is None) != (raw.output_price_per_mtok is None):
+        raise _Invalid(path, "give both input_price_per_mtok and output_price_per_mtok, or neither")
+
+
+def _price(
+    path: str, raw: _ProviderFile, kind: ProviderKind, at: datetime, resolve: PriceResolver
+) -> Price:
+    try:
+        return resolve(
+            kind.value,
+            raw.model,
+            input_per_mtok=raw.input_price_per_mtok,
+            output_per_mtok=raw.output_price_per_mtok,
+            cost_per_1k_tokens=raw.cost_per_1k_tokens,
+            at=at,
+            provider=raw.name,
+        )
+    except ConfigError as exc:
+        raise _Invalid(path, f"no usable price: {exc.message}") from exc
+
+
+def _provider(
+    index: int, raw: _ProviderFile, at: datetime, resolve: PriceResolver
+) -> ProviderConfig:
+    path = f"providers[{index}]"
+    _check_provider_scalars(path, raw)
+    kind = _kind(path, raw)
+    return ProviderConfig(
+        name=raw.name,
+        kind=kind,
+        model=raw.model,
+        base_url=_base_url(path, raw, kind),
+        api_key_env=raw.api_key_env if raw.api_key_env is not None else DEFAULT_API_KEY_ENV[kind],
+        priority=raw.priority if raw.priority is not None else index + 1,
+        quality=raw.quality if raw.quality is not None else default_quality(kind, raw.model),
+        timeout_ms=raw.timeout_ms,
+        rate_limit_rpm=raw.rate_limit_rpm,
+        price=_price(path, raw, kind, at, resolve),
+        cost_per_1k_tokens=raw.cost_per_1k_tokens,
+        input_price_per_mtok=raw.input_price_per_mtok,
+        output_price_per_mtok=raw.output_price_per_mtok,
+    )
+
+
+def _providers(
+    raws: list[_ProviderFile], at: datetime, resolve: PriceResolver
+) -> tuple[ProviderConfig, ...]:
+    if not raws:
+        raise _Invalid("providers", "at least one [[providers]] entry is required")
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(raws):
+        if raw.name in seen:
+            raise _Invalid(
+                f"providers[{index}].name",
+                f"duplicate provider name {raw.name!r} (also providers[{seen[raw.name]}])",
+            )
+        seen[raw.name] = index
+    return tuple(_provider(i, raw, at, resolve) for i, raw in enumerate(raws))
+
+
+def _check_rule(index: int, rule: RoutingRule, names: set[str]) -> None:
+    path = f"routing_rules[{index}]"
+    keys = ["primary_provider"] + [f"fallback_chain[{i}]" for i in range(len(rule.fallback_chain))]
+    seen: set[str] = set()
+    for key, name in zip(keys, rule.chain, strict=True):
+        if name not in names:
+            known = ", ".join(sorted(names))
+            raise _Invalid(f"{path}.{key}", f"unknown provider {name!r} (configured: {known})")
+        if name in seen:
+            raise _Invalid(f"{path}.{key}", f"provider {name!r} appears twice in the chain")
+        seen.add(name)
+
+
+def _check_rules(rules: list[RoutingRule], providers: tuple[ProviderConfig, ...]) -> None:
+    names = {p.name for p in providers}
+    seen: dict[TaskType, int] = {}
+    for index, rule in enumerate(rules):
+        if rule.task_type in seen:
+            first = f"routing_rules[{seen[rule.task_type]}]"
+            problem = f"a second rule for {rule.task_type.value} (the first is {first})"
+            raise _Invalid(f"routing_rules[{index}].task_type", problem)
+        seen[rule.task_type] = index
+        _check_rule(index, rule, names)
+
+
+def _check_budget(budget: BudgetConfig) -> None:
+    for key in ("daily_limit_cents", "monthly_limit_cents", "per_task_limit_cents"):
+        _check_money(f"budget.{key}", getattr(budget, key), positive=True)
+    warn = budget.warn_threshold_percent
+    if not (math.isfinite(warn) and 50 < warn <= 100):
+        raise _Invalid("budget.warn_threshold_percent", f"must be in (50, 100], got {warn}")
+
+
+def _check_routing(routing: RoutingConfig) -> None:
+    weights = routing.weights
+    for key in ("quality", "cost", "latency"):
+        _check_unit(f"routing.weights.{key}", getattr(weights, key))
+    total = weights.quality + weights.cost + weights.latency
+    if not math.isclose(total, 1.0, abs_tol=1e-9):
+        raise _Invalid("routing.weights", f"must sum to 1, got {total:g}")
+    levels = routing.required_quality
+    previous = 0.0
+    for key in ("low", "medium", "high", "critical"):
+        value = getattr(levels, key)
+        _check_unit(f"routing.required_quality.{key}", value)
+        if value < previous:
+            raise _Invalid(
+                f"routing.required_quality.{key}", "must not be below the level under it"
+            )
+        previous = value
+    penalty = routing.shortfall_penalty
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise _Invalid("routing.shortfall_penalty", f"must be >= 0, got {penalty}")
+
+
+def _nats_urls(path: str, url: str | list[str] | None) -> tuple[str, ...]:
+    if url is None:
+        return ()
+    if isinstance(url, str):
+        return (_check_url(path, url, _NATS_SCHEMES),)
+    if not url:
+        raise _Invalid(path, "must not be an empty list (omit it for the embedded server)")
+    return tuple(_check_url(f"{path}[{i}]", u, _NATS_SCHEMES) for i, u in enumerate(url))
+
+
+def _nats(raw: _NatsFile) -> NatsConfig:
+    if raw.password is not None and raw.user is None:
+        raise _Invalid("nats.password", "needs nats.user")
+    if raw.token is not None and raw.user is not None:
+        raise _Invalid("nats.token", "give a token or a user and password, not both")
+    tls = raw.tls
+    if tls is not None and (tls.cert is None) != (tls.key is None):
+        raise _Invalid("nats.tls", "give both cert and key, or neither")
+    return NatsConfig(
+        urls=_nats_urls("nats.url", raw.url),
+        user=raw.user,
+        password=raw.password,
+        token=raw.token,
+        creds=raw.creds,
+        tls=tls,
+    )
+
+
+def _check_misc(storage: StorageConfig, telemetry: TelemetryConfig) -> None:
+    if not storage.data_dir.strip():
+        raise _Invalid("storage.data_dir", "must not be empty")
+    port = telemetry.prometheus_port
+    if port is not None and not 1 <= port <= 65535:
+        raise _Invalid("telemetry.prometheus_port", f"must be in 1..65535, got {port}")
+
+
+def _resolve(doc: _ConfigFile, source: str, at: datetime, resolve: PriceResolver) -> Config:
+    providers = _providers(doc.providers, at, resolve)
+    _check_rules(doc.routing_rules, providers)
+    _check_budget(doc.budget)
+    _check_routing(doc.routing)
+    _check_misc(doc.storage, doc.telemetry)
+    return Config(
+        source=source,
+        providers=providers,
+        routing_rules=tuple(doc.routing_rules),
+        budget=doc.budget,
+        routing=doc.routing,
+        nats=_nats(doc.nats),
+        storage=doc.storage,
+        telemetry=doc.telemetry,
+    )
+
+
+# --- pricing adapter ----------------------------------------------------------------------------
+
+
+def _price_resolver() -> PriceResolver:
+    """ADAPTER: ``vapora.pricing.resolve_price`` when that module exists, else a local stand-in.
+
+    ``vapora/pricing.py`` is written in parallel with this module; once it has landed this function
+    can shrink to ``return pricing.resolve_price``.
+    """
+    try:
+        pricing = importlib.import_module("vapora.pricing")
+    except ModuleNotFoundError:
+        return _stand_in_price
+    resolver: PriceResolver = pricing.resolve_price
+    return resolver
+
+
+def _stand_in_price(
+    kind: str,
+    model: str,
+    *,
+    input_per_mtok: Decimal | None = None,
+    output_per_mtok: Decimal | None = None,
+    cost_per_1k_tokens: Decimal | None = None,
+    at: datetime,
+    provider: str | None = None,
+) -> Price:
+    """Config prices only (no maintained table): explicit prices, then the blended one."""
+    if input_per_mtok is not None and output_per_mtok is not None:
+        inp, out, source = input_per_mtok, output_per_mtok, "config"
+    elif cost_per_1k_tokens is not None:
+        inp = out = cost_per_1k_tokens * 1000
+        source = "config:cost_per_1k_tokens"
+    elif kind == ProviderKind.OLLAMA.value:
+        inp, out, source = Decimal(0), Decimal(0), "local"
+    else:
+        raise ConfigError(f"no price is known for {kind} model {model!r}")
+    return Price(
+        input_per_mtok=inp,
+        output_per_mtok=out,
+        cache_read_per_mtok=inp,
+        cache_write_per_mtok=inp,
+        source=source,
+        version=at.date().isoformat(),
+    )
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _validation_problem(exc: msgspec.ValidationError) -> _Invalid:
+    message = str(exc)
+    text, _, where = message.partition(" - at `")
+    path = where.rstrip("`").removeprefix("$").removeprefix(".") or "(top level)"
+    field = re.match(r"Object (contains unknown|missing required) field `([^`]*)`", text)
+    if field is None:
+        return _Invalid(path, text[:1].lower() + text[1:])
+    key = field.group(2) if path == "(top level)" else f"{path}.{field.group(2)}"
+    return _Invalid(
+        key, "unknown key" if field.group(1) == "contains unknown" else "missing required key"
+    )
+
+
+def parse_config(
+    text: str, *, source: str, at: datetime, resolve_price: PriceResolver | None = None
+) -> Config:
+    """Parse and validate TOML ``text``; ``source`` names it in errors.
+
+    ``at`` is the load time used to resolve each provider's price; ``resolve_price`` defaults to
+    ``vapora.pricing.resolve_price``.
+    """
+    resolve = resolve_price if resolve_price is not None else _price_resolver()
+    try:
+        doc = msgspec.convert(tomllib.loads(text), _ConfigFile)
+        return _resolve(doc, source, at, resolve)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    except msgspec.ValidationError as exc:
+        problem = _validation_problem(exc)
+        raise ConfigError(f"{source}: {problem}") from exc
+    except _Invalid as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def load_config(
+    path: str | Path, *, at: datetime, resolve_price: PriceResolver | None = None
+) -> Config:
+    """Read and validate the config file at ``path`` (see :func:`parse_config`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{path}: cannot read the config file: {reason}") from exc
+    return parse_config(text, source=str(path), at=at, resolve_price=resolve_price)
+
+
+def default_config(*, at: datetime, resolve_price: PriceResolver | None = None) -> Config:
+    """The embedded default (``vapora/default.toml``), used when no file is given."""
+    text = importlib.resources.files("vapora").joinpath("default.toml").read_text(encoding="utf-8")
+    return parse_config(text, source="<embedded default>", at=at, resolve_price=resolve_price)
+
+
+def config_path(flag: str | None, env: Mapping[str, str]) -> str | None:
+    """The config file to load: the flag, else ``VAPORA_CONFIG``, else None (the default)."""
+    return flag or env.get(ENV_CONFIG) or None
+
+
+def apply_env(config: Config, env: Mapping[str, str], *, nats_url: str | None = None) -> Config:
+    """Override the NATS URLs: ``nats_url`` (a flag) first, else ``VAPORA_NATS_URL``.
+
+    Either may be a comma-separated list for a cluster.
+    """
+    override = nats_url or env.get(ENV_NATS_URL)
+    if not override:
+        return config
+    key = "--nats-url" if nats_url else ENV_NATS_URL
+    urls = [u.strip() for u in override.split(",") if u.strip()]
+    try:
+        checked = _nats_urls(key, urls)
+    except _Invalid as exc:
+        raise ConfigError(str(exc)) from exc
+    return msgspec.structs.replace(config, nats=msgspec.structs.replace(config.nats, urls=checked))
+
+
+def load(
+    flag: str | None,
+    *,
+    env: Mapping[str, str],
+    at: datetime,
+    nats_url: str | None = None,
+    resolve_price: PriceResolver | None = None,
+) -> Config:
+    """The config a command runs with: the file (flag, ``VAPORA_CONFIG`` or default), then env."""
+    path = config_path(flag, env)
+    if path is None:
+        config = default_config(at=at, resolve_price=resolve_price)
+    else:
+        config = load_config(path, at=at, resolve_price=resolve_price)
+    return apply_env(config, env, nats_url=nats_url)
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def _mapping_rows(config: Config) -> list[tuple[str, tuple[str, ...] | None, str]]:
+    rows = []
+    for task_type in TaskType:
+        origin = "rule" if config.rule(task_type) is not None else "guide default"
+        mapping = config.mapping(task_type)
+        rows.append((task_type.value, mapping, origin if mapping is not None else "none"))
+    return rows
+
+
+def render_json(config: Config) -> str:
+    """The resolved config as JSON (secrets masked), plus each task type's effective mapping."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    nats = data["nats"]
+    for secret in ("password", "token"):
+        if nats[secret] is not None:
+            nats[secret] = _MASK
+    data["mappings"] = {name: list(m) if m else None for name, m, _ in _mapping_rows(config)}
+    return json.dumps(data, indent=2)
+
+
+def _money(value: Decimal | None) -> str:
+    return "none" if value is None else f"${value:.2f}"
+
+
+def _provider_lines(p: ProviderConfig, env: Mapping[str, str] | None) -> list[str]:
+    if p.api_key_env is None:
+        key = "no API key"
+    elif env is None:
+        key = f"key from ${p.api_key_env}"
+    else:
+        key = f"key from ${p.api_key_env} ({'missing' if missing_api_key(p, env) else 'set'})"
+    price = p.price
+    return [
+        f"  {p.name}: {p.kind.value} {p.model} at {p.base_url}",
+        f"    {key}; quality {p.quality:g}; priority {p.priority}; timeout {p.timeout_ms} ms;"
+        f" rate limit {p.rate_limit_rpm or 'none'} rpm",
+        f"    price per Mtok: input ${price.input_per_mtok} output ${price.output_per_mtok}"
+        f" ({price.source} {price.version})",
+    ]
+
+
+def _routing_lines(config: Config) -> list[str]:
+    lines = ["routing (task type -> chain):"]
+    for name, mapping, origin in _mapping_rows(config):
+        chain = " -> ".join(mapping) if mapping else "(no mapping: unknown_task_type)"
+        lines.append(f"  {name:<19} {chain}  [{origin}]")
+    r = config.routing
+    w, q = r.weights, r.required_quality
+    lines.append(f"  score weights: quality {w.quality:g}, cost {w.cost:g}, latency {w.latency:g}")
+    lines.append(
+        f"  required quality: low {q.low:g}, medium {q.medium:g}, high {q.high:g}, "
+        f"critical {q.critical:g}; shortfall penalty {r.shortfall_penalty:g}"
+    )
+    lines.append(f"  zero-cost last resort: {'yes' if r.zero_cost_last_resort else 'no'}")
+    return lines
+
+
+def _tail_lines(config: Config) -> list[str]:
+    b, n, t = config.budget, config.nats, config.telemetry
+    nats = ", ".join(n.urls) if n.urls else "embedded server"
+    auth = (
+        "token"
+        if n.token
+        else ("user " + n.user if n.user else ("creds file" if n.creds else "none"))
+    )
+    return [
+        f"budget: daily {_money(b.daily_limit_usd)}, monthly {_money(b.monthly_limit_usd)}, "
+        f"per task {_money(b.per_task_limit_usd)}, warn at {b.warn_threshold_percent:g}%",
+        f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}",
+        f"storage: {config.storage.data_dir}",
+        f"telemetry: {'on' if t.enabled else 'off'}, exporter {t.exporter}, "
+        f"prometheus port {t.prometheus_port or 'none'}, capture content {t.capture_content}",
+    ]
+
+
+def render_text(config: Config, env: Mapping[str, str] | None = None) -> str:
+    """The resolved config as readable text; with ``env``, says whether each API key is set."""
+    lines = [f"config: {config.source}", "providers:"]
+    for provider in config.providers:
+        lines.extend(_provider_lines(provider, env))
+    lines.extend(_routing_lines(config))
+    lines.extend(_tail_lines(config))
+    return "\n".join(lines) + "\n"
+
+
+def config_command(
+    path: str | None, *, as_json: bool, env: Mapping[str, str], at: datetime | None = None
+) -> tuple[int, str]:
+    """``vapora config F``: (0, the rendered config) or (2, the reason the file is bad).
+
+    ``path`` None means ``VAPORA_CONFIG`` or the embedded default; ``VAPORA_NATS_URL`` applies.
+    """
+    when = at if at is not None else datetime.now(UTC)
+    try:
+        config = load(path, env=env, at=when)
+    except ConfigError as exc:
+        return 2, f"vapora config: {exc.message}\n"
+    return 0, (render_json(config) + "\n") if as_json else render_text(config, env)
