@@ -479,7 +479,8 @@ def _kind(path: str, raw: _ProviderFile) -> ProviderKind:
             ) from None
     kind = infer_kind(raw.name)
     if kind is None:
-        problem = f"cannot infer the kind from the name {raw.name!r}; set kind = anthropic|openai|…"
+        allowed = "|".join(k.value for k in ProviderKind)
+        problem = f"cannot infer the kind from the name {raw.name!r}; set kind = {allowed}"
         raise _Invalid(f"{path}.kind", problem)
     return kind
 
