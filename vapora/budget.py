@@ -1,0 +1,651 @@
+"""Budget state as a fold over the event log, the tier, and admission (DESIGN §4).
+
+The money side's pure core. ``evolve(state, event)`` folds ``budget_reserved``, ``spend_recorded``
+and ``budget_released`` into a :class:`BudgetState`; every other event type leaves it unchanged.
+``tier``, ``admit``, ``expired`` and ``status`` read a state at a caller-given ``now``: no clock,
+no I/O in here. The budget keeper actor is the shell around these functions.
+
+Semantics
+    * Spend lands in the UTC day and UTC month of the *event's own* ``at``, never of ``now``.
+    * ``spend_recorded`` settles its reservation at the actual cost: the hold is closed and the cost
+      counted. A spend with no (or an unknown, or an already closed) reservation still counts.
+    * ``budget_released`` closes the hold; spend already recorded stays (a failed call keeps what
+      the provider billed). Settling or releasing a closed reservation is a no-op, and so is a
+      ``budget_reserved`` for an id already closed (it arrived after its own settlement).
+    * With a stream sequence (``evolve(state, event, seq)``, :func:`catch_up`) an event at or
+      below ``state.last_sequence`` is skipped, so restart = snapshot + tail is idempotent.
+
+Tier
+    percent = max(daily %, monthly %), open reservations counted. Normal below 50 %;
+    NearThreshold from 50 % up to *and including* the warn threshold; Exceeded strictly above it.
+    A limit of zero counts as 100 % used. No limits at all: always Normal.
+
+Retention (memory must not grow with the log)
+    Pruning is driven by event time: it runs when an event is the first of a new UTC day (a scan
+    of the retained maps once a day, not per event), so replay and live application prune alike:
+    * days and months before the first day of the previous month are dropped;
+    * a task's spend is dropped once it holds no open reservation and has had no event for
+      :data:`TASK_RETENTION` (a task idle that long starts from zero again if it comes back);
+    * ids of closed reservations are forgotten :data:`CLOSED_RETENTION` after they closed.
+    The all-time ``total_spent_usd`` and ``spend_events`` are never pruned (they are two numbers).
+
+Performance
+    The state is frozen at the boundary: :func:`replay` and :func:`catch_up` fold many events into
+    one private, mutable builder and freeze once; :func:`evolve` copies only what one event touches
+    (the big maps are sharded copy-on-write, so one event copies one shard, not the whole map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Generic, TypeVar
+
+import msgspec
+
+from events.contract import BudgetReserve, BudgetStatus, Tier
+from events.log import BudgetReleased, BudgetReserved, Event, SpendRecorded
+from vapora.errors import ConfigError
+
+__all__ = [
+    "Admission",
+    "BudgetLimits",
+    "BudgetState",
+    "CLOSED_RETENTION",
+    "EMPTY",
+    "Reservation",
+    "TASK_RETENTION",
+    "TaskSpend",
+    "admit",
+    "catch_up",
+    "evolve",
+    "expired",
+    "percentages",
+    "replay",
+    "restore",
+    "snapshot",
+    "status",
+    "tier",
+]
+
+TASK_RETENTION = timedelta(days=1)
+CLOSED_RETENTION = timedelta(days=1)
+_ZERO = Decimal(0)
+_HUNDRED = Decimal(100)
+_NEAR_PERCENT = Decimal(50)
+_SHARDS = 16  # a power of two; one event copies 1/16 of a big map in `evolve`
+_MASK = _SHARDS - 1
+
+K = TypeVar("K")
+V = TypeVar("V")
+Shards = tuple[dict[K, V], ...]
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+class BudgetLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Configured limits in USD; ``None`` means unlimited. Build from the config's cents."""
+
+    daily_usd: Decimal | None = None
+    monthly_usd: Decimal | None = None
+    per_task_usd: Decimal | None = None
+    warn_threshold_percent: Decimal = Decimal(90)
+
+    def __post_init__(self) -> None:
+        for name in ("daily_usd", "monthly_usd", "per_task_usd"):
+            value = getattr(self, name)
+            if value is not None and not (value.is_finite() and value >= 0):
+                raise ConfigError(f"budget `{name}` must be a non-negative amount, got {value}")
+        if not _NEAR_PERCENT <= self.warn_threshold_percent <= _HUNDRED:
+            raise ConfigError(
+                "`warn_threshold_percent` must be within 50..100,"
+                f" got {self.warn_threshold_percent}"
+            )
+
+    @classmethod
+    def from_cents(
+        cls,
+        *,
+        daily_cents: Decimal | int | None = None,
+        monthly_cents: Decimal | int | None = None,
+        per_task_cents: Decimal | int | None = None,
+        warn_threshold_percent: Decimal | int | float = 90,
+    ) -> BudgetLimits:
+        """Limits from the config's cents (``None`` = unlimited)."""
+        return cls(
+            daily_usd=_usd(daily_cents),
+            monthly_usd=_usd(monthly_cents),
+            per_task_usd=_usd(per_task_cents),
+            warn_threshold_percent=Decimal(str(warn_threshold_percent)),
+        )
+
+
+def _usd(cents: Decimal | int | None) -> Decimal | None:
+    return None if cents is None else Decimal(cents) / 100
+
+
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    """An open hold on the budget, from a ``budget_reserved`` event."""
+
+    task_id: str
+    provider: str
+    amount_usd: Decimal
+    reserved_at: datetime
+    expires_at: datetime
+
+
+class TaskSpend(msgspec.Struct, frozen=True, array_like=True):
+    """One task's spend, its open holds, its lowest requested cap and its last event time."""
+
+    spent_usd: Decimal
+    held_usd: Decimal
+    last_at: datetime
+    cap_usd: Decimal | None = None
+
+
+class Admission(msgspec.Struct, frozen=True):
+    """The answer to a reservation request; ``reason`` is a human sentence either way."""
+
+    admitted: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """The budget as of ``last_sequence``: a frozen value, never mutated once returned.
+
+    ``days`` and ``months`` map a UTC day (a month: its first day) to the spend recorded in it.
+    Read tasks and reservations through the methods; their maps are sharded internally.
+    """
+
+    last_sequence: int = 0
+    watermark: datetime | None = None
+    total_spent_usd: Decimal = _ZERO
+    spend_events: int = 0
+    reserved_usd: Decimal = _ZERO
+    days: Mapping[date, Decimal] = field(default_factory=dict)
+    months: Mapping[date, Decimal] = field(default_factory=dict)
+    next_prune: datetime | None = field(default=None, repr=False)
+    _tasks: Shards[str, TaskSpend] = field(default_factory=lambda: _empty_shards(), repr=False)
+    _open: Shards[str, Reservation] = field(default_factory=lambda: _empty_shards(), repr=False)
+    _closed: Shards[str, datetime] = field(default_factory=lambda: _empty_shards(), repr=False)
+
+    def spent_on(self, day: date) -> Decimal:
+        """Spend recorded in the UTC calendar day ``day``."""
+        return self.days.get(day, _ZERO)
+
+    def spent_in_month(self, day: date) -> Decimal:
+        """Spend recorded in the UTC calendar month containing ``day``."""
+        return self.months.get(day.replace(day=1), _ZERO)
+
+    def task(self, task_id: str) -> TaskSpend | None:
+        """The task's spend and holds, or ``None`` if unknown (or pruned)."""
+        return self._tasks[hash(task_id) & _MASK].get(task_id)
+
+    def reservation(self, reservation_id: str) -> Reservation | None:
+        """The open reservation with this id, if any."""
+        return self._open[hash(reservation_id) & _MASK].get(reservation_id)
+
+    def is_closed(self, reservation_id: str) -> bool:
+        """Whether this reservation was settled or released (within retention)."""
+        return reservation_id in self._closed[hash(reservation_id) & _MASK]
+
+    def open_reservations(self) -> dict[str, Reservation]:
+        """All open reservations, by id (a fresh dict)."""
+        return _merged(self._open)
+
+    def tasks(self) -> dict[str, TaskSpend]:
+        """Every tracked task's spend (a fresh dict)."""
+        return _merged(self._tasks)
+
+    def closed_reservations(self) -> dict[str, datetime]:
+        """Ids of reservations closed within retention, with when they closed (a fresh dict)."""
+        return _merged(self._closed)
+
+
+def _empty_shards() -> tuple[dict[K, V], ...]:
+    return tuple({} for _ in range(_SHARDS))
+
+
+def _merged(shards: Shards[K, V]) -> dict[K, V]:
+    out: dict[K, V] = {}
+    for shard in shards:
+        out.update(shard)
+    return out
+
+
+def _sharded(items: Mapping[K, V]) -> Shards[K, V]:
+    shards: Shards[K, V] = _empty_shards()
+    for key, value in items.items():
+        shards[hash(key) & _MASK][key] = value
+    return shards
+
+
+EMPTY = BudgetState()
+"""The budget before any event."""
+
+
+# --- the builder: mutable, private, copy-on-write over a frozen state ---------------------------
+
+
+class _CowMap(Generic[K, V]):
+    """A sharded map borrowed from a frozen state; a shard is copied before its first write."""
+
+    __slots__ = ("_owned", "_shards")
+
+    def __init__(self, shards: Shards[K, V]) -> None:
+        self._shards = list(shards)
+        self._owned = [False] * _SHARDS
+
+    def get(self, key: K) -> V | None:
+        return self._shards[hash(key) & _MASK].get(key)
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._shards[hash(key) & _MASK]
+
+    def _writable(self, index: int) -> dict[K, V]:
+        if not self._owned[index]:
+            self._shards[index] = dict(self._shards[index])
+            self._owned[index] = True
+        return self._shards[index]
+
+    def set(self, key: K, value: V) -> None:
+        index = hash(key) & _MASK
+        shard = self._shards[index] if self._owned[index] else self._writable(index)
+        shard[key] = value
+
+    def pop(self, key: K) -> V | None:
+        index = hash(key) & _MASK
+        if key not in self._shards[index]:
+            return None
+        return self._writable(index).pop(key)
+
+    def drop_where(self, stale: Callable[[V], bool]) -> None:
+        for index, shard in enumerate(self._shards):
+            doomed = [key for key, value in shard.items() if stale(value)]
+            if doomed:
+                writable = self._writable(index)
+                for key in doomed:
+                    del writable[key]
+
+    def values(self) -> Iterator[V]:
+        for shard in self._shards:
+            yield from shard.values()
+
+    def freeze(self) -> Shards[K, V]:
+        self._owned = [False] * _SHARDS  # the frozen state now shares every shard
+        return tuple(self._shards)
+
+
+class _Books:
+    """The fold's working copy: mutated in place, frozen once into a :class:`BudgetState`."""
+
+    __slots__ = (
+        "closed",
+        "days",
+        "days_owned",
+        "last_sequence",
+        "months",
+        "months_owned",
+        "next_prune",
+        "open",
+        "reserved",
+        "spend_events",
+        "tasks",
+        "total",
+        "watermark",
+    )
+
+    def __init__(self, state: BudgetState) -> None:
+        self.last_sequence = state.last_sequence
+        self.watermark = state.watermark
+        self.next_prune = state.next_prune
+        self.total = state.total_spent_usd
+        self.spend_events = state.spend_events
+        self.reserved = state.reserved_usd
+        self.days: dict[date, Decimal] = state.days  # type: ignore[assignment]
+        self.months: dict[date, Decimal] = state.months  # type: ignore[assignment]
+        self.days_owned = self.months_owned = False
+        self.tasks: _CowMap[str, TaskSpend] = _CowMap(state._tasks)
+        self.open: _CowMap[str, Reservation] = _CowMap(state._open)
+        self.closed: _CowMap[str, datetime] = _CowMap(state._closed)
+
+    def freeze(self) -> BudgetState:
+        self.days_owned = self.months_owned = False
+        return BudgetState(
+            last_sequence=self.last_sequence,
+            watermark=self.watermark,
+            total_spent_usd=self.total,
+            spend_events=self.spend_events,
+            reserved_usd=self.reserved,
+            days=self.days,
+            months=self.months,
+            next_prune=self.next_prune,
+            _tasks=self.tasks.freeze(),
+            _open=self.open.freeze(),
+            _closed=self.closed.freeze(),
+        )
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, SpendRecorded):
+            self.spend(event)
+        elif isinstance(event, BudgetReserved):
+            self.reserve(event)
+        elif isinstance(event, BudgetReleased):
+            at = _utc(event.at)
+            self.close(event.reservation_id, at)
+            self.touch_task(event.task_id, at, _ZERO, _ZERO, None)
+            self.tick(at)
+
+    def reserve(self, event: BudgetReserved) -> None:
+        rid, at = event.reservation_id, _utc(event.at)
+        amount = _ZERO
+        if rid not in self.open and rid not in self.closed:
+            amount = event.amount_usd
+            self.open.set(
+                rid,
+                Reservation(
+                    task_id=event.task_id,
+                    provider=event.provider,
+                    amount_usd=amount,
+                    reserved_at=at,
+                    expires_at=_utc(event.expires_at),
+                ),
+            )
+            self.reserved += amount
+        # Touched even when ignored, so the task's cap and last activity do not depend on order.
+        self.touch_task(event.task_id, at, _ZERO, amount, event.task_limit_usd)
+        self.tick(at)
+
+    def spend(self, event: SpendRecorded) -> None:
+        at, cost = _utc(event.at), event.cost_usd
+        day = at.date()
+        month = day.replace(day=1)
+        if not self.days_owned:
+            self.days, self.days_owned = dict(self.days), True
+        if not self.months_owned:
+            self.months, self.months_owned = dict(self.months), True
+        self.days[day] = self.days.get(day, _ZERO) + cost
+        self.months[month] = self.months.get(month, _ZERO) + cost
+        self.total += cost
+        self.spend_events += 1
+        self.touch_task(event.task_id, at, cost, _ZERO, None)
+        if event.reservation_id is not None:
+            self.close(event.reservation_id, at)
+        self.tick(at)
+
+    def close(self, rid: str, at: datetime) -> None:
+        held = self.open.pop(rid)
+        if held is not None:
+            self.reserved -= held.amount_usd
+            self.touch_task(held.task_id, at, _ZERO, -held.amount_usd, None)
+        if rid not in self.closed:
+            self.closed.set(rid, at)
+
+    def touch_task(
+        self, task_id: str, at: datetime, spent: Decimal, held: Decimal, cap: Decimal | None
+    ) -> None:
+        old = self.tasks.get(task_id)
+        if old is None:
+            self.tasks.set(task_id, TaskSpend(spent, held, at, cap))
+            return
+        if old.cap_usd is not None and (cap is None or old.cap_usd < cap):
+            cap = old.cap_usd
+        last = at if at > old.last_at else old.last_at
+        self.tasks.set(task_id, TaskSpend(old.spent_usd + spent, old.held_usd + held, last, cap))
+
+    def tick(self, at: datetime) -> None:
+        """Advance the event-time watermark; prune when event time enters a new UTC day."""
+        if self.watermark is None or at > self.watermark:
+            self.watermark = at
+        if self.next_prune is None:
+            self.next_prune = _next_midnight(at)
+        elif at >= self.next_prune:
+            self.prune(at)
+            self.next_prune = _next_midnight(at)
+
+    def prune(self, now: datetime) -> None:
+        keep_from = _previous_month(now.date())
+        if any(day < keep_from for day in self.days):
+            self.days = {d: v for d, v in self.days.items() if d >= keep_from}
+            self.days_owned = True
+        if any(month < keep_from for month in self.months):
+            self.months = {m: v for m, v in self.months.items() if m >= keep_from}
+            self.months_owned = True
+        idle_since, closed_before = now - TASK_RETENTION, now - CLOSED_RETENTION
+        self.tasks.drop_where(lambda t: t.held_usd == 0 and t.last_at < idle_since)
+        self.closed.drop_where(lambda closed_at: closed_at < closed_before)
+
+
+def _utc(at: datetime) -> datetime:
+    if at.tzinfo is UTC:
+        return at
+    if at.tzinfo is None:  # the contract says UTC; a naive timestamp is taken at its word
+        return at.replace(tzinfo=UTC)
+    return at.astimezone(UTC)
+
+
+def _next_midnight(at: datetime) -> datetime:
+    return at.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+
+
+def _previous_month(day: date) -> date:
+    first = day.replace(day=1)
+    return (first - timedelta(days=1)).replace(day=1)
+
+
+# --- the fold -----------------------------------------------------------------------------------
+
+
+def evolve(state: BudgetState, event: Event, seq: int | None = None) -> BudgetState:
+    """The state after ``event``. With ``seq`` (its stream sequence), an event already applied
+    (``seq <= state.last_sequence``) returns ``state`` unchanged."""
+    if seq is not None and seq <= state.last_sequence:
+        return state
+    if not isinstance(event, SpendRecorded | BudgetReserved | BudgetReleased):
+        return state if seq is None else _with_sequence(state, seq)
+    books = _Books(state)
+    books.apply(event)
+    if seq is not None:
+        books.last_sequence = seq
+    return books.freeze()
+
+
+def _with_sequence(state: BudgetState, seq: int) -> BudgetState:
+    books = _Books(state)
+    books.last_sequence = seq
+    return books.freeze()
+
+
+def replay(events: Iterable[Event], state: BudgetState = EMPTY) -> BudgetState:
+    """Fold ``events`` (without sequences) into ``state``: the fast path for whole-log replays."""
+    books = _Books(state)
+    for event in events:
+        books.apply(event)
+    return books.freeze()
+
+
+def catch_up(state: BudgetState, tail: Iterable[tuple[Event, int]]) -> BudgetState:
+    """Fold ``(event, stream_seq)`` pairs into ``state``, skipping those already applied."""
+    books = _Books(state)
+    for event, seq in tail:
+        if seq > books.last_sequence:
+            books.apply(event)
+            books.last_sequence = seq
+    return books.freeze()
+
+
+# --- reading the state at a given time ----------------------------------------------------------
+
+
+def percentages(state: BudgetState, limits: BudgetLimits, now: datetime) -> tuple[Decimal, Decimal]:
+    """Daily and monthly percent used at ``now``, open reservations counted."""
+    today = _utc(now).date()
+    daily = _percent(state.spent_on(today) + state.reserved_usd, limits.daily_usd)
+    monthly = _percent(state.spent_in_month(today) + state.reserved_usd, limits.monthly_usd)
+    return daily, monthly
+
+
+def _percent(used: Decimal, limit: Decimal | None) -> Decimal:
+    if limit is None:
+        return _ZERO
+    if limit == 0:
+        return _HUNDRED  # nothing paid fits a zero limit
+    return used * _HUNDRED / limit
+
+
+def tier(state: BudgetState, limits: BudgetLimits, now: datetime) -> Tier:
+    """Normal below 50 %, NearThreshold from 50 % to the warn threshold inclusive, then Exceeded."""
+    return _tier_of(max(percentages(state, limits, now)), limits)
+
+
+def _tier_of(percent: Decimal, limits: BudgetLimits) -> Tier:
+    if percent > limits.warn_threshold_percent:
+        return Tier.EXCEEDED
+    if percent >= _NEAR_PERCENT:
+        return Tier.NEAR_THRESHOLD
+    return Tier.NORMAL
+
+
+def admit(
+    state: BudgetState, limits: BudgetLimits, request: BudgetReserve, now: datetime
+) -> Admission:
+    """Does ``request`` fit the daily, monthly and task limits with every open hold counted?
+
+    The task's cap is the lowest of the configured per-task limit, the request's
+    ``task_limit_usd`` and any lower cap an earlier reservation of the task asked for.
+    A zero amount always fits; an id already open is admitted again (the fold ignores the
+    duplicate); an id already settled or released is refused.
+    """
+    rid = request.reservation_id
+    if state.reservation(rid) is not None:
+        return Admission(True, f"reservation {rid} is already open")
+    if state.is_closed(rid):
+        return Admission(False, f"reservation {rid} was already settled or released")
+    if request.amount_usd == 0:
+        return Admission(True, "a zero amount fits every limit")
+    refusal = _refusal(state, limits, request, _utc(now).date())
+    return Admission(refusal is None, refusal or "fits the daily, monthly and task limits")
+
+
+def _refusal(
+    state: BudgetState, limits: BudgetLimits, request: BudgetReserve, today: date
+) -> str | None:
+    amount, held = request.amount_usd, state.reserved_usd
+    task = state.task(request.task_id)
+    checks = (
+        ("daily", limits.daily_usd, state.spent_on(today), held),
+        ("monthly", limits.monthly_usd, state.spent_in_month(today), held),
+        (
+            f"task {request.task_id}",
+            _task_cap(limits, request, task),
+            task.spent_usd if task else _ZERO,
+            task.held_usd if task else _ZERO,
+        ),
+    )
+    for name, limit, spent, holds in checks:
+        if limit is not None and spent + holds + amount > limit:
+            return (
+                f"{name} limit ${limit} would be exceeded: spent ${spent} + held ${holds}"
+                f" + this ${amount} = ${spent + holds + amount}"
+            )
+    return None
+
+
+def _task_cap(
+    limits: BudgetLimits, request: BudgetReserve, task: TaskSpend | None
+) -> Decimal | None:
+    caps = [limits.per_task_usd, request.task_limit_usd, task.cap_usd if task else None]
+    present = [cap for cap in caps if cap is not None]
+    return min(present) if present else None
+
+
+def expired(state: BudgetState, now: datetime) -> list[str]:
+    """Ids of open reservations whose expiry is at or before ``now``, oldest expiry first."""
+    now = _utc(now)
+    due = [
+        (r.expires_at, rid) for rid, r in state.open_reservations().items() if r.expires_at <= now
+    ]
+    return [rid for _, rid in sorted(due)]
+
+
+def status(state: BudgetState, limits: BudgetLimits, now: datetime) -> BudgetStatus:
+    """What ``vapora.budget`` answers: limits, spend, holds, percentages and the tier at ``now``."""
+    today = _utc(now).date()
+    daily, monthly = percentages(state, limits, now)
+    return BudgetStatus(
+        at=_utc(now),
+        tier=_tier_of(max(daily, monthly), limits),
+        daily_limit_usd=limits.daily_usd,
+        monthly_limit_usd=limits.monthly_usd,
+        per_task_limit_usd=limits.per_task_usd,
+        spent_today_usd=state.spent_on(today),
+        spent_month_usd=state.spent_in_month(today),
+        reserved_usd=state.reserved_usd,
+        open_reservations=sum(len(shard) for shard in state._open),
+        daily_percent=float(daily),
+        monthly_percent=float(monthly),
+        warn_threshold_percent=float(limits.warn_threshold_percent),
+    )
+
+
+# --- snapshots ----------------------------------------------------------------------------------
+
+
+class _Snapshot(msgspec.Struct, kw_only=True):
+    version: int = 1
+    last_sequence: int
+    watermark: datetime | None
+    next_prune: datetime | None
+    total_spent_usd: Decimal
+    spend_events: int
+    reserved_usd: Decimal
+    days: dict[date, Decimal]
+    months: dict[date, Decimal]
+    tasks: dict[str, TaskSpend]
+    open: dict[str, Reservation]
+    closed: dict[str, datetime]
+
+
+_snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
+_snapshot_encoder = msgspec.msgpack.Encoder(decimal_format="string")
+
+
+def snapshot(state: BudgetState) -> bytes:
+    """The state as msgpack bytes, ``last_sequence`` included: restart = restore + tail."""
+    return _snapshot_encoder.encode(
+        _Snapshot(
+            last_sequence=state.last_sequence,
+            watermark=state.watermark,
+            next_prune=state.next_prune,
+            total_spent_usd=state.total_spent_usd,
+            spend_events=state.spend_events,
+            reserved_usd=state.reserved_usd,
+            days=dict(state.days),
+            months=dict(state.months),
+            tasks=state.tasks(),
+            open=state.open_reservations(),
+            closed=state.closed_reservations(),
+        )
+    )
+
+
+def restore(data: bytes) -> BudgetState:
+    """The state a :func:`snapshot` was taken of."""
+    snap = _snapshot_decoder.decode(data)
+    return BudgetState(
+        last_sequence=snap.last_sequence,
+        watermark=snap.watermark,
+        total_spent_usd=snap.total_spent_usd,
+        spend_events=snap.spend_events,
+        reserved_usd=snap.reserved_usd,
+        days=snap.days,
+        months=snap.months,
+        next_prune=snap.next_prune,
+        _tasks=_sharded(snap.tasks),
+        _open=_sharded(snap.open),
+        _closed=_sharded(snap.closed),
+    )
