@@ -6,7 +6,15 @@ This package imports nothing else of vapora's; every other package depends on it
 from __future__ import annotations
 
 from events import subjects
-from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, decode_event, encode, event_tag
+from events.codec import (
+    MAX_MESSAGE_BYTES,
+    DecodeError,
+    decode,
+    decode_event,
+    decode_events,
+    encode,
+    event_tag,
+)
 from events.contract import (
     Attempt,
     BudgetRelease,
@@ -95,6 +103,7 @@ __all__ = [
     "Usage",
     "decode",
     "decode_event",
+    "decode_events",
     "encode",
     "event_tag",
     "subjects",

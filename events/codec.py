@@ -13,7 +13,15 @@ import msgspec
 
 from events.log import Event
 
-__all__ = ["DecodeError", "decode", "decode_event", "encode", "event_tag", "MAX_MESSAGE_BYTES"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "DecodeError",
+    "decode",
+    "decode_event",
+    "decode_events",
+    "encode",
+    "event_tag",
+]
 
 T = TypeVar("T")
 
@@ -22,6 +30,7 @@ MAX_MESSAGE_BYTES = 1_048_576
 
 _encoder = msgspec.json.Encoder(decimal_format="string")
 _event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+_events_decoder: msgspec.json.Decoder[list[Event]] = msgspec.json.Decoder(list[Event])
 
 
 class DecodeError(ValueError):
@@ -43,7 +52,7 @@ def decode(data: bytes, type_: type[T], *, max_bytes: int = MAX_MESSAGE_BYTES) -
     if len(data) > max_bytes:
         raise DecodeError(f"message is {len(data)} bytes; the limit is {max_bytes} bytes")
     try:
-        return _decoder(type_).decode(data)  # type: ignore[no-any-return]
+        return _decoder(type_).decode(data)  # type: ignore[no-any-return, arg-type]
     except msgspec.ValidationError as exc:
         raise DecodeError(_describe(exc)) from exc
     except msgspec.DecodeError as exc:
@@ -54,6 +63,16 @@ def decode_event(data: bytes) -> Event:
     """Decode one event of the log (any type of the union)."""
     try:
         return _event_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(_describe(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}") from exc
+
+
+def decode_events(data: bytes) -> list[Event]:
+    """Decode a JSON array of events (used to decode a replayed batch in one call)."""
+    try:
+        return _events_decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise DecodeError(_describe(exc)) from exc
     except msgspec.DecodeError as exc:

@@ -97,12 +97,12 @@ class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Base of every message: immutable, keyword-only, unknown fields rejected."""
 
 
-class ChatMessage(_Message, kw_only=True):
+class ChatMessage(_Message, frozen=True, kw_only=True):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class CompletionRequest(_Message, kw_only=True):
+class CompletionRequest(_Message, frozen=True, kw_only=True):
     """A task for vapora: published by other services on ``vapora.complete`` / ``vapora.stream``."""
 
     task_id: str | None = None
@@ -129,7 +129,7 @@ class CompletionRequest(_Message, kw_only=True):
         _non_negative("budget_cents", self.budget_cents)
 
 
-class Usage(_Message, kw_only=True):
+class Usage(_Message, frozen=True, kw_only=True):
     """Provider-reported token counts. ``input_tokens`` includes both cache counts."""
 
     input_tokens: Tokens = 0
@@ -138,7 +138,7 @@ class Usage(_Message, kw_only=True):
     cache_write_tokens: Tokens = 0
 
 
-class Price(_Message, kw_only=True):
+class Price(_Message, frozen=True, kw_only=True):
     """The prices a cost was computed from, per million tokens, and where they came from."""
 
     input_per_mtok: Money
@@ -149,7 +149,7 @@ class Price(_Message, kw_only=True):
     version: str
 
 
-class Attempt(_Message, kw_only=True):
+class Attempt(_Message, frozen=True, kw_only=True):
     provider: str
     model: str
     outcome: Outcome
@@ -158,7 +158,7 @@ class Attempt(_Message, kw_only=True):
     cost_usd: Money = Decimal(0)
 
 
-class FilterVerdict(_Message, kw_only=True):
+class FilterVerdict(_Message, frozen=True, kw_only=True):
     """One routing filter's verdict on one candidate: kept or dropped, and why."""
 
     filter: str
@@ -166,7 +166,7 @@ class FilterVerdict(_Message, kw_only=True):
     reason: str = ""
 
 
-class Candidate(_Message, kw_only=True):
+class Candidate(_Message, frozen=True, kw_only=True):
     provider: str
     model: str
     verdicts: list[FilterVerdict] = []
@@ -175,7 +175,7 @@ class Candidate(_Message, kw_only=True):
     kept: bool = False
 
 
-class RouteDecision(_Message, kw_only=True):
+class RouteDecision(_Message, frozen=True, kw_only=True):
     """Why the router chose what it chose: every candidate with each filter's verdict and score."""
 
     reason: str
@@ -184,7 +184,7 @@ class RouteDecision(_Message, kw_only=True):
     tier: Tier = Tier.NORMAL
 
 
-class CompletionResult(_Message, kw_only=True):
+class CompletionResult(_Message, frozen=True, kw_only=True):
     task_id: str
     provider: str
     model: str
@@ -197,13 +197,13 @@ class CompletionResult(_Message, kw_only=True):
     route: RouteDecision
 
 
-class StreamChunk(_Message, tag="chunk", tag_field="type", kw_only=True):
+class StreamChunk(_Message, tag="chunk", tag_field="type", frozen=True, kw_only=True):
     task_id: str
     seq: Annotated[int, msgspec.Meta(ge=0)]
     text: str
 
 
-class StreamEnd(_Message, tag="end", tag_field="type", kw_only=True):
+class StreamEnd(_Message, tag="end", tag_field="type", frozen=True, kw_only=True):
     """The last message of a successful stream: every CompletionResult field but ``text``."""
 
     task_id: str
@@ -217,12 +217,12 @@ class StreamEnd(_Message, tag="end", tag_field="type", kw_only=True):
     route: RouteDecision
 
 
-class ErrorBody(_Message, kw_only=True):
+class ErrorBody(_Message, frozen=True, kw_only=True):
     code: str
     message: str
 
 
-class StreamError(_Message, tag="error", tag_field="type", kw_only=True):
+class StreamError(_Message, tag="error", tag_field="type", frozen=True, kw_only=True):
     error: ErrorBody
     task_id: str | None = None
     usage: Usage | None = None
@@ -232,18 +232,18 @@ class StreamError(_Message, tag="error", tag_field="type", kw_only=True):
 StreamMessage = StreamChunk | StreamEnd | StreamError
 
 
-class ErrorReply(_Message, kw_only=True):
+class ErrorReply(_Message, frozen=True, kw_only=True):
     """The body of every error reply (with ``Nats-Service-Error(-Code)`` headers)."""
 
     error: ErrorBody
 
 
-class ReportRequest(_Message, kw_only=True):
+class ReportRequest(_Message, frozen=True, kw_only=True):
     since: datetime | None = None
     until: datetime | None = None
 
 
-class CostReport(_Message, kw_only=True):
+class CostReport(_Message, frozen=True, kw_only=True):
     """The ledger's cost report; every figure is a sum of ``spend_recorded`` events."""
 
     since: datetime | None
@@ -261,11 +261,11 @@ class CostReport(_Message, kw_only=True):
     last_sequence: int = 0
 
 
-class BudgetStatusRequest(_Message, kw_only=True):
+class BudgetStatusRequest(_Message, frozen=True, kw_only=True):
     """``vapora.budget`` takes an empty object."""
 
 
-class BudgetStatus(_Message, kw_only=True):
+class BudgetStatus(_Message, frozen=True, kw_only=True):
     at: datetime
     tier: Tier
     daily_limit_usd: Money | None
@@ -283,7 +283,7 @@ class BudgetStatus(_Message, kw_only=True):
 # --- internal messages (router <-> provider actors, router <-> budget keeper) -------------------
 
 
-class ProviderCall(_Message, kw_only=True):
+class ProviderCall(_Message, frozen=True, kw_only=True):
     """Router -> provider actor on ``vapora.provider.<name>.call``: one attempt of a task.
 
     For a stream, ``stream_to`` is the caller's reply subject: the provider actor publishes
@@ -305,7 +305,7 @@ class ProviderCall(_Message, kw_only=True):
     stream_to: str | None = None
 
 
-class ProviderCallResult(_Message, kw_only=True):
+class ProviderCallResult(_Message, frozen=True, kw_only=True):
     """Provider actor -> router: what one attempt produced (a failure comes as an error reply)."""
 
     provider: str
@@ -319,7 +319,7 @@ class ProviderCallResult(_Message, kw_only=True):
     chunks: int = 0
 
 
-class BudgetReserve(_Message, kw_only=True):
+class BudgetReserve(_Message, frozen=True, kw_only=True):
     """Router -> budget keeper on ``vapora.budget.reserve``: hold ``amount_usd`` for one attempt."""
 
     reservation_id: str
@@ -334,14 +334,14 @@ class BudgetReserve(_Message, kw_only=True):
         _non_negative("task_limit_usd", self.task_limit_usd)
 
 
-class BudgetReserveReply(_Message, kw_only=True):
+class BudgetReserveReply(_Message, frozen=True, kw_only=True):
     admitted: bool
     reservation_id: str
     tier: Tier
     reason: str = ""
 
 
-class BudgetRelease(_Message, kw_only=True):
+class BudgetRelease(_Message, frozen=True, kw_only=True):
     """Router -> budget keeper: give back a reservation whose attempt did not happen or failed."""
 
     reservation_id: str

@@ -40,7 +40,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     causation_id: str | None = None
 
 
-class RouteDecided(_Event, tag="route_decided", kw_only=True):
+class RouteDecided(_Event, tag="route_decided", frozen=True, kw_only=True):
     """The router chose a chain of providers for a task; ``decision`` says why."""
 
     task_id: str
@@ -50,7 +50,7 @@ class RouteDecided(_Event, tag="route_decided", kw_only=True):
     stream: bool = False
 
 
-class CallSucceeded(_Event, tag="call_succeeded", kw_only=True):
+class CallSucceeded(_Event, tag="call_succeeded", frozen=True, kw_only=True):
     task_id: str
     provider: str
     model: str
@@ -63,7 +63,7 @@ class CallSucceeded(_Event, tag="call_succeeded", kw_only=True):
     stream: bool = False
 
 
-class CallFailed(_Event, tag="call_failed", kw_only=True):
+class CallFailed(_Event, tag="call_failed", frozen=True, kw_only=True):
     """An attempt failed. ``usage`` and ``cost_usd`` are what the provider billed anyway."""
 
     task_id: str
@@ -80,7 +80,7 @@ class CallFailed(_Event, tag="call_failed", kw_only=True):
     after_first_chunk: bool = False
 
 
-class FallbackTriggered(_Event, tag="fallback_triggered", kw_only=True):
+class FallbackTriggered(_Event, tag="fallback_triggered", frozen=True, kw_only=True):
     task_id: str
     from_provider: str
     to_provider: str | None
@@ -88,7 +88,7 @@ class FallbackTriggered(_Event, tag="fallback_triggered", kw_only=True):
     attempt: int
 
 
-class BudgetReserved(_Event, tag="budget_reserved", kw_only=True):
+class BudgetReserved(_Event, tag="budget_reserved", frozen=True, kw_only=True):
     task_id: str
     reservation_id: str
     provider: str
@@ -97,7 +97,7 @@ class BudgetReserved(_Event, tag="budget_reserved", kw_only=True):
     task_limit_usd: Money | None = None
 
 
-class SpendRecorded(_Event, tag="spend_recorded", kw_only=True):
+class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     """Money spent: settles ``reservation_id`` at the actual cost. Carries the prices used."""
 
     task_id: str
@@ -114,13 +114,13 @@ class SpendRecorded(_Event, tag="spend_recorded", kw_only=True):
     attempt: int = 1
 
 
-class BudgetReleased(_Event, tag="budget_released", kw_only=True):
+class BudgetReleased(_Event, tag="budget_released", frozen=True, kw_only=True):
     task_id: str
     reservation_id: str
     reason: Literal["settled", "failed", "expired", "not_called", "cancelled"]
 
 
-class BudgetTierChanged(_Event, tag="budget_tier_changed", kw_only=True):
+class BudgetTierChanged(_Event, tag="budget_tier_changed", frozen=True, kw_only=True):
     """The tier moved; ``causation_id`` is the event that moved it."""
 
     from_tier: Tier
@@ -129,7 +129,7 @@ class BudgetTierChanged(_Event, tag="budget_tier_changed", kw_only=True):
     monthly_percent: float
 
 
-class ProviderHealthChanged(_Event, tag="provider_health_changed", kw_only=True):
+class ProviderHealthChanged(_Event, tag="provider_health_changed", frozen=True, kw_only=True):
     provider: str
     available: bool
     reason: str

@@ -1,10 +1,10 @@
 """Every NATS subject and stream name vapora uses, in one place.
 
 Public request subjects are what other services publish to (DESIGN §3). Internal subjects connect
-the actors. Event subjects are chosen so that each writer owns its own subjects: the budget keeper
-alone writes ``vapora.events.budget`` (fenced with ``Nats-Expected-Last-Subject-Sequence``), provider
-actors write ``call``/``spend``/``health`` events under their provider's name, routers write
-``route`` events. Per-writer subjects also make per-actor NATS permissions possible.
+the actors. Event subjects are chosen so that each writer owns its own subjects: the budget
+keeper alone writes ``vapora.events.budget`` (fenced with ``Nats-Expected-Last-Subject-Sequence``),
+provider actors write ``call``/``spend``/``health`` events under their provider's name, routers
+write ``route`` events. Per-writer subjects also make per-actor NATS permissions possible.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def provider_call(name: str) -> str:
     return _PROVIDER_CALL.format(name=name)
 
 
-def event_subject(event_type: str, provider: str | None = None) -> str:
+def event_subject(event_type: str, provider: str | None = None, prefix: str = EVENTS_PREFIX) -> str:
     """The subject an event of ``event_type`` is appended to.
 
     Provider-written events are further split by provider so that each provider's actors (and
@@ -61,5 +61,5 @@ def event_subject(event_type: str, provider: str | None = None) -> str:
     """
     family = _EVENT_FAMILY.get(event_type, "other")
     if provider is not None and family in ("call", "spend", "health"):
-        return f"{EVENTS_PREFIX}.{family}.{provider}"
-    return f"{EVENTS_PREFIX}.{family}"
+        return f"{prefix}.{family}.{provider}"
+    return f"{prefix}.{family}"

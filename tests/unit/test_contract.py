@@ -1,0 +1,168 @@
+"""The wire contract: events round-trip, golden payloads hold, requests are validated, and the
+checked-in JSON Schema is current."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from events import (
+    EVENT_TYPES,
+    CompletionRequest,
+    DecodeError,
+    ErrorBody,
+    SpendRecorded,
+    StreamChunk,
+    StreamEnd,
+    StreamError,
+    StreamMessage,
+    TaskType,
+    Usage,
+    decode,
+    decode_event,
+    decode_events,
+    encode,
+    event_tag,
+    subjects,
+)
+from events.schema import SCHEMA_PATH, render_schema
+from tests.samples import EVENTS
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "events"
+
+
+def test_every_event_type_has_a_sample_and_a_golden_payload() -> None:
+    assert set(EVENTS) == set(EVENT_TYPES)
+    assert {p.stem for p in GOLDEN.glob("*.json")} == set(EVENT_TYPES)
+
+
+@pytest.mark.parametrize("tag", sorted(EVENT_TYPES))
+def test_event_round_trips(tag: str) -> None:
+    event = EVENTS[tag]
+    decoded = decode_event(encode(event))
+    assert decoded == event
+    assert type(decoded) is EVENT_TYPES[tag]
+    assert event_tag(decoded) == tag
+
+
+@pytest.mark.parametrize("tag", sorted(EVENT_TYPES))
+def test_golden_payload_decodes_and_encodes_byte_for_byte(tag: str) -> None:
+    golden = (GOLDEN / f"{tag}.json").read_bytes().rstrip(b"\n")
+    event = decode_event(golden)
+    assert event == EVENTS[tag]
+    assert encode(event) == golden
+
+
+def test_money_is_a_decimal_string_on_the_wire() -> None:
+    payload = json.loads(encode(EVENTS["spend_recorded"]))
+    assert payload["cost_usd"] == "0.006150"
+    assert payload["price"]["cache_write_per_mtok"] == "3.75"
+    assert isinstance(decode_event(encode(EVENTS["spend_recorded"])).cost_usd, Decimal)
+
+
+def test_a_newer_event_with_an_unknown_field_still_decodes() -> None:
+    payload = json.loads(encode(EVENTS["budget_released"]))
+    payload["added_in_a_later_version"] = 1
+    assert decode_event(json.dumps(payload).encode()) == EVENTS["budget_released"]
+
+
+def test_an_unknown_event_type_is_a_clear_error() -> None:
+    with pytest.raises(DecodeError, match="Invalid value 'budget_exploded'"):
+        decode_event(b'{"type": "budget_exploded", "id": "x", "at": "2026-01-01T00:00:00Z"}')
+
+
+def test_a_batch_of_events_decodes_in_order() -> None:
+    batch = b"[" + b",".join(encode(e) for e in EVENTS.values()) + b"]"
+    assert decode_events(batch) == list(EVENTS.values())
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "malformed JSON"),
+        (b'{"prompt": "hi", "temprature": 0.5}', "unknown field `temprature`"),
+        (b'{"prompt": 42}', "at `$.prompt`"),
+        (b'{"prompt": "hi", "max_tokens": 0}', "at `$.max_tokens`"),
+        (b'{"prompt": "hi", "task_type": "Poetry"}', "at `$.task_type`"),
+        (b'{"prompt": "hi", "quality": "Superb"}', "at `$.quality`"),
+        (b'{"prompt": "hi", "complexity": 101}', "at `$.complexity`"),
+        (b'{"prompt": "hi", "budget_cents": "-5"}', "`budget_cents` must be"),
+        (b'{"messages": [{"role": "user"}]}', "missing required field `content`"),
+        (b'{"messages": [{"role": "robot", "content": "x"}]}', "at `$.messages[0].role`"),
+        (b'{"messages": []}', "`messages` must not be empty"),
+        (b"{}", "exactly one of `prompt` or `messages`"),
+        (b"[]", "Expected `object`"),
+    ],
+)
+def test_invalid_requests_are_refused_naming_the_problem(body: bytes, message: str) -> None:
+    with pytest.raises(DecodeError) as excinfo:
+        decode(body, CompletionRequest)
+    assert message in str(excinfo.value)
+
+
+def test_an_oversized_message_is_refused_before_parsing() -> None:
+    with pytest.raises(DecodeError, match="limit is 1024 bytes"):
+        decode(b" " * 2048, CompletionRequest, max_bytes=1024)
+
+
+def test_request_defaults_follow_the_contract() -> None:
+    request = decode(b'{"prompt": "hello"}', CompletionRequest)
+    assert request.task_type == "GeneralQuery"
+    assert request.quality == "Medium"
+    assert request.task_id is None
+
+
+def test_stream_messages_are_one_tagged_union() -> None:
+    usage = Usage(input_tokens=3, output_tokens=4)
+    chunk = StreamChunk(task_id="t", seq=0, text="he")
+    error = StreamError(error=ErrorBody(code="timeout", message="slow"), usage=usage)
+    for message in (chunk, error):
+        assert decode(encode(message), StreamMessage) == message  # type: ignore[arg-type]
+    assert json.loads(encode(chunk))["type"] == "chunk"
+    assert "text" not in StreamEnd.__struct_fields__
+
+
+@given(
+    input_tokens=st.integers(0, 10**9),
+    output_tokens=st.integers(0, 10**9),
+    cost=st.decimals(min_value=0, max_value=10**6, allow_nan=False, places=12),
+)
+def test_spend_events_round_trip_exactly(
+    input_tokens: int, output_tokens: int, cost: Decimal
+) -> None:
+    event = msgspec.structs.replace(
+        EVENTS["spend_recorded"],
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=cost,
+    )
+    decoded = decode_event(encode(event))
+    assert isinstance(decoded, SpendRecorded)
+    assert decoded.cost_usd == cost
+    assert str(decoded.cost_usd) == str(cost)
+
+
+def test_event_subjects_separate_writers() -> None:
+    assert subjects.event_subject("budget_reserved") == "vapora.events.budget"
+    assert subjects.event_subject("spend_recorded", "claude") == "vapora.events.spend.claude"
+    assert subjects.event_subject("call_failed", "openai") == "vapora.events.call.openai"
+    assert subjects.event_subject("route_decided") == "vapora.events.route"
+    assert subjects.provider_call("gemini") == "vapora.provider.gemini.call"
+
+
+def test_checked_in_json_schema_is_current() -> None:
+    assert SCHEMA_PATH.read_text() == render_schema(), "run `python -m events.schema`"
+
+
+def test_json_schema_describes_every_event_and_request() -> None:
+    defs = json.loads(SCHEMA_PATH.read_text())["$defs"]
+    for cls in EVENT_TYPES.values():
+        assert cls.__name__ in defs
+    assert defs["CompletionRequest"]["additionalProperties"] is False
+    assert set(defs["TaskType"]["enum"]) == {t.value for t in TaskType}
