@@ -1,0 +1,217 @@
+"""Prices and exact costs: pure functions over values, ``Decimal`` only (DESIGN §4, §5).
+
+``resolve_price`` picks the price of one provider's model with the precedence of DESIGN §5:
+
+1. explicit per-million prices from the config (``input_price_per_mtok``/``output_price_per_mtok``);
+2. the guide's blended ``cost_per_1k_tokens``, applied to input plus output tokens;
+3. the maintained ``genai-prices`` table for the model, at the call's time.
+
+Ollama costs zero unless a price is configured; a paid provider with no known price is a
+``ConfigError``. Cache rates follow how each provider bills them: from the table where it knows
+the model, otherwise the provider's documented multiplier of the input price (Anthropic: reads
+0.1x, 5-minute writes 1.25x; OpenAI: reads 0.5x, writes at the input price; Gemini: reads
+0.25x, writes at the input price). Anthropic's 1-hour cache writes (2x) are not distinguished by
+``Usage`` and are priced as 5-minute writes.
+
+``cost`` is exact: no rounding anywhere (computed with 50 significant digits, far beyond any
+token count times any price), so a thousand calls of a fraction of a cent add up to the cent.
+"""
+
+from __future__ import annotations
+
+import decimal
+from datetime import datetime
+from decimal import Decimal
+from typing import Final
+
+from events.contract import Price, Usage
+from vapora.errors import ConfigError
+
+__all__ = [
+    "CACHE_MULTIPLIERS",
+    "GENAI_PRICES_PROVIDER",
+    "PAID_KINDS",
+    "cost",
+    "resolve_price",
+    "zero_price",
+]
+
+PAID_KINDS: Final = frozenset({"anthropic", "openai", "gemini"})
+
+#: (cache read, cache write) as multiples of the input price, when the table does not say.
+CACHE_MULTIPLIERS: Final[dict[str, tuple[Decimal, Decimal]]] = {
+    "anthropic": (Decimal("0.1"), Decimal("1.25")),
+    "openai": (Decimal("0.5"), Decimal(1)),
+    "gemini": (Decimal("0.25"), Decimal(1)),
+    "ollama": (Decimal(1), Decimal(1)),
+}
+
+#: Our provider kind -> the genai-prices provider id.
+GENAI_PRICES_PROVIDER: Final = {"anthropic": "anthropic", "openai": "openai", "gemini": "google"}
+
+_MTOK: Final = Decimal(1_000_000)
+_EXACT: Final = decimal.Context(prec=50, rounding=decimal.ROUND_HALF_EVEN)
+
+
+def cost(usage: Usage, price: Price) -> Decimal:
+    """The exact USD cost of ``usage`` at ``price``.
+
+    ``usage.input_tokens`` counts all input tokens; the cache reads and writes inside it are
+    billed at their own rates and the rest at the input rate.
+    """
+    uncached = max(usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens, 0)
+    with decimal.localcontext(_EXACT):
+        total = (
+            uncached * price.input_per_mtok
+            + usage.cache_read_tokens * price.cache_read_per_mtok
+            + usage.cache_write_tokens * price.cache_write_per_mtok
+            + usage.output_tokens * price.output_per_mtok
+        )
+        return total / _MTOK
+
+
+def zero_price(source: str = "ollama-local", version: str = "0") -> Price:
+    """A price of nothing: local models (Ollama) unless the config prices them."""
+    zero = Decimal(0)
+    return Price(
+        input_per_mtok=zero,
+        output_per_mtok=zero,
+        cache_read_per_mtok=zero,
+        cache_write_per_mtok=zero,
+        source=source,
+        version=version,
+    )
+
+
+def resolve_price(
+    kind: str,
+    model: str,
+    *,
+    input_per_mtok: Decimal | float | int | str | None = None,
+    output_per_mtok: Decimal | float | int | str | None = None,
+    cost_per_1k_tokens: Decimal | float | int | str | None = None,
+    at: datetime,
+    provider: str | None = None,
+) -> Price:
+    """The price of ``model`` on a provider of ``kind`` at time ``at`` (DESIGN §5 precedence).
+
+    Prices may be given as ``Decimal``, ``int``, ``str`` or a TOML ``float`` (converted through
+    its shortest repr, so ``0.015`` is exactly ``Decimal("0.015")``). ``provider`` is the
+    configured provider name, used in error messages (defaults to ``kind``). Raises
+    ``ConfigError`` for a bad price or a paid provider whose price is unknown.
+    """
+    who = provider or kind
+    if (input_per_mtok is None) != (output_per_mtok is None):
+        raise ConfigError(
+            f"provider {who!r}: set both input_price_per_mtok and output_price_per_mtok, or neither"
+        )
+    if input_per_mtok is not None and output_per_mtok is not None:
+        inp = _money(who, "input_price_per_mtok", input_per_mtok)
+        out = _money(who, "output_price_per_mtok", output_per_mtok)
+        return _with_cache_rates(kind, model, inp, out, "config", "per-mtok", at)
+    if cost_per_1k_tokens is not None:
+        per_mtok = _money(who, "cost_per_1k_tokens", cost_per_1k_tokens) * 1000
+        return _with_cache_rates(
+            kind, model, per_mtok, per_mtok, "config", "cost_per_1k_tokens", at
+        )
+    if kind not in PAID_KINDS:
+        return zero_price()
+    table = _table_price(kind, model, at)
+    if table is None:
+        raise ConfigError(
+            f"provider {who!r} ({kind}): no price known for model {model!r}; "
+            "set input_price_per_mtok and output_price_per_mtok"
+        )
+    return table
+
+
+def _money(who: str, key: str, value: Decimal | float | int | str) -> Decimal:
+    """A configured price as a finite, non-negative Decimal (a float through its repr)."""
+    try:
+        amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except (decimal.InvalidOperation, TypeError, ValueError):
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount < 0:
+        raise ConfigError(f"provider {who!r}: {key} must be a non-negative decimal, got {value!r}")
+    return amount
+
+
+def _with_cache_rates(
+    kind: str,
+    model: str,
+    input_price: Decimal,
+    output_price: Decimal,
+    source: str,
+    version: str,
+    at: datetime,
+) -> Price:
+    """A configured input/output price with cache rates in the provider's billing ratio."""
+    read_ratio, write_ratio = _cache_ratios(kind, model, at)
+    return Price(
+        input_per_mtok=input_price,
+        output_per_mtok=output_price,
+        cache_read_per_mtok=input_price * read_ratio,
+        cache_write_per_mtok=input_price * write_ratio,
+        source=source,
+        version=version,
+    )
+
+
+def _cache_ratios(kind: str, model: str, at: datetime) -> tuple[Decimal, Decimal]:
+    """The table's cache/input price ratios for the model, else the provider's multipliers."""
+    default = CACHE_MULTIPLIERS.get(kind, (Decimal(1), Decimal(1)))
+    table = _table_price(kind, model, at) if kind in PAID_KINDS else None
+    if table is None or not table.input_per_mtok:
+        return default
+    return (
+        table.cache_read_per_mtok / table.input_per_mtok,
+        table.cache_write_per_mtok / table.input_per_mtok,
+    )
+
+
+def _table_price(kind: str, model: str, at: datetime) -> Price | None:
+    """The genai-prices price of ``model`` at ``at``, or None when the table does not know it.
+
+    Tiered (long-context) prices are taken at their base tier.
+    """
+    import genai_prices
+    from genai_prices import data_snapshot
+
+    try:
+        _, info = data_snapshot.get_snapshot().find_provider_model(
+            model, None, GENAI_PRICES_PROVIDER[kind], None
+        )
+    except LookupError:
+        return None
+    prices = info.get_prices(at)
+    input_price = _base(prices.input_mtok)
+    output_price = _base(prices.output_mtok)
+    if input_price is None or output_price is None:
+        return None
+    write_ratio = CACHE_MULTIPLIERS[kind][1]
+    read = _base(prices.cache_read_mtok)
+    write = _base(prices.cache_write_mtok)
+    return Price(
+        input_per_mtok=input_price,
+        output_per_mtok=output_price,
+        cache_read_per_mtok=read if read is not None else input_price * _table_read_default(kind),
+        cache_write_per_mtok=write if write is not None else input_price * write_ratio,
+        source="genai-prices",
+        version=str(genai_prices.__version__),
+    )
+
+
+def _table_read_default(kind: str) -> Decimal:
+    # A table entry without a cache-read price is a model without prompt caching (e.g. gpt-4):
+    # any cached token it reported would be billed at the input price.
+    return Decimal(1) if kind != "anthropic" else CACHE_MULTIPLIERS["anthropic"][0]
+
+
+def _base(value: object) -> Decimal | None:
+    """A genai-prices price (a Decimal or TieredPrices) as one Decimal, or None."""
+    if value is None:
+        return None
+    if isinstance(value, Decimal):
+        return value
+    base = getattr(value, "base", None)
+    return base if isinstance(base, Decimal) else None

@@ -1,0 +1,72 @@
+"""The provider-neutral answer of the simulator: deterministic text and token counts.
+
+The answer echoes the last user message word by word (``len-<n>`` cycles its words to n words),
+cut to ``max_tokens`` words with finish reason ``length``. One word is one output token and one
+streamed chunk. Input tokens are ``ceil(characters / 4)`` of all input text (at least 1); cache
+reads and writes (``cached-<n>``, ``cachew-<n>``) are extra input tokens on top, as if a cached
+prefix preceded the prompt. Each dialect reports these counts in its provider's own semantics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vapora.simulator.behaviour import Behaviour
+
+__all__ = ["Reply", "Turn", "make_reply"]
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What a request asked for, whatever its dialect."""
+
+    model: str
+    stream: bool
+    input_chars: int
+    last_user: str
+    max_tokens: int | None = None
+    include_usage: bool = False
+    endpoint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the simulator answers: streamed chunks (words) and provider-neutral counts."""
+
+    id: str
+    model: str
+    chunks: list[str]
+    truncated: bool
+    prompt_tokens: int
+    cache_read: int
+    cache_write: int
+    thoughts: int
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def words(self) -> int:
+        return len(self.chunks)
+
+
+def make_reply(turn: Turn, behaviour: Behaviour, reply_id: str) -> Reply:
+    """The deterministic answer to ``turn`` under ``behaviour``."""
+    words = turn.last_user.split() or ["(empty)"]
+    if behaviour.length is not None:
+        words = [words[i % len(words)] for i in range(behaviour.length)]
+    truncated = turn.max_tokens is not None and len(words) > turn.max_tokens
+    if truncated and turn.max_tokens is not None:
+        words = words[: turn.max_tokens]
+    chunks = [word if i == 0 else " " + word for i, word in enumerate(words)]
+    return Reply(
+        id=reply_id,
+        model=turn.model,
+        chunks=chunks,
+        truncated=truncated,
+        prompt_tokens=max(1, -(-turn.input_chars // 4)),
+        cache_read=behaviour.cache_read or 0,
+        cache_write=behaviour.cache_write or 0,
+        thoughts=behaviour.thoughts or 0,
+    )
