@@ -19,7 +19,6 @@ URL(s); both are applied by functions that take the env mapping as a parameter (
 from __future__ import annotations
 
 import enum
-import importlib
 import importlib.resources
 import json
 import math
@@ -35,6 +34,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from events.contract import Price, Quality, TaskType
+from vapora import pricing
 from vapora.errors import ConfigError
 
 __all__ = [
@@ -679,53 +679,6 @@ def _resolve(doc: _ConfigFile, source: str, at: datetime, resolve: PriceResolver
     )
 
 
-# --- pricing adapter ----------------------------------------------------------------------------
-
-
-def _price_resolver() -> PriceResolver:
-    """ADAPTER: ``vapora.pricing.resolve_price`` when that module exists, else a local stand-in.
-
-    ``vapora/pricing.py`` is written in parallel with this module; once it has landed this function
-    can shrink to ``return pricing.resolve_price``.
-    """
-    try:
-        pricing = importlib.import_module("vapora.pricing")
-    except ModuleNotFoundError:
-        return _stand_in_price
-    resolver: PriceResolver = pricing.resolve_price
-    return resolver
-
-
-def _stand_in_price(
-    kind: str,
-    model: str,
-    *,
-    input_per_mtok: Decimal | None = None,
-    output_per_mtok: Decimal | None = None,
-    cost_per_1k_tokens: Decimal | None = None,
-    at: datetime,
-    provider: str | None = None,
-) -> Price:
-    """Config prices only (no maintained table): explicit prices, then the blended one."""
-    if input_per_mtok is not None and output_per_mtok is not None:
-        inp, out, source = input_per_mtok, output_per_mtok, "config"
-    elif cost_per_1k_tokens is not None:
-        inp = out = cost_per_1k_tokens * 1000
-        source = "config:cost_per_1k_tokens"
-    elif kind == ProviderKind.OLLAMA.value:
-        inp, out, source = Decimal(0), Decimal(0), "local"
-    else:
-        raise ConfigError(f"no price is known for {kind} model {model!r}")
-    return Price(
-        input_per_mtok=inp,
-        output_per_mtok=out,
-        cache_read_per_mtok=inp,
-        cache_write_per_mtok=inp,
-        source=source,
-        version=at.date().isoformat(),
-    )
-
-
 # --- loading ------------------------------------------------------------------------------------
 
 
@@ -750,7 +703,7 @@ def parse_config(
     ``at`` is the load time used to resolve each provider's price; ``resolve_price`` defaults to
     ``vapora.pricing.resolve_price``.
     """
-    resolve = resolve_price if resolve_price is not None else _price_resolver()
+    resolve = resolve_price if resolve_price is not None else pricing.resolve_price
     try:
         doc = msgspec.convert(tomllib.loads(text), _ConfigFile)
         return _resolve(doc, source, at, resolve)

@@ -537,3 +537,20 @@ def test_rendered_json_round_trips_into_the_config_structs() -> None:
     data = json.loads(render_json(config))
     data.pop("mappings")
     assert msgspec.convert(data, Config) == config
+
+
+# --- with vapora.pricing's maintained table -----------------------------------------------------
+
+
+def test_a_model_in_the_price_table_needs_no_price_in_the_config() -> None:
+    text = '[[providers]]\nname = "claude"\nmodel = "claude-sonnet-4-5"\n'
+    text += '[[providers]]\nname = "ollama"\nmodel = "llama3"\n'
+    claude, ollama = parse_config(text, source="t.toml", at=AT).providers
+    assert claude.price.input_per_mtok > 0 and not claude.zero_cost
+    assert ollama.zero_cost
+
+
+def test_a_paid_model_with_no_known_price_is_a_config_error() -> None:
+    text = '[[providers]]\nname = "claude"\nmodel = "claude-imaginary-9"\n'
+    with pytest.raises(ConfigError, match=r"t\.toml: providers\[0\]: no usable price"):
+        parse_config(text, source="t.toml", at=AT)
