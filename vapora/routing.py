@@ -124,6 +124,9 @@ def task_remaining_usd(
 
 # --- the working state of one decision ----------------------------------------------------------
 
+_OVERRIDE = "manual override"
+_LAST_RESORT = "last resort"
+
 
 @dataclass(frozen=True, kw_only=True)
 class _Context:
@@ -160,7 +163,7 @@ class _Slot:
 
     @property
     def last_resort(self) -> bool:
-        return self.role == "last resort"
+        return self.role == _LAST_RESORT
 
     def judged(self, verdict: FilterVerdict) -> _Slot:
         return replace(self, verdicts=(*self.verdicts, verdict))
@@ -186,7 +189,7 @@ def _override_slots(ctx: _Context, name: str) -> list[_Slot]:
     if provider is None:
         known = ", ".join(p.name for p in ctx.config.providers)
         raise UnknownProvider(f"unknown provider {name!r} (configured: {known})")
-    return [_Slot(name=name, position=0, role="manual override", provider=provider)]
+    return [_Slot(name=name, position=0, role=_OVERRIDE, provider=provider)]
 
 
 def _mapped_slots(ctx: _Context) -> list[_Slot]:
@@ -208,7 +211,7 @@ def _last_resort_slots(ctx: _Context, mapped: set[str], start: int) -> list[_Slo
     free = [p for p in ctx.config.providers if p.zero_cost and p.name not in mapped]
     free.sort(key=lambda p: p.priority)  # stable: config order breaks equal priorities
     return [
-        _Slot(name=p.name, position=start + i, role="last resort", provider=p)
+        _Slot(name=p.name, position=start + i, role=_LAST_RESORT, provider=p)
         for i, p in enumerate(free)
     ]
 
@@ -217,7 +220,7 @@ def _mapping_verdict(slot: _Slot, ctx: _Context) -> FilterVerdict:
     task = ctx.request.task_type.value
     if slot.provider is None:
         return _drop("mapping", f"{slot.name} is in the {task} mapping but not configured")
-    if slot.role == "manual override":
+    if slot.role == _OVERRIDE:
         return _ok("mapping", "manual override")
     if slot.last_resort:
         return _ok("mapping", f"zero-cost last resort (not in the {task} mapping)")
@@ -381,7 +384,7 @@ def _dropped_summary(slots: Sequence[_Slot]) -> str:
 def _reason(chosen: _Slot, slots: Sequence[_Slot], ctx: _Context) -> str:
     req = ctx.request
     what = f"{req.task_type.value} at {req.quality.value} quality, {ctx.tier.value} tier"
-    if chosen.role == "manual override":
+    if chosen.role == _OVERRIDE:
         why = "manual override"
     elif chosen.last_resort:
         why = "zero-cost last resort: no mapped candidate was kept"
