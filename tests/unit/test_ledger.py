@@ -1,0 +1,282 @@
+"""The SQLite ledger: exactly-once application, atomic batches, crash safety and report math."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from events.contract import Price, TaskType
+from events.log import BudgetReserved, Event, SpendRecorded
+from vapora.ledger import Ledger, ReportRow, cost_report, monthly_projection
+
+pytestmark = pytest.mark.anyio
+
+PRICE = Price(
+    input_per_mtok=Decimal("0.075"),
+    output_per_mtok=Decimal("0.3"),
+    cache_read_per_mtok=Decimal("0.01875"),
+    cache_write_per_mtok=Decimal("0"),
+    source="genai-prices",
+    version="2026-01-15",
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def spend(
+    eid: str,
+    at: datetime,
+    cost: str,
+    provider: str = "claude",
+    model: str = "sonnet",
+    task_type: TaskType = TaskType.CODE_GENERATION,
+) -> SpendRecorded:
+    return SpendRecorded(
+        id=eid,
+        at=at,
+        task_id=f"task-{eid}",
+        task_type=task_type,
+        provider=provider,
+        model=model,
+        input_tokens=1200,
+        output_tokens=300,
+        cache_read_tokens=200,
+        cost_usd=Decimal(cost),
+        price=PRICE,
+        reservation_id=f"res-{eid}",
+        attempt=2,
+    )
+
+
+def hold(eid: str, at: datetime) -> BudgetReserved:
+    return BudgetReserved(
+        id=eid,
+        at=at,
+        task_id="t",
+        reservation_id=f"res-{eid}",
+        provider="claude",
+        amount_usd=Decimal("0.5"),
+        expires_at=at + timedelta(minutes=2),
+    )
+
+
+T = datetime(2026, 1, 30, 10, 15, tzinfo=UTC)
+
+
+def numbered(events: list[Event], start: int = 1) -> list[tuple[Event, int]]:
+    return [(event, seq) for seq, event in enumerate(events, start=start)]
+
+
+def many(n: int) -> list[Event]:
+    return [spend(f"e{i}", T + timedelta(seconds=i), "0.001") for i in range(n)]
+
+
+async def test_applying_the_same_event_twice_counts_it_once(tmp_path: Path):
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        event = spend("e1", T, "0.25")
+        assert await ledger.apply(event, 1)
+        assert not await ledger.apply(event, 1)  # redelivered under the same sequence
+        assert not await ledger.apply(event, 2)  # appended again, beyond the dedup window
+        assert [row.event_id for row in await ledger.spend_rows()] == ["e1"]
+        assert await ledger.last_sequence() == 2
+        report = await ledger.report(now=T)
+        assert (report.total_usd, report.calls) == (Decimal("0.25"), 1)
+
+
+async def test_a_spend_row_keeps_every_figure_exactly(tmp_path: Path):
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered([hold("h1", T), spend("e1", T, "0.000000075")]))
+        (row,) = await ledger.spend_rows()
+        logged = await ledger.logged_events()
+    assert (row.seq, row.event_id, row.task_id, row.provider, row.model) == (
+        2,
+        "e1",
+        "task-e1",
+        "claude",
+        "sonnet",
+    )
+    assert (row.input_tokens, row.output_tokens, row.cache_read_tokens, row.attempt) == (
+        1200,
+        300,
+        200,
+        2,
+    )
+    assert row.cost_usd == Decimal("0.000000075") and str(row.cost_usd) == "7.5E-8"
+    assert row.price == PRICE and row.at == T and row.reservation_id == "res-e1"
+    assert [(e.seq, e.event_id, e.type) for e in logged] == [
+        (1, "h1", "budget_reserved"),
+        (2, "e1", "spend_recorded"),
+    ]
+
+
+async def test_a_reopened_ledger_resumes_after_its_last_sequence(tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as ledger:
+        assert await ledger.apply_many(numbered(many(1200))) == 1200
+    async with await Ledger.open(path) as ledger:
+        assert await ledger.last_sequence() == 1200
+        assert await ledger.apply_many(numbered(many(1300))) == 100  # overlapping catch-up
+        assert len(await ledger.spend_rows()) == 1300
+
+
+async def test_a_batch_failing_midway_leaves_no_partial_row_and_the_sequence_unchanged(
+    tmp_path: Path,
+):
+    def crashing() -> Iterator[tuple[Event, int]]:
+        yield from numbered(many(1100), start=11)  # more than one chunk is written first
+        raise RuntimeError("consumer died mid-batch")
+
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered([hold(f"h{i}", T) for i in range(10)]))
+        with pytest.raises(RuntimeError, match="mid-batch"):
+            await ledger.apply_many(crashing())
+        assert await ledger.last_sequence() == 10
+        assert await ledger.spend_rows() == []
+        assert len(await ledger.logged_events()) == 10
+        # The redelivered batch then applies in full.
+        assert await ledger.apply_many(numbered(many(1100), start=11)) == 1100
+        assert await ledger.last_sequence() == 1110
+
+
+async def test_a_process_killed_mid_transaction_leaves_nothing_partial(tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as ledger:
+        await ledger.apply_many(numbered(many(5)))
+    script = textwrap.dedent(
+        f"""
+        import os, anyio
+        from tests.unit.test_ledger import many, numbered
+        from vapora.ledger import Ledger
+
+        def dying():
+            yield from numbered(many(1200), start=6)
+            os._exit(9)  # SIGKILL-like: no rollback, no close, no atexit
+
+        async def main():
+            ledger = await Ledger.open({str(path)!r})
+            await ledger.apply_many(dying())
+
+        anyio.run(main)
+        """
+    )
+    done = await anyio.run_process(
+        [sys.executable, "-c", script], cwd=Path(__file__).parents[2], check=False
+    )
+    assert done.returncode == 9
+    async with await Ledger.open(path) as ledger:
+        assert await ledger.last_sequence() == 5
+        assert len(await ledger.spend_rows()) == 5
+        assert await ledger.apply_many(numbered(many(1205))) == 1200
+
+
+async def test_money_is_stored_as_text_never_real(tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as ledger:
+        await ledger.apply(spend("e1", T, "0.1"), 1)
+    with sqlite3.connect(path) as db:
+        kinds = db.execute("SELECT typeof(cost_usd), typeof(input_per_mtok) FROM spend").fetchone()
+    assert kinds == ("text", "text")
+
+
+# --- report math ---------------------------------------------------------------------------------
+
+REPORT_EVENTS: list[Event] = [
+    spend("e1", datetime(2026, 1, 30, 10, 15, tzinfo=UTC), "1.50"),
+    spend(
+        "e2",
+        datetime(2026, 1, 30, 10, 45, tzinfo=UTC),
+        "0.25",
+        "openai",
+        "gpt",
+        TaskType.GENERAL_QUERY,
+    ),
+    spend(
+        "e3", datetime(2026, 1, 30, 11, 5, tzinfo=UTC), "0.000003", task_type=TaskType.CODE_REVIEW
+    ),
+    spend(
+        "e4", datetime(2026, 2, 1, 9, tzinfo=UTC), "2.00", "gemini", "flash", TaskType.GENERAL_QUERY
+    ),
+    spend("e5", datetime(2026, 2, 3, 23, 59, 59, tzinfo=UTC), "0.75", model="haiku"),
+    hold("h1", datetime(2026, 2, 3, 12, tzinfo=UTC)),
+]
+NOW = datetime(2026, 2, 4, 12, tzinfo=UTC)
+
+
+async def test_the_report_matches_hand_computed_figures(tmp_path: Path):
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered(REPORT_EVENTS))
+        report = await ledger.report(now=NOW)
+    assert report.total_usd == Decimal("4.500003") and report.calls == 5
+    assert report.by_provider == {
+        "claude": Decimal("2.250003"),
+        "gemini": Decimal("2.00"),
+        "openai": Decimal("0.25"),
+    }
+    assert report.by_model == {
+        "flash": Decimal("2.00"),
+        "gpt": Decimal("0.25"),
+        "haiku": Decimal("0.75"),
+        "sonnet": Decimal("1.500003"),
+    }
+    assert report.by_task_type == {
+        "CodeGeneration": Decimal("2.25"),
+        "CodeReview": Decimal("0.000003"),
+        "GeneralQuery": Decimal("2.25"),
+    }
+    assert report.by_day == {
+        "2026-01-30": Decimal("1.750003"),
+        "2026-02-01": Decimal("2.00"),
+        "2026-02-03": Decimal("0.75"),
+    }
+    assert report.by_hour["2026-01-30T10:00Z"] == Decimal("1.75")
+    assert report.by_hour["2026-02-03T23:00Z"] == Decimal("0.75")
+    assert len(report.by_hour) == 4
+    # Jan 30 .. Feb 3 is 5 observed days (not 24, not 3): 4.500003 / 5 = 0.9000006 -> 0.900001.
+    assert report.days_observed == 5
+    assert report.daily_average_usd == Decimal("0.900001")
+    # February so far: 2.75 over 4 elapsed days, 28 days in February 2026 -> 19.25.
+    assert report.monthly_projection_usd == Decimal("19.25")
+    assert report.last_sequence == 6
+
+
+async def test_the_report_window_is_half_open(tmp_path: Path):
+    since = datetime(2026, 1, 30, 11, tzinfo=UTC)
+    until = datetime(2026, 2, 3, 23, 59, 59, tzinfo=UTC)  # e5 is exactly at `until`: excluded
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered(REPORT_EVENTS))
+        report = await ledger.report(since, until, now=NOW)
+    assert (report.total_usd, report.calls) == (Decimal("2.000003"), 2)
+    assert (report.since, report.until) == (since, until)
+    assert report.days_observed == 3  # Jan 30, Jan 31 (idle), Feb 1
+    assert report.daily_average_usd == Decimal("0.666668")
+    assert report.monthly_projection_usd == Decimal("19.25")  # the run rate ignores the window
+
+
+def test_an_empty_report_is_all_zero():
+    report = cost_report([], since=None, until=None, now=NOW, month_to_date=Decimal(0))
+    assert (report.total_usd, report.calls, report.days_observed) == (0, 0, 0)
+    assert report.daily_average_usd == 0 and report.monthly_projection_usd == 0
+
+
+def test_the_monthly_projection_is_the_run_rate_of_the_current_month():
+    assert monthly_projection(Decimal(10), datetime(2026, 1, 1, 0, 5, tzinfo=UTC)) == 310
+    assert monthly_projection(Decimal(10), datetime(2026, 1, 31, 23, tzinfo=UTC)) == 10
+    assert monthly_projection(Decimal(3), datetime(2028, 2, 2, tzinfo=UTC)) == Decimal("43.5")
+
+
+def test_report_rows_are_grouped_by_their_utc_hour():
+    paris = datetime(2026, 2, 1, 0, 30, tzinfo=UTC).astimezone(timezone(timedelta(hours=1)))
+    row = ReportRow(paris, "p", "m", "GeneralQuery", Decimal(1))
+    report = cost_report([row], since=None, until=None, now=NOW, month_to_date=Decimal(0))
+    assert list(report.by_hour) == ["2026-02-01T00:00Z"] and list(report.by_day) == ["2026-02-01"]
