@@ -1,0 +1,43 @@
+"""Provider HTTP clients for Anthropic, OpenAI, Gemini and Ollama (httpx only; DESIGN §2, §4).
+
+Build one with :func:`make_client`; call :meth:`ProviderClient.complete` or iterate
+:meth:`ProviderClient.stream`. See :mod:`vapora.providers.base` for the contract.
+"""
+
+from __future__ import annotations
+
+from vapora.providers.anthropic import AnthropicClient
+from vapora.providers.base import (
+    DEFAULT_MAX_TOKENS,
+    Completion,
+    CompletionStream,
+    ProviderClient,
+    ProviderRequest,
+    StreamBroken,
+    estimate_input_tokens,
+    estimate_tokens,
+)
+from vapora.providers.factory import CLIENT_CLASSES, DEFAULT_BASE_URLS, make_client
+from vapora.providers.gemini import GeminiClient
+from vapora.providers.ollama import OllamaClient
+from vapora.providers.openai import OpenAIClient
+from vapora.providers.wire import retry_after_from_headers
+
+__all__ = [
+    "CLIENT_CLASSES",
+    "DEFAULT_BASE_URLS",
+    "DEFAULT_MAX_TOKENS",
+    "AnthropicClient",
+    "Completion",
+    "CompletionStream",
+    "GeminiClient",
+    "OllamaClient",
+    "OpenAIClient",
+    "ProviderClient",
+    "ProviderRequest",
+    "StreamBroken",
+    "estimate_input_tokens",
+    "estimate_tokens",
+    "make_client",
+    "retry_after_from_headers",
+]

@@ -1,0 +1,161 @@
+"""Anthropic Messages API client (``POST /v1/messages``; providers.md §3.1).
+
+Usage: Anthropic's ``input_tokens`` excludes the cache, so ours is ``input_tokens +
+cache_read_input_tokens + cache_creation_input_tokens``. Streams: ``message_start`` carries the
+input usage, ``message_delta`` the cumulative usage and the stop reason; ``ping`` is ignored and an
+``error`` event after HTTP 200 is classified like an HTTP error of its type.
+
+Headers follow the official SDK (anthropic 2.x, the referee in our tests): the key as
+``Authorization: Bearer`` and ``anthropic-version: 2026-10-21`` (providers.md, written from an
+older SDK, shows ``x-api-key`` and ``2023-06-01``; the simulator accepts both). The SDK no longer
+has sampling parameters, so ``temperature`` is not sent to Anthropic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+from vapora.errors import ProviderError, ProviderQuotaExhausted
+from vapora.providers.base import ProviderClient, ProviderRequest, Turn
+from vapora.providers.wire import Frame
+
+__all__ = ["AnthropicClient"]
+
+#: The version the official SDK (anthropic 2.x) sends; the SDK also sends the key as a Bearer token.
+API_VERSION = "2026-10-21"
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+_STATUS_OF_TYPE = {
+    "overloaded_error": 529,
+    "api_error": 500,
+    "rate_limit_error": 429,
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "billing_error": 402,
+    "timeout_error": 504,
+}
+_QUOTA_PHRASES = ("credit balance", "usage limits", "spend limit")
+
+
+class AnthropicClient(ProviderClient):
+    """Claude over the Messages API."""
+
+    kind: ClassVar[str] = "anthropic"
+    default_base_url: ClassVar[str] = "https://api.anthropic.com"
+
+    @classmethod
+    def _headers(cls, api_key: str | None) -> dict[str, str]:
+        headers = {"anthropic-version": API_VERSION, "accept": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        return headers
+
+    def _path(self, request: ProviderRequest, model: str, *, stream: bool) -> str:
+        return "/v1/messages"
+
+    def _body(self, request: ProviderRequest, model: str, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": request.output_limit,
+            "messages": [
+                {"role": role, "content": content}
+                for role, content in request.turns()
+                if role != "system"
+            ],
+        }
+        system = request.system_text()
+        if system is not None:
+            body["system"] = system
+        if stream:
+            body["stream"] = True
+        return body
+
+    def _parse(self, data: Any, turn: Turn) -> None:
+        turn.parts = [b.get("text", "") for b in data.get("content", []) if b.get("type") == "text"]
+        turn.model = data.get("model")
+        turn.response_id = data.get("id")
+        turn.finish_reason = _finish(data.get("stop_reason"))
+        _apply_usage(turn, data.get("usage") or {})
+        turn.done = True
+
+    def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
+        try:
+            event = msgspec.json.decode(frame.data)
+        except msgspec.DecodeError as exc:
+            raise self._malformed() from exc
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            return str(delta.get("text") or "") if delta.get("type") == "text_delta" else None
+        if kind == "message_start":
+            message = event.get("message") or {}
+            turn.model = message.get("model")
+            turn.response_id = message.get("id")
+            _apply_usage(turn, message.get("usage") or {})
+        elif kind == "message_delta":
+            turn.finish_reason = _finish((event.get("delta") or {}).get("stop_reason"))
+            _apply_usage(turn, event.get("usage") or {})
+        elif kind == "message_stop":
+            turn.done = True
+        elif kind == "error":
+            raise self._stream_error(event)
+        return None
+
+    def _stream_error(self, event: dict[str, Any]) -> ProviderError:
+        """An ``error`` event after HTTP 200, classified as the HTTP status of its type."""
+        error_type, _ = self._error_fields(event)
+        status = _STATUS_OF_TYPE.get(error_type or "", 500)
+        return self._http_error(status, {}, msgspec.json.encode(event))
+
+    def _error_fields(self, payload: Any) -> tuple[str | None, str]:
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if not isinstance(error, dict):
+            return None, ""
+        return error.get("type"), str(error.get("message") or "")
+
+    def _error_class(
+        self, status: int, error_type: str | None, payload: Any
+    ) -> type[ProviderError] | None:
+        error = payload.get("error") if isinstance(payload, dict) else None
+        details = error.get("details") if isinstance(error, dict) else None
+        if (
+            isinstance(details, dict)
+            and details.get("error_code") == "enforced_spend_limit_reached"
+        ):
+            return ProviderQuotaExhausted
+        if error_type == "billing_error":
+            return ProviderQuotaExhausted
+        message = str(error.get("message") or "").lower() if isinstance(error, dict) else ""
+        if status == 400 and any(phrase in message for phrase in _QUOTA_PHRASES):
+            return ProviderQuotaExhausted
+        return None
+
+
+def _finish(reason: Any) -> str | None:
+    if reason is None:
+        return None
+    return _FINISH.get(str(reason), str(reason))
+
+
+def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
+    """Anthropic usage (cache excluded from input) in our semantics (cache included)."""
+    if "output_tokens" in usage:
+        turn.output_tokens = int(usage["output_tokens"] or 0)
+    if "input_tokens" not in usage and turn.input_tokens is not None:
+        return
+    read = int(usage.get("cache_read_input_tokens") or 0)
+    write = int(usage.get("cache_creation_input_tokens") or 0)
+    if "input_tokens" in usage:
+        turn.cache_read, turn.cache_write = read, write
+        turn.input_tokens = int(usage["input_tokens"] or 0) + read + write

@@ -1,0 +1,673 @@
+"""The provider client abstraction: one HTTP client per configured provider (the guide's LLMClient).
+
+::
+
+    client = make_client(name="claude", kind="anthropic", base_url=None, model="claude-...",
+                         api_key=os.environ["ANTHROPIC_API_KEY"], timeout=30.0, price=price)
+    done = await client.complete(ProviderRequest(prompt="Hello", max_tokens=256))
+    async with client.stream(ProviderRequest(prompt="Hello")) as stream:
+        async for text in stream:
+            ...
+    done = stream.completion        # text, finish_reason, usage, cost, timing
+
+Usage is what the provider reported (``input_tokens`` includes cache reads and writes, as in
+``events.contract.Usage``); only when a provider reports none (an OpenAI stream that ended without
+its usage chunk, Ollama's omitted counts) are the missing counts estimated, and
+``Completion.usage_estimated`` says so. Every failure is a :class:`vapora.errors.ProviderError`
+subclass; httpx exceptions are translated here, at the boundary. A failure after the first
+streamed chunk is :class:`StreamBroken` (a ``ProviderStreamBroken``) carrying the text and the
+usage known so far. No error, repr or log line contains the API key.
+
+Requests always send an output limit: ``max_tokens`` or :data:`DEFAULT_MAX_TOKENS` (4096, the
+guide's Claude default), so that :meth:`ProviderClient.estimate_cost` is a true upper bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, ClassVar
+
+import anyio
+import httpx
+import msgspec
+
+from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
+from vapora.errors import (
+    InvalidRequest,
+    ProviderConfigError,
+    ProviderError,
+    ProviderQuotaExhausted,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderStreamBroken,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from vapora.pricing import cost
+from vapora.providers.wire import Frame, ndjson_frames, retry_after_from_headers, sse_frames
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Completion",
+    "CompletionStream",
+    "ProviderClient",
+    "ProviderRequest",
+    "StreamBroken",
+    "estimate_input_tokens",
+    "estimate_tokens",
+]
+
+DEFAULT_MAX_TOKENS = 4096
+_log = logging.getLogger("vapora.providers")
+_JSON = {"content-type": "application/json"}
+_EWMA_ALPHA = 0.2
+_MESSAGE_OVERHEAD = 4
+_MAX_MESSAGE = 500
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count of ``text``: one token per 3 characters (English averages 4)."""
+    return -(-len(text) // 3)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """One call's input: exactly one of ``prompt`` or ``messages``, and the usual options.
+
+    ``model`` overrides the client's configured model for this call.
+    """
+
+    prompt: str | None = None
+    messages: Sequence[ChatMessage] | None = None
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("exactly one of `prompt` or `messages` is required")
+        if self.messages is not None and not self.messages:
+            raise InvalidRequest("`messages` must not be empty")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequest("`max_tokens` must be at least 1")
+
+    @classmethod
+    def from_call(cls, call: ProviderCall) -> ProviderRequest:
+        """The request of a router -> provider-actor call."""
+        return cls(
+            prompt=call.prompt,
+            messages=call.messages,
+            system=call.system,
+            max_tokens=call.max_tokens,
+            temperature=call.temperature,
+            model=call.model or None,
+        )
+
+    @property
+    def output_limit(self) -> int:
+        """The output-token limit sent to the provider."""
+        return self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def turns(self) -> list[tuple[str, str]]:
+        """The conversation as ``(role, content)`` (a prompt is one user turn)."""
+        if self.messages is None:
+            return [("user", self.prompt or "")]
+        return [(m.role, m.content) for m in self.messages]
+
+    def system_text(self) -> str | None:
+        """``system`` and any system-role messages joined, for APIs with a separate system field."""
+        parts = [self.system] if self.system else []
+        parts += [content for role, content in self.turns() if role == "system"]
+        return "\n\n".join(parts) if parts else None
+
+    def input_chars(self) -> int:
+        return len(self.system or "") + sum(len(content) for _, content in self.turns())
+
+
+def estimate_input_tokens(request: ProviderRequest) -> int:
+    """A conservative input-token estimate for reservations: 1.2 x chars/3, plus 4 per message."""
+    text_tokens = math.ceil(estimate_tokens("x" * request.input_chars()) * 1.2)
+    return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The result of one successful call (``complete`` or a finished ``stream``)."""
+
+    provider: str
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    cost_usd: Decimal
+    price: Price
+    latency_ms: float
+    first_token_ms: float | None = None
+    response_id: str | None = None
+    chunks: int = 0
+    usage_estimated: bool = False
+
+    def to_call_result(self) -> ProviderCallResult:
+        """This completion as the provider actor's reply to the router."""
+        return ProviderCallResult(
+            provider=self.provider,
+            model=self.model,
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            cost_usd=self.cost_usd,
+            latency_ms=self.latency_ms,
+            first_token_ms=self.first_token_ms,
+            chunks=self.chunks,
+        )
+
+
+class StreamBroken(ProviderStreamBroken):
+    """A stream failed after its first chunk: ``partial_text`` was already forwarded."""
+
+    def __init__(self, message: str, *, partial_text: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.partial_text = partial_text
+
+
+@dataclass(slots=True)
+class Turn:
+    """What one call has produced so far; filled by the provider's parser, frame by frame."""
+
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    model: str | None = None
+    response_id: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read: int = 0
+    cache_write: int = 0
+    done: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def usage(self, request: ProviderRequest, *, partial: bool = False) -> tuple[Usage, bool]:
+        """The usage (reported, missing counts estimated), and whether anything was estimated.
+
+        For a ``partial`` (broken) stream the output is at least the estimate of the text seen.
+        """
+        estimated = self.input_tokens is None or self.output_tokens is None
+        text_tokens = estimate_tokens(self.text)
+        output = self.output_tokens if self.output_tokens is not None else text_tokens
+        if partial:
+            output = max(output, text_tokens)
+        inputs = self.input_tokens
+        if inputs is None:
+            inputs = estimate_input_tokens(request) + self.cache_read + self.cache_write
+        usage = Usage(
+            input_tokens=inputs,
+            output_tokens=output,
+            cache_read_tokens=self.cache_read,
+            cache_write_tokens=self.cache_write,
+        )
+        return usage, estimated
+
+
+class _Ewma:
+    __slots__ = ("count", "value")
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self.count = 0
+
+    def observe(self, sample: float) -> None:
+        self.count += 1
+        self.value = (
+            sample if self.value is None else self.value + _EWMA_ALPHA * (sample - self.value)
+        )
+
+
+class ProviderClient(ABC):
+    """One configured provider: its HTTP pool, wire format, price and observed latency.
+
+    Subclasses implement the wire format (:meth:`_path`, :meth:`_body`, :meth:`_parse`,
+    :meth:`_on_frame`, :meth:`_error_fields`); this class does HTTP, timing, errors and cost.
+    """
+
+    kind: ClassVar[str]
+    default_base_url: ClassVar[str]
+    paid: ClassVar[bool] = True
+    framing: ClassVar[str] = "sse"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: str,
+        api_key: str | None,
+        price: Price,
+        base_url: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.price = price
+        self.timeout = float(timeout)
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
+        self._api_key = api_key or None
+        self._clock = clock
+        self._latency = _Ewma()
+        self._ttft = _Ewma()
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=transport or httpx.AsyncHTTPTransport(limits=limits, retries=0),
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+            headers=self._headers(self._api_key),
+        )
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key else "unset"
+        return (
+            f"<{type(self).__name__} name={self.name!r} model={self.model!r} "
+            f"base_url={self.base_url!r} api_key={key}>"
+        )
+
+    async def __aenter__(self) -> ProviderClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    # --- the public surface -----------------------------------------------------------------
+
+    async def complete(
+        self, request: ProviderRequest, *, time_limit: float | None = None
+    ) -> Completion:
+        """One non-streaming call; raises a ``ProviderError`` subclass on failure.
+
+        ``time_limit`` (seconds) overrides the client's ``timeout`` for this call.
+        """
+        self._require_key()
+        model = request.model or self.model
+        started = time.perf_counter()
+        response = await self._post(
+            self._path(request, model, stream=False), self._body(request, model, False), time_limit
+        )
+        turn = Turn()
+        self._parse(self._decode(response.content), turn)
+        latency = (time.perf_counter() - started) * 1000
+        self._latency.observe(latency)
+        return self._completion(turn, request, model, latency, None, 0)
+
+    def stream(
+        self,
+        request: ProviderRequest,
+        *,
+        time_limit: float | None = None,
+        first_token_limit: float | None = None,
+    ) -> CompletionStream:
+        """A streaming call: iterate the returned :class:`CompletionStream` for text chunks.
+
+        ``time_limit`` bounds the whole stream, ``first_token_limit`` the first chunk (seconds).
+        """
+        self._require_key()
+        return CompletionStream(self, request, time_limit or self.timeout, first_token_limit)
+
+    def estimate_cost(self, request: ProviderRequest) -> Decimal:
+        """An upper bound of the call's cost, for budget reservations.
+
+        Input: :func:`estimate_input_tokens` at the dearest input rate (a cache write may cost
+        more than plain input); output: the full output limit at the output price.
+        """
+        price = self.price
+        input_rate = max(
+            price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok
+        )
+        return (
+            estimate_input_tokens(request) * input_rate
+            + request.output_limit * price.output_per_mtok
+        ) / 1_000_000
+
+    def latency_estimate(self) -> float | None:
+        """The observed latency of successful calls in ms (an EWMA), or None before any."""
+        return self._latency.value
+
+    def first_token_estimate(self) -> float | None:
+        """The observed time to first streamed chunk in ms (an EWMA), or None before any."""
+        return self._ttft.value
+
+    async def available(self) -> bool:
+        """Whether the provider can be called: for paid providers, an API key is configured."""
+        return self._api_key is not None
+
+    # --- the wire format (subclasses) -------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def _headers(cls, api_key: str | None) -> dict[str, str]:
+        """Headers sent with every request (authentication, API version)."""
+
+    @abstractmethod
+    def _path(self, request: ProviderRequest, model: str, *, stream: bool) -> str:
+        """The request path under the base URL."""
+
+    @abstractmethod
+    def _body(self, request: ProviderRequest, model: str, stream: bool) -> dict[str, Any]:
+        """The JSON request body."""
+
+    @abstractmethod
+    def _parse(self, data: Any, turn: Turn) -> None:
+        """Fill ``turn`` from a non-streaming response body."""
+
+    @abstractmethod
+    def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
+        """Apply one stream frame to ``turn``; return its text, if any; raise on error events."""
+
+    @abstractmethod
+    def _error_fields(self, payload: Any) -> tuple[str | None, str]:
+        """``(error type, message)`` of an error body."""
+
+    def _error_class(
+        self, status: int, error_type: str | None, payload: Any
+    ) -> type[ProviderError] | None:
+        """A provider-specific classification that overrides the status rules, or None."""
+        return None
+
+    def _retry_hint(self, payload: Any) -> float | None:
+        """A wait (seconds) the error body asks for, where the provider puts it in the body."""
+        return None
+
+    # --- HTTP and errors --------------------------------------------------------------------
+
+    def _require_key(self) -> None:
+        if self.paid and self._api_key is None:
+            raise ProviderConfigError(
+                f"{self.name}: no API key configured",
+                provider=self.name,
+                error_type="missing_api_key",
+            )
+
+    async def _post(
+        self, path: str, body: dict[str, Any], time_limit: float | None
+    ) -> httpx.Response:
+        limit = time_limit or self.timeout
+        try:
+            with anyio.fail_after(limit):
+                response = await self._http.post(
+                    path, content=msgspec.json.encode(body), headers=_JSON
+                )
+        except TimeoutError as exc:
+            raise self._fail(
+                ProviderTimeout(
+                    f"{self.name}: no answer within {limit:g}s",
+                    provider=self.name,
+                    error_type="timeout",
+                )
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise self._fail(self._transport_error(exc)) from exc
+        if response.status_code >= 400:
+            raise self._fail(
+                self._http_error(response.status_code, response.headers, response.content)
+            )
+        return response
+
+    def _decode(self, content: bytes) -> Any:
+        try:
+            return msgspec.json.decode(content)
+        except msgspec.DecodeError as exc:
+            raise self._fail(self._malformed()) from exc
+
+    def _malformed(self) -> ProviderError:
+        return ProviderUnavailable(
+            f"{self.name}: malformed response body",
+            provider=self.name,
+            error_type="malformed_response",
+        )
+
+    def _transport_error(self, exc: httpx.HTTPError) -> ProviderError:
+        detail = self._scrub(f"{type(exc).__name__}: {exc}")[:_MAX_MESSAGE]
+        if isinstance(exc, httpx.TimeoutException):
+            return ProviderTimeout(
+                f"{self.name}: {detail}", provider=self.name, error_type="timeout"
+            )
+        return ProviderUnavailable(
+            f"{self.name}: {detail}", provider=self.name, error_type="connection"
+        )
+
+    def _http_error(self, status: int, headers: Mapping[str, str], content: bytes) -> ProviderError:
+        """Classify an HTTP error answer (DESIGN §3 error classes, providers.md §3.5)."""
+        try:
+            payload: Any = msgspec.json.decode(content)
+        except msgspec.DecodeError:
+            payload = None
+        error_type, message = self._error_fields(payload)
+        if payload is None:
+            message = content[:_MAX_MESSAGE].decode("utf-8", "replace")
+        text = self._scrub(f"{self.name}: HTTP {status} {error_type or 'error'}: {message}")[
+            :_MAX_MESSAGE
+        ]
+        kind = self._error_class(status, error_type, payload) or _status_class(status)
+        if kind is ProviderRateLimited:
+            wait = retry_after_from_headers(headers, datetime.now(UTC))
+            wait = wait if wait is not None else self._retry_hint(payload)
+            return ProviderRateLimited(
+                text,
+                retry_after=wait,
+                provider=self.name,
+                http_status=status,
+                error_type=error_type,
+            )
+        return kind(text, provider=self.name, http_status=status, error_type=error_type)
+
+    def _scrub(self, text: str) -> str:
+        key = self._api_key
+        return text.replace(key, "[redacted]") if key and key in text else text
+
+    def _fail(self, error: ProviderError) -> ProviderError:
+        _log.debug("provider call failed: %r", error)
+        return error
+
+    # --- results ----------------------------------------------------------------------------
+
+    def _completion(
+        self,
+        turn: Turn,
+        request: ProviderRequest,
+        model: str,
+        latency: float,
+        first_token: float | None,
+        chunks: int,
+    ) -> Completion:
+        usage, estimated = turn.usage(request)
+        return Completion(
+            provider=self.name,
+            model=turn.model or model,
+            text=turn.text,
+            finish_reason=turn.finish_reason,
+            usage=usage,
+            cost_usd=cost(usage, self.price),
+            price=self.price,
+            latency_ms=latency,
+            first_token_ms=first_token,
+            response_id=turn.response_id,
+            chunks=chunks,
+            usage_estimated=estimated,
+        )
+
+    async def _frames(
+        self, request: ProviderRequest, model: str, turn: Turn
+    ) -> AsyncGenerator[str, None]:
+        """The text chunks of a streaming call, filling ``turn`` as frames arrive."""
+        body = msgspec.json.encode(self._body(request, model, True))
+        frames = ndjson_frames if self.framing == "ndjson" else sse_frames
+        try:
+            async with self._http.stream(
+                "POST", self._path(request, model, stream=True), content=body, headers=_JSON
+            ) as response:
+                if response.status_code >= 400:
+                    content = await response.aread()
+                    raise self._http_error(response.status_code, response.headers, content)
+                async for frame in frames(response.aiter_bytes()):
+                    text = self._on_frame(frame, turn)
+                    if text:
+                        turn.parts.append(text)
+                        yield text
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        if not turn.done:
+            raise ProviderUnavailable(
+                f"{self.name}: stream ended before its final event",
+                provider=self.name,
+                error_type="incomplete_stream",
+            )
+
+
+_BY_STATUS: dict[int, type[ProviderError]] = {
+    401: ProviderConfigError,
+    402: ProviderQuotaExhausted,
+    403: ProviderConfigError,
+    404: ProviderConfigError,
+    408: ProviderUnavailable,
+    409: ProviderUnavailable,
+    429: ProviderRateLimited,
+    504: ProviderTimeout,
+}
+
+
+def _status_class(status: int) -> type[ProviderError]:
+    """The error class of an HTTP status without provider-specific detail."""
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    return ProviderUnavailable if status >= 500 else ProviderRejected
+
+
+class CompletionStream:
+    """The text chunks of one streaming call; :attr:`completion` is set once it has ended.
+
+    Use it as ``async with client.stream(req) as stream: async for text in stream: ...``. A
+    failure before the first chunk raises the classified ``ProviderError`` (the caller may fall
+    back); after it, :class:`StreamBroken` with the partial text and usage. ``time_limit`` bounds
+    the whole stream (seconds), ``first_token_limit`` the wait for the first chunk.
+    """
+
+    def __init__(
+        self,
+        client: ProviderClient,
+        request: ProviderRequest,
+        time_limit: float,
+        first_token_limit: float | None,
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._model = request.model or client.model
+        self._turn = Turn()
+        self._chunks: AsyncGenerator[str, None] | None = None
+        self._started = time.perf_counter()
+        self._deadline = self._started + time_limit
+        self._first_deadline = self._started + (first_token_limit or time_limit)
+        self._first_token_ms: float | None = None
+        self._count = 0
+        self.completion: Completion | None = None
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return self._turn.text
+
+    def __aiter__(self) -> CompletionStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.completion is not None:
+            raise StopAsyncIteration
+        if self._chunks is None:
+            self._chunks = self._client._frames(self._request, self._model, self._turn)
+        first = self._count == 0
+        wait = (self._first_deadline if first else self._deadline) - time.perf_counter()
+        try:
+            with anyio.fail_after(max(wait, 0.0)):
+                chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._finish()
+            raise
+        except TimeoutError as exc:
+            what = "first chunk" if first else "end of stream"
+            raise self._failed(
+                ProviderTimeout(
+                    f"{self._client.name}: no {what} in time",
+                    provider=self._client.name,
+                    error_type="timeout",
+                )
+            ) from exc
+        except ProviderError as exc:
+            failure = self._failed(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        self._count += 1
+        if first:
+            self._first_token_ms = (time.perf_counter() - self._started) * 1000
+        return chunk
+
+    async def __aenter__(self) -> CompletionStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading and release the connection."""
+        if self._chunks is not None:
+            await self._chunks.aclose()
+
+    def _finish(self) -> None:
+        client = self._client
+        latency = (time.perf_counter() - self._started) * 1000
+        client._latency.observe(latency)
+        if self._first_token_ms is not None:
+            client._ttft.observe(self._first_token_ms)
+        self.completion = client._completion(
+            self._turn, self._request, self._model, latency, self._first_token_ms, self._count
+        )
+
+    def _failed(self, error: ProviderError) -> ProviderError:
+        """``error`` itself before the first chunk; after it, a StreamBroken (partial result)."""
+        if self._count == 0:
+            return self._client._fail(error)
+        usage, _ = self._turn.usage(self._request, partial=True)
+        broken = StreamBroken(
+            f"{error.message} (after {self._count} chunks)",
+            partial_text=self._turn.text,
+            provider=self._client.name,
+            http_status=error.http_status,
+            error_type=error.error_type,
+            usage=usage,
+        )
+        return self._client._fail(broken)

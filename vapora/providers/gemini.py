@@ -1,0 +1,146 @@
+"""Gemini client: ``generateContent`` and ``streamGenerateContent?alt=sse`` (providers.md §3.3).
+
+Authentication is the ``x-goog-api-key`` header (never the ``?key=`` query, which would put the
+key in URLs and therefore in logs). The base URL is the bare host, as in DESIGN §5; requests go to
+``/v1beta/models/{model}:…`` unless the base URL already names a version (``…/v1``).
+Usage: ``promptTokenCount`` (+ ``toolUsePromptTokenCount``) includes ``cachedContentTokenCount``;
+output is ``candidatesTokenCount`` + ``thoughtsTokenCount``; a stream's usage is its last chunk's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import msgspec
+
+from vapora.errors import ProviderConfigError, ProviderError, ProviderQuotaExhausted
+from vapora.providers.base import ProviderClient, ProviderRequest, Turn
+from vapora.providers.wire import Frame, parse_duration
+
+__all__ = ["GeminiClient"]
+
+_FINISH = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "MALFORMED_FUNCTION_CALL": "tool_calls",
+}
+_ROLES = {"user": "user", "assistant": "model"}
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_KEY_REASONS = frozenset(
+    {"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "API_KEY_HTTP_REFERRER_BLOCKED"}
+)
+
+
+class GeminiClient(ProviderClient):
+    """Gemini models over the Generative Language API."""
+
+    kind: ClassVar[str] = "gemini"
+    default_base_url: ClassVar[str] = "https://generativelanguage.googleapis.com"
+
+    @classmethod
+    def _headers(cls, api_key: str | None) -> dict[str, str]:
+        return {"x-goog-api-key": api_key} if api_key else {}
+
+    def _path(self, request: ProviderRequest, model: str, *, stream: bool) -> str:
+        name = quote(model.removeprefix("models/"), safe="-._~")
+        prefix = "" if self.base_url.endswith(("/v1", "/v1beta", "/v1alpha")) else "/v1beta"
+        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        return f"{prefix}/models/{name}:{method}"
+
+    def _body(self, request: ProviderRequest, model: str, stream: bool) -> dict[str, Any]:
+        contents = [
+            {"role": _ROLES[role], "parts": [{"text": content}]}
+            for role, content in request.turns()
+            if role != "system"
+        ]
+        config: dict[str, Any] = {"maxOutputTokens": request.output_limit}
+        if request.temperature is not None:
+            config["temperature"] = request.temperature
+        body: dict[str, Any] = {"contents": contents}
+        system = request.system_text()
+        if system is not None:
+            body["systemInstruction"] = {"parts": [{"text": system}], "role": "user"}
+        body["generationConfig"] = config
+        return body
+
+    def _parse(self, data: Any, turn: Turn) -> None:
+        text = self._apply(data, turn)
+        turn.parts = [text] if text else []
+        turn.done = True
+
+    def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
+        try:
+            chunk = msgspec.json.decode(frame.data)
+        except msgspec.DecodeError as exc:
+            raise self._malformed() from exc
+        if isinstance(chunk, dict) and "error" in chunk:
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+            code = error.get("code")
+            status = code if isinstance(code, int) and 400 <= code < 600 else 500
+            raise self._http_error(status, {}, frame.data)
+        return self._apply(chunk, turn) or None
+
+    def _apply(self, data: Any, turn: Turn) -> str:
+        """Fill ``turn`` from one GenerateContentResponse; return its text."""
+        candidates = data.get("candidates") or [{}]
+        candidate = candidates[0]
+        parts = (candidate.get("content") or {}).get("parts") or []
+        text = "".join(str(p.get("text") or "") for p in parts if not p.get("thought"))
+        if candidate.get("finishReason"):
+            reason = str(candidate["finishReason"])
+            turn.finish_reason = _FINISH.get(reason, reason.lower())
+            turn.done = True
+        turn.model = data.get("modelVersion") or turn.model
+        turn.response_id = data.get("responseId") or turn.response_id
+        usage = data.get("usageMetadata")
+        if isinstance(usage, dict):
+            _apply_usage(turn, usage)
+        return text
+
+    def _error_fields(self, payload: Any) -> tuple[str | None, str]:
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if not isinstance(error, dict):
+            return None, ""
+        return error.get("status"), str(error.get("message") or "")
+
+    def _error_class(
+        self, status: int, error_type: str | None, payload: Any
+    ) -> type[ProviderError] | None:
+        if error_type == "FAILED_PRECONDITION":
+            return ProviderQuotaExhausted
+        reasons = {d.get("reason") for d in _details(payload)}
+        if status == 400 and reasons & _KEY_REASONS:
+            return ProviderConfigError
+        if error_type == "UNAUTHENTICATED":
+            return ProviderConfigError
+        return None
+
+    def _retry_hint(self, payload: Any) -> float | None:
+        for detail in _details(payload):
+            if detail.get("@type") == _RETRY_INFO and isinstance(detail.get("retryDelay"), str):
+                return parse_duration(detail["retryDelay"])
+        return None
+
+
+def _details(payload: Any) -> list[dict[str, Any]]:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
+def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
+    """Gemini usage in our semantics: input includes cached and tool-use prompt tokens."""
+    prompt = int(usage.get("promptTokenCount") or 0) + int(
+        usage.get("toolUsePromptTokenCount") or 0
+    )
+    turn.input_tokens = prompt
+    turn.output_tokens = int(usage.get("candidatesTokenCount") or 0) + int(
+        usage.get("thoughtsTokenCount") or 0
+    )
+    turn.cache_read = int(usage.get("cachedContentTokenCount") or 0)

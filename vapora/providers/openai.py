@@ -1,0 +1,128 @@
+"""OpenAI Chat Completions client (``POST {base}/chat/completions``; providers.md §3.2).
+
+Usage: ``prompt_tokens`` already includes ``prompt_tokens_details.cached_tokens``, so it is our
+input as is. Streams ask for ``stream_options.include_usage``; the usage arrives in a last chunk
+with empty ``choices``, and a stream that ends without it has its usage estimated (flagged). An
+``error`` object in the stream after HTTP 200 is classified like an HTTP error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+from vapora.errors import ProviderError, ProviderQuotaExhausted
+from vapora.providers.base import ProviderClient, ProviderRequest, Turn
+from vapora.providers.wire import Frame
+
+__all__ = ["OpenAIClient"]
+
+_QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+        "billing_hard_limit_reached",
+    }
+)
+_DONE = b"[DONE]"
+
+
+class OpenAIClient(ProviderClient):
+    """GPT models over Chat Completions (base URL includes ``/v1``, as in the SDK)."""
+
+    kind: ClassVar[str] = "openai"
+    default_base_url: ClassVar[str] = "https://api.openai.com/v1"
+
+    @classmethod
+    def _headers(cls, api_key: str | None) -> dict[str, str]:
+        headers = {"accept": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        return headers
+
+    def _path(self, request: ProviderRequest, model: str, *, stream: bool) -> str:
+        return "/chat/completions"
+
+    def _body(self, request: ProviderRequest, model: str, stream: bool) -> dict[str, Any]:
+        messages = [{"role": "system", "content": request.system}] if request.system else []
+        messages += [{"role": role, "content": content} for role, content in request.turns()]
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "max_completion_tokens": request.output_limit,
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def _parse(self, data: Any, turn: Turn) -> None:
+        choices = data.get("choices") or [{}]
+        message = choices[0].get("message") or {}
+        turn.parts = [str(message.get("content") or "")]
+        turn.finish_reason = choices[0].get("finish_reason")
+        turn.model = data.get("model")
+        turn.response_id = data.get("id")
+        _apply_usage(turn, data.get("usage"))
+        turn.done = True
+
+    def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
+        if frame.data == _DONE:
+            turn.done = True
+            return None
+        try:
+            chunk = msgspec.json.decode(frame.data)
+        except msgspec.DecodeError as exc:
+            raise self._malformed() from exc
+        if "error" in chunk or frame.event == "error":
+            raise self._http_error(_stream_status(chunk), {}, frame.data)
+        turn.model = chunk.get("model") or turn.model
+        turn.response_id = chunk.get("id") or turn.response_id
+        _apply_usage(turn, chunk.get("usage"))
+        choices = chunk.get("choices") or []
+        if not choices:
+            return None
+        if choices[0].get("finish_reason"):
+            turn.finish_reason = choices[0]["finish_reason"]
+        content = (choices[0].get("delta") or {}).get("content")
+        return str(content) if content else None
+
+    def _error_fields(self, payload: Any) -> tuple[str | None, str]:
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if not isinstance(error, dict):
+            return None, ""
+        kind = error.get("code") or error.get("type")
+        return (str(kind) if kind else None), str(error.get("message") or "")
+
+    def _error_class(
+        self, status: int, error_type: str | None, payload: Any
+    ) -> type[ProviderError] | None:
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if not isinstance(error, dict):
+            return None
+        if error.get("code") in _QUOTA_CODES or error.get("type") in _QUOTA_CODES:
+            return ProviderQuotaExhausted
+        return None
+
+
+def _stream_status(chunk: dict[str, Any]) -> int:
+    """The HTTP status an in-stream error stands for (OpenAI sends no status: assume 500)."""
+    error = chunk.get("error") or {}
+    code = error.get("code") if isinstance(error, dict) else None
+    return int(code) if isinstance(code, int) and 400 <= code < 600 else 500
+
+
+def _apply_usage(turn: Turn, usage: Any) -> None:
+    if not isinstance(usage, dict):
+        return
+    details = usage.get("prompt_tokens_details") or {}
+    turn.input_tokens = int(usage.get("prompt_tokens") or 0)
+    turn.output_tokens = int(usage.get("completion_tokens") or 0)
+    turn.cache_read = int(details.get("cached_tokens") or 0)
+    turn.cache_write = int(details.get("cache_write_tokens") or 0)

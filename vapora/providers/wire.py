@@ -1,0 +1,159 @@
+"""Wire-level helpers shared by the clients: SSE and NDJSON framing, rate-limit waits.
+
+Pure functions over bytes and headers; no I/O beyond iterating the byte stream given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import NamedTuple
+
+__all__ = ["Frame", "ndjson_frames", "parse_duration", "retry_after_from_headers", "sse_frames"]
+
+
+class Frame(NamedTuple):
+    """One stream frame: the SSE event name ("" when none, and for NDJSON) and its data."""
+
+    event: str
+    data: bytes
+
+
+async def sse_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[Frame]:
+    """Server-sent events from a byte stream (``\\n`` or ``\\r\\n`` line ends; comments skipped)."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            block, buffer = buffer[:end], buffer[end + 2 :]
+            frame = _sse_event(block)
+            if frame is not None:
+                yield frame
+    if buffer.strip():
+        frame = _sse_event(buffer.strip(b"\n"))
+        if frame is not None:
+            yield frame
+
+
+def _sse_event(block: bytes) -> Frame | None:
+    event = ""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            event = value.decode("utf-8", "replace")
+    if not data:
+        return None
+    return Frame(event, b"\n".join(data))
+
+
+async def ndjson_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[Frame]:
+    """One frame per non-empty line of a newline-delimited JSON stream."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            line, buffer = buffer[:end].strip(), buffer[end + 1 :]
+            if line:
+                yield Frame("", line)
+    if buffer.strip():
+        yield Frame("", buffer.strip())
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of an OpenAI-style duration (``"1s"``, ``"6m0s"``, ``"20ms"``), or None."""
+    parts = _DURATION.findall(text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(number) * _UNITS[unit] for number, unit in parts)
+
+
+def retry_after_from_headers(headers: Mapping[str, str], now: datetime) -> float | None:
+    """The wait (seconds) a rate-limited answer asks for, or None when it says nothing.
+
+    In order: ``retry-after-ms``; ``retry-after`` (seconds or an HTTP date); the reset headers
+    (Anthropic ``anthropic-ratelimit-*-reset``, RFC 3339; OpenAI ``x-ratelimit-reset-*``,
+    durations). Among reset headers, the latest of those whose ``remaining`` is 0 (the limit that
+    was hit), else the earliest.
+    """
+    milliseconds = _number(headers.get("retry-after-ms"))
+    if milliseconds is not None:
+        return max(milliseconds / 1000, 0.0)
+    after = headers.get("retry-after")
+    if after:
+        seconds = _number(after)
+        if seconds is None:
+            seconds = _until(_http_date(after), now)
+        if seconds is not None:
+            return max(seconds, 0.0)
+    return _reset_wait(headers, now)
+
+
+def _reset_wait(headers: Mapping[str, str], now: datetime) -> float | None:
+    exhausted: list[float] = []
+    resets: list[float] = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower.startswith("anthropic-ratelimit-") and lower.endswith("-reset"):
+            wait = _until(_rfc3339(value), now)
+            remaining = headers.get(lower[: -len("reset")] + "remaining")
+        elif lower.startswith("x-ratelimit-reset-"):
+            wait = parse_duration(value)
+            remaining = headers.get("x-ratelimit-remaining-" + lower[len("x-ratelimit-reset-") :])
+        else:
+            continue
+        if wait is None:
+            continue
+        resets.append(max(wait, 0.0))
+        if remaining is not None and remaining.strip() == "0":
+            exhausted.append(max(wait, 0.0))
+    if exhausted:
+        return max(exhausted)
+    return min(resets) if resets else None
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+def _http_date(text: str) -> datetime | None:
+    try:
+        return parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _rfc3339(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _until(moment: datetime | None, now: datetime) -> float | None:
+    return None if moment is None else (moment - now).total_seconds()
