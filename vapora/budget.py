@@ -12,6 +12,8 @@ Semantics
     * ``budget_released`` closes the hold; spend already recorded stays (a failed call keeps what
       the provider billed). Settling or releasing a closed reservation is a no-op, and so is a
       ``budget_reserved`` for an id already closed (it arrived after its own settlement).
+    * A ``spend_recorded`` whose event id was already counted (a duplicate append that escaped
+      JetStream's de-duplication window) is not counted twice, within :data:`CLOSED_RETENTION`.
     * With a stream sequence (``evolve(state, event, seq)``, :func:`catch_up`) an event at or
       below ``state.last_sequence`` is skipped, so restart = snapshot + tail is idempotent.
 
@@ -26,7 +28,8 @@ Retention (memory must not grow with the log)
     * days and months before the first day of the previous month are dropped;
     * a task's spend is dropped once it holds no open reservation and has had no event for
       :data:`TASK_RETENTION` (a task idle that long starts from zero again if it comes back);
-    * ids of closed reservations are forgotten :data:`CLOSED_RETENTION` after they closed.
+    * ids of closed reservations, and of spend events counted, are forgotten
+      :data:`CLOSED_RETENTION` after their event time.
     The all-time ``total_spent_usd`` and ``spend_events`` are never pruned (they are two numbers).
 
 Performance
@@ -172,6 +175,7 @@ class BudgetState:
     _tasks: Shards[str, TaskSpend] = field(default_factory=lambda: _empty_shards(), repr=False)
     _open: Shards[str, Reservation] = field(default_factory=lambda: _empty_shards(), repr=False)
     _closed: Shards[str, datetime] = field(default_factory=lambda: _empty_shards(), repr=False)
+    _counted: Shards[str, datetime] = field(default_factory=lambda: _empty_shards(), repr=False)
 
     def spent_on(self, day: date) -> Decimal:
         """Spend recorded in the UTC calendar day ``day``."""
@@ -285,8 +289,11 @@ class _Books:
 
     __slots__ = (
         "closed",
+        "counted",
         "days",
         "days_owned",
+        "last_day",
+        "last_month",
         "last_sequence",
         "months",
         "months_owned",
@@ -309,9 +316,11 @@ class _Books:
         self.days: dict[date, Decimal] = state.days  # type: ignore[assignment]
         self.months: dict[date, Decimal] = state.months  # type: ignore[assignment]
         self.days_owned = self.months_owned = False
+        self.last_day = self.last_month = date.min
         self.tasks: _CowMap[str, TaskSpend] = _CowMap(state._tasks)
         self.open: _CowMap[str, Reservation] = _CowMap(state._open)
         self.closed: _CowMap[str, datetime] = _CowMap(state._closed)
+        self.counted: _CowMap[str, datetime] = _CowMap(state._counted)
 
     def freeze(self) -> BudgetState:
         self.days_owned = self.months_owned = False
@@ -327,17 +336,18 @@ class _Books:
             _tasks=self.tasks.freeze(),
             _open=self.open.freeze(),
             _closed=self.closed.freeze(),
+            _counted=self.counted.freeze(),
         )
 
     def apply(self, event: Event) -> None:
-        if isinstance(event, SpendRecorded):
-            self.spend(event)
-        elif isinstance(event, BudgetReserved):
-            self.reserve(event)
-        elif isinstance(event, BudgetReleased):
+        kind = type(event)
+        if kind is SpendRecorded:
+            self.spend(event)  # type: ignore[arg-type]
+        elif kind is BudgetReserved:
+            self.reserve(event)  # type: ignore[arg-type]
+        elif kind is BudgetReleased:
             at = _utc(event.at)
-            self.close(event.reservation_id, at)
-            self.touch_task(event.task_id, at, _ZERO, _ZERO, None)
+            self.close(event.reservation_id, event.task_id, at, _ZERO)  # type: ignore[union-attr]
             self.tick(at)
 
     def reserve(self, event: BudgetReserved) -> None:
@@ -362,28 +372,39 @@ class _Books:
 
     def spend(self, event: SpendRecorded) -> None:
         at, cost = _utc(event.at), event.cost_usd
+        if event.id in self.counted:
+            self.tick(at)
+            return
+        self.counted.set(event.id, at)
         day = at.date()
-        month = day.replace(day=1)
+        if day != self.last_day:
+            self.last_day, self.last_month = day, day.replace(day=1)
         if not self.days_owned:
             self.days, self.days_owned = dict(self.days), True
         if not self.months_owned:
             self.months, self.months_owned = dict(self.months), True
         self.days[day] = self.days.get(day, _ZERO) + cost
+        month = self.last_month
         self.months[month] = self.months.get(month, _ZERO) + cost
         self.total += cost
         self.spend_events += 1
-        self.touch_task(event.task_id, at, cost, _ZERO, None)
-        if event.reservation_id is not None:
-            self.close(event.reservation_id, at)
+        self.close(event.reservation_id, event.task_id, at, cost)
         self.tick(at)
 
-    def close(self, rid: str, at: datetime) -> None:
-        held = self.open.pop(rid)
-        if held is not None:
-            self.reserved -= held.amount_usd
-            self.touch_task(held.task_id, at, _ZERO, -held.amount_usd, None)
-        if rid not in self.closed:
+    def close(self, rid: str | None, task_id: str, at: datetime, cost: Decimal) -> None:
+        """Close ``rid`` (if given and open) and add ``cost`` to ``task_id``'s spend."""
+        held = None if rid is None else self.open.pop(rid)
+        if rid is not None and rid not in self.closed:
             self.closed.set(rid, at)
+        if held is None:
+            self.touch_task(task_id, at, cost, _ZERO, None)
+            return
+        self.reserved -= held.amount_usd
+        if held.task_id == task_id:
+            self.touch_task(task_id, at, cost, -held.amount_usd, None)
+        else:
+            self.touch_task(task_id, at, cost, _ZERO, None)
+            self.touch_task(held.task_id, at, _ZERO, -held.amount_usd, None)
 
     def touch_task(
         self, task_id: str, at: datetime, spent: Decimal, held: Decimal, cap: Decimal | None
@@ -401,11 +422,12 @@ class _Books:
         """Advance the event-time watermark; prune when event time enters a new UTC day."""
         if self.watermark is None or at > self.watermark:
             self.watermark = at
-        if self.next_prune is None:
-            self.next_prune = _next_midnight(at)
-        elif at >= self.next_prune:
+        due = self.next_prune
+        if due is not None and at < due:
+            return
+        if due is not None:
             self.prune(at)
-            self.next_prune = _next_midnight(at)
+        self.next_prune = _next_midnight(at)
 
     def prune(self, now: datetime) -> None:
         keep_from = _previous_month(now.date())
@@ -418,10 +440,11 @@ class _Books:
         idle_since, closed_before = now - TASK_RETENTION, now - CLOSED_RETENTION
         self.tasks.drop_where(lambda t: t.held_usd == 0 and t.last_at < idle_since)
         self.closed.drop_where(lambda closed_at: closed_at < closed_before)
+        self.counted.drop_where(lambda counted_at: counted_at < closed_before)
 
 
 def _utc(at: datetime) -> datetime:
-    if at.tzinfo is UTC:
+    if at.tzinfo is UTC:  # the common case: msgspec decodes "Z" to this very object
         return at
     if at.tzinfo is None:  # the contract says UTC; a naive timestamp is taken at its word
         return at.replace(tzinfo=UTC)
@@ -608,6 +631,7 @@ class _Snapshot(msgspec.Struct, kw_only=True):
     tasks: dict[str, TaskSpend]
     open: dict[str, Reservation]
     closed: dict[str, datetime]
+    counted: dict[str, datetime]
 
 
 _snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
@@ -629,6 +653,7 @@ def snapshot(state: BudgetState) -> bytes:
             tasks=state.tasks(),
             open=state.open_reservations(),
             closed=state.closed_reservations(),
+            counted=_merged(state._counted),
         )
     )
 
@@ -648,4 +673,5 @@ def restore(data: bytes) -> BudgetState:
         _tasks=_sharded(snap.tasks),
         _open=_sharded(snap.open),
         _closed=_sharded(snap.closed),
+        _counted=_sharded(snap.counted),
     )

@@ -417,3 +417,11 @@ def _totals(state: BudgetState) -> object:
         sorted(state.open_reservations()),
         tasks,
     )
+
+
+def test_a_duplicate_spend_event_is_counted_once():
+    once = spent("0.40", rid="r1")
+    state = fold(reserved("r1", "0.5"), once, once)
+    assert state.total_spent_usd == Decimal("0.40") and state.spend_events == 1
+    assert state.spent_on(T0.date()) == Decimal("0.40")
+    assert budget.restore(budget.snapshot(state)) == state
