@@ -161,6 +161,7 @@ class Ledger:
         db = await aiosqlite.connect(str(path), isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=5000")  # `vapora audit` may read while we write
         await db.executescript(_SCHEMA)
         return cls(db, await _read_last(db))
 
