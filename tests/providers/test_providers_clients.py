@@ -1,0 +1,360 @@
+"""Each client against the simulator over real HTTP: text, usage, cost, streams, timing, health."""
+
+from __future__ import annotations
+
+import socket
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from events.contract import ChatMessage, ProviderCall, TaskType, Usage
+from tests.providers.conftest import SECRET, ClientFactory, price_of
+from vapora.errors import ConfigError, InvalidRequest, ProviderConfigError, ProviderUnavailable
+from vapora.providers import (
+    DEFAULT_BASE_URLS,
+    DEFAULT_MAX_TOKENS,
+    ProviderRequest,
+    estimate_input_tokens,
+    make_client,
+)
+from vapora.simulator import Simulator
+
+pytestmark = pytest.mark.anyio
+
+KINDS = ["anthropic", "openai", "gemini", "ollama"]
+PROMPT = "one two three four five six"  # 27 characters: the simulator bills ceil(27/4) = 7
+# Usage for PROMPT with 8 cached tokens, in our semantics (input includes the cache).
+USAGE = {
+    "anthropic": Usage(input_tokens=15, output_tokens=6, cache_read_tokens=8),
+    "openai": Usage(input_tokens=15, output_tokens=6, cache_read_tokens=8),
+    "gemini": Usage(input_tokens=15, output_tokens=6, cache_read_tokens=8),
+    "ollama": Usage(input_tokens=7, output_tokens=6),  # Ollama reports no cache
+}
+# Hand-computed: 7 uncached x input + 8 cached x cache read + 6 x output, per million.
+COST = {
+    "anthropic": Decimal("0.0001134"),  # 7*3 + 8*0.3 + 6*15 = 113.4
+    "openai": Decimal("0.0000875"),  # 7*2.5 + 8*1.25 + 6*10 = 87.5
+    "gemini": Decimal("0.00001734"),  # 7*0.3 + 8*0.03 + 6*2.5 = 17.34
+    "ollama": Decimal(0),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_complete_returns_text_usage_and_cost(kind: str, client_for: ClientFactory) -> None:
+    client = client_for(kind, "cached-8")
+
+    done = await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=100))
+
+    assert done.text == PROMPT
+    assert done.finish_reason == "stop"
+    assert done.usage == USAGE[kind]
+    assert done.cost_usd == COST[kind]
+    assert done.usage_estimated is False
+    assert done.provider == f"{kind}-sim"
+    assert (done.response_id is None) == (kind == "ollama")  # Ollama answers carry no id
+    assert done.latency_ms > 0 and done.first_token_ms is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stream_yields_chunks_then_the_same_usage_and_cost(
+    kind: str, client_for: ClientFactory
+) -> None:
+    client = client_for(kind, "cached-8")
+
+    chunks = []
+    async with client.stream(ProviderRequest(prompt=PROMPT, max_tokens=100)) as stream:
+        async for text in stream:
+            chunks.append(text)
+    done = stream.completion
+
+    assert chunks == ["one", " two", " three", " four", " five", " six"]
+    assert done is not None
+    assert done.text == PROMPT and done.chunks == 6
+    assert done.finish_reason == "stop"
+    assert done.usage == USAGE[kind]
+    assert done.cost_usd == COST[kind]
+    assert done.first_token_ms is not None and done.first_token_ms <= done.latency_ms
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_max_tokens_truncates_with_finish_reason_length(
+    kind: str, streaming: bool, client_for: ClientFactory
+) -> None:
+    client = client_for(kind)
+    request = ProviderRequest(prompt=PROMPT, max_tokens=3)
+
+    if streaming:
+        async with client.stream(request) as stream:
+            _ = [text async for text in stream]
+        done = stream.completion
+    else:
+        done = await client.complete(request)
+
+    assert done is not None
+    assert done.text == "one two three"
+    assert done.finish_reason == "length"
+    assert done.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_messages_with_system_reach_the_model(kind: str, client_for: ClientFactory) -> None:
+    client = client_for(kind)
+    request = ProviderRequest(
+        messages=[
+            ChatMessage(role="user", content="first question"),
+            ChatMessage(role="assistant", content="first answer"),
+            ChatMessage(role="user", content="alpha beta"),
+        ],
+        system="be brief",
+    )
+
+    done = await client.complete(request)
+
+    assert done.text == "alpha beta"  # the simulator echoes the last user turn
+    # 8 + 14 + 12 + 10 = 44 characters of input, system included: ceil(44/4) = 11 tokens
+    assert done.usage.input_tokens == 11
+
+
+@pytest.mark.parametrize(
+    ("kind", "suffix"), [("openai", "nousage"), ("ollama", "nocounts")]
+)
+async def test_unreported_usage_is_estimated_and_flagged(
+    kind: str, suffix: str, client_for: ClientFactory
+) -> None:
+    client = client_for(kind, suffix)
+    request = ProviderRequest(prompt=PROMPT, max_tokens=100)
+
+    async with client.stream(request) as stream:
+        _ = [text async for text in stream]
+    done = stream.completion
+
+    assert done is not None and done.text == PROMPT
+    assert done.usage_estimated is True
+    # Estimates err high: at least what the simulator would have reported.
+    assert done.usage.input_tokens == estimate_input_tokens(request) >= 7
+    assert done.usage.output_tokens == 9  # ceil(27 / 3)
+
+
+async def test_a_stream_closed_early_frees_the_connection(client_for: ClientFactory) -> None:
+    client = client_for("anthropic", "len-50")
+
+    async with client.stream(ProviderRequest(prompt=PROMPT)) as stream:
+        async for _ in stream:
+            break
+    done = await client.complete(ProviderRequest(prompt="still works"))
+
+    assert stream.completion is None
+    assert done.text.split() == ["still", "works"] * 25  # len-50 cycles the prompt's words
+
+
+async def test_latency_estimate_is_observed(client_for: ClientFactory) -> None:
+    client = client_for("openai", "slow-30")
+    assert client.latency_estimate() is None
+
+    await client.complete(ProviderRequest(prompt="hi"))
+    await client.complete(ProviderRequest(prompt="hi"))
+
+    estimate = client.latency_estimate()
+    assert estimate is not None and estimate >= 30  # the simulator waited 30 ms each time
+
+
+async def test_first_token_waits_for_the_simulated_ttft(client_for: ClientFactory) -> None:
+    client = client_for("gemini", "ttft-60")
+
+    async with client.stream(ProviderRequest(prompt=PROMPT)) as stream:
+        _ = [text async for text in stream]
+
+    assert stream.completion is not None
+    assert stream.completion.first_token_ms is not None
+    assert stream.completion.first_token_ms >= 60
+    assert client.first_token_estimate() == stream.completion.first_token_ms
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_estimate_cost_bounds_the_actual_cost(kind: str, client_for: ClientFactory) -> None:
+    client = client_for(kind, "cachew-40")
+    prompts = ["x", PROMPT, "word " * 200, "a-much-longer-token-free-string" * 30]
+
+    for prompt in prompts:
+        request = ProviderRequest(prompt=prompt, system="sys", max_tokens=500)
+        done = await client.complete(request)
+        assert client.estimate_cost(request) >= done.cost_usd
+
+
+def test_estimate_cost_is_input_estimate_plus_max_tokens_of_output() -> None:
+    client = make_client(name="o", kind="openai", model="m", price=price_of("openai"))
+    request = ProviderRequest(prompt="x" * 30)  # 10 tokens x 1.2 = 12, plus 4 for the message
+
+    estimate = client.estimate_cost(request)
+
+    assert estimate_input_tokens(request) == 16
+    assert estimate == (16 * Decimal("2.5") + DEFAULT_MAX_TOKENS * 10) / 1_000_000
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "gemini"])
+async def test_paid_provider_is_available_only_with_a_key(kind: str, sim: Simulator) -> None:
+    with_key = make_client(name=kind, kind=kind, model="m", price=price_of(kind), api_key=SECRET)
+    without = make_client(name=kind, kind=kind, model="m", price=price_of(kind), api_key="")
+
+    assert await with_key.available() is True
+    assert await without.available() is False
+    with pytest.raises(ProviderConfigError) as caught:
+        await without.complete(ProviderRequest(prompt="hi"))
+    assert caught.value.error_type == "missing_api_key"
+    await with_key.aclose()
+    await without.aclose()
+
+
+async def test_ollama_health_is_a_real_check_cached_briefly(sim: Simulator) -> None:
+    now = [1000.0]
+    client = make_client(
+        name="ollama",
+        kind="ollama",
+        model="llama3.2",
+        price=price_of("ollama"),
+        base_url=sim.base_url,
+        health_ttl=5.0,
+        clock=lambda: now[0],
+    )
+
+    assert await client.available() is True
+    sim.control({"provider": "ollama", "fail_for_s": 60})
+    now[0] += 1.0
+    assert await client.available() is True  # cached
+    now[0] += 5.0
+    assert await client.available() is False  # re-checked: the server answers 503
+    await client.aclose()
+
+
+async def test_ollama_unreachable_is_unavailable() -> None:
+    port = _closed_port()
+    client = make_client(
+        name="ollama",
+        kind="ollama",
+        model="llama3.2",
+        price=price_of("ollama"),
+        base_url=f"http://127.0.0.1:{port}",
+    )
+
+    assert await client.available() is False
+    with pytest.raises(ProviderUnavailable):
+        await client.complete(ProviderRequest(prompt="hi"))
+    await client.aclose()
+
+
+async def test_transport_is_injectable(sim: Simulator) -> None:
+    seen: list[str] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            seen.append(f"{request.method} {request.url.path}")
+            return await self.inner.handle_async_request(request)
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    client = make_client(
+        name="claude",
+        kind="anthropic",
+        model="claude-sonnet-4-5",
+        price=price_of("anthropic"),
+        api_key=SECRET,
+        base_url=sim.base_url,
+        transport=Recording(),
+    )
+    done = await client.complete(ProviderRequest(prompt="via the seam"))
+    await client.aclose()
+
+    assert done.text == "via the seam"
+    assert seen == ["POST /v1/messages"]
+
+
+async def test_one_connection_pool_is_reused_across_calls(
+    sim: Simulator, client_for: ClientFactory
+) -> None:
+    client = client_for("openai")
+    for _ in range(5):
+        await client.complete(ProviderRequest(prompt="again"))
+
+    assert len(sim.app.requests) == 5
+    assert len(sim._server.connections) == 1  # keep-alive: one TCP connection for five calls
+
+
+def test_factory_rejects_an_unknown_kind() -> None:
+    with pytest.raises(ConfigError, match="mistral"):
+        make_client(name="m", kind="mistral", model="x", price=price_of("openai"))
+
+
+def test_factory_defaults_to_the_public_base_urls() -> None:
+    client = make_client(name="g", kind="gemini", model="x", price=price_of("gemini"))
+    assert client.base_url == DEFAULT_BASE_URLS["gemini"]
+    assert DEFAULT_BASE_URLS == {
+        "anthropic": "https://api.anthropic.com",
+        "openai": "https://api.openai.com/v1",
+        "gemini": "https://generativelanguage.googleapis.com",
+        "ollama": "http://localhost:11434",
+    }
+
+
+def test_request_needs_exactly_one_of_prompt_or_messages() -> None:
+    with pytest.raises(InvalidRequest):
+        ProviderRequest()
+    with pytest.raises(InvalidRequest):
+        ProviderRequest(prompt="a", messages=[ChatMessage(role="user", content="b")])
+    with pytest.raises(InvalidRequest):
+        ProviderRequest(messages=[])
+
+
+def test_request_from_a_provider_call() -> None:
+    call = ProviderCall(
+        task_id="t1",
+        task_type=TaskType.GENERAL_QUERY,
+        attempt=1,
+        model="gpt-4o",
+        prompt="hi",
+        system="s",
+        max_tokens=7,
+        temperature=0.5,
+    )
+
+    request = ProviderRequest.from_call(call)
+
+    assert (request.prompt, request.system, request.max_tokens) == ("hi", "s", 7)
+    assert (request.temperature, request.model) == (0.5, "gpt-4o")
+
+
+def test_completion_converts_to_the_call_result() -> None:
+    from vapora.providers import Completion
+
+    done = Completion(
+        provider="p",
+        model="m",
+        text="t",
+        finish_reason="stop",
+        usage=Usage(input_tokens=1, output_tokens=2),
+        cost_usd=Decimal("0.5"),
+        price=price_of("openai"),
+        latency_ms=3.0,
+        first_token_ms=1.0,
+        chunks=2,
+    )
+
+    result = done.to_call_result()
+
+    assert (result.text, result.cost_usd, result.chunks, result.first_token_ms) == (
+        "t",
+        Decimal("0.5"),
+        2,
+        1.0,
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,279 @@
+"""Every error class, for every client, from the simulator's real error answers (providers.md §3.5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.providers.conftest import ClientFactory
+from vapora.errors import (
+    ProviderConfigError,
+    ProviderError,
+    ProviderQuotaExhausted,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderStreamBroken,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from vapora.providers import ProviderClient, ProviderRequest, StreamBroken
+from vapora.simulator import Simulator
+
+pytestmark = pytest.mark.anyio
+
+KINDS = ["anthropic", "openai", "gemini", "ollama"]
+REQUEST = ProviderRequest(prompt="one two three four five six", max_tokens=100)
+
+# (model suffix, error class, whether the router may fall back)
+CASES: list[tuple[str, type[ProviderError], bool]] = [
+    ("error-429", ProviderRateLimited, True),
+    ("error-529", ProviderUnavailable, True),
+    ("error-500", ProviderUnavailable, True),
+    ("error-503", ProviderUnavailable, True),
+    ("error-408", ProviderUnavailable, True),
+    ("error-504", ProviderTimeout, True),
+    ("error-400", ProviderRejected, False),
+    ("error-413", ProviderRejected, False),
+    ("error-422", ProviderRejected, False),
+    ("error-401", ProviderConfigError, True),
+    ("error-403", ProviderConfigError, True),
+    ("error-404", ProviderConfigError, True),
+    ("quota", ProviderQuotaExhausted, True),
+    ("malformed", ProviderUnavailable, True),
+]
+
+
+async def _first_error(client: ProviderClient, streaming: bool) -> ProviderError:
+    with pytest.raises(ProviderError) as caught:
+        if streaming:
+            async with client.stream(REQUEST) as stream:
+                async for _ in stream:
+                    pass
+        else:
+            await client.complete(REQUEST)
+    return caught.value
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("suffix", "error_class", "fallback"), CASES)
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_each_failure_raises_its_error_class(
+    kind: str,
+    suffix: str,
+    error_class: type[ProviderError],
+    fallback: bool,
+    streaming: bool,
+    client_for: ClientFactory,
+) -> None:
+    error = await _first_error(client_for(kind, suffix), streaming)
+
+    assert type(error) is error_class  # not StreamBroken: nothing was streamed yet
+    assert error.fallback is fallback
+    assert error.provider == f"{kind}-sim"
+    assert error.message.startswith(f"{kind}-sim: ")
+    if suffix.startswith("error-") and not (kind == "gemini" and suffix == "error-401"):
+        assert error.http_status == int(suffix.removeprefix("error-"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_type", "status"),
+    [
+        ("anthropic", "rate_limit_error", 429),  # enforced_spend_limit_reached, no retry-after
+        ("openai", "insufficient_quota", 429),
+        ("gemini", "FAILED_PRECONDITION", 400),
+        ("ollama", None, 402),
+    ],
+)
+async def test_quota_exhaustion_is_told_apart_from_rate_limits(
+    kind: str, error_type: str | None, status: int, client_for: ClientFactory
+) -> None:
+    error = await _first_error(client_for(kind, "quota"), streaming=False)
+
+    assert isinstance(error, ProviderQuotaExhausted)
+    assert not isinstance(error, ProviderRateLimited)
+    assert (error.error_type, error.http_status) == (error_type, status)
+
+
+async def test_anthropic_billing_error_402_is_quota(client_for: ClientFactory) -> None:
+    error = await _first_error(client_for("anthropic", "error-402"), streaming=False)
+    assert isinstance(error, ProviderQuotaExhausted) and error.error_type == "billing_error"
+
+
+@pytest.mark.parametrize(
+    ("kind", "retry_after"),
+    [
+        ("anthropic", 3.0),  # retry-after: 3 (whole seconds, rounded up from 2.5)
+        ("openai", 2.5),  # retry-after-ms: 2500 wins over retry-after
+        ("gemini", 2.5),  # google.rpc.RetryInfo retryDelay "2.5s" in the body
+        ("ollama", 3.0),  # retry-after: 3
+    ],
+)
+async def test_rate_limit_carries_the_wait_the_provider_asked_for(
+    kind: str, retry_after: float, client_for: ClientFactory
+) -> None:
+    error = await _first_error(client_for(kind, "error-429-retryms-2500"), streaming=False)
+
+    assert isinstance(error, ProviderRateLimited)
+    assert error.retry_after == retry_after
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+async def test_spend_caps_carry_no_wait(kind: str, client_for: ClientFactory) -> None:
+    error = await _first_error(client_for(kind, "quota"), streaming=False)
+    assert not hasattr(error, "retry_after") or error.retry_after is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_hang_times_out(kind: str, streaming: bool, client_for: ClientFactory) -> None:
+    error = await _first_error(client_for(kind, "hang", timeout=0.3), streaming)
+
+    assert type(error) is ProviderTimeout
+    assert error.fallback is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_slow_first_token_times_out_before_any_chunk(
+    kind: str, client_for: ClientFactory
+) -> None:
+    client = client_for(kind, "ttft-2000")
+
+    with pytest.raises(ProviderTimeout) as caught:
+        async with client.stream(REQUEST, first_token_limit=0.2) as stream:
+            async for _ in stream:
+                pass
+
+    assert not isinstance(caught.value, ProviderStreamBroken)
+
+
+# Partial usage after a cut at 3 chunks ("one two three", 13 characters):
+# - Anthropic reported input in message_start (7); output is estimated from the text: ceil(13/3).
+# - Gemini reports cumulative counts in every chunk: exactly 7 in, 3 out.
+# - OpenAI and Ollama report nothing before the end: both estimated, the input from the
+#   request (ceil(ceil(27/3) x 1.2) + 4 for the message = 15).
+PARTIAL = {
+    "anthropic": (7, 5),
+    "gemini": (7, 3),
+    "openai": (15, 5),
+    "ollama": (15, 5),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_cut_midway_keeps_the_partial_text_and_usage(
+    kind: str, client_for: ClientFactory
+) -> None:
+    client = client_for(kind, "cut-3")
+    received = []
+
+    with pytest.raises(StreamBroken) as caught:
+        async with client.stream(REQUEST) as stream:
+            async for text in stream:
+                received.append(text)
+
+    broken = caught.value
+    assert isinstance(broken, ProviderStreamBroken) and broken.fallback is False
+    assert "".join(received) == broken.partial_text == stream.text == "one two three"
+    assert (broken.usage.input_tokens, broken.usage.output_tokens) == PARTIAL[kind]
+    assert stream.completion is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "error_type"),
+    [
+        ("anthropic", 529, "overloaded_error"),
+        ("openai", 500, "server_error"),
+        ("gemini", 500, "INTERNAL"),
+        ("ollama", 500, None),
+    ],
+)
+async def test_an_error_event_after_200_breaks_the_stream(
+    kind: str, status: int, error_type: str | None, client_for: ClientFactory
+) -> None:
+    client = client_for(kind, "error-after-200")
+
+    with pytest.raises(StreamBroken) as caught:
+        async with client.stream(REQUEST) as stream:
+            async for _ in stream:
+                pass
+
+    assert caught.value.partial_text == "one two"
+    assert (caught.value.http_status, caught.value.error_type) == (status, error_type)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_error_event_before_any_chunk_allows_fallback(
+    kind: str, client_for: ClientFactory
+) -> None:
+    error = await _first_error(client_for(kind, "error-after-200-cut-0"), streaming=True)
+
+    assert not isinstance(error, ProviderStreamBroken)
+    assert isinstance(error, ProviderUnavailable) and error.fallback is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stalled_stream_times_out_as_broken(kind: str, client_for: ClientFactory) -> None:
+    client = client_for(kind, "stall-2")
+
+    with pytest.raises(StreamBroken) as caught:
+        async with client.stream(REQUEST, time_limit=0.4) as stream:
+            async for _ in stream:
+                pass
+
+    assert caught.value.error_type == "timeout"
+    assert caught.value.partial_text == "one two"
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "gemini"])
+async def test_a_request_without_credentials_is_refused_by_the_simulator(
+    kind: str, sim: Simulator
+) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        path = {
+            "anthropic": "/v1/messages",
+            "openai": "/v1/chat/completions",
+            "gemini": "/v1beta/models/gemini-2.5-flash:generateContent",
+        }[kind]
+        response = await http.post(path, json={})
+
+    assert response.status_code in (400, 401)  # Gemini answers a bad key with 400
+    assert sim.stats()["providers"][kind]["errors"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_body_the_provider_cannot_read_is_the_callers_error(
+    kind: str, client_for: ClientFactory
+) -> None:
+    client = client_for(kind)
+    # Reach below the public surface only to send what our clients never send: an empty body.
+    client._body = lambda request, model, stream: {}  # type: ignore[method-assign]
+
+    error = await _first_error(client, streaming=False)
+
+    assert isinstance(error, ProviderRejected) and error.http_status == 400
+
+
+async def test_connection_refused_is_transient() -> None:
+    import socket
+
+    from tests.providers.conftest import price_of
+    from vapora.providers import make_client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = make_client(
+        name="o",
+        kind="openai",
+        model="gpt-4o",
+        price=price_of("openai"),
+        api_key="k" * 20,
+        base_url=f"http://127.0.0.1:{port}/v1",
+    )
+
+    error = await _first_error(client, streaming=True)
+
+    assert type(error) is ProviderUnavailable and error.error_type == "connection"
+    assert isinstance(error.__cause__, Exception)  # the httpx error, chained at the boundary
+    await client.aclose()
