@@ -78,7 +78,7 @@ CLOSED_RETENTION = timedelta(days=1)
 _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
 _NEAR_PERCENT = Decimal(50)
-_SHARDS = 16  # a power of two; one event copies 1/16 of a big map in `evolve`
+_SHARDS = 64  # a power of two; one event copies 1/64 of a big map in `evolve`
 _MASK = _SHARDS - 1
 
 K = TypeVar("K")
