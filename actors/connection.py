@@ -7,12 +7,14 @@ a secret) instead of being swallowed, and a first connection that cannot be made
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
@@ -41,6 +43,8 @@ class ConnectOptions:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     connect_timeout: float = 5.0
+    # How long the *first* connection may take, all servers and retries included.
+    initial_deadline: float = 15.0
     reconnect_wait: float = 0.5
     max_reconnect_attempts: int = -1
     # pending_size bounds what nats-py buffers while disconnected (bytes).
@@ -68,7 +72,7 @@ async def _error_cb(exc: Exception) -> None:
 
 
 async def _disconnected_cb() -> None:
-    log.warning("nats: disconnected; reconnecting")
+    log.info("nats: disconnected")
 
 
 async def _reconnected_cb() -> None:
@@ -165,10 +169,24 @@ async def connect(options: ConnectOptions) -> Client:
     tls = options.tls_context()
     if tls is not None:
         kwargs["tls"] = tls
+    client = Client()
+    servers = ", ".join(options.servers)
     try:
-        client = Client()
-        await client.connect(**kwargs)
-        return client
+        with anyio.fail_after(options.initial_deadline):
+            await client.connect(**kwargs)
+    except TimeoutError as exc:
+        last = client.last_error
+        await _abandon(client)
+        raise ConnectionFailed(
+            f"cannot connect to NATS at {servers} within {options.initial_deadline} s"
+            + (f": {type(last).__name__}: {last}" if last else "")
+        ) from exc
     except Exception as exc:
-        servers = ", ".join(options.servers)
+        await _abandon(client)
         raise ConnectionFailed(f"cannot connect to NATS at {servers}: {exc}") from exc
+    return client
+
+
+async def _abandon(client: Client) -> None:
+    with contextlib.suppress(Exception):
+        await client.close()

@@ -31,7 +31,7 @@ from nats.js.errors import NotFoundError
 from actors import tracing
 from actors.connection import Client
 from events import subjects
-from events.codec import decode_events, encode, event_tag
+from events.codec import DecodeError, decode_event, decode_events, encode, event_tag
 from events.log import Event
 from vapora.errors import ConcurrencyConflict, InternalError
 
@@ -338,11 +338,23 @@ class _PullReader:
 def _entries(raw: list[tuple[int, bytes, bytes, bytes]]) -> list[LogEntry]:
     # One decoder call for the whole batch: msgspec parses a JSON array of events far faster
     # than it is called once per event.
-    decoded = decode_events(b"[" + b",".join([message[2] for message in raw]) + b"]")
+    try:
+        decoded = decode_events(b"[" + b",".join([message[2] for message in raw]) + b"]")
+    except DecodeError:
+        decoded = [_decode_one(seq, subject, data) for seq, subject, data, _ in raw]
     return [
         LogEntry(seq, subject.decode(), event, headers)
         for (seq, subject, _, headers), event in zip(raw, decoded, strict=True)
     ]
+
+
+def _decode_one(seq: int, subject: bytes, data: bytes) -> Event:
+    try:
+        return decode_event(data)
+    except DecodeError as exc:
+        raise DecodeError(
+            f"stored event at sequence {seq} ({subject.decode()}) cannot be decoded: {exc}"
+        ) from exc
 
 
 def _provider_of(event: Event) -> str | None:

@@ -1,0 +1,167 @@
+"""The event log on a real JetStream: the stream's settings, deduplicated and fenced appends,
+pipelined batches, replay in order from any sequence, and a live tail."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+from nats.js import api
+
+from actors.eventlog import EventLog, LogEntry
+from events import BudgetReleased, DecodeError, Event
+from tests.samples import EVENTS
+from vapora.errors import ConcurrencyConflict
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def released(n: int) -> BudgetReleased:
+    return BudgetReleased(
+        id=f"ev-{n}",
+        at=T0 + timedelta(seconds=n),
+        task_id=f"task-{n}",
+        reservation_id=f"r-{n}",
+        reason="settled",
+    )
+
+
+async def read_all(log: EventLog, start: int = 1) -> list[LogEntry]:
+    return [entry async for batch in log.replay(start) for entry in batch]
+
+
+async def test_the_stream_is_file_backed_limits_retention_and_undeletable(
+    event_log: EventLog,
+) -> None:
+    info = await event_log.js.stream_info(event_log.settings.name)
+    assert info.config.storage == api.StorageType.FILE
+    assert info.config.retention == api.RetentionPolicy.LIMITS
+    assert info.config.deny_delete and info.config.deny_purge
+    assert info.config.duplicate_window == 120
+    assert (await event_log.ensure_stream()).config.subjects == [event_log.settings.wildcard]
+
+
+async def test_deleting_an_event_is_refused(event_log: EventLog) -> None:
+    await event_log.append(released(1))
+    with pytest.raises(Exception, match="delete"):
+        await event_log.js.delete_msg(event_log.settings.name, 1)
+
+
+async def test_every_event_type_is_appended_to_its_writers_subject_and_replayed(
+    event_log: EventLog,
+) -> None:
+    for event in EVENTS.values():
+        await event_log.append(event)
+    entries = await read_all(event_log)
+    assert [e.event for e in entries] == list(EVENTS.values())
+    prefix = event_log.settings.prefix
+    subjects = {type(e.event).__name__: e.subject for e in entries}
+    assert subjects["SpendRecorded"] == f"{prefix}.spend.claude"
+    assert subjects["BudgetReserved"] == f"{prefix}.budget"
+    assert subjects["RouteDecided"] == f"{prefix}.route"
+    assert entries[0].headers["Nats-Msg-Id"] == "ev-route-1"
+
+
+async def test_appending_the_same_event_id_twice_stores_it_once(event_log: EventLog) -> None:
+    first = await event_log.append(released(1))
+    again = await event_log.append(released(1))
+    assert not first.duplicate and again.duplicate
+    assert again.seq == first.seq
+    assert [e.event for e in await read_all(event_log)] == [released(1)]
+
+
+async def test_a_second_writer_on_a_fenced_subject_gets_a_conflict(event_log: EventLog) -> None:
+    subject = f"{event_log.settings.prefix}.budget"
+    first = await event_log.append(released(1), expected_last_subject_seq=0)
+    # Writer A appends on top of what it knows ...
+    await event_log.append(released(2), expected_last_subject_seq=first.seq)
+    # ... writer B, which still believes the subject ends at `first`, must not write.
+    with pytest.raises(ConcurrencyConflict, match="another writer got there first"):
+        await event_log.append(released(3), expected_last_subject_seq=first.seq)
+    assert [e.event.id for e in await read_all(event_log)] == ["ev-1", "ev-2"]
+    assert all(e.subject == subject for e in await read_all(event_log))
+
+
+async def test_a_fenced_batch_lands_contiguously(event_log: EventLog) -> None:
+    appended = await event_log.append_many(
+        [released(n) for n in range(5)], expected_last_subject_seq=0
+    )
+    assert [a.seq for a in appended] == [1, 2, 3, 4, 5]
+    with pytest.raises(ConcurrencyConflict):
+        await event_log.append_many([released(9)], expected_last_subject_seq=3)
+
+
+async def test_pipelined_appends_are_acknowledged_in_order(event_log: EventLog) -> None:
+    appended = await event_log.append_many([released(n) for n in range(2000)])
+    assert [a.seq for a in appended] == list(range(1, 2001))
+    assert await event_log.last_sequence() == 2000
+
+
+async def test_concurrent_appenders_share_one_connection(event_log: EventLog) -> None:
+    async with anyio.create_task_group() as tg:
+        for start in range(0, 1000, 100):
+            tg.start_soon(event_log.append_many, [released(n) for n in range(start, start + 100)])
+    ids = sorted(int(e.event.id[3:]) for e in await read_all(event_log))
+    assert ids == list(range(1000))
+
+
+@pytest.mark.parametrize("start", [1, 2, 777, 9999, 10000])
+async def test_replay_returns_events_in_order_from_any_sequence(
+    event_log: EventLog, start: int
+) -> None:
+    await event_log.append_many([released(n) for n in range(10000)])
+    entries = await read_all(event_log, start)
+    assert [e.seq for e in entries] == list(range(start, 10001))
+    assert [e.event for e in entries] == [released(n) for n in range(start - 1, 10000)]
+
+
+async def test_replay_past_the_end_or_of_an_empty_log_yields_nothing(event_log: EventLog) -> None:
+    assert await read_all(event_log) == []
+    await event_log.append(released(1))
+    assert await read_all(event_log, 2) == []
+
+
+async def test_replay_can_filter_one_subject(event_log: EventLog) -> None:
+    for event in EVENTS.values():
+        await event_log.append(event)
+    entries = [
+        e
+        async for batch in event_log.replay(1, filter_subject=f"{event_log.settings.prefix}.budget")
+        for e in batch
+    ]
+    assert [type(e.event).__name__ for e in entries] == [
+        "BudgetReserved",
+        "BudgetReleased",
+        "BudgetTierChanged",
+    ]
+
+
+async def test_tail_delivers_past_and_live_events(event_log: EventLog) -> None:
+    await event_log.append_many([released(n) for n in range(3)])
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for batch in event_log.tail(2):
+            seen.extend(e.event for e in batch)
+            if len(seen) >= 4:
+                return
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await anyio.sleep(0.2)
+            await event_log.append_many([released(3), released(4)])
+    assert [e.id for e in seen] == ["ev-1", "ev-2", "ev-3", "ev-4"]
+
+
+async def test_a_corrupt_stored_event_is_a_clear_error_naming_its_sequence(
+    event_log: EventLog,
+) -> None:
+    await event_log.append(released(1))
+    await event_log.nc.publish(f"{event_log.settings.prefix}.budget", b'{"type": "nonsense"}')
+    await event_log.nc.flush()
+    with pytest.raises(DecodeError, match=r"sequence 2 \(t\w+\.events\.budget\).*'nonsense'"):
+        await read_all(event_log)

@@ -1,0 +1,227 @@
+"""The actor runtime against a real nats-server: typed requests, 400s that name the problem, the
+error tree as service errors, bounded concurrency, $SRV discovery, trace continuation, drain."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from actors import tracing
+from actors.connection import ConnectOptions, connect
+from actors.server import EmbeddedNats
+from actors.service import ActorService, Endpoint, RequestContext
+from events import CompletionRequest, ErrorReply, decode
+from vapora.errors import BudgetExceeded
+
+pytestmark = pytest.mark.anyio
+
+
+class Echo(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+    count: int
+
+
+async def echo(request: CompletionRequest, context: RequestContext) -> Echo:
+    if request.prompt == "broke":
+        raise BudgetExceeded("daily limit reached")
+    if request.prompt == "bug":
+        raise RuntimeError("secret internals")
+    if request.prompt == "slow":
+        await anyio.sleep(0.3)
+    return Echo(text=request.prompt or "", count=len(request.prompt or ""))
+
+
+@pytest.fixture
+async def service(nc: NATS, unique: str) -> AsyncIterator[tuple[ActorService, str]]:
+    subject = f"t{unique}.echo"
+    actor = ActorService(
+        nc,
+        name=f"echo-{unique}",
+        endpoints=[
+            Endpoint(name="echo", subject=subject, request_type=CompletionRequest, handler=echo)
+        ],
+        max_concurrency=64,
+        drain_timeout=5,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        yield actor, subject
+        actor.stop()
+
+
+async def ask(nc: NATS, subject: str, body: bytes) -> tuple[dict[str, str], bytes]:
+    reply = await nc.request(subject, body, timeout=5)
+    return reply.headers or {}, reply.data
+
+
+async def test_a_good_request_is_decoded_and_answered(
+    nc: NATS, service: tuple[ActorService, str]
+) -> None:
+    _, subject = service
+    headers, data = await ask(nc, subject, b'{"prompt": "hello"}')
+    assert "Nats-Service-Error-Code" not in headers
+    assert json.loads(data) == {"text": "hello", "count": 5}
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"{this is not json", "malformed JSON"),
+        (b'{"prompt": "hi", "colour": "blue"}', "unknown field `colour`"),
+        (b'{"prompt": 7}', "$.prompt"),
+        (b'{"messages": [{"role": "user"}]}', "missing required field `content`"),
+        (b'{"prompt": "x", "max_tokens": "many"}', "$.max_tokens"),
+    ],
+)
+async def test_bad_input_gets_400_naming_the_problem_and_the_actor_serves_on(
+    nc: NATS, service: tuple[ActorService, str], body: bytes, named: str
+) -> None:
+    _, subject = service
+    headers, data = await ask(nc, subject, body)
+    assert headers["Nats-Service-Error-Code"] == "400"
+    error = decode(data, ErrorReply).error
+    assert error.code == "invalid_request"
+    assert named in error.message
+    assert named in headers["Nats-Service-Error"]
+    _, good = await ask(nc, subject, b'{"prompt": "still here"}')
+    assert json.loads(good)["text"] == "still here"
+
+
+async def test_ten_megabytes_of_garbage_gets_400_and_the_actor_serves_on(
+    nc: NATS, service: tuple[ActorService, str]
+) -> None:
+    _, subject = service
+    headers, data = await ask(nc, subject, bytes(range(256)) * 40960)
+    assert headers["Nats-Service-Error-Code"] == "400"
+    assert "10485760 bytes" in decode(data, ErrorReply).error.message
+    _, good = await ask(nc, subject, b'{"prompt": "next"}')
+    assert json.loads(good)["text"] == "next"
+
+
+async def test_domain_errors_keep_their_contract_code(
+    nc: NATS, service: tuple[ActorService, str]
+) -> None:
+    _, subject = service
+    headers, data = await ask(nc, subject, b'{"prompt": "broke"}')
+    assert headers["Nats-Service-Error-Code"] == "402"
+    assert decode(data, ErrorReply).error.code == "budget_exceeded"
+
+
+async def test_a_bug_is_a_500_without_internals(
+    nc: NATS, service: tuple[ActorService, str]
+) -> None:
+    _, subject = service
+    headers, data = await ask(nc, subject, b'{"prompt": "bug"}')
+    assert headers["Nats-Service-Error-Code"] == "500"
+    assert "secret internals" not in data.decode()
+    assert decode(data, ErrorReply).error.code == "internal"
+
+
+async def test_requests_run_concurrently_not_one_at_a_time(
+    nc: NATS, service: tuple[ActorService, str]
+) -> None:
+    """Twenty 0.3 s handlers finish together; serially they would take six seconds."""
+    _, subject = service
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        _, data = await ask(nc, subject, b'{"prompt": "slow"}')
+        done += json.loads(data)["count"] == 4
+
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(one)
+    assert done == 20
+
+
+async def test_services_are_discoverable_with_srv_ping_info_and_stats(
+    nc: NATS, service: tuple[ActorService, str], unique: str
+) -> None:
+    _, subject = service
+    await ask(nc, subject, b'{"prompt": "x"}')
+    await ask(nc, subject, b"nope")
+    ping = json.loads((await nc.request(f"$SRV.PING.echo-{unique}", b"", timeout=2)).data)
+    assert ping["name"] == f"echo-{unique}"
+    info = json.loads((await nc.request(f"$SRV.INFO.echo-{unique}", b"", timeout=2)).data)
+    assert [e["subject"] for e in info["endpoints"]] == [subject]
+    stats = json.loads((await nc.request(f"$SRV.STATS.echo-{unique}", b"", timeout=2)).data)
+    [endpoint] = stats["endpoints"]
+    assert endpoint["num_requests"] == 2
+    assert endpoint["data"]["errors"] == 1
+    assert endpoint["data"]["errors_by_code"] == {"invalid_request": 1}
+
+
+async def test_stop_finishes_in_flight_work_then_stops_taking_new_work(
+    nc: NATS, unique: str
+) -> None:
+    subject = f"t{unique}.drain"
+    actor = ActorService(
+        nc,
+        name=f"drain-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=echo)
+        ],
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        results: list[bytes] = []
+
+        async def slow() -> None:
+            results.append((await nc.request(subject, b'{"prompt": "slow"}', timeout=5)).data)
+
+        tg.start_soon(slow)
+        await anyio.sleep(0.1)
+        actor.stop()
+    assert json.loads(results[0])["count"] == 4
+    with pytest.raises(Exception, match=r"no responders|timeout"):
+        await nc.request(subject, b'{"prompt": "late"}', timeout=0.5)
+
+
+@pytest.fixture
+def spans() -> AsyncIterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    original = tracing.tracer
+    tracing.tracer = provider.get_tracer("test")
+    yield exporter
+    tracing.tracer = original
+
+
+async def test_a_clients_trace_continues_in_an_actor_on_another_connection(
+    nats_server: EmbeddedNats, service: tuple[ActorService, str], spans: InMemorySpanExporter
+) -> None:
+    _, subject = service
+    client = await connect(ConnectOptions.from_url(nats_server.url, name="other"))
+    try:
+        with tracing.tracer.start_as_current_span("client task") as root:
+            reply = await client.request(
+                subject, b'{"prompt": "traced"}', headers=tracing.inject(), timeout=5
+            )
+        trace_id = root.get_span_context().trace_id
+    finally:
+        await client.close()
+    process = [s for s in spans.get_finished_spans() if s.name == f"process {subject}"]
+    assert len(process) == 1
+    span = process[0]
+    assert span.context.trace_id == trace_id
+    assert span.parent is not None and span.parent.span_id == root.get_span_context().span_id
+    assert span.kind is SpanKind.CONSUMER
+    assert span.attributes["messaging.system"] == "nats"
+    assert span.attributes["messaging.destination.name"] == subject
+    assert span.attributes["messaging.consumer.group.name"] == "q"
+    # The reply carries the handler's context back to the caller.
+    assert (reply.headers or {})["traceparent"].split("-")[1] == f"{trace_id:032x}"
+    assert trace.get_current_span().get_span_context().is_valid is False

@@ -1,0 +1,58 @@
+"""The embedded nats-server and connecting to NATS: ready on a free port, JetStream on, clean
+stop, and clear errors instead of hangs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.connection import ConnectionFailed, ConnectOptions, connect
+from actors.server import EmbeddedNats, NatsServerError
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_embedded_server_starts_with_jetstream_and_stops(tmp_path: Path) -> None:
+    server = await EmbeddedNats(tmp_path).start()
+    try:
+        assert server.alive()
+        client = await connect(ConnectOptions.from_url(server.url))
+        assert (await client.jetstream().account_info()).limits is not None
+        await client.close()
+    finally:
+        await server.stop()
+    assert not server.alive()
+    assert (tmp_path / "jetstream").is_dir()
+
+
+async def test_data_survives_a_restart_on_the_same_port(tmp_path: Path) -> None:
+    async with EmbeddedNats(tmp_path) as server:
+        port = server.port
+        client = await connect(ConnectOptions.from_url(server.url))
+        js = client.jetstream()
+        await js.add_stream(name="KEEP", subjects=["keep.>"])
+        await js.publish("keep.x", b"1")
+        await client.close()
+    async with EmbeddedNats(tmp_path, port=port) as server:
+        client = await connect(ConnectOptions.from_url(server.url))
+        assert (await client.jetstream().stream_info("KEEP")).state.messages == 1
+        await client.close()
+
+
+async def test_a_bad_server_config_is_reported_not_hung(tmp_path: Path) -> None:
+    with pytest.raises(NatsServerError, match="exited at start"):
+        await EmbeddedNats(tmp_path, extra_config="this is { not valid\n").start()
+
+
+async def test_connecting_to_nothing_fails_clearly_naming_the_servers() -> None:
+    options = ConnectOptions.from_url(
+        "nats://127.0.0.1:1,nats://127.0.0.1:2", connect_timeout=0.2, initial_deadline=1.0
+    )
+    with pytest.raises(ConnectionFailed, match=r"nats://127.0.0.1:1, nats://127.0.0.1:2.*ConnectionRefused"):
+        await connect(options)
+
+
+def test_secrets_stay_out_of_connect_options_repr() -> None:
+    options = ConnectOptions(user="svc", password="hunter2-secret", token="tok-secret")
+    assert "hunter2" not in repr(options) and "tok-secret" not in repr(options)
