@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "BUDGET",
+    "BUDGET_RELEASE",
     "BUDGET_RESERVE",
     "COMPLETE",
     "EVENTS_PREFIX",
@@ -27,6 +28,7 @@ STREAM = "vapora.stream"
 REPORT = "vapora.report"
 BUDGET = "vapora.budget"
 BUDGET_RESERVE = "vapora.budget.reserve"
+BUDGET_RELEASE = "vapora.budget.release"
 
 EVENT_STREAM = "VAPORA_EVENTS"
 EVENTS_PREFIX = "vapora.events"
