@@ -1,0 +1,124 @@
+"""Composing actors: what each actor is given (:class:`Runtime`), how one is built by name, and
+how a group of them runs and stops together (``vapora up`` and ``vapora actor``).
+
+Every actor class has the same shape::
+
+    class SomeActor:
+        def __init__(self, runtime: Runtime, *, provider: str | None = None) -> None: ...
+        name: str                        # e.g. "router", "provider-claude"
+        async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None: ...
+            # rebuild state, start serving, call task_status.started(), serve until stop()
+        def stop(self) -> None: ...       # stop taking work, drain, return from run()
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from actors.connection import Client
+from actors.eventlog import EventLog
+from vapora.config import Config
+from vapora.errors import ConfigError
+
+__all__ = ["ACTOR_KINDS", "Actor", "Runtime", "build", "run_until_signalled", "utc_now"]
+
+ACTOR_KINDS: Mapping[str, str] = {
+    "router": "actors.router:RouterActor",
+    "provider": "actors.provider:ProviderActor",
+    "budget": "actors.budget_keeper:BudgetKeeper",
+    "ledger": "actors.cost_ledger:CostLedger",
+}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """What every actor is given: its connection, the config, the event log, where to keep
+    files, the environment (API keys are read from it, never stored) and a clock."""
+
+    nc: Client
+    config: Config
+    log: EventLog
+    data_dir: Path
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    clock: Callable[[], datetime] = utc_now
+
+
+class Actor(Protocol):
+    name: str
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def build(kind: str, runtime: Runtime, *, provider: str | None = None) -> Actor:
+    """Build the actor called ``kind`` (``router``, ``provider``, ``budget`` or ``ledger``)."""
+    try:
+        module_name, class_name = ACTOR_KINDS[kind].split(":")
+    except KeyError:
+        raise ConfigError(
+            f"unknown actor {kind!r}; choose one of {', '.join(ACTOR_KINDS)}"
+        ) from None
+    if kind == "provider":
+        if provider is None:
+            raise ConfigError("`vapora actor provider` needs --provider NAME")
+        if runtime.config.provider(provider) is None:
+            names = ", ".join(p.name for p in runtime.config.providers)
+            raise ConfigError(f"unknown provider {provider!r}; configured: {names}")
+    cls: Any = getattr(importlib.import_module(module_name), class_name)
+    actor: Actor = cls(runtime, provider=provider) if kind == "provider" else cls(runtime)
+    return actor
+
+
+def all_actors(runtime: Runtime) -> list[Actor]:
+    """Every actor of a deployment, in start order: the money side first, the router last."""
+    actors = [build("ledger", runtime), build("budget", runtime)]
+    actors += [build("provider", runtime, provider=p.name) for p in runtime.config.providers]
+    actors.append(build("router", runtime))
+    return actors
+
+
+async def run_until_signalled(
+    actors: Sequence[Actor],
+    *,
+    on_ready: Callable[[], None] | None = None,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start ``actors`` in order, call ``on_ready``, run until SIGTERM/SIGINT (or cancellation),
+    then stop them in reverse order so that in-flight tasks drain before their dependencies go."""
+    finished = [anyio.Event() for _ in actors]
+    async with anyio.create_task_group() as tg:
+        for actor, done in zip(actors, finished, strict=True):
+            await tg.start(_run_one, actor, done)
+        if on_ready is not None:
+            on_ready()
+        task_status.started()
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        for actor, done in zip(reversed(actors), reversed(finished), strict=True):
+            actor.stop()
+            with anyio.move_on_after(30):
+                await done.wait()
+        tg.cancel_scope.cancel()
+
+
+async def _run_one(
+    actor: Actor, done: anyio.Event, *, task_status: anyio.abc.TaskStatus[None]
+) -> None:
+    try:
+        await actor.run(task_status=task_status)
+    finally:
+        done.set()
