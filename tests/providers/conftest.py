@@ -14,7 +14,7 @@ from vapora.simulator import Simulator
 
 SECRET = "sk-VAPORA-TEST-SECRET-0123456789abcdef"
 MODELS = {
-    "anthropic": "claude-sonnet-4-5",
+    "anthropic": "claude-sonnet-4-6",
     "openai": "gpt-4o",
     "gemini": "gemini-2.5-flash",
     "ollama": "llama3.2",

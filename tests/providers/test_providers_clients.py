@@ -117,9 +117,7 @@ async def test_messages_with_system_reach_the_model(kind: str, client_for: Clien
     assert done.usage.input_tokens == 11
 
 
-@pytest.mark.parametrize(
-    ("kind", "suffix"), [("openai", "nousage"), ("ollama", "nocounts")]
-)
+@pytest.mark.parametrize(("kind", "suffix"), [("openai", "nousage"), ("ollama", "nocounts")])
 async def test_unreported_usage_is_estimated_and_flagged(
     kind: str, suffix: str, client_for: ClientFactory
 ) -> None:
@@ -261,7 +259,7 @@ async def test_transport_is_injectable(sim: Simulator) -> None:
     client = make_client(
         name="claude",
         kind="anthropic",
-        model="claude-sonnet-4-5",
+        model="claude-sonnet-4-6",
         price=price_of("anthropic"),
         api_key=SECRET,
         base_url=sim.base_url,
