@@ -1,4 +1,4 @@
-"""Every error class, for every client, from the simulator's real error answers (providers.md §3.5)."""
+"""Every error class, for every client, from the simulator's real error answers (providers.md)."""
 
 from __future__ import annotations
 

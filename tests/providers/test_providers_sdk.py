@@ -381,11 +381,16 @@ async def _sdk_request(kind: str, case: str, sim: Simulator) -> None:
     if kind == "anthropic":
         sdk = _anthropic(sim)
         if case == "prompt":
-            await sdk.messages.create(model="claude-sonnet-4-6", max_tokens=50, system="be brief",
-                                      messages=[{"role": "user", "content": PROMPT}])  # fmt: skip
+            await sdk.messages.create(
+                model="claude-sonnet-4-6",
+                max_tokens=50,
+                system="be brief",
+                messages=[{"role": "user", "content": PROMPT}],
+            )
         else:
-            stream = await sdk.messages.create(model="claude-sonnet-4-6", max_tokens=4096,
-                                               messages=history, stream=True)  # fmt: skip
+            stream = await sdk.messages.create(
+                model="claude-sonnet-4-6", max_tokens=4096, messages=history, stream=True
+            )
             async for _ in stream:
                 pass
     elif kind == "openai":
@@ -402,9 +407,12 @@ async def _sdk_request(kind: str, case: str, sim: Simulator) -> None:
             )
         else:
             stream_o = await sdk_o.chat.completions.create(
-                model="gpt-4o", messages=history, max_completion_tokens=4096, stream=True,
+                model="gpt-4o",
+                messages=history,
+                max_completion_tokens=4096,
+                stream=True,
                 stream_options={"include_usage": True},
-            )  # fmt: skip
+            )
             async for _ in stream_o:
                 pass
     elif kind == "gemini":
@@ -421,7 +429,7 @@ async def _sdk_request(kind: str, case: str, sim: Simulator) -> None:
                 genai_types.Content(
                     role="model" if m.role == "assistant" else "user",
                     parts=[genai_types.Part(text=m.content)],
-                )  # fmt: skip
+                )
                 for m in MESSAGES
             ]
             config = genai_types.GenerateContentConfig(max_output_tokens=4096)
@@ -432,21 +440,31 @@ async def _sdk_request(kind: str, case: str, sim: Simulator) -> None:
     else:
         sdk_l = _ollama(sim)
         if case == "prompt":
-            await sdk_l.generate(model="llama3.2", prompt=PROMPT, system="be brief",
-                                 options={"num_predict": 50, "temperature": 0.5})  # fmt: skip
+            await sdk_l.generate(
+                model="llama3.2",
+                prompt=PROMPT,
+                system="be brief",
+                options={"num_predict": 50, "temperature": 0.5},
+            )
         else:
-            async for _ in await sdk_l.chat(model="llama3.2", messages=history, stream=True,
-                                            options={"num_predict": 4096}):  # fmt: skip
+            async for _ in await sdk_l.chat(
+                model="llama3.2", messages=history, stream=True, options={"num_predict": 4096}
+            ):
                 pass
 
 
 async def _our_request(kind: str, case: str, client_for: ClientFactory) -> None:
     client = client_for(kind, api_key=None) if kind == "ollama" else client_for(kind)
-    client.model = {"anthropic": "claude-sonnet-4-6", "openai": "gpt-4o",
-                    "gemini": "gemini-2.5-flash", "ollama": "llama3.2"}[kind]  # fmt: skip
+    client.model = {
+        "anthropic": "claude-sonnet-4-6",
+        "openai": "gpt-4o",
+        "gemini": "gemini-2.5-flash",
+        "ollama": "llama3.2",
+    }[kind]
     if case == "prompt":
-        await client.complete(ProviderRequest(prompt=PROMPT, system="be brief", max_tokens=50,
-                                              temperature=0.5))  # fmt: skip
+        await client.complete(
+            ProviderRequest(prompt=PROMPT, system="be brief", max_tokens=50, temperature=0.5)
+        )
     else:
         async with client.stream(ProviderRequest(messages=MESSAGES)) as stream:
             async for _ in stream:
