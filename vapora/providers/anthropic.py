@@ -102,7 +102,8 @@ class AnthropicClient(ProviderClient):
             message = event.get("message") or {}
             turn.model = message.get("model")
             turn.response_id = message.get("id")
-            _apply_usage(turn, message.get("usage") or {})
+            # Its output count is a placeholder, not cumulative: only message_delta's counts.
+            _apply_usage(turn, {**(message.get("usage") or {}), "output_tokens": None})
         elif kind == "message_delta":
             turn.finish_reason = _finish((event.get("delta") or {}).get("stop_reason"))
             _apply_usage(turn, event.get("usage") or {})
@@ -150,8 +151,8 @@ def _finish(reason: Any) -> str | None:
 
 def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
     """Anthropic usage (cache excluded from input) in our semantics (cache included)."""
-    if "output_tokens" in usage:
-        turn.output_tokens = int(usage["output_tokens"] or 0)
+    if usage.get("output_tokens") is not None:
+        turn.output_tokens = int(usage["output_tokens"])
     if "input_tokens" not in usage and turn.input_tokens is not None:
         return
     read = int(usage.get("cache_read_input_tokens") or 0)

@@ -197,16 +197,16 @@ class Turn:
     def text(self) -> str:
         return "".join(self.parts)
 
-    def usage(self, request: ProviderRequest, *, partial: bool = False) -> tuple[Usage, bool]:
-        """The usage (reported, missing counts estimated), and whether anything was estimated.
+    def usage(self, request: ProviderRequest) -> tuple[Usage, bool]:
+        """The usage (reported; missing counts estimated), and whether anything was estimated.
 
-        For a ``partial`` (broken) stream the output is at least the estimate of the text seen.
+        A missing output count is estimated from the text received, a missing input count from
+        the request (:func:`estimate_input_tokens`): both err on the high side.
         """
         estimated = self.input_tokens is None or self.output_tokens is None
-        text_tokens = estimate_tokens(self.text)
-        output = self.output_tokens if self.output_tokens is not None else text_tokens
-        if partial:
-            output = max(output, text_tokens)
+        output = self.output_tokens
+        if output is None:
+            output = estimate_tokens(self.text)
         inputs = self.input_tokens
         if inputs is None:
             inputs = estimate_input_tokens(request) + self.cache_read + self.cache_write
@@ -661,7 +661,7 @@ class CompletionStream:
         """``error`` itself before the first chunk; after it, a StreamBroken (partial result)."""
         if self._count == 0:
             return self._client._fail(error)
-        usage, _ = self._turn.usage(self._request, partial=True)
+        usage, _ = self._turn.usage(self._request)
         broken = StreamBroken(
             f"{error.message} (after {self._count} chunks)",
             partial_text=self._turn.text,

@@ -187,7 +187,11 @@ class SimulatorApp:
             return _hang()
         if behaviour.fails:
             status = 0 if behaviour.quota else behaviour.error_status or 500
-            answer = self._error(dialect, status, behaviour)
+            # Like OpenAI, a 401 quotes the key it was given: clients must scrub it.
+            message = (
+                f"Incorrect API key provided: {_credential(request)}" if status == 401 else None
+            )
+            answer = self._error(dialect, status, behaviour, message)
             return self._delayed(answer, behaviour.latency_ms, connection)
         reply = make_reply(turn, behaviour, self._next_id(dialect.name))
         stats["by_status"]["200"] = stats["by_status"].get("200", 0) + 1
@@ -299,6 +303,12 @@ class SimulatorApp:
 
     def reset_stats(self) -> None:
         self.stats = {name: _new_stats() for name in PROVIDERS}
+
+
+def _credential(request: Request) -> str:
+    headers = request.headers
+    bearer = headers.get("authorization", "").removeprefix("Bearer ")
+    return headers.get("x-api-key") or headers.get("x-goog-api-key") or bearer or "(none)"
 
 
 def _new_stats() -> dict[str, Any]:

@@ -100,7 +100,7 @@ class GeminiDialect(Dialect):
             )
         elif status == 401:
             status, state = 400, "INVALID_ARGUMENT"
-            message = "API key not valid. Please pass a valid API key."
+            message = message or "API key not valid. Please pass a valid API key."
             details.append(
                 {"@type": _ERROR_INFO, "reason": "API_KEY_INVALID", "domain": "googleapis.com"}
             )
