@@ -61,12 +61,12 @@ async def client_for(sim: Simulator) -> AsyncIterator[ClientFactory]:
     def build(kind: str, suffix: str = "", **options: Any) -> ProviderClient:
         options.setdefault("api_key", SECRET)
         options.setdefault("timeout", 5.0)
+        options.setdefault("base_url", sim.base_url_for(kind))
         client = make_client(
             name=f"{kind}-sim",
             kind=kind,
             model=MODELS[kind] + (f"-{suffix}" if suffix else ""),
             price=price_of(kind),
-            base_url=sim.base_url_for(kind),
             **options,
         )
         made.append(client)
