@@ -106,11 +106,15 @@ class Client(NATS):
         super().__init__()
         self._ps = FastParser(self)
 
-    async def subscribe_raw(self, subject: str, handler: RawHandler) -> Subscription:
+    async def subscribe_raw(
+        self, subject: str, handler: RawHandler, *, queue: str = ""
+    ) -> Subscription:
         """Subscribe ``handler`` to ``subject`` on the raw fast path (unsubscribe as usual)."""
         if not hasattr(self, "_raw_handlers"):
             self._raw_handlers = {}
-        subscription = await self.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        subscription = await self.subscribe(
+            subject, queue=queue, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
         self._raw_handlers[subscription._id] = handler
         return subscription
 

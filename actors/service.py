@@ -2,10 +2,13 @@
 
 An actor declares :class:`Endpoint` s and runs them in an :class:`ActorService`:
 
-* each endpoint is a NATS "micro" endpoint, so ``$SRV.PING/INFO/STATS`` discover and measure it;
-* nats-py runs one subscription's callbacks one at a time, so the callback only takes a slot of a
-  bounded semaphore and starts the handler as its own task: a handler awaiting I/O never stalls
-  the others, and a full actor pushes back instead of growing a queue without bound;
+* each endpoint is a NATS "micro" endpoint, so ``$SRV.PING/INFO/STATS`` discover and measure it
+  (nats-py's micro service answers those; the endpoint's own subscription is ours);
+* messages arrive on the connection's raw fast path (no ``Msg``, no per-subscription queue and
+  task hop; headers parsed only when read) and each starts its handler as its own task, up to
+  ``max_concurrency`` at once: a handler awaiting I/O never stalls the others. Beyond that, up to
+  ``max_backlog`` messages wait in order; past both, the sender gets ``503 overloaded`` at once
+  rather than a queue without bound or a hang;
 * the body is decoded with the endpoint's typed decoder; a malformed, oversized or invalid message
   is answered with the contract's 400 ``invalid_request`` naming the field, and touches nothing;
 * :class:`vapora.errors.VaporaError` s become service-error replies with their contract code; any
@@ -17,8 +20,11 @@ An actor declares :class:`Endpoint` s and runs them in an :class:`ActorService`:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -26,17 +32,25 @@ from typing import Any, Generic, TypeVar
 import anyio
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
+from nats.micro.service import Endpoint as MicroEndpoint
 from nats.micro.service import EndpointConfig, EndpointStats, Service
 
 from actors import tracing
+from actors.connection import Client
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
 from events.contract import ErrorBody, ErrorReply
 from vapora.errors import InternalError, InvalidRequest, RequestTimeout, VaporaError
 
-__all__ = ["ActorService", "Endpoint", "RequestContext", "error_headers", "error_payload"]
+__all__ = [
+    "ActorService",
+    "Endpoint",
+    "Overloaded",
+    "RequestContext",
+    "error_headers",
+    "error_payload",
+]
 
 log = logging.getLogger("vapora.actor")
 
@@ -65,12 +79,18 @@ class RequestContext:
     nc: NATS
     subject: str
     reply: str
-    headers: Mapping[str, str]
+    raw_headers: bytes | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if not self.raw_headers:
+            return {}
+        return Client._parse_header_lines(self.raw_headers[self.raw_headers.find(b"\r\n") :])
 
     async def publish(self, subject: str, message: msgspec.Struct | bytes) -> None:
         """Publish to ``subject`` (e.g. stream chunks to the reply subject) with trace context."""
         data = message if isinstance(message, bytes) else encode(message)
-        await self.nc.publish(subject, data, headers=tracing.inject())
+        await self.nc.publish(subject, data, headers=tracing.inject() or None)
 
 
 @dataclass
@@ -78,7 +98,11 @@ class _Counters:
     in_flight: int = 0
     completed: int = 0
     errors: int = 0
+    rejected: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
+
+
+_Message = tuple[str, str, bytes, bytes | None]
 
 
 def error_payload(error: VaporaError) -> bytes:
@@ -97,7 +121,7 @@ class ActorService:
 
     def __init__(
         self,
-        nc: NATS,
+        nc: Client,
         *,
         name: str,
         endpoints: list[Endpoint[Any]],
@@ -105,6 +129,7 @@ class ActorService:
         description: str = "",
         metadata: Mapping[str, str] | None = None,
         max_concurrency: int = 1024,
+        max_backlog: int = 10_000,
         drain_timeout: float = 10.0,
     ) -> None:
         self.nc = nc
@@ -113,9 +138,13 @@ class ActorService:
         self.version = version
         self.description = description
         self.metadata = dict(metadata or {})
+        self.max_concurrency = max_concurrency
+        self.max_backlog = max_backlog
         self.drain_timeout = drain_timeout
-        self._slots = anyio.Semaphore(max_concurrency)
         self._counters = {e.name: _Counters() for e in endpoints}
+        self._micro: dict[str, MicroEndpoint] = {}
+        self._backlog: deque[tuple[Endpoint[Any], _Message]] = deque()
+        self._running = 0
         self._stop = anyio.Event()
         self._idle = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -123,7 +152,7 @@ class ActorService:
 
     @property
     def in_flight(self) -> int:
-        return sum(c.in_flight for c in self._counters.values())
+        return self._running + len(self._backlog)
 
     def stop(self) -> None:
         """Ask the service to stop taking work and drain (idempotent, callable from anywhere)."""
@@ -152,16 +181,27 @@ class ActorService:
             stats_handler=self._stats,
         )
         for endpoint in self.endpoints:
-            await service.add_endpoint(
-                EndpointConfig(
-                    name=endpoint.name,
-                    subject=endpoint.subject,
-                    queue_group=endpoint.queue_group,
-                    handler=self._dispatcher(endpoint),
-                )
-            )
+            await self._add_endpoint(service, endpoint)
         await self.nc.flush()
         return service
+
+    async def _add_endpoint(self, service: Service, endpoint: Endpoint[Any]) -> None:
+        # The micro Endpoint object makes $SRV.INFO/STATS describe this endpoint; the
+        # subscription that receives its messages is ours, on the raw fast path.
+        config = EndpointConfig(
+            name=endpoint.name,
+            subject=endpoint.subject,
+            queue_group=endpoint.queue_group,
+            handler=_unused_handler,
+        )
+        micro = MicroEndpoint(service, config)
+        micro._subscription = await self.nc.subscribe_raw(
+            endpoint.subject,
+            functools.partial(self._receive, endpoint),
+            queue=micro._queue_group,
+        )
+        service._endpoints.append(micro)
+        self._micro[endpoint.name] = micro
 
     async def _drain(self) -> None:
         with anyio.move_on_after(self.drain_timeout):
@@ -170,7 +210,7 @@ class ActorService:
                 await self._idle.wait()
         if self.in_flight:
             log.warning(
-                "%s: %d handlers still running after drain; cancelled", self.name, self.in_flight
+                "%s: %d requests unfinished after drain; cancelled", self.name, self.in_flight
             )
 
     def _stats(self, stats: EndpointStats) -> dict[str, Any]:
@@ -179,53 +219,90 @@ class ActorService:
             "in_flight": counters.in_flight,
             "completed": counters.completed,
             "errors": counters.errors,
+            "rejected_overloaded": counters.rejected,
             "errors_by_code": dict(counters.by_code),
         }
 
-    def _dispatcher(self, endpoint: Endpoint[Any]) -> Callable[[MicroRequest], Awaitable[None]]:
-        async def dispatch(request: MicroRequest) -> None:
-            # Runs inside nats-py's serial callback: only take a slot and hand the work off.
-            await self._slots.acquire()
-            assert self._task_group is not None
-            self._counters[endpoint.name].in_flight += 1
-            self._task_group.start_soon(self._handle, endpoint, request._msg)
+    def _receive(
+        self, endpoint: Endpoint[Any], subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        # Called synchronously by the connection's reader: hand the message off, never block.
+        message: _Message = (subject.decode(), reply.decode(), data, headers)
+        self._micro[endpoint.name]._num_requests += 1
+        if self._stop.is_set():
+            return
+        if self._running < self.max_concurrency:
+            self._start(endpoint, message)
+        elif len(self._backlog) < self.max_backlog:
+            self._backlog.append((endpoint, message))
+        else:
+            self._counters[endpoint.name].rejected += 1
+            self._start(endpoint, message, overloaded=True)
 
-        return dispatch
+    def _start(
+        self, endpoint: Endpoint[Any], message: _Message, *, overloaded: bool = False
+    ) -> None:
+        assert self._task_group is not None
+        self._running += 1
+        self._counters[endpoint.name].in_flight += 1
+        self._task_group.start_soon(self._handle, endpoint, message, overloaded)
 
-    async def _handle(self, endpoint: Endpoint[Any], msg: Msg) -> None:
+    async def _handle(self, endpoint: Endpoint[Any], message: _Message, overloaded: bool) -> None:
         counters = self._counters[endpoint.name]
-        headers = msg.headers or {}
+        started = time.perf_counter_ns()
         try:
-            with tracing.process_span(msg.subject, headers, group=endpoint.queue_group or "q"):
-                await self._answer(endpoint, msg, headers)
+            if overloaded:
+                await self._reply_error(endpoint, message[1], Overloaded(self.name))
+            elif tracing.enabled():
+                await self._traced(endpoint, message)
+            else:
+                await self._answer(endpoint, message)
         finally:
-            counters.in_flight -= 1
-            counters.completed += 1
-            self._slots.release()
-            if not self.in_flight:
-                self._idle.set()
+            self._finish(endpoint, counters, time.perf_counter_ns() - started)
 
-    async def _answer(self, endpoint: Endpoint[Any], msg: Msg, headers: Mapping[str, str]) -> None:
+    def _finish(self, endpoint: Endpoint[Any], counters: _Counters, elapsed_ns: int) -> None:
+        micro = self._micro[endpoint.name]
+        micro._processing_time += elapsed_ns
+        micro._average_processing_time = micro._processing_time // max(1, micro._num_requests)
+        counters.in_flight -= 1
+        counters.completed += 1
+        self._running -= 1
+        if self._backlog and not self._stop.is_set():
+            self._start(*self._backlog.popleft())
+        if not self.in_flight:
+            self._idle.set()
+
+    async def _traced(self, endpoint: Endpoint[Any], message: _Message) -> None:
+        context = RequestContext(
+            nc=self.nc, subject=message[0], reply=message[1], raw_headers=message[3]
+        )
+        with tracing.process_span(message[0], context.headers, group=endpoint.queue_group or "q"):
+            await self._answer(endpoint, message)
+
+    async def _answer(self, endpoint: Endpoint[Any], message: _Message) -> None:
+        subject, reply_to, data, headers = message
         try:
-            request = self._decode(endpoint, msg.data)
+            request = self._decode(endpoint, data)
             context = RequestContext(
-                nc=self.nc, subject=msg.subject, reply=msg.reply, headers=headers
+                nc=self.nc, subject=subject, reply=reply_to, raw_headers=headers
             )
             with anyio.fail_after(endpoint.timeout or math.inf):
                 reply = await endpoint.handler(request, context)
         except VaporaError as error:
-            await self._reply_error(endpoint, msg, error)
+            await self._reply_error(endpoint, reply_to, error)
         except TimeoutError:
-            await self._reply_error(endpoint, msg, RequestTimeout(f"{endpoint.name} timed out"))
+            await self._reply_error(
+                endpoint, reply_to, RequestTimeout(f"{endpoint.name} timed out")
+            )
         except Exception:
             log.exception("%s: unhandled error in %s", self.name, endpoint.name)
             await self._reply_error(
-                endpoint, msg, InternalError("internal error; see the actor log")
+                endpoint, reply_to, InternalError("internal error; see the actor log")
             )
         else:
-            if reply is not None and msg.reply:
-                data = reply if isinstance(reply, bytes) else encode(reply)
-                await self.nc.publish(msg.reply, data, headers=tracing.inject())
+            if reply is not None and reply_to:
+                payload = reply if isinstance(reply, bytes) else encode(reply)
+                await self.nc.publish(reply_to, payload, headers=tracing.inject() or None)
 
     @staticmethod
     def _decode(endpoint: Endpoint[Any], data: bytes) -> Any:
@@ -234,9 +311,28 @@ class ActorService:
         except DecodeError as exc:
             raise InvalidRequest(str(exc)) from exc
 
-    async def _reply_error(self, endpoint: Endpoint[Any], msg: Msg, error: VaporaError) -> None:
+    async def _reply_error(
+        self, endpoint: Endpoint[Any], reply_to: str, error: VaporaError
+    ) -> None:
         counters = self._counters[endpoint.name]
         counters.errors += 1
         counters.by_code[error.code] = counters.by_code.get(error.code, 0) + 1
-        if msg.reply:
-            await self.nc.publish(msg.reply, error_payload(error), headers=error_headers(error))
+        micro = self._micro[endpoint.name]
+        micro._num_errors += 1
+        setattr(micro, "_last_error", f"{error.status}: {error.message}")  # noqa: B010 - typed None
+        if reply_to:
+            await self.nc.publish(reply_to, error_payload(error), headers=error_headers(error))
+
+
+class Overloaded(VaporaError):
+    """The actor's concurrency and backlog are both full: try again shortly (503)."""
+
+    code = "overloaded"
+    status = 503
+
+    def __init__(self, actor: str) -> None:
+        super().__init__(f"{actor} is overloaded; retry shortly")
+
+
+async def _unused_handler(request: MicroRequest) -> None:  # pragma: no cover - never subscribed
+    raise AssertionError("vapora endpoints are served by ActorService, not by nats.micro")

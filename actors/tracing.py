@@ -17,6 +17,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind
 
 __all__ = [
+    "enabled",
+    "use",
     "extract",
     "inject",
     "link_to",
@@ -26,6 +28,23 @@ __all__ = [
 ]
 
 tracer = trace.get_tracer("vapora.actors")
+_enabled = False
+
+
+def use(provider: trace.TracerProvider | None) -> None:
+    """Trace with ``provider`` (an SDK ``TracerProvider``), or stop tracing with ``None``.
+
+    While tracing is off, actors skip span creation and header injection entirely: no tracer
+    provider would record them, and the hot path should not pay for work nobody sees.
+    """
+    global tracer, _enabled
+    tracer = (provider or trace.get_tracer_provider()).get_tracer("vapora.actors")
+    _enabled = provider is not None
+
+
+def enabled() -> bool:
+    return _enabled
+
 
 SYSTEM = "nats"
 
@@ -33,7 +52,8 @@ SYSTEM = "nats"
 def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
     """Headers carrying the current trace context (adds to ``headers`` if given)."""
     carrier = headers if headers is not None else {}
-    propagate.inject(carrier)
+    if _enabled:
+        propagate.inject(carrier)
     return carrier
 
 

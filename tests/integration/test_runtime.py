@@ -194,10 +194,9 @@ def spans() -> AsyncIterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    original = tracing.tracer
-    tracing.tracer = provider.get_tracer("test")
+    tracing.use(provider)
     yield exporter
-    tracing.tracer = original
+    tracing.use(None)
 
 
 async def test_a_clients_trace_continues_in_an_actor_on_another_connection(
@@ -225,3 +224,32 @@ async def test_a_clients_trace_continues_in_an_actor_on_another_connection(
     # The reply carries the handler's context back to the caller.
     assert (reply.headers or {})["traceparent"].split("-")[1] == f"{trace_id:032x}"
     assert trace.get_current_span().get_span_context().is_valid is False
+
+
+async def test_past_concurrency_and_backlog_the_sender_gets_503_overloaded_not_a_hang(
+    nc: NATS, unique: str
+) -> None:
+    subject = f"t{unique}.tight"
+    actor = ActorService(
+        nc,
+        name=f"tight-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=echo)
+        ],
+        max_concurrency=2,
+        max_backlog=2,
+    )
+    codes: list[str] = []
+
+    async def one() -> None:
+        reply = await nc.request(subject, b'{"prompt": "slow"}', timeout=5)
+        codes.append((reply.headers or {}).get("Nats-Service-Error-Code", "ok"))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        with anyio.fail_after(4):
+            async with anyio.create_task_group() as senders:
+                for _ in range(8):
+                    senders.start_soon(one)
+        actor.stop()
+    assert sorted(codes) == ["503"] * 4 + ["ok"] * 4

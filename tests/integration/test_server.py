@@ -49,7 +49,9 @@ async def test_connecting_to_nothing_fails_clearly_naming_the_servers() -> None:
     options = ConnectOptions.from_url(
         "nats://127.0.0.1:1,nats://127.0.0.1:2", connect_timeout=0.2, initial_deadline=1.0
     )
-    with pytest.raises(ConnectionFailed, match=r"nats://127.0.0.1:1, nats://127.0.0.1:2.*ConnectionRefused"):
+    with pytest.raises(
+        ConnectionFailed, match=r"nats://127.0.0.1:1, nats://127.0.0.1:2.*ConnectionRefused"
+    ):
         await connect(options)
 
 

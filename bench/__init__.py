@@ -1,0 +1,1 @@
+"""vapora's benchmarks: not tests. Each reports ratios against a floor measured in the same run."""
