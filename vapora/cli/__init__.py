@@ -1,0 +1,405 @@
+"""The ``vapora`` command line: the composition root (DESIGN §5, "Running it").
+
+Every command reads ``VAPORA_NATS_URL`` and ``VAPORA_CONFIG``; flags win over the environment.
+Exit codes: 0 success, 1 a failure at run time (no server, an audit difference …), 2 bad usage or
+a bad config file (the message names the file, the key and the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from vapora import __version__
+from vapora.errors import ConfigError, VaporaError
+
+if TYPE_CHECKING:
+    from actors.connection import Client, ConnectOptions
+    from actors.eventlog import EventLog
+    from vapora.config import Config
+
+__all__ = ["main"]
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_EMBEDDED_PORT = 4222
+log = logging.getLogger("vapora")
+
+
+class UsageError(Exception):
+    """A flag or argument is wrong (exit 2)."""
+
+
+# --- shared plumbing ------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from vapora.config import load
+
+    return load(getattr(args, "config", None), env=os.environ, at=_now(), nats_url=args.nats_url)
+
+
+def _connect_options(config: Config, url: str, name: str) -> ConnectOptions:
+    from actors.connection import ConnectOptions
+
+    tls = config.nats.tls
+    return ConnectOptions.from_url(
+        url,
+        name=name,
+        user=config.nats.user,
+        password=config.nats.password,
+        token=config.nats.token,
+        creds_file=config.nats.creds,
+        tls_ca_file=tls.ca if tls else None,
+        tls_cert_file=tls.cert if tls else None,
+        tls_key_file=tls.key if tls else None,
+    )
+
+
+def _url(config: Config) -> str:
+    return ",".join(config.nats.urls) or DEFAULT_URL
+
+
+@contextlib.asynccontextmanager
+async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple[Config, Client]]:
+    from actors.connection import connect
+
+    config = _config(args)
+    nc = await connect(_connect_options(config, _url(config), name))
+    try:
+        yield config, nc
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _event_log(nc: Client) -> EventLog:
+    from actors.eventlog import EventLog
+
+    log = EventLog(nc)
+    await log.ensure_stream()
+    return log
+
+
+def _data_dir(args: argparse.Namespace, config: Config) -> Path:
+    return Path(getattr(args, "data_dir", None) or config.storage.data_dir)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    """Every actor in this process; the embedded nats-server unless a URL is configured."""
+
+    config = _config(args)
+    data_dir = _data_dir(args, config)
+    async with contextlib.AsyncExitStack() as stack:
+        url = _url(config) if config.nats.urls else await _embedded(stack, data_dir, args.port)
+        await _serve(await _all_actors(stack, config, url, data_dir), url)
+    return 0
+
+
+async def _embedded(stack: contextlib.AsyncExitStack, data_dir: Path, port: int) -> str:
+    from actors.server import EmbeddedNats
+
+    server = EmbeddedNats(data_dir / "nats", port=port or None)
+    await stack.enter_async_context(server)
+    log.info("embedded nats-server on %s (data in %s)", server.url, server.data_dir)
+    return server.url
+
+
+async def _all_actors(
+    stack: contextlib.AsyncExitStack, config: Config, url: str, data_dir: Path
+) -> list[Any]:
+    from actors.connection import connect
+    from actors.runner import Runtime, all_actors
+
+    nc = await connect(_connect_options(config, url, "vapora-up"))
+    stack.push_async_callback(nc.close)
+    await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
+    runtime = Runtime(
+        nc=nc, config=config, log=await _event_log(nc), data_dir=data_dir, env=dict(os.environ)
+    )
+    return list(all_actors(runtime))
+
+
+async def _serve(actors: Sequence[Any], url: str) -> None:
+    from actors.runner import run_until_signalled
+
+    await run_until_signalled(actors, on_ready=lambda: print(f"vapora ready {url}", flush=True))
+
+
+async def cmd_actor(args: argparse.Namespace) -> int:
+    """One actor in this process, against an existing NATS server or cluster."""
+    from actors.connection import connect
+    from actors.runner import Runtime, build
+
+    config = _config(args)
+    data_dir = _data_dir(args, config)
+    await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
+    url = _url(config)
+    nc = await connect(_connect_options(config, url, f"vapora-{args.kind}"))
+    try:
+        runtime = Runtime(
+            nc=nc, config=config, log=await _event_log(nc), data_dir=data_dir, env=dict(os.environ)
+        )
+        await _serve([build(args.kind, runtime, provider=args.provider)], url)
+    finally:
+        await nc.close()
+    return 0
+
+
+async def cmd_ask(args: argparse.Namespace) -> int:
+    from vapora.client import Client as VaporaClient
+    from vapora.commands_ask import ask_command
+
+    async with _connected(args, "vapora-ask") as (_, nc):
+        client = VaporaClient(nc)
+        return int(
+            await ask_command(
+                client,
+                args.prompt,
+                task_type=args.task_type,
+                quality=args.quality,
+                provider=args.provider,
+                budget_cents=args.budget_cents,
+                stream=args.stream,
+                as_json=args.json,
+                out=sys.stdout,
+            )
+        )
+
+
+async def cmd_report(args: argparse.Namespace) -> int:
+    from vapora.commands_money import report_command
+
+    async with _connected(args, "vapora-report") as (_, nc):
+        print(await report_command(nc, since=args.since, until=args.until, as_json=args.json))
+    return 0
+
+
+async def cmd_budget(args: argparse.Namespace) -> int:
+    from vapora.commands_money import budget_command
+
+    async with _connected(args, "vapora-budget") as (_, nc):
+        print(await budget_command(nc, as_json=args.json))
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    from vapora.commands_money import audit_command
+
+    async with _connected(args, "vapora-audit") as (config, nc):
+        code, text = await audit_command(nc, await _event_log(nc), _data_dir(args, config))
+    print(text)
+    return code
+
+
+async def cmd_events(args: argparse.Namespace) -> int:
+    from vapora.commands_money import events_command
+
+    async with _connected(args, "vapora-events") as (_, nc):
+        await events_command(
+            await _event_log(nc),
+            follow=args.follow,
+            type_=args.type,
+            task_id=args.task_id,
+            out=sys.stdout,
+        )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from vapora.config import config_command
+
+    code, text = config_command(args.file, as_json=args.json, env=os.environ)
+    (sys.stdout if code == 0 else sys.stderr).write(text if text.endswith("\n") else text + "\n")
+    return code
+
+
+def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
+    from vapora.simulator import cli_main
+
+    return int(cli_main(rest))
+
+
+def cmd_schema(args: argparse.Namespace, rest: list[str]) -> int:
+    from events.schema import main as schema_main
+
+    return schema_main(rest)
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from vapora.cli.demo import run_demo
+
+    return int(await run_demo(args))
+
+
+# --- argument parsing -----------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vapora",
+        description="Event-sourced LLM router over NATS: exact costs, hard budgets, fallbacks.",
+    )
+    parser.add_argument("--version", action="version", version=f"vapora {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, help_: str, *, nats: bool = True, config: bool = True
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        if config:
+            sub.add_argument(
+                "--config", metavar="FILE", help="config file (default: $VAPORA_CONFIG or built in)"
+            )
+        if nats:
+            sub.add_argument(
+                "--nats-url",
+                metavar="URL",
+                help="NATS server URL(s), comma-separated (default: $VAPORA_NATS_URL)",
+            )
+        return sub
+
+    up = command("up", "run every actor (and the embedded nats-server unless a URL is given)")
+    up.add_argument(
+        "--data-dir", metavar="DIR", help="where the server, ledger and snapshots keep files"
+    )
+    up.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_EMBEDDED_PORT,
+        help="embedded server port (0: any free port)",
+    )
+
+    actor = command("actor", "run one actor in this process")
+    actor.add_argument("kind", choices=["router", "provider", "budget", "ledger"])
+    actor.add_argument("--provider", metavar="NAME", help="which provider (for `provider`)")
+    actor.add_argument("--data-dir", metavar="DIR")
+
+    ask = command("ask", "send one request through vapora.complete / vapora.stream")
+    ask.add_argument("prompt")
+    ask.add_argument("--task-type", default="GeneralQuery")
+    ask.add_argument("--quality", default="Medium")
+    ask.add_argument("--provider", help="manual override")
+    ask.add_argument("--budget-cents", type=_non_negative_decimal)
+    ask.add_argument("--stream", action="store_true")
+    ask.add_argument("--json", action="store_true")
+
+    report = command("report", "the cost report")
+    report.add_argument("--since", type=_timestamp)
+    report.add_argument("--until", type=_timestamp)
+    report.add_argument("--json", action="store_true")
+
+    budget = command("budget", "the budget status and tier")
+    budget.add_argument("--json", action="store_true")
+
+    audit = command("audit", "replay the log, compare with the ledger; exit 1 on any difference")
+    audit.add_argument("--data-dir", metavar="DIR")
+
+    events = command("events", "print the event log")
+    events.add_argument("--follow", action="store_true")
+    events.add_argument("--type")
+    events.add_argument("--task-id")
+
+    config = command(
+        "config", "validate a config file and print what it resolves to", nats=False, config=False
+    )
+    config.add_argument("file", nargs="?", help="default: $VAPORA_CONFIG or the built-in config")
+    config.add_argument("--json", action="store_true")
+
+    commands.add_parser("simulate", help="run the provider simulators", add_help=False)
+    commands.add_parser(
+        "schema", help="write or check the JSON Schema of the contract", add_help=False
+    )
+
+    demo = command(
+        "demo", "the main job: server, actors, simulators, a realistic workload, the report"
+    )
+    demo.add_argument("--data-dir", metavar="DIR", default="vapora-demo")
+    demo.add_argument("--requests", type=int, default=400)
+    demo.add_argument("--real", action="store_true", help="send a small workload to real providers")
+    return parser
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 timestamp: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _non_negative_decimal(text: str) -> Any:
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+_ASYNC: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "up": cmd_up,
+    "actor": cmd_actor,
+    "ask": cmd_ask,
+    "report": cmd_report,
+    "budget": cmd_budget,
+    "audit": cmd_audit,
+    "events": cmd_events,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vapora`` console command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("simulate", "schema"):
+        return (cmd_simulate if argv[0] == "simulate" else cmd_schema)(
+            argparse.Namespace(), argv[1:]
+        )
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from actors.connection import ConnectionFailed
+
+    try:
+        if args.command == "config":
+            return cmd_config(args)
+        return int(anyio.run(_ASYNC[args.command], args))
+    except ConfigError as exc:
+        print(f"vapora {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionFailed, VaporaError) as exc:
+        print(f"vapora {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
