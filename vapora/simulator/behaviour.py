@@ -10,6 +10,8 @@ them may be embedded in a model name, e.g. ``claude-sonnet-4-5-ttft-50-tps-200-c
 ``len-<n>``            answer with exactly n words (cycling the prompt's words)
 ``error-<status>``     answer with that HTTP error in the provider's own error shape
 ``retryms-<ms>``       the wait a 429 asks for (default 1000 ms)
+``flaky-<n>``          fail n % of calls to this provider, evenly spread (every 5th call for
+                       ``flaky-20``), with the control's ``fail_with`` (default ``error-503``)
 ``quota``              the provider's quota/billing exhaustion error
 ``malformed``          a 200 whose JSON (or first stream event) is broken
 ``cut-<n>``            close the connection after n streamed chunks (non-streaming: mid-body)
@@ -36,7 +38,7 @@ __all__ = ["Behaviour", "ProviderControl", "parse_behaviour"]
 
 _TOKEN = re.compile(
     r"(?<![a-z0-9])(?:(error-after-200|quota|malformed|hang|nousage|nocounts)"
-    r"|(slow|ttft|tps|len|error|retryms|cut|stall|cached|cachew|thoughts)-(\d+))(?![a-z])"
+    r"|(slow|ttft|tps|len|error|retryms|flaky|cut|stall|cached|cachew|thoughts)-(\d+))(?![a-z])"
 )
 _FLAGS = {
     "error-after-200": "error_after_200",
@@ -53,6 +55,7 @@ _NUMBERS = {
     "len": "length",
     "error": "error_status",
     "retryms": "retry_ms",
+    "flaky": "flaky_percent",
     "cut": "cut_after",
     "stall": "stall_after",
     "cached": "cache_read",
@@ -71,6 +74,7 @@ class Behaviour:
     length: int | None = None
     error_status: int | None = None
     retry_ms: int | None = None
+    flaky_percent: int | None = None
     quota: bool = False
     malformed: bool = False
     cut_after: int | None = None
@@ -135,6 +139,7 @@ class ProviderControl:
     fail_next: int = 0
     fail_until: float = 0.0
     fail_with: Behaviour = Behaviour(error_status=503)
+    flaky_calls: int = 0
 
     def effective(self, model: str, now: float) -> tuple[Behaviour, bool]:
         """The behaviour for a call to ``model`` at monotonic ``now``, and whether it was forced."""
@@ -143,7 +148,15 @@ class ProviderControl:
             return self.fail_with, True
         if now < self.fail_until:
             return self.fail_with, True
-        return parse_behaviour(model).over(self.defaults), False
+        behaviour = parse_behaviour(model).over(self.defaults)
+        if behaviour.flaky_percent and self._flaky_turn(behaviour.flaky_percent):
+            return self.fail_with, False
+        return behaviour, False
+
+    def _flaky_turn(self, percent: int) -> bool:
+        """Whether this call is one of the ``percent`` in 100 that fail (spread evenly)."""
+        self.flaky_calls += 1
+        return self.flaky_calls * percent // 100 != (self.flaky_calls - 1) * percent // 100
 
     def describe(self, now: float) -> dict[str, Any]:
         return {
