@@ -554,3 +554,14 @@ def test_a_paid_model_with_no_known_price_is_a_config_error() -> None:
     text = '[[providers]]\nname = "claude"\nmodel = "claude-imaginary-9"\n'
     with pytest.raises(ConfigError, match=r"t\.toml: providers\[0\]: no usable price"):
         parse_config(text, source="t.toml", at=AT)
+
+
+def test_the_embedded_servers_sync_interval_is_validated() -> None:
+    from vapora.config import parse_config
+    from vapora.errors import ConfigError as _ConfigError
+
+    base = (FIXTURES / "llm-router.toml").read_text()
+    ok = parse_config(base + '\n[storage]\nsync_interval = "always"\n', source="s.toml", at=AT)
+    assert ok.storage.sync_interval == "always"
+    with pytest.raises(_ConfigError, match=r"s.toml: storage.sync_interval: must be \"always\""):
+        parse_config(base + '\n[storage]\nsync_interval = "often"\n', source="s.toml", at=AT)

@@ -106,15 +106,21 @@ async def cmd_up(args: argparse.Namespace) -> int:
     config = _config(args)
     data_dir = _data_dir(args, config)
     async with contextlib.AsyncExitStack() as stack:
-        url = _url(config) if config.nats.urls else await _embedded(stack, data_dir, args.port)
+        url = (
+            _url(config)
+            if config.nats.urls
+            else await _embedded(stack, data_dir, args.port, config.storage.sync_interval)
+        )
         await _serve(await _all_actors(stack, config, url, data_dir), url)
     return 0
 
 
-async def _embedded(stack: contextlib.AsyncExitStack, data_dir: Path, port: int) -> str:
+async def _embedded(
+    stack: contextlib.AsyncExitStack, data_dir: Path, port: int, sync_interval: str
+) -> str:
     from actors.server import EmbeddedNats
 
-    server = EmbeddedNats(data_dir / "nats", port=port or None)
+    server = EmbeddedNats(data_dir / "nats", port=port or None, sync_interval=sync_interval)
     await stack.enter_async_context(server)
     log.info("embedded nats-server on %s (data in %s)", server.url, server.data_dir)
     return server.url
