@@ -1,0 +1,512 @@
+"""The provider actor: one configured provider's HTTP client behind ``vapora.provider.<name>.call``.
+
+Each process running it joins the queue group ``provider-<name>``, so N processes share the calls.
+It owns, per process:
+
+* the provider client (:func:`vapora.providers.make_client`, its API key read from the runtime's
+  environment and never stored elsewhere);
+* a rate limiter: a token bucket from the config's ``rate_limit_rpm`` (ten seconds' worth of
+  burst), which a 429's ``retry-after`` (or reset header) closes until the time it names;
+* a circuit breaker: opens after ``breaker_threshold`` consecutive provider-side failures
+  (transient, timeout, quota, configuration), lets one probe through after ``breaker_cooldown_s``
+  (half open), closes on the probe's success and reopens on its failure;
+* the observed-latency estimate (the client's EWMA).
+
+Every call appends ``call_succeeded`` or ``call_failed`` plus ``spend_recorded`` (the cost at the
+client's price, settling ``reservation_id``; a failed call records what the provider billed, e.g.
+a broken stream's partial usage), pipelined together. Changes of availability (rate limited until,
+breaker open/half open/closed, health check, a latency estimate that moved by a fifth) are
+appended as ``provider_health_changed``; the router keeps a projection of them.
+
+Streams: chunks go straight to the caller's subject (``ProviderCall.stream_to``), in order, with
+``seq`` from 0; the reply to the router is the final :class:`ProviderCallResult` or an error.
+
+**Error replies** carry the contract's error body and ``Nats-Service-Error(-Code)`` headers
+(502 ``provider_error``) plus these headers, which the router reads to decide on fallback:
+
+====================  ===========================================================================
+``Vapora-Error-Class``  the :class:`vapora.errors.ProviderError` class: ``transient``, ``timeout``,
+                        ``rate_limited``, ``quota_exhausted``, ``configuration``, ``caller_error``
+                        (no fallback), ``stream_broken`` (failed after the first chunk: no
+                        fallback)
+``Vapora-Retry-After``  seconds, when the provider (or the local limiter) said how long to wait
+``Vapora-Usage``        JSON :class:`events.contract.Usage` the provider billed despite failing
+``Vapora-Cost-Usd``     that usage's cost, a decimal string
+``Vapora-Http-Status``  the provider's HTTP status, when there was one
+``Vapora-Called``       ``1`` when the provider was called, ``0`` when refused locally
+====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+
+import anyio
+
+from actors.runner import Runtime
+from actors.service import ActorService, Endpoint, RequestContext, error_headers, error_payload
+from events import subjects
+from events.codec import encode
+from events.contract import ProviderCall, ProviderCallResult, StreamChunk, Usage
+from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
+from vapora.config import ProviderConfig, api_key, missing_api_key
+from vapora.errors import (
+    ConfigError,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from vapora.pricing import cost
+from vapora.providers import Completion, ProviderClient, ProviderRequest, make_client
+
+__all__ = [
+    "ERROR_CLASS_HEADER",
+    "RETRY_AFTER_HEADER",
+    "COST_HEADER",
+    "USAGE_HEADER",
+    "CircuitBreaker",
+    "ProviderActor",
+    "RateLimiter",
+]
+
+log = logging.getLogger("vapora.provider")
+
+ERROR_CLASS_HEADER = "Vapora-Error-Class"
+RETRY_AFTER_HEADER = "Vapora-Retry-After"
+USAGE_HEADER = "Vapora-Usage"
+COST_HEADER = "Vapora-Cost-Usd"
+HTTP_STATUS_HEADER = "Vapora-Http-Status"
+CALLED_HEADER = "Vapora-Called"
+
+# A 429 without a usable wait closes the provider this long; a huge wait is capped.
+_DEFAULT_RETRY_S = 1.0
+_MAX_RETRY_S = 3600.0
+_BURST_SECONDS = 10.0
+_SECOND = timedelta(seconds=1)
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class RateLimiter:
+    """A token bucket of ``rpm`` requests a minute plus a "closed until" from 429s."""
+
+    def __init__(self, rpm: int | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = (rpm / 60.0) if rpm else math.inf
+        self._capacity = max(1.0, self._rate * _BURST_SECONDS) if rpm else math.inf
+        self._tokens = self._capacity
+        self._clock = clock
+        self._stamp = clock()
+        self.closed_until = 0.0
+
+    def take(self) -> float:
+        """Take a token: 0.0 when admitted, else the seconds until one is available."""
+        now = self._clock()
+        if now < self.closed_until:
+            return self.closed_until - now
+        if self._rate == math.inf:
+            return 0.0
+        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self._rate
+
+    def close_for(self, seconds: float) -> None:
+        self.closed_until = max(self.closed_until, self._clock() + seconds)
+
+    def limited(self) -> bool:
+        return self._clock() < self.closed_until
+
+
+class CircuitBreaker:
+    """Closed -> open after ``threshold`` consecutive failures -> half open after ``cooldown_s``
+    (one probe) -> closed on its success, open again on its failure."""
+
+    def __init__(
+        self, threshold: int, cooldown_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.state: BreakerState = "closed"
+        self.failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self._clock = clock
+
+    def poll(self) -> BreakerState:
+        """The state now: an open breaker past its cool-down becomes half open."""
+        if self.state == "open" and self._clock() - self._opened_at >= self.cooldown_s:
+            self.state, self._probing = "half_open", False
+        return self.state
+
+    def admit(self) -> bool:
+        state = self.poll()
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.state, self.failures, self._probing = "closed", 0, False
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.state == "half_open" or self.failures >= self.threshold:
+            self.state, self._opened_at, self._probing = "open", self._clock(), False
+
+
+@dataclass(frozen=True)
+class _HealthSignature:
+    available: bool
+    reason: str
+    breaker: BreakerState
+    rate_limited_until: datetime | None
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _counts_against_breaker(error: ProviderError) -> bool:
+    return not isinstance(error, ProviderRejected | ProviderRateLimited)
+
+
+class ProviderActor:
+    """Serves ``vapora.provider.<name>.call`` for one configured provider (see the module doc)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        provider: str | None = None,
+        breaker_threshold: int = 5,
+        breaker_cooldown_s: float = 30.0,
+        health_interval_s: float = 5.0,
+        max_concurrency: int = 512,
+        client: ProviderClient | None = None,
+    ) -> None:
+        config = runtime.config.provider(provider or "")
+        if config is None:
+            raise ConfigError(f"unknown provider {provider!r}")
+        self.runtime = runtime
+        self.config: ProviderConfig = config
+        self.name = f"provider-{config.name}"
+        self.client = client or make_client(
+            name=config.name,
+            kind=config.kind.value,
+            model=config.model,
+            price=config.price,
+            api_key=api_key(config, runtime.env),
+            base_url=config.base_url,
+            timeout=config.timeout_ms / 1000,
+            max_connections=max_concurrency,
+        )
+        self.limiter = RateLimiter(config.rate_limit_rpm)
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
+        self.health_interval_s = health_interval_s
+        self._healthy: tuple[bool, str] = (True, "")
+        self._published: _HealthSignature | None = None
+        self._published_latency: float | None = None
+        self._stop = anyio.Event()
+        self.service = ActorService(
+            runtime.nc,
+            name=self.name,
+            endpoints=[
+                Endpoint(
+                    name="call",
+                    subject=subjects.provider_call(config.name),
+                    request_type=ProviderCall,
+                    handler=self._call,
+                    queue_group=self.name,
+                    timeout=None,
+                )
+            ],
+            description=f"calls to {config.name} ({config.kind.value}, {config.model})",
+            max_concurrency=max_concurrency,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Check health, announce it, serve until :meth:`stop`, then drain and close the client."""
+        try:
+            await self._check_health()
+            await self._publish_health(force=True)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._health_loop)
+                async with anyio.create_task_group() as serving:
+                    await serving.start(self.service.run)
+                    task_status.started()
+                    await self._stop.wait()
+                    self.service.stop()  # drains in-flight calls, then service.run returns
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                await self.client.aclose()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- one call -----------------------------------------------------------------------------
+
+    async def _call(self, call: ProviderCall, ctx: RequestContext) -> ProviderCallResult | None:
+        refusal = self._admit()
+        if refusal is not None:
+            await self._publish_health()
+            await self._reply_error(ctx, refusal, called=False)
+            return None
+        started = time.perf_counter()
+        try:
+            done = await (self._stream(call, ctx) if call.stream_to else self._complete(call))
+        except ProviderError as error:
+            await self._failed(call, error, (time.perf_counter() - started) * 1000)
+            await self._reply_error(ctx, error, called=True)
+            return None
+        await self._succeeded(call, done)
+        return done.to_call_result()
+
+    def _admit(self) -> ProviderError | None:
+        """None when the call may go ahead; else why not (rate limit or breaker)."""
+        wait = self.limiter.take()
+        if wait > 0:
+            if not self.limiter.limited():
+                self.limiter.close_for(wait)
+            return ProviderRateLimited(
+                f"{self.config.name}: rate limited for {wait:.3f} s",
+                retry_after=wait,
+                provider=self.config.name,
+                error_type="local_rate_limit",
+            )
+        if not self.breaker.admit():
+            return ProviderUnavailable(
+                f"{self.config.name}: circuit breaker {self.breaker.state.replace('_', ' ')}",
+                provider=self.config.name,
+                error_type="breaker_open",
+            )
+        return None
+
+    async def _complete(self, call: ProviderCall) -> Completion:
+        limit = call.timeout_ms / 1000 if call.timeout_ms else None
+        return await self.client.complete(ProviderRequest.from_call(call), time_limit=limit)
+
+    async def _stream(self, call: ProviderCall, ctx: RequestContext) -> Completion:
+        assert call.stream_to is not None
+        limit = call.timeout_ms / 1000 if call.timeout_ms else None
+        first = call.first_token_timeout_ms / 1000 if call.first_token_timeout_ms else None
+        request = ProviderRequest.from_call(call)
+        async with self.client.stream(request, time_limit=limit, first_token_limit=first) as stream:
+            seq = 0
+            async for text in stream:
+                await ctx.publish(
+                    call.stream_to, StreamChunk(task_id=call.task_id, seq=seq, text=text)
+                )
+                seq += 1
+        assert stream.completion is not None
+        return stream.completion
+
+    # --- outcomes -----------------------------------------------------------------------------
+
+    async def _succeeded(self, call: ProviderCall, done: Completion) -> None:
+        self.breaker.success()
+        now = self.runtime.clock()
+        succeeded = CallSucceeded(
+            id=_new_id(),
+            at=now,
+            task_id=call.task_id,
+            provider=self.config.name,
+            model=done.model,
+            attempt=call.attempt,
+            usage=done.usage,
+            cost_usd=done.cost_usd,
+            latency_ms=done.latency_ms,
+            first_token_ms=done.first_token_ms,
+            finish_reason=done.finish_reason,
+            stream=call.stream_to is not None,
+        )
+        events: list[Event] = [
+            succeeded,
+            self._spend(call, done.model, done.usage, done.cost_usd, now),
+        ]
+        await self._append(events)
+        await self._publish_health()
+
+    async def _failed(self, call: ProviderCall, error: ProviderError, latency_ms: float) -> None:
+        if isinstance(error, ProviderRateLimited):
+            self.limiter.close_for(min(error.retry_after or _DEFAULT_RETRY_S, _MAX_RETRY_S))
+        if _counts_against_breaker(error):
+            self.breaker.failure()
+        else:
+            self.breaker.success()
+        now = self.runtime.clock()
+        billed = cost(error.usage, self.client.price)
+        events: list[Event] = [
+            CallFailed(
+                id=_new_id(),
+                at=now,
+                task_id=call.task_id,
+                provider=self.config.name,
+                model=call.model or self.config.model,
+                attempt=call.attempt,
+                error_code=error.error_type or error.error_class,
+                error_class=error.error_class,
+                message=error.message,
+                status=error.http_status,
+                latency_ms=latency_ms,
+                usage=error.usage,
+                cost_usd=billed,
+                after_first_chunk=error.error_class == "stream_broken",
+            )
+        ]
+        if billed > 0 or _has_tokens(error.usage):
+            events.append(
+                self._spend(call, call.model or self.config.model, error.usage, billed, now)
+            )
+        await self._append(events)
+        await self._publish_health()
+
+    def _spend(
+        self, call: ProviderCall, model: str, usage: Usage, amount: Decimal, now: datetime
+    ) -> SpendRecorded:
+        return SpendRecorded(
+            id=_new_id(),
+            at=now,
+            task_id=call.task_id,
+            task_type=call.task_type,
+            provider=self.config.name,
+            model=model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            cost_usd=amount,
+            price=self.client.price,
+            reservation_id=call.reservation_id,
+            attempt=call.attempt,
+        )
+
+    async def _append(self, events: list[Event]) -> None:
+        try:
+            await self.runtime.log.append_many(events)
+        except Exception:
+            # The caller still gets its answer; the lost events are loud in the log.
+            log.exception("%s: could not append %d events", self.name, len(events))
+
+    async def _reply_error(
+        self, ctx: RequestContext, error: ProviderError, *, called: bool
+    ) -> None:
+        if not ctx.reply:
+            return
+        headers = error_headers(error)
+        headers[ERROR_CLASS_HEADER] = error.error_class
+        headers[CALLED_HEADER] = "1" if called else "0"
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            headers[RETRY_AFTER_HEADER] = f"{retry_after:.3f}"
+        if error.http_status is not None:
+            headers[HTTP_STATUS_HEADER] = str(error.http_status)
+        if _has_tokens(error.usage):
+            headers[USAGE_HEADER] = encode(error.usage).decode()
+            headers[COST_HEADER] = str(cost(error.usage, self.client.price))
+        await ctx.nc.publish(ctx.reply, error_payload(error), headers=headers)
+
+    # --- health -------------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.health_interval_s)
+            try:
+                await self._check_health()
+                await self._publish_health(latency=True)
+            except Exception:
+                log.exception("%s: health check failed", self.name)
+
+    async def _check_health(self) -> None:
+        missing = missing_api_key(self.config, self.runtime.env)
+        if missing is not None:
+            self._healthy = (False, missing)
+            return
+        with anyio.move_on_after(max(self.health_interval_s, 2.0)) as scope:
+            ok = await self.client.available()
+        if scope.cancelled_caught:
+            ok = False
+        self._healthy = (ok, "" if ok else "health check failed")
+
+    def _signature(self) -> _HealthSignature:
+        breaker = self.breaker.poll()
+        healthy, reason = self._healthy
+        until: datetime | None = None
+        if self.limiter.limited():
+            wait = self.limiter.closed_until - time.monotonic()
+            until = self.runtime.clock() + timedelta(seconds=max(wait, 0.0))
+        if not healthy:
+            return _HealthSignature(False, reason, breaker, until)
+        if breaker == "open":
+            return _HealthSignature(False, "circuit breaker open", breaker, until)
+        if until is not None:
+            return _HealthSignature(False, "rate limited", breaker, until)
+        reason = "probing (breaker half open)" if breaker == "half_open" else "available"
+        return _HealthSignature(True, reason, breaker, None)
+
+    async def _publish_health(self, *, force: bool = False, latency: bool = False) -> None:
+        """Append ``provider_health_changed`` if availability changed (or, from the periodic
+        check only, the latency estimate moved by more than a fifth)."""
+        signature = self._signature()
+        estimate = self.client.latency_estimate()
+        if not force and not self._changed(signature, estimate if latency else None):
+            return
+        self._published = signature
+        if latency or force:
+            self._published_latency = estimate
+        event = ProviderHealthChanged(
+            id=_new_id(),
+            at=self.runtime.clock(),
+            provider=self.config.name,
+            available=signature.available,
+            reason=signature.reason,
+            breaker=signature.breaker,
+            rate_limited_until=signature.rate_limited_until,
+            latency_estimate_ms=estimate,
+        )
+        await self._append([event])
+
+    def _changed(self, signature: _HealthSignature, latency: float | None) -> bool:
+        old = self._published
+        if old is None:
+            return True
+        same_state = (old.available, old.reason, old.breaker) == (
+            signature.available,
+            signature.reason,
+            signature.breaker,
+        )
+        if not same_state:
+            return True
+        new_until, old_until = signature.rate_limited_until, old.rate_limited_until
+        if new_until is not None and old_until is not None and new_until > old_until + _SECOND:
+            return True
+        return _latency_moved(self._published_latency, latency)
+
+
+def _latency_moved(old: float | None, new: float | None) -> bool:
+    if new is None:
+        return False
+    if old is None:
+        return True
+    return abs(new - old) > 0.2 * max(old, 1.0)
+
+
+def _has_tokens(usage: Usage) -> bool:
+    return bool(usage.input_tokens or usage.output_tokens)

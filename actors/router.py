@@ -1,0 +1,728 @@
+"""The router actor: ``vapora.complete`` and ``vapora.stream`` (queue group ``router``).
+
+For each task it decides (:func:`vapora.routing.decide`), appends ``route_decided``, and walks the
+chain of providers, one attempt at a time:
+
+1. a paid attempt first reserves its upper-bound cost with the budget keeper
+   (``vapora.budget.reserve``); a refusal skips to the next candidate (attempt ``skipped``);
+2. it calls ``vapora.provider.<name>.call`` with per-attempt timeouts (below);
+3. a transient error, a rate limit, a timeout, a quota or configuration error appends
+   ``fallback_triggered`` and moves on (releasing the reservation, reason ``failed``); a caller
+   error (the provider's 400) is answered 502 ``provider_error`` without fallback; settlement of a
+   success is the provider actor's ``spend_recorded``;
+4. when nothing is left: 503 ``no_provider_available`` naming every attempt.
+
+What a decision needs is kept in memory, not asked per request: each provider's availability is a
+projection of ``provider_health_changed`` (last event per provider at start, then the tail), the
+budget tier of ``budget_tier_changed`` (the keeper's status at start, then the tail, and every
+reservation reply), and per-task spend of ``spend_recorded`` (from start-up on, for the task cap).
+The router's own events are appended in the background while the provider works and are joined
+before the reply, so an answer is never sent for a task whose events are not stored.
+
+**Timeouts per attempt** (milliseconds, sent in :class:`ProviderCall` and enforced by the provider
+actor; the router waits that long plus ``grace_s`` for the reply):
+
+* ``complete``: ``min(provider.timeout_ms, request.latency_required_ms)``;
+* ``stream``: total ``provider.timeout_ms``; first token
+  ``min(provider.timeout_ms, request.latency_required_ms or first_token_timeout_ms)``.
+
+A provider actor that does not reply at all (killed mid-call) costs one wait; a ``complete``
+attempt is then retried once on the same provider (its queue group hands it to a surviving
+instance) before falling back. A stream is never retried after such a silence: chunks may have
+gone out, so it ends with ``error``. Streams fall back only before their first chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import msgspec
+from nats.errors import NoRespondersError
+from nats.js.errors import NotFoundError
+
+from actors import tracing
+from actors.provider import COST_HEADER, ERROR_CLASS_HEADER, RETRY_AFTER_HEADER, USAGE_HEADER
+from actors.runner import Runtime
+from actors.service import ActorService, Endpoint, RequestContext, error_headers
+from events import subjects
+from events.codec import DecodeError, decode, decode_event, encode
+from events.contract import (
+    Attempt,
+    BudgetRelease,
+    BudgetReserve,
+    BudgetReserveReply,
+    BudgetStatus,
+    CompletionRequest,
+    CompletionResult,
+    ErrorBody,
+    ErrorReply,
+    Outcome,
+    Price,
+    ProviderCall,
+    ProviderCallResult,
+    RouteDecision,
+    StreamEnd,
+    StreamError,
+    Tier,
+    Usage,
+)
+from events.log import (
+    BudgetTierChanged,
+    Event,
+    FallbackTriggered,
+    ProviderHealthChanged,
+    RouteDecided,
+    SpendRecorded,
+)
+from vapora.config import Config, ProviderConfig
+from vapora.errors import (
+    BudgetExceeded,
+    NoProviderAvailable,
+    ProviderRejected,
+    ProviderStreamBroken,
+    VaporaError,
+)
+from vapora.providers import ProviderRequest, estimate_input_tokens
+from vapora.routing import (
+    ProviderView,
+    RouteOverBudget,
+    RouteUnavailable,
+    decide,
+    key_views,
+    task_cap_usd,
+    task_remaining_usd,
+)
+
+__all__ = ["RouterActor", "attempt_timeouts", "upper_bound_cost"]
+
+log = logging.getLogger("vapora.router")
+
+_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+_SERVICE_ERROR = "Nats-Service-Error"
+_MTOK = Decimal(1_000_000)
+_TASK_SPEND_ENTRIES = 100_000
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+
+def upper_bound_cost(input_tokens: int, output_limit: int, price: Price) -> Decimal:
+    """The most a call can cost: the input estimate at the dearest input rate (a cache write may
+    cost more than plain input) plus the whole output limit at the output price."""
+    input_rate = max(price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok)
+    return (input_tokens * input_rate + output_limit * price.output_per_mtok) / _MTOK
+
+
+def attempt_timeouts(
+    provider: ProviderConfig,
+    request: CompletionRequest,
+    *,
+    stream: bool,
+    first_token_timeout_ms: int,
+) -> tuple[int, int | None]:
+    """``(total_ms, first_token_ms)`` of one attempt (see the module doc)."""
+    if not stream:
+        total = provider.timeout_ms
+        if request.latency_required_ms is not None:
+            total = min(total, request.latency_required_ms)
+        return total, None
+    wanted = request.latency_required_ms or first_token_timeout_ms
+    return provider.timeout_ms, min(provider.timeout_ms, wanted)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _usd(amount: Decimal) -> str:
+    return f"${amount:.6f}"
+
+
+# --- one task -------------------------------------------------------------------------------------
+
+
+class _Appends:
+    """A task's events appended in the background (pipelined with the provider call); joined
+    before the reply."""
+
+    def __init__(self, router: RouterActor) -> None:
+        self._router = router
+        self._pending: list[anyio.Event] = []
+
+    def add(self, *events: Event) -> None:
+        done = anyio.Event()
+        self._pending.append(done)
+        self._router._spawn(self._router._append, list(events), done)
+
+    async def join(self, within_s: float) -> None:
+        with anyio.move_on_after(within_s):
+            for done in self._pending:
+                await done.wait()
+
+
+@dataclass
+class _Failure:
+    """Why one attempt produced no answer."""
+
+    error_class: str
+    message: str
+    fallback: bool
+    usage: Usage = field(default_factory=Usage)
+    cost: Decimal = Decimal(0)
+    no_reply: bool = False
+
+
+@dataclass
+class _Task:
+    """The working state of one task's walk down its chain."""
+
+    task_id: str
+    request: CompletionRequest
+    appends: _Appends
+    stream_to: str | None
+    costs: dict[str, Decimal]
+    cap: Decimal | None
+    started: float = field(default_factory=time.perf_counter)
+    attempts: list[Attempt] = field(default_factory=list)
+    spent: Decimal = Decimal(0)
+    number: int = 0
+
+    def next_number(self) -> int:
+        self.number += 1
+        return self.number
+
+
+class _Broken(Exception):
+    """A stream failed after its first chunk: end it with ``error`` (no fallback)."""
+
+    def __init__(self, failure: _Failure, provider: str) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.provider = provider
+
+
+# --- the actor ------------------------------------------------------------------------------------
+
+
+class RouterActor:
+    """Routes tasks on ``vapora.complete`` / ``vapora.stream`` (see the module doc).
+
+    ``reserve``: reserve with the budget keeper before paid attempts; default: when the config
+    has a daily or monthly limit. ``grace_s``: how much longer than an attempt's own timeout the
+    router waits for a provider actor's reply. ``first_token_timeout_ms``: a stream's default
+    time-to-first-token limit.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        provider: str | None = None,
+        reserve: bool | None = None,
+        grace_s: float = 1.0,
+        first_token_timeout_ms: int = 10_000,
+        keeper_timeout_s: float = 2.0,
+        max_concurrency: int = 1024,
+    ) -> None:
+        del provider  # the shape every actor shares; a router serves every provider
+        self.runtime = runtime
+        self.config: Config = runtime.config
+        self.name = "router"
+        budget = runtime.config.budget
+        self.reserve = (
+            reserve
+            if reserve is not None
+            else (budget.daily_limit_usd is not None or budget.monthly_limit_usd is not None)
+        )
+        self.grace_s = grace_s
+        self.first_token_timeout_ms = first_token_timeout_ms
+        self.keeper_timeout_s = keeper_timeout_s
+        self.views: dict[str, ProviderView] = key_views(runtime.config, runtime.env)
+        self._keys = {name: view.api_key_present for name, view in self.views.items()}
+        self.tier = Tier.NORMAL
+        self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._stop = anyio.Event()
+        self.service = ActorService(
+            runtime.nc,
+            name=self.name,
+            endpoints=[
+                Endpoint(
+                    name="complete",
+                    subject=subjects.COMPLETE,
+                    request_type=CompletionRequest,
+                    handler=self._on_complete,
+                    queue_group="router",
+                ),
+                Endpoint(
+                    name="stream",
+                    subject=subjects.STREAM,
+                    request_type=CompletionRequest,
+                    handler=self._on_stream,
+                    queue_group="router",
+                    timeout=None,
+                ),
+            ],
+            description="routes completions across providers with fallback",
+            max_concurrency=max_concurrency,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Load the projections, follow the log, serve until :meth:`stop`, then drain."""
+        last = await self._last_sequence()
+        await self._load_health()
+        await self._load_tier()
+        prefix = self.runtime.log.settings.prefix
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            tg.start_soon(self._follow, f"{prefix}.health.>", last + 1)
+            tg.start_soon(self._follow, f"{prefix}.budget", last + 1)
+            tg.start_soon(self._follow, f"{prefix}.spend.>", last + 1)
+            async with anyio.create_task_group() as serving:
+                await serving.start(self.service.run)
+                task_status.started()
+                await self._stop.wait()
+                self.service.stop()
+            tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        assert self._task_group is not None, "the router is not running"
+        self._task_group.start_soon(func, *args)
+
+    async def _append(self, events: list[Event], done: anyio.Event) -> None:
+        try:
+            await self.runtime.log.append_many(events)
+        except Exception:
+            log.exception("router: could not append %d events", len(events))
+        finally:
+            done.set()
+
+    # --- projections --------------------------------------------------------------------------
+
+    async def _last_sequence(self) -> int:
+        try:
+            return await self.runtime.log.last_sequence()
+        except NotFoundError:
+            await self.runtime.log.ensure_stream()
+            return await self.runtime.log.last_sequence()
+
+    async def _load_health(self) -> None:
+        eventlog = self.runtime.log
+        for provider in self.config.providers:
+            subject = f"{eventlog.settings.prefix}.health.{provider.name}"
+            try:
+                message = await eventlog.js.get_last_msg(eventlog.settings.name, subject)
+            except NotFoundError:
+                continue
+            if message.data:
+                self._apply(decode_event(message.data))
+
+    async def _load_tier(self) -> None:
+        try:
+            reply = await self.runtime.nc.request(subjects.BUDGET, b"{}", timeout=1.0)
+            if not (reply.headers or {}).get(_SERVICE_ERROR_CODE):
+                self.tier = decode(reply.data, BudgetStatus).tier
+        except Exception as exc:  # no keeper yet: Normal until the first tier event
+            log.info("router: budget status unavailable at start (%s); tier Normal", exc)
+
+    async def _follow(self, filter_subject: str, start: int) -> None:
+        """Apply the log's events on ``filter_subject`` from ``start`` on, resuming on errors."""
+        seq = start
+        while True:
+            try:
+                async for batch in self.runtime.log.tail(seq, filter_subject=filter_subject):
+                    for entry in batch:
+                        self._apply(entry.event)
+                        seq = entry.seq + 1
+            except Exception as exc:
+                log.warning("router: following %s failed (%s); resuming", filter_subject, exc)
+                await anyio.sleep(1.0)
+
+    def _apply(self, event: Event) -> None:
+        match event:
+            case ProviderHealthChanged():
+                self.views[event.provider] = self._view(event)
+            case BudgetTierChanged():
+                self.tier = event.to_tier
+            case SpendRecorded():
+                spend = self.task_spend
+                spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
+                if len(spend) > _TASK_SPEND_ENTRIES:
+                    spend.popitem(last=False)
+            case _:
+                pass
+
+    def _view(self, event: ProviderHealthChanged) -> ProviderView:
+        healthy = event.available or event.breaker == "open" or event.rate_limited_until is not None
+        return ProviderView(
+            api_key_present=self._keys.get(event.provider, True),
+            rate_limited_until=event.rate_limited_until,
+            breaker_open=event.breaker == "open",
+            healthy=healthy,
+            health_reason="" if healthy else event.reason,
+            latency_ms=event.latency_estimate_ms,
+        )
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    async def _on_complete(
+        self, request: CompletionRequest, ctx: RequestContext
+    ) -> CompletionResult:
+        task = self._task(request, stream_to=None)
+        try:
+            decision = self._decide(task)
+            result = await self._walk(task, decision)
+        finally:
+            await task.appends.join(self.runtime.log.ack_timeout)
+        return CompletionResult(
+            task_id=task.task_id,
+            provider=result.provider,
+            model=result.model,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            cost_usd=result.cost_usd,
+            latency_ms=(time.perf_counter() - task.started) * 1000,
+            attempts=task.attempts,
+            route=decision,
+        )
+
+    async def _on_stream(self, request: CompletionRequest, ctx: RequestContext) -> None:
+        task = self._task(request, stream_to=ctx.reply)
+        try:
+            decision = self._decide(task)
+            result = await self._walk(task, decision)
+        except _Broken as broken:
+            await task.appends.join(self.runtime.log.ack_timeout)
+            error = ProviderStreamBroken(broken.failure.message, provider=broken.provider)
+            await self._stream_error(ctx, task, error, broken.failure)
+            return None
+        except VaporaError as error:
+            await task.appends.join(self.runtime.log.ack_timeout)
+            await self._stream_error(ctx, task, error, None)
+            return None
+        await task.appends.join(self.runtime.log.ack_timeout)
+        end = StreamEnd(
+            task_id=task.task_id,
+            provider=result.provider,
+            model=result.model,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            cost_usd=result.cost_usd,
+            latency_ms=(time.perf_counter() - task.started) * 1000,
+            attempts=task.attempts,
+            route=decision,
+        )
+        await ctx.publish(ctx.reply, end)
+        return None
+
+    async def _stream_error(
+        self, ctx: RequestContext, task: _Task, error: VaporaError, failure: _Failure | None
+    ) -> None:
+        message = StreamError(
+            error=ErrorBody(code=error.code, message=error.message),
+            task_id=task.task_id,
+            usage=failure.usage if failure else None,
+            cost_usd=failure.cost if failure else None,
+        )
+        await self.runtime.nc.publish(ctx.reply, encode(message), headers=error_headers(error))
+
+    # --- deciding -----------------------------------------------------------------------------
+
+    def _task(self, request: CompletionRequest, *, stream_to: str | None) -> _Task:
+        task_id = request.task_id or _new_id()
+        estimate = ProviderRequest(
+            prompt=request.prompt,
+            messages=request.messages,
+            system=request.system,
+            max_tokens=request.max_tokens,
+        )
+        input_tokens = estimate_input_tokens(estimate)
+        costs = {
+            p.name: upper_bound_cost(input_tokens, estimate.output_limit, p.price)
+            for p in self.config.providers
+        }
+        return _Task(
+            task_id=task_id,
+            request=request,
+            appends=_Appends(self),
+            stream_to=stream_to,
+            costs=costs,
+            cap=task_cap_usd(self.config, request),
+        )
+
+    def _decide(self, task: _Task) -> RouteDecision:
+        spent = self.task_spend.get(task.task_id, Decimal(0))
+        try:
+            decision = decide(
+                task.request,
+                self.config,
+                now=self.runtime.clock(),
+                views=self.views,
+                estimated_costs=task.costs,
+                tier=self.tier,
+                task_remaining_usd=task_remaining_usd(self.config, task.request, spent),
+            )
+        except (RouteOverBudget, RouteUnavailable) as refused:
+            task.appends.add(self._decided(task, refused.decision))
+            raise
+        task.appends.add(self._decided(task, decision))
+        return decision
+
+    def _decided(self, task: _Task, decision: RouteDecision) -> RouteDecided:
+        return RouteDecided(
+            id=_new_id(),
+            at=self.runtime.clock(),
+            task_id=task.task_id,
+            task_type=task.request.task_type,
+            quality=task.request.quality,
+            decision=decision,
+            stream=task.stream_to is not None,
+        )
+
+    # --- walking the chain --------------------------------------------------------------------
+
+    async def _walk(self, task: _Task, decision: RouteDecision) -> ProviderCallResult:
+        chain = decision.chain
+        for index, name in enumerate(chain):
+            provider = self.config.provider(name)
+            assert provider is not None  # decide() keeps configured providers only
+            outcome = await self._try_provider(task, provider)
+            if isinstance(outcome, ProviderCallResult):
+                return outcome
+            if outcome.error_class == "stream_broken":
+                raise _Broken(outcome, name)
+            if not outcome.fallback:
+                raise ProviderRejected(outcome.message, provider=name)
+            following = chain[index + 1] if index + 1 < len(chain) else None
+            task.appends.add(self._fallback(task, name, following, outcome))
+        raise self._exhausted(task)
+
+    def _fallback(
+        self, task: _Task, name: str, following: str | None, failure: _Failure
+    ) -> FallbackTriggered:
+        return FallbackTriggered(
+            id=_new_id(),
+            at=self.runtime.clock(),
+            task_id=task.task_id,
+            from_provider=name,
+            to_provider=following,
+            reason=f"{failure.error_class}: {failure.message}",
+            attempt=task.number,
+        )
+
+    def _exhausted(self, task: _Task) -> NoProviderAvailable | BudgetExceeded:
+        tried = "; ".join(
+            f"{a.provider} {a.outcome.value}" + (f" ({a.error_code})" if a.error_code else "")
+            for a in task.attempts
+        )
+        if task.attempts and all(a.error_code == "budget_refused" for a in task.attempts):
+            return BudgetExceeded(f"task {task.task_id}: every reservation refused: {tried}")
+        return NoProviderAvailable(f"task {task.task_id}: every provider failed: {tried}")
+
+    async def _try_provider(
+        self, task: _Task, provider: ProviderConfig
+    ) -> ProviderCallResult | _Failure:
+        """One provider: reserve, call (again if its actor never replied), release on failure."""
+        refusal = self._over_task_cap(task, provider)
+        if refusal is not None:
+            return self._skipped(task, provider, "task_budget", refusal)
+        reservation_id: str | None = None
+        if self.reserve and not provider.zero_cost:
+            reservation_id, refusal = await self._reserve(task, provider)
+            if refusal is not None:
+                return self._skipped(task, provider, "budget_refused", refusal)
+        outcome = await self._call(task, provider, reservation_id)
+        if isinstance(outcome, _Failure) and outcome.no_reply and task.stream_to is None:
+            outcome = await self._call(task, provider, reservation_id)
+        if isinstance(outcome, _Failure) and reservation_id is not None:
+            self._release(task, reservation_id)
+        return outcome
+
+    def _over_task_cap(self, task: _Task, provider: ProviderConfig) -> str | None:
+        if task.cap is None or task.spent == 0:
+            return None
+        remaining = task.cap - self.task_spend.get(task.task_id, Decimal(0)) - task.spent
+        if task.costs[provider.name] > remaining:
+            estimate = _usd(task.costs[provider.name])
+            return f"estimated {estimate} exceeds the task's remaining {_usd(remaining)}"
+        return None
+
+    def _skipped(self, task: _Task, provider: ProviderConfig, code: str, reason: str) -> _Failure:
+        task.next_number()
+        task.attempts.append(
+            Attempt(
+                provider=provider.name,
+                model=provider.model,
+                outcome=Outcome.SKIPPED,
+                error_code=code,
+            )
+        )
+        return _Failure(error_class=code, message=reason, fallback=True)
+
+    async def _reserve(self, task: _Task, provider: ProviderConfig) -> tuple[str, str | None]:
+        """Hold the attempt's upper-bound cost: ``(reservation_id, refusal reason or None)``."""
+        reservation_id = _new_id()
+        ask = BudgetReserve(
+            reservation_id=reservation_id,
+            task_id=task.task_id,
+            provider=provider.name,
+            amount_usd=task.costs[provider.name],
+            task_limit_usd=task.cap,
+        )
+        try:
+            message = await self.runtime.nc.request(
+                subjects.BUDGET_RESERVE,
+                encode(ask),
+                timeout=self.keeper_timeout_s,
+                headers=tracing.inject(),
+            )
+        except NoRespondersError:
+            return reservation_id, "the budget keeper is not running"
+        except TimeoutError:
+            return reservation_id, "the budget keeper did not answer in time"
+        headers = message.headers or {}
+        if headers.get(_SERVICE_ERROR_CODE):
+            return reservation_id, headers.get(_SERVICE_ERROR, "refused")
+        reply = decode(message.data, BudgetReserveReply)
+        self.tier = reply.tier
+        return reservation_id, None if reply.admitted else (reply.reason or "refused")
+
+    def _release(self, task: _Task, reservation_id: str) -> None:
+        release = BudgetRelease(reservation_id=reservation_id, reason="failed")
+        self._spawn(self._publish_release, release)
+
+    async def _publish_release(self, release: BudgetRelease) -> None:
+        try:
+            await self.runtime.nc.publish(
+                subjects.BUDGET_RELEASE, encode(release), headers=tracing.inject()
+            )
+        except Exception:
+            log.exception("router: could not release reservation %s", release.reservation_id)
+
+    async def _call(
+        self, task: _Task, provider: ProviderConfig, reservation_id: str | None
+    ) -> ProviderCallResult | _Failure:
+        stream = task.stream_to is not None
+        total_ms, first_ms = attempt_timeouts(
+            provider,
+            task.request,
+            stream=stream,
+            first_token_timeout_ms=self.first_token_timeout_ms,
+        )
+        request = task.request
+        call = ProviderCall(
+            task_id=task.task_id,
+            task_type=request.task_type,
+            attempt=task.next_number(),
+            model=provider.model,
+            prompt=request.prompt,
+            messages=request.messages,
+            system=request.system,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            reservation_id=reservation_id,
+            timeout_ms=total_ms,
+            first_token_timeout_ms=first_ms,
+            stream_to=task.stream_to,
+        )
+        started = time.perf_counter()
+        outcome = await self._request(provider, call, total_ms / 1000 + self.grace_s)
+        latency = (time.perf_counter() - started) * 1000
+        task.attempts.append(self._attempt(provider, outcome, latency))
+        if isinstance(outcome, _Failure):
+            task.spent += outcome.cost
+        else:
+            task.spent += outcome.cost_usd
+        return outcome
+
+    async def _request(
+        self, provider: ProviderConfig, call: ProviderCall, wait_s: float
+    ) -> ProviderCallResult | _Failure:
+        try:
+            message = await self.runtime.nc.request(
+                subjects.provider_call(provider.name),
+                encode(call),
+                timeout=wait_s,
+                headers=tracing.inject(),
+            )
+        except NoRespondersError:
+            return _Failure("no_responders", f"no {provider.name} provider actor is running", True)
+        except TimeoutError:
+            return _Failure(
+                "no_reply",
+                f"the {provider.name} provider actor did not reply within {wait_s:.1f} s",
+                fallback=True,
+                no_reply=True,
+            )
+        headers = message.headers or {}
+        if headers.get(_SERVICE_ERROR_CODE):
+            return _failure_from(headers, message.data)
+        try:
+            return decode(message.data, ProviderCallResult)
+        except DecodeError as exc:
+            return _Failure("internal", f"{provider.name}: unreadable reply: {exc}", True)
+
+    @staticmethod
+    def _attempt(
+        provider: ProviderConfig, outcome: ProviderCallResult | _Failure, latency: float
+    ) -> Attempt:
+        if isinstance(outcome, ProviderCallResult):
+            return Attempt(
+                provider=provider.name,
+                model=outcome.model,
+                outcome=Outcome.OK,
+                latency_ms=latency,
+                cost_usd=outcome.cost_usd,
+            )
+        timed_out = outcome.error_class in ("timeout", "no_reply")
+        return Attempt(
+            provider=provider.name,
+            model=provider.model,
+            outcome=Outcome.TIMEOUT if timed_out else Outcome.ERROR,
+            error_code=outcome.error_class,
+            latency_ms=latency,
+            cost_usd=outcome.cost,
+        )
+
+
+_NO_FALLBACK = frozenset({"caller_error", "stream_broken"})
+
+
+def _failure_from(headers: dict[str, str], data: bytes) -> _Failure:
+    """A provider actor's error reply (see :mod:`actors.provider` for the headers)."""
+    error_class = headers.get(ERROR_CLASS_HEADER, "internal")
+    try:
+        message = decode(data, ErrorReply).error.message
+    except DecodeError:
+        message = headers.get(_SERVICE_ERROR, "provider error")
+    usage = Usage()
+    if USAGE_HEADER in headers:
+        with contextlib.suppress(msgspec.DecodeError):
+            usage = msgspec.json.decode(headers[USAGE_HEADER], type=Usage)
+    billed = Decimal(headers.get(COST_HEADER, "0"))
+    if RETRY_AFTER_HEADER in headers:
+        message = f"{message} (retry after {headers[RETRY_AFTER_HEADER]} s)"
+    return _Failure(
+        error_class=error_class,
+        message=message,
+        fallback=error_class not in _NO_FALLBACK,
+        usage=usage,
+        cost=billed if billed.is_finite() else Decimal(0),
+    )

@@ -1,0 +1,179 @@
+"""The routing pipeline end to end: a real nats-server, the provider simulator over HTTP, provider
+actors and the router, called through ``vapora.Client`` (DESIGN §3-§4, issue 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from events.contract import Outcome
+from events.log import CallFailed, CallSucceeded, FallbackTriggered, RouteDecided, SpendRecorded
+from tests.fault.provider_harness import KEYS, config_text, deployment
+from vapora.errors import (
+    InvalidRequest,
+    NoProviderAvailable,
+    ProviderRejected,
+    UnknownProvider,
+    UnknownTaskType,
+)
+from vapora.pricing import cost
+
+pytestmark = pytest.mark.anyio
+
+
+def guide(**kw: object) -> Callable[[str], str]:
+    return lambda base_url: config_text(base_url, **kw)  # type: ignore[arg-type]
+
+
+async def test_the_guides_example_goes_to_claude_and_every_event_is_in_the_log(
+    tmp_path: Path,
+) -> None:
+    async with deployment(tmp_path, guide()) as dep:
+        result = await dep.client.complete(
+            prompt="Write a function that reverses a list",
+            task_type="CodeGeneration",
+            quality="High",
+            budget_cents=500,
+        )
+        assert result.provider == "claude"
+        assert result.model.startswith("claude-opus-4-5")
+        assert result.text
+        assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+        price = dep.runtime.config.provider("claude").price  # type: ignore[union-attr]
+        assert result.cost_usd == cost(result.usage, price) > 0
+        assert [(a.provider, a.outcome) for a in result.attempts] == [("claude", Outcome.OK)]
+        assert result.route.chain[0] == "claude"
+        assert "claude" in result.route.reason
+        events = await dep.events_of(result.task_id)
+        kinds = [type(e) for e in events]
+        assert kinds[0] is RouteDecided
+        assert {CallSucceeded, SpendRecorded} <= set(kinds)
+        [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+        assert spend.cost_usd == result.cost_usd and spend.price == price
+        # The simulator answers 401 without a key, so ours was sent; no event carries it.
+        for event in await dep.events():
+            text = repr(event)
+            assert all(secret not in text for secret in KEYS.values())
+
+
+async def test_an_override_goes_where_it_says(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide()) as dep:
+        result = await dep.client.complete(
+            prompt="hello", task_type="CodeGeneration", quality="High", provider="gemini"
+        )
+        assert result.provider == "gemini"
+        assert result.route.chain == ["gemini"]
+        assert "manual override" in result.route.reason
+
+
+async def test_a_provider_without_its_api_key_is_skipped_and_the_decision_says_why(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in KEYS.items() if k != "ANTHROPIC_API_KEY"}
+    async with deployment(tmp_path, guide(), env=env) as dep:
+        result = await dep.client.complete(
+            prompt="hello", task_type="CodeGeneration", quality="High"
+        )
+        assert result.provider != "claude"
+        assert "claude" not in result.route.chain
+        [claude] = [c for c in result.route.candidates if c.provider == "claude"]
+        assert not claude.kept
+        assert any(
+            not v.passed and "ANTHROPIC_API_KEY is not set" in v.reason for v in claude.verdicts
+        )
+
+
+async def test_unknown_provider_and_task_type_get_404_and_malformed_requests_400(
+    tmp_path: Path,
+) -> None:
+    async with deployment(tmp_path, guide()) as dep:
+        with pytest.raises(UnknownProvider, match="nope"):
+            await dep.client.complete(prompt="hi", provider="nope")
+        with pytest.raises(UnknownTaskType, match="SecurityAnalysis"):
+            await dep.client.complete(prompt="hi", task_type="SecurityAnalysis")
+        for body, named in [
+            (b"{not json", "malformed JSON"),
+            (b'{"prompt": "hi", "colour": "blue"}', "colour"),
+            (b'{"prompt": "hi", "quality": "Superb"}', "quality"),
+            (b'{"task_type": "CodeGeneration"}', "prompt"),
+        ]:
+            reply = await dep.client.nc.request("vapora.complete", body, timeout=5)
+            assert (reply.headers or {})["Nats-Service-Error-Code"] == "400"
+            assert named in reply.data.decode()
+        with pytest.raises(InvalidRequest):
+            await dep.client.complete(prompt="hi", quality="Superb")
+        # The router serves on.
+        assert (await dep.client.complete(prompt="still here")).text
+
+
+async def test_claude_overloaded_falls_back_to_the_next_in_the_chain_and_the_log_shows_both(
+    tmp_path: Path,
+) -> None:
+    async with deployment(tmp_path, guide(models={"claude": "claude-opus-4-5-error-529"})) as dep:
+        result = await dep.client.complete(
+            prompt="Write a sort", task_type="CodeGeneration", quality="High"
+        )
+        assert result.route.chain[0] == "claude"
+        following = result.route.chain[1]
+        assert result.provider == following
+        assert [(a.provider, a.outcome) for a in result.attempts] == [
+            ("claude", Outcome.ERROR),
+            (following, Outcome.OK),
+        ]
+        assert result.attempts[0].error_code == "transient"
+        events = await dep.events_of(result.task_id)
+        kinds = [type(e).__name__ for e in events]
+        for kind in ("RouteDecided", "CallFailed", "FallbackTriggered", "CallSucceeded"):
+            assert kind in kinds
+        [failed] = [e for e in events if isinstance(e, CallFailed)]
+        assert failed.provider == "claude" and failed.status == 529
+        [fallback] = [e for e in events if isinstance(e, FallbackTriggered)]
+        assert (fallback.from_provider, fallback.to_provider) == ("claude", following)
+        [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+        assert spend.provider == following and spend.cost_usd == result.cost_usd
+
+
+async def test_claude_hanging_past_its_timeout_falls_back(tmp_path: Path) -> None:
+    config = guide(models={"claude": "claude-opus-4-5-hang"}, timeouts={"claude": 300})
+    async with deployment(tmp_path, config) as dep:
+        result = await dep.client.complete(
+            prompt="Write a sort", task_type="CodeGeneration", quality="High"
+        )
+        assert result.provider == result.route.chain[1]
+        assert result.attempts[0].outcome is Outcome.TIMEOUT
+        assert result.attempts[0].provider == "claude"
+
+
+async def test_a_400_from_the_provider_is_returned_without_fallback(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide(models={"claude": "claude-opus-4-5-error-400"})) as dep:
+        with pytest.raises(ProviderRejected, match="400"):
+            await dep.client.complete(
+                prompt="bad", task_type="CodeGeneration", quality="High", task_id="t-400"
+            )
+        events = await dep.events_of("t-400")
+        assert not [e for e in events if isinstance(e, FallbackTriggered)]
+        assert not [e for e in events if isinstance(e, CallSucceeded)]
+        assert [e.provider for e in events if isinstance(e, CallFailed)] == ["claude"]
+
+
+async def test_every_provider_failing_gives_503_listing_every_attempt(tmp_path: Path) -> None:
+    models = {
+        "claude": "claude-opus-4-5-error-529",
+        "openai": "gpt-4-error-503",
+        "gemini": "gemini-2.0-flash-error-500",
+        "ollama": "llama2-error-502",
+    }
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        with pytest.raises(NoProviderAvailable) as raised:
+            await dep.client.complete(
+                prompt="x", task_type="CodeGeneration", quality="High", task_id="doomed"
+            )
+        message = str(raised.value)
+        for name in ("claude", "openai", "gemini", "ollama"):
+            assert name in message
+        events = await dep.events_of("doomed")
+        assert len([e for e in events if isinstance(e, CallFailed)]) == 4
+        fallbacks = [e for e in events if isinstance(e, FallbackTriggered)]
+        assert len(fallbacks) == 4 and fallbacks[-1].to_provider is None

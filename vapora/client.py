@@ -1,0 +1,274 @@
+"""The Python client for other services: vapora over NATS, with our error tree.
+
+::
+
+    async with Client.connect("nats://127.0.0.1:4222") as vapora:
+        result = await vapora.complete(prompt="Write a haiku", task_type="Documentation")
+        async with vapora.stream(prompt="Tell me a story") as story:
+            async for text in story:
+                print(text, end="")
+        print(story.result.cost_usd)          # the stream's ``end`` message
+        report = await vapora.report()
+        status = await vapora.budget()
+
+Or wrap a connection the service already has: ``Client(nc)``. A contract error reply raises its
+:class:`vapora.errors.VaporaError` subclass (:func:`vapora.errors.error_for_code`); no answer in
+time raises :class:`vapora.errors.RequestTimeout`; no router running raises
+:class:`vapora.errors.NoProviderAvailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+
+from events import subjects
+from events.codec import DecodeError, decode, encode
+from events.contract import (
+    BudgetStatus,
+    CompletionRequest,
+    CompletionResult,
+    CostReport,
+    ErrorReply,
+    ReportRequest,
+    StreamChunk,
+    StreamEnd,
+    StreamError,
+    StreamMessage,
+    Usage,
+)
+from vapora.errors import (
+    InternalError,
+    InvalidRequest,
+    NoProviderAvailable,
+    RequestTimeout,
+    VaporaError,
+    error_for_code,
+)
+
+__all__ = ["Client", "TextStream"]
+
+T = TypeVar("T")
+
+_ERROR_CODE = "Nats-Service-Error-Code"
+_ERROR = "Nats-Service-Error"
+_STATUS = "Status"
+_stream_decoder: msgspec.json.Decoder[StreamMessage] = msgspec.json.Decoder(StreamMessage)
+
+
+def _error_of(message: Msg) -> VaporaError | None:
+    """The error a reply carries (service-error headers or an error body), or None."""
+    headers = message.headers or {}
+    if headers.get(_STATUS) == "503":
+        return NoProviderAvailable("no vapora actor serves this subject (no responders)")
+    if not headers.get(_ERROR_CODE):
+        return None
+    try:
+        body = decode(message.data, ErrorReply).error
+        return error_for_code(body.code, body.message)
+    except DecodeError:
+        return error_for_code("internal", headers.get(_ERROR, "error"))
+
+
+def _request_of(request: CompletionRequest | None, fields: dict[str, Any]) -> bytes:
+    if request is not None:
+        if fields:
+            raise TypeError("pass either a CompletionRequest or keyword fields, not both")
+        return encode(request)
+    try:
+        return encode(msgspec.convert(fields, CompletionRequest))
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+class Client:
+    """vapora for a Python service, over an existing NATS connection (see the module doc)."""
+
+    def __init__(self, nc: NATS, *, timeout_s: float = 120.0) -> None:
+        self.nc = nc
+        self.timeout_s = timeout_s
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls, url: str = "nats://127.0.0.1:4222", *, timeout_s: float = 120.0, **options: Any
+    ) -> AsyncIterator[Client]:
+        """Connect to NATS at ``url`` (comma-separated for a cluster); closed on exit."""
+        servers = [u.strip() for u in url.split(",") if u.strip()]
+        nc = await nats.connect(servers=servers, **options)
+        try:
+            yield cls(nc, timeout_s=timeout_s)
+        finally:
+            await nc.drain()
+
+    async def _ask(self, subject: str, payload: bytes, reply_type: type[T], wait_s: float) -> T:
+        try:
+            message = await self.nc.request(subject, payload, timeout=wait_s)
+        except NoRespondersError as exc:
+            raise NoProviderAvailable(f"no vapora actor serves {subject}") from exc
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no answer on {subject} within {wait_s:g} s") from exc
+        error = _error_of(message)
+        if error is not None:
+            raise error
+        try:
+            return decode(message.data, reply_type)
+        except DecodeError as exc:
+            raise InternalError(f"unreadable reply on {subject}: {exc}") from exc
+
+    async def complete(
+        self,
+        request: CompletionRequest | None = None,
+        /,
+        *,
+        timeout_s: float | None = None,
+        **fields: Any,
+    ) -> CompletionResult:
+        """One completion: pass a :class:`CompletionRequest` or its fields (``prompt=`` …)."""
+        payload = _request_of(request, fields)
+        return await self._ask(
+            subjects.COMPLETE, payload, CompletionResult, timeout_s or self.timeout_s
+        )
+
+    def stream(
+        self,
+        request: CompletionRequest | None = None,
+        /,
+        *,
+        idle_timeout: float | None = None,
+        **fields: Any,
+    ) -> TextStream:
+        """A streamed completion: iterate the returned :class:`TextStream` for text chunks."""
+        return TextStream(self.nc, _request_of(request, fields), idle_timeout or self.timeout_s)
+
+    async def report(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> CostReport:
+        """The cost ledger's report for ``[since, until)`` (all time by default)."""
+        payload = encode(ReportRequest(since=since, until=until))
+        return await self._ask(subjects.REPORT, payload, CostReport, self.timeout_s)
+
+    async def budget(self) -> BudgetStatus:
+        """The budget keeper's status: limits, spend, reservations, tier."""
+        return await self._ask(subjects.BUDGET, b"{}", BudgetStatus, self.timeout_s)
+
+
+class TextStream:
+    """The text chunks of one ``vapora.stream`` task, in order.
+
+    Ends normally with :attr:`result` (the ``end`` message) set; a failure raises its
+    :class:`VaporaError` with :attr:`error` set, and for a stream that broke after its first
+    chunk :attr:`usage` and :attr:`cost_usd` say what was billed. ``idle_timeout`` bounds the wait
+    for each message (:class:`RequestTimeout`).
+    """
+
+    def __init__(self, nc: NATS, payload: bytes, idle_timeout: float) -> None:
+        self._nc = nc
+        self._payload = payload
+        self._idle_timeout = idle_timeout
+        self._sub: Subscription | None = None
+        self._next_seq = 0
+        self._early: dict[int, str] = {}
+        self.task_id: str | None = None
+        self.text = ""
+        self.result: StreamEnd | None = None
+        self.error: VaporaError | None = None
+        self.usage: Usage | None = None
+        self.cost_usd: Decimal | None = None
+
+    async def __aenter__(self) -> TextStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def aclose(self) -> None:
+        """Stop listening (the task itself runs to its end in vapora)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _start(self) -> Subscription:
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        await self._nc.publish(subjects.STREAM, self._payload, reply=inbox)
+        return sub
+
+    async def __anext__(self) -> str:
+        while True:
+            if self._next_seq in self._early:
+                return self._take(self._early.pop(self._next_seq))
+            if self.result is not None or self.error is not None:
+                if self._early:  # a gap in seq: hand over what came, in order
+                    self._next_seq = min(self._early)
+                    continue
+                await self.aclose()
+                raise StopAsyncIteration
+            if self._sub is None:
+                self._sub = await self._start()
+            text = self._handle(await self._receive(self._sub))
+            if text is not None:
+                return text
+
+    async def _receive(self, sub: Subscription) -> Msg:
+        try:
+            return await sub.next_msg(timeout=self._idle_timeout)
+        except TimeoutError as exc:
+            await self.aclose()
+            self.error = RequestTimeout(f"the stream sent nothing for {self._idle_timeout:g} s")
+            raise self.error from exc
+
+    def _handle(self, message: Msg) -> str | None:
+        error = _error_of(message)
+        if error is not None and not message.data.startswith(b'{"type"'):
+            self._fail(error)
+        try:
+            item = _stream_decoder.decode(message.data)
+        except msgspec.DecodeError as exc:
+            self._fail(InternalError(f"unreadable stream message: {exc}"))
+            raise AssertionError from exc  # unreachable: _fail raises
+        match item:
+            case StreamChunk():
+                self.task_id = item.task_id
+                if item.seq != self._next_seq:
+                    self._early[item.seq] = item.text
+                    return None
+                return self._take(item.text)
+            case StreamEnd():
+                self.result = item
+                self.task_id = item.task_id
+            case StreamError():
+                self.usage, self.cost_usd = item.usage, item.cost_usd
+                self.task_id = item.task_id or self.task_id
+                self._fail(error_for_code(item.error.code, item.error.message))
+        return None
+
+    def _take(self, text: str) -> str:
+        self._next_seq += 1
+        self.text += text
+        return text
+
+    def _fail(self, error: VaporaError) -> None:
+        # The subscription is dropped by aclose() (``async with`` or the next iteration).
+        self.error = error
+        raise error
