@@ -1,0 +1,550 @@
+"""The budget keeper: the single writer of the budget subject (DESIGN §2, §4).
+
+Endpoints (one micro service, queue group ``budget``):
+
+* ``vapora.budget.reserve`` (:class:`BudgetReserve` -> :class:`BudgetReserveReply`): admission is
+  one critical section under an :class:`anyio.Lock`: decide with :func:`vapora.budget.admit`,
+  append ``budget_reserved`` fenced on the budget subject, fold the event into the state, then
+  release the lock. No other admission can interleave between the check and the reservation.
+* ``vapora.budget.release`` (:class:`BudgetRelease` -> :class:`BudgetStatus`): appends
+  ``budget_released``; releasing a reservation that is unknown or already closed is a no-op.
+* ``vapora.budget`` (``{}`` -> :class:`BudgetStatus`).
+
+State and the log
+    The state is :func:`vapora.budget.evolve` folded over the whole log. A follower tails every
+    event (spend from the provider actors settles reservations) and applies it with its stream
+    sequence. Our own events are folded *twice*: once right after JetStream acknowledged the
+    append (so the next admission, still under the lock, sees the hold), without a sequence, and
+    once more when the tail brings them back, with their sequence. The second application is a
+    no-op by the fold's own rules (a ``budget_reserved`` whose id is open or closed, a
+    ``budget_released`` of a closed id, change nothing), so whichever comes first counts. We do
+    *not* advance ``last_sequence`` at append time: that would make the tail skip other
+    writers' events that landed just before ours (a spend at ``seq - 1``).
+
+Fencing
+    Every append carries ``Nats-Expected-Last-Subject-Sequence`` = the last sequence on the
+    budget subject that the state includes. A budget event that we did not write (seen by the
+    tail, or found after the server refused an append) means a second keeper is running: this
+    keeper logs it loudly and stops writing for good (requests get 409 ``conflict``, never an
+    admission); the status keeps answering from the log. An append whose outcome is unknown
+    (timeout, server restart) makes the next write re-synchronise first: it waits until the tail
+    has applied everything on the budget subject and adopts it if every such event is ours.
+
+Tiers, expiry, snapshots (the housekeeping task, every ``tick_s`` from the runtime clock)
+    The tier is compared before and after each event; a change is appended as
+    ``budget_tier_changed`` whose ``causation_id`` is the event that moved it. Reservations past
+    their expiry are released with reason ``expired``. The state is written to
+    ``<data_dir>/budget.snapshot`` (temporary file + rename) after ``snapshot_every`` events or
+    ``snapshot_interval_s`` seconds with changes, and on stop; on start the keeper restores it
+    and replays only the tail, so restart time does not grow with the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import get_args, get_type_hints
+
+import anyio
+import anyio.abc
+import msgspec
+from nats.js.errors import NotFoundError
+
+from actors.eventlog import LogEntry
+from actors.follow import LogFollower
+from actors.runner import Runtime
+from actors.service import ActorService, Endpoint, RequestContext
+from events import subjects
+from events.contract import (
+    BudgetRelease,
+    BudgetReserve,
+    BudgetReserveReply,
+    BudgetStatus,
+    BudgetStatusRequest,
+    Tier,
+)
+from events.log import BudgetReleased, BudgetReserved, BudgetTierChanged, Event, SpendRecorded
+from vapora import budget
+from vapora.budget import BudgetLimits, BudgetState
+from vapora.config import BudgetConfig
+from vapora.errors import ConcurrencyConflict, InvalidRequest, NoProviderAvailable, VaporaError
+
+__all__ = ["SNAPSHOT_FILE", "BudgetKeeper", "limits_of"]
+
+log = logging.getLogger("vapora.budget")
+
+SNAPSHOT_FILE = "budget.snapshot"
+_RELEASE_REASONS = frozenset(get_args(get_type_hints(BudgetReleased)["reason"]))
+_MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased)
+_OWN_IDS_KEPT = 100_000  # ids of our appends not yet seen back in the log (bounded)
+
+
+def limits_of(config: BudgetConfig) -> BudgetLimits:
+    """The configured budget (cents) as :class:`BudgetLimits` (USD)."""
+    return BudgetLimits.from_cents(
+        daily_cents=config.daily_limit_cents,
+        monthly_cents=config.monthly_limit_cents,
+        per_task_cents=config.per_task_limit_cents,
+        warn_threshold_percent=config.warn_threshold_percent,
+    )
+
+
+class _SnapshotFile(msgspec.Struct, kw_only=True):
+    """What ``budget.snapshot`` holds: the fold's snapshot plus the keeper's own position."""
+
+    version: int = 1
+    stream: str
+    fence: int
+    announced: Tier
+    state: bytes
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(_SnapshotFile)
+
+
+class BudgetKeeper:
+    """The budget keeper actor (``vapora actor budget``)."""
+
+    name = "budget"
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        tick_s: float = 1.0,
+        snapshot_every: int = 10_000,
+        snapshot_interval_s: float = 30.0,
+        resync_timeout_s: float = 5.0,
+    ) -> None:
+        self.runtime = runtime
+        self.log = runtime.log
+        self.clock = runtime.clock
+        self.limits = limits_of(runtime.config.budget)
+        self.subject = subjects.event_subject("budget_reserved", None, runtime.log.settings.prefix)
+        self.snapshot_path = Path(runtime.data_dir) / SNAPSHOT_FILE
+        self.tick_s = tick_s
+        self.snapshot_every = snapshot_every
+        self.snapshot_interval_s = snapshot_interval_s
+        self.resync_timeout_s = resync_timeout_s
+        self.state: BudgetState = budget.EMPTY
+        self.fence = 0  # the last sequence on the budget subject that `state` includes
+        self.announced = Tier.NORMAL  # the tier of the last budget_tier_changed in the log
+        self.fenced_out: str | None = None  # why we stopped writing, once another keeper wrote
+        self.restored_sequence: int | None = None  # the snapshot's sequence, if one was used
+        self.replayed_events = 0  # events read from the log at start (after the snapshot)
+        self._lock = anyio.Lock()
+        self._own: OrderedDict[str, None] = OrderedDict()
+        self._ready = False
+        self._needs_resync = False
+        self._tier_cause: str | None = None
+        self._wake = anyio.Event()
+        self._applied = anyio.Event()
+        self._stopping = anyio.Event()
+        self._service: ActorService | None = None
+        self._changed = 0
+        self._snapshot_time = time.monotonic()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Rebuild from the snapshot and the log, then serve until :meth:`stop`."""
+        started = time.monotonic()
+        await self.log.ensure_stream()
+        self._restore_snapshot()
+        await self._catch_up()
+        follower = LogFollower(
+            self.log, name="budget keeper", apply=self._apply_tail, position=self._position
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(follower.run)
+            self._ready = True
+            async with self._lock:
+                with contextlib.suppress(VaporaError):  # retried by the housekeeping
+                    await self._announce_tier(self._tier_cause)
+            self._service = self._make_service()
+            await tg.start(self._service.run)
+            tg.start_soon(self._housekeeping)
+            log.info(
+                "budget keeper ready in %.3f s: snapshot at sequence %s, %d events replayed, "
+                "log at %d, tier %s",
+                time.monotonic() - started,
+                self.restored_sequence,
+                self.replayed_events,
+                self.state.last_sequence,
+                self.announced,
+            )
+            task_status.started()
+            await self._stopping.wait()
+            self._service.stop()
+            with anyio.move_on_after(2):  # let our last appends come back through the tail
+                await self._until(self._quiescent)
+            with anyio.move_on_after(10):
+                async with self._lock:
+                    await self._write_snapshot()
+            tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Stop serving, drain, write a last snapshot and return from :meth:`run`."""
+        self._stopping.set()
+
+    def _make_service(self) -> ActorService:
+        group = "budget"
+        return ActorService(
+            self.runtime.nc,
+            name="vapora-budget",
+            description="budget keeper: reservations, spend, tiers",
+            endpoints=[
+                Endpoint(
+                    name="reserve",
+                    subject=subjects.BUDGET_RESERVE,
+                    request_type=BudgetReserve,
+                    handler=self.reserve,
+                    queue_group=group,
+                    timeout=30.0,
+                ),
+                Endpoint(
+                    name="release",
+                    subject=subjects.BUDGET_RELEASE,
+                    request_type=BudgetRelease,
+                    handler=self.release,
+                    queue_group=group,
+                    timeout=30.0,
+                ),
+                Endpoint(
+                    name="status",
+                    subject=subjects.BUDGET,
+                    request_type=BudgetStatusRequest,
+                    handler=self.status,
+                    queue_group=group,
+                    timeout=5.0,
+                ),
+            ],
+        )
+
+    # --- rebuilding -------------------------------------------------------------------------
+
+    def _restore_snapshot(self) -> None:
+        try:
+            data = self.snapshot_path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            saved = _snapshot_decoder.decode(data)
+            state = budget.restore(saved.state)
+        except (msgspec.DecodeError, ValueError) as exc:
+            log.warning(
+                "budget keeper: ignoring unreadable snapshot %s: %s", self.snapshot_path, exc
+            )
+            return
+        if saved.stream != self.log.settings.name:
+            log.warning("budget keeper: snapshot is of stream %s; ignoring it", saved.stream)
+            return
+        self.state, self.fence, self.announced = state, saved.fence, saved.announced
+        self.restored_sequence = state.last_sequence
+
+    async def _catch_up(self) -> None:
+        """Fold the log after the snapshot, in bulk: the fast path of a restart."""
+        if self.restored_sequence is not None:
+            last = await self.log.last_sequence()
+            if last < self.restored_sequence:  # the stream is not the one we snapshotted
+                log.warning("budget keeper: snapshot is ahead of the log; replaying it all")
+                self.state, self.fence, self.announced = budget.EMPTY, 0, Tier.NORMAL
+                self.restored_sequence = None
+        async for batch in self.log.replay(self.state.last_sequence + 1):
+            for entry in batch:
+                self._note(entry)
+            self.state = budget.catch_up(self.state, [(e.event, e.seq) for e in batch])
+            self.replayed_events += len(batch)
+            self._changed += len(batch)
+            self._tier_cause = _last_money_event(batch) or self._tier_cause
+
+    def _note(self, entry: LogEntry) -> None:
+        """Keep the fence and the announced tier in step with the log."""
+        event = entry.event
+        if isinstance(event, BudgetTierChanged):
+            self.announced = event.to_tier
+        if entry.subject != self.subject:
+            return
+        mine = self._own.pop(event.id, False) is None
+        if entry.seq <= self.fence:
+            return
+        if self._ready and not mine:
+            self._fence_out(
+                f"another writer appended {event.id} at sequence {entry.seq} on {self.subject}"
+            )
+        self.fence = entry.seq
+
+    def _position(self) -> int:
+        return self.state.last_sequence
+
+    async def _apply_tail(self, batch: list[LogEntry]) -> None:
+        """Fold live events one by one, noting the one that moved the tier."""
+        now = self.clock()
+        for entry in batch:
+            self._note(entry)
+            event = entry.event
+            if isinstance(event, _MONEY_EVENTS):
+                before = budget.tier(self.state, self.limits, now)
+                self.state = budget.evolve(self.state, event, entry.seq)
+                if budget.tier(self.state, self.limits, now) != before:
+                    self._tier_cause = event.id
+                    self._wake.set()
+        last = batch[-1]
+        self.state = budget.catch_up(self.state, [(last.event, last.seq)])
+        self._changed += len(batch)
+        self._applied.set()
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        """Wait (the caller bounds how long) until the tail has made ``done()`` true."""
+        while not done():
+            self._applied = anyio.Event()
+            await self._applied.wait()
+
+    # --- endpoints --------------------------------------------------------------------------
+
+    async def reserve(self, request: BudgetReserve, ctx: RequestContext) -> BudgetReserveReply:
+        """Admit or refuse ``request``; an admission is appended before it is answered."""
+        rid = request.reservation_id
+        _check_id("reservation_id", rid)
+        _check_id("task_id", request.task_id)
+        async with self._lock:
+            await self._writable()
+            now = self.clock()
+            admission = budget.admit(self.state, self.limits, request, now)
+            if admission.admitted and self.state.reservation(rid) is None:
+                event = BudgetReserved(
+                    id=_new_id(),
+                    at=now,
+                    task_id=request.task_id,
+                    reservation_id=rid,
+                    provider=request.provider,
+                    amount_usd=request.amount_usd,
+                    expires_at=now + timedelta(seconds=request.ttl_s),
+                    task_limit_usd=request.task_limit_usd,
+                )
+                await self._append(event)
+                await self._announce_tier(event.id)
+            return BudgetReserveReply(
+                admitted=admission.admitted,
+                reservation_id=rid,
+                tier=budget.tier(self.state, self.limits, self.clock()),
+                reason=admission.reason,
+            )
+
+    async def release(self, request: BudgetRelease, ctx: RequestContext) -> BudgetStatus:
+        """Give back an open reservation; unknown or already closed ids change nothing."""
+        if request.reason not in _RELEASE_REASONS:
+            raise InvalidRequest(
+                f"`reason` must be one of {', '.join(sorted(_RELEASE_REASONS))};"
+                f" got {request.reason!r}"
+            )
+        _check_id("reservation_id", request.reservation_id)
+        async with self._lock:
+            await self._writable()
+            await self._release(request.reservation_id, request.reason)
+        return budget.status(self.state, self.limits, self.clock())
+
+    async def status(self, request: BudgetStatusRequest, ctx: RequestContext) -> BudgetStatus:
+        """The limits, spend, holds, percentages and tier now."""
+        return budget.status(self.state, self.limits, self.clock())
+
+    # --- writing (always under the lock) ----------------------------------------------------
+
+    async def _release(self, rid: str, reason: str) -> None:
+        held = self.state.reservation(rid)
+        if held is None:
+            return
+        event = BudgetReleased(
+            id=_new_id(),
+            at=self.clock(),
+            task_id=held.task_id,
+            reservation_id=rid,
+            reason=reason,  # type: ignore[arg-type]  # checked against the Literal above
+        )
+        await self._append(event)
+        await self._announce_tier(event.id)
+
+    async def _append(self, event: Event) -> None:
+        """Append fenced, then fold the event in (see the module docstring)."""
+        self._remember(event.id)
+        # Shielded: a reply timeout must not leave an acknowledged event unfolded.
+        with anyio.CancelScope(shield=True):
+            try:
+                appended = await self.log.append(
+                    event, subject=self.subject, expected_last_subject_seq=self.fence
+                )
+            except ConcurrencyConflict:
+                self._needs_resync = True
+                await self._resync()
+                raise
+            except BaseException:
+                self._needs_resync = True  # it may have landed: look before the next write
+                raise
+            self.fence = max(self.fence, appended.seq)
+            if isinstance(event, _MONEY_EVENTS):
+                self.state = budget.evolve(self.state, event)
+            if isinstance(event, BudgetTierChanged):
+                self.announced = event.to_tier
+            self._changed += 1
+
+    async def _writable(self) -> None:
+        if self._needs_resync and self.fenced_out is None:
+            await self._resync()
+        if self.fenced_out is not None:
+            raise ConcurrencyConflict(f"this budget keeper stopped writing: {self.fenced_out}")
+
+    async def _resync(self) -> None:
+        """Catch up with everything on the budget subject; fenced out if any of it is not ours."""
+        try:
+            with anyio.fail_after(self.resync_timeout_s):
+                last = await self._last_on_subject()
+                await self._until(
+                    lambda: self.state.last_sequence >= last or self.fenced_out is not None
+                )
+        except TimeoutError:
+            raise NoProviderAvailable(
+                "the budget keeper cannot confirm its position in the event log; try again"
+            ) from None
+        if self.fenced_out is None:
+            self.fence = max(self.fence, last)
+            self._needs_resync = False
+
+    async def _last_on_subject(self) -> int:
+        try:
+            message = await self.log.js.get_last_msg(self.log.settings.name, self.subject)
+        except NotFoundError:
+            return 0
+        return int(message.seq or 0)
+
+    async def _announce_tier(self, cause: str | None) -> None:
+        """Append ``budget_tier_changed`` if the tier now differs from the last one announced."""
+        if not self._ready or self.fenced_out is not None:
+            return
+        now = self.clock()
+        current = budget.tier(self.state, self.limits, now)
+        self._tier_cause = None
+        if current == self.announced:
+            return
+        daily, monthly = budget.percentages(self.state, self.limits, now)
+        await self._append(
+            BudgetTierChanged(
+                id=_new_id(),
+                at=now,
+                causation_id=cause,
+                from_tier=self.announced,
+                to_tier=current,
+                daily_percent=float(daily),
+                monthly_percent=float(monthly),
+            )
+        )
+        log.info("budget tier %s -> %s (caused by %s)", self.announced, current, cause)
+
+    def _remember(self, event_id: str) -> None:
+        self._own[event_id] = None
+        while len(self._own) > _OWN_IDS_KEPT:
+            self._own.popitem(last=False)
+
+    def _fence_out(self, why: str) -> None:
+        if self.fenced_out is None:
+            self.fenced_out = why
+            log.error(
+                "budget keeper FENCED OUT: %s. Two budget keepers are running on one event log; "
+                "this one stops writing (reservations get 409) until it is restarted alone.",
+                why,
+            )
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        while True:
+            with anyio.move_on_after(self.tick_s):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                async with self._lock:
+                    await self._tick()
+            except VaporaError as exc:
+                log.warning("budget keeper: housekeeping deferred: %s", exc)
+            except Exception:
+                log.exception("budget keeper: housekeeping failed")
+
+    async def _tick(self) -> None:
+        if self.fenced_out is None:
+            await self._writable()
+            for rid in budget.expired(self.state, self.clock()):
+                await self._release(rid, "expired")
+            await self._announce_tier(self._tier_cause)
+        if self._snapshot_due():
+            await self._write_snapshot()
+
+    def _quiescent(self) -> bool:
+        """Every budget event we know of is folded with its sequence: the state is exactly the
+        fold of the log up to ``last_sequence`` (a snapshot of it needs no idempotence)."""
+        return self.fence <= self.state.last_sequence
+
+    def _snapshot_due(self) -> bool:
+        if not self._quiescent():
+            return False
+        if self._changed >= self.snapshot_every:
+            return True
+        return bool(self._changed) and (
+            time.monotonic() - self._snapshot_time >= self.snapshot_interval_s
+        )
+
+    async def _write_snapshot(self) -> None:
+        """Write the state atomically (temporary file, fsync, rename) off the event loop."""
+        if self.fenced_out is not None or not self._ready:
+            return
+        saved = _SnapshotFile(
+            stream=self.log.settings.name,
+            fence=self.fence,
+            announced=self.announced,
+            state=b"",
+        )
+        state, path = self.state, self.snapshot_path
+        self._changed, self._snapshot_time = 0, time.monotonic()
+        await anyio.to_thread.run_sync(_write_atomically, path, saved, state)
+
+
+def _write_atomically(path: Path, saved: _SnapshotFile, state: BudgetState) -> None:
+    saved.state = budget.snapshot(state)  # the state is frozen: safe to read off the loop
+    data = _snapshot_encoder.encode(saved)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _last_money_event(batch: list[LogEntry]) -> str | None:
+    for entry in reversed(batch):
+        if isinstance(entry.event, _MONEY_EVENTS):
+            return entry.event.id
+    return None
+
+
+def _check_id(name: str, value: str) -> None:
+    if not value or len(value) > 200:
+        raise InvalidRequest(f"`{name}` must be 1 to 200 characters")
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,126 @@
+"""The cost ledger actor: the whole event log into SQLite, and ``vapora.report`` (DESIGN §2, §3).
+
+It resumes after :meth:`vapora.ledger.Ledger.last_sequence` and applies each batch of the log with
+:meth:`~vapora.ledger.Ledger.apply_many`, which stores the batch's rows and the last sequence in one
+transaction: a crash at any point neither loses nor double-counts an event. Start-up replays the
+log up to its end before the actor reports ready; afterwards a :class:`~actors.follow.LogFollower`
+tails it, surviving server restarts. ``vapora.report`` (:class:`ReportRequest` ->
+:class:`CostReport`) is answered from the database with ``now`` from the runtime clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from actors.eventlog import LogEntry
+from actors.follow import LogFollower
+from actors.runner import Runtime
+from actors.service import ActorService, Endpoint, RequestContext
+from events import subjects
+from events.contract import CostReport, ReportRequest
+from vapora.errors import InvalidRequest
+from vapora.ledger import Ledger
+
+__all__ = ["LEDGER_FILE", "CostLedger"]
+
+log = logging.getLogger("vapora.ledger")
+
+LEDGER_FILE = "ledger.sqlite3"
+
+
+class CostLedger:
+    """The cost ledger actor (``vapora actor ledger``)."""
+
+    name = "ledger"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.log = runtime.log
+        self.path = Path(runtime.data_dir) / LEDGER_FILE
+        self.position = 0  # the last sequence applied (and committed)
+        self.replayed_events = 0
+        self._ledger: Ledger | None = None
+        # Reports wait while a batch is being written: they read the same connection, and must
+        # not see half a transaction.
+        self._lock = anyio.Lock()
+        self._stopping = anyio.Event()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the database, catch up with the log, serve reports until :meth:`stop`."""
+        started = time.monotonic()
+        await self.log.ensure_stream()
+        await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+        async with await Ledger.open(self.path) as ledger:
+            self._ledger = ledger
+            self.position = await ledger.last_sequence()
+            async for batch in self.log.replay(self.position + 1):
+                await self._apply(batch)
+                self.replayed_events += len(batch)
+            follower = LogFollower(
+                self.log, name="cost ledger", apply=self._apply, position=lambda: self.position
+            )
+            service = self._make_service()
+            async with anyio.create_task_group() as tg:
+                await tg.start(follower.run)
+                await tg.start(service.run)
+                log.info(
+                    "cost ledger ready in %.3f s at sequence %d (%d events replayed) in %s",
+                    time.monotonic() - started,
+                    self.position,
+                    self.replayed_events,
+                    self.path,
+                )
+                task_status.started()
+                await self._stopping.wait()
+                service.stop()
+                async with self._lock:  # let a batch being written commit
+                    tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Stop serving and tailing; the database is closed when :meth:`run` returns."""
+        self._stopping.set()
+
+    def _make_service(self) -> ActorService:
+        return ActorService(
+            self.runtime.nc,
+            name="vapora-ledger",
+            description="cost ledger: reports over every spend_recorded",
+            endpoints=[
+                Endpoint(
+                    name="report",
+                    subject=subjects.REPORT,
+                    request_type=ReportRequest,
+                    handler=self.report,
+                    queue_group="ledger",
+                    timeout=30.0,
+                )
+            ],
+        )
+
+    async def _apply(self, batch: list[LogEntry]) -> None:
+        assert self._ledger is not None
+        async with self._lock:
+            await self._ledger.apply_many([(entry.event, entry.seq) for entry in batch])
+            self.position = await self._ledger.last_sequence()
+
+    async def report(self, request: ReportRequest, ctx: RequestContext) -> CostReport:
+        """The cost report of spend in ``[since, until)``."""
+        since, until = request.since, request.until
+        if since is not None and until is not None and _aware(since) > _aware(until):
+            raise InvalidRequest("`since` must not be after `until`")
+        assert self._ledger is not None
+        async with self._lock:
+            return await self._ledger.report(since, until, now=self.runtime.clock())
+
+
+def _aware(at: datetime) -> datetime:
+    """A naive timestamp is UTC (the contract's times are UTC)."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at

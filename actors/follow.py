@@ -1,0 +1,106 @@
+"""Following the event log for a projection, through lost consumers and server restarts.
+
+``EventLog.tail`` reads through an ephemeral pull consumer. If the nats-server restarts, that
+consumer (and the pull request waiting on it) is gone, and the tail would wait forever. A
+:class:`LogFollower` watches its tail: when the client reconnected, or when the stream has moved
+past the projection's position and no batch arrived for ``stall_s`` seconds, it abandons the
+tail and opens a new one from ``position() + 1``. The projection keeps its own position (in its
+own transaction or state), so a restart of the tail neither loses nor repeats an event.
+
+Each batch is applied shielded from the watchdog's cancellation: a batch is applied whole or,
+if the projection fails, not at all, never cut in the middle by a tail restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+from actors.eventlog import EventLog, LogEntry
+
+__all__ = ["LogFollower"]
+
+log = logging.getLogger("vapora.follow")
+
+ApplyBatch = Callable[[list[LogEntry]], Awaitable[None]]
+
+
+class LogFollower:
+    """Feed every event after ``position()`` to ``apply``, in order, until cancelled."""
+
+    def __init__(
+        self,
+        event_log: EventLog,
+        *,
+        name: str,
+        apply: ApplyBatch,
+        position: Callable[[], int],
+        stall_s: float = 2.0,
+        check_s: float = 0.5,
+        retry_s: float = 0.5,
+    ) -> None:
+        self.log = event_log
+        self.name = name
+        self.apply = apply
+        self.position = position
+        self.stall_s = stall_s
+        self.check_s = check_s
+        self.retry_s = retry_s
+        self.restarts = 0
+        self._scope: anyio.CancelScope | None = None
+        self._progress = time.monotonic()
+        self._reconnects = 0
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the log forever; ``task_status.started()`` once the first tail is opening."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch)
+            task_status.started()
+            while True:
+                await self._follow_once()
+                self.restarts += 1
+
+    async def _follow_once(self) -> None:
+        self._reconnects = self._reconnect_count()
+        self._progress = time.monotonic()
+        start = self.position() + 1
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                async for batch in self.log.tail(start):
+                    with anyio.CancelScope(shield=True):
+                        await self.apply(batch)
+                    self._progress = time.monotonic()
+            except Exception as exc:  # the server is away, the consumer vanished, ...
+                log.warning("%s: the log tail from %d failed: %s; retrying", self.name, start, exc)
+                await anyio.sleep(self.retry_s)
+        if scope.cancelled_caught:
+            log.info("%s: reopening the log tail after sequence %d", self.name, self.position())
+
+    async def _watch(self) -> None:
+        while True:
+            await anyio.sleep(self.check_s)
+            if self._scope is None or self._scope.cancel_called:
+                continue
+            if self._reconnect_count() != self._reconnects or await self._stalled():
+                self._scope.cancel()
+
+    async def _stalled(self) -> bool:
+        """The stream is ahead of us and the tail has delivered nothing for ``stall_s``."""
+        if time.monotonic() - self._progress < self.stall_s:
+            return False
+        self._progress = time.monotonic()  # ask the server at most once per stall period
+        try:
+            with anyio.fail_after(self.stall_s):
+                return await self.log.last_sequence() > self.position()
+        except Exception:  # the server is away: reopen once it is back
+            return True
+
+    def _reconnect_count(self) -> int:
+        return int(self.log.nc.stats.get("reconnects", 0))

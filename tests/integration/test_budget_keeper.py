@@ -1,0 +1,388 @@
+"""The budget keeper on a real nats-server (a fresh one per test: the keeper's subjects are fixed):
+no overspend under concurrency, tiers as events naming their cause, a second keeper fenced out,
+expiry, snapshots, and 400s for malformed requests that leave the state alone."""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from actors.budget_keeper import SNAPSHOT_FILE, BudgetKeeper
+from actors.connection import Client
+from actors.server import EmbeddedNats
+from events import subjects
+from events.contract import BudgetReserve, BudgetReserveReply, Tier
+from events.log import BudgetReleased, BudgetReserved, BudgetTierChanged, SpendRecorded
+from tests.fault.money import (
+    NOON,
+    FakeClock,
+    ask,
+    client,
+    config,
+    events_of,
+    eventually,
+    exact_usage,
+    read_log,
+    release,
+    reserve,
+    running,
+    runtime,
+    spend,
+    status,
+    total_spend,
+    usage_costing_at_most,
+)
+from vapora import audit, budget
+from vapora.errors import ConcurrencyConflict
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats(tmp_path / "nats") as nats:
+        yield nats
+
+
+@pytest.fixture
+async def conn(server: EmbeddedNats) -> AsyncIterator[Client]:
+    nc = await client(server.url)
+    yield nc
+    await nc.close()
+
+
+# --- no overspend -------------------------------------------------------------------------------
+
+
+async def test_500_concurrent_reservations_never_overspend_the_daily_limit(
+    conn: Client, tmp_path: Path
+) -> None:
+    amount = Decimal("0.01")  # the daily limit of $0.50 fits 50 such holds
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=50), clock=clock))
+    rng = random.Random(5)
+    replies: list[BudgetReserveReply] = []
+    settled: list[SpendRecorded] = []
+
+    async def one_task(n: int) -> None:
+        task_id = f"task-{n}"
+        reply = await reserve(conn, amount, task_id=task_id)
+        replies.append(reply)
+        if not reply.admitted:
+            return
+        await anyio.sleep(rng.random() * 0.05)  # the provider call
+        if rng.random() < 0.2:  # the call failed before anything was billed
+            assert (await release(conn, reply.reservation_id)).status is None
+            return
+        event = spend(
+            task_id=task_id,
+            usage=usage_costing_at_most(amount, rng),
+            at=clock(),
+            reservation_id=reply.reservation_id,
+        )
+        await keeper.log.append(event)  # as the provider actor would
+        settled.append(event)
+
+    async with running(keeper):
+        async with anyio.create_task_group() as tg:
+            for n in range(500):
+                tg.start_soon(one_task, n)
+        await eventually(lambda: _settled(keeper, conn))
+        final = await status(conn)
+        entries = await read_log(keeper.log)
+
+    admitted = [r for r in replies if r.admitted]
+    refused = [r for r in replies if not r.admitted]
+    assert len(replies) == 500
+    assert 50 <= len(admitted) < 500 and refused  # settling below the hold frees room
+    assert all(r.reason.startswith("daily limit $0.5 would be exceeded") for r in refused)
+    recorded = total_spend(entries)
+    assert recorded <= Decimal("0.50")
+    assert recorded == sum((e.cost_usd for e in settled), Decimal(0))
+    assert final.spent_today_usd == recorded and final.reserved_usd == 0
+    reserved = [e.event for e in entries if isinstance(e.event, BudgetReserved)]
+    assert sorted(e.reservation_id for e in reserved) == sorted(r.reservation_id for r in admitted)
+    # At every point of the log, spend plus open holds stayed within the limit.
+    state = budget.EMPTY
+    for entry in entries:
+        state = budget.evolve(state, entry.event, entry.seq)
+        assert state.spent_on(NOON.date()) + state.reserved_usd <= Decimal("0.50")
+    assert keeper.state.total_spent_usd == recorded
+
+
+async def _settled(keeper: BudgetKeeper, nc: Client) -> bool:
+    current = await status(nc)
+    return current.open_reservations == 0 and keeper.state.last_sequence == (
+        await keeper.log.last_sequence()
+    )
+
+
+# --- tiers ---------------------------------------------------------------------------------------
+
+
+async def test_tier_changes_at_50_and_90_percent_are_events_naming_their_cause(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(daily_cents=100), clock=clock), tick_s=0.05
+    )
+
+    async def tier_events() -> list[BudgetTierChanged]:
+        return [e for e, _ in await events_of(keeper.log, BudgetTierChanged)]
+
+    async def provider_spends(cost: str) -> SpendRecorded:
+        event = spend(task_id=uuid.uuid4().hex, usage=exact_usage(Decimal(cost)), at=clock())
+        await keeper.log.append(event)
+        return event
+
+    async with running(keeper):
+        await provider_spends("0.30")
+        await eventually(lambda: _caught_up(keeper))
+        assert (await status(conn)).tier == Tier.NORMAL and not await tier_events()
+
+        near = await provider_spends("0.24")  # 54 %
+        changes = await eventually(tier_events)
+        assert [(c.from_tier, c.to_tier, c.causation_id) for c in changes] == [
+            (Tier.NORMAL, Tier.NEAR_THRESHOLD, near.id)
+        ]
+        assert (await status(conn)).tier == Tier.NEAR_THRESHOLD
+
+        hold = await reserve(conn, Decimal("0.40"))  # 94 % with the hold counted
+        assert hold.admitted and hold.tier == Tier.EXCEEDED
+        [(reserved, _)] = await events_of(keeper.log, BudgetReserved)
+        changes = await eventually(lambda: _more(tier_events, 2))
+        assert (changes[1].to_tier, changes[1].causation_id) == (Tier.EXCEEDED, reserved.id)
+        assert changes[1].daily_percent == pytest.approx(94.0)
+        current = await status(conn)
+        assert (current.tier, current.daily_percent) == (Tier.EXCEEDED, pytest.approx(94.0))
+
+        assert (await release(conn, hold.reservation_id)).status is None  # back to 54 %
+        [(released, _)] = await events_of(keeper.log, BudgetReleased)
+        changes = await eventually(lambda: _more(tier_events, 3))
+        assert (changes[2].from_tier, changes[2].to_tier) == (Tier.EXCEEDED, Tier.NEAR_THRESHOLD)
+        assert changes[2].causation_id == released.id
+        assert (await status(conn)).tier == Tier.NEAR_THRESHOLD
+
+
+async def _caught_up(keeper: BudgetKeeper) -> bool:
+    return keeper.state.last_sequence == await keeper.log.last_sequence()
+
+
+async def _more(read: object, n: int) -> object:
+    found = await read()  # type: ignore[operator]
+    return found if len(found) >= n else None
+
+
+# --- a second keeper -----------------------------------------------------------------------------
+
+
+async def test_a_second_keeper_is_fenced_out_and_never_admits_what_it_cannot_record(
+    server: EmbeddedNats, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="vapora.budget")
+    nc_a, nc_b, caller = [await client(server.url, n) for n in ("a", "b", "caller")]
+    limits = config(daily_cents=1000)
+    first = BudgetKeeper(runtime(nc_a, tmp_path / "a", cfg=limits))
+    second = BudgetKeeper(runtime(nc_b, tmp_path / "b", cfg=limits))
+    async with running(first):
+        assert (await reserve(caller, Decimal("0.10"))).admitted
+        async with running(second):  # started by mistake on the same log
+            replies = [await ask(caller, subjects.BUDGET_RESERVE, _reserve(n)) for n in range(40)]
+            fenced = await eventually(lambda: _one_fenced([first, second]))
+            survivor = second if fenced is first else first
+            assert survivor.fenced_out is None
+            # Once fenced out, the keeper refuses to write: a direct call gets 409.
+            with pytest.raises(ConcurrencyConflict, match="stopped writing"):
+                await fenced.reserve(_reserve(99), None)  # type: ignore[arg-type]
+            before = len(await read_log(first.log))
+            later = [
+                await ask(caller, subjects.BUDGET_RESERVE, _reserve(100 + n)) for n in range(20)
+            ]
+            entries = await read_log(first.log)
+    assert "FENCED OUT" in caplog.text
+    answers = replies + later
+    admitted = {
+        a.as_(BudgetReserveReply).reservation_id
+        for a in answers
+        if a.status is None and a.as_(BudgetReserveReply).admitted
+    }
+    conflicts = [a for a in answers if a.status is not None]
+    assert all(a.status == "409" and a.error().error.code == "conflict" for a in conflicts)
+    assert len(admitted) + len(conflicts) == 60
+    logged = {e.event.reservation_id for e in entries if isinstance(e.event, BudgetReserved)}
+    assert admitted <= logged  # every admission answered was recorded in the log
+    assert len(logged) == len(admitted) + 1  # ... and nothing else but the very first one
+    # After the fencing only the survivor writes: one reservation per admission it answered.
+    late = [e for e in entries[before:] if isinstance(e.event, BudgetReserved)]
+    assert len(late) == sum(1 for a in later if a.status is None)
+    for nc in (nc_a, nc_b, caller):
+        await nc.close()
+
+
+def _reserve(n: int) -> BudgetReserve:
+    return BudgetReserve(
+        reservation_id=f"r-{n}-{uuid.uuid4().hex[:6]}",
+        task_id=f"t-{n}",
+        provider="claude",
+        amount_usd=Decimal("0.01"),
+    )
+
+
+async def _one_fenced(keepers: list[BudgetKeeper]) -> BudgetKeeper | None:
+    fenced = [k for k in keepers if k.fenced_out is not None]
+    assert len(fenced) <= 1
+    return fenced[0] if fenced else None
+
+
+async def test_an_append_by_another_writer_fences_the_keeper_out(
+    conn: Client, tmp_path: Path
+) -> None:
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100)))
+    async with running(keeper):
+        assert (await reserve(conn, Decimal("0.10"))).admitted
+        rogue = BudgetReleased(
+            id="rogue", at=NOON, task_id="t", reservation_id="nope", reason="failed"
+        )
+        await keeper.log.append(rogue, subject=keeper.subject, expected_last_subject_seq=1)
+        answer = await ask(conn, subjects.BUDGET_RESERVE, _reserve(1))
+        assert answer.status == "409"
+        assert "another writer appended rogue" in answer.error().error.message
+        last = await keeper.log.last_sequence()
+        assert (await ask(conn, subjects.BUDGET_RESERVE, _reserve(2))).status == "409"
+        assert await keeper.log.last_sequence() == last  # it wrote nothing more
+        assert (await status(conn)).open_reservations == 1  # the status still answers
+
+
+# --- expiry --------------------------------------------------------------------------------------
+
+
+async def test_a_reservation_never_settled_is_released_as_expired_after_its_ttl(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(daily_cents=100), clock=clock), tick_s=0.05
+    )
+    async with running(keeper):
+        held = await reserve(conn, Decimal("0.30"), ttl_s=30)
+        kept = await reserve(conn, Decimal("0.20"), ttl_s=300)
+        await anyio.sleep(0.3)
+        assert (await status(conn)).open_reservations == 2  # time has not moved
+        clock.advance(31)
+        released = await eventually(lambda: events_of(keeper.log, BudgetReleased))
+        assert [(e.reservation_id, e.reason) for e, _ in released] == [
+            (held.reservation_id, "expired")
+        ]
+        current = await status(conn)
+        assert (current.open_reservations, current.reserved_usd) == (1, Decimal("0.20"))
+        assert keeper.state.reservation(kept.reservation_id) is not None
+
+
+# --- snapshots -----------------------------------------------------------------------------------
+
+
+async def test_a_restart_restores_the_snapshot_and_replays_only_the_tail(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    rng = random.Random(7)
+    make = lambda: BudgetKeeper(  # noqa: E731
+        runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock), snapshot_every=50
+    )
+    first = make()
+    async with running(first):
+        for n in range(60):
+            reply = await reserve(conn, Decimal("0.05"), task_id=f"t{n}")
+            if n % 3:
+                usage = usage_costing_at_most(Decimal("0.05"), rng)
+                await first.log.append(
+                    spend(
+                        task_id=f"t{n}",
+                        usage=usage,
+                        at=clock(),
+                        reservation_id=reply.reservation_id,
+                    )
+                )
+    assert (tmp_path / SNAPSHOT_FILE).exists()
+    at_snapshot = first.state.last_sequence
+    for n in range(25):  # more spend while no keeper runs
+        usage = usage_costing_at_most(Decimal("0.05"), rng)
+        await first.log.append(spend(task_id=f"late{n}", usage=usage, at=clock()))
+
+    second = make()
+    async with running(second):
+        assert second.restored_sequence == at_snapshot
+        assert second.replayed_events == 25
+        entries = await read_log(second.log)
+        full = budget.catch_up(budget.EMPTY, [(e.event, e.seq) for e in entries])
+        assert audit.check_budget([(e.event, e.seq) for e in entries], second.state) == []
+        assert second.state.tasks() == full.tasks()
+        assert second.state.open_reservations() == full.open_reservations()
+        assert second.state.total_spent_usd == full.total_spent_usd == total_spend(entries)
+
+    third = BudgetKeeper(runtime(conn, tmp_path / "elsewhere", cfg=config(), clock=clock))
+    async with running(third):  # no snapshot: the whole log
+        assert third.restored_sequence is None and third.replayed_events == len(entries)
+
+
+# --- malformed requests --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subject", "body", "named"),
+    [
+        (subjects.BUDGET_RESERVE, b"{not json", "malformed JSON"),
+        (subjects.BUDGET_RESERVE, b'{"reservation_id": "r"}', "missing required field"),
+        (
+            subjects.BUDGET_RESERVE,
+            b'{"reservation_id":"r","task_id":"t","provider":"p","amount_usd":"-1"}',
+            "amount_usd",
+        ),
+        (
+            subjects.BUDGET_RESERVE,
+            b'{"reservation_id":"r","task_id":"t","provider":"p","amount_usd":"NaN"}',
+            "amount_usd",
+        ),
+        (
+            subjects.BUDGET_RESERVE,
+            b'{"reservation_id":"r","task_id":"t","provider":"p","amount_usd":"1","ttl_s":0}',
+            "ttl_s",
+        ),
+        (
+            subjects.BUDGET_RESERVE,
+            b'{"reservation_id":"","task_id":"t","provider":"p","amount_usd":"1"}',
+            "reservation_id",
+        ),
+        (
+            subjects.BUDGET_RESERVE,
+            b'{"reservation_id":"r","task_id":"t","provider":"p","amount_usd":"1","x":1}',
+            "unknown field `x`",
+        ),
+        (subjects.BUDGET_RELEASE, b'{"reservation_id": 5, "reason": "failed"}', "reservation_id"),
+        (subjects.BUDGET_RELEASE, b'{"reservation_id": "r", "reason": "bored"}', "reason"),
+        (subjects.BUDGET, b'{"verbose": true}', "unknown field `verbose`"),
+        (subjects.BUDGET, b"[]", "object"),
+    ],
+)
+async def test_malformed_requests_get_400_and_leave_the_state_unchanged(
+    conn: Client, tmp_path: Path, subject: str, body: bytes, named: str
+) -> None:
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100)))
+    async with running(keeper):
+        held = await reserve(conn, Decimal("0.10"))
+        before, last = await status(conn), await keeper.log.last_sequence()
+        answer = await ask(conn, subject, body)
+        assert answer.status == "400"
+        assert answer.error().error.code == "invalid_request"
+        assert named in answer.error().error.message
+        assert await status(conn) == before
+        assert await keeper.log.last_sequence() == last
+        assert keeper.state.reservation(held.reservation_id) is not None
