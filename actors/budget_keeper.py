@@ -172,7 +172,8 @@ class BudgetKeeper:
                 with contextlib.suppress(VaporaError):  # retried by the housekeeping
                     await self._announce_tier(self._tier_cause)
             self._service = self._make_service()
-            await tg.start(self._service.run)
+            served = anyio.Event()
+            await tg.start(_serve, self._service, served)
             tg.start_soon(self._housekeeping)
             log.info(
                 "budget keeper ready in %.3f s: snapshot at sequence %s, %d events replayed, "
@@ -186,6 +187,10 @@ class BudgetKeeper:
             task_status.started()
             await self._stopping.wait()
             self._service.stop()
+            # Never cancel the service mid-drain: nats-py's read loop dies if a flush it is
+            # waiting on is cancelled and its PONG arrives afterwards.
+            with anyio.move_on_after(15):
+                await served.wait()
             with anyio.move_on_after(2):  # let our last appends come back through the tail
                 await self._until(self._quiescent)
             with anyio.move_on_after(10):
@@ -514,6 +519,15 @@ class BudgetKeeper:
         state, path = self.state, self.snapshot_path
         self._changed, self._snapshot_time = 0, time.monotonic()
         await anyio.to_thread.run_sync(_write_atomically, path, saved, state)
+
+
+async def _serve(
+    service: ActorService, served: anyio.Event, *, task_status: anyio.abc.TaskStatus[None]
+) -> None:
+    try:
+        await service.run(task_status=task_status)
+    finally:
+        served.set()
 
 
 def _write_atomically(path: Path, saved: _SnapshotFile, state: BudgetState) -> None:

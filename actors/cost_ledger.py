@@ -68,9 +68,10 @@ class CostLedger:
                 self.log, name="cost ledger", apply=self._apply, position=lambda: self.position
             )
             service = self._make_service()
+            served = anyio.Event()
             async with anyio.create_task_group() as tg:
                 await tg.start(follower.run)
-                await tg.start(service.run)
+                await tg.start(_serve, service, served)
                 log.info(
                     "cost ledger ready in %.3f s at sequence %d (%d events replayed) in %s",
                     time.monotonic() - started,
@@ -81,6 +82,10 @@ class CostLedger:
                 task_status.started()
                 await self._stopping.wait()
                 service.stop()
+                # Never cancel the service mid-drain: nats-py's read loop dies if a flush it
+                # is waiting on is cancelled and its PONG arrives afterwards.
+                with anyio.move_on_after(15):
+                    await served.wait()
                 async with self._lock:  # let a batch being written commit
                     tg.cancel_scope.cancel()
 
@@ -119,6 +124,15 @@ class CostLedger:
         assert self._ledger is not None
         async with self._lock:
             return await self._ledger.report(since, until, now=self.runtime.clock())
+
+
+async def _serve(
+    service: ActorService, served: anyio.Event, *, task_status: anyio.abc.TaskStatus[None]
+) -> None:
+    try:
+        await service.run(task_status=task_status)
+    finally:
+        served.set()
 
 
 def _aware(at: datetime) -> datetime:

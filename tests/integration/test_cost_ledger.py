@@ -1,0 +1,273 @@
+"""The cost ledger on a real nats-server: every event exactly once across restarts, reports over
+``vapora.report``, and the money commands (``report``, ``budget``, ``audit``, ``events``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from actors.budget_keeper import BudgetKeeper
+from actors.connection import Client
+from actors.cost_ledger import LEDGER_FILE, CostLedger
+from actors.server import EmbeddedNats
+from events import subjects
+from events.contract import CostReport, ReportRequest
+from events.log import FallbackTriggered, SpendRecorded
+from tests.fault.money import (
+    FakeClock,
+    ask,
+    client,
+    config,
+    eventually,
+    exact_usage,
+    read_log,
+    reserve,
+    running,
+    runtime,
+    spend,
+    total_spend,
+    usage_costing_at_most,
+)
+from vapora import commands_money
+from vapora.commands_money import audit_command, budget_command, events_command, report_command
+from vapora.errors import InvalidRequest, NoProviderAvailable
+from vapora.ledger import Ledger
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats(tmp_path / "nats") as nats:
+        yield nats
+
+
+@pytest.fixture
+async def conn(server: EmbeddedNats) -> AsyncIterator[Client]:
+    nc = await client(server.url)
+    yield nc
+    await nc.close()
+
+
+async def _caught_up(ledger: CostLedger) -> bool:
+    return ledger.position == await ledger.log.last_sequence()
+
+
+async def _paid_calls(nc: Client, clock: FakeClock, n: int, seed: int = 1) -> list[SpendRecorded]:
+    """``n`` reserved and settled calls, plus a fallback event now and then."""
+    rng, spent = random.Random(seed), []
+    log = runtime(nc, Path("."), clock=clock).log
+    for i in range(n):
+        task_id = f"task-{seed}-{i}"
+        reply = await reserve(nc, Decimal("0.02"), task_id=task_id)
+        event = spend(
+            task_id=task_id,
+            usage=usage_costing_at_most(Decimal("0.02"), rng),
+            at=clock(),
+            reservation_id=reply.reservation_id,
+            provider=rng.choice(["claude", "openai"]),
+        )
+        await log.append(event)
+        spent.append(event)
+        if i % 5 == 0:
+            await log.append(
+                FallbackTriggered(
+                    id=uuid.uuid4().hex,
+                    at=clock(),
+                    task_id=task_id,
+                    from_provider="gemini",
+                    to_provider="claude",
+                    reason="transient",
+                    attempt=1,
+                )
+            )
+        clock.advance(600)
+    return spent
+
+
+async def test_the_ledger_has_every_event_once_across_restarts_and_reports_the_sums(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
+    keeper = BudgetKeeper(rt)
+    async with running(keeper):
+        async with running(CostLedger(rt)) as ledger:
+            spent = await _paid_calls(conn, clock, 20, seed=1)
+            await eventually(lambda: _caught_up(ledger))
+        spent += await _paid_calls(conn, clock, 15, seed=2)  # while the ledger is down
+        async with running(CostLedger(rt)) as ledger:
+            assert 0 < ledger.replayed_events < len(await read_log(rt.log))
+            spent += await _paid_calls(conn, clock, 5, seed=3)
+            await eventually(lambda: _caught_up(ledger))
+            report = (await ask(conn, subjects.REPORT, b"{}")).as_(CostReport)
+            first = spent[0].at
+            window = ReportRequest(since=first, until=first + timedelta(hours=1))
+            windowed = (await ask(conn, subjects.REPORT, window)).as_(CostReport)
+    entries = await read_log(rt.log)
+    async with await Ledger.open(tmp_path / LEDGER_FILE) as db:
+        logged = await db.logged_events()
+    assert [e.seq for e in logged] == [e.seq for e in entries]  # each event once, none missing
+    assert report.total_usd == total_spend(entries) == sum(e.cost_usd for e in spent)
+    assert report.calls == 40 and report.last_sequence == entries[-1].seq
+    by_provider = {p: Decimal(0) for p in ("claude", "openai")}
+    for event in spent:
+        by_provider[event.provider] += event.cost_usd
+    assert report.by_provider == {p: v for p, v in sorted(by_provider.items()) if v}
+    assert windowed.calls == 6  # one call every 10 minutes: [first, first + 1 h)
+    assert windowed.total_usd == sum(e.cost_usd for e in spent[:6])
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"since": "yesterday"}', "$.since"),
+        (b'{"since": "2026-06-02T00:00:00Z", "until": "2026-06-01T00:00:00Z"}', "`since`"),
+        (b'{"from": "2026-06-01T00:00:00Z"}', "unknown field `from`"),
+        (b"not json", "malformed JSON"),
+    ],
+)
+async def test_malformed_report_requests_get_400_and_change_nothing(
+    conn: Client, tmp_path: Path, body: bytes, named: str
+) -> None:
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    await rt.log.append(spend(task_id="t", usage=exact_usage(Decimal("0.03")), at=clock()))
+    async with running(CostLedger(rt)) as ledger:
+        answer = await ask(conn, subjects.REPORT, body)
+        assert answer.status == "400" and named in answer.error().error.message
+        report = (await ask(conn, subjects.REPORT, b"{}")).as_(CostReport)
+        assert (report.total_usd, report.calls, ledger.position) == (Decimal("0.03"), 1, 1)
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+
+async def test_audit_passes_on_a_clean_run_and_names_an_altered_row_and_a_mispriced_event(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
+    async with running(BudgetKeeper(rt)), running(CostLedger(rt)) as ledger:
+        await _paid_calls(conn, clock, 12)
+        await eventually(lambda: _caught_up(ledger))
+        code, text = await audit_command(conn, rt.log, tmp_path)
+        assert code == 0, text
+        assert "no differences" in text and "skipped" not in text
+
+        altered = [e for e in await read_log(rt.log) if isinstance(e.event, SpendRecorded)][3]
+        assert isinstance(altered.event, SpendRecorded)
+        with sqlite3.connect(tmp_path / LEDGER_FILE) as db:
+            db.execute("UPDATE spend SET cost_usd = '0.5' WHERE seq = ?", (altered.seq,))
+        code, text = await audit_command(conn, rt.log, tmp_path)
+        assert code == 1
+        assert f"ledger row seq {altered.seq}: cost_usd" in text
+        with sqlite3.connect(tmp_path / LEDGER_FILE) as db:
+            db.execute(
+                "UPDATE spend SET cost_usd = ? WHERE seq = ?",
+                (str(altered.event.cost_usd), altered.seq),
+            )
+        assert (await audit_command(conn, rt.log, tmp_path))[0] == 0
+
+        wrong = spend(
+            task_id="mispriced",
+            usage=exact_usage(Decimal("0.03")),
+            at=clock(),
+            cost_usd=Decimal("0.01"),  # usage x prices says $0.03
+        )
+        seq = (await rt.log.append(wrong)).seq
+        await eventually(lambda: _caught_up(ledger))
+        code, text = await audit_command(conn, rt.log, tmp_path)
+        assert code == 1
+        assert f"spend_recorded seq {seq} (task mispriced" in text and wrong.id in text
+        assert "$0.03" in text and "$0.01" in text
+
+
+async def test_audit_without_a_keeper_says_so_and_still_checks_the_ledger(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    for cost in ("0.03", "0.06"):
+        await rt.log.append(spend(task_id="t", usage=exact_usage(Decimal(cost)), at=clock()))
+    async with running(CostLedger(rt)) as ledger:
+        await eventually(lambda: _caught_up(ledger))
+    code, text = await audit_command(conn, rt.log, tmp_path)
+    assert code == 0 and "no budget keeper answered" in text
+    code, text = await audit_command(conn, rt.log, tmp_path / "empty")
+    assert code == 1 and "no ledger database" in text and "no row" in text
+
+
+async def test_report_and_budget_commands_print_tables_or_json(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=100, monthly_cents=1000), clock=clock)
+    with pytest.raises(NoProviderAvailable, match="budget keeper is not running"):
+        await budget_command(conn, as_json=False)
+    async with running(BudgetKeeper(rt)), running(CostLedger(rt)) as ledger:
+        await _paid_calls(conn, clock, 3)
+        held = await reserve(conn, Decimal("0.25"))
+        await eventually(lambda: _caught_up(ledger))
+        table = await budget_command(conn, as_json=False)
+        data = json.loads(await budget_command(conn, as_json=True))
+        report_table = await report_command(conn, since=None, until=None, as_json=False)
+        report = json.loads(await report_command(conn, since=None, until=None, as_json=True))
+    assert held.admitted
+    assert "today (UTC)" in table and "$1.00" in table and "open reservations   1" in table
+    assert data["reserved_usd"] == "0.25" and data["tier"] in table
+    assert "Total" in report_table and "By provider" in report_table
+    assert report["calls"] == 3 and Decimal(report["total_usd"]) > 0
+
+
+async def test_events_prints_json_lines_filtered_by_type_and_task_and_follows(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    async with running(BudgetKeeper(rt)):
+        spent = await _paid_calls(conn, clock, 6)
+    out = io.StringIO()
+    assert await events_command(rt.log, follow=False, type_=None, task_id=None, out=out) == len(
+        await read_log(rt.log)
+    )
+    out = io.StringIO()
+    await events_command(rt.log, follow=False, type_="spend_recorded", task_id=None, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["id"] for line in lines] == [e.id for e in spent]
+    out = io.StringIO()
+    task = spent[2].task_id
+    await events_command(rt.log, follow=False, type_=None, task_id=task, out=out)
+    kinds = [json.loads(line)["type"] for line in out.getvalue().splitlines()]
+    assert kinds == ["budget_reserved", "spend_recorded"]
+    with pytest.raises(InvalidRequest, match="unknown event type 'spent'"):
+        await events_command(rt.log, follow=False, type_="spent", task_id=None, out=out)
+
+    followed = io.StringIO()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            lambda: events_command(
+                rt.log, follow=True, type_="spend_recorded", task_id="late", out=followed
+            )
+        )
+        late = spend(task_id="late", usage=exact_usage(Decimal("0.03")), at=clock())
+        await rt.log.append(late)
+        await eventually(lambda: _has(followed, late.id))
+        tg.cancel_scope.cancel()
+    assert commands_money.LEDGER_FILE == LEDGER_FILE
+
+
+async def _has(out: io.StringIO, text: str) -> bool:
+    return text in out.getvalue()

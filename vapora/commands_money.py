@@ -1,0 +1,254 @@
+"""The money commands behind ``vapora report``, ``budget``, ``audit`` and ``events`` (DESIGN §5).
+
+Plain async functions over a NATS connection and the event log; the CLI parses the flags and
+prints what they return. ``report`` and ``budget`` ask the running actors over the public
+subjects; ``audit`` replays the whole log itself, reads the ledger's SQLite file and, if a budget
+keeper answers, compares its status too; ``events`` prints the log one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO, TypeVar
+
+import anyio
+import msgspec
+from nats.errors import NoRespondersError
+
+from events import subjects
+from events.codec import DecodeError, decode, encode, event_tag
+from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
+from events.log import EVENT_TYPES, Event
+from vapora.audit import audit, render_audit, render_report
+from vapora.budget import BudgetLimits
+from vapora.errors import (
+    InternalError,
+    InvalidRequest,
+    NoProviderAvailable,
+    RequestTimeout,
+    VaporaError,
+    error_for_code,
+)
+from vapora.ledger import Ledger, LoggedEvent, SpendRow
+
+if TYPE_CHECKING:  # vapora imports actors only from the CLI: here only for the types
+    from nats.aio.client import Client
+
+    from actors.eventlog import EventLog
+
+__all__ = [
+    "LEDGER_FILE",
+    "audit_command",
+    "budget_command",
+    "events_command",
+    "render_budget",
+    "report_command",
+]
+
+T = TypeVar("T")
+
+LEDGER_FILE = "ledger.sqlite3"  # the cost ledger actor's database under the data directory
+_ASK_S = 10.0
+_KEEPER_S = 1.0
+_SETTLE_S = 3.0  # how long the audit waits for the ledger to reach the log's end
+
+
+# --- report and budget --------------------------------------------------------------------------
+
+
+async def report_command(
+    nc: Client, *, since: datetime | None, until: datetime | None, as_json: bool
+) -> str:
+    """The cost report from the ledger over ``vapora.report``: a table, or JSON."""
+    request = ReportRequest(since=since, until=until)
+    report = await _ask(nc, subjects.REPORT, request, CostReport, who="the cost ledger")
+    return _json(report) if as_json else render_report(report).rstrip("\n")
+
+
+async def budget_command(nc: Client, *, as_json: bool) -> str:
+    """The budget status from the keeper over ``vapora.budget``: a table, or JSON."""
+    status = await _ask(
+        nc, subjects.BUDGET, BudgetStatusRequest(), BudgetStatus, who="the budget keeper"
+    )
+    return _json(status) if as_json else render_budget(status)
+
+
+async def _ask(
+    nc: Client,
+    subject: str,
+    message: msgspec.Struct,
+    reply_type: type[T],
+    *,
+    who: str,
+    wait_s: float = _ASK_S,
+) -> T:
+    try:
+        reply = await nc.request(subject, encode(message), timeout=wait_s)
+    except NoRespondersError as exc:
+        raise NoProviderAvailable(f"{who} is not running (nothing serves {subject})") from exc
+    except TimeoutError as exc:
+        raise RequestTimeout(f"{who} did not answer on {subject} within {wait_s:g} s") from exc
+    headers = reply.headers or {}
+    if headers.get("Nats-Service-Error-Code"):
+        raise _error_of(reply.data, headers)
+    try:
+        return decode(reply.data, reply_type)
+    except DecodeError as exc:
+        raise InternalError(f"unreadable answer from {who}: {exc}") from exc
+
+
+def _error_of(data: bytes, headers: dict[str, str]) -> VaporaError:
+    try:
+        body = msgspec.json.decode(data)
+        return error_for_code(body["error"]["code"], body["error"]["message"])
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return InternalError(headers.get("Nats-Service-Error", "error"))
+
+
+def _json(message: msgspec.Struct) -> str:
+    return msgspec.json.format(encode(message), indent=2).decode()
+
+
+def render_budget(status: BudgetStatus) -> str:
+    """The budget status as ``vapora budget`` prints it."""
+    rows = [
+        ("today (UTC)", status.spent_today_usd, status.daily_limit_usd, status.daily_percent),
+        ("this month", status.spent_month_usd, status.monthly_limit_usd, status.monthly_percent),
+    ]
+    spent = {name: _usd(value) for name, value, _, _ in rows}
+    limit = {name: _usd(cap) if cap is not None else "unlimited" for name, _, cap, _ in rows}
+    widths = (max(map(len, spent.values())), max(map(len, limit.values())))
+    lines = [
+        f"Budget at {status.at:%Y-%m-%d %H:%M:%S} UTC   tier {status.tier}"
+        f"   (NearThreshold from 50 %, Exceeded above {status.warn_threshold_percent:g} %)",
+        "",
+        f"  {'':<12}  {'spent + held':>{widths[0]}}  {'limit':>{widths[1]}}      used",
+    ]
+    for name, _, cap, percent in rows:
+        used = f"{percent:7.2f} %" if cap is not None else "      -  "
+        lines.append(
+            f"  {name:<12}  {spent[name]:>{widths[0]}}  {limit[name]:>{widths[1]}}  {used}"
+        )
+    per_task = status.per_task_limit_usd
+    lines += [
+        "",
+        f"  open reservations   {status.open_reservations} holding {_usd(status.reserved_usd)}"
+        " (counted in the percentages above)",
+        f"  per-task limit      {_usd(per_task) if per_task is not None else 'unlimited'}",
+    ]
+    return "\n".join(lines)
+
+
+def _usd(value: Decimal) -> str:
+    text = format(value.normalize(), "f") if value else "0"
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tuple[int, str]:
+    """Replay the whole log, compare it with the ledger at ``data_dir`` and (if one answers)
+    the budget keeper; ``(1, the differences)`` on any, else ``(0, a one-line summary)``."""
+    path = Path(data_dir) / LEDGER_FILE
+    notes: list[str] = []
+    if not await anyio.Path(path).exists():
+        notes.append(f"audit: no ledger database at {path}; every spend is missing from it")
+    entries = await _read_log(log)
+    rows, logged = await _read_ledger(path, last=entries[-1][1] if entries else 0)
+    status = await _keeper_status(nc)
+    if status is None:
+        notes.append("audit: no budget keeper answered on vapora.budget; its comparison skipped")
+    limits = _limits_of(status) if status is not None else None
+    result = audit(entries, rows, logged, keeper=status, limits=limits)
+    text = "\n".join([*notes, render_audit(result).rstrip("\n")])
+    return (0 if result.ok else 1), text
+
+
+async def _read_log(log: EventLog) -> list[tuple[Event, int]]:
+    return [(entry.event, entry.seq) async for batch in log.replay(1) for entry in batch]
+
+
+async def _read_ledger(path: Path, *, last: int) -> tuple[list[SpendRow], list[LoggedEvent]]:
+    """The ledger's rows, once it has applied the log up to ``last`` (or after a short wait:
+    a ledger that lags further is reported as missing rows)."""
+    if not await anyio.Path(path).exists():
+        return [], []
+    # The ledger actor writes the file from another process; each open reads its committed
+    # position afresh. Polling a file: there is nothing to wait on.
+    for _ in range(int(_SETTLE_S / 0.05)):
+        if await _ledger_reached(path, last):
+            break
+        await anyio.sleep(0.05)
+    async with await Ledger.open(path) as ledger:
+        return await ledger.spend_rows(), await ledger.logged_events()
+
+
+async def _ledger_reached(path: Path, last: int) -> bool:
+    async with await Ledger.open(path) as ledger:
+        return await ledger.last_sequence() >= last
+
+
+async def _keeper_status(nc: Client) -> BudgetStatus | None:
+    with contextlib.suppress(VaporaError):
+        return await _ask(
+            nc,
+            subjects.BUDGET,
+            BudgetStatusRequest(),
+            BudgetStatus,
+            who="the budget keeper",
+            wait_s=_KEEPER_S,
+        )
+    return None
+
+
+def _limits_of(status: BudgetStatus) -> BudgetLimits:
+    return BudgetLimits(
+        daily_usd=status.daily_limit_usd,
+        monthly_usd=status.monthly_limit_usd,
+        per_task_usd=status.per_task_limit_usd,
+        warn_threshold_percent=Decimal(str(status.warn_threshold_percent)),
+    )
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+async def events_command(
+    log: EventLog,
+    *,
+    follow: bool,
+    type_: str | None,
+    task_id: str | None,
+    out: TextIO,
+) -> int:
+    """Print the log's events (one JSON object per line), filtered by type tag and task id;
+    with ``follow``, keep printing new events until cancelled. Returns how many were printed."""
+    if type_ is not None and type_ not in EVENT_TYPES:
+        raise InvalidRequest(
+            f"unknown event type {type_!r}; choose one of {', '.join(sorted(EVENT_TYPES))}"
+        )
+    wanted = _filter(type_, task_id)
+    printed = 0
+    reader = log.tail(1) if follow else log.replay(1)
+    async for batch in reader:
+        lines = [encode(entry.event).decode() for entry in batch if wanted(entry.event)]
+        if lines:
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            printed += len(lines)
+    return printed
+
+
+def _filter(type_: str | None, task_id: str | None) -> Callable[[Event], bool]:
+    def wanted(event: Event) -> bool:
+        if type_ is not None and event_tag(event) != type_:
+            return False
+        return task_id is None or getattr(event, "task_id", None) == task_id
+
+    return wanted
