@@ -167,7 +167,7 @@ class ActorService:
             self._service = await self._start_service()
             task_status.started()
             await self._stop.wait()
-            await self._service.stop()
+            await self._unsubscribe()
             await self._drain()
             task_group.cancel_scope.cancel()
 
@@ -202,6 +202,15 @@ class ActorService:
         )
         service._endpoints.append(micro)
         self._micro[endpoint.name] = micro
+
+    async def _unsubscribe(self) -> None:
+        # Stopping must not fail because the connection is already gone or slow to flush.
+        assert self._service is not None
+        try:
+            with anyio.fail_after(5):
+                await self._service.stop()
+        except Exception as exc:
+            log.warning("%s: unsubscribing failed (%s); draining anyway", self.name, exc)
 
     async def _drain(self) -> None:
         with anyio.move_on_after(self.drain_timeout):

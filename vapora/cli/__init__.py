@@ -46,9 +46,16 @@ def _now() -> datetime:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    from vapora.config import load
+    """The config: ``--config``, else ``$VAPORA_CONFIG``, else the ``config.toml`` a data
+    directory holds (``vapora demo`` leaves one), else the built-in default."""
+    from vapora.config import ENV_CONFIG, load
 
-    return load(getattr(args, "config", None), env=os.environ, at=_now(), nats_url=args.nats_url)
+    flag = getattr(args, "config", None)
+    data_dir = getattr(args, "data_dir", None)
+    if flag is None and ENV_CONFIG not in os.environ and data_dir:
+        kept = Path(data_dir) / "config.toml"
+        flag = str(kept) if kept.is_file() else None
+    return load(flag, env=os.environ, at=_now(), nats_url=args.nats_url)
 
 
 def _connect_options(config: Config, url: str, name: str) -> ConnectOptions:
@@ -74,15 +81,27 @@ def _url(config: Config) -> str:
 
 @contextlib.asynccontextmanager
 async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple[Config, Client]]:
+    """Connect to the configured NATS; with ``--data-dir`` and no URL anywhere, open that
+    directory's log offline through a private embedded server (``vapora demo`` leaves one)."""
     from actors.connection import connect
 
     config = _config(args)
-    nc = await connect(_connect_options(config, _url(config), name))
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        url = _url(config)
+        if _offline(args, config):
+            url = await _embedded(stack, _data_dir(args, config), 0, config.storage.sync_interval)
+        nc = await connect(_connect_options(config, url, name))
+        stack.push_async_callback(_close_quietly, nc)
         yield config, nc
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
+
+
+async def _close_quietly(nc: Client) -> None:
+    with contextlib.suppress(Exception):
+        await nc.close()
+
+
+def _offline(args: argparse.Namespace, config: Config) -> bool:
+    return bool(getattr(args, "data_dir", None)) and not config.nats.urls
 
 
 async def _event_log(nc: Client) -> EventLog:
@@ -120,6 +139,8 @@ async def _embedded(
 ) -> str:
     from actors.server import EmbeddedNats
 
+    if port == 0 and not (data_dir / "nats").is_dir():
+        raise ConfigError(f"{data_dir} holds no vapora data (no {data_dir / 'nats'} directory)")
     server = EmbeddedNats(data_dir / "nats", port=port or None, sync_interval=sync_interval)
     await stack.enter_async_context(server)
     log.info("embedded nats-server on %s (data in %s)", server.url, server.data_dir)
@@ -191,17 +212,75 @@ async def cmd_ask(args: argparse.Namespace) -> int:
 async def cmd_report(args: argparse.Namespace) -> int:
     from vapora.commands_money import report_command
 
+    config = _config(args)
+    if args.html:
+        return await _html_report(args)
+    if _offline(args, config):
+        print(await _offline_report(args, config))
+        return 0
     async with _connected(args, "vapora-report") as (_, nc):
         print(await report_command(nc, since=args.since, until=args.until, as_json=args.json))
+    return 0
+
+
+async def _offline_report(args: argparse.Namespace, config: Config) -> str:
+    """The report straight from a data directory's ledger file, no actor running."""
+    from events.codec import encode
+    from vapora.audit import render_report
+    from vapora.ledger import Ledger
+
+    path = _data_dir(args, config) / "ledger.sqlite3"
+    if not path.is_file():
+        raise ConfigError(f"no ledger at {path}")
+    async with await Ledger.open(path) as ledger:
+        report = await ledger.report(args.since, args.until, now=_now())
+    if args.json:
+        return encode(report).decode()
+    return render_report(report).rstrip("\n")
+
+
+async def _html_report(args: argparse.Namespace) -> int:
+    from vapora.report_html import render_html
+
+    async with _connected(args, "vapora-report") as (_, nc):
+        log = await _event_log(nc)
+        events = [e.event async for batch in log.replay(1) for e in batch]
+    await anyio.Path(args.html).write_text(render_html(events, now=_now()))
+    print(f"wrote {args.html} ({len(events)} events)")
     return 0
 
 
 async def cmd_budget(args: argparse.Namespace) -> int:
     from vapora.commands_money import budget_command
 
+    config = _config(args)
+    if _offline(args, config):
+        print(await _offline_budget(args, config))
+        return 0
     async with _connected(args, "vapora-budget") as (_, nc):
         print(await budget_command(nc, as_json=args.json))
     return 0
+
+
+async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
+    """The budget status by folding a data directory's log, no keeper running."""
+    from events.codec import encode
+    from vapora import budget
+    from vapora.commands_money import render_budget
+
+    async with _connected(args, "vapora-budget") as (_, nc):
+        log = await _event_log(nc)
+        entries = [(e.event, e.seq) async for batch in log.replay(1) for e in batch]
+    limits = budget.BudgetLimits.from_cents(
+        daily_cents=config.budget.daily_limit_cents,
+        monthly_cents=config.budget.monthly_limit_cents,
+        per_task_cents=config.budget.per_task_limit_cents,
+        warn_threshold_percent=config.budget.warn_threshold_percent,
+    )
+    status = budget.status(budget.catch_up(budget.EMPTY, entries), limits, _now())
+    if args.json:
+        return encode(status).decode()
+    return render_budget(status)
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
@@ -310,14 +389,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", type=_timestamp)
     report.add_argument("--until", type=_timestamp)
     report.add_argument("--json", action="store_true")
+    report.add_argument("--html", metavar="FILE", help="write a page with charts, from the log")
+    report.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
 
     budget = command("budget", "the budget status and tier")
     budget.add_argument("--json", action="store_true")
+    budget.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
 
     audit = command("audit", "replay the log, compare with the ledger; exit 1 on any difference")
-    audit.add_argument("--data-dir", metavar="DIR")
+    audit.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
 
     events = command("events", "print the event log")
+    events.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
     events.add_argument("--follow", action="store_true")
     events.add_argument("--type")
     events.add_argument("--task-id")
@@ -340,6 +423,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=400)
     demo.add_argument("--real", action="store_true", help="send a small workload to real providers")
     return parser
+
+
+_OFFLINE_HELP = "a data directory (e.g. the demo's); without a NATS URL its log is opened offline"
 
 
 def _timestamp(text: str) -> datetime:
@@ -382,11 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             argparse.Namespace(), argv[1:]
         )
     args = _parser().parse_args(argv)
+    quiet = args.command not in ("up", "actor", "demo")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO: one line per provider call is noise, not information.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return _run(args)
 
 
