@@ -26,6 +26,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, TypeVar
 
+import anyio
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
@@ -64,6 +65,7 @@ T = TypeVar("T")
 _ERROR_CODE = "Nats-Service-Error-Code"
 _ERROR = "Nats-Service-Error"
 _STATUS = "Status"
+_NO_RESPONDER_PAUSES = (0.05, 0.1, 0.2, 0.4)
 _stream_decoder: msgspec.json.Decoder[StreamMessage] = msgspec.json.Decoder(StreamMessage)
 
 
@@ -114,7 +116,7 @@ class Client:
 
     async def _ask(self, subject: str, payload: bytes, reply_type: type[T], wait_s: float) -> T:
         try:
-            message = await self.nc.request(subject, payload, timeout=wait_s)
+            message = await self._request(subject, payload, wait_s)
         except NoRespondersError as exc:
             raise NoProviderAvailable(f"no vapora actor serves {subject}") from exc
         except TimeoutError as exc:
@@ -126,6 +128,16 @@ class Client:
             return decode(message.data, reply_type)
         except DecodeError as exc:
             raise InternalError(f"unreadable reply on {subject}: {exc}") from exc
+
+    async def _request(self, subject: str, payload: bytes, wait_s: float) -> Msg:
+        # "No responders" can be momentary (an actor restarting, interest still propagating in
+        # a cluster): try a few times over about a second before giving up.
+        for pause in _NO_RESPONDER_PAUSES:
+            try:
+                return await self.nc.request(subject, payload, timeout=wait_s)
+            except NoRespondersError:
+                await anyio.sleep(pause)
+        return await self.nc.request(subject, payload, timeout=wait_s)
 
     async def complete(
         self,
@@ -180,6 +192,7 @@ class TextStream:
         self._sub: Subscription | None = None
         self._next_seq = 0
         self._early: dict[int, str] = {}
+        self._retries = list(_NO_RESPONDER_PAUSES)
         self.task_id: str | None = None
         self.text = ""
         self.result: StreamEnd | None = None
@@ -226,7 +239,12 @@ class TextStream:
                 raise StopAsyncIteration
             if self._sub is None:
                 self._sub = await self._start()
-            text = self._handle(await self._receive(self._sub))
+            message = await self._receive(self._sub)
+            if self._no_responders(message) and self._retries:
+                await anyio.sleep(self._retries.pop(0))
+                await self._nc.publish(subjects.STREAM, self._payload, reply=self._sub.subject)
+                continue
+            text = self._handle(message)
             if text is not None:
                 return text
 
@@ -237,6 +255,9 @@ class TextStream:
             await self.aclose()
             self.error = RequestTimeout(f"the stream sent nothing for {self._idle_timeout:g} s")
             raise self.error from exc
+
+    def _no_responders(self, message: Msg) -> bool:
+        return (message.headers or {}).get(_STATUS) == "503"
 
     def _handle(self, message: Msg) -> str | None:
         error = _error_of(message)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats
+import nats.errors
 
 from actors.connection import Client as NatsClient
 from actors.connection import ConnectOptions, connect
@@ -147,7 +149,8 @@ async def deployment(
         log = EventLog(nc)
         await log.ensure_stream()
         runtime = Runtime(nc=nc, config=config, log=log, data_dir=tmp_path, env=dict(env))
-        caller = await connect(ConnectOptions.from_url(server.url, name="caller"))
+        # Callers are other services: plain nats-py, not the actors' connection class.
+        caller = await nats.connect(server.url, name="caller")
         stack.push_async_callback(caller.close)
         dep = Deployment(server, nc, log, runtime, sim, Client(caller, timeout_s=30))
         tg = await stack.enter_async_context(anyio.create_task_group())
@@ -161,4 +164,17 @@ async def deployment(
             dep.router = RouterActor(runtime, **{"reserve": False, **(router_options or {})})
             await tg.start(dep.router.run)
             stack.callback(dep.router.stop)
+            await wait_until_served(caller, "vapora.complete")
+            await wait_until_served(caller, "vapora.stream")
         yield dep
+
+
+async def wait_until_served(nc: nats.NATS, subject: str) -> None:
+    """Until a request on ``subject`` from this connection gets an answer (any answer)."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                await nc.request(subject, b"{}", timeout=2)
+                return
+            except nats.errors.NoRespondersError:
+                await anyio.sleep(0.02)

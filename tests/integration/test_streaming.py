@@ -1,0 +1,138 @@
+"""Streaming end to end: chunks go from the provider actor straight to the caller in order, then
+``end``; fallback only before the first chunk; a cut after it ends with ``error`` and the partial
+usage is billed (DESIGN §3 stream messages, §4 fallback)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from events.contract import Outcome, StreamChunk, StreamEnd, StreamError, StreamMessage
+from events.log import CallFailed, FallbackTriggered, SpendRecorded
+from tests.fault.provider_harness import config_text, deployment
+from vapora.errors import ProviderRejected
+from vapora.pricing import cost
+
+pytestmark = pytest.mark.anyio
+
+_decoder: msgspec.json.Decoder[StreamMessage] = msgspec.json.Decoder(StreamMessage)  # type: ignore[arg-type]
+
+
+def guide(**kw: object) -> Callable[[str], str]:
+    return lambda base_url: config_text(base_url, **kw)  # type: ignore[arg-type]
+
+
+LONG = {
+    "claude": "claude-opus-4-5-len-40",
+    "openai": "gpt-4-len-40",
+    "gemini": "gemini-2.0-flash-len-40",
+    "ollama": "llama2-len-40",
+}
+
+
+@pytest.mark.parametrize("provider", ["claude", "openai", "gemini", "ollama"])
+async def test_a_stream_from_each_provider_kind_arrives_in_order_then_ends(
+    tmp_path: Path, provider: str
+) -> None:
+    async with deployment(tmp_path, guide(models=LONG), providers=[provider]) as dep:
+        nc = dep.client.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        body = b'{"prompt": "one two three four five", "provider": "%s"}' % provider.encode()
+        await nc.publish("vapora.stream", body, reply=inbox)
+        messages = []
+        while True:
+            message = _decoder.decode((await sub.next_msg(timeout=10)).data)
+            messages.append(message)
+            if not isinstance(message, StreamChunk):
+                break
+        chunks, end = messages[:-1], messages[-1]
+        assert isinstance(end, StreamEnd), end
+        assert len(chunks) > 1
+        assert [c.seq for c in chunks] == list(range(len(chunks)))  # arrival order is seq order
+        assert {c.task_id for c in chunks} == {end.task_id}
+        text = "".join(c.text for c in chunks)
+        assert len(text.split()) == 40
+        assert end.provider == provider and end.usage.output_tokens > 0
+        price = dep.runtime.config.provider(provider).price  # type: ignore[union-attr]
+        assert end.cost_usd == cost(end.usage, price)
+        assert [a.outcome for a in end.attempts] == [Outcome.OK]
+        # The same through the client, as an async iterator.
+        async with dep.client.stream(prompt="one two three", provider=provider) as stream:
+            parts = [part async for part in stream]
+        assert stream.result is not None and stream.result.provider == provider
+        assert "".join(parts) == stream.text and len(parts) > 1
+
+
+async def test_a_first_token_timeout_falls_back_before_anything_was_sent(tmp_path: Path) -> None:
+    models = {**LONG, "claude": "claude-opus-4-5-ttft-3000-len-40"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        async with dep.client.stream(
+            prompt="write code",
+            task_type="CodeGeneration",
+            quality="High",
+            latency_required_ms=300,
+            task_id="ttft",
+        ) as stream:
+            text = "".join([part async for part in stream])
+        end = stream.result
+        assert end is not None
+        assert end.provider != "claude" and len(text.split()) == 40
+        assert [(a.provider, a.outcome) for a in end.attempts] == [
+            ("claude", Outcome.TIMEOUT),
+            (end.provider, Outcome.OK),
+        ]
+        events = await dep.events_of("ttft")
+        assert [e.from_provider for e in events if isinstance(e, FallbackTriggered)] == ["claude"]
+
+
+async def test_a_cut_after_the_first_chunk_ends_with_error_and_the_partial_usage_is_billed(
+    tmp_path: Path,
+) -> None:
+    models = {**LONG, "claude": "claude-opus-4-5-len-40-cut-3"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        stream = dep.client.stream(
+            prompt="write code", task_type="CodeGeneration", quality="High", task_id="cut"
+        )
+        received = []
+        with pytest.raises(ProviderRejected):  # provider_error: no fallback after a chunk
+            async for part in stream:
+                received.append(part)
+        assert received, "the first chunks reached the caller"
+        assert stream.result is None and stream.error is not None
+        assert stream.usage is not None and stream.usage.input_tokens > 0
+        price = dep.runtime.config.provider("claude").price  # type: ignore[union-attr]
+        assert stream.cost_usd == cost(stream.usage, price) > 0
+        events = await dep.events_of("cut")
+        [failed] = [e for e in events if isinstance(e, CallFailed)]
+        assert failed.after_first_chunk and failed.usage == stream.usage
+        [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+        assert (spend.provider, spend.cost_usd) == ("claude", stream.cost_usd)
+        assert not [e for e in events if isinstance(e, FallbackTriggered)]
+
+
+async def test_a_stream_error_before_any_chunk_falls_back(tmp_path: Path) -> None:
+    models = {**LONG, "claude": "claude-opus-4-5-error-529"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        async with dep.client.stream(
+            prompt="write code", task_type="CodeGeneration", quality="High"
+        ) as stream:
+            text = "".join([part async for part in stream])
+        assert stream.result is not None and stream.result.provider != "claude"
+        assert len(text.split()) == 40
+
+
+async def test_stream_errors_use_the_stream_error_message(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide()) as dep:
+        nc = dep.client.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("vapora.stream", b'{"prompt": "x", "provider": "nope"}', reply=inbox)
+        reply = await sub.next_msg(timeout=5)
+        message = _decoder.decode(reply.data)
+        assert isinstance(message, StreamError)
+        assert message.error.code == "unknown_provider"
+        assert (reply.headers or {})["Nats-Service-Error-Code"] == "404"
