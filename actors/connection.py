@@ -9,24 +9,48 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.protocol import FastParser
 
-__all__ = ["Client", "ConnectOptions", "ConnectionFailed", "RawHandler", "connect"]
+__all__ = [
+    "Client",
+    "ConnectOptions",
+    "ConnectionFailed",
+    "PermissionDenied",
+    "RawHandler",
+    "connect",
+]
 
 log = logging.getLogger("vapora.nats")
 
 
 class ConnectionFailed(RuntimeError):
     """No NATS server in the list accepted the connection."""
+
+
+class PermissionDenied(ConnectionFailed):
+    """The server refused to let this user publish to (or subscribe to) a subject.
+
+    A :class:`ConnectionFailed` so that commands report it the same way: the user the
+    connection authenticated as lacks a permission (see ``docs/operations-cluster.md``).
+    """
+
+
+# nats-py hands us the server's -ERR text in lower case, e.g.
+# 'permissions violation for publish to "vapora.events.spend.x"'.
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +129,86 @@ class Client(NATS):
     def __init__(self) -> None:
         super().__init__()
         self._ps = FastParser(self)
+        # The server's last permission violations, and requests waiting on their subject.
+        self._violations: deque[tuple[str, str, str]] = deque(maxlen=64)
+        self._denial_waiters: dict[str, set[anyio.Event]] = {}
+
+    def permission_violation(self, subject: str, operation: str = "publish") -> str | None:
+        """The server's message if it refused this connection ``operation`` on ``subject``."""
+        wanted = subject.lower()
+        for op, denied, message in reversed(self._violations):
+            if op == operation and denied == wanted:
+                return message
+        return None
+
+    async def _process_err(self, err_msg: str) -> None:
+        match = _VIOLATION.search(err_msg)
+        if match is not None:
+            operation, subject = match.group(1), match.group(2)
+            message = f"nats: {err_msg.strip(chr(39))}"
+            self._violations.append((operation, subject, message))
+            for waiter in self._denial_waiters.get(subject, ()):
+                waiter.set()
+        await super()._process_err(err_msg)
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,  # noqa: ASYNC109 - nats-py's signature
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        """nats-py's request, but a publish the server refuses raises :class:`PermissionDenied`
+        at once (the server answers a refused publish with an error, never a reply)."""
+        denied = anyio.Event()
+        waiters = self._denial_waiters.setdefault(subject.lower(), set())
+        waiters.add(denied)
+        outcome: list[Msg | Exception] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    self._ask,
+                    tg.cancel_scope,
+                    outcome,
+                    subject,
+                    payload,
+                    timeout,
+                    old_style,
+                    headers,
+                )
+                await denied.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            waiters.discard(denied)
+            if not waiters:
+                self._denial_waiters.pop(subject.lower(), None)
+        result = outcome[0] if outcome else None
+        if isinstance(result, Msg):
+            return result
+        message = self.permission_violation(subject)
+        if message is not None and (result is None or isinstance(result, NatsTimeoutError)):
+            raise PermissionDenied(f"NATS refused the request to {subject!r}: {message}")
+        assert result is not None
+        raise result
+
+    async def _ask(
+        self,
+        scope: anyio.CancelScope,
+        outcome: list[Msg | Exception],
+        subject: str,
+        payload: bytes,
+        timeout: float,  # noqa: ASYNC109 - nats-py's signature
+        old_style: bool,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        # Exceptions are handed back, not raised: a task group would wrap them in a group.
+        try:
+            outcome.append(await super().request(subject, payload, timeout, old_style, headers))
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            scope.cancel()
 
     async def subscribe_raw(
         self, subject: str, handler: RawHandler, *, queue: str = ""

@@ -7,6 +7,14 @@ pipelined), replay from any sequence at full speed, and tail it for projections.
   :class:`vapora.errors.ConcurrencyConflict` instead of corrupting state.
 * ``append_many`` publishes every event before awaiting any acknowledgement (one reply inbox,
   one future per event), so a task's events cost one round trip, not one each.
+* An append rides through a NATS node's loss (cluster mode): an event whose acknowledgement has
+  not come within ``resend_after`` seconds, or that met no stream leader (a "no responders"
+  status, a 503 from JetStream during a leader election), is sent again with the same
+  ``Nats-Msg-Id`` until it is acknowledged or ``ack_timeout`` has passed, so it is stored once.
+  A publish the server refuses for lack of permission fails at once with
+  :class:`actors.connection.PermissionDenied`.
+* ``ensure_stream`` gives the stream ``settings.replicas`` replicas, or when that is None, 3 on
+  a clustered server and 1 otherwise (:func:`actors.cluster.stream_replicas`).
 * ``replay`` and ``tail`` read through an ordered push consumer whose callback only buffers raw
   messages; decoding happens in batches in the reader's task. nats-py's ``fetch()`` loop is several
   times slower (measured in ``bench/bench_runtime.py``).
@@ -29,7 +37,8 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from actors import tracing
-from actors.connection import Client
+from actors.cluster import stream_replicas
+from actors.connection import Client, PermissionDenied
 from events import subjects
 from events.codec import DecodeError, decode_event, decode_events, encode, event_tag
 from events.log import Event
@@ -41,6 +50,10 @@ log = logging.getLogger("vapora.eventlog")
 
 # JetStream error codes for a failed expected-sequence check.
 _WRONG_LAST_SEQUENCE = {10071, 10164}
+# A status reply instead of an acknowledgement: no stream leader is listening (yet).
+_NO_RESPONDERS = b"NATS/1.0 503"
+# How long to wait before re-sending after a status reply or a retriable error.
+_RESEND_PAUSE_S = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +62,8 @@ class StreamSettings:
 
     name: str = subjects.EVENT_STREAM
     prefix: str = subjects.EVENTS_PREFIX
-    replicas: int = 1
+    # None: 3 when the connected server is clustered, else 1 (resolved by ensure_stream).
+    replicas: int | None = None
     duplicate_window_s: float = 120.0
     max_age_s: float = 0.0
     max_bytes: int = -1
@@ -68,7 +82,7 @@ class StreamSettings:
             subjects=[self.wildcard],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            num_replicas=self.replicas,
+            num_replicas=self.replicas or 1,
             duplicate_window=self.duplicate_window_s,
             max_age=self.max_age_s,
             max_bytes=self.max_bytes,
@@ -116,11 +130,17 @@ class EventLog:
     """The event log of one NATS connection."""
 
     def __init__(
-        self, nc: Client, settings: StreamSettings | None = None, *, ack_timeout: float = 10.0
+        self,
+        nc: Client,
+        settings: StreamSettings | None = None,
+        *,
+        ack_timeout: float = 30.0,
+        resend_after: float = 2.0,
     ) -> None:
         self.nc = nc
         self.settings = settings or StreamSettings()
         self.ack_timeout = ack_timeout
+        self.resend_after = resend_after
         self.js = nc.jetstream()
         self._inbox: str | None = None
         self._acks: dict[bytes, _Ack] = {}
@@ -129,12 +149,19 @@ class EventLog:
     # --- stream ---------------------------------------------------------------------------
 
     async def ensure_stream(self) -> api.StreamInfo:
-        """Create the stream, or bring an existing one's settings up to date."""
+        """Create the stream, or bring an existing one's settings up to date.
+
+        A stream that already has these settings is left alone, so an actor whose NATS user may
+        not update the stream (``vapora.deploy``'s permissions) starts against it.
+        """
         config = self.settings.config()
+        config.num_replicas = stream_replicas(self.nc, self.settings.replicas)
         try:
-            await self.js.stream_info(self.settings.name)
+            info = await self.js.stream_info(self.settings.name)
         except NotFoundError:
             return await self.js.add_stream(config)
+        if _settings_match(info.config, config):
+            return info
         return await self.js.update_stream(config)
 
     async def last_sequence(self) -> int:
@@ -190,14 +217,20 @@ class EventLog:
         headers = {"Nats-Msg-Id": event.id}
         if expected is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
-        self._next += 1
-        token = str(self._next)
-        ack = self._acks[token.encode()] = _Ack()
-        target = subject or self.settings.subject_for(event)
-        await self.nc.publish(
-            target, encode(event), reply=f"{inbox}.{token}", headers=tracing.inject(headers)
-        )
+        ack = _Ack(subject or self.settings.subject_for(event), encode(event))
+        ack.headers = tracing.inject(headers)
+        await self._send(inbox, ack)
         return ack
+
+    async def _send(self, inbox: str, ack: _Ack) -> None:
+        # Each attempt gets its own reply token; any attempt's acknowledgement completes ``ack``.
+        self._next += 1
+        token = str(self._next).encode()
+        self._acks[token] = ack
+        ack.tokens.append(token)
+        await self.nc.publish(
+            ack.subject, ack.payload, reply=f"{inbox}.{token.decode()}", headers=ack.headers
+        )
 
     async def _reply_inbox(self) -> str:
         if self._inbox is None:
@@ -208,19 +241,55 @@ class EventLog:
 
     def _on_ack(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         ack = self._acks.pop(subject.rpartition(b".")[2], None)
-        if ack is not None:
+        if ack is None or ack.data is not None:
+            return
+        if not data and headers and headers.startswith(_NO_RESPONDERS):
+            ack.retry = True  # no stream leader right now: send again shortly
+        else:
             ack.data = data
-            ack.done.set()
+        ack.done.set()
 
     async def _await_ack(self, ack: _Ack, event: Event) -> Appended:
-        if ack.data is None:
-            try:
-                with anyio.fail_after(self.ack_timeout):
-                    await ack.done.wait()
-            except TimeoutError as exc:
-                raise InternalError(f"event log did not acknowledge event {event.id}") from exc
-        assert ack.data is not None
-        return _parse_ack(ack.data, event)
+        deadline = anyio.current_time() + self.ack_timeout
+        try:
+            while True:
+                if ack.data is None:
+                    await self._wait_or_resend(ack, event, deadline)
+                    continue
+                if _retriable(ack.data) and anyio.current_time() < deadline:
+                    log.info("event log: %s for event %s; re-sending", _error_text(ack), event.id)
+                    ack.data = None
+                    await self._pause_and_resend(ack, deadline)
+                    continue
+                return _parse_ack(ack.data, event)
+        finally:
+            for token in ack.tokens:
+                self._acks.pop(token, None)
+
+    async def _wait_or_resend(self, ack: _Ack, event: Event, deadline: float) -> None:
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            raise InternalError(
+                f"event log did not acknowledge event {event.id} within {self.ack_timeout} s"
+            )
+        with anyio.move_on_after(min(self.resend_after, remaining)):
+            await ack.done.wait()
+        if ack.data is not None:
+            return
+        denied = self.nc.permission_violation(ack.subject)
+        if denied is not None:
+            raise PermissionDenied(f"cannot append event {event.id} to {ack.subject}: {denied}")
+        if ack.retry:
+            await self._pause_and_resend(ack, deadline)
+        elif anyio.current_time() < deadline:
+            log.warning("event log: no acknowledgement for event %s yet; re-sending", event.id)
+            await self._send(await self._reply_inbox(), ack)
+
+    async def _pause_and_resend(self, ack: _Ack, deadline: float) -> None:
+        await anyio.sleep(max(0.0, min(_RESEND_PAUSE_S, deadline - anyio.current_time())))
+        ack.retry = False
+        ack.done = anyio.Event()
+        await self._send(await self._reply_inbox(), ack)
 
     # --- read -----------------------------------------------------------------------------
 
@@ -289,10 +358,17 @@ def _pull_request(follow: bool) -> bytes:
 
 
 class _Ack:
-    __slots__ = ("data", "done")
+    """One event's append: what to (re-)send, its reply tokens, and the acknowledgement."""
 
-    def __init__(self) -> None:
+    __slots__ = ("data", "done", "headers", "payload", "retry", "subject", "tokens")
+
+    def __init__(self, subject: str, payload: bytes) -> None:
+        self.subject = subject
+        self.payload = payload
+        self.headers: dict[str, str] = {}
+        self.tokens: list[bytes] = []
         self.data: bytes | None = None
+        self.retry = False
         self.done = anyio.Event()
 
 
@@ -360,6 +436,37 @@ def _decode_one(seq: int, subject: bytes, data: bytes) -> Event:
 def _provider_of(event: Event) -> str | None:
     provider = getattr(event, "provider", None)
     return provider if isinstance(provider, str) else None
+
+
+_COMPARED = (
+    "subjects",
+    "retention",
+    "storage",
+    "num_replicas",
+    "duplicate_window",
+    "max_age",
+    "max_bytes",
+    "deny_delete",
+    "deny_purge",
+    "allow_direct",
+)
+
+
+def _settings_match(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
+    return all(getattr(current, key) == getattr(wanted, key) for key in _COMPARED)
+
+
+def _retriable(data: bytes) -> bool:
+    """A JetStream 503 (e.g. "JetStream cluster not available"): no leader yet; try again."""
+    if b'"error"' not in data:
+        return False
+    ack = _ack_decoder.decode(data)
+    return ack.error is not None and ack.error.get("code") == 503
+
+
+def _error_text(ack: _Ack) -> str:
+    error = _ack_decoder.decode(ack.data or b"{}").error or {}
+    return str(error.get("description", "an error"))
 
 
 def _parse_ack(data: bytes, event: Event) -> Appended:

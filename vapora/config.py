@@ -40,7 +40,9 @@ from vapora.errors import ConfigError
 __all__ = [
     "DEFAULT_MAPPINGS",
     "ENV_CONFIG",
+    "ENV_NATS_PASSWORD",
     "ENV_NATS_URL",
+    "ENV_NATS_USER",
     "BudgetConfig",
     "Config",
     "NatsConfig",
@@ -71,6 +73,8 @@ __all__ = [
 
 ENV_CONFIG: Final = "VAPORA_CONFIG"
 ENV_NATS_URL: Final = "VAPORA_NATS_URL"
+ENV_NATS_USER: Final = "VAPORA_NATS_USER"
+ENV_NATS_PASSWORD: Final = "VAPORA_NATS_PASSWORD"
 _MASK: Final = "***"
 
 
@@ -317,6 +321,8 @@ class StorageConfig(_Section, frozen=True, kw_only=True):
 
     data_dir: str = ".vapora"
     sync_interval: str = "1s"
+    # The event stream's replicas; None: 3 on a clustered server, else 1 (actors.cluster).
+    replicas: int | None = None
 
 
 class TelemetryConfig(_Section, frozen=True, kw_only=True):
@@ -670,6 +676,8 @@ def _check_misc(storage: StorageConfig, telemetry: TelemetryConfig) -> None:
             f'must be "always" or a duration such as "500ms", "1s", "2m"; '
             f"got {storage.sync_interval!r}",
         )
+    if storage.replicas is not None and not 1 <= storage.replicas <= 5:
+        raise _Invalid("storage.replicas", f"must be in 1..5, got {storage.replicas}")
     port = telemetry.prometheus_port
     if port is not None and not 1 <= port <= 65535:
         raise _Invalid("telemetry.prometheus_port", f"must be in 1..65535, got {port}")
@@ -756,8 +764,11 @@ def config_path(flag: str | None, env: Mapping[str, str]) -> str | None:
 def apply_env(config: Config, env: Mapping[str, str], *, nats_url: str | None = None) -> Config:
     """Override the NATS URLs: ``nats_url`` (a flag) first, else ``VAPORA_NATS_URL``.
 
-    Either may be a comma-separated list for a cluster.
+    Either may be a comma-separated list for a cluster. ``VAPORA_NATS_USER`` and
+    ``VAPORA_NATS_PASSWORD`` replace the NATS user and password, so a deployment keeps its
+    passwords in the environment, never in a file.
     """
+    config = _env_credentials(config, env)
     override = nats_url or env.get(ENV_NATS_URL)
     if not override:
         return config
@@ -768,6 +779,19 @@ def apply_env(config: Config, env: Mapping[str, str], *, nats_url: str | None = 
     except _Invalid as exc:
         raise ConfigError(str(exc)) from exc
     return msgspec.structs.replace(config, nats=msgspec.structs.replace(config.nats, urls=checked))
+
+
+def _env_credentials(config: Config, env: Mapping[str, str]) -> Config:
+    user = env.get(ENV_NATS_USER) or config.nats.user
+    password = env.get(ENV_NATS_PASSWORD) or config.nats.password
+    if (user, password) == (config.nats.user, config.nats.password):
+        return config
+    if user is None:
+        raise ConfigError(f"{ENV_NATS_PASSWORD}: needs a user ({ENV_NATS_USER} or nats.user)")
+    if config.nats.token is not None:
+        raise ConfigError(f"{ENV_NATS_USER}: give a token or a user and password, not both")
+    nats = msgspec.structs.replace(config.nats, user=user, password=password)
+    return msgspec.structs.replace(config, nats=nats)
 
 
 def load(
