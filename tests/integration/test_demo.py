@@ -1,0 +1,137 @@
+"""`vapora demo`, short: a real server, real actors and the simulators, end to end; its report
+agrees with the events it produced, the audit passes, and the data stays usable offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from vapora.cli.demo import plan_workload
+
+VAPORA = [sys.executable, "-m", "vapora.cli"]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VAPORA, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    data_dir = tmp_path_factory.mktemp("demo") / "data"
+    return data_dir, run("demo", "--data-dir", str(data_dir), "--requests", "120")
+
+
+def test_the_demo_finishes_and_prints_the_report_and_a_clean_audit(
+    demo: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    data_dir, done = demo
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for heading in (
+        "Cost report",
+        "By provider",
+        "By task type",
+        "By hour",
+        "Budget tier changes",
+        "Fallbacks",
+    ):
+        assert heading in out
+    assert "no differences" in out
+    assert "Anthropic outage" in out
+    assert (data_dir / "report.html").is_file()
+
+
+def test_the_budget_runs_down_and_routing_shifts_to_the_free_provider(
+    demo: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    data_dir, _ = demo
+    tiers = [
+        json.loads(line)
+        for line in run(
+            "events", "--data-dir", str(data_dir), "--type", "budget_tier_changed"
+        ).stdout.splitlines()
+    ]
+    reached = {t["to_tier"] for t in tiers}
+    assert {"NearThreshold", "Exceeded"} <= reached
+    assert all(t["causation_id"] for t in tiers)
+    decisions = [
+        json.loads(line)
+        for line in run(
+            "events", "--data-dir", str(data_dir), "--type", "route_decided"
+        ).stdout.splitlines()
+    ]
+    exceeded = [d for d in decisions if d["decision"]["tier"] == "Exceeded"]
+    # In Exceeded only the free provider is in any chain; an empty chain is a 402 refusal.
+    assert exceeded and all(d["decision"]["chain"] in (["ollama"], []) for d in exceeded)
+    assert any(d["decision"]["chain"] == ["ollama"] for d in exceeded)
+
+
+def test_the_report_agrees_with_the_events_it_produced(
+    demo: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    data_dir, _ = demo
+    spends = [
+        json.loads(line)
+        for line in run(
+            "events", "--data-dir", str(data_dir), "--type", "spend_recorded"
+        ).stdout.splitlines()
+    ]
+    report = json.loads(run("report", "--data-dir", str(data_dir), "--json").stdout)
+    assert Decimal(report["total_usd"]) == sum(Decimal(s["cost_usd"]) for s in spends)
+    assert report["calls"] == len(spends)
+    by_provider: dict[str, Decimal] = {}
+    for s in spends:
+        by_provider[s["provider"]] = by_provider.get(s["provider"], Decimal(0)) + Decimal(
+            s["cost_usd"]
+        )
+    assert {k: Decimal(v) for k, v in report["by_provider"].items()} == by_provider
+
+
+def test_the_outage_shows_as_fallbacks_and_an_open_breaker(
+    demo: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    data_dir, _ = demo
+    fallbacks = run(
+        "events", "--data-dir", str(data_dir), "--type", "fallback_triggered"
+    ).stdout.splitlines()
+    assert any(json.loads(f)["from_provider"] == "claude" for f in fallbacks)
+    health = [
+        json.loads(h)
+        for h in run(
+            "events", "--data-dir", str(data_dir), "--type", "provider_health_changed"
+        ).stdout.splitlines()
+    ]
+    assert any(h["provider"] == "claude" and h["breaker"] == "open" for h in health)
+
+
+def test_audit_passes_offline_after_the_demo(
+    demo: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    data_dir, _ = demo
+    audit = run("audit", "--data-dir", str(data_dir))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "no differences" in audit.stdout
+
+
+def test_the_workload_is_deterministic_and_covers_every_task_type() -> None:
+    tasks = plan_workload(200)
+    assert tasks == plan_workload(200)
+    assert len({t.fields["task_type"] for t in tasks}) == 7
+    assert any(t.stream for t in tasks) and any("provider" in t.fields for t in tasks)
+
+
+def test_a_directory_that_is_not_a_demo_is_never_deleted(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    done = run("demo", "--data-dir", str(precious), "--requests", "5")
+    assert done.returncode == 2
+    assert "not a vapora demo directory" in done.stderr
+    assert (precious / "keep.txt").read_text() == "mine"
