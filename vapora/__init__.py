@@ -6,6 +6,20 @@ tree and the Python client for other services. Actors live in the ``actors`` pac
 
 from __future__ import annotations
 
-__all__ = ["__version__"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vapora.client import Client
+
+__all__ = ["Client", "__version__"]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # ``vapora.Client`` is imported on first use, so the pure modules do not pull in nats-py.
+    if name == "Client":
+        from vapora.client import Client
+
+        return Client
+    raise AttributeError(f"module 'vapora' has no attribute {name!r}")

@@ -1,0 +1,179 @@
+"""``vapora.Client`` for other Python services, and ``vapora ask`` on top of it: results, streams,
+reports and budgets decoded into the contract types; contract errors raised as our error tree;
+silence raised as ``RequestTimeout``."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from nats.aio.msg import Msg
+
+import vapora
+from events.codec import encode
+from events.contract import (
+    BudgetStatus,
+    CompletionRequest,
+    CostReport,
+    ErrorBody,
+    ErrorReply,
+    Tier,
+)
+from tests.fault.provider_harness import config_text, deployment
+from vapora.commands_ask import ask_command
+from vapora.errors import (
+    BudgetExceeded,
+    InvalidRequest,
+    NoProviderAvailable,
+    RequestTimeout,
+    UnknownProvider,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def guide(**kw: object) -> Callable[[str], str]:
+    return lambda base_url: config_text(base_url, **kw)  # type: ignore[arg-type]
+
+
+async def test_connect_complete_and_stream_with_a_request_or_its_fields(tmp_path: Path) -> None:
+    async with (
+        deployment(tmp_path, guide()) as dep,
+        vapora.Client.connect(dep.server.url) as client,
+    ):
+        by_fields = await client.complete(prompt="hello there", provider="openai")
+        request = CompletionRequest(prompt="hello there", provider="openai", task_id="mine")
+        by_request = await client.complete(request)
+        assert by_fields.provider == by_request.provider == "openai"
+        assert by_request.task_id == "mine" and by_fields.task_id != "mine"
+        assert by_fields.text == by_request.text
+        async with client.stream(prompt="hello there", provider="openai") as stream:
+            text = "".join([part async for part in stream])
+        assert text == by_fields.text
+        assert stream.result is not None and stream.result.usage == by_fields.usage
+
+
+async def test_contract_errors_are_raised_as_the_error_tree(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide()) as dep:
+        client = dep.client
+        with pytest.raises(UnknownProvider):
+            await client.complete(prompt="x", provider="nope")
+        with pytest.raises(InvalidRequest, match="temperature"):
+            await client.complete(prompt="x", temperature=9)
+        with pytest.raises(UnknownProvider):
+            async for _ in client.stream(prompt="x", provider="nope"):
+                pass
+
+
+async def test_report_and_budget_decode_the_contract_and_raise_its_errors(
+    tmp_path: Path,
+) -> None:
+    async with deployment(tmp_path, guide(), providers=[], router=False) as dep:
+        client = dep.client
+        with pytest.raises(NoProviderAvailable, match=r"vapora\.report"):
+            await client.report()
+        now = datetime(2026, 11, 26, tzinfo=UTC)
+        report = CostReport(since=None, until=None, total_usd=Decimal("1.25"), calls=3)
+        status = BudgetStatus(
+            at=now,
+            tier=Tier.NEAR_THRESHOLD,
+            daily_limit_usd=Decimal(100),
+            monthly_limit_usd=None,
+            per_task_limit_usd=None,
+            spent_today_usd=Decimal(60),
+            spent_month_usd=Decimal(60),
+            reserved_usd=Decimal(0),
+            open_reservations=0,
+            daily_percent=60.0,
+            monthly_percent=0.0,
+            warn_threshold_percent=90.0,
+        )
+        seen: list[bytes] = []
+
+        async def ledger(msg: Msg) -> None:
+            seen.append(msg.data)
+            await msg.respond(encode(report))
+
+        async def keeper(msg: Msg) -> None:
+            error = ErrorReply(error=ErrorBody(code="budget_exceeded", message="over"))
+            headers = {"Nats-Service-Error-Code": "402", "Nats-Service-Error": "over"}
+            await dep.client.nc.publish(msg.reply, encode(error), headers=headers)
+
+        await client.nc.subscribe("vapora.report", cb=ledger)
+        got = await client.report(since=now)
+        assert got == report
+        assert json.loads(seen[0])["since"].startswith("2026-11-26")
+        await client.nc.subscribe("vapora.budget", cb=keeper)
+        with pytest.raises(BudgetExceeded, match="over"):
+            await client.budget()
+        assert status.tier is Tier.NEAR_THRESHOLD
+
+
+async def test_silence_is_a_request_timeout(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide(), providers=[], router=False) as dep:
+
+        async def black_hole(msg: Msg) -> None:
+            return None
+
+        await dep.client.nc.subscribe("vapora.complete", cb=black_hole)
+        await dep.client.nc.subscribe("vapora.stream", cb=black_hole)
+        client = vapora.Client(dep.client.nc, timeout_s=0.3)
+        with pytest.raises(RequestTimeout):
+            await client.complete(prompt="anyone?")
+        with pytest.raises(RequestTimeout):
+            async for _ in client.stream(prompt="anyone?"):
+                pass
+
+
+async def test_ask_prints_text_then_provider_model_tokens_cost_latency(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide()) as dep:
+        out = io.StringIO()
+        status = await ask_command(
+            dep.client,
+            "write a sort",
+            task_type="CodeGeneration",
+            quality="High",
+            provider=None,
+            budget_cents=500,
+            stream=False,
+            as_json=False,
+            out=out,
+        )
+        assert status == 0
+        text = out.getvalue()
+        for label in ("provider: claude", "model:", "tokens:", "cost:     $", "latency:"):
+            assert label in text
+        out = io.StringIO()
+        status = await ask_command(
+            dep.client,
+            "write a sort",
+            task_type=None,
+            quality=None,
+            provider="ollama",
+            budget_cents=None,
+            stream=True,
+            as_json=True,
+            out=out,
+        )
+        assert status == 0
+        document = json.loads(out.getvalue())
+        assert document["provider"] == "ollama" and document["text"]
+        err = io.StringIO()
+        status = await ask_command(
+            dep.client,
+            "x",
+            task_type=None,
+            quality=None,
+            provider="nope",
+            budget_cents=None,
+            stream=True,
+            as_json=False,
+            out=io.StringIO(),
+            err=err,
+        )
+        assert status == 1 and "unknown_provider" in err.getvalue()

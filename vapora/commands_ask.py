@@ -1,0 +1,126 @@
+"""``vapora ask``: one request through ``vapora.complete`` (or ``vapora.stream``), printed.
+
+The CLI's argument parsing lives elsewhere; :func:`ask_command` takes the parsed values. It prints
+the text, then provider, model, tokens, cost and latency; ``stream`` prints the text as it
+arrives; ``as_json`` prints the whole result as JSON instead (for a stream: the ``end`` message
+with the text added). Errors go to ``err`` as ``vapora: <code>: <message>`` and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from decimal import Decimal
+from typing import Any, TextIO
+
+import msgspec
+
+from events.codec import encode
+from events.contract import CompletionRequest, CompletionResult, StreamEnd, Usage
+from vapora.client import Client
+from vapora.errors import VaporaError
+
+__all__ = ["ask_command", "summary_lines"]
+
+
+def _request(
+    prompt: str,
+    *,
+    task_type: str | None,
+    quality: str | None,
+    provider: str | None,
+    budget_cents: Decimal | int | str | None,
+) -> CompletionRequest:
+    fields: dict[str, Any] = {"prompt": prompt}
+    if task_type:
+        fields["task_type"] = task_type
+    if quality:
+        fields["quality"] = quality
+    if provider:
+        fields["provider"] = provider
+    if budget_cents is not None:
+        fields["budget_cents"] = str(budget_cents)
+    return msgspec.convert(fields, CompletionRequest, strict=False)
+
+
+def summary_lines(
+    provider: str, model: str, usage: Usage, cost_usd: Decimal, latency_ms: float
+) -> list[str]:
+    """The lines printed under the text."""
+    tokens = f"tokens:   {usage.input_tokens} in, {usage.output_tokens} out"
+    if usage.cache_read_tokens or usage.cache_write_tokens:
+        tokens += f" (cache read {usage.cache_read_tokens}, write {usage.cache_write_tokens})"
+    return [
+        f"provider: {provider}",
+        f"model:    {model}",
+        tokens,
+        f"cost:     ${cost_usd:f}",
+        f"latency:  {latency_ms:.1f} ms",
+    ]
+
+
+async def ask_command(
+    client: Client,
+    prompt: str,
+    *,
+    task_type: str | None = None,
+    quality: str | None = None,
+    provider: str | None = None,
+    budget_cents: Decimal | int | str | None = None,
+    stream: bool = False,
+    as_json: bool = False,
+    out: TextIO = sys.stdout,
+    err: TextIO | None = None,
+) -> int:
+    """Ask vapora once and print the answer; the exit status (0 ok, 1 error)."""
+    errors = err if err is not None else sys.stderr
+    try:
+        request = _request(
+            prompt,
+            task_type=task_type,
+            quality=quality,
+            provider=provider,
+            budget_cents=budget_cents,
+        )
+        if stream:
+            await _ask_streaming(client, request, as_json=as_json, out=out)
+        else:
+            _print_result(await client.complete(request), as_json=as_json, out=out)
+    except msgspec.ValidationError as exc:
+        print(f"vapora: invalid_request: {exc}", file=errors)
+        return 1
+    except VaporaError as exc:
+        print(f"vapora: {exc.code}: {exc.message}", file=errors)
+        return 1
+    return 0
+
+
+def _print_result(result: CompletionResult, *, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(encode(result).decode(), file=out)
+        return
+    print(result.text, file=out)
+    print(file=out)
+    lines = summary_lines(
+        result.provider, result.model, result.usage, result.cost_usd, result.latency_ms
+    )
+    print("\n".join(lines), file=out)
+
+
+async def _ask_streaming(
+    client: Client, request: CompletionRequest, *, as_json: bool, out: TextIO
+) -> None:
+    async with client.stream(request) as chunks:
+        async for text in chunks:
+            if not as_json:
+                out.write(text)
+                out.flush()
+    end: StreamEnd | None = chunks.result
+    assert end is not None  # a stream either ends with ``end`` or raises
+    if as_json:
+        document = msgspec.json.decode(encode(end))
+        document["text"] = chunks.text
+        print(encode(document).decode(), file=out)
+        return
+    print("\n", file=out)
+    lines = summary_lines(end.provider, end.model, end.usage, end.cost_usd, end.latency_ms)
+    print("\n".join(lines), file=out)
