@@ -441,6 +441,7 @@ class BudgetKeeper:
         if current == self.announced:
             return
         daily, monthly = budget.percentages(self.state, self.limits, now)
+        log.info("budget tier %s -> %s (caused by %s)", self.announced, current, cause)
         await self._append(
             BudgetTierChanged(
                 id=_new_id(),
@@ -452,7 +453,6 @@ class BudgetKeeper:
                 monthly_percent=float(monthly),
             )
         )
-        log.info("budget tier %s -> %s (caused by %s)", self.announced, current, cause)
 
     def _remember(self, event_id: str) -> None:
         self._own[event_id] = None

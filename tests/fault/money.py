@@ -179,6 +179,7 @@ async def reserve(
     task_id: str | None = None,
     ttl_s: float = 120.0,
     rid: str | None = None,
+    wait_s: float = 10.0,
 ) -> BudgetReserveReply:
     request = BudgetReserve(
         reservation_id=rid or uuid.uuid4().hex,
@@ -187,11 +188,13 @@ async def reserve(
         amount_usd=amount,
         ttl_s=ttl_s,
     )
-    return (await ask(nc, subjects.BUDGET_RESERVE, request)).as_(BudgetReserveReply)
+    answer = await ask(nc, subjects.BUDGET_RESERVE, request, wait_s=wait_s)
+    return answer.as_(BudgetReserveReply)
 
 
-async def release(nc: Client, rid: str, reason: str = "failed") -> Answer:
-    return await ask(nc, subjects.BUDGET_RELEASE, BudgetRelease(reservation_id=rid, reason=reason))
+async def release(nc: Client, rid: str, reason: str = "failed", wait_s: float = 10.0) -> Answer:
+    request = BudgetRelease(reservation_id=rid, reason=reason)
+    return await ask(nc, subjects.BUDGET_RELEASE, request, wait_s=wait_s)
 
 
 async def status(nc: Client) -> BudgetStatus:
