@@ -27,7 +27,7 @@ from events.log import (
 
 __all__ = ["render_html"]
 
-_WIDTH, _HEIGHT, _PAD = 860, 280, 48
+_WIDTH, _HEIGHT, _PAD = 860, 280, 72
 _COLOURS = ("#d97706", "#2563eb", "#059669", "#7c3aed", "#dc2626", "#0891b2", "#4b5563")
 _TIER_COLOURS = {Tier.NORMAL: "#bbf7d0", Tier.NEAR_THRESHOLD: "#fde68a", Tier.EXCEEDED: "#fecaca"}
 
