@@ -12,7 +12,7 @@ import logging
 import re
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +141,19 @@ class Client(NATS):
                 return message
         return None
 
+    @contextlib.contextmanager
+    def denial_watch(self, subject: str, event: anyio.Event) -> Iterator[None]:
+        """Set ``event`` when the server refuses a publish to ``subject`` inside this block."""
+        key = subject.lower()
+        waiters = self._denial_waiters.setdefault(key, set())
+        waiters.add(event)
+        try:
+            yield
+        finally:
+            waiters.discard(event)
+            if not waiters:
+                self._denial_waiters.pop(key, None)
+
     async def _process_err(self, err_msg: str) -> None:
         match = _VIOLATION.search(err_msg)
         if match is not None:
@@ -162,10 +175,8 @@ class Client(NATS):
         """nats-py's request, but a publish the server refuses raises :class:`PermissionDenied`
         at once (the server answers a refused publish with an error, never a reply)."""
         denied = anyio.Event()
-        waiters = self._denial_waiters.setdefault(subject.lower(), set())
-        waiters.add(denied)
         outcome: list[Msg | Exception] = []
-        try:
+        with self.denial_watch(subject, denied):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
                     self._ask,
@@ -179,10 +190,6 @@ class Client(NATS):
                 )
                 await denied.wait()
                 tg.cancel_scope.cancel()
-        finally:
-            waiters.discard(denied)
-            if not waiters:
-                self._denial_waiters.pop(subject.lower(), None)
         result = outcome[0] if outcome else None
         if isinstance(result, Msg):
             return result
@@ -255,7 +262,12 @@ class Client(NATS):
 
 
 async def connect(options: ConnectOptions) -> Client:
-    """Connect with reconnects forever (by default) and loud error callbacks."""
+    """Connect with reconnects forever (by default) and loud error callbacks.
+
+    A first connection that the server refuses for good (wrong credentials, a certificate either
+    side does not trust) fails at once with that reason rather than after ``initial_deadline``.
+    """
+    refusal = _Refusal()
     kwargs: dict[str, Any] = {
         "servers": list(options.servers),
         "name": options.name,
@@ -264,7 +276,7 @@ async def connect(options: ConnectOptions) -> Client:
         "max_reconnect_attempts": options.max_reconnect_attempts,
         "allow_reconnect": True,
         "pending_size": options.pending_size,
-        "error_cb": _error_cb,
+        "error_cb": refusal.error_cb,
         "disconnected_cb": _disconnected_cb,
         "reconnected_cb": _reconnected_cb,
     }
@@ -281,7 +293,7 @@ async def connect(options: ConnectOptions) -> Client:
     servers = ", ".join(options.servers)
     try:
         with anyio.fail_after(options.initial_deadline):
-            await client.connect(**kwargs)
+            await refusal.connect(client, kwargs)
     except TimeoutError as exc:
         last = client.last_error
         await _abandon(client)
@@ -292,7 +304,54 @@ async def connect(options: ConnectOptions) -> Client:
     except Exception as exc:
         await _abandon(client)
         raise ConnectionFailed(f"cannot connect to NATS at {servers}: {exc}") from exc
+    if refusal.error is not None and not client.is_connected:
+        await _abandon(client)
+        raise ConnectionFailed(f"NATS at {servers} refused the connection: {refusal.reason()}")
     return client
+
+
+class _Refusal:
+    """Watches the first connection for errors that retrying cannot fix."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self._refused = anyio.Event()
+        self._connecting = True
+
+    async def error_cb(self, exc: Exception) -> None:
+        await _error_cb(exc)
+        if self._connecting and self.error is None and _is_refusal(exc):
+            self.error = exc
+            self._refused.set()
+
+    async def connect(self, client: Client, kwargs: dict[str, Any]) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._cancel_when_refused, tg.cancel_scope)
+                await client.connect(**kwargs)
+                tg.cancel_scope.cancel()
+        finally:
+            self._connecting = False
+
+    async def _cancel_when_refused(self, scope: anyio.CancelScope) -> None:
+        await self._refused.wait()
+        scope.cancel()
+
+    def reason(self) -> str:
+        exc = self.error
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"the server's certificate is not trusted ({text})"
+        if isinstance(exc, ssl.SSLError):
+            return f"the TLS handshake failed; is our client certificate trusted? ({text})"
+        return f"authentication failed: wrong user, password, token or credentials ({text})"
+
+
+def _is_refusal(exc: Exception) -> bool:
+    if isinstance(exc, ssl.SSLError):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 async def _abandon(client: Client) -> None:

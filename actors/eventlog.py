@@ -272,7 +272,10 @@ class EventLog:
             raise InternalError(
                 f"event log did not acknowledge event {event.id} within {self.ack_timeout} s"
             )
-        with anyio.move_on_after(min(self.resend_after, remaining)):
+        with (
+            self.nc.denial_watch(ack.subject, ack.done),
+            anyio.move_on_after(min(self.resend_after, remaining)),
+        ):
             await ack.done.wait()
         if ack.data is not None:
             return

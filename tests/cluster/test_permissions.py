@@ -1,0 +1,217 @@
+"""Per-actor NATS users on a real server running the generated accounts (``vapora.deploy``)
+with TLS, verification on: who may write which events, that nobody but admin removes history,
+and that refusals are clear errors, never hangs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+from nats.js.errors import APIError
+
+from actors.connection import ConnectionFailed, PermissionDenied
+from actors.eventlog import EventLog
+from actors.server import EmbeddedNats
+from events.log import Event
+from tests.cluster.certs import TlsFiles
+from tests.cluster.conftest import connect_as
+from tests.samples import EVENTS
+
+pytestmark = pytest.mark.anyio
+
+ACTORS = ("router", "provider", "budget", "ledger")
+
+
+def fresh(tag: str, suffix: str) -> Event:
+    """A sample event of type ``tag`` with a new id (so no append is a duplicate)."""
+    return msgspec.structs.replace(EVENTS[tag], id=f"{tag}-{suffix}")
+
+
+@pytest.fixture(scope="module")
+async def admin_log(secured_server: EmbeddedNats, tls_files: TlsFiles) -> AsyncIterator[EventLog]:
+    """The event stream, created by admin as a deployment's first start would."""
+    nc = await connect_as(secured_server.url, "admin", tls_files)
+    log = EventLog(nc)
+    await log.ensure_stream()
+    yield log
+    await nc.close()
+
+
+async def stored(admin_log: EventLog) -> int:
+    return await admin_log.last_sequence()
+
+
+async def test_a_client_forging_a_spend_event_is_refused_and_nothing_is_stored(
+    secured_server: EmbeddedNats,
+    tls_files: TlsFiles,
+    admin_log: EventLog,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = await stored(admin_log)
+    nc = await connect_as(secured_server.url, "client", tls_files)
+    try:
+        with caplog.at_level(logging.ERROR, logger="vapora.nats"):
+            with pytest.raises(PermissionDenied, match=r"vapora\.events\.spend\.claude"):
+                await EventLog(nc).append(fresh("spend_recorded", "forged"))
+            with pytest.raises(PermissionDenied, match="permissions violation"):
+                await nc.jetstream().publish("vapora.events.spend.x", b"{}")
+    finally:
+        await nc.close()
+    assert await stored(admin_log) == before
+    assert any("permissions violation" in r.getMessage() for r in caplog.records)
+
+
+WRITERS = {
+    "route_decided": "router",
+    "fallback_triggered": "router",
+    "call_succeeded": "provider",
+    "call_failed": "provider",
+    "spend_recorded": "provider",
+    "provider_health_changed": "provider",
+    "budget_reserved": "budget",
+    "budget_released": "budget",
+    "budget_tier_changed": "budget",
+}
+
+
+@pytest.mark.parametrize("user", [*ACTORS, "client"])
+async def test_each_event_type_is_written_only_by_its_owner(
+    user: str, secured_server: EmbeddedNats, tls_files: TlsFiles, admin_log: EventLog
+) -> None:
+    nc = await connect_as(secured_server.url, user, tls_files)
+    log = EventLog(nc)
+    try:
+        for tag, owner in WRITERS.items():
+            event = fresh(tag, f"by-{user}")
+            if owner == user:
+                assert (await log.append(event)).seq > 0
+            else:
+                with pytest.raises(PermissionDenied):
+                    await log.append(event)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("user", [*ACTORS, "client"])
+async def test_nobody_but_admin_may_purge_delete_or_rewrite_the_stream(
+    user: str, secured_server: EmbeddedNats, tls_files: TlsFiles, admin_log: EventLog
+) -> None:
+    await admin_log.append(fresh("budget_released", f"keep-{user}"))
+    before = await stored(admin_log)
+    nc = await connect_as(secured_server.url, user, tls_files)
+    js, name = nc.jetstream(), admin_log.settings.name
+    config = (await admin_log.js.stream_info(name)).config
+    try:
+        with pytest.raises(PermissionDenied):
+            await js.purge_stream(name)
+        with pytest.raises(PermissionDenied):
+            await js.delete_stream(name)
+        with pytest.raises(PermissionDenied):
+            await js.delete_msg(name, 1)
+        with pytest.raises(PermissionDenied):
+            await js.update_stream(dataclasses.replace(config, max_msgs=1))
+    finally:
+        await nc.close()
+    info = await admin_log.js.stream_info(name)
+    assert info.state.last_seq == before and info.state.first_seq == 1
+
+
+async def test_even_admin_cannot_purge_the_stream_it_refuses_deletes(
+    admin_log: EventLog,
+) -> None:
+    await admin_log.append(fresh("budget_released", "admin"))
+    with pytest.raises(APIError, match="purge"):
+        await admin_log.js.purge_stream(admin_log.settings.name)
+
+
+@pytest.mark.parametrize("user", ACTORS)
+async def test_an_actor_starts_against_the_existing_stream_without_updating_it(
+    user: str, secured_server: EmbeddedNats, tls_files: TlsFiles, admin_log: EventLog
+) -> None:
+    nc = await connect_as(secured_server.url, user, tls_files)
+    try:
+        info = await EventLog(nc).ensure_stream()
+    finally:
+        await nc.close()
+    assert info.config.deny_purge and info.config.deny_delete
+
+
+@pytest.mark.parametrize(
+    "subject", ["vapora.budget.reserve", "vapora.provider.claude.call", "vapora.events.route"]
+)
+async def test_a_client_may_not_publish_to_internal_subjects(
+    subject: str, secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    nc = await connect_as(secured_server.url, "client", tls_files)
+    try:
+        with pytest.raises(PermissionDenied, match=subject.replace(".", r"\.")):
+            await nc.request(subject, b"{}", timeout=30)
+    finally:
+        await nc.close()
+
+
+async def test_a_client_may_not_take_requests_meant_for_the_router(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    nc = await connect_as(secured_server.url, "client", tls_files)
+    try:
+        await nc.subscribe("vapora.complete")
+        await nc.flush()
+        assert nc.permission_violation("vapora.complete", "subscription") is not None
+    finally:
+        await nc.close()
+
+
+async def test_the_request_flow_works_over_tls_for_the_right_users(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    router = await connect_as(secured_server.url, "router", tls_files)
+    client = await connect_as(secured_server.url, "client", tls_files)
+    try:
+
+        async def answer(msg: object) -> None:
+            await msg.respond(b'{"ok": true}')  # type: ignore[attr-defined]
+
+        await router.subscribe("vapora.complete", queue="router", cb=answer)
+        await router.flush()
+        reply = await client.request("vapora.complete", b"{}", timeout=10)
+        assert reply.data == b'{"ok": true}'
+        assert client._server_info.get("tls_required") or client._server_info.get("tls_verify")
+    finally:
+        await client.close()
+        await router.close()
+
+
+async def test_a_wrong_password_is_a_clear_error_not_a_hang(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    with pytest.raises(ConnectionFailed, match="refused the connection: authentication failed"):
+        await connect_as(
+            secured_server.url, "router", tls_files, password="wrong", initial_deadline=60
+        )
+
+
+async def test_an_untrusted_server_certificate_is_a_clear_error(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    with pytest.raises(ConnectionFailed, match="server's certificate is not trusted"):
+        await connect_as(
+            secured_server.url, "client", tls_files, ca=tls_files.other_ca, initial_deadline=60
+        )
+
+
+async def test_a_client_certificate_from_another_ca_is_refused_clearly(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    with pytest.raises(ConnectionFailed, match="client certificate trusted"):
+        await connect_as(
+            secured_server.url,
+            "client",
+            tls_files,
+            cert=tls_files.other_client_cert,
+            key=tls_files.other_client_key,
+            initial_deadline=60,
+        )
