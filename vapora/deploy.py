@@ -1,0 +1,259 @@
+"""NATS server configuration for a deployment: accounts, per-actor users and permissions, TLS,
+and the three cluster nodes of ``docker/compose.yaml``.
+
+Everything here is pure: functions take passwords (or leave them to the environment) and TLS
+file paths and return configuration text. ``python -m vapora.deploy`` writes ``docker/nats/``
+(``--check`` fails when the checked-in files are not what this module renders).
+
+The permission model (``docs/operations-cluster.md``): one account, ``VAPORA``, with JetStream;
+one user per actor role. Writers own their event subjects (``events.subjects``): only ``budget``
+publishes ``vapora.events.budget``, only ``provider`` publishes call, spend and health events,
+only ``router`` publishes route events. ``client`` may publish only the four public request
+subjects and receive its replies on ``_INBOX.>``. No user but ``admin`` may delete or purge the
+stream or delete a message from it (the stream also has ``deny_delete``/``deny_purge``).
+
+Passwords are never written into a file: by default each user's password is the nats-server
+config variable ``$VAPORA_<USER>_PASSWORD``, which nats-server resolves from its environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from events import subjects
+
+__all__ = [
+    "DENIED_TO_ACTORS",
+    "PUBLIC_REQUESTS",
+    "USERS",
+    "Permissions",
+    "ServerTls",
+    "main",
+    "password_variable",
+    "permissions",
+    "render_accounts",
+    "render_docker_files",
+    "render_node",
+    "render_tls",
+]
+
+USERS: Final = ("router", "provider", "budget", "ledger", "client", "admin")
+
+PUBLIC_REQUESTS: Final = (subjects.COMPLETE, subjects.STREAM, subjects.REPORT, subjects.BUDGET)
+
+DENIED_TO_ACTORS: Final = (
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.PURGE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+    "$JS.API.STREAM.UPDATE.>",
+)
+"""Removing history: denied to every user but ``admin``. Updating the stream is denied too, since
+new limits (``max_msgs: 1``) would discard history as surely as a purge; actors only create the
+stream when it is missing, and ``admin`` changes its settings."""
+
+_EVENTS = subjects.EVENTS_PREFIX
+# What every actor needs: JetStream's API (stream info/update, its consumers), acks and flow
+# control, answering requests (reply subjects are inboxes) and the Services API ($SRV).
+_ACTOR_PUBLISH: Final = ("$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", "$SRV.>")
+_ACTOR_SUBSCRIBE: Final = ("vapora.>", "_INBOX.>", "$SRV.>")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Permissions:
+    """One user's subject permissions (deny wins over allow, as in nats-server)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    publish_deny: tuple[str, ...] = ()
+
+
+def permissions() -> dict[str, Permissions]:
+    """Each user's permissions, by user name (see the module docstring)."""
+    actor = {
+        "router": (
+            f"{_EVENTS}.route",
+            "vapora.provider.*.call",
+            subjects.BUDGET_RESERVE,
+            subjects.BUDGET_RELEASE,
+            subjects.BUDGET,
+        ),
+        "provider": (f"{_EVENTS}.call.>", f"{_EVENTS}.spend.>", f"{_EVENTS}.health.>"),
+        "budget": (f"{_EVENTS}.budget",),
+        "ledger": (),
+    }
+    users = {
+        name: Permissions(
+            publish=(*own, *_ACTOR_PUBLISH),
+            subscribe=_ACTOR_SUBSCRIBE,
+            publish_deny=DENIED_TO_ACTORS,
+        )
+        for name, own in actor.items()
+    }
+    users["client"] = Permissions(publish=PUBLIC_REQUESTS, subscribe=("_INBOX.>",))
+    users["admin"] = Permissions(publish=(">",), subscribe=(">",))
+    return users
+
+
+def password_variable(user: str) -> str:
+    """The environment variable holding ``user``'s password, e.g. ``VAPORA_ROUTER_PASSWORD``."""
+    return f"VAPORA_{user.upper()}_PASSWORD"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(_quote(item) for item in items) + "]"
+
+
+def _user_block(user: str, password: str | None, perms: Permissions) -> str:
+    secret = f"${password_variable(user)}" if password is None else _quote(password)
+    publish = f"allow: {_list(perms.publish)}"
+    if perms.publish_deny:
+        publish += f", deny: {_list(perms.publish_deny)}"
+    return (
+        f"      {{\n"
+        f"        user: {_quote(user)}\n"
+        f"        password: {secret}\n"
+        f"        permissions: {{\n"
+        f"          publish: {{ {publish} }}\n"
+        f"          subscribe: {{ allow: {_list(perms.subscribe)} }}\n"
+        f"        }}\n"
+        f"      }}\n"
+    )
+
+
+def render_accounts(passwords: Mapping[str, str] | None = None) -> str:
+    """The ``accounts`` block: every user of :data:`USERS` with its permissions.
+
+    ``passwords`` maps user names to literal passwords (tests); without it each password is the
+    config variable ``$VAPORA_<USER>_PASSWORD``, read by nats-server from its environment.
+    """
+    rules = permissions()
+    users = "".join(
+        _user_block(user, None if passwords is None else passwords[user], rules[user])
+        for user in USERS
+    )
+    return (
+        "# Users and subject permissions (generated by `python -m vapora.deploy`; do not edit).\n"
+        "accounts {\n"
+        "  VAPORA {\n"
+        "    jetstream: enabled\n"
+        "    users: [\n"
+        f"{users}"
+        "    ]\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerTls:
+    """TLS for client connections: the server's certificate and key, and the CA clients' (and,
+    with ``verify``, the client certificates') chains are checked against."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    verify: bool = True
+    timeout_s: float = 5.0
+
+
+def render_tls(tls: ServerTls) -> str:
+    """The ``tls`` block for client connections (``verify``: clients must present a certificate
+    signed by ``ca_file``)."""
+    return (
+        "tls {\n"
+        f"  cert_file: {_quote(tls.cert_file)}\n"
+        f"  key_file: {_quote(tls.key_file)}\n"
+        f"  ca_file: {_quote(tls.ca_file)}\n"
+        f"  verify: {'true' if tls.verify else 'false'}\n"
+        f"  timeout: {tls.timeout_s:g}\n"
+        "}\n"
+    )
+
+
+def render_node(
+    index: int,
+    *,
+    nodes: int = 3,
+    host_pattern: str = "nats-{n}",
+    store_dir: str = "/data/jetstream",
+    sync_interval: str = "always",
+    tls: ServerTls | None = None,
+    include: str = "accounts.conf",
+) -> str:
+    """The config of cluster node ``index`` (0-based) of ``nodes``, as in ``docker/compose.yaml``.
+
+    ``sync_interval: always`` fsyncs each message before it is acknowledged: with R3 this is what
+    keeps acknowledged spend through a simultaneous power loss (see the operations doc).
+    """
+    name = host_pattern.format(n=index + 1)
+    routes = ", ".join(
+        _quote(f"nats-route://{host_pattern.format(n=j + 1)}:6222") for j in range(nodes)
+    )
+    return (
+        f"# NATS node {name} of the vapora cluster "
+        "(generated by `python -m vapora.deploy`; do not edit).\n"
+        f"server_name: {_quote(name)}\n"
+        'listen: "0.0.0.0:4222"\n'
+        'http: "0.0.0.0:8222"\n'
+        "max_payload: 16MB\n"
+        "jetstream {\n"
+        f"  store_dir: {_quote(store_dir)}\n"
+        f"  sync_interval: {sync_interval}\n"
+        "}\n"
+        "cluster {\n"
+        '  name: "vapora"\n'
+        '  listen: "0.0.0.0:6222"\n'
+        f"  routes: [{routes}]\n"
+        "}\n" + (render_tls(tls) if tls is not None else "") + f"include {_quote(include)}\n"
+    )
+
+
+DOCKER_TLS: Final = ServerTls(
+    cert_file="/etc/nats/certs/server.pem",
+    key_file="/etc/nats/certs/server-key.pem",
+    ca_file="/etc/nats/certs/ca.pem",
+)
+
+
+def render_docker_files(nodes: int = 3) -> dict[str, str]:
+    """``docker/nats/``: file name to text (the accounts and one config per node)."""
+    files = {"accounts.conf": render_accounts()}
+    for i in range(nodes):
+        files[f"nats-{i + 1}.conf"] = render_node(i, nodes=nodes, tls=DOCKER_TLS)
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write (or with ``--check`` verify) the NATS configs under ``docker/nats``."""
+    parser = argparse.ArgumentParser(prog="python -m vapora.deploy", description=main.__doc__)
+    parser.add_argument("--out", default="docker/nats", help="directory (default: docker/nats)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is not current")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    stale = []
+    for name, text in render_docker_files().items():
+        path = out / name
+        if args.check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                stale.append(str(path))
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    if stale:
+        print(f"not current (run `python -m vapora.deploy`): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
