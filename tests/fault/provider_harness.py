@@ -5,7 +5,7 @@ with fake API keys in the runtime's environment."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,3 +178,10 @@ async def wait_until_served(nc: nats.NATS, subject: str) -> None:
                 return
             except nats.errors.NoRespondersError:
                 await anyio.sleep(0.02)
+
+
+async def until(predicate: Callable[[], bool], *, within_s: float = 5.0) -> None:
+    """Wait (polling) until ``predicate()`` holds; fail after ``within_s`` seconds."""
+    with anyio.fail_after(within_s):
+        while not predicate():  # noqa: ASYNC110 - state changed by other tasks, no event to wait on
+            await anyio.sleep(0.01)

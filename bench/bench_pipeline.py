@@ -1,0 +1,199 @@
+"""Through-vapora vs direct-to-simulator: added latency at concurrency 1, throughput at 64.
+
+::
+
+    .venv/bin/python bench/bench_pipeline.py [--requests N] [--concurrency C] [--provider P]
+                                             [--keeper] [--profile FILE]
+
+One run starts: the provider simulator as its own OS process (``python -m vapora.simulator``,
+zero latency), an embedded nats-server with JetStream, and every actor in this process (provider
+actors and the router; with ``--keeper`` the budget keeper and cost ledger too, so paid calls
+reserve first). Every event is appended as in production. It measures:
+
+* **direct**: the provider client straight to the simulator (the floor), concurrency 1;
+* **vapora**: ``vapora.Client.complete`` over NATS, through router and provider actor, concurrency
+  1: the added p50 and p99 are vapora's cost per request;
+* **throughput**: completions per second through vapora at concurrency ``C`` (default 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import nats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from actors.connection import ConnectOptions, connect  # noqa: E402
+from actors.eventlog import EventLog  # noqa: E402
+from actors.runner import Runtime, build  # noqa: E402
+from actors.server import EmbeddedNats  # noqa: E402
+from tests.fault.provider_harness import KEYS, config_text, make_config  # noqa: E402
+from vapora.client import Client  # noqa: E402
+from vapora.providers import ProviderRequest, make_client  # noqa: E402
+
+PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def simulator_process() -> AsyncIterator[str]:  # type: ignore[misc]
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vapora.simulator", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert line.startswith("simulator ready"), line
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def throughput(n: int, concurrency: int, call: Callable[[], Awaitable[object]]) -> float:
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
+    return n / (time.perf_counter() - started)
+
+
+async def run(args: argparse.Namespace) -> None:
+    with simulator_process() as base_url, tempfile.TemporaryDirectory() as tmp:
+        budget = "[budget]\ndaily_limit_cents = 100000000\n" if args.keeper else ""
+        config = make_config(config_text(base_url, budget=budget))
+        provider = config.provider(args.provider)
+        assert provider is not None
+        async with EmbeddedNats(Path(tmp) / "nats") as server:
+            nc = await connect(ConnectOptions.from_url(server.url, name="bench-actors"))
+            log = EventLog(nc)
+            await log.ensure_stream()
+            runtime = Runtime(nc=nc, config=config, log=log, data_dir=Path(tmp), env=KEYS)
+            kinds = (["ledger", "budget"] if args.keeper else []) + ["provider"] * 4 + ["router"]
+            names = [None, None] if args.keeper else []
+            names += [p.name for p in config.providers] + [None]
+            actors = [build(k, runtime, provider=n) for k, n in zip(kinds, names, strict=True)]
+            caller = await nats.connect(server.url, name="bench-caller")
+            client = Client(caller)
+            direct = make_client(
+                name="direct",
+                kind=provider.kind.value,
+                model=provider.model,
+                price=provider.price,
+                api_key=KEYS.get(provider.api_key_env or "", None),
+                base_url=provider.base_url,
+            )
+            request = ProviderRequest(prompt=PROMPT, max_tokens=256)
+            async with anyio.create_task_group() as tg:
+                for actor in actors:
+                    await tg.start(actor.run)
+
+                async def through() -> object:
+                    return await client.complete(
+                        prompt=PROMPT, provider=args.provider, max_tokens=256
+                    )
+
+                async def straight() -> object:
+                    return await direct.complete(request)
+
+                await timed(200, straight)
+                await timed(200, through)  # warm up both paths
+                profiler = cProfile.Profile() if args.profile else None
+                if profiler:
+                    profiler.enable()
+                base = await timed(args.requests, straight)
+                via = await timed(args.requests, through)
+                rate = await throughput(args.requests * 2, args.concurrency, through)
+                rate_direct = await throughput(args.requests * 2, args.concurrency, straight)
+                if profiler:
+                    profiler.disable()
+                    profiler.dump_stats(args.profile)
+                events = await log.last_sequence()
+                report(args, base, via, rate, rate_direct, events)
+                for actor in reversed(actors):
+                    actor.stop()
+            await direct.aclose()
+            await caller.close()
+            await nc.close()
+
+
+def report(
+    args: argparse.Namespace,
+    base: list[float],
+    via: list[float],
+    rate: float,
+    rate_direct: float,
+    events: int,
+) -> None:
+    b50, b99 = percentile(base, 50), percentile(base, 99)
+    v50, v99 = percentile(via, 50), percentile(via, 99)
+    print(f"# bench_pipeline  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  cpus={os.cpu_count()}")
+    print(f"# provider={args.provider} keeper={args.keeper} requests={args.requests}")
+    print(f"{'path':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    print(f"{'direct to simulator':<28}{b50:>10.3f}{b99:>10.3f}{statistics.mean(base):>10.3f}")
+    print(f"{'through vapora':<28}{v50:>10.3f}{v99:>10.3f}{statistics.mean(via):>10.3f}")
+    print(f"{'added by vapora':<28}{v50 - b50:>10.3f}{v99 - b99:>10.3f}")
+    print(
+        f"completions/s at concurrency {args.concurrency}: vapora {rate:,.0f}, direct {rate_direct:,.0f}"
+    )
+    print(f"events in the log: {events}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--provider", default="openai")
+    parser.add_argument("--keeper", action="store_true", help="run the budget keeper and ledger")
+    parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
+    anyio.run(run, parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

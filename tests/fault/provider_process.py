@@ -1,0 +1,43 @@
+"""One provider actor in its own OS process, for the scale and kill tests::
+
+    python -m tests.fault.provider_process NATS_URL CONFIG_FILE PROVIDER
+
+Prints ``ready`` once it serves; SIGTERM drains and stops it (SIGKILL does not).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+
+from actors.connection import ConnectOptions, connect
+from actors.eventlog import EventLog
+from actors.provider import ProviderActor
+from actors.runner import Runtime, run_until_signalled
+from vapora.config import load_config
+
+
+async def main(url: str, config_file: str, provider: str) -> None:
+    config = load_config(config_file, at=datetime.now(UTC))
+    nc = await connect(ConnectOptions.from_url(url, name=f"provider-{provider}-{os.getpid()}"))
+    try:
+        runtime = Runtime(
+            nc=nc,
+            config=config,
+            log=EventLog(nc),
+            data_dir=Path(tempfile.gettempdir()),
+            env=dict(os.environ),
+        )
+        actor = ProviderActor(runtime, provider=provider)
+        await run_until_signalled([actor], on_ready=lambda: print("ready", flush=True))
+    finally:
+        await nc.close()
+
+
+if __name__ == "__main__":
+    anyio.run(main, *sys.argv[1:4])
