@@ -20,7 +20,7 @@ from actors.connection import ConnectOptions, connect
 from actors.eventlog import EventLog
 from actors.provider import ProviderActor
 from actors.router import RouterActor
-from actors.runner import Runtime
+from actors.runner import Runtime, build
 from actors.server import EmbeddedNats
 from events.log import Event
 from vapora.client import Client
@@ -133,6 +133,7 @@ async def deployment(
     env: Mapping[str, str] = KEYS,
     providers: list[str] | None = None,
     router: bool = True,
+    keeper: bool = False,
     router_options: Mapping[str, Any] | None = None,
     provider_options: Mapping[str, Any] | None = None,
     sim: Simulator | None = None,
@@ -155,13 +156,18 @@ async def deployment(
         dep = Deployment(server, nc, log, runtime, sim, Client(caller, timeout_s=30))
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
+        if keeper:  # the real budget keeper (issue 5), as `vapora up` runs it
+            budget_keeper = build("budget", runtime)
+            await tg.start(budget_keeper.run)
+            stack.callback(budget_keeper.stop)
         for name in providers if providers is not None else [p.name for p in config.providers]:
             actor = ProviderActor(runtime, provider=name, **(provider_options or {}))
             dep.providers[name] = actor
             await tg.start(actor.run)
             stack.callback(actor.stop)
         if router:
-            dep.router = RouterActor(runtime, **{"reserve": False, **(router_options or {})})
+            reserve = {"reserve": keeper, **(router_options or {})}
+            dep.router = RouterActor(runtime, **reserve)
             await tg.start(dep.router.run)
             stack.callback(dep.router.stop)
             await wait_until_served(caller, "vapora.complete")

@@ -4,14 +4,17 @@ actors and the router, called through ``vapora.Client`` (DESIGN §3-§4, issue 4
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
+import anyio
 import pytest
 
 from events.contract import Outcome
 from events.log import CallFailed, CallSucceeded, FallbackTriggered, RouteDecided, SpendRecorded
 from tests.fault.provider_harness import KEYS, config_text, deployment
 from vapora.errors import (
+    BudgetExceeded,
     InvalidRequest,
     NoProviderAvailable,
     ProviderRejected,
@@ -177,3 +180,43 @@ async def test_every_provider_failing_gives_503_listing_every_attempt(tmp_path: 
         assert len([e for e in events if isinstance(e, CallFailed)]) == 4
         fallbacks = [e for e in events if isinstance(e, FallbackTriggered)]
         assert len(fallbacks) == 4 and fallbacks[-1].to_provider is None
+
+
+async def test_500_concurrent_paid_requests_never_overspend_the_daily_limit(
+    tmp_path: Path,
+) -> None:
+    """With the real budget keeper: each paid attempt reserves its upper bound first, so the
+    recorded spend stays within the limit; the rest go to the zero-cost provider or get 402."""
+    models = {"claude": "claude-opus-4-5-len-100", "openai": "gpt-4-len-100"}
+    # One claude call reserves (prompt estimate + 100 output tokens) x $0.015/1k ~ $0.0017;
+    # 8.5 cents holds about fifty of them.
+    budget = "[budget]\ndaily_limit_cents = 8.5\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget), keeper=True) as dep:
+        results, refused = [], []
+
+        async def one(i: int) -> None:
+            try:
+                results.append(
+                    await dep.client.complete(
+                        prompt=f"write function number {i}",
+                        task_type="CodeGeneration",
+                        quality="High",
+                        max_tokens=100,
+                    )
+                )
+            except BudgetExceeded as error:
+                refused.append(error)
+
+        with anyio.fail_after(80):
+            async with anyio.create_task_group() as tg:
+                for i in range(500):
+                    tg.start_soon(one, i)
+        assert len(results) + len(refused) == 500
+        spends = [e for e in await dep.events() if isinstance(e, SpendRecorded)]
+        paid = sum((e.cost_usd for e in spends), Decimal(0))
+        assert paid <= Decimal("0.085")
+        paid_calls = [r for r in results if r.provider != "ollama"]
+        assert 20 <= len(paid_calls) < 200, len(paid_calls)
+        free = [r for r in results if r.provider == "ollama"]
+        assert len(free) + len(refused) >= 300
+        assert sum((r.cost_usd for r in results), Decimal(0)) == paid
