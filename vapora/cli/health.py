@@ -1,0 +1,97 @@
+"""``vapora health``: is a vapora service answering on NATS? (the container health check)
+
+Sends a NATS Services API ``$SRV.PING`` (``$SRV.PING.<name>`` with ``--service``) with the same
+connection settings as every other command (``VAPORA_NATS_URL``, ``VAPORA_CONFIG``,
+``VAPORA_NATS_USER``/``VAPORA_NATS_PASSWORD``, TLS from the config) and exits 0 when a service
+answers within ``--timeout`` seconds, 1 otherwise, printing one line either way. It also runs as
+``python -m vapora.cli.health``, which is what ``docker/Dockerfile``'s HEALTHCHECK calls.
+
+Services are named ``router``, ``provider-<name>``, ``vapora-budget`` and ``vapora-ledger``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import anyio
+
+__all__ = ["add_parser", "cmd_health", "main", "ping_subject"]
+
+PING = "$SRV.PING"
+
+
+def ping_subject(service: str | None) -> str:
+    """``$SRV.PING`` (every service) or ``$SRV.PING.<service>`` (every instance of one)."""
+    return f"{PING}.{service}" if service else PING
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``health`` to the ``vapora`` command's subparsers."""
+    health = commands.add_parser("health", help=__doc__.splitlines()[0] if __doc__ else None)
+    _arguments(health)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="config file (default: $VAPORA_CONFIG)")
+    parser.add_argument("--nats-url", metavar="URL", help="default: $VAPORA_NATS_URL")
+    parser.add_argument("--service", metavar="NAME", help="ping only services called NAME")
+    parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+
+
+async def cmd_health(args: argparse.Namespace) -> int:
+    """Ping; 0 when a service answered in time, 1 otherwise."""
+    from actors.connection import ConnectionFailed, ConnectOptions, connect
+    from vapora.config import load
+
+    config = load(args.config, env=os.environ, at=datetime.now(UTC), nats_url=args.nats_url)
+    tls = config.nats.tls
+    options = ConnectOptions.from_url(
+        ",".join(config.nats.urls) or "nats://127.0.0.1:4222",
+        name="vapora-health",
+        user=config.nats.user,
+        password=config.nats.password,
+        token=config.nats.token,
+        creds_file=config.nats.creds,
+        tls_ca_file=tls.ca if tls else None,
+        tls_cert_file=tls.cert if tls else None,
+        tls_key_file=tls.key if tls else None,
+        initial_deadline=args.timeout,
+        max_reconnect_attempts=0,
+    )
+    subject = ping_subject(args.service)
+    try:
+        nc = await connect(options)
+    except ConnectionFailed as exc:
+        print(f"unhealthy: {exc}")
+        return 1
+    try:
+        reply = await nc.request(subject, b"", timeout=args.timeout)
+    except Exception as exc:
+        print(f"unhealthy: no answer to {subject} within {args.timeout:g} s ({exc!r})")
+        return 1
+    finally:
+        await nc.close()
+    answer = json.loads(reply.data)
+    print(f"healthy: {answer.get('name')} {answer.get('id')} answered {subject}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vapora.cli.health [--service NAME] [--timeout S]``."""
+    parser = argparse.ArgumentParser(prog="vapora health", description=__doc__)
+    _arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(anyio.run(cmd_health, args))
+    except Exception as exc:  # a bad config file, ...: unhealthy, with the reason
+        print(f"unhealthy: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
