@@ -69,7 +69,7 @@ FALLBACKS = {"primary": ["backup"], "flaky": ["backup"]}
 # vapora routes by task type: each model group above is a provider, each route a rule.
 TASK_TYPES = {"primary": "GeneralQuery", "slow": "Documentation", "flaky": "CodeReview"}
 
-FLOORS = ("floor http", "floor nats", "floor js")
+FLOORS = ("floor http", "floor raw http", "floor nats", "floor js")
 VAPORA = ("vapora up", "vapora split")
 PEER = "litellm"
 
@@ -83,7 +83,7 @@ class Plan:
     c1_seconds: float = 12.0
     closed_requests: int = 20_000
     closed_seconds: float = 3.0
-    step_start: float = 40.0
+    step_start: float = 10.0
     step_factor: float = 1.5
     step_seconds: float = 2.0
     max_rate: float = 5000.0
@@ -118,7 +118,7 @@ SMOKE = Plan(
     c1_seconds=2,
     closed_requests=150,
     closed_seconds=1,
-    step_start=20,
+    step_start=10,
     step_factor=2.0,
     step_seconds=0.5,
     max_rate=40,
@@ -186,6 +186,20 @@ class FloorHTTP(Leg):
 
     def stream_call(self, group: str, ttfts: list[float]) -> Call:
         return vs_floor.http_stream_call(self.client, MODELS[group], PROMPT, MAX_TOKENS, ttfts)
+
+
+class FloorRawHTTP(Leg):
+    name = "floor raw http"
+    scenarios = ("c1", "c64", "c256")
+
+    def __init__(self, simulator_url: str) -> None:
+        self.client = vs_floor.RawHTTP(simulator_url)
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def call(self, group: str) -> Call:
+        return self.client.call(MODELS[group], PROMPT, MAX_TOKENS)
 
 
 class FloorNATS(Leg):
@@ -356,7 +370,7 @@ def ratios(t: dict[str, dict[str, Any]]) -> dict[str, float]:
             )
         peer_rate = t["rate"][PEER]["rate"]
         out[f"{system}|rate vs litellm"] = (
-            t["rate"][system]["rate"] / peer_rate if peer_rate else float("inf")
+            t["rate"][system]["rate"] / peer_rate if peer_rate else float("nan")
         )
         out[f"{system}|stream added ttft p50 vs litellm"] = (
             out[f"{system}|stream added ttft p50 ms"] / out[f"{PEER}|stream added ttft p50 ms"]
@@ -488,7 +502,7 @@ async def _run(plan: Plan, tmp: Path, install: bool, began: float) -> dict[str, 
                 setup | {"fallbacks": FALLBACKS, "prompt": PROMPT, "max_tokens": MAX_TOKENS}
             )
             litellm_version = ready["litellm"]
-        legs: list[Leg] = [FloorHTTP(sim_url)]
+        legs: list[Leg] = [FloorHTTP(sim_url), FloorRawHTTP(sim_url)]
         fnc = await nats.connect(floor_nats.url, name="bench-vs-floor")
         connections.append(fnc)
         await vs_floor.ensure_floor_stream(fnc)

@@ -83,6 +83,51 @@ def http_stream_call(
     return call
 
 
+class RawHTTP:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one connection per concurrent
+    request, Content-Length bodies only. Not a fair floor for a Python router (which needs a real
+    client): it shows what the simulator itself can answer, so that a slow client is seen as such.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        host, port = base_url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def call(self, model: str, prompt: str, max_tokens: int) -> Call:
+        body = chat_body(model, prompt, max_tokens)
+        head = [
+            "POST /v1/chat/completions HTTP/1.1",
+            f"host: {self.host}",
+            "authorization: Bearer sk-bench-fake",
+            "content-type: application/json",
+            f"content-length: {len(body)}",
+        ]
+        request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+        async def call() -> bool:
+            if self.idle:
+                reader, writer = self.idle.pop()
+            else:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            writer.write(request)
+            status_and_headers = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in status_and_headers.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            payload = await reader.readexactly(length)
+            self.idle.append((reader, writer))
+            return status_and_headers.startswith(b"HTTP/1.1 200") and b'"content"' in payload
+
+        return call
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 def nats_call(nc: NATS, payload: bytes) -> Call:
     async def call() -> bool:
         await nc.request(ECHO, payload, timeout=10)

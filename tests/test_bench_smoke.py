@@ -34,14 +34,14 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.slow
 def test_every_leg_answers_every_scenario(result: dict) -> None:
     (trial,) = result["trials"]
-    expected = {"floor http", "floor nats", "floor js", "vapora up"} | (
+    expected = {"floor http", "floor raw http", "floor nats", "floor js", "vapora up"} | (
         {"litellm"} if HAS_LITELLM else set()
     )
     assert set(result["systems"]) == expected
     for name in ("c1", "c64", "c256"):
         assert set(trial[name]) == expected
     for name in ("rate", "flaky", "stream"):
-        assert set(trial[name]) == expected - {"floor nats", "floor js"}
+        assert set(trial[name]) == expected - {"floor raw http", "floor nats", "floor js"}
     for name in ("c1", "c64", "stream"):
         vapora = trial[name]["vapora up"]
         assert vapora["ok"] > 0 and vapora["errors"] == 0, (name, vapora)
