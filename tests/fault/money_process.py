@@ -34,6 +34,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     ledger, keeper = build("ledger", runtime), build("budget", runtime)
     keeper.snapshot_every = args.snapshot_every  # type: ignore[attr-defined]
+    keeper.tick_s = args.tick_s  # type: ignore[attr-defined]
     await run_until_signalled([ledger, keeper], on_ready=lambda: print(READY, flush=True))
     await nc.close()
 
@@ -43,7 +44,8 @@ if __name__ == "__main__":
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--daily-cents", type=int, default=None)
-    parser.add_argument("--snapshot-every", type=int, default=200)
+    parser.add_argument("--snapshot-every", type=int, default=50)
+    parser.add_argument("--tick-s", type=float, default=0.2)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
