@@ -29,6 +29,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 import anyio
 import httpx
 import msgspec
+from anyio.abc import TaskGroup
 
 from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
 from vapora.errors import (
@@ -52,7 +54,7 @@ from vapora.errors import (
     ProviderUnavailable,
 )
 from vapora.pricing import cost
-from vapora.providers.wire import Frame, ndjson_frames, retry_after_from_headers, sse_frames
+from vapora.providers.wire import Frame, NDJSONDecoder, SSEDecoder, retry_after_from_headers
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -315,7 +317,7 @@ class ProviderClient(ABC):
             self._path(request, model, stream=False), self._body(request, model, False), time_limit
         )
         turn = Turn()
-        self._parse(self._decode(response.content), turn)
+        self._read_body(response.content, turn)
         latency = (time.perf_counter() - started) * 1000
         self._latency.observe(latency)
         return self._completion(turn, request, model, latency, None, 0)
@@ -516,23 +518,48 @@ class ProviderClient(ABC):
             usage_estimated=estimated,
         )
 
+    def _read_frame(self, frame: Frame, turn: Turn) -> str | None:
+        """One stream frame applied to ``turn``; a frame of an unexpected shape is malformed."""
+        try:
+            text = self._on_frame(frame, turn)
+        except _SHAPE_ERRORS as exc:
+            raise self._malformed() from exc
+        if text:
+            turn.parts.append(text)
+        return text
+
+    def _read_body(self, content: bytes, turn: Turn) -> None:
+        """A non-streaming body applied to ``turn``; a body of an unexpected shape is malformed."""
+        data = self._decode(content)
+        try:
+            self._parse(data, turn)
+        except _SHAPE_ERRORS as exc:
+            raise self._fail(self._malformed()) from exc
+
     async def _frames(
         self, request: ProviderRequest, model: str, turn: Turn
     ) -> AsyncGenerator[str, None]:
-        """The text chunks of a streaming call, filling ``turn`` as frames arrive."""
+        """The text chunks of a streaming call, filling ``turn`` as frames arrive.
+
+        Time limits are applied by the caller (:class:`CompletionStream`), around the whole
+        iteration, so no timer is armed per frame.
+        """
         body = msgspec.json.encode(self._body(request, model, True))
-        frames = ndjson_frames if self.framing == "ndjson" else sse_frames
+        path = self._path(request, model, stream=True)
+        decoder = NDJSONDecoder() if self.framing == "ndjson" else SSEDecoder()
         try:
-            async with self._http.stream(
-                "POST", self._path(request, model, stream=True), content=body, headers=_JSON
-            ) as response:
+            async with self._http.stream("POST", path, content=body, headers=_JSON) as response:
                 if response.status_code >= 400:
                     content = await response.aread()
                     raise self._http_error(response.status_code, response.headers, content)
-                async for frame in frames(response.aiter_bytes()):
-                    text = self._on_frame(frame, turn)
+                async for data in response.aiter_bytes():
+                    for frame in decoder.feed(data):
+                        text = self._read_frame(frame, turn)
+                        if text:
+                            yield text
+                for frame in decoder.flush():
+                    text = self._read_frame(frame, turn)
                     if text:
-                        turn.parts.append(text)
                         yield text
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
@@ -556,6 +583,9 @@ _BY_STATUS: dict[int, type[ProviderError]] = {
 }
 
 
+_SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
+
+
 def _status_class(status: int) -> type[ProviderError]:
     """The error class of an HTTP status without provider-specific detail."""
     if status in _BY_STATUS:
@@ -563,13 +593,24 @@ def _status_class(status: int) -> type[ProviderError]:
     return ProviderUnavailable if status >= 500 else ProviderRejected
 
 
+_END = object()
+_TIMED_OUT = object()
+
+
 class CompletionStream:
     """The text chunks of one streaming call; :attr:`completion` is set once it has ended.
 
-    Use it as ``async with client.stream(req) as stream: async for text in stream: ...``. A
-    failure before the first chunk raises the classified ``ProviderError`` (the caller may fall
-    back); after it, :class:`StreamBroken` with the partial text and usage. ``time_limit`` bounds
-    the whole stream (seconds), ``first_token_limit`` the wait for the first chunk.
+    Use it as ``async with client.stream(req) as stream: async for text in stream: ...``; the
+    ``async with`` is required: it owns the task that reads the network. A failure before the
+    first chunk raises the classified ``ProviderError`` (the caller may fall back); after it,
+    :class:`StreamBroken` with the partial text and usage. ``time_limit`` bounds the whole
+    stream (seconds), ``first_token_limit`` the wait for the first chunk.
+
+    Why a reader task: the limits are one cancel scope around the whole read, whose deadline
+    moves from the first-token limit to the stream's limit once text arrives; a timer per chunk
+    would cost more than the rest of the client's per-chunk work. The reader appends to the
+    call's text parts and wakes the iterator only when it is waiting, so a chunk that has
+    already arrived costs the iterator nothing but an index.
     """
 
     def __init__(
@@ -582,11 +623,12 @@ class CompletionStream:
         self._client = client
         self._request = request
         self._model = request.model or client.model
+        self._limits = (time_limit, first_token_limit or time_limit)
         self._turn = Turn()
-        self._chunks: AsyncGenerator[str, None] | None = None
+        self._tasks: TaskGroup | None = None
+        self._waiter: anyio.Event | None = None
+        self._outcome: object = None
         self._started = time.perf_counter()
-        self._deadline = self._started + time_limit
-        self._first_deadline = self._started + (first_token_limit or time_limit)
         self._first_token_ms: float | None = None
         self._count = 0
         self.completion: Completion | None = None
@@ -594,44 +636,13 @@ class CompletionStream:
     @property
     def text(self) -> str:
         """The text received so far."""
-        return self._turn.text
-
-    def __aiter__(self) -> CompletionStream:
-        return self
-
-    async def __anext__(self) -> str:
-        if self.completion is not None:
-            raise StopAsyncIteration
-        if self._chunks is None:
-            self._chunks = self._client._frames(self._request, self._model, self._turn)
-        first = self._count == 0
-        wait = (self._first_deadline if first else self._deadline) - time.perf_counter()
-        try:
-            with anyio.fail_after(max(wait, 0.0)):
-                chunk = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._finish()
-            raise
-        except TimeoutError as exc:
-            what = "first chunk" if first else "end of stream"
-            raise self._failed(
-                ProviderTimeout(
-                    f"{self._client.name}: no {what} in time",
-                    provider=self._client.name,
-                    error_type="timeout",
-                )
-            ) from exc
-        except ProviderError as exc:
-            failure = self._failed(exc)
-            if failure is exc:
-                raise
-            raise failure from exc
-        self._count += 1
-        if first:
-            self._first_token_ms = (time.perf_counter() - self._started) * 1000
-        return chunk
+        return "".join(self._turn.parts[: self._count])
 
     async def __aenter__(self) -> CompletionStream:
+        self._started = time.perf_counter()
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        self._tasks.start_soon(self._read)
         return self
 
     async def __aexit__(
@@ -640,12 +651,74 @@ class CompletionStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        assert self._tasks is not None
+        self._tasks.cancel_scope.cancel()  # stop reading if the caller left early
+        # The caller's own exception (if any) propagates as is, not in an exception group.
+        await self._tasks.__aexit__(None, None, None)
 
-    async def aclose(self) -> None:
-        """Stop reading and release the connection."""
-        if self._chunks is not None:
-            await self._chunks.aclose()
+    def __aiter__(self) -> CompletionStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._tasks is None:
+            raise RuntimeError("use the stream as `async with client.stream(...) as stream`")
+        parts = self._turn.parts
+        while self._count >= len(parts) and self._outcome is None:
+            self._waiter = anyio.Event()
+            await self._waiter.wait()
+        if self._count < len(parts):
+            if self._count == 0:
+                self._first_token_ms = (time.perf_counter() - self._started) * 1000
+            self._count += 1
+            return parts[self._count - 1]
+        if self._outcome is _END:
+            if self.completion is None:
+                self._finish()
+            raise StopAsyncIteration
+        failure, self._outcome = self._failure(self._outcome), _FAILED
+        if failure is None:
+            raise StopAsyncIteration
+        raise failure
+
+    async def _read(self) -> None:
+        """The reader task: frames into text parts under one moving deadline, then the outcome."""
+        time_limit, first_limit = self._limits
+        now = anyio.current_time()
+        end = now + time_limit
+        outcome: object = _TIMED_OUT
+        with anyio.CancelScope(deadline=min(now + first_limit, end)) as scope:
+            frames = self._client._frames(self._request, self._model, self._turn)
+            async with aclosing(frames):
+                try:
+                    async for _ in frames:
+                        if len(self._turn.parts) == 1:
+                            scope.deadline = end  # the first text: re-arm the timer, once
+                        self._wake()
+                    outcome = _END
+                except ProviderError as error:
+                    outcome = error
+        self._outcome = outcome
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    def _failure(self, outcome: object) -> ProviderError | None:
+        """The error to raise for a failed stream (None once it was raised)."""
+        if outcome is _FAILED:
+            return None
+        if outcome is _TIMED_OUT:
+            first = not self._turn.parts
+            outcome = ProviderTimeout(
+                f"{self._client.name}: no {'first chunk' if first else 'end of stream'} "
+                f"within {self._limits[1] if first else self._limits[0]:g}s",
+                provider=self._client.name,
+                error_type="timeout",
+            )
+        assert isinstance(outcome, ProviderError)
+        return self._failed(outcome)
 
     def _finish(self) -> None:
         client = self._client
@@ -659,15 +732,19 @@ class CompletionStream:
 
     def _failed(self, error: ProviderError) -> ProviderError:
         """``error`` itself before the first chunk; after it, a StreamBroken (partial result)."""
-        if self._count == 0:
+        if not self._turn.parts:
             return self._client._fail(error)
         usage, _ = self._turn.usage(self._request)
         broken = StreamBroken(
-            f"{error.message} (after {self._count} chunks)",
+            f"{error.message} (after {len(self._turn.parts)} chunks)",
             partial_text=self._turn.text,
             provider=self._client.name,
             http_status=error.http_status,
             error_type=error.error_type,
             usage=usage,
         )
+        broken.__cause__ = error
         return self._client._fail(broken)
+
+
+_FAILED = object()

@@ -11,7 +11,15 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import NamedTuple
 
-__all__ = ["Frame", "ndjson_frames", "parse_duration", "retry_after_from_headers", "sse_frames"]
+__all__ = [
+    "Frame",
+    "NDJSONDecoder",
+    "SSEDecoder",
+    "ndjson_frames",
+    "parse_duration",
+    "retry_after_from_headers",
+    "sse_frames",
+]
 
 
 class Frame(NamedTuple):
@@ -21,25 +29,28 @@ class Frame(NamedTuple):
     data: bytes
 
 
-async def sse_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[Frame]:
-    """Server-sent events from a byte stream (``\\n`` or ``\\r\\n`` line ends; comments skipped)."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
+class SSEDecoder:
+    """Server-sent events, fed bytes as they arrive (``\\n`` or ``\\r\\n`` line ends)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """The events completed by ``data`` (comments and data-less events skipped)."""
+        buffer = self._buffer + data
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            block, buffer = buffer[:end], buffer[end + 2 :]
-            frame = _sse_event(block)
-            if frame is not None:
-                yield frame
-    if buffer.strip():
-        frame = _sse_event(buffer.strip(b"\n"))
-        if frame is not None:
-            yield frame
+        *blocks, self._buffer = buffer.split(b"\n\n")
+        frames = [_sse_event(block) for block in blocks]
+        return [frame for frame in frames if frame is not None]
+
+    def flush(self) -> list[Frame]:
+        """An event left unterminated at the end of the stream."""
+        rest, self._buffer = self._buffer.strip(b"\n"), b""
+        frame = _sse_event(rest) if rest else None
+        return [frame] if frame is not None else []
 
 
 def _sse_event(block: bytes) -> Frame | None:
@@ -58,20 +69,41 @@ def _sse_event(block: bytes) -> Frame | None:
     return Frame(event, b"\n".join(data))
 
 
-async def ndjson_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[Frame]:
-    """One frame per non-empty line of a newline-delimited JSON stream."""
-    buffer = b""
+class NDJSONDecoder:
+    """Newline-delimited JSON, fed bytes as they arrive: one frame per non-empty line."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Frame]:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        return [Frame("", line.strip()) for line in lines if line.strip()]
+
+    def flush(self) -> list[Frame]:
+        rest, self._buffer = self._buffer.strip(), b""
+        return [Frame("", rest)] if rest else []
+
+
+async def sse_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[Frame]:
+    """The events of a byte stream (see :class:`SSEDecoder`)."""
+    decoder = SSEDecoder()
     async for chunk in chunks:
-        buffer += chunk
-        while True:
-            end = buffer.find(b"\n")
-            if end < 0:
-                break
-            line, buffer = buffer[:end].strip(), buffer[end + 1 :]
-            if line:
-                yield Frame("", line)
-    if buffer.strip():
-        yield Frame("", buffer.strip())
+        for frame in decoder.feed(chunk):
+            yield frame
+    for frame in decoder.flush():
+        yield frame
+
+
+async def ndjson_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[Frame]:
+    """The lines of a byte stream (see :class:`NDJSONDecoder`)."""
+    decoder = NDJSONDecoder()
+    async for chunk in chunks:
+        for frame in decoder.feed(chunk):
+            yield frame
+    for frame in decoder.flush():
+        yield frame
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -1,0 +1,295 @@
+"""Provider-client benchmark (issue 3): our client's overhead per call over a raw httpx request.
+
+The simulator runs in its own OS process (``python -m vapora.simulator --port 0``). For each
+provider, in one run and interleaved over several trials on one keep-alive connection:
+
+* the floor: ``httpx.AsyncClient.post`` of the same, pre-encoded request body to the same path,
+  reading the whole answer (streams: iterating its bytes) and nothing else;
+* ours: ``ProviderClient.complete`` / iterating ``ProviderClient.stream`` to its ``completion``
+  (body building, JSON decode, usage mapping, cost, time limits, latency estimate);
+* the peer: the provider's official SDK doing the same call (text and usage), for context.
+
+The figure is ``ours / floor - 1`` per call (target: under 10 %), in wall-clock time and in
+the client process's CPU time (steadier on a shared machine). Run:
+``python -m bench.bench_providers`` (``--quick`` for a smaller run). Writes
+``bench/results/providers.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import anyio
+import httpx
+import msgspec
+import ollama
+import openai
+from google import genai
+from google.genai import types as genai_types
+
+from bench.common import machine, spread, write_result
+from events.contract import Price
+from vapora.providers import ProviderClient, ProviderRequest, make_client
+
+KINDS = ("anthropic", "openai", "gemini", "ollama")
+MODELS = {
+    "anthropic": "claude-sonnet-4-6",
+    "openai": "gpt-4o",
+    "gemini": "gemini-2.5-flash",
+    "ollama": "llama3.2",
+}
+KEY = "sk-bench-0123456789"
+REQUEST = ProviderRequest(
+    prompt="Write a function that adds two numbers and explain it in one short paragraph.",
+    system="You are a careful senior engineer.",
+    max_tokens=256,
+)
+PRICE = Price(
+    input_per_mtok=Decimal("3"),
+    output_per_mtok=Decimal("15"),
+    cache_read_per_mtok=Decimal("0.3"),
+    cache_write_per_mtok=Decimal("3.75"),
+    source="bench",
+    version="1",
+)
+
+
+def start_simulator() -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vapora.simulator", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line.startswith("simulator ready "):
+        process.kill()
+        raise SystemExit(f"simulator did not start: {line!r}")
+    return process, line.removeprefix("simulator ready ")
+
+
+class Pair:
+    """Our client and the raw httpx floor for one provider, talking to the same simulator."""
+
+    def __init__(self, kind: str, base: str) -> None:
+        url = base + "/v1" if kind == "openai" else base
+        self.client: ProviderClient = make_client(
+            name=kind, kind=kind, model=MODELS[kind], price=PRICE, api_key=KEY, base_url=url
+        )
+        # The same bytes our client would send, encoded once: the floor does no work of ours.
+        self.raw = httpx.AsyncClient(base_url=url, headers=self.client._http.headers)
+        self.paths = {s: self.client._path(REQUEST, MODELS[kind], stream=s) for s in (False, True)}
+        self.bodies = {
+            s: msgspec.json.encode(self.client._body(REQUEST, MODELS[kind], s))
+            for s in (False, True)
+        }
+
+    async def floor(self, stream: bool) -> None:
+        headers = {"content-type": "application/json"}
+        if not stream:
+            response = await self.raw.post(
+                self.paths[False], content=self.bodies[False], headers=headers
+            )
+            response.read()
+            return
+        request = self.raw.build_request(
+            "POST", self.paths[True], content=self.bodies[True], headers=headers
+        )
+        response = await self.raw.send(request, stream=True)
+        async for _ in response.aiter_bytes():
+            pass
+        await response.aclose()
+
+    async def ours(self, stream: bool) -> None:
+        if not stream:
+            await self.client.complete(REQUEST)
+            return
+        async with self.client.stream(REQUEST) as chunks:
+            async for _ in chunks:
+                pass
+        assert chunks.completion is not None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.raw.aclose()
+
+
+class Peer:
+    """The official SDK making the same call: text and usage, plain or streamed."""
+
+    def __init__(self, kind: str, base: str) -> None:
+        self.kind = kind
+        self.model = MODELS[kind]
+        if kind == "anthropic":
+            self.sdk: Any = anthropic.AsyncAnthropic(api_key=KEY, base_url=base, max_retries=0)
+        elif kind == "openai":
+            self.sdk = openai.AsyncOpenAI(api_key=KEY, base_url=base + "/v1", max_retries=0)
+        elif kind == "gemini":
+            options = genai_types.HttpOptions(base_url=base, api_version="v1beta")
+            self.sdk = genai.Client(api_key=KEY, http_options=options)
+        else:
+            self.sdk = ollama.AsyncClient(host=base)
+
+    async def call(self, stream: bool) -> None:
+        await getattr(self, f"_{self.kind}")(stream)
+
+    async def _anthropic(self, stream: bool) -> None:
+        args = {
+            "model": self.model,
+            "max_tokens": 256,
+            "system": REQUEST.system,
+            "messages": [{"role": "user", "content": REQUEST.prompt}],
+        }
+        if stream:
+            async for _ in await self.sdk.messages.create(**args, stream=True):
+                pass
+        else:
+            await self.sdk.messages.create(**args)
+
+    async def _openai(self, stream: bool) -> None:
+        messages = [
+            {"role": "system", "content": REQUEST.system},
+            {"role": "user", "content": REQUEST.prompt},
+        ]
+        if stream:
+            chunks = await self.sdk.chat.completions.create(
+                model=self.model,
+                messages=messages,
+                max_completion_tokens=256,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async for _ in chunks:
+                pass
+        else:
+            await self.sdk.chat.completions.create(
+                model=self.model, messages=messages, max_completion_tokens=256
+            )
+
+    async def _gemini(self, stream: bool) -> None:
+        config = genai_types.GenerateContentConfig(
+            system_instruction=REQUEST.system, max_output_tokens=256
+        )
+        models = self.sdk.aio.models
+        if stream:
+            async for _ in await models.generate_content_stream(
+                model=self.model, contents=REQUEST.prompt, config=config
+            ):
+                pass
+        else:
+            await models.generate_content(model=self.model, contents=REQUEST.prompt, config=config)
+
+    async def _ollama(self, stream: bool) -> None:
+        args = {
+            "model": self.model,
+            "prompt": REQUEST.prompt,
+            "system": REQUEST.system,
+            "options": {"num_predict": 256},
+        }
+        if stream:
+            async for _ in await self.sdk.generate(**args, stream=True):
+                pass
+        else:
+            await self.sdk.generate(**args)
+
+    async def aclose(self) -> None:
+        if self.kind == "gemini":
+            await self.sdk.aio.aclose()
+        else:
+            await self.sdk.close()
+
+
+async def per_call(call: Any, stream: bool, calls: int) -> tuple[float, float]:
+    """Wall-clock and client-CPU microseconds per call."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(calls):
+        await call(stream)
+    return (
+        (time.perf_counter() - wall) / calls * 1e6,
+        (time.process_time() - cpu) / calls * 1e6,
+    )
+
+
+async def measure(base: str, calls: int, trials: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for kind in KINDS:
+        pair, peer = Pair(kind, base), Peer(kind, base)
+        for stream in (False, True):
+            runners = {"floor": pair.floor, "ours": pair.ours, "sdk": peer.call}
+            for run in runners.values():  # warm every path and connection
+                await per_call(run, stream, max(calls // 10, 20))
+            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+            for _ in range(trials):  # interleaved, so drift in machine load hits all three
+                for name, run in runners.items():
+                    samples[name].append(await per_call(run, stream, calls))
+            results[f"{kind}/{'stream' if stream else 'complete'}"] = summarize(samples)
+        await pair.aclose()
+        await peer.aclose()
+    return results
+
+
+def summarize(samples: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    floor, ours, sdk = samples["floor"], samples["ours"], samples["sdk"]
+    return {
+        "floor_us": spread([w for w, _ in floor]),
+        "ours_us": spread([w for w, _ in ours]),
+        "sdk_us": spread([w for w, _ in sdk]),
+        "overhead_wall": spread([o[0] / f[0] - 1 for o, f in zip(ours, floor, strict=True)]),
+        "overhead_cpu": spread([o[1] / f[1] - 1 for o, f in zip(ours, floor, strict=True)]),
+        "sdk_overhead_wall": spread([p[0] / f[0] - 1 for p, f in zip(sdk, floor, strict=True)]),
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(
+        f"{'provider/mode':<20}{'floor us':>10}{'ours us':>10}{'sdk us':>10}"
+        f"{'ours wall':>11}{'ours cpu':>10}{'sdk wall':>10}"
+    )
+    for name, row in results.items():
+        print(
+            f"{name:<20}{row['floor_us']['median']:>10.0f}{row['ours_us']['median']:>10.0f}"
+            f"{row['sdk_us']['median']:>10.0f}{row['overhead_wall']['median'] * 100:>10.1f}%"
+            f"{row['overhead_cpu']['median'] * 100:>9.1f}%"
+            f"{row['sdk_overhead_wall']['median'] * 100:>9.1f}%"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=200, help="calls per trial")
+    parser.add_argument("--trials", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="100 calls x 5 trials")
+    args = parser.parse_args(argv)
+    calls, trials = (100, 5) if args.quick else (args.calls, args.trials)
+    process, base = start_simulator()
+    try:
+        results = anyio.run(measure, base, calls, trials)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    print_table(results)
+    path = write_result(
+        "providers",
+        {
+            "at": datetime.now(UTC).isoformat(),
+            "calls_per_trial": calls,
+            "trials": trials,
+            "machine": machine(),
+            "results": results,
+        },
+    )
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
