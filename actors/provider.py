@@ -50,6 +50,7 @@ from decimal import Decimal
 from typing import Literal
 
 import anyio
+import httpx
 
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext, error_headers, error_payload
@@ -76,6 +77,7 @@ __all__ = [
     "CircuitBreaker",
     "ProviderActor",
     "RateLimiter",
+    "ShardedTransport",
 ]
 
 log = logging.getLogger("vapora.provider")
@@ -94,6 +96,36 @@ _BURST_SECONDS = 10.0
 _SECOND = timedelta(seconds=1)
 
 BreakerState = Literal["closed", "open", "half_open"]
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """httpx's transport as ``shards`` small connection pools; each request goes to the least
+    busy one.
+
+    httpcore 1.0's pool scans every connection on each request and response, once per
+    connection (quadratic in the pool's size: ``len([c.is_idle() for c in connections])``
+    inside a loop over the connections, each an ``is_socket_readable`` poll for idle ones). At 64
+    concurrent calls that scan was the largest cost of a provider actor (profiled with
+    ``bench/bench_pipeline.py --profile``); small pools keep it to a few connections.
+    """
+
+    def __init__(self, *, max_connections: int = 256, shards: int = 16) -> None:
+        per_shard = max(1, -(-max_connections // shards))
+        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+        self._shards = [httpx.AsyncHTTPTransport(limits=limits, retries=0) for _ in range(shards)]
+        self._busy = [0] * shards
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        index = self._busy.index(min(self._busy))
+        self._busy[index] += 1
+        try:
+            return await self._shards[index].handle_async_request(request)
+        finally:
+            self._busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
 
 
 class RateLimiter:
@@ -211,7 +243,7 @@ class ProviderActor:
             api_key=api_key(config, runtime.env),
             base_url=config.base_url,
             timeout=config.timeout_ms / 1000,
-            max_connections=max_concurrency,
+            transport=ShardedTransport(max_connections=max_concurrency),
         )
         self.limiter = RateLimiter(config.rate_limit_rpm)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from actors.connection import ConnectOptions, connect  # noqa: E402
 from actors.eventlog import EventLog  # noqa: E402
+from actors.provider import ShardedTransport  # noqa: E402
 from actors.runner import Runtime, build  # noqa: E402
 from actors.server import EmbeddedNats  # noqa: E402
 from tests.fault.provider_harness import KEYS, config_text, make_config  # noqa: E402
@@ -76,7 +77,7 @@ def simulator_process() -> AsyncIterator[str]:  # type: ignore[misc]
 
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
@@ -128,6 +129,7 @@ async def run(args: argparse.Namespace) -> None:
                 price=provider.price,
                 api_key=KEYS.get(provider.api_key_env or "", None),
                 base_url=provider.base_url,
+                transport=ShardedTransport(),  # the provider actor's transport: a fair floor
             )
             request = ProviderRequest(prompt=PROMPT, max_tokens=256)
             async with anyio.create_task_group() as tg:
@@ -179,9 +181,8 @@ def report(
     print(f"{'direct to simulator':<28}{b50:>10.3f}{b99:>10.3f}{statistics.mean(base):>10.3f}")
     print(f"{'through vapora':<28}{v50:>10.3f}{v99:>10.3f}{statistics.mean(via):>10.3f}")
     print(f"{'added by vapora':<28}{v50 - b50:>10.3f}{v99 - b99:>10.3f}")
-    print(
-        f"completions/s at concurrency {args.concurrency}: vapora {rate:,.0f}, direct {rate_direct:,.0f}"
-    )
+    c = args.concurrency
+    print(f"completions/s at concurrency {c}: vapora {rate:,.0f}, direct {rate_direct:,.0f}")
     print(f"events in the log: {events}")
 
 
