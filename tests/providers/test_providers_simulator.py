@@ -249,3 +249,27 @@ def test_runs_as_a_process_and_stops_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_default_latency_from_the_command_line_option() -> None:
+    async with Simulator(latency_ms=40) as slow, httpx.AsyncClient(base_url=slow.base_url) as http:
+        started = anyio.current_time()
+        answer = await http.post(
+            "/api/generate", json={"model": "llama3.2", "prompt": "hi", "stream": False}
+        )
+        waited = anyio.current_time() - started
+
+    assert answer.json()["response"] == "hi"
+    assert waited >= 0.04  # a lower bound the simulator guarantees, not a speed
+
+
+async def test_tokens_per_second_paces_the_stream(client_for: ClientFactory) -> None:
+    client = client_for("ollama", "tps-50")
+
+    async with client.stream(ProviderRequest(prompt="a b c d e f")) as stream:
+        _ = [text async for text in stream]
+
+    assert stream.completion is not None
+    # five gaps of 1/50 s between six chunks: at least 100 ms after the first chunk
+    first = stream.completion.first_token_ms or 0.0
+    assert stream.completion.latency_ms - first >= 100
