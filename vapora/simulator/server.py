@@ -23,6 +23,7 @@ control defaults. ``POST /_control`` takes a JSON object, every key optional::
      "fail_for_s": 5.0,                  ... or every call for the next 5 seconds ...
      "fail_with": "error-529",           ... with this behaviour (default "error-503")
      "reset": true,                      clear this provider's control state first
+     "reset_stats": true,                zero the counters of ``GET /_stats``
      "clear_requests": true}             forget the recorded requests
 
 and answers the resulting control state. Paid providers answer 401 without credentials.
@@ -266,14 +267,16 @@ class SimulatorApp:
             raise ValueError(f"unknown provider {target!r}")
         if command.get("clear_requests"):
             self.requests.clear()
+        if command.get("reset_stats"):
+            self.reset_stats()
         for name in names:
+            if command.get("reset"):
+                self.controls[name] = ProviderControl()
             self._apply(self.controls[name], command)
         now = self._clock()
         return {"providers": {name: self.controls[name].describe(now) for name in PROVIDERS}}
 
     def _apply(self, control: ProviderControl, command: dict[str, Any]) -> None:
-        if command.get("reset"):
-            control.__init__()  # type: ignore[misc]
         defaults = str(command.get("behaviour") or "")
         if command.get("latency_ms"):
             defaults += f"-slow-{int(command['latency_ms'])}"
