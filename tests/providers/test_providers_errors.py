@@ -277,3 +277,88 @@ async def test_connection_refused_is_transient() -> None:
     assert type(error) is ProviderUnavailable and error.error_type == "connection"
     assert isinstance(error.__cause__, Exception)  # the httpx error, chained at the boundary
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "body", "error_class"),
+    [
+        # Anthropic answers an empty prepaid balance or a workspace spend cap with a 400.
+        (
+            "anthropic",
+            400,
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "Your credit balance is too low to access the Anthropic API.",
+                },
+            },
+            ProviderQuotaExhausted,
+        ),
+        (
+            "anthropic",
+            400,
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "messages: roles must alternate",
+                },
+            },
+            ProviderRejected,
+        ),
+        (
+            "openai",
+            429,
+            {
+                "error": {
+                    "message": "over",
+                    "type": "insufficient_quota",
+                    "code": "billing_hard_limit_reached",
+                }
+            },
+            ProviderQuotaExhausted,
+        ),
+        (
+            "openai",
+            429,
+            {"error": {"message": "slow down", "type": "requests", "code": "slow_down"}},
+            ProviderRateLimited,
+        ),
+        (
+            "gemini",
+            401,
+            {"error": {"code": 401, "status": "UNAUTHENTICATED", "message": "no"}},
+            ProviderConfigError,
+        ),
+        (
+            "gemini",
+            400,
+            {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "bad"}},
+            ProviderRejected,
+        ),
+        (
+            "ollama",
+            404,
+            {"error": 'model "x" not found, try pulling it first'},
+            ProviderConfigError,
+        ),
+        ("ollama", 502, {"error": "cloud model unreachable"}, ProviderUnavailable),
+        ("openai", 503, "<html>upstream connect error</html>", ProviderUnavailable),
+    ],
+)
+def test_classification_of_provider_error_bodies(
+    kind: str, status: int, body: object, error_class: type[ProviderError]
+) -> None:
+    import msgspec
+
+    from tests.providers.conftest import price_of
+    from vapora.providers import make_client
+
+    client = make_client(name=kind, kind=kind, model="m", price=price_of(kind), api_key="key-1")
+    content = body.encode() if isinstance(body, str) else msgspec.json.encode(body)
+
+    error = client._http_error(status, {}, content)
+
+    assert type(error) is error_class
+    assert error.http_status == status
