@@ -39,8 +39,10 @@ Streams: chunks go straight to the caller's subject (``ProviderCall.stream_to``)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -98,6 +100,11 @@ _SECOND = timedelta(seconds=1)
 BreakerState = Literal["closed", "open", "half_open"]
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return httpx.create_ssl_context()
+
+
 class ShardedTransport(httpx.AsyncBaseTransport):
     """httpx's transport as ``shards`` small connection pools; each request goes to the least
     busy one.
@@ -112,7 +119,10 @@ class ShardedTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, max_connections: int = 256, shards: int = 16) -> None:
         per_shard = max(1, -(-max_connections // shards))
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        self._shards = [httpx.AsyncHTTPTransport(limits=limits, retries=0) for _ in range(shards)]
+        tls = _tls_context()  # building one costs ~50 ms (CA bundle); share it
+        self._shards = [
+            httpx.AsyncHTTPTransport(verify=tls, limits=limits, retries=0) for _ in range(shards)
+        ]
         self._busy = [0] * shards
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
