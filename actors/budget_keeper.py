@@ -32,7 +32,8 @@ Fencing
 
 Tiers, expiry, snapshots (the housekeeping task, every ``tick_s`` from the runtime clock)
     The tier is compared before and after each event; a change is appended as
-    ``budget_tier_changed`` whose ``causation_id`` is the event that moved it. Reservations past
+    ``budget_tier_changed`` whose ``causation_id`` is the event that moved it (a change that no
+    event caused, such as a new UTC day emptying the daily window, has none). Reservations past
     their expiry are released with reason ``expired``. The state is written to
     ``<data_dir>/budget.snapshot`` (temporary file + rename) after ``snapshot_every`` events or
     ``snapshot_interval_s`` seconds with changes, and on stop; on start the keeper restores it

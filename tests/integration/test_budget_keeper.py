@@ -115,6 +115,9 @@ async def test_500_concurrent_reservations_never_overspend_the_daily_limit(
         state = budget.evolve(state, entry.event, entry.seq)
         assert state.spent_on(NOON.date()) + state.reserved_usd <= Decimal("0.50")
     assert keeper.state.total_spent_usd == recorded
+    # Our own events were folded at append time and again from the tail: no double counting.
+    assert audit.check_budget([(e.event, e.seq) for e in entries], keeper.state) == []
+    assert keeper.state.tasks() == state.tasks()
 
 
 async def _settled(keeper: BudgetKeeper, nc: Client) -> bool:
