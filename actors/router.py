@@ -89,6 +89,7 @@ from vapora.errors import (
     NoProviderAvailable,
     ProviderRejected,
     ProviderStreamBroken,
+    RequestTimeout,
     VaporaError,
 )
 from vapora.providers import ProviderRequest, estimate_input_tokens
@@ -193,6 +194,7 @@ class _Task:
     cap: Decimal | None
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why each attempt failed ("" if it did not)
     spent: Decimal = Decimal(0)
     number: int = 0
 
@@ -410,8 +412,13 @@ class RouterActor:
             result = await self._walk(task, decision)
         except _Broken as broken:
             await task.appends.join(self.runtime.log.ack_timeout)
-            error = ProviderStreamBroken(broken.failure.message, provider=broken.provider)
-            await self._stream_error(ctx, task, error, broken.failure)
+            failure = broken.failure
+            error: VaporaError = (
+                RequestTimeout(failure.message)
+                if failure.no_reply
+                else ProviderStreamBroken(failure.message, provider=broken.provider)
+            )
+            await self._stream_error(ctx, task, error, failure)
             return None
         except VaporaError as error:
             await task.appends.join(self.runtime.log.ack_timeout)
@@ -506,8 +513,8 @@ class RouterActor:
             outcome = await self._try_provider(task, provider)
             if isinstance(outcome, ProviderCallResult):
                 return outcome
-            if outcome.error_class == "stream_broken":
-                raise _Broken(outcome, name)
+            if outcome.error_class == "stream_broken" or (task.stream_to and outcome.no_reply):
+                raise _Broken(outcome, name)  # chunks may have reached the caller: no fallback
             if not outcome.fallback:
                 raise ProviderRejected(outcome.message, provider=name)
             following = chain[index + 1] if index + 1 < len(chain) else None
@@ -529,8 +536,8 @@ class RouterActor:
 
     def _exhausted(self, task: _Task) -> NoProviderAvailable | BudgetExceeded:
         tried = "; ".join(
-            f"{a.provider} {a.outcome.value}" + (f" ({a.error_code})" if a.error_code else "")
-            for a in task.attempts
+            f"{a.provider} {a.outcome.value}: {why}"
+            for a, why in zip(task.attempts, task.reasons, strict=True)
         )
         if task.attempts and all(a.error_code == "budget_refused" for a in task.attempts):
             return BudgetExceeded(f"task {task.task_id}: every reservation refused: {tried}")
@@ -566,6 +573,7 @@ class RouterActor:
 
     def _skipped(self, task: _Task, provider: ProviderConfig, code: str, reason: str) -> _Failure:
         task.next_number()
+        task.reasons.append(f"{code}: {reason}")
         task.attempts.append(
             Attempt(
                 provider=provider.name,
@@ -646,6 +654,10 @@ class RouterActor:
         outcome = await self._request(provider, call, total_ms / 1000 + self.grace_s)
         latency = (time.perf_counter() - started) * 1000
         task.attempts.append(self._attempt(provider, outcome, latency))
+        if isinstance(outcome, _Failure):
+            task.reasons.append(f"{outcome.error_class}: {outcome.message}")
+        else:
+            task.reasons.append("")
         if isinstance(outcome, _Failure):
             task.spent += outcome.cost
         else:
