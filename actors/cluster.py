@@ -2,8 +2,10 @@
 the event stream gets on the server an actor is connected to.
 
 * :class:`LocalCluster` starts ``n`` nats-servers on loopback (each with ``server_name``,
-  JetStream and a ``cluster {}`` block routing to the others), waits until JetStream has a meta
-  leader, and can SIGKILL and restart any node on the same ports and data. The fault tests, the
+  JetStream and a ``cluster {}`` block routing to the others), waits until every node's
+  monitoring endpoint reports JetStream healthy with a meta leader (``/healthz``, ``/jsz``: this
+  works whatever accounts and TLS clients need), and can SIGKILL and restart any node on the same
+  ports and data. The fault tests, the
   scale benchmark and ``docs/operations-cluster.md`` use it; ``docker/compose.yaml`` runs the same
   topology in containers.
 * :func:`stream_replicas` decides the event stream's replica count: the configured number
@@ -22,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import httpx
 from nats.aio.client import Client as NATS
 
 from actors.server import EmbeddedNats, NatsServerError
@@ -82,8 +85,9 @@ class LocalCluster:
         self.name = name
         self.host = host
         self.ready_timeout = ready_timeout
-        ports = free_ports(2 * n, host)
-        self.client_ports, self.route_ports = ports[:n], ports[n:]
+        ports = free_ports(3 * n, host)
+        self.client_ports, self.route_ports = ports[:n], ports[n : 2 * n]
+        self.monitor_ports = ports[2 * n :]
         self.nodes = [
             EmbeddedNats(
                 self.base_dir / self.node_name(i),
@@ -107,6 +111,7 @@ class LocalCluster:
         )
         return (
             f'server_name: "{self.node_name(i)}"\n'
+            f'http: "{self.host}:{self.monitor_ports[i]}"\n'
             f"cluster {{\n"
             f'  name: "{self.name}"\n'
             f'  listen: "{self.host}:{self.route_ports[i]}"\n'
@@ -140,30 +145,32 @@ class LocalCluster:
         return self
 
     async def wait_ready(self, nodes: Sequence[int] | None = None) -> None:
-        """Wait until each node in ``nodes`` (default: every live one) answers JetStream requests,
-        which needs an elected meta leader."""
+        """Wait until each node in ``nodes`` (default: every live one) reports JetStream healthy
+        on its monitoring endpoint, which needs an elected meta leader."""
         indexes = [i for i in (nodes or range(len(self.nodes))) if self.nodes[i].alive()]
         deadline = time.monotonic() + self.ready_timeout
-        for i in indexes:
-            await self._wait_jetstream(self.urls[i], deadline)
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            for i in indexes:
+                await self._wait_healthy(http, i, deadline)
 
-    async def _wait_jetstream(self, url: str, deadline: float) -> None:
-        last: Exception | None = None
+    async def _wait_healthy(self, http: httpx.AsyncClient, i: int, deadline: float) -> None:
+        base = f"http://{self.host}:{self.monitor_ports[i]}"
+        last = "no answer"
         while time.monotonic() < deadline:
-            nc = NATS()
             try:
-                await nc.connect(
-                    url, connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0
+                health = await http.get(f"{base}/healthz")
+                meta = (await http.get(f"{base}/jsz")).json().get("meta_cluster") or {}
+                if health.status_code == 200 and meta.get("leader"):
+                    return
+                last = (
+                    f"{health.status_code} {health.text.strip()}; meta leader {meta.get('leader')}"
                 )
-                await nc.jetstream(timeout=1).account_info()
-                return
-            except Exception as exc:
-                last = exc
-            finally:
-                with contextlib.suppress(Exception):
-                    await nc.close()
+            except (httpx.HTTPError, ValueError) as exc:
+                last = repr(exc)
             await anyio.sleep(0.1)
-        raise NatsServerError(f"JetStream at {url} not ready in {self.ready_timeout} s: {last!r}")
+        raise NatsServerError(
+            f"node {self.node_name(i)} not healthy in {self.ready_timeout} s: {last}"
+        )
 
     def kill(self, i: int) -> None:
         """SIGKILL node ``i``: no clean shutdown, no flush."""

@@ -16,6 +16,7 @@ from actors.connection import Client, ConnectOptions, connect
 from actors.eventlog import Appended, EventLog, StreamSettings
 from actors.server import EmbeddedNats
 from events import BudgetReleased
+from vapora.errors import InternalError
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +143,16 @@ async def test_a_killed_node_loses_and_duplicates_no_acknowledged_event(
     assert before_kill > 0 and len(acked) > before_kill  # appends went on through the fault
     assert len(ids) == len(set(ids)), "an event was stored twice"
     assert dict(stored) == acked, "an acknowledged event is missing or moved"
+
+
+async def test_an_append_nobody_stores_is_retried_then_fails_clearly(
+    nats_server: EmbeddedNats, unique: str
+) -> None:
+    nc = await connect(ConnectOptions.from_url(nats_server.url))
+    try:
+        # No stream listens on this prefix: every attempt meets "no responders".
+        log = EventLog(nc, settings(unique), ack_timeout=1.0, resend_after=0.2)
+        with pytest.raises(InternalError, match=f"{unique}-1 within 1.0 s"):
+            await log.append(released(unique, 1))
+    finally:
+        await nc.close()
