@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from actors.provider import CircuitBreaker, RateLimiter
 from events.contract import CompletionResult, Outcome
 from events.log import ProviderHealthChanged
 from tests.fault.provider_harness import KEYS, config_text, deployment, until
@@ -173,3 +174,62 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
                     break
                 await anyio.sleep(0.05)
         assert states.index("open") < states.index("half_open") < len(states) - 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_rate_limiter_admits_rpm_with_ten_seconds_of_burst_and_honours_429s() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(60, clock=clock)  # one a second, ten in a burst
+    assert [limiter.take() for _ in range(10)] == [0.0] * 10
+    assert limiter.take() == pytest.approx(1.0)
+    clock.now += 1.0
+    assert limiter.take() == 0.0
+    limiter.close_for(30)
+    assert limiter.limited() and limiter.take() == pytest.approx(30.0)
+    clock.now += 30.0
+    assert not limiter.limited() and limiter.take() == 0.0
+    unlimited = RateLimiter(None, clock=clock)
+    assert all(unlimited.take() == 0.0 for _ in range(10_000))
+
+
+def test_the_breaker_opens_after_n_failures_probes_once_and_closes_or_reopens() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(3, 10.0, clock=clock)
+    for _ in range(2):
+        breaker.failure()
+    assert breaker.admit()
+    breaker.success()  # a success resets the count
+    for _ in range(3):
+        breaker.failure()
+    assert breaker.poll() == "open" and not breaker.admit()
+    clock.now += 10.0
+    assert breaker.poll() == "half_open"
+    assert breaker.admit() and not breaker.admit()  # exactly one probe
+    breaker.failure()
+    assert breaker.poll() == "open"
+    clock.now += 10.0
+    assert breaker.admit()
+    breaker.success()
+    assert breaker.poll() == "closed" and breaker.admit() and breaker.admit()
+
+
+async def test_the_configured_rpm_limits_calls_and_the_router_falls_back(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide(rpm={"claude": 6})) as dep:
+        ask = {"prompt": "write code", "task_type": "CodeGeneration", "quality": "High"}
+        first = await dep.client.complete(**ask)
+        assert first.provider == "claude"
+        second = await dep.client.complete(**ask)  # rpm 6: a burst of one, then 10 s apart
+        assert second.provider != "claude"
+        assert (second.attempts[0].provider, second.attempts[0].error_code) == (
+            "claude",
+            "rate_limited",
+        )
+        events = [e for e in await dep.events() if isinstance(e, ProviderHealthChanged)]
+        assert any(e.provider == "claude" and e.rate_limited_until for e in events)

@@ -220,3 +220,16 @@ async def test_500_concurrent_paid_requests_never_overspend_the_daily_limit(
         free = [r for r in results if r.provider == "ollama"]
         assert len(free) + len(refused) >= 300
         assert sum((r.cost_usd for r in results), Decimal(0)) == paid
+
+
+async def test_a_latency_requirement_bounds_each_attempt_and_a_slow_provider_falls_back(
+    tmp_path: Path,
+) -> None:
+    async with deployment(tmp_path, guide(models={"claude": "claude-opus-4-5-slow-3000"})) as dep:
+        result = await dep.client.complete(
+            prompt="quick", task_type="CodeGeneration", quality="High", latency_required_ms=300
+        )
+        assert result.attempts[0].provider == "claude"
+        assert result.attempts[0].outcome is Outcome.TIMEOUT
+        assert result.attempts[0].latency_ms < 2500
+        assert result.provider != "claude"
