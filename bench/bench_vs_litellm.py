@@ -80,19 +80,21 @@ class Plan:
 
     trials: int = 3
     c1_requests: int = 1000
-    c1_seconds: float = 12.0
+    c1_seconds: float = 10.0
     closed_requests: int = 20_000
-    closed_seconds: float = 3.0
-    step_start: float = 10.0
+    closed_seconds: float = 2.5
+    step_start: float = 25.0
     step_factor: float = 1.5
-    step_seconds: float = 2.0
-    max_rate: float = 5000.0
+    step_seconds: float = 1.5
+    step_min_samples: int = 60
+    step_max_seconds: float = 3.0
+    max_rate: float = 3000.0
     flaky_requests: int = 1500
-    flaky_seconds: float = 4.0
+    flaky_seconds: float = 3.0
     flaky_concurrency: int = 16
     stream_requests: int = 300
-    stream_seconds: float = 4.0
-    warmup: int = 300
+    stream_seconds: float = 3.0
+    warmup: int = 100
     settle_s: float = 0.3  # pause between legs, so one leg's stragglers do not load the next
     split: bool = True
     litellm: bool = True
@@ -104,13 +106,14 @@ QUICK = Plan(
     c1_requests=300,
     c1_seconds=4,
     closed_seconds=1.5,
-    step_seconds=1.0,
     step_factor=2.0,
+    step_seconds=1.0,
+    step_min_samples=30,
     flaky_requests=300,
     flaky_seconds=2,
     stream_requests=100,
     stream_seconds=2,
-    warmup=100,
+    warmup=50,
 )
 SMOKE = Plan(
     trials=1,
@@ -121,6 +124,7 @@ SMOKE = Plan(
     step_start=10,
     step_factor=2.0,
     step_seconds=0.5,
+    step_min_samples=5,
     max_rate=40,
     flaky_requests=40,
     flaky_seconds=1,
@@ -306,6 +310,8 @@ async def scenario(name: str, leg: Leg, plan: Plan) -> dict[str, Any]:
             "step_seconds": plan.step_seconds,
             "p99_limit_ms": 100.0,
             "max_rate": plan.max_rate,
+            "min_samples": plan.step_min_samples,
+            "max_step_seconds": plan.step_max_seconds,
         }
         answer = await measured(leg, leg.sustainable("slow", **steps))
         return {"rate": answer["rate"], "steps": answer["steps"], "cpu_s": answer["cpu_s"]}
@@ -461,9 +467,12 @@ def litellm_python(plan: Plan, install: bool) -> Path | None:
 
 
 async def warm(leg: Leg, plan: Plan) -> None:
+    """Open connections, fill caches and estimates on every route the leg will take."""
     if plan.warmup:
-        for group in ("primary", "flaky", "slow") if "rate" in leg.scenarios else ("primary",):
-            await leg.closed(group, 8, plan.warmup, 10.0)
+        await leg.closed("primary", 8, plan.warmup, 10.0)
+        if "rate" in leg.scenarios:
+            for group in ("flaky", "slow"):
+                await leg.closed(group, 8, plan.warmup // 5, 10.0)
 
 
 async def run(plan: Plan, *, install: bool = True, workdir: Path | None = None) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -40,22 +42,46 @@ def chat_body(model: str, prompt: str, max_tokens: int, *, stream: bool = False)
     return msgspec.json.encode(body)
 
 
-def http_client(base_url: str, connections: int = 512) -> httpx.AsyncClient:
-    """The floor's HTTP client: one pooled httpx client, as vapora's provider actor holds."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(
-        base_url=base_url,
-        limits=limits,
-        timeout=10,
-        headers={"authorization": "Bearer sk-bench-fake", "content-type": "application/json"},
-    )
+class ShardedClient:
+    """httpx at its best under concurrency: ``shards`` clients with small pools, each request on
+    the least busy one. httpcore's pool scans all its connections on every request and response
+    (quadratic in the pool's size), so one client with hundreds of connections measures that scan,
+    not the call; vapora's provider actor shards its pool the same way."""
+
+    def __init__(self, base_url: str, *, shards: int = 16, per_shard: int = 16) -> None:
+        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+        headers = {"authorization": "Bearer sk-bench-fake", "content-type": "application/json"}
+        self.clients = [
+            httpx.AsyncClient(base_url=base_url, limits=limits, timeout=10, headers=headers)
+            for _ in range(shards)
+        ]
+        self.busy = [0] * shards
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
+        index = self.busy.index(min(self.busy))
+        self.busy[index] += 1
+        try:
+            yield self.clients[index]
+        finally:
+            self.busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
 
-def http_call(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Call:
+def http_client(base_url: str) -> ShardedClient:
+    """The floor's HTTP client."""
+    return ShardedClient(base_url)
+
+
+def http_call(clients: ShardedClient, model: str, prompt: str, max_tokens: int) -> Call:
     body = chat_body(model, prompt, max_tokens)
 
     async def call() -> bool:
-        response = await client.post("/chat/completions", content=body)
+        async with clients.client() as client:
+            response = await client.post("/chat/completions", content=body)
         return response.status_code == 200 and bool(
             msgspec.json.decode(response.content)["choices"][0]["message"]["content"]
         )
@@ -64,14 +90,17 @@ def http_call(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: in
 
 
 def http_stream_call(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, ttfts: list[float]
+    clients: ShardedClient, model: str, prompt: str, max_tokens: int, ttfts: list[float]
 ) -> Call:
     body = chat_body(model, prompt, max_tokens, stream=True)
 
     async def call() -> bool:
         start = time.perf_counter()
         first = False
-        async with client.stream("POST", "/chat/completions", content=body) as response:
+        async with (
+            clients.client() as client,
+            client.stream("POST", "/chat/completions", content=body) as response,
+        ):
             if response.status_code != 200:
                 return False
             async for line in response.aiter_lines():

@@ -145,26 +145,49 @@ async def sustainable_rate(
     step_seconds: float,
     p99_limit_ms: float,
     max_rate: float,
+    min_samples: int = 100,
+    max_step_seconds: float = 6.0,
     max_steps: int = 30,
 ) -> dict[str, Any]:
-    """Step the open-loop rate up by ``factor`` from ``start``; stop at the first step whose p99
-    exceeds ``p99_limit_ms`` or that has any failure. Returns the last rate that held and the
-    steps (rate, p50, p99, errors)."""
+    """Step the open-loop rate up by ``factor`` from ``start`` until a step's p99 exceeds
+    ``p99_limit_ms`` or a request fails; answer the last rate that held and every step.
+
+    A step lasts ``step_seconds``, longer at low rates so that it has ``min_samples`` requests
+    (at most ``max_step_seconds``). A failed step is run once more before the ladder ends: on a
+    shared machine one stall of another process should not decide the figure.
+    """
     steps: list[dict[str, Any]] = []
     held = 0.0
     rate = start
     for _ in range(max_steps):
         if rate > max_rate:
             break
-        run = await open_loop(call, rate=rate, seconds=step_seconds, drain_s=2.0)
-        s = run.summary()
-        passed = run.errors == 0 and s["p99_ms"] <= p99_limit_ms
-        steps.append(
-            {"rate": rate, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "errors": run.errors}
-        )
+        seconds = min(max(step_seconds, min_samples / rate), max_step_seconds)
+        passed = await _step(call, rate, seconds, p99_limit_ms, steps)
         if not passed:
-            break
+            passed = await _step(call, rate, seconds, p99_limit_ms, steps)
+            if not passed:
+                break
         held = rate
         rate *= factor
-        await asyncio.sleep(0.2)  # let the last step's stragglers and timers settle
     return {"rate": held, "steps": steps}
+
+
+async def _step(
+    call: Call, rate: float, seconds: float, p99_limit_ms: float, steps: list[dict[str, Any]]
+) -> bool:
+    run = await open_loop(call, rate=rate, seconds=seconds, drain_s=2.0)
+    s = run.summary()
+    passed = run.errors == 0 and s["p99_ms"] <= p99_limit_ms
+    steps.append(
+        {
+            "rate": rate,
+            "sent": run.sent,
+            "p50_ms": s["p50_ms"],
+            "p99_ms": s["p99_ms"],
+            "errors": run.errors,
+            "held": passed,
+        }
+    )
+    await asyncio.sleep(0.2)  # let the step's stragglers and timers settle
+    return passed

@@ -97,7 +97,7 @@ def _throughput(summary: dict[str, Any]) -> list[str]:
     return ["**Concurrency 64 and 256**: closed loop", "", *_table(header, rows)]
 
 
-def _rate(summary: dict[str, Any]) -> list[str]:
+def _rate(summary: dict[str, Any], plan: dict[str, Any]) -> list[str]:
     rows = [
         [
             s,
@@ -107,8 +107,10 @@ def _rate(summary: dict[str, Any]) -> list[str]:
         for s in _present(summary, SYSTEMS, "rate rate")
     ]
     return [
-        "**Sustainable rate against a 50 ms provider**: open loop, stepped x1.5 until p99 > 100 ms"
-        " or an error (requests/s of the last step that held)",
+        "**Sustainable rate against a 50 ms provider**: open-loop arrivals from"
+        f" {plan['step_start']:g}/s, stepped x{plan['step_factor']:g} until p99 > 100 ms or an"
+        " error (a failed step is run once more before the ladder ends); requests/s of the last"
+        " step that held",
         "",
         *_table(["system", "requests/s", "x litellm"], rows),
     ]
@@ -237,7 +239,7 @@ def markdown(result: dict[str, Any]) -> str:
         _targets(summary),
         _latency(summary),
         _throughput(summary),
-        _rate(summary),
+        _rate(summary, plan),
         _flaky(summary),
         _stream(summary),
         _cost(summary),

@@ -114,9 +114,21 @@ def test_load_generators_are_bounded_and_count_failures() -> None:
 
     steps = asyncio.run(
         sustainable_rate(
-            tires, start=50, factor=2, step_seconds=0.05, p99_limit_ms=100, max_rate=1000
+            tires,
+            start=50,
+            factor=2,
+            step_seconds=0.05,
+            p99_limit_ms=100,
+            max_rate=1000,
+            min_samples=1,
         )
     )
-    # steps of 2, 5, 10 requests: the third sees the first failure and ends the ladder
-    assert steps["rate"] == 100 and [s["rate"] for s in steps["steps"]] == [50, 100, 200]
+    # steps of 2, 5, 10 requests: the third sees the first failure, its retry ends the ladder
+    assert steps["rate"] == 100
+    assert [(s["rate"], s["held"]) for s in steps["steps"]] == [
+        (50, True),
+        (100, True),
+        (200, False),
+        (200, False),
+    ]
     assert percentile([1, 2, 3, 4], 50) == 2 and math.isnan(percentile([], 50))
