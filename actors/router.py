@@ -45,6 +45,7 @@ from decimal import Decimal
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
@@ -506,6 +507,9 @@ class RouterActor:
     # --- walking the chain --------------------------------------------------------------------
 
     async def _walk(self, task: _Task, decision: RouteDecision) -> ProviderCallResult:
+        # Let the route_decided append publish before the first call goes out, so the log
+        # has the decision ahead of the calls it caused (its acknowledgement is awaited later).
+        await anyio.lowlevel.checkpoint()
         chain = decision.chain
         for index, name in enumerate(chain):
             provider = self.config.provider(name)
