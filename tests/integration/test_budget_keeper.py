@@ -34,6 +34,7 @@ from tests.fault.money import (
     reserve,
     running,
     runtime,
+    serving,
     spend,
     status,
     total_spend,
@@ -196,6 +197,7 @@ async def test_a_second_keeper_is_fenced_out_and_never_admits_what_it_cannot_rec
     first = BudgetKeeper(runtime(nc_a, tmp_path / "a", cfg=limits))
     second = BudgetKeeper(runtime(nc_b, tmp_path / "b", cfg=limits))
     async with running(first):
+        await serving(caller)
         assert (await reserve(caller, Decimal("0.10"))).admitted
         async with running(second):  # started by mistake on the same log
             replies = [await ask(caller, subjects.BUDGET_RESERVE, _reserve(n)) for n in range(40)]
