@@ -119,26 +119,28 @@ def render_budget(status: BudgetStatus) -> str:
         ("today (UTC)", status.spent_today_usd, status.daily_limit_usd, status.daily_percent),
         ("this month", status.spent_month_usd, status.monthly_limit_usd, status.monthly_percent),
     ]
-    spent = {name: _usd(value) for name, value, _, _ in rows}
-    limit = {name: _usd(cap) if cap is not None else "unlimited" for name, _, cap, _ in rows}
-    widths = (max(map(len, spent.values())), max(map(len, limit.values())))
+    cells = [("", "spent", "limit", "used, holds counted")] + [
+        (
+            name,
+            _usd(spent),
+            "unlimited" if cap is None else _usd(cap),
+            "-" if cap is None else f"{percent:.2f} %",
+        )
+        for name, spent, cap, percent in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    per_task = status.per_task_limit_usd
     lines = [
         f"Budget at {status.at:%Y-%m-%d %H:%M:%S} UTC   tier {status.tier}"
         f"   (NearThreshold from 50 %, Exceeded above {status.warn_threshold_percent:g} %)",
         "",
-        f"  {'':<12}  {'spent + held':>{widths[0]}}  {'limit':>{widths[1]}}      used",
-    ]
-    for name, _, cap, percent in rows:
-        used = f"{percent:7.2f} %" if cap is not None else "      -  "
-        lines.append(
-            f"  {name:<12}  {spent[name]:>{widths[0]}}  {limit[name]:>{widths[1]}}  {used}"
-        )
-    per_task = status.per_task_limit_usd
-    lines += [
+        *(
+            f"  {a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}  {d:>{widths[3]}}"
+            for a, b, c, d in cells
+        ),
         "",
-        f"  open reservations   {status.open_reservations} holding {_usd(status.reserved_usd)}"
-        " (counted in the percentages above)",
-        f"  per-task limit      {_usd(per_task) if per_task is not None else 'unlimited'}",
+        f"  open reservations   {status.open_reservations}, holding {_usd(status.reserved_usd)}",
+        f"  per-task limit      {'unlimited' if per_task is None else _usd(per_task)}",
     ]
     return "\n".join(lines)
 
