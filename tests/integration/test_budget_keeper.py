@@ -337,6 +337,12 @@ async def test_a_restart_restores_the_snapshot_and_replays_only_the_tail(
     async with running(third):  # no snapshot: the whole log
         assert third.restored_sequence is None and third.replayed_events == len(entries)
 
+    (tmp_path / SNAPSHOT_FILE).write_bytes(b"\x93 torn write")
+    fourth = make()
+    async with running(fourth):  # an unreadable snapshot is ignored, never trusted
+        assert fourth.restored_sequence is None and fourth.replayed_events == len(entries)
+        assert fourth.state.total_spent_usd == full.total_spent_usd
+
 
 # --- malformed requests --------------------------------------------------------------------------
 
