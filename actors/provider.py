@@ -35,6 +35,11 @@ Streams: chunks go straight to the caller's subject (``ProviderCall.stream_to``)
 ``Vapora-Http-Status``  the provider's HTTP status, when there was one
 ``Vapora-Called``       ``1`` when the provider was called, ``0`` when refused locally
 ====================  ===========================================================================
+
+``durable_reply`` (default on): the router's reply waits until JetStream acknowledged the call's
+events, so an answer never outruns its ``spend_recorded``. Off, the events are published ahead of
+the reply and acknowledged alongside it (one JetStream round trip less per call; a store failure
+is then only logged).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from decimal import Decimal
 from typing import Literal
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 import httpx
 
 from actors.runner import Runtime
@@ -238,6 +245,7 @@ class ProviderActor:
         health_interval_s: float = 5.0,
         max_concurrency: int = 512,
         client: ProviderClient | None = None,
+        durable_reply: bool = True,
     ) -> None:
         config = runtime.config.provider(provider or "")
         if config is None:
@@ -262,6 +270,8 @@ class ProviderActor:
         self._published: _HealthSignature | None = None
         self._published_latency: float | None = None
         self._stop = anyio.Event()
+        self.durable_reply = durable_reply
+        self._task_group: anyio.abc.TaskGroup | None = None
         self.service = ActorService(
             runtime.nc,
             name=self.name,
@@ -289,6 +299,7 @@ class ProviderActor:
             await self._check_health()
             await self._publish_health(force=True)
             async with anyio.create_task_group() as tg:
+                self._task_group = tg
                 tg.start_soon(self._health_loop)
                 async with anyio.create_task_group() as serving:
                     await serving.start(self.service.run)
@@ -383,7 +394,7 @@ class ProviderActor:
             succeeded,
             self._spend(call, done.model, done.usage, done.cost_usd, now),
         ]
-        await self._append(events)
+        await self._record(events)
         await self._publish_health()
 
     async def _failed(self, call: ProviderCall, error: ProviderError, latency_ms: float) -> None:
@@ -417,7 +428,7 @@ class ProviderActor:
             events.append(
                 self._spend(call, call.model or self.config.model, error.usage, billed, now)
             )
-        await self._append(events)
+        await self._record(events)
         await self._publish_health()
 
     def _spend(
@@ -439,6 +450,14 @@ class ProviderActor:
             reservation_id=call.reservation_id,
             attempt=call.attempt,
         )
+
+    async def _record(self, events: list[Event]) -> None:
+        """Append a call's events: before the reply (``durable_reply``), or alongside it."""
+        if self.durable_reply or self._task_group is None:
+            await self._append(events)
+        else:
+            self._task_group.start_soon(self._append, events)
+            await anyio.lowlevel.checkpoint()  # published ahead of the reply
 
     async def _append(self, events: list[Event]) -> None:
         try:

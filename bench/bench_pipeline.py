@@ -3,7 +3,7 @@
 ::
 
     .venv/bin/python bench/bench_pipeline.py [--requests N] [--concurrency C] [--provider P]
-                                             [--keeper] [--profile FILE]
+                                             [--keeper] [--reply-first] [--profile FILE]
 
 One run starts: the provider simulator as its own OS process (``python -m vapora.simulator``,
 zero latency), an embedded nats-server with JetStream, and every actor in this process (provider
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from actors.connection import ConnectOptions, connect  # noqa: E402
 from actors.eventlog import EventLog  # noqa: E402
-from actors.provider import ShardedTransport  # noqa: E402
+from actors.provider import ProviderActor, ShardedTransport  # noqa: E402
 from actors.runner import Runtime, build  # noqa: E402
 from actors.server import EmbeddedNats  # noqa: E402
 from tests.fault.provider_harness import KEYS, config_text, make_config  # noqa: E402
@@ -120,6 +120,9 @@ async def run(args: argparse.Namespace) -> None:
             names = [None, None] if args.keeper else []
             names += [p.name for p in config.providers] + [None]
             actors = [build(k, runtime, provider=n) for k, n in zip(kinds, names, strict=True)]
+            for actor in actors:
+                if isinstance(actor, ProviderActor):
+                    actor.durable_reply = not args.reply_first
             caller = await nats.connect(server.url, name="bench-caller")
             client = Client(caller)
             direct = make_client(
@@ -176,7 +179,10 @@ def report(
     b50, b99 = percentile(base, 50), percentile(base, 99)
     v50, v99 = percentile(via, 50), percentile(via, 99)
     print(f"# bench_pipeline  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  cpus={os.cpu_count()}")
-    print(f"# provider={args.provider} keeper={args.keeper} requests={args.requests}")
+    print(
+        f"# provider={args.provider} keeper={args.keeper} reply_first={args.reply_first} "
+        f"requests={args.requests}  load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'path':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
     print(f"{'direct to simulator':<28}{b50:>10.3f}{b99:>10.3f}{statistics.mean(base):>10.3f}")
     print(f"{'through vapora':<28}{v50:>10.3f}{v99:>10.3f}{statistics.mean(via):>10.3f}")
@@ -192,6 +198,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--provider", default="openai")
     parser.add_argument("--keeper", action="store_true", help="run the budget keeper and ledger")
+    parser.add_argument(
+        "--reply-first",
+        action="store_true",
+        help="provider actors reply without waiting for the log's acknowledgement",
+    )
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
     anyio.run(run, parser.parse_args())
 
