@@ -8,7 +8,8 @@ It owns, per process:
 * a rate limiter: a token bucket from the config's ``rate_limit_rpm`` (ten seconds' worth of
   burst), which a 429's ``retry-after`` (or reset header) closes until the time it names;
 * a circuit breaker: opens after ``breaker_threshold`` consecutive provider-side failures
-  (transient, timeout, quota, configuration), lets one probe through after ``breaker_cooldown_s``
+  (transient, timeout, configuration) and at once on an exhausted quota or billing limit (retrying
+  will not help), lets one probe through after ``breaker_cooldown_s``
   (half open), closes on the probe's success and reopens on its failure;
 * the observed-latency estimate (the client's EWMA).
 
@@ -71,6 +72,7 @@ from vapora.config import ProviderConfig, api_key, missing_api_key
 from vapora.errors import (
     ConfigError,
     ProviderError,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderUnavailable,
@@ -209,6 +211,11 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self.state, self.failures, self._probing = "closed", 0, False
+
+    def trip(self) -> None:
+        """Open now, whatever the count (quota or billing exhausted: retrying will not help)."""
+        self.failures = max(self.failures, self.threshold)
+        self.state, self._opened_at, self._probing = "open", self._clock(), False
 
     def failure(self) -> None:
         self.failures += 1
@@ -400,7 +407,9 @@ class ProviderActor:
     async def _failed(self, call: ProviderCall, error: ProviderError, latency_ms: float) -> None:
         if isinstance(error, ProviderRateLimited):
             self.limiter.close_for(min(error.retry_after or _DEFAULT_RETRY_S, _MAX_RETRY_S))
-        if _counts_against_breaker(error):
+        if isinstance(error, ProviderQuotaExhausted):
+            self.breaker.trip()
+        elif _counts_against_breaker(error):
             self.breaker.failure()
         else:
             self.breaker.success()

@@ -233,3 +233,22 @@ async def test_the_configured_rpm_limits_calls_and_the_router_falls_back(tmp_pat
         )
         events = [e for e in await dep.events() if isinstance(e, ProviderHealthChanged)]
         assert any(e.provider == "claude" and e.rate_limited_until for e in events)
+
+
+async def test_an_exhausted_quota_opens_the_breaker_at_once(tmp_path: Path) -> None:
+    async with deployment(tmp_path, guide(models={"claude": "claude-opus-4-5-quota"})) as dep:
+        assert dep.router is not None
+        router = dep.router
+        first = await dep.client.complete(
+            prompt="write code", task_type="CodeGeneration", quality="High"
+        )
+        assert (first.attempts[0].provider, first.attempts[0].error_code) == (
+            "claude",
+            "quota_exhausted",
+        )
+        assert first.provider != "claude"
+        await until(lambda: router.views["claude"].breaker_open)
+        second = await dep.client.complete(
+            prompt="write code", task_type="CodeGeneration", quality="High"
+        )
+        assert "claude" not in second.route.chain
