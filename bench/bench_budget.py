@@ -4,13 +4,14 @@ In one run, against one embedded nats-server:
 
 * a log of N events (default 1,000,000): calls of ``budget_reserved`` + ``spend_recorded``
   (settling it), one in ten released instead, spread over 90 days of event time;
-* replay into budget state: ``EventLog.replay`` (decoding included) folded with
-  ``vapora.budget.catch_up``, events/s; against two floors measured in the same run: the replay
-  alone (decode, no fold) and the fold alone (events already decoded in memory);
+* replay into budget state: ``EventLog.replay`` (transport and decoding included) folded with
+  ``vapora.budget.catch_up``, events/s, in one pass that times the fold apart, so the same run
+  also gives the two floors: the replay alone (transport + decode) and the fold alone;
 * restart-to-ready of the budget keeper in a fresh child process (``BudgetKeeper.run`` until
   ``task_status.started()``), without a snapshot (the whole log) and with the snapshot the first
-  child wrote when it stopped; and the child's peak RSS (``ru_maxrss``), also for a log a quarter
-  as long, to show whether memory grows with the log's length.
+  child wrote when it stopped; and the child's memory (RSS growth from before the keeper starts
+  to ready, and the peak), also for a log a tenth as long with the same events per day, to show
+  whether memory grows with the log's length.
 
 Run: ``python -m bench.bench_budget`` (``--events 200000`` for a quick run). Prints a table and
 writes ``bench/results/budget.json``.
@@ -51,12 +52,11 @@ PRICE = Price(
 START = datetime(2026, 6, 1, tzinfo=UTC)
 SPAN = timedelta(days=90)
 CHUNK = 2000
+TAIL = 10_000  # events appended after the keeper's snapshot, before the warm restart
 
 
-def call_events(n: int, total: int, span: timedelta) -> list[Event]:
-    """The events of call ``n`` of ``total`` spread over ``span``: a reservation, then its
-    spend or its release."""
-    at = START + span * n / total
+def call_events(n: int, at: datetime) -> list[Event]:
+    """The events of call ``n`` at ``at``: a reservation, then its spend or its release."""
     rid, task = f"r{n}", f"t{n}"
     reserved = BudgetReserved(
         id=f"{rid}a",
@@ -89,13 +89,16 @@ def call_events(n: int, total: int, span: timedelta) -> list[Event]:
     return [reserved, closed]
 
 
-async def fill(log: EventLog, events: int, span: timedelta) -> float:
-    """Append ``events`` events (pipelined) over ``span`` of event time; returns appends/s."""
+async def fill(
+    log: EventLog, events: int, span: timedelta, *, first: int = 0, start: datetime = START
+) -> float:
+    """Append ``events`` events (pipelined) spread over ``span`` from ``start``, calls numbered
+    from ``first``; returns appends per second."""
     calls = events // 2
     started = time.perf_counter()
     pending: list[Event] = []
     for n in range(calls):
-        pending += call_events(n, calls, span)
+        pending += call_events(first + n, start + span * n / calls)
         if len(pending) >= CHUNK:
             await log.append_many(pending)
             pending = []
@@ -104,27 +107,25 @@ async def fill(log: EventLog, events: int, span: timedelta) -> float:
     return events / (time.perf_counter() - started)
 
 
-async def replay_into_state(log: EventLog) -> tuple[float, int, budget.BudgetState]:
+async def replay_into_state(log: EventLog) -> dict[str, Any]:
+    """One pass: the log replayed and folded, timing the fold apart from the replay."""
+    folding = 0.0
     started = time.perf_counter()
     state, count = budget.EMPTY, 0
     async for batch in log.replay(1):
-        state = budget.catch_up(state, [(entry.event, entry.seq) for entry in batch])
+        pairs = [(entry.event, entry.seq) for entry in batch]
+        mark = time.perf_counter()
+        state = budget.catch_up(state, pairs)
+        folding += time.perf_counter() - mark
         count += len(batch)
-    return count / (time.perf_counter() - started), count, state
-
-
-async def replay_only(log: EventLog) -> tuple[float, list[tuple[Event, int]]]:
-    started = time.perf_counter()
-    pairs: list[tuple[Event, int]] = []
-    async for batch in log.replay(1):
-        pairs += [(entry.event, entry.seq) for entry in batch]
-    return len(pairs) / (time.perf_counter() - started), pairs
-
-
-def fold_only(pairs: list[tuple[Event, int]]) -> float:
-    started = time.perf_counter()
-    budget.catch_up(budget.EMPTY, pairs)
-    return len(pairs) / (time.perf_counter() - started)
+    total = time.perf_counter() - started
+    return {
+        "count": count,
+        "state": state,
+        "replay_into_state_per_s": count / total,
+        "replay_only_per_s": count / (total - folding),
+        "fold_only_per_s": count / folding,
+    }
 
 
 # --- the child: one keeper restart -----------------------------------------------------------
@@ -213,19 +214,28 @@ async def measure(events: int) -> dict[str, Any]:
                 if settings is big:
                     result["append_events_per_s"] = rate
             log = EventLog(nc, big)
-            result["replay_only_per_s"], pairs = await replay_only(log)
-            result["fold_only_per_s"] = fold_only(pairs)
-            del pairs
-            rate, count, state = await replay_into_state(log)
-            assert count == events, f"replayed {count} of {events}"
-            result["replay_into_state_per_s"] = rate
-            await nc.close()
+            await replay_into_state(EventLog(nc, small))  # warm up the replay path
+            replayed = await replay_into_state(log)
+            assert replayed["count"] == events, f"replayed {replayed['count']} of {events}"
+            state = replayed.pop("state")
+            del replayed["count"]
+            result.update(replayed)
             for name, settings in (("full", big), ("tenth", small)):
                 data_dir = Path(tmp) / f"keeper-{name}"
                 cold = await anyio.to_thread.run_sync(restart, server.url, data_dir, settings)
+                # The keeper snapshots every 10,000 events: a crash leaves at most that many
+                # (plus 30 s worth) to replay. Append that many after its snapshot.
+                await fill(
+                    EventLog(nc, settings),
+                    TAIL,
+                    timedelta(hours=1),
+                    first=events,
+                    start=START + SPAN,
+                )
                 warm = await anyio.to_thread.run_sync(restart, server.url, data_dir, settings)
                 result[f"restart_{name}_no_snapshot"] = cold
                 result[f"restart_{name}_snapshot"] = warm
+            await nc.close()
             assert result["restart_full_no_snapshot"]["total_spent_usd"] == str(
                 state.total_spent_usd
             )
@@ -242,13 +252,13 @@ def table(r: dict[str, Any]) -> str:
             r["replay_into_state_per_s"],
             "events/s",
         ),
-        ("  floor: replay alone (decode, no fold)", r["replay_only_per_s"], "events/s"),
-        ("  floor: fold alone (already decoded)", r["fold_only_per_s"], "events/s"),
+        ("  of which the replay alone (transport + decode)", r["replay_only_per_s"], "events/s"),
+        ("  of which the fold alone (catch_up)", r["fold_only_per_s"], "events/s"),
         ("  (filling the log: pipelined appends)", r["append_events_per_s"], "events/s"),
         (f"keeper restart to ready, {n:,} events, no snapshot", cold["ready_s"], "s"),
         (f"keeper restart to ready, {n:,} events, snapshot", warm["ready_s"], "s"),
         ("  same, process start to exit (interpreter, imports, connect)", warm["process_s"], "s"),
-        ("  events replayed after the snapshot", warm["replayed"], "events"),
+        ("  events replayed after the snapshot (appended after it)", warm["replayed"], "events"),
         (f"keeper RSS growth to ready, {n:,} events (90 days), no snapshot", cold["grew_mb"], "MB"),
         (
             f"keeper RSS growth to ready, {n // 10:,} events (9 days), no snapshot",
