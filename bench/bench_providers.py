@@ -9,8 +9,10 @@ provider, in one run and interleaved over several trials on one keep-alive conne
   (body building, JSON decode, usage mapping, cost, time limits, latency estimate);
 * the peer: the provider's official SDK doing the same call (text and usage), for context.
 
-The figure is ``ours / floor - 1`` per call (target: under 10 %), in wall-clock time and in
-the client process's CPU time (steadier on a shared machine). Run:
+The runners alternate call by call (rotating their order, with the garbage collector off
+during a trial, as ``timeit`` does); each trial takes the median time per call of each, and the
+figure is ``ours / floor - 1`` (target: under 10 %), in wall-clock time and in the client
+process's CPU time, as the median (and range) over trials. Run:
 ``python -m bench.bench_providers`` (``--quick`` for a smaller run). Writes
 ``bench/results/providers.json`` and prints a table.
 """
@@ -18,7 +20,9 @@ the client process's CPU time (steadier on a shared machine). Run:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -208,15 +212,27 @@ class Peer:
             await self.sdk.close()
 
 
-async def per_call(call: Any, stream: bool, calls: int) -> tuple[float, float]:
-    """Wall-clock and client-CPU microseconds per call."""
+async def timed(call: Any, stream: bool) -> tuple[float, float]:
+    """Wall-clock and client-CPU microseconds of one call."""
     cpu, wall = time.process_time(), time.perf_counter()
-    for _ in range(calls):
-        await call(stream)
-    return (
-        (time.perf_counter() - wall) / calls * 1e6,
-        (time.process_time() - cpu) / calls * 1e6,
-    )
+    await call(stream)
+    return (time.perf_counter() - wall) * 1e6, (time.process_time() - cpu) * 1e6
+
+
+async def trial(
+    runners: dict[str, Any], stream: bool, calls: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU time per call of each runner, the runners alternating call by call
+    so that drift in the machine's load hits them alike."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    order = list(runners)
+    for i in range(calls):
+        for name in order[i % 3 :] + order[: i % 3]:  # rotate: no runner always follows another
+            samples[name].append(await timed(runners[name], stream))
+    return {
+        name: (statistics.median(w for w, _ in got), statistics.median(c for _, c in got))
+        for name, got in samples.items()
+    }
 
 
 async def measure(base: str, calls: int, trials: int) -> dict[str, Any]:
@@ -225,27 +241,32 @@ async def measure(base: str, calls: int, trials: int) -> dict[str, Any]:
         pair, peer = Pair(kind, base), Peer(kind, base)
         for stream in (False, True):
             runners = {"floor": pair.floor, "ours": pair.ours, "sdk": peer.call}
-            for run in runners.values():  # warm every path and connection
-                await per_call(run, stream, max(calls // 10, 20))
-            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
-            for _ in range(trials):  # interleaved, so drift in machine load hits all three
-                for name, run in runners.items():
-                    samples[name].append(await per_call(run, stream, calls))
-            results[f"{kind}/{'stream' if stream else 'complete'}"] = summarize(samples)
+            await trial(runners, stream, max(calls // 5, 20))  # warm every path and connection
+            runs = []
+            for _ in range(trials):
+                gc.collect()
+                gc.disable()  # as timeit does: a collection lands on whichever call runs then
+                try:
+                    runs.append(await trial(runners, stream, calls))
+                finally:
+                    gc.enable()
+            results[f"{kind}/{'stream' if stream else 'complete'}"] = summarize(runs)
         await pair.aclose()
         await peer.aclose()
     return results
 
 
-def summarize(samples: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
-    floor, ours, sdk = samples["floor"], samples["ours"], samples["sdk"]
+def summarize(runs: list[dict[str, tuple[float, float]]]) -> dict[str, Any]:
+    def ratio(name: str, index: int) -> dict[str, float]:
+        return spread([run[name][index] / run["floor"][index] - 1 for run in runs])
+
     return {
-        "floor_us": spread([w for w, _ in floor]),
-        "ours_us": spread([w for w, _ in ours]),
-        "sdk_us": spread([w for w, _ in sdk]),
-        "overhead_wall": spread([o[0] / f[0] - 1 for o, f in zip(ours, floor, strict=True)]),
-        "overhead_cpu": spread([o[1] / f[1] - 1 for o, f in zip(ours, floor, strict=True)]),
-        "sdk_overhead_wall": spread([p[0] / f[0] - 1 for p, f in zip(sdk, floor, strict=True)]),
+        "floor_us": spread([run["floor"][0] for run in runs]),
+        "ours_us": spread([run["ours"][0] for run in runs]),
+        "sdk_us": spread([run["sdk"][0] for run in runs]),
+        "overhead_wall": ratio("ours", 0),
+        "overhead_cpu": ratio("ours", 1),
+        "sdk_overhead_wall": ratio("sdk", 0),
     }
 
 
@@ -265,11 +286,11 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=200, help="calls per trial")
-    parser.add_argument("--trials", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="100 calls x 5 trials")
+    parser.add_argument("--calls", type=int, default=300, help="calls per trial")
+    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="100 calls x 3 trials")
     args = parser.parse_args(argv)
-    calls, trials = (100, 5) if args.quick else (args.calls, args.trials)
+    calls, trials = (100, 3) if args.quick else (args.calls, args.trials)
     process, base = start_simulator()
     try:
         results = anyio.run(measure, base, calls, trials)

@@ -46,6 +46,8 @@ _STATUS_OF_TYPE = {
     "timeout_error": 504,
 }
 _QUOTA_PHRASES = ("credit balance", "usage limits", "spend limit")
+#: Events that carry nothing we need (their ``event:`` name matches their ``type``).
+_SKIPPED = frozenset({"ping", "content_block_start", "content_block_stop"})
 
 
 class AnthropicClient(ProviderClient):
@@ -90,6 +92,8 @@ class AnthropicClient(ProviderClient):
         turn.done = True
 
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
+        if frame.event in _SKIPPED:
+            return None
         try:
             event = msgspec.json.decode(frame.data)
         except msgspec.DecodeError as exc:

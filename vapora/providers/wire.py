@@ -54,6 +54,24 @@ class SSEDecoder:
 
 
 def _sse_event(block: bytes) -> Frame | None:
+    # Fast path for the usual one-line ``data:``, optionally after one ``event:`` line.
+    event_name = b""
+    if block.startswith(b"event: "):
+        end = block.find(b"\n")
+        event_name, rest = block[7:end], block[end + 1 :]
+    else:
+        rest = block
+    if _single_data_line(rest):
+        return Frame(event_name.decode("utf-8", "replace"), rest[6:])
+    return _sse_event_slow(block)
+
+
+def _single_data_line(rest: bytes) -> bool:
+    return rest.startswith(b"data: ") and b"\n" not in rest
+
+
+def _sse_event_slow(block: bytes) -> Frame | None:
+    """Any SSE event: several data lines, comments, fields without a space after the colon."""
     event = ""
     data: list[bytes] = []
     for line in block.split(b"\n"):
