@@ -25,7 +25,6 @@ guide's Claude default), so that :meth:`ProviderClient.estimate_cost` is a true 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -77,7 +76,11 @@ _MAX_MESSAGE = 500
 
 def estimate_tokens(text: str) -> int:
     """A conservative token count of ``text``: one token per 3 characters (English averages 4)."""
-    return -(-len(text) // 3)
+    return _tokens_of_chars(len(text))
+
+
+def _tokens_of_chars(chars: int) -> int:
+    return -(-chars // 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +140,7 @@ class ProviderRequest:
 
 def estimate_input_tokens(request: ProviderRequest) -> int:
     """A conservative input-token estimate for reservations: 1.2 x chars/3, plus 4 per message."""
-    text_tokens = math.ceil(estimate_tokens("x" * request.input_chars()) * 1.2)
+    text_tokens = -(-_tokens_of_chars(request.input_chars()) * 6 // 5)  # x 1.2, rounded up
     return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
 
 
