@@ -280,7 +280,7 @@ async def test_one_connection_pool_is_reused_across_calls(
         await client.complete(ProviderRequest(prompt="again"))
 
     assert len(sim.app.requests) == 5
-    assert len(sim._server.connections) == 1  # keep-alive: one TCP connection for five calls
+    assert sim.open_connections == 1  # keep-alive: one TCP connection for five calls
 
 
 def test_factory_rejects_an_unknown_kind() -> None:

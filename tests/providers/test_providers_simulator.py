@@ -214,7 +214,7 @@ async def test_a_client_that_goes_away_during_a_hang_frees_the_server(
         await client.complete(ProviderRequest(prompt="hi"))
     await client.aclose()
     with anyio.fail_after(5):
-        while sim._server.tasks:  # noqa: ASYNC110 - polling the server's own bookkeeping
+        while sim.pending_answers:  # noqa: ASYNC110 - polling the server's own bookkeeping
             await anyio.sleep(0.01)
 
 

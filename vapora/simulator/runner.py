@@ -63,6 +63,16 @@ class Simulator:
         return self.base_url + "/v1" if kind == "openai" else self.base_url
 
     @property
+    def open_connections(self) -> int:
+        """Client connections currently open (keep-alive reuse shows here)."""
+        return len(self._server.connections)
+
+    @property
+    def pending_answers(self) -> int:
+        """Answers still being written or waited for (delays, paced streams, hangs)."""
+        return len(self._server.tasks)
+
+    @property
     def requests(self) -> list[RecordedRequest]:
         """The requests received so far (the last 1000)."""
         return list(self.app.requests)
