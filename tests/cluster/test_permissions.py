@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
+import anyio
 import msgspec
 import pytest
 from nats.js.errors import APIError
@@ -158,8 +159,10 @@ async def test_a_client_may_not_take_requests_meant_for_the_router(
 ) -> None:
     nc = await connect_as(secured_server.url, "client", tls_files)
     try:
-        await nc.subscribe("vapora.complete")
-        await nc.flush()
+        refused = anyio.Event()
+        with nc.denial_watch("vapora.complete", refused), anyio.fail_after(10):
+            await nc.subscribe("vapora.complete")
+            await refused.wait()
         assert nc.permission_violation("vapora.complete", "subscription") is not None
     finally:
         await nc.close()
