@@ -7,6 +7,7 @@ a secret) instead of being swallowed, and a first connection that cannot be made
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -14,12 +15,14 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from secrets import token_hex
 from typing import Any
 
 import anyio
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import ConnectionDrainingError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.protocol import FastParser
@@ -132,6 +135,7 @@ class Client(NATS):
         # The server's last permission violations, and requests waiting on their subject.
         self._violations: deque[tuple[str, str, str]] = deque(maxlen=64)
         self._denial_waiters: dict[str, set[anyio.Event]] = {}
+        self._denied_requests: dict[str, set[asyncio.Future[Msg]]] = {}
 
     def permission_violation(self, subject: str, operation: str = "publish") -> str | None:
         """The server's message if it refused this connection ``operation`` on ``subject``."""
@@ -162,60 +166,52 @@ class Client(NATS):
             self._violations.append((operation, subject, message))
             for waiter in self._denial_waiters.get(subject, ()):
                 waiter.set()
+            for future in self._denied_requests.get(subject, ()):
+                if not future.done():
+                    future.set_exception(
+                        PermissionDenied(f"NATS refused the request to {subject!r}: {message}")
+                    )
         await super()._process_err(err_msg)
 
-    async def request(
+    async def _request_new_style(
         self,
-        subject: str,
-        payload: bytes = b"",
-        timeout: float = 0.5,  # noqa: ASYNC109 - nats-py's signature
-        old_style: bool = False,
-        headers: dict[str, Any] | None = None,
-    ) -> Msg:
-        """nats-py's request, but a publish the server refuses raises :class:`PermissionDenied`
-        at once (the server answers a refused publish with an error, never a reply)."""
-        denied = anyio.Event()
-        outcome: list[Msg | Exception] = []
-        with self.denial_watch(subject, denied):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(
-                    self._ask,
-                    tg.cancel_scope,
-                    outcome,
-                    subject,
-                    payload,
-                    timeout,
-                    old_style,
-                    headers,
-                )
-                await denied.wait()
-                tg.cancel_scope.cancel()
-        result = outcome[0] if outcome else None
-        if isinstance(result, Msg):
-            return result
-        message = self.permission_violation(subject)
-        if message is not None and (result is None or isinstance(result, NatsTimeoutError)):
-            raise PermissionDenied(f"NATS refused the request to {subject!r}: {message}")
-        assert result is not None
-        raise result
-
-    async def _ask(
-        self,
-        scope: anyio.CancelScope,
-        outcome: list[Msg | Exception],
         subject: str,
         payload: bytes,
-        timeout: float,  # noqa: ASYNC109 - nats-py's signature
-        old_style: bool,
-        headers: dict[str, Any] | None,
-    ) -> None:
-        # Exceptions are handed back, not raised: a task group would wrap them in a group.
+        timeout: float = 1,  # noqa: ASYNC109 - nats-py's signature
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        # nats-py's request over the shared response inbox, plus one thing: a publish the server
+        # refuses fails the request at once with PermissionDenied (the server answers a refused
+        # publish with -ERR, never a reply), instead of a timeout.
+        if self.is_draining_pubs:
+            raise ConnectionDrainingError
+        if not self._resp_sub_prefix:
+            await self._init_request_sub()
+        assert self._resp_sub_prefix is not None
+        token = self._nuid.next()
+        token.extend(token_hex(2).encode())
+        inbox = self._resp_sub_prefix[:]
+        inbox.extend(token)
+        key = token.decode()
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._resp_map[key] = future
+        watchers = self._denied_requests.setdefault(subject.lower(), set())
+        watchers.add(future)
         try:
-            outcome.append(await super().request(subject, payload, timeout, old_style, headers))
-        except Exception as exc:
-            outcome.append(exc)
+            await self.publish(subject, payload, reply=inbox.decode(), headers=headers)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            message = self.permission_violation(subject)
+            if message is not None:
+                raise PermissionDenied(
+                    f"NATS refused the request to {subject!r}: {message}"
+                ) from None
+            raise NatsTimeoutError from None
         finally:
-            scope.cancel()
+            self._resp_map.pop(key, None)
+            watchers.discard(future)
+            if not watchers:
+                self._denied_requests.pop(subject.lower(), None)
 
     async def subscribe_raw(
         self, subject: str, handler: RawHandler, *, queue: str = ""
