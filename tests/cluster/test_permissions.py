@@ -20,6 +20,7 @@ from events.log import Event
 from tests.cluster.certs import TlsFiles
 from tests.cluster.conftest import connect_as
 from tests.samples import EVENTS
+from vapora.client import Client
 
 pytestmark = pytest.mark.anyio
 
@@ -218,3 +219,16 @@ async def test_a_client_certificate_from_another_ca_is_refused_clearly(
             key=tls_files.other_client_key,
             initial_deadline=60,
         )
+
+
+async def test_the_vapora_client_gets_permission_denied_not_a_timeout(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    # The budget keeper's user may not ask vapora.complete: over vapora's connection the
+    # client's exception says so as soon as the server refuses (its timeout is 120 s).
+    nc = await connect_as(secured_server.url, "budget", tls_files)
+    try:
+        with anyio.fail_after(30), pytest.raises(PermissionDenied, match=r"vapora\.complete"):
+            await Client(nc).complete(prompt="hello")
+    finally:
+        await nc.close()
