@@ -309,12 +309,14 @@ async def scenario(name: str, leg: Leg, plan: Plan) -> dict[str, Any]:
             "factor": plan.step_factor,
             "step_seconds": plan.step_seconds,
             "p99_limit_ms": 100.0,
+            "relaxed_p99_ms": 1000.0,
             "max_rate": plan.max_rate,
             "min_samples": plan.step_min_samples,
             "max_step_seconds": plan.step_max_seconds,
         }
         answer = await measured(leg, leg.sustainable("slow", **steps))
-        return {"rate": answer["rate"], "steps": answer["steps"], "cpu_s": answer["cpu_s"]}
+        keep = ("rate", "capacity", "steps", "cpu_s")
+        return {key: answer[key] for key in keep}
     return figures(await measured(leg, work))
 
 
@@ -374,10 +376,11 @@ def ratios(t: dict[str, dict[str, Any]]) -> dict[str, float]:
             out[f"{system}|c1 added {p} vs litellm"] = (
                 out[f"{system}|c1 added {p} ms"] / out[f"{PEER}|c1 added {p} ms"]
             )
-        peer_rate = t["rate"][PEER]["rate"]
-        out[f"{system}|rate vs litellm"] = (
-            t["rate"][system]["rate"] / peer_rate if peer_rate else float("nan")
-        )
+        for key in ("rate", "capacity"):
+            peer = t["rate"][PEER][key]
+            out[f"{system}|{key} vs litellm"] = (
+                t["rate"][system][key] / peer if peer else float("nan")
+            )
         out[f"{system}|stream added ttft p50 vs litellm"] = (
             out[f"{system}|stream added ttft p50 ms"] / out[f"{PEER}|stream added ttft p50 ms"]
         )

@@ -124,11 +124,36 @@ def test_load_generators_are_bounded_and_count_failures() -> None:
         )
     )
     # steps of 2, 5, 10 requests: the third sees the first failure, its retry ends the ladder
-    assert steps["rate"] == 100
-    assert [(s["rate"], s["held"]) for s in steps["steps"]] == [
-        (50, True),
-        (100, True),
-        (200, False),
-        (200, False),
+    assert steps["rate"] == steps["capacity"] == 100
+    assert [(s["rate"], s["errors"] > 0) for s in steps["steps"]] == [
+        (50, False),
+        (100, False),
+        (200, True),
+        (200, True),
     ]
     assert percentile([1, 2, 3, 4], 50) == 2 and math.isnan(percentile([], 50))
+
+
+def test_the_relaxed_ladder_goes_on_past_the_strict_limit() -> None:
+    # steps of 1, 2 (and its retry), 4, 8 (and its retry) requests at 10, 20, 40, 80 per second
+    waits = iter([0.0] + [0.03] * 2 * 2 + [0.03] * 4 + [0.2] * 8 * 2)
+
+    async def slower() -> bool:
+        await asyncio.sleep(next(waits))
+        return True
+
+    ladder = asyncio.run(
+        sustainable_rate(
+            slower,
+            start=10,
+            factor=2,
+            step_seconds=0.1,
+            p99_limit_ms=20,
+            relaxed_p99_ms=100,
+            max_rate=1000,
+            min_samples=1,
+        )
+    )
+    # 20/s fails the strict limit twice but holds the relaxed one, as 40/s does; 80/s fails both
+    assert ladder["rate"] == 10 and ladder["capacity"] == 40
+    assert [s["rate"] for s in ladder["steps"]] == [10, 20, 20, 40, 80, 80]
