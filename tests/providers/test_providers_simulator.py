@@ -55,6 +55,15 @@ def test_model_name_wins_over_control_defaults() -> None:
     assert (merged.latency_ms, merged.cache_read) == (5, 3)
 
 
+def test_flaky_fails_its_share_of_calls_evenly() -> None:
+    from vapora.simulator.behaviour import ProviderControl
+
+    control = ProviderControl()
+    outcomes = [control.effective("gpt-4o-flaky-20", now=0.0)[0].fails for _ in range(20)]
+
+    assert outcomes == [False, False, False, False, True] * 4
+
+
 # --- the control endpoint -----------------------------------------------------------------------
 
 
