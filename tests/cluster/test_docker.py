@@ -121,10 +121,12 @@ def test_every_referenced_file_exists(compose: dict[str, Any]) -> None:
         context = (DOCKER / service["build"]["context"]).resolve()
         assert context == ROOT
         assert (context / service["build"]["dockerfile"]).is_file()
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
     for line in (DOCKER / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
+                assert f"!{source}" in ignore or f"!{source}/" in ignore, source
 
 
 def test_the_image_is_small_non_root_with_vapora_as_entry_point_and_a_health_check() -> None:
