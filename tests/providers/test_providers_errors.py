@@ -39,6 +39,7 @@ CASES: list[tuple[str, type[ProviderError], bool]] = [
     ("error-404", ProviderConfigError, True),
     ("quota", ProviderQuotaExhausted, True),
     ("malformed", ProviderUnavailable, True),
+    ("drop", ProviderUnavailable, True),  # the connection closed before the first byte
 ]
 
 

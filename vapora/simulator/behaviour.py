@@ -19,6 +19,7 @@ them may be embedded in a model name, e.g. ``claude-sonnet-4-5-ttft-50-tps-200-c
                        (then the stream is not cut), else after 2 chunks; streams only
 ``stall-<n>``          stop sending after n streamed chunks but keep the connection open
 ``hang``               never answer (until the client goes away)
+``drop``               close the connection without answering (a reset before the first byte)
 ``cached-<n>``         n input tokens read from the prompt cache
 ``cachew-<n>``         n input tokens written to the prompt cache (Anthropic, OpenAI)
 ``thoughts-<n>``       n reasoning tokens (Gemini ``thoughtsTokenCount``, OpenAI
@@ -37,7 +38,7 @@ from typing import Any
 __all__ = ["Behaviour", "ProviderControl", "parse_behaviour"]
 
 _TOKEN = re.compile(
-    r"(?<![a-z0-9])(?:(error-after-200|quota|malformed|hang|nousage|nocounts)"
+    r"(?<![a-z0-9])(?:(error-after-200|quota|malformed|hang|drop|nousage|nocounts)"
     r"|(slow|ttft|tps|len|error|retryms|flaky|cut|stall|cached|cachew|thoughts)-(\d+))(?![a-z])"
 )
 _FLAGS = {
@@ -45,6 +46,7 @@ _FLAGS = {
     "quota": "quota",
     "malformed": "malformed",
     "hang": "hang",
+    "drop": "drop",
     "nousage": "no_usage",
     "nocounts": "no_counts",
 }
@@ -81,6 +83,7 @@ class Behaviour:
     error_after_200: bool = False
     stall_after: int | None = None
     hang: bool = False
+    drop: bool = False
     cache_read: int | None = None
     cache_write: int | None = None
     thoughts: int | None = None

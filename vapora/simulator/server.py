@@ -186,6 +186,8 @@ class SimulatorApp:
         stats["streams"] += turn.stream
         if behaviour.hang:
             return _hang()
+        if behaviour.drop:
+            return Cut(b"")
         if behaviour.fails:
             status = 0 if behaviour.quota else behaviour.error_status or 500
             # Like OpenAI, a 401 quotes the key it was given: clients must scrub it.
