@@ -538,6 +538,8 @@ class ProviderClient(ABC):
             self._parse(data, turn)
         except _SHAPE_ERRORS as exc:
             raise self._fail(self._malformed()) from exc
+        except ProviderError as error:  # an error body with status 200 (Ollama)
+            raise self._fail(error) from error.__cause__
 
     async def _frames(
         self, request: ProviderRequest, model: str, turn: Turn
