@@ -326,12 +326,27 @@ class StorageConfig(_Section, frozen=True, kw_only=True):
 
 
 class TelemetryConfig(_Section, frozen=True, kw_only=True):
-    """OpenTelemetry and metrics switches (parsed here, used by the actors)."""
+    """OpenTelemetry and metrics switches (parsed here, applied by ``vapora.telemetry.setup``).
+
+    ``exporter``: where spans go (``jsonl``: one JSON object per line to ``jsonl_path``);
+    ``traces`` / ``metrics``: each on its own (metrics only: ``traces = false``);
+    ``sample_ratio``: the share of new traces recorded (parent-based); ``prometheus_port``:
+    serve ``/metrics`` there (on ``prometheus_host``); ``otlp_endpoint``: the collector
+    (``OTEL_EXPORTER_OTLP_ENDPOINT`` wins); ``capture_content``: prompts and completions on
+    spans (opt-in; off by default). docs/observability.md has the whole list.
+    """
 
     enabled: bool = False
-    exporter: Literal["none", "console", "otlp"] = "none"
+    exporter: Literal["none", "console", "otlp", "jsonl"] = "none"
     prometheus_port: int | None = None
     capture_content: bool = False
+    traces: bool = True
+    metrics: bool = True
+    sample_ratio: float = 1.0
+    jsonl_path: str | None = None
+    otlp_endpoint: str | None = None
+    prometheus_host: str = "0.0.0.0"  # a scrape endpoint is read from other hosts
+    service_name: str | None = None
 
 
 class Config(_Section, frozen=True, kw_only=True):
@@ -681,6 +696,10 @@ def _check_misc(storage: StorageConfig, telemetry: TelemetryConfig) -> None:
     port = telemetry.prometheus_port
     if port is not None and not 1 <= port <= 65535:
         raise _Invalid("telemetry.prometheus_port", f"must be in 1..65535, got {port}")
+    if not 0.0 <= telemetry.sample_ratio <= 1.0:
+        raise _Invalid("telemetry.sample_ratio", f"must be in 0..1, got {telemetry.sample_ratio}")
+    if telemetry.exporter == "jsonl" and not telemetry.jsonl_path:
+        raise _Invalid("telemetry.jsonl_path", 'is required with exporter = "jsonl"')
 
 
 def _resolve(doc: _ConfigFile, source: str, at: datetime, resolve: PriceResolver) -> Config:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from actors.connection import Client, ConnectOptions
     from actors.eventlog import EventLog
     from vapora.config import Config
+    from vapora.telemetry import Telemetry
 
 __all__ = ["main"]
 
@@ -112,6 +113,13 @@ async def _event_log(nc: Client) -> EventLog:
     return log
 
 
+def _telemetry(config: Config, service_name: str) -> Telemetry:
+    """Traces, metrics and log lines as ``[telemetry]`` and the ``OTEL_*`` variables say."""
+    from vapora.telemetry import setup
+
+    return setup(config.telemetry, env=os.environ, service_name=service_name)
+
+
 def _data_dir(args: argparse.Namespace, config: Config) -> Path:
     return Path(getattr(args, "data_dir", None) or config.storage.data_dir)
 
@@ -125,6 +133,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     config = _config(args)
     data_dir = _data_dir(args, config)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(_telemetry(config, "vapora").shutdown)
         url = (
             _url(config)
             if config.nats.urls
@@ -177,6 +186,7 @@ async def cmd_actor(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args, config)
     await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
     url = _url(config)
+    telemetry = _telemetry(config, f"vapora-{args.kind}")
     nc = await connect(_connect_options(config, url, f"vapora-{args.kind}"))
     try:
         runtime = Runtime(
@@ -185,6 +195,7 @@ async def cmd_actor(args: argparse.Namespace) -> int:
         await _serve([build(args.kind, runtime, provider=args.provider)], url)
     finally:
         await nc.close()
+        telemetry.shutdown()
     return 0
 
 

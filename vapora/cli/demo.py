@@ -49,6 +49,7 @@ from vapora.config import Config, load_config
 from vapora.errors import ConfigError, VaporaError
 from vapora.report_html import render_html
 from vapora.simulator import Simulator
+from vapora.telemetry.sdk import setup
 
 __all__ = ["Workload", "demo_config_text", "plan_workload", "run_demo"]
 
@@ -172,6 +173,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             file=out,
         )
         _log_to_file(data_dir / "demo.log", verbose=args.verbose)
+        stack.callback(setup(config.telemetry, env=os.environ, service_name="vapora-demo").shutdown)
         demo = _Demo(nc=nc, log=log, sim=sim, data_dir=data_dir, out=out, started=started)
         return await _run_with_actors(all_actors(runtime), demo, args.requests)
     return 1  # pragma: no cover - the stack always returns above

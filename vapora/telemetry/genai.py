@@ -1,0 +1,302 @@
+"""The GenAI inference span and metrics of one provider call (conventions v1.41, see semconv).
+
+::
+
+    spec = CallSpec.of(client, request, task_id=..., task_type=..., attempt=2, stream=True)
+    with ProviderCallTelemetry(spec) as call:
+        done = await client.complete(request)
+        call.succeeded(done)           # response attributes, usage, cost, metrics
+    # a ProviderError leaving the block sets error.type, the span's error status and the metrics
+
+The span is named ``{gen_ai.operation.name} {gen_ai.request.model}``, kind CLIENT; the attributes
+the conventions want at start (operation, provider, request model, server address and port) are
+given at start, so samplers see them. ``gen_ai.usage.input_tokens`` is vapora's
+``Usage.input_tokens``, which already includes cache reads and writes (the conventions' rule;
+Anthropic's own ``input_tokens`` excludes them and the Anthropic client adds them). Prompt and
+completion text go on the span only when ``capture_content`` is on, as the opt-in
+``gen_ai.input.messages`` / ``gen_ai.output.messages`` / ``gen_ai.system_instructions``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from events.contract import Price, Usage
+from vapora.errors import ProviderError
+from vapora.pricing import cost
+from vapora.providers import Completion, ProviderClient, ProviderRequest
+from vapora.telemetry.instruments import CallOutcome
+from vapora.telemetry.semconv import (
+    ERROR_OTHER,
+    OLLAMA_GENERATE_OPERATION,
+    OPERATION_BY_KIND,
+    PROVIDER_BY_KIND,
+    VAPORA,
+    GenAINames,
+)
+from vapora.telemetry.state import STATE
+
+__all__ = ["CallSpec", "ProviderCallTelemetry", "error_type", "operation_of", "server_of"]
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def operation_of(kind: str, request: ProviderRequest) -> str:
+    """``gen_ai.operation.name`` of a call: Ollama's ``/api/generate`` is a text completion."""
+    if kind == "ollama" and request.messages is None:
+        return OLLAMA_GENERATE_OPERATION
+    return OPERATION_BY_KIND.get(kind, "chat")
+
+
+def server_of(base_url: str) -> tuple[str, int]:
+    """``(server.address, server.port)`` of a base URL (the port defaulted by the scheme)."""
+    parts = urlsplit(base_url)
+    return parts.hostname or "", parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+
+
+def error_type(error: BaseException) -> str:
+    """The low-cardinality ``error.type``: the provider's error code, else its HTTP status,
+    else vapora's error class (``timeout``, ``transient`` ...), else ``_OTHER``."""
+    if isinstance(error, ProviderError):
+        if error.error_type:
+            return error.error_type
+        if error.http_status is not None:
+            return str(error.http_status)
+        return error.error_class
+    return ERROR_OTHER
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallSpec:
+    """What is known about a provider call before it starts."""
+
+    provider: str  # vapora's name for it (the config's), e.g. "claude"
+    kind: str  # anthropic | openai | gemini | ollama
+    model: str
+    server_address: str
+    server_port: int
+    request: ProviderRequest
+    stream: bool
+    task_id: str
+    task_type: str
+    attempt: int
+    price: Price
+    route_reason: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        client: ProviderClient,
+        request: ProviderRequest,
+        *,
+        task_id: str,
+        task_type: str,
+        attempt: int,
+        stream: bool,
+        route_reason: str | None = None,
+    ) -> CallSpec:
+        address, port = server_of(client.base_url)
+        return cls(
+            provider=client.name,
+            kind=client.kind,
+            model=request.model or client.model,
+            server_address=address,
+            server_port=port,
+            request=request,
+            stream=stream,
+            task_id=task_id,
+            task_type=task_type,
+            attempt=attempt,
+            price=client.price,
+            route_reason=route_reason,
+        )
+
+    @property
+    def operation(self) -> str:
+        return operation_of(self.kind, self.request)
+
+    def metric_attributes(self, names: GenAINames) -> dict[str, str | int]:
+        return {
+            names.operation_name: self.operation,
+            names.provider_name: PROVIDER_BY_KIND.get(self.kind, self.kind),
+            names.request_model: self.model,
+            names.server_address: self.server_address,
+            names.server_port: self.server_port,
+        }
+
+    def start_attributes(self, names: GenAINames) -> dict[str, Any]:
+        attributes: dict[str, Any] = self.metric_attributes(names)
+        attributes[names.request_max_tokens] = self.request.output_limit
+        if self.request.temperature is not None:
+            attributes[names.request_temperature] = self.request.temperature
+        if self.stream:
+            attributes[names.request_stream] = True
+        attributes[VAPORA.task_id] = self.task_id
+        attributes[VAPORA.task_type] = self.task_type
+        attributes[VAPORA.attempt] = self.attempt
+        attributes[VAPORA.provider] = self.provider
+        if self.route_reason:
+            attributes[VAPORA.route_reason] = self.route_reason
+        return attributes
+
+
+def response_attributes(done: Completion, names: GenAINames) -> dict[str, Any]:
+    """Response id, model, finish reasons, usage (cache semantics of the conventions), cost."""
+    usage = done.usage
+    attributes: dict[str, Any] = {
+        names.response_model: done.model,
+        names.usage_input_tokens: usage.input_tokens,
+        names.usage_output_tokens: usage.output_tokens,
+        names.usage_cache_read_input_tokens: usage.cache_read_tokens,
+        names.usage_cache_creation_input_tokens: usage.cache_write_tokens,
+        VAPORA.cost_usd: str(done.cost_usd),
+    }
+    if done.response_id:
+        attributes[names.response_id] = done.response_id
+    if done.finish_reason:
+        attributes[names.response_finish_reasons] = (done.finish_reason,)
+    if done.usage_estimated:
+        attributes[VAPORA.usage_estimated] = True
+    return attributes
+
+
+def _has_tokens(usage: Usage) -> bool:
+    return bool(usage.input_tokens or usage.output_tokens)
+
+
+def _text_part(text: str) -> dict[str, str]:
+    return {"type": "text", "content": text}
+
+
+def content_attributes(spec: CallSpec, names: GenAINames) -> dict[str, str]:
+    """The opt-in input messages and system instructions, JSON per the conventions' schema."""
+    request = spec.request
+    turns = [{"role": role, "parts": [_text_part(text)]} for role, text in request.turns()]
+    attributes = {names.input_messages: msgspec.json.encode(turns).decode()}
+    if request.system:
+        attributes[names.system_instructions] = msgspec.json.encode(
+            [_text_part(request.system)]
+        ).decode()
+    return attributes
+
+
+def output_attributes(done: Completion, names: GenAINames) -> dict[str, str]:
+    message = {
+        "role": "assistant",
+        "parts": [_text_part(done.text)],
+        "finish_reason": done.finish_reason or "",
+    }
+    return {names.output_messages: msgspec.json.encode([message]).decode()}
+
+
+class ProviderCallTelemetry:
+    """The span and metrics of one provider call (see the module doc).
+
+    Use it only when :data:`STATE` has tracing or metrics on; it does both, each if switched on.
+    """
+
+    def __init__(self, spec: CallSpec) -> None:
+        self.spec = spec
+        self.names = STATE.names
+        self.span: Span | None = None
+        self._scope: Any = None
+        self._started = 0.0
+        self._done: Completion | None = None
+
+    def __enter__(self) -> ProviderCallTelemetry:
+        if STATE.tracing:
+            spec, names = self.spec, self.names
+            self._scope = STATE.tracer.start_as_current_span(
+                f"{spec.operation} {spec.model}",
+                kind=SpanKind.CLIENT,
+                attributes=spec.start_attributes(names),
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            self.span = self._scope.__enter__()
+            if STATE.capture_content:
+                self.span.set_attributes(content_attributes(spec, names))
+        self._started = time.perf_counter()
+        return self
+
+    def succeeded(self, done: Completion) -> None:
+        """Record the completion (call inside the ``with`` block)."""
+        self._done = done
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        elapsed = time.perf_counter() - self._started
+        try:
+            if exc is not None:
+                self._failed(exc, elapsed)
+            elif self._done is not None:
+                self._succeeded(self._done, elapsed)
+        finally:
+            if self._scope is not None:
+                self._scope.__exit__(exc_type, exc, tb)
+
+    def _succeeded(self, done: Completion, elapsed: float) -> None:
+        names = self.names
+        first = done.first_token_ms / 1000 if done.first_token_ms is not None else None
+        if self.span is not None:
+            self.span.set_attributes(response_attributes(done, names))
+            if self.spec.stream and first is not None:
+                self.span.set_attribute(names.response_time_to_first_chunk, first)
+            if STATE.capture_content:
+                self.span.set_attributes(output_attributes(done, names))
+        if STATE.metrics is not None:
+            genai = {
+                **self.spec.metric_attributes(names),
+                names.response_model: done.model,
+            }
+            STATE.metrics.record_call(
+                CallOutcome(
+                    genai=genai,
+                    provider=self.spec.provider,
+                    task_type=self.spec.task_type,
+                    status="ok",
+                    duration_s=elapsed,
+                    time_to_first_chunk_s=first if self.spec.stream else None,
+                    usage=done.usage,
+                    cost_usd=done.cost_usd,
+                )
+            )
+
+    def _failed(self, exc: BaseException, elapsed: float) -> None:
+        kind = error_type(exc)
+        error_class = exc.error_class if isinstance(exc, ProviderError) else "internal"
+        usage = exc.usage if isinstance(exc, ProviderError) else None
+        if self.span is not None:
+            self.span.set_attribute(self.names.error_type, kind)
+            self.span.set_attribute(VAPORA.error_class, error_class)
+            if usage is not None and _has_tokens(usage):
+                self.span.set_attribute(self.names.usage_input_tokens, usage.input_tokens)
+                self.span.set_attribute(self.names.usage_output_tokens, usage.output_tokens)
+            # The message is the provider's, scrubbed of keys by the clients; never a prompt.
+            self.span.set_status(Status(StatusCode.ERROR, kind))
+        if STATE.metrics is not None:
+            billed = usage if usage is not None and _has_tokens(usage) else None
+            STATE.metrics.record_call(
+                CallOutcome(
+                    genai=self.spec.metric_attributes(self.names),
+                    provider=self.spec.provider,
+                    task_type=self.spec.task_type,
+                    status=error_class,
+                    duration_s=elapsed,
+                    usage=billed,
+                    cost_usd=cost(billed, self.spec.price) if billed else Decimal(0),
+                    error_type=kind,
+                )
+            )

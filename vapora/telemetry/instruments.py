@@ -1,0 +1,151 @@
+"""The metric instruments: the GenAI client metrics (v1.41) and the guide's six, plus spend and
+the budget tier. Actors call the ``record_*`` methods; names, units and buckets come from
+:mod:`vapora.telemetry.semconv`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from opentelemetry.metrics import Meter
+
+from events.contract import Usage
+from vapora.telemetry.semconv import (
+    DURATION_BUCKETS,
+    GUIDE_LATENCY_BUCKETS,
+    METRICS,
+    TIER_VALUES,
+    TOKEN_BUCKETS,
+    TOKEN_INPUT,
+    TOKEN_OUTPUT,
+    GenAINames,
+)
+
+__all__ = ["CallOutcome", "Instruments"]
+
+Attributes = Mapping[str, str | int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallOutcome:
+    """One provider call as the metrics see it.
+
+    ``genai``: the GenAI metric attributes (operation, provider, request model, server, and the
+    response model on success). ``status``: ``ok`` or the error class. ``error_type``: the
+    GenAI ``error.type`` on failure. ``usage``: billed tokens (``None`` when unknown).
+    """
+
+    genai: Attributes
+    provider: str
+    task_type: str
+    status: str
+    duration_s: float
+    time_to_first_chunk_s: float | None = None
+    usage: Usage | None = None
+    cost_usd: Decimal = Decimal(0)
+    error_type: str | None = None
+
+
+class Instruments:
+    """Every instrument vapora records, created once per meter provider."""
+
+    def __init__(self, meter: Meter, names: GenAINames) -> None:
+        self.names = names
+        self.token_usage = meter.create_histogram(
+            names.token_usage,
+            unit="{token}",
+            description="Number of input and output tokens used",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+        )
+        self.duration = meter.create_histogram(
+            names.operation_duration,
+            unit="s",
+            description="GenAI operation duration",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.first_chunk = meter.create_histogram(
+            names.time_to_first_chunk,
+            unit="s",
+            description="Time to receive the first chunk of a streaming response",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.requests = meter.create_counter(
+            METRICS.requests, unit="1", description="Total LLM requests"
+        )
+        self.latency = meter.create_histogram(
+            METRICS.latency,
+            unit="s",
+            description="Provider latency",
+            explicit_bucket_boundaries_advisory=GUIDE_LATENCY_BUCKETS,
+        )
+        self.tokens = meter.create_counter(METRICS.tokens, unit="1", description="Tokens used")
+        self.decisions = meter.create_counter(
+            METRICS.routing_decisions, unit="1", description="Routing decisions"
+        )
+        self.fallbacks = meter.create_counter(
+            METRICS.fallback_triggers, unit="1", description="Fallback chain activations"
+        )
+        self.enforcement = meter.create_counter(
+            METRICS.budget_enforcement, unit="1", description="Budget tier changes and actions"
+        )
+        self.spend = meter.create_counter(
+            METRICS.spend, unit="USD", description="Spend recorded, in US dollars"
+        )
+        self.tier = meter.create_gauge(
+            METRICS.tier,
+            unit="1",
+            description="Budget tier: 0 Normal, 1 NearThreshold, 2 Exceeded",
+        )
+
+    def record_call(self, call: CallOutcome) -> None:
+        """A provider call that reached the provider (succeeded or failed)."""
+        n = self.names
+        if call.error_type is None:
+            self.duration.record(call.duration_s, call.genai)
+        else:
+            self.duration.record(call.duration_s, {**call.genai, n.error_type: call.error_type})
+        if call.time_to_first_chunk_s is not None:
+            self.first_chunk.record(call.time_to_first_chunk_s, call.genai)
+        labels = {METRICS.provider: call.provider}
+        self.latency.record(call.duration_s, labels)
+        self.requests.add(
+            1,
+            {**labels, METRICS.task_type: call.task_type, METRICS.status: call.status},
+        )
+        if call.usage is not None:
+            self._tokens(call, call.usage)
+        if call.cost_usd:
+            self.spend.add(float(call.cost_usd), {**labels, METRICS.task_type: call.task_type})
+
+    def _tokens(self, call: CallOutcome, usage: Usage) -> None:
+        for kind, count in ((TOKEN_INPUT, usage.input_tokens), (TOKEN_OUTPUT, usage.output_tokens)):
+            self.token_usage.record(count, {**call.genai, self.names.token_type: kind})
+            if count:
+                self.tokens.add(count, {METRICS.provider: call.provider, METRICS.type: kind})
+
+    def record_decision(self, selected: str, task_type: str, reason: str) -> None:
+        self.decisions.add(
+            1,
+            {
+                METRICS.selected_provider: selected,
+                METRICS.task_type: task_type,
+                METRICS.reason: reason,
+            },
+        )
+
+    def record_fallback(self, from_provider: str, to_provider: str, reason: str) -> None:
+        self.fallbacks.add(
+            1,
+            {
+                METRICS.from_provider: from_provider,
+                METRICS.to_provider: to_provider,
+                METRICS.reason: reason,
+            },
+        )
+
+    def record_enforcement(self, tier: str, action: str) -> None:
+        self.enforcement.add(1, {METRICS.tier_label: tier, METRICS.action: action})
+
+    def record_tier(self, tier: str) -> None:
+        self.tier.set(TIER_VALUES.get(tier, -1))

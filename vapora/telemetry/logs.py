@@ -1,0 +1,39 @@
+"""Structured log lines: every line says which task and which trace it belongs to.
+
+Actors set :data:`TASK_ID` when they start handling a task (each handler runs in its own task,
+so the value never leaks to another); :class:`TaskContextFilter` adds ``task_id`` and
+``trace_id`` (the current span's, ``-`` when none) to every record, and :data:`FORMAT` prints
+them. The routing decision, each fallback and each budget tier change are one INFO line each.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+
+from opentelemetry import trace
+
+__all__ = ["FORMAT", "TASK_ID", "TaskContextFilter", "install"]
+
+TASK_ID: ContextVar[str | None] = ContextVar("vapora_task_id", default=None)
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s task=%(task_id)s trace=%(trace_id)s: %(message)s"
+
+
+class TaskContextFilter(logging.Filter):
+    """Adds ``task_id`` and ``trace_id`` to each record (``-`` when unknown); never drops one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.task_id = TASK_ID.get() or "-"
+        span_context = trace.get_current_span().get_span_context()
+        record.trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else "-"
+        return True
+
+
+def install(root: logging.Logger | None = None) -> None:
+    """Give every handler of ``root`` (default: the root logger) the filter and the format."""
+    root = root or logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, TaskContextFilter) for f in handler.filters):
+            handler.addFilter(TaskContextFilter())
+        handler.setFormatter(logging.Formatter(FORMAT))

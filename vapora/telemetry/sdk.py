@@ -1,0 +1,229 @@
+"""Switching telemetry on: the OpenTelemetry SDK from ``[telemetry]`` and ``OTEL_*`` variables.
+
+One call after the config is loaded, one shutdown at exit (``vapora up`` / ``vapora actor`` do
+this)::
+
+    telemetry = setup(config.telemetry, env=os.environ, service_name="vapora")
+    ...
+    telemetry.shutdown()          # flushes exporters, stops /metrics, switches everything off
+
+Where the environment and the file both say something, the environment wins (deployments set
+it): ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_EXPORTER`` (``none``,
+``console``, ``otlp``, ``jsonl``), ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (read by
+the SDK itself), ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the ``_TRACES_`` / ``_METRICS_`` variants,
+read by the OTLP exporters), ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` and
+``OTEL_SEMCONV_STABILITY_OPT_IN``. OTLP needs the optional extra (``pip install 'vapora[otlp]'``);
+without it an ``otlp`` exporter is reported once in the log and skipped, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    InMemoryMetricReader,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+
+from vapora.config import TelemetryConfig
+from vapora.telemetry import logs
+from vapora.telemetry.jsonl import JsonLinesSpanExporter
+from vapora.telemetry.prometheus import MetricsEndpoint
+from vapora.telemetry.semconv import genai_names
+from vapora.telemetry.state import use_meter_provider, use_options, use_tracer_provider
+
+__all__ = ["Telemetry", "setup"]
+
+log = logging.getLogger("vapora.telemetry")
+
+_CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_CAPTURE_ON = {"SPAN_ONLY", "SPAN_AND_EVENT", "TRUE", "1"}
+_CAPTURE_OFF = {"NO_CONTENT", "EVENT_ONLY", "FALSE", "0"}
+
+
+@dataclass
+class Telemetry:
+    """What :func:`setup` switched on; :meth:`shutdown` flushes and switches it all off."""
+
+    tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    prometheus_reader: InMemoryMetricReader | None = None
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_endpoint is None:
+            return None
+        return f"http://127.0.0.1:{self.metrics_endpoint.port}/metrics"
+
+    def shutdown(self) -> None:
+        use_tracer_provider(None)
+        use_meter_provider(None)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool | None:
+    value = env.get(name, "").strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    return None
+
+
+def setup(
+    config: TelemetryConfig,
+    *,
+    env: Mapping[str, str],
+    service_name: str = "vapora",
+    span_exporters: Sequence[SpanExporter] = (),
+    metric_readers: Sequence[MetricReader] = (),
+) -> Telemetry:
+    """Switch on what ``config`` and ``env`` ask for (see the module doc); tests add their own
+    in-memory ``span_exporters`` (exported synchronously) and ``metric_readers``."""
+    logs.install()
+    telemetry = Telemetry()
+    enabled = config.enabled or bool(span_exporters or metric_readers)
+    if not enabled or _flag(env, "OTEL_SDK_DISABLED"):
+        use_tracer_provider(None)
+        use_meter_provider(None)
+        return telemetry
+    use_options(capture_content=_capture(config, env), names=genai_names(env))
+    resource = Resource.create({"service.name": _service_name(config, env, service_name)})
+    if config.traces or span_exporters:
+        telemetry.tracer_provider = _tracer_provider(config, env, resource, span_exporters)
+    if config.metrics or metric_readers:
+        _meter_provider(telemetry, config, env, resource, metric_readers)
+    use_tracer_provider(telemetry.tracer_provider)
+    use_meter_provider(telemetry.meter_provider)
+    return telemetry
+
+
+def _service_name(config: TelemetryConfig, env: Mapping[str, str], default: str) -> str:
+    return env.get("OTEL_SERVICE_NAME") or config.service_name or default
+
+
+def _capture(config: TelemetryConfig, env: Mapping[str, str]) -> bool:
+    value = env.get(_CAPTURE_ENV, "").strip().upper()
+    if value in _CAPTURE_ON:
+        return True
+    if value in _CAPTURE_OFF:
+        return False
+    return config.capture_content
+
+
+def _sampler(config: TelemetryConfig, env: Mapping[str, str]) -> Sampler | None:
+    if env.get("OTEL_TRACES_SAMPLER"):
+        return None  # the SDK reads OTEL_TRACES_SAMPLER(_ARG) itself
+    return ParentBased(TraceIdRatioBased(config.sample_ratio))
+
+
+def _tracer_provider(
+    config: TelemetryConfig,
+    env: Mapping[str, str],
+    resource: Resource,
+    extra: Sequence[SpanExporter],
+) -> TracerProvider:
+    provider = TracerProvider(resource=resource, sampler=_sampler(config, env))
+    for exporter in extra:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    configured = _span_exporter(config, env)
+    if configured is not None:
+        provider.add_span_processor(BatchSpanProcessor(configured))
+    return provider
+
+
+def _span_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:
+    kind = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or config.exporter
+    if kind == "console":
+        return ConsoleSpanExporter()
+    if kind == "jsonl":
+        path = env.get("VAPORA_TRACES_JSONL") or config.jsonl_path
+        if not path:
+            log.warning("telemetry: the jsonl exporter needs telemetry.jsonl_path; no spans out")
+            return None
+        return JsonLinesSpanExporter(path)
+    if kind == "otlp":
+        return _otlp_spans(config, env)
+    return None
+
+
+def _otlp_endpoint(config: TelemetryConfig, env: Mapping[str, str], signal: str) -> str | None:
+    """The file's endpoint for ``signal``, unless the environment names one (then the
+    exporter reads the environment itself)."""
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"):
+        return None
+    if config.otlp_endpoint:
+        return f"{config.otlp_endpoint.rstrip('/')}/v1/{signal.lower()}"
+    return None
+
+
+def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        log.warning(
+            "telemetry: exporter otlp needs the optional extra: pip install 'vapora[otlp]'; "
+            "spans are not exported"
+        )
+        return None
+    endpoint = _otlp_endpoint(config, env, "TRACES")
+    exporter: SpanExporter = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+    return exporter
+
+
+def _otlp_metrics(config: TelemetryConfig, env: Mapping[str, str]) -> MetricReader | None:
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    except ImportError:
+        return None  # said once already, for the spans
+    endpoint = _otlp_endpoint(config, env, "METRICS")
+    exporter: Any = OTLPMetricExporter(endpoint=endpoint) if endpoint else OTLPMetricExporter()
+    return PeriodicExportingMetricReader(exporter)
+
+
+def _meter_provider(
+    telemetry: Telemetry,
+    config: TelemetryConfig,
+    env: Mapping[str, str],
+    resource: Resource,
+    extra: Sequence[MetricReader],
+) -> None:
+    readers = list(extra)
+    if config.prometheus_port is not None:
+        telemetry.prometheus_reader = InMemoryMetricReader()
+        readers.append(telemetry.prometheus_reader)
+    kind = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or config.exporter
+    if kind == "otlp":
+        reader = _otlp_metrics(config, env)
+        if reader is not None:
+            readers.append(reader)
+    elif kind == "console":
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    if not readers:
+        return  # nothing would read them: record nothing
+    telemetry.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+    if telemetry.prometheus_reader is not None and config.prometheus_port is not None:
+        telemetry.metrics_endpoint = MetricsEndpoint(
+            telemetry.prometheus_reader, config.prometheus_host, config.prometheus_port
+        ).start()
