@@ -24,7 +24,9 @@ guide's Claude default), so that :meth:`ProviderClient.estimate_cost` is a true 
 
 from __future__ import annotations
 
+import functools
 import logging
+import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -238,6 +240,12 @@ class _Ewma:
         )
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One default TLS context for every client: building one takes tens of milliseconds."""
+    return httpx.create_ssl_context()
+
+
 class ProviderClient(ABC):
     """One configured provider: its HTTP pool, wire format, price and observed latency.
 
@@ -277,7 +285,8 @@ class ProviderClient(ABC):
         )
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
-            transport=transport or httpx.AsyncHTTPTransport(limits=limits, retries=0),
+            transport=transport
+            or httpx.AsyncHTTPTransport(limits=limits, retries=0, verify=_tls_context()),
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
             headers=self._headers(self._api_key),
         )
