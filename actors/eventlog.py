@@ -35,6 +35,7 @@ import anyio
 import msgspec
 from nats.js import api
 from nats.js.errors import NotFoundError
+from opentelemetry.trace import Span
 
 from actors import tracing
 from actors.cluster import stream_replicas
@@ -218,7 +219,12 @@ class EventLog:
         if expected is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         ack = _Ack(subject or self.settings.subject_for(event), encode(event))
-        ack.headers = tracing.inject(headers)
+        if tracing.enabled():  # a PRODUCER span per append; its context is stored with the event
+            ack.span, context = tracing.start_publish(
+                ack.subject, msg_id=event.id, event_type=event_tag(event)
+            )
+            headers.update(context)
+        ack.headers = headers
         await self._send(inbox, ack)
         return ack
 
@@ -250,6 +256,17 @@ class EventLog:
         ack.done.set()
 
     async def _await_ack(self, ack: _Ack, event: Event) -> Appended:
+        if ack.span is None:
+            return await self._acknowledged(ack, event)
+        try:
+            appended = await self._acknowledged(ack, event)
+        except BaseException as exc:
+            tracing.end_publish(ack.span, exc)
+            raise
+        tracing.end_publish(ack.span, None)
+        return appended
+
+    async def _acknowledged(self, ack: _Ack, event: Event) -> Appended:
         deadline = anyio.current_time() + self.ack_timeout
         try:
             while True:
@@ -363,7 +380,7 @@ def _pull_request(follow: bool) -> bytes:
 class _Ack:
     """One event's append: what to (re-)send, its reply tokens, and the acknowledgement."""
 
-    __slots__ = ("data", "done", "headers", "payload", "retry", "subject", "tokens")
+    __slots__ = ("data", "done", "headers", "payload", "retry", "span", "subject", "tokens")
 
     def __init__(self, subject: str, payload: bytes) -> None:
         self.subject = subject
@@ -373,6 +390,7 @@ class _Ack:
         self.data: bytes | None = None
         self.retry = False
         self.done = anyio.Event()
+        self.span: Span | None = None
 
 
 class _PullReader:

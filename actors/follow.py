@@ -7,6 +7,9 @@ past the projection's position and no batch arrived for ``stall_s`` seconds, it 
 tail and opens a new one from ``position() + 1``. The projection keeps its own position (in its
 own transaction or state), so a restart of the tail neither loses nor repeats an event.
 
+With ``trace_group`` (the cost ledger's), each event's processing is a ``process <subject>``
+span parented by the context the event was appended with (:func:`actors.tracing.processed`).
+
 Each batch is applied shielded from the watchdog's cancellation: a batch is applied whole or,
 if the projection fails, not at all, never cut in the middle by a tail restart.
 """
@@ -20,6 +23,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 
+from actors import tracing
 from actors.eventlog import EventLog, LogEntry
 
 __all__ = ["LogFollower"]
@@ -42,9 +46,11 @@ class LogFollower:
         stall_s: float = 2.0,
         check_s: float = 0.5,
         retry_s: float = 0.5,
+        trace_group: str | None = None,
     ) -> None:
         self.log = event_log
         self.name = name
+        self.trace_group = trace_group
         self.apply = apply
         self.position = position
         self.stall_s = stall_s
@@ -75,13 +81,22 @@ class LogFollower:
             try:
                 async for batch in self.log.tail(start):
                     with anyio.CancelScope(shield=True):
-                        await self.apply(batch)
+                        await self._apply(batch)
                     self._progress = time.monotonic()
             except Exception as exc:  # the server is away, the consumer vanished, ...
                 log.warning("%s: the log tail from %d failed: %s; retrying", self.name, start, exc)
                 await anyio.sleep(self.retry_s)
         if scope.cancelled_caught:
             log.info("%s: reopening the log tail after sequence %d", self.name, self.position())
+
+    async def _apply(self, batch: list[LogEntry]) -> None:
+        if self.trace_group is None or not tracing.enabled():
+            await self.apply(batch)
+            return
+        # The live tail: each event's processing continues the trace that appended it.
+        wildcard = self.log.settings.wildcard
+        with tracing.processed(batch, group=self.trace_group, replay=False, destination=wildcard):
+            await self.apply(batch)
 
     async def _watch(self) -> None:
         while True:

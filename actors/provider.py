@@ -62,12 +62,14 @@ import anyio.abc
 import anyio.lowlevel
 import httpx
 
+from actors import tracing
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext, error_headers, error_payload
 from events import subjects
 from events.codec import encode
 from events.contract import ProviderCall, ProviderCallResult, StreamChunk, Usage
 from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
+from vapora import telemetry
 from vapora.config import ProviderConfig, api_key, missing_api_key
 from vapora.errors import (
     ConfigError,
@@ -79,11 +81,14 @@ from vapora.errors import (
 )
 from vapora.pricing import cost
 from vapora.providers import Completion, ProviderClient, ProviderRequest, make_client
+from vapora.telemetry import TASK_ID
+from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
 
 __all__ = [
     "ERROR_CLASS_HEADER",
     "RETRY_AFTER_HEADER",
     "COST_HEADER",
+    "ROUTE_REASON_HEADER",
     "USAGE_HEADER",
     "CircuitBreaker",
     "ProviderActor",
@@ -99,6 +104,8 @@ USAGE_HEADER = "Vapora-Usage"
 COST_HEADER = "Vapora-Cost-Usd"
 HTTP_STATUS_HEADER = "Vapora-Http-Status"
 CALLED_HEADER = "Vapora-Called"
+#: Sent by the router with tracing on: why this provider (the provider span's route reason).
+ROUTE_REASON_HEADER = "Vapora-Route-Reason"
 
 # A 429 without a usable wait closes the provider this long; a huge wait is capped.
 _DEFAULT_RETRY_S = 1.0
@@ -324,6 +331,7 @@ class ProviderActor:
     # --- one call -----------------------------------------------------------------------------
 
     async def _call(self, call: ProviderCall, ctx: RequestContext) -> ProviderCallResult | None:
+        TASK_ID.set(call.task_id)
         refusal = self._admit()
         if refusal is not None:
             await self._publish_health()
@@ -331,7 +339,10 @@ class ProviderActor:
             return None
         started = time.perf_counter()
         try:
-            done = await (self._stream(call, ctx) if call.stream_to else self._complete(call))
+            if telemetry.active():
+                done = await self._observed(call, ctx)
+            else:
+                done = await (self._stream(call, ctx) if call.stream_to else self._complete(call))
         except ProviderError as error:
             await self._failed(call, error, (time.perf_counter() - started) * 1000)
             await self._reply_error(ctx, error, called=True)
@@ -358,6 +369,22 @@ class ProviderActor:
                 error_type="breaker_open",
             )
         return None
+
+    async def _observed(self, call: ProviderCall, ctx: RequestContext) -> Completion:
+        """The call inside its GenAI span and metrics (:mod:`vapora.telemetry.genai`)."""
+        spec = CallSpec.of(
+            self.client,
+            ProviderRequest.from_call(call),
+            task_id=call.task_id,
+            task_type=call.task_type.value,
+            attempt=call.attempt,
+            stream=call.stream_to is not None,
+            route_reason=ctx.headers.get(ROUTE_REASON_HEADER) if tracing.enabled() else None,
+        )
+        with ProviderCallTelemetry(spec) as observed:
+            done = await (self._stream(call, ctx) if call.stream_to else self._complete(call))
+            observed.succeeded(done)
+        return done
 
     async def _complete(self, call: ProviderCall) -> Completion:
         limit = call.timeout_ms / 1000 if call.timeout_ms else None

@@ -49,9 +49,16 @@ import anyio.lowlevel
 import msgspec
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
+from opentelemetry import trace
 
 from actors import tracing
-from actors.provider import COST_HEADER, ERROR_CLASS_HEADER, RETRY_AFTER_HEADER, USAGE_HEADER
+from actors.provider import (
+    COST_HEADER,
+    ERROR_CLASS_HEADER,
+    RETRY_AFTER_HEADER,
+    ROUTE_REASON_HEADER,
+    USAGE_HEADER,
+)
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext, error_headers
 from events import subjects
@@ -84,6 +91,7 @@ from events.log import (
     RouteDecided,
     SpendRecorded,
 )
+from vapora import telemetry
 from vapora.config import Config, ProviderConfig
 from vapora.errors import (
     BudgetExceeded,
@@ -103,8 +111,10 @@ from vapora.routing import (
     task_cap_usd,
     task_remaining_usd,
 )
+from vapora.telemetry import TASK_ID
+from vapora.telemetry.semconv import VAPORA
 
-__all__ = ["RouterActor", "attempt_timeouts", "upper_bound_cost"]
+__all__ = ["RouterActor", "attempt_timeouts", "route_reason_class", "upper_bound_cost"]
 
 log = logging.getLogger("vapora.router")
 
@@ -198,6 +208,7 @@ class _Task:
     reasons: list[str] = field(default_factory=list)  # why each attempt failed ("" if it did not)
     spent: Decimal = Decimal(0)
     number: int = 0
+    route_reason: str = ""  # why the current attempt's provider (for its span)
 
     def next_number(self) -> int:
         self.number += 1
@@ -340,7 +351,7 @@ class RouterActor:
         try:
             reply = await self.runtime.nc.request(subjects.BUDGET, b"{}", timeout=1.0)
             if not (reply.headers or {}).get(_SERVICE_ERROR_CODE):
-                self.tier = decode(reply.data, BudgetStatus).tier
+                self._set_tier(decode(reply.data, BudgetStatus).tier)
         except Exception as exc:  # no keeper yet: Normal until the first tier event
             log.info("router: budget status unavailable at start (%s); tier Normal", exc)
 
@@ -351,18 +362,26 @@ class RouterActor:
             try:
                 async for batch in self.runtime.log.tail(seq, filter_subject=filter_subject):
                     for entry in batch:
-                        self._apply(entry.event)
+                        self._apply(entry.event, live=True)
                         seq = entry.seq + 1
             except Exception as exc:
                 log.warning("router: following %s failed (%s); resuming", filter_subject, exc)
                 await anyio.sleep(1.0)
 
-    def _apply(self, event: Event) -> None:
+    def _set_tier(self, tier: Tier) -> None:
+        self.tier = tier
+        if telemetry.STATE.metrics is not None:
+            telemetry.STATE.metrics.record_tier(tier.value)
+
+    def _apply(self, event: Event, *, live: bool = False) -> None:
         match event:
             case ProviderHealthChanged():
                 self.views[event.provider] = self._view(event)
             case BudgetTierChanged():
-                self.tier = event.to_tier
+                self._set_tier(event.to_tier)
+                if live:
+                    _observe_enforcement(event.to_tier, "tier_changed")
+                    log.info("budget tier %s -> %s", event.from_tier.value, event.to_tier.value)
             case SpendRecorded():
                 spend = self.task_spend
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
@@ -455,6 +474,11 @@ class RouterActor:
 
     def _task(self, request: CompletionRequest, *, stream_to: str | None) -> _Task:
         task_id = request.task_id or _new_id()
+        TASK_ID.set(task_id)
+        if tracing.enabled():
+            span = trace.get_current_span()
+            span.set_attribute(VAPORA.task_id, task_id)
+            span.set_attribute(VAPORA.task_type, request.task_type.value)
         estimate = ProviderRequest(
             prompt=request.prompt,
             messages=request.messages,
@@ -489,8 +513,10 @@ class RouterActor:
             )
         except (RouteOverBudget, RouteUnavailable) as refused:
             task.appends.add(self._decided(task, refused.decision))
+            _observe_refusal(task.request, refused)
             raise
         task.appends.add(self._decided(task, decision))
+        _observe_decision(task.request, decision)
         return decision
 
     def _decided(self, task: _Task, decision: RouteDecision) -> RouteDecided:
@@ -511,6 +537,7 @@ class RouterActor:
         # has the decision ahead of the calls it caused (its acknowledgement is awaited later).
         await anyio.lowlevel.checkpoint()
         chain = decision.chain
+        task.route_reason = decision.reason
         for index, name in enumerate(chain):
             provider = self.config.provider(name)
             assert provider is not None  # decide() keeps configured providers only
@@ -523,6 +550,8 @@ class RouterActor:
                 raise ProviderRejected(outcome.message, provider=name)
             following = chain[index + 1] if index + 1 < len(chain) else None
             task.appends.add(self._fallback(task, name, following, outcome))
+            _observe_fallback(name, following, outcome)
+            task.route_reason = f"fallback after {name}: {outcome.error_class}"
         raise self._exhausted(task)
 
     def _fallback(
@@ -599,21 +628,24 @@ class RouterActor:
             task_limit_usd=task.cap,
         )
         try:
-            message = await self.runtime.nc.request(
-                subjects.BUDGET_RESERVE,
-                encode(ask),
-                timeout=self.keeper_timeout_s,
-                headers=tracing.inject(),
-            )
+            with tracing.request_span(subjects.BUDGET_RESERVE) as headers:
+                message = await self.runtime.nc.request(
+                    subjects.BUDGET_RESERVE,
+                    encode(ask),
+                    timeout=self.keeper_timeout_s,
+                    headers=headers,
+                )
         except NoRespondersError:
             return reservation_id, "the budget keeper is not running"
         except TimeoutError:
             return reservation_id, "the budget keeper did not answer in time"
-        headers = message.headers or {}
-        if headers.get(_SERVICE_ERROR_CODE):
-            return reservation_id, headers.get(_SERVICE_ERROR, "refused")
+        reply_headers = message.headers or {}
+        if reply_headers.get(_SERVICE_ERROR_CODE):
+            return reservation_id, reply_headers.get(_SERVICE_ERROR, "refused")
         reply = decode(message.data, BudgetReserveReply)
-        self.tier = reply.tier
+        self._set_tier(reply.tier)
+        if not reply.admitted:
+            _observe_enforcement(reply.tier, "reservation_refused")
         return reservation_id, None if reply.admitted else (reply.reason or "refused")
 
     def _release(self, task: _Task, reservation_id: str) -> None:
@@ -655,7 +687,9 @@ class RouterActor:
             stream_to=task.stream_to,
         )
         started = time.perf_counter()
-        outcome = await self._request(provider, call, total_ms / 1000 + self.grace_s)
+        outcome = await self._request(
+            provider, call, total_ms / 1000 + self.grace_s, task.route_reason
+        )
         latency = (time.perf_counter() - started) * 1000
         task.attempts.append(self._attempt(provider, outcome, latency))
         if isinstance(outcome, _Failure):
@@ -669,15 +703,16 @@ class RouterActor:
         return outcome
 
     async def _request(
-        self, provider: ProviderConfig, call: ProviderCall, wait_s: float
+        self, provider: ProviderConfig, call: ProviderCall, wait_s: float, route_reason: str
     ) -> ProviderCallResult | _Failure:
+        subject = subjects.provider_call(provider.name)
         try:
-            message = await self.runtime.nc.request(
-                subjects.provider_call(provider.name),
-                encode(call),
-                timeout=wait_s,
-                headers=tracing.inject(),
-            )
+            with tracing.request_span(subject) as headers:
+                if headers is not None:
+                    headers[ROUTE_REASON_HEADER] = route_reason
+                message = await self.runtime.nc.request(
+                    subject, encode(call), timeout=wait_s, headers=headers
+                )
         except NoRespondersError:
             return _Failure("no_responders", f"no {provider.name} provider actor is running", True)
         except TimeoutError:
@@ -742,3 +777,66 @@ def _failure_from(headers: dict[str, str], data: bytes) -> _Failure:
         usage=usage,
         cost=billed if billed.is_finite() else Decimal(0),
     )
+
+
+# --- observability: metrics and log lines of decisions -------------------------------------------
+
+
+def route_reason_class(request: CompletionRequest, decision: RouteDecision) -> str:
+    """The guide's low-cardinality reason of a decision: ``override``, ``budget`` (a tier other
+    than Normal shaped it), ``last_resort`` (a zero-cost provider outside the mapping) or
+    ``rules`` (the mapping and the score)."""
+    if request.provider is not None:
+        return "override"
+    if decision.tier is not Tier.NORMAL:
+        return "budget"
+    if "last resort" in decision.reason:
+        return "last_resort"
+    return "rules"
+
+
+_TIER_ACTIONS = {Tier.NEAR_THRESHOLD: "prefer_cheapest", Tier.EXCEEDED: "zero_cost_only"}
+
+
+def _observe_decision(request: CompletionRequest, decision: RouteDecision) -> None:
+    log.info("route %s: %s", " -> ".join(decision.chain), decision.reason)
+    metrics = telemetry.STATE.metrics
+    if metrics is None:
+        return
+    selected = decision.chain[0] if decision.chain else "none"
+    reason = route_reason_class(request, decision)
+    metrics.record_decision(selected, request.task_type.value, reason)
+    action = _TIER_ACTIONS.get(decision.tier)
+    if action is not None:
+        metrics.record_enforcement(decision.tier.value, action)
+
+
+def _observe_refusal(
+    request: CompletionRequest, refused: RouteOverBudget | RouteUnavailable
+) -> None:
+    log.info("no route: %s", refused.message)
+    metrics = telemetry.STATE.metrics
+    if metrics is None:
+        return
+    over_budget = isinstance(refused, RouteOverBudget)
+    task_type = request.task_type.value
+    metrics.record_decision("none", task_type, "budget" if over_budget else "unavailable")
+    if over_budget:
+        metrics.record_enforcement(refused.decision.tier.value, "rejected")
+
+
+def _observe_fallback(name: str, following: str | None, failure: _Failure) -> None:
+    log.info(
+        "fallback %s -> %s (%s: %s)",
+        name,
+        following or "none",
+        failure.error_class,
+        failure.message,
+    )
+    if telemetry.STATE.metrics is not None:
+        telemetry.STATE.metrics.record_fallback(name, following or "none", failure.error_class)
+
+
+def _observe_enforcement(tier: Tier, action: str) -> None:
+    if telemetry.STATE.metrics is not None:
+        telemetry.STATE.metrics.record_enforcement(tier.value, action)

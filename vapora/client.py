@@ -57,6 +57,7 @@ from vapora.errors import (
     VaporaError,
     error_for_code,
 )
+from vapora.telemetry.messaging import request_span
 
 __all__ = ["Client", "TextStream"]
 
@@ -132,12 +133,13 @@ class Client:
     async def _request(self, subject: str, payload: bytes, wait_s: float) -> Msg:
         # "No responders" can be momentary (an actor restarting, interest still propagating in
         # a cluster): try a few times over about a second before giving up.
-        for pause in _NO_RESPONDER_PAUSES:
-            try:
-                return await self.nc.request(subject, payload, timeout=wait_s)
-            except NoRespondersError:
-                await anyio.sleep(pause)
-        return await self.nc.request(subject, payload, timeout=wait_s)
+        with request_span(subject) as headers:
+            for pause in _NO_RESPONDER_PAUSES:
+                try:
+                    return await self.nc.request(subject, payload, timeout=wait_s, headers=headers)
+                except NoRespondersError:
+                    await anyio.sleep(pause)
+            return await self.nc.request(subject, payload, timeout=wait_s, headers=headers)
 
     async def complete(
         self,
@@ -193,6 +195,7 @@ class TextStream:
         self._next_seq = 0
         self._early: dict[int, str] = {}
         self._retries = list(_NO_RESPONDER_PAUSES)
+        self._headers: dict[str, str] | None = None
         self.task_id: str | None = None
         self.text = ""
         self.result: StreamEnd | None = None
@@ -224,7 +227,10 @@ class TextStream:
     async def _start(self) -> Subscription:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
-        await self._nc.publish(subjects.STREAM, self._payload, reply=inbox)
+        with request_span(subjects.STREAM) as headers:
+            # The span covers the publish; the router's spans continue its trace.
+            self._headers = headers
+            await self._nc.publish(subjects.STREAM, self._payload, reply=inbox, headers=headers)
         return sub
 
     async def __anext__(self) -> str:
@@ -242,7 +248,9 @@ class TextStream:
             message = await self._receive(self._sub)
             if self._no_responders(message) and self._retries:
                 await anyio.sleep(self._retries.pop(0))
-                await self._nc.publish(subjects.STREAM, self._payload, reply=self._sub.subject)
+                await self._nc.publish(
+                    subjects.STREAM, self._payload, reply=self._sub.subject, headers=self._headers
+                )
                 continue
             text = self._handle(message)
             if text is not None:
