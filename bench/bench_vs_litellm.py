@@ -149,6 +149,9 @@ class Leg:
     def pids(self) -> list[int]:
         raise NotImplementedError
 
+    async def close(self) -> None:
+        """Release the leg's clients (its processes are stopped by the harness)."""
+
     async def closed(self, group: str, concurrency: int, requests: int, seconds: float) -> dict:
         return (
             await closed_loop(
@@ -185,6 +188,9 @@ class FloorHTTP(Leg):
     def pids(self) -> list[int]:
         return [os.getpid()]  # the client's own cost: there is no server in between
 
+    async def close(self) -> None:
+        await self.client.aclose()
+
     def call(self, group: str) -> Call:
         return vs_floor.http_call(self.client, MODELS[group], PROMPT, MAX_TOKENS)
 
@@ -201,6 +207,9 @@ class FloorRawHTTP(Leg):
 
     def pids(self) -> list[int]:
         return [os.getpid()]
+
+    async def close(self) -> None:
+        self.client.close()
 
     def call(self, group: str) -> Call:
         return self.client.call(MODELS[group], PROMPT, MAX_TOKENS)
@@ -493,6 +502,7 @@ async def _run(plan: Plan, tmp: Path, install: bool, began: float) -> dict[str, 
     connections: list[Any] = []
     worker: vs_procs.LiteLLMWorker | None = None
     floor_nats = vs_procs.EmbeddedNats(tmp / "floor-nats")
+    legs: list[Leg] = []
     try:
         sim, sim_url = vs_procs.start_simulator(log)
         children.append(sim)
@@ -514,7 +524,7 @@ async def _run(plan: Plan, tmp: Path, install: bool, began: float) -> dict[str, 
                 setup | {"fallbacks": FALLBACKS, "prompt": PROMPT, "max_tokens": MAX_TOKENS}
             )
             litellm_version = ready["litellm"]
-        legs: list[Leg] = [FloorHTTP(sim_url), FloorRawHTTP(sim_url)]
+        legs += [FloorHTTP(sim_url), FloorRawHTTP(sim_url)]
         fnc = await nats.connect(floor_nats.url, name="bench-vs-floor")
         connections.append(fnc)
         await vs_floor.ensure_floor_stream(fnc)
@@ -545,6 +555,9 @@ async def _run(plan: Plan, tmp: Path, install: bool, began: float) -> dict[str, 
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     finally:
+        for leg in legs:
+            with contextlib.suppress(Exception):
+                await leg.close()
         for nc in connections:
             with contextlib.suppress(Exception):
                 await nc.close()
