@@ -1,26 +1,27 @@
 """Provider HTTP clients for Anthropic, OpenAI, Gemini and Ollama (httpx only; DESIGN §2, §4).
 
-Build one with :func:`make_client`; call :meth:`ProviderClient.complete` or iterate
-:meth:`ProviderClient.stream`. See :mod:`vapora.providers.base` for the contract.
+Build one with :func:`make_client`; call :meth:`ProviderClient.complete`, or iterate
+:meth:`ProviderClient.stream` inside ``async with``. See :mod:`vapora.providers.base` for the
+contract, :mod:`vapora.providers.values` for the request and result values.
 """
 
 from __future__ import annotations
 
 from vapora.providers.anthropic import AnthropicClient
-from vapora.providers.base import (
+from vapora.providers.base import ProviderClient
+from vapora.providers.factory import CLIENT_CLASSES, DEFAULT_BASE_URLS, make_client
+from vapora.providers.gemini import GeminiClient
+from vapora.providers.ollama import OllamaClient
+from vapora.providers.openai import OpenAIClient
+from vapora.providers.stream import CompletionStream
+from vapora.providers.values import (
     DEFAULT_MAX_TOKENS,
     Completion,
-    CompletionStream,
-    ProviderClient,
     ProviderRequest,
     StreamBroken,
     estimate_input_tokens,
     estimate_tokens,
 )
-from vapora.providers.factory import CLIENT_CLASSES, DEFAULT_BASE_URLS, make_client
-from vapora.providers.gemini import GeminiClient
-from vapora.providers.ollama import OllamaClient
-from vapora.providers.openai import OpenAIClient
 from vapora.providers.wire import retry_after_from_headers
 
 __all__ = [

@@ -18,8 +18,9 @@ subclass; httpx exceptions are translated here, at the boundary. A failure after
 streamed chunk is :class:`StreamBroken` (a ``ProviderStreamBroken``) carrying the text and the
 usage known so far. No error, repr or log line contains the API key.
 
-Requests always send an output limit: ``max_tokens`` or :data:`DEFAULT_MAX_TOKENS` (4096, the
+Requests always send an output limit: ``max_tokens`` or ``DEFAULT_MAX_TOKENS`` (4096, the
 guide's Claude default), so that :meth:`ProviderClient.estimate_cost` is a true upper bound.
+The values live in :mod:`vapora.providers.values`, the stream in :mod:`vapora.providers.stream`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ import logging
 import ssl
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
@@ -40,21 +39,28 @@ from typing import Any, ClassVar
 import anyio
 import httpx
 import msgspec
-from anyio.abc import TaskGroup
 
-from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
+from events.contract import Price
 from vapora.errors import (
-    InvalidRequest,
     ProviderConfigError,
     ProviderError,
     ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
-    ProviderStreamBroken,
     ProviderTimeout,
     ProviderUnavailable,
 )
 from vapora.pricing import cost
+from vapora.providers.stream import CompletionStream
+from vapora.providers.values import (
+    DEFAULT_MAX_TOKENS,
+    Completion,
+    ProviderRequest,
+    StreamBroken,
+    Turn,
+    estimate_input_tokens,
+    estimate_tokens,
+)
 from vapora.providers.wire import Frame, NDJSONDecoder, SSEDecoder, retry_after_from_headers
 
 __all__ = [
@@ -68,162 +74,10 @@ __all__ = [
     "estimate_tokens",
 ]
 
-DEFAULT_MAX_TOKENS = 4096
 _log = logging.getLogger("vapora.providers")
 _JSON = {"content-type": "application/json"}
 _EWMA_ALPHA = 0.2
-_MESSAGE_OVERHEAD = 4
 _MAX_MESSAGE = 500
-
-
-def estimate_tokens(text: str) -> int:
-    """A conservative token count of ``text``: one token per 3 characters (English averages 4)."""
-    return _tokens_of_chars(len(text))
-
-
-def _tokens_of_chars(chars: int) -> int:
-    return -(-chars // 3)
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderRequest:
-    """One call's input: exactly one of ``prompt`` or ``messages``, and the usual options.
-
-    ``model`` overrides the client's configured model for this call.
-    """
-
-    prompt: str | None = None
-    messages: Sequence[ChatMessage] | None = None
-    system: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    model: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise InvalidRequest("exactly one of `prompt` or `messages` is required")
-        if self.messages is not None and not self.messages:
-            raise InvalidRequest("`messages` must not be empty")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidRequest("`max_tokens` must be at least 1")
-
-    @classmethod
-    def from_call(cls, call: ProviderCall) -> ProviderRequest:
-        """The request of a router -> provider-actor call."""
-        return cls(
-            prompt=call.prompt,
-            messages=call.messages,
-            system=call.system,
-            max_tokens=call.max_tokens,
-            temperature=call.temperature,
-            model=call.model or None,
-        )
-
-    @property
-    def output_limit(self) -> int:
-        """The output-token limit sent to the provider."""
-        return self.max_tokens or DEFAULT_MAX_TOKENS
-
-    def turns(self) -> list[tuple[str, str]]:
-        """The conversation as ``(role, content)`` (a prompt is one user turn)."""
-        if self.messages is None:
-            return [("user", self.prompt or "")]
-        return [(m.role, m.content) for m in self.messages]
-
-    def system_text(self) -> str | None:
-        """``system`` and any system-role messages joined, for APIs with a separate system field."""
-        parts = [self.system] if self.system else []
-        parts += [content for role, content in self.turns() if role == "system"]
-        return "\n\n".join(parts) if parts else None
-
-    def input_chars(self) -> int:
-        return len(self.system or "") + sum(len(content) for _, content in self.turns())
-
-
-def estimate_input_tokens(request: ProviderRequest) -> int:
-    """A conservative input-token estimate for reservations: 1.2 x chars/3, plus 4 per message."""
-    text_tokens = -(-_tokens_of_chars(request.input_chars()) * 6 // 5)  # x 1.2, rounded up
-    return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """The result of one successful call (``complete`` or a finished ``stream``)."""
-
-    provider: str
-    model: str
-    text: str
-    finish_reason: str | None
-    usage: Usage
-    cost_usd: Decimal
-    price: Price
-    latency_ms: float
-    first_token_ms: float | None = None
-    response_id: str | None = None
-    chunks: int = 0
-    usage_estimated: bool = False
-
-    def to_call_result(self) -> ProviderCallResult:
-        """This completion as the provider actor's reply to the router."""
-        return ProviderCallResult(
-            provider=self.provider,
-            model=self.model,
-            text=self.text,
-            finish_reason=self.finish_reason,
-            usage=self.usage,
-            cost_usd=self.cost_usd,
-            latency_ms=self.latency_ms,
-            first_token_ms=self.first_token_ms,
-            chunks=self.chunks,
-        )
-
-
-class StreamBroken(ProviderStreamBroken):
-    """A stream failed after its first chunk: ``partial_text`` was already forwarded."""
-
-    def __init__(self, message: str, *, partial_text: str, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.partial_text = partial_text
-
-
-@dataclass(slots=True)
-class Turn:
-    """What one call has produced so far; filled by the provider's parser, frame by frame."""
-
-    parts: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    model: str | None = None
-    response_id: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_read: int = 0
-    cache_write: int = 0
-    done: bool = False
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def usage(self, request: ProviderRequest) -> tuple[Usage, bool]:
-        """The usage (reported; missing counts estimated), and whether anything was estimated.
-
-        A missing output count is estimated from the text received, a missing input count from
-        the request (:func:`estimate_input_tokens`): both err on the high side.
-        """
-        estimated = self.input_tokens is None or self.output_tokens is None
-        output = self.output_tokens
-        if output is None:
-            output = estimate_tokens(self.text)
-        inputs = self.input_tokens
-        if inputs is None:
-            inputs = estimate_input_tokens(request) + self.cache_read + self.cache_write
-        usage = Usage(
-            input_tokens=inputs,
-            output_tokens=output,
-            cache_read_tokens=self.cache_read,
-            cache_write_tokens=self.cache_write,
-        )
-        return usage, estimated
 
 
 class _Ewma:
@@ -605,160 +459,3 @@ def _status_class(status: int) -> type[ProviderError]:
     if status in _BY_STATUS:
         return _BY_STATUS[status]
     return ProviderUnavailable if status >= 500 else ProviderRejected
-
-
-_END = object()
-_TIMED_OUT = object()
-
-
-class CompletionStream:
-    """The text chunks of one streaming call; :attr:`completion` is set once it has ended.
-
-    Use it as ``async with client.stream(req) as stream: async for text in stream: ...``; the
-    ``async with`` is required: it owns the task that reads the network. A failure before the
-    first chunk raises the classified ``ProviderError`` (the caller may fall back); after it,
-    :class:`StreamBroken` with the partial text and usage. ``time_limit`` bounds the whole
-    stream (seconds), ``first_token_limit`` the wait for the first chunk.
-
-    Why a reader task: the limits are one cancel scope around the whole read, whose deadline
-    moves from the first-token limit to the stream's limit once text arrives; a timer per chunk
-    would cost more than the rest of the client's per-chunk work. The reader appends to the
-    call's text parts and wakes the iterator only when it is waiting, so a chunk that has
-    already arrived costs the iterator nothing but an index.
-    """
-
-    def __init__(
-        self,
-        client: ProviderClient,
-        request: ProviderRequest,
-        time_limit: float,
-        first_token_limit: float | None,
-    ) -> None:
-        self._client = client
-        self._request = request
-        self._model = request.model or client.model
-        self._limits = (time_limit, first_token_limit or time_limit)
-        self._turn = Turn()
-        self._tasks: TaskGroup | None = None
-        self._waiter: anyio.Event | None = None
-        self._outcome: object = None
-        self._started = time.perf_counter()
-        self._first_token_ms: float | None = None
-        self._count = 0
-        self.completion: Completion | None = None
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return "".join(self._turn.parts[: self._count])
-
-    async def __aenter__(self) -> CompletionStream:
-        self._started = time.perf_counter()
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._read)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._tasks is not None
-        self._tasks.cancel_scope.cancel()  # stop reading if the caller left early
-        # The caller's own exception (if any) propagates as is, not in an exception group.
-        await self._tasks.__aexit__(None, None, None)
-
-    def __aiter__(self) -> CompletionStream:
-        return self
-
-    async def __anext__(self) -> str:
-        if self._tasks is None:
-            raise RuntimeError("use the stream as `async with client.stream(...) as stream`")
-        parts = self._turn.parts
-        while self._count >= len(parts) and self._outcome is None:
-            self._waiter = anyio.Event()
-            await self._waiter.wait()
-        if self._count < len(parts):
-            if self._count == 0:
-                self._first_token_ms = (time.perf_counter() - self._started) * 1000
-            self._count += 1
-            return parts[self._count - 1]
-        if self._outcome is _END:
-            if self.completion is None:
-                self._finish()
-            raise StopAsyncIteration
-        failure, self._outcome = self._failure(self._outcome), _FAILED
-        if failure is None:
-            raise StopAsyncIteration
-        raise failure
-
-    async def _read(self) -> None:
-        """The reader task: frames into text parts under one moving deadline, then the outcome."""
-        time_limit, first_limit = self._limits
-        now = anyio.current_time()
-        end = now + time_limit
-        outcome: object = _TIMED_OUT
-        with anyio.CancelScope(deadline=min(now + first_limit, end)) as scope:
-            frames = self._client._frames(self._request, self._model, self._turn)
-            async with aclosing(frames):
-                try:
-                    async for _ in frames:
-                        if len(self._turn.parts) == 1:
-                            scope.deadline = end  # the first text: re-arm the timer, once
-                        self._wake()
-                    outcome = _END
-                except ProviderError as error:
-                    outcome = error
-        self._outcome = outcome
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.set()
-            self._waiter = None
-
-    def _failure(self, outcome: object) -> ProviderError | None:
-        """The error to raise for a failed stream (None once it was raised)."""
-        if outcome is _FAILED:
-            return None
-        if outcome is _TIMED_OUT:
-            first = not self._turn.parts
-            outcome = ProviderTimeout(
-                f"{self._client.name}: no {'first chunk' if first else 'end of stream'} "
-                f"within {self._limits[1] if first else self._limits[0]:g}s",
-                provider=self._client.name,
-                error_type="timeout",
-            )
-        assert isinstance(outcome, ProviderError)
-        return self._failed(outcome)
-
-    def _finish(self) -> None:
-        client = self._client
-        latency = (time.perf_counter() - self._started) * 1000
-        client._latency.observe(latency)
-        if self._first_token_ms is not None:
-            client._ttft.observe(self._first_token_ms)
-        self.completion = client._completion(
-            self._turn, self._request, self._model, latency, self._first_token_ms, self._count
-        )
-
-    def _failed(self, error: ProviderError) -> ProviderError:
-        """``error`` itself before the first chunk; after it, a StreamBroken (partial result)."""
-        if not self._turn.parts:
-            return self._client._fail(error)
-        usage, _ = self._turn.usage(self._request)
-        broken = StreamBroken(
-            f"{error.message} (after {len(self._turn.parts)} chunks)",
-            partial_text=self._turn.text,
-            provider=self._client.name,
-            http_status=error.http_status,
-            error_type=error.error_type,
-            usage=usage,
-        )
-        broken.__cause__ = error
-        return self._client._fail(broken)
-
-
-_FAILED = object()

@@ -15,7 +15,8 @@ from urllib.parse import quote
 import msgspec
 
 from vapora.errors import ProviderConfigError, ProviderError, ProviderQuotaExhausted
-from vapora.providers.base import ProviderClient, ProviderRequest, Turn
+from vapora.providers.base import ProviderClient
+from vapora.providers.values import ProviderRequest, Turn
 from vapora.providers.wire import Frame, parse_duration
 
 __all__ = ["GeminiClient"]

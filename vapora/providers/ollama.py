@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import httpx
 import msgspec
 
-from vapora.providers.base import ProviderClient, ProviderRequest, Turn
+from vapora.providers.base import ProviderClient
+from vapora.providers.values import ProviderRequest, Turn
 from vapora.providers.wire import Frame
 
 __all__ = ["OllamaClient"]

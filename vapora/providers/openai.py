@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import msgspec
 
 from vapora.errors import ProviderError, ProviderQuotaExhausted
-from vapora.providers.base import ProviderClient, ProviderRequest, Turn
+from vapora.providers.base import ProviderClient
+from vapora.providers.values import ProviderRequest, Turn
 from vapora.providers.wire import Frame
 
 __all__ = ["OpenAIClient"]

@@ -1,0 +1,178 @@
+"""The values a provider call takes and gives: request, completion, partial state, estimates.
+
+Requests always send an output limit: ``max_tokens`` or :data:`DEFAULT_MAX_TOKENS` (4096, the
+guide's Claude default), so that ``ProviderClient.estimate_cost`` is a true upper bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
+from vapora.errors import InvalidRequest, ProviderStreamBroken
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Completion",
+    "ProviderRequest",
+    "StreamBroken",
+    "Turn",
+    "estimate_input_tokens",
+    "estimate_tokens",
+]
+
+DEFAULT_MAX_TOKENS = 4096
+_MESSAGE_OVERHEAD = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count of ``text``: one token per 3 characters (English averages 4)."""
+    return _tokens_of_chars(len(text))
+
+
+def _tokens_of_chars(chars: int) -> int:
+    return -(-chars // 3)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """One call's input: exactly one of ``prompt`` or ``messages``, and the usual options.
+
+    ``model`` overrides the client's configured model for this call.
+    """
+
+    prompt: str | None = None
+    messages: Sequence[ChatMessage] | None = None
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("exactly one of `prompt` or `messages` is required")
+        if self.messages is not None and not self.messages:
+            raise InvalidRequest("`messages` must not be empty")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequest("`max_tokens` must be at least 1")
+
+    @classmethod
+    def from_call(cls, call: ProviderCall) -> ProviderRequest:
+        """The request of a router -> provider-actor call."""
+        return cls(
+            prompt=call.prompt,
+            messages=call.messages,
+            system=call.system,
+            max_tokens=call.max_tokens,
+            temperature=call.temperature,
+            model=call.model or None,
+        )
+
+    @property
+    def output_limit(self) -> int:
+        """The output-token limit sent to the provider."""
+        return self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def turns(self) -> list[tuple[str, str]]:
+        """The conversation as ``(role, content)`` (a prompt is one user turn)."""
+        if self.messages is None:
+            return [("user", self.prompt or "")]
+        return [(m.role, m.content) for m in self.messages]
+
+    def system_text(self) -> str | None:
+        """``system`` and any system-role messages joined, for APIs with a separate system field."""
+        parts = [self.system] if self.system else []
+        parts += [content for role, content in self.turns() if role == "system"]
+        return "\n\n".join(parts) if parts else None
+
+    def input_chars(self) -> int:
+        return len(self.system or "") + sum(len(content) for _, content in self.turns())
+
+
+def estimate_input_tokens(request: ProviderRequest) -> int:
+    """A conservative input-token estimate for reservations: 1.2 x chars/3, plus 4 per message."""
+    text_tokens = -(-_tokens_of_chars(request.input_chars()) * 6 // 5)  # x 1.2, rounded up
+    return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The result of one successful call (``complete`` or a finished ``stream``)."""
+
+    provider: str
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    cost_usd: Decimal
+    price: Price
+    latency_ms: float
+    first_token_ms: float | None = None
+    response_id: str | None = None
+    chunks: int = 0
+    usage_estimated: bool = False
+
+    def to_call_result(self) -> ProviderCallResult:
+        """This completion as the provider actor's reply to the router."""
+        return ProviderCallResult(
+            provider=self.provider,
+            model=self.model,
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            cost_usd=self.cost_usd,
+            latency_ms=self.latency_ms,
+            first_token_ms=self.first_token_ms,
+            chunks=self.chunks,
+        )
+
+
+class StreamBroken(ProviderStreamBroken):
+    """A stream failed after its first chunk: ``partial_text`` was already forwarded."""
+
+    def __init__(self, message: str, *, partial_text: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.partial_text = partial_text
+
+
+@dataclass(slots=True)
+class Turn:
+    """What one call has produced so far; filled by the provider's parser, frame by frame."""
+
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    model: str | None = None
+    response_id: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read: int = 0
+    cache_write: int = 0
+    done: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def usage(self, request: ProviderRequest) -> tuple[Usage, bool]:
+        """The usage (reported; missing counts estimated), and whether anything was estimated.
+
+        A missing output count is estimated from the text received, a missing input count from
+        the request (:func:`estimate_input_tokens`): both err on the high side.
+        """
+        estimated = self.input_tokens is None or self.output_tokens is None
+        output = self.output_tokens
+        if output is None:
+            output = estimate_tokens(self.text)
+        inputs = self.input_tokens
+        if inputs is None:
+            inputs = estimate_input_tokens(request) + self.cache_read + self.cache_write
+        usage = Usage(
+            input_tokens=inputs,
+            output_tokens=output,
+            cache_read_tokens=self.cache_read,
+            cache_write_tokens=self.cache_write,
+        )
+        return usage, estimated
