@@ -1,0 +1,364 @@
+"""The provider call's span and the client metrics against the OpenTelemetry GenAI conventions
+v1.41.0, for every provider kind, streaming and not; content only when opted in; no API key or
+prompt anywhere (issue 6). Real nats-server and the simulator over HTTP.
+
+The tables below are copied from the spec (``docs/gen-ai/gen-ai-spans.md`` and
+``gen-ai-metrics.md`` at v1.41.0, summarised in ``shared/reference/nats-otel.md`` §1.2-1.3), not
+from vapora's semconv module, so that a wrong name there fails here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.context import Context
+from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader, Metric
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from tests.fault.provider_harness import KEYS, config_text, deployment
+from vapora.config import TelemetryConfig
+from vapora.telemetry import setup
+
+pytestmark = pytest.mark.anyio
+
+# --- the spec ---------------------------------------------------------------------------------
+
+#: gen_ai.provider.name and gen_ai.operation.name per provider (§1.2); Ollama's prompt endpoint
+#: /api/generate is a text completion, its /api/chat a chat.
+SPEC_PROVIDER = {
+    "claude": ("anthropic", "chat"),
+    "openai": ("openai", "chat"),
+    "gemini": ("gcp.gemini", "generate_content"),
+    "ollama": ("ollama", "text_completion"),
+}
+#: "Set at span start (they matter for sampling)".
+SPEC_AT_START = {
+    "gen_ai.operation.name",
+    "gen_ai.provider.name",
+    "gen_ai.request.model",
+    "server.address",
+    "server.port",
+}
+SPEC_RECOMMENDED_RESPONSE = {
+    "gen_ai.response.model",
+    "gen_ai.response.finish_reasons",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cache_creation.input_tokens",
+    "gen_ai.request.max_tokens",
+}
+SPEC_OPT_IN = {"gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions"}
+
+TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864]  # fmt: skip
+DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    unit: str
+    buckets: list[float]
+    required: set[str]
+    conditional: set[str]
+    recommended: set[str]
+
+
+_COMMON = {"gen_ai.operation.name", "gen_ai.provider.name"}
+SPEC_METRICS = {
+    "gen_ai.client.token.usage": MetricSpec(
+        "{token}",
+        TOKEN_BUCKETS,
+        _COMMON | {"gen_ai.token.type"},
+        {"gen_ai.request.model", "server.port"},
+        {"gen_ai.response.model", "server.address"},
+    ),
+    "gen_ai.client.operation.duration": MetricSpec(
+        "s",
+        DURATION_BUCKETS,
+        _COMMON,
+        {"gen_ai.request.model", "server.port", "error.type"},
+        {"gen_ai.response.model", "server.address"},
+    ),
+    "gen_ai.client.operation.time_to_first_chunk": MetricSpec(
+        "s",
+        DURATION_BUCKETS,
+        _COMMON,
+        {"gen_ai.request.model", "server.port"},
+        {"gen_ai.response.model", "server.address"},
+    ),
+}
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+MODELS = {
+    "claude": "claude-opus-4-5-cached-10-cachew-5",
+    "openai": "gpt-4-cached-8",
+    "gemini": "gemini-2.0-flash-cached-6",
+    "ollama": "llama2",
+}
+PROMPT = "Tell me about the secret-plum-7 owl"
+
+
+class AtStart(SpanProcessor):
+    """Records each span's attributes as they were when it started."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, dict[str, Any]] = {}
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.started[span.context.span_id] = dict(span.attributes or {})
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
+
+
+@dataclass
+class Recorded:
+    spans: InMemorySpanExporter
+    metrics: InMemoryMetricReader
+    at_start: AtStart
+
+    def genai_spans(self) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+
+    def metric(self, name: str) -> Metric | None:
+        data = self.metrics.get_metrics_data()
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        return metric
+        return None
+
+
+def _recorded(capture: bool) -> Iterator[Recorded]:
+    spans, metrics, at_start = InMemorySpanExporter(), InMemoryMetricReader(), AtStart()
+    telemetry = setup(
+        TelemetryConfig(enabled=True, capture_content=capture),
+        env={},
+        span_exporters=[spans],
+        metric_readers=[metrics],
+    )
+    assert telemetry.tracer_provider is not None
+    telemetry.tracer_provider.add_span_processor(at_start)
+    yield Recorded(spans, metrics, at_start)
+    telemetry.shutdown()
+
+
+@pytest.fixture
+def recorded() -> Iterator[Recorded]:
+    yield from _recorded(capture=False)
+
+
+@pytest.fixture
+def recorded_with_content() -> Iterator[Recorded]:
+    yield from _recorded(capture=True)
+
+
+def config(base_url: str) -> str:
+    return config_text(base_url, models=MODELS)
+
+
+async def _one_of_each(tmp_path: Path, stream: bool, *, system: str | None = None) -> None:
+    async with deployment(tmp_path, config) as dep:
+        for name in SPEC_PROVIDER:
+            if stream:
+                async with dep.client.stream(prompt=PROMPT, provider=name, system=system) as s:
+                    assert "".join([t async for t in s])
+            else:
+                assert (await dep.client.complete(prompt=PROMPT, provider=name, system=system)).text
+
+
+# --- the span ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_each_providers_span_follows_the_genai_conventions(
+    tmp_path: Path, recorded: Recorded, stream: bool
+) -> None:
+    await _one_of_each(tmp_path, stream)
+    spans = {str(s.attributes["vapora.provider"]): s for s in recorded.genai_spans()}
+    assert set(spans) == set(SPEC_PROVIDER)
+    for name, span in spans.items():
+        provider_name, operation = SPEC_PROVIDER[name]
+        a = span.attributes
+        assert span.name == f"{operation} {MODELS[name]}"
+        assert span.kind is SpanKind.CLIENT
+        assert (a["gen_ai.provider.name"], a["gen_ai.operation.name"]) == (provider_name, operation)
+        assert a["gen_ai.request.model"] == MODELS[name]
+        assert (a["server.address"], a["server.port"]) == ("127.0.0.1", int(a["server.port"]))
+        assert set(recorded.at_start.started[span.context.span_id]) >= SPEC_AT_START, name
+        assert set(a) >= SPEC_RECOMMENDED_RESPONSE, name
+        assert a["gen_ai.request.max_tokens"] == 4096  # vapora always sends a limit
+        assert isinstance(a["gen_ai.response.finish_reasons"], tuple)
+        if name != "ollama":  # Ollama's API has no response id
+            assert a["gen_ai.response.id"]
+        # Cache semantics: input_tokens includes cached tokens; the cache counts are subsets.
+        cached = {"claude": (10, 5), "openai": (8, 0), "gemini": (6, 0), "ollama": (0, 0)}[name]
+        read, written = (
+            a["gen_ai.usage.cache_read.input_tokens"],
+            a["gen_ai.usage.cache_creation.input_tokens"],
+        )
+        assert (read, written) == cached, name
+        assert a["gen_ai.usage.input_tokens"] > read + written  # the prompt's own tokens too
+        assert a["gen_ai.usage.output_tokens"] > 0
+        # vapora's own attributes
+        assert a["vapora.task.type"] == "GeneralQuery" and a["vapora.task.id"]
+        assert a["vapora.attempt"] == 1 and "manual override" in str(a["vapora.route.reason"])
+        assert float(str(a["vapora.cost_usd"])) >= 0
+        if stream:
+            assert a["gen_ai.request.stream"] is True
+            assert 0 <= a["gen_ai.response.time_to_first_chunk"] < 10
+        else:
+            assert "gen_ai.request.stream" not in a
+            assert "gen_ai.response.time_to_first_chunk" not in a
+        assert not SPEC_OPT_IN & set(a), "content recorded without the opt-in"
+        assert "error.type" not in a
+
+
+async def test_anthropics_input_tokens_include_its_cache_tokens(
+    tmp_path: Path, recorded: Recorded
+) -> None:
+    """Anthropic's own input_tokens excludes cached ones; the span's includes them (§1.2)."""
+    async with deployment(tmp_path, config) as dep:
+        result = await dep.client.complete(prompt=PROMPT, provider="claude")
+        async with httpx.AsyncClient() as http:  # the same call, raw, to see Anthropic's usage
+            raw = await http.post(
+                f"{dep.sim.base_url}/v1/messages",
+                headers={"x-api-key": KEYS["ANTHROPIC_API_KEY"], "anthropic-version": "2023-06-01"},
+                json={
+                    "model": MODELS["claude"],
+                    "max_tokens": 4096,
+                    "messages": [{"role": "user", "content": PROMPT}],
+                },
+            )
+    [span] = recorded.genai_spans()
+    usage = raw.json()["usage"]
+    assert usage["cache_read_input_tokens"] == 10 and usage["cache_creation_input_tokens"] == 5
+    expected = (
+        usage["input_tokens"]
+        + usage["cache_read_input_tokens"]
+        + usage["cache_creation_input_tokens"]
+    )
+    assert span.attributes["gen_ai.usage.input_tokens"] == expected == result.usage.input_tokens
+
+
+async def test_ollama_chat_is_a_chat_operation(tmp_path: Path, recorded: Recorded) -> None:
+    async with deployment(tmp_path, config) as dep:
+        await dep.client.complete(messages=[{"role": "user", "content": "hi"}], provider="ollama")
+    [span] = recorded.genai_spans()
+    assert span.name == "chat llama2" and span.attributes["gen_ai.operation.name"] == "chat"
+
+
+async def test_a_failed_call_has_error_type_and_the_duration_metric_says_so(
+    tmp_path: Path, recorded: Recorded
+) -> None:
+    models = {**MODELS, "gemini": "gemini-2.0-flash-error-503"}
+    async with deployment(tmp_path, lambda url: config_text(url, models=models)) as dep:
+        with pytest.raises(Exception, match=r"503|unavailable|UNAVAILABLE"):
+            await dep.client.complete(prompt="x", provider="gemini")
+    [span] = recorded.genai_spans()
+    assert span.status.status_code.name == "ERROR"
+    assert span.attributes["error.type"] in ("UNAVAILABLE", "503")
+    duration = recorded.metric("gen_ai.client.operation.duration")
+    assert duration is not None
+    [point] = duration.data.data_points
+    assert point.attributes["error.type"] == span.attributes["error.type"]
+    assert recorded.metric("gen_ai.client.token.usage") is None  # no usage: not reported
+
+
+# --- the metrics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_genai_metrics_have_the_specs_names_units_buckets_and_attributes(
+    tmp_path: Path, recorded: Recorded, stream: bool
+) -> None:
+    await _one_of_each(tmp_path, stream)
+    expected = (
+        set(SPEC_METRICS)
+        if stream
+        else set(SPEC_METRICS) - {"gen_ai.client.operation.time_to_first_chunk"}
+    )
+    for name in expected:
+        metric = recorded.metric(name)
+        assert metric is not None, name
+        spec = SPEC_METRICS[name]
+        assert metric.unit == spec.unit and isinstance(metric.data, Histogram), name
+        points = list(metric.data.data_points)
+        providers = {p.attributes["gen_ai.provider.name"] for p in points}
+        assert providers == {p for p, _ in SPEC_PROVIDER.values()}, name
+        for point in points:
+            keys = set(point.attributes)
+            assert list(point.explicit_bounds) == spec.buckets, name
+            assert spec.required <= keys, (name, keys)
+            assert keys <= spec.required | spec.conditional | spec.recommended, (name, keys)
+            assert "error.type" not in keys
+    if not stream:
+        assert recorded.metric("gen_ai.client.operation.time_to_first_chunk") is None
+    tokens = recorded.metric("gen_ai.client.token.usage")
+    assert tokens is not None
+    kinds = {(p.attributes["gen_ai.provider.name"], p.attributes["gen_ai.token.type"]) for p in
+             tokens.data.data_points}  # fmt: skip
+    assert kinds == {(p, t) for p, _ in SPEC_PROVIDER.values() for t in ("input", "output")}
+    spans = recorded.genai_spans()
+    for point in tokens.data.data_points:  # the histogram holds the spans' billed counts
+        [span] = [s for s in spans if s.attributes["gen_ai.provider.name"] ==
+                  point.attributes["gen_ai.provider.name"]]  # fmt: skip
+        key = f"gen_ai.usage.{point.attributes['gen_ai.token.type']}_tokens"
+        assert point.sum == span.attributes[key]
+
+
+# --- content and secrets ----------------------------------------------------------------------
+
+
+def _everything(recorded: Recorded) -> str:
+    """Every span (name, attributes, events, resource) and every metric label, as text."""
+    parts = []
+    for span in recorded.spans.get_finished_spans():
+        parts.append(span.to_json())
+    data = recorded.metrics.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    parts.append(f"{metric.name} {dict(point.attributes or {})}")
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_no_api_key_and_no_prompt_in_any_span_metric_or_log_line(
+    tmp_path: Path, recorded: Recorded, stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await _one_of_each(tmp_path, stream, system="You are the hidden-system-9 persona")
+    text = _everything(recorded) + "\n".join(r.getMessage() for r in caplog.records)
+    assert "chat claude-opus-4-5" in text  # the search covers the spans
+    for secret in [*KEYS.values(), "secret-plum-7", "hidden-system-9"]:
+        assert secret not in text, secret
+
+
+async def test_with_capture_content_the_messages_are_on_the_span_as_the_opt_in_attributes(
+    tmp_path: Path, recorded_with_content: Recorded, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await _one_of_each(tmp_path, stream=False, system="You are the hidden-system-9 persona")
+    for span in recorded_with_content.genai_spans():
+        a = span.attributes
+        assert "secret-plum-7" in str(a["gen_ai.input.messages"])
+        assert '"role":"user"' in str(a["gen_ai.input.messages"])
+        assert "hidden-system-9" in str(a["gen_ai.system_instructions"])
+        assert '"role":"assistant"' in str(a["gen_ai.output.messages"])
+    text = _everything(recorded_with_content) + "\n".join(r.getMessage() for r in caplog.records)
+    for secret in KEYS.values():  # keys never, even with content on
+        assert secret not in text
