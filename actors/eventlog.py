@@ -477,12 +477,20 @@ def _settings_match(current: api.StreamConfig, wanted: api.StreamConfig) -> bool
     return all(getattr(current, key) == getattr(wanted, key) for key in _COMPARED)
 
 
+# 503s that waiting does not cure: JetStream is not enabled (for the account, or at all).
+_PERMANENT_503 = {10039, 10076}
+
+
 def _retriable(data: bytes) -> bool:
-    """A JetStream 503 (e.g. "JetStream cluster not available"): no leader yet; try again."""
+    """A JetStream 503 (e.g. "JetStream system temporarily unavailable"): no leader yet."""
     if b'"error"' not in data:
         return False
-    ack = _ack_decoder.decode(data)
-    return ack.error is not None and ack.error.get("code") == 503
+    error = _ack_decoder.decode(data).error
+    return (
+        error is not None
+        and error.get("code") == 503
+        and error.get("err_code") not in _PERMANENT_503
+    )
 
 
 def _error_text(ack: _Ack) -> str:
