@@ -201,3 +201,21 @@ def test_nats_server_accepts_each_node_config(
     env.pop("VAPORA_ROUTER_PASSWORD")
     result = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "VAPORA_ROUTER_PASSWORD" in result.stdout + result.stderr
+
+
+def test_telemetry_reaches_the_collector_and_prometheus_scrapes_every_actor(
+    compose: dict[str, Any],
+) -> None:
+    config = load_config(DOCKER / "vapora.toml", at=datetime.now(UTC))
+    collector = yaml.safe_load((DOCKER / "otel" / "collector.yaml").read_text())
+    http_port = collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].rsplit(":", 1)[1]
+    environments = dict(_environment_values(compose))
+    # vapora's OTLP exporter speaks OTLP over HTTP: the collector's http receiver.
+    assert environments["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{http_port}"
+    assert "otel" in compose["services"]["otel-collector"]["profiles"]
+    prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    [vapora_job] = [j for j in prometheus["scrape_configs"] if j["job_name"] == "vapora"]
+    [sd] = vapora_job["dns_sd_configs"]
+    assert set(sd["names"]) == set(vapora_services(compose))
+    assert sd["port"] == config.telemetry.prometheus_port
+    assert config.telemetry.enabled
