@@ -389,9 +389,11 @@ class BudgetKeeper:
                 appended = await self.log.append(
                     event, subject=self.subject, expected_last_subject_seq=self.fence
                 )
-            except ConcurrencyConflict:
+            except ConcurrencyConflict as conflict:
                 self._needs_resync = True
                 await self._resync()
+                if self.fenced_out is not None:
+                    raise self._stopped_writing() from conflict
                 raise
             except BaseException:
                 self._needs_resync = True  # it may have landed: look before the next write
@@ -407,7 +409,10 @@ class BudgetKeeper:
         if self._needs_resync and self.fenced_out is None:
             await self._resync()
         if self.fenced_out is not None:
-            raise ConcurrencyConflict(f"this budget keeper stopped writing: {self.fenced_out}")
+            raise self._stopped_writing()
+
+    def _stopped_writing(self) -> ConcurrencyConflict:
+        return ConcurrencyConflict(f"this budget keeper stopped writing: {self.fenced_out}")
 
     async def _resync(self) -> None:
         """Catch up with everything on the budget subject; fenced out if any of it is not ours."""
