@@ -1,0 +1,100 @@
+"""A deployment for the observability tests: every actor on its own NATS connection (as separate
+processes would be), the simulator over HTTP, telemetry recorded in memory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+
+from actors.connection import ConnectOptions, connect
+from actors.cost_ledger import CostLedger
+from actors.eventlog import EventLog
+from actors.provider import ProviderActor
+from actors.router import RouterActor
+from actors.runner import Runtime, build
+from actors.server import EmbeddedNats
+from events.log import Event
+from tests.fault.provider_harness import KEYS, make_config, wait_until_served
+from vapora.client import Client
+from vapora.config import Config
+from vapora.simulator import Simulator
+
+
+@dataclass
+class Separate:
+    server: EmbeddedNats
+    sim: Simulator
+    config: Config
+    client: Client
+    log: EventLog  # the test's own connection, for reading the log
+    ledger: CostLedger | None = None
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+
+    async def events(self) -> list[tuple[int, Event, dict[str, str]]]:
+        out = []
+        async for batch in self.log.replay():
+            out.extend((entry.seq, entry.event, entry.headers) for entry in batch)
+        return out
+
+    async def ledger_caught_up(self) -> None:
+        """Until the ledger has applied everything in the log."""
+        assert self.ledger is not None
+        last = await self.log.last_sequence()
+        with anyio.fail_after(10):
+            while self.ledger.position < last:  # noqa: ASYNC110 - moved by the ledger's task
+                await anyio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def separate_deployment(
+    tmp_path: Path,
+    config_for: Callable[[str], str],
+    *,
+    env: Mapping[str, str] = KEYS,
+    providers: Sequence[str] | None = None,
+    keeper: bool = True,
+    ledger: bool = True,
+    sim: Simulator | None = None,
+) -> AsyncIterator[Separate]:
+    """Ledger, keeper, provider actors and router, each with its own connection and runtime."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(EmbeddedNats(tmp_path / "nats"))
+        if sim is None:
+            sim = await stack.enter_async_context(Simulator())
+        config = make_config(config_for(sim.base_url))
+
+        async def runtime(name: str) -> Runtime:
+            nc = await connect(ConnectOptions.from_url(server.url, name=name))
+            stack.push_async_callback(nc.close)
+            log = EventLog(nc)
+            await log.ensure_stream()
+            data_dir = tmp_path / name
+            data_dir.mkdir(exist_ok=True)
+            return Runtime(nc=nc, config=config, log=log, data_dir=data_dir, env=dict(env))
+
+        reader = await runtime("reader")
+        caller = await nats.connect(server.url, name="caller")
+        stack.push_async_callback(caller.close)
+        dep = Separate(server, sim, config, Client(caller, timeout_s=30), reader.log)
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        actors: list[Any] = []
+        if ledger:
+            dep.ledger = CostLedger(await runtime("ledger"))
+            actors.append(dep.ledger)
+        if keeper:
+            actors.append(build("budget", await runtime("keeper")))
+        for name in providers if providers is not None else [p.name for p in config.providers]:
+            actors.append(ProviderActor(await runtime(f"provider-{name}"), provider=name))
+        actors.append(RouterActor(await runtime("router"), reserve=keeper))
+        for actor in actors:
+            await tg.start(actor.run)
+            stack.callback(actor.stop)
+        await wait_until_served(caller, "vapora.complete")
+        yield dep
