@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -19,6 +20,8 @@ from actors.server import EmbeddedNats
 from events.log import Event
 from tests.cluster.certs import TlsFiles
 from tests.cluster.conftest import connect_as
+from tests.cluster.processes import run_vapora
+from tests.fault.provider_harness import config_text
 from tests.samples import EVENTS
 from vapora.client import Client
 
@@ -232,3 +235,21 @@ async def test_the_vapora_client_gets_permission_denied_not_a_timeout(
             await Client(nc).complete(prompt="hello")
     finally:
         await nc.close()
+
+
+async def test_an_actor_with_a_wrong_password_exits_naming_the_reason(
+    secured_server: EmbeddedNats, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    config = tmp_path / "vapora.toml"
+    tls = (
+        f'[nats]\ntls = {{ ca = "{tls_files.ca}", cert = "{tls_files.client_cert}", '
+        f'key = "{tls_files.client_key}" }}\n'
+    )
+    config.write_text(config_text("http://127.0.0.1:9", extra=tls))
+    env = {"VAPORA_NATS_USER": "router", "VAPORA_NATS_PASSWORD": "not-the-password"}
+    code, output = await run_vapora(
+        "actor", "router", "--nats-url", secured_server.url, "--config", str(config), env=env
+    )
+    assert code == 1, output
+    assert "refused the connection: authentication failed" in output
+    assert "not-the-password" not in output
