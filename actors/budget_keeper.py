@@ -49,7 +49,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -300,9 +300,8 @@ class BudgetKeeper:
             self._note(entry)
             event = entry.event
             if isinstance(event, _MONEY_EVENTS):
-                before = budget.tier(self.state, self.limits, now)
                 self.state = budget.evolve(self.state, event, entry.seq)
-                if budget.tier(self.state, self.limits, now) != before:
+                if self._tier_now(now) != self.announced:
                     self._tier_cause = event.id
                     self._wake.set()
         last = batch[-1]
@@ -343,7 +342,7 @@ class BudgetKeeper:
             return BudgetReserveReply(
                 admitted=admission.admitted,
                 reservation_id=rid,
-                tier=budget.tier(self.state, self.limits, self.clock()),
+                tier=self._tier_now(self.clock()),
                 reason=admission.reason,
             )
 
@@ -437,12 +436,16 @@ class BudgetKeeper:
             return 0
         return int(message.seq or 0)
 
+    def _tier_now(self, now: datetime) -> Tier:
+        """The tier routing should use: rises at once, falls with a margin (no flapping)."""
+        return budget.settle_tier(self.announced, self.state, self.limits, now)
+
     async def _announce_tier(self, cause: str | None) -> None:
         """Append ``budget_tier_changed`` if the tier now differs from the last one announced."""
         if not self._ready or self.fenced_out is not None:
             return
         now = self.clock()
-        current = budget.tier(self.state, self.limits, now)
+        current = self._tier_now(now)
         self._tier_cause = None
         if current == self.announced:
             return

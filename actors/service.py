@@ -204,11 +204,12 @@ class ActorService:
         self._micro[endpoint.name] = micro
 
     async def _unsubscribe(self) -> None:
-        # Stopping must not fail because the connection is already gone or slow to flush.
+        # Stopping must not fail because the connection is already gone or slow to flush. Not
+        # cancelled from here: nats-py bounds the flush itself, and a flush cancelled before its
+        # PONG arrives breaks the connection's read loop.
         assert self._service is not None
         try:
-            with anyio.fail_after(5):
-                await self._service.stop()
+            await self._service.stop()
         except Exception as exc:
             log.warning("%s: unsubscribing failed (%s); draining anyway", self.name, exc)
 

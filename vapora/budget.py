@@ -70,6 +70,7 @@ __all__ = [
     "restore",
     "snapshot",
     "status",
+    "settle_tier",
     "tier",
 ]
 
@@ -78,6 +79,8 @@ CLOSED_RETENTION = timedelta(days=1)
 _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
 _NEAR_PERCENT = Decimal(50)
+TIER_HYSTERESIS_PERCENT = Decimal(5)
+_RANK = {Tier.NORMAL: 0, Tier.NEAR_THRESHOLD: 1, Tier.EXCEEDED: 2}
 _SHARDS = 64  # a power of two; one event copies 1/64 of a big map in `evolve`
 _MASK = _SHARDS - 1
 
@@ -523,6 +526,28 @@ def _percent(used: Decimal, limit: Decimal | None) -> Decimal:
 def tier(state: BudgetState, limits: BudgetLimits, now: datetime) -> Tier:
     """Normal below 50 %, NearThreshold from 50 % to the warn threshold inclusive, then Exceeded."""
     return _tier_of(max(percentages(state, limits, now)), limits)
+
+
+def settle_tier(
+    previous: Tier,
+    state: BudgetState,
+    limits: BudgetLimits,
+    now: datetime,
+    hysteresis_percent: Decimal = TIER_HYSTERESIS_PERCENT,
+) -> Tier:
+    """The tier to announce, given the one announced before.
+
+    A rise is announced at once. A fall only once the percentage is ``hysteresis_percent``
+    points below the boundary it crosses (below 45 % to leave NearThreshold, at or below 85 %
+    to leave Exceeded, with the defaults): open reservations count towards the percentage, so
+    without the margin every hold opened and settled near a boundary would flip the tier.
+    """
+    percent = max(percentages(state, limits, now))
+    raw = _tier_of(percent, limits)
+    if _RANK[raw] >= _RANK[previous]:
+        return raw
+    lowered = _tier_of(percent + hysteresis_percent, limits)
+    return lowered if _RANK[lowered] < _RANK[previous] else previous
 
 
 def _tier_of(percent: Decimal, limits: BudgetLimits) -> Tier:

@@ -425,3 +425,41 @@ def test_a_duplicate_spend_event_is_counted_once():
     assert state.total_spent_usd == Decimal("0.40") and state.spend_events == 1
     assert state.spent_on(T0.date()) == Decimal("0.40")
     assert budget.restore(budget.snapshot(state)) == state
+
+
+# --- hysteresis of the announced tier -----------------------------------------------------------
+
+
+def test_the_announced_tier_rises_at_once_and_falls_only_with_a_margin() -> None:
+    limits = BudgetLimits.from_cents(daily_cents=10000)  # $100
+    settle = budget.settle_tier
+    near = fold(spent("52"))
+    assert settle(Tier.NORMAL, near, limits, T0) is Tier.NEAR_THRESHOLD
+    # A hold that opens and settles around 50 % does not flip the announced tier back ...
+    assert tier(fold(spent("48")), limits, T0) is Tier.NORMAL
+    assert settle(Tier.NEAR_THRESHOLD, fold(spent("48")), limits, T0) is Tier.NEAR_THRESHOLD
+    # ... until the spend is clearly below the boundary.
+    assert settle(Tier.NEAR_THRESHOLD, fold(spent("44.99")), limits, T0) is Tier.NORMAL
+    assert settle(Tier.NEAR_THRESHOLD, fold(spent("91")), limits, T0) is Tier.EXCEEDED
+    assert settle(Tier.EXCEEDED, fold(spent("88")), limits, T0) is Tier.EXCEEDED
+    assert settle(Tier.EXCEEDED, fold(spent("84")), limits, T0) is Tier.NEAR_THRESHOLD
+    assert settle(Tier.EXCEEDED, fold(spent("10")), limits, T0) is Tier.NORMAL
+
+
+@given(amounts=st.lists(st.integers(40, 60), min_size=2, max_size=40))
+def test_holds_churning_near_a_boundary_change_the_announced_tier_at_most_once_per_crossing(
+    amounts: list[int],
+) -> None:
+    """Spend 49 %, then holds of ~1-11 % open and release: the raw tier flips, the announced
+    tier rises once and never comes back while the spend stays above 45 %."""
+    limits = BudgetLimits.from_cents(daily_cents=10000)
+    state = fold(spent("49"))
+    announced, changes = Tier.NORMAL, 0
+    for n, amount in enumerate(amounts):
+        rid = f"r{n}"
+        for event in (reserved(rid, str(Decimal(amount) / 10)), released(rid)):
+            state = evolve(state, event)
+            now_tier = budget.settle_tier(announced, state, limits, T0)
+            changes += now_tier is not announced
+            announced = now_tier
+    assert changes <= 1
