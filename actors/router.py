@@ -351,7 +351,7 @@ class RouterActor:
         try:
             reply = await self.runtime.nc.request(subjects.BUDGET, b"{}", timeout=1.0)
             if not (reply.headers or {}).get(_SERVICE_ERROR_CODE):
-                self._set_tier(decode(reply.data, BudgetStatus).tier)
+                self._set_tier(decode(reply.data, BudgetStatus).tier, announce=True)
         except Exception as exc:  # no keeper yet: Normal until the first tier event
             log.info("router: budget status unavailable at start (%s); tier Normal", exc)
 
@@ -368,9 +368,9 @@ class RouterActor:
                 log.warning("router: following %s failed (%s); resuming", filter_subject, exc)
                 await anyio.sleep(1.0)
 
-    def _set_tier(self, tier: Tier) -> None:
-        self.tier = tier
-        if telemetry.STATE.metrics is not None:
+    def _set_tier(self, tier: Tier, *, announce: bool = False) -> None:
+        changed, self.tier = tier is not self.tier, tier
+        if (changed or announce) and telemetry.STATE.metrics is not None:
             telemetry.STATE.metrics.record_tier(tier.value)
 
     def _apply(self, event: Event, *, live: bool = False) -> None:

@@ -4,11 +4,11 @@ the budget tier. Actors call the ``record_*`` methods; names, units and buckets 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from events.contract import Usage
 from vapora.telemetry.semconv import (
@@ -47,8 +47,33 @@ class CallOutcome:
     error_type: str | None = None
 
 
+Key = tuple[tuple[str, str], ...]
+
+
+class _Sums:
+    """Running totals per label set, summed in plain dictionaries on the hot path (a dict
+    update, not an SDK measurement) and handed to the SDK when a reader collects (an observable
+    counter's callback). Copying a dict is atomic in CPython, so a collection in another thread
+    (the ``/metrics`` server) reads a consistent snapshot."""
+
+    def __init__(self) -> None:
+        self.totals: dict[Key, int | Decimal] = {}
+
+    def add(self, amount: int | Decimal, key: Key) -> None:
+        self.totals[key] = self.totals.get(key, 0) + amount
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        for key, total in self.totals.copy().items():
+            yield Observation(float(total) if isinstance(total, Decimal) else total, dict(key))
+
+
 class Instruments:
-    """Every instrument vapora records, created once per meter provider."""
+    """Every instrument vapora records, created once per meter provider.
+
+    Histograms are the SDK's (its bucket aggregation); counters are :class:`_Sums` behind
+    observable counters, because an SDK counter measurement costs about as much as a histogram
+    one and a provider call adds seven of them.
+    """
 
     def __init__(self, meter: Meter, names: GenAINames) -> None:
         self.names = names
@@ -70,33 +95,35 @@ class Instruments:
             description="Time to receive the first chunk of a streaming response",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.requests = meter.create_counter(
-            METRICS.requests, unit="1", description="Total LLM requests"
-        )
         self.latency = meter.create_histogram(
             METRICS.latency,
             unit="s",
             description="Provider latency",
             explicit_bucket_boundaries_advisory=GUIDE_LATENCY_BUCKETS,
         )
-        self.tokens = meter.create_counter(METRICS.tokens, unit="1", description="Tokens used")
-        self.decisions = meter.create_counter(
-            METRICS.routing_decisions, unit="1", description="Routing decisions"
+        self.requests = self._counter(meter, METRICS.requests, "1", "Total LLM requests")
+        self.tokens = self._counter(meter, METRICS.tokens, "1", "Tokens used")
+        self.decisions = self._counter(meter, METRICS.routing_decisions, "1", "Routing decisions")
+        self.fallbacks = self._counter(
+            meter, METRICS.fallback_triggers, "1", "Fallback chain activations"
         )
-        self.fallbacks = meter.create_counter(
-            METRICS.fallback_triggers, unit="1", description="Fallback chain activations"
+        self.enforcement = self._counter(
+            meter, METRICS.budget_enforcement, "1", "Budget tier changes and actions"
         )
-        self.enforcement = meter.create_counter(
-            METRICS.budget_enforcement, unit="1", description="Budget tier changes and actions"
-        )
-        self.spend = meter.create_counter(
-            METRICS.spend, unit="USD", description="Spend recorded, in US dollars"
-        )
+        self.spend = self._counter(meter, METRICS.spend, "USD", "Spend recorded, in US dollars")
         self.tier = meter.create_gauge(
             METRICS.tier,
             unit="1",
             description="Budget tier: 0 Normal, 1 NearThreshold, 2 Exceeded",
         )
+
+    @staticmethod
+    def _counter(meter: Meter, name: str, unit: str, description: str) -> _Sums:
+        sums = _Sums()
+        meter.create_observable_counter(
+            name, callbacks=[sums.observe], unit=unit, description=description
+        )
+        return sums
 
     def record_call(self, call: CallOutcome) -> None:
         """A provider call that reached the provider (succeeded or failed)."""
@@ -107,45 +134,43 @@ class Instruments:
             self.duration.record(call.duration_s, {**call.genai, n.error_type: call.error_type})
         if call.time_to_first_chunk_s is not None:
             self.first_chunk.record(call.time_to_first_chunk_s, call.genai)
-        labels = {METRICS.provider: call.provider}
-        self.latency.record(call.duration_s, labels)
-        self.requests.add(
-            1,
-            {**labels, METRICS.task_type: call.task_type, METRICS.status: call.status},
-        )
+        provider = (METRICS.provider, call.provider)
+        self.latency.record(call.duration_s, {METRICS.provider: call.provider})
+        task_type = (METRICS.task_type, call.task_type)
+        self.requests.add(1, (provider, task_type, (METRICS.status, call.status)))
         if call.usage is not None:
             self._tokens(call, call.usage)
         if call.cost_usd:
-            self.spend.add(float(call.cost_usd), {**labels, METRICS.task_type: call.task_type})
+            self.spend.add(call.cost_usd, (provider, task_type))
 
     def _tokens(self, call: CallOutcome, usage: Usage) -> None:
         for kind, count in ((TOKEN_INPUT, usage.input_tokens), (TOKEN_OUTPUT, usage.output_tokens)):
             self.token_usage.record(count, {**call.genai, self.names.token_type: kind})
             if count:
-                self.tokens.add(count, {METRICS.provider: call.provider, METRICS.type: kind})
+                self.tokens.add(count, ((METRICS.provider, call.provider), (METRICS.type, kind)))
 
     def record_decision(self, selected: str, task_type: str, reason: str) -> None:
         self.decisions.add(
             1,
-            {
-                METRICS.selected_provider: selected,
-                METRICS.task_type: task_type,
-                METRICS.reason: reason,
-            },
+            (
+                (METRICS.selected_provider, selected),
+                (METRICS.task_type, task_type),
+                (METRICS.reason, reason),
+            ),
         )
 
     def record_fallback(self, from_provider: str, to_provider: str, reason: str) -> None:
         self.fallbacks.add(
             1,
-            {
-                METRICS.from_provider: from_provider,
-                METRICS.to_provider: to_provider,
-                METRICS.reason: reason,
-            },
+            (
+                (METRICS.from_provider, from_provider),
+                (METRICS.to_provider, to_provider),
+                (METRICS.reason, reason),
+            ),
         )
 
     def record_enforcement(self, tier: str, action: str) -> None:
-        self.enforcement.add(1, {METRICS.tier_label: tier, METRICS.action: action})
+        self.enforcement.add(1, ((METRICS.tier_label, tier), (METRICS.action, action)))
 
     def record_tier(self, tier: str) -> None:
         self.tier.set(TIER_VALUES.get(tier, -1))

@@ -71,6 +71,11 @@ class Telemetry:
             return None
         return f"http://127.0.0.1:{self.metrics_endpoint.port}/metrics"
 
+    def activate(self) -> None:
+        """Make this the process's telemetry again (benchmarks switch between several)."""
+        use_tracer_provider(self.tracer_provider)
+        use_meter_provider(self.meter_provider)
+
     def shutdown(self) -> None:
         use_tracer_provider(None)
         use_meter_provider(None)

@@ -7,6 +7,7 @@ else: no span objects, no header injection, no attribute dictionaries.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -41,9 +42,19 @@ def use_tracer_provider(provider: TracerProvider | None) -> None:
     STATE.tracing = provider is not None
 
 
+_instruments: weakref.WeakKeyDictionary[MeterProvider, Instruments] = weakref.WeakKeyDictionary()
+
+
 def use_meter_provider(provider: MeterProvider | None) -> None:
     """Record metrics through ``provider``, or stop recording with ``None``."""
-    STATE.metrics = Instruments(provider.get_meter(SCOPE), STATE.names) if provider else None
+    if provider is None:
+        STATE.metrics = None
+        return
+    # Instruments are made once per provider (and names), then reused when switched back to.
+    instruments = _instruments.get(provider)
+    if instruments is None or instruments.names is not STATE.names:
+        instruments = _instruments[provider] = Instruments(provider.get_meter(SCOPE), STATE.names)
+    STATE.metrics = instruments
 
 
 def use_options(*, capture_content: bool, names: GenAINames) -> None:
