@@ -217,6 +217,10 @@ class CircuitBreaker:
         return False
 
     def success(self) -> None:
+        """A call succeeded. An open breaker stays open: the success belongs to a call admitted
+        before it opened; only the half-open probe's success closes it."""
+        if self.state == "open":
+            return
         self.state, self.failures, self._probing = "closed", 0, False
 
     def trip(self) -> None:
@@ -254,8 +258,8 @@ class ProviderActor:
         runtime: Runtime,
         *,
         provider: str | None = None,
-        breaker_threshold: int = 5,
-        breaker_cooldown_s: float = 30.0,
+        breaker_threshold: int | None = None,
+        breaker_cooldown_s: float | None = None,
         health_interval_s: float = 5.0,
         max_concurrency: int = 512,
         client: ProviderClient | None = None,
@@ -278,7 +282,10 @@ class ProviderActor:
             transport=ShardedTransport(max_connections=max_concurrency),
         )
         self.limiter = RateLimiter(config.rate_limit_rpm)
-        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
+        self.breaker = CircuitBreaker(
+            breaker_threshold or config.breaker_threshold,
+            breaker_cooldown_s or config.breaker_cooldown_ms / 1000,
+        )
         self.health_interval_s = health_interval_s
         self._healthy: tuple[bool, str] = (True, "")
         self._published: _HealthSignature | None = None

@@ -190,6 +190,8 @@ class ProviderConfig(_Section, frozen=True, kw_only=True):
     cost_per_1k_tokens: Decimal | None = None
     input_price_per_mtok: Decimal | None = None
     output_price_per_mtok: Decimal | None = None
+    breaker_threshold: int = 5
+    breaker_cooldown_ms: int = 30_000
 
     @property
     def zero_cost(self) -> bool:
@@ -400,6 +402,8 @@ class _ProviderFile(_Section, frozen=True, kw_only=True):
     output_price_per_mtok: Decimal | None = None
     timeout_ms: int = 30_000
     rate_limit_rpm: int | None = None
+    breaker_threshold: int = 5
+    breaker_cooldown_ms: int = 30_000
 
 
 class _NatsFile(_Section, frozen=True, kw_only=True):
@@ -532,6 +536,8 @@ def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
         _check_unit(f"{path}.quality", raw.quality)
     _check_positive_int(f"{path}.timeout_ms", raw.timeout_ms)
     _check_positive_int(f"{path}.rate_limit_rpm", raw.rate_limit_rpm)
+    _check_positive_int(f"{path}.breaker_threshold", raw.breaker_threshold)
+    _check_positive_int(f"{path}.breaker_cooldown_ms", raw.breaker_cooldown_ms)
     if raw.priority is not None and raw.priority < 0:
         raise _Invalid(f"{path}.priority", f"must be >= 0, got {raw.priority}")
     for key in ("cost_per_1k_tokens", "input_price_per_mtok", "output_price_per_mtok"):
@@ -577,6 +583,8 @@ def _provider(
         cost_per_1k_tokens=raw.cost_per_1k_tokens,
         input_price_per_mtok=raw.input_price_per_mtok,
         output_price_per_mtok=raw.output_price_per_mtok,
+        breaker_threshold=raw.breaker_threshold,
+        breaker_cooldown_ms=raw.breaker_cooldown_ms,
     )
 
 

@@ -565,3 +565,22 @@ def test_the_embedded_servers_sync_interval_is_validated() -> None:
     assert ok.storage.sync_interval == "always"
     with pytest.raises(_ConfigError, match=r"s.toml: storage.sync_interval: must be \"always\""):
         parse_config(base + '\n[storage]\nsync_interval = "often"\n', source="s.toml", at=AT)
+
+
+def test_breaker_settings_are_per_provider_and_validated() -> None:
+    from vapora.config import parse_config
+    from vapora.errors import ConfigError as _ConfigError
+
+    base = (FIXTURES / "llm-router.toml").read_text()
+    tuned = base.replace(
+        "rate_limit_rpm = 1000000\n", "rate_limit_rpm = 1000000\nbreaker_cooldown_ms = 2500\n", 1
+    )
+    config = parse_config(tuned, source="b.toml", at=AT)
+    claude = config.provider("claude")
+    assert claude is not None and claude.breaker_cooldown_ms == 2500
+    assert claude.breaker_threshold == 5
+    broken = base.replace(
+        "rate_limit_rpm = 1000000\n", "rate_limit_rpm = 1000000\nbreaker_threshold = 0\n", 1
+    )
+    with pytest.raises(_ConfigError, match=r"providers\[0\].breaker_threshold: must be > 0"):
+        parse_config(broken, source="b.toml", at=AT)

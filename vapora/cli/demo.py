@@ -38,6 +38,7 @@ from actors.runner import Actor, Runtime, all_actors
 from actors.server import EmbeddedNats
 from events.contract import Tier
 from events.log import (
+    BudgetReserved,
     BudgetTierChanged,
     Event,
     FallbackTriggered,
@@ -127,7 +128,7 @@ def plan_workload(n: int, seed: int = 7) -> list[Task]:
             "task_type": task_type,
             "prompt": f"{rng.choice(_PROMPTS[task_type])} Context: {_context(rng)}",
             "quality": rng.choice(_QUALITIES[2:] if task_type in _DEMANDING else _QUALITIES),
-            "max_tokens": rng.choice((256, 512, 1024)),
+            "max_tokens": rng.choice((128, 256, 384)),
         }
         if index % 37 == 5:
             fields["provider"] = rng.choice(("gemini", "openai", "ollama"))
@@ -204,7 +205,7 @@ def _fresh_data_dir(path: Path) -> Path:
 
 def _write_config(data_dir: Path, simulator_url: str, requests: int) -> Config:
     # About a third of the way through the workload spend reaches half of the day's budget.
-    daily_limit_cents = max(5, round(requests * 0.1))
+    daily_limit_cents = max(5, round(requests * 0.15))
     path = data_dir / "config.toml"  # later `vapora ... --data-dir` commands read it
     path.write_text(demo_config_text(simulator_url, daily_limit_cents))
     return load_config(str(path), at=datetime.now(UTC))
@@ -250,8 +251,8 @@ async def _run_actor(actor: Actor, *, task_status: anyio.abc.TaskStatus[None]) -
 
 async def _drive(client: Client, sim: Simulator, tasks: list[Task], out: TextIO) -> Workload:
     workload = Workload(total=len(tasks))
-    outage_at, outage_s = len(tasks) // 4, 4.0
-    limiter = anyio.Semaphore(12)
+    outage_at, outage_s = len(tasks) // 10, 3.0
+    limiter = anyio.Semaphore(8)
     progress = _Progress(out, workload)
     async with anyio.create_task_group() as tg:
         for task in tasks:
@@ -382,6 +383,11 @@ def _describe(event: Event | None) -> str:
     if isinstance(event, SpendRecorded):
         return (
             f"spend_recorded {event.id} ({event.provider}, ${event.cost_usd}, task {event.task_id})"
+        )
+    if isinstance(event, BudgetReserved):
+        return (
+            f"budget_reserved {event.id} ({event.provider} hold ${event.amount_usd}, "
+            f"task {event.task_id})"
         )
     if event is None:
         return "an event outside this log"
