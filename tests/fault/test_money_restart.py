@@ -37,7 +37,7 @@ from tests.fault.money import (
     usage_costing_at_most,
 )
 from tests.fault.money_process import READY
-from vapora.commands_money import audit_command
+from vapora.cli.money import audit_command
 
 pytestmark = pytest.mark.anyio
 

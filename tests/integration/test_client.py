@@ -25,7 +25,7 @@ from events.contract import (
     Tier,
 )
 from tests.fault.provider_harness import config_text, deployment
-from vapora.commands_ask import ask_command
+from vapora.cli.ask import ask_command
 from vapora.errors import (
     BudgetExceeded,
     InvalidRequest,

@@ -38,8 +38,8 @@ from tests.fault.money import (
     total_spend,
     usage_costing_at_most,
 )
-from vapora import commands_money
-from vapora.commands_money import audit_command, budget_command, events_command, report_command
+from vapora.cli import money as commands_money
+from vapora.cli.money import audit_command, budget_command, events_command, report_command
 from vapora.errors import InvalidRequest, NoProviderAvailable
 from vapora.ledger import Ledger
 

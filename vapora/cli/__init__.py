@@ -200,8 +200,8 @@ async def cmd_actor(args: argparse.Namespace) -> int:
 
 
 async def cmd_ask(args: argparse.Namespace) -> int:
+    from vapora.cli.ask import ask_command
     from vapora.client import Client as VaporaClient
-    from vapora.commands_ask import ask_command
 
     async with _connected(args, "vapora-ask") as (_, nc):
         client = VaporaClient(nc)
@@ -221,7 +221,7 @@ async def cmd_ask(args: argparse.Namespace) -> int:
 
 
 async def cmd_report(args: argparse.Namespace) -> int:
-    from vapora.commands_money import report_command
+    from vapora.cli.money import report_command
 
     config = _config(args)
     if args.html:
@@ -262,7 +262,7 @@ async def _html_report(args: argparse.Namespace) -> int:
 
 
 async def cmd_budget(args: argparse.Namespace) -> int:
-    from vapora.commands_money import budget_command
+    from vapora.cli.money import budget_command
 
     config = _config(args)
     if _offline(args, config):
@@ -277,7 +277,7 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
     """The budget status by folding a data directory's log, no keeper running."""
     from events.codec import encode
     from vapora import budget
-    from vapora.commands_money import render_budget
+    from vapora.cli.money import render_budget
 
     async with _connected(args, "vapora-budget") as (_, nc):
         log = await _event_log(nc)
@@ -295,7 +295,7 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
-    from vapora.commands_money import audit_command
+    from vapora.cli.money import audit_command
 
     async with _connected(args, "vapora-audit") as (config, nc):
         code, text = await audit_command(nc, await _event_log(nc), _data_dir(args, config))
@@ -304,7 +304,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 
 
 async def cmd_events(args: argparse.Namespace) -> int:
-    from vapora.commands_money import events_command
+    from vapora.cli.money import events_command
 
     async with _connected(args, "vapora-events") as (_, nc):
         await events_command(

@@ -358,7 +358,7 @@ async def _finish(demo: _Demo, workload: Workload) -> int:
 
 
 async def _print_report(nc: NatsClient, out: TextIO) -> None:
-    from vapora.commands_money import report_command
+    from vapora.cli.money import report_command
 
     print("\nCost report (from the ledger):", file=out)
     print(await report_command(nc, since=None, until=None, as_json=False), file=out)
@@ -416,7 +416,7 @@ def _print_fallbacks(events: Sequence[Event], out: TextIO) -> None:
 
 
 async def _audit(nc: NatsClient, log: EventLog, data_dir: Path, out: TextIO) -> int:
-    from vapora.commands_money import audit_command
+    from vapora.cli.money import audit_command
 
     print("\nvapora audit:", file=out)
     code, text = await audit_command(nc, log, data_dir)

@@ -35,7 +35,7 @@ from vapora.errors import (
 )
 from vapora.ledger import Ledger, LoggedEvent, SpendRow
 
-if TYPE_CHECKING:  # vapora imports actors only from the CLI: here only for the types
+if TYPE_CHECKING:
     from nats.aio.client import Client
 
     from actors.eventlog import EventLog
