@@ -2,24 +2,24 @@
 
 ::
 
-    VaporaError                      code / status: how it crosses NATS (DESIGN §3 error codes)
-    ├── ConfigError                  a bad config file or flag                       500 internal
-    ├── InvalidRequest               a malformed or invalid message                  400 invalid_request
-    ├── UnknownProvider              a manual override naming no configured provider 404 unknown_provider
-    ├── UnknownTaskType              a task type with no mapping                     404 unknown_task_type
-    ├── BudgetExceeded               no admissible provider within the budget        402 budget_exceeded
-    ├── NoProviderAvailable          every candidate unavailable or failed           503 no_provider_available
-    ├── RequestTimeout               the whole task ran out of time                  504 timeout
-    ├── ConcurrencyConflict          a fenced append lost to another writer          409 conflict
-    ├── InternalError                a bug; the message says no more than needed     500 internal
-    └── ProviderError                one provider call failed (provider, status, error type)
-        ├── ProviderUnavailable      transient: 5xx, 529, 408, connection reset      -> fall back
-        │   └── ProviderTimeout      no first token / no answer in time              -> fall back
-        ├── ProviderRateLimited      429 with a wait (``retry_after`` seconds)       -> fall back
-        ├── ProviderQuotaExhausted   billing or quota used up: do not retry it       -> fall back
-        ├── ProviderConfigError      401/403/404: our key or model is wrong          -> fall back
-        ├── ProviderRejected         400/413/422: the caller's request is wrong      502, no fallback
-        └── ProviderStreamBroken     failed after the first chunk; ``usage`` so far   no fallback
+    VaporaError               status, code: how it crosses NATS (DESIGN §3)
+    ├── ConfigError           bad config file or flag                  500 config_error
+    ├── InvalidRequest        malformed or invalid message             400 invalid_request
+    ├── UnknownProvider       override names no configured provider    404 unknown_provider
+    ├── UnknownTaskType       task type with no mapping                404 unknown_task_type
+    ├── BudgetExceeded        nothing admissible within the budget     402 budget_exceeded
+    ├── NoProviderAvailable   every candidate unavailable or failed    503 no_provider_available
+    ├── RequestTimeout        the task ran out of time                 504 timeout
+    ├── ConcurrencyConflict   a fenced append lost to another writer   409 conflict
+    ├── InternalError         a bug; says no more than needed          500 internal
+    └── ProviderError         one provider call failed (provider, HTTP status, error type)
+        ├── ProviderUnavailable     transient: 5xx, 529, 408, reset    -> fall back
+        │   └── ProviderTimeout     no first token / answer in time    -> fall back
+        ├── ProviderRateLimited     429 with ``retry_after`` seconds   -> fall back
+        ├── ProviderQuotaExhausted  billing/quota used up              -> fall back
+        ├── ProviderConfigError     401/403/404: our key or model      -> fall back
+        ├── ProviderRejected        400/413/422: the caller's request  502 provider_error
+        └── ProviderStreamBroken    failed after the first chunk       no fallback; partial usage
 
 Foreign exceptions (httpx, nats) are translated at the boundary with ``raise ... from exc``.
 No error message ever contains an API key: provider messages are scrubbed by the clients.
