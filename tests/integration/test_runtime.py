@@ -253,3 +253,35 @@ async def test_past_concurrency_and_backlog_the_sender_gets_503_overloaded_not_a
                     senders.start_soon(one)
         actor.stop()
     assert sorted(codes) == ["503"] * 4 + ["ok"] * 4
+
+
+async def test_requests_to_nobody_fail_at_once_with_no_responders_and_silence_times_out(
+    nc: NATS, unique: str
+) -> None:
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    with anyio.fail_after(2):
+        with pytest.raises(NoRespondersError):
+            await nc.request(f"t{unique}.nobody", b"{}", timeout=5)
+    silent = await nc.subscribe(f"t{unique}.silent")
+    with pytest.raises(NatsTimeout):
+        await nc.request(f"t{unique}.silent", b"{}", timeout=0.2)
+    await silent.unsubscribe()
+
+
+async def test_many_concurrent_requests_each_get_their_own_reply(
+    nc: NATS, service: tuple[ActorService, str]
+) -> None:
+    _, subject = service
+    texts = [f"n{i}" for i in range(300)]
+    got: dict[str, str] = {}
+
+    async def one(text: str) -> None:
+        reply = await nc.request(subject, json.dumps({"prompt": text}).encode(), timeout=5)
+        got[text] = json.loads(reply.data)["text"]
+
+    async with anyio.create_task_group() as tg:
+        for text in texts:
+            tg.start_soon(one, text)
+    assert got == {t: t for t in texts}
