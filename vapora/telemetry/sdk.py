@@ -8,10 +8,11 @@ this)::
     telemetry.shutdown()          # flushes exporters, stops /metrics, switches everything off
 
 Where the environment and the file both say something, the environment wins (deployments set
-it): ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_EXPORTER`` (``none``,
-``console``, ``otlp``, ``jsonl``), ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (read by
-the SDK itself), ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the ``_TRACES_`` / ``_METRICS_`` variants,
-read by the OTLP exporters), ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` and
+it): ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_EXPORTER`` and
+``OTEL_METRICS_EXPORTER`` (``none``, ``console``, ``otlp``, ``jsonl``), ``OTEL_TRACES_SAMPLER`` /
+``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_EXPORTER_OTLP_ENDPOINT`` and its ``_TRACES_`` / ``_METRICS_``
+variants (the OTLP exporters read headers and timeouts from the process environment
+themselves), ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` and
 ``OTEL_SEMCONV_STABILITY_OPT_IN``. OTLP needs the optional extra (``pip install 'vapora[otlp]'``);
 without it an ``otlp`` exporter is reported once in the log and skipped, never a crash.
 """
@@ -38,7 +39,13 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 
 from vapora.config import TelemetryConfig
 from vapora.telemetry import logs
@@ -137,9 +144,25 @@ def _capture(config: TelemetryConfig, env: Mapping[str, str]) -> bool:
     return config.capture_content
 
 
-def _sampler(config: TelemetryConfig, env: Mapping[str, str]) -> Sampler | None:
-    if env.get("OTEL_TRACES_SAMPLER"):
-        return None  # the SDK reads OTEL_TRACES_SAMPLER(_ARG) itself
+def _sampler(config: TelemetryConfig, env: Mapping[str, str]) -> Sampler:
+    """``OTEL_TRACES_SAMPLER`` (``_ARG``: the ratio) if set, else ``sample_ratio``, parent-based."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    try:
+        ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "") or 1.0)
+    except ValueError:
+        ratio = 1.0
+    fixed = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "parentbased_always_on": ParentBased(ALWAYS_ON),
+        "parentbased_always_off": ParentBased(ALWAYS_OFF),
+        "traceidratio": TraceIdRatioBased(ratio),
+        "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
+    }
+    if name in fixed:
+        return fixed[name]
+    if name:
+        log.warning("telemetry: unknown OTEL_TRACES_SAMPLER %r; using sample_ratio", name)
     return ParentBased(TraceIdRatioBased(config.sample_ratio))
 
 
@@ -174,13 +197,14 @@ def _span_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExpor
 
 
 def _otlp_endpoint(config: TelemetryConfig, env: Mapping[str, str], signal: str) -> str | None:
-    """The file's endpoint for ``signal``, unless the environment names one (then the
-    exporter reads the environment itself)."""
-    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"):
-        return None
-    if config.otlp_endpoint:
-        return f"{config.otlp_endpoint.rstrip('/')}/v1/{signal.lower()}"
-    return None
+    """The collector URL for ``signal`` (``TRACES``/``METRICS``): the signal's own variable as
+    it is, else the general variable or the file's ``otlp_endpoint`` plus ``/v1/<signal>``;
+    None: the exporter's default (``http://localhost:4318``)."""
+    own = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    if own:
+        return own
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or config.otlp_endpoint
+    return f"{base.rstrip('/')}/v1/{signal.lower()}" if base else None
 
 
 def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:

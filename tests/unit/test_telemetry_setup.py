@@ -1,0 +1,189 @@
+"""Switching telemetry on from ``[telemetry]`` and the ``OTEL_*`` variables; the exporters; the
+Prometheus text format; log lines with task and trace ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from actors import tracing
+from vapora.config import TelemetryConfig
+from vapora.telemetry import STATE, TASK_ID, active, setup
+from vapora.telemetry.instruments import Instruments
+from vapora.telemetry.logs import TaskContextFilter
+from vapora.telemetry.prometheus import render
+from vapora.telemetry.semconv import V1_41, genai_names
+
+
+@pytest.fixture(autouse=True)
+def switched_off() -> Iterator[None]:
+    yield
+    tracing.use(None)
+    from vapora.telemetry.state import use_meter_provider
+
+    use_meter_provider(None)
+
+
+def test_off_by_default_and_nothing_is_switched_on() -> None:
+    telemetry = setup(TelemetryConfig(), env={})
+    assert telemetry.tracer_provider is None and telemetry.meter_provider is None
+    assert not active() and not tracing.enabled() and tracing.inject() == {}
+
+
+def test_otel_sdk_disabled_wins_over_the_file() -> None:
+    setup(TelemetryConfig(enabled=True, exporter="console"), env={"OTEL_SDK_DISABLED": "true"})
+    assert not active()
+
+
+def test_jsonl_spans_with_the_service_name_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "spans.jsonl"
+    telemetry = setup(
+        TelemetryConfig(enabled=True, metrics=False),
+        env={
+            "OTEL_TRACES_EXPORTER": "jsonl",
+            "VAPORA_TRACES_JSONL": str(path),
+            "OTEL_SERVICE_NAME": "vapora-x",
+        },
+    )
+    assert tracing.enabled() and STATE.metrics is None
+    with tracing.publish_span("vapora.complete"), tracing.publish_span("inner"):
+        headers = tracing.inject()
+    telemetry.shutdown()
+    assert not tracing.enabled()
+    outer, inner = sorted(
+        (json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["start_ns"]
+    )
+    assert outer["name"] == "publish vapora.complete" and outer["kind"] == "PRODUCER"
+    assert inner["parent_span_id"] == outer["span_id"] and inner["trace_id"] == outer["trace_id"]
+    assert outer["resource"]["service.name"] == "vapora-x"
+    assert outer["attributes"]["messaging.system"] == "nats"
+    assert headers["traceparent"].split("-")[2] == inner["span_id"]
+
+
+def test_the_sample_ratio_and_the_environments_sampler(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    telemetry = setup(
+        TelemetryConfig(enabled=True, sample_ratio=0.0), env={}, span_exporters=[spans]
+    )
+    with tracing.publish_span("x"):
+        pass
+    telemetry.shutdown()
+    assert spans.get_finished_spans() == ()
+    spans = InMemorySpanExporter()  # a shut-down exporter takes no more spans
+    telemetry = setup(
+        TelemetryConfig(enabled=True, sample_ratio=0.0),
+        env={"OTEL_TRACES_SAMPLER": "always_on"},
+        span_exporters=[spans],
+    )
+    with tracing.publish_span("x"):
+        pass
+    telemetry.shutdown()
+    assert len(spans.get_finished_spans()) == 1
+
+
+def test_content_capture_follows_the_file_then_the_genai_variable() -> None:
+    setup(TelemetryConfig(enabled=True, capture_content=True), env={}).shutdown()
+    assert STATE.capture_content
+    env = {"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "NO_CONTENT"}
+    setup(TelemetryConfig(enabled=True, capture_content=True), env=env).shutdown()
+    assert not STATE.capture_content
+    env = {"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "SPAN_ONLY"}
+    setup(TelemetryConfig(enabled=True), env=env).shutdown()
+    assert STATE.capture_content
+
+
+def test_the_semconv_opt_in_selects_v1_41_the_newest_released_set() -> None:
+    assert genai_names({}) is V1_41
+    assert genai_names({"OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental"}) is V1_41
+    assert V1_41.provider_name == "gen_ai.provider.name"  # not the pre-1.37 gen_ai.system
+
+
+class _Collector(BaseHTTPRequestHandler):
+    received: list[tuple[str, bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment() -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Collector.received.clear()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        telemetry = setup(
+            TelemetryConfig(enabled=True, exporter="otlp", otlp_endpoint="http://wrong:1"),
+            env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+        )
+        with tracing.publish_span("vapora.otlp-test"):
+            pass
+        assert STATE.metrics is not None
+        STATE.metrics.record_decision("claude", "CodeGeneration", "rules")
+        telemetry.shutdown()  # flushes both signals
+    finally:
+        server.shutdown()
+    paths = {path for path, _ in _Collector.received}
+    assert {"/v1/traces", "/v1/metrics"} <= paths
+    traces = b"".join(body for path, body in _Collector.received if path == "/v1/traces")
+    assert b"publish vapora.otlp-test" in traces
+    metrics = b"".join(body for path, body in _Collector.received if path == "/v1/metrics")
+    assert b"vapora_llm_routing_decisions_total" in metrics
+
+
+def test_prometheus_text_of_counters_histograms_and_gauges() -> None:
+    reader = InMemoryMetricReader()
+    instruments = Instruments(MeterProvider(metric_readers=[reader]).get_meter("t"), V1_41)
+    instruments.record_fallback("claude", "openai", "transient")
+    instruments.record_fallback("claude", "openai", "transient")
+    instruments.latency.record(0.3, {"provider": 'we"ird\\'})
+    instruments.record_tier("NearThreshold")
+    text = render(reader.get_metrics_data())
+    assert "# TYPE vapora_llm_fallback_triggers_total counter" in text
+    assert (
+        'vapora_llm_fallback_triggers_total{from_provider="claude",reason="transient",'
+        'to_provider="openai"} 2'
+    ) in text
+    assert "# TYPE vapora_llm_provider_latency_seconds histogram" in text
+    assert 'vapora_llm_provider_latency_seconds_bucket{provider="we\\"ird\\\\",le="0.25"} 0' in text
+    assert 'vapora_llm_provider_latency_seconds_bucket{provider="we\\"ird\\\\",le="0.5"} 1' in text
+    assert 'vapora_llm_provider_latency_seconds_bucket{provider="we\\"ird\\\\",le="+Inf"} 1' in text
+    assert 'vapora_llm_provider_latency_seconds_count{provider="we\\"ird\\\\"} 1' in text
+    assert "# TYPE vapora_budget_tier gauge\nvapora_budget_tier 1\n" in text
+
+
+def test_log_lines_carry_the_task_and_the_trace(caplog: pytest.LogCaptureFixture) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    telemetry = setup(
+        TelemetryConfig(enabled=True), env={}, span_exporters=[InMemorySpanExporter()]
+    )
+    caplog.handler.addFilter(TaskContextFilter())
+    caplog.set_level(logging.INFO)
+    logging.getLogger("vapora.test").info("outside")
+    token = TASK_ID.set("task-7")
+    with tracing.publish_span("x") as span:
+        logging.getLogger("vapora.test").info("inside")
+    TASK_ID.reset(token)
+    telemetry.shutdown()
+    outside, inside = caplog.records
+    assert (outside.task_id, outside.trace_id) == ("-", "-")  # type: ignore[attr-defined]
+    assert inside.task_id == "task-7"  # type: ignore[attr-defined]
+    assert inside.trace_id == f"{span.get_span_context().trace_id:032x}"  # type: ignore[attr-defined]
