@@ -146,6 +146,8 @@ class EventLog:
         self._inbox: str | None = None
         self._acks: dict[bytes, _Ack] = {}
         self._next = 0
+        # Appends sent again because no acknowledgement came (e.g. during a leader election).
+        self.resends = 0
 
     # --- stream ---------------------------------------------------------------------------
 
@@ -233,6 +235,8 @@ class EventLog:
         self._next += 1
         token = str(self._next).encode()
         self._acks[token] = ack
+        if ack.tokens:
+            self.resends += 1
         ack.tokens.append(token)
         await self.nc.publish(
             ack.subject, ack.payload, reply=f"{inbox}.{token.decode()}", headers=ack.headers
