@@ -224,6 +224,11 @@ async def test_actors_ride_through_the_stream_leader_being_killed_and_the_audit_
                 await dep.cluster.restart(victim)
                 await load.until_answers(killed_at + 60)
                 load.stop.set()
+            # The other three public subjects, as the client user, over TLS.
+            streamed = [chunk async for chunk in load.client.stream(prompt="stream it")]
+            assert "".join(streamed)
+            assert (await load.client.budget()).tier
+            assert (await load.client.report()) is not None
         finally:
             await nc.close()
         logs = "\n".join(actor.log() for actor in dep.actors)
