@@ -14,6 +14,7 @@ read the switch per message):
 * **off**: ``[telemetry] enabled = false`` (the default): no spans, no headers, no metrics;
 * **traces 100 %**: traces sampled at 100 % and exported as JSON lines through the SDK's batch
   processor (every span serialised and written), plus metrics;
+* **traces 10 %**: the same with ``sample_ratio = 0.1`` (the operator's lever);
 * **metrics only**: ``traces = false``; the metrics behind ``/metrics`` (pull reader).
 
 Per mode and trial: the latency of ``--requests`` sequential completions (p50, p99) and the
@@ -54,7 +55,8 @@ from vapora.config import TelemetryConfig  # noqa: E402
 from vapora.telemetry import Telemetry, setup  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
-MODES = ("off", "traces 100%", "metrics only")
+MODES = ("off", "traces 100%", "traces 10%", "metrics only")
+EXPORTER: Any = "jsonl"  # --exporter none: spans made but not exported (the SDK's share alone)
 
 
 def telemetry_for(mode: str, spans_file: Path) -> Telemetry:
@@ -65,9 +67,9 @@ def telemetry_for(mode: str, spans_file: Path) -> Telemetry:
     else:
         config = TelemetryConfig(
             enabled=True,
-            exporter="jsonl",
+            exporter=EXPORTER,
             jsonl_path=str(spans_file),
-            sample_ratio=1.0,
+            sample_ratio=1.0 if mode == "traces 100%" else 0.1,
             prometheus_port=0,
         )
     return setup(config, env={})
@@ -233,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", nargs="+", default=list(MODES), choices=MODES, help="which modes to run"
     )
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
+    parser.add_argument("--exporter", default="jsonl", choices=["jsonl", "none"])
     args = parser.parse_args(argv)
+    global EXPORTER
+    EXPORTER = args.exporter
     if args.quick:
         args.requests, args.bursts, args.trials = 50, 3, 1
     result = anyio.run(run, args)

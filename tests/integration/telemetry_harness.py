@@ -4,8 +4,8 @@ processes would be), the simulator over HTTP, telemetry recorded in memory."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,8 @@ class Separate:
     config: Config
     client: Client
     log: EventLog  # the test's own connection, for reading the log
+    runtime: Callable[[str], Awaitable[Runtime]]  # another runtime on its own connection
     ledger: CostLedger | None = None
-    runtimes: dict[str, Runtime] = field(default_factory=dict)
 
     async def events(self) -> list[tuple[int, Event, dict[str, str]]]:
         out = []
@@ -81,7 +81,7 @@ async def separate_deployment(
         reader = await runtime("reader")
         caller = await nats.connect(server.url, name="caller")
         stack.push_async_callback(caller.close)
-        dep = Separate(server, sim, config, Client(caller, timeout_s=30), reader.log)
+        dep = Separate(server, sim, config, Client(caller, timeout_s=30), reader.log, runtime)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
         actors: list[Any] = []

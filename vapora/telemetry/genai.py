@@ -19,6 +19,7 @@ completion text go on the span only when ``capture_content`` is on, as the opt-i
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -56,6 +57,7 @@ def operation_of(kind: str, request: ProviderRequest) -> str:
     return OPERATION_BY_KIND.get(kind, "chat")
 
 
+@functools.lru_cache(maxsize=64)
 def server_of(base_url: str) -> tuple[str, int]:
     """``(server.address, server.port)`` of a base URL (the port defaulted by the scheme)."""
     parts = urlsplit(base_url)

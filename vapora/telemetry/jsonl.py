@@ -40,17 +40,13 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
         "start_ns": span.start_time,
         "end_ns": span.end_time,
         "status": span.status.status_code.name,
-        "attributes": {k: _plain(v) for k, v in (span.attributes or {}).items()},
+        "attributes": dict(span.attributes or {}),  # tuples encode as JSON arrays
         "links": [
             {"trace_id": _hex(link.context.trace_id, 32), "span_id": _hex(link.context.span_id, 16)}
             for link in span.links
         ],
         "resource": {"service.name": span.resource.attributes.get("service.name")},
     }
-
-
-def _plain(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value
 
 
 class JsonLinesSpanExporter(SpanExporter):

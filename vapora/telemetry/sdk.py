@@ -163,6 +163,8 @@ def _sampler(config: TelemetryConfig, env: Mapping[str, str]) -> Sampler:
         return fixed[name]
     if name:
         log.warning("telemetry: unknown OTEL_TRACES_SAMPLER %r; using sample_ratio", name)
+    if config.sample_ratio >= 1.0:
+        return ParentBased(ALWAYS_ON)  # the same decisions, without hashing trace ids
     return ParentBased(TraceIdRatioBased(config.sample_ratio))
 
 
