@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import math
 import os
 import platform
 import subprocess
@@ -82,17 +83,17 @@ class Plan:
     c1_requests: int = 1000
     c1_seconds: float = 10.0
     closed_requests: int = 20_000
-    closed_seconds: float = 2.5
+    closed_seconds: float = 2.0
     step_start: float = 25.0
     step_factor: float = 1.5
-    step_seconds: float = 1.5
-    step_min_samples: int = 60
-    step_max_seconds: float = 3.0
-    max_rate: float = 3000.0
+    step_seconds: float = 1.2
+    step_min_samples: int = 50
+    step_max_seconds: float = 2.5
+    max_rate: float = 1500.0
     flaky_requests: int = 1500
-    flaky_seconds: float = 3.0
+    flaky_seconds: float = 2.5
     flaky_concurrency: int = 16
-    stream_requests: int = 300
+    stream_requests: int = 200
     stream_seconds: float = 3.0
     warmup: int = 100
     settle_s: float = 0.3  # pause between legs, so one leg's stragglers do not load the next
@@ -408,9 +409,16 @@ def flatten(t: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def summarise(trials: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Median, min and max over the trials of every figure; a ratio that was undefined in a
+    trial (its denominator was 0) is left out of that figure, and ``n`` says how many counted."""
     flats = [flatten(t) for t in trials]
-    keys = sorted(set().union(*flats))
-    return {k: spread([f[k] for f in flats if k in f]) for k in keys}
+    summary = {}
+    for key in sorted(set().union(*flats)):
+        values = [f[key] for f in flats if key in f and not math.isnan(f[key])]
+        nan = float("nan")
+        summary[key] = spread(values) if values else {"median": nan, "min": nan, "max": nan}
+        summary[key]["n"] = len(values)
+    return summary
 
 
 # --- setting up -----------------------------------------------------------------------------

@@ -36,14 +36,17 @@ def _fmt(value: float, digits: int) -> str:
 
 
 def cell(summary: dict[str, dict[str, float]], key: str, digits: int = 2) -> str:
-    """``median (min-max)`` of one figure over the trials, or ``-``."""
+    """``median (min-max)`` of one figure over the trials, or ``-``; ``[n of N]`` when the figure
+    was defined in only n of the N trials (a ratio whose denominator was 0)."""
+    trials = int(summary.get("_trials", {}).get("median", 0))
     s = summary.get(key)
     if not s or math.isnan(s["median"]):
         return "-"
+    of = f" [{s['n']} of {trials}]" if trials and s.get("n", trials) < trials else ""
     if s["min"] == s["max"]:
-        return _fmt(s["median"], digits)
+        return _fmt(s["median"], digits) + of
     spread = f"{_fmt(s['min'], digits)}-{_fmt(s['max'], digits)}"
-    return f"{_fmt(s['median'], digits)} ({spread})"
+    return f"{_fmt(s['median'], digits)} ({spread}){of}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -221,7 +224,7 @@ def _targets(summary: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The generated part of the section: provenance, then one table per scenario."""
-    summary = result["summary"]
+    summary = result["summary"] | {"_trials": {"median": result["plan"]["trials"]}}
     m = result.get("machine", {})
     plan = result["plan"]
     head = [
