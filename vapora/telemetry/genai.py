@@ -241,8 +241,11 @@ class ProviderCallTelemetry:
     ) -> None:
         elapsed = time.perf_counter() - self._started
         try:
-            if exc is not None:
+            if isinstance(exc, Exception):
                 self._failed(exc, elapsed)
+            elif exc is not None:  # cancelled (a shutdown, the caller gone): not a provider error
+                if self.span is not None:
+                    self.span.set_attribute(self.names.error_type, "cancelled")
             elif self._done is not None:
                 self._succeeded(self._done, elapsed)
         finally:
