@@ -7,7 +7,6 @@ a secret) instead of being swallowed, and a first connection that cannot be made
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -15,7 +14,6 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from secrets import token_hex
 from typing import Any
 
 import anyio
@@ -23,8 +21,6 @@ from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import ConnectionDrainingError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.protocol import FastParser
 
@@ -114,10 +110,11 @@ _STATUS_AT = len(b"NATS/1.0 ")
 
 
 class _Reply:
-    __slots__ = ("data", "done", "headers", "subject")
+    __slots__ = ("asked", "data", "done", "headers", "subject")
 
-    def __init__(self) -> None:
+    def __init__(self, asked: str = "") -> None:
         self.done = anyio.Event()
+        self.asked = asked  # the request's subject: a refusal of it wakes this waiter
         self.subject = ""
         self.data = b""
         self.headers = b""
@@ -149,7 +146,6 @@ class Client(NATS):
         # The server's last permission violations, and requests waiting on their subject.
         self._violations: deque[tuple[str, str, str]] = deque(maxlen=64)
         self._denial_waiters: dict[str, set[anyio.Event]] = {}
-        self._denied_requests: dict[str, set[asyncio.Future[Msg]]] = {}
 
     def permission_violation(self, subject: str, operation: str = "publish") -> str | None:
         """The server's message if it refused this connection ``operation`` on ``subject``."""
@@ -180,52 +176,10 @@ class Client(NATS):
             self._violations.append((operation, subject, message))
             for waiter in self._denial_waiters.get(subject, ()):
                 waiter.set()
-            for future in self._denied_requests.get(subject, ()):
-                if not future.done():
-                    future.set_exception(
-                        PermissionDenied(f"NATS refused the request to {subject!r}: {message}")
-                    )
+            for reply in getattr(self, "_waiters", {}).values():
+                if reply.asked.lower() == subject:
+                    reply.done.set()
         await super()._process_err(err_msg)
-
-    async def _request_new_style(
-        self,
-        subject: str,
-        payload: bytes,
-        timeout: float = 1,  # noqa: ASYNC109 - nats-py's signature
-        headers: dict[str, Any] | None = None,
-    ) -> Msg:
-        # nats-py's request over the shared response inbox, plus one thing: a publish the server
-        # refuses fails the request at once with PermissionDenied (the server answers a refused
-        # publish with -ERR, never a reply), instead of a timeout.
-        if self.is_draining_pubs:
-            raise ConnectionDrainingError
-        if not self._resp_sub_prefix:
-            await self._init_request_sub()
-        assert self._resp_sub_prefix is not None
-        token = self._nuid.next()
-        token.extend(token_hex(2).encode())
-        inbox = self._resp_sub_prefix[:]
-        inbox.extend(token)
-        key = token.decode()
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._resp_map[key] = future
-        watchers = self._denied_requests.setdefault(subject.lower(), set())
-        watchers.add(future)
-        try:
-            await self.publish(subject, payload, reply=inbox.decode(), headers=headers)
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            message = self.permission_violation(subject)
-            if message is not None:
-                raise PermissionDenied(
-                    f"NATS refused the request to {subject!r}: {message}"
-                ) from None
-            raise NatsTimeoutError from None
-        finally:
-            self._resp_map.pop(key, None)
-            watchers.discard(future)
-            if not watchers:
-                self._denied_requests.pop(subject.lower(), None)
 
     async def subscribe_raw(
         self, subject: str, handler: RawHandler, *, queue: str = ""
@@ -269,16 +223,25 @@ class Client(NATS):
         prefix = await self._reply_prefix()
         self._next_reply += 1
         token = str(self._next_reply)
-        waiter = self._waiters[token.encode()] = _Reply()
+        # A publish the server refuses gets -ERR, never a reply: _process_err wakes the waiter.
+        waiter = self._waiters[token.encode()] = _Reply(subject)
         try:
             await self.publish(subject, payload, reply=f"{prefix}.{token}", headers=headers)
             with anyio.fail_after(timeout):
                 await waiter.done.wait()
         except TimeoutError:
+            self._raise_if_denied(subject)
             raise nats_errors.TimeoutError from None
         finally:
             self._waiters.pop(token.encode(), None)
+        if not waiter.subject:  # woken by the server's refusal, not by a reply
+            self._raise_if_denied(subject)
         return self._reply_message(subject, waiter)
+
+    def _raise_if_denied(self, subject: str) -> None:
+        message = self.permission_violation(subject)
+        if message is not None:
+            raise PermissionDenied(f"NATS refused the request to {subject!r}: {message}")
 
     def _reply_message(self, subject: str, waiter: _Reply) -> Msg:
         raw = waiter.headers
