@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import tomllib
 from datetime import UTC, datetime
@@ -17,12 +18,14 @@ from typing import Any
 import pytest
 import yaml
 
-from actors.server import find_nats_server
+from actors.connection import ConnectOptions, connect
+from actors.server import EmbeddedNats, find_nats_server
 from tests.cluster.certs import TlsFiles
 from vapora import deploy
 from vapora.cli import _parser
 from vapora.cli import health as health_cli
 from vapora.config import load_config
+from vapora.deploy import ServerTls, render_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -219,3 +222,31 @@ def test_telemetry_reaches_the_collector_and_prometheus_scrapes_every_actor(
     assert set(sd["names"]) == set(vapora_services(compose))
     assert sd["port"] == config.telemetry.prometheus_port
     assert config.telemetry.enabled
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.anyio
+async def test_the_documented_certificate_recipe_makes_files_nats_and_vapora_accept(
+    tmp_path: Path,
+) -> None:
+    readme = (DOCKER / "certs" / "README.md").read_text()
+    recipe = readme.split("```sh\n", 1)[1].split("```", 1)[0].replace("cd docker/certs\n", "")
+    (tmp_path / "recipe.sh").write_text(recipe)
+    subprocess.run(
+        ["bash", "-e", "recipe.sh"], cwd=tmp_path, check=True, capture_output=True, timeout=60
+    )
+    tls = ServerTls(
+        cert_file=str(tmp_path / "server.pem"),
+        key_file=str(tmp_path / "server-key.pem"),
+        ca_file=str(tmp_path / "ca.pem"),
+    )
+    async with EmbeddedNats(tmp_path / "nats", extra_config=render_tls(tls)) as server:
+        options = ConnectOptions.from_url(
+            server.url,
+            tls_ca_file=str(tmp_path / "ca.pem"),
+            tls_cert_file=str(tmp_path / "client.pem"),
+            tls_key_file=str(tmp_path / "client-key.pem"),
+        )
+        nc = await connect(options)
+        assert nc.is_connected
+        await nc.close()
