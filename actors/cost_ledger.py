@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from actors import tracing
 from actors.eventlog import LogEntry
 from actors.follow import LogFollower
 from actors.runner import Runtime
@@ -61,11 +62,18 @@ class CostLedger:
         async with await Ledger.open(self.path) as ledger:
             self._ledger = ledger
             self.position = await ledger.last_sequence()
+            wildcard = self.log.settings.wildcard
             async for batch in self.log.replay(self.position + 1):
-                await self._apply(batch)
+                # A replay links to the events' traces, never adds spans under them.
+                with tracing.processed(batch, group="ledger", replay=True, destination=wildcard):
+                    await self._apply(batch)
                 self.replayed_events += len(batch)
             follower = LogFollower(
-                self.log, name="cost ledger", apply=self._apply, position=lambda: self.position
+                self.log,
+                name="cost ledger",
+                apply=self._apply,
+                position=lambda: self.position,
+                trace_group="ledger",  # the live tail continues each event's trace
             )
             service = self._make_service()
             served = anyio.Event()

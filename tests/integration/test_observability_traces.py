@@ -1,0 +1,184 @@
+"""One trace per task across every actor and NATS connection (issue 6): client -> router ->
+reservation -> every provider attempt -> the appended events -> the ledger's processing of them.
+Real nats-server, real simulator over HTTP, each actor on its own connection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from actors.cost_ledger import CostLedger
+from events.codec import event_tag
+from tests.fault.provider_harness import config_text
+from tests.integration.telemetry_harness import separate_deployment
+from vapora.config import TelemetryConfig
+from vapora.telemetry import Telemetry, setup
+
+pytestmark = pytest.mark.anyio
+
+BUDGET = "[budget]\ndaily_limit_cents = 1000\n"
+
+
+def guide(**kw: object) -> Callable[[str], str]:
+    return lambda base_url: config_text(base_url, budget=BUDGET, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def spans() -> AsyncIterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    telemetry: Telemetry = setup(
+        TelemetryConfig(enabled=True),
+        env={},
+        span_exporters=[exporter],
+        metric_readers=[InMemoryMetricReader()],
+    )
+    yield exporter
+    telemetry.shutdown()
+
+
+def _by_id(spans: list[ReadableSpan]) -> dict[int, ReadableSpan]:
+    return {s.context.span_id: s for s in spans if s.context is not None}
+
+
+def _parent(span: ReadableSpan, index: dict[int, ReadableSpan]) -> ReadableSpan | None:
+    return index.get(span.parent.span_id) if span.parent is not None else None
+
+
+def _named(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+async def test_a_fallback_task_is_one_trace_across_connections_with_correct_parents(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    config = guide(models={"claude": "claude-opus-4-5-error-529"})
+    async with separate_deployment(tmp_path, config) as dep:
+        spans.clear()
+        result = await dep.client.complete(
+            prompt="Write a sort", task_type="CodeGeneration", quality="High", task_id="traced-1"
+        )
+        following = result.attempts[1].provider
+        assert [a.provider for a in result.attempts] == ["claude", following]
+        model = dep.config.provider(following).model  # type: ignore[union-attr]
+        await dep.ledger_caught_up()
+        stored = [(seq, e, h) for seq, e, h in await dep.events() if e_task(e) == "traced-1"]
+    finished = list(spans.get_finished_spans())
+
+    # Exactly one trace holds the task: the client's request is its root.
+    traces = {s.context.trace_id for s in finished if s.attributes.get("vapora.task.id")}
+    assert len(traces) == 1
+    trace_id = traces.pop()
+    task = [s for s in finished if s.context.trace_id == trace_id]
+    index = _by_id(task)
+    [root] = [s for s in task if s.parent is None]
+    assert root.name == "publish vapora.complete" and root.kind is SpanKind.PRODUCER
+    for span in task:  # every span hangs off the root through recorded parents
+        node: ReadableSpan | None = span
+        while node is not None and node is not root:
+            node = _parent(node, index)
+        assert node is root, f"{span.name} is not connected to the client's span"
+
+    # The router continues the client's trace on its own connection.
+    [router] = _named(task, "process vapora.complete")
+    assert _parent(router, index) is root and router.kind is SpanKind.CONSUMER
+    assert router.attributes["messaging.consumer.group.name"] == "router"
+    assert router.attributes["vapora.task.id"] == "traced-1"
+
+    # The reservation: the router's request and the keeper's processing of it, per attempt.
+    reserves = _named(task, "publish vapora.budget.reserve")
+    assert len(reserves) == 2 and all(_parent(s, index) is router for s in reserves)
+    kept = _named(task, "process vapora.budget.reserve")
+    assert sorted(_parent(s, index).context.span_id for s in kept) == sorted(  # type: ignore[union-attr]
+        s.context.span_id for s in reserves
+    )
+
+    # Both provider attempts, each under the router's request to that provider.
+    [claude_call] = _named(task, "process vapora.provider.claude.call")
+    [second_call] = _named(task, f"process vapora.provider.{following}.call")
+    assert _parent(claude_call, index).name == "publish vapora.provider.claude.call"  # type: ignore[union-attr]
+    assert _parent(_parent(second_call, index), index) is router  # type: ignore[arg-type]
+    [failed] = _named(task, "chat claude-opus-4-5-error-529")
+    operation = "generate_content" if following == "gemini" else "chat"
+    [succeeded] = _named(task, f"{operation} {model}")
+    assert _parent(failed, index) is claude_call and _parent(succeeded, index) is second_call
+    assert failed.kind is SpanKind.CLIENT and failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes["error.type"] in ("overloaded_error", "529")
+    assert failed.attributes["vapora.attempt"] == 1
+    assert "error.type" not in succeeded.attributes
+    assert succeeded.attributes["vapora.attempt"] == 2
+    assert succeeded.attributes["vapora.route.reason"] == "fallback after claude: transient"
+    assert "claude" in str(failed.attributes["vapora.route.reason"])
+
+    # Every event of the task was appended in a PRODUCER span of this trace, and the stored
+    # event carries that span's context.
+    publishes = {
+        s.attributes["messaging.message.id"]: s
+        for s in task
+        if s.kind is SpanKind.PRODUCER and str(s.name).startswith("publish vapora.events.")
+    }
+    tags = {event_tag(e) for _, e, _ in stored}
+    assert {"route_decided", "call_failed", "fallback_triggered", "call_succeeded"} <= tags
+    assert {"spend_recorded", "budget_reserved"} <= tags
+    for _, event, headers in stored:
+        span = publishes[event.id]
+        _, stored_trace, stored_parent, _ = headers["traceparent"].split("-")
+        assert (stored_trace, stored_parent) == (
+            f"{trace_id:032x}",
+            f"{span.context.span_id:016x}",
+        ), event_tag(event)
+        assert span.attributes["vapora.event.type"] == event_tag(event)
+
+    # The ledger's processing of each event is parented by the event's creation context.
+    processed = [
+        s
+        for s in task
+        if s.kind is SpanKind.CONSUMER
+        and s.attributes.get("messaging.consumer.group.name") == "ledger"
+    ]
+    assert {s.attributes["messaging.message.id"] for s in processed} == {e.id for _, e, _ in stored}
+    for span in processed:
+        producer = publishes[span.attributes["messaging.message.id"]]
+        assert _parent(span, index) is producer
+        assert span.name == f"process {producer.attributes['messaging.destination.name']}"
+
+
+def e_task(event: object) -> str | None:
+    return getattr(event, "task_id", None)
+
+
+async def test_a_ledger_replaying_the_log_links_to_the_events_traces_and_never_parents(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    async with separate_deployment(tmp_path, guide(), ledger=False) as dep:
+        result = await dep.client.complete(prompt="hi", task_type="CodeGeneration", task_id="r-1")
+        stored = [(e, h) for _, e, h in await dep.events()]
+        [request_root] = [
+            s for s in spans.get_finished_spans() if s.name == "publish vapora.complete"
+        ]
+        spans.clear()
+        # A ledger starting now (a new deployment's, or after losing its file) replays the log.
+        ledger = CostLedger(await dep.runtime("late-ledger"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(ledger.run)
+            ledger.stop()
+    assert result.provider and ledger.replayed_events == len(stored)
+    replayed = [s for s in spans.get_finished_spans() if s.attributes.get("vapora.replay")]
+    assert replayed, "the replay made no span"
+    linked = set()
+    for span in replayed:
+        assert span.parent is None  # a root of its own, never under the events' traces
+        assert span.context.trace_id != request_root.context.trace_id
+        assert span.kind is SpanKind.CONSUMER
+        assert span.name == "process vapora.events.>"
+        assert span.attributes["messaging.consumer.group.name"] == "ledger"
+        linked |= {(link.context.trace_id, link.context.span_id) for link in span.links}
+    for _, headers in stored:  # every stored event's creation context is linked
+        _, trace_hex, span_hex, _ = headers["traceparent"].split("-")
+        assert (int(trace_hex, 16), int(span_hex, 16)) in linked
