@@ -88,8 +88,8 @@ class Plan:
     step_factor: float = 1.5
     step_seconds: float = 1.2
     step_min_samples: int = 50
-    step_max_seconds: float = 2.5
-    max_rate: float = 1500.0
+    step_max_seconds: float = 2.0
+    max_rate: float = 1000.0
     flaky_requests: int = 1500
     flaky_seconds: float = 2.5
     flaky_concurrency: int = 16
@@ -340,11 +340,13 @@ async def trial(index: int, legs: list[Leg], plan: Plan) -> dict[str, dict[str, 
     result: dict[str, dict[str, Any]] = {}
     for name in SCENARIOS:
         result[name] = {}
+        began = time.monotonic()
         for leg in order:
             if name in leg.scenarios:
                 result[name][leg.name] = await scenario(name, leg, plan)
                 await asyncio.sleep(plan.settle_s)
-        print(f"  trial {index + 1} {name}: " + line(name, result[name]), flush=True)
+        took = time.monotonic() - began
+        print(f"  trial {index + 1} {name} ({took:.0f} s): {line(name, result[name])}", flush=True)
     return result
 
 
