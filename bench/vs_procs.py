@@ -220,6 +220,8 @@ class Deployment:
 def vapora_up(config: Path, data_dir: Path, log: Path) -> Deployment:
     """``vapora up --port 0`` in one process (embedded nats-server as its child)."""
     argv = [VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(data_dir)]
+    # `vapora up --port 0` refuses a data directory without a nats/ subdirectory (a check meant
+    # for the offline commands, in cli._embedded); a fresh directory needs it made first.
     (data_dir / "nats").mkdir(parents=True, exist_ok=True)
     child, line = start("vapora up", argv, log, ready="vapora ready")
     return Deployment("vapora up", line.split()[-1], [child])
