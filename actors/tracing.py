@@ -99,9 +99,17 @@ def process_span(
     msg_id: str | None = None,
 ) -> Iterator[Span]:
     """A CONSUMER span ``process <subject>`` continuing the trace the message carried."""
+    parent = extract(headers)
+    if messaging.unsampled(parent):  # no span; the unsampled context stays current
+        token = otel_context.attach(parent)
+        try:
+            yield trace.get_current_span(parent)
+        finally:
+            otel_context.detach(token)
+        return
     with STATE.tracer.start_as_current_span(
         f"{MESSAGING.process} {subject}",
-        context=extract(headers),
+        context=parent,
         kind=SpanKind.CONSUMER,
         attributes=_attributes(subject, MESSAGING.process, group, msg_id),
     ) as span:
@@ -115,12 +123,15 @@ request_span = messaging.request_span
 def start_publish(subject: str, *, msg_id: str, event_type: str) -> tuple[Span, dict[str, str]]:
     """A started PRODUCER span for one event append and its creation-context headers; the
     caller ends it when JetStream acknowledged (appends are pipelined, so not a ``with``)."""
+    headers: dict[str, str] = {}
+    if messaging.unsampled():
+        propagate.inject(headers)
+        return trace.get_current_span(), headers  # ending it is a no-op
     attributes = _attributes(subject, MESSAGING.send, None, msg_id)
     attributes[VAPORA.event_type] = event_type
     span = STATE.tracer.start_span(
         f"{MESSAGING.publish} {subject}", kind=SpanKind.PRODUCER, attributes=attributes
     )
-    headers: dict[str, str] = {}
     propagate.inject(headers, context=trace.set_span_in_context(span))
     return span, headers
 
@@ -154,7 +165,7 @@ def processed(
     spans = [
         _live_span(entry, headers, group)
         for entry in batch
-        if "traceparent" in (headers := entry.headers)
+        if "traceparent" in (headers := entry.headers) and not messaging.unsampled(extract(headers))
     ]
     try:
         yield

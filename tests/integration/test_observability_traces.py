@@ -182,3 +182,23 @@ async def test_a_ledger_replaying_the_log_links_to_the_events_traces_and_never_p
     for _, headers in stored:  # every stored event's creation context is linked
         _, trace_hex, span_hex, _ = headers["traceparent"].split("-")
         assert (int(trace_hex, 16), int(span_hex, 16)) in linked
+
+
+async def test_a_sampled_out_task_records_no_span_anywhere_but_keeps_one_trace_id(
+    tmp_path: Path,
+) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = setup(
+        TelemetryConfig(enabled=True, sample_ratio=0.0), env={}, span_exporters=[exporter]
+    )
+    try:
+        async with separate_deployment(tmp_path, guide()) as dep:
+            await dep.client.complete(prompt="hi", task_type="CodeGeneration", task_id="s-0")
+            await dep.ledger_caught_up()
+            stored = [h for _, e, h in await dep.events() if e_task(e) == "s-0"]
+    finally:
+        telemetry.shutdown()
+    assert exporter.get_finished_spans() == ()
+    contexts = {h["traceparent"].split("-")[1] for h in stored}
+    assert len(contexts) == 1 and len(stored) >= 4  # the decision travelled, unrecorded
+    assert all(int(h["traceparent"].split("-")[3], 16) & 1 == 0 for h in stored)  # not sampled

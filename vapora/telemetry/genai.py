@@ -35,6 +35,7 @@ from vapora.errors import ProviderError
 from vapora.pricing import cost
 from vapora.providers import Completion, ProviderClient, ProviderRequest
 from vapora.telemetry.instruments import CallOutcome
+from vapora.telemetry.messaging import unsampled
 from vapora.telemetry.semconv import (
     ERROR_OTHER,
     OLLAMA_GENERATE_OPERATION,
@@ -214,7 +215,7 @@ class ProviderCallTelemetry:
         self._done: Completion | None = None
 
     def __enter__(self) -> ProviderCallTelemetry:
-        if STATE.tracing:
+        if STATE.tracing and not unsampled():
             spec, names = self.spec, self.names
             self._scope = STATE.tracer.start_as_current_span(
                 f"{spec.operation} {spec.model}",

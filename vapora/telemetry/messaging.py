@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.state import STATE
 
-__all__ = ["attributes", "publish_span", "request_span"]
+__all__ = ["attributes", "publish_span", "request_span", "unsampled"]
 
 Attributes = dict[str, str | int | bool]
 
@@ -33,9 +34,19 @@ def attributes(subject: str, operation: str, group: str | None, msg_id: str | No
     return out
 
 
+def unsampled(context: Context | None = None) -> bool:
+    """Whether the current (or ``context``'s) trace was sampled out: its spans would not be
+    recorded, so none are made; the unsampled context itself still travels downstream."""
+    span_context = trace.get_current_span(context).get_span_context()
+    return span_context.is_valid and not span_context.trace_flags.sampled
+
+
 @contextmanager
 def publish_span(subject: str, *, msg_id: str | None = None) -> Iterator[Span]:
     """A PRODUCER span ``publish <subject>`` (current while the block runs)."""
+    if unsampled():
+        yield trace.get_current_span()
+        return
     with STATE.tracer.start_as_current_span(
         f"{MESSAGING.publish} {subject}",
         kind=SpanKind.PRODUCER,
