@@ -8,8 +8,8 @@
 One run starts the provider simulator as its own OS process (zero latency), an embedded
 nats-server with JetStream, and every actor in this process: the cost ledger, the budget keeper
 (so paid calls reserve first), the four provider actors and the router, as ``vapora up`` runs
-them. Each trial visits the modes in a rotating order, switching telemetry in place (the actors
-read the switch per message):
+them. Telemetry is switched in place between calls (the actors read the switch per message), in
+a shuffled order so that no mode always follows another:
 
 * **off**: ``[telemetry] enabled = false`` (the default): no spans, no headers, no metrics;
 * **traces 100 %**: traces sampled at 100 % and exported as JSON lines through the SDK's batch
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -112,25 +114,33 @@ async def measure(
     call: Call,
     settled: Call,
 ) -> dict[str, dict[str, list[float]]]:
-    """Latency: calls rotate through the modes one by one. Throughput: bursts of
-    ``--burst`` calls rotate through the modes, trial after trial, each burst timed until the
-    cost ledger has applied its events (so no mode pays for the one before); medians."""
+    """Latency: sequential calls, each in a mode drawn from a shuffled, balanced list.
+    Throughput: bursts of ``--burst`` calls in shuffled modes, each timed until the cost ledger
+    has applied its events and the spans are exported (so no mode pays for the one before);
+    medians over trials."""
     results: dict[str, dict[str, list[float]]] = {
         m: {"p50": [], "p99": [], "rate": []} for m in modes
     }
-    for trial in range(args.trials):
+    shuffled = random.Random(7)
+    for _ in range(args.trials):
+        # A shuffled order, so no mode always follows the same one (each leaves work behind:
+        # the ledger's tail, garbage for the collector).
+        calls = [m for m in modes for _ in range(args.requests)]
+        shuffled.shuffle(calls)
         samples: dict[str, list[float]] = {m: [] for m in modes}
-        for i in range(args.requests * len(modes)):
-            mode = modes[(i + trial) % len(modes)]
+        for mode in calls:
             telemetries[mode].activate()
             samples[mode].append(await one_timed(call))
+        bursts = [m for m in modes for _ in range(args.bursts)]
+        shuffled.shuffle(bursts)
         spent = dict.fromkeys(modes, 0.0)
-        for i in range(args.bursts * len(modes)):
-            mode = modes[(i + trial) % len(modes)]
+        for mode in bursts:
             telemetries[mode].activate()
+            gc.collect()  # start each burst with no garbage left by the one before
             spent[mode] += await burst(
                 args.burst, args.concurrency, call, telemetries[mode], settled
             )
+        trial = len(results[modes[0]]["p50"])
         for mode in modes:
             results[mode]["p50"].append(percentile(samples[mode], 50))
             results[mode]["p99"].append(percentile(samples[mode], 99))
