@@ -799,7 +799,8 @@ _TIER_ACTIONS = {Tier.NEAR_THRESHOLD: "prefer_cheapest", Tier.EXCEEDED: "zero_co
 
 
 def _observe_decision(request: CompletionRequest, decision: RouteDecision) -> None:
-    log.info("route %s: %s", " -> ".join(decision.chain), decision.reason)
+    # Every decision is a route_decided event already; the log line is for debugging only.
+    log.debug("route %s: %s", " -> ".join(decision.chain), decision.reason)
     metrics = telemetry.STATE.metrics
     if metrics is None:
         return
@@ -814,7 +815,7 @@ def _observe_decision(request: CompletionRequest, decision: RouteDecision) -> No
 def _observe_refusal(
     request: CompletionRequest, refused: RouteOverBudget | RouteUnavailable
 ) -> None:
-    log.info("no route: %s", refused.message)
+    log.debug("no route: %s", refused.message)
     metrics = telemetry.STATE.metrics
     if metrics is None:
         return
