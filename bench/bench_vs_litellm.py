@@ -586,7 +586,12 @@ def _vapora_version() -> str:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
     ).stdout.strip()
-    return f"{__version__} ({commit})" if commit else __version__
+    # Uncommitted changes to vapora's own code are part of what was measured: say so.
+    changed = subprocess.run(
+        ["git", "diff", "--quiet", "HEAD", "--", "vapora", "actors", "events"], cwd=HERE.parent
+    ).returncode
+    dirty = " with uncommitted changes" if changed == 1 else ""
+    return f"{__version__} ({commit}{dirty})" if commit else __version__
 
 
 def main(argv: list[str] | None = None) -> int:

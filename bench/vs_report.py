@@ -228,7 +228,7 @@ def markdown(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     plan = result["plan"]
     head = [
-        f"Run {result.get('when', '?')}: `{result.get('command', 'python -m bench')}`, "
+        f"Run finished {result.get('when', '?')}: `{result.get('command', 'python -m bench')}`, "
         f"{plan['trials']} trial(s), systems interleaved (order rotated per trial), "
         f"{result.get('total_s', 0):.0f} s in all. Figures are medians over trials with the "
         "(min-max) spread; ratios are taken within each trial, then the median.",
