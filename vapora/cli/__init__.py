@@ -337,6 +337,12 @@ def cmd_schema(args: argparse.Namespace, rest: list[str]) -> int:
     return schema_main(rest)
 
 
+async def cmd_health(args: argparse.Namespace) -> int:
+    from vapora.cli.health import cmd_health as health
+
+    return await health(args)
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from vapora.cli.demo import run_demo
 
@@ -427,6 +433,10 @@ def _parser() -> argparse.ArgumentParser:
         "schema", help="write or check the JSON Schema of the contract", add_help=False
     )
 
+    from vapora.cli.health import add_parser as add_health
+
+    add_health(commands)
+
     demo = command(
         "demo", "the main job: server, actors, simulators, a realistic workload, the report"
     )
@@ -468,6 +478,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Any]] = {
     "audit": cmd_audit,
     "events": cmd_events,
     "demo": cmd_demo,
+    "health": cmd_health,
 }
 
 
