@@ -135,3 +135,56 @@ def test_a_directory_that_is_not_a_demo_is_never_deleted(tmp_path: Path) -> None
     assert done.returncode == 2
     assert "not a vapora demo directory" in done.stderr
     assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_real_mode_refuses_without_any_provider_key(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    done = subprocess.run(
+        [*VAPORA, "demo", "--real", "--data-dir", str(tmp_path / "real")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "ANTHROPIC_API_KEY, GOOGLE_API_KEY, OPENAI_API_KEY" in done.stderr
+
+
+def test_real_mode_sends_a_small_workload_to_the_configured_providers(tmp_path: Path) -> None:
+    """--real with a config whose base URLs are a simulator process: the same code path as with
+    the real services (real HTTP, keys from the environment, no injected outage)."""
+    import os
+
+    from vapora.cli.demo import REAL_REQUESTS, demo_config_text
+
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "vapora.simulator", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sim.stdout is not None
+        url = sim.stdout.readline().split()[-1]
+        config = tmp_path / "real.toml"
+        config.write_text(demo_config_text(url, 100_000))
+        env = {
+            **os.environ,
+            "ANTHROPIC_API_KEY": "k1",
+            "OPENAI_API_KEY": "k2",
+            "GOOGLE_API_KEY": "k3",
+        }
+        done = subprocess.run(
+            [*VAPORA, "demo", "--real", "--config", str(config), "--data-dir", str(tmp_path / "d")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+    finally:
+        sim.terminate()
+        sim.wait()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{REAL_REQUESTS} requests in" in done.stdout
+    assert "outage" not in done.stdout and "no differences" in done.stdout

@@ -152,32 +152,73 @@ def demo_config_text(simulator_url: str, daily_limit_cents: int) -> str:
 async def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every step, the audit included, succeeded."""
     if args.real:
-        print("vapora demo --real: not available in this build; run `vapora up` with your keys.")
-        return 2
+        return await _run_real(args)
     data_dir = _fresh_data_dir(Path(args.data_dir))
-    out = sys.stdout
-    started = time.monotonic()
     async with contextlib.AsyncExitStack() as stack:
         sim = await stack.enter_async_context(Simulator(port=0))
-        server = await stack.enter_async_context(EmbeddedNats(data_dir / "nats"))
-        config = _write_config(data_dir, sim.base_url, args.requests)
-        nc = await connect(ConnectOptions.from_url(server.url, name="vapora-demo"))
-        stack.push_async_callback(nc.close)
-        log = EventLog(nc)
-        await log.ensure_stream()
-        runtime = Runtime(
-            nc=nc, config=config, log=log, data_dir=data_dir, env={**os.environ, **SIMULATED_KEYS}
-        )
-        print(
-            f"vapora demo: nats-server {server.url}, simulators {sim.base_url}, "
-            f"data in {data_dir}/",
-            file=out,
-        )
-        _log_to_file(data_dir / "demo.log", verbose=args.verbose)
-        stack.callback(setup(config.telemetry, env=os.environ, service_name="vapora-demo").shutdown)
-        demo = _Demo(nc=nc, log=log, sim=sim, data_dir=data_dir, out=out, started=started)
-        return await _run_with_actors(all_actors(runtime), demo, args.requests)
+        config = _write_config(data_dir, demo_config_text(sim.base_url, _daily_cents(args)))
+        env = {**os.environ, **SIMULATED_KEYS}
+        return await _run(stack, args, data_dir, config, env, sim, plan_workload(args.requests))
     return 1  # pragma: no cover - the stack always returns above
+
+
+REAL_REQUESTS = 14
+
+
+async def _run_real(args: argparse.Namespace) -> int:
+    """The same workload, small (14 tasks, 64 output tokens each), to the real providers with
+    the API keys in the environment: the built-in config (or ``--config``), real base URLs."""
+    from vapora.config import ENV_CONFIG, config_path, default_config, missing_api_key
+
+    path = config_path(args.config, os.environ)
+    config = (
+        default_config(at=datetime.now(UTC))
+        if path is None
+        else load_config(path, at=datetime.now(UTC))
+    )
+    paid = [p for p in config.providers if not p.zero_cost]
+    if all(missing_api_key(p, os.environ) for p in paid):
+        keys = ", ".join(sorted({p.api_key_env or "" for p in paid}))
+        raise ConfigError(f"--real needs at least one provider key in the environment: {keys}")
+    data_dir = _fresh_data_dir(Path(args.data_dir))
+    text = _config_text(path)
+    config = _write_config(data_dir, text)
+    tasks = [
+        Task(t.index, {**t.fields, "max_tokens": 64}, t.stream)
+        for t in plan_workload(REAL_REQUESTS)
+    ]
+    print(
+        f"vapora demo --real: {len(tasks)} small tasks to the real providers "
+        f"(--config, ${ENV_CONFIG} or the built-in config)"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        return await _run(stack, args, data_dir, config, dict(os.environ), None, tasks)
+    return 1  # pragma: no cover - the stack always returns above
+
+
+async def _run(
+    stack: contextlib.AsyncExitStack,
+    args: argparse.Namespace,
+    data_dir: Path,
+    config: Config,
+    env: dict[str, str],
+    sim: Simulator | None,
+    tasks: list[Task],
+) -> int:
+    out = sys.stdout
+    started = time.monotonic()
+    server = await stack.enter_async_context(EmbeddedNats(data_dir / "nats"))
+    nc = await connect(ConnectOptions.from_url(server.url, name="vapora-demo"))
+    stack.push_async_callback(nc.close)
+    log = EventLog(nc)
+    await log.ensure_stream()
+    runtime = Runtime(nc=nc, config=config, log=log, data_dir=data_dir, env=env)
+    where = f"simulators {sim.base_url}" if sim else "the real providers"
+    print(f"vapora demo: nats-server {server.url}, {where}, data in {data_dir}/", file=out)
+    _log_to_file(data_dir / "demo.log", verbose=args.verbose)
+    stack.callback(setup(config.telemetry, env=os.environ, service_name="vapora-demo").shutdown)
+    demo = _Demo(nc=nc, log=log, sim=sim, data_dir=data_dir, out=out, started=started)
+    return await _run_with_actors(all_actors(runtime), demo, tasks)
 
 
 def _log_to_file(path: Path, *, verbose: bool) -> None:
@@ -203,11 +244,20 @@ def _fresh_data_dir(path: Path) -> Path:
     return path
 
 
-def _write_config(data_dir: Path, simulator_url: str, requests: int) -> Config:
+def _config_text(path: str | None) -> str:
+    if path is None:
+        return str(importlib.resources.files("vapora").joinpath("default.toml").read_text())
+    return Path(path).read_text()
+
+
+def _daily_cents(args: argparse.Namespace) -> int:
     # About a third of the way through the workload spend reaches half of the day's budget.
-    daily_limit_cents = max(5, round(requests * 0.15))
+    return max(5, round(int(args.requests) * 0.15))
+
+
+def _write_config(data_dir: Path, text: str) -> Config:
     path = data_dir / "config.toml"  # later `vapora ... --data-dir` commands read it
-    path.write_text(demo_config_text(simulator_url, daily_limit_cents))
+    path.write_text(text)
     return load_config(str(path), at=datetime.now(UTC))
 
 
@@ -215,19 +265,19 @@ def _write_config(data_dir: Path, simulator_url: str, requests: int) -> Config:
 class _Demo:
     nc: NatsClient
     log: EventLog
-    sim: Simulator
+    sim: Simulator | None
     data_dir: Path
     out: TextIO
     started: float
 
 
-async def _run_with_actors(actors: Sequence[Actor], demo: _Demo, requests: int) -> int:
+async def _run_with_actors(actors: Sequence[Actor], demo: _Demo, tasks: list[Task]) -> int:
     async with anyio.create_task_group() as tg:
         for actor in actors:
             await tg.start(_run_actor, actor)
         try:
             client = Client(demo.nc, timeout_s=30)
-            workload = await _drive(client, demo.sim, plan_workload(requests), demo.out)
+            workload = await _drive(client, demo.sim, tasks, demo.out)
             await _settled(client, demo.log)
             code = await _finish(demo, workload)
         finally:
@@ -249,14 +299,14 @@ async def _run_actor(actor: Actor, *, task_status: anyio.abc.TaskStatus[None]) -
     await actor.run(task_status=task_status)
 
 
-async def _drive(client: Client, sim: Simulator, tasks: list[Task], out: TextIO) -> Workload:
+async def _drive(client: Client, sim: Simulator | None, tasks: list[Task], out: TextIO) -> Workload:
     workload = Workload(total=len(tasks))
     outage_at, outage_s = len(tasks) // 10, 3.0
     limiter = anyio.Semaphore(8)
     progress = _Progress(out, workload)
     async with anyio.create_task_group() as tg:
         for task in tasks:
-            if task.index == outage_at:
+            if task.index == outage_at and sim is not None:
                 sim.control(
                     {"provider": "anthropic", "fail_for_s": outage_s, "fail_with": "error-529"}
                 )
