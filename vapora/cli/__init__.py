@@ -90,7 +90,10 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
     async with contextlib.AsyncExitStack() as stack:
         url = _url(config)
         if _offline(args, config):
-            url = await _embedded(stack, _data_dir(args, config), 0, config.storage.sync_interval)
+            data_dir = _data_dir(args, config)
+            if not await anyio.Path(data_dir / "nats").is_dir():
+                raise ConfigError(f"{data_dir} holds no vapora data (no {data_dir / 'nats'})")
+            url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
         nc = await connect(_connect_options(config, url, name))
         stack.push_async_callback(_close_quietly, nc)
         yield config, nc
@@ -148,8 +151,6 @@ async def _embedded(
 ) -> str:
     from actors.server import EmbeddedNats
 
-    if port == 0 and not (data_dir / "nats").is_dir():
-        raise ConfigError(f"{data_dir} holds no vapora data (no {data_dir / 'nats'} directory)")
     server = EmbeddedNats(data_dir / "nats", port=port or None, sync_interval=sync_interval)
     await stack.enter_async_context(server)
     log.info("embedded nats-server on %s (data in %s)", server.url, server.data_dir)

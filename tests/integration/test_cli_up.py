@@ -1,0 +1,84 @@
+"""`vapora up` as a user runs it: a new data directory, the embedded server on a free port,
+every actor ready, a request answered, SIGTERM drains and exits 0; offline commands on a
+directory without data say so."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from vapora.cli.demo import SIMULATED_KEYS, demo_config_text
+
+VAPORA = [sys.executable, "-m", "vapora.cli"]
+
+
+def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "vapora.simulator", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sim.stdout is not None
+        config = tmp_path / "vapora.toml"
+        config.write_text(demo_config_text(sim.stdout.readline().split()[-1], 100_000))
+        env = {**os.environ, **SIMULATED_KEYS}
+        up = subprocess.Popen(
+            [
+                *VAPORA,
+                "up",
+                "--config",
+                str(config),
+                "--port",
+                "0",
+                "--data-dir",
+                str(tmp_path / "new"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert up.stdout is not None
+            ready = up.stdout.readline().split()
+            assert ready[:2] == ["vapora", "ready"], ready
+            ask = subprocess.run(
+                [
+                    *VAPORA,
+                    "ask",
+                    "hello there",
+                    "--nats-url",
+                    ready[2],
+                    "--provider",
+                    "ollama",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert ask.returncode == 0, ask.stderr
+            assert json.loads(ask.stdout)["provider"] == "ollama"
+        finally:
+            up.send_signal(signal.SIGTERM)
+            code = up.wait(timeout=60)
+    finally:
+        sim.terminate()
+        sim.wait()
+    assert code == 0
+
+
+def test_offline_commands_on_a_directory_without_data_say_so(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*VAPORA, "events", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "holds no vapora data" in done.stderr
