@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
 
-from actors.connection import ConnectOptions, connect
+from actors.connection import Client, ConnectOptions, connect
 from actors.eventlog import EventLog, StreamSettings
 from actors.server import EmbeddedNats
 
@@ -47,3 +48,17 @@ async def event_log(nc: NATS, unique: str) -> EventLog:
     log = EventLog(nc, StreamSettings(name=f"T_{unique}", prefix=f"t{unique}.events"))
     await log.ensure_stream()
     return log
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    """A nats-server of this test's own, for actors that serve the fixed public subjects."""
+    async with EmbeddedNats(tmp_path / "nats") as nats:
+        yield nats
+
+
+@pytest.fixture
+async def conn(server: EmbeddedNats) -> AsyncIterator[Client]:
+    nc = await connect(ConnectOptions.from_url(server.url, name="test", reconnect_wait=0.1))
+    yield nc
+    await nc.close()

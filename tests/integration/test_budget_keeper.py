@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -44,19 +43,6 @@ from vapora import audit, budget
 from vapora.errors import ConcurrencyConflict
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats(tmp_path / "nats") as nats:
-        yield nats
-
-
-@pytest.fixture
-async def conn(server: EmbeddedNats) -> AsyncIterator[Client]:
-    nc = await client(server.url)
-    yield nc
-    await nc.close()
 
 
 # --- no overspend -------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import json
 import random
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,14 +18,12 @@ import pytest
 from actors.budget_keeper import BudgetKeeper
 from actors.connection import Client
 from actors.cost_ledger import LEDGER_FILE, CostLedger
-from actors.server import EmbeddedNats
 from events import subjects
 from events.contract import CostReport, ReportRequest
 from events.log import FallbackTriggered, SpendRecorded
 from tests.fault.money import (
     FakeClock,
     ask,
-    client,
     config,
     eventually,
     exact_usage,
@@ -44,19 +41,6 @@ from vapora.errors import InvalidRequest, NoProviderAvailable
 from vapora.ledger import Ledger
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats(tmp_path / "nats") as nats:
-        yield nats
-
-
-@pytest.fixture
-async def conn(server: EmbeddedNats) -> AsyncIterator[Client]:
-    nc = await client(server.url)
-    yield nc
-    await nc.close()
 
 
 async def _caught_up(ledger: CostLedger) -> bool:
