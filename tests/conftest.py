@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client as NATS
 
 from actors.connection import Client, ConnectOptions, connect
 from actors.eventlog import EventLog, StreamSettings
@@ -37,14 +36,14 @@ def unique() -> str:
 
 
 @pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
     client = await connect(ConnectOptions.from_url(nats_server.url, name="test"))
     yield client
     await client.close()
 
 
 @pytest.fixture
-async def event_log(nc: NATS, unique: str) -> EventLog:
+async def event_log(nc: Client, unique: str) -> EventLog:
     log = EventLog(nc, StreamSettings(name=f"T_{unique}", prefix=f"t{unique}.events"))
     await log.ensure_stream()
     return log
