@@ -285,3 +285,74 @@ async def test_many_concurrent_requests_each_get_their_own_reply(
         for text in texts:
             tg.start_soon(one, text)
     assert got == {t: t for t in texts}
+
+
+async def test_a_handler_past_its_endpoint_timeout_gets_504_and_the_actor_serves_on(
+    nc: NATS, unique: str
+) -> None:
+    subject = f"t{unique}.timeout"
+
+    async def stuck(request: CompletionRequest, context: RequestContext) -> Echo:
+        if request.prompt == "stuck":
+            await anyio.sleep(30)
+        return Echo(text=request.prompt or "", count=0)
+
+    actor = ActorService(
+        nc,
+        name=f"timeout-{unique}",
+        endpoints=[
+            Endpoint(
+                name="e", subject=subject, request_type=CompletionRequest, handler=stuck, timeout=0.3
+            )
+        ],
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        with anyio.fail_after(5):
+            headers, data = await ask(nc, subject, b'{"prompt": "stuck"}')
+        assert headers["Nats-Service-Error-Code"] == "504"
+        assert decode(data, ErrorReply).error.code == "timeout"
+        _, data = await ask(nc, subject, b'{"prompt": "next"}')
+        assert json.loads(data)["text"] == "next"
+        assert actor.in_flight == 0
+        actor.stop()
+
+
+async def test_work_left_at_the_drain_deadline_is_cancelled_but_shielded_steps_finish(
+    nc: NATS, unique: str
+) -> None:
+    subject = f"t{unique}.deadline"
+    finished: list[str] = []
+    entered = anyio.Event()
+
+    async def hangs(request: CompletionRequest, context: RequestContext) -> Echo:
+        if request.prompt == "shielded":
+            with anyio.CancelScope(shield=True):
+                entered.set()
+                await anyio.sleep(0.5)  # outlives the drain deadline, yet must complete
+                finished.append("shielded")
+        await anyio.sleep(30)
+        finished.append("never")
+        return Echo(text="", count=0)
+
+    actor = ActorService(
+        nc,
+        name=f"deadline-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hangs)
+        ],
+        drain_timeout=0.2,
+    )
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            await nc.publish(subject, b'{"prompt": "shielded"}')
+            await nc.publish(subject, b'{"prompt": "plain"}')
+            await entered.wait()
+            started = anyio.current_time()
+            actor.stop()
+        # run() returned: the plain handler was cancelled at the deadline, the shielded step
+        # ran to its end first (as inside a task group), and nothing was left behind.
+        assert anyio.current_time() - started >= 0.4
+    assert finished == ["shielded"]
+    assert actor.in_flight == 0
