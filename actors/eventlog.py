@@ -355,9 +355,12 @@ class EventLog:
         try:
             if not follow and not consumer.num_pending:
                 return
+            # A replay keeps two pull requests outstanding, so the server is already sending the
+            # next batch while this one is decoded; a tail keeps one (it waits at the end).
+            depth = 1 if follow else 2
             while True:
-                if not reader.pulling:
-                    reader.pulling = True
+                while reader.outstanding < depth and (follow or not reader.caught_up):
+                    reader.outstanding += 1
                     await self.nc.publish(next_subject, _pull_request(follow), reply=inbox)
                 raw = await reader.take()
                 if raw:
@@ -402,8 +405,8 @@ class _PullReader:
 
     def __init__(self) -> None:
         self.buffer: list[tuple[int, bytes, bytes, bytes]] = []
-        self.pulling = False
-        self.in_request = 0
+        self.outstanding = 0  # pull requests sent and not yet finished
+        self.in_request = 0  # messages received for the oldest of them
         self.caught_up = False
         self.ready = anyio.Event()
 
@@ -424,12 +427,12 @@ class _PullReader:
             self.ready.set()
 
     def _finish_request(self) -> None:
-        self.pulling = False
+        self.outstanding = max(0, self.outstanding - 1)
         self.in_request = 0
         self.ready.set()
 
     async def take(self) -> list[tuple[int, bytes, bytes, bytes]]:
-        if not self.buffer and self.pulling:
+        if not self.buffer and self.outstanding:
             await self.ready.wait()
         self.ready = anyio.Event()
         raw, self.buffer = self.buffer, []

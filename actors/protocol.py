@@ -9,6 +9,8 @@ parser unchanged, so only the frame decoding differs and it yields exactly the s
 
 from __future__ import annotations
 
+from typing import Any
+
 from nats.errors import ProtocolError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
@@ -24,7 +26,11 @@ class FastParser(Parser):
         buf = self.buf
         buf.extend(data)
         pos = 0
-        process = self.nc._process_msg
+        nc = self.nc
+        process = nc._process_msg
+        # Messages for raw-path subscriptions go straight to their handler (a plain call): no
+        # coroutine per message. Everything else takes nats-py's ``_process_msg`` as before.
+        raw_handlers: dict[int, Any] = getattr(nc, "_raw_handlers", None) or {}
         while True:
             if self.state == AWAITING_CONTROL_LINE:
                 if not (buf.startswith(b"HMSG ", pos) or buf.startswith(b"MSG ", pos)):
@@ -42,6 +48,10 @@ class FastParser(Parser):
                 self.header_needed = 0
                 self.state = AWAITING_CONTROL_LINE
                 arg = self.msg_arg
+                handler = raw_handlers.get(arg["sid"])
+                if handler is not None:
+                    handler(arg["subject"], arg["reply"], payload, headers)
+                    continue
                 await process(arg["sid"], arg["subject"], arg["reply"], payload, headers)
                 if self.buf is not buf:  # the client reset the parser (reconnect)
                     return
