@@ -18,6 +18,9 @@ import msgspec
 
 __all__ = [
     "Attempt",
+    "BudgetLeaseReply",
+    "BudgetLeaseRequest",
+    "BudgetLeaseReturn",
     "BudgetRelease",
     "BudgetReserve",
     "BudgetReserveReply",
@@ -278,6 +281,8 @@ class BudgetStatus(_Message, frozen=True, kw_only=True):
     daily_percent: float
     monthly_percent: float
     warn_threshold_percent: float
+    leased_usd: Money = Decimal(0)
+    open_leases: int = 0
 
 
 # --- internal messages (router <-> provider actors, router <-> budget keeper) -------------------
@@ -346,3 +351,44 @@ class BudgetRelease(_Message, frozen=True, kw_only=True):
 
     reservation_id: str
     reason: str
+
+
+class BudgetLeaseRequest(_Message, frozen=True, kw_only=True):
+    """Router -> budget keeper on ``vapora.budget.lease``: grant (a new ``lease_id``) or extend
+    (an open one of this ``holder``) a lease of budget to admit paid attempts locally.
+
+    ``min_usd`` is the least worth granting (the attempt at hand); the keeper refuses rather than
+    grant less. The keeper sizes the grant; ``ttl_s`` is how long the lease lives unrenewed.
+    """
+
+    lease_id: str
+    holder: str
+    min_usd: Money = Decimal(0)
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 300.0
+
+    def __post_init__(self) -> None:
+        _non_negative("min_usd", self.min_usd)
+
+
+class BudgetLeaseReply(_Message, frozen=True, kw_only=True):
+    """``granted_usd`` is the lease's cumulative total (spend against it included)."""
+
+    granted: bool
+    lease_id: str
+    granted_usd: Money = Decimal(0)
+    expires_at: datetime | None = None
+    tier: Tier = Tier.NORMAL
+    reason: str = ""
+
+
+class BudgetLeaseReturn(_Message, frozen=True, kw_only=True):
+    """Router -> budget keeper on ``vapora.budget.lease.return``: stop using a lease, keeping
+    ``kept_usd`` (what was spent or is still in flight under it); the rest is given back."""
+
+    lease_id: str
+    holder: str
+    kept_usd: Money
+    reason: Literal["returned", "revoked"] = "returned"
+
+    def __post_init__(self) -> None:
+        _non_negative("kept_usd", self.kept_usd)

@@ -17,6 +17,8 @@ import msgspec
 from events.contract import Price, Quality, RouteDecision, TaskType, Tier, Usage
 
 __all__ = [
+    "BudgetLeaseReturned",
+    "BudgetLeased",
     "BudgetReleased",
     "BudgetReserved",
     "BudgetTierChanged",
@@ -120,6 +122,32 @@ class BudgetReleased(_Event, tag="budget_released", frozen=True, kw_only=True):
     reason: Literal["settled", "failed", "expired", "not_called", "cancelled"]
 
 
+class BudgetLeased(_Event, tag="budget_leased", frozen=True, kw_only=True):
+    """Budget granted to a router (``holder``) to admit paid attempts locally, or a lease extended.
+
+    ``granted_usd`` is the lease's cumulative total (an extension repeats the lease id with a
+    larger total and a later expiry); ``version`` orders the events of one lease, so folding one
+    twice changes nothing. Spend whose ``reservation_id`` is the lease id draws it down.
+    """
+
+    lease_id: str
+    holder: str
+    granted_usd: Money
+    expires_at: datetime
+    version: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class BudgetLeaseReturned(_Event, tag="budget_lease_returned", frozen=True, kw_only=True):
+    """A lease given back: its holder keeps ``kept_usd`` (spent or still in flight under it), the
+    rest is free again. ``expired`` closes the lease outright (its holder stopped renewing it)."""
+
+    lease_id: str
+    holder: str
+    kept_usd: Money
+    reason: Literal["returned", "expired", "revoked"]
+    version: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
 class BudgetTierChanged(_Event, tag="budget_tier_changed", frozen=True, kw_only=True):
     """The tier moved; ``causation_id`` is the event that moved it."""
 
@@ -148,6 +176,8 @@ Event = (
     | BudgetReleased
     | BudgetTierChanged
     | ProviderHealthChanged
+    | BudgetLeased
+    | BudgetLeaseReturned
 )
 
 EVENT_TYPES: dict[str, type[_Event]] = {
@@ -160,4 +190,6 @@ EVENT_TYPES: dict[str, type[_Event]] = {
     "budget_released": BudgetReleased,
     "budget_tier_changed": BudgetTierChanged,
     "provider_health_changed": ProviderHealthChanged,
+    "budget_leased": BudgetLeased,
+    "budget_lease_returned": BudgetLeaseReturned,
 }

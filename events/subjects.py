@@ -11,6 +11,8 @@ from __future__ import annotations
 
 __all__ = [
     "BUDGET",
+    "BUDGET_LEASE",
+    "BUDGET_LEASE_RETURN",
     "BUDGET_RELEASE",
     "BUDGET_RESERVE",
     "COMPLETE",
@@ -29,6 +31,8 @@ REPORT = "vapora.report"
 BUDGET = "vapora.budget"
 BUDGET_RESERVE = "vapora.budget.reserve"
 BUDGET_RELEASE = "vapora.budget.release"
+BUDGET_LEASE = "vapora.budget.lease"
+BUDGET_LEASE_RETURN = "vapora.budget.lease.return"
 
 EVENT_STREAM = "VAPORA_EVENTS"
 EVENTS_PREFIX = "vapora.events"
@@ -47,6 +51,8 @@ _EVENT_FAMILY = {
     "budget_reserved": "budget",
     "budget_released": "budget",
     "budget_tier_changed": "budget",
+    "budget_leased": "budget",
+    "budget_lease_returned": "budget",
 }
 
 

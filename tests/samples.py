@@ -24,6 +24,7 @@ from events import (
     Tier,
     Usage,
 )
+from events.log import BudgetLeased, BudgetLeaseReturned
 
 AT = datetime(2026, 3, 31, 23, 59, 58, 123456, tzinfo=UTC)
 
@@ -139,6 +140,24 @@ EVENTS = {
         task_id="task-2",
         reservation_id="res-2",
         reason="failed",
+    ),
+    "budget_leased": BudgetLeased(
+        id="ev-lease-1",
+        at=AT,
+        lease_id="lease-1",
+        holder="router-7f3a",
+        granted_usd=Decimal("1.250000"),
+        expires_at=datetime(2026, 4, 1, 0, 4, 58, 123456, tzinfo=UTC),
+        version=2,
+    ),
+    "budget_lease_returned": BudgetLeaseReturned(
+        id="ev-lease-ret-1",
+        at=AT,
+        lease_id="lease-1",
+        holder="router-7f3a",
+        kept_usd=Decimal("0.412300"),
+        reason="returned",
+        version=3,
     ),
     "budget_tier_changed": BudgetTierChanged(
         id="ev-tier-1",

@@ -1,7 +1,8 @@
 """Budget state as a fold over the event log, the tier, and admission (DESIGN §4).
 
-The money side's pure core. ``evolve(state, event)`` folds ``budget_reserved``, ``spend_recorded``
-and ``budget_released`` into a :class:`BudgetState`; every other event type leaves it unchanged.
+The money side's pure core. ``evolve(state, event)`` folds ``budget_reserved``, ``spend_recorded``,
+``budget_released``, ``budget_leased`` and ``budget_lease_returned`` into a :class:`BudgetState`;
+every other event type leaves it unchanged.
 ``tier``, ``admit``, ``expired`` and ``status`` read a state at a caller-given ``now``: no clock,
 no I/O in here. The budget keeper actor is the shell around these functions.
 
@@ -17,9 +18,22 @@ Semantics
     * With a stream sequence (``evolve(state, event, seq)``, :func:`catch_up`) an event at or
       below ``state.last_sequence`` is skipped, so restart = snapshot + tail is idempotent.
 
+Leases (budget granted to a router, which admits attempts against it locally)
+    * A lease commits ``outstanding = max(granted - spent, 0)``: ``budget_leased`` sets its
+      cumulative ``granted``; a ``spend_recorded`` whose ``reservation_id`` is an open lease adds
+      to the lease's ``spent`` (the money moves from committed to spent, never counted twice).
+    * ``budget_lease_returned`` lowers ``granted`` to what the holder kept (spent or in flight);
+      ``expired`` (or nothing left outstanding) closes the lease. Events of one lease carry a
+      ``version``; one at or below the lease's version changes nothing (so folding a keeper's
+      own event twice, or a duplicate, is harmless). A lease id once closed never reopens.
+    * ``leased_usd`` (the sum of outstanding amounts) counts like open reservations everywhere:
+      the tier, admission and :func:`lease_size`, which never grants beyond the next tier
+      boundary, so near a limit leases shrink to nothing and admission is per attempt again.
+
 Tier
-    percent = max(daily %, monthly %), open reservations counted. Normal below 50 %;
-    NearThreshold from 50 % up to *and including* the warn threshold; Exceeded strictly above it.
+    percent = max(daily %, monthly %), open reservations and outstanding leases counted. Normal
+    below 50 %; NearThreshold from 50 % up to *and including* the warn threshold; Exceeded
+    strictly above it.
     A limit of zero counts as 100 % used. No limits at all: always Normal.
 
 Retention (memory must not grow with the log)
@@ -43,13 +57,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import Generic, TypeVar
 
 import msgspec
 
-from events.contract import BudgetReserve, BudgetStatus, Tier
-from events.log import BudgetReleased, BudgetReserved, Event, SpendRecorded
+from events.contract import BudgetLeaseRequest, BudgetReserve, BudgetStatus, Tier
+from events.log import (
+    BudgetLeased,
+    BudgetLeaseReturned,
+    BudgetReleased,
+    BudgetReserved,
+    Event,
+    SpendRecorded,
+)
 from vapora.errors import ConfigError
 
 __all__ = [
@@ -58,6 +79,8 @@ __all__ = [
     "BudgetState",
     "CLOSED_RETENTION",
     "EMPTY",
+    "LEASE_FRACTION",
+    "Lease",
     "Reservation",
     "TASK_RETENTION",
     "TaskSpend",
@@ -65,6 +88,8 @@ __all__ = [
     "catch_up",
     "evolve",
     "expired",
+    "expired_leases",
+    "lease_size",
     "percentages",
     "replay",
     "restore",
@@ -83,6 +108,8 @@ TIER_HYSTERESIS_PERCENT = Decimal(5)
 _RANK = {Tier.NORMAL: 0, Tier.NEAR_THRESHOLD: 1, Tier.EXCEEDED: 2}
 _SHARDS = 64  # a power of two; one event copies 1/64 of a big map in `evolve`
 _MASK = _SHARDS - 1
+LEASE_FRACTION = Decimal("0.5")  # of the headroom to the next tier boundary, split among holders
+_MICRO = Decimal("0.000001")
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -143,6 +170,27 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: datetime
 
 
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    """Budget granted to a router (``holder``): ``granted_usd`` in all, ``spent_usd`` of it spent.
+
+    ``returned``: its holder gave it back (it admits nothing more) but still had attempts in
+    flight, so what it kept stays committed until spent or the lease expires.
+    """
+
+    holder: str
+    granted_usd: Decimal
+    spent_usd: Decimal = _ZERO
+    expires_at: datetime
+    version: int
+    returned: bool = False
+
+    @property
+    def outstanding_usd(self) -> Decimal:
+        """What the lease still commits: granted but not (yet) spent."""
+        left = self.granted_usd - self.spent_usd
+        return left if left > 0 else _ZERO
+
+
 class TaskSpend(msgspec.Struct, frozen=True, array_like=True):
     """One task's spend, its open holds, its lowest requested cap and its last event time."""
 
@@ -172,6 +220,8 @@ class BudgetState:
     total_spent_usd: Decimal = _ZERO
     spend_events: int = 0
     reserved_usd: Decimal = _ZERO
+    leased_usd: Decimal = _ZERO
+    leases: Mapping[str, Lease] = field(default_factory=dict)
     days: Mapping[date, Decimal] = field(default_factory=dict)
     months: Mapping[date, Decimal] = field(default_factory=dict)
     next_prune: datetime | None = field(default=None, repr=False)
@@ -196,8 +246,17 @@ class BudgetState:
         """The open reservation with this id, if any."""
         return self._open[hash(reservation_id) & _MASK].get(reservation_id)
 
+    @property
+    def committed_usd(self) -> Decimal:
+        """Money held but not spent: open reservations plus outstanding leases."""
+        return self.reserved_usd + self.leased_usd
+
+    def lease(self, lease_id: str) -> Lease | None:
+        """The open lease with this id, if any."""
+        return self.leases.get(lease_id)
+
     def is_closed(self, reservation_id: str) -> bool:
-        """Whether this reservation was settled or released (within retention)."""
+        """Whether this reservation (or lease) was closed (within retention)."""
         return reservation_id in self._closed[hash(reservation_id) & _MASK]
 
     def open_reservations(self) -> dict[str, Reservation]:
@@ -298,6 +357,9 @@ class _Books:
         "last_day",
         "last_month",
         "last_sequence",
+        "leased",
+        "leases",
+        "leases_owned",
         "months",
         "months_owned",
         "next_prune",
@@ -316,6 +378,9 @@ class _Books:
         self.total = state.total_spent_usd
         self.spend_events = state.spend_events
         self.reserved = state.reserved_usd
+        self.leased = state.leased_usd
+        self.leases: dict[str, Lease] = state.leases  # type: ignore[assignment]
+        self.leases_owned = False
         self.days: dict[date, Decimal] = state.days  # type: ignore[assignment]
         self.months: dict[date, Decimal] = state.months  # type: ignore[assignment]
         self.days_owned = self.months_owned = False
@@ -326,13 +391,15 @@ class _Books:
         self.counted: _CowMap[str, datetime] = _CowMap(state._counted)
 
     def freeze(self) -> BudgetState:
-        self.days_owned = self.months_owned = False
+        self.days_owned = self.months_owned = self.leases_owned = False
         return BudgetState(
             last_sequence=self.last_sequence,
             watermark=self.watermark,
             total_spent_usd=self.total,
             spend_events=self.spend_events,
             reserved_usd=self.reserved,
+            leased_usd=self.leased,
+            leases=self.leases,
             days=self.days,
             months=self.months,
             next_prune=self.next_prune,
@@ -352,6 +419,78 @@ class _Books:
             at = _utc(event.at)
             self.close(event.reservation_id, event.task_id, at, _ZERO)  # type: ignore[union-attr]
             self.tick(at)
+        elif kind is BudgetLeased:
+            self.leased_to(event)  # type: ignore[arg-type]
+        elif kind is BudgetLeaseReturned:
+            self.lease_returned(event)  # type: ignore[arg-type]
+
+    def leased_to(self, event: BudgetLeased) -> None:
+        lid, at = event.lease_id, _utc(event.at)
+        old = self.leases.get(lid)
+        if old is None and lid not in self.closed:
+            new = Lease(
+                holder=event.holder,
+                granted_usd=event.granted_usd,
+                expires_at=_utc(event.expires_at),
+                version=event.version,
+            )
+            self.put_lease(lid, None, new)
+        elif old is not None and event.version > old.version:
+            new = Lease(
+                holder=old.holder,
+                granted_usd=event.granted_usd,
+                spent_usd=old.spent_usd,
+                expires_at=_utc(event.expires_at),
+                version=event.version,
+                returned=old.returned,
+            )
+            self.put_lease(lid, old, new)
+        self.tick(at)
+
+    def lease_returned(self, event: BudgetLeaseReturned) -> None:
+        lid, at = event.lease_id, _utc(event.at)
+        old = self.leases.get(lid)
+        if old is not None and event.version > old.version:
+            kept = event.kept_usd if event.kept_usd < old.granted_usd else old.granted_usd
+            new = Lease(
+                holder=old.holder,
+                granted_usd=kept,
+                spent_usd=old.spent_usd,
+                expires_at=old.expires_at,
+                version=event.version,
+                returned=True,
+            )
+            if event.reason == "expired" or new.outstanding_usd == 0:
+                self.put_lease(lid, old, None)
+                self.closed.set(lid, at)
+            else:
+                self.put_lease(lid, old, new)
+        self.tick(at)
+
+    def put_lease(self, lid: str, old: Lease | None, new: Lease | None) -> None:
+        if not self.leases_owned:
+            self.leases, self.leases_owned = dict(self.leases), True
+        before = _ZERO if old is None else old.outstanding_usd
+        after = _ZERO if new is None else new.outstanding_usd
+        self.leased += after - before
+        if new is None:
+            self.leases.pop(lid, None)
+        else:
+            self.leases[lid] = new
+
+    def spend_on_lease(self, lid: str, lease: Lease, cost: Decimal) -> None:
+        self.put_lease(
+            lid,
+            lease,
+            Lease(
+                holder=lease.holder,
+                granted_usd=lease.granted_usd,
+                spent_usd=lease.spent_usd + cost,
+                expires_at=lease.expires_at,
+                version=lease.version,
+                returned=lease.returned,
+            ),
+        )
 
     def reserve(self, event: BudgetReserved) -> None:
         rid, at = event.reservation_id, _utc(event.at)
@@ -391,7 +530,13 @@ class _Books:
         self.months[month] = self.months.get(month, _ZERO) + cost
         self.total += cost
         self.spend_events += 1
-        self.close(event.reservation_id, event.task_id, at, cost)
+        rid = event.reservation_id
+        lease = self.leases.get(rid) if self.leases and rid is not None else None
+        if lease is not None:
+            self.spend_on_lease(rid, lease, cost)  # type: ignore[arg-type]
+            self.touch_task(event.task_id, at, cost, _ZERO, None)
+        else:
+            self.close(rid, event.task_id, at, cost)
         self.tick(at)
 
     def close(self, rid: str | None, task_id: str, at: datetime, cost: Decimal) -> None:
@@ -471,7 +616,9 @@ def evolve(state: BudgetState, event: Event, seq: int | None = None) -> BudgetSt
     (``seq <= state.last_sequence``) returns ``state`` unchanged."""
     if seq is not None and seq <= state.last_sequence:
         return state
-    if not isinstance(event, SpendRecorded | BudgetReserved | BudgetReleased):
+    if not isinstance(
+        event, SpendRecorded | BudgetReserved | BudgetReleased | BudgetLeased | BudgetLeaseReturned
+    ):
         return state if seq is None else _with_sequence(state, seq)
     books = _Books(state)
     books.apply(event)
@@ -508,10 +655,11 @@ def catch_up(state: BudgetState, tail: Iterable[tuple[Event, int]]) -> BudgetSta
 
 
 def percentages(state: BudgetState, limits: BudgetLimits, now: datetime) -> tuple[Decimal, Decimal]:
-    """Daily and monthly percent used at ``now``, open reservations counted."""
+    """Daily and monthly percent used at ``now``, open reservations and leases counted."""
     today = _utc(now).date()
-    daily = _percent(state.spent_on(today) + state.reserved_usd, limits.daily_usd)
-    monthly = _percent(state.spent_in_month(today) + state.reserved_usd, limits.monthly_usd)
+    held = state.reserved_usd + state.leased_usd
+    daily = _percent(state.spent_on(today) + held, limits.daily_usd)
+    monthly = _percent(state.spent_in_month(today) + held, limits.monthly_usd)
     return daily, monthly
 
 
@@ -582,7 +730,7 @@ def admit(
 def _refusal(
     state: BudgetState, limits: BudgetLimits, request: BudgetReserve, today: date
 ) -> str | None:
-    amount, held = request.amount_usd, state.reserved_usd
+    amount, held = request.amount_usd, state.reserved_usd + state.leased_usd
     task = state.task(request.task_id)
     checks = (
         ("daily", limits.daily_usd, state.spent_on(today), held),
@@ -611,6 +759,67 @@ def _task_cap(
     return min(present) if present else None
 
 
+def lease_size(
+    state: BudgetState,
+    limits: BudgetLimits,
+    request: BudgetLeaseRequest,
+    now: datetime,
+    max_usd: Decimal,
+    fraction: Decimal = LEASE_FRACTION,
+) -> tuple[Decimal, str]:
+    """How much to add to the lease ``request`` asks for (grant or extend), and why.
+
+    ``fraction`` of the headroom up to the next tier boundary (50 % while below it, then the
+    warn threshold) of the daily and of the monthly limit, open reservations and leases counted,
+    split among the holders of open leases; capped so that the lease's outstanding amount stays
+    within ``max_usd``. Zero (a refusal) when that is less than ``request.min_usd``: near a limit
+    (or Exceeded) no lease is granted and attempts reserve one at a time, so every limit holds
+    exactly. The headroom is never granted whole, so a lease never moves the tier on its own.
+    """
+    lid, holder = request.lease_id, request.holder
+    existing = state.lease(lid)
+    if existing is None and state.is_closed(lid):
+        return _ZERO, f"lease {lid} was already returned or expired"
+    if existing is not None and (existing.holder != holder or existing.returned):
+        return _ZERO, f"lease {lid} is not open for {holder}"
+    room = max_usd - (existing.outstanding_usd if existing else _ZERO)
+    holders = {lease.holder for lease in state.leases.values() if not lease.returned}
+    share = fraction / len(holders | {holder})
+    today = _utc(now).date()
+    windows = (
+        ("daily", limits.daily_usd, state.spent_on(today)),
+        ("monthly", limits.monthly_usd, state.spent_in_month(today)),
+    )
+    why = f"the lease size of ${max_usd}"
+    for name, limit, spent in windows:
+        if limit is None:
+            continue
+        used = spent + state.reserved_usd + state.leased_usd
+        boundary = _next_boundary(used, limit, limits.warn_threshold_percent)
+        if (boundary - used) * share < room:
+            room = (boundary - used) * share
+            why = f"the {name} headroom of ${boundary - used:.6f} below ${boundary:.6f}"
+    amount = room.quantize(_MICRO, rounding=ROUND_DOWN) if room > 0 else _ZERO
+    if amount <= 0 or amount < request.min_usd:
+        return _ZERO, f"{why} leaves no lease of at least ${request.min_usd}"
+    return amount, f"${amount} granted: limited by {why}"
+
+
+def _next_boundary(used: Decimal, limit: Decimal, warn_percent: Decimal) -> Decimal:
+    """The amount at the tier boundary above ``used``: 50 % of ``limit``, then the warn line."""
+    percent = _NEAR_PERCENT if used * _HUNDRED < limit * _NEAR_PERCENT else warn_percent
+    return limit * percent / _HUNDRED
+
+
+def expired_leases(state: BudgetState, now: datetime) -> list[str]:
+    """Ids of open leases whose expiry is at or before ``now``, oldest expiry first."""
+    now = _utc(now)
+    due = [
+        (lease.expires_at, lid) for lid, lease in state.leases.items() if lease.expires_at <= now
+    ]
+    return [lid for _, lid in sorted(due)]
+
+
 def expired(state: BudgetState, now: datetime) -> list[str]:
     """Ids of open reservations whose expiry is at or before ``now``, oldest expiry first."""
     now = _utc(now)
@@ -637,6 +846,8 @@ def status(state: BudgetState, limits: BudgetLimits, now: datetime) -> BudgetSta
         daily_percent=float(daily),
         monthly_percent=float(monthly),
         warn_threshold_percent=float(limits.warn_threshold_percent),
+        leased_usd=state.leased_usd,
+        open_leases=len(state.leases),
     )
 
 
@@ -657,6 +868,8 @@ class _Snapshot(msgspec.Struct, kw_only=True):
     open: dict[str, Reservation]
     closed: dict[str, datetime]
     counted: dict[str, datetime]
+    leased_usd: Decimal = _ZERO
+    leases: dict[str, Lease] = {}
 
 
 _snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
@@ -679,6 +892,8 @@ def snapshot(state: BudgetState) -> bytes:
             open=state.open_reservations(),
             closed=state.closed_reservations(),
             counted=_merged(state._counted),
+            leased_usd=state.leased_usd,
+            leases=dict(state.leases),
         )
     )
 
@@ -692,6 +907,8 @@ def restore(data: bytes) -> BudgetState:
         total_spent_usd=snap.total_spent_usd,
         spend_events=snap.spend_events,
         reserved_usd=snap.reserved_usd,
+        leased_usd=snap.leased_usd,
+        leases=snap.leases,
         days=snap.days,
         months=snap.months,
         next_prune=snap.next_prune,
