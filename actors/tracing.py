@@ -17,22 +17,26 @@ Spans follow the OpenTelemetry messaging conventions (names in :mod:`vapora.tele
 
 Tracing is switched on and off in :mod:`vapora.telemetry.state` (``use``). While it is off,
 actors skip span creation and header injection entirely: no tracer provider would record them,
-and the hot path should not pay for work nobody sees.
+and the hot path should not pay for work nobody sees. While it is on, spans are started with an
+explicit parent and one attribute dict (``STATE.start_span``, :mod:`vapora.telemetry.spans`)
+and headers are written and read by :mod:`vapora.telemetry.w3c`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind
 
 from events.codec import event_tag
-from vapora.telemetry import messaging
-from vapora.telemetry.semconv import MESSAGING, VAPORA
+from vapora.telemetry import messaging, w3c
+from vapora.telemetry.messaging import Current, failed
+from vapora.telemetry.semconv import MESSAGING
+from vapora.telemetry.semconv import VAPORA as _VAPORA
 from vapora.telemetry.state import STATE, use_tracer_provider
 
 __all__ = [
@@ -51,6 +55,12 @@ __all__ = [
 SYSTEM = MESSAGING.system_value
 #: Spans per replayed batch carry at most this many links (the SDK's default limit is 128).
 MAX_LINKS = 128
+
+_PROCESS = MESSAGING.process
+_PUBLISH = MESSAGING.publish
+_SEND = MESSAGING.send
+_EVENT_TYPE = _VAPORA.event_type
+_EVENT_SEQ = _VAPORA.event_seq
 
 
 def use(provider: trace.TracerProvider | None) -> None:
@@ -72,13 +82,13 @@ def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
     """Headers carrying the current trace context (adds to ``headers`` if given)."""
     carrier = headers if headers is not None else {}
     if STATE.tracing:
-        propagate.inject(carrier)
+        w3c.inject(carrier, trace.get_current_span())
     return carrier
 
 
 def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
     """The trace context a message's headers carry (an empty context when none)."""
-    return propagate.extract(headers or {})
+    return w3c.extract(headers)
 
 
 def link_to(headers: Mapping[str, str] | None) -> list[Link]:
@@ -90,30 +100,42 @@ def link_to(headers: Mapping[str, str] | None) -> list[Link]:
 _attributes = messaging.attributes
 
 
-@contextmanager
+class _Continued:
+    """The unsampled context a message carried, current while the block runs (no span)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: otel_context.Context) -> None:
+        self._context = context
+
+    def __enter__(self) -> Span:
+        self._token = otel_context.attach(self._context)
+        return trace.get_current_span(self._context)
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)
+
+
 def process_span(
     subject: str,
     headers: Mapping[str, str] | None,
     *,
     group: str | None = None,
     msg_id: str | None = None,
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """A CONSUMER span ``process <subject>`` continuing the trace the message carried."""
-    parent = extract(headers)
-    if messaging.unsampled(parent):  # no span; the unsampled context stays current
-        token = otel_context.attach(parent)
-        try:
-            yield trace.get_current_span(parent)
-        finally:
-            otel_context.detach(token)
-        return
-    with STATE.tracer.start_as_current_span(
-        f"{MESSAGING.process} {subject}",
-        context=parent,
-        kind=SpanKind.CONSUMER,
-        attributes=_attributes(subject, MESSAGING.process, group, msg_id),
-    ) as span:
-        yield span
+    context = w3c.extract(headers)
+    parent = trace.get_current_span(context).get_span_context()
+    if parent.is_valid and not parent.trace_flags.sampled:
+        return _Continued(context)  # no span; the unsampled context stays current
+    span = STATE.start_span(
+        f"{_PROCESS} {subject}",
+        SpanKind.CONSUMER,
+        _attributes(subject, _PROCESS, group, msg_id),
+        parent,
+        (),
+    )
+    return Current(span, context, span)
 
 
 publish_span = messaging.publish_span
@@ -124,22 +146,21 @@ def start_publish(subject: str, *, msg_id: str, event_type: str) -> tuple[Span, 
     """A started PRODUCER span for one event append and its creation-context headers; the
     caller ends it when JetStream acknowledged (appends are pipelined, so not a ``with``)."""
     headers: dict[str, str] = {}
-    if messaging.unsampled():
-        propagate.inject(headers)
-        return trace.get_current_span(), headers  # ending it is a no-op
-    attributes = _attributes(subject, MESSAGING.send, None, msg_id)
-    attributes[VAPORA.event_type] = event_type
-    span = STATE.tracer.start_span(
-        f"{MESSAGING.publish} {subject}", kind=SpanKind.PRODUCER, attributes=attributes
-    )
-    propagate.inject(headers, context=trace.set_span_in_context(span))
+    current = trace.get_current_span()
+    parent = current.get_span_context()
+    if parent.is_valid and not parent.trace_flags.sampled:
+        w3c.inject(headers, current)
+        return current, headers  # ending it is a no-op
+    attributes = _attributes(subject, _SEND, None, msg_id)
+    attributes[_EVENT_TYPE] = event_type
+    span = STATE.start_span(f"{_PUBLISH} {subject}", SpanKind.PRODUCER, attributes, parent, ())
+    w3c.inject(headers, span)
     return span, headers
 
 
 def end_publish(span: Span, error: BaseException | None) -> None:
     if error is not None:
-        span.set_attribute("error.type", type(error).__name__)
-        span.set_status(Status(StatusCode.ERROR, str(error)))
+        failed(span, error)
     span.end()
 
 
@@ -162,49 +183,44 @@ def processed(
         with _replay_span(batch, group, destination):
             yield
         return
-    spans = [
-        _live_span(entry, headers, group)
-        for entry in batch
-        if "traceparent" in (headers := entry.headers) and not messaging.unsampled(extract(headers))
-    ]
+    spans = [span for entry in batch if (span := _live_span(entry, group)) is not None]
     try:
         yield
     except BaseException as exc:
         for span in spans:
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            failed(span, exc)
         raise
     finally:
         for span in spans:
             span.end()
 
 
-def _live_span(entry: Any, headers: Mapping[str, str], group: str) -> Span:
-    attributes = _attributes(entry.subject, MESSAGING.process, group, entry.event.id)
-    attributes[VAPORA.event_seq] = entry.seq
-    attributes[VAPORA.event_type] = event_tag(entry.event)
-    return STATE.tracer.start_span(
-        f"{MESSAGING.process} {entry.subject}",
-        context=extract(headers),
-        kind=SpanKind.CONSUMER,
-        attributes=attributes,
+def _live_span(entry: Any, group: str) -> Span | None:
+    headers = entry.headers
+    if "traceparent" not in headers:
+        return None
+    parent = trace.get_current_span(w3c.extract(headers)).get_span_context()
+    if not parent.trace_flags.sampled:  # sampled out (or unreadable): no span
+        return None
+    attributes = _attributes(entry.subject, _PROCESS, group, entry.event.id)
+    attributes[_EVENT_SEQ] = entry.seq
+    attributes[_EVENT_TYPE] = event_tag(entry.event)
+    return STATE.start_span(
+        f"{_PROCESS} {entry.subject}", SpanKind.CONSUMER, attributes, parent, ()
     )
 
 
-@contextmanager
-def _replay_span(batch: list[Any], group: str, subject: str) -> Iterator[None]:
+def _replay_span(batch: list[Any], group: str, subject: str) -> AbstractContextManager[Any]:
     links: list[Link] = []
     for entry in batch:
         if len(links) >= MAX_LINKS:
             break
         links.extend(link_to(entry.headers))
-    attributes = _attributes(subject, MESSAGING.process, group, None)
+    attributes = _attributes(subject, _PROCESS, group, None)
     attributes[MESSAGING.batch_count] = len(batch)
-    attributes[VAPORA.replay] = True
-    with STATE.tracer.start_as_current_span(
-        f"{MESSAGING.process} {subject}",
-        context=otel_context.Context(),  # a new root: never under the caller's or old traces
-        kind=SpanKind.CONSUMER,
-        attributes=attributes,
-        links=links,
-    ):
-        yield
+    attributes[_VAPORA.replay] = True
+    # A new root: never under the caller's trace or the events' old traces.
+    span = STATE.start_span(f"{_PROCESS} {subject}", SpanKind.CONSUMER, attributes, None, links)
+    if not span.is_recording():
+        return nullcontext()
+    return Current(span, otel_context.Context(), None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import time
+from contextvars import Token
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -28,6 +29,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from events.contract import Price, Usage
@@ -35,7 +38,6 @@ from vapora.errors import ProviderError
 from vapora.pricing import cost
 from vapora.providers import Completion, ProviderClient, ProviderRequest
 from vapora.telemetry.instruments import CallOutcome
-from vapora.telemetry.messaging import unsampled
 from vapora.telemetry.semconv import (
     ERROR_OTHER,
     OLLAMA_GENERATE_OPERATION,
@@ -210,23 +212,24 @@ class ProviderCallTelemetry:
         self.spec = spec
         self.names = STATE.names
         self.span: Span | None = None
-        self._scope: Any = None
+        self._token: Token[otel_context.Context] | None = None
         self._started = 0.0
         self._done: Completion | None = None
 
     def __enter__(self) -> ProviderCallTelemetry:
-        if STATE.tracing and not unsampled():
-            spec, names = self.spec, self.names
-            self._scope = STATE.tracer.start_as_current_span(
-                f"{spec.operation} {spec.model}",
-                kind=SpanKind.CLIENT,
-                attributes=spec.start_attributes(names),
-                record_exception=False,
-                set_status_on_exception=False,
-            )
-            self.span = self._scope.__enter__()
-            if STATE.capture_content:
-                self.span.set_attributes(content_attributes(spec, names))
+        if STATE.tracing:
+            current = trace.get_current_span()
+            parent = current.get_span_context()
+            if not parent.is_valid or parent.trace_flags.sampled:
+                spec, names = self.spec, self.names
+                attributes = spec.start_attributes(names)
+                if STATE.capture_content:
+                    attributes.update(content_attributes(spec, names))
+                self.span = STATE.start_span(
+                    f"{spec.operation} {spec.model}", SpanKind.CLIENT, attributes, parent, ()
+                )
+                # Current while the call runs: stream chunks carry the call's context.
+                self._token = otel_context.attach(trace.set_span_in_context(self.span))
         self._started = time.perf_counter()
         return self
 
@@ -250,18 +253,21 @@ class ProviderCallTelemetry:
             elif self._done is not None:
                 self._succeeded(self._done, elapsed)
         finally:
-            if self._scope is not None:
-                self._scope.__exit__(exc_type, exc, tb)
+            if self._token is not None:
+                otel_context.detach(self._token)
+            if self.span is not None:
+                self.span.end()
 
     def _succeeded(self, done: Completion, elapsed: float) -> None:
         names = self.names
         first = done.first_token_ms / 1000 if done.first_token_ms is not None else None
         if self.span is not None:
-            self.span.set_attributes(response_attributes(done, names))
+            attributes = response_attributes(done, names)
             if self.spec.stream and first is not None:
-                self.span.set_attribute(names.response_time_to_first_chunk, first)
+                attributes[names.response_time_to_first_chunk] = first
             if STATE.capture_content:
-                self.span.set_attributes(output_attributes(done, names))
+                attributes.update(output_attributes(done, names))
+            self.span.set_attributes(attributes)
         if STATE.metrics is not None:
             genai = {
                 **self.spec.metric_attributes(names),
@@ -285,11 +291,14 @@ class ProviderCallTelemetry:
         error_class = exc.error_class if isinstance(exc, ProviderError) else "internal"
         usage = exc.usage if isinstance(exc, ProviderError) else None
         if self.span is not None:
-            self.span.set_attribute(self.names.error_type, kind)
-            self.span.set_attribute(VAPORA.error_class, error_class)
+            attributes: dict[str, Any] = {
+                self.names.error_type: kind,
+                VAPORA.error_class: error_class,
+            }
             if usage is not None and _has_tokens(usage):
-                self.span.set_attribute(self.names.usage_input_tokens, usage.input_tokens)
-                self.span.set_attribute(self.names.usage_output_tokens, usage.output_tokens)
+                attributes[self.names.usage_input_tokens] = usage.input_tokens
+                attributes[self.names.usage_output_tokens] = usage.output_tokens
+            self.span.set_attributes(attributes)
             # The message is the provider's, scrubbed of keys by the clients; never a prompt.
             self.span.set_status(Status(StatusCode.ERROR, kind))
         if STATE.metrics is not None:

@@ -1,21 +1,32 @@
 """Messaging spans for the NATS hop (conventions: ``semconv.MESSAGING``), shared by the actors'
-runtime (:mod:`actors.tracing`) and the Python client (:mod:`vapora.client`)."""
+runtime (:mod:`actors.tracing`) and the Python client (:mod:`vapora.client`).
+
+Spans are started with an explicit parent and their attributes in one dict
+(``STATE.start_span``), made current with one context attach, and ended directly: no
+``start_as_current_span`` generator, no ``Status`` or exception events on the way.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
+from types import TracebackType
+from typing import Generic, TypeVar
 
-from opentelemetry import propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from vapora.telemetry import w3c
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.state import STATE
 
-__all__ = ["attributes", "publish_span", "request_span", "unsampled"]
+__all__ = ["Current", "attributes", "failed", "publish_span", "request_span", "unsampled"]
 
 Attributes = dict[str, str | int | bool]
+T = TypeVar("T")
+
+_SYSTEM = (MESSAGING.system, MESSAGING.system_value)
 
 
 def attributes(subject: str, operation: str, group: str | None, msg_id: str | None) -> Attributes:
@@ -41,29 +52,74 @@ def unsampled(context: Context | None = None) -> bool:
     return span_context.is_valid and not span_context.trace_flags.sampled
 
 
-@contextmanager
-def publish_span(subject: str, *, msg_id: str | None = None) -> Iterator[Span]:
-    """A PRODUCER span ``publish <subject>`` (current while the block runs)."""
-    if unsampled():
-        yield trace.get_current_span()
-        return
-    with STATE.tracer.start_as_current_span(
+def failed(span: Span, error: BaseException) -> None:
+    """Record that ``error`` ended ``span``'s work: ``error.type`` (the exception's class, low
+    cardinality) and the ERROR status. No exception event: its message or stack could hold a
+    prompt or a key."""
+    kind = type(error).__qualname__
+    span.set_attribute("error.type", kind)
+    span.set_status(Status(StatusCode.ERROR, kind))
+
+
+class Current(Generic[T]):
+    """While the block runs, ``span`` is current in ``context``; afterwards it ends (with the
+    error recorded if one escapes). ``__enter__`` returns ``value``."""
+
+    __slots__ = ("_context", "_span", "_token", "_value")
+
+    def __init__(self, span: Span, context: Context | None, value: T) -> None:
+        self._span = span
+        self._context = context
+        self._value = value
+
+    def __enter__(self) -> T:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span, self._context))
+        return self._value
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        otel_context.detach(self._token)
+        if exc is not None and not isinstance(exc, GeneratorExit):
+            failed(self._span, exc)
+        self._span.end()
+
+
+def _publish(subject: str, msg_id: str | None) -> Span | None:
+    """A started ``publish <subject>`` under the current span; None when it is sampled out."""
+    parent = trace.get_current_span().get_span_context()
+    if parent.is_valid and not parent.trace_flags.sampled:
+        return None
+    return STATE.start_span(
         f"{MESSAGING.publish} {subject}",
-        kind=SpanKind.PRODUCER,
-        attributes=attributes(subject, MESSAGING.send, None, msg_id),
-    ) as span:
-        yield span
+        SpanKind.PRODUCER,
+        attributes(subject, MESSAGING.send, None, msg_id),
+        parent,
+        (),
+    )
 
 
-@contextmanager
-def request_span(subject: str) -> Iterator[dict[str, str] | None]:
+def publish_span(subject: str, *, msg_id: str | None = None) -> AbstractContextManager[Span]:
+    """A PRODUCER span ``publish <subject>`` (current while the block runs)."""
+    span = _publish(subject, msg_id)
+    if span is None:
+        return nullcontext(trace.get_current_span())
+    return Current(span, None, span)
+
+
+def request_span(subject: str) -> AbstractContextManager[dict[str, str] | None]:
     """Around a request on ``subject``: with tracing on, a ``publish <subject>`` span (it spans
     the wait for the reply) and the headers that carry its context; with tracing off, no span
     and ``None`` (no headers to send)."""
     if not STATE.tracing:
-        yield None
-        return
-    with publish_span(subject):
-        headers: dict[str, str] = {}
-        propagate.inject(headers)
-        yield headers
+        return nullcontext(None)
+    headers: dict[str, str] = {}
+    span = _publish(subject, None)
+    if span is None:  # sampled out: the unsampled context travels on
+        w3c.inject(headers, trace.get_current_span())
+        return nullcontext(headers)
+    w3c.inject(headers, span)
+    return Current(span, None, headers)

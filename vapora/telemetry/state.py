@@ -8,18 +8,54 @@ else: no span objects, no header injection, no attribute dictionaries.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import Tracer, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Tracer,
+    TracerProvider,
+)
 
 from vapora.telemetry.instruments import Instruments
 from vapora.telemetry.semconv import V1_41, GenAINames
 
-__all__ = ["STATE", "TelemetryState", "use_meter_provider", "use_tracer_provider"]
+__all__ = [
+    "STATE",
+    "SpanStart",
+    "TelemetryState",
+    "sdk_start_span",
+    "use_meter_provider",
+    "use_tracer_provider",
+]
 
 SCOPE = "vapora"
+
+#: ``start_span(name, kind, attributes, parent, links)``: a started span under ``parent`` (a
+#: remote or local span context; None or invalid: a new trace), not made current.
+SpanStart = Callable[[str, SpanKind, dict[str, Any], SpanContext | None, Sequence[Link]], Span]
+
+
+def sdk_start_span(
+    name: str,
+    kind: SpanKind,
+    attributes: dict[str, Any],
+    parent: SpanContext | None,
+    links: Sequence[Link] = (),
+) -> Span:
+    """:data:`SpanStart` through the tracer's own ``start_span`` (any tracer)."""
+    context = Context()
+    if parent is not None and parent.is_valid:
+        context = trace.set_span_in_context(NonRecordingSpan(parent), context)
+    return STATE.tracer.start_span(name, context, kind, attributes, links, record_exception=False)
 
 
 @dataclass
@@ -28,6 +64,9 @@ class TelemetryState:
 
     tracer: Tracer = field(default_factory=lambda: trace.get_tracer(SCOPE))
     tracing: bool = False
+    #: How spans are started: vapora's lean path over the SDK (:mod:`vapora.telemetry.spans`)
+    #: when the tracer is the SDK's, else the tracer's own ``start_span``.
+    start_span: SpanStart = sdk_start_span
     metrics: Instruments | None = None
     capture_content: bool = False
     names: GenAINames = V1_41
@@ -39,6 +78,13 @@ STATE = TelemetryState()
 def use_tracer_provider(provider: TracerProvider | None) -> None:
     """Trace with ``provider`` (an SDK ``TracerProvider``), or stop tracing with ``None``."""
     STATE.tracer = (provider or trace.get_tracer_provider()).get_tracer(SCOPE)
+    STATE.start_span = sdk_start_span
+    if provider is not None:
+        from vapora.telemetry.spans import starter_for  # the SDK, only once tracing is on
+
+        starter = starter_for(STATE.tracer)
+        if starter is not None:
+            STATE.start_span = starter.start
     STATE.tracing = provider is not None
 
 

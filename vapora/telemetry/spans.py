@@ -1,0 +1,261 @@
+"""vapora's own spans: started with an explicit parent and one attribute dict, ended directly.
+
+The OpenTelemetry SDK's ``Tracer.start_span`` spends about 18 µs on each span: a lock, the
+``BoundedAttributes`` copy that checks every value, a sampling result object, the processor's
+``on_start`` and, at ``end``, a second object (the ``ReadableSpan`` handed to the processors).
+A task makes about 15 spans, so on the two cores that also run the actors that was most of
+what tracing cost. vapora's spans have a known, small set of attributes of valid types, so
+:class:`VaporaSpan` skips that work. It is an SDK :class:`~opentelemetry.sdk.trace.ReadableSpan`
+(so every SDK processor and exporter takes it: batch, OTLP, console, in-memory, JSON lines)
+and an API :class:`~opentelemetry.trace.Span` (so it can be the current span, and
+``trace.get_current_span().set_attribute(...)`` works on it). The SDK's pieces are still the
+ones used: its sampler decides, its id generator makes the ids, its span processors receive
+``on_start`` / ``on_end``, with the provider's resource and the tracer's scope.
+
+:func:`starter_for` returns ``None`` (and the callers use the SDK's ``Tracer.start_span``)
+when the tracer is not the SDK's, or when its settings ask for what :class:`VaporaSpan` does
+not do: span limits below the SDK's defaults, the SDK's own span metrics, a disabled tracer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from time import time_ns
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util import types
+
+__all__ = ["SpanStarter", "VaporaSpan", "starter_for"]
+
+log = logging.getLogger("vapora.telemetry")
+
+_UNSET = Status(StatusCode.UNSET)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+_DEFAULTS = SpanLimits()
+
+
+class VaporaSpan(trace_api.Span, ReadableSpan):
+    """A recording span (see the module doc); read by processors and exporters once ended."""
+
+    def __init__(
+        self,
+        starter: SpanStarter,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: Sequence[Link],
+    ) -> None:
+        # ReadableSpan's fields, set directly (its __init__ would build a default Resource).
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._kind = kind
+        self._attributes = self._values = attributes  # _values: the same dict, typed mutable
+        self._span_context = context
+        self._events: list[Event] | tuple[()] = ()
+        self._links = links
+        self._resource = starter.resource
+        self._instrumentation_scope = starter.scope
+        self._instrumentation_info = None
+        self._status = _UNSET
+        self._start_time = time_ns()
+        self._end_time: int | None = None
+        self._processor = starter.processor
+
+    # --- the API span -------------------------------------------------------------------------
+
+    def get_span_context(self) -> SpanContext:
+        return self._span_context
+
+    def is_recording(self) -> bool:
+        return self._end_time is None
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if self._end_time is None and value is not None:
+            self._values[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        if self._end_time is None:
+            self._values.update((k, v) for k, v in attributes.items() if v is not None)
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._end_time is not None or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def fail(self, error_type: str, description: str | None = None) -> None:
+        """``error.type`` and the ERROR status, in one call (the conventions' error recording)."""
+        if self._end_time is None:
+            self._values["error.type"] = error_type
+            self._status = Status(StatusCode.ERROR, description)
+
+    def update_name(self, name: str) -> None:
+        if self._end_time is None:
+            self._name = name
+
+    def add_event(
+        self,
+        name: str,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+    ) -> None:
+        if self._end_time is not None:
+            return
+        if not isinstance(self._events, list):
+            self._events = []
+        self._events.append(Event(name, attributes, timestamp))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if self._end_time is None and context.is_valid:
+            self._links = (*self._links, Link(context, attributes))
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        """The exception's type and message as an ``exception`` event (no stack trace: it may
+        hold a prompt or a key in a local's repr)."""
+        event: dict[str, types.AnyValue] = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.escaped": str(escaped),
+        }
+        event.update(attributes or {})
+        self.add_event("exception", event, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end_time is not None:
+            return
+        self._end_time = end_time if end_time is not None else time_ns()
+        self._processor.on_end(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if exc_val is not None:
+            self.fail(type(exc_val).__qualname__)
+        self.end()
+
+    def __repr__(self) -> str:
+        return f'VaporaSpan(name="{self._name}", context={self._context})'
+
+
+class SpanStarter:
+    """Starts :class:`VaporaSpan` s with one SDK tracer's sampler, ids, processors, resource."""
+
+    def __init__(self, tracer: SdkTracer) -> None:
+        self.tracer = tracer
+        self.sampler = tracer.sampler
+        self.processor = tracer.span_processor
+        self.resource = tracer.resource
+        self.scope = tracer._instrumentation_scope
+        self.new_trace_id = tracer.id_generator.generate_trace_id
+        self.new_span_id = tracer.id_generator.generate_span_id
+        self.random_ids = tracer.id_generator.is_trace_id_random()
+        limits = tracer._span_limits
+        self.max_links = limits.max_links if limits.max_links is not None else 128
+        # A sampled parent decides by itself (vapora's ParentBased(ALWAYS_ON) or ratio sampler).
+        self.parent_decides = isinstance(self.sampler, ParentBased) and (
+            self.sampler._remote_parent_sampled is ALWAYS_ON
+            and self.sampler._local_parent_sampled is ALWAYS_ON
+        )
+
+    def start(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        parent: SpanContext | None,
+        links: Sequence[Link] = (),
+    ) -> trace_api.Span:
+        """A started span under ``parent`` (a new trace when it is None or invalid); a
+        non-recording span carrying the new context when the sampler drops it."""
+        if parent is not None and parent.is_valid:
+            if self.parent_decides and parent.trace_flags.sampled:
+                flags = _SAMPLED_RANDOM if parent.trace_flags.random_trace_id else _SAMPLED
+                context = SpanContext(
+                    parent.trace_id, self.new_span_id(), False, flags, parent.trace_state
+                )
+                span = VaporaSpan(self, name, context, parent, kind, attributes, links)
+                self.processor.on_start(span, parent_context=None)  # type: ignore[arg-type]
+                return span
+            return self._sampled(name, kind, attributes, parent, parent.trace_id, links)
+        return self._sampled(name, kind, attributes, None, self.new_trace_id(), links)
+
+    def _sampled(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        parent: SpanContext | None,
+        trace_id: int,
+        links: Sequence[Link],
+    ) -> trace_api.Span:
+        parent_context = (
+            trace_api.set_span_in_context(trace_api.NonRecordingSpan(parent))
+            if parent is not None
+            else None
+        )
+        result = self.sampler.should_sample(parent_context, trace_id, name, kind, attributes, links)
+        random = parent.trace_flags.random_trace_id if parent is not None else self.random_ids
+        flags = (
+            TraceFlags.SAMPLED
+            if result.decision is Decision.RECORD_AND_SAMPLE
+            else TraceFlags.DEFAULT
+        )
+        if random:
+            flags |= TraceFlags.RANDOM_TRACE_ID
+        context = SpanContext(
+            trace_id, self.new_span_id(), False, TraceFlags(flags), result.trace_state
+        )
+        if result.decision is Decision.DROP:
+            return trace_api.NonRecordingSpan(context)
+        if result.attributes:
+            attributes.update(result.attributes)
+        span = VaporaSpan(self, name, context, parent, kind, attributes, links)
+        self.processor.on_start(span, parent_context=parent_context)  # type: ignore[arg-type]
+        return span
+
+
+def _lean_enough(tracer: SdkTracer) -> bool:
+    limits = tracer._span_limits
+    within_defaults = (
+        limits.max_span_attribute_length is None
+        and (limits.max_span_attributes or 0) >= (_DEFAULTS.max_span_attributes or 0)
+        and (limits.max_links or 0) >= (_DEFAULTS.max_links or 0)
+        and (limits.max_events or 0) >= (_DEFAULTS.max_events or 0)
+    )
+    metrics = type(getattr(tracer, "_tracer_metrics", None)).__name__
+    enabled = getattr(tracer, "_is_enabled", lambda: True)()
+    return within_defaults and metrics in ("NoOpTracerMetrics", "NoneType") and enabled
+
+
+def starter_for(tracer: trace_api.Tracer) -> SpanStarter | None:
+    """vapora's span starter for ``tracer``, or None where the SDK's own path must be used."""
+    if not isinstance(tracer, SdkTracer):
+        return None
+    try:
+        if _lean_enough(tracer):
+            return SpanStarter(tracer)
+    except AttributeError:  # an SDK whose internals moved: its own path still works
+        log.debug("telemetry: the SDK's tracer changed shape; using Tracer.start_span")
+    return None

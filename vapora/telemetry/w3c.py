@@ -1,0 +1,91 @@
+"""W3C trace context in NATS headers, formatted and parsed directly when that is all there is.
+
+OpenTelemetry's global propagator (``tracecontext,baggage`` unless ``OTEL_PROPAGATORS`` says
+otherwise) goes through a composite, a getter, a setter and, to extract, a regular expression
+search, the baggage parser and two context copies: about 9 µs per extraction and 3 µs per
+injection, and vapora does each several times per task. When the global propagator is the
+default one and there is no baggage to carry, the result is exactly a ``traceparent`` (plus
+``tracestate`` when the span context has one), so these functions write and read that
+themselves. Any other propagator, or baggage in the context or in the headers, goes through
+``opentelemetry.propagate`` unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, MutableMapping
+
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = ["extract", "inject", "traceparent"]
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+_VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_W3C = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+_checked: tuple[TextMapPropagator | None, bool] = (None, False)
+
+
+def _plain_w3c() -> bool:
+    """Whether the global propagator is W3C trace context (with or without baggage) only."""
+    global _checked
+    textmap = propagate.get_global_textmap()
+    if textmap is not _checked[0]:
+        parts = textmap._propagators if isinstance(textmap, CompositePropagator) else [textmap]
+        plain = all(type(p) in _W3C for p in parts) and any(
+            type(p) is TraceContextTextMapPropagator for p in parts
+        )
+        _checked = (textmap, plain)
+    return _checked[1]
+
+
+def traceparent(span_context: SpanContext) -> str:
+    """The ``traceparent`` header of ``span_context`` (version 00)."""
+    return (
+        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+        f"{span_context.trace_flags:02x}"
+    )
+
+
+def inject(headers: MutableMapping[str, str], span: Span, context: Context | None = None) -> None:
+    """Add ``span``'s context to ``headers``; ``context`` is the one ``span`` lives in (the
+    current one when None), whose baggage travels too."""
+    if _plain_w3c() and not baggage.get_all(context):
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            headers[TRACEPARENT] = traceparent(span_context)
+            if span_context.trace_state:
+                headers[TRACESTATE] = span_context.trace_state.to_header()
+        return
+    propagate.inject(headers, context=trace.set_span_in_context(span, context))
+
+
+def extract(headers: Mapping[str, str] | None) -> Context:
+    """The context ``headers`` carry: a remote parent span (non-recording), or an empty context."""
+    if not headers:
+        return Context()
+    value = headers.get(TRACEPARENT)
+    if value is None and _plain_w3c():
+        return Context() if "baggage" not in headers else propagate.extract(headers)
+    match = _VERSION_00.fullmatch(value) if value is not None else None
+    if match is None or "baggage" in headers or not _plain_w3c():
+        return propagate.extract(headers)  # other versions, padding, baggage, propagators
+    trace_hex, span_hex, flags = match.groups()
+    if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
+        return Context()
+    state = headers.get(TRACESTATE)
+    span_context = SpanContext(
+        int(trace_hex, 16),
+        int(span_hex, 16),
+        True,
+        TraceFlags(int(flags, 16)),
+        TraceState.from_header([state]) if state else None,
+    )
+    return trace.set_span_in_context(NonRecordingSpan(span_context), Context())
