@@ -124,6 +124,23 @@ RawHandler = Callable[[bytes, bytes, bytes, bytes], None]
 """``handler(subject, reply, data, raw_headers)``, called synchronously by the reader."""
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_CHECKED_HEADER_NAMES: set[str] = set()
+
+
+def _checked_header_name(name: str) -> str:
+    """``name`` stripped ("" to skip it), refused as nats-py does when it is not a token."""
+    key = name.strip()
+    if not key:
+        return ""
+    if not _HEADER_NAME.fullmatch(key):
+        raise nats_errors.BadHeaderError(key)
+    if key == name and len(_CHECKED_HEADER_NAMES) < 1024:
+        _CHECKED_HEADER_NAMES.add(key)
+    return key
+
+
 class Client(NATS):
     """nats-py's client with a raw fast path and a faster header parser.
 
@@ -146,6 +163,39 @@ class Client(NATS):
         # The server's last permission violations, and requests waiting on their subject.
         self._violations: deque[tuple[str, str, str]] = deque(maxlen=64)
         self._denial_waiters: dict[str, set[anyio.Event]] = {}
+
+    async def _send_publish(
+        self,
+        subject: str,
+        reply: str,
+        payload: bytes,
+        payload_size: int,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        """nats-py's ``_send_publish`` with the header block built as one string.
+
+        Same rules as nats-py (names stripped, empty names skipped, invalid names refused with
+        ``BadHeaderError``, CR/LF in values replaced by spaces); a name already checked is not
+        matched against the regular expression again. Every append and every traced reply
+        carries headers, so this runs for most messages an actor sends.
+        """
+        if headers is None or not subject:
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        lines = ["NATS/1.0\r\n"]
+        for name, value in headers.items():
+            key = name if name in _CHECKED_HEADER_NAMES else _checked_header_name(name)
+            if key:
+                lines.append(f"{key}: {value.strip().translate(_HEADER_VALUE_NEWLINES)}\r\n")
+        lines.append("\r\n")
+        block = "".join(lines).encode()
+        size = len(block) + payload_size
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        head = f"HPUB {subject} {reply} {len(block)} {size}\r\n".encode()
+        await self._send_command(b"".join((head, block, payload, b"\r\n")))
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     def permission_violation(self, subject: str, operation: str = "publish") -> str | None:
         """The server's message if it refused this connection ``operation`` on ``subject``."""

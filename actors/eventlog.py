@@ -257,7 +257,8 @@ class EventLog:
             ack.retry = True  # no stream leader right now: send again shortly
         else:
             ack.data = data
-        ack.done.set()
+        if ack.done is not None:
+            ack.done.set()
 
     async def _await_ack(self, ack: _Ack, event: Event) -> Appended:
         if ack.span is None:
@@ -293,11 +294,14 @@ class EventLog:
             raise InternalError(
                 f"event log did not acknowledge event {event.id} within {self.ack_timeout} s"
             )
-        with (
-            self.nc.denial_watch(ack.subject, ack.done),
-            anyio.move_on_after(min(self.resend_after, remaining)),
-        ):
-            await ack.done.wait()
+        if ack.done is None:  # made only when the acknowledgement has to be waited for
+            ack.done = anyio.Event()
+        if not ack.retry:
+            with (
+                self.nc.denial_watch(ack.subject, ack.done),
+                anyio.move_on_after(min(self.resend_after, remaining)),
+            ):
+                await ack.done.wait()
         if ack.data is not None:
             return
         denied = self.nc.permission_violation(ack.subject)
@@ -312,7 +316,7 @@ class EventLog:
     async def _pause_and_resend(self, ack: _Ack, deadline: float) -> None:
         await anyio.sleep(max(0.0, min(_RESEND_PAUSE_S, deadline - anyio.current_time())))
         ack.retry = False
-        ack.done = anyio.Event()
+        ack.done = None
         await self._send(await self._reply_inbox(), ack)
 
     # --- read -----------------------------------------------------------------------------
@@ -396,7 +400,7 @@ class _Ack:
         self.tokens: list[bytes] = []
         self.data: bytes | None = None
         self.retry = False
-        self.done = anyio.Event()
+        self.done: anyio.Event | None = None
         self.span: Span | None = None
 
 

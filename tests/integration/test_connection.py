@@ -1,0 +1,69 @@
+"""vapora's connection class against a real nats-server: what it puts on the wire for headers
+is what nats-py would, as read by a plain nats-py client."""
+
+from __future__ import annotations
+
+import anyio
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.errors import BadHeaderError
+
+from actors.connection import Client
+from actors.server import EmbeddedNats
+
+pytestmark = pytest.mark.anyio
+
+
+async def received_by_plain_nats_py(
+    nats_server: EmbeddedNats, nc: Client, subject: str, headers: dict[str, str] | None
+) -> Msg:
+    plain = await nats.connect(nats_server.url)
+    try:
+        sub = await plain.subscribe(subject)
+        await plain.flush()
+        await nc.publish(subject, b"body", reply="the.reply", headers=headers)
+        with anyio.fail_after(5):
+            return await sub.next_msg(timeout=5)
+    finally:
+        await plain.close()
+
+
+async def test_headers_arrive_as_nats_py_sends_them(
+    nats_server: EmbeddedNats, nc: Client, unique: str
+) -> None:
+    headers = {
+        "Nats-Msg-Id": "abc-123",
+        " Padded-Name ": "  padded value  ",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "Multi-Line": "one\r\ntwo\nthree",
+        "": "skipped",
+    }
+    msg = await received_by_plain_nats_py(nats_server, nc, f"t{unique}.h", headers)
+    assert msg.data == b"body"
+    assert msg.reply == "the.reply"
+    assert msg.headers == {
+        "Nats-Msg-Id": "abc-123",
+        "Padded-Name": "padded value",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "Multi-Line": "one  two three",
+    }
+
+
+async def test_an_empty_header_map_and_no_headers_both_deliver_the_body(
+    nats_server: EmbeddedNats, nc: Client, unique: str
+) -> None:
+    for headers in ({}, None):
+        msg = await received_by_plain_nats_py(nats_server, nc, f"t{unique}.e", headers)
+        assert msg.data == b"body"
+        assert not msg.headers
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "Colon:Name", "Ünïcode"])
+async def test_an_invalid_header_name_is_refused_before_anything_is_sent(
+    nc: Client, unique: str, name: str
+) -> None:
+    with pytest.raises(BadHeaderError):
+        await nc.publish(f"t{unique}.bad", b"x", headers={name: "v"})
+    with pytest.raises(BadHeaderError):  # refused again, not remembered as checked
+        await nc.publish(f"t{unique}.bad", b"x", headers={name: "v"})
