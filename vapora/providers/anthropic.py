@@ -51,6 +51,21 @@ _QUOTA_PHRASES = ("credit balance", "usage limits", "spend limit")
 _SKIPPED = frozenset({"ping", "content_block_start", "content_block_stop"})
 
 
+class _TextDelta(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+
+
+class _BlockDelta(msgspec.Struct):
+    """The fields of a ``content_block_delta`` event we read (most of a stream's events)."""
+
+    type: str | None = None
+    delta: _TextDelta | None = None
+
+
+_BLOCK_DELTA = msgspec.json.Decoder(_BlockDelta)
+
+
 class AnthropicClient(ProviderClient):
     """Claude over the Messages API."""
 
@@ -95,6 +110,15 @@ class AnthropicClient(ProviderClient):
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
         if frame.event in _SKIPPED:
             return None
+        if frame.event == "content_block_delta":
+            try:
+                event = _BLOCK_DELTA.decode(frame.data)
+            except msgspec.ValidationError:
+                pass  # an unexpected shape: read it field by field below
+            else:
+                text_delta = event.delta
+                if event.type == "content_block_delta" and text_delta is not None:
+                    return (text_delta.text or "") if text_delta.type == "text_delta" else None
         try:
             event = msgspec.json.decode(frame.data)
         except msgspec.DecodeError as exc:

@@ -384,15 +384,17 @@ class ProviderClient(ABC):
             usage_estimated=estimated,
         )
 
-    def _read_frame(self, frame: Frame, turn: Turn) -> str | None:
-        """One stream frame applied to ``turn``; a frame of an unexpected shape is malformed."""
+    def _read_frames(self, frames: list[Frame], turn: Turn) -> None:
+        """Stream frames applied to ``turn`` in order, their text appended to its parts; a
+        frame of an unexpected shape is malformed (the text of the frames before it is kept)."""
+        on_frame, append = self._on_frame, turn.parts.append
         try:
-            text = self._on_frame(frame, turn)
+            for frame in frames:
+                text = on_frame(frame, turn)
+                if text:
+                    append(text)
         except _SHAPE_ERRORS as exc:
             raise self._malformed() from exc
-        if text:
-            turn.parts.append(text)
-        return text
 
     def _read_body(self, content: bytes, turn: Turn) -> None:
         """A non-streaming body applied to ``turn``; a body of an unexpected shape is malformed."""
@@ -404,31 +406,33 @@ class ProviderClient(ABC):
         except ProviderError as error:  # an error body with status 200 (Ollama)
             raise self._fail(error) from error.__cause__
 
-    async def _frames(
+    async def _stream_reads(
         self, request: ProviderRequest, model: str, turn: Turn
-    ) -> AsyncGenerator[str, None]:
-        """The text chunks of a streaming call, filling ``turn`` as frames arrive.
+    ) -> AsyncGenerator[None, None]:
+        """A streaming call, filling ``turn``; yields each time a network read added text.
 
-        Time limits are applied by the caller (:class:`CompletionStream`), around the whole
-        iteration, so no timer is armed per frame.
+        One read usually completes several frames: all are parsed before yielding, so the
+        consumer (:class:`CompletionStream`) wakes once per read, not once per frame. Time
+        limits are applied by the consumer, around the whole stream, so no timer per read.
         """
         body = msgspec.json.encode(self._body(request, model, True))
         path = self._path(request, model, stream=True)
         decoder = NDJSONDecoder() if self.framing == "ndjson" else SSEDecoder()
+        parts = turn.parts
         try:
             async with self._http.stream("POST", path, content=body, headers=_JSON) as response:
                 if response.status_code >= 400:
                     content = await response.aread()
                     raise self._http_error(response.status_code, response.headers, content)
                 async for data in response.aiter_bytes():
-                    for frame in decoder.feed(data):
-                        text = self._read_frame(frame, turn)
-                        if text:
-                            yield text
-                for frame in decoder.flush():
-                    text = self._read_frame(frame, turn)
-                    if text:
-                        yield text
+                    count = len(parts)
+                    self._read_frames(decoder.feed(data), turn)
+                    if len(parts) > count:
+                        yield
+                count = len(parts)
+                self._read_frames(decoder.flush(), turn)
+                if len(parts) > count:
+                    yield
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
         if not turn.done:

@@ -36,6 +36,41 @@ _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _KEY_REASONS = frozenset(
     {"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "API_KEY_HTTP_REFERRER_BLOCKED"}
 )
+_ERROR = b'"error"'
+
+
+class _Part(msgspec.Struct):
+    text: str | None = None
+    thought: bool | None = None
+
+
+class _Content(msgspec.Struct):
+    parts: list[_Part] | None = None
+
+
+class _Candidate(msgspec.Struct):
+    content: _Content | None = None
+    finishReason: str | None = None  # the wire's names, as in the API
+
+
+class _UsageMetadata(msgspec.Struct):
+    promptTokenCount: int | None = None
+    toolUsePromptTokenCount: int | None = None
+    candidatesTokenCount: int | None = None
+    thoughtsTokenCount: int | None = None
+    cachedContentTokenCount: int | None = None
+
+
+class _Response(msgspec.Struct):
+    """The fields of a GenerateContentResponse we read; the rest is skipped, unread."""
+
+    candidates: list[_Candidate] | None = None
+    usageMetadata: _UsageMetadata | None = None
+    modelVersion: str | None = None
+    responseId: str | None = None
+
+
+_RESPONSE = msgspec.json.Decoder(_Response)
 
 
 class GeminiClient(ProviderClient):
@@ -76,6 +111,11 @@ class GeminiClient(ProviderClient):
         turn.done = True
 
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
+        if _ERROR not in frame.data:
+            try:
+                return _read_response(_RESPONSE.decode(frame.data), turn) or None
+            except msgspec.ValidationError:
+                pass  # an unexpected shape: read it field by field below
         try:
             chunk = msgspec.json.decode(frame.data)
         except msgspec.DecodeError as exc:
@@ -127,6 +167,27 @@ class GeminiClient(ProviderClient):
             if detail.get("@type") == _RETRY_INFO and isinstance(detail.get("retryDelay"), str):
                 return parse_duration(detail["retryDelay"])
         return None
+
+
+def _read_response(data: _Response, turn: Turn) -> str:
+    """A response of the usual shape applied to ``turn`` (as :meth:`GeminiClient._apply`)."""
+    candidate = data.candidates[0] if data.candidates else None
+    text = ""
+    if candidate is not None:
+        parts = candidate.content.parts if candidate.content is not None else None
+        if parts:
+            text = "".join(p.text or "" for p in parts if not p.thought)
+        if candidate.finishReason:
+            turn.finish_reason = _FINISH.get(candidate.finishReason, candidate.finishReason.lower())
+            turn.done = True
+    turn.model = data.modelVersion or turn.model
+    turn.response_id = data.responseId or turn.response_id
+    usage = data.usageMetadata
+    if usage is not None:
+        turn.input_tokens = (usage.promptTokenCount or 0) + (usage.toolUsePromptTokenCount or 0)
+        turn.output_tokens = (usage.candidatesTokenCount or 0) + (usage.thoughtsTokenCount or 0)
+        turn.cache_read = usage.cachedContentTokenCount or 0
+    return text
 
 
 def _details(payload: Any) -> list[dict[str, Any]]:

@@ -30,6 +30,39 @@ _QUOTA_CODES = frozenset(
     }
 )
 _DONE = b"[DONE]"
+_ERROR = b'"error"'
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """The fields of a stream chunk we read; the rest is skipped by the decoder, unread."""
+
+    id: str | None = None
+    model: str | None = None
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+
+
+_CHUNK = msgspec.json.Decoder(_Chunk)
 
 
 class OpenAIClient(ProviderClient):
@@ -74,9 +107,19 @@ class OpenAIClient(ProviderClient):
         turn.done = True
 
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
-        if frame.data == _DONE:
+        data = frame.data
+        if data == _DONE:
             turn.done = True
             return None
+        if _ERROR not in data and not frame.event:
+            try:
+                return _read_chunk(_CHUNK.decode(data), turn)
+            except msgspec.ValidationError:
+                pass  # an unexpected shape: read it field by field below
+        return self._on_frame_dict(frame, turn)
+
+    def _on_frame_dict(self, frame: Frame, turn: Turn) -> str | None:
+        """Any chunk, decoded to a dict: errors, and shapes the typed decoder does not take."""
         try:
             chunk = msgspec.json.decode(frame.data)
         except msgspec.DecodeError as exc:
@@ -110,6 +153,25 @@ class OpenAIClient(ProviderClient):
         if error.get("code") in _QUOTA_CODES or error.get("type") in _QUOTA_CODES:
             return ProviderQuotaExhausted
         return None
+
+
+def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
+    """A chunk of the usual shape applied to ``turn``; its text."""
+    turn.model = chunk.model or turn.model
+    turn.response_id = chunk.id or turn.response_id
+    usage = chunk.usage
+    if usage is not None:
+        details = usage.prompt_tokens_details
+        turn.input_tokens = usage.prompt_tokens or 0
+        turn.output_tokens = usage.completion_tokens or 0
+        turn.cache_read = (details.cached_tokens or 0) if details else 0
+        turn.cache_write = (details.cache_write_tokens or 0) if details else 0
+    if not chunk.choices:
+        return None
+    choice = chunk.choices[0]
+    if choice.finish_reason:
+        turn.finish_reason = choice.finish_reason
+    return choice.delta.content or None if choice.delta is not None else None
 
 
 def _stream_status(chunk: dict[str, Any]) -> int:

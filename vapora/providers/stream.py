@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
-from contextlib import aclosing
+from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import TaskGroup
 
 from vapora.errors import ProviderError, ProviderTimeout
 from vapora.providers.values import Completion, ProviderRequest, StreamBroken, Turn
@@ -20,22 +20,26 @@ __all__ = ["CompletionStream"]
 
 _END = object()
 _TIMED_OUT = object()
+_FAILED = object()
+_CLOSE_LIMIT = 5.0
 
 
 class CompletionStream:
     """The text chunks of one streaming call; :attr:`completion` is set once it has ended.
 
     Use it as ``async with client.stream(req) as stream: async for text in stream: ...``; the
-    ``async with`` is required: it owns the task that reads the network. A failure before the
-    first chunk raises the classified ``ProviderError`` (the caller may fall back); after it,
+    ``async with`` is required: it holds the stream's time limits. A failure before the first
+    chunk raises the classified ``ProviderError`` (the caller may fall back); after it,
     :class:`StreamBroken` with the partial text and usage. ``time_limit`` bounds the whole
     stream (seconds), ``first_token_limit`` the wait for the first chunk.
 
-    Why a reader task: the limits are one cancel scope around the whole read, whose deadline
-    moves from the first-token limit to the stream's limit once text arrives; a timer per chunk
-    would cost more than the rest of the client's per-chunk work. The reader appends to the
-    call's text parts and wakes the iterator only when it is waiting, so a chunk that has
-    already arrived costs the iterator nothing but an index.
+    How the limits are kept cheaply: one cancel scope spans the ``async with`` block, its
+    deadline the first-token limit until text arrives, then the stream's limit, and none once
+    the stream has ended (so the caller's code after the last chunk is never cut). No reader
+    task and no timer per chunk: the iterator pulls the network itself, one read at a time,
+    and each read may bring many chunks (the client parses all the frames a read completed).
+    A limit that fires raises the timeout from the ``async with`` statement, or from the
+    iteration when it fires while waiting for the network.
     """
 
     def __init__(
@@ -50,8 +54,9 @@ class CompletionStream:
         self._model = request.model or client.model
         self._limits = (time_limit, first_token_limit or time_limit)
         self._turn = Turn()
-        self._tasks: TaskGroup | None = None
-        self._waiter: anyio.Event | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._source: AsyncGenerator[None, None] | None = None
+        self._end = math.inf
         self._outcome: object = None
         self._started = time.perf_counter()
         self._first_token_ms: float | None = None
@@ -65,9 +70,12 @@ class CompletionStream:
 
     async def __aenter__(self) -> CompletionStream:
         self._started = time.perf_counter()
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._read)
+        time_limit, first_limit = self._limits
+        now = anyio.current_time()
+        self._end = now + time_limit
+        self._scope = anyio.CancelScope(deadline=min(now + first_limit, self._end))
+        self._scope.__enter__()
+        self._source = self._client._stream_reads(self._request, self._model, self._turn)
         return self
 
     async def __aexit__(
@@ -75,22 +83,28 @@ class CompletionStream:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        assert self._tasks is not None
-        self._tasks.cancel_scope.cancel()  # stop reading if the caller left early
-        # The caller's own exception (if any) propagates as is, not in an exception group.
-        await self._tasks.__aexit__(None, None, None)
+    ) -> bool:
+        assert self._scope is not None and self._source is not None
+        if self._outcome is None:  # the caller left early, or a limit fired: stop reading
+            with anyio.move_on_after(_CLOSE_LIMIT, shield=True):
+                await self._source.aclose()
+        if not self._scope.__exit__(exc_type, exc, tb):
+            return False
+        # The scope caught its own cancellation: a time limit fired inside the block.
+        failure = self._failure(_TIMED_OUT if self._outcome is None else self._outcome)
+        if failure is not None:
+            raise failure
+        return True
 
     def __aiter__(self) -> CompletionStream:
         return self
 
     async def __anext__(self) -> str:
-        if self._tasks is None:
+        if self._source is None:
             raise RuntimeError("use the stream as `async with client.stream(...) as stream`")
         parts = self._turn.parts
         while self._count >= len(parts) and self._outcome is None:
-            self._waiter = anyio.Event()
-            await self._waiter.wait()
+            await self._pull()
         if self._count < len(parts):
             if self._count == 0:
                 self._first_token_ms = (time.perf_counter() - self._started) * 1000
@@ -105,37 +119,32 @@ class CompletionStream:
             raise StopAsyncIteration
         raise failure
 
-    async def _read(self) -> None:
-        """The reader task: frames into text parts under one moving deadline, then the outcome."""
-        time_limit, first_limit = self._limits
-        now = anyio.current_time()
-        end = now + time_limit
-        outcome: object = _TIMED_OUT
-        with anyio.CancelScope(deadline=min(now + first_limit, end)) as scope:
-            frames = self._client._frames(self._request, self._model, self._turn)
-            async with aclosing(frames):
-                try:
-                    async for _ in frames:
-                        if len(self._turn.parts) == 1:
-                            scope.deadline = end  # the first text: re-arm the timer, once
-                        self._wake()
-                    outcome = _END
-                except ProviderError as error:
-                    outcome = error
-        self._outcome = outcome
-        self._wake()
+    async def _pull(self) -> None:
+        """Read the network until new text arrives, the stream ends or it fails."""
+        assert self._source is not None and self._scope is not None
+        first = not self._turn.parts
+        try:
+            await self._source.__anext__()
+        except StopAsyncIteration:
+            self._settle(_END)
+            return
+        except ProviderError as error:
+            self._settle(error)
+            return
+        if first and self._turn.parts:
+            self._scope.deadline = self._end  # the first text: re-arm the timer, once
 
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.set()
-            self._waiter = None
+    def _settle(self, outcome: object) -> None:
+        self._outcome = outcome
+        assert self._scope is not None
+        self._scope.deadline = math.inf  # ended: no limit on what the caller does next
 
     def _failure(self, outcome: object) -> ProviderError | None:
         """The error to raise for a failed stream (None once it was raised)."""
         if outcome is _FAILED:
             return None
         if outcome is _TIMED_OUT:
-            first = not self._turn.parts
+            first = self._count == 0
             outcome = ProviderTimeout(
                 f"{self._client.name}: no {'first chunk' if first else 'end of stream'} "
                 f"within {self._limits[1] if first else self._limits[0]:g}s",
@@ -156,13 +165,14 @@ class CompletionStream:
         )
 
     def _failed(self, error: ProviderError) -> ProviderError:
-        """``error`` itself before the first chunk; after it, a StreamBroken (partial result)."""
-        if not self._turn.parts:
+        """``error`` itself before the first chunk was forwarded; after it, a StreamBroken with
+        the text forwarded and the usage of all that was received."""
+        if self._count == 0:
             return self._client._fail(error)
         usage, _ = self._turn.usage(self._request)
         broken = StreamBroken(
-            f"{error.message} (after {len(self._turn.parts)} chunks)",
-            partial_text=self._turn.text,
+            f"{error.message} (after {self._count} chunks)",
+            partial_text=self.text,
             provider=self._client.name,
             http_status=error.http_status,
             error_type=error.error_type,
@@ -170,6 +180,3 @@ class CompletionStream:
         )
         broken.__cause__ = error
         return self._client._fail(broken)
-
-
-_FAILED = object()

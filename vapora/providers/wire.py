@@ -39,35 +39,51 @@ class SSEDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         """The events completed by ``data`` (comments and data-less events skipped)."""
-        buffer = self._buffer + data
+        buffer = self._buffer + data if self._buffer else data
         if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        *blocks, self._buffer = buffer.split(b"\n\n")
-        frames = [_sse_event(block) for block in blocks]
-        return [frame for frame in frames if frame is not None]
+            buffer = buffer.replace(b"\r\n", b"\n")  # a CR LF cut in two is joined next time
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return []
+        self._buffer = buffer[end + 2 :]
+        frames: list[Frame] = []
+        append = frames.append
+        for block in buffer[:end].split(b"\n\n"):
+            # The usual event: one ``data:`` line, optionally after one ``event:`` line.
+            if block[:7] == b"event: ":
+                cut = block.find(b"\n")
+                rest = block[cut + 1 :] if cut >= 0 else b""
+                name = block[7:cut] if cut >= 0 else b""
+            else:
+                rest, name = block, b""
+            if rest[:6] == b"data: " and b"\n" not in rest:
+                append(_new_frame(Frame, (_event_name(name), rest[6:])))
+            elif block:
+                frame = _sse_event_slow(block.strip(b"\n"))
+                if frame is not None:
+                    append(frame)
+        return frames
 
     def flush(self) -> list[Frame]:
         """An event left unterminated at the end of the stream."""
         rest, self._buffer = self._buffer.strip(b"\n"), b""
-        frame = _sse_event(rest) if rest else None
+        frame = _sse_event_slow(rest) if rest else None
         return [frame] if frame is not None else []
 
 
-def _sse_event(block: bytes) -> Frame | None:
-    # Fast path for the usual one-line ``data:``, optionally after one ``event:`` line.
-    event_name = b""
-    if block.startswith(b"event: "):
-        end = block.find(b"\n")
-        event_name, rest = block[7:end], block[end + 1 :]
-    else:
-        rest = block
-    if _single_data_line(rest):
-        return Frame(event_name.decode("utf-8", "replace"), rest[6:])
-    return _sse_event_slow(block)
+_new_frame = tuple.__new__
+_EVENT_NAMES: dict[bytes, str] = {}
 
 
-def _single_data_line(rest: bytes) -> bool:
-    return rest.startswith(b"data: ") and b"\n" not in rest
+def _event_name(raw: bytes) -> str:
+    """An event name as text; the few names a provider uses are decoded once."""
+    name = _EVENT_NAMES.get(raw)
+    if name is None:
+        name = raw.decode("utf-8", "replace")
+        if len(_EVENT_NAMES) < 64:
+            _EVENT_NAMES[raw] = name
+    return name
 
 
 def _sse_event_slow(block: bytes) -> Frame | None:
