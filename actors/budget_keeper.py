@@ -8,6 +8,14 @@ Endpoints (one micro service, queue group ``budget``):
   release the lock. No other admission can interleave between the check and the reservation.
 * ``vapora.budget.release`` (:class:`BudgetRelease` -> :class:`BudgetStatus`): appends
   ``budget_released``; releasing a reservation that is unknown or already closed is a no-op.
+* ``vapora.budget.lease`` (:class:`BudgetLeaseRequest` -> :class:`BudgetLeaseReply`): grants a
+  router a lease of budget (or extends its open one) sized by :func:`vapora.budget.lease_size`,
+  under the same lock and fence as a reservation: ``budget_leased`` is appended before the reply.
+  The router then admits paid attempts against it locally, with no round trip each. Nothing is
+  leased when the tier is Exceeded or ``[budget] lease_cents = 0``.
+* ``vapora.budget.lease.return`` (:class:`BudgetLeaseReturn` -> :class:`BudgetLeaseReply`):
+  appends ``budget_lease_returned``: the holder keeps what it spent or has in flight, the rest
+  is free again.
 * ``vapora.budget`` (``{}`` -> :class:`BudgetStatus`).
 
 State and the log
@@ -34,7 +42,8 @@ Tiers, expiry, snapshots (the housekeeping task, every ``tick_s`` from the runti
     The tier is compared before and after each event; a change is appended as
     ``budget_tier_changed`` whose ``causation_id`` is the event that moved it (a change that no
     event caused, such as a new UTC day emptying the daily window, has none). Reservations past
-    their expiry are released with reason ``expired``. The state is written to
+    their expiry are released with reason ``expired``; leases past theirs are returned with
+    reason ``expired`` (their holder died or stopped renewing). The state is written to
     ``<data_dir>/budget.snapshot`` (temporary file + rename) after ``snapshot_every`` events or
     ``snapshot_interval_s`` seconds with changes, and on stop; on start the keeper restores it
     and replays only the tail, so restart time does not grow with the log.
@@ -50,6 +59,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -64,6 +74,9 @@ from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
 from events.contract import (
+    BudgetLeaseReply,
+    BudgetLeaseRequest,
+    BudgetLeaseReturn,
     BudgetRelease,
     BudgetReserve,
     BudgetReserveReply,
@@ -71,7 +84,15 @@ from events.contract import (
     BudgetStatusRequest,
     Tier,
 )
-from events.log import BudgetReleased, BudgetReserved, BudgetTierChanged, Event, SpendRecorded
+from events.log import (
+    BudgetLeased,
+    BudgetLeaseReturned,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetTierChanged,
+    Event,
+    SpendRecorded,
+)
 from vapora import budget
 from vapora.budget import BudgetLimits, BudgetState
 from vapora.config import BudgetConfig
@@ -83,7 +104,7 @@ log = logging.getLogger("vapora.budget")
 
 SNAPSHOT_FILE = "budget.snapshot"
 _RELEASE_REASONS = frozenset(get_args(get_type_hints(BudgetReleased)["reason"]))
-_MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased)
+_MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased, BudgetLeased, BudgetLeaseReturned)
 _OWN_IDS_KEPT = 100_000  # ids of our appends not yet seen back in the log (bounded)
 
 
@@ -129,6 +150,7 @@ class BudgetKeeper:
         self.log = runtime.log
         self.clock = runtime.clock
         self.limits = limits_of(runtime.config.budget)
+        self.lease_usd = runtime.config.budget.lease_usd
         self.subject = subjects.event_subject("budget_reserved", None, runtime.log.settings.prefix)
         self.snapshot_path = Path(runtime.data_dir) / SNAPSHOT_FILE
         self.tick_s = tick_s
@@ -223,6 +245,22 @@ class BudgetKeeper:
                     subject=subjects.BUDGET_RELEASE,
                     request_type=BudgetRelease,
                     handler=self.release,
+                    queue_group=group,
+                    timeout=30.0,
+                ),
+                Endpoint(
+                    name="lease",
+                    subject=subjects.BUDGET_LEASE,
+                    request_type=BudgetLeaseRequest,
+                    handler=self.lease,
+                    queue_group=group,
+                    timeout=30.0,
+                ),
+                Endpoint(
+                    name="lease_return",
+                    subject=subjects.BUDGET_LEASE_RETURN,
+                    request_type=BudgetLeaseReturn,
+                    handler=self.lease_return,
                     queue_group=group,
                     timeout=30.0,
                 ),
@@ -359,6 +397,57 @@ class BudgetKeeper:
             await self._release(request.reservation_id, request.reason)
         return budget.status(self.state, self.limits, self.clock())
 
+    async def lease(self, request: BudgetLeaseRequest, ctx: RequestContext) -> BudgetLeaseReply:
+        """Grant or extend a lease; a grant is appended before it is answered."""
+        lid = request.lease_id
+        _check_id("lease_id", lid)
+        _check_id("holder", request.holder)
+        async with self._lock:
+            await self._writable()
+            now = self.clock()
+            if self._tier_now(now) is Tier.EXCEEDED:
+                size, why = budget.ZERO, "the budget tier is Exceeded: nothing is leased"
+            else:
+                size, why = budget.lease_size(self.state, self.limits, request, now, self.lease_usd)
+            held = self.state.lease(lid)
+            if size == 0:
+                return self._lease_reply(lid, False, why)
+            event = BudgetLeased(
+                id=_new_id(),
+                at=now,
+                lease_id=lid,
+                holder=request.holder,
+                granted_usd=(held.granted_usd if held else budget.ZERO) + size,
+                expires_at=now + timedelta(seconds=request.ttl_s),
+                version=(held.version if held else 0) + 1,
+            )
+            await self._append(event)
+            await self._announce_tier(event.id)
+            return self._lease_reply(lid, True, why)
+
+    async def lease_return(
+        self, request: BudgetLeaseReturn, ctx: RequestContext
+    ) -> BudgetLeaseReply:
+        """Take back what a lease's holder no longer needs; unknown or closed leases: no-op."""
+        _check_id("lease_id", request.lease_id)
+        async with self._lock:
+            await self._writable()
+            held = self.state.lease(request.lease_id)
+            if held is not None and held.holder == request.holder and not held.returned:
+                await self._return_lease(request.lease_id, request.kept_usd, request.reason)
+            return self._lease_reply(request.lease_id, False, "returned")
+
+    def _lease_reply(self, lid: str, granted: bool, reason: str) -> BudgetLeaseReply:
+        held = self.state.lease(lid)
+        return BudgetLeaseReply(
+            granted=granted,
+            lease_id=lid,
+            granted_usd=held.granted_usd if held else budget.ZERO,
+            expires_at=held.expires_at if held else None,
+            tier=self._tier_now(self.clock()),
+            reason=reason,
+        )
+
     async def status(self, request: BudgetStatusRequest, ctx: RequestContext) -> BudgetStatus:
         """The limits, spend, holds, percentages and tier now."""
         return budget.status(self.state, self.limits, self.clock())
@@ -375,6 +464,22 @@ class BudgetKeeper:
             task_id=held.task_id,
             reservation_id=rid,
             reason=reason,  # type: ignore[arg-type]  # checked against the Literal above
+        )
+        await self._append(event)
+        await self._announce_tier(event.id)
+
+    async def _return_lease(self, lid: str, kept: Decimal, reason: str) -> None:
+        held = self.state.lease(lid)
+        if held is None:
+            return
+        event = BudgetLeaseReturned(
+            id=_new_id(),
+            at=self.clock(),
+            lease_id=lid,
+            holder=held.holder,
+            kept_usd=min(kept, held.granted_usd),
+            reason=reason,  # type: ignore[arg-type]  # the contract's Literal
+            version=held.version + 1,
         )
         await self._append(event)
         await self._announce_tier(event.id)
@@ -497,6 +602,9 @@ class BudgetKeeper:
             await self._writable()
             for rid in budget.expired(self.state, self.clock()):
                 await self._release(rid, "expired")
+            for lid in budget.expired_leases(self.state, self.clock()):
+                held = self.state.lease(lid)
+                await self._return_lease(lid, held.spent_usd if held else budget.ZERO, "expired")
             await self._announce_tier(self._tier_cause)
         if self._snapshot_due():
             await self._write_snapshot()

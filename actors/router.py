@@ -3,7 +3,8 @@
 For each task it decides (:func:`vapora.routing.decide`), appends ``route_decided``, and walks the
 chain of providers, one attempt at a time:
 
-1. a paid attempt first reserves its upper-bound cost with the budget keeper
+1. a paid attempt first holds its upper-bound cost: against the router's budget lease, locally,
+   when the lease covers it (see *Leases* below), else by reserving it with the budget keeper
    (``vapora.budget.reserve``); a refusal skips to the next candidate (attempt ``skipped``);
 2. it calls ``vapora.provider.<name>.call`` with per-attempt timeouts (below);
 3. a transient error, a rate limit, a timeout, a quota or configuration error appends
@@ -18,6 +19,19 @@ budget tier of ``budget_tier_changed`` (the keeper's status at start, then the t
 reservation reply), and per-task spend of ``spend_recorded`` (from start-up on, for the task cap).
 The router's own events are appended in the background while the provider works and are joined
 before the reply, so an answer is never sent for a task whose events are not stored.
+
+**Leases** (``[budget] lease_cents``, default on when there is a daily or monthly limit): the
+router asks the keeper (``vapora.budget.lease``) for a lease of budget and admits paid attempts
+against it without a round trip: ``committed`` (actual costs of finished attempts plus the upper
+bounds of those in flight) never exceeds what was granted, and spend against the lease (the
+provider's ``spend_recorded`` carries the lease id as its ``reservation_id``) draws it down in the
+keeper's fold. It renews the lease in the background when less than half of the last grant is
+left or half its life has passed, stops admitting against it ``margin`` before it expires (so
+every attempt ends before the keeper reclaims it), and returns what it does not need when it
+stops, when the lease runs out of time, or when the tier becomes Exceeded. With no lease, or one
+too small for the attempt, it reserves per attempt as before; near a limit the keeper grants no
+leases, so admission is exact there. An attempt whose provider actor never replied keeps its
+upper bound committed (it may have been billed).
 
 **Timeouts per attempt** (milliseconds, sent in :class:`ProviderCall` and enforced by the provider
 actor; the router waits that long plus ``grace_s`` for the reply):
@@ -41,6 +55,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -65,6 +80,9 @@ from events import subjects
 from events.codec import DecodeError, decode, decode_event, encode
 from events.contract import (
     Attempt,
+    BudgetLeaseReply,
+    BudgetLeaseRequest,
+    BudgetLeaseReturn,
     BudgetRelease,
     BudgetReserve,
     BudgetReserveReply,
@@ -122,6 +140,9 @@ _SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 _SERVICE_ERROR = "Nats-Service-Error"
 _MTOK = Decimal(1_000_000)
 _TASK_SPEND_ENTRIES = 100_000
+LEASE_TTL_S = 300.0
+_LEASE_TTL_MAX_S = 3600.0  # the contract's bound on BudgetLeaseRequest.ttl_s
+_LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per attempt this long
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -215,6 +236,31 @@ class _Task:
         return self.number
 
 
+@dataclass
+class _Lease:
+    """The router's local view of one budget lease."""
+
+    lease_id: str
+    granted: Decimal = Decimal(0)  # the keeper's cumulative grant
+    committed: Decimal = Decimal(0)  # actual costs of finished attempts + upper bounds in flight
+    granted_at: datetime | None = None
+    usable_until: datetime | None = None  # admit nothing against it from then on
+    last_grant: Decimal = Decimal(0)
+
+    def covers(self, amount: Decimal, now: datetime) -> bool:
+        return (
+            self.usable_until is not None
+            and now < self.usable_until
+            and self.committed + amount <= self.granted
+        )
+
+    def running_low(self, now: datetime) -> bool:
+        if self.usable_until is None or self.granted_at is None:
+            return True
+        half_life = self.granted_at + (self.usable_until - self.granted_at) / 2
+        return now >= half_life or self.granted - self.committed < self.last_grant / 2
+
+
 class _Broken(Exception):
     """A stream failed after its first chunk: end it with ``error`` (no fallback)."""
 
@@ -246,6 +292,7 @@ class RouterActor:
         first_token_timeout_ms: int = 10_000,
         keeper_timeout_s: float = 2.0,
         max_concurrency: int = 1024,
+        lease: bool | None = None,
     ) -> None:
         del provider  # the shape every actor shares; a router serves every provider
         self.runtime = runtime
@@ -258,6 +305,19 @@ class RouterActor:
             else (budget.daily_limit_usd is not None or budget.monthly_limit_usd is not None)
         )
         self.grace_s = grace_s
+        self.leasing = self.reserve and budget.lease_usd > 0 if lease is None else lease
+        self.holder = f"router-{_new_id()[:12]}"
+        self.lease: _Lease | None = None
+        self._asking = False
+        self._lease_retry_at: datetime | None = None
+        # Nothing is admitted against a lease this close to its expiry: every attempt (its
+        # timeout plus the grace, plus the provider's spend append) ends before the keeper
+        # reclaims the lease.
+        longest_s = max((p.timeout_ms for p in runtime.config.providers), default=30_000) / 1000
+        self.lease_margin = timedelta(seconds=longest_s + grace_s + 30)
+        self.lease_ttl_s = max(LEASE_TTL_S, 2 * self.lease_margin.total_seconds())
+        if self.lease_ttl_s > _LEASE_TTL_MAX_S:  # attempts may outlive any lease: reserve each
+            self.leasing = False
         self.first_token_timeout_ms = first_token_timeout_ms
         self.keeper_timeout_s = keeper_timeout_s
         self.views: dict[str, ProviderView] = key_views(runtime.config, runtime.env)
@@ -305,11 +365,16 @@ class RouterActor:
             tg.start_soon(self._follow, f"{prefix}.health.>", last + 1)
             tg.start_soon(self._follow, f"{prefix}.budget", last + 1)
             tg.start_soon(self._follow, f"{prefix}.spend.>", last + 1)
+            if self.leasing:  # a lease before the first paid request, if the keeper grants one
+                self._ask_in_background(Decimal(0), self.runtime.clock())
             async with anyio.create_task_group() as serving:
                 await serving.start(self.service.run)
                 task_status.started()
                 await self._stop.wait()
                 self.service.stop()
+            if self.lease is not None:  # every attempt has ended: give back what is left
+                with anyio.move_on_after(self.keeper_timeout_s):
+                    await self._return_lease(self.lease, "returned")
             tg.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -372,6 +437,8 @@ class RouterActor:
         changed, self.tier = tier is not self.tier, tier
         if (changed or announce) and telemetry.STATE.metrics is not None:
             telemetry.STATE.metrics.record_tier(tier.value)
+        if tier is Tier.EXCEEDED and self.lease is not None and self._task_group is not None:
+            self._spawn(self._return_lease, self.lease, "revoked")  # nothing paid is admitted
 
     def _apply(self, event: Event, *, live: bool = False) -> None:
         match event:
@@ -584,14 +651,29 @@ class RouterActor:
         if refusal is not None:
             return self._skipped(task, provider, "task_budget", refusal)
         reservation_id: str | None = None
+        lease: _Lease | None = None
+        amount = task.costs[provider.name]
         if self.reserve and not provider.zero_cost:
-            reservation_id, refusal = await self._reserve(task, provider)
-            if refusal is not None:
-                return self._skipped(task, provider, "budget_refused", refusal)
+            lease = self._take_from_lease(amount)
+            if lease is not None:
+                reservation_id = lease.lease_id
+            else:
+                reservation_id, refusal = await self._reserve(task, provider)
+                if refusal is not None:
+                    return self._skipped(task, provider, "budget_refused", refusal)
         outcome = await self._call(task, provider, reservation_id)
-        if isinstance(outcome, _Failure) and outcome.no_reply and task.stream_to is None:
+        # A silent attempt may still have been billed: on a lease its upper bound stays
+        # committed and the retry needs room of its own.
+        if (
+            isinstance(outcome, _Failure)
+            and outcome.no_reply
+            and task.stream_to is None
+            and (lease is None or self._take_again(lease, amount))
+        ):
             outcome = await self._call(task, provider, reservation_id)
-        if isinstance(outcome, _Failure) and reservation_id is not None:
+        if lease is not None:
+            self._settle_on_lease(lease, amount, outcome)
+        elif isinstance(outcome, _Failure) and reservation_id is not None:
             self._release(task, reservation_id)
         return outcome
 
@@ -647,6 +729,102 @@ class RouterActor:
         if not reply.admitted:
             _observe_enforcement(reply.tier, "reservation_refused")
         return reservation_id, None if reply.admitted else (reply.reason or "refused")
+
+    # --- the budget lease ---------------------------------------------------------------------
+
+    def _take_from_lease(self, amount: Decimal) -> _Lease | None:
+        """Commit ``amount`` against the lease if it covers it (no round trip); ask for more in
+        the background when it runs low. ``None``: reserve this attempt with the keeper."""
+        if not self.leasing:
+            return None
+        now = self.runtime.clock()
+        lease = self.lease
+        taken = lease is not None and lease.covers(amount, now)
+        if lease is not None and taken:
+            lease.committed += amount
+        if not taken or lease is None or lease.running_low(now):
+            self._ask_in_background(amount, now)
+        return lease if taken else None
+
+    def _ask_in_background(self, amount: Decimal, now: datetime) -> None:
+        backing_off = self._lease_retry_at is not None and now < self._lease_retry_at
+        if not (self._asking or backing_off or self.tier is Tier.EXCEEDED):
+            self._asking = True
+            self._spawn(self._renew_lease, amount)
+
+    def _take_again(self, lease: _Lease, amount: Decimal) -> bool:
+        if lease is not self.lease or not lease.covers(amount, self.runtime.clock()):
+            return False
+        lease.committed += amount
+        return True
+
+    @staticmethod
+    def _settle_on_lease(
+        lease: _Lease, amount: Decimal, outcome: ProviderCallResult | _Failure
+    ) -> None:
+        """Replace the attempt's upper bound by what it cost (unknown if nothing replied)."""
+        if isinstance(outcome, ProviderCallResult):
+            lease.committed += outcome.cost_usd - amount
+        elif not outcome.no_reply:
+            lease.committed += outcome.cost - amount
+
+    async def _renew_lease(self, amount: Decimal) -> None:
+        """Extend the lease (or get a first or fresh one) from the keeper."""
+        try:
+            now = self.runtime.clock()
+            lease = self.lease
+            if lease is not None and lease.usable_until is not None and now >= lease.usable_until:
+                self.lease = None
+                await self._return_lease(lease, "returned")  # out of time: start afresh
+                lease = None
+            lease_id = lease.lease_id if lease is not None else _new_id()
+            reply = await self._ask_lease(lease_id, amount)
+            if reply is None or not reply.granted or reply.expires_at is None:
+                self._lease_retry_at = now + timedelta(seconds=_LEASE_RETRY_S)
+                return
+            self._lease_retry_at = None
+            if self.lease is not lease:  # returned while we asked: never admit against it again
+                return
+            current = self.lease = lease or _Lease(lease_id)
+            current.last_grant = reply.granted_usd - current.granted
+            current.granted = max(current.granted, reply.granted_usd)
+            current.granted_at = now
+            current.usable_until = reply.expires_at - self.lease_margin
+            self._set_tier(reply.tier)
+        finally:
+            self._asking = False
+
+    async def _ask_lease(self, lease_id: str, amount: Decimal) -> BudgetLeaseReply | None:
+        ask = BudgetLeaseRequest(
+            lease_id=lease_id, holder=self.holder, min_usd=amount, ttl_s=self.lease_ttl_s
+        )
+        try:
+            message = await self.runtime.nc.request(
+                subjects.BUDGET_LEASE, encode(ask), timeout=self.keeper_timeout_s
+            )
+        except (NoRespondersError, TimeoutError) as exc:
+            log.info("router: no budget lease (%s); reserving per attempt", type(exc).__name__)
+            return None
+        if (message.headers or {}).get(_SERVICE_ERROR_CODE):
+            return None
+        return decode(message.data, BudgetLeaseReply)
+
+    async def _return_lease(self, lease: _Lease, reason: str) -> None:
+        """Stop using ``lease``; the keeper frees all but what it cost or has in flight."""
+        if self.lease is lease:
+            self.lease = None
+        back = BudgetLeaseReturn(
+            lease_id=lease.lease_id,
+            holder=self.holder,
+            kept_usd=max(lease.committed, Decimal(0)),
+            reason=reason,  # type: ignore[arg-type]  # "returned" or "revoked"
+        )
+        try:
+            await self.runtime.nc.request(
+                subjects.BUDGET_LEASE_RETURN, encode(back), timeout=self.keeper_timeout_s
+            )
+        except Exception as exc:  # the keeper reclaims it when it expires
+            log.info("router: lease %s not returned (%s)", lease.lease_id, exc)
 
     def _release(self, task: _Task, reservation_id: str) -> None:
         release = BudgetRelease(reservation_id=reservation_id, reason="failed")

@@ -335,6 +335,8 @@ def _compare_state(expected: BudgetState, found: BudgetState) -> list[Discrepanc
         ("spend events", expected.spend_events, found.spend_events),
         ("reserved", expected.reserved_usd, found.reserved_usd),
         ("open reservations", _ids(expected), _ids(found)),
+        ("leased", expected.leased_usd, found.leased_usd),
+        ("open leases", ", ".join(sorted(expected.leases)), ", ".join(sorted(found.leases))),
     ]
     for day in sorted(set(expected.days) | set(found.days)):
         checks.append((f"spent on {day}", expected.spent_on(day), found.spent_on(day)))
@@ -354,6 +356,8 @@ def _compare_status(expected: BudgetStatus, found: BudgetStatus) -> list[Discrep
         ("spent this month", expected.spent_month_usd, found.spent_month_usd),
         ("reserved", expected.reserved_usd, found.reserved_usd),
         ("open reservations", expected.open_reservations, found.open_reservations),
+        ("leased", expected.leased_usd, found.leased_usd),
+        ("open leases", expected.open_leases, found.open_leases),
         ("tier", expected.tier, found.tier),
     ]
     return _differences("budget keeper", checks)

@@ -84,6 +84,7 @@ __all__ = [
     "Reservation",
     "TASK_RETENTION",
     "TaskSpend",
+    "ZERO",
     "admit",
     "catch_up",
     "evolve",
@@ -102,6 +103,7 @@ __all__ = [
 TASK_RETENTION = timedelta(days=1)
 CLOSED_RETENTION = timedelta(days=1)
 _ZERO = Decimal(0)
+ZERO = _ZERO
 _HUNDRED = Decimal(100)
 _NEAR_PERCENT = Decimal(50)
 TIER_HYSTERESIS_PERCENT = Decimal(5)

@@ -226,6 +226,9 @@ class BudgetConfig(_Section, frozen=True, kw_only=True):
     monthly_limit_cents: Decimal | None = None
     per_task_limit_cents: Decimal | None = None
     warn_threshold_percent: float = 90.0
+    # The most one router's budget lease may hold (cents): routers admit paid attempts against
+    # it without a round trip to the budget keeper. 0 turns leases off (one reservation each).
+    lease_cents: Decimal = Decimal(100)
 
     @property
     def daily_limit_usd(self) -> Decimal | None:
@@ -241,6 +244,11 @@ class BudgetConfig(_Section, frozen=True, kw_only=True):
     def per_task_limit_usd(self) -> Decimal | None:
         """The per-task limit in USD."""
         return _usd(self.per_task_limit_cents)
+
+    @property
+    def lease_usd(self) -> Decimal:
+        """The largest budget lease in USD (0: leases off)."""
+        return self.lease_cents / 100
 
 
 class ScoreWeights(_Section, frozen=True, kw_only=True):
@@ -635,6 +643,7 @@ def _check_budget(budget: BudgetConfig) -> None:
     warn = budget.warn_threshold_percent
     if not (math.isfinite(warn) and 50 < warn <= 100):
         raise _Invalid("budget.warn_threshold_percent", f"must be in (50, 100], got {warn}")
+    _check_money("budget.lease_cents", budget.lease_cents)
 
 
 def _check_routing(routing: RoutingConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -11,7 +12,15 @@ import msgspec
 import pytest
 
 from events.contract import Price, TaskType, Usage
-from events.log import BudgetReleased, BudgetReserved, CallSucceeded, Event, SpendRecorded
+from events.log import (
+    BudgetLeased,
+    BudgetLeaseReturned,
+    BudgetReleased,
+    BudgetReserved,
+    CallSucceeded,
+    Event,
+    SpendRecorded,
+)
 from vapora import budget
 from vapora.audit import (
     audit,
@@ -227,3 +236,51 @@ async def test_the_report_renders_as_a_readable_table(tmp_path: Path):
     assert "By provider" in text and "claude" in text and "gemini" in text
     assert "2026-03-31" in text and "2026-04-01" in text
     assert "over 2 day(s) observed" in text
+
+
+def leased_log() -> list[tuple[Event, int]]:
+    """The clean log plus a router's lease: granted, two spends against it, then returned."""
+    log = clean_log()
+    seq = log[-1][1]
+    lease = BudgetLeased(
+        id="lease-1",
+        at=T,
+        lease_id="L1",
+        holder="router-a",
+        granted_usd=Decimal(2),
+        expires_at=T + timedelta(minutes=5),
+    )
+    spends = [spend(20 + i, SONNET, (1000, 100, 0, 0), T + timedelta(seconds=i)) for i in (1, 2)]
+    spends = [msgspec.structs.replace(s, reservation_id="L1") for s in spends]
+    kept = sum((s.cost_usd for s in spends), Decimal(0))
+    back = BudgetLeaseReturned(
+        id="lease-1-back",
+        at=T,
+        lease_id="L1",
+        holder="router-a",
+        kept_usd=kept,
+        reason="returned",
+        version=2,
+    )
+    return log + [(event, seq + n) for n, event in enumerate([lease, *spends, back], start=1)]
+
+
+@pytest.mark.anyio
+async def test_lease_events_pass_the_audit_and_spend_against_a_lease_is_in_the_ledger(
+    tmp_path: Path,
+):
+    log = leased_log()
+    keeper = budget.catch_up(budget.EMPTY, log)
+    assert keeper.leased_usd == 0 and keeper.total_spent_usd > 0
+    result = await audit_of(await ledger_of(tmp_path, log), log, keeper=keeper)
+    assert result.ok, result.discrepancies
+    assert result.rows_checked == len({e.id for e, _ in log if isinstance(e, SpendRecorded)}) == 9
+
+
+def test_a_keeper_whose_lease_drifted_from_the_log_is_named():
+    log = leased_log()
+    assert check_budget(log, budget.catch_up(budget.EMPTY, log)) == []
+    unreturned = budget.catch_up(budget.EMPTY, [(e, s) for e, s in log if e.id != "lease-1-back"])
+    unreturned = dataclasses.replace(unreturned, last_sequence=log[-1][1])
+    where = {d.where for d in check_budget(log, unreturned)}
+    assert where == {"budget keeper leased", "budget keeper open leases"}

@@ -141,6 +141,7 @@ def render_budget(status: BudgetStatus) -> str:
         ),
         "",
         f"  open reservations   {status.open_reservations}, holding {_usd(status.reserved_usd)}",
+        f"  router leases       {status.open_leases}, holding {_usd(status.leased_usd)} unspent",
         f"  per-task limit      {'unlimited' if per_task is None else _usd(per_task)}",
     ]
     return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""Budget leases on a real nats-server: the keeper grants, extends, takes back and expires leases
+as events; routers admit paid attempts against them locally; two routers with leases under 500
+concurrent paid requests never overspend the daily limit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from actors.budget_keeper import BudgetKeeper
+from actors.connection import Client
+from actors.router import RouterActor
+from events import subjects
+from events.contract import BudgetLeaseReply, BudgetLeaseRequest, BudgetLeaseReturn
+from events.log import BudgetLeased, BudgetLeaseReturned, SpendRecorded
+from tests.fault.money import (
+    NOON,
+    FakeClock,
+    ask,
+    config,
+    events_of,
+    eventually,
+    exact_usage,
+    read_log,
+    reserve,
+    running,
+    runtime,
+    spend,
+    status,
+)
+from tests.fault.provider_harness import config_text, deployment, until, wait_until_served
+from vapora import audit, budget
+from vapora.errors import BudgetExceeded
+
+pytestmark = pytest.mark.anyio
+
+
+async def lease(
+    nc: Client, lease_id: str | None = None, holder: str = "router-a", min_usd: str = "0"
+) -> BudgetLeaseReply:
+    request = BudgetLeaseRequest(
+        lease_id=lease_id or uuid.uuid4().hex, holder=holder, min_usd=Decimal(min_usd)
+    )
+    return (await ask(nc, subjects.BUDGET_LEASE, request)).as_(BudgetLeaseReply)
+
+
+async def give_back(nc: Client, lease_id: str, kept: str, holder: str = "router-a") -> None:
+    request = BudgetLeaseReturn(lease_id=lease_id, holder=holder, kept_usd=Decimal(kept))
+    (await ask(nc, subjects.BUDGET_LEASE_RETURN, request)).as_(BudgetLeaseReply)
+
+
+# --- the keeper ----------------------------------------------------------------------------------
+
+
+async def test_a_lease_is_an_event_before_the_reply_spend_draws_it_down_and_a_return_frees_it(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock))
+    async with running(keeper):
+        granted = await lease(conn)
+        assert granted.granted and granted.granted_usd == Decimal("1.00")  # the $1 default cap
+        logged = await events_of(keeper.log, BudgetLeased)
+        assert [(e.lease_id, e.granted_usd, e.version) for e, _ in logged] == [
+            (granted.lease_id, Decimal("1.00"), 1)
+        ]
+        assert (await status(conn)).leased_usd == Decimal("1.00")
+        # A reservation now competes with the lease for the $10: $9 is all that is left.
+        assert not (await reserve(conn, Decimal("9.01"))).admitted
+        await keeper.log.append(
+            spend(
+                task_id="t1",
+                usage=exact_usage(Decimal("0.30")),
+                at=clock(),
+                reservation_id=granted.lease_id,
+            )
+        )
+        await eventually(lambda: _leased_is(conn, Decimal("0.70")))
+        extended = await lease(conn, granted.lease_id)
+        assert extended.granted and extended.granted_usd == Decimal("1.30")  # back to $1 open
+        await give_back(conn, granted.lease_id, kept="0.30")
+        current = await status(conn)
+        assert (current.leased_usd, current.open_leases) == (Decimal(0), 0)
+        assert current.spent_today_usd == Decimal("0.30")
+        assert not (await lease(conn, granted.lease_id)).granted  # a returned lease stays closed
+        entries = await read_log(keeper.log)
+        await eventually(lambda: _caught_up(keeper))
+    returned = [e.event for e in entries if isinstance(e.event, BudgetLeaseReturned)]
+    assert [(e.reason, e.kept_usd) for e in returned] == [("returned", Decimal("0.30"))]
+    assert audit.check_budget([(e.event, e.seq) for e in entries], keeper.state) == []
+
+
+async def _leased_is(nc: Client, amount: Decimal) -> bool:
+    return (await status(nc)).leased_usd == amount
+
+
+async def test_a_dead_holders_lease_expires_and_its_money_is_free_again(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock), tick_s=0.05
+    )
+    async with running(keeper):
+        granted = await lease(conn)
+        await anyio.sleep(0.2)
+        assert (await status(conn)).open_leases == 1  # time has not moved
+        clock.advance(301)
+        expired = await eventually(lambda: events_of(keeper.log, BudgetLeaseReturned))
+        assert [(e.lease_id, e.reason) for e, _ in expired] == [(granted.lease_id, "expired")]
+        assert (await status(conn)).leased_usd == 0
+
+
+async def test_leases_shrink_near_the_limit_and_none_is_granted_when_exceeded(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100), clock=clock))
+
+    async def spent(cost: str) -> None:
+        usage = exact_usage(Decimal(cost))
+        await keeper.log.append(spend(task_id=uuid.uuid4().hex, usage=usage, at=clock()))
+        await eventually(lambda: _caught_up(keeper))
+
+    async with running(keeper):
+        first = await lease(conn, holder="router-a")
+        assert first.granted_usd == Decimal("0.25")  # half the way to 50 % of $1
+        second = await lease(conn, holder="router-b")
+        assert second.granted_usd == Decimal("0.0625")  # half of what is left, split in two
+        await give_back(conn, first.lease_id, "0")
+        await give_back(conn, second.lease_id, "0", holder="router-b")
+        await spent("0.87")  # 87 %: 3 cents below the warn line
+        near = await lease(conn, min_usd="0.01")
+        assert near.granted and near.granted_usd == Decimal("0.015"), near
+        await give_back(conn, near.lease_id, "0")
+        refused = await lease(conn, min_usd="0.02")
+        assert not refused.granted and "no lease of at least $0.02" in refused.reason
+        await spent("0.06")  # 93 %: Exceeded
+        exceeded = await lease(conn)
+        assert not exceeded.granted and "Exceeded" in exceeded.reason
+
+
+async def _caught_up(keeper: BudgetKeeper) -> bool:
+    return keeper.state.last_sequence == await keeper.log.last_sequence()
+
+
+async def test_a_restarted_keeper_rebuilds_open_leases_from_the_log(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    make = lambda: BudgetKeeper(  # noqa: E731
+        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock)
+    )
+    async with running(make()):
+        granted = await lease(conn)
+    async with running(make()) as again:
+        assert (await status(conn)).leased_usd == granted.granted_usd
+        extended = await lease(conn, granted.lease_id)
+        assert extended.granted_usd == granted.granted_usd  # its $1 cap is still outstanding
+        assert again.state.lease(granted.lease_id) is not None
+
+
+# --- routers holding leases ----------------------------------------------------------------------
+
+
+def guide(**kw: object) -> Callable[[str], str]:
+    return lambda base_url: config_text(base_url, **kw)  # type: ignore[arg-type]
+
+
+async def test_two_routers_with_leases_and_500_concurrent_paid_requests_never_overspend(
+    tmp_path: Path,
+) -> None:
+    models = {"claude": "claude-opus-4-5-len-100", "openai": "gpt-4-len-100"}
+    limit = Decimal("0.085")
+    budget_toml = "[budget]\ndaily_limit_cents = 8.5\nlease_cents = 2\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
+        second = RouterActor(dep.runtime, reserve=True)
+        results, refused = [], []
+
+        async def one(i: int) -> None:
+            try:
+                results.append(
+                    await dep.client.complete(
+                        prompt=f"write function number {i}",
+                        task_type="CodeGeneration",
+                        quality="High",
+                        max_tokens=100,
+                    )
+                )
+            except BudgetExceeded as error:
+                refused.append(error)
+
+        async with anyio.create_task_group() as routers:
+            await routers.start(second.run)
+            await wait_until_served(dep.client.nc, "vapora.complete")
+            first = dep.router
+            assert first is not None
+            await until(lambda: first.lease is not None and second.lease is not None)
+            with anyio.fail_after(80):
+                async with anyio.create_task_group() as tg:
+                    for i in range(500):
+                        tg.start_soon(one, i)
+            second.stop()
+        events = await dep.events()
+
+    assert len(results) + len(refused) == 500
+    spends = [e for e in events if isinstance(e, SpendRecorded)]
+    paid = sum((e.cost_usd for e in spends), Decimal(0))
+    assert paid <= limit
+    assert sum((r.cost_usd for r in results), Decimal(0)) == paid
+    assert 20 <= len([r for r in results if r.provider != "ollama"]) < 200
+    leases = [e for e in events if isinstance(e, BudgetLeased)]
+    assert {e.holder for e in leases} == {first.holder, second.holder}
+    lease_ids = {e.lease_id for e in leases}
+    on_leases = [e for e in spends if e.reservation_id in lease_ids]
+    assert len(on_leases) >= 10  # admitted locally, no round trip each
+    gave_back = {e.holder for e in events if isinstance(e, BudgetLeaseReturned)}
+    assert {first.holder, second.holder} <= gave_back  # at Exceeded, or the second when it stopped
+    # At every point of the log, spend plus reservations plus leases stayed within the limit.
+    state = budget.EMPTY
+    for event in events:
+        state = budget.evolve(state, event)
+        assert state.spent_on(NOON.date()) <= limit
+        assert max(state.days.values(), default=Decimal(0)) + state.committed_usd <= limit
+
+
+async def test_a_router_admits_paid_attempts_on_its_lease_and_returns_the_rest_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    models = {"claude": "claude-opus-4-5-len-100"}
+    budget_toml = "[budget]\ndaily_limit_cents = 1000\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        for i in range(5):
+            result = await dep.client.complete(
+                prompt=f"write function number {i}",
+                task_type="CodeGeneration",
+                quality="High",
+                max_tokens=100,
+            )
+            assert result.provider == "claude"
+        router.stop()
+        await until(lambda: router.lease is None)
+        events = await dep.events()
+        final = await status(dep.client.nc)  # type: ignore[arg-type]
+    leased = [e for e in events if isinstance(e, BudgetLeased)]
+    assert len(leased) == 1 and leased[0].granted_usd == Decimal(1)  # $1: the default size
+    spends = [e for e in events if isinstance(e, SpendRecorded)]
+    assert [e.reservation_id for e in spends] == [leased[0].lease_id] * 5  # no reservation each
+    assert not [e for e in events if type(e).__name__ == "BudgetReserved"]
+    returned = [e for e in events if isinstance(e, BudgetLeaseReturned)]
+    assert [(e.reason, e.kept_usd) for e in returned] == [
+        ("returned", sum((e.cost_usd for e in spends), Decimal(0)))
+    ]
+    assert (final.leased_usd, final.open_leases) == (Decimal(0), 0)
