@@ -3,7 +3,7 @@
 ::
 
     .venv/bin/python bench/bench_telemetry.py [--requests N] [--concurrency C] [--trials T]
-                                              [--provider P] [--quick]
+                                              [--exporter otlp|jsonl] [--provider P] [--quick]
 
 One run starts the provider simulator as its own OS process (zero latency), an embedded
 nats-server with JetStream, and every actor in this process: the cost ledger, the budget keeper
@@ -12,14 +12,20 @@ them. Telemetry is switched in place between calls (the actors read the switch p
 a shuffled order so that no mode always follows another:
 
 * **off**: ``[telemetry] enabled = false`` (the default): no spans, no headers, no metrics;
-* **traces 100 %**: traces sampled at 100 % and exported as JSON lines through the SDK's batch
-  processor (every span serialised and written), plus metrics;
+* **traces 100 %**: traces sampled at 100 % and exported through the SDK's batch processor,
+  plus metrics. The exporter is what a deployment runs: OTLP over HTTP/protobuf (the default
+  here) to a collector, stood in for by a separate process that takes each POST and answers
+  200, so vapora pays for encoding and sending every span and the collector's own work is not
+  counted; or ``--exporter jsonl``, every span written to a JSON-lines file (local debugging);
 * **traces 10 %**: the same with ``sample_ratio = 0.1`` (the operator's lever);
 * **metrics only**: ``traces = false``; the metrics behind ``/metrics`` (pull reader).
 
-Per mode and trial: the latency of ``--requests`` sequential completions (p50, p99) and the
-completions per second at ``--concurrency``. The table gives each mode's median over trials and
-its cost against **off** measured in the same run: the throughput lost and the p50 added.
+Per mode and trial: the latency of ``--requests`` sequential completions (p50, p99), the
+completions per second at ``--concurrency``, and the CPU time this process (every actor, the
+exporter's thread) spent per completion in those bursts. The table gives each mode's median over
+trials and its cost against **off** measured in the same run: the throughput lost, the p50
+added and the CPU added. The CPU figure is the steadier one on a shared machine: a neighbour's
+load stretches wall-clock time, much less the CPU time a completion takes.
 """
 
 from __future__ import annotations
@@ -30,16 +36,19 @@ import gc
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import nats
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,23 +67,76 @@ from vapora.telemetry import Telemetry, setup  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
 MODES = ("off", "traces 100%", "traces 10%", "metrics only")
-EXPORTER: Any = "jsonl"  # --exporter none: spans made but not exported (the SDK's share alone)
+EXPORTER: Any = "otlp"  # --exporter none: spans made but not exported (the SDK's share alone)
+
+# A stand-in for an OpenTelemetry collector: reads each OTLP/HTTP request and answers 200.
+COLLECTOR = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
 
 
-def telemetry_for(mode: str, spans_file: Path) -> Telemetry:
+@contextmanager
+def collector_process() -> Iterator[str]:
+    """The collector stand-in as its own OS process; yields its base URL."""
+    process = subprocess.Popen([sys.executable, "-c", COLLECTOR], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def telemetry_for(mode: str, spans_file: Path, collector: str | None) -> Telemetry:
+    """Every mode that records metrics has the same reader (the pull reader behind
+    ``/metrics``), so a traced mode's cost over **metrics only** is what tracing adds."""
     if mode == "off":
         return setup(TelemetryConfig(enabled=False), env={})
     if mode == "metrics only":
         config = TelemetryConfig(enabled=True, traces=False, prometheus_port=0)
-    else:
-        config = TelemetryConfig(
-            enabled=True,
-            exporter=EXPORTER,
-            jsonl_path=str(spans_file),
-            sample_ratio=1.0 if mode == "traces 100%" else 0.1,
-            prometheus_port=0,
-        )
-    return setup(config, env={})
+        return setup(config, env={})
+    config = TelemetryConfig(
+        enabled=True,
+        exporter=EXPORTER,
+        jsonl_path=str(spans_file),
+        otlp_endpoint=collector,
+        sample_ratio=1.0 if mode == "traces 100%" else 0.1,
+        prometheus_port=0,
+    )
+    return setup(config, env={"OTEL_METRICS_EXPORTER": "none"})
+
+
+class SpanCount(SpanProcessor):
+    """Counts the spans handed to the exporters (the table's "spans exported")."""
+
+    ended = 0
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended += 1
+
+    @classmethod
+    def add_to(cls, telemetry: Telemetry) -> SpanCount:
+        counter = cls()
+        assert telemetry.tracer_provider is not None
+        telemetry.tracer_provider.add_span_processor(counter)
+        return counter
 
 
 Call = Callable[[], Awaitable[object]]
@@ -86,8 +148,11 @@ async def one_timed(call: Call) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def burst(n: int, concurrency: int, call: Call, telemetry: Telemetry, settled: Call) -> float:
-    """Seconds for ``n`` calls at ``concurrency``, including the export of their spans."""
+async def burst(
+    n: int, concurrency: int, call: Call, telemetry: Telemetry, settled: Call
+) -> tuple[float, float]:
+    """Seconds and this process's CPU seconds for ``n`` calls at ``concurrency``, including
+    the export of their spans."""
     remaining = n
 
     async def worker() -> None:
@@ -96,7 +161,7 @@ async def burst(n: int, concurrency: int, call: Call, telemetry: Telemetry, sett
             remaining -= 1
             await call()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
             tg.start_soon(worker)
@@ -104,7 +169,7 @@ async def burst(n: int, concurrency: int, call: Call, telemetry: Telemetry, sett
     if telemetry.tracer_provider is not None:
         # The batch exporter writes in a thread; charge its work to this mode's window.
         await anyio.to_thread.run_sync(telemetry.tracer_provider.force_flush)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 async def measure(
@@ -119,7 +184,7 @@ async def measure(
     has applied its events and the spans are exported (so no mode pays for the one before);
     medians over trials."""
     results: dict[str, dict[str, list[float]]] = {
-        m: {"p50": [], "p99": [], "rate": []} for m in modes
+        m: {"p50": [], "p99": [], "rate": [], "cpu_us": []} for m in modes
     }
     shuffled = random.Random(7)
     for _ in range(args.trials):
@@ -134,20 +199,22 @@ async def measure(
         bursts = [m for m in modes for _ in range(args.bursts)]
         shuffled.shuffle(bursts)
         spent = dict.fromkeys(modes, 0.0)
+        cpu = dict.fromkeys(modes, 0.0)
         for mode in bursts:
             telemetries[mode].activate()
             gc.collect()  # start each burst with no garbage left by the one before
-            spent[mode] += await burst(
-                args.burst, args.concurrency, call, telemetries[mode], settled
-            )
+            wall, used = await burst(args.burst, args.concurrency, call, telemetries[mode], settled)
+            spent[mode] += wall
+            cpu[mode] += used
         trial = len(results[modes[0]]["p50"])
         for mode in modes:
             results[mode]["p50"].append(percentile(samples[mode], 50))
             results[mode]["p99"].append(percentile(samples[mode], 99))
             results[mode]["rate"].append(args.bursts * args.burst / spent[mode])
+            results[mode]["cpu_us"].append(cpu[mode] / (args.bursts * args.burst) * 1e6)
             print(
                 f"  trial {trial + 1} {mode:<13} p50 {results[mode]['p50'][-1]:6.2f} ms"
-                f"  {results[mode]['rate'][-1]:7.0f}/s",
+                f"  {results[mode]['rate'][-1]:7.0f}/s  {results[mode]['cpu_us'][-1]:6.0f} us CPU",
                 file=sys.stderr,
             )
     return results
@@ -155,11 +222,16 @@ async def measure(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in MODES if m in args.modes]
-    with simulator_process() as base_url, tempfile.TemporaryDirectory() as tmp:
+    with (
+        simulator_process() as base_url,
+        collector_process() as collector,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         budget = "[budget]\ndaily_limit_cents = 100000000\n"
         config = make_config(config_text(base_url, budget=budget))
         spans_file = Path(tmp) / "spans.jsonl"
-        telemetries = {mode: telemetry_for(mode, spans_file) for mode in modes}
+        telemetries = {mode: telemetry_for(mode, spans_file, collector) for mode in modes}
+        counted = [SpanCount.add_to(t) for t in telemetries.values() if t.tracer_provider]
         async with EmbeddedNats(Path(tmp) / "nats") as server:
             nc = await connect(ConnectOptions.from_url(server.url, name="bench-actors"))
             log = EventLog(nc)
@@ -202,32 +274,47 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if spans_file.exists():
                 with spans_file.open("rb") as f:
                     spans_written = sum(1 for _ in f)
+
             await caller.close()
             await nc.close()
-    return {"modes": results, "spans_written": spans_written}
+    spans = spans_written if EXPORTER == "jsonl" else sum(c.ended for c in counted)
+    return {"modes": results, "spans_exported": spans, "exporter": EXPORTER}
+
+
+def _paired_cost(mode: dict[str, list[float]], base: dict[str, list[float]], key: str) -> float:
+    """The median over trials of ``mode``'s cost against ``base`` in the same trial, in %:
+    the throughput lost (``rate``) or the CPU added (``cpu_us``)."""
+    if key == "rate":
+        costs = [(1 - m / b) * 100 for m, b in zip(mode[key], base[key], strict=True)]
+    else:
+        costs = [(m / b - 1) * 100 for m, b in zip(mode[key], base[key], strict=True)]
+    return statistics.median(costs)
 
 
 def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
     modes = result["modes"]
     base = modes.get("off") or next(iter(modes.values()))
-    off_rate = statistics.median(base["rate"])
     off_p50 = statistics.median(base["p50"])
     lines = [
         f"# bench_telemetry  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  cpus={os.cpu_count()}  "
-        f"load average {os.getloadavg()[0]:.1f}",
+        f"load average {result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end",
         f"# provider={args.provider} sequential={args.requests}/mode, bursts={args.bursts}x"
-        f"{args.burst} at concurrency {args.concurrency}/mode, trials={args.trials} (medians); "
-        f"spans exported: {result['spans_written']}",
+        f"{args.burst} at concurrency {args.concurrency}/mode, trials={args.trials} (medians; "
+        f"costs paired within each trial); exporter {result['exporter']}, spans exported: "
+        f"{result['spans_exported']}",
         f"{'mode':<15}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'throughput cost':>17}"
-        f"{'added p50 ms':>14}",
+        f"{'added p50 ms':>14}{'CPU us/req':>12}{'CPU added':>11}",
     ]
     for mode in modes:
         p50 = statistics.median(modes[mode]["p50"])
         p99 = statistics.median(modes[mode]["p99"])
         rate = statistics.median(modes[mode]["rate"])
-        cost = (1 - rate / off_rate) * 100
+        cpu = statistics.median(modes[mode]["cpu_us"])
+        cost = _paired_cost(modes[mode], base, "rate")
+        cpu_cost = _paired_cost(modes[mode], base, "cpu_us")
         lines.append(
             f"{mode:<15}{p50:>9.2f}{p99:>9.2f}{rate:>9.0f}{cost:>16.1f}%{p50 - off_p50:>14.2f}"
+            f"{cpu:>12.0f}{cpu_cost:>10.1f}%"
         )
     return "\n".join(lines)
 
@@ -245,13 +332,21 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", nargs="+", default=list(MODES), choices=MODES, help="which modes to run"
     )
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
-    parser.add_argument("--exporter", default="jsonl", choices=["jsonl", "none"])
+    parser.add_argument(
+        "--exporter",
+        default="otlp",
+        choices=["otlp", "jsonl", "none"],
+        help="where the traced modes' spans go: OTLP/HTTP to a collector stand-in (default), a "
+        "JSON-lines file, or nowhere (the SDK's share alone; not a deployment's cost)",
+    )
     args = parser.parse_args(argv)
     global EXPORTER
     EXPORTER = args.exporter
     if args.quick:
         args.requests, args.bursts, args.trials = 50, 3, 1
+    load_before = os.getloadavg()[0]
     result = anyio.run(run, args)
+    result["load"] = (load_before, os.getloadavg()[0])
     print(table(args, result))
     write_result(
         "telemetry", {"args": vars(args), "machine": machine(), **result, "at": str(datetime.now())}

@@ -142,8 +142,19 @@ def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment() ->
         server.shutdown()
     paths = {path for path, _ in _Collector.received}
     assert {"/v1/traces", "/v1/metrics"} <= paths
-    traces = b"".join(body for path, body in _Collector.received if path == "/v1/traces")
-    assert b"publish vapora.otlp-test" in traces
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    names = [
+        span.name
+        for path, body in _Collector.received
+        if path == "/v1/traces"
+        for resource in ExportTraceServiceRequest.FromString(body).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert names == ["publish vapora.otlp-test"]
     metrics = b"".join(body for path, body in _Collector.received if path == "/v1/metrics")
     assert b"vapora_llm_routing_decisions_total" in metrics
 

@@ -211,7 +211,7 @@ def _otlp_endpoint(config: TelemetryConfig, env: Mapping[str, str], signal: str)
 
 def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from vapora.telemetry.otlp import OtlpSpanExporter
     except ImportError:
         log.warning(
             "telemetry: exporter otlp needs the optional extra: pip install 'vapora[otlp]'; "
@@ -219,7 +219,8 @@ def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter
         )
         return None
     endpoint = _otlp_endpoint(config, env, "TRACES")
-    exporter: SpanExporter = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+    # The SDK's exporter with a direct protobuf encoder (vapora.telemetry.otlp).
+    exporter: SpanExporter = OtlpSpanExporter(endpoint=endpoint) if endpoint else OtlpSpanExporter()
     return exporter
 
 

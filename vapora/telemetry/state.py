@@ -75,17 +75,28 @@ class TelemetryState:
 STATE = TelemetryState()
 
 
+_tracers: weakref.WeakKeyDictionary[TracerProvider, tuple[Tracer, SpanStart]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def use_tracer_provider(provider: TracerProvider | None) -> None:
     """Trace with ``provider`` (an SDK ``TracerProvider``), or stop tracing with ``None``."""
-    STATE.tracer = (provider or trace.get_tracer_provider()).get_tracer(SCOPE)
-    STATE.start_span = sdk_start_span
-    if provider is not None:
+    if provider is None:
+        STATE.tracing = False
+        STATE.tracer = trace.get_tracer_provider().get_tracer(SCOPE)
+        STATE.start_span = sdk_start_span
+        return
+    # The tracer and its span starter are made once per provider (benchmarks switch often).
+    made = _tracers.get(provider)
+    if made is None:
         from vapora.telemetry.spans import starter_for  # the SDK, only once tracing is on
 
-        starter = starter_for(STATE.tracer)
-        if starter is not None:
-            STATE.start_span = starter.start
-    STATE.tracing = provider is not None
+        tracer = provider.get_tracer(SCOPE)
+        starter = starter_for(tracer)
+        made = _tracers[provider] = (tracer, starter.start if starter else sdk_start_span)
+    STATE.tracer, STATE.start_span = made
+    STATE.tracing = True
 
 
 _instruments: weakref.WeakKeyDictionary[MeterProvider, Instruments] = weakref.WeakKeyDictionary()

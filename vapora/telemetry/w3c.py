@@ -37,7 +37,7 @@ def _plain_w3c() -> bool:
     """Whether the global propagator is W3C trace context (with or without baggage) only."""
     global _checked
     textmap = propagate.get_global_textmap()
-    if textmap is not _checked[0]:
+    if textmap is not _checked[0]:  # checked once per propagator set
         parts = textmap._propagators if isinstance(textmap, CompositePropagator) else [textmap]
         plain = all(type(p) in _W3C for p in parts) and any(
             type(p) is TraceContextTextMapPropagator for p in parts
@@ -46,11 +46,15 @@ def _plain_w3c() -> bool:
     return _checked[1]
 
 
+_FLAGS = [f"{flags:02x}" for flags in range(256)]
+
+
 def traceparent(span_context: SpanContext) -> str:
     """The ``traceparent`` header of ``span_context`` (version 00)."""
+    # int.to_bytes().hex() is about twice as fast as f"{:032x}".
+    trace_id = span_context.trace_id.to_bytes(16).hex()
     return (
-        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
-        f"{span_context.trace_flags:02x}"
+        f"00-{trace_id}-{span_context.span_id.to_bytes(8).hex()}-{_FLAGS[span_context.trace_flags]}"
     )
 
 
@@ -72,10 +76,10 @@ def extract(headers: Mapping[str, str] | None) -> Context:
     if not headers:
         return Context()
     value = headers.get(TRACEPARENT)
-    if value is None and _plain_w3c():
-        return Context() if "baggage" not in headers else propagate.extract(headers)
     match = _VERSION_00.fullmatch(value) if value is not None else None
     if match is None or "baggage" in headers or not _plain_w3c():
+        if value is None and "baggage" not in headers and _plain_w3c():
+            return Context()  # nothing to extract
         return propagate.extract(headers)  # other versions, padding, baggage, propagators
     trace_hex, span_hex, flags = match.groups()
     if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
