@@ -47,6 +47,7 @@ fallback_chain = ["openai"]
 
 [budget]
 daily_limit_cents = 1000
+lease_cents = 0  # a reservation per attempt, so the keeper's process is in the trace
 
 [telemetry]
 enabled = true

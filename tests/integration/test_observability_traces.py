@@ -23,11 +23,14 @@ from vapora.telemetry import Telemetry, setup
 
 pytestmark = pytest.mark.anyio
 
-BUDGET = "[budget]\ndaily_limit_cents = 1000\n"
+# Leases off: each paid attempt reserves with the keeper, so the keeper is part of the trace.
+BUDGET = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
+# Leases on (the default): attempts are admitted against the router's lease, no round trip.
+LEASED = "[budget]\ndaily_limit_cents = 1000\n"
 
 
-def guide(**kw: object) -> Callable[[str], str]:
-    return lambda base_url: config_text(base_url, budget=BUDGET, **kw)  # type: ignore[arg-type]
+def guide(budget: str = BUDGET, **kw: object) -> Callable[[str], str]:
+    return lambda base_url: config_text(base_url, budget=budget, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -55,10 +58,11 @@ def _named(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
+@pytest.mark.parametrize("leased", [False, True], ids=["reserved", "leased"])
 async def test_a_fallback_task_is_one_trace_across_connections_with_correct_parents(
-    tmp_path: Path, spans: InMemorySpanExporter
+    tmp_path: Path, spans: InMemorySpanExporter, leased: bool
 ) -> None:
-    config = guide(models={"claude": "claude-opus-4-5-error-529"})
+    config = guide(LEASED if leased else BUDGET, models={"claude": "claude-opus-4-5-error-529"})
     async with separate_deployment(tmp_path, config) as dep:
         spans.clear()
         result = await dep.client.complete(
@@ -91,9 +95,11 @@ async def test_a_fallback_task_is_one_trace_across_connections_with_correct_pare
     assert router.attributes["messaging.consumer.group.name"] == "router"
     assert router.attributes["vapora.task.id"] == "traced-1"
 
-    # The reservation: the router's request and the keeper's processing of it, per attempt.
+    # The reservation: the router's request and the keeper's processing of it, per attempt;
+    # none when the router admits the attempts against its lease.
     reserves = _named(task, "publish vapora.budget.reserve")
-    assert len(reserves) == 2 and all(_parent(s, index) is router for s in reserves)
+    assert len(reserves) == (0 if leased else 2)
+    assert all(_parent(s, index) is router for s in reserves)
     kept = _named(task, "process vapora.budget.reserve")
     assert sorted(_parent(s, index).context.span_id for s in kept) == sorted(  # type: ignore[union-attr]
         s.context.span_id for s in reserves
@@ -125,7 +131,7 @@ async def test_a_fallback_task_is_one_trace_across_connections_with_correct_pare
     }
     tags = {event_tag(e) for _, e, _ in stored}
     assert {"route_decided", "call_failed", "fallback_triggered", "call_succeeded"} <= tags
-    assert {"spend_recorded", "budget_reserved"} <= tags
+    assert "spend_recorded" in tags and ("budget_reserved" in tags) is not leased
     for _, event, headers in stored:
         span = publishes[event.id]
         _, stored_trace, stored_parent, _ = headers["traceparent"].split("-")
