@@ -3,18 +3,24 @@
 The simulator runs in its own OS process (``python -m vapora.simulator --port 0``). For each
 provider, in one run and interleaved over several trials on one keep-alive connection:
 
-* the floor: ``httpx.AsyncClient.post`` of the same, pre-encoded request body to the same path,
-  reading the whole answer (streams: iterating its bytes) and nothing else;
-* ours: ``ProviderClient.complete`` / iterating ``ProviderClient.stream`` to its ``completion``
-  (body building, JSON decode, usage mapping, cost, time limits, latency estimate);
+* ``floor``: ``httpx.AsyncClient.post`` (httpx's default transport) of the same, pre-encoded
+  request body to the same path, reading the whole answer (streams: iterating its bytes) and
+  nothing else;
+* ``floor_ka``: the same raw httpx calls on :class:`vapora.providers.KeepAliveTransport`, the
+  transport our clients use by default;
+* ``ours``: ``ProviderClient.complete`` / iterating ``ProviderClient.stream`` to its
+  ``completion`` (body building, JSON decode, usage mapping, cost, time limits, latency
+  estimate), as built by ``make_client`` (so on ``KeepAliveTransport``);
+* ``ours_httpx``: the same client given httpx's default transport, the issue's own measure
+  (our client's work over a raw httpx request, both on httpx's transport);
 * the peer: the provider's official SDK doing the same call (text and usage), for context.
 
 The runners alternate call by call (rotating their order, with the garbage collector off
 during a trial, as ``timeit`` does); each trial takes the median time per call of each, and the
-figure is ``ours / floor - 1`` (target: under 10 %), in wall-clock time and in the client
-process's CPU time, as the median (and range) over trials. Run:
-``python -m bench.bench_providers`` (``--quick`` for a smaller run). Writes
-``bench/results/providers.json`` and prints a table.
+figures are ratios to the floor taken inside each trial (``ours_httpx / floor - 1``: target
+under 10 %), in wall-clock time and in the client process's CPU time, as the median (and
+range) over trials. Run: ``python -m bench.bench_providers`` (``--quick`` for a smaller run).
+Writes ``bench/results/providers.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from google.genai import types as genai_types
 
 from bench.common import machine, spread, write_result
 from events.contract import Price
-from vapora.providers import ProviderClient, ProviderRequest, make_client
+from vapora.providers import KeepAliveTransport, ProviderClient, ProviderRequest, make_client
 
 KINDS = ("anthropic", "openai", "gemini", "ollama")
 MODELS = {
@@ -89,8 +95,20 @@ class Pair:
         self.client: ProviderClient = make_client(
             name=kind, kind=kind, model=MODELS[kind], price=PRICE, api_key=KEY, base_url=url
         )
+        self.client_httpx: ProviderClient = make_client(
+            name=kind,
+            kind=kind,
+            model=MODELS[kind],
+            price=PRICE,
+            api_key=KEY,
+            base_url=url,
+            transport=httpx.AsyncHTTPTransport(retries=0),
+        )
         # The same bytes our client would send, encoded once: the floor does no work of ours.
         self.raw = httpx.AsyncClient(base_url=url, headers=self.client._http.headers)
+        self.raw_ka = httpx.AsyncClient(
+            base_url=url, headers=self.client._http.headers, transport=KeepAliveTransport()
+        )
         self.paths = {s: self.client._path(REQUEST, MODELS[kind], stream=s) for s in (False, True)}
         self.bodies = {
             s: msgspec.json.encode(self.client._body(REQUEST, MODELS[kind], s))
@@ -98,33 +116,48 @@ class Pair:
         }
 
     async def floor(self, stream: bool) -> None:
+        await self._raw(self.raw, stream)
+
+    async def floor_ka(self, stream: bool) -> None:
+        await self._raw(self.raw_ka, stream)
+
+    async def _raw(self, raw: httpx.AsyncClient, stream: bool) -> None:
         headers = {"content-type": "application/json"}
         if not stream:
-            response = await self.raw.post(
+            response = await raw.post(
                 self.paths[False], content=self.bodies[False], headers=headers
             )
             response.read()
             return
-        request = self.raw.build_request(
+        request = raw.build_request(
             "POST", self.paths[True], content=self.bodies[True], headers=headers
         )
-        response = await self.raw.send(request, stream=True)
+        response = await raw.send(request, stream=True)
         async for _ in response.aiter_bytes():
             pass
         await response.aclose()
 
     async def ours(self, stream: bool) -> None:
-        if not stream:
-            await self.client.complete(REQUEST)
-            return
-        async with self.client.stream(REQUEST) as chunks:
-            async for _ in chunks:
-                pass
-        assert chunks.completion is not None
+        await _call(self.client, stream)
+
+    async def ours_httpx(self, stream: bool) -> None:
+        await _call(self.client_httpx, stream)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
-        await self.raw.aclose()
+        for client in (self.client, self.client_httpx):
+            await client.aclose()
+        for raw in (self.raw, self.raw_ka):
+            await raw.aclose()
+
+
+async def _call(client: ProviderClient, stream: bool) -> None:
+    if not stream:
+        await client.complete(REQUEST)
+        return
+    async with client.stream(REQUEST) as chunks:
+        async for _ in chunks:
+            pass
+    assert chunks.completion is not None
 
 
 class Peer:
@@ -227,7 +260,8 @@ async def trial(
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     order = list(runners)
     for i in range(calls):
-        for name in order[i % 3 :] + order[: i % 3]:  # rotate: no runner always follows another
+        turn = i % len(order)
+        for name in order[turn:] + order[:turn]:  # rotate: no runner always follows another
             samples[name].append(await timed(runners[name], stream))
     return {
         name: (statistics.median(w for w, _ in got), statistics.median(c for _, c in got))
@@ -240,7 +274,13 @@ async def measure(base: str, calls: int, trials: int) -> dict[str, Any]:
     for kind in KINDS:
         pair, peer = Pair(kind, base), Peer(kind, base)
         for stream in (False, True):
-            runners = {"floor": pair.floor, "ours": pair.ours, "sdk": peer.call}
+            runners = {
+                "floor": pair.floor,
+                "floor_ka": pair.floor_ka,
+                "ours": pair.ours,
+                "ours_httpx": pair.ours_httpx,
+                "sdk": peer.call,
+            }
             await trial(runners, stream, max(calls // 5, 20))  # warm every path and connection
             runs = []
             for _ in range(trials):
@@ -257,30 +297,39 @@ async def measure(base: str, calls: int, trials: int) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict[str, tuple[float, float]]]) -> dict[str, Any]:
-    def ratio(name: str, index: int) -> dict[str, float]:
-        return spread([run[name][index] / run["floor"][index] - 1 for run in runs])
+    def ratio(name: str, index: int, floor: str = "floor") -> dict[str, float]:
+        return spread([run[name][index] / run[floor][index] - 1 for run in runs])
 
     return {
-        "floor_us": spread([run["floor"][0] for run in runs]),
-        "ours_us": spread([run["ours"][0] for run in runs]),
-        "sdk_us": spread([run["sdk"][0] for run in runs]),
-        "overhead_wall": ratio("ours", 0),
-        "overhead_cpu": ratio("ours", 1),
+        **{f"{name}_us": spread([run[name][0] for run in runs]) for name in runs[0]},
+        **{f"{name}_cpu_us": spread([run[name][1] for run in runs]) for name in runs[0]},
+        # The issue's measure: our client over raw httpx, both on httpx's transport.
+        "overhead_wall": ratio("ours_httpx", 0),
+        "overhead_cpu": ratio("ours_httpx", 1),
+        # Our client over raw httpx, both on KeepAliveTransport.
+        "overhead_ka_wall": ratio("ours", 0, "floor_ka"),
+        "overhead_ka_cpu": ratio("ours", 1, "floor_ka"),
+        # What a caller sees: our client as shipped over raw httpx as shipped.
+        "shipped_wall": ratio("ours", 0),
+        "shipped_cpu": ratio("ours", 1),
         "sdk_overhead_wall": ratio("sdk", 0),
     }
 
 
 def print_table(results: dict[str, Any]) -> None:
+    columns = ("floor", "floor_ka", "ours_httpx", "ours", "sdk")
+    ratios = ("overhead_wall", "overhead_cpu", "overhead_ka_wall", "overhead_ka_cpu")
+    ratios += ("shipped_wall", "shipped_cpu", "sdk_overhead_wall")
     print(
-        f"{'provider/mode':<20}{'floor us':>10}{'ours us':>10}{'sdk us':>10}"
-        f"{'ours wall':>11}{'ours cpu':>10}{'sdk wall':>10}"
+        f"{'provider/mode':<19}"
+        + "".join(f"{name + ' us':>14}" for name in columns)
+        + "".join(f"{name:>18}" for name in ratios)
     )
     for name, row in results.items():
         print(
-            f"{name:<20}{row['floor_us']['median']:>10.0f}{row['ours_us']['median']:>10.0f}"
-            f"{row['sdk_us']['median']:>10.0f}{row['overhead_wall']['median'] * 100:>10.1f}%"
-            f"{row['overhead_cpu']['median'] * 100:>9.1f}%"
-            f"{row['sdk_overhead_wall']['median'] * 100:>9.1f}%"
+            f"{name:<19}"
+            + "".join(f"{row[f'{column}_us']['median']:>14.0f}" for column in columns)
+            + "".join(f"{row[ratio]['median'] * 100:>17.1f}%" for ratio in ratios)
         )
 
 

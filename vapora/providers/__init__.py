@@ -14,6 +14,7 @@ from vapora.providers.gemini import GeminiClient
 from vapora.providers.ollama import OllamaClient
 from vapora.providers.openai import OpenAIClient
 from vapora.providers.stream import CompletionStream
+from vapora.providers.transport import KeepAliveTransport
 from vapora.providers.values import (
     DEFAULT_MAX_TOKENS,
     Completion,
@@ -32,6 +33,7 @@ __all__ = [
     "Completion",
     "CompletionStream",
     "GeminiClient",
+    "KeepAliveTransport",
     "OllamaClient",
     "OpenAIClient",
     "ProviderClient",

@@ -29,6 +29,7 @@ import functools
 import logging
 import ssl
 import time
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping
 from datetime import UTC, datetime
@@ -52,6 +53,7 @@ from vapora.errors import (
 )
 from vapora.pricing import cost
 from vapora.providers.stream import CompletionStream
+from vapora.providers.transport import KeepAliveTransport
 from vapora.providers.values import (
     DEFAULT_MAX_TOKENS,
     Completion,
@@ -100,6 +102,25 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def default_transport(base_url: str, max_connections: int = 100) -> httpx.AsyncBaseTransport:
+    """The transport a client gets when none is injected: :class:`KeepAliveTransport`, or
+    httpx's own when a proxy is configured in the environment for ``base_url`` (which only
+    httpx's transport honours)."""
+    if _proxied(base_url):
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        return httpx.AsyncHTTPTransport(limits=limits, retries=0, verify=_tls_context())
+    return KeepAliveTransport(max_connections=max_connections)
+
+
+def _proxied(url: str) -> bool:
+    proxies = urllib.request.getproxies()
+    if not proxies or urllib.request.proxy_bypass(httpx.URL(url).host):
+        return False
+    return any(key in proxies for key in ("all", httpx.URL(url).scheme))
+
+
 class ProviderClient(ABC):
     """One configured provider: its HTTP pool, wire format, price and observed latency.
 
@@ -134,13 +155,9 @@ class ProviderClient(ABC):
         self._clock = clock
         self._latency = _Ewma()
         self._ttft = _Ewma()
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
-            transport=transport
-            or httpx.AsyncHTTPTransport(limits=limits, retries=0, verify=_tls_context()),
+            transport=transport or default_transport(self.base_url, max_connections),
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
             headers=self._headers(self._api_key),
         )
