@@ -118,13 +118,16 @@ class _Continued:
 
 def process_span(
     subject: str,
-    headers: Mapping[str, str] | None,
+    headers: Mapping[str, str] | bytes | None,
     *,
     group: str | None = None,
     msg_id: str | None = None,
 ) -> AbstractContextManager[Span]:
-    """A CONSUMER span ``process <subject>`` continuing the trace the message carried."""
-    context = w3c.extract(headers)
+    """A CONSUMER span ``process <subject>`` continuing the trace the message carried.
+
+    ``headers``: the message's headers, parsed, or the header block as received (bytes: only
+    the trace context is read from it, cheaper than parsing every header)."""
+    context = w3c.extract_raw(headers) if isinstance(headers, bytes) else w3c.extract(headers)
     parent = trace.get_current_span(context).get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         return _Continued(context)  # no span; the unsampled context stays current
@@ -196,10 +199,9 @@ def processed(
 
 
 def _live_span(entry: Any, group: str) -> Span | None:
-    headers = entry.headers
-    if "traceparent" not in headers:
-        return None
-    parent = trace.get_current_span(w3c.extract(headers)).get_span_context()
+    raw = getattr(entry, "raw_headers", None)  # a LogEntry: read only the trace context
+    context = w3c.extract_raw(raw) if raw is not None else w3c.extract(entry.headers)
+    parent = trace.get_current_span(context).get_span_context()
     if not parent.trace_flags.sampled:  # sampled out (or unreadable): no span
         return None
     attributes = _attributes(entry.subject, _PROCESS, group, entry.event.id)

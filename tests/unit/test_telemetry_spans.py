@@ -233,3 +233,33 @@ def test_the_installed_sdk_otlp_exporter_takes_the_direct_encoder() -> None:
     exporter = OtlpSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
     assert exporter._direct
     exporter.shutdown()
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"NATS/1.0\r\nNats-Msg-Id: e-1\r\ntraceparent: 00-"
+        + b"ab" * 16
+        + b"-"
+        + b"cd" * 8
+        + b"-01\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent:00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-00",
+        b"NATS/1.0\r\ntraceparent: 00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01\r\n"
+        b"tracestate: k=v\r\nbaggage: tenant=acme\r\n\r\n",
+        b"NATS/1.0\r\nNats-Msg-Id: e-1\r\n\r\n",
+        b"NATS/1.0\r\nx-traceparent: 00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01\r\n\r\n",
+        b"",
+    ],
+)
+def test_the_trace_context_read_from_a_raw_header_block_equals_the_parsed_one(
+    block: bytes,
+) -> None:
+    from nats.aio.client import Client
+
+    parsed = Client._parse_header_lines(block[block.find(b"\r\n") :]) if block else {}
+    ours = w3c.extract_raw(block)
+    theirs = propagate.extract(parsed)
+    assert trace.get_current_span(ours).get_span_context() == (
+        trace.get_current_span(theirs).get_span_context()
+    )
+    assert baggage.get_all(ours) == baggage.get_all(theirs)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, ExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     InMemoryMetricReader,
@@ -234,6 +234,20 @@ def _otlp_metrics(config: TelemetryConfig, env: Mapping[str, str]) -> MetricRead
     return PeriodicExportingMetricReader(exporter)
 
 
+def _exemplars(
+    env: Mapping[str, str], readers: Sequence[MetricReader], extra: Sequence[MetricReader]
+) -> ExemplarFilter | None:
+    """None (the SDK's choice: ``OTEL_METRICS_EXEMPLAR_FILTER``, else trace-based exemplars)
+    unless the only reader is ``/metrics``: its text format cannot carry exemplars, and making
+    them costs each histogram measurement a look at the current span and, in a sampled trace, an
+    exemplar."""
+    if env.get("OTEL_METRICS_EXEMPLAR_FILTER") or extra:
+        return None
+    if all(isinstance(reader, InMemoryMetricReader) for reader in readers):
+        return AlwaysOffExemplarFilter()
+    return None
+
+
 def _meter_provider(
     telemetry: Telemetry,
     config: TelemetryConfig,
@@ -254,7 +268,9 @@ def _meter_provider(
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     if not readers:
         return  # nothing would read them: record nothing
-    telemetry.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+    telemetry.meter_provider = MeterProvider(
+        metric_readers=readers, resource=resource, exemplar_filter=_exemplars(env, readers, extra)
+    )
     if telemetry.prometheus_reader is not None and config.prometheus_port is not None:
         telemetry.metrics_endpoint = MetricsEndpoint(
             telemetry.prometheus_reader, config.prometheus_host, config.prometheus_port

@@ -17,13 +17,13 @@ from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
+from opentelemetry.context import Context, get_value
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["extract", "inject", "traceparent"]
+__all__ = ["extract", "extract_raw", "inject", "traceparent"]
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -31,6 +31,9 @@ _VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 _W3C = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 _checked: tuple[TextMapPropagator | None, bool] = (None, False)
+# Where the API keeps baggage in a context (a private name: without it, baggage.get_all).
+_BAGGAGE_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
+_RAW_TRACEPARENT = b"\r\ntraceparent:"
 
 
 def _plain_w3c() -> bool:
@@ -58,10 +61,16 @@ def traceparent(span_context: SpanContext) -> str:
     )
 
 
+def _has_baggage(context: Context | None) -> bool:
+    return (
+        bool(get_value(_BAGGAGE_KEY, context)) if _BAGGAGE_KEY else bool(baggage.get_all(context))
+    )
+
+
 def inject(headers: MutableMapping[str, str], span: Span, context: Context | None = None) -> None:
     """Add ``span``'s context to ``headers``; ``context`` is the one ``span`` lives in (the
     current one when None), whose baggage travels too."""
-    if _plain_w3c() and not baggage.get_all(context):
+    if _plain_w3c() and not _has_baggage(context):
         span_context = span.get_span_context()
         if span_context.is_valid:
             headers[TRACEPARENT] = traceparent(span_context)
@@ -93,3 +102,27 @@ def extract(headers: Mapping[str, str] | None) -> Context:
         TraceState.from_header([state]) if state else None,
     )
     return trace.set_span_in_context(NonRecordingSpan(span_context), Context())
+
+
+def extract_raw(raw: bytes | None) -> Context:
+    """:func:`extract` from a NATS header block as received (``NATS/1.0\\r\\nName: value…``),
+    reading only ``traceparent`` when that is all the context there is (the whole block is
+    parsed only when it also has ``tracestate`` or ``baggage``, or another propagator is set)."""
+    if not raw:
+        return Context()
+    if b"tracestate" in raw or b"baggage" in raw or not _plain_w3c():
+        return extract(_parse_headers(raw))
+    start = raw.find(_RAW_TRACEPARENT)
+    if start < 0:
+        return Context()
+    start += len(_RAW_TRACEPARENT)
+    end = raw.find(b"\r\n", start)
+    value = raw[start : end if end >= 0 else len(raw)].strip()
+    return extract({TRACEPARENT: value.decode("ascii", "replace")})
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    from nats.aio.client import Client  # the same parser the actors use for their headers
+
+    parsed: dict[str, str] = Client._parse_header_lines(raw[raw.find(b"\r\n") :])
+    return parsed
