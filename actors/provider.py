@@ -80,7 +80,13 @@ from vapora.errors import (
     ProviderUnavailable,
 )
 from vapora.pricing import cost
-from vapora.providers import Completion, ProviderClient, ProviderRequest, make_client
+from vapora.providers import (
+    Completion,
+    KeepAliveTransport,
+    ProviderClient,
+    ProviderRequest,
+    make_client,
+)
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
 
@@ -123,7 +129,8 @@ def _tls_context() -> ssl.SSLContext:
 
 class ShardedTransport(httpx.AsyncBaseTransport):
     """httpx's transport as ``shards`` small connection pools; each request goes to the least
-    busy one.
+    busy one. (The actor now uses :class:`vapora.providers.KeepAliveTransport`, whose pool has
+    no scan; this stays for benchmarks that measure httpx's own transport.)
 
     httpcore 1.0's pool scans every connection on each request and response, once per
     connection (quadratic in the pool's size: ``len([c.is_idle() for c in connections])``
@@ -279,7 +286,9 @@ class ProviderActor:
             api_key=api_key(config, runtime.env),
             base_url=config.base_url,
             timeout=config.timeout_ms / 1000,
-            transport=ShardedTransport(max_connections=max_concurrency),
+            # Not httpx's transport: half the actor's CPU went to httpcore (ShardedTransport's
+            # docstring); see vapora/providers/transport.py and docs/http-transport.md.
+            transport=KeepAliveTransport(max_connections=max_concurrency),
         )
         self.limiter = RateLimiter(config.rate_limit_rpm)
         self.breaker = CircuitBreaker(
