@@ -3,7 +3,8 @@
 ::
 
     .venv/bin/python bench/bench_pipeline.py [--requests N] [--concurrency C] [--provider P]
-                                             [--keeper] [--reply-first] [--profile FILE]
+                                             [--keeper [--lease-cents N]] [--reply-first]
+                                             [--profile FILE]
 
 One run starts: the provider simulator as its own OS process (``python -m vapora.simulator``,
 zero latency), an embedded nats-server with JetStream, and every actor in this process (provider
@@ -108,6 +109,8 @@ async def throughput(n: int, concurrency: int, call: Callable[[], Awaitable[obje
 async def run(args: argparse.Namespace) -> None:
     with simulator_process() as base_url, tempfile.TemporaryDirectory() as tmp:
         budget = "[budget]\ndaily_limit_cents = 100000000\n" if args.keeper else ""
+        if args.keeper and args.lease_cents is not None:
+            budget += f"lease_cents = {args.lease_cents}\n"
         config = make_config(config_text(base_url, budget=budget))
         provider = config.provider(args.provider)
         assert provider is not None
@@ -180,7 +183,8 @@ def report(
     v50, v99 = percentile(via, 50), percentile(via, 99)
     print(f"# bench_pipeline  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  cpus={os.cpu_count()}")
     print(
-        f"# provider={args.provider} keeper={args.keeper} reply_first={args.reply_first} "
+        f"# provider={args.provider} keeper={args.keeper} lease_cents={args.lease_cents} "
+        f"reply_first={args.reply_first} "
         f"requests={args.requests}  load average {os.getloadavg()[0]:.1f}"
     )
     print(f"{'path':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
@@ -202,6 +206,11 @@ def main() -> None:
         "--reply-first",
         action="store_true",
         help="provider actors reply without waiting for the log's acknowledgement",
+    )
+    parser.add_argument(
+        "--lease-cents",
+        default=None,
+        help="with --keeper: [budget] lease_cents (0: a reservation round trip per paid call)",
     )
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
     anyio.run(run, parser.parse_args())
