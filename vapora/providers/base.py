@@ -32,6 +32,7 @@ import time
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
@@ -161,6 +162,12 @@ class ProviderClient(ABC):
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
             headers=self._headers(self._api_key),
         )
+        # What httpx's build_request would work out on every call, worked out once: the
+        # headers (the client's and ours), the timeouts, an absolute URL per path.
+        self._post_headers = httpx.Headers(self._http.headers)
+        self._post_headers.update(_JSON)
+        self._extensions = {"timeout": self._http.timeout.as_dict()}
+        self._urls: dict[str, httpx.URL] = {}
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
@@ -293,15 +300,30 @@ class ProviderClient(ABC):
                 error_type="missing_api_key",
             )
 
+    def _request(self, path: str, body: dict[str, Any]) -> httpx.Request:
+        """A POST of ``body`` as JSON to ``path``, built without httpx's per-call merging.
+
+        Sent with ``AsyncClient.send``: the client's headers and timeouts apply as with
+        ``post``; cookies a provider sets are not sent back (an API key authenticates).
+        """
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        return httpx.Request(
+            "POST",
+            url,
+            headers=self._post_headers,
+            content=msgspec.json.encode(body),
+            extensions=self._extensions,
+        )
+
     async def _post(
         self, path: str, body: dict[str, Any], time_limit: float | None
     ) -> httpx.Response:
         limit = time_limit or self.timeout
         try:
             with anyio.fail_after(limit):
-                response = await self._http.post(
-                    path, content=msgspec.json.encode(body), headers=_JSON
-                )
+                response = await self._http.send(self._request(path, body))
         except TimeoutError as exc:
             raise self._fail(
                 ProviderTimeout(
@@ -432,12 +454,14 @@ class ProviderClient(ABC):
         consumer (:class:`CompletionStream`) wakes once per read, not once per frame. Time
         limits are applied by the consumer, around the whole stream, so no timer per read.
         """
-        body = msgspec.json.encode(self._body(request, model, True))
-        path = self._path(request, model, stream=True)
+        post = self._request(
+            self._path(request, model, stream=True), self._body(request, model, True)
+        )
         decoder = NDJSONDecoder() if self.framing == "ndjson" else SSEDecoder()
         parts = turn.parts
         try:
-            async with self._http.stream("POST", path, content=body, headers=_JSON) as response:
+            response = await self._http.send(post, stream=True)
+            async with aclosing(response):
                 if response.status_code >= 400:
                     content = await response.aread()
                     raise self._http_error(response.status_code, response.headers, content)
