@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -45,6 +46,7 @@ class Server:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
+        self.disconnections = 0
         self.url = ""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -54,6 +56,7 @@ class Server:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.disconnections += 1
             writer.close()
 
 
@@ -302,6 +305,41 @@ async def test_a_stream_left_early_closes_its_connection(http: httpx.AsyncClient
         assert (await http.post(server.url, content=b"x")).content == b"fine"
 
     assert server.connections == 2
+
+
+async def test_a_cancelled_request_frees_its_connection_slot() -> None:
+    async def slow_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        if b"/slow" in head:
+            await asyncio.sleep(5)
+        writer.write(answer(b"fast"))
+        await echo_forever(reader, writer)
+
+    transport = KeepAliveTransport(max_connections=1)
+    async with (
+        serving(slow_first) as server,
+        httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(2.0, pool=0.5)) as http,
+    ):
+        with anyio.move_on_after(0.1) as scope:  # as the clients' time limits cancel a call
+            await http.post(server.url + "/slow", content=b"x")
+        response = await http.post(server.url + "/fast", content=b"x")
+
+    assert scope.cancelled_caught and response.content == b"fast"
+    assert server.connections == 2  # the cancelled call's connection was not reused
+
+
+async def test_closing_the_transport_closes_idle_and_then_busy_connections() -> None:
+    async with serving(echo_forever) as server:
+        http = httpx.AsyncClient(transport=KeepAliveTransport())
+        busy = await http.send(http.build_request("POST", server.url, content=b"A"), stream=True)
+        assert (await http.post(server.url, content=b"B")).content == b"B"  # a 2nd, now idle
+        await http.aclose()
+        await asyncio.sleep(0.05)
+        after_close = server.disconnections
+        assert await busy.aread() == b"A"  # its answer done, the busy one is closed too
+        await asyncio.sleep(0.05)
+
+    assert (server.connections, after_close, server.disconnections) == (2, 1, 2)
 
 
 # --- TLS --------------------------------------------------------------------------------------

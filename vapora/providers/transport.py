@@ -194,6 +194,7 @@ class _Pool:
         self.keepalive_expiry = keepalive_expiry
         self.idle: list[_Connection] = []
         self.count = 0
+        self.closed = False
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def acquire(self, timeouts: dict[str, float | None]) -> _Connection:
@@ -250,7 +251,7 @@ class _Pool:
         return connection
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
-        if reusable and not connection.closed:
+        if reusable and not connection.closed and not self.closed:
             connection.idle_since = time.monotonic()
             self.idle.append(connection)
         else:
@@ -269,6 +270,8 @@ class _Pool:
                 return
 
     def close(self) -> None:
+        """Close the idle connections now, the busy ones when their answer is done."""
+        self.closed = True
         for connection in self.idle:
             connection.close()
         self.idle.clear()
