@@ -16,11 +16,14 @@ import pytest
 from actors.connection import Client, ConnectOptions, connect
 from actors.eventlog import EventLog, StreamSettings
 from actors.server import EmbeddedNats
+from vapora.eventloop import loop_name
 
 
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    # The loop vapora's processes run on (uvloop where installed; VAPORA_EVENT_LOOP=asyncio runs
+    # the suite on asyncio's own loop).
+    return "asyncio", {"use_uvloop": loop_name() == "uvloop"}
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import anyio
 
 from vapora import __version__
 from vapora.errors import ConfigError, VaporaError
+from vapora.eventloop import run as run_loop
 
 if TYPE_CHECKING:
     from actors.connection import Client, ConnectOptions
@@ -508,7 +509,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "config":
             return cmd_config(args)
-        return int(anyio.run(_ASYNC[args.command], args))
+        return int(run_loop(_ASYNC[args.command], args))
     except ConfigError as exc:
         print(f"vapora {args.command}: {exc}", file=sys.stderr)
         return 2

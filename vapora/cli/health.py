@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import anyio
+from vapora.eventloop import run as run_loop
 
 __all__ = ["add_parser", "cmd_health", "main", "ping_subject"]
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return int(anyio.run(cmd_health, args))
+        return int(run_loop(cmd_health, args))
     except Exception as exc:  # a bad config file, ...: unhealthy, with the reason
         print(f"unhealthy: {exc}")
         return 1

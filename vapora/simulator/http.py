@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 __all__ = ["Connection", "Cut", "HTTPServer", "Request", "response_bytes"]
@@ -78,8 +78,8 @@ class Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A TCP transport (asyncio's or uvloop's, which does not subclass asyncio.Transport).
+        self._transport = cast(asyncio.Transport, transport)
         self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from vapora.eventloop import run as run_loop
 from vapora.simulator.http import HTTPServer
 from vapora.simulator.server import RecordedRequest, SimulatorApp
 
@@ -105,7 +106,7 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--latency-ms", type=int, default=None, help="default latency")
     args = parser.parse_args(argv)
     try:
-        anyio.run(_serve_until_signalled, args.host, args.port, args.latency_ms)
+        run_loop(_serve_until_signalled, args.host, args.port, args.latency_ms)
     except OSError as exc:
         print(f"simulator: {exc}", file=sys.stderr)
         return 1

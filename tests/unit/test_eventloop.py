@@ -1,0 +1,54 @@
+"""Which event loop vapora's processes run on, and how an operator chooses it."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vapora.errors import ConfigError
+from vapora.eventloop import ENV, loop_name, run
+
+UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+@pytest.mark.skipif(not UVLOOP, reason="uvloop is not installed on this platform")
+def test_uvloop_is_the_default_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    assert loop_name() == "uvloop"
+    assert run(_loop_module).startswith("uvloop")
+
+
+def test_asyncio_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "asyncio")
+    assert loop_name() == "asyncio"
+    assert run(_loop_module).startswith("asyncio")
+
+
+def test_an_unknown_loop_name_is_an_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ENV, "trio")
+    with pytest.raises(ConfigError, match=f"{ENV} must be 'uvloop' or 'asyncio', not 'trio'"):
+        loop_name()
+
+
+def test_the_cli_refuses_an_unknown_loop_with_exit_2() -> None:
+    env = {**os.environ, ENV: "trio"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vapora.cli", "budget", "--nats-url", "nats://127.0.0.1:9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"{ENV} must be 'uvloop' or 'asyncio'" in done.stderr

@@ -1,0 +1,43 @@
+"""The event loop every vapora process runs on: uvloop where it is installed, else asyncio's.
+
+uvloop (libuv under asyncio's API, the loop uvicorn uses) makes socket reads and writes, timers
+and task switches cheaper; an actor does little else, so each request through vapora costs less
+CPU and less latency on it (measured in ``BENCHMARKS.md``). It changes nothing in behaviour:
+anyio, nats-py, httpx and aiosqlite run unchanged on either loop. ``VAPORA_EVENT_LOOP=asyncio``
+chooses asyncio's own loop; ``uvloop`` insists on uvloop (an error when it is missing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from vapora.errors import ConfigError
+
+__all__ = ["ENV", "loop_name", "run"]
+
+ENV = "VAPORA_EVENT_LOOP"
+T = TypeVar("T")
+
+
+def loop_name() -> str:
+    """``uvloop`` or ``asyncio``: what :func:`run` uses, from ``VAPORA_EVENT_LOOP`` and what's
+    installed. Raises :class:`ConfigError` naming the variable for any other value."""
+    wanted = os.environ.get(ENV, "").strip().lower()
+    if wanted not in ("", "uvloop", "asyncio"):
+        raise ConfigError(f"{ENV} must be 'uvloop' or 'asyncio', not {wanted!r}")
+    if wanted == "asyncio":
+        return "asyncio"
+    installed = importlib.util.find_spec("uvloop") is not None
+    if wanted == "uvloop" and not installed:
+        raise ConfigError(f"{ENV}=uvloop, but uvloop is not installed")
+    return "uvloop" if installed else "asyncio"
+
+
+def run(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``anyio.run(func, *args)`` on the loop :func:`loop_name` names."""
+    return anyio.run(func, *args, backend_options={"use_uvloop": loop_name() == "uvloop"})
