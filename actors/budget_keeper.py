@@ -304,13 +304,21 @@ class BudgetKeeper:
                 log.warning("budget keeper: snapshot is ahead of the log; replaying it all")
                 self.state, self.fence, self.announced = budget.EMPTY, 0, Tier.NORMAL
                 self.restored_sequence = None
+        fold = budget.Fold(self.state)  # frozen once at the end, not once per batch
         async for batch in self.log.replay(self.state.last_sequence + 1):
-            for entry in batch:
-                self._note(entry)
-            self.state = budget.catch_up(self.state, [(e.event, e.seq) for e in batch])
+            self._note_batch(batch)
+            fold.apply_entries(batch)
             self.replayed_events += len(batch)
             self._changed += len(batch)
             self._tier_cause = _last_money_event(batch) or self._tier_cause
+        self.state = fold.state()
+
+    def _note_batch(self, batch: list[LogEntry]) -> None:
+        """:meth:`_note` for the entries that can change what it keeps (a replay's fast path)."""
+        subject = self.subject
+        for entry in batch:
+            if entry.subject == subject or type(entry.event) is BudgetTierChanged:
+                self._note(entry)
 
     def _note(self, entry: LogEntry) -> None:
         """Keep the fence and the announced tier in step with the log."""

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -79,6 +79,7 @@ __all__ = [
     "BudgetState",
     "CLOSED_RETENTION",
     "EMPTY",
+    "Fold",
     "LEASE_FRACTION",
     "Lease",
     "Reservation",
@@ -314,7 +315,12 @@ class _CowMap(Generic[K, V]):
     def __contains__(self, key: K) -> bool:
         return key in self._shards[hash(key) & _MASK]
 
-    def _writable(self, index: int) -> dict[K, V]:
+    def shard(self, index: int) -> dict[K, V]:
+        """Shard ``index`` to read (``hash(key) & _MASK``)."""
+        return self._shards[index]
+
+    def writable(self, index: int) -> dict[K, V]:
+        """Shard ``index`` to write, copied first if the frozen state still shares it."""
         if not self._owned[index]:
             self._shards[index] = dict(self._shards[index])
             self._owned[index] = True
@@ -322,20 +328,30 @@ class _CowMap(Generic[K, V]):
 
     def set(self, key: K, value: V) -> None:
         index = hash(key) & _MASK
-        shard = self._shards[index] if self._owned[index] else self._writable(index)
+        shard = self._shards[index] if self._owned[index] else self.writable(index)
         shard[key] = value
 
     def pop(self, key: K) -> V | None:
         index = hash(key) & _MASK
         if key not in self._shards[index]:
             return None
-        return self._writable(index).pop(key)
+        return self.writable(index).pop(key)
 
     def drop_where(self, stale: Callable[[V], bool]) -> None:
         for index, shard in enumerate(self._shards):
             doomed = [key for key, value in shard.items() if stale(value)]
             if doomed:
-                writable = self._writable(index)
+                writable = self.writable(index)
+                for key in doomed:
+                    del writable[key]
+
+    def drop_before(self, cutoff: V) -> None:
+        """Drop entries whose value (a time) is before ``cutoff``: the daily prune, no call
+        per entry."""
+        for index, shard in enumerate(self._shards):
+            doomed = [key for key, value in shard.items() if value < cutoff]  # type: ignore[operator]
+            if doomed:
+                writable = self.writable(index)
                 for key in doomed:
                     del writable[key]
 
@@ -412,22 +428,26 @@ class _Books:
         )
 
     def apply(self, event: Event) -> None:
-        kind = type(event)
-        if kind is SpendRecorded:
-            self.spend(event)  # type: ignore[arg-type]
-        elif kind is BudgetReserved:
-            self.reserve(event)  # type: ignore[arg-type]
-        elif kind is BudgetReleased:
-            at = _utc(event.at)
-            self.close(event.reservation_id, event.task_id, at, _ZERO)  # type: ignore[union-attr]
-            self.tick(at)
-        elif kind is BudgetLeased:
-            self.leased_to(event)  # type: ignore[arg-type]
-        elif kind is BudgetLeaseReturned:
-            self.lease_returned(event)  # type: ignore[arg-type]
+        """Fold one event; every money event also advances event time (and may prune)."""
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            return
+        at = event.at
+        if at.tzinfo is not UTC:
+            at = _utc(at)
+        handler(self, event, at)
+        # The tick, inlined: it runs for every money event of every replay.
+        if self.watermark is None or at > self.watermark:
+            self.watermark = at
+        due = self.next_prune
+        if due is None or at >= due:
+            self.new_day(at)
 
-    def leased_to(self, event: BudgetLeased) -> None:
-        lid, at = event.lease_id, _utc(event.at)
+    def released(self, event: BudgetReleased, at: datetime) -> None:
+        self.close(event.reservation_id, event.task_id, at, _ZERO)
+
+    def leased_to(self, event: BudgetLeased, at: datetime) -> None:
+        lid = event.lease_id
         old = self.leases.get(lid)
         if old is None and lid not in self.closed:
             new = Lease(
@@ -447,27 +467,26 @@ class _Books:
                 returned=old.returned,
             )
             self.put_lease(lid, old, new)
-        self.tick(at)
 
-    def lease_returned(self, event: BudgetLeaseReturned) -> None:
-        lid, at = event.lease_id, _utc(event.at)
+    def lease_returned(self, event: BudgetLeaseReturned, at: datetime) -> None:
+        lid = event.lease_id
         old = self.leases.get(lid)
-        if old is not None and event.version > old.version:
-            kept = event.kept_usd if event.kept_usd < old.granted_usd else old.granted_usd
-            new = Lease(
-                holder=old.holder,
-                granted_usd=kept,
-                spent_usd=old.spent_usd,
-                expires_at=old.expires_at,
-                version=event.version,
-                returned=True,
-            )
-            if event.reason == "expired" or new.outstanding_usd == 0:
-                self.put_lease(lid, old, None)
-                self.closed.set(lid, at)
-            else:
-                self.put_lease(lid, old, new)
-        self.tick(at)
+        if old is None or event.version <= old.version:
+            return
+        kept = event.kept_usd if event.kept_usd < old.granted_usd else old.granted_usd
+        new = Lease(
+            holder=old.holder,
+            granted_usd=kept,
+            spent_usd=old.spent_usd,
+            expires_at=old.expires_at,
+            version=event.version,
+            returned=True,
+        )
+        if event.reason == "expired" or new.outstanding_usd == 0:
+            self.put_lease(lid, old, None)
+            self.closed.set(lid, at)
+        else:
+            self.put_lease(lid, old, new)
 
     def put_lease(self, lid: str, old: Lease | None, new: Lease | None) -> None:
         if not self.leases_owned:
@@ -494,32 +513,33 @@ class _Books:
             ),
         )
 
-    def reserve(self, event: BudgetReserved) -> None:
-        rid, at = event.reservation_id, _utc(event.at)
+    # The two hot paths below index each sharded map once per key: a reservation id has the
+    # same shard in the open and the closed map.
+
+    def reserve(self, event: BudgetReserved, at: datetime) -> None:
+        rid = event.reservation_id
+        index = hash(rid) & _MASK
         amount = _ZERO
-        if rid not in self.open and rid not in self.closed:
+        if rid not in self.open.shard(index) and rid not in self.closed.shard(index):
             amount = event.amount_usd
-            self.open.set(
-                rid,
-                Reservation(
-                    task_id=event.task_id,
-                    provider=event.provider,
-                    amount_usd=amount,
-                    reserved_at=at,
-                    expires_at=_utc(event.expires_at),
-                ),
+            self.open.writable(index)[rid] = Reservation(
+                task_id=event.task_id,
+                provider=event.provider,
+                amount_usd=amount,
+                reserved_at=at,
+                expires_at=_utc(event.expires_at),
             )
             self.reserved += amount
         # Touched even when ignored, so the task's cap and last activity do not depend on order.
         self.touch_task(event.task_id, at, _ZERO, amount, event.task_limit_usd)
-        self.tick(at)
 
-    def spend(self, event: SpendRecorded) -> None:
-        at, cost = _utc(event.at), event.cost_usd
-        if event.id in self.counted:
-            self.tick(at)
+    def spend(self, event: SpendRecorded, at: datetime) -> None:
+        eid = event.id
+        index = hash(eid) & _MASK
+        if eid in self.counted.shard(index):
             return
-        self.counted.set(event.id, at)
+        self.counted.writable(index)[eid] = at
+        cost = event.cost_usd
         day = at.date()
         if day != self.last_day:
             self.last_day, self.last_month = day, day.replace(day=1)
@@ -527,9 +547,9 @@ class _Books:
             self.days, self.days_owned = dict(self.days), True
         if not self.months_owned:
             self.months, self.months_owned = dict(self.months), True
-        self.days[day] = self.days.get(day, _ZERO) + cost
-        month = self.last_month
-        self.months[month] = self.months.get(month, _ZERO) + cost
+        days, months, month = self.days, self.months, self.last_month
+        days[day] = days[day] + cost if day in days else cost
+        months[month] = months[month] + cost if month in months else cost
         self.total += cost
         self.spend_events += 1
         rid = event.reservation_id
@@ -539,13 +559,16 @@ class _Books:
             self.touch_task(event.task_id, at, cost, _ZERO, None)
         else:
             self.close(rid, event.task_id, at, cost)
-        self.tick(at)
 
     def close(self, rid: str | None, task_id: str, at: datetime, cost: Decimal) -> None:
         """Close ``rid`` (if given and open) and add ``cost`` to ``task_id``'s spend."""
-        held = None if rid is None else self.open.pop(rid)
-        if rid is not None and rid not in self.closed:
-            self.closed.set(rid, at)
+        if rid is None:
+            self.touch_task(task_id, at, cost, _ZERO, None)
+            return
+        index = hash(rid) & _MASK
+        held = self.open.writable(index).pop(rid) if rid in self.open.shard(index) else None
+        if rid not in self.closed.shard(index):
+            self.closed.writable(index)[rid] = at
         if held is None:
             self.touch_task(task_id, at, cost, _ZERO, None)
             return
@@ -559,23 +582,31 @@ class _Books:
     def touch_task(
         self, task_id: str, at: datetime, spent: Decimal, held: Decimal, cap: Decimal | None
     ) -> None:
-        old = self.tasks.get(task_id)
+        shard = self.tasks.writable(hash(task_id) & _MASK)
+        old = shard.get(task_id)
         if old is None:
-            self.tasks.set(task_id, TaskSpend(spent, held, at, cap))
+            shard[task_id] = TaskSpend(spent, held, at, cap)
             return
         if old.cap_usd is not None and (cap is None or old.cap_usd < cap):
             cap = old.cap_usd
         last = at if at > old.last_at else old.last_at
-        self.tasks.set(task_id, TaskSpend(old.spent_usd + spent, old.held_usd + held, last, cap))
+        shard[task_id] = TaskSpend(
+            old.spent_usd + spent if spent else old.spent_usd,
+            old.held_usd + held if held else old.held_usd,
+            last,
+            cap,
+        )
 
     def tick(self, at: datetime) -> None:
         """Advance the event-time watermark; prune when event time enters a new UTC day."""
         if self.watermark is None or at > self.watermark:
             self.watermark = at
         due = self.next_prune
-        if due is not None and at < due:
-            return
-        if due is not None:
+        if due is None or at >= due:
+            self.new_day(at)
+
+    def new_day(self, at: datetime) -> None:
+        if self.next_prune is not None:
             self.prune(at)
         self.next_prune = _next_midnight(at)
 
@@ -589,8 +620,18 @@ class _Books:
             self.months_owned = True
         idle_since, closed_before = now - TASK_RETENTION, now - CLOSED_RETENTION
         self.tasks.drop_where(lambda t: t.held_usd == 0 and t.last_at < idle_since)
-        self.closed.drop_where(lambda closed_at: closed_at < closed_before)
-        self.counted.drop_where(lambda counted_at: counted_at < closed_before)
+        self.closed.drop_before(closed_before)
+        self.counted.drop_before(closed_before)
+
+
+_Handler = Callable[[_Books, Any, datetime], None]
+_HANDLERS: dict[type, _Handler] = {
+    SpendRecorded: _Books.spend,
+    BudgetReserved: _Books.reserve,
+    BudgetReleased: _Books.released,
+    BudgetLeased: _Books.leased_to,
+    BudgetLeaseReturned: _Books.lease_returned,
+}
 
 
 def _utc(at: datetime) -> datetime:
@@ -644,13 +685,55 @@ def replay(events: Iterable[Event], state: BudgetState = EMPTY) -> BudgetState:
 
 
 def catch_up(state: BudgetState, tail: Iterable[tuple[Event, int]]) -> BudgetState:
-    """Fold ``(event, stream_seq)`` pairs into ``state``, skipping those already applied."""
-    books = _Books(state)
-    for event, seq in tail:
-        if seq > books.last_sequence:
-            books.apply(event)
-            books.last_sequence = seq
-    return books.freeze()
+    """Fold ``(event, stream_seq)`` pairs into ``state``, skipping those already applied.
+    (Many batches in a row: :class:`Fold`.)"""
+    fold = Fold(state)
+    fold.apply(tail)
+    return fold.state()
+
+
+class Fold:
+    """A fold in progress over many batches: :func:`catch_up` without a frozen state between
+    them (each freeze makes the next batch copy every shard it writes), frozen once at the end.
+
+    ``apply`` takes ``(event, stream_seq)`` pairs; ``apply_entries`` takes anything with
+    ``event`` and ``seq`` attributes (the event log's entries), so no pairs are built.
+    """
+
+    __slots__ = ("_books",)
+
+    def __init__(self, state: BudgetState = EMPTY) -> None:
+        self._books = _Books(state)
+
+    @property
+    def last_sequence(self) -> int:
+        return self._books.last_sequence
+
+    def apply(self, tail: Iterable[tuple[Event, int]]) -> None:
+        books = self._books
+        for event, seq in tail:
+            if seq > books.last_sequence:
+                books.apply(event)
+                books.last_sequence = seq
+
+    def apply_entries(self, entries: Iterable[_Entry]) -> None:
+        books = self._books
+        for entry in entries:
+            if entry.seq > books.last_sequence:
+                books.apply(entry.event)
+                books.last_sequence = entry.seq
+
+    def state(self) -> BudgetState:
+        """The state so far (a frozen value; folding may go on afterwards)."""
+        return self._books.freeze()
+
+
+class _Entry(Protocol):
+    @property
+    def event(self) -> Event: ...
+
+    @property
+    def seq(self) -> int: ...
 
 
 # --- reading the state at a given time ----------------------------------------------------------
