@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gzip
 import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -256,6 +257,20 @@ async def test_interim_answers_and_bodiless_answers(http: httpx.AsyncClient) -> 
     assert head.headers["content-length"] == "1000" and head.content == b""
     assert empty.status_code == 204 and empty.content == b""
     assert last.content == b"still one connection" and server.connections == 1
+
+
+async def test_a_compressed_body_is_decoded_by_httpx(http: httpx.AsyncClient) -> None:
+    text = b"data: " + b"x" * 2000 + b"\n\n"
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(gzip.compress(text), b"content-encoding: gzip"))
+        await writer.drain()
+
+    async with serving(gzipped) as server:
+        response = await http.post(server.url, content=b"x")
+
+    assert response.content == text
 
 
 async def test_a_malformed_answer_is_a_protocol_error(http: httpx.AsyncClient) -> None:
