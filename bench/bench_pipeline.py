@@ -46,6 +46,7 @@ from actors.runner import Runtime, build  # noqa: E402
 from actors.server import EmbeddedNats  # noqa: E402
 from tests.fault.provider_harness import KEYS, config_text, make_config  # noqa: E402
 from vapora.client import Client  # noqa: E402
+from vapora.eventloop import run as run_loop  # noqa: E402
 from vapora.providers import ProviderRequest, make_client  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
@@ -213,7 +214,7 @@ def main() -> None:
         help="with --keeper: [budget] lease_cents (0: a reservation round trip per paid call)",
     )
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
-    anyio.run(run, parser.parse_args())
+    run_loop(run, parser.parse_args())
 
 
 if __name__ == "__main__":

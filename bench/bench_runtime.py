@@ -33,6 +33,7 @@ from actors.server import EmbeddedNats
 from actors.service import ActorService, Endpoint, RequestContext
 from bench.common import machine, percentile, spread, write_result
 from events import BudgetReleased, CompletionRequest
+from vapora.eventloop import run as run_loop
 
 BARE = "bench.bare"
 RUNTIME = "bench.runtime"
@@ -201,10 +202,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
     if args.serve:
-        anyio.run(serve, args.serve)
+        run_loop(serve, args.serve)
         return
     sizes = (3, 2000, 20_000, 100_000) if args.quick else (args.trials, 5000, 100_000, 1_000_000)
-    result = anyio.run(run, *sizes)
+    result = run_loop(run, *sizes)
     result["machine"] = machine()
     result["command"] = "python -m bench.bench_runtime" + (" --quick" if args.quick else "")
     path = write_result("runtime", result)

@@ -34,6 +34,7 @@ from tests.cluster.processes import VAPORA, ActorProcess, start_actor
 from tests.fault.provider_harness import config_text
 from vapora.client import Client
 from vapora.errors import VaporaError
+from vapora.eventloop import run as run_loop
 
 # The model carries the simulator's behaviour: 20 ms to answer, like a fast cached endpoint, so
 # the actors (not the simulated provider) are what is measured.
@@ -222,5 +223,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", default=["free", "paid"], choices=WORKLOADS)
-    anyio.run(main, parser.parse_args())
+    run_loop(main, parser.parse_args())
     sys.exit(0)

@@ -49,7 +49,7 @@ import nats
 
 from bench import vs_floor, vs_procs
 from bench.common import machine, spread, write_result
-from bench.vs_load import Call, closed_loop, percentile, sustainable_rate
+from bench.vs_load import Call, closed_loop, percentile, run_main, sustainable_rate
 from bench.vs_report import markdown, update_benchmarks_md
 
 HERE = Path(__file__).resolve().parent
@@ -484,8 +484,18 @@ def litellm_python(plan: Plan, install: bool) -> Path | None:
         )
     if not python.exists():
         return None
+    if install and _lacks(python, "uvloop"):  # a venv made before uvloop joined the requirements
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "-r", str(LITELLM_REQUIREMENTS)],
+            check=True,
+        )
     probe = subprocess.run([str(python), "-c", "import litellm"], capture_output=True, check=False)
     return python if probe.returncode == 0 else None
+
+
+def _lacks(python: Path, module: str) -> bool:
+    probe = [str(python), "-c", f"import {module}"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode != 0
 
 
 async def warm(leg: Leg, plan: Plan) -> None:
@@ -608,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, trials=args.trials)
     plan = replace(plan, split=plan.split and not args.no_split)
     plan = replace(plan, litellm=plan.litellm and not args.no_litellm)
-    result = asyncio.run(run(plan, install=not args.no_install))
+    result = run_main(run(plan, install=not args.no_install))
     result["machine"] = machine() | {"kernel": platform.release()}
     result["command"] = "make bench  # = python -m bench" + (" --quick" if args.quick else "")
     path = write_result("vs_litellm", result)

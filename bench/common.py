@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from vapora.eventloop import loop_name
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -52,6 +54,8 @@ def machine() -> dict[str, Any]:
         "nats-py": version("nats-py"),
         "msgspec": version("msgspec"),
         "httpx": version("httpx"),
+        "event loop": loop_name(),
+        "uvloop": version("uvloop"),
     }
 
 

@@ -22,7 +22,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from bench.vs_load import Call
+from bench.vs_load import Call, run_main
 
 ECHO = "bench.vs.echo"
 JS_STREAM = "BENCH_VS_FLOOR"
@@ -267,7 +267,7 @@ async def serve(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="the floor's NATS echo responder")
     parser.add_argument("--serve", metavar="URL", required=True)
-    asyncio.run(serve(parser.parse_args().serve))
+    run_main(serve(parser.parse_args().serve))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price map
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
 
-from bench.vs_load import closed_loop, percentile, sustainable_rate
+from bench.vs_load import closed_loop, percentile, run_main, sustainable_rate
 
 INPUT_COST = 0.15e-6  # USD per token, the same prices vapora's config gives
 OUTPUT_COST = 0.60e-6
@@ -148,4 +148,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_main(main())

@@ -19,15 +19,26 @@ exception counts as a failure. Every generator is bounded in count and in time, 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 Call = Callable[[], Awaitable[bool]]
 
-__all__ = ["Call", "Run", "closed_loop", "open_loop", "percentile", "sustainable_rate"]
+__all__ = [
+    "Call",
+    "Run",
+    "closed_loop",
+    "loop_name",
+    "open_loop",
+    "percentile",
+    "run_main",
+    "sustainable_rate",
+]
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -195,3 +206,24 @@ async def _step(call: Call, rate: float, seconds: float, steps: list[dict[str, A
     )
     await asyncio.sleep(0.2)  # let the step's stragglers and timers settle
     return p99
+
+
+T = TypeVar("T")
+
+
+def loop_name() -> str:
+    """The event loop every process of the benchmark runs on: uvloop where it is installed (as
+    vapora's own processes do, see ``vapora/eventloop.py``), unless ``VAPORA_EVENT_LOOP=asyncio``.
+    The same loop for the floor, vapora, LiteLLM and the load generators keeps ratios fair."""
+    if os.environ.get("VAPORA_EVENT_LOOP", "").strip().lower() == "asyncio":
+        return "asyncio"
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+def run_main(main: Awaitable[T]) -> T:
+    """``asyncio.run(main)`` on :func:`loop_name`'s loop."""
+    if loop_name() == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)  # type: ignore[arg-type]
+    return asyncio.run(main)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ import nats
 
 from bench import vs_floor, vs_procs
 from bench.bench_vs_litellm import LITELLM_VENV, MODELS, PROMPT, vapora_config
-from bench.vs_load import closed_loop
+from bench.vs_load import closed_loop, run_main
 
 
 def py_spy() -> str | None:
@@ -108,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.py_spy:
         args.py_spy.mkdir(parents=True, exist_ok=True)
-    asyncio.run(profile(args.concurrency, args.seconds, args.py_spy))
+    run_main(profile(args.concurrency, args.seconds, args.py_spy))
 
 
 if __name__ == "__main__":
