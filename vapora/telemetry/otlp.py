@@ -56,9 +56,14 @@ def _tag(field: int, wire: int) -> bytes:
     return _varint(field << 3 | wire)
 
 
+_LEN_TAGS = [_tag(field, _LEN) for field in range(16)]
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def _field(field: int, payload: bytes) -> bytes:
-    """A length-delimited field (a string, bytes or an embedded message)."""
-    return _tag(field, _LEN) + _varint(len(payload)) + payload
+    """A length-delimited field (a string, bytes or an embedded message), field number < 16."""
+    size = len(payload)
+    return _LEN_TAGS[field] + (_ONE_BYTE[size] if size < 0x80 else _varint(size)) + payload
 
 
 def _any_value(value: Any) -> bytes:
