@@ -80,6 +80,8 @@ def permissions() -> dict[str, Permissions]:
             "vapora.provider.*.call",
             subjects.BUDGET_RESERVE,
             subjects.BUDGET_RELEASE,
+            subjects.BUDGET_LEASE,
+            subjects.BUDGET_LEASE_RETURN,
             subjects.BUDGET,
         ),
         "provider": (f"{_EVENTS}.call.>", f"{_EVENTS}.spend.>", f"{_EVENTS}.health.>"),

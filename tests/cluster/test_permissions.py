@@ -79,6 +79,8 @@ WRITERS = {
     "budget_reserved": "budget",
     "budget_released": "budget",
     "budget_tier_changed": "budget",
+    "budget_leased": "budget",
+    "budget_lease_returned": "budget",
 }
 
 
@@ -145,7 +147,13 @@ async def test_an_actor_starts_against_the_existing_stream_without_updating_it(
 
 
 @pytest.mark.parametrize(
-    "subject", ["vapora.budget.reserve", "vapora.provider.claude.call", "vapora.events.route"]
+    "subject",
+    [
+        "vapora.budget.reserve",
+        "vapora.budget.lease",
+        "vapora.provider.claude.call",
+        "vapora.events.route",
+    ],
 )
 async def test_a_client_may_not_publish_to_internal_subjects(
     subject: str, secured_server: EmbeddedNats, tls_files: TlsFiles
