@@ -63,6 +63,8 @@ from bench.common import machine, percentile, write_result  # noqa: E402
 from tests.fault.provider_harness import KEYS, config_text, make_config  # noqa: E402
 from vapora.client import Client  # noqa: E402
 from vapora.config import TelemetryConfig  # noqa: E402
+from vapora.eventloop import loop_name  # noqa: E402
+from vapora.eventloop import run as run_loop  # noqa: E402
 from vapora.telemetry import Telemetry, setup  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
@@ -297,7 +299,8 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
     off_p50 = statistics.median(base["p50"])
     lines = [
         f"# bench_telemetry  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  cpus={os.cpu_count()}  "
-        f"load average {result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end",
+        f"load average {result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end, "
+        f"{loop_name()} loop",
         f"# provider={args.provider} sequential={args.requests}/mode, bursts={args.bursts}x"
         f"{args.burst} at concurrency {args.concurrency}/mode, trials={args.trials} (medians; "
         f"costs paired within each trial); exporter {result['exporter']}, spans exported: "
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.requests, args.bursts, args.trials = 50, 3, 1
     load_before = os.getloadavg()[0]
-    result = anyio.run(run, args)
+    result = run_loop(run, args)  # the loop vapora runs on (uvloop where installed)
     result["load"] = (load_before, os.getloadavg()[0])
     print(table(args, result))
     write_result(
