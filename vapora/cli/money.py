@@ -38,7 +38,7 @@ from vapora.ledger import Ledger, LoggedEvent, SpendRow
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-    from actors.eventlog import EventLog
+    from actors.eventlog import EventLog, LogEntry
 
 __all__ = [
     "LEDGER_FILE",
@@ -256,13 +256,24 @@ async def events_command(
         )
     wanted = _filter(type_, task_id)
     printed = 0
-    reader = log.tail(1) if follow else log.replay(1)
-    async for batch in reader:
+    position = 0
+
+    async def show(batch: list[LogEntry]) -> None:
+        nonlocal printed, position
         lines = [encode(entry.event).decode() for entry in batch if wanted(entry.event)]
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()
             printed += len(lines)
+        position = batch[-1].seq
+
+    if follow:  # through a nats-server restart too: the follower reopens its tail
+        from actors.follow import LogFollower
+
+        follower = LogFollower(log, name="vapora events", apply=show, position=lambda: position)
+        await follower.run()
+    async for batch in log.replay(1):
+        await show(batch)
     return printed
 
 
