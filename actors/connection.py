@@ -7,6 +7,7 @@ a secret) instead of being swallowed, and a first connection that cannot be made
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -112,12 +113,17 @@ _STATUS_AT = len(b"NATS/1.0 ")
 class _Reply:
     __slots__ = ("asked", "data", "done", "headers", "subject")
 
-    def __init__(self, asked: str = "") -> None:
-        self.done = anyio.Event()
+    def __init__(self, asked: str, done: asyncio.Future[None]) -> None:
+        self.done = done  # a bare future: cheaper than an anyio Event plus a timeout scope
         self.asked = asked  # the request's subject: a refusal of it wakes this waiter
         self.subject = ""
         self.data = b""
         self.headers = b""
+
+
+def _expire(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
 
 
 RawHandler = Callable[[bytes, bytes, bytes, bytes], None]
@@ -227,8 +233,8 @@ class Client(NATS):
             for waiter in self._denial_waiters.get(subject, ()):
                 waiter.set()
             for reply in getattr(self, "_waiters", {}).values():
-                if reply.asked.lower() == subject:
-                    reply.done.set()
+                if reply.asked.lower() == subject and not reply.done.done():
+                    reply.done.set_result(None)
         await super()._process_err(err_msg)
 
     async def subscribe_raw(
@@ -274,15 +280,19 @@ class Client(NATS):
         self._next_reply += 1
         token = str(self._next_reply)
         # A publish the server refuses gets -ERR, never a reply: _process_err wakes the waiter.
-        waiter = self._waiters[token.encode()] = _Reply(subject)
+        # The timeout is a timer that fails the waiter's future; cancelling the caller (an anyio
+        # scope, a shutdown) cancels the await as usual.
+        loop = asyncio.get_running_loop()
+        waiter = self._waiters[token.encode()] = _Reply(subject, loop.create_future())
+        timer = loop.call_later(timeout, _expire, waiter.done)
         try:
             await self.publish(subject, payload, reply=f"{prefix}.{token}", headers=headers)
-            with anyio.fail_after(timeout):
-                await waiter.done.wait()
+            await waiter.done
         except TimeoutError:
             self._raise_if_denied(subject)
             raise nats_errors.TimeoutError from None
         finally:
+            timer.cancel()
             self._waiters.pop(token.encode(), None)
         if not waiter.subject:  # woken by the server's refusal, not by a reply
             self._raise_if_denied(subject)
@@ -312,9 +322,9 @@ class Client(NATS):
 
     def _on_reply(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         waiter = self._waiters.get(subject.rpartition(b".")[2])
-        if waiter is not None and not waiter.done.is_set():
+        if waiter is not None and not waiter.done.done():
             waiter.subject, waiter.data, waiter.headers = subject.decode(), data, headers
-            waiter.done.set()
+            waiter.done.set_result(None)
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         getattr(self, "_raw_handlers", {}).pop(sid, None)

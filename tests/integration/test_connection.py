@@ -67,3 +67,33 @@ async def test_an_invalid_header_name_is_refused_before_anything_is_sent(
         await nc.publish(f"t{unique}.bad", b"x", headers={name: "v"})
     with pytest.raises(BadHeaderError):  # refused again, not remembered as checked
         await nc.publish(f"t{unique}.bad", b"x", headers={name: "v"})
+
+
+async def test_a_request_cancelled_by_its_caller_leaves_no_waiter_and_the_next_one_works(
+    nc: Client, unique: str
+) -> None:
+    silent = await nc.subscribe(f"t{unique}.silent")  # takes requests, never answers
+
+    async def echo(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(f"t{unique}.echo", cb=echo)
+    with anyio.move_on_after(0.2) as scope:
+        await nc.request(f"t{unique}.silent", b"x", timeout=30)
+    assert scope.cancelled_caught
+    assert not nc._waiters  # nothing left to match a late reply against
+    reply = await nc.request(f"t{unique}.echo", b"again", timeout=5)
+    assert reply.data == b"again"
+    await silent.unsubscribe()
+
+
+async def test_a_request_nobody_answers_times_out_with_nats_timeout_error(
+    nc: Client, unique: str
+) -> None:
+    silent = await nc.subscribe(f"t{unique}.quiet")
+    started = anyio.current_time()
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request(f"t{unique}.quiet", b"x", timeout=0.3)
+    assert 0.25 <= anyio.current_time() - started < 5
+    assert not nc._waiters
+    await silent.unsubscribe()
