@@ -168,7 +168,7 @@ class Client(NATS):
         self._ps = FastParser(self)
         # The server's last permission violations, and requests waiting on their subject.
         self._violations: deque[tuple[str, str, str]] = deque(maxlen=64)
-        self._denial_waiters: dict[str, set[anyio.Event]] = {}
+        self._denial_waiters: dict[str, set[anyio.Event | asyncio.Future[None]]] = {}
 
     async def _send_publish(
         self,
@@ -212,8 +212,11 @@ class Client(NATS):
         return None
 
     @contextlib.contextmanager
-    def denial_watch(self, subject: str, event: anyio.Event) -> Iterator[None]:
-        """Set ``event`` when the server refuses a publish to ``subject`` inside this block."""
+    def denial_watch(
+        self, subject: str, event: anyio.Event | asyncio.Future[None]
+    ) -> Iterator[None]:
+        """Set ``event`` (an Event, or a future to complete) when the server refuses a publish
+        or subscription to ``subject`` inside this block."""
         key = subject.lower()
         waiters = self._denial_waiters.setdefault(key, set())
         waiters.add(event)
@@ -231,7 +234,10 @@ class Client(NATS):
             message = f"nats: {err_msg.strip(chr(39))}"
             self._violations.append((operation, subject, message))
             for waiter in self._denial_waiters.get(subject, ()):
-                waiter.set()
+                if isinstance(waiter, anyio.Event):
+                    waiter.set()
+                elif not waiter.done():
+                    waiter.set_result(None)
             for reply in getattr(self, "_waiters", {}).values():
                 if reply.asked.lower() == subject and not reply.done.done():
                     reply.done.set_result(None)

@@ -25,6 +25,7 @@ pipelined), replay from any sequence at full speed, and tail it for projections.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -257,8 +258,8 @@ class EventLog:
             ack.retry = True  # no stream leader right now: send again shortly
         else:
             ack.data = data
-        if ack.done is not None:
-            ack.done.set()
+        if ack.done is not None and not ack.done.done():
+            ack.done.set_result(None)
 
     async def _await_ack(self, ack: _Ack, event: Event) -> Appended:
         if ack.span is None:
@@ -294,14 +295,17 @@ class EventLog:
             raise InternalError(
                 f"event log did not acknowledge event {event.id} within {self.ack_timeout} s"
             )
-        if ack.done is None:  # made only when the acknowledgement has to be waited for
-            ack.done = anyio.Event()
         if not ack.retry:
-            with (
-                self.nc.denial_watch(ack.subject, ack.done),
-                anyio.move_on_after(min(self.resend_after, remaining)),
-            ):
-                await ack.done.wait()
+            # A bare future, made only when the acknowledgement has to be waited for, woken by
+            # the acknowledgement, by the server refusing the publish, or by the resend timer.
+            loop = asyncio.get_running_loop()
+            ack.done = done = loop.create_future()
+            timer = loop.call_later(min(self.resend_after, remaining), _wake, done)
+            try:
+                with self.nc.denial_watch(ack.subject, done):
+                    await done
+            finally:
+                timer.cancel()
         if ack.data is not None:
             return
         denied = self.nc.permission_violation(ack.subject)
@@ -316,7 +320,6 @@ class EventLog:
     async def _pause_and_resend(self, ack: _Ack, deadline: float) -> None:
         await anyio.sleep(max(0.0, min(_RESEND_PAUSE_S, deadline - anyio.current_time())))
         ack.retry = False
-        ack.done = None
         await self._send(await self._reply_inbox(), ack)
 
     # --- read -----------------------------------------------------------------------------
@@ -400,8 +403,13 @@ class _Ack:
         self.tokens: list[bytes] = []
         self.data: bytes | None = None
         self.retry = False
-        self.done: anyio.Event | None = None
+        self.done: asyncio.Future[None] | None = None
         self.span: Span | None = None
+
+
+def _wake(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 class _PullReader:
