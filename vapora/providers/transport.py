@@ -127,7 +127,7 @@ class _Connection(asyncio.Protocol):
         waiter = self._loop.create_future()
         self._waiter = waiter
         timer = (
-            self._loop.call_later(limit, _expire, waiter, httpx.ReadTimeout("read timed out"))
+            self._loop.call_later(limit, _expire, waiter, httpx.ReadTimeout, "read")
             if limit is not None
             else None
         )
@@ -146,7 +146,7 @@ class _Connection(asyncio.Protocol):
         if writable is None:
             return
         timer = (
-            self._loop.call_later(limit, _expire, writable, httpx.WriteTimeout("write timed out"))
+            self._loop.call_later(limit, _expire, writable, httpx.WriteTimeout, "write")
             if limit is not None
             else None
         )
@@ -173,9 +173,10 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()  # an unfinished answer: nothing of it may be read later
 
 
-def _expire(future: asyncio.Future[None], error: Exception) -> None:
+def _expire(future: asyncio.Future[None], error: type[httpx.TimeoutException], what: str) -> None:
+    """A timer's end: fail the wait (the error is made only when a timer fires)."""
     if not future.done():
-        future.set_exception(error)
+        future.set_exception(error(f"{what} timed out"))
 
 
 class _Pool:
@@ -220,7 +221,7 @@ class _Pool:
         waiter = loop.create_future()
         self._waiters.append(waiter)
         timer = (
-            loop.call_later(limit, _expire, waiter, httpx.PoolTimeout("no connection free"))
+            loop.call_later(limit, _expire, waiter, httpx.PoolTimeout, "pool")
             if limit is not None
             else None
         )
