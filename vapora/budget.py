@@ -163,8 +163,11 @@ def _usd(cents: Decimal | int | None) -> Decimal | None:
     return None if cents is None else Decimal(cents) / 100
 
 
-class Reservation(msgspec.Struct, frozen=True, kw_only=True):
-    """An open hold on the budget, from a ``budget_reserved`` event."""
+class Reservation(msgspec.Struct, frozen=True, gc=False):
+    """An open hold on the budget, from a ``budget_reserved`` event.
+
+    (Like :class:`TaskSpend` and :class:`Lease`, not tracked by the cycle collector: it holds
+    strings, amounts and times only, and a state holds many of them.)"""
 
     task_id: str
     provider: str
@@ -173,7 +176,7 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: datetime
 
 
-class Lease(msgspec.Struct, frozen=True, kw_only=True):
+class Lease(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Budget granted to a router (``holder``): ``granted_usd`` in all, ``spent_usd`` of it spent.
 
     ``returned``: its holder gave it back (it admits nothing more) but still had attempts in
@@ -194,7 +197,7 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
         return left if left > 0 else _ZERO
 
 
-class TaskSpend(msgspec.Struct, frozen=True, array_like=True):
+class TaskSpend(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One task's spend, its open holds, its lowest requested cap and its last event time."""
 
     spent_usd: Decimal
@@ -350,6 +353,15 @@ class _CowMap(Generic[K, V]):
         per entry."""
         for index, shard in enumerate(self._shards):
             doomed = [key for key, value in shard.items() if value < cutoff]  # type: ignore[operator]
+            if doomed:
+                writable = self.writable(index)
+                for key in doomed:
+                    del writable[key]
+
+    def drop_idle(self: _CowMap[str, TaskSpend], since: datetime) -> None:
+        """Drop tasks holding nothing whose last event is before ``since``."""
+        for index, shard in enumerate(self._shards):
+            doomed = [k for k, t in shard.items() if t.last_at < since and t.held_usd == 0]
             if doomed:
                 writable = self.writable(index)
                 for key in doomed:
@@ -520,25 +532,24 @@ class _Books:
         rid = event.reservation_id
         index = hash(rid) & _MASK
         amount = _ZERO
-        if rid not in self.open.shard(index) and rid not in self.closed.shard(index):
+        opened = self.open
+        if rid not in opened._shards[index] and rid not in self.closed._shards[index]:
             amount = event.amount_usd
-            self.open.writable(index)[rid] = Reservation(
-                task_id=event.task_id,
-                provider=event.provider,
-                amount_usd=amount,
-                reserved_at=at,
-                expires_at=_utc(event.expires_at),
+            shard = opened._shards[index] if opened._owned[index] else opened.writable(index)
+            shard[rid] = Reservation(
+                event.task_id, event.provider, amount, at, _utc(event.expires_at)
             )
             self.reserved += amount
         # Touched even when ignored, so the task's cap and last activity do not depend on order.
         self.touch_task(event.task_id, at, _ZERO, amount, event.task_limit_usd)
 
     def spend(self, event: SpendRecorded, at: datetime) -> None:
-        eid = event.id
+        eid, counted = event.id, self.counted
         index = hash(eid) & _MASK
-        if eid in self.counted.shard(index):
+        shard = counted._shards[index]
+        if eid in shard:
             return
-        self.counted.writable(index)[eid] = at
+        (shard if counted._owned[index] else counted.writable(index))[eid] = at
         cost = event.cost_usd
         day = at.date()
         if day != self.last_day:
@@ -565,10 +576,14 @@ class _Books:
         if rid is None:
             self.touch_task(task_id, at, cost, _ZERO, None)
             return
-        index = hash(rid) & _MASK
-        held = self.open.writable(index).pop(rid) if rid in self.open.shard(index) else None
-        if rid not in self.closed.shard(index):
-            self.closed.writable(index)[rid] = at
+        index, opened, closed = hash(rid) & _MASK, self.open, self.closed
+        held = None
+        if rid in opened._shards[index]:
+            shard = opened._shards[index] if opened._owned[index] else opened.writable(index)
+            held = shard.pop(rid)
+        times = closed._shards[index]
+        if rid not in times:
+            (times if closed._owned[index] else closed.writable(index))[rid] = at
         if held is None:
             self.touch_task(task_id, at, cost, _ZERO, None)
             return
@@ -582,7 +597,8 @@ class _Books:
     def touch_task(
         self, task_id: str, at: datetime, spent: Decimal, held: Decimal, cap: Decimal | None
     ) -> None:
-        shard = self.tasks.writable(hash(task_id) & _MASK)
+        tasks, index = self.tasks, hash(task_id) & _MASK
+        shard = tasks._shards[index] if tasks._owned[index] else tasks.writable(index)
         old = shard.get(task_id)
         if old is None:
             shard[task_id] = TaskSpend(spent, held, at, cap)
@@ -619,7 +635,7 @@ class _Books:
             self.months = {m: v for m, v in self.months.items() if m >= keep_from}
             self.months_owned = True
         idle_since, closed_before = now - TASK_RETENTION, now - CLOSED_RETENTION
-        self.tasks.drop_where(lambda t: t.held_usd == 0 and t.last_at < idle_since)
+        self.tasks.drop_idle(idle_since)
         self.closed.drop_before(closed_before)
         self.counted.drop_before(closed_before)
 
@@ -717,11 +733,26 @@ class Fold:
                 books.last_sequence = seq
 
     def apply_entries(self, entries: Iterable[_Entry]) -> None:
-        books = self._books
-        for entry in entries:
-            if entry.seq > books.last_sequence:
-                books.apply(entry.event)
-                books.last_sequence = entry.seq
+        books, handlers, last = self._books, _HANDLERS, self._books.last_sequence
+        for entry in entries:  # _Books.apply, inlined: this loop is a whole replay
+            seq = entry.seq
+            if seq <= last:
+                continue
+            last = seq
+            event = entry.event
+            handler = handlers.get(type(event))
+            if handler is None:
+                continue
+            at = event.at
+            if at.tzinfo is not UTC:
+                at = _utc(at)
+            handler(books, event, at)
+            if books.watermark is None or at > books.watermark:
+                books.watermark = at
+            due = books.next_prune
+            if due is None or at >= due:
+                books.new_day(at)
+        books.last_sequence = last
 
     def state(self) -> BudgetState:
         """The state so far (a frozen value; folding may go on afterwards)."""
