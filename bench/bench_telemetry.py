@@ -125,6 +125,24 @@ def telemetry_for(mode: str, spans_file: Path, collector: str | None) -> Telemet
     return setup(config, env={"OTEL_METRICS_EXPORTER": "none"})
 
 
+class _Collections:
+    """Seconds the garbage collector ran (its callbacks time each collection)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
+GC = _Collections()
+
+
 class SpanCount(SpanProcessor):
     """Counts the spans handed to the exporters (the table's "spans exported")."""
 
@@ -152,9 +170,9 @@ async def one_timed(call: Call) -> float:
 
 async def burst(
     n: int, concurrency: int, call: Call, telemetry: Telemetry, settled: Call
-) -> tuple[float, float]:
-    """Seconds and this process's CPU seconds for ``n`` calls at ``concurrency``, including
-    the export of their spans."""
+) -> tuple[float, float, float]:
+    """Seconds, this process's CPU seconds and the seconds of garbage collection for ``n``
+    calls at ``concurrency``, including the export of their spans."""
     remaining = n
 
     async def worker() -> None:
@@ -163,7 +181,7 @@ async def burst(
             remaining -= 1
             await call()
 
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu, collecting = time.perf_counter(), time.process_time(), GC.seconds
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
             tg.start_soon(worker)
@@ -171,7 +189,11 @@ async def burst(
     if telemetry.tracer_provider is not None:
         # The batch exporter writes in a thread; charge its work to this mode's window.
         await anyio.to_thread.run_sync(telemetry.tracer_provider.force_flush)
-    return time.perf_counter() - started, time.process_time() - cpu
+    return (
+        time.perf_counter() - started,
+        time.process_time() - cpu,
+        GC.seconds - collecting,
+    )
 
 
 async def measure(
@@ -186,7 +208,7 @@ async def measure(
     has applied its events and the spans are exported (so no mode pays for the one before);
     medians over trials."""
     results: dict[str, dict[str, list[float]]] = {
-        m: {"p50": [], "p99": [], "rate": [], "cpu_us": []} for m in modes
+        m: {"p50": [], "p99": [], "rate": [], "cpu_us": [], "gc_us": []} for m in modes
     }
     shuffled = random.Random(7)
     for _ in range(args.trials):
@@ -202,21 +224,27 @@ async def measure(
         shuffled.shuffle(bursts)
         spent = dict.fromkeys(modes, 0.0)
         cpu = dict.fromkeys(modes, 0.0)
+        collected = dict.fromkeys(modes, 0.0)
         for mode in bursts:
             telemetries[mode].activate()
             gc.collect()  # start each burst with no garbage left by the one before
-            wall, used = await burst(args.burst, args.concurrency, call, telemetries[mode], settled)
+            wall, used, gc_s = await burst(
+                args.burst, args.concurrency, call, telemetries[mode], settled
+            )
             spent[mode] += wall
             cpu[mode] += used
+            collected[mode] += gc_s
         trial = len(results[modes[0]]["p50"])
         for mode in modes:
             results[mode]["p50"].append(percentile(samples[mode], 50))
             results[mode]["p99"].append(percentile(samples[mode], 99))
             results[mode]["rate"].append(args.bursts * args.burst / spent[mode])
             results[mode]["cpu_us"].append(cpu[mode] / (args.bursts * args.burst) * 1e6)
+            results[mode]["gc_us"].append(collected[mode] / (args.bursts * args.burst) * 1e6)
             print(
                 f"  trial {trial + 1} {mode:<13} p50 {results[mode]['p50'][-1]:6.2f} ms"
-                f"  {results[mode]['rate'][-1]:7.0f}/s  {results[mode]['cpu_us'][-1]:6.0f} us CPU",
+                f"  {results[mode]['rate'][-1]:7.0f}/s  {results[mode]['cpu_us'][-1]:6.0f} us CPU"
+                f" ({results[mode]['gc_us'][-1]:4.0f} us in GC)",
                 file=sys.stderr,
             )
     return results
@@ -306,7 +334,7 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"costs paired within each trial); exporter {result['exporter']}, spans exported: "
         f"{result['spans_exported']}",
         f"{'mode':<15}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'throughput cost':>17}"
-        f"{'added p50 ms':>14}{'CPU us/req':>12}{'CPU added':>11}",
+        f"{'added p50 ms':>14}{'CPU us/req':>12}{'CPU added':>11}{'GC us/req':>11}",
     ]
     for mode in modes:
         p50 = statistics.median(modes[mode]["p50"])
@@ -317,7 +345,7 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
         cpu_cost = _paired_cost(modes[mode], base, "cpu_us")
         lines.append(
             f"{mode:<15}{p50:>9.2f}{p99:>9.2f}{rate:>9.0f}{cost:>16.1f}%{p50 - off_p50:>14.2f}"
-            f"{cpu:>12.0f}{cpu_cost:>10.1f}%"
+            f"{cpu:>12.0f}{cpu_cost:>10.1f}%{statistics.median(modes[mode]['gc_us']):>11.0f}"
         )
     return "\n".join(lines)
 
