@@ -438,7 +438,8 @@ class RouterActor:
         if (changed or announce) and telemetry.STATE.metrics is not None:
             telemetry.STATE.metrics.record_tier(tier.value)
         if tier is Tier.EXCEEDED and self.lease is not None and self._task_group is not None:
-            self._spawn(self._return_lease, self.lease, "revoked")  # nothing paid is admitted
+            lease, self.lease = self.lease, None  # nothing paid is admitted: give it back
+            self._spawn(self._return_lease, lease, "revoked")
 
     def _apply(self, event: Event, *, live: bool = False) -> None:
         match event:
