@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import os
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from vapora.errors import ConfigError
-from vapora.eventloop import ENV, loop_name, run
+from vapora.eventloop import ENV, GC_THRESHOLDS, loop_name, run
 
 UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -52,3 +53,14 @@ def test_the_cli_refuses_an_unknown_loop_with_exit_2() -> None:
     )
     assert done.returncode == 2
     assert f"{ENV} must be 'uvloop' or 'asyncio'" in done.stderr
+
+
+def test_run_tunes_the_garbage_collector() -> None:
+    before = gc.get_threshold()
+    try:
+        run(_loop_module)
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # what existed at start is out of the collector's way
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
