@@ -69,6 +69,20 @@ def test_sse_framing_does_not_depend_on_how_bytes_arrive(cuts: list[int]) -> Non
     assert _frames(sse_frames, SSE, cuts) == SSE_FRAMES
 
 
+# Runs of blank lines between events, a data-less event, an unnamed event after a named one.
+SSE_SPACED = b"data: a\n\n\n\nevent: x\n\n\n\nevent: y\ndata: b\n\n\ndata: c\n\n\n"
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, len(SSE_SPACED)), max_size=8))
+def test_sse_blank_line_runs_whatever_the_chunking(cuts: list[int]) -> None:
+    assert _frames(sse_frames, SSE_SPACED, cuts) == [
+        Frame("", b"a"),
+        Frame("y", b"b"),
+        Frame("", b"c"),
+    ]
+
+
 NDJSON = b'{"a":1}\n\n{"b":2}\r\n{"done":true}'
 
 

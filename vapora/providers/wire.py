@@ -48,21 +48,22 @@ class SSEDecoder:
             return []
         self._buffer = buffer[end + 2 :]
         frames: list[Frame] = []
-        append = frames.append
-        for block in buffer[:end].split(b"\n\n"):
-            # The usual event: one ``data:`` line, optionally after one ``event:`` line.
-            if block[:7] == b"event: ":
-                cut = block.find(b"\n")
-                rest = block[cut + 1 :] if cut >= 0 else b""
-                name = block[7:cut] if cut >= 0 else b""
-            else:
-                rest, name = block, b""
-            if rest[:6] == b"data: " and b"\n" not in rest:
-                append(_new_frame(Frame, (_event_name(name), rest[6:])))
-            elif block:
-                frame = _sse_event_slow(block.strip(b"\n"))
-                if frame is not None:
-                    append(frame)
+        append, match, limit = frames.append, _USUAL_EVENT.match, end + 2
+        position = 0
+        while position < limit:
+            usual = match(buffer, position, limit)
+            if usual is not None:
+                name, data = usual.groups()
+                append(_new_frame(Frame, (_event_name(name) if name else "", data)))
+                position = usual.end()
+                continue
+            stop = buffer.find(b"\n\n", position, limit)
+            if stop < 0:  # only the last line end is left
+                break
+            frame = _sse_event_slow(buffer[position:stop].strip(b"\n"))
+            if frame is not None:
+                append(frame)
+            position = stop + 2
         return frames
 
     def flush(self) -> list[Frame]:
@@ -72,6 +73,9 @@ class SSEDecoder:
         return [frame] if frame is not None else []
 
 
+#: The usual event, matched in one call: one ``data:`` line, optionally after one ``event:``
+#: line (any other shape goes through :func:`_sse_event_slow`).
+_USUAL_EVENT = re.compile(rb"(?:event: ([^\n]*)\n)?data: ([^\n]*)\n\n")
 _new_frame = tuple.__new__
 _EVENT_NAMES: dict[bytes, str] = {}
 
