@@ -22,6 +22,22 @@ from vapora.providers.wire import Frame
 __all__ = ["OllamaClient"]
 
 _HEALTH_PATH = "/api/tags"
+_ERROR = b'"error"'
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Line(msgspec.Struct):
+    """The fields of a streamed line we read before its last (``done``) one."""
+
+    response: str | None = None
+    message: _Message | None = None
+    done: bool | None = None
+
+
+_LINE = msgspec.json.Decoder(_Line)
 
 
 class OllamaClient(ProviderClient):
@@ -91,6 +107,15 @@ class OllamaClient(ProviderClient):
         _apply_final(data, turn)
 
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
+        if _ERROR not in frame.data:
+            try:
+                line = _LINE.decode(frame.data)
+            except msgspec.ValidationError:
+                pass  # an unexpected shape: read it field by field below
+            else:
+                if not line.done:  # the last line carries the counts: read it whole below
+                    text = line.message.content if line.message is not None else line.response
+                    return text or None
         try:
             chunk = msgspec.json.decode(frame.data)
         except msgspec.DecodeError as exc:
