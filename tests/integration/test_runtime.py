@@ -302,7 +302,11 @@ async def test_a_handler_past_its_endpoint_timeout_gets_504_and_the_actor_serves
         name=f"timeout-{unique}",
         endpoints=[
             Endpoint(
-                name="e", subject=subject, request_type=CompletionRequest, handler=stuck, timeout=0.3
+                name="e",
+                subject=subject,
+                request_type=CompletionRequest,
+                handler=stuck,
+                timeout=0.3,
             )
         ],
     )
