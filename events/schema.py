@@ -37,6 +37,9 @@ PUBLIC_MESSAGES: tuple[Any, ...] = (
     contract.BudgetReserve,
     contract.BudgetReserveReply,
     contract.BudgetRelease,
+    contract.BudgetLeaseRequest,
+    contract.BudgetLeaseReply,
+    contract.BudgetLeaseReturn,
     log.Event,
 )
 

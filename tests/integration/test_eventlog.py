@@ -135,6 +135,8 @@ async def test_replay_can_filter_one_subject(event_log: EventLog) -> None:
     assert [type(e.event).__name__ for e in entries] == [
         "BudgetReserved",
         "BudgetReleased",
+        "BudgetLeased",
+        "BudgetLeaseReturned",
         "BudgetTierChanged",
     ]
 
