@@ -321,10 +321,8 @@ class ActorService:
             self._idle.set()
 
     async def _traced(self, endpoint: Endpoint[Any], message: _Message) -> None:
-        context = RequestContext(
-            nc=self.nc, subject=message[0], reply=message[1], raw_headers=message[3]
-        )
-        with tracing.process_span(message[0], context.headers, group=endpoint.queue_group or "q"):
+        # The raw header block: only the trace context is read from it, not every header.
+        with tracing.process_span(message[0], message[3], group=endpoint.queue_group or "q"):
             await self._answer(endpoint, message)
 
     async def _answer(self, endpoint: Endpoint[Any], message: _Message) -> None:

@@ -8,12 +8,16 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import pytest
 
 from vapora.errors import ConfigError
 from vapora.eventloop import ENV, GC_THRESHOLDS, loop_name, run
 
+T = TypeVar("T")
 UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
@@ -21,17 +25,23 @@ async def _loop_module() -> str:
     return type(asyncio.get_running_loop()).__module__
 
 
+def in_own_thread(func: Callable[[], T]) -> T:
+    """Run ``func`` in a fresh thread: the anyio test runner may own this thread's loop."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(func).result(timeout=60)
+
+
 @pytest.mark.skipif(not UVLOOP, reason="uvloop is not installed on this platform")
 def test_uvloop_is_the_default_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV, raising=False)
     assert loop_name() == "uvloop"
-    assert run(_loop_module).startswith("uvloop")
+    assert in_own_thread(lambda: run(_loop_module)).startswith("uvloop")
 
 
 def test_asyncio_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, "asyncio")
     assert loop_name() == "asyncio"
-    assert run(_loop_module).startswith("asyncio")
+    assert in_own_thread(lambda: run(_loop_module)).startswith("asyncio")
 
 
 def test_an_unknown_loop_name_is_an_error_naming_the_variable(
@@ -58,7 +68,7 @@ def test_the_cli_refuses_an_unknown_loop_with_exit_2() -> None:
 def test_run_tunes_the_garbage_collector() -> None:
     before = gc.get_threshold()
     try:
-        run(_loop_module)
+        in_own_thread(lambda: run(_loop_module))
         assert gc.get_threshold() == GC_THRESHOLDS
         assert gc.get_freeze_count() > 0  # what existed at start is out of the collector's way
     finally:
