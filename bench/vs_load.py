@@ -211,18 +211,18 @@ async def _step(call: Call, rate: float, seconds: float, steps: list[dict[str, A
 T = TypeVar("T")
 
 
-def loop_name() -> str:
-    """The event loop every process of the benchmark runs on: uvloop where it is installed (as
-    vapora's own processes do, see ``vapora/eventloop.py``), unless ``VAPORA_EVENT_LOOP=asyncio``.
-    The same loop for the floor, vapora, LiteLLM and the load generators keeps ratios fair."""
-    if os.environ.get("VAPORA_EVENT_LOOP", "").strip().lower() == "asyncio":
+def loop_name(variable: str = "VAPORA_EVENT_LOOP") -> str:
+    """The event loop a process of the benchmark runs on: uvloop where it is installed (as
+    vapora's own processes do, see ``vapora/eventloop.py``), unless ``variable`` (by default
+    ``VAPORA_EVENT_LOOP``, which vapora's processes read too) says ``asyncio``."""
+    if os.environ.get(variable, "").strip().lower() == "asyncio":
         return "asyncio"
     return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
-def run_main(main: Awaitable[T]) -> T:
+def run_main(main: Awaitable[T], variable: str = "VAPORA_EVENT_LOOP") -> T:
     """``asyncio.run(main)`` on :func:`loop_name`'s loop."""
-    if loop_name() == "uvloop":
+    if loop_name(variable) == "uvloop":
         import uvloop
 
         return uvloop.run(main)  # type: ignore[arg-type]
