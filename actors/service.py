@@ -145,7 +145,8 @@ class ActorService:
         self._counters = {e.name: _Counters() for e in endpoints}
         self._micro: dict[str, MicroEndpoint] = {}
         self._backlog: deque[tuple[Endpoint[Any], _Message]] = deque()
-        self._running = 0
+        self._running = 0  # handlers running: what max_concurrency bounds
+        self._refusing = 0  # 503 replies being sent: neither a handler nor a concurrency slot
         self._stop = anyio.Event()
         self._idle = anyio.Event()
         self._tasks: dict[asyncio.Task[None], anyio.CancelScope] = {}
@@ -154,7 +155,7 @@ class ActorService:
 
     @property
     def in_flight(self) -> int:
-        return self._running + len(self._backlog)
+        return self._running + self._refusing + len(self._backlog)
 
     def stop(self) -> None:
         """Ask the service to stop taking work and drain (idempotent, callable from anywhere)."""
@@ -273,7 +274,10 @@ class ActorService:
         self, endpoint: Endpoint[Any], message: _Message, *, overloaded: bool = False
     ) -> None:
         assert self._loop is not None
-        self._running += 1
+        if overloaded:
+            self._refusing += 1
+        else:
+            self._running += 1
         self._counters[endpoint.name].in_flight += 1
         deadline = math.inf if endpoint.timeout is None else self._loop.time() + endpoint.timeout
         scope = anyio.CancelScope(deadline=deadline)
@@ -306,17 +310,22 @@ class ActorService:
                 error = RequestTimeout(f"{endpoint.name} timed out")
                 await self._reply_error(endpoint, message[1], error)
         finally:
-            self._finish(endpoint, counters, time.perf_counter_ns() - started)
+            self._finish(endpoint, counters, time.perf_counter_ns() - started, overloaded)
 
-    def _finish(self, endpoint: Endpoint[Any], counters: _Counters, elapsed_ns: int) -> None:
+    def _finish(
+        self, endpoint: Endpoint[Any], counters: _Counters, elapsed_ns: int, overloaded: bool
+    ) -> None:
         micro = self._micro[endpoint.name]
         micro._processing_time += elapsed_ns
         micro._average_processing_time = micro._processing_time // max(1, micro._num_requests)
         counters.in_flight -= 1
         counters.completed += 1
-        self._running -= 1
-        if self._backlog and not self._stop.is_set():
-            self._start(*self._backlog.popleft())
+        if overloaded:  # a refusal frees no handler slot, so it starts nothing from the backlog
+            self._refusing -= 1
+        else:
+            self._running -= 1
+            if self._backlog and not self._stop.is_set():
+                self._start(*self._backlog.popleft())
         if not self.in_flight:
             self._idle.set()
 

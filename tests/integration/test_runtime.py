@@ -360,3 +360,50 @@ async def test_work_left_at_the_drain_deadline_is_cancelled_but_shielded_steps_f
         assert anyio.current_time() - started >= 0.4
     assert finished == ["shielded"]
     assert actor.in_flight == 0
+
+
+async def test_a_503_refusal_frees_no_slot_and_concurrency_stays_bounded(
+    nc: NATS, unique: str
+) -> None:
+    subject = f"t{unique}.bounded"
+    running, peak = 0, 0
+    release = anyio.Event()
+
+    async def hold(request: CompletionRequest, context: RequestContext) -> Echo:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+        return Echo(text="", count=0)
+
+    actor = ActorService(
+        nc,
+        name=f"bounded-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hold)
+        ],
+        max_concurrency=2,
+        max_backlog=2,
+    )
+    codes: list[str] = []
+
+    async def one() -> None:
+        reply = await nc.request(subject, b'{"prompt": "x"}', timeout=10)
+        codes.append((reply.headers or {}).get("Nats-Service-Error-Code", "ok"))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            async with anyio.create_task_group() as senders:
+                for _ in range(4):  # two running, two waiting in the backlog
+                    senders.start_soon(one)
+                while actor.in_flight < 4:  # noqa: ASYNC110 - polls the actor's counter
+                    await anyio.sleep(0.01)
+                for _ in range(3):  # each refused, one after the other's refusal has gone out
+                    await one()
+                assert codes == ["503"] * 3
+                release.set()
+            actor.stop()
+    assert sorted(codes) == ["503"] * 3 + ["ok"] * 4
+    assert peak == 2
