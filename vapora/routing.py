@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
@@ -137,36 +137,42 @@ class _Context:
     costs: Mapping[str, Decimal]
     tier: Tier
     remaining: Decimal | None
+    required: float  # the quality level the request requires
+    source: str  # where the task type's mapping comes from: "rule" or the guide's default
 
     def view(self, name: str) -> ProviderView:
         return self.views.get(name, ProviderView())
 
-    @property
-    def required(self) -> float:
-        return self.config.routing.required_quality.level(self.request.quality)
 
-
-@dataclass(frozen=True, kw_only=True)
 class _Slot:
-    """One candidate: where it came from and what the filters said."""
+    """One candidate: where it came from and what the filters said.
 
-    name: str
-    position: int
-    role: str
-    provider: ProviderConfig | None
-    verdicts: tuple[FilterVerdict, ...] = ()
-    score: float | None = None
+    Private to one decision and judged in place (a frozen copy per verdict was a third of the
+    decision's cost); ``kept`` turns false at the first verdict that drops it.
+    """
 
-    @property
-    def kept(self) -> bool:
-        return all(v.passed for v in self.verdicts)
+    __slots__ = ("kept", "name", "position", "provider", "role", "score", "verdicts")
+
+    def __init__(
+        self, *, name: str, position: int, role: str, provider: ProviderConfig | None
+    ) -> None:
+        self.name = name
+        self.position = position
+        self.role = role
+        self.provider = provider
+        self.verdicts: list[FilterVerdict] = []
+        self.score: float | None = None
+        self.kept = True
 
     @property
     def last_resort(self) -> bool:
         return self.role == _LAST_RESORT
 
     def judged(self, verdict: FilterVerdict) -> _Slot:
-        return replace(self, verdicts=(*self.verdicts, verdict))
+        self.verdicts.append(verdict)
+        if not verdict.passed:
+            self.kept = False
+        return self
 
 
 def _ok(name: str, reason: str) -> FilterVerdict:
@@ -224,8 +230,7 @@ def _mapping_verdict(slot: _Slot, ctx: _Context) -> FilterVerdict:
         return _ok("mapping", "manual override")
     if slot.last_resort:
         return _ok("mapping", f"zero-cost last resort (not in the {task} mapping)")
-    source = "rule" if ctx.config.rule(ctx.request.task_type) else "guide's default mapping"
-    return _ok("mapping", f"{slot.role} in the {task} {source}")
+    return _ok("mapping", f"{slot.role} in the {task} {ctx.source}")
 
 
 # --- steps 3-5: per-candidate filters -----------------------------------------------------------
@@ -345,7 +350,7 @@ def _scored(slots: list[_Slot], ctx: _Context) -> list[_Slot]:
             cost_term = 1.0 if dearest == 0 else float(1 - cost / dearest)
             quality_term = _quality_term(slot.provider.quality, ctx)
             score = w.quality * quality_term + w.cost * cost_term + w.latency * latency[slot.name]
-            slot = replace(slot, score=round(score, 6))
+            slot.score = round(score, 6)
         out.append(slot)
     return out
 
@@ -443,6 +448,8 @@ def decide(
         costs=estimated_costs,
         tier=tier,
         remaining=task_remaining_usd,
+        required=config.routing.required_quality.level(request.quality),
+        source="rule" if config.rule(request.task_type) else "guide's default mapping",
     )
     if request.provider is not None:
         slots = _override_slots(ctx, request.provider)
