@@ -613,14 +613,6 @@ class _Books:
             cap,
         )
 
-    def tick(self, at: datetime) -> None:
-        """Advance the event-time watermark; prune when event time enters a new UTC day."""
-        if self.watermark is None or at > self.watermark:
-            self.watermark = at
-        due = self.next_prune
-        if due is None or at >= due:
-            self.new_day(at)
-
     def new_day(self, at: datetime) -> None:
         if self.next_prune is not None:
             self.prune(at)
@@ -733,25 +725,11 @@ class Fold:
                 books.last_sequence = seq
 
     def apply_entries(self, entries: Iterable[_Entry]) -> None:
-        books, handlers, last = self._books, _HANDLERS, self._books.last_sequence
-        for entry in entries:  # _Books.apply, inlined: this loop is a whole replay
-            seq = entry.seq
-            if seq <= last:
-                continue
-            last = seq
-            event = entry.event
-            handler = handlers.get(type(event))
-            if handler is None:
-                continue
-            at = event.at
-            if at.tzinfo is not UTC:
-                at = _utc(at)
-            handler(books, event, at)
-            if books.watermark is None or at > books.watermark:
-                books.watermark = at
-            due = books.next_prune
-            if due is None or at >= due:
-                books.new_day(at)
+        books, last = self._books, self._books.last_sequence
+        for entry in entries:
+            if entry.seq > last:
+                last = entry.seq
+                books.apply(entry.event)
         books.last_sequence = last
 
     def state(self) -> BudgetState:
