@@ -247,12 +247,16 @@ class _Lease:
     usable_until: datetime | None = None  # admit nothing against it from then on
     last_grant: Decimal = Decimal(0)
 
-    def covers(self, amount: Decimal, now: datetime) -> bool:
-        return (
-            self.usable_until is not None
-            and now < self.usable_until
-            and self.committed + amount <= self.granted
-        )
+    def take(self, amount: Decimal, now: datetime) -> bool:
+        """Commit ``amount`` if the lease is usable and covers it."""
+        if (
+            self.usable_until is None
+            or now >= self.usable_until
+            or self.committed + amount > self.granted
+        ):
+            return False
+        self.committed += amount
+        return True
 
     def running_low(self, now: datetime) -> bool:
         if self.usable_until is None or self.granted_at is None:
@@ -738,14 +742,13 @@ class RouterActor:
         the background when it runs low. ``None``: reserve this attempt with the keeper."""
         if not self.leasing:
             return None
-        now = self.runtime.clock()
-        lease = self.lease
-        taken = lease is not None and lease.covers(amount, now)
-        if lease is not None and taken:
-            lease.committed += amount
-        if not taken or lease is None or lease.running_low(now):
-            self._ask_in_background(amount, now)
-        return lease if taken else None
+        now, lease = self.runtime.clock(), self.lease
+        if lease is not None and lease.take(amount, now):
+            if lease.running_low(now):
+                self._ask_in_background(amount, now)
+            return lease
+        self._ask_in_background(amount, now)
+        return None
 
     def _ask_in_background(self, amount: Decimal, now: datetime) -> None:
         backing_off = self._lease_retry_at is not None and now < self._lease_retry_at
@@ -754,10 +757,7 @@ class RouterActor:
             self._spawn(self._renew_lease, amount)
 
     def _take_again(self, lease: _Lease, amount: Decimal) -> bool:
-        if lease is not self.lease or not lease.covers(amount, self.runtime.clock()):
-            return False
-        lease.committed += amount
-        return True
+        return lease is self.lease and lease.take(amount, self.runtime.clock())
 
     @staticmethod
     def _settle_on_lease(
@@ -808,7 +808,11 @@ class RouterActor:
             return None
         if (message.headers or {}).get(_SERVICE_ERROR_CODE):
             return None
-        return decode(message.data, BudgetLeaseReply)
+        try:
+            return decode(message.data, BudgetLeaseReply)
+        except DecodeError as exc:  # this runs in the background: a bad reply must not kill us
+            log.warning("router: malformed budget lease reply (%s); reserving per attempt", exc)
+            return None
 
     async def _return_lease(self, lease: _Lease, reason: str) -> None:
         """Stop using ``lease``; the keeper frees all but what it cost or has in flight."""

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -260,3 +261,41 @@ async def test_a_router_admits_paid_attempts_on_its_lease_and_returns_the_rest_w
         ("returned", sum((e.cost_usd for e in spends), Decimal(0)))
     ]
     assert (final.leased_usd, final.open_leases) == (Decimal(0), 0)
+
+
+async def test_a_malformed_lease_reply_leaves_the_router_serving_and_reserving_per_attempt(
+    tmp_path: Path,
+) -> None:
+    models = {"claude": "claude-opus-4-5-len-100"}
+    budget_toml = "[budget]\ndaily_limit_cents = 1000\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        asked = anyio.Event()
+
+        async def garbage(msg: Any) -> None:
+            asked.set()
+            await msg.respond(b'{"granted": "certainly", "lease_id": 7}')
+
+        # The keeper stops answering leases; something else answers them with nonsense.
+        keeper_lease = next(
+            sid for sid, sub in dep.nc._subs.items() if sub.subject == subjects.BUDGET_LEASE
+        )
+        await dep.nc._subs[keeper_lease].unsubscribe()
+        await dep.nc.subscribe(subjects.BUDGET_LEASE, cb=garbage)
+        router.lease = None  # as if it had been given back: the next paid attempt asks again
+        first = await dep.client.complete(
+            prompt="write a function", task_type="CodeGeneration", quality="High", max_tokens=100
+        )
+        with anyio.fail_after(10):
+            await asked.wait()
+        second = await dep.client.complete(
+            prompt="write another", task_type="CodeGeneration", quality="High", max_tokens=100
+        )
+        events = await dep.events()
+    assert (first.provider, second.provider) == ("claude", "claude")
+    assert router.lease is None
+    spends = [e for e in events if isinstance(e, SpendRecorded)]
+    reserved = {e.reservation_id for e in events if type(e).__name__ == "BudgetReserved"}
+    assert len(spends) == 2 and {e.reservation_id for e in spends} <= reserved
