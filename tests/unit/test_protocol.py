@@ -1,0 +1,180 @@
+"""The fast protocol parser yields exactly what nats-py's own parser yields, however the bytes
+are cut into reads, and refuses what it refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.errors import ProtocolError
+from nats.protocol.parser import Parser
+
+from actors.protocol import FastParser
+
+RAW_SID = 7  # delivered on the raw path (a plain call), as replays and acks are
+
+
+class Recorder:
+    """Stands in for the client: records what the parser hands it, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+        self._raw_handlers = {RAW_SID: self.raw}
+
+    def raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.seen.append(("msg", RAW_SID, subject, reply, data, headers))
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        self.seen.append(("msg", sid, subject, reply, data, headers))
+
+    async def _process_ping(self) -> None:
+        self.seen.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.seen.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.seen.append(("info", json.dumps(info, sort_keys=True)))
+
+    async def _process_err(self, text: str) -> None:
+        self.seen.append(("err", text))
+
+
+def frame(subject: str, sid: int, payload: bytes, reply: str = "", headers: bytes = b"") -> bytes:
+    reply_part = f" {reply}" if reply else ""
+    if headers:
+        head = f"HMSG {subject} {sid}{reply_part} {len(headers)} {len(headers) + len(payload)}"
+        return head.encode() + b"\r\n" + headers + payload + b"\r\n"
+    return f"MSG {subject} {sid}{reply_part} {len(payload)}".encode() + b"\r\n" + payload + b"\r\n"
+
+
+HEADERS = b"NATS/1.0\r\nNats-Msg-Id: r47a\r\ntraceparent: 00-ab-cd-01\r\n\r\n"
+
+
+def stream(big: int) -> bytes:
+    """Every kind of line the server sends, with one payload of ``big`` bytes."""
+    return b"".join(
+        [
+            b'INFO {"server_id":"x","max_payload":1048576}\r\n',
+            frame(
+                "vapora.events.budget",
+                RAW_SID,
+                b'{"type":"budget_reserved"}',
+                "$JS.ACK.S.c.1.5.5.9.0",
+            ),
+            frame("a.b", 3, b"hello"),
+            b"PING\r\n",
+            frame("a.b", 3, b"", "_INBOX.x.1"),
+            frame("a.b", RAW_SID, b"payload with \r\nMSG a 1 5\r\n inside", headers=HEADERS),
+            b"+OK\r\n",
+            frame("c", 4, b"x" * big, "r", headers=HEADERS),
+            b"PONG\r\n",
+            frame("d", RAW_SID, b"", "", headers=b"NATS/1.0 503\r\n\r\n"),
+            b"MSG  spaced.subject \t 3  5\r\nhello\r\n",  # nats-py accepts runs of whitespace
+            b"-ERR 'Permissions Violation for Publish to \"x\"'\r\n",
+            frame("e", 3, b"last"),
+        ]
+    )
+
+
+STREAM = stream(70_000)
+
+
+async def feed(parser: Parser, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        await parser.parse(chunk)
+
+
+def parse_with(kind: type[Parser], chunks: list[bytes]) -> list[tuple[Any, ...]]:
+    recorder = Recorder()
+    asyncio.run(feed(kind(recorder), chunks))
+    return recorder.seen
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(set(points)), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def test_whole_stream_in_one_read_matches_nats_py() -> None:
+    expected = parse_with(Parser, [STREAM])
+    assert len([s for s in expected if s[0] == "msg"]) == 8  # the stream is what it says
+    assert parse_with(FastParser, [STREAM]) == expected
+
+
+def test_every_single_cut_point_matches_nats_py() -> None:
+    """Every place a read can end: inside a control line, a header block, a payload, a CRLF."""
+    small = stream(700)
+    expected = parse_with(Parser, [small])
+    for point in range(1, len(small)):
+        assert parse_with(FastParser, cut(small, [point])) == expected, point
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=40))
+def test_any_chunking_matches_nats_py(points: list[int]) -> None:
+    expected = parse_with(Parser, [STREAM])
+    assert parse_with(FastParser, cut(STREAM, points)) == expected
+
+
+def test_byte_by_byte_reads_match_nats_py() -> None:
+    data = b"".join(frame(f"s.{i}", RAW_SID if i % 2 else 3, b"p" * i, "r") for i in range(30))
+    expected = parse_with(Parser, [data])
+    assert parse_with(FastParser, [data[i : i + 1] for i in range(len(data))]) == expected
+
+
+def test_random_large_batches_match_nats_py() -> None:
+    rng = random.Random(7)
+    data = b"".join(
+        frame(
+            "vapora.events.spend.claude",
+            RAW_SID,
+            rng.randbytes(rng.randrange(0, 600)),
+            "r",
+            HEADERS,
+        )
+        for _ in range(2_000)
+    )
+    expected = parse_with(Parser, [data])
+    reads, pos = [], 0
+    while pos < len(data):
+        size = rng.choice([1, 7, 4096, 32768, 262_144])
+        reads.append(data[pos : pos + size])
+        pos += size
+    assert parse_with(FastParser, reads) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"HMSG subject notanumber 10 20\r\n",
+        b"MSG subject 1 reply extra 5\r\n",
+        b"HMSG a 1 x\r\n",
+    ],
+)
+def test_a_malformed_frame_is_a_protocol_error(line: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        parse_with(FastParser, [line + b"hello\r\n"])
+
+
+def test_a_control_line_that_never_ends_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        parse_with(FastParser, [b"HMSG " + b"s" * 5000])
+
+
+def test_a_cut_control_line_waits_for_the_rest() -> None:
+    recorder = Recorder()
+    parser = FastParser(recorder)
+    data = frame("a", 3, b"hello", "r")
+    asyncio.run(parser.parse(data[:6]))
+    assert recorder.seen == []
+    asyncio.run(parser.parse(data[6:]))
+    assert recorder.seen == [("msg", 3, b"a", b"r", b"hello", None)]
