@@ -25,6 +25,7 @@ from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
 from events.contract import CostReport, ReportRequest
+from events.log import Event
 from vapora.errors import InvalidRequest
 from vapora.ledger import Ledger
 
@@ -118,7 +119,7 @@ class CostLedger:
             ],
         )
 
-    async def _apply(self, batch: list[LogEntry]) -> None:
+    async def _apply(self, batch: list[LogEntry[Event]]) -> None:
         assert self._ledger is not None
         async with self._lock:
             await self._ledger.apply_many([(entry.event, entry.seq) for entry in batch])

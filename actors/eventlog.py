@@ -28,9 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
@@ -42,7 +42,7 @@ from actors import tracing
 from actors.cluster import stream_replicas
 from actors.connection import Client, PermissionDenied
 from events import subjects
-from events.codec import DecodeError, decode_event, decode_events, encode, event_tag
+from events.codec import DecodeError, decode_events, encode, event_tag
 from events.log import Event
 from vapora.errors import ConcurrencyConflict, InternalError
 
@@ -112,15 +112,19 @@ class Appended:
     duplicate: bool
 
 
-class LogEntry(msgspec.Struct, frozen=True, gc=False):
+E = TypeVar("E")
+
+
+class LogEntry(msgspec.Struct, Generic[E], frozen=True, gc=False):
     """One stored event with its stream sequence; ``raw_headers`` as stored (parse on demand).
 
-    A Struct, not a dataclass: a replay makes one per event, and a frozen dataclass's
-    ``__init__`` cost five times as much (0.84 µs against 0.17 µs per entry)."""
+    ``event`` is the decoded event (``LogEntry[Event]``), or what a replay's own decoder made of
+    it (:meth:`EventLog.replay_decoded`). A Struct, not a dataclass: a replay makes one per event,
+    and a frozen dataclass's ``__init__`` cost five times as much (0.84 against 0.17 µs)."""
 
     seq: int
     subject: str
-    event: Event
+    event: E
     raw_headers: bytes | None
 
     @property
@@ -328,30 +332,53 @@ class EventLog:
 
     async def replay(
         self, start_seq: int = 1, *, filter_subject: str | None = None
-    ) -> AsyncIterator[list[LogEntry]]:
+    ) -> AsyncIterator[list[LogEntry[Event]]]:
         """Yield the log from ``start_seq`` to its current end, in order, in batches."""
+        filters = [filter_subject] if filter_subject else None
+        async for batch in self.replay_decoded(decode_events, start_seq, filter_subjects=filters):
+            yield batch
+
+    async def replay_decoded(
+        self,
+        decode: Callable[[bytes], list[E]],
+        start_seq: int = 1,
+        *,
+        filter_subjects: Sequence[str] | None = None,
+    ) -> AsyncIterator[list[LogEntry[E]]]:
+        """:meth:`replay`, each batch decoded by ``decode`` (given a JSON array of the batch's
+        events; e.g. ``vapora.budget_view.decode_views``), only the events on
+        ``filter_subjects`` (default: the whole log)."""
         if await self.last_sequence() < start_seq:
             return
-        async for batch in self._read(start_seq, filter_subject, follow=False):
+        async for batch in self._read(start_seq, filter_subjects, decode, follow=False):
             yield batch
 
     async def tail(
         self, start_seq: int = 1, *, filter_subject: str | None = None
-    ) -> AsyncIterator[list[LogEntry]]:
+    ) -> AsyncIterator[list[LogEntry[Event]]]:
         """Yield the log from ``start_seq`` on, forever (until the caller stops iterating)."""
-        async for batch in self._read(start_seq, filter_subject, follow=True):
+        filters = [filter_subject] if filter_subject else None
+        async for batch in self._read(start_seq, filters, decode_events, follow=True):
             yield batch
 
     async def _read(
-        self, start_seq: int, filter_subject: str | None, *, follow: bool
-    ) -> AsyncIterator[list[LogEntry]]:
+        self,
+        start_seq: int,
+        filter_subjects: Sequence[str] | None,
+        decode: Callable[[bytes], list[E]],
+        *,
+        follow: bool,
+    ) -> AsyncIterator[list[LogEntry[E]]]:
+        filters = list(filter_subjects or [self.settings.wildcard])
         consumer = await self.js.add_consumer(
             self.settings.name,
             api.ConsumerConfig(
                 ack_policy=api.AckPolicy.NONE,
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=max(start_seq, 1),
-                filter_subject=filter_subject or self.settings.wildcard,
+                # One filter as ``filter_subject``: servers before 2.10 know no other.
+                filter_subject=filters[0] if len(filters) == 1 else None,
+                filter_subjects=filters if len(filters) > 1 else None,
                 inactive_threshold=60.0,
                 mem_storage=True,
                 num_replicas=1,
@@ -373,7 +400,7 @@ class EventLog:
                     await self.nc.publish(next_subject, _pull_request(follow), reply=inbox)
                 raw = await reader.take()
                 if raw:
-                    yield _entries(raw)
+                    yield _entries(raw, decode)
                 if reader.caught_up and not follow:
                     return
         finally:
@@ -419,13 +446,13 @@ class _PullReader:
     """Buffers a pull consumer's messages from the raw fast path; the reader decodes batches."""
 
     def __init__(self) -> None:
-        self.buffer: list[tuple[int, bytes, bytes, bytes]] = []
+        self.buffer: list[tuple[int, bytes, bytes, bytes | None]] = []
         self.outstanding = 0  # pull requests sent and not yet finished
         self.in_request = 0  # messages received for the oldest of them
         self.caught_up = False
         self.ready = anyio.Event()
 
-    def on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+    def on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if not reply:  # a status message: 404 no messages, 408 request expired, 409 ...
             self._finish_request()
             return
@@ -450,7 +477,7 @@ class _PullReader:
         self.in_request = 0
         self.ready.set()
 
-    async def take(self) -> list[tuple[int, bytes, bytes, bytes]]:
+    async def take(self) -> list[tuple[int, bytes, bytes, bytes | None]]:
         if not self.buffer and self.outstanding:
             await self.ready.wait()
         self.ready = anyio.Event()
@@ -458,22 +485,25 @@ class _PullReader:
         return raw
 
 
-def _entries(raw: list[tuple[int, bytes, bytes, bytes]]) -> list[LogEntry]:
+def _entries(
+    raw: list[tuple[int, bytes, bytes, bytes | None]], decode: Callable[[bytes], list[E]]
+) -> list[LogEntry[E]]:
     # One decoder call for the whole batch: msgspec parses a JSON array of events far faster
     # than it is called once per event.
     try:
-        decoded = decode_events(b"[" + b",".join([message[2] for message in raw]) + b"]")
+        decoded = decode(b"[" + b",".join([message[2] for message in raw]) + b"]")
     except DecodeError:
-        decoded = [_decode_one(seq, subject, data) for seq, subject, data, _ in raw]
+        decoded = [_decode_one(seq, subject, data, decode) for seq, subject, data, _ in raw]
     return [
         LogEntry(seq, subject.decode(), event, headers)
         for (seq, subject, _, headers), event in zip(raw, decoded, strict=True)
     ]
 
 
-def _decode_one(seq: int, subject: bytes, data: bytes) -> Event:
+def _decode_one(seq: int, subject: bytes, data: bytes, decode: Callable[[bytes], list[E]]) -> E:
+    """Decode one event alone, to name the stored event a batch failed on."""
     try:
-        return decode_event(data)
+        return decode(b"[" + data + b"]")[0]
     except DecodeError as exc:
         raise DecodeError(
             f"stored event at sequence {seq} ({subject.decode()}) cannot be decoded: {exc}"

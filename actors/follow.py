@@ -25,12 +25,13 @@ import anyio.abc
 
 from actors import tracing
 from actors.eventlog import EventLog, LogEntry
+from events.log import Event
 
 __all__ = ["LogFollower"]
 
 log = logging.getLogger("vapora.follow")
 
-ApplyBatch = Callable[[list[LogEntry]], Awaitable[None]]
+ApplyBatch = Callable[[list[LogEntry[Event]]], Awaitable[None]]
 
 
 class LogFollower:
@@ -89,7 +90,7 @@ class LogFollower:
         if scope.cancelled_caught:
             log.info("%s: reopening the log tail after sequence %d", self.name, self.position())
 
-    async def _apply(self, batch: list[LogEntry]) -> None:
+    async def _apply(self, batch: list[LogEntry[Event]]) -> None:
         if self.trace_group is None or not tracing.enabled():
             await self.apply(batch)
             return

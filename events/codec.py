@@ -19,6 +19,7 @@ __all__ = [
     "decode",
     "decode_event",
     "decode_events",
+    "decode_with",
     "encode",
     "event_tag",
 ]
@@ -71,8 +72,14 @@ def decode_event(data: bytes) -> Event:
 
 def decode_events(data: bytes) -> list[Event]:
     """Decode a JSON array of events (used to decode a replayed batch in one call)."""
+    return decode_with(_events_decoder, data)
+
+
+def decode_with(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
+    """Decode ``data`` with a prebuilt ``decoder`` (e.g. of a batch of partial event views),
+    raising :class:`DecodeError` naming the field on any problem."""
     try:
-        return _events_decoder.decode(data)
+        return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise DecodeError(_describe(exc)) from exc
     except msgspec.DecodeError as exc:

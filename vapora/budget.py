@@ -71,6 +71,7 @@ from events.log import (
     Event,
     SpendRecorded,
 )
+from vapora import budget_view as views
 from vapora.errors import ConfigError
 
 __all__ = [
@@ -439,12 +440,12 @@ class _Books:
             _counted=self.counted.freeze(),
         )
 
-    def apply(self, event: Event) -> None:
+    def apply(self, event: Event | views.View) -> None:
         """Fold one event; every money event also advances event time (and may prune)."""
         handler = _HANDLERS.get(type(event))
         if handler is None:
             return
-        at = event.at
+        at: datetime = event.at  # type: ignore[union-attr]  # every type with a handler has it
         if at.tzinfo is not UTC:
             at = _utc(at)
         handler(self, event, at)
@@ -633,12 +634,18 @@ class _Books:
 
 
 _Handler = Callable[[_Books, Any, datetime], None]
+# Each event type, and its view (``vapora.budget_view``: only the fields read, for bulk replays).
 _HANDLERS: dict[type, _Handler] = {
     SpendRecorded: _Books.spend,
     BudgetReserved: _Books.reserve,
     BudgetReleased: _Books.released,
     BudgetLeased: _Books.leased_to,
     BudgetLeaseReturned: _Books.lease_returned,
+    views.SpendRecordedView: _Books.spend,
+    views.BudgetReservedView: _Books.reserve,
+    views.BudgetReleasedView: _Books.released,
+    views.BudgetLeasedView: _Books.leased_to,
+    views.LeaseReturnedView: _Books.lease_returned,
 }
 
 
@@ -739,7 +746,7 @@ class Fold:
 
 class _Entry(Protocol):
     @property
-    def event(self) -> Event: ...
+    def event(self) -> Event | views.View: ...
 
     @property
     def seq(self) -> int: ...

@@ -258,7 +258,7 @@ async def events_command(
     printed = 0
     position = 0
 
-    async def show(batch: list[LogEntry]) -> None:
+    async def show(batch: list[LogEntry[Event]]) -> None:
         nonlocal printed, position
         lines = [encode(entry.event).decode() for entry in batch if wanted(entry.event)]
         if lines:
