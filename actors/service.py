@@ -106,6 +106,66 @@ class _Counters:
 _Message = tuple[str, str, bytes, bytes | None]
 
 
+class _Deadlines:
+    """Cancels the scopes of one endpoint's requests that outlive its timeout, with one timer.
+
+    One ``loop.call_at`` per request (what a scope with a deadline arms and cancels) cost more
+    than the rest of the scope. An endpoint's timeout is fixed and the loop's clock monotonic, so
+    its deadlines come in start order: the next to expire is always the oldest still pending, and
+    one timer, re-armed for it, serves them all.
+    """
+
+    __slots__ = ("_loop", "_pending", "_timeout", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._pending: dict[anyio.CancelScope, float] = {}  # in start order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, scope: anyio.CancelScope) -> float:
+        """Cancel ``scope`` once the timeout has passed from now (unless it is discarded)."""
+        deadline = self._loop.time() + self._timeout
+        self._pending[scope] = deadline
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._expire)
+        return deadline
+
+    def discard(self, scope: anyio.CancelScope) -> None:
+        self._pending.pop(scope, None)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        pending = self._pending
+        while pending:
+            scope = next(iter(pending))
+            if pending[scope] > now:
+                self._timer = self._loop.call_at(pending[scope], self._expire)
+                return
+            del pending[scope]
+            scope.cancel()
+
+
+class _Served:
+    """One endpoint as the service runs it: its counters, its micro endpoint, its deadlines."""
+
+    __slots__ = ("counters", "deadlines", "endpoint", "micro")
+
+    micro: MicroEndpoint  # set when the endpoint is added to the micro service
+    deadlines: _Deadlines | None  # set by ``run`` (it needs the loop); None: no timeout
+
+    def __init__(self, endpoint: Endpoint[Any]) -> None:
+        self.endpoint = endpoint
+        self.counters = _Counters()
+        self.deadlines = None
+
+
 def error_payload(error: VaporaError) -> bytes:
     """The contract's error body for ``error``."""
     return encode(ErrorReply(error=ErrorBody(code=error.code, message=error.message)))
@@ -142,9 +202,8 @@ class ActorService:
         self.max_concurrency = max_concurrency
         self.max_backlog = max_backlog
         self.drain_timeout = drain_timeout
-        self._counters = {e.name: _Counters() for e in endpoints}
-        self._micro: dict[str, MicroEndpoint] = {}
-        self._backlog: deque[tuple[Endpoint[Any], _Message]] = deque()
+        self._served = {e.name: _Served(e) for e in endpoints}
+        self._backlog: deque[tuple[_Served, _Message]] = deque()
         self._running = 0  # handlers running: what max_concurrency bounds
         self._refusing = 0  # 503 replies being sent: neither a handler nor a concurrency slot
         self._stop = anyio.Event()
@@ -152,6 +211,7 @@ class ActorService:
         self._tasks: dict[asyncio.Task[None], anyio.CancelScope] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._service: Service | None = None
+        self._scope_type: Callable[[], anyio.CancelScope] = anyio.CancelScope
 
     @property
     def in_flight(self) -> int:
@@ -167,13 +227,20 @@ class ActorService:
         """Serve until :meth:`stop` is called; then drain within ``drain_timeout`` seconds.
 
         Handlers run as plain asyncio tasks owned by this service, each inside its own anyio
-        cancel scope that carries the endpoint's timeout (an anyio task group's ``start_soon``
-        plus ``fail_after`` cost several times ``create_task`` plus one scope per message).
-        Whatever is still running when the drain deadline passes, or when ``run`` itself is
-        cancelled, is cancelled through its scope (so shielded sections stay shielded, as in
-        a task group) and awaited here.
+        cancel scope (an anyio task group's ``start_soon`` plus ``fail_after`` cost several
+        times ``create_task`` plus one scope per message). A handler that outlives its
+        endpoint's timeout is cancelled through its scope (one timer per endpoint watches
+        them all, see :class:`_Deadlines`) and answered 504. Whatever is still running when
+        the drain deadline passes, or when ``run`` itself is cancelled, is cancelled through
+        its scope too (so shielded sections stay shielded, as in a task group) and awaited here.
         """
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        # The running backend's scope class, made directly: ``anyio.CancelScope(...)`` looks the
+        # backend up on every call, which cost as much as the scope itself.
+        self._scope_type = type(anyio.CancelScope())
+        for served in self._served.values():
+            timeout = served.endpoint.timeout
+            served.deadlines = None if timeout is None else _Deadlines(loop, timeout)
         try:
             self._service = await self._start_service()
             task_status.started()
@@ -182,6 +249,9 @@ class ActorService:
             await self._drain()
         finally:
             await self._cancel_handlers()
+            for served in self._served.values():
+                if served.deadlines is not None:
+                    served.deadlines.close()
 
     async def _cancel_handlers(self) -> None:
         self._stop.set()  # nothing more starts, not even from the backlog
@@ -201,28 +271,28 @@ class ActorService:
             metadata=self.metadata or None,
             stats_handler=self._stats,
         )
-        for endpoint in self.endpoints:
-            await self._add_endpoint(service, endpoint)
+        for served in self._served.values():
+            await self._add_endpoint(service, served)
         await self.nc.flush()
         return service
 
-    async def _add_endpoint(self, service: Service, endpoint: Endpoint[Any]) -> None:
+    async def _add_endpoint(self, service: Service, served: _Served) -> None:
         # The micro Endpoint object makes $SRV.INFO/STATS describe this endpoint; the
         # subscription that receives its messages is ours, on the raw fast path.
+        endpoint = served.endpoint
         config = EndpointConfig(
             name=endpoint.name,
             subject=endpoint.subject,
             queue_group=endpoint.queue_group,
             handler=_unused_handler,
         )
-        micro = MicroEndpoint(service, config)
+        served.micro = micro = MicroEndpoint(service, config)
         micro._subscription = await self.nc.subscribe_raw(
             endpoint.subject,
-            functools.partial(self._receive, endpoint),
+            functools.partial(self._receive, served),
             queue=micro._queue_group,
         )
         service._endpoints.append(micro)
-        self._micro[endpoint.name] = micro
 
     async def _unsubscribe(self) -> None:
         # Stopping must not fail because the connection is already gone or slow to flush. Not
@@ -245,7 +315,7 @@ class ActorService:
             )
 
     def _stats(self, stats: EndpointStats) -> dict[str, Any]:
-        counters = self._counters[stats.name]
+        counters = self._served[stats.name].counters
         return {
             "in_flight": counters.in_flight,
             "completed": counters.completed,
@@ -255,33 +325,32 @@ class ActorService:
         }
 
     def _receive(
-        self, endpoint: Endpoint[Any], subject: bytes, reply: bytes, data: bytes, headers: bytes
+        self, served: _Served, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
         # Called synchronously by the connection's reader: hand the message off, never block.
         message: _Message = (subject.decode(), reply.decode(), data, headers)
-        self._micro[endpoint.name]._num_requests += 1
+        served.micro._num_requests += 1
         if self._stop.is_set():
             return
         if self._running < self.max_concurrency:
-            self._start(endpoint, message)
+            self._start(served, message)
         elif len(self._backlog) < self.max_backlog:
-            self._backlog.append((endpoint, message))
+            self._backlog.append((served, message))
         else:
-            self._counters[endpoint.name].rejected += 1
-            self._start(endpoint, message, overloaded=True)
+            served.counters.rejected += 1
+            self._start(served, message, overloaded=True)
 
-    def _start(
-        self, endpoint: Endpoint[Any], message: _Message, *, overloaded: bool = False
-    ) -> None:
+    def _start(self, served: _Served, message: _Message, *, overloaded: bool = False) -> None:
         assert self._loop is not None
         if overloaded:
             self._refusing += 1
         else:
             self._running += 1
-        self._counters[endpoint.name].in_flight += 1
-        deadline = math.inf if endpoint.timeout is None else self._loop.time() + endpoint.timeout
-        scope = anyio.CancelScope(deadline=deadline)
-        task = self._loop.create_task(self._handle(endpoint, message, overloaded, scope))
+        served.counters.in_flight += 1
+        scope = self._scope_type()
+        deadlines = served.deadlines
+        deadline = math.inf if overloaded or deadlines is None else deadlines.add(scope)
+        task = self._loop.create_task(self._handle(served, message, scope, deadline, overloaded))
         self._tasks[task] = scope
         task.add_done_callback(self._forget)
 
@@ -290,34 +359,35 @@ class ActorService:
 
     async def _handle(
         self,
-        endpoint: Endpoint[Any],
+        served: _Served,
         message: _Message,
-        overloaded: bool,
         scope: anyio.CancelScope,
+        deadline: float,
+        overloaded: bool,
     ) -> None:
-        counters = self._counters[endpoint.name]
         started = time.perf_counter_ns()
         try:
             if overloaded:
-                await self._reply_error(endpoint, message[1], Overloaded(self.name))
+                await self._reply_error(served, message[1], Overloaded(self.name))
                 return
             with scope:
                 if tracing.enabled():
-                    await self._traced(endpoint, message)
+                    await self._traced(served, message)
                 else:
-                    await self._answer(endpoint, message)
-            if scope.cancelled_caught and scope.deadline <= anyio.current_time():
-                error = RequestTimeout(f"{endpoint.name} timed out")
-                await self._reply_error(endpoint, message[1], error)
+                    await self._answer(served, message)
+            if scope.cancelled_caught and deadline <= anyio.current_time():
+                error = RequestTimeout(f"{served.endpoint.name} timed out")
+                await self._reply_error(served, message[1], error)
         finally:
-            self._finish(endpoint, counters, time.perf_counter_ns() - started, overloaded)
+            if served.deadlines is not None:
+                served.deadlines.discard(scope)
+            self._finish(served, time.perf_counter_ns() - started, overloaded)
 
-    def _finish(
-        self, endpoint: Endpoint[Any], counters: _Counters, elapsed_ns: int, overloaded: bool
-    ) -> None:
-        micro = self._micro[endpoint.name]
+    def _finish(self, served: _Served, elapsed_ns: int, overloaded: bool) -> None:
+        micro = served.micro
         micro._processing_time += elapsed_ns
         micro._average_processing_time = micro._processing_time // max(1, micro._num_requests)
+        counters = served.counters
         counters.in_flight -= 1
         counters.completed += 1
         if overloaded:  # a refusal frees no handler slot, so it starts nothing from the backlog
@@ -329,13 +399,15 @@ class ActorService:
         if not self.in_flight:
             self._idle.set()
 
-    async def _traced(self, endpoint: Endpoint[Any], message: _Message) -> None:
+    async def _traced(self, served: _Served, message: _Message) -> None:
         # The raw header block: only the trace context is read from it, not every header.
-        with tracing.process_span(message[0], message[3], group=endpoint.queue_group or "q"):
-            await self._answer(endpoint, message)
+        group = served.endpoint.queue_group or "q"
+        with tracing.process_span(message[0], message[3], group=group):
+            await self._answer(served, message)
 
-    async def _answer(self, endpoint: Endpoint[Any], message: _Message) -> None:
+    async def _answer(self, served: _Served, message: _Message) -> None:
         subject, reply_to, data, headers = message
+        endpoint = served.endpoint
         try:
             request = self._decode(endpoint, data)
             context = RequestContext(
@@ -343,15 +415,13 @@ class ActorService:
             )
             reply = await endpoint.handler(request, context)
         except VaporaError as error:
-            await self._reply_error(endpoint, reply_to, error)
+            await self._reply_error(served, reply_to, error)
         except TimeoutError:
-            await self._reply_error(
-                endpoint, reply_to, RequestTimeout(f"{endpoint.name} timed out")
-            )
+            await self._reply_error(served, reply_to, RequestTimeout(f"{endpoint.name} timed out"))
         except Exception:
             log.exception("%s: unhandled error in %s", self.name, endpoint.name)
             await self._reply_error(
-                endpoint, reply_to, InternalError("internal error; see the actor log")
+                served, reply_to, InternalError("internal error; see the actor log")
             )
         else:
             if reply is not None and reply_to:
@@ -365,13 +435,11 @@ class ActorService:
         except DecodeError as exc:
             raise InvalidRequest(str(exc)) from exc
 
-    async def _reply_error(
-        self, endpoint: Endpoint[Any], reply_to: str, error: VaporaError
-    ) -> None:
-        counters = self._counters[endpoint.name]
+    async def _reply_error(self, served: _Served, reply_to: str, error: VaporaError) -> None:
+        counters = served.counters
         counters.errors += 1
         counters.by_code[error.code] = counters.by_code.get(error.code, 0) + 1
-        micro = self._micro[endpoint.name]
+        micro = served.micro
         micro._num_errors += 1
         setattr(micro, "_last_error", f"{error.status}: {error.message}")  # noqa: B010 - typed None
         if reply_to:

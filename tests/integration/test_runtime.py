@@ -407,3 +407,94 @@ async def test_a_503_refusal_frees_no_slot_and_concurrency_stays_bounded(
             actor.stop()
     assert sorted(codes) == ["503"] * 3 + ["ok"] * 4
     assert peak == 2
+
+
+async def test_each_request_past_its_endpoints_timeout_gets_504_while_quick_ones_are_answered(
+    nc: NATS, unique: str
+) -> None:
+    """Requests started at different times, on endpoints with different timeouts: every stuck
+    one is cancelled and answered 504 in turn, every quick one between them is answered."""
+    released = anyio.Event()
+
+    async def stuck(request: CompletionRequest, context: RequestContext) -> Echo:
+        if request.prompt == "stuck":
+            await anyio.sleep(30)
+        if request.prompt == "held":
+            await released.wait()
+        return Echo(text=request.prompt or "", count=0)
+
+    subjects = {timeout: f"t{unique}.timeout{i}" for i, timeout in enumerate((0.2, 0.4))}
+    actor = ActorService(
+        nc,
+        name=f"timeouts-{unique}",
+        endpoints=[
+            Endpoint(
+                name=f"e{i}",
+                subject=subject,
+                request_type=CompletionRequest,
+                handler=stuck,
+                timeout=timeout,
+            )
+            for i, (timeout, subject) in enumerate(subjects.items())
+        ],
+    )
+    answers: list[tuple[str, str]] = []
+
+    async def one(subject: str, prompt: str) -> None:
+        headers, data = await ask(nc, subject, json.dumps({"prompt": prompt}).encode())
+        code = headers.get("Nats-Service-Error-Code")
+        answers.append((prompt, code or json.loads(data)["text"]))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as senders:
+                for subject in subjects.values():
+                    senders.start_soon(one, subject, "held")  # the first deadline of each
+                    await anyio.sleep(0.05)
+                    senders.start_soon(one, subject, "stuck")
+                    senders.start_soon(one, subject, "quick")
+                await anyio.sleep(0.05)
+                released.set()  # the held ones finish before their deadlines, the stuck don't
+        assert sorted(answers) == sorted(
+            [("held", "held"), ("quick", "quick"), ("stuck", "504")] * 2
+        )
+        assert actor.in_flight == 0
+        actor.stop()
+
+
+async def test_a_shielded_step_past_the_endpoint_timeout_finishes_then_the_request_gets_504(
+    nc: NATS, unique: str
+) -> None:
+    subject = f"t{unique}.shielded"
+    steps: list[str] = []
+
+    async def slow_step(request: CompletionRequest, context: RequestContext) -> Echo:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.4)  # outlives the endpoint's timeout, yet must complete
+            steps.append("shielded")
+        await anyio.sleep(30)
+        steps.append("never")
+        return Echo(text="", count=0)
+
+    actor = ActorService(
+        nc,
+        name=f"shielded-{unique}",
+        endpoints=[
+            Endpoint(
+                name="e",
+                subject=subject,
+                request_type=CompletionRequest,
+                handler=slow_step,
+                timeout=0.1,
+            )
+        ],
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        with anyio.fail_after(5):
+            headers, data = await ask(nc, subject, b'{"prompt": "x"}')
+        assert headers["Nats-Service-Error-Code"] == "504"
+        assert decode(data, ErrorReply).error.code == "timeout"
+        assert steps == ["shielded"]
+        actor.stop()
