@@ -229,7 +229,10 @@ class Client(NATS):
         for name, value in headers.items():
             key = name if name in _CHECKED_HEADER_NAMES else _checked_header_name(name)
             if key:
-                lines.append(f"{key}: {value.strip().translate(_HEADER_VALUE_NEWLINES)}\r\n")
+                text = value.strip()
+                if "\r" in text or "\n" in text:  # translate() costs ~1 µs even when it is a no-op
+                    text = text.translate(_HEADER_VALUE_NEWLINES)
+                lines.append(f"{key}: {text}\r\n")
         lines.append("\r\n")
         block = "".join(lines).encode()
         size = len(block) + payload_size
