@@ -449,41 +449,49 @@ def _wake(done: asyncio.Future[None]) -> None:
 
 
 class _PullReader:
-    """Buffers a pull consumer's messages from the raw fast path; the reader decodes batches."""
+    """Buffers a pull consumer's messages from the raw fast path; the reader decodes batches.
+
+    A message is kept as it came, ``(reply, subject, data, headers)``: its stream sequence is in
+    its reply subject, read once per batch (:func:`_entries`), not once per message.
+    """
 
     def __init__(self) -> None:
-        self.buffer: list[tuple[int, bytes, bytes, bytes | None]] = []
+        self.buffer: list[_Raw] = []
         self.outstanding = 0  # pull requests sent and not yet finished
         self.in_request = 0  # messages received for the oldest of them
         self.caught_up = False
         self.ready = anyio.Event()
+        self._short: bool | None = None  # the reply subjects' format (see _ack_tokens)
 
     def on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if not reply:  # a status message: 404 no messages, 408 request expired, 409 ...
             self._finish_request()
             return
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>  (9 tokens), or
-        # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>.<x>
-        tokens = reply.split(b".")
-        v1 = len(tokens) == 9
         buffer = self.buffer
-        buffer.append((int(tokens[5] if v1 else tokens[7]), subject, data, headers))
+        buffer.append((reply, subject, data, headers))
         self.in_request += 1
         if self.in_request >= _PULL_BATCH:
-            self.caught_up = (tokens[8] if v1 else tokens[10]) == b"0"
+            self.caught_up = self._nothing_pending(reply)
             self._finish_request()
-        elif (tokens[8] if v1 else tokens[10]) == b"0":
+        elif self._nothing_pending(reply):
             self.caught_up = True
             self.ready.set()
         elif len(buffer) == _WAKE_AT:  # wake the reader once per this many, not per message
             self.ready.set()
+
+    def _nothing_pending(self, reply: bytes) -> bool:
+        if self._short is None:
+            self._short = reply.count(b".") == 8
+        if self._short:  # the count of pending messages is the last token
+            return reply.endswith(b".0")
+        return _ack_tokens(reply)[1] == 0
 
     def _finish_request(self) -> None:
         self.outstanding = max(0, self.outstanding - 1)
         self.in_request = 0
         self.ready.set()
 
-    async def take(self) -> list[tuple[int, bytes, bytes, bytes | None]]:
+    async def take(self) -> list[_Raw]:
         if not self.buffer and self.outstanding:
             await self.ready.wait()
         self.ready = anyio.Event()
@@ -491,18 +499,44 @@ class _PullReader:
         return raw
 
 
-def _entries(
-    raw: list[tuple[int, bytes, bytes, bytes | None]], decode: Callable[[bytes], list[E]]
-) -> list[LogEntry[E]]:
+# A message as read: (reply subject, subject, payload, raw headers).
+_Raw = tuple[bytes, bytes, bytes, bytes | None]
+
+
+def _ack_tokens(reply: bytes) -> tuple[int, int]:
+    """The stream sequence and the pending count in a JetStream reply subject:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>`` (9 tokens), or
+    ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>.<x>``.
+    """
+    tokens = reply.split(b".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    return int(tokens[7]), int(tokens[10])
+
+
+def _sequences(raw: list[_Raw]) -> Sequence[int]:
+    # A consumer delivers the stream in order, each message once (no acks, no redelivery):
+    # when the last sequence is the first plus the count, the batch is contiguous.
+    first, last = _ack_tokens(raw[0][0])[0], _ack_tokens(raw[-1][0])[0]
+    if last - first == len(raw) - 1:
+        return range(first, last + 1)
+    return [_ack_tokens(message[0])[0] for message in raw]
+
+
+def _entries(raw: list[_Raw], decode: Callable[[bytes], list[E]]) -> list[LogEntry[E]]:
+    seqs = _sequences(raw)
     # One decoder call for the whole batch: msgspec parses a JSON array of events far faster
     # than it is called once per event.
     try:
         decoded = decode(b"[" + b",".join([message[2] for message in raw]) + b"]")
     except DecodeError:
-        decoded = [_decode_one(seq, subject, data, decode) for seq, subject, data, _ in raw]
+        decoded = [
+            _decode_one(seq, message[1], message[2], decode)
+            for seq, message in zip(seqs, raw, strict=True)
+        ]
     return [
         LogEntry(seq, subject.decode(), event, headers)
-        for (seq, subject, _, headers), event in zip(raw, decoded, strict=True)
+        for seq, (_, subject, _, headers), event in zip(seqs, raw, decoded, strict=True)
     ]
 
 

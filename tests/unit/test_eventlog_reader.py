@@ -1,0 +1,61 @@
+"""The replay reader's reading of JetStream reply subjects: sequences and the pending count, in
+both formats the server uses, for contiguous batches and for batches with gaps (filtered)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from actors.eventlog import _ack_tokens, _entries, _PullReader, _sequences
+from events.codec import decode_events, encode
+from events.log import BudgetReleased
+
+
+def v1(seq: int, pending: int) -> bytes:
+    return f"$JS.ACK.VAPORA.c0nsumer.1.{seq}.{seq}.1795677248172322729.{pending}".encode()
+
+
+def v2(seq: int, pending: int) -> bytes:  # with a domain and an account hash, and a token
+    ts = 1795677248172322729
+    return f"$JS.ACK.hub.ACCHASH.VAPORA.c0nsumer.1.{seq}.{seq}.{ts}.{pending}.x7".encode()
+
+
+def test_sequence_and_pending_in_both_reply_formats() -> None:
+    assert _ack_tokens(v1(1205, 37)) == (1205, 37)
+    assert _ack_tokens(v2(1205, 37)) == (1205, 37)
+    assert _ack_tokens(v2(9, 0)) == (9, 0)
+
+
+def batch(seqs: list[int], reply=v1) -> list[tuple[bytes, bytes, bytes, bytes | None]]:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        (
+            reply(seq, 100 - i),
+            b"vapora.events.budget",
+            encode(
+                BudgetReleased(
+                    id=f"e{seq}", at=at, task_id="t", reservation_id=f"r{seq}", reason="failed"
+                )
+            ),
+            None,
+        )
+        for i, seq in enumerate(seqs)
+    ]
+
+
+def test_a_contiguous_batch_and_a_batch_with_gaps_get_their_own_sequences() -> None:
+    assert list(_sequences(batch([5, 6, 7, 8]))) == [5, 6, 7, 8]
+    assert list(_sequences(batch([5, 9, 10, 11]))) == [5, 9, 10, 11]  # filtered: gaps
+    assert list(_sequences(batch([5, 6, 8, 9], reply=v2))) == [5, 6, 8, 9]
+    entries = _entries(batch([3, 4, 40]), decode_events)
+    assert [(e.seq, e.event.id) for e in entries] == [(3, "e3"), (4, "e4"), (40, "e40")]
+
+
+def test_the_reader_is_caught_up_only_when_nothing_is_pending() -> None:
+    for reply in (v1, v2):
+        reader = _PullReader()
+        reader.outstanding = 1
+        reader.on_message(b"s", reply(1, 10), b"{}", None)
+        reader.on_message(b"s", reply(2, 100), b"{}", None)  # "...100" does not end in ".0" pending
+        assert not reader.caught_up
+        reader.on_message(b"s", reply(3, 0), b"{}", None)
+        assert reader.caught_up
