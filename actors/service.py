@@ -208,7 +208,9 @@ class ActorService:
         self._refusing = 0  # 503 replies being sent: neither a handler nor a concurrency slot
         self._stop = anyio.Event()
         self._idle = anyio.Event()
-        self._tasks: dict[asyncio.Task[None], anyio.CancelScope] = {}
+        # Each running handler's scope and task; a handler removes itself when it ends (cheaper
+        # than a done callback, which the loop would schedule as one more callback per request).
+        self._handlers: dict[anyio.CancelScope, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._service: Service | None = None
         self._scope_type: Callable[[], anyio.CancelScope] = anyio.CancelScope
@@ -255,8 +257,8 @@ class ActorService:
 
     async def _cancel_handlers(self) -> None:
         self._stop.set()  # nothing more starts, not even from the backlog
-        tasks = list(self._tasks)
-        for scope in self._tasks.values():
+        tasks = list(self._handlers.values())
+        for scope in list(self._handlers):
             scope.cancel()
         if tasks:
             with anyio.CancelScope(shield=True):
@@ -351,11 +353,8 @@ class ActorService:
         deadlines = served.deadlines
         deadline = math.inf if overloaded or deadlines is None else deadlines.add(scope)
         task = self._loop.create_task(self._handle(served, message, scope, deadline, overloaded))
-        self._tasks[task] = scope
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        del self._tasks[task]
+        if not task.done():  # an eager task factory may have run it to its end already
+            self._handlers[scope] = task
 
     async def _handle(
         self,
@@ -379,6 +378,7 @@ class ActorService:
                 error = RequestTimeout(f"{served.endpoint.name} timed out")
                 await self._reply_error(served, message[1], error)
         finally:
+            self._handlers.pop(scope, None)
             if served.deadlines is not None:
                 served.deadlines.discard(scope)
             self._finish(served, time.perf_counter_ns() - started, overloaded)
