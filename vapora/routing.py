@@ -2,7 +2,9 @@
 
 :func:`decide` takes every input as a value (the request, the config, each provider's availability
 view, this request's estimated cost per provider, the budget tier, the task's remaining budget and
-``now``) and returns a :class:`~events.contract.RouteDecision`. No I/O, no clock, no randomness.
+``now``) and returns a :class:`~events.contract.RouteDecision`. No I/O, no clock, no randomness;
+what depends only on the (immutable) config, each task type's candidates and their mapping
+verdicts, is worked out once per config and reused.
 
 The guide's order, each step recorded as a :class:`~events.contract.FilterVerdict` per candidate:
 
@@ -38,7 +40,6 @@ as ``.decision`` so the router can still append it as ``route_decided``.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,7 +47,15 @@ from decimal import Decimal
 
 import msgspec
 
-from events.contract import Candidate, CompletionRequest, FilterVerdict, RouteDecision, Tier
+from events.contract import (
+    Candidate,
+    CompletionRequest,
+    FilterVerdict,
+    Quality,
+    RouteDecision,
+    TaskType,
+    Tier,
+)
 from vapora.config import Config, ProviderConfig, missing_api_key
 from vapora.errors import BudgetExceeded, NoProviderAvailable, UnknownProvider, UnknownTaskType
 
@@ -128,8 +137,12 @@ _OVERRIDE = "manual override"
 _LAST_RESORT = "last resort"
 
 
-@dataclass(frozen=True, kw_only=True)
+_UNKNOWN = ProviderView()  # a provider without a view: assumed available, latency unknown
+
+
+@dataclass(slots=True, kw_only=True)
 class _Context:
+    # Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__.
     request: CompletionRequest
     config: Config
     now: datetime
@@ -138,10 +151,9 @@ class _Context:
     tier: Tier
     remaining: Decimal | None
     required: float  # the quality level the request requires
-    source: str  # where the task type's mapping comes from: "rule" or the guide's default
 
     def view(self, name: str) -> ProviderView:
-        return self.views.get(name, ProviderView())
+        return self.views.get(name, _UNKNOWN)
 
 
 class _Slot:
@@ -154,15 +166,21 @@ class _Slot:
     __slots__ = ("kept", "name", "position", "provider", "role", "score", "verdicts")
 
     def __init__(
-        self, *, name: str, position: int, role: str, provider: ProviderConfig | None
+        self,
+        *,
+        name: str,
+        position: int,
+        role: str,
+        provider: ProviderConfig | None,
+        mapping: FilterVerdict,
     ) -> None:
         self.name = name
         self.position = position
         self.role = role
         self.provider = provider
-        self.verdicts: list[FilterVerdict] = []
+        self.verdicts: list[FilterVerdict] = [mapping]  # the first filter's, known in advance
         self.score: float | None = None
-        self.kept = True
+        self.kept = mapping.passed
 
     @property
     def last_resort(self) -> bool:
@@ -187,6 +205,56 @@ def _usd(amount: Decimal) -> str:
     return f"${amount:.6f}"
 
 
+# Verdicts that never vary (frozen values, shared by every decision).
+_OVERRIDE_MAPPED = _ok("mapping", "manual override")
+_AVAILABLE = _ok("availability", "available")
+_TIER_VERDICTS = {
+    Tier.NORMAL: _ok("tier", "Normal tier"),
+    Tier.NEAR_THRESHOLD: _ok(
+        "tier", "NearThreshold tier: the cheapest adequate candidate is preferred"
+    ),
+}
+_EXCEEDED_FREE = _ok("tier", "zero-cost, admitted in the Exceeded tier")
+_EXCEEDED_PAID = _drop("tier", "the Exceeded tier admits only zero-cost providers")
+
+
+# --- what every decision under one config shares ------------------------------------------------
+
+# A candidate before any per-request filter: name, position, role, provider, mapping verdict.
+_Spec = tuple[str, int, str, ProviderConfig | None, FilterVerdict]
+
+
+class _Shared:
+    """What decisions under one config compute alike, built once (a config is immutable): each
+    task type's candidates with their mapping verdicts, and the quality each level requires."""
+
+    __slots__ = ("config", "levels", "specs")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        required = config.routing.required_quality
+        self.levels = {quality: required.level(quality) for quality in Quality}
+        self.specs: dict[TaskType, tuple[_Spec, ...] | None] = {}
+
+    def mapped(self, task_type: TaskType) -> tuple[_Spec, ...] | None:
+        if task_type not in self.specs:
+            self.specs[task_type] = _mapped_specs(self.config, task_type)
+        return self.specs[task_type]
+
+
+_SHARED: dict[int, _Shared] = {}
+_SHARED_MAX = 16  # configs remembered at once (a process has one; tests make many)
+
+
+def _shared(config: Config) -> _Shared:
+    shared = _SHARED.get(id(config))
+    if shared is None or shared.config is not config:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        shared = _SHARED[id(config)] = _Shared(config)
+    return shared
+
+
 # --- step 1-2: candidates -----------------------------------------------------------------------
 
 
@@ -195,42 +263,47 @@ def _override_slots(ctx: _Context, name: str) -> list[_Slot]:
     if provider is None:
         known = ", ".join(p.name for p in ctx.config.providers)
         raise UnknownProvider(f"unknown provider {name!r} (configured: {known})")
-    return [_Slot(name=name, position=0, role=_OVERRIDE, provider=provider)]
-
-
-def _mapped_slots(ctx: _Context) -> list[_Slot]:
-    task_type = ctx.request.task_type
-    mapping = ctx.config.mapping(task_type)
-    if mapping is None:
-        raise UnknownTaskType(f"no mapping for task type {task_type.value}: add a routing rule")
-    roles = ["primary"] + [f"fallback {i}" for i in range(1, len(mapping))]
-    slots = [
-        _Slot(name=n, position=i, role=r, provider=ctx.config.provider(n))
-        for i, (n, r) in enumerate(zip(mapping, roles, strict=True))
-    ]
-    return slots + _last_resort_slots(ctx, set(mapping), len(mapping))
-
-
-def _last_resort_slots(ctx: _Context, mapped: set[str], start: int) -> list[_Slot]:
-    if not ctx.config.routing.zero_cost_last_resort:
-        return []
-    free = [p for p in ctx.config.providers if p.zero_cost and p.name not in mapped]
-    free.sort(key=lambda p: p.priority)  # stable: config order breaks equal priorities
     return [
-        _Slot(name=p.name, position=start + i, role=_LAST_RESORT, provider=p)
-        for i, p in enumerate(free)
+        _Slot(name=name, position=0, role=_OVERRIDE, provider=provider, mapping=_OVERRIDE_MAPPED)
     ]
 
 
-def _mapping_verdict(slot: _Slot, ctx: _Context) -> FilterVerdict:
-    task = ctx.request.task_type.value
-    if slot.provider is None:
-        return _drop("mapping", f"{slot.name} is in the {task} mapping but not configured")
-    if slot.role == _OVERRIDE:
-        return _ok("mapping", "manual override")
-    if slot.last_resort:
-        return _ok("mapping", f"zero-cost last resort (not in the {task} mapping)")
-    return _ok("mapping", f"{slot.role} in the {task} {ctx.source}")
+def _mapped_slots(ctx: _Context, shared: _Shared) -> list[_Slot]:
+    task_type = ctx.request.task_type
+    specs = shared.mapped(task_type)
+    if specs is None:
+        raise UnknownTaskType(f"no mapping for task type {task_type.value}: add a routing rule")
+    return [_Slot(name=n, position=i, role=r, provider=p, mapping=v) for n, i, r, p, v in specs]
+
+
+def _mapped_specs(config: Config, task_type: TaskType) -> tuple[_Spec, ...] | None:
+    """The task type's candidates (its mapping, then any zero-cost last resort) and each one's
+    mapping verdict; None when the task type has no mapping."""
+    mapping = config.mapping(task_type)
+    if mapping is None:
+        return None
+    task = task_type.value
+    source = "rule" if config.rule(task_type) else "guide's default mapping"
+    roles = ["primary"] + [f"fallback {i}" for i in range(1, len(mapping))]
+    specs: list[_Spec] = []
+    for i, (name, role) in enumerate(zip(mapping, roles, strict=True)):
+        provider = config.provider(name)
+        verdict = (
+            _drop("mapping", f"{name} is in the {task} mapping but not configured")
+            if provider is None
+            else _ok("mapping", f"{role} in the {task} {source}")
+        )
+        specs.append((name, i, role, provider, verdict))
+    return tuple(specs + _last_resort_specs(config, task, set(mapping), len(mapping)))
+
+
+def _last_resort_specs(config: Config, task: str, mapped: set[str], start: int) -> list[_Spec]:
+    if not config.routing.zero_cost_last_resort:
+        return []
+    free = [p for p in config.providers if p.zero_cost and p.name not in mapped]
+    free.sort(key=lambda p: p.priority)  # stable: config order breaks equal priorities
+    verdict = _ok("mapping", f"zero-cost last resort (not in the {task} mapping)")
+    return [(p.name, start + i, _LAST_RESORT, p, verdict) for i, p in enumerate(free)]
 
 
 # --- steps 3-5: per-candidate filters -----------------------------------------------------------
@@ -247,9 +320,7 @@ def _availability_verdict(slot: _Slot, ctx: _Context) -> FilterVerdict:
         reasons.append("circuit breaker open")
     if not view.healthy:
         reasons.append(f"health check failing: {view.health_reason or 'no reason given'}")
-    return (
-        _drop("availability", "; ".join(reasons)) if reasons else _ok("availability", "available")
-    )
+    return _drop("availability", "; ".join(reasons)) if reasons else _AVAILABLE
 
 
 def _budget_verdict(slot: _Slot, ctx: _Context) -> FilterVerdict:
@@ -269,17 +340,13 @@ def _budget_verdict(slot: _Slot, ctx: _Context) -> FilterVerdict:
 
 def _tier_verdict(slot: _Slot, ctx: _Context) -> FilterVerdict:
     assert slot.provider is not None
-    if ctx.tier is Tier.EXCEEDED and not slot.provider.zero_cost:
-        return _drop("tier", "the Exceeded tier admits only zero-cost providers")
     if ctx.tier is Tier.EXCEEDED:
-        return _ok("tier", "zero-cost, admitted in the Exceeded tier")
-    if ctx.tier is Tier.NEAR_THRESHOLD:
-        return _ok("tier", "NearThreshold tier: the cheapest adequate candidate is preferred")
-    return _ok("tier", "Normal tier")
+        return _EXCEEDED_FREE if slot.provider.zero_cost else _EXCEEDED_PAID
+    return _TIER_VERDICTS[ctx.tier]
 
 
+# After the mapping's verdict, which each slot is born with (see _Shared).
 _FILTERS: tuple[Callable[[_Slot, _Context], FilterVerdict], ...] = (
-    _mapping_verdict,
     _availability_verdict,
     _budget_verdict,
     _tier_verdict,
@@ -289,9 +356,9 @@ _FILTERS: tuple[Callable[[_Slot, _Context], FilterVerdict], ...] = (
 def _filtered(slot: _Slot, ctx: _Context) -> _Slot:
     """Apply the filters in order; a dropped candidate is not judged further."""
     for check in _FILTERS:
-        slot = slot.judged(check(slot, ctx))
         if not slot.kept:
             break
+        slot.judged(check(slot, ctx))
     return slot
 
 
@@ -326,33 +393,42 @@ def _latency_judged(slot: _Slot, ctx: _Context, required: int, anyone: bool) -> 
 # --- step 7: score and order --------------------------------------------------------------------
 
 
-def _quality_term(quality: float, ctx: _Context) -> float:
-    shortfall = max(0.0, ctx.required - quality)
-    return min(1.0, max(0.0, quality - ctx.config.routing.shortfall_penalty * shortfall))
+def _quality_term(quality: float, required: float, penalty: float) -> float:
+    shortfall = max(0.0, required - quality)
+    return min(1.0, max(0.0, quality - penalty * shortfall))
 
 
 def _latency_terms(kept: Sequence[_Slot], ctx: _Context) -> dict[str, float]:
     observed = {s.name: ctx.view(s.name).latency_ms for s in kept}
     terms = {n: 1.0 / (1.0 + ms / 1000.0) for n, ms in observed.items() if ms is not None}
-    neutral = statistics.median(terms.values()) if terms else 1.0
+    neutral = _median(list(terms.values())) if terms else 1.0
     return {s.name: terms.get(s.name, neutral) for s in kept}
 
 
+def _median(values: list[float]) -> float:
+    """``statistics.median``, without its generality (a tenth of its cost here)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def _scored(slots: list[_Slot], ctx: _Context) -> list[_Slot]:
+    """Score the kept candidates in place."""
+    costs = ctx.costs
     kept = [s for s in slots if s.kept]
-    dearest = max((ctx.costs[s.name] for s in kept), default=Decimal(0))
+    dearest = max((costs[s.name] for s in kept), default=Decimal(0))
     latency = _latency_terms(kept, ctx)
-    w = ctx.config.routing.weights
-    out = []
-    for slot in slots:
-        if slot.kept and slot.provider is not None:
-            cost = ctx.costs[slot.name]
-            cost_term = 1.0 if dearest == 0 else float(1 - cost / dearest)
-            quality_term = _quality_term(slot.provider.quality, ctx)
+    routing = ctx.config.routing
+    w, required, penalty = routing.weights, ctx.required, routing.shortfall_penalty
+    for slot in kept:
+        if slot.provider is not None:
+            cost_term = 1.0 if dearest == 0 else float(1 - costs[slot.name] / dearest)
+            quality_term = _quality_term(slot.provider.quality, required, penalty)
             score = w.quality * quality_term + w.cost * cost_term + w.latency * latency[slot.name]
             slot.score = round(score, 6)
-        out.append(slot)
-    return out
+    return slots
 
 
 def _adequate(slot: _Slot, ctx: _Context) -> bool:
@@ -440,6 +516,7 @@ def decide(
     is kept: :class:`RouteOverBudget` (402) if the tier is Exceeded or some candidate was dropped
     by the task budget, else :class:`RouteUnavailable` (503); both carry ``.decision``.
     """
+    shared = _shared(config)
     ctx = _Context(
         request=request,
         config=config,
@@ -448,13 +525,12 @@ def decide(
         costs=estimated_costs,
         tier=tier,
         remaining=task_remaining_usd,
-        required=config.routing.required_quality.level(request.quality),
-        source="rule" if config.rule(request.task_type) else "guide's default mapping",
+        required=shared.levels[request.quality],
     )
     if request.provider is not None:
         slots = _override_slots(ctx, request.provider)
     else:
-        slots = _mapped_slots(ctx)
+        slots = _mapped_slots(ctx, shared)
     slots = _scored(_latency_filtered([_filtered(s, ctx) for s in slots], ctx), ctx)
     chain = sorted((s for s in slots if s.kept), key=lambda s: _order_key(s, ctx))
     if not chain:
