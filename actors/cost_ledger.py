@@ -33,6 +33,12 @@ __all__ = ["LEDGER_FILE", "CostLedger"]
 
 log = logging.getLogger("vapora.ledger")
 
+# The live tail commits what arrived in this long as one transaction (see LogFollower): the
+# ledger is read by reports and audits, never waited on by a request, and a commit (fsync'd,
+# `synchronous=FULL`) per event or two cost ~100 µs of CPU each (thread hand-offs, SQLite,
+# fsync) in the process that also routes.
+_LINGER_S = 0.02
+
 LEDGER_FILE = "ledger.sqlite3"
 
 
@@ -75,6 +81,7 @@ class CostLedger:
                 apply=self._apply,
                 position=lambda: self.position,
                 trace_group="ledger",  # the live tail continues each event's trace
+                linger_s=_LINGER_S,
             )
             service = self._make_service()
             served = anyio.Event()

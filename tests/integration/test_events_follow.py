@@ -10,9 +10,11 @@ import anyio
 import pytest
 
 from actors.connection import Client
-from actors.eventlog import EventLog
+from actors.eventlog import EventLog, LogEntry
+from actors.follow import LogFollower
 from actors.server import EmbeddedNats
 from events import BudgetReleased
+from events.log import Event
 from vapora.cli.money import events_command
 
 pytestmark = pytest.mark.anyio
@@ -64,3 +66,33 @@ async def test_events_follow_prints_on_through_a_server_restart(
             tg.cancel_scope.cancel()
     assert [line.count('"task_id":"task-') for line in lines] == [1, 1, 1]
     assert ['"task-1"' in lines[0], '"task-2"' in lines[1], '"task-3"' in lines[2]] == [True] * 3
+
+
+async def test_a_lingering_follower_applies_what_arrived_meanwhile_in_one_batch(
+    event_log: EventLog,
+) -> None:
+    """The ledger's follower waits ``linger_s`` after each batch: events appended during that
+    wait reach the projection together (one transaction), none lost, none repeated."""
+    batches: list[list[int]] = []
+    position = 0
+
+    async def apply(batch: list[LogEntry[Event]]) -> None:
+        nonlocal position
+        batches.append([entry.seq for entry in batch])
+        position = batch[-1].seq
+
+    follower = LogFollower(
+        event_log, name="test", apply=apply, position=lambda: position, linger_s=1.0
+    )
+    await event_log.append(released(0))
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(follower.run)
+            while not batches:  # noqa: ASYNC110 - waits for the first batch
+                await anyio.sleep(0.01)
+            for n in range(1, 11):  # appended one by one while the follower lingers
+                await event_log.append(released(n))
+            while position < 11:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert batches == [[1], list(range(2, 12))]
