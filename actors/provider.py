@@ -48,9 +48,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -250,7 +250,12 @@ class _HealthSignature:
 
 
 def _new_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like ``uuid4().hex`` without building a UUID.
+    return os.urandom(16).hex()
+
+
+# The signature of the usual state, shared, so that "nothing changed" is an identity check.
+_AVAILABLE = _HealthSignature(True, "available", "closed", None)
 
 
 def _counts_against_breaker(error: ProviderError) -> bool:
@@ -571,13 +576,16 @@ class ProviderActor:
             return _HealthSignature(False, "circuit breaker open", breaker, until)
         if until is not None:
             return _HealthSignature(False, "rate limited", breaker, until)
-        reason = "probing (breaker half open)" if breaker == "half_open" else "available"
-        return _HealthSignature(True, reason, breaker, None)
+        if breaker == "closed":
+            return _AVAILABLE
+        return _HealthSignature(True, "probing (breaker half open)", breaker, None)
 
     async def _publish_health(self, *, force: bool = False, latency: bool = False) -> None:
         """Append ``provider_health_changed`` if availability changed (or, from the periodic
         check only, the latency estimate moved by more than a fifth)."""
         signature = self._signature()
+        if signature is self._published and not (force or latency):
+            return  # after every call: the usual case, decided without building anything
         estimate = self.client.latency_estimate()
         if not force and not self._changed(signature, estimate if latency else None):
             return
