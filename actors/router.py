@@ -600,28 +600,29 @@ class RouterActor:
 
     def _decide(self, task: _Task) -> RouteDecision:
         spent = self.task_spend.get(task.task_id, Decimal(0))
+        now = self.runtime.clock()
         try:
             decision = decide(
                 task.request,
                 self.config,
-                now=self.runtime.clock(),
+                now=now,
                 views=self.views,
                 estimated_costs=task.costs,
                 tier=self.tier,
                 task_remaining_usd=task_remaining_usd(self.config, task.request, spent),
             )
         except (RouteOverBudget, RouteUnavailable) as refused:
-            task.appends.add(self._decided(task, refused.decision))
+            task.appends.add(self._decided(task, refused.decision, now))
             _observe_refusal(task.request, refused)
             raise
-        task.appends.add(self._decided(task, decision))
+        task.appends.add(self._decided(task, decision, now))
         _observe_decision(task.request, decision)
         return decision
 
-    def _decided(self, task: _Task, decision: RouteDecision) -> RouteDecided:
+    def _decided(self, task: _Task, decision: RouteDecision, now: datetime) -> RouteDecided:
         return RouteDecided(
             id=_new_id(),
-            at=self.runtime.clock(),
+            at=now,  # the instant the decision was made for
             task_id=task.task_id,
             task_type=task.request.task_type,
             quality=task.request.quality,
