@@ -174,7 +174,10 @@ class BudgetKeeper:
         self.snapshot_every = snapshot_every
         self.snapshot_interval_s = snapshot_interval_s
         self.resync_timeout_s = resync_timeout_s
-        self.state: BudgetState = budget.EMPTY
+        # The live budget: one fold the tail and our own appends write in place; ``state`` is a
+        # view of it (see :meth:`state`).
+        self._fold = budget.Fold()
+        self._view: BudgetState | None = None
         self.fence = 0  # the last sequence on the budget subject that `state` includes
         self.announced = Tier.NORMAL  # the tier of the last budget_tier_changed in the log
         self.fenced_out: str | None = None  # why we stopped writing, once another keeper wrote
@@ -292,6 +295,26 @@ class BudgetKeeper:
             ],
         )
 
+    # --- the state ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> BudgetState:
+        """The budget now: a view of the live fold, to read between two awaits, never to keep
+        across one (:meth:`_write_snapshot` takes a frozen copy)."""
+        if self._view is None:
+            self._view = self._fold.view()
+        return self._view
+
+    def _reset(self, state: BudgetState) -> None:
+        self._fold, self._view = budget.Fold(state), None
+
+    def _fold_in(self, event: Event, seq: int | None = None) -> None:
+        if seq is None:
+            self._fold.apply_event(event)
+        else:
+            self._fold.apply([(event, seq)])
+        self._view = None
+
     # --- rebuilding -------------------------------------------------------------------------
 
     def _restore_snapshot(self) -> None:
@@ -310,7 +333,8 @@ class BudgetKeeper:
         if saved.stream != self.log.settings.name:
             log.warning("budget keeper: snapshot is of stream %s; ignoring it", saved.stream)
             return
-        self.state, self.fence, self.announced = state, saved.fence, saved.announced
+        self._reset(state)
+        self.fence, self.announced = saved.fence, saved.announced
         self.restored_sequence = state.last_sequence
 
     async def _catch_up(self) -> None:
@@ -319,19 +343,20 @@ class BudgetKeeper:
             last = await self.log.last_sequence()
             if last < self.restored_sequence:  # the stream is not the one we snapshotted
                 log.warning("budget keeper: snapshot is ahead of the log; replaying it all")
-                self.state, self.fence, self.announced = budget.EMPTY, 0, Tier.NORMAL
+                self._reset(budget.EMPTY)
+                self.fence, self.announced = 0, Tier.NORMAL
                 self.restored_sequence = None
         # Each event is decoded into the view of the fields the fold reads (vapora/budget_view.py).
         # Not filtered to the budget's subjects: a consumer with several subject filters is
         # delivered at ~100,000 events/s by nats-server here, slower than reading them all.
-        fold = budget.Fold(self.state)  # frozen once at the end, not once per batch
-        async for batch in self.log.replay_decoded(decode_views, self.state.last_sequence + 1):
+        fold = self._fold
+        async for batch in self.log.replay_decoded(decode_views, fold.last_sequence + 1):
             self._note_batch(batch)
             fold.apply_entries(batch)
+            self._view = None
             self.replayed_events += len(batch)
             self._changed += len(batch)
             self._tier_cause = _last_money_event(batch) or self._tier_cause
-        self.state = fold.state()
 
     def _note_batch(self, batch: list[LogEntry[View]]) -> None:
         """:meth:`_note` for the entries that can change what it keeps (a replay's fast path)."""
@@ -366,12 +391,12 @@ class BudgetKeeper:
             self._note(entry)
             event = entry.event
             if isinstance(event, _MONEY_EVENTS):
-                self.state = budget.evolve(self.state, event, entry.seq)
+                self._fold_in(event, entry.seq)
                 if self._tier_now(now) != self.announced:
                     self._tier_cause = event.id
                     self._wake.set()
         last = batch[-1]
-        self.state = budget.catch_up(self.state, [(last.event, last.seq)])
+        self._fold_in(last.event, last.seq)  # the position, whatever the last event was
         self._changed += len(batch)
         self._applied.set()
 
@@ -532,7 +557,7 @@ class BudgetKeeper:
                 raise
             self.fence = max(self.fence, appended.seq)
             if isinstance(event, _MONEY_EVENTS):
-                self.state = budget.evolve(self.state, event)
+                self._fold_in(event)
             if isinstance(event, BudgetTierChanged):
                 self.announced = event.to_tier
             self._changed += 1
@@ -661,7 +686,7 @@ class BudgetKeeper:
             announced=self.announced,
             state=b"",
         )
-        state, path = self.state, self.snapshot_path
+        state, path = self._fold.state(), self.snapshot_path  # frozen: read off the loop
         self._changed, self._snapshot_time = 0, time.monotonic()
         await anyio.to_thread.run_sync(_write_atomically, path, saved, state)
 

@@ -423,6 +423,10 @@ class _Books:
 
     def freeze(self) -> BudgetState:
         self.days_owned = self.months_owned = self.leases_owned = False
+        return self.view(frozen=True)
+
+    def view(self, *, frozen: bool = False) -> BudgetState:
+        """The state now; unless ``frozen``, sharing the maps this builder goes on writing."""
         return BudgetState(
             last_sequence=self.last_sequence,
             watermark=self.watermark,
@@ -434,10 +438,10 @@ class _Books:
             days=self.days,
             months=self.months,
             next_prune=self.next_prune,
-            _tasks=self.tasks.freeze(),
-            _open=self.open.freeze(),
-            _closed=self.closed.freeze(),
-            _counted=self.counted.freeze(),
+            _tasks=self.tasks.freeze() if frozen else tuple(self.tasks._shards),
+            _open=self.open.freeze() if frozen else tuple(self.open._shards),
+            _closed=self.closed.freeze() if frozen else tuple(self.closed._shards),
+            _counted=self.counted.freeze() if frozen else tuple(self.counted._shards),
         )
 
     def apply(self, event: Event | views.View) -> None:
@@ -739,9 +743,22 @@ class Fold:
                 books.apply(entry.event)
         books.last_sequence = last
 
+    def apply_event(self, event: Event | views.View) -> None:
+        """Fold one event without its sequence (a writer folding its own append before the log
+        brings it back with one; folding an event twice changes nothing)."""
+        self._books.apply(event)
+
     def state(self) -> BudgetState:
         """The state so far (a frozen value; folding may go on afterwards)."""
         return self._books.freeze()
+
+    def view(self) -> BudgetState:
+        """The state now, *sharing* the maps the fold goes on writing: to read before the next
+        ``apply``, never to keep (that is :meth:`state`). It copies nothing: the live budget
+        keeper, which reads its state after every event, had frozen it every time, and each
+        freeze makes the next write copy a 64th of the map it writes (2 ms per event once a
+        day's maps held a million events)."""
+        return self._books.view()
 
 
 class _Entry(Protocol):
