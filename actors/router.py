@@ -328,6 +328,9 @@ class RouterActor:
         self.first_token_timeout_ms = first_token_timeout_ms
         self.keeper_timeout_s = keeper_timeout_s
         self.views: dict[str, ProviderView] = key_views(runtime.config, runtime.env)
+        # Looked up per attempt: by name, and whether it is paid, once (the config is immutable).
+        self._providers = {p.name: p for p in runtime.config.providers}
+        self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
         self._keys = {name: view.api_key_present for name, view in self.views.items()}
         self.tier = Tier.NORMAL
         self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
@@ -639,7 +642,7 @@ class RouterActor:
         chain = decision.chain
         task.route_reason = decision.reason
         for index, name in enumerate(chain):
-            provider = self.config.provider(name)
+            provider = self._providers.get(name)
             assert provider is not None  # decide() keeps configured providers only
             outcome = await self._try_provider(task, provider)
             if isinstance(outcome, ProviderCallResult):
@@ -686,7 +689,7 @@ class RouterActor:
         reservation_id: str | None = None
         lease: _Lease | None = None
         amount = task.costs[provider.name]
-        if self.reserve and not provider.zero_cost:
+        if self.reserve and provider.name in self._paid:
             lease = self._take_from_lease(amount)
             if lease is not None:
                 reservation_id = lease.lease_id
