@@ -65,20 +65,16 @@ class FastParser(Parser):
             if self.buf is not buf:  # the client reset the parser (reconnect)
                 return
         while pos < size:
-            if data.startswith(b"HMSG ", pos):
-                found = hmsg(data, pos)
-                if found is None:
-                    break
+            found = hmsg(data, pos)
+            if found is not None:
                 subject, sid, reply, header_text, total_text = found.groups()
                 header_size = int(header_text)
-            elif data.startswith(b"MSG ", pos):
+            else:
                 found = msg(data, pos)
                 if found is None:
                     break
                 subject, sid, reply, total_text = found.groups()
                 header_size = 0
-            else:
-                break
             start = found.end()
             end = start + int(total_text)
             if end + 2 > size:  # the payload is still arriving
