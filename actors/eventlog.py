@@ -469,22 +469,20 @@ class _PullReader:
             return
         buffer = self.buffer
         buffer.append((reply, subject, data, headers))
-        self.in_request += 1
-        if self.in_request >= _PULL_BATCH:
-            self.caught_up = self._nothing_pending(reply)
+        self.in_request = received = self.in_request + 1
+        short = self._short
+        if short is None:
+            short = self._short = reply.count(b".") == 8
+        # In the short format the count of pending messages is the last token.
+        idle = reply.endswith(b".0") if short else _ack_tokens(reply)[1] == 0
+        if received >= _PULL_BATCH:
+            self.caught_up = idle
             self._finish_request()
-        elif self._nothing_pending(reply):
+        elif idle:
             self.caught_up = True
             self.ready.set()
         elif len(buffer) == _WAKE_AT:  # wake the reader once per this many, not per message
             self.ready.set()
-
-    def _nothing_pending(self, reply: bytes) -> bool:
-        if self._short is None:
-            self._short = reply.count(b".") == 8
-        if self._short:  # the count of pending messages is the last token
-            return reply.endswith(b".0")
-        return _ack_tokens(reply)[1] == 0
 
     def _finish_request(self) -> None:
         self.outstanding = max(0, self.outstanding - 1)
