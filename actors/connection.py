@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from actors.protocol import FastParser
+from actors.protocol import FastParser, RawBatch, RawMessage
 
 __all__ = [
     "Client",
@@ -164,7 +164,7 @@ class Client(NATS):
     rejects exactly the same lines, with a whitespace test done by ``str.split``.
     """
 
-    _raw_handlers: dict[int, RawHandler]
+    _raw_handlers: dict[int, RawHandler | RawBatch]
 
     def __init__(self) -> None:
         super().__init__()
@@ -287,6 +287,19 @@ class Client(NATS):
         self, subject: str, handler: RawHandler, *, queue: str = ""
     ) -> Subscription:
         """Subscribe ``handler`` to ``subject`` on the raw fast path (unsubscribe as usual)."""
+        return await self._subscribe_raw(subject, handler, queue)
+
+    async def subscribe_raw_batched(
+        self, subject: str, handler: Callable[[list[RawMessage]], None], *, queue: str = ""
+    ) -> Subscription:
+        """:meth:`subscribe_raw`, the messages of each read handed over in one call as a list
+        of ``(subject, reply, payload, headers)`` (see :class:`actors.protocol.RawBatch`):
+        no Python call per message. For a stream of many small messages (a replay)."""
+        return await self._subscribe_raw(subject, RawBatch(handler), queue)
+
+    async def _subscribe_raw(
+        self, subject: str, handler: RawHandler | RawBatch, queue: str
+    ) -> Subscription:
         if not hasattr(self, "_raw_handlers"):
             self._raw_handlers = {}
         subscription = await self.subscribe(
@@ -301,6 +314,9 @@ class Client(NATS):
         handlers = getattr(self, "_raw_handlers", None)
         if handlers:
             handler = handlers.get(sid)
+            if type(handler) is RawBatch:
+                handler.handler([(subject, reply, data, headers)])
+                return
             if handler is not None:
                 handler(subject, reply, data, headers)
                 return

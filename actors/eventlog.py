@@ -41,6 +41,7 @@ from opentelemetry.trace import Span
 from actors import tracing
 from actors.cluster import stream_replicas
 from actors.connection import Client, PermissionDenied
+from actors.protocol import RawMessage
 from events import subjects
 from events.codec import DecodeError, decode_events, encode, event_tag
 from events.log import Event
@@ -392,7 +393,7 @@ class EventLog:
         )
         reader = _PullReader()
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe_raw(inbox, reader.on_message)
+        sub = await self.nc.subscribe_raw_batched(inbox, reader.on_batch)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.settings.name}.{consumer.name}"
         try:
             if not follow and not consumer.num_pending:
@@ -417,7 +418,6 @@ class EventLog:
 
 
 _PULL_BATCH = 4096
-_WAKE_AT = 1024
 _TAIL_EXPIRES_NS = 30_000_000_000
 
 
@@ -451,54 +451,49 @@ def _wake(done: asyncio.Future[None]) -> None:
 class _PullReader:
     """Buffers a pull consumer's messages from the raw fast path; the reader decodes batches.
 
-    A message is kept as it came, ``(reply, subject, data, headers)``: its stream sequence is in
-    its reply subject, read once per batch (:func:`_entries`), not once per message.
+    The messages of each read arrive in one call (``on_batch``, a batched raw subscription) and
+    are kept as they came, ``(subject, reply, data, headers)``: their stream sequences are in
+    their reply subjects, read once per batch (:func:`_entries`), not once per message.
     """
 
     def __init__(self) -> None:
-        self.buffer: list[_Raw] = []
+        self.buffer: list[RawMessage] = []
         self.outstanding = 0  # pull requests sent and not yet finished
         self.in_request = 0  # messages received for the oldest of them
         self.caught_up = False
         self.ready = anyio.Event()
         self._short: bool | None = None  # the reply subjects' format (see _ack_tokens)
 
-    def on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        if not reply:  # a status message: 404 no messages, 408 request expired, 409 ...
+    def on_batch(self, messages: list[RawMessage]) -> None:
+        reply = messages[-1][1]
+        if not reply:  # a status (it comes alone): 404 no messages, 408 request expired, 409 ...
             self._finish_request()
             return
-        buffer = self.buffer
-        buffer.append((reply, subject, data, headers))
-        self.in_request = received = self.in_request + 1
+        self.buffer += messages
+        received = self.in_request + len(messages)
+        while received >= _PULL_BATCH:  # each pull request ends after that many messages
+            received -= _PULL_BATCH
+            self.outstanding = max(0, self.outstanding - 1)
+        self.in_request = received
         short = self._short
         if short is None:
             short = self._short = reply.count(b".") == 8
         # In the short format the count of pending messages is the last token.
-        idle = reply.endswith(b".0") if short else _ack_tokens(reply)[1] == 0
-        if received >= _PULL_BATCH:
-            self.caught_up = idle
-            self._finish_request()
-        elif idle:
+        if reply.endswith(b".0") if short else _ack_tokens(reply)[1] == 0:
             self.caught_up = True
-            self.ready.set()
-        elif len(buffer) == _WAKE_AT:  # wake the reader once per this many, not per message
-            self.ready.set()
+        self.ready.set()
 
     def _finish_request(self) -> None:
         self.outstanding = max(0, self.outstanding - 1)
         self.in_request = 0
         self.ready.set()
 
-    async def take(self) -> list[_Raw]:
+    async def take(self) -> list[RawMessage]:
         if not self.buffer and self.outstanding:
             await self.ready.wait()
         self.ready = anyio.Event()
         raw, self.buffer = self.buffer, []
         return raw
-
-
-# A message as read: (reply subject, subject, payload, raw headers).
-_Raw = tuple[bytes, bytes, bytes, bytes | None]
 
 
 def _ack_tokens(reply: bytes) -> tuple[int, int]:
@@ -512,16 +507,16 @@ def _ack_tokens(reply: bytes) -> tuple[int, int]:
     return int(tokens[7]), int(tokens[10])
 
 
-def _sequences(raw: list[_Raw]) -> Sequence[int]:
+def _sequences(raw: list[RawMessage]) -> Sequence[int]:
     # A consumer delivers the stream in order, each message once (no acks, no redelivery):
     # when the last sequence is the first plus the count, the batch is contiguous.
-    first, last = _ack_tokens(raw[0][0])[0], _ack_tokens(raw[-1][0])[0]
+    first, last = _ack_tokens(raw[0][1])[0], _ack_tokens(raw[-1][1])[0]
     if last - first == len(raw) - 1:
         return range(first, last + 1)
-    return [_ack_tokens(message[0])[0] for message in raw]
+    return [_ack_tokens(message[1])[0] for message in raw]
 
 
-def _entries(raw: list[_Raw], decode: Callable[[bytes], list[E]]) -> list[LogEntry[E]]:
+def _entries(raw: list[RawMessage], decode: Callable[[bytes], list[E]]) -> list[LogEntry[E]]:
     seqs = _sequences(raw)
     # One decoder call for the whole batch: msgspec parses a JSON array of events far faster
     # than it is called once per event.
@@ -529,12 +524,12 @@ def _entries(raw: list[_Raw], decode: Callable[[bytes], list[E]]) -> list[LogEnt
         decoded = decode(b"[" + b",".join([message[2] for message in raw]) + b"]")
     except DecodeError:
         decoded = [
-            _decode_one(seq, message[1], message[2], decode)
+            _decode_one(seq, message[0], message[2], decode)
             for seq, message in zip(seqs, raw, strict=True)
         ]
     return [
         LogEntry(seq, subject.decode(), event, headers)
-        for seq, (_, subject, _, headers), event in zip(seqs, raw, decoded, strict=True)
+        for seq, (subject, _, _, headers), event in zip(seqs, raw, decoded, strict=True)
     ]
 
 

@@ -13,12 +13,40 @@ yields exactly the same arguments.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from nats.errors import ProtocolError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
-__all__ = ["FastParser"]
+__all__ = ["FastParser", "RawBatch", "RawMessage"]
+
+# A message on the raw path: (subject, reply, payload, raw headers or None).
+RawMessage = tuple[bytes, bytes, bytes, bytes | None]
+
+
+class RawBatch(list[RawMessage]):
+    """A batched raw-path subscription's messages of one read, handed over at once.
+
+    The parser appends each message (no call per message) and, when it has gone through a read
+    or before it awaits anything, calls ``handler`` with the list and empties it: the handler
+    copies what it keeps. A message without a reply subject (a server status) comes alone, in a
+    batch of its own, after the ones before it.
+    """
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Callable[[list[RawMessage]], None]) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def flush(self) -> None:
+        if self:
+            try:
+                self.handler(self)
+            finally:
+                self.clear()
+
 
 _CRLF = b"\r\n"
 # HMSG <subject> <sid> [reply] <header size> <total size>   |   MSG <subject> <sid> [reply] <size>
@@ -48,6 +76,7 @@ class FastParser(Parser):
         hmsg, msg = _HMSG.match, _MSG.match
         size = len(data)
         pos = 0
+        touched: list[RawBatch] = []  # batched subscriptions with messages waiting
         if self.state == AWAITING_MSG_PAYLOAD:  # the frame begun in an earlier read is whole
             header_size, end = self.header_needed, self.needed
             arg = self.msg_arg
@@ -89,6 +118,21 @@ class FastParser(Parser):
             pos = end + 2
             handler = raw_handlers.get(int(sid))
             if handler is not None:
+                if type(handler) is RawBatch:
+                    message = (
+                        subject,
+                        reply,
+                        data[start + header_size : end],
+                        data[start : start + header_size] if header_size else None,
+                    )
+                    if reply:
+                        if not handler:
+                            touched.append(handler)
+                        handler.append(message)
+                    else:  # a status comes alone, after what came before it
+                        handler.flush()
+                        handler.handler([(subject, b"", message[2], message[3])])
+                    continue
                 handler(
                     subject,
                     reply or b"",
@@ -96,6 +140,9 @@ class FastParser(Parser):
                     data[start : start + header_size] if header_size else None,
                 )
                 continue
+            for batch in touched:  # everything before this message, before anything awaits
+                batch.flush()
+            touched.clear()
             await process(
                 int(sid),
                 subject,
@@ -105,6 +152,8 @@ class FastParser(Parser):
             )
             if self.buf is not buf:  # the client reset the parser (reconnect)
                 return
+        for batch in touched:
+            batch.flush()
         if pos < size:
             buf.extend(data[pos:] if pos else data)
         if buf and self.state == AWAITING_CONTROL_LINE:
@@ -127,7 +176,9 @@ class FastParser(Parser):
         headers: bytes | None,
     ) -> None:
         handler = raw_handlers.get(sid)
-        if handler is not None:
-            handler(subject, reply, payload, headers)
-        else:
+        if handler is None:
             await self.nc._process_msg(sid, subject, reply, payload, headers)
+        elif type(handler) is RawBatch:
+            handler.handler([(subject, reply, payload, headers)])
+        else:
+            handler(subject, reply, payload, headers)

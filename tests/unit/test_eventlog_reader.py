@@ -29,8 +29,8 @@ def batch(seqs: list[int], reply=v1) -> list[tuple[bytes, bytes, bytes, bytes | 
     at = datetime(2026, 1, 1, tzinfo=UTC)
     return [
         (
-            reply(seq, 100 - i),
             b"vapora.events.budget",
+            reply(seq, 100 - i),
             encode(
                 BudgetReleased(
                     id=f"e{seq}", at=at, task_id="t", reservation_id=f"r{seq}", reason="failed"
@@ -54,8 +54,24 @@ def test_the_reader_is_caught_up_only_when_nothing_is_pending() -> None:
     for reply in (v1, v2):
         reader = _PullReader()
         reader.outstanding = 1
-        reader.on_message(b"s", reply(1, 10), b"{}", None)
-        reader.on_message(b"s", reply(2, 100), b"{}", None)  # "...100" does not end in ".0" pending
+        reader.on_batch([(b"s", reply(1, 10), b"{}", None)])
+        reader.on_batch([(b"s", reply(2, 100), b"{}", None)])  # "...100" is not nothing pending
         assert not reader.caught_up
-        reader.on_message(b"s", reply(3, 0), b"{}", None)
+        reader.on_batch([(b"s", reply(3, 1), b"{}", None), (b"s", reply(4, 0), b"{}", None)])
         assert reader.caught_up
+        assert [m[1] for m in reader.buffer] == [
+            reply(n, p) for n, p in ((1, 10), (2, 100), (3, 1), (4, 0))
+        ]
+
+
+def test_a_pull_request_ends_after_its_batch_or_at_a_status() -> None:
+    reader = _PullReader()
+    reader.outstanding = 2
+    full = [(b"s", v1(n, 9000 - n), b"{}", None) for n in range(1, 4097)]
+    reader.on_batch(full[:3000])
+    assert reader.outstanding == 2
+    reader.on_batch([*full[3000:], (b"s", v1(4097, 10), b"{}", None)])  # one request is done
+    assert (reader.outstanding, reader.in_request) == (1, 1)
+    reader.on_batch([(b"s", b"", b"", b"NATS/1.0 404 No Messages\r\n\r\n")])  # the next one
+    assert (reader.outstanding, reader.in_request) == (0, 0)
+    assert len(reader.buffer) == 4097  # the status is not a message of the log

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nats.errors import ProtocolError
 from nats.protocol.parser import Parser
 
-from actors.protocol import FastParser
+from actors.protocol import FastParser, RawBatch
 
 RAW_SID = 7  # delivered on the raw path (a plain call), as replays and acks are
 
@@ -178,3 +178,48 @@ def test_a_cut_control_line_waits_for_the_rest() -> None:
     assert recorder.seen == []
     asyncio.run(parser.parse(data[6:]))
     assert recorder.seen == [("msg", 3, b"a", b"r", b"hello", None)]
+
+
+class BatchRecorder(Recorder):
+    """The raw subscription batched: each read's messages in one call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[tuple[Any, ...]]] = []
+        self._raw_handlers = {RAW_SID: RawBatch(self.batch)}  # type: ignore[dict-item]
+
+    def batch(self, messages: list[tuple[bytes, bytes, bytes, bytes | None]]) -> None:
+        self.batches.append(list(messages))
+        self.seen.extend(("msg", RAW_SID, *message) for message in messages)
+
+
+def parse_batched(chunks: list[bytes]) -> BatchRecorder:
+    recorder = BatchRecorder()
+    asyncio.run(feed(FastParser(recorder), chunks))
+    return recorder
+
+
+def only(sid: int, seen: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [s for s in seen if s[0] == "msg" and s[1] == sid]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=40))
+def test_a_batched_subscription_gets_the_same_messages_in_order(points: list[int]) -> None:
+    expected = parse_with(Parser, [STREAM])
+    recorder = parse_batched(cut(STREAM, points))
+    assert only(RAW_SID, recorder.seen) == only(RAW_SID, expected)
+    # Everything else still arrives message by message, in order.
+    others = [s for s in recorder.seen if not (s[0] == "msg" and s[1] == RAW_SID)]
+    assert others == [s for s in expected if not (s[0] == "msg" and s[1] == RAW_SID)]
+
+
+def test_a_read_is_one_batch_and_a_status_comes_alone() -> None:
+    data = b"".join(frame(f"s.{i}", RAW_SID, b"p", f"r.{i}") for i in range(5))
+    status = frame("s.x", RAW_SID, b"", "", headers=b"NATS/1.0 404 No Messages\r\n\r\n")
+    after = frame("s.y", RAW_SID, b"q", "r.y")
+    recorder = parse_batched([data + status + after, data])
+    assert [len(b) for b in recorder.batches] == [5, 1, 1, 5]
+    assert recorder.batches[1][0][1] == b"" and recorder.batches[1][0][3].startswith(
+        b"NATS/1.0 404"
+    )
