@@ -109,10 +109,10 @@ _Message = tuple[str, str, bytes, bytes | None]
 class _Deadlines:
     """Cancels the scopes of one endpoint's requests that outlive its timeout, with one timer.
 
-    One ``loop.call_at`` per request (what a scope with a deadline arms and cancels) cost more
-    than the rest of the scope. An endpoint's timeout is fixed and the loop's clock monotonic, so
-    its deadlines come in start order: the next to expire is always the oldest still pending, and
-    one timer, re-armed for it, serves them all.
+    A scope given a deadline arms and cancels a loop timer of its own: ~2 of the ~6 us a scope
+    cost per request (in-process, uvloop). An endpoint's timeout is fixed and the loop's clock
+    monotonic, so its deadlines come in start order: the next to expire is always the oldest
+    still pending, and one timer, re-armed for it, serves them all.
     """
 
     __slots__ = ("_loop", "_pending", "_timeout", "_timer")
@@ -238,7 +238,7 @@ class ActorService:
         """
         self._loop = loop = asyncio.get_running_loop()
         # The running backend's scope class, made directly: ``anyio.CancelScope(...)`` looks the
-        # backend up on every call, which cost as much as the scope itself.
+        # backend up on every call (~1.5 us per request).
         self._scope_type = type(anyio.CancelScope())
         for served in self._served.values():
             timeout = served.endpoint.timeout
