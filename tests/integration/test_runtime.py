@@ -498,3 +498,40 @@ async def test_a_shielded_step_past_the_endpoint_timeout_finishes_then_the_reque
         assert decode(data, ErrorReply).error.code == "timeout"
         assert steps == ["shielded"]
         actor.stop()
+
+
+async def test_cancelling_run_cancels_the_handlers_it_runs_and_waits_for_their_shielded_steps(
+    nc: NATS, unique: str
+) -> None:
+    subject = f"t{unique}.cancelled"
+    steps: list[str] = []
+    entered = anyio.Event()
+
+    async def hangs(request: CompletionRequest, context: RequestContext) -> Echo:
+        if request.prompt == "shielded":
+            with anyio.CancelScope(shield=True):
+                entered.set()
+                await anyio.sleep(0.3)
+                steps.append("shielded")
+        await anyio.sleep(30)
+        steps.append("never")
+        return Echo(text="", count=0)
+
+    actor = ActorService(
+        nc,
+        name=f"cancelled-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hangs)
+        ],
+    )
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            for prompt in ("plain", "shielded", "plain"):
+                await nc.publish(subject, json.dumps({"prompt": prompt}).encode())
+            await entered.wait()
+            while actor.in_flight < 3:  # noqa: ASYNC110 - polls the actor's counter
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()  # run() itself is cancelled: no stop(), no drain
+    assert steps == ["shielded"]
+    assert actor.in_flight == 0
