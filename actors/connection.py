@@ -169,6 +169,7 @@ class Client(NATS):
     def __init__(self) -> None:
         super().__init__()
         self._ps = FastParser(self)
+        self._wrote_this_turn = False  # see _write_now
         # The server's last permission violations, and requests waiting on their subject.
         self._violations: deque[tuple[str, str, str]] = deque(maxlen=64)
         self._denial_waiters: dict[str, set[anyio.Event | asyncio.Future[None]]] = {}
@@ -215,33 +216,64 @@ class Client(NATS):
         payload_size: int,
         headers: dict[str, Any] | None,
     ) -> None:
-        """nats-py's ``_send_publish`` with the header block built as one string.
+        """nats-py's ``_send_publish`` with the header block built as one string, written to
+        the socket at once when nothing waits ahead of it (:meth:`_write_now`).
 
         Same rules as nats-py (names stripped, empty names skipped, invalid names refused with
         ``BadHeaderError``, CR/LF in values replaced by spaces); a name already checked is not
         matched against the regular expression again. Every append and every traced reply
         carries headers, so this runs for most messages an actor sends.
         """
-        if headers is None or not subject:
+        if not subject:
             await super()._send_publish(subject, reply, payload, payload_size, headers)
             return
-        lines = ["NATS/1.0\r\n"]
-        for name, value in headers.items():
-            key = name if name in _CHECKED_HEADER_NAMES else _checked_header_name(name)
-            if key:
-                text = value.strip()
-                if "\r" in text or "\n" in text:  # translate() costs ~1 µs even when it is a no-op
-                    text = text.translate(_HEADER_VALUE_NEWLINES)
-                lines.append(f"{key}: {text}\r\n")
-        lines.append("\r\n")
-        block = "".join(lines).encode()
-        size = len(block) + payload_size
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += payload_size
-        head = f"HPUB {subject} {reply} {len(block)} {size}\r\n".encode()
-        await self._send_command(b"".join((head, block, payload, b"\r\n")))
+        if headers is None:
+            command = f"PUB {subject} {reply} {payload_size}\r\n".encode() + payload + b"\r\n"
+        else:
+            lines = ["NATS/1.0\r\n"]
+            for name, value in headers.items():
+                key = name if name in _CHECKED_HEADER_NAMES else _checked_header_name(name)
+                if key:
+                    text = value.strip()
+                    if "\r" in text or "\n" in text:  # translate() costs ~1 µs, even a no-op
+                        text = text.translate(_HEADER_VALUE_NEWLINES)
+                    lines.append(f"{key}: {text}\r\n")
+            lines.append("\r\n")
+            block = "".join(lines).encode()
+            head = f"HPUB {subject} {reply} {len(block)} {len(block) + payload_size}\r\n"
+            command = b"".join((head.encode(), block, payload, b"\r\n"))
+        if self._write_now(command):
+            return
+        await self._send_command(command)
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    def _write_now(self, command: bytes) -> bool:
+        """Write ``command`` to the socket now if it is the first of this loop turn and nothing
+        waits ahead of it (nothing queued for nats-py's flusher, nothing unsent in the socket's
+        buffer); False, and it is queued as nats-py does, otherwise.
+
+        nats-py queues every message for a flusher task that writes on the next loop turn: a
+        request or a reply waits one turn more than it must (~20 µs of CPU and a wake-up per
+        message, measured on the runtime's round trip). Writing the first message of a turn at
+        once cuts that at low load; under load, every other message of the turn is still
+        queued and written in one batch, so a turn costs at most one write more.
+        """
+        if self._pending or self._wrote_this_turn or not self.is_connected:
+            return False
+        writer = getattr(self._transport, "_io_writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is None or transport.get_write_buffer_size():
+            return False
+        transport.write(command)
+        self._wrote_this_turn = True
+        asyncio.get_running_loop().call_soon(self._next_turn)
+        return True
+
+    def _next_turn(self) -> None:
+        self._wrote_this_turn = False
 
     def permission_violation(self, subject: str, operation: str = "publish") -> str | None:
         """The server's message if it refused this connection ``operation`` on ``subject``."""

@@ -4,6 +4,7 @@ is what nats-py would, as read by a plain nats-py client."""
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import nats
 import pytest
 from nats.aio.msg import Msg
@@ -97,3 +98,53 @@ async def test_a_request_nobody_answers_times_out_with_nats_timeout_error(
     assert 0.25 <= anyio.current_time() - started < 5
     assert not nc._waiters
     await silent.unsubscribe()
+
+
+async def test_the_first_message_of_a_turn_is_written_at_once_and_the_rest_queued(
+    nats_server: EmbeddedNats, nc: Client, unique: str
+) -> None:
+    """A message with nothing ahead of it goes to the socket at once (no wait for the flusher's
+    turn); the others published in the same turn are queued and written together, after it."""
+    plain = await nats.connect(nats_server.url)
+    try:
+        sub = await plain.subscribe(f"t{unique}.>")
+        await plain.flush()
+        await anyio.sleep(0.05)  # a fresh turn, nothing queued
+        await nc.publish(f"t{unique}.a", b"0")
+        assert not nc._pending  # written, not queued
+        for n in range(1, 50):  # the same turn: queued for one write
+            await nc.publish(f"t{unique}.b", str(n).encode(), headers={"N": str(n)})
+        assert len(nc._pending) == 49
+        with anyio.fail_after(5):
+            got = [(await sub.next_msg(timeout=5)).data for _ in range(50)]
+        assert got == [str(n).encode() for n in range(50)]  # in order, none lost
+    finally:
+        await plain.close()
+
+
+async def test_many_publishers_at_once_arrive_complete_and_in_order_each(
+    nats_server: EmbeddedNats, nc: Client, unique: str
+) -> None:
+    plain = await nats.connect(nats_server.url)
+    try:
+        sub = await plain.subscribe(f"t{unique}.*")
+        await plain.flush()
+
+        async def publisher(p: int) -> None:
+            for n in range(100):
+                await nc.publish(f"t{unique}.{p}", str(n).encode())
+                if n % 7 == 0:
+                    await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for p in range(8):
+                tg.start_soon(publisher, p)
+        seen: dict[str, list[int]] = {}
+        with anyio.fail_after(10):
+            for _ in range(800):
+                msg = await sub.next_msg(timeout=5)
+                seen.setdefault(msg.subject, []).append(int(msg.data))
+        assert all(numbers == list(range(100)) for numbers in seen.values())
+        assert len(seen) == 8
+    finally:
+        await plain.close()
