@@ -5,7 +5,7 @@ to the end (decode, handler, encode, reply) and the reply goes to a fake ``publi
 it. The same loop with a bare task that only publishes is the baseline; the difference is what
 the runtime adds per request, without sockets or a server, so A/B runs are comparable on a noisy
 machine; the time taken is the thread's CPU time, so that time spent descheduled by other work
-on the machine does not count. Run: ``python -m tests.perf.micro_runtime`` (``--traced`` with a
+on the machine does not count. Run: ``python -m bench.micro_runtime`` (``--traced`` with a
 tracer provider).
 """
 
