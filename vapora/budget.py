@@ -362,7 +362,7 @@ class _CowMap(Generic[K, V]):
     def drop_idle(self: _CowMap[str, TaskSpend], since: datetime) -> None:
         """Drop tasks holding nothing whose last event is before ``since``."""
         for index, shard in enumerate(self._shards):
-            doomed = [k for k, t in shard.items() if t.last_at < since and t.held_usd == 0]
+            doomed = [k for k, t in shard.items() if t.last_at < since and not t.held_usd]
             if doomed:
                 writable = self.writable(index)
                 for key in doomed:
@@ -541,8 +541,13 @@ class _Books:
         if rid not in opened._shards[index] and rid not in self.closed._shards[index]:
             amount = event.amount_usd
             shard = opened._shards[index] if opened._owned[index] else opened.writable(index)
+            expires = event.expires_at
             shard[rid] = Reservation(
-                event.task_id, event.provider, amount, at, _utc(event.expires_at)
+                event.task_id,
+                event.provider,
+                amount,
+                at,
+                expires if expires.tzinfo is UTC else _utc(expires),
             )
             self.reserved += amount
         # Touched even when ignored, so the task's cap and last activity do not depend on order.
@@ -564,8 +569,10 @@ class _Books:
         if not self.months_owned:
             self.months, self.months_owned = dict(self.months), True
         days, months, month = self.days, self.months, self.last_month
-        days[day] = days[day] + cost if day in days else cost
-        months[month] = months[month] + cost if month in months else cost
+        spent = days.get(day)
+        days[day] = cost if spent is None else spent + cost
+        spent = months.get(month)
+        months[month] = cost if spent is None else spent + cost
         self.total += cost
         self.spend_events += 1
         rid = event.reservation_id
