@@ -68,7 +68,7 @@ import anyio.abc
 import msgspec
 from nats.js.errors import NotFoundError
 
-from actors.eventlog import LogEntry
+from actors.eventlog import LogEntry, ReplayBatch
 from actors.follow import LogFollower
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
@@ -350,20 +350,20 @@ class BudgetKeeper:
         # Not filtered to the budget's subjects: a consumer with several subject filters is
         # delivered at ~100,000 events/s by nats-server here, slower than reading them all.
         fold = self._fold
-        async for batch in self.log.replay_decoded(decode_views, fold.last_sequence + 1):
+        async for batch in self.log.replay_batches(decode_views, fold.last_sequence + 1):
             self._note_batch(batch)
-            fold.apply_entries(batch)
+            fold.apply_sequenced(batch.seqs, batch.events)
             self._view = None
             self.replayed_events += len(batch)
             self._changed += len(batch)
-            self._tier_cause = _last_money_event(batch) or self._tier_cause
+            self._tier_cause = _last_money_event(batch.events) or self._tier_cause
 
-    def _note_batch(self, batch: list[LogEntry[View]]) -> None:
-        """:meth:`_note` for the entries that can change what it keeps (a replay's fast path)."""
-        subject = self.subject
-        for entry in batch:
-            if entry.subject == subject or type(entry.event) is BudgetTierChangedView:
-                self._note(entry)
+    def _note_batch(self, batch: ReplayBatch[View]) -> None:
+        """:meth:`_note` for the events that can change what it keeps (a replay's fast path)."""
+        subject = self.subject.encode()
+        for seq, message, event in zip(batch.seqs, batch.messages, batch.events, strict=True):
+            if message[0] == subject or type(event) is BudgetTierChangedView:
+                self._note(LogEntry(seq, message[0].decode(), event, message[3]))
 
     def _note(self, entry: LogEntry[Event] | LogEntry[View]) -> None:
         """Keep the fence and the announced tier in step with the log."""
@@ -718,10 +718,10 @@ def _write_atomically(path: Path, saved: _SnapshotFile, state: BudgetState) -> N
             os.close(directory)
 
 
-def _last_money_event(batch: list[LogEntry[View]]) -> str | None:
-    for entry in reversed(batch):
-        if isinstance(entry.event, _MONEY_VIEWS):
-            return entry.event.id
+def _last_money_event(events: list[View]) -> str | None:
+    for event in reversed(events):
+        if isinstance(event, _MONEY_VIEWS):
+            return event.id
     return None
 
 

@@ -109,19 +109,16 @@ async def fill(
     return events / (time.perf_counter() - started)
 
 
-async def replay_into_state(log: EventLog, *, views: bool = True) -> dict[str, Any]:
-    """One pass: the log replayed and folded, timing the fold apart from the replay.
-
-    As the keeper's catch-up reads it (``views``): each event decoded into the view of the fields
-    the fold reads (``vapora/budget_view.py``). Without ``views``: every event decoded whole, as
-    ``EventLog.replay`` does."""
+async def replay_into_state(log: EventLog) -> dict[str, Any]:
+    """One pass: the log replayed and folded as the keeper's restart does it (each event decoded
+    into the view of the fields the fold reads, ``vapora/budget_view.py``; each batch folded as
+    read), timing the fold apart from the replay."""
     folding = 0.0
     started = time.perf_counter()
     fold, count = budget.Fold(), 0
-    batches = log.replay_decoded(decode_views, 1) if views else log.replay(1)
-    async for batch in batches:
+    async for batch in log.replay_batches(decode_views, 1):
         mark = time.perf_counter()
-        fold.apply_entries(batch)
+        fold.apply_sequenced(batch.seqs, batch.events)
         folding += time.perf_counter() - mark
         count += len(batch)
     mark = time.perf_counter()

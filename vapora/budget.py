@@ -54,7 +54,7 @@ Performance
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
@@ -735,7 +735,7 @@ class Fold:
     def last_sequence(self) -> int:
         return self._books.last_sequence
 
-    def apply(self, tail: Iterable[tuple[Event, int]]) -> None:
+    def apply(self, tail: Iterable[tuple[Event | views.View, int]]) -> None:
         books = self._books
         for event, seq in tail:
             if seq > books.last_sequence:
@@ -749,6 +749,20 @@ class Fold:
                 last = entry.seq
                 books.apply(entry.event)
         books.last_sequence = last
+
+    def apply_sequenced(self, seqs: Sequence[int], events: Sequence[Event | views.View]) -> None:
+        """Fold ``events`` at their stream sequences ``seqs`` (increasing, one each), skipping
+        those already applied: a replay's batch as read, no pair or entry made per event."""
+        books = self._books
+        if not seqs:
+            return
+        if seqs[0] > books.last_sequence:  # the usual case: all of them are new
+            apply = books.apply
+            for event in events:
+                apply(event)
+            books.last_sequence = seqs[-1]
+        else:
+            self.apply(zip(events, seqs, strict=True))
 
     def apply_event(self, event: Event | views.View) -> None:
         """Fold one event without its sequence (a writer folding its own append before the log

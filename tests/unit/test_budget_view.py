@@ -189,3 +189,20 @@ def test_a_live_view_reads_the_fold_in_place_and_a_frozen_state_never_changes() 
     assert fold.view()._tasks[index] is after._tasks[index]
     assert fold.view().task("t1").spent_usd == Decimal("1.00")
     assert view.total_spent_usd == Decimal("0.5")  # a view's own fields are as of its making
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(step, min_size=1, max_size=20), st.integers(0, 30))
+def test_a_batch_folded_as_read_equals_the_fold_of_its_pairs(steps, overlap) -> None:
+    """``apply_sequenced`` (a replay batch, the keeper's restart) skips what was applied and
+    gives the state ``catch_up`` gives, for a batch wholly new or overlapping what was folded."""
+    events = run_of(steps)
+    views: list[View] = decode_views(batch(events))
+    seqs = range(1, len(events) + 1)
+    expected = budget.catch_up(budget.EMPTY, list(zip(events, seqs, strict=True)))
+    split = max(0, len(events) - overlap)
+    fold = budget.Fold()
+    fold.apply_sequenced(seqs[:split], views[:split])
+    fold.apply_sequenced(seqs[split // 2 :], views[split // 2 :])  # overlaps the first part
+    assert fold.state() == expected
+    assert fold.last_sequence == len(events)

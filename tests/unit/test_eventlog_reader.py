@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from actors.eventlog import _ack_tokens, _entries, _PullReader, _sequences
+from actors.eventlog import _ack_tokens, _batch, _PullReader, _sequences
 from events.codec import decode_events, encode
 from events.log import BudgetReleased
 
@@ -46,7 +46,7 @@ def test_a_contiguous_batch_and_a_batch_with_gaps_get_their_own_sequences() -> N
     assert list(_sequences(batch([5, 6, 7, 8]))) == [5, 6, 7, 8]
     assert list(_sequences(batch([5, 9, 10, 11]))) == [5, 9, 10, 11]  # filtered: gaps
     assert list(_sequences(batch([5, 6, 8, 9], reply=v2))) == [5, 6, 8, 9]
-    entries = _entries(batch([3, 4, 40]), decode_events)
+    entries = _batch(batch([3, 4, 40]), decode_events).entries()
     assert [(e.seq, e.event.id) for e in entries] == [(3, "e3"), (4, "e4"), (40, "e40")]
 
 
