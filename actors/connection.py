@@ -347,7 +347,7 @@ class Client(NATS):
         if handlers:
             handler = handlers.get(sid)
             if type(handler) is RawBatch:
-                handler.handler([(subject, reply, data, headers)])
+                handler.deliver_alone((subject, reply, data, headers))
                 return
             if handler is not None:
                 handler(subject, reply, data, headers)

@@ -47,9 +47,13 @@ class RawBatch(list[RawMessage]):
             finally:
                 self.clear()
 
+    def deliver_alone(self, message: RawMessage) -> None:
+        """Hand ``message`` over in a batch of its own, after what is waiting."""
+        self.flush()
+        self.handler([message])
+
 
 _CRLF = b"\r\n"
-# HMSG <subject> <sid> [reply] <header size> <total size>   |   MSG <subject> <sid> [reply] <size>
 _MAX_CONTROL_LINE = 4096  # nats-server's own limit on a protocol line
 
 
@@ -124,40 +128,23 @@ class FastParser(Parser):
                 pos = start
                 break
             pos = end + 2
+            payload = data[start + header_size : end]
+            headers = data[start : start + header_size] if header_size else None
             handler = raw_handlers.get(sid)
             if handler is not None:
-                if type(handler) is RawBatch:
-                    message = (
-                        subject,
-                        reply,
-                        data[start + header_size : end],
-                        data[start : start + header_size] if header_size else None,
-                    )
-                    if reply:
-                        if not handler:
-                            touched.append(handler)
-                        handler.append(message)
-                    else:  # a status comes alone, after what came before it
-                        handler.flush()
-                        handler.handler([(subject, b"", message[2], message[3])])
-                    continue
-                handler(
-                    subject,
-                    reply,
-                    data[start + header_size : end],
-                    data[start : start + header_size] if header_size else None,
-                )
+                if type(handler) is not RawBatch:
+                    handler(subject, reply, payload, headers)
+                elif reply:
+                    if not handler:
+                        touched.append(handler)
+                    handler.append((subject, reply, payload, headers))
+                else:  # a status comes alone, after what came before it
+                    handler.deliver_alone((subject, reply, payload, headers))
                 continue
             for batch in touched:  # everything before this message, before anything awaits
                 batch.flush()
             touched.clear()
-            await process(
-                sid,
-                subject,
-                reply,
-                data[start + header_size : end],
-                data[start : start + header_size] if header_size else None,
-            )
+            await process(sid, subject, reply, payload, headers)
             if self.buf is not buf:  # the client reset the parser (reconnect)
                 return
         for batch in touched:
@@ -170,8 +157,8 @@ class FastParser(Parser):
                 if len(buf) > _MAX_CONTROL_LINE:
                     raise ProtocolError("nats: malformed MSG")
                 return
-            # Any other line, or a frame the exact pattern did not take (nats-py also accepts
-            # runs of whitespace): nats-py's parser handles it, or raises its ProtocolError.
+            # Any other line, or a frame not taken above: nats-py's parser handles it, or
+            # raises its ProtocolError.
             await super().parse()
 
     async def _deliver(
@@ -187,6 +174,6 @@ class FastParser(Parser):
         if handler is None:
             await self.nc._process_msg(sid, subject, reply, payload, headers)
         elif type(handler) is RawBatch:
-            handler.handler([(subject, reply, payload, headers)])
+            handler.deliver_alone((subject, reply, payload, headers))
         else:
             handler(subject, reply, payload, headers)

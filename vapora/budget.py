@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -722,8 +722,8 @@ class Fold:
     """A fold in progress over many batches: :func:`catch_up` without a frozen state between
     them (each freeze makes the next batch copy every shard it writes), frozen once at the end.
 
-    ``apply`` takes ``(event, stream_seq)`` pairs; ``apply_entries`` takes anything with
-    ``event`` and ``seq`` attributes (the event log's entries), so no pairs are built.
+    ``apply`` takes ``(event, stream_seq)`` pairs; ``apply_sequenced`` a replay's batch as read
+    (the sequences and the events side by side), so no pairs are built.
     """
 
     __slots__ = ("_books",)
@@ -741,14 +741,6 @@ class Fold:
             if seq > books.last_sequence:
                 books.apply(event)
                 books.last_sequence = seq
-
-    def apply_entries(self, entries: Iterable[_Entry]) -> None:
-        books, last = self._books, self._books.last_sequence
-        for entry in entries:
-            if entry.seq > last:
-                last = entry.seq
-                books.apply(entry.event)
-        books.last_sequence = last
 
     def apply_sequenced(self, seqs: Sequence[int], events: Sequence[Event | views.View]) -> None:
         """Fold ``events`` at their stream sequences ``seqs`` (increasing, one each), skipping
@@ -780,14 +772,6 @@ class Fold:
         freeze makes the next write copy a 64th of the map it writes (2 ms per event once a
         day's maps held a million events)."""
         return self._books.view()
-
-
-class _Entry(Protocol):
-    @property
-    def event(self) -> Event | views.View: ...
-
-    @property
-    def seq(self) -> int: ...
 
 
 # --- reading the state at a given time ----------------------------------------------------------
