@@ -12,6 +12,7 @@ from nats.js import api
 from actors.eventlog import EventLog, LogEntry
 from events import BudgetReleased, DecodeError, Event
 from tests.samples import EVENTS
+from vapora.budget_view import decode_views
 from vapora.errors import ConcurrencyConflict
 
 pytestmark = pytest.mark.anyio
@@ -167,3 +168,17 @@ async def test_a_corrupt_stored_event_is_a_clear_error_naming_its_sequence(
     await event_log.nc.flush()
     with pytest.raises(DecodeError, match=r"sequence 2 \(t\w+\.events\.budget\).*'nonsense'"):
         await read_all(event_log)
+
+
+async def test_a_corrupt_stored_event_is_named_by_a_replay_into_budget_views_too(
+    event_log: EventLog,
+) -> None:
+    """The keeper's restart path (its own decoder, batches as read) names the bad event."""
+    await event_log.append(released(1))
+    await event_log.nc.publish(
+        f"{event_log.settings.prefix}.spend.x", b'{"type": "spend_recorded", "id": "s"}'
+    )
+    await event_log.nc.flush()
+    with pytest.raises(DecodeError, match=r"sequence 2 \(t\w+\.events\.spend\.x\).*field `at`"):
+        async for _ in event_log.replay_batches(decode_views, 1):
+            pass
