@@ -238,8 +238,35 @@ class EventLog:
         """
         if expected_last_subject_seq is not None:
             return await self._append_fenced(events, subject, expected_last_subject_seq)
+        if len(events) > 1 and tracing.enabled():
+            return await self._append_traced_batch(events, subject)
         tokens = [await self._publish(event, subject, None) for event in events]
         return [await self._await_ack(t, e) for t, e in zip(tokens, events, strict=True)]
+
+    async def _append_traced_batch(
+        self, events: Sequence[Event], subject: str | None
+    ) -> list[Appended]:
+        # One PRODUCER span for the batch (the conventions' batch send); every event stores its
+        # context as its creation context.
+        appends = [
+            (subject or self.settings.subject_for(event), event.id, event_tag(event))
+            for event in events
+        ]
+        span, context = tracing.start_publish_batch(appends, self.settings.wildcard)
+        try:
+            acks = [
+                await self._publish(event, to, None, context)
+                for event, (to, _, _) in zip(events, appends, strict=True)
+            ]
+            appended = [
+                await self._acknowledged(ack, event)
+                for ack, event in zip(acks, events, strict=True)
+            ]
+        except BaseException as exc:
+            tracing.end_publish(span, exc)
+            raise
+        tracing.end_publish(span, None)
+        return appended
 
     async def _append_fenced(
         self, events: Sequence[Event], subject: str | None, expected: int
@@ -252,13 +279,21 @@ class EventLog:
             appended.append(result)
         return appended
 
-    async def _publish(self, event: Event, subject: str | None, expected: int | None) -> _Ack:
+    async def _publish(
+        self,
+        event: Event,
+        subject: str | None,
+        expected: int | None,
+        context: dict[str, str] | None = None,
+    ) -> _Ack:
         inbox = await self._reply_inbox()
         headers = {"Nats-Msg-Id": event.id}
         if expected is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         ack = _Ack(subject or self.settings.subject_for(event), encode(event))
-        if tracing.enabled():  # a PRODUCER span per append; its context is stored with the event
+        if context is not None:  # the batch's span: its context is every event's
+            headers.update(context)
+        elif tracing.enabled():  # a PRODUCER span per append; its context is stored with the event
             ack.span, context = tracing.start_publish(
                 ack.subject, msg_id=event.id, event_type=event_tag(event)
             )

@@ -24,7 +24,7 @@ and headers are written and read by :mod:`vapora.telemetry.w3c`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -161,6 +161,33 @@ def start_publish(subject: str, *, msg_id: str, event_type: str) -> tuple[Span, 
     return span, headers
 
 
+def start_publish_batch(
+    appends: Sequence[tuple[str, str, str]], destination: str
+) -> tuple[Span, dict[str, str]]:
+    """One started PRODUCER span for several events appended together (``(subject, event id,
+    event type)`` each) and the creation-context headers they all carry. Per the messaging
+    conventions for a batch: ``messaging.batch.message_count``, the destination and its name
+    in the span's name only when every event goes to one subject (else the stream's wildcard
+    ``destination`` and the bare operation name); the events' ids and types as vapora's
+    ``vapora.event.ids`` / ``vapora.event.types``."""
+    headers: dict[str, str] = {}
+    current = trace.get_current_span()
+    parent = current.get_span_context()
+    if parent.is_valid and not parent.trace_flags.sampled:
+        w3c.inject(headers, current)
+        return current, headers
+    subject = appends[0][0]
+    same = all(s == subject for s, _, _ in appends)
+    attributes = _attributes(subject if same else destination, _SEND, None, None)
+    attributes[MESSAGING.batch_count] = len(appends)
+    attributes[_VAPORA.event_ids] = [msg_id for _, msg_id, _ in appends]
+    attributes[_VAPORA.event_types] = [event_type for _, _, event_type in appends]
+    name = f"{_PUBLISH} {subject}" if same else _PUBLISH
+    span = STATE.start_span(name, SpanKind.PRODUCER, attributes, parent, ())
+    w3c.inject(headers, span)
+    return span, headers
+
+
 def end_publish(span: Span, error: BaseException | None) -> None:
     if error is not None:
         failed(span, error)
@@ -173,9 +200,10 @@ def processed(
 ) -> Iterator[None]:
     """Spans for a projection applying stored events (see the module doc).
 
-    Live (``replay=False``): one ``process <subject>`` CONSUMER span per event that carries a
-    trace context, parented by it, spanning the batch's application (one transaction applies
-    the batch). Replay: one ``process <destination>`` span (the stream's wildcard) linking to
+    Live (``replay=False``): one ``process`` CONSUMER span per creation context the batch's
+    events carry (an event appended alone has its own; events appended together share one),
+    parented by it, spanning the batch's application (one transaction applies the batch).
+    Replay: one ``process <destination>`` span (the stream's wildcard) linking to
     up to :data:`MAX_LINKS` of the batch's events. ``entries`` are ``LogEntry`` s.
     """
     if not STATE.tracing:
@@ -186,7 +214,7 @@ def processed(
         with _replay_span(batch, group, destination):
             yield
         return
-    spans = [span for entry in batch if (span := _live_span(entry, group)) is not None]
+    spans = _live_spans(batch, group, destination)
     try:
         yield
     except BaseException as exc:
@@ -198,18 +226,44 @@ def processed(
             span.end()
 
 
-def _live_span(entry: Any, group: str) -> Span | None:
-    raw = getattr(entry, "raw_headers", None)  # a LogEntry: read only the trace context
-    context = w3c.extract_raw(raw) if raw is not None else w3c.extract(entry.headers)
+def _live_spans(batch: list[Any], group: str, destination: str) -> list[Span]:
+    # Events appended together carry the same creation context: one span processes them.
+    together: dict[bytes | str | None, list[Any]] = {}
+    for entry in batch:
+        raw = getattr(entry, "raw_headers", None)  # a LogEntry: only its trace context is read
+        key = w3c.raw_traceparent(raw) if raw is not None else entry.headers.get("traceparent")
+        together.setdefault(key, []).append(entry)
+    spans = []
+    for key, entries in together.items():
+        if key is None:
+            continue
+        span = _live_span(entries, group, destination)
+        if span is not None:
+            spans.append(span)
+    return spans
+
+
+def _live_span(entries: list[Any], group: str, destination: str) -> Span | None:
+    first = entries[0]
+    raw = getattr(first, "raw_headers", None)
+    context = w3c.extract_raw(raw) if raw is not None else w3c.extract(first.headers)
     parent = trace.get_current_span(context).get_span_context()
     if not parent.trace_flags.sampled:  # sampled out (or unreadable): no span
         return None
-    attributes = _attributes(entry.subject, _PROCESS, group, entry.event.id)
-    attributes[_EVENT_SEQ] = entry.seq
-    attributes[_EVENT_TYPE] = event_tag(entry.event)
-    return STATE.start_span(
-        f"{_PROCESS} {entry.subject}", SpanKind.CONSUMER, attributes, parent, ()
-    )
+    if len(entries) == 1:
+        attributes = _attributes(first.subject, _PROCESS, group, first.event.id)
+        attributes[_EVENT_SEQ] = first.seq
+        attributes[_EVENT_TYPE] = event_tag(first.event)
+        subject = first.subject
+    else:
+        subject = first.subject
+        if any(entry.subject != subject for entry in entries):
+            subject = destination
+        attributes = _attributes(subject, _PROCESS, group, None)
+        attributes[MESSAGING.batch_count] = len(entries)
+        attributes[_VAPORA.event_ids] = [entry.event.id for entry in entries]
+        attributes[_VAPORA.event_types] = [event_tag(entry.event) for entry in entries]
+    return STATE.start_span(f"{_PROCESS} {subject}", SpanKind.CONSUMER, attributes, parent, ())
 
 
 def _replay_span(batch: list[Any], group: str, subject: str) -> AbstractContextManager[Any]:

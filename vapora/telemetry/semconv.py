@@ -183,6 +183,10 @@ class _Vapora:
     tier: str = "vapora.budget.tier"
     event_type: str = "vapora.event.type"
     event_seq: str = "vapora.event.seq"
+    #: A batch's events (one span for several appended or processed together): their ids and
+    #: types, in order (``messaging.message.id`` names a single message only).
+    event_ids: str = "vapora.event.ids"
+    event_types: str = "vapora.event.types"
     replay: str = "vapora.replay"
     usage_estimated: str = "vapora.usage.estimated"
 

@@ -23,7 +23,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["extract", "extract_raw", "inject", "traceparent"]
+__all__ = ["extract", "extract_raw", "inject", "raw_traceparent", "traceparent"]
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -119,6 +119,18 @@ def extract_raw(raw: bytes | None) -> Context:
     end = raw.find(b"\r\n", start)
     value = raw[start : end if end >= 0 else len(raw)].strip()
     return extract({TRACEPARENT: value.decode("ascii", "replace")})
+
+
+def raw_traceparent(raw: bytes | None) -> bytes | None:
+    """The ``traceparent`` value in a NATS header block as received, unparsed (None: none)."""
+    if not raw:
+        return None
+    start = raw.find(_RAW_TRACEPARENT)
+    if start < 0:
+        return None
+    start += len(_RAW_TRACEPARENT)
+    end = raw.find(b"\r\n", start)
+    return raw[start : end if end >= 0 else len(raw)].strip()
 
 
 def _parse_headers(raw: bytes) -> dict[str, str]:
