@@ -23,7 +23,7 @@ from vapora.telemetry.state import STATE
 
 __all__ = ["Current", "attributes", "failed", "publish_span", "request_span", "unsampled"]
 
-Attributes = dict[str, str | int | bool]
+Attributes = dict[str, str | int | bool | list[str]]
 T = TypeVar("T")
 
 _SYSTEM = (MESSAGING.system, MESSAGING.system_value)

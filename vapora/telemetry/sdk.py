@@ -20,6 +20,7 @@ without it an ``otlp`` exporter is reported once in the log and skipped, never a
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,6 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
@@ -49,6 +49,7 @@ from opentelemetry.sdk.trace.sampling import (
 
 from vapora.config import TelemetryConfig
 from vapora.telemetry import logs
+from vapora.telemetry.export import SpanBatcher
 from vapora.telemetry.jsonl import JsonLinesSpanExporter
 from vapora.telemetry.prometheus import MetricsEndpoint
 from vapora.telemetry.semconv import genai_names
@@ -179,7 +180,7 @@ def _tracer_provider(
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     configured = _span_exporter(config, env)
     if configured is not None:
-        provider.add_span_processor(BatchSpanProcessor(configured))
+        provider.add_span_processor(SpanBatcher(configured, env={**os.environ, **env}))
     return provider
 
 

@@ -26,8 +26,9 @@ from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace as trace_api
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
@@ -40,6 +41,24 @@ _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _DEFAULTS = SpanLimits()
+# Processors whose on_start does nothing: not called (the SDK's own, vapora's batcher).
+_QUIET_STARTS: set[Any] = {
+    SpanProcessor.on_start,
+    BatchSpanProcessor.on_start,
+    SimpleSpanProcessor.on_start,
+}
+_new_tuple = tuple.__new__
+
+
+def _local_context(trace_id: int, span_id: int, flags: TraceFlags, state: Any) -> SpanContext:
+    """``SpanContext(trace_id, span_id, False, flags, state)`` for ids known to be valid (made
+    here or read from a valid parent), without the constructor's checks."""
+    return _new_tuple(SpanContext, (trace_id, span_id, False, flags, state, True))
+
+
+def quiet_on_start(processor: SpanProcessor) -> None:
+    """Declare that ``processor``'s class does nothing in ``on_start`` (it is then not called)."""
+    _QUIET_STARTS.add(type(processor).on_start)
 
 
 class VaporaSpan(trace_api.Span, ReadableSpan):
@@ -70,7 +89,7 @@ class VaporaSpan(trace_api.Span, ReadableSpan):
         self._status = _UNSET
         self._start_time = time_ns()
         self._end_time: int | None = None
-        self._processor = starter.processor
+        self._on_end = starter.on_end
 
     # --- the API span -------------------------------------------------------------------------
 
@@ -143,7 +162,7 @@ class VaporaSpan(trace_api.Span, ReadableSpan):
         if self._end_time is not None:
             return
         self._end_time = end_time if end_time is not None else time_ns()
-        self._processor.on_end(self)
+        self._on_end(self)
 
     def __exit__(
         self,
@@ -178,6 +197,27 @@ class SpanStarter:
             self.sampler._remote_parent_sampled is ALWAYS_ON
             and self.sampler._local_parent_sampled is ALWAYS_ON
         )
+        # The provider's processors, called directly: the ones whose on_start does something,
+        # and the one on_end (or the provider's loop over several). Re-read when one is added.
+        self._seen: object = None
+        self.on_starts: tuple[Any, ...] = ()
+        self.on_end: Any = self.processor.on_end
+        self._processors()
+
+    def _processors(self) -> tuple[Any, ...]:
+        processors = getattr(self.processor, "_span_processors", None)
+        if processors is self._seen:
+            return self.on_starts
+        self._seen = processors
+        if processors is None:  # not the SDK's multi-processor: through it, as it is
+            self.on_starts = (self.processor.on_start,)
+            self.on_end = self.processor.on_end
+            return self.on_starts
+        self.on_starts = tuple(
+            p.on_start for p in processors if type(p).on_start not in _QUIET_STARTS
+        )
+        self.on_end = processors[0].on_end if len(processors) == 1 else self.processor.on_end
+        return self.on_starts
 
     def start(
         self,
@@ -192,11 +232,13 @@ class SpanStarter:
         if parent is not None and parent.is_valid:
             if self.parent_decides and parent.trace_flags.sampled:
                 flags = _SAMPLED_RANDOM if parent.trace_flags.random_trace_id else _SAMPLED
-                context = SpanContext(
-                    parent.trace_id, self.new_span_id(), False, flags, parent.trace_state
+                context = _local_context(
+                    parent.trace_id, self.new_span_id(), flags, parent.trace_state
                 )
+                starts = self._processors()
                 span = VaporaSpan(self, name, context, parent, kind, attributes, links)
-                self.processor.on_start(span, parent_context=None)  # type: ignore[arg-type]
+                for on_start in starts:
+                    on_start(span, parent_context=None)
                 return span
             return self._sampled(name, kind, attributes, parent, parent.trace_id, links)
         return self._sampled(name, kind, attributes, None, self.new_trace_id(), links)
@@ -231,8 +273,10 @@ class SpanStarter:
             return trace_api.NonRecordingSpan(context)
         if result.attributes:
             attributes.update(result.attributes)
+        starts = self._processors()
         span = VaporaSpan(self, name, context, parent, kind, attributes, links)
-        self.processor.on_start(span, parent_context=parent_context)  # type: ignore[arg-type]
+        for on_start in starts:
+            on_start(span, parent_context=parent_context)
         return span
 
 

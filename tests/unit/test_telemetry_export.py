@@ -1,0 +1,168 @@
+"""The span batcher (vapora.telemetry.export): every span ended before a flush or a shutdown is
+exported once, in order, in batches of at most the batch size; a full queue drops new spans and
+counts them; the ``OTEL_BSP_*`` variables are read, and bad values named."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
+
+from vapora.telemetry.export import SpanBatcher
+from vapora.telemetry.state import STATE, use_tracer_provider
+
+
+class Recording(SpanExporter):
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = gate
+        self.shut = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.batches.append([s.name for s in spans])
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+
+def _traced(batcher: SpanBatcher) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(batcher)
+    use_tracer_provider(provider)
+    return provider
+
+
+def _spans(n: int, prefix: str = "s") -> None:
+    for i in range(n):
+        STATE.start_span(f"{prefix}{i}", SpanKind.INTERNAL, {}, None, ()).end()
+
+
+def test_a_flush_exports_every_ended_span_once_in_order_in_batches() -> None:
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, env={"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4"})
+    try:
+        _traced(batcher)
+        _spans(10)
+        assert batcher.force_flush(5000)
+    finally:
+        use_tracer_provider(None)
+        batcher.shutdown()
+    names = [name for batch in exporter.batches for name in batch]
+    assert names == [f"s{i}" for i in range(10)]
+    assert all(len(batch) <= 4 for batch in exporter.batches)
+    assert batcher.exported == 10 and batcher.dropped == 0 and exporter.shut
+
+
+def test_a_full_batch_wakes_the_worker_before_the_schedule_delay() -> None:
+    exporter = Recording()
+    # A day's delay: only a full batch can wake the worker.
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "86400000", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "3"}
+    batcher = SpanBatcher(exporter, env=env)
+    try:
+        _traced(batcher)
+        _spans(3)
+        for _ in range(500):
+            if exporter.batches:
+                break
+            threading.Event().wait(0.01)
+        assert exporter.batches == [["s0", "s1", "s2"]]
+    finally:
+        use_tracer_provider(None)
+        batcher.shutdown()
+
+
+def test_shutdown_exports_what_is_queued_and_takes_nothing_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, env={"OTEL_BSP_SCHEDULE_DELAY": "86400000"})
+    _traced(batcher)
+    try:
+        _spans(5)
+        batcher.shutdown()
+        _spans(2, prefix="late")
+    finally:
+        use_tracer_provider(None)
+    assert [name for batch in exporter.batches for name in batch] == [f"s{i}" for i in range(5)]
+
+
+def test_a_full_queue_drops_new_spans_counts_them_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = threading.Event()  # the exporter is stuck until the gate opens
+    exporter = Recording(gate)
+    env = {"OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2"}
+    batcher = SpanBatcher(exporter, env=env)
+    try:
+        _traced(batcher)
+        with caplog.at_level(logging.WARNING, logger="vapora.telemetry"):
+            _spans(2, prefix="first")  # a full batch: the worker takes it and blocks
+            for _ in range(500):
+                if not batcher._queue:
+                    break
+                threading.Event().wait(0.01)
+            _spans(6)  # four fit in the queue, two are dropped
+        assert batcher.dropped == 2
+        assert "span export queue is full" in caplog.text
+        gate.set()
+        assert batcher.force_flush(5000)
+    finally:
+        use_tracer_provider(None)
+        gate.set()
+        batcher.shutdown()
+    names = [name for batch in exporter.batches for name in batch]
+    assert names == ["first0", "first1", "s0", "s1", "s2", "s3"]
+
+
+def test_the_otel_bsp_variables_are_read_and_bad_values_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {
+        "OTEL_BSP_SCHEDULE_DELAY": "250",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "500",  # above the queue: capped by it
+        "OTEL_BSP_EXPORT_TIMEOUT": "soon",
+    }
+    with caplog.at_level(logging.WARNING, logger="vapora.telemetry"):
+        batcher = SpanBatcher(Recording(), env=env)
+    batcher.shutdown()
+    assert (batcher.delay_s, batcher.max_queue, batcher.max_batch) == (0.25, 100, 100)
+    assert batcher.timeout_s == 30.0
+    assert "OTEL_BSP_EXPORT_TIMEOUT='soon'" in caplog.text
+
+
+def test_processors_added_while_tracing_get_the_spans_after_and_on_start_when_they_use_it() -> None:
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Starts(SpanProcessor):
+        def __init__(self) -> None:
+            self.started: list[str] = []
+            self.ended: list[str] = []
+
+        def on_start(self, span: object, parent_context: object = None) -> None:
+            self.started.append(span.name)  # type: ignore[attr-defined]
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.ended.append(span.name)
+
+    first = Starts()
+    provider = TracerProvider()
+    provider.add_span_processor(first)
+    use_tracer_provider(provider)
+    try:
+        _spans(1, prefix="a")
+        second = Starts()
+        provider.add_span_processor(second)
+        _spans(1, prefix="b")
+    finally:
+        use_tracer_provider(None)
+    assert (first.started, first.ended) == (["a0", "b0"], ["a0", "b0"])
+    assert (second.started, second.ended) == (["b0"], ["b0"])

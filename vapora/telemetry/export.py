@@ -1,0 +1,156 @@
+"""Ended spans to an exporter, in batches, from one background thread.
+
+The SDK's ``BatchSpanProcessor`` does the same job with more on each span's path: a check that
+the process has not forked, a queue that drops the oldest span when full, and an event set (a
+lock) on every span once a batch is waiting. Its worker wakes for each full batch, so under load
+the exporter's thread takes the GIL from the event loop every 512 spans. :class:`SpanBatcher`
+appends the span to a deque (atomic under the GIL, any thread) and wakes the worker once per
+batch; the worker exports everything waiting, in batches, on a timer or when woken.
+
+It reads the SDK's ``OTEL_BSP_*`` variables (schedule delay, queue size, batch size, export
+timeout) with the SDK's defaults. A full queue drops the *new* span, counts it
+(:attr:`SpanBatcher.dropped`) and says so in the log once per minute at most.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = ["SpanBatcher"]
+
+log = logging.getLogger("vapora.telemetry")
+
+_DEFAULTS = {
+    "OTEL_BSP_SCHEDULE_DELAY": 5000,  # ms
+    "OTEL_BSP_MAX_QUEUE_SIZE": 2048,
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512,
+    "OTEL_BSP_EXPORT_TIMEOUT": 30000,  # ms
+}
+
+
+def _setting(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return _DEFAULTS[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        log.warning(
+            "telemetry: %s=%r is not a positive integer; using %d", name, raw, _DEFAULTS[name]
+        )
+        return _DEFAULTS[name]
+    return value
+
+
+class SpanBatcher(SpanProcessor):
+    """A batch span processor (see the module doc)."""
+
+    def __init__(self, exporter: SpanExporter, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.exporter = exporter
+        self.delay_s = _setting(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000
+        self.max_queue = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
+        self.max_batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self.max_queue)
+        self.timeout_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
+        self.dropped = 0
+        self.exported = 0
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._wake = threading.Event()
+        self._flushed = threading.Condition()
+        self._flush_requests = 0
+        self._flushes_done = 0
+        self._shutdown = False
+        self._warned_at = 0.0
+        self._thread = threading.Thread(target=self._work, name="vapora-span-export", daemon=True)
+        self._thread.start()
+
+    # --- the span's path -----------------------------------------------------------------------
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or not context.trace_flags.sampled or self._shutdown:
+            return
+        queue = self._queue
+        waiting = len(queue)
+        if waiting >= self.max_queue:
+            self._drop()
+            return
+        queue.append(span)
+        if waiting + 1 == self.max_batch:  # once per batch, not on every span after it
+            self._wake.set()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning(
+                "telemetry: the span export queue is full (%d); %d spans dropped so far "
+                "(OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_SCHEDULE_DELAY)",
+                self.max_queue,
+                self.dropped,
+            )
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait(self.delay_s)
+            self._wake.clear()
+            stopping = self._shutdown  # read first: every span queued before it is exported
+            with self._flushed:
+                requested = self._flush_requests
+            self._export_waiting()
+            with self._flushed:
+                self._flushes_done = requested
+                self._flushed.notify_all()
+            if stopping:
+                return
+
+    def _export_waiting(self) -> None:
+        queue = self._queue
+        while queue:
+            batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+            try:
+                self.exporter.export(batch)
+                self.exported += len(batch)
+            except Exception:  # an exporter must not stop the worker
+                log.exception("telemetry: exporting %d spans failed", len(batch))
+
+    # --- flush and shutdown --------------------------------------------------------------------
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export every span ended before this call; False if that took over the timeout."""
+        if not self._thread.is_alive():
+            self._export_waiting()
+            return True
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._flushed:
+            self._flush_requests += 1
+            wanted = self._flush_requests
+        self._wake.set()
+        with self._flushed:
+            while self._flushes_done < wanted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._flushed.wait(remaining)
+        return True
+
+    def shutdown(self) -> None:
+        if self._shutdown:
+            return
+        self._shutdown = True
+        self._wake.set()
+        self._thread.join(self.timeout_s)
+        self.exporter.shutdown()
