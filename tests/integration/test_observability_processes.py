@@ -125,6 +125,7 @@ async def test_a_fallback_task_is_one_trace_across_actor_processes(tmp_path: Pat
     kept = [r for r in trace if r["name"] == "process vapora.budget.reserve"]
     assert {r["resource"]["service.name"] for r in kept} == {"vapora-budget"}
     ledger = [r for r in trace if r["resource"]["service.name"] == "vapora-ledger"]
+
     def types(record: dict[str, Any]) -> list[str]:  # one event's, or a batch's in order
         attributes = record["attributes"]
         return attributes.get("vapora.event.types") or [attributes["vapora.event.type"]]
