@@ -164,7 +164,7 @@ def test_prometheus_text_of_counters_histograms_and_gauges() -> None:
     instruments = Instruments(MeterProvider(metric_readers=[reader]).get_meter("t"), V1_41)
     instruments.record_fallback("claude", "openai", "transient")
     instruments.record_fallback("claude", "openai", "transient")
-    instruments.latency.record(0.3, {"provider": 'we"ird\\'})
+    instruments.latency.record(0.3, "weird", {"provider": 'we"ird\\'})
     instruments.record_tier("NearThreshold")
     text = render(reader.get_metrics_data())
     assert "# TYPE vapora_llm_fallback_triggers_total counter" in text

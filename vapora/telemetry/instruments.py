@@ -11,6 +11,7 @@ from decimal import Decimal
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from events.contract import Usage
+from vapora.telemetry.histograms import Histogram
 from vapora.telemetry.semconv import (
     DURATION_BUCKETS,
     GUIDE_LATENCY_BUCKETS,
@@ -70,36 +71,46 @@ class _Sums:
 class Instruments:
     """Every instrument vapora records, created once per meter provider.
 
-    Histograms are the SDK's (its bucket aggregation); counters are :class:`_Sums` behind
-    observable counters, because an SDK counter measurement costs about as much as a histogram
-    one and a provider call adds seven of them.
+    Histograms are the SDK's (its bucket aggregation), recorded through
+    :class:`~vapora.telemetry.histograms.Histogram` (the SDK's aggregations, fed directly once an
+    attribute set has been seen); counters are :class:`_Sums` behind observable counters,
+    because an SDK counter measurement costs about as much as a histogram one and a provider
+    call adds seven of them.
     """
 
     def __init__(self, meter: Meter, names: GenAINames) -> None:
         self.names = names
-        self.token_usage = meter.create_histogram(
-            names.token_usage,
-            unit="{token}",
-            description="Number of input and output tokens used",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+        self.token_usage = Histogram(
+            meter.create_histogram(
+                names.token_usage,
+                unit="{token}",
+                description="Number of input and output tokens used",
+                explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+            )
         )
-        self.duration = meter.create_histogram(
-            names.operation_duration,
-            unit="s",
-            description="GenAI operation duration",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        self.duration = Histogram(
+            meter.create_histogram(
+                names.operation_duration,
+                unit="s",
+                description="GenAI operation duration",
+                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            )
         )
-        self.first_chunk = meter.create_histogram(
-            names.time_to_first_chunk,
-            unit="s",
-            description="Time to receive the first chunk of a streaming response",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        self.first_chunk = Histogram(
+            meter.create_histogram(
+                names.time_to_first_chunk,
+                unit="s",
+                description="Time to receive the first chunk of a streaming response",
+                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            )
         )
-        self.latency = meter.create_histogram(
-            METRICS.latency,
-            unit="s",
-            description="Provider latency",
-            explicit_bucket_boundaries_advisory=GUIDE_LATENCY_BUCKETS,
+        self.latency = Histogram(
+            meter.create_histogram(
+                METRICS.latency,
+                unit="s",
+                description="Provider latency",
+                explicit_bucket_boundaries_advisory=GUIDE_LATENCY_BUCKETS,
+            )
         )
         self.requests = self._counter(meter, METRICS.requests, "1", "Total LLM requests")
         self.tokens = self._counter(meter, METRICS.tokens, "1", "Tokens used")
@@ -128,24 +139,27 @@ class Instruments:
     def record_call(self, call: CallOutcome) -> None:
         """A provider call that reached the provider (succeeded or failed)."""
         n = self.names
+        genai = call.genai
+        key = tuple(genai.items())  # the attribute set's key for the histograms' fast path
         if call.error_type is None:
-            self.duration.record(call.duration_s, call.genai)
+            self.duration.record(call.duration_s, key, genai)
         else:
-            self.duration.record(call.duration_s, {**call.genai, n.error_type: call.error_type})
+            failed = {**genai, n.error_type: call.error_type}
+            self.duration.record(call.duration_s, (key, call.error_type), failed)
         if call.time_to_first_chunk_s is not None:
-            self.first_chunk.record(call.time_to_first_chunk_s, call.genai)
+            self.first_chunk.record(call.time_to_first_chunk_s, key, genai)
         provider = (METRICS.provider, call.provider)
-        self.latency.record(call.duration_s, {METRICS.provider: call.provider})
+        self.latency.record(call.duration_s, provider, {METRICS.provider: call.provider})
         task_type = (METRICS.task_type, call.task_type)
         self.requests.add(1, (provider, task_type, (METRICS.status, call.status)))
         if call.usage is not None:
-            self._tokens(call, call.usage)
+            self._tokens(call, call.usage, key)
         if call.cost_usd:
             self.spend.add(call.cost_usd, (provider, task_type))
 
-    def _tokens(self, call: CallOutcome, usage: Usage) -> None:
+    def _tokens(self, call: CallOutcome, usage: Usage, key: tuple[object, ...]) -> None:
         for kind, count in ((TOKEN_INPUT, usage.input_tokens), (TOKEN_OUTPUT, usage.output_tokens)):
-            self.token_usage.record(count, {**call.genai, self.names.token_type: kind})
+            self.token_usage.record(count, (key, kind), {**call.genai, self.names.token_type: kind})
             if count:
                 self.tokens.add(count, ((METRICS.provider, call.provider), (METRICS.type, kind)))
 
