@@ -18,14 +18,16 @@ from vapora.telemetry.state import STATE, use_tracer_provider
 
 
 class Recording(SpanExporter):
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(self, gate: threading.Event | None = None, seconds: float = 0.0) -> None:
         self.batches: list[list[str]] = []
         self.gate = gate
+        self.seconds = seconds  # how long each export takes
         self.shut = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self.gate is not None:
             self.gate.wait(5)
+        threading.Event().wait(self.seconds)
         self.batches.append([s.name for s in spans])
         return SpanExportResult.SUCCESS
 
@@ -166,3 +168,25 @@ def test_processors_added_while_tracing_get_the_spans_after_and_on_start_when_th
         use_tracer_provider(None)
     assert (first.started, first.ended) == (["a0", "b0"], ["a0", "b0"])
     assert (second.started, second.ended) == (["b0"], ["b0"])
+
+
+def test_a_steady_trickle_is_exported_in_full_batches_and_the_rest_on_flush() -> None:
+    exporter = Recording(seconds=0.02)  # spans keep arriving while a batch is exported
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "86400000", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4"}
+    batcher = SpanBatcher(exporter, env=env)
+    try:
+        _traced(batcher)
+        for i in range(10):  # one at a time, letting the worker run in between
+            _spans(1, prefix=f"t{i}-")
+            threading.Event().wait(0.005)
+        for _ in range(500):
+            if len(exporter.batches) >= 2:
+                break
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.05)
+        assert [len(batch) for batch in exporter.batches] == [4, 4]
+        assert batcher.force_flush(5000)
+        assert [len(batch) for batch in exporter.batches] == [4, 4, 2]
+    finally:
+        use_tracer_provider(None)
+        batcher.shutdown()

@@ -5,7 +5,9 @@ the process has not forked, a queue that drops the oldest span when full, and an
 lock) on every span once a batch is waiting. Its worker wakes for each full batch, so under load
 the exporter's thread takes the GIL from the event loop every 512 spans. :class:`SpanBatcher`
 appends the span to a deque (atomic under the GIL, any thread) and wakes the worker once per
-batch; the worker exports everything waiting, in batches, on a timer or when woken.
+batch; woken by a full batch, the worker exports full batches only (a steady stream of spans is
+sent in full requests, not in many small ones); on the schedule delay, a flush or the shutdown
+it exports everything waiting.
 
 It reads the SDK's ``OTEL_BSP_*`` variables (schedule delay, queue size, batch size, export
 timeout) with the SDK's defaults. A full queue drops the *new* span, counts it
@@ -105,21 +107,27 @@ class SpanBatcher(SpanProcessor):
 
     def _work(self) -> None:
         while True:
-            self._wake.wait(self.delay_s)
+            woken = self._wake.wait(self.delay_s)
             self._wake.clear()
             stopping = self._shutdown  # read first: every span queued before it is exported
             with self._flushed:
                 requested = self._flush_requests
-            self._export_waiting()
-            with self._flushed:
-                self._flushes_done = requested
-                self._flushed.notify_all()
+                flushing = requested > self._flushes_done
+            # A full batch woke it: export full batches only, so that a steady trickle of
+            # spans is not sent in many small requests. A flush, the shutdown or the schedule
+            # delay: export everything waiting.
+            self._export_waiting(full_only=woken and not flushing and not stopping)
+            if flushing:
+                with self._flushed:
+                    self._flushes_done = requested
+                    self._flushed.notify_all()
             if stopping:
                 return
 
-    def _export_waiting(self) -> None:
+    def _export_waiting(self, full_only: bool = False) -> None:
         queue = self._queue
-        while queue:
+        least = self.max_batch if full_only else 1
+        while len(queue) >= least:
             batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
             try:
                 self.exporter.export(batch)
