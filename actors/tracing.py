@@ -30,10 +30,11 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind
 
 from events.codec import event_tag
 from vapora.telemetry import messaging, w3c
+from vapora.telemetry.context import current_span
 from vapora.telemetry.messaging import Current, failed
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.semconv import VAPORA as _VAPORA
@@ -61,6 +62,7 @@ _PUBLISH = MESSAGING.publish
 _SEND = MESSAGING.send
 _EVENT_TYPE = _VAPORA.event_type
 _EVENT_SEQ = _VAPORA.event_seq
+_EMPTY = otel_context.Context()  # a message's own context: nothing from the receiver's
 
 
 def use(provider: trace.TracerProvider | None) -> None:
@@ -82,7 +84,7 @@ def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
     """Headers carrying the current trace context (adds to ``headers`` if given)."""
     carrier = headers if headers is not None else {}
     if STATE.tracing:
-        w3c.inject(carrier, trace.get_current_span())
+        w3c.inject(carrier, current_span())
     return carrier
 
 
@@ -110,7 +112,7 @@ class _Continued:
 
     def __enter__(self) -> Span:
         self._token = otel_context.attach(self._context)
-        return trace.get_current_span(self._context)
+        return current_span(self._context)
 
     def __exit__(self, *exc: object) -> None:
         otel_context.detach(self._token)
@@ -127,8 +129,23 @@ def process_span(
 
     ``headers``: the message's headers, parsed, or the header block as received (bytes: only
     the trace context is read from it, cheaper than parsing every header)."""
-    context = w3c.extract_raw(headers) if isinstance(headers, bytes) else w3c.extract(headers)
-    parent = trace.get_current_span(context).get_span_context()
+    if isinstance(headers, bytes) or headers is None:
+        parent = w3c.remote_parent(headers)
+        if parent is not w3c.NEEDS_EXTRACT:  # a traceparent alone (or nothing): read directly
+            if parent is not None and not parent.trace_flags.sampled:
+                return _Continued(trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY))
+            span = STATE.start_span(
+                f"{_PROCESS} {subject}",
+                SpanKind.CONSUMER,
+                _attributes(subject, _PROCESS, group, msg_id),
+                parent,
+                (),
+            )
+            return Current(span, _EMPTY, span)
+        context = w3c.extract_raw(headers)
+    else:
+        context = w3c.extract(headers)
+    parent = current_span(context).get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         return _Continued(context)  # no span; the unsampled context stays current
     span = STATE.start_span(
@@ -149,7 +166,7 @@ def start_publish(subject: str, *, msg_id: str, event_type: str) -> tuple[Span, 
     """A started PRODUCER span for one event append and its creation-context headers; the
     caller ends it when JetStream acknowledged (appends are pipelined, so not a ``with``)."""
     headers: dict[str, str] = {}
-    current = trace.get_current_span()
+    current = current_span()
     parent = current.get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         w3c.inject(headers, current)
@@ -171,7 +188,7 @@ def start_publish_batch(
     ``destination`` and the bare operation name); the events' ids and types as vapora's
     ``vapora.event.ids`` / ``vapora.event.types``."""
     headers: dict[str, str] = {}
-    current = trace.get_current_span()
+    current = current_span()
     parent = current.get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         w3c.inject(headers, current)
@@ -246,9 +263,11 @@ def _live_spans(batch: list[Any], group: str, destination: str) -> list[Span]:
 def _live_span(entries: list[Any], group: str, destination: str) -> Span | None:
     first = entries[0]
     raw = getattr(first, "raw_headers", None)
-    context = w3c.extract_raw(raw) if raw is not None else w3c.extract(first.headers)
-    parent = trace.get_current_span(context).get_span_context()
-    if not parent.trace_flags.sampled:  # sampled out (or unreadable): no span
+    parent = w3c.remote_parent(raw) if raw is not None else w3c.NEEDS_EXTRACT
+    if parent is w3c.NEEDS_EXTRACT:
+        context = w3c.extract_raw(raw) if raw is not None else w3c.extract(first.headers)
+        parent = current_span(context).get_span_context()
+    if parent is None or not parent.trace_flags.sampled:  # sampled out, or none: no span
         return None
     if len(entries) == 1:
         attributes = _attributes(first.subject, _PROCESS, group, first.event.id)

@@ -249,6 +249,12 @@ def test_the_installed_sdk_otlp_exporter_takes_the_direct_encoder() -> None:
         b"NATS/1.0\r\nNats-Msg-Id: e-1\r\n\r\n",
         b"NATS/1.0\r\nx-traceparent: 00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01\r\n\r\n",
         b"",
+        b"NATS/1.0\r\ntraceparent: 00-" + b"0" * 32 + b"-" + b"cd" * 8 + b"-01\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent: 00-" + b"ab" * 16 + b"-" + b"0" * 16 + b"-01\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent: 00-" + b"AB" * 16 + b"-" + b"cd" * 8 + b"-01\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent: 01-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01-later\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent: 00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01-x\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent: 00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-03\r\n\r\n",
     ],
 )
 def test_the_trace_context_read_from_a_raw_header_block_equals_the_parsed_one(
@@ -263,3 +269,41 @@ def test_the_trace_context_read_from_a_raw_header_block_equals_the_parsed_one(
         trace.get_current_span(theirs).get_span_context()
     )
     assert baggage.get_all(ours) == baggage.get_all(theirs)
+    # The direct read gives the same parent, or says the full extraction is needed.
+    parent = w3c.remote_parent(block)
+    if parent is not w3c.NEEDS_EXTRACT:
+        expected = trace.get_current_span(theirs).get_span_context()
+        assert parent == (expected if expected.is_valid else None)
+        if parent is not None:
+            assert (parent.is_remote, parent.trace_state) == (True, expected.trace_state)
+    # (NEEDS_EXTRACT: the callers use extract_raw, compared with the propagator above.)
+
+
+def test_the_current_span_is_read_and_set_as_the_api_does() -> None:
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+    from vapora.telemetry.context import attach_span, current_context, current_span, detach
+
+    assert current_span() is trace.get_current_span() is trace.INVALID_SPAN
+    span = NonRecordingSpan(SpanContext(5, 6, False, TraceFlags(1)))
+    with_baggage = baggage.set_baggage("k", "v")
+    token = otel_context.attach(with_baggage)
+    try:
+        inner = attach_span(span)  # on top of the current context: its baggage stays
+        assert current_span() is trace.get_current_span() is span
+        assert baggage.get_baggage("k") == "v" and current_context() == otel_context.get_current()
+        other = NonRecordingSpan(SpanContext(7, 8, False, TraceFlags(1)))
+        nested = otel_context.attach(trace.set_span_in_context(other))  # the API's own attach
+        assert current_span() is other
+        otel_context.detach(nested)
+        detach(inner)
+        assert current_span() is trace.INVALID_SPAN and baggage.get_baggage("k") == "v"
+        fresh = attach_span(span, otel_context.Context())  # on an empty context: no baggage
+        assert current_span() is span and baggage.get_baggage("k") is None
+        detach(fresh)
+        odd = otel_context.attach(otel_context.set_value("current-span", "not a span"))
+        assert current_span() is trace.get_current_span()
+        otel_context.detach(odd)
+        assert current_span(trace.set_span_in_context(span)) is span
+    finally:
+        otel_context.detach(token)

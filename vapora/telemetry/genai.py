@@ -30,13 +30,13 @@ from urllib.parse import urlsplit
 
 import msgspec
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from events.contract import Price, Usage
 from vapora.errors import ProviderError
 from vapora.pricing import cost
 from vapora.providers import Completion, ProviderClient, ProviderRequest
+from vapora.telemetry.context import attach_span, current_span, detach
 from vapora.telemetry.instruments import CallOutcome
 from vapora.telemetry.semconv import (
     ERROR_OTHER,
@@ -218,7 +218,7 @@ class ProviderCallTelemetry:
 
     def __enter__(self) -> ProviderCallTelemetry:
         if STATE.tracing:
-            current = trace.get_current_span()
+            current = current_span()
             parent = current.get_span_context()
             if not parent.is_valid or parent.trace_flags.sampled:
                 spec, names = self.spec, self.names
@@ -229,7 +229,7 @@ class ProviderCallTelemetry:
                     f"{spec.operation} {spec.model}", SpanKind.CLIENT, attributes, parent, ()
                 )
                 # Current while the call runs: stream chunks carry the call's context.
-                self._token = otel_context.attach(trace.set_span_in_context(self.span))
+                self._token = attach_span(self.span)
         self._started = time.perf_counter()
         return self
 
@@ -254,7 +254,7 @@ class ProviderCallTelemetry:
                 self._succeeded(self._done, elapsed)
         finally:
             if self._token is not None:
-                otel_context.detach(self._token)
+                detach(self._token)
             if self.span is not None:
                 self.span.end()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from contextvars import ContextVar
 
-from opentelemetry import trace
+from vapora.telemetry.context import current_span
 
 __all__ = ["FORMAT", "TASK_ID", "TaskContextFilter", "install"]
 
@@ -25,7 +25,7 @@ class TaskContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.task_id = TASK_ID.get() or "-"
-        span_context = trace.get_current_span().get_span_context()
+        span_context = current_span().get_span_context()
         record.trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else "-"
         return True
 

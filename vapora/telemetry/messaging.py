@@ -12,12 +12,11 @@ from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vapora.telemetry import w3c
+from vapora.telemetry.context import attach_span, current_span, detach
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.state import STATE
 
@@ -48,7 +47,7 @@ def attributes(subject: str, operation: str, group: str | None, msg_id: str | No
 def unsampled(context: Context | None = None) -> bool:
     """Whether the current (or ``context``'s) trace was sampled out: its spans would not be
     recorded, so none are made; the unsampled context itself still travels downstream."""
-    span_context = trace.get_current_span(context).get_span_context()
+    span_context = current_span(context).get_span_context()
     return span_context.is_valid and not span_context.trace_flags.sampled
 
 
@@ -73,7 +72,7 @@ class Current(Generic[T]):
         self._value = value
 
     def __enter__(self) -> T:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span, self._context))
+        self._token = attach_span(self._span, self._context)
         return self._value
 
     def __exit__(
@@ -82,7 +81,7 @@ class Current(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(self._token)
+        detach(self._token)
         if exc is not None and not isinstance(exc, GeneratorExit):
             failed(self._span, exc)
         self._span.end()
@@ -90,7 +89,7 @@ class Current(Generic[T]):
 
 def _publish(subject: str, msg_id: str | None) -> Span | None:
     """A started ``publish <subject>`` under the current span; None when it is sampled out."""
-    parent = trace.get_current_span().get_span_context()
+    parent = current_span().get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         return None
     return STATE.start_span(
@@ -106,7 +105,7 @@ def publish_span(subject: str, *, msg_id: str | None = None) -> AbstractContextM
     """A PRODUCER span ``publish <subject>`` (current while the block runs)."""
     span = _publish(subject, msg_id)
     if span is None:
-        return nullcontext(trace.get_current_span())
+        return nullcontext(current_span())
     return Current(span, None, span)
 
 
@@ -119,7 +118,7 @@ def request_span(subject: str) -> AbstractContextManager[dict[str, str] | None]:
     headers: dict[str, str] = {}
     span = _publish(subject, None)
     if span is None:  # sampled out: the unsampled context travels on
-        w3c.inject(headers, trace.get_current_span())
+        w3c.inject(headers, current_span())
         return nullcontext(headers)
     w3c.inject(headers, span)
     return Current(span, None, headers)

@@ -14,16 +14,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, MutableMapping
+from typing import Any
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context, get_value
+from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-__all__ = ["extract", "extract_raw", "inject", "raw_traceparent", "traceparent"]
+from vapora.telemetry.context import current_context
+
+__all__ = [
+    "NEEDS_EXTRACT",
+    "extract",
+    "extract_raw",
+    "inject",
+    "raw_traceparent",
+    "remote_parent",
+    "traceparent",
+]
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -50,6 +62,11 @@ def _plain_w3c() -> bool:
 
 
 _FLAGS = [f"{flags:02x}" for flags in range(256)]
+_TRACE_FLAGS = [TraceFlags(flags) for flags in range(256)]
+_new_tuple = tuple.__new__
+_RAW_VERSION_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+#: :func:`remote_parent`'s answer when the header block needs the full extraction.
+NEEDS_EXTRACT: Any = object()
 
 
 def traceparent(span_context: SpanContext) -> str:
@@ -62,9 +79,9 @@ def traceparent(span_context: SpanContext) -> str:
 
 
 def _has_baggage(context: Context | None) -> bool:
-    return (
-        bool(get_value(_BAGGAGE_KEY, context)) if _BAGGAGE_KEY else bool(baggage.get_all(context))
-    )
+    if _BAGGAGE_KEY is None:
+        return bool(baggage.get_all(context))
+    return bool((context if context is not None else current_context()).get(_BAGGAGE_KEY))
 
 
 def inject(headers: MutableMapping[str, str], span: Span, context: Context | None = None) -> None:
@@ -119,6 +136,34 @@ def extract_raw(raw: bytes | None) -> Context:
     end = raw.find(b"\r\n", start)
     value = raw[start : end if end >= 0 else len(raw)].strip()
     return extract({TRACEPARENT: value.decode("ascii", "replace")})
+
+
+def remote_parent(raw: bytes | None) -> SpanContext | None:
+    """The remote parent a NATS header block as received carries (None: no valid one), read
+    from its ``traceparent`` alone; :data:`NEEDS_EXTRACT` when there is more to the context
+    (``tracestate``, ``baggage``, another propagator): then use :func:`extract_raw`."""
+    if not raw:
+        return None
+    if b"tracestate" in raw or b"baggage" in raw or not _plain_w3c():
+        return NEEDS_EXTRACT  # type: ignore[no-any-return]
+    start = raw.find(_RAW_TRACEPARENT)
+    if start < 0:
+        return None
+    start += len(_RAW_TRACEPARENT)
+    end = raw.find(b"\r\n", start)
+    match = _RAW_VERSION_00.fullmatch(raw[start : end if end >= 0 else len(raw)].strip())
+    if match is None:
+        return NEEDS_EXTRACT  # type: ignore[no-any-return]  # other versions: the propagator
+    trace_hex, span_hex, flags = match.groups()
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    # SpanContext(trace_id, span_id, True, flags), valid by the checks above.
+    context: SpanContext = _new_tuple(
+        SpanContext,
+        (trace_id, span_id, True, _TRACE_FLAGS[int(flags, 16)], DEFAULT_TRACE_STATE, True),
+    )
+    return context
 
 
 def raw_traceparent(raw: bytes | None) -> bytes | None:
