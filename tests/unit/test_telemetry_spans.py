@@ -222,7 +222,7 @@ def test_the_encoder_reuses_attribute_encodings_without_mixing_types_or_fields(
         assert ExportTraceServiceRequest.FromString(encode_spans(spans, encoder)) == sdk_encode(
             spans
         )
-    assert encoder.attributes.known[9, "messaging.message.id"] is None
+    assert encoder.attributes.fields[9]["messaging.message.id"].values is None
 
 
 def test_the_installed_sdk_otlp_exporter_takes_the_direct_encoder() -> None:
@@ -232,7 +232,20 @@ def test_the_installed_sdk_otlp_exporter_takes_the_direct_encoder() -> None:
 
     exporter = OtlpSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
     assert exporter._direct
+    # ... and POSTs through urllib3 (half the CPU of requests), with the TLS settings the SDK
+    # would have given requests.
+    assert type(exporter._client._transport).__name__ == "Urllib3HTTPTransport"
     exporter.shutdown()
+
+
+def test_a_credential_provider_keeps_the_sdks_requests_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vapora.telemetry.otlp import _urllib3_transport
+
+    assert _urllib3_transport({}) is not None
+    monkeypatch.setenv("OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER", "x:y")
+    assert _urllib3_transport({}) is None
 
 
 @pytest.mark.parametrize(
