@@ -9,11 +9,11 @@ Spans follow the OpenTelemetry messaging conventions (names in :mod:`vapora.tele
 * ``process <subject>`` (CONSUMER) when an actor handles a request, parented by the context the
   request carried, with ``messaging.system=nats``, the destination, the consumer group and the
   message id.
-* Events read from the log: the live tail of a projection (the cost ledger) processes each event
-  in a span *parented* by the event's creation context, so the ledger's work is part of the
-  task's trace; a replay (start-up catch-up, audits) processes a batch in one span that *links*
-  to the events' contexts and never parents under them, so a replay does not add spans to
-  months-old traces.
+* Events read from the log: the live tail of a projection (the cost ledger) processes a batch's
+  events of one trace in a span *parented* by the first one's creation context (and linked to
+  the others'), so the ledger's work is part of the task's trace; a replay (start-up catch-up,
+  audits) processes a batch in one span that *links* to the events' contexts and never parents
+  under them, so a replay does not add spans to months-old traces.
 
 Tracing is switched on and off in :mod:`vapora.telemetry.state` (``use``). While it is off,
 actors skip span creation and header injection entirely: no tracer provider would record them,
@@ -30,7 +30,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind
 
 from events.codec import event_tag
 from vapora.telemetry import messaging, w3c
@@ -217,9 +217,9 @@ def processed(
 ) -> Iterator[None]:
     """Spans for a projection applying stored events (see the module doc).
 
-    Live (``replay=False``): one ``process`` CONSUMER span per creation context the batch's
-    events carry (an event appended alone has its own; events appended together share one),
-    parented by it, spanning the batch's application (one transaction applies the batch).
+    Live (``replay=False``): one ``process`` CONSUMER span per trace the batch has events of,
+    parented by the first of those events' creation context and linked to the others',
+    spanning the batch's application (one transaction applies the batch).
     Replay: one ``process <destination>`` span (the stream's wildcard) linking to
     up to :data:`MAX_LINKS` of the batch's events. ``entries`` are ``LogEntry`` s.
     """
@@ -244,45 +244,60 @@ def processed(
 
 
 def _live_spans(batch: list[Any], group: str, destination: str) -> list[Span]:
-    # Events appended together carry the same creation context: one span processes them.
-    together: dict[bytes | str | None, list[Any]] = {}
+    # One span per trace the batch holds events of: parented by the first event's creation
+    # context, linked to the others' (the conventions' batch processing), so a task's events
+    # processed together (its decision, its call, its spend) are one span in its trace.
+    traces: dict[bytes | str, list[tuple[Any, bytes | str]]] = {}
     for entry in batch:
         raw = getattr(entry, "raw_headers", None)  # a LogEntry: only its trace context is read
-        key = w3c.raw_traceparent(raw) if raw is not None else entry.headers.get("traceparent")
-        together.setdefault(key, []).append(entry)
+        value = w3c.raw_traceparent(raw) if raw is not None else entry.headers.get("traceparent")
+        if value:
+            traces.setdefault(value[3:35], []).append((entry, value))
     spans = []
-    for key, entries in together.items():
-        if key is None:
-            continue
+    for entries in traces.values():
         span = _live_span(entries, group, destination)
         if span is not None:
             spans.append(span)
     return spans
 
 
-def _live_span(entries: list[Any], group: str, destination: str) -> Span | None:
-    first = entries[0]
-    raw = getattr(first, "raw_headers", None)
+def _parent_of(entry: Any) -> SpanContext | None:
+    raw = getattr(entry, "raw_headers", None)
     parent = w3c.remote_parent(raw) if raw is not None else w3c.NEEDS_EXTRACT
     if parent is w3c.NEEDS_EXTRACT:
-        context = w3c.extract_raw(raw) if raw is not None else w3c.extract(first.headers)
+        context = w3c.extract_raw(raw) if raw is not None else w3c.extract(entry.headers)
         parent = current_span(context).get_span_context()
+    return parent if parent is not None and parent.is_valid else None
+
+
+def _live_span(entries: list[tuple[Any, bytes | str]], group: str, destination: str) -> Span | None:
+    first = entries[0][0]
+    parent = _parent_of(first)
     if parent is None or not parent.trace_flags.sampled:  # sampled out, or none: no span
         return None
     if len(entries) == 1:
         attributes = _attributes(first.subject, _PROCESS, group, first.event.id)
         attributes[_EVENT_SEQ] = first.seq
         attributes[_EVENT_TYPE] = event_tag(first.event)
-        subject = first.subject
-    else:
-        subject = first.subject
-        if any(entry.subject != subject for entry in entries):
-            subject = destination
-        attributes = _attributes(subject, _PROCESS, group, None)
-        attributes[MESSAGING.batch_count] = len(entries)
-        attributes[_VAPORA.event_ids] = [entry.event.id for entry in entries]
-        attributes[_VAPORA.event_types] = [event_tag(entry.event) for entry in entries]
-    return STATE.start_span(f"{_PROCESS} {subject}", SpanKind.CONSUMER, attributes, parent, ())
+        return STATE.start_span(
+            f"{_PROCESS} {first.subject}", SpanKind.CONSUMER, attributes, parent, ()
+        )
+    subject = first.subject
+    if any(entry.subject != subject for entry, _ in entries):
+        subject = destination
+    attributes = _attributes(subject, _PROCESS, group, None)
+    attributes[MESSAGING.batch_count] = len(entries)
+    attributes[_VAPORA.event_ids] = [entry.event.id for entry, _ in entries]
+    attributes[_VAPORA.event_types] = [event_tag(entry.event) for entry, _ in entries]
+    links: list[Link] = []
+    seen = {entries[0][1]}
+    for entry, value in entries[1:]:  # the other creation contexts (events appended apart)
+        if value not in seen and len(links) < MAX_LINKS:
+            seen.add(value)
+            context = _parent_of(entry)
+            if context is not None:
+                links.append(Link(context))
+    return STATE.start_span(f"{_PROCESS} {subject}", SpanKind.CONSUMER, attributes, parent, links)
 
 
 def _replay_span(batch: list[Any], group: str, subject: str) -> AbstractContextManager[Any]:

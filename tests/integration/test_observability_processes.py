@@ -141,10 +141,19 @@ async def test_a_fallback_task_is_one_trace_across_actor_processes(tmp_path: Pat
         "spend_recorded",
         "budget_reserved",
     }
-    for record in ledger:  # processed under the span that appended the same events
+    event_publishes = [
+        r
+        for r in trace
+        if r["kind"] == "PRODUCER"
+        and ("vapora.event.type" in r["attributes"] or "vapora.event.types" in r["attributes"])
+    ]
+    appended = {i: r for r in event_publishes for i in ids(r)}
+    for record in ledger:  # under the span that appended its first event, linked to the others
         producer = parent(record)
         assert producer["kind"] == "PRODUCER"
-        assert ids(producer) == ids(record) and types(producer) == types(record)
+        assert appended[ids(record)[0]] is producer
+        linked = {link["span_id"] for link in record.get("links", [])}
+        assert linked == {appended[i]["span_id"] for i in ids(record)} - {producer["span_id"]}
     for secret in KEYS.values():
         assert secret not in spans_file.read_text() and secret not in logs
     assert "task=proc-1 trace=" + root["trace_id"] in logs  # the router's decision line

@@ -149,8 +149,9 @@ async def test_a_fallback_task_is_one_trace_across_connections_with_correct_pare
         types = span.attributes.get("vapora.event.types") or [span.attributes["vapora.event.type"]]
         assert event_tag(event) in types
 
-    # The ledger processes each event in a span parented by the event's creation context: one
-    # per append (events appended together are processed together).
+    # The ledger processes the task's events in spans of this trace, each parented by the
+    # creation context of the first event it processed and linked to the other events' (events
+    # arriving in one batch are processed together).
     processed = [
         s
         for s in task
@@ -161,10 +162,13 @@ async def test_a_fallback_task_is_one_trace_across_connections_with_correct_pare
     for span in processed:
         ids = span.attributes.get("vapora.event.ids") or [span.attributes["messaging.message.id"]]
         covered.extend(ids)  # type: ignore[arg-type]
-        [producer] = {publishes[i] for i in ids}  # type: ignore[index]
-        assert _parent(span, index) is producer
+        producers = [publishes[i] for i in ids]  # type: ignore[index]
+        assert _parent(span, index) is producers[0]
+        linked = {link.context.span_id for link in span.links}
+        others = {p.context.span_id for p in producers} - {producers[0].context.span_id}
+        assert linked == others, "every other creation context is linked"
         if len(ids) == 1:  # type: ignore[arg-type]
-            destination = producer.attributes["messaging.destination.name"]
+            destination = producers[0].attributes["messaging.destination.name"]
             assert span.name == f"process {destination}"
         else:
             assert span.attributes["messaging.batch.message_count"] == len(ids)  # type: ignore[arg-type]
