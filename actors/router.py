@@ -636,9 +636,10 @@ class RouterActor:
     # --- walking the chain --------------------------------------------------------------------
 
     async def _walk(self, task: _Task, decision: RouteDecision) -> ProviderCallResult:
-        # Let the route_decided append publish before the first call goes out, so the log
-        # has the decision ahead of the calls it caused (its acknowledgement is awaited later).
-        await anyio.lowlevel.checkpoint()
+        # The route_decided append (a background task) publishes on the next loop turn, right
+        # after the first request went out: the decision is not on the request's path, and it
+        # reaches the log while the provider works (its acknowledgement is awaited before the
+        # reply).
         chain = decision.chain
         task.route_reason = decision.reason
         for index, name in enumerate(chain):
