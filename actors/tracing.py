@@ -100,6 +100,7 @@ def link_to(headers: Mapping[str, str] | None) -> list[Link]:
 
 
 _attributes = messaging.attributes
+_shaped = messaging.shaped
 
 
 class _Continued:
@@ -134,13 +135,8 @@ def process_span(
         if parent is not w3c.NEEDS_EXTRACT:  # a traceparent alone (or nothing): read directly
             if parent is not None and not parent.trace_flags.sampled:
                 return _Continued(trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY))
-            span = STATE.start_span(
-                f"{_PROCESS} {subject}",
-                SpanKind.CONSUMER,
-                _attributes(subject, _PROCESS, group, msg_id),
-                parent,
-                (),
-            )
+            name, attributes = _shaped(subject, _PROCESS, group, msg_id)
+            span = STATE.start_span(name, SpanKind.CONSUMER, attributes, parent, ())
             return Current(span, _EMPTY, span)
         context = w3c.extract_raw(headers)
     else:
@@ -148,13 +144,8 @@ def process_span(
     parent = current_span(context).get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         return _Continued(context)  # no span; the unsampled context stays current
-    span = STATE.start_span(
-        f"{_PROCESS} {subject}",
-        SpanKind.CONSUMER,
-        _attributes(subject, _PROCESS, group, msg_id),
-        parent,
-        (),
-    )
+    name, attributes = _shaped(subject, _PROCESS, group, msg_id)
+    span = STATE.start_span(name, SpanKind.CONSUMER, attributes, parent, ())
     return Current(span, context, span)
 
 
@@ -171,9 +162,9 @@ def start_publish(subject: str, *, msg_id: str, event_type: str) -> tuple[Span, 
     if parent.is_valid and not parent.trace_flags.sampled:
         w3c.inject(headers, current)
         return current, headers  # ending it is a no-op
-    attributes = _attributes(subject, _SEND, None, msg_id)
+    name, attributes = _shaped(subject, _SEND, None, msg_id)
     attributes[_EVENT_TYPE] = event_type
-    span = STATE.start_span(f"{_PUBLISH} {subject}", SpanKind.PRODUCER, attributes, parent, ())
+    span = STATE.start_span(name, SpanKind.PRODUCER, attributes, parent, ())
     w3c.inject(headers, span)
     return span, headers
 
@@ -276,12 +267,10 @@ def _live_span(entries: list[tuple[Any, bytes | str]], group: str, destination: 
     if parent is None or not parent.trace_flags.sampled:  # sampled out, or none: no span
         return None
     if len(entries) == 1:
-        attributes = _attributes(first.subject, _PROCESS, group, first.event.id)
+        name, attributes = _shaped(first.subject, _PROCESS, group, first.event.id)
         attributes[_EVENT_SEQ] = first.seq
         attributes[_EVENT_TYPE] = event_tag(first.event)
-        return STATE.start_span(
-            f"{_PROCESS} {first.subject}", SpanKind.CONSUMER, attributes, parent, ()
-        )
+        return STATE.start_span(name, SpanKind.CONSUMER, attributes, parent, ())
     subject = first.subject
     if any(entry.subject != subject for entry, _ in entries):
         subject = destination

@@ -320,3 +320,13 @@ def test_the_current_span_is_read_and_set_as_the_api_does() -> None:
         assert current_span(trace.set_span_in_context(span)) is span
     finally:
         otel_context.detach(token)
+
+
+def test_set_attributes_skips_none_values_as_the_sdk_does(exporter: InMemorySpanExporter) -> None:
+    with tracing.publish_span("x") as span:
+        span.set_attributes({"a": 1, "b": None, "c": "x"})
+        span.set_attributes({"d": 2.5})
+    [finished] = exporter.get_finished_spans()
+    assert finished.attributes is not None
+    assert {k: finished.attributes[k] for k in ("a", "c", "d")} == {"a": 1, "c": "x", "d": 2.5}
+    assert "b" not in finished.attributes

@@ -79,9 +79,10 @@ def error_type(error: BaseException) -> str:
     return ERROR_OTHER
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class CallSpec:
-    """What is known about a provider call before it starts."""
+    """What is known about a provider call before it starts (made once per call: a plain
+    slotted class, as a frozen dataclass's ``__init__`` costs a call per field)."""
 
     provider: str  # vapora's name for it (the config's), e.g. "claude"
     kind: str  # anthropic | openai | gemini | ollama
@@ -129,16 +130,31 @@ class CallSpec:
         return operation_of(self.kind, self.request)
 
     def metric_attributes(self, names: GenAINames) -> dict[str, str | int]:
-        return {
-            names.operation_name: self.operation,
-            names.provider_name: PROVIDER_BY_KIND.get(self.kind, self.kind),
-            names.request_model: self.model,
-            names.server_address: self.server_address,
-            names.server_port: self.server_port,
-        }
+        """The GenAI metric attributes: one dict per provider, model, operation and server,
+        shared (read it, copy it to change it)."""
+        key = (
+            names,
+            self.operation,
+            self.kind,
+            self.model,
+            self.server_address,
+            self.server_port,
+        )
+        attributes = _METRIC_ATTRIBUTES.get(key)
+        if attributes is None:
+            attributes = {
+                names.operation_name: self.operation,
+                names.provider_name: PROVIDER_BY_KIND.get(self.kind, self.kind),
+                names.request_model: self.model,
+                names.server_address: self.server_address,
+                names.server_port: self.server_port,
+            }
+            if len(_METRIC_ATTRIBUTES) < 1024:
+                _METRIC_ATTRIBUTES[key] = attributes
+        return attributes
 
     def start_attributes(self, names: GenAINames) -> dict[str, Any]:
-        attributes: dict[str, Any] = self.metric_attributes(names)
+        attributes: dict[str, Any] = dict(self.metric_attributes(names))
         attributes[names.request_max_tokens] = self.request.output_limit
         if self.request.temperature is not None:
             attributes[names.request_temperature] = self.request.temperature
@@ -151,6 +167,9 @@ class CallSpec:
         if self.route_reason:
             attributes[VAPORA.route_reason] = self.route_reason
         return attributes
+
+
+_METRIC_ATTRIBUTES: dict[tuple[Any, ...], dict[str, str | int]] = {}
 
 
 def response_attributes(done: Completion, names: GenAINames) -> dict[str, Any]:

@@ -28,7 +28,7 @@ __all__ = ["CallOutcome", "Instruments"]
 Attributes = Mapping[str, str | int]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class CallOutcome:
     """One provider call as the metrics see it.
 

@@ -44,6 +44,29 @@ def attributes(subject: str, operation: str, group: str | None, msg_id: str | No
     return out
 
 
+_SHAPES: dict[tuple[str, str, str | None], tuple[str, Attributes]] = {}
+
+
+def shaped(
+    subject: str, operation: str, group: str | None, msg_id: str | None
+) -> tuple[str, Attributes]:
+    """The span name (``<operation name> <subject>``) and a fresh copy of the messaging
+    attributes of an operation on ``subject`` (plus ``msg_id``): both made once per subject,
+    operation and group (vapora's subjects are few), then the attributes copied in one call."""
+    key = (subject, operation, group)
+    shape = _SHAPES.get(key)
+    if shape is None:
+        operation_name = MESSAGING.publish if operation == MESSAGING.send else operation
+        shape = (f"{operation_name} {subject}", attributes(subject, operation, group, None))
+        if len(_SHAPES) < 4096:
+            _SHAPES[key] = shape
+    name, base = shape
+    out = base.copy()
+    if msg_id:
+        out[MESSAGING.message_id] = msg_id
+    return name, out
+
+
 def unsampled(context: Context | None = None) -> bool:
     """Whether the current (or ``context``'s) trace was sampled out: its spans would not be
     recorded, so none are made; the unsampled context itself still travels downstream."""
@@ -92,13 +115,8 @@ def _publish(subject: str, msg_id: str | None) -> Span | None:
     parent = current_span().get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         return None
-    return STATE.start_span(
-        f"{MESSAGING.publish} {subject}",
-        SpanKind.PRODUCER,
-        attributes(subject, MESSAGING.send, None, msg_id),
-        parent,
-        (),
-    )
+    name, attributes_ = shaped(subject, MESSAGING.send, None, msg_id)
+    return STATE.start_span(name, SpanKind.PRODUCER, attributes_, parent, ())
 
 
 def publish_span(subject: str, *, msg_id: str | None = None) -> AbstractContextManager[Span]:

@@ -39,6 +39,8 @@ log = logging.getLogger("vapora.telemetry")
 
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SAMPLED_BIT = TraceFlags.SAMPLED
+_RANDOM_BIT = TraceFlags.RANDOM_TRACE_ID
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _DEFAULTS = SpanLimits()
 # Processors whose on_start does nothing: not called (the SDK's own, vapora's batcher).
@@ -105,7 +107,10 @@ class VaporaSpan(trace_api.Span, ReadableSpan):
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         if self._end_time is None:
-            self._values.update((k, v) for k, v in attributes.items() if v is not None)
+            if None in attributes.values():
+                self._values.update((k, v) for k, v in attributes.items() if v is not None)
+            else:  # the usual case: one C-level update
+                self._values.update(attributes)
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self._end_time is not None or self._status.status_code is StatusCode.OK:
@@ -229,12 +234,13 @@ class SpanStarter:
     ) -> trace_api.Span:
         """A started span under ``parent`` (a new trace when it is None or invalid); a
         non-recording span carrying the new context when the sampler drops it."""
-        if parent is not None and parent.is_valid:
-            if self.parent_decides and parent.trace_flags.sampled:
-                flags = _SAMPLED_RANDOM if parent.trace_flags.random_trace_id else _SAMPLED
-                context = _local_context(
-                    parent.trace_id, self.new_span_id(), flags, parent.trace_state
-                )
+        # A SpanContext is a tuple: (trace_id, span_id, is_remote, trace_flags, trace_state,
+        # is_valid); its properties read those items, here read directly.
+        if parent is not None and parent[5]:
+            trace_flags = parent[3]
+            if self.parent_decides and trace_flags & _SAMPLED_BIT:
+                flags = _SAMPLED_RANDOM if trace_flags & _RANDOM_BIT else _SAMPLED
+                context = _local_context(parent[0], self.new_span_id(), flags, parent[4])
                 starts = self._processors()
                 span = VaporaSpan(self, name, context, parent, kind, attributes, links)
                 for on_start in starts:
