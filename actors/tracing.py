@@ -242,7 +242,7 @@ def _live_spans(batch: list[Any], group: str, destination: str) -> list[Span]:
     for entry in batch:
         raw = getattr(entry, "raw_headers", None)  # a LogEntry: only its trace context is read
         value = w3c.raw_traceparent(raw) if raw is not None else entry.headers.get("traceparent")
-        if value:
+        if value and not w3c.unsampled_traceparent(value):
             traces.setdefault(value[3:35], []).append((entry, value))
     spans = []
     for entries in traces.values():

@@ -330,3 +330,46 @@ def test_set_attributes_skips_none_values_as_the_sdk_does(exporter: InMemorySpan
     assert finished.attributes is not None
     assert {k: finished.attributes[k] for k in ("a", "c", "d")} == {"a": 1, "c": "x", "d": 2.5}
     assert "b" not in finished.attributes
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00",
+        "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+        "00-" + "ab" * 16 + "-" + "cd" * 8 + "-02",
+        "00-" + "ab" * 16 + "-" + "cd" * 8 + "-03",
+        "00-" + "ab" * 16 + "-" + "cd" * 8 + "-0g",
+        "01-" + "ab" * 16 + "-" + "cd" * 8 + "-00",
+        "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00-x",
+        "",
+    ],
+)
+def test_a_raw_traceparent_read_as_unsampled_is_one_the_propagator_reads_unsampled(
+    value: str,
+) -> None:
+    # The ledger skips such events without parsing them: only if no span would be made anyway.
+    span_context = trace.get_current_span(
+        propagate.extract({"traceparent": value})
+    ).get_span_context()
+    for form in (value, value.encode()):
+        if w3c.unsampled_traceparent(form):
+            assert not (span_context.is_valid and span_context.trace_flags.sampled)
+
+
+def test_an_injected_span_keeps_its_headers_and_they_equal_the_propagators(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+    remote = NonRecordingSpan(
+        SpanContext(0xAB, 0xCD, True, TraceFlags(0), TraceState([("k", "v")]))
+    )
+    for span in (remote, STATE.start_span("s", SpanKind.INTERNAL, {}, None, ())):
+        ours: dict[str, str] = {}
+        again: dict[str, str] = {}
+        theirs: dict[str, str] = {}
+        w3c.inject(ours, span)
+        w3c.inject(again, span)  # from what the first call kept
+        propagate.inject(theirs, context=trace.set_span_in_context(span))
+        assert ours == again == theirs

@@ -66,6 +66,9 @@ def quiet_on_start(processor: SpanProcessor) -> None:
 class VaporaSpan(trace_api.Span, ReadableSpan):
     """A recording span (see the module doc); read by processors and exporters once ended."""
 
+    #: Its trace-context headers once injected (``vapora.telemetry.w3c.inject``).
+    _vapora_headers: tuple[str, str | None] | tuple[()] | None = None
+
     def __init__(
         self,
         starter: SpanStarter,

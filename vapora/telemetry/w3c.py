@@ -12,6 +12,7 @@ themselves. Any other propagator, or baggage in the context or in the headers, g
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -88,13 +89,27 @@ def inject(headers: MutableMapping[str, str], span: Span, context: Context | Non
     """Add ``span``'s context to ``headers``; ``context`` is the one ``span`` lives in (the
     current one when None), whose baggage travels too."""
     if _plain_w3c() and not _has_baggage(context):
-        span_context = span.get_span_context()
-        if span_context.is_valid:
-            headers[TRACEPARENT] = traceparent(span_context)
-            if span_context.trace_state:
-                headers[TRACESTATE] = span_context.trace_state.to_header()
+        # A span injected before keeps its headers (an unsampled message's context goes out
+        # on every message its handler sends: formatted once).
+        made = getattr(span, "_vapora_headers", None)
+        if made is None:
+            made = _headers_of(span.get_span_context())
+            with contextlib.suppress(AttributeError):  # a class with slots: formatted each time
+                span._vapora_headers = made  # type: ignore[attr-defined]
+        if made:
+            headers[TRACEPARENT] = made[0]
+            if made[1] is not None:
+                headers[TRACESTATE] = made[1]
         return
     propagate.inject(headers, context=trace.set_span_in_context(span, context))
+
+
+def _headers_of(span_context: SpanContext) -> tuple[str, str | None] | tuple[()]:
+    """``(traceparent, tracestate or None)`` of a span context; ``()`` when it is invalid."""
+    if not span_context.is_valid:
+        return ()
+    state = span_context.trace_state
+    return traceparent(span_context), state.to_header() if state else None
 
 
 def extract(headers: Mapping[str, str] | None) -> Context:
@@ -164,6 +179,25 @@ def remote_parent(raw: bytes | None) -> SpanContext | None:
         (trace_id, span_id, True, _TRACE_FLAGS[int(flags, 16)], DEFAULT_TRACE_STATE, True),
     )
     return context
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdef")
+
+
+def unsampled_traceparent(value: bytes | str) -> bool:
+    """Whether a version-00 ``traceparent`` value says its trace is not sampled (False for
+    anything else: that is left to the full parse)."""
+    if len(value) != 55 or value[:3] not in (b"00-", "00-"):
+        return False
+    flags = value[53:55]
+    if isinstance(flags, bytes):
+        if not (flags[0] in _HEX_DIGITS and flags[1] in _HEX_DIGITS):
+            return False
+        return not int(flags, 16) & 1
+    try:
+        return not int(flags, 16) & 1 and flags == flags.lower()
+    except ValueError:
+        return False
 
 
 def raw_traceparent(raw: bytes | None) -> bytes | None:
