@@ -238,12 +238,21 @@ def _live_spans(batch: list[Any], group: str, destination: str) -> list[Span]:
     # One span per trace the batch holds events of: parented by the first event's creation
     # context, linked to the others' (the conventions' batch processing), so a task's events
     # processed together (its decision, its call, its spend) are one span in its trace.
-    traces: dict[bytes | str, list[tuple[Any, bytes | str]]] = {}
-    for entry in batch:
-        raw = getattr(entry, "raw_headers", None)  # a LogEntry: only its trace context is read
-        value = w3c.raw_traceparent(raw) if raw is not None else entry.headers.get("traceparent")
-        if value and not w3c.unsampled_traceparent(value):
-            traces.setdefault(value[3:35], []).append((entry, value))
+    traces: dict[object, list[tuple[Any, object]]] = {}
+    if w3c.plain():  # traceparent alone: grouped by its trace id, unsampled ones skipped unread
+        for entry in batch:
+            raw = getattr(entry, "raw_headers", None)  # a LogEntry: only its trace context
+            value = (
+                w3c.raw_traceparent(raw) if raw is not None else entry.headers.get("traceparent")
+            )
+            if value and not w3c.unsampled_traceparent(value):
+                traces.setdefault(value[3:35], []).append((entry, value))
+    else:  # another propagator: each event's context through it
+        for entry in batch:
+            parent = _parent_of(entry)
+            if parent is not None and parent.trace_flags.sampled:
+                creation = (parent.trace_id, parent.span_id)
+                traces.setdefault(parent.trace_id, []).append((entry, creation))
     spans = []
     for entries in traces.values():
         span = _live_span(entries, group, destination)
@@ -261,7 +270,7 @@ def _parent_of(entry: Any) -> SpanContext | None:
     return parent if parent is not None and parent.is_valid else None
 
 
-def _live_span(entries: list[tuple[Any, bytes | str]], group: str, destination: str) -> Span | None:
+def _live_span(entries: list[tuple[Any, object]], group: str, destination: str) -> Span | None:
     first = entries[0][0]
     parent = _parent_of(first)
     if parent is None or not parent.trace_flags.sampled:  # sampled out, or none: no span

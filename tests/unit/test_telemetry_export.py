@@ -190,3 +190,21 @@ def test_a_steady_trickle_is_exported_in_full_batches_and_the_rest_on_flush() ->
     finally:
         use_tracer_provider(None)
         batcher.shutdown()
+
+
+def test_batches_the_exporter_could_not_send_are_counted_apart() -> None:
+    class Refusing(Recording):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            super().export(spans)
+            return SpanExportResult.FAILURE
+
+    exporter = Refusing()
+    batcher = SpanBatcher(exporter, env={})
+    try:
+        _traced(batcher)
+        _spans(3)
+        assert batcher.force_flush(5000)
+    finally:
+        use_tracer_provider(None)
+        batcher.shutdown()
+    assert (batcher.exported, batcher.failed) == (0, 3)

@@ -112,3 +112,41 @@ def test_views_that_keep_some_attributes_and_exemplars_of_sampled_spans_match_th
     fast_points = _points(fast_reader)
     assert fast_points == _points(sdk_reader)
     assert any(p[7] for p in fast_points), "no exemplar was recorded"
+
+
+def test_a_set_that_cannot_be_bound_is_not_looked_at_again_until_the_readers_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reader = {"preferred_temporality": {SdkHistogram: AggregationTemporality.DELTA}}
+    fast, sdk, fast_reader, sdk_reader = _pair(reader=reader)
+    looks = []
+    bind = fast._bind
+    monkeypatch.setattr(fast, "_bind", lambda *a: (looks.append(a[0]), bind(*a)))
+    for i in range(20):
+        fast.record(float(i), "k", SETS[0])
+        sdk.record(float(i), SETS[0])
+    assert looks == ["k"]  # a delta reader: tried once, then the SDK records it
+    assert _points(fast_reader) == _points(sdk_reader)
+
+
+def test_when_the_sdks_internals_move_every_measurement_goes_through_the_sdk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fast, sdk, fast_reader, sdk_reader = _pair()
+    for i in range(3):
+        fast.record(float(i), "bound", SETS[0])
+        sdk.record(float(i), SETS[0])
+
+    # A later set finds the internals changed (here: the SDK's attribute hashing takes other
+    # arguments).
+    def moved(*args: Any) -> Any:
+        raise TypeError("_hash_attributes() takes 2 positional arguments")
+
+    monkeypatch.setattr(fast, "_hash", moved)
+    fast.record(1.0, "other", SETS[1])
+    sdk.record(1.0, SETS[1])
+    assert fast._consumer is None and not fast._bound
+    for i in range(3):  # the set bound before goes through the SDK too, without failing
+        fast.record(float(i), "bound", SETS[0])
+        sdk.record(float(i), SETS[0])
+    assert _points(fast_reader) == _points(sdk_reader)

@@ -241,11 +241,22 @@ def test_the_installed_sdk_otlp_exporter_takes_the_direct_encoder() -> None:
 def test_a_credential_provider_keeps_the_sdks_requests_session(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from vapora.telemetry.otlp import _urllib3_transport
+    from vapora.telemetry.otlp import _KEEP_REQUESTS, _urllib3_transport
 
+    for name in (*_KEEP_REQUESTS, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     assert _urllib3_transport({}) is not None
-    monkeypatch.setenv("OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER", "x:y")
+    # HTTPS keeps the SDK's certificate handling; so do a credential provider (either variable)
+    # and a proxy.
+    assert _urllib3_transport({"endpoint": "https://collector:4318/v1/traces"}) is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")
     assert _urllib3_transport({}) is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    for name in _KEEP_REQUESTS:
+        monkeypatch.setenv(name, "x")
+        assert _urllib3_transport({}) is None, name
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize(
@@ -373,3 +384,16 @@ def test_an_injected_span_keeps_its_headers_and_they_equal_the_propagators(
         w3c.inject(again, span)  # from what the first call kept
         propagate.inject(theirs, context=trace.set_span_in_context(span))
         assert ours == again == theirs
+
+
+def test_a_token_detached_twice_is_logged_as_the_api_does_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+    from vapora.telemetry.context import attach_span, detach
+
+    token = attach_span(NonRecordingSpan(SpanContext(5, 6, False, TraceFlags(1))))
+    detach(token)
+    detach(token)  # the API logs "Failed to detach context" and carries on
+    assert "Failed to detach context" in caplog.text

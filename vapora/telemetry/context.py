@@ -70,7 +70,7 @@ if _CURRENT is not None:
         """``context.detach(token)``."""
         try:
             _reset(token)
-        except ValueError:  # reset in another context: the API logs it and carries on too
+        except Exception:  # another context's token, or one used twice: the API logs it
             api.detach(token)
 
 else:  # another runtime context: through the API

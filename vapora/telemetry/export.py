@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Mapping
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 __all__ = ["SpanBatcher"]
 
@@ -65,14 +66,15 @@ class SpanBatcher(SpanProcessor):
         self.max_batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self.max_queue)
         self.timeout_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
         self.dropped = 0
-        self.exported = 0
+        self.exported = 0  # spans the exporter took
+        self.failed = 0  # spans in batches the exporter reported it could not send
         self._queue: collections.deque[ReadableSpan] = collections.deque()
         self._wake = threading.Event()
         self._flushed = threading.Condition()
         self._flush_requests = 0
         self._flushes_done = 0
         self._shutdown = False
-        self._warned_at = 0.0
+        self._warned_at = -math.inf
         self._thread = threading.Thread(target=self._work, name="vapora-span-export", daemon=True)
         self._thread.start()
 
@@ -126,14 +128,27 @@ class SpanBatcher(SpanProcessor):
 
     def _export_waiting(self, full_only: bool = False) -> None:
         queue = self._queue
-        least = self.max_batch if full_only else 1
-        while len(queue) >= least:
-            batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
-            try:
-                self.exporter.export(batch)
-                self.exported += len(batch)
-            except Exception:  # an exporter must not stop the worker
-                log.exception("telemetry: exporting %d spans failed", len(batch))
+        if full_only:  # full batches, as long as there are some
+            while len(queue) >= self.max_batch:
+                self._export([queue.popleft() for _ in range(self.max_batch)])
+            return
+        # Everything queued now (not what keeps arriving meanwhile: a flush would never end).
+        waiting = len(queue)
+        while waiting > 0:
+            count = min(waiting, self.max_batch)
+            self._export([queue.popleft() for _ in range(count)])
+            waiting -= count
+
+    def _export(self, batch: list[ReadableSpan]) -> None:
+        try:
+            result = self.exporter.export(batch)
+        except Exception:  # an exporter must not stop the worker
+            log.exception("telemetry: exporting %d spans failed", len(batch))
+            return
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(batch)
+        else:
+            self.failed += len(batch)
 
     # --- flush and shutdown --------------------------------------------------------------------
 

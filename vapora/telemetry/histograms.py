@@ -15,8 +15,9 @@ points at collection. Before each fast record it checks that the SDK still holds
 aggregations (a reader added or removed, a delta collection that starts new ones); if not, or
 for a measurement the SDK would refuse (negative, not finite), or when the meter is disabled,
 the SDK's own ``record`` takes it. Readers that start new aggregations at every collection
-(delta temporality) are always recorded through the SDK. If the SDK's internals are not the
-ones this was written against (``opentelemetry-sdk`` 1.45), every measurement goes through
+(delta temporality), and attribute sets past the SDK's cardinality limit, are always recorded
+through the SDK (and not looked at again until the readers change). If the SDK's internals are
+not the ones this was written against (``opentelemetry-sdk`` 1.45), every measurement goes through
 the SDK. The tests record the same measurements both ways and compare what the readers
 collect.
 """
@@ -79,6 +80,10 @@ class Histogram:
     def __init__(self, histogram: ApiHistogram) -> None:
         self.sdk = histogram
         self._bound: dict[Hashable, _Bound] = {}
+        # Attribute sets that could not be bound, with the readers they were tried with: not
+        # tried again until the readers change (a delta reader, a set over the cardinality
+        # limit would otherwise pay for the SDK's record and a second look every time).
+        self._unbindable: dict[Hashable, object] = {}
         self._consumer: Any = None
         self._filter: Any = None
         self._enabled: Any = lambda: True
@@ -105,6 +110,7 @@ class Histogram:
         consumer = self._consumer
         if (
             bound is not None
+            and consumer is not None
             and value >= 0
             and value != math.inf
             and bound.current(consumer)
@@ -124,8 +130,15 @@ class Histogram:
                 aggregation.aggregate(point, sample)
             return
         self.sdk.record(value, attributes)
-        if consumer is not None and (bound is None or not bound.current(consumer)):
-            self._bind(key, attributes)
+        if consumer is None or (bound is not None and bound.current(consumer)):
+            return
+        storages = consumer._reader_storages
+        if self._unbindable.get(key) is storages:
+            return  # tried with these readers already (delta, over the cardinality limit)
+        self._bind(key, attributes)
+        unbound = key not in self._bound and self._consumer is not None
+        if unbound and len(self._unbindable) < 4096:
+            self._unbindable[key] = storages
 
     def _bind(self, key: Hashable, attributes: Mapping[str, Any]) -> None:
         """Find the aggregations the SDK made for ``attributes`` in every reader."""
@@ -153,7 +166,9 @@ class Histogram:
                         return
                     targets.append((match, hashed, aggregation))
         except (AttributeError, TypeError):
-            self._consumer = None  # internals moved: the SDK records everything from now on
+            # Internals moved: the SDK records everything from now on (what was bound too).
+            self._consumer = None
+            self._bound.clear()
             log.debug("telemetry: the SDK's histogram internals moved; recording through it")
             return
         self._bound[key] = _Bound(storages, targets, cleaned)

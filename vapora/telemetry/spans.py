@@ -58,11 +58,6 @@ def _local_context(trace_id: int, span_id: int, flags: TraceFlags, state: Any) -
     return _new_tuple(SpanContext, (trace_id, span_id, False, flags, state, True))
 
 
-def quiet_on_start(processor: SpanProcessor) -> None:
-    """Declare that ``processor``'s class does nothing in ``on_start`` (it is then not called)."""
-    _QUIET_STARTS.add(type(processor).on_start)
-
-
 class VaporaSpan(trace_api.Span, ReadableSpan):
     """A recording span (see the module doc); read by processors and exporters once ended."""
 

@@ -33,6 +33,7 @@ __all__ = [
     "extract",
     "extract_raw",
     "inject",
+    "plain",
     "raw_traceparent",
     "remote_parent",
     "traceparent",
@@ -47,6 +48,12 @@ _checked: tuple[TextMapPropagator | None, bool] = (None, False)
 # Where the API keeps baggage in a context (a private name: without it, baggage.get_all).
 _BAGGAGE_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
 _RAW_TRACEPARENT = b"\r\ntraceparent:"
+
+
+def plain() -> bool:
+    """Whether the global propagator is W3C trace context (with or without baggage) only: then
+    a ``traceparent`` (and ``tracestate``) is all the trace context a message carries."""
+    return _plain_w3c()
 
 
 def _plain_w3c() -> bool:
