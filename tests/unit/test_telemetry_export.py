@@ -208,3 +208,30 @@ def test_batches_the_exporter_could_not_send_are_counted_apart() -> None:
         use_tracer_provider(None)
         batcher.shutdown()
     assert (batcher.exported, batcher.failed) == (0, 3)
+
+
+def test_a_forked_child_exports_its_own_spans_with_a_worker_of_its_own() -> None:
+    import os
+
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, env={"OTEL_BSP_SCHEDULE_DELAY": "86400000"})
+    try:
+        _traced(batcher)
+        _spans(2, prefix="parent")  # queued in the parent, not yet exported
+        pid = os.fork()
+        if pid == 0:  # the child: only the forking thread survives
+            code = 1
+            try:
+                _spans(1, prefix="child")
+                flushed = batcher.force_flush(5000)
+                names = [name for batch in exporter.batches for name in batch]
+                code = 0 if flushed and names == ["child0"] else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert batcher.force_flush(5000)  # the parent's worker is untouched
+    finally:
+        use_tracer_provider(None)
+        batcher.shutdown()
+    assert [name for batch in exporter.batches for name in batch] == ["parent0", "parent1"]

@@ -22,7 +22,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -55,6 +56,12 @@ def _setting(env: Mapping[str, str], name: str) -> int:
     return value
 
 
+def _call_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
+
+
 class SpanBatcher(SpanProcessor):
     """A batch span processor (see the module doc)."""
 
@@ -68,15 +75,24 @@ class SpanBatcher(SpanProcessor):
         self.dropped = 0
         self.exported = 0  # spans the exporter took
         self.failed = 0  # spans in batches the exporter reported it could not send
+        self._shutdown = False
+        self._warned_at = -math.inf
+        self._start()
+        # A forked child has no worker thread (only the forking one survives a fork): it starts
+        # its own, with an empty queue (the parent's spans are the parent's to export).
+        if hasattr(os, "register_at_fork"):
+            method = weakref.WeakMethod(self._start)
+            os.register_at_fork(after_in_child=lambda: _call_alive(method))
+
+    def _start(self) -> None:
         self._queue: collections.deque[ReadableSpan] = collections.deque()
         self._wake = threading.Event()
         self._flushed = threading.Condition()
         self._flush_requests = 0
         self._flushes_done = 0
-        self._shutdown = False
-        self._warned_at = -math.inf
         self._thread = threading.Thread(target=self._work, name="vapora-span-export", daemon=True)
-        self._thread.start()
+        if not self._shutdown:
+            self._thread.start()
 
     # --- the span's path -----------------------------------------------------------------------
 
