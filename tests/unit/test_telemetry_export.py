@@ -235,3 +235,29 @@ def test_a_forked_child_exports_its_own_spans_with_a_worker_of_its_own() -> None
         use_tracer_provider(None)
         batcher.shutdown()
     assert [name for batch in exporter.batches for name in batch] == ["parent0", "parent1"]
+
+
+def test_a_span_recorded_but_not_sampled_is_not_exported() -> None:
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    class RecordOnly(Sampler):
+        def should_sample(self, *args: object, **kwargs: object) -> SamplingResult:
+            return SamplingResult(Decision.RECORD_ONLY)
+
+        def get_description(self) -> str:
+            return "record only"
+
+    exporter = Recording()
+    batcher = SpanBatcher(exporter, env={})
+    provider = TracerProvider(sampler=RecordOnly())
+    provider.add_span_processor(batcher)
+    use_tracer_provider(provider)
+    try:
+        span = STATE.start_span("recorded", SpanKind.INTERNAL, {}, None, ())
+        assert span.is_recording() and not span.get_span_context().trace_flags.sampled
+        span.end()
+        assert batcher.force_flush(5000)
+    finally:
+        use_tracer_provider(None)
+        batcher.shutdown()
+    assert exporter.batches == []

@@ -28,6 +28,10 @@ from collections.abc import Callable, Mapping
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from vapora.telemetry.spans import VaporaSpan
+
+_SAMPLED = 0x01  # TraceFlags.SAMPLED
+
 __all__ = ["SpanBatcher"]
 
 log = logging.getLogger("vapora.telemetry")
@@ -97,8 +101,14 @@ class SpanBatcher(SpanProcessor):
     # --- the span's path -----------------------------------------------------------------------
 
     def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if context is None or not context.trace_flags.sampled or self._shutdown:
+        if type(span) is VaporaSpan:  # its context tuple's flags, read directly
+            if not span._context[3] & _SAMPLED:  # type: ignore[index]
+                return
+        else:
+            context = span.context
+            if context is None or not context.trace_flags.sampled:
+                return
+        if self._shutdown:
             return
         queue = self._queue
         waiting = len(queue)

@@ -63,6 +63,12 @@ class VaporaSpan(trace_api.Span, ReadableSpan):
 
     #: Its trace-context headers once injected (``vapora.telemetry.w3c.inject``).
     _vapora_headers: tuple[str, str | None] | tuple[()] | None = None
+    # Fields every span starts with the same value of: class defaults, replaced per span only
+    # when they change (one instance attribute set fewer each, per span).
+    _events: list[Event] | tuple[()] = ()
+    _instrumentation_info = None
+    _status = _UNSET
+    _end_time: int | None = None
 
     def __init__(
         self,
@@ -80,21 +86,16 @@ class VaporaSpan(trace_api.Span, ReadableSpan):
         self._parent = parent
         self._kind = kind
         self._attributes = self._values = attributes  # _values: the same dict, typed mutable
-        self._span_context = context
-        self._events: list[Event] | tuple[()] = ()
         self._links = links
         self._resource = starter.resource
         self._instrumentation_scope = starter.scope
-        self._instrumentation_info = None
-        self._status = _UNSET
         self._start_time = time_ns()
-        self._end_time: int | None = None
         self._on_end = starter.on_end
 
     # --- the API span -------------------------------------------------------------------------
 
     def get_span_context(self) -> SpanContext:
-        return self._span_context
+        return self._context  # type: ignore[return-value]
 
     def is_recording(self) -> bool:
         return self._end_time is None
