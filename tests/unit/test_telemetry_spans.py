@@ -216,8 +216,9 @@ def test_the_encoder_reuses_attribute_encodings_without_mixing_types_or_fields(
         assert first == again == sdk_encode(spans), value
     for n in range(600):  # a key with many values stops being remembered, and stays right
         exporter.clear()
-        with tracing.publish_span("x", msg_id=f"id-{n}"):
-            pass
+        with tracing.publish_span("x", msg_id=f"id-{n}" * (1 + n % 70)) as span:
+            span.set_attribute("count", (n - 300) * 2**n % 2**63 - 2**62)  # ints of every size
+            span.set_attribute("ratio", n / 7)
         spans = list(exporter.get_finished_spans())
         assert ExportTraceServiceRequest.FromString(encode_spans(spans, encoder)) == sdk_encode(
             spans

@@ -98,14 +98,27 @@ class _Key:
     """One attribute key's encodings: the key's own bytes, and its values' encodings until the
     key proves to have many (then ``values`` is None and each value is encoded when seen)."""
 
-    __slots__ = ("field", "key", "values")
+    __slots__ = ("field", "key", "tag", "values")
 
     def __init__(self, field: int, key: str) -> None:
         self.field = field
+        self.tag = _LEN_TAGS[field]
         self.key = _field(1, key.encode())
         self.values: dict[Any, bytes] | None = {}
 
     def encode(self, value: Any) -> bytes:
+        kind = type(value)
+        if kind is str:  # the usual many-valued one (ids): the fields written out here
+            text = value.encode()
+            size = len(text)
+            if size < 0x7E:  # every length below fits one byte
+                inner = b"\x0a" + _ONE_BYTE[size] + text  # AnyValue.string_value
+                pair = self.key + b"\x12" + _ONE_BYTE[size + 2] + inner
+                return self.tag + _varint(len(pair)) + pair
+        elif kind is int:
+            inner = b"\x18" + _varint(value)  # AnyValue.int_value
+            pair = self.key + b"\x12" + _ONE_BYTE[len(inner)] + inner
+            return self.tag + _varint(len(pair)) + pair
         return _field(self.field, self.key + _field(2, _any_value(value)))
 
 
