@@ -109,7 +109,7 @@ class _Key:
     def encode(self, value: Any) -> bytes:
         kind = type(value)
         if kind is str:  # the usual many-valued one (ids): the fields written out here
-            text = value.encode()
+            text: bytes = value.encode()
             size = len(text)
             if size < 0x7E:  # every length below fits one byte
                 inner = b"\x0a" + _ONE_BYTE[size] + text  # AnyValue.string_value
