@@ -371,7 +371,10 @@ class ActorService:
                 return
             with scope:
                 if tracing.enabled():
-                    await self._traced(served, message)
+                    # The raw header block: only the trace context is read from it.
+                    group = served.endpoint.queue_group or "q"
+                    with tracing.process_span(message[0], message[3], group=group):
+                        await self._answer(served, message)
                 else:
                     await self._answer(served, message)
             if scope.cancelled_caught and deadline <= anyio.current_time():
@@ -398,12 +401,6 @@ class ActorService:
                 self._start(*self._backlog.popleft())
         if not self.in_flight:
             self._idle.set()
-
-    async def _traced(self, served: _Served, message: _Message) -> None:
-        # The raw header block: only the trace context is read from it, not every header.
-        group = served.endpoint.queue_group or "q"
-        with tracing.process_span(message[0], message[3], group=group):
-            await self._answer(served, message)
 
     async def _answer(self, served: _Served, message: _Message) -> None:
         subject, reply_to, data, headers = message
