@@ -34,7 +34,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 
 from events.codec import event_tag
 from vapora.telemetry import messaging, w3c
-from vapora.telemetry.context import current_span
+from vapora.telemetry.context import attach_span, current_span, detach
 from vapora.telemetry.messaging import Current, failed
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.semconv import VAPORA as _VAPORA
@@ -104,19 +104,21 @@ _shaped = messaging.shaped
 
 
 class _Continued:
-    """The unsampled context a message carried, current while the block runs (no span)."""
+    """The unsampled context a message carried, current while the block runs (no span):
+    ``span`` (its non-recording parent) set in ``base`` (the rest of the context it carried)."""
 
-    __slots__ = ("_context", "_token")
+    __slots__ = ("_base", "_span", "_token")
 
-    def __init__(self, context: otel_context.Context) -> None:
-        self._context = context
+    def __init__(self, span: Span, base: otel_context.Context) -> None:
+        self._span = span
+        self._base = base
 
     def __enter__(self) -> Span:
-        self._token = otel_context.attach(self._context)
-        return current_span(self._context)
+        self._token = attach_span(self._span, self._base)
+        return self._span
 
     def __exit__(self, *exc: object) -> None:
-        otel_context.detach(self._token)
+        detach(self._token)
 
 
 def process_span(
@@ -134,7 +136,7 @@ def process_span(
         parent = w3c.remote_parent(headers)
         if parent is not w3c.NEEDS_EXTRACT:  # a traceparent alone (or nothing): read directly
             if parent is not None and not parent.trace_flags.sampled:
-                return _Continued(trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY))
+                return _Continued(NonRecordingSpan(parent), _EMPTY)
             name, attributes = _shaped(subject, _PROCESS, group, msg_id)
             span = STATE.start_span(name, SpanKind.CONSUMER, attributes, parent, ())
             return Current(span, _EMPTY, span)
@@ -143,7 +145,8 @@ def process_span(
         context = w3c.extract(headers)
     parent = current_span(context).get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
-        return _Continued(context)  # no span; the unsampled context stays current
+        # No span; the unsampled context (and its baggage) stays current.
+        return _Continued(current_span(context), context)
     name, attributes = _shaped(subject, _PROCESS, group, msg_id)
     span = STATE.start_span(name, SpanKind.CONSUMER, attributes, parent, ())
     return Current(span, context, span)
