@@ -24,7 +24,7 @@ and headers are written and read by :mod:`vapora.telemetry.w3c`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -159,17 +159,13 @@ request_span = messaging.request_span
 def start_publish(subject: str, *, msg_id: str, event_type: str) -> tuple[Span, dict[str, str]]:
     """A started PRODUCER span for one event append and its creation-context headers; the
     caller ends it when JetStream acknowledged (appends are pipelined, so not a ``with``)."""
-    headers: dict[str, str] = {}
-    current = current_span()
-    parent = current.get_span_context()
-    if parent.is_valid and not parent.trace_flags.sampled:
-        w3c.inject(headers, current)
-        return current, headers  # ending it is a no-op
-    name, attributes = _shaped(subject, _SEND, None, msg_id)
-    attributes[_EVENT_TYPE] = event_type
-    span = STATE.start_span(name, SpanKind.PRODUCER, attributes, parent, ())
-    w3c.inject(headers, span)
-    return span, headers
+
+    def build() -> tuple[str, messaging.Attributes]:
+        name, attributes = _shaped(subject, _SEND, None, msg_id)
+        attributes[_EVENT_TYPE] = event_type
+        return name, attributes
+
+    return _producer(build)
 
 
 def start_publish_batch(
@@ -181,19 +177,32 @@ def start_publish_batch(
     in the span's name only when every event goes to one subject (else the stream's wildcard
     ``destination`` and the bare operation name); the events' ids and types as vapora's
     ``vapora.event.ids`` / ``vapora.event.types``."""
+
+    def build() -> tuple[str, messaging.Attributes]:
+        subject = appends[0][0]
+        same = all(s == subject for s, _, _ in appends)
+        attributes = _attributes(subject if same else destination, _SEND, None, None)
+        attributes[MESSAGING.batch_count] = len(appends)
+        attributes[_VAPORA.event_ids] = [msg_id for _, msg_id, _ in appends]
+        attributes[_VAPORA.event_types] = [event_type for _, _, event_type in appends]
+        return (f"{_PUBLISH} {subject}" if same else _PUBLISH), attributes
+
+    return _producer(build)
+
+
+def _producer(
+    build: Callable[[], tuple[str, messaging.Attributes]],
+) -> tuple[Span, dict[str, str]]:
+    """A started PRODUCER span named and attributed by ``build`` under the current span, and
+    the headers carrying its context; in a trace sampled out, no span (the current one, whose
+    ending is a no-op) and the unsampled context's headers."""
     headers: dict[str, str] = {}
     current = current_span()
     parent = current.get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         w3c.inject(headers, current)
         return current, headers
-    subject = appends[0][0]
-    same = all(s == subject for s, _, _ in appends)
-    attributes = _attributes(subject if same else destination, _SEND, None, None)
-    attributes[MESSAGING.batch_count] = len(appends)
-    attributes[_VAPORA.event_ids] = [msg_id for _, msg_id, _ in appends]
-    attributes[_VAPORA.event_types] = [event_type for _, _, event_type in appends]
-    name = f"{_PUBLISH} {subject}" if same else _PUBLISH
+    name, attributes = build()
     span = STATE.start_span(name, SpanKind.PRODUCER, attributes, parent, ())
     w3c.inject(headers, span)
     return span, headers

@@ -8,11 +8,15 @@ isolates itself with its own stream name, subject prefix and service subjects (`
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from actors import tracing
 from actors.connection import Client, ConnectOptions, connect
 from actors.eventlog import EventLog, StreamSettings
 from actors.server import EmbeddedNats
@@ -64,3 +68,14 @@ async def conn(server: EmbeddedNats) -> AsyncIterator[Client]:
     nc = await connect(ConnectOptions.from_url(server.url, name="test", reconnect_wait=0.1))
     yield nc
     await nc.close()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing on in this process, every span exported synchronously to memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use(provider)
+    yield exporter
+    tracing.use(None)

@@ -11,8 +11,6 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -187,16 +185,6 @@ async def test_stop_finishes_in_flight_work_then_stops_taking_new_work(
     assert json.loads(results[0])["count"] == 4
     with pytest.raises(Exception, match=r"no responders|timeout"):
         await nc.request(subject, b'{"prompt": "late"}', timeout=0.5)
-
-
-@pytest.fixture
-def spans() -> AsyncIterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use(provider)
-    yield exporter
-    tracing.use(None)
 
 
 async def test_a_clients_trace_continues_in_an_actor_on_another_connection(

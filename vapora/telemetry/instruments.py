@@ -4,7 +4,7 @@ the budget tier. Actors call the ``record_*`` methods; names, units and buckets 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -80,37 +80,25 @@ class Instruments:
 
     def __init__(self, meter: Meter, names: GenAINames) -> None:
         self.names = names
-        self.token_usage = Histogram(
-            meter.create_histogram(
-                names.token_usage,
-                unit="{token}",
-                description="Number of input and output tokens used",
-                explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
-            )
+        self.token_usage = self._histogram(
+            meter,
+            names.token_usage,
+            "{token}",
+            "Number of input and output tokens used",
+            TOKEN_BUCKETS,
         )
-        self.duration = Histogram(
-            meter.create_histogram(
-                names.operation_duration,
-                unit="s",
-                description="GenAI operation duration",
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            )
+        self.duration = self._histogram(
+            meter, names.operation_duration, "s", "GenAI operation duration", DURATION_BUCKETS
         )
-        self.first_chunk = Histogram(
-            meter.create_histogram(
-                names.time_to_first_chunk,
-                unit="s",
-                description="Time to receive the first chunk of a streaming response",
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            )
+        self.first_chunk = self._histogram(
+            meter,
+            names.time_to_first_chunk,
+            "s",
+            "Time to receive the first chunk of a streaming response",
+            DURATION_BUCKETS,
         )
-        self.latency = Histogram(
-            meter.create_histogram(
-                METRICS.latency,
-                unit="s",
-                description="Provider latency",
-                explicit_bucket_boundaries_advisory=GUIDE_LATENCY_BUCKETS,
-            )
+        self.latency = self._histogram(
+            meter, METRICS.latency, "s", "Provider latency", GUIDE_LATENCY_BUCKETS
         )
         self.requests = self._counter(meter, METRICS.requests, "1", "Total LLM requests")
         self.tokens = self._counter(meter, METRICS.tokens, "1", "Tokens used")
@@ -126,6 +114,19 @@ class Instruments:
             METRICS.tier,
             unit="1",
             description="Budget tier: 0 Normal, 1 NearThreshold, 2 Exceeded",
+        )
+
+    @staticmethod
+    def _histogram(
+        meter: Meter, name: str, unit: str, description: str, buckets: Sequence[float]
+    ) -> Histogram:
+        return Histogram(
+            meter.create_histogram(
+                name,
+                unit=unit,
+                description=description,
+                explicit_bucket_boundaries_advisory=buckets,
+            )
         )
 
     @staticmethod

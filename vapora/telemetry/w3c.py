@@ -151,12 +151,9 @@ def extract_raw(raw: bytes | None) -> Context:
         return Context()
     if b"tracestate" in raw or b"baggage" in raw or not _plain_w3c():
         return extract(_parse_headers(raw))
-    start = raw.find(_RAW_TRACEPARENT)
-    if start < 0:
+    value = raw_traceparent(raw)
+    if value is None:
         return Context()
-    start += len(_RAW_TRACEPARENT)
-    end = raw.find(b"\r\n", start)
-    value = raw[start : end if end >= 0 else len(raw)].strip()
     return extract({TRACEPARENT: value.decode("ascii", "replace")})
 
 
@@ -168,12 +165,10 @@ def remote_parent(raw: bytes | None) -> SpanContext | None:
         return None
     if b"tracestate" in raw or b"baggage" in raw or not _plain_w3c():
         return NEEDS_EXTRACT  # type: ignore[no-any-return]
-    start = raw.find(_RAW_TRACEPARENT)
-    if start < 0:
+    value = raw_traceparent(raw)
+    if value is None:
         return None
-    start += len(_RAW_TRACEPARENT)
-    end = raw.find(b"\r\n", start)
-    match = _RAW_VERSION_00.fullmatch(raw[start : end if end >= 0 else len(raw)].strip())
+    match = _RAW_VERSION_00.fullmatch(value)
     if match is None:
         return NEEDS_EXTRACT  # type: ignore[no-any-return]  # other versions: the propagator
     trace_hex, span_hex, flags = match.groups()
@@ -188,23 +183,13 @@ def remote_parent(raw: bytes | None) -> SpanContext | None:
     return context
 
 
-_HEX_DIGITS = frozenset(b"0123456789abcdef")
-
-
 def unsampled_traceparent(value: bytes | str) -> bool:
     """Whether a version-00 ``traceparent`` value says its trace is not sampled (False for
     anything else: that is left to the full parse)."""
-    if len(value) != 55 or value[:3] not in (b"00-", "00-"):
-        return False
-    flags = value[53:55]
-    if isinstance(flags, bytes):
-        if not (flags[0] in _HEX_DIGITS and flags[1] in _HEX_DIGITS):
-            return False
-        return not int(flags, 16) & 1
-    try:
-        return not int(flags, 16) & 1 and flags == flags.lower()
-    except ValueError:
-        return False
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    match = _RAW_VERSION_00.fullmatch(value)
+    return match is not None and not int(match[3], 16) & 1
 
 
 def raw_traceparent(raw: bytes | None) -> bytes | None:
