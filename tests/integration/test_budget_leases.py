@@ -215,9 +215,9 @@ async def test_two_routers_with_leases_and_500_concurrent_paid_requests_never_ov
     assert paid <= limit
     assert sum((r.cost_usd for r in results), Decimal(0)) == paid
     served_paid = [r for r in results if r.provider != "ollama"]
-    # Some paid, most not: how many fit depends on which paid model served them (the cheaper
-    # one fits ~201), never more than the limit buys at the cheapest price seen.
-    assert 20 <= len(served_paid) < 250
+    # Some paid: how many fit depends on which paid model served them and how the calls
+    # interleaved, never more than the limit buys at the cheapest price seen.
+    assert len(served_paid) >= 20
     assert len(served_paid) <= limit / min(r.cost_usd for r in served_paid)
     leases = [e for e in events if isinstance(e, BudgetLeased)]
     assert {e.holder for e in leases} == {first.holder, second.holder}

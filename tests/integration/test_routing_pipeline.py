@@ -217,12 +217,14 @@ async def test_500_concurrent_paid_requests_never_overspend_the_daily_limit(
         assert paid <= Decimal("0.085")
         paid_calls = [r for r in results if r.provider != "ollama"]
         # Settled spend frees what was reserved, so more calls are paid than fit as holds; how
-        # many depends on which paid model served them: never more than the limit buys at the
-        # cheapest price seen (~201 on the cheaper model).
-        assert 20 <= len(paid_calls) < 250, len(paid_calls)
-        assert len(paid_calls) <= Decimal("0.085") / min(r.cost_usd for r in paid_calls)
+        # many depends on which paid model served them and how the calls interleaved: never
+        # more than the limit buys at the cheapest price seen.
+        assert len(paid_calls) >= 20, len(paid_calls)
+        cheapest = min(r.cost_usd for r in paid_calls)
+        assert len(paid_calls) <= Decimal("0.085") / cheapest, (len(paid_calls), cheapest)
         free = [r for r in results if r.provider == "ollama"]
-        assert len(free) + len(refused) >= 300
+        assert free or refused  # the limit was reached: the rest went free or were refused
+        assert len(paid_calls) + len(free) + len(refused) == 500
         assert sum((r.cost_usd for r in results), Decimal(0)) == paid
 
 
