@@ -135,7 +135,7 @@ def process_span(
     if isinstance(headers, bytes) or headers is None:
         parent = w3c.remote_parent(headers)
         if parent is not w3c.NEEDS_EXTRACT:  # a traceparent alone (or nothing): read directly
-            if parent is not None and not parent.trace_flags.sampled:
+            if parent is not None and not parent[3] & 1:  # SpanContext.trace_flags.sampled
                 return _Continued(NonRecordingSpan(parent), _EMPTY)
             name, attributes = _shaped(subject, _PROCESS, group, msg_id)
             span = STATE.start_span(name, SpanKind.CONSUMER, attributes, parent, ())
@@ -199,7 +199,7 @@ def _producer(
     headers: dict[str, str] = {}
     current = current_span()
     parent = current.get_span_context()
-    if parent.is_valid and not parent.trace_flags.sampled:
+    if parent[5] and not parent[3] & 1:  # a SpanContext's is_valid, trace_flags.sampled
         w3c.inject(headers, current)
         return current, headers
     name, attributes = build()

@@ -11,6 +11,7 @@ context (``OTEL_PYTHON_CONTEXT``) they call the API.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -43,8 +44,8 @@ if _CURRENT is not None:
     _set = _CURRENT.set
     _reset = _CURRENT.reset
 
-    def current_context() -> Context:
-        return _get()
+    #: ``context.get_current()``: the variable's own ``get``.
+    current_context: Callable[[], Context] = _get
 
     _SPAN_TYPES: set[type] = set()  # classes seen to be Spans (an ABC check is slow)
 
@@ -62,9 +63,9 @@ if _CURRENT is not None:
 
     def attach_span(span: Span, base: Context | None = None) -> Token[Context]:
         """``context.attach(trace.set_span_in_context(span, base))``."""
-        values = dict(base if base is not None else _get())
-        values[_SPAN_KEY] = span
-        return _set(Context(values))
+        values = Context(base if base is not None else _get())  # one copy
+        dict.__setitem__(values, _SPAN_KEY, span)  # a Context refuses item assignment
+        return _set(values)
 
     def detach(token: Token[Context]) -> None:
         """``context.detach(token)``."""
@@ -74,9 +75,7 @@ if _CURRENT is not None:
             api.detach(token)
 
 else:  # another runtime context: through the API
-
-    def current_context() -> Context:
-        return api.get_current()
+    current_context = api.get_current
 
     def current_span(context: Context | None = None) -> Span:
         return trace.get_current_span(context)

@@ -239,7 +239,7 @@ class ProviderCallTelemetry:
         if STATE.tracing:
             current = current_span()
             parent = current.get_span_context()
-            if not parent.is_valid or parent.trace_flags.sampled:
+            if not parent[5] or parent[3] & 1:  # SpanContext: is_valid, trace_flags.sampled
                 spec, names = self.spec, self.names
                 attributes = spec.start_attributes(names)
                 if STATE.capture_content:

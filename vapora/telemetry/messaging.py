@@ -113,7 +113,7 @@ class Current(Generic[T]):
 def _publish(subject: str, msg_id: str | None) -> Span | None:
     """A started ``publish <subject>`` under the current span; None when it is sampled out."""
     parent = current_span().get_span_context()
-    if parent.is_valid and not parent.trace_flags.sampled:
+    if parent[5] and not parent[3] & 1:  # a SpanContext's is_valid, trace_flags.sampled
         return None
     name, attributes_ = shaped(subject, MESSAGING.send, None, msg_id)
     return STATE.start_span(name, SpanKind.PRODUCER, attributes_, parent, ())

@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
 __all__ = ["SpanStarter", "VaporaSpan", "starter_for"]
@@ -201,6 +202,12 @@ class SpanStarter:
             self.sampler._remote_parent_sampled is ALWAYS_ON
             and self.sampler._local_parent_sampled is ALWAYS_ON
         )
+        # A new trace is always sampled (ParentBased(ALWAYS_ON), the 100 % setting): decided
+        # here, with the flags and empty trace state the sampler would give.
+        self.root_sampled = (
+            self.parent_decides and getattr(self.sampler, "_root", None) is ALWAYS_ON
+        )
+        self.root_flags = _SAMPLED_RANDOM if self.random_ids else _SAMPLED
         # The provider's processors, called directly: the ones whose on_start does something,
         # and the one on_end (or the provider's loop over several). Re-read when one is added.
         self._seen: object = None
@@ -246,6 +253,15 @@ class SpanStarter:
                     on_start(span, parent_context=None)
                 return span
             return self._sampled(name, kind, attributes, parent, parent.trace_id, links)
+        if self.root_sampled:
+            context = _local_context(
+                self.new_trace_id(), self.new_span_id(), self.root_flags, DEFAULT_TRACE_STATE
+            )
+            starts = self._processors()
+            span = VaporaSpan(self, name, context, None, kind, attributes, links)
+            for on_start in starts:
+                on_start(span, parent_context=None)
+            return span
         return self._sampled(name, kind, attributes, None, self.new_trace_id(), links)
 
     def _sampled(
