@@ -226,6 +226,32 @@ def test_the_encoder_reuses_attribute_encodings_without_mixing_types_or_fields(
     assert encoder.attributes.fields[9]["messaging.message.id"].values is None
 
 
+def test_the_encoder_writes_sequences_as_the_sdk_does_remembered_or_not(
+    exporter: InMemorySpanExporter,
+) -> None:
+    encoder = _Encoder()
+    samples: list[object] = [
+        ["a", "b"],
+        ("a", "b"),
+        ["x" * 200, "é" * 70],  # lengths past one varint byte
+        [],
+        [1, 2],
+        [True, 1],  # equal in Python to [1, 1], different on the wire
+        [1, 1],
+        (0.5, 2.0),
+    ]
+    for n in range(400):  # past what a key remembers: then written each time
+        exporter.clear()
+        with tracing.publish_span("x") as span:
+            span.set_attribute("list", samples[n % len(samples)])  # type: ignore[arg-type]
+            span.set_attribute("ids", [f"e-{n}-{i}" * (1 + n % 9) for i in range(n % 4)])
+        spans = list(exporter.get_finished_spans())
+        ours = ExportTraceServiceRequest.FromString(encode_spans(spans, encoder))
+        assert ours == sdk_encode(spans), n
+    assert encoder.attributes.fields[9]["ids"].sequences is None
+    assert encoder.attributes.fields[9]["list"].sequences is not None
+
+
 def test_the_installed_sdk_otlp_exporter_takes_the_direct_encoder() -> None:
     # If an SDK upgrade moves the internals it uses, export still works (the SDK encodes), but
     # slower by ~20 us a span: this says so.

@@ -94,17 +94,52 @@ def _key_value(key: str, value: Any) -> bytes:
     return _field(1, key.encode()) + _field(2, _any_value(value))
 
 
+def _string_array(values: Sequence[str]) -> bytes:
+    """``AnyValue.array_value`` of strings (event ids, event types), each element written out
+    here: ``ArrayValue.values`` (field 1) holding ``AnyValue.string_value`` (field 1)."""
+    parts = []
+    for value in values:
+        text: bytes = value.encode()
+        size = len(text)
+        if size < 0x7E:
+            parts.append(b"\x0a" + _ONE_BYTE[size + 2] + b"\x0a" + _ONE_BYTE[size] + text)
+        else:
+            parts.append(_field(1, _field(1, text)))
+    return _field(5, b"".join(parts))
+
+
 class _Key:
     """One attribute key's encodings: the key's own bytes, and its values' encodings until the
-    key proves to have many (then ``values`` is None and each value is encoded when seen)."""
+    key proves to have many (then ``values`` is None and each value is encoded when seen).
+    Sequences (unhashable lists too) are remembered by their tuple in ``sequences``, apart."""
 
-    __slots__ = ("field", "key", "tag", "values")
+    __slots__ = ("field", "key", "sequences", "tag", "values")
 
     def __init__(self, field: int, key: str) -> None:
         self.field = field
         self.tag = _LEN_TAGS[field]
         self.key = _field(1, key.encode())
         self.values: dict[Any, bytes] | None = {}
+        self.sequences: dict[tuple[Any, ...], bytes] | None = {}
+
+    def sequence(self, value: Sequence[Any]) -> bytes:
+        """A list or tuple value's ``KeyValue``: remembered (by the types and values of its
+        items) until the key proves to have many, as single values are."""
+        known = self.sequences
+        if known is None:
+            return self.encode(value)
+        cached = tuple((type(v), v) for v in value)
+        try:
+            encoded = known.get(cached)
+        except TypeError:  # unhashable items (not an OpenTelemetry attribute value)
+            return self.encode(value)
+        if encoded is None:
+            encoded = self.encode(value)
+            if len(known) >= _Attributes.VALUES_PER_KEY:
+                self.sequences = None
+            else:
+                known[cached] = encoded
+        return encoded
 
     def encode(self, value: Any) -> bytes:
         kind = type(value)
@@ -115,6 +150,8 @@ class _Key:
                 inner = b"\x0a" + _ONE_BYTE[size] + text  # AnyValue.string_value
                 pair = self.key + b"\x12" + _ONE_BYTE[size + 2] + inner
                 return self.tag + _varint(len(pair)) + pair
+        elif (kind is list or kind is tuple) and all(type(v) is str for v in value):
+            return _field(self.field, self.key + _field(2, _string_array(value)))
         elif kind is int:
             inner = b"\x18" + _varint(value)  # AnyValue.int_value
             pair = self.key + b"\x12" + _ONE_BYTE[len(inner)] + inner
@@ -142,16 +179,20 @@ class _Attributes:
             known = keys.get(key)
             if known is None:
                 known = keys[key] = _Key(field, key)
+            kind = type(value)
+            if kind is list or kind is tuple:  # unhashable, or of items to tell apart
+                parts.append(known.sequence(value))
+                continue
             values = known.values
             if values is None:  # a key with many values
                 parts.append(known.encode(value))
                 continue
             # A string is its own cache key; other values go with their type: True == 1 == 1.0
             # but they encode differently. (A string never equals such a tuple.)
-            cached = value if type(value) is str else (type(value), value)
+            cached = value if kind is str else (kind, value)
             try:
                 encoded = values.get(cached)
-            except TypeError:  # unhashable (a list)
+            except TypeError:  # unhashable (a dict)
                 parts.append(known.encode(value))
                 continue
             if encoded is None:
