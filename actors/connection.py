@@ -275,6 +275,23 @@ class Client(NATS):
     def _next_turn(self) -> None:
         self._wrote_this_turn = False
 
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        """nats-py's ``_send_ping``, with the commands still queued written before the PING.
+
+        nats-py writes the PING to the socket at once, ahead of what waits for its flusher (a
+        ``SUB`` just made, the publishes queued behind the first of a turn): the server could
+        answer it before reading them, so ``flush()`` could return before a subscription made
+        just before it existed, and a message published then, from any connection, found no
+        subscriber and was dropped (an actor's service is "started" after such a flush). Written
+        first, everything sent before a ``flush()`` has been read by the server when it returns.
+        Not while disconnected: what waits then is for the server reconnected to.
+        """
+        if self._pending and self.is_connected and self._transport is not None:
+            self._transport.writelines(self._pending)
+            self._pending = []
+            self._pending_data_size = 0
+        await super()._send_ping(future)
+
     def permission_violation(self, subject: str, operation: str = "publish") -> str | None:
         """The server's message if it refused this connection ``operation`` on ``subject``."""
         wanted = subject.lower()

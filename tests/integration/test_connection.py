@@ -4,16 +4,32 @@ is what nats-py would, as read by a plain nats-py client."""
 from __future__ import annotations
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import BadHeaderError
 
-from actors.connection import Client
+from actors.connection import Client, ConnectOptions, connect
 from actors.server import EmbeddedNats
 
 pytestmark = pytest.mark.anyio
+
+
+async def subscribed(plain: NATS, subject: str) -> Subscription:
+    """A plain nats-py subscription that the server has once this returns.
+
+    nats-py's ``flush()`` writes its PING ahead of the SUB still queued for its flusher, so its
+    PONG does not say the server has the SUB (a message published then was dropped, now and then).
+    The flusher writes the SUB while the first flush waits: the second PING goes after it.
+    """
+    sub = await plain.subscribe(subject)
+    await plain.flush()
+    await plain.flush()
+    return sub
 
 
 async def received_by_plain_nats_py(
@@ -21,8 +37,7 @@ async def received_by_plain_nats_py(
 ) -> Msg:
     plain = await nats.connect(nats_server.url)
     try:
-        sub = await plain.subscribe(subject)
-        await plain.flush()
+        sub = await subscribed(plain, subject)
         await nc.publish(subject, b"body", reply="the.reply", headers=headers)
         with anyio.fail_after(5):
             return await sub.next_msg(timeout=5)
@@ -107,8 +122,7 @@ async def test_the_first_message_of_a_turn_is_written_at_once_and_the_rest_queue
     turn); the others published in the same turn are queued and written together, after it."""
     plain = await nats.connect(nats_server.url)
     try:
-        sub = await plain.subscribe(f"t{unique}.>")
-        await plain.flush()
+        sub = await subscribed(plain, f"t{unique}.>")
         await anyio.sleep(0.05)  # a fresh turn, nothing queued
         await nc.publish(f"t{unique}.a", b"0")
         assert not nc._pending  # written, not queued
@@ -127,8 +141,7 @@ async def test_many_publishers_at_once_arrive_complete_and_in_order_each(
 ) -> None:
     plain = await nats.connect(nats_server.url)
     try:
-        sub = await plain.subscribe(f"t{unique}.*")
-        await plain.flush()
+        sub = await subscribed(plain, f"t{unique}.*")
 
         async def publisher(p: int) -> None:
             for n in range(100):
@@ -148,3 +161,81 @@ async def test_many_publishers_at_once_arrive_complete_and_in_order_each(
         assert len(seen) == 8
     finally:
         await plain.close()
+
+
+class PingGate:
+    """A TCP relay to the server that, once ``armed``, passes what the client writes up to its
+    next PING and holds the rest until :meth:`release`: the server answers that PING having read
+    only what the client wrote before it, however fast the client writes the rest."""
+
+    def __init__(self, server: EmbeddedNats) -> None:
+        self.server = server
+        self.armed = False
+        self.holding = False
+        self.held = b""
+        self.upstream: anyio.abc.SocketStream | None = None
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[str]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started(f"nats://127.0.0.1:{port}")
+        await listener.serve(self._relay)
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        assert self.server.port is not None
+        async with client, await anyio.connect_tcp(self.server.host, self.server.port) as up:
+            self.upstream = up
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._answers, up, client)
+                async for chunk in client:
+                    await self._pass(chunk)
+                tg.cancel_scope.cancel()
+
+    @staticmethod
+    async def _answers(up: anyio.abc.SocketStream, client: anyio.abc.SocketStream) -> None:
+        async for chunk in up:
+            await client.send(chunk)
+
+    async def _pass(self, chunk: bytes) -> None:
+        if self.holding:
+            self.held += chunk
+            return
+        if self.armed and b"PING\r\n" in chunk:
+            cut = chunk.index(b"PING\r\n") + len(b"PING\r\n")
+            chunk, self.held = chunk[:cut], chunk[cut:]
+            self.armed, self.holding = False, True
+        assert self.upstream is not None
+        await self.upstream.send(chunk)
+
+    async def release(self) -> None:
+        assert self.upstream is not None
+        while self.held:  # still holding while it sends: what arrives meanwhile goes after it
+            data, self.held = self.held, b""
+            await self.upstream.send(data)
+        self.holding = False
+
+
+async def test_flush_returns_once_the_server_has_a_subscription_made_before_it(
+    nats_server: EmbeddedNats, nc: Client, unique: str
+) -> None:
+    """What an actor relies on when it says it is ready: a message published after its
+    ``subscribe(); flush()``, from any connection, is delivered to it."""
+    gate = PingGate(nats_server)
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(gate.serve)
+        listener = await connect(ConnectOptions.from_url(url, name="listener"))
+        try:
+            sub = await listener.subscribe(f"t{unique}.ready")  # queued, not yet written
+            gate.armed = True
+            await listener.flush()
+            await nc.publish(f"t{unique}.ready", b"after the flush")
+            await nc.flush()  # the server has routed it
+            await gate.release()
+            await listener.flush()
+            await nc.publish(f"t{unique}.ready", b"after the release")
+            with anyio.fail_after(5):
+                first = await sub.next_msg(timeout=5)
+        finally:
+            await listener.close()
+            tg.cancel_scope.cancel()
+    assert first.data == b"after the flush"  # not dropped for want of the subscription
