@@ -19,7 +19,7 @@ from opentelemetry.trace import Link, SpanKind, StatusCode, TraceFlags, TraceSta
 from actors import tracing
 from vapora.telemetry import w3c
 from vapora.telemetry.otlp import _Encoder, encode_spans
-from vapora.telemetry.spans import VaporaSpan
+from vapora.telemetry.spans import VaporaSpan, starter_for
 from vapora.telemetry.state import STATE
 
 ODD_ATTRIBUTES = {
@@ -127,6 +127,29 @@ def test_a_sampler_that_drops_roots_gives_a_non_recording_span_that_still_carrie
     assert spans.get_finished_spans() == ()
     assert headers is not None
     assert int(headers["traceparent"].split("-")[3], 16) & 1 == 0  # travels, not sampled
+
+
+def test_a_new_trace_at_100_percent_has_the_context_the_sdks_sampler_gives() -> None:
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    class Counting(IdGenerator):  # not random: vapora's own root decision is not taken
+        def generate_span_id(self) -> int:
+            return 7
+
+        def generate_trace_id(self) -> int:
+            return 5
+
+    for ids, decided_by_vapora in ((None, True), (Counting(), False)):
+        provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), id_generator=ids)
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        starter = starter_for(provider.get_tracer("vapora"))
+        assert starter is not None and starter.root_sampled is decided_by_vapora
+        ours = starter.start("root", SpanKind.PRODUCER, {}, None).get_span_context()
+        theirs = provider.get_tracer("sdk").start_span("root").get_span_context()
+        assert ours.is_valid and theirs.is_valid and not ours.is_remote
+        assert ours.trace_flags == theirs.trace_flags and ours.trace_state == theirs.trace_state
+        assert type(ours.trace_state) is type(theirs.trace_state)
 
 
 def test_hand_written_headers_match_the_sdk_propagator() -> None:

@@ -29,6 +29,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
@@ -203,9 +204,12 @@ class SpanStarter:
             and self.sampler._local_parent_sampled is ALWAYS_ON
         )
         # A new trace is always sampled (ParentBased(ALWAYS_ON), the 100 % setting): decided
-        # here, with the flags and empty trace state the sampler would give.
+        # here, with the flags and empty trace state the sampler would give (ids from the SDK's
+        # random generator, never the invalid zero).
         self.root_sampled = (
-            self.parent_decides and getattr(self.sampler, "_root", None) is ALWAYS_ON
+            self.parent_decides
+            and getattr(self.sampler, "_root", None) is ALWAYS_ON
+            and type(tracer.id_generator) is RandomIdGenerator
         )
         self.root_flags = _SAMPLED_RANDOM if self.random_ids else _SAMPLED
         # The provider's processors, called directly: the ones whose on_start does something,
