@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -25,6 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from tests.fault.provider_harness import KEYS, config_text, deployment
 from vapora.config import TelemetryConfig
+from vapora.errors import VaporaError
 from vapora.telemetry import setup
 
 pytestmark = pytest.mark.anyio
@@ -169,14 +172,32 @@ def config(base_url: str) -> str:
     return config_text(base_url, models=MODELS)
 
 
-async def _one_of_each(tmp_path: Path, stream: bool, *, system: str | None = None) -> None:
+@dataclass(frozen=True)
+class Answered:
+    """What the calls of :func:`_one_of_each` answered, per provider, and where they went."""
+
+    port: int  # the simulator's: every provider's server.port
+    cost: dict[str, Decimal]
+    finish_reason: dict[str, str | None]
+
+
+async def _one_of_each(tmp_path: Path, stream: bool, *, system: str | None = None) -> Answered:
+    cost: dict[str, Decimal] = {}
+    finish: dict[str, str | None] = {}
     async with deployment(tmp_path, config) as dep:
         for name in SPEC_PROVIDER:
             if stream:
                 async with dep.client.stream(prompt=PROMPT, provider=name, system=system) as s:
                     assert "".join([t async for t in s])
+                assert s.result is not None
+                cost[name], finish[name] = s.result.cost_usd, s.result.finish_reason
             else:
-                assert (await dep.client.complete(prompt=PROMPT, provider=name, system=system)).text
+                result = await dep.client.complete(prompt=PROMPT, provider=name, system=system)
+                assert result.text
+                cost[name], finish[name] = result.cost_usd, result.finish_reason
+        port = urlsplit(dep.sim.base_url).port
+    assert port is not None
+    return Answered(port, cost, finish)
 
 
 # --- the span ---------------------------------------------------------------------------------
@@ -186,9 +207,10 @@ async def _one_of_each(tmp_path: Path, stream: bool, *, system: str | None = Non
 async def test_each_providers_span_follows_the_genai_conventions(
     tmp_path: Path, recorded: Recorded, stream: bool
 ) -> None:
-    await _one_of_each(tmp_path, stream)
-    spans = {str(s.attributes["vapora.provider"]): s for s in recorded.genai_spans()}
-    assert set(spans) == set(SPEC_PROVIDER)
+    answered = await _one_of_each(tmp_path, stream)
+    genai_spans = recorded.genai_spans()
+    spans = {str(s.attributes["vapora.provider"]): s for s in genai_spans}
+    assert set(spans) == set(SPEC_PROVIDER) and len(genai_spans) == len(SPEC_PROVIDER)
     for name, span in spans.items():
         provider_name, operation = SPEC_PROVIDER[name]
         a = span.attributes
@@ -196,11 +218,13 @@ async def test_each_providers_span_follows_the_genai_conventions(
         assert span.kind is SpanKind.CLIENT
         assert (a["gen_ai.provider.name"], a["gen_ai.operation.name"]) == (provider_name, operation)
         assert a["gen_ai.request.model"] == MODELS[name]
-        assert (a["server.address"], a["server.port"]) == ("127.0.0.1", int(a["server.port"]))
+        assert (a["server.address"], a["server.port"]) == ("127.0.0.1", answered.port)
         assert set(recorded.at_start.started[span.context.span_id]) >= SPEC_AT_START, name
         assert set(a) >= SPEC_RECOMMENDED_RESPONSE, name
         assert a["gen_ai.request.max_tokens"] == 4096  # vapora always sends a limit
-        assert isinstance(a["gen_ai.response.finish_reasons"], tuple)
+        # The reason the answer gave, as the conventions' one-element array.
+        assert answered.finish_reason[name]
+        assert a["gen_ai.response.finish_reasons"] == (answered.finish_reason[name],)
         if name != "ollama":  # Ollama's API has no response id
             assert a["gen_ai.response.id"]
         # Cache semantics: input_tokens includes cached tokens; the cache counts are subsets.
@@ -215,7 +239,9 @@ async def test_each_providers_span_follows_the_genai_conventions(
         # vapora's own attributes
         assert a["vapora.task.type"] == "GeneralQuery" and a["vapora.task.id"]
         assert a["vapora.attempt"] == 1 and "manual override" in str(a["vapora.route.reason"])
-        assert float(str(a["vapora.cost_usd"])) >= 0
+        # The cost the caller was charged, as a decimal string: nothing for the local model.
+        assert Decimal(str(a["vapora.cost_usd"])) == answered.cost[name]
+        assert (answered.cost[name] == 0) is (name == "ollama"), name
         if stream:
             assert a["gen_ai.request.stream"] is True
             assert 0 <= a["gen_ai.response.time_to_first_chunk"] < 10
@@ -260,20 +286,40 @@ async def test_ollama_chat_is_a_chat_operation(tmp_path: Path, recorded: Recorde
     assert span.name == "chat llama2" and span.attributes["gen_ai.operation.name"] == "chat"
 
 
+#: ``error.type`` of a provider's 503: the error's type as the provider's API names it in its
+#: error body (the conventions: "the error code or exception type"), the status code where the
+#: API gives no type (Ollama's errors are a bare message).
+ERROR_503 = {
+    "claude": "api_error",  # Anthropic's type for a 5xx other than its 529 overloaded_error
+    "openai": "server_error",
+    "gemini": "UNAVAILABLE",
+    "ollama": "503",
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", list(SPEC_PROVIDER))
 async def test_a_failed_call_has_error_type_and_the_duration_metric_says_so(
-    tmp_path: Path, recorded: Recorded
+    tmp_path: Path, recorded: Recorded, name: str, stream: bool
 ) -> None:
-    models = {**MODELS, "gemini": "gemini-2.0-flash-error-503"}
+    models = {**MODELS, name: f"{MODELS[name]}-error-503"}
     async with deployment(tmp_path, lambda url: config_text(url, models=models)) as dep:
-        with pytest.raises(Exception, match=r"503|unavailable|UNAVAILABLE"):
-            await dep.client.complete(prompt="x", provider="gemini")
+        with pytest.raises(VaporaError):
+            if stream:
+                async with dep.client.stream(prompt="x", provider=name) as s:
+                    async for _ in s:  # fails before or in the stream
+                        pass
+            else:
+                await dep.client.complete(prompt="x", provider=name)
     [span] = recorded.genai_spans()
     assert span.status.status_code.name == "ERROR"
-    assert span.attributes["error.type"] in ("UNAVAILABLE", "503")
+    assert span.attributes["error.type"] == ERROR_503[name]
+    assert span.name == f"{SPEC_PROVIDER[name][1]} {models[name]}"
     duration = recorded.metric("gen_ai.client.operation.duration")
     assert duration is not None
     [point] = duration.data.data_points
     assert point.attributes["error.type"] == span.attributes["error.type"]
+    assert point.attributes["gen_ai.provider.name"] == SPEC_PROVIDER[name][0]
     assert recorded.metric("gen_ai.client.token.usage") is None  # no usage: not reported
 
 
@@ -284,7 +330,7 @@ async def test_a_failed_call_has_error_type_and_the_duration_metric_says_so(
 async def test_genai_metrics_have_the_specs_names_units_buckets_and_attributes(
     tmp_path: Path, recorded: Recorded, stream: bool
 ) -> None:
-    await _one_of_each(tmp_path, stream)
+    answered = await _one_of_each(tmp_path, stream)
     expected = (
         set(SPEC_METRICS)
         if stream
@@ -304,6 +350,7 @@ async def test_genai_metrics_have_the_specs_names_units_buckets_and_attributes(
             assert spec.required <= keys, (name, keys)
             assert keys <= spec.required | spec.conditional | spec.recommended, (name, keys)
             assert "error.type" not in keys
+            assert point.attributes["server.port"] == answered.port, name
     if not stream:
         assert recorded.metric("gen_ai.client.operation.time_to_first_chunk") is None
     tokens = recorded.metric("gen_ai.client.token.usage")
@@ -342,8 +389,24 @@ async def test_no_api_key_and_no_prompt_in_any_span_metric_or_log_line(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     await _one_of_each(tmp_path, stream, system="You are the hidden-system-9 persona")
-    text = _everything(recorded) + "\n".join(r.getMessage() for r in caplog.records)
-    assert "chat claude-opus-4-5" in text  # the search covers the spans
+    # And a call that fails at each provider: error messages, fallbacks and failed spans.
+    failing = {name: f"{model}-error-503" for name, model in MODELS.items()}
+    async with deployment(
+        tmp_path / "failing", lambda url: config_text(url, models=failing)
+    ) as dep:
+        for name in SPEC_PROVIDER:
+            with pytest.raises(VaporaError):
+                if stream:
+                    async with dep.client.stream(prompt=PROMPT, provider=name) as s:
+                        async for _ in s:  # fails before or in the stream
+                            pass
+                else:
+                    await dep.client.complete(prompt=PROMPT, provider=name)
+    text = _everything(recorded) + caplog.text  # formatted records, exception text included
+    assert "chat claude-opus-4-5" in text  # the search covers the spans ...
+    assert "route claude" in caplog.text  # ... and the log lines (the decisions, at DEBUG) ...
+    failed = [s for s in recorded.genai_spans() if "error.type" in s.attributes]
+    assert {s.attributes["vapora.provider"] for s in failed} == set(SPEC_PROVIDER)  # ... failures
     for secret in [*KEYS.values(), "secret-plum-7", "hidden-system-9"]:
         assert secret not in text, secret
 
@@ -353,12 +416,14 @@ async def test_with_capture_content_the_messages_are_on_the_span_as_the_opt_in_a
 ) -> None:
     caplog.set_level(logging.DEBUG)
     await _one_of_each(tmp_path, stream=False, system="You are the hidden-system-9 persona")
-    for span in recorded_with_content.genai_spans():
+    spans = recorded_with_content.genai_spans()
+    assert {s.attributes["vapora.provider"] for s in spans} == set(SPEC_PROVIDER)
+    for span in spans:
         a = span.attributes
         assert "secret-plum-7" in str(a["gen_ai.input.messages"])
         assert '"role":"user"' in str(a["gen_ai.input.messages"])
         assert "hidden-system-9" in str(a["gen_ai.system_instructions"])
         assert '"role":"assistant"' in str(a["gen_ai.output.messages"])
-    text = _everything(recorded_with_content) + "\n".join(r.getMessage() for r in caplog.records)
+    text = _everything(recorded_with_content) + caplog.text
     for secret in KEYS.values():  # keys never, even with content on
         assert secret not in text

@@ -91,11 +91,13 @@ MODELS = {"claude": "claude-opus-4-5-flaky-50", "openai": "gpt-4", "gemini": "ge
 BUDGET = "[budget]\ndaily_limit_cents = 0.5\n"
 
 
-async def mixed_run(dep: object, client: object) -> None:
+async def mixed_run(dep: object, client: object) -> Counter[int]:
+    """The mix; returns how many calls were answered with each error status (402, 503 ...)."""
     from vapora.client import Client
 
     assert isinstance(client, Client)
     kinds = ["CodeGeneration", "GeneralQuery", "Documentation", "CodeReview"]
+    refused: Counter[int] = Counter()
     for i in range(24):
         kw: dict[str, object] = {"task_type": kinds[i % 4], "max_tokens": 50, "quality": "High"}
         try:
@@ -107,8 +109,9 @@ async def mixed_run(dep: object, client: object) -> None:
                 await client.complete(prompt=f"override {i}", provider="ollama", **kw)
             else:
                 await client.complete(prompt=f"request {i} about queues", **kw)
-        except VaporaError:
-            pass  # 402s and 503s are part of the mix
+        except VaporaError as error:  # 402s and 503s are part of the mix
+            refused[error.status] += 1
+    return refused
 
 
 async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_the_ledger(
@@ -116,18 +119,20 @@ async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_t
 ) -> None:
     config = lambda url: config_text(url, models=MODELS, budget=BUDGET)  # noqa: E731
     async with separate_deployment(tmp_path, config) as dep:
-        await mixed_run(dep, dep.client)
+        refused = await mixed_run(dep, dep.client)
         await dep.ledger_caught_up()
         report = await dep.client.report()
         events = [e for _, e, _ in await dep.events()]
         tier_changes = [e for e in events if isinstance(e, BudgetTierChanged)]
         with anyio.fail_after(10):  # the router learns tier changes from its tail
             while True:
-                _, samples = await scrape(telemetry)
+                text, samples = await scrape(telemetry)
                 seen = total(samples, "vapora_llm_budget_enforcement_total", action="tier_changed")
                 if seen >= len(tier_changes):
                     break
                 await anyio.sleep(0.05)
+        # Nothing more arrives once the router has learnt them all: counted once each.
+        text, samples = await scrape(telemetry)
 
     # Every guide metric is there, each sample with exactly the guide's labels.
     names = {n for n, _, _ in samples}
@@ -137,6 +142,8 @@ async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_t
             if n == name:
                 assert set(got) == labels, (name, got)
     assert "vapora_llm_spend_usd_total" in names and "vapora_budget_tier" in names
+    assert "# TYPE vapora_budget_tier gauge\n" in text
+    assert "# TYPE vapora_llm_spend_usd_total counter\n" in text  # a running total of spend
 
     # Requests per provider and status = the calls in the log.
     calls: Counter[tuple[str, str]] = Counter()
@@ -161,9 +168,14 @@ async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_t
             spend[event.provider] += event.cost_usd
             tokens[(event.provider, "input")] += event.input_tokens
             tokens[(event.provider, "output")] += event.output_tokens
+    assert spend and tokens, "the mix recorded no spend"
     assert {p: v for p, v in report.by_provider.items() if v} == {
         p: v for p, v in spend.items() if v
     }
+    assert total(samples, "vapora_llm_spend_usd_total") == pytest.approx(
+        float(sum(spend.values())), rel=1e-9, abs=1e-12
+    )  # no provider in the metric that the ledger does not have
+    assert total(samples, "vapora_llm_provider_tokens_total") == sum(tokens.values())
     for provider, amount in report.by_provider.items():
         got = total(samples, "vapora_llm_spend_usd_total", provider=provider)
         assert got == pytest.approx(float(amount), rel=1e-9, abs=1e-12), provider
@@ -176,6 +188,21 @@ async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_t
     decided = [e for e in events if isinstance(e, RouteDecided)]
     assert total(samples, "vapora_llm_routing_decisions_total") == len(decided)
     assert total(samples, "vapora_llm_routing_decisions_total", reason="override") == 3
+    chosen = Counter(
+        (e.decision.chain[0] if e.decision.chain else "none", e.task_type.value) for e in decided
+    )
+    for (selected, task_type), count in chosen.items():
+        got = total(
+            samples,
+            "vapora_llm_routing_decisions_total",
+            selected_provider=selected,
+            task_type=task_type,
+        )
+        assert got == count, (selected, task_type)
+    reasons = {
+        labels["reason"] for n, labels, _ in samples if n == "vapora_llm_routing_decisions_total"
+    }
+    assert reasons <= {"rules", "budget", "override", "last_resort", "unavailable"}, reasons
     fallbacks = Counter(
         (e.from_provider, e.to_provider or "none")
         for e in events
@@ -192,8 +219,19 @@ async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_t
     assert tier_changes, "the mix never left the Normal tier"
     last = tier_changes[-1].to_tier.value
     assert total(samples, "vapora_budget_tier") == {"Normal": 0, "NearThreshold": 1}.get(last, 2)
-    actions = {labels["action"] for n, labels, _ in samples if n.startswith("vapora_llm_budget")}
-    assert "tier_changed" in actions and len(actions) >= 2, actions
+    enforcement = "vapora_llm_budget_enforcement_total"
+    for tier, count in Counter(e.to_tier.value for e in tier_changes).items():
+        got = total(samples, enforcement, action="tier_changed", tier=tier)
+        assert got == count, tier
+    assert total(samples, enforcement, action="tier_changed") == len(tier_changes)
+    # What each tier made the router do: a decision under NearThreshold prefers the cheapest,
+    # under Exceeded takes only free providers; a request nothing admissible could serve is
+    # refused with a 402.
+    routed = Counter(e.decision.tier.value for e in decided if e.decision.chain)
+    assert total(samples, enforcement, action="prefer_cheapest") == routed["NearThreshold"]
+    assert total(samples, enforcement, action="zero_cost_only") == routed["Exceeded"]
+    assert total(samples, enforcement, action="rejected") == refused[402]
+    assert refused[402] + routed["NearThreshold"] + routed["Exceeded"] > 0, refused
 
 
 async def test_the_endpoint_serves_only_metrics_and_renders_nothing_before_any_metric(

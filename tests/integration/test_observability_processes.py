@@ -5,6 +5,7 @@ test process. Real nats-server and the simulator over HTTP (issue 6)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -156,4 +157,13 @@ async def test_a_fallback_task_is_one_trace_across_actor_processes(tmp_path: Pat
         assert linked == {appended[i]["span_id"] for i in ids(record)} - {producer["span_id"]}
     for secret in KEYS.values():
         assert secret not in spans_file.read_text() and secret not in logs
-    assert "task=proc-1 trace=" + root["trace_id"] in logs  # the router's decision line
+    # Every line every process wrote says its task and its trace ("-" outside one); the task's
+    # lines (the router's fallback line among them) carry the task's trace.
+    lines = [line for line in logs.splitlines() if line.strip()]
+    line_format = re.compile(r"\S+ \S+ [A-Z]+ \S+ task=(\S+) trace=(-|[0-9a-f]{32}): .*")
+    for line in lines:
+        assert line_format.fullmatch(line), line
+    task_lines = [line for line in lines if " task=proc-1 " in line]
+    assert any("fallback claude -> openai" in line for line in task_lines), task_lines
+    for line in task_lines:
+        assert f" trace={root['trace_id']}: " in line, line

@@ -52,8 +52,9 @@ def test_a_live_batch_is_one_span_per_trace_parented_by_the_first_and_linked_to_
     ]
     with tracing.processed(batch, group="ledger", replay=False, destination=WILDCARD):
         pass
-    made = {s.context.trace_id: s for s in spans.get_finished_spans()}
-    assert set(made) == {0xA, 0xB}  # the unsampled trace and the bare event make none
+    finished = spans.get_finished_spans()
+    made = {s.context.trace_id: s for s in finished}
+    assert set(made) == {0xA, 0xB} and len(finished) == 2  # none for the unsampled, the bare
     a, b = made[0xA], made[0xB]
     assert a.parent is not None and a.parent.span_id == 0x1 and a.parent.is_remote
     assert [link.context.span_id for link in a.links] == [0x2]  # once, though two events

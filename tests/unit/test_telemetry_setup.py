@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -180,21 +181,52 @@ def test_prometheus_text_of_counters_histograms_and_gauges() -> None:
     assert "# TYPE vapora_budget_tier gauge\nvapora_budget_tier 1\n" in text
 
 
-def test_log_lines_carry_the_task_and_the_trace(caplog: pytest.LogCaptureFixture) -> None:
+def test_log_lines_carry_the_task_and_the_trace() -> None:
+    import io
+
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    telemetry = setup(
-        TelemetryConfig(enabled=True), env={}, span_exporters=[InMemorySpanExporter()]
+    from vapora.telemetry import logs
+
+    # A logger with a handler of its own, given the filter and the format by install() (what
+    # setup() does to the root logger's handlers), and read as the lines it writes.
+    out = io.StringIO()
+    logger = logging.getLogger("vapora.test-lines")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(out)
+    logger.addHandler(handler)
+    try:
+        logs.install(logger)
+        assert any(isinstance(f, TaskContextFilter) for f in handler.filters)
+        telemetry = setup(
+            TelemetryConfig(enabled=True), env={}, span_exporters=[InMemorySpanExporter()]
+        )
+        logger.info("outside")
+        token = TASK_ID.set("task-7")
+        with tracing.publish_span("x") as span:
+            logger.info("inside")
+        TASK_ID.reset(token)
+        telemetry.shutdown()
+    finally:
+        logger.removeHandler(handler)
+    outside, inside = out.getvalue().splitlines()
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+    assert re.fullmatch(r"\S+ \S+ INFO vapora\.test-lines task=- trace=-: outside", outside)
+    assert re.fullmatch(
+        rf"\S+ \S+ INFO vapora\.test-lines task=task-7 trace={trace_id}: inside", inside
     )
-    caplog.handler.addFilter(TaskContextFilter())
-    caplog.set_level(logging.INFO)
-    logging.getLogger("vapora.test").info("outside")
-    token = TASK_ID.set("task-7")
-    with tracing.publish_span("x") as span:
-        logging.getLogger("vapora.test").info("inside")
-    TASK_ID.reset(token)
-    telemetry.shutdown()
-    outside, inside = caplog.records
-    assert (outside.task_id, outside.trace_id) == ("-", "-")  # type: ignore[attr-defined]
-    assert inside.task_id == "task-7"  # type: ignore[attr-defined]
-    assert inside.trace_id == f"{span.get_span_context().trace_id:032x}"  # type: ignore[attr-defined]
+
+
+def test_setup_gives_the_root_loggers_handlers_the_task_and_trace_format() -> None:
+    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        setup(TelemetryConfig(), env={})  # even with telemetry off: the ids are "-"
+        assert any(isinstance(f, TaskContextFilter) for f in handler.filters)
+        assert handler.formatter is not None
+        assert handler.formatter._fmt is not None and "task=%(task_id)s" in handler.formatter._fmt
+        assert "trace=%(trace_id)s" in handler.formatter._fmt
+    finally:
+        root.removeHandler(handler)

@@ -353,6 +353,24 @@ def test_the_trace_context_read_from_a_raw_header_block_equals_the_parsed_one(
     # (NEEDS_EXTRACT: the callers use extract_raw, compared with the propagator above.)
 
 
+def test_the_direct_read_is_taken_for_a_traceparent_alone_and_declined_otherwise() -> None:
+    value = b"00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01"
+    parent = w3c.remote_parent(
+        b"NATS/1.0\r\nNats-Msg-Id: e-1\r\ntraceparent: " + value + b"\r\n\r\n"
+    )
+    assert parent is not w3c.NEEDS_EXTRACT and parent is not None
+    assert (parent.trace_id, parent.span_id) == (int("ab" * 16, 16), int("cd" * 8, 16))
+    assert parent.is_remote and parent.trace_flags.sampled
+    for declined in (  # more context than a traceparent, or another version: the propagator
+        b"NATS/1.0\r\ntraceparent: " + value + b"\r\ntracestate: k=v\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent: " + value + b"\r\nbaggage: tenant=acme\r\n\r\n",
+        b"NATS/1.0\r\ntraceparent: 01" + value[2:] + b"-later\r\n\r\n",
+    ):
+        assert w3c.remote_parent(declined) is w3c.NEEDS_EXTRACT, declined
+    assert w3c.remote_parent(b"NATS/1.0\r\nNats-Msg-Id: e-1\r\n\r\n") is None
+    assert w3c.remote_parent(b"") is None
+
+
 def test_the_current_span_is_read_and_set_as_the_api_does() -> None:
     from opentelemetry.trace import NonRecordingSpan, SpanContext
 
@@ -409,6 +427,10 @@ def test_set_attributes_skips_none_values_as_the_sdk_does(exporter: InMemorySpan
 def test_a_raw_traceparent_read_as_unsampled_is_one_the_propagator_reads_unsampled(
     value: str,
 ) -> None:
+    # Read as unsampled exactly when it is version 00, well formed, with the sampled bit clear.
+    expected = value.startswith("00-") and value[-3:] in ("-00", "-02") and len(value) == 55
+    assert w3c.unsampled_traceparent(value) is expected
+    assert w3c.unsampled_traceparent(value.encode()) is expected
     # The ledger skips such events without parsing them: only if no span would be made anyway.
     span_context = trace.get_current_span(
         propagate.extract({"traceparent": value})
