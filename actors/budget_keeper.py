@@ -107,6 +107,7 @@ from vapora.budget_view import (
 )
 from vapora.config import BudgetConfig
 from vapora.errors import ConcurrencyConflict, InvalidRequest, NoProviderAvailable, VaporaError
+from vapora.telemetry.instruments import watch_budget
 
 __all__ = ["SNAPSHOT_FILE", "BudgetKeeper", "limits_of"]
 
@@ -194,6 +195,9 @@ class BudgetKeeper:
         self._service: ActorService | None = None
         self._changed = 0
         self._snapshot_time = time.monotonic()
+        # What /metrics reports as spent today and this month (vapora_budget_spent_usd): set on
+        # the loop at start and at each housekeeping tick, read by a collecting thread as is.
+        self._spent_now: tuple[tuple[str, Decimal], ...] = ()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -215,30 +219,35 @@ class BudgetKeeper:
                 with contextlib.suppress(VaporaError):  # retried by the housekeeping
                     await self._announce_tier(self._tier_cause)
             self._service = self._make_service()
-            served = anyio.Event()
-            await tg.start(_serve, self._service, served)
-            tg.start_soon(self._housekeeping)
-            log.info(
-                "budget keeper ready in %.3f s: snapshot at sequence %s, %d events replayed, "
-                "log at %d, tier %s",
-                time.monotonic() - started,
-                self.restored_sequence,
-                self.replayed_events,
-                self.state.last_sequence,
-                self.announced,
-            )
-            task_status.started()
-            await self._stopping.wait()
-            self._service.stop()
-            # Never cancel the service mid-drain: nats-py's read loop dies if a flush it is
-            # waiting on is cancelled and its PONG arrives afterwards.
-            with anyio.move_on_after(15):
-                await served.wait()
-            with anyio.move_on_after(2):  # let our last appends come back through the tail
-                await self._until(self._quiescent)
-            with anyio.move_on_after(10):
-                async with self._lock:
-                    await self._write_snapshot()
+            self._note_spend()
+            unwatch = watch_budget(self._spent)
+            try:
+                served = anyio.Event()
+                await tg.start(_serve, self._service, served)
+                tg.start_soon(self._housekeeping)
+                log.info(
+                    "budget keeper ready in %.3f s: snapshot at sequence %s, %d events replayed, "
+                    "log at %d, tier %s",
+                    time.monotonic() - started,
+                    self.restored_sequence,
+                    self.replayed_events,
+                    self.state.last_sequence,
+                    self.announced,
+                )
+                task_status.started()
+                await self._stopping.wait()
+                self._service.stop()
+                # Never cancel the service mid-drain: nats-py's read loop dies if a flush it is
+                # waiting on is cancelled and its PONG arrives afterwards.
+                with anyio.move_on_after(15):
+                    await served.wait()
+                with anyio.move_on_after(2):  # let our last appends come back through the tail
+                    await self._until(self._quiescent)
+                with anyio.move_on_after(10):
+                    async with self._lock:
+                        await self._write_snapshot()
+            finally:
+                unwatch()
             tg.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -650,7 +659,15 @@ class BudgetKeeper:
             except Exception:
                 log.exception("budget keeper: housekeeping failed")
 
+    def _note_spend(self) -> None:
+        status = budget.status(self.state, self.limits, self.clock())
+        self._spent_now = (("day", status.spent_today_usd), ("month", status.spent_month_usd))
+
+    def _spent(self) -> tuple[tuple[str, Decimal], ...]:
+        return self._spent_now
+
     async def _tick(self) -> None:
+        self._note_spend()
         if self.fenced_out is None:
             await self._writable()
             for rid in budget.expired(self.state, self.clock()):

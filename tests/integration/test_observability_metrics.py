@@ -131,6 +131,15 @@ async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_t
                 if seen >= len(tier_changes):
                     break
                 await anyio.sleep(0.05)
+        # The keeper's spend gauge follows within a housekeeping tick.
+        spent = sum(
+            (e.cost_usd for _, e, _ in await dep.events() if isinstance(e, SpendRecorded)),
+            Decimal(0),
+        )
+        with anyio.fail_after(10):
+            while total(samples, "vapora_budget_spent_usd", period="day") != float(spent):
+                await anyio.sleep(0.05)
+                text, samples = await scrape(telemetry)
         # Nothing more arrives once the router has learnt them all: counted once each.
         text, samples = await scrape(telemetry)
 
@@ -143,6 +152,11 @@ async def test_a_scrape_after_a_mixed_run_has_the_guides_metrics_agreeing_with_t
                 assert set(got) == labels, (name, got)
     assert "vapora_llm_spend_usd_total" in names and "vapora_budget_tier" in names
     assert "# TYPE vapora_budget_tier gauge\n" in text
+    # Spend against the budget as gauges: today's and this month's (all of the run's is today's).
+    assert "# TYPE vapora_budget_spent_usd gauge\n" in text
+    spent_labels = [labels for n, labels, _ in samples if n == "vapora_budget_spent_usd"]
+    assert sorted(labels["period"] for labels in spent_labels) == ["day", "month"]
+    assert total(samples, "vapora_budget_spent_usd", period="month") == float(spent) > 0
     assert "# TYPE vapora_llm_spend_usd_total counter\n" in text  # a running total of spend
 
     # Requests per provider and status = the calls in the log.

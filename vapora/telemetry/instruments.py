@@ -4,7 +4,7 @@ the budget tier. Actors call the ``record_*`` methods; names, units and buckets 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -23,7 +23,7 @@ from vapora.telemetry.semconv import (
     GenAINames,
 )
 
-__all__ = ["CallOutcome", "Instruments"]
+__all__ = ["BudgetSource", "CallOutcome", "Instruments", "watch_budget"]
 
 Attributes = Mapping[str, str | int]
 
@@ -66,6 +66,31 @@ class _Sums:
     def observe(self, options: CallbackOptions) -> Iterable[Observation]:
         for key, total in self.totals.copy().items():
             yield Observation(float(total) if isinstance(total, Decimal) else total, dict(key))
+
+
+#: What the budget keepers of this process counted against the budget, as
+#: ``((period, spent in USD), ...)``: each keeper registers a function giving it
+#: (:func:`watch_budget`), read when a reader collects.
+BudgetSource = Callable[[], Iterable[tuple[str, Decimal]]]
+_BUDGET_SOURCES: list[BudgetSource] = []
+
+
+def watch_budget(source: BudgetSource) -> Callable[[], None]:
+    """Report ``source``'s spend as ``vapora_budget_spent_usd`` (per ``period``: ``day``,
+    ``month``) in every meter provider of this process; returns the function that stops it."""
+    _BUDGET_SOURCES.append(source)
+
+    def unwatch() -> None:
+        if source in _BUDGET_SOURCES:
+            _BUDGET_SOURCES.remove(source)
+
+    return unwatch
+
+
+def _observe_budget(options: CallbackOptions) -> Iterable[Observation]:
+    for source in list(_BUDGET_SOURCES):
+        for period, spent in source():
+            yield Observation(float(spent), {METRICS.period: period})
 
 
 class Instruments:
@@ -114,6 +139,12 @@ class Instruments:
             METRICS.tier,
             unit="1",
             description="Budget tier: 0 Normal, 1 NearThreshold, 2 Exceeded",
+        )
+        meter.create_observable_gauge(
+            METRICS.budget_spent,
+            callbacks=[_observe_budget],
+            unit="USD",
+            description="Spend counted against the budget today and this month (UTC), in USD",
         )
 
     @staticmethod

@@ -206,6 +206,7 @@ class _Metrics:
     budget_enforcement: str = "vapora_llm_budget_enforcement_total"
     spend: str = "vapora_llm_spend_usd_total"
     tier: str = "vapora_budget_tier"
+    budget_spent: str = "vapora_budget_spent_usd"
     # labels
     provider: str = "provider"
     task_type: str = "task_type"
@@ -217,6 +218,7 @@ class _Metrics:
     to_provider: str = "to_provider"
     tier_label: str = "tier"
     action: str = "action"
+    period: str = "period"
 
 
 METRICS = _Metrics()
