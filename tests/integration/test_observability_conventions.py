@@ -179,6 +179,18 @@ class Answered:
     port: int  # the simulator's: every provider's server.port
     cost: dict[str, Decimal]
     finish_reason: dict[str, str | None]
+    max_tokens: dict[str, int]  # the output limit each provider's request carried
+
+
+def _output_limit(provider: str | None, body: dict[str, Any]) -> int:
+    """The output token limit in a provider request's body, in that provider's own field."""
+    if provider == "gemini":
+        return int(body["generationConfig"]["maxOutputTokens"])
+    if provider == "ollama":
+        return int(body["options"]["num_predict"])
+    if provider == "openai":
+        return int(body.get("max_completion_tokens") or body["max_tokens"])
+    return int(body["max_tokens"])  # anthropic
 
 
 async def _one_of_each(tmp_path: Path, stream: bool, *, system: str | None = None) -> Answered:
@@ -196,8 +208,12 @@ async def _one_of_each(tmp_path: Path, stream: bool, *, system: str | None = Non
                 assert result.text
                 cost[name], finish[name] = result.cost_usd, result.finish_reason
         port = urlsplit(dep.sim.base_url).port
+        received = dep.sim.requests
     assert port is not None
-    return Answered(port, cost, finish)
+    limits = {r.provider: _output_limit(r.provider, r.json()) for r in received if r.body}
+    kinds = {"claude": "anthropic", "openai": "openai", "gemini": "gemini", "ollama": "ollama"}
+    max_tokens = {name: limits[kind] for name, kind in kinds.items()}
+    return Answered(port, cost, finish, max_tokens)
 
 
 # --- the span ---------------------------------------------------------------------------------
@@ -221,7 +237,7 @@ async def test_each_providers_span_follows_the_genai_conventions(
         assert (a["server.address"], a["server.port"]) == ("127.0.0.1", answered.port)
         assert set(recorded.at_start.started[span.context.span_id]) >= SPEC_AT_START, name
         assert set(a) >= SPEC_RECOMMENDED_RESPONSE, name
-        assert a["gen_ai.request.max_tokens"] == 4096  # vapora always sends a limit
+        assert a["gen_ai.request.max_tokens"] == answered.max_tokens[name]  # what was sent
         # The reason the answer gave, as the conventions' one-element array.
         assert answered.finish_reason[name]
         assert a["gen_ai.response.finish_reasons"] == (answered.finish_reason[name],)
