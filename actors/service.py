@@ -207,6 +207,7 @@ class ActorService:
         self._running = 0  # handlers running: what max_concurrency bounds
         self._refusing = 0  # 503 replies being sent: neither a handler nor a concurrency slot
         self._stop = anyio.Event()
+        self._closed = False  # past the drain: a message still delivered starts nothing
         self._idle = anyio.Event()
         # Each running handler's scope and task; a handler removes itself when it ends (cheaper
         # than a done callback, which the loop would schedule as one more callback per request).
@@ -256,7 +257,8 @@ class ActorService:
                     served.deadlines.close()
 
     async def _cancel_handlers(self) -> None:
-        self._stop.set()  # nothing more starts, not even from the backlog
+        self._stop.set()
+        self._closed = True  # nothing more starts, not even from the backlog
         tasks = list(self._handlers.values())
         for scope in list(self._handlers):
             scope.cancel()
@@ -300,8 +302,16 @@ class ActorService:
         # Stopping must not fail because the connection is already gone or slow to flush. Not
         # cancelled from here: nats-py bounds the flush itself, and a flush cancelled before its
         # PONG arrives breaks the connection's read loop.
+        # The endpoints' subscriptions are drained, not unsubscribed: a request the server sent
+        # before it read the UNSUB is still received and served. nats-py's unsubscribe forgets
+        # the subscription at once and drops it: its sender waited out its whole timeout, and
+        # no other member of the queue group was offered it.
         assert self._service is not None
         try:
+            for served in self._served.values():
+                if served.micro._subscription is not None:
+                    await served.micro._subscription.drain()  # type: ignore[no-untyped-call]
+            self._service._endpoints = []  # drained: nothing left for stop() to unsubscribe
             await self._service.stop()
         except Exception as exc:
             log.warning("%s: unsubscribing failed (%s); draining anyway", self.name, exc)
@@ -332,7 +342,7 @@ class ActorService:
         # Called synchronously by the connection's reader: hand the message off, never block.
         message: _Message = (subject.decode(), reply.decode(), data, headers)
         served.micro._num_requests += 1
-        if self._stop.is_set():
+        if self._closed:
             return
         if self._running < self.max_concurrency:
             self._start(served, message)

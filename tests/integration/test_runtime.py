@@ -187,6 +187,33 @@ async def test_stop_finishes_in_flight_work_then_stops_taking_new_work(
         await nc.request(subject, b'{"prompt": "late"}', timeout=0.5)
 
 
+async def test_a_request_the_server_delivered_before_the_actors_unsubscribe_is_answered(
+    nc: NATS, unique: str
+) -> None:
+    """stop() right after a request was sent on the actor's connection: the server delivers it
+    before it reads the UNSUB that follows, so the actor has it, and must answer it (the
+    requester would otherwise wait out its whole timeout, and no other member of the queue
+    group is offered it)."""
+    subject = f"t{unique}.stopping"
+    actor = ActorService(
+        nc,
+        name=f"stopping-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=echo)
+        ],
+    )
+    inbox = nc.new_inbox()
+    replies = await nc.subscribe(inbox)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            await nc.publish(subject, b'{"prompt": "late"}', reply=inbox)
+            actor.stop()  # the PUB is ahead of the UNSUB on this connection
+        reply = await replies.next_msg(timeout=5)
+    assert json.loads(reply.data) == {"text": "late", "count": 4}
+    await replies.unsubscribe()
+
+
 async def test_a_clients_trace_continues_in_an_actor_on_another_connection(
     nats_server: EmbeddedNats, service: tuple[ActorService, str], spans: InMemorySpanExporter
 ) -> None:
