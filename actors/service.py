@@ -407,7 +407,7 @@ class ActorService:
             self._refusing -= 1
         else:
             self._running -= 1
-            if self._backlog and not self._stop.is_set():
+            if self._backlog and not self._closed:  # the drain serves the backlog too
                 self._start(*self._backlog.popleft())
         if not self.in_flight:
             self._idle.set()

@@ -214,6 +214,45 @@ async def test_a_request_the_server_delivered_before_the_actors_unsubscribe_is_a
     await replies.unsubscribe()
 
 
+async def test_requests_waiting_in_the_backlog_when_stop_is_called_are_served_in_the_drain(
+    nc: NATS, unique: str
+) -> None:
+    """The drain waits for the backlog too (it counts as in flight): each request waiting there
+    starts when a handler finishes, and is answered before run() returns."""
+    subject = f"t{unique}.backlog"
+    release = anyio.Event()
+
+    async def hold(request: CompletionRequest, context: RequestContext) -> Echo:
+        await release.wait()
+        return Echo(text=request.prompt or "", count=0)
+
+    actor = ActorService(
+        nc,
+        name=f"backlog-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hold)
+        ],
+        max_concurrency=1,
+        drain_timeout=30,
+    )
+    texts: list[str] = []
+
+    async def one(prompt: str) -> None:
+        body = json.dumps({"prompt": prompt}).encode()
+        texts.append(json.loads((await nc.request(subject, body, timeout=30)).data)["text"])
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            tg.start_soon(one, "running")
+            tg.start_soon(one, "waiting")
+            while actor.in_flight < 2:  # noqa: ASYNC110 - polls the actor's counter
+                await anyio.sleep(0.01)
+            actor.stop()
+            release.set()
+    assert sorted(texts) == ["running", "waiting"]
+
+
 async def test_a_clients_trace_continues_in_an_actor_on_another_connection(
     nats_server: EmbeddedNats, service: tuple[ActorService, str], spans: InMemorySpanExporter
 ) -> None:
