@@ -180,8 +180,9 @@ async def test_stop_finishes_in_flight_work_then_stops_taking_new_work(
             results.append((await nc.request(subject, b'{"prompt": "slow"}', timeout=5)).data)
 
         tg.start_soon(slow)
-        await anyio.sleep(0.1)
-        actor.stop()
+        while not actor.in_flight:  # noqa: ASYNC110 - polls the actor's counter
+            await anyio.sleep(0.01)
+        actor.stop()  # while the slow handler runs
     assert json.loads(results[0])["count"] == 4
     with pytest.raises(Exception, match=r"no responders|timeout"):
         await nc.request(subject, b'{"prompt": "late"}', timeout=0.5)
