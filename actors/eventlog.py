@@ -35,7 +35,8 @@ from typing import Any, Generic, TypeVar
 import anyio
 import msgspec
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats import errors as nats_errors
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from opentelemetry.trace import Span
 
 from actors import tracing
@@ -188,12 +189,36 @@ class EventLog:
 
     # --- stream ---------------------------------------------------------------------------
 
-    async def ensure_stream(self) -> api.StreamInfo:
+    async def ensure_stream(self, *, attempts: int = 4) -> api.StreamInfo:
         """Create the stream, or bring an existing one's settings up to date.
 
         A stream that already has these settings is left alone, so an actor whose NATS user may
         not update the stream (``vapora.deploy``'s permissions) starts against it.
+
+        JetStream's API can leave a request unanswered, or answer 503, while a cluster is still
+        electing its leaders (seen right after three servers formed one: the stream was created
+        and the reply never came). Such a request is asked again, up to ``attempts`` times in
+        all; creating a stream with the settings it already has is a no-op, so asking again is
+        safe. Any other error is raised at once.
         """
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._ensure_stream()
+            except (nats_errors.TimeoutError, ServiceUnavailableError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning(
+                    "event log: JetStream did not settle stream %s (%s, attempt %d of %d); "
+                    "asking again",
+                    self.settings.name,
+                    type(exc).__name__,
+                    attempt,
+                    attempts,
+                )
+                await anyio.sleep(0.25 * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _ensure_stream(self) -> api.StreamInfo:
         config = self.settings.config()
         config.num_replicas = stream_replicas(self.nc, self.settings.replicas)
         try:

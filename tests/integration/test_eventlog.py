@@ -7,9 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
+from nats import errors as nats_errors
 from nats.js import api
 
-from actors.eventlog import EventLog, LogEntry
+from actors.connection import Client
+from actors.eventlog import EventLog, LogEntry, StreamSettings
 from events import BudgetReleased, DecodeError, Event
 from tests.samples import EVENTS
 from vapora.budget_view import decode_views
@@ -182,3 +184,38 @@ async def test_a_corrupt_stored_event_is_named_by_a_replay_into_budget_views_too
     with pytest.raises(DecodeError, match=r"sequence 2 \(t\w+\.events\.spend\.x\).*field `at`"):
         async for _ in event_log.replay_batches(decode_views, 1):
             pass
+
+
+async def test_a_stream_created_whose_reply_was_lost_is_found_when_asked_again(
+    nc: Client, unique: str
+) -> None:
+    # As seen on a cluster just formed: JetStream created the stream, its reply never came.
+    log = EventLog(nc, StreamSettings(name=f"L_{unique}", prefix=f"l{unique}.events"))
+    real_add = log.js.add_stream
+    calls: list[str] = []
+
+    async def created_then_lost(config: api.StreamConfig, **kw: object) -> api.StreamInfo:
+        calls.append("add")
+        await real_add(config, **kw)  # type: ignore[arg-type]
+        raise nats_errors.TimeoutError
+
+    log.js.add_stream = created_then_lost  # type: ignore[method-assign]
+    info = await log.ensure_stream()
+    assert calls == ["add"]  # asked again: found, not created twice
+    assert info.config.name == f"L_{unique}" and info.config.subjects == [log.settings.wildcard]
+
+
+async def test_a_stream_jetstream_never_answers_for_fails_after_the_attempts(
+    nc: Client, unique: str
+) -> None:
+    log = EventLog(nc, StreamSettings(name=f"N_{unique}", prefix=f"n{unique}.events"))
+    calls: list[str] = []
+
+    async def unanswered(*args: object, **kw: object) -> api.StreamInfo:
+        calls.append("info")
+        raise nats_errors.TimeoutError
+
+    log.js.stream_info = unanswered  # type: ignore[method-assign]
+    with pytest.raises(nats_errors.TimeoutError):
+        await log.ensure_stream(attempts=3)
+    assert calls == ["info"] * 3
