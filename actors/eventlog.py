@@ -34,8 +34,8 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
-from nats.js import api
 from nats import errors as nats_errors
+from nats.js import api
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 from opentelemetry.trace import Span
 
