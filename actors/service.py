@@ -262,9 +262,22 @@ class ActorService:
         tasks = list(self._handlers.values())
         for scope in list(self._handlers):
             scope.cancel()
-        if tasks:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            await self._refuse_backlog()
+
+    async def _refuse_backlog(self) -> None:
+        """Answer 503 to each request still waiting when the drain ends (its deadline passed,
+        or ``run`` was cancelled): it never started, so its sender may send it elsewhere at
+        once instead of waiting out its own timeout."""
+        while self._backlog:
+            served, message = self._backlog.popleft()
+            try:
+                await self._reply_error(served, message[1], Stopping(self.name))
+            except Exception as exc:  # the connection is gone: nobody to answer
+                log.warning("%s: could not refuse a waiting request (%s)", self.name, exc)
+                self._backlog.clear()
 
     async def _start_service(self) -> Service:
         service = await add_service(
@@ -461,6 +474,14 @@ class Overloaded(VaporaError):
 
     def __init__(self, actor: str) -> None:
         super().__init__(f"{actor} is overloaded; retry shortly")
+
+
+class Stopping(Overloaded):
+    """The actor stopped before a request waiting in its backlog could start (503, the
+    ``overloaded`` code: the request was not run, so it may be sent again elsewhere)."""
+
+    def __init__(self, actor: str) -> None:
+        VaporaError.__init__(self, f"{actor} stopped before this request started; retry")
 
 
 async def _unused_handler(request: MicroRequest) -> None:  # pragma: no cover - never subscribed

@@ -10,6 +10,7 @@ import anyio
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -590,3 +591,53 @@ async def test_cancelling_run_cancels_the_handlers_it_runs_and_waits_for_their_s
             tg.cancel_scope.cancel()  # run() itself is cancelled: no stop(), no drain
     assert steps == ["shielded"]
     assert actor.in_flight == 0
+
+
+async def test_requests_still_waiting_when_the_drain_ends_are_answered_503_at_once(
+    nc: NATS, unique: str
+) -> None:
+    """Past the drain deadline, a request that never left the backlog is refused with 503
+    ``overloaded`` (it did not run: its sender may send it elsewhere), not left to time out."""
+    subject = f"t{unique}.late"
+    never = anyio.Event()
+
+    async def hold(request: CompletionRequest, context: RequestContext) -> Echo:
+        await never.wait()
+        return Echo(text="", count=0)
+
+    actor = ActorService(
+        nc,
+        name=f"late-{unique}",
+        endpoints=[
+            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hold)
+        ],
+        max_concurrency=1,
+        drain_timeout=0.2,
+    )
+    replies: dict[str, Msg | BaseException] = {}
+
+    async def one(prompt: str) -> None:
+        body = json.dumps({"prompt": prompt}).encode()
+        try:
+            replies[prompt] = await nc.request(subject, body, timeout=30)
+        except Exception as exc:  # the running one: cancelled by the drain, no reply
+            replies[prompt] = exc
+
+    with anyio.fail_after(10):  # far less than the requests' own 30 s
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            tg.start_soon(one, "running")
+            while actor.in_flight < 1:  # noqa: ASYNC110 - polls the actor's counter
+                await anyio.sleep(0.01)
+            tg.start_soon(one, "waiting")
+            while actor.in_flight < 2:  # noqa: ASYNC110 - polls the actor's counter
+                await anyio.sleep(0.01)
+            actor.stop()
+            while "waiting" not in replies:  # noqa: ASYNC110 - set by the request's task
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()  # the running one gets no reply: not waited for
+    waiting = replies["waiting"]
+    assert isinstance(waiting, Msg)
+    assert (waiting.headers or {}).get("Nats-Service-Error-Code") == "503"
+    assert json.loads(waiting.data)["error"]["code"] == "overloaded"
+    assert "stopped before this request started" in json.loads(waiting.data)["error"]["message"]
