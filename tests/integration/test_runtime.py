@@ -471,15 +471,19 @@ async def test_each_request_past_its_endpoints_timeout_gets_504_while_quick_ones
     """Requests started at different times, on endpoints with different timeouts: every stuck
     one is cancelled and answered 504 in turn, every quick one between them is answered."""
     released = anyio.Event()
+    started: list[str] = []
 
     async def stuck(request: CompletionRequest, context: RequestContext) -> Echo:
+        started.append(request.prompt or "")
         if request.prompt == "stuck":
             await anyio.sleep(30)
         if request.prompt == "held":
             await released.wait()
         return Echo(text=request.prompt or "", count=0)
 
-    subjects = {timeout: f"t{unique}.timeout{i}" for i, timeout in enumerate((0.2, 0.4))}
+    # Deadlines long enough that every request has started before the first passes, on a
+    # loaded machine too (the held ones are released only then).
+    subjects = {timeout: f"t{unique}.timeout{i}" for i, timeout in enumerate((1.0, 2.0))}
     actor = ActorService(
         nc,
         name=f"timeouts-{unique}",
@@ -503,14 +507,16 @@ async def test_each_request_past_its_endpoints_timeout_gets_504_while_quick_ones
 
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
-        with anyio.fail_after(5):
+        with anyio.fail_after(10):
             async with anyio.create_task_group() as senders:
-                for subject in subjects.values():
+                for n, subject in enumerate(subjects.values(), start=1):
                     senders.start_soon(one, subject, "held")  # the first deadline of each
-                    await anyio.sleep(0.05)
+                    while started.count("held") < n:  # noqa: ASYNC110 - the handler's list
+                        await anyio.sleep(0.005)
                     senders.start_soon(one, subject, "stuck")
                     senders.start_soon(one, subject, "quick")
-                await anyio.sleep(0.05)
+                while started.count("stuck") < 2 or started.count("quick") < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.005)
                 released.set()  # the held ones finish before their deadlines, the stuck don't
         assert sorted(answers) == sorted(
             [("held", "held"), ("quick", "quick"), ("stuck", "504")] * 2
