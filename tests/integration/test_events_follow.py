@@ -82,8 +82,8 @@ async def test_a_lingering_follower_applies_what_arrived_meanwhile_in_one_batch(
         position = batch[-1].seq
 
     follower = LogFollower(
-        event_log, name="test", apply=apply, position=lambda: position, linger_s=1.0
-    )
+        event_log, name="test", apply=apply, position=lambda: position, linger_s=2.0
+    )  # ten appends one by one take ~20 ms here; 2 s leaves room for a loaded machine
     await event_log.append(released(0))
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
