@@ -274,7 +274,9 @@ class ActorService:
         while self._backlog:
             served, message = self._backlog.popleft()
             try:
-                await self._reply_error(served, message[1], Stopping(self.name))
+                # Never run, so its sender may send it elsewhere: the same 503 as a full backlog.
+                stopped = Overloaded(self.name, "stopped before this request started; retry")
+                await self._reply_error(served, message[1], stopped)
             except Exception as exc:  # the connection is gone: nobody to answer
                 log.warning("%s: could not refuse a waiting request (%s)", self.name, exc)
                 self._backlog.clear()
@@ -472,16 +474,8 @@ class Overloaded(VaporaError):
     code = "overloaded"
     status = 503
 
-    def __init__(self, actor: str) -> None:
-        super().__init__(f"{actor} is overloaded; retry shortly")
-
-
-class Stopping(Overloaded):
-    """The actor stopped before a request waiting in its backlog could start (503, the
-    ``overloaded`` code: the request was not run, so it may be sent again elsewhere)."""
-
-    def __init__(self, actor: str) -> None:
-        VaporaError.__init__(self, f"{actor} stopped before this request started; retry")
+    def __init__(self, actor: str, why: str = "is overloaded; retry shortly") -> None:
+        super().__init__(f"{actor} {why}")
 
 
 async def _unused_handler(request: MicroRequest) -> None:  # pragma: no cover - never subscribed

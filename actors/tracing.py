@@ -34,7 +34,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 
 from events.codec import event_tag
 from vapora.telemetry import messaging, w3c
-from vapora.telemetry.context import attach_span, current_span, detach
+from vapora.telemetry.context import attach_span, current_span, detach, sampled_out
 from vapora.telemetry.messaging import Current, failed
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.semconv import VAPORA as _VAPORA
@@ -135,7 +135,7 @@ def process_span(
     if isinstance(headers, bytes) or headers is None:
         parent = w3c.remote_parent(headers)
         if parent is not w3c.NEEDS_EXTRACT:  # a traceparent alone (or nothing): read directly
-            if parent is not None and not parent[3] & 1:  # SpanContext.trace_flags.sampled
+            if parent is not None and sampled_out(parent):
                 return _Continued(NonRecordingSpan(parent), _EMPTY)
             name, attributes = _shaped(subject, _PROCESS, group, msg_id)
             span = STATE.start_span(name, SpanKind.CONSUMER, attributes, parent, ())
@@ -144,7 +144,7 @@ def process_span(
     else:
         context = w3c.extract(headers)
     parent = current_span(context).get_span_context()
-    if parent.is_valid and not parent.trace_flags.sampled:
+    if sampled_out(parent):
         # No span; the unsampled context (and its baggage) stays current.
         return _Continued(current_span(context), context)
     name, attributes = _shaped(subject, _PROCESS, group, msg_id)
@@ -199,7 +199,7 @@ def _producer(
     headers: dict[str, str] = {}
     current = current_span()
     parent = current.get_span_context()
-    if parent[5] and not parent[3] & 1:  # a SpanContext's is_valid, trace_flags.sampled
+    if sampled_out(parent):
         w3c.inject(headers, current)
         return current, headers
     name, attributes = build()

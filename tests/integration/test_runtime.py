@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import msgspec
@@ -61,6 +62,12 @@ async def service(nc: NATS, unique: str) -> AsyncIterator[tuple[ActorService, st
 async def ask(nc: NATS, subject: str, body: bytes) -> tuple[dict[str, str], bytes]:
     reply = await nc.request(subject, body, timeout=5)
     return reply.headers or {}, reply.data
+
+
+def one_endpoint(nc: NATS, name: str, subject: str, handler: Any, **options: Any) -> ActorService:
+    """An actor serving one endpoint ``e`` on ``subject`` that takes completion requests."""
+    endpoint = Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=handler)
+    return ActorService(nc, name=name, endpoints=[endpoint], **options)
 
 
 async def test_a_good_request_is_decoded_and_answered(
@@ -166,13 +173,7 @@ async def test_stop_finishes_in_flight_work_then_stops_taking_new_work(
     nc: NATS, unique: str
 ) -> None:
     subject = f"t{unique}.drain"
-    actor = ActorService(
-        nc,
-        name=f"drain-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=echo)
-        ],
-    )
+    actor = one_endpoint(nc, f"drain-{unique}", subject, echo)
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
         results: list[bytes] = []
@@ -197,13 +198,7 @@ async def test_a_request_the_server_delivered_before_the_actors_unsubscribe_is_a
     requester would otherwise wait out its whole timeout, and no other member of the queue
     group is offered it)."""
     subject = f"t{unique}.stopping"
-    actor = ActorService(
-        nc,
-        name=f"stopping-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=echo)
-        ],
-    )
+    actor = one_endpoint(nc, f"stopping-{unique}", subject, echo)
     inbox = nc.new_inbox()
     replies = await nc.subscribe(inbox)
     with anyio.fail_after(10):
@@ -228,14 +223,8 @@ async def test_requests_waiting_in_the_backlog_when_stop_is_called_are_served_in
         await release.wait()
         return Echo(text=request.prompt or "", count=0)
 
-    actor = ActorService(
-        nc,
-        name=f"backlog-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hold)
-        ],
-        max_concurrency=1,
-        drain_timeout=30,
+    actor = one_endpoint(
+        nc, f"backlog-{unique}", subject, hold, max_concurrency=1, drain_timeout=30
     )
     texts: list[str] = []
 
@@ -286,15 +275,7 @@ async def test_past_concurrency_and_backlog_the_sender_gets_503_overloaded_not_a
     nc: NATS, unique: str
 ) -> None:
     subject = f"t{unique}.tight"
-    actor = ActorService(
-        nc,
-        name=f"tight-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=echo)
-        ],
-        max_concurrency=2,
-        max_backlog=2,
-    )
+    actor = one_endpoint(nc, f"tight-{unique}", subject, echo, max_concurrency=2, max_backlog=2)
     codes: list[str] = []
 
     async def one() -> None:
@@ -395,14 +376,7 @@ async def test_work_left_at_the_drain_deadline_is_cancelled_but_shielded_steps_f
         finished.append("never")
         return Echo(text="", count=0)
 
-    actor = ActorService(
-        nc,
-        name=f"deadline-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hangs)
-        ],
-        drain_timeout=0.2,
-    )
+    actor = one_endpoint(nc, f"deadline-{unique}", subject, hangs, drain_timeout=0.2)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(actor.run)
@@ -433,15 +407,7 @@ async def test_a_503_refusal_frees_no_slot_and_concurrency_stays_bounded(
         running -= 1
         return Echo(text="", count=0)
 
-    actor = ActorService(
-        nc,
-        name=f"bounded-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hold)
-        ],
-        max_concurrency=2,
-        max_backlog=2,
-    )
+    actor = one_endpoint(nc, f"bounded-{unique}", subject, hold, max_concurrency=2, max_backlog=2)
     codes: list[str] = []
 
     async def one() -> None:
@@ -579,13 +545,7 @@ async def test_cancelling_run_cancels_the_handlers_it_runs_and_waits_for_their_s
         steps.append("never")
         return Echo(text="", count=0)
 
-    actor = ActorService(
-        nc,
-        name=f"cancelled-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hangs)
-        ],
-    )
+    actor = one_endpoint(nc, f"cancelled-{unique}", subject, hangs)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(actor.run)
@@ -611,15 +571,7 @@ async def test_requests_still_waiting_when_the_drain_ends_are_answered_503_at_on
         await never.wait()
         return Echo(text="", count=0)
 
-    actor = ActorService(
-        nc,
-        name=f"late-{unique}",
-        endpoints=[
-            Endpoint(name="e", subject=subject, request_type=CompletionRequest, handler=hold)
-        ],
-        max_concurrency=1,
-        drain_timeout=0.2,
-    )
+    actor = one_endpoint(nc, f"late-{unique}", subject, hold, max_concurrency=1, drain_timeout=0.2)
     replies: dict[str, Msg | BaseException] = {}
 
     async def one(prompt: str) -> None:

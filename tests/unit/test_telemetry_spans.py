@@ -271,8 +271,8 @@ def test_the_encoder_writes_sequences_as_the_sdk_does_remembered_or_not(
         spans = list(exporter.get_finished_spans())
         ours = ExportTraceServiceRequest.FromString(encode_spans(spans, encoder))
         assert ours == sdk_encode(spans), n
-    assert encoder.attributes.fields[9]["ids"].sequences is None
-    assert encoder.attributes.fields[9]["list"].sequences is not None
+    assert encoder.attributes.fields[9]["ids"].values is None
+    assert encoder.attributes.fields[9]["list"].values is not None
 
 
 def test_the_installed_sdk_otlp_exporter_takes_the_direct_encoder() -> None:

@@ -18,10 +18,17 @@ from typing import Any
 from opentelemetry import context as api
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Span
+from opentelemetry.trace import INVALID_SPAN, Span, SpanContext
 from opentelemetry.trace.propagation import _SPAN_KEY
 
-__all__ = ["attach_span", "current_context", "current_span", "detach"]
+__all__ = ["attach_span", "current_context", "current_span", "detach", "sampled_out"]
+
+
+def sampled_out(span_context: SpanContext) -> bool:
+    """Whether ``span_context`` is a valid one whose trace was sampled out: no spans are made
+    under it, only the context travels on. (A ``SpanContext`` is a tuple whose properties read
+    its items: 5 is ``is_valid``, 3 the trace flags; read directly, as on every message.)"""
+    return bool(span_context[5] and not span_context[3] & 1)
 
 
 def _variable() -> ContextVar[Context] | None:

@@ -36,7 +36,7 @@ from events.contract import Price, Usage
 from vapora.errors import ProviderError
 from vapora.pricing import cost
 from vapora.providers import Completion, ProviderClient, ProviderRequest
-from vapora.telemetry.context import attach_span, current_span, detach
+from vapora.telemetry.context import attach_span, current_span, detach, sampled_out
 from vapora.telemetry.instruments import CallOutcome
 from vapora.telemetry.semconv import (
     ERROR_OTHER,
@@ -239,7 +239,7 @@ class ProviderCallTelemetry:
         if STATE.tracing:
             current = current_span()
             parent = current.get_span_context()
-            if not parent[5] or parent[3] & 1:  # SpanContext: is_valid, trace_flags.sampled
+            if not sampled_out(parent):
                 spec, names = self.spec, self.names
                 attributes = spec.start_attributes(names)
                 if STATE.capture_content:

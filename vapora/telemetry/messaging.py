@@ -16,7 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vapora.telemetry import w3c
-from vapora.telemetry.context import attach_span, current_span, detach
+from vapora.telemetry.context import attach_span, current_span, detach, sampled_out
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.state import STATE
 
@@ -70,8 +70,7 @@ def shaped(
 def unsampled(context: Context | None = None) -> bool:
     """Whether the current (or ``context``'s) trace was sampled out: its spans would not be
     recorded, so none are made; the unsampled context itself still travels downstream."""
-    span_context = current_span(context).get_span_context()
-    return span_context.is_valid and not span_context.trace_flags.sampled
+    return sampled_out(current_span(context).get_span_context())
 
 
 def failed(span: Span, error: BaseException) -> None:
@@ -113,7 +112,7 @@ class Current(Generic[T]):
 def _publish(subject: str, msg_id: str | None) -> Span | None:
     """A started ``publish <subject>`` under the current span; None when it is sampled out."""
     parent = current_span().get_span_context()
-    if parent[5] and not parent[3] & 1:  # a SpanContext's is_valid, trace_flags.sampled
+    if sampled_out(parent):
         return None
     name, attributes_ = shaped(subject, MESSAGING.send, None, msg_id)
     return STATE.start_span(name, SpanKind.PRODUCER, attributes_, parent, ())

@@ -110,35 +110,41 @@ def _string_array(values: Sequence[str]) -> bytes:
 
 class _Key:
     """One attribute key's encodings: the key's own bytes, and its values' encodings until the
-    key proves to have many (then ``values`` is None and each value is encoded when seen).
-    Sequences (unhashable lists too) are remembered by their tuple in ``sequences``, apart."""
+    key proves to have many (then ``values`` is None and each value is encoded when seen)."""
 
-    __slots__ = ("field", "key", "sequences", "tag", "values")
+    __slots__ = ("field", "key", "tag", "values")
 
     def __init__(self, field: int, key: str) -> None:
         self.field = field
         self.tag = _LEN_TAGS[field]
         self.key = _field(1, key.encode())
         self.values: dict[Any, bytes] | None = {}
-        self.sequences: dict[tuple[Any, ...], bytes] | None = {}
 
-    def sequence(self, value: Sequence[Any]) -> bytes:
-        """A list or tuple value's ``KeyValue``: remembered (by the types and values of its
-        items) until the key proves to have many, as single values are."""
-        known = self.sequences
-        if known is None:
+    def remembered(self, value: Any) -> bytes:
+        """``value``'s ``KeyValue``, remembered until the key has had
+        :attr:`_Attributes.VALUES_PER_KEY` different values. A string is its own cache key;
+        other values go with their type (True == 1 == 1.0, but they encode differently), a list
+        or tuple with its items' (a string never equals such a tuple, nor a value's a list's)."""
+        values = self.values
+        if values is None:
             return self.encode(value)
-        cached = tuple((type(v), v) for v in value)
+        kind = type(value)
+        if kind is str:
+            cached: Any = value
+        elif kind is list or kind is tuple:
+            cached = tuple((type(v), v) for v in value)
+        else:
+            cached = (kind, value)
         try:
-            encoded = known.get(cached)
-        except TypeError:  # unhashable items (not an OpenTelemetry attribute value)
+            encoded = values.get(cached)
+        except TypeError:  # unhashable (a dict): not an OpenTelemetry attribute value
             return self.encode(value)
         if encoded is None:
             encoded = self.encode(value)
-            if len(known) >= _Attributes.VALUES_PER_KEY:
-                self.sequences = None
+            if len(values) >= _Attributes.VALUES_PER_KEY:
+                self.values = None
             else:
-                known[cached] = encoded
+                values[cached] = encoded
         return encoded
 
     def encode(self, value: Any) -> bytes:
@@ -179,29 +185,13 @@ class _Attributes:
             known = keys.get(key)
             if known is None:
                 known = keys[key] = _Key(field, key)
-            kind = type(value)
-            if kind is list or kind is tuple:  # unhashable, or of items to tell apart
-                parts.append(known.sequence(value))
-                continue
             values = known.values
-            if values is None:  # a key with many values
-                parts.append(known.encode(value))
-                continue
-            # A string is its own cache key; other values go with their type: True == 1 == 1.0
-            # but they encode differently. (A string never equals such a tuple.)
-            cached = value if kind is str else (kind, value)
-            try:
-                encoded = values.get(cached)
-            except TypeError:  # unhashable (a dict)
-                parts.append(known.encode(value))
-                continue
-            if encoded is None:
-                encoded = known.encode(value)
-                if len(values) >= self.VALUES_PER_KEY:
-                    known.values = None
-                else:
-                    values[cached] = encoded
-            parts.append(encoded)
+            if values is not None and type(value) is str:  # the usual hit, without a call
+                encoded = values.get(value)
+                if encoded is not None:
+                    parts.append(encoded)
+                    continue
+            parts.append(known.remembered(value))
         return b"".join(parts)
 
 

@@ -251,22 +251,31 @@ class SpanStarter:
             if self.parent_decides and trace_flags & _SAMPLED_BIT:
                 flags = _SAMPLED_RANDOM if trace_flags & _RANDOM_BIT else _SAMPLED
                 context = _local_context(parent[0], self.new_span_id(), flags, parent[4])
-                starts = self._processors()
-                span = VaporaSpan(self, name, context, parent, kind, attributes, links)
-                for on_start in starts:
-                    on_start(span, parent_context=None)
-                return span
+                return self._open(name, context, parent, kind, attributes, links, None)
             return self._sampled(name, kind, attributes, parent, parent.trace_id, links)
         if self.root_sampled:
             context = _local_context(
                 self.new_trace_id(), self.new_span_id(), self.root_flags, DEFAULT_TRACE_STATE
             )
-            starts = self._processors()
-            span = VaporaSpan(self, name, context, None, kind, attributes, links)
-            for on_start in starts:
-                on_start(span, parent_context=None)
-            return span
+            return self._open(name, context, None, kind, attributes, links, None)
         return self._sampled(name, kind, attributes, None, self.new_trace_id(), links)
+
+    def _open(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: Sequence[Link],
+        parent_context: Any,
+    ) -> VaporaSpan:
+        """The recording span, handed to the processors' ``on_start``."""
+        starts = self._processors()
+        span = VaporaSpan(self, name, context, parent, kind, attributes, links)
+        for on_start in starts:
+            on_start(span, parent_context=parent_context)
+        return span
 
     def _sampled(
         self,
@@ -298,11 +307,7 @@ class SpanStarter:
             return trace_api.NonRecordingSpan(context)
         if result.attributes:
             attributes.update(result.attributes)
-        starts = self._processors()
-        span = VaporaSpan(self, name, context, parent, kind, attributes, links)
-        for on_start in starts:
-            on_start(span, parent_context=parent_context)
-        return span
+        return self._open(name, context, parent, kind, attributes, links, parent_context)
 
 
 def _lean_enough(tracer: SdkTracer) -> bool:

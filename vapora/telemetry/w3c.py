@@ -27,8 +27,6 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from vapora.telemetry.context import current_context
 
-_current = current_context  # the context variable's get
-
 __all__ = [
     "NEEDS_EXTRACT",
     "extract",
@@ -95,13 +93,7 @@ def _has_baggage(context: Context | None) -> bool:
 def inject(headers: MutableMapping[str, str], span: Span, context: Context | None = None) -> None:
     """Add ``span``'s context to ``headers``; ``context`` is the one ``span`` lives in (the
     current one when None), whose baggage travels too."""
-    textmap = propagate.get_global_textmap()
-    plain = _checked[1] if textmap is _checked[0] else _plain_w3c()
-    if plain and not (
-        (context if context is not None else _current()).get(_BAGGAGE_KEY)
-        if _BAGGAGE_KEY is not None
-        else _has_baggage(context)
-    ):
+    if _plain_w3c() and not _has_baggage(context):
         # A span injected before keeps its headers (an unsampled message's context goes out
         # on every message its handler sends: formatted once).
         made = getattr(span, "_vapora_headers", None)
