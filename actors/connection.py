@@ -124,6 +124,59 @@ class _Reply:
         self.headers = b""
 
 
+def raw_header(raw: bytes | None, name: str) -> str | None:
+    """The value of header ``name`` in a NATS header block as received (``NATS/1.0\r\nName:
+    value…``), as :meth:`Client._parse_header_lines` would give it, without parsing the whole
+    block: a traced message's block is mostly its trace context, and a handler or a requester
+    usually wants one header of it, or only to know that it is absent."""
+    if not raw:
+        return None
+    key = name.encode()
+    if key not in raw:
+        return None
+    at = raw.rfind(_CRLF + key + b":")  # the parse keeps the last of repeated names
+    if at < 0 or raw.find(key) != at + 2 or raw.count(key) != 1:
+        # The name elsewhere too (in a value, with spacing, repeated): the full parse decides.
+        return Client._parse_header_lines(raw[raw.find(_CRLF) :]).get(name)
+    start = at + len(key) + 3
+    end = raw.find(_CRLF, start)
+    return raw[start : end if end >= 0 else len(raw)].strip().decode("utf-8", "replace")
+
+
+class ReplyMsg(Msg):
+    """A reply whose header block is parsed when ``headers`` is first read.
+
+    Replies are read for their data and, at most, one header (an error code: :meth:`header_value`);
+    with tracing on every reply carries its trace context, which nothing on the requester's
+    side reads, so parsing each block up front was work for nothing."""
+
+    _raw: bytes | None = None
+    _parsed: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        if self._parsed is None and self._raw:
+            self._parsed = Client._parse_header_lines(self._raw[self._raw.find(_CRLF) :])
+        return self._parsed
+
+    @headers.setter
+    def headers(self, value: dict[str, str] | None) -> None:
+        self._parsed = value
+
+    def header_value(self, name: str) -> str | None:
+        """One header's value (None: absent), read without parsing the whole block."""
+        if self._parsed is not None or not self._raw:
+            return (self._parsed or {}).get(name)
+        return raw_header(self._raw, name)
+
+
+def header(message: Msg, name: str) -> str | None:
+    """Header ``name`` of ``message`` (a reply from :meth:`Client.request` is not parsed)."""
+    if isinstance(message, ReplyMsg):
+        return message.header_value(name)
+    return (message.headers or {}).get(name)
+
+
 def _expire(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_exception(TimeoutError())
@@ -418,8 +471,9 @@ class Client(NATS):
         raw = waiter.headers
         if raw and not waiter.data and raw[_STATUS_AT : _STATUS_AT + 3] == b"503":
             raise nats_errors.NoRespondersError
-        headers = self._parse_header_lines(raw[raw.find(_CRLF) :]) if raw else None
-        return Msg(_client=self, subject=waiter.subject, data=waiter.data, headers=headers)
+        reply = ReplyMsg(_client=self, subject=waiter.subject, data=waiter.data)
+        reply._raw = raw or None
+        return reply
 
     async def _reply_prefix(self) -> str:
         if getattr(self, "_replies_prefix", None) is None:

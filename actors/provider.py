@@ -400,7 +400,8 @@ class ProviderActor:
             task_type=call.task_type.value,
             attempt=call.attempt,
             stream=call.stream_to is not None,
-            route_reason=ctx.headers.get(ROUTE_REASON_HEADER) if tracing.enabled() else None,
+            # Only the call's span records it: read when there is one to record.
+            route_reason=ctx.header(ROUTE_REASON_HEADER) if tracing.recording() else None,
         )
         with ProviderCallTelemetry(spec) as observed:
             done = await (self._stream(call, ctx) if call.stream_to else self._complete(call))

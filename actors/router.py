@@ -68,6 +68,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from actors import tracing
+from actors.connection import header
 from actors.provider import (
     COST_HEADER,
     ERROR_CLASS_HEADER,
@@ -449,7 +450,7 @@ class RouterActor:
     async def _load_tier(self) -> None:
         try:
             reply = await self.runtime.nc.request(subjects.BUDGET, b"{}", timeout=1.0)
-            if not (reply.headers or {}).get(_SERVICE_ERROR_CODE):
+            if not header(reply, _SERVICE_ERROR_CODE):
                 self._set_tier(decode(reply.data, BudgetStatus).tier, announce=True)
         except Exception as exc:  # no keeper yet: Normal until the first tier event
             log.info("router: budget status unavailable at start (%s); tier Normal", exc)
@@ -758,9 +759,8 @@ class RouterActor:
             return reservation_id, "the budget keeper is not running"
         except TimeoutError:
             return reservation_id, "the budget keeper did not answer in time"
-        reply_headers = message.headers or {}
-        if reply_headers.get(_SERVICE_ERROR_CODE):
-            return reservation_id, reply_headers.get(_SERVICE_ERROR, "refused")
+        if header(message, _SERVICE_ERROR_CODE):
+            return reservation_id, header(message, _SERVICE_ERROR) or "refused"
         reply = decode(message.data, BudgetReserveReply)
         self._set_tier(reply.tier)
         if not reply.admitted:
@@ -838,7 +838,7 @@ class RouterActor:
         except (NoRespondersError, TimeoutError) as exc:
             log.info("router: no budget lease (%s); reserving per attempt", type(exc).__name__)
             return None
-        if (message.headers or {}).get(_SERVICE_ERROR_CODE):
+        if header(message, _SERVICE_ERROR_CODE):
             return None
         try:
             return decode(message.data, BudgetLeaseReply)
@@ -923,7 +923,7 @@ class RouterActor:
         subject = subjects.provider_call(provider.name)
         try:
             with tracing.request_span(subject) as headers:
-                if headers is not None:
+                if headers is not None and tracing.recording():  # for the call's span
                     headers[ROUTE_REASON_HEADER] = route_reason
                 message = await self.runtime.nc.request(
                     subject, encode(call), timeout=wait_s, headers=headers
@@ -937,9 +937,8 @@ class RouterActor:
                 fallback=True,
                 no_reply=True,
             )
-        headers = message.headers or {}
-        if headers.get(_SERVICE_ERROR_CODE):
-            return _failure_from(headers, message.data)
+        if header(message, _SERVICE_ERROR_CODE):
+            return _failure_from(message.headers or {}, message.data)
         try:
             return decode(message.data, ProviderCallResult)
         except DecodeError as exc:

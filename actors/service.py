@@ -39,7 +39,7 @@ from nats.micro.service import Endpoint as MicroEndpoint
 from nats.micro.service import EndpointConfig, EndpointStats, Service
 
 from actors import tracing
-from actors.connection import Client
+from actors.connection import Client, raw_header
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
 from events.contract import ErrorBody, ErrorReply
 from vapora.errors import InternalError, InvalidRequest, RequestTimeout, VaporaError
@@ -87,6 +87,10 @@ class RequestContext:
         if not self.raw_headers:
             return {}
         return Client._parse_header_lines(self.raw_headers[self.raw_headers.find(b"\r\n") :])
+
+    def header(self, name: str) -> str | None:
+        """One header's value (None: absent), without parsing the whole block."""
+        return raw_header(self.raw_headers, name)
 
     async def publish(self, subject: str, message: msgspec.Struct | bytes) -> None:
         """Publish to ``subject`` (e.g. stream chunks to the reply subject) with trace context."""

@@ -48,6 +48,7 @@ __all__ = [
     "link_to",
     "process_span",
     "processed",
+    "recording",
     "publish_span",
     "request_span",
     "use",
@@ -72,6 +73,12 @@ def use(provider: trace.TracerProvider | None) -> None:
 
 def enabled() -> bool:
     return STATE.tracing
+
+
+def recording() -> bool:
+    """Whether spans are being recorded here: tracing is on and the current trace sampled (a
+    new trace counts as sampled: whether it is, is decided when its first span starts)."""
+    return STATE.tracing and not messaging.unsampled()
 
 
 def __getattr__(name: str) -> Any:

@@ -223,3 +223,57 @@ def test_a_read_is_one_batch_and_a_status_comes_alone() -> None:
     assert recorder.batches[1][0][1] == b"" and recorder.batches[1][0][3].startswith(
         b"NATS/1.0 404"
     )
+
+
+# --- one header read from a received header block --------------------------------------------
+
+_NAMES = ["traceparent", "Nats-Service-Error-Code", "Vapora-Route-Reason", "Nats-Msg-Id", "x"]
+
+
+def _block(lines: list[bytes]) -> bytes:
+    return b"NATS/1.0\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([*_NAMES, " x", "x ", "Vapora-Route-Reasonable", "a b"]),
+            st.sampled_from([":", ": ", " : ", ":  "]),
+            st.text(alphabet="ab: -é\t", max_size=12),
+        ),
+        max_size=5,
+    ),
+    st.sampled_from(_NAMES),
+)
+def test_one_header_read_from_the_block_is_what_the_full_parse_gives(
+    fields: list[tuple[str, str, str]], wanted: str
+) -> None:
+    from actors.connection import Client, raw_header
+
+    block = _block([f"{name}{sep}{value}".encode() for name, sep, value in fields])
+    parsed = Client._parse_header_lines(block[block.find(b"\r\n") :])
+    assert raw_header(block, wanted) == parsed.get(wanted)
+
+
+def test_a_reply_parses_its_headers_only_when_they_are_read() -> None:
+    from nats.aio.msg import Msg
+
+    from actors.connection import Client, ReplyMsg, header
+
+    block = _block([b"traceparent: 00-ab-cd-01", b"Nats-Service-Error-Code: 503"])
+    reply = ReplyMsg(_client=None, subject="_INBOX.x", data=b"{}")  # type: ignore[arg-type]
+    reply._raw = block
+    assert reply._parsed is None
+    assert header(reply, "Nats-Service-Error-Code") == "503"
+    assert header(reply, "absent") is None
+    assert reply._parsed is None  # one header read: still unparsed
+    expected = Client._parse_header_lines(block[block.find(b"\r\n") :])
+    assert reply.headers == expected and reply._parsed == expected
+    assert header(reply, "traceparent") == "00-ab-cd-01"
+    reply.headers = {"k": "v"}  # assignable, as a Msg's are
+    assert header(reply, "k") == "v" and reply.headers == {"k": "v"}
+    empty = ReplyMsg(_client=None, subject="s")  # type: ignore[arg-type]
+    assert empty.headers is None and header(empty, "k") is None
+    plain = Msg(_client=None, subject="s", headers={"k": "v"})  # type: ignore[arg-type]
+    assert header(plain, "k") == "v"

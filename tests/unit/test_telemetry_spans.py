@@ -152,6 +152,57 @@ def test_a_new_trace_at_100_percent_has_the_context_the_sdks_sampler_gives() -> 
         assert type(ours.trace_state) is type(theirs.trace_state)
 
 
+def test_a_ratio_sampled_trace_is_decided_as_the_sdks_tracer_decides_it() -> None:
+    """Below 100 %, vapora decides a new trace (and a child of an unsampled parent) without
+    calling the sampler: for the same trace ids, the same decision, flags and trace state as
+    the SDK's tracer with the same sampler."""
+    import random
+
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    class Given(RandomIdGenerator):  # the SDK's random generator, told which id comes next
+        next_trace_id = 0
+
+        def generate_trace_id(self) -> int:
+            return self.next_trace_id
+
+    rng = random.Random(3)
+    ids = [rng.getrandbits(128) | 1 for _ in range(400)]
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.25)))
+    starter = starter_for(provider.get_tracer("vapora"))
+    assert starter is not None and starter.root_bound is not None
+    given = Given()
+    sdk = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.25)), id_generator=given)
+    sampled = 0
+    for trace_id in ids:
+        starter.new_trace_id = lambda trace_id=trace_id: trace_id  # type: ignore[misc]
+        ours = starter.start("root", SpanKind.PRODUCER, {}, None)
+        given.next_trace_id = trace_id
+        theirs = sdk.get_tracer("sdk").start_span("root")
+        assert ours.is_recording() is theirs.is_recording(), hex(trace_id)
+        ours_context, their_context = ours.get_span_context(), theirs.get_span_context()
+        assert ours_context.trace_id == their_context.trace_id == trace_id
+        assert ours_context.trace_flags == their_context.trace_flags
+        assert ours_context.trace_state == their_context.trace_state
+        sampled += ours.is_recording()
+        ours.end()
+    assert 60 < sampled < 140  # about a quarter
+    # A child of an unsampled parent: dropped, in the parent's trace, with its trace state.
+    flags = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
+    parent = trace.SpanContext(5, 6, True, flags, TraceState([("k", "v")]))
+    child = starter.start("child", SpanKind.CONSUMER, {}, parent)
+    sdk_child = sdk.get_tracer("sdk").start_span(
+        "child", context=trace.set_span_in_context(trace.NonRecordingSpan(parent))
+    )
+    assert not child.is_recording() and not sdk_child.is_recording()
+    ours_context, their_context = child.get_span_context(), sdk_child.get_span_context()
+    assert ours_context.trace_id == their_context.trace_id == 5
+    assert ours_context.trace_flags == their_context.trace_flags
+    assert ours_context.trace_state == their_context.trace_state == parent.trace_state
+    assert not ours_context.is_remote and ours_context.span_id not in (0, 6)
+
+
 def test_hand_written_headers_match_the_sdk_propagator() -> None:
     parent = trace.SpanContext(
         0x4BF92F3577B34DA6A3CE929D0E0E4736,

@@ -30,7 +30,13 @@ from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcess
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
@@ -44,6 +50,9 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SAMPLED_BIT = TraceFlags.SAMPLED
 _RANDOM_BIT = TraceFlags.RANDOM_TRACE_ID
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_UNSAMPLED_RANDOM = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
+_TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
 _DEFAULTS = SpanLimits()
 # Processors whose on_start does nothing: not called (the SDK's own, vapora's batcher).
 _QUIET_STARTS: set[Any] = {
@@ -212,6 +221,23 @@ class SpanStarter:
             and type(tracer.id_generator) is RandomIdGenerator
         )
         self.root_flags = _SAMPLED_RANDOM if self.random_ids else _SAMPLED
+        self.root_dropped_flags = _UNSAMPLED_RANDOM if self.random_ids else _UNSAMPLED
+        # A parent sampled out drops its children by itself (ParentBased's default ALWAYS_OFF).
+        self.parent_drops = isinstance(self.sampler, ParentBased) and (
+            self.sampler._remote_parent_not_sampled is ALWAYS_OFF
+            and self.sampler._local_parent_not_sampled is ALWAYS_OFF
+        )
+        # A new trace under ParentBased(TraceIdRatioBased) (a ratio below 100 %): decided
+        # here by the ratio sampler's own rule, the trace id's low 64 bits against its bound.
+        root = getattr(self.sampler, "_root", None)
+        self.root_bound: int | None = (
+            root.bound
+            if self.parent_decides
+            and self.parent_drops
+            and type(root) is TraceIdRatioBased
+            and type(tracer.id_generator) is RandomIdGenerator
+            else None
+        )
         # The provider's processors, called directly: the ones whose on_start does something,
         # and the one on_end (or the provider's loop over several). Re-read when one is added.
         self._seen: object = None
@@ -252,12 +278,28 @@ class SpanStarter:
                 flags = _SAMPLED_RANDOM if trace_flags & _RANDOM_BIT else _SAMPLED
                 context = _local_context(parent[0], self.new_span_id(), flags, parent[4])
                 return self._open(name, context, parent, kind, attributes, links, None)
+            if self.parent_drops and not trace_flags & _SAMPLED_BIT:
+                # Dropped as the sampler would: the parent's trace and state, a new span id.
+                flags = _UNSAMPLED_RANDOM if trace_flags & _RANDOM_BIT else _UNSAMPLED
+                context = _local_context(parent[0], self.new_span_id(), flags, parent[4])
+                return trace_api.NonRecordingSpan(context)
             return self._sampled(name, kind, attributes, parent, parent.trace_id, links)
         if self.root_sampled:
             context = _local_context(
                 self.new_trace_id(), self.new_span_id(), self.root_flags, DEFAULT_TRACE_STATE
             )
             return self._open(name, context, None, kind, attributes, links, None)
+        if self.root_bound is not None:
+            trace_id = self.new_trace_id()
+            if trace_id & _TRACE_ID_LIMIT < self.root_bound:
+                context = _local_context(
+                    trace_id, self.new_span_id(), self.root_flags, DEFAULT_TRACE_STATE
+                )
+                return self._open(name, context, None, kind, attributes, links, None)
+            context = _local_context(
+                trace_id, self.new_span_id(), self.root_dropped_flags, DEFAULT_TRACE_STATE
+            )
+            return trace_api.NonRecordingSpan(context)
         return self._sampled(name, kind, attributes, None, self.new_trace_id(), links)
 
     def _open(
