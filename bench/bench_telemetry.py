@@ -18,11 +18,16 @@ a shuffled order so that no mode always follows another:
   200, so vapora pays for encoding and sending every span and the collector's own work is not
   counted; or ``--exporter jsonl``, every span written to a JSON-lines file (local debugging);
 * **traces 10 %**: the same with ``sample_ratio = 0.1`` (the operator's lever);
+* **traces 0 %**: the same with ``sample_ratio = 0``: no span is recorded, so what is left is
+  what every message pays whether or not its trace is sampled (its trace context made, sent,
+  read and made current at each hop) plus the metrics: the share of the cost sampling cannot
+  take away;
 * **metrics only**: ``traces = false``; the metrics behind ``/metrics`` (pull reader).
 
 Per mode and trial: the latency of ``--requests`` sequential completions (p50, p99), the
-completions per second at ``--concurrency``, and the CPU time this process (every actor, the
-exporter's thread) spent per completion in those bursts. The table gives each mode's median over
+completions per second at ``--concurrency``, the CPU time this process (every actor, the
+exporter's thread) spent per completion in those bursts and, with OTLP, the spans exported per
+completion (8 at 100 %: the task's trace). The table gives each mode's median over
 trials and its cost against **off** measured in the same run: the throughput lost, the p50
 added and the CPU added. The CPU figure is the steadier one on a shared machine: a neighbour's
 load stretches wall-clock time, much less the CPU time a completion takes.
@@ -69,7 +74,8 @@ from vapora.telemetry import Telemetry, setup  # noqa: E402
 from vapora.telemetry.export import SpanBatcher  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
-MODES = ("off", "traces 100%", "traces 10%", "metrics only")
+MODES = ("off", "traces 100%", "traces 10%", "traces 0%", "metrics only")
+RATIOS = {"traces 100%": 1.0, "traces 10%": 0.1, "traces 0%": 0.0}
 EXPORTER: Any = "otlp"  # --exporter none: spans made but not exported (the SDK's share alone)
 
 # A stand-in for an OpenTelemetry collector: reads each OTLP/HTTP request and answers 200.
@@ -120,7 +126,7 @@ def telemetry_for(mode: str, spans_file: Path, collector: str | None) -> Telemet
         exporter=EXPORTER,
         jsonl_path=str(spans_file),
         otlp_endpoint=collector,
-        sample_ratio=1.0 if mode == "traces 100%" else 0.1,
+        sample_ratio=RATIOS[mode],
         prometheus_port=0,
     )
     return setup(config, env={"OTEL_METRICS_EXPORTER": "none"})
@@ -218,7 +224,7 @@ async def measure(
     has applied its events and the spans are exported (so no mode pays for the one before);
     medians over trials."""
     results: dict[str, dict[str, list[float]]] = {
-        m: {"p50": [], "p99": [], "rate": [], "cpu_us": [], "gc_us": []} for m in modes
+        m: {"p50": [], "p99": [], "rate": [], "cpu_us": [], "gc_us": [], "spans": []} for m in modes
     }
     shuffled = random.Random(7)
     for _ in range(args.trials):
@@ -230,17 +236,26 @@ async def measure(
         for mode in calls:
             telemetries[mode].activate()
             samples[mode].append(await one_timed(call))
+        # The sequential calls' tail (the ledger's last events, spans not yet exported) is
+        # settled before the bursts: each burst pays for its own calls only.
+        await settled()
+        for telemetry in telemetries.values():
+            if telemetry.tracer_provider is not None:
+                await anyio.to_thread.run_sync(telemetry.tracer_provider.force_flush)
         bursts = [m for m in modes for _ in range(args.bursts)]
         shuffled.shuffle(bursts)
         spent = dict.fromkeys(modes, 0.0)
         cpu = dict.fromkeys(modes, 0.0)
         collected = dict.fromkeys(modes, 0.0)
+        spans = dict.fromkeys(modes, 0)
         for mode in bursts:
             telemetries[mode].activate()
             gc.collect()  # start each burst with no garbage left by the one before
+            exported = sum(b.exported for b in batchers(telemetries[mode]))
             wall, used, gc_s = await burst(
                 args.burst, args.concurrency, call, telemetries[mode], settled
             )
+            spans[mode] += sum(b.exported for b in batchers(telemetries[mode])) - exported
             spent[mode] += wall
             cpu[mode] += used
             collected[mode] += gc_s
@@ -251,6 +266,7 @@ async def measure(
             results[mode]["rate"].append(args.bursts * args.burst / spent[mode])
             results[mode]["cpu_us"].append(cpu[mode] / (args.bursts * args.burst) * 1e6)
             results[mode]["gc_us"].append(collected[mode] / (args.bursts * args.burst) * 1e6)
+            results[mode]["spans"].append(spans[mode] / (args.bursts * args.burst))
             print(
                 f"  trial {trial + 1} {mode:<13} p50 {results[mode]['p50'][-1]:6.2f} ms"
                 f"  {results[mode]['rate'][-1]:7.0f}/s  {results[mode]['cpu_us'][-1]:6.0f} us CPU"
@@ -345,6 +361,7 @@ def _paired_cost(mode: dict[str, list[float]], base: dict[str, list[float]], key
 def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
     modes = result["modes"]
     base = modes.get("off") or next(iter(modes.values()))
+    otlp = result["exporter"] == "otlp"  # the batchers count what they exported (per mode)
     off_p50 = statistics.median(base["p50"])
     lines = [
         f"# bench_telemetry  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  cpus={os.cpu_count()}  "
@@ -355,8 +372,10 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"costs paired within each trial); exporter {result['exporter']}, spans exported: "
         f"{result['spans_exported']}",
         f"{'mode':<15}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'throughput cost':>17}"
-        f"{'added p50 ms':>14}{'CPU us/req':>12}{'CPU added':>11}{'GC us/req':>11}",
+        f"{'added p50 ms':>14}{'CPU us/req':>12}{'CPU added':>11}{'GC us/req':>11}"
+        f"{'spans/call':>12}",
     ]
+
     for mode in modes:
         p50 = statistics.median(modes[mode]["p50"])
         p99 = statistics.median(modes[mode]["p99"])
@@ -367,11 +386,12 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
         lines.append(
             f"{mode:<15}{p50:>9.2f}{p99:>9.2f}{rate:>9.0f}{cost:>16.1f}%{p50 - off_p50:>14.2f}"
             f"{cpu:>12.0f}{cpu_cost:>10.1f}%{statistics.median(modes[mode]['gc_us']):>11.0f}"
+            + (f"{statistics.median(modes[mode]['spans']):>12.2f}" if otlp else f"{'-':>12}")
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=300, help="sequential calls per mode")
     parser.add_argument("--burst", type=int, default=64, help="calls per throughput burst")
@@ -396,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     EXPORTER = args.exporter
     if args.quick:
         args.requests, args.bursts, args.trials = 50, 3, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     load_before = os.getloadavg()[0]
     result = run_loop(run, args)  # the loop vapora runs on (uvloop where installed)
     result["load"] = (load_before, os.getloadavg()[0])
