@@ -6,6 +6,7 @@ at 0 %, with tracing on; none with tracing off or metrics only)."""
 from __future__ import annotations
 
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -16,7 +17,10 @@ from vapora.eventloop import run as run_loop
 @pytest.mark.slow
 def test_every_mode_runs_and_the_sample_ratio_decides_the_spans_per_call() -> None:
     args = parse_args(["--quick", "--requests", "20", "--bursts", "2"])
-    result = run_loop(run, args)
+    # In a thread of its own, as in its own process: the suite's session-wide event loop (the
+    # shared nats-server fixture) counts as running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(run_loop, run, args).result()
     modes = result["modes"]
     assert list(modes) == list(MODES)
     for mode, figures in modes.items():
@@ -32,3 +36,27 @@ def test_every_mode_runs_and_the_sample_ratio_decides_the_spans_per_call() -> No
     assert 0 < per_call("traces 10%") < 8
     assert per_call("traces 0%") == per_call("metrics only") == per_call("off") == 0
     assert result["spans_exported"] >= 8 * 2 * 64
+
+
+@pytest.mark.slow
+def test_the_off_path_count_finds_every_switch_a_task_passes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import bench_telemetry_off
+
+    written: dict[str, object] = {}
+    monkeypatch.setattr(bench_telemetry_off, "write_result", lambda name, r: written.update(r))
+    argv = ["--requests", "5", "--bursts", "1", "--burst", "8", "--iterations", "1000"]
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(bench_telemetry_off.main, argv).result() == 0
+    rows = {r["entry point"]: r for r in written["entry_points"]}  # type: ignore[attr-defined]
+    # Each completion: the client's request, the router's request to the provider actor, the
+    # provider's one look at whether any telemetry is on, the switches of the appends and the
+    # runtime (more than one each); the originals are back in place afterwards.
+    assert rows["with request_span(...) (client)"]["per task"] == pytest.approx(1, abs=0.2)
+    assert rows["with tracing.request_span(...)"]["per task"] >= 0.8
+    assert rows["telemetry.active()"]["per task"] >= 0.8
+    assert rows["tracing.enabled()"]["per task"] > 2
+    assert all(r["us alone"] > 0 for r in rows.values())
+    assert "all" in capsys.readouterr().out
+    assert bench_telemetry_off.tracing.enabled.__name__ == "enabled"
