@@ -129,7 +129,7 @@ def raw_header(raw: bytes | None, name: str) -> str | None:
     value…``), as :meth:`Client._parse_header_lines` would give it, without parsing the whole
     block: a traced message's block is mostly its trace context, and a handler or a requester
     usually wants one header of it, or only to know that it is absent."""
-    if not raw:
+    if not raw or not _token(name):  # the parse returns no name with spacing or non-ASCII
         return None
     key = name.encode()
     if key not in raw:
@@ -141,6 +141,11 @@ def raw_header(raw: bytes | None, name: str) -> str | None:
     start = at + len(key) + 3
     end = raw.find(_CRLF, start)
     return raw[start : end if end >= 0 else len(raw)].strip().decode("utf-8", "replace")
+
+
+def _token(name: str) -> bool:
+    """Whether ``name`` is one the full parse can return: ASCII, no spacing in or around it."""
+    return name.isascii() and len(name.split()) == 1 and name == name.strip()
 
 
 class ReplyMsg(Msg):
@@ -161,6 +166,7 @@ class ReplyMsg(Msg):
 
     @headers.setter
     def headers(self, value: dict[str, str] | None) -> None:
+        self._raw = None  # replaced, as a Msg's would be: the block is not read again
         self._parsed = value
 
     def header_value(self, name: str) -> str | None:

@@ -230,30 +230,42 @@ def test_a_read_is_one_batch_and_a_status_comes_alone() -> None:
 _NAMES = ["traceparent", "Nats-Service-Error-Code", "Vapora-Route-Reason", "Nats-Msg-Id", "x"]
 
 
-def _block(lines: list[bytes]) -> bytes:
-    return b"NATS/1.0\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+def _block(lines: list[bytes], status: bytes = b"", last_crlf: bool = True) -> bytes:
+    block = b"NATS/1.0" + status + b"\r\n" + b"\r\n".join(lines)
+    return block + b"\r\n\r\n" if last_crlf else block
 
 
-@settings(max_examples=400, deadline=None)
+_VALUES = st.one_of(
+    st.text(alphabet="ab: -é\t", max_size=12).map(str.encode),
+    st.sampled_from(_NAMES).map(str.encode),  # a name inside a value
+    st.binary(max_size=8).filter(lambda b: b"\r" not in b and b"\n" not in b),  # not UTF-8
+)
+
+
+@settings(max_examples=500, deadline=None)
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from([*_NAMES, " x", "x ", "Vapora-Route-Reasonable", "a b"]),
+            st.sampled_from([*_NAMES, " x", "x ", "Vapora-Route-Reasonable", "a b", "é"]),
             st.sampled_from([":", ": ", " : ", ":  "]),
-            st.text(alphabet="ab: -é\t", max_size=12),
+            _VALUES,
         ),
         max_size=5,
     ),
-    st.sampled_from(_NAMES),
+    st.sampled_from([*_NAMES, " x", "a b", "é", "x ", "a\x1cb", ""]),
+    st.sampled_from([b"", b" 503", b" 408 Request Timeout"]),
+    st.booleans(),
 )
 def test_one_header_read_from_the_block_is_what_the_full_parse_gives(
-    fields: list[tuple[str, str, str]], wanted: str
+    fields: list[tuple[str, str, bytes]], wanted: str, status: bytes, last_crlf: bool
 ) -> None:
     from actors.connection import Client, raw_header
 
-    block = _block([f"{name}{sep}{value}".encode() for name, sep, value in fields])
+    lines = [name.encode() + sep.encode() + value for name, sep, value in fields]
+    block = _block(lines, status, last_crlf)
     parsed = Client._parse_header_lines(block[block.find(b"\r\n") :])
     assert raw_header(block, wanted) == parsed.get(wanted)
+    assert raw_header(None, wanted) is None and raw_header(b"", wanted) is None
 
 
 def test_a_reply_parses_its_headers_only_when_they_are_read() -> None:
@@ -273,6 +285,8 @@ def test_a_reply_parses_its_headers_only_when_they_are_read() -> None:
     assert header(reply, "traceparent") == "00-ab-cd-01"
     reply.headers = {"k": "v"}  # assignable, as a Msg's are
     assert header(reply, "k") == "v" and reply.headers == {"k": "v"}
+    reply.headers = None  # replaced by nothing: the block is not read again
+    assert reply.headers is None and header(reply, "traceparent") is None
     empty = ReplyMsg(_client=None, subject="s")  # type: ignore[arg-type]
     assert empty.headers is None and header(empty, "k") is None
     plain = Msg(_client=None, subject="s", headers={"k": "v"})  # type: ignore[arg-type]

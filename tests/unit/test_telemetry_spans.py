@@ -159,7 +159,6 @@ def test_a_ratio_sampled_trace_is_decided_as_the_sdks_tracer_decides_it() -> Non
     import random
 
     from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     class Given(RandomIdGenerator):  # the SDK's random generator, told which id comes next
         next_trace_id = 0
@@ -169,11 +168,21 @@ def test_a_ratio_sampled_trace_is_decided_as_the_sdks_tracer_decides_it() -> Non
 
     rng = random.Random(3)
     ids = [rng.getrandbits(128) | 1 for _ in range(400)]
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.25)))
+    ids += [1, 2**64 - 1, 2**64, 2**128 - 1]  # the edges of the low 64 bits
+    for ratio, expected in ((0.0, (0, 0)), (1.0, (404, 404)), (0.25, (60, 140))):
+        sampled = _ratio_decisions(Given, ids, ratio)
+        assert expected[0] <= sampled <= expected[1], (ratio, sampled)
+
+
+def _ratio_decisions(given_type: type, ids: list[int], ratio: float) -> int:
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
     starter = starter_for(provider.get_tracer("vapora"))
-    assert starter is not None and starter.root_bound is not None
-    given = Given()
-    sdk = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.25)), id_generator=given)
+    # vapora's own decisions are the ones checked: for new traces and for unsampled parents.
+    assert starter is not None and starter.root_bound is not None and starter.parent_drops
+    given = given_type()
+    sdk = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)), id_generator=given)
     sampled = 0
     for trace_id in ids:
         starter.new_trace_id = lambda trace_id=trace_id: trace_id  # type: ignore[misc]
@@ -187,7 +196,6 @@ def test_a_ratio_sampled_trace_is_decided_as_the_sdks_tracer_decides_it() -> Non
         assert ours_context.trace_state == their_context.trace_state
         sampled += ours.is_recording()
         ours.end()
-    assert 60 < sampled < 140  # about a quarter
     # A child of an unsampled parent: dropped, in the parent's trace, with its trace state.
     flags = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
     parent = trace.SpanContext(5, 6, True, flags, TraceState([("k", "v")]))
@@ -201,6 +209,26 @@ def test_a_ratio_sampled_trace_is_decided_as_the_sdks_tracer_decides_it() -> Non
     assert ours_context.trace_flags == their_context.trace_flags
     assert ours_context.trace_state == their_context.trace_state == parent.trace_state
     assert not ours_context.is_remote and ours_context.span_id not in (0, 6)
+    return sampled
+
+
+def test_a_new_trace_is_sampled_as_a_root_whatever_span_is_current() -> None:
+    """A span started with no parent begins a new trace: the sampler is asked about a root, not
+    about the span current in the caller (the SDK's start_span with an empty context)."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    starter = starter_for(provider.get_tracer("vapora"))
+    assert starter is not None and not starter.root_sampled and starter.root_bound is None
+    current = trace.NonRecordingSpan(trace.SpanContext(5, 6, False, TraceFlags(1)))
+    token = otel_context.attach(trace.set_span_in_context(current))
+    try:
+        ours = starter.start("root", SpanKind.PRODUCER, {}, None)
+        theirs = provider.get_tracer("sdk").start_span("root", context=otel_context.Context())
+    finally:
+        otel_context.detach(token)
+    assert not ours.is_recording() and not theirs.is_recording()
+    assert ours.get_span_context().trace_id != 5
 
 
 def test_hand_written_headers_match_the_sdk_propagator() -> None:

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -53,6 +54,7 @@ _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSAMPLED_RANDOM = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
+_NO_PARENT = Context()
 _DEFAULTS = SpanLimits()
 # Processors whose on_start does nothing: not called (the SDK's own, vapora's batcher).
 _QUIET_STARTS: set[Any] = {
@@ -328,10 +330,12 @@ class SpanStarter:
         trace_id: int,
         links: Sequence[Link],
     ) -> trace_api.Span:
+        # A new trace has an empty parent context: None would have the sampler look at the
+        # span current in the caller, as the SDK's start_span(context=None) does.
         parent_context = (
             trace_api.set_span_in_context(trace_api.NonRecordingSpan(parent))
             if parent is not None
-            else None
+            else _NO_PARENT
         )
         result = self.sampler.should_sample(parent_context, trace_id, name, kind, attributes, links)
         random = parent.trace_flags.random_trace_id if parent is not None else self.random_ids
