@@ -256,28 +256,28 @@ def processed(
 def _live_spans(batch: list[Any], group: str, destination: str) -> list[Span]:
     # One span per trace the batch holds events of: parented by the first event's creation
     # context, linked to the others' (the conventions' batch processing), so a task's events
-    # processed together (its decision, its call, its spend) are one span in its trace.
-    traces: dict[object, list[tuple[Any, object]]] = {}
-    if w3c.plain():  # traceparent alone: grouped by its trace id, unsampled ones skipped unread
-        for entry in batch:
-            raw = getattr(entry, "raw_headers", None)  # a LogEntry: only its trace context
-            value = (
-                w3c.raw_traceparent(raw) if raw is not None else entry.headers.get("traceparent")
-            )
-            if value and not w3c.unsampled_traceparent(value):
-                traces.setdefault(value[3:35], []).append((entry, value))
-    else:  # another propagator: each event's context through it
-        for entry in batch:
-            parent = _parent_of(entry)
-            if parent is not None and parent.trace_flags.sampled:
-                creation = (parent.trace_id, parent.span_id)
-                traces.setdefault(parent.trace_id, []).append((entry, creation))
-    spans = []
-    for entries in traces.values():
-        span = _live_span(entries, group, destination)
-        if span is not None:
-            spans.append(span)
-    return spans
+    # processed together (its decision, its call, its spend) are one span in its trace. Each
+    # event's context is read once; events appended together carry the same one, read once.
+    traces: dict[int, list[tuple[Any, SpanContext]]] = {}
+    read: dict[bytes, SpanContext | None] = {}
+    plain = w3c.plain()
+    for entry in batch:
+        raw = getattr(entry, "raw_headers", None)  # a LogEntry: the header block as stored
+        if plain and raw is not None and b"tracestate" not in raw and b"baggage" not in raw:
+            value = w3c.raw_traceparent(raw)  # a traceparent alone: read directly
+            if value is None:
+                continue
+            if value in read:
+                context = read[value]
+            else:
+                context = read[value] = w3c.parse_traceparent(value)
+            if context is w3c.NEEDS_EXTRACT:  # another version: through the propagator
+                context = _parent_of(entry)
+        else:  # more than a traceparent, or another propagator: through the propagator
+            context = _parent_of(entry)
+        if context is not None and context[3] & 1:  # valid (parsed so) and sampled
+            traces.setdefault(context[0], []).append((entry, context))
+    return [_live_span(entries, group, destination) for entries in traces.values()]
 
 
 def _parent_of(entry: Any) -> SpanContext | None:
@@ -289,11 +289,10 @@ def _parent_of(entry: Any) -> SpanContext | None:
     return parent if parent is not None and parent.is_valid else None
 
 
-def _live_span(entries: list[tuple[Any, object]], group: str, destination: str) -> Span | None:
-    first = entries[0][0]
-    parent = _parent_of(first)
-    if parent is None or not parent.trace_flags.sampled:  # sampled out, or none: no span
-        return None
+def _live_span(entries: list[tuple[Any, SpanContext]], group: str, destination: str) -> Span:
+    """The ``process`` span of one trace's events in a live batch (their creation contexts
+    given, sampled): parented by the first one's, linked to the others'."""
+    first, parent = entries[0]
     if len(entries) == 1:
         name, attributes = _shaped(first.subject, _PROCESS, group, first.event.id)
         attributes[_EVENT_SEQ] = first.seq
@@ -307,13 +306,11 @@ def _live_span(entries: list[tuple[Any, object]], group: str, destination: str) 
     attributes[_VAPORA.event_ids] = [entry.event.id for entry, _ in entries]
     attributes[_VAPORA.event_types] = [event_tag(entry.event) for entry, _ in entries]
     links: list[Link] = []
-    seen = {entries[0][1]}
-    for entry, value in entries[1:]:  # the other creation contexts (events appended apart)
-        if value not in seen and len(links) < MAX_LINKS:
-            seen.add(value)
-            context = _parent_of(entry)
-            if context is not None:
-                links.append(Link(context))
+    seen = {parent[1]}
+    for _, context in entries[1:]:  # the other creation contexts (events appended apart)
+        if context[1] not in seen and len(links) < MAX_LINKS:
+            seen.add(context[1])
+            links.append(Link(context))
     return STATE.start_span(f"{_PROCESS} {subject}", SpanKind.CONSUMER, attributes, parent, links)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "extract",
     "extract_raw",
     "inject",
+    "parse_traceparent",
     "plain",
     "raw_traceparent",
     "remote_parent",
@@ -170,6 +171,12 @@ def remote_parent(raw: bytes | None) -> SpanContext | None:
     value = raw_traceparent(raw)
     if value is None:
         return None
+    return parse_traceparent(value)
+
+
+def parse_traceparent(value: bytes) -> SpanContext | None:
+    """The remote span context of a ``traceparent`` value as received (None: not a valid one);
+    :data:`NEEDS_EXTRACT` for a version other than 00 (the propagator decides)."""
     match = _RAW_VERSION_00.fullmatch(value)
     if match is None:
         return NEEDS_EXTRACT  # type: ignore[no-any-return]  # other versions: the propagator
@@ -183,15 +190,6 @@ def remote_parent(raw: bytes | None) -> SpanContext | None:
         (trace_id, span_id, True, _TRACE_FLAGS[int(flags, 16)], DEFAULT_TRACE_STATE, True),
     )
     return context
-
-
-def unsampled_traceparent(value: bytes | str) -> bool:
-    """Whether a version-00 ``traceparent`` value says its trace is not sampled (False for
-    anything else: that is left to the full parse)."""
-    if isinstance(value, str):
-        value = value.encode("ascii", "replace")
-    match = _RAW_VERSION_00.fullmatch(value)
-    return match is not None and not int(match[3], 16) & 1
 
 
 def raw_traceparent(raw: bytes | None) -> bytes | None:
