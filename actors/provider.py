@@ -360,10 +360,11 @@ class ProviderActor:
             return None
         started = time.perf_counter()
         try:
+            request = ProviderRequest.from_call(call)
             if telemetry.active():
-                done = await self._observed(call, ctx)
+                done = await self._observed(call, request, ctx)
             else:
-                done = await (self._stream(call, ctx) if call.stream_to else self._complete(call))
+                done = await self._send(call, request, ctx)
         except ProviderError as error:
             await self._failed(call, error, (time.perf_counter() - started) * 1000)
             await self._reply_error(ctx, error, called=True)
@@ -391,11 +392,13 @@ class ProviderActor:
             )
         return None
 
-    async def _observed(self, call: ProviderCall, ctx: RequestContext) -> Completion:
+    async def _observed(
+        self, call: ProviderCall, request: ProviderRequest, ctx: RequestContext
+    ) -> Completion:
         """The call inside its GenAI span and metrics (:mod:`vapora.telemetry.genai`)."""
         spec = CallSpec.of(
             self.client,
-            ProviderRequest.from_call(call),
+            request,
             task_id=call.task_id,
             task_type=call.task_type.value,
             attempt=call.attempt,
@@ -404,19 +407,24 @@ class ProviderActor:
             route_reason=ctx.header(ROUTE_REASON_HEADER) if tracing.recording() else None,
         )
         with ProviderCallTelemetry(spec) as observed:
-            done = await (self._stream(call, ctx) if call.stream_to else self._complete(call))
+            done = await self._send(call, request, ctx)
             observed.succeeded(done)
         return done
 
-    async def _complete(self, call: ProviderCall) -> Completion:
+    async def _send(
+        self, call: ProviderCall, request: ProviderRequest, ctx: RequestContext
+    ) -> Completion:
+        if call.stream_to:
+            return await self._stream(call, request, ctx)
         limit = call.timeout_ms / 1000 if call.timeout_ms else None
-        return await self.client.complete(ProviderRequest.from_call(call), time_limit=limit)
+        return await self.client.complete(request, time_limit=limit)
 
-    async def _stream(self, call: ProviderCall, ctx: RequestContext) -> Completion:
+    async def _stream(
+        self, call: ProviderCall, request: ProviderRequest, ctx: RequestContext
+    ) -> Completion:
         assert call.stream_to is not None
         limit = call.timeout_ms / 1000 if call.timeout_ms else None
         first = call.first_token_timeout_ms / 1000 if call.first_token_timeout_ms else None
-        request = ProviderRequest.from_call(call)
         async with self.client.stream(request, time_limit=limit, first_token_limit=first) as stream:
             seq = 0
             async for text in stream:
