@@ -231,6 +231,17 @@ class EventLog:
         info = await self.js.stream_info(self.settings.name)
         return int(info.state.last_seq)
 
+    async def has_after(self, seq: int, filter_subject: str) -> bool:
+        """Whether the stream holds an event on ``filter_subject`` (wildcards allowed) after
+        sequence ``seq``: one request for the next such message, not a read of the log."""
+        try:
+            await self.js.get_msg(
+                self.settings.name, seq=seq + 1, subject=filter_subject, next=True
+            )
+        except NotFoundError:
+            return False
+        return True
+
     # --- append ---------------------------------------------------------------------------
 
     async def append(

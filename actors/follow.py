@@ -7,6 +7,10 @@ past the projection's position and no batch arrived for ``stall_s`` seconds, it 
 tail and opens a new one from ``position() + 1``. The projection keeps its own position (in its
 own transaction or state), so a restart of the tail neither loses nor repeats an event.
 
+With ``filter_subject`` (the router's views: health, budget, spend), the tail reads only the
+events on those subjects, and "the stream has moved past" means an event on them after
+``position()`` (the last one applied): other events moving the stream on are no stall.
+
 With ``trace_group`` (the cost ledger's), each event's processing is a ``process <subject>``
 span parented by the context the event was appended with (:func:`actors.tracing.processed`).
 
@@ -54,8 +58,10 @@ class LogFollower:
         retry_s: float = 0.5,
         trace_group: str | None = None,
         linger_s: float = 0.0,
+        filter_subject: str | None = None,
     ) -> None:
         self.log = event_log
+        self.filter_subject = filter_subject
         self.linger_s = linger_s
         self.name = name
         self.trace_group = trace_group
@@ -87,7 +93,7 @@ class LogFollower:
         with anyio.CancelScope() as scope:
             self._scope = scope
             try:
-                async for batch in self.log.tail(start):
+                async for batch in self.log.tail(start, filter_subject=self.filter_subject):
                     with anyio.CancelScope(shield=True):
                         await self._apply(batch)
                     self._progress = time.monotonic()
@@ -123,6 +129,8 @@ class LogFollower:
         self._progress = time.monotonic()  # ask the server at most once per stall period
         try:
             with anyio.fail_after(self.stall_s):
+                if self.filter_subject is not None:
+                    return await self.log.has_after(self.position(), self.filter_subject)
                 return await self.log.last_sequence() > self.position()
         except Exception:  # the server is away: reopen once it is back
             return True

@@ -69,6 +69,8 @@ from opentelemetry import trace
 
 from actors import tracing
 from actors.connection import header
+from actors.eventlog import LogEntry
+from actors.follow import LogFollower
 from actors.provider import (
     COST_HEADER,
     ERROR_CLASS_HEADER,
@@ -375,9 +377,8 @@ class RouterActor:
         async with anyio.create_task_group() as tg:
             self._loop = asyncio.get_running_loop()
             try:
-                tg.start_soon(self._follow, f"{prefix}.health.>", last + 1)
-                tg.start_soon(self._follow, f"{prefix}.budget", last + 1)
-                tg.start_soon(self._follow, f"{prefix}.spend.>", last + 1)
+                for view in ("health.>", "budget", "spend.>"):
+                    await tg.start(self._follower(f"{prefix}.{view}", last).run)
                 if self.leasing:  # a lease before the first paid request, if the keeper grants one
                     self._ask_in_background(Decimal(0), self.runtime.clock())
                 async with anyio.create_task_group() as serving:
@@ -455,18 +456,24 @@ class RouterActor:
         except Exception as exc:  # no keeper yet: Normal until the first tier event
             log.info("router: budget status unavailable at start (%s); tier Normal", exc)
 
-    async def _follow(self, filter_subject: str, start: int) -> None:
-        """Apply the log's events on ``filter_subject`` from ``start`` on, resuming on errors."""
-        seq = start
-        while True:
-            try:
-                async for batch in self.runtime.log.tail(seq, filter_subject=filter_subject):
-                    for entry in batch:
-                        self._apply(entry.event, live=True)
-                        seq = entry.seq + 1
-            except Exception as exc:
-                log.warning("router: following %s failed (%s); resuming", filter_subject, exc)
-                await anyio.sleep(1.0)
+    def _follower(self, filter_subject: str, last: int) -> LogFollower:
+        """Follows the log's events on ``filter_subject`` after sequence ``last`` into this
+        router's views, through lost consumers and server restarts (:mod:`actors.follow`)."""
+        position = last
+
+        async def apply(batch: list[LogEntry[Event]]) -> None:
+            nonlocal position
+            for entry in batch:
+                self._apply(entry.event, live=True)
+                position = entry.seq
+
+        return LogFollower(
+            self.runtime.log,
+            name=f"router {filter_subject}",
+            apply=apply,
+            position=lambda: position,
+            filter_subject=filter_subject,
+        )
 
     def _set_tier(self, tier: Tier, *, announce: bool = False) -> None:
         changed, self.tier = tier is not self.tier, tier

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import pytest
@@ -96,3 +97,113 @@ async def test_a_lingering_follower_applies_what_arrived_meanwhile_in_one_batch(
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
     assert batches == [[1], list(range(2, 12))]
+
+
+async def test_a_filtered_follower_reads_its_subjects_and_stalls_only_on_them(
+    event_log: EventLog,
+) -> None:
+    """The router's views follow filtered tails: only the events on the filter are applied,
+    and only an unread event on the filter counts as the tail being stuck (others moving the
+    stream on do not make it reopen its tail)."""
+    prefix = event_log.settings.prefix
+    seen: list[str] = []
+    position = 0
+
+    async def apply(batch: list[LogEntry[Event]]) -> None:
+        nonlocal position
+        seen.extend(entry.subject for entry in batch)
+        position = batch[-1].seq
+
+    follower = LogFollower(
+        event_log,
+        name="test",
+        apply=apply,
+        position=lambda: position,
+        filter_subject=f"{prefix}.health.>",
+    )
+    await event_log.append(released(1), subject=f"{prefix}.health.claude")
+    await event_log.append(released(2), subject=f"{prefix}.other")
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(follower.run)
+            while position < 1:  # noqa: ASYNC110 - waits for the projection
+                await anyio.sleep(0.01)
+            for n in range(3, 6):  # the stream moves on, off the filter
+                await event_log.append(released(n), subject=f"{prefix}.other")
+            follower._progress = 0.0  # as if nothing had arrived for longer than stall_s
+            assert not await follower._stalled()
+            assert await event_log.has_after(position, f"{prefix}.health.>") is False
+            await event_log.append(released(6), subject=f"{prefix}.health.openai")
+            assert await event_log.has_after(position, f"{prefix}.health.>") is True
+            while position < 6:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert seen == [f"{prefix}.health.claude", f"{prefix}.health.openai"]
+    assert follower.restarts == 0
+
+
+async def test_a_filtered_follower_reopens_a_tail_whose_consumer_vanished(
+    event_log: EventLog,
+) -> None:
+    """The consumer behind the tail is deleted (as a node's loss would take it) while the
+    client stays connected: the next event on the filter is found unread, the tail reopened
+    from the last applied position, and the event applied once."""
+    prefix = event_log.settings.prefix
+    applied: list[int] = []
+
+    async def apply(batch: list[LogEntry[Event]]) -> None:
+        applied.extend(entry.seq for entry in batch)
+
+    follower = LogFollower(
+        event_log,
+        name="test",
+        apply=apply,
+        position=lambda: applied[-1] if applied else 0,
+        filter_subject=f"{prefix}.health.>",
+        stall_s=0.3,
+        check_s=0.1,
+    )
+    await event_log.append(released(1), subject=f"{prefix}.health.claude")
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(follower.run)
+            while not applied:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            for info in await event_log.js.consumers_info(event_log.settings.name):
+                await event_log.js.delete_consumer(event_log.settings.name, info.name)
+            await event_log.append(released(2), subject=f"{prefix}.other")
+            await event_log.append(released(3), subject=f"{prefix}.health.gemini")
+            while len(applied) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert applied == [1, 3]
+    assert follower.restarts >= 1
+
+
+async def test_the_routers_views_follow_the_log_after_their_consumers_vanished(
+    tmp_path: Path,
+) -> None:
+    """The router's health, budget and spend views are filtered followers: with the consumers
+    behind them deleted (a node's loss) and the client still connected, a tier change appended
+    afterwards still reaches the router (it used to wait on the lost consumer for ever)."""
+    import msgspec
+
+    from events.contract import Tier
+    from events.log import BudgetTierChanged
+    from tests.fault.provider_harness import config_text, deployment
+    from tests.samples import EVENTS
+
+    async with deployment(tmp_path, config_text) as dep:
+        router = dep.router
+        assert router is not None and router.tier is Tier.NORMAL
+        stream = dep.log.settings.name
+        for info in await dep.log.js.consumers_info(stream):
+            await dep.log.js.delete_consumer(stream, info.name)
+        tier = EVENTS["budget_tier_changed"]
+        assert isinstance(tier, BudgetTierChanged)
+        await dep.log.append(
+            msgspec.structs.replace(tier, id=uuid.uuid4().hex, at=datetime.now(UTC))
+        )
+        with anyio.fail_after(20):  # a stall is noticed within stall_s (2 s)
+            while router.tier is not Tier.NEAR_THRESHOLD:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
