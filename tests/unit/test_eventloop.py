@@ -52,10 +52,13 @@ def test_an_unknown_loop_name_is_an_error_naming_the_variable(
         loop_name()
 
 
-def test_the_cli_refuses_an_unknown_loop_with_exit_2() -> None:
+@pytest.mark.parametrize(
+    "command", [["budget", "--nats-url", "nats://127.0.0.1:9"], ["simulate", "--port", "0"]]
+)
+def test_the_cli_refuses_an_unknown_loop_with_exit_2(command: list[str]) -> None:
     env = {**os.environ, ENV: "trio"}
     done = subprocess.run(
-        [sys.executable, "-m", "vapora.cli", "budget", "--nats-url", "nats://127.0.0.1:9"],
+        [sys.executable, "-m", "vapora.cli", *command],
         env=env,
         capture_output=True,
         text=True,
@@ -63,6 +66,7 @@ def test_the_cli_refuses_an_unknown_loop_with_exit_2() -> None:
     )
     assert done.returncode == 2
     assert f"{ENV} must be 'uvloop' or 'asyncio'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_run_tunes_the_garbage_collector() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -158,6 +159,25 @@ def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment() ->
     assert names == ["publish vapora.otlp-test"]
     metrics = b"".join(body for path, body in _Collector.received if path == "/v1/metrics")
     assert b"vapora_llm_routing_decisions_total" in metrics
+
+
+@pytest.mark.parametrize("traces", [True, False])
+def test_otlp_without_the_extra_is_said_per_signal_and_never_a_crash(
+    traces: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The extra not installed: its modules cannot be imported (None in sys.modules).
+    monkeypatch.setitem(sys.modules, "vapora.telemetry.otlp", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.metric_exporter", None)
+    with caplog.at_level(logging.WARNING, logger="vapora.telemetry"):
+        telemetry = setup(TelemetryConfig(enabled=True, exporter="otlp", traces=traces), env={})
+    try:
+        said = [r.getMessage() for r in caplog.records if "optional extra" in r.getMessage()]
+        expected = ["spans", "metrics"] if traces else ["metrics"]
+        assert [m.rsplit("; ", 1)[1] for m in said] == [f"{s} are not exported" for s in expected]
+        assert all("pip install 'vapora[otlp]'" in m for m in said)
+        assert STATE.metrics is None  # no reader left to read them: none recorded
+    finally:
+        telemetry.shutdown()
 
 
 def test_prometheus_text_of_counters_histograms_and_gauges() -> None:

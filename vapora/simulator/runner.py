@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from vapora.errors import ConfigError
 from vapora.eventloop import run as run_loop
 from vapora.simulator.http import HTTPServer
 from vapora.simulator.server import RecordedRequest, SimulatorApp
@@ -107,6 +108,9 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         run_loop(_serve_until_signalled, args.host, args.port, args.latency_ms)
+    except ConfigError as exc:  # VAPORA_EVENT_LOOP: refused as every vapora command does
+        print(f"vapora simulate: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"simulator: {exc}", file=sys.stderr)
         return 1

@@ -210,14 +210,19 @@ def _otlp_endpoint(config: TelemetryConfig, env: Mapping[str, str], signal: str)
     return f"{base.rstrip('/')}/v1/{signal.lower()}" if base else None
 
 
+def _missing_otlp(signal: str) -> None:
+    log.warning(
+        "telemetry: exporter otlp needs the optional extra: pip install 'vapora[otlp]'; "
+        "%s are not exported",
+        signal,
+    )
+
+
 def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:
     try:
         from vapora.telemetry.otlp import OtlpSpanExporter
     except ImportError:
-        log.warning(
-            "telemetry: exporter otlp needs the optional extra: pip install 'vapora[otlp]'; "
-            "spans are not exported"
-        )
+        _missing_otlp("spans")
         return None
     endpoint = _otlp_endpoint(config, env, "TRACES")
     # The SDK's exporter with a direct protobuf encoder (vapora.telemetry.otlp).
@@ -229,7 +234,8 @@ def _otlp_metrics(config: TelemetryConfig, env: Mapping[str, str]) -> MetricRead
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     except ImportError:
-        return None  # said once already, for the spans
+        _missing_otlp("metrics")
+        return None
     endpoint = _otlp_endpoint(config, env, "METRICS")
     exporter: Any = OTLPMetricExporter(endpoint=endpoint) if endpoint else OTLPMetricExporter()
     return PeriodicExportingMetricReader(exporter)
