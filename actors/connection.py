@@ -239,7 +239,9 @@ class Client(NATS):
         nats-py reads 32 KiB at a time from a stream reader that pauses the socket above 64 KiB;
         on a replay that is a parser call per ~70 events and a pause/resume of the socket per
         two reads. Reading in larger slices made a replay ~8 % faster (``bench/bench_budget.py``).
-        Errors are handled exactly as nats-py does.
+        Errors are handled as nats-py does, but for one: an exception that is not the
+        connection's (a message's handling failed) makes it reconnect instead of leaving it
+        connected and deaf.
         """
         reader = getattr(self._transport, "_io_reader", None)
         if isinstance(reader, asyncio.StreamReader) and getattr(reader, "_limit", 0) < _READ_SIZE:
@@ -264,7 +266,10 @@ class Client(NATS):
             except asyncio.CancelledError:
                 break
             except Exception as exc:
-                log.error("nats: error while reading from the server", exc_info=exc)
+                # A bug in a message's handling, not a protocol fault: reconnect rather than
+                # stop reading (nats-py stops, and the connection stays "connected" but deaf).
+                log.error("nats: error while reading from the server; reconnecting", exc_info=exc)
+                await self._process_op_err(exc)
                 break
 
     async def _send_publish(

@@ -358,8 +358,20 @@ class ActorService:
     def _receive(
         self, served: _Served, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
-        # Called synchronously by the connection's reader: hand the message off, never block.
-        message: _Message = (subject.decode(), reply.decode(), data, headers)
+        # Called synchronously by the connection's reader: hand the message off, never block,
+        # never raise (an exception here would end the reader, and every actor on it with it).
+        try:
+            message: _Message = (subject.decode(), reply.decode(), data, headers)
+        except UnicodeDecodeError:
+            served.counters.rejected += 1
+            log.warning(
+                "%s: a request on %s has a reply subject that is not UTF-8 (%r); dropped, it "
+                "cannot be answered",
+                self.name,
+                subject.decode(errors="replace"),
+                reply[:64],
+            )
+            return
         served.micro._num_requests += 1
         if self._closed:
             return

@@ -239,3 +239,34 @@ async def test_flush_returns_once_the_server_has_a_subscription_made_before_it(
             await listener.close()
             tg.cancel_scope.cancel()
     assert first.data == b"after the flush"  # not dropped for want of the subscription
+
+
+async def test_a_handler_that_raises_makes_the_connection_reconnect_not_go_deaf(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw-path handler runs inside the connection's reader. If one raises (a bug), the reader
+    reconnects instead of stopping: nats-py's loop stopped and the connection stayed "connected"
+    while nothing more was read on any subject."""
+    client = await connect(ConnectOptions.from_url(nats_server.url, name="raises"))
+    other = await nats.connect(nats_server.url)
+    try:
+        got: list[bytes] = []
+
+        def broken(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            raise RuntimeError("a bug in a handler")
+
+        await client.subscribe_raw("t.broken", broken)
+        await client.subscribe_raw("t.fine", lambda s, r, data, h: got.append(data))
+        await client.flush()
+        await other.publish("t.broken", b"boom")
+        await other.flush()
+        with anyio.fail_after(20):
+            while not got:  # re-sent until the reconnected client has its subscription back
+                await other.publish("t.fine", b"after")
+                await other.flush()
+                await anyio.sleep(0.1)
+        assert got[0] == b"after" and client.stats["reconnects"] >= 1
+        assert any("reconnecting" in r.getMessage() for r in caplog.records)
+    finally:
+        await other.close()
+        await client.close()

@@ -114,6 +114,33 @@ async def test_ten_megabytes_of_garbage_gets_400_and_the_actor_serves_on(
     assert json.loads(good)["text"] == "next"
 
 
+async def test_a_request_whose_reply_subject_is_not_utf8_is_dropped_and_the_actor_serves_on(
+    nats_server: EmbeddedNats,
+    nc: NATS,
+    service: tuple[ActorService, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anyone allowed to publish to a served subject can send a reply subject that is not
+    UTF-8 (the server passes it on). It cannot be answered; it must not stop the connection's
+    reader, which would leave every actor on that connection deaf while it looks connected."""
+    _, subject = service
+    host, port = nats_server.url.removeprefix("nats://").split(":")
+    raw = await anyio.connect_tcp(host, int(port))
+    async with raw:
+        await raw.receive()  # INFO
+        await raw.send(
+            b'CONNECT {"verbose":false}\r\n'
+            + b"PUB "
+            + subject.encode()
+            + b" _INBOX.\xff\xfe 2\r\n{}\r\nPING\r\n"
+        )
+        assert b"PONG" in await raw.receive()  # the server took the message
+    with anyio.fail_after(10):
+        _, good = await ask(nc, subject, b'{"prompt": "still here"}')
+    assert json.loads(good)["text"] == "still here"
+    assert any("not UTF-8" in r.getMessage() for r in caplog.records)
+
+
 async def test_domain_errors_keep_their_contract_code(
     nc: NATS, service: tuple[ActorService, str]
 ) -> None:
