@@ -525,12 +525,15 @@ class ProviderActor:
             self._task_group.start_soon(self._append, events)
             await anyio.lowlevel.checkpoint()  # published ahead of the reply
 
-    async def _append(self, events: list[Event]) -> None:
+    async def _append(self, events: list[Event]) -> bool:
+        """Whether ``events`` were stored (a failure is logged, never raised)."""
         try:
             await self.runtime.log.append_many(events)
         except Exception:
             # The caller still gets its answer; the lost events are loud in the log.
             log.exception("%s: could not append %d events", self.name, len(events))
+            return False
+        return True
 
     async def _reply_error(
         self, ctx: RequestContext, error: ProviderError, *, called: bool
@@ -598,6 +601,7 @@ class ProviderActor:
         estimate = self.client.latency_estimate()
         if not force and not self._changed(signature, estimate if latency else None):
             return
+        before = (self._published, self._published_latency)
         self._published = signature
         if latency or force:
             self._published_latency = estimate
@@ -611,7 +615,10 @@ class ProviderActor:
             rate_limited_until=signature.rate_limited_until,
             latency_estimate_ms=estimate,
         )
-        await self._append([event])
+        if not await self._append([event]) and self._published is signature:
+            # Not stored: the routers never saw it. The next check publishes it again (else a
+            # recovery during a log outage would keep the provider out of routing for good).
+            self._published, self._published_latency = before
 
     def _changed(self, signature: _HealthSignature, latency: float | None) -> bool:
         old = self._published

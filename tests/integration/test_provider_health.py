@@ -4,12 +4,14 @@ after the usual successful call, one as soon as a failure opens the breaker (DES
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from events.log import ProviderHealthChanged
 from tests.fault.provider_harness import config_text, deployment, until
+from vapora.errors import InternalError
 
 pytestmark = pytest.mark.anyio
 
@@ -39,3 +41,37 @@ async def test_health_is_appended_on_changes_only(tmp_path: Path) -> None:
         router = dep.router
         assert router is not None
         await until(lambda: router.views["openai"].breaker_open)
+
+
+async def test_a_health_change_the_log_did_not_take_is_published_again(tmp_path: Path) -> None:
+    """The breaker opens while the event log refuses appends: the change is not stored, so the
+    next health check publishes it again (it used to count as published, and the routers went
+    on routing to a provider they would never hear had failed)."""
+    options = {"breaker_threshold": 1, "breaker_cooldown_s": 60.0, "health_interval_s": 3600.0}
+    async with deployment(tmp_path, config_text, provider_options=options) as dep:
+        provider = dep.providers["openai"]
+        append_many = dep.log.append_many
+        refused: list[ProviderHealthChanged] = []
+
+        async def log_down(events: Any, **kw: Any) -> Any:
+            if any(isinstance(e, ProviderHealthChanged) for e in events):
+                refused.extend(e for e in events if isinstance(e, ProviderHealthChanged))
+                raise InternalError("event log did not acknowledge event within 30.0 s")
+            return await append_many(events, **kw)
+
+        dep.log.append_many = log_down  # type: ignore[method-assign]
+        dep.sim.control({"provider": "openai", "fail_next": 1, "fail_with": "error-500"})
+        with pytest.raises(Exception):  # noqa: B017 - an override has no fallback
+            await dep.client.complete(prompt="hello", provider="openai")
+        with anyio.fail_after(10):
+            while not refused:  # noqa: ASYNC110 - the breaker's change, refused by the log
+                await anyio.sleep(0.02)
+        assert (refused[0].available, refused[0].breaker) == (False, "open")
+        dep.log.append_many = append_many  # type: ignore[method-assign]
+        await provider._publish_health()  # the next check, with the log back
+        states = [
+            (e.available, e.breaker)
+            for e in await dep.events()
+            if isinstance(e, ProviderHealthChanged) and e.provider == "openai"
+        ]
+        assert states == [(True, "closed"), (False, "open")]
