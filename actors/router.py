@@ -565,6 +565,7 @@ class RouterActor:
             latency_ms=(time.perf_counter() - task.started) * 1000,
             attempts=task.attempts,
             route=decision,
+            chunks=result.chunks,
         )
         await ctx.publish(ctx.reply, end)
         return None

@@ -207,7 +207,12 @@ class StreamChunk(_Message, tag="chunk", tag_field="type", frozen=True, kw_only=
 
 
 class StreamEnd(_Message, tag="end", tag_field="type", frozen=True, kw_only=True):
-    """The last message of a successful stream: every CompletionResult field but ``text``."""
+    """The last message of a successful stream: every CompletionResult field but ``text``.
+
+    ``chunks`` (an extension): how many ``chunk`` messages the stream sent, ``seq`` 0 to
+    ``chunks - 1``. The chunks come from the provider actor and the end from the router, so on a
+    cluster the end can arrive before the last chunks: a reader waits for them. None from a
+    router that does not say."""
 
     task_id: str
     provider: str
@@ -218,6 +223,7 @@ class StreamEnd(_Message, tag="end", tag_field="type", frozen=True, kw_only=True
     latency_ms: Milliseconds
     attempts: list[Attempt]
     route: RouteDecision
+    chunks: int | None = None
 
 
 class ErrorBody(_Message, frozen=True, kw_only=True):

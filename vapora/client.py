@@ -237,10 +237,11 @@ class TextStream:
         while True:
             if self._next_seq in self._early:
                 return self._take(self._early.pop(self._next_seq))
-            if self.result is not None or self.error is not None:
-                if self._early:  # a gap in seq: hand over what came, in order
-                    self._next_seq = min(self._early)
-                    continue
+            if self.result is not None and self.result.chunks is None and self._early:
+                # An older router's end (no count): what came is handed over, across any gap.
+                self._next_seq = min(self._early)
+                continue
+            if self.error is not None or (self.result is not None and self._complete()):
                 await self.aclose()
                 raise StopAsyncIteration
             if self._sub is None:
@@ -256,12 +257,25 @@ class TextStream:
             if text is not None:
                 return text
 
+    def _complete(self) -> bool:
+        """Whether every chunk has been handed over, the end having come. The end comes from the
+        router and the chunks from the provider actor: on a cluster the end can overtake the
+        last of them, which are then still awaited (an older router's end has no count)."""
+        assert self.result is not None
+        return self.result.chunks is None or self._next_seq >= self.result.chunks
+
     async def _receive(self, sub: Subscription) -> Msg:
         try:
             return await sub.next_msg(timeout=self._idle_timeout)
         except TimeoutError as exc:
             await self.aclose()
-            self.error = RequestTimeout(f"the stream sent nothing for {self._idle_timeout:g} s")
+            if self.result is not None and self.result.chunks is not None:
+                self.error = RequestTimeout(
+                    f"the stream ended after {self.result.chunks} chunks, but chunk "
+                    f"{self._next_seq} never came (waited {self._idle_timeout:g} s)"
+                )
+            else:
+                self.error = RequestTimeout(f"the stream sent nothing for {self._idle_timeout:g} s")
             raise self.error from exc
 
     def _no_responders(self, message: Msg) -> bool:

@@ -177,3 +177,59 @@ async def test_ask_prints_text_then_provider_model_tokens_cost_latency(tmp_path:
             err=err,
         )
         assert status == 1 and "unknown_provider" in err.getvalue()
+
+
+def _end(chunks: int | None) -> bytes:
+    """A stream's end as the router sends it (``chunks``: how many chunk messages it sent)."""
+    from events.contract import RouteDecision, StreamEnd, Usage
+
+    return encode(
+        StreamEnd(
+            task_id="t-1",
+            provider="openai",
+            model="gpt-4o",
+            finish_reason="stop",
+            usage=Usage(input_tokens=3, output_tokens=3),
+            cost_usd=Decimal("0.0001"),
+            latency_ms=1.0,
+            attempts=[],
+            route=RouteDecision(chain=["openai"], reason="test", tier=Tier.NORMAL),
+            chunks=chunks,
+        )
+    )
+
+
+def _chunk(seq: int, text: str) -> bytes:
+    from events.contract import StreamChunk
+
+    return encode(StreamChunk(task_id="t-1", seq=seq, text=text))
+
+
+async def test_a_stream_waits_for_chunks_its_end_overtook(tmp_path: Path) -> None:
+    """On a cluster the router's end can arrive before the provider actor's last chunks (two
+    publishers, two routes): the reader waits for the chunks the end counts, in order, and
+    fails naming the missing one if it never comes, rather than return cut text."""
+    async with deployment(tmp_path, guide(), providers=[], router=False) as dep:
+        nc = dep.client.nc
+        plans: list[list[bytes]] = [
+            [_chunk(0, "The "), _end(3), _chunk(2, "fox."), _chunk(1, "quick ")],
+            [_chunk(0, "The "), _chunk(2, "fox."), _end(3)],  # chunk 1 lost for good
+            [_chunk(0, "The "), _chunk(2, "fox."), _end(None)],  # an older router: no count
+        ]
+
+        async def fake_router(msg: Msg) -> None:
+            for message in plans.pop(0):
+                await nc.publish(msg.reply, message)
+
+        await nc.subscribe("vapora.stream", cb=fake_router)
+        client = vapora.Client(nc, timeout_s=1.0)
+        stream = client.stream(prompt="hi")
+        assert [text async for text in stream] == ["The ", "quick ", "fox."]
+        assert stream.result is not None and stream.result.chunks == 3
+        received: list[str] = []
+        with pytest.raises(RequestTimeout, match="after 3 chunks, but chunk 1 never came"):
+            async for text in client.stream(prompt="hi"):
+                received.append(text)
+        assert received == ["The "]
+        stream = client.stream(prompt="hi")
+        assert [text async for text in stream] == ["The ", "fox."]  # as before: what came
