@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -175,11 +175,17 @@ class EventLog:
         *,
         ack_timeout: float = 30.0,
         resend_after: float = 2.0,
+        pull_timeout: float = 5.0,
     ) -> None:
         self.nc = nc
         self.settings = settings or StreamSettings()
         self.ack_timeout = ack_timeout
         self.resend_after = resend_after
+        # A replay's pull requests are answered at once; none answered for this long (lost
+        # with a connection or a node), the replay goes on through a new consumer.
+        self.pull_timeout = pull_timeout
+        # Replays and tails that lost their consumer and went on with a new one.
+        self.replay_resumes = 0
         self.js = nc.jetstream()
         self._inbox: str | None = None
         self._acks: dict[bytes, _Ack] = {}
@@ -475,6 +481,41 @@ class EventLog:
         *,
         follow: bool,
     ) -> AsyncIterator[ReplayBatch[E]]:
+        """The log from ``start_seq`` through a pull consumer. When the consumer is known to be
+        lost (its deletion or "no responders" answered a pull request, or a replay's pull went
+        unanswered and the consumer is gone) reading goes on from the event after the last one
+        given, through a new consumer. A tail that stalls without a word is restarted by its
+        follower (:mod:`actors.follow`)."""
+        next_seq = start_seq
+        failures = 0  # losses in a row, with no batch read in between
+        while True:
+            reading = self._read_once(next_seq, filter_subjects, decode, follow=follow)
+            try:
+                async with contextlib.aclosing(reading):  # its consumer deleted on any exit
+                    async for batch in reading:
+                        next_seq = batch.seqs[-1] + 1
+                        failures = 0
+                        yield batch
+                return
+            except _ConsumerLost as lost:
+                failures += 1
+                if failures > _RESUMES:
+                    raise InternalError(
+                        f"reading the log lost its consumer {failures} times in a row "
+                        f"(last: {lost}); giving up at sequence {next_seq}"
+                    ) from None
+                self.replay_resumes += 1
+                log.warning("event log: %s; reading goes on from sequence %d", lost, next_seq)
+                await anyio.sleep(min(0.1 * 2 ** (failures - 1), 2.0))
+
+    async def _read_once(
+        self,
+        start_seq: int,
+        filter_subjects: Sequence[str] | None,
+        decode: Callable[[bytes], list[E]],
+        *,
+        follow: bool,
+    ) -> AsyncGenerator[ReplayBatch[E], None]:
         filters = list(filter_subjects or [self.settings.wildcard])
         consumer = await self.js.add_consumer(
             self.settings.name,
@@ -504,9 +545,20 @@ class EventLog:
                 while reader.outstanding < depth and (follow or not reader.caught_up):
                     reader.outstanding += 1
                     await self.nc.publish(next_subject, _pull_request(follow), reply=inbox)
-                raw = await reader.take()
+                if follow:
+                    raw = await reader.take()
+                else:  # a replay's pull is answered at once: none means it is lost
+                    with anyio.move_on_after(self.pull_timeout) as waited:
+                        raw = await reader.take()
+                    if waited.cancelled_caught:
+                        raise _ConsumerLost(
+                            f"no answer to a pull request on consumer {consumer.name} "
+                            f"within {self.pull_timeout:g} s"
+                        )
                 if raw:
                     yield _batch(raw, decode)
+                if reader.lost is not None:
+                    raise _ConsumerLost(f"consumer {consumer.name}: {reader.lost}")
                 if reader.caught_up and not follow:
                     return
         finally:
@@ -515,6 +567,13 @@ class EventLog:
             with contextlib.suppress(Exception):
                 await self.js.delete_consumer(self.settings.name, consumer.name)
 
+
+class _ConsumerLost(Exception):
+    """A replay's pull consumer is gone (or unreachable): the replay goes on with a new one."""
+
+
+#: How many times in a row reading may go on with a new consumer before it gives up.
+_RESUMES = 8
 
 _PULL_BATCH = 4096
 _TAIL_EXPIRES_NS = 30_000_000_000
@@ -560,12 +619,19 @@ class _PullReader:
         self.outstanding = 0  # pull requests sent and not yet finished
         self.in_request = 0  # messages received for the oldest of them
         self.caught_up = False
+        self.lost: str | None = None  # why the consumer is known to be gone
         self.ready = anyio.Event()
         self._short: bool | None = None  # the reply subjects' format (see _ack_tokens)
 
     def on_batch(self, messages: list[RawMessage]) -> None:
         reply = messages[-1][1]
         if not reply:  # a status (it comes alone): 404 no messages, 408 request expired, 409 ...
+            status = messages[-1][3] or b""
+            code = status[9:12]
+            # The consumer is gone: deleted (a node's loss, a restart), or nobody serves its
+            # pull requests any more. Other statuses end one request; pulling goes on.
+            if code == b"503" or (code == b"409" and b"Consumer Deleted" in status):
+                self.lost = status.split(b"\r\n", 1)[0].decode(errors="replace")
             self._finish_request()
             return
         self.buffer += messages

@@ -219,3 +219,57 @@ async def test_a_stream_jetstream_never_answers_for_fails_after_the_attempts(
     with pytest.raises(nats_errors.TimeoutError):
         await log.ensure_stream(attempts=3)
     assert calls == ["info"] * 3
+
+
+async def test_a_replay_whose_consumer_vanishes_goes_on_with_every_event_once(
+    event_log: EventLog,
+) -> None:
+    """The consumer a replay reads through is deleted between two of its batches (a server
+    restart or a lost node takes it): the pull requests sent to it are never answered, so the
+    replay checks it, finds it gone, and goes on from the event after the last it gave, with
+    a new consumer. It used to wait for ever (the keeper's and the ledger's start among them)."""
+    total = 10_000  # three batches of 4096
+    for start in range(0, total, 2000):
+        await event_log.append_many([released(n) for n in range(start, start + 2000)])
+    event_log.pull_timeout = 0.5
+    seqs: list[int] = []
+    with anyio.fail_after(60):
+        async for batch in event_log.replay(1):
+            seqs.extend(entry.seq for entry in batch)
+            if len(seqs) == len(batch):  # after the first batch: the consumer goes
+                stream = event_log.settings.name
+                for info in await event_log.js.consumers_info(stream):
+                    await event_log.js.delete_consumer(stream, info.name)
+    assert seqs == list(range(1, total + 1))  # none lost, none twice, in order
+    assert event_log.replay_resumes >= 1
+
+
+async def test_a_replays_pull_requests_lost_without_a_word_are_noticed(
+    event_log: EventLog,
+) -> None:
+    """Pull requests that never arrive (lost with a connection or a node, no status coming
+    back): a replay's pulls are answered at once, so after ``pull_timeout`` without an answer
+    it goes on through a new consumer, every event once."""
+    total = 14_000  # four pulls of 4096
+    for start in range(0, total, 2000):
+        await event_log.append_many([released(n) for n in range(start, start + 2000)])
+    event_log.pull_timeout = 0.5
+    publish = event_log.nc.publish
+    first: list[str] = []  # the first consumer's pull subject
+    dropped: list[str] = []
+
+    async def lossy(subject: str, payload: bytes = b"", **kw: object) -> None:
+        if subject.startswith("$JS.API.CONSUMER.MSG.NEXT."):
+            first[:] = first or [subject]
+            if seqs and subject == first[0]:  # every pull on it after the first batch: lost
+                dropped.append(subject)
+                return
+        await publish(subject, payload, **kw)  # type: ignore[arg-type]
+
+    seqs: list[int] = []
+    event_log.nc.publish = lossy  # type: ignore[method-assign]
+    with anyio.fail_after(60):
+        async for batch in event_log.replay(1):
+            seqs.extend(entry.seq for entry in batch)
+    assert dropped and seqs == list(range(1, total + 1))
+    assert event_log.replay_resumes >= 1

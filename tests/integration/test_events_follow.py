@@ -146,8 +146,9 @@ async def test_a_filtered_follower_reopens_a_tail_whose_consumer_vanished(
     event_log: EventLog,
 ) -> None:
     """The consumer behind the tail is deleted (as a node's loss would take it) while the
-    client stays connected: the next event on the filter is found unread, the tail reopened
-    from the last applied position, and the event applied once."""
+    client stays connected: the tail goes on from the last event it gave with a new consumer
+    (the deletion is announced to its pull request), or its follower reopens it on an unread
+    event on the filter; either way the next event is applied, once."""
     prefix = event_log.settings.prefix
     applied: list[int] = []
 
@@ -177,7 +178,7 @@ async def test_a_filtered_follower_reopens_a_tail_whose_consumer_vanished(
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
     assert applied == [1, 3]
-    assert follower.restarts >= 1
+    assert follower.restarts + event_log.replay_resumes >= 1
 
 
 async def test_the_routers_views_follow_the_log_after_their_consumers_vanished(
@@ -207,3 +208,25 @@ async def test_the_routers_views_follow_the_log_after_their_consumers_vanished(
         with anyio.fail_after(20):  # a stall is noticed within stall_s (2 s)
             while router.tier is not Tier.NEAR_THRESHOLD:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
+
+
+async def test_a_replay_goes_on_through_a_server_restart(
+    server: EmbeddedNats, conn: Client
+) -> None:
+    """The budget keeper and the ledger replay the log at start: a nats-server restart in the
+    middle of a replay takes its consumer; the replay goes on from the event after the last it
+    gave, through a new consumer, with every event once."""
+    log = EventLog(conn)
+    await log.ensure_stream()
+    total = 10_000  # three batches of 4096
+    for start in range(0, total, 2000):
+        await log.append_many([released(n) for n in range(start, start + 2000)])
+    seqs: list[int] = []
+    with anyio.fail_after(60):
+        async for batch in log.replay(1):
+            seqs.extend(entry.seq for entry in batch)
+            if len(seqs) == len(batch):  # after the first batch
+                await server.stop()
+                await server.start()  # same port, same data directory
+    assert seqs == list(range(1, total + 1))
+    assert log.replay_resumes >= 1
