@@ -337,6 +337,12 @@ class RouterActor:
         self._keys = {name: view.api_key_present for name, view in self.views.items()}
         self.tier = Tier.NORMAL
         self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
+        # Capped tasks' money this router has committed and not yet seen recorded in the log:
+        # upper bounds of attempts in flight (and of silent ones, which may have been billed),
+        # actual costs of answered attempts until their spend_recorded reaches the tail. With
+        # the recorded spend, what a task's next attempt is checked against, so that
+        # concurrent requests of one task keep to its cap on a lease too.
+        self.task_pending: OrderedDict[str, Decimal] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None  # set while running
         self._background: set[asyncio.Task[None]] = set()
         self._stop = anyio.Event()
@@ -497,6 +503,9 @@ class RouterActor:
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
                 if len(spend) > _TASK_SPEND_ENTRIES:
                     spend.popitem(last=False)
+                pending = self.task_pending.get(event.task_id)
+                if pending is not None:  # now counted as recorded: no longer as pending
+                    self._add_pending(event.task_id, -min(pending, event.cost_usd))
             case _:
                 pass
 
@@ -696,9 +705,46 @@ class RouterActor:
         refusal = self._over_task_cap(task, provider)
         if refusal is not None:
             return self._skipped(task, provider, "task_budget", refusal)
+        amount = task.costs[provider.name]
+        if task.cap is None:
+            return await self._attempt_provider(task, provider, amount)
+        # A capped task: the attempt's upper bound is pending until it ends, then its actual
+        # cost until the log's spend_recorded for it reaches this router (a silent attempt's
+        # bound stays: it may have been billed).
+        spent_before = task.spent
+        self._add_pending(task.task_id, amount)
+        calls = [0]
+        outcome: ProviderCallResult | _Failure | None = None
+        try:
+            outcome = await self._attempt_provider(task, provider, amount, calls)
+            return outcome
+        finally:
+            if outcome is None:  # cancelled mid-attempt: it may have been billed
+                unanswered = max(calls[0], 1)
+            else:  # every call but the last went unanswered, and maybe the last too
+                last_silent = isinstance(outcome, _Failure) and outcome.no_reply
+                unanswered = max(calls[0] - 1, 0) + last_silent
+            # Answered calls: their actual cost (in task.spent) instead of their bound.
+            kept = amount * unanswered
+            self._add_pending(task.task_id, task.spent - spent_before + kept - amount)
+
+    def _add_pending(self, task_id: str, delta: Decimal) -> None:
+        pending = self.task_pending
+        total = pending.pop(task_id, Decimal(0)) + delta
+        if total > 0:
+            pending[task_id] = total
+            if len(pending) > _TASK_SPEND_ENTRIES:
+                pending.popitem(last=False)
+
+    async def _attempt_provider(
+        self,
+        task: _Task,
+        provider: ProviderConfig,
+        amount: Decimal,
+        calls: list[int] | None = None,
+    ) -> ProviderCallResult | _Failure:
         reservation_id: str | None = None
         lease: _Lease | None = None
-        amount = task.costs[provider.name]
         if self.reserve and provider.name in self._paid:
             lease = self._take_from_lease(amount)
             if lease is not None:
@@ -708,6 +754,8 @@ class RouterActor:
                 if refusal is not None:
                     return self._skipped(task, provider, "budget_refused", refusal)
         outcome = await self._call(task, provider, reservation_id)
+        if calls is not None:
+            calls[0] += 1
         # A silent attempt may still have been billed: on a lease its upper bound stays
         # committed and the retry needs room of its own.
         if (
@@ -717,6 +765,8 @@ class RouterActor:
             and (lease is None or self._take_again(lease, amount))
         ):
             outcome = await self._call(task, provider, reservation_id)
+            if calls is not None:
+                calls[0] += 1
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
         elif isinstance(outcome, _Failure) and reservation_id is not None:
@@ -724,9 +774,13 @@ class RouterActor:
         return outcome
 
     def _over_task_cap(self, task: _Task, provider: ProviderConfig) -> str | None:
-        if task.cap is None or task.spent == 0:
+        if task.cap is None:
             return None
-        remaining = task.cap - self.task_spend.get(task.task_id, Decimal(0)) - task.spent
+        pending = self.task_pending.get(task.task_id, Decimal(0))
+        if task.spent == 0 and not pending:
+            return None  # the decision checked its candidates against the task's remaining
+        # This request's earlier attempts are in ``pending`` until the log records them.
+        remaining = task.cap - self.task_spend.get(task.task_id, Decimal(0)) - pending
         if task.costs[provider.name] > remaining:
             estimate = _usd(task.costs[provider.name])
             return f"estimated {estimate} exceeds the task's remaining {_usd(remaining)}"
