@@ -338,6 +338,8 @@ async def test_concurrent_requests_of_one_task_keep_to_its_cap_with_a_lease_held
         async with anyio.create_task_group() as tg:
             for i in range(20):
                 tg.start_soon(one, i)
+        # Every attempt answered: once the log's spend reaches the router, nothing is pending.
+        await until(lambda: "T1" not in router.task_pending)
         events = await dep.events()
     spent = sum(
         (e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "T1"),
