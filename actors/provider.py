@@ -112,6 +112,8 @@ HTTP_STATUS_HEADER = "Vapora-Http-Status"
 CALLED_HEADER = "Vapora-Called"
 #: Sent by the router with tracing on: why this provider (the provider span's route reason).
 ROUTE_REASON_HEADER = "Vapora-Route-Reason"
+#: Seconds a stopping provider actor allows past its timeout for the calls' events to append.
+_DRAIN_MARGIN_S = 5.0
 
 # A 429 without a usable wait closes the provider this long; a huge wait is capped.
 _DEFAULT_RETRY_S = 1.0
@@ -322,6 +324,9 @@ class ProviderActor:
             ],
             description=f"calls to {config.name} ({config.kind.value}, {config.model})",
             max_concurrency=max_concurrency,
+            # A stop lets the calls in flight end (each within the provider's timeout) and their
+            # spend be appended: cut short, a call's cost would never reach the log.
+            drain_timeout=max(10.0, config.timeout_ms / 1000 + _DRAIN_MARGIN_S),
         )
 
     # --- lifecycle ----------------------------------------------------------------------------

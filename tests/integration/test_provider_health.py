@@ -75,3 +75,15 @@ async def test_a_health_change_the_log_did_not_take_is_published_again(tmp_path:
             if isinstance(e, ProviderHealthChanged) and e.provider == "openai"
         ]
         assert states == [(True, "closed"), (False, "open")]
+
+
+async def test_a_stopping_provider_actor_waits_for_its_calls_to_end_and_be_billed(
+    tmp_path: Path,
+) -> None:
+    """A stop drains the actor's calls in flight; each may take the provider's whole timeout,
+    and its spend is appended after it: a drain shorter than that cancelled calls whose cost then
+    never reached the log (the default drain was 10 s against a 30 s timeout)."""
+    async with deployment(tmp_path, config_text) as dep:
+        for name, provider in dep.providers.items():
+            timeout_s = provider.config.timeout_ms / 1000
+            assert provider.service.drain_timeout >= timeout_s + 5.0, name
