@@ -756,21 +756,25 @@ class RouterActor:
         outcome = await self._call(task, provider, reservation_id)
         if calls is not None:
             calls[0] += 1
-        # A silent attempt may still have been billed: on a lease its upper bound stays
-        # committed and the retry needs room of its own.
-        if (
-            isinstance(outcome, _Failure)
-            and outcome.no_reply
-            and task.stream_to is None
-            and (lease is None or self._take_again(lease, amount))
-        ):
-            outcome = await self._call(task, provider, reservation_id)
-            if calls is not None:
-                calls[0] += 1
+        # A silent attempt may still have been billed: its hold stays (on a lease its upper
+        # bound stays committed; a reservation stays until its spend closes it or the keeper
+        # expires it), and the retry needs a hold of its own.
+        if isinstance(outcome, _Failure) and outcome.no_reply and task.stream_to is None:
+            retry = True
+            if lease is not None:
+                retry = self._take_again(lease, amount)
+            elif reservation_id is not None:
+                reservation_id, refusal = await self._reserve(task, provider)
+                if refusal is not None:  # nothing held for a retry: the silent attempt stands
+                    retry, reservation_id = False, None
+            if retry:
+                outcome = await self._call(task, provider, reservation_id)
+                if calls is not None:
+                    calls[0] += 1
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
-        elif isinstance(outcome, _Failure) and reservation_id is not None:
-            self._release(task, reservation_id)
+        elif isinstance(outcome, _Failure) and not outcome.no_reply and reservation_id is not None:
+            self._release(task, reservation_id)  # answered with a failure: nothing more to bill
         return outcome
 
     def _over_task_cap(self, task: _Task, provider: ProviderConfig) -> str | None:

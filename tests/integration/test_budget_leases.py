@@ -346,3 +346,41 @@ async def test_concurrent_requests_of_one_task_keep_to_its_cap_with_a_lease_held
         Decimal(0),
     )
     assert answered and Decimal(0) < spent <= Decimal("0.005")
+
+
+async def test_a_retry_after_a_silent_provider_actor_holds_budget_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """A provider actor that answers too late for the router (busy, slow to append) may still
+    bill its call, against the reservation it was given. The router retries such a silent
+    attempt: with a reservation of its own, and without releasing the first one, so that each
+    call that bills was held for (the retry reused the first reservation, which the first
+    call's spend had already closed, and a failed retry released it while both could bill)."""
+    budget = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
+    async with deployment(
+        tmp_path,
+        lambda url: config_text(url, timeouts={"openai": 500}, budget=budget),
+        keeper=True,
+        router_options={"grace_s": 0.2},
+    ) as dep:
+        provider = dep.providers["openai"]
+        complete = provider.client.complete
+        slow = [True]
+
+        async def late_once(*args: Any, **kw: Any) -> Any:
+            if slow.pop() if slow else False:
+                await anyio.sleep(1.5)  # past the router's wait (0.5 s + 0.2 s), then billed
+            return await complete(*args, **kw)
+
+        provider.client.complete = late_once  # type: ignore[method-assign]
+        await dep.client.complete(prompt="hello", provider="openai", task_id="T-silent")
+        spends: list[SpendRecorded] = []
+        with anyio.fail_after(20):
+            while len(spends) < 2:  # the late call ends and appends its spend too
+                await anyio.sleep(0.05)
+                spends = [
+                    e
+                    for e in await dep.events()
+                    if isinstance(e, SpendRecorded) and e.task_id == "T-silent"
+                ]
+    assert len({s.reservation_id for s in spends}) == 2  # each against a hold of its own
