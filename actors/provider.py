@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -66,7 +67,7 @@ from actors import tracing
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext, error_headers, error_payload
 from events import subjects
-from events.codec import encode
+from events.codec import decode_event, encode
 from events.contract import ProviderCall, ProviderCallResult, StreamChunk, Usage
 from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
 from vapora import telemetry
@@ -309,6 +310,9 @@ class ProviderActor:
         self._stop = anyio.Event()
         self.durable_reply = durable_reply
         self._task_group: anyio.abc.TaskGroup | None = None
+        #: A call's events the event log did not take, appended again every ``held_retry_s``.
+        self.held: list[Event] = []
+        self.held_retry_s = 2.0
         self.service = ActorService(
             runtime.nc,
             name=self.name,
@@ -336,11 +340,13 @@ class ProviderActor:
     ) -> None:
         """Check health, announce it, serve until :meth:`stop`, then drain and close the client."""
         try:
+            await self._load_held()
             await self._check_health()
             await self._publish_health(force=True)
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 tg.start_soon(self._health_loop)
+                tg.start_soon(self._held_loop)
                 async with anyio.create_task_group() as serving:
                     await serving.start(self.service.run)
                     task_status.started()
@@ -348,6 +354,11 @@ class ProviderActor:
                     self.service.stop()  # drains in-flight calls, then service.run returns
                 tg.cancel_scope.cancel()
         finally:
+            if self.held:  # a last try, then kept on disk: spend is never dropped
+                with anyio.move_on_after(5, shield=True):
+                    await self._append_held()
+                if self.held:
+                    self._save_held()
             with anyio.move_on_after(5, shield=True):
                 await self.client.aclose()
 
@@ -525,20 +536,83 @@ class ProviderActor:
     async def _record(self, events: list[Event]) -> None:
         """Append a call's events: before the reply (``durable_reply``), or alongside it."""
         if self.durable_reply or self._task_group is None:
-            await self._append(events)
+            await self._append(events, hold=True)
         else:
-            self._task_group.start_soon(self._append, events)
+            self._task_group.start_soon(functools.partial(self._append, events, hold=True))
             await anyio.lowlevel.checkpoint()  # published ahead of the reply
 
-    async def _append(self, events: list[Event]) -> bool:
-        """Whether ``events`` were stored (a failure is logged, never raised)."""
+    async def _append(self, events: list[Event], *, hold: bool = False) -> bool:
+        """Whether ``events`` were stored (a failure is logged, never raised). With ``hold``
+        (a call's events: what it cost), events the log did not take are held back and
+        appended again until it takes them (:meth:`_append_held`): spend is never dropped."""
         try:
             await self.runtime.log.append_many(events)
-        except Exception:
-            # The caller still gets its answer; the lost events are loud in the log.
-            log.exception("%s: could not append %d events", self.name, len(events))
+        except Exception as exc:
+            if hold:
+                self.held.extend(events)
+                log.error(
+                    "%s: the event log did not take %d events (%s); held back, %d in all, "
+                    "appended again until it does",
+                    self.name,
+                    len(events),
+                    exc,
+                    len(self.held),
+                )
+            else:
+                log.exception("%s: could not append %d events", self.name, len(events))
             return False
         return True
+
+    async def _append_held(self) -> bool:
+        """Append the events held back, in order, once (True: none left). Appending one again
+        is harmless: the stream drops a repeat within its duplicate window, and the budget
+        fold and the ledger count an event id once."""
+        events = list(self.held)
+        if not events:
+            return True
+        try:
+            await self.runtime.log.append_many(events)
+        except Exception as exc:
+            log.warning("%s: %d held events still not taken (%s)", self.name, len(events), exc)
+            return False
+        del self.held[: len(events)]
+        log.info("%s: appended %d held events", self.name, len(events))
+        return not self.held
+
+    async def _held_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.held_retry_s)
+            if self.held:
+                await self._append_held()
+
+    def _held_path(self) -> Path:
+        return self.runtime.data_dir / f"held-{self.name}.jsonl"
+
+    def _save_held(self) -> None:
+        """At a stop with events still held: keep them in the data directory for the next
+        start to append (one JSON event per line)."""
+        path = self._held_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as out:
+            out.write(b"".join(encode(event) + b"\n" for event in self.held))
+        log.error(
+            "%s: stopped with %d events the event log never took; kept in %s for the next start",
+            self.name,
+            len(self.held),
+            path,
+        )
+        self.held.clear()
+
+    async def _load_held(self) -> None:
+        """Events a previous run kept (:meth:`_save_held`): appended before serving."""
+        path = self._held_path()
+        if not path.exists():
+            return
+        lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+        self.held.extend(decode_event(line) for line in lines)
+        path.unlink()
+        log.info("%s: %d events kept by the last run, appending them", self.name, len(lines))
+        await self._append_held()
 
     async def _reply_error(
         self, ctx: RequestContext, error: ProviderError, *, called: bool

@@ -9,8 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
-from events.log import ProviderHealthChanged
+from events.log import ProviderHealthChanged, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment, until
+from tests.samples import EVENTS
 from vapora.errors import InternalError
 
 pytestmark = pytest.mark.anyio
@@ -87,3 +88,56 @@ async def test_a_stopping_provider_actor_waits_for_its_calls_to_end_and_be_bille
         for name, provider in dep.providers.items():
             timeout_s = provider.config.timeout_ms / 1000
             assert provider.service.drain_timeout >= timeout_s + 5.0, name
+
+
+async def test_a_calls_spend_the_log_did_not_take_is_appended_once_it_does(
+    tmp_path: Path,
+) -> None:
+    """The event log refuses appends for a while (an outage past the acknowledgement timeout):
+    the call's events are held back and appended again until the log takes them, so the spend
+    reaches the log once (it was logged and dropped)."""
+    async with deployment(tmp_path, config_text) as dep:
+        provider = dep.providers["openai"]
+        provider.held_retry_s = 0.05
+        append_many = dep.log.append_many
+        down = [True]
+
+        async def outage(events: Any, **kw: Any) -> Any:
+            if down[0] and any(isinstance(e, SpendRecorded) for e in events):
+                raise InternalError("event log did not acknowledge event within 30.0 s")
+            return await append_many(events, **kw)
+
+        dep.log.append_many = outage  # type: ignore[method-assign]
+        result = await dep.client.complete(prompt="hello", provider="openai", task_id="T-held")
+        assert provider.held  # the call answered; its events wait
+        down[0] = False
+        await until(lambda: not provider.held)
+        spends = [
+            e for e in await dep.events() if isinstance(e, SpendRecorded) and e.task_id == "T-held"
+        ]
+        assert [s.cost_usd for s in spends] == [result.cost_usd]
+
+
+async def test_events_held_at_a_stop_are_kept_and_appended_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A stop with held events (the log still away): they are kept in the data directory, and
+    the next start appends them before it serves."""
+    async with deployment(tmp_path, config_text) as dep:
+        provider = dep.providers["openai"]
+        append_many = dep.log.append_many
+        spend = EVENTS["spend_recorded"]
+
+        async def refused(events: Any, **kw: Any) -> Any:
+            raise InternalError("event log did not acknowledge event within 30.0 s")
+
+        dep.log.append_many = refused  # type: ignore[method-assign]
+        assert not await provider._append([spend], hold=True)
+        provider._save_held()
+        path = provider._held_path()
+        assert path.exists() and not provider.held
+        dep.log.append_many = append_many  # type: ignore[method-assign]
+        await provider._load_held()
+        assert not path.exists() and not provider.held
+        stored = [e for e in await dep.events() if e.id == spend.id]
+        assert stored == [spend]
