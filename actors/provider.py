@@ -67,7 +67,7 @@ from actors import tracing
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext, error_headers, error_payload
 from events import subjects
-from events.codec import decode_event, encode
+from events.codec import DecodeError, decode_event, encode
 from events.contract import ProviderCall, ProviderCallResult, StreamChunk, Usage
 from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
 from vapora import telemetry
@@ -609,9 +609,20 @@ class ProviderActor:
         if not path.exists():
             return
         lines = [line for line in path.read_bytes().splitlines() if line.strip()]
-        self.held.extend(decode_event(line) for line in lines)
+        unreadable: list[bytes] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                self.held.append(decode_event(line))
+            except DecodeError as exc:  # a line cut by a crash, an edit: kept aside, named
+                unreadable.append(line)
+                log.error("%s: %s line %d is not an event (%s)", self.name, path, number, exc)
+        if unreadable:
+            aside = path.with_suffix(".unreadable")
+            with aside.open("ab") as out:
+                out.write(b"".join(line + b"\n" for line in unreadable))
+            log.error("%s: %d unreadable lines kept in %s", self.name, len(unreadable), aside)
         path.unlink()
-        log.info("%s: %d events kept by the last run, appending them", self.name, len(lines))
+        log.info("%s: %d events kept by the last run, appending them", self.name, len(self.held))
         await self._append_held()
 
     async def _reply_error(

@@ -711,20 +711,18 @@ class RouterActor:
         # A capped task: the attempt's upper bound is pending until it ends, then its actual
         # cost until the log's spend_recorded for it reaches this router (a silent attempt's
         # bound stays: it may have been billed).
-        spent_before = task.spent
+        spent_before, made_before = task.spent, len(task.attempts)
         self._add_pending(task.task_id, amount)
-        calls = [0]
-        outcome: ProviderCallResult | _Failure | None = None
+        finished = False
         try:
-            outcome = await self._attempt_provider(task, provider, amount, calls)
+            outcome = await self._attempt_provider(task, provider, amount)
+            finished = True
             return outcome
         finally:
-            if outcome is None:  # cancelled mid-attempt: it may have been billed
-                unanswered = max(calls[0], 1)
-            else:  # every call but the last went unanswered, and maybe the last too
-                last_silent = isinstance(outcome, _Failure) and outcome.no_reply
-                unanswered = max(calls[0] - 1, 0) + last_silent
-            # Answered calls: their actual cost (in task.spent) instead of their bound.
+            # Answered calls: their actual cost (in task.spent) instead of their bound. The
+            # bound stays for a silent call, and for one cut short: either may have been billed.
+            made = task.attempts[made_before:]
+            unanswered = sum(a.error_code == "no_reply" for a in made) + (not finished)
             kept = amount * unanswered
             self._add_pending(task.task_id, task.spent - spent_before + kept - amount)
 
@@ -737,11 +735,7 @@ class RouterActor:
                 pending.popitem(last=False)
 
     async def _attempt_provider(
-        self,
-        task: _Task,
-        provider: ProviderConfig,
-        amount: Decimal,
-        calls: list[int] | None = None,
+        self, task: _Task, provider: ProviderConfig, amount: Decimal
     ) -> ProviderCallResult | _Failure:
         reservation_id: str | None = None
         lease: _Lease | None = None
@@ -754,8 +748,6 @@ class RouterActor:
                 if refusal is not None:
                     return self._skipped(task, provider, "budget_refused", refusal)
         outcome = await self._call(task, provider, reservation_id)
-        if calls is not None:
-            calls[0] += 1
         # A silent attempt may still have been billed: its hold stays (on a lease its upper
         # bound stays committed; a reservation stays until its spend closes it or the keeper
         # expires it), and the retry needs a hold of its own.
@@ -769,8 +761,6 @@ class RouterActor:
                     retry, reservation_id = False, None
             if retry:
                 outcome = await self._call(task, provider, reservation_id)
-                if calls is not None:
-                    calls[0] += 1
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
         elif isinstance(outcome, _Failure) and not outcome.no_reply and reservation_id is not None:

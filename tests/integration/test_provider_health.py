@@ -136,8 +136,12 @@ async def test_events_held_at_a_stop_are_kept_and_appended_at_the_next_start(
         provider._save_held()
         path = provider._held_path()
         assert path.exists() and not provider.held
+        cut = b'{"type":"spend_recorded","id":"cut\n'  # a line a crash cut short
+        with path.open("ab") as out:
+            out.write(cut)
         dep.log.append_many = append_many  # type: ignore[method-assign]
         await provider._load_held()
         assert not path.exists() and not provider.held
         stored = [e for e in await dep.events() if e.id == spend.id]
         assert stored == [spend]
+        assert path.with_suffix(".unreadable").read_bytes() == cut  # kept aside, not a crash
