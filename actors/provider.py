@@ -55,7 +55,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -64,10 +63,11 @@ import anyio.lowlevel
 import httpx
 
 from actors import tracing
+from actors.held import HeldEvents
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext, error_headers, error_payload
 from events import subjects
-from events.codec import DecodeError, decode_event, encode
+from events.codec import encode
 from events.contract import ProviderCall, ProviderCallResult, StreamChunk, Usage
 from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
 from vapora import telemetry
@@ -310,8 +310,9 @@ class ProviderActor:
         self._stop = anyio.Event()
         self.durable_reply = durable_reply
         self._task_group: anyio.abc.TaskGroup | None = None
-        #: A call's events the event log did not take, appended again every ``held_retry_s``.
-        self.held: list[Event] = []
+        #: A call's events the event log did not take, kept on disk and appended again every
+        #: ``held_retry_s`` (:mod:`actors.held`).
+        self.held = HeldEvents(runtime.data_dir, self.name)
         self.held_retry_s = 2.0
         self.service = ActorService(
             runtime.nc,
@@ -354,11 +355,18 @@ class ProviderActor:
                     self.service.stop()  # drains in-flight calls, then service.run returns
                 tg.cancel_scope.cancel()
         finally:
-            if self.held:  # a last try, then kept on disk: spend is never dropped
+            if self.held:  # a last try; what is left stays on disk for the next start
                 with anyio.move_on_after(5, shield=True):
                     await self._append_held()
                 if self.held:
-                    self._save_held()
+                    log.error(
+                        "%s: stopped with %d events the event log never took; kept in %s for "
+                        "the next start",
+                        self.name,
+                        len(self.held),
+                        self.held.path,
+                    )
+            self.held.close()
             with anyio.move_on_after(5, shield=True):
                 await self.client.aclose()
 
@@ -543,13 +551,13 @@ class ProviderActor:
 
     async def _append(self, events: list[Event], *, hold: bool = False) -> bool:
         """Whether ``events`` were stored (a failure is logged, never raised). With ``hold``
-        (a call's events: what it cost), events the log did not take are held back and
-        appended again until it takes them (:meth:`_append_held`): spend is never dropped."""
+        (a call's events: what it cost), events the log did not take are held back, on disk,
+        and appended again until it takes them (:meth:`_append_held`): spend is never dropped."""
         try:
             await self.runtime.log.append_many(events)
         except Exception as exc:
             if hold:
-                self.held.extend(events)
+                self.held.hold(events)
                 log.error(
                     "%s: the event log did not take %d events (%s); held back, %d in all, "
                     "appended again until it does",
@@ -575,7 +583,7 @@ class ProviderActor:
         except Exception as exc:
             log.warning("%s: %d held events still not taken (%s)", self.name, len(events), exc)
             return False
-        del self.held[: len(events)]
+        self.held.taken(len(events))
         log.info("%s: appended %d held events", self.name, len(events))
         return not self.held
 
@@ -585,45 +593,13 @@ class ProviderActor:
             if self.held:
                 await self._append_held()
 
-    def _held_path(self) -> Path:
-        return self.runtime.data_dir / f"held-{self.name}.jsonl"
-
-    def _save_held(self) -> None:
-        """At a stop with events still held: keep them in the data directory for the next
-        start to append (one JSON event per line)."""
-        path = self._held_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as out:
-            out.write(b"".join(encode(event) + b"\n" for event in self.held))
-        log.error(
-            "%s: stopped with %d events the event log never took; kept in %s for the next start",
-            self.name,
-            len(self.held),
-            path,
-        )
-        self.held.clear()
-
     async def _load_held(self) -> None:
-        """Events a previous run kept (:meth:`_save_held`): appended before serving."""
-        path = self._held_path()
-        if not path.exists():
-            return
-        lines = [line for line in path.read_bytes().splitlines() if line.strip()]
-        unreadable: list[bytes] = []
-        for number, line in enumerate(lines, 1):
-            try:
-                self.held.append(decode_event(line))
-            except DecodeError as exc:  # a line cut by a crash, an edit: kept aside, named
-                unreadable.append(line)
-                log.error("%s: %s line %d is not an event (%s)", self.name, path, number, exc)
-        if unreadable:
-            aside = path.with_suffix(".unreadable")
-            with aside.open("ab") as out:
-                out.write(b"".join(line + b"\n" for line in unreadable))
-            log.error("%s: %d unreadable lines kept in %s", self.name, len(unreadable), aside)
-        path.unlink()
-        log.info("%s: %d events kept by the last run, appending them", self.name, len(self.held))
-        await self._append_held()
+        """Events earlier instances held and did not append (stopped or crashed during an event
+        log outage): adopted, and appended before serving."""
+        count = self.held.adopt()
+        if count:
+            log.info("%s: %d events held by an earlier run, appending them", self.name, count)
+            await self._append_held()
 
     async def _reply_error(
         self, ctx: RequestContext, error: ProviderError, *, called: bool

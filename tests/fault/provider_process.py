@@ -1,8 +1,11 @@
 """One provider actor in its own OS process, for the scale and kill tests::
 
-    python -m tests.fault.provider_process NATS_URL CONFIG_FILE PROVIDER
+    python -m tests.fault.provider_process NATS_URL CONFIG_FILE PROVIDER [DATA_DIR]
 
-Prints ``ready`` once it serves; SIGTERM drains and stops it (SIGKILL does not).
+DATA_DIR (default: the system's temporary directory) is where it keeps held events;
+``ACK_TIMEOUT_S`` in the environment shortens the event log's acknowledgement timeout (30 s) for
+a test that makes the log refuse appends. Prints ``ready`` once it serves; SIGTERM drains and
+stops it (SIGKILL does not).
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ from actors.runner import Runtime, run_until_signalled
 from vapora.config import load_config
 
 
-async def main(url: str, config_file: str, provider: str) -> None:
+async def main(url: str, config_file: str, provider: str, data_dir: str | None = None) -> None:
     config = load_config(config_file, at=datetime.now(UTC))
     nc = await connect(ConnectOptions.from_url(url, name=f"provider-{provider}-{os.getpid()}"))
     try:
         runtime = Runtime(
             nc=nc,
             config=config,
-            log=EventLog(nc),
-            data_dir=Path(tempfile.gettempdir()),
+            log=EventLog(nc, ack_timeout=float(os.environ.get("ACK_TIMEOUT_S", "30"))),
+            data_dir=Path(data_dir or tempfile.gettempdir()),
             env=dict(os.environ),
         )
         actor = ProviderActor(runtime, provider=provider)
@@ -40,4 +43,4 @@ async def main(url: str, config_file: str, provider: str) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, *sys.argv[1:4])
+    anyio.run(main, *sys.argv[1:5])

@@ -9,12 +9,18 @@ from typing import Any
 import anyio
 import pytest
 
+from actors.provider import ProviderActor
+from events.codec import encode
 from events.log import ProviderHealthChanged, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment, until
 from tests.samples import EVENTS
 from vapora.errors import InternalError
 
 pytestmark = pytest.mark.anyio
+
+
+def held_files(directory: Path) -> list[Path]:
+    return list(directory.glob("held-provider-openai-*.jsonl"))
 
 
 async def test_health_is_appended_on_changes_only(tmp_path: Path) -> None:
@@ -121,8 +127,9 @@ async def test_a_calls_spend_the_log_did_not_take_is_appended_once_it_does(
 async def test_events_held_at_a_stop_are_kept_and_appended_at_the_next_start(
     tmp_path: Path,
 ) -> None:
-    """A stop with held events (the log still away): they are kept in the data directory, and
-    the next start appends them before it serves."""
+    """Held events are on disk as soon as they are held, in a file of the instance's own that
+    another instance leaves alone while the first lives; after a stop (the log still away) the
+    next start adopts them and appends them before it serves."""
     async with deployment(tmp_path, config_text) as dep:
         provider = dep.providers["openai"]
         append_many = dep.log.append_many
@@ -133,15 +140,36 @@ async def test_events_held_at_a_stop_are_kept_and_appended_at_the_next_start(
 
         dep.log.append_many = refused  # type: ignore[method-assign]
         assert not await provider._append([spend], hold=True)
-        provider._save_held()
-        path = provider._held_path()
-        assert path.exists() and not provider.held
+        path = provider.held.path
+        assert path.read_bytes() == encode(spend) + b"\n"  # on disk before the stop
+        dep.log.append_many = append_many  # type: ignore[method-assign]
+        other = ProviderActor(dep.runtime, provider="openai")
+        await other._load_held()
+        assert not other.held and path.exists()  # a live instance's file is left alone
+        provider.held.close()  # what a stop does once its last try failed
         cut = b'{"type":"spend_recorded","id":"cut\n'  # a line a crash cut short
         with path.open("ab") as out:
             out.write(cut)
-        dep.log.append_many = append_many  # type: ignore[method-assign]
-        await provider._load_held()
-        assert not path.exists() and not provider.held
+        await other._load_held()
+        assert not path.exists() and not other.held
+        assert not held_files(tmp_path)
         stored = [e for e in await dep.events() if e.id == spend.id]
         assert stored == [spend]
-        assert path.with_suffix(".unreadable").read_bytes() == cut  # kept aside, not a crash
+        unreadable = tmp_path / "held-provider-openai.unreadable"
+        assert unreadable.read_bytes() == cut  # kept aside, not a crash
+        other.held.close()
+
+
+async def test_a_file_from_an_earlier_version_is_adopted(tmp_path: Path) -> None:
+    """``held-<actor>.jsonl``, what earlier versions wrote at a stop, is adopted too."""
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        spend = EVENTS["spend_recorded"]
+        (tmp_path / "held-provider-openai.jsonl").write_bytes(encode(spend) + b"\n")
+        (tmp_path / "held-provider-openai2.jsonl").write_bytes(b"another actor's\n")
+        actor = ProviderActor(dep.runtime, provider="openai")
+        await actor._load_held()
+        assert not actor.held
+        assert not (tmp_path / "held-provider-openai.jsonl").exists()
+        assert (tmp_path / "held-provider-openai2.jsonl").exists()  # not this actor's
+        assert [e for e in await dep.events() if e.id == spend.id] == [spend]
+        actor.held.close()

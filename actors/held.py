@@ -1,0 +1,227 @@
+"""A provider actor's events the event log did not take, kept on disk until it does.
+
+A call's events say what it cost; when the log does not take them (a JetStream outage past the
+acknowledgement timeout) the provider actor holds them back and appends them again until it
+does. :class:`HeldEvents` keeps them on disk from the moment they are held, so that a crash
+during the outage loses none:
+
+* each actor instance has a file of its own in the data directory,
+  ``held-<actor>-<instance>.jsonl`` (one JSON event per line), created on the first hold and
+  locked (``flock``) for as long as the instance lives;
+* every event held is written and ``fsync``'d before :meth:`HeldEvents.hold` returns;
+* when some are appended, the file is replaced by one holding the rest (written, synced and
+  locked before it takes the name), and removed when none are left;
+* at start an instance *adopts* the files no live instance holds (the file of an instance that
+  crashed or stopped with events held, and ``held-<actor>.jsonl`` from earlier versions): their
+  events are written to its own file first, then the orphan is removed. A line that is not an
+  event (cut short by a crash, edited) is named in the log and kept in
+  ``held-<actor>.unreadable``.
+
+Appending an event twice is harmless: the stream drops a repeat within its duplicate window,
+and the budget fold and the cost ledger count an event id once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from events.codec import DecodeError, decode_event, encode
+from events.log import Event
+
+__all__ = ["HeldEvents"]
+
+log = logging.getLogger("vapora.actors")
+
+
+def _lock(file: BinaryIO) -> bool:
+    """Whether this process now holds ``file``'s exclusive lock (False: another instance has it)."""
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _still_named(file: BinaryIO, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``file`` (not replaced or removed since)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _sync_directory(directory: Path) -> None:
+    """A rename or removal in ``directory`` made durable (best effort: not every filesystem
+    lets a directory be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class HeldEvents:
+    """The events one actor instance holds back, in order, mirrored in its file (module doc)."""
+
+    def __init__(self, directory: Path, actor: str) -> None:
+        self.directory = directory
+        self.actor = actor
+        self.path = directory / f"held-{actor}-{uuid.uuid4().hex[:12]}.jsonl"
+        self.events: list[Event] = []
+        self._file: BinaryIO | None = None  # open and locked while the file exists
+        self._own = re.compile(rf"held-{re.escape(actor)}(-[0-9a-f]{{12}})?\.jsonl")
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __bool__(self) -> bool:
+        return bool(self.events)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events)
+
+    # --- holding and appending ----------------------------------------------------------------
+
+    def hold(self, events: Iterable[Event]) -> bool:
+        """Hold ``events`` back: in memory, and on disk before this returns (False: the disk
+        refused them, logged; they are held in memory only)."""
+        events = list(events)
+        self.events.extend(events)
+        try:
+            file = self._opened()
+            file.write(b"".join(encode(event) + b"\n" for event in events))
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as exc:
+            log.error(
+                "%s: could not write %d held events to %s (%s); they are held in memory only "
+                "and a crash would lose them",
+                self.actor,
+                len(events),
+                self.path,
+                exc,
+            )
+            return False
+        return True
+
+    def taken(self, count: int) -> None:
+        """The first ``count`` events held are in the log now: the file keeps only the rest."""
+        del self.events[:count]
+        try:
+            self._rewrite()
+        except OSError as exc:
+            log.error("%s: could not update %s (%s)", self.actor, self.path, exc)
+
+    def close(self) -> None:
+        """At a stop: the file (if any events are still held) stays for a later start to adopt;
+        the lock is released."""
+        if self.events:
+            try:
+                if self._file is None or not _still_named(self._file, self.path):
+                    self._rewrite()  # the writes had failed: one more try
+            except OSError as exc:
+                log.error(
+                    "%s: %d held events could not be kept in %s (%s); they are lost: %s",
+                    self.actor,
+                    len(self.events),
+                    self.path,
+                    exc,
+                    ", ".join(event.id for event in self.events),
+                )
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _opened(self) -> BinaryIO:
+        if self._file is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            file = self.path.open("ab")
+            _lock(file)  # a new, unique name: nobody else has it
+            self._file = file
+        return self._file
+
+    def _rewrite(self) -> None:
+        """Replace the file by one holding :attr:`events` (removed when there are none). The new
+        file is locked before it takes the name, so an instance adopting orphans never sees an
+        unlocked file of a live instance; one that opened the old file finds it renamed away."""
+        old = self._file
+        if not self.events:
+            if old is not None:
+                self.path.unlink(missing_ok=True)
+                old.close()
+                self._file = None
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        staged = self.path.with_suffix(".staged")
+        file = staged.open("wb")
+        try:
+            _lock(file)
+            file.write(b"".join(encode(event) + b"\n" for event in self.events))
+            file.flush()
+            os.fsync(file.fileno())
+            os.replace(staged, self.path)
+        except BaseException:
+            file.close()
+            staged.unlink(missing_ok=True)
+            raise
+        _sync_directory(self.directory)
+        self._file = file
+        if old is not None:
+            old.close()
+
+    # --- adopting what earlier instances left -------------------------------------------------
+
+    def adopt(self) -> int:
+        """Take over the held-events files no live instance of this actor holds; returns how many
+        events they had (now :attr:`events`' first, in the files' order)."""
+        if not self.directory.is_dir():
+            return 0
+        adopted = 0
+        for path in sorted(self.directory.iterdir()):
+            if path == self.path or not self._own.fullmatch(path.name):
+                continue
+            try:
+                adopted += self._adopt(path)
+            except OSError as exc:
+                log.error("%s: could not read held events in %s (%s)", self.actor, path, exc)
+        return adopted
+
+    def _adopt(self, path: Path) -> int:
+        with path.open("rb") as file:
+            if not _lock(file) or not _still_named(file, path):
+                return 0  # a live instance's, or replaced meanwhile
+            lines = [line for line in file.read().splitlines() if line.strip()]
+            events: list[Event] = []
+            unreadable: list[bytes] = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    events.append(decode_event(line))
+                except DecodeError as exc:
+                    unreadable.append(line)
+                    log.error("%s: %s line %d is not an event (%s)", self.actor, path, number, exc)
+            if unreadable:
+                aside = self.directory / f"held-{self.actor}.unreadable"
+                with aside.open("ab") as out:
+                    out.write(b"".join(line + b"\n" for line in unreadable))
+                    out.flush()
+                    os.fsync(out.fileno())
+                log.error("%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside)
+            if events and not self.hold(events):
+                return len(events)  # in memory only: the orphan stays until they are appended
+            path.unlink()
+        _sync_directory(self.directory)
+        if events:
+            log.info("%s: %d held events left in %s, adopted", self.actor, len(events), path)
+        return len(events)

@@ -1,0 +1,102 @@
+"""A provider actor killed (SIGKILL) while the event log refuses its call's events: the events
+were on disk from the moment they were held, and the next provider actor on that data directory
+appends them. Real nats-server (the refusal is a full stream's), simulator over HTTP, a real OS
+process killed."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.js.api import DiscardPolicy
+
+from actors.provider import ProviderActor
+from events import subjects
+from events.codec import decode, encode
+from events.contract import ProviderCall, ProviderCallResult, TaskType
+from events.log import SpendRecorded
+from tests.fault.provider_harness import KEYS, config_text, deployment, until
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def held_files(data_dir: Path) -> list[Path]:
+    """The provider actor instances' held-events files for ``openai`` in ``data_dir``."""
+    return list(data_dir.glob("held-provider-openai-*.jsonl"))
+
+
+async def test_spend_held_by_a_killed_provider_actor_is_appended_by_the_next(
+    tmp_path: Path,
+) -> None:
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        config_file = tmp_path / "vapora.toml"
+        config_file.write_text(config_text(dep.sim.base_url))
+        data_dir = tmp_path / "data"
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.fault.provider_process",
+                dep.server.url,
+                str(config_file),
+                "openai",
+                str(data_dir),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT), "ACK_TIMEOUT_S": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with anyio.fail_after(30):
+                assert worker.stdout is not None
+                line = await anyio.to_thread.run_sync(worker.stdout.readline)
+                assert line.strip() == b"ready"
+            # The log refuses every append from now on: a full stream that discards new messages.
+            js = dep.log.js
+            info = await js.stream_info(dep.log.settings.name)
+            full = dataclasses.replace(
+                info.config, max_msgs=info.state.messages, discard=DiscardPolicy.NEW
+            )
+            await js.update_stream(full)
+            call = ProviderCall(
+                task_id="T-killed",
+                task_type=TaskType.GENERAL_QUERY,
+                attempt=1,
+                model="gpt-4o-mini",
+                prompt="hello",
+                max_tokens=16,
+            )
+            reply = await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=15)
+            result = decode(reply.data, ProviderCallResult)
+            assert result.cost_usd > 0
+            await until(lambda: any(p.stat().st_size for p in held_files(data_dir)), within_s=15)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        assert worker.returncode == -signal.SIGKILL
+        await js.update_stream(
+            dataclasses.replace(info.config, max_msgs=-1, discard=DiscardPolicy.OLD)
+        )
+        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
+        successor = ProviderActor(runtime, provider="openai")
+        async with anyio.create_task_group() as tg:
+            await tg.start(successor.run)
+
+            async def spends() -> list[SpendRecorded]:
+                return [e for e in await dep.events_of("T-killed") if isinstance(e, SpendRecorded)]
+
+            with anyio.fail_after(15):
+                while not await spends():  # noqa: ASYNC110 - appended by the successor's start
+                    await anyio.sleep(0.05)
+            assert [s.cost_usd for s in await spends()] == [result.cost_usd]
+            await until(lambda: not held_files(data_dir))
+            successor.stop()

@@ -1,0 +1,51 @@
+"""HeldEvents: a provider actor's held-back events mirrored on disk (actors/held.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from actors.held import HeldEvents
+from events.codec import decode_event
+from tests.samples import EVENTS
+
+SPEND = EVENTS["spend_recorded"]
+CALL = EVENTS["call_succeeded"]
+
+
+def on_disk(path: Path) -> list[object]:
+    return [decode_event(line) for line in path.read_bytes().splitlines()]
+
+
+def test_what_is_taken_leaves_the_file_and_the_rest_stays_locked(tmp_path: Path) -> None:
+    held = HeldEvents(tmp_path, "provider-openai")
+    assert held.hold([SPEND, CALL])
+    assert on_disk(held.path) == [SPEND, CALL]
+    held.taken(1)
+    assert list(held) == [CALL] and on_disk(held.path) == [CALL]
+    other = HeldEvents(tmp_path, "provider-openai")
+    assert other.adopt() == 0 and not other  # the replaced file is locked as well
+    held.taken(1)
+    assert not held.path.exists()
+    assert not list(tmp_path.iterdir())  # no staged file left either
+
+
+def test_a_closed_instances_events_are_adopted_in_order(tmp_path: Path) -> None:
+    first = HeldEvents(tmp_path, "provider-openai")
+    first.hold([SPEND])
+    first.hold([CALL])
+    first.close()
+    second = HeldEvents(tmp_path, "provider-openai")
+    assert second.adopt() == 2
+    assert list(second) == [SPEND, CALL]
+    assert not first.path.exists() and on_disk(second.path) == [SPEND, CALL]
+    second.close()
+
+
+def test_a_directory_that_refuses_the_file_keeps_them_in_memory(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    held = HeldEvents(blocked, "provider-openai")
+    assert not held.hold([SPEND])  # logged, not raised: the call's reply still goes out
+    assert list(held) == [SPEND]
+    held.taken(1)
+    assert not held
