@@ -389,6 +389,9 @@ class ProviderActor:
                 done = await self._observed(call, request, ctx)
             else:
                 done = await self._send(call, request, ctx)
+        except anyio.get_cancelled_exc_class():
+            self._cut(call, (time.perf_counter() - started) * 1000)
+            raise
         except ProviderError as error:
             await self._failed(call, error, (time.perf_counter() - started) * 1000)
             await self._reply_error(ctx, error, called=True)
@@ -521,6 +524,34 @@ class ProviderActor:
         await self._record(events)
         await self._publish_health()
 
+    def _cut(self, call: ProviderCall, latency_ms: float) -> None:
+        """The call was cancelled while the provider had it (a second stop signal, a drain past
+        its limit): recorded as a ``call_failed`` of class ``cancelled``, held (on disk at once,
+        appended by the stop's last try or the next start), since nothing here may await."""
+        cut = CallFailed(
+            id=_new_id(),
+            at=self.runtime.clock(),
+            task_id=call.task_id,
+            provider=self.config.name,
+            model=call.model or self.config.model,
+            attempt=call.attempt,
+            error_code="cancelled",
+            error_class="cancelled",
+            message=(
+                f"{self.config.name}: the provider actor stopped during the call; what the "
+                "provider billed for it is unknown"
+            ),
+            latency_ms=latency_ms,
+        )
+        log.warning(
+            "%s: call for task %s (attempt %d) cut by a stop after %.0f ms; recorded as cancelled",
+            self.name,
+            call.task_id,
+            call.attempt,
+            latency_ms,
+        )
+        self.held.hold([cut])
+
     def _spend(
         self, call: ProviderCall, model: str, usage: Usage, amount: Decimal, now: datetime
     ) -> SpendRecorded:
@@ -555,6 +586,10 @@ class ProviderActor:
         and appended again until it takes them (:meth:`_append_held`): spend is never dropped."""
         try:
             await self.runtime.log.append_many(events)
+        except anyio.get_cancelled_exc_class():
+            if hold:  # cut by a stop before the log answered: held, appended again later
+                self.held.hold(events)
+            raise
         except Exception as exc:
             if hold:
                 self.held.hold(events)

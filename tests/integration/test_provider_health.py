@@ -10,8 +10,10 @@ import anyio
 import pytest
 
 from actors.provider import ProviderActor
+from events import subjects
 from events.codec import encode
-from events.log import ProviderHealthChanged, SpendRecorded
+from events.contract import ProviderCall, TaskType
+from events.log import CallFailed, ProviderHealthChanged, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment, until
 from tests.samples import EVENTS
 from vapora.errors import InternalError
@@ -173,3 +175,64 @@ async def test_a_file_from_an_earlier_version_is_adopted(tmp_path: Path) -> None
         assert (tmp_path / "held-provider-openai2.jsonl").exists()  # not this actor's
         assert [e for e in await dep.events() if e.id == spend.id] == [spend]
         actor.held.close()
+
+
+def slow_openai(base_url: str) -> str:
+    return config_text(base_url, models={"openai": "gpt-4-slow-5000"})
+
+
+async def _call_openai(dep: Any, task_id: str) -> None:
+    call = ProviderCall(
+        task_id=task_id,
+        task_type=TaskType.GENERAL_QUERY,
+        attempt=1,
+        model=dep.runtime.config.provider("openai").model,
+        prompt="hello",
+        max_tokens=16,
+    )
+    await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=30)
+
+
+async def test_a_call_cut_by_a_stop_is_recorded_as_cancelled(tmp_path: Path) -> None:
+    """A provider actor cancelled while the provider has a call (a second stop signal): the
+    call is recorded as ``call_failed`` of class ``cancelled``, appended by the stop's last
+    try (it used to leave no trace in the log at all)."""
+    async with deployment(tmp_path, slow_openai, providers=[], router=False) as dep:
+        actor = ProviderActor(dep.runtime, provider="openai")
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            tg.start_soon(_call_openai, dep, "T-cut")
+            await until(lambda: actor.service.in_flight > 0)
+            await anyio.sleep(0.2)  # the request is with the provider (5 s to answer)
+            tg.cancel_scope.cancel()
+        [cut] = [e for e in await dep.events_of("T-cut") if isinstance(e, CallFailed)]
+        assert (cut.error_class, cut.error_code, cut.cost_usd) == ("cancelled", "cancelled", 0)
+        assert "unknown" in cut.message and cut.latency_ms >= 200
+        assert not held_files(tmp_path)
+
+
+async def test_a_calls_events_cut_before_the_log_answered_are_held(tmp_path: Path) -> None:
+    """A stop cancels the append of a call's events while JetStream has not answered: the
+    events are held (on disk) and appended by the stop's last try, not dropped."""
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        actor = ProviderActor(dep.runtime, provider="openai")
+        append_many = dep.log.append_many
+        waiting = anyio.Event()
+
+        async def unanswered(events: Any, **kw: Any) -> Any:
+            if any(isinstance(e, SpendRecorded) for e in events):
+                waiting.set()
+                await anyio.sleep_forever()
+            return await append_many(events, **kw)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            dep.log.append_many = unanswered  # type: ignore[method-assign]
+            tg.start_soon(_call_openai, dep, "T-unanswered")
+            await waiting.wait()
+            assert held_files(tmp_path) == []
+            dep.log.append_many = append_many  # type: ignore[method-assign]
+            tg.cancel_scope.cancel()
+        spends = [e for e in await dep.events_of("T-unanswered") if isinstance(e, SpendRecorded)]
+        assert len(spends) == 1 and spends[0].cost_usd > 0
+        assert not held_files(tmp_path)
