@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from actors.protocol import FastParser, RawBatch, RawMessage
+from vapora.config import redact_url
 
 __all__ = [
     "Client",
@@ -77,6 +78,14 @@ class ConnectOptions:
     max_reconnect_attempts: int = -1
     # pending_size bounds what nats-py buffers while disconnected (bytes).
     pending_size: int = 64 * 1024 * 1024
+
+    def __repr__(self) -> str:
+        # The servers' user-info may hold a password or a token: masked, like the fields.
+        servers = tuple(redact_url(server) for server in self.servers)
+        return (
+            f"ConnectOptions(servers={servers!r}, name={self.name!r}, user={self.user!r}, "
+            f"creds_file={self.creds_file!r}, tls_ca_file={self.tls_ca_file!r})"
+        )
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> ConnectOptions:
@@ -552,7 +561,7 @@ async def connect(options: ConnectOptions) -> Client:
     if tls is not None:
         kwargs["tls"] = tls
     client = Client()
-    servers = ", ".join(options.servers)
+    servers = ", ".join(redact_url(server) for server in options.servers)
     try:
         with anyio.fail_after(options.initial_deadline):
             await refusal.connect(client, kwargs)

@@ -315,7 +315,8 @@ class NatsConfig(_Section, frozen=True, kw_only=True):
         password = None if self.password is None else _MASK
         token = None if self.token is None else _MASK
         return (
-            f"NatsConfig(urls={self.urls!r}, user={self.user!r}, password={password!r}, "
+            f"NatsConfig(urls={tuple(redact_url(u) for u in self.urls)!r}, "
+            f"user={self.user!r}, password={password!r}, "
             f"token={token!r}, creds={self.creds!r}, tls={self.tls!r})"
         )
 
@@ -456,17 +457,50 @@ def default_quality(kind: ProviderKind, model: str) -> float:
     return _KIND_QUALITY[kind] if match is None else match
 
 
+def redact_url(url: str) -> str:
+    """``url`` with the secret in its user-info masked, for anything shown, logged or raised:
+    ``nats://user:***@host:4222`` (a password), ``nats://***@host:4222`` (a token). Everything
+    up to the last ``@`` before the host counts as user-info, so a password holding ``/`` or
+    ``@`` is masked whole."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    user, colon, _ = rest[:at].partition(":")
+    masked = f"{user}:{_MASK}" if colon else _MASK
+    return f"{scheme}{sep}{masked}{rest[at:]}"
+
+
 def api_key(provider: ProviderConfig, env: Mapping[str, str]) -> str | None:
-    """The provider's API key from ``env``; None if it needs none or the variable is unset/empty."""
+    """The provider's API key from ``env``, without surrounding whitespace (a trailing newline
+    from ``$(cat keyfile)``); None if it needs none, the variable is unset or empty, or the key
+    holds a character no API key has (a space, a control character, non-ASCII): such a key
+    cannot go into a header as it is, and the server would quote back a different string than
+    the one scrubbed from its errors. :func:`missing_api_key` says which."""
     if provider.api_key_env is None:
         return None
-    return env.get(provider.api_key_env) or None
+    key = (env.get(provider.api_key_env) or "").strip()
+    if not key or not _header_safe(key):
+        return None
+    return key
+
+
+def _header_safe(key: str) -> bool:
+    return all("!" <= char <= "~" for char in key)  # printable ASCII, no space
 
 
 def missing_api_key(provider: ProviderConfig, env: Mapping[str, str]) -> str | None:
-    """Why the provider cannot authenticate (``ANTHROPIC_API_KEY is not set``); None if it can."""
+    """Why the provider cannot authenticate (``ANTHROPIC_API_KEY is not set``); None if it can.
+    Never quotes the key."""
     if provider.api_key_env is None or api_key(provider, env) is not None:
         return None
+    if (env.get(provider.api_key_env) or "").strip():
+        return (
+            f"{provider.api_key_env} holds a space, a control or a non-ASCII character inside "
+            "the key (not shown)"
+        )
     return f"{provider.api_key_env} is not set"
 
 
@@ -477,11 +511,12 @@ def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
     parts = urlsplit(url)
     if parts.scheme not in schemes or not parts.hostname:
         allowed = "|".join(sorted(schemes))
-        raise _Invalid(path, f"{url!r} is not a valid URL (expected {allowed}://host[:port])")
+        shown = redact_url(url)
+        raise _Invalid(path, f"{shown!r} is not a valid URL (expected {allowed}://host[:port])")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        raise _Invalid(path, f"{url!r} has a bad port") from exc
+        raise _Invalid(path, f"{redact_url(url)!r} has a bad port") from exc
     return url.rstrip("/")
 
 
@@ -866,6 +901,7 @@ def render_json(config: Config) -> str:
     for secret in ("password", "token"):
         if nats[secret] is not None:
             nats[secret] = _MASK
+    nats["urls"] = [redact_url(url) for url in nats["urls"]]
     data["mappings"] = {name: list(m) if m else None for name, m, _ in _mapping_rows(config)}
     return json.dumps(data, indent=2)
 
@@ -880,7 +916,9 @@ def _provider_lines(p: ProviderConfig, env: Mapping[str, str] | None) -> list[st
     elif env is None:
         key = f"key from ${p.api_key_env}"
     else:
-        key = f"key from ${p.api_key_env} ({'missing' if missing_api_key(p, env) else 'set'})"
+        reason = missing_api_key(p, env)
+        state = "set" if reason is None else "missing" if reason.endswith("not set") else "unusable"
+        key = f"key from ${p.api_key_env} ({state})"
     price = p.price
     return [
         f"  {p.name}: {p.kind.value} {p.model} at {p.base_url}",
@@ -909,7 +947,7 @@ def _routing_lines(config: Config) -> list[str]:
 
 def _tail_lines(config: Config) -> list[str]:
     b, n, t = config.budget, config.nats, config.telemetry
-    nats = ", ".join(n.urls) if n.urls else "embedded server"
+    nats = ", ".join(redact_url(u) for u in n.urls) if n.urls else "embedded server"
     auth = (
         "token"
         if n.token

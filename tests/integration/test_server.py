@@ -58,3 +58,19 @@ async def test_connecting_to_nothing_fails_clearly_naming_the_servers() -> None:
 def test_secrets_stay_out_of_connect_options_repr() -> None:
     options = ConnectOptions(user="svc", password="hunter2-secret", token="tok-secret")
     assert "hunter2" not in repr(options) and "tok-secret" not in repr(options)
+    in_urls = ConnectOptions.from_url("nats://svc:hunter2-secret@h:4222,nats://tok-secret@h2")
+    assert "hunter2" not in repr(in_urls) and "tok-secret" not in repr(in_urls)
+    assert "nats://svc:***@h:4222" in repr(in_urls)
+
+
+async def test_a_failed_connect_does_not_quote_credentials_in_its_urls() -> None:
+    options = ConnectOptions.from_url(
+        "nats://svc:hunter2-secret@127.0.0.1:1,nats://tok-secret@127.0.0.1:2",
+        connect_timeout=0.2,
+        initial_deadline=1.0,
+    )
+    with pytest.raises(ConnectionFailed) as failed:
+        await connect(options)
+    message = str(failed.value)
+    assert "hunter2" not in message and "tok-secret" not in message
+    assert "nats://svc:***@127.0.0.1:1, nats://***@127.0.0.1:2" in message

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import traceback
 
+import anyio
+import anyio.abc
 import httpx
 import pytest
 
-from tests.providers.conftest import SECRET, ClientFactory
+from tests.providers.conftest import SECRET, ClientFactory, price_of
 from vapora.errors import ProviderError
-from vapora.providers import ProviderRequest
+from vapora.providers import ProviderRequest, make_client
 from vapora.simulator import Simulator
 
 pytestmark = pytest.mark.anyio
@@ -84,3 +86,73 @@ async def test_no_error_or_log_line_contains_the_key(
     assert any("Incorrect API key" in text or "API key not valid" in text for text in said)
     assert not [text for text in said + logged if SECRET in text]
     assert any("[redacted]" in text for text in said)
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "gemini"])
+@pytest.mark.parametrize("padded", [SECRET + " ", SECRET + "\n", "\t" + SECRET + "\r\n"])
+async def test_a_key_with_surrounding_whitespace_is_sent_trimmed_and_scrubbed(
+    kind: str, padded: str, client_for: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server trims a header's value and quotes that back: the exact-match scrub of the key
+    as given found nothing, and the whole key reached the event log and the router's log."""
+    caplog.set_level(logging.DEBUG)
+    client = client_for(kind, "error-401", api_key=padded)
+    with pytest.raises(ProviderError) as failed:
+        await client.complete(ProviderRequest(prompt="a b c d"))
+    said = _everything_said_about(failed.value) + caplog.text
+    assert "[redacted]" in said and SECRET not in said and SECRET[:12] not in said
+
+
+@pytest.mark.parametrize("bad", ["sk-with space", "sk-line\r\nX-Injected: 1", "sk-é"])
+async def test_a_key_no_header_can_carry_is_refused_without_quoting_it(
+    bad: str, client_for: ClientFactory
+) -> None:
+    with pytest.raises(ValueError, match="not shown") as refused:
+        client_for("openai", api_key=bad)
+    assert bad not in str(refused.value) and "sk-" not in str(refused.value)
+
+
+async def test_a_key_cut_by_the_error_messages_length_is_not_left_half_shown() -> None:
+    """A gateway's HTML 401 that echoes the Authorization header across the 500th byte: the body
+    was cut before it was scrubbed, and the key's first half, no longer matching, was kept."""
+    # The key starts at the body's 464th byte: the old cut at 500 kept 36 of its 38 characters
+    # (no longer the key), and the message's own cut at 500 kept its first 11.
+    prefix = b"<html><body>" + b"x" * 444 + b" Bearer "
+    body = prefix + SECRET.encode() + b"</body></html>"
+
+    async def gateway(reader: anyio.abc.ByteStream) -> None:
+        async with reader:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await reader.receive()
+            head, _, rest = request.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(rest) < length:
+                rest += await reader.receive()
+            await reader.send(
+                b"HTTP/1.1 401 Unauthorized\r\ncontent-type: text/html\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, gateway)
+        client = make_client(
+            name="gateway",
+            kind="openai",
+            model="gpt-4o",
+            price=price_of("openai"),
+            api_key=SECRET,
+            base_url=f"http://127.0.0.1:{port}/v1",
+            timeout=5.0,
+        )
+        try:
+            with pytest.raises(ProviderError) as failed:
+                await client.complete(ProviderRequest(prompt="a b c d"))
+        finally:
+            await client.aclose()
+        tg.cancel_scope.cancel()
+    said = _everything_said_about(failed.value)
+    assert "Bearer " in said  # the cut falls inside the key
+    assert SECRET[:8] not in said

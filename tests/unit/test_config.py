@@ -490,6 +490,35 @@ def test_api_keys_are_read_from_the_env_mapping_only() -> None:
     assert missing_api_key(ollama, {}) is None
 
 
+def test_an_api_key_is_trimmed_and_one_no_header_can_carry_is_refused_unquoted() -> None:
+    claude, _, _ = parse(BASE).providers
+    assert api_key(claude, {"ANTHROPIC_API_KEY": " sk-ant-secret\n"}) == "sk-ant-secret"
+    for bad in ("sk-ant secret", "sk-ant-secret\r\nX-Injected: 1", "sk-ant-sécret"):
+        env = {"ANTHROPIC_API_KEY": bad}
+        assert api_key(claude, env) is None
+        reason = missing_api_key(claude, env)
+        assert reason is not None and "ANTHROPIC_API_KEY holds" in reason
+        assert "secret" not in reason and "sécret" not in reason
+        assert "ANTHROPIC_API_KEY (unusable)" in render_text(parse(BASE), env)
+
+
+@given(
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=8, max_size=30),
+    st.sampled_from(["nats://{u}:{s}@h:4222", "tls://{u}:{s}@h", "nats://{s}@h:4222"]),
+)
+def test_no_nats_url_credential_appears_in_any_repr_render_or_error(secret: str, form: str) -> None:
+    url = form.format(u="alice", s="pw" + secret)
+    config = apply_env(parse(BASE), {ENV_NATS_URL: url})
+    assert config.nats.urls == (url,)  # what connects is the URL as given
+    shown = [repr(config), str(config), render_text(config, {}), render_json(config)]
+    with pytest.raises(ConfigError) as bad_port:
+        apply_env(parse(BASE), {ENV_NATS_URL: url.replace("@h", "@h:42x2", 1)})
+    shown.append(str(bad_port.value))
+    for text in shown:
+        assert "pw" + secret not in text
+    assert all("***@h" in text for text in shown)
+
+
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=12, max_size=40))
 def test_no_secret_appears_in_any_repr_or_render(secret: str) -> None:
     secret = "sk-" + secret

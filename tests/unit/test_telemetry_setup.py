@@ -161,6 +161,22 @@ def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment() ->
     assert b"vapora_llm_routing_decisions_total" in metrics
 
 
+def test_a_malformed_otlp_header_is_said_without_its_value(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Authorization: Bearer <token>`` (a colon for the ``=``): the SDK logged it whole."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization: Bearer OTLP-SECRET-TOKEN")
+    with caplog.at_level(logging.DEBUG):
+        telemetry = setup(
+            TelemetryConfig(enabled=True, exporter="otlp", otlp_endpoint="http://127.0.0.1:9"),
+            env={"OTEL_METRICS_EXPORTER": "none"},
+        )
+        telemetry.shutdown()
+    assert "Header format invalid" in caplog.text and "not shown" in caplog.text
+    assert "OTLP-SECRET-TOKEN" not in caplog.text
+
+
 @pytest.mark.parametrize("traces", [True, False])
 def test_otlp_without_the_extra_is_said_per_signal_and_never_a_crash(
     traces: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

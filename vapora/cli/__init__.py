@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from vapora import __version__
+from vapora.config import redact_url
 from vapora.errors import ConfigError, VaporaError
 from vapora.eventloop import run as run_loop
 
@@ -176,7 +177,9 @@ async def _all_actors(
 async def _serve(actors: Sequence[Any], url: str) -> None:
     from actors.runner import run_until_signalled
 
-    await run_until_signalled(actors, on_ready=lambda: print(f"vapora ready {url}", flush=True))
+    await run_until_signalled(
+        actors, on_ready=lambda: print(f"vapora ready {redact_url(url)}", flush=True)
+    )
 
 
 async def cmd_actor(args: argparse.Namespace) -> int:

@@ -152,7 +152,13 @@ class ProviderClient(ABC):
         self.price = price
         self.timeout = float(timeout)
         self.base_url = (base_url or self.default_base_url).rstrip("/")
-        self._api_key = api_key or None
+        key = (api_key or "").strip()  # a trailing newline from a key file: not the key's
+        if not all("!" <= char <= "~" for char in key):
+            raise ValueError(
+                f"{name}: the API key holds a space, a control or a non-ASCII character "
+                "(not shown); no header can carry it as it is"
+            )
+        self._api_key = key or None
         self._clock = clock
         self._latency = _Ewma()
         self._ttft = _Ewma()
@@ -394,8 +400,10 @@ class ProviderClient(ABC):
         except msgspec.DecodeError:
             payload = None
         error_type, message = self._error_fields(payload)
-        if payload is None:
-            message = content[:_MAX_MESSAGE].decode("utf-8", "replace")
+        if payload is None:  # the body as text, scrubbed before it is cut (a key cut in two
+            # halves would no longer match); a bound well past the cut, so nothing of a key at
+            # the bound survives the cut either
+            message = content[: _MAX_MESSAGE * 64].decode("utf-8", "replace")
         text = self._scrub(f"{self.name}: HTTP {status} {error_type or 'error'}: {message}")[
             :_MAX_MESSAGE
         ]
@@ -413,8 +421,15 @@ class ProviderClient(ABC):
         return kind(text, provider=self.name, http_status=status, error_type=error_type)
 
     def _scrub(self, text: str) -> str:
+        """``text`` without the API key: as given, trimmed (a server trims a header's value
+        before quoting it back) and escaped (as an exception's repr of the header shows it)."""
         key = self._api_key
-        return text.replace(key, "[redacted]") if key and key in text else text
+        if not key:
+            return text
+        for form in (key, key.strip(), repr(key)[1:-1], repr(key.encode())[2:-1]):
+            if form and form in text:
+                text = text.replace(form, "[redacted]")
+        return text
 
     def _fail(self, error: ProviderError) -> ProviderError:
         _log.debug("provider call failed: %r", error)

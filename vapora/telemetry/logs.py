@@ -14,7 +14,7 @@ from contextvars import ContextVar
 
 from vapora.telemetry.context import current_span
 
-__all__ = ["FORMAT", "TASK_ID", "TaskContextFilter", "install"]
+__all__ = ["FORMAT", "TASK_ID", "HeaderValueFilter", "TaskContextFilter", "install"]
 
 TASK_ID: ContextVar[str | None] = ContextVar("vapora_task_id", default=None)
 
@@ -31,8 +31,28 @@ class TaskContextFilter(logging.Filter):
         return True
 
 
+class HeaderValueFilter(logging.Filter):
+    """The OpenTelemetry SDK logs a malformed ``OTEL_EXPORTER_OTLP_*HEADERS`` entry whole, and
+    such an entry is usually ``Authorization: Bearer <token>`` (a colon for the ``=``): its
+    record keeps the message and loses the entry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.msg = str(record.msg).replace(": %s", "") + " (the entry is not shown)"
+            record.args = ()
+        return True
+
+
+#: The SDK's logger that quotes header entries (``opentelemetry.util.re``).
+_HEADER_LOGGER = "opentelemetry.util.re"
+
+
 def install(root: logging.Logger | None = None) -> None:
-    """Give every handler of ``root`` (default: the root logger) the filter and the format."""
+    """Give every handler of ``root`` (default: the root logger) the filter and the format, and
+    keep OTLP header values out of the SDK's log (:class:`HeaderValueFilter`)."""
+    headers = logging.getLogger(_HEADER_LOGGER)
+    if not any(isinstance(f, HeaderValueFilter) for f in headers.filters):
+        headers.addFilter(HeaderValueFilter())
     root = root or logging.getLogger()
     for handler in root.handlers:
         if not any(isinstance(f, TaskContextFilter) for f in handler.filters):
