@@ -259,6 +259,7 @@ class BudgetKeeper:
         return ActorService(
             self.runtime.nc,
             name="vapora-budget",
+            reserved_replies=(self.runtime.log.settings.prefix + ".",),
             description="budget keeper: reservations, spend, tiers",
             endpoints=[
                 Endpoint(

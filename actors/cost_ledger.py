@@ -113,6 +113,7 @@ class CostLedger:
         return ActorService(
             self.runtime.nc,
             name="vapora-ledger",
+            reserved_replies=(self.runtime.log.settings.prefix + ".",),
             description="cost ledger: reports over every spend_recorded",
             endpoints=[
                 Endpoint(

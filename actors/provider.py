@@ -65,7 +65,14 @@ import httpx
 from actors import tracing
 from actors.held import HeldEvents
 from actors.runner import Runtime
-from actors.service import ActorService, Endpoint, RequestContext, error_headers, error_payload
+from actors.service import (
+    ActorService,
+    Endpoint,
+    RequestContext,
+    error_headers,
+    error_payload,
+    reply_problem,
+)
 from events import subjects
 from events.codec import encode
 from events.contract import ProviderCall, ProviderCallResult, StreamChunk, Usage
@@ -74,6 +81,7 @@ from vapora import telemetry
 from vapora.config import ProviderConfig, api_key, missing_api_key
 from vapora.errors import (
     ConfigError,
+    InvalidRequest,
     ProviderError,
     ProviderQuotaExhausted,
     ProviderRateLimited,
@@ -317,6 +325,7 @@ class ProviderActor:
         self.service = ActorService(
             runtime.nc,
             name=self.name,
+            reserved_replies=(runtime.log.settings.prefix + ".",),
             endpoints=[
                 Endpoint(
                     name="call",
@@ -325,6 +334,7 @@ class ProviderActor:
                     handler=self._call,
                     queue_group=self.name,
                     timeout=None,
+                    needs_reply=True,
                 )
             ],
             description=f"calls to {config.name} ({config.kind.value}, {config.model})",
@@ -377,6 +387,10 @@ class ProviderActor:
 
     async def _call(self, call: ProviderCall, ctx: RequestContext) -> ProviderCallResult | None:
         TASK_ID.set(call.task_id)
+        if call.stream_to is not None:  # checked before the provider is paid for a stream
+            problem = reply_problem(call.stream_to, self.service.reserved_replies)
+            if problem is not None:
+                raise InvalidRequest(f"`stream_to` {call.stream_to[:64]!r} {problem}")
         refusal = self._admit()
         if refusal is not None:
             await self._publish_health()

@@ -349,6 +349,7 @@ class RouterActor:
         self.service = ActorService(
             runtime.nc,
             name=self.name,
+            reserved_replies=(runtime.log.settings.prefix + ".",),
             endpoints=[
                 Endpoint(
                     name="complete",
@@ -356,6 +357,7 @@ class RouterActor:
                     request_type=CompletionRequest,
                     handler=self._on_complete,
                     queue_group="router",
+                    needs_reply=True,
                 ),
                 Endpoint(
                     name="stream",
@@ -363,6 +365,7 @@ class RouterActor:
                     request_type=CompletionRequest,
                     handler=self._on_stream,
                     queue_group="router",
+                    needs_reply=True,
                     timeout=None,
                 ),
             ],

@@ -24,6 +24,7 @@ import asyncio
 import functools
 import logging
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,6 +41,7 @@ from nats.micro.service import EndpointConfig, EndpointStats, Service
 
 from actors import tracing
 from actors.connection import Client, raw_header
+from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
 from events.contract import ErrorBody, ErrorReply
 from vapora.errors import InternalError, InvalidRequest, RequestTimeout, VaporaError
@@ -54,6 +56,22 @@ __all__ = [
 ]
 
 log = logging.getLogger("vapora.actor")
+
+# A subject an answer may be published to: literal tokens (no wildcard, no whitespace, none
+# empty), not a system one (``$JS.``, ``$SRV.``, ``$SYS.``, ...).
+_REPLY_SUBJECT = re.compile(r"[^\s.*>$][^\s.*>]*(?:\.[^\s.*>]+)*")
+
+
+def reply_problem(reply: str, reserved: tuple[str, ...]) -> str | None:
+    """Why answers must not be published to ``reply`` (None: they may). ``reserved``: subject
+    prefixes of vapora's own that a reply must not fall under (the event log's: the stream
+    would store each answer as an event that no reader can decode)."""
+    if not _REPLY_SUBJECT.fullmatch(reply):
+        return "is not a literal subject outside the system's ($...)"
+    if reply.startswith(reserved):
+        return "is under the event log's subjects"
+    return None
+
 
 T = TypeVar("T")
 Reply = msgspec.Struct | bytes | None
@@ -71,6 +89,9 @@ class Endpoint(Generic[T]):
     queue_group: str | None = None
     timeout: float | None = 120.0
     max_bytes: int = MAX_MESSAGE_BYTES
+    #: A request without a reply subject is dropped (its answer could reach nobody, and its
+    #: work may cost money: a completion, a provider call).
+    needs_reply: bool = False
 
 
 @dataclass(kw_only=True)
@@ -104,6 +125,7 @@ class _Counters:
     completed: int = 0
     errors: int = 0
     rejected: int = 0
+    dropped: int = 0  # requests that could not or must not be answered (their reply subject)
     by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -196,9 +218,12 @@ class ActorService:
         max_concurrency: int = 1024,
         max_backlog: int = 10_000,
         drain_timeout: float = 10.0,
+        reserved_replies: tuple[str, ...] = (subjects.EVENTS_PREFIX + ".",),
     ) -> None:
         self.nc = nc
         self.name = name
+        #: Subject prefixes a reply subject must not fall under (:func:`reply_problem`).
+        self.reserved_replies = reserved_replies
         self.endpoints = endpoints
         self.version = version
         self.description = description
@@ -352,6 +377,7 @@ class ActorService:
             "completed": counters.completed,
             "errors": counters.errors,
             "rejected_overloaded": counters.rejected,
+            "dropped_unanswerable": counters.dropped,
             "errors_by_code": dict(counters.by_code),
         }
 
@@ -363,7 +389,7 @@ class ActorService:
         try:
             message: _Message = (subject.decode(), reply.decode(), data, headers)
         except UnicodeDecodeError:
-            served.counters.rejected += 1
+            served.counters.dropped += 1
             log.warning(
                 "%s: a request on %s has a reply subject that is not UTF-8 (%r); dropped, it "
                 "cannot be answered",
@@ -375,6 +401,15 @@ class ActorService:
         served.micro._num_requests += 1
         if self._closed:
             return
+        reply_to = message[1]
+        if reply_to:
+            problem = reply_problem(reply_to, self.reserved_replies)
+            if problem is not None:
+                self._drop(served, message, f"its reply subject {reply_to[:64]!r} {problem}")
+                return
+        elif served.endpoint.needs_reply:
+            self._drop(served, message, "it has no reply subject: nobody could get the answer")
+            return
         if self._running < self.max_concurrency:
             self._start(served, message)
         elif len(self._backlog) < self.max_backlog:
@@ -382,6 +417,10 @@ class ActorService:
         else:
             served.counters.rejected += 1
             self._start(served, message, overloaded=True)
+
+    def _drop(self, served: _Served, message: _Message, why: str) -> None:
+        served.counters.dropped += 1
+        log.warning("%s: a request on %s dropped: %s", self.name, message[0], why)
 
     def _start(self, served: _Served, message: _Message, *, overloaded: bool = False) -> None:
         assert self._loop is not None

@@ -236,3 +236,25 @@ async def test_a_calls_events_cut_before_the_log_answered_are_held(tmp_path: Pat
         spends = [e for e in await dep.events_of("T-unanswered") if isinstance(e, SpendRecorded)]
         assert len(spends) == 1 and spends[0].cost_usd > 0
         assert not held_files(tmp_path)
+
+
+@pytest.mark.parametrize("stream_to", ["vapora.events.route", "a b", "_INBOX.>"])
+async def test_a_stream_to_no_chunk_may_go_to_is_refused_before_the_call(
+    tmp_path: Path, stream_to: str
+) -> None:
+    """A stream's chunks go to ``stream_to``: under the event log's subjects they were stored as
+    events no reader could decode; a malformed one failed after the provider was paid for."""
+    async with deployment(tmp_path, config_text, providers=["openai"], router=False) as dep:
+        call = ProviderCall(
+            task_id="T-stream-to",
+            task_type=TaskType.GENERAL_QUERY,
+            attempt=1,
+            model=dep.runtime.config.provider("openai").model,  # type: ignore[union-attr]
+            prompt="hello",
+            stream_to=stream_to,
+        )
+        reply = await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=10)
+        assert reply.headers is not None
+        assert reply.headers["Nats-Service-Error-Code"] == "400"
+        assert "`stream_to`" in reply.headers["Nats-Service-Error"]
+        assert await dep.events_of("T-stream-to") == []

@@ -141,6 +141,59 @@ async def test_a_request_whose_reply_subject_is_not_utf8_is_dropped_and_the_acto
     assert any("not UTF-8" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize(
+    "reply",
+    ["vapora.events.route", "$JS.API.STREAM.DELETE.VAPORA_EVENTS", "_INBOX.*", "a.>", "a..b"],
+)
+async def test_a_request_whose_answer_must_not_be_published_is_dropped(
+    nc: NATS, service: tuple[ActorService, str], reply: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply subject under the event log's subjects would have the stream store the answer as
+    an event no reader can decode (every projection stopped on it); a system subject would send
+    the answer to JetStream's API; a wildcard or malformed one is a protocol error. Dropped,
+    counted, and the actor serves on."""
+    actor, subject = service
+    events = await nc.subscribe("vapora.events.>")
+    system = await nc.subscribe("$JS.API.>")
+    await nc.publish(subject, b'{"prompt": "hello"}', reply=reply)
+    _, good = await ask(nc, subject, b'{"prompt": "still here"}')
+    assert json.loads(good)["text"] == "still here"
+    for sub in (events, system):
+        with pytest.raises(TimeoutError):
+            await sub.next_msg(timeout=0.2)
+    assert actor._served["echo"].counters.dropped == 1
+    assert any("dropped" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_endpoint_that_needs_a_reply_drops_a_request_without_one(
+    nc: NATS, unique: str
+) -> None:
+    """A completion or a provider call without a reply subject would be paid for and answered
+    to nobody."""
+    called: list[str] = []
+
+    async def handler(request: CompletionRequest, context: RequestContext) -> Echo:
+        called.append(request.prompt or "")
+        return Echo(text="", count=0)
+
+    subject = f"t{unique}.paid"
+    endpoint = Endpoint(
+        name="e",
+        subject=subject,
+        request_type=CompletionRequest,
+        handler=handler,
+        needs_reply=True,
+    )
+    actor = ActorService(nc, name=f"paid-{unique}", endpoints=[endpoint])
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        await nc.publish(subject, b'{"prompt": "nobody listens"}')
+        await ask(nc, subject, b'{"prompt": "asked"}')
+        assert called == ["asked"]
+        assert actor._served["e"].counters.dropped == 1
+        actor.stop()
+
+
 async def test_domain_errors_keep_their_contract_code(
     nc: NATS, service: tuple[ActorService, str]
 ) -> None:
