@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 from decimal import Decimal
 
+import anyio
+import anyio.abc
 import httpx
+import msgspec
 import pytest
 
 from events.contract import ChatMessage, ProviderCall, TaskType, Usage
@@ -356,3 +359,71 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_NONSENSE = {
+    "openai": {
+        "id": "chatcmpl-1",
+        "model": "gpt-4o",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi there"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": -1000000, "completion_tokens": 1e30},
+    },
+    "anthropic": {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-6",
+        "content": [{"type": "text", "text": "hi there"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 5, "output_tokens": -1000000, "cache_read_input_tokens": 3.5},
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NONSENSE))
+async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: str) -> None:
+    """A negative count billed a negative cost, and the events it went into could not be read
+    back (every projection stopped on them); a count of 1e30 overflowed the ledger."""
+    body = msgspec.json.encode(_NONSENSE[kind])
+
+    async def provider(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive()
+            head, _, rest = request.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(rest) < length:
+                rest += await stream.receive()
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, provider)
+        client = make_client(
+            name=kind,
+            kind=kind,
+            model=_NONSENSE[kind]["model"],
+            price=price_of(kind),
+            api_key="sk-test",
+            base_url=f"http://127.0.0.1:{port}" + ("/v1" if kind == "openai" else ""),
+            timeout=5.0,
+        )
+        try:
+            done = await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=50))
+        finally:
+            await client.aclose()
+        tg.cancel_scope.cancel()
+    assert done.text == "hi there" and done.usage_estimated is True
+    msgspec.convert(msgspec.to_builtins(done.usage), Usage)  # within the contract's bounds
+    assert 0 < done.cost_usd < 1

@@ -6,6 +6,7 @@ guide's Claude default), so that ``ProviderClient.estimate_cost`` is a true uppe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -13,6 +14,15 @@ from typing import Any
 
 from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
 from vapora.errors import InvalidRequest, ProviderStreamBroken
+
+_log = logging.getLogger("vapora.providers")
+
+#: Past this a reported count is not a count of anything (2**53: a float still holds it exactly).
+MAX_TOKEN_COUNT = 2**53
+
+
+def _token_count(value: int | None) -> bool:
+    return value is None or (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT)
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -162,6 +172,7 @@ class Turn:
         A missing output count is estimated from the text received, a missing input count from
         the request (:func:`estimate_input_tokens`): both err on the high side.
         """
+        self._drop_bad_counts()
         estimated = self.input_tokens is None or self.output_tokens is None
         output = self.output_tokens
         if output is None:
@@ -176,3 +187,28 @@ class Turn:
             cache_write_tokens=self.cache_write,
         )
         return usage, estimated
+
+    def _drop_bad_counts(self) -> None:
+        """A reported count that is negative, past :data:`MAX_TOKEN_COUNT` or not an integer is
+        not one: it is dropped (logged) and the count estimated like a missing one, so a
+        provider's nonsense neither bills a negative amount nor stores an event no reader can
+        decode, and the call's spend is still recorded (on the high side)."""
+        counts = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read": self.cache_read,
+            "cache_write": self.cache_write,
+        }
+        bad = {name: value for name, value in counts.items() if not _token_count(value)}
+        if not bad:
+            return
+        _log.warning(
+            "the provider reported token counts that are not counts (%s); estimated instead",
+            ", ".join(f"{name}={str(value)[:24]}" for name, value in bad.items()),
+        )
+        if "input_tokens" in bad or "cache_read" in bad or "cache_write" in bad:
+            self.input_tokens = None  # estimated from the request (cache counts included)
+            self.cache_read = 0 if "cache_read" in bad else self.cache_read
+            self.cache_write = 0 if "cache_write" in bad else self.cache_write
+        if "output_tokens" in bad:
+            self.output_tokens = None
