@@ -74,6 +74,7 @@ from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
 from events.contract import (
+    MAX_ID_LENGTH,
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
@@ -744,8 +745,8 @@ def _last_money_event(events: list[View]) -> str | None:
 
 
 def _check_id(name: str, value: str) -> None:
-    if not value or len(value) > 200:
-        raise InvalidRequest(f"`{name}` must be 1 to 200 characters")
+    if not 1 <= len(value) <= MAX_ID_LENGTH:
+        raise InvalidRequest(f"`{name}` must be 1 to {MAX_ID_LENGTH} characters")
 
 
 def _new_id() -> str:

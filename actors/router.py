@@ -81,7 +81,7 @@ from actors.provider import (
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext, error_headers
 from events import subjects
-from events.codec import DecodeError, decode, decode_event, encode
+from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, decode_event, encode
 from events.contract import (
     Attempt,
     BudgetLeaseReply,
@@ -137,6 +137,11 @@ from vapora.telemetry import TASK_ID
 from vapora.telemetry.semconv import VAPORA
 
 __all__ = ["RouterActor", "attempt_timeouts", "route_reason_class", "upper_bound_cost"]
+
+#: The largest request the router takes: the provider call it becomes (the same prompt, plus
+#: the attempt's fields) must fit the provider actor's limit, or every attempt fails after the
+#: budget was reserved for it.
+REQUEST_MAX_BYTES = MAX_MESSAGE_BYTES - 16 * 1024
 
 log = logging.getLogger("vapora.router")
 
@@ -358,6 +363,7 @@ class RouterActor:
                     handler=self._on_complete,
                     queue_group="router",
                     needs_reply=True,
+                    max_bytes=REQUEST_MAX_BYTES,
                 ),
                 Endpoint(
                     name="stream",
@@ -366,6 +372,7 @@ class RouterActor:
                     handler=self._on_stream,
                     queue_group="router",
                     needs_reply=True,
+                    max_bytes=REQUEST_MAX_BYTES,
                     timeout=None,
                 ),
             ],

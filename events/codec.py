@@ -58,6 +58,8 @@ def decode(data: bytes, type_: type[T], *, max_bytes: int = MAX_MESSAGE_BYTES) -
         raise DecodeError(_describe(exc)) from exc
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DecodeError(_not_utf8(exc)) from exc
 
 
 def decode_event(data: bytes) -> Event:
@@ -68,6 +70,8 @@ def decode_event(data: bytes) -> Event:
         raise DecodeError(_describe(exc)) from exc
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DecodeError(_not_utf8(exc)) from exc
 
 
 def decode_events(data: bytes) -> list[Event]:
@@ -84,6 +88,8 @@ def decode_with(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
         raise DecodeError(_describe(exc)) from exc
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DecodeError(_not_utf8(exc)) from exc
 
 
 def event_tag(event: msgspec.Struct) -> str:
@@ -91,6 +97,11 @@ def event_tag(event: msgspec.Struct) -> str:
     tag = type(event).__struct_config__.tag
     assert isinstance(tag, str), f"{type(event).__name__} is not a tagged message"
     return tag
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    # msgspec's position is within the string it was reading, not the message.
+    return f"malformed JSON: a string holds bytes that are not UTF-8 ({exc.reason})"
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

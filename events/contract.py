@@ -90,10 +90,22 @@ Money = Annotated[Decimal, msgspec.Meta(description="USD as a decimal string, ne
 Milliseconds = Annotated[float, msgspec.Meta(ge=0)]
 
 
+#: The largest amount a request may name, in its unit (USD, or cents for ``budget_cents``):
+#: far past any budget, and small enough that sums of such amounts stay exact in the budget
+#: fold's decimal context (``1E+1000000`` overflowed it after being stored as an event).
+MAX_AMOUNT = Decimal(10) ** 15
+#: The longest task or reservation id (the budget keeper's limit).
+MAX_ID_LENGTH = 200
+
+
 def _non_negative(name: str, value: Decimal | None) -> None:
     # msgspec cannot constrain Decimal fields, and NaN/Infinity would poison every sum.
-    if value is not None and not (value.is_finite() and value >= 0):
-        raise ValueError(f"`{name}` must be a finite, non-negative decimal, got {value}")
+    if value is not None and not (value.is_finite() and 0 <= value <= MAX_AMOUNT):
+        shown = str(value) if len(str(value)) <= 40 else str(value)[:40] + "..."
+        raise ValueError(
+            f"`{name}` must be a finite, non-negative decimal of at most {MAX_AMOUNT:,f}, "
+            f"got {shown}"
+        )
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -127,8 +139,9 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
             raise ValueError("exactly one of `prompt` or `messages` is required")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must not be empty")
-        if self.task_id is not None and not self.task_id:
-            raise ValueError("`task_id` must not be empty")
+        if self.task_id is not None and not 1 <= len(self.task_id) <= MAX_ID_LENGTH:
+            # The budget keeper refuses longer ids: taken, the task would fail as over budget.
+            raise ValueError(f"`task_id` must be 1 to {MAX_ID_LENGTH} characters")
         _non_negative("budget_cents", self.budget_cents)
 
 

@@ -363,6 +363,16 @@ async def test_a_restart_restores_the_snapshot_and_replays_only_the_tail(
             b'{"reservation_id":"r","task_id":"t","provider":"p","amount_usd":"1","x":1}',
             "unknown field `x`",
         ),
+        (  # stored, this amount overflowed the fold and the keeper could not start again
+            subjects.BUDGET_RESERVE,
+            b'{"reservation_id":"r","task_id":"t","provider":"p","amount_usd":"1E+1000000"}',
+            "`amount_usd` must be a finite, non-negative decimal of at most",
+        ),
+        (
+            subjects.BUDGET_RESERVE,
+            b'{"reservation_id":"r","task_id":"\xff\xfe","provider":"p","amount_usd":"1"}',
+            "not UTF-8",
+        ),
         (subjects.BUDGET_RELEASE, b'{"reservation_id": 5, "reason": "failed"}', "reservation_id"),
         (subjects.BUDGET_RELEASE, b'{"reservation_id": "r", "reason": "bored"}', "reason"),
         (subjects.BUDGET, b'{"verbose": true}', "unknown field `verbose`"),

@@ -24,6 +24,7 @@ MAX_TOKEN_COUNT = 2**53
 def _token_count(value: int | None) -> bool:
     return value is None or (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT)
 
+
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "Completion",
