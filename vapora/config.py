@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import importlib.resources
+import ipaddress
 import json
 import math
 import re
@@ -533,9 +534,34 @@ def _check_money(path: str, value: Decimal | None, *, positive: bool = False) ->
         raise _Invalid(path, f"must be a finite number {bound}, got {value}")
 
 
+#: The longest duration a ``*_ms`` key may give: a day (past it, timers overflow).
+MAX_MS = 86_400_000
+
+
 def _check_positive_int(path: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise _Invalid(path, f"must be > 0, got {value}")
+
+
+def _check_ms(path: str, value: int | None) -> None:
+    _check_positive_int(path, value)
+    if value is not None and value > MAX_MS:
+        raise _Invalid(path, f"must be at most {MAX_MS} (a day), got {value}")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _check_host(path: str, host: str) -> None:
+    """An IP address or a host name (RFC 1123 labels); the name is not looked up here."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if not host or len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise _Invalid(path, f"must be an IP address or a host name, got {host!r}")
 
 
 # --- resolution of each section -----------------------------------------------------------------
@@ -577,10 +603,10 @@ def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
         raise _Invalid(f"{path}.api_key_env", "must not be empty")
     if raw.quality is not None:
         _check_unit(f"{path}.quality", raw.quality)
-    _check_positive_int(f"{path}.timeout_ms", raw.timeout_ms)
+    _check_ms(f"{path}.timeout_ms", raw.timeout_ms)
     _check_positive_int(f"{path}.rate_limit_rpm", raw.rate_limit_rpm)
     _check_positive_int(f"{path}.breaker_threshold", raw.breaker_threshold)
-    _check_positive_int(f"{path}.breaker_cooldown_ms", raw.breaker_cooldown_ms)
+    _check_ms(f"{path}.breaker_cooldown_ms", raw.breaker_cooldown_ms)
     if raw.priority is not None and raw.priority < 0:
         raise _Invalid(f"{path}.priority", f"must be >= 0, got {raw.priority}")
     for key in ("cost_per_1k_tokens", "input_price_per_mtok", "output_price_per_mtok"):
@@ -748,6 +774,7 @@ def _check_misc(storage: StorageConfig, telemetry: TelemetryConfig) -> None:
     port = telemetry.prometheus_port
     if port is not None and not 1 <= port <= 65535:
         raise _Invalid("telemetry.prometheus_port", f"must be in 1..65535, got {port}")
+    _check_host("telemetry.prometheus_host", telemetry.prometheus_host)
     if not 0.0 <= telemetry.sample_ratio <= 1.0:
         raise _Invalid("telemetry.sample_ratio", f"must be in 0..1, got {telemetry.sample_ratio}")
     if telemetry.exporter == "jsonl" and not telemetry.jsonl_path:

@@ -82,3 +82,46 @@ def test_offline_commands_on_a_directory_without_data_say_so(tmp_path: Path) -> 
     )
     assert done.returncode == 2
     assert "holds no vapora data" in done.stderr
+
+
+def test_out_of_range_numbers_on_the_command_line_are_named(tmp_path: Path) -> None:
+    """They were a traceback (`up --port 99999`) or a silent empty run (`demo --requests -5`)."""
+    for argv, said in (
+        (["up", "--port", "99999", "--data-dir", str(tmp_path)], "--port: must be a port"),
+        (["up", "--port", "many"], "--port: not a whole number: 'many'"),
+        (["demo", "--requests", "-5", "--data-dir", str(tmp_path / "d")], "--requests: must be"),
+    ):
+        done = subprocess.run(
+            [*VAPORA, *argv], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 2, argv
+        assert said in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_metrics_port_that_cannot_be_served_is_named(tmp_path: Path) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "vapora.toml"
+    telemetry = f'enabled = true\nprometheus_port = {port}\nprometheus_host = "127.0.0.1"\n'
+    config.write_text(
+        demo_config_text("http://127.0.0.1:9", 100_000) + "\n[telemetry]\n" + telemetry
+    )
+    try:
+        done = subprocess.run(
+            [*VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **SIMULATED_KEYS},
+            check=False,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 2
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -323,6 +323,16 @@ BAD = [
         BASE.replace("timeout_ms = 30000", "timeout_ms = -5"),
         "providers[0].timeout_ms: must be > 0, got -5",
     ),
+    (  # accepted, it overflowed the router's timer at run time
+        "timeout past a day",
+        BASE.replace("timeout_ms = 30000", "timeout_ms = 9223372036854775807"),
+        "providers[0].timeout_ms: must be at most 86400000 (a day), got 9223372036854775807",
+    ),
+    (  # accepted, `vapora up` failed with a resolver traceback
+        "metrics host that is no host",
+        BASE + '[telemetry]\nprometheus_host = "no such host!!"\n',
+        "telemetry.prometheus_host: must be an IP address or a host name, got 'no such host!!'",
+    ),
     (
         "timeout of the wrong type",
         BASE.replace("timeout_ms = 30000", 'timeout_ms = "fast"'),

@@ -388,7 +388,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=DEFAULT_EMBEDDED_PORT,
         help="embedded server port (0: any free port)",
     )
@@ -446,7 +446,9 @@ def _parser() -> argparse.ArgumentParser:
         "demo", "the main job: server, actors, simulators, a realistic workload, the report"
     )
     demo.add_argument("--data-dir", metavar="DIR", default="vapora-demo")
-    demo.add_argument("--requests", type=int, default=400)
+    demo.add_argument(
+        "--requests", type=_positive_int, default=400, help="how many requests (default 400)"
+    )
     demo.add_argument("--real", action="store_true", help="send a small workload to real providers")
     return parser
 
@@ -460,6 +462,27 @@ def _timestamp(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 timestamp: {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _non_negative_decimal(text: str) -> Any:

@@ -48,6 +48,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from vapora.config import TelemetryConfig
+from vapora.errors import ConfigError
 from vapora.telemetry import logs
 from vapora.telemetry.export import SpanBatcher
 from vapora.telemetry.jsonl import JsonLinesSpanExporter
@@ -279,6 +280,13 @@ def _meter_provider(
         metric_readers=readers, resource=resource, exemplar_filter=_exemplars(env, readers, extra)
     )
     if telemetry.prometheus_reader is not None and config.prometheus_port is not None:
-        telemetry.metrics_endpoint = MetricsEndpoint(
-            telemetry.prometheus_reader, config.prometheus_host, config.prometheus_port
-        ).start()
+        host, port = config.prometheus_host, config.prometheus_port
+        try:
+            endpoint = MetricsEndpoint(telemetry.prometheus_reader, host, port)
+        except OSError as exc:  # a port in use, a host that is not this machine's
+            telemetry.meter_provider.shutdown()
+            raise ConfigError(
+                f"telemetry.prometheus_host/prometheus_port: cannot serve /metrics on "
+                f"{host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        telemetry.metrics_endpoint = endpoint.start()
