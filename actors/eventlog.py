@@ -186,6 +186,10 @@ class EventLog:
         self.pull_timeout = pull_timeout
         # Replays and tails that lost their consumer and went on with a new one.
         self.replay_resumes = 0
+        #: Stored messages that are not events (sequence -> what was wrong), skipped by every
+        #: read of this log: a writer outside vapora, or an older version's bug. Each is logged
+        #: once; ``vapora audit`` reports them as differences.
+        self.unreadable: dict[int, str] = {}
         self.js = nc.jetstream()
         self._inbox: str | None = None
         self._acks: dict[bytes, _Ack] = {}
@@ -442,6 +446,18 @@ class EventLog:
 
     # --- read -----------------------------------------------------------------------------
 
+    def _unreadable(self, seq: int, subject: str, problem: str) -> None:
+        if seq in self.unreadable:
+            return
+        if len(self.unreadable) < _UNREADABLE_KEPT:
+            self.unreadable[seq] = f"{subject}: {problem}"
+        log.error(
+            "event log: the message stored at sequence %d (%s) is not an event (%s); skipped",
+            seq,
+            subject,
+            problem,
+        )
+
     async def replay(
         self, start_seq: int = 1, *, filter_subject: str | None = None
     ) -> AsyncIterator[list[LogEntry[Event]]]:
@@ -556,7 +572,9 @@ class EventLog:
                             f"within {self.pull_timeout:g} s"
                         )
                 if raw:
-                    yield _batch(raw, decode)
+                    batch = _batch(raw, decode, self._unreadable)
+                    if batch.events:  # not a batch of unreadable messages only
+                        yield batch
                 if reader.lost is not None:
                     raise _ConsumerLost(f"consumer {consumer.name}: {reader.lost}")
                 if reader.caught_up and not follow:
@@ -681,28 +699,42 @@ def _sequences(raw: list[RawMessage]) -> Sequence[int]:
     return [_ack_tokens(message[1])[0] for message in raw]
 
 
-def _batch(raw: list[RawMessage], decode: Callable[[bytes], list[E]]) -> ReplayBatch[E]:
+def _batch(
+    raw: list[RawMessage],
+    decode: Callable[[bytes], list[E]],
+    unreadable: Callable[[int, str, str], None],
+) -> ReplayBatch[E]:
     seqs = _sequences(raw)
     # One decoder call for the whole batch: msgspec parses a JSON array of events far faster
     # than it is called once per event.
     try:
         decoded = decode(b"[" + b",".join([message[2] for message in raw]) + b"]")
     except DecodeError:
-        decoded = [
-            _decode_one(seq, message[0], message[2], decode)
-            for seq, message in zip(seqs, raw, strict=True)
-        ]
+        return _batch_one_by_one(seqs, raw, decode, unreadable)
     return ReplayBatch(seqs, raw, decoded)
 
 
-def _decode_one(seq: int, subject: bytes, data: bytes, decode: Callable[[bytes], list[E]]) -> E:
-    """Decode one event alone, to name the stored event a batch failed on."""
-    try:
-        return decode(b"[" + data + b"]")[0]
-    except DecodeError as exc:
-        raise DecodeError(
-            f"stored event at sequence {seq} ({subject.decode()}) cannot be decoded: {exc}"
-        ) from exc
+def _batch_one_by_one(
+    seqs: Sequence[int],
+    raw: list[RawMessage],
+    decode: Callable[[bytes], list[E]],
+    unreadable: Callable[[int, str, str], None],
+) -> ReplayBatch[E]:
+    """The batch without the stored messages that are not events (:meth:`EventLog._unreadable`:
+    named, counted and skipped; waiting on one would stop every reader at it for good)."""
+    kept_seqs: list[int] = []
+    kept_raw: list[RawMessage] = []
+    decoded: list[E] = []
+    for seq, message in zip(seqs, raw, strict=True):
+        try:
+            event = decode(b"[" + message[2] + b"]")[0]
+        except DecodeError as exc:
+            unreadable(seq, message[0].decode(errors="replace"), str(exc))
+            continue
+        kept_seqs.append(seq)
+        kept_raw.append(message)
+        decoded.append(event)
+    return ReplayBatch(kept_seqs, kept_raw, decoded)
 
 
 def _provider_of(event: Event) -> str | None:
@@ -727,6 +759,9 @@ _COMPARED = (
 def _settings_match(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
     return all(getattr(current, key) == getattr(wanted, key) for key in _COMPARED)
 
+
+# Unreadable messages remembered per log (each logged once); past it, each is logged again.
+_UNREADABLE_KEPT = 10_000
 
 # 503s that waiting does not cure: JetStream is not enabled (for the account, or at all).
 _PERMANENT_503 = {10039, 10076}

@@ -25,7 +25,7 @@ An event id appearing twice in the log (a duplicate append) counts once, as in t
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -377,9 +377,17 @@ def audit(
     logged: Sequence[LoggedEvent] | None = None,
     keeper: BudgetState | BudgetStatus | None = None,
     limits: BudgetLimits | None = None,
+    unreadable: Mapping[int, str] | None = None,
 ) -> AuditResult:
-    """Every check at once: costs, ledger rows and totals, event index, and the keeper."""
-    found = check_costs(log) + check_ledger(log, rows, logged)
+    """Every check at once: costs, ledger rows and totals, event index, and the keeper.
+    ``unreadable``: messages stored in the log that are not events (sequence -> what is wrong),
+    which every reader skips: each is a difference (a spend among them would be money no total
+    counts)."""
+    found = [
+        Discrepancy(where=f"event log at sequence {seq}", expected="an event", found=problem)
+        for seq, problem in sorted((unreadable or {}).items())
+    ]
+    found += check_costs(log) + check_ledger(log, rows, logged)
     if keeper is not None:
         found += check_budget(log, keeper, limits)
     return AuditResult(

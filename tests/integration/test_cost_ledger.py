@@ -32,6 +32,7 @@ from tests.fault.money import (
     running,
     runtime,
     spend,
+    status,
     total_spend,
     usage_costing_at_most,
 )
@@ -176,6 +177,42 @@ async def test_audit_passes_on_a_clean_run_and_names_an_altered_row_and_a_mispri
         assert code == 1
         assert f"spend_recorded seq {seq} (task mispriced" in text and wrong.id in text
         assert "$0.03" in text and "$0.01" in text
+
+
+async def test_a_stored_message_that_is_no_event_stops_no_one_and_the_audit_names_it(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A message no reader can decode, stored among the events (by a writer outside vapora): the
+    keeper and the ledger stopped at it for good, counted no spend after it and could not start
+    again. They skip it now, and the audit reports it."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
+    await rt.log.ensure_stream()
+    async with running(BudgetKeeper(rt)), running(CostLedger(rt)) as ledger:
+        before = await _paid_calls(conn, clock, 2)
+        await conn.publish(f"{rt.log.settings.prefix}.spend.x", b'{"type": "chunk", "seq": 0}')
+        await conn.flush()
+        after = await _paid_calls(conn, clock, 2, seed=2)
+        await eventually(lambda: _caught_up_but_one(ledger))
+        report = (await ask(conn, subjects.REPORT, b"{}")).as_(CostReport)
+        assert report.total_usd == sum(s.cost_usd for s in before + after)
+
+        async def keeper_counted_it_all() -> bool:
+            return (await status(conn)).spent_today_usd == report.total_usd
+
+        await eventually(keeper_counted_it_all)
+        code, text = await audit_command(conn, rt.log, tmp_path)
+        assert code == 1
+        assert "event log at sequence" in text and "'chunk'" in text
+    # A restart replays past it too.
+    async with running(BudgetKeeper(rt)), running(CostLedger(rt)):
+        await eventually(keeper_counted_it_all)
+
+
+async def _caught_up_but_one(ledger: CostLedger) -> bool:
+    """The ledger applied every event (the last sequence, or the one before it if the last
+    stored message is the one no reader can decode)."""
+    return ledger.position >= await ledger.log.last_sequence() - 1
 
 
 async def test_audit_without_a_keeper_says_so_and_still_checks_the_ledger(

@@ -12,7 +12,7 @@ from nats.js import api
 
 from actors.connection import Client
 from actors.eventlog import EventLog, LogEntry, StreamSettings
-from events import BudgetReleased, DecodeError, Event
+from events import BudgetReleased, Event
 from tests.samples import EVENTS
 from vapora.budget_view import decode_views
 from vapora.errors import ConcurrencyConflict
@@ -162,28 +162,37 @@ async def test_tail_delivers_past_and_live_events(event_log: EventLog) -> None:
     assert [e.id for e in seen] == ["ev-1", "ev-2", "ev-3", "ev-4"]
 
 
-async def test_a_corrupt_stored_event_is_a_clear_error_naming_its_sequence(
-    event_log: EventLog,
+async def test_a_stored_message_that_is_no_event_is_named_counted_and_skipped(
+    event_log: EventLog, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Waiting on it stopped every reader at it for good (the keeper and the ledger retried it
+    forever and could not start again); now each read skips it, the log names it once and
+    keeps it in ``unreadable`` for the audit."""
     await event_log.append(released(1))
     await event_log.nc.publish(f"{event_log.settings.prefix}.budget", b'{"type": "nonsense"}')
+    await event_log.append(released(3))
     await event_log.nc.flush()
-    with pytest.raises(DecodeError, match=r"sequence 2 \(t\w+\.events\.budget\).*'nonsense'"):
-        await read_all(event_log)
+    for _ in range(2):
+        assert [e.event.id for e in await read_all(event_log)] == ["ev-1", "ev-3"]
+    [(seq, problem)] = event_log.unreadable.items()
+    assert seq == 2 and ".events.budget" in problem and "'nonsense'" in problem
+    said = [r.getMessage() for r in caplog.records if "is not an event" in r.getMessage()]
+    assert len(said) == 1 and "sequence 2" in said[0]
 
 
-async def test_a_corrupt_stored_event_is_named_by_a_replay_into_budget_views_too(
+async def test_a_corrupt_stored_event_is_skipped_by_a_replay_into_budget_views_too(
     event_log: EventLog,
 ) -> None:
-    """The keeper's restart path (its own decoder, batches as read) names the bad event."""
+    """The keeper's restart path (its own decoder, batches as read) skips and names it too."""
     await event_log.append(released(1))
     await event_log.nc.publish(
         f"{event_log.settings.prefix}.spend.x", b'{"type": "spend_recorded", "id": "s"}'
     )
+    await event_log.append(released(3))
     await event_log.nc.flush()
-    with pytest.raises(DecodeError, match=r"sequence 2 \(t\w+\.events\.spend\.x\).*field `at`"):
-        async for _ in event_log.replay_batches(decode_views, 1):
-            pass
+    seqs = [seq async for batch in event_log.replay_batches(decode_views, 1) for seq in batch.seqs]
+    assert seqs == [1, 3]
+    assert "field `at`" in event_log.unreadable[2]
 
 
 async def test_a_stream_created_whose_reply_was_lost_is_found_when_asked_again(

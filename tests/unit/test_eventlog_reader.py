@@ -42,11 +42,15 @@ def batch(seqs: list[int], reply=v1) -> list[tuple[bytes, bytes, bytes, bytes | 
     ]
 
 
+def unexpected(seq: int, subject: str, problem: str) -> None:
+    raise AssertionError(f"sequence {seq} ({subject}) read as unreadable: {problem}")
+
+
 def test_a_contiguous_batch_and_a_batch_with_gaps_get_their_own_sequences() -> None:
     assert list(_sequences(batch([5, 6, 7, 8]))) == [5, 6, 7, 8]
     assert list(_sequences(batch([5, 9, 10, 11]))) == [5, 9, 10, 11]  # filtered: gaps
     assert list(_sequences(batch([5, 6, 8, 9], reply=v2))) == [5, 6, 8, 9]
-    entries = _batch(batch([3, 4, 40]), decode_events).entries()
+    entries = _batch(batch([3, 4, 40]), decode_events, unexpected).entries()
     assert [(e.seq, e.event.id) for e in entries] == [(3, "e3"), (4, "e4"), (40, "e40")]
 
 

@@ -184,7 +184,9 @@ async def _audit_once(nc: Client, log: EventLog, path: Path) -> tuple[list[str],
     if status is None:
         notes.append("audit: no budget keeper answered on vapora.budget; its comparison skipped")
     limits = _limits_of(status) if status is not None else None
-    return notes, audit(entries, rows, logged, keeper=status, limits=limits)
+    return notes, audit(
+        entries, rows, logged, keeper=status, limits=limits, unreadable=log.unreadable
+    )
 
 
 def _only_keeper(result: AuditResult) -> bool:
