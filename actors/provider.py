@@ -396,9 +396,9 @@ class ProviderActor:
             await self._publish_health()
             await self._reply_error(ctx, refusal, called=False)
             return None
+        request = ProviderRequest.from_call(call)
         started = time.perf_counter()
         try:
-            request = ProviderRequest.from_call(call)
             if telemetry.active():
                 done = await self._observed(call, request, ctx)
             else:
@@ -410,6 +410,17 @@ class ProviderActor:
             await self._failed(call, error, (time.perf_counter() - started) * 1000)
             await self._reply_error(ctx, error, called=True)
             return None
+        except Exception as exc:  # a bug of ours, mid-call: the provider may have billed it
+            latency_ms = (time.perf_counter() - started) * 1000
+            unknown = self._unknown_outcome(
+                call,
+                latency_ms,
+                "internal",
+                f"{self.config.name}: the call failed inside vapora ({type(exc).__name__}); "
+                "what the provider billed for it is unknown",
+            )
+            await self._record([unknown])
+            raise
         await self._succeeded(call, done)
         return done.to_call_result()
 
@@ -542,20 +553,12 @@ class ProviderActor:
         """The call was cancelled while the provider had it (a second stop signal, a drain past
         its limit): recorded as a ``call_failed`` of class ``cancelled``, held (on disk at once,
         appended by the stop's last try or the next start), since nothing here may await."""
-        cut = CallFailed(
-            id=_new_id(),
-            at=self.runtime.clock(),
-            task_id=call.task_id,
-            provider=self.config.name,
-            model=call.model or self.config.model,
-            attempt=call.attempt,
-            error_code="cancelled",
-            error_class="cancelled",
-            message=(
-                f"{self.config.name}: the provider actor stopped during the call; what the "
-                "provider billed for it is unknown"
-            ),
-            latency_ms=latency_ms,
+        cut = self._unknown_outcome(
+            call,
+            latency_ms,
+            "cancelled",
+            f"{self.config.name}: the provider actor stopped during the call; what the "
+            "provider billed for it is unknown",
         )
         log.warning(
             "%s: call for task %s (attempt %d) cut by a stop after %.0f ms; recorded as cancelled",
@@ -565,6 +568,23 @@ class ProviderActor:
             latency_ms,
         )
         self.held.hold([cut])
+
+    def _unknown_outcome(
+        self, call: ProviderCall, latency_ms: float, error_class: str, message: str
+    ) -> CallFailed:
+        """A call that ended without an answer from the provider to bill (no usage, no cost)."""
+        return CallFailed(
+            id=_new_id(),
+            at=self.runtime.clock(),
+            task_id=call.task_id,
+            provider=self.config.name,
+            model=call.model or self.config.model,
+            attempt=call.attempt,
+            error_code=error_class,
+            error_class=error_class,
+            message=message,
+            latency_ms=latency_ms,
+        )
 
     def _spend(
         self, call: ProviderCall, model: str, usage: Usage, amount: Decimal, now: datetime

@@ -258,3 +258,27 @@ async def test_a_stream_to_no_chunk_may_go_to_is_refused_before_the_call(
         assert reply.headers["Nats-Service-Error-Code"] == "400"
         assert "`stream_to`" in reply.headers["Nats-Service-Error"]
         assert await dep.events_of("T-stream-to") == []
+
+
+async def test_a_call_that_fails_inside_vapora_is_recorded(tmp_path: Path) -> None:
+    """An exception of ours during the call (not a provider error): the call may have been
+    billed, and nothing recorded it."""
+    async with deployment(tmp_path, config_text, providers=["openai"], router=False) as dep:
+        actor = dep.providers["openai"]
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug mid-call")
+
+        actor.client.complete = broken  # type: ignore[method-assign]
+        call = ProviderCall(
+            task_id="T-bug",
+            task_type=TaskType.GENERAL_QUERY,
+            attempt=1,
+            model=actor.config.model,
+            prompt="hello",
+        )
+        reply = await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=10)
+        assert reply.headers is not None and reply.headers["Nats-Service-Error-Code"] == "500"
+        [failed] = [e for e in await dep.events_of("T-bug") if isinstance(e, CallFailed)]
+        assert (failed.error_class, failed.cost_usd) == ("internal", 0)
+        assert "RuntimeError" in failed.message and "a bug mid-call" not in failed.message
