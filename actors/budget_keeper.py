@@ -68,7 +68,7 @@ import anyio.abc
 import msgspec
 from nats.js.errors import NotFoundError
 
-from actors.eventlog import LogEntry, ReplayBatch
+from actors.eventlog import LogEntry, ReplayBatch, Unreadable
 from actors.follow import LogFollower
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
@@ -379,6 +379,10 @@ class BudgetKeeper:
     def _note(self, entry: LogEntry[Event] | LogEntry[View]) -> None:
         """Keep the fence and the announced tier in step with the log."""
         event: Any = entry.event  # an event, or its view (which has the fields read here)
+        if type(event) is Unreadable:  # not a writer's event: passed by, the fence moved past it
+            if entry.subject == self.subject:
+                self.fence = max(self.fence, entry.seq)
+            return
         if isinstance(event, BudgetTierChanged | BudgetTierChangedView):
             self.announced = event.to_tier
         if entry.subject != self.subject:

@@ -30,6 +30,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -133,6 +134,19 @@ class LogEntry(msgspec.Struct, Generic[E], frozen=True, gc=False):
         if not self.raw_headers:
             return {}
         return Client._parse_header_lines(self.raw_headers[self.raw_headers.find(b"\r\n") :])
+
+
+class Unreadable(msgspec.Struct, frozen=True, kw_only=True, tag="unreadable"):
+    """In a batch read from the log, in the place of a stored message that is not an event (a
+    writer outside vapora, an older version's bug): it changes nothing a reader keeps, and the
+    reader's position moves past it like past any event. Never appended; ``EventLog.unreadable``
+    and ``vapora audit`` name it. ``at`` is when it was read (a stored message that is not an
+    event has no time of its own that can be trusted)."""
+
+    id: str
+    subject: str
+    problem: str
+    at: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
 
 
 class ReplayBatch(Generic[E]):
@@ -572,9 +586,7 @@ class EventLog:
                             f"within {self.pull_timeout:g} s"
                         )
                 if raw:
-                    batch = _batch(raw, decode, self._unreadable)
-                    if batch.events:  # not a batch of unreadable messages only
-                        yield batch
+                    yield _batch(raw, decode, self._unreadable)
                 if reader.lost is not None:
                     raise _ConsumerLost(f"consumer {consumer.name}: {reader.lost}")
                 if reader.caught_up and not follow:
@@ -720,21 +732,18 @@ def _batch_one_by_one(
     decode: Callable[[bytes], list[E]],
     unreadable: Callable[[int, str, str], None],
 ) -> ReplayBatch[E]:
-    """The batch without the stored messages that are not events (:meth:`EventLog._unreadable`:
-    named, counted and skipped; waiting on one would stop every reader at it for good)."""
-    kept_seqs: list[int] = []
-    kept_raw: list[RawMessage] = []
-    decoded: list[E] = []
+    """The batch with an :class:`Unreadable` in the place of each stored message that is not an
+    event (:meth:`EventLog._unreadable` names and counts it): every reader passes it by (waiting
+    on it stopped them all at it for good) and its position moves past it."""
+    decoded: list[Any] = []
     for seq, message in zip(seqs, raw, strict=True):
         try:
-            event = decode(b"[" + message[2] + b"]")[0]
+            decoded.append(decode(b"[" + message[2] + b"]")[0])
         except DecodeError as exc:
-            unreadable(seq, message[0].decode(errors="replace"), str(exc))
-            continue
-        kept_seqs.append(seq)
-        kept_raw.append(message)
-        decoded.append(event)
-    return ReplayBatch(kept_seqs, kept_raw, decoded)
+            subject = message[0].decode(errors="replace")
+            unreadable(seq, subject, str(exc))
+            decoded.append(Unreadable(id=f"unreadable-{seq}", subject=subject, problem=str(exc)))
+    return ReplayBatch(seqs, raw, decoded)
 
 
 def _provider_of(event: Event) -> str | None:

@@ -6,7 +6,8 @@ does. :class:`HeldEvents` keeps them on disk from the moment they are held, so t
 during the outage loses none:
 
 * each actor instance has a file of its own in the data directory,
-  ``held-<actor>-<instance>.jsonl`` (one JSON event per line), created on the first hold and
+  ``held-<actor>-<instance>.jsonl`` (one JSON event per line), created on the first hold (written
+  and locked under another name, then renamed: no other instance ever sees it unlocked) and
   locked (``flock``) for as long as the instance lives;
 * every event held is written and ``fsync``'d before :meth:`HeldEvents.hold` returns;
 * when some are appended, the file is replaced by one holding the rest (written, synced and
@@ -17,8 +18,12 @@ during the outage loses none:
   event (cut short by a crash, edited) is named in the log and kept in
   ``held-<actor>.unreadable``.
 
-Appending an event twice is harmless: the stream drops a repeat within its duplicate window,
-and the budget fold and the cost ledger count an event id once.
+Appending an event twice is harmless: the stream drops a repeat within its duplicate window
+(2 minutes), the cost ledger and the audit count an event id once, and the budget fold counts
+it once while it remembers it (its settled reservations and ids for a day). The one case that
+counts twice: an append the log stored but never acknowledged (held as not taken), appended
+again by a start more than a day later: the budget keeper then counts that spend twice in its
+month (on the safe side: it refuses sooner), while the ledger's totals count it once.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class HeldEvents:
         self.path = directory / f"held-{actor}-{uuid.uuid4().hex[:12]}.jsonl"
         self.events: list[Event] = []
         self._file: BinaryIO | None = None  # open and locked while the file exists
+        self._dirty = False  # a write failed: the file lacks some of the events
         self._own = re.compile(rf"held-{re.escape(actor)}(-[0-9a-f]{{12}})?\.jsonl")
 
     def __len__(self) -> int:
@@ -96,18 +102,22 @@ class HeldEvents:
 
     def hold(self, events: Iterable[Event]) -> bool:
         """Hold ``events`` back: in memory, and on disk before this returns (False: the disk
-        refused them, logged; they are held in memory only)."""
+        refused them, logged; they are held in memory only, and the next hold, append or stop
+        writes the whole file again)."""
         events = list(events)
         self.events.extend(events)
         try:
-            file = self._opened()
-            file.write(b"".join(encode(event) + b"\n" for event in events))
-            file.flush()
-            os.fsync(file.fileno())
+            if self._file is None or self._dirty:
+                self._rewrite()  # the file appears under its name already locked
+            else:
+                self._file.write(b"".join(encode(event) + b"\n" for event in events))
+                self._file.flush()
+                os.fsync(self._file.fileno())
         except OSError as exc:
+            self._dirty = True
             log.error(
                 "%s: could not write %d held events to %s (%s); they are held in memory only "
-                "and a crash would lose them",
+                "until a write succeeds, and a crash meanwhile would lose them",
                 self.actor,
                 len(events),
                 self.path,
@@ -122,15 +132,15 @@ class HeldEvents:
         try:
             self._rewrite()
         except OSError as exc:
+            self._dirty = True
             log.error("%s: could not update %s (%s)", self.actor, self.path, exc)
 
     def close(self) -> None:
         """At a stop: the file (if any events are still held) stays for a later start to adopt;
         the lock is released."""
-        if self.events:
+        if self.events and (self._dirty or self._file is None):
             try:
-                if self._file is None or not _still_named(self._file, self.path):
-                    self._rewrite()  # the writes had failed: one more try
+                self._rewrite()  # a write had failed: one more try
             except OSError as exc:
                 log.error(
                     "%s: %d held events could not be kept in %s (%s); they are lost: %s",
@@ -144,14 +154,6 @@ class HeldEvents:
             self._file.close()
             self._file = None
 
-    def _opened(self) -> BinaryIO:
-        if self._file is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            file = self.path.open("ab")
-            _lock(file)  # a new, unique name: nobody else has it
-            self._file = file
-        return self._file
-
     def _rewrite(self) -> None:
         """Replace the file by one holding :attr:`events` (removed when there are none). The new
         file is locked before it takes the name, so an instance adopting orphans never sees an
@@ -162,6 +164,7 @@ class HeldEvents:
                 self.path.unlink(missing_ok=True)
                 old.close()
                 self._file = None
+            self._dirty = False
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         staged = self.path.with_suffix(".staged")
@@ -178,6 +181,7 @@ class HeldEvents:
             raise
         _sync_directory(self.directory)
         self._file = file
+        self._dirty = False
         if old is not None:
             old.close()
 

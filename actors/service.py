@@ -224,6 +224,8 @@ class ActorService:
         self.name = name
         #: Subject prefixes a reply subject must not fall under (:func:`reply_problem`).
         self.reserved_replies = reserved_replies
+        self._drop_said_at = -math.inf
+        self._drops_unsaid = 0
         self.endpoints = endpoints
         self.version = version
         self.description = description
@@ -419,8 +421,21 @@ class ActorService:
             self._start(served, message, overloaded=True)
 
     def _drop(self, served: _Served, message: _Message, why: str) -> None:
+        """Count a request that must not be answered; say so once a minute at most (anyone
+        allowed to publish could send a flood of them)."""
         served.counters.dropped += 1
-        log.warning("%s: a request on %s dropped: %s", self.name, message[0], why)
+        self._drops_unsaid += 1
+        now = time.monotonic()
+        if now - self._drop_said_at >= 60:
+            log.warning(
+                "%s: a request on %s dropped: %s (%d dropped since the last such line; "
+                "$SRV.STATS counts them as dropped_unanswerable)",
+                self.name,
+                message[0],
+                why,
+                self._drops_unsaid,
+            )
+            self._drop_said_at, self._drops_unsaid = now, 0
 
     def _start(self, served: _Served, message: _Message, *, overloaded: bool = False) -> None:
         assert self._loop is not None

@@ -393,3 +393,24 @@ async def test_malformed_requests_get_400_and_leave_the_state_unchanged(
         assert await status(conn) == before
         assert await keeper.log.last_sequence() == last
         assert keeper.state.reservation(held.reservation_id) is not None
+
+
+async def test_a_message_that_is_no_event_on_the_keepers_subject_does_not_fence_it_out(
+    conn: Client, tmp_path: Path
+) -> None:
+    """Something outside vapora publishes on the keeper's single-writer subject: the keeper
+    passes it by and its next fenced append expects it (it waited for a position it never
+    reached, and refused every reservation with 503)."""
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100)))
+    async with running(keeper):
+        await reserve(conn, Decimal("0.10"))
+        await conn.publish(keeper.subject, b'{"type": "not an event"}')
+        await conn.flush()
+        await eventually(lambda: _at_end(keeper))
+        held = await reserve(conn, Decimal("0.10"))
+        assert held.admitted
+        assert keeper.log.unreadable
+
+
+async def _at_end(keeper: BudgetKeeper) -> bool:
+    return keeper.state.last_sequence == await keeper.log.last_sequence()

@@ -11,7 +11,8 @@ from nats import errors as nats_errors
 from nats.js import api
 
 from actors.connection import Client
-from actors.eventlog import EventLog, LogEntry, StreamSettings
+from actors.eventlog import EventLog, LogEntry, StreamSettings, Unreadable
+from actors.follow import LogFollower
 from events import BudgetReleased, Event
 from tests.samples import EVENTS
 from vapora.budget_view import decode_views
@@ -173,7 +174,11 @@ async def test_a_stored_message_that_is_no_event_is_named_counted_and_skipped(
     await event_log.append(released(3))
     await event_log.nc.flush()
     for _ in range(2):
-        assert [e.event.id for e in await read_all(event_log)] == ["ev-1", "ev-3"]
+        first, skipped, third = await read_all(event_log)
+        assert (first.event.id, third.event.id) == ("ev-1", "ev-3")
+        # In its place, so that a reader's position moves past it: nothing a reader folds.
+        assert isinstance(skipped.event, Unreadable) and skipped.seq == 2
+        assert skipped.event.id == "unreadable-2" and "'nonsense'" in skipped.event.problem
     [(seq, problem)] = event_log.unreadable.items()
     assert seq == 2 and ".events.budget" in problem and "'nonsense'" in problem
     said = [r.getMessage() for r in caplog.records if "is not an event" in r.getMessage()]
@@ -190,9 +195,32 @@ async def test_a_corrupt_stored_event_is_skipped_by_a_replay_into_budget_views_t
     )
     await event_log.append(released(3))
     await event_log.nc.flush()
-    seqs = [seq async for batch in event_log.replay_batches(decode_views, 1) for seq in batch.seqs]
-    assert seqs == [1, 3]
+    batches = [batch async for batch in event_log.replay_batches(decode_views, 1)]
+    assert [seq for batch in batches for seq in batch.seqs] == [1, 2, 3]
+    assert isinstance([e for b in batches for e in b.events][1], Unreadable)
     assert "field `at`" in event_log.unreadable[2]
+
+
+async def test_a_follower_moves_past_a_last_message_that_is_no_event(event_log: EventLog) -> None:
+    """Passed by without a position, the follower saw the stream ahead of it for ever and
+    reopened its tail every few seconds."""
+    await event_log.append(released(1))
+    await event_log.nc.publish(f"{event_log.settings.prefix}.budget", b"not json")
+    await event_log.nc.flush()
+    position = 0
+
+    async def apply(batch: list[LogEntry[Event]]) -> None:
+        nonlocal position
+        position = batch[-1].seq
+
+    follower = LogFollower(event_log, name="t", apply=apply, position=lambda: position, stall_s=0.0)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(follower.run)
+            while position < 2:  # noqa: ASYNC110 - moved by the follower's task
+                await anyio.sleep(0.01)
+            assert await event_log.last_sequence() == position  # nothing left it waits on
+            tg.cancel_scope.cancel()
 
 
 async def test_a_stream_created_whose_reply_was_lost_is_found_when_asked_again(

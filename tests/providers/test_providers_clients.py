@@ -381,7 +381,12 @@ _NONSENSE = {
         "model": "claude-sonnet-4-6",
         "content": [{"type": "text", "text": "hi there"}],
         "stop_reason": "end_turn",
-        "usage": {"input_tokens": 5, "output_tokens": -1000000, "cache_read_input_tokens": 3.5},
+        # A negative part hidden in a plausible sum: -1000000 + 1000005 = 5 input tokens.
+        "usage": {
+            "input_tokens": -1000000,
+            "output_tokens": -1000000,
+            "cache_read_input_tokens": 1000005,
+        },
     },
 }
 
@@ -426,4 +431,6 @@ async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: s
         tg.cancel_scope.cancel()
     assert done.text == "hi there" and done.usage_estimated is True
     msgspec.convert(msgspec.to_builtins(done.usage), Usage)  # within the contract's bounds
+    assert done.usage.cache_read_tokens + done.usage.cache_write_tokens <= done.usage.input_tokens
+    assert done.usage.cache_read_tokens < 1000  # nothing of the nonsense billed
     assert 0 < done.cost_usd < 1

@@ -49,3 +49,43 @@ def test_a_directory_that_refuses_the_file_keeps_them_in_memory(tmp_path: Path) 
     assert list(held) == [SPEND]
     held.taken(1)
     assert not held
+
+
+class _FailingOnce:
+    """The open file, whose next write fails (a full disk during the outage)."""
+
+    def __init__(self, file: object) -> None:
+        self.file = file
+        self.failed = False
+
+    def write(self, data: bytes) -> int:
+        if not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        return self.file.write(data)  # type: ignore[attr-defined, no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.file, name)
+
+
+def test_events_a_failed_write_missed_are_written_by_the_next_hold(tmp_path: Path) -> None:
+    held = HeldEvents(tmp_path, "provider-openai")
+    assert held.hold([SPEND])
+    held._file = _FailingOnce(held._file)  # type: ignore[assignment]
+    assert not held.hold([CALL])  # in memory only for now
+    third = EVENTS["call_failed"]
+    assert held.hold([third])  # the whole file written again
+    assert on_disk(held.path) == [SPEND, CALL, third]
+    held.close()
+
+
+def test_events_a_failed_write_missed_are_written_at_the_stop(tmp_path: Path) -> None:
+    """Kept on disk with one missing, the next start adopted less than was held."""
+    held = HeldEvents(tmp_path, "provider-openai")
+    assert held.hold([SPEND])
+    held._file = _FailingOnce(held._file)  # type: ignore[assignment]
+    assert not held.hold([CALL])
+    held.close()
+    successor = HeldEvents(tmp_path, "provider-openai")
+    assert successor.adopt() == 2 and list(successor) == [SPEND, CALL]
+    successor.close()

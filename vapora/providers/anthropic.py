@@ -19,7 +19,7 @@ import msgspec
 
 from vapora.errors import ProviderError, ProviderQuotaExhausted
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn
+from vapora.providers.values import ProviderRequest, Turn, count_sum
 from vapora.providers.wire import Frame
 
 __all__ = ["AnthropicClient"]
@@ -181,11 +181,15 @@ def _finish(reason: Any) -> str | None:
 def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
     """Anthropic usage (cache excluded from input) in our semantics (cache included)."""
     if usage.get("output_tokens") is not None:
-        turn.output_tokens = int(usage["output_tokens"])
+        turn.output_tokens = count_sum(usage["output_tokens"])
     if "input_tokens" not in usage and turn.input_tokens is not None:
         return
     read = int(usage.get("cache_read_input_tokens") or 0)
     write = int(usage.get("cache_creation_input_tokens") or 0)
     if "input_tokens" in usage:
-        turn.cache_read, turn.cache_write = read, write
-        turn.input_tokens = int(usage["input_tokens"] or 0) + read + write
+        # None when a part is not a count: the input is then estimated, and the cache counts,
+        # whose share of it is not known, are not trusted either.
+        turn.input_tokens = count_sum(usage["input_tokens"], read, write)
+        turn.cache_read, turn.cache_write = (
+            (read, write) if turn.input_tokens is not None else (0, 0)
+        )

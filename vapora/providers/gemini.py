@@ -16,7 +16,7 @@ import msgspec
 
 from vapora.errors import ProviderConfigError, ProviderError, ProviderQuotaExhausted
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn
+from vapora.providers.values import ProviderRequest, Turn, count_sum
 from vapora.providers.wire import Frame, parse_duration
 
 __all__ = ["GeminiClient"]
@@ -184,9 +184,11 @@ def _read_response(data: _Response, turn: Turn) -> str:
     turn.response_id = data.responseId or turn.response_id
     usage = data.usageMetadata
     if usage is not None:
-        turn.input_tokens = (usage.promptTokenCount or 0) + (usage.toolUsePromptTokenCount or 0)
-        turn.output_tokens = (usage.candidatesTokenCount or 0) + (usage.thoughtsTokenCount or 0)
-        turn.cache_read = usage.cachedContentTokenCount or 0
+        turn.input_tokens = count_sum(usage.promptTokenCount, usage.toolUsePromptTokenCount)
+        turn.output_tokens = count_sum(usage.candidatesTokenCount, usage.thoughtsTokenCount)
+        turn.cache_read = (
+            (usage.cachedContentTokenCount or 0) if turn.input_tokens is not None else 0
+        )
     return text
 
 
@@ -198,11 +200,11 @@ def _details(payload: Any) -> list[dict[str, Any]]:
 
 def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
     """Gemini usage in our semantics: input includes cached and tool-use prompt tokens."""
-    prompt = int(usage.get("promptTokenCount") or 0) + int(
-        usage.get("toolUsePromptTokenCount") or 0
+    turn.input_tokens = count_sum(
+        usage.get("promptTokenCount"), usage.get("toolUsePromptTokenCount")
     )
-    turn.input_tokens = prompt
-    turn.output_tokens = int(usage.get("candidatesTokenCount") or 0) + int(
-        usage.get("thoughtsTokenCount") or 0
+    turn.output_tokens = count_sum(
+        usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount")
     )
-    turn.cache_read = int(usage.get("cachedContentTokenCount") or 0)
+    cached = int(usage.get("cachedContentTokenCount") or 0)
+    turn.cache_read = cached if turn.input_tokens is not None else 0

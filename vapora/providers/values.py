@@ -25,8 +25,24 @@ def _token_count(value: int | None) -> bool:
     return value is None or (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT)
 
 
+def count_sum(*parts: Any) -> int | None:
+    """The sum of reported token counts (a missing part counts 0); None, so that the total is
+    estimated like a missing one, when a part is not a count: checked part by part, since a
+    negative part could hide in a plausible sum. A part that is no number at all raises (the
+    body is malformed), as ``int`` does."""
+    total = 0
+    for part in parts:
+        value = int(part or 0)
+        if not 0 <= value <= MAX_TOKEN_COUNT:
+            _log.warning("the provider reported a token count that is not one (%.24s)", part)
+            return None
+        total += value
+    return total
+
+
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "count_sum",
     "Completion",
     "ProviderRequest",
     "StreamBroken",
@@ -201,6 +217,9 @@ class Turn:
             "cache_write": self.cache_write,
         }
         bad = {name: value for name, value in counts.items() if not _token_count(value)}
+        inputs = self.input_tokens
+        if not bad and inputs is not None and self.cache_read + self.cache_write > inputs:
+            bad = {"input_tokens": inputs, "cache_read": self.cache_read}  # input includes them
         if not bad:
             return
         _log.warning(
@@ -208,8 +227,9 @@ class Turn:
             ", ".join(f"{name}={str(value)[:24]}" for name, value in bad.items()),
         )
         if "input_tokens" in bad or "cache_read" in bad or "cache_write" in bad:
-            self.input_tokens = None  # estimated from the request (cache counts included)
-            self.cache_read = 0 if "cache_read" in bad else self.cache_read
-            self.cache_write = 0 if "cache_write" in bad else self.cache_write
+            # Estimated from the request at the full input price: which of the three is wrong
+            # is not known, so none of them is trusted.
+            self.input_tokens = None
+            self.cache_read = self.cache_write = 0
         if "output_tokens" in bad:
             self.output_tokens = None
