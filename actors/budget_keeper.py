@@ -432,6 +432,17 @@ class BudgetKeeper:
             await self._writable()
             now = self.clock()
             admission = budget.admit(self.state, self.limits, request, now)
+            if (
+                admission.admitted
+                and request.amount_usd > 0
+                and self.state.reservation(rid) is None
+                and self._tier_now(now) is Tier.EXCEEDED
+            ):
+                # Exceeded admits zero-cost providers only (DESIGN §4): a router that decided
+                # before the tier reached it still asks for a paid attempt.
+                admission = budget.Admission(
+                    False, "the budget tier is Exceeded: only zero-cost providers are admitted"
+                )
             if admission.admitted and self.state.reservation(rid) is None:
                 event = BudgetReserved(
                     id=_new_id(),

@@ -151,6 +151,13 @@ _MTOK = Decimal(1_000_000)
 _TASK_SPEND_ENTRIES = 100_000
 LEASE_TTL_S = 300.0
 _LEASE_TTL_MAX_S = 3600.0  # the contract's bound on BudgetLeaseRequest.ttl_s
+# Skips that mean the budget did not allow the attempt (every candidate so: 402); a keeper that
+# could not answer is not one (503).
+_BUDGET_CODES = frozenset({"budget_refused", "task_budget"})
+_KEEPER_AWAY = "budget_unavailable"
+_RESERVATION_TTL_S = 120.0  # the contract's default for BudgetReserve.ttl_s
+_RESERVATION_TTL_MAX_S = 3600.0  # and its bound
+_APPEND_MARGIN_S = 60.0  # the provider's spend append (its 30 s acknowledgement timeout) and more
 _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per attempt this long
 
 
@@ -704,7 +711,7 @@ class RouterActor:
             f"{a.provider} {a.outcome.value}: {why}"
             for a, why in zip(task.attempts, task.reasons, strict=True)
         )
-        if task.attempts and all(a.error_code == "budget_refused" for a in task.attempts):
+        if task.attempts and all(a.error_code in _BUDGET_CODES for a in task.attempts):
             return BudgetExceeded(f"task {task.task_id}: every reservation refused: {tried}")
         return NoProviderAvailable(f"task {task.task_id}: every provider failed: {tried}")
 
@@ -754,9 +761,9 @@ class RouterActor:
             if lease is not None:
                 reservation_id = lease.lease_id
             else:
-                reservation_id, refusal = await self._reserve(task, provider)
+                reservation_id, refusal, code = await self._reserve(task, provider)
                 if refusal is not None:
-                    return self._skipped(task, provider, "budget_refused", refusal)
+                    return self._skipped(task, provider, code, refusal)
         outcome = await self._call(task, provider, reservation_id)
         # A silent attempt may still have been billed: its hold stays (on a lease its upper
         # bound stays committed; a reservation stays until its spend closes it or the keeper
@@ -766,7 +773,7 @@ class RouterActor:
             if lease is not None:
                 retry = self._take_again(lease, amount)
             elif reservation_id is not None:
-                reservation_id, refusal = await self._reserve(task, provider)
+                reservation_id, refusal, _ = await self._reserve(task, provider)
                 if refusal is not None:  # nothing held for a retry: the silent attempt stands
                     retry, reservation_id = False, None
             if retry:
@@ -803,8 +810,18 @@ class RouterActor:
         )
         return _Failure(error_class=code, message=reason, fallback=True)
 
-    async def _reserve(self, task: _Task, provider: ProviderConfig) -> tuple[str, str | None]:
-        """Hold the attempt's upper-bound cost: ``(reservation_id, refusal reason or None)``."""
+    def _hold_s(self, provider: ProviderConfig) -> float:
+        """How long a reservation is held: past the attempt's whole life (its timeout, the
+        grace, the spend's append), so the keeper never expires it while the call may still
+        bill; the contract's hour at most (``timeout_ms`` is bounded below it at load)."""
+        life = provider.timeout_ms / 1000 + self.grace_s + _APPEND_MARGIN_S
+        return min(_RESERVATION_TTL_MAX_S, max(_RESERVATION_TTL_S, life))
+
+    async def _reserve(self, task: _Task, provider: ProviderConfig) -> tuple[str, str | None, str]:
+        """Hold the attempt's upper-bound cost: ``(reservation_id, refusal reason or None, the
+        skip's code)``: ``budget_refused`` when the keeper refused it (a 402 if every candidate
+        ends so), ``budget_unavailable`` when no keeper could answer (a 503: nothing says the
+        budget is spent)."""
         reservation_id = _new_id()
         ask = BudgetReserve(
             reservation_id=reservation_id,
@@ -812,6 +829,7 @@ class RouterActor:
             provider=provider.name,
             amount_usd=task.costs[provider.name],
             task_limit_usd=task.cap,
+            ttl_s=self._hold_s(provider),
         )
         try:
             with tracing.request_span(subjects.BUDGET_RESERVE) as headers:
@@ -822,16 +840,20 @@ class RouterActor:
                     headers=headers,
                 )
         except NoRespondersError:
-            return reservation_id, "the budget keeper is not running"
+            return reservation_id, "the budget keeper is not running", _KEEPER_AWAY
         except TimeoutError:
-            return reservation_id, "the budget keeper did not answer in time"
-        if header(message, _SERVICE_ERROR_CODE):
-            return reservation_id, header(message, _SERVICE_ERROR) or "refused"
+            return reservation_id, "the budget keeper did not answer in time", _KEEPER_AWAY
+        code = header(message, _SERVICE_ERROR_CODE)
+        if code:
+            # A 400 is about the request itself (refused); anything else is the keeper's state.
+            why = header(message, _SERVICE_ERROR) or "refused"
+            return reservation_id, why, "budget_refused" if code == "400" else _KEEPER_AWAY
         reply = decode(message.data, BudgetReserveReply)
         self._set_tier(reply.tier)
         if not reply.admitted:
             _observe_enforcement(reply.tier, "reservation_refused")
-        return reservation_id, None if reply.admitted else (reply.reason or "refused")
+            return reservation_id, reply.reason or "refused", "budget_refused"
+        return reservation_id, None, "budget_refused"
 
     # --- the budget lease ---------------------------------------------------------------------
 

@@ -536,6 +536,9 @@ def _check_money(path: str, value: Decimal | None, *, positive: bool = False) ->
 
 #: The longest duration a ``*_ms`` key may give: a day (past it, timers overflow).
 MAX_MS = 86_400_000
+#: The longest provider call: a reservation, held past the call's whole life, lasts an hour at
+#: most (the contract's bound on ``BudgetReserve.ttl_s``).
+MAX_TIMEOUT_MS = 3_000_000
 
 
 def _check_positive_int(path: str, value: int | None) -> None:
@@ -604,6 +607,12 @@ def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
     if raw.quality is not None:
         _check_unit(f"{path}.quality", raw.quality)
     _check_ms(f"{path}.timeout_ms", raw.timeout_ms)
+    if raw.timeout_ms is not None and raw.timeout_ms > MAX_TIMEOUT_MS:
+        raise _Invalid(
+            f"{path}.timeout_ms",
+            f"must be at most {MAX_TIMEOUT_MS} (50 minutes: a call's budget reservation is "
+            f"held an hour at most), got {raw.timeout_ms}",
+        )
     _check_positive_int(f"{path}.rate_limit_rpm", raw.rate_limit_rpm)
     _check_positive_int(f"{path}.breaker_threshold", raw.breaker_threshold)
     _check_ms(f"{path}.breaker_cooldown_ms", raw.breaker_cooldown_ms)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from events.log import BudgetReserved, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
+from vapora.errors import BudgetExceeded, NoProviderAvailable
 
 pytestmark = pytest.mark.anyio
 
@@ -53,3 +55,57 @@ async def test_requests_that_cannot_become_a_call_get_400_before_any_budget_is_h
         assert reply.headers["Nats-Service-Error-Code"] == "400"
         assert named in reply.headers["Nats-Service-Error"]
         assert await dep.log.last_sequence() == before  # nothing decided, nothing reserved
+
+
+async def test_a_reservation_is_held_past_its_attempts_whole_life(tmp_path: Path) -> None:
+    """It was held the contract's default 120 s whatever the provider's timeout: a call of a
+    provider with a 300 s timeout could still be running, and billing, when the keeper expired
+    its hold and admitted other spend in its place."""
+
+    def config(base_url: str) -> str:
+        return config_text(base_url, budget=BUDGET, timeouts={"openai": 300_000})
+
+    async with deployment(tmp_path, config, keeper=True) as dep:
+        paid = await dep.client.complete(prompt="hello", provider="openai")
+        [held] = [e for e in await dep.events_of(paid.task_id) if isinstance(e, BudgetReserved)]
+        assert (held.expires_at - held.at).total_seconds() >= 300 + 30
+
+
+async def test_a_keeper_that_cannot_answer_is_no_budget_refusal(tmp_path: Path) -> None:
+    """No budget keeper running: nothing says the budget is spent, so the answer is 503
+    ``no_provider_available`` (it was 402 ``budget_exceeded``)."""
+    options = {"reserve": True, "lease": False}
+    async with deployment(tmp_path, config_text, router_options=options) as dep:
+        with pytest.raises(NoProviderAvailable, match="budget keeper is not running"):
+            await dep.client.complete(prompt="hello", provider="openai")
+
+
+async def test_a_task_whose_cap_skips_every_candidate_is_a_budget_refusal(tmp_path: Path) -> None:
+    """The router's own per-task check (money of the task's attempts in flight) skipping the
+    only candidate was answered 503, where the keeper's refusal of the same attempt is 402."""
+
+    def config(base_url: str) -> str:  # one attempt's bound (~$0.12) fits the cap, two do not
+        return config_text(
+            base_url,
+            models={"openai": "gpt-4-slow-500"},
+            budget="[budget]\nper_task_limit_cents = 20\n",
+        )
+
+    async with deployment(tmp_path, config, keeper=True) as dep:
+        outcomes: list[object] = []
+
+        async def one() -> None:
+            try:
+                outcomes.append(
+                    await dep.client.complete(prompt="hello", provider="openai", task_id="T-cap")
+                )
+            except Exception as exc:
+                outcomes.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            await anyio.sleep(0.2)  # the first is with the provider, its bound pending
+            tg.start_soon(one)
+        refused = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(refused) == 1, outcomes
+        assert isinstance(refused[0], BudgetExceeded), refused[0]

@@ -328,6 +328,11 @@ BAD = [
         BASE.replace("timeout_ms = 30000", "timeout_ms = 9223372036854775807"),
         "providers[0].timeout_ms: must be at most 86400000 (a day), got 9223372036854775807",
     ),
+    (  # a reservation is held an hour at most: it would expire while the call still runs
+        "timeout past 50 minutes",
+        BASE.replace("timeout_ms = 30000", "timeout_ms = 3000001"),
+        "providers[0].timeout_ms: must be at most 3000000 (50 minutes",
+    ),
     (  # accepted, `vapora up` failed with a resolver traceback
         "metrics host that is no host",
         BASE + '[telemetry]\nprometheus_host = "no such host!!"\n',
