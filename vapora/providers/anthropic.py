@@ -100,7 +100,10 @@ class AnthropicClient(ProviderClient):
         return body
 
     def _parse(self, data: Any, turn: Turn) -> None:
-        turn.parts = [b.get("text", "") for b in data.get("content", []) if b.get("type") == "text"]
+        content = data["content"]  # a message has one, possibly empty; no answer has none
+        if not isinstance(content, list):
+            raise TypeError("`content` is not a list")
+        turn.parts = [b.get("text", "") for b in content if b.get("type") == "text"]
         turn.model = data.get("model")
         turn.response_id = data.get("id")
         turn.finish_reason = _finish(data.get("stop_reason"))

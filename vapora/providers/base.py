@@ -336,6 +336,14 @@ class ProviderClient(ABC):
         if not stream:
             try:
                 await response.aread()
+            except httpx.HTTPError:
+                if response.status_code < 400:
+                    raise
+                # An error answer whose body was cut or undecodable: its status still says
+                # what happened (a caller error must not fall back, a 429 keeps its wait).
+                return httpx.Response(
+                    response.status_code, headers=response.headers, content=b"", request=request
+                )
             finally:
                 await response.aclose()
         return response
@@ -475,8 +483,13 @@ class ProviderClient(ABC):
             raise self._malformed() from exc
 
     def _read_body(self, content: bytes, turn: Turn) -> None:
-        """A non-streaming body applied to ``turn``; a body of an unexpected shape is malformed."""
+        """A non-streaming body applied to ``turn``; a body of an unexpected shape is malformed
+        (each ``_parse`` requires the field its answer lives in), and an error body with status
+        200 is the error it carries (both transient: the router falls back, nothing is billed
+        for an answer that is not one)."""
         data = self._decode(content)
+        if isinstance(data, dict) and "error" in data:
+            raise self._fail(self._http_error(500, {}, content))
         try:
             self._parse(data, turn)
         except _SHAPE_ERRORS as exc:
@@ -502,7 +515,10 @@ class ProviderClient(ABC):
             response = await self._send(post, stream=True)
             async with aclosing(response):
                 if response.status_code >= 400:
-                    content = await response.aread()
+                    try:
+                        content = await response.aread()
+                    except httpx.HTTPError:  # cut or undecodable: the status still classifies
+                        content = b""
                     raise self._http_error(response.status_code, response.headers, content)
                 async for data in response.aiter_bytes():
                     count = len(parts)

@@ -106,6 +106,8 @@ class GeminiClient(ProviderClient):
         return body
 
     def _parse(self, data: Any, turn: Turn) -> None:
+        if not data.get("candidates") and "promptFeedback" not in data:
+            raise ValueError("neither `candidates` nor `promptFeedback`")  # no answer at all
         text = self._apply(data, turn)
         turn.parts = [text] if text else []
         turn.done = True

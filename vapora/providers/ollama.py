@@ -102,6 +102,8 @@ class OllamaClient(ProviderClient):
     def _parse(self, data: Any, turn: Turn) -> None:
         if isinstance(data, dict) and "error" in data:
             raise self._http_error(500, {}, msgspec.json.encode(data))
+        if data.get("done") is not True:  # a whole answer ends done (a line of a stream, not)
+            raise ValueError("the answer is not `done`")
         text = _text(data)
         turn.parts = [text] if text else []
         _apply_final(data, turn)

@@ -14,7 +14,7 @@ import msgspec
 
 from vapora.errors import ProviderError, ProviderQuotaExhausted
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn
+from vapora.providers.values import ProviderRequest, Turn, count_sum
 from vapora.providers.wire import Frame
 
 __all__ = ["OpenAIClient"]
@@ -97,7 +97,9 @@ class OpenAIClient(ProviderClient):
         return body
 
     def _parse(self, data: Any, turn: Turn) -> None:
-        choices = data.get("choices") or [{}]
+        choices = data["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ValueError("no `choices`")
         message = choices[0].get("message") or {}
         turn.parts = [str(message.get("content") or "")]
         turn.finish_reason = choices[0].get("finish_reason")
@@ -162,8 +164,8 @@ def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
     usage = chunk.usage
     if usage is not None:
         details = usage.prompt_tokens_details
-        turn.input_tokens = usage.prompt_tokens or 0
-        turn.output_tokens = usage.completion_tokens or 0
+        turn.input_tokens = count_sum(usage.prompt_tokens)
+        turn.output_tokens = count_sum(usage.completion_tokens)
         turn.cache_read = (details.cached_tokens or 0) if details else 0
         turn.cache_write = (details.cache_write_tokens or 0) if details else 0
     if not chunk.choices:
@@ -174,18 +176,45 @@ def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
     return choice.delta.content or None if choice.delta is not None else None
 
 
+# An in-stream error's ``type`` or ``code`` and the HTTP status it stands for, so that it is
+# classified as the same error answered before the stream would be (a caller error does not
+# fall back, a rate limit closes the provider for a while).
+_STATUS_OF_ERROR = {
+    "invalid_request_error": 400,
+    "context_length_exceeded": 400,
+    "invalid_api_key": 401,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "model_not_found": 404,
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "insufficient_quota": 429,
+    "server_error": 500,
+    "service_unavailable": 503,
+}
+
+
 def _stream_status(chunk: dict[str, Any]) -> int:
-    """The HTTP status an in-stream error stands for (OpenAI sends no status: assume 500)."""
+    """The HTTP status an in-stream error stands for (OpenAI sends none: from its numeric
+    ``code``, else its ``code`` or ``type`` name, else 500)."""
     error = chunk.get("error") or {}
-    code = error.get("code") if isinstance(error, dict) else None
-    return int(code) if isinstance(code, int) and 400 <= code < 600 else 500
+    if not isinstance(error, dict):
+        return 500
+    code = error.get("code")
+    if isinstance(code, int) and 400 <= code < 600:
+        return code
+    for name in (code, error.get("type")):
+        if isinstance(name, str) and name in _STATUS_OF_ERROR:
+            return _STATUS_OF_ERROR[name]
+    return 500
 
 
 def _apply_usage(turn: Turn, usage: Any) -> None:
     if not isinstance(usage, dict):
         return
     details = usage.get("prompt_tokens_details") or {}
-    turn.input_tokens = int(usage.get("prompt_tokens") or 0)
-    turn.output_tokens = int(usage.get("completion_tokens") or 0)
+    turn.input_tokens = count_sum(usage.get("prompt_tokens"))
+    turn.output_tokens = count_sum(usage.get("completion_tokens"))
     turn.cache_read = int(details.get("cached_tokens") or 0)
     turn.cache_write = int(details.get("cache_write_tokens") or 0)

@@ -27,9 +27,11 @@ def _token_count(value: int | None) -> bool:
 
 def count_sum(*parts: Any) -> int | None:
     """The sum of reported token counts (a missing part counts 0); None, so that the total is
-    estimated like a missing one, when a part is not a count: checked part by part, since a
-    negative part could hide in a plausible sum. A part that is no number at all raises (the
-    body is malformed), as ``int`` does."""
+    estimated like a missing one, when every part is missing or a part is not a count: checked
+    part by part, since a negative part could hide in a plausible sum. A part that is no number
+    at all raises (the body is malformed), as ``int`` does."""
+    if all(part is None for part in parts):
+        return None  # not reported: estimated (a count of 0 would bill nothing for the text)
     total = 0
     for part in parts:
         value = int(part or 0)

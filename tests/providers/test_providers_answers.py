@@ -1,0 +1,164 @@
+"""Answers from a provider that are not what they should be, from stub servers over real HTTP:
+a 200 that is no answer, counts the answer left out, an error whose body was cut, an in-stream
+error's class. Each was billed, classified or retried wrongly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import msgspec
+import pytest
+
+from tests.providers.conftest import price_of
+from vapora.errors import ProviderError, ProviderRateLimited, ProviderRejected, ProviderUnavailable
+from vapora.providers import ProviderClient, ProviderRequest, make_client
+
+pytestmark = pytest.mark.anyio
+
+MODELS = {
+    "anthropic": "claude-sonnet-4-6",
+    "openai": "gpt-4o",
+    "gemini": "gemini-2.5-flash",
+    "ollama": "llama3.2",
+}
+
+
+@asynccontextmanager
+async def stub(answer: bytes) -> AsyncIterator[int]:
+    """A server on a free port that reads one request and writes ``answer`` (a whole HTTP
+    response, as bytes), then closes; yields its port."""
+
+    async def serve(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive()
+            head, _, rest = request.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(rest) < length:
+                rest += await stream.receive()
+            await stream.send(answer)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+def client(kind: str, port: int) -> ProviderClient:
+    return make_client(
+        name=kind,
+        kind=kind,
+        model=MODELS[kind],
+        price=price_of(kind),
+        api_key="sk-test",
+        base_url=f"http://127.0.0.1:{port}" + ("/v1" if kind == "openai" else ""),
+        timeout=5.0,
+    )
+
+
+def answer(status: str, body: bytes, headers: str = "content-type: application/json\r\n") -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\n{headers}content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+async def complete(kind: str, response: bytes) -> object:
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            return await made.complete(ProviderRequest(prompt="a b c d", max_tokens=50))
+        except ProviderError as error:
+            return error
+        finally:
+            await made.aclose()
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("body", [b"{}", b'{"error": {"message": "overloaded", "type": "x"}}'])
+async def test_a_200_that_is_no_answer_is_a_transient_failure(kind: str, body: bytes) -> None:
+    """It was a success with empty text, billed an estimate, and the router did not fall back."""
+    outcome = await complete(kind, answer("200 OK", body))
+    assert isinstance(outcome, ProviderUnavailable), outcome
+    assert outcome.fallback
+
+
+async def test_an_output_count_left_out_is_estimated_not_billed_as_zero() -> None:
+    body = msgspec.json.encode(
+        {
+            "id": "chatcmpl-1",
+            "model": "gpt-4o",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "one two three"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 10},
+        }
+    )
+    done = await complete("openai", answer("200 OK", body))
+    assert not isinstance(done, ProviderError)
+    assert done.usage_estimated and done.usage.output_tokens > 0  # type: ignore[attr-defined]
+
+
+async def test_gemini_usage_without_its_candidate_count_is_estimated() -> None:
+    body = msgspec.json.encode(
+        {
+            "candidates": [
+                {"content": {"parts": [{"text": "one two three"}]}, "finishReason": "STOP"}
+            ],
+            "usageMetadata": {"promptTokenCount": 10},
+        }
+    )
+    done = await complete("gemini", answer("200 OK", body))
+    assert not isinstance(done, ProviderError)
+    assert done.usage_estimated and done.usage.output_tokens > 0  # type: ignore[attr-defined]
+
+
+def cut(status: str, headers: str = "") -> bytes:
+    """An error answer whose body ends 40 bytes short of its content-length."""
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{headers}"
+        "content-length: 60\r\n\r\n"
+    ).encode() + b'{"error": {"message": '
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+async def test_an_error_whose_body_was_cut_keeps_its_status(kind: str) -> None:
+    """A cut body made every error a transient "connection" failure: a caller error fell back
+    to the next provider, and a 429 lost its wait."""
+    rejected = await complete(kind, cut("400 Bad Request"))
+    assert isinstance(rejected, ProviderRejected) and not rejected.fallback
+    limited = await complete(kind, cut("429 Too Many Requests", "retry-after: 7\r\n"))
+    assert isinstance(limited, ProviderRateLimited) and limited.retry_after == 7
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"type": "invalid_request_error", "code": "context_length_exceeded"}, ProviderRejected),
+        ({"type": "requests", "code": "rate_limit_exceeded"}, ProviderRateLimited),
+        ({"type": "server_error", "code": None}, ProviderUnavailable),
+    ],
+)
+async def test_an_openai_in_stream_error_is_classified_by_its_code(
+    error: dict[str, object], expected: type[ProviderError]
+) -> None:
+    frame = b"data: " + msgspec.json.encode({"error": {"message": "no", **error}}) + b"\n\n"
+    response = answer("200 OK", frame, "content-type: text/event-stream\r\n")
+    async with stub(response) as port:
+        made = client("openai", port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()
+    assert type(raised.value) is expected
