@@ -162,3 +162,53 @@ async def test_an_openai_in_stream_error_is_classified_by_its_code(
         finally:
             await made.aclose()
     assert type(raised.value) is expected
+
+
+_START = (
+    b"event: message_start\ndata: "
+    + msgspec.json.encode(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-sonnet-4-6",
+                "content": [],
+                "usage": {"input_tokens": 50000, "output_tokens": 1},
+            },
+        }
+    )
+    + b"\n\n"
+)
+_ERROR = (
+    b"event: error\ndata: "
+    + msgspec.json.encode({"type": "error", "error": {"type": "overloaded_error", "message": "x"}})
+    + b"\n\n"
+)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        answer("200 OK", _START + _ERROR, "content-type: text/event-stream\r\n"),
+        # cut after the start: the content-length promises more than is sent
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 5000\r\n\r\n"
+        + _START,
+    ],
+    ids=["error event", "cut"],
+)
+async def test_input_reported_before_a_stream_fails_is_billed(response: bytes) -> None:
+    """The provider counted 50,000 input tokens in ``message_start``; the stream failed before
+    its first chunk, and the failure carried no usage, so none of it was recorded."""
+    async with stub(response) as port:
+        made = client("anthropic", port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()
+    assert raised.value.fallback  # still before the first chunk: the router falls back
+    assert raised.value.usage.input_tokens == 50000

@@ -165,9 +165,14 @@ class CompletionStream:
         )
 
     def _failed(self, error: ProviderError) -> ProviderError:
-        """``error`` itself before the first chunk was forwarded; after it, a StreamBroken with
-        the text forwarded and the usage of all that was received."""
+        """``error`` itself before the first chunk was forwarded (with the usage the provider
+        reported by then: Anthropic's ``message_start`` counts the input, which is billed even
+        if no text follows); after it, a StreamBroken with the text forwarded and the usage of
+        all that was received."""
         if self._count == 0:
+            reported = self._turn.input_tokens is not None
+            if reported and not (error.usage.input_tokens or error.usage.output_tokens):
+                error.usage, _ = self._turn.usage(self._request)
             return self._client._fail(error)
         usage, _ = self._turn.usage(self._request)
         broken = StreamBroken(
