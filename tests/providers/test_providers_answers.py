@@ -27,9 +27,9 @@ MODELS = {
 
 
 @asynccontextmanager
-async def stub(answer: bytes) -> AsyncIterator[int]:
+async def stub(answer: bytes, hold_s: float = 0.0) -> AsyncIterator[int]:
     """A server on a free port that reads one request and writes ``answer`` (a whole HTTP
-    response, as bytes), then closes; yields its port."""
+    response, as bytes), then closes (after ``hold_s``); yields its port."""
 
     async def serve(stream: anyio.abc.ByteStream) -> None:
         async with stream:
@@ -41,6 +41,7 @@ async def stub(answer: bytes) -> AsyncIterator[int]:
             while len(rest) < length:
                 rest += await stream.receive()
             await stream.send(answer)
+            await anyio.sleep(hold_s)
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     async with listener, anyio.create_task_group() as tg:
@@ -212,3 +213,42 @@ async def test_input_reported_before_a_stream_fails_is_billed(response: bytes) -
             await made.aclose()
     assert raised.value.fallback  # still before the first chunk: the router falls back
     assert raised.value.usage.input_tokens == 50000
+
+
+_OPENAI_STREAM = (
+    b"".join(
+        b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        for chunk in (
+            {"id": "c", "model": "gpt-4o", "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {
+                "id": "c",
+                "model": "gpt-4o",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            },
+            {
+                "id": "c",
+                "model": "gpt-4o",
+                "choices": [],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 1},
+            },
+        )
+    )
+    + b"data: [DONE]\n\n"
+)
+
+
+async def test_a_stream_whose_body_never_ends_after_its_final_event_completes() -> None:
+    """The answer was whole ([DONE] and the usage read) but the server kept the body open: the
+    client waited the call's whole time limit and reported the answer as a broken stream."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 100000\r\n\r\n"
+    async with stub(head + _OPENAI_STREAM, hold_s=30) as port:
+        made = client("openai", port)
+        started = anyio.current_time()
+        try:
+            async with made.stream(ProviderRequest(prompt="a b c d"), time_limit=20) as stream:
+                texts = [text async for text in stream]
+        finally:
+            await made.aclose()
+    assert texts == ["hi"] and stream.completion is not None
+    assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (7, 1)
+    assert anyio.current_time() - started < 10  # the grace (2 s), not the time limit (20 s)

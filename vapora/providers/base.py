@@ -520,15 +520,28 @@ class ProviderClient(ABC):
                     except httpx.HTTPError:  # cut or undecodable: the status still classifies
                         content = b""
                     raise self._http_error(response.status_code, response.headers, content)
-                async for data in response.aiter_bytes():
+                chunks = response.aiter_bytes()
+                ended = True
+                async for data in chunks:
                     count = len(parts)
                     self._read_frames(decoder.feed(data), turn)
                     if len(parts) > count:
                         yield
-                count = len(parts)
-                self._read_frames(decoder.flush(), turn)
-                if len(parts) > count:
-                    yield
+                    if turn.done:
+                        # The answer's final event: what follows (normally the body's end, a
+                        # usage frame at most) gets a short grace, not the call's whole time
+                        # limit: a server that never ends the body has still answered.
+                        ended = False
+                        with anyio.move_on_after(_DONE_GRACE_S):
+                            async for data in chunks:
+                                self._read_frames(decoder.feed(data), turn)
+                            ended = True
+                        break
+                if ended:
+                    count = len(parts)
+                    self._read_frames(decoder.flush(), turn)
+                    if len(parts) > count:
+                        yield
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
         if not turn.done:
@@ -550,6 +563,9 @@ _BY_STATUS: dict[int, type[ProviderError]] = {
     504: ProviderTimeout,
 }
 
+
+#: How long a stream's body may go on after the answer's final event before it is closed.
+_DONE_GRACE_S = 2.0
 
 _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
 
