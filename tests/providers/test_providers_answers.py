@@ -252,3 +252,22 @@ async def test_a_stream_whose_body_never_ends_after_its_final_event_completes() 
     assert texts == ["hi"] and stream.completion is not None
     assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (7, 1)
     assert anyio.current_time() - started < 10  # the grace (2 s), not the time limit (20 s)
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_an_event_that_never_ends_is_malformed_not_buffered_for_ever(kind: str) -> None:
+    """Each read searched the whole pending event again: 32 MB of one event blocked the loop
+    for seconds. Past 1 MiB it is a malformed answer (transient: the router falls back)."""
+    start = b"data: " if kind == "openai" else b""
+    body = start + b"x" * (3 << 20)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    response = head + b"content-length: %d\r\n\r\n" % len(body) + body
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderUnavailable, match="malformed"):
+                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()

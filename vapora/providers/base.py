@@ -64,7 +64,13 @@ from vapora.providers.values import (
     estimate_input_tokens,
     estimate_tokens,
 )
-from vapora.providers.wire import Frame, NDJSONDecoder, SSEDecoder, retry_after_from_headers
+from vapora.providers.wire import (
+    Frame,
+    FrameTooLong,
+    NDJSONDecoder,
+    SSEDecoder,
+    retry_after_from_headers,
+)
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -482,6 +488,12 @@ class ProviderClient(ABC):
         except _SHAPE_ERRORS as exc:
             raise self._malformed() from exc
 
+    def _feed(self, decoder: SSEDecoder | NDJSONDecoder, data: bytes) -> list[Frame]:
+        try:
+            return decoder.feed(data)
+        except FrameTooLong as exc:
+            raise self._malformed() from exc
+
     def _read_body(self, content: bytes, turn: Turn) -> None:
         """A non-streaming body applied to ``turn``; a body of an unexpected shape is malformed
         (each ``_parse`` requires the field its answer lives in), and an error body with status
@@ -524,7 +536,7 @@ class ProviderClient(ABC):
                 ended = True
                 async for data in chunks:
                     count = len(parts)
-                    self._read_frames(decoder.feed(data), turn)
+                    self._read_frames(self._feed(decoder, data), turn)
                     if len(parts) > count:
                         yield
                     if turn.done:
@@ -534,7 +546,7 @@ class ProviderClient(ABC):
                         ended = False
                         with anyio.move_on_after(_DONE_GRACE_S):
                             async for data in chunks:
-                                self._read_frames(decoder.feed(data), turn)
+                                self._read_frames(self._feed(decoder, data), turn)
                             ended = True
                         break
                 if ended:

@@ -29,6 +29,20 @@ class Frame(NamedTuple):
     data: bytes
 
 
+#: The longest event or line a stream may send: a provider's are a few kB; past this the
+#: stream is malformed (buffering it on, each read would search it all again).
+MAX_FRAME_BYTES = 1 << 20
+
+
+class FrameTooLong(ValueError):
+    """A stream's event or line went past :data:`MAX_FRAME_BYTES` without ending."""
+
+
+def _bounded(pending: bytes) -> None:
+    if len(pending) > MAX_FRAME_BYTES:
+        raise FrameTooLong(f"an event longer than {MAX_FRAME_BYTES} bytes")
+
+
 class SSEDecoder:
     """Server-sent events, fed bytes as they arrive (``\\n`` or ``\\r\\n`` line ends)."""
 
@@ -44,6 +58,7 @@ class SSEDecoder:
             buffer = buffer.replace(b"\r\n", b"\n")  # a CR LF cut in two is joined next time
         end = buffer.rfind(b"\n\n")
         if end < 0:
+            _bounded(buffer)
             self._buffer = buffer
             return []
         self._buffer = buffer[end + 2 :]
@@ -117,6 +132,7 @@ class NDJSONDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         *lines, self._buffer = (self._buffer + data).split(b"\n")
+        _bounded(self._buffer)
         return [Frame("", line.strip()) for line in lines if line.strip()]
 
     def flush(self) -> list[Frame]:
