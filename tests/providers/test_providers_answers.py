@@ -261,12 +261,14 @@ async def test_an_event_that_never_ends_is_malformed_not_buffered_for_ever(kind:
     start = b"data: " if kind == "openai" else b""
     body = start + b"x" * (3 << 20)
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-    response = head + b"content-length: %d\r\n\r\n" % len(body) + body
-    async with stub(response) as port:
+    # The server goes on sending (its body is longer than what it sent so far).
+    response = head + b"content-length: %d\r\n\r\n" % (2 * len(body)) + body
+    async with stub(response, hold_s=30) as port:
         made = client(kind, port)
         try:
             with pytest.raises(ProviderUnavailable, match="malformed"):
-                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                request = ProviderRequest(prompt="a b c d")
+                async with made.stream(request, time_limit=20) as stream:
                     async for _ in stream:
                         pass
         finally:
