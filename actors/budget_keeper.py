@@ -185,6 +185,7 @@ class BudgetKeeper:
         self.fenced_out: str | None = None  # why we stopped writing, once another keeper wrote
         self.restored_sequence: int | None = None  # the snapshot's sequence, if one was used
         self.replayed_events = 0  # events read from the log at start (after the snapshot)
+        self.overruns = 0  # spends past the reservation they settled (each logged)
         self._lock = anyio.Lock()
         self._own: OrderedDict[str, None] = OrderedDict()
         self._ready = False
@@ -405,6 +406,8 @@ class BudgetKeeper:
         for entry in batch:
             self._note(entry)
             event = entry.event
+            if isinstance(event, SpendRecorded) and event.reservation_id is not None:
+                self._check_overrun(event)
             if isinstance(event, _MONEY_EVENTS):
                 self._fold_in(event, entry.seq)
                 if self._tier_now(now) != self.announced:
@@ -414,6 +417,24 @@ class BudgetKeeper:
         self._fold_in(last.event, last.seq)  # the position, whatever the last event was
         self._changed += len(batch)
         self._applied.set()
+
+    def _check_overrun(self, spend: SpendRecorded) -> None:
+        """A spend past the reservation it settles: the hold was meant to be the attempt's
+        upper bound, so the limits may now be exceeded. Counted, and said once per spend."""
+        assert spend.reservation_id is not None
+        held = self.state.reservation(spend.reservation_id)
+        if held is None or spend.cost_usd <= held.amount_usd:
+            return
+        self.overruns += 1
+        log.warning(
+            "budget keeper: spend %s of task %s cost $%s, past the $%s its reservation %s held "
+            "(the estimate of the attempt's upper bound was short)",
+            spend.id,
+            spend.task_id,
+            spend.cost_usd,
+            held.amount_usd,
+            spend.reservation_id,
+        )
 
     async def _until(self, done: Callable[[], bool]) -> None:
         """Wait (the caller bounds how long) until the tail has made ``done()`` true."""

@@ -422,3 +422,24 @@ async def test_a_message_that_is_no_event_on_the_keepers_subject_does_not_fence_
 
 async def _at_end(keeper: BudgetKeeper) -> bool:
     return keeper.state.last_sequence == await keeper.log.last_sequence()
+
+
+async def test_a_spend_past_its_reservation_is_said_and_counted(
+    conn: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reservation is meant to be the attempt's upper bound; a spend past it (an estimate
+    that fell short) went by without a word."""
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100), clock=clock))
+    async with running(keeper):
+        hold = await reserve(conn, Decimal("0.000003"), task_id="T-over")
+        over = spend(
+            task_id="T-over",
+            usage=exact_usage(Decimal("0.000006")),
+            at=clock(),
+            reservation_id=hold.reservation_id,
+        )
+        await keeper.log.append(over)
+        await eventually(lambda: _caught_up(keeper))
+        assert keeper.overruns == 1
+        assert any("past the $0.000003 its reservation" in r.getMessage() for r in caplog.records)

@@ -19,6 +19,7 @@ from vapora.providers import (
     DEFAULT_MAX_TOKENS,
     ProviderRequest,
     estimate_input_tokens,
+    estimate_tokens,
     make_client,
 )
 from vapora.simulator import Simulator
@@ -434,3 +435,13 @@ async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: s
     assert done.usage.cache_read_tokens + done.usage.cache_write_tokens <= done.usage.input_tokens
     assert done.usage.cache_read_tokens < 1000  # nothing of the nonsense billed
     assert 0 < done.cost_usd < 1
+
+
+def test_the_input_estimate_counts_what_byte_level_tokenizers_make_of_non_ascii_text() -> None:
+    """1.2 x chars/3 gave 1,000 Chinese characters 405 tokens; tokenizers give them 1,000 or
+    more, so the reservation was no upper bound. English text is estimated as before."""
+    chinese = estimate_input_tokens(ProviderRequest(prompt="中" * 1000))
+    assert chinese >= 2 * 1000
+    english = estimate_input_tokens(ProviderRequest(prompt="x" * 999))
+    assert english == -(-333 * 6 // 5) + 4  # unchanged: 1.2 x chars/3, plus the message
+    assert estimate_tokens("é" * 30) == 10 + 30  # one more per extra UTF-8 byte

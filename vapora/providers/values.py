@@ -58,8 +58,14 @@ _MESSAGE_OVERHEAD = 4
 
 
 def estimate_tokens(text: str) -> int:
-    """A conservative token count of ``text``: one token per 3 characters (English averages 4)."""
-    return _tokens_of_chars(len(text))
+    """A conservative token count of ``text``: one token per 3 characters (English averages 4),
+    and one more per UTF-8 byte past the first of each character that is not ASCII (tokenizers
+    that work on bytes give a Chinese character 1 to 3 tokens: here 2 1/3)."""
+    return _tokens_of_chars(len(text)) + _extra_bytes(text)
+
+
+def _extra_bytes(text: str) -> int:
+    return 0 if text.isascii() else len(text.encode("utf-8", "surrogatepass")) - len(text)
 
 
 def _tokens_of_chars(chars: int) -> int:
@@ -120,10 +126,19 @@ class ProviderRequest:
     def input_chars(self) -> int:
         return len(self.system or "") + sum(len(content) for _, content in self.turns())
 
+    def input_extra_bytes(self) -> int:
+        """UTF-8 bytes past the first of each non-ASCII character of the input."""
+        texts = [content for _, content in self.turns()]
+        if self.system:
+            texts.append(self.system)
+        return sum(_extra_bytes(text) for text in texts)
+
 
 def estimate_input_tokens(request: ProviderRequest) -> int:
-    """A conservative input-token estimate for reservations: 1.2 x chars/3, plus 4 per message."""
-    text_tokens = -(-_tokens_of_chars(request.input_chars()) * 6 // 5)  # x 1.2, rounded up
+    """A conservative input-token estimate for reservations: 1.2 x (chars/3 plus one per UTF-8
+    byte past the first of a non-ASCII character), plus 4 per message."""
+    chars = _tokens_of_chars(request.input_chars()) + request.input_extra_bytes()
+    text_tokens = -(-chars * 6 // 5)  # x 1.2, rounded up
     return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
 
 
