@@ -88,7 +88,7 @@ from vapora.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from vapora.pricing import cost
+from vapora.pricing import cost, price_at
 from vapora.providers import (
     Completion,
     KeepAliveTransport,
@@ -397,6 +397,11 @@ class ProviderActor:
             await self._reply_error(ctx, refusal, called=False)
             return None
         request = ProviderRequest.from_call(call)
+        # Priced at the call's time (DESIGN §4): a table price may have changed since the start.
+        config = self.config
+        self.client.price = price_at(
+            config.kind.value, config.model, config.price, self.runtime.clock()
+        )
         started = time.perf_counter()
         try:
             if telemetry.active():

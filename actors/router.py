@@ -123,6 +123,7 @@ from vapora.errors import (
     RequestTimeout,
     VaporaError,
 )
+from vapora.pricing import price_at
 from vapora.providers import ProviderRequest, estimate_input_tokens
 from vapora.routing import (
     ProviderView,
@@ -340,6 +341,8 @@ class RouterActor:
         self.lease_ttl_s = max(LEASE_TTL_S, 2 * self.lease_margin.total_seconds())
         if self.lease_ttl_s > _LEASE_TTL_MAX_S:  # attempts may outlive any lease: reserve each
             self.leasing = False
+        self._price_minute: datetime | None = None
+        self._prices: dict[str, Price] = {}
         self.first_token_timeout_ms = first_token_timeout_ms
         self.keeper_timeout_s = keeper_timeout_s
         self.views: dict[str, ProviderView] = key_views(runtime.config, runtime.env)
@@ -623,8 +626,9 @@ class RouterActor:
             max_tokens=request.max_tokens,
         )
         input_tokens = estimate_input_tokens(estimate)
+        prices = self._prices_now()
         costs = {
-            p.name: upper_bound_cost(input_tokens, estimate.output_limit, p.price)
+            p.name: upper_bound_cost(input_tokens, estimate.output_limit, prices[p.name])
             for p in self.config.providers
         }
         return _Task(
@@ -809,6 +813,19 @@ class RouterActor:
             )
         )
         return _Failure(error_class=code, message=reason, fallback=True)
+
+    def _prices_now(self) -> dict[str, Price]:
+        """Each provider's price in force now (DESIGN §4: a table price may change while the
+        router runs), worked out once a minute."""
+        now = self.runtime.clock()
+        minute = now.replace(second=0, microsecond=0)
+        if minute != self._price_minute:
+            self._price_minute = minute
+            self._prices = {
+                p.name: price_at(p.kind.value, p.model, p.price, now)
+                for p in self.config.providers
+            }
+        return self._prices
 
     def _hold_s(self, provider: ProviderConfig) -> float:
         """How long a reservation is held: past the attempt's whole life (its timeout, the

@@ -20,7 +20,8 @@ token count times any price), so a thousand calls of a fraction of a cent add up
 from __future__ import annotations
 
 import decimal
-from datetime import datetime
+import functools
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
@@ -32,6 +33,7 @@ __all__ = [
     "GENAI_PRICES_PROVIDER",
     "PAID_KINDS",
     "cost",
+    "price_at",
     "resolve_price",
     "zero_price",
 ]
@@ -167,6 +169,22 @@ def _cache_ratios(kind: str, model: str, at: datetime) -> tuple[Decimal, Decimal
         table.cache_read_per_mtok / table.input_per_mtok,
         table.cache_write_per_mtok / table.input_per_mtok,
     )
+
+
+def price_at(kind: str, model: str, loaded: Price, at: datetime) -> Price:
+    """The price in force at ``at`` of a provider whose config resolved ``loaded``: a price the
+    config gives is the same at any time; a price from the genai-prices table is looked up for
+    ``at`` (the table dates its price changes), cached per model and UTC minute. DESIGN §4: a
+    call is priced "at the call's time", not when the config was loaded."""
+    if loaded.source != "genai-prices":
+        return loaded
+    minute = at.astimezone(UTC).replace(second=0, microsecond=0)
+    return _table_price_in_minute(kind, model, minute) or loaded
+
+
+@functools.lru_cache(maxsize=1024)
+def _table_price_in_minute(kind: str, model: str, minute: datetime) -> Price | None:
+    return _table_price(kind, model, minute)
 
 
 def _table_price(kind: str, model: str, at: datetime) -> Price | None:

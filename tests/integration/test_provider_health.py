@@ -3,6 +3,8 @@ after the usual successful call, one as soon as a failure opens the breaker (DES
 
 from __future__ import annotations
 
+import dataclasses
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from events.contract import ProviderCall, TaskType
 from events.log import CallFailed, ProviderHealthChanged, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment, until
 from tests.samples import EVENTS
+from vapora.config import parse_config
 from vapora.errors import InternalError
 
 pytestmark = pytest.mark.anyio
@@ -282,3 +285,42 @@ async def test_a_call_that_fails_inside_vapora_is_recorded(tmp_path: Path) -> No
         [failed] = [e for e in await dep.events_of("T-bug") if isinstance(e, CallFailed)]
         assert (failed.error_class, failed.cost_usd) == ("internal", 0)
         assert "RuntimeError" in failed.message and "a bug mid-call" not in failed.message
+
+
+async def test_a_call_is_priced_at_its_time_not_when_the_config_was_loaded(
+    tmp_path: Path,
+) -> None:
+    """DESIGN §4: "the price in force at the call's time". genai-prices doubles
+    gemini-3.6-flash on 2027-01-01; a config loaded the minute before priced the call after it
+    at the old price, and the audit, replaying the recorded price, could not tell."""
+    from datetime import UTC, datetime
+
+    def gemini_36(base_url: str) -> str:  # priced by the genai-prices table, not the file
+        return (
+            '[[providers]]\nname = "gemini"\nkind = "gemini"\nmodel = "gemini-3.6-flash"\n'
+            f'base_url = "{base_url}"\napi_key_env = "GOOGLE_API_KEY"\n'
+        )
+
+    async with deployment(tmp_path, gemini_36, providers=[], router=False) as dep:
+        loaded = parse_config(
+            gemini_36(dep.sim.base_url),
+            source="t.toml",
+            at=datetime(2026, 12, 31, 23, 59, tzinfo=UTC),
+        )
+        assert loaded.provider("gemini").price.input_per_mtok == Decimal("0.75")  # type: ignore[union-attr]
+        after = datetime(2027, 1, 1, 0, 1, tzinfo=UTC)
+        runtime = dataclasses.replace(dep.runtime, config=loaded, clock=lambda: after)
+        actor = ProviderActor(runtime, provider="gemini")
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            call = ProviderCall(
+                task_id="T-priced",
+                task_type=TaskType.GENERAL_QUERY,
+                attempt=1,
+                model="gemini-3.6-flash",
+                prompt="hello",
+            )
+            await dep.nc.request(subjects.provider_call("gemini"), encode(call), timeout=10)
+            [spent] = [e for e in await dep.events_of("T-priced") if isinstance(e, SpendRecorded)]
+            assert spent.price.input_per_mtok == Decimal("1.5")
+            actor.stop()
