@@ -495,6 +495,15 @@ class EventLog:
         async for batch in self._read(start_seq, filter_subjects, decode, follow=False):
             yield batch
 
+    async def replay_since(
+        self, since: datetime, *, filter_subject: str | None = None
+    ) -> AsyncIterator[list[LogEntry[Event]]]:
+        """:meth:`replay` of the events stored at or after ``since`` (the server's time of
+        storing them), to the log's current end."""
+        filters = [filter_subject] if filter_subject else None
+        async for batch in self._read(0, filters, decode_events, follow=False, since=since):
+            yield batch.entries()
+
     async def tail(
         self, start_seq: int = 1, *, filter_subject: str | None = None
     ) -> AsyncIterator[list[LogEntry[Event]]]:
@@ -510,8 +519,10 @@ class EventLog:
         decode: Callable[[bytes], list[E]],
         *,
         follow: bool,
+        since: datetime | None = None,
     ) -> AsyncIterator[ReplayBatch[E]]:
-        """The log from ``start_seq`` through a pull consumer. When the consumer is known to be
+        """The log from ``start_seq`` (or from the first event stored at ``since``) through a
+        pull consumer. When the consumer is known to be
         lost (its deletion or "no responders" answered a pull request, or a replay's pull went
         unanswered and the consumer is gone) reading goes on from the event after the last one
         given, through a new consumer. A tail that stalls without a word is restarted by its
@@ -519,7 +530,10 @@ class EventLog:
         next_seq = start_seq
         failures = 0  # losses in a row, with no batch read in between
         while True:
-            reading = self._read_once(next_seq, filter_subjects, decode, follow=follow)
+            by_time = since if next_seq == start_seq else None  # until the first batch is read
+            reading = self._read_once(
+                next_seq, filter_subjects, decode, follow=follow, since=by_time
+            )
             try:
                 async with contextlib.aclosing(reading):  # its consumer deleted on any exit
                     async for batch in reading:
@@ -545,14 +559,18 @@ class EventLog:
         decode: Callable[[bytes], list[E]],
         *,
         follow: bool,
+        since: datetime | None = None,
     ) -> AsyncGenerator[ReplayBatch[E], None]:
         filters = list(filter_subjects or [self.settings.wildcard])
         consumer = await self.js.add_consumer(
             self.settings.name,
             api.ConsumerConfig(
                 ack_policy=api.AckPolicy.NONE,
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=max(start_seq, 1),
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
+                if since is None
+                else api.DeliverPolicy.BY_START_TIME,
+                opt_start_seq=max(start_seq, 1) if since is None else None,
+                opt_start_time=since,
                 # One filter as ``filter_subject``: servers before 2.10 know no other.
                 filter_subject=filters[0] if len(filters) == 1 else None,
                 filter_subjects=filters if len(filters) > 1 else None,

@@ -56,7 +56,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -150,6 +150,8 @@ _SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 _SERVICE_ERROR = "Nats-Service-Error"
 _MTOK = Decimal(1_000_000)
 _TASK_SPEND_ENTRIES = 100_000
+#: How far back a starting router reads the tasks' spend (for their per-task caps).
+TASK_SPEND_WINDOW = timedelta(hours=1)
 LEASE_TTL_S = 300.0
 _LEASE_TTL_MAX_S = 3600.0  # the contract's bound on BudgetLeaseRequest.ttl_s
 # Skips that mean the budget did not allow the attempt (every candidate so: 402); a keeper that
@@ -399,6 +401,7 @@ class RouterActor:
         last = await self._last_sequence()
         await self._load_health()
         await self._load_tier()
+        await self._load_task_spend(last)
         prefix = self.runtime.log.settings.prefix
         async with anyio.create_task_group() as tg:
             self._loop = asyncio.get_running_loop()
@@ -473,6 +476,22 @@ class RouterActor:
                 continue
             if message.data:
                 self._apply(decode_event(message.data))
+
+    async def _load_task_spend(self, last: int) -> None:
+        """What tasks spent in the last :data:`TASK_SPEND_WINDOW` of the log, up to ``last``
+        (the follower goes on from there): a router that starts (again) would otherwise let a
+        capped task spend its whole cap again. Older tasks are not looked at (a restart reads
+        an hour of spend, not the whole log); without the log the router starts anyway."""
+        since = datetime.now(UTC) - TASK_SPEND_WINDOW  # the server's storing time
+        subject = f"{self.runtime.log.settings.prefix}.spend.>"
+        try:
+            async for batch in self.runtime.log.replay_since(since, filter_subject=subject):
+                for entry in batch:
+                    if entry.seq > last:
+                        return
+                    self._apply(entry.event)
+        except Exception as exc:
+            log.warning("router: the recent spend of tasks could not be read (%s)", exc)
 
     async def _load_tier(self) -> None:
         try:
@@ -822,8 +841,7 @@ class RouterActor:
         if minute != self._price_minute:
             self._price_minute = minute
             self._prices = {
-                p.name: price_at(p.kind.value, p.model, p.price, now)
-                for p in self.config.providers
+                p.name: price_at(p.kind.value, p.model, p.price, now) for p in self.config.providers
             }
         return self._prices
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import anyio
@@ -109,3 +110,34 @@ async def test_a_task_whose_cap_skips_every_candidate_is_a_budget_refusal(tmp_pa
         refused = [o for o in outcomes if isinstance(o, Exception)]
         assert len(refused) == 1, outcomes
         assert isinstance(refused[0], BudgetExceeded), refused[0]
+
+
+async def test_a_restarted_router_still_counts_what_a_task_spent(tmp_path: Path) -> None:
+    """The per-task cap counts all attempts of a task; a router that started again knew nothing
+    of what the task had spent, and let it spend its whole cap again."""
+    from actors.router import RouterActor, upper_bound_cost
+    from vapora.providers import ProviderRequest, estimate_input_tokens
+
+    async with deployment(tmp_path, config_text, router=False) as dep:
+        price = dep.runtime.config.provider("openai").price  # type: ignore[union-attr]
+        bound = upper_bound_cost(
+            estimate_input_tokens(ProviderRequest(prompt="hello", max_tokens=16)), 16, price
+        )
+        cap_cents = bound * 100 + Decimal("0.0001")  # one attempt's bound fits, not two
+        ask = {"prompt": "hello", "provider": "openai", "max_tokens": 16, "task_id": "T-again"}
+
+        async def served_by_a_new_router(expect_refusal: bool) -> None:
+            router = RouterActor(dep.runtime, reserve=False)
+            async with anyio.create_task_group() as tg:
+                await tg.start(router.run)
+                if expect_refusal:
+                    with pytest.raises(BudgetExceeded):
+                        await dep.client.complete(budget_cents=cap_cents, **ask)
+                else:
+                    await dep.client.complete(budget_cents=cap_cents, **ask)
+                router.stop()
+
+        await served_by_a_new_router(expect_refusal=False)
+        await served_by_a_new_router(expect_refusal=True)
+        spent = [e for e in await dep.events_of("T-again") if isinstance(e, SpendRecorded)]
+        assert len(spent) == 1
