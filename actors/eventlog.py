@@ -497,7 +497,7 @@ class EventLog:
 
     async def replay_since(
         self, since: datetime, *, filter_subject: str | None = None
-    ) -> AsyncIterator[list[LogEntry[Event]]]:
+    ) -> AsyncGenerator[list[LogEntry[Event]], None]:
         """:meth:`replay` of the events stored at or after ``since`` (the server's time of
         storing them), to the log's current end."""
         filters = [filter_subject] if filter_subject else None

@@ -75,7 +75,7 @@ from actors.service import (
 )
 from events import subjects
 from events.codec import encode
-from events.contract import ProviderCall, ProviderCallResult, StreamChunk, Usage
+from events.contract import Price, ProviderCall, ProviderCallResult, StreamChunk, Usage
 from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
 from vapora import telemetry
 from vapora.config import ProviderConfig, api_key, missing_api_key
@@ -396,12 +396,11 @@ class ProviderActor:
             await self._publish_health()
             await self._reply_error(ctx, refusal, called=False)
             return None
-        request = ProviderRequest.from_call(call)
         # Priced at the call's time (DESIGN §4): a table price may have changed since the start.
+        # The call's own price: other calls of this actor run at the same time.
         config = self.config
-        self.client.price = price_at(
-            config.kind.value, config.model, config.price, self.runtime.clock()
-        )
+        price = price_at(config.kind.value, config.model, config.price, self.runtime.clock())
+        request = ProviderRequest.from_call(call, price)
         started = time.perf_counter()
         try:
             if telemetry.active():
@@ -412,8 +411,8 @@ class ProviderActor:
             self._cut(call, (time.perf_counter() - started) * 1000)
             raise
         except ProviderError as error:
-            await self._failed(call, error, (time.perf_counter() - started) * 1000)
-            await self._reply_error(ctx, error, called=True)
+            await self._failed(call, error, (time.perf_counter() - started) * 1000, price)
+            await self._reply_error(ctx, error, called=True, price=price)
             return None
         except Exception as exc:  # a bug of ours, mid-call: the provider may have billed it
             latency_ms = (time.perf_counter() - started) * 1000
@@ -513,12 +512,14 @@ class ProviderActor:
         )
         events: list[Event] = [
             succeeded,
-            self._spend(call, done.model, done.usage, done.cost_usd, now),
+            self._spend(call, done.model, done.usage, done.cost_usd, now, done.price),
         ]
         await self._record(events)
         await self._publish_health()
 
-    async def _failed(self, call: ProviderCall, error: ProviderError, latency_ms: float) -> None:
+    async def _failed(
+        self, call: ProviderCall, error: ProviderError, latency_ms: float, price: Price
+    ) -> None:
         if isinstance(error, ProviderRateLimited):
             self.limiter.close_for(min(error.retry_after or _DEFAULT_RETRY_S, _MAX_RETRY_S))
         if isinstance(error, ProviderQuotaExhausted):
@@ -528,7 +529,7 @@ class ProviderActor:
         else:
             self.breaker.success()
         now = self.runtime.clock()
-        billed = cost(error.usage, self.client.price)
+        billed = cost(error.usage, price)
         events: list[Event] = [
             CallFailed(
                 id=_new_id(),
@@ -549,7 +550,7 @@ class ProviderActor:
         ]
         if billed > 0 or _has_tokens(error.usage):
             events.append(
-                self._spend(call, call.model or self.config.model, error.usage, billed, now)
+                self._spend(call, call.model or self.config.model, error.usage, billed, now, price)
             )
         await self._record(events)
         await self._publish_health()
@@ -592,7 +593,13 @@ class ProviderActor:
         )
 
     def _spend(
-        self, call: ProviderCall, model: str, usage: Usage, amount: Decimal, now: datetime
+        self,
+        call: ProviderCall,
+        model: str,
+        usage: Usage,
+        amount: Decimal,
+        now: datetime,
+        price: Price,
     ) -> SpendRecorded:
         return SpendRecorded(
             id=_new_id(),
@@ -606,7 +613,7 @@ class ProviderActor:
             cache_read_tokens=usage.cache_read_tokens,
             cache_write_tokens=usage.cache_write_tokens,
             cost_usd=amount,
-            price=self.client.price,
+            price=price,
             reservation_id=call.reservation_id,
             attempt=call.attempt,
         )
@@ -676,7 +683,12 @@ class ProviderActor:
             await self._append_held()
 
     async def _reply_error(
-        self, ctx: RequestContext, error: ProviderError, *, called: bool
+        self,
+        ctx: RequestContext,
+        error: ProviderError,
+        *,
+        called: bool,
+        price: Price | None = None,
     ) -> None:
         if not ctx.reply:
             return
@@ -690,7 +702,7 @@ class ProviderActor:
             headers[HTTP_STATUS_HEADER] = str(error.http_status)
         if _has_tokens(error.usage):
             headers[USAGE_HEADER] = encode(error.usage).decode()
-            headers[COST_HEADER] = str(cost(error.usage, self.client.price))
+            headers[COST_HEADER] = str(cost(error.usage, price or self.client.price))
         await ctx.nc.publish(ctx.reply, error_payload(error), headers=headers)
 
     # --- health -------------------------------------------------------------------------------

@@ -484,12 +484,14 @@ class RouterActor:
         an hour of spend, not the whole log); without the log the router starts anyway."""
         since = datetime.now(UTC) - TASK_SPEND_WINDOW  # the server's storing time
         subject = f"{self.runtime.log.settings.prefix}.spend.>"
+        replay = self.runtime.log.replay_since(since, filter_subject=subject)
         try:
-            async for batch in self.runtime.log.replay_since(since, filter_subject=subject):
-                for entry in batch:
-                    if entry.seq > last:
-                        return
-                    self._apply(entry.event)
+            async with contextlib.aclosing(replay):  # its consumer deleted at once on return
+                async for batch in replay:
+                    for entry in batch:
+                        if entry.seq > last:
+                            return
+                        self._apply(entry.event)
         except Exception as exc:
             log.warning("router: the recent spend of tasks could not be read (%s)", exc)
 

@@ -324,3 +324,46 @@ async def test_a_call_is_priced_at_its_time_not_when_the_config_was_loaded(
             [spent] = [e for e in await dep.events_of("T-priced") if isinstance(e, SpendRecorded)]
             assert spent.price.input_per_mtok == Decimal("1.5")
             actor.stop()
+
+
+async def test_a_call_keeps_the_price_it_started_with_while_others_start(tmp_path: Path) -> None:
+    """The price was the client's, set by each call as it started: a slow call that began
+    before a price change was recorded at the price of a call that began after it."""
+    from datetime import UTC, datetime
+
+    def gemini_36(base_url: str) -> str:
+        return (
+            '[[providers]]\nname = "gemini"\nkind = "gemini"\nmodel = "gemini-3.6-flash"\n'
+            f'base_url = "{base_url}"\napi_key_env = "GOOGLE_API_KEY"\n'
+        )
+
+    async with deployment(tmp_path, gemini_36, providers=[], router=False) as dep:
+        before = datetime(2026, 12, 31, 23, 59, 50, tzinfo=UTC)
+        now = [before]
+        loaded = parse_config(gemini_36(dep.sim.base_url), source="t.toml", at=before)
+        runtime = dataclasses.replace(dep.runtime, config=loaded, clock=lambda: now[0])
+        actor = ProviderActor(runtime, provider="gemini")
+
+        async def call(task_id: str, model: str) -> None:
+            ask = ProviderCall(
+                task_id=task_id,
+                task_type=TaskType.GENERAL_QUERY,
+                attempt=1,
+                model=model,
+                prompt="hello",
+            )
+            await dep.nc.request(subjects.provider_call("gemini"), encode(ask), timeout=10)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            tg.start_soon(call, "T-slow", "gemini-3.6-flash-slow-1000")
+            await until(lambda: actor.service.in_flight > 0)
+            now[0] = datetime(2027, 1, 1, 0, 0, 10, tzinfo=UTC)  # the price doubles
+            await call("T-after", "gemini-3.6-flash")
+            await until(lambda: actor.service.in_flight == 0, within_s=10)
+            prices = {}
+            for task_id in ("T-slow", "T-after"):
+                [spent] = [e for e in await dep.events_of(task_id) if isinstance(e, SpendRecorded)]
+                prices[task_id] = spent.price.input_per_mtok
+            assert prices == {"T-slow": Decimal("0.75"), "T-after": Decimal("1.5")}
+            actor.stop()

@@ -237,6 +237,22 @@ _OPENAI_STREAM = (
 )
 
 
+async def test_a_time_limit_firing_in_the_grace_after_the_final_event_ends_nothing() -> None:
+    """The grace runs inside the call's time limit: a limit that fired there turned the whole
+    answer into a broken stream."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 100000\r\n\r\n"
+    async with stub(head + _OPENAI_STREAM, hold_s=30) as port:
+        made = client("openai", port)
+        try:
+            async with made.stream(ProviderRequest(prompt="a b c d"), time_limit=1) as stream:
+                async for _ in stream:
+                    pass
+        finally:
+            await made.aclose()
+    assert stream.completion is not None and stream.completion.text == "hi"
+    assert stream.completion.usage.output_tokens == 1
+
+
 async def test_a_stream_whose_body_never_ends_after_its_final_event_completes() -> None:
     """The answer was whole ([DONE] and the usage read) but the server kept the body open: the
     client waited the call's whole time limit and reported the answer as a broken stream."""
@@ -273,3 +289,65 @@ async def test_an_event_that_never_ends_is_malformed_not_buffered_for_ever(kind:
                         pass
         finally:
             await made.aclose()
+
+
+async def test_gemini_thinking_tokens_do_not_stand_for_a_left_out_candidates_count() -> None:
+    """With only ``thoughtsTokenCount`` reported, the output was the thinking tokens alone:
+    the text itself was billed nothing."""
+    text = "word " * 300
+    body = msgspec.json.encode(
+        {
+            "candidates": [{"content": {"parts": [{"text": text}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 10, "thoughtsTokenCount": 50},
+        }
+    )
+    done = await complete("gemini", answer("200 OK", body))
+    assert not isinstance(done, ProviderError)
+    assert done.usage_estimated  # type: ignore[attr-defined]
+    assert done.usage.output_tokens >= 50 + len(text) // 4  # type: ignore[attr-defined]
+
+
+async def test_a_blocked_gemini_prompt_ends_the_same_streamed_or_not() -> None:
+    """Not streamed it was a success with no finish reason; streamed, a transient failure."""
+    feedback = {
+        "promptFeedback": {"blockReason": "SAFETY"},
+        "usageMetadata": {"promptTokenCount": 9},
+    }
+    body = msgspec.json.encode(feedback)
+    done = await complete("gemini", answer("200 OK", body))
+    assert not isinstance(done, ProviderError)
+    assert (done.text, done.finish_reason) == ("", "content_filter")  # type: ignore[attr-defined]
+    frame = b"data: " + body + b"\r\n\r\n"
+    async with stub(answer("200 OK", frame, "content-type: text/event-stream\r\n")) as port:
+        made = client("gemini", port)
+        try:
+            async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                assert [text async for text in stream] == []
+        finally:
+            await made.aclose()
+    assert stream.completion is not None and stream.completion.finish_reason == "content_filter"
+
+
+async def test_an_error_answered_with_200_is_classified_like_the_same_error_streamed() -> None:
+    """A 200 OpenAI body with ``context_length_exceeded`` was a 500 (the router fell back),
+    where the same error in a stream is a caller error; ``"error": null`` was a failure."""
+    error = {
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded",
+        }
+    }
+    rejected = await complete("openai", answer("200 OK", msgspec.json.encode(error)))
+    assert isinstance(rejected, ProviderRejected)
+    fine = {
+        "id": "c",
+        "model": "gpt-4o",
+        "error": None,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+    }
+    done = await complete("openai", answer("200 OK", msgspec.json.encode(fine)))
+    assert not isinstance(done, ProviderError) and done.text == "hi"  # type: ignore[attr-defined]

@@ -147,9 +147,11 @@ class AnthropicClient(ProviderClient):
 
     def _stream_error(self, event: dict[str, Any]) -> ProviderError:
         """An ``error`` event after HTTP 200, classified as the HTTP status of its type."""
-        error_type, _ = self._error_fields(event)
-        status = _STATUS_OF_TYPE.get(error_type or "", 500)
-        return self._http_error(status, {}, msgspec.json.encode(event))
+        return self._http_error(self._error_status(event), {}, msgspec.json.encode(event))
+
+    def _error_status(self, payload: dict[str, Any]) -> int:
+        error_type, _ = self._error_fields(payload)
+        return _STATUS_OF_TYPE.get(error_type or "", 500)
 
     def _error_fields(self, payload: Any) -> tuple[str | None, str]:
         error = payload.get("error") if isinstance(payload, dict) else None

@@ -301,6 +301,10 @@ class ProviderClient(ABC):
         """A provider-specific classification that overrides the status rules, or None."""
         return None
 
+    def _error_status(self, payload: dict[str, Any]) -> int:
+        """The HTTP status an error body answered with 200 (or inside a stream) stands for."""
+        return 500
+
     def _retry_hint(self, payload: Any) -> float | None:
         """A wait (seconds) the error body asks for, where the provider puts it in the body."""
         return None
@@ -461,14 +465,15 @@ class ProviderClient(ABC):
         chunks: int,
     ) -> Completion:
         usage, estimated = turn.usage(request)
+        price = request.price or self.price
         return Completion(
             provider=self.name,
             model=turn.model or model,
             text=turn.text,
             finish_reason=turn.finish_reason,
             usage=usage,
-            cost_usd=cost(usage, self.price),
-            price=self.price,
+            cost_usd=cost(usage, price),
+            price=price,
             latency_ms=latency,
             first_token_ms=first_token,
             response_id=turn.response_id,
@@ -500,8 +505,8 @@ class ProviderClient(ABC):
         200 is the error it carries (both transient: the router falls back, nothing is billed
         for an answer that is not one)."""
         data = self._decode(content)
-        if isinstance(data, dict) and "error" in data:
-            raise self._fail(self._http_error(500, {}, content))
+        if isinstance(data, dict) and data.get("error"):
+            raise self._fail(self._http_error(self._error_status(data), {}, content))
         try:
             self._parse(data, turn)
         except _SHAPE_ERRORS as exc:

@@ -61,10 +61,15 @@ class _UsageMetadata(msgspec.Struct):
     cachedContentTokenCount: int | None = None
 
 
+class _PromptFeedback(msgspec.Struct):
+    blockReason: str | None = None
+
+
 class _Response(msgspec.Struct):
     """The fields of a GenerateContentResponse we read; the rest is skipped, unread."""
 
     candidates: list[_Candidate] | None = None
+    promptFeedback: _PromptFeedback | None = None
     usageMetadata: _UsageMetadata | None = None
     modelVersion: str | None = None
     responseId: str | None = None
@@ -131,6 +136,13 @@ class GeminiClient(ProviderClient):
 
     def _apply(self, data: Any, turn: Turn) -> str:
         """Fill ``turn`` from one GenerateContentResponse; return its text."""
+        feedback = data.get("promptFeedback")
+        if (
+            not data.get("candidates")
+            and isinstance(feedback, dict)
+            and feedback.get("blockReason")
+        ):
+            _blocked(turn)
         candidates = data.get("candidates") or [{}]
         candidate = candidates[0]
         parts = (candidate.get("content") or {}).get("parts") or []
@@ -175,6 +187,8 @@ def _read_response(data: _Response, turn: Turn) -> str:
     """A response of the usual shape applied to ``turn`` (as :meth:`GeminiClient._apply`)."""
     candidate = data.candidates[0] if data.candidates else None
     text = ""
+    if candidate is None and data.promptFeedback is not None and data.promptFeedback.blockReason:
+        _blocked(turn)
     if candidate is not None:
         parts = candidate.content.parts if candidate.content is not None else None
         if parts:
@@ -187,7 +201,7 @@ def _read_response(data: _Response, turn: Turn) -> str:
     usage = data.usageMetadata
     if usage is not None:
         turn.input_tokens = count_sum(usage.promptTokenCount, usage.toolUsePromptTokenCount)
-        turn.output_tokens = count_sum(usage.candidatesTokenCount, usage.thoughtsTokenCount)
+        _output(turn, usage.candidatesTokenCount, usage.thoughtsTokenCount)
         turn.cache_read = (
             (usage.cachedContentTokenCount or 0) if turn.input_tokens is not None else 0
         )
@@ -200,13 +214,29 @@ def _details(payload: Any) -> list[dict[str, Any]]:
     return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
 
 
+def _blocked(turn: Turn) -> None:
+    """The prompt was blocked (``promptFeedback.blockReason``, no candidate): the answer ends
+    here, empty, as a content filter's finish, streamed or not (the input is billed as
+    reported)."""
+    turn.finish_reason = "content_filter"
+    turn.done = True
+
+
+def _output(turn: Turn, candidates: Any, thoughts: Any) -> None:
+    """Output = the candidates' tokens plus the thinking tokens; with the candidates' count left
+    out, the text's count is estimated and the thinking tokens are added to it."""
+    if candidates is None:
+        turn.output_tokens = None
+        turn.extra_output = count_sum(thoughts) or 0
+    else:
+        turn.output_tokens = count_sum(candidates, thoughts)
+
+
 def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
     """Gemini usage in our semantics: input includes cached and tool-use prompt tokens."""
     turn.input_tokens = count_sum(
         usage.get("promptTokenCount"), usage.get("toolUsePromptTokenCount")
     )
-    turn.output_tokens = count_sum(
-        usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount")
-    )
+    _output(turn, usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount"))
     cached = int(usage.get("cachedContentTokenCount") or 0)
     turn.cache_read = cached if turn.input_tokens is not None else 0

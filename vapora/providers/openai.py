@@ -146,6 +146,9 @@ class OpenAIClient(ProviderClient):
         kind = error.get("code") or error.get("type")
         return (str(kind) if kind else None), str(error.get("message") or "")
 
+    def _error_status(self, payload: dict[str, Any]) -> int:
+        return _stream_status(payload)
+
     def _error_class(
         self, status: int, error_type: str | None, payload: Any
     ) -> type[ProviderError] | None:

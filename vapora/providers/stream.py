@@ -91,6 +91,13 @@ class CompletionStream:
         if not self._scope.__exit__(exc_type, exc, tb):
             return False
         # The scope caught its own cancellation: a time limit fired inside the block.
+        if self._outcome is None and self._turn.done:
+            # After the answer's final event (the grace for the rest of the body): the answer
+            # is whole, the limit ends nothing.
+            self._outcome = _END
+            if self.completion is None:
+                self._finish()
+            return True
         failure = self._failure(_TIMED_OUT if self._outcome is None else self._outcome)
         if failure is not None:
             raise failure

@@ -76,7 +76,9 @@ def _tokens_of_chars(chars: int) -> int:
 class ProviderRequest:
     """One call's input: exactly one of ``prompt`` or ``messages``, and the usual options.
 
-    ``model`` overrides the client's configured model for this call.
+    ``model`` overrides the client's configured model for this call; ``price`` the client's
+    price (the price in force at the call's time, worked out by its caller: a client serves
+    many calls at once, so it is the call's, not a client's attribute to change).
     """
 
     prompt: str | None = None
@@ -85,6 +87,7 @@ class ProviderRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     model: str | None = None
+    price: Price | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -95,8 +98,8 @@ class ProviderRequest:
             raise InvalidRequest("`max_tokens` must be at least 1")
 
     @classmethod
-    def from_call(cls, call: ProviderCall) -> ProviderRequest:
-        """The request of a router -> provider-actor call."""
+    def from_call(cls, call: ProviderCall, price: Price | None = None) -> ProviderRequest:
+        """The request of a router -> provider-actor call (``price``: see the class doc)."""
         return cls(
             prompt=call.prompt,
             messages=call.messages,
@@ -104,6 +107,7 @@ class ProviderRequest:
             max_tokens=call.max_tokens,
             temperature=call.temperature,
             model=call.model or None,
+            price=price,
         )
 
     @property
@@ -194,6 +198,9 @@ class Turn:
     output_tokens: int | None = None
     cache_read: int = 0
     cache_write: int = 0
+    #: Output counted apart from the text's, added when the text's count is estimated (Gemini's
+    #: thinking tokens, reported when the candidates' count is left out).
+    extra_output: int = 0
     done: bool = False
 
     @property
@@ -210,7 +217,7 @@ class Turn:
         estimated = self.input_tokens is None or self.output_tokens is None
         output = self.output_tokens
         if output is None:
-            output = estimate_tokens(self.text)
+            output = estimate_tokens(self.text) + self.extra_output
         inputs = self.input_tokens
         if inputs is None:
             inputs = estimate_input_tokens(request) + self.cache_read + self.cache_write

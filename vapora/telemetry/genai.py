@@ -121,7 +121,7 @@ class CallSpec:
             task_id=task_id,
             task_type=task_type,
             attempt=attempt,
-            price=client.price,
+            price=request.price or client.price,
             route_reason=route_reason,
         )
 
