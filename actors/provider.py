@@ -14,10 +14,11 @@ It owns, per process:
 * the observed-latency estimate (the client's EWMA).
 
 Every call appends ``call_succeeded`` or ``call_failed`` plus ``spend_recorded`` (the cost at the
-client's price, settling ``reservation_id``; a failed call records what the provider billed, e.g.
-a broken stream's partial usage), pipelined together. Changes of availability (rate limited until,
-breaker open/half open/closed, health check, a latency estimate that moved by a fifth) are
-appended as ``provider_health_changed``; the router keeps a projection of them.
+price in force at the call's time, settling ``reservation_id``; a failed call records what the
+provider billed, e.g. a broken stream's partial usage), pipelined together. Changes of
+availability (rate limited until, breaker open/half open/closed, health check, a latency
+estimate that moved by a fifth) are appended as ``provider_health_changed``; the router keeps a
+projection of them.
 
 Streams: chunks go straight to the caller's subject (``ProviderCall.stream_to``), in order, with
 ``seq`` from 0; the reply to the router is the final :class:`ProviderCallResult` or an error.

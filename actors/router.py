@@ -737,7 +737,7 @@ class RouterActor:
             for a, why in zip(task.attempts, task.reasons, strict=True)
         )
         if task.attempts and all(a.error_code in _BUDGET_CODES for a in task.attempts):
-            return BudgetExceeded(f"task {task.task_id}: every reservation refused: {tried}")
+            return BudgetExceeded(f"task {task.task_id}: no candidate within the budget: {tried}")
         return NoProviderAvailable(f"task {task.task_id}: every provider failed: {tried}")
 
     async def _try_provider(

@@ -11,9 +11,10 @@
     done = stream.completion        # text, finish_reason, usage, cost, timing
 
 Usage is what the provider reported (``input_tokens`` includes cache reads and writes, as in
-``events.contract.Usage``); only when a provider reports none (an OpenAI stream that ended without
-its usage chunk, Ollama's omitted counts) are the missing counts estimated, and
-``Completion.usage_estimated`` says so. Every failure is a :class:`vapora.errors.ProviderError`
+``events.contract.Usage``); a count the provider left out (an OpenAI stream that ended without
+its usage chunk, Ollama's omitted counts, a missing output count) or reported as no count
+(negative, past 2^53) is estimated, on the high side, and ``Completion.usage_estimated`` says
+so. Every failure is a :class:`vapora.errors.ProviderError`
 subclass; httpx exceptions are translated here, at the boundary. A failure after the first
 streamed chunk is :class:`StreamBroken` (a ``ProviderStreamBroken``) carrying the text and the
 usage known so far. No error, repr or log line contains the API key.
