@@ -323,6 +323,7 @@ class ProviderActor:
         #: ``held_retry_s`` (:mod:`actors.held`).
         self.held = HeldEvents(runtime.data_dir, self.name)
         self.held_retry_s = 2.0
+        self.adopt_every = 5  # held_retry_s ticks between looks for a dead instance's files
         self.service = ActorService(
             runtime.nc,
             name=self.name,
@@ -670,8 +671,15 @@ class ProviderActor:
         return not self.held
 
     async def _held_loop(self) -> None:
+        """Every ``held_retry_s``: append what is held; every ``adopt_every`` of those, adopt
+        what an instance of this provider that died left in the data directory (its sibling
+        instances live on, so no start would come to adopt it)."""
+        ticks = 0
         while True:
             await anyio.sleep(self.held_retry_s)
+            ticks += 1
+            if ticks % self.adopt_every == 0 and self.held.adopt():
+                log.info("%s: adopted events held by an instance that died", self.name)
             if self.held:
                 await self._append_held()
 

@@ -367,3 +367,23 @@ async def test_a_call_keeps_the_price_it_started_with_while_others_start(tmp_pat
                 prices[task_id] = spent.price.input_per_mtok
             assert prices == {"T-slow": Decimal("0.75"), "T-after": Decimal("1.5")}
             actor.stop()
+
+
+async def test_a_running_instance_adopts_what_a_dead_sibling_held(tmp_path: Path) -> None:
+    """Two instances of a provider share a data directory and one dies holding spend: the files
+    were adopted only at a start, so with the sibling living on, that spend stayed out of the
+    log (and the keeper expired its holds) until some instance started again."""
+    from actors.held import HeldEvents
+
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        spend = EVENTS["spend_recorded"]
+        actor = ProviderActor(dep.runtime, provider="openai")
+        actor.held_retry_s, actor.adopt_every = 0.05, 1
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)  # started (and done adopting at start) before it died
+            dead = HeldEvents(tmp_path, "provider-openai")
+            assert dead.hold([spend])
+            dead.close()  # what a SIGKILL leaves: the file, its lock gone with the process
+            await until(lambda: not held_files(tmp_path), within_s=10)
+            assert [e for e in await dep.events() if e.id == spend.id] == [spend]
+            actor.stop()
