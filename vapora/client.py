@@ -20,6 +20,7 @@ time raises :class:`vapora.errors.RequestTimeout`; no router running raises
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -85,14 +87,35 @@ def _error_of(message: Msg) -> VaporaError | None:
 
 
 def _request_of(request: CompletionRequest | None, fields: dict[str, Any]) -> bytes:
+    """The request's bytes. A task id is given when the caller gave none, so that an error
+    (a timeout among them) can name the task whose spend vapora records."""
     if request is not None:
         if fields:
             raise TypeError("pass either a CompletionRequest or keyword fields, not both")
-        return encode(request)
+    else:
+        try:
+            request = msgspec.convert(fields, CompletionRequest)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(str(exc)) from exc
+    if request.task_id is None:
+        request = msgspec.structs.replace(request, task_id=uuid.uuid4().hex)
     try:
-        return encode(msgspec.convert(fields, CompletionRequest))
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc)) from exc
+        return encode(request)
+    except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 can carry it
+        raise InvalidRequest(
+            f"a string holds a character that is not UTF-8 ({exc.reason})"
+        ) from exc
+
+
+def _task_of(payload: bytes) -> str | None:
+    try:
+        return msgspec.json.decode(payload, type=_TaskOnly).task_id
+    except msgspec.DecodeError:
+        return None
+
+
+class _TaskOnly(msgspec.Struct):
+    task_id: str | None = None
 
 
 class Client:
@@ -109,7 +132,14 @@ class Client:
     ) -> AsyncIterator[Client]:
         """Connect to NATS at ``url`` (comma-separated for a cluster); closed on exit."""
         servers = [u.strip() for u in url.split(",") if u.strip()]
-        nc = await nats.connect(servers=servers, **options)
+        options.setdefault("connect_timeout", 5)
+        try:
+            with anyio.fail_after(options.pop("initial_deadline_s", 15.0)):
+                nc = await nats.connect(servers=servers, **options)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise NoProviderAvailable(
+                f"cannot connect to NATS at {url} ({type(exc).__name__}); is vapora up?"
+            ) from exc
         try:
             yield cls(nc, timeout_s=timeout_s)
         finally:
@@ -121,7 +151,15 @@ class Client:
         except NoRespondersError as exc:
             raise NoProviderAvailable(f"no vapora actor serves {subject}") from exc
         except TimeoutError as exc:
-            raise RequestTimeout(f"no answer on {subject} within {wait_s:g} s") from exc
+            # The task runs on in vapora: its id says where its spend is recorded.
+            raise RequestTimeout(
+                f"no answer on {subject} within {wait_s:g} s (task {_task_of(payload)})"
+            ) from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise InvalidRequest(
+                f"the request is {len(payload)} bytes, more than the NATS server takes "
+                f"({self.nc.max_payload})"
+            ) from exc
         error = _error_of(message)
         if error is not None:
             raise error
@@ -253,7 +291,11 @@ class TextStream:
                     subjects.STREAM, self._payload, reply=self._sub.subject, headers=self._headers
                 )
                 continue
-            text = self._handle(message)
+            try:
+                text = self._handle(message)
+            except VaporaError:
+                await self.aclose()  # also when used without ``async with``
+                raise
             if text is not None:
                 return text
 

@@ -43,6 +43,7 @@ import msgspec
 from events.codec import event_tag
 from events.contract import CostReport, Price
 from events.log import Event, SpendRecorded
+from vapora.errors import ConfigError
 
 __all__ = ["Ledger", "LoggedEvent", "ReportRow", "SpendRow", "cost_report", "monthly_projection"]
 
@@ -159,11 +160,20 @@ class Ledger:
     async def open(cls, path: str | Path) -> Ledger:
         """Open (creating if needed) the ledger database at ``path``."""
         db = await aiosqlite.connect(str(path), isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=5000")  # `vapora audit` may read while we write
-        await db.executescript(_SCHEMA)
-        return cls(db, await _read_last(db))
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA busy_timeout=5000")  # `vapora audit` may read as we write
+            await db.executescript(_SCHEMA)
+            return cls(db, await _read_last(db))
+        except BaseException as exc:
+            await db.close()  # its worker thread would keep the process alive
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise ConfigError(
+                    f"{path} is not a ledger this version can read ({exc}); move it aside and "
+                    "the ledger is rebuilt from the event log"
+                ) from exc
+            raise
 
     async def aclose(self) -> None:
         """Close the database connection."""

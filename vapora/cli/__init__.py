@@ -531,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from actors.connection import ConnectionFailed
+    from actors.server import NatsServerError
 
     try:
         if args.command == "config":
@@ -542,6 +543,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ConnectionFailed, VaporaError) as exc:
         print(f"vapora {args.command}: {exc}", file=sys.stderr)
         return 1
+    except NatsServerError as exc:  # the embedded server could not start (a port in use, ...)
+        print(f"vapora {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -165,6 +165,11 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
     is reported; differences in costs or in the ledger are reported at once.
     """
     path = Path(data_dir) / LEDGER_FILE
+    if await log.last_sequence() == 0:
+        return 2, (
+            "audit: the event log is empty: nothing to audit (is this the deployment's NATS "
+            "server, or its data directory?)"
+        )
     for attempt in range(_AUDIT_ATTEMPTS):
         notes, result = await _audit_once(nc, log, path)
         if result.ok or not _only_keeper(result) or attempt == _AUDIT_ATTEMPTS - 1:

@@ -97,13 +97,23 @@ async def serve(
         await anyio.sleep_forever()
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {value}")
+    return value
+
+
 def cli_main(argv: list[str]) -> int:
     """``vapora simulate [--host H] [--port P] [--latency-ms N]``; SIGTERM/Ctrl-C stop it."""
     parser = argparse.ArgumentParser(
         prog="vapora simulate", description="Run the Anthropic/OpenAI/Gemini/Ollama simulator."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=int, default=None, help="default latency")
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,91 @@
+"""The client library and the commands at their edges (found by a review): a stream that fails
+when used without ``async with``, strings no UTF-8 carries, a NATS server that is down, a
+corrupt ledger file, an audit of an empty log, out-of-range ports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.fault.provider_harness import config_text, deployment
+from vapora.cli.money import audit_command
+from vapora.client import Client
+from vapora.errors import ConfigError, InvalidRequest, NoProviderAvailable, VaporaError
+from vapora.ledger import Ledger
+
+pytestmark = pytest.mark.anyio
+
+VAPORA = [sys.executable, "-m", "vapora.cli"]
+
+
+def failing_openai(base_url: str) -> str:
+    return config_text(base_url, models={"openai": "gpt-4-error-400"})
+
+
+async def test_a_stream_that_fails_without_async_with_lets_go_of_its_subscription(
+    tmp_path: Path,
+) -> None:
+    """The README's ``async for chunk in client.stream(...)``: each failed stream left its
+    subscription open (40 failures, 40 subscriptions)."""
+    async with deployment(tmp_path, failing_openai) as dep:
+        stream = dep.client.stream(prompt="hello", provider="openai")
+        with pytest.raises(VaporaError):
+            async for _ in stream:
+                pass
+        assert stream._sub is None
+
+
+async def test_a_string_no_utf8_carries_is_a_400_before_anything_is_sent(tmp_path: Path) -> None:
+    async with deployment(tmp_path, config_text) as dep:
+        with pytest.raises(InvalidRequest, match="not UTF-8"):
+            await dep.client.complete(prompt="caf\udce9")
+
+
+async def test_connecting_to_a_nats_server_that_is_down_fails_fast_and_clearly() -> None:
+    """It retried for two minutes, printed 61 tracebacks and raised nats-py's own error."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with anyio.fail_after(20):
+        with pytest.raises(NoProviderAvailable, match="cannot connect to NATS"):
+            async with Client.connect(f"nats://127.0.0.1:{port}", initial_deadline_s=3):
+                pass
+
+
+async def test_a_corrupt_ledger_file_is_named_and_nothing_is_left_running(tmp_path: Path) -> None:
+    """It was a traceback, and the database's worker thread kept the process alive."""
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(b"garbage " * 1000)
+    with pytest.raises(ConfigError, match="not a ledger this version can read"):
+        await Ledger.open(path)
+
+
+async def test_an_audit_of_an_empty_log_checked_nothing_and_says_so(tmp_path: Path) -> None:
+    """It printed "0 events ... no differences" and exited 0 (a wrong server, a wrong dir)."""
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        code, text = await audit_command(dep.nc, dep.log, tmp_path)
+    assert code == 2 and "the event log is empty" in text
+
+
+def test_ports_out_of_range_and_in_use_are_named(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*VAPORA, "simulate", "--port", "99999"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "must be a port in 0..65535" in done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*VAPORA, "up", "--port", str(port), "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
