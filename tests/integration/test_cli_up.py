@@ -125,3 +125,20 @@ def test_a_metrics_port_that_cannot_be_served_is_named(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"cannot serve /metrics on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_unknown_task_types_and_event_types_are_bad_usage_before_any_connection() -> None:
+    """Both connected first (15 s when NATS is down) and exited 1."""
+    for argv, said in (
+        (["ask", "hi", "--task-type", "Bogus"], "--task-type: invalid choice: 'Bogus'"),
+        (["events", "--type", "bogus"], "--type: invalid choice: 'bogus'"),
+    ):
+        done = subprocess.run(
+            [*VAPORA, *argv, "--nats-url", "nats://127.0.0.1:1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 2, argv
+        assert said in done.stderr

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from events.contract import Quality, TaskType
+from events.log import EVENT_TYPES
 from vapora import __version__
 from vapora.config import redact_url
 from vapora.errors import ConfigError, VaporaError
@@ -440,8 +442,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ask = command("ask", "send one request through vapora.complete / vapora.stream")
     ask.add_argument("prompt")
-    ask.add_argument("--task-type", default="GeneralQuery")
-    ask.add_argument("--quality", default="Medium")
+    ask.add_argument(
+        "--task-type", default="GeneralQuery", choices=[t.value for t in TaskType], metavar="TYPE"
+    )
+    ask.add_argument("--quality", default="Medium", choices=[q.value for q in Quality])
     ask.add_argument("--provider", help="manual override")
     ask.add_argument("--budget-cents", type=_non_negative_decimal)
     ask.add_argument("--stream", action="store_true")
@@ -464,7 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     events = command("events", "print the event log")
     events.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
     events.add_argument("--follow", action="store_true")
-    events.add_argument("--type")
+    events.add_argument("--type", choices=sorted(EVENT_TYPES), metavar="TYPE")
     events.add_argument("--task-id")
 
     config = command(
