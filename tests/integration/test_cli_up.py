@@ -132,6 +132,11 @@ def test_unknown_task_types_and_event_types_are_bad_usage_before_any_connection(
     for argv, said in (
         (["ask", "hi", "--task-type", "Bogus"], "--task-type: invalid choice: 'Bogus'"),
         (["events", "--type", "bogus"], "--type: invalid choice: 'bogus'"),
+        # online the ledger refused it (exit 1); offline it was an empty report (exit 0)
+        (
+            ["report", "--since", "2030-01-01", "--until", "2020-01-01"],
+            "--since must not be after --until",
+        ),
     ):
         done = subprocess.run(
             [*VAPORA, *argv, "--nats-url", "nats://127.0.0.1:1"],

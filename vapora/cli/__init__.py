@@ -561,7 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return (cmd_simulate if argv[0] == "simulate" else cmd_schema)(
             argparse.Namespace(), argv[1:]
         )
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    since, until = getattr(args, "since", None), getattr(args, "until", None)
+    if since is not None and until is not None and since > until:
+        # Online the ledger refused it (exit 1), offline it was an empty report (exit 0).
+        parser.exit(2, f"vapora {args.command}: --since must not be after --until\n")
     quiet = args.command not in ("up", "actor", "demo")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
