@@ -522,11 +522,10 @@ class EventLog:
         since: datetime | None = None,
     ) -> AsyncIterator[ReplayBatch[E]]:
         """The log from ``start_seq`` (or from the first event stored at ``since``) through a
-        pull consumer. When the consumer is known to be
-        lost (its deletion or "no responders" answered a pull request, or a replay's pull went
-        unanswered and the consumer is gone) reading goes on from the event after the last one
-        given, through a new consumer. A tail that stalls without a word is restarted by its
-        follower (:mod:`actors.follow`)."""
+        pull consumer. When the consumer is known to be lost (its deletion or "no responders"
+        answered a pull request, or a replay's pull went unanswered and the consumer is gone)
+        reading goes on from the event after the last one given, through a new consumer. A
+        tail that stalls without a word is restarted by its follower (:mod:`actors.follow`)."""
         next_seq = start_seq
         failures = 0  # losses in a row, with no batch read in between
         while True:

@@ -92,6 +92,7 @@ __all__ = [
     "evolve",
     "expired",
     "expired_leases",
+    "without_expired",
     "lease_size",
     "percentages",
     "replay",
@@ -932,6 +933,40 @@ def _next_boundary(used: Decimal, limit: Decimal, warn_percent: Decimal) -> Deci
     """The amount at the tier boundary above ``used``: 50 % of ``limit``, then the warn line."""
     percent = _NEAR_PERCENT if used * _HUNDRED < limit * _NEAR_PERCENT else warn_percent
     return limit * percent / _HUNDRED
+
+
+def without_expired(state: BudgetState, now: datetime) -> BudgetState:
+    """``state`` once the keeper's tick at ``now`` has closed what expired (reservations
+    released, leases closed keeping what they spent), folded here without appending anything:
+    for reading a stopped deployment's log, whose holds were open when it stopped."""
+    fold = Fold(state)
+    for rid in expired(state, now):
+        held = state.reservation(rid)
+        assert held is not None
+        fold.apply_event(
+            BudgetReleased(
+                id=f"expired-{rid}",
+                at=now,
+                task_id=held.task_id,
+                reservation_id=rid,
+                reason="expired",
+            )
+        )
+    for lid in expired_leases(state, now):
+        lease = state.lease(lid)
+        assert lease is not None
+        fold.apply_event(
+            BudgetLeaseReturned(
+                id=f"expired-{lid}",
+                at=now,
+                lease_id=lid,
+                holder=lease.holder,
+                kept_usd=min(lease.spent_usd, lease.granted_usd),
+                reason="expired",
+                version=lease.version + 1,
+            )
+        )
+    return fold.state()
 
 
 def expired_leases(state: BudgetState, now: datetime) -> list[str]:

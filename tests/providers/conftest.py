@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 
 from events.contract import Price
@@ -75,3 +78,27 @@ async def client_for(sim: Simulator) -> AsyncIterator[ClientFactory]:
     yield build
     for client in made:
         await client.aclose()
+
+
+@asynccontextmanager
+async def stub(answer: bytes, hold_s: float = 0.0) -> AsyncIterator[int]:
+    """A server on a free port that reads one request and writes ``answer`` (a whole HTTP
+    response, as bytes), then closes (after ``hold_s``); yields its port."""
+
+    async def serve(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive()
+            head, _, rest = request.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(rest) < length:
+                rest += await stream.receive()
+            await stream.send(answer)
+            await anyio.sleep(hold_s)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()

@@ -4,15 +4,11 @@ error's class. Each was billed, classified or retried wrongly."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import anyio
-import anyio.abc
 import msgspec
 import pytest
 
-from tests.providers.conftest import price_of
+from tests.providers.conftest import price_of, stub
 from vapora.errors import ProviderError, ProviderRateLimited, ProviderRejected, ProviderUnavailable
 from vapora.providers import ProviderClient, ProviderRequest, make_client
 
@@ -24,30 +20,6 @@ MODELS = {
     "gemini": "gemini-2.5-flash",
     "ollama": "llama3.2",
 }
-
-
-@asynccontextmanager
-async def stub(answer: bytes, hold_s: float = 0.0) -> AsyncIterator[int]:
-    """A server on a free port that reads one request and writes ``answer`` (a whole HTTP
-    response, as bytes), then closes (after ``hold_s``); yields its port."""
-
-    async def serve(stream: anyio.abc.ByteStream) -> None:
-        async with stream:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += await stream.receive()
-            head, _, rest = request.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(rest) < length:
-                rest += await stream.receive()
-            await stream.send(answer)
-            await anyio.sleep(hold_s)
-
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve)
-        yield listener.extra(anyio.abc.SocketAttribute.local_port)
-        tg.cancel_scope.cancel()
 
 
 def client(kind: str, port: int) -> ProviderClient:

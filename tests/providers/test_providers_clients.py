@@ -5,14 +5,12 @@ from __future__ import annotations
 import socket
 from decimal import Decimal
 
-import anyio
-import anyio.abc
 import httpx
 import msgspec
 import pytest
 
 from events.contract import ChatMessage, ProviderCall, TaskType, Usage
-from tests.providers.conftest import SECRET, ClientFactory, price_of
+from tests.providers.conftest import SECRET, ClientFactory, price_of, stub
 from vapora.errors import ConfigError, InvalidRequest, ProviderConfigError, ProviderUnavailable
 from vapora.providers import (
     DEFAULT_BASE_URLS,
@@ -397,25 +395,11 @@ async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: s
     """A negative count billed a negative cost, and the events it went into could not be read
     back (every projection stopped on them); a count of 1e30 overflowed the ledger."""
     body = msgspec.json.encode(_NONSENSE[kind])
-
-    async def provider(stream: anyio.abc.ByteStream) -> None:
-        async with stream:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += await stream.receive()
-            head, _, rest = request.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(rest) < length:
-                rest += await stream.receive()
-            await stream.send(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-            )
-
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, provider)
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    async with stub(answer) as port:
         client = make_client(
             name=kind,
             kind=kind,
@@ -429,7 +413,6 @@ async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: s
             done = await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=50))
         finally:
             await client.aclose()
-        tg.cancel_scope.cancel()
     assert done.text == "hi there" and done.usage_estimated is True
     msgspec.convert(msgspec.to_builtins(done.usage), Usage)  # within the contract's bounds
     assert done.usage.cache_read_tokens + done.usage.cache_write_tokens <= done.usage.input_tokens

@@ -5,12 +5,10 @@ from __future__ import annotations
 import logging
 import traceback
 
-import anyio
-import anyio.abc
 import httpx
 import pytest
 
-from tests.providers.conftest import SECRET, ClientFactory, price_of
+from tests.providers.conftest import SECRET, ClientFactory, price_of, stub
 from vapora.errors import ProviderError
 from vapora.providers import ProviderRequest, make_client
 from vapora.simulator import Simulator
@@ -120,24 +118,11 @@ async def test_a_key_cut_by_the_error_messages_length_is_not_left_half_shown() -
     prefix = b"<html><body>" + b"x" * 444 + b" Bearer "
     body = prefix + SECRET.encode() + b"</body></html>"
 
-    async def gateway(reader: anyio.abc.ByteStream) -> None:
-        async with reader:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += await reader.receive()
-            head, _, rest = request.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(rest) < length:
-                rest += await reader.receive()
-            await reader.send(
-                b"HTTP/1.1 401 Unauthorized\r\ncontent-type: text/html\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-            )
-
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, gateway)
+    answer = (
+        b"HTTP/1.1 401 Unauthorized\r\ncontent-type: text/html\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    async with stub(answer) as port:
         client = make_client(
             name="gateway",
             kind="openai",
@@ -152,7 +137,6 @@ async def test_a_key_cut_by_the_error_messages_length_is_not_left_half_shown() -
                 await client.complete(ProviderRequest(prompt="a b c d"))
         finally:
             await client.aclose()
-        tg.cancel_scope.cancel()
     said = _everything_said_about(failed.value)
     assert "Bearer " in said  # the cut falls inside the key
     assert SECRET[:8] not in said

@@ -296,49 +296,11 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
         warn_threshold_percent=config.budget.warn_threshold_percent,
     )
     now = _now()
-    state = _expire_offline(budget.catch_up(budget.EMPTY, entries), now)
+    state = budget.without_expired(budget.catch_up(budget.EMPTY, entries), now)
     status = budget.status(state, limits, now)
     if args.json:
         return encode(status).decode()
     return render_budget(status)
-
-
-def _expire_offline(state: Any, now: datetime) -> Any:
-    """What the keeper's next tick would do to ``state`` at ``now`` (release the reservations
-    and close the leases that expired), folded in memory only: a stopped deployment's log
-    keeps the holds that were open when it stopped, which are no longer committed."""
-    from events.log import BudgetLeaseReturned, BudgetReleased
-    from vapora import budget
-
-    closing: list[Any] = []
-    for rid in budget.expired(state, now):
-        held = state.reservation(rid)
-        closing.append(
-            BudgetReleased(
-                id=f"offline-{rid}",
-                at=now,
-                task_id=held.task_id,
-                reservation_id=rid,
-                reason="expired",
-            )
-        )
-    for lid in budget.expired_leases(state, now):
-        lease = state.lease(lid)
-        closing.append(
-            BudgetLeaseReturned(
-                id=f"offline-{lid}",
-                at=now,
-                lease_id=lid,
-                holder=lease.holder,
-                kept_usd=min(lease.spent_usd, lease.granted_usd),
-                reason="expired",
-                version=lease.version + 1,
-            )
-        )
-    fold = budget.Fold(state)
-    for event in closing:
-        fold.apply_event(event)
-    return fold.state()
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""`vapora budget --data-dir` folds a stopped deployment's log: the holds that were open when it
-stopped have expired since, and the keeper's tick would have closed them."""
+"""`budget.without_expired`, what `vapora budget --data-dir` reports: a stopped deployment's
+log holds the holds that were open when it stopped, expired since; the keeper's tick would
+have closed them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from decimal import Decimal
 
 from events.log import BudgetLeased, BudgetReserved
 from vapora import budget
-from vapora.cli import _expire_offline
 
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 LIMITS = budget.BudgetLimits.from_cents(
@@ -48,6 +48,8 @@ def test_holds_that_expired_since_the_deployment_stopped_are_not_counted() -> No
     before = budget.status(state, LIMITS, T0 + timedelta(seconds=60))
     assert (before.reserved_usd, before.leased_usd) == (Decimal("1.50"), Decimal("2.00"))
     later = T0 + timedelta(hours=2)
-    after = budget.status(_expire_offline(state, later), LIMITS, later)
+    after = budget.status(budget.without_expired(state, later), LIMITS, later)
     assert (after.reserved_usd, after.leased_usd, after.open_leases) == (0, 0, 0)
-    assert _expire_offline(state, T0 + timedelta(seconds=60)).reservation("res-1") is not None
+    assert (
+        budget.without_expired(state, T0 + timedelta(seconds=60)).reservation("res-1") is not None
+    )
