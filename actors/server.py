@@ -10,6 +10,8 @@ Durability of the embedded default: see ``SyncPolicy`` and ``docs/operations.md`
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import re
 import shutil
@@ -23,7 +25,7 @@ from types import TracebackType
 
 import anyio
 
-__all__ = ["EmbeddedNats", "NatsServerError", "find_nats_server"]
+__all__ = ["DataDirInUse", "EmbeddedNats", "NatsServerError", "find_nats_server"]
 
 _LISTENING = re.compile(rb"Listening for client connections on [^:\s]+:(\d+)")
 _READY = b"Server is ready"
@@ -31,6 +33,39 @@ _READY = b"Server is ready"
 
 class NatsServerError(RuntimeError):
     """The nats-server binary is missing, failed to start, or died."""
+
+
+class DataDirInUse(NatsServerError):
+    """Another embedded nats-server runs on this data directory (two on one store corrupt it).
+
+    The lock is held by the process that started that server and by the server itself (it
+    inherits the descriptor), so it lasts while either lives: a SIGKILLed ``vapora up`` leaves
+    its server running, and the lock with it, until that server is stopped too.
+    """
+
+    def __init__(self, data_dir: Path, url: str | None, pid: int | None) -> None:
+        self.url = url
+        self.pid = pid
+        who = f"a running vapora (pid {pid}, serving {url})" if url else "a starting vapora"
+        super().__init__(
+            f"{data_dir} is in use by {who}: stop it first, or pass --nats-url to use its server"
+        )
+
+
+LOCK_FILE = "server.lock"
+
+
+def _holder(fd: int) -> tuple[str | None, int | None]:
+    """What the lock file says about its holder: (url, pid), either None if not written yet."""
+    try:
+        text = os.pread(fd, 4096, 0)
+        data = json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    url, pid = data.get("url"), data.get("pid")
+    return (url if isinstance(url, str) else None), (pid if isinstance(pid, int) else None)
 
 
 def find_nats_server() -> str:
@@ -76,6 +111,7 @@ class EmbeddedNats:
         self.extra_config = extra_config
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
 
     @property
     def url(self) -> str:
@@ -103,8 +139,45 @@ class EmbeddedNats:
         ).replace("'", '"')
 
     async def start(self) -> EmbeddedNats:
-        """Start the server and wait until it accepts clients with JetStream on."""
+        """Start the server and wait until it accepts clients with JetStream on.
+
+        Raises ``DataDirInUse`` when another embedded server runs on the same data directory.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            await self._start_locked()
+        except BaseException:
+            self._release_lock()
+            raise
+        self._announce()
+        return self
+
+    def _take_lock(self) -> None:
+        if self._lock is not None:
+            return
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            url, pid = _holder(fd)
+            os.close(fd)
+            raise DataDirInUse(self.data_dir, url, pid) from None
+        self._lock = fd
+
+    def _announce(self) -> None:
+        """Write who holds the lock, so a command refused by it can say where the server is."""
+        if self._lock is not None:
+            os.ftruncate(self._lock, 0)
+            holder = {"url": self.url, "pid": os.getpid(), "server_pid": self.pid}
+            os.pwrite(self._lock, json.dumps(holder).encode(), 0)
+
+    def _release_lock(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)
+
+    async def _start_locked(self) -> None:
         conf = self.data_dir / "nats-server.conf"
         conf.write_text(self.config_text())
         log = self.log_path.open("wb")
@@ -114,10 +187,10 @@ class EmbeddedNats:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            pass_fds=(self._lock,) if self._lock is not None else (),
         )
         log.close()
         self.port = await self._wait_ready()
-        return self
 
     async def _wait_ready(self) -> int:
         deadline = time.monotonic() + self.startup_timeout
@@ -140,14 +213,17 @@ class EmbeddedNats:
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(grace):
-            await anyio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        try:
+            if process is None or process.poll() is not None:
+                return
+            process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(grace):
+                await anyio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        finally:
+            self._release_lock()
 
     def kill(self) -> None:
         """SIGKILL the server (fault tests): no clean shutdown, no flush."""
@@ -155,6 +231,7 @@ class EmbeddedNats:
             self._process.kill()
             self._process.wait()
         self._process = None
+        self._release_lock()
 
     async def __aenter__(self) -> EmbeddedNats:
         return await self.start()

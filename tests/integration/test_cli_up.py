@@ -63,6 +63,7 @@ def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
             )
             assert ask.returncode == 0, ask.stderr
             assert json.loads(ask.stdout)["provider"] == "ollama"
+            _same_directory_while_up(tmp_path / "new", ready[2], env)
         finally:
             up.send_signal(signal.SIGTERM)
             code = up.wait(timeout=60)
@@ -70,6 +71,33 @@ def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
         sim.terminate()
         sim.wait()
     assert code == 0
+
+
+def _same_directory_while_up(data_dir: Path, url: str, env: dict[str, str]) -> None:
+    """A second `up` on a served directory is refused naming the first; the read-only commands
+    read it through the running server instead of starting a second one on its store."""
+    server_log = (data_dir / "nats" / "nats-server.log").read_bytes()
+    second = subprocess.run(
+        [*VAPORA, "up", "--port", "0", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert second.returncode == 2, second.stderr
+    assert "in use by a running vapora (pid" in second.stderr and url in second.stderr
+    events = subprocess.run(
+        [*VAPORA, "events", "--data-dir", str(data_dir), "--type", "call_succeeded"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert events.returncode == 0, events.stderr
+    assert json.loads(events.stdout.splitlines()[0])["provider"] == "ollama"
+    assert (data_dir / "nats" / "nats-server.log").read_bytes().startswith(server_log)
 
 
 def test_offline_commands_on_a_directory_without_data_say_so(tmp_path: Path) -> None:

@@ -3,14 +3,23 @@ stop, and clear errors instead of hangs."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from actors.connection import ConnectionFailed, ConnectOptions, connect
-from actors.server import EmbeddedNats, NatsServerError
+from actors.server import DataDirInUse, EmbeddedNats, NatsServerError
 
 pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_embedded_server_starts_with_jetstream_and_stops(tmp_path: Path) -> None:
@@ -38,6 +47,64 @@ async def test_data_survives_a_restart_on_the_same_port(tmp_path: Path) -> None:
         client = await connect(ConnectOptions.from_url(server.url))
         assert (await client.jetstream().stream_info("KEEP")).state.messages == 1
         await client.close()
+
+
+async def test_a_second_server_on_one_data_directory_is_refused_naming_the_first(
+    tmp_path: Path,
+) -> None:
+    async with EmbeddedNats(tmp_path) as first:
+        log_before = first.log_path.read_bytes()
+        with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}, serving {first.url}") as e:
+            await EmbeddedNats(tmp_path).start()
+        assert e.value.url == first.url
+        assert first.log_path.read_bytes().startswith(log_before)  # its log not overwritten
+        client = await connect(ConnectOptions.from_url(first.url))
+        await client.flush()
+        await client.close()
+    async with EmbeddedNats(tmp_path) as again:  # stopped: the directory is free
+        assert again.alive()
+
+
+_STARTER = """
+import anyio, sys
+from actors.server import EmbeddedNats
+
+async def main():
+    server = await EmbeddedNats(sys.argv[1]).start()
+    print(server.url, flush=True)
+    await anyio.sleep(600)
+
+anyio.run(main)
+"""
+
+
+async def test_a_killed_starter_leaves_its_server_holding_the_directory(tmp_path: Path) -> None:
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _STARTER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert starter.stdout is not None
+    url = starter.stdout.readline().strip()
+    starter.send_signal(signal.SIGKILL)
+    starter.wait()
+    holder = json.loads((tmp_path / "server.lock").read_text())
+    try:
+        # the orphaned nats-server still writes the store: a second one must not start on it
+        with pytest.raises(DataDirInUse, match=url):
+            await EmbeddedNats(tmp_path).start()
+    finally:
+        os.kill(holder["server_pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            async with EmbeddedNats(tmp_path) as again:
+                assert again.alive()
+            break
+        except DataDirInUse:
+            assert time.monotonic() < deadline, "the stopped server's lock was not released"
+            await anyio.sleep(0.05)
 
 
 async def test_a_bad_server_config_is_reported_not_hung(tmp_path: Path) -> None:

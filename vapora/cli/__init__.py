@@ -87,8 +87,11 @@ def _url(config: Config) -> str:
 @contextlib.asynccontextmanager
 async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple[Config, Client]]:
     """Connect to the configured NATS; with ``--data-dir`` and no URL anywhere, open that
-    directory's log offline through a private embedded server (``vapora demo`` leaves one)."""
+    directory's log offline through a private embedded server (``vapora demo`` leaves one),
+    or, when a running ``vapora up`` serves that directory, through its server (two servers on
+    one store would corrupt it)."""
     from actors.connection import connect
+    from actors.server import DataDirInUse
 
     config = _config(args)
     async with contextlib.AsyncExitStack() as stack:
@@ -97,7 +100,13 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
             data_dir = _data_dir(args, config)
             if not await anyio.Path(data_dir / "nats").is_dir():
                 raise ConfigError(f"{data_dir} holds no vapora data (no {data_dir / 'nats'})")
-            url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
+            try:
+                url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
+            except DataDirInUse as exc:
+                if exc.url is None:
+                    raise
+                url = exc.url
+                log.info("%s is served by a running vapora: reading it through %s", data_dir, url)
         nc = await connect(_connect_options(config, url, name))
         stack.push_async_callback(_close_quietly, nc)
         yield config, nc
