@@ -42,14 +42,28 @@ from opentelemetry.trace import Span
 
 from actors import tracing
 from actors.cluster import stream_replicas
-from actors.connection import Client, PermissionDenied
+from actors.connection import Client, ConnectionFailed, PermissionDenied
 from actors.protocol import RawMessage
 from events import subjects
 from events.codec import DecodeError, decode_events, encode, event_tag
 from events.log import Event
+from vapora.config import redact_url
 from vapora.errors import ConcurrencyConflict, InternalError
 
-__all__ = ["Appended", "EventLog", "LogEntry", "ReplayBatch", "StreamSettings"]
+__all__ = [
+    "Appended",
+    "EventLog",
+    "JetStreamUnavailable",
+    "LogEntry",
+    "ReplayBatch",
+    "StreamSettings",
+]
+
+
+class JetStreamUnavailable(ConnectionFailed):
+    """No JetStream answers on the connected server: JetStream is off, or a cluster has no
+    meta leader."""
+
 
 log = logging.getLogger("vapora.eventlog")
 
@@ -238,7 +252,16 @@ class EventLog:
                     attempts,
                 )
                 await anyio.sleep(0.25 * attempt)
-        return await self._ensure_stream()  # the last attempt: its error is the caller's
+        try:
+            return await self._ensure_stream()  # the last attempt: its error is the caller's
+        except ServiceUnavailableError:
+            url = self.nc.connected_url
+            where = redact_url(url.geturl()) if url is not None else "the NATS server"
+            raise JetStreamUnavailable(
+                f"JetStream does not answer on {where} (no responder for stream "
+                f"{self.settings.name}, {attempts} attempts): run the server with JetStream on "
+                "(nats-server -js, or a jetstream {} block); a cluster needs its meta leader"
+            ) from None
 
     async def _ensure_stream(self) -> api.StreamInfo:
         config = self.settings.config()

@@ -15,7 +15,8 @@ import anyio
 import pytest
 
 from actors.connection import ConnectionFailed, ConnectOptions, connect
-from actors.server import DataDirInUse, EmbeddedNats, NatsServerError
+from actors.eventlog import EventLog, JetStreamUnavailable
+from actors.server import DataDirInUse, EmbeddedNats, NatsServerError, find_nats_server
 
 pytestmark = pytest.mark.anyio
 
@@ -105,6 +106,39 @@ async def test_a_killed_starter_leaves_its_server_holding_the_directory(tmp_path
         except DataDirInUse:
             assert time.monotonic() < deadline, "the stopped server's lock was not released"
             await anyio.sleep(0.05)
+
+
+async def test_a_server_without_jetstream_is_named_not_a_traceback(tmp_path: Path) -> None:
+    conf = tmp_path / "plain.conf"
+    conf.write_text('listen: "127.0.0.1:-1"\n')  # no jetstream block
+    log = tmp_path / "plain.log"
+    with log.open("wb") as out:
+        plain = subprocess.Popen([find_nats_server(), "-c", str(conf)], stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 10
+        while b"Server is ready" not in log.read_bytes():
+            assert time.monotonic() < deadline and plain.poll() is None, log.read_text()
+            await anyio.sleep(0.02)
+        port = log.read_text().split("Listening for client connections on 127.0.0.1:")[1].split()[0]
+        url = f"nats://127.0.0.1:{port}"
+        client = await connect(ConnectOptions.from_url(url))
+        try:
+            with pytest.raises(JetStreamUnavailable, match=f"JetStream does not answer on {url}"):
+                await EventLog(client).ensure_stream(attempts=2)
+        finally:
+            await client.close()
+        for command in (["events"], ["audit"], ["report", "--html", str(tmp_path / "r.html")]):
+            done = await anyio.run_process(
+                [sys.executable, "-m", "vapora.cli", *command, "--nats-url", url],
+                check=False,
+                cwd=ROOT,
+            )
+            stderr = done.stderr.decode()
+            assert done.returncode == 1, (command, stderr)
+            assert "Traceback" not in stderr and "run the server with JetStream on" in stderr
+    finally:
+        plain.terminate()
+        plain.wait()
 
 
 async def test_a_bad_server_config_is_reported_not_hung(tmp_path: Path) -> None:
