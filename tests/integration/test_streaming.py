@@ -4,7 +4,11 @@ usage is billed (DESIGN §3 stream messages, §4 fallback)."""
 
 from __future__ import annotations
 
+import io
+import json
+import re
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import msgspec
@@ -13,6 +17,7 @@ import pytest
 from events.contract import Outcome, StreamChunk, StreamEnd, StreamError, StreamMessage
 from events.log import CallFailed, FallbackTriggered, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
+from vapora.cli.ask import ask_command
 from vapora.errors import ProviderRejected
 from vapora.pricing import cost
 
@@ -112,6 +117,37 @@ async def test_a_cut_after_the_first_chunk_ends_with_error_and_the_partial_usage
         [spend] = [e for e in events if isinstance(e, SpendRecorded)]
         assert (spend.provider, spend.cost_usd) == ("claude", stream.cost_usd)
         assert not [e for e in events if isinstance(e, FallbackTriggered)]
+
+
+async def test_ask_stream_says_what_a_broken_stream_billed(tmp_path: Path) -> None:
+    models = {**LONG, "claude": "claude-opus-4-5-len-40-cut-3"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        ask = {"task_type": "CodeGeneration", "quality": "High", "stream": True}
+        out, err = io.StringIO(), io.StringIO()
+        assert await ask_command(dep.client, "write code", **ask, out=out, err=err) == 1  # type: ignore[arg-type]
+        [line, failure] = err.getvalue().splitlines()
+        billed = re.fullmatch(
+            r"vapora: the stream broke after (\d+) characters; billed (\d+) in, (\d+) out, "
+            r"\$([0-9.]+) \(task (\S+)\)",
+            line,
+        )
+        assert billed is not None, line
+        assert failure.startswith("vapora: provider_error: ")
+        assert int(billed[1]) == len(out.getvalue().rstrip("\n")) > 0
+        [spend] = [e for e in await dep.events_of(billed[5]) if isinstance(e, SpendRecorded)]
+        assert (spend.input_tokens, spend.output_tokens) == (int(billed[2]), int(billed[3]))
+        assert spend.cost_usd == Decimal(billed[4]) > 0
+        out = io.StringIO()
+        assert (
+            await ask_command(dep.client, "x", **ask, as_json=True, out=out, err=io.StringIO()) == 1
+        )  # type: ignore[arg-type]
+        document = json.loads(out.getvalue())
+        assert document["type"] == "error" and document["error"]["code"] == "provider_error"
+        [spend] = [
+            e for e in await dep.events_of(document["task_id"]) if isinstance(e, SpendRecorded)
+        ]
+        assert Decimal(document["cost_usd"]) == spend.cost_usd and document["text"]
+        assert document["usage"]["output_tokens"] == spend.output_tokens
 
 
 async def test_a_stream_error_before_any_chunk_falls_back(tmp_path: Path) -> None:

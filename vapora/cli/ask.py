@@ -3,7 +3,10 @@
 The CLI's argument parsing lives elsewhere; :func:`ask_command` takes the parsed values. It prints
 the text, then provider, model, tokens, cost and latency; ``stream`` prints the text as it
 arrives; ``as_json`` prints the whole result as JSON instead (for a stream: the ``end`` message
-with the text added). Errors go to ``err`` as ``vapora: <code>: <message>`` and exit 1.
+with the text added). Errors go to ``err`` as ``vapora: <code>: <message>`` and exit 1; a stream
+that broke after its first chunk also says what was billed for it (the tokens and cost of the
+``error`` message, and the task id), under the text or, with ``as_json``, as the ``error``
+message with the text added.
 """
 
 from __future__ import annotations
@@ -15,8 +18,15 @@ from typing import Any, TextIO
 import msgspec
 
 from events.codec import encode
-from events.contract import CompletionRequest, CompletionResult, StreamEnd, Usage
-from vapora.client import Client
+from events.contract import (
+    CompletionRequest,
+    CompletionResult,
+    ErrorBody,
+    StreamEnd,
+    StreamError,
+    Usage,
+)
+from vapora.client import Client, TextStream
 from vapora.errors import VaporaError
 
 __all__ = ["ask_command", "summary_lines"]
@@ -82,7 +92,7 @@ async def ask_command(
             budget_cents=budget_cents,
         )
         if stream:
-            await _ask_streaming(client, request, as_json=as_json, out=out)
+            await _ask_streaming(client, request, as_json=as_json, out=out, err=errors)
         else:
             _print_result(await client.complete(request), as_json=as_json, out=out)
     except msgspec.ValidationError as exc:
@@ -107,13 +117,18 @@ def _print_result(result: CompletionResult, *, as_json: bool, out: TextIO) -> No
 
 
 async def _ask_streaming(
-    client: Client, request: CompletionRequest, *, as_json: bool, out: TextIO
+    client: Client, request: CompletionRequest, *, as_json: bool, out: TextIO, err: TextIO
 ) -> None:
     async with client.stream(request) as chunks:
-        async for text in chunks:
-            if not as_json:
-                out.write(text)
-                out.flush()
+        try:
+            async for text in chunks:
+                if not as_json:
+                    out.write(text)
+                    out.flush()
+        except VaporaError as exc:
+            if chunks.usage is not None or chunks.cost_usd is not None:
+                _print_partial(chunks, exc, as_json=as_json, out=out, err=err)
+            raise
     end: StreamEnd | None = chunks.result
     assert end is not None  # a stream either ends with ``end`` or raises
     if as_json:
@@ -124,3 +139,32 @@ async def _ask_streaming(
     print("\n", file=out)
     lines = summary_lines(end.provider, end.model, end.usage, end.cost_usd, end.latency_ms)
     print("\n".join(lines), file=out)
+
+
+def _print_partial(
+    chunks: TextStream, error: VaporaError, *, as_json: bool, out: TextIO, err: TextIO
+) -> None:
+    """What a stream that broke after its first chunk billed (the ``error`` message's usage)."""
+    if as_json:
+        document = msgspec.json.decode(
+            encode(
+                StreamError(
+                    error=ErrorBody(code=error.code, message=error.message),
+                    task_id=chunks.task_id,
+                    usage=chunks.usage,
+                    cost_usd=chunks.cost_usd,
+                )
+            )
+        )
+        document["text"] = chunks.text
+        print(encode(document).decode(), file=out)
+        return
+    print(file=out)
+    usage, cost = chunks.usage, chunks.cost_usd
+    billed = f"{usage.input_tokens} in, {usage.output_tokens} out" if usage else "tokens unknown"
+    price = f"${cost:f}" if cost is not None else "cost unknown"
+    print(
+        f"vapora: the stream broke after {len(chunks.text)} characters; billed {billed}, "
+        f"{price} (task {chunks.task_id})",
+        file=err,
+    )
