@@ -18,6 +18,7 @@ from events.contract import Outcome, StreamChunk, StreamEnd, StreamError, Stream
 from events.log import CallFailed, FallbackTriggered, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
 from vapora.cli.ask import ask_command
+from vapora.client import Client
 from vapora.errors import ProviderRejected
 from vapora.pricing import cost
 
@@ -122,9 +123,8 @@ async def test_a_cut_after_the_first_chunk_ends_with_error_and_the_partial_usage
 async def test_ask_stream_says_what_a_broken_stream_billed(tmp_path: Path) -> None:
     models = {**LONG, "claude": "claude-opus-4-5-len-40-cut-3"}
     async with deployment(tmp_path, guide(models=models)) as dep:
-        ask = {"task_type": "CodeGeneration", "quality": "High", "stream": True}
         out, err = io.StringIO(), io.StringIO()
-        assert await ask_command(dep.client, "write code", **ask, out=out, err=err) == 1  # type: ignore[arg-type]
+        assert await _ask_stream(dep.client, as_json=False, out=out, err=err) == 1
         [line, failure] = err.getvalue().splitlines()
         billed = re.fullmatch(
             r"vapora: the stream broke after (\d+) characters; billed (\d+) in, (\d+) out, "
@@ -138,9 +138,7 @@ async def test_ask_stream_says_what_a_broken_stream_billed(tmp_path: Path) -> No
         assert (spend.input_tokens, spend.output_tokens) == (int(billed[2]), int(billed[3]))
         assert spend.cost_usd == Decimal(billed[4]) > 0
         out = io.StringIO()
-        assert (
-            await ask_command(dep.client, "x", **ask, as_json=True, out=out, err=io.StringIO()) == 1
-        )  # type: ignore[arg-type]
+        assert await _ask_stream(dep.client, as_json=True, out=out, err=io.StringIO()) == 1
         document = json.loads(out.getvalue())
         assert document["type"] == "error" and document["error"]["code"] == "provider_error"
         [spend] = [
@@ -148,6 +146,19 @@ async def test_ask_stream_says_what_a_broken_stream_billed(tmp_path: Path) -> No
         ]
         assert Decimal(document["cost_usd"]) == spend.cost_usd and document["text"]
         assert document["usage"]["output_tokens"] == spend.output_tokens
+
+
+async def _ask_stream(client: Client, *, as_json: bool, out: io.StringIO, err: io.StringIO) -> int:
+    return await ask_command(
+        client,
+        "write code",
+        task_type="CodeGeneration",
+        quality="High",
+        stream=True,
+        as_json=as_json,
+        out=out,
+        err=err,
+    )
 
 
 async def test_a_stream_error_before_any_chunk_falls_back(tmp_path: Path) -> None:
