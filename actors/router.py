@@ -5,7 +5,9 @@ chain of providers, one attempt at a time:
 
 1. a paid attempt first holds its upper-bound cost: against the router's budget lease, locally,
    when the lease covers it (see *Leases* below), else by reserving it with the budget keeper
-   (``vapora.budget.reserve``); a refusal skips to the next candidate (attempt ``skipped``);
+   (``vapora.budget.reserve``); a refusal skips to the next candidate (attempt ``skipped``), and
+   so does a keeper that does not answer in ``keeper_timeout_s``, whose reservation is then
+   released (``not_called``) in case the keeper admits it late;
 2. it calls ``vapora.provider.<name>.call`` with per-attempt timeouts (below);
 3. a transient error, a rate limit, a timeout, a quota or configuration error appends
    ``fallback_triggered`` and moves on (releasing the reservation, reason ``failed``); a caller
@@ -195,6 +197,11 @@ def _new_id() -> str:
     # 128 random bits as 32 hex digits, like ``uuid4().hex`` without building a UUID (a fifth
     # of its cost; ids are opaque, unique by their randomness).
     return os.urandom(16).hex()
+
+
+def _abandoned(reservation_id: str) -> BudgetRelease:
+    """The release of a reservation the keeper did not answer in time (not called on it)."""
+    return BudgetRelease(reservation_id=reservation_id, reason="not_called")
 
 
 def _usd(amount: Decimal) -> str:
@@ -879,6 +886,9 @@ class RouterActor:
         except NoRespondersError:
             return reservation_id, "the budget keeper is not running", _KEEPER_AWAY
         except TimeoutError:
+            # A stalled keeper may still admit it when it comes back: give it back then (the
+            # keeper takes this connection's requests in order, so the release follows it).
+            self._spawn(self._publish_release, _abandoned(reservation_id))
             return reservation_id, "the budget keeper did not answer in time", _KEEPER_AWAY
         code = header(message, _SERVICE_ERROR_CODE)
         if code:
@@ -936,7 +946,7 @@ class RouterActor:
                 await self._return_lease(lease, "returned")  # out of time: start afresh
                 lease = None
             lease_id = lease.lease_id if lease is not None else _new_id()
-            reply = await self._ask_lease(lease_id, amount)
+            reply = await self._ask_lease(lease_id, amount, new=lease is None)
             if reply is None or not reply.granted or reply.expires_at is None:
                 self._lease_retry_at = now + timedelta(seconds=_LEASE_RETRY_S)
                 return
@@ -952,7 +962,9 @@ class RouterActor:
         finally:
             self._asking = False
 
-    async def _ask_lease(self, lease_id: str, amount: Decimal) -> BudgetLeaseReply | None:
+    async def _ask_lease(
+        self, lease_id: str, amount: Decimal, *, new: bool
+    ) -> BudgetLeaseReply | None:
         ask = BudgetLeaseRequest(
             lease_id=lease_id, holder=self.holder, min_usd=amount, ttl_s=self.lease_ttl_s
         )
@@ -962,6 +974,11 @@ class RouterActor:
             )
         except (NoRespondersError, TimeoutError) as exc:
             log.info("router: no budget lease (%s); reserving per attempt", type(exc).__name__)
+            if new and isinstance(exc, TimeoutError):
+                # A stalled keeper may still grant it when it comes back: give it back then
+                # (the keeper takes this connection's requests in order). An unanswered
+                # extension needs nothing: the next grant's total includes it.
+                await self._return_lease(_Lease(lease_id), "returned")
             return None
         if header(message, _SERVICE_ERROR_CODE):
             return None
@@ -989,6 +1006,7 @@ class RouterActor:
             log.info("router: lease %s not returned (%s)", lease.lease_id, exc)
 
     def _release(self, task: _Task, reservation_id: str) -> None:
+        """Give back the reservation of an attempt that was answered with a failure."""
         release = BudgetRelease(reservation_id=reservation_id, reason="failed")
         self._spawn(self._publish_release, release)
 

@@ -2,13 +2,17 @@
 
 ``python -m tests.fault.money_process --nats-url URL --data-dir DIR [--daily-cents N]``
 connects, builds both actors with :func:`actors.runner.build`, prints ``money ready`` once both
-serve, and runs until SIGTERM (or until it is SIGKILLed, which is the point).
+serve, and runs until SIGTERM (or until it is SIGKILLed or stopped, which is the point).
+:class:`MoneyProcess` runs it from a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +24,69 @@ from actors.runner import Runtime, build, run_until_signalled
 from tests.fault.money import config
 
 READY = "money ready"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class MoneyProcess:
+    """This module run as a process by a test; ``kill()`` is SIGKILL."""
+
+    def __init__(self, url: str, data_dir: Path, *, daily_cents: int) -> None:
+        self.url, self.data_dir, self.daily_cents = url, data_dir, daily_cents
+        self.process: subprocess.Popen[str] | None = None
+
+    async def start(self) -> None:
+        stderr = (self.data_dir / "money.log").open("a")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.fault.money_process",
+                "--nats-url",
+                self.url,
+                "--data-dir",
+                str(self.data_dir),
+                "--daily-cents",
+                str(self.daily_cents),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        stderr.close()
+        assert self.process.stdout is not None
+        with anyio.fail_after(30):
+            line = await anyio.to_thread.run_sync(self.process.stdout.readline)
+        assert line.strip() == READY, self.log_text()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(20):
+                await anyio.to_thread.run_sync(self.process.wait)
+            if self.process.poll() is None:
+                self.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP: a keeper that stalls (its messages wait unanswered) until :meth:`resume`."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_text(self) -> str:
+        return (self.data_dir / "money.log").read_text()
 
 
 async def main(args: argparse.Namespace) -> None:

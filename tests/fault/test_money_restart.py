@@ -7,11 +7,7 @@ callers that died expire."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -36,68 +32,14 @@ from tests.fault.money import (
     status,
     usage_costing_at_most,
 )
-from tests.fault.money_process import READY
+from tests.fault.money_process import MoneyProcess
 from vapora.cli.money import audit_command
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parents[2]
 AMOUNT = Decimal("0.01")
 DAILY_CENTS = 60  # fits 60 holds of $0.01: the load runs into the limit
 TTL_S = 1.0
-
-
-class MoneyProcess:
-    """The keeper + ledger process; ``kill()`` is SIGKILL."""
-
-    def __init__(self, url: str, data_dir: Path) -> None:
-        self.url, self.data_dir = url, data_dir
-        self.process: subprocess.Popen[str] | None = None
-
-    async def start(self) -> None:
-        stderr = (self.data_dir / "money.log").open("a")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.fault.money_process",
-                "--nats-url",
-                self.url,
-                "--data-dir",
-                str(self.data_dir),
-                "--daily-cents",
-                str(DAILY_CENTS),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        stderr.close()
-        assert self.process.stdout is not None
-        with anyio.fail_after(30):
-            line = await anyio.to_thread.run_sync(self.process.stdout.readline)
-        assert line.strip() == READY, self.log_text()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(20):
-                await anyio.to_thread.run_sync(self.process.wait)
-            if self.process.poll() is None:
-                self.kill()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log_text(self) -> str:
-        return (self.data_dir / "money.log").read_text()
 
 
 @dataclass
@@ -196,7 +138,7 @@ async def test_sigkill_of_the_keeper_and_ledger_process_mid_load(
 ) -> None:
     data_dir = tmp_path / "money"
     data_dir.mkdir()
-    money = MoneyProcess(server.url, data_dir)
+    money = MoneyProcess(server.url, data_dir, daily_cents=DAILY_CENTS)
     nc = await client(server.url, "callers")
     log = EventLog(nc)
     await money.start()
@@ -223,7 +165,7 @@ async def test_sigkill_of_the_keeper_and_ledger_process_mid_load(
 async def test_sigkill_of_the_nats_server_mid_load(server: EmbeddedNats, tmp_path: Path) -> None:
     data_dir = tmp_path / "money"
     data_dir.mkdir()
-    money = MoneyProcess(server.url, data_dir)
+    money = MoneyProcess(server.url, data_dir, daily_cents=DAILY_CENTS)
     nc = await client(server.url, "callers")
     log = EventLog(nc)
     await money.start()

@@ -1,0 +1,98 @@
+"""A budget keeper that stalls past the router's timeout (its process SIGSTOPped) and then comes
+back: the reservation and the lease the router gave up on are given back, not left holding
+budget that nobody will use until they expire."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from actors.router import RouterActor
+from events.log import BudgetLeased, BudgetLeaseReturned, BudgetReleased, BudgetReserved
+from tests.fault.money import eventually, status
+from tests.fault.money_process import MoneyProcess
+from tests.fault.provider_harness import Deployment, config_text, deployment, wait_until_served
+from vapora.errors import NoProviderAvailable
+
+pytestmark = pytest.mark.anyio
+
+KEEPER_TIMEOUT_S = 0.3
+
+
+@contextlib.asynccontextmanager
+async def stalled_keeper(tmp_path: Path) -> AsyncIterator[tuple[Deployment, MoneyProcess]]:
+    """The provider actors, a real keeper in its own process, stopped (SIGSTOP); no router."""
+    async with deployment(tmp_path, config_text, router=False, providers=["claude"]) as dep:
+        data_dir = tmp_path / "money"
+        data_dir.mkdir()
+        money = MoneyProcess(dep.server.url, data_dir, daily_cents=10_000)
+        await money.start()
+        try:
+            await status(dep.nc)
+            money.pause()
+            yield dep, money
+        finally:
+            money.resume()
+            await money.stop()
+
+
+@contextlib.asynccontextmanager
+async def router(dep: Deployment, *, lease: bool) -> AsyncIterator[RouterActor]:
+    actor = RouterActor(dep.runtime, reserve=True, lease=lease, keeper_timeout_s=KEEPER_TIMEOUT_S)
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        try:
+            await wait_until_served(dep.client.nc, "vapora.complete")
+            yield actor
+        finally:
+            actor.stop()
+
+
+async def test_a_reservation_the_router_gave_up_on_is_released_when_the_keeper_comes_back(
+    tmp_path: Path,
+) -> None:
+    async with stalled_keeper(tmp_path) as (dep, money), router(dep, lease=False):
+        with pytest.raises(NoProviderAvailable, match="budget keeper did not answer in time"):
+            await dep.client.complete(prompt="hello", provider="claude", task_id="stalled")
+        money.resume()
+
+        async def settled() -> tuple[BudgetReserved, BudgetReleased] | None:
+            events = await dep.events_of("stalled")
+            reserved = [e for e in events if isinstance(e, BudgetReserved)]
+            released = [e for e in events if isinstance(e, BudgetReleased)]
+            return (reserved[0], released[0]) if reserved and released else None
+
+        reserved, released = await eventually(settled, within=10)
+        assert released.reservation_id == reserved.reservation_id
+        assert released.reason == "not_called"
+        after = await status(dep.nc)
+        assert (after.open_reservations, after.reserved_usd) == (0, 0)
+
+
+async def test_a_lease_the_router_gave_up_on_is_returned_when_the_keeper_comes_back(
+    tmp_path: Path,
+) -> None:
+    async with stalled_keeper(tmp_path) as (dep, money), router(dep, lease=True) as actor:
+        await anyio.sleep(KEEPER_TIMEOUT_S * 2)  # its first lease request went unanswered
+        money.resume()
+
+        async def returned() -> tuple[BudgetLeased, BudgetLeaseReturned] | None:
+            events = [e for e in await dep.events() if getattr(e, "holder", "") == actor.holder]
+            leased = [e for e in events if isinstance(e, BudgetLeased)]
+            if not leased:
+                return None
+            back = [
+                e
+                for e in events
+                if isinstance(e, BudgetLeaseReturned) and e.lease_id == leased[0].lease_id
+            ]
+            return (leased[0], back[0]) if back else None
+
+        leased, back = await eventually(returned, within=10)
+        assert back.kept_usd == 0 and back.reason == "returned"
+        # The lease the router holds now, if any, is one it asked for again and got an answer.
+        assert actor.lease is None or actor.lease.lease_id != leased.lease_id
