@@ -4,6 +4,7 @@ agrees with the events it produced, the audit passes, and the data stays usable 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from decimal import Decimal
@@ -188,3 +189,20 @@ def test_real_mode_sends_a_small_workload_to_the_configured_providers(tmp_path: 
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{REAL_REQUESTS} requests in" in done.stdout
     assert "outage" not in done.stdout and "no differences" in done.stdout
+
+
+def test_offline_budget_uses_the_demo_config_and_says_when_it_has_none(
+    demo: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    data_dir, _ = demo
+    done = run("budget", "--data-dir", str(data_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["per_task_limit_usd"] == "1"  # demo.toml's 100 cents
+    assert "built-in defaults" not in done.stderr
+    bare = tmp_path / "bare"
+    shutil.copytree(data_dir, bare)
+    (bare / "config.toml").unlink()
+    done = run("budget", "--data-dir", str(bare), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["per_task_limit_usd"] == "10"  # the built-in $10
+    assert "holds no config.toml and no --config was given" in done.stderr

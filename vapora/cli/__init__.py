@@ -290,10 +290,21 @@ async def cmd_budget(args: argparse.Namespace) -> int:
 
 
 async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
-    """The budget status by folding a data directory's log, no keeper running."""
+    """The budget status by folding a data directory's log, no keeper running. The limits are
+    not in the log: they come from the config (named on stderr when it is the built-in one)."""
     from events.codec import encode
     from vapora import budget
     from vapora.cli.money import render_budget
+    from vapora.config import ENV_CONFIG
+
+    data_dir = _data_dir(args, config)
+    named = args.config is not None or ENV_CONFIG in os.environ
+    if not named and not (data_dir / "config.toml").is_file():
+        print(
+            f"vapora budget: {data_dir} holds no config.toml and no --config was given: "
+            "the limits shown are the built-in defaults, not necessarily the deployment's",
+            file=sys.stderr,
+        )
 
     async with _connected(args, "vapora-budget") as (_, nc):
         log = await _event_log(nc)
