@@ -528,12 +528,18 @@ class BudgetKeeper:
     async def lease_return(
         self, request: BudgetLeaseReturn, ctx: RequestContext
     ) -> BudgetLeaseReply:
-        """Take back what a lease's holder no longer needs; unknown or closed leases: no-op."""
+        """Take back what a lease's holder no longer needs; unknown or closed leases: no-op.
+        A returned lease that still keeps something (attempts were in flight) is returned again
+        when its holder keeps less (they ended costing less than their bounds)."""
         _check_id("lease_id", request.lease_id)
         async with self._lock:
             await self._writable()
             held = self.state.lease(request.lease_id)
-            if held is not None and held.holder == request.holder and not held.returned:
+            if (
+                held is not None
+                and held.holder == request.holder
+                and (not held.returned or request.kept_usd < held.granted_usd)
+            ):
                 await self._return_lease(request.lease_id, request.kept_usd, request.reason)
             return self._lease_reply(request.lease_id, False, "returned")
 

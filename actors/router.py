@@ -30,7 +30,8 @@ provider's ``spend_recorded`` carries the lease id as its ``reservation_id``) dr
 keeper's fold. It renews the lease in the background when less than half of the last grant is
 left or half its life has passed, stops admitting against it ``margin`` before it expires (so
 every attempt ends before the keeper reclaims it), and returns what it does not need when it
-stops, when the lease runs out of time, or when the tier becomes Exceeded. With no lease, or one
+stops, when the lease runs out of time, or when the tier becomes Exceeded (and again, keeping only
+what they cost, when the attempts in flight at that return have ended). With no lease, or one
 too small for the attempt, it reserves per attempt as before; near a limit the keeper grants no
 leases, so admission is exact there. An attempt whose provider actor never replied keeps its
 upper bound committed (it may have been billed).
@@ -274,6 +275,8 @@ class _Lease:
     granted_at: datetime | None = None
     usable_until: datetime | None = None  # admit nothing against it from then on
     last_grant: Decimal = Decimal(0)
+    in_flight: int = 0  # attempts admitted against it and not yet settled
+    returned_with: Decimal | None = None  # what the last return kept, once returned
 
     def take(self, amount: Decimal, now: datetime) -> bool:
         """Commit ``amount`` if the lease is usable and covers it."""
@@ -284,6 +287,7 @@ class _Lease:
         ):
             return False
         self.committed += amount
+        self.in_flight += 1
         return True
 
     def running_low(self, now: datetime) -> bool:
@@ -924,17 +928,26 @@ class RouterActor:
             self._spawn(self._renew_lease, amount)
 
     def _take_again(self, lease: _Lease, amount: Decimal) -> bool:
-        return lease is self.lease and lease.take(amount, self.runtime.clock())
+        """Commit a retry of a silent attempt; the silent one is over, its bound stays."""
+        if lease is self.lease and lease.take(amount, self.runtime.clock()):
+            lease.in_flight -= 1
+            return True
+        return False
 
-    @staticmethod
     def _settle_on_lease(
-        lease: _Lease, amount: Decimal, outcome: ProviderCallResult | _Failure
+        self, lease: _Lease, amount: Decimal, outcome: ProviderCallResult | _Failure
     ) -> None:
-        """Replace the attempt's upper bound by what it cost (unknown if nothing replied)."""
+        """Replace the attempt's upper bound by what it cost (unknown if nothing replied). The
+        last attempt to end on a lease returned while attempts were in flight gives back the
+        difference between their bounds, which the return kept, and what they cost."""
         if isinstance(outcome, ProviderCallResult):
             lease.committed += outcome.cost_usd - amount
         elif not outcome.no_reply:
             lease.committed += outcome.cost - amount
+        lease.in_flight -= 1
+        kept = lease.returned_with
+        if kept is not None and lease.in_flight == 0 and lease.committed < kept:
+            self._spawn(self._return_lease, lease, "returned")
 
     async def _renew_lease(self, amount: Decimal) -> None:
         """Extend the lease (or get a first or fresh one) from the keeper."""
@@ -992,10 +1005,11 @@ class RouterActor:
         """Stop using ``lease``; the keeper frees all but what it cost or has in flight."""
         if self.lease is lease:
             self.lease = None
+        kept = lease.returned_with = max(lease.committed, Decimal(0))
         back = BudgetLeaseReturn(
             lease_id=lease.lease_id,
             holder=self.holder,
-            kept_usd=max(lease.committed, Decimal(0)),
+            kept_usd=kept,
             reason=reason,  # type: ignore[arg-type]  # "returned" or "revoked"
         )
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,62 @@ async def test_a_router_admits_paid_attempts_on_its_lease_and_returns_the_rest_w
         ("returned", sum((e.cost_usd for e in spends), Decimal(0)))
     ]
     assert (final.leased_usd, final.open_leases) == (Decimal(0), 0)
+
+
+async def test_a_lease_revoked_with_attempts_in_flight_keeps_only_what_they_cost(
+    tmp_path: Path,
+) -> None:
+    """The tier reaching Exceeded revokes the router's lease while an attempt runs on it: the
+    return keeps that attempt's upper bound, and once the attempt ends the router returns the
+    lease again keeping what it cost, so the rest of the bound is free at once (it stayed
+    committed until the lease expired)."""
+    models = {"claude": "claude-opus-4-5-len-20-slow-1000"}
+    budget_toml = "[budget]\ndaily_limit_cents = 1000\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        held = router.lease
+        assert held is not None
+        async with anyio.create_task_group() as tg:
+            results: list[object] = []
+
+            async def call() -> None:
+                results.append(
+                    await dep.client.complete(
+                        prompt="write a function",
+                        task_type="CodeGeneration",
+                        quality="High",
+                        max_tokens=2000,
+                        task_id="in-flight",
+                    )
+                )
+
+            tg.start_soon(call)
+            await until(lambda: held.committed > 0)  # admitted on the lease, running
+            other = spend(  # another router's spend takes the day past the warn threshold
+                task_id="elsewhere",
+                usage=exact_usage(Decimal("9.3")),
+                at=datetime.now(UTC),
+                cost_usd=Decimal("9.3"),
+            )
+            await dep.log.append(other)
+            await until(lambda: router.lease is None)  # revoked, the attempt still running
+        [result] = results
+        assert result.provider == "claude"  # type: ignore[attr-defined]
+
+        async def closed() -> bool:
+            return (await status(dep.client.nc)).leased_usd == 0  # type: ignore[arg-type]
+
+        await eventually(closed, within=10)
+        events = await dep.events()
+    returns = [e for e in events if isinstance(e, BudgetLeaseReturned)]
+    [cost] = [
+        e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "in-flight"
+    ]
+    assert [e.reason for e in returns] == ["revoked", "returned"]
+    assert returns[0].kept_usd > cost  # the attempt's bound, while it ran
+    assert returns[1].kept_usd == cost
 
 
 async def test_a_malformed_lease_reply_leaves_the_router_serving_and_reserving_per_attempt(
