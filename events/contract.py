@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 import msgspec
 
 __all__ = [
+    "MAX_AMOUNT",
+    "check_amount",
     "Attempt",
     "BudgetLeaseReply",
     "BudgetLeaseRequest",
@@ -98,8 +100,11 @@ MAX_AMOUNT = Decimal(10) ** 15
 MAX_ID_LENGTH = 200
 
 
-def _non_negative(name: str, value: Decimal | None) -> None:
-    # msgspec cannot constrain Decimal fields, and NaN/Infinity would poison every sum.
+def check_amount(name: str, value: Decimal | None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` (if given) is a finite,
+    non-negative decimal of at most :data:`MAX_AMOUNT`. Requests and events (on decoding, so
+    one stored with such an amount is unreadable rather than poison to every sum) call it:
+    msgspec cannot constrain ``Decimal`` fields, and NaN or Infinity would poison every sum."""
     if value is not None and not (value.is_finite() and 0 <= value <= MAX_AMOUNT):
         shown = str(value) if len(str(value)) <= 40 else str(value)[:40] + "..."
         raise ValueError(
@@ -142,7 +147,7 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
         if self.task_id is not None and not 1 <= len(self.task_id) <= MAX_ID_LENGTH:
             # The budget keeper refuses longer ids: taken, the task would fail as over budget.
             raise ValueError(f"`task_id` must be 1 to {MAX_ID_LENGTH} characters")
-        _non_negative("budget_cents", self.budget_cents)
+        check_amount("budget_cents", self.budget_cents)
 
 
 class Usage(_Message, frozen=True, kw_only=True):
@@ -354,8 +359,8 @@ class BudgetReserve(_Message, frozen=True, kw_only=True):
     ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
 
     def __post_init__(self) -> None:
-        _non_negative("amount_usd", self.amount_usd)
-        _non_negative("task_limit_usd", self.task_limit_usd)
+        check_amount("amount_usd", self.amount_usd)
+        check_amount("task_limit_usd", self.task_limit_usd)
 
 
 class BudgetReserveReply(_Message, frozen=True, kw_only=True):
@@ -386,7 +391,7 @@ class BudgetLeaseRequest(_Message, frozen=True, kw_only=True):
     ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 300.0
 
     def __post_init__(self) -> None:
-        _non_negative("min_usd", self.min_usd)
+        check_amount("min_usd", self.min_usd)
 
 
 class BudgetLeaseReply(_Message, frozen=True, kw_only=True):
@@ -410,4 +415,4 @@ class BudgetLeaseReturn(_Message, frozen=True, kw_only=True):
     reason: Literal["returned", "revoked"] = "returned"
 
     def __post_init__(self) -> None:
-        _non_negative("kept_usd", self.kept_usd)
+        check_amount("kept_usd", self.kept_usd)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from events.contract import Price, Quality, RouteDecision, TaskType, Tier, Usage
+from events.contract import Price, Quality, RouteDecision, TaskType, Tier, Usage, check_amount
 
 __all__ = [
     "BudgetLeaseReturned",
@@ -67,6 +67,9 @@ class CallSucceeded(_Event, tag="call_succeeded", frozen=True, kw_only=True):
     finish_reason: str | None = None
     stream: bool = False
 
+    def __post_init__(self) -> None:
+        check_amount("cost_usd", self.cost_usd)
+
 
 class CallFailed(_Event, tag="call_failed", frozen=True, kw_only=True):
     """An attempt failed. ``usage`` and ``cost_usd`` are what the provider billed anyway."""
@@ -83,6 +86,9 @@ class CallFailed(_Event, tag="call_failed", frozen=True, kw_only=True):
     usage: Usage = Usage()
     cost_usd: Money = Decimal(0)
     after_first_chunk: bool = False
+
+    def __post_init__(self) -> None:
+        check_amount("cost_usd", self.cost_usd)
 
 
 class FallbackTriggered(_Event, tag="fallback_triggered", frozen=True, kw_only=True):
@@ -101,6 +107,10 @@ class BudgetReserved(_Event, tag="budget_reserved", frozen=True, kw_only=True):
     expires_at: datetime
     task_limit_usd: Money | None = None
 
+    def __post_init__(self) -> None:
+        check_amount("amount_usd", self.amount_usd)
+        check_amount("task_limit_usd", self.task_limit_usd)
+
 
 class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     """Money spent: settles ``reservation_id`` at the actual cost. Carries the prices used."""
@@ -117,6 +127,9 @@ class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     price: Price
     reservation_id: str | None = None
     attempt: int = 1
+
+    def __post_init__(self) -> None:
+        check_amount("cost_usd", self.cost_usd)
 
 
 class BudgetReleased(_Event, tag="budget_released", frozen=True, kw_only=True):
@@ -139,6 +152,9 @@ class BudgetLeased(_Event, tag="budget_leased", frozen=True, kw_only=True):
     expires_at: datetime
     version: Annotated[int, msgspec.Meta(ge=1)] = 1
 
+    def __post_init__(self) -> None:
+        check_amount("granted_usd", self.granted_usd)
+
 
 class BudgetLeaseReturned(_Event, tag="budget_lease_returned", frozen=True, kw_only=True):
     """A lease given back: its holder keeps ``kept_usd`` (spent or still in flight under it), the
@@ -149,6 +165,9 @@ class BudgetLeaseReturned(_Event, tag="budget_lease_returned", frozen=True, kw_o
     kept_usd: Money
     reason: Literal["returned", "expired", "revoked"]
     version: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+    def __post_init__(self) -> None:
+        check_amount("kept_usd", self.kept_usd)
 
 
 class BudgetTierChanged(_Event, tag="budget_tier_changed", frozen=True, kw_only=True):

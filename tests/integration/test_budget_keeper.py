@@ -11,12 +11,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from actors.budget_keeper import SNAPSHOT_FILE, BudgetKeeper
 from actors.connection import Client
 from actors.server import EmbeddedNats
 from events import subjects
+from events.codec import encode
 from events.contract import BudgetReserve, BudgetReserveReply, Tier
 from events.log import BudgetReleased, BudgetReserved, BudgetTierChanged, SpendRecorded
 from tests.fault.money import (
@@ -418,6 +420,34 @@ async def test_a_message_that_is_no_event_on_the_keepers_subject_does_not_fence_
         held = await reserve(conn, Decimal("0.10"))
         assert held.admitted
         assert keeper.log.unreadable
+
+
+@pytest.mark.parametrize("cost", ["NaN", "-Infinity", "-5"])
+async def test_a_stored_spend_no_sum_can_take_is_passed_by_live_and_at_restart(
+    conn: Client, tmp_path: Path, cost: str
+) -> None:
+    """A spend stored with a NaN cost stopped the keeper for good (its tier comparison raised at
+    every start), and a negative or infinite one lowered the spend every limit counts."""
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100)))
+    good = spend(task_id="T-good", usage=exact_usage(Decimal("0.30")), at=NOON)
+    bad = msgspec.json.decode(
+        encode(spend(task_id="T-bad", usage=exact_usage(Decimal("0.03")), at=NOON))
+    )
+    bad["cost_usd"] = cost
+    async with running(keeper):
+        await keeper.log.append(good)
+        await conn.publish(
+            subjects.event_subject("spend_recorded", "claude"), msgspec.json.encode(bad)
+        )
+        await conn.flush()
+        await eventually(lambda: _at_end(keeper))
+        assert (await status(conn)).spent_today_usd == Decimal("0.30")
+        [problem] = keeper.log.unreadable.values()
+        assert "`cost_usd` must be a finite, non-negative decimal" in problem
+    again = BudgetKeeper(runtime(conn, tmp_path / "again", cfg=config(daily_cents=100)))
+    async with running(again):
+        assert (await status(conn)).spent_today_usd == Decimal("0.30")
+        assert (await reserve(conn, Decimal("0.10"))).admitted
 
 
 async def _at_end(keeper: BudgetKeeper) -> bool:

@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import get_args
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from events.log import (
     Event,
     SpendRecorded,
 )
+from tests.samples import EVENTS
 from vapora import budget
 from vapora.budget_view import View, decode_views
 
@@ -206,3 +208,30 @@ def test_a_batch_folded_as_read_equals_the_fold_of_its_pairs(steps, overlap) -> 
     fold.apply_sequenced(seqs[split // 2 :], views[split // 2 :])  # overlaps the first part
     assert fold.state() == expected
     assert fold.last_sequence == len(events)
+
+
+@pytest.mark.parametrize("amount", ["NaN", "sNaN", "Infinity", "-Infinity", "-0.01", "1E+1000000"])
+@pytest.mark.parametrize(
+    ("tag", "field"),
+    [
+        ("spend_recorded", "cost_usd"),
+        ("budget_reserved", "amount_usd"),
+        ("budget_reserved", "task_limit_usd"),
+        ("budget_leased", "granted_usd"),
+        ("budget_lease_returned", "kept_usd"),
+    ],
+)
+def test_a_stored_event_with_an_amount_no_sum_can_take_is_unreadable_naming_it(
+    tag: str, field: str, amount: str
+) -> None:
+    """A NaN stored as a spend stopped the keeper for good (its tier comparison raised), and a
+    negative or infinite one lowered the spend every limit counts: such an event decodes as
+    neither an event nor a view, so every reader passes it by as unreadable."""
+    sample = EVENTS[tag]
+    document = msgspec.json.decode(encode(sample))
+    document[field] = amount
+    data = msgspec.json.encode(document)
+    with pytest.raises(DecodeError, match=f"`{field}` must be a finite, non-negative decimal"):
+        decode_event(data)
+    with pytest.raises(DecodeError, match=f"`{field}` must be a finite, non-negative decimal"):
+        decode_views(b"[" + data + b"]")
