@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -37,7 +37,7 @@ import anyio
 import msgspec
 from nats import errors as nats_errors
 from nats.js import api
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from opentelemetry.trace import Span
 
 from actors import tracing
@@ -55,6 +55,7 @@ __all__ = [
     "EventLog",
     "JetStreamUnavailable",
     "LogEntry",
+    "NoEventStream",
     "ReplayBatch",
     "StreamSettings",
 ]
@@ -63,6 +64,10 @@ __all__ = [
 class JetStreamUnavailable(ConnectionFailed):
     """No JetStream answers on the connected server: JetStream is off, or a cluster has no
     meta leader."""
+
+
+class NoEventStream(ConnectionFailed):
+    """The server has no event stream: no vapora actor has run against it."""
 
 
 log = logging.getLogger("vapora.eventlog")
@@ -255,13 +260,31 @@ class EventLog:
         try:
             return await self._ensure_stream()  # the last attempt: its error is the caller's
         except ServiceUnavailableError:
-            url = self.nc.connected_url
-            where = redact_url(url.geturl()) if url is not None else "the NATS server"
-            raise JetStreamUnavailable(
-                f"JetStream does not answer on {where} (no responder for stream "
-                f"{self.settings.name}, {attempts} attempts): run the server with JetStream on "
-                "(nats-server -js, or a jetstream {} block); a cluster needs its meta leader"
+            raise self._unavailable(f"{attempts} attempts") from None
+
+    async def existing_stream(self) -> api.StreamInfo:
+        """The stream as it is, for a reader that must neither create nor change it (its
+        replicas and limits are the deployment's, which a reader's config may not know)."""
+        try:
+            return await self.js.stream_info(self.settings.name)
+        except NotFoundError:
+            raise NoEventStream(
+                f"no event stream {self.settings.name} on {self._server()}: no vapora actor has "
+                "run against this server"
             ) from None
+        except ServiceUnavailableError:
+            raise self._unavailable("asked once") from None
+
+    def _server(self) -> str:
+        url = self.nc.connected_url
+        return redact_url(url.geturl()) if url is not None else "the NATS server"
+
+    def _unavailable(self, tried: str) -> JetStreamUnavailable:
+        return JetStreamUnavailable(
+            f"JetStream does not answer on {self._server()} (no responder for stream "
+            f"{self.settings.name}, {tried}): run the server with JetStream on "
+            "(nats-server -js, or a jetstream {} block); a cluster needs its meta leader"
+        )
 
     async def _ensure_stream(self) -> api.StreamInfo:
         config = self.settings.config()
@@ -269,10 +292,25 @@ class EventLog:
         try:
             info = await self.js.stream_info(self.settings.name)
         except NotFoundError:
-            return await self.js.add_stream(config)
+            return await self._settled(self.js.add_stream(config), config)
         if _settings_match(info.config, config):
             return info
-        return await self.js.update_stream(config)
+        return await self._settled(self.js.update_stream(config), config)
+
+    async def _settled(
+        self, request: Awaitable[api.StreamInfo], config: api.StreamConfig
+    ) -> api.StreamInfo:
+        """A stream made or updated; the server's refusal of its settings, named."""
+        try:
+            return await request
+        except APIError as exc:
+            if isinstance(exc, ServiceUnavailableError):  # asked again by ensure_stream
+                raise
+            raise NoEventStream(
+                f"{self._server()} refused the event stream {self.settings.name} with "
+                f"{config.num_replicas} replica(s): {exc.description or exc} (see [storage] "
+                "replicas)"
+            ) from None
 
     async def last_sequence(self) -> int:
         info = await self.js.stream_info(self.settings.name)

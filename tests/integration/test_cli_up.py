@@ -112,6 +112,34 @@ def test_offline_commands_on_a_directory_without_data_say_so(tmp_path: Path) -> 
     assert "holds no vapora data" in done.stderr
 
 
+def test_storage_replicas_reaches_the_stream_and_readers_make_no_stream(tmp_path: Path) -> None:
+    """`[storage] replicas` was validated and then never used: the stream was made with one
+    replica whatever it said. On a single server two replicas are refused, and said so; and a
+    command that only reads (here on the directory that start left) makes no stream."""
+    config = tmp_path / "vapora.toml"
+    text = (Path(__file__).resolve().parents[2] / "vapora" / "default.toml").read_text()
+    config.write_text(text.replace('sync_interval = "1s"', 'sync_interval = "1s"\nreplicas = 2'))
+    up = subprocess.run(
+        [*VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert up.returncode == 1, up.stderr
+    assert "refused the event stream VAPORA_EVENTS with 2 replica(s)" in up.stderr
+    assert "Traceback" not in up.stderr
+    events = subprocess.run(
+        [*VAPORA, "events", "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert events.returncode == 1, events.stderr
+    assert "no event stream VAPORA_EVENTS on nats://" in events.stderr
+
+
 def test_out_of_range_numbers_on_the_command_line_are_named(tmp_path: Path) -> None:
     """They were a traceback (`up --port 99999`) or a silent empty run (`demo --requests -5`)."""
     for argv, said in (

@@ -121,10 +121,21 @@ def _offline(args: argparse.Namespace, config: Config) -> bool:
     return bool(getattr(args, "data_dir", None)) and not config.nats.urls
 
 
-async def _event_log(nc: Client) -> EventLog:
+async def _reading(nc: Client) -> EventLog:
+    """The event log for a command that only reads it: the stream must exist, and is left as
+    it is (no stream is made on a server nothing has run against, no replica count changed)."""
     from actors.eventlog import EventLog
 
     log = EventLog(nc)
+    await log.existing_stream()
+    return log
+
+
+async def _event_log(nc: Client, config: Config) -> EventLog:
+    """The event log, its stream made or brought up to date (``[storage] replicas``)."""
+    from actors.eventlog import EventLog, StreamSettings
+
+    log = EventLog(nc, StreamSettings(replicas=config.storage.replicas))
     await log.ensure_stream()
     return log
 
@@ -179,9 +190,8 @@ async def _all_actors(
     nc = await connect(_connect_options(config, url, "vapora-up"))
     stack.push_async_callback(nc.close)
     await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
-    runtime = Runtime(
-        nc=nc, config=config, log=await _event_log(nc), data_dir=data_dir, env=dict(os.environ)
-    )
+    log = await _event_log(nc, config)
+    runtime = Runtime(nc=nc, config=config, log=log, data_dir=data_dir, env=dict(os.environ))
     return list(all_actors(runtime))
 
 
@@ -205,9 +215,8 @@ async def cmd_actor(args: argparse.Namespace) -> int:
     telemetry = _telemetry(config, f"vapora-{args.kind}")
     nc = await connect(_connect_options(config, url, f"vapora-{args.kind}"))
     try:
-        runtime = Runtime(
-            nc=nc, config=config, log=await _event_log(nc), data_dir=data_dir, env=dict(os.environ)
-        )
+        log = await _event_log(nc, config)
+        runtime = Runtime(nc=nc, config=config, log=log, data_dir=data_dir, env=dict(os.environ))
         await _serve([build(args.kind, runtime, provider=args.provider)], url)
     finally:
         await nc.close()
@@ -270,7 +279,7 @@ async def _html_report(args: argparse.Namespace) -> int:
     from vapora.report_html import render_html
 
     async with _connected(args, "vapora-report") as (_, nc):
-        log = await _event_log(nc)
+        log = await _reading(nc)
         events = [e.event async for batch in log.replay(1) for e in batch]
     await anyio.Path(args.html).write_text(render_html(events, now=_now()))
     print(f"wrote {args.html} ({len(events)} events)")
@@ -307,7 +316,7 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
         )
 
     async with _connected(args, "vapora-budget") as (_, nc):
-        log = await _event_log(nc)
+        log = await _reading(nc)
         entries = [(e.event, e.seq) async for batch in log.replay(1) for e in batch]
     limits = budget.BudgetLimits.from_cents(
         daily_cents=config.budget.daily_limit_cents,
@@ -327,7 +336,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     from vapora.cli.money import audit_command
 
     async with _connected(args, "vapora-audit") as (config, nc):
-        code, text = await audit_command(nc, await _event_log(nc), _data_dir(args, config))
+        code, text = await audit_command(nc, await _reading(nc), _data_dir(args, config))
     print(text)
     return code
 
@@ -337,7 +346,7 @@ async def cmd_events(args: argparse.Namespace) -> int:
 
     async with _connected(args, "vapora-events") as (_, nc):
         await events_command(
-            await _event_log(nc),
+            await _reading(nc),
             follow=args.follow,
             type_=args.type,
             task_id=args.task_id,
