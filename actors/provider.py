@@ -348,6 +348,12 @@ class ProviderActor:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long a stop may take: the drain of the calls in flight, the last try at the held
+        events and closing the client (each bounded below), and a margin."""
+        return self.service.drain_timeout + 5 + 5 + _DRAIN_MARGIN_S
+
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:

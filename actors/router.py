@@ -163,6 +163,7 @@ _BUDGET_CODES = frozenset({"budget_refused", "task_budget"})
 _KEEPER_AWAY = "budget_unavailable"
 _RESERVATION_TTL_S = 120.0  # the contract's default for BudgetReserve.ttl_s
 _RESERVATION_TTL_MAX_S = 3600.0  # and its bound
+_DRAIN_MARGIN_S = 10.0  # a stop's margin past an attempt's timeout and grace (the spend append)
 _APPEND_MARGIN_S = 60.0  # the provider's spend append (its 30 s acknowledgement timeout) and more
 _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per attempt this long
 
@@ -401,6 +402,9 @@ class RouterActor:
             ],
             description="routes completions across providers with fallback",
             max_concurrency=max_concurrency,
+            # A stop lets the tasks in flight finish their attempt (its timeout, the grace, the
+            # append): cut, a task's caller gets a 503 saying so (its spend is in the log).
+            drain_timeout=longest_s + grace_s + _DRAIN_MARGIN_S,
         )
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -435,6 +439,11 @@ class RouterActor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long a stop may take: the drain, then giving the lease back."""
+        return self.service.drain_timeout + self.keeper_timeout_s + _DRAIN_MARGIN_S
 
     def _spawn(self, func: Callable[..., Any], *args: Any) -> asyncio.Task[None]:
         """Run ``func(*args)`` in the background, as a plain asyncio task the router tracks and

@@ -9,11 +9,19 @@ Every actor class has the same shape::
         async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None: ...
             # rebuild state, start serving, call task_status.started(), serve until stop()
         def stop(self) -> None: ...       # stop taking work, drain, return from run()
+        stop_timeout_s: float            # optional: how long a stop may take (default 30 s)
+
+A stop (the first SIGTERM or SIGINT) stops the actors in reverse start order, each given its
+``stop_timeout_s`` to drain. A second signal during that stops hard: every actor's ``run`` is
+cancelled, which cuts what is in flight the way a drain deadline does (a provider actor records
+each cut call as ``cancelled`` and keeps events the log did not take on disk), instead of the
+process dying with nothing recorded.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +35,11 @@ from actors.connection import Client
 from actors.eventlog import EventLog
 from vapora.config import Config
 from vapora.errors import ConfigError
+
+log = logging.getLogger("vapora.runner")
+
+#: How long an actor is given to stop when it does not say (``stop_timeout_s``).
+DEFAULT_STOP_TIMEOUT_S = 30.0
 
 __all__ = ["ACTOR_KINDS", "Actor", "Runtime", "build", "run_until_signalled", "utc_now"]
 
@@ -108,11 +121,32 @@ async def run_until_signalled(
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 break
-        for actor, done in zip(reversed(actors), reversed(finished), strict=True):
-            actor.stop()
-            with anyio.move_on_after(30):
-                await done.wait()
+            async with anyio.create_task_group() as stopping:
+                stopping.start_soon(_stop_in_order, actors, finished, stopping.cancel_scope)
+                async for signum in signals:  # a second signal while draining: stop hard
+                    log.warning(
+                        "%s during the stop: stopping hard (calls in flight are cut and "
+                        "recorded as cancelled)",
+                        signal.Signals(signum).name,
+                    )
+                    stopping.cancel_scope.cancel()
         tg.cancel_scope.cancel()
+
+
+async def _stop_in_order(
+    actors: Sequence[Actor], finished: Sequence[anyio.Event], stopping: anyio.CancelScope
+) -> None:
+    """Stop ``actors`` last first, each within its own ``stop_timeout_s``."""
+    for actor, done in zip(reversed(actors), reversed(finished), strict=True):
+        actor.stop()
+        within = getattr(actor, "stop_timeout_s", DEFAULT_STOP_TIMEOUT_S)
+        with anyio.move_on_after(within):
+            await done.wait()
+        if not done.is_set():
+            log.warning(
+                "%s did not stop within %g s; it is cancelled with the rest", actor.name, within
+            )
+    stopping.cancel()  # every actor stopped: stop listening for a second signal
 
 
 async def _run_one(

@@ -475,6 +475,8 @@ class ActorService:
             if scope.cancelled_caught and deadline <= anyio.current_time():
                 error = RequestTimeout(f"{served.endpoint.name} timed out")
                 await self._reply_error(served, message[1], error)
+            elif scope.cancelled_caught and self._closed:  # cut by the stop: say so
+                await self._reply_error(served, message[1], _cut_by_stop(self.name))
         finally:
             self._handlers.pop(scope, None)
             if served.deadlines is not None:
@@ -546,6 +548,13 @@ class Overloaded(VaporaError):
 
     def __init__(self, actor: str, why: str = "is overloaded; retry shortly") -> None:
         super().__init__(f"{actor} {why}")
+
+
+def _cut_by_stop(actor: str) -> Overloaded:
+    """The answer to a request whose handler a stop cut (the drain's deadline passed, or the
+    actor was stopped hard): a 503 like a full backlog's, so the caller may send it elsewhere.
+    What it had done (a provider attempt's spend) is in the event log."""
+    return Overloaded(actor, "stopped before this request finished; retry shortly")
 
 
 async def _unused_handler(request: MicroRequest) -> None:  # pragma: no cover - never subscribed

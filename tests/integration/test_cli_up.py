@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from tests.fault.provider_harness import KEYS, config_text
 from vapora.cli.demo import SIMULATED_KEYS, demo_config_text
 
 VAPORA = [sys.executable, "-m", "vapora.cli"]
@@ -203,3 +205,64 @@ def test_unknown_task_types_and_event_types_are_bad_usage_before_any_connection(
         )
         assert done.returncode == 2, argv
         assert said in done.stderr
+
+
+def test_a_second_sigterm_stops_hard_recording_the_cut_call_and_answering_its_caller(
+    tmp_path: Path,
+) -> None:
+    """A second SIGTERM during the stop used to kill `vapora up` outright: the call in flight
+    left no record, its caller never got an answer, and the embedded nats-server was orphaned
+    (holding the data directory). Now it cuts the call the way a drain deadline does."""
+    sim = subprocess.Popen([*VAPORA, "simulate", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    data_dir = tmp_path / "d"
+    try:
+        assert sim.stdout is not None
+        config = tmp_path / "vapora.toml"
+        slow = {"ollama": "llama2-slow-20000"}
+        config.write_text(config_text(sim.stdout.readline().split()[-1], models=slow))
+        env = {**os.environ, **KEYS}
+        up = subprocess.Popen(
+            [*VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert up.stdout is not None
+            url = up.stdout.readline().split()[2]
+            ask = subprocess.Popen(
+                [*VAPORA, "ask", "hi", "--provider", "ollama", "--nats-url", url],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 30
+            while not _events(["--nats-url", url, "--type", "route_decided"]):
+                assert time.monotonic() < deadline, "the task never started"
+                time.sleep(0.1)
+            time.sleep(0.5)  # the provider call is under way (it takes 20 s)
+            up.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            up.send_signal(signal.SIGTERM)
+            code = up.wait(timeout=60)
+            _, asked = ask.communicate(timeout=60)
+        finally:
+            if up.poll() is None:
+                up.kill()
+    finally:
+        sim.terminate()
+        sim.wait()
+    assert code == 0, up.stderr.read() if up.stderr else ""
+    assert ask.returncode == 1 and "stopped before this request finished" in asked, asked
+    # The server went with the process (the directory opens offline), and the cut call is there.
+    [cut] = _events(["--data-dir", str(data_dir), "--type", "call_failed"])
+    assert (cut["provider"], cut["error_class"]) == ("ollama", "cancelled")
+
+
+def _events(flags: list[str]) -> list[dict[str, object]]:
+    done = subprocess.run(
+        [*VAPORA, "events", *flags], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]

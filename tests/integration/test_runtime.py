@@ -472,6 +472,38 @@ async def test_work_left_at_the_drain_deadline_is_cancelled_but_shielded_steps_f
     assert actor.in_flight == 0
 
 
+async def test_a_request_cut_by_the_stop_is_answered_503_not_left_waiting(
+    nc: NATS, unique: str
+) -> None:
+    """A handler still running when the drain deadline passes is cancelled; its caller used to
+    get nothing and waited out its own timeout (a router's caller, minutes)."""
+    subject = f"t{unique}.cut"
+    entered = anyio.Event()
+
+    async def hangs(request: CompletionRequest, context: RequestContext) -> Echo:
+        entered.set()
+        await anyio.sleep(30)
+        return Echo(text="", count=0)
+
+    actor = one_endpoint(nc, f"cut-{unique}", subject, hangs, drain_timeout=0.2)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            replies: list[Msg] = []
+
+            async def caller() -> None:
+                replies.append(await nc.request(subject, b'{"prompt": "x"}', timeout=20))
+
+            tg.start_soon(caller)
+            await entered.wait()
+            actor.stop()
+    [reply] = replies
+    headers = reply.headers or {}
+    assert headers.get("Nats-Service-Error-Code") == "503"
+    assert "stopped before this request finished" in headers.get("Nats-Service-Error", "")
+    assert json.loads(reply.data)["error"]["code"] == "overloaded"
+
+
 async def test_a_503_refusal_frees_no_slot_and_concurrency_stays_bounded(
     nc: NATS, unique: str
 ) -> None:
