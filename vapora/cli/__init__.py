@@ -281,7 +281,8 @@ async def _html_report(args: argparse.Namespace) -> int:
     async with _connected(args, "vapora-report") as (_, nc):
         log = await _reading(nc)
         events = [e.event async for batch in log.replay(1) for e in batch]
-    await anyio.Path(args.html).write_text(render_html(events, now=_now()))
+    page = render_html(events, now=_now(), since=args.since, until=args.until)
+    await anyio.Path(args.html).write_text(page)
     print(f"wrote {args.html} ({len(events)} events)")
     return 0
 
@@ -446,7 +447,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", type=_timestamp)
     report.add_argument("--until", type=_timestamp)
     report.add_argument("--json", action="store_true")
-    report.add_argument("--html", metavar="FILE", help="write a page with charts, from the log")
+    report.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write a page with charts, from the log (--since/--until apply)",
+    )
     report.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
 
     budget = command("budget", "the budget status and tier")
@@ -478,7 +483,16 @@ def _parser() -> argparse.ArgumentParser:
     add_health(commands)
 
     demo = command(
-        "demo", "the main job: server, actors, simulators, a realistic workload, the report"
+        "demo",
+        "the main job: server, actors, simulators, a realistic workload, the report",
+        nats=False,  # the demo runs its own embedded server
+        config=False,
+    )
+    demo.add_argument(
+        "--config",
+        metavar="FILE",
+        help="with --real: the providers to call (default: $VAPORA_CONFIG or built in); "
+        "the simulated demo runs its own config",
     )
     demo.add_argument("--data-dir", metavar="DIR", default="vapora-demo")
     demo.add_argument(
