@@ -73,6 +73,7 @@ from actors.follow import LogFollower
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
+from events.codec import event_tag
 from events.contract import (
     MAX_ID_LENGTH,
     BudgetLeaseReply,
@@ -117,6 +118,9 @@ log = logging.getLogger("vapora.budget")
 SNAPSHOT_FILE = "budget.snapshot"
 _RELEASE_REASONS = frozenset(get_args(get_type_hints(BudgetReleased)["reason"]))
 _MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased, BudgetLeased, BudgetLeaseReturned)
+#: An event stamped further ahead of the keeper's clock than this names a host with a wrong clock.
+_AHEAD = timedelta(minutes=5)
+_AHEAD_EVERY = timedelta(minutes=1)  # said at most this often
 _MONEY_VIEWS = (
     SpendRecordedView,
     BudgetReservedView,
@@ -186,6 +190,8 @@ class BudgetKeeper:
         self.restored_sequence: int | None = None  # the snapshot's sequence, if one was used
         self.replayed_events = 0  # events read from the log at start (after the snapshot)
         self.overruns = 0  # spends past the reservation they settled (each logged)
+        self.ahead = 0  # events stamped more than _AHEAD past the keeper's clock
+        self._ahead_said: datetime | None = None
         self._lock = anyio.Lock()
         self._own: OrderedDict[str, None] = OrderedDict()
         self._ready = False
@@ -409,6 +415,8 @@ class BudgetKeeper:
             if isinstance(event, SpendRecorded) and event.reservation_id is not None:
                 self._check_overrun(event)
             if isinstance(event, _MONEY_EVENTS):
+                if event.at > now + _AHEAD:
+                    self._say_ahead(event, now)
                 self._fold_in(event, entry.seq)
                 if self._tier_now(now) != self.announced:
                     self._tier_cause = event.id
@@ -417,6 +425,23 @@ class BudgetKeeper:
         self._fold_in(last.event, last.seq)  # the position, whatever the last event was
         self._changed += len(batch)
         self._applied.set()
+
+    def _say_ahead(self, event: Event, now: datetime) -> None:
+        """An event from the future: its day is the one it names (DESIGN §4), so a host whose
+        clock is wrong bills the wrong day. Counted; said once a minute at most."""
+        self.ahead += 1
+        if self._ahead_said is not None and now - self._ahead_said < _AHEAD_EVERY:
+            return
+        self._ahead_said = now
+        log.warning(
+            "budget keeper: %s %s is stamped %s, %s ahead of this keeper's clock: check the "
+            "clock of the host that wrote it (%d such events so far)",
+            event_tag(event),
+            event.id,
+            event.at.isoformat(),
+            event.at - now,
+            self.ahead,
+        )
 
     def _check_overrun(self, spend: SpendRecorded) -> None:
         """A spend past the reservation it settles: the hold was meant to be the attempt's

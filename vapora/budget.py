@@ -79,6 +79,7 @@ __all__ = [
     "BudgetLimits",
     "BudgetState",
     "CLOSED_RETENTION",
+    "MAX_WATERMARK_STEP",
     "EMPTY",
     "Fold",
     "LEASE_FRACTION",
@@ -105,6 +106,10 @@ __all__ = [
 
 TASK_RETENTION = timedelta(days=1)
 CLOSED_RETENTION = timedelta(days=1)
+#: How far one event may move the fold's event time (the watermark, which prunes old days, idle
+#: tasks and counted ids): an event stamped far ahead by a host whose clock is wrong moves it
+#: this much, not to its stamp (one spend a quarter ahead used to drop the month's spend).
+MAX_WATERMARK_STEP = timedelta(hours=1)
 _ZERO = Decimal(0)
 ZERO = _ZERO
 _HUNDRED = Decimal(100)
@@ -401,11 +406,15 @@ class _Books:
         "tasks",
         "total",
         "watermark",
+        "watermark_limit",
     )
 
     def __init__(self, state: BudgetState) -> None:
         self.last_sequence = state.last_sequence
         self.watermark = state.watermark
+        # Past this, an event's time is checked against MAX_WATERMARK_STEP (a comparison per
+        # event instead of a subtraction; so one event moves it at most twice the step).
+        self.watermark_limit: datetime | None = None
         self.next_prune = state.next_prune
         self.total = state.total_spent_usd
         self.spend_events = state.spend_events
@@ -454,8 +463,17 @@ class _Books:
         if at.tzinfo is not UTC:
             at = _utc(at)
         handler(self, event, at)
-        # The tick, inlined: it runs for every money event of every replay.
-        if self.watermark is None or at > self.watermark:
+        # The tick, inlined: it runs for every money event of every replay. Event time moves
+        # on by at most about MAX_WATERMARK_STEP per event (see there).
+        mark = self.watermark
+        if mark is None:
+            self.watermark, self.watermark_limit = at, at + MAX_WATERMARK_STEP
+        elif at > mark:
+            limit = self.watermark_limit
+            if limit is None or at > limit:
+                self.watermark_limit = limit = mark + MAX_WATERMARK_STEP
+                if at > limit:
+                    at = limit
             self.watermark = at
         due = self.next_prune
         if due is None or at >= due:

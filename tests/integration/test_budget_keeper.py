@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -452,6 +453,28 @@ async def test_a_stored_spend_no_sum_can_take_is_passed_by_live_and_at_restart(
 
 async def _at_end(keeper: BudgetKeeper) -> bool:
     return keeper.state.last_sequence == await keeper.log.last_sequence()
+
+
+async def test_an_event_stamped_ahead_of_the_keepers_clock_is_said_and_prunes_nothing(
+    conn: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider host whose clock is far ahead: the keeper names it (the spend bills the day
+    it names), and today's spend still counts against today's limit."""
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock))
+    async with running(keeper):
+        await keeper.log.append(spend(task_id="T-now", usage=exact_usage(Decimal("6")), at=clock()))
+        ahead = spend(
+            task_id="T-ahead", usage=exact_usage(Decimal("0.03")), at=clock() + timedelta(days=90)
+        )
+        with caplog.at_level(logging.WARNING, logger="vapora.budget"):
+            await keeper.log.append(ahead)
+            await eventually(lambda: _at_end(keeper))
+        assert keeper.ahead == 1
+        assert f"spend_recorded {ahead.id} is stamped" in caplog.text
+        assert "ahead of this keeper's clock" in caplog.text
+        now = await status(conn)
+        assert now.spent_today_usd == Decimal(6) and now.tier is Tier.NEAR_THRESHOLD
 
 
 async def test_a_spend_past_its_reservation_is_said_and_counted(

@@ -302,13 +302,33 @@ def test_old_windows_idle_tasks_and_closed_ids_are_pruned_but_totals_are_kept():
     start = datetime(2026, 1, 1, tzinfo=UTC)
     events = [e for i in range(24 * 75) for e in _call(i, start + timedelta(hours=i))]
     events.append(reserved("held", "1", at=start, task="long"))  # never closed
-    state = replay([*events, spent("0", at=start + timedelta(days=76))])
+    # A day and a bit of one more task, hour by hour: the other tasks fall idle for a day.
+    events += [spent("0", at=start + timedelta(days=75, hours=h), task="late") for h in range(26)]
+    state = replay(events)
     assert min(state.days) >= date(2026, 2, 1) and min(state.months) == date(2026, 2, 1)
-    assert len(state.tasks()) <= 8  # the 7 recent tasks plus the one holding a reservation
-    assert state.task("long") is not None
+    assert set(state.tasks()) == {"late", "long"}  # the last one, and the one holding a hold
     assert len(state.closed_reservations()) <= 49
-    assert state.spend_events == sum(isinstance(e, SpendRecorded) for e in events) + 1
+    assert state.spend_events == sum(isinstance(e, SpendRecorded) for e in events)
     assert state.total_spent_usd == sum(e.cost_usd for e in events if isinstance(e, SpendRecorded))
+
+
+def test_one_event_stamped_far_ahead_prunes_nothing_current():
+    """A host whose clock is a quarter ahead: its one spend moved the fold's event time there,
+    and the prune that followed dropped this month's spend, the tasks and the counted ids, so
+    the limits stopped holding. Event time now moves at most about an hour per event."""
+    now = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    state = replay(
+        [
+            spent("9", at=now, task="today"),
+            spent("0.003", at=now + timedelta(days=80), task="skewed"),
+        ]
+    )
+    assert state.days[now.date()] == Decimal(9)  # still counted against today's limit
+    assert state.months[date(2026, 11, 1)] == Decimal(9)
+    assert state.task("today") is not None
+    assert state.watermark is not None and state.watermark <= now + 2 * budget.MAX_WATERMARK_STEP
+    # The skewed spend itself is counted where it says it happened (the day of the event).
+    assert state.days[(now + timedelta(days=80)).date()] == Decimal("0.003")
 
 
 def test_evolve_leaves_the_state_it_was_given_untouched():
