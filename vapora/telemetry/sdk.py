@@ -8,22 +8,28 @@ this)::
     telemetry.shutdown()          # flushes exporters, stops /metrics, switches everything off
 
 Where the environment and the file both say something, the environment wins (deployments set
-it): ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_EXPORTER`` and
-``OTEL_METRICS_EXPORTER`` (``none``, ``console``, ``otlp``, ``jsonl``), ``OTEL_TRACES_SAMPLER`` /
+it): ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_EXPORTER`` (comma-separated: ``none``, ``console``, ``otlp``, ``jsonl``) and
+``OTEL_METRICS_EXPORTER`` (``none``, ``console``, ``otlp``, ``prometheus``: the ``/metrics``
+endpoint, on ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT`` if set), ``OTEL_TRACES_SAMPLER`` /
 ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_EXPORTER_OTLP_ENDPOINT`` and its ``_TRACES_`` / ``_METRICS_``
 variants (the OTLP exporters read headers and timeouts from the process environment
 themselves), ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` and
 ``OTEL_SEMCONV_STABILITY_OPT_IN``. OTLP needs the optional extra (``pip install 'vapora[otlp]'``);
-without it an ``otlp`` exporter is reported once in the log and skipped, never a crash.
+without it an ``otlp`` exporter is reported once in the log and skipped, never a crash. A value
+vapora cannot use (an unknown exporter, a sampler ratio that is not a number in 0..1) is named
+in the log with its variable and replaced by the file's setting; it never stops the process.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, ExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -63,6 +69,12 @@ log = logging.getLogger("vapora.telemetry")
 _CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _CAPTURE_ON = {"SPAN_ONLY", "SPAN_AND_EVENT", "TRUE", "1"}
 _CAPTURE_OFF = {"NO_CONTENT", "EVENT_ONLY", "FALSE", "0"}
+_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+_METRICS_EXPORTER = "OTEL_METRICS_EXPORTER"
+_SPAN_EXPORTERS = ("console", "jsonl", "otlp")
+_METRIC_EXPORTERS = ("console", "otlp", "prometheus")
+#: The OpenTelemetry Prometheus exporter's default port (``OTEL_EXPORTER_PROMETHEUS_PORT``).
+_PROMETHEUS_PORT = 9464
 
 
 @dataclass
@@ -123,7 +135,7 @@ def setup(
         use_meter_provider(None)
         return telemetry
     use_options(capture_content=_capture(config, env), names=genai_names(env))
-    resource = Resource.create({"service.name": _service_name(config, env, service_name)})
+    resource = Resource.create(_resource_attributes(config, env, service_name))
     if config.traces or span_exporters:
         telemetry.tracer_provider = _tracer_provider(config, env, resource, span_exporters)
     if config.metrics or metric_readers:
@@ -133,8 +145,24 @@ def setup(
     return telemetry
 
 
-def _service_name(config: TelemetryConfig, env: Mapping[str, str], default: str) -> str:
-    return env.get("OTEL_SERVICE_NAME") or config.service_name or default
+def _resource_attributes(
+    config: TelemetryConfig, env: Mapping[str, str], default: str
+) -> dict[str, str]:
+    """``OTEL_RESOURCE_ATTRIBUTES`` (``key=value,...``, values percent-decoded) with
+    ``service.name``: ``OTEL_SERVICE_NAME``, else the one in ``OTEL_RESOURCE_ATTRIBUTES``, else
+    the file's ``service_name``, else ``default``."""
+    attributes: dict[str, str] = {}
+    for pair in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip():
+            attributes[key.strip()] = unquote(value.strip())
+    attributes["service.name"] = (
+        env.get("OTEL_SERVICE_NAME")
+        or attributes.get("service.name")
+        or config.service_name
+        or default
+    )
+    return attributes
 
 
 def _capture(config: TelemetryConfig, env: Mapping[str, str]) -> bool:
@@ -146,28 +174,71 @@ def _capture(config: TelemetryConfig, env: Mapping[str, str]) -> bool:
     return config.capture_content
 
 
+_FIXED_SAMPLERS: dict[str, Sampler] = {
+    "always_on": ALWAYS_ON,
+    "always_off": ALWAYS_OFF,
+    "parentbased_always_on": ParentBased(ALWAYS_ON),
+    "parentbased_always_off": ParentBased(ALWAYS_OFF),
+}
+
+
 def _sampler(config: TelemetryConfig, env: Mapping[str, str]) -> Sampler:
-    """``OTEL_TRACES_SAMPLER`` (``_ARG``: the ratio) if set, else ``sample_ratio``, parent-based."""
+    """``OTEL_TRACES_SAMPLER`` (``_ARG``: the ratio, read for the ratio samplers only) if set,
+    else ``sample_ratio``, parent-based."""
     name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
-    try:
-        ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "") or 1.0)
-    except ValueError:
-        ratio = 1.0
-    fixed = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "parentbased_always_on": ParentBased(ALWAYS_ON),
-        "parentbased_always_off": ParentBased(ALWAYS_OFF),
-        "traceidratio": TraceIdRatioBased(ratio),
-        "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
-    }
-    if name in fixed:
-        return fixed[name]
+    if name in _FIXED_SAMPLERS:
+        return _FIXED_SAMPLERS[name]
+    if name in ("traceidratio", "parentbased_traceidratio"):
+        ratio = TraceIdRatioBased(_sampler_ratio(config, env))
+        return ratio if name == "traceidratio" else ParentBased(ratio)
     if name:
         log.warning("telemetry: unknown OTEL_TRACES_SAMPLER %r; using sample_ratio", name)
     if config.sample_ratio >= 1.0:
         return ParentBased(ALWAYS_ON)  # the same decisions, without hashing trace ids
     return ParentBased(TraceIdRatioBased(config.sample_ratio))
+
+
+def _sampler_ratio(config: TelemetryConfig, env: Mapping[str, str]) -> float:
+    """``OTEL_TRACES_SAMPLER_ARG`` as a ratio (1.0 when unset, as the SDK has it); a value that
+    is not a number in 0..1 is named in the log and the file's ``sample_ratio`` used."""
+    value = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if not value:
+        return 1.0
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = math.nan
+    if 0.0 <= ratio <= 1.0:  # NaN fails this too
+        return ratio
+    log.warning(
+        "telemetry: OTEL_TRACES_SAMPLER_ARG=%r is not a ratio in 0..1; using sample_ratio %g",
+        value,
+        config.sample_ratio,
+    )
+    return config.sample_ratio
+
+
+def _exporters(
+    config: TelemetryConfig, env: Mapping[str, str], variable: str, known: tuple[str, ...]
+) -> list[str]:
+    """The exporters a signal is asked for: ``variable`` (comma-separated) if set, else the
+    file's ``exporter``; ``none`` adds none, and a name not in ``known`` is said and skipped."""
+    value = env.get(variable, "").strip().lower()
+    if not value:
+        return [config.exporter] if config.exporter in known else []
+    names: list[str] = []
+    for name in (n.strip() for n in value.split(",")):
+        if name in known and name not in names:
+            names.append(name)
+        elif name and name != "none" and name not in names:
+            log.warning(
+                "telemetry: %s=%r: unknown exporter %r skipped (known: none, %s)",
+                variable,
+                value,
+                name,
+                ", ".join(known),
+            )
+    return names
 
 
 def _tracer_provider(
@@ -179,14 +250,16 @@ def _tracer_provider(
     provider = TracerProvider(resource=resource, sampler=_sampler(config, env))
     for exporter in extra:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-    configured = _span_exporter(config, env)
-    if configured is not None:
-        provider.add_span_processor(SpanBatcher(configured, env={**os.environ, **env}))
+    for kind in _exporters(config, env, _TRACES_EXPORTER, _SPAN_EXPORTERS):
+        configured = _span_exporter(kind, config, env)
+        if configured is not None:
+            provider.add_span_processor(SpanBatcher(configured, env={**os.environ, **env}))
     return provider
 
 
-def _span_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:
-    kind = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or config.exporter
+def _span_exporter(
+    kind: str, config: TelemetryConfig, env: Mapping[str, str]
+) -> SpanExporter | None:
     if kind == "console":
         return ConsoleSpanExporter()
     if kind == "jsonl":
@@ -195,9 +268,7 @@ def _span_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExpor
             log.warning("telemetry: the jsonl exporter needs telemetry.jsonl_path; no spans out")
             return None
         return JsonLinesSpanExporter(path)
-    if kind == "otlp":
-        return _otlp_spans(config, env)
-    return None
+    return _otlp_spans(config, env)
 
 
 def _otlp_endpoint(config: TelemetryConfig, env: Mapping[str, str], signal: str) -> str | None:
@@ -264,29 +335,62 @@ def _meter_provider(
     extra: Sequence[MetricReader],
 ) -> None:
     readers = list(extra)
-    if config.prometheus_port is not None:
+    kinds = _exporters(config, env, _METRICS_EXPORTER, _METRIC_EXPORTERS)
+    scrape = _scrape_address(config, env, "prometheus" in kinds)
+    if scrape is not None:
         telemetry.prometheus_reader = InMemoryMetricReader()
         readers.append(telemetry.prometheus_reader)
-    kind = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or config.exporter
-    if kind == "otlp":
+    if "otlp" in kinds:
         reader = _otlp_metrics(config, env)
         if reader is not None:
             readers.append(reader)
-    elif kind == "console":
+    if "console" in kinds:
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     if not readers:
         return  # nothing would read them: record nothing
     telemetry.meter_provider = MeterProvider(
         metric_readers=readers, resource=resource, exemplar_filter=_exemplars(env, readers, extra)
     )
-    if telemetry.prometheus_reader is not None and config.prometheus_port is not None:
-        host, port = config.prometheus_host, config.prometheus_port
+    if telemetry.prometheus_reader is not None and scrape is not None:
+        host, port, source = scrape
         try:
             endpoint = MetricsEndpoint(telemetry.prometheus_reader, host, port)
         except OSError as exc:  # a port in use, a host that is not this machine's
             telemetry.meter_provider.shutdown()
             raise ConfigError(
-                f"telemetry.prometheus_host/prometheus_port: cannot serve /metrics on "
-                f"{host}:{port}: {exc.strerror or exc}"
+                f"{source}: cannot serve /metrics on {host}:{port}: {exc.strerror or exc}"
             ) from exc
         telemetry.metrics_endpoint = endpoint.start()
+
+
+_FILE_SCRAPE = "telemetry.prometheus_host/prometheus_port"
+
+
+def _scrape_address(
+    config: TelemetryConfig, env: Mapping[str, str], asked: bool
+) -> tuple[str, int, str] | None:
+    """Where ``/metrics`` is served, and what said so: the file's ``prometheus_host`` /
+    ``prometheus_port``; when ``OTEL_METRICS_EXPORTER`` names ``prometheus`` (``asked``), also
+    without a port in the file, with ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT`` winning and
+    9464 the default port. None: not served."""
+    if not asked:
+        if config.prometheus_port is None:
+            return None
+        return config.prometheus_host, config.prometheus_port, _FILE_SCRAPE
+    host = env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip() or config.prometheus_host
+    port = config.prometheus_port or _PROMETHEUS_PORT
+    value = env.get("OTEL_EXPORTER_PROMETHEUS_PORT", "").strip()
+    if value:
+        if value.isdigit() and 0 < int(value) < 65536:
+            port = int(value)
+        else:
+            log.warning(
+                "telemetry: OTEL_EXPORTER_PROMETHEUS_PORT=%r is not a port; serving /metrics on %d",
+                value,
+                port,
+            )
+    return (
+        host,
+        port,
+        f"{_METRICS_EXPORTER}=prometheus ({_FILE_SCRAPE}, OTEL_EXPORTER_PROMETHEUS_*)",
+    )

@@ -7,16 +7,24 @@ injection, and vapora does each several times per task. When the global propagat
 default one and there is no baggage to carry, the result is exactly a ``traceparent`` (plus
 ``tracestate`` when the span context has one), so these functions write and read that
 themselves. Any other propagator, or baggage in the context or in the headers, goes through
-``opentelemetry.propagate`` unchanged.
+the global propagator unchanged.
+
+``opentelemetry.propagate`` is imported on first use, not with this module: importing it loads
+the propagators ``OTEL_PROPAGATORS`` names and raises when one is not installed, which would
+stop every command (telemetry on or off) at ``import vapora.client``. When it cannot be
+imported, the log says so once, naming the variable and its value, and the named propagators
+that do load are used (W3C trace context and baggage when none does).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
-from opentelemetry import baggage, propagate, trace
+from opentelemetry import baggage, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
@@ -48,6 +56,55 @@ _checked: tuple[TextMapPropagator | None, bool] = (None, False)
 # Where the API keeps baggage in a context (a private name: without it, baggage.get_all).
 _BAGGAGE_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
 _RAW_TRACEPARENT = b"\r\ntraceparent:"
+_PROPAGATORS_ENV = "OTEL_PROPAGATORS"
+
+log = logging.getLogger("vapora.telemetry")
+
+
+def _resolve_textmap() -> TextMapPropagator:
+    """The global propagator: ``opentelemetry.propagate``'s, imported now (see the module doc),
+    or, when importing it fails, the loadable propagators of ``OTEL_PROPAGATORS``."""
+    global _global_textmap
+    try:
+        from opentelemetry import propagate
+    except Exception as exc:  # a name not installed (ValueError), or its loading failed
+        fallback = _loadable_propagators(os.environ.get(_PROPAGATORS_ENV, ""), exc)
+        _global_textmap = lambda: fallback  # noqa: E731 - a getter like the API's
+    else:
+        _global_textmap = propagate.get_global_textmap
+    return _global_textmap()
+
+
+#: ``opentelemetry.propagate.get_global_textmap`` once resolved (:func:`_resolve_textmap`).
+_global_textmap: Callable[[], TextMapPropagator] = _resolve_textmap
+
+
+def _loadable_propagators(configured: str, error: Exception) -> TextMapPropagator:
+    """The propagators named in ``configured`` that load (W3C trace context and baggage when
+    none does), the others named in one warning."""
+    from opentelemetry.util._importlib_metadata import entry_points
+
+    loaded: list[TextMapPropagator] = []
+    missing: list[str] = []
+    for name in (n.strip() for n in configured.split(",")):
+        try:
+            found = entry_points(group="opentelemetry_propagator", name=name)
+            loaded.append(next(iter(found)).load()())
+        except Exception:  # not installed (StopIteration) or failing to load
+            missing.append(name)
+    if not loaded:
+        loaded = [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
+    used = ",".join(type(p).__name__ for p in loaded)
+    log.warning(
+        "telemetry: %s=%r names propagators that cannot be loaded (%s: %s); trace context "
+        "is propagated with %s instead",
+        _PROPAGATORS_ENV,
+        configured,
+        ", ".join(missing) or "?",
+        type(error).__name__,
+        used,
+    )
+    return CompositePropagator(loaded)
 
 
 def plain() -> bool:
@@ -59,7 +116,7 @@ def plain() -> bool:
 def _plain_w3c() -> bool:
     """Whether the global propagator is W3C trace context (with or without baggage) only."""
     global _checked
-    textmap = propagate.get_global_textmap()
+    textmap = _global_textmap()
     if textmap is not _checked[0]:  # checked once per propagator set
         parts = textmap._propagators if isinstance(textmap, CompositePropagator) else [textmap]
         plain = all(type(p) in _W3C for p in parts) and any(
@@ -109,7 +166,7 @@ def inject(headers: MutableMapping[str, str], span: Span, context: Context | Non
             if made[1] is not None:
                 headers[TRACESTATE] = made[1]
         return
-    propagate.inject(headers, context=trace.set_span_in_context(span, context))
+    _global_textmap().inject(headers, context=trace.set_span_in_context(span, context))
 
 
 def _headers_of(span_context: SpanContext) -> tuple[str, str | None] | tuple[()]:
@@ -131,7 +188,7 @@ def extract(headers: Mapping[str, str] | None) -> Context:
     if match is None or "baggage" in headers or not _plain_w3c():
         if value is None and "baggage" not in headers and _plain_w3c():
             return Context()  # nothing to extract
-        return propagate.extract(headers)  # other versions, padding, baggage, propagators
+        return _global_textmap().extract(headers)  # other versions, padding, baggage, ...
     trace_hex, span_hex, flags = match.groups()
     if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
         return Context()
