@@ -149,6 +149,9 @@ class _SnapshotFile(msgspec.Struct, kw_only=True):
     fence: int
     announced: Tier
     state: bytes
+    # When the stream was made: a stream of the same name made again (or another server's) is
+    # not the one snapshotted. None in snapshots written before it was kept.
+    stream_created: datetime | None = None
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
@@ -190,6 +193,8 @@ class BudgetKeeper:
         self.restored_sequence: int | None = None  # the snapshot's sequence, if one was used
         self.replayed_events = 0  # events read from the log at start (after the snapshot)
         self.overruns = 0  # spends past the reservation they settled (each logged)
+        self._stream_created: datetime | None = None  # of the stream this keeper reads
+        self._snapshot_stream_created: datetime | None = None  # of the one the snapshot read
         self.ahead = 0  # events stamped more than _AHEAD past the keeper's clock
         self._ahead_said: datetime | None = None
         self._lock = anyio.Lock()
@@ -354,13 +359,20 @@ class BudgetKeeper:
         self._reset(state)
         self.fence, self.announced = saved.fence, saved.announced
         self.restored_sequence = state.last_sequence
+        self._snapshot_stream_created = saved.stream_created
 
     async def _catch_up(self) -> None:
         """Fold the log after the snapshot, in bulk: the fast path of a restart."""
+        info = await self.log.js.stream_info(self.log.settings.name)
+        self._stream_created = info.created
         if self.restored_sequence is not None:
-            last = await self.log.last_sequence()
-            if last < self.restored_sequence:  # the stream is not the one we snapshotted
-                log.warning("budget keeper: snapshot is ahead of the log; replaying it all")
+            why = None
+            if int(info.state.last_seq) < self.restored_sequence:
+                why = "is ahead of the log"
+            elif self._snapshot_stream_created not in (None, info.created):
+                why = f"is of a stream made at {self._snapshot_stream_created}, not {info.created}"
+            if why is not None:  # the stream is not the one we snapshotted
+                log.warning("budget keeper: snapshot %s; replaying the log from its start", why)
                 self._reset(budget.EMPTY)
                 self.fence, self.announced = 0, Tier.NORMAL
                 self.restored_sequence = None
@@ -771,6 +783,7 @@ class BudgetKeeper:
             fence=self.fence,
             announced=self.announced,
             state=b"",
+            stream_created=self._stream_created,
         )
         state, path = self._fold.state(), self.snapshot_path  # frozen: read off the loop
         self._changed, self._snapshot_time = 0, time.monotonic()

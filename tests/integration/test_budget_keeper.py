@@ -341,6 +341,37 @@ async def test_a_restart_restores_the_snapshot_and_replays_only_the_tail(
         assert fourth.state.total_spent_usd == full.total_spent_usd
 
 
+async def test_a_snapshot_of_another_stream_of_the_same_name_is_not_trusted(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The stream made again (or the data directory pointed at another server): the snapshot
+    was checked only against the stream's name and length, so a new stream at least as long had
+    the old state mixed into it."""
+    clock = FakeClock()
+    make = lambda: BudgetKeeper(  # noqa: E731
+        runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock), snapshot_every=5
+    )
+    first = make()
+    async with running(first):
+        for n in range(10):
+            await first.log.append(
+                spend(task_id=f"old{n}", usage=exact_usage(Decimal("0.3")), at=clock())
+            )
+        await eventually(lambda: _at_end(first))
+    assert (tmp_path / SNAPSHOT_FILE).exists()
+    await first.log.js.delete_stream(first.log.settings.name)
+    await first.log.ensure_stream()  # made again: empty, and then longer than before
+    for n in range(15):
+        await first.log.append(
+            spend(task_id=f"new{n}", usage=exact_usage(Decimal("0.03")), at=clock())
+        )
+    second = make()
+    async with running(second):
+        assert second.restored_sequence is None
+        assert second.state.total_spent_usd == Decimal("0.45")  # the new stream's spend alone
+        assert second.state.task("old0") is None
+
+
 # --- malformed requests --------------------------------------------------------------------------
 
 
