@@ -13,6 +13,18 @@ as decimal TEXT and summed in Python with :class:`~decimal.Decimal`, never as SQ
 Times are stored as fixed-width UTC ISO text (``2026-01-31T23:59:59.000000Z``) so that text order
 is time order.
 
+Writers and readers
+    :meth:`Ledger.open` is the one writer's (the cost-ledger actor): it creates the file and its
+    tables if they are missing, and writes nothing else when it opens. Everyone else (``vapora
+    audit``, an offline report) opens with :meth:`Ledger.open_read_only`: SQLite's ``mode=ro``, no
+    schema written, no lock a writer waits for, and a missing file is an error, never an empty
+    ledger. Each read that needs several queries (:meth:`Ledger.snapshot`, :meth:`Ledger.report`,
+    :meth:`Ledger.period_spend`) runs them in one read transaction, so it sees one committed state.
+    A file SQLite cannot read as a ledger is a :class:`~vapora.errors.ConfigError` that says to
+    move it aside (the actor rebuilds it from the log); a lock held longer than the busy wait
+    (another process writing) is a :class:`~vapora.errors.RequestTimeout` that says the ledger is
+    busy, and that the file is fine.
+
 Report math (:func:`cost_report`, pure)
     * ``days_observed`` is the number of UTC calendar days from the first to the last day with
       spend in the window, inclusive (idle days between them count as observed days with zero);
@@ -29,8 +41,8 @@ import calendar
 import contextlib
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from datetime import UTC, date, datetime
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from itertools import islice
 from pathlib import Path
@@ -43,13 +55,37 @@ import msgspec
 from events.codec import event_tag
 from events.contract import CostReport, Price
 from events.log import Event, SpendRecorded
-from vapora.errors import ConfigError
+from vapora.errors import ConfigError, RequestTimeout, VaporaError
 
-__all__ = ["Ledger", "LoggedEvent", "ReportRow", "SpendRow", "cost_report", "monthly_projection"]
+__all__ = [
+    "Ledger",
+    "LoggedEvent",
+    "PeriodSpend",
+    "ReportRow",
+    "SpendRow",
+    "cost_report",
+    "monthly_projection",
+    "period_spend",
+]
 
 _ZERO = Decimal(0)
 _MICRO = Decimal("0.000001")
 _CHUNK = 500  # rows per executemany inside one batch transaction
+_BUSY_MS = 5000  # how long a connection waits for another's lock before it says the ledger is busy
+# SQLite's primary result codes: a lock held by another connection, and a file that is no ledger
+# (not a database, damaged, or without the tables and columns this version reads).
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_NOT_A_LEDGER_CODES = frozenset(
+    {
+        sqlite3.SQLITE_ERROR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_SCHEMA,
+        sqlite3.SQLITE_MISMATCH,
+        sqlite3.SQLITE_FORMAT,
+    }
+)
+_TABLES = frozenset({"tracking", "events", "spend", "spend_at"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracking (
@@ -148,31 +184,61 @@ class ReportRow(msgspec.Struct, frozen=True, array_like=True):
 # --- the store ----------------------------------------------------------------------------------
 
 
-class Ledger:
-    """The SQLite projection. Open with ``await Ledger.open(path)``; close with ``aclose()``."""
+class PeriodSpend(msgspec.Struct, frozen=True, kw_only=True):
+    """Spend recorded in the UTC day of ``at`` (``day``) and in its UTC month (``month``)."""
 
-    def __init__(self, db: aiosqlite.Connection, last_sequence: int) -> None:
+    at: datetime
+    day: Decimal
+    month: Decimal
+
+
+class Ledger:
+    """The SQLite projection. Open with ``await Ledger.open(path)`` (the writer) or
+    ``await Ledger.open_read_only(path)`` (everyone else); close with ``aclose()``."""
+
+    def __init__(
+        self, db: aiosqlite.Connection, last_sequence: int, *, writer: bool = True
+    ) -> None:
         self._db = db
         self._last = last_sequence
+        self._writer = writer
         self._lock = anyio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path) -> Ledger:
-        """Open (creating if needed) the ledger database at ``path``."""
+        """Open the ledger database at ``path`` for writing, creating it (and its tables) if
+        needed. An existing ledger is not written to until the first :meth:`apply_many`."""
         db = await aiosqlite.connect(str(path), isolation_level=None)
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")  # readers may read as we write
+            await db.execute("PRAGMA journal_mode=WAL")  # no write once the file is in WAL
             await db.execute("PRAGMA synchronous=FULL")
-            await db.execute("PRAGMA busy_timeout=5000")  # `vapora audit` may read as we write
-            await db.executescript(_SCHEMA)
+            if not await _has_schema(db):
+                await db.executescript(_SCHEMA)
             return cls(db, await _read_last(db))
         except BaseException as exc:
             await db.close()  # its worker thread would keep the process alive
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise ConfigError(
-                    f"{path} is not a ledger this version can read ({exc}); move it aside and "
-                    "the ledger is rebuilt from the event log"
-                ) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise _open_error(exc, path) from exc
+            raise
+
+    @classmethod
+    async def open_read_only(cls, path: str | Path) -> Ledger:
+        """Open an existing ledger at ``path`` to read it: nothing is written (the file may be
+        read-only) and the writer never waits on this connection. A missing file is a
+        :class:`~vapora.errors.ConfigError`."""
+        file = anyio.Path(path)
+        if not await file.is_file():
+            raise ConfigError(f"no ledger at {path}")
+        uri = f"{(await file.absolute()).as_uri()}?mode=ro"
+        db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        try:
+            await db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+            return cls(db, await _read_last(db), writer=False)
+        except BaseException as exc:
+            await db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _open_error(exc, path) from exc
             raise
 
     async def aclose(self) -> None:
@@ -186,8 +252,11 @@ class Ledger:
         await self.aclose()
 
     async def last_sequence(self) -> int:
-        """The stream sequence of the last event applied (0 before any)."""
-        return self._last
+        """The stream sequence of the last event applied (0 before any); a read-only ledger
+        reads what the writer last committed."""
+        if self._writer:
+            return self._last
+        return await _read_last(self._db)
 
     async def apply(self, event: Event, seq: int) -> bool:
         """Apply one event at stream sequence ``seq``; False if it was already applied."""
@@ -219,6 +288,16 @@ class Ledger:
         with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error, ValueError):
             await self._db.execute("ROLLBACK")
 
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One read transaction: every query in it sees the same committed state."""
+        async with self._lock:  # not inside a batch this connection is writing
+            await self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                await self._rollback()  # it wrote nothing: ending it is all a rollback does
+
     async def _write(self, pairs: Iterable[tuple[Event, int]], last: int) -> tuple[int, int]:
         applied = 0
         while chunk := list(islice(pairs, _CHUNK)):
@@ -238,51 +317,108 @@ class Ledger:
 
     async def spend_rows(self) -> list[SpendRow]:
         """Every spend row, in sequence order."""
-        cursor = await self._db.execute(f"SELECT {_SPEND_COLUMNS} FROM spend ORDER BY seq")
-        return [_read_spend(row) for row in await cursor.fetchall()]
+        return (await self.snapshot())[0]
 
     async def logged_events(self) -> list[LoggedEvent]:
         """Every event applied, in sequence order."""
-        cursor = await self._db.execute(
-            "SELECT seq, event_id, type, at, task_id FROM events ORDER BY seq"
-        )
-        return [
-            LoggedEvent(seq, event_id, type_, _parse(at), task_id)
-            for seq, event_id, type_, at, task_id in await cursor.fetchall()
-        ]
+        return (await self.snapshot())[1]
+
+    async def snapshot(
+        self, through: int | None = None
+    ) -> tuple[list[SpendRow], list[LoggedEvent]]:
+        """The spend rows and the event index, in sequence order, read in one transaction: only
+        those at or below sequence ``through`` if given (what the ledger applied after it is not
+        there)."""
+        bound = " WHERE seq <= ?" if through is not None else ""
+        params = (through,) if through is not None else ()
+        async with self._reading() as db:
+            cursor = await db.execute(
+                f"SELECT {_SPEND_COLUMNS} FROM spend{bound} ORDER BY seq", params
+            )
+            rows = [_read_spend(row) for row in await cursor.fetchall()]
+            cursor = await db.execute(
+                f"SELECT seq, event_id, type, at, task_id FROM events{bound} ORDER BY seq", params
+            )
+            logged = [
+                LoggedEvent(seq, event_id, type_, _parse(at), task_id)
+                for seq, event_id, type_, at, task_id in await cursor.fetchall()
+            ]
+        return rows, logged
+
+    async def period_spend(self, at: datetime) -> PeriodSpend:
+        """The spend recorded in the UTC day and the UTC month of ``at`` (:func:`period_spend`)."""
+        start, end = _month_of(at)
+        async with self._reading() as db:
+            cursor = await db.execute(
+                "SELECT at, cost_usd FROM spend WHERE at >= ? AND at < ?", (_iso(start), _iso(end))
+            )
+            rows = await cursor.fetchall()
+        return period_spend(((_parse(when), Decimal(cost)) for when, cost in rows), at)
 
     async def report(
         self, since: datetime | None = None, until: datetime | None = None, *, now: datetime
     ) -> CostReport:
         """The cost report of spend in ``[since, until)`` (see :func:`cost_report`)."""
-        rows = await self._report_rows(since, until)
         month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
-        month = await self._report_rows(month_start, None, through=now)
+        async with self._reading() as db:
+            rows = await _report_rows(db, since, until)
+            month = await _report_rows(db, month_start, None, through=now)
+            last = await _read_last(db)
         return cost_report(
             rows,
             since=since,
             until=until,
             now=now,
             month_to_date=sum((row.cost_usd for row in month), _ZERO),
-            last_sequence=self._last,
+            last_sequence=last,
         )
 
-    async def _report_rows(
-        self, since: datetime | None, until: datetime | None, through: datetime | None = None
-    ) -> list[ReportRow]:
-        clauses, params = [], []
-        for clause, bound in (("at >= ?", since), ("at < ?", until), ("at <= ?", through)):
-            if bound is not None:
-                clauses.append(clause)
-                params.append(_iso(bound))
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        cursor = await self._db.execute(
-            f"SELECT at, provider, model, task_type, cost_usd FROM spend{where}", params
+
+async def _report_rows(
+    db: aiosqlite.Connection,
+    since: datetime | None,
+    until: datetime | None,
+    through: datetime | None = None,
+) -> list[ReportRow]:
+    clauses, params = [], []
+    for clause, bound in (("at >= ?", since), ("at < ?", until), ("at <= ?", through)):
+        if bound is not None:
+            clauses.append(clause)
+            params.append(_iso(bound))
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    cursor = await db.execute(
+        f"SELECT at, provider, model, task_type, cost_usd FROM spend{where}", params
+    )
+    return [
+        ReportRow(_parse(at), provider, model, task_type, Decimal(cost))
+        for at, provider, model, task_type, cost in await cursor.fetchall()
+    ]
+
+
+async def _has_schema(db: aiosqlite.Connection) -> bool:
+    """Whether every table is there and the tracking row too (then opening writes nothing)."""
+    cursor = await db.execute("SELECT name FROM sqlite_master")
+    names = {name for (name,) in await cursor.fetchall()}
+    if not names >= _TABLES:
+        return False
+    cursor = await db.execute("SELECT 1 FROM tracking WHERE id = 1")
+    return await cursor.fetchone() is not None
+
+
+def _open_error(exc: sqlite3.Error, path: str | Path) -> VaporaError:
+    """What opening the ledger failed of, in words the operator can act on."""
+    code = getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_ERROR) & 0xFF  # the primary code
+    if code in _BUSY_CODES:
+        return RequestTimeout(
+            f"the ledger at {path} is busy: another process held its lock for more than "
+            f"{_BUSY_MS / 1000:g} s ({exc}); try again (the file itself is fine)"
         )
-        return [
-            ReportRow(_parse(at), provider, model, task_type, Decimal(cost))
-            for at, provider, model, task_type, cost in await cursor.fetchall()
-        ]
+    if code in _NOT_A_LEDGER_CODES:
+        return ConfigError(
+            f"{path} is not a ledger this version can read ({exc}); move it aside and "
+            "the ledger is rebuilt from the event log"
+        )
+    return ConfigError(f"cannot open the ledger at {path} ({exc})")
 
 
 async def _read_last(db: aiosqlite.Connection) -> int:
@@ -430,3 +566,31 @@ def _sorted(groups: dict[str, Decimal]) -> dict[str, Decimal]:
 
 def _micro(value: Decimal) -> Decimal:
     return value.quantize(_MICRO, rounding=ROUND_HALF_EVEN)
+
+
+def period_spend(spends: Iterable[tuple[datetime, Decimal]], at: datetime) -> PeriodSpend:
+    """Of ``(time, cost)`` pairs, the sums in the UTC day and the UTC month of ``at`` (the budget
+    keeper's "spent today" and "spent this month" at ``at``)."""
+    day_start = _utc_midnight(at)
+    day_end = day_start + timedelta(days=1)
+    month_start, month_end = _month_of(at)
+    day = month = _ZERO
+    for when, cost in spends:
+        utc = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+        if month_start <= utc < month_end:
+            month += cost
+            if day_start <= utc < day_end:
+                day += cost
+    return PeriodSpend(at=at, day=day, month=month)
+
+
+def _utc_midnight(at: datetime) -> datetime:
+    utc = at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
+    return utc.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _month_of(at: datetime) -> tuple[datetime, datetime]:
+    """The UTC month containing ``at``: its first instant and the next month's."""
+    start = _utc_midnight(at).replace(day=1)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end

@@ -15,7 +15,16 @@ import pytest
 
 from events.contract import Price, TaskType
 from events.log import BudgetReserved, Event, SpendRecorded
-from vapora.ledger import Ledger, ReportRow, cost_report, monthly_projection
+from vapora import ledger as ledger_module
+from vapora.errors import ConfigError, RequestTimeout
+from vapora.ledger import (
+    Ledger,
+    PeriodSpend,
+    ReportRow,
+    cost_report,
+    monthly_projection,
+    period_spend,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -187,6 +196,122 @@ async def test_money_is_stored_as_text_never_real(tmp_path: Path):
     with sqlite3.connect(path) as db:
         kinds = db.execute("SELECT typeof(cost_usd), typeof(input_per_mtok) FROM spend").fetchone()
     assert kinds == ("text", "text")
+
+
+# --- readers, the writer's lock, and what an open writes ----------------------------------------
+
+
+async def test_opening_an_existing_ledger_takes_no_lock_so_a_held_write_lock_stops_no_reader(
+    tmp_path: Path,
+):
+    """Every open ran the schema script (an INSERT): it waited 5 s for a lock another process
+    held (a batch being committed, a backup) and then called the ledger corrupt."""
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as ledger:
+        await ledger.apply_many(numbered(many(3)))
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the write lock, held for the whole test
+        async with await Ledger.open_read_only(path) as reader:
+            assert await reader.last_sequence() == 3
+            assert [row.event_id for row in await reader.spend_rows()] == ["e0", "e1", "e2"]
+        async with await Ledger.open(path) as writer:  # the writer's open writes nothing either
+            assert await writer.last_sequence() == 3
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+async def test_a_lock_held_past_the_busy_wait_says_the_ledger_is_busy_not_that_it_is_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(ledger_module, "_BUSY_MS", 100, raising=False)
+    fresh = tmp_path / "fresh.db"  # a new ledger's tables must be written: the writer waits
+    other = sqlite3.connect(fresh, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(RequestTimeout, match="is busy") as raised:
+            await Ledger.open(fresh)
+        assert "move it aside" not in str(raised.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as ledger:
+        await ledger.apply_many(numbered(many(2)))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA journal_mode=DELETE")  # without WAL a writer's commit blocks readers
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(RequestTimeout, match="is busy"):
+            await Ledger.open_read_only(path)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+async def test_a_reader_needs_the_file_and_never_writes_it(tmp_path: Path):
+    missing = tmp_path / "none.db"
+    with pytest.raises(ConfigError, match="no ledger at"):
+        await Ledger.open_read_only(missing)
+    assert not missing.exists()  # not created empty
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as ledger:
+        await ledger.apply_many(numbered(many(2)))
+    async with await Ledger.open_read_only(path) as reader:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await reader.apply(spend("e9", T, "1"), 9)
+    async with await Ledger.open_read_only(path) as reader:
+        assert len(await reader.spend_rows()) == 2 and await reader.last_sequence() == 2
+
+
+async def test_a_file_that_is_no_ledger_is_named_by_readers_too(tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    path.write_bytes(b"garbage " * 1000)
+    with pytest.raises(ConfigError, match=r"not a ledger this version can read.*move it aside"):
+        await Ledger.open_read_only(path)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).close()  # an SQLite file, but without the ledger's tables
+    with pytest.raises(ConfigError, match="not a ledger this version can read"):
+        await Ledger.open_read_only(other)
+
+
+async def test_a_reader_sees_what_the_writer_commits_after_it_opened(tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as writer, await Ledger.open_read_only(path) as reader:
+        assert await reader.last_sequence() == 0
+        await writer.apply_many(numbered(many(4)))
+        assert await reader.last_sequence() == 4
+        assert len(await reader.spend_rows()) == 4
+
+
+async def test_a_snapshot_through_a_sequence_leaves_out_what_was_applied_after_it(tmp_path: Path):
+    events: list[Event] = [spend("e1", T, "0.1"), hold("h2", T), spend("e3", T, "0.2")]
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered(events))
+        rows, logged = await ledger.snapshot(through=2)
+        all_rows, all_logged = await ledger.snapshot()
+    assert [r.event_id for r in rows] == ["e1"] and [e.event_id for e in logged] == ["e1", "h2"]
+    assert len(all_rows) == 2 and len(all_logged) == 3
+
+
+async def test_the_spend_of_a_day_and_its_month_is_summed_in_utc(tmp_path: Path):
+    events: list[Event] = [
+        spend("jan31", datetime(2026, 1, 31, 23, 59, 59, 999999, tzinfo=UTC), "1"),
+        spend("feb1", datetime(2026, 2, 1, 0, 0, tzinfo=UTC), "0.000000075"),
+        spend("feb1b", datetime(2026, 2, 1, 23, 59, tzinfo=UTC), "0.25"),
+        spend("feb2", datetime(2026, 2, 2, 0, 0, tzinfo=UTC), "0.5"),
+        spend("mar1", datetime(2026, 3, 1, 0, 0, tzinfo=UTC), "4"),
+    ]
+    at = datetime(2026, 2, 1, 12, tzinfo=UTC)
+    expected = PeriodSpend(at=at, day=Decimal("0.250000075"), month=Decimal("0.750000075"))
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered(events))
+        assert await ledger.period_spend(at) == expected
+    pairs = [(e.at, e.cost_usd) for e in events if isinstance(e, SpendRecorded)]
+    assert period_spend(pairs, at) == expected
+    tokyo = at.astimezone(timezone(timedelta(hours=9)))  # the same instant, another zone
+    assert period_spend(pairs, tokyo).day == expected.day
 
 
 # --- report math ---------------------------------------------------------------------------------
