@@ -15,7 +15,11 @@ What is checked
       ledger's sums;
     * the keeper's state equals the fold of the log up to the keeper's last sequence (a
       :class:`~vapora.budget.BudgetState`), or its status equals the status of that fold at the
-      status's own time (a :class:`~events.contract.BudgetStatus`).
+      status's own time (a :class:`~events.contract.BudgetStatus`);
+    * a keeper's status also against the ledger's own rows: its spend today and this month equal
+      the ledger's sums for the status's UTC day and month (:func:`check_keeper_spend`). The fold
+      forgets the spend ids it counted a day (of event time) after them, so a duplicate appended
+      later is counted twice by the keeper *and* by the replay; the ledger counts it once.
 
 An event id appearing twice in the log (a duplicate append) counts once, as in the ledger.
 
@@ -36,7 +40,7 @@ from events.contract import BudgetStatus, CostReport, Usage
 from events.log import Event, SpendRecorded
 from vapora import budget
 from vapora.budget import BudgetLimits, BudgetState
-from vapora.ledger import LoggedEvent, SpendRow
+from vapora.ledger import LoggedEvent, PeriodSpend, SpendRow, period_spend
 from vapora.pricing import cost as priced
 
 __all__ = [
@@ -46,12 +50,14 @@ __all__ = [
     "audit",
     "check_budget",
     "check_costs",
+    "check_keeper_spend",
     "check_ledger",
     "ledger_totals",
     "recompute_cost",
     "render_audit",
     "render_report",
     "replay_totals",
+    "usd",
 ]
 
 _ZERO = Decimal(0)
@@ -346,6 +352,30 @@ def _compare_state(expected: BudgetState, found: BudgetState) -> list[Discrepanc
     return _differences("budget keeper", checks)
 
 
+def check_keeper_spend(
+    status: BudgetStatus, before: PeriodSpend, after: PeriodSpend | None = None
+) -> list[Discrepancy]:
+    """The keeper's spend today and this month against the ledger's sums for the status's UTC
+    day and month: ``before`` read before the keeper answered, ``after`` (if given) once the
+    ledger had reached the log's end as it was after the answer. Spend only grows, so a keeper
+    that counted each spend once shows a figure from ``before`` to ``after``; equal to it on a
+    quiet system."""
+    after = after or before
+    checks = (
+        ("today", status.spent_today_usd, before.day, after.day),
+        ("this month", status.spent_month_usd, before.month, after.month),
+    )
+    return [
+        Discrepancy(
+            where=f"budget keeper spent {name} vs the ledger's rows",
+            expected=_usd(low) if low == high else f"{_usd(low)} to {_usd(high)}",
+            found=_usd(keeper),
+        )
+        for name, keeper, low, high in checks
+        if not min(low, high) <= keeper <= max(low, high)
+    ]
+
+
 def _ids(state: BudgetState) -> str:
     return ", ".join(sorted(state.open_reservations())) or "none"
 
@@ -378,11 +408,13 @@ def audit(
     keeper: BudgetState | BudgetStatus | None = None,
     limits: BudgetLimits | None = None,
     unreadable: Mapping[int, str] | None = None,
+    ledger_after: PeriodSpend | None = None,
 ) -> AuditResult:
     """Every check at once: costs, ledger rows and totals, event index, and the keeper.
     ``unreadable``: messages stored in the log that are not events (sequence -> what is wrong),
     which every reader skips: each is a difference (a spend among them would be money no total
-    counts)."""
+    counts). A keeper's status is also checked against ``rows`` (and ``ledger_after``, the
+    ledger's spend in the status's day and month read after it: :func:`check_keeper_spend`)."""
     found = [
         Discrepancy(where=f"event log at sequence {seq}", expected="an event", found=problem)
         for seq, problem in sorted((unreadable or {}).items())
@@ -390,6 +422,9 @@ def audit(
     found += check_costs(log) + check_ledger(log, rows, logged)
     if keeper is not None:
         found += check_budget(log, keeper, limits)
+    if isinstance(keeper, BudgetStatus):
+        before = period_spend(((row.at, row.cost_usd) for row in rows), keeper.at)
+        found += check_keeper_spend(keeper, before, ledger_after)
     return AuditResult(
         discrepancies=found,
         events_checked=len(log),
@@ -402,11 +437,15 @@ def audit(
 # --- rendering ----------------------------------------------------------------------------------
 
 
-def _usd(value: Decimal) -> str:
-    """Exact, readable dollars: at least cents, never rounded (``$0.000000075``)."""
+def usd(value: Decimal) -> str:
+    """Exact, readable dollars: at least cents, never rounded, never an exponent
+    (``$0.000000075``, ``$1.50``, ``$0.00``)."""
     text = format(value.normalize(), "f") if value else "0"
     whole, _, frac = text.partition(".")
     return f"${whole}.{frac.ljust(2, '0')}"
+
+
+_usd = usd
 
 
 def _show(value: object) -> str:

@@ -26,13 +26,14 @@ from vapora.audit import (
     audit,
     check_budget,
     check_costs,
+    check_keeper_spend,
     check_ledger,
     recompute_cost,
     render_audit,
     render_report,
 )
 from vapora.budget import BudgetLimits
-from vapora.ledger import Ledger
+from vapora.ledger import Ledger, PeriodSpend
 from vapora.pricing import cost
 
 T = datetime(2026, 3, 31, 23, 0, tzinfo=UTC)
@@ -224,6 +225,65 @@ def test_a_keeper_status_is_compared_at_its_own_time():
     lying = msgspec.structs.replace(status, spent_today_usd=Decimal(0), open_reservations=2)
     where = {d.where for d in check_budget(log, lying, limits)}
     assert where == {"budget keeper spent today", "budget keeper open reservations"}
+
+
+@pytest.mark.anyio
+async def test_a_duplicate_the_keeper_counted_again_after_forgetting_it_is_found_in_the_ledger(
+    tmp_path: Path,
+):
+    """The fold forgets the spend ids it counted a day (of event time) after them, so the same
+    event appended again later is counted twice, by the keeper and by the audit's own replay
+    alike: comparing the two found nothing. The ledger counts it once."""
+    first = spend(1, SONNET, (1000, 100, 0, 0), datetime(2026, 4, 1, 12, tzinfo=UTC))
+    later = [  # hourly, for three days: event time moves on an hour at a time
+        spend(10 + h, SONNET, (2000, 0, 0, 0), first.at + timedelta(hours=h)) for h in range(1, 73)
+    ]
+    log: list[tuple[Event, int]] = [
+        (event, seq) for seq, event in enumerate([first, *later, first], start=1)
+    ]
+    once = first.cost_usd + sum((s.cost_usd for s in later), Decimal(0))
+    limits = BudgetLimits.from_cents(daily_cents=1000)
+    state = budget.catch_up(budget.EMPTY, log)
+    path = await ledger_of(tmp_path, log)
+
+    status = budget.status(state, limits, datetime(2026, 4, 4, 13, tzinfo=UTC))
+    assert status.spent_month_usd == once + first.cost_usd  # counted twice by the keeper
+    assert check_budget(log, status, limits) == []  # and by the replay: no difference there
+    result = await audit_of(path, log, keeper=status, limits=limits)
+    (found,) = result.discrepancies
+    assert found.where == "budget keeper spent this month vs the ledger's rows"
+    assert (found.expected, found.found) == ("$0.4365", "$0.441")  # once, and twice the first
+
+    on_the_day = budget.status(state, limits, datetime(2026, 4, 1, 13, tzinfo=UTC))
+    result = await audit_of(path, log, keeper=on_the_day, limits=limits)
+    assert {d.where for d in result.discrepancies} == {
+        "budget keeper spent today vs the ledger's rows",
+        "budget keeper spent this month vs the ledger's rows",
+    }
+    honest = budget.status(budget.catch_up(budget.EMPTY, log[:-1]), limits, on_the_day.at)
+    assert (await audit_of(path, log[:-1], keeper=honest, limits=limits)).ok
+
+
+def test_spend_recorded_between_the_two_ledger_reads_is_no_difference_with_the_keeper():
+    at = T + timedelta(hours=3)
+    base = budget.status(budget.EMPTY, BudgetLimits(), at)
+    before = PeriodSpend(at=at, day=Decimal("1"), month=Decimal("3"))
+    after = PeriodSpend(at=at, day=Decimal("1.5"), month=Decimal("3.5"))
+    between = msgspec.structs.replace(
+        base, spent_today_usd=Decimal("1.2"), spent_month_usd=Decimal("3.5")
+    )
+    assert check_keeper_spend(between, before, after) == []
+    exact = check_keeper_spend(between, before)  # one read: the figures must be equal
+    assert [(d.where, d.expected, d.found) for d in exact] == [
+        ("budget keeper spent today vs the ledger's rows", "$1.00", "$1.20"),
+        ("budget keeper spent this month vs the ledger's rows", "$3.00", "$3.50"),
+    ]
+    beyond = msgspec.structs.replace(between, spent_today_usd=Decimal("1.6"))
+    (found,) = check_keeper_spend(beyond, before, after)
+    assert (found.expected, found.found) == ("$1.00 to $1.50", "$1.60")
+    short = msgspec.structs.replace(between, spent_month_usd=Decimal("2.9"))
+    (found,) = check_keeper_spend(short, before, after)
+    assert found.where == "budget keeper spent this month vs the ledger's rows"
 
 
 @pytest.mark.anyio

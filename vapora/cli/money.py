@@ -2,14 +2,15 @@
 
 Plain async functions over a NATS connection and the event log; the CLI parses the flags and
 prints what they return. ``report`` and ``budget`` ask the running actors over the public
-subjects; ``audit`` replays the whole log itself, reads the ledger's SQLite file and, if a budget
-keeper answers, compares its status too; ``events`` prints the log one JSON object per line.
+subjects; ``audit`` replays the whole log itself, reads the ledger's SQLite file (read-only) and,
+if a budget keeper answers, compares its status too; ``events`` prints the log one JSON object per
+line.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +24,7 @@ from events import subjects
 from events.codec import DecodeError, decode, encode, event_tag
 from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
 from events.log import EVENT_TYPES, Event
-from vapora.audit import AuditResult, audit, render_audit, render_report
+from vapora.audit import AuditResult, audit, render_audit, render_report, usd
 from vapora.budget import BudgetLimits
 from vapora.errors import (
     InternalError,
@@ -33,7 +34,7 @@ from vapora.errors import (
     VaporaError,
     error_for_code,
 )
-from vapora.ledger import Ledger, LoggedEvent, SpendRow
+from vapora.ledger import Ledger, LoggedEvent, PeriodSpend, SpendRow
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -111,7 +112,22 @@ def _error_of(data: bytes, headers: dict[str, str]) -> VaporaError:
 
 
 def _json(message: msgspec.Struct) -> str:
-    return msgspec.json.format(encode(message), indent=2).decode()
+    """``message`` as indented JSON for the terminal or a script, money as plain decimal
+    strings: the contract's encoder (:func:`events.codec.encode`) writes Python's ``str`` of a
+    decimal, an exponent for amounts below a millionth (``"7.5E-8"``, ``"0E-7"``), and that is
+    the wire form every actor shares; only this output is changed (``"0.000000075"``)."""
+    builtins = msgspec.to_builtins(message, builtin_types=(Decimal,))
+    return msgspec.json.format(msgspec.json.encode(_plain_money(builtins)), indent=2).decode()
+
+
+def _plain_money(value: object) -> object:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, dict):
+        return {key: _plain_money(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_money(item) for item in value]
+    return value
 
 
 def render_budget(status: BudgetStatus) -> str:
@@ -123,8 +139,8 @@ def render_budget(status: BudgetStatus) -> str:
     cells = [("", "spent", "limit", "used, holds counted")] + [
         (
             name,
-            _usd(spent),
-            "unlimited" if cap is None else _usd(cap),
+            usd(spent),
+            "unlimited" if cap is None else usd(cap),
             "-" if cap is None else f"{percent:.2f} %",
         )
         for name, spent, cap, percent in rows
@@ -140,17 +156,11 @@ def render_budget(status: BudgetStatus) -> str:
             for a, b, c, d in cells
         ),
         "",
-        f"  open reservations   {status.open_reservations}, holding {_usd(status.reserved_usd)}",
-        f"  router leases       {status.open_leases}, holding {_usd(status.leased_usd)} unspent",
-        f"  per-task limit      {'unlimited' if per_task is None else _usd(per_task)}",
+        f"  open reservations   {status.open_reservations}, holding {usd(status.reserved_usd)}",
+        f"  router leases       {status.open_leases}, holding {usd(status.leased_usd)} unspent",
+        f"  per-task limit      {'unlimited' if per_task is None else usd(per_task)}",
     ]
     return "\n".join(lines)
-
-
-def _usd(value: Decimal) -> str:
-    text = format(value.normalize(), "f") if value else "0"
-    whole, _, frac = text.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
 
 
 # --- audit --------------------------------------------------------------------------------------
@@ -160,9 +170,14 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
     """Replay the whole log, compare it with the ledger at ``data_dir`` and (if one answers)
     the budget keeper; ``(1, the differences)`` on any, else ``(0, a one-line summary)``.
 
-    On a live system the log can move between the replay and the keeper's answer, so a
-    difference with the keeper alone is looked at again (twice, half a second apart) before it
-    is reported; differences in costs or in the ledger are reported at once.
+    The ledger is opened read-only and compared up to the last sequence the replay read, in one
+    read transaction: what a live ledger applied after it is for the next audit. The keeper's
+    spend today and this month is compared with the fold of the log and with the ledger's own
+    sums for the same UTC day and month (read before and after the keeper answered: on a live
+    system the keeper's figure lies between the two). The log and the keeper can still move
+    between the reads, so a difference with the keeper alone is looked at again (twice, half a
+    second apart) before it is reported; differences in costs or in the ledger are reported at
+    once.
     """
     path = Path(data_dir) / LEDGER_FILE
     if await log.last_sequence() == 0:
@@ -181,16 +196,24 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
 
 async def _audit_once(nc: Client, log: EventLog, path: Path) -> tuple[list[str], AuditResult]:
     notes: list[str] = []
-    if not await anyio.Path(path).exists():
-        notes.append(f"audit: no ledger database at {path}; every spend is missing from it")
     entries = await _read_log(log)
-    rows, logged = await _read_ledger(path, last=entries[-1][1] if entries else 0)
-    status = await _keeper_status(nc)
+    async with _ledger_at(path) as ledger:
+        if ledger is None:
+            notes.append(f"audit: no ledger database at {path}; every spend is missing from it")
+        rows, logged = await _read_ledger(ledger, last=entries[-1][1] if entries else 0)
+        status = await _keeper_status(nc)
+        after = await _ledger_spend_after(ledger, log, status)
     if status is None:
         notes.append("audit: no budget keeper answered on vapora.budget; its comparison skipped")
     limits = _limits_of(status) if status is not None else None
     return notes, audit(
-        entries, rows, logged, keeper=status, limits=limits, unreadable=log.unreadable
+        entries,
+        rows,
+        logged,
+        keeper=status,
+        limits=limits,
+        unreadable=log.unreadable,
+        ledger_after=after,
     )
 
 
@@ -202,24 +225,47 @@ async def _read_log(log: EventLog) -> list[tuple[Event, int]]:
     return [(entry.event, entry.seq) async for batch in log.replay(1) for entry in batch]
 
 
-async def _read_ledger(path: Path, *, last: int) -> tuple[list[SpendRow], list[LoggedEvent]]:
-    """The ledger's rows, once it has applied the log up to ``last`` (or after a short wait:
-    a ledger that lags further is reported as missing rows)."""
+@contextlib.asynccontextmanager
+async def _ledger_at(path: Path) -> AsyncIterator[Ledger | None]:
+    """The ledger's file opened read-only (the actor goes on writing it), or None if missing."""
     if not await anyio.Path(path).exists():
+        yield None
+        return
+    async with await Ledger.open_read_only(path) as ledger:
+        yield ledger
+
+
+async def _read_ledger(
+    ledger: Ledger | None, *, last: int
+) -> tuple[list[SpendRow], list[LoggedEvent]]:
+    """The ledger's rows up to sequence ``last`` (the audit's replay), read in one transaction
+    once the ledger has applied the log that far (or after a short wait: a ledger that lags
+    further is reported as missing rows). What it applied after ``last`` is not compared."""
+    if ledger is None:
         return [], []
-    # The ledger actor writes the file from another process; each open reads its committed
-    # position afresh. Polling a file: there is nothing to wait on.
+    await _ledger_reached(ledger, last)
+    return await ledger.snapshot(through=last)
+
+
+async def _ledger_spend_after(
+    ledger: Ledger | None, log: EventLog, status: BudgetStatus | None
+) -> PeriodSpend | None:
+    """The ledger's spend in the keeper's UTC day and month, read after the keeper answered and
+    once the ledger has reached the log's end as it was then (so it counts at least what the
+    keeper had counted)."""
+    if ledger is None or status is None:
+        return None
+    await _ledger_reached(ledger, await log.last_sequence())
+    return await ledger.period_spend(status.at)
+
+
+async def _ledger_reached(ledger: Ledger, last: int) -> None:
+    # The ledger actor writes the file from another process; each read sees its last commit.
+    # Polling a file: there is nothing to wait on.
     for _ in range(int(_SETTLE_S / 0.05)):
-        if await _ledger_reached(path, last):
-            break
+        if await ledger.last_sequence() >= last:
+            return
         await anyio.sleep(0.05)
-    async with await Ledger.open(path) as ledger:
-        return await ledger.spend_rows(), await ledger.logged_events()
-
-
-async def _ledger_reached(path: Path, last: int) -> bool:
-    async with await Ledger.open(path) as ledger:
-        return await ledger.last_sequence() >= last
 
 
 async def _keeper_status(nc: Client) -> BudgetStatus | None:
