@@ -3,7 +3,10 @@ time, and the routing decisions, drawn from the events themselves (``vapora repo
 
 Pure: it takes the events and returns the page. No JavaScript and no external files: the charts
 are inline SVG, so the page opens anywhere, including in a mail attachment or a CI artefact.
-Every figure on it is a sum of ``spend_recorded`` events, so it can be traced to them.
+Every figure on it is a sum of ``spend_recorded`` events, so it can be traced to them, and it
+agrees with the text report and the ledger: an event id the log holds twice (a duplicate append)
+counts once, only events in the window ``[since, until)`` are shown, and amounts are exact plain
+decimals (:func:`vapora.audit.usd`, as the text report prints them).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import html
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from events.contract import Tier
@@ -24,6 +27,7 @@ from events.log import (
     RouteDecided,
     SpendRecorded,
 )
+from vapora.audit import usd
 
 __all__ = ["render_html"]
 
@@ -39,27 +43,77 @@ class _Decision:
     served_by: str | None
 
 
-def render_html(events: Sequence[Event], *, title: str = "vapora report", now: datetime) -> str:
-    """The page for ``events`` (in log order)."""
-    spends = [e for e in events if isinstance(e, SpendRecorded)]
-    tiers = [e for e in events if isinstance(e, BudgetTierChanged)]
+def render_html(
+    events: Sequence[Event],
+    *,
+    title: str = "vapora report",
+    now: datetime,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> str:
+    """The page for ``events`` (in log order): each event id once (its first appearance), and
+    only the events with ``since <= at < until`` (a missing bound is open; a naive time is UTC)."""
+    unique = _first_of_each(events)
+    shown = [e for e in unique if _within(e.at, since, until)]
+    spends = [e for e in shown if isinstance(e, SpendRecorded)]
+    tiers = [e for e in shown if isinstance(e, BudgetTierChanged)]
     total = sum((s.cost_usd for s in spends), Decimal(0))
     body = [
         f"<h1>{html.escape(title)}</h1>",
-        f"<p class=muted>{len(spends)} calls billed, total <b>${total}</b> "
-        f"(exact sum of <code>spend_recorded</code> events), "
+        f"<p class=muted>{_window(since, until)}: {len(spends)} calls billed, "
+        f"total <b>{usd(total)}</b> (exact sum of <code>spend_recorded</code> events), "
         f"generated {now:%Y-%m-%d %H:%M:%S} UTC.</p>",
         "<h2>Spend over time, by provider</h2>",
         _spend_chart(spends),
         "<h2>Budget tier over time</h2>",
-        _tier_chart(tiers, events, now),
+        _tier_chart(tiers, shown, _tier_before(unique, since)),
         _tier_table(tiers),
         "<h2>Spend by provider</h2>",
         _provider_table(spends, total),
         "<h2>Routing decisions</h2>",
-        _decision_table(_decisions(events)),
+        _decision_table(_decisions(shown)),
     ]
     return _PAGE.format(title=html.escape(title), body="\n".join(body))
+
+
+# --- what is shown --------------------------------------------------------------------------
+
+
+def _first_of_each(events: Sequence[Event]) -> list[Event]:
+    """Each event id once, at its first appearance (as the ledger and the audit count it)."""
+    seen: set[str] = set()
+    unique = []
+    for event in events:
+        if event.id not in seen:
+            seen.add(event.id)
+            unique.append(event)
+    return unique
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+def _within(at: datetime, since: datetime | None, until: datetime | None) -> bool:
+    """``since <= at < until``: the text report's window."""
+    at = _utc(at)
+    return (since is None or at >= _utc(since)) and (until is None or at < _utc(until))
+
+
+def _window(since: datetime | None, until: datetime | None) -> str:
+    start = "the first event" if since is None else f"{_utc(since):%Y-%m-%d %H:%M:%S} UTC"
+    end = "now" if until is None else f"{_utc(until):%Y-%m-%d %H:%M:%S} UTC"
+    return f"{start} .. {end}"
+
+
+def _tier_before(events: Sequence[Event], since: datetime | None) -> Tier:
+    """The tier in force when the window opens: the last change before it, else Normal."""
+    tier = Tier.NORMAL
+    if since is not None:
+        for event in events:
+            if isinstance(event, BudgetTierChanged) and _utc(event.at) < _utc(since):
+                tier = event.to_tier
+    return tier
 
 
 # --- charts ---------------------------------------------------------------------------------
@@ -90,9 +144,9 @@ def _spend_chart(spends: Sequence[SpendRecorded]) -> str:
         lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
         legend.append(
             f'<span class=key style="background:{colour}"></span>{html.escape(provider)} '
-            f"${running[provider]}"
+            f"{usd(running[provider])}"
         )
-    axis = _axes(start, end, f"${top}")
+    axis = _axes(start, end, usd(top))
     svg = f'<svg viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img" aria-label="spend over time">'
     return f"{svg}{axis}{''.join(lines)}</svg><p>{' &nbsp; '.join(legend)}</p>"
 
@@ -114,11 +168,11 @@ def _axes(start: datetime, end: datetime, top_label: str) -> str:
     )
 
 
-def _tier_chart(tiers: Sequence[BudgetTierChanged], events: Sequence[Event], now: datetime) -> str:
+def _tier_chart(tiers: Sequence[BudgetTierChanged], events: Sequence[Event], first: Tier) -> str:
     if not events:
         return "<p class=muted>No events.</p>"
     start, end = min(e.at for e in events), max(e.at for e in events)
-    bands, current, since = [], Tier.NORMAL, start
+    bands, current, since = [], first, start
     for change in sorted(tiers, key=lambda t: t.at):
         bands.append((since, change.at, current))
         current, since = change.to_tier, change.at
@@ -160,11 +214,11 @@ def _provider_table(spends: Sequence[SpendRecorded], total: Decimal) -> str:
         f"<tr><td>{html.escape(p)}</td><td>{len(items)}</td>"
         f"<td>{sum(s.input_tokens for s in items):,}</td>"
         f"<td>{sum(s.output_tokens for s in items):,}</td>"
-        f"<td>${sum((s.cost_usd for s in items), Decimal(0))}</td></tr>"
+        f"<td>{usd(sum((s.cost_usd for s in items), Decimal(0)))}</td></tr>"
         for p, items in sorted(by.items())
     )
     rows += f"<tr class=total><td>total</td><td>{len(spends)}</td><td></td><td></td>"
-    rows += f"<td>${total}</td></tr>"
+    rows += f"<td>{usd(total)}</td></tr>"
     return _table(("provider", "calls", "input tokens", "output tokens", "cost (USD)"), rows)
 
 

@@ -80,3 +80,38 @@ def test_decisions_are_listed_and_escaped() -> None:
 def test_an_empty_log_still_renders() -> None:
     page = render_html([], now=AT)
     assert "No spend recorded" in page and "No routing decisions" in page
+
+
+def test_an_event_stored_twice_is_counted_once_as_the_ledger_counts_it() -> None:
+    first, second = spend(1, "claude", "0.0045"), spend(2, "openai", "0.0045")
+    page = render_html([first, second, first], now=AT)  # `first` appended again, days later
+    assert "2 calls billed, total <b>$0.009</b>" in page
+    assert "claude $0.0045" in page
+
+
+def test_the_window_is_since_inclusive_until_exclusive_as_in_the_text_report() -> None:
+    events = [spend(n, "claude", "0.01") for n in range(5)]  # at AT + 0 s .. AT + 4 s
+    since, until = AT + timedelta(seconds=1), AT + timedelta(seconds=4)
+    page = render_html(events, now=AT, since=since, until=until)
+    assert "3 calls billed, total <b>$0.03</b>" in page
+    assert f"{since:%Y-%m-%d %H:%M:%S} UTC .. {until:%Y-%m-%d %H:%M:%S} UTC" in page
+    assert "4 calls billed" in render_html(events, now=AT, since=since)
+    assert "1 calls billed" in render_html(events, now=AT, until=since)
+
+
+def test_the_tier_in_force_when_the_window_opens_is_the_one_drawn_first() -> None:
+    change = EVENTS["budget_tier_changed"]
+    assert isinstance(change, BudgetTierChanged)
+    exceeded = msgspec.structs.replace(
+        change, at=AT - timedelta(hours=1), from_tier=Tier.NORMAL, to_tier=Tier.EXCEEDED
+    )
+    page = render_html([exceeded, spend(1, "claude", "1")], now=AT, since=AT)
+    assert "<title>Exceeded</title></rect>" in page
+    assert "<title>Normal</title></rect>" not in page
+    assert "The tier never changed" in page  # within the window
+
+
+def test_tiny_amounts_are_plain_decimals_with_every_digit() -> None:
+    page = render_html([spend(1, "gemini", "0.000000075"), spend(2, "gemini", "0E-7")], now=AT)
+    assert "total <b>$0.000000075</b>" in page and "gemini $0.000000075" in page
+    assert not re.search(r"\dE-\d", page)
