@@ -185,6 +185,7 @@ class CompletionStream:
         broken = StreamBroken(
             f"{error.message} (after {self._count} chunks)",
             partial_text=self.text,
+            first_token_ms=self._first_token_ms,
             provider=self._client.name,
             http_status=error.http_status,
             error_type=error.error_type,

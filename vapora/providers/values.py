@@ -179,11 +179,15 @@ class Completion:
 
 
 class StreamBroken(ProviderStreamBroken):
-    """A stream failed after its first chunk: ``partial_text`` was already forwarded."""
+    """A stream failed after its first chunk: ``partial_text`` was already forwarded, the first
+    chunk ``first_token_ms`` after the call started (None: not measured)."""
 
-    def __init__(self, message: str, *, partial_text: str, **kw: Any) -> None:
+    def __init__(
+        self, message: str, *, partial_text: str, first_token_ms: float | None = None, **kw: Any
+    ) -> None:
         super().__init__(message, **kw)
         self.partial_text = partial_text
+        self.first_token_ms = first_token_ms
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from events.contract import Price, Usage
 from vapora.errors import ProviderError
 from vapora.pricing import cost
-from vapora.providers import Completion, ProviderClient, ProviderRequest
+from vapora.providers import Completion, ProviderClient, ProviderRequest, StreamBroken
 from vapora.telemetry.context import attach_span, current_span, detach, sampled_out
 from vapora.telemetry.instruments import CallOutcome
 from vapora.telemetry.semconv import (
@@ -51,6 +51,7 @@ from vapora.telemetry.state import STATE
 __all__ = ["CallSpec", "ProviderCallTelemetry", "error_type", "operation_of", "server_of"]
 
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+_CANCELLED = "cancelled"  # error.type and error class of a cancelled call (the event log's)
 
 
 def operation_of(kind: str, request: ProviderRequest) -> str:
@@ -267,8 +268,7 @@ class ProviderCallTelemetry:
             if isinstance(exc, Exception):
                 self._failed(exc, elapsed)
             elif exc is not None:  # cancelled (a shutdown, the caller gone): not a provider error
-                if self.span is not None:
-                    self.span.set_attribute(self.names.error_type, "cancelled")
+                self._cancelled(elapsed)
             elif self._done is not None:
                 self._succeeded(self._done, elapsed)
         finally:
@@ -306,31 +306,61 @@ class ProviderCallTelemetry:
             )
 
     def _failed(self, exc: BaseException, elapsed: float) -> None:
+        """A failed call: ``error.type``, the error class and what was billed regardless (its
+        tokens and cost, as the ``call_failed`` and ``spend_recorded`` events have them), and
+        for a stream that broke after its first chunk the time to that chunk."""
+        names = self.names
         kind = error_type(exc)
         error_class = exc.error_class if isinstance(exc, ProviderError) else "internal"
         usage = exc.usage if isinstance(exc, ProviderError) else None
+        billed = usage if usage is not None and _has_tokens(usage) else None
+        billed_usd = cost(billed, self.spec.price) if billed else Decimal(0)
+        first_ms = exc.first_token_ms if isinstance(exc, StreamBroken) else None
+        first = first_ms / 1000 if first_ms is not None and self.spec.stream else None
         if self.span is not None:
-            attributes: dict[str, Any] = {
-                self.names.error_type: kind,
-                VAPORA.error_class: error_class,
-            }
-            if usage is not None and _has_tokens(usage):
-                attributes[self.names.usage_input_tokens] = usage.input_tokens
-                attributes[self.names.usage_output_tokens] = usage.output_tokens
+            attributes: dict[str, Any] = {names.error_type: kind, VAPORA.error_class: error_class}
+            if billed is not None:
+                attributes[names.usage_input_tokens] = billed.input_tokens
+                attributes[names.usage_output_tokens] = billed.output_tokens
+                attributes[names.usage_cache_read_input_tokens] = billed.cache_read_tokens
+                attributes[names.usage_cache_creation_input_tokens] = billed.cache_write_tokens
+                attributes[VAPORA.cost_usd] = str(billed_usd)
+            if first is not None:
+                attributes[names.response_time_to_first_chunk] = first
             self.span.set_attributes(attributes)
             # The message is the provider's, scrubbed of keys by the clients; never a prompt.
             self.span.set_status(Status(StatusCode.ERROR, kind))
         if STATE.metrics is not None:
-            billed = usage if usage is not None and _has_tokens(usage) else None
+            STATE.metrics.record_call(
+                CallOutcome(
+                    genai=self.spec.metric_attributes(names),
+                    provider=self.spec.provider,
+                    task_type=self.spec.task_type,
+                    status=error_class,
+                    duration_s=elapsed,
+                    time_to_first_chunk_s=first,
+                    usage=billed,
+                    cost_usd=billed_usd,
+                    error_type=kind,
+                )
+            )
+
+    def _cancelled(self, elapsed: float) -> None:
+        """A call cancelled while the provider had it (a stop, a drain past its limit): the
+        provider actor records it as a ``call_failed`` of class ``cancelled`` with nothing
+        billed, so the span fails and the request is counted with that status."""
+        if self.span is not None:
+            self.span.set_attribute(self.names.error_type, _CANCELLED)
+            self.span.set_attribute(VAPORA.error_class, _CANCELLED)
+            self.span.set_status(Status(StatusCode.ERROR, _CANCELLED))
+        if STATE.metrics is not None:
             STATE.metrics.record_call(
                 CallOutcome(
                     genai=self.spec.metric_attributes(self.names),
                     provider=self.spec.provider,
                     task_type=self.spec.task_type,
-                    status=error_class,
+                    status=_CANCELLED,
                     duration_s=elapsed,
-                    usage=billed,
-                    cost_usd=cost(billed, self.spec.price) if billed else Decimal(0),
-                    error_type=kind,
+                    error_type=_CANCELLED,
                 )
             )
