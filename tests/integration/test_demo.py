@@ -84,7 +84,9 @@ def test_the_report_agrees_with_the_events_it_produced(
             "events", "--data-dir", str(data_dir), "--type", "spend_recorded"
         ).stdout.splitlines()
     ]
-    report = json.loads(run("report", "--data-dir", str(data_dir), "--json").stdout)
+    offline = run("report", "--data-dir", str(data_dir), "--json").stdout
+    assert "E-" not in offline  # money as plain decimals, as online (not "7.5E-8")
+    report = json.loads(offline)
     assert Decimal(report["total_usd"]) == sum(Decimal(s["cost_usd"]) for s in spends)
     assert report["calls"] == len(spends)
     by_provider: dict[str, Decimal] = {}

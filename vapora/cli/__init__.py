@@ -260,18 +260,16 @@ async def cmd_report(args: argparse.Namespace) -> int:
 
 
 async def _offline_report(args: argparse.Namespace, config: Config) -> str:
-    """The report straight from a data directory's ledger file, no actor running."""
-    from events.codec import encode
+    """The report straight from a data directory's ledger file (read only), no actor running."""
     from vapora.audit import render_report
+    from vapora.cli.money import json_text
     from vapora.ledger import Ledger
 
     path = _data_dir(args, config) / "ledger.sqlite3"
-    if not path.is_file():
-        raise ConfigError(f"no ledger at {path}")
-    async with await Ledger.open(path) as ledger:
+    async with await Ledger.open_read_only(path) as ledger:
         report = await ledger.report(args.since, args.until, now=_now())
     if args.json:
-        return encode(report).decode()
+        return json_text(report)
     return render_report(report).rstrip("\n")
 
 
@@ -302,9 +300,8 @@ async def cmd_budget(args: argparse.Namespace) -> int:
 async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
     """The budget status by folding a data directory's log, no keeper running. The limits are
     not in the log: they come from the config (named on stderr when it is the built-in one)."""
-    from events.codec import encode
     from vapora import budget
-    from vapora.cli.money import render_budget
+    from vapora.cli.money import json_text, render_budget
     from vapora.config import ENV_CONFIG
 
     data_dir = _data_dir(args, config)
@@ -329,7 +326,7 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
     state = budget.without_expired(budget.catch_up(budget.EMPTY, entries), now)
     status = budget.status(state, limits, now)
     if args.json:
-        return encode(status).decode()
+        return json_text(status)
     return render_budget(status)
 
 

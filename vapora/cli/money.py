@@ -68,7 +68,7 @@ async def report_command(
     """The cost report from the ledger over ``vapora.report``: a table, or JSON."""
     request = ReportRequest(since=since, until=until)
     report = await _ask(nc, subjects.REPORT, request, CostReport, who="the cost ledger")
-    return _json(report) if as_json else render_report(report).rstrip("\n")
+    return json_text(report) if as_json else render_report(report).rstrip("\n")
 
 
 async def budget_command(nc: Client, *, as_json: bool) -> str:
@@ -76,7 +76,7 @@ async def budget_command(nc: Client, *, as_json: bool) -> str:
     status = await _ask(
         nc, subjects.BUDGET, BudgetStatusRequest(), BudgetStatus, who="the budget keeper"
     )
-    return _json(status) if as_json else render_budget(status)
+    return json_text(status) if as_json else render_budget(status)
 
 
 async def _ask(
@@ -111,7 +111,7 @@ def _error_of(data: bytes, headers: dict[str, str]) -> VaporaError:
         return InternalError(headers.get("Nats-Service-Error", "error"))
 
 
-def _json(message: msgspec.Struct) -> str:
+def json_text(message: msgspec.Struct) -> str:
     """``message`` as indented JSON for the terminal or a script, money as plain decimal
     strings: the contract's encoder (:func:`events.codec.encode`) writes Python's ``str`` of a
     decimal, an exponent for amounts below a millionth (``"7.5E-8"``, ``"0E-7"``), and that is
