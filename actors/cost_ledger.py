@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+from nats.js.errors import NotFoundError
 
 from actors import tracing
 from actors.eventlog import LogEntry
@@ -26,7 +27,7 @@ from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
 from events.contract import CostReport, ReportRequest
 from events.log import Event
-from vapora.errors import InvalidRequest
+from vapora.errors import ConfigError, InvalidRequest
 from vapora.ledger import Ledger
 
 __all__ = ["LEDGER_FILE", "CostLedger"]
@@ -69,6 +70,7 @@ class CostLedger:
         async with await Ledger.open(self.path) as ledger:
             self._ledger = ledger
             self.position = await ledger.last_sequence()
+            await self._check_same_stream(ledger)
             wildcard = self.log.settings.wildcard
             async for batch in self.log.replay(self.position + 1):
                 # A replay links to the events' traces, never adds spans under them.
@@ -104,6 +106,33 @@ class CostLedger:
                     await served.wait()
                 async with self._lock:  # let a batch being written commit
                     tg.cancel_scope.cancel()
+
+    async def _check_same_stream(self, ledger: Ledger) -> None:
+        """The ledger resumes after its last sequence: that must be the stream it was built
+        from. A stream made again, or a data directory pointed at another server, would have
+        the ledger skip the new stream's first events (or take them for others). Checked on
+        the last event recorded: the stream must hold the same event id at that sequence."""
+        last = await ledger.last_event()
+        if last is None:
+            return
+        seq, event_id = last
+        name = self.log.settings.name
+        try:
+            stored = await self.log.js.get_msg(name, seq)
+        except NotFoundError:
+            info = await self.log.js.stream_info(name)
+            if int(info.state.first_seq) > seq:
+                return  # aged out of a stream with limits: nothing to compare
+            stored_id = None
+        else:
+            stored_id = (stored.headers or {}).get("Nats-Msg-Id")
+        if stored_id != event_id:
+            found = f"event {stored_id}" if stored_id else "no event"
+            raise ConfigError(
+                f"{self.path} was built from another event stream: it recorded event {event_id} "
+                f"at sequence {seq}, where stream {name} holds {found}. Move the file aside and "
+                "the ledger is rebuilt from the log"
+            )
 
     def stop(self) -> None:
         """Stop serving and tailing; the database is closed when :meth:`run` returns."""

@@ -266,3 +266,19 @@ def _events(flags: list[str]) -> list[dict[str, object]]:
     )
     assert done.returncode in (0, 1), done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_an_actor_that_cannot_start_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """An actor's start failing inside the group that runs them all came out as an exception
+    group's traceback; it is said like any other error of its kind."""
+    (tmp_path / "ledger.sqlite3").write_bytes(b"not a database at all, just bytes\n")
+    up = subprocess.run(
+        [*VAPORA, "up", "--port", "0", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert up.returncode == 2, up.stderr
+    assert "Traceback" not in up.stderr
+    assert f"vapora up: {tmp_path / 'ledger.sqlite3'} is not a ledger" in up.stderr

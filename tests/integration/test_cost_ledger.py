@@ -38,7 +38,7 @@ from tests.fault.money import (
 )
 from vapora.cli import money as commands_money
 from vapora.cli.money import audit_command, budget_command, events_command, report_command
-from vapora.errors import InvalidRequest, NoProviderAvailable
+from vapora.errors import ConfigError, InvalidRequest, NoProviderAvailable
 from vapora.ledger import Ledger
 
 pytestmark = pytest.mark.anyio
@@ -111,6 +111,44 @@ async def test_the_ledger_has_every_event_once_across_restarts_and_reports_the_s
     assert report.by_provider == {p: v for p, v in sorted(by_provider.items()) if v}
     assert windowed.calls == 6  # one call every 10 minutes: [first, first + 1 h)
     assert windowed.total_usd == sum(e.cost_usd for e in spent[:6])
+
+
+async def test_a_ledger_of_another_stream_of_the_same_name_refuses_to_start(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The stream made again (or the data directory pointed at another server): the ledger
+    resumed after its last sequence unchecked, so the new stream's first events were never
+    recorded (or its later ones recorded on top of the old stream's)."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(), clock=clock)
+    async with running(CostLedger(rt)) as ledger:
+        for n in range(5):
+            await rt.log.append(
+                spend(task_id=f"old{n}", usage=exact_usage(Decimal("0.3")), at=clock())
+            )
+        await eventually(lambda: _caught_up(ledger))
+    async with running(CostLedger(rt)):  # the same stream: it starts
+        pass
+    await rt.log.js.delete_stream(rt.log.settings.name)
+    await rt.log.ensure_stream()
+    for n in range(8):  # longer than before: a check on the length alone would not see it
+        await rt.log.append(
+            spend(task_id=f"new{n}", usage=exact_usage(Decimal("0.03")), at=clock())
+        )
+    refused: list[ConfigError] = []
+    try:
+        async with running(CostLedger(rt)):
+            pytest.fail("the ledger started on another stream")
+    except* ConfigError as group:
+        refused += group.exceptions  # type: ignore[arg-type]
+    [error] = refused
+    assert "was built from another event stream" in str(error)
+    assert "Move the file aside" in str(error)
+    (tmp_path / LEDGER_FILE).rename(tmp_path / "old-ledger.sqlite3")
+    async with running(CostLedger(rt)) as again:  # rebuilt from the new stream
+        await eventually(lambda: _caught_up(again))
+        report = (await ask(conn, subjects.REPORT, b"{}")).as_(CostReport)
+    assert report.calls == 8 and report.total_usd == Decimal("0.24")
 
 
 @pytest.mark.parametrize(

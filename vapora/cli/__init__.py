@@ -581,24 +581,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from actors.connection import ConnectionFailed
-    from actors.server import NatsServerError
-
     try:
         if args.command == "config":
             return cmd_config(args)
         return int(run_loop(_ASYNC[args.command], args))
-    except ConfigError as exc:
-        print(f"vapora {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except (ConnectionFailed, VaporaError) as exc:
-        print(f"vapora {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except NatsServerError as exc:  # the embedded server could not start (a port in use, ...)
-        print(f"vapora {args.command}: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        # An actor that fails at start fails inside the task group that runs them all: its
+        # error comes wrapped in an exception group, and is said the same way as a bare one.
+        leaves = _leaves(exc)
+        codes = [_exit_code(leaf) for leaf in leaves]
+        if not leaves or None in codes:
+            raise  # not one of ours: a bug, with its traceback
+        for leaf in leaves:
+            print(f"vapora {args.command}: {leaf}", file=sys.stderr)
+        return max(code for code in codes if code is not None)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    """The exit status for an error the user can act on (None: a bug)."""
+    from actors.connection import ConnectionFailed
+    from actors.server import NatsServerError
+
+    if isinstance(exc, ConfigError | NatsServerError):  # a bad config, a port in use, ...
+        return 2
+    if isinstance(exc, ConnectionFailed | VaporaError):
+        return 1
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return None
 
 
 if __name__ == "__main__":
