@@ -45,6 +45,7 @@ from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
 from events.contract import ErrorBody, ErrorReply
 from vapora.errors import InternalError, InvalidRequest, RequestTimeout, VaporaError
+from vapora.telemetry.messaging import current_failed
 
 __all__ = [
     "ActorService",
@@ -198,8 +199,11 @@ def error_payload(error: VaporaError) -> bytes:
 
 
 def error_headers(error: VaporaError) -> dict[str, str]:
-    """The NATS Services API error headers for ``error``, plus trace context."""
+    """The NATS Services API error headers for ``error``, plus trace context. The current span
+    (the one handling the request this answers) gets the ERROR status and ``error.type``, the
+    error's contract code (``budget_exceeded``, ``timeout``, ``internal`` ...)."""
     headers = {"Nats-Service-Error-Code": str(error.status), "Nats-Service-Error": error.message}
+    current_failed(error.code)
     return tracing.inject(headers)
 
 
@@ -307,7 +311,7 @@ class ActorService:
             try:
                 # Never run, so its sender may send it elsewhere: the same 503 as a full backlog.
                 stopped = Overloaded(self.name, "stopped before this request started; retry")
-                await self._reply_error(served, message[1], stopped)
+                await self._refuse(served, message, stopped)
             except Exception as exc:  # the connection is gone: nobody to answer
                 log.warning("%s: could not refuse a waiting request (%s)", self.name, exc)
                 self._backlog.clear()
@@ -461,27 +465,49 @@ class ActorService:
     ) -> None:
         started = time.perf_counter_ns()
         try:
-            if overloaded:
-                await self._reply_error(served, message[1], Overloaded(self.name))
-                return
-            with scope:
-                if tracing.enabled():
-                    # The raw header block: only the trace context is read from it.
-                    group = served.endpoint.queue_group or "q"
-                    with tracing.process_span(message[0], message[3], group=group):
-                        await self._answer(served, message)
-                else:
-                    await self._answer(served, message)
-            if scope.cancelled_caught and deadline <= anyio.current_time():
-                error = RequestTimeout(f"{served.endpoint.name} timed out")
-                await self._reply_error(served, message[1], error)
-            elif scope.cancelled_caught and self._closed:  # cut by the stop: say so
-                await self._reply_error(served, message[1], _cut_by_stop(self.name))
+            if tracing.enabled():
+                # The raw header block: only the trace context is read from it. Every answer,
+                # a refusal's or a timeout's too, is sent inside the span, with its context.
+                group = served.endpoint.queue_group or "q"
+                with tracing.process_span(message[0], message[3], group=group):
+                    await self._run(served, message, scope, deadline, overloaded)
+            else:
+                await self._run(served, message, scope, deadline, overloaded)
         finally:
             self._handlers.pop(scope, None)
             if served.deadlines is not None:
                 served.deadlines.discard(scope)
             self._finish(served, time.perf_counter_ns() - started, overloaded)
+
+    async def _run(
+        self,
+        served: _Served,
+        message: _Message,
+        scope: anyio.CancelScope,
+        deadline: float,
+        overloaded: bool,
+    ) -> None:
+        """Refuse ``message`` (503) when ``overloaded``; else answer it within ``scope`` (504
+        past the endpoint's timeout, 503 when a stop cut it)."""
+        if overloaded:
+            await self._reply_error(served, message[1], Overloaded(self.name))
+            return
+        with scope:
+            await self._answer(served, message)
+        if scope.cancelled_caught and deadline <= anyio.current_time():
+            error = RequestTimeout(f"{served.endpoint.name} timed out")
+            await self._reply_error(served, message[1], error)
+        elif scope.cancelled_caught and self._closed:  # cut by the stop: say so
+            await self._reply_error(served, message[1], _cut_by_stop(self.name))
+
+    async def _refuse(self, served: _Served, message: _Message, error: VaporaError) -> None:
+        """Answer ``error`` to a request that never ran, in its ``process`` span if tracing."""
+        if tracing.enabled():
+            group = served.endpoint.queue_group or "q"
+            with tracing.process_span(message[0], message[3], group=group):
+                await self._reply_error(served, message[1], error)
+        else:
+            await self._reply_error(served, message[1], error)
 
     def _finish(self, served: _Served, elapsed_ns: int, overloaded: bool) -> None:
         micro = served.micro

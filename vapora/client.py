@@ -35,6 +35,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
+from opentelemetry.trace import Span
 
 from events import subjects
 from events.codec import DecodeError, decode, encode
@@ -59,7 +60,7 @@ from vapora.errors import (
     VaporaError,
     error_for_code,
 )
-from vapora.telemetry.messaging import request_span
+from vapora.telemetry.messaging import end_request, request_span, start_request
 
 __all__ = ["Client", "TextStream"]
 
@@ -146,8 +147,23 @@ class Client:
             await nc.drain()
 
     async def _ask(self, subject: str, payload: bytes, reply_type: type[T], wait_s: float) -> T:
+        # The request's span covers the reply and records the error that ends the request,
+        # a contract error reply among them (its code as ``error.type``).
+        with request_span(subject) as headers:
+            message = await self._request(subject, payload, wait_s, headers)
+            error = _error_of(message)
+            if error is not None:
+                raise error
+            try:
+                return decode(message.data, reply_type)
+            except DecodeError as exc:
+                raise InternalError(f"unreadable reply on {subject}: {exc}") from exc
+
+    async def _request(
+        self, subject: str, payload: bytes, wait_s: float, headers: dict[str, str] | None
+    ) -> Msg:
         try:
-            message = await self._request(subject, payload, wait_s)
+            return await self._send(subject, payload, wait_s, headers)
         except NoRespondersError as exc:
             raise NoProviderAvailable(f"no vapora actor serves {subject}") from exc
         except TimeoutError as exc:
@@ -160,24 +176,18 @@ class Client:
                 f"the request is {len(payload)} bytes, more than the NATS server takes "
                 f"({self.nc.max_payload})"
             ) from exc
-        error = _error_of(message)
-        if error is not None:
-            raise error
-        try:
-            return decode(message.data, reply_type)
-        except DecodeError as exc:
-            raise InternalError(f"unreadable reply on {subject}: {exc}") from exc
 
-    async def _request(self, subject: str, payload: bytes, wait_s: float) -> Msg:
+    async def _send(
+        self, subject: str, payload: bytes, wait_s: float, headers: dict[str, str] | None
+    ) -> Msg:
         # "No responders" can be momentary (an actor restarting, interest still propagating in
         # a cluster): try a few times over about a second before giving up.
-        with request_span(subject) as headers:
-            for pause in _NO_RESPONDER_PAUSES:
-                try:
-                    return await self.nc.request(subject, payload, timeout=wait_s, headers=headers)
-                except NoRespondersError:
-                    await anyio.sleep(pause)
-            return await self.nc.request(subject, payload, timeout=wait_s, headers=headers)
+        for pause in _NO_RESPONDER_PAUSES:
+            try:
+                return await self.nc.request(subject, payload, timeout=wait_s, headers=headers)
+            except NoRespondersError:
+                await anyio.sleep(pause)
+        return await self.nc.request(subject, payload, timeout=wait_s, headers=headers)
 
     async def complete(
         self,
@@ -222,7 +232,8 @@ class TextStream:
     Ends normally with :attr:`result` (the ``end`` message) set; a failure raises its
     :class:`VaporaError` with :attr:`error` set, and for a stream that broke after its first
     chunk :attr:`usage` and :attr:`cost_usd` say what was billed. ``idle_timeout`` bounds the wait
-    for each message (:class:`RequestTimeout`).
+    for each message (:class:`RequestTimeout`). With tracing on, the request's ``publish`` span
+    lasts until the stream ends, fails (its error recorded) or is closed.
     """
 
     def __init__(self, nc: NATS, payload: bytes, idle_timeout: float) -> None:
@@ -234,6 +245,7 @@ class TextStream:
         self._early: dict[int, str] = {}
         self._retries = list(_NO_RESPONDER_PAUSES)
         self._headers: dict[str, str] | None = None
+        self._span: Span | None = None
         self.task_id: str | None = None
         self.text = ""
         self.result: StreamEnd | None = None
@@ -257,6 +269,8 @@ class TextStream:
 
     async def aclose(self) -> None:
         """Stop listening (the task itself runs to its end in vapora)."""
+        span, self._span = self._span, None
+        end_request(span, self.error)
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
@@ -265,10 +279,16 @@ class TextStream:
     async def _start(self) -> Subscription:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
-        with request_span(subjects.STREAM) as headers:
-            # The span covers the publish; the router's spans continue its trace.
-            self._headers = headers
-            await self._nc.publish(subjects.STREAM, self._payload, reply=inbox, headers=headers)
+        # The span covers the stream (ended by aclose); the router's spans continue its trace.
+        self._span, self._headers = start_request(subjects.STREAM)
+        try:
+            await self._nc.publish(
+                subjects.STREAM, self._payload, reply=inbox, headers=self._headers
+            )
+        except BaseException as exc:
+            span, self._span = self._span, None
+            end_request(span, exc)
+            raise
         return sub
 
     async def __anext__(self) -> str:
@@ -310,7 +330,6 @@ class TextStream:
         try:
             return await sub.next_msg(timeout=self._idle_timeout)
         except TimeoutError as exc:
-            await self.aclose()
             if self.result is not None and self.result.chunks is not None:
                 self.error = RequestTimeout(
                     f"the stream ended after {self.result.chunks} chunks, but chunk "
@@ -318,6 +337,7 @@ class TextStream:
                 )
             else:
                 self.error = RequestTimeout(f"the stream sent nothing for {self._idle_timeout:g} s")
+            await self.aclose()
             raise self.error from exc
 
     def _no_responders(self, message: Msg) -> bool:

@@ -13,14 +13,26 @@ from types import TracebackType
 from typing import Generic, TypeVar
 
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
+from vapora.errors import VaporaError
 from vapora.telemetry import w3c
 from vapora.telemetry.context import attach_span, current_span, detach, sampled_out
 from vapora.telemetry.semconv import MESSAGING
 from vapora.telemetry.state import STATE
 
-__all__ = ["Current", "attributes", "failed", "publish_span", "request_span", "unsampled"]
+__all__ = [
+    "Current",
+    "attributes",
+    "current_failed",
+    "end_request",
+    "error_type",
+    "failed",
+    "publish_span",
+    "request_span",
+    "start_request",
+    "unsampled",
+]
 
 Attributes = dict[str, str | int | bool | list[str]]
 T = TypeVar("T")
@@ -73,13 +85,30 @@ def unsampled(context: Context | None = None) -> bool:
     return sampled_out(current_span(context).get_span_context())
 
 
-def failed(span: Span, error: BaseException) -> None:
-    """Record that ``error`` ended ``span``'s work: ``error.type`` (the exception's class, low
-    cardinality) and the ERROR status. No exception event: its message or stack could hold a
+def error_type(error: BaseException) -> str:
+    """The low-cardinality ``error.type`` of ``error``: a vapora error's contract code (what
+    crosses NATS: ``budget_exceeded``, ``timeout``, ``internal`` ...), else its class."""
+    if isinstance(error, VaporaError):
+        return error.code
+    return type(error).__qualname__
+
+
+def failed(span: Span, error: BaseException | str) -> None:
+    """Record that ``error`` ended ``span``'s work: ``error.type`` (:func:`error_type`, or the
+    string given) and the ERROR status. No exception event: its message or stack could hold a
     prompt or a key."""
-    kind = type(error).__qualname__
+    kind = error if isinstance(error, str) else error_type(error)
     span.set_attribute("error.type", kind)
     span.set_status(Status(StatusCode.ERROR, kind))
+
+
+def current_failed(kind: str) -> None:
+    """Record ``error.type`` ``kind`` and the ERROR status on the current span, the one handling
+    a request whose answer is an error (nothing when tracing is off or it is not recording)."""
+    if STATE.tracing:
+        span = current_span()
+        if span.is_recording():
+            failed(span, kind)
 
 
 class Current(Generic[T]):
@@ -126,12 +155,30 @@ def publish_span(subject: str, *, msg_id: str | None = None) -> AbstractContextM
     return Current(span, None, span)
 
 
+_NO_HEADERS: AbstractContextManager[None] = nullcontext(None)  # reusable: it holds no state
+
+
+def caller_headers() -> dict[str, str] | None:
+    """With vapora's tracing off: the headers carrying the current span's context when there is
+    a valid one (a service tracing with its own OpenTelemetry SDK calls vapora: the call stays
+    in its trace), else None. No current span costs a context read and a comparison."""
+    span = current_span()
+    if span is INVALID_SPAN or not span.get_span_context().is_valid:
+        return None
+    headers: dict[str, str] = {}
+    w3c.inject(headers, span)
+    return headers or None
+
+
 def request_span(subject: str) -> AbstractContextManager[dict[str, str] | None]:
     """Around a request on ``subject``: with tracing on, a ``publish <subject>`` span (it spans
-    the wait for the reply) and the headers that carry its context; with tracing off, no span
-    and ``None`` (no headers to send)."""
+    the wait for the reply, and records the error that ends the block) and the headers that
+    carry its context; with tracing off, no span of vapora's and the headers of the caller's
+    own current span (:func:`caller_headers`), ``None`` when there is none."""
     if not STATE.tracing:
-        return nullcontext(None)
+        if current_span() is INVALID_SPAN:  # the hot path with telemetry off: one context read
+            return _NO_HEADERS
+        return nullcontext(caller_headers())
     headers: dict[str, str] = {}
     span = _publish(subject, None)
     if span is None:  # sampled out: the unsampled context travels on
@@ -139,3 +186,24 @@ def request_span(subject: str) -> AbstractContextManager[dict[str, str] | None]:
         return nullcontext(headers)
     w3c.inject(headers, span)
     return Current(span, None, headers)
+
+
+def start_request(subject: str) -> tuple[Span | None, dict[str, str] | None]:
+    """:func:`request_span` for a request whose replies outlive a block (a stream): the started
+    span, not made current (None: none was made), and the headers; end it with
+    :func:`end_request` when the last reply came or the request failed."""
+    if not STATE.tracing:
+        return None, caller_headers()
+    headers: dict[str, str] = {}
+    span = _publish(subject, None)
+    w3c.inject(headers, span if span is not None else current_span())
+    return span, headers
+
+
+def end_request(span: Span | None, error: BaseException | None = None) -> None:
+    """End a span from :func:`start_request` (nothing when None), recording ``error`` if given."""
+    if span is None:
+        return
+    if error is not None:
+        failed(span, error)
+    span.end()
