@@ -1179,8 +1179,9 @@ _TIER_ACTIONS = {Tier.NEAR_THRESHOLD: "prefer_cheapest", Tier.EXCEEDED: "zero_co
 
 
 def _observe_decision(request: CompletionRequest, decision: RouteDecision) -> None:
-    # Every decision is a route_decided event already; the log line is for debugging only.
-    log.debug("route %s: %s", " -> ".join(decision.chain), decision.reason)
+    # One INFO line per decision (its task and trace ids added by the log format), as the
+    # route_decided event has it: the operator's view of what was routed where and why.
+    log.info("route %s: %s", " -> ".join(decision.chain), decision.reason)
     metrics = telemetry.STATE.metrics
     if metrics is None:
         return
@@ -1195,7 +1196,7 @@ def _observe_decision(request: CompletionRequest, decision: RouteDecision) -> No
 def _observe_refusal(
     request: CompletionRequest, refused: RouteOverBudget | RouteUnavailable
 ) -> None:
-    log.debug("no route: %s", refused.message)
+    log.info("no route: %s", refused.message)
     metrics = telemetry.STATE.metrics
     if metrics is None:
         return

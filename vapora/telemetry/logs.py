@@ -3,8 +3,8 @@
 Actors set :data:`TASK_ID` when they start handling a task (each handler runs in its own task,
 so the value never leaks to another); :class:`TaskContextFilter` adds ``task_id`` and
 ``trace_id`` (the current span's, ``-`` when none) to every record, and :data:`FORMAT` prints
-them. Each routing decision is one DEBUG line (``vapora -v``; it is also a ``route_decided``
-event), each fallback and each budget tier change one INFO line.
+them. Each routing decision (or refusal), each fallback and each budget tier change is one
+INFO line.
 """
 
 from __future__ import annotations
