@@ -360,6 +360,15 @@ class TelemetryConfig(_Section, frozen=True, kw_only=True):
     prometheus_host: str = "0.0.0.0"  # a scrape endpoint is read from other hosts
     service_name: str | None = None
 
+    def __repr__(self) -> str:
+        # The collector's URL may carry credentials (``https://user:token@host``): masked.
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        if self.otlp_endpoint is not None:
+            fields["otlp_endpoint"] = redact_url(self.otlp_endpoint)
+        return f"TelemetryConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+    __str__ = __repr__
+
 
 class Config(_Section, frozen=True, kw_only=True):
     """A whole, validated configuration. ``source`` is the file it came from."""
@@ -938,6 +947,8 @@ def render_json(config: Config) -> str:
         if nats[secret] is not None:
             nats[secret] = _MASK
     nats["urls"] = [redact_url(url) for url in nats["urls"]]
+    if config.telemetry.otlp_endpoint is not None:
+        data["telemetry"]["otlp_endpoint"] = redact_url(config.telemetry.otlp_endpoint)
     data["mappings"] = {name: list(m) if m else None for name, m, _ in _mapping_rows(config)}
     return json.dumps(data, indent=2)
 
