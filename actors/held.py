@@ -18,6 +18,11 @@ during the outage loses none:
   event (cut short by a crash, edited) is named in the log and kept in
   ``held-<actor>.unreadable``.
 
+With tracing on, each event is held with the trace context it was first appended in (the
+call's), written into its line as an extra ``held_trace`` key that event decoders ignore, so that
+appended again, even by another instance after a crash, it continues its task's trace instead of
+starting one of its own.
+
 Appending an event twice is harmless: the stream drops a repeat within its duplicate window
 (2 minutes), the cost ledger and the audit count an event id once, and the budget fold counts
 it once while it remembers it (its settled reservations and ids for a day). The one case that
@@ -37,12 +42,32 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from events.codec import DecodeError, decode_event, encode
 from events.log import Event
 
 __all__ = ["HeldEvents"]
 
 log = logging.getLogger("vapora.actors")
+
+
+class _HeldTrace(msgspec.Struct):
+    """The trace context a held event's line carries beside the event's own fields."""
+
+    held_trace: dict[str, str] = {}
+
+
+_held_trace = msgspec.json.Decoder(_HeldTrace)
+
+
+def _trace_in(line: bytes) -> dict[str, str]:
+    """The trace context written into a held event's line (none if it has none, or a bad one:
+    the event itself is what matters)."""
+    try:
+        return _held_trace.decode(line).held_trace
+    except msgspec.DecodeError:
+        return {}
 
 
 def _lock(file: BinaryIO) -> bool:
@@ -85,6 +110,7 @@ class HeldEvents:
         self.actor = actor
         self.path = directory / f"held-{actor}-{uuid.uuid4().hex[:12]}.jsonl"
         self.events: list[Event] = []
+        self.traces: dict[str, dict[str, str]] = {}  # event id -> its trace context headers
         self._file: BinaryIO | None = None  # open and locked while the file exists
         self._dirty = False  # a write failed: the file lacks some of the events
         self._own = re.compile(rf"held-{re.escape(actor)}(-[0-9a-f]{{12}})?\.jsonl")
@@ -100,17 +126,22 @@ class HeldEvents:
 
     # --- holding and appending ----------------------------------------------------------------
 
-    def hold(self, events: Iterable[Event]) -> bool:
+    def hold(
+        self, events: Iterable[Event], traces: dict[str, dict[str, str]] | None = None
+    ) -> bool:
         """Hold ``events`` back: in memory, and on disk before this returns (False: the disk
         refused them, logged; they are held in memory only, and the next hold, append or stop
-        writes the whole file again)."""
+        writes the whole file again). ``traces``: event id -> the trace context to append it
+        in (headers), for those that have one."""
         events = list(events)
         self.events.extend(events)
+        if traces:
+            self.traces.update(traces)
         try:
             if self._file is None or self._dirty:
                 self._rewrite()  # the file appears under its name already locked
             else:
-                self._file.write(b"".join(encode(event) + b"\n" for event in events))
+                self._file.write(b"".join(self._line(event) for event in events))
                 self._file.flush()
                 os.fsync(self._file.fileno())
         except OSError as exc:
@@ -126,8 +157,21 @@ class HeldEvents:
             return False
         return True
 
+    def trace_of(self, event: Event) -> dict[str, str] | None:
+        """The trace context ``event`` was held with, if any."""
+        return self.traces.get(event.id)
+
+    def _line(self, event: Event) -> bytes:
+        line = encode(event)
+        trace = self.traces.get(event.id)
+        if trace:  # the event's JSON object, one key more
+            line = line[:-1] + b',"held_trace":' + msgspec.json.encode(trace) + b"}"
+        return line + b"\n"
+
     def taken(self, count: int) -> None:
         """The first ``count`` events held are in the log now: the file keeps only the rest."""
+        for event in self.events[:count]:
+            self.traces.pop(event.id, None)
         del self.events[:count]
         try:
             self._rewrite()
@@ -171,7 +215,7 @@ class HeldEvents:
         file = staged.open("wb")
         try:
             _lock(file)
-            file.write(b"".join(encode(event) + b"\n" for event in self.events))
+            file.write(b"".join(self._line(event) for event in self.events))
             file.flush()
             os.fsync(file.fileno())
             os.replace(staged, self.path)
@@ -208,13 +252,19 @@ class HeldEvents:
                 return 0  # a live instance's, or replaced meanwhile
             lines = [line for line in file.read().splitlines() if line.strip()]
             events: list[Event] = []
+            traces: dict[str, dict[str, str]] = {}
             unreadable: list[bytes] = []
             for number, line in enumerate(lines, 1):
                 try:
-                    events.append(decode_event(line))
+                    event = decode_event(line)
                 except DecodeError as exc:
                     unreadable.append(line)
                     log.error("%s: %s line %d is not an event (%s)", self.actor, path, number, exc)
+                    continue
+                events.append(event)
+                trace = _trace_in(line)
+                if trace:
+                    traces[event.id] = trace
             if unreadable:
                 aside = self.directory / f"held-{self.actor}.unreadable"
                 with aside.open("ab") as out:
@@ -222,7 +272,7 @@ class HeldEvents:
                     out.flush()
                     os.fsync(out.fileno())
                 log.error("%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside)
-            if events and not self.hold(events):
+            if events and not self.hold(events, traces):
                 return len(events)  # in memory only: the orphan stays until they are appended
             path.unlink()
         _sync_directory(self.directory)

@@ -47,6 +47,7 @@ is then only logged).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -62,6 +63,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import httpx
+from opentelemetry import context as otel_context
 
 from actors import tracing
 from actors.held import HeldEvents
@@ -581,7 +583,7 @@ class ProviderActor:
             call.attempt,
             latency_ms,
         )
-        self.held.hold([cut])
+        self.held.hold([cut], _traces([cut]))
 
     def _unknown_outcome(
         self, call: ProviderCall, latency_ms: float, error_class: str, message: str
@@ -642,11 +644,11 @@ class ProviderActor:
             await self.runtime.log.append_many(events)
         except anyio.get_cancelled_exc_class():
             if hold:  # cut by a stop before the log answered: held, appended again later
-                self.held.hold(events)
+                self.held.hold(events, _traces(events))
             raise
         except Exception as exc:
             if hold:
-                self.held.hold(events)
+                self.held.hold(events, _traces(events))
                 log.error(
                     "%s: the event log did not take %d events (%s); held back, %d in all, "
                     "appended again until it does",
@@ -667,12 +669,22 @@ class ProviderActor:
         events = list(self.held)
         if not events:
             return True
-        try:
-            await self.runtime.log.append_many(events)
-        except Exception as exc:
-            log.warning("%s: %d held events still not taken (%s)", self.name, len(events), exc)
-            return False
-        self.held.taken(len(events))
+        # In runs of one trace context each: each run continues its task's trace.
+        for _, run in itertools.groupby(events, key=lambda e: _key(self.held.trace_of(e))):
+            group = list(run)
+            trace = self.held.trace_of(group[0])
+            token = otel_context.attach(tracing.extract(trace)) if trace else None
+            try:
+                await self.runtime.log.append_many(group)
+            except Exception as exc:
+                log.warning(
+                    "%s: %d held events still not taken (%s)", self.name, len(self.held), exc
+                )
+                return False
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            self.held.taken(len(group))
         log.info("%s: appended %d held events", self.name, len(events))
         return not self.held
 
@@ -814,3 +826,15 @@ def _latency_moved(old: float | None, new: float | None) -> bool:
 
 def _has_tokens(usage: Usage) -> bool:
     return bool(usage.input_tokens or usage.output_tokens)
+
+
+def _traces(events: list[Event]) -> dict[str, dict[str, str]] | None:
+    """The trace context ``events`` are held with: the current one (the call's), if traced."""
+    if not tracing.enabled():
+        return None
+    headers = tracing.inject()
+    return {event.id: headers for event in events} if headers else None
+
+
+def _key(trace: dict[str, str] | None) -> str:
+    return "" if not trace else trace.get("traceparent", "")

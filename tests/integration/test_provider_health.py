@@ -4,12 +4,15 @@ after the usual successful call, one as soon as a failure opens the breaker (DES
 from __future__ import annotations
 
 import dataclasses
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from actors.provider import ProviderActor
 from events import subjects
@@ -127,6 +130,43 @@ async def test_a_calls_spend_the_log_did_not_take_is_appended_once_it_does(
             e for e in await dep.events() if isinstance(e, SpendRecorded) and e.task_id == "T-held"
         ]
         assert [s.cost_usd for s in spends] == [result.cost_usd]
+
+
+async def test_held_events_appended_later_continue_their_tasks_trace(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """Held events were appended again in the held loop's own context: a new trace of their
+    own, so the call's trace ended at the failed append and the ledger's processing of the
+    spend joined another. Each is held with its call's trace context, written into its line
+    (so another instance adopting the file after a crash continues it too)."""
+    async with deployment(tmp_path, config_text) as dep:
+        provider = dep.providers["openai"]
+        provider.held_retry_s = 0.05
+        append_many = dep.log.append_many
+        down = [True]
+
+        async def outage(events: Any, **kw: Any) -> Any:
+            if down[0] and any(isinstance(e, SpendRecorded) for e in events):
+                raise InternalError("event log did not acknowledge event within 30.0 s")
+            return await append_many(events, **kw)
+
+        dep.log.append_many = outage  # type: ignore[method-assign]
+        await dep.client.complete(prompt="hello", provider="openai", task_id="T-traced")
+        assert provider.held
+        [line] = [p.read_bytes() for p in held_files(tmp_path)]
+        assert b'"held_trace":{"traceparent":"00-' in line
+        [call] = [s for s in spans.get_finished_spans() if s.name.startswith("chat ")]
+        assert call.context is not None
+        recovered = time.time_ns()
+        down[0] = False
+        await until(lambda: not provider.held)
+    later = [
+        s
+        for s in spans.get_finished_spans()
+        if s.kind is SpanKind.PRODUCER and (s.start_time or 0) > recovered
+    ]
+    assert later, "the held events were appended under no span"
+    assert {s.context.trace_id for s in later if s.context} == {call.context.trace_id}
 
 
 async def test_events_held_at_a_stop_are_kept_and_appended_at_the_next_start(
