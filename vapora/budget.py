@@ -54,6 +54,7 @@ Performance
 
 from __future__ import annotations
 
+import decimal
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -62,7 +63,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from events.contract import BudgetLeaseRequest, BudgetReserve, BudgetStatus, Tier
+from events.contract import MAX_AMOUNT, BudgetLeaseRequest, BudgetReserve, BudgetStatus, Tier
 from events.log import (
     BudgetLeased,
     BudgetLeaseReturned,
@@ -110,6 +111,7 @@ CLOSED_RETENTION = timedelta(days=1)
 #: tasks and counted ids): an event stamped far ahead by a host whose clock is wrong moves it
 #: this much, not to its stamp (one spend a quarter ahead used to drop the month's spend).
 MAX_WATERMARK_STEP = timedelta(hours=1)
+_LONG_AGO = datetime.min.replace(tzinfo=UTC)
 _ZERO = Decimal(0)
 ZERO = _ZERO
 _HUNDRED = Decimal(100)
@@ -383,6 +385,11 @@ class _CowMap(Generic[K, V]):
         return tuple(self._shards)
 
 
+class _Unusable(Exception):
+    """An event's amount is one no sum can take (negative, past ``MAX_AMOUNT``): the fold passes
+    the event by. (NaN raises ``decimal.InvalidOperation`` at the same comparison.)"""
+
+
 class _Books:
     """The fold's working copy: mutated in place, frozen once into a :class:`BudgetState`."""
 
@@ -414,7 +421,7 @@ class _Books:
         self.watermark = state.watermark
         # Past this, an event's time is checked against MAX_WATERMARK_STEP (a comparison per
         # event instead of a subtraction; so one event moves it at most twice the step).
-        self.watermark_limit: datetime | None = None
+        self.watermark_limit = _LONG_AGO
         self.next_prune = state.next_prune
         self.total = state.total_spent_usd
         self.spend_events = state.spend_events
@@ -462,15 +469,18 @@ class _Books:
         at: datetime = event.at  # type: ignore[union-attr]  # every type with a handler has it
         if at.tzinfo is not UTC:
             at = _utc(at)
-        handler(self, event, at)
+        try:
+            handler(self, event, at)
+        except (_Unusable, decimal.InvalidOperation):
+            return  # an amount no sum can take (NaN compares as invalid): passed by, as the
+            # live path's decoder makes such an event unreadable
         # The tick, inlined: it runs for every money event of every replay. Event time moves
         # on by at most about MAX_WATERMARK_STEP per event (see there).
         mark = self.watermark
         if mark is None:
             self.watermark, self.watermark_limit = at, at + MAX_WATERMARK_STEP
         elif at > mark:
-            limit = self.watermark_limit
-            if limit is None or at > limit:
+            if at > self.watermark_limit:
                 self.watermark_limit = limit = mark + MAX_WATERMARK_STEP
                 if at > limit:
                     at = limit
@@ -483,6 +493,8 @@ class _Books:
         self.close(event.reservation_id, event.task_id, at, _ZERO)
 
     def leased_to(self, event: BudgetLeased, at: datetime) -> None:
+        if not _ZERO <= event.granted_usd <= MAX_AMOUNT:
+            raise _Unusable
         lid = event.lease_id
         old = self.leases.get(lid)
         if old is None and lid not in self.closed:
@@ -505,6 +517,8 @@ class _Books:
             self.put_lease(lid, old, new)
 
     def lease_returned(self, event: BudgetLeaseReturned, at: datetime) -> None:
+        if not _ZERO <= event.kept_usd <= MAX_AMOUNT:
+            raise _Unusable
         lid = event.lease_id
         old = self.leases.get(lid)
         if old is None or event.version <= old.version:
@@ -553,6 +567,13 @@ class _Books:
     # same shard in the open and the closed map.
 
     def reserve(self, event: BudgetReserved, at: datetime) -> None:
+        # Amounts are checked here, not in the replay's views (a fifth of their decoding): an
+        # event whose amount no sum can take is passed by (see apply), before anything changes.
+        limit = event.task_limit_usd
+        if not _ZERO <= event.amount_usd <= MAX_AMOUNT or (
+            limit is not None and not _ZERO <= limit <= MAX_AMOUNT
+        ):
+            raise _Unusable
         rid = event.reservation_id
         index = hash(rid) & _MASK
         amount = _ZERO
@@ -573,13 +594,15 @@ class _Books:
         self.touch_task(event.task_id, at, _ZERO, amount, event.task_limit_usd)
 
     def spend(self, event: SpendRecorded, at: datetime) -> None:
+        cost = event.cost_usd
+        if not _ZERO <= cost <= MAX_AMOUNT:
+            raise _Unusable
         eid, counted = event.id, self.counted
         index = hash(eid) & _MASK
         shard = counted._shards[index]
         if eid in shard:
             return
         (shard if counted._owned[index] else counted.writable(index))[eid] = at
-        cost = event.cost_usd
         day = at.date()
         if day != self.last_day:
             self.last_day, self.last_month = day, day.replace(day=1)
