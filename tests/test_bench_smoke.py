@@ -157,3 +157,11 @@ def test_the_relaxed_ladder_goes_on_past_the_strict_limit() -> None:
     # 20/s fails the strict limit twice but holds the relaxed one, as 40/s does; 80/s fails both
     assert ladder["rate"] == 10 and ladder["capacity"] == 40
     assert [s["rate"] for s in ladder["steps"]] == [10, 20, 20, 40, 80, 80]
+
+
+def test_the_fold_micro_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import micro_fold
+
+    assert micro_fold.main(["--calls", "300", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fold " in out and "views decoded " in out and "events/s" in out
