@@ -427,7 +427,7 @@ class BudgetKeeper:
             if isinstance(event, SpendRecorded) and event.reservation_id is not None:
                 self._check_overrun(event)
             if isinstance(event, _MONEY_EVENTS):
-                if event.at > now + _AHEAD:
+                if budget.as_utc(event.at) > now + _AHEAD:  # naive: taken at its word
                     self._say_ahead(event, now)
                 self._fold_in(event, entry.seq)
                 if self._tier_now(now) != self.announced:
@@ -451,7 +451,7 @@ class BudgetKeeper:
             event_tag(event),
             event.id,
             event.at.isoformat(),
-            event.at - now,
+            budget.as_utc(event.at) - now,
             self.ahead,
         )
 

@@ -76,6 +76,7 @@ from vapora import budget_view as views
 from vapora.errors import ConfigError
 
 __all__ = [
+    "as_utc",
     "Admission",
     "BudgetLimits",
     "BudgetState",
@@ -700,6 +701,11 @@ _HANDLERS: dict[type, _Handler] = {
     views.BudgetLeasedView: _Books.leased_to,
     views.LeaseReturnedView: _Books.lease_returned,
 }
+
+
+def as_utc(at: datetime) -> datetime:
+    """An event's time in UTC, as the fold takes it (a naive time is taken at its word)."""
+    return _utc(at)
 
 
 def _utc(at: datetime) -> datetime:

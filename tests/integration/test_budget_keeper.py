@@ -508,6 +508,28 @@ async def test_an_event_stamped_ahead_of_the_keepers_clock_is_said_and_prunes_no
         assert now.spent_today_usd == Decimal(6) and now.tier is Tier.NEAR_THRESHOLD
 
 
+async def test_an_event_stamped_without_an_offset_is_folded_not_a_stall(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The contract says UTC and the fold takes a naive time at its word; the keeper's clock
+    check compared it with an aware one and raised, so its tail retried that event forever and
+    counted no spend after it."""
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100), clock=clock))
+    async with running(keeper):
+        naive = spend(
+            task_id="T-naive", usage=exact_usage(Decimal("0.15")), at=clock().replace(tzinfo=None)
+        )
+        await keeper.log.append(naive)
+        for n in range(3):
+            await keeper.log.append(
+                spend(task_id=f"T{n}", usage=exact_usage(Decimal("0.30")), at=clock())
+            )
+        await eventually(lambda: _at_end(keeper))
+        now = await status(conn)
+        assert now.spent_today_usd == Decimal("1.05") and now.tier is Tier.EXCEEDED
+
+
 async def test_a_spend_past_its_reservation_is_said_and_counted(
     conn: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
