@@ -82,7 +82,13 @@ from actors.provider import (
     USAGE_HEADER,
 )
 from actors.runner import Runtime
-from actors.service import ActorService, Endpoint, RequestContext, error_headers
+from actors.service import (
+    OUTCOME_HEADER,
+    ActorService,
+    Endpoint,
+    RequestContext,
+    error_headers,
+)
 from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, decode_event, encode
 from events.contract import (
@@ -904,6 +910,9 @@ class RouterActor:
             self._spawn(self._publish_release, _abandoned(reservation_id))
             return reservation_id, "the budget keeper did not answer in time", _KEEPER_AWAY
         code = header(message, _SERVICE_ERROR_CODE)
+        if code and header(message, OUTCOME_HEADER) == "unknown":
+            # Cut by the keeper's stop, perhaps after admitting it: given back, as on a timeout.
+            self._spawn(self._publish_release, _abandoned(reservation_id))
         if code:
             # A 400 is about the request itself (refused); anything else is the keeper's state.
             why = header(message, _SERVICE_ERROR) or "refused"
@@ -1104,6 +1113,14 @@ class RouterActor:
                 no_reply=True,
             )
         if header(message, _SERVICE_ERROR_CODE):
+            if header(message, OUTCOME_HEADER) == "unknown":  # cut by its actor's stop
+                return _Failure(
+                    "cancelled",
+                    f"the {provider.name} provider actor stopped during the call (what the "
+                    "provider billed for it is unknown)",
+                    fallback=True,
+                    no_reply=True,  # its hold stays, as for a call that never answered
+                )
             return _failure_from(message.headers or {}, message.data)
         try:
             return decode(message.data, ProviderCallResult)

@@ -198,6 +198,12 @@ def error_payload(error: VaporaError) -> bytes:
     return encode(ErrorReply(error=ErrorBody(code=error.code, message=error.message)))
 
 
+#: Set to ``unknown`` on the answer to a request whose handler a stop cut while it ran: what it
+#: did is unknown (a provider call may have been billed). A router keeps such an attempt's hold,
+#: as for a call that never answered; a 503 without it never ran (a refusal from the backlog).
+OUTCOME_HEADER = "Vapora-Outcome"
+
+
 def error_headers(error: VaporaError) -> dict[str, str]:
     """The NATS Services API error headers for ``error``, plus trace context. The current span
     (the one handling the request this answers) gets the ERROR status and ``error.type``, the
@@ -287,6 +293,12 @@ class ActorService:
             await self._drain()
         finally:
             await self._cancel_handlers()
+            if self._service is not None and self._service._endpoints:
+                # Cancelled before the drain (a hard stop): take the endpoints off the server
+                # too, or requests sent to them wait out their timeout on a connection that
+                # lives on (another actor's, or this process's until it exits).
+                with anyio.CancelScope(shield=True):
+                    await self._unsubscribe()
             for served in self._served.values():
                 if served.deadlines is not None:
                     served.deadlines.close()
@@ -498,7 +510,8 @@ class ActorService:
             error = RequestTimeout(f"{served.endpoint.name} timed out")
             await self._reply_error(served, message[1], error)
         elif scope.cancelled_caught and self._closed:  # cut by the stop: say so
-            await self._reply_error(served, message[1], _cut_by_stop(self.name))
+            cut = _cut_by_stop(self.name)
+            await self._reply_error(served, message[1], cut, outcome_unknown=True)
 
     async def _refuse(self, served: _Served, message: _Message, error: VaporaError) -> None:
         """Answer ``error`` to a request that never ran, in its ``process`` span if tracing."""
@@ -555,7 +568,9 @@ class ActorService:
         except DecodeError as exc:
             raise InvalidRequest(str(exc)) from exc
 
-    async def _reply_error(self, served: _Served, reply_to: str, error: VaporaError) -> None:
+    async def _reply_error(
+        self, served: _Served, reply_to: str, error: VaporaError, *, outcome_unknown: bool = False
+    ) -> None:
         counters = served.counters
         counters.errors += 1
         counters.by_code[error.code] = counters.by_code.get(error.code, 0) + 1
@@ -563,7 +578,10 @@ class ActorService:
         micro._num_errors += 1
         setattr(micro, "_last_error", f"{error.status}: {error.message}")  # noqa: B010 - typed None
         if reply_to:
-            await self.nc.publish(reply_to, error_payload(error), headers=error_headers(error))
+            headers = error_headers(error)
+            if outcome_unknown:
+                headers[OUTCOME_HEADER] = "unknown"
+            await self.nc.publish(reply_to, error_payload(error), headers=headers)
 
 
 class Overloaded(VaporaError):
@@ -579,7 +597,8 @@ class Overloaded(VaporaError):
 def _cut_by_stop(actor: str) -> Overloaded:
     """The answer to a request whose handler a stop cut (the drain's deadline passed, or the
     actor was stopped hard): a 503 like a full backlog's, so the caller may send it elsewhere.
-    What it had done (a provider attempt's spend) is in the event log."""
+    What it had done is unknown to the caller (``OUTCOME_HEADER``): a provider call cut so is
+    recorded as ``cancelled``, its cost unknown."""
     return Overloaded(actor, "stopped before this request finished; retry shortly")
 
 

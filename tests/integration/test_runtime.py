@@ -501,6 +501,7 @@ async def test_a_request_cut_by_the_stop_is_answered_503_not_left_waiting(
     headers = reply.headers or {}
     assert headers.get("Nats-Service-Error-Code") == "503"
     assert "stopped before this request finished" in headers.get("Nats-Service-Error", "")
+    assert headers.get("Vapora-Outcome") == "unknown"  # it ran: what it did is not known
     assert json.loads(reply.data)["error"]["code"] == "overloaded"
 
 
