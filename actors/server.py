@@ -43,29 +43,52 @@ class DataDirInUse(NatsServerError):
     its server running, and the lock with it, until that server is stopped too.
     """
 
-    def __init__(self, data_dir: Path, url: str | None, pid: int | None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        url: str | None,
+        pid: int | None,
+        server_pid: int | None = None,
+        serving: bool = False,
+    ) -> None:
         self.url = url
         self.pid = pid
-        who = f"a running vapora (pid {pid}, serving {url})" if url else "a starting vapora"
-        super().__init__(
-            f"{data_dir} is in use by {who}: stop it first, or pass --nats-url to use its server"
-        )
+        #: A deployment's server (``vapora up``, the demo), which others may read through; not
+        #: an offline command's private one, gone when that command ends.
+        self.serving = serving
+        server = f", nats-server pid {server_pid}" if server_pid else ""
+        if url is None:
+            what = "a starting vapora: try again shortly"
+        elif serving:
+            what = (
+                f"a running vapora (pid {pid}{server}, serving {url}): stop it first, or pass "
+                "--nats-url to use its server"
+            )
+        else:
+            what = f"another vapora command (pid {pid}{server}): try again when it has finished"
+        super().__init__(f"{data_dir} is in use by {what}")
 
 
 LOCK_FILE = "server.lock"
 
 
-def _holder(fd: int) -> tuple[str | None, int | None]:
-    """What the lock file says about its holder: (url, pid), either None if not written yet."""
+def _holder(fd: int) -> tuple[str | None, int | None, int | None, bool]:
+    """What the lock file says about its holder: (url, pid, the server's pid, whether it serves
+    a deployment), each None (False) if not written (yet)."""
     try:
         text = os.pread(fd, 4096, 0)
         data = json.loads(text) if text else {}
     except (OSError, ValueError):
-        return None, None
+        return None, None, None, False
     if not isinstance(data, dict):
-        return None, None
-    url, pid = data.get("url"), data.get("pid")
-    return (url if isinstance(url, str) else None), (pid if isinstance(pid, int) else None)
+        return None, None, None, False
+    url, pid, server_pid = data.get("url"), data.get("pid"), data.get("server_pid")
+    return (
+        url if isinstance(url, str) else None,
+        pid if isinstance(pid, int) else None,
+        server_pid if isinstance(server_pid, int) else None,
+        data.get("serving") is True,
+    )
 
 
 def find_nats_server() -> str:
@@ -103,6 +126,7 @@ class EmbeddedNats:
         sync_interval: str = "1s",
         extra_config: str = "",
         startup_timeout: float = 15.0,
+        serving: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -110,6 +134,8 @@ class EmbeddedNats:
         self.sync_interval = sync_interval
         self.extra_config = extra_config
         self.startup_timeout = startup_timeout
+        # A deployment's server (not a command's private one): others may read through it.
+        self.serving = serving
         self._process: subprocess.Popen[bytes] | None = None
         self._lock: int | None = None
 
@@ -148,7 +174,9 @@ class EmbeddedNats:
         try:
             await self._start_locked()
         except BaseException:
-            self._release_lock()
+            # Failed or cancelled (a Ctrl-C while it starts): the child goes too, or it would
+            # hold the directory's lock (it inherited it) with nobody to stop it.
+            self.kill()
             raise
         self._announce()
         return self
@@ -160,16 +188,21 @@ class EmbeddedNats:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            url, pid = _holder(fd)
+            holder = _holder(fd)
             os.close(fd)
-            raise DataDirInUse(self.data_dir, url, pid) from None
+            raise DataDirInUse(self.data_dir, *holder) from None
         self._lock = fd
 
     def _announce(self) -> None:
         """Write who holds the lock, so a command refused by it can say where the server is."""
         if self._lock is not None:
             os.ftruncate(self._lock, 0)
-            holder = {"url": self.url, "pid": os.getpid(), "server_pid": self.pid}
+            holder = {
+                "url": self.url,
+                "pid": os.getpid(),
+                "server_pid": self.pid,
+                "serving": self.serving,
+            }
             os.pwrite(self._lock, json.dumps(holder).encode(), 0)
 
     def _release_lock(self) -> None:

@@ -53,11 +53,12 @@ async def test_data_survives_a_restart_on_the_same_port(tmp_path: Path) -> None:
 async def test_a_second_server_on_one_data_directory_is_refused_naming_the_first(
     tmp_path: Path,
 ) -> None:
-    async with EmbeddedNats(tmp_path) as first:
+    async with EmbeddedNats(tmp_path, serving=True) as first:  # as `vapora up` runs it
         log_before = first.log_path.read_bytes()
-        with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}, serving {first.url}") as e:
+        named = f"pid {os.getpid()}, nats-server pid {first.pid}, serving {first.url}"
+        with pytest.raises(DataDirInUse, match=named) as e:
             await EmbeddedNats(tmp_path).start()
-        assert e.value.url == first.url
+        assert e.value.url == first.url and e.value.serving
         assert first.log_path.read_bytes().startswith(log_before)  # its log not overwritten
         client = await connect(ConnectOptions.from_url(first.url))
         await client.flush()
@@ -66,12 +67,36 @@ async def test_a_second_server_on_one_data_directory_is_refused_naming_the_first
         assert again.alive()
 
 
+async def test_another_commands_private_server_is_not_offered_to_read_through(
+    tmp_path: Path,
+) -> None:
+    """An offline command's own server goes when that command ends: a follower that read
+    through it retried the gone server forever. Only a deployment's server is offered."""
+    async with EmbeddedNats(tmp_path) as private:
+        with pytest.raises(DataDirInUse, match="another vapora command") as e:
+            await EmbeddedNats(tmp_path).start()
+        assert not e.value.serving and e.value.url == private.url
+
+
+async def test_a_start_cancelled_midway_leaves_no_server_holding_the_directory(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C while `vapora up` starts: the child server lived on, holding the directory's
+    lock (it inherits it) with nobody to stop it, and every later command was refused."""
+    server = EmbeddedNats(tmp_path)
+    with anyio.move_on_after(0.005):
+        await server.start()
+    assert not server.alive()
+    async with EmbeddedNats(tmp_path) as again:  # the directory is free
+        assert again.alive()
+
+
 _STARTER = """
 import anyio, sys
 from actors.server import EmbeddedNats
 
 async def main():
-    server = await EmbeddedNats(sys.argv[1]).start()
+    server = await EmbeddedNats(sys.argv[1], serving=True).start()
     print(server.url, flush=True)
     await anyio.sleep(600)
 

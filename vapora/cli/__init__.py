@@ -103,7 +103,7 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
             try:
                 url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
             except DataDirInUse as exc:
-                if exc.url is None:
+                if exc.url is None or not exc.serving:  # starting, or another command's own
                     raise
                 url = exc.url
                 log.info("%s is served by a running vapora: reading it through %s", data_dir, url)
@@ -164,18 +164,29 @@ async def cmd_up(args: argparse.Namespace) -> int:
         url = (
             _url(config)
             if config.nats.urls
-            else await _embedded(stack, data_dir, args.port, config.storage.sync_interval)
+            else await _embedded(
+                stack, data_dir, args.port, config.storage.sync_interval, serving=True
+            )
         )
         await _serve(await _all_actors(stack, config, url, data_dir), url)
     return 0
 
 
 async def _embedded(
-    stack: contextlib.AsyncExitStack, data_dir: Path, port: int, sync_interval: str
+    stack: contextlib.AsyncExitStack,
+    data_dir: Path,
+    port: int,
+    sync_interval: str,
+    *,
+    serving: bool = False,
 ) -> str:
+    """Start the embedded server on ``data_dir`` for this command; ``serving``: a deployment's
+    (``vapora up``), which other commands may read the directory through."""
     from actors.server import EmbeddedNats
 
-    server = EmbeddedNats(data_dir / "nats", port=port or None, sync_interval=sync_interval)
+    server = EmbeddedNats(
+        data_dir / "nats", port=port or None, sync_interval=sync_interval, serving=serving
+    )
     await stack.enter_async_context(server)
     log.info("embedded nats-server on %s (data in %s)", server.url, server.data_dir)
     return server.url

@@ -207,7 +207,7 @@ async def _run(
 ) -> int:
     out = sys.stdout
     started = time.monotonic()
-    server = await stack.enter_async_context(EmbeddedNats(data_dir / "nats"))
+    server = await stack.enter_async_context(EmbeddedNats(data_dir / "nats", serving=True))
     nc = await connect(ConnectOptions.from_url(server.url, name="vapora-demo"))
     stack.push_async_callback(nc.close)
     log = EventLog(nc)
