@@ -139,7 +139,6 @@ from vapora.routing import (
     RouteOverBudget,
     RouteUnavailable,
     decide,
-    key_views,
     task_cap_usd,
     task_remaining_usd,
 )
@@ -365,11 +364,15 @@ class RouterActor:
         self._prices: dict[str, Price] = {}
         self.first_token_timeout_ms = first_token_timeout_ms
         self.keeper_timeout_s = keeper_timeout_s
-        self.views: dict[str, ProviderView] = key_views(runtime.config, runtime.env)
+        # Until a provider actor says otherwise, a provider is taken as usable: whether its API
+        # key is set is the provider actors' to say (their health events), not this router's
+        # own environment, which in a split deployment holds no keys at all.
+        self.views: dict[str, ProviderView] = {
+            p.name: ProviderView() for p in runtime.config.providers
+        }
         # Looked up per attempt: by name, and whether it is paid, once (the config is immutable).
         self._providers = {p.name: p for p in runtime.config.providers}
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
-        self._keys = {name: view.api_key_present for name, view in self.views.items()}
         self.tier = Tier.NORMAL
         self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
         # Capped tasks' money this router has committed and not yet seen recorded in the log:
@@ -577,9 +580,18 @@ class RouterActor:
                 pass
 
     def _view(self, event: ProviderHealthChanged) -> ProviderView:
-        healthy = event.available or event.breaker == "open" or event.rate_limited_until is not None
+        provider = self._providers.get(event.provider)
+        env = provider.api_key_env if provider is not None else None
+        # The provider actor's own finding that its key is missing (its health reason).
+        no_key = not event.available and env is not None and event.reason == f"{env} is not set"
+        healthy = (
+            event.available
+            or no_key  # said once, as the missing key
+            or event.breaker == "open"
+            or event.rate_limited_until is not None
+        )
         return ProviderView(
-            api_key_present=self._keys.get(event.provider, True),
+            api_key_present=not no_key,
             rate_limited_until=event.rate_limited_until,
             breaker_open=event.breaker == "open",
             healthy=healthy,

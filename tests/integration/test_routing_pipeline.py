@@ -3,6 +3,7 @@ actors and the router, called through ``vapora.Client`` (DESIGN §3-§4, issue 4
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from actors.router import RouterActor
 from events.contract import Outcome
 from events.log import CallFailed, CallSucceeded, FallbackTriggered, RouteDecided, SpendRecorded
-from tests.fault.provider_harness import KEYS, config_text, deployment
+from tests.fault.provider_harness import KEYS, config_text, deployment, wait_until_served
 from vapora.errors import (
     BudgetExceeded,
     InvalidRequest,
@@ -86,6 +88,26 @@ async def test_a_provider_without_its_api_key_is_skipped_and_the_decision_says_w
         assert any(
             not v.passed and "ANTHROPIC_API_KEY is not set" in v.reason for v in claude.verdicts
         )
+
+
+async def test_a_router_without_the_keys_routes_to_providers_whose_actors_have_them(
+    tmp_path: Path,
+) -> None:
+    """The API keys are the provider actors' (compose gives them to those containers only); the
+    router judged each provider by its own environment and dropped every paid one as `... is
+    not set`. It now takes a missing key from the provider actor's health report only."""
+    async with deployment(tmp_path, guide(), router=False) as dep:
+        keyless = dataclasses.replace(dep.runtime, env={})
+        router = RouterActor(keyless)
+        async with anyio.create_task_group() as tg:
+            await tg.start(router.run)
+            await wait_until_served(dep.client.nc, "vapora.complete")
+            result = await dep.client.complete(
+                prompt="hello", task_type="CodeGeneration", quality="High"
+            )
+            router.stop()
+    assert result.provider == "claude", result.route.reason
+    assert "is not set" not in result.route.reason
 
 
 async def test_unknown_provider_and_task_type_get_404_and_malformed_requests_400(
