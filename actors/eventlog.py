@@ -295,7 +295,20 @@ class EventLog:
             return await self._settled(self.js.add_stream(config), config)
         if _settings_match(info.config, config):
             return info
-        return await self._settled(self.js.update_stream(config), config)
+        try:
+            return await self._settled(self.js.update_stream(config), config)
+        except PermissionDenied:
+            # Settings are an admin's to change (docs/operations-cluster.md): an actor whose
+            # user may not, and whose config differs from what the admin set (replicas, limits),
+            # works with the stream as it is.
+            log.warning(
+                "event log: stream %s's settings differ from this config's (replicas %s here, "
+                "%s there) and this NATS user may not change them; using the stream as it is",
+                self.settings.name,
+                config.num_replicas,
+                info.config.num_replicas,
+            )
+            return info
 
     async def _settled(
         self, request: Awaitable[api.StreamInfo], config: api.StreamConfig

@@ -146,6 +146,23 @@ async def test_an_actor_starts_against_the_existing_stream_without_updating_it(
     assert info.config.deny_purge and info.config.deny_delete
 
 
+async def test_an_actor_works_with_settings_an_admin_changed(
+    secured_server: EmbeddedNats, tls_files: TlsFiles, admin_log: EventLog
+) -> None:
+    """An admin set a limit this config does not know (here a 90-day max age): an actor's start
+    tried to put the stream back to its own settings, was denied the update, and exited."""
+    name = admin_log.settings.name
+    config = (await admin_log.js.stream_info(name)).config
+    await admin_log.js.update_stream(dataclasses.replace(config, max_age=90 * 86400.0))
+    nc = await connect_as(secured_server.url, "ledger", tls_files)
+    try:
+        info = await EventLog(nc).ensure_stream()
+    finally:
+        await nc.close()
+        await admin_log.js.update_stream(config)  # as the other tests expect it
+    assert info.config.max_age == 90 * 86400.0  # the admin's settings, used as they are
+
+
 @pytest.mark.parametrize(
     "subject",
     [

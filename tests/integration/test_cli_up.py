@@ -282,3 +282,35 @@ def test_an_actor_that_cannot_start_is_named_not_a_traceback(tmp_path: Path) -> 
     assert up.returncode == 2, up.stderr
     assert "Traceback" not in up.stderr
     assert f"vapora up: {tmp_path / 'ledger.sqlite3'} is not a ledger" in up.stderr
+
+
+def test_stream_makes_the_event_stream_that_reading_commands_then_find(tmp_path: Path) -> None:
+    """The reading commands leave the stream alone; `vapora stream` is the admin's way to make
+    it or bring its settings up to date (docs/operations-cluster.md)."""
+    (tmp_path / "nats").mkdir()
+    before = subprocess.run(
+        [*VAPORA, "events", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert before.returncode == 1 and "no event stream VAPORA_EVENTS" in before.stderr
+    made = subprocess.run(
+        [*VAPORA, "stream", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("stream VAPORA_EVENTS: subjects vapora.events.>; 1 replica(s)")
+    assert "deny delete True, deny purge True" in made.stdout
+    after = subprocess.run(
+        [*VAPORA, "events", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert after.returncode == 0, after.stderr

@@ -364,6 +364,24 @@ async def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_stream(args: argparse.Namespace) -> int:
+    """Make the event stream, or bring its settings (``[storage] replicas``) up to date, and
+    print them: an admin's job once actors' users may not change the stream."""
+    async with _connected(args, "vapora-stream") as (config, nc):
+        log = await _event_log(nc, config)
+        info = await log.js.stream_info(log.settings.name)
+    c = info.config
+    age = f"{c.max_age:g} s" if c.max_age else "none"
+    storage = getattr(c.storage, "value", c.storage)  # an enum, or its value as decoded
+    print(
+        f"stream {c.name}: subjects {', '.join(c.subjects or [])}; {c.num_replicas} replica(s); "
+        f"storage {storage}; max age {age}; "
+        f"deny delete {c.deny_delete}, deny purge {c.deny_purge}; "
+        f"{info.state.messages} events, last sequence {info.state.last_seq}"
+    )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from vapora.config import config_command
 
@@ -475,6 +493,11 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--type", choices=sorted(EVENT_TYPES), metavar="TYPE")
     events.add_argument("--task-id")
 
+    stream = command(
+        "stream", "make the event stream or bring its settings up to date, and print them"
+    )
+    stream.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
+
     config = command(
         "config", "validate a config file and print what it resolves to", nats=False, config=False
     )
@@ -562,6 +585,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Any]] = {
     "budget": cmd_budget,
     "audit": cmd_audit,
     "events": cmd_events,
+    "stream": cmd_stream,
     "demo": cmd_demo,
     "health": cmd_health,
 }
