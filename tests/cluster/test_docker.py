@@ -89,6 +89,11 @@ def test_the_topology_is_three_nodes_two_routers_and_several_actors_per_provider
     assert replicas["budget"] == 1 and replicas["ledger"] == 1
     assert any(v.endswith(":/data") for v in services["ledger"]["volumes"])
     assert "ledger-data" in compose["volumes"]
+    # A provider actor's held events (spend the log has not taken yet) live in its data
+    # directory: on a volume, not in a container's layer that a recreate throws away.
+    for name in (n for n in services if n.startswith("provider-")):
+        [data] = [v for v in services[name]["volumes"] if v.endswith(":/data")]
+        assert data.split(":")[0] in compose["volumes"], name
     profiles = {p for s in services.values() for p in s.get("profiles", [])}
     assert {"otel", "prometheus"} <= profiles
     assert {"otel-collector", "jaeger"} <= {
