@@ -57,10 +57,34 @@ new limits (``max_msgs: 1``) would discard history as surely as a purge; actors 
 stream when it is missing, and ``admin`` changes its settings."""
 
 _EVENTS = subjects.EVENTS_PREFIX
-# What every actor needs: JetStream's API (stream info/update, its consumers), acks and flow
-# control, answering requests (reply subjects are inboxes) and the Services API ($SRV).
-_ACTOR_PUBLISH: Final = ("$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", "$SRV.>")
-_ACTOR_SUBSCRIBE: Final = ("vapora.>", "_INBOX.>", "$SRV.>")
+_STREAM = subjects.EVENT_STREAM
+# What every actor needs: JetStream's API on the event stream only (its info, creating it when
+# it is missing, reading a message, its consumers: no other stream may be made, no leader moved),
+# acks and flow control, answering requests (reply subjects are inboxes) and the Services API.
+_JS_API: Final = (
+    "$JS.API.INFO",
+    f"$JS.API.STREAM.INFO.{_STREAM}",
+    f"$JS.API.STREAM.CREATE.{_STREAM}",
+    f"$JS.API.STREAM.MSG.GET.{_STREAM}",
+    f"$JS.API.DIRECT.GET.{_STREAM}",
+    f"$JS.API.DIRECT.GET.{_STREAM}.>",
+    f"$JS.API.CONSUMER.CREATE.{_STREAM}",
+    f"$JS.API.CONSUMER.CREATE.{_STREAM}.>",
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{_STREAM}.>",
+    f"$JS.API.CONSUMER.INFO.{_STREAM}.>",
+    f"$JS.API.CONSUMER.DELETE.{_STREAM}.>",
+    f"$JS.API.CONSUMER.MSG.NEXT.{_STREAM}.>",
+)
+_ACTOR_PUBLISH: Final = (*_JS_API, "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", "$SRV.>")
+# Each role receives only its own requests (a queue group is joined by subscribing: a user that
+# may subscribe to another role's subject could take its requests), plus replies and $SRV.
+_ACTOR_SUBSCRIBE: Final = ("_INBOX.>", "$SRV.>")
+_SERVES: Final = {
+    "router": (subjects.COMPLETE, subjects.STREAM),
+    "provider": ("vapora.provider.*.call",),
+    "budget": (subjects.BUDGET, f"{subjects.BUDGET}.>"),
+    "ledger": (subjects.REPORT,),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +115,7 @@ def permissions() -> dict[str, Permissions]:
     users = {
         name: Permissions(
             publish=(*own, *_ACTOR_PUBLISH),
-            subscribe=_ACTOR_SUBSCRIBE,
+            subscribe=(*_SERVES[name], *_ACTOR_SUBSCRIBE),
             publish_deny=DENIED_TO_ACTORS,
         )
         for name, own in actor.items()

@@ -197,6 +197,47 @@ async def test_a_client_may_not_take_requests_meant_for_the_router(
         await nc.close()
 
 
+SERVED = {
+    "router": "vapora.complete",
+    "provider": "vapora.provider.claude.call",
+    "budget": "vapora.budget.reserve",
+    "ledger": "vapora.report",
+}
+
+
+@pytest.mark.parametrize(
+    ("user", "subject"), [(u, SERVED[v]) for u in ACTORS for v in ACTORS if u != v]
+)
+async def test_an_actor_may_not_take_another_roles_requests(
+    user: str, subject: str, secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    """Every actor user could subscribe to all of `vapora.>`: the ledger's user joined the
+    keeper's queue group on `vapora.budget.reserve` and answered admissions itself."""
+    nc = await connect_as(secured_server.url, user, tls_files)
+    try:
+        refused = anyio.Event()
+        with nc.denial_watch(subject, refused), anyio.fail_after(10):
+            await nc.subscribe(subject, queue="budget")
+            await refused.wait()
+        assert nc.permission_violation(subject, "subscription") is not None
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("user", ACTORS)
+async def test_an_actor_may_make_no_other_stream(
+    user: str, secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    """With all of `$JS.API.>`, an actor user made a stream on `vapora.complete`, which then
+    answered the clients' requests itself (`{"stream": "TRAP", "seq": 1}`)."""
+    nc = await connect_as(secured_server.url, user, tls_files)
+    try:
+        with pytest.raises(PermissionDenied):
+            await nc.jetstream().add_stream(name="TRAP", subjects=["vapora.complete"])
+    finally:
+        await nc.close()
+
+
 async def test_the_request_flow_works_over_tls_for_the_right_users(
     secured_server: EmbeddedNats, tls_files: TlsFiles
 ) -> None:
