@@ -117,6 +117,8 @@ log = logging.getLogger("vapora.budget")
 
 SNAPSHOT_FILE = "budget.snapshot"
 _RELEASE_REASONS = frozenset(get_args(get_type_hints(BudgetReleased)["reason"]))
+#: The endpoints that write (a fenced-out keeper withdraws them); ``status`` only reads.
+_WRITING_ENDPOINTS = ("reserve", "release", "lease", "lease_return")
 _MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased, BudgetLeased, BudgetLeaseReturned)
 #: An event stamped further ahead of the keeper's clock than this names a host with a wrong clock.
 _AHEAD = timedelta(minutes=5)
@@ -193,6 +195,7 @@ class BudgetKeeper:
         self.restored_sequence: int | None = None  # the snapshot's sequence, if one was used
         self.replayed_events = 0  # events read from the log at start (after the snapshot)
         self.overruns = 0  # spends past the reservation they settled (each logged)
+        self._withdrawn = False  # the writing endpoints withdrawn, once fenced out
         self._stream_created: datetime | None = None  # of the stream this keeper reads
         self._snapshot_stream_created: datetime | None = None  # of the one the snapshot read
         self.ahead = 0  # events stamped more than _AHEAD past the keeper's clock
@@ -721,9 +724,18 @@ class BudgetKeeper:
             self.fenced_out = why
             log.error(
                 "budget keeper FENCED OUT: %s. Two budget keepers are running on one event log; "
-                "this one stops writing (reservations get 409) until it is restarted alone.",
+                "this one stops writing and leaves the writing endpoints' queue group to the "
+                "other (status still answers) until it is restarted alone.",
                 why,
             )
+            self._wake.set()  # the housekeeping withdraws the writing endpoints
+
+    async def _withdraw_if_fenced(self) -> None:
+        """A fenced-out keeper answered its share of reservations and leases 409 (skipped
+        attempts); it leaves their queue group to the keeper that writes."""
+        if self.fenced_out is not None and not self._withdrawn and self._service is not None:
+            self._withdrawn = True
+            await self._service.withdraw(list(_WRITING_ENDPOINTS))
 
     # --- housekeeping -----------------------------------------------------------------------
 
@@ -732,6 +744,7 @@ class BudgetKeeper:
             with anyio.move_on_after(self.tick_s):
                 await self._wake.wait()
             self._wake = anyio.Event()
+            await self._withdraw_if_fenced()
             try:
                 async with self._lock:
                     await self._tick()

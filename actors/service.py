@@ -21,6 +21,7 @@ An actor declares :class:`Endpoint` s and runs them in an :class:`ActorService`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -359,6 +360,23 @@ class ActorService:
             queue=micro._queue_group,
         )
         service._endpoints.append(micro)
+
+    async def withdraw(self, names: list[str]) -> None:
+        """Stop taking requests on the endpoints named (their subscriptions drained: what the
+        server sent before is still served), leaving their queue groups to other members; the
+        others go on. Idempotent."""
+        if self._service is None:
+            return
+        for name in names:
+            served = self._served.get(name)
+            subscription = served.micro._subscription if served is not None else None
+            if served is None or subscription is None:
+                continue
+            served.micro._subscription = None
+            with contextlib.suppress(Exception):  # a connection already gone: nothing to leave
+                await subscription.drain()  # type: ignore[no-untyped-call]
+            if served.micro in self._service._endpoints:
+                self._service._endpoints.remove(served.micro)
 
     async def _unsubscribe(self) -> None:
         # Stopping must not fail because the connection is already gone or slow to flush. Not
