@@ -23,13 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
+import os
 import re
+import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -214,6 +218,29 @@ def error_headers(error: VaporaError) -> dict[str, str]:
     return tracing.inject(headers)
 
 
+def instance_dir() -> Path:
+    """Where this machine's (container's) running services note their instance ids, so that a
+    health check run beside them asks its own instance (``$SRV.PING.<name>.<id>``), not any
+    sibling on the NATS server (``$VAPORA_INSTANCE_DIR``, else a directory under the system
+    temporary directory)."""
+    chosen = os.environ.get("VAPORA_INSTANCE_DIR")
+    return Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"vapora-{os.getuid()}"
+
+
+def register_instance(name: str, instance_id: str) -> Path | None:
+    """Note that this process serves ``name`` as ``instance_id`` (removed when it stops; a
+    crashed process's note names a pid that no longer runs). None when it cannot be written:
+    a health check then asks any instance, as before."""
+    path = instance_dir() / f"{name}.{instance_id}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"name": name, "id": instance_id, "pid": os.getpid()}))
+    except OSError as exc:
+        log.debug("%s: instance not noted in %s (%s)", name, path, exc)
+        return None
+    return path
+
+
 class ActorService:
     """Serve ``endpoints`` as one NATS micro service until :meth:`stop` or cancellation."""
 
@@ -286,13 +313,17 @@ class ActorService:
         for served in self._served.values():
             timeout = served.endpoint.timeout
             served.deadlines = None if timeout is None else _Deadlines(loop, timeout)
+        registered: Path | None = None
         try:
             self._service = await self._start_service()
+            registered = register_instance(self.name, self._service.id)
             task_status.started()
             await self._stop.wait()
             await self._unsubscribe()
             await self._drain()
         finally:
+            if registered is not None:
+                registered.unlink(missing_ok=True)
             await self._cancel_handlers()
             if self._service is not None and self._service._endpoints:
                 # Cancelled before the drain (a hard stop): take the endpoints off the server

@@ -7,6 +7,7 @@ isolates itself with its own stream name, subject prefix and service subjects (`
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,6 +29,20 @@ def anyio_backend() -> tuple[str, dict[str, bool]]:
     # The loop vapora's processes run on (uvloop where installed; VAPORA_EVENT_LOOP=asyncio runs
     # the suite on asyncio's own loop).
     return "asyncio", {"use_uvloop": loop_name() == "uvloop"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def instance_notes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where this session's services note their instance ids (``actors.service.instance_dir``):
+    its own directory, not the machine's, for it and the processes it starts."""
+    path = tmp_path_factory.mktemp("instances")
+    before = os.environ.get("VAPORA_INSTANCE_DIR")
+    os.environ["VAPORA_INSTANCE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("VAPORA_INSTANCE_DIR", None)
+    else:
+        os.environ["VAPORA_INSTANCE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,11 @@
 Sends a NATS Services API ``$SRV.PING`` (``$SRV.PING.<name>`` with ``--service``) with the same
 connection settings as every other command (``VAPORA_NATS_URL``, ``VAPORA_CONFIG``,
 ``VAPORA_NATS_USER``/``VAPORA_NATS_PASSWORD``, TLS from the config) and exits 0 when a service
-answers within ``--timeout`` seconds, 1 otherwise, printing one line either way. It also runs as
+answers within ``--timeout`` seconds, 1 otherwise, printing one line either way. When services
+run on this machine (container), each of them is asked by its own id
+(``$SRV.PING.<name>.<id>``, from the notes their processes keep in
+``actors.service.instance_dir()``) and must answer, so that a sibling instance elsewhere cannot
+answer for a wedged one. It also runs as
 ``python -m vapora.cli.health``, which is what ``docker/Dockerfile``'s HEALTHCHECK calls.
 
 Services are named ``router``, ``provider-<name>``, ``vapora-budget`` and ``vapora-ledger``.
@@ -20,7 +24,7 @@ from datetime import UTC, datetime
 
 from vapora.eventloop import run as run_loop
 
-__all__ = ["add_parser", "cmd_health", "main", "ping_subject"]
+__all__ = ["add_parser", "cmd_health", "local_instances", "main", "ping_subject"]
 
 PING = "$SRV.PING"
 
@@ -63,22 +67,62 @@ async def cmd_health(args: argparse.Namespace) -> int:
         initial_deadline=args.timeout,
         max_reconnect_attempts=0,
     )
-    subject = ping_subject(args.service)
+    local = local_instances(args.service)
+    # The instances this machine (container) runs, each asked by id: a sibling elsewhere
+    # answering for a wedged one made it look healthy. None noted here: any instance.
+    targets = [f"{PING}.{name}.{id_}" for name, id_ in local] or [ping_subject(args.service)]
     try:
         nc = await connect(options)
     except ConnectionFailed as exc:
         print(f"unhealthy: {exc}")
         return 1
     try:
-        reply = await nc.request(subject, b"", timeout=args.timeout)
-    except Exception as exc:
-        print(f"unhealthy: no answer to {subject} within {args.timeout:g} s ({exc!r})")
-        return 1
+        answered = []
+        for subject in targets:
+            try:
+                reply = await nc.request(subject, b"", timeout=args.timeout)
+            except Exception as exc:
+                print(f"unhealthy: no answer to {subject} within {args.timeout:g} s ({exc!r})")
+                return 1
+            answer = json.loads(reply.data)
+            answered.append(f"{answer.get('name')} {answer.get('id')} answered {subject}")
     finally:
         await nc.close()
-    answer = json.loads(reply.data)
-    print(f"healthy: {answer.get('name')} {answer.get('id')} answered {subject}")
+    print("healthy: " + "; ".join(answered))
     return 0
+
+
+def local_instances(service: str | None) -> list[tuple[str, str]]:
+    """(name, id) of the services running on this machine (container), as their processes noted
+    them (:func:`actors.service.register_instance`), those of ``service`` only if given."""
+    from actors.service import instance_dir
+
+    found = []
+    try:
+        notes = sorted(instance_dir().glob("*.json"))
+    except OSError:
+        return []
+    for note in notes:
+        try:
+            data = json.loads(note.read_text())
+            name, id_, pid = str(data["name"]), str(data["id"]), int(data["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not _running(pid):  # a process that died without removing its note
+            note.unlink(missing_ok=True)
+        elif service is None or name == service:
+            found.append((name, id_))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
