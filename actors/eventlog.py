@@ -56,6 +56,7 @@ __all__ = [
     "JetStreamUnavailable",
     "LogEntry",
     "NoEventStream",
+    "stream_differences",
     "ReplayBatch",
     "StreamSettings",
 ]
@@ -232,11 +233,13 @@ class EventLog:
 
     # --- stream ---------------------------------------------------------------------------
 
-    async def ensure_stream(self, *, attempts: int = 4) -> api.StreamInfo:
+    async def ensure_stream(self, *, attempts: int = 4, strict: bool = False) -> api.StreamInfo:
         """Create the stream, or bring an existing one's settings up to date.
 
         A stream that already has these settings is left alone, so an actor whose NATS user may
-        not update the stream (``vapora.deploy``'s permissions) starts against it.
+        not update the stream (``vapora.deploy``'s permissions) starts against it; one whose
+        settings differ (an admin's) is used as it is, with a warning naming the differences,
+        unless ``strict`` (``vapora stream``: the update is the point), which raises.
 
         JetStream's API can leave a request unanswered, or answer 503, while a cluster is still
         electing its leaders (seen right after three servers formed one: the stream was created
@@ -246,7 +249,7 @@ class EventLog:
         """
         for attempt in range(1, attempts):
             try:
-                return await self._ensure_stream()
+                return await self._ensure_stream(strict)
             except (nats_errors.TimeoutError, ServiceUnavailableError) as exc:
                 log.warning(
                     "event log: JetStream did not settle stream %s (%s, attempt %d of %d); "
@@ -258,7 +261,7 @@ class EventLog:
                 )
                 await anyio.sleep(0.25 * attempt)
         try:
-            return await self._ensure_stream()  # the last attempt: its error is the caller's
+            return await self._ensure_stream(strict)  # the last attempt: its error is the caller's
         except ServiceUnavailableError:
             raise self._unavailable(f"{attempts} attempts") from None
 
@@ -286,7 +289,7 @@ class EventLog:
             "(nats-server -js, or a jetstream {} block); a cluster needs its meta leader"
         )
 
-    async def _ensure_stream(self) -> api.StreamInfo:
+    async def _ensure_stream(self, strict: bool = False) -> api.StreamInfo:
         config = self.settings.config()
         config.num_replicas = stream_replicas(self.nc, self.settings.replicas)
         try:
@@ -298,17 +301,27 @@ class EventLog:
         try:
             return await self._settled(self.js.update_stream(config), config)
         except PermissionDenied:
+            if strict:
+                raise
             # Settings are an admin's to change (docs/operations-cluster.md): an actor whose
             # user may not, and whose config differs from what the admin set (replicas, limits),
             # works with the stream as it is.
             log.warning(
-                "event log: stream %s's settings differ from this config's (replicas %s here, "
-                "%s there) and this NATS user may not change them; using the stream as it is",
+                "event log: stream %s differs from this config's settings (%s) and this NATS "
+                "user may not change it; using the stream as it is",
                 self.settings.name,
-                config.num_replicas,
-                info.config.num_replicas,
+                "; ".join(
+                    f"{key} {there!r} there, {here!r} here"
+                    for key, there, here in stream_differences(info.config, config)
+                ),
             )
             return info
+
+    def wanted_config(self) -> api.StreamConfig:
+        """The stream's settings as this log makes them (``[storage] replicas`` resolved)."""
+        config = self.settings.config()
+        config.num_replicas = stream_replicas(self.nc, self.settings.replicas)
+        return config
 
     async def _settled(
         self, request: Awaitable[api.StreamInfo], config: api.StreamConfig
@@ -854,6 +867,17 @@ _COMPARED = (
     "deny_purge",
     "allow_direct",
 )
+
+
+def stream_differences(
+    current: api.StreamConfig, wanted: api.StreamConfig
+) -> list[tuple[str, Any, Any]]:
+    """Each setting vapora manages that differs: (name, the stream's value, the wanted one)."""
+    return [
+        (key, getattr(current, key), getattr(wanted, key))
+        for key in _COMPARED
+        if getattr(current, key) != getattr(wanted, key)
+    ]
 
 
 def _settings_match(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:

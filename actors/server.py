@@ -53,6 +53,7 @@ class DataDirInUse(NatsServerError):
     ) -> None:
         self.url = url
         self.pid = pid
+        self.server_pid = server_pid
         #: A deployment's server (``vapora up``, the demo), which others may read through; not
         #: an offline command's private one, gone when that command ends.
         self.serving = serving
@@ -70,6 +71,48 @@ class DataDirInUse(NatsServerError):
 
 
 LOCK_FILE = "server.lock"
+
+
+def orphan_of(data_dir: Path, error: DataDirInUse) -> int | None:
+    """The pid of the nats-server holding ``data_dir`` when the command that started it is gone
+    (killed without its cleanup) and it served no deployment: an orphan nobody will stop. None
+    otherwise (or when the pid is not that server: checked on its command line)."""
+    if error.serving or error.pid is None or error.server_pid is None or _alive(error.pid):
+        return None
+    try:
+        command = Path(f"/proc/{error.server_pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    conf = str(Path(data_dir) / "nats-server.conf").encode()
+    return error.server_pid if b"nats-server" in command and conf in command else None
+
+
+async def stop_orphan(data_dir: Path, pid: int, *, within_s: float = 15.0) -> None:
+    """SIGTERM the orphaned server ``pid`` and wait until ``data_dir``'s lock is free."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        fd = os.open(Path(data_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+        await anyio.sleep(0.05)
+    raise NatsServerError(f"the orphaned nats-server {pid} on {data_dir} did not stop")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _holder(fd: int) -> tuple[str | None, int | None, int | None, bool]:

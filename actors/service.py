@@ -329,7 +329,7 @@ class ActorService:
                 # Cancelled before the drain (a hard stop): take the endpoints off the server
                 # too, or requests sent to them wait out their timeout on a connection that
                 # lives on (another actor's, or this process's until it exits).
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(2, shield=True):  # a hung server: do not wait 10 s
                     await self._unsubscribe()
             for served in self._served.values():
                 if served.deadlines is not None:

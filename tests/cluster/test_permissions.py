@@ -163,6 +163,23 @@ async def test_an_actor_works_with_settings_an_admin_changed(
     assert info.config.max_age == 90 * 86400.0  # the admin's settings, used as they are
 
 
+async def test_a_strict_update_by_a_user_that_may_not_is_an_error(
+    secured_server: EmbeddedNats, tls_files: TlsFiles, admin_log: EventLog
+) -> None:
+    """`vapora stream` (strict) run as an actor's user printed the unchanged stream and exited
+    0; the update it exists for is denied, and it says so."""
+    name = admin_log.settings.name
+    config = (await admin_log.js.stream_info(name)).config
+    await admin_log.js.update_stream(dataclasses.replace(config, max_age=90 * 86400.0))
+    nc = await connect_as(secured_server.url, "ledger", tls_files)
+    try:
+        with pytest.raises(PermissionDenied):
+            await EventLog(nc).ensure_stream(strict=True)
+    finally:
+        await nc.close()
+        await admin_log.js.update_stream(config)
+
+
 @pytest.mark.parametrize(
     "subject",
     [

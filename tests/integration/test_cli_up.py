@@ -304,7 +304,9 @@ def test_stream_makes_the_event_stream_that_reading_commands_then_find(tmp_path:
         check=False,
     )
     assert made.returncode == 0, made.stderr
-    assert made.stdout.startswith("stream VAPORA_EVENTS: subjects vapora.events.>; 1 replica(s)")
+    first, settings = made.stdout.splitlines()
+    assert first == "made stream VAPORA_EVENTS"
+    assert settings.startswith("stream VAPORA_EVENTS: subjects vapora.events.>; 1 replica(s)")
     assert "deny delete True, deny purge True" in made.stdout
     after = subprocess.run(
         [*VAPORA, "events", "--data-dir", str(tmp_path)],

@@ -166,6 +166,42 @@ async def test_a_server_without_jetstream_is_named_not_a_traceback(tmp_path: Pat
         plain.wait()
 
 
+async def test_a_killed_commands_private_server_is_stopped_by_the_next_command(
+    tmp_path: Path,
+) -> None:
+    """`timeout`/`kill` on `vapora events --follow --data-dir D` left its private nats-server
+    running and holding D; since only a deployment's server may be read through, every later
+    command on D was refused for good. The next one now stops such an orphan and goes on."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _STARTER.replace(", serving=True", ""), str(tmp_path / "nats")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert starter.stdout is not None
+    starter.stdout.readline()
+    starter.send_signal(signal.SIGKILL)
+    starter.wait()
+    orphan = json.loads((tmp_path / "nats" / "server.lock").read_text())["server_pid"]
+    done = await anyio.run_process(
+        [sys.executable, "-m", "vapora.cli", "stream", "--data-dir", str(tmp_path)],
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert f"stopping nats-server {orphan}, orphaned" in done.stderr.decode()
+    assert not _running(orphan)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited and not yet reaped by init, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 async def test_a_bad_server_config_is_reported_not_hung(tmp_path: Path) -> None:
     with pytest.raises(NatsServerError, match="exited at start"):
         await EmbeddedNats(tmp_path, extra_config="this is { not valid\n").start()

@@ -91,7 +91,7 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
     or, when a running ``vapora up`` serves that directory, through its server (two servers on
     one store would corrupt it)."""
     from actors.connection import connect
-    from actors.server import DataDirInUse
+    from actors.server import DataDirInUse, orphan_of, stop_orphan
 
     config = _config(args)
     async with contextlib.AsyncExitStack() as stack:
@@ -103,9 +103,15 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
             try:
                 url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
             except DataDirInUse as exc:
-                if exc.url is None or not exc.serving:  # starting, or another command's own
+                orphan = orphan_of(data_dir / "nats", exc)
+                if orphan is not None:  # a killed command's private server: stop it, go on
+                    log.warning("stopping nats-server %d, orphaned on %s", orphan, data_dir)
+                    await stop_orphan(data_dir / "nats", orphan)
+                    url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
+                elif exc.url is None or not exc.serving:  # starting, or another command's own
                     raise
-                url = exc.url
+                else:
+                    url = exc.url
                 log.info("%s is served by a running vapora: reading it through %s", data_dir, url)
         nc = await connect(_connect_options(config, url, name))
         stack.push_async_callback(_close_quietly, nc)
@@ -367,9 +373,21 @@ async def cmd_events(args: argparse.Namespace) -> int:
 async def cmd_stream(args: argparse.Namespace) -> int:
     """Make the event stream, or bring its settings (``[storage] replicas``) up to date, and
     print them: an admin's job once actors' users may not change the stream."""
+    from actors.eventlog import EventLog, NoEventStream, StreamSettings, stream_differences
+
     async with _connected(args, "vapora-stream") as (config, nc):
-        log = await _event_log(nc, config)
+        log = EventLog(nc, StreamSettings(replicas=config.storage.replicas))
+        try:
+            before = (await log.existing_stream()).config
+        except NoEventStream:
+            before = None
+        changes = [] if before is None else stream_differences(before, log.wanted_config())
+        await log.ensure_stream(strict=True)  # a user that may not change it: an error, exit 1
         info = await log.js.stream_info(log.settings.name)
+    if before is None:
+        print(f"made stream {info.config.name}")
+    for key, was, now in changes:
+        print(f"changed {key}: {was!r} -> {now!r}")
     c = info.config
     age = f"{c.max_age:g} s" if c.max_age else "none"
     storage = getattr(c.storage, "value", c.storage)  # an enum, or its value as decoded
