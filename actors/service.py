@@ -227,18 +227,46 @@ def instance_dir() -> Path:
     return Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"vapora-{os.getuid()}"
 
 
-def register_instance(name: str, instance_id: str) -> Path | None:
-    """Note that this process serves ``name`` as ``instance_id`` (removed when it stops; a
-    crashed process's note names a pid that no longer runs). None when it cannot be written:
-    a health check then asks any instance, as before."""
+def register_instance(name: str, instance_id: str, server: str | None) -> Path | None:
+    """Note that this process serves ``name`` as ``instance_id`` on the NATS server (or cluster)
+    ``server`` (removed when it stops). The note names the process by its pid and its start
+    time, so a note a killed process left is known for stale even when a restarted container
+    gives its pid to the new process. None when it cannot be written: a health check then asks
+    any instance, as before."""
     path = instance_dir() / f"{name}.{instance_id}.json"
+    note = {
+        "name": name,
+        "id": instance_id,
+        "pid": os.getpid(),
+        "started": process_start(os.getpid()),
+        "server": server,
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"name": name, "id": instance_id, "pid": os.getpid()}))
+        path.write_text(json.dumps(note))
     except OSError as exc:
         log.debug("%s: instance not noted in %s (%s)", name, path, exc)
         return None
     return path
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (the boot's id and its start in clock ticks, from
+    ``/proc``), or None where there is no ``/proc`` or no such process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces; the fields after its ")" are plain.
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def server_identity(server_info: Mapping[str, Any]) -> str | None:
+    """What a health check compares to know it talks to the same NATS deployment: the
+    cluster's name, else the server's id."""
+    value = server_info.get("cluster") or server_info.get("server_id")
+    return str(value) if value else None
 
 
 class ActorService:
@@ -316,7 +344,8 @@ class ActorService:
         registered: Path | None = None
         try:
             self._service = await self._start_service()
-            registered = register_instance(self.name, self._service.id)
+            server = server_identity(getattr(self.nc, "_server_info", None) or {})
+            registered = register_instance(self.name, self._service.id, server)
             task_status.started()
             await self._stop.wait()
             await self._unsubscribe()

@@ -15,6 +15,7 @@ from nats.micro import add_service
 
 from actors.connection import ConnectOptions, connect
 from actors.server import EmbeddedNats
+from actors.service import process_start, server_identity
 
 pytestmark = pytest.mark.anyio
 
@@ -46,34 +47,42 @@ async def test_the_instances_on_this_machine_are_asked_not_a_sibling(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     """With two routers, the first reply to `$SRV.PING.router` came from either: a wedged one's
-    container stayed healthy while its sibling answered. The instances this machine runs (noted
-    by their processes) are each asked by id."""
+    container stayed healthy while its sibling answered. The instances this machine runs on this
+    NATS deployment (noted by their processes) are each asked by id."""
     nc = await connect(ConnectOptions.from_url(nats_server.url))
+    here = server_identity(nc._server_info)
+
+    def note(id_: str, *, pid: int | None = None, server: str | None = here) -> Path:
+        path = tmp_path / f"router.{id_}.json"
+        pid = os.getpid() if pid is None else pid
+        started = process_start(os.getpid())  # a live process's start (of this one)
+        path.write_text(
+            json.dumps(
+                {"name": "router", "id": id_, "pid": pid, "started": started, "server": server}
+            )
+        )
+        return path
+
+    async def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return await health(nats_server.url, "--service", "router", *args, instances=tmp_path)
+
     try:
         async with await add_service(nc, name="router", version="0.1.0") as sibling:
-            # This machine's router: noted, but wedged (nothing answers for its id).
-            (tmp_path / "router.WEDGED.json").write_text(
-                json.dumps({"name": "router", "id": "WEDGED", "pid": os.getpid()})
-            )
-            wedged = await health(
-                nats_server.url, "--service", "router", "--timeout", "1", instances=tmp_path
-            )
-            assert wedged.returncode == 1, wedged.stdout
-            assert "no answer to $SRV.PING.router.WEDGED" in wedged.stdout
-            # This machine's router is the one that answers: healthy, asked by its id.
-            (tmp_path / "router.WEDGED.json").unlink()
-            (tmp_path / f"router.{sibling.id}.json").write_text(
-                json.dumps({"name": "router", "id": sibling.id, "pid": os.getpid()})
-            )
-            ok = await health(nats_server.url, "--service", "router", instances=tmp_path)
+            wedged = note("WEDGED")  # this machine's router, answering nothing
+            refused = await check("--timeout", "1")
+            assert refused.returncode == 1, refused.stdout
+            assert "no answer to $SRV.PING.router.WEDGED" in refused.stdout
+            wedged.unlink()
+            note(sibling.id)  # this machine's router is the one that answers: asked by its id
+            ok = await check()
             assert ok.returncode == 0 and f"$SRV.PING.router.{sibling.id}" in ok.stdout
-            # A note left by a process that died is passed over (and removed).
-            dead = tmp_path / "router.GONE.json"
-            dead.write_text(json.dumps({"name": "router", "id": "GONE", "pid": 2**22 + 1}))
-            assert (
-                await health(nats_server.url, "--service", "router", instances=tmp_path)
-            ).returncode == 0
-            assert not dead.exists()
+            # Passed over: another deployment's router (another NATS server), and a note left
+            # by a killed process whose pid another process has now (a restarted container).
+            elsewhere = note("ELSEWHERE", server="another-nats-server")
+            reused = note("REUSED", pid=1)  # pid 1 runs, but did not start when this note says
+            ok = await check()
+            assert ok.returncode == 0 and "ELSEWHERE" not in ok.stdout, ok.stdout
+            assert elsewhere.exists() and not reused.exists()
     finally:
         await nc.close()
 

@@ -67,15 +67,18 @@ async def cmd_health(args: argparse.Namespace) -> int:
         initial_deadline=args.timeout,
         max_reconnect_attempts=0,
     )
-    local = local_instances(args.service)
-    # The instances this machine (container) runs, each asked by id: a sibling elsewhere
-    # answering for a wedged one made it look healthy. None noted here: any instance.
-    targets = [f"{PING}.{name}.{id_}" for name, id_ in local] or [ping_subject(args.service)]
+    from actors.service import server_identity
+
     try:
         nc = await connect(options)
     except ConnectionFailed as exc:
         print(f"unhealthy: {exc}")
         return 1
+    # The instances this machine (container) runs on this NATS deployment, each asked by id: a
+    # sibling elsewhere answering for a wedged one made it look healthy. None noted: any one.
+    server = server_identity(getattr(nc, "_server_info", None) or {})
+    local = local_instances(args.service, server)
+    targets = [f"{PING}.{name}.{id_}" for name, id_ in local] or [ping_subject(args.service)]
     try:
         answered = []
         for subject in targets:
@@ -92,10 +95,13 @@ async def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
-def local_instances(service: str | None) -> list[tuple[str, str]]:
-    """(name, id) of the services running on this machine (container), as their processes noted
-    them (:func:`actors.service.register_instance`), those of ``service`` only if given."""
-    from actors.service import instance_dir
+def local_instances(service: str | None, server: str | None) -> list[tuple[str, str]]:
+    """(name, id) of the services running on this machine (container) on the NATS deployment
+    ``server`` (:func:`actors.service.server_identity`), as their processes noted them
+    (:func:`actors.service.register_instance`), those of ``service`` only if given. A note
+    whose process is gone, or whose pid another process now has (a restarted container's), is
+    removed."""
+    from actors.service import instance_dir, process_start
 
     found = []
     try:
@@ -106,23 +112,14 @@ def local_instances(service: str | None) -> list[tuple[str, str]]:
         try:
             data = json.loads(note.read_text())
             name, id_, pid = str(data["name"]), str(data["id"]), int(data["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
+            started, noted_server = data.get("started"), data.get("server")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if not _running(pid):  # a process that died without removing its note
-            note.unlink(missing_ok=True)
-        elif service is None or name == service:
+        if started is None or process_start(pid) != started:
+            note.unlink(missing_ok=True)  # its process is gone
+        elif (service is None or name == service) and noted_server == server:
             found.append((name, id_))
     return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
