@@ -305,6 +305,7 @@ class ActorService:
         self._refusing = 0  # 503 replies being sent: neither a handler nor a concurrency slot
         self._stop = anyio.Event()
         self._closed = False  # past the drain: a message still delivered starts nothing
+        self._late: set[asyncio.Task[None]] = set()  # refusals of messages delivered after it
         self._idle = anyio.Event()
         # Each running handler's scope and task; a handler removes itself when it ends (cheaper
         # than a done callback, which the loop would schedule as one more callback per request).
@@ -374,6 +375,13 @@ class ActorService:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             await self._refuse_backlog()
+
+    async def _refuse_late(self, served: _Served, message: _Message) -> None:
+        try:
+            stopped = Overloaded(self.name, "stopped before this request started; retry")
+            await self._refuse(served, message, stopped)
+        except Exception as exc:  # the connection is gone: nobody to answer
+            log.debug("%s: could not refuse a request after the stop (%s)", self.name, exc)
 
     async def _refuse_backlog(self) -> None:
         """Answer 503 to each request still waiting when the drain ends (its deadline passed,
@@ -495,8 +503,6 @@ class ActorService:
             )
             return
         served.micro._num_requests += 1
-        if self._closed:
-            return
         reply_to = message[1]
         if reply_to:
             problem = reply_problem(reply_to, self.reserved_replies)
@@ -505,6 +511,14 @@ class ActorService:
                 return
         elif served.endpoint.needs_reply:
             self._drop(served, message, "it has no reply subject: nobody could get the answer")
+            return
+        if self._closed:
+            # Stopped hard, the endpoints not yet off the server: refused (it never ran), so its
+            # sender may send it elsewhere at once instead of waiting out its timeout.
+            if reply_to and self._loop is not None:
+                task = self._loop.create_task(self._refuse_late(served, message))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
             return
         if self._running < self.max_concurrency:
             self._start(served, message)

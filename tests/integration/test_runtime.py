@@ -505,6 +505,30 @@ async def test_a_request_cut_by_the_stop_is_answered_503_not_left_waiting(
     assert json.loads(reply.data)["error"]["code"] == "overloaded"
 
 
+async def test_a_request_delivered_after_a_hard_stop_is_refused_not_dropped(
+    nc: NATS, unique: str
+) -> None:
+    """Stopped hard, a service cancels its handlers before its endpoints leave the server; a
+    request delivered in between was dropped, its sender waiting out its whole timeout. It is
+    refused (503: it never ran, so it may go elsewhere at once)."""
+    subject = f"t{unique}.late"
+
+    async def echo(request: CompletionRequest, context: RequestContext) -> Echo:
+        return Echo(text=request.prompt or "", count=0)
+
+    actor = one_endpoint(nc, f"late-{unique}", subject, echo)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            actor._closed = True  # the window between the handlers' cancel and the unsubscribe
+            reply = await nc.request(subject, b'{"prompt": "x"}', timeout=5)
+            actor.stop()
+    headers = reply.headers or {}
+    assert headers.get("Nats-Service-Error-Code") == "503"
+    assert "stopped before this request started" in headers.get("Nats-Service-Error", "")
+    assert "Vapora-Outcome" not in headers  # it never ran
+
+
 async def test_a_503_refusal_frees_no_slot_and_concurrency_stays_bounded(
     nc: NATS, unique: str
 ) -> None:
