@@ -290,8 +290,7 @@ class EventLog:
         )
 
     async def _ensure_stream(self, strict: bool = False) -> api.StreamInfo:
-        config = self.settings.config()
-        config.num_replicas = stream_replicas(self.nc, self.settings.replicas)
+        config = self.wanted_config()
         try:
             info = await self.js.stream_info(self.settings.name)
         except NotFoundError:

@@ -123,7 +123,7 @@ from events.log import (
     SpendRecorded,
 )
 from vapora import telemetry
-from vapora.config import Config, ProviderConfig
+from vapora.config import Config, ProviderConfig, key_not_set
 from vapora.errors import (
     BudgetExceeded,
     NoProviderAvailable,
@@ -204,11 +204,6 @@ def _new_id() -> str:
     # 128 random bits as 32 hex digits, like ``uuid4().hex`` without building a UUID (a fifth
     # of its cost; ids are opaque, unique by their randomness).
     return os.urandom(16).hex()
-
-
-def _abandoned(reservation_id: str) -> BudgetRelease:
-    """The release of a reservation the keeper did not answer in time (not called on it)."""
-    return BudgetRelease(reservation_id=reservation_id, reason="not_called")
 
 
 def _usd(amount: Decimal) -> str:
@@ -583,7 +578,7 @@ class RouterActor:
         provider = self._providers.get(event.provider)
         env = provider.api_key_env if provider is not None else None
         # The provider actor's own finding that its key is missing (its health reason).
-        no_key = not event.available and env is not None and event.reason == f"{env} is not set"
+        no_key = not event.available and env is not None and event.reason == key_not_set(env)
         healthy = (
             event.available
             or no_key  # said once, as the missing key
@@ -844,7 +839,7 @@ class RouterActor:
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
         elif isinstance(outcome, _Failure) and not outcome.no_reply and reservation_id is not None:
-            self._release(task, reservation_id)  # answered with a failure: nothing more to bill
+            self._release(reservation_id, "failed")  # answered with a failure: nothing to bill
         return outcome
 
     def _over_task_cap(self, task: _Task, provider: ProviderConfig) -> str | None:
@@ -919,12 +914,12 @@ class RouterActor:
         except TimeoutError:
             # A stalled keeper may still admit it when it comes back: give it back then (the
             # keeper takes this connection's requests in order, so the release follows it).
-            self._spawn(self._publish_release, _abandoned(reservation_id))
+            self._release(reservation_id, "not_called")
             return reservation_id, "the budget keeper did not answer in time", _KEEPER_AWAY
         code = header(message, _SERVICE_ERROR_CODE)
         if code and header(message, OUTCOME_HEADER) == "unknown":
             # Cut by the keeper's stop, perhaps after admitting it: given back, as on a timeout.
-            self._spawn(self._publish_release, _abandoned(reservation_id))
+            self._release(reservation_id, "not_called")
         if code:
             # A 400 is about the request itself (refused); anything else is the keeper's state.
             why = header(message, _SERVICE_ERROR) or "refused"
@@ -1049,9 +1044,10 @@ class RouterActor:
         except Exception as exc:  # the keeper reclaims it when it expires
             log.info("router: lease %s not returned (%s)", lease.lease_id, exc)
 
-    def _release(self, task: _Task, reservation_id: str) -> None:
-        """Give back the reservation of an attempt that was answered with a failure."""
-        release = BudgetRelease(reservation_id=reservation_id, reason="failed")
+    def _release(self, reservation_id: str, reason: str) -> None:
+        """Give back a reservation, in the background: ``failed`` (its attempt was answered
+        with a failure), ``not_called`` (the keeper did not answer in time, or was cut)."""
+        release = BudgetRelease(reservation_id=reservation_id, reason=reason)
         self._spawn(self._publish_release, release)
 
     async def _publish_release(self, release: BudgetRelease) -> None:

@@ -23,12 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,7 +41,7 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Endpoint as MicroEndpoint
 from nats.micro.service import EndpointConfig, EndpointStats, Service
 
-from actors import tracing
+from actors import instances, tracing
 from actors.connection import Client, raw_header
 from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
@@ -218,57 +215,6 @@ def error_headers(error: VaporaError) -> dict[str, str]:
     return tracing.inject(headers)
 
 
-def instance_dir() -> Path:
-    """Where this machine's (container's) running services note their instance ids, so that a
-    health check run beside them asks its own instance (``$SRV.PING.<name>.<id>``), not any
-    sibling on the NATS server (``$VAPORA_INSTANCE_DIR``, else a directory under the system
-    temporary directory)."""
-    chosen = os.environ.get("VAPORA_INSTANCE_DIR")
-    return Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"vapora-{os.getuid()}"
-
-
-def register_instance(name: str, instance_id: str, server: str | None) -> Path | None:
-    """Note that this process serves ``name`` as ``instance_id`` on the NATS server (or cluster)
-    ``server`` (removed when it stops). The note names the process by its pid and its start
-    time, so a note a killed process left is known for stale even when a restarted container
-    gives its pid to the new process. None when it cannot be written: a health check then asks
-    any instance, as before."""
-    path = instance_dir() / f"{name}.{instance_id}.json"
-    note = {
-        "name": name,
-        "id": instance_id,
-        "pid": os.getpid(),
-        "started": process_start(os.getpid()),
-        "server": server,
-    }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(note))
-    except OSError as exc:
-        log.debug("%s: instance not noted in %s (%s)", name, path, exc)
-        return None
-    return path
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started (the boot's id and its start in clock ticks, from
-    ``/proc``), or None where there is no ``/proc`` or no such process."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces; the fields after its ")" are plain.
-    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
-
-
-def server_identity(server_info: Mapping[str, Any]) -> str | None:
-    """What a health check compares to know it talks to the same NATS deployment: the
-    cluster's name, else the server's id."""
-    value = server_info.get("cluster") or server_info.get("server_id")
-    return str(value) if value else None
-
-
 class ActorService:
     """Serve ``endpoints`` as one NATS micro service until :meth:`stop` or cancellation."""
 
@@ -305,7 +251,7 @@ class ActorService:
         self._refusing = 0  # 503 replies being sent: neither a handler nor a concurrency slot
         self._stop = anyio.Event()
         self._closed = False  # past the drain: a message still delivered starts nothing
-        self._late: set[asyncio.Task[None]] = set()  # refusals of messages delivered after it
+        self._late: set[asyncio.Task[bool]] = set()  # refusals of messages delivered after it
         self._idle = anyio.Event()
         # Each running handler's scope and task; a handler removes itself when it ends (cheaper
         # than a done callback, which the loop would schedule as one more callback per request).
@@ -345,8 +291,8 @@ class ActorService:
         registered: Path | None = None
         try:
             self._service = await self._start_service()
-            server = server_identity(getattr(self.nc, "_server_info", None) or {})
-            registered = register_instance(self.name, self._service.id, server)
+            server = instances.server_identity(getattr(self.nc, "_server_info", None) or {})
+            registered = instances.register(self.name, self._service.id, server)
             task_status.started()
             await self._stop.wait()
             await self._unsubscribe()
@@ -376,25 +322,24 @@ class ActorService:
                 await asyncio.gather(*tasks, return_exceptions=True)
             await self._refuse_backlog()
 
-    async def _refuse_late(self, served: _Served, message: _Message) -> None:
+    async def _refuse_unstarted(self, served: _Served, message: _Message) -> bool:
+        """Answer 503 to a request a stop kept from starting (waiting in the backlog, or
+        delivered after the handlers were cancelled): it never ran, so its sender may send it
+        elsewhere at once instead of waiting out its own timeout. False: the connection is
+        gone, nobody to answer."""
         try:
             stopped = Overloaded(self.name, "stopped before this request started; retry")
             await self._refuse(served, message, stopped)
-        except Exception as exc:  # the connection is gone: nobody to answer
-            log.debug("%s: could not refuse a request after the stop (%s)", self.name, exc)
+        except Exception as exc:
+            log.warning("%s: could not refuse a request the stop kept (%s)", self.name, exc)
+            return False
+        return True
 
     async def _refuse_backlog(self) -> None:
-        """Answer 503 to each request still waiting when the drain ends (its deadline passed,
-        or ``run`` was cancelled): it never started, so its sender may send it elsewhere at
-        once instead of waiting out its own timeout."""
+        """Refuse each request still waiting when the drain ends (its deadline passed, or
+        ``run`` was cancelled)."""
         while self._backlog:
-            served, message = self._backlog.popleft()
-            try:
-                # Never run, so its sender may send it elsewhere: the same 503 as a full backlog.
-                stopped = Overloaded(self.name, "stopped before this request started; retry")
-                await self._refuse(served, message, stopped)
-            except Exception as exc:  # the connection is gone: nobody to answer
-                log.warning("%s: could not refuse a waiting request (%s)", self.name, exc)
+            if not await self._refuse_unstarted(*self._backlog.popleft()):
                 self._backlog.clear()
 
     async def _start_service(self) -> Service:
@@ -516,7 +461,7 @@ class ActorService:
             # Stopped hard, the endpoints not yet off the server: refused (it never ran), so its
             # sender may send it elsewhere at once instead of waiting out its timeout.
             if reply_to and self._loop is not None:
-                task = self._loop.create_task(self._refuse_late(served, message))
+                task = self._loop.create_task(self._refuse_unstarted(served, message))
                 self._late.add(task)
                 task.add_done_callback(self._late.discard)
             return

@@ -30,20 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.root:
         sys.path.insert(0, args.root)
     from events.codec import encode
-    from events.contract import Price, TaskType
+    from events.contract import TaskType
     from events.log import BudgetReserved, SpendRecorded
+    from tests.samples import PRICE
     from vapora import budget
     from vapora.budget_view import decode_views
 
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    price = Price(
-        input_per_mtok=Decimal(3),
-        output_per_mtok=Decimal(15),
-        cache_read_per_mtok=Decimal("0.3"),
-        cache_write_per_mtok=Decimal("3.75"),
-        source="bench",
-        version="1",
-    )
     events: list[Any] = []
     for i in range(args.calls):
         at = start + timedelta(seconds=i * 7.7)
@@ -70,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 input_tokens=100,
                 output_tokens=50,
                 cost_usd=Decimal("0.00105"),
-                price=price,
+                price=PRICE,
                 reservation_id=rid,
             )
         )

@@ -33,7 +33,7 @@ def anyio_backend() -> tuple[str, dict[str, bool]]:
 
 @pytest.fixture(scope="session", autouse=True)
 def instance_notes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Where this session's services note their instance ids (``actors.service.instance_dir``):
+    """Where this session's services note their instance ids (``actors.instances.instance_dir``):
     its own directory, not the machine's, for it and the processes it starts."""
     path = tmp_path_factory.mktemp("instances")
     before = os.environ.get("VAPORA_INSTANCE_DIR")

@@ -64,6 +64,7 @@ __all__ = [
     "default_config",
     "default_quality",
     "infer_kind",
+    "key_not_set",
     "load",
     "load_config",
     "missing_api_key",
@@ -511,7 +512,13 @@ def missing_api_key(provider: ProviderConfig, env: Mapping[str, str]) -> str | N
             f"{provider.api_key_env} holds a space, a control or a non-ASCII character inside "
             "the key (not shown)"
         )
-    return f"{provider.api_key_env} is not set"
+    return key_not_set(provider.api_key_env)
+
+
+def key_not_set(variable: str) -> str:
+    """Why a provider cannot authenticate when ``variable`` is unset: a provider actor's health
+    reason, which routers read as the key missing (``ANTHROPIC_API_KEY is not set``)."""
+    return f"{variable} is not set"
 
 
 # --- checks -------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from events.contract import (
     TaskType,
     Tier,
 )
-from vapora.config import Config, ProviderConfig, missing_api_key
+from vapora.config import Config, ProviderConfig
 from vapora.errors import BudgetExceeded, NoProviderAvailable, UnknownProvider, UnknownTaskType
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
     "RouteOverBudget",
     "RouteUnavailable",
     "decide",
-    "key_views",
     "task_cap_usd",
     "task_remaining_usd",
 ]
@@ -104,14 +103,6 @@ class RouteOverBudget(BudgetExceeded):
 
 
 # --- helpers for callers ------------------------------------------------------------------------
-
-
-def key_views(config: Config, env: Mapping[str, str]) -> dict[str, ProviderView]:
-    """A starting view per provider knowing only whether its API key is set in ``env``."""
-    return {
-        p.name: ProviderView(api_key_present=missing_api_key(p, env) is None)
-        for p in config.providers
-    }
 
 
 def task_cap_usd(config: Config, request: CompletionRequest) -> Decimal | None:

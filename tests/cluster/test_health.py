@@ -14,8 +14,8 @@ import pytest
 from nats.micro import add_service
 
 from actors.connection import ConnectOptions, connect
+from actors.instances import process_start, server_identity
 from actors.server import EmbeddedNats
-from actors.service import process_start, server_identity
 
 pytestmark = pytest.mark.anyio
 

@@ -4,13 +4,16 @@ processes would be), the simulator over HTTP, telemetry recorded in memory."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import nats
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from actors.connection import ConnectOptions, connect
 from actors.cost_ledger import CostLedger
@@ -20,10 +23,44 @@ from actors.router import RouterActor
 from actors.runner import Runtime, build
 from actors.server import EmbeddedNats
 from events.log import Event
-from tests.fault.provider_harness import KEYS, make_config, wait_until_served
+from tests.fault.provider_harness import KEYS, config_text, make_config, wait_until_served
 from vapora.client import Client
-from vapora.config import Config
+from vapora.config import Config, TelemetryConfig
 from vapora.simulator import Simulator
+from vapora.telemetry import setup
+
+# Leases off: each paid attempt reserves with the keeper, so the keeper is part of the trace.
+BUDGET = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
+
+
+def guide(budget: str = BUDGET, **kw: object) -> Callable[[str], str]:
+    """The guide's providers on the simulator, with ``budget``."""
+    return lambda base_url: config_text(base_url, budget=budget, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class Recorded:
+    """Telemetry on in this process, spans and metrics kept in memory."""
+
+    spans: InMemorySpanExporter
+    metrics: InMemoryMetricReader
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name == name]
+
+
+R = TypeVar("R", bound=Recorded)
+
+
+def recording(kind: type[R]) -> Iterator[R]:
+    """Set telemetry up recording into memory for the duration (the ``recorded`` fixtures):
+    a ``kind`` (``Recorded`` or a subclass with more ways to read it)."""
+    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
+    telemetry = setup(
+        TelemetryConfig(enabled=True), env={}, span_exporters=[spans], metric_readers=[metrics]
+    )
+    yield kind(spans, metrics)
+    telemetry.shutdown()
 
 
 @dataclass

@@ -4,12 +4,14 @@ directory without data say so."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.fault.provider_harness import KEYS, config_text
@@ -18,50 +20,50 @@ from vapora.cli.demo import SIMULATED_KEYS, demo_config_text
 VAPORA = [sys.executable, "-m", "vapora.cli"]
 
 
-def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "vapora.simulator", "--port", "0"], stdout=subprocess.PIPE, text=True
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``vapora ARGS`` to its end, its output captured."""
+    return subprocess.run(
+        [*VAPORA, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
+
+
+@contextlib.contextmanager
+def simulator() -> Iterator[str]:
+    """`vapora simulate` on a free port, for the block: its base URL."""
+    sim = subprocess.Popen([*VAPORA, "simulate", "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
         assert sim.stdout is not None
+        yield sim.stdout.readline().split()[-1]
+    finally:
+        sim.terminate()
+        sim.wait()
+
+
+def start_up(config: Path, data_dir: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`vapora up` on a free port; its first line is `vapora ready <url>`."""
+    return subprocess.Popen(
+        [*VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    with simulator() as base_url:
         config = tmp_path / "vapora.toml"
-        config.write_text(demo_config_text(sim.stdout.readline().split()[-1], 100_000))
+        config.write_text(demo_config_text(base_url, 100_000))
         env = {**os.environ, **SIMULATED_KEYS}
-        up = subprocess.Popen(
-            [
-                *VAPORA,
-                "up",
-                "--config",
-                str(config),
-                "--port",
-                "0",
-                "--data-dir",
-                str(tmp_path / "new"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        up = start_up(config, tmp_path / "new", env)
         try:
             assert up.stdout is not None
             ready = up.stdout.readline().split()
             assert ready[:2] == ["vapora", "ready"], ready
-            ask = subprocess.run(
-                [
-                    *VAPORA,
-                    "ask",
-                    "hello there",
-                    "--nats-url",
-                    ready[2],
-                    "--provider",
-                    "ollama",
-                    "--json",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
+            ask = run(
+                "ask", "hello there", "--nats-url", ready[2], "--provider", "ollama", "--json"
             )
             assert ask.returncode == 0, ask.stderr
             assert json.loads(ask.stdout)["provider"] == "ollama"
@@ -69,9 +71,6 @@ def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
         finally:
             up.send_signal(signal.SIGTERM)
             code = up.wait(timeout=60)
-    finally:
-        sim.terminate()
-        sim.wait()
     assert code == 0
 
 
@@ -79,37 +78,17 @@ def _same_directory_while_up(data_dir: Path, url: str, env: dict[str, str]) -> N
     """A second `up` on a served directory is refused naming the first; the read-only commands
     read it through the running server instead of starting a second one on its store."""
     server_log = (data_dir / "nats" / "nats-server.log").read_bytes()
-    second = subprocess.run(
-        [*VAPORA, "up", "--port", "0", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    second = run("up", "--port", "0", "--data-dir", str(data_dir), env=env)
     assert second.returncode == 2, second.stderr
     assert "in use by a running vapora (pid" in second.stderr and url in second.stderr
-    events = subprocess.run(
-        [*VAPORA, "events", "--data-dir", str(data_dir), "--type", "call_succeeded"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    events = run("events", "--data-dir", str(data_dir), "--type", "call_succeeded", env=env)
     assert events.returncode == 0, events.stderr
     assert json.loads(events.stdout.splitlines()[0])["provider"] == "ollama"
     assert (data_dir / "nats" / "nats-server.log").read_bytes().startswith(server_log)
 
 
 def test_offline_commands_on_a_directory_without_data_say_so(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*VAPORA, "events", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run("events", "--data-dir", str(tmp_path))
     assert done.returncode == 2
     assert "holds no vapora data" in done.stderr
 
@@ -121,23 +100,11 @@ def test_storage_replicas_reaches_the_stream_and_readers_make_no_stream(tmp_path
     config = tmp_path / "vapora.toml"
     text = (Path(__file__).resolve().parents[2] / "vapora" / "default.toml").read_text()
     config.write_text(text.replace('sync_interval = "1s"', 'sync_interval = "1s"\nreplicas = 2'))
-    up = subprocess.run(
-        [*VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path / "d")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    up = run("up", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path / "d"))
     assert up.returncode == 1, up.stderr
     assert "refused the event stream VAPORA_EVENTS with 2 replica(s)" in up.stderr
     assert "Traceback" not in up.stderr
-    events = subprocess.run(
-        [*VAPORA, "events", "--data-dir", str(tmp_path / "d")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    events = run("events", "--data-dir", str(tmp_path / "d"))
     assert events.returncode == 1, events.stderr
     assert "no event stream VAPORA_EVENTS on nats://" in events.stderr
 
@@ -149,9 +116,7 @@ def test_out_of_range_numbers_on_the_command_line_are_named(tmp_path: Path) -> N
         (["up", "--port", "many"], "--port: not a whole number: 'many'"),
         (["demo", "--requests", "-5", "--data-dir", str(tmp_path / "d")], "--requests: must be"),
     ):
-        done = subprocess.run(
-            [*VAPORA, *argv], capture_output=True, text=True, timeout=60, check=False
-        )
+        done = run(*argv)
         assert done.returncode == 2, argv
         assert said in done.stderr
         assert "Traceback" not in done.stderr
@@ -170,13 +135,9 @@ def test_a_metrics_port_that_cannot_be_served_is_named(tmp_path: Path) -> None:
         demo_config_text("http://127.0.0.1:9", 100_000) + "\n[telemetry]\n" + telemetry
     )
     try:
-        done = subprocess.run(
-            [*VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, **SIMULATED_KEYS},
-            check=False,
+        env = {**os.environ, **SIMULATED_KEYS}
+        done = run(
+            "up", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path), env=env
         )
     finally:
         taken.close()
@@ -196,13 +157,7 @@ def test_unknown_task_types_and_event_types_are_bad_usage_before_any_connection(
             "--since must not be after --until",
         ),
     ):
-        done = subprocess.run(
-            [*VAPORA, *argv, "--nats-url", "nats://127.0.0.1:1"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        done = run(*argv, "--nats-url", "nats://127.0.0.1:1", timeout=30)
         assert done.returncode == 2, argv
         assert said in done.stderr
 
@@ -213,21 +168,12 @@ def test_a_second_sigterm_stops_hard_recording_the_cut_call_and_answering_its_ca
     """A second SIGTERM during the stop used to kill `vapora up` outright: the call in flight
     left no record, its caller never got an answer, and the embedded nats-server was orphaned
     (holding the data directory). Now it cuts the call the way a drain deadline does."""
-    sim = subprocess.Popen([*VAPORA, "simulate", "--port", "0"], stdout=subprocess.PIPE, text=True)
     data_dir = tmp_path / "d"
-    try:
-        assert sim.stdout is not None
+    with simulator() as base_url:
         config = tmp_path / "vapora.toml"
         slow = {"ollama": "llama2-slow-20000"}
-        config.write_text(config_text(sim.stdout.readline().split()[-1], models=slow))
-        env = {**os.environ, **KEYS}
-        up = subprocess.Popen(
-            [*VAPORA, "up", "--config", str(config), "--port", "0", "--data-dir", str(data_dir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        config.write_text(config_text(base_url, models=slow))
+        up = start_up(config, data_dir, {**os.environ, **KEYS})
         try:
             assert up.stdout is not None
             url = up.stdout.readline().split()[2]
@@ -250,9 +196,6 @@ def test_a_second_sigterm_stops_hard_recording_the_cut_call_and_answering_its_ca
         finally:
             if up.poll() is None:
                 up.kill()
-    finally:
-        sim.terminate()
-        sim.wait()
     assert code == 0, up.stderr.read() if up.stderr else ""
     assert ask.returncode == 1 and "stopped before this request finished" in asked, asked
     # The server went with the process (the directory opens offline), and the cut call is there.
@@ -261,9 +204,7 @@ def test_a_second_sigterm_stops_hard_recording_the_cut_call_and_answering_its_ca
 
 
 def _events(flags: list[str]) -> list[dict[str, object]]:
-    done = subprocess.run(
-        [*VAPORA, "events", *flags], capture_output=True, text=True, timeout=60, check=False
-    )
+    done = run("events", *flags)
     assert done.returncode in (0, 1), done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
 
@@ -272,13 +213,7 @@ def test_an_actor_that_cannot_start_is_named_not_a_traceback(tmp_path: Path) -> 
     """An actor's start failing inside the group that runs them all came out as an exception
     group's traceback; it is said like any other error of its kind."""
     (tmp_path / "ledger.sqlite3").write_bytes(b"not a database at all, just bytes\n")
-    up = subprocess.run(
-        [*VAPORA, "up", "--port", "0", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    up = run("up", "--port", "0", "--data-dir", str(tmp_path))
     assert up.returncode == 2, up.stderr
     assert "Traceback" not in up.stderr
     assert f"vapora up: {tmp_path / 'ledger.sqlite3'} is not a ledger" in up.stderr
@@ -288,31 +223,13 @@ def test_stream_makes_the_event_stream_that_reading_commands_then_find(tmp_path:
     """The reading commands leave the stream alone; `vapora stream` is the admin's way to make
     it or bring its settings up to date (docs/operations-cluster.md)."""
     (tmp_path / "nats").mkdir()
-    before = subprocess.run(
-        [*VAPORA, "events", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    before = run("events", "--data-dir", str(tmp_path))
     assert before.returncode == 1 and "no event stream VAPORA_EVENTS" in before.stderr
-    made = subprocess.run(
-        [*VAPORA, "stream", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    made = run("stream", "--data-dir", str(tmp_path))
     assert made.returncode == 0, made.stderr
     first, settings = made.stdout.splitlines()
     assert first == "made stream VAPORA_EVENTS"
     assert settings.startswith("stream VAPORA_EVENTS: subjects vapora.events.>; 1 replica(s)")
     assert "deny delete True, deny purge True" in made.stdout
-    after = subprocess.run(
-        [*VAPORA, "events", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    after = run("events", "--data-dir", str(tmp_path))
     assert after.returncode == 0, after.stderr

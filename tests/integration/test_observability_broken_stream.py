@@ -4,50 +4,18 @@ Real nats-server, the simulator over HTTP, each actor on its own connection."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.metrics.export import MetricsData
 from opentelemetry.trace import StatusCode
 
 from events.log import SpendRecorded
-from tests.fault.provider_harness import config_text
-from tests.integration.telemetry_harness import separate_deployment
-from vapora.config import TelemetryConfig
+from tests.integration.telemetry_harness import Recorded, guide, separate_deployment
 from vapora.errors import ProviderError
-from vapora.telemetry import setup
 
 pytestmark = pytest.mark.anyio
-
-BUDGET = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
-
-
-def guide(**kw: object) -> Callable[[str], str]:
-    return lambda base_url: config_text(base_url, budget=BUDGET, **kw)  # type: ignore[arg-type]
-
-
-@dataclass
-class Recorded:
-    spans: InMemorySpanExporter
-    metrics: InMemoryMetricReader
-
-    def named(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.spans.get_finished_spans() if s.name == name]
-
-
-@pytest.fixture
-def recorded() -> Iterator[Recorded]:
-    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
-    telemetry = setup(
-        TelemetryConfig(enabled=True), env={}, span_exporters=[spans], metric_readers=[metrics]
-    )
-    yield Recorded(spans, metrics)
-    telemetry.shutdown()
 
 
 def _points(data: MetricsData | None, name: str) -> list[object]:

@@ -6,47 +6,15 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.fault.provider_harness import config_text
-from tests.integration.telemetry_harness import separate_deployment
-from vapora.config import TelemetryConfig
+from tests.integration.telemetry_harness import Recorded, guide, separate_deployment
 from vapora.errors import VaporaError
-from vapora.telemetry import logs, setup
+from vapora.telemetry import logs
 
 pytestmark = pytest.mark.anyio
-
-BUDGET = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
-
-
-def guide(**kw: object) -> Callable[[str], str]:
-    return lambda base_url: config_text(base_url, budget=BUDGET, **kw)  # type: ignore[arg-type]
-
-
-@dataclass
-class Recorded:
-    spans: InMemorySpanExporter
-    metrics: InMemoryMetricReader
-
-    def named(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.spans.get_finished_spans() if s.name == name]
-
-
-@pytest.fixture
-def recorded() -> Iterator[Recorded]:
-    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
-    telemetry = setup(
-        TelemetryConfig(enabled=True), env={}, span_exporters=[spans], metric_readers=[metrics]
-    )
-    yield Recorded(spans, metrics)
-    telemetry.shutdown()
 
 
 async def test_each_routing_decision_is_one_info_line_with_its_task_and_trace(

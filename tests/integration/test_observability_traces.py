@@ -5,7 +5,7 @@ Real nats-server, real simulator over HTTP, each actor on its own connection."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -17,21 +17,14 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from actors.cost_ledger import CostLedger
 from events.codec import event_tag
-from tests.fault.provider_harness import config_text
-from tests.integration.telemetry_harness import separate_deployment
+from tests.integration.telemetry_harness import BUDGET, guide, separate_deployment
 from vapora.config import TelemetryConfig
 from vapora.telemetry import Telemetry, setup
 
 pytestmark = pytest.mark.anyio
 
-# Leases off: each paid attempt reserves with the keeper, so the keeper is part of the trace.
-BUDGET = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
 # Leases on (the default): attempts are admitted against the router's lease, no round trip.
 LEASED = "[budget]\ndaily_limit_cents = 1000\n"
-
-
-def guide(budget: str = BUDGET, **kw: object) -> Callable[[str], str]:
-    return lambda base_url: config_text(base_url, budget=budget, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from events import subjects
 from events.codec import encode
 from events.contract import ProviderCall, TaskType
 from events.log import CallFailed, ProviderHealthChanged, SpendRecorded
-from tests.fault.provider_harness import config_text, deployment, until
+from tests.fault.provider_harness import Deployment, config_text, deployment, until
 from tests.samples import EVENTS
 from vapora.config import parse_config
 from vapora.errors import InternalError
@@ -104,6 +104,21 @@ async def test_a_stopping_provider_actor_waits_for_its_calls_to_end_and_be_bille
             assert provider.service.drain_timeout >= timeout_s + 5.0, name
 
 
+def _outage(dep: Deployment) -> list[bool]:
+    """The event log refuses calls' spend (an outage past the acknowledgement timeout) while
+    the returned switch's one value is True."""
+    append_many = dep.log.append_many
+    down = [True]
+
+    async def outage(events: Any, **kw: Any) -> Any:
+        if down[0] and any(isinstance(e, SpendRecorded) for e in events):
+            raise InternalError("event log did not acknowledge event within 30.0 s")
+        return await append_many(events, **kw)
+
+    dep.log.append_many = outage  # type: ignore[method-assign]
+    return down
+
+
 async def test_a_calls_spend_the_log_did_not_take_is_appended_once_it_does(
     tmp_path: Path,
 ) -> None:
@@ -113,15 +128,7 @@ async def test_a_calls_spend_the_log_did_not_take_is_appended_once_it_does(
     async with deployment(tmp_path, config_text) as dep:
         provider = dep.providers["openai"]
         provider.held_retry_s = 0.05
-        append_many = dep.log.append_many
-        down = [True]
-
-        async def outage(events: Any, **kw: Any) -> Any:
-            if down[0] and any(isinstance(e, SpendRecorded) for e in events):
-                raise InternalError("event log did not acknowledge event within 30.0 s")
-            return await append_many(events, **kw)
-
-        dep.log.append_many = outage  # type: ignore[method-assign]
+        down = _outage(dep)
         result = await dep.client.complete(prompt="hello", provider="openai", task_id="T-held")
         assert provider.held  # the call answered; its events wait
         down[0] = False
@@ -142,15 +149,7 @@ async def test_held_events_appended_later_continue_their_tasks_trace(
     async with deployment(tmp_path, config_text) as dep:
         provider = dep.providers["openai"]
         provider.held_retry_s = 0.05
-        append_many = dep.log.append_many
-        down = [True]
-
-        async def outage(events: Any, **kw: Any) -> Any:
-            if down[0] and any(isinstance(e, SpendRecorded) for e in events):
-                raise InternalError("event log did not acknowledge event within 30.0 s")
-            return await append_many(events, **kw)
-
-        dep.log.append_many = outage  # type: ignore[method-assign]
+        down = _outage(dep)
         await dep.client.complete(prompt="hello", provider="openai", task_id="T-traced")
         assert provider.held
         [line] = [p.read_bytes() for p in held_files(tmp_path)]

@@ -112,6 +112,20 @@ async def test_an_error_whose_body_was_cut_keeps_its_status(kind: str) -> None:
     assert isinstance(limited, ProviderRateLimited) and limited.retry_after == 7
 
 
+async def _stream_failure(kind: str, response: bytes) -> ProviderError:
+    """The error a ``kind`` client's stream raises on ``response``, served once."""
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()
+    return raised.value
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
@@ -125,16 +139,8 @@ async def test_an_openai_in_stream_error_is_classified_by_its_code(
 ) -> None:
     frame = b"data: " + msgspec.json.encode({"error": {"message": "no", **error}}) + b"\n\n"
     response = answer("200 OK", frame, "content-type: text/event-stream\r\n")
-    async with stub(response) as port:
-        made = client("openai", port)
-        try:
-            with pytest.raises(ProviderError) as raised:
-                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
-                    async for _ in stream:
-                        pass
-        finally:
-            await made.aclose()
-    assert type(raised.value) is expected
+    failed = await _stream_failure("openai", response)
+    assert type(failed) is expected
 
 
 _START = (
@@ -174,17 +180,9 @@ _ERROR = (
 async def test_input_reported_before_a_stream_fails_is_billed(response: bytes) -> None:
     """The provider counted 50,000 input tokens in ``message_start``; the stream failed before
     its first chunk, and the failure carried no usage, so none of it was recorded."""
-    async with stub(response) as port:
-        made = client("anthropic", port)
-        try:
-            with pytest.raises(ProviderError) as raised:
-                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
-                    async for _ in stream:
-                        pass
-        finally:
-            await made.aclose()
-    assert raised.value.fallback  # still before the first chunk: the router falls back
-    assert raised.value.usage.input_tokens == 50000
+    failed = await _stream_failure("anthropic", response)
+    assert failed.fallback  # still before the first chunk: the router falls back
+    assert failed.usage.input_tokens == 50000
 
 
 _OPENAI_STREAM = (

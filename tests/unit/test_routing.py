@@ -22,14 +22,13 @@ from events.contract import (
     TaskType,
     Tier,
 )
-from vapora.config import Config, parse_config
+from vapora.config import Config, missing_api_key, parse_config
 from vapora.errors import BudgetExceeded, NoProviderAvailable, UnknownProvider, UnknownTaskType
 from vapora.routing import (
     ProviderView,
     RouteOverBudget,
     RouteUnavailable,
     decide,
-    key_views,
     task_cap_usd,
     task_remaining_usd,
 )
@@ -37,6 +36,15 @@ from vapora.routing import (
 GUIDE_TOML = Path(__file__).parent.parent / "fixtures" / "llm-router.toml"
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 ALL_KEYS = {"ANTHROPIC_API_KEY": "a", "OPENAI_API_KEY": "o", "GOOGLE_API_KEY": "g"}
+
+
+def _key_views(config: Config, env: Mapping[str, str]) -> dict[str, ProviderView]:
+    """Views knowing only whether each provider's API key is set in ``env`` (as a provider
+    actor's health event tells a router)."""
+    return {
+        p.name: ProviderView(api_key_present=missing_api_key(p, env) is None)
+        for p in config.providers
+    }
 
 
 def flat_price(
@@ -102,7 +110,7 @@ def route(
         req,
         config,
         now=NOW,
-        views={**key_views(config, env), **(views or {})},
+        views={**_key_views(config, env), **(views or {})},
         estimated_costs=costs(config) if estimates is None else estimates,
         tier=tier,
         task_remaining_usd=remaining,

@@ -5,31 +5,19 @@ stream that broke after its first chunk (billed, with a time to that chunk)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from decimal import Decimal
 
 import anyio
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from events.contract import Price, Usage
-from vapora.config import TelemetryConfig
+from events.contract import Usage
+from tests.integration import telemetry_harness
+from tests.samples import PRICE
 from vapora.pricing import cost
 from vapora.providers import ProviderRequest, StreamBroken
-from vapora.telemetry import setup
 from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
-
-PRICE = Price(
-    input_per_mtok=Decimal(3),
-    output_per_mtok=Decimal(15),
-    cache_read_per_mtok=Decimal("0.3"),
-    cache_write_per_mtok=Decimal("3.75"),
-    source="test",
-    version="1",
-)
 
 
 def _spec(stream: bool) -> CallSpec:
@@ -48,10 +36,8 @@ def _spec(stream: bool) -> CallSpec:
     )
 
 
-@dataclass
-class Recorded:
-    spans: InMemorySpanExporter
-    metrics: InMemoryMetricReader
+class Recorded(telemetry_harness.Recorded):
+    """The provider call's span and metric points, as recorded."""
 
     def span(self) -> ReadableSpan:
         [span] = self.spans.get_finished_spans()
@@ -71,12 +57,7 @@ class Recorded:
 
 @pytest.fixture
 def recorded() -> Iterator[Recorded]:
-    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
-    telemetry = setup(
-        TelemetryConfig(enabled=True), env={}, span_exporters=[spans], metric_readers=[metrics]
-    )
-    yield Recorded(spans, metrics)
-    telemetry.shutdown()
+    yield from telemetry_harness.recording(Recorded)
 
 
 @pytest.mark.anyio

@@ -137,11 +137,16 @@ async def _reading(nc: Client) -> EventLog:
     return log
 
 
-async def _event_log(nc: Client, config: Config) -> EventLog:
-    """The event log, its stream made or brought up to date (``[storage] replicas``)."""
+def _configured_log(nc: Client, config: Config) -> EventLog:
+    """The event log with the config's stream settings (``[storage] replicas``)."""
     from actors.eventlog import EventLog, StreamSettings
 
-    log = EventLog(nc, StreamSettings(replicas=config.storage.replicas))
+    return EventLog(nc, StreamSettings(replicas=config.storage.replicas))
+
+
+async def _event_log(nc: Client, config: Config) -> EventLog:
+    """The event log, its stream made or brought up to date."""
+    log = _configured_log(nc, config)
     await log.ensure_stream()
     return log
 
@@ -373,10 +378,10 @@ async def cmd_events(args: argparse.Namespace) -> int:
 async def cmd_stream(args: argparse.Namespace) -> int:
     """Make the event stream, or bring its settings (``[storage] replicas``) up to date, and
     print them: an admin's job once actors' users may not change the stream."""
-    from actors.eventlog import EventLog, NoEventStream, StreamSettings, stream_differences
+    from actors.eventlog import NoEventStream, stream_differences
 
     async with _connected(args, "vapora-stream") as (config, nc):
-        log = EventLog(nc, StreamSettings(replicas=config.storage.replicas))
+        log = _configured_log(nc, config)
         try:
             before = (await log.existing_stream()).config
         except NoEventStream:

@@ -6,7 +6,7 @@ connection settings as every other command (``VAPORA_NATS_URL``, ``VAPORA_CONFIG
 answers within ``--timeout`` seconds, 1 otherwise, printing one line either way. When services
 run on this machine (container), each of them is asked by its own id
 (``$SRV.PING.<name>.<id>``, from the notes their processes keep in
-``actors.service.instance_dir()``) and must answer, so that a sibling instance elsewhere cannot
+``actors.instances.instance_dir()``) and must answer, so that a sibling instance elsewhere cannot
 answer for a wedged one. It also runs as
 ``python -m vapora.cli.health``, which is what ``docker/Dockerfile``'s HEALTHCHECK calls.
 
@@ -67,7 +67,7 @@ async def cmd_health(args: argparse.Namespace) -> int:
         initial_deadline=args.timeout,
         max_reconnect_attempts=0,
     )
-    from actors.service import server_identity
+    from actors.instances import server_identity
 
     try:
         nc = await connect(options)
@@ -97,11 +97,11 @@ async def cmd_health(args: argparse.Namespace) -> int:
 
 def local_instances(service: str | None, server: str | None) -> list[tuple[str, str]]:
     """(name, id) of the services running on this machine (container) on the NATS deployment
-    ``server`` (:func:`actors.service.server_identity`), as their processes noted them
-    (:func:`actors.service.register_instance`), those of ``service`` only if given. A note
+    ``server`` (:func:`actors.instances.server_identity`), as their processes noted them
+    (:func:`actors.instances.register`), those of ``service`` only if given. A note
     whose process is gone, or whose pid another process now has (a restarted container's), is
     removed."""
-    from actors.service import instance_dir, process_start
+    from actors.instances import instance_dir, process_start
 
     found = []
     try:
