@@ -3,7 +3,8 @@
 ::
 
     .venv/bin/python bench/bench_telemetry.py [--requests N] [--concurrency C] [--trials T]
-                                              [--exporter otlp|jsonl] [--provider P] [--quick]
+                                              [--exporter otlp|jsonl|none]
+                                              [--export thread|process] [--provider P] [--quick]
 
 One run starts the provider simulator as its own OS process (zero latency), an embedded
 nats-server with JetStream, and every actor in this process: the cost ledger, the budget keeper
@@ -16,7 +17,9 @@ a shuffled order so that no mode always follows another:
   plus metrics. The exporter is what a deployment runs: OTLP over HTTP/protobuf (the default
   here) to a collector, stood in for by a separate process that takes each POST and answers
   200, so vapora pays for encoding and sending every span and the collector's own work is not
-  counted; or ``--exporter jsonl``, every span written to a JSON-lines file (local debugging);
+  counted (``--export process``: encoded and sent by a child process, whose CPU per completion
+  is its own column); or ``--exporter jsonl``, every span written to a JSON-lines file (local
+  debugging);
 * **traces 10 %**: the same with ``sample_ratio = 0.1`` (the operator's lever);
 * **traces 0 %**: the same with ``sample_ratio = 0``: no span is recorded, so what is left is
   what every message pays whether or not its trace is sampled (its trace context made, sent,
@@ -71,12 +74,14 @@ from vapora.config import TelemetryConfig  # noqa: E402
 from vapora.eventloop import loop_name  # noqa: E402
 from vapora.eventloop import run as run_loop  # noqa: E402
 from vapora.telemetry import Telemetry, setup  # noqa: E402
+from vapora.telemetry.childexport import ChildSpanExporter  # noqa: E402
 from vapora.telemetry.export import SpanBatcher  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
 MODES = ("off", "traces 100%", "traces 10%", "traces 0%", "metrics only")
 RATIOS = {"traces 100%": 1.0, "traces 10%": 0.1, "traces 0%": 0.0}
 EXPORTER: Any = "otlp"  # --exporter none: spans made but not exported (the SDK's share alone)
+EXPORT_PROCESS = False  # --export process: OTLP encoded and sent by a child process
 
 # A stand-in for an OpenTelemetry collector: reads each OTLP/HTTP request and answers 200.
 COLLECTOR = """
@@ -128,6 +133,7 @@ def telemetry_for(mode: str, spans_file: Path, collector: str | None) -> Telemet
         otlp_endpoint=collector,
         sample_ratio=RATIOS[mode],
         prometheus_port=0,
+        export_process=EXPORT_PROCESS,
     )
     return setup(config, env={"OTEL_METRICS_EXPORTER": "none"})
 
@@ -198,17 +204,29 @@ async def burst(
             await call()
 
     started, cpu, collecting = time.perf_counter(), time.process_time(), GC.seconds
+    child_cpu = export_process_cpu(telemetry)
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
             tg.start_soon(worker)
     await settled()
     if telemetry.tracer_provider is not None:
-        # The batch exporter writes in a thread; charge its work to this mode's window.
+        # The batch exporter writes in a thread (and the export process sends on); charge
+        # their work to this mode's window: the flush returns once the collector has it all.
         await anyio.to_thread.run_sync(telemetry.tracer_provider.force_flush)
     return (
         time.perf_counter() - started,
         time.process_time() - cpu,
         GC.seconds - collecting,
+        export_process_cpu(telemetry) - child_cpu,
+    )
+
+
+def export_process_cpu(telemetry: Telemetry) -> float:
+    """CPU seconds of ``telemetry``'s span export processes so far, as of their last flush."""
+    return sum(
+        b.exporter.child_cpu_ns / 1e9
+        for b in batchers(telemetry)
+        if isinstance(b.exporter, ChildSpanExporter)
     )
 
 
@@ -224,7 +242,16 @@ async def measure(
     has applied its events and the spans are exported (so no mode pays for the one before);
     medians over trials."""
     results: dict[str, dict[str, list[float]]] = {
-        m: {"p50": [], "p99": [], "rate": [], "cpu_us": [], "gc_us": [], "spans": []} for m in modes
+        m: {
+            "p50": [],
+            "p99": [],
+            "rate": [],
+            "cpu_us": [],
+            "child_us": [],
+            "gc_us": [],
+            "spans": [],
+        }
+        for m in modes
     }
     shuffled = random.Random(7)
     for _ in range(args.trials):
@@ -247,18 +274,20 @@ async def measure(
         spent = dict.fromkeys(modes, 0.0)
         cpu = dict.fromkeys(modes, 0.0)
         collected = dict.fromkeys(modes, 0.0)
+        child = dict.fromkeys(modes, 0.0)
         spans = dict.fromkeys(modes, 0)
         for mode in bursts:
             telemetries[mode].activate()
             gc.collect()  # start each burst with no garbage left by the one before
             exported = sum(b.exported for b in batchers(telemetries[mode]))
-            wall, used, gc_s = await burst(
+            wall, used, gc_s, child_s = await burst(
                 args.burst, args.concurrency, call, telemetries[mode], settled
             )
             spans[mode] += sum(b.exported for b in batchers(telemetries[mode])) - exported
             spent[mode] += wall
             cpu[mode] += used
             collected[mode] += gc_s
+            child[mode] += child_s
         trial = len(results[modes[0]]["p50"])
         for mode in modes:
             results[mode]["p50"].append(percentile(samples[mode], 50))
@@ -266,6 +295,7 @@ async def measure(
             results[mode]["rate"].append(args.bursts * args.burst / spent[mode])
             results[mode]["cpu_us"].append(cpu[mode] / (args.bursts * args.burst) * 1e6)
             results[mode]["gc_us"].append(collected[mode] / (args.bursts * args.burst) * 1e6)
+            results[mode]["child_us"].append(child[mode] / (args.bursts * args.burst) * 1e6)
             results[mode]["spans"].append(spans[mode] / (args.bursts * args.burst))
             print(
                 f"  trial {trial + 1} {mode:<13} p50 {results[mode]['p50'][-1]:6.2f} ms"
@@ -369,11 +399,12 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"{loop_name()} loop",
         f"# provider={args.provider} sequential={args.requests}/mode, bursts={args.bursts}x"
         f"{args.burst} at concurrency {args.concurrency}/mode, trials={args.trials} (medians; "
-        f"costs paired within each trial); exporter {result['exporter']}, spans exported: "
-        f"{result['spans_exported']}",
+        f"costs paired within each trial); exporter {result['exporter']}"
+        + (f" from a {args.export}" if result["exporter"] == "otlp" else "")
+        + f", spans exported: {result['spans_exported']}",
         f"{'mode':<15}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'throughput cost':>17}"
-        f"{'added p50 ms':>14}{'CPU us/req':>12}{'CPU added':>11}{'GC us/req':>11}"
-        f"{'spans/call':>12}",
+        f"{'added p50 ms':>14}{'CPU us/req':>12}{'CPU added':>11}{'export proc us':>16}"
+        f"{'GC us/req':>11}{'spans/call':>12}",
     ]
 
     for mode in modes:
@@ -385,7 +416,8 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> str:
         cpu_cost = _paired_cost(modes[mode], base, "cpu_us")
         lines.append(
             f"{mode:<15}{p50:>9.2f}{p99:>9.2f}{rate:>9.0f}{cost:>16.1f}%{p50 - off_p50:>14.2f}"
-            f"{cpu:>12.0f}{cpu_cost:>10.1f}%{statistics.median(modes[mode]['gc_us']):>11.0f}"
+            f"{cpu:>12.0f}{cpu_cost:>10.1f}%{statistics.median(modes[mode]['child_us']):>16.0f}"
+            f"{statistics.median(modes[mode]['gc_us']):>11.0f}"
             + (f"{statistics.median(modes[mode]['spans']):>12.2f}" if otlp else f"{'-':>12}")
         )
     return "\n".join(lines)
@@ -411,9 +443,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the traced modes' spans go: OTLP/HTTP to a collector stand-in (default), a "
         "JSON-lines file, or nowhere (the SDK's share alone; not a deployment's cost)",
     )
+    parser.add_argument(
+        "--export",
+        default="thread",
+        choices=["process", "thread"],
+        help="with OTLP: spans encoded and sent by a thread of the actors' process (the default) "
+        "or by a child process (telemetry.export_process = true)",
+    )
     args = parser.parse_args(argv)
-    global EXPORTER
+    global EXPORTER, EXPORT_PROCESS
     EXPORTER = args.exporter
+    EXPORT_PROCESS = args.export == "process"
     if args.quick:
         args.requests, args.bursts, args.trials = 50, 3, 1
     return args

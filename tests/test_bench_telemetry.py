@@ -60,3 +60,15 @@ def test_the_off_path_count_finds_every_switch_a_task_passes(
     assert all(r["us alone"] > 0 for r in rows.values())
     assert "all" in capsys.readouterr().out
     assert bench_telemetry_off.tracing.enabled.__name__ == "enabled"
+
+
+@pytest.mark.slow
+def test_the_export_process_is_charged_its_own_cpu() -> None:
+    quick = ["--quick", "--requests", "10", "--bursts", "2"]
+    args = parse_args([*quick, "--export", "process", "--modes", "off", "traces 100%"])
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(run_loop, run, args).result()
+    modes = result["modes"]
+    assert modes["traces 100%"]["child_us"][0] > 0  # what the child spent, per completion
+    assert modes["off"]["child_us"][0] == 0
+    assert 8 <= statistics.median(modes["traces 100%"]["spans"]) < 9

@@ -7,9 +7,7 @@ import json
 import logging
 import re
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from actors import tracing
+from tests.otlp_collector import collector
 from vapora.config import TelemetryConfig
 from vapora.telemetry import STATE, TASK_ID, active, setup
 from vapora.telemetry.instruments import Instruments
@@ -110,29 +109,19 @@ def test_the_semconv_opt_in_selects_v1_41_the_newest_released_set() -> None:
     assert V1_41.provider_name == "gen_ai.provider.name"  # not the pre-1.37 gen_ai.system
 
 
-class _Collector(BaseHTTPRequestHandler):
-    received: list[tuple[str, bytes]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append((self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment() -> None:
+@pytest.mark.parametrize("export_process", [True, False])
+def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment(
+    export_process: bool,
+) -> None:
     pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Collector.received.clear()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    with collector() as (endpoint, received):
         telemetry = setup(
-            TelemetryConfig(enabled=True, exporter="otlp", otlp_endpoint="http://wrong:1"),
+            TelemetryConfig(
+                enabled=True,
+                exporter="otlp",
+                otlp_endpoint="http://wrong:1",
+                export_process=export_process,
+            ),
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
         )
         with tracing.publish_span("vapora.otlp-test"):
@@ -140,24 +129,10 @@ def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment() ->
         assert STATE.metrics is not None
         STATE.metrics.record_decision("claude", "CodeGeneration", "rules")
         telemetry.shutdown()  # flushes both signals
-    finally:
-        server.shutdown()
-    paths = {path for path, _ in _Collector.received}
+    paths = {path for path, _ in received}
     assert {"/v1/traces", "/v1/metrics"} <= paths
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    names = [
-        span.name
-        for path, body in _Collector.received
-        if path == "/v1/traces"
-        for resource in ExportTraceServiceRequest.FromString(body).resource_spans
-        for scope in resource.scope_spans
-        for span in scope.spans
-    ]
-    assert names == ["publish vapora.otlp-test"]
-    metrics = b"".join(body for path, body in _Collector.received if path == "/v1/metrics")
+    assert received.span_names() == ["publish vapora.otlp-test"]
+    metrics = b"".join(body for path, body in received if path == "/v1/metrics")
     assert b"vapora_llm_routing_decisions_total" in metrics
 
 

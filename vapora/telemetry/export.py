@@ -61,7 +61,8 @@ def _setting(env: Mapping[str, str], name: str) -> int:
     return value
 
 
-def _call_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+def call_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Call a weakly held method if its object is still alive (fork handlers)."""
     bound = method()
     if bound is not None:
         bound()
@@ -87,7 +88,7 @@ class SpanBatcher(SpanProcessor):
         # its own, with an empty queue (the parent's spans are the parent's to export).
         if hasattr(os, "register_at_fork"):
             method = weakref.WeakMethod(self._start)
-            os.register_at_fork(after_in_child=lambda: _call_alive(method))
+            os.register_at_fork(after_in_child=lambda: call_alive(method))
 
     def _start(self) -> None:
         self._queue: collections.deque[ReadableSpan] = collections.deque()
@@ -183,7 +184,7 @@ class SpanBatcher(SpanProcessor):
         """Export every span ended before this call; False if that took over the timeout."""
         if not self._thread.is_alive():
             self._export_waiting()
-            return True
+            return self._flush_exporter(timeout_millis)
         deadline = time.monotonic() + timeout_millis / 1000
         with self._flushed:
             self._flush_requests += 1
@@ -195,7 +196,13 @@ class SpanBatcher(SpanProcessor):
                 if remaining <= 0:
                     return False
                 self._flushed.wait(remaining)
-        return True
+        # An exporter that sends on from elsewhere (a child process) is flushed too.
+        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        return self._flush_exporter(remaining_ms)
+
+    def _flush_exporter(self, timeout_millis: int) -> bool:
+        # The SDK's base exporter's force_flush returns None: nothing to flush, not a failure.
+        return self.exporter.force_flush(timeout_millis) is not False
 
     def shutdown(self) -> None:
         if self._shutdown:

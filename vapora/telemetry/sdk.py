@@ -297,6 +297,11 @@ def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter
         _missing_otlp("spans")
         return None
     endpoint = _otlp_endpoint(config, env, "TRACES")
+    if config.export_process:
+        # Encoded and sent by a child process (vapora.telemetry.childexport).
+        from vapora.telemetry.childexport import ChildSpanExporter
+
+        return ChildSpanExporter(endpoint)
     # The SDK's exporter with a direct protobuf encoder (vapora.telemetry.otlp).
     exporter: SpanExporter = OtlpSpanExporter(endpoint=endpoint) if endpoint else OtlpSpanExporter()
     return exporter
