@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from actors.protocol import FastParser, RawBatch, RawMessage
+from events import subjects
 from vapora.config import redact_url
 
 __all__ = [
@@ -78,6 +79,8 @@ class ConnectOptions:
     max_reconnect_attempts: int = -1
     # pending_size bounds what nats-py buffers while disconnected (bytes).
     pending_size: int = 64 * 1024 * 1024
+    # Where replies come back: None is ``_INBOX.<user>`` (events.subjects.inbox_prefix).
+    inbox_prefix: str | None = None
 
     def __repr__(self) -> str:
         # The servers' user-info may hold a password or a token: masked, like the fields.
@@ -550,6 +553,10 @@ async def connect(options: ConnectOptions) -> Client:
         "error_cb": refusal.error_cb,
         "disconnected_cb": _disconnected_cb,
         "reconnected_cb": _reconnected_cb,
+        # Each user's replies under its own prefix, which the deployment's permissions let
+        # only that user receive (docs/operations-cluster.md).
+        "inbox_prefix": options.inbox_prefix
+        or subjects.inbox_prefix(options.user, options.servers),
     }
     if options.user is not None:
         kwargs["user"], kwargs["password"] = options.user, options.password

@@ -9,6 +9,10 @@ write ``route`` events. Per-writer subjects also make per-actor NATS permissions
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
 __all__ = [
     "BUDGET",
     "BUDGET_LEASE",
@@ -21,7 +25,9 @@ __all__ = [
     "EVENT_STREAM",
     "REPORT",
     "STREAM",
+    "INBOX",
     "event_subject",
+    "inbox_prefix",
     "provider_call",
 ]
 
@@ -39,6 +45,24 @@ EVENTS_PREFIX = "vapora.events"
 EVENTS_WILDCARD = "vapora.events.>"
 
 _PROVIDER_CALL = "vapora.provider.{name}.call"
+
+#: NATS's default reply-subject prefix (every inbox is ``_INBOX.<unique>`` without a user).
+INBOX = "_INBOX"
+_USER_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def inbox_prefix(user: str | None, servers: Sequence[str] = ()) -> str:
+    """The prefix of the reply subjects a connection as NATS user ``user`` listens on:
+    ``_INBOX.<user>``, so that a deployment can let each user receive its own replies only
+    (``vapora.deploy`` allows each user ``_INBOX.<user>.>``). Without ``user``, the user named
+    in the first server URL (``nats://user:password@host``). Without a user, or with a name
+    that is not one plain subject token, NATS's default ``_INBOX``."""
+    if user is None and servers:
+        user = urlsplit(servers[0]).username
+    if user is None or _USER_TOKEN.fullmatch(user) is None:
+        return INBOX
+    return f"{INBOX}.{user}"
+
 
 # Event tag -> the subject family it is appended under.
 _EVENT_FAMILY = {

@@ -134,6 +134,9 @@ class Client:
         """Connect to NATS at ``url`` (comma-separated for a cluster); closed on exit."""
         servers = [u.strip() for u in url.split(",") if u.strip()]
         options.setdefault("connect_timeout", 5)
+        # Replies under the user's own prefix, which a deployment's permissions can let only
+        # that user receive (docs/operations-cluster.md).
+        options.setdefault("inbox_prefix", subjects.inbox_prefix(options.get("user"), servers))
         try:
             with anyio.fail_after(options.pop("initial_deadline_s", 15.0)):
                 nc = await nats.connect(servers=servers, **options)

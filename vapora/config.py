@@ -312,6 +312,8 @@ class NatsConfig(_Section, frozen=True, kw_only=True):
     token: str | None = None
     creds: str | None = None
     tls: TlsConfig | None = None
+    # Where replies come back; None: ``_INBOX.<user>`` (events.subjects.inbox_prefix).
+    inbox_prefix: str | None = None
 
     def __repr__(self) -> str:
         password = None if self.password is None else _MASK
@@ -319,7 +321,8 @@ class NatsConfig(_Section, frozen=True, kw_only=True):
         return (
             f"NatsConfig(urls={tuple(redact_url(u) for u in self.urls)!r}, "
             f"user={self.user!r}, password={password!r}, "
-            f"token={token!r}, creds={self.creds!r}, tls={self.tls!r})"
+            f"token={token!r}, creds={self.creds!r}, tls={self.tls!r}, "
+            f"inbox_prefix={self.inbox_prefix!r})"
         )
 
     __str__ = __repr__
@@ -437,6 +440,7 @@ class _NatsFile(_Section, frozen=True, kw_only=True):
     token: str | None = None
     creds: str | None = None
     tls: TlsConfig | None = None
+    inbox_prefix: str | None = None
 
 
 class _ConfigFile(_Section, frozen=True, kw_only=True):
@@ -783,7 +787,21 @@ def _nats(raw: _NatsFile) -> NatsConfig:
         token=raw.token,
         creds=raw.creds,
         tls=tls,
+        inbox_prefix=_inbox_prefix(raw.inbox_prefix),
     )
+
+
+# Subject tokens: no whitespace, no wildcard, no empty token.
+_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+
+
+def _inbox_prefix(prefix: str | None) -> str | None:
+    if prefix is not None and _SUBJECT.fullmatch(prefix) is None:
+        raise _Invalid(
+            "nats.inbox_prefix",
+            f'{prefix!r} is not a NATS subject without wildcards (e.g. "_INBOX.billing")',
+        )
+    return prefix
 
 
 _SYNC_INTERVAL = re.compile(r"always|[1-9][0-9]*(ms|s|m|h)")

@@ -9,8 +9,11 @@ The permission model (``docs/operations-cluster.md``): one account, ``VAPORA``, 
 one user per actor role. Writers own their event subjects (``events.subjects``): only ``budget``
 publishes ``vapora.events.budget``, only ``provider`` publishes call, spend and health events,
 only ``router`` publishes route events. ``client`` may publish only the four public request
-subjects and receive its replies on ``_INBOX.>``. No user but ``admin`` may delete or purge the
-stream or delete a message from it (the stream also has ``deny_delete``/``deny_purge``).
+subjects. Each user receives replies only under its own ``_INBOX.<user>.>``, where vapora's
+connections put them (``events.subjects.inbox_prefix``): no user reads another's replies. More
+client users (one per calling service) are added with ``--client NAME``. No user but
+``admin`` may delete or purge the stream or delete a message from it (the stream also has
+``deny_delete``/``deny_purge``).
 
 Passwords are never written into a file: by default each user's password is the nats-server
 config variable ``$VAPORA_<USER>_PASSWORD``, which nats-server resolves from its environment.
@@ -19,6 +22,7 @@ config variable ``$VAPORA_<USER>_PASSWORD``, which nats-server resolves from its
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ __all__ = [
     "PUBLIC_REQUESTS",
     "USERS",
     "Permissions",
+    "check_clients",
     "ServerTls",
     "main",
     "password_variable",
@@ -77,8 +82,10 @@ _JS_API: Final = (
 )
 _ACTOR_PUBLISH: Final = (*_JS_API, "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", "$SRV.>")
 # Each role receives only its own requests (a queue group is joined by subscribing: a user that
-# may subscribe to another role's subject could take its requests), plus replies and $SRV.
-_ACTOR_SUBSCRIBE: Final = ("_INBOX.>", "$SRV.>")
+# may subscribe to another role's subject could take its requests), its own replies (under
+# _INBOX.<user>, where vapora's connections put them: events.subjects.inbox_prefix) and $SRV.
+_ACTOR_SUBSCRIBE: Final = ("$SRV.>",)
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SERVES: Final = {
     "router": (subjects.COMPLETE, subjects.STREAM),
     "provider": ("vapora.provider.*.call",),
@@ -96,8 +103,27 @@ class Permissions:
     publish_deny: tuple[str, ...] = ()
 
 
-def permissions() -> dict[str, Permissions]:
-    """Each user's permissions, by user name (see the module docstring)."""
+def _replies(user: str) -> str:
+    """The reply subjects only ``user`` may receive."""
+    return f"{subjects.inbox_prefix(user)}.>"
+
+
+def check_clients(clients: Sequence[str]) -> tuple[str, ...]:
+    """``clients`` as extra client user names; a name that is not a plain subject token (it
+    names the user's inbox), is one of :data:`USERS` or comes twice is a ``ValueError``."""
+    seen: list[str] = []
+    for name in clients:
+        if _CLIENT_NAME.fullmatch(name) is None:
+            raise ValueError(f"client user {name!r}: use letters, digits, '-' or '_' (64 at most)")
+        if name in USERS or name in seen:
+            raise ValueError(f"client user {name!r} is already a user")
+        seen.append(name)
+    return tuple(seen)
+
+
+def permissions(clients: Sequence[str] = ()) -> dict[str, Permissions]:
+    """Each user's permissions, by user name (see the module docstring); ``clients`` are more
+    users with the ``client`` role, one per calling service, each receiving its own replies."""
     actor = {
         "router": (
             f"{_EVENTS}.route",
@@ -115,12 +141,13 @@ def permissions() -> dict[str, Permissions]:
     users = {
         name: Permissions(
             publish=(*own, *_ACTOR_PUBLISH),
-            subscribe=(*_SERVES[name], *_ACTOR_SUBSCRIBE),
+            subscribe=(*_SERVES[name], _replies(name), *_ACTOR_SUBSCRIBE),
             publish_deny=DENIED_TO_ACTORS,
         )
         for name, own in actor.items()
     }
-    users["client"] = Permissions(publish=PUBLIC_REQUESTS, subscribe=("_INBOX.>",))
+    for client in ("client", *check_clients(clients)):
+        users[client] = Permissions(publish=PUBLIC_REQUESTS, subscribe=(_replies(client),))
     users["admin"] = Permissions(publish=(">",), subscribe=(">",))
     return users
 
@@ -155,16 +182,16 @@ def _user_block(user: str, password: str | None, perms: Permissions) -> str:
     )
 
 
-def render_accounts(passwords: Mapping[str, str] | None = None) -> str:
+def render_accounts(passwords: Mapping[str, str] | None = None, clients: Sequence[str] = ()) -> str:
     """The ``accounts`` block: every user of :data:`USERS` with its permissions.
 
     ``passwords`` maps user names to literal passwords (tests); without it each password is the
     config variable ``$VAPORA_<USER>_PASSWORD``, read by nats-server from its environment.
     """
-    rules = permissions()
+    rules = permissions(clients)
     users = "".join(
         _user_block(user, None if passwords is None else passwords[user], rules[user])
-        for user in USERS
+        for user in (*USERS, *clients)
     )
     return (
         "# Users and subject permissions (generated by `python -m vapora.deploy`; do not edit).\n"
@@ -250,9 +277,9 @@ DOCKER_TLS: Final = ServerTls(
 )
 
 
-def render_docker_files(nodes: int = 3) -> dict[str, str]:
+def render_docker_files(nodes: int = 3, clients: Sequence[str] = ()) -> dict[str, str]:
     """``docker/nats/``: file name to text (the accounts and one config per node)."""
-    files = {"accounts.conf": render_accounts()}
+    files = {"accounts.conf": render_accounts(clients=clients)}
     for i in range(nodes):
         files[f"nats-{i + 1}.conf"] = render_node(i, nodes=nodes, tls=DOCKER_TLS)
     return files
@@ -263,10 +290,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vapora.deploy", description=main.__doc__)
     parser.add_argument("--out", default="docker/nats", help="directory (default: docker/nats)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a file is not current")
+    parser.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another client user (one per calling service; repeatable): it may ask what "
+        "`client` may and receives only its own replies; its password is $VAPORA_<NAME>_PASSWORD",
+    )
     args = parser.parse_args(argv)
+    try:
+        clients = check_clients(args.client)
+    except ValueError as exc:
+        parser.error(str(exc))
     out = Path(args.out)
     stale = []
-    for name, text in render_docker_files().items():
+    for name, text in render_docker_files(clients=clients).items():
         path = out / name
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:

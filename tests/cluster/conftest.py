@@ -13,7 +13,9 @@ from actors.server import EmbeddedNats
 from tests.cluster.certs import TlsFiles, make_tls_files
 from vapora.deploy import USERS, ServerTls, render_accounts, render_tls
 
-PASSWORDS = {user: f"pw-{user}-0123456789" for user in USERS}
+#: A second client user, as ``python -m vapora.deploy --client billing`` adds one.
+CLIENTS = ("billing",)
+PASSWORDS = {user: f"pw-{user}-0123456789" for user in (*USERS, *CLIENTS)}
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +28,7 @@ def secured_config(tls: TlsFiles) -> str:
     server_tls = ServerTls(
         cert_file=str(tls.server_cert), key_file=str(tls.server_key), ca_file=str(tls.ca)
     )
-    return render_accounts(PASSWORDS) + render_tls(server_tls)
+    return render_accounts(PASSWORDS, clients=CLIENTS) + render_tls(server_tls)
 
 
 @pytest.fixture(scope="module")

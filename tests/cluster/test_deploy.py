@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from events import subjects
 from vapora import deploy
 from vapora.config import apply_env, default_config, parse_config
 from vapora.errors import ConfigError
@@ -27,8 +28,57 @@ def test_only_admin_may_remove_history_and_clients_only_ask() -> None:
     for user in ("router", "provider", "budget", "ledger"):
         assert set(deploy.DENIED_TO_ACTORS) <= set(rules[user].publish_deny)
     assert rules["client"].publish == deploy.PUBLIC_REQUESTS
-    assert rules["client"].subscribe == ("_INBOX.>",)
+    assert rules["client"].subscribe == ("_INBOX.client.>",)
     assert rules["admin"].publish == (">",) and not rules["admin"].publish_deny
+
+
+def test_each_user_receives_replies_under_its_own_inbox_only() -> None:
+    """Every user could subscribe to all of `_INBOX.>`, and so read the replies to every other
+    user's requests: completions, spend, admissions."""
+    rules = deploy.permissions(clients=("billing",))
+    for user, rule in rules.items():
+        inboxes = [s for s in rule.subscribe if s.startswith("_INBOX")]
+        assert inboxes == ([] if user == "admin" else [f"_INBOX.{user}.>"]), user
+    assert rules["billing"].publish == deploy.PUBLIC_REQUESTS
+    text = deploy.render_accounts(clients=("billing",))
+    assert "password: $VAPORA_BILLING_PASSWORD\n" in text
+
+
+@pytest.mark.parametrize("name", ["bad.name", "with space", "", "router", "client", "a>"])
+def test_a_client_user_name_that_cannot_be_an_inbox_or_is_taken_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="client user"):
+        deploy.check_clients([name])
+    with pytest.raises(ValueError, match="already a user"):
+        deploy.check_clients(["billing", "billing"])
+
+
+def test_the_deploy_command_names_a_bad_client_user(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        deploy.main(["--out", str(tmp_path), "--client", "bad.name"])
+    assert exited.value.code == 2
+    assert "client user 'bad.name'" in capsys.readouterr().err
+
+
+def test_connections_listen_for_replies_under_their_users_inbox() -> None:
+    assert subjects.inbox_prefix("router") == "_INBOX.router"
+    assert subjects.inbox_prefix(None, ["nats://billing:pw@host:4222"]) == "_INBOX.billing"
+    assert subjects.inbox_prefix("explicit", ["nats://other:pw@host"]) == "_INBOX.explicit"
+    for plain in (None, "a.b", "a b", "x>", "*"):
+        assert subjects.inbox_prefix(plain, ["nats://host"]) == "_INBOX"
+
+
+def _with_nats(line: str) -> str:
+    return f"[[providers]]\nname = 'ollama'\nmodel = 'llama2'\n[nats]\n{line}\n"
+
+
+def test_an_inbox_prefix_in_the_config_must_be_a_plain_subject() -> None:
+    config = parse_config(_with_nats('inbox_prefix = "_INBOX.svc"'), source="t.toml", at=NOW)
+    assert config.nats.inbox_prefix == "_INBOX.svc"
+    for bad in ("_INBOX.>", "a..b", "has space", ""):
+        with pytest.raises(ConfigError, match=r"nats\.inbox_prefix: .* is not a NATS subject"):
+            parse_config(_with_nats(f'inbox_prefix = "{bad}"'), source="t.toml", at=NOW)
 
 
 def test_each_event_family_has_exactly_one_writer_role() -> None:

@@ -7,19 +7,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import anyio
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 from nats.js.errors import APIError
 
 from actors.connection import ConnectionFailed, PermissionDenied
 from actors.eventlog import EventLog
 from actors.server import EmbeddedNats
+from events import Tier
+from events.codec import encode
+from events.contract import BudgetStatus
 from events.log import Event
 from tests.cluster.certs import TlsFiles
-from tests.cluster.conftest import connect_as
+from tests.cluster.conftest import PASSWORDS, connect_as, options_for
 from tests.cluster.processes import run_vapora
 from tests.fault.provider_harness import config_text
 from tests.samples import EVENTS
@@ -336,3 +342,69 @@ async def test_an_actor_with_a_wrong_password_exits_naming_the_reason(
     assert code == 1, output
     assert "refused the connection: authentication failed" in output
     assert "not-the-password" not in output
+
+
+@pytest.mark.parametrize(
+    ("user", "inbox"),
+    [
+        ("client", "_INBOX.>"),
+        ("client", "_INBOX.router.>"),
+        ("billing", "_INBOX.client.>"),
+        ("router", "_INBOX.>"),
+        ("ledger", "_INBOX.budget.*"),
+    ],
+)
+async def test_no_user_may_listen_to_another_users_replies(
+    user: str, inbox: str, secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    """Every user could subscribe to all of `_INBOX.>`: a calling service read the completions
+    vapora sent other services, and the keeper's admissions to the router."""
+    nc = await connect_as(secured_server.url, user, tls_files)
+    try:
+        refused = anyio.Event()
+        with nc.denial_watch(inbox, refused), anyio.fail_after(10):
+            await nc.subscribe(inbox)
+            await refused.wait()
+        assert nc.permission_violation(inbox, "subscription") is not None
+    finally:
+        await nc.close()
+
+
+async def test_a_second_client_user_asks_through_the_vapora_client_and_gets_its_reply(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    """The public client connects as its own user (`vapora.deploy --client billing`) and its
+    replies come back under `_INBOX.billing`, the only inbox that user may receive on."""
+    keeper = await connect_as(secured_server.url, "budget", tls_files)
+    status = BudgetStatus(
+        at=datetime(2026, 1, 1, tzinfo=UTC),
+        tier=Tier.NORMAL,
+        daily_limit_usd=None,
+        monthly_limit_usd=None,
+        per_task_limit_usd=None,
+        spent_today_usd=Decimal("1.25"),
+        spent_month_usd=Decimal("1.25"),
+        reserved_usd=Decimal(0),
+        open_reservations=0,
+        daily_percent=0.0,
+        monthly_percent=0.0,
+        warn_threshold_percent=80.0,
+    )
+    try:
+        asked_on: list[str] = []
+
+        async def answer(msg: Msg) -> None:
+            asked_on.append(msg.reply)
+            await msg.respond(encode(status))
+
+        await keeper.subscribe("vapora.budget", queue="budget", cb=answer)
+        await keeper.flush()
+        tls = options_for(secured_server.url, "billing", tls_files).tls_context()
+        async with Client.connect(
+            secured_server.url, user="billing", password=PASSWORDS["billing"], tls=tls
+        ) as client:
+            with anyio.fail_after(10):
+                assert await client.budget() == status
+        assert asked_on and asked_on[0].startswith("_INBOX.billing.")
+    finally:
+        await keeper.close()

@@ -64,6 +64,7 @@ async def cmd_health(args: argparse.Namespace) -> int:
         tls_ca_file=tls.ca if tls else None,
         tls_cert_file=tls.cert if tls else None,
         tls_key_file=tls.key if tls else None,
+        inbox_prefix=config.nats.inbox_prefix,
         initial_deadline=args.timeout,
         max_reconnect_attempts=0,
     )
