@@ -555,8 +555,7 @@ async def connect(options: ConnectOptions) -> Client:
         "reconnected_cb": _reconnected_cb,
         # Each user's replies under its own prefix, which the deployment's permissions let
         # only that user receive (docs/operations-cluster.md).
-        "inbox_prefix": options.inbox_prefix
-        or subjects.inbox_prefix(options.user, options.servers),
+        "inbox_prefix": options.inbox_prefix or _inbox_prefix(options),
     }
     if options.user is not None:
         kwargs["user"], kwargs["password"] = options.user, options.password
@@ -586,6 +585,14 @@ async def connect(options: ConnectOptions) -> Client:
         await _abandon(client)
         raise ConnectionFailed(f"NATS at {servers} refused the connection: {refusal.reason()}")
     return client
+
+
+def _inbox_prefix(options: ConnectOptions) -> str:
+    """``_INBOX.<user>`` of the user the connection authenticates as (the URL's user only
+    when nothing else names one: never a token's or a credentials file's)."""
+    if options.token is not None or options.creds_file is not None:
+        return subjects.inbox_prefix(options.user)
+    return subjects.inbox_prefix(options.user, options.servers)
 
 
 class _Refusal:

@@ -55,10 +55,13 @@ def inbox_prefix(user: str | None, servers: Sequence[str] = ()) -> str:
     """The prefix of the reply subjects a connection as NATS user ``user`` listens on:
     ``_INBOX.<user>``, so that a deployment can let each user receive its own replies only
     (``vapora.deploy`` allows each user ``_INBOX.<user>.>``). Without ``user``, the user named
-    in the first server URL (``nats://user:password@host``). Without a user, or with a name
-    that is not one plain subject token, NATS's default ``_INBOX``."""
+    in the first server URL with its password (``nats://user:password@host``; a URL's user-info
+    without a password is a token, never put in a subject). Without a user, or with a name
+    that is not one plain subject token, NATS's default ``_INBOX``. A connection that
+    authenticates with a token or a credentials file passes no ``servers``."""
     if user is None and servers:
-        user = urlsplit(servers[0]).username
+        parts = urlsplit(servers[0])
+        user = parts.username if parts.password is not None else None
     if user is None or _USER_TOKEN.fullmatch(user) is None:
         return INBOX
     return f"{INBOX}.{user}"

@@ -85,7 +85,7 @@ _ACTOR_PUBLISH: Final = (*_JS_API, "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", "$SRV.>"
 # may subscribe to another role's subject could take its requests), its own replies (under
 # _INBOX.<user>, where vapora's connections put them: events.subjects.inbox_prefix) and $SRV.
 _ACTOR_SUBSCRIBE: Final = ("$SRV.>",)
-_CLIENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 _SERVES: Final = {
     "router": (subjects.COMPLETE, subjects.STREAM),
     "provider": ("vapora.provider.*.call",),
@@ -112,11 +112,21 @@ def check_clients(clients: Sequence[str]) -> tuple[str, ...]:
     """``clients`` as extra client user names; a name that is not a plain subject token (it
     names the user's inbox), is one of :data:`USERS` or comes twice is a ``ValueError``."""
     seen: list[str] = []
+    # Users whose password variables would be one (VAPORA_ADMIN_PASSWORD for "Admin").
+    taken = {password_variable(user) for user in USERS}
     for name in clients:
         if _CLIENT_NAME.fullmatch(name) is None:
-            raise ValueError(f"client user {name!r}: use letters, digits, '-' or '_' (64 at most)")
-        if name in USERS or name in seen:
-            raise ValueError(f"client user {name!r} is already a user")
+            raise ValueError(
+                f"client user {name!r}: use letters, digits or '_' (64 at most): it names the "
+                "user's inbox and its password variable"
+            )
+        variable = password_variable(name)
+        if variable in taken:
+            raise ValueError(
+                f"client user {name!r} is already a user (or shares its password variable "
+                f"{variable})"
+            )
+        taken.add(variable)
         seen.append(name)
     return tuple(seen)
 

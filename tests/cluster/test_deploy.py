@@ -44,12 +44,17 @@ def test_each_user_receives_replies_under_its_own_inbox_only() -> None:
     assert "password: $VAPORA_BILLING_PASSWORD\n" in text
 
 
-@pytest.mark.parametrize("name", ["bad.name", "with space", "", "router", "client", "a>"])
+@pytest.mark.parametrize(
+    "name", ["bad.name", "with space", "", "router", "client", "a>", "my-svc", "Admin", "ROUTER"]
+)
 def test_a_client_user_name_that_cannot_be_an_inbox_or_is_taken_is_refused(name: str) -> None:
+    """``Admin`` would have had admin's password (``$VAPORA_ADMIN_PASSWORD``); ``my-svc`` a
+    variable no shell can export."""
     with pytest.raises(ValueError, match="client user"):
         deploy.check_clients([name])
-    with pytest.raises(ValueError, match="already a user"):
-        deploy.check_clients(["billing", "billing"])
+    for twice in (["billing", "billing"], ["billing", "BILLING"]):
+        with pytest.raises(ValueError, match="already a user"):
+            deploy.check_clients(twice)
 
 
 def test_the_deploy_command_names_a_bad_client_user(
@@ -64,6 +69,8 @@ def test_the_deploy_command_names_a_bad_client_user(
 def test_connections_listen_for_replies_under_their_users_inbox() -> None:
     assert subjects.inbox_prefix("router") == "_INBOX.router"
     assert subjects.inbox_prefix(None, ["nats://billing:pw@host:4222"]) == "_INBOX.billing"
+    # A URL's user-info without a password is a token: never put in a subject.
+    assert subjects.inbox_prefix(None, ["nats://s3cretToken@host:4222"]) == "_INBOX"
     assert subjects.inbox_prefix("explicit", ["nats://other:pw@host"]) == "_INBOX.explicit"
     for plain in (None, "a.b", "a b", "x>", "*"):
         assert subjects.inbox_prefix(plain, ["nats://host"]) == "_INBOX"
@@ -119,3 +126,16 @@ def test_storage_replicas_must_be_a_jetstream_replica_count(replicas: int) -> No
         parse_config(text, source="t.toml", at=NOW)
     ok = text.replace(f"replicas = {replicas}", "replicas = 3")
     assert parse_config(ok, source="t.toml", at=NOW).storage.replicas == 3
+
+
+def test_a_token_never_becomes_a_connections_inbox_prefix() -> None:
+    """`nats://<token>@host` has the token where a user goes: it was sent in every reply
+    subject, seen by every responder and listed by the server's monitoring."""
+    from actors.connection import ConnectOptions, _inbox_prefix
+
+    assert _inbox_prefix(ConnectOptions.from_url("nats://s3cretToken@host")) == "_INBOX"
+    assert _inbox_prefix(ConnectOptions.from_url("nats://u:p@host", token="t")) == "_INBOX"
+    assert _inbox_prefix(ConnectOptions.from_url("nats://u:p@host", creds_file="c")) == "_INBOX"
+    assert _inbox_prefix(ConnectOptions.from_url("nats://u:p@host")) == "_INBOX.u"
+    named = ConnectOptions.from_url("nats://host", user="router", password="x")
+    assert _inbox_prefix(named) == "_INBOX.router"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, StatusCode, TraceFlags, TraceState
 
@@ -78,9 +79,10 @@ def _vapora_spans() -> None:
 def _sdk_spans() -> list[ReadableSpan]:
     """The SDK's own spans, one of them with attributes dropped by its limits."""
     memory = InMemorySpanExporter()
-    provider = TracerProvider(
-        resource=Resource({"service.name": "x"}), span_limits=SpanLimits(max_span_attributes=3)
+    limits = SpanLimits(
+        max_span_attributes=3, max_event_attributes=1, max_link_attributes=1, max_events=5
     )
+    provider = TracerProvider(resource=Resource({"service.name": "x"}), span_limits=limits)
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("other", "1.2.3", schema_url="https://scope/1")
     parent = trace.set_span_in_context(
@@ -88,7 +90,9 @@ def _sdk_spans() -> list[ReadableSpan]:
     )
     with tracer.start_as_current_span("root", context=parent, attributes=ODD) as root:
         root.record_exception(ValueError("bad"))
-        with tracer.start_as_current_span("child", kind=SpanKind.CLIENT) as child:
+        root.add_event("retry", {"attempt": 2, "why": "overloaded", "after_ms": 10})
+        link = Link(root.get_span_context(), {"a": "b", "c": "d"})
+        with tracer.start_as_current_span("child", kind=SpanKind.CLIENT, links=[link]) as child:
             child.set_status(StatusCode.OK)
     return list(memory.get_finished_spans())
 
@@ -97,11 +101,11 @@ def _through_the_pipe(spans: list[ReadableSpan]) -> list[ReadableSpan]:
     """``spans`` as the parent writes them and the child reads them back."""
     exporter = ChildSpanExporter("http://127.0.0.1:9")
     child = SimpleNamespace(resources={}, scopes={})
-    frames = exporter._definitions(child, spans)  # type: ignore[arg-type]
-    frames.append(exporter._frame(["spans", exporter._rows(child, spans)]))  # type: ignore[arg-type]
+    data, _, _, packed = exporter._packed(child, spans)  # type: ignore[arg-type]
+    assert packed == len(spans)
     exporter.shutdown()
     rebuilder, rebuilt = _Rebuilder(), []
-    for item in _frames(io.BytesIO(b"".join(frames))):
+    for item in _frames(io.BytesIO(data)):
         if item[0] == "spans":
             rebuilt.extend(rebuilder.span(row) for row in item[1])
         else:
@@ -120,7 +124,11 @@ def test_vapora_spans_reach_the_collector_as_the_same_bytes(
 
 def test_the_sdks_spans_reach_the_collector_as_the_same_bytes() -> None:
     made = _sdk_spans()
-    assert made[1].dropped_attributes > 0  # the shape the row carries its counts for
+    child, root = made
+    # The shapes the rows carry their counts for: attributes dropped by the limits from the
+    # span, from an event and from a link.
+    assert root.dropped_attributes > 0 and root.events[-1].dropped_attributes == 2
+    assert child.links[0].dropped_attributes == 1
     assert encode_spans(_through_the_pipe(made)) == encode_spans(made)
 
 
@@ -281,4 +289,128 @@ def test_setup_takes_the_child_when_the_config_asks_for_it() -> None:
         exporters = [p.exporter for p in processors if isinstance(p, SpanBatcher)]
         assert len(exporters) == 1
         assert isinstance(exporters[0], ChildSpanExporter) == (kind is ChildSpanExporter)
+        if export_process:  # its writes' deadline is the batch processor's export timeout
+            assert exporters[0].timeout_s == 30.0
         telemetry.shutdown()
+    with_timeout = setup(
+        TelemetryConfig(enabled=True, exporter="otlp", metrics=False, export_process=True),
+        env={"OTEL_BSP_EXPORT_TIMEOUT": "2500"},
+    )
+    assert with_timeout.tracer_provider is not None
+    processors = with_timeout.tracer_provider._active_span_processor._span_processors
+    assert [p.exporter.timeout_s for p in processors if isinstance(p, SpanBatcher)] == [2.5]
+    with_timeout.shutdown()
+
+
+def _batch(exporter: ChildSpanExporter, names: list[str], **attributes: object) -> list[object]:
+    """Spans made and ended now, handed to ``exporter`` as one batch; the export's result."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({"service.name": "vapora-t"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.use(provider)
+    try:
+        for name in names:
+            with tracing.publish_span(name) as span:
+                for key, value in attributes.items():
+                    span.set_attribute(key, value)  # type: ignore[arg-type]
+    finally:
+        tracing.use(None)
+    return [exporter.export(list(memory.get_finished_spans()))]
+
+
+def test_a_child_that_keeps_dying_is_counted_said_and_then_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that exits at start (a broken install, an OOM kill) was restarted for every
+    batch, its batches counted sent and the flush said done, with nothing exported."""
+    monkeypatch.setattr(childexport, "CHILD_ARGS", ("-c", "import sys; sys.exit(3)"))
+    with collector() as (endpoint, received):
+        exporter = ChildSpanExporter(f"{endpoint}/v1/traces")
+        with caplog.at_level(logging.WARNING, "vapora.telemetry"):
+            for n in range(childexport.MAX_DEATHS + 2):
+                _batch(exporter, [f"vapora.try-{n}"])
+                time.sleep(0.3)  # the child exits meanwhile
+                if n == 0:
+                    assert exporter.force_flush(5_000) is False  # its spans were lost
+        exporter.shutdown()
+    assert "spans lost with it" in caplog.text and "exported from this process" in caplog.text
+    assert exporter.failed >= childexport.MAX_DEATHS  # every span written to a dead child
+    # Once it stopped using children, the batches went out from this process.
+    assert received.span_names()[-1] == f"publish vapora.try-{childexport.MAX_DEATHS + 1}"
+
+
+def test_a_child_that_stops_reading_is_stopped_and_its_batch_counted_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batcher's thread blocked on a full pipe for ever, holding the lock that a flush and
+    the shutdown wait for: both hung."""
+    monkeypatch.setattr(childexport, "CHILD_ARGS", ("-c", "import time; time.sleep(60)"))
+    exporter = ChildSpanExporter("http://127.0.0.1:9/v1/traces", timeout_s=0.5)
+    started = time.monotonic()
+    result = _batch(exporter, [f"vapora.big-{n}" for n in range(8)], payload="x" * 20_000)
+    assert result == [SpanExportResult.FAILURE] and exporter.failed == 8
+    assert exporter._child is None  # each child that did not read was stopped
+    exporter.shutdown()
+    assert time.monotonic() - started < 10
+
+
+def test_a_shutdown_while_the_writer_is_stuck_stops_the_child_in_its_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(childexport, "CHILD_ARGS", ("-c", "import time; time.sleep(60)"))
+    exporter = ChildSpanExporter("http://127.0.0.1:9/v1/traces", timeout_s=1.0)
+    results: list[object] = []
+    writer = threading.Thread(
+        target=lambda: results.extend(
+            _batch(exporter, [f"vapora.big-{n}" for n in range(8)], payload="x" * 20_000)
+        )
+    )
+    writer.start()
+    time.sleep(0.3)  # the writer is blocked on the child now
+    stuck = exporter._child
+    assert stuck is not None
+    started = time.monotonic()
+    assert exporter.force_flush(300) is False  # the lock is the writer's: not waited out
+    exporter.shutdown()
+    writer.join(10)
+    assert time.monotonic() - started < 5 and not writer.is_alive()
+    assert results == [SpanExportResult.FAILURE] and exporter.failed == 8
+    assert stuck.process.poll() is not None and exporter._child is None
+
+
+def test_a_span_that_cannot_be_packed_is_left_out_and_said_and_the_next_batch_arrives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A value of another type (a Path) or a lone surrogate failed the batch's packing after
+    the resource was marked sent: the child then failed every later batch."""
+    with collector() as (endpoint, received):
+        exporter = ChildSpanExporter(f"{endpoint}/v1/traces")
+        with caplog.at_level(logging.WARNING, "vapora.telemetry"):
+            _batch(exporter, ["vapora.path"], where=Path("/tmp"))
+            _batch(exporter, ["vapora.surrogate"], text="\udcff")
+        _batch(exporter, ["vapora.good"])
+        assert exporter.force_flush(10_000)
+        exporter.shutdown()
+    assert received.span_names() == ["publish vapora.good"]
+    assert exporter.failed == 2 and "cannot be sent" in caplog.text
+
+
+def test_a_forked_process_lets_go_of_its_parents_child() -> None:
+    """The forked process kept the parent's pipe open: the parent's child never saw its input
+    end, and the parent's shutdown waited 10 s and killed it."""
+    with collector() as (endpoint, received):
+        exporter = ChildSpanExporter(f"{endpoint}/v1/traces")
+        _batch(exporter, ["vapora.before-fork"])
+        assert exporter.force_flush(10_000)
+        pid = os.fork()
+        if pid == 0:  # the forked process: lives on while the parent shuts down
+            time.sleep(20)
+            os._exit(0)
+        try:
+            started = time.monotonic()
+            exporter.shutdown()
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert received.span_names() == ["publish vapora.before-fork"]

@@ -33,7 +33,7 @@ from vapora.telemetry.spans import VaporaSpan
 
 _SAMPLED = 0x01  # TraceFlags.SAMPLED
 
-__all__ = ["SpanBatcher"]
+__all__ = ["SpanBatcher", "call_alive", "setting"]
 
 log = logging.getLogger("vapora.telemetry")
 
@@ -45,7 +45,9 @@ _DEFAULTS = {
 }
 
 
-def _setting(env: Mapping[str, str], name: str) -> int:
+def setting(env: Mapping[str, str], name: str) -> int:
+    """An ``OTEL_BSP_*`` setting from ``env`` (the SDK's default when unset or not a positive
+    integer, said in the log)."""
     raw = env.get(name, "").strip()
     if not raw:
         return _DEFAULTS[name]
@@ -74,10 +76,10 @@ class SpanBatcher(SpanProcessor):
     def __init__(self, exporter: SpanExporter, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         self.exporter = exporter
-        self.delay_s = _setting(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000
-        self.max_queue = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
-        self.max_batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self.max_queue)
-        self.timeout_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
+        self.delay_s = setting(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000
+        self.max_queue = setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
+        self.max_batch = min(setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self.max_queue)
+        self.timeout_s = setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
         self.dropped = 0
         self.exported = 0  # spans the exporter took
         self.failed = 0  # spans in batches the exporter reported it could not send

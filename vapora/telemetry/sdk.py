@@ -300,8 +300,10 @@ def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter
     if config.export_process:
         # Encoded and sent by a child process (vapora.telemetry.childexport).
         from vapora.telemetry.childexport import ChildSpanExporter
+        from vapora.telemetry.export import setting
 
-        return ChildSpanExporter(endpoint)
+        timeout_s = setting({**os.environ, **env}, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
+        return ChildSpanExporter(endpoint, timeout_s=timeout_s)
     # The SDK's exporter with a direct protobuf encoder (vapora.telemetry.otlp).
     exporter: SpanExporter = OtlpSpanExporter(endpoint=endpoint) if endpoint else OtlpSpanExporter()
     return exporter
