@@ -24,33 +24,21 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Link, SpanKind, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import Link, SpanKind, StatusCode, TraceFlags
 
 from actors import tracing
 from tests.otlp_collector import collector
+from tests.unit.test_telemetry_spans import ODD_ATTRIBUTES
+from tests.unit.test_telemetry_spans import _varied_spans as varied_spans
 from vapora.config import TelemetryConfig
 from vapora.telemetry import childexport, setup
 from vapora.telemetry.childexport import ChildSpanExporter, _frames, _Rebuilder
 from vapora.telemetry.export import SpanBatcher
 from vapora.telemetry.otlp import encode_spans
-from vapora.telemetry.state import STATE
 
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
 
 ROOT = Path(__file__).resolve().parents[2]
-ODD = {
-    "s": "subject",
-    "unicode": "größe ✓",
-    "empty": "",
-    "yes": True,
-    "one": 1,
-    "negative": -42,
-    "big": 2**62,
-    "float": 0.25,
-    "strings": ("stop", "length"),
-    "ints": (1, 2, 3),
-    "bools": (True, False),
-}
 
 
 @pytest.fixture
@@ -61,19 +49,6 @@ def spans() -> Iterator[InMemorySpanExporter]:
     tracing.use(provider)
     yield memory
     tracing.use(None)
-
-
-def _vapora_spans() -> None:
-    remote = {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01", "tracestate": "k=v,x=y"}
-    with tracing.process_span("vapora.complete", remote, group="router"):
-        with tracing.publish_span("vapora.provider.claude.call") as span:
-            span.set_attributes(ODD)
-            span.add_event("retry", {"attempt": 2})
-            span.set_status(StatusCode.ERROR, "overloaded")
-        published, _ = tracing.start_publish("vapora.events.route", msg_id="e-1", event_type="x")
-        tracing.end_publish(published, TimeoutError("no ack"))
-    link = Link(trace.SpanContext(7, 9, True, TraceFlags(1), TraceState([("a", "b")])), {"w": 1})
-    STATE.start_span("process vapora.events.>", SpanKind.CONSUMER, {}, None, [link]).end()
 
 
 def _sdk_spans() -> list[ReadableSpan]:
@@ -88,7 +63,7 @@ def _sdk_spans() -> list[ReadableSpan]:
     parent = trace.set_span_in_context(
         trace.NonRecordingSpan(trace.SpanContext(5, 6, True, TraceFlags(1)))
     )
-    with tracer.start_as_current_span("root", context=parent, attributes=ODD) as root:
+    with tracer.start_as_current_span("root", context=parent, attributes=ODD_ATTRIBUTES) as root:
         root.record_exception(ValueError("bad"))
         root.add_event("retry", {"attempt": 2, "why": "overloaded", "after_ms": 10})
         link = Link(root.get_span_context(), {"a": "b", "c": "d"})
@@ -116,7 +91,7 @@ def _through_the_pipe(spans: list[ReadableSpan]) -> list[ReadableSpan]:
 def test_vapora_spans_reach_the_collector_as_the_same_bytes(
     spans: InMemorySpanExporter,
 ) -> None:
-    _vapora_spans()
+    varied_spans()
     made = list(spans.get_finished_spans())
     assert len(made) == 4
     assert encode_spans(_through_the_pipe(made)) == encode_spans(made)

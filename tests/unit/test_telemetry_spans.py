@@ -65,7 +65,8 @@ def _varied_spans() -> None:
             span.set_status(StatusCode.ERROR, "overloaded")
         published, _ = tracing.start_publish("vapora.events.route", msg_id="e-1", event_type="x")
         tracing.end_publish(published, TimeoutError("no ack"))
-    replay_link = Link(trace.SpanContext(7, 9, True, TraceFlags(1)), {"why": "replay"})
+    state = TraceState([("a", "b")])
+    replay_link = Link(trace.SpanContext(7, 9, True, TraceFlags(1), state), {"why": "replay"})
     root = STATE.start_span("process vapora.events.>", SpanKind.CONSUMER, {}, None, [replay_link])
     root.end()
 
