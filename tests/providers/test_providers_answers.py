@@ -4,6 +4,8 @@ error's class. Each was billed, classified or retried wrongly."""
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import msgspec
 import pytest
@@ -321,3 +323,85 @@ async def test_an_error_answered_with_200_is_classified_like_the_same_error_stre
     }
     done = await complete("openai", answer("200 OK", msgspec.json.encode(fine)))
     assert not isinstance(done, ProviderError) and done.text == "hi"  # type: ignore[attr-defined]
+
+
+_ANTHROPIC_START = {
+    "type": "message_start",
+    "message": {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [],
+        "stop_reason": None,
+        "usage": {
+            "input_tokens": 10,
+            "cache_read_input_tokens": 50_000,
+            "cache_creation_input_tokens": 2_000,
+            "output_tokens": 1,
+        },
+    },
+}
+
+
+def _sse(events: list[dict[str, object]]) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+@pytest.mark.parametrize(
+    "delta_usage",
+    [
+        {"output_tokens": 20},  # the documented example
+        {"input_tokens": 10, "output_tokens": 20},  # input alone: the cache counts stand
+        {  # nulls (MessageDeltaUsage's counts are Optional)
+            "input_tokens": None,
+            "cache_read_input_tokens": None,
+            "cache_creation_input_tokens": None,
+            "output_tokens": 20,
+        },
+        {"input_tokens": 12, "cache_read_input_tokens": 49_000, "output_tokens": 20},
+    ],
+)
+async def test_an_anthropic_streams_usage_accumulates_as_the_official_sdk_does(
+    delta_usage: dict[str, object],
+) -> None:
+    """A ``message_delta`` carrying ``input_tokens`` without the cache counts (or nulls) reset
+    them to 0: 50,000 cache reads and 2,000 writes went unbilled."""
+    from anthropic._models import construct_type
+    from anthropic.lib.streaming._messages import accumulate_event
+    from anthropic.types import RawMessageStreamEvent
+
+    events = [
+        _ANTHROPIC_START,
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": delta_usage,
+        },
+        {"type": "message_stop"},
+    ]
+    snapshot = None
+    for event in events:
+        parsed = construct_type(type_=RawMessageStreamEvent, value=event)
+        snapshot = accumulate_event(event=parsed, current_snapshot=snapshot, json_bufs={})
+    assert snapshot is not None
+    sdk = snapshot.usage
+    body = _sse(events)
+    head = answer("200 OK", body, headers="content-type: text/event-stream\r\n")
+    async with stub(head) as port:
+        made = client("anthropic", port)
+        try:
+            async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                async for _ in stream:
+                    pass
+        finally:
+            await made.aclose()
+    usage = stream.completion.usage
+    read, write = sdk.cache_read_input_tokens or 0, sdk.cache_creation_input_tokens or 0
+    assert (usage.cache_read_tokens, usage.cache_write_tokens) == (read, write)
+    assert usage.input_tokens == sdk.input_tokens + read + write  # ours include the cache
+    assert usage.output_tokens == sdk.output_tokens == 20
+    assert not stream.completion.usage_estimated

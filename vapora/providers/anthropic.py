@@ -183,18 +183,32 @@ def _finish(reason: Any) -> str | None:
     return _FINISH.get(str(reason), str(reason))
 
 
+_INPUT, _READ, _WRITE = "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"
+
+
 def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
-    """Anthropic usage (cache excluded from input) in our semantics (cache included)."""
+    """Anthropic usage (cache excluded from input) in our semantics (cache included).
+
+    As the official SDK accumulates a stream's usage: each count an event gives (not None)
+    replaces the one before, and a count it omits or nulls keeps what earlier events said (a
+    ``message_delta`` may carry ``input_tokens`` alone, or nulls, after ``message_start``
+    reported the cache counts)."""
     if usage.get("output_tokens") is not None:
         turn.output_tokens = count_sum(usage["output_tokens"])
-    if "input_tokens" not in usage and turn.input_tokens is not None:
+    given = {key: usage[key] for key in (_INPUT, _READ, _WRITE) if usage.get(key) is not None}
+    if not given:
         return
-    read = int(usage.get("cache_read_input_tokens") or 0)
-    write = int(usage.get("cache_creation_input_tokens") or 0)
-    if "input_tokens" in usage:
-        # None when a part is not a count: the input is then estimated, and the cache counts,
-        # whose share of it is not known, are not trusted either.
-        turn.input_tokens = count_sum(usage["input_tokens"], read, write)
-        turn.cache_read, turn.cache_write = (
-            (read, write) if turn.input_tokens is not None else (0, 0)
-        )
+    counts: dict[str, Any] = {}
+    if turn.input_tokens is not None:  # what earlier events said, in Anthropic's terms
+        uncached = turn.input_tokens - turn.cache_read - turn.cache_write
+        counts = {_INPUT: uncached, _READ: turn.cache_read, _WRITE: turn.cache_write}
+    counts.update(given)
+    if _INPUT not in counts:
+        return  # cache counts without the input's: the input is estimated
+    read, write = counts.get(_READ), counts.get(_WRITE)
+    # None when a part is not a count: the input is then estimated, and the cache counts, whose
+    # share of it is not known, are not trusted either.
+    turn.input_tokens = count_sum(counts[_INPUT], read, write)
+    known = turn.input_tokens is not None
+    turn.cache_read = int(read or 0) if known else 0
+    turn.cache_write = int(write or 0) if known else 0
