@@ -133,7 +133,7 @@ from vapora.errors import (
     VaporaError,
 )
 from vapora.pricing import price_at
-from vapora.providers import ProviderRequest, estimate_input_tokens
+from vapora.providers import ProviderRequest, input_token_bound
 from vapora.routing import (
     ProviderView,
     RouteOverBudget,
@@ -177,8 +177,9 @@ _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per att
 
 
 def upper_bound_cost(input_tokens: int, output_limit: int, price: Price) -> Decimal:
-    """The most a call can cost: the input estimate at the dearest input rate (a cache write may
-    cost more than plain input) plus the whole output limit at the output price."""
+    """The most a call can cost: the input's bound (``input_token_bound``) at the dearest input
+    rate (a cache write may cost more than plain input) plus the whole output limit at the
+    output price."""
     input_rate = max(price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok)
     return (input_tokens * input_rate + output_limit * price.output_per_mtok) / _MTOK
 
@@ -679,7 +680,7 @@ class RouterActor:
             system=request.system,
             max_tokens=request.max_tokens,
         )
-        input_tokens = estimate_input_tokens(estimate)
+        input_tokens = input_token_bound(estimate)
         prices = self._prices_now()
         costs = {
             p.name: upper_bound_cost(input_tokens, estimate.output_limit, prices[p.name])

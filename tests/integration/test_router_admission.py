@@ -116,12 +116,12 @@ async def test_a_restarted_router_still_counts_what_a_task_spent(tmp_path: Path)
     """The per-task cap counts all attempts of a task; a router that started again knew nothing
     of what the task had spent, and let it spend its whole cap again."""
     from actors.router import RouterActor, upper_bound_cost
-    from vapora.providers import ProviderRequest, estimate_input_tokens
+    from vapora.providers import ProviderRequest, input_token_bound
 
     async with deployment(tmp_path, config_text, router=False) as dep:
         price = dep.runtime.config.provider("openai").price  # type: ignore[union-attr]
         bound = upper_bound_cost(
-            estimate_input_tokens(ProviderRequest(prompt="hello", max_tokens=16)), 16, price
+            input_token_bound(ProviderRequest(prompt="hello", max_tokens=16)), 16, price
         )
         cap_cents = bound * 100 + Decimal("0.0001")  # one attempt's bound fits, not two
         ask = {"prompt": "hello", "provider": "openai", "max_tokens": 16, "task_id": "T-again"}

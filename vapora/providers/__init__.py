@@ -22,6 +22,7 @@ from vapora.providers.values import (
     StreamBroken,
     estimate_input_tokens,
     estimate_tokens,
+    input_token_bound,
 )
 from vapora.providers.wire import retry_after_from_headers
 
@@ -41,6 +42,7 @@ __all__ = [
     "StreamBroken",
     "estimate_input_tokens",
     "estimate_tokens",
+    "input_token_bound",
     "make_client",
     "retry_after_from_headers",
 ]

@@ -50,11 +50,14 @@ __all__ = [
     "StreamBroken",
     "Turn",
     "estimate_input_tokens",
+    "input_token_bound",
     "estimate_tokens",
 ]
 
 DEFAULT_MAX_TOKENS = 4096
 _MESSAGE_OVERHEAD = 4
+#: Tokens a chat API adds to prime the reply (OpenAI's ``<|start|>assistant<|message|>``: 3).
+_REPLY_OVERHEAD = 8
 
 
 def estimate_tokens(text: str) -> int:
@@ -144,6 +147,18 @@ def estimate_input_tokens(request: ProviderRequest) -> int:
     chars = _tokens_of_chars(request.input_chars()) + request.input_extra_bytes()
     text_tokens = -(-chars * 6 // 5)  # x 1.2, rounded up
     return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
+
+
+def input_token_bound(request: ProviderRequest) -> int:
+    """The most input tokens the request can be billed for, for reservations: one per UTF-8
+    byte of its text (every tokenizer the providers use, byte-level BPE or SentencePiece with
+    byte fallback, makes no token of less than one byte), plus :data:`_MESSAGE_OVERHEAD` per
+    message (the chat template's tokens) and :data:`_REPLY_OVERHEAD` (the reply's priming).
+    :func:`estimate_input_tokens` is an estimate, not a bound: text of digits or hex gives a
+    token per 1 to 1.7 characters, past its 1.2 x chars/3."""
+    text_bytes = request.input_chars() + request.input_extra_bytes()
+    messages = len(request.turns()) + bool(request.system)
+    return text_bytes + _MESSAGE_OVERHEAD * messages + _REPLY_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)

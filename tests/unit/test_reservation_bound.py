@@ -1,0 +1,104 @@
+"""The reservation of an attempt holds an upper bound of its cost, so that holds admitted under a
+limit can never settle past it. The input's part of that bound was an estimate (1.2 x chars/3):
+text of digits or hex tokenizes at 1 token per 1 to 1.7 characters (o200k_base, cl100k_base), and
+nine holds admitted under a $1 daily limit settled at $2.25."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from actors.router import upper_bound_cost
+from events.contract import BudgetReserve, ChatMessage, Price, TaskType
+from events.log import BudgetReserved, SpendRecorded
+from vapora import budget
+from vapora.providers import ProviderRequest, estimate_input_tokens, input_token_bound
+
+PRICE = Price(
+    input_per_mtok=Decimal("2.5"),
+    output_per_mtok=Decimal("10"),
+    cache_read_per_mtok=Decimal("1.25"),
+    cache_write_per_mtok=Decimal("2.5"),
+    source="t",
+    version="1",
+)
+AT = datetime(2026, 6, 15, 12, tzinfo=UTC)
+# Measured with tiktoken (o200k_base and cl100k_base): comma-separated digits are one token per
+# character, hex about 0.58; CJK up to one token per character, emoji up to one per byte.
+DENSE = {
+    "digits": ",".join(str(i % 10) for i in range(50_000)),
+    "hex": "".join(f"{i * 2654435761 % 2**32:08x}" for i in range(12_000)),
+    "cjk": "中文字符" * 5_000,
+    "emoji": "🙂🚀" * 5_000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DENSE))
+def test_the_input_bound_is_at_least_one_token_per_byte_of_text(kind: str) -> None:
+    text = DENSE[kind]
+    request = ProviderRequest(prompt=text)
+    assert input_token_bound(request) >= len(text.encode())
+    if kind == "digits":  # the estimate is not a bound (billing uses it when counts are missing)
+        assert estimate_input_tokens(request) < len(text)
+
+
+def test_every_message_and_the_system_prompt_add_their_template_tokens() -> None:
+    one = input_token_bound(ProviderRequest(prompt="hi"))
+    three = input_token_bound(
+        ProviderRequest(
+            messages=(
+                ChatMessage(role="user", content="hi"),
+                ChatMessage(role="assistant", content=""),
+            ),
+            system="s",
+        )
+    )
+    assert three - one >= 2 * 4 + len("s")
+
+
+def test_holds_admitted_under_a_daily_limit_never_settle_past_it() -> None:
+    prompt = DENSE["digits"]
+    real_tokens = len(prompt)  # one token per character, as measured
+    request = ProviderRequest(prompt=prompt, max_tokens=1)
+    bound = upper_bound_cost(input_token_bound(request), request.output_limit, PRICE)
+    actual = (real_tokens * PRICE.input_per_mtok + PRICE.output_per_mtok) / Decimal(1_000_000)
+    assert bound >= actual
+    limits = budget.BudgetLimits.from_cents(daily_cents=100)
+    state, admitted = budget.EMPTY, 0
+    for i in range(20):
+        ask = BudgetReserve(
+            reservation_id=f"r{i}", task_id=f"t{i}", provider="openai", amount_usd=bound
+        )
+        if budget.admit(state, limits, ask, AT).admitted:
+            admitted += 1
+            state = budget.evolve(
+                state,
+                BudgetReserved(
+                    id=f"e{i}",
+                    at=AT,
+                    task_id=f"t{i}",
+                    reservation_id=f"r{i}",
+                    provider="openai",
+                    amount_usd=bound,
+                    expires_at=AT + timedelta(minutes=2),
+                ),
+            )
+    for i in range(admitted):
+        spend = SpendRecorded(
+            id=f"s{i}",
+            at=AT,
+            task_id=f"t{i}",
+            task_type=TaskType.GENERAL_QUERY,
+            provider="openai",
+            model="gpt-4o",
+            input_tokens=real_tokens,
+            output_tokens=1,
+            cost_usd=actual,
+            price=PRICE,
+            reservation_id=f"r{i}",
+        )
+        state = budget.evolve(state, spend)
+    assert admitted > 0
+    assert state.spent_on(AT.date()) <= Decimal(1)
