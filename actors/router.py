@@ -815,13 +815,27 @@ class RouterActor:
     ) -> ProviderCallResult | _Failure:
         reservation_id: str | None = None
         lease: _Lease | None = None
-        if self.reserve and provider.name in self._paid:
-            lease = self._take_from_lease(amount)
+        # A capped task's attempts are reserved with the keeper, never taken from a lease: its
+        # requests may reach several routers, and only the keeper sees them all (each router
+        # knows its own attempts in flight only).
+        capped = task.cap is not None
+        if (self.reserve or capped) and provider.name in self._paid:
+            lease = None if capped else self._take_from_lease(amount)
             if lease is not None:
                 reservation_id = lease.lease_id
             else:
                 reservation_id, refusal, code = await self._reserve(task, provider)
-                if refusal is not None:
+                if refusal is not None and code == _KEEPER_AWAY and not self.reserve:
+                    # No daily or monthly limit, and no keeper answering: the task's cap is
+                    # this router's to check alone (as it was checked above).
+                    log.warning(
+                        "task %s: no budget keeper answered (%s); its cap is checked by this "
+                        "router alone",
+                        task.task_id,
+                        refusal,
+                    )
+                    reservation_id = None
+                elif refusal is not None:
                     return self._skipped(task, provider, code, refusal)
         outcome = await self._call(task, provider, reservation_id)
         # A silent attempt may still have been billed: its hold stays (on a lease its upper

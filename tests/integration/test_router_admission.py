@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from events.log import BudgetReserved, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
-from vapora.errors import BudgetExceeded, NoProviderAvailable
+from vapora.errors import BudgetExceeded, NoProviderAvailable, VaporaError
 
 pytestmark = pytest.mark.anyio
 
@@ -141,3 +142,52 @@ async def test_a_restarted_router_still_counts_what_a_task_spent(tmp_path: Path)
         await served_by_a_new_router(expect_refusal=True)
         spent = [e for e in await dep.events_of("T-again") if isinstance(e, SpendRecorded)]
         assert len(spent) == 1
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        # Leasing routers: a lease's attempts were invisible to the keeper's task check.
+        "[budget]\ndaily_limit_cents = 1000\nper_task_limit_cents = 0.5\nlease_cents = 100\n",
+        # A per-task limit alone: the routers never asked the keeper at all.
+        "[budget]\nper_task_limit_cents = 0.5\n",
+    ],
+)
+async def test_a_tasks_cap_holds_across_two_routers(tmp_path: Path, budget: str) -> None:
+    """Each router counts only its own attempts in flight: a task whose concurrent requests
+    reached two routers spent $0.00918 against a $0.005 cap."""
+    from actors.router import RouterActor
+    from tests.fault.provider_harness import until
+
+    models = {"claude": "claude-opus-4-5-len-100-slow-300", "openai": "gpt-4-len-100-slow-300"}
+
+    def config(base_url: str) -> str:
+        return config_text(base_url, models=models, budget=budget)
+
+    async with deployment(tmp_path, config, keeper=True) as dep:
+        first = dep.router
+        assert first is not None
+        second = RouterActor(dep.runtime)
+        async with anyio.create_task_group() as routers:
+            await routers.start(second.run)
+            if "lease_cents" in budget:  # both hold a lease before the requests come
+                await until(lambda: first.lease is not None and second.lease is not None)
+
+            async def one(i: int) -> None:
+                with contextlib.suppress(VaporaError):
+                    await dep.client.complete(
+                        prompt=f"hello {i}",
+                        task_type="CodeGeneration",
+                        quality="High",
+                        max_tokens=100,
+                        task_id="T-two-routers",
+                    )
+
+            async with anyio.create_task_group() as requests:
+                for i in range(20):
+                    requests.start_soon(one, i)
+            second.stop()
+        events = await dep.events()
+    spends = [e for e in events if isinstance(e, SpendRecorded) and e.task_id == "T-two-routers"]
+    assert {e.provider for e in spends} & {"claude", "openai"}  # paid calls were made
+    assert sum((e.cost_usd for e in spends), Decimal(0)) <= Decimal("0.005")
