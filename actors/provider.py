@@ -36,6 +36,9 @@ Streams: chunks go straight to the caller's subject (``ProviderCall.stream_to``)
 ``Vapora-Cost-Usd``     that usage's cost, a decimal string
 ``Vapora-Http-Status``  the provider's HTTP status, when there was one
 ``Vapora-Called``       ``1`` when the provider was called, ``0`` when refused locally
+``Vapora-Outcome``      ``unknown`` on a timeout after the request was sent (not one connecting),
+                        with no usage reported: the provider may still bill it, so the router
+                        keeps the attempt's hold (until its spend or its expiry)
 ====================  ===========================================================================
 
 ``durable_reply`` (default on): the router's reply waits until JetStream acknowledged the call's
@@ -69,6 +72,7 @@ from actors import tracing
 from actors.held import HeldEvents
 from actors.runner import Runtime
 from actors.service import (
+    OUTCOME_HEADER,
     ActorService,
     Endpoint,
     RequestContext,
@@ -730,6 +734,10 @@ class ProviderActor:
         if _has_tokens(error.usage):
             headers[USAGE_HEADER] = encode(error.usage).decode()
             headers[COST_HEADER] = str(cost(error.usage, price or self.client.price))
+        elif called and _maybe_billed(error):
+            # The provider had the request when the time ran out: it may finish it and bill
+            # it. What it billed is unknown here, so the router keeps the attempt's hold.
+            headers[OUTCOME_HEADER] = "unknown"
         await ctx.nc.publish(ctx.reply, error_payload(error), headers=headers)
 
     # --- health -------------------------------------------------------------------------------
@@ -822,6 +830,11 @@ def _latency_moved(old: float | None, new: float | None) -> bool:
     if old is None:
         return True
     return abs(new - old) > 0.2 * max(old, 1.0)
+
+
+def _maybe_billed(error: ProviderError) -> bool:
+    """A timeout after the request was sent (not one connecting to the provider)."""
+    return error.error_class == "timeout" and error.error_type != "connect_timeout"
 
 
 def _has_tokens(usage: Usage) -> bool:

@@ -243,6 +243,14 @@ class _Failure:
     usage: Usage = field(default_factory=Usage)
     cost: Decimal = Decimal(0)
     no_reply: bool = False
+    #: Answered, but the provider may still bill it (it had the request when its time ran
+    #: out): its hold stays, as for a call that never answered; no retry on the same provider.
+    billed_unknown: bool = False
+
+    @property
+    def holds(self) -> bool:
+        """Whether the attempt's hold stays: what it cost is not known."""
+        return self.no_reply or self.billed_unknown
 
 
 @dataclass
@@ -257,6 +265,7 @@ class _Task:
     cap: Decimal | None
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
+    held: int = 0  # attempts whose holds stay: silent, or billed an unknown amount
     reasons: list[str] = field(default_factory=list)  # why each attempt failed ("" if it did not)
     spent: Decimal = Decimal(0)
     number: int = 0
@@ -787,7 +796,7 @@ class RouterActor:
         # A capped task: the attempt's upper bound is pending until it ends, then its actual
         # cost until the log's spend_recorded for it reaches this router (a silent attempt's
         # bound stays: it may have been billed).
-        spent_before, made_before = task.spent, len(task.attempts)
+        spent_before, held_before = task.spent, task.held
         self._add_pending(task.task_id, amount)
         finished = False
         try:
@@ -797,8 +806,7 @@ class RouterActor:
         finally:
             # Answered calls: their actual cost (in task.spent) instead of their bound. The
             # bound stays for a silent call, and for one cut short: either may have been billed.
-            made = task.attempts[made_before:]
-            unanswered = sum(a.error_code == "no_reply" for a in made) + (not finished)
+            unanswered = task.held - held_before + (not finished)
             kept = amount * unanswered
             self._add_pending(task.task_id, task.spent - spent_before + kept - amount)
 
@@ -850,10 +858,13 @@ class RouterActor:
                 if refusal is not None:  # nothing held for a retry: the silent attempt stands
                     retry, reservation_id = False, None
             if retry:
+                task.held += 1  # the silent attempt's
                 outcome = await self._call(task, provider, reservation_id)
+        if isinstance(outcome, _Failure) and outcome.holds:
+            task.held += 1
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
-        elif isinstance(outcome, _Failure) and not outcome.no_reply and reservation_id is not None:
+        elif isinstance(outcome, _Failure) and not outcome.holds and reservation_id is not None:
             self._release(reservation_id, "failed")  # answered with a failure: nothing to bill
         return outcome
 
@@ -982,7 +993,7 @@ class RouterActor:
         difference between their bounds, which the return kept, and what they cost."""
         if isinstance(outcome, ProviderCallResult):
             lease.committed += outcome.cost_usd - amount
-        elif not outcome.no_reply:
+        elif not outcome.holds:
             lease.committed += outcome.cost - amount
         lease.in_flight -= 1
         kept = lease.returned_with
@@ -1136,7 +1147,13 @@ class RouterActor:
                 no_reply=True,
             )
         if header(message, _SERVICE_ERROR_CODE):
-            if header(message, OUTCOME_HEADER) == "unknown":  # cut by its actor's stop
+            unknown = header(message, OUTCOME_HEADER) == "unknown"
+            if unknown and header(message, ERROR_CLASS_HEADER) == "timeout":
+                # The provider had the request when its time ran out: it may bill it.
+                failure = _failure_from(message.headers or {}, message.data)
+                failure.billed_unknown = True
+                return failure
+            if unknown:  # cut by its actor's stop
                 return _Failure(
                     "cancelled",
                     f"the {provider.name} provider actor stopped during the call (what the "

@@ -191,3 +191,35 @@ async def test_a_tasks_cap_holds_across_two_routers(tmp_path: Path, budget: str)
     spends = [e for e in events if isinstance(e, SpendRecorded) and e.task_id == "T-two-routers"]
     assert {e.provider for e in spends} & {"claude", "openai"}  # paid calls were made
     assert sum((e.cost_usd for e in spends), Decimal(0)) <= Decimal("0.005")
+
+
+async def test_a_provider_timeout_after_the_request_was_sent_keeps_its_hold(
+    tmp_path: Path,
+) -> None:
+    """The provider had the request when its time ran out and may still bill it: the router
+    released its hold as "failed, nothing to bill" and paid the fallback with it."""
+    from events.log import BudgetReleased, CallFailed
+
+    def config(base_url: str) -> str:
+        return config_text(
+            base_url,
+            models={"claude": "claude-opus-4-5-slow-2000"},
+            timeouts={"claude": 300},
+            budget=BUDGET,
+        )
+
+    async with deployment(tmp_path, config, keeper=True) as dep:
+        done = await dep.client.complete(
+            prompt="hello", task_type="CodeGeneration", quality="High", max_tokens=16
+        )
+        events = await dep.events_of(done.task_id)
+    [timed_out] = [e for e in events if isinstance(e, CallFailed) and e.provider == "claude"]
+    assert timed_out.error_class == "timeout"
+    held = {e.reservation_id for e in events if isinstance(e, BudgetReserved)}
+    claude_hold = [
+        e.reservation_id for e in events if isinstance(e, BudgetReserved) and e.provider == "claude"
+    ]
+    assert claude_hold and held
+    released = {e.reservation_id for e in events if isinstance(e, BudgetReleased)}
+    assert claude_hold[0] not in released  # kept until its spend or its expiry
+    assert done.provider != "claude"  # the chain went on to the next provider

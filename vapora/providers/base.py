@@ -405,8 +405,13 @@ class ProviderClient(ABC):
     def _transport_error(self, exc: httpx.HTTPError) -> ProviderError:
         detail = self._scrub(f"{type(exc).__name__}: {exc}")[:_MAX_MESSAGE]
         if isinstance(exc, httpx.TimeoutException):
+            # Connecting (or waiting for a pooled connection) timed out: nothing was sent, so
+            # nothing can be billed; any other timeout came after the request went out.
+            unsent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
             return ProviderTimeout(
-                f"{self.name}: {detail}", provider=self.name, error_type="timeout"
+                f"{self.name}: {detail}",
+                provider=self.name,
+                error_type="connect_timeout" if unsent else "timeout",
             )
         return ProviderUnavailable(
             f"{self.name}: {detail}", provider=self.name, error_type="connection"
