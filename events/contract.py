@@ -10,6 +10,7 @@ are subsets of it.
 from __future__ import annotations
 
 import enum
+import itertools
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -38,6 +39,7 @@ __all__ = [
     "FilterVerdict",
     "Outcome",
     "Price",
+    "PriceTier",
     "ProviderCall",
     "ProviderCallResult",
     "Quality",
@@ -159,8 +161,28 @@ class Usage(_Message, frozen=True, kw_only=True):
     cache_write_tokens: Tokens = 0
 
 
-class Price(_Message, frozen=True, kw_only=True):
-    """The prices a cost was computed from, per million tokens, and where they came from."""
+class PriceTier(_Message, frozen=True, kw_only=True):
+    """Long-context rates, per million tokens: they apply to *every* token of a call whose input
+    (cache reads and writes included) exceeds ``above_input_tokens`` (a cliff, not a marginal
+    rate, as the providers bill it)."""
+
+    above_input_tokens: Tokens
+    input_per_mtok: Money
+    output_per_mtok: Money
+    cache_read_per_mtok: Money
+    cache_write_per_mtok: Money
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "cache_read", "cache_write"):
+            check_amount(f"{name}_per_mtok", getattr(self, f"{name}_per_mtok"))
+
+
+class Price(_Message, frozen=True, kw_only=True, omit_defaults=True):
+    """The prices a cost was computed from, per million tokens, and where they came from.
+
+    ``tiers`` (an extension, in ascending ``above_input_tokens``): long-context rates that
+    replace these for a call with more input; empty for a flat price, and then left out of the
+    JSON, so a price without tiers encodes as it always did."""
 
     input_per_mtok: Money
     output_per_mtok: Money
@@ -168,6 +190,12 @@ class Price(_Message, frozen=True, kw_only=True):
     cache_write_per_mtok: Money
     source: str
     version: str
+    tiers: tuple[PriceTier, ...] = ()
+
+    def __post_init__(self) -> None:
+        thresholds = [tier.above_input_tokens for tier in self.tiers]
+        if any(low >= high for low, high in itertools.pairwise(thresholds)):
+            raise ValueError("`tiers` must be in strictly ascending `above_input_tokens`")
 
 
 class Attempt(_Message, frozen=True, kw_only=True):

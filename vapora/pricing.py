@@ -13,6 +13,13 @@ the model, otherwise the provider's documented multiplier of the input price (An
 0.25x, writes at the input price). Anthropic's 1-hour cache writes (2x) are not distinguished by
 ``Usage`` and are priced as 5-minute writes.
 
+Long-context tiers (genai-prices' ``TieredPrices``) are a cliff: a call whose input, cache reads
+and writes included, exceeds a tier's threshold pays that tier's rates for *every* token, input,
+output and cache alike (genai-prices' ``calc_price``; Google's and Anthropic's billing). The
+table's tiers travel in ``Price.tiers``; :func:`cost` picks the rates from the call's input, and
+:func:`ceiling` gives the dearest rates a call of at most so much input can reach (reservations).
+A Gemini model named with the API's ``models/`` prefix is looked up without it.
+
 ``cost`` is exact: no rounding anywhere (computed with 50 significant digits, far beyond any
 token count times any price), so a thousand calls of a fraction of a cent add up to the cent.
 """
@@ -25,15 +32,17 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
-from events.contract import Price, Usage
+from events.contract import Price, PriceTier, Usage
 from vapora.errors import ConfigError
 
 __all__ = [
     "CACHE_MULTIPLIERS",
     "GENAI_PRICES_PROVIDER",
     "PAID_KINDS",
+    "ceiling",
     "cost",
     "price_at",
+    "rates_for",
     "resolve_price",
     "zero_price",
 ]
@@ -59,17 +68,47 @@ def cost(usage: Usage, price: Price) -> Decimal:
     """The exact USD cost of ``usage`` at ``price``.
 
     ``usage.input_tokens`` counts all input tokens; the cache reads and writes inside it are
-    billed at their own rates and the rest at the input rate.
+    billed at their own rates and the rest at the input rate. The rates are those of the tier
+    that ``usage.input_tokens`` reaches (:func:`rates_for`).
     """
+    rates = rates_for(price, usage.input_tokens)
     uncached = max(usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens, 0)
     with decimal.localcontext(_EXACT):
         total = (
-            uncached * price.input_per_mtok
-            + usage.cache_read_tokens * price.cache_read_per_mtok
-            + usage.cache_write_tokens * price.cache_write_per_mtok
-            + usage.output_tokens * price.output_per_mtok
+            uncached * rates.input_per_mtok
+            + usage.cache_read_tokens * rates.cache_read_per_mtok
+            + usage.cache_write_tokens * rates.cache_write_per_mtok
+            + usage.output_tokens * rates.output_per_mtok
         )
         return total / _MTOK
+
+
+def rates_for(price: Price, input_tokens: int) -> Price | PriceTier:
+    """The rates that bill a call with ``input_tokens`` of input (cache reads and writes
+    included): the last tier whose threshold it exceeds, else the base rates. As genai-prices
+    counts it: exactly at the threshold is still below it."""
+    reached: Price | PriceTier = price
+    for tier in price.tiers:
+        if input_tokens > tier.above_input_tokens:
+            reached = tier
+    return reached
+
+
+def ceiling(price: Price, input_tokens: int) -> Price:
+    """A flat price no lower, rate by rate, than any a call with at most ``input_tokens`` of
+    input can be billed at: the base rates and those of every tier it could reach. A
+    reservation estimate priced with it stays an upper bound whichever tier the call lands in.
+    """
+    reachable: list[Price | PriceTier] = [price]
+    reachable += (t for t in price.tiers if input_tokens > t.above_input_tokens)
+    return Price(
+        input_per_mtok=max(r.input_per_mtok for r in reachable),
+        output_per_mtok=max(r.output_per_mtok for r in reachable),
+        cache_read_per_mtok=max(r.cache_read_per_mtok for r in reachable),
+        cache_write_per_mtok=max(r.cache_write_per_mtok for r in reachable),
+        source=price.source,
+        version=price.version,
+    )
 
 
 def zero_price(source: str = "ollama-local", version: str = "0") -> Price:
@@ -188,35 +227,77 @@ def _table_price_in_minute(kind: str, model: str, minute: datetime) -> Price | N
 
 
 def _table_price(kind: str, model: str, at: datetime) -> Price | None:
-    """The genai-prices price of ``model`` at ``at``, or None when the table does not know it.
-
-    Tiered (long-context) prices are taken at their base tier.
-    """
+    """The genai-prices price of ``model`` at ``at``, with its long-context tiers, or None when
+    the table does not know it."""
     import genai_prices
     from genai_prices import data_snapshot
 
     try:
         _, info = data_snapshot.get_snapshot().find_provider_model(
-            model, None, GENAI_PRICES_PROVIDER[kind], None
+            _table_model(kind, model), None, GENAI_PRICES_PROVIDER[kind], None
         )
     except LookupError:
         return None
     prices = info.get_prices(at)
-    input_price = _base(prices.input_mtok)
-    output_price = _base(prices.output_mtok)
-    if input_price is None or output_price is None:
+    base = _table_rates(kind, prices, None)
+    if base is None:
         return None
-    write_ratio = CACHE_MULTIPLIERS[kind][1]
-    read = _base(prices.cache_read_mtok)
-    write = _base(prices.cache_write_mtok)
+    tiers = tuple(
+        PriceTier(
+            above_input_tokens=start,
+            input_per_mtok=rates[0],
+            output_per_mtok=rates[1],
+            cache_read_per_mtok=rates[2],
+            cache_write_per_mtok=rates[3],
+        )
+        for start in _thresholds(prices)
+        if (rates := _table_rates(kind, prices, start)) is not None
+    )
     return Price(
-        input_per_mtok=input_price,
-        output_per_mtok=output_price,
-        cache_read_per_mtok=read if read is not None else input_price * _table_read_default(kind),
-        cache_write_per_mtok=write if write is not None else input_price * write_ratio,
+        input_per_mtok=base[0],
+        output_per_mtok=base[1],
+        cache_read_per_mtok=base[2],
+        cache_write_per_mtok=base[3],
         source="genai-prices",
         version=str(genai_prices.__version__),
+        tiers=tiers,
     )
+
+
+def _table_model(kind: str, model: str) -> str:
+    # The Gemini API names models "models/gemini-2.5-flash" as readily as "gemini-2.5-flash".
+    return model.removeprefix("models/") if kind == "gemini" else model
+
+
+_RATE_KEYS: Final = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+
+#: (input, output, cache read, cache write) per million tokens.
+_Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+
+
+def _thresholds(prices: object) -> list[int]:
+    """Every tier start of the four token prices: each rate may change at any of them."""
+    starts = {
+        tier.start
+        for key in _RATE_KEYS
+        for tier in getattr(getattr(prices, key, None), "tiers", None) or ()
+    }
+    return sorted(starts)
+
+
+def _table_rates(kind: str, prices: object, above: int | None) -> _Rates | None:
+    """The table's four rates for a call past the threshold ``above`` (None: the base rates),
+    missing cache rates filled from the input rate; None without input and output prices."""
+    input_price, output_price, read, write = (
+        _rate_above(getattr(prices, key, None), above) for key in _RATE_KEYS
+    )
+    if input_price is None or output_price is None:
+        return None
+    if read is None:
+        read = input_price * _table_read_default(kind)
+    if write is None:
+        write = input_price * CACHE_MULTIPLIERS[kind][1]
+    return input_price, output_price, read, write
 
 
 def _table_read_default(kind: str) -> Decimal:
@@ -225,11 +306,13 @@ def _table_read_default(kind: str) -> Decimal:
     return Decimal(1) if kind != "anthropic" else CACHE_MULTIPLIERS["anthropic"][0]
 
 
-def _base(value: object) -> Decimal | None:
-    """A genai-prices price (a Decimal or TieredPrices) as one Decimal, or None."""
-    if value is None:
-        return None
-    if isinstance(value, Decimal):
+def _rate_above(value: object, above: int | None) -> Decimal | None:
+    """A genai-prices price (a Decimal or TieredPrices) for a call past ``above`` input tokens
+    (None: below every tier): the last tier starting at or below it, else the base; or None."""
+    if value is None or isinstance(value, Decimal):
         return value
-    base = getattr(value, "base", None)
-    return base if isinstance(base, Decimal) else None
+    rate = getattr(value, "base", None)
+    for tier in getattr(value, "tiers", None) or ():
+        if above is not None and tier.start <= above:
+            rate = tier.price
+    return rate if isinstance(rate, Decimal) else None

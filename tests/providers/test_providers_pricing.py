@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
 
 import genai_prices
+import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from events.contract import Price, Usage
+from events import SpendRecorded, TaskType, decode_event, encode
+from events.contract import Price, PriceTier, Usage
+from vapora.audit import recompute_cost
 from vapora.errors import ConfigError
 from vapora.pricing import cost, resolve_price, zero_price
+from vapora.providers import ProviderRequest, make_client
+from vapora.providers.values import estimate_input_tokens
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -170,3 +177,203 @@ def test_cost_is_linear_and_exact(uncached: int, read: int, write: int, output: 
     expected = uncached * 3 + read * Decimal("0.3") + write * Decimal("3.75") + output * 15
     assert total == expected / 1_000_000
     assert total * 1_000_000 == expected  # dividing by a million lost nothing
+
+
+# --- long-context tiers: past the threshold every token is billed at the tier's rates ------------
+
+GENAI_PROVIDER = {"gemini": "google", "anthropic": "anthropic"}
+THRESHOLD = 200_000  # gemini-2.5-pro's and claude-sonnet-4-5's long-context threshold
+
+
+def table_cost(kind: str, model: str, usage: Usage) -> Decimal:
+    """What genai-prices' own ``calc_price`` bills for ``usage`` (same token semantics)."""
+    theirs = genai_prices.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+    )
+    return genai_prices.calc_price(
+        theirs, model_ref=model, provider_id=GENAI_PROVIDER[kind], genai_request_timestamp=AT
+    ).total_price
+
+
+# (input incl. cache, output, cache read, cache write): below, at and past the threshold; the
+# last ones cross it only with their cache tokens counted (the threshold is on total input).
+TIER_USAGES = [
+    (THRESHOLD - 1, 2_000, 50_000, 0),
+    (THRESHOLD, 2_000, 150_000, 0),
+    (THRESHOLD + 1, 2_000, 0, 0),
+    (300_000, 2_000, 100_000, 0),
+    (THRESHOLD + 1, 1_000, 190_000, 0),
+]
+CLAUDE_USAGES = [
+    (THRESHOLD, 1_500, 120_000, 30_000),
+    (THRESHOLD + 1, 1_500, 120_000, 30_000),
+    (250_000, 1_500, 0, 240_000),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "model", "tokens"),
+    [("gemini", "gemini-2.5-pro", t) for t in TIER_USAGES]
+    + [("anthropic", "claude-sonnet-4-5", t) for t in TIER_USAGES + CLAUDE_USAGES],
+)
+def test_long_context_tiers_cost_what_genai_prices_calc_price_bills(
+    kind: str, model: str, tokens: tuple[int, int, int, int]
+) -> None:
+    inp, out, read, write = tokens
+    usage = Usage(
+        input_tokens=inp, output_tokens=out, cache_read_tokens=read, cache_write_tokens=write
+    )
+
+    assert cost(usage, resolve_price(kind, model, at=AT)) == table_cost(kind, model, usage)
+
+
+def test_past_the_threshold_every_token_pays_the_long_context_rates() -> None:
+    price = resolve_price("gemini", "gemini-2.5-pro", at=AT)
+
+    below = cost(Usage(input_tokens=THRESHOLD, output_tokens=2_000), price)
+    past = cost(Usage(input_tokens=300_000, output_tokens=2_000), price)
+
+    assert below == Decimal("0.27")  # 200k x 1.25 + 2k x 10 per million
+    assert past == Decimal("0.78")  # 300k x 2.50 + 2k x 15 per million: not 0.395
+
+
+def test_the_table_price_carries_its_tiers_and_a_flat_model_has_none() -> None:
+    pro = resolve_price("gemini", "gemini-2.5-pro", at=AT)
+    sonnet = resolve_price("anthropic", "claude-sonnet-4-5", at=AT)
+
+    assert pro.tiers == (
+        PriceTier(
+            above_input_tokens=THRESHOLD,
+            input_per_mtok=Decimal("2.5"),
+            output_per_mtok=Decimal("15"),
+            cache_read_per_mtok=Decimal("0.25"),
+            cache_write_per_mtok=Decimal("2.5"),  # no write price in the table: the input's
+        ),
+    )
+    assert [(t.input_per_mtok, t.cache_write_per_mtok) for t in sonnet.tiers] == [
+        (Decimal(6), Decimal("7.5"))
+    ]
+    assert resolve_price("gemini", "gemini-2.5-flash", at=AT).tiers == ()
+
+
+def test_a_configured_price_has_no_tiers_and_stays_flat_past_any_threshold() -> None:
+    price = resolve_price(
+        "gemini", "gemini-2.5-pro", input_per_mtok="1.25", output_per_mtok="10", at=AT
+    )
+
+    assert price.tiers == ()
+    assert cost(Usage(input_tokens=300_000, output_tokens=2_000), price) == Decimal("0.395")
+
+
+def test_a_gemini_model_named_with_the_models_prefix_has_the_tables_price() -> None:
+    assert resolve_price("gemini", "models/gemini-2.5-flash", at=AT) == resolve_price(
+        "gemini", "gemini-2.5-flash", at=AT
+    )
+    assert resolve_price("gemini", "models/gemini-2.5-pro", at=AT).tiers
+
+
+def test_an_event_priced_before_tiers_decodes_and_costs_as_it_did() -> None:
+    golden = Path(__file__).parent.parent / "golden" / "events" / "spend_recorded.json"
+    event = decode_event(golden.read_bytes())
+    assert isinstance(event, SpendRecorded)
+
+    assert event.price.tiers == ()
+    assert recompute_cost(event) == event.cost_usd == Decimal("0.006150")
+    assert b"tiers" not in encode(event.price)  # a flat price encodes as it always did
+
+
+def test_the_audit_recomputes_a_tiered_spend_exactly_from_its_recorded_price() -> None:
+    price = resolve_price("anthropic", "claude-sonnet-4-5", at=AT)
+    usage = Usage(
+        input_tokens=260_000, output_tokens=3_000, cache_read_tokens=200_000, cache_write_tokens=1
+    )
+    event = SpendRecorded(
+        id="spend-long",
+        at=AT,
+        task_id="task-long",
+        task_type=TaskType.CODE_REVIEW,
+        provider="claude",
+        model="claude-sonnet-4-5",
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        cost_usd=cost(usage, price),
+        price=price,
+    )
+
+    replayed = decode_event(encode(event))
+
+    assert replayed == event and isinstance(replayed, SpendRecorded)
+    assert recompute_cost(replayed) == table_cost("anthropic", "claude-sonnet-4-5", usage)
+
+
+def with_tiers(*tiers: tuple[int, str]) -> bytes:
+    """``PRICE`` as JSON with these (threshold, rate for all four) tiers, valid or not."""
+    listed = [
+        {"above_input_tokens": above, **dict.fromkeys(RATE_NAMES, rate)} for above, rate in tiers
+    ]
+    return encode(PRICE)[:-1] + b',"tiers":' + msgspec.json.encode(listed) + b"}"
+
+
+RATE_NAMES = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
+
+
+def test_a_price_with_tiers_round_trips() -> None:
+    price = msgspec.json.decode(with_tiers((100, "2"), (200, "4")), type=Price)
+
+    assert [t.above_input_tokens for t in price.tiers] == [100, 200]
+    assert msgspec.json.decode(encode(price), type=Price) == price
+
+
+@pytest.mark.parametrize(
+    "tiers",
+    [((200, "2"), (100, "4")), ((100, "2"), (100, "4")), ((100, "NaN"),), ((100, "-1"),)],
+)
+def test_tiers_out_of_order_or_not_money_do_not_decode(tiers: tuple[tuple[int, str], ...]) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(with_tiers(*tiers), type=Price)
+
+
+def test_the_reservation_estimate_reaches_the_long_context_rates() -> None:
+    price = resolve_price("gemini", "gemini-2.5-pro", at=AT)
+    client = make_client(name="gemini", kind="gemini", model="gemini-2.5-pro", price=price)
+    short = ProviderRequest(prompt="x" * 3_000, max_tokens=2_000)
+    long = ProviderRequest(prompt="x" * 900_000, max_tokens=2_000)
+    assert estimate_input_tokens(short) < THRESHOLD < estimate_input_tokens(long)
+
+    # below the threshold: the base rates; past it: the long-context ones, for every token
+    assert (
+        client.estimate_cost(short)
+        == (estimate_input_tokens(short) * Decimal("1.25") + 2_000 * 10) / 10**6
+    )
+    assert (
+        client.estimate_cost(long)
+        == (estimate_input_tokens(long) * Decimal("2.5") + 2_000 * 15) / 10**6
+    )
+
+
+@example(prompt_chars=900_000, share=Fraction(1), cached=Fraction(0), output=8_192)
+@example(prompt_chars=510_000, share=Fraction(1), cached=Fraction(1, 2), output=8_192)
+@given(
+    prompt_chars=st.integers(1, 1_200_000),
+    share=st.fractions(0, 1),
+    cached=st.fractions(0, 1),
+    output=st.integers(0, 8_192),
+)
+def test_the_reservation_estimate_bounds_every_tier_the_call_can_land_in(
+    prompt_chars: int, share: Fraction, cached: Fraction, output: int
+) -> None:
+    price = resolve_price("anthropic", "claude-sonnet-4-5", at=AT)
+    client = make_client(name="claude", kind="anthropic", model="claude-sonnet-4-5", price=price)
+    request = ProviderRequest(prompt="x" * prompt_chars, max_tokens=8_192)
+    estimated = estimate_input_tokens(request)
+    billed = int(estimated * share)  # any input up to the estimate, any part of it cached
+    written = int(billed * cached)
+
+    usage = Usage(input_tokens=billed, output_tokens=output, cache_write_tokens=written)
+
+    assert cost(usage, price) <= client.estimate_cost(request)

@@ -53,7 +53,7 @@ from vapora.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from vapora.pricing import cost
+from vapora.pricing import ceiling, cost
 from vapora.providers.stream import CompletionStream
 from vapora.providers.transport import KeepAliveTransport
 from vapora.providers.values import (
@@ -246,15 +246,17 @@ class ProviderClient(ABC):
         """An upper bound of the call's cost, for budget reservations.
 
         Input: :func:`estimate_input_tokens` at the dearest input rate (a cache write may cost
-        more than plain input); output: the full output limit at the output price.
+        more than plain input); output: the full output limit at the output price. The rates are
+        the dearest of every long-context tier that input estimate reaches (:func:`ceiling`):
+        past a tier's threshold every token is billed at the tier's rates.
         """
-        price = self.price
+        input_tokens = estimate_input_tokens(request)
+        price = ceiling(self.price, input_tokens)
         input_rate = max(
             price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok
         )
         return (
-            estimate_input_tokens(request) * input_rate
-            + request.output_limit * price.output_per_mtok
+            input_tokens * input_rate + request.output_limit * price.output_per_mtok
         ) / 1_000_000
 
     def latency_estimate(self) -> float | None:
