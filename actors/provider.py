@@ -103,6 +103,7 @@ from vapora.providers import (
     ProviderRequest,
     make_client,
 )
+from vapora.providers.stream import FORWARD_FAILED
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
 
@@ -277,6 +278,8 @@ _AVAILABLE = _HealthSignature(True, "available", "closed", None)
 
 
 def _counts_against_breaker(error: ProviderError) -> bool:
+    if error.error_type == FORWARD_FAILED:  # this actor's failure, not the provider's
+        return False
     return not isinstance(error, ProviderRejected | ProviderRateLimited)
 
 
@@ -498,9 +501,12 @@ class ProviderActor:
         async with self.client.stream(request, time_limit=limit, first_token_limit=first) as stream:
             seq = 0
             async for text in stream:
-                await ctx.publish(
-                    call.stream_to, StreamChunk(task_id=call.task_id, seq=seq, text=text)
-                )
+                try:
+                    await ctx.publish(
+                        call.stream_to, StreamChunk(task_id=call.task_id, seq=seq, text=text)
+                    )
+                except Exception as exc:  # NATS closed, its buffer full: what came is billed
+                    raise stream.abandoned(exc) from exc
                 seq += 1
         assert stream.completion is not None
         return stream.completion

@@ -405,3 +405,40 @@ async def test_an_anthropic_streams_usage_accumulates_as_the_official_sdk_does(
     assert usage.input_tokens == sdk.input_tokens + read + write  # ours include the cache
     assert usage.output_tokens == sdk.output_tokens == 20
     assert not stream.completion.usage_estimated
+
+
+async def test_a_stream_its_caller_abandons_keeps_what_was_billed_so_far() -> None:
+    """Forwarding a chunk failed (NATS closed, its buffer full): the provider actor recorded an
+    internal failure with no usage, though the provider had counted 20,000 input tokens."""
+    from vapora.providers.stream import FORWARD_FAILED
+    from vapora.providers.values import StreamBroken
+
+    start = {**_ANTHROPIC_START}
+    start["message"] = {**_ANTHROPIC_START["message"], "usage": {"input_tokens": 20_000}}  # type: ignore[dict-item]
+    words = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "w "}}
+    ] * 50
+    end = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {"output_tokens": 50},
+    }
+    head = answer(
+        "200 OK", _sse([start, *words, end]), headers="content-type: text/event-stream\r\n"
+    )
+    async with stub(head) as port:
+        made = client("anthropic", port)
+        try:
+            with pytest.raises(StreamBroken) as raised:
+                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                    forwarded = 0
+                    async for _ in stream:
+                        forwarded += 1
+                        if forwarded == 3:
+                            raise stream.abandoned(ConnectionError("nats: connection closed"))
+        finally:
+            await made.aclose()
+    broken = raised.value
+    assert broken.error_type == FORWARD_FAILED and broken.partial_text == "w w w "
+    assert broken.usage.input_tokens == 20_000  # reported by message_start: billed
+    assert broken.usage.output_tokens >= 3  # estimated from the text received

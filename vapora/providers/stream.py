@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from vapora.errors import ProviderError, ProviderTimeout
+from vapora.errors import ProviderError, ProviderTimeout, ProviderUnavailable
 from vapora.providers.values import Completion, ProviderRequest, StreamBroken, Turn
 
 if TYPE_CHECKING:
     from vapora.providers.base import ProviderClient
 
-__all__ = ["CompletionStream"]
+__all__ = ["FORWARD_FAILED", "CompletionStream"]
+
+#: The error type of a stream its caller abandoned (:meth:`CompletionStream.abandoned`).
+FORWARD_FAILED = "forward_failed"
 
 _END = object()
 _TIMED_OUT = object()
@@ -170,6 +173,18 @@ class CompletionStream:
         self.completion = client._completion(
             self._turn, self._request, self._model, latency, self._first_token_ms, self._count
         )
+
+    def abandoned(self, cause: BaseException) -> ProviderError:
+        """The failure to raise when the caller cannot go on (forwarding the chunks failed):
+        a :class:`StreamBroken` (error type ``forward_failed``) with the text received and the
+        usage of all of it, so that what the provider billed so far is still recorded."""
+        error = ProviderUnavailable(
+            f"{self._client.name}: the stream was abandoned: forwarding it failed "
+            f"({type(cause).__name__})",
+            provider=self._client.name,
+            error_type=FORWARD_FAILED,
+        )
+        return self._failed(error)
 
     def _failed(self, error: ProviderError) -> ProviderError:
         """``error`` itself before the first chunk was forwarded (with the usage the provider
