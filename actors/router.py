@@ -132,7 +132,7 @@ from vapora.errors import (
     RequestTimeout,
     VaporaError,
 )
-from vapora.pricing import price_at
+from vapora.pricing import ceiling, price_at
 from vapora.providers import ProviderRequest, input_token_bound
 from vapora.routing import (
     ProviderView,
@@ -179,7 +179,9 @@ _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per att
 def upper_bound_cost(input_tokens: int, output_limit: int, price: Price) -> Decimal:
     """The most a call can cost: the input's bound (``input_token_bound``) at the dearest input
     rate (a cache write may cost more than plain input) plus the whole output limit at the
-    output price."""
+    output price, each at the dearest of the rates the input can reach (a long-context tier
+    bills every token of a call past its threshold: ``vapora.pricing.ceiling``)."""
+    price = ceiling(price, input_tokens)
     input_rate = max(price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok)
     return (input_tokens * input_rate + output_limit * price.output_per_mtok) / _MTOK
 

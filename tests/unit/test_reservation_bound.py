@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from actors.router import upper_bound_cost
-from events.contract import BudgetReserve, ChatMessage, Price, TaskType
+from events.contract import BudgetReserve, ChatMessage, Price, TaskType, Usage
 from events.log import BudgetReserved, SpendRecorded
 from vapora import budget
 from vapora.providers import ProviderRequest, estimate_input_tokens, input_token_bound
@@ -102,3 +102,16 @@ def test_holds_admitted_under_a_daily_limit_never_settle_past_it() -> None:
         state = budget.evolve(state, spend)
     assert admitted > 0
     assert state.spent_on(AT.date()) <= Decimal(1)
+
+
+def test_the_bound_prices_a_long_prompt_at_its_long_context_tier() -> None:
+    """The router held the base rates for a prompt past a tier's threshold, where every token
+    is billed at the tier's (a 300k-token gemini-2.5-pro prompt: twice the base)."""
+    from vapora.pricing import cost, resolve_price
+
+    price = resolve_price("gemini", "gemini-2.5-pro", at=AT)
+    assert price.tiers, "gemini-2.5-pro has a long-context tier in the price table"
+    request = ProviderRequest(prompt="x" * 300_000, max_tokens=1_000)
+    bound = upper_bound_cost(input_token_bound(request), request.output_limit, price)
+    billed = cost(Usage(input_tokens=300_000, output_tokens=1_000), price)
+    assert bound >= billed > cost(Usage(input_tokens=150_000, output_tokens=1_000), price) * 2
