@@ -53,7 +53,7 @@ import anyio
 import msgspec
 
 from events.codec import event_tag
-from events.contract import CostReport, Price
+from events.contract import CostReport, Price, PriceTier
 from events.log import Event, SpendRecorded
 from vapora.errors import ConfigError, RequestTimeout, VaporaError
 
@@ -120,23 +120,30 @@ CREATE TABLE IF NOT EXISTS spend (
     cache_read_per_mtok TEXT NOT NULL,
     cache_write_per_mtok TEXT NOT NULL,
     price_source TEXT NOT NULL,
-    price_version TEXT NOT NULL
+    price_version TEXT NOT NULL,
+    price_tiers TEXT
 );
 CREATE INDEX IF NOT EXISTS spend_at ON spend (at);
 """
+# The price's long-context tiers (JSON; NULL: none), added after the first ledgers were made:
+# a writer adds the column to an older file when it opens it.
+_ADD_TIERS = "ALTER TABLE spend ADD COLUMN price_tiers TEXT"
 
 _SPEND_COLUMNS = (
     "seq, event_id, at, task_id, task_type, provider, model, reservation_id, attempt,"
     " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,"
     " input_per_mtok, output_per_mtok, cache_read_per_mtok, cache_write_per_mtok,"
-    " price_source, price_version"
+    " price_source, price_version, price_tiers"
 )
+# What a reader selects from a file still without the tiers column (read-only: not migrated).
+_SPEND_COLUMNS_UNTIERED = _SPEND_COLUMNS.replace("price_tiers", "NULL")
 # A spend row is written only if this very (seq, id) won the events insert: a duplicate id under
 # a new sequence leaves no second row.
 _INSERT_SPEND = (
-    f"INSERT OR IGNORE INTO spend ({_SPEND_COLUMNS}) SELECT {', '.join('?' * 20)}"
+    f"INSERT OR IGNORE INTO spend ({_SPEND_COLUMNS}) SELECT {', '.join('?' * 21)}"
     " WHERE EXISTS (SELECT 1 FROM events WHERE seq = ? AND event_id = ?)"
 )
+_TIERS = msgspec.json.Decoder(tuple[PriceTier, ...])
 _UPDATE_TRACKING = "UPDATE tracking SET last_sequence = ? WHERE id = 1"
 _INSERT_EVENT = "INSERT OR IGNORE INTO events (seq, event_id, type, at, task_id) VALUES (?,?,?,?,?)"
 
@@ -203,11 +210,13 @@ class Ledger:
         self._last = last_sequence
         self._writer = writer
         self._lock = anyio.Lock()
+        self._tiered = True  # the spend table has price_tiers (an older file read-only may not)
 
     @classmethod
     async def open(cls, path: str | Path) -> Ledger:
         """Open the ledger database at ``path`` for writing, creating it (and its tables) if
-        needed. An existing ledger is not written to until the first :meth:`apply_many`."""
+        needed. An existing ledger is not written to until the first :meth:`apply_many`, but
+        for adding the ``price_tiers`` column once to a file made before it."""
         db = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             await db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")  # readers may read as we write
@@ -215,7 +224,11 @@ class Ledger:
             await db.execute("PRAGMA synchronous=FULL")
             if not await _has_schema(db):
                 await db.executescript(_SCHEMA)
-            return cls(db, await _read_last(db))
+            elif not await _has_tiers(db):
+                await db.execute(_ADD_TIERS)
+            ledger = cls(db, await _read_last(db))
+            ledger._tiered = True
+            return ledger
         except BaseException as exc:
             await db.close()  # its worker thread would keep the process alive
             if isinstance(exc, sqlite3.Error):
@@ -234,7 +247,9 @@ class Ledger:
         db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         try:
             await db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
-            return cls(db, await _read_last(db), writer=False)
+            ledger = cls(db, await _read_last(db), writer=False)
+            ledger._tiered = await _has_tiers(db)
+            return ledger
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
@@ -341,10 +356,9 @@ class Ledger:
         there)."""
         bound = " WHERE seq <= ?" if through is not None else ""
         params = (through,) if through is not None else ()
+        columns = _SPEND_COLUMNS if self._tiered else _SPEND_COLUMNS_UNTIERED
         async with self._reading() as db:
-            cursor = await db.execute(
-                f"SELECT {_SPEND_COLUMNS} FROM spend{bound} ORDER BY seq", params
-            )
+            cursor = await db.execute(f"SELECT {columns} FROM spend{bound} ORDER BY seq", params)
             rows = [_read_spend(row) for row in await cursor.fetchall()]
             cursor = await db.execute(
                 f"SELECT seq, event_id, type, at, task_id FROM events{bound} ORDER BY seq", params
@@ -403,6 +417,11 @@ async def _report_rows(
         ReportRow(_parse(at), provider, model, task_type, Decimal(cost))
         for at, provider, model, task_type, cost in await cursor.fetchall()
     ]
+
+
+async def _has_tiers(db: aiosqlite.Connection) -> bool:
+    cursor = await db.execute("SELECT 1 FROM pragma_table_info('spend') WHERE name = 'price_tiers'")
+    return await cursor.fetchone() is not None
 
 
 async def _has_schema(db: aiosqlite.Connection) -> bool:
@@ -464,12 +483,14 @@ def _spend_row(event: SpendRecorded, seq: int) -> tuple[Any, ...]:
         str(price.cache_write_per_mtok),
         price.source,
         price.version,
+        msgspec.json.encode(price.tiers).decode() if price.tiers else None,
     )
 
 
 def _read_spend(row: sqlite3.Row | Sequence[Any]) -> SpendRow:
     (seq, event_id, at, task_id, task_type, provider, model, rid, attempt) = row[:9]
     tokens, cost, prices, (source, version) = row[9:13], row[13], row[14:18], row[18:20]
+    tiers = _TIERS.decode(row[20]) if row[20] else ()
     return SpendRow(
         seq=seq,
         event_id=event_id,
@@ -492,6 +513,7 @@ def _read_spend(row: sqlite3.Row | Sequence[Any]) -> SpendRow:
             cache_write_per_mtok=Decimal(prices[3]),
             source=source,
             version=version,
+            tiers=tiers,
         ),
     )
 

@@ -11,9 +11,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
-from events.contract import Price, TaskType
+from events.contract import Price, PriceTier, TaskType
 from events.log import BudgetReserved, Event, SpendRecorded
 from vapora import ledger as ledger_module
 from vapora.errors import ConfigError, RequestTimeout
@@ -405,3 +406,61 @@ def test_report_rows_are_grouped_by_their_utc_hour():
     row = ReportRow(paris, "p", "m", "GeneralQuery", Decimal(1))
     report = cost_report([row], since=None, until=None, now=NOW, month_to_date=Decimal(0))
     assert list(report.by_hour) == ["2026-02-01T00:00Z"] and list(report.by_day) == ["2026-02-01"]
+
+
+TIERED = msgspec.structs.replace(
+    PRICE,
+    tiers=(
+        PriceTier(
+            above_input_tokens=200_000,
+            input_per_mtok=Decimal("0.15"),
+            output_per_mtok=Decimal("0.6"),
+            cache_read_per_mtok=Decimal("0.0375"),
+            cache_write_per_mtok=Decimal("0"),
+        ),
+    ),
+)
+
+
+async def test_a_spends_long_context_tiers_are_kept_with_its_row(tmp_path: Path):
+    """The ledger stored the four flat rates only: every spend on a tiered model differed from
+    its event in the audit's row comparison."""
+    event = msgspec.structs.replace(spend("e1", T, "0.5"), price=TIERED)
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered([event, spend("e2", T, "0.1")]))
+        tiered, flat = await ledger.spend_rows()
+    assert tiered.price == TIERED and flat.price == PRICE
+
+
+_OLD_SPEND_TABLE = """
+CREATE TABLE tracking (id INTEGER PRIMARY KEY CHECK (id = 1), last_sequence INTEGER NOT NULL);
+INSERT INTO tracking (id, last_sequence) VALUES (1, 1);
+CREATE TABLE events (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
+    at TEXT NOT NULL, task_id TEXT);
+CREATE TABLE spend (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, at TEXT NOT NULL,
+    task_id TEXT NOT NULL, task_type TEXT NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL,
+    reservation_id TEXT, attempt INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL, cost_usd TEXT NOT NULL, input_per_mtok TEXT NOT NULL,
+    output_per_mtok TEXT NOT NULL, cache_read_per_mtok TEXT NOT NULL,
+    cache_write_per_mtok TEXT NOT NULL, price_source TEXT NOT NULL, price_version TEXT NOT NULL);
+CREATE INDEX spend_at ON spend (at);
+INSERT INTO events VALUES (1, 'e0', 'spend_recorded', '2026-03-31T23:59:58.123456+00:00', 't');
+INSERT INTO spend VALUES (1, 'e0', '2026-03-31T23:59:58.123456+00:00', 't', 'CodeGeneration',
+    'claude', 'sonnet', NULL, 1, 10, 5, 0, 0, '0.01', '0.075', '0.3', '0.01875', '0',
+    'genai-prices', '2026-01-15');
+"""
+
+
+async def test_a_ledger_made_before_the_tiers_column_is_read_and_then_migrated(tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    old = sqlite3.connect(path)
+    old.executescript(_OLD_SPEND_TABLE)
+    old.close()
+    async with await Ledger.open_read_only(path) as reader:  # read as it is, not changed
+        (row,) = await reader.spend_rows()
+    assert row.price == PRICE
+    async with await Ledger.open(path) as writer:  # the writer adds the column
+        await writer.apply_many([(msgspec.structs.replace(spend("e1", T, "0.5"), price=TIERED), 2)])
+        first, second = await writer.spend_rows()
+    assert first.price == PRICE and second.price == TIERED
