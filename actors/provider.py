@@ -13,6 +13,11 @@ It owns, per process:
   (half open), closes on the probe's success and reopens on its failure;
 * the observed-latency estimate (the client's EWMA).
 
+A call's time limit (``ProviderCall.timeout_ms``) counts from when it reached the actor: one that
+waited in the backlog (every handler busy) gets what is left of it, and one whose time ran out
+there is answered as not called (``expired_in_queue``) without calling the provider: the router
+has given up on it by then, and may be paying another provider for the same task.
+
 Every call appends ``call_succeeded`` or ``call_failed`` plus ``spend_recorded`` (the cost at the
 price in force at the call's time, settling ``reservation_id``; a failed call records what the
 provider billed, e.g. a broken stream's partial usage), pipelined together. Changes of
@@ -129,6 +134,8 @@ HTTP_STATUS_HEADER = "Vapora-Http-Status"
 CALLED_HEADER = "Vapora-Called"
 #: Sent by the router with tracing on: why this provider (the provider span's route reason).
 ROUTE_REASON_HEADER = "Vapora-Route-Reason"
+#: A call with less than this left of its time limit after waiting in the backlog is refused.
+_STALE_MARGIN_S = 0.05
 #: Seconds a stopping provider actor allows past its timeout for the calls' events to append.
 _DRAIN_MARGIN_S = 5.0
 
@@ -408,6 +415,10 @@ class ProviderActor:
             problem = reply_problem(call.stream_to, self.service.reserved_replies)
             if problem is not None:
                 raise InvalidRequest(f"`stream_to` {call.stream_to[:64]!r} {problem}")
+        stale = _stale(call, ctx.queued_s, self.config.name)
+        if stale is not None:
+            await self._reply_error(ctx, stale, called=False)
+            return None
         refusal = self._admit()
         if refusal is not None:
             await self._publish_health()
@@ -489,14 +500,13 @@ class ProviderActor:
     ) -> Completion:
         if call.stream_to:
             return await self._stream(call, request, ctx)
-        limit = call.timeout_ms / 1000 if call.timeout_ms else None
-        return await self.client.complete(request, time_limit=limit)
+        return await self.client.complete(request, time_limit=_time_left(call, ctx.queued_s))
 
     async def _stream(
         self, call: ProviderCall, request: ProviderRequest, ctx: RequestContext
     ) -> Completion:
         assert call.stream_to is not None
-        limit = call.timeout_ms / 1000 if call.timeout_ms else None
+        limit = _time_left(call, ctx.queued_s)
         first = call.first_token_timeout_ms / 1000 if call.first_token_timeout_ms else None
         async with self.client.stream(request, time_limit=limit, first_token_limit=first) as stream:
             seq = 0
@@ -836,6 +846,27 @@ def _latency_moved(old: float | None, new: float | None) -> bool:
     if old is None:
         return True
     return abs(new - old) > 0.2 * max(old, 1.0)
+
+
+def _time_left(call: ProviderCall, queued_s: float) -> float | None:
+    """The call's time limit in seconds, less what it waited in this actor's backlog: the
+    router's wait (and its hold's life) counts from when it sent the call."""
+    return call.timeout_ms / 1000 - queued_s if call.timeout_ms else None
+
+
+def _stale(call: ProviderCall, queued_s: float, provider: str) -> ProviderError | None:
+    """A call that waited in the backlog past its time limit: the router has given up on it
+    (and may be paying another provider for it); calling the provider now would bill a call
+    nobody waits for, perhaps after its hold expired. Refused, not called."""
+    left = _time_left(call, queued_s)
+    if left is None or left > _STALE_MARGIN_S:
+        return None
+    return ProviderUnavailable(
+        f"{provider}: the call waited {queued_s:.1f} s for this provider actor, past its time "
+        f"limit ({call.timeout_ms} ms); not called",
+        provider=provider,
+        error_type="expired_in_queue",
+    )
 
 
 def _maybe_billed(error: ProviderError) -> bool:

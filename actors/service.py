@@ -105,6 +105,8 @@ class RequestContext:
     subject: str
     reply: str
     raw_headers: bytes | None = None
+    #: Seconds the request waited in the backlog before its handler started (0: it did not).
+    queued_s: float = 0.0
 
     @property
     def headers(self) -> dict[str, str]:
@@ -246,7 +248,8 @@ class ActorService:
         self.max_backlog = max_backlog
         self.drain_timeout = drain_timeout
         self._served = {e.name: _Served(e) for e in endpoints}
-        self._backlog: deque[tuple[_Served, _Message]] = deque()
+        # Requests waiting for a handler, with when they arrived (time.monotonic()).
+        self._backlog: deque[tuple[_Served, _Message, float]] = deque()
         self._running = 0  # handlers running: what max_concurrency bounds
         self._refusing = 0  # 503 replies being sent: neither a handler nor a concurrency slot
         self._stop = anyio.Event()
@@ -339,7 +342,8 @@ class ActorService:
         """Refuse each request still waiting when the drain ends (its deadline passed, or
         ``run`` was cancelled)."""
         while self._backlog:
-            if not await self._refuse_unstarted(*self._backlog.popleft()):
+            served, message, _ = self._backlog.popleft()
+            if not await self._refuse_unstarted(served, message):
                 self._backlog.clear()
 
     async def _start_service(self) -> Service:
@@ -468,7 +472,7 @@ class ActorService:
         if self._running < self.max_concurrency:
             self._start(served, message)
         elif len(self._backlog) < self.max_backlog:
-            self._backlog.append((served, message))
+            self._backlog.append((served, message, time.monotonic()))
         else:
             served.counters.rejected += 1
             self._start(served, message, overloaded=True)
@@ -490,7 +494,14 @@ class ActorService:
             )
             self._drop_said_at, self._drops_unsaid = now, 0
 
-    def _start(self, served: _Served, message: _Message, *, overloaded: bool = False) -> None:
+    def _start(
+        self,
+        served: _Served,
+        message: _Message,
+        *,
+        overloaded: bool = False,
+        queued_s: float = 0.0,
+    ) -> None:
         assert self._loop is not None
         if overloaded:
             self._refusing += 1
@@ -500,7 +511,9 @@ class ActorService:
         scope = self._scope_type()
         deadlines = served.deadlines
         deadline = math.inf if overloaded or deadlines is None else deadlines.add(scope)
-        task = self._loop.create_task(self._handle(served, message, scope, deadline, overloaded))
+        task = self._loop.create_task(
+            self._handle(served, message, scope, deadline, overloaded, queued_s)
+        )
         if not task.done():  # an eager task factory may have run it to its end already
             self._handlers[scope] = task
 
@@ -511,6 +524,7 @@ class ActorService:
         scope: anyio.CancelScope,
         deadline: float,
         overloaded: bool,
+        queued_s: float,
     ) -> None:
         started = time.perf_counter_ns()
         try:
@@ -519,9 +533,9 @@ class ActorService:
                 # a refusal's or a timeout's too, is sent inside the span, with its context.
                 group = served.endpoint.queue_group or "q"
                 with tracing.process_span(message[0], message[3], group=group):
-                    await self._run(served, message, scope, deadline, overloaded)
+                    await self._run(served, message, scope, deadline, overloaded, queued_s)
             else:
-                await self._run(served, message, scope, deadline, overloaded)
+                await self._run(served, message, scope, deadline, overloaded, queued_s)
         finally:
             self._handlers.pop(scope, None)
             if served.deadlines is not None:
@@ -535,6 +549,7 @@ class ActorService:
         scope: anyio.CancelScope,
         deadline: float,
         overloaded: bool,
+        queued_s: float = 0.0,
     ) -> None:
         """Refuse ``message`` (503) when ``overloaded``; else answer it within ``scope`` (504
         past the endpoint's timeout, 503 when a stop cut it)."""
@@ -542,7 +557,7 @@ class ActorService:
             await self._reply_error(served, message[1], Overloaded(self.name))
             return
         with scope:
-            await self._answer(served, message)
+            await self._answer(served, message, queued_s)
         if scope.cancelled_caught and deadline <= anyio.current_time():
             error = RequestTimeout(f"{served.endpoint.name} timed out")
             await self._reply_error(served, message[1], error)
@@ -571,17 +586,18 @@ class ActorService:
         else:
             self._running -= 1
             if self._backlog and not self._closed:  # the drain serves the backlog too
-                self._start(*self._backlog.popleft())
+                served, message, arrived = self._backlog.popleft()
+                self._start(served, message, queued_s=time.monotonic() - arrived)
         if not self.in_flight:
             self._idle.set()
 
-    async def _answer(self, served: _Served, message: _Message) -> None:
+    async def _answer(self, served: _Served, message: _Message, queued_s: float = 0.0) -> None:
         subject, reply_to, data, headers = message
         endpoint = served.endpoint
         try:
             request = self._decode(endpoint, data)
             context = RequestContext(
-                nc=self.nc, subject=subject, reply=reply_to, raw_headers=headers
+                nc=self.nc, subject=subject, reply=reply_to, raw_headers=headers, queued_s=queued_s
             )
             reply = await endpoint.handler(request, context)
         except VaporaError as error:

@@ -223,3 +223,41 @@ async def test_a_provider_timeout_after_the_request_was_sent_keeps_its_hold(
     released = {e.reservation_id for e in events if isinstance(e, BudgetReleased)}
     assert claude_hold[0] not in released  # kept until its spend or its expiry
     assert done.provider != "claude"  # the chain went on to the next provider
+
+
+async def test_a_call_that_waited_past_its_time_in_the_backlog_is_not_made(
+    tmp_path: Path,
+) -> None:
+    """Calls waiting in a busy provider actor's backlog started after the router had given up on
+    them (and retried them): six requests, one answered, eleven calls billed. A call whose time
+    ran out in the backlog is now refused without calling the provider."""
+    budget = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
+
+    def config(base_url: str) -> str:
+        return config_text(
+            base_url, models={"openai": "gpt-4-slow-700"}, timeouts={"openai": 1000}, budget=budget
+        )
+
+    async with deployment(
+        tmp_path,
+        config,
+        keeper=True,
+        providers=["openai"],
+        router_options={"grace_s": 0.2},
+        provider_options={"max_concurrency": 1},
+    ) as dep:
+        answered: list[object] = []
+
+        async def one(i: int) -> None:
+            with contextlib.suppress(VaporaError):
+                answered.append(
+                    await dep.client.complete(prompt=f"hi {i}", provider="openai", task_id=f"Q{i}")
+                )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one, i)
+        await anyio.sleep(3)  # whatever waited in the backlog has come out of it by now
+        events = await dep.events()
+    spends = [e for e in events if isinstance(e, SpendRecorded)]
+    assert answered and len(spends) == len(answered)
