@@ -29,6 +29,14 @@ State and the log
     *not* advance ``last_sequence`` at append time: that would make the tail skip other
     writers' events that landed just before ours (a spend at ``seq - 1``).
 
+    The replay at start decodes each event into the view of the fields the fold reads
+    (``vapora/budget_view.py``); the tail decodes whole events. An event the whole decoder
+    rejects for a field the fold does not read (a task type a newer writer added during a
+    rolling upgrade, a token count out of range, no price) is read again from the log as a
+    view, counted in ``money_only`` and logged: a live keeper counts the same money as a
+    restarted one, never less. ``budget_tier_changed`` folds into the state too
+    (``state.announced``), so :func:`vapora.budget.status` reports the tier enforced.
+
 Fencing
     Every append carries ``Nats-Expected-Last-Subject-Sequence`` = the last sequence on the
     budget subject that the state includes. A budget event that we did not write (seen by the
@@ -52,6 +60,7 @@ Tiers, expiry, snapshots (the housekeeping task, every ``tick_s`` from the runti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -73,7 +82,7 @@ from actors.follow import LogFollower
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
-from events.codec import event_tag
+from events.codec import DecodeError, event_tag
 from events.contract import (
     MAX_ID_LENGTH,
     BudgetLeaseReply,
@@ -85,6 +94,7 @@ from events.contract import (
     BudgetStatus,
     BudgetStatusRequest,
     Tier,
+    check_amount,
 )
 from events.log import (
     BudgetLeased,
@@ -98,13 +108,14 @@ from events.log import (
 from vapora import budget
 from vapora.budget import BudgetLimits, BudgetState
 from vapora.budget_view import (
+    FOLDED,
     BudgetLeasedView,
     BudgetReleasedView,
     BudgetReservedView,
-    BudgetTierChangedView,
     LeaseReturnedView,
     SpendRecordedView,
     View,
+    decode_view,
     decode_views,
 )
 from vapora.config import BudgetConfig
@@ -130,6 +141,8 @@ _MONEY_VIEWS = (
     BudgetLeasedView,
     LeaseReturnedView,
 )
+_MONEY = _MONEY_EVENTS + _MONEY_VIEWS
+_PROBLEM_SHOWN = 200  # characters of a decoding problem in the log
 _OWN_IDS_KEPT = 100_000  # ids of our appends not yet seen back in the log (bounded)
 
 
@@ -190,11 +203,12 @@ class BudgetKeeper:
         self._fold = budget.Fold()
         self._view: BudgetState | None = None
         self.fence = 0  # the last sequence on the budget subject that `state` includes
-        self.announced = Tier.NORMAL  # the tier of the last budget_tier_changed in the log
         self.fenced_out: str | None = None  # why we stopped writing, once another keeper wrote
         self.restored_sequence: int | None = None  # the snapshot's sequence, if one was used
         self.replayed_events = 0  # events read from the log at start (after the snapshot)
         self.overruns = 0  # spends past the reservation they settled (each logged)
+        # events the whole decoder rejected, read live from their money fields (each logged)
+        self.money_only = 0
         self._withdrawn = False  # the writing endpoints withdrawn, once fenced out
         self._stream_created: datetime | None = None  # of the stream this keeper reads
         self._snapshot_stream_created: datetime | None = None  # of the one the snapshot read
@@ -331,10 +345,16 @@ class BudgetKeeper:
             self._view = self._fold.view()
         return self._view
 
+    @property
+    def announced(self) -> Tier:
+        """The tier of the last ``budget_tier_changed`` (ours, or in the log): the one the
+        hysteresis of :meth:`_tier_now` starts from."""
+        return self._fold.announced
+
     def _reset(self, state: BudgetState) -> None:
         self._fold, self._view = budget.Fold(state), None
 
-    def _fold_in(self, event: Event, seq: int | None = None) -> None:
+    def _fold_in(self, event: Event | View, seq: int | None = None) -> None:
         if seq is None:
             self._fold.apply_event(event)
         else:
@@ -359,8 +379,9 @@ class BudgetKeeper:
         if saved.stream != self.log.settings.name:
             log.warning("budget keeper: snapshot is of stream %s; ignoring it", saved.stream)
             return
-        self._reset(state)
-        self.fence, self.announced = saved.fence, saved.announced
+        # The keeper's own record of the tier (snapshots of the state before it kept one).
+        self._reset(dataclasses.replace(state, announced=saved.announced))
+        self.fence = saved.fence
         self.restored_sequence = state.last_sequence
         self._snapshot_stream_created = saved.stream_created
 
@@ -377,7 +398,7 @@ class BudgetKeeper:
             if why is not None:  # the stream is not the one we snapshotted
                 log.warning("budget keeper: snapshot %s; replaying the log from its start", why)
                 self._reset(budget.EMPTY)
-                self.fence, self.announced = 0, Tier.NORMAL
+                self.fence = 0
                 self.restored_sequence = None
         # Each event is decoded into the view of the fields the fold reads (vapora/budget_view.py).
         # Not filtered to the budget's subjects: a consumer with several subject filters is
@@ -392,22 +413,21 @@ class BudgetKeeper:
             self._tier_cause = _last_money_event(batch.events) or self._tier_cause
 
     def _note_batch(self, batch: ReplayBatch[View]) -> None:
-        """:meth:`_note` for the events that can change what it keeps (a replay's fast path)."""
+        """:meth:`_note` for the events on the budget subject (a replay's fast path)."""
         subject = self.subject.encode()
         for seq, message, event in zip(batch.seqs, batch.messages, batch.events, strict=True):
-            if message[0] == subject or type(event) is BudgetTierChangedView:
+            if message[0] == subject:
                 self._note(LogEntry(seq, message[0].decode(), event, message[3]))
 
     def _note(self, entry: LogEntry[Event] | LogEntry[View]) -> None:
-        """Keep the fence and the announced tier in step with the log."""
-        event: Any = entry.event  # an event, or its view (which has the fields read here)
-        if type(event) is Unreadable:  # not a writer's event: passed by, the fence moved past it
-            if entry.subject == self.subject:
-                self.fence = max(self.fence, entry.seq)
-            return
-        if isinstance(event, BudgetTierChanged | BudgetTierChangedView):
-            self.announced = event.to_tier
+        """Keep the fence in step with the log (the announced tier is folded into the state)."""
         if entry.subject != self.subject:
+            return
+        event: Any = entry.event  # an event, or its view (which has the fields read here)
+        if type(event) is Unreadable or (isinstance(event, View) and not isinstance(event, FOLDED)):
+            # Not a writer's event (nor one of the budget's, read for its money): passed by,
+            # the fence moved past it.
+            self.fence = max(self.fence, entry.seq)
             return
         mine = self._own.pop(event.id, False) is None
         if entry.seq <= self.fence:
@@ -422,26 +442,65 @@ class BudgetKeeper:
         return self.state.last_sequence
 
     async def _apply_tail(self, batch: list[LogEntry[Event]]) -> None:
-        """Fold live events one by one, noting the one that moved the tier."""
+        """Fold live events one by one (every one, for its position), noting the one that moved
+        the tier. An event the whole decoder rejected is read again for its money first."""
         now = self.clock()
-        for entry in batch:
+        for logged in batch:
+            entry = await self._readable(logged)
             self._note(entry)
             event = entry.event
-            if isinstance(event, SpendRecorded) and event.reservation_id is not None:
+            if not isinstance(event, _MONEY):
+                self._fold_in(event, entry.seq)  # a tier change, or only the position
+                continue
+            if isinstance(event, SpendRecorded | SpendRecordedView) and event.reservation_id:
                 self._check_overrun(event)
-            if isinstance(event, _MONEY_EVENTS):
-                if budget.as_utc(event.at) > now + _AHEAD:  # naive: taken at its word
-                    self._say_ahead(event, now)
-                self._fold_in(event, entry.seq)
-                if self._tier_now(now) != self.announced:
-                    self._tier_cause = event.id
-                    self._wake.set()
-        last = batch[-1]
-        self._fold_in(last.event, last.seq)  # the position, whatever the last event was
+            if budget.as_utc(event.at) > now + _AHEAD:  # naive: taken at its word
+                self._say_ahead(event, now)
+            self._fold_in(event, entry.seq)
+            if self._tier_now(now) != self.announced:
+                self._tier_cause = event.id
+                self._wake.set()
         self._changed += len(batch)
         self._applied.set()
 
-    def _say_ahead(self, event: Event, now: datetime) -> None:
+    async def _readable(self, entry: LogEntry[Event]) -> LogEntry[Event] | LogEntry[View]:
+        """``entry``, or for an event the whole decoder rejected, the view of it that the replay
+        at start folds (``vapora/budget_view.py``): its money counts live as after a restart.
+        A view whose amounts no sum can take is passed by by the fold on both paths alike."""
+        unreadable: Any = entry.event
+        if type(unreadable) is not Unreadable:
+            return entry
+        with anyio.fail_after(self.resync_timeout_s):  # failing, the tail is read again
+            data = await self._stored(entry.seq)
+        try:
+            view = decode_view(data)
+        except DecodeError:
+            return entry  # not readable for its money either: passed by on both paths
+        if not isinstance(view, FOLDED):
+            return entry
+        self.money_only += 1
+        log.warning(
+            "budget keeper: %s %s at sequence %d (%s) is not a whole event (%s); its money "
+            "fields are, and count as a restarted keeper counts them (%d such events so far)",
+            event_tag(view),
+            getattr(view, "id", "?"),
+            entry.seq,
+            entry.subject,
+            str(unreadable.problem)[:_PROBLEM_SHOWN],
+            self.money_only,
+        )
+        return LogEntry(entry.seq, entry.subject, view, entry.raw_headers)
+
+    async def _stored(self, seq: int) -> bytes:
+        """The message stored at ``seq`` as written (empty if it is gone from the log, as it is
+        for a replay)."""
+        try:
+            message = await self.log.js.get_msg(self.log.settings.name, seq=seq)
+        except NotFoundError:
+            return b""
+        return message.data or b""
+
+    def _say_ahead(self, event: Event | View, now: datetime) -> None:
         """An event from the future: its day is the one it names (DESIGN §4), so a host whose
         clock is wrong bills the wrong day. Counted; said once a minute at most."""
         self.ahead += 1
@@ -452,18 +511,19 @@ class BudgetKeeper:
             "budget keeper: %s %s is stamped %s, %s ahead of this keeper's clock: check the "
             "clock of the host that wrote it (%d such events so far)",
             event_tag(event),
-            event.id,
-            event.at.isoformat(),
-            budget.as_utc(event.at) - now,
+            event.id,  # type: ignore[union-attr]  # every money event and view has both
+            event.at.isoformat(),  # type: ignore[union-attr]
+            budget.as_utc(event.at) - now,  # type: ignore[union-attr]
             self.ahead,
         )
 
-    def _check_overrun(self, spend: SpendRecorded) -> None:
+    def _check_overrun(self, spend: SpendRecorded | SpendRecordedView) -> None:
         """A spend past the reservation it settles: the hold was meant to be the attempt's
-        upper bound, so the limits may now be exceeded. Counted, and said once per spend."""
+        upper bound, so the limits may now be exceeded. Counted, and said once per spend.
+        (A view's cost is unchecked: one no sum can take is passed by by the fold, not here.)"""
         assert spend.reservation_id is not None
         held = self.state.reservation(spend.reservation_id)
-        if held is None or spend.cost_usd <= held.amount_usd:
+        if held is None or not _usable(spend.cost_usd) or spend.cost_usd <= held.amount_usd:
             return
         self.overruns += 1
         log.warning(
@@ -649,10 +709,8 @@ class BudgetKeeper:
                 self._needs_resync = True  # it may have landed: look before the next write
                 raise
             self.fence = max(self.fence, appended.seq)
-            if isinstance(event, _MONEY_EVENTS):
-                self._fold_in(event)
-            if isinstance(event, BudgetTierChanged):
-                self.announced = event.to_tier
+            if isinstance(event, (*_MONEY_EVENTS, BudgetTierChanged)):
+                self._fold_in(event)  # a tier change: now the tier announced
             self._changed += 1
 
     async def _writable(self) -> None:
@@ -828,6 +886,15 @@ def _write_atomically(path: Path, saved: _SnapshotFile, state: BudgetState) -> N
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _usable(amount: Decimal) -> bool:
+    """An amount a sum can take (what the whole decoder checks: finite, 0 to MAX_AMOUNT)."""
+    try:
+        check_amount("amount", amount)
+    except ValueError:
+        return False
+    return True
 
 
 def _last_money_event(events: list[View]) -> str | None:

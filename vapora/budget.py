@@ -35,6 +35,9 @@ Tier
     below 50 %; NearThreshold from 50 % up to *and including* the warn threshold; Exceeded
     strictly above it.
     A limit of zero counts as 100 % used. No limits at all: always Normal.
+    The tier enforced (and reported by :func:`status`) falls only with a margin
+    (:func:`settle_tier`) from the last one announced: ``budget_tier_changed`` folds into
+    ``state.announced`` (nothing else of the state moves, not even event time).
 
 Retention (memory must not grow with the log)
     Pruning is driven by event time: it runs when an event is the first of a new UTC day (a scan
@@ -69,6 +72,7 @@ from events.log import (
     BudgetLeaseReturned,
     BudgetReleased,
     BudgetReserved,
+    BudgetTierChanged,
     Event,
     SpendRecorded,
 )
@@ -229,9 +233,12 @@ class BudgetState:
 
     ``days`` and ``months`` map a UTC day (a month: its first day) to the spend recorded in it.
     Read tasks and reservations through the methods; their maps are sharded internally.
+    ``announced`` is the tier of the last ``budget_tier_changed``: the one the keeper enforces
+    from (see :func:`settle_tier`).
     """
 
     last_sequence: int = 0
+    announced: Tier = Tier.NORMAL
     watermark: datetime | None = None
     total_spent_usd: Decimal = _ZERO
     spend_events: int = 0
@@ -395,6 +402,7 @@ class _Books:
     """The fold's working copy: mutated in place, frozen once into a :class:`BudgetState`."""
 
     __slots__ = (
+        "announced",
         "closed",
         "counted",
         "days",
@@ -419,6 +427,7 @@ class _Books:
 
     def __init__(self, state: BudgetState) -> None:
         self.last_sequence = state.last_sequence
+        self.announced = state.announced
         self.watermark = state.watermark
         # Past this, an event's time is checked against MAX_WATERMARK_STEP (a comparison per
         # event instead of a subtraction; so one event moves it at most twice the step).
@@ -447,6 +456,7 @@ class _Books:
         """The state now; unless ``frozen``, sharing the maps this builder goes on writing."""
         return BudgetState(
             last_sequence=self.last_sequence,
+            announced=self.announced,
             watermark=self.watermark,
             total_spent_usd=self.total,
             spend_events=self.spend_events,
@@ -466,6 +476,8 @@ class _Books:
         """Fold one event; every money event also advances event time (and may prune)."""
         handler = _HANDLERS.get(type(event))
         if handler is None:
+            if type(event) in _TIER_CHANGES:  # the tier announced; not money, not event time
+                self.announced = event.to_tier  # type: ignore[union-attr]
             return
         at: datetime = event.at  # type: ignore[union-attr]  # every type with a handler has it
         if at.tzinfo is not UTC:
@@ -702,6 +714,8 @@ _HANDLERS: dict[type, _Handler] = {
     views.LeaseReturnedView: _Books.lease_returned,
 }
 
+_TIER_CHANGES = frozenset({BudgetTierChanged, views.BudgetTierChangedView})
+
 
 def as_utc(at: datetime) -> datetime:
     """An event's time in UTC, as the fold takes it (a naive time is taken at its word)."""
@@ -734,7 +748,13 @@ def evolve(state: BudgetState, event: Event, seq: int | None = None) -> BudgetSt
     if seq is not None and seq <= state.last_sequence:
         return state
     if not isinstance(
-        event, SpendRecorded | BudgetReserved | BudgetReleased | BudgetLeased | BudgetLeaseReturned
+        event,
+        SpendRecorded
+        | BudgetReserved
+        | BudgetReleased
+        | BudgetLeased
+        | BudgetLeaseReturned
+        | BudgetTierChanged,
     ):
         return state if seq is None else _with_sequence(state, seq)
     books = _Books(state)
@@ -782,6 +802,11 @@ class Fold:
     @property
     def last_sequence(self) -> int:
         return self._books.last_sequence
+
+    @property
+    def announced(self) -> Tier:
+        """The tier of the last ``budget_tier_changed`` folded."""
+        return self._books.announced
 
     def apply(self, tail: Iterable[tuple[Event | views.View, int]]) -> None:
         books = self._books
@@ -1035,12 +1060,16 @@ def expired(state: BudgetState, now: datetime) -> list[str]:
 
 
 def status(state: BudgetState, limits: BudgetLimits, now: datetime) -> BudgetStatus:
-    """What ``vapora.budget`` answers: limits, spend, holds, percentages and the tier at ``now``."""
+    """What ``vapora.budget`` answers: limits, spend, holds, percentages and the tier at ``now``.
+
+    The tier is the one enforced: :func:`settle_tier` from ``state.announced``, so after
+    Exceeded it stays Exceeded until the percentage is 5 points below the warn threshold, as the
+    keeper refuses paid reservations until then (a router loads this tier when it starts)."""
     today = _utc(now).date()
     daily, monthly = percentages(state, limits, now)
     return BudgetStatus(
         at=_utc(now),
-        tier=_tier_of(max(daily, monthly), limits),
+        tier=settle_tier(state.announced, state, limits, now),
         daily_limit_usd=limits.daily_usd,
         monthly_limit_usd=limits.monthly_usd,
         per_task_limit_usd=limits.per_task_usd,
@@ -1075,6 +1104,7 @@ class _Snapshot(msgspec.Struct, kw_only=True):
     counted: dict[str, datetime]
     leased_usd: Decimal = _ZERO
     leases: dict[str, Lease] = {}
+    announced: Tier = Tier.NORMAL  # Normal in snapshots written before it was kept
 
 
 _snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
@@ -1099,6 +1129,7 @@ def snapshot(state: BudgetState) -> bytes:
             counted=_merged(state._counted),
             leased_usd=state.leased_usd,
             leases=dict(state.leases),
+            announced=state.announced,
         )
     )
 
@@ -1108,6 +1139,7 @@ def restore(data: bytes) -> BudgetState:
     snap = _snapshot_decoder.decode(data)
     return BudgetState(
         last_sequence=snap.last_sequence,
+        announced=snap.announced,
         watermark=snap.watermark,
         total_spent_usd=snap.total_spent_usd,
         spend_events=snap.spend_events,

@@ -15,6 +15,11 @@ Views are read-only copies of part of an event: validation of the rest of the ev
 its price) is the business of the decoders that read it (the ledger, the audit). Their amounts
 are not checked here (a check per view was a fifth of their decoding): the fold passes by an
 event whose amount no sum can take, as the full event's decoder makes it unreadable.
+
+So a replay counts an event whose money is readable even when the rest of it is not (a task
+type a newer writer added, a token count out of range, no price). The keeper's live tail, which
+decodes whole events, reads such an event again with :func:`decode_view` (and says so), so a
+live keeper and a restarted one count the same money.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Annotated, Literal, Union, get_args
 
 import msgspec
 
-from events.codec import decode_with
+from events.codec import DecodeError, decode_with
 from events.contract import Tier
 from events.log import Event, Money
 
@@ -35,7 +40,9 @@ __all__ = [
     "BudgetTierChangedView",
     "LeaseReturnedView",
     "SpendRecordedView",
+    "FOLDED",
     "View",
+    "decode_view",
     "decode_views",
 ]
 
@@ -105,6 +112,8 @@ _READ = (
     LeaseReturnedView,
     BudgetTierChangedView,
 )
+#: The views the budget fold and the keeper read (every other event type's view is empty).
+FOLDED: tuple[type[View], ...] = _READ
 
 
 def _tag(struct: type[msgspec.Struct]) -> str:
@@ -130,3 +139,12 @@ _decoder: msgspec.json.Decoder[list[View]] = msgspec.json.Decoder(
 def decode_views(data: bytes) -> list[View]:
     """Decode a JSON array of events into their views (the event log's batch decoding)."""
     return decode_with(_decoder, data)
+
+
+def decode_view(data: bytes) -> View:
+    """Decode one stored event (a JSON object) into its view, as :func:`decode_views` decodes
+    it in a batch; raises :class:`events.codec.DecodeError` if it is not one event."""
+    decoded = decode_views(b"[" + data + b"]")
+    if len(decoded) != 1:
+        raise DecodeError(f"expected one event, found {len(decoded)}")
+    return decoded[0]
