@@ -11,19 +11,12 @@ from decimal import Decimal
 import pytest
 
 from actors.router import upper_bound_cost
-from events.contract import BudgetReserve, ChatMessage, Price, TaskType, Usage
+from events.contract import BudgetReserve, ChatMessage, TaskType, Usage
 from events.log import BudgetReserved, SpendRecorded
+from tests.samples import PRICE
 from vapora import budget
 from vapora.providers import ProviderRequest, estimate_input_tokens, input_token_bound
 
-PRICE = Price(
-    input_per_mtok=Decimal("2.5"),
-    output_per_mtok=Decimal("10"),
-    cache_read_per_mtok=Decimal("1.25"),
-    cache_write_per_mtok=Decimal("2.5"),
-    source="t",
-    version="1",
-)
 AT = datetime(2026, 6, 15, 12, tzinfo=UTC)
 # Measured with tiktoken (o200k_base and cl100k_base): comma-separated digits are one token per
 # character, hex about 0.58; CJK up to one token per character, emoji up to one per byte.
