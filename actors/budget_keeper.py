@@ -143,6 +143,10 @@ _MONEY_VIEWS = (
 )
 _MONEY = _MONEY_EVENTS + _MONEY_VIEWS
 _PROBLEM_SHOWN = 200  # characters of a decoding problem in the log
+# Subjects whose events carry money (spend_recorded; the budget's own): an unreadable message
+# on any other is passed by without being read again.
+_MONEY_SUBJECTS = (f"{subjects.EVENTS_PREFIX}.spend.", f"{subjects.EVENTS_PREFIX}.budget")
+_REREADS = 3  # tries at reading an unreadable money message again before passing it by
 _OWN_IDS_KEPT = 100_000  # ids of our appends not yet seen back in the log (bounded)
 
 
@@ -209,6 +213,7 @@ class BudgetKeeper:
         self.overruns = 0  # spends past the reservation they settled (each logged)
         # events the whole decoder rejected, read live from their money fields (each logged)
         self.money_only = 0
+        self._rereads: dict[int, int] = {}  # the failed tries at reading one message again
         self._withdrawn = False  # the writing endpoints withdrawn, once fenced out
         self._stream_created: datetime | None = None  # of the stream this keeper reads
         self._snapshot_stream_created: datetime | None = None  # of the one the snapshot read
@@ -468,10 +473,31 @@ class BudgetKeeper:
         at start folds (``vapora/budget_view.py``): its money counts live as after a restart.
         A view whose amounts no sum can take is passed by by the fold on both paths alike."""
         unreadable: Any = entry.event
-        if type(unreadable) is not Unreadable:
+        if type(unreadable) is not Unreadable or not entry.subject.startswith(_MONEY_SUBJECTS):
+            return entry  # only spend and budget events carry money: the others are passed by
+        try:
+            with anyio.fail_after(self.resync_timeout_s):
+                data = await self._stored(entry.seq)
+        except Exception as exc:
+            # Failing, the tail is read again from here, a few times; then it is passed by
+            # (logged), not waited on for good: every later spend would go uncounted.
+            tries = self._rereads.get(entry.seq, 0) + 1
+            if tries < _REREADS:
+                self._rereads = {entry.seq: tries}
+                raise
+            self._rereads = {}
+            log.error(
+                "budget keeper: %s at sequence %d is not a whole event and could not be read "
+                "again for its money (%s: %s, %d tries); passed by: any money in it is not "
+                "counted until a restart",
+                entry.subject,
+                entry.seq,
+                type(exc).__name__,
+                exc,
+                tries,
+            )
             return entry
-        with anyio.fail_after(self.resync_timeout_s):  # failing, the tail is read again
-            data = await self._stored(entry.seq)
+        self._rereads = {}
         try:
             view = decode_view(data)
         except DecodeError:

@@ -826,6 +826,10 @@ def _batch(
         decoded = decode(b"[" + b",".join([message[2] for message in raw]) + b"]")
     except DecodeError:
         return _batch_one_by_one(seqs, raw, decode, unreadable)
+    if len(decoded) != len(raw):
+        # An empty message (nothing between the commas) or one holding two objects: the array
+        # decoded, to one event too few or too many. Each message on its own says which.
+        return _batch_one_by_one(seqs, raw, decode, unreadable)
     return ReplayBatch(seqs, raw, decoded)
 
 
@@ -841,7 +845,10 @@ def _batch_one_by_one(
     decoded: list[Any] = []
     for seq, message in zip(seqs, raw, strict=True):
         try:
-            decoded.append(decode(b"[" + message[2] + b"]")[0])
+            events = decode(b"[" + message[2] + b"]")
+            if len(events) != 1:
+                raise DecodeError(f"the message holds {len(events)} events, not one")
+            decoded.append(events[0])
         except DecodeError as exc:
             subject = message[0].decode(errors="replace")
             unreadable(seq, subject, str(exc))

@@ -44,6 +44,10 @@ pytestmark = pytest.mark.anyio
 _SPEND_SUBJECT = subjects.event_subject("spend_recorded", "claude")
 
 
+def encode_json(stored: dict[str, Any]) -> bytes:
+    return msgspec.json.encode(stored)
+
+
 def _spend_json(cost: str = "0.30", **changes: Any) -> dict[str, Any]:
     """A provider's spend_recorded as stored, with ``changes`` (None: the field left out)."""
     event = spend(task_id=f"T-{uuid.uuid4().hex[:8]}", usage=exact_usage(Decimal(cost)), at=NOON)
@@ -199,3 +203,42 @@ async def test_the_status_reports_the_tier_enforced_and_the_audit_agrees(
     assert budget.status(folded, limits, live.at).tier is Tier.EXCEEDED
     restarted, _ = await _restarted(conn, tmp_path / "again")
     assert restarted.tier is Tier.EXCEEDED
+
+
+@pytest.mark.parametrize("shape", ["empty", "two-events"])
+async def test_a_stored_message_that_is_not_one_event_stops_no_reader(
+    conn: Client, tmp_path: Path, shape: str
+) -> None:
+    """An empty message made the batch one event short, two objects in one one event long: the
+    reader's sequences and events no longer paired, and it retried that position for good
+    (every later spend uncounted; a restart failed)."""
+    first, second = _spend_json(cost="0.06"), _spend_json(cost="0.09")
+    payload = b"" if shape == "empty" else encode_json(first) + b"," + encode_json(second)
+    keeper = BudgetKeeper(runtime(conn, tmp_path / "live", cfg=config(daily_cents=100)))
+    async with running(keeper):
+        await keeper.log.js.publish(_SPEND_SUBJECT, payload)
+        await _store(keeper, _spend_json(cost="0.30"))
+        live = await status(conn)
+    restarted, _ = await _restarted(conn, tmp_path / "again")
+    assert live.spent_today_usd == restarted.spent_today_usd == Decimal("0.30")
+
+
+async def test_a_message_that_cannot_be_read_again_is_passed_by_not_waited_on(
+    conn: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading an unreadable spend again failing each time (a slow or refused JetStream API)
+    held the tail at it for good: every later spend went uncounted, and once holds expired the
+    keeper admitted past the limit."""
+    keeper = BudgetKeeper(runtime(conn, tmp_path / "live", cfg=config(daily_cents=100)))
+    async with running(keeper):
+
+        async def failing(*args: object, **kwargs: object) -> None:
+            raise TimeoutError("the JetStream API did not answer")
+
+        keeper.log.js.get_msg = failing  # type: ignore[method-assign,assignment]
+        keeper.resync_timeout_s = 0.2
+        with caplog.at_level(logging.ERROR, logger="vapora.budget"):
+            await _store(keeper, _spend_json(cost="0.12", task_type="Translation"), _spend_json())
+            live = await status(conn)
+    assert live.spent_today_usd == Decimal("0.30")  # the whole spend after it counts
+    assert any("could not be read again" in r.getMessage() for r in caplog.records)
