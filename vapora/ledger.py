@@ -15,7 +15,8 @@ is time order.
 
 Writers and readers
     :meth:`Ledger.open` is the one writer's (the cost-ledger actor): it creates the file and its
-    tables if they are missing, and writes nothing else when it opens. Everyone else (``vapora
+    tables if they are missing, and writes nothing else when it opens (but for adding the
+    ``price_tiers`` column, once, to a file made before it). Everyone else (``vapora
     audit``, an offline report) opens with :meth:`Ledger.open_read_only`: SQLite's ``mode=ro``, no
     schema written, no lock a writer waits for, and a missing file is an error, never an empty
     ledger. Each read that needs several queries (:meth:`Ledger.snapshot`, :meth:`Ledger.report`,
@@ -210,7 +211,6 @@ class Ledger:
         self._last = last_sequence
         self._writer = writer
         self._lock = anyio.Lock()
-        self._tiered = True  # the spend table has price_tiers (an older file read-only may not)
 
     @classmethod
     async def open(cls, path: str | Path) -> Ledger:
@@ -223,12 +223,10 @@ class Ledger:
             await db.execute("PRAGMA journal_mode=WAL")  # no write once the file is in WAL
             await db.execute("PRAGMA synchronous=FULL")
             if not await _has_schema(db):
-                await db.executescript(_SCHEMA)
-            elif not await _has_tiers(db):
-                await db.execute(_ADD_TIERS)
-            ledger = cls(db, await _read_last(db))
-            ledger._tiered = True
-            return ledger
+                await db.executescript(_SCHEMA)  # keeps an older spend table, if one is there
+            if not await _has_tiers(db):
+                await _add_tiers(db)
+            return cls(db, await _read_last(db))
         except BaseException as exc:
             await db.close()  # its worker thread would keep the process alive
             if isinstance(exc, sqlite3.Error):
@@ -247,9 +245,7 @@ class Ledger:
         db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         try:
             await db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
-            ledger = cls(db, await _read_last(db), writer=False)
-            ledger._tiered = await _has_tiers(db)
-            return ledger
+            return cls(db, await _read_last(db), writer=False)
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
@@ -356,8 +352,9 @@ class Ledger:
         there)."""
         bound = " WHERE seq <= ?" if through is not None else ""
         params = (through,) if through is not None else ()
-        columns = _SPEND_COLUMNS if self._tiered else _SPEND_COLUMNS_UNTIERED
         async with self._reading() as db:
+            # Checked in the read: a writer may have added the column since this reader opened.
+            columns = _SPEND_COLUMNS if await _has_tiers(db) else _SPEND_COLUMNS_UNTIERED
             cursor = await db.execute(f"SELECT {columns} FROM spend{bound} ORDER BY seq", params)
             rows = [_read_spend(row) for row in await cursor.fetchall()]
             cursor = await db.execute(
@@ -417,6 +414,17 @@ async def _report_rows(
         ReportRow(_parse(at), provider, model, task_type, Decimal(cost))
         for at, provider, model, task_type, cost in await cursor.fetchall()
     ]
+
+
+async def _add_tiers(db: aiosqlite.Connection) -> None:
+    """Add the ``price_tiers`` column to an older file's spend table (another writer opening
+    it at the same moment may have added it first: then it is there, which is all that is
+    wanted)."""
+    try:
+        await db.execute(_ADD_TIERS)
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):
+            raise
 
 
 async def _has_tiers(db: aiosqlite.Connection) -> bool:

@@ -464,3 +464,44 @@ async def test_a_ledger_made_before_the_tiers_column_is_read_and_then_migrated(t
         await writer.apply_many([(msgspec.structs.replace(spend("e1", T, "0.5"), price=TIERED), 2)])
         first, second = await writer.spend_rows()
     assert first.price == PRICE and second.price == TIERED
+
+
+async def test_the_tiers_column_is_added_whatever_state_the_older_file_is_in(tmp_path: Path):
+    """Two writers opening an older file at once: the second failed on the column the first had
+    just added, and was told its file was no ledger. A file with tables but no tracking row was
+    never given the column. A reader opened before the column was added read tiered rows flat."""
+    path = tmp_path / "ledger.db"
+    old = sqlite3.connect(path)
+    old.executescript(_OLD_SPEND_TABLE.replace("INSERT INTO tracking", "-- no tracking row\n--"))
+    old.close()
+    reader = await Ledger.open_read_only(path)  # before any writer
+    try:
+        first = await Ledger.open(path)
+        await first.aclose()
+        ledger_module_again = await Ledger.open(path)  # the column is there already: fine
+        async with ledger_module_again as writer:
+            await writer.apply_many(
+                [(msgspec.structs.replace(spend("e1", T, "0.5"), price=TIERED), 2)]
+            )
+        rows = await reader.spend_rows()
+    finally:
+        await reader.aclose()
+    assert [row.price for row in rows] == [PRICE, TIERED]
+
+
+async def test_a_column_added_by_another_writer_meanwhile_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = tmp_path / "ledger.db"
+    old = sqlite3.connect(path)
+    old.executescript(_OLD_SPEND_TABLE)
+    old.close()
+    async with await Ledger.open(path):  # the first writer adds the column
+        pass
+
+    async def checked_before_it_was_added(db: object) -> bool:
+        return False
+
+    monkeypatch.setattr(ledger_module, "_has_tiers", checked_before_it_was_added)
+    async with await Ledger.open(path) as second:  # its ALTER finds the column: no error
+        assert await second.last_sequence() == 1
