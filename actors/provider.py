@@ -859,8 +859,8 @@ def _stale(call: ProviderCall, queued_s: float, provider: str) -> ProviderError 
     (and may be paying another provider for it); calling the provider now would bill a call
     nobody waits for, perhaps after its hold expired. Refused, not called."""
     left = _time_left(call, queued_s)
-    if left is None or left > _STALE_MARGIN_S:
-        return None
+    if not queued_s or left is None or left > _STALE_MARGIN_S:
+        return None  # (a call that never waited keeps its whole limit, however short)
     return ProviderUnavailable(
         f"{provider}: the call waited {queued_s:.1f} s for this provider actor, past its time "
         f"limit ({call.timeout_ms} ms); not called",

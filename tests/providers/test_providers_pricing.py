@@ -19,7 +19,7 @@ from vapora.audit import recompute_cost
 from vapora.errors import ConfigError
 from vapora.pricing import cost, resolve_price, zero_price
 from vapora.providers import ProviderRequest, make_client
-from vapora.providers.values import estimate_input_tokens
+from vapora.providers.values import input_token_bound
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -343,16 +343,16 @@ def test_the_reservation_estimate_reaches_the_long_context_rates() -> None:
     client = make_client(name="gemini", kind="gemini", model="gemini-2.5-pro", price=price)
     short = ProviderRequest(prompt="x" * 3_000, max_tokens=2_000)
     long = ProviderRequest(prompt="x" * 900_000, max_tokens=2_000)
-    assert estimate_input_tokens(short) < THRESHOLD < estimate_input_tokens(long)
+    assert input_token_bound(short) < THRESHOLD < input_token_bound(long)
 
     # below the threshold: the base rates; past it: the long-context ones, for every token
     assert (
         client.estimate_cost(short)
-        == (estimate_input_tokens(short) * Decimal("1.25") + 2_000 * 10) / 10**6
+        == (input_token_bound(short) * Decimal("1.25") + 2_000 * 10) / 10**6
     )
     assert (
         client.estimate_cost(long)
-        == (estimate_input_tokens(long) * Decimal("2.5") + 2_000 * 15) / 10**6
+        == (input_token_bound(long) * Decimal("2.5") + 2_000 * 15) / 10**6
     )
 
 
@@ -370,8 +370,8 @@ def test_the_reservation_estimate_bounds_every_tier_the_call_can_land_in(
     price = resolve_price("anthropic", "claude-sonnet-4-5", at=AT)
     client = make_client(name="claude", kind="anthropic", model="claude-sonnet-4-5", price=price)
     request = ProviderRequest(prompt="x" * prompt_chars, max_tokens=8_192)
-    estimated = estimate_input_tokens(request)
-    billed = int(estimated * share)  # any input up to the estimate, any part of it cached
+    bound = input_token_bound(request)
+    billed = int(bound * share)  # any input up to the bound, any part of it cached
     written = int(billed * cached)
 
     usage = Usage(input_tokens=billed, output_tokens=output, cache_write_tokens=written)

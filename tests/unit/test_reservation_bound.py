@@ -108,3 +108,22 @@ def test_the_bound_prices_a_long_prompt_at_its_long_context_tier() -> None:
     bound = upper_bound_cost(input_token_bound(request), request.output_limit, price)
     billed = cost(Usage(input_tokens=300_000, output_tokens=1_000), price)
     assert bound >= billed > cost(Usage(input_tokens=150_000, output_tokens=1_000), price) * 2
+
+
+def test_a_short_time_limit_is_refused_only_after_waiting_in_the_backlog() -> None:
+    """A call with ``timeout_ms`` of 50 or less was refused as stale without having waited at
+    all: a request with ``latency_required_ms`` that low failed every attempt."""
+    from actors.provider import _stale
+    from events.contract import ProviderCall
+
+    call = ProviderCall(
+        task_id="t",
+        task_type=TaskType.GENERAL_QUERY,
+        attempt=1,
+        model="m",
+        prompt="hi",
+        timeout_ms=40,
+    )
+    assert _stale(call, 0.0, "openai") is None
+    refused = _stale(call, 0.1, "openai")
+    assert refused is not None and refused.error_type == "expired_in_queue"

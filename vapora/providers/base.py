@@ -64,6 +64,7 @@ from vapora.providers.values import (
     Turn,
     estimate_input_tokens,
     estimate_tokens,
+    input_token_bound,
 )
 from vapora.providers.wire import (
     Frame,
@@ -245,12 +246,12 @@ class ProviderClient(ABC):
     def estimate_cost(self, request: ProviderRequest) -> Decimal:
         """An upper bound of the call's cost, for budget reservations.
 
-        Input: :func:`estimate_input_tokens` at the dearest input rate (a cache write may cost
+        Input: :func:`input_token_bound` at the dearest input rate (a cache write may cost
         more than plain input); output: the full output limit at the output price. The rates are
-        the dearest of every long-context tier that input estimate reaches (:func:`ceiling`):
+        the dearest of every long-context tier that input bound reaches (:func:`ceiling`):
         past a tier's threshold every token is billed at the tier's rates.
         """
-        input_tokens = estimate_input_tokens(request)
+        input_tokens = input_token_bound(request)
         price = ceiling(self.price, input_tokens)
         input_rate = max(
             price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok

@@ -142,8 +142,9 @@ class ProviderRequest:
 
 
 def estimate_input_tokens(request: ProviderRequest) -> int:
-    """A conservative input-token estimate for reservations: 1.2 x (chars/3 plus one per UTF-8
-    byte past the first of a non-ASCII character), plus 4 per message."""
+    """An input-token estimate: 1.2 x (chars/3 plus one per UTF-8 byte past the first of a
+    non-ASCII character), plus 4 per message. Not a bound (text of digits or hex exceeds it):
+    reservations and missing counts use :func:`input_token_bound`."""
     chars = _tokens_of_chars(request.input_chars()) + request.input_extra_bytes()
     text_tokens = -(-chars * 6 // 5)  # x 1.2, rounded up
     return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
@@ -229,17 +230,19 @@ class Turn:
     def usage(self, request: ProviderRequest) -> tuple[Usage, bool]:
         """The usage (reported; missing counts estimated), and whether anything was estimated.
 
-        A missing output count is estimated from the text received, a missing input count from
-        the request (:func:`estimate_input_tokens`): both err on the high side.
+        A missing count is bounded, never under-counted (the spend it records settles the
+        call's hold): the output at one token per UTF-8 byte of the text received (plus the
+        thinking tokens counted apart), the input at :func:`input_token_bound` of the request.
         """
         self._drop_bad_counts()
         estimated = self.input_tokens is None or self.output_tokens is None
         output = self.output_tokens
         if output is None:
-            output = estimate_tokens(self.text) + self.extra_output
+            text = self.text
+            output = len(text) + _extra_bytes(text) + self.extra_output
         inputs = self.input_tokens
         if inputs is None:
-            inputs = estimate_input_tokens(request) + self.cache_read + self.cache_write
+            inputs = input_token_bound(request) + self.cache_read + self.cache_write
         usage = Usage(
             input_tokens=inputs,
             output_tokens=output,
