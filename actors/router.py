@@ -268,6 +268,7 @@ class _Task:
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
     held: int = 0  # attempts whose holds stay: silent, or billed an unknown amount
+    shared: bool = False  # its task id may name other requests, on other routers
     reasons: list[str] = field(default_factory=list)  # why each attempt failed ("" if it did not)
     spent: Decimal = Decimal(0)
     number: int = 0
@@ -611,7 +612,7 @@ class RouterActor:
     async def _on_complete(
         self, request: CompletionRequest, ctx: RequestContext
     ) -> CompletionResult:
-        task = self._task(request, stream_to=None)
+        task = self._task(request, stream_to=None, ctx=ctx)
         try:
             decision = self._decide(task)
             result = await self._walk(task, decision)
@@ -631,7 +632,7 @@ class RouterActor:
         )
 
     async def _on_stream(self, request: CompletionRequest, ctx: RequestContext) -> None:
-        task = self._task(request, stream_to=ctx.reply)
+        task = self._task(request, stream_to=ctx.reply, ctx=ctx)
         try:
             decision = self._decide(task)
             result = await self._walk(task, decision)
@@ -678,8 +679,13 @@ class RouterActor:
 
     # --- deciding -----------------------------------------------------------------------------
 
-    def _task(self, request: CompletionRequest, *, stream_to: str | None) -> _Task:
+    def _task(
+        self, request: CompletionRequest, *, stream_to: str | None, ctx: RequestContext
+    ) -> _Task:
         task_id = request.task_id or _new_id()
+        # A task named by the caller, for more than this request: its other requests may run on
+        # other routers at the same time (see _attempt_provider).
+        shared = request.task_id is not None and ctx.header(subjects.TASK_SCOPE_HEADER) != "request"
         TASK_ID.set(task_id)
         if tracing.enabled():
             span = trace.get_current_span()
@@ -704,6 +710,7 @@ class RouterActor:
             stream_to=stream_to,
             costs=costs,
             cap=task_cap_usd(self.config, request),
+            shared=shared,
         )
 
     def _decide(self, task: _Task) -> RouteDecision:
@@ -825,10 +832,12 @@ class RouterActor:
     ) -> ProviderCallResult | _Failure:
         reservation_id: str | None = None
         lease: _Lease | None = None
-        # A capped task's attempts are reserved with the keeper, never taken from a lease: its
-        # requests may reach several routers, and only the keeper sees them all (each router
-        # knows its own attempts in flight only).
-        capped = task.cap is not None
+        # A capped task the caller named for more than this request may have requests on
+        # several routers at once, and only the keeper sees them all (each router knows its own
+        # attempts in flight only): its attempts are reserved with the keeper, never taken from
+        # a lease. A task of this request alone (named by the router, or by a client with
+        # ``Vapora-Task-Scope: request``) is covered by this router's own pending money.
+        capped = task.cap is not None and task.shared
         if (self.reserve or capped) and provider.name in self._paid:
             lease = None if capped else self._take_from_lease(amount)
             if lease is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "REPORT",
     "STREAM",
     "INBOX",
+    "TASK_SCOPE_HEADER",
     "event_subject",
     "inbox_prefix",
     "provider_call",
@@ -45,6 +46,10 @@ EVENTS_PREFIX = "vapora.events"
 EVENTS_WILDCARD = "vapora.events.>"
 
 _PROVIDER_CALL = "vapora.provider.{name}.call"
+
+#: A request header: ``request`` says its ``task_id`` names this request alone (a client made it
+#: up), so no other request of the task may run on another router at the same time.
+TASK_SCOPE_HEADER = "Vapora-Task-Scope"
 
 #: NATS's default reply-subject prefix (every inbox is ``_INBOX.<unique>`` without a user).
 INBOX = "_INBOX"

@@ -87,9 +87,12 @@ def _error_of(message: Msg) -> VaporaError | None:
         return error_for_code("internal", headers.get(_ERROR, "error"))
 
 
-def _request_of(request: CompletionRequest | None, fields: dict[str, Any]) -> bytes:
-    """The request's bytes. A task id is given when the caller gave none, so that an error
-    (a timeout among them) can name the task whose spend vapora records."""
+def _request_of(
+    request: CompletionRequest | None, fields: dict[str, Any]
+) -> tuple[bytes, dict[str, str] | None]:
+    """The request's bytes, and the headers that go with it. A task id is given when the caller
+    gave none, so that an error (a timeout among them) can name the task whose spend vapora
+    records; the ``Vapora-Task-Scope: request`` header says it names this request alone."""
     if request is not None:
         if fields:
             raise TypeError("pass either a CompletionRequest or keyword fields, not both")
@@ -98,14 +101,23 @@ def _request_of(request: CompletionRequest | None, fields: dict[str, Any]) -> by
             request = msgspec.convert(fields, CompletionRequest)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(str(exc)) from exc
+    scope = None
     if request.task_id is None:
         request = msgspec.structs.replace(request, task_id=uuid.uuid4().hex)
+        scope = _REQUEST_SCOPE
     try:
-        return encode(request)
+        return encode(request), scope
     except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 can carry it
         raise InvalidRequest(
             f"a string holds a character that is not UTF-8 ({exc.reason})"
         ) from exc
+
+
+_REQUEST_SCOPE = {subjects.TASK_SCOPE_HEADER: "request"}
+
+
+def _with(headers: dict[str, str] | None, more: dict[str, str] | None) -> dict[str, str] | None:
+    return {**(headers or {}), **more} if more else headers
 
 
 def _task_of(payload: bytes) -> str | None:
@@ -152,11 +164,18 @@ class Client:
         finally:
             await nc.drain()
 
-    async def _ask(self, subject: str, payload: bytes, reply_type: type[T], wait_s: float) -> T:
+    async def _ask(
+        self,
+        subject: str,
+        payload: bytes,
+        reply_type: type[T],
+        wait_s: float,
+        more: dict[str, str] | None = None,
+    ) -> T:
         # The request's span covers the reply and records the error that ends the request,
         # a contract error reply among them (its code as ``error.type``).
         with request_span(subject) as headers:
-            message = await self._request(subject, payload, wait_s, headers)
+            message = await self._request(subject, payload, wait_s, _with(headers, more))
             error = _error_of(message)
             if error is not None:
                 raise error
@@ -204,9 +223,9 @@ class Client:
         **fields: Any,
     ) -> CompletionResult:
         """One completion: pass a :class:`CompletionRequest` or its fields (``prompt=`` …)."""
-        payload = _request_of(request, fields)
+        payload, scope = _request_of(request, fields)
         return await self._ask(
-            subjects.COMPLETE, payload, CompletionResult, timeout_s or self.timeout_s
+            subjects.COMPLETE, payload, CompletionResult, timeout_s or self.timeout_s, scope
         )
 
     def stream(
@@ -218,7 +237,8 @@ class Client:
         **fields: Any,
     ) -> TextStream:
         """A streamed completion: iterate the returned :class:`TextStream` for text chunks."""
-        return TextStream(self.nc, _request_of(request, fields), idle_timeout or self.timeout_s)
+        payload, scope = _request_of(request, fields)
+        return TextStream(self.nc, payload, idle_timeout or self.timeout_s, scope)
 
     async def report(
         self, since: datetime | None = None, until: datetime | None = None
@@ -242,9 +262,16 @@ class TextStream:
     lasts until the stream ends, fails (its error recorded) or is closed.
     """
 
-    def __init__(self, nc: NATS, payload: bytes, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        payload: bytes,
+        idle_timeout: float,
+        more_headers: dict[str, str] | None = None,
+    ) -> None:
         self._nc = nc
         self._payload = payload
+        self._more_headers = more_headers
         self._idle_timeout = idle_timeout
         self._sub: Subscription | None = None
         self._next_seq = 0
@@ -289,7 +316,10 @@ class TextStream:
         self._span, self._headers = start_request(subjects.STREAM)
         try:
             await self._nc.publish(
-                subjects.STREAM, self._payload, reply=inbox, headers=self._headers
+                subjects.STREAM,
+                self._payload,
+                reply=inbox,
+                headers=_with(self._headers, self._more_headers),
             )
         except BaseException as exc:
             span, self._span = self._span, None

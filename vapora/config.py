@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from events.contract import Price, Quality, TaskType
+from events.subjects import inbox_prefix
 from vapora import pricing
 from vapora.errors import ConfigError
 
@@ -801,6 +802,14 @@ def _inbox_prefix(prefix: str | None) -> str | None:
             "nats.inbox_prefix",
             f'{prefix!r} is not a NATS subject without wildcards (e.g. "_INBOX.billing")',
         )
+    if prefix is not None and (prefix.startswith("$") or prefix.split(".")[0] == "vapora"):
+        # vapora's own subjects (the event log's among them) and the system's are never
+        # answered to: every request would wait out its timeout.
+        raise _Invalid(
+            "nats.inbox_prefix",
+            f"{prefix!r} is under vapora's own or the system's subjects, which no answer is "
+            'sent to; use one of its own (e.g. "_INBOX.billing")',
+        )
     return prefix
 
 
@@ -1032,11 +1041,13 @@ def _tail_lines(config: Config) -> list[str]:
     return [
         f"budget: daily {_money(b.daily_limit_usd)}, monthly {_money(b.monthly_limit_usd)}, "
         f"per task {_money(b.per_task_limit_usd)}, warn at {b.warn_threshold_percent:g}%",
-        f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}",
+        f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}; replies under "
+        f"{n.inbox_prefix or inbox_prefix(n.user, () if n.token or n.creds else n.urls)}",
         f"storage: {config.storage.data_dir} (embedded server sync_interval: "
         f"{config.storage.sync_interval})",
         f"telemetry: {'on' if t.enabled else 'off'}, exporter {t.exporter}, "
-        f"prometheus port {t.prometheus_port or 'none'}, capture content {t.capture_content}",
+        f"prometheus port {t.prometheus_port or 'none'}, capture content {t.capture_content}"
+        + (", OTLP spans exported by a child process" if t.export_process else ""),
     ]
 
 

@@ -139,3 +139,18 @@ def test_a_token_never_becomes_a_connections_inbox_prefix() -> None:
     assert _inbox_prefix(ConnectOptions.from_url("nats://u:p@host")) == "_INBOX.u"
     named = ConnectOptions.from_url("nats://host", user="router", password="x")
     assert _inbox_prefix(named) == "_INBOX.router"
+
+
+@pytest.mark.parametrize("prefix", ["vapora.events.replies", "$JS.x", "$SRV", "vapora"])
+def test_an_inbox_prefix_under_subjects_no_answer_goes_to_is_refused(prefix: str) -> None:
+    """Accepted, such a prefix had every request wait out its timeout: the actors drop a
+    request whose reply subject is under the event log's subjects or the system's."""
+    with pytest.raises(ConfigError, match=r"nats\.inbox_prefix: .* no answer is sent to"):
+        parse_config(_with_nats(f'inbox_prefix = "{prefix}"'), source="t.toml", at=NOW)
+
+
+def test_vapora_config_says_where_replies_come_back() -> None:
+    from vapora.config import render_text
+
+    text = render_text(parse_config(_with_nats('user = "billing"'), source="t", at=NOW), env={})
+    assert "replies under _INBOX.billing" in text

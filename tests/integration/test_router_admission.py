@@ -10,6 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from events.codec import decode
+from events.contract import CompletionResult
 from events.log import BudgetReserved, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
 from vapora.errors import BudgetExceeded, NoProviderAvailable, VaporaError
@@ -261,3 +263,36 @@ async def test_a_call_that_waited_past_its_time_in_the_backlog_is_not_made(
         events = await dep.events()
     spends = [e for e in events if isinstance(e, SpendRecorded)]
     assert answered and len(spends) == len(answered)
+
+
+async def test_a_capped_request_of_its_own_task_is_admitted_on_the_lease(tmp_path: Path) -> None:
+    """With a per-task limit (the default config has one), every request is capped: reserving
+    each capped attempt with the keeper left the routers' leases unused, a keeper round trip
+    per paid call. A request whose task is its own (no task id, or one the client made up and
+    said so) stays on the lease; a task id the caller chose, maybe for several requests at
+    once on several routers, is reserved with the keeper."""
+    from events.log import BudgetLeased
+    from tests.fault.provider_harness import until
+
+    budget = "[budget]\ndaily_limit_cents = 1000\nper_task_limit_cents = 50\nlease_cents = 100\n"
+
+    def config(base_url: str) -> str:
+        return config_text(base_url, budget=budget)
+
+    async with deployment(tmp_path, config, keeper=True) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        made_up = await dep.client.complete(prompt="hello", provider="openai")  # by the client
+        reply = await dep.nc.request(  # no task id at all: the router names it
+            "vapora.complete", b'{"prompt": "hello", "provider": "openai"}', timeout=10
+        )
+        unnamed = decode(reply.data, CompletionResult)
+        await dep.client.complete(prompt="hello", provider="openai", task_id="T-named")
+        events = await dep.events()
+    leases = {e.lease_id for e in events if isinstance(e, BudgetLeased)}
+    spends = {e.task_id: e for e in events if isinstance(e, SpendRecorded)}
+    reserved = {e.task_id: e for e in events if isinstance(e, BudgetReserved)}
+    for own in (made_up.task_id, unnamed.task_id):
+        assert own not in reserved and spends[own].reservation_id in leases
+    assert spends["T-named"].reservation_id == reserved["T-named"].reservation_id

@@ -389,3 +389,21 @@ def test_a_forked_process_lets_go_of_its_parents_child() -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert received.span_names() == ["publish vapora.before-fork"]
+
+
+def test_export_process_without_otlp_is_said_to_change_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, "vapora.telemetry"):
+        telemetry = setup(
+            TelemetryConfig(
+                enabled=True,
+                exporter="jsonl",
+                jsonl_path=str(tmp_path / "spans.jsonl"),
+                metrics=False,
+                export_process=True,
+            ),
+            env={},
+        )
+        telemetry.shutdown()
+    assert "applies to the OTLP exporter only" in caplog.text and "jsonl" in caplog.text

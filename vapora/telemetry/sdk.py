@@ -250,7 +250,14 @@ def _tracer_provider(
     provider = TracerProvider(resource=resource, sampler=_sampler(config, env))
     for exporter in extra:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-    for kind in _exporters(config, env, _TRACES_EXPORTER, _SPAN_EXPORTERS):
+    kinds = _exporters(config, env, _TRACES_EXPORTER, _SPAN_EXPORTERS)
+    if config.export_process and "otlp" not in kinds:
+        log.warning(
+            "telemetry: export_process = true applies to the OTLP exporter only, and spans go "
+            "to %s: it changes nothing",
+            ", ".join(kinds) or "no exporter",
+        )
+    for kind in kinds:
         configured = _span_exporter(kind, config, env)
         if configured is not None:
             provider.add_span_processor(SpanBatcher(configured, env={**os.environ, **env}))
