@@ -165,3 +165,20 @@ def test_the_fold_micro_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> No
     assert micro_fold.main(["--calls", "300", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "fold " in out and "views decoded " in out and "events/s" in out
+
+
+def test_the_profile_breakdown_counts_each_stack_once_at_its_outermost_match(
+    tmp_path: Path,
+) -> None:
+    from bench.pyspy_frames import report
+
+    traced, off = tmp_path / "traced.txt", tmp_path / "off.txt"
+    traced.write_text(
+        "main (a.py:1);inject (actors/tracing.py:5);start (vapora/telemetry/spans.py:9) 30\n"
+        "main (a.py:1);parse (actors/protocol.py:3) 60\n"
+        "main (a.py:1);end (vapora/telemetry/genai.py:7) 10\n"
+    )
+    off.write_text("main (a.py:1);parse (actors/protocol.py:3) 80\n")
+    text = report(traced, off, r"vapora/telemetry|actors/tracing", 5)
+    assert "added 20 (25.0 % of it), of which in matching frames 40 (50.0 %)" in text
+    assert "30  37.5 %  inject (actors/tracing.py)" in text  # its inner match not counted again
