@@ -101,6 +101,8 @@ def ceiling(price: Price, input_tokens: int) -> Price:
     """
     reachable: list[Price | PriceTier] = [price]
     reachable += (t for t in price.tiers if input_tokens > t.above_input_tokens)
+    if len(reachable) == 1:
+        return price  # no tier reachable (the usual case): the price itself, no new object
     return Price(
         input_per_mtok=max(r.input_per_mtok for r in reachable),
         output_per_mtok=max(r.output_per_mtok for r in reachable),
