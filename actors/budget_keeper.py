@@ -112,6 +112,7 @@ from vapora.budget_view import (
     BudgetLeasedView,
     BudgetReleasedView,
     BudgetReservedView,
+    BudgetTierChangedView,
     LeaseReturnedView,
     SpendRecordedView,
     View,
@@ -142,6 +143,7 @@ _MONEY_VIEWS = (
     LeaseReturnedView,
 )
 _MONEY = _MONEY_EVENTS + _MONEY_VIEWS
+_TIER_CHANGES = (BudgetTierChanged, BudgetTierChangedView)
 _PROBLEM_SHOWN = 200  # characters of a decoding problem in the log
 # Subjects whose events carry money (spend_recorded; the budget's own): an unreadable message
 # on any other is passed by without being read again.
@@ -451,12 +453,15 @@ class BudgetKeeper:
         the tier. An event the whole decoder rejected is read again for its money first."""
         now = self.clock()
         for logged in batch:
-            entry = await self._readable(logged)
+            # Read again for its money: only an event the whole decoder rejected.
+            rejected: Any = logged.event
+            entry = logged if type(rejected) is not Unreadable else await self._readable(logged)
             self._note(entry)
             event = entry.event
             if not isinstance(event, _MONEY):
-                self._fold_in(event, entry.seq)  # a tier change, or only the position
-                continue
+                if isinstance(event, _TIER_CHANGES):  # the announced tier is in the state
+                    self._fold_in(event, entry.seq)
+                continue  # (its position is folded with the batch's last, below)
             if isinstance(event, SpendRecorded | SpendRecordedView) and event.reservation_id:
                 self._check_overrun(event)
             if budget.as_utc(event.at) > now + _AHEAD:  # naive: taken at its word
@@ -465,6 +470,8 @@ class BudgetKeeper:
             if self._tier_now(now) != self.announced:
                 self._tier_cause = event.id
                 self._wake.set()
+        last = batch[-1]
+        self._fold_in(last.event, last.seq)  # the position, whatever the last event was
         self._changed += len(batch)
         self._applied.set()
 

@@ -685,7 +685,12 @@ class RouterActor:
         task_id = request.task_id or _new_id()
         # A task named by the caller, for more than this request: its other requests may run on
         # other routers at the same time (see _attempt_provider).
-        shared = request.task_id is not None and ctx.header(subjects.TASK_SCOPE_HEADER) != "request"
+        cap = task_cap_usd(self.config, request)
+        shared = (
+            cap is not None
+            and request.task_id is not None
+            and ctx.header(subjects.TASK_SCOPE_HEADER) != "request"
+        )
         TASK_ID.set(task_id)
         if tracing.enabled():
             span = trace.get_current_span()
@@ -709,7 +714,7 @@ class RouterActor:
             appends=_Appends(self),
             stream_to=stream_to,
             costs=costs,
-            cap=task_cap_usd(self.config, request),
+            cap=cap,
             shared=shared,
         )
 
