@@ -313,13 +313,15 @@ class TextStream:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         # The span covers the stream (ended by aclose); the router's spans continue its trace.
-        self._span, self._headers = start_request(subjects.STREAM)
+        self._span, trace_headers = start_request(subjects.STREAM)
+        # Sent again as they are when the first publish found no router (see __anext__).
+        self._headers = _with(trace_headers, self._more_headers)
         try:
             await self._nc.publish(
                 subjects.STREAM,
                 self._payload,
                 reply=inbox,
-                headers=_with(self._headers, self._more_headers),
+                headers=self._headers,
             )
         except BaseException as exc:
             span, self._span = self._span, None

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -89,3 +90,37 @@ def test_ports_out_of_range_and_in_use_are_named(tmp_path: Path) -> None:
         )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_stream_sent_again_after_no_router_answered_keeps_its_task_scope(
+    conn: object,
+) -> None:
+    """The stream's request, published again after the first found no router, lost its
+    ``Vapora-Task-Scope: request`` header: the router took the id the client had made up for
+    one the caller chose, and reserved each paid attempt with the keeper."""
+    from nats.aio.msg import Msg
+
+    from events import subjects
+    from events.codec import encode
+    from events.contract import ErrorBody, StreamError
+
+    nc: Any = conn
+    seen: list[dict[str, str]] = []
+
+    async def late_router(msg: Msg) -> None:
+        seen.append(dict(msg.headers or {}))
+        error = StreamError(error=ErrorBody(code="internal", message="enough"))
+        await nc.publish(msg.reply, encode(error))
+
+    stream = Client(nc).stream(prompt="hello")
+    async with anyio.create_task_group() as tg:
+
+        async def serve_after_the_first_try() -> None:
+            await anyio.sleep(0.05)  # the first publish finds nobody on vapora.stream
+            await nc.subscribe(subjects.STREAM, cb=late_router)
+
+        tg.start_soon(serve_after_the_first_try)
+        with pytest.raises(VaporaError):
+            async for _ in stream:
+                pass
+    assert seen and seen[0].get(subjects.TASK_SCOPE_HEADER) == "request"
