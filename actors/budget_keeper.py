@@ -215,7 +215,7 @@ class BudgetKeeper:
         self.overruns = 0  # spends past the reservation they settled (each logged)
         # events the whole decoder rejected, read live from their money fields (each logged)
         self.money_only = 0
-        self._rereads: dict[int, int] = {}  # the failed tries at reading one message again
+        self._rereads = (0, 0)  # (sequence, failed tries) at reading that message again
         self._withdrawn = False  # the writing endpoints withdrawn, once fenced out
         self._stream_created: datetime | None = None  # of the stream this keeper reads
         self._snapshot_stream_created: datetime | None = None  # of the one the snapshot read
@@ -449,8 +449,9 @@ class BudgetKeeper:
         return self.state.last_sequence
 
     async def _apply_tail(self, batch: list[LogEntry[Event]]) -> None:
-        """Fold live events one by one (every one, for its position), noting the one that moved
-        the tier. An event the whole decoder rejected is read again for its money first."""
+        """Fold the money events and tier changes of a live batch one by one, noting the one that
+        moved the tier, then the batch's last event for the position. An event the whole
+        decoder rejected is read again for its money first."""
         now = self.clock()
         for logged in batch:
             # Read again for its money: only an event the whole decoder rejected.
@@ -480,7 +481,7 @@ class BudgetKeeper:
         at start folds (``vapora/budget_view.py``): its money counts live as after a restart.
         A view whose amounts no sum can take is passed by by the fold on both paths alike."""
         unreadable: Any = entry.event
-        if type(unreadable) is not Unreadable or not entry.subject.startswith(_MONEY_SUBJECTS):
+        if not entry.subject.startswith(_MONEY_SUBJECTS):
             return entry  # only spend and budget events carry money: the others are passed by
         try:
             with anyio.fail_after(self.resync_timeout_s):
@@ -488,11 +489,11 @@ class BudgetKeeper:
         except Exception as exc:
             # Failing, the tail is read again from here, a few times; then it is passed by
             # (logged), not waited on for good: every later spend would go uncounted.
-            tries = self._rereads.get(entry.seq, 0) + 1
+            tries = (self._rereads[1] if self._rereads[0] == entry.seq else 0) + 1
             if tries < _REREADS:
-                self._rereads = {entry.seq: tries}
+                self._rereads = (entry.seq, tries)
                 raise
-            self._rereads = {}
+            self._rereads = (0, 0)
             log.error(
                 "budget keeper: %s at sequence %d is not a whole event and could not be read "
                 "again for its money (%s: %s, %d tries); passed by: any money in it is not "
@@ -504,7 +505,7 @@ class BudgetKeeper:
                 tries,
             )
             return entry
-        self._rereads = {}
+        self._rereads = (0, 0)
         try:
             view = decode_view(data)
         except DecodeError:

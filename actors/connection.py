@@ -590,9 +590,8 @@ async def connect(options: ConnectOptions) -> Client:
 def _inbox_prefix(options: ConnectOptions) -> str:
     """``_INBOX.<user>`` of the user the connection authenticates as (the URL's user only
     when nothing else names one: never a token's or a credentials file's)."""
-    if options.token is not None or options.creds_file is not None:
-        return subjects.inbox_prefix(options.user)
-    return subjects.inbox_prefix(options.user, options.servers)
+    other = options.token is not None or options.creds_file is not None
+    return subjects.inbox_prefix(options.user, options.servers, token_or_creds=other)
 
 
 class _Refusal:

@@ -132,7 +132,7 @@ from vapora.errors import (
     RequestTimeout,
     VaporaError,
 )
-from vapora.pricing import ceiling, price_at
+from vapora.pricing import price_at, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound
 from vapora.routing import (
     ProviderView,
@@ -145,7 +145,7 @@ from vapora.routing import (
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.semconv import VAPORA
 
-__all__ = ["RouterActor", "attempt_timeouts", "route_reason_class", "upper_bound_cost"]
+__all__ = ["RouterActor", "attempt_timeouts", "route_reason_class"]
 
 #: The largest request the router takes: the provider call it becomes (the same prompt, plus
 #: the attempt's fields) must fit the provider actor's limit, or every attempt fails after the
@@ -156,7 +156,6 @@ log = logging.getLogger("vapora.router")
 
 _SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 _SERVICE_ERROR = "Nats-Service-Error"
-_MTOK = Decimal(1_000_000)
 _TASK_SPEND_ENTRIES = 100_000
 #: How far back a starting router reads the tasks' spend (for their per-task caps).
 TASK_SPEND_WINDOW = timedelta(hours=1)
@@ -174,16 +173,6 @@ _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per att
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
-
-
-def upper_bound_cost(input_tokens: int, output_limit: int, price: Price) -> Decimal:
-    """The most a call can cost: the input's bound (``input_token_bound``) at the dearest input
-    rate (a cache write may cost more than plain input) plus the whole output limit at the
-    output price, each at the dearest of the rates the input can reach (a long-context tier
-    bills every token of a call past its threshold: ``vapora.pricing.ceiling``)."""
-    price = ceiling(price, input_tokens)
-    input_rate = max(price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok)
-    return (input_tokens * input_rate + output_limit * price.output_per_mtok) / _MTOK
 
 
 def attempt_timeouts(
@@ -268,7 +257,7 @@ class _Task:
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
     held: int = 0  # attempts whose holds stay: silent, or billed an unknown amount
-    shared: bool = False  # its task id may name other requests, on other routers
+    shared: bool = False  # capped, and its task id may name other requests on other routers
     reasons: list[str] = field(default_factory=list)  # why each attempt failed ("" if it did not)
     spent: Decimal = Decimal(0)
     number: int = 0
@@ -842,7 +831,7 @@ class RouterActor:
         # attempts in flight only): its attempts are reserved with the keeper, never taken from
         # a lease. A task of this request alone (named by the router, or by a client with
         # ``Vapora-Task-Scope: request``) is covered by this router's own pending money.
-        capped = task.cap is not None and task.shared
+        capped = task.shared  # (shared: a capped task its caller named)
         if (self.reserve or capped) and provider.name in self._paid:
             lease = None if capped else self._take_from_lease(amount)
             if lease is not None:

@@ -56,15 +56,17 @@ INBOX = "_INBOX"
 _USER_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def inbox_prefix(user: str | None, servers: Sequence[str] = ()) -> str:
+def inbox_prefix(
+    user: str | None, servers: Sequence[str] = (), *, token_or_creds: bool = False
+) -> str:
     """The prefix of the reply subjects a connection as NATS user ``user`` listens on:
     ``_INBOX.<user>``, so that a deployment can let each user receive its own replies only
     (``vapora.deploy`` allows each user ``_INBOX.<user>.>``). Without ``user``, the user named
     in the first server URL with its password (``nats://user:password@host``; a URL's user-info
-    without a password is a token, never put in a subject). Without a user, or with a name
-    that is not one plain subject token, NATS's default ``_INBOX``. A connection that
-    authenticates with a token or a credentials file passes no ``servers``."""
-    if user is None and servers:
+    without a password is a token, never put in a subject), unless the connection
+    authenticates with a token or a credentials file (``token_or_creds``). Without a user, or
+    with a name that is not one plain subject token, NATS's default ``_INBOX``."""
+    if user is None and servers and not token_or_creds:
         parts = urlsplit(servers[0])
         user = parts.username if parts.password is not None else None
     if user is None or _USER_TOKEN.fullmatch(user) is None:

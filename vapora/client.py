@@ -148,10 +148,9 @@ class Client:
         options.setdefault("connect_timeout", 5)
         # Replies under the user's own prefix, which a deployment's permissions can let only
         # that user receive (docs/operations-cluster.md).
-        named = not options.keys() & {"token", "user_credentials", "nkeys_seed"}
-        options.setdefault(
-            "inbox_prefix", subjects.inbox_prefix(options.get("user"), servers if named else ())
-        )
+        other = bool(options.keys() & {"token", "user_credentials", "nkeys_seed"})
+        prefix = subjects.inbox_prefix(options.get("user"), servers, token_or_creds=other)
+        options.setdefault("inbox_prefix", prefix)
         try:
             with anyio.fail_after(options.pop("initial_deadline_s", 15.0)):
                 nc = await nats.connect(servers=servers, **options)

@@ -1038,11 +1038,13 @@ def _tail_lines(config: Config) -> list[str]:
         if n.token
         else ("user " + n.user if n.user else ("creds file" if n.creds else "none"))
     )
+    replies = n.inbox_prefix or inbox_prefix(
+        n.user, n.urls, token_or_creds=bool(n.token or n.creds)
+    )
     return [
         f"budget: daily {_money(b.daily_limit_usd)}, monthly {_money(b.monthly_limit_usd)}, "
         f"per task {_money(b.per_task_limit_usd)}, warn at {b.warn_threshold_percent:g}%",
-        f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}; replies under "
-        f"{n.inbox_prefix or inbox_prefix(n.user, () if n.token or n.creds else n.urls)}",
+        f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}; replies under {replies}",
         f"storage: {config.storage.data_dir} (embedded server sync_interval: "
         f"{config.storage.sync_interval})",
         f"telemetry: {'on' if t.enabled else 'off'}, exporter {t.exporter}, "

@@ -43,6 +43,7 @@ __all__ = [
     "cost",
     "price_at",
     "rates_for",
+    "upper_bound_cost",
     "resolve_price",
     "zero_price",
 ]
@@ -92,6 +93,17 @@ def rates_for(price: Price, input_tokens: int) -> Price | PriceTier:
         if input_tokens > tier.above_input_tokens:
             reached = tier
     return reached
+
+
+def upper_bound_cost(input_tokens: int, output_limit: int, price: Price) -> Decimal:
+    """The most a call can cost, for reservations: ``input_tokens`` (a bound:
+    ``vapora.providers.input_token_bound``) at the dearest input rate (a cache write may cost
+    more than plain input) plus the whole output limit at the output price, each at the dearest
+    of the rates the input can reach (a long-context tier bills every token past its threshold:
+    :func:`ceiling`)."""
+    price = ceiling(price, input_tokens)
+    input_rate = max(price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok)
+    return (input_tokens * input_rate + output_limit * price.output_per_mtok) / 1_000_000
 
 
 def ceiling(price: Price, input_tokens: int) -> Price:

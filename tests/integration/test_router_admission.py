@@ -118,7 +118,8 @@ async def test_a_task_whose_cap_skips_every_candidate_is_a_budget_refusal(tmp_pa
 async def test_a_restarted_router_still_counts_what_a_task_spent(tmp_path: Path) -> None:
     """The per-task cap counts all attempts of a task; a router that started again knew nothing
     of what the task had spent, and let it spend its whole cap again."""
-    from actors.router import RouterActor, upper_bound_cost
+    from actors.router import RouterActor
+    from vapora.pricing import upper_bound_cost
     from vapora.providers import ProviderRequest, input_token_bound
 
     async with deployment(tmp_path, config_text, router=False) as dep:

@@ -16,8 +16,6 @@ from vapora.providers import (
     DEFAULT_BASE_URLS,
     DEFAULT_MAX_TOKENS,
     ProviderRequest,
-    estimate_input_tokens,
-    estimate_tokens,
     input_token_bound,
     make_client,
 )
@@ -191,7 +189,6 @@ def test_estimate_cost_is_the_input_bound_plus_max_tokens_of_output() -> None:
 
     estimate = client.estimate_cost(request)
 
-    assert estimate_input_tokens(request) == 16  # the estimate, not a bound
     assert input_token_bound(request) == 42
     assert estimate == (42 * Decimal("2.5") + DEFAULT_MAX_TOKENS * 10) / 1_000_000
 
@@ -423,11 +420,9 @@ async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: s
     assert 0 < done.cost_usd < 1
 
 
-def test_the_input_estimate_counts_what_byte_level_tokenizers_make_of_non_ascii_text() -> None:
+def test_the_input_bound_counts_every_utf8_byte_of_non_ascii_text() -> None:
     """1.2 x chars/3 gave 1,000 Chinese characters 405 tokens; tokenizers give them 1,000 or
-    more, so the reservation was no upper bound. English text is estimated as before."""
-    chinese = estimate_input_tokens(ProviderRequest(prompt="中" * 1000))
-    assert chinese >= 2 * 1000
-    english = estimate_input_tokens(ProviderRequest(prompt="x" * 999))
-    assert english == -(-333 * 6 // 5) + 4  # unchanged: 1.2 x chars/3, plus the message
-    assert estimate_tokens("é" * 30) == 10 + 30  # one more per extra UTF-8 byte
+    more, so the reservation was no upper bound. The bound counts a token per UTF-8 byte."""
+    chinese = input_token_bound(ProviderRequest(prompt="中" * 1000))
+    assert chinese == 3 * 1000 + 4 + 8  # three bytes each, the message's and the reply's tokens
+    assert input_token_bound(ProviderRequest(prompt="x" * 999)) == 999 + 4 + 8

@@ -20,8 +20,6 @@ from vapora.providers.values import (
     Completion,
     ProviderRequest,
     StreamBroken,
-    estimate_input_tokens,
-    estimate_tokens,
     input_token_bound,
 )
 from vapora.providers.wire import retry_after_from_headers
@@ -40,8 +38,6 @@ __all__ = [
     "ProviderClient",
     "ProviderRequest",
     "StreamBroken",
-    "estimate_input_tokens",
-    "estimate_tokens",
     "input_token_bound",
     "make_client",
     "retry_after_from_headers",

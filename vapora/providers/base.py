@@ -13,8 +13,8 @@
 Usage is what the provider reported (``input_tokens`` includes cache reads and writes, as in
 ``events.contract.Usage``); a count the provider left out (an OpenAI stream that ended without
 its usage chunk, Ollama's omitted counts, a missing output count) or reported as no count
-(negative, past 2^53) is estimated, on the high side, and ``Completion.usage_estimated`` says
-so. Every failure is a :class:`vapora.errors.ProviderError`
+(negative, past 2^53) is bounded (a token per UTF-8 byte: never under-counted), and
+``Completion.usage_estimated`` says so. Every failure is a :class:`vapora.errors.ProviderError`
 subclass; httpx exceptions are translated here, at the boundary. A failure after the first
 streamed chunk is :class:`StreamBroken` (a ``ProviderStreamBroken``) carrying the text and the
 usage known so far. No error, repr or log line contains the API key.
@@ -53,7 +53,7 @@ from vapora.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from vapora.pricing import ceiling, cost
+from vapora.pricing import cost, upper_bound_cost
 from vapora.providers.stream import CompletionStream
 from vapora.providers.transport import KeepAliveTransport
 from vapora.providers.values import (
@@ -62,8 +62,6 @@ from vapora.providers.values import (
     ProviderRequest,
     StreamBroken,
     Turn,
-    estimate_input_tokens,
-    estimate_tokens,
     input_token_bound,
 )
 from vapora.providers.wire import (
@@ -81,8 +79,6 @@ __all__ = [
     "ProviderClient",
     "ProviderRequest",
     "StreamBroken",
-    "estimate_input_tokens",
-    "estimate_tokens",
 ]
 
 _log = logging.getLogger("vapora.providers")
@@ -244,21 +240,9 @@ class ProviderClient(ABC):
         return CompletionStream(self, request, time_limit or self.timeout, first_token_limit)
 
     def estimate_cost(self, request: ProviderRequest) -> Decimal:
-        """An upper bound of the call's cost, for budget reservations.
-
-        Input: :func:`input_token_bound` at the dearest input rate (a cache write may cost
-        more than plain input); output: the full output limit at the output price. The rates are
-        the dearest of every long-context tier that input bound reaches (:func:`ceiling`):
-        past a tier's threshold every token is billed at the tier's rates.
-        """
-        input_tokens = input_token_bound(request)
-        price = ceiling(self.price, input_tokens)
-        input_rate = max(
-            price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok
-        )
-        return (
-            input_tokens * input_rate + request.output_limit * price.output_per_mtok
-        ) / 1_000_000
+        """An upper bound of the call's cost, for budget reservations: the router's
+        (:func:`vapora.pricing.upper_bound_cost` of :func:`input_token_bound`)."""
+        return upper_bound_cost(input_token_bound(request), request.output_limit, self.price)
 
     def latency_estimate(self) -> float | None:
         """The observed latency of successful calls in ms (an EWMA), or None before any."""

@@ -49,9 +49,7 @@ __all__ = [
     "ProviderRequest",
     "StreamBroken",
     "Turn",
-    "estimate_input_tokens",
     "input_token_bound",
-    "estimate_tokens",
 ]
 
 DEFAULT_MAX_TOKENS = 4096
@@ -60,19 +58,8 @@ _MESSAGE_OVERHEAD = 4
 _REPLY_OVERHEAD = 8
 
 
-def estimate_tokens(text: str) -> int:
-    """A conservative token count of ``text``: one token per 3 characters (English averages 4),
-    and one more per UTF-8 byte past the first of each character that is not ASCII (tokenizers
-    that work on bytes give a Chinese character 1 to 3 tokens: here 2 1/3)."""
-    return _tokens_of_chars(len(text)) + _extra_bytes(text)
-
-
 def _extra_bytes(text: str) -> int:
     return 0 if text.isascii() else len(text.encode("utf-8", "surrogatepass")) - len(text)
-
-
-def _tokens_of_chars(chars: int) -> int:
-    return -(-chars // 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,22 +128,13 @@ class ProviderRequest:
         return sum(_extra_bytes(text) for text in texts)
 
 
-def estimate_input_tokens(request: ProviderRequest) -> int:
-    """An input-token estimate: 1.2 x (chars/3 plus one per UTF-8 byte past the first of a
-    non-ASCII character), plus 4 per message. Not a bound (text of digits or hex exceeds it):
-    reservations and missing counts use :func:`input_token_bound`."""
-    chars = _tokens_of_chars(request.input_chars()) + request.input_extra_bytes()
-    text_tokens = -(-chars * 6 // 5)  # x 1.2, rounded up
-    return text_tokens + _MESSAGE_OVERHEAD * (len(request.turns()) + bool(request.system))
-
-
 def input_token_bound(request: ProviderRequest) -> int:
     """The most input tokens the request can be billed for, for reservations: one per UTF-8
     byte of its text (every tokenizer the providers use, byte-level BPE or SentencePiece with
     byte fallback, makes no token of less than one byte), plus :data:`_MESSAGE_OVERHEAD` per
     message (the chat template's tokens) and :data:`_REPLY_OVERHEAD` (the reply's priming).
-    :func:`estimate_input_tokens` is an estimate, not a bound: text of digits or hex gives a
-    token per 1 to 1.7 characters, past its 1.2 x chars/3."""
+    (The estimate it replaced, 1.2 x chars/3, was passed by text of digits or hex, which
+    tokenizes at a token per 1 to 1.7 characters.)"""
     text_bytes = request.input_chars() + request.input_extra_bytes()
     messages = len(request.turns()) + bool(request.system)
     return text_bytes + _MESSAGE_OVERHEAD * messages + _REPLY_OVERHEAD
