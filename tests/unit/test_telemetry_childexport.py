@@ -407,3 +407,14 @@ def test_export_process_without_otlp_is_said_to_change_nothing(
         )
         telemetry.shutdown()
     assert "applies to the OTLP exporter only" in caplog.text and "jsonl" in caplog.text
+
+
+def test_a_bad_export_process_value_is_a_config_error_naming_the_key() -> None:
+    from datetime import UTC, datetime
+
+    from vapora.config import parse_config
+    from vapora.errors import ConfigError
+
+    text = "[[providers]]\nname = 'ollama'\nmodel = 'llama2'\n[telemetry]\nexport_process = 'yes'\n"
+    with pytest.raises(ConfigError, match="export_process"):
+        parse_config(text, source="t.toml", at=datetime.now(UTC))
