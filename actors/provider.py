@@ -34,8 +34,9 @@ Streams: chunks go straight to the caller's subject (``ProviderCall.stream_to``)
 ====================  ===========================================================================
 ``Vapora-Error-Class``  the :class:`vapora.errors.ProviderError` class: ``transient``, ``timeout``,
                         ``rate_limited``, ``quota_exhausted``, ``configuration``, ``caller_error``
-                        (no fallback), ``stream_broken`` (failed after the first chunk: no
-                        fallback)
+                        (no fallback), ``context_overflow`` (the input is longer than the
+                        model's context window: the next model may take it), ``stream_broken``
+                        (failed after the first chunk: no fallback)
 ``Vapora-Retry-After``  seconds, when the provider (or the local limiter) said how long to wait
 ``Vapora-Usage``        JSON :class:`events.contract.Usage` the provider billed despite failing
 ``Vapora-Cost-Usd``     that usage's cost, a decimal string

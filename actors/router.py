@@ -748,15 +748,26 @@ class RouterActor:
         # reply).
         chain = decision.chain
         task.route_reason = decision.reason
+        too_long: set[str] = set()  # models that refused the input as longer than their window
         for index, name in enumerate(chain):
             provider = self._providers.get(name)
             assert provider is not None  # decide() keeps configured providers only
-            outcome = await self._try_provider(task, provider)
+            if provider.model in too_long:
+                outcome: ProviderCallResult | _Failure = self._skipped(
+                    task,
+                    provider,
+                    _OVERFLOW,
+                    f"model {provider.model} already refused this input as too long",
+                )
+            else:
+                outcome = await self._try_provider(task, provider)
             if isinstance(outcome, ProviderCallResult):
                 return outcome
             if outcome.error_class == "stream_broken" or (task.stream_to and outcome.no_reply):
                 raise _Broken(outcome, name)  # chunks may have reached the caller: no fallback
-            if not outcome.fallback:
+            if outcome.error_class == _OVERFLOW and self.config.routing.context_overflow_fallback:
+                too_long.add(provider.model)  # another model, with a larger window, may take it
+            elif not outcome.fallback:
                 raise ProviderRejected(outcome.message, provider=name)
             following = chain[index + 1] if index + 1 < len(chain) else None
             task.appends.add(self._fallback(task, name, following, outcome))
@@ -777,13 +788,20 @@ class RouterActor:
             attempt=task.number,
         )
 
-    def _exhausted(self, task: _Task) -> NoProviderAvailable | BudgetExceeded:
+    def _exhausted(self, task: _Task) -> NoProviderAvailable | BudgetExceeded | ProviderRejected:
         tried = "; ".join(
             f"{a.provider} {a.outcome.value}: {why}"
             for a, why in zip(task.attempts, task.reasons, strict=True)
         )
         if task.attempts and all(a.error_code in _BUDGET_CODES for a in task.attempts):
             return BudgetExceeded(f"task {task.task_id}: no candidate within the budget: {tried}")
+        if task.attempts and all(a.error_code == _OVERFLOW for a in task.attempts):
+            # Every model refused the input as too long: the caller's to shorten (502).
+            return ProviderRejected(
+                f"task {task.task_id}: the input is longer than every model's context window: "
+                f"{tried}",
+                provider=task.attempts[-1].provider,
+            )
         return NoProviderAvailable(f"task {task.task_id}: every provider failed: {tried}")
 
     async def _try_provider(
@@ -1195,7 +1213,8 @@ class RouterActor:
         )
 
 
-_NO_FALLBACK = frozenset({"caller_error", "stream_broken"})
+_NO_FALLBACK = frozenset({"caller_error", "context_overflow", "stream_broken"})
+_OVERFLOW = "context_overflow"  # a model's context window too small: the next model may do
 
 
 def _failure_from(headers: dict[str, str], data: bytes) -> _Failure:

@@ -287,6 +287,10 @@ class RoutingConfig(_Section, frozen=True, kw_only=True):
     requirement, on top of its lower quality. ``use_default_mappings``: fall back to the guide's
     mappings for task types without a rule. ``zero_cost_last_resort``: append configured zero-cost
     providers that are not in a task's mapping to the end of its chain.
+    ``context_overflow_fallback``: when a provider refuses the input as longer than its model's
+    context window, try the chain's next provider with another model (a larger window may take
+    it) instead of answering 502 at once; providers of a model that already refused it are
+    skipped.
     """
 
     weights: ScoreWeights = msgspec.field(default_factory=ScoreWeights)
@@ -294,6 +298,7 @@ class RoutingConfig(_Section, frozen=True, kw_only=True):
     shortfall_penalty: float = 3.0
     use_default_mappings: bool = True
     zero_cost_last_resort: bool = True
+    context_overflow_fallback: bool = True
 
 
 class TlsConfig(_Section, frozen=True, kw_only=True):

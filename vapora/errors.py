@@ -19,6 +19,9 @@
         ├── ProviderQuotaExhausted  billing/quota used up              -> fall back
         ├── ProviderConfigError     401/403/404: our key or model      -> fall back
         ├── ProviderRejected        400/413/422: the caller's request  502 provider_error
+        │   └── ProviderContextOverflow  the input exceeds the model's context window
+        │                                -> the next model in the chain (``[routing]
+        │                                   context_overflow_fallback``), else 502
         └── ProviderStreamBroken    failed after the first chunk       no fallback; partial usage
 
 Foreign exceptions (httpx, nats) are translated at the boundary with ``raise ... from exc``.
@@ -37,6 +40,7 @@ __all__ = [
     "InvalidRequest",
     "NoProviderAvailable",
     "ProviderConfigError",
+    "ProviderContextOverflow",
     "ProviderError",
     "ProviderQuotaExhausted",
     "ProviderRateLimited",
@@ -166,6 +170,14 @@ class ProviderRejected(ProviderError):
 
     error_class = "caller_error"
     fallback = False
+
+
+class ProviderContextOverflow(ProviderRejected):
+    """The provider rejected the input as longer than its model's context window. A caller
+    error for this model only: a model with a larger window may take it, so the router moves on
+    to the next model in the chain unless ``[routing] context_overflow_fallback`` is off."""
+
+    error_class = "context_overflow"
 
 
 class ProviderStreamBroken(ProviderError):

@@ -11,7 +11,13 @@ import msgspec
 import pytest
 
 from tests.providers.conftest import price_of, stub
-from vapora.errors import ProviderError, ProviderRateLimited, ProviderRejected, ProviderUnavailable
+from vapora.errors import (
+    ProviderContextOverflow,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 from vapora.providers import ProviderClient, ProviderRequest, make_client
 
 pytestmark = pytest.mark.anyio
@@ -131,7 +137,11 @@ async def _stream_failure(kind: str, response: bytes) -> ProviderError:
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        ({"type": "invalid_request_error", "code": "context_length_exceeded"}, ProviderRejected),
+        (
+            {"type": "invalid_request_error", "code": "context_length_exceeded"},
+            ProviderContextOverflow,
+        ),
+        ({"type": "invalid_request_error", "code": "invalid_value"}, ProviderRejected),
         ({"type": "requests", "code": "rate_limit_exceeded"}, ProviderRateLimited),
         ({"type": "server_error", "code": None}, ProviderUnavailable),
     ],
@@ -311,7 +321,7 @@ async def test_an_error_answered_with_200_is_classified_like_the_same_error_stre
         }
     }
     rejected = await complete("openai", answer("200 OK", msgspec.json.encode(error)))
-    assert isinstance(rejected, ProviderRejected)
+    assert type(rejected) is ProviderContextOverflow
     fine = {
         "id": "c",
         "model": "gpt-4o",

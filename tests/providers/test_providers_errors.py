@@ -7,6 +7,7 @@ import pytest
 from tests.providers.conftest import ClientFactory
 from vapora.errors import (
     ProviderConfigError,
+    ProviderContextOverflow,
     ProviderError,
     ProviderQuotaExhausted,
     ProviderRateLimited,
@@ -92,6 +93,27 @@ async def test_quota_exhaustion_is_told_apart_from_rate_limits(
     assert isinstance(error, ProviderQuotaExhausted)
     assert not isinstance(error, ProviderRateLimited)
     assert (error.error_type, error.http_status) == (error_type, status)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_an_input_longer_than_the_context_window_is_an_overflow(
+    kind: str, streaming: bool, client_for: ClientFactory
+) -> None:
+    # The prompt is 7 tokens as the simulator counts them; each dialect refuses it in its own
+    # words (Anthropic "prompt is too long", OpenAI code context_length_exceeded, Gemini "The
+    # input token count ... exceeds", Ollama "the input length exceeds the context length").
+    error = await _first_error(client_for(kind, "ctx-3"), streaming)
+
+    assert type(error) is ProviderContextOverflow
+    assert isinstance(error, ProviderRejected)  # a caller error for this model
+    assert error.error_class == "context_overflow"
+    assert error.http_status == 400
+    # A plain 400 is not one, nor is an input that fits.
+    assert type(await _first_error(client_for(kind, "error-400"), streaming)) is ProviderRejected
+    fits = client_for(kind, "ctx-7")
+    answer = await fits.complete(REQUEST)
+    assert answer.usage.input_tokens == 7
 
 
 async def test_anthropic_billing_error_402_is_quota(client_for: ClientFactory) -> None:

@@ -256,6 +256,29 @@ async def test_anthropic_sdk_raises_its_own_errors(
         assert caught.value.error_code == "enforced_spend_limit_reached"  # type: ignore[attr-defined]
 
 
+async def test_the_sdks_see_a_context_overflow_as_their_providers_send_it(sim: Simulator) -> None:
+    """The simulator's ``ctx-<n>`` refusals, as each official SDK reads them."""
+    long = "word " * 40  # 200 characters: 50 tokens as the simulator counts them
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await _anthropic(sim).messages.create(
+            model="claude-sonnet-4-6-ctx-20",
+            max_tokens=5,
+            messages=[{"role": "user", "content": long}],
+        )
+    assert refused.value.body["error"]["message"] == "prompt is too long: 50 tokens > 20 maximum"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as rejected:
+        await _openai(sim).chat.completions.create(
+            model="gpt-4o-ctx-20", messages=[{"role": "user", "content": long}]
+        )
+    assert (rejected.value.code, rejected.value.param) == ("context_length_exceeded", "messages")
+    with pytest.raises(genai_errors.ClientError) as failed:
+        await _genai(sim).aio.models.generate_content(
+            model="gemini-2.5-flash-ctx-20", contents=long
+        )
+    assert (failed.value.code, failed.value.status) == (400, "INVALID_ARGUMENT")
+    assert "exceeds the maximum number of tokens allowed (20)" in (failed.value.message or "")
+
+
 async def test_anthropic_sdk_raises_on_an_error_event_after_200(sim: Simulator) -> None:
     sdk = _anthropic(sim)
     with pytest.raises(anthropic.APIError):

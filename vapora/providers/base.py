@@ -46,6 +46,7 @@ import msgspec
 from events.contract import Price
 from vapora.errors import (
     ProviderConfigError,
+    ProviderContextOverflow,
     ProviderError,
     ProviderQuotaExhausted,
     ProviderRateLimited,
@@ -289,6 +290,12 @@ class ProviderClient(ABC):
         """A provider-specific classification that overrides the status rules, or None."""
         return None
 
+    def _context_overflow(self, error_type: str | None, payload: Any, message: str) -> bool:
+        """Whether a caller error says the input is longer than the model's context window (the
+        providers' own wordings, :data:`_OVERFLOW_PHRASES`)."""
+        text = message.lower()
+        return any(phrase in text for phrase in _OVERFLOW_PHRASES)
+
     def _error_status(self, payload: dict[str, Any]) -> int:
         """The HTTP status an error body answered with 200 (or inside a stream) stands for."""
         return 500
@@ -419,6 +426,8 @@ class ProviderClient(ABC):
             :_MAX_MESSAGE
         ]
         kind = self._error_class(status, error_type, payload) or _status_class(status)
+        if kind is ProviderRejected and self._context_overflow(error_type, payload, message):
+            kind = ProviderContextOverflow
         if kind is ProviderRateLimited:
             wait = retry_after_from_headers(headers, datetime.now(UTC))
             wait = wait if wait is not None else self._retry_hint(payload)
@@ -573,6 +582,20 @@ _BY_STATUS: dict[int, type[ProviderError]] = {
     504: ProviderTimeout,
 }
 
+
+#: How each provider says an input does not fit its model's context window (lower case):
+#: Anthropic "prompt is too long: N tokens > M maximum" and "input length and `max_tokens`
+#: exceed context limit: ...", OpenAI "This model's maximum context length is N tokens ..."
+#: (code ``context_length_exceeded``), Gemini "The input token count (N) exceeds the maximum
+#: number of tokens allowed (M).", Ollama "the input length exceeds the context length".
+_OVERFLOW_PHRASES = (
+    "prompt is too long",
+    "exceed context limit",
+    "maximum context length",
+    "context_length_exceeded",
+    "exceeds the maximum number of tokens allowed",
+    "exceeds the context length",
+)
 
 #: How long a stream's body may go on after the answer's final event before it is closed.
 _DONE_GRACE_S = 2.0

@@ -159,6 +159,12 @@ class OpenAIClient(ProviderClient):
             return ProviderQuotaExhausted
         return None
 
+    def _context_overflow(self, error_type: str | None, payload: Any, message: str) -> bool:
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict) and error.get("code") == "context_length_exceeded":
+            return True
+        return super()._context_overflow(error_type, payload, message)
+
 
 def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
     """A chunk of the usual shape applied to ``turn``; its text."""

@@ -24,6 +24,8 @@ them may be embedded in a model name, e.g. ``claude-sonnet-4-5-ttft-50-tps-200-c
 ``cachew-<n>``         n input tokens written to the prompt cache (Anthropic, OpenAI)
 ``thoughts-<n>``       n reasoning tokens (Gemini ``thoughtsTokenCount``, OpenAI
                        ``reasoning_tokens``, included in Anthropic's ``output_tokens``)
+``ctx-<n>``            the model's context window is n tokens: a longer input (a token per four
+                       characters) is refused with the provider's own context-length error
 ``nousage``            OpenAI: no usage chunk even when ``include_usage`` was asked
 ``nocounts``           Ollama: omit ``prompt_eval_count`` and ``eval_count``
 =====================  ===========================================================================
@@ -39,7 +41,8 @@ __all__ = ["Behaviour", "ProviderControl", "parse_behaviour"]
 
 _TOKEN = re.compile(
     r"(?<![a-z0-9])(?:(error-after-200|quota|malformed|hang|drop|nousage|nocounts)"
-    r"|(slow|ttft|tps|len|error|retryms|flaky|cut|stall|cached|cachew|thoughts)-(\d+))(?![a-z])"
+    r"|(slow|ttft|tps|len|error|retryms|flaky|cut|stall|cached|cachew|thoughts|ctx)-(\d+))"
+    r"(?![a-z])"
 )
 _FLAGS = {
     "error-after-200": "error_after_200",
@@ -63,6 +66,7 @@ _NUMBERS = {
     "cached": "cache_read",
     "cachew": "cache_write",
     "thoughts": "thoughts",
+    "ctx": "context_window",
 }
 
 
@@ -87,6 +91,7 @@ class Behaviour:
     cache_read: int | None = None
     cache_write: int | None = None
     thoughts: int | None = None
+    context_window: int | None = None
     no_usage: bool = False
     no_counts: bool = False
 

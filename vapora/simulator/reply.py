@@ -51,6 +51,11 @@ class Reply:
         return len(self.chunks)
 
 
+def prompt_tokens(turn: Turn) -> int:
+    """The input tokens the simulator counts for ``turn``: a token per four characters."""
+    return max(1, -(-turn.input_chars // 4))
+
+
 def make_reply(turn: Turn, behaviour: Behaviour, reply_id: str) -> Reply:
     """The deterministic answer to ``turn`` under ``behaviour``."""
     words = turn.last_user.split() or ["(empty)"]
@@ -65,7 +70,7 @@ def make_reply(turn: Turn, behaviour: Behaviour, reply_id: str) -> Reply:
         model=turn.model,
         chunks=chunks,
         truncated=truncated,
-        prompt_tokens=max(1, -(-turn.input_chars // 4)),
+        prompt_tokens=prompt_tokens(turn),
         cache_read=behaviour.cache_read or 0,
         cache_write=behaviour.cache_write or 0,
         thoughts=behaviour.thoughts or 0,

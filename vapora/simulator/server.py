@@ -54,7 +54,7 @@ from vapora.simulator.dialects import (
     tags_body,
 )
 from vapora.simulator.http import Answer, Connection, Cut, Request, response_bytes
-from vapora.simulator.reply import Reply, Turn, make_reply
+from vapora.simulator.reply import Reply, Turn, make_reply, prompt_tokens
 
 __all__ = ["PROVIDERS", "RecordedRequest", "SimulatorApp"]
 
@@ -196,6 +196,15 @@ class SimulatorApp:
             )
             answer = self._error(dialect, status, behaviour, message)
             return self._delayed(answer, behaviour.latency_ms, connection)
+        window = behaviour.context_window
+        if window is not None and prompt_tokens(turn) > window:
+            code, headers, body = dialect.overflow(prompt_tokens(turn), window)
+            self.stats[dialect.name]["errors"] += 1
+            by_status = self.stats[dialect.name]["by_status"]
+            by_status[str(code)] = by_status.get(str(code), 0) + 1
+            return self._delayed(
+                response_bytes(code, headers, body), behaviour.latency_ms, connection
+            )
         reply = make_reply(turn, behaviour, self._next_id(dialect.name))
         stats["by_status"]["200"] = stats["by_status"].get("200", 0) + 1
         if turn.stream:

@@ -153,6 +153,11 @@ class AnthropicDialect(Dialect):
         body = {"type": "error", "error": error, "request_id": "req_sim_error"}
         return status, headers, encode(body)
 
+    def overflow(self, tokens: int, window: int) -> ErrorAnswer:
+        return self.error(
+            400, Behaviour(), f"prompt is too long: {tokens} tokens > {window} maximum"
+        )
+
 
 def _stop(reply: Reply) -> str:
     return "max_tokens" if reply.truncated else "end_turn"

@@ -90,6 +90,10 @@ class Dialect(ABC):
     def error(self, status: int, behaviour: Behaviour, message: str | None = None) -> ErrorAnswer:
         """An HTTP error answer in the provider's shape; ``status`` 0 means quota exhausted."""
 
+    @abstractmethod
+    def overflow(self, tokens: int, window: int) -> ErrorAnswer:
+        """The provider's answer to an input of ``tokens`` tokens for a ``window``-token model."""
+
     def malformed_frame(self) -> bytes:
         """A stream frame that is not valid JSON."""
         return b'data: {"type": "oops", "broken\n\n'

@@ -115,6 +115,13 @@ class GeminiDialect(Dialect):
         error = {"code": status, "message": message, "status": state, "details": details}
         return status, headers, encode({"error": error})
 
+    def overflow(self, tokens: int, window: int) -> ErrorAnswer:
+        message = (
+            f"The input token count ({tokens}) exceeds the maximum number of tokens allowed "
+            f"({window})."
+        )
+        return self.error(400, Behaviour(), message)
+
 
 def _finish(reply: Reply) -> str:
     return "MAX_TOKENS" if reply.truncated else "STOP"

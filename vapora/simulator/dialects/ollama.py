@@ -99,6 +99,9 @@ class OllamaDialect(Dialect):
             headers.append(("retry-after", str(ceil_seconds(behaviour))))
         return status, headers, encode({"error": message or f"simulated error {status}"})
 
+    def overflow(self, tokens: int, window: int) -> ErrorAnswer:
+        return self.error(400, Behaviour(), "the input length exceeds the context length")
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")

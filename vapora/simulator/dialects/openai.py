@@ -133,6 +133,20 @@ class OpenAIDialect(Dialect):
         error: dict[str, Any] = {"message": message, "type": kind, "param": None, "code": code}
         return status, headers, encode({"error": error})
 
+    def overflow(self, tokens: int, window: int) -> ErrorAnswer:
+        message = (
+            f"This model's maximum context length is {window} tokens. However, your messages "
+            f"resulted in {tokens} tokens. Please reduce the length of the messages."
+        )
+        error = {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+        headers = [("content-type", "application/json"), ("x-request-id", "req_sim_error")]
+        return 400, headers, encode({"error": error})
+
 
 def _finish(reply: Reply) -> str:
     return "length" if reply.truncated else "stop"
