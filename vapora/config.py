@@ -1032,6 +1032,8 @@ def _routing_lines(config: Config) -> list[str]:
         f"critical {q.critical:g}; shortfall penalty {r.shortfall_penalty:g}"
     )
     lines.append(f"  zero-cost last resort: {'yes' if r.zero_cost_last_resort else 'no'}")
+    overflow = "the next model" if r.context_overflow_fallback else "502 at once"
+    lines.append(f"  an input too long for a model's context window: {overflow}")
     return lines
 
 

@@ -160,6 +160,16 @@ def test_default_mappings_can_be_switched_off() -> None:
     assert config.mapping(TaskType.CODE_GENERATION) == ("claude", "gemini")
 
 
+def test_the_context_overflow_fallback_is_on_by_default_and_can_be_switched_off() -> None:
+    assert parse(BASE).routing.context_overflow_fallback is True
+    off = parse(BASE + "\n[routing]\ncontext_overflow_fallback = false\n")
+    assert off.routing.context_overflow_fallback is False
+    with pytest.raises(ConfigError, match="context_overflow_fallback"):
+        parse(BASE + '\n[routing]\ncontext_overflow_fallback = "yes"\n')
+    _, text = config_command(None, as_json=False, env={})
+    assert "an input too long for a model's context window: the next model" in text
+
+
 def test_defaults_of_the_optional_sections() -> None:
     config = parse(BASE)
     weights = config.routing.weights
