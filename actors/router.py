@@ -237,6 +237,9 @@ class _Failure:
     #: Answered, but the provider may still bill it (it had the request when its time ran
     #: out): its hold stays, as for a call that never answered; no retry on the same provider.
     billed_unknown: bool = False
+    #: A stream's attempt that failed without saying whether its chunks reached the caller:
+    #: the stream must not fall back (another provider's text would follow this one's).
+    chunks_unknown: bool = False
 
     @property
     def holds(self) -> bool:
@@ -763,7 +766,9 @@ class RouterActor:
                 outcome = await self._try_provider(task, provider)
             if isinstance(outcome, ProviderCallResult):
                 return outcome
-            if outcome.error_class == "stream_broken" or (task.stream_to and outcome.no_reply):
+            if outcome.error_class == "stream_broken" or (
+                task.stream_to and (outcome.no_reply or outcome.chunks_unknown)
+            ):
                 raise _Broken(outcome, name)  # chunks may have reached the caller: no fallback
             if outcome.error_class == _OVERFLOW and self.config.routing.context_overflow_fallback:
                 too_long.add(provider.model)  # another model, with a larger window, may take it
@@ -1184,6 +1189,15 @@ class RouterActor:
                     fallback=True,
                     no_reply=True,  # its hold stays, as for a call that never answered
                 )
+            if ERROR_CLASS_HEADER not in (message.headers or {}):
+                # Not a provider's error but the actor's own (a 500 from a failure inside
+                # vapora, mid-call): whether the provider billed it, or a stream's chunks
+                # reached the caller, is unknown. Its hold stays and a stream does not fall
+                # back, as for a call that never answered.
+                failure = _failure_from(message.headers or {}, message.data)
+                if header(message, _SERVICE_ERROR_CODE) == "500":
+                    failure.billed_unknown = failure.chunks_unknown = True
+                return failure
             return _failure_from(message.headers or {}, message.data)
         try:
             return decode(message.data, ProviderCallResult)

@@ -452,3 +452,77 @@ async def test_a_stream_its_caller_abandons_keeps_what_was_billed_so_far() -> No
     assert broken.error_type == FORWARD_FAILED and broken.partial_text == "w w w "
     assert broken.usage.input_tokens == 20_000  # reported by message_start: billed
     assert broken.usage.output_tokens >= 3  # estimated from the text received
+
+
+# JSON nested past what msgspec decodes: it raises RecursionError, not a DecodeError.
+_DEEP = b"[" * 3000 + b"]" * 3000
+_FIRST_TEXT = {
+    "anthropic": b"event: message_start\ndata: "
+    + msgspec.json.encode(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-sonnet-4-6",
+                "content": [],
+                "stop_reason": None,
+                "usage": {"input_tokens": 1000, "output_tokens": 1},
+            },
+        }
+    )
+    + b"\n\nevent: content_block_delta\ndata: "
+    + msgspec.json.encode(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}
+    )
+    + b"\n\n",
+    "openai": b"data: "
+    + msgspec.json.encode(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+        }
+    )
+    + b"\n\n",
+    "gemini": b"data: "
+    + msgspec.json.encode({"candidates": [{"content": {"parts": [{"text": "Hi"}]}}]})
+    + b"\n\n",
+    "ollama": msgspec.json.encode(
+        {"model": "llama3.2", "message": {"role": "assistant", "content": "Hi"}, "done": False}
+    )
+    + b"\n",
+}
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "gemini", "ollama"])
+async def test_json_nested_too_deep_is_a_malformed_answer_not_a_crash(kind: str) -> None:
+    """A frame msgspec cannot decode for its depth escaped the clients as RecursionError, which
+    the provider actor recorded as its own bug (billing unknown) and the router took as a reason
+    to fall back, after the stream's first chunks had reached the caller."""
+    deep = _DEEP + b"\n" if kind == "ollama" else b"data: " + _DEEP + b"\n\n"
+    kind_header = "application/x-ndjson" if kind == "ollama" else "text/event-stream"
+    body = _FIRST_TEXT[kind] + deep
+    response = answer("200 OK", body, f"content-type: {kind_header}\r\n")
+    texts: list[str] = []
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                    async for text in stream:
+                        texts.append(text)
+        finally:
+            await made.aclose()
+    assert texts == ["Hi"]
+    assert raised.value.error_class == "stream_broken"
+    assert "malformed" in raised.value.message
+
+    # The same depth as a whole answer: a malformed answer (the router falls back, nothing
+    # billed for an answer that is not one), and as an error body: classified by its status.
+    whole = await complete(kind, answer("200 OK", _DEEP))
+    assert type(whole) is ProviderUnavailable and "malformed" in whole.message
+    refused = await complete(kind, answer("400 Bad Request", _DEEP))
+    assert type(refused) is ProviderRejected

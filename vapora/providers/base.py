@@ -386,7 +386,7 @@ class ProviderClient(ABC):
     def _decode(self, content: bytes) -> Any:
         try:
             return msgspec.json.decode(content)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise self._fail(self._malformed()) from exc
 
     def _malformed(self) -> ProviderError:
@@ -415,7 +415,7 @@ class ProviderClient(ABC):
         """Classify an HTTP error answer (DESIGN §3 error classes, providers.md §3.5)."""
         try:
             payload: Any = msgspec.json.decode(content)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             payload = None
         error_type, message = self._error_fields(payload)
         if payload is None:  # the body as text, scrubbed before it is cut (a key cut in two
@@ -600,7 +600,8 @@ _OVERFLOW_PHRASES = (
 #: How long a stream's body may go on after the answer's final event before it is closed.
 _DONE_GRACE_S = 2.0
 
-_SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
+# RecursionError: msgspec's answer to JSON nested deeper than it decodes (a few KB of brackets).
+_SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, RecursionError)
 
 
 def _status_class(status: int) -> type[ProviderError]:
