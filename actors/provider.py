@@ -508,7 +508,7 @@ class ProviderActor:
     ) -> Completion:
         assert call.stream_to is not None
         limit = _time_left(call, ctx.queued_s)
-        first = call.first_token_timeout_ms / 1000 if call.first_token_timeout_ms else None
+        first = _first_token_left(call, ctx.queued_s)
         async with self.client.stream(request, time_limit=limit, first_token_limit=first) as stream:
             seq = 0
             async for text in stream:
@@ -855,19 +855,34 @@ def _time_left(call: ProviderCall, queued_s: float) -> float | None:
     return call.timeout_ms / 1000 - queued_s if call.timeout_ms else None
 
 
+def _first_token_left(call: ProviderCall, queued_s: float) -> float | None:
+    """A stream's time to its first token in seconds, less what it waited in this actor's
+    backlog: the caller's latency requirement counts from when the router sent the call."""
+    if not call.first_token_timeout_ms:
+        return None
+    return call.first_token_timeout_ms / 1000 - queued_s
+
+
 def _stale(call: ProviderCall, queued_s: float, provider: str) -> ProviderError | None:
-    """A call that waited in the backlog past its time limit: the router has given up on it
-    (and may be paying another provider for it); calling the provider now would bill a call
-    nobody waits for, perhaps after its hold expired. Refused, not called."""
-    left = _time_left(call, queued_s)
-    if not queued_s or left is None or left > _STALE_MARGIN_S:
+    """A call that waited in the backlog past its time limit (or a stream, past its time to
+    the first token): the router has given up on it, or is about to (and may be paying another
+    provider for it); calling the provider now would bill a call nobody waits for, perhaps
+    after its hold expired. Refused, not called."""
+    if not queued_s:
         return None  # (a call that never waited keeps its whole limit, however short)
-    return ProviderUnavailable(
-        f"{provider}: the call waited {queued_s:.1f} s for this provider actor, past its time "
-        f"limit ({call.timeout_ms} ms); not called",
-        provider=provider,
-        error_type="expired_in_queue",
-    )
+    limits = [(_time_left(call, queued_s), "time limit", call.timeout_ms)]
+    if call.stream_to is not None:
+        first_ms = call.first_token_timeout_ms
+        limits.append((_first_token_left(call, queued_s), "time to first token", first_ms))
+    for left, what, limit_ms in limits:
+        if left is not None and left <= _STALE_MARGIN_S:
+            return ProviderUnavailable(
+                f"{provider}: the call waited {queued_s:.1f} s for this provider actor, past "
+                f"its {what} ({limit_ms} ms); not called",
+                provider=provider,
+                error_type="expired_in_queue",
+            )
+    return None
 
 
 def _maybe_billed(error: ProviderError) -> bool:

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from events.codec import decode
-from events.contract import CompletionResult
+from events.contract import CompletionResult, Outcome, StreamEnd
 from events.log import BudgetReserved, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
 from vapora.errors import BudgetExceeded, NoProviderAvailable, VaporaError
@@ -264,6 +264,48 @@ async def test_a_call_that_waited_past_its_time_in_the_backlog_is_not_made(
         events = await dep.events()
     spends = [e for e in events if isinstance(e, SpendRecorded)]
     assert answered and len(spends) == len(answered)
+
+
+async def test_a_streams_time_to_first_token_counts_its_wait_in_the_backlog(
+    tmp_path: Path,
+) -> None:
+    """A stream asking for its first token within 500 ms waited about 2 s behind another
+    stream in a busy provider actor's backlog, then streamed from that provider as if on time:
+    the time to first token counted from the backlog's end, not from when the call arrived."""
+
+    def config(base_url: str) -> str:
+        return config_text(base_url, models={"claude": "claude-opus-4-5-len-20-tps-10"})
+
+    async with deployment(tmp_path, config, provider_options={"max_concurrency": 1}) as dep:
+        results: dict[str, object] = {}
+        holding = anyio.Event()
+
+        async def holder() -> None:  # 20 chunks at 10 a second: the only slot for ~2 s
+            async with dep.client.stream(prompt="a b", provider="claude", task_id="A") as s:
+                async for _ in s:
+                    holding.set()
+
+        async def hurried() -> None:
+            await holding.wait()
+            async with dep.client.stream(
+                prompt="a b",
+                task_type="CodeGeneration",
+                quality="High",
+                latency_required_ms=500,
+                task_id="B",
+            ) as s:
+                async for _ in s:
+                    pass
+            results["B"] = s.result
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            tg.start_soon(hurried)
+    end = results["B"]
+    assert isinstance(end, StreamEnd)
+    first = end.attempts[0]
+    assert first.provider == "claude" and first.outcome is not Outcome.OK
+    assert end.provider != "claude"  # fell back before its first chunk, as DESIGN §4 says
 
 
 async def test_a_capped_request_of_its_own_task_is_admitted_on_the_lease(tmp_path: Path) -> None:
