@@ -405,6 +405,7 @@ class RouterActor:
                     handler=self._on_stream,
                     queue_group="router",
                     needs_reply=True,
+                    stream=True,
                     max_bytes=REQUEST_MAX_BYTES,
                     timeout=None,
                 ),

@@ -45,7 +45,7 @@ from actors import instances, tracing
 from actors.connection import Client, raw_header
 from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
-from events.contract import ErrorBody, ErrorReply
+from events.contract import ErrorBody, ErrorReply, StreamError
 from vapora.errors import InternalError, InvalidRequest, RequestTimeout, VaporaError
 from vapora.telemetry.messaging import current_failed
 
@@ -95,6 +95,10 @@ class Endpoint(Generic[T]):
     #: A request without a reply subject is dropped (its answer could reach nobody, and its
     #: work may cost money: a completion, a provider call).
     needs_reply: bool = False
+    #: The reply subject receives a stream (``vapora.stream``): an error this service answers
+    #: itself (a bad request, overload, a timeout, a stop, a bug) is the stream's last message,
+    #: ``{"type": "error", "error": {...}}``, as the handler's own errors are (DESIGN §3).
+    stream: bool = False
 
 
 @dataclass(kw_only=True)
@@ -197,9 +201,10 @@ class _Served:
         self.deadlines = None
 
 
-def error_payload(error: VaporaError) -> bytes:
-    """The contract's error body for ``error``."""
-    return encode(ErrorReply(error=ErrorBody(code=error.code, message=error.message)))
+def error_payload(error: VaporaError, *, stream: bool = False) -> bytes:
+    """The contract's error body for ``error``; for a stream, its ``error`` message."""
+    body = ErrorBody(code=error.code, message=error.message)
+    return encode(StreamError(error=body) if stream else ErrorReply(error=body))
 
 
 #: Set to ``unknown`` on the answer to a request whose handler a stop cut while it ran: what it
@@ -634,7 +639,8 @@ class ActorService:
             headers = error_headers(error)
             if outcome_unknown:
                 headers[OUTCOME_HEADER] = "unknown"
-            await self.nc.publish(reply_to, error_payload(error), headers=headers)
+            payload = error_payload(error, stream=served.endpoint.stream)
+            await self.nc.publish(reply_to, payload, headers=headers)
 
 
 class Overloaded(VaporaError):

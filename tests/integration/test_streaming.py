@@ -183,3 +183,35 @@ async def test_stream_errors_use_the_stream_error_message(tmp_path: Path) -> Non
         assert isinstance(message, StreamError)
         assert message.error.code == "unknown_provider"
         assert (reply.headers or {})["Nats-Service-Error-Code"] == "404"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "named"),
+    [
+        (b'{"prompt": "x", "colour": "red"}', "400", "colour"),  # an unknown field
+        (b"not json", "400", "JSON"),
+        (b'{"prompt": "x", "quality": "Sublime"}', "400", "quality"),  # a bad enum value
+        (b'["prompt"]', "400", "object"),
+    ],
+)
+async def test_a_stream_request_refused_before_routing_ends_with_the_stream_error_message(
+    tmp_path: Path, body: bytes, status: str, named: str
+) -> None:
+    """Errors the service answered itself (the request unreadable, overload, a stop) had the
+    plain error body, so a reader of the stream's messages could not decode them."""
+    async with deployment(tmp_path, guide()) as dep:
+        nc = dep.client.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("vapora.stream", body, reply=inbox)
+        reply = await sub.next_msg(timeout=5)
+        message = _decoder.decode(reply.data)
+        assert isinstance(message, StreamError)
+        assert message.error.code == "invalid_request"
+        assert named in message.error.message
+        assert (reply.headers or {})["Nats-Service-Error-Code"] == status
+        # vapora.complete keeps the plain error body.
+        plain = await nc.request("vapora.complete", body, timeout=5)
+        assert msgspec.json.decode(plain.data) == {
+            "error": msgspec.json.decode(reply.data)["error"]
+        }
