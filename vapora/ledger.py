@@ -271,9 +271,12 @@ class Ledger:
 
     async def last_event(self) -> tuple[int, str] | None:
         """The stream sequence and id of the last event recorded, or None before any: what a
-        restart checks the stream against (the same sequence must hold the same event)."""
+        restart checks the stream against (the same sequence must hold the same event). A
+        message that was no event (recorded as ``unreadable-<seq>``) has no id of its own in the
+        stream to check: the last event before it is taken."""
         cursor = await self._db.execute(
-            "SELECT seq, event_id FROM events ORDER BY seq DESC LIMIT 1"
+            "SELECT seq, event_id FROM events WHERE event_id != 'unreadable-' || seq"
+            " ORDER BY seq DESC LIMIT 1"
         )
         row = await cursor.fetchone()
         await cursor.close()

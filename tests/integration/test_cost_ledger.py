@@ -113,6 +113,38 @@ async def test_the_ledger_has_every_event_once_across_restarts_and_reports_the_s
     assert windowed.total_usd == sum(e.cost_usd for e in spent[:6])
 
 
+async def test_a_ledger_whose_last_record_is_a_message_that_is_no_event_starts_again(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A message in the stream that is not an event is passed by (recorded as a placeholder,
+    ``unreadable-<seq>``); when it was the last thing recorded, the ledger's restart compared
+    that placeholder with the stream's message id and refused to start, "built from another
+    event stream", until its file was moved aside."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(), clock=clock)
+    async with running(CostLedger(rt)) as ledger:
+        await rt.log.append(spend(task_id="t1", usage=exact_usage(Decimal("0.3")), at=clock()))
+        await rt.log.js.publish("vapora.events.spend.x", b"not json")  # no Nats-Msg-Id
+        await rt.log.js.publish("vapora.events.spend.y", b"[]", headers={"Nats-Msg-Id": "m-2"})
+        await eventually(lambda: _caught_up(ledger))
+    async with running(CostLedger(rt)) as again:  # starts: the last event it recorded checks
+        assert again.position == await rt.log.last_sequence()
+    # Another stream of the same name is still told apart when the last row is a placeholder.
+    await rt.log.js.delete_stream(rt.log.settings.name)
+    await rt.log.ensure_stream()
+    for n in range(4):
+        await rt.log.append(
+            spend(task_id=f"new{n}", usage=exact_usage(Decimal("0.03")), at=clock())
+        )
+    refused: list[ConfigError] = []
+    try:
+        async with running(CostLedger(rt)):
+            pytest.fail("the ledger started on another stream")
+    except* ConfigError as group:
+        refused += group.exceptions  # type: ignore[arg-type]
+    assert "was built from another event stream" in str(refused[0])
+
+
 async def test_a_ledger_of_another_stream_of_the_same_name_refuses_to_start(
     conn: Client, tmp_path: Path
 ) -> None:
