@@ -202,6 +202,27 @@ def check_ledger(
     return found
 
 
+def check_ledger_beyond(
+    end: int, rows: Sequence[SpendRow], logged: Sequence[LoggedEvent]
+) -> list[Discrepancy]:
+    """Each event the ledger recorded past the log's last sequence ``end``: the log has lost it
+    (or the ledger is another log's), and a spend among them is counted by every report."""
+    cost = {row.seq: row.cost_usd for row in rows}
+    found = []
+    for entry in logged:
+        spent = cost.get(entry.seq)
+        what = entry.type + (f" of {usd(spent)}" if spent is not None else "")
+        found.append(
+            Discrepancy(
+                where=f"ledger at sequence {entry.seq}",
+                expected=f"nothing past the log's last sequence {end}",
+                found=what,
+                event_id=entry.event_id,
+            )
+        )
+    return found
+
+
 def _compare_rows(
     spends: Sequence[tuple[SpendRecorded, int]], rows: Sequence[SpendRow]
 ) -> list[Discrepancy]:
@@ -409,17 +430,22 @@ def audit(
     limits: BudgetLimits | None = None,
     unreadable: Mapping[int, str] | None = None,
     ledger_after: PeriodSpend | None = None,
+    ledger_beyond: tuple[int, Sequence[SpendRow], Sequence[LoggedEvent]] | None = None,
 ) -> AuditResult:
     """Every check at once: costs, ledger rows and totals, event index, and the keeper.
     ``unreadable``: messages stored in the log that are not events (sequence -> what is wrong),
     which every reader skips: each is a difference (a spend among them would be money no total
     counts). A keeper's status is also checked against ``rows`` (and ``ledger_after``, the
-    ledger's spend in the status's day and month read after it: :func:`check_keeper_spend`)."""
+    ledger's spend in the status's day and month read after it: :func:`check_keeper_spend`).
+    ``ledger_beyond``: the log's last sequence and what the ledger recorded past it
+    (:func:`check_ledger_beyond`)."""
     found = [
         Discrepancy(where=f"event log at sequence {seq}", expected="an event", found=problem)
         for seq, problem in sorted((unreadable or {}).items())
     ]
     found += check_costs(log) + check_ledger(log, rows, logged)
+    if ledger_beyond is not None:
+        found += check_ledger_beyond(*ledger_beyond)
     if keeper is not None:
         found += check_budget(log, keeper, limits)
     if isinstance(keeper, BudgetStatus):

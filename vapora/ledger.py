@@ -348,13 +348,19 @@ class Ledger:
         return (await self.snapshot())[1]
 
     async def snapshot(
-        self, through: int | None = None
+        self, through: int | None = None, *, after: int | None = None
     ) -> tuple[list[SpendRow], list[LoggedEvent]]:
         """The spend rows and the event index, in sequence order, read in one transaction: only
         those at or below sequence ``through`` if given (what the ledger applied after it is not
-        there)."""
-        bound = " WHERE seq <= ?" if through is not None else ""
-        params = (through,) if through is not None else ()
+        there), and only those above ``after`` if given."""
+        bounds, params = [], []
+        if through is not None:
+            bounds.append("seq <= ?")
+            params.append(through)
+        if after is not None:
+            bounds.append("seq > ?")
+            params.append(after)
+        bound = " WHERE " + " AND ".join(bounds) if bounds else ""
         async with self._reading() as db:
             # Checked in the read: a writer may have added the column since this reader opened.
             columns = _SPEND_COLUMNS if await _has_tiers(db) else _SPEND_COLUMNS_UNTIERED

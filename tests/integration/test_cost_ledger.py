@@ -279,6 +279,36 @@ async def test_a_stored_message_that_is_no_event_stops_no_one_and_the_audit_name
         await eventually(keeper_counted_it_all)
 
 
+async def test_audit_names_what_the_ledger_holds_past_the_logs_end(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The log lost its last writes (an OS crash within ``sync_interval``, a restored backup)
+    while the ledger had committed them: the audit compared the ledger only up to the log's
+    last sequence and passed, while every report counted the spend the log no longer has."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    spent = [
+        spend(task_id=f"t{n}", usage=exact_usage(Decimal(cost)), at=clock())
+        for n, cost in enumerate(("0.03", "0.06", "0.09"))
+    ]
+    for event in spent:
+        await rt.log.append(event)
+    async with running(CostLedger(rt)) as ledger:
+        await eventually(lambda: _caught_up(ledger))
+    assert (await audit_command(conn, rt.log, tmp_path))[0] == 0
+    # The same log without its last event: its first two at the same sequences.
+    await rt.log.js.delete_stream(rt.log.settings.name)
+    await rt.log.ensure_stream()
+    for event in spent[:2]:
+        await rt.log.append(event)
+    code, text = await audit_command(conn, rt.log, tmp_path)
+    assert code == 1, text
+    [line] = [line for line in text.splitlines() if "ledger at sequence 3" in line]
+    assert "nothing past the log's last sequence 2" in line
+    assert "spend_recorded of $0.09" in line and spent[2].id in line
+
+
 async def test_audit_without_a_keeper_says_so_and_still_checks_the_ledger(
     conn: Client, tmp_path: Path
 ) -> None:

@@ -203,6 +203,7 @@ async def _audit_once(nc: Client, log: EventLog, path: Path) -> tuple[list[str],
         rows, logged = await _read_ledger(ledger, last=entries[-1][1] if entries else 0)
         status = await _keeper_status(nc)
         after = await _ledger_spend_after(ledger, log, status)
+        beyond = await _ledger_beyond(ledger, log)
     if status is None:
         notes.append("audit: no budget keeper answered on vapora.budget; its comparison skipped")
     limits = _limits_of(status) if status is not None else None
@@ -214,6 +215,7 @@ async def _audit_once(nc: Client, log: EventLog, path: Path) -> tuple[list[str],
         limits=limits,
         unreadable=log.unreadable,
         ledger_after=after,
+        ledger_beyond=beyond,
     )
 
 
@@ -257,6 +259,24 @@ async def _ledger_spend_after(
         return None
     await _ledger_reached(ledger, await log.last_sequence())
     return await ledger.period_spend(status.at)
+
+
+async def _ledger_beyond(
+    ledger: Ledger | None, log: EventLog
+) -> tuple[int, list[SpendRow], list[LoggedEvent]] | None:
+    """What the ledger recorded past the log's end, read after the ledger's own position (so a
+    live ledger that applied events the log gained meanwhile is not counted): ``(the log's last
+    sequence, those spend rows, those events)``, or None when it holds nothing past the end.
+    Something there is spend the reports count and the log no longer has: a log that lost its
+    last writes (a crash within ``sync_interval``, a restored backup) or another log's ledger."""
+    if ledger is None:
+        return None
+    position = await ledger.last_sequence()
+    end = await log.last_sequence()
+    if position <= end:
+        return None
+    rows, logged = await ledger.snapshot(after=end)
+    return end, rows, logged
 
 
 async def _ledger_reached(ledger: Ledger, last: int) -> None:
