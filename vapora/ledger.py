@@ -536,8 +536,15 @@ def _read_spend(row: sqlite3.Row | Sequence[Any]) -> SpendRow:
 
 
 def _iso(at: datetime) -> str:
-    utc = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S.%f}Z"
+    """``at`` in UTC as the ledger stores times, so that text order is time order (the year
+    written with four digits: ``strftime`` writes ``999`` for the year 999). A bound whose UTC
+    time falls outside what a datetime holds (``0001-01-01T00:00+01:00``) is the first or the
+    last time one holds, on the same side of every stored time."""
+    try:
+        utc = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    except OverflowError:
+        utc = (datetime.min if at.year == 1 else datetime.max).replace(tzinfo=UTC)
+    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S.%f}Z"
 
 
 def _utc_text(at: datetime) -> str:

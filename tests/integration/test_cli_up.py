@@ -156,6 +156,11 @@ def test_unknown_task_types_and_event_types_are_bad_usage_before_any_connection(
             ["report", "--since", "2030-01-01", "--until", "2020-01-01"],
             "--since must not be after --until",
         ),
+        # its UTC time is before the year 1: an OverflowError's traceback before
+        (
+            ["report", "--since", "0001-01-01T00:00:00+01:00"],
+            "is outside the years 1 to 9999 once in UTC",
+        ),
     ):
         done = run(*argv, "--nats-url", "nats://127.0.0.1:1", timeout=30)
         assert done.returncode == 2, argv

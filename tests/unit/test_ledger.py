@@ -389,6 +389,29 @@ async def test_the_report_window_is_half_open(tmp_path: Path):
     assert report.monthly_projection_usd == Decimal("19.25")  # the run rate ignores the window
 
 
+@pytest.mark.parametrize(
+    ("since", "until", "counted"),
+    [
+        # strftime wrote the year 999 as "999-...", which sorts after "2026-...".
+        (datetime(999, 1, 1, tzinfo=UTC), None, True),
+        (None, datetime(999, 1, 1, tzinfo=UTC), False),
+        # Bounds whose UTC time is outside what a datetime holds: an OverflowError before.
+        (datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1))), None, True),
+        (None, datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-1))), True),
+        (datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-1))), None, False),
+    ],
+)
+async def test_window_bounds_far_in_the_past_or_future_compare_as_times(
+    tmp_path: Path, since: datetime | None, until: datetime | None, counted: bool
+):
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered(REPORT_EVENTS))
+        everything = await ledger.report(now=NOW)
+        report = await ledger.report(since, until, now=NOW)
+    assert report.calls == (everything.calls if counted else 0)
+    assert report.total_usd == (everything.total_usd if counted else 0)
+
+
 def test_an_empty_report_is_all_zero():
     report = cost_report([], since=None, until=None, now=NOW, month_to_date=Decimal(0))
     assert (report.total_usd, report.calls, report.days_observed) == (0, 0, 0)
