@@ -205,11 +205,17 @@ class Ledger:
     ``await Ledger.open_read_only(path)`` (everyone else); close with ``aclose()``."""
 
     def __init__(
-        self, db: aiosqlite.Connection, last_sequence: int, *, writer: bool = True
+        self,
+        db: aiosqlite.Connection,
+        last_sequence: int,
+        *,
+        writer: bool = True,
+        path: str | Path = "the ledger",
     ) -> None:
         self._db = db
         self._last = last_sequence
         self._writer = writer
+        self._path = path
         self._lock = anyio.Lock()
 
     @classmethod
@@ -226,7 +232,7 @@ class Ledger:
                 await db.executescript(_SCHEMA)  # keeps an older spend table, if one is there
             if not await _has_tiers(db):
                 await _add_tiers(db)
-            return cls(db, await _read_last(db))
+            return cls(db, await _read_last(db), path=path)
         except BaseException as exc:
             await db.close()  # its worker thread would keep the process alive
             if isinstance(exc, sqlite3.Error):
@@ -245,7 +251,7 @@ class Ledger:
         db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         try:
             await db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
-            return cls(db, await _read_last(db), writer=False)
+            return cls(db, await _read_last(db), writer=False, path=path)
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
@@ -316,11 +322,16 @@ class Ledger:
     async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
         """One read transaction: every query in it sees the same committed state."""
         async with self._lock:  # not inside a batch this connection is writing
-            await self._db.execute("BEGIN")
             try:
-                yield self._db
-            finally:
-                await self._rollback()  # it wrote nothing: ending it is all a rollback does
+                await self._db.execute("BEGIN")
+                try:
+                    yield self._db
+                finally:
+                    await self._rollback()  # it wrote nothing: ending it is all a rollback does
+            except sqlite3.Error as exc:
+                # A file damaged past the pages opening it read (a page of a table), or held
+                # locked past the busy wait: said as opening it would have said it.
+                raise _open_error(exc, self._path) from exc
 
     async def _write(self, pairs: Iterable[tuple[Event, int]], last: int) -> tuple[int, int]:
         applied = 0

@@ -127,12 +127,13 @@ def _x(at: datetime, start: datetime, end: datetime) -> float:
 def _spend_chart(spends: Sequence[SpendRecorded]) -> str:
     if not spends:
         return "<p class=muted>No spend recorded.</p>"
-    start, end = min(s.at for s in spends), max(s.at for s in spends)
+    # A naive time is UTC (the contract's reading): compared as such with the others.
+    start, end = min(_utc(s.at) for s in spends), max(_utc(s.at) for s in spends)
     series: dict[str, list[tuple[datetime, Decimal]]] = defaultdict(list)
     running: dict[str, Decimal] = defaultdict(Decimal)
-    for spend in sorted(spends, key=lambda s: s.at):
+    for spend in sorted(spends, key=lambda s: _utc(s.at)):
         running[spend.provider] += spend.cost_usd
-        series[spend.provider].append((spend.at, running[spend.provider]))
+        series[spend.provider].append((_utc(spend.at), running[spend.provider]))
     top = max(running.values()) or Decimal(1)
     lines, legend = [], []
     for index, (provider, points) in enumerate(sorted(series.items())):
@@ -171,11 +172,11 @@ def _axes(start: datetime, end: datetime, top_label: str) -> str:
 def _tier_chart(tiers: Sequence[BudgetTierChanged], events: Sequence[Event], first: Tier) -> str:
     if not events:
         return "<p class=muted>No events.</p>"
-    start, end = min(e.at for e in events), max(e.at for e in events)
+    start, end = min(_utc(e.at) for e in events), max(_utc(e.at) for e in events)
     bands, current, since = [], first, start
-    for change in sorted(tiers, key=lambda t: t.at):
-        bands.append((since, change.at, current))
-        current, since = change.to_tier, change.at
+    for change in sorted(tiers, key=lambda t: _utc(t.at)):
+        bands.append((since, _utc(change.at), current))
+        current, since = change.to_tier, _utc(change.at)
     bands.append((since, end, current))
     rects = "".join(
         f'<rect x="{_x(a, start, end):.1f}" y="10" '

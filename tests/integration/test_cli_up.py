@@ -161,6 +161,9 @@ def test_unknown_task_types_and_event_types_are_bad_usage_before_any_connection(
             ["report", "--since", "0001-01-01T00:00:00+01:00"],
             "is outside the years 1 to 9999 once in UTC",
         ),
+        # a traceback after reading the whole log, before
+        (["report", "--html", "/no/such/dir/page.html"], "no directory /no/such/dir"),
+        (["report", "--html", "/tmp"], "/tmp is a directory"),
     ):
         done = run(*argv, "--nats-url", "nats://127.0.0.1:1", timeout=30)
         assert done.returncode == 2, argv

@@ -251,6 +251,31 @@ async def test_a_lock_held_past_the_busy_wait_says_the_ledger_is_busy_not_that_i
         other.close()
 
 
+async def test_a_file_damaged_past_its_first_pages_is_said_to_be_no_ledger_on_reading(
+    tmp_path: Path,
+):
+    """Opening reads the tracking table only: a file damaged in the spend table's pages opened,
+    and the first report raised sqlite3's DatabaseError (a traceback from `vapora report
+    --data-dir` and `vapora audit --data-dir`, "internal error" from the ledger actor)."""
+    path = tmp_path / "ledger.db"
+    async with await Ledger.open(path) as ledger:
+        await ledger.apply_many(numbered(REPORT_EVENTS))
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'spend'")
+        [(page,)] = db.execute("PRAGMA page_size")
+    with path.open("r+b") as file:  # the spend table's root page overwritten
+        file.seek((root - 1) * page)
+        file.write(b"\xff" * page)
+    for opened in (Ledger.open_read_only, Ledger.open):
+        async with await opened(path) as ledger:
+            with pytest.raises(ConfigError, match="is not a ledger this version can read") as e:
+                await ledger.report(now=NOW)
+            assert str(path) in str(e.value) and "move it aside" in str(e.value)
+            with pytest.raises(ConfigError, match="is not a ledger this version can read"):
+                await ledger.snapshot()
+
+
 async def test_a_reader_needs_the_file_and_never_writes_it(tmp_path: Path):
     missing = tmp_path / "none.db"
     with pytest.raises(ConfigError, match="no ledger at"):

@@ -115,3 +115,18 @@ def test_tiny_amounts_are_plain_decimals_with_every_digit() -> None:
     page = render_html([spend(1, "gemini", "0.000000075"), spend(2, "gemini", "0E-7")], now=AT)
     assert "total <b>$0.000000075</b>" in page and "gemini $0.000000075" in page
     assert not re.search(r"\dE-\d", page)
+
+
+def test_an_event_whose_time_has_no_zone_is_drawn_as_utc_with_the_others() -> None:
+    """The contract reads a time without a zone as UTC, and the text report, the audit and the
+    ledger do; the page compared it with the others' aware times and failed (TypeError)."""
+    naive = msgspec.structs.replace(spend(2, "openai", "0.3"), at=AT.replace(tzinfo=None))
+    change = EVENTS["budget_tier_changed"]
+    assert isinstance(change, BudgetTierChanged)
+    naive_change = msgspec.structs.replace(
+        change, at=(AT + timedelta(seconds=5)).replace(tzinfo=None)
+    )
+    events = [spend(1, "claude", "0.0125"), naive, spend(3, "claude", "0.5"), naive_change]
+    page = render_html(events, now=AT, since=AT)
+    assert "total <b>$0.8125</b>" in page
+    assert page.count("<polyline") == 2

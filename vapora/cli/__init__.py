@@ -299,13 +299,31 @@ async def _offline_report(args: argparse.Namespace, config: Config) -> str:
 async def _html_report(args: argparse.Namespace) -> int:
     from vapora.report_html import render_html
 
+    target = _html_target(args.html)  # before reading the whole log
     async with _connected(args, "vapora-report") as (_, nc):
         log = await _reading(nc)
         events = [e.event async for batch in log.replay(1) for e in batch]
     page = render_html(events, now=_now(), since=args.since, until=args.until)
-    await anyio.Path(args.html).write_text(page)
-    print(f"wrote {args.html} ({len(events)} events)")
+    try:
+        await anyio.Path(target).write_text(page)
+    except OSError as exc:
+        raise ConfigError(f"--html: cannot write {target}: {exc.strerror or exc}") from exc
+    print(f"wrote {target} ({len(events)} events)")
     return 0
+
+
+def _html_target(name: str) -> Path:
+    """``--html``'s file, checked before the log is read: its directory must exist and be
+    writable, and the name must not be a directory."""
+    target = Path(name)
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError(f"--html: {target} is a directory; name the page's file")
+    if not folder.is_dir():
+        raise ConfigError(f"--html: cannot write {target}: no directory {folder}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"--html: cannot write {target}: permission denied")
+    return target
 
 
 async def cmd_budget(args: argparse.Namespace) -> int:
