@@ -397,6 +397,10 @@ class RouterActor:
                     queue_group="router",
                     needs_reply=True,
                     max_bytes=REQUEST_MAX_BYTES,
+                    # No limit of its own (the service's default was 120 s): each attempt has
+                    # its provider's time limit, so a chain ends on its own; a cap below the
+                    # chain's answered 504 while the provider call it cut short still billed.
+                    timeout=None,
                 ),
                 Endpoint(
                     name="stream",

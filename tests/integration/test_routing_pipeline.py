@@ -261,3 +261,14 @@ async def test_a_latency_requirement_bounds_each_attempt_and_a_slow_provider_fal
         assert result.attempts[0].outcome is Outcome.TIMEOUT
         assert result.attempts[0].latency_ms < 2500
         assert result.provider != "claude"
+
+
+async def test_a_completion_has_no_time_limit_but_its_attempts(tmp_path: Path) -> None:
+    """``vapora.complete`` answered 504 after the service's default 120 s while its attempt went
+    on and was billed: a provider with a ``timeout_ms`` above it, or a chain longer than it,
+    could never finish, and the caller paid for text it never got. Each attempt's limit bounds
+    a completion, as a stream's."""
+    async with deployment(tmp_path, guide()) as dep:
+        assert dep.router is not None
+        limits = {e.name: e.timeout for e in dep.router.service.endpoints}
+    assert limits == {"complete": None, "stream": None}
