@@ -738,6 +738,7 @@ class ProviderActor:
         called: bool,
         price: Price | None = None,
     ) -> None:
+        self.service.count_error("call", error)  # in $SRV.STATS, as the service's own are
         if not ctx.reply:
             return
         headers = error_headers(error)

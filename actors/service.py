@@ -626,15 +626,26 @@ class ActorService:
         except DecodeError as exc:
             raise InvalidRequest(str(exc)) from exc
 
-    async def _reply_error(
-        self, served: _Served, reply_to: str, error: VaporaError, *, outcome_unknown: bool = False
-    ) -> None:
+    def count_error(self, endpoint: str, error: VaporaError) -> None:
+        """Count an error a handler answered itself (published to the reply subject directly,
+        with headers of its own) in ``$SRV.STATS``, as the errors this service answers are."""
+        served = self._served.get(endpoint)
+        if served is not None and hasattr(served, "micro"):  # (added once the service runs)
+            self._count_error(served, error)
+
+    @staticmethod
+    def _count_error(served: _Served, error: VaporaError) -> None:
         counters = served.counters
         counters.errors += 1
         counters.by_code[error.code] = counters.by_code.get(error.code, 0) + 1
         micro = served.micro
         micro._num_errors += 1
         setattr(micro, "_last_error", f"{error.status}: {error.message}")  # noqa: B010 - typed None
+
+    async def _reply_error(
+        self, served: _Served, reply_to: str, error: VaporaError, *, outcome_unknown: bool = False
+    ) -> None:
+        self._count_error(served, error)
         if reply_to:
             headers = error_headers(error)
             if outcome_unknown:

@@ -272,3 +272,20 @@ async def test_a_completion_has_no_time_limit_but_its_attempts(tmp_path: Path) -
         assert dep.router is not None
         limits = {e.name: e.timeout for e in dep.router.service.endpoints}
     assert limits == {"complete": None, "stream": None}
+
+
+async def test_a_provider_actors_error_replies_are_counted_in_its_service_stats(
+    tmp_path: Path,
+) -> None:
+    """``$SRV.STATS`` measures every actor (DESIGN §2): a provider actor's error replies, which
+    it publishes itself with its own headers, were never counted (``num_errors`` 0)."""
+    import json
+
+    models = {"claude": "claude-opus-4-5-error-503"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        for _ in range(3):
+            await dep.client.complete(prompt="hi", task_type="CodeGeneration", quality="High")
+        reply = await dep.nc.request("$SRV.STATS.provider-claude", b"", timeout=5)
+    [endpoint] = json.loads(reply.data)["endpoints"]
+    assert (endpoint["num_requests"], endpoint["num_errors"]) == (3, 3)
+    assert endpoint["last_error"].startswith("502: claude: HTTP 503")
