@@ -6,6 +6,7 @@ contract (``$.max_tokens``), so actors can answer a bad message with a 400 that 
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any, TypeVar
 
@@ -57,9 +58,29 @@ def decode(data: bytes, type_: type[T], *, max_bytes: int = MAX_MESSAGE_BYTES) -
     except msgspec.ValidationError as exc:
         raise DecodeError(_describe(exc)) from exc
     except msgspec.DecodeError as exc:
-        raise DecodeError(f"malformed JSON: {exc}") from exc
+        raise DecodeError(_malformed(exc, data)) from exc
     except UnicodeDecodeError as exc:
         raise DecodeError(_not_utf8(exc)) from exc
+    except RecursionError as exc:
+        raise DecodeError("malformed JSON: nested too deeply") from exc
+
+
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or a low one alone: no character.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<![0-9a-fA-F]{2})(?<!\\u[dD][89abAB])\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def _malformed(exc: msgspec.DecodeError, data: bytes) -> str:
+    """msgspec's reason, or a plainer one where it misleads: a lone UTF-16 surrogate escape
+    (``"\\ud800"``) is reported as "Input data was truncated"."""
+    if "truncated" in str(exc):
+        lone = _LONE_SURROGATE.search(data)
+        if lone is not None:
+            escape = lone.group().decode()
+            return f"malformed JSON: {escape} is half of a UTF-16 surrogate pair, not a character"
+    return f"malformed JSON: {exc}"
 
 
 def decode_event(data: bytes) -> Event:

@@ -146,6 +146,11 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
             raise ValueError("exactly one of `prompt` or `messages` is required")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must not be empty")
+        # Nothing to answer: routed, it was billed for an empty answer (or a provider's 400).
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("`prompt` must hold some text, not only whitespace")
+        if self.messages is not None and not any(m.content.strip() for m in self.messages):
+            raise ValueError("`messages` must hold some text: every `content` is empty")
         if self.task_id is not None and not 1 <= len(self.task_id) <= MAX_ID_LENGTH:
             # The budget keeper refuses longer ids: taken, the task would fail as over budget.
             raise ValueError(f"`task_id` must be 1 to {MAX_ID_LENGTH} characters")

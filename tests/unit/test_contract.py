@@ -96,6 +96,12 @@ def test_a_batch_of_events_decodes_in_order() -> None:
         (b'{"messages": [{"role": "user"}]}', "missing required field `content`"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}', "at `$.messages[0].role`"),
         (b'{"messages": []}', "`messages` must not be empty"),
+        (b'{"prompt": ""}', "`prompt` must hold some text"),
+        (b'{"prompt": " \\n\\t "}', "`prompt` must hold some text"),
+        (b'{"messages": [{"role": "user", "content": " "}]}', "`messages` must hold some text"),
+        (b'{"prompt": "hi \\ud800"}', "\\ud800 is half of a UTF-16 surrogate pair"),
+        (b"[" * 5000 + b"]" * 5000, "Expected `object`"),
+        (b'{"prompt": "x", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "messages[0]"),
         (b"{}", "exactly one of `prompt` or `messages`"),
         (b"[]", "Expected `object`"),
     ],
@@ -166,3 +172,12 @@ def test_json_schema_describes_every_event_and_request() -> None:
         assert cls.__name__ in defs
     assert defs["CompletionRequest"]["additionalProperties"] is False
     assert set(defs["TaskType"]["enum"]) == {t.value for t in TaskType}
+
+
+def test_json_nested_too_deeply_is_a_decode_error_not_a_recursion_error() -> None:
+    """msgspec raises RecursionError for JSON nested past its limit where a type reads anything
+    (events' free-form parts): an actor's handler took it for a bug of its own (500)."""
+    from typing import Any
+
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode(b"[" * 5000 + b"]" * 5000, Any)  # type: ignore[arg-type]
