@@ -312,6 +312,8 @@ class ProviderActor:
         self.runtime = runtime
         self.config: ProviderConfig = config
         self.name = f"provider-{config.name}"
+        #: This actor process among those serving the provider (its health events say which).
+        self.instance = _new_id()
         self.client = client or make_client(
             name=config.name,
             kind=config.kind.value,
@@ -819,6 +821,7 @@ class ProviderActor:
             breaker=signature.breaker,
             rate_limited_until=signature.rate_limited_until,
             latency_estimate_ms=estimate,
+            instance=self.instance,
         )
         if not await self._append([event]) and self._published is signature:
             # Not stored: the routers never saw it. The next check publishes it again (else a

@@ -370,6 +370,8 @@ class RouterActor:
         self.views: dict[str, ProviderView] = {
             p.name: ProviderView() for p in runtime.config.providers
         }
+        # Per provider, each provider actor instance's last word on whether it has the key.
+        self._instance_keys: dict[str, dict[str, bool]] = {}
         # Looked up per attempt: by name, and whether it is paid, once (the config is immutable).
         self._providers = {p.name: p for p in runtime.config.providers}
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
@@ -587,8 +589,20 @@ class RouterActor:
     def _view(self, event: ProviderHealthChanged) -> ProviderView:
         provider = self._providers.get(event.provider)
         env = provider.api_key_env if provider is not None else None
-        # The provider actor's own finding that its key is missing (its health reason).
+        # The provider actor's own finding that its key is missing (its health reason). One
+        # actor process's finding: another serving the same provider may have the key, and
+        # the calls go to whichever takes them, so the provider lacks its key only when every
+        # instance heard from said so (the last word of each; events before instances were
+        # named count as one instance).
         no_key = not event.available and env is not None and event.reason == key_not_set(env)
+        keys = self._instance_keys.setdefault(event.provider, {})
+        keys[event.instance or ""] = not no_key
+        if len(keys) > _INSTANCES_REMEMBERED:
+            del keys[next(iter(keys))]
+        if no_key and any(keys.values()):
+            # Said by this instance alone: the provider is served with its key, and what the
+            # others said last stands.
+            return self.views.get(event.provider, ProviderView())
         healthy = (
             event.available
             or no_key  # said once, as the missing key
@@ -1231,6 +1245,8 @@ class RouterActor:
             cost_usd=outcome.cost,
         )
 
+
+_INSTANCES_REMEMBERED = 64  # per provider: the oldest forgotten past it
 
 _NO_FALLBACK = frozenset({"caller_error", "context_overflow", "stream_broken"})
 _OVERFLOW = "context_overflow"  # a model's context window too small: the next model may do

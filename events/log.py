@@ -180,12 +180,17 @@ class BudgetTierChanged(_Event, tag="budget_tier_changed", frozen=True, kw_only=
 
 
 class ProviderHealthChanged(_Event, tag="provider_health_changed", frozen=True, kw_only=True):
+    """A provider actor's view of its provider changed. ``instance`` (an extension; None in
+    events written before it): which actor process says so, since several may serve one
+    provider, each with its own environment (its API key) and its own breaker."""
+
     provider: str
     available: bool
     reason: str
     breaker: Literal["closed", "open", "half_open"] = "closed"
     rate_limited_until: datetime | None = None
     latency_estimate_ms: float | None = None
+    instance: str | None = None
 
 
 Event = (

@@ -177,5 +177,6 @@ EVENTS = {
         breaker="closed",
         rate_limited_until=datetime(2026, 4, 1, 0, 0, 28, tzinfo=UTC),
         latency_estimate_ms=780.0,
+        instance="7d0c3f9ab1e24c55",
     ),
 }

@@ -426,3 +426,56 @@ async def test_a_running_instance_adopts_what_a_dead_sibling_held(tmp_path: Path
             await until(lambda: not held_files(tmp_path), within_s=10)
             assert [e for e in await dep.events() if e.id == spend.id] == [spend]
             actor.stop()
+
+
+async def test_one_instance_without_the_key_does_not_take_the_provider_from_every_router(
+    tmp_path: Path,
+) -> None:
+    """A second claude provider actor started without ANTHROPIC_API_KEY said so in a health
+    event; the routers took it as the provider's, and every later claude request was a 503
+    ("ANTHROPIC_API_KEY is not set") while the first instance, with its key, still served,
+    even after the keyless one stopped. Each instance now speaks for itself: the provider
+    lacks its key only when every instance heard from said so."""
+    import dataclasses
+
+    from actors.provider import ProviderActor
+    from events.log import ProviderHealthChanged
+    from tests.fault.provider_harness import KEYS, config_text, deployment, until
+
+    def config(base_url: str) -> str:
+        return config_text(base_url)
+
+    async with deployment(tmp_path, config) as dep:
+        router = dep.router
+        assert router is not None
+        keyless_env = {k: v for k, v in KEYS.items() if k != "ANTHROPIC_API_KEY"}
+        keyless = ProviderActor(
+            dataclasses.replace(dep.runtime, env=keyless_env), provider="claude"
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(keyless.run)
+            with anyio.fail_after(5):  # its health event in the log, and past the router
+
+                async def said() -> bool:
+                    return any(
+                        isinstance(e, ProviderHealthChanged) and e.instance == keyless.instance
+                        for e in await dep.events()
+                    )
+
+                while not await said():  # noqa: ASYNC110 - the log is polled: nothing to await
+                    await anyio.sleep(0.02)
+                await until(lambda: len(router._instance_keys.get("claude", {})) == 2)
+            assert router.views["claude"].api_key_present
+            result = await dep.client.complete(
+                prompt="hello", task_type="CodeGeneration", quality="High"
+            )
+            assert result.route.chain[0] == "claude"
+            keyless.stop()
+        # Every instance without it: the provider is without its key.
+        dep.providers["claude"].stop()
+        alone = ProviderActor(dataclasses.replace(dep.runtime, env=keyless_env), provider="claude")
+        router._instance_keys["claude"].clear()  # as a router started after both had gone
+        async with anyio.create_task_group() as tg:
+            await tg.start(alone.run)
+            await until(lambda: not router.views["claude"].api_key_present)
+            alone.stop()

@@ -17,6 +17,7 @@ from events import (
     CompletionRequest,
     DecodeError,
     ErrorBody,
+    ProviderHealthChanged,
     SpendRecorded,
     StreamChunk,
     StreamEnd,
@@ -57,6 +58,20 @@ def test_golden_payload_decodes_and_encodes_byte_for_byte(tag: str) -> None:
     event = decode_event(golden)
     assert event == EVENTS[tag]
     assert encode(event) == golden
+
+
+def test_a_health_event_written_before_instances_were_named_still_decodes() -> None:
+    """``provider_health_changed`` gained ``instance`` (an extension): the payload as it was
+    written before decodes, with no instance."""
+    before = (
+        b'{"type":"provider_health_changed","id":"ev-health-1","at":"2026-03-31T23:59:58.123456Z",'
+        b'"causation_id":null,"provider":"claude","available":false,"reason":"rate limited: '
+        b'retry-after 30 s","breaker":"closed","rate_limited_until":"2026-04-01T00:00:28Z",'
+        b'"latency_estimate_ms":780.0}'
+    )
+    event = decode_event(before)
+    assert isinstance(event, ProviderHealthChanged) and event.instance is None
+    assert event == msgspec.structs.replace(EVENTS["provider_health_changed"], instance=None)
 
 
 def test_money_is_a_decimal_string_on_the_wire() -> None:
