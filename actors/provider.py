@@ -55,6 +55,7 @@ is then only logged).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -62,11 +63,12 @@ import math
 import os
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -87,8 +89,15 @@ from actors.service import (
     reply_problem,
 )
 from events import subjects
-from events.codec import encode
-from events.contract import Price, ProviderCall, ProviderCallResult, StreamChunk, Usage
+from events.codec import DecodeError, decode, encode
+from events.contract import (
+    Price,
+    ProviderCall,
+    ProviderCallResult,
+    StreamCancel,
+    StreamChunk,
+    Usage,
+)
 from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
 from vapora import telemetry
 from vapora.config import ProviderConfig, api_key, missing_api_key
@@ -99,6 +108,7 @@ from vapora.errors import (
     ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
+    ProviderStreamBroken,
     ProviderUnavailable,
 )
 from vapora.pricing import cost, price_at
@@ -109,7 +119,7 @@ from vapora.providers import (
     ProviderRequest,
     make_client,
 )
-from vapora.providers.stream import FORWARD_FAILED
+from vapora.providers.stream import CALLER_CANCELLED, FORWARD_FAILED
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
 
@@ -336,6 +346,10 @@ class ProviderActor:
         self._published: _HealthSignature | None = None
         self._published_latency: float | None = None
         self._stop = anyio.Event()
+        #: Streams in flight by the subject their chunks go to, to stop on the caller's word
+        #: (``vapora.stream.cancel``); and the subjects cancelled before their call came.
+        self._streaming: dict[str, anyio.CancelScope] = {}
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
         self.durable_reply = durable_reply
         self._task_group: anyio.abc.TaskGroup | None = None
         #: A call's events the event log did not take, kept on disk and appended again every
@@ -386,9 +400,15 @@ class ProviderActor:
                 tg.start_soon(self._health_loop)
                 tg.start_soon(self._held_loop)
                 async with anyio.create_task_group() as serving:
+                    # Every instance hears every cancel: the one streaming to it stops.
+                    cancels = await self.runtime.nc.subscribe(
+                        subjects.STREAM_CANCEL, cb=self._on_cancel
+                    )
                     await serving.start(self.service.run)
                     task_status.started()
                     await self._stop.wait()
+                    with contextlib.suppress(Exception):
+                        await cancels.unsubscribe()
                     self.service.stop()  # drains in-flight calls, then service.run returns
                 tg.cancel_scope.cancel()
         finally:
@@ -410,6 +430,31 @@ class ProviderActor:
     def stop(self) -> None:
         self._stop.set()
 
+    async def _on_cancel(self, message: Any) -> None:
+        """``vapora.stream.cancel``: stop the stream going to ``stream_to`` if this instance
+        has it; else remember it a while, in case its call has not reached an actor yet."""
+        try:
+            cancel = decode(message.data, StreamCancel)
+        except DecodeError as exc:
+            log.warning("%s: a stream cancel that is not one: %s", self.name, exc)
+            return
+        scope = self._streaming.get(cancel.stream_to)
+        if scope is not None:
+            scope.cancel()
+            return
+        now = time.monotonic()
+        cancelled = self._cancelled
+        cancelled[cancel.stream_to] = now
+        while cancelled and (
+            len(cancelled) > _CANCELS_REMEMBERED
+            or next(iter(cancelled.values())) < now - _CANCEL_REMEMBERED_S
+        ):
+            cancelled.popitem(last=False)
+
+    def _cancelled_before(self, stream_to: str) -> bool:
+        when = self._cancelled.pop(stream_to, None)
+        return when is not None and when >= time.monotonic() - _CANCEL_REMEMBERED_S
+
     # --- one call -----------------------------------------------------------------------------
 
     async def _call(self, call: ProviderCall, ctx: RequestContext) -> ProviderCallResult | None:
@@ -421,6 +466,17 @@ class ProviderActor:
         stale = _stale(call, ctx.queued_s, self.config.name)
         if stale is not None:
             await self._reply_error(ctx, stale, called=False)
+            return None
+        if call.stream_to is not None and self._cancelled_before(call.stream_to):
+            # Its caller stopped reading before the call came: not called, and no fallback
+            # (a stream_broken error ends the task: nobody waits for another provider).
+            gone = ProviderStreamBroken(
+                f"{self.config.name}: the caller stopped reading the stream before it began; "
+                "not called",
+                provider=self.config.name,
+                error_type=CALLER_CANCELLED,
+            )
+            await self._reply_error(ctx, gone, called=False)
             return None
         refusal = self._admit()
         if refusal is not None:
@@ -513,14 +569,22 @@ class ProviderActor:
         first = _first_token_left(call, ctx.queued_s)
         async with self.client.stream(request, time_limit=limit, first_token_limit=first) as stream:
             seq = 0
-            async for text in stream:
+            # The caller may stop reading (vapora.stream.cancel): the provider's generation
+            # is stopped with the stream, and what was received is billed.
+            with anyio.CancelScope() as caller:
+                self._streaming[call.stream_to] = caller
                 try:
-                    await ctx.publish(
-                        call.stream_to, StreamChunk(task_id=call.task_id, seq=seq, text=text)
-                    )
-                except Exception as exc:  # NATS closed, its buffer full: what came is billed
-                    raise stream.abandoned(exc) from exc
-                seq += 1
+                    async for text in stream:
+                        try:
+                            chunk = StreamChunk(task_id=call.task_id, seq=seq, text=text)
+                            await ctx.publish(call.stream_to, chunk)
+                        except Exception as exc:  # NATS closed, its buffer full: billed
+                            raise stream.abandoned(exc) from exc
+                        seq += 1
+                finally:
+                    self._streaming.pop(call.stream_to, None)
+            if caller.cancelled_caught:
+                raise stream.cancelled()
         assert stream.completion is not None
         return stream.completion
 
@@ -857,6 +921,11 @@ def _time_left(call: ProviderCall, queued_s: float) -> float | None:
     """The call's time limit in seconds, less what it waited in this actor's backlog: the
     router's wait (and its hold's life) counts from when it sent the call."""
     return call.timeout_ms / 1000 - queued_s if call.timeout_ms else None
+
+
+#: How many cancels of streams not (yet) streaming here are remembered, and for how long.
+_CANCELS_REMEMBERED = 10_000
+_CANCEL_REMEMBERED_S = 600.0
 
 
 def _first_token_left(call: ProviderCall, queued_s: float) -> float | None:

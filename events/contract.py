@@ -298,6 +298,15 @@ class ErrorReply(_Message, frozen=True, kw_only=True):
     error: ErrorBody
 
 
+class StreamCancel(_Message, frozen=True, kw_only=True):
+    """On ``vapora.stream.cancel`` (an extension): the caller of the stream whose messages go to
+    ``stream_to`` (the reply subject it sent ``vapora.stream`` with) stopped reading it. The
+    provider actor streaming to it stops the provider's generation; what was generated until
+    then is billed, and the stream does not fall back."""
+
+    stream_to: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
 class ReportRequest(_Message, frozen=True, kw_only=True):
     since: datetime | None = None
     until: datetime | None = None

@@ -27,6 +27,7 @@ PUBLIC_MESSAGES: tuple[Any, ...] = (
     contract.StreamChunk,
     contract.StreamEnd,
     contract.StreamError,
+    contract.StreamCancel,
     contract.ErrorReply,
     contract.ReportRequest,
     contract.CostReport,

@@ -25,6 +25,7 @@ __all__ = [
     "EVENT_STREAM",
     "REPORT",
     "STREAM",
+    "STREAM_CANCEL",
     "INBOX",
     "TASK_SCOPE_HEADER",
     "event_subject",
@@ -34,6 +35,9 @@ __all__ = [
 
 COMPLETE = "vapora.complete"
 STREAM = "vapora.stream"
+#: A caller that stops reading a stream says so here (``StreamCancel``, published, no reply):
+#: the provider actor streaming to it stops the provider's generation (an extension).
+STREAM_CANCEL = "vapora.stream.cancel"
 REPORT = "vapora.report"
 BUDGET = "vapora.budget"
 BUDGET_RESERVE = "vapora.budget.reserve"

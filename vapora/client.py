@@ -46,6 +46,7 @@ from events.contract import (
     CostReport,
     ErrorReply,
     ReportRequest,
+    StreamCancel,
     StreamChunk,
     StreamEnd,
     StreamError,
@@ -300,11 +301,17 @@ class TextStream:
         return self
 
     async def aclose(self) -> None:
-        """Stop listening (the task itself runs to its end in vapora)."""
+        """Stop listening. A stream closed before its end is cancelled in vapora too
+        (``vapora.stream.cancel``): the provider stops generating, and what it generated until
+        then is billed (:attr:`error` is not set: the caller chose to stop)."""
         span, self._span = self._span, None
         end_request(span, self.error)
         sub, self._sub = self._sub, None
         if sub is not None:
+            if self.result is None and self.error is None:
+                with contextlib.suppress(Exception):
+                    cancel = encode(StreamCancel(stream_to=sub.subject))
+                    await self._nc.publish(subjects.STREAM_CANCEL, cancel)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 

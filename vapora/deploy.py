@@ -50,6 +50,8 @@ __all__ = [
 USERS: Final = ("router", "provider", "budget", "ledger", "client", "admin")
 
 PUBLIC_REQUESTS: Final = (subjects.COMPLETE, subjects.STREAM, subjects.REPORT, subjects.BUDGET)
+#: What a calling service may publish: its requests, and the cancel of a stream it stops reading.
+PUBLIC_PUBLISH: Final = (*PUBLIC_REQUESTS, subjects.STREAM_CANCEL)
 
 DENIED_TO_ACTORS: Final = (
     "$JS.API.STREAM.DELETE.>",
@@ -88,7 +90,7 @@ _ACTOR_SUBSCRIBE: Final = ("$SRV.>",)
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 _SERVES: Final = {
     "router": (subjects.COMPLETE, subjects.STREAM),
-    "provider": ("vapora.provider.*.call",),
+    "provider": ("vapora.provider.*.call", subjects.STREAM_CANCEL),
     "budget": (subjects.BUDGET, f"{subjects.BUDGET}.>"),
     "ledger": (subjects.REPORT,),
 }
@@ -157,7 +159,7 @@ def permissions(clients: Sequence[str] = ()) -> dict[str, Permissions]:
         for name, own in actor.items()
     }
     for client in ("client", *check_clients(clients)):
-        users[client] = Permissions(publish=PUBLIC_REQUESTS, subscribe=(_replies(client),))
+        users[client] = Permissions(publish=PUBLIC_PUBLISH, subscribe=(_replies(client),))
     users["admin"] = Permissions(publish=(">",), subscribe=(">",))
     return users
 

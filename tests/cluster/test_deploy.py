@@ -27,8 +27,10 @@ def test_only_admin_may_remove_history_and_clients_only_ask() -> None:
     rules = deploy.permissions()
     for user in ("router", "provider", "budget", "ledger"):
         assert set(deploy.DENIED_TO_ACTORS) <= set(rules[user].publish_deny)
-    assert rules["client"].publish == deploy.PUBLIC_REQUESTS
+    # Its requests, and the cancel of a stream it stops reading (which the provider actors hear).
+    assert rules["client"].publish == (*deploy.PUBLIC_REQUESTS, "vapora.stream.cancel")
     assert rules["client"].subscribe == ("_INBOX.client.>",)
+    assert "vapora.stream.cancel" in rules["provider"].subscribe
     assert rules["admin"].publish == (">",) and not rules["admin"].publish_deny
 
 
@@ -39,7 +41,7 @@ def test_each_user_receives_replies_under_its_own_inbox_only() -> None:
     for user, rule in rules.items():
         inboxes = [s for s in rule.subscribe if s.startswith("_INBOX")]
         assert inboxes == ([] if user == "admin" else [f"_INBOX.{user}.>"]), user
-    assert rules["billing"].publish == deploy.PUBLIC_REQUESTS
+    assert rules["billing"].publish == deploy.PUBLIC_PUBLISH
     text = deploy.render_accounts(clients=("billing",))
     assert "password: $VAPORA_BILLING_PASSWORD\n" in text
 

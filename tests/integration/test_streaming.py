@@ -215,3 +215,62 @@ async def test_a_stream_request_refused_before_routing_ends_with_the_stream_erro
         assert msgspec.json.decode(plain.data) == {
             "error": msgspec.json.decode(reply.data)["error"]
         }
+
+
+async def test_a_stream_its_caller_stops_reading_stops_the_provider_and_bills_what_came(
+    tmp_path: Path,
+) -> None:
+    """A caller that left after a few chunks did not stop the provider call: it streamed to its
+    end and the caller paid for every token nobody read. Closing the stream early now cancels
+    it (``vapora.stream.cancel``): the provider's generation is cut, what it generated until
+    then is billed once, and the task does not fall back."""
+    import anyio
+
+    models = {"claude": "claude-opus-4-5-len-40-tps-20"}  # 40 chunks over two seconds
+    async with deployment(tmp_path, guide(models=models), keeper=True) as dep:
+        async with dep.client.stream(
+            prompt="a b", task_type="CodeGeneration", quality="High", task_id="left"
+        ) as stream:
+            read = []
+            async for chunk in stream:
+                read.append(chunk)
+                if len(read) == 3:
+                    break
+        assert len(read) == 3 and stream.error is None
+
+        async def recorded() -> list[object]:
+            return [e for e in await dep.events_of("left") if isinstance(e, SpendRecorded)]
+
+        with anyio.fail_after(10):
+            while not await recorded():  # noqa: ASYNC110 - the log is polled
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.3)  # anything else it would have recorded
+        events = await dep.events_of("left")
+    [failed] = [e for e in events if isinstance(e, CallFailed)]
+    assert (failed.error_code, failed.error_class) == ("cancelled_by_caller", "stream_broken")
+    [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+    assert spend.provider == "claude" and spend.cost_usd > 0
+    assert spend.output_tokens < 40  # not the whole answer: the generation was stopped
+    assert not [e for e in events if isinstance(e, FallbackTriggered)]
+
+
+async def test_a_stream_cancelled_before_its_call_came_is_not_called(tmp_path: Path) -> None:
+    from events.codec import encode
+    from events.contract import StreamCancel
+
+    async with deployment(tmp_path, guide()) as dep:
+        nc = dep.client.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        for garbage in (b"not json", b"{}", b'{"stream_to": ""}'):  # passed by, logged
+            await nc.publish("vapora.stream.cancel", garbage)
+        await nc.publish("vapora.stream.cancel", encode(StreamCancel(stream_to=inbox)))
+        await nc.flush()
+        body = {"prompt": "hi", "task_type": "CodeGeneration", "quality": "High", "task_id": "c0"}
+        await nc.publish("vapora.stream", msgspec.json.encode(body), reply=inbox)
+        message = _decoder.decode((await sub.next_msg(timeout=10)).data)
+        events = await dep.events_of("c0")
+    assert isinstance(message, StreamError)
+    assert "stopped reading the stream before it began" in message.error.message
+    assert not [e for e in events if isinstance(e, FallbackTriggered | SpendRecorded)]
+    assert not [r for r in dep.sim.requests if r.provider == "anthropic"]

@@ -16,10 +16,12 @@ from vapora.providers.values import Completion, ProviderRequest, StreamBroken, T
 if TYPE_CHECKING:
     from vapora.providers.base import ProviderClient
 
-__all__ = ["FORWARD_FAILED", "CompletionStream"]
+__all__ = ["CALLER_CANCELLED", "FORWARD_FAILED", "CompletionStream"]
 
 #: The error type of a stream its caller abandoned (:meth:`CompletionStream.abandoned`).
 FORWARD_FAILED = "forward_failed"
+#: The error type of a stream its caller stopped reading (:meth:`CompletionStream.cancelled`).
+CALLER_CANCELLED = "cancelled_by_caller"
 
 _END = object()
 _TIMED_OUT = object()
@@ -185,6 +187,24 @@ class CompletionStream:
             error_type=FORWARD_FAILED,
         )
         return self._failed(error)
+
+    def cancelled(self) -> ProviderError:
+        """The failure to raise when the caller stopped reading (``vapora.stream.cancel``): a
+        :class:`StreamBroken` (error type ``cancelled_by_caller``) whether or not a chunk was
+        forwarded, since nobody waits for another provider's answer either, with the usage of
+        all that was received (a count the provider had not reported yet bounded from above,
+        as for any broken stream: the request went out, so its input may be billed)."""
+        usage, _ = self._turn.usage(self._request)
+        broken = StreamBroken(
+            f"{self._client.name}: the caller stopped reading the stream "
+            f"(after {self._count} chunks)",
+            partial_text=self.text,
+            first_token_ms=self._first_token_ms,
+            provider=self._client.name,
+            error_type=CALLER_CANCELLED,
+            usage=usage,
+        )
+        return self._client._fail(broken)
 
     def _failed(self, error: ProviderError) -> ProviderError:
         """``error`` itself before the first chunk was forwarded (with the usage the provider
