@@ -397,22 +397,61 @@ class Ledger:
         return period_spend(((_parse(when), Decimal(cost)) for when, cost in rows), at)
 
     async def report(
-        self, since: datetime | None = None, until: datetime | None = None, *, now: datetime
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        *,
+        now: datetime,
+        tail: Sequence[tuple[SpendRecorded, int]] = (),
     ) -> CostReport:
-        """The cost report of spend in ``[since, until)`` (see :func:`cost_report`)."""
+        """The cost report of spend in ``[since, until)`` (see :func:`cost_report`). ``tail``:
+        spend events of the log past the ledger's position, with their sequences (an offline
+        reader's, when the ledger actor stopped before applying them), counted as the ledger
+        would count them: each id once, never one the ledger already has."""
         month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
         async with self._reading() as db:
             rows = await _report_rows(db, since, until)
             month = await _report_rows(db, month_start, None, through=now)
             last = await _read_last(db)
+            extra = await _unrecorded(db, tail)
+        for event in extra:  # compared as the queries compare: the stored text of each time
+            at = _iso(event.at)
+            row = ReportRow(
+                _parse(at), event.provider, event.model, event.task_type.value, event.cost_usd
+            )
+            if (since is None or at >= _iso(since)) and (until is None or at < _iso(until)):
+                rows.append(row)
+            if _iso(month_start) <= at <= _iso(now):
+                month.append(row)
         return cost_report(
             rows,
             since=since,
             until=until,
             now=now,
             month_to_date=sum((row.cost_usd for row in month), _ZERO),
-            last_sequence=last,
+            last_sequence=max([last, *(seq for _, seq in tail)]),
         )
+
+
+async def _unrecorded(
+    db: aiosqlite.Connection, tail: Sequence[tuple[SpendRecorded, int]]
+) -> list[SpendRecorded]:
+    """The spends of ``tail`` the ledger has not recorded, each id once."""
+    if not tail:
+        return []
+    ids = list({event.id for event, _ in tail})
+    known: set[str] = set()
+    for start in range(0, len(ids), 500):  # SQLite's limit on a statement's parameters
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        cursor = await db.execute(f"SELECT event_id FROM events WHERE event_id IN ({marks})", chunk)
+        known.update(row[0] for row in await cursor.fetchall())
+    fresh: list[SpendRecorded] = []
+    for event, _ in tail:
+        if event.id not in known:
+            known.add(event.id)
+            fresh.append(event)
+    return fresh
 
 
 async def _report_rows(

@@ -29,6 +29,7 @@ from vapora.eventloop import run as run_loop
 if TYPE_CHECKING:
     from actors.connection import Client, ConnectOptions
     from actors.eventlog import EventLog
+    from events.log import SpendRecorded
     from vapora.config import Config
     from vapora.telemetry import Telemetry
 
@@ -288,12 +289,43 @@ async def _offline_report(args: argparse.Namespace, config: Config) -> str:
     from vapora.cli.money import json_text
     from vapora.ledger import Ledger
 
-    path = _data_dir(args, config) / "ledger.sqlite3"
+    data_dir = _data_dir(args, config)
+    path = data_dir / "ledger.sqlite3"
     async with await Ledger.open_read_only(path) as ledger:
-        report = await ledger.report(args.since, args.until, now=_now())
+        position = await ledger.last_sequence()
+        tail = await _spend_after(args, data_dir, position)
+        report = await ledger.report(args.since, args.until, now=_now(), tail=tail)
+    if tail:
+        print(
+            f"vapora report: the ledger's file stops at log sequence {position} (its actor "
+            f"stopped before applying the rest); the {len(tail)} spend events after it, to "
+            f"sequence {report.last_sequence}, are read from the log and counted",
+            file=sys.stderr,
+        )
     if args.json:
         return json_text(report)
     return render_report(report).rstrip("\n")
+
+
+async def _spend_after(
+    args: argparse.Namespace, data_dir: Path, position: int
+) -> list[tuple[SpendRecorded, int]]:
+    """The log's spend events past ``position`` (the ledger file's), with their sequences;
+    none when the directory holds the ledger's file alone."""
+    from events.log import SpendRecorded
+
+    if not await anyio.Path(data_dir / "nats").is_dir():
+        return []
+    async with _connected(args, "vapora-report") as (_, nc):
+        log = await _reading(nc)
+        if await log.last_sequence() <= position:
+            return []
+        return [
+            (entry.event, entry.seq)
+            async for batch in log.replay(position + 1)
+            for entry in batch
+            if isinstance(entry.event, SpendRecorded)
+        ]
 
 
 async def _html_report(args: argparse.Namespace) -> int:
