@@ -357,21 +357,24 @@ class ProviderActor:
         self.held = HeldEvents(runtime.data_dir, self.name)
         self.held_retry_s = 2.0
         self.adopt_every = 5  # held_retry_s ticks between looks for a dead instance's files
+        # Without its API key an instance takes no calls (each would fail, and the queue group
+        # would hand it a share of them while another instance serves with the key): it still
+        # answers $SRV.PING and says in its health event that the key is missing.
+        self.key_missing = missing_api_key(config, runtime.env)
+        calls = Endpoint(
+            name="call",
+            subject=subjects.provider_call(config.name),
+            request_type=ProviderCall,
+            handler=self._call,
+            queue_group=self.name,
+            timeout=None,
+            needs_reply=True,
+        )
         self.service = ActorService(
             runtime.nc,
             name=self.name,
             reserved_replies=(runtime.log.settings.prefix + ".",),
-            endpoints=[
-                Endpoint(
-                    name="call",
-                    subject=subjects.provider_call(config.name),
-                    request_type=ProviderCall,
-                    handler=self._call,
-                    queue_group=self.name,
-                    timeout=None,
-                    needs_reply=True,
-                )
-            ],
+            endpoints=[calls] if self.key_missing is None else [],
             description=f"calls to {config.name} ({config.kind.value}, {config.model})",
             max_concurrency=max_concurrency,
             # A stop lets the calls in flight end (each within the provider's timeout) and their
@@ -393,6 +396,8 @@ class ProviderActor:
         """Check health, announce it, serve until :meth:`stop`, then drain and close the client."""
         try:
             await self._load_held()
+            if self.key_missing is not None:
+                log.warning("%s: %s: it takes no calls", self.name, self.key_missing)
             await self._check_health()
             await self._publish_health(force=True)
             async with anyio.create_task_group() as tg:

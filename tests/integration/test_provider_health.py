@@ -466,10 +466,13 @@ async def test_one_instance_without_the_key_does_not_take_the_provider_from_ever
                     await anyio.sleep(0.02)
                 await until(lambda: len(router._instance_keys.get("claude", {})) == 2)
             assert router.views["claude"].api_key_present
-            result = await dep.client.complete(
-                prompt="hello", task_type="CodeGeneration", quality="High"
-            )
-            assert result.route.chain[0] == "claude"
+            # It takes no calls either (the queue group handed it a share, each failing): every
+            # call goes to the instance with the key, and it still answers $SRV.PING.
+            for _ in range(8):
+                result = await dep.client.complete(prompt="hello", provider="claude")
+                assert result.provider == "claude" and len(result.attempts) == 1
+            pings = await dep.nc.request("$SRV.PING.provider-claude", b"", timeout=2)
+            assert pings.data
             keyless.stop()
         # Every instance without it: the provider is without its key.
         dep.providers["claude"].stop()
