@@ -164,6 +164,8 @@ def test_unknown_task_types_and_event_types_are_bad_usage_before_any_connection(
         # a traceback after reading the whole log, before
         (["report", "--html", "/no/such/dir/page.html"], "no directory /no/such/dir"),
         (["report", "--html", "/tmp"], "/tmp is a directory"),
+        # with a URL configured no server is started: the port was silently ignored
+        (["up", "--port", "4333"], "--port is the embedded nats-server's port"),
     ):
         done = run(*argv, "--nats-url", "nats://127.0.0.1:1", timeout=30)
         assert done.returncode == 2, argv

@@ -172,14 +172,19 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
     config = _config(args)
     data_dir = _data_dir(args, config)
+    if config.nats.urls and args.port is not None:
+        raise ConfigError(
+            "--port is the embedded nats-server's port, and a NATS URL is configured "
+            "(--nats-url, $VAPORA_NATS_URL or [nats] urls), so no server is started: "
+            "drop one of them"
+        )
+    port = DEFAULT_EMBEDDED_PORT if args.port is None else args.port
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_telemetry(config, "vapora").shutdown)
         url = (
             _url(config)
             if config.nats.urls
-            else await _embedded(
-                stack, data_dir, args.port, config.storage.sync_interval, serving=True
-            )
+            else await _embedded(stack, data_dir, port, config.storage.sync_interval, serving=True)
         )
         await _serve(await _all_actors(stack, config, url, data_dir), url)
     return 0
@@ -523,8 +528,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--port",
         type=_port,
-        default=DEFAULT_EMBEDDED_PORT,
-        help="embedded server port (0: any free port)",
+        default=None,
+        help=f"embedded server port (default {DEFAULT_EMBEDDED_PORT}; 0: any free port)",
     )
 
     actor = command("actor", "run one actor in this process")
