@@ -31,8 +31,8 @@ async def test_the_offline_report_counts_the_spend_the_ledger_file_had_not_appli
     tmp_path: Path,
 ) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
-    first = spend(task_id="t1", usage=exact_usage(Decimal("0.03")), at=now - timedelta(minutes=3))
-    second = spend(task_id="t2", usage=exact_usage(Decimal("0.06")), at=now - timedelta(minutes=2))
+    first = spend(task_id="t1", usage=exact_usage(Decimal("0.03")), at=now - timedelta(seconds=3))
+    second = spend(task_id="t2", usage=exact_usage(Decimal("0.06")), at=now - timedelta(seconds=2))
     async with EmbeddedNats(tmp_path / "nats") as server:
         nc = await connect(ConnectOptions.from_url(server.url, name="test"))
         try:
@@ -67,3 +67,13 @@ async def test_the_offline_report_counts_the_spend_the_ledger_file_had_not_appli
     assert "stops at log sequence 1" in done.stderr
     windowed = json.loads(report("--json", "--since", second.at.isoformat()).stdout)
     assert Decimal(windowed["total_usd"]) == Decimal("0.06")
+    # The offline budget (the log folded batch by batch) says the same.
+    budget = subprocess.run(
+        [*VAPORA, "budget", "--data-dir", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert budget.returncode == 0, budget.stderr
+    assert Decimal(json.loads(budget.stdout)["spent_month_usd"]) == Decimal("0.09")

@@ -391,9 +391,11 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
             file=sys.stderr,
         )
 
+    fold = budget.Fold()  # batch by batch: the log is never held whole
     async with _connected(args, "vapora-budget") as (_, nc):
         log = await _reading(nc)
-        entries = [(e.event, e.seq) async for batch in log.replay(1) for e in batch]
+        async for batch in log.replay(1):
+            fold.apply((entry.event, entry.seq) for entry in batch)
     limits = budget.BudgetLimits.from_cents(
         daily_cents=config.budget.daily_limit_cents,
         monthly_cents=config.budget.monthly_limit_cents,
@@ -401,7 +403,7 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
         warn_threshold_percent=config.budget.warn_threshold_percent,
     )
     now = _now()
-    state = budget.without_expired(budget.catch_up(budget.EMPTY, entries), now)
+    state = budget.without_expired(fold.state(), now)
     status = budget.status(state, limits, now)
     if args.json:
         return json_text(status)
