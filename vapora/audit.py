@@ -45,6 +45,7 @@ from vapora.pricing import cost as priced
 
 __all__ = [
     "AuditResult",
+    "Auditor",
     "Discrepancy",
     "Totals",
     "audit",
@@ -128,40 +129,22 @@ def _first_spends(log: Iterable[tuple[Event, int]]) -> list[tuple[SpendRecorded,
 
 def replay_totals(spends: Iterable[SpendRecorded]) -> Totals:
     """Totals recomputed from spend events (pass each event once)."""
-    return _totals(
-        (s.cost_usd, s.provider, s.model, str(s.task_type), _utc(s.at).date().isoformat())
-        for s in spends
-    )
+    running = _Running()
+    for s in spends:
+        running.add(s.cost_usd, (s.provider, s.model, str(s.task_type), _day(s.at)))
+    return running.totals()
 
 
 def ledger_totals(rows: Iterable[SpendRow]) -> Totals:
     """Totals summed from the ledger's rows."""
-    return _totals(
-        (r.cost_usd, r.provider, r.model, r.task_type, r.at.date().isoformat()) for r in rows
-    )
+    running = _Running()
+    for r in rows:
+        running.add(r.cost_usd, (r.provider, r.model, r.task_type, _day(r.at)))
+    return running.totals()
 
 
 def _utc(at: datetime) -> datetime:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-
-
-def _totals(items: Iterable[tuple[Decimal, str, str, str, str]]) -> Totals:
-    groups: list[defaultdict[str, Decimal]] = [defaultdict(Decimal) for _ in range(4)]
-    total, calls = _ZERO, 0
-    for cost, *keys in items:
-        total += cost
-        calls += 1
-        for group, key in zip(groups, keys, strict=True):
-            group[key] += cost
-    provider, model, task_type, day = (dict(sorted(g.items())) for g in groups)
-    return Totals(
-        total_usd=total,
-        calls=calls,
-        by_provider=provider,
-        by_model=model,
-        by_task_type=task_type,
-        by_day=day,
-    )
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -169,21 +152,22 @@ def _totals(items: Iterable[tuple[Decimal, str, str, str, str]]) -> Totals:
 
 def check_costs(log: Iterable[tuple[Event, int]]) -> list[Discrepancy]:
     """Spend events whose ``cost_usd`` differs from their usage at their recorded prices."""
-    found = []
-    for event, seq in _first_spends(log):
-        expected = recompute_cost(event)
-        if expected != event.cost_usd:
-            found.append(
-                Discrepancy(
-                    where=f"spend_recorded seq {seq} (task {event.task_id}, {event.provider}"
-                    f"/{event.model}): cost_usd vs usage x prices {event.price.source}"
-                    f"@{event.price.version}",
-                    expected=_usd(expected),
-                    found=_usd(event.cost_usd),
-                    event_id=event.id,
-                )
-            )
-    return found
+    found = (_cost_difference(event, seq) for event, seq in _first_spends(log))
+    return [d for d in found if d is not None]
+
+
+def _cost_difference(event: SpendRecorded, seq: int) -> Discrepancy | None:
+    expected = recompute_cost(event)
+    if expected == event.cost_usd:
+        return None
+    return Discrepancy(
+        where=f"spend_recorded seq {seq} (task {event.task_id}, {event.provider}"
+        f"/{event.model}): cost_usd vs usage x prices {event.price.source}"
+        f"@{event.price.version}",
+        expected=_usd(expected),
+        found=_usd(event.cost_usd),
+        event_id=event.id,
+    )
 
 
 def check_ledger(
@@ -193,13 +177,9 @@ def check_ledger(
 ) -> list[Discrepancy]:
     """Compare the ledger's spend rows (and event index, if given) with the log, row by row and
     in totals."""
-    spends = _first_spends(log)
-    found = _compare_rows(spends, rows)
-    expected_totals, ledger = replay_totals(e for e, _ in spends), ledger_totals(rows)
-    found += _compare_totals(expected_totals, ledger, "ledger")
-    if logged is not None:
-        found += _compare_index(log, logged)
-    return found
+    auditor = Auditor(costs=False, index=logged is not None)
+    auditor.feed(log, rows, logged or ())
+    return auditor.ledger_differences()
 
 
 def check_ledger_beyond(
@@ -220,25 +200,6 @@ def check_ledger_beyond(
                 event_id=entry.event_id,
             )
         )
-    return found
-
-
-def _compare_rows(
-    spends: Sequence[tuple[SpendRecorded, int]], rows: Sequence[SpendRow]
-) -> list[Discrepancy]:
-    by_id: defaultdict[str, list[SpendRow]] = defaultdict(list)
-    for row in rows:
-        by_id[row.event_id].append(row)
-    found = []
-    for event, seq in spends:
-        matches = by_id.pop(event.id, [])
-        if not matches:
-            found.append(_missing_row(event, seq))
-            continue
-        found += _compare_row(event, seq, matches[0])
-        found += [_extra_row(row, "a second row for the same event") for row in matches[1:]]
-    for extra in by_id.values():
-        found += [_extra_row(row, "no such spend_recorded in the log") for row in extra]
     return found
 
 
@@ -311,28 +272,6 @@ def _compare_totals(expected: Totals, found: Totals, source: str) -> list[Discre
 
 def _total(where: str, expected: Decimal, found: Decimal) -> Discrepancy:
     return Discrepancy(where=where, expected=_usd(expected), found=_usd(found))
-
-
-def _compare_index(
-    log: Sequence[tuple[Event, int]], logged: Sequence[LoggedEvent]
-) -> list[Discrepancy]:
-    first: dict[str, tuple[Event, int]] = {}
-    for event, seq in log:
-        first.setdefault(event.id, (event, seq))
-    found, seen = [], set()
-    for entry in logged:
-        if entry.event_id in seen or entry.event_id not in first:
-            why = "a second entry for this event" if entry.event_id in seen else "not in the log"
-            found.append(
-                _index_entry(f"seq {entry.seq}", f"no entry ({why})", entry.type, entry.event_id)
-            )
-        seen.add(entry.event_id)
-    for event_id, (event, seq) in first.items():
-        if event_id not in seen:
-            found.append(
-                _index_entry(f"{event_tag(event)} seq {seq}", "an entry", "none", event_id)
-            )
-    return found
 
 
 def _index_entry(where: str, expected: str, found: str, event_id: str | None = None) -> Discrepancy:
@@ -438,26 +377,201 @@ def audit(
     counts). A keeper's status is also checked against ``rows`` (and ``ledger_after``, the
     ledger's spend in the status's day and month read after it: :func:`check_keeper_spend`).
     ``ledger_beyond``: the log's last sequence and what the ledger recorded past it
-    (:func:`check_ledger_beyond`)."""
-    found = [
-        Discrepancy(where=f"event log at sequence {seq}", expected="an event", found=problem)
-        for seq, problem in sorted((unreadable or {}).items())
-    ]
-    found += check_costs(log) + check_ledger(log, rows, logged)
-    if ledger_beyond is not None:
-        found += check_ledger_beyond(*ledger_beyond)
-    if keeper is not None:
-        found += check_budget(log, keeper, limits)
+    (:func:`check_ledger_beyond`). The whole log in one chunk of an :class:`Auditor`."""
+    keeper_last = keeper.last_sequence if isinstance(keeper, BudgetState) else None
+    auditor = Auditor(index=logged is not None, keeper_last=keeper_last)
+    auditor.feed(log, rows, logged or ())
+    before = None
     if isinstance(keeper, BudgetStatus):
         before = period_spend(((row.at, row.cost_usd) for row in rows), keeper.at)
-        found += check_keeper_spend(keeper, before, ledger_after)
-    return AuditResult(
-        discrepancies=found,
-        events_checked=len(log),
-        spends_checked=len(_first_spends(log)),
-        rows_checked=len(rows),
-        last_sequence=max((seq for _, seq in log), default=0),
+    return auditor.finish(
+        keeper=keeper,
+        limits=limits,
+        unreadable=unreadable,
+        ledger_before=before,
+        ledger_after=ledger_after,
+        ledger_beyond=ledger_beyond,
     )
+
+
+class Auditor:
+    """The audit of a log read chunk by chunk, so that no reader holds the whole log: feed it
+    each chunk of ``(event, seq)`` pairs with the ledger's spend rows and event index for the
+    same sequences (the ledger records an event at its first appearance's sequence, so a
+    chunk's rows are its events' rows), then :meth:`finish`. What it keeps across chunks: the
+    ids of the events seen (an id appearing again is a duplicate append, counted once, as the
+    ledger counts it), running totals and the budget fold.
+
+    ``costs``/``index``: whether to check each spend's cost and the ledger's event index;
+    ``keeper_last``: fold only up to a keeper state's last sequence; ``fold``: whether to fold
+    the log into a budget state at all (needed for a keeper to be compared)."""
+
+    def __init__(
+        self,
+        *,
+        costs: bool = True,
+        index: bool = True,
+        keeper_last: int | None = None,
+        fold: bool = True,
+    ) -> None:
+        self._costs, self._index, self._keeper_last = costs, index, keeper_last
+        self.folds = fold  # False: no keeper to compare with, so no budget fold
+        self._seen: set[str] = set()
+        self._found: list[Discrepancy] = []
+        self._ledger_found: list[Discrepancy] = []
+        self._expected = _Running()
+        self._ledger = _Running()
+        self._fold = budget.Fold()
+        self.events = self.spends = self.rows = self.last_sequence = 0
+
+    def feed(
+        self,
+        log: Iterable[tuple[Event, int]],
+        rows: Iterable[SpendRow],
+        logged: Iterable[LoggedEvent] = (),
+    ) -> None:
+        """One chunk: its events in log order, the ledger's rows and index entries for them."""
+        seen, found = self._seen, self._ledger_found
+        firsts: dict[str, tuple[Event, int]] = {}
+        spends: list[tuple[SpendRecorded, int]] = []
+        chunk = log if isinstance(log, list) else list(log)
+        self.events += len(chunk)
+        self.last_sequence = max(self.last_sequence, max((seq for _, seq in chunk), default=0))
+        for pair in chunk:
+            event = pair[0]
+            event_id = event.id
+            if event_id in seen:
+                continue
+            seen.add(event_id)
+            firsts[event_id] = pair
+            if type(event) is SpendRecorded:
+                spends.append(pair)  # type: ignore[arg-type]
+        self._fold_chunk(chunk)
+        self.spends += len(spends)
+        for event, seq in spends:
+            if self._costs:
+                difference = _cost_difference(event, seq)
+                if difference is not None:
+                    self._found.append(difference)
+            self._expected.add(
+                event.cost_usd,
+                (event.provider, event.model, str(event.task_type), _day(event.at)),
+            )
+        by_id: defaultdict[str, list[SpendRow]] = defaultdict(list)
+        for row in rows:
+            by_id[row.event_id].append(row)
+            self.rows += 1
+            self._ledger.add(row.cost_usd, (row.provider, row.model, row.task_type, _day(row.at)))
+        for event, seq in spends:
+            matches = by_id.pop(event.id, [])
+            if not matches:
+                found.append(_missing_row(event, seq))
+                continue
+            found += _compare_row(event, seq, matches[0])
+            found += [_extra_row(row, "a second row for the same event") for row in matches[1:]]
+        for extra in by_id.values():
+            found += [_extra_row(row, "no such spend_recorded in the log") for row in extra]
+        if self._index:
+            self._check_index(firsts, logged)
+
+    def _fold_chunk(self, chunk: list[tuple[Event, int]]) -> None:
+        if not self.folds:
+            return
+        last = self._keeper_last
+        self._fold.apply(chunk if last is None else [(e, s) for e, s in chunk if s <= last])
+
+    def _check_index(
+        self, firsts: Mapping[str, tuple[Event, int]], logged: Iterable[LoggedEvent]
+    ) -> None:
+        found, entered = self._ledger_found, set()
+        for entry in logged:
+            if entry.event_id in entered or entry.event_id not in firsts:
+                why = (
+                    "a second entry for this event"
+                    if entry.event_id in entered or entry.event_id in self._seen
+                    else "not in the log"
+                )
+                found.append(
+                    _index_entry(
+                        f"seq {entry.seq}", f"no entry ({why})", entry.type, entry.event_id
+                    )
+                )
+            entered.add(entry.event_id)
+        for event_id, (event, seq) in firsts.items():
+            if event_id not in entered:
+                found.append(
+                    _index_entry(f"{event_tag(event)} seq {seq}", "an entry", "none", event_id)
+                )
+
+    def ledger_differences(self) -> list[Discrepancy]:
+        """The ledger's rows and index against the log so far, and the totals."""
+        expected, ledger = self._expected.totals(), self._ledger.totals()
+        return [*self._ledger_found, *_compare_totals(expected, ledger, "ledger")]
+
+    def finish(
+        self,
+        *,
+        keeper: BudgetState | BudgetStatus | None = None,
+        limits: BudgetLimits | None = None,
+        unreadable: Mapping[int, str] | None = None,
+        ledger_before: PeriodSpend | None = None,
+        ledger_after: PeriodSpend | None = None,
+        ledger_beyond: tuple[int, Sequence[SpendRow], Sequence[LoggedEvent]] | None = None,
+    ) -> AuditResult:
+        """The result, with the keeper's state or status (and the ledger's spend in its day and
+        month, ``ledger_before`` and ``ledger_after``: :func:`check_keeper_spend`)."""
+        found = [
+            Discrepancy(where=f"event log at sequence {seq}", expected="an event", found=problem)
+            for seq, problem in sorted((unreadable or {}).items())
+        ]
+        found += self._found + self.ledger_differences()
+        if ledger_beyond is not None:
+            found += check_ledger_beyond(*ledger_beyond)
+        if keeper is not None and not self.folds:
+            raise ValueError("a keeper to compare with, and the log was not folded")
+        if isinstance(keeper, BudgetState):
+            found += _compare_state(self._fold.state(), keeper)
+        elif isinstance(keeper, BudgetStatus):
+            replayed = budget.status(self._fold.state(), limits or BudgetLimits(), keeper.at)
+            found += _compare_status(replayed, keeper)
+            if ledger_before is not None:
+                found += check_keeper_spend(keeper, ledger_before, ledger_after)
+        return AuditResult(
+            discrepancies=found,
+            events_checked=self.events,
+            spends_checked=self.spends,
+            rows_checked=self.rows,
+            last_sequence=self.last_sequence,
+        )
+
+
+class _Running:
+    """Totals summed as spends come: overall and by provider, model, task type and UTC day."""
+
+    def __init__(self) -> None:
+        self.total, self.calls = _ZERO, 0
+        self.groups: list[defaultdict[str, Decimal]] = [defaultdict(Decimal) for _ in range(4)]
+
+    def add(self, cost: Decimal, keys: tuple[str, str, str, str]) -> None:
+        self.total += cost
+        self.calls += 1
+        for group, key in zip(self.groups, keys, strict=True):
+            group[key] += cost
+
+    def totals(self) -> Totals:
+        provider, model, task_type, day = (dict(sorted(g.items())) for g in self.groups)
+        return Totals(
+            total_usd=self.total,
+            calls=self.calls,
+            by_provider=provider,
+            by_model=model,
+            by_task_type=task_type,
+            by_day=day,
+        )
+
+
+def _day(at: datetime) -> str:
+    return _utc(at).date().isoformat()
 
 
 # --- rendering ----------------------------------------------------------------------------------

@@ -386,12 +386,16 @@ class Ledger:
             ]
         return rows, logged
 
-    async def period_spend(self, at: datetime) -> PeriodSpend:
-        """The spend recorded in the UTC day and the UTC month of ``at`` (:func:`period_spend`)."""
+    async def period_spend(self, at: datetime, *, through: int | None = None) -> PeriodSpend:
+        """The spend recorded in the UTC day and the UTC month of ``at`` (:func:`period_spend`),
+        by the rows at or below sequence ``through`` if given."""
         start, end = _month_of(at)
+        bound = " AND seq <= ?" if through is not None else ""
+        params: tuple[object, ...] = (_iso(start), _iso(end))
         async with self._reading() as db:
             cursor = await db.execute(
-                "SELECT at, cost_usd FROM spend WHERE at >= ? AND at < ?", (_iso(start), _iso(end))
+                f"SELECT at, cost_usd FROM spend WHERE at >= ? AND at < ?{bound}",
+                params if through is None else (*params, through),
             )
             rows = await cursor.fetchall()
         return period_spend(((_parse(when), Decimal(cost)) for when, cost in rows), at)

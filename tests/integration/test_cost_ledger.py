@@ -309,6 +309,27 @@ async def test_audit_names_what_the_ledger_holds_past_the_logs_end(
     assert "spend_recorded of $0.09" in line and spent[2].id in line
 
 
+async def test_the_audit_reads_the_log_and_the_ledger_a_chunk_at_a_time(
+    conn: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of three events: the chunks' edges fall between a spend and its neighbours, and
+    the audit still passes on a clean run and names an altered row in a later chunk."""
+    monkeypatch.setattr(commands_money, "_CHUNK", 3)
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
+    async with running(BudgetKeeper(rt)), running(CostLedger(rt)) as ledger:
+        await _paid_calls(conn, clock, 9)
+        await eventually(lambda: _caught_up(ledger))
+        code, text = await audit_command(conn, rt.log, tmp_path)
+        assert code == 0, text
+        last = [e for e in await read_log(rt.log) if isinstance(e.event, SpendRecorded)][-1]
+        with sqlite3.connect(tmp_path / LEDGER_FILE) as db:
+            db.execute("UPDATE spend SET provider = 'x' WHERE seq = ?", (last.seq,))
+        code, text = await audit_command(conn, rt.log, tmp_path)
+    assert code == 1
+    assert f"ledger row seq {last.seq}: provider" in text
+
+
 async def test_audit_without_a_keeper_says_so_and_still_checks_the_ledger(
     conn: Client, tmp_path: Path
 ) -> None:

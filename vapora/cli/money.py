@@ -24,7 +24,7 @@ from events import subjects
 from events.codec import DecodeError, decode, encode, event_tag
 from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
 from events.log import EVENT_TYPES, Event
-from vapora.audit import AuditResult, audit, render_audit, render_report, usd
+from vapora.audit import Auditor, AuditResult, render_audit, render_report, usd
 from vapora.budget import BudgetLimits
 from vapora.errors import (
     InternalError,
@@ -56,6 +56,7 @@ LEDGER_FILE = "ledger.sqlite3"  # the cost ledger actor's database under the dat
 _ASK_S = 10.0
 _KEEPER_S = 1.0
 _SETTLE_S = 3.0  # how long the audit waits for the ledger to reach the log's end
+_CHUNK = 20_000  # events the audit holds at a time, with their ledger rows
 _AUDIT_ATTEMPTS = 3  # a difference with the keeper alone is looked at this many times
 
 
@@ -195,36 +196,67 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
 
 
 async def _audit_once(nc: Client, log: EventLog, path: Path) -> tuple[list[str], AuditResult]:
+    """One pass: the log up to its end as it is now, read chunk by chunk with the ledger's rows
+    and index for the same sequences (so neither is held whole), then the keeper."""
     notes: list[str] = []
-    entries = await _read_log(log)
+    end = await log.last_sequence()
+    # The budget fold is for the keeper's comparison: skipped when no keeper runs.
+    auditor = Auditor(fold=await _keeper_status(nc) is not None)
     async with _ledger_at(path) as ledger:
         if ledger is None:
             notes.append(f"audit: no ledger database at {path}; every spend is missing from it")
-        rows, logged = await _read_ledger(ledger, last=entries[-1][1] if entries else 0)
-        status = await _keeper_status(nc)
+        else:
+            await _ledger_reached(ledger, end)  # a ledger that lags further: missing rows
+        fed = 0
+        async for chunk in _chunks(log, end):
+            high = chunk[-1][1]
+            rows, logged = await _ledger_between(ledger, fed, high)
+            auditor.feed(chunk, rows, logged)
+            fed = high
+        status = await _keeper_status(nc) if auditor.folds else None
+        before = await ledger.period_spend(status.at, through=end) if ledger and status else None
         after = await _ledger_spend_after(ledger, log, status)
         beyond = await _ledger_beyond(ledger, log)
     if status is None:
         notes.append("audit: no budget keeper answered on vapora.budget; its comparison skipped")
-    limits = _limits_of(status) if status is not None else None
-    return notes, audit(
-        entries,
-        rows,
-        logged,
+    return notes, auditor.finish(
         keeper=status,
-        limits=limits,
+        limits=_limits_of(status) if status is not None else None,
         unreadable=log.unreadable,
+        ledger_before=before,
         ledger_after=after,
         ledger_beyond=beyond,
     )
 
 
+async def _chunks(log: EventLog, end: int) -> AsyncIterator[list[tuple[Event, int]]]:
+    """The log's ``(event, seq)`` pairs up to sequence ``end``, about :data:`_CHUNK` at a time."""
+    chunk: list[tuple[Event, int]] = []
+    async for batch in log.replay(1):
+        for entry in batch:
+            if entry.seq > end:
+                break
+            chunk.append((entry.event, entry.seq))
+        if len(chunk) >= _CHUNK or (chunk and chunk[-1][1] >= end) or batch[-1].seq >= end:
+            if chunk:
+                yield chunk
+            chunk = []
+            if batch[-1].seq >= end:
+                return
+    if chunk:
+        yield chunk
+
+
+async def _ledger_between(
+    ledger: Ledger | None, after: int, through: int
+) -> tuple[list[SpendRow], list[LoggedEvent]]:
+    if ledger is None:
+        return [], []
+    return await ledger.snapshot(through=through, after=after)
+
+
 def _only_keeper(result: AuditResult) -> bool:
     return all(d.where.startswith("budget keeper") for d in result.discrepancies)
-
-
-async def _read_log(log: EventLog) -> list[tuple[Event, int]]:
-    return [(entry.event, entry.seq) async for batch in log.replay(1) for entry in batch]
 
 
 @contextlib.asynccontextmanager
@@ -235,18 +267,6 @@ async def _ledger_at(path: Path) -> AsyncIterator[Ledger | None]:
         return
     async with await Ledger.open_read_only(path) as ledger:
         yield ledger
-
-
-async def _read_ledger(
-    ledger: Ledger | None, *, last: int
-) -> tuple[list[SpendRow], list[LoggedEvent]]:
-    """The ledger's rows up to sequence ``last`` (the audit's replay), read in one transaction
-    once the ledger has applied the log that far (or after a short wait: a ledger that lags
-    further is reported as missing rows). What it applied after ``last`` is not compared."""
-    if ledger is None:
-        return [], []
-    await _ledger_reached(ledger, last)
-    return await ledger.snapshot(through=last)
 
 
 async def _ledger_spend_after(
