@@ -14,6 +14,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -25,6 +26,7 @@ from actors.follow import LogFollower
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
+from events.codec import DecodeError, decode_event
 from events.contract import CostReport, ReportRequest
 from events.log import Event
 from vapora.errors import ConfigError, InvalidRequest
@@ -111,28 +113,44 @@ class CostLedger:
         """The ledger resumes after its last sequence: that must be the stream it was built
         from. A stream made again, or a data directory pointed at another server, would have
         the ledger skip the new stream's first events (or take them for others). Checked on
-        the last event recorded: the stream must hold the same event id at that sequence."""
+        the last event recorded: the stream must hold the same event id at that sequence; and,
+        when the last thing recorded was a message that was no event, the stream must not hold
+        an event at its sequence."""
+        last_row = await ledger.last_row()
+        if last_row is not None and last_row[1] == f"unreadable-{last_row[0]}":
+            # A message that was no event: the stream must still hold one at that sequence.
+            stored = await self._stored(last_row[0])
+            if stored is not None and stored is not _AGED and _is_event(stored.data):
+                held = (stored.headers or {}).get("Nats-Msg-Id")
+                recorded = f"a message that was no event at sequence {last_row[0]}"
+                raise self._other_stream(recorded, f"event {held}")
         last = await ledger.last_event()
         if last is None:
             return
         seq, event_id = last
-        name = self.log.settings.name
-        try:
-            stored = await self.log.js.get_msg(name, seq)
-        except NotFoundError:
-            info = await self.log.js.stream_info(name)
-            if int(info.state.first_seq) > seq:
-                return  # aged out of a stream with limits: nothing to compare
-            stored_id = None
-        else:
-            stored_id = (stored.headers or {}).get("Nats-Msg-Id")
+        stored = await self._stored(seq)
+        if stored is _AGED:
+            return  # aged out of a stream with limits: nothing to compare
+        stored_id = (stored.headers or {}).get("Nats-Msg-Id") if stored is not None else None
         if stored_id != event_id:
             found = f"event {stored_id}" if stored_id else "no event"
-            raise ConfigError(
-                f"{self.path} was built from another event stream: it recorded event {event_id} "
-                f"at sequence {seq}, where stream {name} holds {found}. Move the file aside and "
-                "the ledger is rebuilt from the log"
-            )
+            raise self._other_stream(f"event {event_id} at sequence {seq}", found)
+
+    async def _stored(self, seq: int) -> Any:
+        """The stream's message at ``seq``; None if it has none; :data:`_AGED` if it aged out."""
+        name = self.log.settings.name
+        try:
+            return await self.log.js.get_msg(name, seq)
+        except NotFoundError:
+            info = await self.log.js.stream_info(name)
+            return _AGED if int(info.state.first_seq) > seq else None
+
+    def _other_stream(self, recorded: str, found: str) -> ConfigError:
+        return ConfigError(
+            f"{self.path} was built from another event stream: it recorded {recorded}, where "
+            f"stream {self.log.settings.name} holds {found}. Move the file aside and the ledger "
+            "is rebuilt from the log"
+        )
 
     def stop(self) -> None:
         """Stop serving and tailing; the database is closed when :meth:`run` returns."""
@@ -184,3 +202,15 @@ async def _serve(
 def _aware(at: datetime) -> datetime:
     """A naive timestamp is UTC (the contract's times are UTC)."""
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+#: The stream no longer holds the sequence asked for (limits retention aged it out).
+_AGED: Any = object()
+
+
+def _is_event(data: bytes) -> bool:
+    try:
+        decode_event(data)
+    except DecodeError:
+        return False
+    return True

@@ -98,7 +98,15 @@ from events.contract import (
     StreamChunk,
     Usage,
 )
-from events.log import CallFailed, CallSucceeded, Event, ProviderHealthChanged, SpendRecorded
+from events.log import (
+    HEALTH_HEARTBEAT_S,
+    INSTANCE_STOPPED,
+    CallFailed,
+    CallSucceeded,
+    Event,
+    ProviderHealthChanged,
+    SpendRecorded,
+)
 from vapora import telemetry
 from vapora.config import ProviderConfig, api_key, missing_api_key
 from vapora.errors import (
@@ -345,6 +353,7 @@ class ProviderActor:
         self._healthy: tuple[bool, str] = (True, "")
         self._published: _HealthSignature | None = None
         self._published_latency: float | None = None
+        self._published_at = 0.0  # monotonic time of the last health event stored
         self._stop = anyio.Event()
         #: Streams in flight by the subject their chunks go to, to stop on the caller's word
         #: (``vapora.stream.cancel``); and the subjects cancelled before their call came.
@@ -415,6 +424,7 @@ class ProviderActor:
                     with contextlib.suppress(Exception):
                         await cancels.unsubscribe()
                     self.service.stop()  # drains in-flight calls, then service.run returns
+                await self._publish_stopped()
                 tg.cancel_scope.cancel()
         finally:
             if self.held:  # a last try; what is left stays on disk for the next start
@@ -836,7 +846,10 @@ class ProviderActor:
             await anyio.sleep(self.health_interval_s)
             try:
                 await self._check_health()
-                await self._publish_health(latency=True)
+                # Said again now and then, unchanged: a router that starts reads the last
+                # INSTANCE_FORGOTTEN_S of health events and finds every live instance there.
+                quiet = time.monotonic() - self._published_at >= HEALTH_HEARTBEAT_S
+                await self._publish_health(latency=True, force=quiet)
             except Exception:
                 log.exception("%s: health check failed", self.name)
 
@@ -896,6 +909,22 @@ class ProviderActor:
             # Not stored: the routers never saw it. The next check publishes it again (else a
             # recovery during a log outage would keep the provider out of routing for good).
             self._published, self._published_latency = before
+        else:
+            self._published_at = time.monotonic()
+
+    async def _publish_stopped(self) -> None:
+        """This instance's last word: it leaves (routers forget what it said; the provider's
+        availability is the other instances' to say)."""
+        event = ProviderHealthChanged(
+            id=_new_id(),
+            at=self.runtime.clock(),
+            provider=self.config.name,
+            available=True,
+            reason=INSTANCE_STOPPED,
+            instance=self.instance,
+        )
+        with anyio.move_on_after(2, shield=True):
+            await self._append([event])
 
     def _changed(self, signature: _HealthSignature, latency: float | None) -> bool:
         old = self._published

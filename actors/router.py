@@ -115,6 +115,8 @@ from events.contract import (
     Usage,
 )
 from events.log import (
+    INSTANCE_FORGOTTEN_S,
+    INSTANCE_STOPPED,
     BudgetTierChanged,
     Event,
     FallbackTriggered,
@@ -370,8 +372,9 @@ class RouterActor:
         self.views: dict[str, ProviderView] = {
             p.name: ProviderView() for p in runtime.config.providers
         }
-        # Per provider, each provider actor instance's last word on whether it has the key.
-        self._instance_keys: dict[str, dict[str, bool]] = {}
+        # Per provider, each provider actor instance's last word on whether it has the key, and
+        # when it said it (the most recently heard last).
+        self._instances: dict[str, OrderedDict[str, tuple[bool, datetime]]] = {}
         # Looked up per attempt: by name, and whether it is paid, once (the config is immutable).
         self._providers = {p.name: p for p in runtime.config.providers}
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
@@ -503,6 +506,9 @@ class RouterActor:
             return await self.runtime.log.last_sequence()
 
     async def _load_health(self) -> None:
+        """Each provider's last health event, then every one of the last
+        :data:`INSTANCE_FORGOTTEN_S` (each live instance repeats its own within it): the last
+        event alone may be one instance's, where another serves the provider."""
         eventlog = self.runtime.log
         for provider in self.config.providers:
             subject = f"{eventlog.settings.prefix}.health.{provider.name}"
@@ -512,6 +518,16 @@ class RouterActor:
                 continue
             if message.data:
                 self._apply(decode_event(message.data))
+        since = datetime.now(UTC) - timedelta(seconds=INSTANCE_FORGOTTEN_S)
+        subject = f"{eventlog.settings.prefix}.health.>"
+        replay = eventlog.replay_since(since, filter_subject=subject)
+        try:
+            async with contextlib.aclosing(replay):
+                async for batch in replay:
+                    for entry in batch:
+                        self._apply(entry.event)
+        except Exception as exc:
+            log.warning("router: the recent health events could not be read (%s)", exc)
 
     async def _load_task_spend(self, last: int) -> None:
         """What tasks spent in the last :data:`TASK_SPEND_WINDOW` of the log, up to ``last``
@@ -591,18 +607,23 @@ class RouterActor:
         env = provider.api_key_env if provider is not None else None
         # The provider actor's own finding that its key is missing (its health reason). One
         # actor process's finding: another serving the same provider may have the key, and
-        # the calls go to whichever takes them, so the provider lacks its key only when every
-        # instance heard from said so (the last word of each; events before instances were
-        # named count as one instance).
+        # only instances with the key take calls, so the provider lacks its key only when
+        # every instance heard from lately said so (the last word of each; events from before
+        # instances were named count as one instance).
         no_key = not event.available and env is not None and event.reason == key_not_set(env)
-        keys = self._instance_keys.setdefault(event.provider, {})
-        keys[event.instance or ""] = not no_key
-        if len(keys) > _INSTANCES_REMEMBERED:
-            del keys[next(iter(keys))]
-        if no_key and any(keys.values()):
-            # Said by this instance alone: the provider is served with its key, and what the
-            # others said last stands.
-            return self.views.get(event.provider, ProviderView())
+        instances = self._instances.setdefault(event.provider, OrderedDict())
+        name = event.instance or ""
+        instances.pop(name, None)
+        if event.reason != INSTANCE_STOPPED:
+            instances[name] = (not no_key, event.at)  # the most recently heard last
+        while len(instances) > _INSTANCES_REMEMBERED:
+            instances.popitem(last=False)
+        keyless = self._keyless(event.provider, event.at)
+        current = self.views.get(event.provider, ProviderView())
+        if event.reason == INSTANCE_STOPPED or (no_key and not keyless):
+            # An instance leaving, or one alone without the key: what the others said last
+            # stands, but for whether any of them has the key.
+            return msgspec.structs.replace(current, api_key_present=not keyless)
         healthy = (
             event.available
             or no_key  # said once, as the missing key
@@ -617,6 +638,16 @@ class RouterActor:
             health_reason="" if healthy else event.reason,
             latency_ms=event.latency_estimate_ms,
         )
+
+    def _keyless(self, provider: str, now: datetime) -> bool:
+        """Whether every instance of ``provider`` heard from lately said its key is missing
+        (False when none was: the key is the provider actors' to report missing)."""
+        instances = self._instances.get(provider)
+        if not instances:
+            return False
+        since = _utc(now) - timedelta(seconds=INSTANCE_FORGOTTEN_S)
+        recent = [has_key for has_key, at in instances.values() if _utc(at) >= since]
+        return bool(recent) and not any(recent)
 
     # --- handlers -----------------------------------------------------------------------------
 
@@ -1214,7 +1245,7 @@ class RouterActor:
                 # reached the caller, is unknown. Its hold stays and a stream does not fall
                 # back, as for a call that never answered.
                 failure = _failure_from(message.headers or {}, message.data)
-                if header(message, _SERVICE_ERROR_CODE) == "500":
+                if header(message, _SERVICE_ERROR_CODE) not in _NEVER_RAN:
                     failure.billed_unknown = failure.chunks_unknown = True
                 return failure
             return _failure_from(message.headers or {}, message.data)
@@ -1246,7 +1277,17 @@ class RouterActor:
         )
 
 
-_INSTANCES_REMEMBERED = 64  # per provider: the oldest forgotten past it
+# The provider actor's own error replies for a call that never ran: unreadable (400), or
+# refused from a full backlog (503; one cut by a stop says `Vapora-Outcome: unknown`). Any
+# other (a 500 from a failure inside vapora, a 504 from a timeout inside it) came mid-call.
+_NEVER_RAN = frozenset({"400", "503"})
+
+_INSTANCES_REMEMBERED = 64  # per provider: the least recently heard forgotten past it
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
 
 _NO_FALLBACK = frozenset({"caller_error", "context_overflow", "stream_broken"})
 _OVERFLOW = "context_overflow"  # a model's context window too small: the next model may do

@@ -77,10 +77,20 @@ def _malformed(exc: msgspec.DecodeError, data: bytes) -> str:
     (``"\\ud800"``) is reported as "Input data was truncated"."""
     if "truncated" in str(exc):
         lone = _LONE_SURROGATE.search(data)
-        if lone is not None:
+        # Said only when it is the reason: the body reads once each such escape is replaced
+        # (a body cut short that merely holds the text "\\ud800" is still cut short).
+        if lone is not None and _reads(_LONE_SURROGATE.sub(rb"\\ufffd", data)):
             escape = lone.group().decode()
             return f"malformed JSON: {escape} is half of a UTF-16 surrogate pair, not a character"
     return f"malformed JSON: {exc}"
+
+
+def _reads(data: bytes) -> bool:
+    try:
+        msgspec.json.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
 
 
 def decode_event(data: bytes) -> Event:

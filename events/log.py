@@ -17,6 +17,9 @@ import msgspec
 from events.contract import Price, Quality, RouteDecision, TaskType, Tier, Usage, check_amount
 
 __all__ = [
+    "HEALTH_HEARTBEAT_S",
+    "INSTANCE_FORGOTTEN_S",
+    "INSTANCE_STOPPED",
     "BudgetLeaseReturned",
     "BudgetLeased",
     "BudgetReleased",
@@ -179,10 +182,22 @@ class BudgetTierChanged(_Event, tag="budget_tier_changed", frozen=True, kw_only=
     monthly_percent: float
 
 
+#: How often a provider actor instance repeats its health when nothing changed (seconds), and
+#: after how long without a word from it a router forgets it.
+HEALTH_HEARTBEAT_S = 600.0
+INSTANCE_FORGOTTEN_S = 1500.0
+#: The ``reason`` of the ``provider_health_changed`` an instance appends when it stops: it says
+#: nothing of the provider (``available`` stays true); routers forget the instance.
+INSTANCE_STOPPED = "instance stopped"
+
+
 class ProviderHealthChanged(_Event, tag="provider_health_changed", frozen=True, kw_only=True):
     """A provider actor's view of its provider changed. ``instance`` (an extension; None in
     events written before it): which actor process says so, since several may serve one
-    provider, each with its own environment (its API key) and its own breaker."""
+    provider, each with its own environment (its API key) and its own breaker. Each instance
+    also says it again every :data:`HEALTH_HEARTBEAT_S` (so a router that starts finds every
+    live instance in the last :data:`INSTANCE_FORGOTTEN_S` of the log) and, as it stops, with
+    the reason :data:`INSTANCE_STOPPED`."""
 
     provider: str
     available: bool

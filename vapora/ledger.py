@@ -275,6 +275,16 @@ class Ledger:
             return self._last
         return await _read_last(self._db)
 
+    async def last_row(self) -> tuple[int, str] | None:
+        """The stream sequence and id of the last message recorded (an event, or the
+        ``unreadable-<seq>`` placeholder of a message that was none), or None before any."""
+        cursor = await self._db.execute(
+            "SELECT seq, event_id FROM events ORDER BY seq DESC LIMIT 1"
+        )
+        row = await cursor.fetchone()
+        await cursor.close()
+        return None if row is None else (int(row[0]), str(row[1]))
+
     async def last_event(self) -> tuple[int, str] | None:
         """The stream sequence and id of the last event recorded, or None before any: what a
         restart checks the stream against (the same sequence must hold the same event). A

@@ -145,6 +145,31 @@ async def test_a_ledger_whose_last_record_is_a_message_that_is_no_event_starts_a
     assert "was built from another event stream" in str(refused[0])
 
 
+async def test_a_ledger_whose_only_record_is_a_message_that_was_no_event_still_checks_its_stream(
+    conn: Client, tmp_path: Path
+) -> None:
+    """With no event recorded to compare, the check was skipped: on a stream made again, the
+    ledger resumed after the placeholder's sequence and passed by the new stream's first spend.
+    The stream must not hold an event where the ledger recorded a message that was none."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(), clock=clock)
+    async with running(CostLedger(rt)) as ledger:
+        await rt.log.js.publish("vapora.events.spend.x", b"not json")  # seq 1: no event
+        await eventually(lambda: _caught_up(ledger))
+    async with running(CostLedger(rt)):  # the same stream: it starts
+        pass
+    await rt.log.js.delete_stream(rt.log.settings.name)
+    await rt.log.ensure_stream()
+    await rt.log.append(spend(task_id="new0", usage=exact_usage(Decimal("0.3")), at=clock()))
+    refused: list[ConfigError] = []
+    try:
+        async with running(CostLedger(rt)):
+            pytest.fail("the ledger started on another stream")
+    except* ConfigError as group:
+        refused += group.exceptions  # type: ignore[arg-type]
+    assert "a message that was no event at sequence 1" in str(refused[0])
+
+
 async def test_a_ledger_of_another_stream_of_the_same_name_refuses_to_start(
     conn: Client, tmp_path: Path
 ) -> None:

@@ -435,10 +435,13 @@ async def test_one_instance_without_the_key_does_not_take_the_provider_from_ever
     event; the routers took it as the provider's, and every later claude request was a 503
     ("ANTHROPIC_API_KEY is not set") while the first instance, with its key, still served,
     even after the keyless one stopped. Each instance now speaks for itself: the provider
-    lacks its key only when every instance heard from said so."""
+    lacks its key only when every instance heard from lately said so; a router that starts
+    reads the instances' recent health events, not the provider's last one alone; an instance
+    that stops says so, and is forgotten."""
     import dataclasses
 
     from actors.provider import ProviderActor
+    from actors.router import RouterActor
     from events.log import ProviderHealthChanged
     from tests.fault.provider_harness import KEYS, config_text, deployment, until
 
@@ -449,22 +452,29 @@ async def test_one_instance_without_the_key_does_not_take_the_provider_from_ever
         router = dep.router
         assert router is not None
         keyless_env = {k: v for k, v in KEYS.items() if k != "ANTHROPIC_API_KEY"}
-        keyless = ProviderActor(
-            dataclasses.replace(dep.runtime, env=keyless_env), provider="claude"
-        )
-        async with anyio.create_task_group() as tg:
-            await tg.start(keyless.run)
+
+        def keyless_claude() -> ProviderActor:
+            return ProviderActor(
+                dataclasses.replace(dep.runtime, env=keyless_env), provider="claude"
+            )
+
+        async def heard(instance: str, router: RouterActor) -> None:
             with anyio.fail_after(5):  # its health event in the log, and past the router
 
                 async def said() -> bool:
                     return any(
-                        isinstance(e, ProviderHealthChanged) and e.instance == keyless.instance
+                        isinstance(e, ProviderHealthChanged) and e.instance == instance
                         for e in await dep.events()
                     )
 
                 while not await said():  # noqa: ASYNC110 - the log is polled: nothing to await
                     await anyio.sleep(0.02)
-                await until(lambda: len(router._instance_keys.get("claude", {})) == 2)
+                await until(lambda: instance in router._instances.get("claude", {}))
+
+        keyless = keyless_claude()
+        async with anyio.create_task_group() as tg:
+            await tg.start(keyless.run)
+            await heard(keyless.instance, router)
             assert router.views["claude"].api_key_present
             # It takes no calls either (the queue group handed it a share, each failing): every
             # call goes to the instance with the key, and it still answers $SRV.PING.
@@ -473,12 +483,72 @@ async def test_one_instance_without_the_key_does_not_take_the_provider_from_ever
                 assert result.provider == "claude" and len(result.attempts) == 1
             pings = await dep.nc.request("$SRV.PING.provider-claude", b"", timeout=2)
             assert pings.data
+            # A router that starts now reads both instances' words (the last health event,
+            # the keyless one's, alone took the provider away).
+            fresh = RouterActor(dep.runtime)
+            async with anyio.create_task_group() as inner:
+                await inner.start(fresh.run)
+                assert fresh.views["claude"].api_key_present
+                fresh.stop()
             keyless.stop()
-        # Every instance without it: the provider is without its key.
+        # The keyed instance stops, saying so, and a keyless one comes: the key is missing.
         dep.providers["claude"].stop()
-        alone = ProviderActor(dataclasses.replace(dep.runtime, env=keyless_env), provider="claude")
-        router._instance_keys["claude"].clear()  # as a router started after both had gone
+        alone = keyless_claude()
         async with anyio.create_task_group() as tg:
             await tg.start(alone.run)
             await until(lambda: not router.views["claude"].api_key_present)
             alone.stop()
+
+
+async def test_an_instance_repeats_its_health_and_one_not_heard_from_is_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each instance says its health again every HEALTH_HEARTBEAT_S though nothing changed, so
+    a router can forget one it has not heard from in INSTANCE_FORGOTTEN_S (killed, it could not
+    say it stopped): its last word no longer stands for the provider."""
+    from datetime import UTC, datetime, timedelta
+
+    import actors.provider as provider_module
+    from events.log import INSTANCE_FORGOTTEN_S, ProviderHealthChanged
+    from tests.fault.provider_harness import config_text, deployment
+
+    monkeypatch.setattr(provider_module, "HEALTH_HEARTBEAT_S", 0.2)
+    async with deployment(
+        tmp_path,
+        lambda url: config_text(url),
+        providers=["claude"],
+        provider_options={"health_interval_s": 0.05},
+    ) as dep:
+        instance = dep.providers["claude"].instance
+        with anyio.fail_after(5):
+            while True:
+                said = [
+                    e
+                    for e in await dep.events()
+                    if isinstance(e, ProviderHealthChanged) and e.instance == instance
+                ]
+                if len(said) >= 3:
+                    break
+                await anyio.sleep(0.05)
+        assert {(e.available, e.reason) for e in said} == {(True, "available")}  # said again
+
+        router = dep.router
+        assert router is not None
+        then = datetime.now(UTC)
+
+        def word(name: str, at: datetime, has_key: bool) -> ProviderHealthChanged:
+            return ProviderHealthChanged(
+                id=f"{name}-{at.timestamp()}",
+                at=at,
+                provider="openai",
+                available=has_key,
+                reason="" if has_key else "OPENAI_API_KEY is not set",
+                instance=name,
+            )
+
+        router._apply(word("keyed", then, True))
+        router._apply(word("keyless", then + timedelta(seconds=60), False))
+        assert router.views["openai"].api_key_present  # the keyed one was heard lately
+        later = then + timedelta(seconds=INSTANCE_FORGOTTEN_S + 120)
+        router._apply(word("keyless", later, False))
+        assert not router.views["openai"].api_key_present  # the keyed one is forgotten

@@ -21,7 +21,13 @@ pytestmark = pytest.mark.anyio
 BUDGET = "[budget]\ndaily_limit_cents = 100000\nlease_cents = 0\n"  # reserve per attempt
 
 
-def _failing_after(texts: int, monkeypatch: pytest.MonkeyPatch) -> None:
+# A bug of ours answers 500; a TimeoutError escaping the handler answers 504: both mid-call.
+BUGS = [RuntimeError, TimeoutError]
+
+
+def _failing_after(
+    texts: int, monkeypatch: pytest.MonkeyPatch, bug: type[Exception] = RuntimeError
+) -> None:
     """Anthropic's stream parser raises a bug of ours after ``texts`` text frames."""
     original = AnthropicClient._on_frame
     seen = {"texts": 0}
@@ -31,7 +37,7 @@ def _failing_after(texts: int, monkeypatch: pytest.MonkeyPatch) -> None:
         if text:
             seen["texts"] += 1
             if seen["texts"] > texts:
-                raise RuntimeError("a bug of ours")
+                raise bug("a bug of ours")
         return text
 
     monkeypatch.setattr(AnthropicClient, "_on_frame", on_frame)
@@ -41,10 +47,11 @@ def config(base_url: str) -> str:
     return config_text(base_url, models={"claude": "claude-opus-4-5-len-8-tps-50"}, budget=BUDGET)
 
 
+@pytest.mark.parametrize("bug", BUGS)
 async def test_a_stream_whose_provider_actor_failed_inside_vapora_does_not_fall_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: type[Exception]
 ) -> None:
-    _failing_after(2, monkeypatch)
+    _failing_after(2, monkeypatch, bug)
     decoder = msgspec.json.Decoder(StreamMessage)
     async with deployment(tmp_path, config, keeper=True) as dep:
         inbox = dep.nc.new_inbox()
@@ -67,11 +74,12 @@ async def test_a_stream_whose_provider_actor_failed_inside_vapora_does_not_fall_
     assert hold not in {e.reservation_id for e in events if isinstance(e, BudgetReleased)}
 
 
+@pytest.mark.parametrize("bug", BUGS)
 async def test_a_call_whose_provider_actor_failed_inside_vapora_keeps_its_hold(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: type[Exception]
 ) -> None:
     def broken(self: AnthropicClient, data: Any, turn: Any) -> None:
-        raise RuntimeError("a bug of ours")
+        raise bug("a bug of ours")
 
     monkeypatch.setattr(AnthropicClient, "_parse", broken)
     async with deployment(tmp_path, config, keeper=True) as dep:

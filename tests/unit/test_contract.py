@@ -115,6 +115,8 @@ def test_a_batch_of_events_decodes_in_order() -> None:
         (b'{"prompt": " \\n\\t "}', "`prompt` must hold some text"),
         (b'{"messages": [{"role": "user", "content": " "}]}', "`messages` must hold some text"),
         (b'{"prompt": "hi \\ud800"}', "\\ud800 is half of a UTF-16 surrogate pair"),
+        # a body cut short that holds the text \ud800 (an escaped backslash) is cut short
+        (b'{"prompt": "const s = \\"\\\\ud800', "Input data was truncated"),
         (b"[" * 5000 + b"]" * 5000, "Expected `object`"),
         (b'{"prompt": "x", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "messages[0]"),
         (b"{}", "exactly one of `prompt` or `messages`"),
