@@ -93,8 +93,15 @@ async def test_an_audit_while_the_ledger_takes_appends_compares_up_to_its_own_re
         assert ledger.position > audited  # the race was run
 
         # A real difference is still found, among the rows the replay covers.
-        with sqlite3.connect(tmp_path / LEDGER_FILE, timeout=30) as db:
+        # The write lock taken first (a deferred transaction upgraded to a write fails at once,
+        # "database is locked", when the ledger committed since it began to read).
+        db = sqlite3.connect(tmp_path / LEDGER_FILE, timeout=30, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
             db.execute("UPDATE spend SET cost_usd = '0.5' WHERE seq = 7")
+            db.execute("COMMIT")
+        finally:
+            db.close()
         log = LedgerRunsAhead(rt.log, ledger)
         code, text = await audit_command(conn, log, tmp_path)  # type: ignore[arg-type]
         stop.set()
