@@ -304,7 +304,9 @@ _AVAILABLE = _HealthSignature(True, "available", "closed", None)
 
 
 def _counts_against_breaker(error: ProviderError) -> bool:
-    if error.error_type == FORWARD_FAILED:  # this actor's failure, not the provider's
+    # This actor's failure (forwarding), or the caller's choice (it stopped reading): not the
+    # provider's.
+    if error.error_type in (FORWARD_FAILED, CALLER_CANCELLED):
         return False
     return not isinstance(error, ProviderRejected | ProviderRateLimited)
 
@@ -421,9 +423,10 @@ class ProviderActor:
                     await serving.start(self.service.run)
                     task_status.started()
                     await self._stop.wait()
-                    with contextlib.suppress(Exception):
-                        await cancels.unsubscribe()
                     self.service.stop()  # drains in-flight calls, then service.run returns
+                # After the drain: a caller that stops reading meanwhile is still heard.
+                with contextlib.suppress(Exception):
+                    await cancels.unsubscribe()
                 await self._publish_stopped()
                 tg.cancel_scope.cancel()
         finally:
@@ -657,7 +660,8 @@ class ProviderActor:
                 latency_ms=latency_ms,
                 usage=error.usage,
                 cost_usd=billed,
-                after_first_chunk=error.error_class == "stream_broken",
+                # A chunk forwarded (a cancel may break a stream before its first one).
+                after_first_chunk=bool(getattr(error, "partial_text", "")),
             )
         ]
         if billed > 0 or _has_tokens(error.usage):

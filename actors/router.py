@@ -372,9 +372,10 @@ class RouterActor:
         self.views: dict[str, ProviderView] = {
             p.name: ProviderView() for p in runtime.config.providers
         }
-        # Per provider, each provider actor instance's last word on whether it has the key, and
-        # when it said it (the most recently heard last).
-        self._instances: dict[str, OrderedDict[str, tuple[bool, datetime]]] = {}
+        # Per provider, each provider actor instance's last word (the most recently heard last),
+        # and the time of the provider's latest word.
+        self._instances: dict[str, OrderedDict[str, ProviderHealthChanged]] = {}
+        self._newest: dict[str, datetime] = {}
         # Looked up per attempt: by name, and whether it is paid, once (the config is immutable).
         self._providers = {p.name: p for p in runtime.config.providers}
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
@@ -603,51 +604,50 @@ class RouterActor:
                 pass
 
     def _view(self, event: ProviderHealthChanged) -> ProviderView:
-        provider = self._providers.get(event.provider)
-        env = provider.api_key_env if provider is not None else None
-        # The provider actor's own finding that its key is missing (its health reason). One
-        # actor process's finding: another serving the same provider may have the key, and
-        # only instances with the key take calls, so the provider lacks its key only when
-        # every instance heard from lately said so (the last word of each; events from before
-        # instances were named count as one instance).
-        no_key = not event.available and env is not None and event.reason == key_not_set(env)
+        """The provider's view from what each of its instances said last: several actor
+        processes may serve one provider, each with its own environment (its API key), breaker
+        and limiter, and a call goes to any of those with the key. An instance that stopped,
+        or was not heard from in :data:`INSTANCE_FORGOTTEN_S` before the provider's latest
+        word, no longer counts (events from before instances were named count as one)."""
         instances = self._instances.setdefault(event.provider, OrderedDict())
         name = event.instance or ""
         instances.pop(name, None)
         if event.reason != INSTANCE_STOPPED:
-            instances[name] = (not no_key, event.at)  # the most recently heard last
+            instances[name] = event  # the most recently heard last
         while len(instances) > _INSTANCES_REMEMBERED:
             instances.popitem(last=False)
-        keyless = self._keyless(event.provider, event.at)
-        current = self.views.get(event.provider, ProviderView())
-        if event.reason == INSTANCE_STOPPED or (no_key and not keyless):
-            # An instance leaving, or one alone without the key: what the others said last
-            # stands, but for whether any of them has the key.
-            return msgspec.structs.replace(current, api_key_present=not keyless)
-        healthy = (
-            event.available
-            or no_key  # said once, as the missing key
-            or event.breaker == "open"
-            or event.rate_limited_until is not None
-        )
-        return ProviderView(
-            api_key_present=not no_key,
-            rate_limited_until=event.rate_limited_until,
-            breaker_open=event.breaker == "open",
-            healthy=healthy,
-            health_reason="" if healthy else event.reason,
-            latency_ms=event.latency_estimate_ms,
-        )
+        newest = max(_utc(event.at), self._newest.get(event.provider, _utc(event.at)))
+        self._newest[event.provider] = newest
+        since = newest - timedelta(seconds=INSTANCE_FORGOTTEN_S)
+        live = [e for e in instances.values() if _utc(e.at) >= since]
+        if not live:
+            return ProviderView()  # none left: as before any word (calls find no responder)
+        provider = self._providers.get(event.provider)
+        env = provider.api_key_env if provider is not None else None
 
-    def _keyless(self, provider: str, now: datetime) -> bool:
-        """Whether every instance of ``provider`` heard from lately said its key is missing
-        (False when none was: the key is the provider actors' to report missing)."""
-        instances = self._instances.get(provider)
-        if not instances:
-            return False
-        since = _utc(now) - timedelta(seconds=INSTANCE_FORGOTTEN_S)
-        recent = [has_key for has_key, at in instances.values() if _utc(at) >= since]
-        return bool(recent) and not any(recent)
+        def keyless(e: ProviderHealthChanged) -> bool:  # its own finding, as its health
+            return not e.available and env is not None and e.reason == key_not_set(env)
+
+        serving = [e for e in live if not keyless(e)]  # only instances with the key take calls
+        if not serving:
+            last = live[-1]
+            return ProviderView(api_key_present=False, latency_ms=last.latency_estimate_ms)
+        limits = [e.rate_limited_until for e in serving if e.rate_limited_until is not None]
+        unhealthy = [
+            e
+            for e in serving
+            if not (e.available or e.breaker == "open" or e.rate_limited_until is not None)
+        ]
+        latencies = [e.latency_estimate_ms for e in serving if e.latency_estimate_ms is not None]
+        return ProviderView(
+            # The provider's limit (its 429s are the key's, shared): any instance's stands.
+            rate_limited_until=max(limits) if limits else None,
+            # Each instance's own breaker: the provider is closed off when all of them are.
+            breaker_open=all(e.breaker == "open" for e in serving),
+            healthy=len(unhealthy) < len(serving),
+            health_reason=unhealthy[-1].reason if len(unhealthy) == len(serving) else "",
+            latency_ms=latencies[-1] if latencies else None,
+        )
 
     # --- handlers -----------------------------------------------------------------------------
 

@@ -173,3 +173,58 @@ async def test_report_json_writes_money_as_plain_decimal_strings(
 
 async def _at(ledger: CostLedger, seq: int) -> bool:
     return ledger.position >= seq
+
+
+class KeeperComesBack:
+    """The event log, whose replay starts the budget keeper once it has read its first batch:
+    a keeper restarting when the audit began, serving again by its end."""
+
+    def __init__(self, log: EventLog, start: Any) -> None:
+        self._log, self._start = log, start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    async def replay(self, start_seq: int = 1) -> AsyncIterator[list[LogEntry[Event]]]:
+        first = True
+        async for batch in self._log.replay(start_seq):
+            if first:
+                first = False
+                await self._start()
+            yield batch
+
+
+async def test_a_keeper_that_comes_up_during_the_audit_is_still_compared(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The audit asks whether a keeper runs before reading the log (to fold the log only for
+    one); a keeper restarting then, serving by the end, was left out: "comparison skipped",
+    and the double count it holds (see the test above) passed."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    early = spend(task_id="early", usage=exact_usage(Decimal("0.3")), at=NOON - timedelta(days=3))
+    hourly = [
+        spend(task_id=f"t{h}", usage=exact_usage(CENT), at=early.at + timedelta(hours=h))
+        for h in range(1, 73)
+    ]
+    await rt.log.append_many([early, *hourly])
+    async with running(CostLedger(rt)) as ledger, anyio.create_task_group() as tg:
+        # The early spend stored again three days later: the keeper, which has forgotten its
+        # id by then, counts it twice; the ledger once.
+        await conn.publish(f"{rt.log.settings.prefix}.spend.claude", encode(early))
+        await conn.flush()
+
+        async def at_end() -> bool:
+            return ledger.position == 74
+
+        await eventually(at_end)
+        keeper = BudgetKeeper(rt)
+
+        async def start() -> None:
+            await tg.start(keeper.run)
+
+        code, text = await audit_command(conn, KeeperComesBack(rt.log, start), tmp_path)  # type: ignore[arg-type]
+        keeper.stop()
+    assert "no budget keeper answered" not in text
+    assert code == 1 and "budget keeper spent this month" in text

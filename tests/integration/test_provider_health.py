@@ -552,3 +552,55 @@ async def test_an_instance_repeats_its_health_and_one_not_heard_from_is_forgotte
         later = then + timedelta(seconds=INSTANCE_FORGOTTEN_S + 120)
         router._apply(word("keyless", later, False))
         assert not router.views["openai"].api_key_present  # the keyed one is forgotten
+
+
+async def test_each_instances_breaker_and_limit_count_for_the_provider_as_the_calls_go(
+    tmp_path: Path,
+) -> None:
+    """The provider's view was the last word of any instance: a sibling's routine health (its
+    10-minute repeat) erased another's rate limit from every router, and an instance that
+    stopped left its open breaker standing. Now a rate limit (the key's, shared) stands while
+    any instance that has it said so lately, a breaker closes the provider off only when every
+    instance's is open, and an instance that stopped no longer counts."""
+    from datetime import UTC, datetime, timedelta
+
+    from events.log import INSTANCE_STOPPED, ProviderHealthChanged
+    from tests.fault.provider_harness import config_text, deployment
+
+    async with deployment(tmp_path, lambda url: config_text(url), providers=[]) as dep:
+        router = dep.router
+        assert router is not None
+        t0 = datetime.now(UTC)
+        until = t0 + timedelta(seconds=120)
+
+        def word(name: str, seconds: float, **kw: object) -> None:
+            fields: dict[str, object] = {"available": True, "reason": "available"}
+            fields.update(kw)
+            at = t0 + timedelta(seconds=seconds)
+            router._apply(
+                ProviderHealthChanged(
+                    id=f"{name}-{seconds}",
+                    at=at,
+                    provider="openai",
+                    instance=name,
+                    **fields,  # type: ignore[arg-type]
+                )
+            )
+
+        word("a", 0)
+        word("b", 1, available=False, reason="rate limited", rate_limited_until=until)
+        assert router.views["openai"].rate_limited_until == until
+        word("a", 2)  # a's repeat: b's limit stands
+        assert router.views["openai"].rate_limited_until == until
+        word("b", 3, reason=INSTANCE_STOPPED)  # b leaves
+        assert router.views["openai"].rate_limited_until is None
+
+        word("c", 4, available=False, reason="circuit breaker open", breaker="open")
+        assert not router.views["openai"].breaker_open  # a still takes calls
+        word("a", 5, available=False, reason="circuit breaker open", breaker="open")
+        assert router.views["openai"].breaker_open  # every instance's is open
+        word("c", 6, reason=INSTANCE_STOPPED)
+        assert router.views["openai"].breaker_open  # a's still is
+        word("a", 7, reason=INSTANCE_STOPPED)  # none left: as before any word
+        view = router.views["openai"]
+        assert not view.breaker_open and view.healthy and view.api_key_present

@@ -246,8 +246,11 @@ async def test_a_stream_its_caller_stops_reading_stops_the_provider_and_bills_wh
                 await anyio.sleep(0.05)
         await anyio.sleep(0.3)  # anything else it would have recorded
         events = await dep.events_of("left")
+        breaker_failures = dep.providers["claude"].breaker.failures
     [failed] = [e for e in events if isinstance(e, CallFailed)]
     assert (failed.error_code, failed.error_class) == ("cancelled_by_caller", "stream_broken")
+    assert failed.after_first_chunk
+    assert breaker_failures == 0  # the caller's choice, not the provider's failure
     [spend] = [e for e in events if isinstance(e, SpendRecorded)]
     assert spend.provider == "claude" and spend.cost_usd > 0
     assert spend.output_tokens < 40  # not the whole answer: the generation was stopped
@@ -274,3 +277,30 @@ async def test_a_stream_cancelled_before_its_call_came_is_not_called(tmp_path: P
     assert "stopped reading the stream before it began" in message.error.message
     assert not [e for e in events if isinstance(e, FallbackTriggered | SpendRecorded)]
     assert not [r for r in dep.sim.requests if r.provider == "anthropic"]
+
+
+async def test_a_stream_cancelled_while_its_provider_actor_drains_is_still_stopped(
+    tmp_path: Path,
+) -> None:
+    """A provider actor that stops lets its calls in flight finish; it stopped listening for
+    cancels first, so a caller that left during the drain paid for the whole answer."""
+    import anyio
+
+    models = {"claude": "claude-opus-4-5-len-40-tps-20"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        async with dep.client.stream(
+            prompt="a b", task_type="CodeGeneration", quality="High", task_id="drain"
+        ) as stream:
+            async for _ in stream:
+                dep.providers["claude"].stop()  # draining: the call goes on
+                await anyio.sleep(0.2)
+                break
+
+        async def recorded() -> list[object]:
+            return [e for e in await dep.events_of("drain") if isinstance(e, CallFailed)]
+
+        with anyio.fail_after(10):
+            while not await recorded():  # noqa: ASYNC110 - the log is polled
+                await anyio.sleep(0.05)
+        [failed] = await recorded()
+    assert isinstance(failed, CallFailed) and failed.error_code == "cancelled_by_caller"

@@ -186,8 +186,12 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
             "audit: the event log is empty: nothing to audit (is this the deployment's NATS "
             "server, or its data directory?)"
         )
+    fold = await _keeper_status(nc) is not None  # the fold is for a keeper to compare with
     for attempt in range(_AUDIT_ATTEMPTS):
-        notes, result = await _audit_once(nc, log, path)
+        notes, result = await _audit_once(nc, log, path, fold=fold)
+        if not fold and await _keeper_status(nc) is not None:
+            fold = True  # a keeper came up meanwhile: once more, with it compared
+            notes, result = await _audit_once(nc, log, path, fold=True)
         if result.ok or not _only_keeper(result) or attempt == _AUDIT_ATTEMPTS - 1:
             break
         await anyio.sleep(0.5)
@@ -195,13 +199,15 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
     return (0 if result.ok else 1), text
 
 
-async def _audit_once(nc: Client, log: EventLog, path: Path) -> tuple[list[str], AuditResult]:
+async def _audit_once(
+    nc: Client, log: EventLog, path: Path, *, fold: bool
+) -> tuple[list[str], AuditResult]:
     """One pass: the log up to its end as it is now, read chunk by chunk with the ledger's rows
-    and index for the same sequences (so neither is held whole), then the keeper."""
+    and index for the same sequences (so neither is held whole), then the keeper (``fold``:
+    one was running at the start, so the log is folded to compare it; without, no fold)."""
     notes: list[str] = []
     end = await log.last_sequence()
-    # The budget fold is for the keeper's comparison: skipped when no keeper runs.
-    auditor = Auditor(fold=await _keeper_status(nc) is not None)
+    auditor = Auditor(fold=fold)
     async with _ledger_at(path) as ledger:
         if ledger is None:
             notes.append(f"audit: no ledger database at {path}; every spend is missing from it")
