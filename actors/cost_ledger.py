@@ -101,6 +101,7 @@ class CostLedger:
                 )
                 task_status.started()
                 await self._stopping.wait()
+                await self._catch_up_to_end()
                 service.stop()
                 # Never cancel the service mid-drain: nats-py's read loop dies if a flush it
                 # is waiting on is cancelled and its PONG arrives afterwards.
@@ -108,6 +109,19 @@ class CostLedger:
                     await served.wait()
                 async with self._lock:  # let a batch being written commit
                     tg.cancel_scope.cancel()
+
+    async def _catch_up_to_end(self) -> None:
+        """Before stopping, apply what the log holds now (a deployment stops its writers first:
+        their last events, such as the provider actors' word that they stop, would otherwise
+        wait for the ledger's next start, and an offline audit meanwhile finds them missing).
+        Bounded: a log that cannot be read stops the ledger where it is."""
+        with anyio.move_on_after(_STOP_CATCH_UP_S):
+            try:
+                end = await self.log.last_sequence()
+            except Exception:  # the server gone: nothing more to read
+                return
+            while self.position < end:  # noqa: ASYNC110 - the follower moves it: polled
+                await anyio.sleep(0.02)
 
     async def _check_same_stream(self, ledger: Ledger) -> None:
         """The ledger resumes after its last sequence: that must be the stream it was built
@@ -203,6 +217,9 @@ def _aware(at: datetime) -> datetime:
     """A naive timestamp is UTC (the contract's times are UTC)."""
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
+
+#: How long a stopping ledger waits to apply what the log holds (seconds).
+_STOP_CATCH_UP_S = 5.0
 
 #: The stream no longer holds the sequence asked for (limits retention aged it out).
 _AGED: Any = object()
