@@ -12,11 +12,12 @@ decimals (:func:`vapora.audit.usd`, as the text report prints them).
 from __future__ import annotations
 
 import html
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from events.contract import Tier
 from events.log import (
@@ -29,7 +30,7 @@ from events.log import (
 )
 from vapora.audit import usd
 
-__all__ = ["render_html"]
+__all__ = ["Page", "render_html"]
 
 _WIDTH, _HEIGHT, _PAD = 860, 280, 72
 _COLOURS = ("#d97706", "#2563eb", "#059669", "#7c3aed", "#dc2626", "#0891b2", "#4b5563")
@@ -44,7 +45,7 @@ class _Decision:
 
 
 def render_html(
-    events: Sequence[Event],
+    events: Iterable[Event],
     *,
     title: str = "vapora report",
     now: datetime,
@@ -52,68 +53,159 @@ def render_html(
     until: datetime | None = None,
 ) -> str:
     """The page for ``events`` (in log order): each event id once (its first appearance), and
-    only the events with ``since <= at < until`` (a missing bound is open; a naive time is UTC)."""
-    unique = _first_of_each(events)
-    shown = [e for e in unique if _within(e.at, since, until)]
-    spends = [e for e in shown if isinstance(e, SpendRecorded)]
-    tiers = [e for e in shown if isinstance(e, BudgetTierChanged)]
-    total = sum((s.cost_usd for s in spends), Decimal(0))
-    body = [
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p class=muted>{_window(since, until)}: {len(spends)} calls billed, "
-        f"total <b>{usd(total)}</b> (exact sum of <code>spend_recorded</code> events), "
-        f"generated {now:%Y-%m-%d %H:%M:%S} UTC.</p>",
-        "<h2>Spend over time, by provider</h2>",
-        _spend_chart(spends),
-        "<h2>Budget tier over time</h2>",
-        _tier_chart(tiers, shown, _tier_before(unique, since)),
-        _tier_table(tiers),
-        "<h2>Spend by provider</h2>",
-        _provider_table(spends, total),
-        "<h2>Routing decisions</h2>",
-        _decision_table(_decisions(shown)),
-    ]
-    return _PAGE.format(title=html.escape(title), body="\n".join(body))
+    only the events with ``since <= at < until`` (a missing bound is open; a naive time is UTC).
+    One :class:`Page` fed all of them."""
+    page = Page(since=since, until=until)
+    page.add(events)
+    return page.render(title=title, now=now)
+
+
+class Page:
+    """The page built as the log is read, so that no reader holds the log: feed it the events
+    in log order (:meth:`add`, as often as needed), then :meth:`render`. It keeps the ids seen
+    (a duplicate append counts once), the window's sums, its tier changes, at most
+    2 x :data:`_POINTS` points of each provider's spend curve (neighbours merged past that: the
+    curve's shape, its total exact) and the last :data:`_DECISIONS` routing decisions with
+    their fallbacks."""
+
+    def __init__(self, *, since: datetime | None = None, until: datetime | None = None) -> None:
+        self.since, self.until = since, until
+        self._seen: set[str] = set()
+        self._tier_before = Tier.NORMAL
+        self._tiers: list[BudgetTierChanged] = []
+        self._first: datetime | None = None
+        self._last: datetime | None = None
+        self._total = Decimal(0)
+        self._calls = 0
+        self._providers: dict[str, _ProviderSums] = {}
+        self._decisions: deque[RouteDecided] = deque(maxlen=_DECISIONS)
+        self._decided = 0
+        self._fallbacks: OrderedDict[str, list[str]] = OrderedDict()
+        self._served: OrderedDict[str, str] = OrderedDict()
+
+    def add(self, events: Iterable[Event]) -> None:
+        """More events, in log order."""
+        seen, since, until = self._seen, self.since, self.until
+        for event in events:
+            if event.id in seen:
+                continue
+            seen.add(event.id)
+            at = _utc(event.at)
+            if since is not None and at < _utc(since):
+                if isinstance(event, BudgetTierChanged):
+                    self._tier_before = event.to_tier  # in force when the window opens
+                continue
+            if until is not None and at >= _utc(until):
+                continue
+            self._first = at if self._first is None else min(self._first, at)
+            self._last = at if self._last is None else max(self._last, at)
+            self._take(event, at)
+
+    def _take(self, event: Event, at: datetime) -> None:
+        if isinstance(event, SpendRecorded):
+            self._total += event.cost_usd
+            self._calls += 1
+            sums = self._providers.get(event.provider)
+            if sums is None:
+                sums = self._providers[event.provider] = _ProviderSums()
+            sums.add(event, at)
+        elif isinstance(event, BudgetTierChanged):
+            self._tiers.append(event)
+        elif isinstance(event, RouteDecided):
+            self._decisions.append(event)
+            self._decided += 1
+        elif isinstance(event, FallbackTriggered):
+            said = f"{event.from_provider} → {event.to_provider}: {event.reason}"
+            self._fallbacks.setdefault(event.task_id, []).append(said)
+            _remember(self._fallbacks, event.task_id)
+        elif isinstance(event, CallSucceeded):
+            self._served[event.task_id] = event.provider
+            _remember(self._served, event.task_id)
+
+    def render(self, *, title: str = "vapora report", now: datetime) -> str:
+        """The page as it stands."""
+        decisions = [
+            _Decision(e, self._fallbacks.get(e.task_id, []), self._served.get(e.task_id))
+            for e in self._decisions
+        ]
+        body = [
+            f"<h1>{html.escape(title)}</h1>",
+            f"<p class=muted>{_window(self.since, self.until)}: {self._calls} calls billed, "
+            f"total <b>{usd(self._total)}</b> (exact sum of <code>spend_recorded</code> events), "
+            f"generated {now:%Y-%m-%d %H:%M:%S} UTC.</p>",
+            "<h2>Spend over time, by provider</h2>",
+            _spend_chart(self._providers),
+            "<h2>Budget tier over time</h2>",
+            _tier_chart(self._tiers, self._first, self._last, self._tier_before),
+            _tier_table(self._tiers),
+            "<h2>Spend by provider</h2>",
+            _provider_table(self._providers, self._calls, self._total),
+            "<h2>Routing decisions</h2>",
+            _decision_table(decisions, self._decided),
+        ]
+        return _PAGE.format(title=html.escape(title), body="\n".join(body))
+
+
+#: Spend curve points kept per provider (merged in pairs past twice this), decisions listed,
+#: and the tasks whose fallbacks and serving provider are remembered for them.
+_POINTS = 1000
+_DECISIONS = 500
+_TASKS_REMEMBERED = 10_000
+
+
+def _remember(tasks: OrderedDict[str, Any], task_id: str) -> None:
+    tasks.move_to_end(task_id)
+    while len(tasks) > _TASKS_REMEMBERED:
+        tasks.popitem(last=False)
+
+
+class _ProviderSums:
+    """One provider's calls, tokens and cost in the window, and its spend curve's points."""
+
+    __slots__ = ("calls", "cost", "input_tokens", "output_tokens", "points")
+
+    def __init__(self) -> None:
+        self.calls = self.input_tokens = self.output_tokens = 0
+        self.cost = Decimal(0)
+        self.points: list[tuple[datetime, Decimal]] = []
+
+    def add(self, spend: SpendRecorded, at: datetime) -> None:
+        self.calls += 1
+        self.input_tokens += spend.input_tokens
+        self.output_tokens += spend.output_tokens
+        self.cost += spend.cost_usd
+        self.points.append((at, spend.cost_usd))
+        if len(self.points) > 2 * _POINTS:
+            self.points = _merged(self.points)
+
+    def curve(self) -> list[tuple[datetime, Decimal]]:
+        """The running total at each point, in time order."""
+        running, out = Decimal(0), []
+        for at, cost in sorted(self.points, key=lambda p: p[0]):
+            running += cost
+            out.append((at, running))
+        return out
+
+
+def _merged(points: list[tuple[datetime, Decimal]]) -> list[tuple[datetime, Decimal]]:
+    """Neighbours in time merged in pairs (the later time, the two costs): half the points, the
+    same total, the curve's shape."""
+    ordered = sorted(points, key=lambda p: p[0])
+    pairs = [(b[0], a[1] + b[1]) for a, b in zip(ordered[::2], ordered[1::2], strict=False)]
+    return pairs + ordered[len(pairs) * 2 :]
 
 
 # --- what is shown --------------------------------------------------------------------------
-
-
-def _first_of_each(events: Sequence[Event]) -> list[Event]:
-    """Each event id once, at its first appearance (as the ledger and the audit count it)."""
-    seen: set[str] = set()
-    unique = []
-    for event in events:
-        if event.id not in seen:
-            seen.add(event.id)
-            unique.append(event)
-    return unique
 
 
 def _utc(at: datetime) -> datetime:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
-def _within(at: datetime, since: datetime | None, until: datetime | None) -> bool:
-    """``since <= at < until``: the text report's window."""
-    at = _utc(at)
-    return (since is None or at >= _utc(since)) and (until is None or at < _utc(until))
-
-
 def _window(since: datetime | None, until: datetime | None) -> str:
     start = "the first event" if since is None else f"{_utc(since):%Y-%m-%d %H:%M:%S} UTC"
     end = "now" if until is None else f"{_utc(until):%Y-%m-%d %H:%M:%S} UTC"
     return f"{start} .. {end}"
-
-
-def _tier_before(events: Sequence[Event], since: datetime | None) -> Tier:
-    """The tier in force when the window opens: the last change before it, else Normal."""
-    tier = Tier.NORMAL
-    if since is not None:
-        for event in events:
-            if isinstance(event, BudgetTierChanged) and _utc(event.at) < _utc(since):
-                tier = event.to_tier
-    return tier
 
 
 # --- charts ---------------------------------------------------------------------------------
@@ -124,19 +216,15 @@ def _x(at: datetime, start: datetime, end: datetime) -> float:
     return _PAD + (at - start).total_seconds() / seconds * (_WIDTH - 2 * _PAD)
 
 
-def _spend_chart(spends: Sequence[SpendRecorded]) -> str:
-    if not spends:
+def _spend_chart(providers: Mapping[str, _ProviderSums]) -> str:
+    curves = {name: sums.curve() for name, sums in providers.items()}
+    if not any(curves.values()):
         return "<p class=muted>No spend recorded.</p>"
-    # A naive time is UTC (the contract's reading): compared as such with the others.
-    start, end = min(_utc(s.at) for s in spends), max(_utc(s.at) for s in spends)
-    series: dict[str, list[tuple[datetime, Decimal]]] = defaultdict(list)
-    running: dict[str, Decimal] = defaultdict(Decimal)
-    for spend in sorted(spends, key=lambda s: _utc(s.at)):
-        running[spend.provider] += spend.cost_usd
-        series[spend.provider].append((_utc(spend.at), running[spend.provider]))
-    top = max(running.values()) or Decimal(1)
+    start = min(curve[0][0] for curve in curves.values() if curve)
+    end = max(curve[-1][0] for curve in curves.values() if curve)
+    top = max(sums.cost for sums in providers.values()) or Decimal(1)
     lines, legend = [], []
-    for index, (provider, points) in enumerate(sorted(series.items())):
+    for index, (provider, points) in enumerate(sorted(curves.items())):
         colour = _COLOURS[index % len(_COLOURS)]
         path = " ".join(
             f"{_x(at, start, end):.1f},{_y(value, top):.1f}"
@@ -145,7 +233,7 @@ def _spend_chart(spends: Sequence[SpendRecorded]) -> str:
         lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
         legend.append(
             f'<span class=key style="background:{colour}"></span>{html.escape(provider)} '
-            f"{usd(running[provider])}"
+            f"{usd(providers[provider].cost)}"
         )
     axis = _axes(start, end, usd(top))
     svg = f'<svg viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img" aria-label="spend over time">'
@@ -169,10 +257,16 @@ def _axes(start: datetime, end: datetime, top_label: str) -> str:
     )
 
 
-def _tier_chart(tiers: Sequence[BudgetTierChanged], events: Sequence[Event], first: Tier) -> str:
-    if not events:
+def _tier_chart(
+    tiers: Sequence[BudgetTierChanged],
+    start: datetime | None,
+    end: datetime | None,
+    first: Tier,
+) -> str:
+    """Bands of the tier from ``start`` to ``end`` (the window's first and last events),
+    ``first`` in force at the start."""
+    if start is None or end is None:
         return "<p class=muted>No events.</p>"
-    start, end = min(_utc(e.at) for e in events), max(_utc(e.at) for e in events)
     bands, current, since = [], first, start
     for change in sorted(tiers, key=lambda t: _utc(t.at)):
         bands.append((since, _utc(change.at), current))
@@ -207,47 +301,26 @@ def _tier_table(tiers: Sequence[BudgetTierChanged]) -> str:
     return _table(("at", "change", "daily", "monthly", "caused by event"), rows)
 
 
-def _provider_table(spends: Sequence[SpendRecorded], total: Decimal) -> str:
-    by: dict[str, list[SpendRecorded]] = defaultdict(list)
-    for spend in spends:
-        by[spend.provider].append(spend)
+def _provider_table(providers: Mapping[str, _ProviderSums], calls: int, total: Decimal) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(p)}</td><td>{len(items)}</td>"
-        f"<td>{sum(s.input_tokens for s in items):,}</td>"
-        f"<td>{sum(s.output_tokens for s in items):,}</td>"
-        f"<td>{usd(sum((s.cost_usd for s in items), Decimal(0)))}</td></tr>"
-        for p, items in sorted(by.items())
+        f"<tr><td>{html.escape(p)}</td><td>{sums.calls}</td>"
+        f"<td>{sums.input_tokens:,}</td>"
+        f"<td>{sums.output_tokens:,}</td>"
+        f"<td>{usd(sums.cost)}</td></tr>"
+        for p, sums in sorted(providers.items())
     )
-    rows += f"<tr class=total><td>total</td><td>{len(spends)}</td><td></td><td></td>"
+    rows += f"<tr class=total><td>total</td><td>{calls}</td><td></td><td></td>"
     rows += f"<td>{usd(total)}</td></tr>"
     return _table(("provider", "calls", "input tokens", "output tokens", "cost (USD)"), rows)
 
 
-def _decisions(events: Sequence[Event]) -> list[_Decision]:
-    fallbacks: dict[str, list[str]] = defaultdict(list)
-    served: dict[str, str] = {}
-    for event in events:
-        if isinstance(event, FallbackTriggered):
-            fallbacks[event.task_id].append(
-                f"{event.from_provider} → {event.to_provider}: {event.reason}"
-            )
-        elif isinstance(event, CallSucceeded):
-            served[event.task_id] = event.provider
-    return [
-        _Decision(e, fallbacks.get(e.task_id, []), served.get(e.task_id))
-        for e in events
-        if isinstance(e, RouteDecided)
-    ]
-
-
-def _decision_table(decisions: Sequence[_Decision], limit: int = 500) -> str:
+def _decision_table(decisions: Sequence[_Decision], made: int) -> str:
+    """The last decisions (``made`` in all)."""
     if not decisions:
         return "<p class=muted>No routing decisions.</p>"
-    rows = "".join(_decision_row(d) for d in decisions[-limit:])
+    rows = "".join(_decision_row(d) for d in decisions)
     note = (
-        f"<p class=muted>The last {limit} of {len(decisions)}.</p>"
-        if len(decisions) > limit
-        else ""
+        f"<p class=muted>The last {len(decisions)} of {made}.</p>" if made > len(decisions) else ""
     )
     return note + _table(
         ("at", "task", "type", "quality", "tier", "chain", "served by", "why", "fallbacks"), rows

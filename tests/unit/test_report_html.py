@@ -11,6 +11,7 @@ import msgspec
 
 from events import BudgetTierChanged, RouteDecided, SpendRecorded, Tier
 from tests.samples import AT, EVENTS
+from vapora.audit import usd
 from vapora.report_html import render_html
 
 
@@ -130,3 +131,25 @@ def test_an_event_whose_time_has_no_zone_is_drawn_as_utc_with_the_others() -> No
     page = render_html(events, now=AT, since=AT)
     assert "total <b>$0.8125</b>" in page
     assert page.count("<polyline") == 2
+
+
+def test_a_long_log_draws_a_bounded_curve_with_the_exact_total_and_the_last_decisions() -> None:
+    """The page held every event of the log and drew one point per spend (a million spends: a
+    page of tens of MB). Built batch by batch, it keeps a bounded curve per provider (neighbours
+    merged: the same total) and the last 500 decisions, and its sums stay exact."""
+    from vapora.report_html import Page
+
+    decision = EVENTS["route_decided"]
+    assert isinstance(decision, RouteDecided)
+    page = Page()
+    spends = [spend(n, "claude" if n % 3 else "gemini", "0.0000013") for n in range(5000)]
+    for start in range(0, 5000, 700):  # in batches, as the log is read
+        page.add(spends[start : start + 700])
+    page.add(msgspec.structs.replace(decision, id=f"d{n}", task_id=f"task-{n}") for n in range(600))
+    html = page.render(now=AT)
+    curves = re.findall(r'points="([^"]*)"', html)
+    assert len(curves) == 2 and all(len(c.split()) <= 2001 for c in curves)
+    assert "5000 calls billed" in html and "total <b>$0.0065</b>" in html
+    claude = sum(Decimal("0.0000013") for n in range(5000) if n % 3)
+    assert f"claude {usd(claude)}" in html
+    assert "The last 500 of 600." in html and "task-599" in html and "task-99<" not in html

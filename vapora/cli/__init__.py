@@ -334,18 +334,20 @@ async def _spend_after(
 
 
 async def _html_report(args: argparse.Namespace) -> int:
-    from vapora.report_html import render_html
+    from vapora.report_html import Page
 
     target = _html_target(args.html)  # before reading the whole log
+    page, read = Page(since=args.since, until=args.until), 0
     async with _connected(args, "vapora-report") as (_, nc):
         log = await _reading(nc)
-        events = [e.event async for batch in log.replay(1) for e in batch]
-    page = render_html(events, now=_now(), since=args.since, until=args.until)
+        async for batch in log.replay(1):  # batch by batch: the log is never held whole
+            page.add(entry.event for entry in batch)
+            read += len(batch)
     try:
-        await anyio.Path(target).write_text(page)
+        await anyio.Path(target).write_text(page.render(now=_now()))
     except OSError as exc:
         raise ConfigError(f"--html: cannot write {target}: {exc.strerror or exc}") from exc
-    print(f"wrote {target} ({len(events)} events)")
+    print(f"wrote {target} ({read} events)")
     return 0
 
 
