@@ -114,7 +114,7 @@ async def run_until_signalled(
     finished = [anyio.Event() for _ in actors]
     async with anyio.create_task_group() as tg:
         for actor, done in zip(actors, finished, strict=True):
-            await tg.start(_run_one, actor, done)
+            await tg.start(run_one, actor, done)
         if on_ready is not None:
             on_ready()
         task_status.started()
@@ -136,7 +136,14 @@ async def run_until_signalled(
 async def _stop_in_order(
     actors: Sequence[Actor], finished: Sequence[anyio.Event], stopping: anyio.CancelScope
 ) -> None:
-    """Stop ``actors`` last first, each within its own ``stop_timeout_s``."""
+    await stop_in_order(actors, finished)
+    stopping.cancel()  # every actor stopped: stop listening for a second signal
+
+
+async def stop_in_order(actors: Sequence[Actor], finished: Sequence[anyio.Event]) -> None:
+    """Stop ``actors`` last first, each within its own ``stop_timeout_s`` (``finished``: set when
+    each one's run has returned, as :func:`run_one` sets it): the router before the provider
+    actors, whose last events the ledger, stopped last, then applies."""
     for actor, done in zip(reversed(actors), reversed(finished), strict=True):
         actor.stop()
         within = getattr(actor, "stop_timeout_s", DEFAULT_STOP_TIMEOUT_S)
@@ -146,12 +153,12 @@ async def _stop_in_order(
             log.warning(
                 "%s did not stop within %g s; it is cancelled with the rest", actor.name, within
             )
-    stopping.cancel()  # every actor stopped: stop listening for a second signal
 
 
-async def _run_one(
+async def run_one(
     actor: Actor, done: anyio.Event, *, task_status: anyio.abc.TaskStatus[None]
 ) -> None:
+    """Run ``actor``, setting ``done`` when its run returns (for :func:`stop_in_order`)."""
     try:
         await actor.run(task_status=task_status)
     finally:

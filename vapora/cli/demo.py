@@ -34,7 +34,7 @@ import anyio
 from actors.connection import Client as NatsClient
 from actors.connection import ConnectOptions, connect
 from actors.eventlog import EventLog
-from actors.runner import Actor, Runtime, all_actors
+from actors.runner import Actor, Runtime, all_actors, run_one, stop_in_order
 from actors.server import EmbeddedNats
 from events.contract import Tier
 from events.log import (
@@ -272,17 +272,20 @@ class _Demo:
 
 
 async def _run_with_actors(actors: Sequence[Actor], demo: _Demo, tasks: list[Task]) -> int:
+    finished = [anyio.Event() for _ in actors]
     async with anyio.create_task_group() as tg:
-        for actor in actors:
-            await tg.start(_run_actor, actor)
+        for actor, done in zip(actors, finished, strict=True):
+            await tg.start(run_one, actor, done)
         try:
             client = Client(demo.nc, timeout_s=30)
             workload = await _drive(client, demo.sim, tasks, demo.out)
             await _settled(client, demo.log)
             code = await _finish(demo, workload)
         finally:
-            for actor in reversed(actors):
-                actor.stop()
+            # As `vapora up` stops: the router first, the ledger last (it applies the others'
+            # last events, so the data directory's ledger is at the log's end).
+            with anyio.CancelScope(shield=True):
+                await stop_in_order(actors, finished)
     return code
 
 
@@ -293,10 +296,6 @@ async def _settled(client: Client, log: EventLog, wait_s: float = 15.0) -> None:
         if (await client.report()).last_sequence >= last:
             return
         await anyio.sleep(0.05)
-
-
-async def _run_actor(actor: Actor, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-    await actor.run(task_status=task_status)
 
 
 async def _drive(client: Client, sim: Simulator | None, tasks: list[Task], out: TextIO) -> Workload:
