@@ -372,10 +372,10 @@ class RouterActor:
         self.views: dict[str, ProviderView] = {
             p.name: ProviderView() for p in runtime.config.providers
         }
-        # Per provider, each provider actor instance's last word (the most recently heard last),
-        # and the time of the provider's latest word.
-        self._instances: dict[str, OrderedDict[str, ProviderHealthChanged]] = {}
-        self._newest: dict[str, datetime] = {}
+        # Per provider, each provider actor instance's last word and when this router heard it
+        # (monotonic seconds; the most recently heard last).
+        self._instances: dict[str, OrderedDict[str, tuple[ProviderHealthChanged, float]]] = {}
+        self._clock: Callable[[], float] = time.monotonic
         # Looked up per attempt: by name, and whether it is paid, once (the config is immutable).
         self._providers = {p.name: p for p in runtime.config.providers}
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
@@ -607,19 +607,19 @@ class RouterActor:
         """The provider's view from what each of its instances said last: several actor
         processes may serve one provider, each with its own environment (its API key), breaker
         and limiter, and a call goes to any of those with the key. An instance that stopped,
-        or was not heard from in :data:`INSTANCE_FORGOTTEN_S` before the provider's latest
-        word, no longer counts (events from before instances were named count as one)."""
+        or that this router has not heard from in :data:`INSTANCE_FORGOTTEN_S`, no longer
+        counts (events from before instances were named count as one)."""
         instances = self._instances.setdefault(event.provider, OrderedDict())
         name = event.instance or ""
         instances.pop(name, None)
+        heard = self._clock()
         if event.reason != INSTANCE_STOPPED:
-            instances[name] = event  # the most recently heard last
+            instances[name] = (event, heard)  # the most recently heard last
         while len(instances) > _INSTANCES_REMEMBERED:
             instances.popitem(last=False)
-        newest = max(_utc(event.at), self._newest.get(event.provider, _utc(event.at)))
-        self._newest[event.provider] = newest
-        since = newest - timedelta(seconds=INSTANCE_FORGOTTEN_S)
-        live = [e for e in instances.values() if _utc(e.at) >= since]
+        # Aged by when this router heard each one (the instances' clocks may disagree): each
+        # live instance repeats itself every HEALTH_HEARTBEAT_S.
+        live = [e for e, at in instances.values() if heard - at <= INSTANCE_FORGOTTEN_S]
         if not live:
             return ProviderView()  # none left: as before any word (calls find no responder)
         provider = self._providers.get(event.provider)
@@ -1283,10 +1283,6 @@ class RouterActor:
 _NEVER_RAN = frozenset({"400", "503"})
 
 _INSTANCES_REMEMBERED = 64  # per provider: the least recently heard forgotten past it
-
-
-def _utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
 _NO_FALLBACK = frozenset({"caller_error", "context_overflow", "stream_broken"})

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from events.contract import Tier
 from events.log import (
@@ -80,8 +79,7 @@ class Page:
         self._providers: dict[str, _ProviderSums] = {}
         self._decisions: deque[RouteDecided] = deque(maxlen=_DECISIONS)
         self._decided = 0
-        self._fallbacks: OrderedDict[str, list[str]] = OrderedDict()
-        self._served: OrderedDict[str, str] = OrderedDict()
+        self._tasks = _Tasks()
 
     def add(self, events: Iterable[Event]) -> None:
         """More events, in log order."""
@@ -112,22 +110,23 @@ class Page:
         elif isinstance(event, BudgetTierChanged):
             self._tiers.append(event)
         elif isinstance(event, RouteDecided):
+            if len(self._decisions) == self._decisions.maxlen:
+                self._tasks.unlist(self._decisions[0].task_id)
             self._decisions.append(event)
+            self._tasks.list(event.task_id)
             self._decided += 1
         elif isinstance(event, FallbackTriggered):
             said = f"{event.from_provider} → {event.to_provider}: {event.reason}"
-            self._fallbacks.setdefault(event.task_id, []).append(said)
-            _remember(self._fallbacks, event.task_id)
+            self._tasks.of(event.task_id).fallbacks.append(said)
         elif isinstance(event, CallSucceeded):
-            self._served[event.task_id] = event.provider
-            _remember(self._served, event.task_id)
+            self._tasks.of(event.task_id).served_by = event.provider
 
     def render(self, *, title: str = "vapora report", now: datetime) -> str:
         """The page as it stands."""
-        decisions = [
-            _Decision(e, self._fallbacks.get(e.task_id, []), self._served.get(e.task_id))
-            for e in self._decisions
-        ]
+        decisions = []
+        for e in self._decisions:
+            task = self._tasks.of(e.task_id)
+            decisions.append(_Decision(e, task.fallbacks, task.served_by))
         body = [
             f"<h1>{html.escape(title)}</h1>",
             f"<p class=muted>{_window(self.since, self.until)}: {self._calls} calls billed, "
@@ -153,23 +152,66 @@ _DECISIONS = 500
 _TASKS_REMEMBERED = 10_000
 
 
-def _remember(tasks: OrderedDict[str, Any], task_id: str) -> None:
-    tasks.move_to_end(task_id)
-    while len(tasks) > _TASKS_REMEMBERED:
-        tasks.popitem(last=False)
+@dataclass
+class _Task:
+    fallbacks: list[str]
+    served_by: str | None = None
+
+
+class _Tasks:
+    """What each task's fallbacks were and which provider served it: kept for every task with
+    a decision listed (however long ago its events came), and for the
+    :data:`_TASKS_REMEMBERED` tasks heard of most recently besides (their events may come
+    before their decision, or a later decision of theirs be listed)."""
+
+    def __init__(self) -> None:
+        self._listed: dict[str, _Task] = {}
+        self._counts: dict[str, int] = {}  # decisions listed per task
+        self._recent: OrderedDict[str, _Task] = OrderedDict()
+
+    def of(self, task_id: str) -> _Task:
+        task = self._listed.get(task_id)
+        if task is not None:
+            return task
+        task = self._recent.pop(task_id) if task_id in self._recent else _Task([])
+        self._recent[task_id] = task  # the most recent last
+        while len(self._recent) > _TASKS_REMEMBERED:
+            self._recent.popitem(last=False)
+        return task
+
+    def list(self, task_id: str) -> None:
+        count = self._counts.get(task_id, 0)
+        if not count:
+            self._listed[task_id] = (
+                self._recent.pop(task_id) if task_id in self._recent else _Task([])
+            )
+        self._counts[task_id] = count + 1
+
+    def unlist(self, task_id: str) -> None:
+        count = self._counts.pop(task_id, 1) - 1
+        if count:
+            self._counts[task_id] = count
+            return
+        task = self._listed.pop(task_id, None)
+        if task is not None:  # back among the recent, should a later decision of it come
+            self._recent[task_id] = task
+            while len(self._recent) > _TASKS_REMEMBERED:
+                self._recent.popitem(last=False)
 
 
 class _ProviderSums:
     """One provider's calls, tokens and cost in the window, and its spend curve's points."""
 
-    __slots__ = ("calls", "cost", "input_tokens", "output_tokens", "points")
+    __slots__ = ("calls", "cost", "first", "input_tokens", "output_tokens", "points")
 
     def __init__(self) -> None:
         self.calls = self.input_tokens = self.output_tokens = 0
         self.cost = Decimal(0)
+        self.first: datetime | None = None  # the first spend's time (points may be merged)
         self.points: list[tuple[datetime, Decimal]] = []
 
     def add(self, spend: SpendRecorded, at: datetime) -> None:
+        self.first = at if self.first is None else min(self.first, at)
         self.calls += 1
         self.input_tokens += spend.input_tokens
         self.output_tokens += spend.output_tokens
@@ -220,7 +262,7 @@ def _spend_chart(providers: Mapping[str, _ProviderSums]) -> str:
     curves = {name: sums.curve() for name, sums in providers.items()}
     if not any(curves.values()):
         return "<p class=muted>No spend recorded.</p>"
-    start = min(curve[0][0] for curve in curves.values() if curve)
+    start = min(sums.first for sums in providers.values() if sums.first is not None)
     end = max(curve[-1][0] for curve in curves.values() if curve)
     top = max(sums.cost for sums in providers.values()) or Decimal(1)
     lines, legend = [], []

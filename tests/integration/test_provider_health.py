@@ -546,11 +546,14 @@ async def test_an_instance_repeats_its_health_and_one_not_heard_from_is_forgotte
                 instance=name,
             )
 
+        heard = [1000.0]  # the router's own clock (the instances' clocks may disagree)
+        router._clock = lambda: heard[0]
         router._apply(word("keyed", then, True))
-        router._apply(word("keyless", then + timedelta(seconds=60), False))
+        heard[0] += 60
+        router._apply(word("keyless", then - timedelta(hours=3), False))  # a clock behind
         assert router.views["openai"].api_key_present  # the keyed one was heard lately
-        later = then + timedelta(seconds=INSTANCE_FORGOTTEN_S + 120)
-        router._apply(word("keyless", later, False))
+        heard[0] += INSTANCE_FORGOTTEN_S
+        router._apply(word("keyless", then + timedelta(hours=3), False))  # or ahead
         assert not router.views["openai"].api_key_present  # the keyed one is forgotten
 
 
@@ -604,3 +607,7 @@ async def test_each_instances_breaker_and_limit_count_for_the_provider_as_the_ca
         word("a", 7, reason=INSTANCE_STOPPED)  # none left: as before any word
         view = router.views["openai"]
         assert not view.breaker_open and view.healthy and view.api_key_present
+        # One instance whose clock jumped ahead, then back: its last word still decides.
+        word("d", 3600, available=True)
+        word("d", 8, available=False, reason="circuit breaker open", breaker="open")
+        assert router.views["openai"].breaker_open

@@ -153,3 +153,36 @@ def test_a_long_log_draws_a_bounded_curve_with_the_exact_total_and_the_last_deci
     claude = sum(Decimal("0.0000013") for n in range(5000) if n % 3)
     assert f"claude {usd(claude)}" in html
     assert "The last 500 of 600." in html and "task-599" in html and "task-99<" not in html
+
+
+def test_a_listed_decision_keeps_its_fallbacks_however_many_tasks_come_after() -> None:
+    """Fallbacks were kept for the 10,000 tasks heard of last only: a listed decision lost its
+    own when enough other tasks fell back after it. And past 2,000 spends (points merged) the
+    curve's axis began at the second spend."""
+    from datetime import timedelta
+
+    from events import CallSucceeded, FallbackTriggered
+    from vapora.report_html import Page
+
+    decision = EVENTS["route_decided"]
+    fallback = EVENTS["fallback_triggered"]
+    served = EVENTS["call_succeeded"]
+    assert isinstance(decision, RouteDecided)
+    assert isinstance(fallback, FallbackTriggered) and isinstance(served, CallSucceeded)
+    page = Page()
+    page.add([msgspec.structs.replace(decision, id="d-long", task_id="long-task")])
+    page.add([msgspec.structs.replace(fallback, id="f-long", task_id="long-task")])
+    page.add(
+        msgspec.structs.replace(fallback, id=f"f{n}", task_id=f"other-{n}") for n in range(12_000)
+    )
+    page.add([msgspec.structs.replace(served, id="s-long", task_id="long-task")])
+    spends = [
+        msgspec.structs.replace(spend(n, "claude", "0.001"), at=AT + timedelta(minutes=n))
+        for n in range(2001)
+    ]
+    page.add(spends)
+    html = page.render(now=AT)
+    [row] = [r for r in html.split("<tr>") if "long-task" in r]
+    assert f"{fallback.from_provider} → {fallback.to_provider}" in row
+    assert f"<td>{served.provider}</td>" in row
+    assert f">{AT:%H:%M:%S}</text>" in html  # the axis begins at the first spend
