@@ -82,12 +82,13 @@ from actors.follow import LogFollower
 from actors.runner import Runtime
 from actors.service import ActorService, Endpoint, RequestContext
 from events import subjects
-from events.codec import DecodeError, event_tag
+from events.codec import DecodeError, decode, event_tag
 from events.contract import (
     MAX_ID_LENGTH,
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
+    BudgetPending,
     BudgetRelease,
     BudgetReserve,
     BudgetReserveReply,
@@ -150,6 +151,8 @@ _PROBLEM_SHOWN = 200  # characters of a decoding problem in the log
 _MONEY_SUBJECTS = (f"{subjects.EVENTS_PREFIX}.spend.", f"{subjects.EVENTS_PREFIX}.budget")
 _REREADS = 3  # tries at reading an unreadable money message again before passing it by
 _OWN_IDS_KEPT = 100_000  # ids of our appends not yet seen back in the log (bounded)
+_PENDING_S = 60.0  # a provider actor's word that it holds a hold's spend stands this long
+_PENDING_REMEMBERED = 100_000
 
 
 def limits_of(config: BudgetConfig) -> BudgetLimits:
@@ -192,6 +195,7 @@ class BudgetKeeper:
         snapshot_every: int = 10_000,
         snapshot_interval_s: float = 30.0,
         resync_timeout_s: float = 5.0,
+        expiry_grace_s: float = 15.0,
     ) -> None:
         self.runtime = runtime
         self.log = runtime.log
@@ -204,6 +208,14 @@ class BudgetKeeper:
         self.snapshot_every = snapshot_every
         self.snapshot_interval_s = snapshot_interval_s
         self.resync_timeout_s = resync_timeout_s
+        #: No hold expires within this long of the keeper's start or of an append the log
+        #: refused: a provider actor holds the spend the log would not take, appends it again
+        #: every 2 s and says so (``vapora.budget.pending``); a keeper that just started has
+        #: not heard it yet.
+        self.expiry_grace = timedelta(seconds=expiry_grace_s)
+        self._quiet_since: datetime | None = None  # the start, or the last refused append
+        #: Holds whose spend a provider actor holds, and until when that word stands.
+        self._pending: dict[str, datetime] = {}
         # The live budget: one fold the tail and our own appends write in place; ``state`` is a
         # view of it (see :meth:`state`).
         self._fold = budget.Fold()
@@ -252,12 +264,15 @@ class BudgetKeeper:
         async with anyio.create_task_group() as tg:
             await tg.start(follower.run)
             self._ready = True
+            self._quiet_since = self.clock()
             async with self._lock:
                 with contextlib.suppress(VaporaError):  # retried by the housekeeping
                     await self._announce_tier(self._tier_cause)
             self._service = self._make_service()
             self._note_spend()
             unwatch = watch_budget(self._spent)
+            # Provider actors holding spend the log refused say so here (BudgetPending).
+            pending = await self.runtime.nc.subscribe(subjects.BUDGET_PENDING, cb=self._on_pending)
             try:
                 served = anyio.Event()
                 await tg.start(_serve, self._service, served)
@@ -284,6 +299,8 @@ class BudgetKeeper:
                     async with self._lock:
                         await self._write_snapshot()
             finally:
+                with contextlib.suppress(Exception):
+                    await pending.unsubscribe()
                 unwatch()
             tg.cancel_scope.cancel()
 
@@ -741,6 +758,7 @@ class BudgetKeeper:
                 raise
             except BaseException:
                 self._needs_resync = True  # it may have landed: look before the next write
+                self._quiet_since = self.clock()  # held spend may follow: see expiry_grace
                 raise
             self.fence = max(self.fence, appended.seq)
             if isinstance(event, (*_MONEY_EVENTS, BudgetTierChanged)):
@@ -856,14 +874,34 @@ class BudgetKeeper:
         self._note_spend()
         if self.fenced_out is None:
             await self._writable()
-            for rid in budget.expired(self.state, self.clock()):
-                await self._release(rid, "expired")
-            for lid in budget.expired_leases(self.state, self.clock()):
-                held = self.state.lease(lid)
-                await self._return_lease(lid, held.spent_usd if held else budget.ZERO, "expired")
+            now = self.clock()
+            self._pending = {rid: until for rid, until in self._pending.items() if until > now}
+            if self._quiet_since is None or now - self._quiet_since >= self.expiry_grace:
+                for rid in budget.expired(self.state, now):
+                    if rid not in self._pending:  # spent, only not in the log yet
+                        await self._release(rid, "expired")
+                for lid in budget.expired_leases(self.state, now):
+                    if lid not in self._pending:
+                        held = self.state.lease(lid)
+                        kept = held.spent_usd if held else budget.ZERO
+                        await self._return_lease(lid, kept, "expired")
             await self._announce_tier(self._tier_cause)
         if self._snapshot_due():
             await self._write_snapshot()
+
+    async def _on_pending(self, message: Any) -> None:
+        """``vapora.budget.pending``: holds whose spend a provider actor keeps on disk until
+        the log takes it; none of them expires for :data:`_PENDING_S` after each word."""
+        try:
+            pending = decode(message.data, BudgetPending)
+        except DecodeError as exc:
+            log.warning("budget keeper: a pending notice that is not one: %s", exc)
+            return
+        until = self.clock() + timedelta(seconds=_PENDING_S)
+        for hold in pending.holds:
+            self._pending[hold] = until
+        while len(self._pending) > _PENDING_REMEMBERED:
+            del self._pending[next(iter(self._pending))]
 
     def _quiescent(self) -> bool:
         """Every budget event we know of is folded with its sequence: the state is exactly the

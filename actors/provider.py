@@ -91,6 +91,7 @@ from actors.service import (
 from events import subjects
 from events.codec import DecodeError, decode, encode
 from events.contract import (
+    BudgetPending,
     Price,
     ProviderCall,
     ProviderCallResult,
@@ -755,6 +756,7 @@ class ProviderActor:
         except Exception as exc:
             if hold:
                 self.held.hold(events, _traces(events))
+                await self._announce_held()
                 log.error(
                     "%s: the event log did not take %d events (%s); held back, %d in all, "
                     "appended again until it does",
@@ -805,7 +807,24 @@ class ProviderActor:
             if ticks % self.adopt_every == 0 and self.held.adopt():
                 log.info("%s: adopted events held by an instance that died", self.name)
             if self.held:
+                await self._announce_held()
                 await self._append_held()
+
+    async def _announce_held(self) -> None:
+        """Tell the budget keeper which holds' spend is held here (``vapora.budget.pending``),
+        so that it expires none of them before the log takes the spend. Best effort: core NATS,
+        no reply; said again with every retry."""
+        holds = sorted(
+            {
+                e.reservation_id
+                for e in self.held
+                if isinstance(e, SpendRecorded) and e.reservation_id is not None
+            }
+        )
+        for start in range(0, len(holds), 1000):
+            with contextlib.suppress(Exception):
+                pending = BudgetPending(holds=holds[start : start + 1000])
+                await self.runtime.nc.publish(subjects.BUDGET_PENDING, encode(pending))
 
     async def _load_held(self) -> None:
         """Events earlier instances held and did not append (stopped or crashed during an event

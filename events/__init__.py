@@ -93,6 +93,7 @@ __all__ = [
     "ProviderCallResult",
     "ProviderHealthChanged",
     "Quality",
+    "BudgetPending",
     "ReportRequest",
     "StreamCancel",
     "RouteDecided",

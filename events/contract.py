@@ -298,6 +298,19 @@ class ErrorReply(_Message, frozen=True, kw_only=True):
     error: ErrorBody
 
 
+class BudgetPending(_Message, frozen=True, kw_only=True):
+    """On ``vapora.budget.pending`` (an extension; a provider actor to the budget keeper, no
+    reply): the reservations or leases (``holds``, their ids) whose calls' spend this provider
+    actor holds on disk because the event log refused it, and appends again every 2 s. The
+    keeper expires none of them for a minute after each such word: the money they hold is
+    spent, only not yet in the log."""
+
+    holds: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]],
+        msgspec.Meta(max_length=1000),
+    ]
+
+
 class StreamCancel(_Message, frozen=True, kw_only=True):
     """On ``vapora.stream.cancel`` (an extension): the caller of the stream whose messages go to
     ``stream_to`` (the reply subject it sent ``vapora.stream`` with) stopped reading it. The

@@ -41,6 +41,7 @@ PUBLIC_MESSAGES: tuple[Any, ...] = (
     contract.BudgetLeaseRequest,
     contract.BudgetLeaseReply,
     contract.BudgetLeaseReturn,
+    contract.BudgetPending,
     log.Event,
 )
 

@@ -17,6 +17,7 @@ __all__ = [
     "BUDGET",
     "BUDGET_LEASE",
     "BUDGET_LEASE_RETURN",
+    "BUDGET_PENDING",
     "BUDGET_RELEASE",
     "BUDGET_RESERVE",
     "COMPLETE",
@@ -44,6 +45,9 @@ BUDGET_RESERVE = "vapora.budget.reserve"
 BUDGET_RELEASE = "vapora.budget.release"
 BUDGET_LEASE = "vapora.budget.lease"
 BUDGET_LEASE_RETURN = "vapora.budget.lease.return"
+#: Provider actors -> budget keeper (published, no reply): holds whose spend a provider actor
+#: keeps on disk because the event log refused it (``BudgetPending``); not expired meanwhile.
+BUDGET_PENDING = "vapora.budget.pending"
 
 EVENT_STREAM = "VAPORA_EVENTS"
 EVENTS_PREFIX = "vapora.events"

@@ -146,7 +146,12 @@ def permissions(clients: Sequence[str] = ()) -> dict[str, Permissions]:
             subjects.BUDGET_LEASE_RETURN,
             subjects.BUDGET,
         ),
-        "provider": (f"{_EVENTS}.call.>", f"{_EVENTS}.spend.>", f"{_EVENTS}.health.>"),
+        "provider": (
+            f"{_EVENTS}.call.>",
+            f"{_EVENTS}.spend.>",
+            f"{_EVENTS}.health.>",
+            subjects.BUDGET_PENDING,
+        ),
         "budget": (f"{_EVENTS}.budget",),
         "ledger": (),
     }
