@@ -98,6 +98,8 @@ Milliseconds = Annotated[float, msgspec.Meta(ge=0)]
 #: far past any budget, and small enough that sums of such amounts stay exact in the budget
 #: fold's decimal context (``1E+1000000`` overflowed it after being stored as an event).
 MAX_AMOUNT = Decimal(10) ** 15
+#: An amount's most significant digits and decimal places (the pricing computes at 50 digits).
+MAX_DIGITS = 50
 #: The longest task or reservation id (the budget keeper's limit).
 MAX_ID_LENGTH = 200
 
@@ -113,6 +115,14 @@ def check_amount(name: str, value: Decimal | None) -> None:
             f"`{name}` must be a finite, non-negative decimal of at most {MAX_AMOUNT:,f}, "
             f"got {shown}"
         )
+    if value is not None:
+        # At most the pricing's precision: the budget fold sums such amounts exactly.
+        digits = value.as_tuple()
+        if len(digits.digits) > MAX_DIGITS or int(digits.exponent) < -MAX_DIGITS:
+            raise ValueError(
+                f"`{name}` must have at most {MAX_DIGITS} significant digits and "
+                f"{MAX_DIGITS} decimal places"
+            )
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -118,6 +118,10 @@ CLOSED_RETENTION = timedelta(days=1)
 MAX_WATERMARK_STEP = timedelta(hours=1)
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
 _ZERO = Decimal(0)
+#: The fold's arithmetic: amounts are sums and differences of the events' (up to the pricing's
+#: 50 digits each); the default 28 digits rounded them (a hold of 31 digits, released, left
+#: 1E-29 reserved for good; a day's total lost its last digits).
+EXACT = decimal.Context(prec=120, rounding=decimal.ROUND_HALF_EVEN)
 ZERO = _ZERO
 _HUNDRED = Decimal(100)
 _NEAR_PERCENT = Decimal(50)
@@ -758,7 +762,8 @@ def evolve(state: BudgetState, event: Event, seq: int | None = None) -> BudgetSt
     ):
         return state if seq is None else _with_sequence(state, seq)
     books = _Books(state)
-    books.apply(event)
+    with decimal.localcontext(EXACT):
+        books.apply(event)
     if seq is not None:
         books.last_sequence = seq
     return books.freeze()
@@ -773,8 +778,9 @@ def _with_sequence(state: BudgetState, seq: int) -> BudgetState:
 def replay(events: Iterable[Event], state: BudgetState = EMPTY) -> BudgetState:
     """Fold ``events`` (without sequences) into ``state``: the fast path for whole-log replays."""
     books = _Books(state)
-    for event in events:
-        books.apply(event)
+    with decimal.localcontext(EXACT):
+        for event in events:
+            books.apply(event)
     return books.freeze()
 
 
@@ -810,10 +816,11 @@ class Fold:
 
     def apply(self, tail: Iterable[tuple[Event | views.View, int]]) -> None:
         books = self._books
-        for event, seq in tail:
-            if seq > books.last_sequence:
-                books.apply(event)
-                books.last_sequence = seq
+        with decimal.localcontext(EXACT):
+            for event, seq in tail:
+                if seq > books.last_sequence:
+                    books.apply(event)
+                    books.last_sequence = seq
 
     def apply_sequenced(self, seqs: Sequence[int], events: Sequence[Event | views.View]) -> None:
         """Fold ``events`` at their stream sequences ``seqs`` (increasing, one each), skipping
@@ -823,8 +830,9 @@ class Fold:
             return
         if seqs[0] > books.last_sequence:  # the usual case: all of them are new
             apply = books.apply
-            for event in events:
-                apply(event)
+            with decimal.localcontext(EXACT):
+                for event in events:
+                    apply(event)
             books.last_sequence = seqs[-1]
         else:
             self.apply(zip(events, seqs, strict=True))
@@ -832,7 +840,8 @@ class Fold:
     def apply_event(self, event: Event | views.View) -> None:
         """Fold one event without its sequence (a writer folding its own append before the log
         brings it back with one; folding an event twice changes nothing)."""
-        self._books.apply(event)
+        with decimal.localcontext(EXACT):
+            self._books.apply(event)
 
     def state(self) -> BudgetState:
         """The state so far (a frozen value; folding may go on afterwards)."""
@@ -919,7 +928,8 @@ def admit(
         return Admission(False, f"reservation {rid} was already settled or released")
     if request.amount_usd == 0:
         return Admission(True, "a zero amount fits every limit")
-    refusal = _refusal(state, limits, request, _utc(now).date())
+    with decimal.localcontext(EXACT):  # the sums it compares, exact as the fold's
+        refusal = _refusal(state, limits, request, _utc(now).date())
     return Admission(refusal is None, refusal or "fits the daily, monthly and task limits")
 
 

@@ -483,3 +483,20 @@ def test_holds_churning_near_a_boundary_change_the_announced_tier_at_most_once_p
             changes += now_tier is not announced
             announced = now_tier
     assert changes <= 1
+
+
+def test_the_fold_sums_amounts_of_many_digits_exactly() -> None:
+    """The fold added at Python's default 28 digits: a hold of 31 digits reserved and released
+    left 1E-29 reserved for good (and a negative hold on its task), and a day's spend of a cost
+    priced at 50 digits lost its last ones. The fold now works at 120 digits."""
+    from vapora import budget
+
+    state = budget.replay(
+        [reserved("r1", "0.1234567890123456789012345678901", task="t1"), released("r1", task="t1")]
+    )
+    task = state.task("t1")
+    assert state.reserved_usd == 0 and task is not None and task.held_usd == 0
+    folded = budget.Fold()
+    costs = ("123.45", "0.003354359776318461820434594158")
+    folded.apply((spent(cost), n + 1) for n, cost in enumerate(costs))
+    assert folded.state().spent_on(T0.date()) == Decimal("123.453354359776318461820434594158")

@@ -108,6 +108,7 @@ def test_a_batch_of_events_decodes_in_order() -> None:
         (b'{"prompt": "hi", "quality": "Superb"}', "at `$.quality`"),
         (b'{"prompt": "hi", "complexity": 101}', "at `$.complexity`"),
         (b'{"prompt": "hi", "budget_cents": "-5"}', "`budget_cents` must be"),
+        (b'{"prompt": "hi", "budget_cents": "1.' + b"1" * 60 + b'"}', "at most 50 significant"),
         (b'{"messages": [{"role": "user"}]}', "missing required field `content`"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}', "at `$.messages[0].role`"),
         (b'{"messages": []}', "`messages` must not be empty"),
