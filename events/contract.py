@@ -9,6 +9,7 @@ are subsets of it.
 
 from __future__ import annotations
 
+import decimal
 import enum
 import itertools
 from datetime import datetime
@@ -100,6 +101,10 @@ Milliseconds = Annotated[float, msgspec.Meta(ge=0)]
 MAX_AMOUNT = Decimal(10) ** 15
 #: An amount's most significant digits and decimal places (the pricing computes at 50 digits).
 MAX_DIGITS = 50
+#: The context sums of amounts are made in (the budget fold, the audit, the ledger's report):
+#: wide enough that adding up to 10^50 amounts of :data:`MAX_DIGITS` digits never rounds (the
+#: default 28 digits did).
+EXACT_SUMS = decimal.Context(prec=120, rounding=decimal.ROUND_HALF_EVEN)
 #: The longest task or reservation id (the budget keeper's limit).
 MAX_ID_LENGTH = 200
 

@@ -28,6 +28,7 @@ An event id appearing twice in the log (a duplicate append) counts once, as in t
 
 from __future__ import annotations
 
+import decimal
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -130,16 +131,18 @@ def _first_spends(log: Iterable[tuple[Event, int]]) -> list[tuple[SpendRecorded,
 def replay_totals(spends: Iterable[SpendRecorded]) -> Totals:
     """Totals recomputed from spend events (pass each event once)."""
     running = _Running()
-    for s in spends:
-        running.add(s.cost_usd, (s.provider, s.model, str(s.task_type), _day(s.at)))
+    with decimal.localcontext(budget.EXACT):
+        for s in spends:
+            running.add(s.cost_usd, (s.provider, s.model, str(s.task_type), _day(s.at)))
     return running.totals()
 
 
 def ledger_totals(rows: Iterable[SpendRow]) -> Totals:
     """Totals summed from the ledger's rows."""
     running = _Running()
-    for r in rows:
-        running.add(r.cost_usd, (r.provider, r.model, r.task_type, _day(r.at)))
+    with decimal.localcontext(budget.EXACT):
+        for r in rows:
+            running.add(r.cost_usd, (r.provider, r.model, r.task_type, _day(r.at)))
     return running.totals()
 
 
@@ -431,6 +434,15 @@ class Auditor:
         logged: Iterable[LoggedEvent] = (),
     ) -> None:
         """One chunk: its events in log order, the ledger's rows and index entries for them."""
+        with decimal.localcontext(budget.EXACT):  # the totals, exact as the fold's
+            self._feed(log, rows, logged)
+
+    def _feed(
+        self,
+        log: Iterable[tuple[Event, int]],
+        rows: Iterable[SpendRow],
+        logged: Iterable[LoggedEvent],
+    ) -> None:
         seen, found = self._seen, self._ledger_found
         firsts: dict[str, tuple[Event, int]] = {}
         spends: list[tuple[SpendRecorded, int]] = []

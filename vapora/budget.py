@@ -66,7 +66,14 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from events.contract import MAX_AMOUNT, BudgetLeaseRequest, BudgetReserve, BudgetStatus, Tier
+from events.contract import (
+    EXACT_SUMS,
+    MAX_AMOUNT,
+    BudgetLeaseRequest,
+    BudgetReserve,
+    BudgetStatus,
+    Tier,
+)
 from events.log import (
     BudgetLeased,
     BudgetLeaseReturned,
@@ -121,7 +128,7 @@ _ZERO = Decimal(0)
 #: The fold's arithmetic: amounts are sums and differences of the events' (up to the pricing's
 #: 50 digits each); the default 28 digits rounded them (a hold of 31 digits, released, left
 #: 1E-29 reserved for good; a day's total lost its last digits).
-EXACT = decimal.Context(prec=120, rounding=decimal.ROUND_HALF_EVEN)
+EXACT = EXACT_SUMS
 ZERO = _ZERO
 _HUNDRED = Decimal(100)
 _NEAR_PERCENT = Decimal(50)

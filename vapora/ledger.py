@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import decimal
 import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -54,7 +55,7 @@ import anyio
 import msgspec
 
 from events.codec import event_tag
-from events.contract import CostReport, Price, PriceTier
+from events.contract import EXACT_SUMS, CostReport, Price, PriceTier
 from events.log import Event, SpendRecorded
 from vapora.errors import ConfigError, RequestTimeout, VaporaError
 
@@ -437,12 +438,14 @@ class Ledger:
                 rows.append(row)
             if _iso(month_start) <= at <= _iso(now):
                 month.append(row)
+        with decimal.localcontext(EXACT_SUMS):
+            month_to_date = sum((row.cost_usd for row in month), _ZERO)
         return cost_report(
             rows,
             since=since,
             until=until,
             now=now,
-            month_to_date=sum((row.cost_usd for row in month), _ZERO),
+            month_to_date=month_to_date,
             last_sequence=max([last, *(seq for _, seq in tail)]),
         )
 
@@ -625,6 +628,27 @@ def _parse(text: str) -> datetime:
 
 
 def cost_report(
+    rows: Iterable[ReportRow],
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    now: datetime,
+    month_to_date: Decimal,
+    last_sequence: int = 0,
+) -> CostReport:
+    """:func:`_cost_report`, its sums made exactly (:data:`events.contract.EXACT_SUMS`)."""
+    with decimal.localcontext(EXACT_SUMS):
+        return _cost_report(
+            rows,
+            since=since,
+            until=until,
+            now=now,
+            month_to_date=month_to_date,
+            last_sequence=last_sequence,
+        )
+
+
+def _cost_report(
     rows: Iterable[ReportRow],
     *,
     since: datetime | None,

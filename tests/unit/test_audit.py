@@ -383,3 +383,21 @@ async def test_the_audit_fed_chunk_by_chunk_finds_what_the_whole_log_audit_finds
         whole.spends_checked,
         whole.rows_checked,
     )
+
+
+def test_the_audit_and_the_report_sum_amounts_of_many_digits_exactly() -> None:
+    """Their totals were made at Python's default 28 digits: a cost priced at 50 digits lost its
+    last ones in the audit's and the report's sums."""
+    from vapora.audit import replay_totals
+    from vapora.ledger import ReportRow, cost_report
+
+    small = Decimal("0.003354359776318461820434594158")
+    events = [
+        msgspec.structs.replace(spend(1, SONNET, (1, 0, 0, 0), T), cost_usd=Decimal("123.45")),
+        msgspec.structs.replace(spend(2, SONNET, (1, 0, 0, 0), T), cost_usd=small),
+    ]
+    exact = Decimal("123.453354359776318461820434594158")
+    assert replay_totals(events).total_usd == exact
+    rows = [ReportRow(T, "claude", "m", "GeneralQuery", e.cost_usd) for e in events]
+    report = cost_report(rows, since=None, until=None, now=T, month_to_date=exact)
+    assert report.total_usd == exact and report.by_provider["claude"] == exact
