@@ -899,6 +899,7 @@ class BudgetKeeper:
             return
         until = self.clock() + timedelta(seconds=_PENDING_S)
         for hold in pending.holds:
+            self._pending.pop(hold, None)  # said again: the most recent, last to be forgotten
             self._pending[hold] = until
         while len(self._pending) > _PENDING_REMEMBERED:
             del self._pending[next(iter(self._pending))]

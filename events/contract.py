@@ -99,7 +99,8 @@ Milliseconds = Annotated[float, msgspec.Meta(ge=0)]
 #: far past any budget, and small enough that sums of such amounts stay exact in the budget
 #: fold's decimal context (``1E+1000000`` overflowed it after being stored as an event).
 MAX_AMOUNT = Decimal(10) ** 15
-#: An amount's most significant digits and decimal places (the pricing computes at 50 digits).
+#: A requested amount's most significant digits and decimal places (the pricing computes at 50
+#: digits; events' amounts, computed, are not bounded so).
 MAX_DIGITS = 50
 #: The context sums of amounts are made in (the budget fold, the audit, the ledger's report):
 #: wide enough that adding up to 10^50 amounts of :data:`MAX_DIGITS` digits never rounds (the
@@ -109,7 +110,7 @@ EXACT_SUMS = decimal.Context(prec=120, rounding=decimal.ROUND_HALF_EVEN)
 MAX_ID_LENGTH = 200
 
 
-def check_amount(name: str, value: Decimal | None) -> None:
+def check_amount(name: str, value: Decimal | None, *, request: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` (if given) is a finite,
     non-negative decimal of at most :data:`MAX_AMOUNT`. Requests and events (on decoding, so
     one stored with such an amount is unreadable rather than poison to every sum) call it:
@@ -120,8 +121,10 @@ def check_amount(name: str, value: Decimal | None) -> None:
             f"`{name}` must be a finite, non-negative decimal of at most {MAX_AMOUNT:,f}, "
             f"got {shown}"
         )
-    if value is not None:
-        # At most the pricing's precision: the budget fold sums such amounts exactly.
+    if value is not None and request:
+        # What a caller names, at most the pricing's precision: the budget fold sums such
+        # amounts exactly. (Not an event's: a cost or a sum of costs is stored as it is, any
+        # precision, never refused, so no spend is lost.)
         digits = value.as_tuple()
         if len(digits.digits) > MAX_DIGITS or int(digits.exponent) < -MAX_DIGITS:
             raise ValueError(
@@ -169,7 +172,7 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
         if self.task_id is not None and not 1 <= len(self.task_id) <= MAX_ID_LENGTH:
             # The budget keeper refuses longer ids: taken, the task would fail as over budget.
             raise ValueError(f"`task_id` must be 1 to {MAX_ID_LENGTH} characters")
-        check_amount("budget_cents", self.budget_cents)
+        check_amount("budget_cents", self.budget_cents, request=True)
 
 
 class Usage(_Message, frozen=True, kw_only=True):
@@ -429,8 +432,8 @@ class BudgetReserve(_Message, frozen=True, kw_only=True):
     ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
 
     def __post_init__(self) -> None:
-        check_amount("amount_usd", self.amount_usd)
-        check_amount("task_limit_usd", self.task_limit_usd)
+        check_amount("amount_usd", self.amount_usd, request=True)
+        check_amount("task_limit_usd", self.task_limit_usd, request=True)
 
 
 class BudgetReserveReply(_Message, frozen=True, kw_only=True):
@@ -461,7 +464,7 @@ class BudgetLeaseRequest(_Message, frozen=True, kw_only=True):
     ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 300.0
 
     def __post_init__(self) -> None:
-        check_amount("min_usd", self.min_usd)
+        check_amount("min_usd", self.min_usd, request=True)
 
 
 class BudgetLeaseReply(_Message, frozen=True, kw_only=True):
@@ -485,4 +488,4 @@ class BudgetLeaseReturn(_Message, frozen=True, kw_only=True):
     reason: Literal["returned", "revoked"] = "returned"
 
     def __post_init__(self) -> None:
-        check_amount("kept_usd", self.kept_usd)
+        check_amount("kept_usd", self.kept_usd, request=True)

@@ -571,3 +571,27 @@ async def test_a_spend_past_its_reservation_is_said_and_counted(
         await eventually(lambda: _caught_up(keeper))
         assert keeper.overruns == 1
         assert any("past the $0.000003 its reservation" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_hold_said_pending_again_is_the_last_the_keeper_forgets(
+    conn: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its bound the keeper forgot the pending word heard first, not the one heard least
+    recently: a hold a provider actor kept announcing (its spend still held) lost its
+    protection while holds never announced again were kept."""
+    import types
+
+    import actors.budget_keeper as keeper_module
+    from events.contract import BudgetPending
+
+    monkeypatch.setattr(keeper_module, "_PENDING_REMEMBERED", 3)
+    keeper = BudgetKeeper(runtime(conn, tmp_path))
+
+    async def say(*holds: str) -> None:
+        await keeper._on_pending(types.SimpleNamespace(data=encode(BudgetPending(holds=[*holds]))))
+
+    for hold in ("a", "b", "c", "a", "d"):  # "a" said again before "d"
+        await say(hold)
+    assert set(keeper._pending) == {"c", "a", "d"}
+    await keeper._on_pending(types.SimpleNamespace(data=b"not json"))  # passed by, logged
+    assert set(keeper._pending) == {"c", "a", "d"}

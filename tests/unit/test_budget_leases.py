@@ -395,3 +395,20 @@ def _totals(state: BudgetState) -> object:
         sorted(state.open_reservations()),
         dict(state.leases),
     )
+
+
+def test_a_lease_whose_exact_spend_has_many_digits_still_expires_keeping_it() -> None:
+    """The fold sums exactly; a lease's spend of $1.5 and $1E-50 has 51 digits. The event that
+    returns it (and a spend priced to 53 places) must stay storable and readable: a bound on
+    events' digits made every housekeeping tick fail on such a lease, and lost such a spend."""
+    from events.codec import decode_event, encode
+    from vapora.budget import without_expired
+
+    tiny = spent("0.0000000000000000000000000000000000000000000000000000421", "L")
+    state = fold(leased("L", "10"), spent("1.5", "L"), tiny)
+    after = without_expired(state, T0 + timedelta(minutes=10))  # the lease expired
+    assert after.leased_usd == 0 and after.lease("L") is None
+    exact = Decimal("1.5000000000000000000000000000000000000000000000000000421")
+    assert after.total_spent_usd == exact
+    kept = returned("L", str(exact), version=1, reason="expired")
+    assert decode_event(encode(kept)) == kept and decode_event(encode(tiny)) == tiny
