@@ -37,7 +37,7 @@ from decimal import Decimal
 import msgspec
 
 from events.codec import event_tag
-from events.contract import BudgetStatus, CostReport, Usage
+from events.contract import EXACT_SUMS, BudgetStatus, CostReport, Usage
 from events.log import Event, SpendRecorded
 from vapora import budget
 from vapora.budget import BudgetLimits, BudgetState
@@ -592,7 +592,7 @@ def _day(at: datetime) -> str:
 def usd(value: Decimal) -> str:
     """Exact, readable dollars: at least cents, never rounded, never an exponent
     (``$0.000000075``, ``$1.50``, ``$0.00``)."""
-    text = format(value.normalize(), "f") if value else "0"
+    text = format(value.normalize(EXACT_SUMS), "f") if value else "0"  # (28 digits rounded)
     whole, _, frac = text.partition(".")
     return f"${whole}.{frac.ljust(2, '0')}"
 

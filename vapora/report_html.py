@@ -11,6 +11,7 @@ decimals (:func:`vapora.audit.usd`, as the text report prints them).
 
 from __future__ import annotations
 
+import decimal
 import html
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from events.contract import Tier
+from events.contract import EXACT_SUMS, Tier
 from events.log import (
     BudgetTierChanged,
     CallSucceeded,
@@ -82,7 +83,11 @@ class Page:
         self._tasks = _Tasks()
 
     def add(self, events: Iterable[Event]) -> None:
-        """More events, in log order."""
+        """More events, in log order (their amounts summed exactly: ``EXACT_SUMS``)."""
+        with decimal.localcontext(EXACT_SUMS):
+            self._add(events)
+
+    def _add(self, events: Iterable[Event]) -> None:
         seen, since, until = self._seen, self.since, self.until
         for event in events:
             if event.id in seen:
@@ -223,9 +228,10 @@ class _ProviderSums:
     def curve(self) -> list[tuple[datetime, Decimal]]:
         """The running total at each point, in time order."""
         running, out = Decimal(0), []
-        for at, cost in sorted(self.points, key=lambda p: p[0]):
-            running += cost
-            out.append((at, running))
+        with decimal.localcontext(EXACT_SUMS):
+            for at, cost in sorted(self.points, key=lambda p: p[0]):
+                running += cost
+                out.append((at, running))
         return out
 
 

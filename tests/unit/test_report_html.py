@@ -186,3 +186,11 @@ def test_a_listed_decision_keeps_its_fallbacks_however_many_tasks_come_after() -
     assert f"{fallback.from_provider} → {fallback.to_provider}" in row
     assert f"<td>{served.provider}</td>" in row
     assert f">{AT:%H:%M:%S}</text>" in html  # the axis begins at the first spend
+
+
+def test_the_page_total_is_exact_for_amounts_of_many_digits() -> None:
+    """The page said "exact sum" and added at Python's default 28 digits: $1.5 and $1E-40 made
+    $1.50."""
+    page = render_html([spend(1, "claude", "1.5"), spend(2, "claude", "1E-40")], now=AT)
+    exact = "$1.5" + "0" * 38 + "1"  # 1.5 + 1E-40, every digit
+    assert f"total <b>{exact}</b>" in page and f"claude {exact}" in page
