@@ -545,11 +545,8 @@ class BudgetKeeper:
     async def _stored(self, seq: int) -> bytes:
         """The message stored at ``seq`` as written (empty if it is gone from the log, as it is
         for a replay)."""
-        try:
-            message = await self.log.js.get_msg(self.log.settings.name, seq=seq)
-        except NotFoundError:
-            return b""
-        return message.data or b""
+        message = await self.log.stored(seq)
+        return (message.data or b"") if message is not None else b""
 
     def _say_ahead(self, event: Event | View, now: datetime) -> None:
         """An event from the future: its day is the one it names (DESIGN §4), so a host whose

@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from nats.js.errors import NotFoundError
 
 from actors import tracing
 from actors.eventlog import LogEntry
@@ -152,12 +151,10 @@ class CostLedger:
 
     async def _stored(self, seq: int) -> Any:
         """The stream's message at ``seq``; None if it has none; :data:`_AGED` if it aged out."""
-        name = self.log.settings.name
-        try:
-            return await self.log.js.get_msg(name, seq)
-        except NotFoundError:
-            info = await self.log.js.stream_info(name)
-            return _AGED if int(info.state.first_seq) > seq else None
+        stored = await self.log.stored(seq)
+        if stored is None and await self.log.first_sequence() > seq:
+            return _AGED
+        return stored
 
     def _other_stream(self, recorded: str, found: str) -> ConfigError:
         return ConfigError(

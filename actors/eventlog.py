@@ -341,6 +341,19 @@ class EventLog:
         info = await self.js.stream_info(self.settings.name)
         return int(info.state.last_seq)
 
+    async def stored(self, seq: int) -> Any:
+        """The message stored at ``seq`` as written (nats-py's ``RawStreamMsg``: ``data``,
+        ``headers``), or None when the stream holds none there (never written, or aged out of a
+        stream with limits: ``first_sequence`` tells which)."""
+        try:
+            return await self.js.get_msg(self.settings.name, seq=seq)
+        except NotFoundError:
+            return None
+
+    async def first_sequence(self) -> int:
+        info = await self.js.stream_info(self.settings.name)
+        return int(info.state.first_seq)
+
     async def has_after(self, seq: int, filter_subject: str) -> bool:
         """Whether the stream holds an event on ``filter_subject`` (wildcards allowed) after
         sequence ``seq``: one request for the next such message, not a read of the log."""

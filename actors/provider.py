@@ -158,6 +158,9 @@ ROUTE_REASON_HEADER = "Vapora-Route-Reason"
 _STALE_MARGIN_S = 0.05
 #: Seconds a stopping provider actor allows past its timeout for the calls' events to append.
 _DRAIN_MARGIN_S = 5.0
+#: How many cancels of streams not (yet) streaming here are remembered, and for how long.
+_CANCELS_REMEMBERED = 10_000
+_CANCEL_REMEMBERED_S = 600.0
 
 # A 429 without a usable wait closes the provider this long; a huge wait is capped.
 _DEFAULT_RETRY_S = 1.0
@@ -463,6 +466,7 @@ class ProviderActor:
             return
         now = time.monotonic()
         cancelled = self._cancelled
+        cancelled.pop(cancel.stream_to, None)  # said again: the most recent, forgotten last
         cancelled[cancel.stream_to] = now
         while cancelled and (
             len(cancelled) > _CANCELS_REMEMBERED
@@ -978,11 +982,6 @@ def _time_left(call: ProviderCall, queued_s: float) -> float | None:
     """The call's time limit in seconds, less what it waited in this actor's backlog: the
     router's wait (and its hold's life) counts from when it sent the call."""
     return call.timeout_ms / 1000 - queued_s if call.timeout_ms else None
-
-
-#: How many cancels of streams not (yet) streaming here are remembered, and for how long.
-_CANCELS_REMEMBERED = 10_000
-_CANCEL_REMEMBERED_S = 600.0
 
 
 def _first_token_left(call: ProviderCall, queued_s: float) -> float | None:

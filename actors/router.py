@@ -125,7 +125,7 @@ from events.log import (
     SpendRecorded,
 )
 from vapora import telemetry
-from vapora.config import Config, ProviderConfig, key_not_set
+from vapora.config import Config, ProviderConfig
 from vapora.errors import (
     BudgetExceeded,
     NoProviderAvailable,
@@ -140,6 +140,7 @@ from vapora.routing import (
     ProviderView,
     RouteOverBudget,
     RouteUnavailable,
+    combined_view,
     decide,
     task_cap_usd,
     task_remaining_usd,
@@ -604,11 +605,10 @@ class RouterActor:
                 pass
 
     def _view(self, event: ProviderHealthChanged) -> ProviderView:
-        """The provider's view from what each of its instances said last: several actor
-        processes may serve one provider, each with its own environment (its API key), breaker
-        and limiter, and a call goes to any of those with the key. An instance that stopped,
-        or that this router has not heard from in :data:`INSTANCE_FORGOTTEN_S`, no longer
-        counts (events from before instances were named count as one)."""
+        """The provider's view from what each of its instances said last
+        (:func:`vapora.routing.combined_view`). An instance that stopped, or that this router
+        has not heard from in :data:`INSTANCE_FORGOTTEN_S`, no longer counts (events from
+        before instances were named count as one)."""
         instances = self._instances.setdefault(event.provider, OrderedDict())
         name = event.instance or ""
         instances.pop(name, None)
@@ -620,34 +620,8 @@ class RouterActor:
         # Aged by when this router heard each one (the instances' clocks may disagree): each
         # live instance repeats itself every HEALTH_HEARTBEAT_S.
         live = [e for e, at in instances.values() if heard - at <= INSTANCE_FORGOTTEN_S]
-        if not live:
-            return ProviderView()  # none left: as before any word (calls find no responder)
         provider = self._providers.get(event.provider)
-        env = provider.api_key_env if provider is not None else None
-
-        def keyless(e: ProviderHealthChanged) -> bool:  # its own finding, as its health
-            return not e.available and env is not None and e.reason == key_not_set(env)
-
-        serving = [e for e in live if not keyless(e)]  # only instances with the key take calls
-        if not serving:
-            last = live[-1]
-            return ProviderView(api_key_present=False, latency_ms=last.latency_estimate_ms)
-        limits = [e.rate_limited_until for e in serving if e.rate_limited_until is not None]
-        unhealthy = [
-            e
-            for e in serving
-            if not (e.available or e.breaker == "open" or e.rate_limited_until is not None)
-        ]
-        latencies = [e.latency_estimate_ms for e in serving if e.latency_estimate_ms is not None]
-        return ProviderView(
-            # The provider's limit (its 429s are the key's, shared): any instance's stands.
-            rate_limited_until=max(limits) if limits else None,
-            # Each instance's own breaker: the provider is closed off when all of them are.
-            breaker_open=all(e.breaker == "open" for e in serving),
-            healthy=len(unhealthy) < len(serving),
-            health_reason=unhealthy[-1].reason if len(unhealthy) == len(serving) else "",
-            latency_ms=latencies[-1] if latencies else None,
-        )
+        return combined_view(live, provider.api_key_env if provider is not None else None)
 
     # --- handlers -----------------------------------------------------------------------------
 
@@ -1239,16 +1213,14 @@ class RouterActor:
                     fallback=True,
                     no_reply=True,  # its hold stays, as for a call that never answered
                 )
-            if ERROR_CLASS_HEADER not in (message.headers or {}):
-                # Not a provider's error but the actor's own (a 500 from a failure inside
-                # vapora, mid-call): whether the provider billed it, or a stream's chunks
-                # reached the caller, is unknown. Its hold stays and a stream does not fall
-                # back, as for a call that never answered.
-                failure = _failure_from(message.headers or {}, message.data)
-                if header(message, _SERVICE_ERROR_CODE) not in _NEVER_RAN:
-                    failure.billed_unknown = failure.chunks_unknown = True
-                return failure
-            return _failure_from(message.headers or {}, message.data)
+            failure = _failure_from(message.headers or {}, message.data)
+            own = ERROR_CLASS_HEADER not in (message.headers or {})
+            if own and header(message, _SERVICE_ERROR_CODE) not in _NEVER_RAN:
+                # Not a provider's error but the actor's own, mid-call (a 500 from a failure
+                # inside vapora): whether the provider billed it, or a stream's chunks reached
+                # the caller, is unknown. Its hold stays and a stream does not fall back.
+                failure.billed_unknown = failure.chunks_unknown = True
+            return failure
         try:
             return decode(message.data, ProviderCallResult)
         except DecodeError as exc:

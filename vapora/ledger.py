@@ -279,21 +279,18 @@ class Ledger:
     async def last_row(self) -> tuple[int, str] | None:
         """The stream sequence and id of the last message recorded (an event, or the
         ``unreadable-<seq>`` placeholder of a message that was none), or None before any."""
-        cursor = await self._db.execute(
-            "SELECT seq, event_id FROM events ORDER BY seq DESC LIMIT 1"
-        )
-        row = await cursor.fetchone()
-        await cursor.close()
-        return None if row is None else (int(row[0]), str(row[1]))
+        return await self._last_of("")
 
     async def last_event(self) -> tuple[int, str] | None:
         """The stream sequence and id of the last event recorded, or None before any: what a
         restart checks the stream against (the same sequence must hold the same event). A
         message that was no event (recorded as ``unreadable-<seq>``) has no id of its own in the
         stream to check: the last event before it is taken."""
+        return await self._last_of(" WHERE event_id != 'unreadable-' || seq")
+
+    async def _last_of(self, where: str) -> tuple[int, str] | None:
         cursor = await self._db.execute(
-            "SELECT seq, event_id FROM events WHERE event_id != 'unreadable-' || seq"
-            " ORDER BY seq DESC LIMIT 1"
+            f"SELECT seq, event_id FROM events{where} ORDER BY seq DESC LIMIT 1"
         )
         row = await cursor.fetchone()
         await cursor.close()
@@ -719,12 +716,13 @@ def period_spend(spends: Iterable[tuple[datetime, Decimal]], at: datetime) -> Pe
     day_end = day_start + timedelta(days=1)
     month_start, month_end = _month_of(at)
     day = month = _ZERO
-    for when, cost in spends:
-        utc = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
-        if month_start <= utc < month_end:
-            month += cost
-            if day_start <= utc < day_end:
-                day += cost
+    with decimal.localcontext(EXACT_SUMS):  # as the keeper's fold sums them
+        for when, cost in spends:
+            utc = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+            if month_start <= utc < month_end:
+                month += cost
+                if day_start <= utc < day_end:
+                    day += cost
     return PeriodSpend(at=at, day=day, month=month)
 
 

@@ -56,11 +56,13 @@ from events.contract import (
     TaskType,
     Tier,
 )
-from vapora.config import Config, ProviderConfig
+from events.log import ProviderHealthChanged
+from vapora.config import Config, ProviderConfig, key_not_set
 from vapora.errors import BudgetExceeded, NoProviderAvailable, UnknownProvider, UnknownTaskType
 
 __all__ = [
     "ProviderView",
+    "combined_view",
     "RouteOverBudget",
     "RouteUnavailable",
     "decide",
@@ -84,6 +86,40 @@ class ProviderView(msgspec.Struct, frozen=True, kw_only=True):
     healthy: bool = True
     health_reason: str = ""
     latency_ms: float | None = None
+
+
+def combined_view(live: Sequence[ProviderHealthChanged], api_key_env: str | None) -> ProviderView:
+    """A provider's view from the last ``provider_health_changed`` of each of its live
+    instances (the most recently heard last): several actor processes may serve one provider,
+    each with its own environment (its API key), breaker and limiter, and a call goes to any
+    of those with the key. None live: the view before any word."""
+    if not live:
+        return ProviderView()
+
+    missing = key_not_set(api_key_env) if api_key_env is not None else None
+
+    def keyless(e: ProviderHealthChanged) -> bool:  # its own finding, as its health
+        return not e.available and e.reason == missing
+
+    serving = [e for e in live if not keyless(e)]  # only instances with the key take calls
+    if not serving:
+        return ProviderView(api_key_present=False, latency_ms=live[-1].latency_estimate_ms)
+    limits = [e.rate_limited_until for e in serving if e.rate_limited_until is not None]
+    unhealthy = [
+        e
+        for e in serving
+        if not (e.available or e.breaker == "open" or e.rate_limited_until is not None)
+    ]
+    latencies = [e.latency_estimate_ms for e in serving if e.latency_estimate_ms is not None]
+    return ProviderView(
+        # The provider's limit (its 429s are the key's, shared): any instance's stands.
+        rate_limited_until=max(limits) if limits else None,
+        # Each instance's own breaker: the provider is closed off when all of them are.
+        breaker_open=all(e.breaker == "open" for e in serving),
+        healthy=len(unhealthy) < len(serving),
+        health_reason=unhealthy[-1].reason if len(unhealthy) == len(serving) else "",
+        latency_ms=latencies[-1] if latencies else None,
+    )
 
 
 class RouteUnavailable(NoProviderAvailable):
