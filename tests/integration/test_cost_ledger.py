@@ -11,6 +11,7 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -42,6 +43,18 @@ from vapora.errors import ConfigError, InvalidRequest, NoProviderAvailable
 from vapora.ledger import Ledger
 
 pytestmark = pytest.mark.anyio
+
+
+async def _refusal_to_start(rt: Any) -> ConfigError:
+    """The ConfigError a ledger on ``rt`` refuses to start with (another stream's file)."""
+    refused: list[ConfigError] = []
+    try:
+        async with running(CostLedger(rt)):
+            pytest.fail("the ledger started on another stream")
+    except* ConfigError as group:
+        refused += group.exceptions  # type: ignore[arg-type]
+    [error] = refused
+    return error
 
 
 async def _caught_up(ledger: CostLedger) -> bool:
@@ -136,13 +149,7 @@ async def test_a_ledger_whose_last_record_is_a_message_that_is_no_event_starts_a
         await rt.log.append(
             spend(task_id=f"new{n}", usage=exact_usage(Decimal("0.03")), at=clock())
         )
-    refused: list[ConfigError] = []
-    try:
-        async with running(CostLedger(rt)):
-            pytest.fail("the ledger started on another stream")
-    except* ConfigError as group:
-        refused += group.exceptions  # type: ignore[arg-type]
-    assert "was built from another event stream" in str(refused[0])
+    assert "was built from another event stream" in str(await _refusal_to_start(rt))
 
 
 async def test_a_ledger_whose_only_record_is_a_message_that_was_no_event_still_checks_its_stream(
@@ -161,13 +168,7 @@ async def test_a_ledger_whose_only_record_is_a_message_that_was_no_event_still_c
     await rt.log.js.delete_stream(rt.log.settings.name)
     await rt.log.ensure_stream()
     await rt.log.append(spend(task_id="new0", usage=exact_usage(Decimal("0.3")), at=clock()))
-    refused: list[ConfigError] = []
-    try:
-        async with running(CostLedger(rt)):
-            pytest.fail("the ledger started on another stream")
-    except* ConfigError as group:
-        refused += group.exceptions  # type: ignore[arg-type]
-    assert "a message that was no event at sequence 1" in str(refused[0])
+    assert "a message that was no event at sequence 1" in str(await _refusal_to_start(rt))
 
 
 async def test_a_ledger_of_another_stream_of_the_same_name_refuses_to_start(
@@ -192,13 +193,7 @@ async def test_a_ledger_of_another_stream_of_the_same_name_refuses_to_start(
         await rt.log.append(
             spend(task_id=f"new{n}", usage=exact_usage(Decimal("0.03")), at=clock())
         )
-    refused: list[ConfigError] = []
-    try:
-        async with running(CostLedger(rt)):
-            pytest.fail("the ledger started on another stream")
-    except* ConfigError as group:
-        refused += group.exceptions  # type: ignore[arg-type]
-    [error] = refused
+    error = await _refusal_to_start(rt)
     assert "was built from another event stream" in str(error)
     assert "Move the file aside" in str(error)
     (tmp_path / LEDGER_FILE).rename(tmp_path / "old-ledger.sqlite3")
