@@ -168,7 +168,9 @@ async def test_first_token_waits_for_the_simulated_ttft(client_for: ClientFactor
 
     assert stream.completion is not None
     assert stream.completion.first_token_ms is not None
-    assert stream.completion.first_token_ms >= 60
+    # The simulator's 60 ms wait is a loop timer, which may fire up to a clock tick (1 ms)
+    # early: 59.9 ms was measured once. What is checked is that the wait is measured at all.
+    assert stream.completion.first_token_ms >= 59
     assert client.first_token_estimate() == stream.completion.first_token_ms
 
 
