@@ -64,6 +64,7 @@ __all__ = [
     "LoggedEvent",
     "PeriodSpend",
     "ReportRow",
+    "ReportSums",
     "SpendRow",
     "cost_report",
     "monthly_projection",
@@ -73,6 +74,7 @@ __all__ = [
 _ZERO = Decimal(0)
 _MICRO = Decimal("0.000001")
 _CHUNK = 500  # rows per executemany inside one batch transaction
+_READ_CHUNK = 2_000  # rows a report reads at a time (it keeps sums, never the rows)
 _BUSY_MS = 5000  # how long a connection waits for another's lock before it says the ledger is busy
 # SQLite's primary result codes: a lock held by another connection, and a file that is no ledger
 # (not a database, damaged, or without the tables and columns this version reads).
@@ -397,16 +399,12 @@ class Ledger:
     async def period_spend(self, at: datetime, *, through: int | None = None) -> PeriodSpend:
         """The spend recorded in the UTC day and the UTC month of ``at`` (:func:`period_spend`),
         by the rows at or below sequence ``through`` if given."""
-        start, end = _month_of(at)
-        bound = " AND seq <= ?" if through is not None else ""
-        params: tuple[object, ...] = (_iso(start), _iso(end))
-        async with self._reading() as db:
-            cursor = await db.execute(
-                f"SELECT at, cost_usd FROM spend WHERE at >= ? AND at < ?{bound}",
-                params if through is None else (*params, through),
-            )
-            rows = await cursor.fetchall()
-        return period_spend(((_parse(when), Decimal(cost)) for when, cost in rows), at)
+        month_start, month_end = _month_of(at)
+        day_start = _utc_midnight(at)
+        async with self._reading() as db:  # summed as they are read: no row is kept
+            day = await _sum_costs(db, day_start, day_start + timedelta(days=1), through)
+            month = await _sum_costs(db, month_start, month_end, through)
+        return PeriodSpend(at=at, day=day, month=month)
 
     async def report(
         self,
@@ -421,24 +419,22 @@ class Ledger:
         reader's, when the ledger actor stopped before applying them), counted as the ledger
         would count them: each id once, never one the ledger already has."""
         month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
-        async with self._reading() as db:
-            rows = await _report_rows(db, since, until)
-            month = await _report_rows(db, month_start, None, through=now)
+        sums = ReportSums()
+        async with self._reading() as db:  # summed as they are read: no row is kept
+            await _sum_window(db, sums, since, until)
+            month_to_date = await _sum_costs(db, month_start, None, through_time=now)
             last = await _read_last(db)
             extra = await _unrecorded(db, tail)
         for event in extra:  # compared as the queries compare: the stored text of each time
             at = _iso(event.at)
-            row = ReportRow(
-                _parse(at), event.provider, event.model, event.task_type.value, event.cost_usd
-            )
             if (since is None or at >= _iso(since)) and (until is None or at < _iso(until)):
-                rows.append(row)
+                sums.add(
+                    ((at, event.provider, event.model, event.task_type.value, event.cost_usd),)
+                )
             if _iso(month_start) <= at <= _iso(now):
-                month.append(row)
-        with decimal.localcontext(EXACT_SUMS):
-            month_to_date = sum((row.cost_usd for row in month), _ZERO)
-        return cost_report(
-            rows,
+                with decimal.localcontext(EXACT_SUMS):
+                    month_to_date += event.cost_usd
+        return sums.report(
             since=since,
             until=until,
             now=now,
@@ -468,14 +464,12 @@ async def _unrecorded(
     return fresh
 
 
-async def _report_rows(
-    db: aiosqlite.Connection,
-    since: datetime | None,
-    until: datetime | None,
-    through: datetime | None = None,
-) -> list[ReportRow]:
+async def _sum_window(
+    db: aiosqlite.Connection, sums: ReportSums, since: datetime | None, until: datetime | None
+) -> None:
+    """Add the spends of ``[since, until)`` to ``sums``, a chunk of rows at a time."""
     clauses, params = [], []
-    for clause, bound in (("at >= ?", since), ("at < ?", until), ("at <= ?", through)):
+    for clause, bound in (("at >= ?", since), ("at < ?", until)):
         if bound is not None:
             clauses.append(clause)
             params.append(_iso(bound))
@@ -483,10 +477,35 @@ async def _report_rows(
     cursor = await db.execute(
         f"SELECT at, provider, model, task_type, cost_usd FROM spend{where}", params
     )
-    return [
-        ReportRow(_parse(at), provider, model, task_type, Decimal(cost))
-        for at, provider, model, task_type, cost in await cursor.fetchall()
-    ]
+    while rows := await cursor.fetchmany(_READ_CHUNK):
+        sums.add(rows)
+
+
+async def _sum_costs(
+    db: aiosqlite.Connection,
+    start: datetime,
+    end: datetime | None,
+    through: int | None = None,
+    *,
+    through_time: datetime | None = None,
+) -> Decimal:
+    """The exact sum of the spends from ``start`` to before ``end`` (or up to and including
+    ``through_time``), at or below sequence ``through`` if given, a chunk of rows at a time."""
+    clauses = ["at >= ?"]
+    params: list[object] = [_iso(start)]
+    for clause, bound in (("at < ?", end), ("at <= ?", through_time)):
+        if bound is not None:
+            clauses.append(clause)
+            params.append(_iso(bound))
+    if through is not None:
+        clauses.append("seq <= ?")
+        params.append(through)
+    cursor = await db.execute(f"SELECT cost_usd FROM spend WHERE {' AND '.join(clauses)}", params)
+    total = _ZERO
+    with decimal.localcontext(EXACT_SUMS):
+        while rows := await cursor.fetchmany(_READ_CHUNK):
+            total += sum(Decimal(cost) for (cost,) in rows)
+    return total
 
 
 async def _add_tiers(db: aiosqlite.Connection) -> None:
@@ -633,58 +652,82 @@ def cost_report(
     month_to_date: Decimal,
     last_sequence: int = 0,
 ) -> CostReport:
-    """:func:`_cost_report`, its sums made exactly (:data:`events.contract.EXACT_SUMS`)."""
-    with decimal.localcontext(EXACT_SUMS):
-        return _cost_report(
-            rows,
-            since=since,
-            until=until,
-            now=now,
-            month_to_date=month_to_date,
-            last_sequence=last_sequence,
-        )
-
-
-def _cost_report(
-    rows: Iterable[ReportRow],
-    *,
-    since: datetime | None,
-    until: datetime | None,
-    now: datetime,
-    month_to_date: Decimal,
-    last_sequence: int = 0,
-) -> CostReport:
     """Totals and breakdowns of ``rows`` (already restricted to the window), the daily average
     over the days observed and the month's projection from ``month_to_date`` at ``now``."""
-    groups: dict[str, defaultdict[str, Decimal]] = {
-        name: defaultdict(Decimal) for name in ("provider", "model", "task_type", "hour", "day")
-    }
-    total, calls = _ZERO, 0
-    for row in rows:
-        cost, stamp = row.cost_usd, _utc_text(row.at)
-        total += cost
-        calls += 1
-        groups["provider"][row.provider] += cost
-        groups["model"][row.model] += cost
-        groups["task_type"][row.task_type] += cost
-        groups["hour"][stamp[:13] + ":00Z"] += cost
-        groups["day"][stamp[:10]] += cost
-    days = _days_spanned(groups["day"])
-    return CostReport(
+    sums = ReportSums()
+    sums.add(
+        (_utc_text(row.at), row.provider, row.model, row.task_type, row.cost_usd) for row in rows
+    )
+    return sums.report(
         since=since,
         until=until,
-        total_usd=total,
-        calls=calls,
-        by_provider=_sorted(groups["provider"]),
-        by_model=_sorted(groups["model"]),
-        by_task_type=_sorted(groups["task_type"]),
-        by_hour=_sorted(groups["hour"]),
-        by_day=_sorted(groups["day"]),
-        days_observed=days,
-        daily_average_usd=_micro(total / days) if days else _ZERO,
-        monthly_projection_usd=monthly_projection(month_to_date, now),
+        now=now,
+        month_to_date=month_to_date,
         last_sequence=last_sequence,
     )
+
+
+class ReportSums:
+    """A cost report's sums, added to a spend at a time: its memory grows with the groups
+    (hour, provider, model, task type), not with the spends. Sums are exact
+    (:data:`events.contract.EXACT_SUMS`)."""
+
+    __slots__ = ("calls", "groups")
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str, str, str], Decimal] = {}
+        self.calls = 0
+
+    def add(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Add spends given as ``(UTC time as ISO text, provider, model, task type, cost)``;
+        the cost a :class:`~decimal.Decimal` or its text (the ledger's stored column)."""
+        groups, calls = self.groups, 0
+        with decimal.localcontext(EXACT_SUMS):
+            for at, provider, model, task_type, cost in rows:
+                key = (at[:13], provider, model, task_type)  # "2026-01-31T23": the UTC hour
+                spent = groups.get(key)
+                groups[key] = Decimal(cost) if spent is None else spent + Decimal(cost)
+                calls += 1
+        self.calls += calls
+
+    def report(
+        self,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        now: datetime,
+        month_to_date: Decimal,
+        last_sequence: int = 0,
+    ) -> CostReport:
+        """The report of the spends added (see the module doc for its figures)."""
+        by: dict[str, defaultdict[str, Decimal]] = {
+            name: defaultdict(Decimal) for name in ("provider", "model", "task_type", "hour", "day")
+        }
+        total = _ZERO
+        with decimal.localcontext(EXACT_SUMS):
+            for (hour, provider, model, task_type), cost in self.groups.items():
+                total += cost
+                by["provider"][provider] += cost
+                by["model"][model] += cost
+                by["task_type"][task_type] += cost
+                by["hour"][hour + ":00Z"] += cost
+                by["day"][hour[:10]] += cost
+            days = _days_spanned(by["day"])
+            return CostReport(
+                since=since,
+                until=until,
+                total_usd=total,
+                calls=self.calls,
+                by_provider=_sorted(by["provider"]),
+                by_model=_sorted(by["model"]),
+                by_task_type=_sorted(by["task_type"]),
+                by_hour=_sorted(by["hour"]),
+                by_day=_sorted(by["day"]),
+                days_observed=days,
+                daily_average_usd=_micro(total / days) if days else _ZERO,
+                monthly_projection_usd=monthly_projection(month_to_date, now),
+                last_sequence=last_sequence,
+            )
 
 
 def monthly_projection(month_to_date: Decimal, now: datetime) -> Decimal:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -435,6 +436,40 @@ async def test_window_bounds_far_in_the_past_or_future_compare_as_times(
         report = await ledger.report(since, until, now=NOW)
     assert report.calls == (everything.calls if counted else 0)
     assert report.total_usd == (everything.total_usd if counted else 0)
+
+
+async def test_a_report_keeps_sums_not_rows_so_a_large_window_needs_little_memory(
+    tmp_path: Path,
+):
+    # A month of a busy deployment is millions of rows; the report held every one of them as
+    # an object (1.1 GB for a million), so one `vapora.report` could take the ledger down.
+    n = 40_000
+    base = datetime(2026, 2, 1, tzinfo=UTC)
+    events = [spend(f"m{i}", base + timedelta(seconds=i), "0.000001") for i in range(n)]
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered(events))
+        peaks = []
+        for read in (
+            lambda: ledger.report(now=base + timedelta(days=1)),
+            lambda: ledger.period_spend(base),
+        ):
+            tracemalloc.start()
+            try:
+                result = await read()
+                peaks.append(tracemalloc.get_traced_memory()[1])
+            finally:
+                tracemalloc.stop()
+            if isinstance(result, PeriodSpend):
+                assert result.day == result.month == Decimal("0.040000")
+            else:
+                assert (result.calls, result.total_usd) == (n, Decimal("0.040000"))
+                assert result.by_hour["2026-02-01T10:00Z"] == Decimal("0.003600")
+        assert await ledger.period_spend(base, through=n // 2) == PeriodSpend(
+            at=base, day=Decimal("0.020000"), month=Decimal("0.020000")
+        )
+    # About 41 MB and 7.7 MB when every row was kept; a chunk of rows at a time now.
+    assert peaks[0] < 10_000_000, peaks
+    assert peaks[1] < 2_000_000, peaks
 
 
 def test_an_empty_report_is_all_zero():
