@@ -5,7 +5,8 @@ It resumes after :meth:`vapora.ledger.Ledger.last_sequence` and applies each bat
 transaction: a crash at any point neither loses nor double-counts an event. Start-up replays the
 log up to its end before the actor reports ready; afterwards a :class:`~actors.follow.LogFollower`
 tails it, surviving server restarts. ``vapora.report`` (:class:`ReportRequest` ->
-:class:`CostReport`) is answered from the database with ``now`` from the runtime clock.
+:class:`CostReport`) is answered from the database with ``now`` from the runtime clock, through a
+read-only connection of its own: a report sees the last committed batch and holds up no apply.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class CostLedger:
         self.position = 0  # the last sequence applied (and committed)
         self.replayed_events = 0
         self._ledger: Ledger | None = None
-        # Reports wait while a batch is being written: they read the same connection, and must
-        # not see half a transaction.
+        # Reports read through a connection of their own (SQLite's WAL: a reader sees the last
+        # commit and never waits for the writer), so a long report never holds up applying.
+        self._reader: Ledger | None = None
+        # A stopping ledger lets a batch being written commit before it is cancelled.
         self._lock = anyio.Lock()
         self._stopping = anyio.Event()
 
@@ -68,8 +71,11 @@ class CostLedger:
         started = time.monotonic()
         await self.log.ensure_stream()
         await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
-        async with await Ledger.open(self.path) as ledger:
-            self._ledger = ledger
+        async with (
+            await Ledger.open(self.path) as ledger,
+            await Ledger.open_read_only(self.path) as reader,
+        ):
+            self._ledger, self._reader = ledger, reader
             self.position = await ledger.last_sequence()
             await self._check_same_stream(ledger)
             wildcard = self.log.settings.wildcard
@@ -196,9 +202,8 @@ class CostLedger:
         since, until = request.since, request.until
         if since is not None and until is not None and _aware(since) > _aware(until):
             raise InvalidRequest("`since` must not be after `until`")
-        assert self._ledger is not None
-        async with self._lock:
-            return await self._ledger.report(since, until, now=self.runtime.clock())
+        assert self._reader is not None
+        return await self._reader.report(since, until, now=self.runtime.clock())
 
 
 async def _serve(

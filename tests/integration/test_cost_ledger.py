@@ -37,6 +37,7 @@ from tests.fault.money import (
     total_spend,
     usage_costing_at_most,
 )
+from vapora import ledger as ledger_module
 from vapora.cli import money as commands_money
 from vapora.cli.money import audit_command, budget_command, events_command, report_command
 from vapora.errors import ConfigError, InvalidRequest, NoProviderAvailable
@@ -124,6 +125,41 @@ async def test_the_ledger_has_every_event_once_across_restarts_and_reports_the_s
     assert report.by_provider == {p: v for p, v in sorted(by_provider.items()) if v}
     assert windowed.calls == 6  # one call every 10 minutes: [first, first + 1 h)
     assert windowed.total_usd == sum(e.cost_usd for e in spent[:6])
+
+
+async def test_a_report_in_progress_holds_up_no_event_being_applied(
+    conn: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A report over a large window reads for seconds; it read through the writer's connection
+    # under the writer's lock, so the ledger applied nothing meanwhile.
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    reading, release = anyio.Event(), anyio.Event()
+    sum_window = ledger_module._sum_window
+
+    async def slow_sum_window(*args: Any) -> None:
+        await sum_window(*args)
+        reading.set()
+        await release.wait()  # a report still reading its window
+
+    monkeypatch.setattr(ledger_module, "_sum_window", slow_sum_window)
+    await rt.log.ensure_stream()
+    await rt.log.append(spend(task_id="t-1", usage=exact_usage(Decimal("0.03")), at=clock()))
+    async with running(CostLedger(rt)) as ledger, anyio.create_task_group() as tg:
+        answers: list[CostReport] = []
+
+        async def report() -> None:
+            answers.append((await ask(conn, subjects.REPORT, b"{}")).as_(CostReport))
+
+        tg.start_soon(report)
+        with anyio.fail_after(10):
+            await reading.wait()
+        await rt.log.append(spend(task_id="t-2", usage=exact_usage(Decimal("0.06")), at=clock()))
+        await eventually(lambda: _caught_up(ledger))  # applied while the report reads
+        release.set()
+    [answer] = answers
+    # The report is the state its read began in: the first spend, and its sequence.
+    assert (answer.calls, answer.total_usd, answer.last_sequence) == (1, Decimal("0.03"), 1)
 
 
 async def test_a_ledger_whose_last_record_is_a_message_that_is_no_event_starts_again(
