@@ -134,7 +134,16 @@ def check_amount(name: str, value: Decimal | None, *, request: bool = False) -> 
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base of every message: immutable, keyword-only, unknown fields rejected."""
+    """Base of every request vapora receives: immutable, keyword-only, an unknown field rejected
+    (a 400 naming it: a misspelt field is the caller's mistake, never silently dropped)."""
+
+
+class _Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of what vapora writes for others to read (replies, stream messages and the parts of
+    events): immutable, keyword-only, an unknown field skipped. A newer writer may add fields
+    (DESIGN §3: new fields get defaults), and an older reader, a caller's client or an actor
+    replaying the log, still reads the rest: rejected, a newer log's spend would be unreadable
+    to an older ledger or keeper."""
 
 
 class ChatMessage(_Message, frozen=True, kw_only=True):
@@ -175,7 +184,7 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
         check_amount("budget_cents", self.budget_cents, request=True)
 
 
-class Usage(_Message, frozen=True, kw_only=True):
+class Usage(_Reply, frozen=True, kw_only=True):
     """Provider-reported token counts. ``input_tokens`` includes both cache counts."""
 
     input_tokens: Tokens = 0
@@ -184,7 +193,7 @@ class Usage(_Message, frozen=True, kw_only=True):
     cache_write_tokens: Tokens = 0
 
 
-class PriceTier(_Message, frozen=True, kw_only=True):
+class PriceTier(_Reply, frozen=True, kw_only=True):
     """Long-context rates, per million tokens: they apply to *every* token of a call whose input
     (cache reads and writes included) exceeds ``above_input_tokens`` (a cliff, not a marginal
     rate, as the providers bill it)."""
@@ -200,7 +209,7 @@ class PriceTier(_Message, frozen=True, kw_only=True):
             check_amount(f"{name}_per_mtok", getattr(self, f"{name}_per_mtok"))
 
 
-class Price(_Message, frozen=True, kw_only=True, omit_defaults=True):
+class Price(_Reply, frozen=True, kw_only=True, omit_defaults=True):
     """The prices a cost was computed from, per million tokens, and where they came from.
 
     ``tiers`` (an extension, in ascending ``above_input_tokens``): long-context rates that
@@ -221,7 +230,7 @@ class Price(_Message, frozen=True, kw_only=True, omit_defaults=True):
             raise ValueError("`tiers` must be in strictly ascending `above_input_tokens`")
 
 
-class Attempt(_Message, frozen=True, kw_only=True):
+class Attempt(_Reply, frozen=True, kw_only=True):
     provider: str
     model: str
     outcome: Outcome
@@ -230,7 +239,7 @@ class Attempt(_Message, frozen=True, kw_only=True):
     cost_usd: Money = Decimal(0)
 
 
-class FilterVerdict(_Message, frozen=True, kw_only=True):
+class FilterVerdict(_Reply, frozen=True, kw_only=True):
     """One routing filter's verdict on one candidate: kept or dropped, and why."""
 
     filter: str
@@ -238,7 +247,7 @@ class FilterVerdict(_Message, frozen=True, kw_only=True):
     reason: str = ""
 
 
-class Candidate(_Message, frozen=True, kw_only=True):
+class Candidate(_Reply, frozen=True, kw_only=True):
     provider: str
     model: str
     verdicts: list[FilterVerdict] = []
@@ -247,7 +256,7 @@ class Candidate(_Message, frozen=True, kw_only=True):
     kept: bool = False
 
 
-class RouteDecision(_Message, frozen=True, kw_only=True):
+class RouteDecision(_Reply, frozen=True, kw_only=True):
     """Why the router chose what it chose: every candidate with each filter's verdict and score."""
 
     reason: str
@@ -256,7 +265,7 @@ class RouteDecision(_Message, frozen=True, kw_only=True):
     tier: Tier = Tier.NORMAL
 
 
-class CompletionResult(_Message, frozen=True, kw_only=True):
+class CompletionResult(_Reply, frozen=True, kw_only=True):
     task_id: str
     provider: str
     model: str
@@ -269,13 +278,13 @@ class CompletionResult(_Message, frozen=True, kw_only=True):
     route: RouteDecision
 
 
-class StreamChunk(_Message, tag="chunk", tag_field="type", frozen=True, kw_only=True):
+class StreamChunk(_Reply, tag="chunk", tag_field="type", frozen=True, kw_only=True):
     task_id: str
     seq: Annotated[int, msgspec.Meta(ge=0)]
     text: str
 
 
-class StreamEnd(_Message, tag="end", tag_field="type", frozen=True, kw_only=True):
+class StreamEnd(_Reply, tag="end", tag_field="type", frozen=True, kw_only=True):
     """The last message of a successful stream: every CompletionResult field but ``text``.
 
     ``chunks`` (an extension): how many ``chunk`` messages the stream sent, ``seq`` 0 to
@@ -295,12 +304,12 @@ class StreamEnd(_Message, tag="end", tag_field="type", frozen=True, kw_only=True
     chunks: int | None = None
 
 
-class ErrorBody(_Message, frozen=True, kw_only=True):
+class ErrorBody(_Reply, frozen=True, kw_only=True):
     code: str
     message: str
 
 
-class StreamError(_Message, tag="error", tag_field="type", frozen=True, kw_only=True):
+class StreamError(_Reply, tag="error", tag_field="type", frozen=True, kw_only=True):
     error: ErrorBody
     task_id: str | None = None
     usage: Usage | None = None
@@ -310,7 +319,7 @@ class StreamError(_Message, tag="error", tag_field="type", frozen=True, kw_only=
 StreamMessage = StreamChunk | StreamEnd | StreamError
 
 
-class ErrorReply(_Message, frozen=True, kw_only=True):
+class ErrorReply(_Reply, frozen=True, kw_only=True):
     """The body of every error reply (with ``Nats-Service-Error(-Code)`` headers)."""
 
     error: ErrorBody
@@ -343,7 +352,7 @@ class ReportRequest(_Message, frozen=True, kw_only=True):
     until: datetime | None = None
 
 
-class CostReport(_Message, frozen=True, kw_only=True):
+class CostReport(_Reply, frozen=True, kw_only=True):
     """The ledger's cost report; every figure is a sum of ``spend_recorded`` events."""
 
     since: datetime | None
@@ -365,7 +374,7 @@ class BudgetStatusRequest(_Message, frozen=True, kw_only=True):
     """``vapora.budget`` takes an empty object."""
 
 
-class BudgetStatus(_Message, frozen=True, kw_only=True):
+class BudgetStatus(_Reply, frozen=True, kw_only=True):
     at: datetime
     tier: Tier
     daily_limit_usd: Money | None
@@ -407,7 +416,7 @@ class ProviderCall(_Message, frozen=True, kw_only=True):
     stream_to: str | None = None
 
 
-class ProviderCallResult(_Message, frozen=True, kw_only=True):
+class ProviderCallResult(_Reply, frozen=True, kw_only=True):
     """Provider actor -> router: what one attempt produced (a failure comes as an error reply)."""
 
     provider: str
@@ -436,7 +445,7 @@ class BudgetReserve(_Message, frozen=True, kw_only=True):
         check_amount("task_limit_usd", self.task_limit_usd, request=True)
 
 
-class BudgetReserveReply(_Message, frozen=True, kw_only=True):
+class BudgetReserveReply(_Reply, frozen=True, kw_only=True):
     admitted: bool
     reservation_id: str
     tier: Tier
@@ -467,7 +476,7 @@ class BudgetLeaseRequest(_Message, frozen=True, kw_only=True):
         check_amount("min_usd", self.min_usd, request=True)
 
 
-class BudgetLeaseReply(_Message, frozen=True, kw_only=True):
+class BudgetLeaseReply(_Reply, frozen=True, kw_only=True):
     """``granted_usd`` is the lease's cumulative total (spend against it included)."""
 
     granted: bool
