@@ -181,10 +181,20 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
     once.
     """
     path = Path(data_dir) / LEDGER_FILE
-    if await log.last_sequence() == 0:
+    events = await log.last_sequence()
+    if events == 0:
         return 2, (
             "audit: the event log is empty: nothing to audit (is this the deployment's NATS "
             "server, or its data directory?)"
+        )
+    if not await anyio.Path(path).exists():
+        # Most often the wrong directory (the default is relative to where the command runs):
+        # said as such, not as every spend of the log missing from a ledger.
+        return 2, (
+            f"audit: no ledger database at {path}: the cost ledger writes {LEDGER_FILE} in the "
+            "deployment's data directory; pass it with --data-dir, or the deployment's config "
+            f"with --config (the event log holds {events} events). A ledger whose file was "
+            "lost is rebuilt from the log when the ledger actor starts again."
         )
     fold = await _keeper_status(nc) is not None  # the fold is for a keeper to compare with
     for attempt in range(_AUDIT_ATTEMPTS):
@@ -209,7 +219,7 @@ async def _audit_once(
     end = await log.last_sequence()
     auditor = Auditor(fold=fold)
     async with _ledger_at(path) as ledger:
-        if ledger is None:
+        if ledger is None:  # removed since the command looked
             notes.append(f"audit: no ledger database at {path}; every spend is missing from it")
         else:
             await _ledger_reached(ledger, end)  # a ledger that lags further: missing rows
