@@ -31,8 +31,9 @@ Report math (:func:`cost_report`, pure)
       spend in the window, inclusive (idle days between them count as observed days with zero);
       ``daily_average_usd`` = total / days_observed.
     * ``monthly_projection_usd`` is the current month's run rate: spend from the first of ``now``'s
-      UTC month up to ``now`` / days elapsed (``now.day``, today counted as a whole day) * days in
-      the month. It ignores the report window.
+      UTC month up to ``now`` / the days of the month observed (from the UTC day of the month's
+      first spend to today, both counted whole) * days in the month. It ignores the report
+      window.
     * Averages and projections are rounded to micro-dollars; totals and breakdowns are exact.
 """
 
@@ -423,6 +424,7 @@ class Ledger:
         async with self._reading() as db:  # summed as they are read: no row is kept
             await _sum_window(db, sums, since, until)
             month_to_date = await _sum_costs(db, month_start, None, through_time=now)
+            first = await _first_time(db, month_start, now)
             last = await _read_last(db)
             extra = await _unrecorded(db, tail)
         for event in extra:  # compared as the queries compare: the stored text of each time
@@ -432,6 +434,7 @@ class Ledger:
                     ((at, event.provider, event.model, event.task_type.value, event.cost_usd),)
                 )
             if _iso(month_start) <= at <= _iso(now):
+                first = at if first is None else min(first, at)
                 with decimal.localcontext(EXACT_SUMS):
                     month_to_date += event.cost_usd
         return sums.report(
@@ -439,6 +442,7 @@ class Ledger:
             until=until,
             now=now,
             month_to_date=month_to_date,
+            month_first=None if first is None else _parse(first),
             last_sequence=max([last, *(seq for _, seq in tail)]),
         )
 
@@ -479,6 +483,15 @@ async def _sum_window(
     )
     while rows := await cursor.fetchmany(_READ_CHUNK):
         sums.add(rows)
+
+
+async def _first_time(db: aiosqlite.Connection, start: datetime, through: datetime) -> str | None:
+    """The stored time of the first spend from ``start`` up to and including ``through``."""
+    cursor = await db.execute(
+        "SELECT MIN(at) FROM spend WHERE at >= ? AND at <= ?", (_iso(start), _iso(through))
+    )
+    row = await cursor.fetchone()
+    return None if row is None else row[0]
 
 
 async def _sum_costs(
@@ -650,10 +663,12 @@ def cost_report(
     until: datetime | None,
     now: datetime,
     month_to_date: Decimal,
+    month_first: datetime | None = None,
     last_sequence: int = 0,
 ) -> CostReport:
     """Totals and breakdowns of ``rows`` (already restricted to the window), the daily average
-    over the days observed and the month's projection from ``month_to_date`` at ``now``."""
+    over the days observed and the month's projection from ``month_to_date`` (the spend of
+    ``now``'s month up to it, the first of it at ``month_first``) at ``now``."""
     sums = ReportSums()
     sums.add(
         (_utc_text(row.at), row.provider, row.model, row.task_type, row.cost_usd) for row in rows
@@ -663,6 +678,7 @@ def cost_report(
         until=until,
         now=now,
         month_to_date=month_to_date,
+        month_first=month_first,
         last_sequence=last_sequence,
     )
 
@@ -697,6 +713,7 @@ class ReportSums:
         until: datetime | None,
         now: datetime,
         month_to_date: Decimal,
+        month_first: datetime | None = None,
         last_sequence: int = 0,
     ) -> CostReport:
         """The report of the spends added (see the module doc for its figures)."""
@@ -725,16 +742,26 @@ class ReportSums:
                 by_day=_sorted(by["day"]),
                 days_observed=days,
                 daily_average_usd=_micro(total / days) if days else _ZERO,
-                monthly_projection_usd=monthly_projection(month_to_date, now),
+                monthly_projection_usd=monthly_projection(month_to_date, now, month_first),
                 last_sequence=last_sequence,
             )
 
 
-def monthly_projection(month_to_date: Decimal, now: datetime) -> Decimal:
-    """This month's spend so far / days elapsed (today included) * days in the month."""
+def monthly_projection(
+    month_to_date: Decimal, now: datetime, first: datetime | None = None
+) -> Decimal:
+    """This month's spend so far / the days of it observed * days in the month. The days
+    observed run from ``first`` (the month's first spend; the 1st when not given) to today, both
+    counted whole: a deployment that started spending on the 20th is projected at its own rate,
+    not at a third of it."""
     now = now.astimezone(UTC)
     days_in_month = calendar.monthrange(now.year, now.month)[1]
-    return _micro(month_to_date / now.day * days_in_month)
+    start = 1
+    if first is not None:
+        first = first.astimezone(UTC) if first.tzinfo else first.replace(tzinfo=UTC)
+        if (first.year, first.month) == (now.year, now.month):
+            start = min(first.day, now.day)
+    return _micro(month_to_date / (now.day - start + 1) * days_in_month)
 
 
 def _days_spanned(by_day: dict[str, Decimal]) -> int:

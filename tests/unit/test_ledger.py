@@ -484,6 +484,30 @@ def test_the_monthly_projection_is_the_run_rate_of_the_current_month():
     assert monthly_projection(Decimal(3), datetime(2028, 2, 2, tzinfo=UTC)) == Decimal("43.5")
 
 
+def test_the_monthly_projection_counts_the_days_from_the_months_first_spend():
+    # DESIGN §6.4: from the actual days observed. A deployment that started spending on the
+    # 21st was projected over all 31 days, at about a third of its rate.
+    now = datetime(2026, 1, 31, 23, tzinfo=UTC)
+    assert monthly_projection(Decimal(11), now, datetime(2026, 1, 21, 8, tzinfo=UTC)) == 31
+    assert monthly_projection(Decimal(11), now, datetime(2026, 1, 31, 22, tzinfo=UTC)) == 341
+    # A first spend in another month, or after now (a clock ahead): the month's own days.
+    assert monthly_projection(Decimal(31), now, datetime(2025, 12, 30, tzinfo=UTC)) == 31
+    assert monthly_projection(Decimal(1), now, datetime(2026, 2, 1, 1, tzinfo=UTC)) == 1
+
+
+async def test_the_ledgers_projection_starts_at_its_first_spend_of_the_month(tmp_path: Path):
+    events = [
+        spend("dec", datetime(2025, 12, 31, 12, tzinfo=UTC), "50"),  # last month: not counted
+        spend("j21", datetime(2026, 1, 21, 9, tzinfo=UTC), "5"),
+        spend("j25", datetime(2026, 1, 25, 9, tzinfo=UTC), "6"),
+    ]
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        await ledger.apply_many(numbered(events))
+        report = await ledger.report(now=datetime(2026, 1, 31, 23, tzinfo=UTC))
+    # $11 over the 11 days from the 21st to the 31st, for 31 days (before: $11 / 31 * 31).
+    assert report.monthly_projection_usd == 31
+
+
 def test_report_rows_are_grouped_by_their_utc_hour():
     paris = datetime(2026, 2, 1, 0, 30, tzinfo=UTC).astimezone(timezone(timedelta(hours=1)))
     row = ReportRow(paris, "p", "m", "GeneralQuery", Decimal(1))
