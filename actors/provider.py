@@ -74,6 +74,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import httpx
+import msgspec
 from opentelemetry import context as otel_context
 
 from actors import tracing
@@ -87,6 +88,7 @@ from actors.service import (
     error_headers,
     error_payload,
     reply_problem,
+    reply_room,
 )
 from events import subjects
 from events.codec import DecodeError, decode, encode
@@ -94,7 +96,6 @@ from events.contract import (
     BudgetPending,
     Price,
     ProviderCall,
-    ProviderCallResult,
     StreamCancel,
     StreamChunk,
     Usage,
@@ -315,6 +316,11 @@ def _counts_against_breaker(error: ProviderError) -> bool:
     return not isinstance(error, ProviderRejected | ProviderRateLimited)
 
 
+#: Room a provider actor's answer leaves in a NATS message for what the router's answer adds to
+#: it (the route decision, the attempts).
+_ROUTER_ROOM = 64 * 1024
+
+
 class ProviderActor:
     """Serves ``vapora.provider.<name>.call`` for one configured provider (see the module doc)."""
 
@@ -480,7 +486,7 @@ class ProviderActor:
 
     # --- one call -----------------------------------------------------------------------------
 
-    async def _call(self, call: ProviderCall, ctx: RequestContext) -> ProviderCallResult | None:
+    async def _call(self, call: ProviderCall, ctx: RequestContext) -> bytes | None:
         TASK_ID.set(call.task_id)
         if call.stream_to is not None:  # checked before the provider is paid for a stream
             problem = reply_problem(call.stream_to, self.service.reserved_replies)
@@ -536,7 +542,25 @@ class ProviderActor:
             await self._record([unknown])
             raise
         await self._succeeded(call, done)
-        return done.to_call_result()
+        result = done.to_call_result()
+        if call.stream_to:  # the text went to the caller in chunks: the router needs the rest
+            return encode(msgspec.structs.replace(result, text=""))
+        reply = encode(result)
+        if len(reply) > reply_room(ctx.nc) - _ROUTER_ROOM:
+            # Too large for one NATS message (the router's answer adds its route to it): the
+            # call is billed and recorded; said to the caller as such, with no fallback (the
+            # next provider's answer would be as long, and paid for again).
+            too_large = ProviderRejected(
+                f"{self.config.name}: the answer is {len(reply)} bytes, more than the NATS "
+                f"server carries in one message (max_payload {ctx.nc.max_payload} bytes); "
+                "vapora.stream sends it in chunks, or ask for fewer max_tokens",
+                provider=self.config.name,
+                error_type="answer_too_large",
+                usage=done.usage,
+            )
+            await self._reply_error(ctx, too_large, called=True, price=done.price)
+            return None
+        return reply
 
     def _admit(self) -> ProviderError | None:
         """None when the call may go ahead; else why not (rate limit or breaker)."""

@@ -1222,9 +1222,14 @@ class RouterActor:
                 failure.billed_unknown = failure.chunks_unknown = True
             return failure
         try:
-            return decode(message.data, ProviderCallResult)
+            # Up to what the server carries: an answer may be longer than a request may be.
+            return decode(message.data, ProviderCallResult, max_bytes=self.runtime.nc.max_payload)
         except DecodeError as exc:
-            return _Failure("internal", f"{provider.name}: unreadable reply: {exc}", True)
+            # The actor answered as for a call made: the provider billed it. Its hold stays
+            # until the spend settles it, and no other provider is paid for the same answer.
+            failure = _Failure("internal", f"{provider.name}: unreadable reply: {exc}", False)
+            failure.billed_unknown = failure.chunks_unknown = True
+            return failure
 
     @staticmethod
     def _attempt(

@@ -78,6 +78,18 @@ def reply_problem(reply: str, reserved: tuple[str, ...]) -> str | None:
 
 T = TypeVar("T")
 Reply = msgspec.Struct | bytes | None
+
+#: Room kept in a message for its headers (trace context, error headers): a reply's body may
+#: take the server's ``max_payload`` less this.
+HEADER_ROOM = 16 * 1024
+
+
+def reply_room(nc: Any) -> int:
+    """The most bytes a reply's body may have on connection ``nc`` (its server's
+    ``max_payload``, headers' room kept)."""
+    return int(nc.max_payload) - HEADER_ROOM
+
+
 Handler = Callable[[T, "RequestContext"], Awaitable[Reply]]
 
 
@@ -617,6 +629,22 @@ class ActorService:
         else:
             if reply is not None and reply_to:
                 payload = reply if isinstance(reply, bytes) else encode(reply)
+                if len(payload) > reply_room(self.nc):
+                    # Published, it raised and nobody was answered: the caller waited out its
+                    # time while what the handler did (a billed call) was done.
+                    log.error(
+                        "%s: the %s reply is %d bytes, more than the NATS server carries",
+                        self.name,
+                        endpoint.name,
+                        len(payload),
+                    )
+                    too_large = InternalError(
+                        f"the answer is {len(payload)} bytes, more than the NATS server carries "
+                        f"in one message (max_payload {self.nc.max_payload} bytes); a stream "
+                        "sends an answer in chunks"
+                    )
+                    await self._reply_error(served, reply_to, too_large)
+                    return
                 await self.nc.publish(reply_to, payload, headers=tracing.inject() or None)
 
     @staticmethod

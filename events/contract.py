@@ -417,7 +417,8 @@ class ProviderCall(_Message, frozen=True, kw_only=True):
 
 
 class ProviderCallResult(_Reply, frozen=True, kw_only=True):
-    """Provider actor -> router: what one attempt produced (a failure comes as an error reply)."""
+    """Provider actor -> router: what one attempt produced (a failure comes as an error reply).
+    ``text`` is empty for a stream: its chunks went to the caller directly."""
 
     provider: str
     model: str

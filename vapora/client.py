@@ -180,7 +180,8 @@ class Client:
             if error is not None:
                 raise error
             try:
-                return decode(message.data, reply_type)
+                # Up to what the server carries: an answer may be longer than a request may be.
+                return decode(message.data, reply_type, max_bytes=self.nc.max_payload)
             except DecodeError as exc:
                 raise InternalError(f"unreadable reply on {subject}: {exc}") from exc
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from events.contract import Price, Quality, TaskType
+from events.contract import MAX_AMOUNT, Price, Quality, TaskType
 from events.subjects import inbox_prefix
 from vapora import pricing
 from vapora.errors import ConfigError
@@ -147,7 +147,7 @@ DEFAULT_MAPPINGS: Final[Mapping[TaskType, tuple[str, ...]]] = {
     TaskType.EMBEDDINGS: ("ollama", "openai"),
 }
 
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")  # a name is a NATS subject token
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]+")  # a name is a NATS subject token (fullmatch)
 _NATS_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
 _HTTP_SCHEMES: Final = frozenset({"http", "https"})
 
@@ -556,12 +556,25 @@ def _check_unit(path: str, value: float) -> None:
         raise _Invalid(path, f"must be between 0 and 1, got {value}")
 
 
-def _check_money(path: str, value: Decimal | None, *, positive: bool = False) -> None:
+#: The largest budget amount a config may name, in cents: the contract's bound on an amount
+#: (10^15 USD); past it a limit could not be sent in a reservation or a lease.
+MAX_CENTS = MAX_AMOUNT * 100
+#: The largest price per million tokens a config may name (USD): 10,000, over ten times the
+#: dearest model sold. With every token count a provider may report (2^53 each), no call's cost
+#: then passes the contract's bound, so every call's spend can be recorded.
+MAX_PRICE_PER_MTOK = Decimal(10_000)
+
+
+def _check_money(
+    path: str, value: Decimal | None, *, positive: bool = False, most: Decimal = MAX_CENTS
+) -> None:
     if value is None:
         return
     if not value.is_finite() or value < 0 or (positive and value == 0):
         bound = "> 0 (omit the key for no limit)" if positive else ">= 0"
         raise _Invalid(path, f"must be a finite number {bound}, got {value}")
+    if value > most:
+        raise _Invalid(path, f"must be at most {most:,f}, got {value}")
 
 
 #: The longest duration a ``*_ms`` key may give: a day (past it, timers overflow).
@@ -628,7 +641,7 @@ def _base_url(path: str, raw: _ProviderFile, kind: ProviderKind) -> str:
 
 
 def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
-    if not _NAME_RE.match(raw.name):
+    if not _NAME_RE.fullmatch(raw.name):
         raise _Invalid(f"{path}.name", f"{raw.name!r} must be letters, digits, '-' or '_'")
     if not raw.model.strip():
         raise _Invalid(f"{path}.model", "must not be empty")
@@ -649,7 +662,8 @@ def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
     if raw.priority is not None and raw.priority < 0:
         raise _Invalid(f"{path}.priority", f"must be >= 0, got {raw.priority}")
     for key in ("cost_per_1k_tokens", "input_price_per_mtok", "output_price_per_mtok"):
-        _check_money(f"{path}.{key}", getattr(raw, key))
+        most = MAX_PRICE_PER_MTOK / (1000 if key == "cost_per_1k_tokens" else 1)
+        _check_money(f"{path}.{key}", getattr(raw, key), most=most)
     if (raw.input_price_per_mtok is None) != (raw.output_price_per_mtok is None):
         raise _Invalid(path, "give both input_price_per_mtok and output_price_per_mtok, or neither")
 

@@ -137,11 +137,15 @@ async def deployment(
     router_options: Mapping[str, Any] | None = None,
     provider_options: Mapping[str, Any] | None = None,
     sim: Simulator | None = None,
+    server_config: str = "",
 ) -> AsyncIterator[Deployment]:
     """``config_for(base_url) -> config text``; starts the named provider actors (default all)
-    and the router, yields, then stops everything."""
+    and the router, yields, then stops everything. ``server_config``: nats-server settings
+    added to (and overriding) the embedded server's."""
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(EmbeddedNats(tmp_path / "nats"))
+        server = await stack.enter_async_context(
+            EmbeddedNats(tmp_path / "nats", extra_config=server_config)
+        )
         if sim is None:
             sim = await stack.enter_async_context(Simulator())
         config = make_config(config_for(sim.base_url))

@@ -160,6 +160,33 @@ async def test_claude_overloaded_falls_back_to_the_next_in_the_chain_and_the_log
         assert spend.provider == following and spend.cost_usd == result.cost_usd
 
 
+async def test_a_long_answer_is_delivered_and_one_too_long_for_nats_is_a_502_paid_once(
+    tmp_path: Path,
+) -> None:
+    # A server carrying 2 MB a message. An answer of 1.5 MB was "unreadable" to the router (a
+    # request's 1 MiB limit), and one over 2 MB raised in the provider actor and was answered
+    # by nobody: either way the task fell back, paying each next provider for the same answer.
+    models = {"claude": "claude-opus-4-5-len-500000", "openai": "gpt-4-len-300000"}
+    async with deployment(
+        tmp_path, guide(models=models), server_config="max_payload: 2MB\n"
+    ) as dep:
+        result = await dep.client.complete(prompt="abcd", provider="openai", max_tokens=300_000)
+        assert len(result.text) == 300_000 * 5 - 1 and result.provider == "openai"
+        with pytest.raises(ProviderRejected, match="more than the NATS server carries") as raised:
+            await dep.client.complete(
+                prompt="abcd",
+                task_type="CodeGeneration",
+                quality="High",
+                task_id="t-long",
+                max_tokens=500_000,
+            )
+        assert "vapora.stream" in str(raised.value)
+        events = await dep.events_of("t-long")
+        assert not [e for e in events if isinstance(e, FallbackTriggered)]
+        [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+        assert spend.provider == "claude" and spend.output_tokens == 500_000
+
+
 async def test_claude_hanging_past_its_timeout_falls_back(tmp_path: Path) -> None:
     config = guide(models={"claude": "claude-opus-4-5-hang"}, timeouts={"claude": 300})
     async with deployment(tmp_path, config) as dep:

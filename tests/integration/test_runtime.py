@@ -736,3 +736,22 @@ async def test_requests_still_waiting_when_the_drain_ends_are_answered_503_at_on
     assert (waiting.headers or {}).get("Nats-Service-Error-Code") == "503"
     assert json.loads(waiting.data)["error"]["code"] == "overloaded"
     assert "stopped before this request started" in json.loads(waiting.data)["error"]["message"]
+
+
+async def test_a_reply_larger_than_the_server_carries_is_answered_with_an_error_that_says_so(
+    nc: NATS, unique: str
+) -> None:
+    # Published, it raised in the actor and nobody was answered: the caller waited out its
+    # timeout while what the handler did (a billed call) was done.
+    async def huge(request: CompletionRequest, context: RequestContext) -> bytes:
+        return b'"' + b"x" * nc.max_payload + b'"'
+
+    subject = f"t{unique}.huge"
+    actor = one_endpoint(nc, f"huge-{unique}", subject, huge)
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        headers, data = await ask(nc, subject, b'{"prompt": "hi"}')
+        actor.stop()
+    assert headers["Nats-Service-Error-Code"] == "500"
+    message = decode(data, ErrorReply).error.message
+    assert "more than the NATS server carries" in message and str(nc.max_payload) in message

@@ -293,6 +293,41 @@ BAD = [
     ("negative limit", BASE + "[budget]\ndaily_limit_cents = -5\n", "budget.daily_limit_cents"),
     ("zero limit", BASE + "[budget]\nper_task_limit_cents = 0\n", "budget.per_task_limit_cents"),
     ("NaN limit", BASE + "[budget]\nmonthly_limit_cents = nan\n", "budget.monthly_limit_cents"),
+    # Past the contract's 10^15 USD no reservation or lease could carry the limit: every paid
+    # request was a 500 (the keeper's and the router's messages refused it).
+    (
+        "limit past what a reservation carries",
+        BASE + '[budget]\nper_task_limit_cents = "1e30"\n',
+        "budget.per_task_limit_cents: must be at most 100,000,000,000,000,000",
+    ),
+    (
+        "lease past what a lease carries",
+        BASE + '[budget]\nlease_cents = "1e25"\n',
+        "budget.lease_cents: must be at most",
+    ),
+    # A price so high that a call's cost could not be recorded: the call was billed and its
+    # spend lost (its event refused).
+    (
+        "price past any model's",
+        BASE.replace("cost_per_1k_tokens = 0.015", 'cost_per_1k_tokens = "1e20"'),
+        "providers[0].cost_per_1k_tokens: must be at most 10",
+    ),
+    (
+        "price per million past any model's",
+        BASE.replace(
+            "cost_per_1k_tokens = 0.015",
+            'input_price_per_mtok = "1e999999"\noutput_price_per_mtok = 1',
+        ),
+        "providers[0].input_price_per_mtok: must be at most 10,000",
+    ),
+    # `$` matched before a last newline: the name passed, and `vapora up` died on the subject.
+    (
+        "provider name ending in a newline",
+        BASE.replace('name = "gemini"', 'name = "gemini\\n"').replace(
+            '["gemini"]', '["gemini\\n"]'
+        ),
+        "providers[1].name",
+    ),
     (
         "warn threshold at 50",
         BASE + "[budget]\nwarn_threshold_percent = 50\n",
