@@ -3,6 +3,7 @@ actors and the router, called through ``vapora.Client`` (DESIGN §3-§4, issue 4
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from decimal import Decimal
@@ -11,10 +12,18 @@ from pathlib import Path
 import anyio
 import pytest
 
+import vapora
 from actors.router import RouterActor
-from events.contract import Outcome
+from actors.server import EmbeddedNats
+from events.contract import CompletionResult, Outcome
 from events.log import CallFailed, CallSucceeded, FallbackTriggered, RouteDecided, SpendRecorded
-from tests.fault.provider_harness import KEYS, config_text, deployment, wait_until_served
+from tests.fault.provider_harness import (
+    KEYS,
+    config_text,
+    deployment,
+    until,
+    wait_until_served,
+)
 from vapora.errors import (
     BudgetExceeded,
     InvalidRequest,
@@ -316,3 +325,36 @@ async def test_a_provider_actors_error_replies_are_counted_in_its_service_stats(
     [endpoint] = json.loads(reply.data)["endpoints"]
     assert (endpoint["num_requests"], endpoint["num_errors"]) == (3, 3)
     assert endpoint["last_error"].startswith("502: claude: HTTP 503")
+
+
+async def test_a_caller_gets_its_answer_across_a_short_restart_of_the_nats_server(
+    tmp_path: Path,
+) -> None:
+    # vapora.Client.connect kept nats-py's 2 s reconnect wait: the router answered while the
+    # caller was still away, core NATS dropped the answer, and the caller waited out its whole
+    # timeout for a call that was made and billed.
+    config = guide(models={"openai": "gpt-4-slow-1500"})
+    answers: list[CompletionResult] = []
+    servers: list[EmbeddedNats] = []
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(lambda: servers[0].stop())  # once everyone left it
+        dep = await stack.enter_async_context(deployment(tmp_path, config, providers=["openai"]))
+        restarted = EmbeddedNats(dep.server.data_dir, port=dep.server.port)
+        servers.append(restarted)
+        client = await stack.enter_async_context(
+            vapora.Client.connect(dep.server.url, timeout_s=20)
+        )
+
+        async def ask() -> None:
+            answers.append(await client.complete(prompt="hi", provider="openai"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await anyio.sleep(0.3)  # the call is with the provider
+            dep.server.kill()
+            await anyio.sleep(0.2)
+            await restarted.start()
+        # The harness's own caller (nats-py's 2 s wait) back too, before it is closed.
+        await until(lambda: dep.client.nc.is_connected, within_s=10)
+    [answer] = answers
+    assert answer.provider == "openai" and answer.text == "hi"
