@@ -73,11 +73,15 @@ class DataDirInUse(NatsServerError):
 LOCK_FILE = "server.lock"
 
 
-def orphan_of(data_dir: Path, error: DataDirInUse) -> int | None:
+def orphan_of(data_dir: Path, error: DataDirInUse, *, serving: bool = False) -> int | None:
     """The pid of the nats-server holding ``data_dir`` when the command that started it is gone
-    (killed without its cleanup) and it served no deployment: an orphan nobody will stop. None
-    otherwise (or when the pid is not that server: checked on its command line)."""
-    if error.serving or error.pid is None or error.server_pid is None or _alive(error.pid):
+    (killed without its cleanup) and it served no deployment: an orphan nobody will stop. With
+    ``serving`` (a ``vapora up`` taking the directory over), a dead deployment's server too:
+    the next ``up`` replaces it. None otherwise (or when the pid is not that server: checked on
+    its command line)."""
+    if error.serving and not serving:
+        return None
+    if error.pid is None or error.server_pid is None or _alive(error.pid):
         return None
     try:
         command = Path(f"/proc/{error.server_pid}/cmdline").read_bytes()

@@ -74,6 +74,35 @@ def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
     assert code == 0
 
 
+def test_up_started_again_after_a_sigkill_replaces_the_server_it_left(tmp_path: Path) -> None:
+    # A SIGKILLed `up` (the OOM killer) leaves its nats-server running with the directory's
+    # lock; the next `up` was refused for good ("in use by a running vapora (pid N)", a dead
+    # pid), so a supervisor restarted it in a loop until someone killed that server.
+    with simulator() as base_url:
+        config = tmp_path / "vapora.toml"
+        config.write_text(demo_config_text(base_url, 100_000))
+        env = {**os.environ, **SIMULATED_KEYS}
+        first = start_up(config, tmp_path / "d", env)
+        assert first.stdout is not None
+        assert first.stdout.readline().split()[:2] == ["vapora", "ready"]
+        first.kill()
+        first.wait()
+        second = start_up(config, tmp_path / "d", env)
+        try:
+            assert second.stdout is not None
+            ready = second.stdout.readline().split()
+            assert ready[:2] == ["vapora", "ready"], second.stderr and second.stderr.read()
+            ask = run("ask", "after", "--nats-url", ready[2], "--provider", "ollama", "--json")
+            assert ask.returncode == 0, ask.stderr
+        finally:
+            second.send_signal(signal.SIGTERM)
+            code = second.wait(timeout=60)
+            assert second.stderr is not None
+            stderr = second.stderr.read()
+    assert code == 0, stderr
+    assert "is gone: stopping its server and starting again" in stderr
+
+
 def _same_directory_while_up(data_dir: Path, url: str, env: dict[str, str]) -> None:
     """A second `up` on a served directory is refused naming the first; the read-only commands
     read it through the running server instead of starting a second one on its store."""

@@ -184,10 +184,35 @@ async def cmd_up(args: argparse.Namespace) -> int:
         url = (
             _url(config)
             if config.nats.urls
-            else await _embedded(stack, data_dir, port, config.storage.sync_interval, serving=True)
+            else await _embedded_for_up(stack, data_dir, port, config.storage.sync_interval)
         )
         await _serve(await _all_actors(stack, config, url, data_dir), url)
     return 0
+
+
+async def _embedded_for_up(
+    stack: contextlib.AsyncExitStack, data_dir: Path, port: int, sync_interval: str
+) -> str:
+    """:func:`_embedded` for ``vapora up``; the server of an ``up`` that was killed (SIGKILL,
+    the OOM killer: it could not stop its server) is stopped and replaced, so a supervisor's
+    restart is not refused for good by a server nobody runs."""
+    from actors.server import DataDirInUse, orphan_of, stop_orphan
+
+    try:
+        return await _embedded(stack, data_dir, port, sync_interval, serving=True)
+    except DataDirInUse as exc:
+        orphan = orphan_of(data_dir / "nats", exc, serving=True)
+        if orphan is None:
+            raise
+        log.warning(
+            "the vapora (pid %s) that started nats-server %d on %s is gone: stopping its "
+            "server and starting again",
+            exc.pid,
+            orphan,
+            data_dir,
+        )
+        await stop_orphan(data_dir / "nats", orphan)
+        return await _embedded(stack, data_dir, port, sync_interval, serving=True)
 
 
 async def _embedded(
