@@ -129,6 +129,7 @@ from vapora.providers import (
     ProviderRequest,
     make_client,
 )
+from vapora.providers.base import without_request_text
 from vapora.providers.stream import CALLER_CANCELLED, FORWARD_FAILED
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
@@ -314,6 +315,13 @@ def _counts_against_breaker(error: ProviderError) -> bool:
     if error.error_type in (FORWARD_FAILED, CALLER_CANCELLED):
         return False
     return not isinstance(error, ProviderRejected | ProviderRateLimited)
+
+
+def _texts(call: ProviderCall) -> list[str]:
+    """The request's own text: its prompt, system text and messages."""
+    texts = [text for text in (call.prompt, call.system) if text]
+    texts.extend(m.content for m in call.messages or () if m.content)
+    return texts
 
 
 #: Room a provider actor's answer leaves in a NATS message for what the router's answer adds to
@@ -604,9 +612,14 @@ class ProviderActor:
     async def _send(
         self, call: ProviderCall, request: ProviderRequest, ctx: RequestContext
     ) -> Completion:
-        if call.stream_to:
-            return await self._stream(call, request, ctx)
-        return await self.client.complete(request, time_limit=_time_left(call, ctx.queued_s))
+        try:
+            if call.stream_to:
+                return await self._stream(call, request, ctx)
+            return await self.client.complete(request, time_limit=_time_left(call, ctx.queued_s))
+        except ProviderError as error:
+            # Before the error reaches the call's span, its events, the logs and the caller:
+            # a provider may quote the request's text in it.
+            raise without_request_text(error, _texts(call)) from error.__cause__
 
     async def _stream(
         self, call: ProviderCall, request: ProviderRequest, ctx: RequestContext

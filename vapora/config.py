@@ -147,6 +147,7 @@ DEFAULT_MAPPINGS: Final[Mapping[TaskType, tuple[str, ...]]] = {
     TaskType.EMBEDDINGS: ("ollama", "openai"),
 }
 
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]+")  # a name is a NATS subject token (fullmatch)
 _NATS_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
 _HTTP_SCHEMES: Final = frozenset({"http", "https"})
@@ -195,6 +196,14 @@ class ProviderConfig(_Section, frozen=True, kw_only=True):
     output_price_per_mtok: Decimal | None = None
     breaker_threshold: int = 5
     breaker_cooldown_ms: int = 30_000
+
+    def __repr__(self) -> str:
+        # A gateway's URL may carry credentials (user-info, a key in the query): masked.
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        fields["base_url"] = redact_url(self.base_url)
+        return f"ProviderConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+    __str__ = __repr__
 
     @property
     def zero_cost(self) -> bool:
@@ -490,9 +499,17 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    rest, question, query = rest.partition("?")
+    if question:  # a query's values (`?api_key=...`, a collector's token) masked too
+        query, hash_, fragment = query.partition("#")
+        names = [
+            part.partition("=")[0] + (f"={_MASK}" if "=" in part else "")
+            for part in query.split("&")
+        ]
+        rest = f"{rest}?{'&'.join(names)}{hash_}{fragment}"
     at = rest.rfind("@")
     if at < 0:
-        return url
+        return f"{scheme}{sep}{rest}"
     user, colon, _ = rest[:at].partition(":")
     masked = f"{user}:{_MASK}" if colon else _MASK
     return f"{scheme}{sep}{masked}{rest[at:]}"
@@ -645,8 +662,14 @@ def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
         raise _Invalid(f"{path}.name", f"{raw.name!r} must be letters, digits, '-' or '_'")
     if not raw.model.strip():
         raise _Invalid(f"{path}.model", "must not be empty")
-    if raw.api_key_env is not None and not raw.api_key_env.strip():
-        raise _Invalid(f"{path}.api_key_env", "must not be empty")
+    if raw.api_key_env is not None and not _ENV_NAME.fullmatch(raw.api_key_env):
+        # Not echoed: a key pasted here instead of its variable's name would be printed in
+        # every message, health event and decision that names the variable.
+        raise _Invalid(
+            f"{path}.api_key_env",
+            "must be the name of an environment variable (letters, digits and _, not starting "
+            "with a digit); the value is not shown, in case it is the key itself",
+        )
     if raw.quality is not None:
         _check_unit(f"{path}.quality", raw.quality)
     _check_ms(f"{path}.timeout_ms", raw.timeout_ms)
@@ -1006,6 +1029,8 @@ def render_json(config: Config) -> str:
     nats["urls"] = [redact_url(url) for url in nats["urls"]]
     if config.telemetry.otlp_endpoint is not None:
         data["telemetry"]["otlp_endpoint"] = redact_url(config.telemetry.otlp_endpoint)
+    for provider in data["providers"]:
+        provider["base_url"] = redact_url(provider["base_url"])
     data["mappings"] = {name: list(m) if m else None for name, m, _ in _mapping_rows(config)}
     return json.dumps(data, indent=2)
 
@@ -1025,7 +1050,7 @@ def _provider_lines(p: ProviderConfig, env: Mapping[str, str] | None) -> list[st
         key = f"key from ${p.api_key_env} ({state})"
     price = p.price
     return [
-        f"  {p.name}: {p.kind.value} {p.model} at {p.base_url}",
+        f"  {p.name}: {p.kind.value} {p.model} at {redact_url(p.base_url)}",
         f"    {key}; quality {p.quality:g}; priority {p.priority}; timeout {p.timeout_ms} ms;"
         f" rate limit {p.rate_limit_rpm or 'none'} rpm",
         f"    price per Mtok: input ${price.input_per_mtok} output ${price.output_per_mtok}"

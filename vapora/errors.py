@@ -30,6 +30,8 @@ No error message ever contains an API key: provider messages are scrubbed by the
 
 from __future__ import annotations
 
+import re
+
 from events.contract import Usage
 
 __all__ = [
@@ -111,6 +113,11 @@ class InternalError(VaporaError):
     status = 500
 
 
+#: What an error type may be: an identifier, as every provider's are (``overloaded_error``,
+#: ``rate_limit_exceeded``, ``RESOURCE_EXHAUSTED``).
+_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
+
+
 class ProviderError(VaporaError):
     """One provider call failed. ``usage`` is what the provider billed regardless (often zero)."""
 
@@ -131,7 +138,12 @@ class ProviderError(VaporaError):
         super().__init__(message)
         self.provider = provider
         self.http_status = http_status
-        self.error_type = error_type
+        # A provider's error type goes to events, span attributes and metric labels: only a
+        # short identifier is taken (a server may put anything there, the request's key or
+        # text included); anything else is no type.
+        self.error_type = (
+            error_type if isinstance(error_type, str) and _TYPE.fullmatch(error_type) else None
+        )
         self.usage = usage or Usage()
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from tests.fault.provider_harness import (
     until,
     wait_until_served,
 )
+from tests.providers.conftest import stub
 from vapora.errors import (
     BudgetExceeded,
     InvalidRequest,
@@ -358,3 +359,37 @@ async def test_a_caller_gets_its_answer_across_a_short_restart_of_the_nats_serve
         await until(lambda: dep.client.nc.is_connected, within_s=10)
     [answer] = answers
     assert answer.provider == "openai" and answer.text == "hi"
+
+
+async def test_a_provider_error_quoting_the_prompt_keeps_it_out_of_the_log_and_the_reply(
+    tmp_path: Path,
+) -> None:
+    # A provider that echoes the request in its 400 (as gateways and some APIs do): the prompt
+    # went into call_failed.message in the log (which cannot be deleted), the router's log
+    # line, $SRV.STATS and the caller's error, though prompts stay out unless opted in.
+    prompt = "Summarise the quarterly numbers for the Zanzibar account"
+    body = (
+        b'{"type": "error", "error": {"type": "invalid_request_error", "message": '
+        b'"messages.0.content: invalid value: ' + prompt.encode() + b'"}}'
+    )
+    answer = (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    async with stub(answer) as port:
+
+        def with_stub(base_url: str) -> str:  # claude at the stub, the others as they were
+            text = config_text(base_url)
+            claude = text.index('name = "claude"')
+            url = text.index(f'base_url = "{base_url}"', claude)
+            stubbed = f'base_url = "http://127.0.0.1:{port}"'
+            return text[:url] + stubbed + text[url + len(f'base_url = "{base_url}"') :]
+
+        async with deployment(tmp_path, with_stub, providers=["claude"]) as dep:
+            with pytest.raises(ProviderRejected) as refused:
+                await dep.client.complete(prompt=prompt, provider="claude", task_id="t-echo")
+            events = await dep.events_of("t-echo")
+    [failed] = [e for e in events if isinstance(e, CallFailed)]
+    assert failed.status == 400 and failed.error_code == "invalid_request_error"
+    for said in (failed.message, str(refused.value)):
+        assert "Zanzibar" not in said and "quoted the request's text" in said

@@ -10,7 +10,8 @@ import pytest
 
 from tests.providers.conftest import SECRET, ClientFactory, price_of, stub
 from vapora.errors import ProviderError
-from vapora.providers import ProviderRequest, make_client
+from vapora.providers import ProviderClient, ProviderRequest, make_client
+from vapora.providers.base import without_request_text
 from vapora.simulator import Simulator
 
 pytestmark = pytest.mark.anyio
@@ -140,3 +141,82 @@ async def test_a_key_cut_by_the_error_messages_length_is_not_left_half_shown() -
     said = _everything_said_about(failed.value)
     assert "Bearer " in said  # the cut falls inside the key
     assert SECRET[:8] not in said
+
+
+def _gateway(port: int) -> ProviderClient:
+    return make_client(
+        name="gateway",
+        kind="anthropic",
+        model="claude-opus-4-5",
+        price=price_of("anthropic"),
+        api_key=SECRET,
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=5.0,
+    )
+
+
+async def _failure(answer: bytes) -> ProviderError:
+    async with stub(answer) as port:
+        client = _gateway(port)
+        try:
+            with pytest.raises(ProviderError) as failed:
+                await client.complete(ProviderRequest(prompt="a b c d"))
+        finally:
+            await client.aclose()
+    return failed.value
+
+
+def _json_answer(status: int, body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 %d Error\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body)
+    )
+
+
+@pytest.mark.parametrize("error_type", [SECRET, f"Bearer {SECRET}", "a b c d", "x" * 100])
+async def test_an_error_type_that_is_no_identifier_is_not_taken(error_type: str) -> None:
+    # The type went unscrubbed to call_failed.error_code, the span's error.type and the
+    # metrics' error_type label (and, a new value each time, a label without bound).
+    body = b'{"type": "error", "error": {"type": "%s", "message": "no"}}' % error_type.encode()
+    failure = await _failure(_json_answer(500, body))
+    assert failure.error_type is None
+    assert SECRET not in _everything_said_about(failure)
+
+
+async def test_a_status_line_echoing_the_key_is_not_quoted_even_in_part() -> None:
+    # The transport quoted 100 bytes of a malformed status line: the key cut off there no
+    # longer matched the scrubbing, and 85 of its characters reached the event log.
+    answer = b"HTTP/1.1 2x0 Authorization: Bearer " + SECRET.encode() + b"\r\n\r\n"
+    said = _everything_said_about(await _failure(answer))
+    assert "malformed status line" in said
+    assert not [SECRET[i : i + 8] for i in range(len(SECRET) - 8) if SECRET[i : i + 8] in said]
+
+
+PROMPT = "Summarise the quarterly numbers for the Zanzibar account"
+
+
+@pytest.mark.parametrize(
+    ("message", "quoted"),
+    [
+        (f"messages[0].content: invalid value '{PROMPT}'", True),
+        (f"prompt too long: {PROMPT[10:40]}...", True),
+        ("overloaded, try again later", False),
+    ],
+)
+def test_a_provider_message_quoting_the_request_is_not_kept(message: str, quoted: bool) -> None:
+    error = ProviderError(
+        f"claude: HTTP 400 invalid_request_error: {message}",
+        provider="claude",
+        http_status=400,
+        error_type="invalid_request_error",
+    )
+    kept = without_request_text(error, ["You are terse.", PROMPT])
+    assert (PROMPT[10:28] not in kept.message) and ("Zanzibar" not in kept.message)
+    if quoted:
+        assert kept.message == (
+            "claude: HTTP 400 invalid_request_error: the provider's message quoted the "
+            "request's text (not kept)"
+        )
+        assert str(kept) == kept.message
+    else:
+        assert kept.message.endswith("overloaded, try again later")

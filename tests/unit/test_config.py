@@ -588,6 +588,40 @@ def test_no_secret_appears_in_any_repr_or_render(secret: str) -> None:
         assert secret not in shown
 
 
+@pytest.mark.parametrize("pasted", ["sk-ant-api03-CANARY", "sk-proj CANARY", "1ABC"])
+def test_an_api_key_env_that_is_no_variable_name_is_refused_without_showing_it(
+    pasted: str,
+) -> None:
+    # A key pasted where its variable's name goes was printed by `vapora config`, in a
+    # warning, in health and routing events and in the callers' 503s ("key from $sk-...").
+    message = rejected(
+        BASE.replace('api_key_env = "ANTHROPIC_API_KEY"', f'api_key_env = "{pasted}"')
+    )
+    assert message.startswith("test.toml: providers[0].api_key_env: must be the name of")
+    assert pasted not in message and "CANARY" not in message
+
+
+@pytest.mark.parametrize(
+    ("where", "text"),
+    [
+        ("base_url", 'base_url = "https://user:CANARY@gateway.example/v1?key=CANARY2"\n'),
+        ("otlp", '[telemetry]\notlp_endpoint = "https://otel.example/v1?api_key=CANARY2#x"\n'),
+    ],
+)
+def test_credentials_in_a_provider_or_collector_url_are_masked_when_shown(
+    where: str, text: str
+) -> None:
+    if where == "base_url":
+        config = parse(
+            BASE.replace('model = "gemini-2.0-flash"\n', 'model = "gemini-2.0-flash"\n' + text)
+        )
+    else:
+        config = parse(BASE + text)
+    for shown in (render_text(config, {}), render_json(config), repr(config)):
+        assert "CANARY" not in shown, shown
+    assert "key=***" in render_json(config) or "api_key=***" in render_json(config)
+
+
 # --- vapora config FILE -------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -261,3 +262,29 @@ def test_a_span_recorded_but_not_sampled_is_not_exported() -> None:
         use_tracer_provider(None)
         batcher.shutdown()
     assert exporter.batches == []
+
+
+def test_a_jsonl_path_that_cannot_be_written_is_named_at_start(tmp_path: Path) -> None:
+    # A directory dropped every span without a word; a parent that is a file was a traceback.
+    from vapora.errors import ConfigError
+    from vapora.telemetry.jsonl import JsonLinesSpanExporter
+
+    with pytest.raises(ConfigError, match="is a directory"):
+        JsonLinesSpanExporter(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="cannot make the directory"):
+        JsonLinesSpanExporter(tmp_path / "afile" / "spans.jsonl")
+
+
+def test_the_jsonl_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # It holds prompts and completions when capture_content is on.
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from vapora.telemetry.jsonl import JsonLinesSpanExporter
+
+    path = tmp_path / "spans.jsonl"
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(path)))
+    provider.get_tracer("t").start_span("s").end()
+    provider.shutdown()
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -32,7 +32,7 @@ import ssl
 import time
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -44,6 +44,7 @@ import httpx
 import msgspec
 
 from events.contract import Price
+from vapora.config import redact_url
 from vapora.errors import (
     ProviderConfigError,
     ProviderContextOverflow,
@@ -80,6 +81,8 @@ __all__ = [
     "ProviderClient",
     "ProviderRequest",
     "StreamBroken",
+    "quotes_request",
+    "without_request_text",
 ]
 
 _log = logging.getLogger("vapora.providers")
@@ -187,7 +190,7 @@ class ProviderClient(ABC):
         key = "set" if self._api_key else "unset"
         return (
             f"<{type(self).__name__} name={self.name!r} model={self.model!r} "
-            f"base_url={self.base_url!r} api_key={key}>"
+            f"base_url={redact_url(self.base_url)!r} api_key={key}>"
         )
 
     async def __aenter__(self) -> ProviderClient:
@@ -418,6 +421,8 @@ class ProviderClient(ABC):
         except (msgspec.DecodeError, RecursionError):
             payload = None
         error_type, message = self._error_fields(payload)
+        if error_type is not None and self._scrub(str(error_type)) != error_type:
+            error_type = None  # it quoted the key: no type (the message is scrubbed below)
         if payload is None:  # the body as text, scrubbed before it is cut (a key cut in two
             # halves would no longer match); a bound well past the cut, so nothing of a key at
             # the bound survives the cut either
@@ -452,7 +457,15 @@ class ProviderClient(ABC):
         return text
 
     def _fail(self, error: ProviderError) -> ProviderError:
-        _log.debug("provider call failed: %r", error)
+        # Its class, status and type: its message may still quote the request's text (the
+        # provider actor takes that out before the error goes anywhere).
+        _log.debug(
+            "provider call failed: %s (%s, HTTP %s, %s)",
+            type(error).__name__,
+            self.name,
+            error.http_status,
+            error.error_type,
+        )
         return error
 
     # --- results ----------------------------------------------------------------------------
@@ -602,6 +615,46 @@ _DONE_GRACE_S = 2.0
 
 # RecursionError: msgspec's answer to JSON nested deeper than it decodes (a few KB of brackets).
 _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, RecursionError)
+
+
+#: The shortest run of a request's text that counts as quoted in a provider's error message
+#: (a whole text shorter than it counts when at least :data:`_QUOTE_SHORTEST` long).
+_QUOTE_RUN = 12
+_QUOTE_SHORTEST = 6
+
+
+def quotes_request(text: str, sources: Sequence[str]) -> bool:
+    """Whether ``text`` (a provider's error message) quotes one of ``sources`` (the request's
+    prompt, system text and messages): a run of :data:`_QUOTE_RUN` characters of one, or the
+    whole of one shorter than that. Windows of the text are looked for in each source, half a
+    run apart, so any quoted run of 18 characters or more is found."""
+    for source in sources:
+        if len(source) < _QUOTE_RUN:
+            if len(source) >= _QUOTE_SHORTEST and source in text:
+                return True
+            continue
+        for start in range(0, max(1, len(text) - _QUOTE_RUN + 1), _QUOTE_RUN // 2):
+            window = text[start : start + _QUOTE_RUN]
+            if len(window) == _QUOTE_RUN and window in source:
+                return True
+    return False
+
+
+def without_request_text(error: ProviderError, sources: Sequence[str]) -> ProviderError:
+    """``error`` with its message (and type) dropped where they quote the request's text, which
+    must stay out of events, logs and spans unless the config opts in: a provider may echo the
+    request into its error ("invalid value for messages[0].content: '...'"). What is kept says
+    what happened: the provider, the HTTP status and the type."""
+    if error.error_type is not None and quotes_request(error.error_type, sources):
+        error.error_type = None
+    if quotes_request(error.message, sources):
+        status = f"HTTP {error.http_status} " if error.http_status is not None else ""
+        error.message = (
+            f"{error.provider}: {status}{error.error_type or type(error).__name__}: the "
+            "provider's message quoted the request's text (not kept)"
+        )
+        error.args = (error.message,)
+    return error
 
 
 def _status_class(status: int) -> type[ProviderError]:

@@ -296,7 +296,9 @@ def _parse_head(raw: bytes) -> _Head:
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
-        raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:100]!r}")
+        # The peer's bytes are not quoted: a server may echo the request's headers (the API
+        # key) into them, and a piece of a key cut off is past any scrubbing of it.
+        raise httpx.RemoteProtocolError(f"malformed status line ({len(lines[0])} bytes)")
     head = _Head()
     head.status, head.reason = int(code), reason
     head.keep_alive = version == b"HTTP/1.1"
@@ -304,7 +306,7 @@ def _parse_head(raw: bytes) -> _Head:
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
-            raise httpx.RemoteProtocolError(f"malformed header line {line[:100]!r}")
+            raise httpx.RemoteProtocolError(f"malformed header line ({len(line)} bytes)")
         value = value.strip(b" \t")
         headers.append((name, value))
         lower = name.lower()
@@ -427,7 +429,9 @@ class _Body(httpx.AsyncByteStream):
             try:
                 self._chunk_left = int(digits, 16)
             except ValueError:
-                raise httpx.RemoteProtocolError(f"malformed chunk size {line[:40]!r}") from None
+                raise httpx.RemoteProtocolError(
+                    f"malformed chunk size ({len(line)} bytes)"
+                ) from None
             if self._chunk_left < 0:
                 raise httpx.RemoteProtocolError("malformed chunk size")
             self._state = _DATA if self._chunk_left else _TRAILER

@@ -9,6 +9,7 @@ several processes may share one file (each line is one ``write``).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -21,7 +22,11 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
 
+from vapora.errors import ConfigError
+
 __all__ = ["JsonLinesSpanExporter", "span_record"]
+
+log = logging.getLogger("vapora.telemetry")
 
 
 # By identity: an enum member hashes in Python code, a few times slower than id().
@@ -77,21 +82,36 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Said at start, naming the path: found at the first export, every span was dropped
+        # without a word (a directory), or the process died on a traceback (a parent a file).
+        if self.path.is_dir():
+            raise ConfigError(f"the spans' JSON-lines file {self.path} is a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot make the directory of the spans' JSON-lines file {self.path}: "
+                f"{exc.strerror or exc}"
+            ) from exc
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
+        self._failing = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = self._encoder.encode_lines([span_record(s) for s in spans])
         try:
             with self._lock:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, lines)
                 finally:
                     os.close(fd)
-        except OSError:
+        except OSError as exc:
+            if not self._failing:  # once, until a write succeeds again
+                log.warning("telemetry: cannot write spans to %s: %s", self.path, exc)
+            self._failing = True
             return SpanExportResult.FAILURE
+        self._failing = False
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
