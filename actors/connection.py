@@ -26,6 +26,7 @@ from nats.aio.subscription import Subscription
 from actors.protocol import FastParser, RawBatch, RawMessage
 from events import subjects
 from vapora.config import redact_url
+from vapora.errors import ConfigError
 
 __all__ = [
     "Client",
@@ -562,8 +563,16 @@ async def connect(options: ConnectOptions) -> Client:
     if options.token is not None:
         kwargs["token"] = options.token
     if options.creds_file is not None:
+        if not await anyio.Path(options.creds_file).is_file():  # else, no file named
+            raise ConfigError(f"nats.creds: no credentials file {options.creds_file}")
         kwargs["user_credentials"] = options.creds_file
-    tls = options.tls_context()
+    try:
+        tls = options.tls_context()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        files = [f for f in (options.tls_ca_file, options.tls_cert_file, options.tls_key_file) if f]
+        raise ConfigError(
+            f"nats.tls: cannot load {', '.join(files)}: {getattr(exc, 'strerror', None) or exc}"
+        ) from exc
     if tls is not None:
         kwargs["tls"] = tls
     client = Client()
@@ -603,7 +612,12 @@ class _Refusal:
         self._connecting = True
 
     async def error_cb(self, exc: Exception) -> None:
-        await _error_cb(exc)
+        if self._connecting and not _is_refusal(exc):
+            # A try of the first connection (nats-py tries every half second): the failure,
+            # if it lasts, is said once, by the ConnectionFailed that ends it.
+            log.debug("nats: %s: %s", type(exc).__name__, exc)
+        else:
+            await _error_cb(exc)
         if self._connecting and self.error is None and _is_refusal(exc):
             self.error = exc
             self._refused.set()

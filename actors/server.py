@@ -204,12 +204,15 @@ class EmbeddedNats:
         """The server configuration this instance runs with."""
         store = (self.data_dir / "jetstream").as_posix()
         port = self.port if self.port is not None else -1
+        # Quoted as JSON strings (which the server's config format reads): a data directory
+        # holding a quote or a backslash is written as it is.
         return (
-            f'listen: "{self.host}:{port}"\n'
+            f"listen: {json.dumps(f'{self.host}:{port}')}\n"
             f"max_payload: 16MB\n"
-            f"jetstream {{\n  store_dir: {store!r}\n  sync_interval: {self.sync_interval}\n}}\n"
+            f"jetstream {{\n  store_dir: {json.dumps(store)}\n"
+            f"  sync_interval: {json.dumps(self.sync_interval)}\n}}\n"
             f"{self.extra_config}"
-        ).replace("'", '"')
+        )
 
     async def start(self) -> EmbeddedNats:
         """Start the server and wait until it accepts clients with JetStream on.

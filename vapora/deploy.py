@@ -321,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is not a directory")
     stale = []
     for name, text in render_docker_files(clients=clients).items():
         path = out / name
@@ -328,8 +330,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(str(path))
             continue
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(
+                f"python -m vapora.deploy: cannot write {path}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
         print(f"wrote {path}")
     if stale:
         print(f"not current (run `python -m vapora.deploy`): {', '.join(stale)}", file=sys.stderr)

@@ -272,3 +272,39 @@ def test_stream_makes_the_event_stream_that_reading_commands_then_find(tmp_path:
     assert "deny delete True, deny purge True" in made.stdout
     after = run("events", "--data-dir", str(tmp_path))
     assert after.returncode == 0, after.stderr
+
+
+def test_a_data_directory_or_output_that_is_a_file_and_a_host_that_is_none_are_named(
+    tmp_path: Path,
+) -> None:
+    # Tracebacks before (NotADirectoryError, FileExistsError, an exception group).
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    up = run("up", "--data-dir", str(afile), "--port", "0")
+    assert up.returncode == 2 and f"--data-dir {afile} is not a directory" in up.stderr
+    deploy = subprocess.run(
+        [sys.executable, "-m", "vapora.deploy", "--out", str(afile)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert deploy.returncode == 2 and f"--out {afile} is not a directory" in deploy.stderr
+    sim = run("simulate", "--host", "999.1.1.1", "--port", "0")
+    assert sim.returncode == 1 and "cannot serve on 999.1.1.1:0" in sim.stderr
+    for result in (up, deploy, sim):
+        assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    # `vapora events | head -3` printed a BrokenPipeError traceback.
+    code = (
+        "import sys, vapora.cli as cli\n"
+        "def config(args):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli.cmd_config = config\n"
+        "sys.exit(cli.main(['config']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr

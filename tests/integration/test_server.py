@@ -4,6 +4,7 @@ stop, and clear errors instead of hangs."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 import anyio
+import nats
 import pytest
 
 from actors.connection import ConnectionFailed, ConnectOptions, connect
 from actors.eventlog import EventLog, JetStreamUnavailable
 from actors.server import DataDirInUse, EmbeddedNats, NatsServerError, find_nats_server
+from vapora.errors import ConfigError
 
 pytestmark = pytest.mark.anyio
 
@@ -207,7 +210,9 @@ async def test_a_bad_server_config_is_reported_not_hung(tmp_path: Path) -> None:
         await EmbeddedNats(tmp_path, extra_config="this is { not valid\n").start()
 
 
-async def test_connecting_to_nothing_fails_clearly_naming_the_servers() -> None:
+async def test_connecting_to_nothing_fails_clearly_naming_the_servers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     options = ConnectOptions.from_url(
         "nats://127.0.0.1:1,nats://127.0.0.1:2", connect_timeout=0.2, initial_deadline=1.0
     )
@@ -215,6 +220,9 @@ async def test_connecting_to_nothing_fails_clearly_naming_the_servers() -> None:
         ConnectionFailed, match=r"nats://127.0.0.1:1, nats://127.0.0.1:2.*ConnectionRefused"
     ):
         await connect(options)
+    # Said once, by the error: each try was an ERROR line before (30 of them before a CLI
+    # command's one useful line, with its 15 s deadline).
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_secrets_stay_out_of_connect_options_repr() -> None:
@@ -236,3 +244,32 @@ async def test_a_failed_connect_does_not_quote_credentials_in_its_urls() -> None
     message = str(failed.value)
     assert "hunter2" not in message and "tok-secret" not in message
     assert "nats://svc:***@127.0.0.1:1, nats://***@127.0.0.1:2" in message
+
+
+async def test_a_data_directory_with_a_quote_in_its_name_is_served(tmp_path: Path) -> None:
+    # Its config quoted the store with repr() and then swapped every ' for ": the server
+    # could not parse `"/tmp/it"s dir/..."` and `vapora up` could not start there.
+    async with EmbeddedNats(tmp_path / "it's a \\ dir" / "nats") as server:
+        nc = await nats.connect(server.url)
+        try:
+            info = await nc.jetstream().account_info()
+            assert info.limits is not None
+        finally:
+            await nc.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"creds_file": "/nonexistent/user.creds"}, "nats.creds: no credentials file"),
+        ({"tls_ca_file": "/nonexistent/ca.pem"}, "nats.tls: cannot load /nonexistent/ca.pem"),
+        ({"tls_ca_file": "/etc/hostname"}, "nats.tls: cannot load /etc/hostname"),
+    ],
+)
+async def test_credentials_or_certificates_that_cannot_be_read_are_named(
+    options: dict[str, str], named: str
+) -> None:
+    # A traceback (a missing CA), or "unhandled errors in a TaskGroup (1 sub-exception)"
+    # (a missing credentials file) that hid which file and why.
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        await connect(ConnectOptions(servers=("nats://127.0.0.1:1",), **options))

@@ -269,3 +269,20 @@ def test_an_uninstalled_propagator_is_said_and_trace_context_still_travels(
     assert done.stdout.strip() == "True"
     [said] = [line for line in done.stderr.splitlines() if "OTEL_PROPAGATORS" in line]
     assert repr(value) in said and "b3" in said and used in said
+
+
+def test_a_trace_context_header_past_the_w3c_limits_is_not_read_nor_logged_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The propagators log a value they refuse whole: a caller's 500 KB baggage made a 534 KB
+    # warning line per request.
+    from vapora.telemetry import w3c
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = {"traceparent": parent, "baggage": "k=" + "v" * 500_000, "tracestate": "x" * 3000}
+    context = w3c.extract(headers)
+    from opentelemetry import trace
+
+    span = trace.get_current_span(context).get_span_context()
+    assert span.trace_id == 0x0AF7651916CD43DD8448EB211C80319C  # the parent is still read
+    assert all(len(record.getMessage()) < 300 for record in caplog.records)

@@ -161,7 +161,12 @@ def _telemetry(config: Config, service_name: str) -> Telemetry:
 
 
 def _data_dir(args: argparse.Namespace, config: Config) -> Path:
-    return Path(getattr(args, "data_dir", None) or config.storage.data_dir)
+    given = getattr(args, "data_dir", None)
+    path = Path(given or config.storage.data_dir)
+    if path.exists() and not path.is_dir():  # else a traceback from the first mkdir under it
+        where = "--data-dir" if given else "storage.data_dir"
+        raise ConfigError(f"{where} {path} is not a directory")
+    return path
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -737,6 +742,11 @@ def _run(args: argparse.Namespace) -> int:
         return int(run_loop(_ASYNC[args.command], args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vapora events | head`): quiet, as a pipeline's writer is. The
+        # output still buffered must not be flushed again at exit (a second traceback).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # a shell's code for a writer ended by SIGPIPE (128 + 13)
     except BaseException as exc:
         # An actor that fails at start fails inside the task group that runs them all: its
         # error comes wrapped in an exception group, and is said the same way as a bare one.

@@ -124,6 +124,15 @@ def cli_main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"simulator: {exc}", file=sys.stderr)
         return 1
+    except ExceptionGroup as group:  # from the task group serving: a bad host, a port in use
+        failed = group.subgroup(OSError)
+        if failed is None:
+            raise
+        error = failed.exceptions[0]
+        while isinstance(error, ExceptionGroup):
+            error = error.exceptions[0]
+        print(f"simulator: cannot serve on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0

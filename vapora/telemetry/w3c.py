@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -179,10 +180,45 @@ def _headers_of(span_context: SpanContext) -> tuple[str, str | None] | tuple[()]
     return traceparent(span_context), state.to_header()
 
 
+#: The W3C limits (trace context: a ``tracestate`` of at most 32 members, 512 characters
+#: to propagate; baggage: 8,192 bytes): a longer header is not read. The propagators log a
+#: value they refuse whole, so a caller's 500 KB header made a 500 KB log line per request.
+_MAX_TRACESTATE = 512
+_MAX_BAGGAGE = 8192
+
+
+def _bounded(headers: Mapping[str, str]) -> Mapping[str, str]:
+    state, bag = headers.get(TRACESTATE), headers.get("baggage")
+    if (state is None or len(state) <= _MAX_TRACESTATE) and (
+        bag is None or len(bag) <= _MAX_BAGGAGE
+    ):
+        return headers
+    kept = dict(headers)
+    if state is not None and len(state) > _MAX_TRACESTATE:
+        del kept[TRACESTATE]
+    if bag is not None and len(bag) > _MAX_BAGGAGE:
+        del kept["baggage"]
+    global _warned_at
+    now = time.monotonic()
+    if now - _warned_at >= 60:  # at most a line a minute, whoever sends them
+        _warned_at = now
+        log.warning(
+            "telemetry: a trace context header past the W3C limits was not read (tracestate "
+            "%d characters, baggage %d)",
+            len(state or ""),
+            len(bag or ""),
+        )
+    return kept
+
+
+_warned_at = -60.0
+
+
 def extract(headers: Mapping[str, str] | None) -> Context:
     """The context ``headers`` carry: a remote parent span (non-recording), or an empty context."""
     if not headers:
         return Context()
+    headers = _bounded(headers)
     value = headers.get(TRACEPARENT)
     match = _VERSION_00.fullmatch(value) if value is not None else None
     if match is None or "baggage" in headers or not _plain_w3c():
