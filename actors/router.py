@@ -685,11 +685,12 @@ class RouterActor:
     async def _stream_error(
         self, ctx: RequestContext, task: _Task, error: VaporaError, failure: _Failure | None
     ) -> None:
+        known = failure is not None and not failure.holds  # else what it cost is unknown
         message = StreamError(
             error=ErrorBody(code=error.code, message=error.message),
             task_id=task.task_id,
-            usage=failure.usage if failure else None,
-            cost_usd=failure.cost if failure else None,
+            usage=failure.usage if known and failure else None,
+            cost_usd=failure.cost if known and failure else None,
         )
         await self.runtime.nc.publish(ctx.reply, encode(message), headers=error_headers(error))
 
@@ -793,6 +794,11 @@ class RouterActor:
             if outcome.error_class == "stream_broken" or (
                 task.stream_to and (outcome.no_reply or outcome.chunks_unknown)
             ):
+                if outcome.holds:
+                    # The provider actor said nothing (it died, or its answer was lost): it may
+                    # have recorded nothing either. The log keeps the attempt and why it ended
+                    # the task (to no other provider: chunks may have reached the caller).
+                    task.appends.add(self._fallback(task, name, None, outcome))
                 raise _Broken(outcome, name)  # chunks may have reached the caller: no fallback
             if outcome.error_class == _OVERFLOW and self.config.routing.context_overflow_fallback:
                 too_long.add(provider.model)  # another model, with a larger window, may take it
@@ -911,6 +917,9 @@ class RouterActor:
                     retry, reservation_id = False, None
             if retry:
                 task.held += 1  # the silent attempt's
+                # In the log, as a fallback to the same provider: its actor said nothing, and
+                # may have recorded nothing of a call it made and the provider billed.
+                task.appends.add(self._fallback(task, provider.name, provider.name, outcome))
                 outcome = await self._call(task, provider, reservation_id)
         if isinstance(outcome, _Failure) and outcome.holds:
             task.held += 1

@@ -20,7 +20,7 @@ from actors.connection import Client
 from actors.router import RouterActor
 from events import subjects
 from events.contract import BudgetLeaseReply, BudgetLeaseRequest, BudgetLeaseReturn
-from events.log import BudgetLeased, BudgetLeaseReturned, SpendRecorded
+from events.log import BudgetLeased, BudgetLeaseReturned, FallbackTriggered, SpendRecorded
 from tests.fault.money import (
     NOON,
     FakeClock,
@@ -440,4 +440,41 @@ async def test_a_retry_after_a_silent_provider_actor_holds_budget_of_its_own(
                     for e in await dep.events()
                     if isinstance(e, SpendRecorded) and e.task_id == "T-silent"
                 ]
+        events = await _events_of(dep, "T-silent")
     assert len({s.reservation_id for s in spends}) == 2  # each against a hold of its own
+    # The silent attempt is in the log, as a fallback to the same provider (nothing recorded
+    # it when the actor's answer never came).
+    silent = [e for e in events if isinstance(e, FallbackTriggered)]
+    assert [(e.from_provider, e.to_provider) for e in silent] == [("openai", "openai")]
+    assert silent[0].reason.startswith("no_reply")
+
+
+async def _events_of(dep: Any, task_id: str) -> list[Any]:
+    return [e for e in await dep.events() if getattr(e, "task_id", None) == task_id]
+
+
+async def test_a_stream_whose_provider_actor_goes_silent_leaves_the_attempt_in_the_log(
+    tmp_path: Path,
+) -> None:
+    # A provider actor killed mid-stream: the task's log held only its route_decided, the
+    # attempt (of unknown cost: its hold stays) nowhere; the caller's error said it cost 0.
+    async with deployment(
+        tmp_path,
+        lambda url: config_text(url, timeouts={"openai": 500}),
+        router_options={"grace_s": 0.2},
+    ) as dep:
+        provider = dep.providers["openai"]
+
+        async def silent(*args: Any, **kw: Any) -> Any:
+            await anyio.sleep(30)  # an actor that says nothing more
+
+        provider._send = silent  # type: ignore[method-assign]
+        with pytest.raises(VaporaError) as failed:
+            async with dep.client.stream(prompt="hello", provider="openai", task_id="T-s") as s:
+                async for _ in s:
+                    pass
+        events = await _events_of(dep, "T-s")
+    assert failed.value.code == "timeout"
+    [ended] = [e for e in events if isinstance(e, FallbackTriggered)]
+    assert (ended.from_provider, ended.to_provider) == ("openai", None)
+    assert ended.reason.startswith("no_reply")
