@@ -124,12 +124,11 @@ from vapora.errors import (
 from vapora.pricing import cost, price_at
 from vapora.providers import (
     Completion,
-    KeepAliveTransport,
     ProviderClient,
     ProviderRequest,
     make_client,
 )
-from vapora.providers.base import without_request_text
+from vapora.providers.base import default_transport, without_request_text
 from vapora.providers.stream import CALLER_CANCELLED, FORWARD_FAILED
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
@@ -361,8 +360,9 @@ class ProviderActor:
             base_url=config.base_url,
             timeout=config.timeout_ms / 1000,
             # Not httpx's transport: half the actor's CPU went to httpcore (ShardedTransport's
-            # docstring); see vapora/providers/transport.py and docs/http-transport.md.
-            transport=KeepAliveTransport(max_connections=max_concurrency),
+            # docstring); see vapora/providers/transport.py and docs/http-transport.md. But
+            # httpx's through a proxy the environment configures (an egress proxy).
+            transport=default_transport(config.base_url, max_concurrency),
         )
         self.limiter = RateLimiter(config.rate_limit_rpm)
         self.breaker = CircuitBreaker(

@@ -220,3 +220,36 @@ def test_a_provider_message_quoting_the_request_is_not_kept(message: str, quoted
         assert str(kept) == kept.message
     else:
         assert kept.message.endswith("overloaded, try again later")
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+async def test_calls_go_through_the_proxy_the_environment_configures(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The environment's proxy was ignored: calls went straight to the provider, which behind
+    # an egress proxy means they failed (and an egress policy was bypassed where they did not).
+    body = (
+        b'{"model": "llama2", "message": {"role": "assistant", "content": "via the proxy"},'
+        b' "done": true, "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 3}'
+    )
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with stub(answer) as port:
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
+        client = make_client(
+            name="local",
+            kind="ollama",
+            model="llama2",
+            price=price_of("ollama"),
+            base_url="http://127.0.0.1:9",  # nothing there: only the proxy answers
+            timeout=5.0,
+        )
+        try:
+            done = await client.complete(ProviderRequest(prompt="a b c d"))
+        finally:
+            await client.aclose()
+    assert done.text == "via the proxy"

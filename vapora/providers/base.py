@@ -112,22 +112,34 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def default_transport(base_url: str, max_connections: int = 100) -> httpx.AsyncBaseTransport:
-    """The transport a client gets when none is injected: :class:`KeepAliveTransport`, or
-    httpx's own when a proxy is configured in the environment for ``base_url`` (which only
-    httpx's transport honours)."""
-    if _proxied(base_url):
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+    """The transport of a client (the provider actor's too): :class:`KeepAliveTransport`, or
+    httpx's own through the proxy the environment configures for ``base_url``
+    (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, minus ``NO_PROXY``), which
+    :class:`KeepAliveTransport` does not speak."""
+    proxy = proxy_for(base_url)
+    if proxy is None:
+        return KeepAliveTransport(max_connections=max_connections)
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
+    try:
+        return httpx.AsyncHTTPTransport(
+            proxy=proxy, limits=limits, retries=0, verify=_tls_context()
         )
-        return httpx.AsyncHTTPTransport(limits=limits, retries=0, verify=_tls_context())
-    return KeepAliveTransport(max_connections=max_connections)
+    except ImportError as exc:  # a SOCKS proxy without httpx's socks extra
+        raise ValueError(
+            f"the proxy {redact_url(proxy)} configured for {redact_url(base_url)} needs "
+            "httpx's SOCKS support: pip install 'httpx[socks]'"
+        ) from exc
 
 
-def _proxied(url: str) -> bool:
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment configures for ``url``, or None (none, or ``NO_PROXY``)."""
     proxies = urllib.request.getproxies()
-    if not proxies or urllib.request.proxy_bypass(httpx.URL(url).host):
-        return False
-    return any(key in proxies for key in ("all", httpx.URL(url).scheme))
+    parsed = httpx.URL(url)
+    if not proxies or urllib.request.proxy_bypass(parsed.host):
+        return None
+    return proxies.get(parsed.scheme) or proxies.get("all")
 
 
 class ProviderClient(ABC):
