@@ -4,6 +4,7 @@ contract."""
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from events import EVENT_TYPES
 from vapora import errors
 from vapora.cli import _parser
 from vapora.config import _ConfigFile
+from vapora.deploy import _ACTOR_SUBSCRIBE, _SERVES, permissions
 
 ROOT = Path(__file__).parent.parent.parent
 
@@ -62,3 +64,24 @@ def test_every_error_code_is_in_the_contract_page() -> None:
     }
     for code in sorted(codes | {Overloaded.code}):
         assert f"`{code}`" in contract, f"docs/contract.md does not name the error `{code}`"
+
+
+def test_the_permission_table_is_what_the_generated_accounts_allow() -> None:
+    # The table missed the subjects two later features added (a stream's cancel, the provider
+    # actors' pending spend): an operator writing their own accounts from it broke both.
+    text = (ROOT / "docs" / "operations-cluster.md").read_text()
+    text = text[text.index("## 5. The permission model") :]
+    text = text[: text.index("\n\n", text.index("| user |"))]  # the table
+    rules = permissions()
+    for user in ("client", "router", "provider", "budget", "ledger"):
+        [row] = [line for line in text.splitlines() if line.startswith(f"| `{user}`")]
+        cells = row.split("|")[2:4]
+        published, subscribed = (set(re.findall(r"`([^`]+)`", cell)) for cell in cells)
+        shared = ("$JS", "_INBOX", "$SRV")  # every actor's, in the paragraph under the table
+        own = {subject for subject in rules[user].publish if not subject.startswith(shared)}
+        if user == "client":
+            receives = {"_INBOX.client.>", "_INBOX.NAME.>"}
+        else:
+            receives = {*_SERVES[user], f"_INBOX.{user}.>", *_ACTOR_SUBSCRIBE}
+        assert published == own, (user, published ^ own)
+        assert subscribed == receives, (user, subscribed ^ receives)
