@@ -184,6 +184,9 @@ def test_the_embedded_default_loads() -> None:
     config = default_config(at=AT, resolve_price=flat_price)
     assert config.source == "<embedded default>"
     assert {p.name for p in config.providers} == {"claude", "openai", "gemini", "ollama"}
+    # Every task type the contract names is routed (SecurityAnalysis was a 404: the guide's
+    # mappings have none for it).
+    assert all(config.mapping(task_type) for task_type in TaskType)
 
 
 def test_the_config_is_frozen() -> None:
