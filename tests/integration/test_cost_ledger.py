@@ -423,6 +423,8 @@ async def test_report_and_budget_commands_print_tables_or_json(
     assert held.admitted
     assert "today (UTC)" in table and "$1.00" in table and "open reservations   1" in table
     assert data["reserved_usd"] == "0.25" and data["tier"] in table
+    # A tier that stays Exceeded at 85.4 % (its way back down) read as a contradiction.
+    assert "back down 5 points below either" in table
     assert "Total" in report_table and "By provider" in report_table
     assert report["calls"] == 3 and Decimal(report["total_usd"]) > 0
 

@@ -25,7 +25,7 @@ from events.codec import DecodeError, decode, encode, event_tag
 from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
 from events.log import EVENT_TYPES, Event
 from vapora.audit import Auditor, AuditResult, render_audit, render_report, usd
-from vapora.budget import BudgetLimits
+from vapora.budget import TIER_HYSTERESIS_PERCENT, BudgetLimits
 from vapora.errors import (
     InternalError,
     InvalidRequest,
@@ -150,7 +150,8 @@ def render_budget(status: BudgetStatus) -> str:
     per_task = status.per_task_limit_usd
     lines = [
         f"Budget at {status.at:%Y-%m-%d %H:%M:%S} UTC   tier {status.tier}"
-        f"   (NearThreshold from 50 %, Exceeded above {status.warn_threshold_percent:g} %)",
+        f"   (NearThreshold from 50 %, Exceeded above {status.warn_threshold_percent:g} %;"
+        f" back down {TIER_HYSTERESIS_PERCENT} points below either)",
         "",
         *(
             f"  {a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}  {d:>{widths[3]}}"
