@@ -1052,7 +1052,9 @@ def _provider_lines(p: ProviderConfig, env: Mapping[str, str] | None) -> list[st
     return [
         f"  {p.name}: {p.kind.value} {p.model} at {redact_url(p.base_url)}",
         f"    {key}; quality {p.quality:g}; priority {p.priority}; timeout {p.timeout_ms} ms;"
-        f" rate limit {p.rate_limit_rpm or 'none'} rpm",
+        + (f" rate limit {p.rate_limit_rpm} rpm" if p.rate_limit_rpm else " no rate limit"),
+        f"    breaker: opens after {p.breaker_threshold} failures in a row, half-opens after"
+        f" {p.breaker_cooldown_ms} ms",
         f"    price per Mtok: input ${price.input_per_mtok} output ${price.output_per_mtok}"
         f" ({price.source} {price.version})",
     ]
@@ -1079,22 +1081,32 @@ def _routing_lines(config: Config) -> list[str]:
 def _tail_lines(config: Config) -> list[str]:
     b, n, t = config.budget, config.nats, config.telemetry
     nats = ", ".join(redact_url(u) for u in n.urls) if n.urls else "embedded server"
+    in_url = any("@" in u.partition("://")[2].partition("/")[0] for u in n.urls)
     auth = (
         "token"
         if n.token
-        else ("user " + n.user if n.user else ("creds file" if n.creds else "none"))
+        else (
+            "user " + n.user
+            if n.user
+            else ("creds file" if n.creds else "in the URL" if in_url else "none")
+        )
     )
     replies = n.inbox_prefix or inbox_prefix(
         n.user, n.urls, token_or_creds=bool(n.token or n.creds)
     )
     return [
         f"budget: daily {_money(b.daily_limit_usd)}, monthly {_money(b.monthly_limit_usd)}, "
-        f"per task {_money(b.per_task_limit_usd)}, warn at {b.warn_threshold_percent:g}%",
+        f"per task {_money(b.per_task_limit_usd)}, warn at {b.warn_threshold_percent:g}%; "
+        + (f"router leases up to {_money(b.lease_usd)}" if b.lease_usd else "no router leases"),
         f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}; replies under {replies}",
         f"storage: {config.storage.data_dir} (embedded server sync_interval: "
-        f"{config.storage.sync_interval})",
+        f"{config.storage.sync_interval}); event stream replicas "
+        + (str(config.storage.replicas) if config.storage.replicas else "3 on a cluster, else 1"),
         f"telemetry: {'on' if t.enabled else 'off'}, exporter {t.exporter}, "
-        f"prometheus port {t.prometheus_port or 'none'}, capture content {t.capture_content}"
+        f"traces {'on' if t.traces else 'off'} (sampled {t.sample_ratio:g}), "
+        f"metrics {'on' if t.metrics else 'off'}, "
+        f"prometheus port {t.prometheus_port or 'none'}, capture content {t.capture_content}, "
+        f"service name {t.service_name or 'vapora (vapora-<kind> for `vapora actor <kind>`)'}"
         + (", OTLP spans exported by a child process" if t.export_process else ""),
     ]
 
