@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import signal
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -119,8 +120,13 @@ async def run_until_signalled(
             on_ready()
         task_status.started()
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
+            async for signum in signals:
+                log.info(
+                    "%s: stopping (requests in flight drain; a second signal stops hard)",
+                    signal.Signals(signum).name,
+                )
                 break
+            started = time.monotonic()
             async with anyio.create_task_group() as stopping:
                 stopping.start_soon(_stop_in_order, actors, finished, stopping.cancel_scope)
                 async for signum in signals:  # a second signal while draining: stop hard
@@ -130,6 +136,7 @@ async def run_until_signalled(
                         signal.Signals(signum).name,
                     )
                     stopping.cancel_scope.cancel()
+            log.info("stopped in %.1f s", time.monotonic() - started)
         tg.cancel_scope.cancel()
 
 

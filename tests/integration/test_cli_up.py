@@ -71,7 +71,12 @@ def test_up_in_a_new_data_dir_serves_and_stops_cleanly(tmp_path: Path) -> None:
         finally:
             up.send_signal(signal.SIGTERM)
             code = up.wait(timeout=60)
+            assert up.stderr is not None
+            stderr = up.stderr.read()
     assert code == 0
+    # The stop is said, when it starts and when it is done (its last line was "nats:
+    # disconnected").
+    assert "SIGTERM: stopping (requests in flight drain" in stderr and "stopped in" in stderr
 
 
 def test_up_started_again_after_a_sigkill_replaces_the_server_it_left(tmp_path: Path) -> None:

@@ -583,8 +583,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true")
 
     report = command("report", "the cost report")
-    report.add_argument("--since", type=_timestamp)
-    report.add_argument("--until", type=_timestamp)
+    report.add_argument(
+        "--since", type=_timestamp, help="ISO 8601 time, e.g. 2026-11-01 or 2026-11-27T09:00Z"
+    )
+    report.add_argument("--until", type=_timestamp, help="ISO 8601 time, the end excluded")
     report.add_argument("--json", action="store_true")
     report.add_argument(
         "--html",

@@ -36,6 +36,7 @@ from actors.connection import ConnectOptions, connect
 from actors.eventlog import EventLog
 from actors.runner import Actor, Runtime, all_actors, run_one, stop_in_order
 from actors.server import EmbeddedNats
+from events.codec import event_tag
 from events.contract import Tier
 from events.log import (
     BudgetReserved,
@@ -440,7 +441,7 @@ def _describe(event: Event | None) -> str:
         )
     if event is None:
         return "an event outside this log"
-    return f"{type(event).__name__} {event.id}"
+    return f"{event_tag(event)} {event.id}"  # the event's own name, as everywhere else
 
 
 def _print_fallbacks(events: Sequence[Event], out: TextIO) -> None:
