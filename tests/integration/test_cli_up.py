@@ -313,3 +313,11 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_option_the_actor_does_not_take_is_refused() -> None:
+    # `vapora actor router --provider claude` ran a router, the option silently dropped.
+    result = run("actor", "router", "--provider", "claude")
+    assert result.returncode == 2 and "--provider names the provider of a provider actor" in (
+        result.stderr
+    )

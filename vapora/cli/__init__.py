@@ -267,6 +267,10 @@ async def cmd_actor(args: argparse.Namespace) -> int:
     from actors.connection import connect
     from actors.runner import Runtime, build
 
+    if args.provider is not None and args.kind != "provider":
+        raise ConfigError(
+            f"--provider names the provider of a provider actor, not of a {args.kind}"
+        )
     config = _config(args)
     data_dir = _data_dir(args, config)
     await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
