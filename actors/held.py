@@ -18,6 +18,16 @@ during the outage loses none:
   event (cut short by a crash, edited) is named in the log and kept in
   ``held-<actor>.unreadable``.
 
+Events on their way to the log are on disk too (:meth:`HeldEvents.begin` before the append,
+:meth:`HeldEvents.end` once it is answered): each instance writes them ahead to
+``inflight-<actor>-<instance>.jsonl`` (locked like the held file), and a line
+``{"done": [ids]}`` once the log took them or they were held. A process killed while the log had
+not yet answered (the HTTP answer in, the spend not yet acknowledged: up to the log's
+acknowledgement timeout) leaves them there, and the instance that adopts its files appends
+them. These writes are not ``fsync``'d: they survive the process, not the machine (as a call's
+events in memory would not either; the held file, for an outage, is synced). The file is
+emptied whenever nothing is on its way and it has grown past a megabyte.
+
 With tracing on, each event is held with the trace context it was first appended in (the
 call's), written into its line as an extra ``held_trace`` key that event decoders ignore, so that
 appended again, even by another instance after a crash, it continues its task's trace instead of
@@ -59,6 +69,37 @@ class _HeldTrace(msgspec.Struct):
 
 
 _held_trace = msgspec.json.Decoder(_HeldTrace)
+
+#: How large the write-ahead file may grow before it is emptied (when nothing is on its way).
+_INFLIGHT_ROOM = 1 << 20
+
+
+class _Done(msgspec.Struct):
+    """A write-ahead line: these events are in the log, or held."""
+
+    done: list[str]
+
+
+class _Id(msgspec.Struct):
+    id: str = ""
+
+
+_done_decoder = msgspec.json.Decoder(_Done)
+_id_decoder = msgspec.json.Decoder(_Id)
+
+
+def _done(line: bytes) -> list[str]:
+    try:
+        return _done_decoder.decode(line).done
+    except msgspec.DecodeError:
+        return []
+
+
+def _event_id(line: bytes) -> str:
+    try:
+        return _id_decoder.decode(line).id
+    except msgspec.DecodeError:
+        return ""  # not an event: adopted as such, and set aside as unreadable
 
 
 def _trace_in(line: bytes) -> dict[str, str]:
@@ -114,6 +155,11 @@ class HeldEvents:
         self._file: BinaryIO | None = None  # open and locked while the file exists
         self._dirty = False  # a write failed: the file lacks some of the events
         self._own = re.compile(rf"held-{re.escape(actor)}(-[0-9a-f]{{12}})?\.jsonl")
+        self.inflight_path = directory / f"inflight-{self.path.name[len('held-') :]}"
+        self._inflight: int | None = None  # its descriptor, open and locked once written
+        self._on_the_way = 0  # events begun and not yet ended
+        self._inflight_size = 0
+        self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
         return len(self.events)
@@ -157,6 +203,59 @@ class HeldEvents:
             return False
         return True
 
+    # --- on the way to the log (write-ahead) ---------------------------------------------------
+
+    def begin(self, events: list[Event], traces: dict[str, dict[str, str]] | None = None) -> None:
+        """``events`` go to the log now: written ahead (module doc), so that a process killed
+        before the log answers leaves them for another instance to append. A failed write is
+        logged: the append goes ahead regardless."""
+        if traces:
+            self.traces.update(traces)
+        try:
+            if self._inflight is None:
+                self._inflight = self._open_inflight()
+            data = b"".join(self._line(event) for event in events)
+            os.write(self._inflight, data)
+            self._inflight_size += len(data)
+        except OSError as exc:
+            log.error("%s: could not write %s (%s)", self.actor, self.inflight_path, exc)
+        self._on_the_way += len(events)
+
+    def end(self, events: list[Event]) -> None:
+        """The log took ``events``, or they are held: no longer on their way."""
+        self._on_the_way = max(0, self._on_the_way - len(events))
+        for event in events:
+            if event not in self.events:  # a held one keeps its trace for its next append
+                self.traces.pop(event.id, None)
+        if self._inflight is None:
+            return
+        try:
+            if not self._on_the_way and self._inflight_size > _INFLIGHT_ROOM:
+                os.ftruncate(self._inflight, 0)  # nothing on its way: all of it is done
+                os.lseek(self._inflight, 0, os.SEEK_SET)
+                self._inflight_size = 0
+                return
+            line = msgspec.json.encode(_Done(done=[event.id for event in events])) + b"\n"
+            os.write(self._inflight, line)
+            self._inflight_size += len(line)
+        except OSError as exc:
+            log.error("%s: could not write %s (%s)", self.actor, self.inflight_path, exc)
+
+    def _open_inflight(self) -> int:
+        """The write-ahead file, created locked under another name and then renamed (no other
+        instance ever sees it unlocked)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        staged = self.inflight_path.with_suffix(".staged")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(staged, self.inflight_path)
+        except BaseException:
+            os.close(fd)
+            staged.unlink(missing_ok=True)
+            raise
+        return fd
+
     def trace_of(self, event: Event) -> dict[str, str] | None:
         """The trace context ``event`` was held with, if any."""
         return self.traces.get(event.id)
@@ -197,6 +296,11 @@ class HeldEvents:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._inflight is not None:
+            if not self._on_the_way:  # all of it done: nothing for a later start
+                self.inflight_path.unlink(missing_ok=True)
+            os.close(self._inflight)
+            self._inflight = None
 
     def _rewrite(self) -> None:
         """Replace the file by one holding :attr:`events` (removed when there are none). The new
@@ -238,7 +342,9 @@ class HeldEvents:
             return 0
         adopted = 0
         for path in sorted(self.directory.iterdir()):
-            if path == self.path or not self._own.fullmatch(path.name):
+            if path in (self.path, self.inflight_path):
+                continue
+            if not (self._own.fullmatch(path.name) or self._own_inflight.fullmatch(path.name)):
                 continue
             try:
                 adopted += self._adopt(path)
@@ -251,6 +357,13 @@ class HeldEvents:
             if not _lock(file) or not _still_named(file, path):
                 return 0  # a live instance's, or replaced meanwhile
             lines = [line for line in file.read().splitlines() if line.strip()]
+            if path.name.startswith("inflight-"):  # only what never reached an end
+                done = {i for line in lines if line.startswith(b'{"done"') for i in _done(line)}
+                lines = [
+                    line
+                    for line in lines
+                    if not line.startswith(b'{"done"') and _event_id(line) not in done
+                ]
             events: list[Event] = []
             traces: dict[str, dict[str, str]] = {}
             unreadable: list[bytes] = []

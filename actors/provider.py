@@ -788,15 +788,19 @@ class ProviderActor:
         """Whether ``events`` were stored (a failure is logged, never raised). With ``hold``
         (a call's events: what it cost), events the log did not take are held back, on disk,
         and appended again until it takes them (:meth:`_append_held`): spend is never dropped."""
+        if hold:  # on disk before the log has them: a process killed meanwhile loses none
+            self.held.begin(events)  # (without their trace: found after a crash, new traces)
         try:
             await self.runtime.log.append_many(events)
         except anyio.get_cancelled_exc_class():
             if hold:  # cut by a stop before the log answered: held, appended again later
                 self.held.hold(events, _traces(events))
+                self.held.end(events)
             raise
         except Exception as exc:
             if hold:
                 self.held.hold(events, _traces(events))
+                self.held.end(events)
                 await self._announce_held()
                 log.error(
                     "%s: the event log did not take %d events (%s); held back, %d in all, "
@@ -809,6 +813,8 @@ class ProviderActor:
             else:
                 log.exception("%s: could not append %d events", self.name, len(events))
             return False
+        if hold:
+            self.held.end(events)
         return True
 
     async def _append_held(self) -> bool:

@@ -794,7 +794,7 @@ class RouterActor:
             if outcome.error_class == "stream_broken" or (
                 task.stream_to and (outcome.no_reply or outcome.chunks_unknown)
             ):
-                if outcome.holds:
+                if outcome.no_reply:
                     # The provider actor said nothing (it died, or its answer was lost): it may
                     # have recorded nothing either. The log keeps the attempt and why it ended
                     # the task (to no other provider: chunks may have reached the caller).

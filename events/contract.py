@@ -178,9 +178,6 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
             raise ValueError("`prompt` must hold some text, not only whitespace")
         if self.messages is not None and not any(m.content.strip() for m in self.messages):
             raise ValueError("`messages` must hold some text: every `content` is empty")
-        if self.messages is not None and all(m.role == "system" for m in self.messages):
-            # Nothing to answer: refused by some providers (a 502), billed by others.
-            raise ValueError("`messages` must hold more than system text: a user message")
         if self.task_id is not None and not 1 <= len(self.task_id) <= MAX_ID_LENGTH:
             # The budget keeper refuses longer ids: taken, the task would fail as over budget.
             raise ValueError(f"`task_id` must be 1 to {MAX_ID_LENGTH} characters")

@@ -151,6 +151,9 @@ class Client:
         # dropped (core NATS), and the caller would wait out its whole timeout for a call that
         # was made and billed. nats-py waits 2 s; vapora's actors 0.5 s.
         options.setdefault("reconnect_time_wait", 0.25)
+        # And never give up (nats-py stops after 60 tries: 15 s at that pace), as the actors:
+        # a service outlives a server's restart or failover, however long.
+        options.setdefault("max_reconnect_attempts", -1)
         # Replies under the user's own prefix, which a deployment's permissions can let only
         # that user receive (docs/operations-cluster.md).
         other = bool(options.keys() & {"token", "user_credentials", "nkeys_seed"})

@@ -4,7 +4,9 @@
 
 DATA_DIR (default: the system's temporary directory) is where it keeps held events;
 ``ACK_TIMEOUT_S`` in the environment shortens the event log's acknowledgement timeout (30 s) for
-a test that makes the log refuse appends. Prints ``ready`` once it serves; SIGTERM drains and
+a test that makes the log refuse appends; ``EVENTS_PREFIX`` the subjects it appends to (a
+test's own, which a subscriber there answers never: appends wait for their acknowledgement).
+Prints ``ready`` once it serves; SIGTERM drains and
 stops it (SIGKILL does not).
 """
 
@@ -19,9 +21,10 @@ from pathlib import Path
 import anyio
 
 from actors.connection import ConnectOptions, connect
-from actors.eventlog import EventLog
+from actors.eventlog import EventLog, StreamSettings
 from actors.provider import ProviderActor
 from actors.runner import Runtime, run_until_signalled
+from events.subjects import EVENTS_PREFIX
 from vapora.config import load_config
 
 
@@ -32,7 +35,11 @@ async def main(url: str, config_file: str, provider: str, data_dir: str | None =
         runtime = Runtime(
             nc=nc,
             config=config,
-            log=EventLog(nc, ack_timeout=float(os.environ.get("ACK_TIMEOUT_S", "30"))),
+            log=EventLog(
+                nc,
+                ack_timeout=float(os.environ.get("ACK_TIMEOUT_S", "30")),
+                settings=StreamSettings(prefix=os.environ.get("EVENTS_PREFIX", EVENTS_PREFIX)),
+            ),
             data_dir=Path(data_dir or tempfile.gettempdir()),
             env=dict(os.environ),
         )

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -100,3 +101,81 @@ async def test_spend_held_by_a_killed_provider_actor_is_appended_by_the_next(
             assert [s.cost_usd for s in await spends()] == [result.cost_usd]
             await until(lambda: not held_files(data_dir))
             successor.stop()
+
+
+async def test_spend_on_its_way_to_the_log_when_the_actor_is_killed_is_appended_by_the_next(
+    tmp_path: Path,
+) -> None:
+    # The window before a hold: the provider answered, the call's events went to the log, the
+    # log had not acknowledged them yet (up to its 30 s timeout). They were in memory only, so a
+    # SIGKILL then (the OOM killer, a node lost) lost a call the provider billed.
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        config_file = tmp_path / "vapora.toml"
+        config_file.write_text(config_text(dep.sim.base_url))
+        data_dir = tmp_path / "data"
+        # The worker appends to subjects of its own where nobody acknowledges: its appends
+        # wait, as for a log that is slow to answer.
+        swallowed: list[bytes] = []
+        sink = await dep.nc.subscribe("stalled.events.>", cb=_keep(swallowed))
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.fault.provider_process",
+                dep.server.url,
+                str(config_file),
+                "openai",
+                str(data_dir),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT), "EVENTS_PREFIX": "stalled.events"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with anyio.fail_after(30):
+                assert worker.stdout is not None
+                line = await anyio.to_thread.run_sync(worker.stdout.readline)
+                assert line.strip() == b"ready"
+            call = ProviderCall(
+                task_id="T-on-its-way",
+                task_type=TaskType.GENERAL_QUERY,
+                attempt=1,
+                model="gpt-4o-mini",
+                prompt="hello",
+                max_tokens=16,
+            )
+            # Its answer waits for the log (durable_reply): asked, not awaited.
+            await dep.nc.publish(
+                subjects.provider_call("openai"), encode(call), reply="_INBOX.nobody"
+            )
+            # The call's events sent, never acknowledged.
+            await until(lambda: b"T-on-its-way" in b"".join(swallowed), within_s=15)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            await sink.unsubscribe()
+        assert not held_files(data_dir)  # not held: it was still waiting for the log
+        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
+        successor = ProviderActor(runtime, provider="openai")
+        async with anyio.create_task_group() as tg:
+            await tg.start(successor.run)
+
+            async def spends() -> list[SpendRecorded]:
+                events = await dep.events_of("T-on-its-way")
+                return [e for e in events if isinstance(e, SpendRecorded)]
+
+            with anyio.fail_after(15):
+                while not await spends():  # noqa: ASYNC110 - appended by the successor's start
+                    await anyio.sleep(0.05)
+            [spent] = await spends()
+            assert spent.cost_usd > 0 and spent.provider == "openai"
+            await until(lambda: not list(data_dir.glob("inflight-provider-openai-*.jsonl")))
+            successor.stop()
+
+
+def _keep(into: list[bytes]) -> Any:
+    async def keep(message: Any) -> None:
+        into.append(message.data)  # and no answer: the publisher waits for its acknowledgement
+
+    return keep

@@ -199,8 +199,11 @@ PROMPT = "Summarise the quarterly numbers for the Zanzibar account"
     ("message", "quoted"),
     [
         (f"messages[0].content: invalid value '{PROMPT}'", True),
-        (f"prompt too long: {PROMPT[10:40]}...", True),
+        (f"prompt too long: {PROMPT[10:50]}...", True),
         ("overloaded, try again later", False),
+        # Ordinary words a long prompt shares with the provider's own message are no quote
+        # (a first version dropped every context overflow message of a long prompt).
+        ("This model's maximum context length is 128000 tokens. However, you requested", False),
     ],
 )
 def test_a_provider_message_quoting_the_request_is_not_kept(message: str, quoted: bool) -> None:
@@ -210,8 +213,9 @@ def test_a_provider_message_quoting_the_request_is_not_kept(message: str, quoted
         http_status=400,
         error_type="invalid_request_error",
     )
-    kept = without_request_text(error, ["You are terse.", PROMPT])
-    assert (PROMPT[10:28] not in kept.message) and ("Zanzibar" not in kept.message)
+    essay = "However, you may find the maximum context length of this model is small. " * 50
+    kept = without_request_text(error, ["You are terse.", PROMPT, essay])
+    assert "Zanzibar" not in kept.message
     if quoted:
         assert kept.message == (
             "claude: HTTP 400 invalid_request_error: the provider's message quoted the "
@@ -219,7 +223,7 @@ def test_a_provider_message_quoting_the_request_is_not_kept(message: str, quoted
         )
         assert str(kept) == kept.message
     else:
-        assert kept.message.endswith("overloaded, try again later")
+        assert kept.message.endswith(message)
 
 
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
@@ -239,13 +243,15 @@ async def test_calls_go_through_the_proxy_the_environment_configures(
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     async with stub(answer) as port:
-        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
+        # A value without a scheme is an http:// proxy, as httpx and curl read it.
+        scheme = "" if variable == "ALL_PROXY" else "http://"
+        monkeypatch.setenv(variable, f"{scheme}127.0.0.1:{port}")
         client = make_client(
-            name="local",
+            name="remote",
             kind="ollama",
             model="llama2",
             price=price_of("ollama"),
-            base_url="http://127.0.0.1:9",  # nothing there: only the proxy answers
+            base_url="http://ollama.invalid:9",  # no such host: only the proxy answers
             timeout=5.0,
         )
         try:
@@ -253,3 +259,20 @@ async def test_calls_go_through_the_proxy_the_environment_configures(
         finally:
             await client.aclose()
     assert done.text == "via the proxy"
+
+
+def test_a_loopback_provider_is_not_proxied_and_a_bad_proxy_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vapora.errors import ConfigError
+    from vapora.providers.base import default_transport, proxy_for
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for local in ("http://localhost:11434", "http://127.0.0.1:8080", "http://[::1]:9"):
+        assert proxy_for(local) is None  # a local Ollama went to the corporate proxy
+    assert proxy_for("http://ollama.lan:11434") == "http://proxy.corp:3128"
+    monkeypatch.setenv("HTTP_PROXY", "gopher://proxy.corp:70")
+    with pytest.raises(ConfigError, match="is not one httpx can use"):
+        default_transport("http://ollama.lan:11434")

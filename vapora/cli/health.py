@@ -51,6 +51,7 @@ async def cmd_health(args: argparse.Namespace) -> int:
     """Ping; 0 when a service answered in time, 1 otherwise."""
     from actors.connection import ConnectionFailed, ConnectOptions, connect
     from vapora.config import load
+    from vapora.errors import ConfigError
 
     config = load(args.config, env=os.environ, at=datetime.now(UTC), nats_url=args.nats_url)
     tls = config.nats.tls
@@ -72,8 +73,8 @@ async def cmd_health(args: argparse.Namespace) -> int:
 
     try:
         nc = await connect(options)
-    except ConnectionFailed as exc:
-        print(f"unhealthy: {exc}")
+    except (ConnectionFailed, ConfigError) as exc:  # a missing TLS or credentials file too:
+        print(f"unhealthy: {exc}")  # 1 (unhealthy), never 2 (reserved by Docker's checks)
         return 1
     # The instances this machine (container) runs on this NATS deployment, each asked by id: a
     # sibling elsewhere answering for a wedged one made it look healthy. None noted: any one.

@@ -27,6 +27,7 @@ The values live in :mod:`vapora.providers.values`, the stream in :mod:`vapora.pr
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import ssl
 import time
@@ -46,6 +47,7 @@ import msgspec
 from events.contract import Price
 from vapora.config import redact_url
 from vapora.errors import (
+    ConfigError,
     ProviderConfigError,
     ProviderContextOverflow,
     ProviderError,
@@ -127,19 +129,38 @@ def default_transport(base_url: str, max_connections: int = 100) -> httpx.AsyncB
             proxy=proxy, limits=limits, retries=0, verify=_tls_context()
         )
     except ImportError as exc:  # a SOCKS proxy without httpx's socks extra
-        raise ValueError(
+        raise ConfigError(
             f"the proxy {redact_url(proxy)} configured for {redact_url(base_url)} needs "
             "httpx's SOCKS support: pip install 'httpx[socks]'"
+        ) from exc
+    except ValueError as exc:  # a scheme httpx does not know
+        raise ConfigError(
+            f"the proxy {redact_url(proxy)} the environment configures for "
+            f"{redact_url(base_url)} is not one httpx can use ({exc})"
         ) from exc
 
 
 def proxy_for(url: str) -> str | None:
-    """The proxy the environment configures for ``url``, or None (none, or ``NO_PROXY``)."""
+    """The proxy the environment configures for ``url``, or None (none, ``NO_PROXY``, or a
+    loopback host: a local Ollama, or a simulator, is never reached through a proxy). A value
+    without a scheme is an ``http://`` proxy, as httpx and curl read it."""
     proxies = urllib.request.getproxies()
     parsed = httpx.URL(url)
-    if not proxies or urllib.request.proxy_bypass(parsed.host):
+    if not proxies or _loopback(parsed.host) or urllib.request.proxy_bypass(parsed.host):
         return None
-    return proxies.get(parsed.scheme) or proxies.get("all")
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    return proxy or None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ProviderClient(ABC):
@@ -630,22 +651,24 @@ _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, Re
 
 
 #: The shortest run of a request's text that counts as quoted in a provider's error message
-#: (a whole text shorter than it counts when at least :data:`_QUOTE_SHORTEST` long).
-_QUOTE_RUN = 12
-_QUOTE_SHORTEST = 6
+#: (ordinary phrases of its own, "maximum context length", shorter), looked for every
+#: :data:`_QUOTE_STEP` characters: a quoted run of 31 characters or more is always found; a
+#: whole text shorter than the run counts when at least :data:`_QUOTE_SHORTEST` long.
+_QUOTE_RUN = 24
+_QUOTE_STEP = 8
+_QUOTE_SHORTEST = 10
 
 
 def quotes_request(text: str, sources: Sequence[str]) -> bool:
     """Whether ``text`` (a provider's error message) quotes one of ``sources`` (the request's
-    prompt, system text and messages): a run of :data:`_QUOTE_RUN` characters of one, or the
-    whole of one shorter than that. Windows of the text are looked for in each source, half a
-    run apart, so any quoted run of 18 characters or more is found."""
+    prompt, system text and messages): a run of :data:`_QUOTE_RUN` characters of one (see
+    there), or the whole of one shorter than that."""
     for source in sources:
         if len(source) < _QUOTE_RUN:
             if len(source) >= _QUOTE_SHORTEST and source in text:
                 return True
             continue
-        for start in range(0, max(1, len(text) - _QUOTE_RUN + 1), _QUOTE_RUN // 2):
+        for start in range(0, max(1, len(text) - _QUOTE_RUN + 1), _QUOTE_STEP):
             window = text[start : start + _QUOTE_RUN]
             if len(window) == _QUOTE_RUN and window in source:
                 return True
@@ -653,13 +676,14 @@ def quotes_request(text: str, sources: Sequence[str]) -> bool:
 
 
 def without_request_text(error: ProviderError, sources: Sequence[str]) -> ProviderError:
-    """``error`` with its message (and type) dropped where they quote the request's text, which
+    """``error`` with its message dropped where it quotes the request's text, which
     must stay out of events, logs and spans unless the config opts in: a provider may echo the
     request into its error ("invalid value for messages[0].content: '...'"). What is kept says
     what happened: the provider, the HTTP status and the type."""
-    if error.error_type is not None and quotes_request(error.error_type, sources):
-        error.error_type = None
-    if quotes_request(error.message, sources):
+    # The provider's own words: vapora's prefix ("claude: HTTP 400 type: ") is not looked at,
+    # nor the type (an identifier already, ProviderError).
+    said = error.message.split(": ", 2)[-1]
+    if quotes_request(said, sources):
         status = f"HTTP {error.http_status} " if error.http_status is not None else ""
         error.message = (
             f"{error.provider}: {status}{error.error_type or type(error).__name__}: the "

@@ -9,6 +9,7 @@ several processes may share one file (each line is one ``write``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -93,6 +94,9 @@ class JsonLinesSpanExporter(SpanExporter):
                 f"cannot make the directory of the spans' JSON-lines file {self.path}: "
                 f"{exc.strerror or exc}"
             ) from exc
+        if self.path.exists():  # one made before its mode was 0600 (an upgrade) too
+            with contextlib.suppress(OSError):
+                os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
         self._failing = False
