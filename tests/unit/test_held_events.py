@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from actors.held import HeldEvents
 from events.codec import decode_event
 from tests.samples import EVENTS
@@ -89,3 +91,54 @@ def test_events_a_failed_write_missed_are_written_at_the_stop(tmp_path: Path) ->
     successor = HeldEvents(tmp_path, "provider-openai")
     assert successor.adopt() == 2 and list(successor) == [SPEND, CALL]
     successor.close()
+
+
+def _killed(held: HeldEvents) -> None:
+    """What a SIGKILL leaves: the files as they are, their locks released."""
+    import os
+
+    for fd in (held._inflight,):
+        if fd is not None:
+            os.close(fd)
+    held._inflight = None
+    if held._file is not None:
+        held._file.close()
+        held._file = None
+
+
+def test_events_on_their_way_when_the_process_died_are_adopted_and_done_ones_are_not(
+    tmp_path: Path,
+) -> None:
+    first = HeldEvents(tmp_path, "provider-openai")
+    first.begin([CALL])
+    first.end([CALL])  # the log took it
+    first.begin([SPEND])  # on its way when the process died
+    live = HeldEvents(tmp_path, "provider-openai")
+    assert live.adopt() == 0  # the first instance's file is locked while it lives
+    _killed(first)
+    second = HeldEvents(tmp_path, "provider-openai")
+    assert second.adopt() == 1 and list(second) == [SPEND]
+    assert not first.inflight_path.exists() and on_disk(second.path) == [SPEND]
+    second.close()
+
+
+def test_a_stop_with_nothing_on_its_way_leaves_no_file_and_an_idle_file_is_emptied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from actors import held as held_module
+
+    monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 100)
+    held = HeldEvents(tmp_path, "provider-openai")
+    held.begin([SPEND, CALL])
+    size = held.inflight_path.stat().st_size
+    assert size > 100
+    held.end([SPEND, CALL])  # nothing on its way, past the room: emptied
+    assert held.inflight_path.stat().st_size == 0
+    held.begin([SPEND])
+    held.close()  # stopped with it still on its way (a stop cut the append): kept
+    assert held.inflight_path.exists()
+    other = HeldEvents(tmp_path, "provider-openai")
+    other.begin([CALL])
+    other.end([CALL])
+    other.close()
+    assert not other.inflight_path.exists()
