@@ -20,8 +20,9 @@ during the outage loses none:
 
 Events on their way to the log are on disk too (:meth:`HeldEvents.begin` before the append,
 :meth:`HeldEvents.end` once it is answered): each instance writes them ahead to
-``inflight-<actor>-<instance>.jsonl`` (locked like the held file), and a line
-``{"done": [ids]}`` once the log took them or they were held. A process killed while the log had
+``inflight-<actor>-<instance>.jsonl`` (locked like the held file), one write per call that also
+carries a line ``{"done": [ids]}`` for the events the log took, or that were held, since the
+last write (a done line not yet written only makes an adopter append those events once more). A process killed while the log had
 not yet answered (the HTTP answer in, the spend not yet acknowledged: up to the log's
 acknowledgement timeout) leaves them there, and the instance that adopts its files appends
 them. These writes are not ``fsync``'d: they survive the process, not the machine (as a call's
@@ -43,6 +44,7 @@ month (on the safe side: it refuses sooner), while the ledger's totals count it 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -86,6 +88,10 @@ class _Id(msgspec.Struct):
 
 _done_decoder = msgspec.json.Decoder(_Done)
 _id_decoder = msgspec.json.Decoder(_Id)
+
+
+def _done_line(ids: list[str]) -> bytes:
+    return msgspec.json.encode(_Done(done=ids)) + b"\n"
 
 
 def _done(line: bytes) -> list[str]:
@@ -159,6 +165,7 @@ class HeldEvents:
         self._inflight: int | None = None  # its descriptor, open and locked once written
         self._on_the_way = 0  # events begun and not yet ended
         self._inflight_size = 0
+        self._done: list[str] = []  # ids ended since the last write, written with the next
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
@@ -205,16 +212,17 @@ class HeldEvents:
 
     # --- on the way to the log (write-ahead) ---------------------------------------------------
 
-    def begin(self, events: list[Event], traces: dict[str, dict[str, str]] | None = None) -> None:
+    def begin(self, events: list[Event]) -> None:
         """``events`` go to the log now: written ahead (module doc), so that a process killed
-        before the log answers leaves them for another instance to append. A failed write is
-        logged: the append goes ahead regardless."""
-        if traces:
-            self.traces.update(traces)
+        before the log answers leaves them for another instance to append (without their
+        trace context). A failed write is logged: the append goes ahead regardless."""
         try:
             if self._inflight is None:
                 self._inflight = self._open_inflight()
-            data = b"".join(self._line(event) for event in events)
+            data = b"".join([encode(event) + b"\n" for event in events])
+            if self._done:  # the ids ended since the last write, in the same write
+                data = _done_line(self._done) + data
+                self._done = []
             os.write(self._inflight, data)
             self._inflight_size += len(data)
         except OSError as exc:
@@ -222,22 +230,17 @@ class HeldEvents:
         self._on_the_way += len(events)
 
     def end(self, events: list[Event]) -> None:
-        """The log took ``events``, or they are held: no longer on their way."""
+        """The log took ``events``, or they are held: no longer on their way. Said in the
+        file with the next :meth:`begin`'s write (no write of its own: a process killed first
+        leaves them to be appended once more, which is harmless, module doc)."""
         self._on_the_way = max(0, self._on_the_way - len(events))
-        for event in events:
-            if event not in self.events:  # a held one keeps its trace for its next append
-                self.traces.pop(event.id, None)
-        if self._inflight is None:
+        self._done.extend(event.id for event in events)
+        if self._inflight is None or self._on_the_way or self._inflight_size <= _INFLIGHT_ROOM:
             return
-        try:
-            if not self._on_the_way and self._inflight_size > _INFLIGHT_ROOM:
-                os.ftruncate(self._inflight, 0)  # nothing on its way: all of it is done
-                os.lseek(self._inflight, 0, os.SEEK_SET)
-                self._inflight_size = 0
-                return
-            line = msgspec.json.encode(_Done(done=[event.id for event in events])) + b"\n"
-            os.write(self._inflight, line)
-            self._inflight_size += len(line)
+        try:  # nothing on its way: all of it is done
+            os.ftruncate(self._inflight, 0)
+            self._inflight_size = 0  # (O_APPEND: the next write starts the file again)
+            self._done = []
         except OSError as exc:
             log.error("%s: could not write %s (%s)", self.actor, self.inflight_path, exc)
 
@@ -299,6 +302,9 @@ class HeldEvents:
         if self._inflight is not None:
             if not self._on_the_way:  # all of it done: nothing for a later start
                 self.inflight_path.unlink(missing_ok=True)
+            elif self._done:  # what is done said, so a later start appends only the rest
+                with contextlib.suppress(OSError):
+                    os.write(self._inflight, _done_line(self._done))
             os.close(self._inflight)
             self._inflight = None
 
