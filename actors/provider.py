@@ -110,7 +110,7 @@ from events.log import (
     SpendRecorded,
 )
 from vapora import telemetry
-from vapora.config import ProviderConfig, api_key, missing_api_key
+from vapora.config import ProviderConfig, api_key, missing_api_key, redact_url
 from vapora.errors import (
     ConfigError,
     InvalidRequest,
@@ -932,7 +932,8 @@ class ProviderActor:
             ok = await self.client.available()
         if scope.cancelled_caught:
             ok = False
-        self._healthy = (ok, "" if ok else "health check failed")
+        where = redact_url(self.config.base_url)  # which server, for the operator
+        self._healthy = (ok, "" if ok else f"health check failed: no healthy answer from {where}")
 
     def _signature(self) -> _HealthSignature:
         breaker = self.breaker.poll()

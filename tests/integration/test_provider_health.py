@@ -611,3 +611,18 @@ async def test_each_instances_breaker_and_limit_count_for_the_provider_as_the_ca
         word("d", 3600, available=True)
         word("d", 8, available=False, reason="circuit breaker open", breaker="open")
         assert router.views["openai"].breaker_open
+
+
+async def test_a_failing_health_check_names_the_server_it_asked(tmp_path: Path) -> None:
+    # "ollama: health check failing: health check failed" said nothing an operator could act
+    # on: which server did not answer.
+    def nowhere(base_url: str) -> str:
+        return config_text(base_url).replace(base_url, "http://127.0.0.1:9")
+
+    async with deployment(tmp_path, nowhere, providers=["ollama"], router=False) as dep:
+        actor = dep.providers["ollama"]
+        await actor._check_health()
+        assert actor._healthy == (
+            False,
+            "health check failed: no healthy answer from http://127.0.0.1:9",
+        )
