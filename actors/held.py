@@ -22,12 +22,13 @@ Events on their way to the log are on disk too (:meth:`HeldEvents.begin` before 
 :meth:`HeldEvents.end` once it is answered): each instance writes them ahead to
 ``inflight-<actor>-<instance>.jsonl`` (locked like the held file), one write per call that also
 carries a line ``{"done": [ids]}`` for the events the log took, or that were held, since the
-last write (a done line not yet written only makes an adopter append those events once more). A process killed while the log had
-not yet answered (the HTTP answer in, the spend not yet acknowledged: up to the log's
-acknowledgement timeout) leaves them there, and the instance that adopts its files appends
-them. These writes are not ``fsync``'d: they survive the process, not the machine (as a call's
-events in memory would not either; the held file, for an outage, is synced). The file is
-emptied whenever nothing is on its way and it has grown past a megabyte.
+last write (a done line not yet written only makes an adopter append those events once more).
+A process killed while the log had not yet answered (the HTTP answer in, the spend not yet
+acknowledged: up to the log's acknowledgement timeout) leaves them there, and the instance that
+adopts its files appends them. These writes are not ``fsync``'d: they survive the process, not
+the machine (as a call's events in memory would not either; the held file, for an outage, is
+synced). The file is replaced, once it has grown past a megabyte, by a new one holding only
+what is on its way.
 
 With tracing on, each event is held with the trace context it was first appended in (the
 call's), written into its line as an extra ``held_trace`` key that event decoders ignore, so that
@@ -72,7 +73,8 @@ class _HeldTrace(msgspec.Struct):
 
 _held_trace = msgspec.json.Decoder(_HeldTrace)
 
-#: How large the write-ahead file may grow before it is emptied (when nothing is on its way).
+#: How large the write-ahead file may grow before a new one replaces it (holding only what is
+#: on its way: under steady load something always is).
 _INFLIGHT_ROOM = 1 << 20
 
 
@@ -163,7 +165,7 @@ class HeldEvents:
         self._own = re.compile(rf"held-{re.escape(actor)}(-[0-9a-f]{{12}})?\.jsonl")
         self.inflight_path = directory / f"inflight-{self.path.name[len('held-') :]}"
         self._inflight: int | None = None  # its descriptor, open and locked once written
-        self._on_the_way = 0  # events begun and not yet ended
+        self._pending: dict[str, bytes] = {}  # id -> line of the events begun and not ended
         self._inflight_size = 0
         self._done: list[str] = []  # ids ended since the last write, written with the next
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
@@ -216,10 +218,15 @@ class HeldEvents:
         """``events`` go to the log now: written ahead (module doc), so that a process killed
         before the log answers leaves them for another instance to append (without their
         trace context). A failed write is logged: the append goes ahead regardless."""
+        lines = [encode(event) + b"\n" for event in events]
+        self._pending.update(zip((event.id for event in events), lines, strict=True))
         try:
             if self._inflight is None:
-                self._inflight = self._open_inflight()
-            data = b"".join([encode(event) + b"\n" for event in events])
+                self._inflight = self._open_inflight(self.inflight_path)
+            elif self._inflight_size > _INFLIGHT_ROOM:
+                self._rotate()  # under steady load something is always on its way
+                return
+            data = b"".join(lines)
             if self._done:  # the ids ended since the last write, in the same write
                 data = _done_line(self._done) + data
                 self._done = []
@@ -227,32 +234,38 @@ class HeldEvents:
             self._inflight_size += len(data)
         except OSError as exc:
             log.error("%s: could not write %s (%s)", self.actor, self.inflight_path, exc)
-        self._on_the_way += len(events)
 
     def end(self, events: list[Event]) -> None:
         """The log took ``events``, or they are held: no longer on their way. Said in the
         file with the next :meth:`begin`'s write (no write of its own: a process killed first
         leaves them to be appended once more, which is harmless, module doc)."""
-        self._on_the_way = max(0, self._on_the_way - len(events))
-        self._done.extend(event.id for event in events)
-        if self._inflight is None or self._on_the_way or self._inflight_size <= _INFLIGHT_ROOM:
-            return
-        try:  # nothing on its way: all of it is done
-            os.ftruncate(self._inflight, 0)
-            self._inflight_size = 0  # (O_APPEND: the next write starts the file again)
-            self._done = []
-        except OSError as exc:
-            log.error("%s: could not write %s (%s)", self.actor, self.inflight_path, exc)
+        for event in events:
+            if self._pending.pop(event.id, None) is not None:
+                self._done.append(event.id)
 
-    def _open_inflight(self) -> int:
-        """The write-ahead file, created locked under another name and then renamed (no other
-        instance ever sees it unlocked)."""
+    def _rotate(self) -> None:
+        """A new write-ahead file holding only what is on its way, in place of the old one
+        (which is removed once the new one is there: an adopter sees one or both, locked)."""
+        old_fd, old_path = self._inflight, self.inflight_path
+        path = self.directory / f"inflight-{self.actor}-{uuid.uuid4().hex[:12]}.jsonl"
+        data = b"".join(self._pending.values())
+        self._inflight = self._open_inflight(path, data)
+        self.inflight_path, self._inflight_size, self._done = path, len(data), []
+        old_path.unlink(missing_ok=True)
+        if old_fd is not None:
+            os.close(old_fd)
+
+    def _open_inflight(self, path: Path, data: bytes = b"") -> int:
+        """A write-ahead file holding ``data``, created locked under another name and then
+        renamed (no other instance ever sees it unlocked)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        staged = self.inflight_path.with_suffix(".staged")
+        staged = path.with_suffix(".staged")
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.replace(staged, self.inflight_path)
+            if data:
+                os.write(fd, data)
+            os.replace(staged, path)
         except BaseException:
             os.close(fd)
             staged.unlink(missing_ok=True)
@@ -300,7 +313,7 @@ class HeldEvents:
             self._file.close()
             self._file = None
         if self._inflight is not None:
-            if not self._on_the_way:  # all of it done: nothing for a later start
+            if not self._pending:  # all of it done: nothing for a later start
                 self.inflight_path.unlink(missing_ok=True)
             elif self._done:  # what is done said, so a later start appends only the rest
                 with contextlib.suppress(OSError):

@@ -122,22 +122,27 @@ def test_events_on_their_way_when_the_process_died_are_adopted_and_done_ones_are
     second.close()
 
 
-def test_a_stop_with_nothing_on_its_way_leaves_no_file_and_an_idle_file_is_emptied(
+def test_the_write_ahead_file_is_replaced_past_its_room_and_a_clean_stop_leaves_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Under steady load something is always on its way: a file emptied only when nothing is
+    # would grow by every call's events for good.
     from actors import held as held_module
 
     monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 100)
     held = HeldEvents(tmp_path, "provider-openai")
-    held.begin([SPEND, CALL])
-    size = held.inflight_path.stat().st_size
-    assert size > 100
-    held.end([SPEND, CALL])  # nothing on its way, past the room: emptied
-    assert held.inflight_path.stat().st_size == 0
-    held.begin([SPEND])
-    held.close()  # stopped with it still on its way (a stop cut the append): kept
-    assert held.inflight_path.exists()
+    held.begin([CALL])
+    first = held.inflight_path
+    held.begin([SPEND])  # past the room: the next begin starts a new file
+    held.end([CALL])
+    third = EVENTS["call_failed"]
+    held.begin([third])
+    assert held.inflight_path != first and not first.exists()
+    assert on_disk(held.inflight_path) == [SPEND, third]  # only what is on its way
+    held.end([SPEND])
+    held.close()  # the third still on its way (a stop cut its append): the file stays
     other = HeldEvents(tmp_path, "provider-openai")
+    assert other.adopt() == 1 and list(other) == [third]
     other.begin([CALL])
     other.end([CALL])
     other.close()
