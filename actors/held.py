@@ -22,7 +22,11 @@ Events on their way to the log are on disk too (:meth:`HeldEvents.begin` before 
 :meth:`HeldEvents.end` once it is answered): each instance writes them ahead to
 ``inflight-<actor>-<instance>.jsonl`` (locked like the held file), one write per call that also
 carries a line ``{"done": [ids]}`` for the events the log took, or that were held, since the
-last write (a done line not yet written only makes an adopter append those events once more).
+last write; done ids are also written when nothing else is on its way, and every 2 s
+(:meth:`HeldEvents.flush`), so a process killed leaves at most the last 2 s of them unsaid: an
+adopter appends those once more, which the stream's duplicate window (2 minutes), the ledger
+and the budget fold (an id for a day) count once. A write that fails has the next one start a
+new file holding everything on its way.
 A process killed while the log had not yet answered (the HTTP answer in, the spend not yet
 acknowledged: up to the log's acknowledgement timeout) leaves them there, and the instance that
 adopts its files appends them. These writes are not ``fsync``'d: they survive the process, not
@@ -168,6 +172,9 @@ class HeldEvents:
         self._pending: dict[str, bytes] = {}  # id -> line of the events begun and not ended
         self._inflight_size = 0
         self._done: list[str] = []  # ids ended since the last write, written with the next
+        self._behind = False  # a write failed: the file lacks lines, or has one cut short
+        self._failing = False  # a write failed (said once) and none has succeeded since
+        self._adopted: set[tuple[str, int]] = set()  # orphans taken (name, inode): once
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
@@ -217,35 +224,80 @@ class HeldEvents:
     def begin(self, events: list[Event]) -> None:
         """``events`` go to the log now: written ahead (module doc), so that a process killed
         before the log answers leaves them for another instance to append (without their
-        trace context). A failed write is logged: the append goes ahead regardless."""
+        trace context). A failed write is logged (once until one succeeds): the append goes
+        ahead regardless, and what the file lacks is written with the next rotation."""
         lines = [encode(event) + b"\n" for event in events]
         self._pending.update(zip((event.id for event in events), lines, strict=True))
         try:
             if self._inflight is None:
                 self._inflight = self._open_inflight(self.inflight_path)
-            elif self._inflight_size > _INFLIGHT_ROOM:
+            elif self._inflight_size > _INFLIGHT_ROOM or self._behind:
                 self._rotate()  # under steady load something is always on its way
+                self._wrote()
                 return
-            data = b"".join(lines)
-            if self._done:  # the ids ended since the last write, in the same write
-                data = _done_line(self._done) + data
-                self._done = []
-            os.write(self._inflight, data)
-            self._inflight_size += len(data)
+            self._write(b"".join(lines))
         except OSError as exc:
-            log.error("%s: could not write %s (%s)", self.actor, self.inflight_path, exc)
+            self._write_failed(exc)
 
     def end(self, events: list[Event]) -> None:
         """The log took ``events``, or they are held: no longer on their way. Said in the
-        file with the next :meth:`begin`'s write (no write of its own: a process killed first
-        leaves them to be appended once more, which is harmless, module doc)."""
+        file with the next :meth:`begin`'s write, or now when nothing else is on its way, or
+        at the next :meth:`flush` (a process killed first leaves them to be appended once
+        more, module doc)."""
         for event in events:
             if self._pending.pop(event.id, None) is not None:
                 self._done.append(event.id)
+        if not self._pending:
+            self.flush()
+
+    def flush(self) -> None:
+        """Say in the file which events are done (the provider actor calls it every 2 s)."""
+        if not self._done or self._inflight is None:
+            return
+        try:
+            self._write(b"")
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def _write(self, data: bytes) -> None:
+        """``data``, after the done ids not yet said, all of it or an OSError; the done ids are
+        forgotten only once written."""
+        assert self._inflight is not None
+        if self._done:
+            data = _done_line(self._done) + data
+        written = 0
+        while written < len(data):  # a full disk may take part of it, then refuse
+            try:
+                written += os.write(self._inflight, data[written:])
+            except OSError:
+                # The file lacks these lines (or has one cut short): the next write starts a
+                # new file, holding everything on its way.
+                self._behind = True
+                raise
+        self._done = []
+        self._inflight_size += written
+        self._wrote()
+
+    def _wrote(self) -> None:
+        if self._failing:
+            log.info("%s: %s written again", self.actor, self.inflight_path)
+        self._failing = self._behind = False
+
+    def _write_failed(self, exc: OSError) -> None:
+        if not self._failing:  # once until a write succeeds (it is tried at every call)
+            log.error(
+                "%s: could not write %s (%s); a crash before the log takes a call's events "
+                "would lose them",
+                self.actor,
+                self.inflight_path,
+                exc,
+            )
+        self._failing = True
 
     def _rotate(self) -> None:
         """A new write-ahead file holding only what is on its way, in place of the old one
-        (which is removed once the new one is there: an adopter sees one or both, locked)."""
+        (which is removed once the new one is there: an adopter sees one or both, locked).
+        Raises OSError when the new file cannot be written: the old one stays in use."""
         old_fd, old_path = self._inflight, self.inflight_path
         path = self.directory / f"inflight-{self.actor}-{uuid.uuid4().hex[:12]}.jsonl"
         data = b"".join(self._pending.values())
@@ -263,8 +315,9 @@ class HeldEvents:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if data:
-                os.write(fd, data)
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
             os.replace(staged, path)
         except BaseException:
             os.close(fd)
@@ -375,6 +428,10 @@ class HeldEvents:
         with path.open("rb") as file:
             if not _lock(file) or not _still_named(file, path):
                 return 0  # a live instance's, or replaced meanwhile
+            taken = (path.name, os.fstat(file.fileno()).st_ino)
+            if taken in self._adopted:
+                return 0  # taken already (in memory: this instance's own file refused them)
+            self._adopted.add(taken)
             lines = [line for line in file.read().splitlines() if line.strip()]
             if path.name.startswith("inflight-"):  # only what never reached an end
                 done = {i for line in lines if line.startswith(b'{"done"') for i in _done(line)}

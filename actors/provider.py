@@ -793,14 +793,15 @@ class ProviderActor:
         try:
             await self.runtime.log.append_many(events)
         except anyio.get_cancelled_exc_class():
-            if hold:  # cut by a stop before the log answered: held, appended again later
-                self.held.hold(events, _traces(events))
+            # Cut by a stop before the log answered: held, appended again later (and still on
+            # their way, in the write-ahead file, if the held file refused them).
+            if hold and self.held.hold(events, _traces(events)):
                 self.held.end(events)
             raise
         except Exception as exc:
             if hold:
-                self.held.hold(events, _traces(events))
-                self.held.end(events)
+                if self.held.hold(events, _traces(events)):
+                    self.held.end(events)
                 await self._announce_held()
                 log.error(
                     "%s: the event log did not take %d events (%s); held back, %d in all, "
@@ -840,6 +841,7 @@ class ProviderActor:
                 if token is not None:
                     otel_context.detach(token)
             self.held.taken(len(group))
+            self.held.end(group)  # on their way since a hold the disk refused, if so
         log.info("%s: appended %d held events", self.name, len(events))
         return not self.held
 
@@ -851,6 +853,7 @@ class ProviderActor:
         while True:
             await anyio.sleep(self.held_retry_s)
             ticks += 1
+            self.held.flush()  # the write-ahead file says which calls are done, within 2 s
             if ticks % self.adopt_every == 0 and self.held.adopt():
                 log.info("%s: adopted events held by an instance that died", self.name)
             if self.held:

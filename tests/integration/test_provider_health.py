@@ -626,3 +626,21 @@ async def test_a_failing_health_check_names_the_server_it_asked(tmp_path: Path) 
             False,
             "health check failed: no healthy answer from http://127.0.0.1:9",
         )
+
+
+async def test_events_the_disk_would_not_hold_stay_on_their_way_in_the_write_ahead_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log refused them and the held file could not be written: they were marked done in
+    # the write-ahead file, its only copy on disk, so a kill then lost the spend.
+    async with deployment(tmp_path, config_text, providers=["openai"], router=False) as dep:
+        actor = dep.providers["openai"]
+        spend = EVENTS["spend_recorded"]
+
+        async def refused(*args: Any, **kw: Any) -> Any:
+            raise InternalError("the log is away")
+
+        monkeypatch.setattr(actor.runtime.log, "append_many", refused)
+        monkeypatch.setattr(actor.held, "hold", lambda *args, **kw: False)
+        assert not await actor._append([spend], hold=True)
+        assert spend.id in actor.held._pending

@@ -147,3 +147,50 @@ def test_the_write_ahead_file_is_replaced_past_its_room_and_a_clean_stop_leaves_
     other.end([CALL])
     other.close()
     assert not other.inflight_path.exists()
+
+
+def test_events_the_log_took_are_not_appended_again_by_an_adopter(tmp_path: Path) -> None:
+    # Their ids waited in memory for the next call's write: a kill first left them "on their
+    # way", and an adopter a day later appended them again (the budget counted them twice).
+    held = HeldEvents(tmp_path, "provider-openai")
+    held.begin([CALL])
+    held.end([CALL])  # nothing else on its way: said now
+    held.begin([SPEND])
+    held.end([SPEND])
+    held.begin([EVENTS["call_failed"]])  # on its way when it died
+    _killed(held)
+    other = HeldEvents(tmp_path, "provider-openai")
+    assert other.adopt() == 1 and list(other) == [EVENTS["call_failed"]]
+    other.close()
+
+
+@pytest.mark.parametrize("torn", [False, True])
+def test_done_ids_survive_a_failed_write_and_a_torn_line_starts_a_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: bool
+) -> None:
+    import os
+
+    held = HeldEvents(tmp_path, "provider-openai")
+    later = EVENTS["call_failed"]
+    held.begin([CALL])
+    held.begin([SPEND])
+    held.end([CALL])  # SPEND still on its way: CALL's id waits for the next write
+    write = os.write
+    calls: list[int] = []
+
+    def full_disk(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 1 and torn:
+            return write(fd, data[:10])  # a line cut short, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    held.begin([later])  # fails: CALL's done id must not be forgotten
+    monkeypatch.setattr(os, "write", write)
+    held.end([SPEND])
+    held.begin([EVENTS["budget_released"]])  # the torn file is replaced by a whole one
+    _killed(held)
+    other = HeldEvents(tmp_path, "provider-openai")
+    adopted = other.adopt()
+    assert [e.id for e in other] == [later.id, EVENTS["budget_released"].id], adopted
+    other.close()
