@@ -92,7 +92,15 @@ async def test_an_audit_while_the_ledger_takes_appends_compares_up_to_its_own_re
         assert 200 <= audited <= log.replayed_to
         assert ledger.position > audited  # the race was run
 
-        # A real difference is still found, among the rows the replay covers.
+        # A real difference is still found, among the rows the replay covers. The traffic
+        # stopped first: under it the ledger's own commits, 20 ms apart, could keep this second
+        # writer from the lock past its 30 s wait (SQLite's busy handler is no queue).
+        stop.set()
+
+        async def caught_up() -> bool:
+            return ledger.position == await rt.log.last_sequence()
+
+        await eventually(caught_up)
         # The write lock taken first (a deferred transaction upgraded to a write fails at once,
         # "database is locked", when the ledger committed since it began to read).
         db = sqlite3.connect(tmp_path / LEDGER_FILE, timeout=30, isolation_level=None)
