@@ -386,8 +386,10 @@ class EventLog:
         *,
         subject: str | None = None,
         expected_last_subject_seq: int | None = None,
+        payloads: Sequence[bytes] | None = None,
     ) -> list[Appended]:
         """Publish all ``events`` pipelined, then collect their acknowledgements in order.
+        ``payloads``: the events already encoded (a caller that wrote them elsewhere first).
 
         With ``expected_last_subject_seq`` the first event is fenced on it and each following one
         on its predecessor's sequence (all on one subject), so the batch lands contiguously or
@@ -395,13 +397,17 @@ class EventLog:
         """
         if expected_last_subject_seq is not None:
             return await self._append_fenced(events, subject, expected_last_subject_seq)
+        encoded = payloads if payloads is not None else [None] * len(events)
         if len(events) > 1 and tracing.enabled():
-            return await self._append_traced_batch(events, subject)
-        tokens = [await self._publish(event, subject, None) for event in events]
+            return await self._append_traced_batch(events, subject, encoded)
+        tokens = [
+            await self._publish(event, subject, None, payload=payload)
+            for event, payload in zip(events, encoded, strict=True)
+        ]
         return [await self._await_ack(t, e) for t, e in zip(tokens, events, strict=True)]
 
     async def _append_traced_batch(
-        self, events: Sequence[Event], subject: str | None
+        self, events: Sequence[Event], subject: str | None, payloads: Sequence[bytes | None]
     ) -> list[Appended]:
         # One PRODUCER span for the batch (the conventions' batch send); every event stores its
         # context as its creation context.
@@ -412,8 +418,8 @@ class EventLog:
         span, context = tracing.start_publish_batch(appends, self.settings.wildcard)
         try:
             acks = [
-                await self._publish(event, to, None, context)
-                for event, (to, _, _) in zip(events, appends, strict=True)
+                await self._publish(event, to, None, context, payload=payload)
+                for event, (to, _, _), payload in zip(events, appends, payloads, strict=True)
             ]
             appended = [
                 await self._acknowledged(ack, event)
@@ -442,12 +448,14 @@ class EventLog:
         subject: str | None,
         expected: int | None,
         context: dict[str, str] | None = None,
+        *,
+        payload: bytes | None = None,
     ) -> _Ack:
         inbox = await self._reply_inbox()
         headers = {"Nats-Msg-Id": event.id}
         if expected is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
-        ack = _Ack(subject or self.settings.subject_for(event), encode(event))
+        ack = _Ack(subject or self.settings.subject_for(event), payload or encode(event))
         if context is not None:  # the batch's span: its context is every event's
             headers.update(context)
         elif tracing.enabled():  # a PRODUCER span per append; its context is stored with the event

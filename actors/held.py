@@ -221,12 +221,14 @@ class HeldEvents:
 
     # --- on the way to the log (write-ahead) ---------------------------------------------------
 
-    def begin(self, events: list[Event]) -> None:
+    def begin(self, events: list[Event]) -> list[bytes]:
         """``events`` go to the log now: written ahead (module doc), so that a process killed
         before the log answers leaves them for another instance to append (without their
         trace context). A failed write is logged (once until one succeeds): the append goes
-        ahead regardless, and what the file lacks is written with the next rotation."""
-        lines = [encode(event) + b"\n" for event in events]
+        ahead regardless, and what the file lacks is written with the next rotation. Returns
+        the events encoded, for the append to send as they are."""
+        encoded = [encode(event) for event in events]
+        lines = [payload + b"\n" for payload in encoded]
         self._pending.update(zip((event.id for event in events), lines, strict=True))
         try:
             if self._inflight is None:
@@ -234,10 +236,11 @@ class HeldEvents:
             elif self._inflight_size > _INFLIGHT_ROOM or self._behind:
                 self._rotate()  # under steady load something is always on its way
                 self._wrote()
-                return
+                return encoded
             self._write(b"".join(lines))
         except OSError as exc:
             self._write_failed(exc)
+        return encoded
 
     def end(self, events: list[Event]) -> None:
         """The log took ``events``, or they are held: no longer on their way. Said in the

@@ -788,10 +788,11 @@ class ProviderActor:
         """Whether ``events`` were stored (a failure is logged, never raised). With ``hold``
         (a call's events: what it cost), events the log did not take are held back, on disk,
         and appended again until it takes them (:meth:`_append_held`): spend is never dropped."""
-        if hold:  # on disk before the log has them: a process killed meanwhile loses none
-            self.held.begin(events)  # (without their trace: found after a crash, new traces)
+        # On disk before the log has them: a process killed meanwhile loses none (without
+        # their trace, found after a crash: new traces). Encoded once, for both.
+        payloads = self.held.begin(events) if hold else None
         try:
-            await self.runtime.log.append_many(events)
+            await self.runtime.log.append_many(events, payloads=payloads)
         except anyio.get_cancelled_exc_class():
             # Cut by a stop before the log answered: held, appended again later (and still on
             # their way, in the write-ahead file, if the held file refused them).
