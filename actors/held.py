@@ -22,8 +22,8 @@ Events on their way to the log are on disk too (:meth:`HeldEvents.begin` before 
 :meth:`HeldEvents.end` once it is answered): each instance writes them ahead to
 ``inflight-<actor>-<instance>.jsonl`` (locked like the held file), one write per call that also
 carries a line ``{"done": [ids]}`` for the events the log took, or that were held, since the
-last write; done ids are also written when nothing else is on its way, and every 2 s
-(:meth:`HeldEvents.flush`), so a process killed leaves at most the last 2 s of them unsaid: an
+last write; done ids are also written every 2 s (:meth:`HeldEvents.flush`), so a process
+killed leaves at most the last 2 s of them unsaid: an
 adopter appends those once more, which the stream's duplicate window (2 minutes), the ledger
 and the budget fold (an id for a day) count once. A write that fails has the next one start a
 new file holding everything on its way.
@@ -231,34 +231,38 @@ class HeldEvents:
         lines = [payload + b"\n" for payload in encoded]
         self._pending.update(zip((event.id for event in events), lines, strict=True))
         try:
-            if self._inflight is None:
-                self._inflight = self._open_inflight(self.inflight_path)
-            elif self._inflight_size > _INFLIGHT_ROOM or self._behind:
-                self._rotate()  # under steady load something is always on its way
-                self._wrote()
-                return encoded
-            self._write(b"".join(lines))
+            if self._needs_new_file():
+                self._rotate()  # a new file, holding everything on its way
+            else:
+                self._write(b"".join(lines))
         except OSError as exc:
+            self._behind = True  # these lines are in no file: the next write starts one
             self._write_failed(exc)
         return encoded
 
+    def _needs_new_file(self) -> bool:
+        """None yet; one that lacks lines (a failed write); or one past its room (under
+        steady load something is always on its way, so it is never empty to truncate)."""
+        return self._inflight is None or self._behind or self._inflight_size > _INFLIGHT_ROOM
+
     def end(self, events: list[Event]) -> None:
         """The log took ``events``, or they are held: no longer on their way. Said in the
-        file with the next :meth:`begin`'s write, or now when nothing else is on its way, or
-        at the next :meth:`flush` (a process killed first leaves them to be appended once
-        more, module doc)."""
+        file with the next :meth:`begin`'s write or at the next :meth:`flush` (a process
+        killed first leaves them to be appended once more, module doc)."""
         for event in events:
-            if self._pending.pop(event.id, None) is not None:
-                self._done.append(event.id)
-        if not self._pending:
-            self.flush()
+            if self._pending.pop(event.id, None) is not None and self._inflight is not None:
+                self._done.append(event.id)  # (with no file, nothing to say it in)
 
     def flush(self) -> None:
-        """Say in the file which events are done (the provider actor calls it every 2 s)."""
+        """Say in the file which events are done (the provider actor calls it every 2 s); a
+        file that lacks lines is replaced first."""
         if not self._done or self._inflight is None:
             return
         try:
-            self._write(b"")
+            if self._behind:
+                self._rotate()  # holds what is on its way, and so says all the rest is done
+            else:
+                self._write(b"")
         except OSError as exc:
             self._write_failed(exc)
 
@@ -306,9 +310,12 @@ class HeldEvents:
         data = b"".join(self._pending.values())
         self._inflight = self._open_inflight(path, data)
         self.inflight_path, self._inflight_size, self._done = path, len(data), []
-        old_path.unlink(missing_ok=True)
+        self._wrote()
         if old_fd is not None:
-            os.close(old_fd)
+            try:
+                old_path.unlink(missing_ok=True)
+            finally:
+                os.close(old_fd)  # (its lock released: an adopter takes what it holds)
 
     def _open_inflight(self, path: Path, data: bytes = b"") -> int:
         """A write-ahead file holding ``data``, created locked under another name and then
@@ -371,9 +378,12 @@ class HeldEvents:
         if self._inflight is not None:
             if not self._pending:  # all of it done: nothing for a later start
                 self.inflight_path.unlink(missing_ok=True)
-            elif self._done:  # what is done said, so a later start appends only the rest
+            else:  # what is done said, so a later start appends only the rest
                 with contextlib.suppress(OSError):
-                    os.write(self._inflight, _done_line(self._done))
+                    if self._behind:
+                        self._rotate()  # a whole file of what is on its way, no more
+                    elif self._done:
+                        os.write(self._inflight, _done_line(self._done))
             os.close(self._inflight)
             self._inflight = None
 

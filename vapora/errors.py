@@ -55,6 +55,7 @@ __all__ = [
     "UnknownTaskType",
     "VaporaError",
     "error_for_code",
+    "is_error_type",
 ]
 
 
@@ -118,6 +119,11 @@ class InternalError(VaporaError):
 _TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 
 
+def is_error_type(value: object) -> bool:
+    """Whether ``value`` may be a provider error's type (:data:`_TYPE`)."""
+    return isinstance(value, str) and _TYPE.fullmatch(value) is not None
+
+
 class ProviderError(VaporaError):
     """One provider call failed. ``usage`` is what the provider billed regardless (often zero)."""
 
@@ -141,9 +147,7 @@ class ProviderError(VaporaError):
         # A provider's error type goes to events, span attributes and metric labels: only a
         # short identifier is taken (a server may put anything there, the request's key or
         # text included); anything else is no type.
-        self.error_type = (
-            error_type if isinstance(error_type, str) and _TYPE.fullmatch(error_type) else None
-        )
+        self.error_type = error_type if is_error_type(error_type) else None
         self.usage = usage or Usage()
 
     def __repr__(self) -> str:

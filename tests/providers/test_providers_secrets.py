@@ -276,3 +276,38 @@ def test_a_loopback_provider_is_not_proxied_and_a_bad_proxy_is_named(
     monkeypatch.setenv("HTTP_PROXY", "gopher://proxy.corp:70")
     with pytest.raises(ConfigError, match="is not one httpx can use"):
         default_transport("http://ollama.lan:11434")
+
+
+def test_a_whole_short_prompt_quoted_anywhere_and_a_type_quoting_it_are_caught() -> None:
+    # A 24-character prompt quoted off the 8-character grid was missed; so was a provider's
+    # error "type" that quoted the prompt (refused as a type, it stayed in the message).
+    short = "My SSN is 123-45-6789 ok"
+    error = ProviderError(
+        f"openai: HTTP 400 invalid_request_error: '{short}' is invalid",
+        provider="openai",
+        http_status=400,
+        error_type="invalid_request_error",
+    )
+    assert "123-45" not in without_request_text(error, [short]).message
+
+
+async def test_an_error_type_quoting_the_prompt_stays_out_of_the_message() -> None:
+    prompt = "Please summarise the patient record of John Smith"
+    body = (
+        b'{"type": "error", "error": {"type": "bad request for '
+        + prompt.encode()
+        + b'", "message": "invalid"}}'
+    )
+    failure = await _failure(_json_answer(400, body))
+    assert failure.error_type is None and "John Smith" not in failure.message
+
+
+def test_a_malformed_proxy_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vapora.errors import ConfigError
+    from vapora.providers.base import default_transport
+
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:notaport")
+    with pytest.raises(ConfigError, match="is not one httpx can use"):
+        default_transport("https://api.openai.com")

@@ -194,3 +194,54 @@ def test_done_ids_survive_a_failed_write_and_a_torn_line_starts_a_new_file(
     adopted = other.adopt()
     assert [e.id for e in other] == [later.id, EVENTS["budget_released"].id], adopted
     other.close()
+
+
+@pytest.mark.parametrize("then", ["flush", "close"])
+def test_after_a_failed_write_what_is_on_its_way_is_in_a_whole_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    # A flush (every 2 s) or a stop after a failed write wrote to the file that lacked the
+    # failed call's events, and cleared the mark that a new file was needed: a kill then lost
+    # that call's spend.
+    import os
+
+    held = HeldEvents(tmp_path, "provider-openai")
+    later = EVENTS["call_failed"]
+    held.begin([CALL])
+    held.begin([SPEND])
+    held.end([CALL])
+    write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    held.begin([later])  # in no file
+    monkeypatch.setattr(os, "write", write)
+    held.end([SPEND])
+    if then == "flush":
+        held.flush()
+        _killed(held)
+    else:
+        held.close()
+    other = HeldEvents(tmp_path, "provider-openai")
+    other.adopt()
+    assert list(other) == [later]
+    other.close()
+
+
+def test_with_no_file_to_write_done_ids_are_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    held = HeldEvents(tmp_path, "provider-openai")
+
+    def refused(*args: object, **kw: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refused)
+    for _ in range(1000):
+        held.begin([SPEND])
+        held.end([SPEND])
+    assert not held._done and not held._pending

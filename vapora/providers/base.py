@@ -56,6 +56,7 @@ from vapora.errors import (
     ProviderRejected,
     ProviderTimeout,
     ProviderUnavailable,
+    is_error_type,
 )
 from vapora.pricing import cost, upper_bound_cost
 from vapora.providers.stream import CompletionStream
@@ -133,7 +134,7 @@ def default_transport(base_url: str, max_connections: int = 100) -> httpx.AsyncB
             f"the proxy {redact_url(proxy)} configured for {redact_url(base_url)} needs "
             "httpx's SOCKS support: pip install 'httpx[socks]'"
         ) from exc
-    except ValueError as exc:  # a scheme httpx does not know
+    except (ValueError, httpx.InvalidURL) as exc:  # a scheme httpx does not know, a bad URL
         raise ConfigError(
             f"the proxy {redact_url(proxy)} the environment configures for "
             f"{redact_url(base_url)} is not one httpx can use ({exc})"
@@ -454,8 +455,12 @@ class ProviderClient(ABC):
         except (msgspec.DecodeError, RecursionError):
             payload = None
         error_type, message = self._error_fields(payload)
-        if error_type is not None and self._scrub(str(error_type)) != error_type:
-            error_type = None  # it quoted the key: no type (the message is scrubbed below)
+        if error_type is not None and (
+            not is_error_type(error_type) or self._scrub(error_type) != error_type
+        ):
+            # Not an identifier (it may quote the request), or it holds the key: no type, and
+            # not in the message either.
+            error_type = None
         if payload is None:  # the body as text, scrubbed before it is cut (a key cut in two
             # halves would no longer match); a bound well past the cut, so nothing of a key at
             # the bound survives the cut either
@@ -657,6 +662,8 @@ _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, Re
 _QUOTE_RUN = 24
 _QUOTE_STEP = 8
 _QUOTE_SHORTEST = 10
+#: A text shorter than this is looked for whole: the windows find any run this long or longer.
+_QUOTE_WHOLE = _QUOTE_RUN + _QUOTE_STEP - 1
 
 
 def quotes_request(text: str, sources: Sequence[str]) -> bool:
@@ -664,7 +671,7 @@ def quotes_request(text: str, sources: Sequence[str]) -> bool:
     prompt, system text and messages): a run of :data:`_QUOTE_RUN` characters of one (see
     there), or the whole of one shorter than that."""
     for source in sources:
-        if len(source) < _QUOTE_RUN:
+        if len(source) < _QUOTE_WHOLE:
             if len(source) >= _QUOTE_SHORTEST and source in text:
                 return True
             continue

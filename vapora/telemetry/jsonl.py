@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,9 +95,10 @@ class JsonLinesSpanExporter(SpanExporter):
                 f"cannot make the directory of the spans' JSON-lines file {self.path}: "
                 f"{exc.strerror or exc}"
             ) from exc
-        if self.path.exists():  # one made before its mode was 0600 (an upgrade) too
-            with contextlib.suppress(OSError):
-                os.chmod(self.path, 0o600)
+        with contextlib.suppress(OSError):  # one made before it was 0600: not for everyone
+            mode = os.stat(self.path).st_mode
+            if stat.S_ISREG(mode) and mode & 0o007:
+                os.chmod(self.path, stat.S_IMODE(mode) & ~0o007)
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
         self._failing = False
