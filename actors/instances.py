@@ -48,7 +48,10 @@ def register(name: str, instance_id: str, server: str | None) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(note))
     except OSError as exc:
-        log.debug("%s: instance not noted in %s (%s)", name, path, exc)
+        # Said aloud when an operator chose the directory: its health check then asks any
+        # instance of the service, not this one.
+        level = logging.WARNING if os.environ.get("VAPORA_INSTANCE_DIR") else logging.DEBUG
+        log.log(level, "%s: instance not noted in %s (%s)", name, path, exc)
         return None
     return path
 

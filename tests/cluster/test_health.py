@@ -91,3 +91,19 @@ async def test_unhealthy_with_the_reason_when_nats_is_unreachable() -> None:
     result = await health("nats://127.0.0.1:1", "--timeout", "1")
     assert result.returncode == 1
     assert "unhealthy: cannot connect to NATS at nats://127.0.0.1:1" in result.stdout
+
+
+def test_an_instance_directory_that_cannot_be_written_is_said_aloud(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Logged at debug only: the container's health check then asked any sibling instance
+    # instead of its own, without a word to the operator who set the variable.
+    from actors.instances import register
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("VAPORA_INSTANCE_DIR", str(afile))
+    assert register("vapora-router", "abc", None) is None
+    assert any(
+        r.levelname == "WARNING" and "instance not noted" in r.getMessage() for r in caplog.records
+    )
