@@ -46,6 +46,7 @@ from actors.connection import Client, raw_header
 from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
 from events.contract import ErrorBody, ErrorReply, StreamError
+from vapora import errors
 from vapora.errors import InternalError, InvalidRequest, RequestTimeout, VaporaError
 from vapora.telemetry.messaging import current_failed
 
@@ -682,11 +683,8 @@ class ActorService:
             await self.nc.publish(reply_to, payload, headers=headers)
 
 
-class Overloaded(VaporaError):
+class Overloaded(errors.Overloaded):
     """The actor's concurrency and backlog are both full: try again shortly (503)."""
-
-    code = "overloaded"
-    status = 503
 
     def __init__(self, actor: str, why: str = "is overloaded; retry shortly") -> None:
         super().__init__(f"{actor} {why}")

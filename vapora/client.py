@@ -57,6 +57,8 @@ from vapora.errors import (
     InternalError,
     InvalidRequest,
     NoProviderAvailable,
+    ProviderError,
+    ProviderStreamBroken,
     RequestTimeout,
     VaporaError,
     error_for_code,
@@ -236,9 +238,8 @@ class Client:
     ) -> CompletionResult:
         """One completion: pass a :class:`CompletionRequest` or its fields (``prompt=`` …)."""
         payload, scope = _request_of(request, fields)
-        return await self._ask(
-            subjects.COMPLETE, payload, CompletionResult, timeout_s or self.timeout_s, scope
-        )
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        return await self._ask(subjects.COMPLETE, payload, CompletionResult, wait_s, scope)
 
     def stream(
         self,
@@ -250,7 +251,8 @@ class Client:
     ) -> TextStream:
         """A streamed completion: iterate the returned :class:`TextStream` for text chunks."""
         payload, scope = _request_of(request, fields)
-        return TextStream(self.nc, payload, idle_timeout or self.timeout_s, scope)
+        idle = self.timeout_s if idle_timeout is None else idle_timeout
+        return TextStream(self.nc, payload, idle, scope)
 
     async def report(
         self, since: datetime | None = None, until: datetime | None = None
@@ -286,6 +288,8 @@ class TextStream:
         self._more_headers = more_headers
         self._idle_timeout = idle_timeout
         self._sub: Subscription | None = None
+        self._closed = False  # closed (or ended): never sent again
+        self._gave_up = False  # its idle timeout passed: vapora is told to stop it
         self._next_seq = 0
         self._early: dict[int, str] = {}
         self._retries = list(_NO_RESPONDER_PAUSES)
@@ -316,11 +320,14 @@ class TextStream:
         """Stop listening. A stream closed before its end is cancelled in vapora too
         (``vapora.stream.cancel``): the provider stops generating, and what it generated until
         then is billed (:attr:`error` is not set: the caller chose to stop)."""
+        self._closed = True
         span, self._span = self._span, None
         end_request(span, self.error)
         sub, self._sub = self._sub, None
         if sub is not None:
-            if self.result is None and self.error is None:
+            # Stopped before its end, by the caller or by its idle timeout: the provider is
+            # stopped too (a stream vapora ended, with its end or its error, needs no cancel).
+            if self.result is None and (self.error is None or self._gave_up):
                 with contextlib.suppress(Exception):
                     cancel = encode(StreamCancel(stream_to=sub.subject))
                     await self._nc.publish(subjects.STREAM_CANCEL, cancel)
@@ -344,10 +351,19 @@ class TextStream:
         except BaseException as exc:
             span, self._span = self._span, None
             end_request(span, exc)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if isinstance(exc, nats.errors.MaxPayloadError):
+                raise InvalidRequest(
+                    f"the request is {len(self._payload)} bytes, more than the NATS server "
+                    f"takes ({self._nc.max_payload})"
+                ) from exc
             raise
         return sub
 
     async def __anext__(self) -> str:
+        if self._closed and self._sub is None and not self._early:
+            raise StopAsyncIteration  # closed (or ended): iterated again, never sent again
         while True:
             if self._next_seq in self._early:
                 return self._take(self._early.pop(self._next_seq))
@@ -393,6 +409,7 @@ class TextStream:
                 )
             else:
                 self.error = RequestTimeout(f"the stream sent nothing for {self._idle_timeout:g} s")
+            self._gave_up = True  # the caller stops waiting: vapora is told to stop
             await self.aclose()
             raise self.error from exc
 
@@ -411,6 +428,8 @@ class TextStream:
         match item:
             case StreamChunk():
                 self.task_id = item.task_id
+                if item.seq < self._next_seq:
+                    return None  # a repeat of one handed over already
                 if item.seq != self._next_seq:
                     self._early[item.seq] = item.text
                     return None
@@ -421,7 +440,11 @@ class TextStream:
             case StreamError():
                 self.usage, self.cost_usd = item.usage, item.cost_usd
                 self.task_id = item.task_id or self.task_id
-                self._fail(error_for_code(item.error.code, item.error.message))
+                error = error_for_code(item.error.code, item.error.message)
+                if item.error.code == ProviderError.code and self._next_seq:
+                    # Broken after text came: not the caller's error (a ProviderRejected).
+                    error = ProviderStreamBroken(item.error.message, provider="")
+                self._fail(error)
         return None
 
     def _take(self, text: str) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "InternalError",
     "InvalidRequest",
     "NoProviderAvailable",
+    "Overloaded",
     "ProviderConfigError",
     "ProviderContextOverflow",
     "ProviderError",
@@ -203,6 +204,14 @@ class ProviderStreamBroken(ProviderError):
     fallback = False
 
 
+class Overloaded(VaporaError):
+    """An actor's concurrency and backlog are both full, or it is stopping: try again shortly
+    (503). Its reply may say the request's outcome is unknown (it was cut while running)."""
+
+    code = "overloaded"
+    status = 503
+
+
 _BY_CODE: dict[str, type[VaporaError]] = {
     cls.code: cls
     for cls in (
@@ -214,6 +223,8 @@ _BY_CODE: dict[str, type[VaporaError]] = {
         RequestTimeout,
         ConcurrencyConflict,
         InternalError,
+        ConfigError,
+        Overloaded,
     )
 }
 

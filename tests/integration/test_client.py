@@ -233,3 +233,69 @@ async def test_a_stream_waits_for_chunks_its_end_overtook(tmp_path: Path) -> Non
         assert received == ["The "]
         stream = client.stream(prompt="hi")
         assert [text async for text in stream] == ["The ", "fox."]  # as before: what came
+
+
+def _stream_error(code: str, message: str) -> bytes:
+    from events.contract import StreamError
+
+    return encode(StreamError(error=ErrorBody(code=code, message=message), task_id="t-1"))
+
+
+async def test_a_stream_is_never_sent_twice_and_an_idle_timeout_cancels_it(
+    tmp_path: Path,
+) -> None:
+    # Iterated again after its close, a stream published the whole request again (a second
+    # task, billed, its chunks spliced onto the first's); a stream given up on by its idle
+    # timeout was not cancelled: the provider went on and billed the whole answer.
+    async with deployment(tmp_path, guide(), providers=[], router=False) as dep:
+        nc = dep.client.nc
+        asked: list[Msg] = []
+        cancels: list[bytes] = []
+
+        async def fake_router(msg: Msg) -> None:
+            asked.append(msg)
+            await nc.publish(msg.reply, _chunk(0, "The "))  # then nothing more
+
+        async def cancelled(msg: Msg) -> None:
+            cancels.append(msg.data)
+
+        await nc.subscribe("vapora.stream", cb=fake_router)
+        await nc.subscribe("vapora.stream.cancel", cb=cancelled)
+        client = vapora.Client(nc, timeout_s=5.0)
+        async with client.stream(prompt="hi") as stream:
+            assert await stream.__anext__() == "The "
+        assert [text async for text in stream] == []  # closed: nothing, and nothing sent
+        received: list[str] = []
+        with pytest.raises(RequestTimeout):
+            async for text in client.stream(prompt="hi", idle_timeout=0.3):
+                received.append(text)
+        await nc.flush()
+        assert len(asked) == 2 and received == ["The "]
+        assert len(cancels) == 2  # the closed one's and the timed-out one's
+
+
+async def test_stream_failures_are_raised_as_what_they_are(tmp_path: Path) -> None:
+    # A stream broken after its first chunk came as ProviderRejected (the caller's error, not
+    # to be retried); an overloaded router as InternalError (a bug, not "retry shortly").
+    from vapora.errors import Overloaded, ProviderRejected, ProviderStreamBroken
+
+    async with deployment(tmp_path, guide(), providers=[], router=False) as dep:
+        nc = dep.client.nc
+        plans = [
+            [_chunk(0, "The "), _stream_error("provider_error", "openai: cut after 1 chunk")],
+            [_stream_error("provider_error", "openai: HTTP 400 invalid_request_error")],
+            [_stream_error("overloaded", "router is overloaded; retry shortly")],
+        ]
+
+        async def fake_router(msg: Msg) -> None:
+            for message in plans.pop(0):
+                await nc.publish(msg.reply, message)
+
+        await nc.subscribe("vapora.stream", cb=fake_router)
+        client = vapora.Client(nc, timeout_s=2.0)
+        for expected in (ProviderStreamBroken, ProviderRejected, Overloaded):
+            with pytest.raises(expected) as raised:
+                async for _ in client.stream(prompt="hi"):
+                    pass
+            assert type(raised.value) is expected
+        assert Overloaded.status == 503 and Overloaded.code == "overloaded"
