@@ -107,11 +107,6 @@ class ConnectOptions:
         return context
 
 
-async def _error_cb(exc: Exception) -> None:
-    # nats-py reports auth and permission errors here; make them loud and specific.
-    log.error("nats: %s: %s", type(exc).__name__, exc)
-
-
 async def _disconnected_cb() -> None:
     log.info("nats: disconnected")
 
@@ -542,7 +537,7 @@ async def connect(options: ConnectOptions) -> Client:
     A first connection that the server refuses for good (wrong credentials, a certificate either
     side does not trust) fails at once with that reason rather than after ``initial_deadline``.
     """
-    refusal = _Refusal()
+    refusal = _Refusal(options.name)
     kwargs: dict[str, Any] = {
         "servers": list(options.servers),
         "name": options.name,
@@ -606,18 +601,19 @@ def _inbox_prefix(options: ConnectOptions) -> str:
 class _Refusal:
     """Watches the first connection for errors that retrying cannot fix."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
         self.error: Exception | None = None
         self._refused = anyio.Event()
         self._connecting = True
+        self._name = name or "nats"
 
     async def error_cb(self, exc: Exception) -> None:
         if self._connecting and not _is_refusal(exc):
             # A try of the first connection (nats-py tries every half second): the failure,
             # if it lasts, is said once, by the ConnectionFailed that ends it.
-            log.debug("nats: %s: %s", type(exc).__name__, exc)
-        else:
-            await _error_cb(exc)
+            log.debug("nats (%s): %s: %s", self._name, type(exc).__name__, exc)
+        else:  # which connection: a process may hold several (an actor's, a reader's)
+            log.error("nats (%s): %s: %s", self._name, type(exc).__name__, exc)
         if self._connecting and self.error is None and _is_refusal(exc):
             self.error = exc
             self._refused.set()

@@ -19,7 +19,7 @@ from events.log import CallFailed, FallbackTriggered, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
 from vapora.cli.ask import ask_command
 from vapora.client import Client
-from vapora.errors import ProviderRejected
+from vapora.errors import ProviderStreamBroken
 from vapora.pricing import cost
 
 pytestmark = pytest.mark.anyio
@@ -104,7 +104,8 @@ async def test_a_cut_after_the_first_chunk_ends_with_error_and_the_partial_usage
             prompt="write code", task_type="CodeGeneration", quality="High", task_id="cut"
         )
         received = []
-        with pytest.raises(ProviderRejected):  # provider_error: no fallback after a chunk
+        # provider_error after a chunk: no fallback, and not the caller's error
+        with pytest.raises(ProviderStreamBroken):
             async for part in stream:
                 received.append(part)
         assert received, "the first chunks reached the caller"
