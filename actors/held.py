@@ -96,6 +96,13 @@ _done_decoder = msgspec.json.Decoder(_Done)
 _id_decoder = msgspec.json.Decoder(_Id)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data``, or an OSError (a full disk may take part of it, then refuse)."""
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
+
+
 def _done_line(ids: list[str]) -> bytes:
     return msgspec.json.encode(_Done(done=ids)) + b"\n"
 
@@ -272,17 +279,15 @@ class HeldEvents:
         assert self._inflight is not None
         if self._done:
             data = _done_line(self._done) + data
-        written = 0
-        while written < len(data):  # a full disk may take part of it, then refuse
-            try:
-                written += os.write(self._inflight, data[written:])
-            except OSError:
-                # The file lacks these lines (or has one cut short): the next write starts a
-                # new file, holding everything on its way.
-                self._behind = True
-                raise
+        try:
+            _write_all(self._inflight, data)
+        except OSError:
+            # The file lacks these lines (or has one cut short): the next write starts a new
+            # file, holding everything on its way.
+            self._behind = True
+            raise
         self._done = []
-        self._inflight_size += written
+        self._inflight_size += len(data)
         self._wrote()
 
     def _wrote(self) -> None:
@@ -325,9 +330,7 @@ class HeldEvents:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
+            _write_all(fd, data)
             os.replace(staged, path)
         except BaseException:
             os.close(fd)

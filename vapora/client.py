@@ -134,6 +134,12 @@ class _TaskOnly(msgspec.Struct):
     task_id: str | None = None
 
 
+def _too_large(payload: bytes, nc: NATS) -> InvalidRequest:
+    return InvalidRequest(
+        f"the request is {len(payload)} bytes, more than the NATS server takes ({nc.max_payload})"
+    )
+
+
 class Client:
     """vapora for a Python service, over an existing NATS connection (see the module doc)."""
 
@@ -211,10 +217,7 @@ class Client:
                 f"no answer on {subject} within {wait_s:g} s (task {_task_of(payload)})"
             ) from exc
         except nats.errors.MaxPayloadError as exc:
-            raise InvalidRequest(
-                f"the request is {len(payload)} bytes, more than the NATS server takes "
-                f"({self.nc.max_payload})"
-            ) from exc
+            raise _too_large(payload, self.nc) from exc
 
     async def _send(
         self, subject: str, payload: bytes, wait_s: float, headers: dict[str, str] | None
@@ -354,10 +357,7 @@ class TextStream:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             if isinstance(exc, nats.errors.MaxPayloadError):
-                raise InvalidRequest(
-                    f"the request is {len(self._payload)} bytes, more than the NATS server "
-                    f"takes ({self._nc.max_payload})"
-                ) from exc
+                raise _too_large(self._payload, self._nc) from exc
             raise
         return sub
 

@@ -34,33 +34,39 @@ def held_files(data_dir: Path) -> list[Path]:
     return list(data_dir.glob("held-provider-openai-*.jsonl"))
 
 
+async def _worker(dep: Any, tmp_path: Path, data_dir: Path, **env: str) -> subprocess.Popen[bytes]:
+    """The openai provider actor in a process of its own (``env``: its settings), ready."""
+    config_file = tmp_path / "vapora.toml"
+    config_file.write_text(config_text(dep.sim.base_url))
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fault.provider_process",
+            dep.server.url,
+            str(config_file),
+            "openai",
+            str(data_dir),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    with anyio.fail_after(30):
+        assert worker.stdout is not None
+        line = await anyio.to_thread.run_sync(worker.stdout.readline)
+        assert line.strip() == b"ready"
+    return worker
+
+
 async def test_spend_held_by_a_killed_provider_actor_is_appended_by_the_next(
     tmp_path: Path,
 ) -> None:
     async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
-        config_file = tmp_path / "vapora.toml"
-        config_file.write_text(config_text(dep.sim.base_url))
         data_dir = tmp_path / "data"
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.fault.provider_process",
-                dep.server.url,
-                str(config_file),
-                "openai",
-                str(data_dir),
-            ],
-            cwd=ROOT,
-            env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT), "ACK_TIMEOUT_S": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = await _worker(dep, tmp_path, data_dir, ACK_TIMEOUT_S="1")
         try:
-            with anyio.fail_after(30):
-                assert worker.stdout is not None
-                line = await anyio.to_thread.run_sync(worker.stdout.readline)
-                assert line.strip() == b"ready"
             # The log refuses every append from now on: a full stream that discards new messages.
             js = dep.log.js
             info = await js.stream_info(dep.log.settings.name)
@@ -110,33 +116,13 @@ async def test_spend_on_its_way_to_the_log_when_the_actor_is_killed_is_appended_
     # log had not acknowledged them yet (up to its 30 s timeout). They were in memory only, so a
     # SIGKILL then (the OOM killer, a node lost) lost a call the provider billed.
     async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
-        config_file = tmp_path / "vapora.toml"
-        config_file.write_text(config_text(dep.sim.base_url))
         data_dir = tmp_path / "data"
         # The worker appends to subjects of its own where nobody acknowledges: its appends
         # wait, as for a log that is slow to answer.
         swallowed: list[bytes] = []
         sink = await dep.nc.subscribe("stalled.events.>", cb=_keep(swallowed))
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.fault.provider_process",
-                dep.server.url,
-                str(config_file),
-                "openai",
-                str(data_dir),
-            ],
-            cwd=ROOT,
-            env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT), "EVENTS_PREFIX": "stalled.events"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = await _worker(dep, tmp_path, data_dir, EVENTS_PREFIX="stalled.events")
         try:
-            with anyio.fail_after(30):
-                assert worker.stdout is not None
-                line = await anyio.to_thread.run_sync(worker.stdout.readline)
-                assert line.strip() == b"ready"
             call = ProviderCall(
                 task_id="T-on-its-way",
                 task_type=TaskType.GENERAL_QUERY,

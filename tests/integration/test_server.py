@@ -192,7 +192,7 @@ async def test_a_killed_commands_private_server_is_stopped_by_the_next_command(
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr.decode()
-    assert f"stopping nats-server {orphan}, orphaned" in done.stderr.decode()
+    assert f"started nats-server {orphan} on" in done.stderr.decode()
     assert not _running(orphan)
 
 

@@ -123,41 +123,28 @@ async def test_a_key_cut_by_the_error_messages_length_is_not_left_half_shown() -
         b"HTTP/1.1 401 Unauthorized\r\ncontent-type: text/html\r\n"
         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
     )
-    async with stub(answer) as port:
-        client = make_client(
-            name="gateway",
-            kind="openai",
-            model="gpt-4o",
-            price=price_of("openai"),
-            api_key=SECRET,
-            base_url=f"http://127.0.0.1:{port}/v1",
-            timeout=5.0,
-        )
-        try:
-            with pytest.raises(ProviderError) as failed:
-                await client.complete(ProviderRequest(prompt="a b c d"))
-        finally:
-            await client.aclose()
-    said = _everything_said_about(failed.value)
+    said = _everything_said_about(await _failure(answer, "openai"))
     assert "Bearer " in said  # the cut falls inside the key
     assert SECRET[:8] not in said
 
 
-def _gateway(port: int) -> ProviderClient:
+def _gateway(port: int, kind: str = "anthropic") -> ProviderClient:
+    """A client of ``kind`` whose provider is the stub server on ``port``."""
     return make_client(
         name="gateway",
-        kind="anthropic",
-        model="claude-opus-4-5",
-        price=price_of("anthropic"),
+        kind=kind,
+        model={"anthropic": "claude-opus-4-5", "openai": "gpt-4o"}[kind],
+        price=price_of(kind),
         api_key=SECRET,
-        base_url=f"http://127.0.0.1:{port}",
+        base_url=f"http://127.0.0.1:{port}" + ("/v1" if kind == "openai" else ""),
         timeout=5.0,
     )
 
 
-async def _failure(answer: bytes) -> ProviderError:
+async def _failure(answer: bytes, kind: str = "anthropic") -> ProviderError:
+    """The error a call to a provider answering ``answer`` raises."""
     async with stub(answer) as port:
-        client = _gateway(port)
+        client = _gateway(port, kind)
         try:
             with pytest.raises(ProviderError) as failed:
                 await client.complete(ProviderRequest(prompt="a b c d"))
@@ -168,7 +155,7 @@ async def _failure(answer: bytes) -> ProviderError:
 
 def _json_answer(status: int, body: bytes) -> bytes:
     return (
-        b"HTTP/1.1 %d Error\r\ncontent-type: application/json\r\n"
+        b"HTTP/1.1 %d Status\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body)
     )
 
@@ -236,10 +223,7 @@ async def test_calls_go_through_the_proxy_the_environment_configures(
         b'{"model": "llama2", "message": {"role": "assistant", "content": "via the proxy"},'
         b' "done": true, "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 3}'
     )
-    answer = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-    )
+    answer = _json_answer(200, body)
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     async with stub(answer) as port:

@@ -93,7 +93,7 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
     or, when a running ``vapora up`` serves that directory, through its server (two servers on
     one store would corrupt it)."""
     from actors.connection import connect
-    from actors.server import DataDirInUse, orphan_of, stop_orphan
+    from actors.server import DataDirInUse
 
     config = _config(args)
     async with contextlib.AsyncExitStack() as stack:
@@ -105,15 +105,9 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
             try:
                 url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
             except DataDirInUse as exc:
-                orphan = orphan_of(data_dir / "nats", exc)
-                if orphan is not None:  # a killed command's private server: stop it, go on
-                    log.warning("stopping nats-server %d, orphaned on %s", orphan, data_dir)
-                    await stop_orphan(data_dir / "nats", orphan)
-                    url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
-                elif exc.url is None or not exc.serving:  # starting, or another command's own
+                if exc.url is None or not exc.serving:  # starting, or another command's own
                     raise
-                else:
-                    url = exc.url
+                url = exc.url
                 log.info("%s is served by a running vapora: reading it through %s", data_dir, url)
         nc = await connect(_connect_options(config, url, name))
         stack.push_async_callback(_close_quietly, nc)
@@ -189,35 +183,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
         url = (
             _url(config)
             if config.nats.urls
-            else await _embedded_for_up(stack, data_dir, port, config.storage.sync_interval)
+            else await _embedded(stack, data_dir, port, config.storage.sync_interval, serving=True)
         )
         await _serve(await _all_actors(stack, config, url, data_dir), url)
     return 0
-
-
-async def _embedded_for_up(
-    stack: contextlib.AsyncExitStack, data_dir: Path, port: int, sync_interval: str
-) -> str:
-    """:func:`_embedded` for ``vapora up``; the server of an ``up`` that was killed (SIGKILL,
-    the OOM killer: it could not stop its server) is stopped and replaced, so a supervisor's
-    restart is not refused for good by a server nobody runs."""
-    from actors.server import DataDirInUse, orphan_of, stop_orphan
-
-    try:
-        return await _embedded(stack, data_dir, port, sync_interval, serving=True)
-    except DataDirInUse as exc:
-        orphan = orphan_of(data_dir / "nats", exc, serving=True)
-        if orphan is None:
-            raise
-        log.warning(
-            "the vapora (pid %s) that started nats-server %d on %s is gone: stopping its "
-            "server and starting again",
-            exc.pid,
-            orphan,
-            data_dir,
-        )
-        await stop_orphan(data_dir / "nats", orphan)
-        return await _embedded(stack, data_dir, port, sync_interval, serving=True)
 
 
 async def _embedded(
@@ -229,15 +198,34 @@ async def _embedded(
     serving: bool = False,
 ) -> str:
     """Start the embedded server on ``data_dir`` for this command; ``serving``: a deployment's
-    (``vapora up``), which other commands may read the directory through."""
-    from actors.server import EmbeddedNats
+    (``vapora up``), which other commands may read the directory through. A server left by a
+    killed command is stopped and replaced: another command's private one, and for ``up`` a
+    killed ``up``'s too (SIGKILL, the OOM killer: a supervisor's restart was refused for good
+    by a server nobody runs). Any other holder is :class:`~actors.server.DataDirInUse`."""
+    from actors.server import DataDirInUse, EmbeddedNats, orphan_of, stop_orphan
 
-    server = EmbeddedNats(
-        data_dir / "nats", port=port or None, sync_interval=sync_interval, serving=serving
-    )
-    await stack.enter_async_context(server)
-    log.info("embedded nats-server on %s (data in %s)", server.url, server.data_dir)
-    return server.url
+    def server() -> EmbeddedNats:
+        return EmbeddedNats(
+            data_dir / "nats", port=port or None, sync_interval=sync_interval, serving=serving
+        )
+
+    try:
+        started = await stack.enter_async_context(server())
+    except DataDirInUse as exc:
+        orphan = orphan_of(data_dir / "nats", exc, serving=serving)
+        if orphan is None:
+            raise
+        log.warning(
+            "the vapora (pid %s) that started nats-server %d on %s is gone: stopping its "
+            "server and starting again",
+            exc.pid,
+            orphan,
+            data_dir,
+        )
+        await stop_orphan(data_dir / "nats", orphan)
+        started = await stack.enter_async_context(server())
+    log.info("embedded nats-server on %s (data in %s)", started.url, started.data_dir)
+    return started.url
 
 
 async def _all_actors(
