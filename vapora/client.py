@@ -19,6 +19,7 @@ time raises :class:`vapora.errors.RequestTimeout`; no router running raises
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -74,6 +75,8 @@ _ERROR = "Nats-Service-Error"
 _STATUS = "Status"
 _NO_RESPONDER_PAUSES = (0.05, 0.1, 0.2, 0.4)
 _stream_decoder: msgspec.json.Decoder[StreamMessage] = msgspec.json.Decoder(StreamMessage)
+# Streams left open and dropped (see TextStream.__del__), held until they are closed.
+_abandoned: set[asyncio.Task[None]] = set()
 
 
 def _error_of(message: Msg) -> VaporaError | None:
@@ -318,6 +321,21 @@ class TextStream:
 
     def __aiter__(self) -> TextStream:
         return self
+
+    def __del__(self) -> None:
+        # Iterated without ``async with`` and dropped before its end (a ``break`` out of an
+        # ``async for``): closed as aclose() would, so vapora stops the provider too, rather
+        # than let it generate (and bill) the whole answer. Only on the loop's own thread:
+        # the connection cannot be used from another.
+        if self._sub is None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop running here (interpreter shutdown): nothing can be sent
+        task = loop.create_task(self.aclose())
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
 
     async def aclose(self) -> None:
         """Stop listening. A stream closed before its end is cancelled in vapora too

@@ -274,6 +274,45 @@ async def test_a_stream_is_never_sent_twice_and_an_idle_timeout_cancels_it(
         assert len(cancels) == 2  # the closed one's and the timed-out one's
 
 
+async def test_a_stream_only_iterated_and_left_early_is_cancelled(tmp_path: Path) -> None:
+    # Without ``async with``, a ``break`` out of the loop left the stream open: vapora was never
+    # told, the provider generated the whole answer and it was billed. Dropped, it is closed.
+    import asyncio
+    import gc
+
+    async with deployment(tmp_path, guide(), providers=[], router=False) as dep:
+        nc = dep.client.nc
+        cancels: list[bytes] = []
+        got_cancel = asyncio.Event()
+
+        async def fake_router(msg: Msg) -> None:
+            await nc.publish(msg.reply, _chunk(0, "The "))
+            await nc.publish(msg.reply, _chunk(1, "quick "))  # and more would follow
+
+        async def cancelled(msg: Msg) -> None:
+            cancels.append(msg.data)
+            got_cancel.set()
+
+        await nc.subscribe("vapora.stream", cb=fake_router)
+        await nc.subscribe("vapora.stream.cancel", cb=cancelled)
+        client = vapora.Client(nc, timeout_s=5.0)
+        async for text in client.stream(prompt="hi"):
+            assert text == "The "
+            break
+        gc.collect()
+        await asyncio.wait_for(got_cancel.wait(), 5.0)
+        assert len(cancels) == 1 and b"stream_to" in cancels[0]
+        subscriptions = len(nc._subs)
+        stream = client.stream(prompt="hi")
+        assert await stream.__anext__() == "The "
+        assert len(nc._subs) == subscriptions + 1
+        got_cancel.clear()
+        del stream
+        gc.collect()
+        await asyncio.wait_for(got_cancel.wait(), 5.0)
+        assert len(cancels) == 2 and len(nc._subs) == subscriptions  # and unsubscribed
+
+
 async def test_stream_failures_are_raised_as_what_they_are(tmp_path: Path) -> None:
     # A stream broken after its first chunk came as ProviderRejected (the caller's error, not
     # to be retried); an overloaded router as InternalError (a bug, not "retry shortly").
