@@ -128,6 +128,7 @@ from vapora import telemetry
 from vapora.config import Config, ProviderConfig
 from vapora.errors import (
     BudgetExceeded,
+    InvalidRequest,
     NoProviderAvailable,
     ProviderRejected,
     ProviderStreamBroken,
@@ -702,12 +703,16 @@ class RouterActor:
         task_id = request.task_id or _new_id()
         # A task named by the caller, for more than this request: its other requests may run on
         # other routers at the same time (see _attempt_provider).
+        scope = ctx.header(subjects.TASK_SCOPE_HEADER)
+        if scope is not None and scope != "request":
+            # Taken as "shared" it would be safe, but the caller meant something by it.
+            shown = scope if len(scope) <= 40 else scope[:40] + "..."
+            raise InvalidRequest(
+                f"header {subjects.TASK_SCOPE_HEADER}: {shown!r} is not a task scope; the only "
+                "one is 'request' (its task_id names this request alone): send that or none"
+            )
         cap = task_cap_usd(self.config, request)
-        shared = (
-            cap is not None
-            and request.task_id is not None
-            and ctx.header(subjects.TASK_SCOPE_HEADER) != "request"
-        )
+        shared = cap is not None and request.task_id is not None and scope != "request"
         TASK_ID.set(task_id)
         if tracing.enabled():
             span = trace.get_current_span()

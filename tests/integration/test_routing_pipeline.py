@@ -139,6 +139,18 @@ async def test_unknown_provider_and_task_type_get_404_and_malformed_requests_400
             assert named in reply.data.decode()
         with pytest.raises(InvalidRequest):
             await dep.client.complete(prompt="hi", quality="Superb")
+        # A task scope it does not know was taken as none, without a word.
+        body = b'{"prompt": "hi", "task_id": "t-scope"}'
+        for subject in ("vapora.complete", "vapora.stream"):
+            for scope in ("requests", "x" * 300):
+                headers = {"Vapora-Task-Scope": scope}
+                reply = await dep.client.nc.request(subject, body, timeout=5, headers=headers)
+                assert (reply.headers or {})["Nats-Service-Error-Code"] == "400"
+                answer = reply.data.decode()
+                assert "Vapora-Task-Scope" in answer and scope[:40] in answer
+                assert "x" * 41 not in answer
+                assert ('"type":"error"' in answer) == (subject == "vapora.stream")
+        assert not await dep.events_of("t-scope")
         # The router serves on.
         assert (await dep.client.complete(prompt="still here")).text
 
