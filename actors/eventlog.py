@@ -71,7 +71,19 @@ class NoEventStream(ConnectionFailed):
     """The server has no event stream: no vapora actor has run against it."""
 
 
+class _PeerOffline(Exception):
+    """A stream's placement refused for a server of the cluster not heard from: asked again by
+    ``ensure_stream``, and ``refusal`` raised when the attempts are used up."""
+
+    def __init__(self, refusal: NoEventStream) -> None:
+        super().__init__(refusal.args[0])
+        self.refusal = refusal
+
+
 log = logging.getLogger("vapora.eventlog")
+
+# JSClusterNoPeersErrF: no server can take a replica (a peer offline, tags not matched, ...).
+_NO_PEERS = 10005
 
 # JetStream error codes for a failed expected-sequence check.
 _WRONG_LAST_SEQUENCE = {10071, 10164}
@@ -250,12 +262,12 @@ class EventLog:
         for attempt in range(1, attempts):
             try:
                 return await self._ensure_stream(strict)
-            except (nats_errors.TimeoutError, ServiceUnavailableError) as exc:
+            except (nats_errors.TimeoutError, ServiceUnavailableError, _PeerOffline) as exc:
                 log.warning(
                     "event log: JetStream did not settle stream %s (%s, attempt %d of %d); "
                     "asking again",
                     self.settings.name,
-                    type(exc).__name__,
+                    exc if isinstance(exc, _PeerOffline) else type(exc).__name__,
                     attempt,
                     attempts,
                 )
@@ -264,6 +276,8 @@ class EventLog:
             return await self._ensure_stream(strict)  # the last attempt: its error is the caller's
         except ServiceUnavailableError:
             raise self._unavailable(f"{attempts} attempts") from None
+        except _PeerOffline as exc:
+            raise exc.refusal from None
 
     async def existing_stream(self) -> api.StreamInfo:
         """The stream as it is, for a reader that must neither create nor change it (its
@@ -331,11 +345,16 @@ class EventLog:
         except APIError as exc:
             if isinstance(exc, ServiceUnavailableError):  # asked again by ensure_stream
                 raise
-            raise NoEventStream(
+            refusal = NoEventStream(
                 f"{self._server()} refused the event stream {self.settings.name} with "
                 f"{config.num_replicas} replica(s): {exc.description or exc} (see [storage] "
                 "replicas)"
-            ) from None
+            )
+            if exc.err_code == _NO_PEERS and "offline" in (exc.description or ""):
+                # A server of the cluster is down or not heard from (restarting, or slow under
+                # load): placement may succeed once it is back, so asked again.
+                raise _PeerOffline(refusal) from None
+            raise refusal from None
 
     async def last_sequence(self) -> int:
         info = await self.js.stream_info(self.settings.name)

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from actors.cluster import LocalCluster, stream_replicas
-from actors.connection import Client, ConnectOptions, connect
+from actors.connection import Client, ConnectionFailed, ConnectOptions, connect
 from actors.eventlog import Appended, EventLog, StreamSettings
 from actors.server import EmbeddedNats
 from events import BudgetReleased
@@ -156,5 +156,44 @@ async def test_an_append_nobody_stores_is_retried_then_fails_clearly(
         log = EventLog(nc, settings(unique), ack_timeout=1.0, resend_after=0.2)
         with pytest.raises(InternalError, match=f"{unique}-1 within 1.0 s"):
             await log.append(released(unique, 1))
+    finally:
+        await nc.close()
+
+
+async def test_a_stream_placement_refused_for_a_peer_offline_is_asked_again(
+    nats_server: EmbeddedNats, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "no suitable peers for placement, peer offline" (JSClusterNoPeersErrF) ended an actor's
+    # start at once, also when the node was only restarting: a cluster test's stream, made just
+    # after a killed node came back, failed so under load. The server's answer is put into
+    # nats-py's JetStream context (a real cluster gives it only in a narrow window).
+    from nats.js.client import JetStreamContext
+    from nats.js.errors import APIError
+
+    real_add = JetStreamContext.add_stream
+    refusals: list[str] = []
+    asked: list[str] = []
+
+    async def add_stream(js: JetStreamContext, config: object = None, **kw: object) -> object:
+        asked.append("add")
+        if refusals:
+            raise APIError(code=400, err_code=10005, description=refusals.pop(0))
+        return await real_add(js, config, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(JetStreamContext, "add_stream", add_stream)
+    offline = "no suitable peers for placement, peer offline"
+    nc = await connect(ConnectOptions.from_url(nats_server.url))
+    try:
+        refusals[:] = [offline, offline]
+        info = await EventLog(nc, settings(unique)).ensure_stream()
+        assert info.config.name == f"C_{unique}" and len(asked) == 3
+        refusals[:], asked[:] = [offline] * 3, []
+        with pytest.raises(ConnectionFailed, match="peer offline"):
+            await EventLog(nc, settings(unique + "x")).ensure_stream(attempts=2)
+        assert len(asked) == 2
+        refusals[:], asked[:] = ["no suitable peers for placement, tags not matched ['ssd']"], []
+        with pytest.raises(ConnectionFailed, match="tags not matched"):
+            await EventLog(nc, settings(unique + "y")).ensure_stream()
+        assert len(asked) == 1  # a refusal no wait mends is not asked again
     finally:
         await nc.close()
