@@ -307,17 +307,14 @@ def _table_rates(kind: str, prices: object, above: int | None) -> _Rates | None:
     )
     if input_price is None or output_price is None:
         return None
+    # A model the table gives no cache price is billed for cached tokens as its provider bills
+    # them (the table leaves them out for fine-tuned OpenAI models, whose cached input is half
+    # price); one without prompt caching (gpt-4) reports no cached tokens to price.
     if read is None:
-        read = input_price * _table_read_default(kind)
+        read = input_price * CACHE_MULTIPLIERS[kind][0]
     if write is None:
         write = input_price * CACHE_MULTIPLIERS[kind][1]
     return input_price, output_price, read, write
-
-
-def _table_read_default(kind: str) -> Decimal:
-    # A table entry without a cache-read price is a model without prompt caching (e.g. gpt-4):
-    # any cached token it reported would be billed at the input price.
-    return Decimal(1) if kind != "anthropic" else CACHE_MULTIPLIERS["anthropic"][0]
 
 
 def _rate_above(value: object, above: int | None) -> Decimal | None:

@@ -162,3 +162,29 @@ async def test_cache_counts_are_subsets_of_input(kind: str, sim: Simulator) -> N
 
     assert usage.cache_read_tokens + usage.cache_write_tokens <= usage.input_tokens
     assert usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens == 7
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "gemini"])
+@pytest.mark.parametrize(("thoughts", "words"), [(2, 3), (20, 0)])
+async def test_thinking_counts_against_max_tokens(
+    kind: str, thoughts: int, words: int, sim: Simulator
+) -> None:
+    # The simulator added thinking on top of an answer already cut to max_tokens: a call
+    # reported five times its limit, which no provider does, and settled past the reservation.
+    client = make_client(
+        name=kind,
+        kind=kind,
+        model=f"{TABLE_MODELS[kind]}-thoughts-{thoughts}",
+        price=resolve_price(kind, TABLE_MODELS[kind], at=AT),
+        api_key=SECRET,
+        base_url=sim.base_url_for(kind),
+    )
+    try:
+        done = await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=5))
+        async with client.stream(ProviderRequest(prompt=PROMPT, max_tokens=5)) as stream:
+            streamed = "".join([text async for text in stream])
+    finally:
+        await client.aclose()
+    assert done.usage.output_tokens == 5 and done.finish_reason == "length"
+    assert len(done.text.split()) == words and streamed == done.text
+    assert stream.completion is not None and stream.completion.usage == done.usage

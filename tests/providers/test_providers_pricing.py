@@ -55,11 +55,21 @@ def test_explicit_prices_get_the_providers_cache_rates() -> None:
     assert (unknown.cache_read_per_mtok, unknown.cache_write_per_mtok) == (5, 10)
 
 
+def test_a_table_model_without_a_cache_price_gets_its_providers_discount() -> None:
+    # The table has no cached-input price for fine-tuned OpenAI models: their cached tokens
+    # were billed at the full input price (OpenAI bills them at half, as for gpt-4o).
+    tuned = resolve_price("openai", "ft:gpt-4o-2024-08-06:acme::abc123", at=AT)
+    assert (tuned.input_per_mtok, tuned.cache_read_per_mtok) == (Decimal("3.75"), Decimal("1.875"))
+    usage = Usage(input_tokens=1_000_000, output_tokens=0, cache_read_tokens=1_000_000)
+    assert cost(usage, tuned) == Decimal("1.875")
+
+
 def test_blended_cost_per_1k_applies_to_input_and_output() -> None:
     price = resolve_price("openai", "gpt-4", cost_per_1k_tokens=0.030, at=AT)  # a TOML float
 
     assert price.input_per_mtok == price.output_per_mtok == Decimal("30")
-    assert price.cache_read_per_mtok == Decimal("30")  # gpt-4 has no cache discount in the table
+    # gpt-4 has no cache price in the table (nor caching): OpenAI's half price, never used
+    assert price.cache_read_per_mtok == Decimal("15")
     assert (price.source, price.version) == ("config", "cost_per_1k_tokens")
 
 

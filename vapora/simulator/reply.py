@@ -1,10 +1,11 @@
 """The provider-neutral answer of the simulator: deterministic text and token counts.
 
 The answer echoes the last user message word by word (``len-<n>`` cycles its words to n words),
-cut to ``max_tokens`` words with finish reason ``length``. One word is one output token and one
-streamed chunk. Input tokens are ``ceil(characters / 4)`` of all input text (at least 1); cache
-reads and writes (``cached-<n>``, ``cachew-<n>``) are extra input tokens on top, as if a cached
-prefix preceded the prompt. Each dialect reports these counts in its provider's own semantics.
+cut to ``max_tokens`` words with finish reason ``length``; thinking (``thoughts-<n>``) comes first
+and counts against ``max_tokens`` too. One word is one output token and one streamed chunk.
+Input tokens are ``ceil(characters / 4)`` of all input text (at least 1); cache reads and writes
+(``cached-<n>``, ``cachew-<n>``) are extra input tokens on top, as if a cached prefix preceded
+the prompt. Each dialect reports these counts in its provider's own semantics.
 """
 
 from __future__ import annotations
@@ -61,9 +62,16 @@ def make_reply(turn: Turn, behaviour: Behaviour, reply_id: str) -> Reply:
     words = turn.last_user.split() or ["(empty)"]
     if behaviour.length is not None:
         words = [words[i % len(words)] for i in range(behaviour.length)]
-    truncated = turn.max_tokens is not None and len(words) > turn.max_tokens
-    if truncated and turn.max_tokens is not None:
-        words = words[: turn.max_tokens]
+    # Thinking comes first and counts against max_tokens, as the providers count it (OpenAI's
+    # reasoning inside max_completion_tokens, Anthropic's thinking inside max_tokens, Gemini's
+    # thoughts inside maxOutputTokens): it may leave no room for the answer.
+    thoughts = behaviour.thoughts or 0
+    truncated = False
+    if turn.max_tokens is not None:
+        room = max(turn.max_tokens - thoughts, 0)
+        thoughts = min(thoughts, turn.max_tokens)
+        truncated = len(words) > room
+        words = words[:room]
     chunks = [word if i == 0 else " " + word for i, word in enumerate(words)]
     return Reply(
         id=reply_id,
@@ -73,5 +81,5 @@ def make_reply(turn: Turn, behaviour: Behaviour, reply_id: str) -> Reply:
         prompt_tokens=prompt_tokens(turn),
         cache_read=behaviour.cache_read or 0,
         cache_write=behaviour.cache_write or 0,
-        thoughts=behaviour.thoughts or 0,
+        thoughts=thoughts,
     )
