@@ -770,6 +770,7 @@ class ProviderActor:
             output_tokens=usage.output_tokens,
             cache_read_tokens=usage.cache_read_tokens,
             cache_write_tokens=usage.cache_write_tokens,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
             cost_usd=amount,
             price=price,
             reservation_id=call.reservation_id,

@@ -185,15 +185,19 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
 
 
 class Usage(_Reply, frozen=True, kw_only=True):
-    """Provider-reported token counts. ``input_tokens`` includes both cache counts."""
+    """Provider-reported token counts. ``input_tokens`` includes both cache counts.
+
+    ``cache_write_1h_tokens`` (an extension): of ``cache_write_tokens``, those written to the
+    cache for an hour (Anthropic's ``ephemeral_1h_input_tokens``), billed at their own rate."""
 
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
     cache_read_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
+    cache_write_1h_tokens: Tokens = 0
 
 
-class PriceTier(_Reply, frozen=True, kw_only=True):
+class PriceTier(_Reply, frozen=True, kw_only=True, omit_defaults=True):
     """Long-context rates, per million tokens: they apply to *every* token of a call whose input
     (cache reads and writes included) exceeds ``above_input_tokens`` (a cliff, not a marginal
     rate, as the providers bill it)."""
@@ -203,9 +207,10 @@ class PriceTier(_Reply, frozen=True, kw_only=True):
     output_per_mtok: Money
     cache_read_per_mtok: Money
     cache_write_per_mtok: Money
+    cache_write_1h_per_mtok: Money | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "cache_read", "cache_write"):
+        for name in ("input", "output", "cache_read", "cache_write", "cache_write_1h"):
             check_amount(f"{name}_per_mtok", getattr(self, f"{name}_per_mtok"))
 
 
@@ -214,7 +219,9 @@ class Price(_Reply, frozen=True, kw_only=True, omit_defaults=True):
 
     ``tiers`` (an extension, in ascending ``above_input_tokens``): long-context rates that
     replace these for a call with more input; empty for a flat price, and then left out of the
-    JSON, so a price without tiers encodes as it always did."""
+    JSON, so a price without tiers encodes as it always did. ``cache_write_1h_per_mtok`` (an
+    extension): the rate of an hour-long cache write (Anthropic's), where it differs from
+    ``cache_write_per_mtok``; None (left out) means the same rate."""
 
     input_per_mtok: Money
     output_per_mtok: Money
@@ -223,8 +230,11 @@ class Price(_Reply, frozen=True, kw_only=True, omit_defaults=True):
     source: str
     version: str
     tiers: tuple[PriceTier, ...] = ()
+    cache_write_1h_per_mtok: Money | None = None
 
     def __post_init__(self) -> None:
+        for name in ("input", "output", "cache_read", "cache_write", "cache_write_1h"):
+            check_amount(f"{name}_per_mtok", getattr(self, f"{name}_per_mtok"))
         thresholds = [tier.above_input_tokens for tier in self.tiers]
         if any(low >= high for low, high in itertools.pairwise(thresholds)):
             raise ValueError("`tiers` must be in strictly ascending `above_input_tokens`")

@@ -126,6 +126,8 @@ class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     output_tokens: Tokens
     cache_read_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
+    # Of cache_write_tokens, those written for an hour (an extension, as in Usage).
+    cache_write_1h_tokens: Tokens = 0
     cost_usd: Money
     price: Price
     reservation_id: str | None = None

@@ -113,6 +113,7 @@ def recompute_cost(event: SpendRecorded) -> Decimal:
         output_tokens=event.output_tokens,
         cache_read_tokens=event.cache_read_tokens,
         cache_write_tokens=event.cache_write_tokens,
+        cache_write_1h_tokens=event.cache_write_1h_tokens,
     )
     return priced(usage, event.price)
 
@@ -238,6 +239,7 @@ _ROW_FIELDS: tuple[tuple[str, Callable[[SpendRecorded, int], object]], ...] = (
     ("output_tokens", lambda e, seq: e.output_tokens),
     ("cache_read_tokens", lambda e, seq: e.cache_read_tokens),
     ("cache_write_tokens", lambda e, seq: e.cache_write_tokens),
+    ("cache_write_1h_tokens", lambda e, seq: e.cache_write_1h_tokens),
     ("price", lambda e, seq: e.price),
 )
 

@@ -16,7 +16,7 @@ is time order.
 Writers and readers
     :meth:`Ledger.open` is the one writer's (the cost-ledger actor): it creates the file and its
     tables if they are missing, and writes nothing else when it opens (but for adding the
-    ``price_tiers`` column, once, to a file made before it). Everyone else (``vapora
+    columns added since, once, to a file made before them). Everyone else (``vapora
     audit``, an offline report) opens with :meth:`Ledger.open_read_only`: SQLite's ``mode=ro``, no
     schema written, no lock a writer waits for, and a missing file is an error, never an empty
     ledger. Each read that needs several queries (:meth:`Ledger.snapshot`, :meth:`Ledger.report`,
@@ -126,28 +126,44 @@ CREATE TABLE IF NOT EXISTS spend (
     cache_write_per_mtok TEXT NOT NULL,
     price_source TEXT NOT NULL,
     price_version TEXT NOT NULL,
-    price_tiers TEXT
+    price_tiers TEXT,
+    cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_1h_per_mtok TEXT
 );
 CREATE INDEX IF NOT EXISTS spend_at ON spend (at);
 """
-# The price's long-context tiers (JSON; NULL: none), added after the first ledgers were made:
-# a writer adds the column to an older file when it opens it.
-_ADD_TIERS = "ALTER TABLE spend ADD COLUMN price_tiers TEXT"
+# Columns added after the first ledgers were made, with what a row without them holds: the
+# price's long-context tiers (JSON; NULL: none), the hour-long cache writes and their rate
+# (NULL: the other writes' rate). A writer adds those missing to an older file when it opens it.
+_ADDED_COLUMNS: dict[str, tuple[str, str]] = {
+    "price_tiers": ("TEXT", "NULL"),
+    "cache_write_1h_tokens": ("INTEGER NOT NULL DEFAULT 0", "0"),
+    "cache_write_1h_per_mtok": ("TEXT", "NULL"),
+}
 
 _SPEND_COLUMNS = (
     "seq, event_id, at, task_id, task_type, provider, model, reservation_id, attempt,"
     " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,"
     " input_per_mtok, output_per_mtok, cache_read_per_mtok, cache_write_per_mtok,"
-    " price_source, price_version, price_tiers"
+    " price_source, price_version, price_tiers, cache_write_1h_tokens, cache_write_1h_per_mtok"
 )
-# What a reader selects from a file still without the tiers column (read-only: not migrated).
-_SPEND_COLUMNS_UNTIERED = _SPEND_COLUMNS.replace("price_tiers", "NULL")
 # A spend row is written only if this very (seq, id) won the events insert: a duplicate id under
 # a new sequence leaves no second row.
 _INSERT_SPEND = (
-    f"INSERT OR IGNORE INTO spend ({_SPEND_COLUMNS}) SELECT {', '.join('?' * 21)}"
+    f"INSERT OR IGNORE INTO spend ({_SPEND_COLUMNS}) SELECT {', '.join('?' * 23)}"
     " WHERE EXISTS (SELECT 1 FROM events WHERE seq = ? AND event_id = ?)"
 )
+
+
+def _spend_columns(missing: set[str]) -> str:
+    """What a reader selects from a file without the ``missing`` columns (read-only: not
+    migrated): what a row without them holds in their place."""
+    columns = _SPEND_COLUMNS
+    for name in missing:
+        columns = columns.replace(name, _ADDED_COLUMNS[name][1])
+    return columns
+
+
 _TIERS = msgspec.json.Decoder(tuple[PriceTier, ...])
 _UPDATE_TRACKING = "UPDATE tracking SET last_sequence = ? WHERE id = 1"
 _INSERT_EVENT = "INSERT OR IGNORE INTO events (seq, event_id, type, at, task_id) VALUES (?,?,?,?,?)"
@@ -169,6 +185,7 @@ class SpendRow(msgspec.Struct, frozen=True, kw_only=True):
     output_tokens: int
     cache_read_tokens: int
     cache_write_tokens: int
+    cache_write_1h_tokens: int = 0
     cost_usd: Decimal
     price: Price
 
@@ -226,7 +243,7 @@ class Ledger:
     async def open(cls, path: str | Path) -> Ledger:
         """Open the ledger database at ``path`` for writing, creating it (and its tables) if
         needed. An existing ledger is not written to until the first :meth:`apply_many`, but
-        for adding the ``price_tiers`` column once to a file made before it."""
+        for adding the columns added since once to a file made before them."""
         db = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             await db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")  # readers may read as we write
@@ -234,8 +251,8 @@ class Ledger:
             await db.execute("PRAGMA synchronous=FULL")
             if not await _has_schema(db):
                 await db.executescript(_SCHEMA)  # keeps an older spend table, if one is there
-            if not await _has_tiers(db):
-                await _add_tiers(db)
+            for name in await _missing_columns(db):
+                await _add_column(db, name)
             return cls(db, await _read_last(db), path=path)
         except BaseException as exc:
             await db.close()  # its worker thread would keep the process alive
@@ -385,7 +402,7 @@ class Ledger:
         bound = " WHERE " + " AND ".join(bounds) if bounds else ""
         async with self._reading() as db:
             # Checked in the read: a writer may have added the column since this reader opened.
-            columns = _SPEND_COLUMNS if await _has_tiers(db) else _SPEND_COLUMNS_UNTIERED
+            columns = _spend_columns(await _missing_columns(db))
             cursor = await db.execute(f"SELECT {columns} FROM spend{bound} ORDER BY seq", params)
             rows = [_read_spend(row) for row in await cursor.fetchall()]
             cursor = await db.execute(
@@ -521,20 +538,22 @@ async def _sum_costs(
     return total
 
 
-async def _add_tiers(db: aiosqlite.Connection) -> None:
-    """Add the ``price_tiers`` column to an older file's spend table (another writer opening
-    it at the same moment may have added it first: then it is there, which is all that is
-    wanted)."""
+async def _add_column(db: aiosqlite.Connection, name: str) -> None:
+    """Add the column ``name`` (of :data:`_ADDED_COLUMNS`) to an older file's spend table
+    (another writer opening it at the same moment may have added it first: then it is there,
+    which is all that is wanted)."""
     try:
-        await db.execute(_ADD_TIERS)
+        await db.execute(f"ALTER TABLE spend ADD COLUMN {name} {_ADDED_COLUMNS[name][0]}")
     except sqlite3.OperationalError as exc:
         if "duplicate column" not in str(exc):
             raise
 
 
-async def _has_tiers(db: aiosqlite.Connection) -> bool:
-    cursor = await db.execute("SELECT 1 FROM pragma_table_info('spend') WHERE name = 'price_tiers'")
-    return await cursor.fetchone() is not None
+async def _missing_columns(db: aiosqlite.Connection) -> set[str]:
+    """The columns of :data:`_ADDED_COLUMNS` the file's spend table does not have yet."""
+    cursor = await db.execute("SELECT name FROM pragma_table_info('spend')")
+    have = {name for (name,) in await cursor.fetchall()}
+    return set(_ADDED_COLUMNS) - have
 
 
 async def _has_schema(db: aiosqlite.Connection) -> bool:
@@ -597,6 +616,8 @@ def _spend_row(event: SpendRecorded, seq: int) -> tuple[Any, ...]:
         price.source,
         price.version,
         msgspec.json.encode(price.tiers).decode() if price.tiers else None,
+        event.cache_write_1h_tokens,
+        None if price.cache_write_1h_per_mtok is None else str(price.cache_write_1h_per_mtok),
     )
 
 
@@ -604,6 +625,7 @@ def _read_spend(row: sqlite3.Row | Sequence[Any]) -> SpendRow:
     (seq, event_id, at, task_id, task_type, provider, model, rid, attempt) = row[:9]
     tokens, cost, prices, (source, version) = row[9:13], row[13], row[14:18], row[18:20]
     tiers = _TIERS.decode(row[20]) if row[20] else ()
+    hour_tokens, hour_rate = row[21], row[22]
     return SpendRow(
         seq=seq,
         event_id=event_id,
@@ -618,12 +640,14 @@ def _read_spend(row: sqlite3.Row | Sequence[Any]) -> SpendRow:
         output_tokens=tokens[1],
         cache_read_tokens=tokens[2],
         cache_write_tokens=tokens[3],
+        cache_write_1h_tokens=hour_tokens,
         cost_usd=Decimal(cost),
         price=Price(
             input_per_mtok=Decimal(prices[0]),
             output_per_mtok=Decimal(prices[1]),
             cache_read_per_mtok=Decimal(prices[2]),
             cache_write_per_mtok=Decimal(prices[3]),
+            cache_write_1h_per_mtok=None if hour_rate is None else Decimal(hour_rate),
             source=source,
             version=version,
             tiers=tiers,

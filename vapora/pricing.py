@@ -9,9 +9,10 @@
 Ollama costs zero unless a price is configured; a paid provider with no known price is a
 ``ConfigError``. Cache rates follow how each provider bills them: from the table where it knows
 the model, otherwise the provider's documented multiplier of the input price (Anthropic: reads
-0.1x, 5-minute writes 1.25x; OpenAI: reads 0.5x, writes at the input price; Gemini: reads
-0.25x, writes at the input price). Anthropic's 1-hour cache writes (2x) are not distinguished by
-``Usage`` and are priced as 5-minute writes.
+0.1x, 5-minute writes 1.25x, 1-hour writes 2x; OpenAI: reads 0.5x, writes at the input price;
+Gemini: reads 0.25x, writes at the input price). Anthropic's 1-hour writes
+(``Usage.cache_write_1h_tokens``, a part of ``cache_write_tokens``) are priced at
+``Price.cache_write_1h_per_mtok``; a price without that rate bills them as other writes.
 
 Long-context tiers (genai-prices' ``TieredPrices``) are a cliff: a call whose input, cache reads
 and writes included, exceeds a tier's threshold pays that tier's rates for *every* token, input,
@@ -37,6 +38,7 @@ from vapora.errors import ConfigError
 
 __all__ = [
     "CACHE_MULTIPLIERS",
+    "CACHE_WRITE_1H_MULTIPLIERS",
     "GENAI_PRICES_PROVIDER",
     "PAID_KINDS",
     "ceiling",
@@ -61,6 +63,9 @@ CACHE_MULTIPLIERS: Final[dict[str, tuple[Decimal, Decimal]]] = {
 #: Our provider kind -> the genai-prices provider id.
 GENAI_PRICES_PROVIDER: Final = {"anthropic": "anthropic", "openai": "openai", "gemini": "google"}
 
+#: An hour-long cache write as a multiple of the input price, for the providers that have one.
+CACHE_WRITE_1H_MULTIPLIERS: Final[dict[str, Decimal]] = {"anthropic": Decimal(2)}
+
 _MTOK: Final = Decimal(1_000_000)
 _EXACT: Final = decimal.Context(prec=50, rounding=decimal.ROUND_HALF_EVEN)
 
@@ -74,11 +79,16 @@ def cost(usage: Usage, price: Price) -> Decimal:
     """
     rates = rates_for(price, usage.input_tokens)
     uncached = max(usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens, 0)
+    hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+    hour_rate = rates.cache_write_1h_per_mtok
+    if hour_rate is None:
+        hour_rate = rates.cache_write_per_mtok
     with decimal.localcontext(_EXACT):
         total = (
             uncached * rates.input_per_mtok
             + usage.cache_read_tokens * rates.cache_read_per_mtok
-            + usage.cache_write_tokens * rates.cache_write_per_mtok
+            + (usage.cache_write_tokens - hour) * rates.cache_write_per_mtok
+            + hour * hour_rate
             + usage.output_tokens * rates.output_per_mtok
         )
         return total / _MTOK
@@ -102,7 +112,12 @@ def upper_bound_cost(input_tokens: int, output_limit: int, price: Price) -> Deci
     of the rates the input can reach (a long-context tier bills every token past its threshold:
     :func:`ceiling`)."""
     price = ceiling(price, input_tokens)
-    input_rate = max(price.input_per_mtok, price.cache_write_per_mtok, price.cache_read_per_mtok)
+    input_rate = max(
+        price.input_per_mtok,
+        price.cache_write_per_mtok,
+        price.cache_read_per_mtok,
+        price.cache_write_1h_per_mtok or 0,
+    )
     return (input_tokens * input_rate + output_limit * price.output_per_mtok) / 1_000_000
 
 
@@ -120,6 +135,12 @@ def ceiling(price: Price, input_tokens: int) -> Price:
         output_per_mtok=max(r.output_per_mtok for r in reachable),
         cache_read_per_mtok=max(r.cache_read_per_mtok for r in reachable),
         cache_write_per_mtok=max(r.cache_write_per_mtok for r in reachable),
+        cache_write_1h_per_mtok=max(
+            r.cache_write_per_mtok
+            if r.cache_write_1h_per_mtok is None
+            else r.cache_write_1h_per_mtok
+            for r in reachable
+        ),
         source=price.source,
         version=price.version,
     )
@@ -201,26 +222,32 @@ def _with_cache_rates(
     at: datetime,
 ) -> Price:
     """A configured input/output price with cache rates in the provider's billing ratio."""
-    read_ratio, write_ratio = _cache_ratios(kind, model, at)
+    read_ratio, write_ratio, hour_ratio = _cache_ratios(kind, model, at)
     return Price(
         input_per_mtok=input_price,
         output_per_mtok=output_price,
         cache_read_per_mtok=input_price * read_ratio,
         cache_write_per_mtok=input_price * write_ratio,
+        cache_write_1h_per_mtok=None if hour_ratio is None else input_price * hour_ratio,
         source=source,
         version=version,
     )
 
 
-def _cache_ratios(kind: str, model: str, at: datetime) -> tuple[Decimal, Decimal]:
-    """The table's cache/input price ratios for the model, else the provider's multipliers."""
-    default = CACHE_MULTIPLIERS.get(kind, (Decimal(1), Decimal(1)))
+def _cache_ratios(kind: str, model: str, at: datetime) -> tuple[Decimal, Decimal, Decimal | None]:
+    """The table's cache/input price ratios for the model (reads, writes, hour-long writes),
+    else the provider's multipliers."""
+    read, write = CACHE_MULTIPLIERS.get(kind, (Decimal(1), Decimal(1)))
+    hour = CACHE_WRITE_1H_MULTIPLIERS.get(kind)
     table = _table_price(kind, model, at) if kind in PAID_KINDS else None
     if table is None or not table.input_per_mtok:
-        return default
+        return read, write, hour
     return (
         table.cache_read_per_mtok / table.input_per_mtok,
         table.cache_write_per_mtok / table.input_per_mtok,
+        None
+        if table.cache_write_1h_per_mtok is None
+        else table.cache_write_1h_per_mtok / table.input_per_mtok,
     )
 
 
@@ -263,6 +290,7 @@ def _table_price(kind: str, model: str, at: datetime) -> Price | None:
             output_per_mtok=rates[1],
             cache_read_per_mtok=rates[2],
             cache_write_per_mtok=rates[3],
+            cache_write_1h_per_mtok=rates[4],
         )
         for start in _thresholds(prices)
         if (rates := _table_rates(kind, prices, start)) is not None
@@ -272,6 +300,7 @@ def _table_price(kind: str, model: str, at: datetime) -> Price | None:
         output_per_mtok=base[1],
         cache_read_per_mtok=base[2],
         cache_write_per_mtok=base[3],
+        cache_write_1h_per_mtok=base[4],
         source="genai-prices",
         version=str(genai_prices.__version__),
         tiers=tiers,
@@ -283,14 +312,20 @@ def _table_model(kind: str, model: str) -> str:
     return model.removeprefix("models/") if kind == "gemini" else model
 
 
-_RATE_KEYS: Final = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+_RATE_KEYS: Final = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "cache_write_1h_mtok",
+)
 
-#: (input, output, cache read, cache write) per million tokens.
-_Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+#: (input, output, cache read, cache write, hour-long cache write or None) per million tokens.
+_Rates = tuple[Decimal, Decimal, Decimal, Decimal, Decimal | None]
 
 
 def _thresholds(prices: object) -> list[int]:
-    """Every tier start of the four token prices: each rate may change at any of them."""
+    """Every tier start of the token prices: each rate may change at any of them."""
     starts = {
         tier.start
         for key in _RATE_KEYS
@@ -300,9 +335,9 @@ def _thresholds(prices: object) -> list[int]:
 
 
 def _table_rates(kind: str, prices: object, above: int | None) -> _Rates | None:
-    """The table's four rates for a call past the threshold ``above`` (None: the base rates),
+    """The table's rates for a call past the threshold ``above`` (None: the base rates),
     missing cache rates filled from the input rate; None without input and output prices."""
-    input_price, output_price, read, write = (
+    input_price, output_price, read, write, hour = (
         _rate_above(getattr(prices, key, None), above) for key in _RATE_KEYS
     )
     if input_price is None or output_price is None:
@@ -314,7 +349,9 @@ def _table_rates(kind: str, prices: object, above: int | None) -> _Rates | None:
         read = input_price * CACHE_MULTIPLIERS[kind][0]
     if write is None:
         write = input_price * CACHE_MULTIPLIERS[kind][1]
-    return input_price, output_price, read, write
+    if hour is None and kind in CACHE_WRITE_1H_MULTIPLIERS:
+        hour = input_price * CACHE_WRITE_1H_MULTIPLIERS[kind]
+    return input_price, output_price, read, write, hour
 
 
 def _rate_above(value: object, above: int | None) -> Decimal | None:

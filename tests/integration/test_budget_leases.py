@@ -180,7 +180,7 @@ async def test_two_routers_with_leases_and_500_concurrent_paid_requests_never_ov
 ) -> None:
     models = {"claude": "claude-opus-4-5-len-100", "openai": "gpt-4-len-100"}
     limit = Decimal("0.085")
-    budget_toml = "[budget]\ndaily_limit_cents = 8.5\nlease_cents = 2\n"
+    budget_toml = "[budget]\ndaily_limit_cents = 8.5\nlease_cents = 3\n"
     async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
         second = RouterActor(dep.runtime, reserve=True)
         results, refused = [], []

@@ -78,6 +78,39 @@ async def test_anthropic_input_adds_cache_reads_and_writes(sim: Simulator) -> No
     )
 
 
+async def test_anthropic_hour_long_cache_writes_are_billed_at_their_own_rate(
+    sim: Simulator,
+) -> None:
+    # They were billed as five-minute writes: 1.25x the input price instead of 2x.
+    raw, usage = await _raw_and_ours(sim, "anthropic", "cachew-50-cachew1h-20")
+    assert raw["cache_creation_input_tokens"] == 70
+    assert raw["cache_creation"] == {
+        "ephemeral_5m_input_tokens": 50,
+        "ephemeral_1h_input_tokens": 20,
+    }
+    assert usage == Usage(
+        input_tokens=77, output_tokens=6, cache_write_tokens=70, cache_write_1h_tokens=20
+    )
+    # claude-sonnet-4-6: $3 in, $15 out, $3.75 five-minute writes, $6 hour-long writes
+    # 7*3 + 50*3.75 + 20*6 + 6*15 = 21 + 187.5 + 120 + 90 = 418.5 per million
+    price = resolve_price("anthropic", TABLE_MODELS["anthropic"], at=AT)
+    assert cost(usage, price) == Decimal("0.0004185")
+    client = make_client(
+        name="anthropic",
+        kind="anthropic",
+        model=f"{TABLE_MODELS['anthropic']}-cachew-50-cachew1h-20",
+        price=price,
+        api_key=SECRET,
+        base_url=sim.base_url_for("anthropic"),
+    )
+    try:
+        async with client.stream(ProviderRequest(prompt=PROMPT, max_tokens=100)) as stream:
+            _ = [text async for text in stream]
+    finally:
+        await client.aclose()
+    assert stream.completion is not None and stream.completion.usage == usage
+
+
 async def test_openai_prompt_tokens_already_include_the_cache(sim: Simulator) -> None:
     raw, usage = await _raw_and_ours(sim, "openai", "cached-100")
 
@@ -125,17 +158,27 @@ async def test_cost_of_cached_calls_is_priced_as_billed(
         Usage(input_tokens=1000, output_tokens=500, cache_read_tokens=600),
         Usage(input_tokens=1000, output_tokens=1, cache_read_tokens=300, cache_write_tokens=200),
         Usage(input_tokens=3, output_tokens=0, cache_write_tokens=3),
+        Usage(
+            input_tokens=1000,
+            output_tokens=1,
+            cache_read_tokens=300,
+            cache_write_tokens=200,
+            cache_write_1h_tokens=150,
+        ),
     ],
 )
 def test_our_cost_equals_genai_prices_own_calculation(kind: str, usage: Usage) -> None:
-    """genai-prices' calc_price uses the same convention (input includes the cache)."""
+    """genai-prices' calc_price uses the same convention (input includes the cache; the
+    hour-long writes are a part of the writes)."""
     model = TABLE_MODELS[kind]
+    hourly = {"cache_write_1h_tokens": usage.cache_write_1h_tokens} if kind == "anthropic" else {}
     theirs = genai_prices.calc_price(
         genai_prices.Usage(
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cache_read_tokens=usage.cache_read_tokens,
             cache_write_tokens=usage.cache_write_tokens,
+            **hourly,
         ),
         model,
         provider_id={"gemini": "google"}.get(kind, kind),

@@ -428,3 +428,50 @@ def test_the_input_bound_counts_every_utf8_byte_of_non_ascii_text() -> None:
     chinese = input_token_bound(ProviderRequest(prompt="中" * 1000))
     assert chinese == 3 * 1000 + 4 + 8  # three bytes each, the message's and the reply's tokens
     assert input_token_bound(ProviderRequest(prompt="x" * 999)) == 999 + 4 + 8
+
+
+@pytest.mark.parametrize(
+    ("hour", "billed_hour"),
+    [(20, 20), (500, 50), (-5, 50), ("twenty", 50)],
+)
+async def test_anthropic_hour_long_writes_that_are_no_part_of_the_writes_bill_them_all_so(
+    hour: object, billed_hour: int
+) -> None:
+    # More hour-long writes than writes, or a count that is none: which writes lasted an hour
+    # is not known, so all of them are billed at that (dearer) rate, never fewer.
+    body = msgspec.json.encode(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-6",
+            "content": [{"type": "text", "text": "hi there"}],
+            "stop_reason": "end_turn",
+            "usage": {
+                "input_tokens": 10,
+                "output_tokens": 2,
+                "cache_creation_input_tokens": 50,
+                "cache_creation": {"ephemeral_1h_input_tokens": hour},
+            },
+        }
+    )
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    async with stub(answer) as port:
+        client = make_client(
+            name="anthropic",
+            kind="anthropic",
+            model="claude-sonnet-4-6",
+            price=price_of("anthropic"),
+            api_key="sk-test",
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=5.0,
+        )
+        try:
+            done = await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=50))
+        finally:
+            await client.aclose()
+    assert done.usage.input_tokens == 60 and done.usage.cache_write_tokens == 50
+    assert done.usage.cache_write_1h_tokens == billed_hour

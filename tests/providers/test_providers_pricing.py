@@ -79,6 +79,7 @@ def test_the_guides_config_prices_its_four_providers() -> None:
     ollama = resolve_price("ollama", "llama2", cost_per_1k_tokens=0.0, at=AT)
 
     assert claude.input_per_mtok == 15 and claude.cache_write_per_mtok == Decimal("18.75")
+    assert claude.cache_write_1h_per_mtok == 30  # hour-long writes: 2x
     assert gemini.input_per_mtok == 5 and gemini.cache_read_per_mtok == Decimal("1.25")
     assert cost(Usage(input_tokens=10**6, output_tokens=10**6), ollama) == 0
 
@@ -91,6 +92,7 @@ def test_the_table_prices_a_known_model_with_its_source_and_version() -> None:
         output_per_mtok=Decimal("15"),
         cache_read_per_mtok=Decimal("0.3"),
         cache_write_per_mtok=Decimal("3.75"),
+        cache_write_1h_per_mtok=Decimal("6"),
         source="genai-prices",
         version=genai_prices.__version__,
     )
@@ -202,6 +204,7 @@ def table_cost(kind: str, model: str, usage: Usage) -> Decimal:
         output_tokens=usage.output_tokens,
         cache_read_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
     )
     return genai_prices.calc_price(
         theirs, model_ref=model, provider_id=GENAI_PROVIDER[kind], genai_request_timestamp=AT
@@ -295,10 +298,15 @@ def test_an_event_priced_before_tiers_decodes_and_costs_as_it_did() -> None:
     assert b"tiers" not in encode(event.price)  # a flat price encodes as it always did
 
 
-def test_the_audit_recomputes_a_tiered_spend_exactly_from_its_recorded_price() -> None:
+@pytest.mark.parametrize("hour", [0, 600])
+def test_the_audit_recomputes_a_tiered_spend_exactly_from_its_recorded_price(hour: int) -> None:
     price = resolve_price("anthropic", "claude-sonnet-4-5", at=AT)
     usage = Usage(
-        input_tokens=260_000, output_tokens=3_000, cache_read_tokens=200_000, cache_write_tokens=1
+        input_tokens=260_000,
+        output_tokens=3_000,
+        cache_read_tokens=200_000,
+        cache_write_tokens=1_000,
+        cache_write_1h_tokens=hour,  # past the threshold: the tier's $12 instead of $7.50
     )
     event = SpendRecorded(
         id="spend-long",
@@ -311,6 +319,7 @@ def test_the_audit_recomputes_a_tiered_spend_exactly_from_its_recorded_price() -
         output_tokens=usage.output_tokens,
         cache_read_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
         cost_usd=cost(usage, price),
         price=price,
     )
@@ -387,3 +396,16 @@ def test_the_reservation_estimate_bounds_every_tier_the_call_can_land_in(
     usage = Usage(input_tokens=billed, output_tokens=output, cache_write_tokens=written)
 
     assert cost(usage, price) <= client.estimate_cost(request)
+
+
+def test_a_reservation_bounds_input_written_to_the_cache_for_an_hour() -> None:
+    # The bound took the five-minute write (1.25x) as the dearest input rate: an input written
+    # for an hour (2x) could settle past its reservation.
+    from vapora.pricing import upper_bound_cost
+
+    price = resolve_price("anthropic", "claude-sonnet-4-6", at=AT)
+    assert upper_bound_cost(1_000_000, 0, price) == Decimal(6)
+    usage = Usage(input_tokens=1_000_000, cache_write_tokens=10**6, cache_write_1h_tokens=10**6)
+    assert cost(usage, price) == upper_bound_cost(1_000_000, 0, price)
+    tiered = resolve_price("anthropic", "claude-sonnet-4-5", at=AT)
+    assert upper_bound_cost(300_000, 0, tiered) == Decimal("3.6")  # 300k at the tier's $12

@@ -573,6 +573,36 @@ async def test_a_ledger_made_before_the_tiers_column_is_read_and_then_migrated(t
     assert first.price == PRICE and second.price == TIERED
 
 
+async def test_hour_long_cache_writes_and_their_rate_are_kept_in_old_and_new_files(
+    tmp_path: Path,
+):
+    """Anthropic's hour-long cache writes were billed (and stored) as five-minute writes. The
+    ledger keeps their count and rate; a file made before those columns is read as having none
+    and given them by the writer."""
+    hourly = msgspec.structs.replace(
+        spend("e1", T, "0.5"),
+        cache_write_tokens=30,
+        cache_write_1h_tokens=20,
+        price=msgspec.structs.replace(PRICE, cache_write_1h_per_mtok=Decimal("0.6")),
+    )
+    path = tmp_path / "ledger.db"
+    old = sqlite3.connect(path)
+    old.executescript(_OLD_SPEND_TABLE)
+    old.close()
+    async with await Ledger.open_read_only(path) as reader:
+        (row,) = await reader.spend_rows()
+    assert row.cache_write_1h_tokens == 0 and row.price.cache_write_1h_per_mtok is None
+    async with await Ledger.open(path) as writer:
+        await writer.apply_many([(hourly, 2)])
+        _, row = await writer.spend_rows()
+    assert (row.cache_write_tokens, row.cache_write_1h_tokens) == (30, 20)
+    assert row.price == hourly.price
+    async with await Ledger.open(tmp_path / "new.db") as writer:
+        await writer.apply_many([(hourly, 1)])
+        (row,) = await writer.spend_rows()
+    assert row.cache_write_1h_tokens == 20 and row.price == hourly.price
+
+
 async def test_the_tiers_column_is_added_whatever_state_the_older_file_is_in(tmp_path: Path):
     """Two writers opening an older file at once: the second failed on the column the first had
     just added, and was told its file was no ledger. A file with tables but no tracking row was
@@ -606,9 +636,9 @@ async def test_a_column_added_by_another_writer_meanwhile_is_not_an_error(
     async with await Ledger.open(path):  # the first writer adds the column
         pass
 
-    async def checked_before_it_was_added(db: object) -> bool:
-        return False
+    async def checked_before_it_was_added(db: object) -> set[str]:
+        return set(ledger_module._ADDED_COLUMNS)
 
-    monkeypatch.setattr(ledger_module, "_has_tiers", checked_before_it_was_added)
+    monkeypatch.setattr(ledger_module, "_missing_columns", checked_before_it_was_added)
     async with await Ledger.open(path) as second:  # its ALTER finds the column: no error
         assert await second.last_sequence() == 1

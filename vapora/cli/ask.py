@@ -58,7 +58,8 @@ def summary_lines(
     """The lines printed under the text."""
     tokens = f"tokens:   {usage.input_tokens} in, {usage.output_tokens} out"
     if usage.cache_read_tokens or usage.cache_write_tokens:
-        tokens += f" (cache read {usage.cache_read_tokens}, write {usage.cache_write_tokens})"
+        hour = f", {usage.cache_write_1h_tokens} for 1 h" if usage.cache_write_1h_tokens else ""
+        tokens += f" (cache read {usage.cache_read_tokens}, write {usage.cache_write_tokens}{hour})"
     return [
         f"provider: {provider}",
         f"model:    {model}",

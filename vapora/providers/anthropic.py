@@ -195,6 +195,10 @@ def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
     reported the cache counts)."""
     if usage.get("output_tokens") is not None:
         turn.output_tokens = count_sum(usage["output_tokens"])
+    # The cache writes by how long they last: ``cache_creation_input_tokens`` is their sum.
+    breakdown = usage.get("cache_creation")
+    if isinstance(breakdown, dict) and breakdown.get("ephemeral_1h_input_tokens") is not None:
+        turn.cache_write_1h = breakdown["ephemeral_1h_input_tokens"]  # checked with the rest
     given = {key: usage[key] for key in (_INPUT, _READ, _WRITE) if usage.get(key) is not None}
     if not given:
         return

@@ -196,6 +196,8 @@ class Turn:
     output_tokens: int | None = None
     cache_read: int = 0
     cache_write: int = 0
+    #: Of ``cache_write``, written for an hour (Anthropic's ``ephemeral_1h_input_tokens``).
+    cache_write_1h: int = 0
     #: Output counted apart from the text's, added when the text's count is estimated (Gemini's
     #: thinking tokens, reported when the candidates' count is left out).
     extra_output: int = 0
@@ -226,6 +228,7 @@ class Turn:
             output_tokens=output,
             cache_read_tokens=self.cache_read,
             cache_write_tokens=self.cache_write,
+            cache_write_1h_tokens=self.cache_write_1h,
         )
         return usage, estimated
 
@@ -241,6 +244,17 @@ class Turn:
             "cache_write": self.cache_write,
         }
         bad = {name: value for name, value in counts.items() if not _token_count(value)}
+        if not _token_count(self.cache_write_1h) or (
+            "cache_write" not in bad and self.cache_write_1h > self.cache_write
+        ):
+            # Which writes were for an hour is not known: all of them are billed as such, the
+            # dearer rate (never under-counted).
+            _log.warning(
+                "the provider reported %s hour-long cache writes of %s; all billed as such",
+                str(self.cache_write_1h)[:24],
+                str(self.cache_write)[:24],
+            )
+            self.cache_write_1h = self.cache_write if _token_count(self.cache_write) else 0
         inputs = self.input_tokens
         if not bad and inputs is not None and self.cache_read + self.cache_write > inputs:
             bad = {"input_tokens": inputs, "cache_read": self.cache_read}  # input includes them
@@ -254,6 +268,6 @@ class Turn:
             # Estimated from the request at the full input price: which of the three is wrong
             # is not known, so none of them is trusted.
             self.input_tokens = None
-            self.cache_read = self.cache_write = 0
+            self.cache_read = self.cache_write = self.cache_write_1h = 0
         if "output_tokens" in bad:
             self.output_tokens = None

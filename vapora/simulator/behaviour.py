@@ -22,6 +22,8 @@ them may be embedded in a model name, e.g. ``claude-sonnet-4-5-ttft-50-tps-200-c
 ``drop``               close the connection without answering (a reset before the first byte)
 ``cached-<n>``         n input tokens read from the prompt cache
 ``cachew-<n>``         n input tokens written to the prompt cache (Anthropic, OpenAI)
+``cachew1h-<n>``       n more written for an hour (Anthropic ``ephemeral_1h_input_tokens``;
+                       other providers: as ``cachew``)
 ``thoughts-<n>``       n reasoning tokens (Gemini ``thoughtsTokenCount``, OpenAI
                        ``reasoning_tokens``, included in Anthropic's ``output_tokens``)
 ``ctx-<n>``            the model's context window is n tokens: a longer input (a token per four
@@ -41,7 +43,8 @@ __all__ = ["Behaviour", "ProviderControl", "parse_behaviour"]
 
 _TOKEN = re.compile(
     r"(?<![a-z0-9])(?:(error-after-200|quota|malformed|hang|drop|nousage|nocounts)"
-    r"|(slow|ttft|tps|len|error|retryms|flaky|cut|stall|cached|cachew|thoughts|ctx)-(\d+))"
+    r"|(slow|ttft|tps|len|error|retryms|flaky|cut|stall|cached|cachew1h|cachew|thoughts|ctx)"
+    r"-(\d+))"
     r"(?![a-z])"
 )
 _FLAGS = {
@@ -65,6 +68,7 @@ _NUMBERS = {
     "stall": "stall_after",
     "cached": "cache_read",
     "cachew": "cache_write",
+    "cachew1h": "cache_write_1h",
     "thoughts": "thoughts",
     "ctx": "context_window",
 }
@@ -90,6 +94,7 @@ class Behaviour:
     drop: bool = False
     cache_read: int | None = None
     cache_write: int | None = None
+    cache_write_1h: int | None = None
     thoughts: int | None = None
     context_window: int | None = None
     no_usage: bool = False

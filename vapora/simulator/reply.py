@@ -40,7 +40,8 @@ class Reply:
     truncated: bool
     prompt_tokens: int
     cache_read: int
-    cache_write: int
+    cache_write: int  # all writes, the hour-long ones included
+    cache_write_1h: int
     thoughts: int
 
     @property
@@ -80,6 +81,7 @@ def make_reply(turn: Turn, behaviour: Behaviour, reply_id: str) -> Reply:
         truncated=truncated,
         prompt_tokens=prompt_tokens(turn),
         cache_read=behaviour.cache_read or 0,
-        cache_write=behaviour.cache_write or 0,
+        cache_write=(behaviour.cache_write or 0) + (behaviour.cache_write_1h or 0),
+        cache_write_1h=behaviour.cache_write_1h or 0,
         thoughts=thoughts,
     )

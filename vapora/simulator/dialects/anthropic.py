@@ -172,8 +172,8 @@ def _usage(reply: Reply, output: int, *, delta: bool = False) -> dict[str, Any]:
     }
     if not delta:
         usage["cache_creation"] = {
-            "ephemeral_5m_input_tokens": reply.cache_write,
-            "ephemeral_1h_input_tokens": 0,
+            "ephemeral_5m_input_tokens": reply.cache_write - reply.cache_write_1h,
+            "ephemeral_1h_input_tokens": reply.cache_write_1h,
         }
         usage["service_tier"] = "standard"
     return usage
