@@ -732,7 +732,9 @@ class EventLog:
                     yield _batch(raw, decode, self._unreadable)
                 if reader.lost is not None:
                     raise _ConsumerLost(f"consumer {consumer.name}: {reader.lost}")
-                if reader.caught_up and not follow:
+                if reader.caught_up and not follow and not reader.buffer:
+                    # Only once what came meanwhile is handed over too: the last messages may
+                    # have arrived while the reader had an earlier batch.
                     return
         finally:
             with contextlib.suppress(Exception):

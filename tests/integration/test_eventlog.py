@@ -310,3 +310,22 @@ async def test_a_replays_pull_requests_lost_without_a_word_are_noticed(
             seqs.extend(entry.seq for entry in batch)
     assert dropped and seqs == list(range(1, total + 1))
     assert event_log.replay_resumes >= 1
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.05])
+async def test_a_replay_read_slowly_gives_every_event_to_the_end(
+    event_log: EventLog, pause: float
+) -> None:
+    """The last pull's messages came in while an earlier batch was with the reader: the replay
+    saw it had caught up and returned without handing them over. The tail of the log was lost
+    to every replay (the audit read up to sequence 60,453 of 61,862 and reported differences
+    the keeper did not have, or missed real ones)."""
+    total = 14_000  # four pulls of 4096, two kept outstanding
+    for start in range(0, total, 2000):
+        await event_log.append_many([released(n) for n in range(start, start + 2000)])
+    seqs: list[int] = []
+    with anyio.fail_after(60):
+        async for batch in event_log.replay(1):
+            seqs.extend(entry.seq for entry in batch)
+            await anyio.sleep(pause)  # a reader doing its work: the server sends meanwhile
+    assert seqs == list(range(1, total + 1))
