@@ -188,13 +188,15 @@ class Usage(_Reply, frozen=True, kw_only=True):
     """Provider-reported token counts. ``input_tokens`` includes both cache counts.
 
     ``cache_write_1h_tokens`` (an extension): of ``cache_write_tokens``, those written to the
-    cache for an hour (Anthropic's ``ephemeral_1h_input_tokens``), billed at their own rate."""
+    cache for an hour (Anthropic's ``ephemeral_1h_input_tokens``), billed at their own rate;
+    left out of the JSON when there are none (unset, read as 0), so usage without them encodes
+    as it always did."""
 
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
     cache_read_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
-    cache_write_1h_tokens: Tokens = 0
+    cache_write_1h_tokens: Tokens | msgspec.UnsetType = msgspec.UNSET
 
 
 class PriceTier(_Reply, frozen=True, kw_only=True, omit_defaults=True):

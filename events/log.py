@@ -126,8 +126,9 @@ class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     output_tokens: Tokens
     cache_read_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
-    # Of cache_write_tokens, those written for an hour (an extension, as in Usage).
-    cache_write_1h_tokens: Tokens = 0
+    # Of cache_write_tokens, those written for an hour (an extension, as in Usage: unset, and
+    # left out of the JSON, when there are none).
+    cache_write_1h_tokens: Tokens | msgspec.UnsetType = msgspec.UNSET
     cost_usd: Money
     price: Price
     reservation_id: str | None = None

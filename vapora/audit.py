@@ -239,7 +239,7 @@ _ROW_FIELDS: tuple[tuple[str, Callable[[SpendRecorded, int], object]], ...] = (
     ("output_tokens", lambda e, seq: e.output_tokens),
     ("cache_read_tokens", lambda e, seq: e.cache_read_tokens),
     ("cache_write_tokens", lambda e, seq: e.cache_write_tokens),
-    ("cache_write_1h_tokens", lambda e, seq: e.cache_write_1h_tokens),
+    ("cache_write_1h_tokens", lambda e, seq: e.cache_write_1h_tokens or 0),
     ("price", lambda e, seq: e.price),
 )
 

@@ -616,7 +616,7 @@ def _spend_row(event: SpendRecorded, seq: int) -> tuple[Any, ...]:
         price.source,
         price.version,
         msgspec.json.encode(price.tiers).decode() if price.tiers else None,
-        event.cache_write_1h_tokens,
+        event.cache_write_1h_tokens or 0,
         None if price.cache_write_1h_per_mtok is None else str(price.cache_write_1h_per_mtok),
     )
 

@@ -79,7 +79,7 @@ def cost(usage: Usage, price: Price) -> Decimal:
     """
     rates = rates_for(price, usage.input_tokens)
     uncached = max(usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens, 0)
-    hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+    hour = min(usage.cache_write_1h_tokens or 0, usage.cache_write_tokens)
     hour_rate = rates.cache_write_1h_per_mtok
     if hour_rate is None:
         hour_rate = rates.cache_write_per_mtok

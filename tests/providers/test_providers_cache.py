@@ -171,7 +171,9 @@ def test_our_cost_equals_genai_prices_own_calculation(kind: str, usage: Usage) -
     """genai-prices' calc_price uses the same convention (input includes the cache; the
     hour-long writes are a part of the writes)."""
     model = TABLE_MODELS[kind]
-    hourly = {"cache_write_1h_tokens": usage.cache_write_1h_tokens} if kind == "anthropic" else {}
+    hourly = (
+        {"cache_write_1h_tokens": usage.cache_write_1h_tokens or 0} if kind == "anthropic" else {}
+    )
     theirs = genai_prices.calc_price(
         genai_prices.Usage(
             input_tokens=usage.input_tokens,

@@ -204,7 +204,7 @@ def table_cost(kind: str, model: str, usage: Usage) -> Decimal:
         output_tokens=usage.output_tokens,
         cache_read_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_tokens,
-        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens or 0,
     )
     return genai_prices.calc_price(
         theirs, model_ref=model, provider_id=GENAI_PROVIDER[kind], genai_request_timestamp=AT

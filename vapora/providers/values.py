@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+
 from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
 from vapora.errors import InvalidRequest, ProviderStreamBroken
 
@@ -228,7 +230,7 @@ class Turn:
             output_tokens=output,
             cache_read_tokens=self.cache_read,
             cache_write_tokens=self.cache_write,
-            cache_write_1h_tokens=self.cache_write_1h,
+            cache_write_1h_tokens=self.cache_write_1h or msgspec.UNSET,
         )
         return usage, estimated
 
