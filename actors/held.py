@@ -29,7 +29,11 @@ and the budget fold (an id for a day) count once. A write that fails has the nex
 new file holding everything on its way.
 A process killed while the log had not yet answered (the HTTP answer in, the spend not yet
 acknowledged: up to the log's acknowledgement timeout) leaves them there, and the instance that
-adopts its files appends them. These writes are not ``fsync``'d: they survive the process, not
+adopts its files appends them. The provider actor also begins, before the provider has a call,
+what the call is recorded as should it never end there (at its upper bound), and ends it in
+the same write that begins the call's own events: a kill leaves one or the other. An event
+begun again while on its way is not written twice. These writes are not ``fsync``'d: they
+survive the process, not
 the machine (as a call's events in memory would not either; the held file, for an outage, is
 synced). The file is replaced, once it has grown past a megabyte, by a new one holding only
 what is on its way.
@@ -235,8 +239,15 @@ class HeldEvents:
         ahead regardless, and what the file lacks is written with the next rotation. Returns
         the events encoded, for the append to send as they are."""
         encoded = [encode(event) for event in events]
-        lines = [payload + b"\n" for payload in encoded]
-        self._pending.update(zip((event.id for event in events), lines, strict=True))
+        # An event on its way already (begun and not ended) is in the file: not written again.
+        lines = [
+            payload + b"\n"
+            for event, payload in zip(events, encoded, strict=True)
+            if event.id not in self._pending
+        ]
+        self._pending.update(
+            (event.id, payload + b"\n") for event, payload in zip(events, encoded, strict=True)
+        )
         try:
             if self._needs_new_file():
                 self._rotate()  # a new file, holding everything on its way

@@ -126,6 +126,7 @@ from vapora.providers import (
     Completion,
     ProviderClient,
     ProviderRequest,
+    input_token_bound,
     make_client,
 )
 from vapora.providers.base import default_transport, without_request_text
@@ -525,6 +526,10 @@ class ProviderActor:
         config = self.config
         price = price_at(config.kind.value, config.model, config.price, self.runtime.clock())
         request = ProviderRequest.from_call(call, price)
+        # What the call is recorded as should this actor die before it ends, on disk before
+        # the provider has it (the instance that adopts a dead one's files appends it).
+        unended = self._unended(call, request, price)
+        self.held.begin(unended)
         started = time.perf_counter()
         try:
             if telemetry.active():
@@ -532,24 +537,37 @@ class ProviderActor:
             else:
                 done = await self._send(call, request, ctx)
         except anyio.get_cancelled_exc_class():
-            self._cut(call, (time.perf_counter() - started) * 1000)
+            self._cut(call, (time.perf_counter() - started) * 1000, unended)
             raise
         except ProviderError as error:
-            await self._failed(call, error, (time.perf_counter() - started) * 1000, price)
+            latency_ms = (time.perf_counter() - started) * 1000
+            await self._failed(call, error, latency_ms, price, unended)
             await self._reply_error(ctx, error, called=True, price=price)
             return None
         except Exception as exc:  # a bug of ours, mid-call: the provider may have billed it
             latency_ms = (time.perf_counter() - started) * 1000
-            unknown = self._unknown_outcome(
-                call,
-                latency_ms,
-                "internal",
-                f"{self.config.name}: the call failed inside vapora ({type(exc).__name__}); "
-                "what the provider billed for it is unknown",
+            log.error(
+                "%s: call for task %s failed inside vapora (%s); recorded at its upper bound",
+                self.name,
+                call.task_id,
+                type(exc).__name__,
             )
-            await self._record([unknown])
+            message = (
+                f"{self.config.name}: the call failed inside vapora ({type(exc).__name__}); what "
+                "the provider billed for it is unknown: recorded at the attempt's upper bound"
+            )
+            failed = msgspec.structs.replace(
+                unended[0],
+                id=_new_id(),
+                error_code="internal",
+                error_class="internal",
+                message=message,
+                latency_ms=latency_ms,
+            )
+            # The spend as written ahead (on its way already); the failure said as it was.
+            await self._record([failed, unended[1]], ending=[unended[0]])
             raise
-        await self._succeeded(call, done)
+        await self._succeeded(call, done, unended)
         result = done.to_call_result()
         if call.stream_to:  # the text went to the caller in chunks: the router needs the rest
             return encode(msgspec.structs.replace(result, text=""))
@@ -650,7 +668,7 @@ class ProviderActor:
 
     # --- outcomes -----------------------------------------------------------------------------
 
-    async def _succeeded(self, call: ProviderCall, done: Completion) -> None:
+    async def _succeeded(self, call: ProviderCall, done: Completion, unended: list[Event]) -> None:
         self.breaker.success()
         now = self.runtime.clock()
         succeeded = CallSucceeded(
@@ -671,11 +689,16 @@ class ProviderActor:
             succeeded,
             self._spend(call, done.model, done.usage, done.cost_usd, now, done.price),
         ]
-        await self._record(events)
+        await self._record(events, ending=unended)
         await self._publish_health()
 
     async def _failed(
-        self, call: ProviderCall, error: ProviderError, latency_ms: float, price: Price
+        self,
+        call: ProviderCall,
+        error: ProviderError,
+        latency_ms: float,
+        price: Price,
+        unended: list[Event],
     ) -> None:
         if isinstance(error, ProviderRateLimited):
             self.limiter.close_for(min(error.retry_after or _DEFAULT_RETRY_S, _MAX_RETRY_S))
@@ -710,45 +733,52 @@ class ProviderActor:
             events.append(
                 self._spend(call, call.model or self.config.model, error.usage, billed, now, price)
             )
-        await self._record(events)
+        await self._record(events, ending=unended)
         await self._publish_health()
 
-    def _cut(self, call: ProviderCall, latency_ms: float) -> None:
+    def _cut(self, call: ProviderCall, latency_ms: float, unended: list[Event]) -> None:
         """The call was cancelled while the provider had it (a second stop signal, a drain past
-        its limit): recorded as a ``call_failed`` of class ``cancelled``, held (on disk at once,
+        its limit): recorded as :meth:`_unended` says (a ``call_failed`` of class
+        ``cancelled`` and a spend at the attempt's upper bound), held (on disk at once,
         appended by the stop's last try or the next start), since nothing here may await."""
-        cut = self._unknown_outcome(
-            call,
-            latency_ms,
-            "cancelled",
-            f"{self.config.name}: the provider actor stopped during the call; what the "
-            "provider billed for it is unknown",
-        )
         log.warning(
-            "%s: call for task %s (attempt %d) cut by a stop after %.0f ms; recorded as cancelled",
+            "%s: call for task %s (attempt %d) cut by a stop after %.0f ms; recorded as "
+            "cancelled, at its upper bound",
             self.name,
             call.task_id,
             call.attempt,
             latency_ms,
         )
-        self.held.hold([cut], _traces([cut]))
+        cut = [msgspec.structs.replace(unended[0], latency_ms=latency_ms), unended[1]]
+        self.held.hold(cut, _traces(cut))
+        self.held.end(unended)  # held now: no longer on their way
 
-    def _unknown_outcome(
-        self, call: ProviderCall, latency_ms: float, error_class: str, message: str
-    ) -> CallFailed:
-        """A call that ended without an answer from the provider to bill (no usage, no cost)."""
-        return CallFailed(
+    def _unended(self, call: ProviderCall, request: ProviderRequest, price: Price) -> list[Event]:
+        """What a call that never ends here (this actor killed or stopped during it, or a bug
+        of ours) is recorded as: a ``call_failed`` of class ``cancelled`` and a spend at the
+        attempt's upper bound, its whole input and output limit (the provider may have billed
+        all of it, and what it billed is not known). Never less than it may have cost: a
+        budget is not freed of money the provider may have taken."""
+        usage = Usage(input_tokens=input_token_bound(request), output_tokens=request.output_limit)
+        amount = cost(usage, price)
+        now = self.runtime.clock()
+        model = call.model or self.config.model
+        failed = CallFailed(
             id=_new_id(),
-            at=self.runtime.clock(),
+            at=now,
             task_id=call.task_id,
             provider=self.config.name,
-            model=call.model or self.config.model,
+            model=model,
             attempt=call.attempt,
-            error_code=error_class,
-            error_class=error_class,
-            message=message,
-            latency_ms=latency_ms,
+            error_code="cancelled",
+            error_class="cancelled",
+            message=f"{self.config.name}: the provider actor stopped during the call; what "
+            "the provider billed for it is unknown: recorded at the attempt's upper bound",
+            latency_ms=0.0,
+            usage=usage,
+            cost_usd=amount,
         )
+        return [failed, self._spend(call, model, usage, amount, now, price)]
 
     def _spend(
         self,
@@ -777,20 +807,27 @@ class ProviderActor:
             attempt=call.attempt,
         )
 
-    async def _record(self, events: list[Event]) -> None:
-        """Append a call's events: before the reply (``durable_reply``), or alongside it."""
+    async def _record(self, events: list[Event], *, ending: list[Event] | None = None) -> None:
+        """Append a call's events: before the reply (``durable_reply``), or alongside it.
+        ``ending``: what the call was written ahead as (:meth:`_unended`), replaced by them."""
+        append = functools.partial(self._append, events, hold=True, ending=ending)
         if self.durable_reply or self._task_group is None:
-            await self._append(events, hold=True)
+            await append()
         else:
-            self._task_group.start_soon(functools.partial(self._append, events, hold=True))
+            self._task_group.start_soon(append)
             await anyio.lowlevel.checkpoint()  # published ahead of the reply
 
-    async def _append(self, events: list[Event], *, hold: bool = False) -> bool:
+    async def _append(
+        self, events: list[Event], *, hold: bool = False, ending: list[Event] | None = None
+    ) -> bool:
         """Whether ``events`` were stored (a failure is logged, never raised). With ``hold``
         (a call's events: what it cost), events the log did not take are held back, on disk,
         and appended again until it takes them (:meth:`_append_held`): spend is never dropped."""
         # On disk before the log has them: a process killed meanwhile loses none (without
         # their trace, found after a crash: new traces). Encoded once, for both.
+        if ending:
+            # In the same write as the events that replace them: a kill leaves one or the other.
+            self.held.end(ending)
         payloads = self.held.begin(events) if hold else None
         try:
             await self.runtime.log.append_many(events, payloads=payloads)

@@ -21,7 +21,7 @@ from actors.provider import ProviderActor
 from events import subjects
 from events.codec import decode, encode
 from events.contract import ProviderCall, ProviderCallResult, TaskType
-from events.log import SpendRecorded
+from events.log import CallFailed, SpendRecorded
 from tests.fault.provider_harness import KEYS, config_text, deployment, until
 
 pytestmark = pytest.mark.anyio
@@ -158,6 +158,54 @@ async def test_spend_on_its_way_to_the_log_when_the_actor_is_killed_is_appended_
             assert spent.cost_usd > 0 and spent.provider == "openai"
             await until(lambda: not list(data_dir.glob("inflight-provider-openai-*.jsonl")))
             successor.stop()
+
+
+async def test_a_call_the_provider_had_when_the_actor_was_killed_is_recorded_at_its_bound(
+    tmp_path: Path,
+) -> None:
+    # Killed while the provider had the call (the request sent, no answer yet): the provider
+    # bills it, and vapora recorded nothing; the attempt's hold expired and the budget was freed
+    # of money spent. The call is written ahead before it goes out, at its upper bound.
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        data_dir = tmp_path / "data"
+        worker = await _worker(dep, tmp_path, data_dir)
+        prompt = "a call cut by a kill"
+        try:
+            call = ProviderCall(
+                task_id="T-mid-call",
+                task_type=TaskType.GENERAL_QUERY,
+                attempt=2,
+                model="gpt-4o-mini-slow-10000",
+                prompt=prompt,
+                max_tokens=16,
+                reservation_id="r-mid-call",
+            )
+            await dep.nc.publish(
+                subjects.provider_call("openai"), encode(call), reply="_INBOX.nobody"
+            )
+            await until(
+                lambda: any(prompt.encode() in r.body for r in dep.sim.app.requests),
+                within_s=15,
+            )
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        assert not held_files(data_dir)
+        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
+        successor = ProviderActor(runtime, provider="openai")
+        async with anyio.create_task_group() as tg:
+            await tg.start(successor.run)
+            with anyio.fail_after(15):
+                while len(events := await dep.events_of("T-mid-call")) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            successor.stop()
+        [failed] = [e for e in events if isinstance(e, CallFailed)]
+        [spent] = [e for e in events if isinstance(e, SpendRecorded)]
+        assert failed.error_class == "cancelled" and "upper bound" in failed.message
+        assert (spent.reservation_id, spent.attempt, spent.output_tokens) == ("r-mid-call", 2, 16)
+        assert spent.cost_usd == failed.cost_usd > 0
+        assert spent.input_tokens >= len(prompt) // 4  # the input's bound, not a guess below it
+        assert not list(data_dir.glob("inflight-provider-openai-*.jsonl"))
 
 
 def _keep(into: list[bytes]) -> Any:

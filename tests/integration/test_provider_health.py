@@ -238,7 +238,9 @@ async def _call_openai(dep: Any, task_id: str) -> None:
 async def test_a_call_cut_by_a_stop_is_recorded_as_cancelled(tmp_path: Path) -> None:
     """A provider actor cancelled while the provider has a call (a second stop signal): the
     call is recorded as ``call_failed`` of class ``cancelled``, appended by the stop's last
-    try (it used to leave no trace in the log at all)."""
+    try (it used to leave no trace in the log at all), with a spend at the attempt's upper
+    bound (it had none: its reservation expired and the budget was freed of money the provider
+    may have taken)."""
     async with deployment(tmp_path, slow_openai, providers=[], router=False) as dep:
         actor = ProviderActor(dep.runtime, provider="openai")
         async with anyio.create_task_group() as tg:
@@ -247,9 +249,15 @@ async def test_a_call_cut_by_a_stop_is_recorded_as_cancelled(tmp_path: Path) -> 
             await until(lambda: actor.service.in_flight > 0)
             await anyio.sleep(0.2)  # the request is with the provider (5 s to answer)
             tg.cancel_scope.cancel()
-        [cut] = [e for e in await dep.events_of("T-cut") if isinstance(e, CallFailed)]
-        assert (cut.error_class, cut.error_code, cut.cost_usd) == ("cancelled", "cancelled", 0)
-        assert "unknown" in cut.message and cut.latency_ms >= 200
+        events = await dep.events_of("T-cut")
+        [cut] = [e for e in events if isinstance(e, CallFailed)]
+        [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+        assert (cut.error_class, cut.error_code) == ("cancelled", "cancelled")
+        assert "unknown" in cut.message and "upper bound" in cut.message
+        assert cut.latency_ms >= 200
+        # "hello" and 16 output tokens, at gpt-4's $30 / $60 a million: the bound, not 0
+        assert cut.usage is not None and cut.usage.output_tokens == 16
+        assert spend.cost_usd == cut.cost_usd > 0 and spend.output_tokens == 16
         assert not held_files(tmp_path)
 
 
@@ -321,9 +329,12 @@ async def test_a_call_that_fails_inside_vapora_is_recorded(tmp_path: Path) -> No
         )
         reply = await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=10)
         assert reply.headers is not None and reply.headers["Nats-Service-Error-Code"] == "500"
-        [failed] = [e for e in await dep.events_of("T-bug") if isinstance(e, CallFailed)]
-        assert (failed.error_class, failed.cost_usd) == ("internal", 0)
+        events = await dep.events_of("T-bug")
+        [failed] = [e for e in events if isinstance(e, CallFailed)]
+        [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+        assert failed.error_class == "internal" and failed.cost_usd == spend.cost_usd > 0
         assert "RuntimeError" in failed.message and "a bug mid-call" not in failed.message
+        assert "upper bound" in failed.message
 
 
 async def test_a_call_is_priced_at_its_time_not_when_the_config_was_loaded(
