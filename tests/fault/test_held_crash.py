@@ -121,7 +121,10 @@ async def test_spend_on_its_way_to_the_log_when_the_actor_is_killed_is_appended_
         # wait, as for a log that is slow to answer.
         swallowed: list[bytes] = []
         sink = await dep.nc.subscribe("stalled.events.>", cb=_keep(swallowed))
-        worker = await _worker(dep, tmp_path, data_dir, EVENTS_PREFIX="stalled.events")
+        # Its start waits for its health event's acknowledgement (never coming) that long.
+        worker = await _worker(
+            dep, tmp_path, data_dir, EVENTS_PREFIX="stalled.events", ACK_TIMEOUT_S="8"
+        )
         try:
             call = ProviderCall(
                 task_id="T-on-its-way",
