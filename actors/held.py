@@ -30,10 +30,10 @@ new file holding everything on its way.
 A process killed while the log had not yet answered (the HTTP answer in, the spend not yet
 acknowledged: up to the log's acknowledgement timeout) leaves them there, and the instance that
 adopts its files appends them. The provider actor also begins, before the provider has a call,
-what the call is recorded as should it never end there (at its upper bound), and ends it in
-the same write that begins the call's own events: a kill leaves one or the other. An event
-begun again while on its way is not written twice. These writes are not ``fsync``'d: they
-survive the process, not
+what the call is recorded as should it never end there (at its upper bound); the call's own
+events, under the same ids, replace it: an adopter takes the last line of each id, and an
+event found in two files (a kill between a rotation's two steps) is one event, appended once
+by every reader's count. These writes are not ``fsync``'d: they survive the process, not
 the machine (as a call's events in memory would not either; the held file, for an outage, is
 synced). The file is replaced, once it has grown past a megabyte, by a new one holding only
 what is on its way.
@@ -239,20 +239,17 @@ class HeldEvents:
         ahead regardless, and what the file lacks is written with the next rotation. Returns
         the events encoded, for the append to send as they are."""
         encoded = [encode(event) for event in events]
-        # An event on its way already (begun and not ended) is in the file: not written again.
-        lines = [
-            payload + b"\n"
-            for event, payload in zip(events, encoded, strict=True)
-            if event.id not in self._pending
-        ]
-        self._pending.update(
-            (event.id, payload + b"\n") for event, payload in zip(events, encoded, strict=True)
-        )
+        lines = [payload + b"\n" for payload in encoded]
+        # An event begun again under an id on its way replaces it (an adopter takes the last
+        # line of each id).
+        self._pending.update(zip((event.id for event in events), lines, strict=True))
         try:
+            if self._inflight is not None and not self._behind:
+                # In the file in use first, also when it is past its room: a kill between the
+                # rotation's two steps leaves both files, each with the last line of each id.
+                self._write(b"".join(lines))
             if self._needs_new_file():
                 self._rotate()  # a new file, holding everything on its way
-            else:
-                self._write(b"".join(lines))
         except OSError as exc:
             self._behind = True  # these lines are in no file: the next write starts one
             self._write_failed(exc)
@@ -462,20 +459,24 @@ class HeldEvents:
             lines = [line for line in file.read().splitlines() if line.strip()]
             if path.name.startswith("inflight-"):  # only what never reached an end
                 done = {i for line in lines if line.startswith(b'{"done"') for i in _done(line)}
-                lines = [
-                    line
-                    for line in lines
-                    if not line.startswith(b'{"done"') and _event_id(line) not in done
-                ]
+                last: dict[str, bytes] = {}  # an id begun again: its last line replaces it
+                for number, line in enumerate(lines):
+                    if not line.startswith(b'{"done"'):
+                        # (A line that is no event is kept as it is, each on its own.)
+                        last[_event_id(line) or f"line {number}"] = line
+                lines = [line for event_id, line in last.items() if event_id not in done]
             events: list[Event] = []
             traces: dict[str, dict[str, str]] = {}
             unreadable: list[bytes] = []
+            held = {event.id for event in self.events}  # (a rotation's old and new file)
             for number, line in enumerate(lines, 1):
                 try:
                     event = decode_event(line)
                 except DecodeError as exc:
                     unreadable.append(line)
                     log.error("%s: %s line %d is not an event (%s)", self.actor, path, number, exc)
+                    continue
+                if event.id in held:
                     continue
                 events.append(event)
                 trace = _trace_in(line)

@@ -527,7 +527,8 @@ class ProviderActor:
         price = price_at(config.kind.value, config.model, config.price, self.runtime.clock())
         request = ProviderRequest.from_call(call, price)
         # What the call is recorded as should this actor die before it ends, on disk before
-        # the provider has it (the instance that adopts a dead one's files appends it).
+        # the provider has it (the instance that adopts a dead one's files appends it). The
+        # call's own events take its ids, so that they replace it wherever both are found.
         unended = self._unended(call, request, price)
         self.held.begin(unended)
         started = time.perf_counter()
@@ -558,14 +559,12 @@ class ProviderActor:
             )
             failed = msgspec.structs.replace(
                 unended[0],
-                id=_new_id(),
                 error_code="internal",
                 error_class="internal",
                 message=message,
                 latency_ms=latency_ms,
             )
-            # The spend as written ahead (on its way already); the failure said as it was.
-            await self._record([failed, unended[1]], ending=[unended[0]])
+            await self._record([failed, unended[1]])
             raise
         await self._succeeded(call, done, unended)
         result = done.to_call_result()
@@ -672,7 +671,7 @@ class ProviderActor:
         self.breaker.success()
         now = self.runtime.clock()
         succeeded = CallSucceeded(
-            id=_new_id(),
+            id=unended[0].id,
             at=now,
             task_id=call.task_id,
             provider=self.config.name,
@@ -687,9 +686,11 @@ class ProviderActor:
         )
         events: list[Event] = [
             succeeded,
-            self._spend(call, done.model, done.usage, done.cost_usd, now, done.price),
+            self._spend(
+                call, done.model, done.usage, done.cost_usd, now, done.price, unended[1].id
+            ),
         ]
-        await self._record(events, ending=unended)
+        await self._record(events)
         await self._publish_health()
 
     async def _failed(
@@ -712,7 +713,7 @@ class ProviderActor:
         billed = cost(error.usage, price)
         events: list[Event] = [
             CallFailed(
-                id=_new_id(),
+                id=unended[0].id,
                 at=now,
                 task_id=call.task_id,
                 provider=self.config.name,
@@ -729,11 +730,13 @@ class ProviderActor:
                 after_first_chunk=bool(getattr(error, "partial_text", "")),
             )
         ]
+        ending: list[Event] = []
         if billed > 0 or _has_tokens(error.usage):
-            events.append(
-                self._spend(call, call.model or self.config.model, error.usage, billed, now, price)
-            )
-        await self._record(events, ending=unended)
+            model = call.model or self.config.model
+            events.append(self._spend(call, model, error.usage, billed, now, price, unended[1].id))
+        else:
+            ending = [unended[1]]  # nothing billed: the spend written ahead is no longer due
+        await self._record(events, ending=ending)
         await self._publish_health()
 
     def _cut(self, call: ProviderCall, latency_ms: float, unended: list[Event]) -> None:
@@ -758,7 +761,10 @@ class ProviderActor:
         of ours) is recorded as: a ``call_failed`` of class ``cancelled`` and a spend at the
         attempt's upper bound, its whole input and output limit (the provider may have billed
         all of it, and what it billed is not known). Never less than it may have cost: a
-        budget is not freed of money the provider may have taken."""
+        budget is not freed of money the provider may have taken. The input is priced at the
+        input rate: vapora asks no provider to write its cache (no ``cache_control``), so no
+        input token of its calls is billed at a cache write's dearer rate. The call's own
+        events take these ids (:meth:`_record`)."""
         usage = Usage(input_tokens=input_token_bound(request), output_tokens=request.output_limit)
         amount = cost(usage, price)
         now = self.runtime.clock()
@@ -788,9 +794,10 @@ class ProviderActor:
         amount: Decimal,
         now: datetime,
         price: Price,
+        event_id: str | None = None,
     ) -> SpendRecorded:
         return SpendRecorded(
-            id=_new_id(),
+            id=event_id or _new_id(),
             at=now,
             task_id=call.task_id,
             task_type=call.task_type,
@@ -809,7 +816,8 @@ class ProviderActor:
 
     async def _record(self, events: list[Event], *, ending: list[Event] | None = None) -> None:
         """Append a call's events: before the reply (``durable_reply``), or alongside it.
-        ``ending``: what the call was written ahead as (:meth:`_unended`), replaced by them."""
+        They replace what the call was written ahead as (:meth:`_unended`, the same ids);
+        ``ending``: those of it no event replaces (a spend when nothing was billed)."""
         append = functools.partial(self._append, events, hold=True, ending=ending)
         if self.durable_reply or self._task_group is None:
             await append()
@@ -826,7 +834,7 @@ class ProviderActor:
         # On disk before the log has them: a process killed meanwhile loses none (without
         # their trace, found after a crash: new traces). Encoded once, for both.
         if ending:
-            # In the same write as the events that replace them: a kill leaves one or the other.
+            # Said in the same write as the events: a kill leaves both or neither.
             self.held.end(ending)
         payloads = self.held.begin(events) if hold else None
         try:

@@ -21,7 +21,7 @@ from actors.provider import ProviderActor
 from events import subjects
 from events.codec import decode, encode
 from events.contract import ProviderCall, ProviderCallResult, TaskType
-from events.log import CallFailed, SpendRecorded
+from events.log import CallFailed, CallSucceeded, SpendRecorded
 from tests.fault.provider_harness import KEYS, config_text, deployment, until
 
 pytestmark = pytest.mark.anyio
@@ -209,6 +209,43 @@ async def test_a_call_the_provider_had_when_the_actor_was_killed_is_recorded_at_
         assert spent.cost_usd == failed.cost_usd > 0
         assert spent.input_tokens >= len(prompt) // 4  # the input's bound, not a guess below it
         assert not list(data_dir.glob("inflight-provider-openai-*.jsonl"))
+
+
+async def test_a_call_that_ended_leaves_nothing_at_its_bound_for_an_adopter(
+    tmp_path: Path,
+) -> None:
+    # Written ahead at its bound, then ended: a success's events replace it (same ids); a
+    # failure that billed nothing has no spend, so the one written ahead is said done with the
+    # failure. Killed at once after, an adopter must add no spend to what the log has.
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        data_dir = tmp_path / "data"
+        worker = await _worker(dep, tmp_path, data_dir)
+        try:
+            for task_id, model in (("T-ok", "gpt-4o-mini"), ("T-refused", "gpt-4o-mini-error-400")):
+                call = ProviderCall(
+                    task_id=task_id,
+                    task_type=TaskType.GENERAL_QUERY,
+                    attempt=1,
+                    model=model,
+                    prompt="hello",
+                    max_tokens=16,
+                )
+                await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=15)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        before = {task: await dep.events_of(task) for task in ("T-ok", "T-refused")}
+        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
+        successor = ProviderActor(runtime, provider="openai")
+        async with anyio.create_task_group() as tg:
+            await tg.start(successor.run)
+            await until(lambda: not list(data_dir.glob("inflight-provider-openai-*.jsonl")))
+            successor.stop()
+        after = {task: await dep.events_of(task) for task in ("T-ok", "T-refused")}
+        assert [type(e) for e in before["T-ok"]] == [CallSucceeded, SpendRecorded]
+        assert [type(e) for e in before["T-refused"]] == [CallFailed]
+        for task, events in after.items():  # anything appended again is the same event, once
+            assert {e.id: e for e in events} == {e.id: e for e in before[task]}, task
 
 
 def _keep(into: list[bytes]) -> Any:

@@ -245,3 +245,48 @@ def test_with_no_file_to_write_done_ids_are_not_kept(
         held.begin([SPEND])
         held.end([SPEND])
     assert not held._done and not held._pending
+
+
+def test_an_event_begun_again_under_its_id_replaces_it_even_across_a_rotations_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call written ahead at its upper bound, then its own events under the same ids: the
+    adopter takes the last line of each id. Killed between a rotation's rename and its unlink,
+    both files are left: the call's spend was in one at its bound and in the other at its cost,
+    under two ids, and the adopter appended both (counted twice). Under one id it is one event
+    whichever files hold it."""
+    import msgspec
+
+    from actors import held as held_module
+
+    bound = msgspec.structs.replace(SPEND, cost_usd=SPEND.cost_usd * 10)
+    first = HeldEvents(tmp_path, "provider-openai")
+    first.begin([bound])
+    first.begin([SPEND])  # the call's own, same id: replaces it
+    _killed(first)
+    second = HeldEvents(tmp_path, "provider-openai")
+    assert second.adopt() == 1 and list(second) == [SPEND]
+    second.close()
+
+    monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 0)  # every write rotates
+    third = HeldEvents(tmp_path / "rotation", "provider-openai")
+    third.begin([bound])
+    unlink = Path.unlink
+
+    def killed_before_unlinking(path: Path, missing_ok: bool = False) -> None:
+        if path.name.startswith("inflight-"):
+            raise SystemExit("killed")  # the process ends here: the old file stays
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed_before_unlinking)
+    with pytest.raises(SystemExit):
+        third.begin([SPEND])
+    monkeypatch.setattr(Path, "unlink", unlink)
+    old_and_new = sorted((tmp_path / "rotation").glob("inflight-*.jsonl"))
+    assert len(old_and_new) == 2
+    _killed(third)
+    fourth = HeldEvents(tmp_path / "rotation", "provider-openai")
+    fourth.adopt()
+    assert {event.id for event in fourth} == {SPEND.id}  # one spend, whichever is appended
+    assert [e for e in fourth if e != SPEND] == []  # and at its cost: the old file's last line
+    fourth.close()
