@@ -135,6 +135,12 @@ async def test_unreported_usage_is_estimated_and_flagged(
     # template's tokens for the input), at least what the simulator would have reported.
     assert done.usage.input_tokens == input_token_bound(request) >= 7
     assert done.usage.output_tokens == len(PROMPT.encode()) == 27
+    # But never past the output limit the provider was sent (27 bytes of text, 5 tokens at
+    # most): an estimate of 27 billed more than any provider could have.
+    capped = ProviderRequest(prompt=PROMPT, max_tokens=5)
+    async with client.stream(capped) as stream:
+        _ = [text async for text in stream]
+    assert stream.completion is not None and stream.completion.usage.output_tokens == 5
 
 
 async def test_a_stream_closed_early_frees_the_connection(client_for: ClientFactory) -> None:

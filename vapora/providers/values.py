@@ -214,14 +214,17 @@ class Turn:
 
         A missing count is bounded, never under-counted (the spend it records settles the
         call's hold): the output at one token per UTF-8 byte of the text received (plus the
-        thinking tokens counted apart), the input at :func:`input_token_bound` of the request.
+        thinking tokens counted apart), at most the request's output limit (which the provider
+        was sent, and bills nothing past), the input at :func:`input_token_bound` of the
+        request.
         """
         self._drop_bad_counts()
         estimated = self.input_tokens is None or self.output_tokens is None
         output = self.output_tokens
         if output is None:
             text = self.text
-            output = len(text) + _extra_bytes(text) + self.extra_output
+            # No more than the limit the provider was sent: it bills no output past it.
+            output = min(len(text) + _extra_bytes(text) + self.extra_output, request.output_limit)
         inputs = self.input_tokens
         if inputs is None:
             inputs = input_token_bound(request) + self.cache_read + self.cache_write
