@@ -600,7 +600,7 @@ class EventLog:
 
     async def replay(
         self, start_seq: int = 1, *, filter_subject: str | None = None
-    ) -> AsyncIterator[list[LogEntry[Event]]]:
+    ) -> AsyncGenerator[list[LogEntry[Event]], None]:
         """Yield the log from ``start_seq`` to its current end, in order, in batches."""
         filters = [filter_subject] if filter_subject else None
         async for batch in self.replay_batches(decode_events, start_seq, filter_subjects=filters):

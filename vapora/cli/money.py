@@ -249,17 +249,19 @@ async def _audit_once(
 async def _chunks(log: EventLog, end: int) -> AsyncIterator[list[tuple[Event, int]]]:
     """The log's ``(event, seq)`` pairs up to sequence ``end``, about :data:`_CHUNK` at a time."""
     chunk: list[tuple[Event, int]] = []
-    async for batch in log.replay(1):
-        for entry in batch:
-            if entry.seq > end:
-                break
-            chunk.append((entry.event, entry.seq))
-        if len(chunk) >= _CHUNK or (chunk and chunk[-1][1] >= end) or batch[-1].seq >= end:
-            if chunk:
-                yield chunk
-            chunk = []
-            if batch[-1].seq >= end:
-                return
+    replay = log.replay(1)
+    async with contextlib.aclosing(replay):  # its consumer deleted at once when left early
+        async for batch in replay:
+            for entry in batch:
+                if entry.seq > end:
+                    break
+                chunk.append((entry.event, entry.seq))
+            if len(chunk) >= _CHUNK or (chunk and chunk[-1][1] >= end) or batch[-1].seq >= end:
+                if chunk:
+                    yield chunk
+                chunk = []
+                if batch[-1].seq >= end:
+                    return
     if chunk:
         yield chunk
 
