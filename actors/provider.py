@@ -753,8 +753,9 @@ class ProviderActor:
             latency_ms,
         )
         cut = [msgspec.structs.replace(unended[0], latency_ms=latency_ms), unended[1]]
-        self.held.hold(cut, _traces(cut))
-        self.held.end(unended)  # held now: no longer on their way
+        if self.held.hold(cut, _traces(cut)):
+            self.held.end(unended)  # held on disk now: no longer on their way
+        # (Else in memory only: still on their way in the write-ahead file, for an adopter.)
 
     def _unended(self, call: ProviderCall, request: ProviderRequest, price: Price) -> list[Event]:
         """What a call that never ends here (this actor killed or stopped during it, or a bug

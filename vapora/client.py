@@ -79,6 +79,13 @@ _stream_decoder: msgspec.json.Decoder[StreamMessage] = msgspec.json.Decoder(Stre
 _abandoned: set[asyncio.Task[None]] = set()
 
 
+def _close_abandoned(stream: TextStream) -> None:
+    """Close ``stream`` (on its connection's loop, in a task of its own)."""
+    task = asyncio.get_running_loop().create_task(stream.aclose())
+    _abandoned.add(task)
+    task.add_done_callback(_abandoned.discard)
+
+
 def _error_of(message: Msg) -> VaporaError | None:
     """The error a reply carries (service-error headers or an error body), or None."""
     headers = message.headers or {}
@@ -301,6 +308,7 @@ class TextStream:
         self._retries = list(_NO_RESPONDER_PAUSES)
         self._headers: dict[str, str] | None = None
         self._span: Span | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connection's, once started
         self.task_id: str | None = None
         self.text = ""
         self.result: StreamEnd | None = None
@@ -325,17 +333,19 @@ class TextStream:
     def __del__(self) -> None:
         # Iterated without ``async with`` and dropped before its end (a ``break`` out of an
         # ``async for``): closed as aclose() would, so vapora stops the provider too, rather
-        # than let it generate (and bill) the whole answer. Only on the loop's own thread:
-        # the connection cannot be used from another.
-        if self._sub is None or self._closed:
-            return
+        # than let it generate (and bill) the whole answer. Always on the connection's own
+        # loop (nats-py is not thread-safe), whatever thread the collector runs on.
+        loop = self._loop
+        if self._sub is None or self._closed or loop is None or loop.is_closed():
+            return  # (a closed loop, at interpreter shutdown: nothing can be sent)
         try:
-            loop = asyncio.get_running_loop()
+            running = asyncio.get_running_loop()
         except RuntimeError:
-            return  # no loop running here (interpreter shutdown): nothing can be sent
-        task = loop.create_task(self.aclose())
-        _abandoned.add(task)
-        task.add_done_callback(_abandoned.discard)
+            running = None
+        if running is loop:
+            _close_abandoned(self)
+        else:  # collected on another thread (the cyclic GC runs anywhere): sent from the loop's
+            loop.call_soon_threadsafe(_close_abandoned, self)
 
     async def aclose(self) -> None:
         """Stop listening. A stream closed before its end is cancelled in vapora too
@@ -356,6 +366,7 @@ class TextStream:
                 await sub.unsubscribe()
 
     async def _start(self) -> Subscription:
+        self._loop = asyncio.get_running_loop()
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         # The span covers the stream (ended by aclose); the router's spans continue its trace.

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import anyio
 import pytest
 from nats.aio.msg import Msg
 
@@ -311,6 +312,19 @@ async def test_a_stream_only_iterated_and_left_early_is_cancelled(tmp_path: Path
         gc.collect()
         await asyncio.wait_for(got_cancel.wait(), 5.0)
         assert len(cancels) == 2 and len(nc._subs) == subscriptions  # and unsubscribed
+        # Dropped on another thread (the cyclic collector runs on any): closed on its own loop.
+        stream = client.stream(prompt="hi")
+        assert await stream.__anext__() == "The "
+        holder, got_cancel = [stream], asyncio.Event()
+        del stream
+
+        def drop() -> None:
+            holder.clear()
+            gc.collect()
+
+        await anyio.to_thread.run_sync(drop)
+        await asyncio.wait_for(got_cancel.wait(), 5.0)
+        assert len(cancels) == 3 and len(nc._subs) == subscriptions
 
 
 async def test_stream_failures_are_raised_as_what_they_are(tmp_path: Path) -> None:

@@ -261,6 +261,29 @@ async def test_a_call_cut_by_a_stop_is_recorded_as_cancelled(tmp_path: Path) -> 
         assert not held_files(tmp_path)
 
 
+async def test_a_cut_call_the_held_file_refuses_stays_in_the_write_ahead_file(
+    tmp_path: Path,
+) -> None:
+    # Its held copy in memory only (the disk refused it), the cut call was still said done in
+    # the write-ahead file: a kill then left its spend in neither.
+    from actors.held import HeldEvents
+
+    async with deployment(tmp_path, slow_openai, providers=[], router=False) as dep:
+        actor = ProviderActor(dep.runtime, provider="openai")
+        actor.held.hold = lambda events, traces=None: False  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            tg.start_soon(_call_openai, dep, "T-cut-refused")
+            await until(lambda: actor.service.in_flight > 0)
+            await anyio.sleep(0.2)
+            tg.cancel_scope.cancel()
+        adopter = HeldEvents(tmp_path, "provider-openai")
+        assert adopter.adopt() == 2  # the call at its bound, for the next start to append
+        assert {type(e) for e in adopter} == {CallFailed, SpendRecorded}
+        assert all(getattr(e, "task_id", None) == "T-cut-refused" for e in adopter)
+        adopter.close()
+
+
 async def test_a_calls_events_cut_before_the_log_answered_are_held(tmp_path: Path) -> None:
     """A stop cancels the append of a call's events while JetStream has not answered: the
     events are held (on disk) and appended by the stop's last try, not dropped."""
