@@ -186,6 +186,8 @@ class HeldEvents:
         self._behind = False  # a write failed: the file lacks lines, or has one cut short
         self._failing = False  # a write failed (said once) and none has succeeded since
         self._adopted: set[tuple[str, int]] = set()  # orphans taken (name, inode): once
+        # Replaced write-ahead files that could not be removed: kept open (locked) till the stop.
+        self._superseded: list[tuple[int, Path]] = []
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
@@ -319,6 +321,11 @@ class HeldEvents:
         (which is removed once the new one is there: an adopter sees one or both, locked).
         Raises OSError when the new file cannot be written: the old one stays in use."""
         old_fd, old_path = self._inflight, self.inflight_path
+        if old_fd is not None and self._done:
+            # Said in the old file too, as far as it takes it (it lacks lines, or has one cut
+            # short, the newline ends): a kill before it is removed leaves it done.
+            with contextlib.suppress(OSError):
+                _write_all(old_fd, b"\n" + _done_line(self._done))
         path = self.directory / f"inflight-{self.actor}-{uuid.uuid4().hex[:12]}.jsonl"
         data = b"".join(self._pending.values())
         self._inflight = self._open_inflight(path, data)
@@ -327,8 +334,13 @@ class HeldEvents:
         if old_fd is not None:
             try:
                 old_path.unlink(missing_ok=True)
-            finally:
-                os.close(old_fd)  # (its lock released: an adopter takes what it holds)
+            except OSError as exc:
+                # Kept open, so locked: no adopter takes the calls still on their way here
+                # from it; removed again at the stop.
+                log.error("%s: could not remove %s (%s)", self.actor, old_path, exc)
+                self._superseded.append((old_fd, old_path))
+            else:
+                os.close(old_fd)
 
     def _open_inflight(self, path: Path, data: bytes = b"") -> int:
         """A write-ahead file holding ``data``, created locked under another name and then
@@ -375,13 +387,17 @@ class HeldEvents:
             try:
                 self._rewrite()  # a write had failed: one more try
             except OSError as exc:
+                # (Those still on their way are in the write-ahead file, for a later start.)
+                lost = [event.id for event in self.events if event.id not in self._pending]
                 log.error(
-                    "%s: %d held events could not be kept in %s (%s); they are lost: %s",
+                    "%s: %d held events could not be kept in %s (%s); %s",
                     self.actor,
                     len(self.events),
                     self.path,
                     exc,
-                    ", ".join(event.id for event in self.events),
+                    f"{len(lost)} are lost: {', '.join(lost)}"
+                    if lost
+                    else f"they are still in {self.inflight_path}",
                 )
         if self._file is not None:
             self._file.close()
@@ -397,6 +413,11 @@ class HeldEvents:
                         os.write(self._inflight, _done_line(self._done))
             os.close(self._inflight)
             self._inflight = None
+        for fd, path in self._superseded:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            os.close(fd)
+        self._superseded = []
 
     def _rewrite(self) -> None:
         """Replace the file by one holding :attr:`events` (removed when there are none). The new
@@ -454,7 +475,7 @@ class HeldEvents:
                 return 0  # a live instance's, or replaced meanwhile
             taken = (path.name, os.fstat(file.fileno()).st_ino)
             if taken in self._adopted:
-                return 0  # taken already (in memory: this instance's own file refused them)
+                return 0  # taken already (its removal failed)
             self._adopted.add(taken)
             lines = [line for line in file.read().splitlines() if line.strip()]
             if path.name.startswith("inflight-"):  # only what never reached an end
@@ -482,6 +503,17 @@ class HeldEvents:
                 trace = _trace_in(line)
                 if trace:
                     traces[event.id] = trace
+            if events:
+                before = len(self.events)
+                if not self.hold(events, traces):
+                    # Not taken (the disk refused this instance's file, logged): held in memory
+                    # only, they would be appended with the orphan left behind, and appended
+                    # again by the next start. The orphan stays, for a later look to take.
+                    del self.events[before:]
+                    for event in events:
+                        self.traces.pop(event.id, None)
+                    self._adopted.discard(taken)
+                    return 0
             if unreadable:
                 aside = self.directory / f"held-{self.actor}.unreadable"
                 with aside.open("ab") as out:
@@ -489,8 +521,6 @@ class HeldEvents:
                     out.flush()
                     os.fsync(out.fileno())
                 log.error("%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside)
-            if events and not self.hold(events, traces):
-                return len(events)  # in memory only: the orphan stays until they are appended
             path.unlink()
         _sync_directory(self.directory)
         if events:

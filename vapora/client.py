@@ -345,7 +345,8 @@ class TextStream:
         if running is loop:
             _close_abandoned(self)
         else:  # collected on another thread (the cyclic GC runs anywhere): sent from the loop's
-            loop.call_soon_threadsafe(_close_abandoned, self)
+            with contextlib.suppress(RuntimeError):  # the loop closed since: nothing to send
+                loop.call_soon_threadsafe(_close_abandoned, self)
 
     async def aclose(self) -> None:
         """Stop listening. A stream closed before its end is cancelled in vapora too

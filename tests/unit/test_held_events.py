@@ -290,3 +290,96 @@ def test_an_event_begun_again_under_its_id_replaces_it_even_across_a_rotations_k
     assert {event.id for event in fourth} == {SPEND.id}  # one spend, whichever is appended
     assert [e for e in fourth if e != SPEND] == []  # and at its cost: the old file's last line
     fourth.close()
+
+
+def test_an_orphan_the_disk_refuses_to_take_stays_until_a_later_look_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken into memory only (this instance's file refused), the orphan was left behind after
+    # its events were appended, and the next start appended them again (the keeper, past a
+    # day, counting the spend twice).
+    dead = HeldEvents(tmp_path, "provider-openai")
+    dead.begin([SPEND])
+    _killed(dead)
+    adopter = HeldEvents(tmp_path, "provider-openai")
+
+    def refused() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adopter, "_rewrite", refused)
+    assert adopter.adopt() == 0 and not adopter  # not taken: nothing in memory only
+    assert dead.inflight_path.exists()
+    monkeypatch.undo()
+    assert adopter.adopt() == 1 and list(adopter) == [SPEND]  # the disk takes it now
+    assert not dead.inflight_path.exists()
+    adopter.taken(1)
+    adopter.close()
+    assert HeldEvents(tmp_path, "provider-openai").adopt() == 0  # nothing to append again
+
+
+def test_a_rotation_after_a_failed_write_says_the_done_ids_in_the_old_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The call's spend written ahead at its bound, then ended (the call billed nothing) just
+    # as a failed write had the next one rotate: the rotation left the old file without the
+    # done ids, and a kill before its removal had the adopter append the bound.
+    import os
+
+    held = HeldEvents(tmp_path, "provider-openai")
+    held.begin([SPEND])  # the bound, on its way
+    write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    held.begin([EVENTS["budget_released"]])  # another call's write fails: the file is behind
+    monkeypatch.setattr(os, "write", write)
+    held.end([SPEND])  # nothing billed: the bound is no longer due
+    unlink = Path.unlink
+
+    def killed_before_unlinking(path: Path, missing_ok: bool = False) -> None:
+        if path.name.startswith("inflight-"):
+            raise SystemExit("killed")
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed_before_unlinking)
+    with pytest.raises(SystemExit):
+        held.begin([CALL])  # the call's own event: rotates
+    monkeypatch.setattr(Path, "unlink", unlink)
+    _killed(held)
+    other = HeldEvents(tmp_path, "provider-openai")
+    other.adopt()
+    assert SPEND.id not in {event.id for event in other}
+    other.close()
+
+
+def test_a_replaced_file_that_cannot_be_removed_stays_locked_while_its_instance_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closed (its lock released) with its name still there, a sibling adopted the calls still
+    # on their way in it: appended at their bound while the provider still had them.
+    from actors import held as held_module
+
+    monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 0)  # every write rotates
+    held = HeldEvents(tmp_path, "provider-openai")
+    held.begin([SPEND])
+    old = held.inflight_path
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path == old:
+            raise OSError(5, "Input/output error")
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    held.begin([CALL])
+    assert old.exists() and held.inflight_path != old
+    sibling = HeldEvents(tmp_path, "provider-openai")
+    assert sibling.adopt() == 0  # locked: its instance lives
+    assert held.adopt() == 0  # nor by its own instance
+    monkeypatch.setattr(Path, "unlink", unlink)
+    held.end([SPEND, CALL])
+    held.close()
+    assert not old.exists()  # removed at the stop
+    sibling.close()
