@@ -188,6 +188,9 @@ class HeldEvents:
         self._adopted: set[tuple[str, int]] = set()  # orphans taken (name, inode): once
         # Replaced write-ahead files that could not be removed: kept open (locked) till the stop.
         self._superseded: list[tuple[int, Path]] = []
+        self._refused: set[Path] = set()  # orphans whose events this instance's disk refused
+        # Orphans (name, inode) whose unreadable lines are set aside already (a look retried).
+        self._set_aside: set[tuple[str, int]] = set()
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
@@ -202,7 +205,11 @@ class HeldEvents:
     # --- holding and appending ----------------------------------------------------------------
 
     def hold(
-        self, events: Iterable[Event], traces: dict[str, dict[str, str]] | None = None
+        self,
+        events: Iterable[Event],
+        traces: dict[str, dict[str, str]] | None = None,
+        *,
+        adopted_from: Path | None = None,
     ) -> bool:
         """Hold ``events`` back: in memory, and on disk before this returns (False: the disk
         refused them, logged; they are held in memory only, and the next hold, append or stop
@@ -221,14 +228,27 @@ class HeldEvents:
                 os.fsync(self._file.fileno())
         except OSError as exc:
             self._dirty = True
-            log.error(
-                "%s: could not write %d held events to %s (%s); they are held in memory only "
-                "until a write succeeds, and a crash meanwhile would lose them",
-                self.actor,
-                len(events),
-                self.path,
-                exc,
-            )
+            if adopted_from is None:
+                log.error(
+                    "%s: could not write %d held events to %s (%s); they are held in memory "
+                    "only until a write succeeds, and a crash meanwhile would lose them",
+                    self.actor,
+                    len(events),
+                    self.path,
+                    exc,
+                )
+            elif adopted_from not in self._refused:  # said once per orphan, not every look
+                self._refused.add(adopted_from)
+                log.error(
+                    "%s: could not write %d events adopted from %s to %s (%s); %s stays for a "
+                    "later look to take",
+                    self.actor,
+                    len(events),
+                    adopted_from,
+                    self.path,
+                    exc,
+                    adopted_from.name,
+                )
             return False
         return True
 
@@ -323,9 +343,11 @@ class HeldEvents:
         old_fd, old_path = self._inflight, self.inflight_path
         if old_fd is not None and self._done:
             # Said in the old file too, as far as it takes it (it lacks lines, or has one cut
-            # short, the newline ends): a kill before it is removed leaves it done.
+            # short, the newline ends): a kill before it is removed leaves it done. Said, they
+            # are not said again (the old file stays the one in use if no new one can be made).
             with contextlib.suppress(OSError):
                 _write_all(old_fd, b"\n" + _done_line(self._done))
+                self._done = []
         path = self.directory / f"inflight-{self.actor}-{uuid.uuid4().hex[:12]}.jsonl"
         data = b"".join(self._pending.values())
         self._inflight = self._open_inflight(path, data)
@@ -335,9 +357,12 @@ class HeldEvents:
             try:
                 old_path.unlink(missing_ok=True)
             except OSError as exc:
-                # Kept open, so locked: no adopter takes the calls still on their way here
-                # from it; removed again at the stop.
-                log.error("%s: could not remove %s (%s)", self.actor, old_path, exc)
+                # Emptied (the new file holds all it had that is still on its way, and says
+                # nothing of what ends from now on) and kept open, so locked: no adopter takes
+                # stale lines from it. Removed again at the stop.
+                log.error("%s: could not remove %s (%s); emptied", self.actor, old_path, exc)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(old_fd, 0)
                 self._superseded.append((old_fd, old_path))
             else:
                 os.close(old_fd)
@@ -387,17 +412,15 @@ class HeldEvents:
             try:
                 self._rewrite()  # a write had failed: one more try
             except OSError as exc:
-                # (Those still on their way are in the write-ahead file, for a later start.)
-                lost = [event.id for event in self.events if event.id not in self._pending]
                 log.error(
-                    "%s: %d held events could not be kept in %s (%s); %s",
+                    "%s: %d held events could not be kept in %s (%s); they are lost, unless "
+                    "on their way still (cut calls) and the write-ahead file %s has them: %s",
                     self.actor,
                     len(self.events),
                     self.path,
                     exc,
-                    f"{len(lost)} are lost: {', '.join(lost)}"
-                    if lost
-                    else f"they are still in {self.inflight_path}",
+                    self.inflight_path,
+                    ", ".join(event.id for event in self.events),
                 )
         if self._file is not None:
             self._file.close()
@@ -414,8 +437,10 @@ class HeldEvents:
             os.close(self._inflight)
             self._inflight = None
         for fd, path in self._superseded:
-            with contextlib.suppress(OSError):
+            try:
                 path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("%s: could not remove %s (%s); left empty", self.actor, path, exc)
             os.close(fd)
         self._superseded = []
 
@@ -470,13 +495,12 @@ class HeldEvents:
         return adopted
 
     def _adopt(self, path: Path) -> int:
-        with path.open("rb") as file:
+        with path.open("r+b") as file:  # (writable: emptied if it cannot be removed)
             if not _lock(file) or not _still_named(file, path):
                 return 0  # a live instance's, or replaced meanwhile
             taken = (path.name, os.fstat(file.fileno()).st_ino)
             if taken in self._adopted:
-                return 0  # taken already (its removal failed)
-            self._adopted.add(taken)
+                return 0  # taken already (its removal failed: emptied)
             lines = [line for line in file.read().splitlines() if line.strip()]
             if path.name.startswith("inflight-"):  # only what never reached an end
                 done = {i for line in lines if line.startswith(b'{"done"') for i in _done(line)}
@@ -489,13 +513,17 @@ class HeldEvents:
             events: list[Event] = []
             traces: dict[str, dict[str, str]] = {}
             unreadable: list[bytes] = []
+            said = taken in self._set_aside  # a look retried: said (and set aside) already
             held = {event.id for event in self.events}  # (a rotation's old and new file)
             for number, line in enumerate(lines, 1):
                 try:
                     event = decode_event(line)
                 except DecodeError as exc:
                     unreadable.append(line)
-                    log.error("%s: %s line %d is not an event (%s)", self.actor, path, number, exc)
+                    if not said:
+                        log.error(
+                            "%s: %s line %d is not an event (%s)", self.actor, path, number, exc
+                        )
                     continue
                 if event.id in held:
                     continue
@@ -503,25 +531,48 @@ class HeldEvents:
                 trace = _trace_in(line)
                 if trace:
                     traces[event.id] = trace
+            if unreadable and not said:
+                aside = self.directory / f"held-{self.actor}.unreadable"
+                try:
+                    with aside.open("ab") as out:
+                        out.write(b"".join(line + b"\n" for line in unreadable))
+                        out.flush()
+                        os.fsync(out.fileno())
+                except OSError as exc:
+                    log.error(
+                        "%s: could not set aside %s's unreadable lines in %s (%s); it stays "
+                        "for a later look to take",
+                        self.actor,
+                        path.name,
+                        aside,
+                        exc,
+                    )
+                    return 0
+                self._set_aside.add(taken)
+                log.error("%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside)
             if events:
                 before = len(self.events)
-                if not self.hold(events, traces):
-                    # Not taken (the disk refused this instance's file, logged): held in memory
-                    # only, they would be appended with the orphan left behind, and appended
-                    # again by the next start. The orphan stays, for a later look to take.
+                if not self.hold(events, traces, adopted_from=path):
+                    # Not taken (the disk refused this instance's file, said once): held in
+                    # memory only, they would be appended with the orphan left behind, and
+                    # appended again by the next start. The orphan stays, for a later look.
                     del self.events[before:]
                     for event in events:
                         self.traces.pop(event.id, None)
-                    self._adopted.discard(taken)
                     return 0
-            if unreadable:
-                aside = self.directory / f"held-{self.actor}.unreadable"
-                with aside.open("ab") as out:
-                    out.write(b"".join(line + b"\n" for line in unreadable))
-                    out.flush()
-                    os.fsync(out.fileno())
-                log.error("%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside)
-            path.unlink()
+            self._adopted.add(taken)
+            self._refused.discard(path)
+            try:
+                path.unlink()
+            except OSError as exc:
+                # Its events are held here now: emptied, so that no later look or start appends
+                # them again.
+                try:
+                    os.ftruncate(file.fileno(), 0)
+                    left = "emptied"
+                except OSError:
+                    left = "left as it is: the next start may append its events again"
+                log.error("%s: could not remove %s (%s); %s", self.actor, path, exc, left)
         _sync_directory(self.directory)
         if events:
             log.info("%s: %d held events left in %s, adopted", self.actor, len(events), path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from actors.held import HeldEvents
@@ -375,6 +376,7 @@ def test_a_replaced_file_that_cannot_be_removed_stays_locked_while_its_instance_
     monkeypatch.setattr(Path, "unlink", refused)
     held.begin([CALL])
     assert old.exists() and held.inflight_path != old
+    assert old.read_bytes() == b""  # emptied: nothing stale in it for a later adopter
     sibling = HeldEvents(tmp_path, "provider-openai")
     assert sibling.adopt() == 0  # locked: its instance lives
     assert held.adopt() == 0  # nor by its own instance
@@ -383,3 +385,89 @@ def test_a_replaced_file_that_cannot_be_removed_stays_locked_while_its_instance_
     held.close()
     assert not old.exists()  # removed at the stop
     sibling.close()
+
+
+def _with_torn_line(tmp_path: Path) -> Path:
+    """A dead instance's write-ahead file: one event on its way, then a line cut short."""
+    dead = HeldEvents(tmp_path, "provider-openai")
+    dead.begin([SPEND])
+    _killed(dead)
+    with dead.inflight_path.open("ab") as file:
+        file.write(b'{"type":"spend_recorded","id":"ev-cut')
+    return dead.inflight_path
+
+
+def test_an_orphan_whose_unreadable_lines_cannot_be_set_aside_is_left_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its events held first, then the side file refused: the orphan stayed, marked taken, and
+    # the next start appended its events again. And a look retried every 10 s said it all again.
+    orphan = _with_torn_line(tmp_path)
+    adopter = HeldEvents(tmp_path, "provider-openai")
+    aside = tmp_path / "held-provider-openai.unreadable"
+    aside.mkdir()  # cannot be opened as a file: the side file refused
+    assert adopter.adopt() == 0 and not adopter and orphan.exists()
+    aside.rmdir()
+
+    def refused() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adopter, "_rewrite", refused)
+    caplog.clear()
+    for _ in range(3):  # the side file takes them; this instance's own file refuses the events
+        assert adopter.adopt() == 0 and not adopter and orphan.exists()
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(said) == 3, said  # the torn line, its side file, the refusal: once each
+    assert aside.read_bytes().count(b"ev-cut") == 1
+    monkeypatch.undo()
+    assert adopter.adopt() == 1 and list(adopter) == [SPEND] and not orphan.exists()
+    adopter.taken(1)
+    adopter.close()
+    assert HeldEvents(tmp_path, "provider-openai").adopt() == 0  # nothing to append again
+
+
+def test_an_orphan_taken_but_not_removable_is_emptied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = HeldEvents(tmp_path, "provider-openai")
+    dead.begin([SPEND])
+    _killed(dead)
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path == dead.inflight_path:
+            raise OSError(5, "Input/output error")
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    adopter = HeldEvents(tmp_path, "provider-openai")
+    assert adopter.adopt() == 1
+    assert dead.inflight_path.read_bytes() == b""  # no later start appends it again
+    adopter.close()
+
+
+def test_done_ids_said_in_a_file_that_cannot_be_replaced_are_not_said_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No new file could be made (descriptors or inodes exhausted) while the old one still took
+    # appends: every write repeated every done id since, the file growing as the square.
+    from actors import held as held_module
+
+    held = HeldEvents(tmp_path, "provider-openai")
+    held.begin([CALL])
+    monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 0)  # every write wants a new file
+
+    def no_new_file(path: Path, data: bytes = b"") -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(held, "_open_inflight", no_new_file)
+    for n in range(50):
+        event = msgspec.structs.replace(SPEND, id=f"ev-{n}")
+        held.begin([event])
+        held.end([event])
+    assert held._done == [] or len(held._done) == 1
+    text = held.inflight_path.read_bytes()
+    assert all(text.count(f'"ev-{n}"'.encode()) <= 3 for n in range(49))  # its line, done once
+    held.end([CALL])
+    monkeypatch.undo()
+    held.close()
