@@ -189,8 +189,8 @@ class HeldEvents:
         # Replaced write-ahead files that could not be removed: kept open (locked) till the stop.
         self._superseded: list[tuple[int, Path]] = []
         self._refused: set[Path] = set()  # orphans whose events this instance's disk refused
-        # Orphans (name, inode) whose unreadable lines are set aside already (a look retried).
-        self._set_aside: set[tuple[str, int]] = set()
+        # Orphans (name, inode) whose unreadable lines are said already (a look retried).
+        self._said: set[tuple[str, int]] = set()
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
@@ -495,7 +495,12 @@ class HeldEvents:
         return adopted
 
     def _adopt(self, path: Path) -> int:
-        with path.open("r+b") as file:  # (writable: emptied if it cannot be removed)
+        opened: BinaryIO
+        try:
+            opened = path.open("r+b")  # (writable: emptied if it cannot be removed)
+        except PermissionError:
+            opened = path.open("rb")  # another user's, say: taken all the same
+        with opened as file:
             if not _lock(file) or not _still_named(file, path):
                 return 0  # a live instance's, or replaced meanwhile
             taken = (path.name, os.fstat(file.fileno()).st_ino)
@@ -513,7 +518,7 @@ class HeldEvents:
             events: list[Event] = []
             traces: dict[str, dict[str, str]] = {}
             unreadable: list[bytes] = []
-            said = taken in self._set_aside  # a look retried: said (and set aside) already
+            said = taken in self._said  # a look retried: its unreadable lines said already
             held = {event.id for event in self.events}  # (a rotation's old and new file)
             for number, line in enumerate(lines, 1):
                 try:
@@ -531,25 +536,6 @@ class HeldEvents:
                 trace = _trace_in(line)
                 if trace:
                     traces[event.id] = trace
-            if unreadable and not said:
-                aside = self.directory / f"held-{self.actor}.unreadable"
-                try:
-                    with aside.open("ab") as out:
-                        out.write(b"".join(line + b"\n" for line in unreadable))
-                        out.flush()
-                        os.fsync(out.fileno())
-                except OSError as exc:
-                    log.error(
-                        "%s: could not set aside %s's unreadable lines in %s (%s); it stays "
-                        "for a later look to take",
-                        self.actor,
-                        path.name,
-                        aside,
-                        exc,
-                    )
-                    return 0
-                self._set_aside.add(taken)
-                log.error("%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside)
             if events:
                 before = len(self.events)
                 if not self.hold(events, traces, adopted_from=path):
@@ -559,7 +545,30 @@ class HeldEvents:
                     del self.events[before:]
                     for event in events:
                         self.traces.pop(event.id, None)
+                    self._said.add(taken)  # (its lines that are no event said once)
                     return 0
+            if unreadable:
+                aside = self.directory / f"held-{self.actor}.unreadable"
+                try:
+                    with aside.open("ab") as out:
+                        out.write(b"".join(line + b"\n" for line in unreadable))
+                        out.flush()
+                        os.fsync(out.fileno())
+                except OSError as exc:
+                    # The events are held: the orphan goes all the same (kept, it would have
+                    # them appended again), and with it these lines, which are no events.
+                    log.error(
+                        "%s: could not set aside %d unreadable lines of %s in %s (%s); dropped",
+                        self.actor,
+                        len(unreadable),
+                        path.name,
+                        aside,
+                        exc,
+                    )
+                else:
+                    log.error(
+                        "%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside
+                    )
             self._adopted.add(taken)
             self._refused.discard(path)
             try:

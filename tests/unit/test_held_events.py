@@ -397,33 +397,42 @@ def _with_torn_line(tmp_path: Path) -> Path:
     return dead.inflight_path
 
 
-def test_an_orphan_whose_unreadable_lines_cannot_be_set_aside_is_left_whole(
+def test_an_orphan_whose_events_the_disk_refuses_is_left_whole_and_said_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Its events held first, then the side file refused: the orphan stayed, marked taken, and
-    # the next start appended its events again. And a look retried every 10 s said it all again.
+    # Held into memory only, the orphan was left behind after its events were appended, and
+    # the next start appended them again. And a look retried every 10 s said it all again.
     orphan = _with_torn_line(tmp_path)
     adopter = HeldEvents(tmp_path, "provider-openai")
-    aside = tmp_path / "held-provider-openai.unreadable"
-    aside.mkdir()  # cannot be opened as a file: the side file refused
-    assert adopter.adopt() == 0 and not adopter and orphan.exists()
-    aside.rmdir()
 
     def refused() -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(adopter, "_rewrite", refused)
-    caplog.clear()
-    for _ in range(3):  # the side file takes them; this instance's own file refuses the events
+    for _ in range(3):
         assert adopter.adopt() == 0 and not adopter and orphan.exists()
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(said) == 3, said  # the torn line, its side file, the refusal: once each
-    assert aside.read_bytes().count(b"ev-cut") == 1
+    assert len(said) == 2, said  # the torn line, the refusal: once each
     monkeypatch.undo()
     assert adopter.adopt() == 1 and list(adopter) == [SPEND] and not orphan.exists()
+    aside = tmp_path / "held-provider-openai.unreadable"
+    assert aside.read_bytes().count(b"ev-cut") == 1
     adopter.taken(1)
     adopter.close()
     assert HeldEvents(tmp_path, "provider-openai").adopt() == 0  # nothing to append again
+
+
+def test_an_orphans_events_are_taken_though_its_unreadable_lines_cannot_be_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The side file failing after the events were held left the orphan behind (a later start
+    # appended its events again); left whole instead, its billed spend was never appended.
+    orphan = _with_torn_line(tmp_path)
+    (tmp_path / "held-provider-openai.unreadable").mkdir()  # the side file cannot be written
+    adopter = HeldEvents(tmp_path, "provider-openai")
+    assert adopter.adopt() == 1 and list(adopter) == [SPEND] and not orphan.exists()
+    assert any("dropped" in r.getMessage() for r in caplog.records)
+    adopter.close()
 
 
 def test_an_orphan_taken_but_not_removable_is_emptied(
@@ -471,3 +480,25 @@ def test_done_ids_said_in_a_file_that_cannot_be_replaced_are_not_said_again(
     held.end([CALL])
     monkeypatch.undo()
     held.close()
+
+
+def test_an_orphan_this_user_cannot_write_is_adopted_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opened for writing (to empty it should its removal fail), a dead instance's file another
+    # user had left (readable, not writable: a deployment that ran as root) was never adopted.
+    dead = HeldEvents(tmp_path, "provider-openai")
+    dead.begin([SPEND])
+    _killed(dead)
+    path_open = Path.open
+
+    def read_only(path: Path, mode: str = "r", *args: object, **kw: object) -> object:
+        if path == dead.inflight_path and "+" in mode:
+            raise PermissionError(13, "Permission denied")
+        return path_open(path, mode, *args, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", read_only)
+    adopter = HeldEvents(tmp_path, "provider-openai")
+    assert adopter.adopt() == 1 and list(adopter) == [SPEND]
+    assert not dead.inflight_path.exists()
+    adopter.close()
