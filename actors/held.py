@@ -188,9 +188,8 @@ class HeldEvents:
         self._adopted: set[tuple[str, int]] = set()  # orphans taken (name, inode): once
         # Replaced write-ahead files that could not be removed: kept open (locked) till the stop.
         self._superseded: list[tuple[int, Path]] = []
-        self._refused: set[Path] = set()  # orphans whose events this instance's disk refused
-        # Orphans (name, inode) whose unreadable lines are said already (a look retried).
-        self._said: set[tuple[str, int]] = set()
+        # Orphans whose trouble is said already (a look retried every 10 s says it once).
+        self._said: set[Path] = set()
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
@@ -237,8 +236,8 @@ class HeldEvents:
                     self.path,
                     exc,
                 )
-            elif adopted_from not in self._refused:  # said once per orphan, not every look
-                self._refused.add(adopted_from)
+            elif adopted_from not in self._said:  # said once per orphan, not every look
+                self._said.add(adopted_from)
                 log.error(
                     "%s: could not write %d events adopted from %s to %s (%s); %s stays for a "
                     "later look to take",
@@ -354,18 +353,27 @@ class HeldEvents:
         self.inflight_path, self._inflight_size, self._done = path, len(data), []
         self._wrote()
         if old_fd is not None:
-            try:
-                old_path.unlink(missing_ok=True)
-            except OSError as exc:
-                # Emptied (the new file holds all it had that is still on its way, and says
-                # nothing of what ends from now on) and kept open, so locked: no adopter takes
-                # stale lines from it. Removed again at the stop.
-                log.error("%s: could not remove %s (%s); emptied", self.actor, old_path, exc)
-                with contextlib.suppress(OSError):
-                    os.ftruncate(old_fd, 0)
-                self._superseded.append((old_fd, old_path))
-            else:
+            # If it stays: emptied (the new file holds all it had that is still on its way, and
+            # says nothing of what ends from now on) and kept open, so locked: no adopter takes
+            # stale lines from it. Removed again at the stop.
+            if self._remove_or_empty(old_path, old_fd):
                 os.close(old_fd)
+            else:
+                self._superseded.append((old_fd, old_path))
+
+    def _remove_or_empty(self, path: Path, fd: int) -> bool:
+        """Remove ``path`` (True), or else empty it through ``fd`` (said in the log)."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, 0)
+                left = "emptied"
+            except OSError:
+                left = "left as it is: a later start may append its events again"
+            log.error("%s: could not remove %s (%s); %s", self.actor, path, exc, left)
+            return False
+        return True
 
     def _open_inflight(self, path: Path, data: bytes = b"") -> int:
         """A write-ahead file holding ``data``, created locked under another name and then
@@ -518,7 +526,7 @@ class HeldEvents:
             events: list[Event] = []
             traces: dict[str, dict[str, str]] = {}
             unreadable: list[bytes] = []
-            said = taken in self._said  # a look retried: its unreadable lines said already
+            said = path in self._said  # a look retried: its unreadable lines said already
             held = {event.id for event in self.events}  # (a rotation's old and new file)
             for number, line in enumerate(lines, 1):
                 try:
@@ -545,7 +553,6 @@ class HeldEvents:
                     del self.events[before:]
                     for event in events:
                         self.traces.pop(event.id, None)
-                    self._said.add(taken)  # (its lines that are no event said once)
                     return 0
             if unreadable:
                 aside = self.directory / f"held-{self.actor}.unreadable"
@@ -570,18 +577,9 @@ class HeldEvents:
                         "%s: %d unreadable lines kept in %s", self.actor, len(unreadable), aside
                     )
             self._adopted.add(taken)
-            self._refused.discard(path)
-            try:
-                path.unlink()
-            except OSError as exc:
-                # Its events are held here now: emptied, so that no later look or start appends
-                # them again.
-                try:
-                    os.ftruncate(file.fileno(), 0)
-                    left = "emptied"
-                except OSError:
-                    left = "left as it is: the next start may append its events again"
-                log.error("%s: could not remove %s (%s); %s", self.actor, path, exc, left)
+            # Its events are held here now: if it stays, emptied, so that no later look or
+            # start appends them again.
+            self._remove_or_empty(path, file.fileno())
         _sync_directory(self.directory)
         if events:
             log.info("%s: %d held events left in %s, adopted", self.actor, len(events), path)

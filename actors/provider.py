@@ -547,12 +547,6 @@ class ProviderActor:
             return None
         except Exception as exc:  # a bug of ours, mid-call: the provider may have billed it
             latency_ms = (time.perf_counter() - started) * 1000
-            log.error(
-                "%s: call for task %s failed inside vapora (%s); recorded at its upper bound",
-                self.name,
-                call.task_id,
-                type(exc).__name__,
-            )
             message = (
                 f"{self.config.name}: the call failed inside vapora ({type(exc).__name__}); what "
                 "the provider billed for it is unknown: recorded at the attempt's upper bound"

@@ -80,9 +80,7 @@ def cost(usage: Usage, price: Price) -> Decimal:
     rates = rates_for(price, usage.input_tokens)
     uncached = max(usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens, 0)
     hour = min(usage.cache_write_1h_tokens or 0, usage.cache_write_tokens)
-    hour_rate = rates.cache_write_1h_per_mtok
-    if hour_rate is None:
-        hour_rate = rates.cache_write_per_mtok
+    hour_rate = _hour_rate(rates)
     with decimal.localcontext(_EXACT):
         total = (
             uncached * rates.input_per_mtok
@@ -92,6 +90,12 @@ def cost(usage: Usage, price: Price) -> Decimal:
             + usage.output_tokens * rates.output_per_mtok
         )
         return total / _MTOK
+
+
+def _hour_rate(rates: Price | PriceTier) -> Decimal:
+    """The rate of an hour-long cache write: its own, else that of the other writes."""
+    hour = rates.cache_write_1h_per_mtok
+    return rates.cache_write_per_mtok if hour is None else hour
 
 
 def rates_for(price: Price, input_tokens: int) -> Price | PriceTier:
@@ -135,12 +139,7 @@ def ceiling(price: Price, input_tokens: int) -> Price:
         output_per_mtok=max(r.output_per_mtok for r in reachable),
         cache_read_per_mtok=max(r.cache_read_per_mtok for r in reachable),
         cache_write_per_mtok=max(r.cache_write_per_mtok for r in reachable),
-        cache_write_1h_per_mtok=max(
-            r.cache_write_per_mtok
-            if r.cache_write_1h_per_mtok is None
-            else r.cache_write_1h_per_mtok
-            for r in reachable
-        ),
+        cache_write_1h_per_mtok=max(_hour_rate(r) for r in reachable),
         source=price.source,
         version=price.version,
     )

@@ -5,11 +5,13 @@ process killed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from actors.provider import ProviderActor
 from events import subjects
 from events.codec import decode, encode
 from events.contract import ProviderCall, ProviderCallResult, TaskType
-from events.log import CallFailed, CallSucceeded, SpendRecorded
+from events.log import CallFailed, CallSucceeded, Event, SpendRecorded
 from tests.fault.provider_harness import KEYS, config_text, deployment, until
 
 pytestmark = pytest.mark.anyio
@@ -32,6 +34,58 @@ ROOT = Path(__file__).resolve().parents[2]
 def held_files(data_dir: Path) -> list[Path]:
     """The provider actor instances' held-events files for ``openai`` in ``data_dir``."""
     return list(data_dir.glob("held-provider-openai-*.jsonl"))
+
+
+def inflight_files(data_dir: Path) -> list[Path]:
+    """Their write-ahead files."""
+    return list(data_dir.glob("inflight-provider-openai-*.jsonl"))
+
+
+def _call(task_id: str, model: str = "gpt-4o-mini", **fields: Any) -> bytes:
+    """An encoded call for the openai provider actor."""
+    call = ProviderCall(
+        task_id=task_id,
+        task_type=TaskType.GENERAL_QUERY,
+        attempt=fields.pop("attempt", 1),
+        model=model,
+        prompt=fields.pop("prompt", "hello"),
+        max_tokens=16,
+        **fields,
+    )
+    return encode(call)
+
+
+def _kill(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+
+
+@contextlib.asynccontextmanager
+async def _successor(dep: Any, data_dir: Path) -> AsyncIterator[None]:
+    """A provider actor on the killed worker's data directory: its start adopts the worker's
+    files and appends what they hold; stopped on exit."""
+    runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
+    successor = ProviderActor(runtime, provider="openai")
+    async with anyio.create_task_group() as tg:
+        await tg.start(successor.run)
+        yield
+        successor.stop()
+
+
+async def _events_once(
+    dep: Any, task_id: str, enough: Callable[[list[Event]], bool]
+) -> list[Event]:
+    """The log's events of ``task_id``, once ``enough`` says they are (within 15 s)."""
+    with anyio.fail_after(15):
+        while True:
+            events: list[Event] = await dep.events_of(task_id)
+            if enough(events):
+                return events
+            await anyio.sleep(0.05)
+
+
+def _spends(events: list[Event]) -> list[SpendRecorded]:
+    return [e for e in events if isinstance(e, SpendRecorded)]
 
 
 async def _worker(dep: Any, tmp_path: Path, data_dir: Path, **env: str) -> subprocess.Popen[bytes]:
@@ -74,39 +128,21 @@ async def test_spend_held_by_a_killed_provider_actor_is_appended_by_the_next(
                 info.config, max_msgs=info.state.messages, discard=DiscardPolicy.NEW
             )
             await js.update_stream(full)
-            call = ProviderCall(
-                task_id="T-killed",
-                task_type=TaskType.GENERAL_QUERY,
-                attempt=1,
-                model="gpt-4o-mini",
-                prompt="hello",
-                max_tokens=16,
-            )
-            reply = await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=15)
+            call = _call("T-killed")
+            reply = await dep.nc.request(subjects.provider_call("openai"), call, timeout=15)
             result = decode(reply.data, ProviderCallResult)
             assert result.cost_usd > 0
             await until(lambda: any(p.stat().st_size for p in held_files(data_dir)), within_s=15)
         finally:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
+            _kill(worker)
         assert worker.returncode == -signal.SIGKILL
         await js.update_stream(
             dataclasses.replace(info.config, max_msgs=-1, discard=DiscardPolicy.OLD)
         )
-        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
-        successor = ProviderActor(runtime, provider="openai")
-        async with anyio.create_task_group() as tg:
-            await tg.start(successor.run)
-
-            async def spends() -> list[SpendRecorded]:
-                return [e for e in await dep.events_of("T-killed") if isinstance(e, SpendRecorded)]
-
-            with anyio.fail_after(15):
-                while not await spends():  # noqa: ASYNC110 - appended by the successor's start
-                    await anyio.sleep(0.05)
-            assert [s.cost_usd for s in await spends()] == [result.cost_usd]
+        async with _successor(dep, data_dir):
+            events = await _events_once(dep, "T-killed", lambda events: bool(_spends(events)))
+            assert [s.cost_usd for s in _spends(events)] == [result.cost_usd]
             await until(lambda: not held_files(data_dir))
-            successor.stop()
 
 
 async def test_spend_on_its_way_to_the_log_when_the_actor_is_killed_is_appended_by_the_next(
@@ -126,41 +162,20 @@ async def test_spend_on_its_way_to_the_log_when_the_actor_is_killed_is_appended_
             dep, tmp_path, data_dir, EVENTS_PREFIX="stalled.events", ACK_TIMEOUT_S="8"
         )
         try:
-            call = ProviderCall(
-                task_id="T-on-its-way",
-                task_type=TaskType.GENERAL_QUERY,
-                attempt=1,
-                model="gpt-4o-mini",
-                prompt="hello",
-                max_tokens=16,
-            )
             # Its answer waits for the log (durable_reply): asked, not awaited.
-            await dep.nc.publish(
-                subjects.provider_call("openai"), encode(call), reply="_INBOX.nobody"
-            )
+            call = _call("T-on-its-way")
+            await dep.nc.publish(subjects.provider_call("openai"), call, reply="_INBOX.nobody")
             # The call's events sent, never acknowledged.
             await until(lambda: b"T-on-its-way" in b"".join(swallowed), within_s=15)
         finally:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
+            _kill(worker)
             await sink.unsubscribe()
         assert not held_files(data_dir)  # not held: it was still waiting for the log
-        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
-        successor = ProviderActor(runtime, provider="openai")
-        async with anyio.create_task_group() as tg:
-            await tg.start(successor.run)
-
-            async def spends() -> list[SpendRecorded]:
-                events = await dep.events_of("T-on-its-way")
-                return [e for e in events if isinstance(e, SpendRecorded)]
-
-            with anyio.fail_after(15):
-                while not await spends():  # noqa: ASYNC110 - appended by the successor's start
-                    await anyio.sleep(0.05)
-            [spent] = await spends()
+        async with _successor(dep, data_dir):
+            events = await _events_once(dep, "T-on-its-way", lambda events: bool(_spends(events)))
+            [spent] = _spends(events)
             assert spent.cost_usd > 0 and spent.provider == "openai"
-            await until(lambda: not list(data_dir.glob("inflight-provider-openai-*.jsonl")))
-            successor.stop()
+            await until(lambda: not inflight_files(data_dir))
 
 
 async def test_a_call_the_provider_had_when_the_actor_was_killed_is_recorded_at_its_bound(
@@ -174,41 +189,30 @@ async def test_a_call_the_provider_had_when_the_actor_was_killed_is_recorded_at_
         worker = await _worker(dep, tmp_path, data_dir)
         prompt = "a call cut by a kill"
         try:
-            call = ProviderCall(
-                task_id="T-mid-call",
-                task_type=TaskType.GENERAL_QUERY,
+            call = _call(
+                "T-mid-call",
+                "gpt-4o-mini-slow-10000",
                 attempt=2,
-                model="gpt-4o-mini-slow-10000",
                 prompt=prompt,
-                max_tokens=16,
                 reservation_id="r-mid-call",
             )
-            await dep.nc.publish(
-                subjects.provider_call("openai"), encode(call), reply="_INBOX.nobody"
-            )
+            await dep.nc.publish(subjects.provider_call("openai"), call, reply="_INBOX.nobody")
             await until(
                 lambda: any(prompt.encode() in r.body for r in dep.sim.app.requests),
                 within_s=15,
             )
         finally:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
+            _kill(worker)
         assert not held_files(data_dir)
-        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
-        successor = ProviderActor(runtime, provider="openai")
-        async with anyio.create_task_group() as tg:
-            await tg.start(successor.run)
-            with anyio.fail_after(15):
-                while len(events := await dep.events_of("T-mid-call")) < 2:  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
-            successor.stop()
+        async with _successor(dep, data_dir):
+            events = await _events_once(dep, "T-mid-call", lambda events: len(events) >= 2)
         [failed] = [e for e in events if isinstance(e, CallFailed)]
         [spent] = [e for e in events if isinstance(e, SpendRecorded)]
         assert failed.error_class == "cancelled" and "upper bound" in failed.message
         assert (spent.reservation_id, spent.attempt, spent.output_tokens) == ("r-mid-call", 2, 16)
         assert spent.cost_usd == failed.cost_usd > 0
         assert spent.input_tokens >= len(prompt) // 4  # the input's bound, not a guess below it
-        assert not list(data_dir.glob("inflight-provider-openai-*.jsonl"))
+        assert not inflight_files(data_dir)
 
 
 async def test_a_call_that_ended_leaves_nothing_at_its_bound_for_an_adopter(
@@ -222,25 +226,13 @@ async def test_a_call_that_ended_leaves_nothing_at_its_bound_for_an_adopter(
         worker = await _worker(dep, tmp_path, data_dir)
         try:
             for task_id, model in (("T-ok", "gpt-4o-mini"), ("T-refused", "gpt-4o-mini-error-400")):
-                call = ProviderCall(
-                    task_id=task_id,
-                    task_type=TaskType.GENERAL_QUERY,
-                    attempt=1,
-                    model=model,
-                    prompt="hello",
-                    max_tokens=16,
-                )
-                await dep.nc.request(subjects.provider_call("openai"), encode(call), timeout=15)
+                call = _call(task_id, model)
+                await dep.nc.request(subjects.provider_call("openai"), call, timeout=15)
         finally:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
+            _kill(worker)
         before = {task: await dep.events_of(task) for task in ("T-ok", "T-refused")}
-        runtime = dataclasses.replace(dep.runtime, data_dir=data_dir)
-        successor = ProviderActor(runtime, provider="openai")
-        async with anyio.create_task_group() as tg:
-            await tg.start(successor.run)
-            await until(lambda: not list(data_dir.glob("inflight-provider-openai-*.jsonl")))
-            successor.stop()
+        async with _successor(dep, data_dir):
+            await until(lambda: not inflight_files(data_dir))
         after = {task: await dep.events_of(task) for task in ("T-ok", "T-refused")}
         assert [type(e) for e in before["T-ok"]] == [CallSucceeded, SpendRecorded]
         assert [type(e) for e in before["T-refused"]] == [CallFailed]

@@ -33,6 +33,12 @@ def released(n: int) -> BudgetReleased:
     )
 
 
+async def append_released(log: EventLog, total: int) -> None:
+    """``total`` events (``released(0)`` on), 2,000 at a time."""
+    for start in range(0, total, 2000):
+        await log.append_many([released(n) for n in range(start, min(start + 2000, total))])
+
+
 async def read_all(log: EventLog, start: int = 1) -> list[LogEntry]:
     return [entry async for batch in log.replay(start) for entry in batch]
 
@@ -266,8 +272,7 @@ async def test_a_replay_whose_consumer_vanishes_goes_on_with_every_event_once(
     replay checks it, finds it gone, and goes on from the event after the last it gave, with
     a new consumer. It used to wait for ever (the keeper's and the ledger's start among them)."""
     total = 10_000  # three batches of 4096
-    for start in range(0, total, 2000):
-        await event_log.append_many([released(n) for n in range(start, start + 2000)])
+    await append_released(event_log, total)
     event_log.pull_timeout = 0.5
     seqs: list[int] = []
     with anyio.fail_after(60):
@@ -288,8 +293,7 @@ async def test_a_replays_pull_requests_lost_without_a_word_are_noticed(
     back): a replay's pulls are answered at once, so after ``pull_timeout`` without an answer
     it goes on through a new consumer, every event once."""
     total = 14_000  # four pulls of 4096
-    for start in range(0, total, 2000):
-        await event_log.append_many([released(n) for n in range(start, start + 2000)])
+    await append_released(event_log, total)
     event_log.pull_timeout = 0.5
     publish = event_log.nc.publish
     first: list[str] = []  # the first consumer's pull subject
@@ -321,8 +325,7 @@ async def test_a_replay_read_slowly_gives_every_event_to_the_end(
     to every replay (the audit read up to sequence 60,453 of 61,862 and reported differences
     the keeper did not have, or missed real ones)."""
     total = 14_000  # four pulls of 4096, two kept outstanding
-    for start in range(0, total, 2000):
-        await event_log.append_many([released(n) for n in range(start, start + 2000)])
+    await append_released(event_log, total)
     seqs: list[int] = []
     with anyio.fail_after(60):
         async for batch in event_log.replay(1):

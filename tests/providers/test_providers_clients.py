@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import msgspec
@@ -398,29 +399,34 @@ _NONSENSE = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(_NONSENSE))
-async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: str) -> None:
-    """A negative count billed a negative cost, and the events it went into could not be read
-    back (every projection stopped on them); a count of 1e30 overflowed the ledger."""
-    body = msgspec.json.encode(_NONSENSE[kind])
-    answer = (
+async def _completed_with(kind: str, answer: dict[str, Any]) -> Any:
+    """A completion whose provider's 200 answer is ``answer`` (a stub server on loopback)."""
+    body = msgspec.json.encode(answer)
+    answered = (
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
     )
-    async with stub(answer) as port:
+    async with stub(answered) as port:
         client = make_client(
             name=kind,
             kind=kind,
-            model=_NONSENSE[kind]["model"],
+            model=answer["model"],
             price=price_of(kind),
             api_key="sk-test",
             base_url=f"http://127.0.0.1:{port}" + ("/v1" if kind == "openai" else ""),
             timeout=5.0,
         )
         try:
-            done = await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=50))
+            return await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=50))
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize("kind", sorted(_NONSENSE))
+async def test_token_counts_that_are_not_counts_are_estimated_not_billed(kind: str) -> None:
+    """A negative count billed a negative cost, and the events it went into could not be read
+    back (every projection stopped on them); a count of 1e30 overflowed the ledger."""
+    done = await _completed_with(kind, _NONSENSE[kind])
     assert done.text == "hi there" and done.usage_estimated is True
     msgspec.convert(msgspec.to_builtins(done.usage), Usage)  # within the contract's bounds
     assert done.usage.cache_read_tokens + done.usage.cache_write_tokens <= done.usage.input_tokens
@@ -445,7 +451,8 @@ async def test_anthropic_hour_long_writes_that_are_no_part_of_the_writes_bill_th
 ) -> None:
     # More hour-long writes than writes, or a count that is none: which writes lasted an hour
     # is not known, so all of them are billed at that (dearer) rate, never fewer.
-    body = msgspec.json.encode(
+    done = await _completed_with(
+        "anthropic",
         {
             "id": "msg_1",
             "type": "message",
@@ -459,25 +466,7 @@ async def test_anthropic_hour_long_writes_that_are_no_part_of_the_writes_bill_th
                 "cache_creation_input_tokens": 50,
                 "cache_creation": {"ephemeral_1h_input_tokens": hour},
             },
-        }
+        },
     )
-    answer = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-    )
-    async with stub(answer) as port:
-        client = make_client(
-            name="anthropic",
-            kind="anthropic",
-            model="claude-sonnet-4-6",
-            price=price_of("anthropic"),
-            api_key="sk-test",
-            base_url=f"http://127.0.0.1:{port}",
-            timeout=5.0,
-        )
-        try:
-            done = await client.complete(ProviderRequest(prompt=PROMPT, max_tokens=50))
-        finally:
-            await client.aclose()
     assert done.usage.input_tokens == 60 and done.usage.cache_write_tokens == 50
     assert done.usage.cache_write_1h_tokens == billed_hour

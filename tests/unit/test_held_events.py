@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
+from actors import held as held_module
 from actors.held import HeldEvents
 from events.codec import decode_event
 from tests.samples import EVENTS
@@ -17,6 +21,31 @@ CALL = EVENTS["call_succeeded"]
 
 def on_disk(path: Path) -> list[object]:
     return [decode_event(line) for line in path.read_bytes().splitlines()]
+
+
+def _no_space(*args: object, **kw: object) -> Any:
+    """A write the full disk refuses."""
+    raise OSError(28, "No space left on device")
+
+
+def _unlink_fails(
+    monkeypatch: pytest.MonkeyPatch, which: Callable[[Path], bool], error: BaseException
+) -> Callable[..., None]:
+    """``Path.unlink`` raises ``error`` for the paths ``which`` picks (``SystemExit``: the
+    process killed there); returns the real one, to put back."""
+    unlink = Path.unlink
+
+    def failing(path: Path, missing_ok: bool = False) -> None:
+        if which(path):
+            raise error
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", failing)
+    return unlink
+
+
+def _write_ahead(path: Path) -> bool:
+    return path.name.startswith("inflight-")
 
 
 def test_what_is_taken_leaves_the_file_and_the_rest_stays_locked(tmp_path: Path) -> None:
@@ -96,8 +125,6 @@ def test_events_a_failed_write_missed_are_written_at_the_stop(tmp_path: Path) ->
 
 def _killed(held: HeldEvents) -> None:
     """What a SIGKILL leaves: the files as they are, their locks released."""
-    import os
-
     for fd in (held._inflight,):
         if fd is not None:
             os.close(fd)
@@ -128,8 +155,6 @@ def test_the_write_ahead_file_is_replaced_past_its_room_and_a_clean_stop_leaves_
 ) -> None:
     # Under steady load something is always on its way: a file emptied only when nothing is
     # would grow by every call's events for good.
-    from actors import held as held_module
-
     monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 100)
     held = HeldEvents(tmp_path, "provider-openai")
     held.begin([CALL])
@@ -169,8 +194,6 @@ def test_events_the_log_took_are_not_appended_again_by_an_adopter(tmp_path: Path
 def test_done_ids_survive_a_failed_write_and_a_torn_line_starts_a_new_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: bool
 ) -> None:
-    import os
-
     held = HeldEvents(tmp_path, "provider-openai")
     later = EVENTS["call_failed"]
     held.begin([CALL])
@@ -204,19 +227,13 @@ def test_after_a_failed_write_what_is_on_its_way_is_in_a_whole_new_file(
     # A flush (every 2 s) or a stop after a failed write wrote to the file that lacked the
     # failed call's events, and cleared the mark that a new file was needed: a kill then lost
     # that call's spend.
-    import os
-
     held = HeldEvents(tmp_path, "provider-openai")
     later = EVENTS["call_failed"]
     held.begin([CALL])
     held.begin([SPEND])
     held.end([CALL])
     write = os.write
-
-    def full_disk(fd: int, data: bytes) -> int:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(os, "write", _no_space)
     held.begin([later])  # in no file
     monkeypatch.setattr(os, "write", write)
     held.end([SPEND])
@@ -234,8 +251,6 @@ def test_after_a_failed_write_what_is_on_its_way_is_in_a_whole_new_file(
 def test_with_no_file_to_write_done_ids_are_not_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-
     held = HeldEvents(tmp_path, "provider-openai")
 
     def refused(*args: object, **kw: object) -> int:
@@ -256,9 +271,6 @@ def test_an_event_begun_again_under_its_id_replaces_it_even_across_a_rotations_k
     both files are left: the call's spend was in one at its bound and in the other at its cost,
     under two ids, and the adopter appended both (counted twice). Under one id it is one event
     whichever files hold it."""
-    import msgspec
-
-    from actors import held as held_module
 
     bound = msgspec.structs.replace(SPEND, cost_usd=SPEND.cost_usd * 10)
     first = HeldEvents(tmp_path, "provider-openai")
@@ -272,14 +284,8 @@ def test_an_event_begun_again_under_its_id_replaces_it_even_across_a_rotations_k
     monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 0)  # every write rotates
     third = HeldEvents(tmp_path / "rotation", "provider-openai")
     third.begin([bound])
-    unlink = Path.unlink
-
-    def killed_before_unlinking(path: Path, missing_ok: bool = False) -> None:
-        if path.name.startswith("inflight-"):
-            raise SystemExit("killed")  # the process ends here: the old file stays
-        unlink(path, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", killed_before_unlinking)
+    # The process killed before it removes the old file: the old file stays.
+    unlink = _unlink_fails(monkeypatch, _write_ahead, SystemExit("killed"))
     with pytest.raises(SystemExit):
         third.begin([SPEND])
     monkeypatch.setattr(Path, "unlink", unlink)
@@ -293,58 +299,21 @@ def test_an_event_begun_again_under_its_id_replaces_it_even_across_a_rotations_k
     fourth.close()
 
 
-def test_an_orphan_the_disk_refuses_to_take_stays_until_a_later_look_takes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Taken into memory only (this instance's file refused), the orphan was left behind after
-    # its events were appended, and the next start appended them again (the keeper, past a
-    # day, counting the spend twice).
-    dead = HeldEvents(tmp_path, "provider-openai")
-    dead.begin([SPEND])
-    _killed(dead)
-    adopter = HeldEvents(tmp_path, "provider-openai")
-
-    def refused() -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(adopter, "_rewrite", refused)
-    assert adopter.adopt() == 0 and not adopter  # not taken: nothing in memory only
-    assert dead.inflight_path.exists()
-    monkeypatch.undo()
-    assert adopter.adopt() == 1 and list(adopter) == [SPEND]  # the disk takes it now
-    assert not dead.inflight_path.exists()
-    adopter.taken(1)
-    adopter.close()
-    assert HeldEvents(tmp_path, "provider-openai").adopt() == 0  # nothing to append again
-
-
 def test_a_rotation_after_a_failed_write_says_the_done_ids_in_the_old_file_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The call's spend written ahead at its bound, then ended (the call billed nothing) just
     # as a failed write had the next one rotate: the rotation left the old file without the
     # done ids, and a kill before its removal had the adopter append the bound.
-    import os
-
     held = HeldEvents(tmp_path, "provider-openai")
     held.begin([SPEND])  # the bound, on its way
     write = os.write
-
-    def full_disk(fd: int, data: bytes) -> int:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(os, "write", _no_space)
     held.begin([EVENTS["budget_released"]])  # another call's write fails: the file is behind
     monkeypatch.setattr(os, "write", write)
     held.end([SPEND])  # nothing billed: the bound is no longer due
-    unlink = Path.unlink
-
-    def killed_before_unlinking(path: Path, missing_ok: bool = False) -> None:
-        if path.name.startswith("inflight-"):
-            raise SystemExit("killed")
-        unlink(path, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", killed_before_unlinking)
+    # The process killed before it removes the old file: the old file stays.
+    unlink = _unlink_fails(monkeypatch, _write_ahead, SystemExit("killed"))
     with pytest.raises(SystemExit):
         held.begin([CALL])  # the call's own event: rotates
     monkeypatch.setattr(Path, "unlink", unlink)
@@ -360,20 +329,11 @@ def test_a_replaced_file_that_cannot_be_removed_stays_locked_while_its_instance_
 ) -> None:
     # Closed (its lock released) with its name still there, a sibling adopted the calls still
     # on their way in it: appended at their bound while the provider still had them.
-    from actors import held as held_module
-
     monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 0)  # every write rotates
     held = HeldEvents(tmp_path, "provider-openai")
     held.begin([SPEND])
     old = held.inflight_path
-    unlink = Path.unlink
-
-    def refused(path: Path, missing_ok: bool = False) -> None:
-        if path == old:
-            raise OSError(5, "Input/output error")
-        unlink(path, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", refused)
+    unlink = _unlink_fails(monkeypatch, old.__eq__, OSError(5, "Input/output error"))
     held.begin([CALL])
     assert old.exists() and held.inflight_path != old
     assert old.read_bytes() == b""  # emptied: nothing stale in it for a later adopter
@@ -404,11 +364,7 @@ def test_an_orphan_whose_events_the_disk_refuses_is_left_whole_and_said_once(
     # the next start appended them again. And a look retried every 10 s said it all again.
     orphan = _with_torn_line(tmp_path)
     adopter = HeldEvents(tmp_path, "provider-openai")
-
-    def refused() -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(adopter, "_rewrite", refused)
+    monkeypatch.setattr(adopter, "_rewrite", _no_space)
     for _ in range(3):
         assert adopter.adopt() == 0 and not adopter and orphan.exists()
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -441,14 +397,7 @@ def test_an_orphan_taken_but_not_removable_is_emptied(
     dead = HeldEvents(tmp_path, "provider-openai")
     dead.begin([SPEND])
     _killed(dead)
-    unlink = Path.unlink
-
-    def refused(path: Path, missing_ok: bool = False) -> None:
-        if path == dead.inflight_path:
-            raise OSError(5, "Input/output error")
-        unlink(path, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", refused)
+    _unlink_fails(monkeypatch, dead.inflight_path.__eq__, OSError(5, "Input/output error"))
     adopter = HeldEvents(tmp_path, "provider-openai")
     assert adopter.adopt() == 1
     assert dead.inflight_path.read_bytes() == b""  # no later start appends it again
@@ -460,8 +409,6 @@ def test_done_ids_said_in_a_file_that_cannot_be_replaced_are_not_said_again(
 ) -> None:
     # No new file could be made (descriptors or inodes exhausted) while the old one still took
     # appends: every write repeated every done id since, the file growing as the square.
-    from actors import held as held_module
-
     held = HeldEvents(tmp_path, "provider-openai")
     held.begin([CALL])
     monkeypatch.setattr(held_module, "_INFLIGHT_ROOM", 0)  # every write wants a new file
