@@ -3,6 +3,7 @@
 ::
 
     .venv/bin/python bench/bench_pipeline.py [--requests N] [--concurrency C] [--provider P]
+                                             [--warmup N]
                                              [--keeper [--lease-cents N]] [--reply-first]
                                              [--profile FILE]
 
@@ -11,10 +12,17 @@ zero latency), an embedded nats-server with JetStream, and every actor in this p
 actors and the router; with ``--keeper`` the budget keeper and cost ledger too, so paid calls
 reserve first). Every event is appended as in production. It measures:
 
-* **direct**: the provider client straight to the simulator (the floor), concurrency 1;
+* **direct**: the provider client straight to the simulator, concurrency 1, on the transport the
+  provider actor itself uses (:func:`vapora.providers.base.default_transport`,
+  ``KeepAliveTransport``): the floor. The same client on httpx's own transport is measured beside
+  it, for reference (what a caller's own httpx pays; before 2026-11-27 it was the floor, which
+  hid the ~0.4 ms by which vapora's transport is faster inside "added by vapora");
 * **vapora**: ``vapora.Client.complete`` over NATS, through router and provider actor, concurrency
-  1: the added p50 and p99 are vapora's cost per request;
-* **throughput**: completions per second through vapora at concurrency ``C`` (default 64).
+  1: the added p50 and p99 over the floor are vapora's cost per request;
+* **throughput**: completions per second at concurrency ``C`` (default 64), through vapora and
+  on both direct paths;
+* **CPU**: this process's CPU time (every thread: the caller, the actors, the HTTP client) per
+  request in each phase. nats-server and the simulator run in processes of their own, not counted.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import os
 import socket
 import statistics
@@ -34,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import httpx
 import nats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +57,8 @@ from actors.server import EmbeddedNats  # noqa: E402
 from tests.fault.provider_harness import KEYS, config_text, make_config  # noqa: E402
 from vapora.client import Client  # noqa: E402
 from vapora.eventloop import run as run_loop  # noqa: E402
-from vapora.providers import ProviderRequest, make_client  # noqa: E402
+from vapora.providers import ProviderClient, ProviderRequest, make_client  # noqa: E402
+from vapora.providers.base import default_transport  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
 
@@ -82,16 +93,21 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
+async def timed(n: int, call: Callable[[], Awaitable[object]]) -> tuple[list[float], float]:
+    """Each call's wall time in ms, and this process's CPU µs per call."""
     samples = []
+    cpu = time.process_time()
     for _ in range(n):
         started = time.perf_counter()
         await call()
         samples.append((time.perf_counter() - started) * 1000)
-    return samples
+    return samples, (time.process_time() - cpu) / n * 1e6
 
 
-async def throughput(n: int, concurrency: int, call: Callable[[], Awaitable[object]]) -> float:
+async def throughput(
+    n: int, concurrency: int, call: Callable[[], Awaitable[object]]
+) -> tuple[float, float]:
+    """Calls per second at ``concurrency``, and this process's CPU µs per call."""
     remaining = n
 
     async def worker() -> None:
@@ -101,10 +117,11 @@ async def throughput(n: int, concurrency: int, call: Callable[[], Awaitable[obje
             await call()
 
     started = time.perf_counter()
+    cpu = time.process_time()
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
             tg.start_soon(worker)
-    return n / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -129,15 +146,23 @@ async def run(args: argparse.Namespace) -> None:
                     actor.durable_reply = not args.reply_first
             caller = await nats.connect(server.url, name="bench-caller")
             client = Client(caller)
-            direct = make_client(
-                name="direct",
-                kind=provider.kind.value,
-                model=provider.model,
-                price=provider.price,
-                api_key=KEYS.get(provider.api_key_env or "", None),
-                base_url=provider.base_url,
-                transport=ShardedTransport(),  # the provider actor's transport: a fair floor
-            )
+
+            def direct_client(transport: httpx.AsyncBaseTransport) -> ProviderClient:
+                return make_client(
+                    name="direct",
+                    kind=provider.kind.value,
+                    model=provider.model,
+                    price=provider.price,
+                    api_key=KEYS.get(provider.api_key_env or "", None),
+                    base_url=provider.base_url,
+                    transport=transport,
+                )
+
+            # The floor: the provider actor's own transport (as ProviderActor builds it).
+            assert provider.base_url is not None
+            direct = direct_client(default_transport(provider.base_url, 256))
+            # For reference: httpx's own transport (in small pools: httpcore's pool scan).
+            direct_httpx = direct_client(ShardedTransport())
             request = ProviderRequest(prompt=PROMPT, max_tokens=256)
             async with anyio.create_task_group() as tg:
                 for actor in actors:
@@ -151,36 +176,53 @@ async def run(args: argparse.Namespace) -> None:
                 async def straight() -> object:
                     return await direct.complete(request)
 
-                await timed(200, straight)
-                await timed(200, through)  # warm up both paths
+                async def straight_httpx() -> object:
+                    return await direct_httpx.complete(request)
+
+                for path in (straight, straight_httpx, through):  # warm up every path
+                    await timed(args.warmup, path)
                 profiler = cProfile.Profile() if args.profile else None
                 if profiler:
                     profiler.enable()
-                base = await timed(args.requests, straight)
-                via = await timed(args.requests, through)
-                rate = await throughput(args.requests * 2, args.concurrency, through)
-                rate_direct = await throughput(args.requests * 2, args.concurrency, straight)
+                n, c = args.requests, args.concurrency
+                phases = Phases(
+                    base=await timed(n, straight),
+                    base_httpx=await timed(n, straight_httpx),
+                    via=await timed(n, through),
+                    rate=await throughput(n * 2, c, through),
+                    rate_direct=await throughput(n * 2, c, straight),
+                    rate_httpx=await throughput(n * 2, c, straight_httpx),
+                )
                 if profiler:
                     profiler.disable()
                     profiler.dump_stats(args.profile)
                 events = await log.last_sequence()
-                report(args, base, via, rate, rate_direct, events)
+                report(args, phases, events)
                 for actor in reversed(actors):
                     actor.stop()
             await direct.aclose()
+            await direct_httpx.aclose()
             await caller.close()
             await nc.close()
 
 
-def report(
-    args: argparse.Namespace,
-    base: list[float],
-    via: list[float],
-    rate: float,
-    rate_direct: float,
-    events: int,
-) -> None:
+@dataclasses.dataclass
+class Phases:
+    """Each phase's result: (latencies in ms, CPU µs per call) or (calls/s, CPU µs per call)."""
+
+    base: tuple[list[float], float]
+    base_httpx: tuple[list[float], float]
+    via: tuple[list[float], float]
+    rate: tuple[float, float]
+    rate_direct: tuple[float, float]
+    rate_httpx: tuple[float, float]
+
+
+def report(args: argparse.Namespace, phases: Phases, events: int) -> None:
+    (base, base_cpu), (httpx_base, httpx_cpu) = phases.base, phases.base_httpx
+    via, via_cpu = phases.via
     b50, b99 = percentile(base, 50), percentile(base, 99)
+    h50, h99 = percentile(httpx_base, 50), percentile(httpx_base, 99)
     v50, v99 = percentile(via, 50), percentile(via, 99)
     print(f"# bench_pipeline  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  cpus={os.cpu_count()}")
     print(
@@ -188,12 +230,30 @@ def report(
         f"reply_first={args.reply_first} "
         f"requests={args.requests}  load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'path':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    print(f"{'direct to simulator':<28}{b50:>10.3f}{b99:>10.3f}{statistics.mean(base):>10.3f}")
-    print(f"{'through vapora':<28}{v50:>10.3f}{v99:>10.3f}{statistics.mean(via):>10.3f}")
-    print(f"{'added by vapora':<28}{v50 - b50:>10.3f}{v99 - b99:>10.3f}")
+    w = 34
+    print(f"{'path (concurrency 1)':<{w}}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'CPU µs':>10}")
+    rows = [
+        ("direct to simulator", base, base_cpu),
+        ("direct, httpx transport", httpx_base, httpx_cpu),
+        ("through vapora", via, via_cpu),
+    ]
+    for name, samples, cpu in rows:
+        p50, p99, mean = percentile(samples, 50), percentile(samples, 99), statistics.mean(samples)
+        print(f"{name:<{w}}{p50:>10.3f}{p99:>10.3f}{mean:>10.3f}{cpu:>10.0f}")
+    added_cpu = via_cpu - base_cpu
+    print(f"{'added by vapora':<{w}}{v50 - b50:>10.3f}{v99 - b99:>10.3f}{'':>10}{added_cpu:>10.0f}")
+    print(f"{'added over httpx transport':<{w}}{v50 - h50:>10.3f}{v99 - h99:>10.3f}")
     c = args.concurrency
-    print(f"completions/s at concurrency {c}: vapora {rate:,.0f}, direct {rate_direct:,.0f}")
+    (rate, rate_cpu), (direct, direct_cpu) = phases.rate, phases.rate_direct
+    httpx_rate, httpx_rate_cpu = phases.rate_httpx
+    print(
+        f"completions/s at concurrency {c}: vapora {rate:,.0f}, direct {direct:,.0f} "
+        f"(httpx transport {httpx_rate:,.0f}); vapora/direct {rate / direct:.2f}"
+    )
+    print(
+        f"CPU µs per completion at concurrency {c}: vapora {rate_cpu:,.0f}, direct "
+        f"{direct_cpu:,.0f} (httpx transport {httpx_rate_cpu:,.0f})"
+    )
     print(f"events in the log: {events}")
 
 
@@ -201,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=200, help="calls per path before timing")
     parser.add_argument("--provider", default="openai")
     parser.add_argument("--keeper", action="store_true", help="run the budget keeper and ledger")
     parser.add_argument(
