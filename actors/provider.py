@@ -126,8 +126,8 @@ from vapora.providers import (
     Completion,
     ProviderClient,
     ProviderRequest,
-    input_token_bound,
     make_client,
+    upper_bound_usage,
 )
 from vapora.providers.base import default_transport, without_request_text
 from vapora.providers.stream import CALLER_CANCELLED, FORWARD_FAILED
@@ -760,7 +760,7 @@ class ProviderActor:
         input rate: vapora asks no provider to write its cache (no ``cache_control``), so no
         input token of its calls is billed at a cache write's dearer rate. The call's own
         events take these ids (:meth:`_record`)."""
-        usage = Usage(input_tokens=input_token_bound(request), output_tokens=request.output_limit)
+        usage = upper_bound_usage(request)
         amount = cost(usage, price)
         now = self.runtime.clock()
         model = call.model or self.config.model

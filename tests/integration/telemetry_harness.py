@@ -72,6 +72,14 @@ class Separate:
     log: EventLog  # the test's own connection, for reading the log
     runtime: Callable[[str], Awaitable[Runtime]]  # another runtime on its own connection
     ledger: CostLedger | None = None
+    router: RouterActor | None = None
+
+    async def leased(self) -> None:
+        """Until the router holds a budget lease (it asks for one at its start)."""
+        assert self.router is not None
+        with anyio.fail_after(10):
+            while self.router.lease is None:  # noqa: ASYNC110 - set by the router's task
+                await anyio.sleep(0.02)
 
     async def events(self) -> list[tuple[int, Event, dict[str, str]]]:
         out = []
@@ -129,7 +137,8 @@ async def separate_deployment(
             actors.append(build("budget", await runtime("keeper")))
         for name in providers if providers is not None else [p.name for p in config.providers]:
             actors.append(ProviderActor(await runtime(f"provider-{name}"), provider=name))
-        actors.append(RouterActor(await runtime("router"), reserve=keeper))
+        dep.router = RouterActor(await runtime("router"), reserve=keeper)
+        actors.append(dep.router)
         for actor in actors:
             await tg.start(actor.run)
             stack.callback(actor.stop)

@@ -58,6 +58,8 @@ async def test_a_fallback_task_is_one_trace_across_connections_with_correct_pare
 ) -> None:
     config = guide(LEASED if leased else BUDGET, models={"claude": "claude-opus-4-5-error-529"})
     async with separate_deployment(tmp_path, config) as dep:
+        if leased:  # else its first attempt may come before the lease and reserve on its own
+            await dep.leased()
         spans.clear()
         result = await dep.client.complete(
             prompt="Write a sort", task_type="CodeGeneration", quality="High", task_id="traced-1"

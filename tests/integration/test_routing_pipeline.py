@@ -182,6 +182,34 @@ async def test_claude_overloaded_falls_back_to_the_next_in_the_chain_and_the_log
         assert spend.provider == following and spend.cost_usd == result.cost_usd
 
 
+async def test_an_answer_cut_after_its_200_is_recorded_at_its_bound_and_falls_back(
+    tmp_path: Path,
+) -> None:
+    """Claude answered 200 and the connection broke mid-body: the provider made (and bills) the
+    whole answer, whose usage was in the part not received. The attempt is recorded at its
+    upper bound (before: $0, its hold released), and the task falls back, paying the next."""
+    claude = {"claude": "claude-opus-4-5-cut-5"}
+    async with deployment(tmp_path, guide(models=claude)) as dep:
+        result = await dep.client.complete(
+            prompt="Write a sort", task_type="CodeGeneration", quality="High", max_tokens=64
+        )
+        following = result.route.chain[1]
+        assert result.provider == following
+        assert [(a.provider, a.outcome) for a in result.attempts] == [
+            ("claude", Outcome.ERROR),
+            (following, Outcome.OK),
+        ]
+        events = await dep.events_of(result.task_id)
+        [failed] = [e for e in events if isinstance(e, CallFailed)]
+        assert (failed.provider, failed.error_code) == ("claude", "answer_cut")
+        assert failed.usage.output_tokens == 64 and failed.usage.input_tokens > 0
+        price = dep.runtime.config.provider("claude").price  # type: ignore[union-attr]
+        bound = cost(failed.usage, price)
+        spends = {e.provider: e.cost_usd for e in events if isinstance(e, SpendRecorded)}
+        assert spends == {"claude": bound, following: result.cost_usd}
+        assert bound > 0 and failed.cost_usd == bound == result.attempts[0].cost_usd
+
+
 async def test_a_long_answer_is_delivered_and_one_too_long_for_nats_is_a_502_paid_once(
     tmp_path: Path,
 ) -> None:

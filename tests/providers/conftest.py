@@ -58,17 +58,20 @@ ClientFactory = Callable[..., ProviderClient]
 
 @pytest.fixture
 async def client_for(sim: Simulator) -> AsyncIterator[ClientFactory]:
-    """``client_for(kind, model_suffix="", **options)``: a client of ``kind`` on the simulator."""
+    """``client_for(kind, model_suffix="", *, model=MODELS[kind], **options)``: a client of
+    ``kind`` on the simulator."""
     made: list[ProviderClient] = []
 
-    def build(kind: str, suffix: str = "", **options: Any) -> ProviderClient:
+    def build(
+        kind: str, suffix: str = "", *, model: str | None = None, **options: Any
+    ) -> ProviderClient:
         options.setdefault("api_key", SECRET)
         options.setdefault("timeout", 5.0)
         options.setdefault("base_url", sim.base_url_for(kind))
         client = make_client(
             name=f"{kind}-sim",
             kind=kind,
-            model=MODELS[kind] + (f"-{suffix}" if suffix else ""),
+            model=(model or MODELS[kind]) + (f"-{suffix}" if suffix else ""),
             price=price_of(kind),
             **options,
         )

@@ -170,14 +170,17 @@ async def test_slow_first_token_times_out_before_any_chunk(
 
 # Partial usage after a cut at 3 chunks ("one two three", 13 characters):
 # - Anthropic reported input in message_start (7); output is estimated from the text: ceil(13/3).
-# - Gemini reports cumulative counts in every chunk: exactly 7 in, 3 out.
+# - Gemini reports cumulative counts in every chunk: 7 in, and 3 out so far; the answer was
+#   cut, so the provider may have made more than its last count said: the output is the larger
+#   of that count and the text's bound (13). (A model that does not think: gemini-2.0-flash.)
 # - OpenAI and Ollama report nothing before the end: both estimated, the input from the
 #   request (ceil(ceil(27/3) x 1.2) + 4 for the message = 15).
 # (input, output): reported counts, or bounds where the provider sent none by the cut (a
 # token per UTF-8 byte: "one two three" is 13; the input's bound adds the template's tokens).
+PLAIN_MODELS = {"gemini": "gemini-2.0-flash"}
 PARTIAL = {
     "anthropic": (7, 13),
-    "gemini": (7, 3),
+    "gemini": (7, 13),
     "openai": (39, 13),
     "ollama": (39, 13),
 }
@@ -187,7 +190,7 @@ PARTIAL = {
 async def test_a_stream_cut_midway_keeps_the_partial_text_and_usage(
     kind: str, client_for: ClientFactory
 ) -> None:
-    client = client_for(kind, "cut-3")
+    client = client_for(kind, "cut-3", model=PLAIN_MODELS.get(kind))
     received = []
 
     with pytest.raises(StreamBroken) as caught:
@@ -200,6 +203,59 @@ async def test_a_stream_cut_midway_keeps_the_partial_text_and_usage(
     assert "".join(received) == broken.partial_text == stream.text == "one two three"
     assert (broken.usage.input_tokens, broken.usage.output_tokens) == PARTIAL[kind]
     assert stream.completion is None
+
+
+# A model that reasons bills its reasoning as output and does not stream it (OpenAI's o-series,
+# Gemini 2.5 unless its chunks count the thoughts; Claude's thinking comes as a summarised
+# block): a stream of one cut before its usage was reported may have cost its whole output limit
+# (100), whatever its text says. The simulator thinks 60 tokens before the text. (A model not
+# named as a reasoner is bounded by its text: the cases of PARTIAL above.)
+REASONERS = [
+    ("openai", "o4-mini"),
+    ("gemini", "gemini-2.5-flash"),
+    ("anthropic", "claude-sonnet-4-6"),  # its thinking block: output it does not show
+]
+
+
+@pytest.mark.parametrize(("kind", "model"), REASONERS)
+async def test_a_cut_stream_of_a_model_that_reasons_is_bounded_by_its_output_limit(
+    kind: str, model: str, client_for: ClientFactory
+) -> None:
+    whole = await client_for(kind, "thoughts-60", model=model).complete(REQUEST)
+    client = client_for(kind, "thoughts-60-cut-3", model=model)
+
+    with pytest.raises(StreamBroken) as cut:
+        async with client.stream(REQUEST) as stream:
+            async for _ in stream:
+                pass
+    cancelled = client_for(kind, "thoughts-60", model=model)
+    async with cancelled.stream(REQUEST) as stream:
+        async for _ in stream:
+            break  # the caller stops reading: what the actor does on vapora.stream.cancel
+        stopped = stream.cancelled()
+
+    assert whole.usage.output_tokens == 66  # what the provider bills: its reasoning and text
+    assert cut.value.partial_text == "one two three"
+    assert cut.value.usage.output_tokens == REQUEST.max_tokens == 100
+    # Cancelled: bounded, or (when the read had brought the whole answer) the provider's count.
+    assert stopped.usage.output_tokens in (66, 100)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_cut_after_its_200_before_any_text_is_billed_its_input(
+    kind: str, client_for: ClientFactory
+) -> None:
+    """The provider answered (HTTP 200): it has the request and bills its input, reported
+    (Anthropic's ``message_start``) or bounded; nothing was forwarded, so the task may still
+    fall back."""
+    error = await _first_error(
+        client_for(kind, "cut-0", model=PLAIN_MODELS.get(kind)), streaming=True
+    )
+
+    assert not isinstance(error, ProviderStreamBroken) and error.fallback is True
+    # Anthropic's message_start reported it; the others report nothing before their text.
+    assert error.usage.input_tokens == (7 if kind == "anthropic" else 39)
+    assert error.usage.output_tokens == 0
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,10 @@ import anyio
 import httpx
 import pytest
 
+from events.contract import Usage
 from tests.providers.conftest import SECRET, ClientFactory
 from vapora.errors import ProviderTimeout, ProviderUnavailable
-from vapora.providers import KeepAliveTransport, ProviderRequest
+from vapora.providers import KeepAliveTransport, ProviderRequest, upper_bound_usage
 
 pytestmark = pytest.mark.anyio
 
@@ -434,8 +435,12 @@ async def test_transport_failures_keep_their_provider_error_classes(
         with pytest.raises(ProviderUnavailable) as cut:
             await client.complete(ProviderRequest(prompt="hi"))
         slow = client_for("openai", base_url=server.url + "/slow", timeout=0.3)
-        with pytest.raises(ProviderTimeout):
+        with pytest.raises(ProviderTimeout) as late:
             await slow.complete(ProviderRequest(prompt="hi"))
 
-    assert type(cut.value) is ProviderUnavailable and cut.value.error_type == "connection"
+    # A 200 whose body was cut: the provider made (and bills) the whole answer, whose usage was
+    # in the part not received: the attempt's upper bound. No answer at all: nothing known.
+    assert type(cut.value) is ProviderUnavailable and cut.value.error_type == "answer_cut"
+    assert cut.value.usage == upper_bound_usage(ProviderRequest(prompt="hi"))
+    assert late.value.usage == Usage()
     assert SECRET not in str(cut.value) and SECRET not in repr(cut.value)

@@ -21,6 +21,8 @@ from vapora.providers.values import (
     ProviderRequest,
     StreamBroken,
     input_token_bound,
+    may_reason,
+    upper_bound_usage,
 )
 from vapora.providers.wire import retry_after_from_headers
 
@@ -40,5 +42,7 @@ __all__ = [
     "StreamBroken",
     "input_token_bound",
     "make_client",
+    "may_reason",
     "retry_after_from_headers",
+    "upper_bound_usage",
 ]

@@ -48,7 +48,7 @@ _STATUS_OF_TYPE = {
 }
 _QUOTA_PHRASES = ("credit balance", "usage limits", "spend limit")
 #: Events that carry nothing we need (their ``event:`` name matches their ``type``).
-_SKIPPED = frozenset({"ping", "content_block_start", "content_block_stop"})
+_SKIPPED = frozenset({"ping", "content_block_stop"})
 
 
 class _TextDelta(msgspec.Struct):
@@ -104,6 +104,8 @@ class AnthropicClient(ProviderClient):
         if not isinstance(content, list):
             raise TypeError("`content` is not a list")
         turn.parts = [b.get("text", "") for b in content if b.get("type") == "text"]
+        if len(turn.parts) < len(content):  # thinking or a tool call: output the text omits
+            turn.unseen_output = True
         turn.model = data.get("model")
         turn.response_id = data.get("id")
         turn.finish_reason = _finish(data.get("stop_reason"))
@@ -130,7 +132,13 @@ class AnthropicClient(ProviderClient):
         if kind == "content_block_delta":
             delta = event.get("delta") or {}
             return str(delta.get("text") or "") if delta.get("type") == "text_delta" else None
-        if kind == "message_start":
+        if kind == "content_block_start":
+            block = event.get("content_block")
+            if not isinstance(block, dict) or block.get("type") != "text":
+                # Thinking (summarised when streamed), a redacted thought, a tool call: billed
+                # as output the text does not show (vapora asks for none of them).
+                turn.unseen_output = True
+        elif kind == "message_start":
             message = event.get("message") or {}
             turn.model = message.get("model")
             turn.response_id = message.get("id")

@@ -68,6 +68,8 @@ from vapora.providers.values import (
     StreamBroken,
     Turn,
     input_token_bound,
+    may_reason,
+    upper_bound_usage,
 )
 from vapora.providers.wire import (
     Frame,
@@ -254,10 +256,14 @@ class ProviderClient(ABC):
         self._require_key()
         model = request.model or self.model
         started = time.perf_counter()
-        response = await self._post(
-            self._path(request, model, stream=False), self._body(request, model, False), time_limit
-        )
-        turn = Turn()
+        turn = Turn(unseen_output=may_reason(model))
+        path, body = self._path(request, model, stream=False), self._body(request, model, False)
+        try:
+            response = await self._post(path, body, time_limit, turn)
+        except ProviderError as error:
+            if turn.answered:
+                raise self._unread(error, request) from error
+            raise
         self._read_body(response.content, turn)
         latency = (time.perf_counter() - started) * 1000
         self._latency.observe(latency)
@@ -368,7 +374,9 @@ class ProviderClient(ABC):
             extensions=self._extensions,
         )
 
-    async def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+    async def _send(
+        self, request: httpx.Request, *, stream: bool = False, turn: Turn | None = None
+    ) -> httpx.Response:
         """``request`` through the transport itself: what ``AsyncClient.send`` does for a call
         that needs no auth flow, redirects or cookies, without its layers (about a fifth of the
         provider actor's CPU). The transport's exceptions are httpx's, as through the client;
@@ -376,6 +384,8 @@ class ProviderClient(ABC):
         response = await self._transport.handle_async_request(request)
         response.request = request
         if not stream:
+            if turn is not None and response.status_code < 400:
+                turn.answered = True
             try:
                 await response.aread()
             except httpx.HTTPError:
@@ -391,14 +401,14 @@ class ProviderClient(ABC):
         return response
 
     async def _post(
-        self, path: str, body: dict[str, Any], time_limit: float | None
+        self, path: str, body: dict[str, Any], time_limit: float | None, turn: Turn | None = None
     ) -> httpx.Response:
         limit = time_limit or self.timeout
         try:
             # A cancel scope with a deadline, not ``fail_after`` (its generator costs ~4 µs more
             # per call): the deadline having cancelled the call is ``cancelled_caught``.
             with anyio.CancelScope(deadline=anyio.current_time() + limit) as scope:
-                response = await self._send(self._request(path, body))
+                response = await self._send(self._request(path, body), turn=turn)
         except TimeoutError as exc:
             raise self._timeout(limit) from exc
         except httpx.HTTPError as exc:
@@ -410,6 +420,23 @@ class ProviderClient(ABC):
                 self._http_error(response.status_code, response.headers, response.content)
             )
         return response
+
+    def _unread(self, error: ProviderError, request: ProviderRequest) -> ProviderError:
+        """``error`` (a cut, a time limit) came while the body of a 2xx answer was read: the
+        provider made the whole answer and bills it, and what it billed is in the body it did
+        not give. The same failure, at the attempt's upper bound (its whole input bound and
+        output limit), so that the spend is recorded and the budget keeps it; the router falls
+        back as for the failure itself."""
+        kind = type(error) if isinstance(error, ProviderTimeout) else ProviderUnavailable
+        return self._fail(
+            kind(
+                f"{error.message}, reading the body of its answer (HTTP 2xx): billed by the "
+                "provider, recorded at the attempt's upper bound",
+                provider=self.name,
+                error_type="answer_cut" if kind is ProviderUnavailable else error.error_type,
+                usage=upper_bound_usage(request),
+            )
+        )
 
     def _timeout(self, limit: float) -> ProviderError:
         return self._fail(
@@ -590,6 +617,7 @@ class ProviderClient(ABC):
                     except httpx.HTTPError:  # cut or undecodable: the status still classifies
                         content = b""
                     raise self._http_error(response.status_code, response.headers, content)
+                turn.answered = True
                 chunks = response.aiter_bytes()
                 ended = True
                 async for data in chunks:

@@ -155,7 +155,7 @@ class GeminiClient(ProviderClient):
         turn.response_id = data.get("responseId") or turn.response_id
         usage = data.get("usageMetadata")
         if isinstance(usage, dict):
-            _apply_usage(turn, usage)
+            _apply_usage(turn, usage, text)
         return text
 
     def _error_fields(self, payload: Any) -> tuple[str | None, str]:
@@ -201,7 +201,7 @@ def _read_response(data: _Response, turn: Turn) -> str:
     usage = data.usageMetadata
     if usage is not None:
         turn.input_tokens = count_sum(usage.promptTokenCount, usage.toolUsePromptTokenCount)
-        _output(turn, usage.candidatesTokenCount, usage.thoughtsTokenCount)
+        _output(turn, usage.candidatesTokenCount, usage.thoughtsTokenCount, text)
         turn.cache_read = (
             (usage.cachedContentTokenCount or 0) if turn.input_tokens is not None else 0
         )
@@ -222,9 +222,16 @@ def _blocked(turn: Turn) -> None:
     turn.done = True
 
 
-def _output(turn: Turn, candidates: Any, thoughts: Any) -> None:
+def _output(turn: Turn, candidates: Any, thoughts: Any, text: str) -> None:
     """Output = the candidates' tokens plus the thinking tokens; with the candidates' count left
-    out, the text's count is estimated and the thinking tokens are added to it."""
+    out, the text's count is estimated and the thinking tokens are added to it. The thinking
+    is over once text comes: with its count reported by then, the answer holds no output it
+    does not show, and a stream cut after it is estimated from its text and that count, not
+    bounded by the output limit (:attr:`Turn.unseen_output`). Without it (a model that did
+    not think says nothing, and a stream may give the count only at its end) a model that
+    may think stays bounded."""
+    if thoughts is not None and (text or turn.parts):
+        turn.unseen_output = False
     if candidates is None:
         turn.output_tokens = None
         turn.extra_output = count_sum(thoughts) or 0
@@ -232,11 +239,11 @@ def _output(turn: Turn, candidates: Any, thoughts: Any) -> None:
         turn.output_tokens = count_sum(candidates, thoughts)
 
 
-def _apply_usage(turn: Turn, usage: dict[str, Any]) -> None:
+def _apply_usage(turn: Turn, usage: dict[str, Any], text: str) -> None:
     """Gemini usage in our semantics: input includes cached and tool-use prompt tokens."""
     turn.input_tokens = count_sum(
         usage.get("promptTokenCount"), usage.get("toolUsePromptTokenCount")
     )
-    _output(turn, usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount"))
+    _output(turn, usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount"), text)
     cached = int(usage.get("cachedContentTokenCount") or 0)
     turn.cache_read = cached if turn.input_tokens is not None else 0

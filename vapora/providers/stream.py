@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 import anyio
 
 from vapora.errors import ProviderError, ProviderTimeout, ProviderUnavailable
-from vapora.providers.values import Completion, ProviderRequest, StreamBroken, Turn
+from vapora.providers.values import (
+    Completion,
+    ProviderRequest,
+    StreamBroken,
+    Turn,
+    may_reason,
+)
 
 if TYPE_CHECKING:
     from vapora.providers.base import ProviderClient
@@ -58,7 +64,7 @@ class CompletionStream:
         self._request = request
         self._model = request.model or client.model
         self._limits = (time_limit, first_token_limit or time_limit)
-        self._turn = Turn()
+        self._turn = Turn(unseen_output=may_reason(self._model))
         self._scope: anyio.CancelScope | None = None
         self._source: AsyncGenerator[None, None] | None = None
         self._end = math.inf
@@ -194,7 +200,7 @@ class CompletionStream:
         forwarded, since nobody waits for another provider's answer either, with the usage of
         all that was received (a count the provider had not reported yet bounded from above,
         as for any broken stream: the request went out, so its input may be billed)."""
-        usage, _ = self._turn.usage(self._request)
+        usage, _ = self._turn.usage(self._request, unfinished=True)
         broken = StreamBroken(
             f"{self._client.name}: the caller stopped reading the stream "
             f"(after {self._count} chunks)",
@@ -207,16 +213,19 @@ class CompletionStream:
         return self._client._fail(broken)
 
     def _failed(self, error: ProviderError) -> ProviderError:
-        """``error`` itself before the first chunk was forwarded (with the usage the provider
-        reported by then: Anthropic's ``message_start`` counts the input, which is billed even
-        if no text follows); after it, a StreamBroken with the text forwarded and the usage of
-        all that was received."""
+        """``error`` itself before the first chunk was forwarded, with the usage of what the
+        provider was sent if it had answered (HTTP 2xx: it has the request and bills it; its
+        input as reported, Anthropic's ``message_start``, or bounded), falling back to the
+        next provider; after it, a StreamBroken with the text forwarded and the usage of all
+        that was received. Either way a count the provider had not reported is bounded from
+        above (:meth:`Turn.usage`, ``unfinished``)."""
+        turn = self._turn
         if self._count == 0:
-            reported = self._turn.input_tokens is not None
-            if reported and not (error.usage.input_tokens or error.usage.output_tokens):
-                error.usage, _ = self._turn.usage(self._request)
+            answered = turn.answered or turn.input_tokens is not None
+            if answered and not (error.usage.input_tokens or error.usage.output_tokens):
+                error.usage, _ = turn.usage(self._request, unfinished=True)
             return self._client._fail(error)
-        usage, _ = self._turn.usage(self._request)
+        usage, _ = turn.usage(self._request, unfinished=True)
         broken = StreamBroken(
             f"{error.message} (after {self._count} chunks)",
             partial_text=self.text,

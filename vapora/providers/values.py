@@ -7,6 +7,7 @@ guide's Claude default), so that ``ProviderClient.estimate_cost`` is a true uppe
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -52,6 +53,8 @@ __all__ = [
     "StreamBroken",
     "Turn",
     "input_token_bound",
+    "may_reason",
+    "upper_bound_usage",
 ]
 
 DEFAULT_MAX_TOKENS = 4096
@@ -130,6 +133,32 @@ class ProviderRequest:
         return sum(_extra_bytes(text) for text in texts)
 
 
+#: Models that reason (or think) before they answer by default, their reasoning billed as output
+#: and not streamed: OpenAI's o-series, GPT-5 and codex models, open-weight reasoners served
+#: behind an OpenAI-compatible or Ollama endpoint (gpt-oss, DeepSeek-R1, QwQ, Qwen3, anything
+#: named for reasoning or thinking), Gemini 2.5 and later. Matched in a model name's words
+#: (after a ``/``, ``:``, ``-``, ``_`` or ``.``, or at its start), case-insensitively.
+_REASONING = re.compile(
+    r"(?:^|[/:_.-])(?:o\d|gpt-5|gpt-oss|codex|r1\b|qwq|qwen3|reason|think)"
+    r"|(?:^|/)gemini-(?:2\.5|[3-9])",
+    re.IGNORECASE,
+)
+
+
+def may_reason(model: str) -> bool:
+    """Whether ``model`` may bill output it does not stream (reasoning): an answer of it cut
+    before its usage was reported is bounded by its output limit (:attr:`Turn.unseen_output`).
+    A model not named as a reasoner that reasons all the same is estimated from its text; a
+    model named as one that does not is bounded on the high side: the budget's side."""
+    return _REASONING.search(model) is not None
+
+
+def upper_bound_usage(request: ProviderRequest) -> Usage:
+    """The most a call of ``request`` can be billed for: its whole input bound and output
+    limit (what a call is recorded as when what the provider billed is unknown)."""
+    return Usage(input_tokens=input_token_bound(request), output_tokens=request.output_limit)
+
+
 def input_token_bound(request: ProviderRequest) -> int:
     """The most input tokens the request can be billed for, for reservations: one per UTF-8
     byte of its text (every tokenizer the providers use, byte-level BPE or SentencePiece with
@@ -203,28 +232,38 @@ class Turn:
     #: Output counted apart from the text's, added when the text's count is estimated (Gemini's
     #: thinking tokens, reported when the candidates' count is left out).
     extra_output: int = 0
+    #: The provider may bill output this answer does not show (a reasoning model's reasoning,
+    #: a thinking or tool-use block) and has not counted yet: a missing output count is then
+    #: bounded by the request's output limit, not estimated from the text (:func:`may_reason`).
+    unseen_output: bool = False
+    #: The provider answered (HTTP 2xx): it has the request and bills it, whatever comes next.
+    answered: bool = False
     done: bool = False
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
-    def usage(self, request: ProviderRequest) -> tuple[Usage, bool]:
+    def usage(self, request: ProviderRequest, *, unfinished: bool = False) -> tuple[Usage, bool]:
         """The usage (reported; missing counts estimated), and whether anything was estimated.
 
         A missing count is bounded, never under-counted (the spend it records settles the
         call's hold): the output at one token per UTF-8 byte of the text received (plus the
         thinking tokens counted apart), at most the request's output limit (which the provider
-        was sent, and bills nothing past), the input at :func:`input_token_bound` of the
-        request.
+        was sent, and bills nothing past); the whole output limit when the provider may bill
+        output it does not show (:attr:`unseen_output`); the input at
+        :func:`input_token_bound` of the request.
+
+        ``unfinished``: the answer did not reach its end (cut, cancelled, timed out), so an
+        output count reported on the way (Gemini's running counts) is not the last one: the
+        output is the larger of it and the estimate.
         """
         self._drop_bad_counts()
-        estimated = self.input_tokens is None or self.output_tokens is None
+        estimated = self.input_tokens is None or self.output_tokens is None or unfinished
         output = self.output_tokens
-        if output is None:
-            text = self.text
-            # No more than the limit the provider was sent: it bills no output past it.
-            output = min(len(text) + _extra_bytes(text) + self.extra_output, request.output_limit)
+        if output is None or unfinished:
+            bound = self._output_bound(request)
+            output = bound if output is None else max(output, bound)
         inputs = self.input_tokens
         if inputs is None:
             inputs = input_token_bound(request) + self.cache_read + self.cache_write
@@ -236,6 +275,13 @@ class Turn:
             cache_write_1h_tokens=self.cache_write_1h or msgspec.UNSET,
         )
         return usage, estimated
+
+    def _output_bound(self, request: ProviderRequest) -> int:
+        if self.unseen_output:
+            return request.output_limit
+        text = self.text
+        # No more than the limit the provider was sent: it bills no output past it.
+        return min(len(text) + _extra_bytes(text) + self.extra_output, request.output_limit)
 
     def _drop_bad_counts(self) -> None:
         """A reported count that is negative, past :data:`MAX_TOKEN_COUNT` or not an integer is

@@ -25,7 +25,8 @@ them may be embedded in a model name, e.g. ``claude-sonnet-4-5-ttft-50-tps-200-c
 ``cachew1h-<n>``       n more written for an hour (Anthropic ``ephemeral_1h_input_tokens``;
                        other providers: as ``cachew``)
 ``thoughts-<n>``       n reasoning tokens (Gemini ``thoughtsTokenCount``, OpenAI
-                       ``reasoning_tokens``, included in Anthropic's ``output_tokens``)
+                       ``reasoning_tokens``, included in Anthropic's ``output_tokens`` with a
+                       thinking block before the text, summarised as Claude 4 returns it)
 ``ctx-<n>``            the model's context window is n tokens: a longer input (a token per four
                        characters) is refused with the provider's own context-length error
 ``nousage``            OpenAI: no usage chunk even when ``include_usage`` was asked

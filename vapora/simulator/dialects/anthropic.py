@@ -73,7 +73,7 @@ class AnthropicDialect(Dialect):
                 "type": "message",
                 "role": "assistant",
                 "model": reply.model,
-                "content": [{"type": "text", "text": reply.text}],
+                "content": [*_thinking(reply), {"type": "text", "text": reply.text}],
                 "stop_reason": _stop(reply),
                 "stop_sequence": None,
                 "usage": _usage(reply, reply.words + reply.thoughts),
@@ -94,28 +94,20 @@ class AnthropicDialect(Dialect):
                 "usage": _usage(reply, 1),
             },
         }
-        head = [
-            sse(start, "message_start"),
-            sse(
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                },
-                "content_block_start",
-            ),
-            _PING,
-        ]
+        head = [sse(start, "message_start")]
+        text = 0
+        for block in _thinking(reply):  # a thinking block first, as the API streams it
+            summary, signature = block["thinking"], block["signature"]
+            head += [
+                _block_start(text, {"type": "thinking", "thinking": ""}),
+                _block_delta(text, {"type": "thinking_delta", "thinking": summary}),
+                _block_delta(text, {"type": "signature_delta", "signature": signature}),
+                sse({"type": "content_block_stop", "index": text}, "content_block_stop"),
+            ]
+            text += 1
+        head += [_block_start(text, {"type": "text", "text": ""}), _PING]
         chunks = [
-            sse(
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": chunk},
-                },
-                "content_block_delta",
-            )
-            for chunk in reply.chunks
+            _block_delta(text, {"type": "text_delta", "text": chunk}) for chunk in reply.chunks
         ]
         delta = {
             "type": "message_delta",
@@ -123,7 +115,7 @@ class AnthropicDialect(Dialect):
             "usage": _usage(reply, reply.words + reply.thoughts, delta=True),
         }
         tail = [
-            sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            sse({"type": "content_block_stop", "index": text}, "content_block_stop"),
             sse(delta, "message_delta"),
             sse({"type": "message_stop"}, "message_stop"),
         ]
@@ -157,6 +149,25 @@ class AnthropicDialect(Dialect):
         return self.error(
             400, Behaviour(), f"prompt is too long: {tokens} tokens > {window} maximum"
         )
+
+
+def _thinking(reply: Reply) -> list[dict[str, Any]]:
+    """The answer's thinking block (``thoughts-<n>``), summarised as Claude 4 models return it:
+    billed for all ``n`` tokens in ``output_tokens``, shown in a few words."""
+    if not reply.thoughts:
+        return []
+    summary = f"Thought about it for {reply.thoughts} tokens."
+    return [{"type": "thinking", "thinking": summary, "signature": "c2ltdWxhdGVk"}]
+
+
+def _block_start(index: int, block: dict[str, Any]) -> bytes:
+    event = {"type": "content_block_start", "index": index, "content_block": block}
+    return sse(event, "content_block_start")
+
+
+def _block_delta(index: int, delta: dict[str, Any]) -> bytes:
+    event = {"type": "content_block_delta", "index": index, "delta": delta}
+    return sse(event, "content_block_delta")
 
 
 def _stop(reply: Reply) -> str:
