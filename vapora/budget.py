@@ -957,11 +957,25 @@ def _refusal(
     )
     for name, limit, spent, holds in checks:
         if limit is not None and spent + holds + amount > limit:
+            remembered = (
+                task is not None
+                and task.cap_usd == limit
+                and name.startswith("task ")
+                and (request.task_limit_usd is None or request.task_limit_usd > limit)
+            )
+            why = " (the lowest cap a request of this task asked for: a cap only lowers)"
+            why = why if remembered else ""
             return (
-                f"{name} limit ${limit} would be exceeded: spent ${spent} + held ${holds}"
-                f" + this ${amount} = ${spent + holds + amount}"
+                f"{name} limit ${_plain(limit)}{why} would be exceeded: spent ${_plain(spent)} "
+                f"+ held ${_plain(holds)} + this ${_plain(amount)} = "
+                f"${_plain(spent + holds + amount)}"
             )
     return None
+
+
+def _plain(amount: Decimal) -> Decimal:
+    """``amount``, a zero as ``0`` (a zero of a sum of seven-place amounts shows as ``0E-7``)."""
+    return amount if amount else _ZERO
 
 
 def _task_cap(
@@ -1090,14 +1104,14 @@ def status(state: BudgetState, limits: BudgetLimits, now: datetime) -> BudgetSta
         daily_limit_usd=limits.daily_usd,
         monthly_limit_usd=limits.monthly_usd,
         per_task_limit_usd=limits.per_task_usd,
-        spent_today_usd=state.spent_on(today),
-        spent_month_usd=state.spent_in_month(today),
-        reserved_usd=state.reserved_usd,
+        spent_today_usd=_plain(state.spent_on(today)),
+        spent_month_usd=_plain(state.spent_in_month(today)),
+        reserved_usd=_plain(state.reserved_usd),
         open_reservations=sum(len(shard) for shard in state._open),
         daily_percent=float(daily),
         monthly_percent=float(monthly),
         warn_threshold_percent=float(limits.warn_threshold_percent),
-        leased_usd=state.leased_usd,
+        leased_usd=_plain(state.leased_usd),
         open_leases=len(state.leases),
     )
 

@@ -212,6 +212,33 @@ def test_the_task_cap_is_the_lower_of_config_and_request_and_covers_every_attemp
     assert not admit(state, limits, request("b1", "0.30", task="task-2", cap="0.2"), T0).admitted
 
 
+def test_a_refusal_by_a_cap_an_earlier_request_of_the_task_asked_for_says_so():
+    # The first request asked for a cap of $0.05; a later one of the same task asks for $10: the
+    # task keeps the lower (a cap only lowers), and the refusal says where its limit comes from.
+    state = fold(reserved("a1", "0.04", task_limit="0.05"), spent("0.04", rid="a1"))
+    refused = admit(state, BudgetLimits(), request("a2", "0.02", cap="10"), T0)
+    assert not refused.admitted
+    assert refused.reason == (
+        "task task-1 limit $0.05 (the lowest cap a request of this task asked for: a cap only "
+        "lowers) would be exceeded: spent $0.04 + held $0 + this $0.02 = $0.06"
+    )
+    # Its own cap binding: no such note.
+    own = admit(state, BudgetLimits(), request("a3", "0.02", cap="0.05"), T0)
+    assert own.reason is not None and "asked for" not in own.reason
+
+
+def test_money_that_sums_to_zero_is_shown_as_0_not_as_an_exponent():
+    # Seven-place amounts that cancel leave Decimal("0E-7"), which JSON carries as "0E-7".
+    state = fold(reserved("a1", "0.0000010"), released("a1"))
+    assert str(state.reserved_usd) in ("0", "0E-7")
+    shown = budget.status(state, BudgetLimits(daily_usd=Decimal(1)), T0)
+    assert (str(shown.reserved_usd), str(shown.leased_usd), str(shown.spent_today_usd)) == (
+        "0",
+        "0",
+        "0",
+    )
+
+
 def test_a_zero_amount_always_fits_and_duplicates_are_answered_consistently():
     limits = BudgetLimits(daily_usd=Decimal(1))
     state = fold(spent("5"), reserved("open", "0"), reserved("gone", "0"), released("gone"))
