@@ -218,7 +218,9 @@ class BudgetKeeper:
         self._pending: dict[str, datetime] = {}
         # The live budget: one fold the tail and our own appends write in place; ``state`` is a
         # view of it (see :meth:`state`).
-        self._fold = budget.Fold()
+        #: How long an idle task's spend and cap are kept (``[budget] task_retention_hours``).
+        self.task_retention = runtime.config.budget.task_retention
+        self._fold = budget.Fold(self._retaining(budget.EMPTY))
         self._view: BudgetState | None = None
         self.fence = 0  # the last sequence on the budget subject that `state` includes
         self.fenced_out: str | None = None  # why we stopped writing, once another keeper wrote
@@ -376,7 +378,10 @@ class BudgetKeeper:
         return self._fold.announced
 
     def _reset(self, state: BudgetState) -> None:
-        self._fold, self._view = budget.Fold(state), None
+        self._fold, self._view = budget.Fold(self._retaining(state)), None
+
+    def _retaining(self, state: BudgetState) -> BudgetState:
+        return dataclasses.replace(state, task_retention=self.task_retention)
 
     def _fold_in(self, event: Event | View, seq: int | None = None) -> None:
         if seq is None:

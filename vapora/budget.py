@@ -44,7 +44,9 @@ Retention (memory must not grow with the log)
     of the retained maps once a day, not per event), so replay and live application prune alike:
     * days and months before the first day of the previous month are dropped;
     * a task's spend is dropped once it holds no open reservation and has had no event for
-      :data:`TASK_RETENTION` (a task idle that long starts from zero again if it comes back);
+      the state's ``task_retention`` (:data:`TASK_RETENTION` unless the keeper's config says
+      otherwise: ``[budget] task_retention_hours``; a task idle that long starts from zero again
+      if it comes back);
     * ids of closed reservations, and of spend events counted, are forgotten
       :data:`CLOSED_RETENTION` after their event time.
     The all-time ``total_spent_usd`` and ``spend_events`` are never pruned (they are two numbers).
@@ -259,6 +261,9 @@ class BudgetState:
     days: Mapping[date, Decimal] = field(default_factory=dict)
     months: Mapping[date, Decimal] = field(default_factory=dict)
     next_prune: datetime | None = field(default=None, repr=False)
+    #: How long a task with no event and no open hold is kept (``[budget]
+    #: task_retention_hours``); set by the reader that enforces task caps (the keeper).
+    task_retention: timedelta = field(default=TASK_RETENTION, repr=False)
     _tasks: Shards[str, TaskSpend] = field(default_factory=lambda: _empty_shards(), repr=False)
     _open: Shards[str, Reservation] = field(default_factory=lambda: _empty_shards(), repr=False)
     _closed: Shards[str, datetime] = field(default_factory=lambda: _empty_shards(), repr=False)
@@ -430,6 +435,7 @@ class _Books:
         "open",
         "reserved",
         "spend_events",
+        "task_retention",
         "tasks",
         "total",
         "watermark",
@@ -444,6 +450,7 @@ class _Books:
         # event instead of a subtraction; so one event moves it at most twice the step).
         self.watermark_limit = _LONG_AGO
         self.next_prune = state.next_prune
+        self.task_retention = state.task_retention
         self.total = state.total_spent_usd
         self.spend_events = state.spend_events
         self.reserved = state.reserved_usd
@@ -477,6 +484,7 @@ class _Books:
             days=self.days,
             months=self.months,
             next_prune=self.next_prune,
+            task_retention=self.task_retention,
             _tasks=self.tasks.freeze() if frozen else tuple(self.tasks._shards),
             _open=self.open.freeze() if frozen else tuple(self.open._shards),
             _closed=self.closed.freeze() if frozen else tuple(self.closed._shards),
@@ -704,7 +712,7 @@ class _Books:
         if any(month < keep_from for month in self.months):
             self.months = {m: v for m, v in self.months.items() if m >= keep_from}
             self.months_owned = True
-        idle_since, closed_before = now - TASK_RETENTION, now - CLOSED_RETENTION
+        idle_since, closed_before = now - self.task_retention, now - CLOSED_RETENTION
         self.tasks.drop_idle(idle_since)
         self.closed.drop_before(closed_before)
         self.counted.drop_before(closed_before)

@@ -26,7 +26,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -241,6 +241,13 @@ class BudgetConfig(_Section, frozen=True, kw_only=True):
     # The most one router's budget lease may hold (cents): routers admit paid attempts against
     # it without a round trip to the budget keeper. 0 turns leases off (one reservation each).
     lease_cents: Decimal = Decimal(100)
+    # How long the budget keeper keeps a task that has had no event (its spend and cap).
+    task_retention_hours: float = 24.0
+
+    @property
+    def task_retention(self) -> timedelta:
+        """``task_retention_hours`` as a duration."""
+        return timedelta(hours=self.task_retention_hours)
 
     @property
     def daily_limit_usd(self) -> Decimal | None:
@@ -774,6 +781,9 @@ def _check_rules(rules: list[RoutingRule], providers: tuple[ProviderConfig, ...]
         _check_rule(index, rule, names)
 
 
+_MAX_TASK_RETENTION_HOURS = 24 * 400  # a year and a bit: past it, nothing is ever forgotten
+
+
 def _check_budget(budget: BudgetConfig) -> None:
     for key in ("daily_limit_cents", "monthly_limit_cents", "per_task_limit_cents"):
         _check_money(f"budget.{key}", getattr(budget, key), positive=True)
@@ -781,6 +791,13 @@ def _check_budget(budget: BudgetConfig) -> None:
     if not (math.isfinite(warn) and 50 < warn <= 100):
         raise _Invalid("budget.warn_threshold_percent", f"must be in (50, 100], got {warn}")
     _check_money("budget.lease_cents", budget.lease_cents)
+    hours = budget.task_retention_hours
+    if not (math.isfinite(hours) and 1 <= hours <= _MAX_TASK_RETENTION_HOURS):
+        raise _Invalid(
+            "budget.task_retention_hours",
+            f"must be from 1 to {_MAX_TASK_RETENTION_HOURS} (hours a task idle is kept), "
+            f"got {hours:g}",
+        )
 
 
 def _check_routing(routing: RoutingConfig) -> None:
@@ -1096,7 +1113,8 @@ def _tail_lines(config: Config) -> list[str]:
     )
     return [
         f"budget: daily {_money(b.daily_limit_usd)}, monthly {_money(b.monthly_limit_usd)}, "
-        f"per task {_money(b.per_task_limit_usd)}, warn at {b.warn_threshold_percent:g}%; "
+        f"per task {_money(b.per_task_limit_usd)} (an idle task kept "
+        f"{b.task_retention_hours:g} h), warn at {b.warn_threshold_percent:g}%; "
         + (f"router leases up to {_money(b.lease_usd)}" if b.lease_usd else "no router leases"),
         f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}; replies under {replies}",
         f"storage: {config.storage.data_dir} (embedded server sync_interval: "

@@ -363,6 +363,28 @@ async def test_a_restart_restores_the_snapshot_and_replays_only_the_tail(
         assert fourth.state.total_spent_usd == full.total_spent_usd
 
 
+async def test_the_keeper_keeps_an_idle_task_as_long_as_its_config_says_across_a_restart(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    cfg = config(daily_cents=10_000)
+    cfg = msgspec.structs.replace(
+        cfg, budget=msgspec.structs.replace(cfg.budget, task_retention_hours=72.0)
+    )
+    make = lambda: BudgetKeeper(  # noqa: E731
+        runtime(conn, tmp_path, cfg=cfg, clock=clock), snapshot_every=5
+    )
+    first = make()
+    async with running(first):
+        for n in range(6):
+            await reserve(conn, Decimal("0.01"), task_id=f"t{n}")
+        assert first.state.task_retention == timedelta(hours=72)
+    second = make()
+    async with running(second):  # from its snapshot, which does not carry it: the config does
+        assert second.restored_sequence is not None
+        assert second.state.task_retention == timedelta(hours=72)
+
+
 async def test_a_snapshot_of_another_stream_of_the_same_name_is_not_trusted(
     conn: Client, tmp_path: Path
 ) -> None:

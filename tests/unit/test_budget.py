@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -337,6 +338,29 @@ def test_old_windows_idle_tasks_and_closed_ids_are_pruned_but_totals_are_kept():
     assert len(state.closed_reservations()) <= 49
     assert state.spend_events == sum(isinstance(e, SpendRecorded) for e in events)
     assert state.total_spent_usd == sum(e.cost_usd for e in events if isinstance(e, SpendRecorded))
+
+
+@pytest.mark.parametrize(("hours", "kept"), [(None, False), (48, True)])
+def test_a_capped_task_idle_past_its_retention_starts_again_and_a_longer_one_keeps_it(
+    hours: int | None, kept: bool
+) -> None:
+    # The review's case: job-42 spends $0.009 of its $0.01 cap, then pauses 40 hours while other
+    # tasks spend. By default (24 h) the keeper forgot it (at the first event of the second UTC
+    # day after) and admits it from zero; with `task_retention_hours = 48` its spend and cap
+    # still bind.
+    start = datetime(2026, 1, 10, 9, tzinfo=UTC)
+    state = budget.EMPTY
+    if hours is not None:
+        state = dataclasses.replace(state, task_retention=timedelta(hours=hours))
+    events = [reserved("j1", "0.009", at=start, task="job-42", task_limit="0.01")]
+    events.append(spent("0.009", at=start, task="job-42", rid="j1"))
+    events += [spent("0.001", at=start + timedelta(hours=h), task=f"other-{h}") for h in range(41)]
+    for event in events:
+        state = evolve(state, event)
+    later = start + timedelta(hours=40)
+    again = admit(state, BudgetLimits(), request("j2", "0.009", task="job-42"), later)
+    assert (state.task("job-42") is not None) is kept
+    assert again.admitted is not kept
 
 
 def test_one_event_stamped_far_ahead_prunes_nothing_current():

@@ -342,6 +342,16 @@ BAD = [
         "budget.warn_threshold_percent",
     ),
     (
+        "task retention under an hour",
+        BASE + "[budget]\ntask_retention_hours = 0.5\n",
+        "budget.task_retention_hours: must be from 1 to 9600 (hours a task idle is kept), got 0.5",
+    ),
+    (
+        "task retention not finite",
+        BASE + "[budget]\ntask_retention_hours = inf\n",
+        "budget.task_retention_hours: must be from 1 to 9600",
+    ),
+    (
         "weight outside 0-1",
         BASE + "[routing.weights]\nquality = 1.5\ncost = -0.25\nlatency = -0.25\n",
         "routing.weights.quality: must be between 0 and 1",
