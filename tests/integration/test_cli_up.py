@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 from tests.fault.provider_harness import KEYS, config_text
@@ -118,6 +119,12 @@ def _same_directory_while_up(data_dir: Path, url: str, env: dict[str, str]) -> N
     events = run("events", "--data-dir", str(data_dir), "--type", "call_succeeded", env=env)
     assert events.returncode == 0, events.stderr
     assert json.loads(events.stdout.splitlines()[0])["provider"] == "ollama"
+    # The budget of a served directory is its running keeper's: the deployment's limits (its
+    # config, $1,000 a day, is not in the directory), not the built-in ones folded offline.
+    budget = run("budget", "--data-dir", str(data_dir), "--json", env=env)
+    assert budget.returncode == 0, budget.stderr
+    assert Decimal(json.loads(budget.stdout)["daily_limit_usd"]) == Decimal(1000)
+    assert "its budget keeper answered" in budget.stderr
     assert (data_dir / "nats" / "nats-server.log").read_bytes().startswith(server_log)
 
 

@@ -77,3 +77,15 @@ async def test_the_offline_report_counts_the_spend_the_ledger_file_had_not_appli
     )
     assert budget.returncode == 0, budget.stderr
     assert Decimal(json.loads(budget.stdout)["spent_month_usd"]) == Decimal("0.09")
+    # The offline audit finds the ledger behind the log (a real difference: exit 1) and says
+    # why, and what to do, instead of only listing the spend as missing.
+    audit = subprocess.run(
+        [*VAPORA, "audit", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert audit.returncode == 1, audit.stdout + audit.stderr
+    assert "the ledger's file stops at log sequence 1, before the log's end (3)" in audit.stdout
+    assert "no budget keeper is running" in audit.stdout

@@ -400,13 +400,29 @@ async def cmd_budget(args: argparse.Namespace) -> int:
 
 
 async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
-    """The budget status by folding a data directory's log, no keeper running. The limits are
-    not in the log: they come from the config (named on stderr when it is the built-in one)."""
+    """The budget status of a data directory. When a running ``vapora up`` serves it, its
+    budget keeper answers (with the deployment's own limits); else the directory's log is
+    folded, no keeper running, and the limits, which are not in the log, come from the config
+    (named on stderr when it is the built-in one)."""
     from vapora import budget
-    from vapora.cli.money import json_text, render_budget
+    from vapora.cli.money import json_text, keeper_status, render_budget
     from vapora.config import ENV_CONFIG
 
     data_dir = _data_dir(args, config)
+    fold = budget.Fold()  # batch by batch: the log is never held whole
+    async with _connected(args, "vapora-budget") as (_, nc):
+        live = await keeper_status(nc)
+        if live is None:
+            log = await _reading(nc)
+            async for batch in log.replay(1):
+                fold.apply((entry.event, entry.seq) for entry in batch)
+    if live is not None:
+        print(
+            f"vapora budget: {data_dir} is served by a running vapora: its budget keeper "
+            "answered (the deployment's own limits)",
+            file=sys.stderr,
+        )
+        return json_text(live) if args.json else render_budget(live)
     named = args.config is not None or ENV_CONFIG in os.environ
     if not named and not (data_dir / "config.toml").is_file():
         print(
@@ -414,12 +430,6 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
             "the limits shown are the built-in defaults, not necessarily the deployment's",
             file=sys.stderr,
         )
-
-    fold = budget.Fold()  # batch by batch: the log is never held whole
-    async with _connected(args, "vapora-budget") as (_, nc):
-        log = await _reading(nc)
-        async for batch in log.replay(1):
-            fold.apply((entry.event, entry.seq) for entry in batch)
     limits = budget.BudgetLimits.from_cents(
         daily_cents=config.budget.daily_limit_cents,
         monthly_cents=config.budget.monthly_limit_cents,

@@ -46,6 +46,7 @@ __all__ = [
     "audit_command",
     "budget_command",
     "events_command",
+    "keeper_status",
     "render_budget",
     "report_command",
 ]
@@ -197,10 +198,10 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
             f"with --config (the event log holds {events} events). A ledger whose file was "
             "lost is rebuilt from the log when the ledger actor starts again."
         )
-    fold = await _keeper_status(nc) is not None  # the fold is for a keeper to compare with
+    fold = await keeper_status(nc) is not None  # the fold is for a keeper to compare with
     for attempt in range(_AUDIT_ATTEMPTS):
         notes, result = await _audit_once(nc, log, path, fold=fold)
-        if not fold and await _keeper_status(nc) is not None:
+        if not fold and await keeper_status(nc) is not None:
             fold = True  # a keeper came up meanwhile: once more, with it compared
             notes, result = await _audit_once(nc, log, path, fold=True)
         if result.ok or not _only_keeper(result) or attempt == _AUDIT_ATTEMPTS - 1:
@@ -224,18 +225,30 @@ async def _audit_once(
             notes.append(f"audit: no ledger database at {path}; every spend is missing from it")
         else:
             await _ledger_reached(ledger, end)  # a ledger that lags further: missing rows
+            position = await ledger.last_sequence()
+            if position < end:
+                notes.append(
+                    f"audit: the ledger's file stops at log sequence {position}, before the "
+                    f"log's end ({end}): its actor is behind, or stopped before applying the "
+                    "rest (a hard stop, a crash); the spend past it is reported missing below. "
+                    "With the ledger running again (vapora up, or vapora actor ledger) and "
+                    "caught up, audit again: what it then finds is real"
+                )
         fed = 0
         async for chunk in _chunks(log, end):
             high = chunk[-1][1]
             rows, logged = await _ledger_between(ledger, fed, high)
             auditor.feed(chunk, rows, logged)
             fed = high
-        status = await _keeper_status(nc) if auditor.folds else None
+        status = await keeper_status(nc) if auditor.folds else None
         before = await ledger.period_spend(status.at, through=end) if ledger and status else None
         after = await _ledger_spend_after(ledger, log, status)
         beyond = await _ledger_beyond(ledger, log)
     if status is None:
-        notes.append("audit: no budget keeper answered on vapora.budget; its comparison skipped")
+        notes.append(
+            "audit: no budget keeper is running (none answered on vapora.budget: offline, or "
+            "not deployed); the comparison with its totals is skipped"
+        )
     return notes, auditor.finish(
         keeper=status,
         limits=_limits_of(status) if status is not None else None,
@@ -327,7 +340,8 @@ async def _ledger_reached(ledger: Ledger, last: int) -> None:
         await anyio.sleep(0.05)
 
 
-async def _keeper_status(nc: Client) -> BudgetStatus | None:
+async def keeper_status(nc: Client) -> BudgetStatus | None:
+    """The running budget keeper's status, or None when none answers."""
     with contextlib.suppress(VaporaError):
         return await _ask(
             nc,
