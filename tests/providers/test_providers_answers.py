@@ -18,7 +18,7 @@ from vapora.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from vapora.providers import ProviderClient, ProviderRequest, make_client
+from vapora.providers import ProviderClient, ProviderRequest, StreamBroken, make_client
 
 pytestmark = pytest.mark.anyio
 
@@ -30,11 +30,11 @@ MODELS = {
 }
 
 
-def client(kind: str, port: int) -> ProviderClient:
+def client(kind: str, port: int, model: str | None = None) -> ProviderClient:
     return make_client(
         name=kind,
         kind=kind,
-        model=MODELS[kind],
+        model=model or MODELS[kind],
         price=price_of(kind),
         api_key="sk-test",
         base_url=f"http://127.0.0.1:{port}" + ("/v1" if kind == "openai" else ""),
@@ -250,6 +250,67 @@ async def test_a_stream_whose_body_never_ends_after_its_final_event_completes() 
     assert texts == ["hi"] and stream.completion is not None
     assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (7, 1)
     assert anyio.current_time() - started < 10  # the grace (2 s), not the time limit (20 s)
+
+
+def _frames(*chunks: dict[str, object]) -> bytes:
+    return b"".join(b"data: " + msgspec.json.encode(chunk) + b"\n\n" for chunk in chunks)
+
+
+_TEXT = {"id": "c", "choices": [{"index": 0, "delta": {"content": "one two three"}}]}
+_STOP = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+# Three tokens for the text's 13 bytes: less than its bound, as real counts are.
+_USAGE = {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+# A body longer than what is sent: the server closes it early (a cut).
+_CUT_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 100000\r\n\r\n"
+REQUEST_100 = ProviderRequest(prompt="a b c d", max_tokens=100)
+
+
+async def _cut_stream(body: bytes, model: str) -> tuple[list[str], StreamBroken | None, object]:
+    async with stub(_CUT_HEAD + body) as port:
+        made = client("openai", port, model)
+        texts: list[str] = []
+        try:
+            async with made.stream(REQUEST_100, time_limit=5) as stream:
+                async for text in stream:
+                    texts.append(text)
+        except StreamBroken as broken:
+            return texts, broken, None
+        finally:
+            await made.aclose()
+    return texts, None, stream.completion
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "o4-mini"])
+async def test_a_stream_cut_after_its_usage_keeps_the_count_the_provider_gave(model: str) -> None:
+    """The usage chunk (the answer's last count) came, then the body broke before ``[DONE]``:
+    the count stands, for a reasoner too (a review found it replaced by the output limit)."""
+    texts, broken, _ = await _cut_stream(_frames(_TEXT, _STOP, _USAGE), model)
+
+    assert texts == ["one two three"] and broken is not None
+    assert (broken.usage.input_tokens, broken.usage.output_tokens) == (7, 3)
+
+
+async def test_a_stream_cut_after_its_final_event_is_a_whole_answer() -> None:
+    """``[DONE]`` came, then the connection broke instead of the body ending: the answer was
+    whole, and is not a broken stream."""
+    texts, broken, completion = await _cut_stream(
+        _frames(_TEXT, _STOP, _USAGE) + b"data: [DONE]\n\n", "gpt-4o"
+    )
+
+    assert broken is None and texts == ["one two three"]
+    assert completion is not None and completion.usage.output_tokens == 3  # type: ignore[attr-defined]
+
+
+async def test_reasoning_text_in_the_deltas_bounds_a_cut_stream_whatever_the_models_name() -> None:
+    """An OpenAI-compatible server that streams reasoning (``reasoning_content``) bills it as
+    output: cut before its usage, the count is bounded by the output limit though the model's
+    name says nothing; the same cut without reasoning is bounded by its text."""
+    thinking = {"id": "c", "choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}
+    _, reasoned, _ = await _cut_stream(_frames(thinking, _TEXT), "house-model-7b")
+    _, plain, _ = await _cut_stream(_frames(_TEXT), "house-model-7b")
+
+    assert reasoned is not None and reasoned.usage.output_tokens == 100
+    assert plain is not None and plain.usage.output_tokens == len("one two three")
 
 
 @pytest.mark.parametrize("kind", ["openai", "ollama"])

@@ -16,7 +16,7 @@ from vapora.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from vapora.providers import ProviderClient, ProviderRequest, StreamBroken
+from vapora.providers import ProviderClient, ProviderRequest, StreamBroken, may_reason
 from vapora.simulator import Simulator
 
 pytestmark = pytest.mark.anyio
@@ -215,6 +215,28 @@ REASONERS = [
     ("gemini", "gemini-2.5-flash"),
     ("anthropic", "claude-sonnet-4-6"),  # its thinking block: output it does not show
 ]
+
+
+@pytest.mark.parametrize(
+    ("model", "reasons"),
+    [
+        *[(m, True) for m in ("o1", "o3-mini", "o4-mini-2025-04-16", "ft:o4-mini:org:x")],
+        *[(m, True) for m in ("gpt-5", "gpt-5-mini", "gpt-5.1", "codex-mini-latest")],
+        *[(m, True) for m in ("gemini-2.5-flash", "models/gemini-2.5-pro", "gemini-3-pro")],
+        *[(m, True) for m in ("gemini-flash-latest", "gemini-pro-latest", "grok-4", "grok-3-mini")],
+        *[(m, True) for m in ("deepseek-r1:7b", "qwen3:8b", "qwq", "gpt-oss:20b", "glm-4.6")],
+        *[(m, True) for m in ("magistral-medium", "phi4-reasoning", "qwen3-30b-thinking-2507")],
+        *[(m, False) for m in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "chatgpt-4o-latest")],
+        *[(m, False) for m in ("gpt-5-chat-latest", "claude-sonnet-4-5", "claude-opus-4-1")],
+        *[(m, False) for m in ("gemini-2.0-flash", "gemini-1.5-pro", "grok-3", "llama3.2")],
+        *[(m, False) for m in ("qwen3-coder:30b", "qwen3-235b-a22b-instruct-2507", "mistral")],
+        *[(m, False) for m in ("deepseek-chat", "gemma3", "text-embedding-3-small")],
+    ],
+)
+def test_which_models_may_reason_without_streaming_it(model: str, reasons: bool) -> None:
+    # A false "yes" bounds a cut stream (or a count left out) by the output limit, on the
+    # budget's side; a false "no" estimates it from the text and misses the reasoning.
+    assert may_reason(model) is reasons
 
 
 @pytest.mark.parametrize(("kind", "model"), REASONERS)

@@ -631,8 +631,11 @@ class ProviderClient(ABC):
                         # limit: a server that never ends the body has still answered.
                         ended = False
                         with anyio.move_on_after(_DONE_GRACE_S):
-                            async for data in chunks:
-                                self._read_frames(self._feed(decoder, data), turn)
+                            try:
+                                async for data in chunks:
+                                    self._read_frames(self._feed(decoder, data), turn)
+                            except httpx.HTTPError:  # cut after it: the answer is whole
+                                pass
                             ended = True
                         break
                 if ended:

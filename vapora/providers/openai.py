@@ -35,6 +35,10 @@ _ERROR = b'"error"'
 
 class _Delta(msgspec.Struct):
     content: str | None = None
+    # Reasoning text some OpenAI-compatible servers stream (vLLM, DeepSeek, OpenRouter): output
+    # billed that the answer's text does not show.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -136,7 +140,10 @@ class OpenAIClient(ProviderClient):
             return None
         if choices[0].get("finish_reason"):
             turn.finish_reason = choices[0]["finish_reason"]
-        content = (choices[0].get("delta") or {}).get("content")
+        delta = choices[0].get("delta") or {}
+        if isinstance(delta, dict) and (delta.get("reasoning_content") or delta.get("reasoning")):
+            turn.unseen_output = True
+        content = delta.get("content") if isinstance(delta, dict) else None
         return str(content) if content else None
 
     def _error_fields(self, payload: Any) -> tuple[str | None, str]:
@@ -182,7 +189,12 @@ def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
     choice = chunk.choices[0]
     if choice.finish_reason:
         turn.finish_reason = choice.finish_reason
-    return choice.delta.content or None if choice.delta is not None else None
+    delta = choice.delta
+    if delta is None:
+        return None
+    if delta.reasoning_content or delta.reasoning:
+        turn.unseen_output = True
+    return delta.content or None
 
 
 # An in-stream error's ``type`` or ``code`` and the HTTP status it stands for, so that it is

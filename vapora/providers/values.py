@@ -134,13 +134,18 @@ class ProviderRequest:
 
 
 #: Models that reason (or think) before they answer by default, their reasoning billed as output
-#: and not streamed: OpenAI's o-series, GPT-5 and codex models, open-weight reasoners served
-#: behind an OpenAI-compatible or Ollama endpoint (gpt-oss, DeepSeek-R1, QwQ, Qwen3, anything
-#: named for reasoning or thinking), Gemini 2.5 and later. Matched in a model name's words
-#: (after a ``/``, ``:``, ``-``, ``_`` or ``.``, or at its start), case-insensitively.
+#: and not streamed as text: OpenAI's o-series, GPT-5 (not its ``-chat`` model) and codex
+#: models; xAI's Grok 4 and Grok 3 mini; Gemini 2.5 and later, and the ``-latest`` aliases of
+#: Gemini's current models; open-weight reasoners served behind an OpenAI-compatible or Ollama
+#: endpoint (gpt-oss, DeepSeek-R1, QwQ, Qwen3 but its ``instruct`` and ``coder`` models,
+#: Magistral, GLM 4.5 and later, anything named for reasoning or thinking). Matched in a model
+#: name's words (after a ``/``, ``:``, ``-``, ``_`` or ``.``, or at its start),
+#: case-insensitively. An OpenAI-compatible stream that carries reasoning text
+#: (``reasoning_content``, ``reasoning``) says so whatever the name.
 _REASONING = re.compile(
-    r"(?:^|[/:_.-])(?:o\d|gpt-5|gpt-oss|codex|r1\b|qwq|qwen3|reason|think)"
-    r"|(?:^|/)gemini-(?:2\.5|[3-9])",
+    r"(?:^|[/:_.-])(?:o\d|gpt-5(?![\w.-]*chat)|gpt-oss|codex|grok-4|grok-3-mini|r1\b|qwq"
+    r"|qwen3(?![\w.:-]*(?:instruct|coder))|magistral|glm-4\.[5-9]|reason|think)"
+    r"|(?:^|/)gemini-(?:2\.5|[3-9]|(?:flash|pro|flash-lite)-latest)",
     re.IGNORECASE,
 )
 
@@ -238,6 +243,9 @@ class Turn:
     unseen_output: bool = False
     #: The provider answered (HTTP 2xx): it has the request and bills it, whatever comes next.
     answered: bool = False
+    #: ``output_tokens`` is a running count, not yet the answer's last (Gemini's chunks before
+    #: the one that ends it): an answer cut then may have made more.
+    running_output: bool = False
     done: bool = False
 
     @property
@@ -255,15 +263,19 @@ class Turn:
         :func:`input_token_bound` of the request.
 
         ``unfinished``: the answer did not reach its end (cut, cancelled, timed out), so an
-        output count reported on the way (Gemini's running counts) is not the last one: the
-        output is the larger of it and the estimate.
+        output count reported on the way (:attr:`running_output`, Gemini's) is not the last
+        one: the output is the larger of it and the estimate. A count the provider gave as the
+        answer's last (OpenAI's usage chunk, Anthropic's ``message_delta``, Gemini's final
+        chunk, Ollama's ``done``) stands as it is, however the stream ended after it.
         """
         self._drop_bad_counts()
-        estimated = self.input_tokens is None or self.output_tokens is None or unfinished
+        running = unfinished and self.running_output and self.output_tokens is not None
+        estimated = self.input_tokens is None or self.output_tokens is None or running
         output = self.output_tokens
-        if output is None or unfinished:
-            bound = self._output_bound(request)
-            output = bound if output is None else max(output, bound)
+        if output is None:
+            output = self._output_bound(request)
+        elif running:
+            output = max(output, self._output_bound(request))
         inputs = self.input_tokens
         if inputs is None:
             inputs = input_token_bound(request) + self.cache_read + self.cache_write
