@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -598,14 +599,23 @@ def _inbox_prefix(options: ConnectOptions) -> str:
     return subjects.inbox_prefix(options.user, options.servers, token_or_creds=other)
 
 
-class _Refusal:
-    """Watches the first connection for errors that retrying cannot fix."""
+#: How often the same connection error is said again while it lasts (a reconnect loop).
+_REPEAT_S = 30.0
 
-    def __init__(self, name: str | None = None) -> None:
+
+class _Refusal:
+    """Watches the first connection for errors that retrying cannot fix, and says the errors
+    of the connection once it is up."""
+
+    def __init__(self, name: str | None = None, *, repeat_s: float = _REPEAT_S) -> None:
         self.error: Exception | None = None
         self._refused = anyio.Event()
         self._connecting = True
         self._name = name or "nats"
+        self._repeat_s = repeat_s
+        self._said: str | None = None  # the last error said, and when
+        self._said_at = 0.0
+        self._unsaid = 0  # the same error since, not said
 
     async def error_cb(self, exc: Exception) -> None:
         if self._connecting and not _is_refusal(exc):
@@ -613,10 +623,22 @@ class _Refusal:
             # if it lasts, is said once, by the ConnectionFailed that ends it.
             log.debug("nats (%s): %s: %s", self._name, type(exc).__name__, exc)
         else:  # which connection: a process may hold several (an actor's, a reader's)
-            log.error("nats (%s): %s: %s", self._name, type(exc).__name__, exc)
+            self._say(exc)
         if self._connecting and self.error is None and _is_refusal(exc):
             self.error = exc
             self._refused.set()
+
+    def _say(self, exc: Exception) -> None:
+        """The error, logged; the same one again (a reconnect try every half second while the
+        server is away) at most once per ``repeat_s``, with how many were not said."""
+        text = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if text == self._said and now - self._said_at < self._repeat_s:
+            self._unsaid += 1
+            return
+        again = f" (and {self._unsaid} more since)" if text == self._said and self._unsaid else ""
+        log.error("nats (%s): %s%s", self._name, text, again)
+        self._said, self._said_at, self._unsaid = text, now, 0
 
     async def connect(self, client: Client, kwargs: dict[str, Any]) -> None:
         try:

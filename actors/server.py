@@ -283,9 +283,7 @@ class EmbeddedNats:
             if match and _READY in text:
                 return int(match.group(1))
             if self._process is not None and self._process.poll() is not None:
-                raise NatsServerError(
-                    f"nats-server exited at start:\n{text.decode(errors='replace')}"
-                )
+                raise NatsServerError(_start_failure(text.decode(errors="replace"), self.log_path))
             await anyio.sleep(0.01)
         await self.stop()
         raise NatsServerError(f"nats-server was not ready within {self.startup_timeout} s")
@@ -327,3 +325,12 @@ class EmbeddedNats:
     ) -> None:
         with contextlib.suppress(Exception):
             await self.stop()
+
+
+def _start_failure(text: str, log_path: Path) -> str:
+    """Why nats-server exited at its start: its fatal lines (``[FTL]``, e.g. "address already in
+    use"), not its whole banner; the whole log when it said none."""
+    fatal = [line.split("[FTL] ", 1)[1] for line in text.splitlines() if "[FTL] " in line]
+    if fatal:
+        return f"nats-server exited at start: {'; '.join(fatal)} (its log: {log_path})"
+    return f"nats-server exited at start:\n{text}"

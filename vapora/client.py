@@ -14,7 +14,8 @@
 Or wrap a connection the service already has: ``Client(nc)``. A contract error reply raises its
 :class:`vapora.errors.VaporaError` subclass (:func:`vapora.errors.error_for_code`); no answer in
 time raises :class:`vapora.errors.RequestTimeout`; no router running raises
-:class:`vapora.errors.NoProviderAvailable`.
+:class:`vapora.errors.NoProviderAvailable`; ``Client.connect`` that reaches no NATS server raises
+its subclass :class:`vapora.errors.NotConnected`, naming why.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.client import _default_error_callback as _nats_default_error_cb
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
@@ -58,6 +60,7 @@ from vapora.errors import (
     InternalError,
     InvalidRequest,
     NoProviderAvailable,
+    NotConnected,
     ProviderError,
     ProviderStreamBroken,
     RequestTimeout,
@@ -177,12 +180,24 @@ class Client:
         other = bool(options.keys() & {"token", "user_credentials", "nkeys_seed"})
         prefix = subjects.inbox_prefix(options.get("user"), servers, token_or_creds=other)
         options.setdefault("inbox_prefix", prefix)
+        # The last error of the tries, to say why none connected (the deadline's TimeoutError
+        # says nothing); passed on to the caller's callback, or to nats-py's own.
+        errors: list[Exception] = []
+        passed_on = options.get("error_cb") or _nats_default_error_cb
+
+        async def error_cb(exc: Exception) -> None:
+            errors[:] = [exc]
+            await passed_on(exc)
+
+        options["error_cb"] = error_cb
         try:
             with anyio.fail_after(options.pop("initial_deadline_s", 15.0)):
                 nc = await nats.connect(servers=servers, **options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise NoProviderAvailable(
-                f"cannot connect to NATS at {url} ({type(exc).__name__}); is vapora up?"
+            cause = errors[0] if errors and isinstance(exc, TimeoutError) else exc
+            raise NotConnected(
+                f"cannot connect to NATS at {url} ({type(cause).__name__}: {cause}); is vapora "
+                "up, and is this its NATS URL?"
             ) from exc
         try:
             yield cls(nc, timeout_s=timeout_s)

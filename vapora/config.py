@@ -25,6 +25,7 @@ import json
 import math
 import re
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -363,6 +364,10 @@ class StorageConfig(_Section, frozen=True, kw_only=True):
     replicas: int | None = None
 
 
+#: Where spans go: nowhere, the console, OTLP, or a JSON-lines file.
+Exporter = Literal["none", "console", "otlp", "jsonl"]
+
+
 class TelemetryConfig(_Section, frozen=True, kw_only=True):
     """OpenTelemetry and metrics switches (parsed here, applied by ``vapora.telemetry.setup``).
 
@@ -375,7 +380,7 @@ class TelemetryConfig(_Section, frozen=True, kw_only=True):
     """
 
     enabled: bool = False
-    exporter: Literal["none", "console", "otlp", "jsonl"] = "none"
+    exporter: Exporter = "none"
     prometheus_port: int | None = None
     capture_content: bool = False
     traces: bool = True
@@ -917,13 +922,25 @@ def _resolve(doc: _ConfigFile, source: str, at: datetime, resolve: PriceResolver
 # --- loading ------------------------------------------------------------------------------------
 
 
+# The values a key of a fixed set takes, said with a value it does not.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "task_type": tuple(t.value for t in TaskType),
+    "kind": tuple(k.value for k in ProviderKind),
+    "exporter": typing.get_args(Exporter),
+}
+
+
 def _validation_problem(exc: msgspec.ValidationError) -> _Invalid:
     message = str(exc)
     text, _, where = message.partition(" - at `")
     path = where.rstrip("`").removeprefix("$").removeprefix(".") or "(top level)"
     field = re.match(r"Object (contains unknown|missing required) field `([^`]*)`", text)
     if field is None:
-        return _Invalid(path, text[:1].lower() + text[1:])
+        problem = text[:1].lower() + text[1:]
+        choices = _CHOICES.get(re.sub(r"\[\d+\]$", "", path.rpartition(".")[2]))
+        if problem.startswith("invalid enum value") and choices:
+            problem += f"; one of {', '.join(choices)}"
+        return _Invalid(path, problem)
     key = field.group(2) if path == "(top level)" else f"{path}.{field.group(2)}"
     return _Invalid(
         key, "unknown key" if field.group(1) == "contains unknown" else "missing required key"

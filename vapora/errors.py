@@ -41,6 +41,7 @@ __all__ = [
     "InternalError",
     "InvalidRequest",
     "NoProviderAvailable",
+    "NotConnected",
     "Overloaded",
     "ProviderConfigError",
     "ProviderContextOverflow",
@@ -98,6 +99,14 @@ class BudgetExceeded(VaporaError):
 class NoProviderAvailable(VaporaError):
     code = "no_provider_available"
     status = 503
+
+
+class NotConnected(NoProviderAvailable):
+    """``vapora.Client.connect`` could not reach NATS (no server at the URL, or it would not
+    have us): nothing was asked of vapora. A :class:`NoProviderAvailable` (what it was before
+    it had a class of its own), told apart by its class and ``code``; never a NATS reply."""
+
+    code = "not_connected"
 
 
 class RequestTimeout(VaporaError):

@@ -233,5 +233,5 @@ async def test_a_keeper_that_comes_up_during_the_audit_is_still_compared(
 
         code, text = await audit_command(conn, KeeperComesBack(rt.log, start), tmp_path)  # type: ignore[arg-type]
         keeper.stop()
-    assert "no budget keeper answered" not in text
+    assert "no budget keeper is running" not in text
     assert code == 1 and "budget keeper spent this month" in text

@@ -328,3 +328,14 @@ def test_an_option_the_actor_does_not_take_is_refused() -> None:
     assert result.returncode == 2 and "--provider names the provider of a provider actor" in (
         result.stderr
     )
+
+
+def test_a_provider_actor_without_a_known_provider_is_refused_before_any_connection() -> None:
+    # With no server to connect to, these waited 15 s and then named the connection, not the
+    # missing or unknown --provider.
+    env = {**os.environ, "VAPORA_NATS_URL": "nats://127.0.0.1:9"}  # nothing listens there
+    missing = run("actor", "provider", env=env, timeout=10)
+    unknown = run("actor", "provider", "--provider", "nope", env=env, timeout=10)
+    assert missing.returncode == 2 and "needs --provider NAME" in missing.stderr
+    assert unknown.returncode == 2 and "unknown provider 'nope'; configured:" in unknown.stderr
+    assert "cannot connect" not in missing.stderr + unknown.stderr

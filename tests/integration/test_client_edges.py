@@ -16,7 +16,13 @@ import pytest
 from tests.fault.provider_harness import config_text, deployment
 from vapora.cli.money import audit_command
 from vapora.client import Client
-from vapora.errors import ConfigError, InvalidRequest, NoProviderAvailable, VaporaError
+from vapora.errors import (
+    ConfigError,
+    InvalidRequest,
+    NoProviderAvailable,
+    NotConnected,
+    VaporaError,
+)
 from vapora.ledger import Ledger
 
 pytestmark = pytest.mark.anyio
@@ -53,9 +59,13 @@ async def test_connecting_to_a_nats_server_that_is_down_fails_fast_and_clearly()
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with anyio.fail_after(20):
-        with pytest.raises(NoProviderAvailable, match="cannot connect to NATS"):
+        with pytest.raises(NoProviderAvailable, match="cannot connect to NATS") as failed:
             async with Client.connect(f"nats://127.0.0.1:{port}", initial_deadline_s=3):
                 pass
+    # Told apart from "every provider is down" (its own class, still a NoProviderAvailable),
+    # naming why: the deadline's TimeoutError said nothing.
+    assert isinstance(failed.value, NotConnected) and failed.value.code == "not_connected"
+    assert "ConnectionRefusedError" in str(failed.value)
 
 
 async def test_a_corrupt_ledger_file_is_named_and_nothing_is_left_running(tmp_path: Path) -> None:

@@ -397,7 +397,7 @@ async def test_audit_without_a_keeper_says_so_and_still_checks_the_ledger(
     async with running(CostLedger(rt)) as ledger:
         await eventually(lambda: _caught_up(ledger))
     code, text = await audit_command(conn, rt.log, tmp_path)
-    assert code == 0 and "no budget keeper answered" in text
+    assert code == 0 and "no budget keeper is running" in text
     # A directory without a ledger is most often the wrong one: said so, exit 2, not every
     # spend of the log listed as missing from a ledger.
     code, text = await audit_command(conn, rt.log, tmp_path / "empty")

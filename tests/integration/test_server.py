@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -208,6 +209,18 @@ def _running(pid: int) -> bool:
 async def test_a_bad_server_config_is_reported_not_hung(tmp_path: Path) -> None:
     with pytest.raises(NatsServerError, match="exited at start"):
         await EmbeddedNats(tmp_path, extra_config="this is { not valid\n").start()
+
+
+async def test_a_port_in_use_is_said_in_one_line_not_the_servers_whole_log(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(NatsServerError) as failed:
+            await EmbeddedNats(tmp_path, port=port).start()
+    message = str(failed.value)
+    assert "\n" not in message and "address already in use" in message
+    assert message.startswith("nats-server exited at start: Error listening on port")
 
 
 async def test_connecting_to_nothing_fails_clearly_naming_the_servers(

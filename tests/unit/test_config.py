@@ -286,7 +286,8 @@ BAD = [
     (
         "unknown task type",
         _second_rule('primary_provider = "gemini"').replace("Documentation", "Poetry"),
-        "routing_rules[1].task_type: invalid enum value 'Poetry'",
+        "routing_rules[1].task_type: invalid enum value 'Poetry'; one of CodeGeneration, "
+        "CodeReview,",
     ),
     (
         "duplicate provider names",
@@ -468,7 +469,7 @@ BAD = [
     (
         "unknown exporter",
         BASE + '[telemetry]\nexporter = "jaeger"\n',
-        "telemetry.exporter: invalid enum value 'jaeger'",
+        "telemetry.exporter: invalid enum value 'jaeger'; one of none, console, otlp, jsonl",
     ),
     (
         "prometheus port out of range",

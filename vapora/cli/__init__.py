@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -82,6 +83,9 @@ def _connect_options(config: Config, url: str, name: str) -> ConnectOptions:
     )
 
 
+_COMMAND_CONNECT_S = 5.0  # how long a command tries to reach NATS before it says it cannot
+
+
 def _url(config: Config) -> str:
     return ",".join(config.nats.urls) or DEFAULT_URL
 
@@ -109,7 +113,11 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
                     raise
                 url = exc.url
                 log.info("%s is served by a running vapora: reading it through %s", data_dir, url)
-        nc = await connect(_connect_options(config, url, name))
+        options = _connect_options(config, url, name)
+        # A command (not a service): a server that refuses the connection is said after a few
+        # seconds of retries, not the services' 15.
+        options = dataclasses.replace(options, initial_deadline=_COMMAND_CONNECT_S)
+        nc = await connect(options)
         stack.push_async_callback(_close_quietly, nc)
         yield config, nc
 
@@ -174,7 +182,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     if config.nats.urls and args.port is not None:
         raise ConfigError(
             "--port is the embedded nats-server's port, and a NATS URL is configured "
-            "(--nats-url, $VAPORA_NATS_URL or [nats] urls), so no server is started: "
+            "(--nats-url, $VAPORA_NATS_URL or [nats] url), so no server is started: "
             "drop one of them"
         )
     port = DEFAULT_EMBEDDED_PORT if args.port is None else args.port
@@ -260,6 +268,12 @@ async def cmd_actor(args: argparse.Namespace) -> int:
             f"--provider names the provider of a provider actor, not of a {args.kind}"
         )
     config = _config(args)
+    if args.kind == "provider":  # said before connecting: no wait for a server to say it
+        if args.provider is None:
+            raise ConfigError("`vapora actor provider` needs --provider NAME")
+        if config.provider(args.provider) is None:
+            names = ", ".join(p.name for p in config.providers)
+            raise ConfigError(f"unknown provider {args.provider!r}; configured: {names}")
     data_dir = _data_dir(args, config)
     await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
     url = _url(config)

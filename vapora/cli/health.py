@@ -36,7 +36,8 @@ def ping_subject(service: str | None) -> str:
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``health`` to the ``vapora`` command's subparsers."""
-    health = commands.add_parser("health", help=__doc__.splitlines()[0] if __doc__ else None)
+    what = "is a vapora service answering on NATS? (exit 0 if one answers, 1 if not)"
+    health = commands.add_parser("health", help=what, description=what[0].upper() + what[1:])
     _arguments(health)
 
 
@@ -49,6 +50,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 async def cmd_health(args: argparse.Namespace) -> int:
     """Ping; 0 when a service answered in time, 1 otherwise."""
+    from nats.errors import NoRespondersError
+
     from actors.connection import ConnectionFailed, ConnectOptions, connect
     from vapora.config import load
     from vapora.errors import ConfigError
@@ -87,7 +90,8 @@ async def cmd_health(args: argparse.Namespace) -> int:
             try:
                 reply = await nc.request(subject, b"", timeout=args.timeout)
             except Exception as exc:
-                print(f"unhealthy: no answer to {subject} within {args.timeout:g} s ({exc!r})")
+                why = "no service answers it" if isinstance(exc, NoRespondersError) else exc
+                print(f"unhealthy: no answer to {subject} within {args.timeout:g} s ({why})")
                 return 1
             answer = json.loads(reply.data)
             answered.append(f"{answer.get('name')} {answer.get('id')} answered {subject}")

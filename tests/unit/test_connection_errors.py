@@ -1,0 +1,35 @@
+"""The connection's error callback while the server is away: nats-py reports a failed reconnect
+every half second, each an ERROR line (a review counted ~200 from one `vapora ask` waiting out a
+server's absence). The same error is said once, then again at most every ``repeat_s``."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import pytest
+
+from actors.connection import _Refusal
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_same_connection_error_is_said_once_a_while_with_how_many_were_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    watcher = _Refusal("vapora-ask", repeat_s=0.2)
+    watcher._connecting = False  # the first connection is up: its errors are said
+    refused = ConnectionRefusedError(111, "Connection refused")
+    with caplog.at_level(logging.ERROR, logger="vapora.nats"):
+        for _ in range(5):
+            await watcher.error_cb(refused)
+        await anyio.sleep(0.25)
+        await watcher.error_cb(refused)
+        await watcher.error_cb(TimeoutError())  # another error: said at once
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "nats (vapora-ask): ConnectionRefusedError: [Errno 111] Connection refused",
+        "nats (vapora-ask): ConnectionRefusedError: [Errno 111] Connection refused"
+        " (and 4 more since)",
+        "nats (vapora-ask): TimeoutError: ",
+    ]
