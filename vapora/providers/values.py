@@ -33,16 +33,18 @@ def count_sum(*parts: Any) -> int | None:
     estimated like a missing one, when every part is missing or a part is not a count: checked
     part by part, since a negative part could hide in a plausible sum. A part that is no number
     at all raises (the body is malformed), as ``int`` does."""
-    if all(part is None for part in parts):
-        return None  # not reported: estimated (a count of 0 would bill nothing for the text)
-    total = 0
+    total, reported = 0, False
     for part in parts:
-        value = int(part or 0)
+        if part is None:
+            continue
+        reported = True
+        value = part if type(part) is int else int(part or 0)
         if not 0 <= value <= MAX_TOKEN_COUNT:
             _log.warning("the provider reported a token count that is not one (%.24s)", part)
             return None
         total += value
-    return total
+    # None when not reported: estimated (a count of 0 would bill nothing for the text).
+    return total if reported else None
 
 
 __all__ = [
@@ -300,6 +302,19 @@ class Turn:
         not one: it is dropped (logged) and the count estimated like a missing one, so a
         provider's nonsense neither bills a negative amount nor stores an event no reader can
         decode, and the call's spend is still recorded (on the high side)."""
+        inputs, output = self.input_tokens, self.output_tokens
+        read, write, hour = self.cache_read, self.cache_write, self.cache_write_1h
+        if (
+            (inputs is None or (type(inputs) is int and 0 <= inputs <= MAX_TOKEN_COUNT))
+            and (output is None or (type(output) is int and 0 <= output <= MAX_TOKEN_COUNT))
+            and type(read) is int
+            and type(write) is int
+            and type(hour) is int
+            and 0 <= read <= MAX_TOKEN_COUNT
+            and 0 <= hour <= write <= MAX_TOKEN_COUNT
+            and (inputs is None or read + write <= inputs)
+        ):
+            return  # every count a count (the usual case): nothing to drop, nothing to say
         counts = {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
