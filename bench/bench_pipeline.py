@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_pipeline.py [--requests N] [--concurrency C] [--provider P]
                                              [--warmup N]
                                              [--keeper [--lease-cents N]] [--reply-first]
-                                             [--profile FILE]
+                                             [--profile FILE] [--sequential-only]
 
 One run starts: the provider simulator as its own OS process (``python -m vapora.simulator``,
 zero latency), an embedded nats-server with JetStream, and every actor in this process (provider
@@ -185,19 +185,30 @@ async def run(args: argparse.Namespace) -> None:
                 if profiler:
                     profiler.enable()
                 n, c = args.requests, args.concurrency
-                phases = Phases(
-                    base=await timed(n, straight),
-                    base_httpx=await timed(n, straight_httpx),
-                    via=await timed(n, through),
-                    rate=await throughput(n * 2, c, through),
-                    rate_direct=await throughput(n * 2, c, straight),
-                    rate_httpx=await throughput(n * 2, c, straight_httpx),
-                )
+                if args.sequential_only:  # vapora at concurrency 1 alone (to profile it)
+                    samples, cpu = await timed(n, through)
+                    phases = None
+                else:
+                    phases = Phases(
+                        base=await timed(n, straight),
+                        base_httpx=await timed(n, straight_httpx),
+                        via=await timed(n, through),
+                        rate=await throughput(n * 2, c, through),
+                        rate_direct=await throughput(n * 2, c, straight),
+                        rate_httpx=await throughput(n * 2, c, straight_httpx),
+                    )
                 if profiler:
                     profiler.disable()
                     profiler.dump_stats(args.profile)
                 events = await log.last_sequence()
-                report(args, phases, events)
+                if phases is None:
+                    p50, p99 = percentile(samples, 50), percentile(samples, 99)
+                    print(
+                        f"through vapora, concurrency 1: p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
+                        f"{cpu:,.0f} µs of CPU per request; events in the log: {events}"
+                    )
+                else:
+                    report(args, phases, events)
                 for actor in reversed(actors):
                     actor.stop()
             await direct.aclose()
@@ -275,6 +286,11 @@ def main() -> None:
         help="with --keeper: [budget] lease_cents (0: a reservation round trip per paid call)",
     )
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
+    parser.add_argument(
+        "--sequential-only",
+        action="store_true",
+        help="only the calls through vapora at concurrency 1 (no floor, no throughput)",
+    )
     run_loop(run, parser.parse_args())
 
 
