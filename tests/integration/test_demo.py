@@ -100,10 +100,17 @@ def test_the_report_agrees_with_the_events_it_produced(
 def test_the_outage_shows_as_fallbacks_and_an_open_breaker(
     demo: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
-    data_dir, _ = demo
+    data_dir, done = demo
     fallbacks = run(
         "events", "--data-dir", str(data_dir), "--type", "fallback_triggered"
     ).stdout.splitlines()
+    # The report's section lists changes only: the breaker opening, not each provider's first
+    # "available, breaker closed" nor an instance's stop.
+    section = done.stdout.split("Provider health changes:", 1)[1].split("\n\n", 1)[0]
+    lines = [line for line in section.splitlines() if line.strip()]
+    assert any("claude: unavailable, breaker open" in line for line in lines), lines
+    assert not any("breaker closed (available)" in line for line in lines), lines
+    assert not any("instance stopped" in line for line in lines), lines
     assert any(json.loads(f)["from_provider"] == "claude" for f in fallbacks)
     health = [
         json.loads(h)

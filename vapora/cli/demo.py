@@ -39,6 +39,7 @@ from actors.server import EmbeddedNats
 from events.codec import event_tag
 from events.contract import Tier
 from events.log import (
+    INSTANCE_STOPPED,
     BudgetReserved,
     BudgetTierChanged,
     Event,
@@ -456,13 +457,22 @@ def _print_fallbacks(events: Sequence[Event], out: TextIO) -> None:
     if not fallbacks:
         print("  none", file=out)
     print("\nProvider health changes:", file=out)
+    # Changes only: each provider starts available with its breaker closed; an event that says
+    # the same again (its latency estimate moved, a heartbeat) or that an instance stopped (not
+    # about the provider) is not one.
+    said: dict[str, tuple[bool, str]] = {}
     for e in events:
-        if isinstance(e, ProviderHealthChanged):
-            state = "available" if e.available else "unavailable"
-            print(
-                f"  {e.at:%H:%M:%S} {e.provider}: {state}, breaker {e.breaker} ({e.reason})",
-                file=out,
-            )
+        if not isinstance(e, ProviderHealthChanged) or e.reason == INSTANCE_STOPPED:
+            continue
+        now = (e.available, e.breaker)
+        if said.get(e.provider, (True, "closed")) == now:
+            continue
+        said[e.provider] = now
+        state = "available" if e.available else "unavailable"
+        print(
+            f"  {e.at:%H:%M:%S} {e.provider}: {state}, breaker {e.breaker} ({e.reason})",
+            file=out,
+        )
 
 
 async def _audit(nc: NatsClient, log: EventLog, data_dir: Path, out: TextIO) -> int:
