@@ -601,6 +601,7 @@ def _inbox_prefix(options: ConnectOptions) -> str:
 
 #: How often the same connection error is said again while it lasts (a reconnect loop).
 _REPEAT_S = 30.0
+_SAID_MAX = 64  # distinct errors remembered for that
 
 
 class _Refusal:
@@ -613,9 +614,9 @@ class _Refusal:
         self._connecting = True
         self._name = name or "nats"
         self._repeat_s = repeat_s
-        self._said: str | None = None  # the last error said, and when
-        self._said_at = 0.0
-        self._unsaid = 0  # the same error since, not said
+        # Each error said: when, and how many of it since were not (a reconnect loop goes
+        # round a cluster's servers, so the errors alternate).
+        self._said: dict[str, tuple[float, int]] = {}
 
     async def error_cb(self, exc: Exception) -> None:
         if self._connecting and not _is_refusal(exc):
@@ -633,12 +634,15 @@ class _Refusal:
         server is away) at most once per ``repeat_s``, with how many were not said."""
         text = f"{type(exc).__name__}: {exc}"
         now = time.monotonic()
-        if text == self._said and now - self._said_at < self._repeat_s:
-            self._unsaid += 1
+        at, unsaid = self._said.get(text, (None, 0))
+        if at is not None and now - at < self._repeat_s:
+            self._said[text] = (at, unsaid + 1)
             return
-        again = f" (and {self._unsaid} more since)" if text == self._said and self._unsaid else ""
+        again = f" (and {unsaid} more since)" if unsaid else ""
         log.error("nats (%s): %s%s", self._name, text, again)
-        self._said, self._said_at, self._unsaid = text, now, 0
+        if len(self._said) >= _SAID_MAX:  # errors of long ago: forgotten, said again if back
+            self._said = {t: v for t, v in self._said.items() if now - v[0] < self._repeat_s}
+        self._said[text] = (now, 0)
 
     async def connect(self, client: Client, kwargs: dict[str, Any]) -> None:
         try:

@@ -974,11 +974,16 @@ def _refusal(
             why = " (the lowest cap a request of this task asked for: a cap only lowers)"
             why = why if remembered else ""
             return (
-                f"{name} limit ${_plain(limit)}{why} would be exceeded: spent ${_plain(spent)} "
-                f"+ held ${_plain(holds)} + this ${_plain(amount)} = "
-                f"${_plain(spent + holds + amount)}"
+                f"{name} limit ${_shown(limit)}{why} would be exceeded: spent ${_shown(spent)} "
+                f"+ held ${_shown(holds)} + this ${_shown(amount)} = "
+                f"${_shown(spent + holds + amount)}"
             )
     return None
+
+
+def _shown(amount: Decimal) -> str:
+    """``amount`` in a message: plain digits (``0.0000009``, not ``9E-7``), a zero as ``0``."""
+    return format(_plain(amount), "f")
 
 
 def _plain(amount: Decimal) -> Decimal:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -185,20 +186,21 @@ class Client:
         # says nothing); passed on to the caller's callback, or to nats-py's own.
         errors: list[Exception] = []
         passed_on = options.get("error_cb") or _nats_default_error_cb
+        if inspect.iscoroutinefunction(passed_on):  # else nats-py refuses it, as before
 
-        async def error_cb(exc: Exception) -> None:
-            errors[:] = [exc]
-            await passed_on(exc)
+            async def error_cb(exc: Exception) -> None:
+                errors[:] = [exc]
+                await passed_on(exc)
 
-        options["error_cb"] = error_cb
+            options["error_cb"] = error_cb
         try:
             with anyio.fail_after(options.pop("initial_deadline_s", 15.0)):
                 nc = await nats.connect(servers=servers, **options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             cause = errors[0] if errors and isinstance(exc, TimeoutError) else exc
+            why = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
             raise NotConnected(
-                f"cannot connect to NATS at {url} ({type(cause).__name__}: {cause}); is vapora "
-                "up, and is this its NATS URL?"
+                f"cannot connect to NATS at {url} ({why}); is vapora up, and is this its NATS URL?"
             ) from exc
         try:
             yield cls(nc, timeout_s=timeout_s)

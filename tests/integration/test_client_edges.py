@@ -134,3 +134,29 @@ async def test_a_stream_sent_again_after_no_router_answered_keeps_its_task_scope
             async for _ in stream:
                 pass
     assert seen and seen[0].get(subjects.TASK_SCOPE_HEADER) == "request"
+
+
+async def test_a_command_reaches_a_cluster_whose_first_server_hangs(tmp_path: Path) -> None:
+    """One node's host down (its port accepts and never speaks) holds a connection try for the
+    whole connect timeout: a command's deadline of 5 s with the services' 5 s tries failed
+    whenever it tried that node first. Each server now gets a try of its own."""
+    from actors.server import EmbeddedNats
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        dead = f"nats://127.0.0.1:{hung.getsockname()[1]}"
+        async with EmbeddedNats(tmp_path / "nats") as server:
+            command = [sys.executable, "-m", "vapora.cli", "stream", "--nats-url"]
+            command.append(f"{dead},{server.url}")
+            for _ in range(3):  # nats-py tries the servers in a random order
+                made = await anyio.to_thread.run_sync(
+                    lambda: subprocess.run(
+                        command,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        check=False,
+                    )
+                )
+                assert made.returncode == 0, made.stderr

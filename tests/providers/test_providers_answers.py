@@ -301,6 +301,29 @@ async def test_a_stream_cut_after_its_final_event_is_a_whole_answer() -> None:
     assert completion is not None and completion.usage.output_tokens == 3  # type: ignore[attr-defined]
 
 
+async def test_a_running_count_in_every_chunk_is_not_taken_as_the_last_on_a_cut() -> None:
+    """An OpenAI-compatible server that sends usage with every chunk (vLLM's
+    ``continuous_usage_stats``): a count before the finish is a running one; cut then, the
+    output is bounded (its text's bound, 13) as if none had come, not the 1 so far."""
+    running = {
+        "id": "c",
+        "choices": [{"index": 0, "delta": {"content": "one two three"}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 1},
+    }
+    _, broken, _ = await _cut_stream(_frames(running), "house-model-7b")
+
+    assert broken is not None
+    assert (broken.usage.input_tokens, broken.usage.output_tokens) == (7, 13)
+
+
+async def test_a_frame_begun_after_the_final_event_and_cut_leaves_the_answer_whole() -> None:
+    texts, broken, completion = await _cut_stream(
+        _frames(_TEXT, _STOP, _USAGE) + b'data: [DONE]\n\ndata: {"id', "gpt-4o"
+    )
+
+    assert broken is None and texts == ["one two three"] and completion is not None
+
+
 async def test_reasoning_text_in_the_deltas_bounds_a_cut_stream_whatever_the_models_name() -> None:
     """An OpenAI-compatible server that streams reasoning (``reasoning_content``) bills it as
     output: cut before its usage, the count is bounded by the output limit though the model's

@@ -226,6 +226,7 @@ REASONERS = [
         *[(m, True) for m in ("gemini-flash-latest", "gemini-pro-latest", "grok-4", "grok-3-mini")],
         *[(m, True) for m in ("deepseek-r1:7b", "qwen3:8b", "qwq", "gpt-oss:20b", "glm-4.6")],
         *[(m, True) for m in ("magistral-medium", "phi4-reasoning", "qwen3-30b-thinking-2507")],
+        *[(m, True) for m in ("glm-5", "grok-code-fast-1")],
         *[(m, False) for m in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "chatgpt-4o-latest")],
         *[(m, False) for m in ("gpt-5-chat-latest", "claude-sonnet-4-5", "claude-opus-4-1")],
         *[(m, False) for m in ("gemini-2.0-flash", "gemini-1.5-pro", "grok-3", "llama3.2")],

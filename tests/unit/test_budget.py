@@ -228,6 +228,15 @@ def test_a_refusal_by_a_cap_an_earlier_request_of_the_task_asked_for_says_so():
     assert own.reason is not None and "asked for" not in own.reason
 
 
+def test_a_refusal_shows_amounts_under_a_millionth_in_plain_digits():
+    state = fold(spent("0.0099995"))
+    refused = admit(state, BudgetLimits(daily_usd=Decimal("0.01")), request("a", "0.0000009"), T0)
+    assert refused.reason == (
+        "daily limit $0.01 would be exceeded: spent $0.0099995 + held $0 + this $0.0000009 = "
+        "$0.0100004"
+    )
+
+
 def test_money_that_sums_to_zero_is_shown_as_0_not_as_an_exponent():
     # Seven-place amounts that cancel leave Decimal("0E-7"), which JSON carries as "0E-7".
     state = fold(reserved("a1", "0.0000010"), released("a1"))

@@ -33,3 +33,19 @@ async def test_the_same_connection_error_is_said_once_a_while_with_how_many_were
         " (and 4 more since)",
         "nats (vapora-ask): TimeoutError: ",
     ]
+
+
+async def test_errors_that_alternate_between_a_clusters_servers_are_each_said_once_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Reconnecting goes round the servers, so consecutive errors differ by address: compared
+    # with the last one only, none was held back (23 lines in 6 s with two URLs).
+    watcher = _Refusal("vapora-ask", repeat_s=30)
+    watcher._connecting = False
+    first = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 11424)")
+    second = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 11496)")
+    with caplog.at_level(logging.ERROR, logger="vapora.nats"):
+        for _ in range(10):
+            await watcher.error_cb(first)
+            await watcher.error_cb(second)
+    assert len(caplog.records) == 2

@@ -84,6 +84,7 @@ def _connect_options(config: Config, url: str, name: str) -> ConnectOptions:
 
 
 _COMMAND_CONNECT_S = 5.0  # how long a command tries to reach NATS before it says it cannot
+_COMMAND_TRY_S = 2.0  # one server's connect timeout, for a command
 
 
 def _url(config: Config) -> str:
@@ -115,8 +116,12 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
                 log.info("%s is served by a running vapora: reading it through %s", data_dir, url)
         options = _connect_options(config, url, name)
         # A command (not a service): a server that refuses the connection is said after a few
-        # seconds of retries, not the services' 15.
-        options = dataclasses.replace(options, initial_deadline=_COMMAND_CONNECT_S)
+        # seconds of retries, not the services' 15; each server of a cluster gets its own try
+        # (one whose host is down holds a try for its whole connect timeout).
+        deadline = max(_COMMAND_CONNECT_S, _COMMAND_TRY_S * len(options.servers) + 1.0)
+        options = dataclasses.replace(
+            options, connect_timeout=_COMMAND_TRY_S, initial_deadline=deadline
+        )
         nc = await connect(options)
         stack.push_async_callback(_close_quietly, nc)
         yield config, nc

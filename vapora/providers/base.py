@@ -634,8 +634,10 @@ class ProviderClient(ABC):
                             try:
                                 async for data in chunks:
                                     self._read_frames(self._feed(decoder, data), turn)
-                            except httpx.HTTPError:  # cut after it: the answer is whole
-                                pass
+                            except httpx.HTTPError:
+                                # Cut after it: the answer is whole, and a frame begun after
+                                # it and cut is left unread (not a malformed answer).
+                                break
                             ended = True
                         break
                 if ended:

@@ -134,12 +134,14 @@ class OpenAIClient(ProviderClient):
             raise self._http_error(_stream_status(chunk), {}, frame.data)
         turn.model = chunk.get("model") or turn.model
         turn.response_id = chunk.get("id") or turn.response_id
-        _apply_usage(turn, chunk.get("usage"))
         choices = chunk.get("choices") or []
+        if choices and choices[0].get("finish_reason"):
+            turn.finish_reason = choices[0]["finish_reason"]
+        if isinstance(chunk.get("usage"), dict):
+            _apply_usage(turn, chunk["usage"])
+            _running(turn)
         if not choices:
             return None
-        if choices[0].get("finish_reason"):
-            turn.finish_reason = choices[0]["finish_reason"]
         delta = choices[0].get("delta") or {}
         if isinstance(delta, dict) and (delta.get("reasoning_content") or delta.get("reasoning")):
             turn.unseen_output = True
@@ -177,6 +179,9 @@ def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
     """A chunk of the usual shape applied to ``turn``; its text."""
     turn.model = chunk.model or turn.model
     turn.response_id = chunk.id or turn.response_id
+    choice = chunk.choices[0] if chunk.choices else None
+    if choice is not None and choice.finish_reason:
+        turn.finish_reason = choice.finish_reason
     usage = chunk.usage
     if usage is not None:
         details = usage.prompt_tokens_details
@@ -184,11 +189,9 @@ def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
         turn.output_tokens = count_sum(usage.completion_tokens)
         turn.cache_read = (details.cached_tokens or 0) if details else 0
         turn.cache_write = (details.cache_write_tokens or 0) if details else 0
-    if not chunk.choices:
+        _running(turn)
+    if choice is None:
         return None
-    choice = chunk.choices[0]
-    if choice.finish_reason:
-        turn.finish_reason = choice.finish_reason
     delta = choice.delta
     if delta is None:
         return None
@@ -229,6 +232,13 @@ def _stream_status(chunk: dict[str, Any]) -> int:
         if isinstance(name, str) and name in _STATUS_OF_ERROR:
             return _STATUS_OF_ERROR[name]
     return 500
+
+
+def _running(turn: Turn) -> None:
+    """A stream's counts before its finish are running ones (an OpenAI-compatible server that
+    sends usage in every chunk, vLLM's ``continuous_usage_stats``): cut then, the answer may
+    have made more. OpenAI's own usage chunk comes after the finish: the last count."""
+    turn.running_output = turn.finish_reason is None
 
 
 def _apply_usage(turn: Turn, usage: Any) -> None:

@@ -137,16 +137,16 @@ class ProviderRequest:
 
 #: Models that reason (or think) before they answer by default, their reasoning billed as output
 #: and not streamed as text: OpenAI's o-series, GPT-5 (not its ``-chat`` model) and codex
-#: models; xAI's Grok 4 and Grok 3 mini; Gemini 2.5 and later, and the ``-latest`` aliases of
-#: Gemini's current models; open-weight reasoners served behind an OpenAI-compatible or Ollama
-#: endpoint (gpt-oss, DeepSeek-R1, QwQ, Qwen3 but its ``instruct`` and ``coder`` models,
-#: Magistral, GLM 4.5 and later, anything named for reasoning or thinking). Matched in a model
-#: name's words (after a ``/``, ``:``, ``-``, ``_`` or ``.``, or at its start),
-#: case-insensitively. An OpenAI-compatible stream that carries reasoning text
+#: models; xAI's Grok 4, Grok 3 mini and Grok Code; Gemini 2.5 and later, and the ``-latest``
+#: aliases of Gemini's current models; open-weight reasoners served behind an
+#: OpenAI-compatible or Ollama endpoint (gpt-oss, DeepSeek-R1, QwQ, Qwen3 but its ``instruct``
+#: and ``coder`` models, Magistral, GLM 4.5 and later, anything named for reasoning or
+#: thinking). Matched in a model name's words (after a ``/``, ``:``, ``-``, ``_`` or ``.``, or
+#: at its start), case-insensitively. An OpenAI-compatible stream that carries reasoning text
 #: (``reasoning_content``, ``reasoning``) says so whatever the name.
 _REASONING = re.compile(
-    r"(?:^|[/:_.-])(?:o\d|gpt-5(?![\w.-]*chat)|gpt-oss|codex|grok-4|grok-3-mini|r1\b|qwq"
-    r"|qwen3(?![\w.:-]*(?:instruct|coder))|magistral|glm-4\.[5-9]|reason|think)"
+    r"(?:^|[/:_.-])(?:o\d|gpt-5(?![\w.-]*chat)|gpt-oss|codex|grok-4|grok-3-mini|grok-code|r1\b|qwq"
+    r"|qwen3(?![\w.:-]*(?:instruct|coder))|magistral|glm-(?:4\.[5-9]|[5-9])|reason|think)"
     r"|(?:^|/)gemini-(?:2\.5|[3-9]|(?:flash|pro|flash-lite)-latest)",
     re.IGNORECASE,
 )
