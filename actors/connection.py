@@ -13,7 +13,7 @@ import logging
 import re
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -581,7 +581,7 @@ async def connect(options: ConnectOptions) -> Client:
         await _abandon(client)
         raise ConnectionFailed(
             f"cannot connect to NATS at {servers} within {options.initial_deadline} s"
-            + (f": {type(last).__name__}: {last}" if last else "")
+            + (f": {_reason(last)}" if last else "")
         ) from exc
     except Exception as exc:
         await _abandon(client)
@@ -615,8 +615,8 @@ class _Refusal:
         self._name = name or "nats"
         self._repeat_s = repeat_s
         # Each error said: when, and how many of it since were not (a reconnect loop goes
-        # round a cluster's servers, so the errors alternate).
-        self._said: dict[str, tuple[float, int]] = {}
+        # round a cluster's servers, so the errors alternate); the _SAID_MAX said last.
+        self._said: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
     async def error_cb(self, exc: Exception) -> None:
         if self._connecting and not _is_refusal(exc):
@@ -640,9 +640,10 @@ class _Refusal:
             return
         again = f" (and {unsaid} more since)" if unsaid else ""
         log.error("nats (%s): %s%s", self._name, text, again)
-        if len(self._said) >= _SAID_MAX:  # errors of long ago: forgotten, said again if back
-            self._said = {t: v for t, v in self._said.items() if now - v[0] < self._repeat_s}
         self._said[text] = (now, 0)
+        self._said.move_to_end(text)
+        if len(self._said) > _SAID_MAX:  # the one said longest ago: forgotten, said if back
+            self._said.popitem(last=False)
 
     async def connect(self, client: Client, kwargs: dict[str, Any]) -> None:
         try:
@@ -677,3 +678,9 @@ def _is_refusal(exc: Exception) -> bool:
 async def _abandon(client: Client) -> None:
     with contextlib.suppress(Exception):
         await client.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's type and text; its type alone when it has none (a bare timeout)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -186,13 +186,14 @@ class Client:
         # says nothing); passed on to the caller's callback, or to nats-py's own.
         errors: list[Exception] = []
         passed_on = options.get("error_cb") or _nats_default_error_cb
-        if inspect.iscoroutinefunction(passed_on):  # else nats-py refuses it, as before
 
-            async def error_cb(exc: Exception) -> None:
-                errors[:] = [exc]
-                await passed_on(exc)
+        async def error_cb(exc: Exception) -> None:
+            errors[:] = [exc]
+            said = passed_on(exc)  # any callable: a coroutine function, or one returning none
+            if inspect.isawaitable(said):
+                await said
 
-            options["error_cb"] = error_cb
+        options["error_cb"] = error_cb
         try:
             with anyio.fail_after(options.pop("initial_deadline_s", 15.0)):
                 nc = await nats.connect(servers=servers, **options)

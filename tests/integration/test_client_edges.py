@@ -136,6 +136,26 @@ async def test_a_stream_sent_again_after_no_router_answered_keeps_its_task_scope
     assert seen and seen[0].get(subjects.TASK_SCOPE_HEADER) == "request"
 
 
+async def test_a_callers_error_callback_of_any_kind_is_called_and_the_cause_named() -> None:
+    """``Client.connect`` wraps the caller's ``error_cb`` to learn why no try connected: a plain
+    function or an async callable object is called as nats-py would call a coroutine function,
+    and the failure names the connection's error, not the callback's type."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{probe.getsockname()[1]}"  # closed once the block ends
+    seen: list[Exception] = []
+
+    class Async:
+        async def __call__(self, exc: Exception) -> None:
+            seen.append(exc)
+
+    for callback in (seen.append, Async()):
+        with pytest.raises(NotConnected, match="ConnectionRefusedError"):
+            async with Client.connect(url, initial_deadline_s=1, error_cb=callback):
+                pass
+    assert seen and all(isinstance(e, ConnectionRefusedError) for e in seen)
+
+
 async def test_a_command_reaches_a_cluster_whose_first_server_hangs(tmp_path: Path) -> None:
     """One node's host down (its port accepts and never speaks) holds a connection try for the
     whole connect timeout: a command's deadline of 5 s with the services' 5 s tries failed

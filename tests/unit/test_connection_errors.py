@@ -49,3 +49,12 @@ async def test_errors_that_alternate_between_a_clusters_servers_are_each_said_on
             await watcher.error_cb(first)
             await watcher.error_cb(second)
     assert len(caplog.records) == 2
+
+
+async def test_the_errors_remembered_are_bounded_whatever_their_variety() -> None:
+    # A slow consumer's error names each dropped message's subject: a new text per message.
+    watcher = _Refusal("vapora-ask", repeat_s=30)
+    watcher._connecting = False
+    for n in range(1000):
+        await watcher.error_cb(RuntimeError(f"slow consumer on task.{n}"))
+    assert len(watcher._said) == 64
