@@ -27,7 +27,7 @@ from nats.aio.subscription import Subscription
 from actors.protocol import FastParser, RawBatch, RawMessage
 from events import subjects
 from vapora.config import redact_url
-from vapora.errors import ConfigError
+from vapora.errors import ConfigError, describe
 
 __all__ = [
     "Client",
@@ -581,7 +581,7 @@ async def connect(options: ConnectOptions) -> Client:
         await _abandon(client)
         raise ConnectionFailed(
             f"cannot connect to NATS at {servers} within {options.initial_deadline} s"
-            + (f": {_reason(last)}" if last else "")
+            + (f": {describe(last)}" if last else "")
         ) from exc
     except Exception as exc:
         await _abandon(client)
@@ -632,7 +632,7 @@ class _Refusal:
     def _say(self, exc: Exception) -> None:
         """The error, logged; the same one again (a reconnect try every half second while the
         server is away) at most once per ``repeat_s``, with how many were not said."""
-        text = f"{type(exc).__name__}: {exc}"
+        text = describe(exc)
         now = time.monotonic()
         at, unsaid = self._said.get(text, (None, 0))
         if at is not None and now - at < self._repeat_s:
@@ -678,9 +678,3 @@ def _is_refusal(exc: Exception) -> bool:
 async def _abandon(client: Client) -> None:
     with contextlib.suppress(Exception):
         await client.close()
-
-
-def _reason(exc: BaseException) -> str:
-    """An error's type and text; its type alone when it has none (a bare timeout)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

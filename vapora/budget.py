@@ -971,8 +971,11 @@ def _refusal(
                 and name.startswith("task ")
                 and (request.task_limit_usd is None or request.task_limit_usd > limit)
             )
-            why = " (the lowest cap a request of this task asked for: a cap only lowers)"
-            why = why if remembered else ""
+            why = (
+                " (the lowest cap a request of this task asked for: a cap only lowers)"
+                if remembered
+                else ""
+            )
             return (
                 f"{name} limit ${_shown(limit)}{why} would be exceeded: spent ${_shown(spent)} "
                 f"+ held ${_shown(holds)} + this ${_shown(amount)} = "

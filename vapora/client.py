@@ -66,6 +66,7 @@ from vapora.errors import (
     ProviderStreamBroken,
     RequestTimeout,
     VaporaError,
+    describe,
     error_for_code,
 )
 from vapora.telemetry.messaging import end_request, request_span, start_request
@@ -199,9 +200,9 @@ class Client:
                 nc = await nats.connect(servers=servers, **options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             cause = errors[0] if errors and isinstance(exc, TimeoutError) else exc
-            why = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
             raise NotConnected(
-                f"cannot connect to NATS at {url} ({why}); is vapora up, and is this its NATS URL?"
+                f"cannot connect to NATS at {url} ({describe(cause)}); is vapora up, and is this "
+                "its NATS URL?"
             ) from exc
         try:
             yield cls(nc, timeout_s=timeout_s)

@@ -56,6 +56,7 @@ __all__ = [
     "UnknownProvider",
     "UnknownTaskType",
     "VaporaError",
+    "describe",
     "error_for_code",
     "is_error_type",
 ]
@@ -127,6 +128,13 @@ class InternalError(VaporaError):
 #: What an error type may be: an identifier, as every provider's are (``overloaded_error``,
 #: ``rate_limit_exceeded``, ``RESOURCE_EXHAUSTED``).
 _TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a log line or a message names it: its type and text, its type alone
+    when it has no text (a bare ``TimeoutError``)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def is_error_type(value: object) -> bool:

@@ -31,7 +31,7 @@ async def test_the_same_connection_error_is_said_once_a_while_with_how_many_were
         "nats (vapora-ask): ConnectionRefusedError: [Errno 111] Connection refused",
         "nats (vapora-ask): ConnectionRefusedError: [Errno 111] Connection refused"
         " (and 4 more since)",
-        "nats (vapora-ask): TimeoutError: ",
+        "nats (vapora-ask): TimeoutError",
     ]
 
 

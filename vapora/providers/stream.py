@@ -221,8 +221,7 @@ class CompletionStream:
         above (:meth:`Turn.usage`, ``unfinished``)."""
         turn = self._turn
         if self._count == 0:
-            answered = turn.answered or turn.input_tokens is not None
-            if answered and not (error.usage.input_tokens or error.usage.output_tokens):
+            if turn.answered and not (error.usage.input_tokens or error.usage.output_tokens):
                 error.usage, _ = turn.usage(self._request, unfinished=True)
             return self._client._fail(error)
         usage, _ = turn.usage(self._request, unfinished=True)

@@ -271,7 +271,7 @@ class Turn:
         chunk, Ollama's ``done``) stands as it is, however the stream ended after it.
         """
         self._drop_bad_counts()
-        running = unfinished and self.running_output and self.output_tokens is not None
+        running = unfinished and self.running_output
         estimated = self.input_tokens is None or self.output_tokens is None or running
         output = self.output_tokens
         if output is None:
