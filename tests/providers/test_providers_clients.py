@@ -369,6 +369,19 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _anthropic_message(usage: dict[str, object]) -> dict[str, object]:
+    """A whole Anthropic answer, "hi there", with ``usage`` as given."""
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-6",
+        "content": [{"type": "text", "text": "hi there"}],
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+
+
 _NONSENSE = {
     "openai": {
         "id": "chatcmpl-1",
@@ -382,20 +395,14 @@ _NONSENSE = {
         ],
         "usage": {"prompt_tokens": -1000000, "completion_tokens": 1e30},
     },
-    "anthropic": {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4-6",
-        "content": [{"type": "text", "text": "hi there"}],
-        "stop_reason": "end_turn",
-        # A negative part hidden in a plausible sum: -1000000 + 1000005 = 5 input tokens.
-        "usage": {
+    # A negative part hidden in a plausible sum: -1000000 + 1000005 = 5 input tokens.
+    "anthropic": _anthropic_message(
+        {
             "input_tokens": -1000000,
             "output_tokens": -1000000,
             "cache_read_input_tokens": 1000005,
-        },
-    },
+        }
+    ),
 }
 
 
@@ -453,20 +460,14 @@ async def test_anthropic_hour_long_writes_that_are_no_part_of_the_writes_bill_th
     # is not known, so all of them are billed at that (dearer) rate, never fewer.
     done = await _completed_with(
         "anthropic",
-        {
-            "id": "msg_1",
-            "type": "message",
-            "role": "assistant",
-            "model": "claude-sonnet-4-6",
-            "content": [{"type": "text", "text": "hi there"}],
-            "stop_reason": "end_turn",
-            "usage": {
+        _anthropic_message(
+            {
                 "input_tokens": 10,
                 "output_tokens": 2,
                 "cache_creation_input_tokens": 50,
                 "cache_creation": {"ephemeral_1h_input_tokens": hour},
-            },
-        },
+            }
+        ),
     )
     assert done.usage.input_tokens == 60 and done.usage.cache_write_tokens == 50
     assert done.usage.cache_write_1h_tokens == billed_hour
