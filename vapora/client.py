@@ -57,6 +57,7 @@ from events.contract import (
     StreamMessage,
     Usage,
 )
+from vapora.config import redact_url
 from vapora.errors import (
     InternalError,
     InvalidRequest,
@@ -200,9 +201,10 @@ class Client:
                 nc = await nats.connect(servers=servers, **options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             cause = errors[0] if errors and isinstance(exc, TimeoutError) else exc
+            shown = ",".join(redact_url(server) for server in servers)  # no password shown
             raise NotConnected(
-                f"cannot connect to NATS at {url} ({describe(cause)}); is vapora up, and is this "
-                "its NATS URL?"
+                f"cannot connect to NATS at {shown} ({describe(cause)}); is vapora up, and is "
+                "this its NATS URL?"
             ) from exc
         try:
             yield cls(nc, timeout_s=timeout_s)

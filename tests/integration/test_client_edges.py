@@ -154,6 +154,12 @@ async def test_a_callers_error_callback_of_any_kind_is_called_and_the_cause_name
             async with Client.connect(url, initial_deadline_s=1, error_cb=callback):
                 pass
     assert seen and all(isinstance(e, ConnectionRefusedError) for e in seen)
+    # A password in the URL is not in the error (the README's promise for every URL shown).
+    secret = url.replace("nats://", "nats://svc:s3cret-pass@")
+    with pytest.raises(NotConnected) as failed:
+        async with Client.connect(secret, initial_deadline_s=1):
+            pass
+    assert "s3cret-pass" not in str(failed.value) and "svc:***@" in str(failed.value)
 
 
 async def test_a_command_reaches_a_cluster_whose_first_server_hangs(tmp_path: Path) -> None:
