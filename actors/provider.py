@@ -91,7 +91,7 @@ from actors.service import (
     reply_room,
 )
 from events import subjects
-from events.codec import DecodeError, decode, encode
+from events.codec import DecodeError, decode, encode, plain_decimal
 from events.contract import (
     BudgetPending,
     Price,
@@ -947,7 +947,7 @@ class ProviderActor:
             headers[HTTP_STATUS_HEADER] = str(error.http_status)
         if _has_tokens(error.usage):
             headers[USAGE_HEADER] = encode(error.usage).decode()
-            headers[COST_HEADER] = str(cost(error.usage, price or self.client.price))
+            headers[COST_HEADER] = plain_decimal(cost(error.usage, price or self.client.price))
         elif called and _maybe_billed(error):
             # The provider had the request when the time ran out: it may finish it and bill
             # it. What it billed is unknown here, so the router keeps the attempt's hold.

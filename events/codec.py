@@ -7,6 +7,7 @@ contract (``$.max_tokens``), so actors can answer a bad message with a 400 that 
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from functools import cache
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ __all__ = [
     "decode_with",
     "encode",
     "event_tag",
+    "plain_decimal",
 ]
 
 T = TypeVar("T")
@@ -40,8 +42,31 @@ class DecodeError(ValueError):
 
 
 def encode(message: Any) -> bytes:
-    """Encode any contract message or event to JSON bytes (money as decimal strings)."""
-    return _encoder.encode(message)
+    """Encode any contract message or event to JSON bytes, money as decimal strings in plain
+    digits (``"0.000000225"``): Python's ``str`` of a decimal below a millionth, or of a zero
+    with a long exponent, is in scientific notation (``"2.25E-7"``, ``"0E-7"``), which decimal
+    parsers of other languages refuse (before 2026-11-27 it went out so)."""
+    data = _encoder.encode(message)
+    if b"E-" in data or b"E+" in data:  # such a decimal, perhaps (or text with one in it)
+        plain = _plain_decimals(msgspec.to_builtins(message, builtin_types=(Decimal,)))
+        return _encoder.encode(plain)
+    return data
+
+
+def plain_decimal(amount: Decimal) -> str:
+    """``amount`` as the wire writes it: plain digits, never an exponent (:func:`encode`)."""
+    text = str(amount)
+    return format(amount, "f") if "E" in text else text
+
+
+def _plain_decimals(value: Any) -> Any:
+    if type(value) is Decimal:
+        return plain_decimal(value)
+    if isinstance(value, dict):
+        return {key: _plain_decimals(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_decimals(item) for item in value]
+    return value
 
 
 @cache

@@ -12,7 +12,7 @@ import pytest
 
 from events.codec import decode
 from events.contract import CompletionResult, Outcome, StreamEnd
-from events.log import BudgetReserved, SpendRecorded
+from events.log import BudgetReserved, CallFailed, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
 from vapora.errors import BudgetExceeded, NoProviderAvailable, VaporaError
 
@@ -200,8 +200,10 @@ async def test_a_provider_timeout_after_the_request_was_sent_keeps_its_hold(
     tmp_path: Path,
 ) -> None:
     """The provider had the request when its time ran out and may still bill it: the router
-    released its hold as "failed, nothing to bill" and paid the fallback with it."""
-    from events.log import BudgetReleased, CallFailed
+    released its hold as "failed, nothing to bill" and paid the fallback with it. Later its hold
+    was kept but expired at $0, and nothing recorded the spend: it is recorded at the attempt's
+    upper bound, which settles the hold."""
+    from events.log import BudgetReleased
 
     def config(base_url: str) -> str:
         return config_text(
@@ -226,6 +228,9 @@ async def test_a_provider_timeout_after_the_request_was_sent_keeps_its_hold(
     released = {e.reservation_id for e in events if isinstance(e, BudgetReleased)}
     assert claude_hold[0] not in released  # kept until its spend or its expiry
     assert done.provider != "claude"  # the chain went on to the next provider
+    [spent] = [e for e in events if isinstance(e, SpendRecorded) and e.provider == "claude"]
+    assert spent.cost_usd == timed_out.cost_usd > 0
+    assert spent.output_tokens == 16  # the attempt's upper bound: its whole output limit
 
 
 async def test_a_call_that_waited_past_its_time_in_the_backlog_is_not_made(
@@ -262,8 +267,16 @@ async def test_a_call_that_waited_past_its_time_in_the_backlog_is_not_made(
                 tg.start_soon(one, i)
         await anyio.sleep(3)  # whatever waited in the backlog has come out of it by now
         events = await dep.events()
-    spends = [e for e in events if isinstance(e, SpendRecorded)]
-    assert answered and len(spends) == len(answered)
+    spends = [e.task_id for e in events if isinstance(e, SpendRecorded)]
+    # A call timed out after it went out is billed (at its upper bound); one refused from the
+    # backlog never reached the provider, and is not: at most the one call in progress when
+    # the first answer came.
+    timed_out = {
+        e.task_id for e in events if isinstance(e, CallFailed) and e.error_code == "timeout"
+    }
+    assert answered and len(spends) == len(set(spends))
+    assert set(spends) == {r.task_id for r in answered} | timed_out  # type: ignore[attr-defined]
+    assert len(timed_out) <= 1
 
 
 async def test_a_streams_time_to_first_token_counts_its_wait_in_the_backlog(

@@ -120,13 +120,18 @@ async def test_an_error_whose_body_was_cut_keeps_its_status(kind: str) -> None:
     assert isinstance(limited, ProviderRateLimited) and limited.retry_after == 7
 
 
-async def _stream_failure(kind: str, response: bytes) -> ProviderError:
+#: A prompt long enough for the counts these answers report (a count past what the request
+#: could be billed for is not taken: Turn.usage).
+_LONG_PROMPT = "a b c d " * 8_000
+
+
+async def _stream_failure(kind: str, response: bytes, prompt: str = "a b c d") -> ProviderError:
     """The error a ``kind`` client's stream raises on ``response``, served once."""
     async with stub(response) as port:
         made = client(kind, port)
         try:
             with pytest.raises(ProviderError) as raised:
-                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                async with made.stream(ProviderRequest(prompt=prompt)) as stream:
                     async for _ in stream:
                         pass
         finally:
@@ -192,7 +197,7 @@ _ERROR = (
 async def test_input_reported_before_a_stream_fails_is_billed(response: bytes) -> None:
     """The provider counted 50,000 input tokens in ``message_start``; the stream failed before
     its first chunk, and the failure carried no usage, so none of it was recorded."""
-    failed = await _stream_failure("anthropic", response)
+    failed = await _stream_failure("anthropic", response, _LONG_PROMPT)
     assert failed.fallback  # still before the first chunk: the router falls back
     assert failed.usage.input_tokens == 50000
 
@@ -489,7 +494,7 @@ async def test_an_anthropic_streams_usage_accumulates_as_the_official_sdk_does(
     async with stub(head) as port:
         made = client("anthropic", port)
         try:
-            async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+            async with made.stream(ProviderRequest(prompt=_LONG_PROMPT)) as stream:
                 async for _ in stream:
                     pass
         finally:
@@ -525,7 +530,7 @@ async def test_a_stream_its_caller_abandons_keeps_what_was_billed_so_far() -> No
         made = client("anthropic", port)
         try:
             with pytest.raises(StreamBroken) as raised:
-                async with made.stream(ProviderRequest(prompt="a b c d")) as stream:
+                async with made.stream(ProviderRequest(prompt=_LONG_PROMPT)) as stream:
                     forwarded = 0
                     async for _ in stream:
                         forwarded += 1

@@ -19,7 +19,6 @@ import anyio
 import httpx
 import pytest
 
-from events.contract import Usage
 from tests.providers.conftest import SECRET, ClientFactory
 from vapora.errors import ProviderTimeout, ProviderUnavailable
 from vapora.providers import KeepAliveTransport, ProviderRequest, upper_bound_usage
@@ -439,8 +438,10 @@ async def test_transport_failures_keep_their_provider_error_classes(
             await slow.complete(ProviderRequest(prompt="hi"))
 
     # A 200 whose body was cut: the provider made (and bills) the whole answer, whose usage was
-    # in the part not received: the attempt's upper bound. No answer at all: nothing known.
+    # in the part not received: the attempt's upper bound. No answer in time to a request sent:
+    # the provider goes on with it and bills it, what it bills unknown: the upper bound too.
     assert type(cut.value) is ProviderUnavailable and cut.value.error_type == "answer_cut"
     assert cut.value.usage == upper_bound_usage(ProviderRequest(prompt="hi"))
-    assert late.value.usage == Usage()
+    assert late.value.error_type == "timeout"
+    assert late.value.usage == upper_bound_usage(ProviderRequest(prompt="hi"))
     assert SECRET not in str(cut.value) and SECRET not in repr(cut.value)

@@ -112,6 +112,11 @@ class AnthropicClient(ProviderClient):
         _apply_usage(turn, data.get("usage") or {})
         turn.done = True
 
+    def _parse_usage(self, data: Any, turn: Turn) -> None:
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            _apply_usage(turn, usage)
+
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
         if frame.event in _SKIPPED:
             return None

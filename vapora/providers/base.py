@@ -60,7 +60,7 @@ from vapora.errors import (
 )
 from vapora.pricing import cost, upper_bound_cost
 from vapora.providers.stream import CompletionStream
-from vapora.providers.transport import KeepAliveTransport
+from vapora.providers.transport import SENT_HOOK, KeepAliveTransport
 from vapora.providers.values import (
     DEFAULT_MAX_TOKENS,
     Completion,
@@ -69,6 +69,7 @@ from vapora.providers.values import (
     Turn,
     input_token_bound,
     may_reason,
+    sent_timeout,
     upper_bound_usage,
 )
 from vapora.providers.wire import (
@@ -263,8 +264,15 @@ class ProviderClient(ABC):
         except ProviderError as error:
             if turn.answered:
                 raise self._unread(error, request) from error
+            if turn.sent and sent_timeout(error):
+                raise self._unanswered(error, request) from error
             raise
-        self._read_body(response.content, turn)
+        try:
+            self._read_body(response.content, turn)
+        except ProviderError as error:
+            if turn.input_tokens is not None or turn.output_tokens is not None:
+                raise self._misread(error, turn, request) from error
+            raise
         latency = (time.perf_counter() - started) * 1000
         self._latency.observe(latency)
         return self._completion(turn, request, model, latency, None, 0)
@@ -320,6 +328,11 @@ class ProviderClient(ABC):
         """Fill ``turn`` from a non-streaming response body."""
 
     @abstractmethod
+    def _parse_usage(self, data: Any, turn: Turn) -> None:
+        """Fill ``turn``'s counts alone from a non-streaming body that :meth:`_parse` could not
+        read as an answer (what a body of the provider's shape says it billed)."""
+
+    @abstractmethod
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
         """Apply one stream frame to ``turn``; return its text, if any; raise on error events."""
 
@@ -357,21 +370,29 @@ class ProviderClient(ABC):
                 error_type="missing_api_key",
             )
 
-    def _request(self, path: str, body: dict[str, Any]) -> httpx.Request:
+    def _request(self, path: str, body: dict[str, Any], turn: Turn | None = None) -> httpx.Request:
         """A POST of ``body`` as JSON to ``path``, built without httpx's per-call merging.
 
         Sent by :meth:`_send`: the client's headers and timeouts apply as with ``post``;
-        cookies a provider sets are not sent back (an API key authenticates).
+        cookies a provider sets are not sent back (an API key authenticates). ``turn`` is told
+        when the request goes out (:attr:`Turn.sent`): by vapora's transport as it writes it;
+        with another transport, which does not say, at once (it may have gone out).
         """
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self.base_url + path)
+        extensions: dict[str, Any] = self._extensions
+        if turn is not None:
+            if isinstance(self._transport, KeepAliveTransport):
+                extensions = {**extensions, SENT_HOOK: turn.mark_sent}
+            else:
+                turn.sent = True
         return httpx.Request(
             "POST",
             url,
             headers=self._post_headers,
             content=msgspec.json.encode(body),
-            extensions=self._extensions,
+            extensions=extensions,
         )
 
     async def _send(
@@ -404,22 +425,34 @@ class ProviderClient(ABC):
         self, path: str, body: dict[str, Any], time_limit: float | None, turn: Turn | None = None
     ) -> httpx.Response:
         limit = time_limit or self.timeout
+        sent = turn is None or turn.sent  # without a turn: not known, so it may have gone out
         try:
             # A cancel scope with a deadline, not ``fail_after`` (its generator costs ~4 µs more
             # per call): the deadline having cancelled the call is ``cancelled_caught``.
             with anyio.CancelScope(deadline=anyio.current_time() + limit) as scope:
-                response = await self._send(self._request(path, body), turn=turn)
+                response = await self._send(self._request(path, body, turn), turn=turn)
         except TimeoutError as exc:
-            raise self._timeout(limit) from exc
+            raise self._timeout(limit, sent or turn.sent) from exc  # type: ignore[union-attr]
         except httpx.HTTPError as exc:
             raise self._fail(self._transport_error(exc)) from exc
         if scope.cancelled_caught:
-            raise self._timeout(limit)
+            raise self._timeout(limit, sent or turn.sent)  # type: ignore[union-attr]
         if response.status_code >= 400:
             raise self._fail(
                 self._http_error(response.status_code, response.headers, response.content)
             )
         return response
+
+    def _misread(self, error: ProviderError, turn: Turn, request: ProviderRequest) -> ProviderError:
+        """``error``: a 2xx answer whose body could not be read as an answer, though it states
+        the usage the provider billed (an empty ``choices``, a ``content`` of null). The same
+        failure with that usage, a count it leaves out bounded from above (the output by the
+        output limit: what the answer held is not known); the router falls back as for the
+        failure itself (before 2026-11-27: recorded at $0)."""
+        turn.unseen_output = True
+        usage, _ = turn.usage(request)
+        error.usage = usage
+        return error
 
     def _unread(self, error: ProviderError, request: ProviderRequest) -> ProviderError:
         """``error`` (a cut, a time limit) came while the body of a 2xx answer was read: the
@@ -438,12 +471,39 @@ class ProviderClient(ABC):
             )
         )
 
-    def _timeout(self, limit: float) -> ProviderError:
+    def _timeout(self, limit: float, sent: bool = True) -> ProviderError:
+        """The time limit ran out: after the request went out (``timeout``: the provider may
+        answer it and bill it), or before (``connect_timeout``: nothing sent, nothing billed)."""
+        if not sent:
+            return self._fail(
+                ProviderTimeout(
+                    f"{self.name}: could not send the request within {limit:g}s",
+                    provider=self.name,
+                    error_type="connect_timeout",
+                )
+            )
         return self._fail(
             ProviderTimeout(
                 f"{self.name}: no answer within {limit:g}s",
                 provider=self.name,
                 error_type="timeout",
+            )
+        )
+
+    def _unanswered(self, error: ProviderError, request: ProviderRequest) -> ProviderError:
+        """``error``, a time limit that ran out after the request went out and before the
+        provider answered: the provider goes on with the request, and bills it, whether or not
+        anyone waits for the answer, and what it bills is not known. The same failure at the
+        attempt's upper bound (its whole input bound and output limit), so that the spend is
+        recorded and the budget keeps it (before 2026-11-27: recorded at $0, and the attempt's
+        hold expired); the router falls back as for any time-out."""
+        return self._fail(
+            ProviderTimeout(
+                f"{error.message}; the provider had the request and may still answer and bill "
+                "it: recorded at the attempt's upper bound",
+                provider=self.name,
+                error_type=error.error_type,
+                usage=upper_bound_usage(request),
             )
         )
 
@@ -590,6 +650,11 @@ class ProviderClient(ABC):
         try:
             self._parse(data, turn)
         except _SHAPE_ERRORS as exc:
+            # Its usage, if it states one: a body of the provider's shape, billed as it says.
+            try:
+                self._parse_usage(data, turn)
+            except _SHAPE_ERRORS:
+                turn.input_tokens = turn.output_tokens = None
             raise self._fail(self._malformed()) from exc
         except ProviderError as error:  # an error body with status 200 (Ollama)
             raise self._fail(error) from error.__cause__
@@ -604,7 +669,7 @@ class ProviderClient(ABC):
         limits are applied by the consumer, around the whole stream, so no timer per read.
         """
         post = self._request(
-            self._path(request, model, stream=True), self._body(request, model, True)
+            self._path(request, model, stream=True), self._body(request, model, True), turn
         )
         decoder = NDJSONDecoder() if self.framing == "ndjson" else SSEDecoder()
         parts = turn.parts

@@ -117,6 +117,11 @@ class GeminiClient(ProviderClient):
         turn.parts = [text] if text else []
         turn.done = True
 
+    def _parse_usage(self, data: Any, turn: Turn) -> None:
+        usage = data.get("usageMetadata")
+        if isinstance(usage, dict):
+            _apply_usage(turn, usage, "")
+
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
         if _ERROR not in frame.data:
             try:
@@ -246,5 +251,5 @@ def _apply_usage(turn: Turn, usage: dict[str, Any], text: str) -> None:
         usage.get("promptTokenCount"), usage.get("toolUsePromptTokenCount")
     )
     _output(turn, usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount"), text)
-    cached = int(usage.get("cachedContentTokenCount") or 0)
+    cached = usage.get("cachedContentTokenCount") or 0  # checked with the rest (Turn.usage)
     turn.cache_read = cached if turn.input_tokens is not None else 0

@@ -16,7 +16,7 @@ import httpx
 import msgspec
 
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn
+from vapora.providers.values import ProviderRequest, Turn, count_sum
 from vapora.providers.wire import Frame
 
 __all__ = ["OllamaClient"]
@@ -108,6 +108,12 @@ class OllamaClient(ProviderClient):
         turn.parts = [text] if text else []
         _apply_final(data, turn)
 
+    def _parse_usage(self, data: Any, turn: Turn) -> None:
+        if "prompt_eval_count" in data:
+            turn.input_tokens = count_sum(data["prompt_eval_count"])
+        if "eval_count" in data:
+            turn.output_tokens = count_sum(data["eval_count"])
+
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
         if _ERROR not in frame.data:
             try:
@@ -144,8 +150,9 @@ def _text(data: dict[str, Any]) -> str:
 def _apply_final(data: dict[str, Any], turn: Turn) -> None:
     turn.model = data.get("model") or turn.model
     turn.finish_reason = data.get("done_reason") or ("stop" if data.get("done") else None)
+    # A count that is null or not an integer is not one: estimated, as a missing one is.
     if "prompt_eval_count" in data:
-        turn.input_tokens = int(data["prompt_eval_count"] or 0)
+        turn.input_tokens = count_sum(data["prompt_eval_count"])
     if "eval_count" in data:
-        turn.output_tokens = int(data["eval_count"] or 0)
+        turn.output_tokens = count_sum(data["eval_count"])
     turn.done = bool(data.get("done"))

@@ -112,6 +112,9 @@ class OpenAIClient(ProviderClient):
         _apply_usage(turn, data.get("usage"))
         turn.done = True
 
+    def _parse_usage(self, data: Any, turn: Turn) -> None:
+        _apply_usage(turn, data.get("usage"))
+
     def _on_frame(self, frame: Frame, turn: Turn) -> str | None:
         data = frame.data
         if data == _DONE:
@@ -247,5 +250,6 @@ def _apply_usage(turn: Turn, usage: Any) -> None:
     details = usage.get("prompt_tokens_details") or {}
     turn.input_tokens = count_sum(usage.get("prompt_tokens"))
     turn.output_tokens = count_sum(usage.get("completion_tokens"))
-    turn.cache_read = int(details.get("cached_tokens") or 0)
-    turn.cache_write = int(details.get("cache_write_tokens") or 0)
+    # As reported: a count that is not one is the usage's check to catch (Turn.usage).
+    turn.cache_read = details.get("cached_tokens") or 0
+    turn.cache_write = details.get("cache_write_tokens") or 0

@@ -17,6 +17,7 @@ from vapora.providers.values import (
     StreamBroken,
     Turn,
     may_reason,
+    sent_timeout,
 )
 
 if TYPE_CHECKING:
@@ -163,12 +164,20 @@ class CompletionStream:
             return None
         if outcome is _TIMED_OUT:
             first = self._count == 0
-            outcome = ProviderTimeout(
-                f"{self._client.name}: no {'first chunk' if first else 'end of stream'} "
-                f"within {self._limits[1] if first else self._limits[0]:g}s",
-                provider=self._client.name,
-                error_type="timeout",
-            )
+            limit = self._limits[1] if first else self._limits[0]
+            if self._turn.sent:
+                outcome = ProviderTimeout(
+                    f"{self._client.name}: no {'first chunk' if first else 'end of stream'} "
+                    f"within {limit:g}s",
+                    provider=self._client.name,
+                    error_type="timeout",
+                )
+            else:  # nothing went out: nothing to bill
+                outcome = ProviderTimeout(
+                    f"{self._client.name}: could not send the request within {limit:g}s",
+                    provider=self._client.name,
+                    error_type="connect_timeout",
+                )
         assert isinstance(outcome, ProviderError)
         return self._failed(outcome)
 
@@ -200,7 +209,7 @@ class CompletionStream:
         forwarded, since nobody waits for another provider's answer either, with the usage of
         all that was received (a count the provider had not reported yet bounded from above,
         as for any broken stream: the request went out, so its input may be billed)."""
-        usage, _ = self._turn.usage(self._request, unfinished=True)
+        usage, _ = self._turn.usage(self._request)
         broken = StreamBroken(
             f"{self._client.name}: the caller stopped reading the stream "
             f"(after {self._count} chunks)",
@@ -218,13 +227,16 @@ class CompletionStream:
         input as reported, Anthropic's ``message_start``, or bounded), falling back to the
         next provider; after it, a StreamBroken with the text forwarded and the usage of all
         that was received. Either way a count the provider had not reported is bounded from
-        above (:meth:`Turn.usage`, ``unfinished``)."""
+        above (:meth:`Turn.usage`)."""
         turn = self._turn
         if self._count == 0:
-            if turn.answered and not (error.usage.input_tokens or error.usage.output_tokens):
-                error.usage, _ = turn.usage(self._request, unfinished=True)
+            # Answered (HTTP 2xx), or sent and timed out waiting for the answer, which the
+            # provider may still make and bill (before 2026-11-27: recorded at $0).
+            billed = turn.answered or (turn.sent and sent_timeout(error))
+            if billed and not (error.usage.input_tokens or error.usage.output_tokens):
+                error.usage, _ = turn.usage(self._request)
             return self._client._fail(error)
-        usage, _ = turn.usage(self._request, unfinished=True)
+        usage, _ = turn.usage(self._request)
         broken = StreamBroken(
             f"{error.message} (after {self._count} chunks)",
             partial_text=self.text,

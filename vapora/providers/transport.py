@@ -39,7 +39,11 @@ from typing import cast
 
 import httpx
 
-__all__ = ["KeepAliveTransport"]
+__all__ = ["SENT_HOOK", "KeepAliveTransport"]
+
+#: A request extension: called with no argument when the request starts going out on its
+#: connection (from then on the provider may have it and bill it; before, nothing was sent).
+SENT_HOOK = "vapora.sent"
 
 _MAX_HEAD = 64 * 1024
 _HIGH_WATER = 1024 * 1024  # pause reading when this much is buffered and unread
@@ -503,6 +507,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         timeouts = _timeouts(request)
         message = await _request_bytes(request)
         connection = await pool.acquire(timeouts)
+        sent = request.extensions.get(SENT_HOOK)
+        if sent is not None:
+            sent()
         try:
             await connection.write(message, timeouts.get("write"))
             head = await _read_head(connection, timeouts.get("read"))

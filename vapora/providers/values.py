@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
-from vapora.errors import InvalidRequest, ProviderStreamBroken
+from vapora.errors import InvalidRequest, ProviderError, ProviderStreamBroken, ProviderTimeout
 
 _log = logging.getLogger("vapora.providers")
 
@@ -30,16 +30,18 @@ def _token_count(value: int | None) -> bool:
 
 def count_sum(*parts: Any) -> int | None:
     """The sum of reported token counts (a missing part counts 0); None, so that the total is
-    estimated like a missing one, when every part is missing or a part is not a count: checked
-    part by part, since a negative part could hide in a plausible sum. A part that is no number
-    at all raises (the body is malformed), as ``int`` does."""
+    estimated like a missing one, when every part is missing or a part is not a count (not an
+    integer, negative, past :data:`MAX_TOKEN_COUNT`): checked part by part, since a negative
+    part could hide in a plausible sum."""
     total, reported = 0, False
     for part in parts:
         if part is None:
             continue
         reported = True
-        value = part if type(part) is int else int(part or 0)
-        if not 0 <= value <= MAX_TOKEN_COUNT:
+        value = part
+        # Only an integer is a count: a fraction, a string, a boolean (``true`` is no token) is
+        # not, and is not rounded into one.
+        if type(value) is not int or not 0 <= value <= MAX_TOKEN_COUNT:
             _log.warning("the provider reported a token count that is not one (%.24s)", part)
             return None
         total += value
@@ -49,6 +51,7 @@ def count_sum(*parts: Any) -> int | None:
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "INPUT_TEMPLATE_ALLOWANCE",
     "count_sum",
     "Completion",
     "ProviderRequest",
@@ -56,10 +59,15 @@ __all__ = [
     "Turn",
     "input_token_bound",
     "may_reason",
+    "sent_timeout",
     "upper_bound_usage",
 ]
 
 DEFAULT_MAX_TOKENS = 4096
+#: Input tokens a model's chat template may add past :func:`input_token_bound` (a local model's
+#: default system prompt, a date header: tens to hundreds of tokens): a count past the bound and
+#: this is not one (:meth:`Turn.usage`).
+INPUT_TEMPLATE_ALLOWANCE = 4096
 _MESSAGE_OVERHEAD = 4
 #: Tokens a chat API adds to prime the reply (OpenAI's ``<|start|>assistant<|message|>``: 3).
 _REPLY_OVERHEAD = 8
@@ -160,6 +168,17 @@ def may_reason(model: str) -> bool:
     return _REASONING.search(model) is not None
 
 
+def sent_timeout(error: ProviderError) -> bool:
+    """Whether ``error`` is a time limit that ran out after the request went out and before the
+    provider answered (not one connecting, not the provider's own HTTP 504): the provider may
+    still answer it, and bill it."""
+    return (
+        isinstance(error, ProviderTimeout)
+        and error.http_status is None
+        and error.error_type == "timeout"
+    )
+
+
 def upper_bound_usage(request: ProviderRequest) -> Usage:
     """The most a call of ``request`` can be billed for: its whole input bound and output
     limit (what a call is recorded as when what the provider billed is unknown)."""
@@ -245,6 +264,9 @@ class Turn:
     unseen_output: bool = False
     #: The provider answered (HTTP 2xx): it has the request and bills it, whatever comes next.
     answered: bool = False
+    #: The request went out (or may have: a transport that does not say): from then on a time
+    #: limit may leave a call the provider still answers and bills.
+    sent: bool = False
     #: ``output_tokens`` is a running count, not yet the answer's last (Gemini's chunks before
     #: the one that ends it): an answer cut then may have made more.
     running_output: bool = False
@@ -254,7 +276,11 @@ class Turn:
     def text(self) -> str:
         return "".join(self.parts)
 
-    def usage(self, request: ProviderRequest, *, unfinished: bool = False) -> tuple[Usage, bool]:
+    def mark_sent(self) -> None:
+        """Called by the transport as the request goes out (``SENT_HOOK``)."""
+        self.sent = True
+
+    def usage(self, request: ProviderRequest) -> tuple[Usage, bool]:
         """The usage (reported; missing counts estimated), and whether anything was estimated.
 
         A missing count is bounded, never under-counted (the spend it records settles the
@@ -264,14 +290,16 @@ class Turn:
         output it does not show (:attr:`unseen_output`); the input at
         :func:`input_token_bound` of the request.
 
-        ``unfinished``: the answer did not reach its end (cut, cancelled, timed out), so an
-        output count reported on the way (:attr:`running_output`, Gemini's) is not the last
-        one: the output is the larger of it and the estimate. A count the provider gave as the
-        answer's last (OpenAI's usage chunk, Anthropic's ``message_delta``, Gemini's final
+        An output count reported on the way (:attr:`running_output`, Gemini's) is not the last
+        one: the output is the larger of it and the estimate, whether the answer was cut
+        (cancelled, timed out) or ended without a last count (before 2026-11-27 the running
+        count of an answer that ended so was taken as its last). A count the provider gave as
+        the answer's last (OpenAI's usage chunk, Anthropic's ``message_delta``, Gemini's final
         chunk, Ollama's ``done``) stands as it is, however the stream ended after it.
         """
         self._drop_bad_counts()
-        running = unfinished and self.running_output
+        self._drop_impossible_counts(request)
+        running = self.running_output
         estimated = self.input_tokens is None or self.output_tokens is None or running
         output = self.output_tokens
         if output is None:
@@ -280,7 +308,11 @@ class Turn:
             output = max(output, self._output_bound(request))
         inputs = self.input_tokens
         if inputs is None:
-            inputs = input_token_bound(request) + self.cache_read + self.cache_write
+            # The bound covers every input token, cached or not; cache counts reported with no
+            # input count stay (priced apart, within the bound) only if they fit in it.
+            inputs = input_token_bound(request)
+            if self.cache_read + self.cache_write > inputs:
+                self.cache_read = self.cache_write = self.cache_write_1h = 0
         usage = Usage(
             input_tokens=inputs,
             output_tokens=output,
@@ -296,6 +328,35 @@ class Turn:
         text = self.text
         # No more than the limit the provider was sent: it bills no output past it.
         return min(len(text) + _extra_bytes(text) + self.extra_output, request.output_limit)
+
+    def _drop_impossible_counts(self, request: ProviderRequest) -> None:
+        """A count past what the request could be billed for is not one either: output past the
+        output limit the provider was sent (it bills none past it, reasoning and thinking
+        included), input past :func:`input_token_bound` and a template's allowance
+        (:data:`INPUT_TEMPLATE_ALLOWANCE`). Dropped (logged) and bounded like a missing count,
+        so one absurd answer can neither settle far above its hold nor lock a budget."""
+        output, inputs = self.output_tokens, self.input_tokens
+        limit = request.output_limit
+        if output is not None and output > limit:
+            _log.warning(
+                "the provider reported %d output tokens for an output limit of %d; billed at "
+                "the limit",
+                output,
+                limit,
+            )
+            self.output_tokens = None
+            self.unseen_output = True  # bounded by the limit, not by the text
+        if inputs is not None:
+            bound = input_token_bound(request) + INPUT_TEMPLATE_ALLOWANCE
+            if inputs > bound:
+                _log.warning(
+                    "the provider reported %d input tokens for a request of at most %d; "
+                    "estimated instead",
+                    inputs,
+                    bound,
+                )
+                self.input_tokens = None
+                self.cache_read = self.cache_write = self.cache_write_1h = 0
 
     def _drop_bad_counts(self) -> None:
         """A reported count that is negative, past :data:`MAX_TOKEN_COUNT` or not an integer is

@@ -32,6 +32,7 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from events.codec import plain_decimal
 from events.contract import Price, Usage
 from vapora.errors import ProviderError
 from vapora.pricing import cost
@@ -182,7 +183,7 @@ def response_attributes(done: Completion, names: GenAINames) -> dict[str, Any]:
         names.usage_output_tokens: usage.output_tokens,
         names.usage_cache_read_input_tokens: usage.cache_read_tokens,
         names.usage_cache_creation_input_tokens: usage.cache_write_tokens,
-        VAPORA.cost_usd: str(done.cost_usd),
+        VAPORA.cost_usd: plain_decimal(done.cost_usd),
     }
     if done.response_id:
         attributes[names.response_id] = done.response_id
@@ -324,7 +325,7 @@ class ProviderCallTelemetry:
                 attributes[names.usage_output_tokens] = billed.output_tokens
                 attributes[names.usage_cache_read_input_tokens] = billed.cache_read_tokens
                 attributes[names.usage_cache_creation_input_tokens] = billed.cache_write_tokens
-                attributes[VAPORA.cost_usd] = str(billed_usd)
+                attributes[VAPORA.cost_usd] = plain_decimal(billed_usd)
             if first is not None:
                 attributes[names.response_time_to_first_chunk] = first
             self.span.set_attributes(attributes)

@@ -1,0 +1,323 @@
+"""What a call is billed when the provider's counts cannot be taken as they are, or when no
+answer came: counts past what the request could be billed for, counts that are not integers,
+a 2xx body that is no answer but states its usage, a time limit after the request went out.
+Each was billed wrongly before 2026-11-27 (by up to $90 billion for one call, or $0 for a call
+the provider bills), from stub servers over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+
+from events.codec import encode
+from tests.providers.conftest import stub
+from tests.providers.test_providers_answers import answer, client
+from vapora.errors import ProviderError, ProviderTimeout, ProviderUnavailable
+from vapora.providers import ProviderRequest, upper_bound_usage
+from vapora.providers.values import INPUT_TEMPLATE_ALLOWANCE, input_token_bound
+
+pytestmark = pytest.mark.anyio
+
+REQUEST = ProviderRequest(prompt="a b c d", max_tokens=50)
+
+
+async def _outcome(kind: str, body: dict[str, Any], request: ProviderRequest = REQUEST) -> Any:
+    """The completion, or the error, of a ``kind`` client's call answered 200 with ``body``."""
+    async with stub(answer("200 OK", msgspec.json.encode(body))) as port:
+        made = client(kind, port)
+        try:
+            return await made.complete(request)
+        except ProviderError as error:
+            return error
+        finally:
+            await made.aclose()
+
+
+def _openai(usage: Any, choices: Any = None) -> dict[str, Any]:
+    message = {"role": "assistant", "content": "four words of text"}
+    return {
+        "id": "c1",
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]
+        if choices is None
+        else choices,
+        "usage": usage,
+    }
+
+
+def _anthropic(usage: Any, content: Any = "text") -> dict[str, Any]:
+    blocks = [{"type": "text", "text": "four words of text"}] if content == "text" else content
+    return {
+        "id": "m1",
+        "type": "message",
+        "model": "claude-sonnet-4-6",
+        "content": blocks,
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+
+
+def _gemini(usage: Any) -> dict[str, Any]:
+    return {
+        "candidates": [
+            {
+                "content": {"parts": [{"text": "four words of text"}], "role": "model"},
+                "finishReason": "STOP",
+            }
+        ],
+        "usageMetadata": usage,
+    }
+
+
+def _ollama(prompt_count: Any, output_count: Any) -> dict[str, Any]:
+    return {
+        "model": "llama3.2",
+        "message": {"role": "assistant", "content": "four words of text"},
+        "done": True,
+        "done_reason": "stop",
+        "prompt_eval_count": prompt_count,
+        "eval_count": output_count,
+    }
+
+
+# --- counts past what the request can be billed for -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("openai", _openai({"prompt_tokens": 12, "completion_tokens": 2**53})),
+        ("openai", _openai({"prompt_tokens": 12, "completion_tokens": 51})),
+        ("anthropic", _anthropic({"input_tokens": 12, "output_tokens": 1_000_000_000})),
+        ("gemini", _gemini({"promptTokenCount": 12, "candidatesTokenCount": 10**9})),
+        ("ollama", _ollama(12, 10**9)),
+    ],
+    ids=["openai 2**53", "openai limit+1", "anthropic 1e9", "gemini 1e9", "ollama 1e9"],
+)
+async def test_an_output_count_past_the_limit_sent_is_billed_at_the_limit(
+    kind: str, body: dict[str, Any]
+) -> None:
+    """OpenAI answering ``completion_tokens: 2**53`` for ``max_tokens=50`` was billed
+    $90,071,992,547 with ``usage_estimated`` false, and that one spend put the month's budget
+    in Exceeded: the provider bills no output past the limit it was sent."""
+    done = await _outcome(kind, body)
+    assert not isinstance(done, ProviderError), done
+    assert done.usage.output_tokens == REQUEST.output_limit == 50
+    assert done.usage.input_tokens == 12  # the input count stands
+    assert done.usage_estimated
+    assert done.cost_usd < 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("openai", _openai({"prompt_tokens": 10**9, "completion_tokens": 4})),
+        ("openai", _openai({"prompt_tokens": None, "completion_tokens": 4,
+                            "prompt_tokens_details": {"cached_tokens": 10**9}})),
+        ("anthropic", _anthropic({"input_tokens": 5, "cache_read_input_tokens": 10**9,
+                                  "output_tokens": 4})),
+        ("gemini", _gemini({"promptTokenCount": 10**9, "candidatesTokenCount": 4})),
+    ],
+    ids=["openai input", "openai cached, no input", "anthropic cache read", "gemini input"],
+)  # fmt: skip
+async def test_an_input_count_past_the_request_is_bounded_by_it(
+    kind: str, body: dict[str, Any]
+) -> None:
+    """A billion input (or cached) tokens for a 7-character prompt was billed as such ($1,250 on
+    a $0.0005 hold): the input is bounded by the request's own bound instead, estimated."""
+    done = await _outcome(kind, body)
+    assert not isinstance(done, ProviderError), done
+    bound = input_token_bound(REQUEST)
+    assert done.usage.input_tokens == bound
+    assert (done.usage.cache_read_tokens, done.usage.cache_write_tokens) == (0, 0)
+    assert done.usage.output_tokens == 4 and done.usage_estimated
+
+
+async def test_an_input_count_within_the_template_allowance_stands() -> None:
+    """A local model's chat template adds tokens the request's text does not show (a default
+    system prompt, a date header): a count past the text's bound by less than the allowance is
+    the provider's count, billed as given."""
+    count = input_token_bound(REQUEST) + INPUT_TEMPLATE_ALLOWANCE
+    done = await _outcome("ollama", _ollama(count, 4))
+    assert not isinstance(done, ProviderError), done
+    assert (done.usage.input_tokens, done.usage_estimated) == (count, False)
+
+
+# --- counts that are not integers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("openai", _openai({"prompt_tokens": 10.9, "completion_tokens": 4})),
+        ("openai", _openai({"prompt_tokens": "10", "completion_tokens": 4})),
+        ("openai", _openai({"prompt_tokens": True, "completion_tokens": 4})),
+        ("openai", _openai({"prompt_tokens": 10, "completion_tokens": 4,
+                            "prompt_tokens_details": {"cached_tokens": 5.5}})),
+        ("anthropic", _anthropic({"input_tokens": True, "output_tokens": 4})),
+        ("anthropic", _anthropic({"input_tokens": "n/a", "output_tokens": 4})),
+        ("gemini", _gemini({"promptTokenCount": 10, "candidatesTokenCount": 4,
+                            "cachedContentTokenCount": "5"})),
+        ("ollama", _ollama(None, 4)),
+        ("ollama", _ollama(10.9, 4)),
+    ],
+    ids=["openai float", "openai string", "openai true", "openai cached float",
+         "anthropic true", "anthropic string", "gemini cached string", "ollama null",
+         "ollama float"],
+)  # fmt: skip
+async def test_an_input_count_that_is_no_integer_is_estimated(
+    kind: str, body: dict[str, Any]
+) -> None:
+    """``10.9`` became 10 and ``"10"`` 10, ``true`` 1 token and Ollama's ``null`` 0, each with
+    ``usage_estimated`` false; a string made the whole answer malformed, billed $0. Such a
+    count is not one: estimated (from above) like a missing one, and the answer stands."""
+    done = await _outcome(kind, body)
+    assert not isinstance(done, ProviderError), done
+    assert done.usage.input_tokens == input_token_bound(REQUEST)
+    assert done.usage.output_tokens == 4 and done.usage_estimated
+
+
+# --- a 2xx body that is no answer, but states its usage --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "output"),
+    [
+        ("openai", _openai({"prompt_tokens": 900, "completion_tokens": 40}, choices=[]), 40),
+        ("anthropic", _anthropic({"input_tokens": 900, "output_tokens": 40}, content=None), 40),
+        ("openai", _openai({"prompt_tokens": 900}, choices=[]), REQUEST.output_limit),
+    ],
+    ids=["openai no choices", "anthropic content null", "openai no output count"],
+)
+async def test_a_2xx_body_that_is_no_answer_is_billed_the_usage_it_states(
+    kind: str, body: dict[str, Any], output: int
+) -> None:
+    """An answer whose ``choices`` was empty (or ``content`` null) was recorded at $0, though it
+    said what the provider billed, and the router paid the next provider for the same request
+    (a stream of the same answer was billed). It is still malformed (the router falls back),
+    with that usage; a count it leaves out bounded by the output limit."""
+    request = ProviderRequest(prompt="a b c d " * 200, max_tokens=50)
+    failed = await _outcome(kind, body, request)
+    assert isinstance(failed, ProviderUnavailable), failed
+    assert failed.error_type == "malformed_response" and failed.fallback
+    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (900, output)
+
+
+async def test_a_2xx_body_of_no_usage_is_still_billed_nothing() -> None:
+    """A body that is not the provider's answer at all (no answer, no usage) carries none."""
+    failed = await _outcome("openai", {"choices": []})
+    assert isinstance(failed, ProviderUnavailable) and failed.error_type == "malformed_response"
+    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (0, 0)
+
+
+# --- a time limit after the request went out ----------------------------------------------------
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads the request and never answers (a provider still generating)."""
+    try:
+        await reader.read(65536)
+        await asyncio.sleep(30)
+    finally:
+        writer.close()
+
+
+def _at(port: int, kind: str, timeout: float, max_connections: int = 100) -> Any:
+    from tests.providers.conftest import price_of
+    from vapora.providers import make_client
+
+    return make_client(
+        name=kind,
+        kind=kind,
+        model="gpt-4o",
+        price=price_of(kind),
+        api_key="sk-test",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        timeout=timeout,
+        max_connections=max_connections,
+    )
+
+
+async def test_a_call_timed_out_after_sending_is_billed_at_its_upper_bound() -> None:
+    """A call the provider had when its time ran out was recorded at $0 (its hold kept, then
+    expired at $0) though the provider finishes and bills it: now at the attempt's upper bound,
+    class ``timeout`` (the router falls back)."""
+    server = await asyncio.start_server(_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    made = _at(port, "openai", 0.3)
+    try:
+        with pytest.raises(ProviderTimeout) as late:
+            await made.complete(REQUEST)
+    finally:
+        await made.aclose()
+        server.close()
+    assert late.value.error_type == "timeout" and late.value.fallback
+    assert late.value.usage == upper_bound_usage(REQUEST)
+    assert "upper bound" in late.value.message
+
+
+async def test_a_call_timed_out_before_sending_is_billed_nothing() -> None:
+    """A call whose time ran out waiting for a connection (the pool's one connection busy) never
+    went out: class ``timeout``, type ``connect_timeout``, nothing billed."""
+    server = await asyncio.start_server(_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    made = _at(port, "openai", 0.5, max_connections=1)
+    try:
+        busy = asyncio.ensure_future(made.complete(REQUEST))
+        await asyncio.sleep(0.1)  # the one connection is the first call's
+        with pytest.raises(ProviderTimeout) as waited:
+            await made.complete(ProviderRequest(prompt="second", max_tokens=50), time_limit=0.2)
+        with pytest.raises(ProviderTimeout):
+            await busy
+    finally:
+        await made.aclose()
+        server.close()
+    assert waited.value.error_type == "connect_timeout"
+    assert (waited.value.usage.input_tokens, waited.value.usage.output_tokens) == (0, 0)
+
+
+async def test_a_stream_timed_out_before_its_answer_is_billed_its_input() -> None:
+    """A stream sent and not answered in its time to a first chunk: the provider had the request
+    (its input is billed at least): bounded, and the router still falls back."""
+    server = await asyncio.start_server(_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    made = _at(port, "openai", 5.0)
+    try:
+        with pytest.raises(ProviderTimeout) as late:
+            async with made.stream(REQUEST, first_token_limit=0.3) as stream:
+                async for _ in stream:
+                    pass
+    finally:
+        await made.aclose()
+        server.close()
+    assert late.value.error_type == "timeout" and late.value.fallback
+    assert late.value.usage.input_tokens == input_token_bound(REQUEST)
+
+
+# --- money on the wire -----------------------------------------------------------------------
+
+
+def test_money_on_the_wire_is_in_plain_digits() -> None:
+    """Python's ``str`` of a decimal below a millionth is ``2.25E-7`` (and a zero of seven
+    places ``0E-7``), which decimal parsers of other languages refuse; text that merely looks
+    like one is left as it is."""
+    from decimal import Decimal
+
+    from events.contract import Usage
+
+    data = encode(
+        {
+            "cost_usd": Decimal("2.25E-7"),
+            "total": [Decimal("0E-7"), Decimal("1.5")],
+            "text": "E-mail 3E-7",
+            "usage": Usage(input_tokens=3),
+        }
+    )
+    assert data == (
+        b'{"cost_usd":"0.000000225","total":["0.0000000","1.5"],"text":"E-mail 3E-7",'
+        b'"usage":{"input_tokens":3,"output_tokens":0,"cache_read_tokens":0,'
+        b'"cache_write_tokens":0}}'
+    )
