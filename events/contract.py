@@ -12,6 +12,7 @@ from __future__ import annotations
 import decimal
 import enum
 import itertools
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -20,7 +21,11 @@ import msgspec
 
 __all__ = [
     "MAX_AMOUNT",
+    "MAX_ATTEMPTS",
+    "MAX_TOKENS",
+    "AttemptNumber",
     "check_amount",
+    "check_task_id",
     "Attempt",
     "BudgetLeaseReply",
     "BudgetLeaseRequest",
@@ -90,7 +95,14 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"
 
 
-Tokens = Annotated[int, msgspec.Meta(ge=0)]
+#: Past this a token count is not a count of anything (2**53: a float still holds it exactly;
+#: an event's counts are stored as SQLite integers, which 2**64 overflowed, stopping the ledger).
+MAX_TOKENS = 2**53
+#: The most attempts a task's record may number (a chain tries each provider at most once).
+MAX_ATTEMPTS = 10_000
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
+#: An attempt's number in an event: bounded as a stored integer must be (0 is an old default).
+AttemptNumber = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS)]
 Money = Annotated[Decimal, msgspec.Meta(description="USD as a decimal string, never a float")]
 Milliseconds = Annotated[float, msgspec.Meta(ge=0)]
 
@@ -138,6 +150,23 @@ class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     (a 400 naming it: a misspelt field is the caller's mistake, never silently dropped)."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_task_id(task_id: str) -> None:
+    """A task id a request may name: 1 to :data:`MAX_ID_LENGTH` characters (the budget keeper
+    refuses longer ids: taken, the task would fail as over budget), none of them a control
+    character (a newline in one wrote lines of its own into every log line of the task)."""
+    if not 1 <= len(task_id) <= MAX_ID_LENGTH:
+        raise ValueError(f"`task_id` must be 1 to {MAX_ID_LENGTH} characters")
+    found = _CONTROL.search(task_id)
+    if found is not None:
+        raise ValueError(
+            f"`task_id` must not hold a control character (found U+{ord(found.group()):04X} "
+            f"at {found.start()})"
+        )
+
+
 class _Reply(msgspec.Struct, frozen=True, kw_only=True):
     """Base of what vapora writes for others to read (replies, stream messages and the parts of
     events): immutable, keyword-only, an unknown field skipped. A newer writer may add fields
@@ -178,9 +207,8 @@ class CompletionRequest(_Message, frozen=True, kw_only=True):
             raise ValueError("`prompt` must hold some text, not only whitespace")
         if self.messages is not None and not any(m.content.strip() for m in self.messages):
             raise ValueError("`messages` must hold some text: every `content` is empty")
-        if self.task_id is not None and not 1 <= len(self.task_id) <= MAX_ID_LENGTH:
-            # The budget keeper refuses longer ids: taken, the task would fail as over budget.
-            raise ValueError(f"`task_id` must be 1 to {MAX_ID_LENGTH} characters")
+        if self.task_id is not None:
+            check_task_id(self.task_id)
         check_amount("budget_cents", self.budget_cents, request=True)
 
 
@@ -415,17 +443,22 @@ class ProviderCall(_Message, frozen=True, kw_only=True):
 
     task_id: str
     task_type: TaskType
-    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS)]
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     system: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
+    # The bounds of a CompletionRequest's (any sender may publish here: a call of 2**70
+    # tokens was a 500 and an internal error, a negative temperature went to the provider).
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     reservation_id: str | None = None
     timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     first_token_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     stream_to: str | None = None
+
+    def __post_init__(self) -> None:
+        check_task_id(self.task_id)
 
 
 class ProviderCallResult(_Reply, frozen=True, kw_only=True):

@@ -14,7 +14,17 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from events.contract import Price, Quality, RouteDecision, TaskType, Tier, Usage, check_amount
+from events.contract import (
+    AttemptNumber,
+    Price,
+    Quality,
+    RouteDecision,
+    TaskType,
+    Tier,
+    Tokens,
+    Usage,
+    check_amount,
+)
 
 __all__ = [
     "HEALTH_HEARTBEAT_S",
@@ -36,7 +46,6 @@ __all__ = [
 ]
 
 Money = Annotated[Decimal, msgspec.Meta(description="USD as a decimal string, never a float")]
-Tokens = Annotated[int, msgspec.Meta(ge=0)]
 
 
 # gc=False: events are frozen trees of strings, numbers, timestamps and other frozen structs (no
@@ -62,7 +71,7 @@ class CallSucceeded(_Event, tag="call_succeeded", frozen=True, kw_only=True):
     task_id: str
     provider: str
     model: str
-    attempt: int
+    attempt: AttemptNumber
     usage: Usage
     cost_usd: Money
     latency_ms: float
@@ -80,7 +89,7 @@ class CallFailed(_Event, tag="call_failed", frozen=True, kw_only=True):
     task_id: str
     provider: str
     model: str
-    attempt: int
+    attempt: AttemptNumber
     error_code: str
     error_class: str
     message: str
@@ -99,7 +108,7 @@ class FallbackTriggered(_Event, tag="fallback_triggered", frozen=True, kw_only=T
     from_provider: str
     to_provider: str | None
     reason: str
-    attempt: int
+    attempt: AttemptNumber
 
 
 class BudgetReserved(_Event, tag="budget_reserved", frozen=True, kw_only=True):
@@ -132,7 +141,7 @@ class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     cost_usd: Money
     price: Price
     reservation_id: str | None = None
-    attempt: int = 1
+    attempt: AttemptNumber = 1
 
     def __post_init__(self) -> None:
         check_amount("cost_usd", self.cost_usd)

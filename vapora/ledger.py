@@ -42,6 +42,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import decimal
+import logging
 import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -71,6 +72,8 @@ __all__ = [
     "monthly_projection",
     "period_spend",
 ]
+
+log = logging.getLogger("vapora.ledger")
 
 _ZERO = Decimal(0)
 _MICRO = Decimal("0.000001")
@@ -370,9 +373,25 @@ class Ledger:
                 if seq <= last:
                     continue
                 last = seq
-                events.append(_event_row(event, seq))
-                if isinstance(event, SpendRecorded):
-                    spends.append((*_spend_row(event, seq), seq, event.id))
+                row = _event_row(event, seq)
+                spend: tuple[Any, ...] = ()
+                if type(event) is SpendRecorded:
+                    spend = (*_spend_row(event, seq), seq, event.id)
+                if not _storable(row) or not _storable(spend):
+                    # A value SQLite cannot hold (an integer past 64 bits: the contract bounds
+                    # them, an event of an older or foreign writer may not be): recorded as a
+                    # message that is no event, as one that does not decode is, not retried
+                    # forever (it stopped the ledger, and every restart).
+                    log.error(
+                        "ledger: the event at sequence %d (%s) holds a value that cannot be "
+                        "stored; recorded as unreadable",
+                        seq,
+                        event_tag(event),
+                    )
+                    row, spend = (seq, f"unreadable-{seq}", "unreadable", row[3], None), ()
+                events.append(row)
+                if spend:
+                    spends.append(spend)
             cursor = await self._db.executemany(_INSERT_EVENT, events)
             applied += max(cursor.rowcount, 0)
             await self._db.executemany(_INSERT_SPEND, spends)
@@ -586,6 +605,14 @@ async def _read_last(db: aiosqlite.Connection) -> int:
     cursor = await db.execute("SELECT last_sequence FROM tracking WHERE id = 1")
     row = await cursor.fetchone()
     return int(row[0]) if row else 0
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _storable(row: tuple[Any, ...]) -> bool:
+    """Whether SQLite can hold every value of ``row`` (its integers are 64-bit)."""
+    return all(type(value) is not int or value in _INT64 for value in row)
 
 
 def _event_row(event: Event, seq: int) -> tuple[Any, ...]:

@@ -4,6 +4,7 @@ checked-in JSON Schema is current."""
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -273,3 +274,45 @@ def test_json_nested_too_deeply_is_a_decode_error_not_a_recursion_error() -> Non
 
     with pytest.raises(DecodeError, match="nested too deeply"):
         decode(b"[" * 5000 + b"]" * 5000, Any)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("attempt", 10**30, "$.attempt"),
+        ("attempt", 0, "$.attempt"),
+        ("max_tokens", 2**70, "$.max_tokens"),
+        ("max_tokens", 0, "$.max_tokens"),
+        ("temperature", -3, "$.temperature"),
+        ("temperature", 1e308, "$.temperature"),
+        ("task_id", "", "task_id"),
+        ("task_id", "x" * 300, "task_id"),
+        ("task_id", "x\n2026-11-27 ERROR vapora.budget: forged", "control character"),
+    ],
+)
+def test_a_provider_call_is_bounded_as_a_request_is(field: str, value: object, named: str) -> None:
+    """Any sender on the embedded server may publish a provider call: ``attempt`` of 10**30 was
+    written into the log and stopped the ledger for good, ``max_tokens`` of 2**70 was a 500,
+    a negative temperature and a 300 KB task id went to the provider."""
+    from events.contract import ProviderCall
+
+    call = {"task_id": "t", "task_type": "GeneralQuery", "attempt": 1, "model": "m", "prompt": "p"}
+    with pytest.raises(DecodeError, match=re.escape(named)):
+        decode(json.dumps({**call, field: value}).encode(), ProviderCall)
+
+
+@pytest.mark.parametrize("task_id", ["a\nb", "a\rb", "a\x00b", "a\x1b[31mb", "a\u2028b"])
+def test_a_task_id_with_a_control_character_is_refused(task_id: str) -> None:
+    """A task id is written into every log line of its task: a newline in it wrote a forged
+    line of its own."""
+    with pytest.raises(DecodeError, match="control character"):
+        decode(json.dumps({"prompt": "p", "task_id": task_id}).encode(), CompletionRequest)
+
+
+def test_an_event_with_a_count_past_a_stored_integer_does_not_decode() -> None:
+    """``input_tokens`` of 2**64 decoded, and the ledger could not store it (see the ledger's
+    test): such an event is unreadable, as any message that is no event."""
+    payload = json.loads(encode(EVENTS["spend_recorded"]))
+    payload["input_tokens"] = 2**64
+    with pytest.raises(DecodeError, match="input_tokens"):
+        decode_event(json.dumps(payload).encode())

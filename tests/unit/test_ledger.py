@@ -642,3 +642,21 @@ async def test_a_column_added_by_another_writer_meanwhile_is_not_an_error(
     monkeypatch.setattr(ledger_module, "_missing_columns", checked_before_it_was_added)
     async with await Ledger.open(path) as second:  # its ALTER finds the column: no error
         assert await second.last_sequence() == 1
+
+
+async def test_an_event_holding_a_value_sqlite_cannot_hold_is_unreadable_not_a_stall(
+    tmp_path: Path,
+):
+    """A ``spend_recorded`` whose ``attempt`` was 10**30 (any client could have a provider actor
+    write one) could not be stored: the ledger retried it every half second, forever, no later
+    spend reached the report, and every restart died on it. It is recorded as a message that
+    is no event, and what follows it is applied."""
+    import msgspec
+
+    huge = msgspec.structs.replace(spend("e1", T, "0.25"), attempt=10**30)
+    async with await Ledger.open(tmp_path / "ledger.db") as ledger:
+        applied = await ledger.apply_many(numbered([huge, spend("e2", T, "0.5")]))
+        assert applied == 2 and await ledger.last_sequence() == 2
+        assert [row.event_id for row in await ledger.spend_rows()] == ["e2"]
+        assert await ledger.last_event() == (2, "e2")
+        assert [e.event_id for e in await ledger.logged_events()] == ["unreadable-1", "e2"]

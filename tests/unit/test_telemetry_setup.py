@@ -241,3 +241,14 @@ def test_setup_gives_the_root_loggers_handlers_the_task_and_trace_format() -> No
         assert "trace=%(trace_id)s" in handler.formatter._fmt
     finally:
         root.removeHandler(handler)
+
+
+def test_a_task_id_with_a_newline_cannot_write_a_log_line_of_its_own() -> None:
+    """Requests refuse such ids; one read from an event anyone could append is escaped."""
+    record = logging.LogRecord("vapora.test", logging.INFO, __file__, 1, "routed", (), None)
+    token = TASK_ID.set("x\n2026-11-27 ERROR vapora.budget task=y: forged")
+    try:
+        TaskContextFilter().filter(record)
+    finally:
+        TASK_ID.reset(token)
+    assert "\n" not in record.task_id and "\\n" in record.task_id  # type: ignore[attr-defined]

@@ -15,13 +15,20 @@ from typing import Any
 
 import msgspec
 
-from events.contract import ChatMessage, Price, ProviderCall, ProviderCallResult, Usage
+from events.contract import (
+    MAX_TOKENS,
+    ChatMessage,
+    Price,
+    ProviderCall,
+    ProviderCallResult,
+    Usage,
+)
 from vapora.errors import InvalidRequest, ProviderError, ProviderStreamBroken, ProviderTimeout
 
 _log = logging.getLogger("vapora.providers")
 
 #: Past this a reported count is not a count of anything (2**53: a float still holds it exactly).
-MAX_TOKEN_COUNT = 2**53
+MAX_TOKEN_COUNT = MAX_TOKENS
 
 
 def _token_count(value: int | None) -> bool:

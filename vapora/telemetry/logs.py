@@ -25,7 +25,12 @@ class TaskContextFilter(logging.Filter):
     """Adds ``task_id`` and ``trace_id`` to each record (``-`` when unknown); never drops one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.task_id = TASK_ID.get() or "-"
+        task_id = TASK_ID.get() or "-"
+        if not task_id.isprintable():
+            # A task id from an event anyone could append (requests refuse such ids): escaped,
+            # so that a newline in it cannot write a line of its own.
+            task_id = repr(task_id)
+        record.task_id = task_id
         span_context = current_span().get_span_context()
         record.trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else "-"
         return True
