@@ -169,7 +169,11 @@ def _sync_directory(directory: Path) -> None:
 class HeldEvents:
     """The events one actor instance holds back, in order, mirrored in its file (module doc)."""
 
-    def __init__(self, directory: Path, actor: str) -> None:
+    def __init__(self, directory: Path, actor: str, kin: str | None = None) -> None:
+        """``kin``: a name prefix of other actors (``provider-``) whose dead instances' files
+        this one adopts too (an instance of any provider appends what a dead instance of
+        another held: a provider whose only instance died may have no other instance, and
+        its spend then waited for its next start, while the keeper expired its holds)."""
         self.directory = directory
         self.actor = actor
         self.path = directory / f"held-{actor}-{uuid.uuid4().hex[:12]}.jsonl"
@@ -191,6 +195,9 @@ class HeldEvents:
         # Orphans whose trouble is said already (a look retried every 10 s says it once).
         self._said: set[Path] = set()
         self._own_inflight = re.compile(rf"inflight-{re.escape(actor)}-[0-9a-f]{{12}}\.jsonl")
+        if kin is not None:
+            self._own = re.compile(rf"held-{re.escape(kin)}.+\.jsonl")
+            self._own_inflight = re.compile(rf"inflight-{re.escape(kin)}.+-[0-9a-f]{{12}}\.jsonl")
 
     def __len__(self) -> int:
         return len(self.events)
@@ -486,8 +493,8 @@ class HeldEvents:
     # --- adopting what earlier instances left -------------------------------------------------
 
     def adopt(self) -> int:
-        """Take over the held-events files no live instance of this actor holds; returns how many
-        events they had (now :attr:`events`' first, in the files' order)."""
+        """Take over the held-events files no live instance of this actor (or of its kin) holds;
+        returns how many events they had (now :attr:`events`' first, in the files' order)."""
         if not self.directory.is_dir():
             return 0
         adopted = 0

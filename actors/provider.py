@@ -384,7 +384,7 @@ class ProviderActor:
         self._task_group: anyio.abc.TaskGroup | None = None
         #: A call's events the event log did not take, kept on disk and appended again every
         #: ``held_retry_s`` (:mod:`actors.held`).
-        self.held = HeldEvents(runtime.data_dir, self.name)
+        self.held = HeldEvents(runtime.data_dir, self.name, kin="provider-")
         self.held_retry_s = 2.0
         self.adopt_every = 5  # held_retry_s ticks between looks for a dead instance's files
         # Without its API key an instance takes no calls (each would fail, and the queue group
@@ -889,8 +889,9 @@ class ProviderActor:
 
     async def _held_loop(self) -> None:
         """Every ``held_retry_s``: append what is held; every ``adopt_every`` of those, adopt
-        what an instance of this provider that died left in the data directory (its sibling
-        instances live on, so no start would come to adopt it)."""
+        what an instance of any provider that died left in the data directory (its sibling
+        instances, if it has any, live on, so no start would come to adopt it; and until it
+        is in the log, the keeper's holds for it may expire)."""
         ticks = 0
         while True:
             await anyio.sleep(self.held_retry_s)

@@ -462,6 +462,39 @@ async def test_a_running_instance_adopts_what_a_dead_sibling_held(tmp_path: Path
             actor.stop()
 
 
+def claude_inflight(directory: Path) -> list[Path]:
+    return list(directory.glob("inflight-provider-claude-*.jsonl"))
+
+
+async def test_an_instance_of_another_provider_adopts_what_a_dead_one_held(
+    tmp_path: Path,
+) -> None:
+    """The only claude instance died holding a call's spend (its write-ahead): only a claude
+    instance adopted it, so with none started again the spend stayed out of the log, the
+    keeper expired the call's hold after two minutes, and the day's limit was overspent by
+    50 % by the time claude came back. A live instance of any provider adopts it now."""
+    from actors.held import HeldEvents
+
+    async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
+        spend = EVENTS["spend_recorded"]
+        actor = ProviderActor(dep.runtime, provider="openai")
+        actor.held_retry_s, actor.adopt_every = 0.05, 1
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            dead = HeldEvents(tmp_path, "provider-claude")
+            dead.begin([spend])  # written ahead of a call the provider has
+            dead.close()  # what a SIGKILL leaves: the file, its lock gone with the process
+            assert claude_inflight(tmp_path)
+            await until(lambda: not claude_inflight(tmp_path), within_s=10)
+            for _ in range(100):
+                if any(e.id == spend.id for e in await dep.events()):
+                    break
+                await anyio.sleep(0.1)
+            else:
+                pytest.fail("the dead claude instance's spend never reached the log")
+            actor.stop()
+
+
 async def test_one_instance_without_the_key_does_not_take_the_provider_from_every_router(
     tmp_path: Path,
 ) -> None:
