@@ -321,3 +321,49 @@ def test_money_on_the_wire_is_in_plain_digits() -> None:
         b'"usage":{"input_tokens":3,"output_tokens":0,"cache_read_tokens":0,'
         b'"cache_write_tokens":0}}'
     )
+
+
+# --- a stream answered with a body that is no stream ------------------------------------------
+
+
+async def _stream_outcome(kind: str, response: bytes) -> ProviderError:
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                async with made.stream(REQUEST) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()
+    return raised.value
+
+
+async def test_a_stream_answered_with_a_page_is_malformed_and_billed_nothing() -> None:
+    """A 200 HTML page (a proxy's) for a stream was read as an empty stream: "ended before its
+    final event", billed at the input bound, and what the page was never said."""
+    page = answer("200 OK", b"<html><body>Welcome</body></html>", "content-type: text/html\r\n")
+    failed = await _stream_outcome("openai", page)
+    assert isinstance(failed, ProviderUnavailable) and failed.fallback
+    assert failed.error_type == "malformed_response" and "text/html" in failed.message
+    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (0, 0)
+
+
+async def test_a_stream_answered_with_an_error_object_is_that_error() -> None:
+    """A 200 carrying ``{"error": ...}`` for a stream: the provider's own error and message
+    were lost; it is classified as the same body would be on a whole answer, nothing billed."""
+    body = msgspec.json.encode(
+        {"error": {"type": "server_error", "message": "model overloaded, try later"}}
+    )
+    failed = await _stream_outcome("openai", answer("200 OK", body))
+    assert "model overloaded" in failed.message and failed.fallback
+    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (0, 0)
+
+
+async def test_a_stream_answered_whole_is_billed_the_usage_it_states() -> None:
+    """A server that ignored ``stream`` and answered whole: not a stream (malformed), billed
+    what it says it billed."""
+    body = msgspec.json.encode(_openai({"prompt_tokens": 12, "completion_tokens": 4}))
+    failed = await _stream_outcome("openai", answer("200 OK", body))
+    assert failed.error_type == "malformed_response" and "application/json" in failed.message
+    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (12, 4)

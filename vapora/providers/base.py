@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import re
 import ssl
 import time
 import urllib.request
@@ -639,6 +640,36 @@ class ProviderClient(ABC):
         except FrameTooLong as exc:
             raise self._malformed() from exc
 
+    async def _not_a_stream(self, response: httpx.Response, kind: str, turn: Turn) -> None:
+        """A stream answered HTTP 2xx with a body that is no stream (a JSON or HTML page): its
+        error if it carries one (classified as the same body with its status would be, nothing
+        billed), else malformed, naming the content type; billed only the usage it states (a
+        server that ignored ``stream`` and answered whole). Raises, always (before
+        2026-11-27: read as an empty stream, "ended before its final event", billed its input
+        bound, the body's own error lost)."""
+        try:
+            content = await response.aread()
+        except httpx.HTTPError:
+            content = b""
+        try:
+            data: Any = msgspec.json.decode(content)
+        except (msgspec.DecodeError, RecursionError):
+            data = None
+        if isinstance(data, dict) and data.get("error"):
+            raise self._http_error(self._error_status(data), {}, content)
+        if isinstance(data, dict):
+            try:
+                self._parse_usage(data, turn)
+            except _SHAPE_ERRORS:
+                turn.input_tokens = turn.output_tokens = None
+        if turn.input_tokens is not None or turn.output_tokens is not None:
+            turn.answered = turn.unseen_output = True  # the provider's answer: billed
+        raise ProviderUnavailable(
+            f"{self.name}: a stream was answered with {kind.split(';')[0].strip()}, not a stream",
+            provider=self.name,
+            error_type="malformed_response",
+        )
+
     def _read_body(self, content: bytes, turn: Turn) -> None:
         """A non-streaming body applied to ``turn``; a body of an unexpected shape is malformed
         (each ``_parse`` requires the field its answer lives in), and an error body with status
@@ -682,6 +713,9 @@ class ProviderClient(ABC):
                     except httpx.HTTPError:  # cut or undecodable: the status still classifies
                         content = b""
                     raise self._http_error(response.status_code, response.headers, content)
+                kind = response.headers.get("content-type", "")
+                if _NOT_A_STREAM.match(kind):
+                    await self._not_a_stream(response, kind, turn)
                 turn.answered = True
                 chunks = response.aiter_bytes()
                 ended = True
@@ -751,6 +785,9 @@ _DONE_GRACE_S = 2.0
 
 # RecursionError: msgspec's answer to JSON nested deeper than it decodes (a few KB of brackets).
 _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, RecursionError)
+#: A content type no stream comes in (a 2xx stream answered so is read whole: its error, or
+#: malformed).
+_NOT_A_STREAM = re.compile(r"\s*(text/html|application/(\S*\+)?json)\b", re.IGNORECASE)
 
 
 #: The shortest run of a request's text that counts as quoted in a provider's error message
