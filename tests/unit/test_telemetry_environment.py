@@ -286,3 +286,62 @@ def test_a_trace_context_header_past_the_w3c_limits_is_not_read_nor_logged_whole
     span = trace.get_current_span(context).get_span_context()
     assert span.trace_id == 0x0AF7651916CD43DD8448EB211C80319C  # the parent is still read
     assert all(len(record.getMessage()) < 300 for record in caplog.records)
+
+
+# --- values the SDK refuses or vapora cannot read ------------------------------------------------
+
+
+def test_an_unknown_exemplar_filter_is_said_and_does_not_stop_the_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The SDK raised ValueError from MeterProvider: ``vapora up`` died with a traceback."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    with caplog.at_level(logging.WARNING):
+        telemetry = setup(
+            TelemetryConfig(enabled=True, traces=False),
+            env={"OTEL_METRICS_EXEMPLAR_FILTER": "bogus"},
+            metric_readers=[InMemoryMetricReader()],
+        )
+    assert telemetry.meter_provider is not None
+    telemetry.shutdown()
+    assert any("OTEL_METRICS_EXEMPLAR_FILTER" in w and "bogus" in w for w in _warnings(caplog))
+
+
+def test_an_otlp_exporter_the_sdk_refuses_is_said_and_does_not_stop_the_start(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A credential provider that is not installed: the SDK's exporter raised RuntimeError."""
+    monkeypatch.setenv("OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER", "nope")
+    with caplog.at_level(logging.WARNING):
+        telemetry = setup(
+            TelemetryConfig(enabled=True, exporter="otlp"),
+            env={"OTEL_METRICS_EXPORTER": "otlp"},
+        )
+    telemetry.shutdown()
+    said = [w for w in _warnings(caplog) if "could not be made" in w]
+    assert {w.split()[3] for w in said} == {"span", "metric"}, said
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_SDK_DISABLED", "maybe"),
+        ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "yes"),
+    ],
+)
+def test_a_switch_that_is_neither_on_nor_off_is_said(
+    name: str, value: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        telemetry = setup(
+            TelemetryConfig(enabled=True),
+            env={name: value},
+            span_exporters=[InMemorySpanExporter()],
+        )
+    telemetry.shutdown()
+    assert any(name in w and value in w for w in _warnings(caplog)), _warnings(caplog)
+
+
+def test_a_blank_service_name_is_no_service_name() -> None:
+    assert _resource(TelemetryConfig(), {"OTEL_SERVICE_NAME": "  "})["service.name"] == "vapora"

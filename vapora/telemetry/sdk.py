@@ -26,12 +26,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, ExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    ExemplarFilter,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     InMemoryMetricReader,
@@ -114,6 +120,8 @@ def _flag(env: Mapping[str, str], name: str) -> bool | None:
         return True
     if value in ("false", "0", "no", "off"):
         return False
+    if value:
+        log.warning("telemetry: %s=%r is neither true nor false; ignored", name, value[:100])
     return None
 
 
@@ -157,7 +165,7 @@ def _resource_attributes(
         if sep and key.strip():
             attributes[key.strip()] = unquote(value.strip())
     attributes["service.name"] = (
-        env.get("OTEL_SERVICE_NAME")
+        env.get("OTEL_SERVICE_NAME", "").strip()  # blank: not set
         or attributes.get("service.name")
         or config.service_name
         or default
@@ -166,11 +174,19 @@ def _resource_attributes(
 
 
 def _capture(config: TelemetryConfig, env: Mapping[str, str]) -> bool:
-    value = env.get(_CAPTURE_ENV, "").strip().upper()
+    raw = env.get(_CAPTURE_ENV, "").strip()
+    value = raw.upper()
     if value in _CAPTURE_ON:
         return True
     if value in _CAPTURE_OFF:
         return False
+    if value:
+        log.warning(
+            "telemetry: %s=%r is none of %s; the file's capture_content is used",
+            _CAPTURE_ENV,
+            raw[:100],
+            ", ".join(sorted(_CAPTURE_ON | _CAPTURE_OFF)),
+        )
     return config.capture_content
 
 
@@ -312,8 +328,27 @@ def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter
         timeout_s = setting({**os.environ, **env}, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
         return ChildSpanExporter(endpoint, timeout_s=timeout_s)
     # The SDK's exporter with a direct protobuf encoder (vapora.telemetry.otlp).
-    exporter: SpanExporter = OtlpSpanExporter(endpoint=endpoint) if endpoint else OtlpSpanExporter()
+    exporter: SpanExporter | None = _made(
+        "span", lambda: OtlpSpanExporter(endpoint=endpoint) if endpoint else OtlpSpanExporter()
+    )
     return exporter
+
+
+def _made(signal: str, build: Callable[[], Any]) -> Any:
+    """The SDK's OTLP exporter ``build`` makes, or None (said in the log) when the SDK refuses
+    its settings (an ``OTEL_PYTHON_EXPORTER_OTLP_*`` variable naming a provider that is not
+    installed, say): a variable never stops a process from starting."""
+    try:
+        return build()
+    except Exception as exc:
+        log.warning(
+            "telemetry: the OTLP %s exporter could not be made (%s: %s); nothing is exported "
+            "over OTLP: check the OTEL_EXPORTER_OTLP_* and OTEL_PYTHON_EXPORTER_OTLP_* variables",
+            signal,
+            type(exc).__name__,
+            str(exc)[:200],
+        )
+        return None
 
 
 def _otlp_metrics(config: TelemetryConfig, env: Mapping[str, str]) -> MetricReader | None:
@@ -323,8 +358,17 @@ def _otlp_metrics(config: TelemetryConfig, env: Mapping[str, str]) -> MetricRead
         _missing_otlp("metrics")
         return None
     endpoint = _otlp_endpoint(config, env, "METRICS")
-    exporter: Any = OTLPMetricExporter(endpoint=endpoint) if endpoint else OTLPMetricExporter()
-    return PeriodicExportingMetricReader(exporter)
+    made = (lambda: OTLPMetricExporter(endpoint=endpoint)) if endpoint else OTLPMetricExporter
+    exporter: Any = _made("metric", made)
+    return None if exporter is None else PeriodicExportingMetricReader(exporter)
+
+
+_EXEMPLAR_ENV = "OTEL_METRICS_EXEMPLAR_FILTER"
+_EXEMPLAR_FILTERS: dict[str, ExemplarFilter] = {
+    "always_on": AlwaysOnExemplarFilter(),
+    "always_off": AlwaysOffExemplarFilter(),
+    "trace_based": TraceBasedExemplarFilter(),
+}
 
 
 def _exemplars(
@@ -334,9 +378,19 @@ def _exemplars(
     unless the only reader is ``/metrics``: its text format cannot carry exemplars, and making
     them costs each histogram measurement a look at the current span and, in a sampled trace, an
     exemplar."""
-    if env.get("OTEL_METRICS_EXEMPLAR_FILTER") or extra:
-        return None
-    if all(isinstance(reader, InMemoryMetricReader) for reader in readers):
+    chosen = env.get(_EXEMPLAR_ENV, "").strip()
+    if chosen and chosen.lower() not in _EXEMPLAR_FILTERS:
+        # The SDK raises on it (ValueError from MeterProvider): vapora did not start.
+        log.warning(
+            "telemetry: %s=%r is none of %s; ignored",
+            _EXEMPLAR_ENV,
+            chosen[:100],
+            ", ".join(sorted(_EXEMPLAR_FILTERS)),
+        )
+        chosen = "trace_based"  # the SDK's default (None would have it read the variable)
+    if chosen:
+        return _EXEMPLAR_FILTERS[chosen.lower()]
+    if not extra and all(isinstance(reader, InMemoryMetricReader) for reader in readers):
         return AlwaysOffExemplarFilter()
     return None
 
