@@ -845,6 +845,10 @@ def _nats(raw: _NatsFile) -> NatsConfig:
     tls = raw.tls
     if tls is not None and (tls.cert is None) != (tls.key is None):
         raise _Invalid("nats.tls", "give both cert and key, or neither")
+    _check_path("nats.creds", raw.creds)
+    if tls is not None:
+        for name in ("ca", "cert", "key"):
+            _check_path(f"nats.tls.{name}", getattr(tls, name))
     return NatsConfig(
         urls=_nats_urls("nats.url", raw.url),
         user=raw.user,
@@ -880,9 +884,18 @@ def _inbox_prefix(prefix: str | None) -> str | None:
 _SYNC_INTERVAL = re.compile(r"always|[1-9][0-9]*(ms|s|m|h)")
 
 
+def _check_path(path: str, value: str | None) -> None:
+    """A file or directory name: no NUL (no system call takes one: it passed ``vapora config``
+    and stopped ``vapora up`` with a traceback)."""
+    if value is not None and "\x00" in value:
+        raise _Invalid(path, "must not hold a NUL character")
+
+
 def _check_misc(storage: StorageConfig, telemetry: TelemetryConfig) -> None:
     if not storage.data_dir.strip():
         raise _Invalid("storage.data_dir", "must not be empty")
+    _check_path("storage.data_dir", storage.data_dir)
+    _check_path("telemetry.jsonl_path", telemetry.jsonl_path)
     if not _SYNC_INTERVAL.fullmatch(storage.sync_interval):
         raise _Invalid(
             "storage.sync_interval",

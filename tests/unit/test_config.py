@@ -477,6 +477,17 @@ BAD = [
         "telemetry.prometheus_port",
     ),
     ("invalid TOML", BASE + "[budget\n", "invalid TOML"),
+    # A NUL passed `vapora config` and stopped `vapora up` with a traceback from mkdir.
+    (
+        "NUL in the data directory",
+        BASE + '[storage]\ndata_dir = "/tmp/a\\u0000b"\n',
+        "storage.data_dir: must not hold a NUL",
+    ),
+    (
+        "NUL in a TLS file",
+        BASE + '[nats]\nurl = "tls://h:4222"\n[nats.tls]\nca = "/ca\\u0000.pem"\n',
+        "nats.tls.ca: must not hold a NUL",
+    ),
 ]
 
 
