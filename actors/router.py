@@ -147,6 +147,7 @@ from vapora.routing import (
     task_remaining_usd,
 )
 from vapora.telemetry import TASK_ID
+from vapora.telemetry.messaging import current_failed
 from vapora.telemetry.semconv import VAPORA
 
 __all__ = ["RouterActor", "attempt_timeouts", "route_reason_class"]
@@ -1144,9 +1145,10 @@ class RouterActor:
 
     async def _publish_release(self, release: BudgetRelease) -> None:
         try:
-            await self.runtime.nc.publish(
-                subjects.BUDGET_RELEASE, encode(release), headers=tracing.inject()
-            )
+            with tracing.publish_span(subjects.BUDGET_RELEASE):
+                await self.runtime.nc.publish(
+                    subjects.BUDGET_RELEASE, encode(release), headers=tracing.inject()
+                )
         except Exception:
             log.exception("router: could not release reservation %s", release.reservation_id)
 
@@ -1203,6 +1205,9 @@ class RouterActor:
                 message = await self.runtime.nc.request(
                     subject, encode(call), timeout=wait_s, headers=headers
                 )
+                if headers is not None and header(message, _SERVICE_ERROR_CODE):
+                    # An error reply ends the request's span in error, as the client's does.
+                    current_failed(_reply_code(message.headers or {}, message.data))
         except NoRespondersError:
             return _Failure("no_responders", f"no {provider.name} provider actor is running", True)
         except TimeoutError:
@@ -1278,6 +1283,14 @@ _INSTANCES_REMEMBERED = 64  # per provider: the least recently heard forgotten p
 
 _NO_FALLBACK = frozenset({"caller_error", "context_overflow", "stream_broken"})
 _OVERFLOW = "context_overflow"  # a model's context window too small: the next model may do
+
+
+def _reply_code(headers: dict[str, str], data: bytes) -> str:
+    """The contract code of an error reply (its class when the body is unreadable)."""
+    try:
+        return decode(data, ErrorReply).error.code
+    except DecodeError:
+        return headers.get(ERROR_CLASS_HEADER, "internal")
 
 
 def _failure_from(headers: dict[str, str], data: bytes) -> _Failure:

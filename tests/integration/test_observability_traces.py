@@ -112,7 +112,20 @@ async def test_a_fallback_task_is_one_trace_across_connections_with_correct_pare
     # Both provider attempts, each under the router's request to that provider.
     [claude_call] = _named(task, "process vapora.provider.claude.call")
     [second_call] = _named(task, f"process vapora.provider.{following}.call")
-    assert _parent(claude_call, index).name == "publish vapora.provider.claude.call"  # type: ignore[union-attr]
+    claude_request = _parent(claude_call, index)
+    assert (
+        claude_request is not None and claude_request.name == "publish vapora.provider.claude.call"
+    )
+    # An error reply ends the router's request in error, as it ends the client's (it was UNSET).
+    assert claude_request.status.status_code is StatusCode.ERROR
+    assert claude_request.attributes["error.type"] == "provider_error"
+    # The failed attempt's hold given back: the router's PRODUCER span, the keeper's under it
+    # (the keeper's was parented by the router's own span, with no publish between).
+    releases = _named(task, "publish vapora.budget.release")
+    assert len(releases) == (0 if leased else 1)
+    assert all(_parent(s, index) is router and s.kind is SpanKind.PRODUCER for s in releases)
+    handled = _named(task, "process vapora.budget.release")
+    assert [_parent(s, index) for s in handled] == releases
     assert _parent(_parent(second_call, index), index) is router  # type: ignore[arg-type]
     [failed] = _named(task, "chat claude-opus-4-5-error-529")
     operation = "generate_content" if following == "gemini" else "chat"

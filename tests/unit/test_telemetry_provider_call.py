@@ -103,8 +103,11 @@ def test_a_stream_broken_after_its_first_chunk_is_billed_on_its_span(recorded: R
     assert a["gen_ai.usage.cache_creation.input_tokens"] == 10
     assert a["gen_ai.response.time_to_first_chunk"] == 0.25
     points = recorded.points()
-    [(_, first)] = points["gen_ai.client.operation.time_to_first_chunk"]
+    [(labels, first)] = points["gen_ai.client.operation.time_to_first_chunk"]
     assert first.count == 1 and first.sum == 0.25  # type: ignore[attr-defined]
+    # Labelled as the call's duration is (it had no error type: v1.41 requires it on failure).
+    [(duration_labels, _)] = points["gen_ai.client.operation.duration"]
+    assert labels == duration_labels and labels["error.type"] == "connection"
     [(_, spend)] = points["vapora_llm_spend_usd_total"]
     assert Decimal(str(spend.value)) == billed  # type: ignore[attr-defined]
 

@@ -175,11 +175,14 @@ class Instruments:
         key = tuple(genai.items())  # the attribute set's key for the histograms' fast path
         if call.error_type is None:
             self.duration.record(call.duration_s, key, genai)
+            if call.time_to_first_chunk_s is not None:
+                self.first_chunk.record(call.time_to_first_chunk_s, key, genai)
         else:
+            # A stream broken after its first chunk: its time to it too, under its error type.
             failed = {**genai, n.error_type: call.error_type}
             self.duration.record(call.duration_s, (key, call.error_type), failed)
-        if call.time_to_first_chunk_s is not None:
-            self.first_chunk.record(call.time_to_first_chunk_s, key, genai)
+            if call.time_to_first_chunk_s is not None:
+                self.first_chunk.record(call.time_to_first_chunk_s, (key, call.error_type), failed)
         provider = (METRICS.provider, call.provider)
         self.latency.record(call.duration_s, provider, {METRICS.provider: call.provider})
         task_type = (METRICS.task_type, call.task_type)
