@@ -154,6 +154,9 @@ USAGE_HEADER = "Vapora-Usage"
 COST_HEADER = "Vapora-Cost-Usd"
 HTTP_STATUS_HEADER = "Vapora-Http-Status"
 CALLED_HEADER = "Vapora-Called"
+#: The provider error's type (an identifier: the provider's error code, or vapora's own such
+#: as ``cancelled_by_caller``), when it has one.
+ERROR_TYPE_HEADER = "Vapora-Error-Type"
 #: Sent by the router with tracing on: why this provider (the provider span's route reason).
 ROUTE_REASON_HEADER = "Vapora-Route-Reason"
 #: A call with less than this left of its time limit after waiting in the backlog is refused.
@@ -477,7 +480,11 @@ class ProviderActor:
             return
         scope = self._streaming.get(cancel.stream_to)
         if scope is not None:
-            scope.cancel()
+            if tracing.enabled():  # in the stream's trace (the caller's publish of the cancel)
+                with tracing.process_span(subjects.STREAM_CANCEL, message.headers):
+                    scope.cancel()
+            else:
+                scope.cancel()
             return
         now = time.monotonic()
         cancelled = self._cancelled
@@ -941,6 +948,8 @@ class ProviderActor:
         headers = error_headers(error)
         headers[ERROR_CLASS_HEADER] = error.error_class
         headers[CALLED_HEADER] = "1" if called else "0"
+        if error.error_type:
+            headers[ERROR_TYPE_HEADER] = error.error_type
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             headers[RETRY_AFTER_HEADER] = f"{retry_after:.3f}"

@@ -77,6 +77,7 @@ from actors.follow import LogFollower
 from actors.provider import (
     COST_HEADER,
     ERROR_CLASS_HEADER,
+    ERROR_TYPE_HEADER,
     RETRY_AFTER_HEADER,
     ROUTE_REASON_HEADER,
     USAGE_HEADER,
@@ -137,6 +138,7 @@ from vapora.errors import (
 )
 from vapora.pricing import price_at, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound
+from vapora.providers.stream import CALLER_CANCELLED
 from vapora.routing import (
     ProviderView,
     RouteOverBudget,
@@ -245,6 +247,8 @@ class _Failure:
     #: A stream's attempt that failed without saying whether its chunks reached the caller:
     #: the stream must not fall back (another provider's text would follow this one's).
     chunks_unknown: bool = False
+    #: The provider error's type (``Vapora-Error-Type``), when it had one.
+    error_type: str | None = None
 
     @property
     def holds(self) -> bool:
@@ -694,7 +698,11 @@ class RouterActor:
             usage=failure.usage if known and failure else None,
             cost_usd=failure.cost if known and failure else None,
         )
-        await self.runtime.nc.publish(ctx.reply, encode(message), headers=error_headers(error))
+        # A stream its caller stopped reading (vapora.stream.cancel) is answered (it may still
+        # listen), but nothing failed: its span was ERROR "provider_error", as a broken one's.
+        cancelled = failure is not None and failure.error_type == CALLER_CANCELLED
+        headers = error_headers(error, failed=not cancelled)
+        await self.runtime.nc.publish(ctx.reply, encode(message), headers=headers)
 
     # --- deciding -----------------------------------------------------------------------------
 
@@ -1313,6 +1321,7 @@ def _failure_from(headers: dict[str, str], data: bytes) -> _Failure:
         fallback=error_class not in _NO_FALLBACK,
         usage=usage,
         cost=billed if billed.is_finite() else Decimal(0),
+        error_type=headers.get(ERROR_TYPE_HEADER),
     )
 
 

@@ -226,12 +226,14 @@ def error_payload(error: VaporaError, *, stream: bool = False) -> bytes:
 OUTCOME_HEADER = "Vapora-Outcome"
 
 
-def error_headers(error: VaporaError) -> dict[str, str]:
+def error_headers(error: VaporaError, *, failed: bool = True) -> dict[str, str]:
     """The NATS Services API error headers for ``error``, plus trace context. The current span
     (the one handling the request this answers) gets the ERROR status and ``error.type``, the
-    error's contract code (``budget_exceeded``, ``timeout``, ``internal`` ...)."""
+    error's contract code (``budget_exceeded``, ``timeout``, ``internal`` ...), unless not
+    ``failed`` (an answer that is no failure of the handler's: a stream its caller stopped)."""
     headers = {"Nats-Service-Error-Code": str(error.status), "Nats-Service-Error": error.message}
-    current_failed(error.code)
+    if failed:
+        current_failed(error.code)
     return tracing.inject(headers)
 
 

@@ -70,7 +70,7 @@ from vapora.errors import (
     describe,
     error_for_code,
 )
-from vapora.telemetry.messaging import end_request, request_span, start_request
+from vapora.telemetry.messaging import end_request, publish_under, request_span, start_request
 
 __all__ = ["Client", "TextStream"]
 
@@ -376,17 +376,19 @@ class TextStream:
         then is billed (:attr:`error` is not set: the caller chose to stop)."""
         self._closed = True
         span, self._span = self._span, None
-        end_request(span, self.error)
         sub, self._sub = self._sub, None
         if sub is not None:
             # Stopped before its end, by the caller or by its idle timeout: the provider is
             # stopped too (a stream vapora ended, with its end or its error, needs no cancel).
+            # The cancel is part of the stream's trace: its publish span is under the stream's.
             if self.result is None and (self.error is None or self._gave_up):
                 with contextlib.suppress(Exception):
                     cancel = encode(StreamCancel(stream_to=sub.subject))
-                    await self._nc.publish(subjects.STREAM_CANCEL, cancel)
+                    with publish_under(span, subjects.STREAM_CANCEL) as headers:
+                        await self._nc.publish(subjects.STREAM_CANCEL, cancel, headers=headers)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        end_request(span, self.error)
 
     async def _start(self) -> Subscription:
         self._loop = asyncio.get_running_loop()

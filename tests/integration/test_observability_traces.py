@@ -248,3 +248,38 @@ async def test_a_sampled_out_task_records_no_span_anywhere_but_keeps_one_trace_i
     contexts = {h["traceparent"].split("-")[1] for h in stored}
     assert len(contexts) == 1 and len(stored) >= 4  # the decision travelled, unrecorded
     assert all(int(h["traceparent"].split("-")[3], 16) & 1 == 0 for h in stored)  # not sampled
+
+
+async def test_a_stream_its_caller_cancels_keeps_the_cancel_in_its_trace(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """The cancel (``vapora.stream.cancel``) went out with no trace context and no spans, so
+    nothing in the trace said why the provider stopped; and the cut was recorded as the
+    provider's failure: the router's span ERROR ``provider_error``, the call's class
+    ``stream_broken``. The cancel is now a PRODUCER span under the stream's, processed under
+    it by the provider actor, and the cut is the caller's cancel, not a failure."""
+    models = {"claude": "claude-opus-4-5-len-40-tps-20"}  # 40 chunks over two seconds
+    async with separate_deployment(tmp_path, guide(BUDGET, models=models)) as dep:
+        spans.clear()
+        async with dep.client.stream(
+            prompt="a b", task_type="CodeGeneration", quality="High", task_id="left"
+        ) as stream:
+            async for _ in stream:
+                break
+        with anyio.fail_after(10):
+            while not [s for s in spans.get_finished_spans() if s.name.startswith("chat ")]:  # noqa: ASYNC110 - the exporter is polled
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.3)
+    task = list(spans.get_finished_spans())
+    index = _by_id(task)
+    [root] = _named(task, "publish vapora.stream")
+    [cancel] = _named(task, "publish vapora.stream.cancel")
+    assert _parent(cancel, index) is root and cancel.kind is SpanKind.PRODUCER
+    [stopped] = _named(task, "process vapora.stream.cancel")
+    assert _parent(stopped, index) is cancel and stopped.kind is SpanKind.CONSUMER
+    [call] = [s for s in task if s.name.startswith("chat ")]
+    assert call.context.trace_id == root.context.trace_id
+    assert call.attributes["error.type"] == "cancelled_by_caller"
+    assert call.attributes["vapora.error.class"] == "cancelled"
+    [router] = _named(task, "process vapora.stream")
+    assert router.status.status_code is not StatusCode.ERROR

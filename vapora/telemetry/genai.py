@@ -53,6 +53,8 @@ __all__ = ["CallSpec", "ProviderCallTelemetry", "error_type", "operation_of", "s
 
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 _CANCELLED = "cancelled"  # error.type and error class of a cancelled call (the event log's)
+#: error.type of a stream its caller stopped reading (vapora.providers.stream.CALLER_CANCELLED).
+_BY_CALLER = "cancelled_by_caller"
 
 
 def operation_of(kind: str, request: ProviderRequest) -> str:
@@ -313,6 +315,10 @@ class ProviderCallTelemetry:
         names = self.names
         kind = error_type(exc)
         error_class = exc.error_class if isinstance(exc, ProviderError) else "internal"
+        if kind == _BY_CALLER:
+            # The caller stopped reading: not the provider's failure (the event's class is
+            # stream_broken, its code cancelled_by_caller), counted as a cancel.
+            error_class = _CANCELLED
         usage = exc.usage if isinstance(exc, ProviderError) else None
         billed = usage if usage is not None and _has_tokens(usage) else None
         billed_usd = cost(billed, self.spec.price) if billed else Decimal(0)

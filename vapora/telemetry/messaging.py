@@ -8,7 +8,8 @@ Spans are started with an explicit parent and their attributes in one dict
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -186,6 +187,23 @@ def request_span(subject: str) -> AbstractContextManager[dict[str, str] | None]:
         return nullcontext(headers)
     w3c.inject(headers, span)
     return Current(span, None, headers)
+
+
+@contextmanager
+def publish_under(parent: Span | None, subject: str) -> Iterator[dict[str, str] | None]:
+    """Around a message sent on behalf of a request whose span is not current (a stream's, from
+    :func:`start_request`): a ``publish <subject>`` span under ``parent``, and the headers that
+    carry its context; with vapora's tracing off (``parent`` None), the headers of the caller's
+    own current span (:func:`caller_headers`), ``None`` when there is none."""
+    if parent is None:
+        yield caller_headers()
+        return
+    token = attach_span(parent, None)
+    try:
+        with request_span(subject) as headers:
+            yield headers
+    finally:
+        detach(token)
 
 
 def start_request(subject: str) -> tuple[Span | None, dict[str, str] | None]:
