@@ -77,6 +77,7 @@ import anyio.abc
 import msgspec
 from nats.js.errors import NotFoundError
 
+from actors import tracing
 from actors.eventlog import LogEntry, ReplayBatch, Unreadable
 from actors.follow import LogFollower
 from actors.runner import Runtime
@@ -122,6 +123,7 @@ from vapora.budget_view import (
 )
 from vapora.config import BudgetConfig
 from vapora.errors import ConcurrencyConflict, InvalidRequest, NoProviderAvailable, VaporaError
+from vapora.telemetry import TASK_ID
 from vapora.telemetry.instruments import watch_budget
 
 __all__ = ["SNAPSHOT_FILE", "BudgetKeeper", "limits_of"]
@@ -240,6 +242,8 @@ class BudgetKeeper:
         self._ready = False
         self._needs_resync = False
         self._tier_cause: str | None = None
+        #: The tailed event behind ``_tier_cause``: its id, subject, stored headers and task.
+        self._tier_cause_entry: tuple[str, str, bytes | None, str | None] | None = None
         self._wake = anyio.Event()
         self._applied = anyio.Event()
         self._stopping = anyio.Event()
@@ -492,6 +496,9 @@ class BudgetKeeper:
             self._fold_in(event, entry.seq)
             if self._tier_now(now) != self.announced:
                 self._tier_cause = event.id
+                # Announced later (housekeeping): in the trace, and with the task, of the event.
+                task_id = getattr(event, "task_id", None)
+                self._tier_cause_entry = (event.id, entry.subject, entry.raw_headers, task_id)
                 self._wake.set()
         last = batch[-1]
         self._fold_in(last.event, last.seq)  # the position, whatever the last event was
@@ -601,6 +608,7 @@ class BudgetKeeper:
         """Admit or refuse ``request``; an admission is appended before it is answered."""
         rid = request.reservation_id
         _check_id("reservation_id", rid)
+        TASK_ID.set(request.task_id)  # this handler's task: its log lines name it
         _check_id("task_id", request.task_id)
         async with self._lock:
             await self._writable()
@@ -804,9 +812,28 @@ class BudgetKeeper:
         return budget.settle_tier(self.announced, self.state, self.limits, now)
 
     async def _announce_tier(self, cause: str | None) -> None:
-        """Append ``budget_tier_changed`` if the tier now differs from the last one announced."""
+        """Append ``budget_tier_changed`` if the tier now differs from the last one announced.
+        Caused by an event read from the log (a spend that settled), it is announced in that
+        event's trace (a ``process`` span of the keeper's under the event's creation context)
+        and its log line names the event's task."""
         if not self._ready or self.fenced_out is not None:
             return
+        entry, self._tier_cause_entry = self._tier_cause_entry, None
+        if entry is not None and entry[0] == cause:
+            _, subject, headers, task_id = entry
+            token = TASK_ID.set(task_id)
+            try:
+                if tracing.enabled():
+                    with tracing.process_span(subject, headers, group="budget", msg_id=cause):
+                        await self._announce_tier_now(cause)
+                else:
+                    await self._announce_tier_now(cause)
+            finally:
+                TASK_ID.reset(token)
+            return
+        await self._announce_tier_now(cause)
+
+    async def _announce_tier_now(self, cause: str | None) -> None:
         now = self.clock()
         current = self._tier_now(now)
         self._tier_cause = None

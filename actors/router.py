@@ -571,7 +571,7 @@ class RouterActor:
         async def apply(batch: list[LogEntry[Event]]) -> None:
             nonlocal position
             for entry in batch:
-                self._apply(entry.event, live=True)
+                self._apply(entry.event, live=True, stored=(entry.subject, entry.raw_headers))
                 position = entry.seq
 
         return LogFollower(
@@ -590,7 +590,9 @@ class RouterActor:
             lease, self.lease = self.lease, None  # nothing paid is admitted: give it back
             self._spawn(self._return_lease, lease, "revoked")
 
-    def _apply(self, event: Event, *, live: bool = False) -> None:
+    def _apply(
+        self, event: Event, *, live: bool = False, stored: tuple[str, bytes | None] = ("", None)
+    ) -> None:
         match event:
             case ProviderHealthChanged():
                 self.views[event.provider] = self._view(event)
@@ -598,7 +600,13 @@ class RouterActor:
                 self._set_tier(event.to_tier)
                 if live:
                     _observe_enforcement(event.to_tier, "tier_changed")
-                    log.info("budget tier %s -> %s", event.from_tier.value, event.to_tier.value)
+                    # Its line in the trace the change was made in (the task that moved it).
+                    with (
+                        tracing.process_span(*stored, group="router")
+                        if tracing.enabled()
+                        else contextlib.nullcontext()
+                    ):
+                        log.info("budget tier %s -> %s", event.from_tier.value, event.to_tier.value)
             case SpendRecorded():
                 spend = self.task_spend
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd

@@ -283,3 +283,51 @@ async def test_a_stream_its_caller_cancels_keeps_the_cancel_in_its_trace(
     assert call.attributes["vapora.error.class"] == "cancelled"
     [router] = _named(task, "process vapora.stream")
     assert router.status.status_code is not StatusCode.ERROR
+
+
+async def test_a_tier_change_a_settled_spend_caused_is_in_that_tasks_trace(
+    tmp_path: Path, spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tier change caused by a reservation was in the task's trace; one caused by a spend
+    settling (read from the log, announced later) was a new root trace, and its log lines (the
+    keeper's and the routers') named no task and no trace."""
+    import logging
+
+    # A cent a day: a reservation of most of it (340 tokens of Opus output) moves the tier up,
+    # and its spend, settling far below it, down again.
+    tiny = "[budget]\ndaily_limit_cents = 1\nlease_cents = 0\n"
+    with caplog.at_level(logging.INFO):
+        async with separate_deployment(tmp_path, guide(tiny)) as dep:
+            spans.clear()
+            for _ in range(5):
+                await dep.client.complete(
+                    prompt="hi", task_type="CodeGeneration", quality="High", max_tokens=340,
+                    task_id="tiered",
+                )  # fmt: skip
+                await anyio.sleep(0.2)  # the spend settles (a fall is announced after it)
+                if len(_tier_changes(spans)) >= 2:
+                    break
+    changes = _tier_changes(spans)
+    assert len(changes) >= 2  # up at a reservation, down once a spend settled it
+    index = _by_id(list(spans.get_finished_spans()))
+    for change in changes:
+        assert change.parent is not None, "a tier change outside any trace"
+        node: ReadableSpan | None = change
+        while node is not None and node.parent is not None:
+            node = _parent(node, index)
+        assert node is not None and node.name == "publish vapora.complete"
+    lines = [r for r in caplog.records if "budget tier" in r.getMessage()]
+    keeper = [r for r in lines if r.name == "vapora.budget"]
+    assert keeper and all(r.task_id == "tiered" for r in keeper)  # type: ignore[attr-defined]
+    assert all(r.trace_id != "-" for r in lines)  # type: ignore[attr-defined]
+
+
+def _tier_changes(spans: InMemorySpanExporter) -> list[ReadableSpan]:
+    return [
+        s
+        for s in spans.get_finished_spans()
+        if s.kind is SpanKind.PRODUCER
+        and "budget_tier_changed"
+        in str(s.attributes.get("vapora.event.types", ""))
+        + str(s.attributes.get("vapora.event.type", ""))
+    ]
