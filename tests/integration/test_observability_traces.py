@@ -331,3 +331,34 @@ def _tier_changes(spans: InMemorySpanExporter) -> list[ReadableSpan]:
         in str(s.attributes.get("vapora.event.types", ""))
         + str(s.attributes.get("vapora.event.type", ""))
     ]
+
+
+async def test_an_audit_replaying_the_log_links_to_the_events_traces_and_never_parents(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """``vapora audit`` emitted no span at all with telemetry on: the half of "replays and
+    audits link to the original spans" for audits was missing. Its replay is now spanned as
+    the ledger's is: roots of their own (group ``audit``), linking to the events' contexts."""
+    from vapora.cli.money import audit_command
+
+    async with separate_deployment(tmp_path, guide()) as dep:
+        await dep.client.complete(prompt="hi", task_type="CodeGeneration", task_id="a-1")
+        await dep.ledger_caught_up()
+        stored = [(e, h) for _, e, h in await dep.events()]
+        spans.clear()
+        code, text = await audit_command(dep.client.nc, dep.log, tmp_path / "ledger")
+    assert code == 0, text
+    audited = [
+        s
+        for s in spans.get_finished_spans()
+        if s.attributes.get("messaging.consumer.group.name") == "audit"
+    ]
+    assert audited, "the audit made no span"
+    linked = set()
+    for span in audited:
+        assert span.parent is None and span.attributes["vapora.replay"] is True
+        assert span.name == "process vapora.events.>"
+        linked |= {(link.context.trace_id, link.context.span_id) for link in span.links}
+    for _, headers in stored:
+        _, trace_hex, span_hex, _ = headers["traceparent"].split("-")
+        assert (int(trace_hex, 16), int(span_hex, 16)) in linked

@@ -467,7 +467,11 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     from vapora.cli.money import audit_command
 
     async with _connected(args, "vapora-audit") as (config, nc):
-        code, text = await audit_command(nc, await _reading(nc), _data_dir(args, config))
+        telemetry = _telemetry(config, "vapora-audit")  # its replay's spans (docs/observability)
+        try:
+            code, text = await audit_command(nc, await _reading(nc), _data_dir(args, config))
+        finally:
+            telemetry.shutdown()
     print(text)
     return code
 

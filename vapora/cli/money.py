@@ -20,6 +20,7 @@ import anyio
 import msgspec
 from nats.errors import NoRespondersError
 
+from actors import tracing
 from events import subjects
 from events.codec import DecodeError, decode, encode, event_tag
 from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
@@ -263,12 +264,16 @@ async def _chunks(log: EventLog, end: int) -> AsyncIterator[list[tuple[Event, in
     """The log's ``(event, seq)`` pairs up to sequence ``end``, about :data:`_CHUNK` at a time."""
     chunk: list[tuple[Event, int]] = []
     replay = log.replay(1)
+    wildcard = log.settings.wildcard
     async with contextlib.aclosing(replay):  # its consumer deleted at once when left early
         async for batch in replay:
-            for entry in batch:
-                if entry.seq > end:
-                    break
-                chunk.append((entry.event, entry.seq))
+            # With telemetry on, a span per batch read, linking to its events' traces (a new
+            # root: an audit adds no spans under months-old traces), as the ledger's replay.
+            with tracing.processed(batch, group="audit", replay=True, destination=wildcard):
+                for entry in batch:
+                    if entry.seq > end:
+                        break
+                    chunk.append((entry.event, entry.seq))
             if len(chunk) >= _CHUNK or (chunk and chunk[-1][1] >= end) or batch[-1].seq >= end:
                 if chunk:
                     yield chunk
