@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -205,17 +206,23 @@ async def test_events_held_at_a_stop_are_kept_and_appended_at_the_next_start(
 
 
 async def test_a_file_from_an_earlier_version_is_adopted(tmp_path: Path) -> None:
-    """``held-<actor>.jsonl``, what earlier versions wrote at a stop, is adopted too."""
+    """``held-<actor>.jsonl``, what earlier versions wrote at a stop, is adopted too, another
+    provider's as well (any provider actor adopts what a dead one held), and nothing of an
+    actor of another kind."""
     async with deployment(tmp_path, config_text, providers=[], router=False) as dep:
         spend = EVENTS["spend_recorded"]
+        other = msgspec.structs.replace(spend, id="spend-of-openai2")
         (tmp_path / "held-provider-openai.jsonl").write_bytes(encode(spend) + b"\n")
-        (tmp_path / "held-provider-openai2.jsonl").write_bytes(b"another actor's\n")
+        (tmp_path / "held-provider-openai2.jsonl").write_bytes(encode(other) + b"\n")
+        (tmp_path / "held-router.jsonl").write_bytes(b"another kind of actor's\n")
         actor = ProviderActor(dep.runtime, provider="openai")
         await actor._load_held()
         assert not actor.held
         assert not (tmp_path / "held-provider-openai.jsonl").exists()
-        assert (tmp_path / "held-provider-openai2.jsonl").exists()  # not this actor's
-        assert [e for e in await dep.events() if e.id == spend.id] == [spend]
+        assert not (tmp_path / "held-provider-openai2.jsonl").exists()
+        assert (tmp_path / "held-router.jsonl").exists()  # not a provider actor's
+        appended = {e.id for e in await dep.events()}
+        assert {spend.id, other.id} <= appended
         actor.held.close()
 
 
