@@ -650,7 +650,7 @@ class BudgetKeeper:
         if request.reason not in _RELEASE_REASONS:
             raise InvalidRequest(
                 f"`reason` must be one of {', '.join(sorted(_RELEASE_REASONS))};"
-                f" got {request.reason!r}"
+                f" got {_shown(request.reason)}"
             )
         _check_id("reservation_id", request.reservation_id)
         async with self._lock:
@@ -1004,6 +1004,12 @@ def _last_money_event(events: list[View]) -> str | None:
         if isinstance(event, _MONEY_VIEWS):
             return event.id
     return None
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """``value`` quoted for an error message, cut short (a 100 KB value was repeated whole in
+    the reply and in ``$SRV.STATS``)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def _check_id(name: str, value: str) -> None:

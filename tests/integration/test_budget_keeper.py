@@ -461,6 +461,11 @@ async def test_a_snapshot_of_another_stream_of_the_same_name_is_not_trusted(
         ),
         (subjects.BUDGET_RELEASE, b'{"reservation_id": 5, "reason": "failed"}', "reservation_id"),
         (subjects.BUDGET_RELEASE, b'{"reservation_id": "r", "reason": "bored"}', "reason"),
+        (  # a 100 KB value was repeated whole in the answer and in $SRV.STATS
+            subjects.BUDGET_RELEASE,
+            b'{"reservation_id": "r", "reason": "' + b"x" * 100_000 + b'"}',
+            "... (100000 characters)",
+        ),
         (subjects.BUDGET, b'{"verbose": true}', "unknown field `verbose`"),
         (subjects.BUDGET, b"[]", "object"),
     ],
@@ -476,6 +481,7 @@ async def test_malformed_requests_get_400_and_leave_the_state_unchanged(
         assert answer.status == "400"
         assert answer.error().error.code == "invalid_request"
         assert named in answer.error().error.message
+        assert len(answer.error().error.message) < 1000
         assert await status(conn) == before
         assert await keeper.log.last_sequence() == last
         assert keeper.state.reservation(held.reservation_id) is not None
