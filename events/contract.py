@@ -95,9 +95,11 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"
 
 
-#: Past this a token count is not a count of anything (2**53: a float still holds it exactly;
-#: an event's counts are stored as SQLite integers, which 2**64 overflowed, stopping the ledger).
-MAX_TOKENS = 2**53
+#: The largest token count a message or event may carry: what SQLite's integers hold (2**64
+#: overflowed them, stopping the ledger). What vapora writes is far below it (a provider's count
+#: past 2**53 is not taken: vapora.providers.values); an older version's stored events were not
+#: bounded so, and stay readable up to it.
+MAX_TOKENS = 2**63 - 1
 #: The most attempts a task's record may number (a chain tries each provider at most once).
 MAX_ATTEMPTS = 10_000
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]

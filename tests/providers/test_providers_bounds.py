@@ -14,10 +14,15 @@ import pytest
 
 from events.codec import encode
 from tests.providers.conftest import stub
-from tests.providers.test_providers_answers import answer, client
+from tests.providers.test_providers_answers import MODELS, answer, client
 from vapora.errors import ProviderError, ProviderTimeout, ProviderUnavailable
 from vapora.providers import ProviderRequest, upper_bound_usage
-from vapora.providers.values import INPUT_TEMPLATE_ALLOWANCE, input_token_bound
+from vapora.providers.values import (
+    INPUT_TEMPLATE_ALLOWANCE,
+    REASONING_ALLOWANCE,
+    input_token_bound,
+    may_reason,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -102,10 +107,12 @@ async def test_an_output_count_past_the_limit_sent_is_billed_at_the_limit(
 ) -> None:
     """OpenAI answering ``completion_tokens: 2**53`` for ``max_tokens=50`` was billed
     $90,071,992,547 with ``usage_estimated`` false, and that one spend put the month's budget
-    in Exceeded: the provider bills no output past the limit it was sent."""
+    in Exceeded: the provider bills no output past the limit it was sent (a model that may
+    reason, gemini-2.5-flash here: past it and the reasoning allowance)."""
     done = await _outcome(kind, body)
     assert not isinstance(done, ProviderError), done
-    assert done.usage.output_tokens == REQUEST.output_limit == 50
+    reasons = may_reason(MODELS[kind])
+    assert done.usage.output_tokens == 50 + (REASONING_ALLOWANCE if reasons else 0)
     assert done.usage.input_tokens == 12  # the input count stands
     assert done.usage_estimated
     assert done.cost_usd < 1
@@ -127,23 +134,72 @@ async def test_an_input_count_past_the_request_is_bounded_by_it(
     kind: str, body: dict[str, Any]
 ) -> None:
     """A billion input (or cached) tokens for a 7-character prompt was billed as such ($1,250 on
-    a $0.0005 hold): the input is bounded by the request's own bound instead, estimated."""
+    a $0.0005 hold): the input is cut to the most the request could be billed for (its bound
+    and the template allowance), estimated."""
     done = await _outcome(kind, body)
     assert not isinstance(done, ProviderError), done
-    bound = input_token_bound(REQUEST)
-    assert done.usage.input_tokens == bound
+    most = input_token_bound(REQUEST) + INPUT_TEMPLATE_ALLOWANCE
+    if kind == "openai" and "cached" in str(body["usage"]):  # no input count: the bound
+        most = input_token_bound(REQUEST)
+    assert done.usage.input_tokens == most
     assert (done.usage.cache_read_tokens, done.usage.cache_write_tokens) == (0, 0)
     assert done.usage.output_tokens == 4 and done.usage_estimated
 
 
-async def test_an_input_count_within_the_template_allowance_stands() -> None:
+@pytest.mark.parametrize("past", [0, 1, 10_000])
+async def test_an_input_count_within_the_template_allowance_stands(past: int) -> None:
     """A local model's chat template adds tokens the request's text does not show (a default
     system prompt, a date header): a count past the text's bound by less than the allowance is
-    the provider's count, billed as given."""
-    count = input_token_bound(REQUEST) + INPUT_TEMPLATE_ALLOWANCE
-    done = await _outcome("ollama", _ollama(count, 4))
+    the provider's count, billed as given; one past it is billed at the most, never less (a
+    first version billed a count one past it at the bound, 4,097 tokens less)."""
+    most = input_token_bound(REQUEST) + INPUT_TEMPLATE_ALLOWANCE
+    done = await _outcome("ollama", _ollama(most + past, 4))
     assert not isinstance(done, ProviderError), done
-    assert (done.usage.input_tokens, done.usage_estimated) == (count, False)
+    assert (done.usage.input_tokens, done.usage_estimated) == (most, past > 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "model", "body"),
+    [
+        (
+            "openai",
+            "deepseek-reasoner",
+            _openai({"prompt_tokens": 10, "completion_tokens": 7000}),
+        ),
+        (
+            "gemini",
+            "gemini-2.5-pro",
+            _gemini(
+                {"promptTokenCount": 10, "candidatesTokenCount": 800, "thoughtsTokenCount": 2000}
+            ),
+        ),
+    ],
+)
+async def test_a_reasoners_output_past_the_limit_is_billed_as_reported(
+    kind: str, model: str, body: dict[str, Any]
+) -> None:
+    """DeepSeek's reasoner bounds only its answer by ``max_tokens`` and bills its reasoning (up
+    to 32K) as completion tokens: such a count was cut to the limit. A model that may reason
+    keeps its count up to the limit and :data:`REASONING_ALLOWANCE`."""
+    request = ProviderRequest(prompt="prove it", max_tokens=1000)
+    async with stub(answer("200 OK", msgspec.json.encode(body))) as port:
+        made = client(kind, port, model=model)
+        try:
+            done = await made.complete(request)
+        finally:
+            await made.aclose()
+    assert (done.usage.output_tokens, done.usage_estimated) == (
+        7000 if kind == "openai" else 2800,
+        False,
+    )
+    absurd = _openai({"prompt_tokens": 10, "completion_tokens": 10**9})
+    async with stub(answer("200 OK", msgspec.json.encode(absurd))) as port:
+        made = client("openai", port, model="deepseek-reasoner")
+        try:
+            cut = await made.complete(request)
+        finally:
+            await made.aclose()
+    assert cut.usage.output_tokens == 1000 + REASONING_ALLOWANCE and cut.usage_estimated
 
 
 # --- counts that are not integers --------------------------------------------------------------
@@ -367,3 +423,183 @@ async def test_a_stream_answered_whole_is_billed_the_usage_it_states() -> None:
     failed = await _stream_outcome("openai", answer("200 OK", body))
     assert failed.error_type == "malformed_response" and "application/json" in failed.message
     assert (failed.usage.input_tokens, failed.usage.output_tokens) == (12, 4)
+
+
+# --- the second review's cases -------------------------------------------------------------------
+
+
+async def test_gemini_stated_usage_is_billed_as_stated() -> None:
+    """A Gemini body that is no answer (or a stream answered whole) states 40 output tokens:
+    its count was taken as a running one and replaced by the output limit (4,000); a whole
+    answer without ``finishReason`` was billed by its text's bytes (400 reported, 1,800 billed)."""
+    request = ProviderRequest(prompt="a b c d " * 200, max_tokens=4000)
+    usage = {"promptTokenCount": 900, "candidatesTokenCount": 40}
+    failed = await _outcome("gemini", {"usageMetadata": usage}, request)
+    assert isinstance(failed, ProviderUnavailable)
+    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (900, 40)
+    whole = await _stream_outcome_of("gemini", answer("200 OK", msgspec.json.encode(
+        {"usageMetadata": usage, "candidates": [{"content": {"parts": [{"text": "x"}]}}]}
+    )), request)  # fmt: skip
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (900, 40)
+    text = "The quick brown fox jumps over the lazy dog. " * 40  # 1,800 bytes
+    unfinished = {
+        "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}}],
+        "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 400},
+    }
+    async with stub(answer("200 OK", msgspec.json.encode(unfinished))) as port:
+        made = client("gemini", port, model="gemini-2.0-flash")
+        try:
+            done = await made.complete(ProviderRequest(prompt="write", max_tokens=8000))
+        finally:
+            await made.aclose()
+    assert (done.usage.output_tokens, done.usage_estimated) == (400, False)
+
+
+_SSE = (
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hello world"}}]}\n\n'
+    b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":900,"completion_tokens":30}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("kind", ["application/json", "application/json; charset=utf-8"])
+async def test_a_stream_labelled_json_is_still_read_as_a_stream(kind: str) -> None:
+    """A framework's default labels an SSE stream ``application/json``: it was read whole as a
+    JSON body, failed to decode, and was recorded at $0 while the router paid the next
+    provider. What is no JSON object is read as the stream it is."""
+    request = ProviderRequest(prompt="a b c d " * 200, max_tokens=4000)
+    async with stub(answer("200 OK", _SSE, f"content-type: {kind}\r\n")) as port:
+        made = client("openai", port)
+        try:
+            async with made.stream(request) as stream:
+                texts = [text async for text in stream]
+        finally:
+            await made.aclose()
+    assert "".join(texts) == "hello world"
+    assert stream.completion is not None
+    assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (
+        900,
+        30,
+    )
+
+
+async def test_a_whole_json_answer_to_a_stream_cut_while_read_is_billed_as_a_cut_answer() -> None:
+    """A 2xx JSON answer to a stream whose body broke off: it was recorded at $0 (the whole
+    non-streamed call records the same cut at the attempt's upper bound)."""
+    request = ProviderRequest(prompt="a b c d " * 200, max_tokens=4000)
+    cut = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000\r\n\r\n{"
+    failed = await _stream_outcome_of("openai", cut, request)
+    assert failed.error_type == "answer_cut" and failed.fallback
+    assert failed.usage == upper_bound_usage(request)
+
+
+async def _stream_outcome_of(kind: str, response: bytes, request: ProviderRequest) -> ProviderError:
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                async with made.stream(request) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()
+    return raised.value
+
+
+async def test_through_an_https_proxy_a_call_stuck_at_connect_is_billed_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``HTTPS_PROXY`` (httpx's own transport), a proxy that never opened the tunnel left
+    a call that never reached the provider recorded at its upper bound: every request was
+    taken as sent. Its ``trace`` says when the request's own headers go out (a ``CONNECT``
+    is traced too, with the same extensions, and is not the request)."""
+    from vapora.providers import make_client
+
+    connects: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connects.append((await reader.read(65536)).split(b"\r\n")[0])
+        try:
+            await asyncio.sleep(30)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    from tests.providers.conftest import price_of
+
+    made = make_client(
+        name="openai",
+        kind="openai",
+        model="gpt-4o",
+        price=price_of("openai"),
+        api_key="sk-test",
+        base_url="https://api.openai.com/v1",
+        timeout=5.0,
+    )
+    try:
+        with pytest.raises(ProviderTimeout) as stuck:
+            await made.complete(REQUEST, time_limit=0.5)
+        with pytest.raises(ProviderTimeout) as stream_stuck:
+            async with made.stream(REQUEST, first_token_limit=0.5) as stream:
+                async for _ in stream:
+                    pass
+    finally:
+        await made.aclose()
+        server.close()
+    assert connects and all(line.startswith(b"CONNECT ") for line in connects)
+    for error in (stuck.value, stream_stuck.value):
+        assert error.error_type == "connect_timeout"
+        assert (error.usage.input_tokens, error.usage.output_tokens) == (0, 0)
+
+
+async def test_through_httpxs_transport_a_call_sent_is_billed_when_its_time_runs_out() -> None:
+    """httpx's own transport (what a proxy needs) says through ``trace`` that the request went
+    out: a time-out after it is billed as with vapora's transport."""
+    import httpx
+
+    from tests.providers.conftest import price_of
+    from vapora.providers import make_client
+
+    server = await asyncio.start_server(_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    made = make_client(
+        name="openai",
+        kind="openai",
+        model="gpt-4o",
+        price=price_of("openai"),
+        api_key="sk-test",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        timeout=0.3,
+        transport=httpx.AsyncHTTPTransport(),
+    )
+    try:
+        with pytest.raises(ProviderTimeout) as late:
+            await made.complete(REQUEST)
+    finally:
+        await made.aclose()
+        server.close()
+    assert late.value.error_type == "timeout"
+    assert late.value.usage == upper_bound_usage(REQUEST)
+
+
+async def test_a_stream_cancelled_before_it_went_out_is_billed_nothing() -> None:
+    """A caller's cancel of a stream still waiting for a pooled connection billed its input."""
+    import anyio
+
+    server = await asyncio.start_server(_silent, "127.0.0.1", 0)
+    made = _at(server.sockets[0].getsockname()[1], "openai", 5.0, max_connections=1)
+    busy = asyncio.ensure_future(made.complete(REQUEST))
+    try:
+        await asyncio.sleep(0.1)  # the one connection is the first call's
+        async with made.stream(REQUEST) as stream:
+            with anyio.move_on_after(0.3):  # the caller's cancel
+                async for _ in stream:
+                    pass
+            cancelled = stream.cancelled()
+    finally:
+        busy.cancel()
+        await made.aclose()
+        server.close()
+    assert (cancelled.usage.input_tokens, cancelled.usage.output_tokens) == (0, 0)

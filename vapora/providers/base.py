@@ -34,7 +34,7 @@ import ssl
 import time
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -258,7 +258,8 @@ class ProviderClient(ABC):
         self._require_key()
         model = request.model or self.model
         started = time.perf_counter()
-        turn = Turn(unseen_output=may_reason(model))
+        reasons = may_reason(model)
+        turn = Turn(unseen_output=reasons, reasons=reasons)
         path, body = self._path(request, model, stream=False), self._body(request, model, False)
         try:
             response = await self._post(path, body, time_limit, turn)
@@ -377,7 +378,9 @@ class ProviderClient(ABC):
         Sent by :meth:`_send`: the client's headers and timeouts apply as with ``post``;
         cookies a provider sets are not sent back (an API key authenticates). ``turn`` is told
         when the request goes out (:attr:`Turn.sent`): by vapora's transport as it writes it;
-        with another transport, which does not say, at once (it may have gone out).
+        by httpx's own (the one a proxy needs) through its ``trace`` extension, as the
+        request's headers start going out (not the proxy's ``CONNECT``: a call stuck there
+        never reached the provider).
         """
         url = self._urls.get(path)
         if url is None:
@@ -387,7 +390,7 @@ class ProviderClient(ABC):
             if isinstance(self._transport, KeepAliveTransport):
                 extensions = {**extensions, SENT_HOOK: turn.mark_sent}
             else:
-                turn.sent = True
+                extensions = {**extensions, "trace": turn.trace_sent}
         return httpx.Request(
             "POST",
             url,
@@ -640,17 +643,25 @@ class ProviderClient(ABC):
         except FrameTooLong as exc:
             raise self._malformed() from exc
 
-    async def _not_a_stream(self, response: httpx.Response, kind: str, turn: Turn) -> None:
-        """A stream answered HTTP 2xx with a body that is no stream (a JSON or HTML page): its
-        error if it carries one (classified as the same body with its status would be, nothing
-        billed), else malformed, naming the content type; billed only the usage it states (a
-        server that ignored ``stream`` and answered whole). Raises, always (before
-        2026-11-27: read as an empty stream, "ended before its final event", billed its input
-        bound, the body's own error lost)."""
+    async def _not_a_stream(self, response: httpx.Response, kind: str, turn: Turn) -> bytes:
+        """A stream answered HTTP 2xx with a JSON or HTML body, read whole. A JSON object is
+        no stream: its error if it carries one (classified as the same body with its status
+        would be, nothing billed), else malformed, billed only the usage it states (a server
+        that ignored ``stream`` and answered whole); HTML is malformed, naming the content type
+        (before 2026-11-27 both were read as an empty stream, "ended before its final event",
+        billed the input bound, the body's own error lost). Anything else is returned, to be
+        read as the stream it may be (SSE or NDJSON labelled JSON by a server's default). A
+        body cut while read was answered: raised as cut, billed as a cut answer is."""
         try:
             content = await response.aread()
-        except httpx.HTTPError:
-            content = b""
+        except httpx.HTTPError as exc:
+            turn.answered = turn.unseen_output = True  # a 2xx: the provider made an answer
+            raise ProviderUnavailable(
+                f"{self.name}: the answer ({kind.split(';')[0].strip()}) was cut while read "
+                f"({type(exc).__name__})",
+                provider=self.name,
+                error_type="answer_cut",
+            ) from exc
         try:
             data: Any = msgspec.json.decode(content)
         except (msgspec.DecodeError, RecursionError):
@@ -662,6 +673,9 @@ class ProviderClient(ABC):
                 self._parse_usage(data, turn)
             except _SHAPE_ERRORS:
                 turn.input_tokens = turn.output_tokens = None
+            turn.running_output = False  # a whole body's counts are its last
+        elif not kind.lstrip().lower().startswith("text/html"):
+            return content
         if turn.input_tokens is not None or turn.output_tokens is not None:
             turn.answered = turn.unseen_output = True  # the provider's answer: billed
         raise ProviderUnavailable(
@@ -686,9 +700,11 @@ class ProviderClient(ABC):
                 self._parse_usage(data, turn)
             except _SHAPE_ERRORS:
                 turn.input_tokens = turn.output_tokens = None
+            turn.running_output = False  # a whole body's counts are its last
             raise self._fail(self._malformed()) from exc
         except ProviderError as error:  # an error body with status 200 (Ollama)
             raise self._fail(error) from error.__cause__
+        turn.running_output = False  # a whole body's (Gemini's without a finish: still its last)
 
     async def _stream_reads(
         self, request: ProviderRequest, model: str, turn: Turn
@@ -714,10 +730,14 @@ class ProviderClient(ABC):
                         content = b""
                     raise self._http_error(response.status_code, response.headers, content)
                 kind = response.headers.get("content-type", "")
+                chunks: AsyncIterator[bytes]
                 if _NOT_A_STREAM.match(kind):
-                    await self._not_a_stream(response, kind, turn)
+                    # Read whole: its error, or a whole answer, raise; a stream labelled so
+                    # (a framework's default) is read as one, from what was read.
+                    chunks = _once(await self._not_a_stream(response, kind, turn))
+                else:
+                    chunks = response.aiter_bytes()
                 turn.answered = True
-                chunks = response.aiter_bytes()
                 ended = True
                 async for data in chunks:
                     count = len(parts)
@@ -785,6 +805,13 @@ _DONE_GRACE_S = 2.0
 
 # RecursionError: msgspec's answer to JSON nested deeper than it decodes (a few KB of brackets).
 _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, RecursionError)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    """``body`` as a stream of one read."""
+    yield body
+
+
 #: A content type no stream comes in (a 2xx stream answered so is read whole: its error, or
 #: malformed).
 _NOT_A_STREAM = re.compile(r"\s*(text/html|application/(\S*\+)?json)\b", re.IGNORECASE)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from events.contract import Usage
 from vapora.errors import ProviderError, ProviderTimeout, ProviderUnavailable
 from vapora.providers.values import (
     Completion,
@@ -65,7 +66,8 @@ class CompletionStream:
         self._request = request
         self._model = request.model or client.model
         self._limits = (time_limit, first_token_limit or time_limit)
-        self._turn = Turn(unseen_output=may_reason(self._model))
+        reasons = may_reason(self._model)
+        self._turn = Turn(unseen_output=reasons, reasons=reasons)
         self._scope: anyio.CancelScope | None = None
         self._source: AsyncGenerator[None, None] | None = None
         self._end = math.inf
@@ -209,7 +211,9 @@ class CompletionStream:
         forwarded, since nobody waits for another provider's answer either, with the usage of
         all that was received (a count the provider had not reported yet bounded from above,
         as for any broken stream: the request went out, so its input may be billed)."""
-        usage, _ = self._turn.usage(self._request)
+        turn = self._turn
+        # Nothing went out (cancelled while connecting): nothing to bill.
+        usage = turn.usage(self._request)[0] if turn.sent or turn.answered else Usage()
         broken = StreamBroken(
             f"{self._client.name}: the caller stopped reading the stream "
             f"(after {self._count} chunks)",

@@ -16,7 +16,6 @@ from typing import Any
 import msgspec
 
 from events.contract import (
-    MAX_TOKENS,
     ChatMessage,
     Price,
     ProviderCall,
@@ -28,7 +27,7 @@ from vapora.errors import InvalidRequest, ProviderError, ProviderStreamBroken, P
 _log = logging.getLogger("vapora.providers")
 
 #: Past this a reported count is not a count of anything (2**53: a float still holds it exactly).
-MAX_TOKEN_COUNT = MAX_TOKENS
+MAX_TOKEN_COUNT = 2**53
 
 
 def _token_count(value: int | None) -> bool:
@@ -59,6 +58,7 @@ def count_sum(*parts: Any) -> int | None:
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "INPUT_TEMPLATE_ALLOWANCE",
+    "REASONING_ALLOWANCE",
     "count_sum",
     "Completion",
     "ProviderRequest",
@@ -75,6 +75,9 @@ DEFAULT_MAX_TOKENS = 4096
 #: default system prompt, a date header: tens to hundreds of tokens): a count past the bound and
 #: this is not one (:meth:`Turn.usage`).
 INPUT_TEMPLATE_ALLOWANCE = 4096
+#: Output tokens a reasoning model's provider may bill past the output limit it was sent
+#: (DeepSeek's reasoner bounds only the answer by ``max_tokens``; its reasoning runs to 32K).
+REASONING_ALLOWANCE = 32_768
 _MESSAGE_OVERHEAD = 4
 #: Tokens a chat API adds to prime the reply (OpenAI's ``<|start|>assistant<|message|>``: 3).
 _REPLY_OVERHEAD = 8
@@ -269,10 +272,13 @@ class Turn:
     #: a thinking or tool-use block) and has not counted yet: a missing output count is then
     #: bounded by the request's output limit, not estimated from the text (:func:`may_reason`).
     unseen_output: bool = False
+    #: The model may reason (:func:`may_reason`): some of its providers bill reasoning past the
+    #: output limit (DeepSeek's reasoner: ``max_tokens`` bounds the answer alone).
+    reasons: bool = False
     #: The provider answered (HTTP 2xx): it has the request and bills it, whatever comes next.
     answered: bool = False
-    #: The request went out (or may have: a transport that does not say): from then on a time
-    #: limit may leave a call the provider still answers and bills.
+    #: The request went out (its transport says so: :meth:`mark_sent`, :meth:`trace_sent`):
+    #: from then on a time limit may leave a call the provider still answers and bills.
     sent: bool = False
     #: ``output_tokens`` is a running count, not yet the answer's last (Gemini's chunks before
     #: the one that ends it): an answer cut then may have made more.
@@ -286,6 +292,14 @@ class Turn:
     def mark_sent(self) -> None:
         """Called by the transport as the request goes out (``SENT_HOOK``)."""
         self.sent = True
+
+    async def trace_sent(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's ``trace`` callback: the request's headers start going out (HTTP/1.1 or
+        2), not a proxy's ``CONNECT`` (traced too: it carries the request's extensions)."""
+        if event.endswith(".send_request_headers.started"):
+            request = info.get("request")
+            if getattr(request, "method", None) != b"CONNECT":
+                self.sent = True
 
     def usage(self, request: ProviderRequest) -> tuple[Usage, bool]:
         """The usage (reported; missing counts estimated), and whether anything was estimated.
@@ -305,9 +319,9 @@ class Turn:
         chunk, Ollama's ``done``) stands as it is, however the stream ended after it.
         """
         self._drop_bad_counts()
-        self._drop_impossible_counts(request)
+        clamped = self._clamp_impossible_counts(request)
         running = self.running_output
-        estimated = self.input_tokens is None or self.output_tokens is None or running
+        estimated = clamped or self.input_tokens is None or self.output_tokens is None or running
         output = self.output_tokens
         if output is None:
             output = self._output_bound(request)
@@ -336,34 +350,39 @@ class Turn:
         # No more than the limit the provider was sent: it bills no output past it.
         return min(len(text) + _extra_bytes(text) + self.extra_output, request.output_limit)
 
-    def _drop_impossible_counts(self, request: ProviderRequest) -> None:
-        """A count past what the request could be billed for is not one either: output past the
-        output limit the provider was sent (it bills none past it, reasoning and thinking
-        included), input past :func:`input_token_bound` and a template's allowance
-        (:data:`INPUT_TEMPLATE_ALLOWANCE`). Dropped (logged) and bounded like a missing count,
-        so one absurd answer can neither settle far above its hold nor lock a budget."""
+    def _clamp_impossible_counts(self, request: ProviderRequest) -> bool:
+        """A count past what the request could be billed for is not taken as given: output past
+        the output limit the provider was sent (it bills none past it, reasoning and thinking
+        included; for a model that may reason, past it and :data:`REASONING_ALLOWANCE`, since
+        some providers bill reasoning beyond it: DeepSeek's reasoner), input past
+        :func:`input_token_bound` and a template's allowance (:data:`INPUT_TEMPLATE_ALLOWANCE`).
+        It is cut to that most (logged; the usage is then estimated), so one absurd answer can
+        neither settle far above its hold nor lock a budget, and a count just past the most is
+        still billed at the most. Returns whether a count was cut."""
+        cut = False
         output, inputs = self.output_tokens, self.input_tokens
-        limit = request.output_limit
-        if output is not None and output > limit:
+        most = request.output_limit + (REASONING_ALLOWANCE if self.reasons else 0)
+        if output is not None and output > most:
             _log.warning(
-                "the provider reported %d output tokens for an output limit of %d; billed at "
-                "the limit",
+                "the provider reported %d output tokens for an output limit of %d; billed %d",
                 output,
-                limit,
+                request.output_limit,
+                most,
             )
-            self.output_tokens = None
-            self.unseen_output = True  # bounded by the limit, not by the text
+            self.output_tokens, cut = most, True
         if inputs is not None:
             bound = input_token_bound(request) + INPUT_TEMPLATE_ALLOWANCE
             if inputs > bound:
                 _log.warning(
-                    "the provider reported %d input tokens for a request of at most %d; "
-                    "estimated instead",
+                    "the provider reported %d input tokens for a request of at most %d; billed %d",
                     inputs,
                     bound,
+                    bound,
                 )
-                self.input_tokens = None
-                self.cache_read = self.cache_write = self.cache_write_1h = 0
+                self.input_tokens, cut = bound, True
+                if self.cache_read + self.cache_write > bound:  # their share is not known
+                    self.cache_read = self.cache_write = self.cache_write_1h = 0
+        return cut
 
     def _drop_bad_counts(self) -> None:
         """A reported count that is negative, past :data:`MAX_TOKEN_COUNT` or not an integer is
