@@ -945,7 +945,8 @@ class ProviderActor:
         self.service.count_error("call", error)  # in $SRV.STATS, as the service's own are
         if not ctx.reply:
             return
-        headers = error_headers(error)
+        # A caller's cancel fails nothing: its span is not failed (the call's own says why).
+        headers = error_headers(error, failed=error.error_type != CALLER_CANCELLED)
         headers[ERROR_CLASS_HEADER] = error.error_class
         headers[CALLED_HEADER] = "1" if called else "0"
         if error.error_type:

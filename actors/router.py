@@ -1221,8 +1221,13 @@ class RouterActor:
                 message = await self.runtime.nc.request(
                     subject, encode(call), timeout=wait_s, headers=headers
                 )
-                if headers is not None and header(message, _SERVICE_ERROR_CODE):
-                    # An error reply ends the request's span in error, as the client's does.
+                if (
+                    headers is not None
+                    and header(message, _SERVICE_ERROR_CODE)
+                    and header(message, ERROR_TYPE_HEADER) != CALLER_CANCELLED
+                ):
+                    # An error reply ends the request's span in error, as the client's does
+                    # (not a caller's cancel: nothing failed).
                     current_failed(_reply_code(message.headers or {}, message.data))
         except NoRespondersError:
             return _Failure("no_responders", f"no {provider.name} provider actor is running", True)

@@ -377,18 +377,21 @@ class TextStream:
         self._closed = True
         span, self._span = self._span, None
         sub, self._sub = self._sub, None
-        if sub is not None:
-            # Stopped before its end, by the caller or by its idle timeout: the provider is
-            # stopped too (a stream vapora ended, with its end or its error, needs no cancel).
-            # The cancel is part of the stream's trace: its publish span is under the stream's.
-            if self.result is None and (self.error is None or self._gave_up):
+        try:
+            if sub is not None:
+                # Stopped before its end, by the caller or by its idle timeout: the provider is
+                # stopped too (a stream vapora ended, with its end or its error, needs no
+                # cancel). The cancel is in the stream's trace: its publish span under the
+                # stream's.
+                if self.result is None and (self.error is None or self._gave_up):
+                    with contextlib.suppress(Exception):
+                        cancel = encode(StreamCancel(stream_to=sub.subject))
+                        with publish_under(span, subjects.STREAM_CANCEL) as headers:
+                            await self._nc.publish(subjects.STREAM_CANCEL, cancel, headers=headers)
                 with contextlib.suppress(Exception):
-                    cancel = encode(StreamCancel(stream_to=sub.subject))
-                    with publish_under(span, subjects.STREAM_CANCEL) as headers:
-                        await self._nc.publish(subjects.STREAM_CANCEL, cancel, headers=headers)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        end_request(span, self.error)
+                    await sub.unsubscribe()
+        finally:
+            end_request(span, self.error)  # once, however the awaits above ended
 
     async def _start(self) -> Subscription:
         self._loop = asyncio.get_running_loop()

@@ -283,6 +283,12 @@ async def test_a_stream_its_caller_cancels_keeps_the_cancel_in_its_trace(
     assert call.attributes["vapora.error.class"] == "cancelled"
     [router] = _named(task, "process vapora.stream")
     assert router.status.status_code is not StatusCode.ERROR
+    # Nor the router's request to the provider, nor the provider actor's handling of it (both
+    # were ERROR provider_error after the first fix: only the router's own span was spared).
+    [request] = _named(task, "publish vapora.provider.claude.call")
+    [handled] = _named(task, "process vapora.provider.claude.call")
+    assert request.status.status_code is not StatusCode.ERROR
+    assert handled.status.status_code is not StatusCode.ERROR
 
 
 async def test_a_tier_change_a_settled_spend_caused_is_in_that_tasks_trace(

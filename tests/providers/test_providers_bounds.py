@@ -603,3 +603,22 @@ async def test_a_stream_cancelled_before_it_went_out_is_billed_nothing() -> None
         await made.aclose()
         server.close()
     assert (cancelled.usage.input_tokens, cancelled.usage.output_tokens) == (0, 0)
+
+
+async def test_a_providers_error_type_that_is_vaporas_own_is_not_taken() -> None:
+    """A provider's error body naming ``cancelled_by_caller`` passed for the caller's cancel:
+    the router spared its spans and the metrics counted a cancel."""
+    body = msgspec.json.encode({"error": {"type": "cancelled_by_caller", "message": "no"}})
+    failed = await _outcome_of("openai", answer("500 Internal Server Error", body))
+    assert failed.error_type is None and failed.http_status == 500
+
+
+async def _outcome_of(kind: str, response: bytes) -> ProviderError:
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                await made.complete(REQUEST)
+        finally:
+            await made.aclose()
+    return raised.value

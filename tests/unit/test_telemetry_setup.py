@@ -3,11 +3,13 @@ Prometheus text format; log lines with task and trace ids."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,74 @@ def test_a_task_id_with_a_newline_cannot_write_a_log_line_of_its_own() -> None:
     finally:
         TASK_ID.reset(token)
     assert "\n" not in record.task_id and "\\n" in record.task_id  # type: ignore[attr-defined]
+
+
+def test_a_stream_closed_while_its_cancel_is_cut_still_ends_its_span() -> None:
+    """``aclose`` ended the stream's span only after awaiting the cancel's publish: a caller's
+    timeout at that await left it never ended (never exported), its child cancel span
+    exported without it."""
+    import asyncio
+
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from vapora.client import TextStream
+    from vapora.telemetry.messaging import start_request
+
+    exporter = InMemorySpanExporter()
+    telemetry = setup(
+        TelemetryConfig(enabled=True),
+        env={},
+        span_exporters=[exporter],
+        metric_readers=[InMemoryMetricReader()],
+    )
+
+    class Subscription:
+        subject = "_INBOX.x"
+
+        async def unsubscribe(self) -> None:
+            pass
+
+    class Stalled:
+        async def publish(self, subject: str, data: bytes, headers: object = None) -> None:
+            await asyncio.sleep(10)  # nats-py flushing a full buffer
+
+    async def main() -> None:
+        stream = TextStream(Stalled(), b"{}", 1.0)  # type: ignore[arg-type]
+        stream._sub = Subscription()  # type: ignore[assignment]
+        stream._span, _ = start_request("vapora.stream")
+        closing = asyncio.ensure_future(stream.aclose())
+        await asyncio.sleep(0.05)
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+
+    asyncio.run(main())
+    telemetry.shutdown()
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert "publish vapora.stream" in names, names
+
+
+def test_the_audits_telemetry_serves_no_metrics(tmp_path: Path) -> None:
+    """``vapora audit`` set telemetry up as the deployment's actors do, /metrics port included:
+    where they serve it (the shipped docker setup) it exited 2, "address already in use"."""
+    import socket
+
+    from vapora.cli import _telemetry
+    from vapora.config import parse_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = (
+            '[[providers]]\nname = "ollama"\nkind = "ollama"\nmodel = "llama3.2"\n'
+            f"[telemetry]\nenabled = true\nprometheus_port = {port}\n"
+            'prometheus_host = "127.0.0.1"\n'
+        )
+        config = parse_config(text, source="t.toml", at=datetime.now(UTC))
+        telemetry = _telemetry(config, "vapora-audit", metrics=False)
+        try:
+            assert telemetry.meter_provider is None and telemetry.tracer_provider is not None
+        finally:
+            telemetry.shutdown()

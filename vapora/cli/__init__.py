@@ -160,11 +160,17 @@ async def _event_log(nc: Client, config: Config) -> EventLog:
     return log
 
 
-def _telemetry(config: Config, service_name: str) -> Telemetry:
-    """Traces, metrics and log lines as ``[telemetry]`` and the ``OTEL_*`` variables say."""
+def _telemetry(config: Config, service_name: str, *, metrics: bool = True) -> Telemetry:
+    """Traces, metrics (unless not ``metrics``) and log lines as ``[telemetry]`` and the
+    ``OTEL_*`` variables say."""
+    import msgspec
+
     from vapora.telemetry import setup
 
-    return setup(config.telemetry, env=os.environ, service_name=service_name)
+    settings = config.telemetry
+    if not metrics:
+        settings = msgspec.structs.replace(settings, metrics=False)
+    return setup(settings, env=os.environ, service_name=service_name)
 
 
 def _data_dir(args: argparse.Namespace, config: Config) -> Path:
@@ -467,7 +473,9 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     from vapora.cli.money import audit_command
 
     async with _connected(args, "vapora-audit") as (config, nc):
-        telemetry = _telemetry(config, "vapora-audit")  # its replay's spans (docs/observability)
+        # Its replay's spans (docs/observability.md), no metrics: the deployment's /metrics port,
+        # served by its own actors, would refuse a second server, and the audit has none to give.
+        telemetry = _telemetry(config, "vapora-audit", metrics=False)
         try:
             code, text = await audit_command(nc, await _reading(nc), _data_dir(args, config))
         finally:

@@ -60,7 +60,7 @@ from vapora.errors import (
     is_error_type,
 )
 from vapora.pricing import cost, upper_bound_cost
-from vapora.providers.stream import CompletionStream
+from vapora.providers.stream import CALLER_CANCELLED, FORWARD_FAILED, CompletionStream
 from vapora.providers.transport import SENT_HOOK, KeepAliveTransport
 from vapora.providers.values import (
     DEFAULT_MAX_TOKENS,
@@ -547,10 +547,13 @@ class ProviderClient(ABC):
             payload = None
         error_type, message = self._error_fields(payload)
         if error_type is not None and (
-            not is_error_type(error_type) or self._scrub(error_type) != error_type
+            not is_error_type(error_type)
+            or self._scrub(error_type) != error_type
+            or error_type in _VAPORAS_OWN
         ):
             # Not an identifier (it may quote the request), or it holds the key: no type, and
-            # not in the message either.
+            # not in the message either; nor one of vapora's own (a provider's "caller
+            # cancelled" would pass for the caller's cancel).
             error_type = None
         if payload is None:  # the body as text, scrubbed before it is cut (a key cut in two
             # halves would no longer match); a bound well past the cut, so nothing of a key at
@@ -805,6 +808,8 @@ _DONE_GRACE_S = 2.0
 
 # RecursionError: msgspec's answer to JSON nested deeper than it decodes (a few KB of brackets).
 _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, RecursionError)
+#: Error types vapora gives its own failures: never taken from a provider's error body.
+_VAPORAS_OWN = frozenset({CALLER_CANCELLED, FORWARD_FAILED})
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:

@@ -149,7 +149,10 @@ def _publish(subject: str, msg_id: str | None) -> Span | None:
 
 
 def publish_span(subject: str, *, msg_id: str | None = None) -> AbstractContextManager[Span]:
-    """A PRODUCER span ``publish <subject>`` (current while the block runs)."""
+    """A PRODUCER span ``publish <subject>`` (current while the block runs); none with vapora's
+    tracing off (a host's own SDK would record a stray root span of it)."""
+    if not STATE.tracing:
+        return nullcontext(current_span())
     span = _publish(subject, msg_id)
     if span is None:
         return nullcontext(current_span())

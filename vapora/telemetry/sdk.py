@@ -326,7 +326,10 @@ def _otlp_spans(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter
         from vapora.telemetry.export import setting
 
         timeout_s = setting({**os.environ, **env}, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
-        return ChildSpanExporter(endpoint, timeout_s=timeout_s)
+        child: SpanExporter | None = _made(
+            "span", lambda: ChildSpanExporter(endpoint, timeout_s=timeout_s)
+        )
+        return child
     # The SDK's exporter with a direct protobuf encoder (vapora.telemetry.otlp).
     exporter: SpanExporter | None = _made(
         "span", lambda: OtlpSpanExporter(endpoint=endpoint) if endpoint else OtlpSpanExporter()
@@ -387,12 +390,16 @@ def _exemplars(
             chosen[:100],
             ", ".join(sorted(_EXEMPLAR_FILTERS)),
         )
-        chosen = "trace_based"  # the SDK's default (None would have it read the variable)
+        chosen = ""
+        invalid = True
+    else:
+        invalid = False
     if chosen:
         return _EXEMPLAR_FILTERS[chosen.lower()]
     if not extra and all(isinstance(reader, InMemoryMetricReader) for reader in readers):
         return AlwaysOffExemplarFilter()
-    return None
+    # As with no value: the SDK's default (None would have it read the variable, and raise).
+    return TraceBasedExemplarFilter() if invalid else None
 
 
 def _meter_provider(
