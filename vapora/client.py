@@ -386,7 +386,8 @@ class TextStream:
                 if self.result is None and (self.error is None or self._gave_up):
                     with contextlib.suppress(Exception):
                         cancel = encode(StreamCancel(stream_to=sub.subject))
-                        with publish_under(span, subjects.STREAM_CANCEL) as headers:
+                        trace = getattr(self, "_trace_headers", None)
+                        with publish_under(span, subjects.STREAM_CANCEL, trace) as headers:
                             await self._nc.publish(subjects.STREAM_CANCEL, cancel, headers=headers)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -399,6 +400,7 @@ class TextStream:
         sub = await self._nc.subscribe(inbox)
         # The span covers the stream (ended by aclose); the router's spans continue its trace.
         self._span, trace_headers = start_request(subjects.STREAM)
+        self._trace_headers = trace_headers  # the stream's context, for its cancel
         # Sent again as they are when the first publish found no router (see __anext__).
         self._headers = _with(trace_headers, self._more_headers)
         try:

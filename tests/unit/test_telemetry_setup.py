@@ -325,3 +325,34 @@ def test_the_audits_telemetry_serves_no_metrics(tmp_path: Path) -> None:
             assert telemetry.meter_provider is None and telemetry.tracer_provider is not None
         finally:
             telemetry.shutdown()
+
+
+def test_a_cancel_without_a_span_of_vaporas_carries_the_streams_own_context() -> None:
+    """With vapora's tracing off (or the trace sampled out), the cancel carried the context
+    current when the stream was closed: under another span (or from the collector) it went
+    into an unrelated trace. It carries the stream's own."""
+    import asyncio
+
+    from vapora.client import TextStream
+
+    sent: list[object] = []
+    streams_own = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+
+    class Subscription:
+        subject = "_INBOX.x"
+
+        async def unsubscribe(self) -> None:
+            pass
+
+    class Recording:
+        async def publish(self, subject: str, data: bytes, headers: object = None) -> None:
+            sent.append(headers)
+
+    async def main() -> None:
+        stream = TextStream(Recording(), b"{}", 1.0)  # type: ignore[arg-type]
+        stream._sub = Subscription()  # type: ignore[assignment]
+        stream._trace_headers = streams_own
+        await stream.aclose()
+
+    asyncio.run(main())
+    assert sent == [streams_own]

@@ -478,9 +478,9 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         telemetry = _telemetry(config, "vapora-audit", metrics=False)
         try:
             code, text = await audit_command(nc, await _reading(nc), _data_dir(args, config))
+            print(text, flush=True)  # before the spans' export, which may wait on a collector
         finally:
             telemetry.shutdown()
-    print(text)
     return code
 
 

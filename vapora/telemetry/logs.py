@@ -18,6 +18,8 @@ __all__ = ["FORMAT", "TASK_ID", "HeaderValueFilter", "TaskContextFilter", "insta
 
 TASK_ID: ContextVar[str | None] = ContextVar("vapora_task_id", default=None)
 
+_MAX_TASK_ID = 200  # the contract's longest task id
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s task=%(task_id)s trace=%(trace_id)s: %(message)s"
 
 
@@ -26,10 +28,10 @@ class TaskContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         task_id = TASK_ID.get() or "-"
-        if not task_id.isprintable():
+        if len(task_id) > _MAX_TASK_ID or not task_id.isprintable():
             # A task id from an event anyone could append (requests refuse such ids): escaped,
-            # so that a newline in it cannot write a line of its own.
-            task_id = repr(task_id)
+            # so that a newline in it cannot write a line of its own, and cut short.
+            task_id = repr(task_id[:_MAX_TASK_ID]) + ("..." if len(task_id) > _MAX_TASK_ID else "")
         record.task_id = task_id
         span_context = current_span().get_span_context()
         record.trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else "-"

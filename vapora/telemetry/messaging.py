@@ -193,13 +193,16 @@ def request_span(subject: str) -> AbstractContextManager[dict[str, str] | None]:
 
 
 @contextmanager
-def publish_under(parent: Span | None, subject: str) -> Iterator[dict[str, str] | None]:
+def publish_under(
+    parent: Span | None, subject: str, request_headers: dict[str, str] | None
+) -> Iterator[dict[str, str] | None]:
     """Around a message sent on behalf of a request whose span is not current (a stream's, from
     :func:`start_request`): a ``publish <subject>`` span under ``parent``, and the headers that
-    carry its context; with vapora's tracing off (``parent`` None), the headers of the caller's
-    own current span (:func:`caller_headers`), ``None`` when there is none."""
+    carry its context; without a span of vapora's (tracing off, or the trace sampled out), the
+    request's own trace headers, ``request_headers`` (the context current now may be another
+    trace's: a stream closed under another span, or by the collector)."""
     if parent is None:
-        yield caller_headers()
+        yield request_headers
         return
     token = attach_span(parent, None)
     try:
