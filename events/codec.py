@@ -47,7 +47,8 @@ def encode(message: Any) -> bytes:
     with a long exponent, is in scientific notation (``"2.25E-7"``, ``"0E-7"``), which decimal
     parsers of other languages refuse (before 2026-11-27 it went out so)."""
     data = _encoder.encode(message)
-    if b"E-" in data or b"E+" in data:  # such a decimal, perhaps (or text with one in it)
+    # (A one-byte find first: ``in`` of two bytes took 0.7 µs per event, every event.)
+    if data.find(b"E") >= 0 and (b"E-" in data or b"E+" in data):  # such a decimal, perhaps
         plain = _plain_decimals(msgspec.to_builtins(message, builtin_types=(Decimal,)))
         return _encoder.encode(plain)
     return data

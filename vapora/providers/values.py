@@ -370,7 +370,7 @@ class Turn:
                 most,
             )
             self.output_tokens, cut = most, True
-        if inputs is not None:
+        if inputs is not None and inputs > INPUT_TEMPLATE_ALLOWANCE:  # (else within it: cheap)
             bound = input_token_bound(request) + INPUT_TEMPLATE_ALLOWANCE
             if inputs > bound:
                 _log.warning(
