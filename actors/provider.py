@@ -767,10 +767,10 @@ class ProviderActor:
         input rate: vapora asks no provider to write its cache (no ``cache_control``), so no
         input token of its calls is billed at a cache write's dearer rate. The call's own
         events take these ids (:meth:`_record`)."""
-        usage = upper_bound_usage(request)
+        model = call.model or self.config.model
+        usage = upper_bound_usage(request, model)
         amount = cost(usage, price)
         now = self.runtime.clock()
-        model = call.model or self.config.model
         failed = CallFailed(
             id=_new_id(),
             at=now,

@@ -139,6 +139,7 @@ from vapora.errors import (
 from vapora.pricing import price_at, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound
 from vapora.providers.stream import CALLER_CANCELLED
+from vapora.providers.values import output_ceiling
 from vapora.routing import (
     ProviderView,
     RouteOverBudget,
@@ -744,7 +745,9 @@ class RouterActor:
         input_tokens = input_token_bound(estimate)
         prices = self._prices_now()
         costs = {
-            p.name: upper_bound_cost(input_tokens, estimate.output_limit, prices[p.name])
+            p.name: upper_bound_cost(
+                input_tokens, output_ceiling(p.model, estimate.output_limit), prices[p.name]
+            )
             for p in self.config.providers
         }
         return _Task(

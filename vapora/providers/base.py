@@ -70,6 +70,7 @@ from vapora.providers.values import (
     Turn,
     input_token_bound,
     may_reason,
+    output_ceiling,
     sent_timeout,
     upper_bound_usage,
 )
@@ -258,8 +259,8 @@ class ProviderClient(ABC):
         self._require_key()
         model = request.model or self.model
         started = time.perf_counter()
-        reasons = may_reason(model)
-        turn = Turn(unseen_output=reasons, reasons=reasons)
+        past = output_ceiling(model, 0)
+        turn = Turn(unseen_output=may_reason(model), past_limit=past)
         path, body = self._path(request, model, stream=False), self._body(request, model, False)
         try:
             response = await self._post(path, body, time_limit, turn)
@@ -296,7 +297,9 @@ class ProviderClient(ABC):
     def estimate_cost(self, request: ProviderRequest) -> Decimal:
         """An upper bound of the call's cost, for budget reservations: the router's
         (:func:`vapora.pricing.upper_bound_cost` of :func:`input_token_bound`)."""
-        return upper_bound_cost(input_token_bound(request), request.output_limit, self.price)
+        model = request.model or self.model
+        output = output_ceiling(model, request.output_limit)
+        return upper_bound_cost(input_token_bound(request), output, self.price)
 
     def latency_estimate(self) -> float | None:
         """The observed latency of successful calls in ms (an EWMA), or None before any."""
@@ -380,7 +383,7 @@ class ProviderClient(ABC):
         when the request goes out (:attr:`Turn.sent`): by vapora's transport as it writes it;
         by httpx's own (the one a proxy needs) through its ``trace`` extension, as the
         request's headers start going out (not the proxy's ``CONNECT``: a call stuck there
-        never reached the provider).
+        never reached the provider); with any other, at once (it may have gone out).
         """
         url = self._urls.get(path)
         if url is None:
@@ -389,8 +392,10 @@ class ProviderClient(ABC):
         if turn is not None:
             if isinstance(self._transport, KeepAliveTransport):
                 extensions = {**extensions, SENT_HOOK: turn.mark_sent}
-            else:
+            elif isinstance(self._transport, httpx.AsyncHTTPTransport):
                 extensions = {**extensions, "trace": turn.trace_sent}
+            else:  # a transport that does not say: it may have gone out
+                turn.sent = True
         return httpx.Request(
             "POST",
             url,
@@ -471,7 +476,7 @@ class ProviderClient(ABC):
                 "provider, recorded at the attempt's upper bound",
                 provider=self.name,
                 error_type="answer_cut" if kind is ProviderUnavailable else error.error_type,
-                usage=upper_bound_usage(request),
+                usage=upper_bound_usage(request, request.model or self.model),
             )
         )
 
@@ -507,7 +512,7 @@ class ProviderClient(ABC):
                 "it: recorded at the attempt's upper bound",
                 provider=self.name,
                 error_type=error.error_type,
-                usage=upper_bound_usage(request),
+                usage=upper_bound_usage(request, request.model or self.model),
             )
         )
 
@@ -646,25 +651,48 @@ class ProviderClient(ABC):
         except FrameTooLong as exc:
             raise self._malformed() from exc
 
-    async def _not_a_stream(self, response: httpx.Response, kind: str, turn: Turn) -> bytes:
-        """A stream answered HTTP 2xx with a JSON or HTML body, read whole. A JSON object is
-        no stream: its error if it carries one (classified as the same body with its status
-        would be, nothing billed), else malformed, billed only the usage it states (a server
-        that ignored ``stream`` and answered whole); HTML is malformed, naming the content type
-        (before 2026-11-27 both were read as an empty stream, "ended before its final event",
-        billed the input bound, the body's own error lost). Anything else is returned, to be
-        read as the stream it may be (SSE or NDJSON labelled JSON by a server's default). A
-        body cut while read was answered: raised as cut, billed as a cut answer is."""
+    async def _labelled_no_stream(
+        self, response: httpx.Response, kind: str, turn: Turn
+    ) -> AsyncIterator[bytes]:
+        """The body of a stream answered HTTP 2xx with a JSON or HTML content type: its bytes as
+        a stream when its first read is one (a server's default label for SSE: read as it
+        comes, not whole), else read whole and raised as :meth:`_not_a_stream` says."""
+        chunks = response.aiter_bytes()
+        html = kind.lstrip().lower().startswith("text/html")
+        first = b""
+        if not html and (self.framing == "ndjson" or not _json_like(kind)):
+            return chunks  # NDJSON: its lines are JSON, and an error line is read as one
         try:
-            content = await response.aread()
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            pass
         except httpx.HTTPError as exc:
-            turn.answered = turn.unseen_output = True  # a 2xx: the provider made an answer
-            raise ProviderUnavailable(
-                f"{self.name}: the answer ({kind.split(';')[0].strip()}) was cut while read "
-                f"({type(exc).__name__})",
-                provider=self.name,
-                error_type="answer_cut",
-            ) from exc
+            raise self._cut(kind, turn, exc) from exc
+        if not html and _SSE_START.match(first):
+            return _chained(first, chunks)
+        await self._not_a_stream(first, chunks, kind, turn)
+        raise AssertionError("unreachable")  # (it raises)
+
+    async def _not_a_stream(
+        self, first: bytes, rest: AsyncIterator[bytes], kind: str, turn: Turn
+    ) -> None:
+        """A stream answered HTTP 2xx with a body that is no stream (a JSON object, an HTML
+        page ...), read whole: its error if it is a JSON object carrying one (classified as the
+        same body with its status would be, nothing billed), else malformed, naming the content
+        type, billed only the usage it states (a server that ignored ``stream`` and answered
+        whole). Before 2026-11-27 it was read as an empty stream, "ended before its final
+        event", billed the input bound, the body's own error lost. A body cut (or timed out)
+        while read was an answer: raised as cut, billed as a cut answer is."""
+        parts = [first]
+        try:
+            async for read in rest:
+                parts.append(read)
+        except httpx.HTTPError as exc:
+            raise self._cut(kind, turn, exc) from exc
+        except anyio.get_cancelled_exc_class():
+            turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
+            raise
+        content = b"".join(parts)
         try:
             data: Any = msgspec.json.decode(content)
         except (msgspec.DecodeError, RecursionError):
@@ -677,14 +705,21 @@ class ProviderClient(ABC):
             except _SHAPE_ERRORS:
                 turn.input_tokens = turn.output_tokens = None
             turn.running_output = False  # a whole body's counts are its last
-        elif not kind.lstrip().lower().startswith("text/html"):
-            return content
         if turn.input_tokens is not None or turn.output_tokens is not None:
             turn.answered = turn.unseen_output = True  # the provider's answer: billed
         raise ProviderUnavailable(
             f"{self.name}: a stream was answered with {kind.split(';')[0].strip()}, not a stream",
             provider=self.name,
             error_type="malformed_response",
+        )
+
+    def _cut(self, kind: str, turn: Turn, exc: BaseException) -> ProviderError:
+        turn.answered = turn.unseen_output = True  # a 2xx: the provider made an answer
+        return ProviderUnavailable(
+            f"{self.name}: the answer ({kind.split(';')[0].strip()}) was cut while read "
+            f"({type(exc).__name__})",
+            provider=self.name,
+            error_type="answer_cut",
         )
 
     def _read_body(self, content: bytes, turn: Turn) -> None:
@@ -735,9 +770,9 @@ class ProviderClient(ABC):
                 kind = response.headers.get("content-type", "")
                 chunks: AsyncIterator[bytes]
                 if _NOT_A_STREAM.match(kind):
-                    # Read whole: its error, or a whole answer, raise; a stream labelled so
-                    # (a framework's default) is read as one, from what was read.
-                    chunks = _once(await self._not_a_stream(response, kind, turn))
+                    # Its error, or a whole answer, raised; a stream labelled so (a
+                    # framework's default) read as one.
+                    chunks = await self._labelled_no_stream(response, kind, turn)
                 else:
                     chunks = response.aiter_bytes()
                 turn.answered = True
@@ -812,9 +847,19 @@ _SHAPE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, Re
 _VAPORAS_OWN = frozenset({CALLER_CANCELLED, FORWARD_FAILED})
 
 
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    """``body`` as a stream of one read."""
-    yield body
+async def _chained(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``first``, then the rest of the reads."""
+    yield first
+    async for data in rest:
+        yield data
+
+
+def _json_like(kind: str) -> bool:
+    return "json" in kind.lower()
+
+
+#: How an SSE body begins (a field, or a comment), after any blank lines.
+_SSE_START = re.compile(rb"\s*(data|event|id|retry)?:")
 
 
 #: A content type no stream comes in (a 2xx stream answered so is read whole: its error, or

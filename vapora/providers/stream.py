@@ -18,6 +18,7 @@ from vapora.providers.values import (
     StreamBroken,
     Turn,
     may_reason,
+    output_ceiling,
     sent_timeout,
 )
 
@@ -66,8 +67,8 @@ class CompletionStream:
         self._request = request
         self._model = request.model or client.model
         self._limits = (time_limit, first_token_limit or time_limit)
-        reasons = may_reason(self._model)
-        self._turn = Turn(unseen_output=reasons, reasons=reasons)
+        past = output_ceiling(self._model, 0)
+        self._turn = Turn(unseen_output=may_reason(self._model), past_limit=past)
         self._scope: anyio.CancelScope | None = None
         self._source: AsyncGenerator[None, None] | None = None
         self._end = math.inf

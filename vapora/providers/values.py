@@ -66,6 +66,7 @@ __all__ = [
     "Turn",
     "input_token_bound",
     "may_reason",
+    "output_ceiling",
     "sent_timeout",
     "upper_bound_usage",
 ]
@@ -75,9 +76,13 @@ DEFAULT_MAX_TOKENS = 4096
 #: default system prompt, a date header: tens to hundreds of tokens): a count past the bound and
 #: this is not one (:meth:`Turn.usage`).
 INPUT_TEMPLATE_ALLOWANCE = 4096
-#: Output tokens a reasoning model's provider may bill past the output limit it was sent
-#: (DeepSeek's reasoner bounds only the answer by ``max_tokens``; its reasoning runs to 32K).
+#: Output tokens a reasoning model's provider may bill past the output limit it was sent, for
+#: the models that do so (:func:`output_ceiling`: DeepSeek's reasoner bounds only the answer by
+#: ``max_tokens``; its reasoning runs to 32K). Every other provider counts reasoning and thinking
+#: inside the limit (OpenAI's ``max_completion_tokens``, Gemini's ``maxOutputTokens``,
+#: Anthropic's ``max_tokens``).
 REASONING_ALLOWANCE = 32_768
+_REASONING_PAST_LIMIT = re.compile(r"(?:^|/)deepseek-reasoner\b", re.IGNORECASE)
 _MESSAGE_OVERHEAD = 4
 #: Tokens a chat API adds to prime the reply (OpenAI's ``<|start|>assistant<|message|>``: 3).
 _REPLY_OVERHEAD = 8
@@ -189,10 +194,21 @@ def sent_timeout(error: ProviderError) -> bool:
     )
 
 
-def upper_bound_usage(request: ProviderRequest) -> Usage:
-    """The most a call of ``request`` can be billed for: its whole input bound and output
-    limit (what a call is recorded as when what the provider billed is unknown)."""
-    return Usage(input_tokens=input_token_bound(request), output_tokens=request.output_limit)
+def output_ceiling(model: str | None, limit: int) -> int:
+    """The most output a call of ``model`` sent the output limit ``limit`` can be billed for:
+    the limit, and :data:`REASONING_ALLOWANCE` more for a model whose provider bills reasoning
+    past it (named as such: DeepSeek's ``deepseek-reasoner``). The reservation holds as much."""
+    if model and _REASONING_PAST_LIMIT.search(model):
+        return limit + REASONING_ALLOWANCE
+    return limit
+
+
+def upper_bound_usage(request: ProviderRequest, model: str | None = None) -> Usage:
+    """The most a call of ``request`` (to ``model``, else the request's) can be billed for:
+    its whole input bound and output ceiling (what a call is recorded as when what the
+    provider billed is unknown)."""
+    ceiling = output_ceiling(model or request.model, request.output_limit)
+    return Usage(input_tokens=input_token_bound(request), output_tokens=ceiling)
 
 
 def input_token_bound(request: ProviderRequest) -> int:
@@ -272,9 +288,9 @@ class Turn:
     #: a thinking or tool-use block) and has not counted yet: a missing output count is then
     #: bounded by the request's output limit, not estimated from the text (:func:`may_reason`).
     unseen_output: bool = False
-    #: The model may reason (:func:`may_reason`): some of its providers bill reasoning past the
-    #: output limit (DeepSeek's reasoner: ``max_tokens`` bounds the answer alone).
-    reasons: bool = False
+    #: Output the provider may bill past the output limit (:func:`output_ceiling`: DeepSeek's
+    #: reasoner bills its reasoning past ``max_tokens``), 0 for every other model.
+    past_limit: int = 0
     #: The provider answered (HTTP 2xx): it has the request and bills it, whatever comes next.
     answered: bool = False
     #: The request went out (its transport says so: :meth:`mark_sent`, :meth:`trace_sent`):
@@ -344,24 +360,25 @@ class Turn:
         return usage, estimated
 
     def _output_bound(self, request: ProviderRequest) -> int:
+        most = request.output_limit + self.past_limit
         if self.unseen_output:
-            return request.output_limit
+            return most
         text = self.text
         # No more than the limit the provider was sent: it bills no output past it.
-        return min(len(text) + _extra_bytes(text) + self.extra_output, request.output_limit)
+        return min(len(text) + _extra_bytes(text) + self.extra_output, most)
 
     def _clamp_impossible_counts(self, request: ProviderRequest) -> bool:
         """A count past what the request could be billed for is not taken as given: output past
         the output limit the provider was sent (it bills none past it, reasoning and thinking
-        included; for a model that may reason, past it and :data:`REASONING_ALLOWANCE`, since
-        some providers bill reasoning beyond it: DeepSeek's reasoner), input past
+        included; past it and :attr:`past_limit` for a provider that bills reasoning beyond it:
+        DeepSeek's reasoner), input past
         :func:`input_token_bound` and a template's allowance (:data:`INPUT_TEMPLATE_ALLOWANCE`).
         It is cut to that most (logged; the usage is then estimated), so one absurd answer can
         neither settle far above its hold nor lock a budget, and a count just past the most is
         still billed at the most. Returns whether a count was cut."""
         cut = False
         output, inputs = self.output_tokens, self.input_tokens
-        most = request.output_limit + (REASONING_ALLOWANCE if self.reasons else 0)
+        most = request.output_limit + self.past_limit
         if output is not None and output > most:
             _log.warning(
                 "the provider reported %d output tokens for an output limit of %d; billed %d",
@@ -380,8 +397,11 @@ class Turn:
                     bound,
                 )
                 self.input_tokens, cut = bound, True
-                if self.cache_read + self.cache_write > bound:  # their share is not known
-                    self.cache_read = self.cache_write = self.cache_write_1h = 0
+                # The cache counts cut to fit in it too, reads first (zeroed, a count a little
+                # past the most billed ten times what one a little within it did).
+                self.cache_read = min(self.cache_read, bound)
+                self.cache_write = min(self.cache_write, bound - self.cache_read)
+                self.cache_write_1h = min(self.cache_write_1h, self.cache_write)
         return cut
 
     def _drop_bad_counts(self) -> None:
