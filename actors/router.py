@@ -951,7 +951,9 @@ class RouterActor:
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
         elif isinstance(outcome, _Failure) and not outcome.holds and reservation_id is not None:
-            self._release(reservation_id, "failed")  # answered with a failure: nothing to bill
+            # Answered with a failure (nothing to bill), or no actor to call (never made).
+            reason = "not_called" if outcome.error_class == "no_responders" else "failed"
+            self._release(reservation_id, reason)
         return outcome
 
     def _over_task_cap(self, task: _Task, provider: ProviderConfig) -> str | None:
