@@ -352,3 +352,25 @@ async def test_a_capped_request_of_its_own_task_is_admitted_on_the_lease(tmp_pat
     for own in (made_up.task_id, unnamed.task_id):
         assert own not in reserved and spends[own].reservation_id in leases
     assert spends["T-named"].reservation_id == reserved["T-named"].reservation_id
+
+
+async def test_a_hold_for_a_provider_with_no_actor_is_released_as_never_called(
+    tmp_path: Path,
+) -> None:
+    """No claude provider actor runs: the attempt was never made, but its hold was released as
+    ``failed`` (answered with a failure), not ``not_called``."""
+    from events.log import BudgetReleased
+
+    def config(base_url: str) -> str:
+        return config_text(base_url, budget=BUDGET)
+
+    async with deployment(tmp_path, config, keeper=True, providers=["openai", "gemini"]) as dep:
+        done = await dep.client.complete(
+            prompt="hello", task_type="CodeGeneration", quality="High", max_tokens=16
+        )
+        events = await dep.events_of(done.task_id)
+    claude = {
+        e.reservation_id for e in events if isinstance(e, BudgetReserved) and e.provider == "claude"
+    }
+    released = [e for e in events if isinstance(e, BudgetReleased) and e.reservation_id in claude]
+    assert claude and [e.reason for e in released] == ["not_called"]
