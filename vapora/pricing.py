@@ -109,13 +109,22 @@ def rates_for(price: Price, input_tokens: int) -> Price | PriceTier:
     return reached
 
 
+#: Input tokens a model's chat template may add past ``input_token_bound`` (a local model's
+#: default system prompt, a date header): a provider's count up to this past the bound is taken
+#: as given (``vapora.providers.values``), so the reservation's tiers reach it too.
+TEMPLATE_ALLOWANCE = 4096
+
+
 def upper_bound_cost(input_tokens: int, output_limit: int, price: Price) -> Decimal:
     """The most a call can cost, for reservations: ``input_tokens`` (a bound:
     ``vapora.providers.input_token_bound``) at the dearest input rate (a cache write may cost
     more than plain input) plus the whole output limit at the output price, each at the dearest
     of the rates the input can reach (a long-context tier bills every token past its threshold:
-    :func:`ceiling`)."""
-    price = ceiling(price, input_tokens)
+    :func:`ceiling`). The tiers it can reach are those of ``input_tokens`` and
+    :data:`TEMPLATE_ALLOWANCE` more, the input count a provider may give past the bound and
+    have taken as given (a count that crossed a tier the bound did not reach settled at 1.9
+    times its hold)."""
+    price = ceiling(price, input_tokens + TEMPLATE_ALLOWANCE)
     input_rate = max(
         price.input_per_mtok,
         price.cache_write_per_mtok,

@@ -712,3 +712,102 @@ async def test_a_transport_that_does_not_say_when_it_sends_is_taken_as_having_se
         server.close()
     assert late.value.error_type == "timeout"
     assert late.value.usage == upper_bound_usage(REQUEST)
+
+
+# --- the fourth review's cases ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"\n", _SSE],
+        [b"\r\n", _SSE],
+        [b"da", _SSE[2:]],
+        [b"\xef\xbb\xbf" + _SSE],
+        [b": keep-alive\n\n", _SSE],
+    ],
+    ids=["newline alone", "crlf alone", "da", "bom", "comment"],
+)
+async def test_a_stream_labelled_json_is_known_by_its_first_significant_byte(
+    pieces: list[bytes],
+) -> None:
+    """A first read of a newline alone, or of ``da``, failed the check for a stream: the whole
+    stream was read as a JSON body, was none, and was recorded at $0 (the router paid another
+    provider)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    made = client("openai", server.sockets[0].getsockname()[1])
+    try:
+        async with made.stream(REQUEST) as stream:
+            texts = [text async for text in stream]
+    finally:
+        await made.aclose()
+        server.close()
+    assert "".join(texts) == "hello world" and stream.completion is not None
+    assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (
+        900,
+        30,
+    )
+
+
+async def test_a_stream_sent_whole_as_a_json_array_is_billed_the_usage_it_states() -> None:
+    """Gemini's stream without ``alt=sse`` is a JSON array of its chunks (a proxy that dropped
+    the parameter): it was billed nothing; its last chunk's usage is the answer's."""
+    chunks = [
+        {"candidates": [{"content": {"parts": [{"text": "hel"}]}}]},
+        {
+            "candidates": [{"content": {"parts": [{"text": "lo"}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 900, "candidatesTokenCount": 30},
+        },
+    ]
+    failed = await _stream_outcome_of(
+        "gemini", answer("200 OK", msgspec.json.encode(chunks)), REQUEST
+    )
+    assert failed.error_type == "malformed_response"
+    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (900, 30)
+
+
+def test_a_hold_reaches_the_tiers_an_input_count_taken_as_given_reaches() -> None:
+    """A count within the template allowance is taken as given: one that crossed a long-context
+    tier the input bound did not reach settled at 1.9 times its hold."""
+    from decimal import Decimal
+
+    from events.contract import Price, PriceTier, Usage
+    from vapora.pricing import cost, upper_bound_cost
+
+    price = Price(
+        input_per_mtok=Decimal("1.25"),
+        output_per_mtok=Decimal("10"),
+        cache_read_per_mtok=Decimal("0.31"),
+        cache_write_per_mtok=Decimal("1.25"),
+        source="test",
+        version="1",
+        tiers=(
+            PriceTier(
+                above_input_tokens=200_000,
+                input_per_mtok=Decimal("2.5"),
+                output_per_mtok=Decimal("15"),
+                cache_read_per_mtok=Decimal("0.625"),
+                cache_write_per_mtok=Decimal("2.5"),
+            ),
+        ),
+    )
+    bound, limit = 199_000, 4_000
+    held = upper_bound_cost(bound, limit, price)
+    taken = Usage(input_tokens=bound + INPUT_TEMPLATE_ALLOWANCE, output_tokens=limit)
+    assert cost(taken, price) <= held * Decimal("1.03")  # only the allowance's own tokens past

@@ -659,17 +659,28 @@ class ProviderClient(ABC):
         comes, not whole), else read whole and raised as :meth:`_not_a_stream` says."""
         chunks = response.aiter_bytes()
         html = kind.lstrip().lower().startswith("text/html")
-        first = b""
         if not html and (self.framing == "ndjson" or not _json_like(kind)):
             return chunks  # NDJSON: its lines are JSON, and an error line is read as one
-        try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            pass
-        except httpx.HTTPError as exc:
-            raise self._cut(kind, turn, exc) from exc
-        if not html and _SSE_START.match(first):
-            return _chained(first, chunks)
+        # Read until the body's start says what it is (past a BOM and blank lines: a first
+        # read may hold a newline alone, or "da" of "data:"): SSE begins with a field
+        # (``data:`` ...) or a comment (``:``); anything else is read whole.
+        first = b""
+        stream: bool | None = None
+        while stream is None:
+            start = first.lstrip(_BLANKS)
+            if start.startswith(_BOM):
+                start = start[3:].lstrip(_BLANKS)
+            stream = _sse_start(start) if start else None
+            if stream is not None:
+                break
+            try:
+                first += await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except httpx.HTTPError as exc:
+                raise self._cut(kind, turn, exc) from exc
+        if stream and not html:
+            return _chained(first.replace(_BOM, b"", 1), chunks)  # (SSE drops a BOM)
         await self._not_a_stream(first, chunks, kind, turn)
         raise AssertionError("unreachable")  # (it raises)
 
@@ -697,14 +708,20 @@ class ProviderClient(ABC):
             data: Any = msgspec.json.decode(content)
         except (msgspec.DecodeError, RecursionError):
             data = None
+        if isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("error"):
+            data = data[0]  # an error sent as a stream's one chunk (Gemini's array form)
+            content = msgspec.json.encode(data)
         if isinstance(data, dict) and data.get("error"):
             raise self._http_error(self._error_status(data), {}, content)
-        if isinstance(data, dict):
-            try:
-                self._parse_usage(data, turn)
-            except _SHAPE_ERRORS:
-                turn.input_tokens = turn.output_tokens = None
-            turn.running_output = False  # a whole body's counts are its last
+        # A JSON array: the chunks of a stream sent whole (Gemini's form without ``alt=sse``,
+        # from a proxy that dropped it), the last one's usage the answer's.
+        for item in data if isinstance(data, list) else [data]:
+            if isinstance(item, dict):
+                try:
+                    self._parse_usage(item, turn)
+                except _SHAPE_ERRORS:
+                    turn.input_tokens = turn.output_tokens = None
+                turn.running_output = False  # a whole body's counts are its last
         if turn.input_tokens is not None or turn.output_tokens is not None:
             turn.answered = turn.unseen_output = True  # the provider's answer: billed
         raise ProviderUnavailable(
@@ -858,8 +875,21 @@ def _json_like(kind: str) -> bool:
     return "json" in kind.lower()
 
 
-#: How an SSE body begins (a field, or a comment), after any blank lines.
-_SSE_START = re.compile(rb"\s*(data|event|id|retry)?:")
+_BLANKS = b" \t\r\n"
+_SSE_FIELDS = (b":", b"data:", b"event:", b"id:", b"retry:")
+
+
+def _sse_start(start: bytes) -> bool | None:
+    """Whether ``start`` (a body's first significant bytes) begins an SSE stream; None while
+    too short to say ("da" of "data:")."""
+    if start.startswith(_SSE_FIELDS):
+        return True
+    if any(field.startswith(start) for field in _SSE_FIELDS):
+        return None
+    return False
+
+
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
 #: A content type no stream comes in (a 2xx stream answered so is read whole: its error, or

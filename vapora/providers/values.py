@@ -23,6 +23,7 @@ from events.contract import (
     Usage,
 )
 from vapora.errors import InvalidRequest, ProviderError, ProviderStreamBroken, ProviderTimeout
+from vapora.pricing import TEMPLATE_ALLOWANCE
 
 _log = logging.getLogger("vapora.providers")
 
@@ -74,8 +75,8 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 4096
 #: Input tokens a model's chat template may add past :func:`input_token_bound` (a local model's
 #: default system prompt, a date header: tens to hundreds of tokens): a count past the bound and
-#: this is not one (:meth:`Turn.usage`).
-INPUT_TEMPLATE_ALLOWANCE = 4096
+#: this is not one (:meth:`Turn.usage`); the reservation's tiers reach as far.
+INPUT_TEMPLATE_ALLOWANCE = TEMPLATE_ALLOWANCE
 #: Output tokens a reasoning model's provider may bill past the output limit it was sent, for
 #: the models that do so (:func:`output_ceiling`: DeepSeek's reasoner bounds only the answer by
 #: ``max_tokens``; its reasoning runs to 32K). Every other provider counts reasoning and thinking
