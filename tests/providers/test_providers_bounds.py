@@ -765,21 +765,37 @@ async def test_a_stream_labelled_json_is_known_by_its_first_significant_byte(
     )
 
 
-async def test_a_stream_sent_whole_as_a_json_array_is_billed_the_usage_it_states() -> None:
-    """Gemini's stream without ``alt=sse`` is a JSON array of its chunks (a proxy that dropped
-    the parameter): it was billed nothing; its last chunk's usage is the answer's."""
+async def test_a_stream_sent_whole_as_a_json_array_is_read_as_that_stream() -> None:
+    """Gemini's stream without ``alt=sse`` is a JSON array of its events (a proxy that dropped
+    the parameter): it was billed nothing, then (a first fix) its last stated count, a running
+    one taken as final. Its events are read as the stream's would be."""
     chunks = [
-        {"candidates": [{"content": {"parts": [{"text": "hel"}]}}]},
+        {
+            "candidates": [{"content": {"parts": [{"text": "hel"}]}}],
+            "usageMetadata": {"promptTokenCount": 900, "candidatesTokenCount": 1},
+        },
         {
             "candidates": [{"content": {"parts": [{"text": "lo"}]}, "finishReason": "STOP"}],
             "usageMetadata": {"promptTokenCount": 900, "candidatesTokenCount": 30},
         },
     ]
-    failed = await _stream_outcome_of(
-        "gemini", answer("200 OK", msgspec.json.encode(chunks)), REQUEST
+    body = answer("200 OK", msgspec.json.encode(chunks))
+    async with stub(body) as port:
+        made = client("gemini", port, model="gemini-2.0-flash")
+        try:
+            async with made.stream(REQUEST) as stream:
+                texts = [text async for text in stream]
+        finally:
+            await made.aclose()
+    assert "".join(texts) == "hello" and stream.completion is not None
+    assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (
+        900,
+        30,
     )
-    assert failed.error_type == "malformed_response"
-    assert (failed.usage.input_tokens, failed.usage.output_tokens) == (900, 30)
+    # Cut after a running count (no final chunk): the count is a running one, as in SSE.
+    cut = answer("200 OK", msgspec.json.encode([*chunks[:1], {"candidates": []}]))
+    failed = await _stream_outcome_of("gemini", cut, REQUEST)
+    assert failed.usage.output_tokens > 1
 
 
 def test_a_hold_reaches_the_tiers_an_input_count_taken_as_given_reaches() -> None:

@@ -655,45 +655,51 @@ class ProviderClient(ABC):
         self, response: httpx.Response, kind: str, turn: Turn
     ) -> AsyncIterator[bytes]:
         """The body of a stream answered HTTP 2xx with a JSON or HTML content type: its bytes as
-        a stream when its first read is one (a server's default label for SSE: read as it
-        comes, not whole), else read whole and raised as :meth:`_not_a_stream` says."""
+        a stream when it begins as one (a server's default label for SSE: read as it comes,
+        not whole), else read whole (:meth:`_not_a_stream`)."""
         chunks = response.aiter_bytes()
         html = kind.lstrip().lower().startswith("text/html")
         if not html and (self.framing == "ndjson" or not _json_like(kind)):
             return chunks  # NDJSON: its lines are JSON, and an error line is read as one
-        # Read until the body's start says what it is (past a BOM and blank lines: a first
-        # read may hold a newline alone, or "da" of "data:"): SSE begins with a field
-        # (``data:`` ...) or a comment (``:``); anything else is read whole.
-        first = b""
+        # Read until the body's start says what it is: SSE begins with a field (``data:``
+        # ...) or a comment (``:``); anything else is read whole. Blank bytes and a BOM before
+        # it are dropped as they come (they mean nothing to SSE or JSON; a first read may hold
+        # a newline alone, "da" of "data:", or the first byte of a BOM), so what is kept
+        # while undecided is a few bytes, however many blanks come first.
+        head = b""
         stream: bool | None = None
         while stream is None:
-            start = first.lstrip(_BLANKS)
-            if start.startswith(_BOM):
-                start = start[3:].lstrip(_BLANKS)
-            stream = _sse_start(start) if start else None
-            if stream is not None:
-                break
             try:
-                first += await chunks.__anext__()
+                head += await chunks.__anext__()
             except StopAsyncIteration:
                 break
             except httpx.HTTPError as exc:
                 raise self._cut(kind, turn, exc) from exc
+            except anyio.get_cancelled_exc_class():
+                turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
+                raise
+            head = head.lstrip(_BLANKS)
+            if head.startswith(_BOM):
+                head = head[len(_BOM) :].lstrip(_BLANKS)
+            if head and not _BOM.startswith(head):  # (else a BOM's first bytes, or nothing)
+                stream = _sse_start(head)
         if stream and not html:
-            return _chained(first.replace(_BOM, b"", 1), chunks)  # (SSE drops a BOM)
-        await self._not_a_stream(first, chunks, kind, turn)
-        raise AssertionError("unreachable")  # (it raises)
+            return _chained(head, chunks)
+        return _chained(await self._not_a_stream(head, chunks, kind, turn), _nothing())
 
     async def _not_a_stream(
         self, first: bytes, rest: AsyncIterator[bytes], kind: str, turn: Turn
-    ) -> None:
-        """A stream answered HTTP 2xx with a body that is no stream (a JSON object, an HTML
-        page ...), read whole: its error if it is a JSON object carrying one (classified as the
-        same body with its status would be, nothing billed), else malformed, naming the content
-        type, billed only the usage it states (a server that ignored ``stream`` and answered
-        whole). Before 2026-11-27 it was read as an empty stream, "ended before its final
-        event", billed the input bound, the body's own error lost. A body cut (or timed out)
-        while read was an answer: raised as cut, billed as a cut answer is."""
+    ) -> bytes:
+        """A stream answered HTTP 2xx with a body that is no stream, read whole. A JSON array
+        is a stream's events sent whole (Gemini's form without ``alt=sse``, when a proxy drops
+        it): returned as SSE, to be read as the stream it is (its first event's error raised).
+        A JSON object: its error if it carries one (classified as the same body with its
+        status would be, nothing billed), else malformed, billed only the usage it states (a
+        server that ignored ``stream`` and answered whole). Anything else (an HTML page ...):
+        malformed, naming the content type, nothing billed. Before 2026-11-27 such bodies were
+        read as an empty stream, "ended before its final event", billed the input bound, the
+        body's own error lost. A body cut (or timed out) while read was an answer: raised as
+        cut, billed as a cut answer is."""
         parts = [first]
         try:
             async for read in rest:
@@ -709,19 +715,19 @@ class ProviderClient(ABC):
         except (msgspec.DecodeError, RecursionError):
             data = None
         if isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("error"):
-            data = data[0]  # an error sent as a stream's one chunk (Gemini's array form)
+            data = data[0]  # an error sent as a stream's one event
             content = msgspec.json.encode(data)
         if isinstance(data, dict) and data.get("error"):
             raise self._http_error(self._error_status(data), {}, content)
-        # A JSON array: the chunks of a stream sent whole (Gemini's form without ``alt=sse``,
-        # from a proxy that dropped it), the last one's usage the answer's.
-        for item in data if isinstance(data, list) else [data]:
-            if isinstance(item, dict):
-                try:
-                    self._parse_usage(item, turn)
-                except _SHAPE_ERRORS:
-                    turn.input_tokens = turn.output_tokens = None
-                turn.running_output = False  # a whole body's counts are its last
+        if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+            # Its events as SSE: counted as a stream's are (a running count stays one).
+            return b"".join(b"data: " + msgspec.json.encode(item) + b"\n\n" for item in data)
+        if isinstance(data, dict):
+            try:
+                self._parse_usage(data, turn)
+            except _SHAPE_ERRORS:
+                turn.input_tokens = turn.output_tokens = None
+            turn.running_output = False  # a whole body's counts are its last
         if turn.input_tokens is not None or turn.output_tokens is not None:
             turn.answered = turn.unseen_output = True  # the provider's answer: billed
         raise ProviderUnavailable(
@@ -869,6 +875,11 @@ async def _chained(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
     yield first
     async for data in rest:
         yield data
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # (an async generator of no reads)
 
 
 def _json_like(kind: str) -> bool:
