@@ -827,3 +827,104 @@ def test_a_hold_reaches_the_tiers_an_input_count_taken_as_given_reaches() -> Non
     held = upper_bound_cost(bound, limit, price)
     taken = Usage(input_tokens=bound + INPUT_TEMPLATE_ALLOWANCE, output_tokens=limit)
     assert cost(taken, price) <= held * Decimal("1.03")  # only the allowance's own tokens past
+
+
+# --- the sixth review's cases -------------------------------------------------------------------
+
+
+async def _chunked_server(
+    content_type: bytes, pieces: list[bytes], pause: float, status: bytes = b"200 OK"
+) -> asyncio.Server:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+        writer.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
+            + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+        )  # fmt: skip
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(pause)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def _gemini_chunk(text: str, output: int, finish: bool = False) -> bytes:
+    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}]}}
+    if finish:
+        candidate["finishReason"] = "STOP"
+    usage = {"promptTokenCount": 900, "candidatesTokenCount": output}
+    return msgspec.json.encode({"candidates": [candidate], "usageMetadata": usage})
+
+
+async def test_a_json_array_stream_is_read_as_it_comes() -> None:
+    """Gemini sends its array form progressively: it was read whole, so no text came before
+    its end, a long answer hit its time to a first token, and it was billed its upper bound
+    while the router paid another provider."""
+    pieces = [b"[", _gemini_chunk("hel", 1), b",\r\n", _gemini_chunk("lo", 30, True), b"]"]
+    server = await _chunked_server(b"application/json", pieces, 0.3)
+    made = client("gemini", server.sockets[0].getsockname()[1], model="gemini-2.0-flash")
+    try:
+        async with made.stream(REQUEST, first_token_limit=0.5) as stream:
+            texts = [text async for text in stream]
+    finally:
+        await made.aclose()
+        server.close()
+    assert "".join(texts) == "hello" and stream.completion is not None
+    assert stream.completion.usage.output_tokens == 30
+
+
+async def test_a_json_array_with_items_that_are_no_events_keeps_its_events() -> None:
+    """An array with a ``null`` (or any item that is no object) was recorded at $0."""
+    body = b"[" + _gemini_chunk("hello", 30, True) + b', null, "x", []]'
+    async with stub(answer("200 OK", body)) as port:
+        made = client("gemini", port, model="gemini-2.0-flash")
+        try:
+            async with made.stream(REQUEST) as stream:
+                texts = [text async for text in stream]
+        finally:
+            await made.aclose()
+    assert "".join(texts) == "hello" and stream.completion is not None
+    assert stream.completion.usage.output_tokens == 30
+
+
+async def test_a_json_array_cut_short_is_billed_what_it_made() -> None:
+    """An array ended by its connection's close, cut in its second event: $0 (it failed to
+    decode whole); it is the stream it was, cut: billed what it made (its running count)."""
+    second = _gemini_chunk("lo", 30, True)
+    body = b"[" + _gemini_chunk("hel", 3) + b"," + second[: len(second) // 2]
+    response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n" + body
+    failed = await _stream_outcome_of("gemini", response, REQUEST)
+    assert failed.usage.input_tokens == 900 and failed.usage.output_tokens >= 3
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 308 Permanent Redirect\r\nlocation: https://x/\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 301 Moved\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nMoved",
+    ],
+    ids=["308", "301"],
+)
+async def test_a_redirect_is_a_configuration_error_and_bills_nothing(response: bytes) -> None:
+    """A redirect (a base URL moved to https, or to another path) was taken as the provider's
+    answer: billed its input bound, or its upper bound for a model that may reason."""
+    for kind in ("stream", "complete"):
+        async with stub(response) as port:
+            made = client("openai", port, model="gpt-5")
+            try:
+                with pytest.raises(ProviderError) as raised:
+                    if kind == "stream":
+                        async with made.stream(REQUEST) as stream:
+                            async for _ in stream:
+                                pass
+                    else:
+                        await made.complete(REQUEST)
+            finally:
+                await made.aclose()
+        assert raised.value.error_class == "configuration", kind
+        assert (raised.value.usage.input_tokens, raised.value.usage.output_tokens) == (0, 0)

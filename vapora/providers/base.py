@@ -75,6 +75,7 @@ from vapora.providers.values import (
     upper_bound_usage,
 )
 from vapora.providers.wire import (
+    MAX_FRAME_BYTES,
     Frame,
     FrameTooLong,
     NDJSONDecoder,
@@ -414,12 +415,12 @@ class ProviderClient(ABC):
         response = await self._transport.handle_async_request(request)
         response.request = request
         if not stream:
-            if turn is not None and response.status_code < 400:
+            if turn is not None and 200 <= response.status_code < 300:
                 turn.answered = True
             try:
                 await response.aread()
             except httpx.HTTPError:
-                if response.status_code < 400:
+                if 200 <= response.status_code < 300:
                     raise
                 # An error answer whose body was cut or undecodable: its status still says
                 # what happened (a caller error must not fall back, a 429 keeps its wait).
@@ -446,7 +447,7 @@ class ProviderClient(ABC):
             raise self._fail(self._transport_error(exc)) from exc
         if scope.cancelled_caught:
             raise self._timeout(limit, sent or turn.sent)  # type: ignore[union-attr]
-        if response.status_code >= 400:
+        if not 200 <= response.status_code < 300:  # a redirect too: no answer of the provider's
             raise self._fail(
                 self._http_error(response.status_code, response.headers, response.content)
             )
@@ -685,25 +686,33 @@ class ProviderClient(ABC):
                 stream = _sse_start(head)
         if stream and not html:
             return _chained(head, chunks)
-        return _chained(await self._not_a_stream(head, chunks, kind, turn), _nothing())
+        if head.startswith(b"[") and not html:
+            # A stream's events as a JSON array (Gemini's form without ``alt=sse``, when a
+            # proxy drops it): read as they come, each as an SSE event (one past the frame
+            # limit is malformed, as an SSE event is); one with no object in it is no answer.
+            return await self._array_events(head, chunks, kind, turn)
+        await self._not_a_stream(head, chunks, kind, turn)
+        raise AssertionError("unreachable")  # (it raises)
 
     async def _not_a_stream(
         self, first: bytes, rest: AsyncIterator[bytes], kind: str, turn: Turn
-    ) -> bytes:
-        """A stream answered HTTP 2xx with a body that is no stream, read whole. A JSON array
-        is a stream's events sent whole (Gemini's form without ``alt=sse``, when a proxy drops
-        it): returned as SSE, to be read as the stream it is (its first event's error raised).
-        A JSON object: its error if it carries one (classified as the same body with its
-        status would be, nothing billed), else malformed, billed only the usage it states (a
-        server that ignored ``stream`` and answered whole). Anything else (an HTML page ...):
-        malformed, naming the content type, nothing billed. Before 2026-11-27 such bodies were
-        read as an empty stream, "ended before its final event", billed the input bound, the
-        body's own error lost. A body cut (or timed out) while read was an answer: raised as
-        cut, billed as a cut answer is."""
-        parts = [first]
+    ) -> None:
+        """A stream answered HTTP 2xx with a body that is no stream, read whole (up to
+        :data:`_MAX_WHOLE` bytes). A JSON object: its error if it carries one (classified as
+        the same body with its status would be, nothing billed), else malformed, billed only
+        the usage it states (a server that ignored ``stream`` and answered whole). Anything else
+        (an HTML page ...): malformed, naming the content type, nothing billed. Before
+        2026-11-27 such bodies were read as an empty stream, "ended before its final event",
+        billed the input bound, the body's own error lost. A body cut (or timed out) while
+        read, or a JSON object past the size limit or cut short of its end, was an answer:
+        raised as cut, billed as a cut answer is."""
+        parts, size = [first], len(first)
         try:
             async for read in rest:
                 parts.append(read)
+                size += len(read)
+                if size > _MAX_WHOLE:
+                    raise self._cut(kind, turn, ValueError(f"past {_MAX_WHOLE} bytes"))
         except httpx.HTTPError as exc:
             raise self._cut(kind, turn, exc) from exc
         except anyio.get_cancelled_exc_class():
@@ -713,15 +722,11 @@ class ProviderClient(ABC):
         try:
             data: Any = msgspec.json.decode(content)
         except (msgspec.DecodeError, RecursionError):
+            if first.startswith(b"{"):  # an object cut short (a body ended by its close)
+                raise self._cut(kind, turn, ValueError("no whole JSON object")) from None
             data = None
-        if isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("error"):
-            data = data[0]  # an error sent as a stream's one event
-            content = msgspec.json.encode(data)
         if isinstance(data, dict) and data.get("error"):
             raise self._http_error(self._error_status(data), {}, content)
-        if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
-            # Its events as SSE: counted as a stream's are (a running count stays one).
-            return b"".join(b"data: " + msgspec.json.encode(item) + b"\n\n" for item in data)
         if isinstance(data, dict):
             try:
                 self._parse_usage(data, turn)
@@ -735,6 +740,48 @@ class ProviderClient(ABC):
             provider=self.name,
             error_type="malformed_response",
         )
+
+    async def _array_events(
+        self, first: bytes, rest: AsyncIterator[bytes], kind: str, turn: Turn
+    ) -> AsyncIterator[bytes]:
+        """A JSON array of a stream's events, as it comes, as SSE: each object item, once
+        whole, as ``data: <item>``; an item that is no object is passed by; one past
+        :data:`MAX_FRAME_BYTES` is raised as too long (as such an SSE event is). An array cut
+        short gives the events read before the cut (a stream cut there); one that ends with no
+        object in it (``[]``) is malformed, nothing billed."""
+        scanner = _ArrayItems()
+        try:
+            events = scanner.feed(first)
+            while not events:
+                try:
+                    read = await rest.__anext__()
+                except StopAsyncIteration:
+                    raise ProviderUnavailable(
+                        f"{self.name}: a stream was answered with an empty JSON array",
+                        provider=self.name,
+                        error_type="malformed_response",
+                    ) from None
+                events = scanner.feed(read)
+        except FrameTooLong as exc:
+            raise self._malformed() from exc
+        except httpx.HTTPError as exc:
+            raise self._cut(kind, turn, exc) from exc
+        except anyio.get_cancelled_exc_class():
+            turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
+            raise
+        return self._array_rest(scanner, events, rest)
+
+    async def _array_rest(
+        self, scanner: _ArrayItems, events: bytes, rest: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        yield events
+        async for read in rest:
+            try:
+                more = scanner.feed(read)
+            except FrameTooLong as exc:
+                raise self._malformed() from exc
+            if more:
+                yield more
 
     def _cut(self, kind: str, turn: Turn, exc: BaseException) -> ProviderError:
         turn.answered = turn.unseen_output = True  # a 2xx: the provider made an answer
@@ -784,7 +831,7 @@ class ProviderClient(ABC):
         try:
             response = await self._send(post, stream=True)
             async with aclosing(response):
-                if response.status_code >= 400:
+                if not 200 <= response.status_code < 300:
                     try:
                         content = await response.aread()
                     except httpx.HTTPError:  # cut or undecodable: the status still classifies
@@ -877,9 +924,52 @@ async def _chained(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         yield data
 
 
-async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield b""  # (an async generator of no reads)
+class _ArrayItems:
+    """Splits a JSON array's bytes into its top-level items as they come (strings and nesting
+    followed; nothing else is checked: each item is decoded by the stream's reader)."""
+
+    def __init__(self) -> None:
+        self._item = bytearray()
+        self._depth = 0  # 1 inside the array, more inside an item
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        item = self._item
+        for byte in data:
+            if self._in_string:
+                item.append(byte)
+                if self._escaped:
+                    self._escaped = False
+                elif byte == 0x5C:  # backslash
+                    self._escaped = True
+                elif byte == 0x22:  # quote
+                    self._in_string = False
+            elif byte in b"[{":
+                self._depth += 1
+                if self._depth > 1:
+                    item.append(byte)
+            elif byte in b"]}":
+                self._depth -= 1
+                if self._depth >= 1:
+                    item.append(byte)
+                if self._depth <= 1:
+                    out.append(self._take())
+            elif byte == 0x2C and self._depth == 1:  # a comma between items
+                out.append(self._take())
+            elif self._depth >= 1:
+                if byte == 0x22:
+                    self._in_string = True
+                item.append(byte)
+            if len(item) > MAX_FRAME_BYTES:
+                raise FrameTooLong(f"an array item longer than {MAX_FRAME_BYTES} bytes")
+        return b"".join(event for event in out if event)
+
+    def _take(self) -> bytes:
+        item = bytes(self._item).strip()
+        self._item.clear()
+        return b"data: " + item + b"\n\n" if item.startswith(b"{") else b""
 
 
 def _json_like(kind: str) -> bool:
@@ -887,6 +977,8 @@ def _json_like(kind: str) -> bool:
 
 
 _BLANKS = b" \t\r\n"
+#: The most of a stream's 2xx body read whole when it is no stream (a JSON object, a page).
+_MAX_WHOLE = 16 << 20
 _SSE_FIELDS = (b":", b"data:", b"event:", b"id:", b"retry:")
 
 
@@ -954,7 +1046,11 @@ def without_request_text(error: ProviderError, sources: Sequence[str]) -> Provid
 
 
 def _status_class(status: int) -> type[ProviderError]:
-    """The error class of an HTTP status without provider-specific detail."""
+    """The error class of an HTTP status without provider-specific detail (a redirect, or any
+    other status below 400 that is no 2xx: the base URL is not the provider's API, nothing was
+    billed)."""
     if status in _BY_STATUS:
         return _BY_STATUS[status]
+    if status < 400:
+        return ProviderConfigError
     return ProviderUnavailable if status >= 500 else ProviderRejected
