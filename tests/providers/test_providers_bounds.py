@@ -928,3 +928,79 @@ async def test_a_redirect_is_a_configuration_error_and_bills_nothing(response: b
                 await made.aclose()
         assert raised.value.error_class == "configuration", kind
         assert (raised.value.usage.input_tokens, raised.value.usage.output_tokens) == (0, 0)
+
+
+# --- the seventh review's cases -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("indent", [b"\n  ", b"\r\n", b"\t\n\n"], ids=["indent", "crlf", "blank"])
+async def test_a_pretty_printed_json_array_stream_is_read_whole_event_by_event(
+    indent: bytes,
+) -> None:
+    """Google's APIs pretty-print JSON unless told otherwise: the whitespace inside an item was
+    kept, the SSE reader split the event at its first newline, and the answer's output was
+    recorded as 0."""
+    first = msgspec.json.format(_gemini_chunk("hel", 1), indent=2).replace(b"\n", indent)
+    last = msgspec.json.format(_gemini_chunk("lo", 30, True), indent=2).replace(b"\n", indent)
+    body = b"[" + indent + first + indent + b"," + indent + last + indent + b"]"
+    async with stub(answer("200 OK", body)) as port:
+        made = client("gemini", port, model="gemini-2.0-flash")
+        try:
+            async with made.stream(REQUEST) as stream:
+                texts = [text async for text in stream]
+        finally:
+            await made.aclose()
+    assert "".join(texts) == "hello" and stream.completion is not None
+    assert stream.completion.usage.output_tokens == 30
+
+
+async def test_nothing_after_a_json_array_streams_end_is_read() -> None:
+    """A second array after the first's ``]`` (a broken proxy) reopened it: its usage replaced
+    the answer's."""
+    body = (
+        b"[" + _gemini_chunk("hello", 30, True) + b"]"
+        + b"[" + _gemini_chunk("x", 2500, True) + b"]"
+    )  # fmt: skip
+    async with stub(answer("200 OK", body)) as port:
+        made = client("gemini", port, model="gemini-2.0-flash")
+        try:
+            async with made.stream(REQUEST) as stream:
+                texts = [text async for text in stream]
+        finally:
+            await made.aclose()
+    assert "".join(texts) == "hello" and stream.completion is not None
+    assert stream.completion.usage.output_tokens == 30
+
+
+async def test_a_json_array_streams_first_event_too_long_is_still_an_answer() -> None:
+    """A first event past the frame limit was billed $0 (the same event over SSE, its input)."""
+    huge = b'[{"candidates": [{"content": {"parts": [{"text": "' + b"x" * (2 << 20) + b'"}]}}]}]'
+    failed = await _stream_outcome_of("gemini", answer("200 OK", huge), REQUEST)
+    assert failed.error_type == "malformed_response"
+    assert failed.usage.input_tokens == input_token_bound(REQUEST)
+
+
+async def test_a_redirect_whose_body_stalls_past_the_time_limit_bills_nothing() -> None:
+    """A refusal (a redirect, a 429 ...) whose body stalled past the time limit was billed as a
+    call that went out and timed out: its upper bound."""
+
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(
+            b"HTTP/1.1 302 Found\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+    made = _at(server.sockets[0].getsockname()[1], "openai", 0.5)
+    try:
+        with pytest.raises(ProviderError) as raised:
+            await made.complete(REQUEST)
+    finally:
+        await made.aclose()
+        server.close()
+    assert (raised.value.usage.input_tokens, raised.value.usage.output_tokens) == (0, 0)

@@ -268,7 +268,7 @@ class ProviderClient(ABC):
         except ProviderError as error:
             if turn.answered:
                 raise self._unread(error, request) from error
-            if turn.sent and sent_timeout(error):
+            if turn.sent and not turn.refused and sent_timeout(error):
                 raise self._unanswered(error, request) from error
             raise
         try:
@@ -415,8 +415,11 @@ class ProviderClient(ABC):
         response = await self._transport.handle_async_request(request)
         response.request = request
         if not stream:
-            if turn is not None and 200 <= response.status_code < 300:
-                turn.answered = True
+            if turn is not None:
+                # 2xx: answered (billed, whatever comes next); else refused (nothing billed,
+                # though its body may stall past the time limit).
+                turn.answered = 200 <= response.status_code < 300
+                turn.refused = not turn.answered
             try:
                 await response.aread()
             except httpx.HTTPError:
@@ -763,6 +766,7 @@ class ProviderClient(ABC):
                     ) from None
                 events = scanner.feed(read)
         except FrameTooLong as exc:
+            turn.answered = turn.unseen_output = True  # a 2xx with an event: an answer
             raise self._malformed() from exc
         except httpx.HTTPError as exc:
             raise self._cut(kind, turn, exc) from exc
@@ -832,6 +836,7 @@ class ProviderClient(ABC):
             response = await self._send(post, stream=True)
             async with aclosing(response):
                 if not 200 <= response.status_code < 300:
+                    turn.refused = True  # nothing billed, though its body may stall
                     try:
                         content = await response.aread()
                     except httpx.HTTPError:  # cut or undecodable: the status still classifies
@@ -933,11 +938,14 @@ class _ArrayItems:
         self._depth = 0  # 1 inside the array, more inside an item
         self._in_string = False
         self._escaped = False
+        self._closed = False  # the array ended: what follows is none of it
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
         item = self._item
         for byte in data:
+            if self._closed:
+                break
             if self._in_string:
                 item.append(byte)
                 if self._escaped:
@@ -956,8 +964,11 @@ class _ArrayItems:
                     item.append(byte)
                 if self._depth <= 1:
                     out.append(self._take())
+                self._closed = self._depth <= 0
             elif byte == 0x2C and self._depth == 1:  # a comma between items
                 out.append(self._take())
+            elif byte in b" \t\r\n":
+                pass  # between tokens (a pretty-printed array's): an SSE event is one line
             elif self._depth >= 1:
                 if byte == 0x22:
                     self._in_string = True

@@ -237,7 +237,7 @@ class CompletionStream:
         if self._count == 0:
             # Answered (HTTP 2xx), or sent and timed out waiting for the answer, which the
             # provider may still make and bill (before 2026-11-27: recorded at $0).
-            billed = turn.answered or (turn.sent and sent_timeout(error))
+            billed = turn.answered or (turn.sent and not turn.refused and sent_timeout(error))
             if billed and not (error.usage.input_tokens or error.usage.output_tokens):
                 error.usage, _ = turn.usage(self._request)
             return self._client._fail(error)

@@ -294,6 +294,9 @@ class Turn:
     past_limit: int = 0
     #: The provider answered (HTTP 2xx): it has the request and bills it, whatever comes next.
     answered: bool = False
+    #: The provider answered with a status that is no 2xx (an error, a redirect): nothing is
+    #: billed, though its body may stall past the time limit.
+    refused: bool = False
     #: The request went out (its transport says so: :meth:`mark_sent`, :meth:`trace_sent`):
     #: from then on a time limit may leave a call the provider still answers and bills.
     sent: bool = False
