@@ -1004,3 +1004,64 @@ async def test_a_redirect_whose_body_stalls_past_the_time_limit_bills_nothing() 
         await made.aclose()
         server.close()
     assert (raised.value.usage.input_tokens, raised.value.usage.output_tokens) == (0, 0)
+
+
+# --- the eighth review's cases ------------------------------------------------------------------
+
+
+async def test_a_refusal_cancelled_by_its_caller_while_its_body_stalls_bills_nothing() -> None:
+    """A caller's cancel during a 429's stalled body recorded the refusal as spend (its input
+    bound; its whole upper bound for a model that may reason)."""
+    import anyio
+
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+            b"content-length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+    made = _at(server.sockets[0].getsockname()[1], "openai", 5.0)
+    try:
+        async with made.stream(REQUEST) as stream:
+            with anyio.move_on_after(0.3):  # the caller's cancel
+                async for _ in stream:
+                    pass
+            cancelled = stream.cancelled()
+    finally:
+        await made.aclose()
+        server.close()
+    assert (cancelled.usage.input_tokens, cancelled.usage.output_tokens) == (0, 0)
+
+
+async def test_an_empty_json_array_is_no_answer_however_long_its_body_stays_open() -> None:
+    """``[]`` whose body never ended waited out the time limit, then was billed its upper
+    bound."""
+    server = await _chunked_server(b"application/json", [b"[]", b"\n"], 5.0)
+    made = client("gemini", server.sockets[0].getsockname()[1], model="gemini-2.5-flash")
+    try:
+        with pytest.raises(ProviderError) as raised:
+            async with made.stream(REQUEST, first_token_limit=2.0) as stream:
+                async for _ in stream:
+                    pass
+    finally:
+        await made.aclose()
+        server.close()
+    assert raised.value.error_type == "malformed_response"
+    assert (raised.value.usage.input_tokens, raised.value.usage.output_tokens) == (0, 0)
+
+
+async def test_an_event_past_the_frame_limit_is_output_the_answer_holds() -> None:
+    """An event past 1 MiB after the first was billed by the text before it (3 tokens): that
+    long an event is output the answer holds, unread (an image part, say)."""
+    big = b'{"candidates": [{"content": {"parts": [{"text": "' + b"x" * (2 << 20) + b'"}]}}]}'
+    body = b"data: " + _gemini_chunk("hel", 3) + b"\n\ndata: " + big + b"\n\n"
+    response = answer("200 OK", body, "content-type: text/event-stream\r\n")
+    failed = await _stream_outcome_of("gemini", response, REQUEST)
+    assert failed.usage.output_tokens == REQUEST.output_limit

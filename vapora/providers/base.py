@@ -649,10 +649,14 @@ class ProviderClient(ABC):
         except _SHAPE_ERRORS as exc:
             raise self._malformed() from exc
 
-    def _feed(self, decoder: SSEDecoder | NDJSONDecoder, data: bytes) -> list[Frame]:
+    def _feed(
+        self, decoder: SSEDecoder | NDJSONDecoder, data: bytes, turn: Turn | None = None
+    ) -> list[Frame]:
         try:
             return decoder.feed(data)
         except FrameTooLong as exc:
+            if turn is not None:  # an event that long is output the answer holds, unread
+                turn.unseen_output = True
             raise self._malformed() from exc
 
     async def _labelled_no_stream(
@@ -757,6 +761,8 @@ class ProviderClient(ABC):
             events = scanner.feed(first)
             while not events:
                 try:
+                    if scanner.closed:  # ended with no event: nothing more is awaited
+                        raise StopAsyncIteration
                     read = await rest.__anext__()
                 except StopAsyncIteration:
                     raise ProviderUnavailable(
@@ -773,16 +779,21 @@ class ProviderClient(ABC):
         except anyio.get_cancelled_exc_class():
             turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
             raise
-        return self._array_rest(scanner, events, rest)
+        return self._array_rest(scanner, events, rest, turn)
 
     async def _array_rest(
-        self, scanner: _ArrayItems, events: bytes, rest: AsyncIterator[bytes]
+        self, scanner: _ArrayItems, events: bytes, rest: AsyncIterator[bytes], turn: Turn
     ) -> AsyncIterator[bytes]:
         yield events
-        async for read in rest:
+        while not scanner.closed:  # once the array ended, nothing after it is awaited
+            try:
+                read = await rest.__anext__()
+            except StopAsyncIteration:
+                return
             try:
                 more = scanner.feed(read)
             except FrameTooLong as exc:
+                turn.unseen_output = True  # an event that long is output, unread
                 raise self._malformed() from exc
             if more:
                 yield more
@@ -854,7 +865,7 @@ class ProviderClient(ABC):
                 ended = True
                 async for data in chunks:
                     count = len(parts)
-                    self._read_frames(self._feed(decoder, data), turn)
+                    self._read_frames(self._feed(decoder, data, turn), turn)
                     if len(parts) > count:
                         yield
                     if turn.done:
@@ -865,7 +876,7 @@ class ProviderClient(ABC):
                         with anyio.move_on_after(_DONE_GRACE_S):
                             try:
                                 async for data in chunks:
-                                    self._read_frames(self._feed(decoder, data), turn)
+                                    self._read_frames(self._feed(decoder, data, turn), turn)
                             except httpx.HTTPError:
                                 # Cut after it: the answer is whole, and a frame begun after
                                 # it and cut is left unread (not a malformed answer).
@@ -938,13 +949,13 @@ class _ArrayItems:
         self._depth = 0  # 1 inside the array, more inside an item
         self._in_string = False
         self._escaped = False
-        self._closed = False  # the array ended: what follows is none of it
+        self.closed = False  # the array ended: what follows is none of it
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
         item = self._item
         for byte in data:
-            if self._closed:
+            if self.closed:
                 break
             if self._in_string:
                 item.append(byte)
@@ -964,7 +975,7 @@ class _ArrayItems:
                     item.append(byte)
                 if self._depth <= 1:
                     out.append(self._take())
-                self._closed = self._depth <= 0
+                self.closed = self._depth <= 0
             elif byte == 0x2C and self._depth == 1:  # a comma between items
                 out.append(self._take())
             elif byte in b" \t\r\n":

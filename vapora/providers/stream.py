@@ -214,7 +214,8 @@ class CompletionStream:
         as for any broken stream: the request went out, so its input may be billed)."""
         turn = self._turn
         # Nothing went out (cancelled while connecting): nothing to bill.
-        usage = turn.usage(self._request)[0] if turn.sent or turn.answered else Usage()
+        billed = turn.answered or (turn.sent and not turn.refused)  # (a refusal bills nothing)
+        usage = turn.usage(self._request)[0] if billed else Usage()
         broken = StreamBroken(
             f"{self._client.name}: the caller stopped reading the stream "
             f"(after {self._count} chunks)",
