@@ -137,9 +137,8 @@ from vapora.errors import (
     VaporaError,
 )
 from vapora.pricing import price_at, upper_bound_cost
-from vapora.providers import ProviderRequest, input_token_bound
+from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
 from vapora.providers.stream import CALLER_CANCELLED
-from vapora.providers.values import output_ceiling
 from vapora.routing import (
     ProviderView,
     RouteOverBudget,

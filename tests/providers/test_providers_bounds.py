@@ -16,7 +16,7 @@ from events.codec import encode
 from tests.providers.conftest import stub
 from tests.providers.test_providers_answers import answer, client
 from vapora.errors import ProviderError, ProviderTimeout, ProviderUnavailable
-from vapora.providers import ProviderRequest, upper_bound_usage
+from vapora.providers import Completion, ProviderRequest, upper_bound_usage
 from vapora.providers.values import (
     INPUT_TEMPLATE_ALLOWANCE,
     REASONING_ALLOWANCE,
@@ -38,6 +38,94 @@ async def _outcome(kind: str, body: dict[str, Any], request: ProviderRequest = R
             return error
         finally:
             await made.aclose()
+
+
+async def _complete_failure(kind: str, response: bytes) -> ProviderError:
+    """The error a ``kind`` client's call raises on ``response``, served once."""
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                await made.complete(REQUEST)
+        finally:
+            await made.aclose()
+    return raised.value
+
+
+async def _stream_outcome(
+    kind: str, response: bytes, request: ProviderRequest = REQUEST
+) -> ProviderError:
+    """The error a ``kind`` client's stream raises on ``response``, served once."""
+    async with stub(response) as port:
+        made = client(kind, port)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                async with made.stream(request) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()
+    return raised.value
+
+
+async def _streamed(
+    kind: str,
+    port: int,
+    *,
+    model: str | None = None,
+    request: ProviderRequest = REQUEST,
+    first_token_limit: float | None = None,
+) -> tuple[str, Completion]:
+    """The text and the completion of a ``kind`` client's stream from the server at ``port``."""
+    made = client(kind, port, model=model)
+    try:
+        async with made.stream(request, first_token_limit=first_token_limit) as stream:
+            text = "".join([piece async for piece in stream])
+    finally:
+        await made.aclose()
+    assert stream.completion is not None
+    return text, stream.completion
+
+
+async def _stub_streamed(
+    kind: str, response: bytes, *, model: str | None = None
+) -> tuple[str, Completion]:
+    async with stub(response) as port:
+        return await _streamed(kind, port, model=model)
+
+
+async def _chunked_server(
+    content_type: bytes, pieces: list[bytes], pause: float, status: bytes = b"200 OK"
+) -> asyncio.Server:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
+                + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+            )  # fmt: skip
+            for piece in pieces:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(pause)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client left first (what some of these tests check it does)
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def _gemini_chunk(text: str, output: int, finish: bool = False) -> bytes:
+    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}]}}
+    if finish:
+        candidate["finishReason"] = "STOP"
+    usage = {"promptTokenCount": 900, "candidatesTokenCount": output}
+    return msgspec.json.encode({"candidates": [candidate], "usageMetadata": usage})
 
 
 def _openai(usage: Any, choices: Any = None) -> dict[str, Any]:
@@ -376,19 +464,6 @@ def test_money_on_the_wire_is_in_plain_digits() -> None:
 # --- a stream answered with a body that is no stream ------------------------------------------
 
 
-async def _stream_outcome(kind: str, response: bytes) -> ProviderError:
-    async with stub(response) as port:
-        made = client(kind, port)
-        try:
-            with pytest.raises(ProviderError) as raised:
-                async with made.stream(REQUEST) as stream:
-                    async for _ in stream:
-                        pass
-        finally:
-            await made.aclose()
-    return raised.value
-
-
 async def test_a_stream_answered_with_a_page_is_malformed_and_billed_nothing() -> None:
     """A 200 HTML page (a proxy's) for a stream was read as an empty stream: "ended before its
     final event", billed at the input bound, and what the page was never said."""
@@ -431,7 +506,7 @@ async def test_gemini_stated_usage_is_billed_as_stated() -> None:
     failed = await _outcome("gemini", {"usageMetadata": usage}, request)
     assert isinstance(failed, ProviderUnavailable)
     assert (failed.usage.input_tokens, failed.usage.output_tokens) == (900, 40)
-    whole = await _stream_outcome_of("gemini", answer("200 OK", msgspec.json.encode(
+    whole = await _stream_outcome("gemini", answer("200 OK", msgspec.json.encode(
         {"usageMetadata": usage, "candidates": [{"content": {"parts": [{"text": "x"}]}}]}
     )), request)  # fmt: skip
     assert (whole.usage.input_tokens, whole.usage.output_tokens) == (900, 40)
@@ -462,20 +537,9 @@ async def test_a_stream_labelled_json_is_still_read_as_a_stream(kind: str) -> No
     """A framework's default labels an SSE stream ``application/json``: it was read whole as a
     JSON body, failed to decode, and was recorded at $0 while the router paid the next
     provider. What is no JSON object is read as the stream it is."""
-    request = ProviderRequest(prompt="a b c d " * 200, max_tokens=4000)
-    async with stub(answer("200 OK", _SSE, f"content-type: {kind}\r\n")) as port:
-        made = client("openai", port)
-        try:
-            async with made.stream(request) as stream:
-                texts = [text async for text in stream]
-        finally:
-            await made.aclose()
-    assert "".join(texts) == "hello world"
-    assert stream.completion is not None
-    assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (
-        900,
-        30,
-    )
+    text, done = await _stub_streamed("openai", answer("200 OK", _SSE, f"content-type: {kind}\r\n"))
+    assert text == "hello world"
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (900, 30)
 
 
 async def test_a_whole_json_answer_to_a_stream_cut_while_read_is_billed_as_a_cut_answer() -> None:
@@ -483,22 +547,9 @@ async def test_a_whole_json_answer_to_a_stream_cut_while_read_is_billed_as_a_cut
     non-streamed call records the same cut at the attempt's upper bound)."""
     request = ProviderRequest(prompt="a b c d " * 200, max_tokens=4000)
     cut = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000\r\n\r\n{"
-    failed = await _stream_outcome_of("openai", cut, request)
+    failed = await _stream_outcome("openai", cut, request)
     assert failed.error_type == "answer_cut" and failed.fallback
     assert failed.usage == upper_bound_usage(request)
-
-
-async def _stream_outcome_of(kind: str, response: bytes, request: ProviderRequest) -> ProviderError:
-    async with stub(response) as port:
-        made = client(kind, port)
-        try:
-            with pytest.raises(ProviderError) as raised:
-                async with made.stream(request) as stream:
-                    async for _ in stream:
-                        pass
-        finally:
-            await made.aclose()
-    return raised.value
 
 
 async def test_through_an_https_proxy_a_call_stuck_at_connect_is_billed_nothing(
@@ -603,19 +654,8 @@ async def test_a_providers_error_type_that_is_vaporas_own_is_not_taken() -> None
     """A provider's error body naming ``cancelled_by_caller`` passed for the caller's cancel:
     the router spared its spans and the metrics counted a cancel."""
     body = msgspec.json.encode({"error": {"type": "cancelled_by_caller", "message": "no"}})
-    failed = await _outcome_of("openai", answer("500 Internal Server Error", body))
+    failed = await _complete_failure("openai", answer("500 Internal Server Error", body))
     assert failed.error_type is None and failed.http_status == 500
-
-
-async def _outcome_of(kind: str, response: bytes) -> ProviderError:
-    async with stub(response) as port:
-        made = client(kind, port)
-        try:
-            with pytest.raises(ProviderError) as raised:
-                await made.complete(REQUEST)
-        finally:
-            await made.aclose()
-    return raised.value
 
 
 # --- the third review's cases --------------------------------------------------------------------
@@ -633,32 +673,13 @@ async def test_a_slow_stream_labelled_json_is_read_as_it_comes() -> None:
     """An SSE stream labelled JSON was read whole before its first chunk: one longer than its
     time to a first token timed out (billed its input, no output) though the provider
     streamed, and the router paid another. Its first read says it is a stream."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-        )
-        for event in _SLOW_EVENTS:
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
-            await asyncio.sleep(0.2)
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    made = client("openai", server.sockets[0].getsockname()[1])
+    server = await _chunked_server(b"application/json", _SLOW_EVENTS, 0.2)
     try:
-        async with made.stream(REQUEST, first_token_limit=0.5) as stream:
-            texts = [text async for text in stream]
+        port = server.sockets[0].getsockname()[1]
+        text, done = await _streamed("openai", port, first_token_limit=0.5)
     finally:
-        await made.aclose()
         server.close()
-    assert "".join(texts) == "hello world" and stream.completion is not None
-    assert stream.completion.usage.output_tokens == 30
+    assert text == "hello world" and done.usage.output_tokens == 30
 
 
 @pytest.mark.parametrize("body", [b"", b"[]", b"null", b'"overloaded"', b"<html>502</html>"])
@@ -668,7 +689,7 @@ async def test_a_stream_labelled_json_that_is_neither_a_stream_nor_an_object_bil
     """Read as a stream, such a body was "ended before its final event" and billed the input
     bound (and the output limit for a model that may reason), for a call the provider never
     answered."""
-    failed = await _stream_outcome_of("openai", answer("200 OK", body), REQUEST)
+    failed = await _stream_outcome("openai", answer("200 OK", body))
     assert failed.error_type == "malformed_response" and failed.fallback
     assert (failed.usage.input_tokens, failed.usage.output_tokens) == (0, 0)
 
@@ -734,35 +755,13 @@ async def test_a_stream_labelled_json_is_known_by_its_first_significant_byte(
     """A first read of a newline alone, or of ``da``, failed the check for a stream: the whole
     stream was read as a JSON body, was none, and was recorded at $0 (the router paid another
     provider)."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-        )
-        for piece in pieces:
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    made = client("openai", server.sockets[0].getsockname()[1])
+    server = await _chunked_server(b"application/json", pieces, 0.05)
     try:
-        async with made.stream(REQUEST) as stream:
-            texts = [text async for text in stream]
+        text, done = await _streamed("openai", server.sockets[0].getsockname()[1])
     finally:
-        await made.aclose()
         server.close()
-    assert "".join(texts) == "hello world" and stream.completion is not None
-    assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (
-        900,
-        30,
-    )
+    assert text == "hello world"
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (900, 30)
 
 
 async def test_a_stream_sent_whole_as_a_json_array_is_read_as_that_stream() -> None:
@@ -780,21 +779,12 @@ async def test_a_stream_sent_whole_as_a_json_array_is_read_as_that_stream() -> N
         },
     ]
     body = answer("200 OK", msgspec.json.encode(chunks))
-    async with stub(body) as port:
-        made = client("gemini", port, model="gemini-2.0-flash")
-        try:
-            async with made.stream(REQUEST) as stream:
-                texts = [text async for text in stream]
-        finally:
-            await made.aclose()
-    assert "".join(texts) == "hello" and stream.completion is not None
-    assert (stream.completion.usage.input_tokens, stream.completion.usage.output_tokens) == (
-        900,
-        30,
-    )
+    text, done = await _stub_streamed("gemini", body, model="gemini-2.0-flash")
+    assert text == "hello"
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (900, 30)
     # Cut after a running count (no final chunk): the count is a running one, as in SSE.
     cut = answer("200 OK", msgspec.json.encode([*chunks[:1], {"candidates": []}]))
-    failed = await _stream_outcome_of("gemini", cut, REQUEST)
+    failed = await _stream_outcome("gemini", cut)
     assert failed.usage.output_tokens > 1
 
 
@@ -832,69 +822,27 @@ def test_a_hold_reaches_the_tiers_an_input_count_taken_as_given_reaches() -> Non
 # --- the sixth review's cases -------------------------------------------------------------------
 
 
-async def _chunked_server(
-    content_type: bytes, pieces: list[bytes], pause: float, status: bytes = b"200 OK"
-) -> asyncio.Server:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
-            writer.write(
-                b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
-                + b"\r\ntransfer-encoding: chunked\r\n\r\n"
-            )  # fmt: skip
-            for piece in pieces:
-                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                await writer.drain()
-                await asyncio.sleep(pause)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass  # the client left first (what some of these tests check it does)
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
-
-
-def _gemini_chunk(text: str, output: int, finish: bool = False) -> bytes:
-    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}]}}
-    if finish:
-        candidate["finishReason"] = "STOP"
-    usage = {"promptTokenCount": 900, "candidatesTokenCount": output}
-    return msgspec.json.encode({"candidates": [candidate], "usageMetadata": usage})
-
-
 async def test_a_json_array_stream_is_read_as_it_comes() -> None:
     """Gemini sends its array form progressively: it was read whole, so no text came before
     its end, a long answer hit its time to a first token, and it was billed its upper bound
     while the router paid another provider."""
     pieces = [b"[", _gemini_chunk("hel", 1), b",\r\n", _gemini_chunk("lo", 30, True), b"]"]
     server = await _chunked_server(b"application/json", pieces, 0.3)
-    made = client("gemini", server.sockets[0].getsockname()[1], model="gemini-2.0-flash")
     try:
-        async with made.stream(REQUEST, first_token_limit=0.5) as stream:
-            texts = [text async for text in stream]
+        port = server.sockets[0].getsockname()[1]
+        text, done = await _streamed(
+            "gemini", port, model="gemini-2.0-flash", first_token_limit=0.5
+        )
     finally:
-        await made.aclose()
         server.close()
-    assert "".join(texts) == "hello" and stream.completion is not None
-    assert stream.completion.usage.output_tokens == 30
+    assert text == "hello" and done.usage.output_tokens == 30
 
 
 async def test_a_json_array_with_items_that_are_no_events_keeps_its_events() -> None:
     """An array with a ``null`` (or any item that is no object) was recorded at $0."""
     body = b"[" + _gemini_chunk("hello", 30, True) + b', null, "x", []]'
-    async with stub(answer("200 OK", body)) as port:
-        made = client("gemini", port, model="gemini-2.0-flash")
-        try:
-            async with made.stream(REQUEST) as stream:
-                texts = [text async for text in stream]
-        finally:
-            await made.aclose()
-    assert "".join(texts) == "hello" and stream.completion is not None
-    assert stream.completion.usage.output_tokens == 30
+    text, done = await _stub_streamed("gemini", answer("200 OK", body), model="gemini-2.0-flash")
+    assert text == "hello" and done.usage.output_tokens == 30
 
 
 async def test_a_json_array_cut_short_is_billed_what_it_made() -> None:
@@ -903,7 +851,7 @@ async def test_a_json_array_cut_short_is_billed_what_it_made() -> None:
     second = _gemini_chunk("lo", 30, True)
     body = b"[" + _gemini_chunk("hel", 3) + b"," + second[: len(second) // 2]
     response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n" + body
-    failed = await _stream_outcome_of("gemini", response, REQUEST)
+    failed = await _stream_outcome("gemini", response)
     assert failed.usage.input_tokens == 900 and failed.usage.output_tokens >= 3
 
 
@@ -948,15 +896,8 @@ async def test_a_pretty_printed_json_array_stream_is_read_whole_event_by_event(
     first = msgspec.json.format(_gemini_chunk("hel", 1), indent=2).replace(b"\n", indent)
     last = msgspec.json.format(_gemini_chunk("lo", 30, True), indent=2).replace(b"\n", indent)
     body = b"[" + indent + first + indent + b"," + indent + last + indent + b"]"
-    async with stub(answer("200 OK", body)) as port:
-        made = client("gemini", port, model="gemini-2.0-flash")
-        try:
-            async with made.stream(REQUEST) as stream:
-                texts = [text async for text in stream]
-        finally:
-            await made.aclose()
-    assert "".join(texts) == "hello" and stream.completion is not None
-    assert stream.completion.usage.output_tokens == 30
+    text, done = await _stub_streamed("gemini", answer("200 OK", body), model="gemini-2.0-flash")
+    assert text == "hello" and done.usage.output_tokens == 30
 
 
 async def test_nothing_after_a_json_array_streams_end_is_read() -> None:
@@ -966,21 +907,14 @@ async def test_nothing_after_a_json_array_streams_end_is_read() -> None:
         b"[" + _gemini_chunk("hello", 30, True) + b"]"
         + b"[" + _gemini_chunk("x", 2500, True) + b"]"
     )  # fmt: skip
-    async with stub(answer("200 OK", body)) as port:
-        made = client("gemini", port, model="gemini-2.0-flash")
-        try:
-            async with made.stream(REQUEST) as stream:
-                texts = [text async for text in stream]
-        finally:
-            await made.aclose()
-    assert "".join(texts) == "hello" and stream.completion is not None
-    assert stream.completion.usage.output_tokens == 30
+    text, done = await _stub_streamed("gemini", answer("200 OK", body), model="gemini-2.0-flash")
+    assert text == "hello" and done.usage.output_tokens == 30
 
 
 async def test_a_json_array_streams_first_event_too_long_is_still_an_answer() -> None:
     """A first event past the frame limit was billed $0 (the same event over SSE, its input)."""
     huge = b'[{"candidates": [{"content": {"parts": [{"text": "' + b"x" * (2 << 20) + b'"}]}}]}]'
-    failed = await _stream_outcome_of("gemini", answer("200 OK", huge), REQUEST)
+    failed = await _stream_outcome("gemini", answer("200 OK", huge))
     assert failed.error_type == "malformed_response"
     assert failed.usage.input_tokens == input_token_bound(REQUEST)
 
@@ -1068,5 +1002,5 @@ async def test_an_event_past_the_frame_limit_is_output_the_answer_holds() -> Non
     big = b'{"candidates": [{"content": {"parts": [{"text": "' + b"x" * (2 << 20) + b'"}]}}]}'
     body = b"data: " + _gemini_chunk("hel", 3) + b"\n\ndata: " + big + b"\n\n"
     response = answer("200 OK", body, "content-type: text/event-stream\r\n")
-    failed = await _stream_outcome_of("gemini", response, REQUEST)
+    failed = await _stream_outcome("gemini", response)
     assert failed.usage.output_tokens == REQUEST.output_limit

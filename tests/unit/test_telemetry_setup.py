@@ -256,6 +256,15 @@ def test_a_task_id_with_a_newline_cannot_write_a_log_line_of_its_own() -> None:
     assert "\n" not in record.task_id and "\\n" in record.task_id  # type: ignore[attr-defined]
 
 
+class _Subscription:
+    """A stream's subscription, as ``TextStream.aclose`` uses it."""
+
+    subject = "_INBOX.x"
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
 def test_a_stream_closed_while_its_cancel_is_cut_still_ends_its_span() -> None:
     """``aclose`` ended the stream's span only after awaiting the cancel's publish: a caller's
     timeout at that await left it never ended (never exported), its child cancel span
@@ -276,19 +285,13 @@ def test_a_stream_closed_while_its_cancel_is_cut_still_ends_its_span() -> None:
         metric_readers=[InMemoryMetricReader()],
     )
 
-    class Subscription:
-        subject = "_INBOX.x"
-
-        async def unsubscribe(self) -> None:
-            pass
-
     class Stalled:
         async def publish(self, subject: str, data: bytes, headers: object = None) -> None:
             await asyncio.sleep(10)  # nats-py flushing a full buffer
 
     async def main() -> None:
         stream = TextStream(Stalled(), b"{}", 1.0)  # type: ignore[arg-type]
-        stream._sub = Subscription()  # type: ignore[assignment]
+        stream._sub = _Subscription()  # type: ignore[assignment]
         stream._span, _ = start_request("vapora.stream")
         closing = asyncio.ensure_future(stream.aclose())
         await asyncio.sleep(0.05)
@@ -338,19 +341,13 @@ def test_a_cancel_without_a_span_of_vaporas_carries_the_streams_own_context() ->
     sent: list[object] = []
     streams_own = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
 
-    class Subscription:
-        subject = "_INBOX.x"
-
-        async def unsubscribe(self) -> None:
-            pass
-
     class Recording:
         async def publish(self, subject: str, data: bytes, headers: object = None) -> None:
             sent.append(headers)
 
     async def main() -> None:
         stream = TextStream(Recording(), b"{}", 1.0)  # type: ignore[arg-type]
-        stream._sub = Subscription()  # type: ignore[assignment]
+        stream._sub = _Subscription()  # type: ignore[assignment]
         stream._trace_headers = streams_own
         await stream.aclose()
 

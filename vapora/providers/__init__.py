@@ -22,6 +22,7 @@ from vapora.providers.values import (
     StreamBroken,
     input_token_bound,
     may_reason,
+    output_ceiling,
     upper_bound_usage,
 )
 from vapora.providers.wire import retry_after_from_headers
@@ -43,6 +44,7 @@ __all__ = [
     "input_token_bound",
     "make_client",
     "may_reason",
+    "output_ceiling",
     "retry_after_from_headers",
     "upper_bound_usage",
 ]

@@ -39,7 +39,7 @@ from contextlib import aclosing
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import anyio
 import httpx
@@ -677,16 +677,10 @@ class ProviderClient(ABC):
         head = b""
         stream: bool | None = None
         while stream is None:
-            try:
-                head += await chunks.__anext__()
-            except StopAsyncIteration:
+            read = await self._next_read(chunks, kind, turn)
+            if read is None:
                 break
-            except httpx.HTTPError as exc:
-                raise self._cut(kind, turn, exc) from exc
-            except anyio.get_cancelled_exc_class():
-                turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
-                raise
-            head = head.lstrip(_BLANKS)
+            head = (head + read).lstrip(_BLANKS)
             if head.startswith(_BOM):
                 head = head[len(_BOM) :].lstrip(_BLANKS)
             if head and not _BOM.startswith(head):  # (else a BOM's first bytes, or nothing)
@@ -699,11 +693,10 @@ class ProviderClient(ABC):
             # limit is malformed, as an SSE event is); one with no object in it is no answer.
             return await self._array_events(head, chunks, kind, turn)
         await self._not_a_stream(head, chunks, kind, turn)
-        raise AssertionError("unreachable")  # (it raises)
 
     async def _not_a_stream(
         self, first: bytes, rest: AsyncIterator[bytes], kind: str, turn: Turn
-    ) -> None:
+    ) -> NoReturn:
         """A stream answered HTTP 2xx with a body that is no stream, read whole (up to
         :data:`_MAX_WHOLE` bytes). A JSON object: its error if it carries one (classified as
         the same body with its status would be, nothing billed), else malformed, billed only
@@ -714,17 +707,11 @@ class ProviderClient(ABC):
         read, or a JSON object past the size limit or cut short of its end, was an answer:
         raised as cut, billed as a cut answer is."""
         parts, size = [first], len(first)
-        try:
-            async for read in rest:
-                parts.append(read)
-                size += len(read)
-                if size > _MAX_WHOLE:
-                    raise self._cut(kind, turn, ValueError(f"past {_MAX_WHOLE} bytes"))
-        except httpx.HTTPError as exc:
-            raise self._cut(kind, turn, exc) from exc
-        except anyio.get_cancelled_exc_class():
-            turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
-            raise
+        while (read := await self._next_read(rest, kind, turn)) is not None:
+            parts.append(read)
+            size += len(read)
+            if size > _MAX_WHOLE:
+                raise self._cut(kind, turn, ValueError(f"past {_MAX_WHOLE} bytes"))
         content = b"".join(parts)
         try:
             data: Any = msgspec.json.decode(content)
@@ -735,11 +722,7 @@ class ProviderClient(ABC):
         if isinstance(data, dict) and data.get("error"):
             raise self._http_error(self._error_status(data), {}, content)
         if isinstance(data, dict):
-            try:
-                self._parse_usage(data, turn)
-            except _SHAPE_ERRORS:
-                turn.input_tokens = turn.output_tokens = None
-            turn.running_output = False  # a whole body's counts are its last
+            self._stated_usage(data, turn)
         if turn.input_tokens is not None or turn.output_tokens is not None:
             turn.answered = turn.unseen_output = True  # the provider's answer: billed
         raise ProviderUnavailable(
@@ -760,25 +743,18 @@ class ProviderClient(ABC):
         try:
             events = scanner.feed(first)
             while not events:
-                try:
-                    if scanner.closed:  # ended with no event: nothing more is awaited
-                        raise StopAsyncIteration
-                    read = await rest.__anext__()
-                except StopAsyncIteration:
+                # Ended with no event (nothing more is awaited after its ``]``): no answer.
+                read = None if scanner.closed else await self._next_read(rest, kind, turn)
+                if read is None:
                     raise ProviderUnavailable(
                         f"{self.name}: a stream was answered with an empty JSON array",
                         provider=self.name,
                         error_type="malformed_response",
-                    ) from None
+                    )
                 events = scanner.feed(read)
         except FrameTooLong as exc:
             turn.answered = turn.unseen_output = True  # a 2xx with an event: an answer
             raise self._malformed() from exc
-        except httpx.HTTPError as exc:
-            raise self._cut(kind, turn, exc) from exc
-        except anyio.get_cancelled_exc_class():
-            turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
-            raise
         return self._array_rest(scanner, events, rest, turn)
 
     async def _array_rest(
@@ -797,6 +773,28 @@ class ProviderClient(ABC):
                 raise self._malformed() from exc
             if more:
                 yield more
+
+    async def _next_read(self, chunks: AsyncIterator[bytes], kind: str, turn: Turn) -> bytes | None:
+        """The next read of a 2xx body read here before it is streamed (None at its end): a
+        cut, or a time-out, while it is awaited is a cut answer (billed as one)."""
+        try:
+            return await chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+        except httpx.HTTPError as exc:
+            raise self._cut(kind, turn, exc) from exc
+        except anyio.get_cancelled_exc_class():
+            turn.answered = turn.unseen_output = True  # a 2xx, its time out while read
+            raise
+
+    def _stated_usage(self, data: Any, turn: Turn) -> None:
+        """``turn``'s counts from what a whole body states (unreadable counts: none); a whole
+        body's counts are its last."""
+        try:
+            self._parse_usage(data, turn)
+        except _SHAPE_ERRORS:
+            turn.input_tokens = turn.output_tokens = None
+        turn.running_output = False
 
     def _cut(self, kind: str, turn: Turn, exc: BaseException) -> ProviderError:
         turn.answered = turn.unseen_output = True  # a 2xx: the provider made an answer
@@ -819,11 +817,7 @@ class ProviderClient(ABC):
             self._parse(data, turn)
         except _SHAPE_ERRORS as exc:
             # Its usage, if it states one: a body of the provider's shape, billed as it says.
-            try:
-                self._parse_usage(data, turn)
-            except _SHAPE_ERRORS:
-                turn.input_tokens = turn.output_tokens = None
-            turn.running_output = False  # a whole body's counts are its last
+            self._stated_usage(data, turn)
             raise self._fail(self._malformed()) from exc
         except ProviderError as error:  # an error body with status 200 (Ollama)
             raise self._fail(error) from error.__cause__
