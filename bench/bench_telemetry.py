@@ -25,7 +25,13 @@ a shuffled order so that no mode always follows another:
   what every message pays whether or not its trace is sampled (its trace context made, sent,
   read and made current at each hop) plus the metrics: the share of the cost sampling cannot
   take away;
-* **metrics only**: ``traces = false``; the metrics behind ``/metrics`` (pull reader).
+* **metrics only**: ``traces = false``; the metrics behind ``/metrics`` (pull reader);
+* **headers only** (not run unless named in ``--modes``): **metrics only**, plus a constant,
+  unsampled ``traceparent`` header on every message the actors and the caller publish, added at
+  the connection (no vapora telemetry code runs for it): what carrying a trace context costs on
+  the wire alone (header blocks built, sent through nats-server, parsed), the floor under
+  **traces 0 %**. Its publishes go through a wrapper that the other modes of the same run pass
+  through too (one coroutine call per message, so they pay for it alike).
 
 Per mode and trial: the latency of ``--requests`` sequential completions (p50, p99), the
 completions per second at ``--concurrency``, the CPU time this process (every actor, the
@@ -78,7 +84,10 @@ from vapora.telemetry.childexport import ChildSpanExporter  # noqa: E402
 from vapora.telemetry.export import SpanBatcher  # noqa: E402
 
 PROMPT = "Summarise the plot of a short story about a lighthouse keeper."
-MODES = ("off", "traces 100%", "traces 10%", "traces 0%", "metrics only")
+MODES = ("off", "traces 100%", "traces 10%", "traces 0%", "metrics only", "headers only")
+DEFAULT_MODES = MODES[:5]
+#: The ``headers only`` mode's header (an unsampled context: nothing downstream records it).
+CARRIED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 RATIOS = {"traces 100%": 1.0, "traces 10%": 0.1, "traces 0%": 0.0}
 EXPORTER: Any = "otlp"  # --exporter none: spans made but not exported (the SDK's share alone)
 EXPORT_PROCESS = False  # --export process: OTLP encoded and sent by a child process
@@ -123,7 +132,7 @@ def telemetry_for(mode: str, spans_file: Path, collector: str | None) -> Telemet
     ``/metrics``), so a traced mode's cost over **metrics only** is what tracing adds."""
     if mode == "off":
         return setup(TelemetryConfig(enabled=False), env={})
-    if mode == "metrics only":
+    if mode in ("metrics only", "headers only"):
         config = TelemetryConfig(enabled=True, traces=False, prometheus_port=0)
         return setup(config, env={})
     config = TelemetryConfig(
@@ -136,6 +145,52 @@ def telemetry_for(mode: str, spans_file: Path, collector: str | None) -> Telemet
         export_process=EXPORT_PROCESS,
     )
     return setup(config, env={"OTEL_METRICS_EXPORTER": "none"})
+
+
+class _Carrier:
+    """Whether the active mode is **headers only** (read by the wrapped publishes)."""
+
+    on = False
+    carried = 0  # messages sent with the header (said at the end: the mode did something)
+
+
+def carry_headers(telemetries: dict[str, Telemetry]) -> None:
+    """Wrap the publishes of both connection classes (the actors' and nats-py's, the caller's)
+    so that, while **headers only** is the active mode, every message carries
+    :data:`CARRIED`; every mode's ``activate`` sets the switch."""
+    import nats.aio.client
+
+    from actors import connection
+
+    for cls in (connection.Client, nats.aio.client.Client):
+        original = cls.__dict__["_send_publish"]
+
+        async def send(
+            self: Any,
+            subject: str,
+            reply: str,
+            payload: bytes,
+            size: int,
+            headers: dict[str, Any] | None,
+            _original: Any = original,
+        ) -> None:
+            if _Carrier.on and subject:
+                _Carrier.carried += 1
+                headers = (
+                    {**headers, "traceparent": CARRIED} if headers else {"traceparent": CARRIED}
+                )
+            await _original(self, subject, reply, payload, size, headers)
+
+        cls._send_publish = send  # type: ignore[method-assign]
+
+    for mode, telemetry in telemetries.items():
+        activate = telemetry.activate
+
+        def switched(activate: Callable[[], None] = activate, on: bool = mode == "headers only"):
+            _Carrier.on = on
+            activate()
+
+        telemetry.activate = switched  # type: ignore[method-assign]
 
 
 class _Collections:
@@ -317,6 +372,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         config = make_config(config_text(base_url, budget=budget))
         spans_file = Path(tmp) / "spans.jsonl"
         telemetries = {mode: telemetry_for(mode, spans_file, collector) for mode in modes}
+        if "headers only" in modes:
+            carry_headers(telemetries)
         # The exporter's batcher counts what it exported; a counting processor of the bench's
         # own is added only where nothing exports (it would add its cost to what is measured).
         counted = (
@@ -433,7 +490,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--provider", default="openai")
     parser.add_argument("--quick", action="store_true", help="a short run (smoke)")
     parser.add_argument(
-        "--modes", nargs="+", default=list(MODES), choices=MODES, help="which modes to run"
+        "--modes",
+        nargs="+",
+        default=list(DEFAULT_MODES),
+        choices=MODES,
+        help="which modes to run",
     )
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
     parser.add_argument(
@@ -464,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     result = run_loop(run, args)  # the loop vapora runs on (uvloop where installed)
     result["load"] = (load_before, os.getloadavg()[0])
+    if "headers only" in args.modes:
+        print(f"headers only: {_Carrier.carried} messages carried a traceparent", file=sys.stderr)
     print(table(args, result))
     write_result(
         "telemetry", {"args": vars(args), "machine": machine(), **result, "at": str(datetime.now())}
