@@ -66,6 +66,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import msgspec
+from nats import errors as nats_errors
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
@@ -1094,7 +1095,7 @@ class RouterActor:
             lease = self.lease
             if lease is not None and lease.usable_until is not None and now >= lease.usable_until:
                 self.lease = None
-                await self._return_lease(lease, "returned")  # out of time: start afresh
+                self._spawn(self._return_lease, lease, "returned")  # out of time: start afresh
                 lease = None
             lease_id = lease.lease_id if lease is not None else _new_id()
             reply = await self._ask_lease(lease_id, amount, new=lease is None)
@@ -1129,7 +1130,7 @@ class RouterActor:
                 # A stalled keeper may still grant it when it comes back: give it back then
                 # (the keeper takes this connection's requests in order). An unanswered
                 # extension needs nothing: the next grant's total includes it.
-                await self._return_lease(_Lease(lease_id), "returned")
+                self._spawn(self._return_lease, _Lease(lease_id), "returned")
             return None
         if header(message, _SERVICE_ERROR_CODE):
             return None
@@ -1150,12 +1151,9 @@ class RouterActor:
             kept_usd=kept,
             reason=reason,  # type: ignore[arg-type]  # "returned" or "revoked"
         )
-        try:
-            await self.runtime.nc.request(
-                subjects.BUDGET_LEASE_RETURN, encode(back), timeout=self.keeper_timeout_s
-            )
-        except Exception as exc:  # the keeper reclaims it when it expires
-            log.info("router: lease %s not returned (%s)", lease.lease_id, exc)
+        await self._give_back(
+            subjects.BUDGET_LEASE_RETURN, encode(back), f"lease {lease.lease_id}", traced=False
+        )
 
     def _release(self, reservation_id: str, reason: str) -> None:
         """Give back a reservation, in the background: ``failed`` (its attempt was answered
@@ -1164,13 +1162,67 @@ class RouterActor:
         self._spawn(self._publish_release, release)
 
     async def _publish_release(self, release: BudgetRelease) -> None:
-        try:
-            with tracing.publish_span(subjects.BUDGET_RELEASE):
-                await self.runtime.nc.publish(
-                    subjects.BUDGET_RELEASE, encode(release), headers=tracing.inject()
+        await self._give_back(
+            subjects.BUDGET_RELEASE,
+            encode(release),
+            f"reservation {release.reservation_id}",
+            traced=True,
+        )
+
+    async def _give_back(self, subject: str, payload: bytes, what: str, *, traced: bool) -> None:
+        """Send a release or a lease's return until a budget keeper answers it, for as long as
+        the hold could still be held (:data:`_GIVE_BACK_S`). A keeper restarting, overloaded
+        (503) or fenced out (409, another takes its place) does not lose it: before, a release
+        sent while no keeper listened was dropped and its hold stayed until it expired, its
+        budget unusable meanwhile. Both are idempotent at the keeper (an id already closed
+        changes nothing), so sending one again is safe. The first try goes out on this
+        connection right away, so it still follows the grant it gives back."""
+        deadline = time.monotonic() + _GIVE_BACK_S
+        pause = _GIVE_BACK_FIRST_PAUSE_S
+        while True:
+            try:
+                with tracing.publish_span(subject) if traced else contextlib.nullcontext():
+                    reply = await self.runtime.nc.request(
+                        subject,
+                        payload,
+                        timeout=self.keeper_timeout_s,
+                        headers=tracing.inject() if traced else None,
+                    )
+            except (nats_errors.TimeoutError, NoRespondersError) as exc:
+                why = (
+                    "no budget keeper answered"
+                    if isinstance(exc, NoRespondersError)
+                    else (f"the budget keeper did not answer in {self.keeper_timeout_s:g} s")
                 )
-        except Exception:
-            log.exception("router: could not release reservation %s", release.reservation_id)
+            except Exception as exc:  # the connection closed (a stop), a permission refused
+                log.warning(
+                    "router: %s not given back (%s); it is freed when it expires", what, exc
+                )
+                return
+            else:
+                code = header(reply, _SERVICE_ERROR_CODE)
+                if code is None or code not in _GIVE_BACK_AGAIN:
+                    if code is not None:  # refused for good (a bad request): say so
+                        log.warning(
+                            "router: the budget keeper refused to take %s back (%s: %s); it "
+                            "is freed when it expires",
+                            what,
+                            code,
+                            header(reply, _SERVICE_ERROR) or "",
+                        )
+                    return
+                why = f"the budget keeper answered {code} ({header(reply, _SERVICE_ERROR) or ''})"
+            if time.monotonic() + pause >= deadline:
+                log.warning(
+                    "router: %s not given back after %.0f s (%s); it is freed when it expires",
+                    what,
+                    _GIVE_BACK_S,
+                    why,
+                )
+                return
+            log.info("router: %s not given back yet (%s); trying again in %g s", what, why, pause)
+            await anyio.sleep(pause)
+            pause = min(pause * 2, _GIVE_BACK_MAX_PAUSE_S)
 
     async def _call(
         self, task: _Task, provider: ProviderConfig, reservation_id: str | None
@@ -1302,6 +1354,16 @@ class RouterActor:
 # refused from a full backlog (503; one cut by a stop says `Vapora-Outcome: unknown`). Any
 # other (a 500 from a failure inside vapora, a 504 from a timeout inside it) came mid-call.
 _NEVER_RAN = frozenset({"400", "503"})
+
+#: How long a release or a lease's return is sent again while no budget keeper takes it: the
+#: shortest life of a hold (a reservation lives 120 s at least), past which the keeper frees it
+#: itself. The pauses between tries double from the first to the longest.
+_GIVE_BACK_S = 120.0
+_GIVE_BACK_FIRST_PAUSE_S = 0.25
+_GIVE_BACK_MAX_PAUSE_S = 5.0
+#: Error replies after which a keeper may take it later (overloaded or not yet caught up: 503;
+#: fenced out, so another keeper will: 409; a failure inside it, such as the log's: 500).
+_GIVE_BACK_AGAIN = frozenset({"409", "500", "503", "504"})
 
 _INSTANCES_REMEMBERED = 64  # per provider: the least recently heard forgotten past it
 

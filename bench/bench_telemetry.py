@@ -45,6 +45,7 @@ load stretches wall-clock time, much less the CPU time a completion takes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import os
@@ -154,15 +155,18 @@ class _Carrier:
     carried = 0  # messages sent with the header (said at the end: the mode did something)
 
 
-def carry_headers(telemetries: dict[str, Telemetry]) -> None:
+@contextmanager
+def carrying_headers(telemetries: dict[str, Telemetry]) -> Iterator[None]:
     """Wrap the publishes of both connection classes (the actors' and nats-py's, the caller's)
     so that, while **headers only** is the active mode, every message carries
-    :data:`CARRIED`; every mode's ``activate`` sets the switch."""
+    :data:`CARRIED`; every mode's ``activate`` sets the switch. Undone on leaving."""
     import nats.aio.client
 
     from actors import connection
 
-    for cls in (connection.Client, nats.aio.client.Client):
+    classes = (connection.Client, nats.aio.client.Client)
+    originals = [cls.__dict__["_send_publish"] for cls in classes]
+    for cls in classes:
         original = cls.__dict__["_send_publish"]
 
         async def send(
@@ -181,16 +185,24 @@ def carry_headers(telemetries: dict[str, Telemetry]) -> None:
                 )
             await _original(self, subject, reply, payload, size, headers)
 
-        cls._send_publish = send  # type: ignore[method-assign]
+        cls._send_publish = send  # type: ignore[method-assign, assignment]
 
     for mode, telemetry in telemetries.items():
         activate = telemetry.activate
 
-        def switched(activate: Callable[[], None] = activate, on: bool = mode == "headers only"):
+        def switched(
+            activate: Callable[[], None] = activate, on: bool = mode == "headers only"
+        ) -> None:
             _Carrier.on = on
             activate()
 
         telemetry.activate = switched  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _Carrier.on = False
+        for cls, original in zip(classes, originals, strict=True):
+            cls._send_publish = original  # type: ignore[method-assign]
 
 
 class _Collections:
@@ -367,13 +379,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         simulator_process() as base_url,
         collector_process() as collector,
         tempfile.TemporaryDirectory() as tmp,
+        contextlib.ExitStack() as stack,
     ):
         budget = "[budget]\ndaily_limit_cents = 100000000\n"
         config = make_config(config_text(base_url, budget=budget))
         spans_file = Path(tmp) / "spans.jsonl"
         telemetries = {mode: telemetry_for(mode, spans_file, collector) for mode in modes}
         if "headers only" in modes:
-            carry_headers(telemetries)
+            stack.enter_context(carrying_headers(telemetries))
         # The exporter's batcher counts what it exported; a counting processor of the bench's
         # own is added only where nothing exports (it would add its cost to what is measured).
         counted = (

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench.bench_telemetry import MODES, parse_args, run
+from bench import bench_telemetry
+from bench.bench_telemetry import DEFAULT_MODES, parse_args, run
 from vapora.eventloop import run as run_loop
 
 
@@ -22,7 +23,7 @@ def test_every_mode_runs_and_the_sample_ratio_decides_the_spans_per_call() -> No
     with ThreadPoolExecutor(1) as pool:
         result = pool.submit(run_loop, run, args).result()
     modes = result["modes"]
-    assert list(modes) == list(MODES)
+    assert list(modes) == list(DEFAULT_MODES)
     for mode, figures in modes.items():
         assert figures["rate"][0] > 0 and figures["cpu_us"][0] > 0, mode
         assert len(figures["p50"]) == 1 and figures["p99"][0] >= figures["p50"][0] > 0, mode
@@ -36,6 +37,30 @@ def test_every_mode_runs_and_the_sample_ratio_decides_the_spans_per_call() -> No
     assert 0 < per_call("traces 10%") < 8
     assert per_call("traces 0%") == per_call("metrics only") == per_call("off") == 0
     assert result["spans_exported"] >= 8 * 2 * 64
+
+
+@pytest.mark.slow
+def test_headers_only_carries_a_context_on_every_message_and_records_no_span() -> None:
+    import nats.aio.client
+
+    from actors import connection
+
+    before = (connection.Client._send_publish, nats.aio.client.Client._send_publish)
+    args = parse_args(["--quick", "--requests", "10", "--bursts", "2"])
+    args.modes = ["off", "headers only"]
+    carried = bench_telemetry._Carrier.carried
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(run_loop, run, args).result()
+    modes = result["modes"]
+    assert list(modes) == ["off", "headers only"]
+    assert statistics.median(modes["headers only"]["spans"]) == 0
+    # Each of its calls sent several messages with the header (the client's request, the
+    # router's to the provider actor, the replies, the appends); the off calls none.
+    calls = 50 + 10 + 2 * 64  # warm-up, sequential, bursts
+    assert bench_telemetry._Carrier.carried - carried >= 4 * calls
+    # The publishes are nats-py's and the actors' own again, and the switch is off.
+    assert (connection.Client._send_publish, nats.aio.client.Client._send_publish) == before
+    assert not bench_telemetry._Carrier.on
 
 
 @pytest.mark.slow

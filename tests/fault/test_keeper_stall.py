@@ -1,6 +1,7 @@
 """A budget keeper that stalls past the router's timeout (its process SIGSTOPped) and then comes
-back: the reservation and the lease the router gave up on are given back, not left holding
-budget that nobody will use until they expire."""
+back, or that is gone (SIGKILLed) when the router gives a hold back and is restarted: the
+reservation and the lease the router gave up on or no longer needs are given back, not left
+holding budget that nobody will use until they expire."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from events.log import BudgetLeased, BudgetLeaseReturned, BudgetReleased, Budget
 from tests.fault.money import eventually, status
 from tests.fault.money_process import MoneyProcess
 from tests.fault.provider_harness import Deployment, config_text, deployment, wait_until_served
-from vapora.errors import NoProviderAvailable
+from vapora.errors import NoProviderAvailable, ProviderRejected
 
 pytestmark = pytest.mark.anyio
 
@@ -41,8 +42,10 @@ async def stalled_keeper(tmp_path: Path) -> AsyncIterator[tuple[Deployment, Mone
 
 
 @contextlib.asynccontextmanager
-async def router(dep: Deployment, *, lease: bool) -> AsyncIterator[RouterActor]:
-    actor = RouterActor(dep.runtime, reserve=True, lease=lease, keeper_timeout_s=KEEPER_TIMEOUT_S)
+async def router(
+    dep: Deployment, *, lease: bool, keeper_timeout_s: float = KEEPER_TIMEOUT_S
+) -> AsyncIterator[RouterActor]:
+    actor = RouterActor(dep.runtime, reserve=True, lease=lease, keeper_timeout_s=keeper_timeout_s)
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
         try:
@@ -96,3 +99,54 @@ async def test_a_lease_the_router_gave_up_on_is_returned_when_the_keeper_comes_b
         assert back.kept_usd == 0 and back.reason == "returned"
         # The lease the router holds now, if any, is one it asked for again and got an answer.
         assert actor.lease is None or actor.lease.lease_id != leased.lease_id
+
+
+async def test_a_release_sent_while_no_keeper_runs_reaches_the_keeper_that_comes_next(
+    tmp_path: Path,
+) -> None:
+    # The provider answers 400 after 1.5 s: nothing to bill, so the router releases the hold.
+    # The keeper is killed while the call runs, so the release finds no keeper; before, it was
+    # lost and the hold stayed until it expired (120 s), its budget unusable meanwhile.
+    models = {"claude": "claude-opus-4-5-slow-1500-error-400"}
+    text = lambda url: config_text(url, models=models)  # noqa: E731
+    async with deployment(tmp_path, text, router=False, providers=["claude"]) as dep:
+        data_dir = tmp_path / "money"
+        data_dir.mkdir()
+        money = MoneyProcess(dep.server.url, data_dir, daily_cents=10_000)
+        await money.start()
+        try:
+            await status(dep.nc)
+            # A keeper that answers (this test is not about a slow one).
+            async with router(dep, lease=False, keeper_timeout_s=5):
+                async with anyio.create_task_group() as tg:
+
+                    async def call() -> None:
+                        with pytest.raises(ProviderRejected):
+                            await dep.client.complete(
+                                prompt="hi", provider="claude", task_id="gone"
+                            )
+
+                    tg.start_soon(call)
+
+                    async def reserved() -> list[BudgetReserved]:
+                        events = await dep.events_of("gone")
+                        return [e for e in events if isinstance(e, BudgetReserved)]
+
+                    [held] = await eventually(reserved, within=10)
+                    money.kill()
+                # The call failed and its release went out while no keeper listened.
+                events = await dep.events_of("gone")
+                assert not [e for e in events if isinstance(e, BudgetReleased)]
+                money = MoneyProcess(dep.server.url, data_dir, daily_cents=10_000)
+                await money.start()
+
+                async def released() -> list[BudgetReleased]:
+                    events = await dep.events_of("gone")
+                    return [e for e in events if isinstance(e, BudgetReleased)]
+
+                [back] = await eventually(released, within=20)
+                assert (back.reservation_id, back.reason) == (held.reservation_id, "failed")
+                after = await status(dep.nc)
+                assert (after.open_reservations, after.reserved_usd) == (0, 0)
+        finally:
+            await money.stop()
