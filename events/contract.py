@@ -120,6 +120,15 @@ MAX_DIGITS = 50
 #: wide enough that adding up to 10^50 amounts of :data:`MAX_DIGITS` digits never rounds (the
 #: default 28 digits did).
 EXACT_SUMS = decimal.Context(prec=120, rounding=decimal.ROUND_HALF_EVEN)
+
+
+def cents_to_usd(cents: Decimal | int) -> Decimal:
+    """``cents`` in USD, exactly: a limit or cap of up to :data:`MAX_DIGITS` digits kept whole
+    (divided by 100 in the default 28-digit context, ``99.99…9`` cents of 32 digits became a
+    limit of $1.000…0, slightly past what was set)."""
+    return EXACT_SUMS.divide(Decimal(cents), 100)
+
+
 #: The longest task or reservation id (the budget keeper's limit).
 MAX_ID_LENGTH = 200
 

@@ -75,6 +75,7 @@ from events.contract import (
     BudgetReserve,
     BudgetStatus,
     Tier,
+    cents_to_usd,
 )
 from events.log import (
     BudgetLeased,
@@ -187,7 +188,7 @@ class BudgetLimits(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _usd(cents: Decimal | int | None) -> Decimal | None:
-    return None if cents is None else Decimal(cents) / 100
+    return None if cents is None else cents_to_usd(cents)
 
 
 class Reservation(msgspec.Struct, frozen=True, gc=False):

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from events.contract import MAX_AMOUNT, Price, Quality, TaskType
+from events.contract import MAX_AMOUNT, Price, Quality, TaskType, cents_to_usd
 from events.subjects import inbox_prefix
 from vapora import pricing
 from vapora.errors import ConfigError
@@ -268,7 +268,7 @@ class BudgetConfig(_Section, frozen=True, kw_only=True):
     @property
     def lease_usd(self) -> Decimal:
         """The largest budget lease in USD (0: leases off)."""
-        return self.lease_cents / 100
+        return cents_to_usd(self.lease_cents)
 
 
 class ScoreWeights(_Section, frozen=True, kw_only=True):
@@ -484,7 +484,7 @@ class _ConfigFile(_Section, frozen=True, kw_only=True):
 
 
 def _usd(cents: Decimal | None) -> Decimal | None:
-    return None if cents is None else cents / 100
+    return None if cents is None else cents_to_usd(cents)
 
 
 def infer_kind(name: str) -> ProviderKind | None:

@@ -55,6 +55,7 @@ from events.contract import (
     RouteDecision,
     TaskType,
     Tier,
+    cents_to_usd,
 )
 from events.log import ProviderHealthChanged
 from vapora.config import Config, ProviderConfig, key_not_set
@@ -145,7 +146,7 @@ def task_cap_usd(config: Config, request: CompletionRequest) -> Decimal | None:
     """The task's cap in USD: the config's per-task limit, lowered (never raised) by the request."""
     limits = [config.budget.per_task_limit_usd]
     if request.budget_cents is not None:
-        limits.append(request.budget_cents / 100)
+        limits.append(cents_to_usd(request.budget_cents))
     known = [x for x in limits if x is not None]
     return min(known) if known else None
 

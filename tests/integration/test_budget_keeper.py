@@ -10,6 +10,7 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -623,3 +624,81 @@ async def test_a_hold_said_pending_again_is_the_last_the_keeper_forgets(
     assert set(keeper._pending) == {"c", "a", "d"}
     await keeper._on_pending(types.SimpleNamespace(data=b"not json"))  # passed by, logged
     assert set(keeper._pending) == {"c", "a", "d"}
+
+
+# --- a hold given back after its spend ----------------------------------------------------------
+
+
+def _lagging(keeper: BudgetKeeper, seconds: float = 0.05) -> None:
+    """Make the keeper's tail fold each live batch ``seconds`` late (as when it is busy with a
+    batch of other events, or its follower reconnects)."""
+    fold = keeper._apply_tail
+
+    async def late(batch: list[Any]) -> None:
+        await anyio.sleep(seconds)
+        await fold(batch)
+
+    keeper._apply_tail = late  # type: ignore[method-assign]
+
+
+async def test_a_release_after_a_billed_failure_folds_its_spend_first_so_the_limit_holds(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A failed call the provider billed: the provider actor appends its spend, then answers
+    the failure, and the router releases the hold. The keeper closed the hold at once, before
+    its tail had folded that spend: meanwhile the money was neither held nor spent, and a
+    reservation admitted then passed the day's limit ($1.20 spent of $1.00, in a review)."""
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100), clock=clock))
+    _lagging(keeper)
+    async with running(keeper):
+        first = await reserve(conn, Decimal("0.60"), task_id="billed")
+        assert first.admitted
+        billed = spend(
+            task_id="billed",
+            usage=exact_usage(Decimal("0.60")),
+            at=clock(),
+            reservation_id=first.reservation_id,
+        )
+        await keeper.log.append(billed)
+        await release(conn, first.reservation_id, "failed")
+        second = await reserve(conn, Decimal("0.60"), task_id="next")
+        assert not second.admitted  # $0.40 is what is left of the day
+        now = await status(conn)
+        assert (now.spent_today_usd, now.open_reservations) == (Decimal("0.60"), 0)
+
+
+async def test_a_lease_returned_after_its_spend_is_closed_as_a_replay_closes_it(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A lease returned keeping what it spent, its spend not yet folded by the tail: the live
+    keeper kept the lease open (returned, nothing outstanding) until it expired, where a fold
+    of the log closes it, so an audit in that window found the keeper and the log apart."""
+    from events.contract import BudgetLeaseReply, BudgetLeaseRequest, BudgetLeaseReturn
+
+    clock = FakeClock()
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock), tick_s=3600
+    )
+    _lagging(keeper)
+    lease_id = uuid.uuid4().hex
+    async with running(keeper):
+        asked = BudgetLeaseRequest(lease_id=lease_id, holder="router-1", min_usd=Decimal("0.10"))
+        granted = (await ask(conn, subjects.BUDGET_LEASE, asked)).as_(BudgetLeaseReply)
+        assert granted.granted
+        await eventually(lambda: _caught_up(keeper))
+        used = spend(
+            task_id="leased",
+            usage=exact_usage(Decimal("0.30")),
+            at=clock(),
+            reservation_id=lease_id,
+        )
+        await keeper.log.append(used)
+        back = BudgetLeaseReturn(lease_id=lease_id, holder="router-1", kept_usd=Decimal("0.30"))
+        await ask(conn, subjects.BUDGET_LEASE_RETURN, back)
+        now = await status(conn)
+        assert (now.open_leases, now.leased_usd, now.spent_today_usd) == (0, 0, Decimal("0.30"))
+        await eventually(lambda: _caught_up(keeper))
+        live = keeper.state
+    entries = await read_log(keeper.log)
+    assert audit.check_budget([(e.event, e.seq) for e in entries], live) == []

@@ -30,3 +30,19 @@ def test_leases_are_on_by_default_at_one_dollar_and_the_key_sets_their_size() ->
 def test_a_bad_lease_size_is_rejected_naming_the_key(value: str) -> None:
     with pytest.raises(ConfigError, match=r"test\.toml: .*budget\.lease_cents"):
         parse(f"lease_cents = {value}")
+
+
+def test_limits_in_cents_are_their_exact_amounts_in_usd() -> None:
+    from actors.budget_keeper import limits_of
+
+    digits = "99." + "9" * 30  # 32 digits: at 28 a limit of $1.000000000000000000000000000
+    lines = [line for line in GUIDE.splitlines() if "_limit_cents" not in line]
+    text = "\n".join(lines).replace(
+        "[budget]",
+        f'[budget]\ndaily_limit_cents = "{digits}"\nper_task_limit_cents = "{digits}"',
+        1,
+    )
+    config = parse_config(text, source="test.toml", at=AT).budget
+    exact = Decimal("0." + "9" * 32)
+    assert config.daily_limit_usd == config.per_task_limit_usd == exact
+    assert limits_of(config).daily_usd == limits_of(config).per_task_usd == exact

@@ -511,3 +511,11 @@ def test_in_the_exceeded_tier_no_paid_provider_is_ever_chosen(
     except BudgetExceeded:
         return
     assert decision.chain == ["ollama"]
+
+
+def test_a_cap_in_cents_is_its_exact_amount_in_usd_at_every_digit_a_request_may_give() -> None:
+    # Divided by 100 at Python's default 28 digits, this cap came out as $0.01, above it.
+    cents = Decimal("0.99999999999999999999999999999")
+    assert task_cap_usd(GUIDE, request(budget_cents=cents)) == Decimal(
+        "0.0099999999999999999999999999999"
+    )
