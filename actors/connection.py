@@ -59,6 +59,8 @@ class PermissionDenied(ConnectionFailed):
 # nats-py hands us the server's -ERR text in lower case, e.g.
 # 'permissions violation for publish to "vapora.events.spend.x"'.
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"')
+#: The server's -ERR for a message past its max_payload (it closes the connection after it).
+_MAX_PAYLOAD_VIOLATION = "maximum payload violation"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,6 +317,9 @@ class Client(NATS):
                     lines.append(f"{key}: {text}\r\n")
             lines.append("\r\n")
             block = "".join(lines).encode()
+            if len(block) + payload_size > self._max_payload:
+                # nats-py checks the payload alone: sent, the server closes the connection.
+                raise nats_errors.MaxPayloadError
             head = f"HPUB {subject} {reply} {len(block)} {len(block) + payload_size}\r\n"
             command = b"".join((head.encode(), block, payload, b"\r\n"))
         if self._write_now(command):
@@ -390,6 +395,16 @@ class Client(NATS):
                 self._denial_waiters.pop(key, None)
 
     async def _process_err(self, err_msg: str) -> None:
+        if _MAX_PAYLOAD_VIOLATION in err_msg.lower() and not self.is_connecting:
+            # The server closes the connection after it; nats-py then closes the client for
+            # good, and every actor on it went deaf, the process still running. Reconnect.
+            log.error(
+                "nats: the server refused a message past its max_payload (%d bytes) and closed "
+                "the connection; reconnecting",
+                self._max_payload,
+            )
+            await self._process_op_err(nats_errors.MaxPayloadError())
+            return
         match = _VIOLATION.search(err_msg)
         if match is not None:
             operation, subject = match.group(1), match.group(2)

@@ -214,9 +214,24 @@ class _Served:
         self.deadlines = None
 
 
+#: The most of an error's message an answer carries, in its ``Nats-Service-Error`` header and in
+#: its body alike. A message quoting a caller's input (a 600 KB unknown field's name) carried it
+#: twice: past a 1 MB server's ``max_payload``, the server closed the actor's connection.
+MAX_ERROR_MESSAGE = 2_000
+
+
+def shown_message(message: str) -> str:
+    """``message``, cut to :data:`MAX_ERROR_MESSAGE` characters (saying how many were cut)."""
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return message
+    return (
+        f"{message[:MAX_ERROR_MESSAGE]}... ({len(message) - MAX_ERROR_MESSAGE:,} more characters)"
+    )
+
+
 def error_payload(error: VaporaError, *, stream: bool = False) -> bytes:
     """The contract's error body for ``error``; for a stream, its ``error`` message."""
-    body = ErrorBody(code=error.code, message=error.message)
+    body = ErrorBody(code=error.code, message=shown_message(error.message))
     return encode(StreamError(error=body) if stream else ErrorReply(error=body))
 
 
@@ -231,7 +246,10 @@ def error_headers(error: VaporaError, *, failed: bool = True) -> dict[str, str]:
     (the one handling the request this answers) gets the ERROR status and ``error.type``, the
     error's contract code (``budget_exceeded``, ``timeout``, ``internal`` ...), unless not
     ``failed`` (an answer that is no failure of the handler's: a stream its caller stopped)."""
-    headers = {"Nats-Service-Error-Code": str(error.status), "Nats-Service-Error": error.message}
+    headers = {
+        "Nats-Service-Error-Code": str(error.status),
+        "Nats-Service-Error": shown_message(error.message),
+    }
     if failed:
         current_failed(error.code)
     return tracing.inject(headers)

@@ -3,6 +3,8 @@ is what nats-py would, as read by a plain nats-py client."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import anyio.abc
 import anyio.lowlevel
@@ -11,7 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import BadHeaderError
+from nats.errors import BadHeaderError, MaxPayloadError
 
 from actors.connection import Client, ConnectOptions, connect
 from actors.server import EmbeddedNats
@@ -270,3 +272,58 @@ async def test_a_handler_that_raises_makes_the_connection_reconnect_not_go_deaf(
     finally:
         await other.close()
         await client.close()
+
+
+ONE_MB = "max_payload: 1048576\n"  # nats-server's own default (vapora's embedded server: 16 MB)
+
+
+async def test_a_message_past_max_payload_with_its_headers_is_refused_before_it_is_sent(
+    tmp_path: Path,
+) -> None:
+    """nats-py checks the payload alone against ``max_payload``: 600 KB of headers and 600 KB of
+    body went out, and the server closed the connection for it (with every actor on it)."""
+    async with EmbeddedNats(tmp_path / "nats", extra_config=ONE_MB) as server:
+        client = await connect(ConnectOptions.from_url(server.url, name="big"))
+        try:
+            assert client.max_payload == 1_048_576
+            with pytest.raises(MaxPayloadError):
+                await client.publish("t.big", b"b" * 600_000, headers={"x-big": "h" * 600_000})
+            reply = await _echoed(client)
+            assert reply == b"still here" and client.is_connected
+        finally:
+            await client.close()
+
+
+async def test_the_servers_max_payload_refusal_makes_the_connection_reconnect_not_close(
+    tmp_path: Path,
+) -> None:
+    """The server answers a message past its ``max_payload`` with ``-ERR`` and closes the
+    connection; nats-py then closed the client for good, and every actor on it stayed deaf in a
+    process that kept running (no supervisor would restart it)."""
+    async with EmbeddedNats(tmp_path / "nats", extra_config=ONE_MB) as server:
+        client = await connect(ConnectOptions.from_url(server.url, name="refused"))
+        try:
+            size = 2_000_000  # written raw: the checks before sending are not what is tested
+            await client._send_command(f"PUB t.big {size}\r\n".encode() + b"b" * size + b"\r\n")
+            await client._flush_pending()
+            with anyio.fail_after(20):
+                while client.stats["reconnects"] < 1 or not client.is_connected:
+                    assert not client.is_closed, "closed for good, not reconnecting"
+                    await anyio.sleep(0.05)
+            assert await _echoed(client) == b"still here"
+        finally:
+            await client.close()
+
+
+async def _echoed(client: Client) -> bytes:
+    """A request answered by a subscription on the same connection (it works end to end)."""
+
+    async def echo(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    sub = await client.subscribe("t.echo", cb=echo)
+    try:
+        await client.flush()
+        return (await client.request("t.echo", b"still here", timeout=5)).data
+    finally:
+        await sub.unsubscribe()

@@ -433,3 +433,23 @@ async def test_a_provider_error_quoting_the_prompt_keeps_it_out_of_the_log_and_t
     assert failed.status == 400 and failed.error_code == "invalid_request_error"
     for said in (failed.message, str(refused.value)):
         assert "Zanzibar" not in said and "quoted the request's text" in said
+
+
+async def test_a_huge_bad_request_on_a_1_mb_server_gets_a_short_400_and_vapora_serves_on(
+    tmp_path: Path,
+) -> None:
+    # nats-server's own default max_payload (1 MB). The 400 quoted the 600 KB unknown field's
+    # name twice (its header and its body): past 1 MB, the server closed the router's
+    # connection, and nothing was served again, the process still running.
+    async with deployment(tmp_path, guide(), server_config="max_payload: 1048576\n") as dep:
+        for body in (
+            b'{"prompt": "hi", "' + b"f" * 600_000 + b'": 1}',
+            b'{"prompt": "hi", "quality": "' + b"Q" * 600_000 + b'"}',
+            b'{"prompt": "hi", "provider": "' + b"p" * 600_000 + b'"}',
+        ):
+            reply = await dep.client.nc.request("vapora.complete", body, timeout=10)
+            headers = reply.headers or {}
+            assert headers["Nats-Service-Error-Code"] in ("400", "404")
+            assert len(headers["Nats-Service-Error"]) < 2_100 and len(reply.data) < 2_300
+            assert "more characters)" in reply.data.decode()
+        assert (await dep.client.complete(prompt="still here")).text
