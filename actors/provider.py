@@ -684,13 +684,14 @@ class ProviderActor:
             first_token_ms=done.first_token_ms,
             finish_reason=done.finish_reason,
             stream=call.stream_to is not None,
+            usage_estimated=True if done.usage_estimated else msgspec.UNSET,
         )
-        events: list[Event] = [
-            succeeded,
-            self._spend(
-                call, done.model, done.usage, done.cost_usd, now, done.price, unended[1].id
-            ),
-        ]
+        spend = self._spend(
+            call, done.model, done.usage, done.cost_usd, now, done.price, unended[1].id
+        )
+        if done.usage_estimated:
+            spend = msgspec.structs.replace(spend, usage_estimated=True)
+        events: list[Event] = [succeeded, spend]
         await self._record(events)
         await self._publish_health()
 

@@ -90,6 +90,7 @@ from actors.service import (
     Endpoint,
     RequestContext,
     error_headers,
+    error_payload,
 )
 from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, decode_event, encode
@@ -104,7 +105,6 @@ from events.contract import (
     BudgetStatus,
     CompletionRequest,
     CompletionResult,
-    ErrorBody,
     ErrorReply,
     Outcome,
     Price,
@@ -112,7 +112,6 @@ from events.contract import (
     ProviderCallResult,
     RouteDecision,
     StreamEnd,
-    StreamError,
     Tier,
     Usage,
 )
@@ -136,6 +135,7 @@ from vapora.errors import (
     ProviderStreamBroken,
     RequestTimeout,
     VaporaError,
+    request_error,
 )
 from vapora.pricing import price_at, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
@@ -407,6 +407,7 @@ class RouterActor:
                     name="complete",
                     subject=subjects.COMPLETE,
                     request_type=CompletionRequest,
+                    decode_error=_request_error,
                     handler=self._on_complete,
                     queue_group="router",
                     needs_reply=True,
@@ -420,6 +421,7 @@ class RouterActor:
                     name="stream",
                     subject=subjects.STREAM,
                     request_type=CompletionRequest,
+                    decode_error=_request_error,
                     handler=self._on_stream,
                     queue_group="router",
                     needs_reply=True,
@@ -647,6 +649,9 @@ class RouterActor:
         try:
             decision = self._decide(task)
             result = await self._walk(task, decision)
+        except VaporaError as error:
+            error.of_task(task.task_id)  # its answer names the task
+            raise
         finally:
             await task.appends.join(self.runtime.log.ack_timeout)
         return CompletionResult(
@@ -701,17 +706,16 @@ class RouterActor:
         self, ctx: RequestContext, task: _Task, error: VaporaError, failure: _Failure | None
     ) -> None:
         known = failure is not None and not failure.holds  # else what it cost is unknown
-        message = StreamError(
-            error=ErrorBody(code=error.code, message=error.message),
-            task_id=task.task_id,
-            usage=failure.usage if known and failure else None,
-            cost_usd=failure.cost if known and failure else None,
-        )
+        if known and failure is not None:
+            error.of_task(task.task_id, failure.usage, failure.cost)
+        else:
+            error.of_task(task.task_id)
+        message = error_payload(error, stream=True)
         # A stream its caller stopped reading (vapora.stream.cancel) is answered (it may still
         # listen), but nothing failed: its span was ERROR "provider_error", as a broken one's.
         cancelled = failure is not None and failure.error_type == CALLER_CANCELLED
         headers = error_headers(error, failed=not cancelled)
-        await self.runtime.nc.publish(ctx.reply, encode(message), headers=headers)
+        await self.runtime.nc.publish(ctx.reply, message, headers=headers)
 
     # --- deciding -----------------------------------------------------------------------------
 
@@ -828,7 +832,10 @@ class RouterActor:
             if outcome.error_class == _OVERFLOW and self.config.routing.context_overflow_fallback:
                 too_long.add(provider.model)  # another model, with a larger window, may take it
             elif not outcome.fallback:
-                raise ProviderRejected(outcome.message, provider=name)
+                rejected = ProviderRejected(outcome.message, provider=name)
+                if not outcome.holds:  # what the attempt cost is known: said with the error
+                    rejected.of_task(task.task_id, outcome.usage, outcome.cost)
+                raise rejected
             following = chain[index + 1] if index + 1 < len(chain) else None
             task.appends.add(self._fallback(task, name, following, outcome))
             _observe_fallback(name, following, outcome)
@@ -1370,6 +1377,11 @@ _INSTANCES_REMEMBERED = 64  # per provider: the least recently heard forgotten p
 
 _NO_FALLBACK = frozenset({"caller_error", "context_overflow", "stream_broken"})
 _OVERFLOW = "context_overflow"  # a model's context window too small: the next model may do
+
+
+def _request_error(exc: DecodeError) -> VaporaError:
+    """A ``CompletionRequest`` that cannot be read (see :func:`vapora.errors.request_error`)."""
+    return request_error(str(exc))
 
 
 def _reply_code(headers: dict[str, str], data: bytes) -> str:

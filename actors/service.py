@@ -112,6 +112,9 @@ class Endpoint(Generic[T]):
     #: itself (a bad request, overload, a timeout, a stop, a bug) is the stream's last message,
     #: ``{"type": "error", "error": {...}}``, as the handler's own errors are (DESIGN §3).
     stream: bool = False
+    #: The error a request that cannot be decoded is answered with (default: a 400 naming what
+    #: was wrong); an endpoint whose contract says otherwise for some of them sets it.
+    decode_error: Callable[[DecodeError], VaporaError] | None = None
 
 
 @dataclass(kw_only=True)
@@ -232,7 +235,10 @@ def shown_message(message: str) -> str:
 def error_payload(error: VaporaError, *, stream: bool = False) -> bytes:
     """The contract's error body for ``error``; for a stream, its ``error`` message."""
     body = ErrorBody(code=error.code, message=shown_message(error.message))
-    return encode(StreamError(error=body) if stream else ErrorReply(error=body))
+    task, usage, cost = error.task_id, error.task_usage, error.task_cost_usd
+    if stream:
+        return encode(StreamError(error=body, task_id=task, usage=usage, cost_usd=cost))
+    return encode(ErrorReply(error=body, task_id=task, usage=usage, cost_usd=cost))
 
 
 #: Set to ``unknown`` on the answer to a request whose handler a stop cut while it ran: what it
@@ -670,9 +676,13 @@ class ActorService:
 
     @staticmethod
     def _decode(endpoint: Endpoint[Any], data: bytes) -> Any:
+        if not data and _all_optional(endpoint.request_type):  # type: ignore[arg-type]
+            data = b"{}"  # `nats req vapora.budget ""`: an empty body asks with every default
         try:
             return decode(data, endpoint.request_type, max_bytes=endpoint.max_bytes)
         except DecodeError as exc:
+            if endpoint.decode_error is not None:
+                raise endpoint.decode_error(exc) from exc
             raise InvalidRequest(str(exc)) from exc
 
     def count_error(self, endpoint: str, error: VaporaError) -> None:
@@ -701,6 +711,15 @@ class ActorService:
                 headers[OUTCOME_HEADER] = "unknown"
             payload = error_payload(error, stream=served.endpoint.stream)
             await self.nc.publish(reply_to, payload, headers=headers)
+
+
+@functools.cache
+def _all_optional(request_type: type) -> bool:
+    """Whether every field of ``request_type`` (a msgspec struct) has a default."""
+    try:
+        return not any(f.required for f in msgspec.structs.fields(request_type))
+    except TypeError:  # not a struct
+        return False
 
 
 class Overloaded(errors.Overloaded):

@@ -78,6 +78,9 @@ class CallSucceeded(_Event, tag="call_succeeded", frozen=True, kw_only=True):
     first_token_ms: float | None = None
     finish_reason: str | None = None
     stream: bool = False
+    # True when vapora estimated the counts (the provider stated none, or none it could bill
+    # by): an extension, left out of the JSON otherwise.
+    usage_estimated: bool | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         check_amount("cost_usd", self.cost_usd)
@@ -142,6 +145,8 @@ class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     price: Price
     reservation_id: str | None = None
     attempt: AttemptNumber = 1
+    # As in CallSucceeded: the counts were estimated by vapora (an extension; left out when not).
+    usage_estimated: bool | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         check_amount("cost_usd", self.cost_usd)

@@ -46,11 +46,60 @@ PUBLIC_MESSAGES: tuple[Any, ...] = (
 )
 
 
+#: A decimal string, as msgspec describes a ``Decimal`` field.
+_DECIMAL_STRING = {"type": "string", "format": "decimal"}
+#: What a request's amount in cents (``budget_cents``) may be: a decimal string or a JSON number
+#: (the decoder takes both, a number read from its text, never through a float; contract.md:
+#: ``"2.5"`` or ``2.5``). Amounts in USD are described as strings (DESIGN: never a float).
+_AMOUNT_IN = {"anyOf": [_DECIMAL_STRING, {"type": "number"}]}
+#: A task id a request may name (``contract.check_task_id``): 1 to 200 characters, none of them
+#: a control character (C0, C1, DEL, U+2028, U+2029).
+_TASK_ID_IN = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": contract.MAX_ID_LENGTH,
+    "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$",
+}
+
+
+def _requests_as_decoded(components: dict[str, Any]) -> None:
+    """Tighten or widen the requests' schemas to what their decoding takes, where msgspec's
+    schema cannot say it (its checks in ``__post_init__``; a ``Decimal`` read from a number)."""
+    for message in PUBLIC_MESSAGES:
+        if not (isinstance(message, type) and issubclass(message, contract._Message)):
+            continue
+        properties = components[message.__name__]["properties"]
+        for name, field in properties.items():
+            if field == _DECIMAL_STRING:
+                properties[name] = dict(_AMOUNT_IN)
+            elif field.get("anyOf") and _DECIMAL_STRING in field["anyOf"]:  # optional: | null
+                field["anyOf"] = [
+                    choice
+                    for f in field["anyOf"]
+                    for choice in (_AMOUNT_IN["anyOf"] if f == _DECIMAL_STRING else [f])
+                ]
+    request = components["CompletionRequest"]
+    fields = request["properties"]
+    fields["task_id"] = {"anyOf": [_TASK_ID_IN, {"type": "null"}], "default": None}
+    for choice in fields["messages"]["anyOf"]:
+        if choice.get("type") == "array":
+            choice["minItems"] = 1
+    for choice in fields["prompt"]["anyOf"]:
+        if choice.get("type") == "string":
+            choice["pattern"] = "\\S"  # some text, not only whitespace
+    # Exactly one of `prompt` or `messages` (a null one is none).
+    request["oneOf"] = [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]
+
+
 def export_schema() -> dict[str, Any]:
     """Build the schema document (pure: no I/O)."""
     refs, components = msgspec.json.schema_components(
         PUBLIC_MESSAGES, ref_template="#/$defs/{name}"
     )
+    _requests_as_decoded(components)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://vapora.dev/schemas/vapora.schema.json",

@@ -69,6 +69,7 @@ from vapora.errors import (
     VaporaError,
     describe,
     error_for_code,
+    request_error,
 )
 from vapora.telemetry.messaging import end_request, publish_under, request_span, start_request
 
@@ -100,8 +101,10 @@ def _error_of(message: Msg) -> VaporaError | None:
     if not headers.get(_ERROR_CODE):
         return None
     try:
-        body = decode(message.data, ErrorReply).error
-        return error_for_code(body.code, body.message)
+        reply = decode(message.data, ErrorReply)
+        error = error_for_code(reply.error.code, reply.error.message)
+        # The task it ended, and what the attempt cost when vapora knows it (an extension).
+        return error.of_task(reply.task_id, reply.usage, reply.cost_usd)
     except DecodeError:
         return error_for_code("internal", headers.get(_ERROR, "error"))
 
@@ -119,7 +122,7 @@ def _request_of(
         try:
             request = msgspec.convert(fields, CompletionRequest)
         except msgspec.ValidationError as exc:
-            raise InvalidRequest(str(exc)) from exc
+            raise request_error(str(exc)) from exc  # as vapora would answer it
     scope = None
     if request.task_id is None:
         # 128 random bits as 32 hex digits (``uuid4().hex`` without building a UUID).
@@ -503,7 +506,7 @@ class TextStream:
                 if item.error.code == ProviderError.code and self._next_seq:
                     # Broken after text came: not the caller's error (a ProviderRejected).
                     error = ProviderStreamBroken(item.error.message, provider="")
-                self._fail(error)
+                self._fail(error.of_task(self.task_id, item.usage, item.cost_usd))
         return None
 
     def _take(self, text: str) -> str:

@@ -31,8 +31,10 @@ No error message ever contains an API key: provider messages are scrubbed by the
 from __future__ import annotations
 
 import re
+from decimal import Decimal
+from typing import Self
 
-from events.contract import Usage
+from events.contract import TaskType, Usage
 
 __all__ = [
     "BudgetExceeded",
@@ -58,6 +60,7 @@ __all__ = [
     "VaporaError",
     "describe",
     "error_for_code",
+    "request_error",
     "is_error_type",
 ]
 
@@ -67,10 +70,24 @@ class VaporaError(Exception):
 
     code = "internal"
     status = 500
+    #: The task it ended, once there is one, and what the task's failed attempt cost when that
+    #: is known: sent with the error's answer (``ErrorReply``, a stream's ``StreamError``).
+    task_id: str | None = None
+    task_usage: Usage | None = None
+    task_cost_usd: Decimal | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def of_task(
+        self, task_id: str | None, usage: Usage | None = None, cost_usd: Decimal | None = None
+    ) -> Self:
+        """This error, naming ``task_id`` (and, when known, what its attempt cost)."""
+        self.task_id = task_id
+        if cost_usd is not None:
+            self.task_usage, self.task_cost_usd = usage, cost_usd
+        return self
 
 
 class ConfigError(VaporaError):
@@ -251,3 +268,17 @@ def error_for_code(code: str, message: str) -> VaporaError:
     if code == ProviderError.code:
         return ProviderRejected(message, provider="")
     return _BY_CODE.get(code, InternalError)(message)
+
+
+_NOT_A_TASK_TYPE = re.compile(r"Invalid enum value (.*) - at `\$\.task_type`", re.DOTALL)
+
+
+def request_error(message: str) -> VaporaError:
+    """The error for a ``CompletionRequest`` that cannot be read, from the decoder's
+    ``message``: 404 ``unknown_task_type`` for a task type outside the seven (DESIGN §3; it was
+    a 400), else 400 ``invalid_request`` naming what was wrong."""
+    found = _NOT_A_TASK_TYPE.fullmatch(message)
+    if found is None:
+        return InvalidRequest(message)
+    known = ", ".join(t.value for t in TaskType)
+    return UnknownTaskType(f"`task_type` {found.group(1)} is not a task type; vapora's: {known}")

@@ -22,7 +22,7 @@ from actors.connection import Client
 from actors.server import EmbeddedNats
 from events import subjects
 from events.codec import encode
-from events.contract import BudgetReserve, BudgetReserveReply, Tier
+from events.contract import BudgetReserve, BudgetReserveReply, BudgetStatus, Tier
 from events.log import BudgetReleased, BudgetReserved, BudgetTierChanged, SpendRecorded
 from tests.fault.money import (
     NOON,
@@ -478,6 +478,8 @@ async def test_malformed_requests_get_400_and_leave_the_state_unchanged(
     async with running(keeper):
         held = await reserve(conn, Decimal("0.10"))
         before, last = await status(conn), await keeper.log.last_sequence()
+        # An empty body asks for the status as `{}` does (`nats req vapora.budget ""`: a 400).
+        assert (await ask(conn, subjects.BUDGET, b"")).as_(BudgetStatus) == before
         answer = await ask(conn, subject, body)
         assert answer.status == "400"
         assert answer.error().error.code == "invalid_request"

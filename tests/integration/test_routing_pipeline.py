@@ -10,12 +10,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 import vapora
 from actors.router import RouterActor
 from actors.server import EmbeddedNats
-from events.contract import CompletionResult, Outcome
+from events.codec import decode
+from events.contract import CompletionResult, ErrorReply, Outcome
 from events.log import CallFailed, CallSucceeded, FallbackTriggered, RouteDecided, SpendRecorded
 from tests.fault.provider_harness import (
     KEYS,
@@ -128,11 +130,23 @@ async def test_unknown_provider_and_task_type_get_404_and_malformed_requests_400
             await dep.client.complete(prompt="hi", provider="nope")
         with pytest.raises(UnknownTaskType, match="SecurityAnalysis"):
             await dep.client.complete(prompt="hi", task_type="SecurityAnalysis")
+        # A task type outside the seven is a 404 too (DESIGN §3; it was a 400), on both
+        # subjects, naming it and the task types there are; so says vapora.Client before sending.
+        for subject in ("vapora.complete", "vapora.stream"):
+            body = b'{"prompt": "hi", "task_type": "Astrology"}'
+            reply = await dep.client.nc.request(subject, body, timeout=5)
+            assert (reply.headers or {})["Nats-Service-Error-Code"] == "404"
+            answer = reply.data.decode()
+            assert '"unknown_task_type"' in answer and "'Astrology'" in answer
+            assert "CodeGeneration" in answer
+        with pytest.raises(UnknownTaskType, match="Astrology"):
+            await dep.client.complete(prompt="hi", task_type="Astrology")
         for body, named in [
             (b"{not json", "malformed JSON"),
             (b'{"prompt": "hi", "colour": "blue"}', "colour"),
             (b'{"prompt": "hi", "quality": "Superb"}', "quality"),
             (b'{"task_type": "CodeGeneration"}', "prompt"),
+            (b'{"prompt": "hi", "task_type": 7}', "task_type"),  # not even a string: a 400
         ]:
             reply = await dep.client.nc.request("vapora.complete", body, timeout=5)
             assert (reply.headers or {})["Nats-Service-Error-Code"] == "400"
@@ -235,6 +249,10 @@ async def test_a_long_answer_is_delivered_and_one_too_long_for_nats_is_a_502_pai
         assert not [e for e in events if isinstance(e, FallbackTriggered)]
         [spend] = [e for e in events if isinstance(e, SpendRecorded)]
         assert spend.provider == "claude" and spend.output_tokens == 500_000
+        # The error says what the call cost, as the contract says (its body had neither).
+        error = raised.value
+        assert (error.task_id, error.task_cost_usd) == ("t-long", spend.cost_usd)
+        assert error.task_usage is not None and error.task_usage.output_tokens == 500_000
 
 
 async def test_claude_hanging_past_its_timeout_falls_back(tmp_path: Path) -> None:
@@ -279,6 +297,13 @@ async def test_every_provider_failing_gives_503_listing_every_attempt(tmp_path: 
         assert len([e for e in events if isinstance(e, CallFailed)]) == 4
         fallbacks = [e for e in events if isinstance(e, FallbackTriggered)]
         assert len(fallbacks) == 4 and fallbacks[-1].to_provider is None
+        # The answer names the task, even one whose id vapora made up (a service that did not
+        # give one could not find the failed task's events), for services not using vapora.Client.
+        reply = await dep.client.nc.request("vapora.complete", b'{"prompt": "x"}', timeout=10)
+        body = decode(reply.data, ErrorReply)
+        assert body.error.code == "no_provider_available" and body.task_id
+        assert body.task_id in body.error.message and await dep.events_of(body.task_id)
+        assert raised.value.task_id == "doomed"
 
 
 async def test_500_concurrent_paid_requests_never_overspend_the_daily_limit(
@@ -453,3 +478,21 @@ async def test_a_huge_bad_request_on_a_1_mb_server_gets_a_short_400_and_vapora_s
             assert len(headers["Nats-Service-Error"]) < 2_100 and len(reply.data) < 2_300
             assert "more characters)" in reply.data.decode()
         assert (await dep.client.complete(prompt="still here")).text
+
+
+async def test_counts_vapora_estimated_are_flagged_in_the_events_and_stated_ones_are_not(
+    tmp_path: Path,
+) -> None:
+    # Ollama without its counts (`nocounts`): vapora estimates them from above. The catalogue
+    # said `usage_estimated` then flags them; no event had such a field.
+    models = {"ollama": "llama2-nocounts"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        guessed = await dep.client.complete(prompt="hi", provider="ollama", task_id="t-guess")
+        stated = await dep.client.complete(prompt="hi", provider="claude", task_id="t-stated")
+        assert guessed.text and stated.text
+        for task, flag in (("t-guess", True), ("t-stated", msgspec.UNSET)):
+            events = await dep.events_of(task)
+            [call] = [e for e in events if isinstance(e, CallSucceeded)]
+            [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+            assert call.usage_estimated == spend.usage_estimated == flag, task
+            assert (b'"usage_estimated"' in msgspec.json.encode(spend)) == (flag is True)

@@ -267,6 +267,49 @@ def test_json_schema_describes_every_event_and_request() -> None:
     assert set(defs["TaskType"]["enum"]) == {t.value for t in TaskType}
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "hi"},
+        {"prompt": "hi", "budget_cents": 500},  # the README's example: a number
+        {"prompt": "hi", "budget_cents": 2.5},
+        {"prompt": "hi", "budget_cents": "2.5"},
+        {"messages": [{"role": "user", "content": "hi"}], "task_id": "t-1"},
+        {"prompt": "hi", "messages": None, "task_id": "x" * 200},
+        {},  # neither prompt nor messages
+        {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},  # both
+        {"prompt": None, "messages": None},
+        {"messages": []},
+        {"prompt": "   \n "},  # only whitespace: nothing to answer
+        {"prompt": "hi", "task_id": ""},
+        {"prompt": "hi", "task_id": "x" * 201},
+        {"prompt": "hi", "task_id": "a\nb"},
+        {"prompt": "hi", "task_id": "a\u2028b"},
+        {"prompt": "hi", "colour": "blue"},
+        {"prompt": "hi", "max_tokens": 0},
+        {"prompt": "hi", "budget_cents": True},
+    ],
+)
+def test_the_json_schema_takes_a_completion_request_exactly_when_vapora_does(
+    body: dict[str, object],
+) -> None:
+    """Services in other languages validate with the exported schema: it refused a number for
+    ``budget_cents`` (the README's example) and took ``{}``, ``messages: []`` and a task id of
+    any length or with a newline, all of which vapora answers with a 400."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(
+        {"$defs": schema["$defs"], "$ref": "#/$defs/CompletionRequest"}
+    )
+    try:
+        decode(json.dumps(body).encode(), CompletionRequest)
+        taken = True
+    except DecodeError:
+        taken = False
+    assert validator.is_valid(body) == taken, list(validator.iter_errors(body))
+
+
 def test_json_nested_too_deeply_is_a_decode_error_not_a_recursion_error() -> None:
     """msgspec raises RecursionError for JSON nested past its limit where a type reads anything
     (events' free-form parts): an actor's handler took it for a bug of its own (500)."""
