@@ -220,6 +220,14 @@ def _checked_header_name(name: str) -> str:
     return key
 
 
+class TlsNotOffered(nats_errors.Error):
+    """The server did not take the connection to TLS, which it was to use: refused before the
+    credentials are sent (see :meth:`Client._connect_command`)."""
+
+    def __str__(self) -> str:  # nats-py's errors print a fixed text of their own
+        return str(self.args[0]) if self.args else "nats: the server does not require TLS"
+
+
 class Client(NATS):
     """nats-py's client with a raw fast path and a faster header parser.
 
@@ -393,6 +401,29 @@ class Client(NATS):
             waiters.discard(event)
             if not waiters:
                 self._denial_waiters.pop(key, None)
+
+    def _connect_command(self) -> bytes:
+        """nats-py's CONNECT (with the credentials), refused when this connection was to use TLS
+        and the server did not take it there: nats-py goes on in plain text with a server whose
+        INFO does not require TLS, though the URL said ``tls://`` or a CA was configured, and
+        sent the user and password to it in the clear (an impostor collected them)."""
+        server = self._current_server
+        scheme = server.uri.scheme if server is not None else "nats"
+        wanted = scheme == "tls" or (
+            self.options.get("tls") is not None and scheme not in ("ws", "wss")
+        )
+        upgraded = bool(self._server_info.get("tls_required")) or bool(
+            self.options.get("tls_handshake_first")
+        )
+        if wanted and not upgraded:
+            where = f"{server.uri.hostname}:{server.uri.port}" if server is not None else "?"
+            raise TlsNotOffered(
+                f"nats: the server at {where} does not require TLS, and this connection is to "
+                "use it (a tls:// URL or [nats.tls]): not connecting, so that no credentials "
+                "go in the clear; have the server require TLS, or connect with nats://"
+            )
+        command: bytes = super()._connect_command()
+        return command
 
     async def _process_err(self, err_msg: str) -> None:
         if _MAX_PAYLOAD_VIOLATION in err_msg.lower() and not self.is_connecting:
@@ -680,11 +711,13 @@ class _Refusal:
             return f"the server's certificate is not trusted ({text})"
         if isinstance(exc, ssl.SSLError):
             return f"the TLS handshake failed; is our client certificate trusted? ({text})"
+        if isinstance(exc, TlsNotOffered):
+            return str(exc).removeprefix("nats: ")
         return f"authentication failed: wrong user, password, token or credentials ({text})"
 
 
 def _is_refusal(exc: Exception) -> bool:
-    if isinstance(exc, ssl.SSLError):
+    if isinstance(exc, ssl.SSLError | TlsNotOffered):
         return True
     text = str(exc).lower()
     return "authorization violation" in text or "authentication" in text

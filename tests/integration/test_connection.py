@@ -3,6 +3,8 @@ is what nats-py would, as read by a plain nats-py client."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
 
 import anyio
@@ -15,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import BadHeaderError, MaxPayloadError
 
-from actors.connection import Client, ConnectOptions, connect
+from actors.connection import Client, ConnectionFailed, ConnectOptions, connect
 from actors.server import EmbeddedNats
 
 pytestmark = pytest.mark.anyio
@@ -327,3 +329,55 @@ async def _echoed(client: Client) -> bytes:
         return (await client.request("t.echo", b"still here", timeout=5)).data
     finally:
         await sub.unsubscribe()
+
+
+class _Impostor:
+    """A TCP server that speaks the first line of NATS (an INFO that does not require TLS) and
+    keeps whatever the client sends (a CONNECT carries the user and password)."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.port = 0
+
+    async def __aenter__(self) -> _Impostor:
+        self.listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.port = self.listener.extra(anyio.abc.SocketAttribute.local_port)
+        self.tg = anyio.create_task_group()
+        await self.tg.__aenter__()
+        self.tg.start_soon(self.listener.serve, self._serve)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.tg.cancel_scope.cancel()
+        await self.tg.__aexit__(None, None, None)
+        await self.listener.aclose()
+
+    async def _serve(self, stream: anyio.abc.SocketStream) -> None:
+        info = b'INFO {"server_id":"x","version":"2.10.0","max_payload":1048576,"proto":1}\r\n'
+        with contextlib.suppress(Exception):
+            await stream.send(info)
+            with anyio.move_on_after(2):
+                while True:
+                    self.received += await stream.receive()
+
+
+@pytest.mark.parametrize("how", ["tls:// URL", "[nats.tls] ca"])
+async def test_a_connection_to_use_tls_sends_no_credentials_to_a_server_without_it(
+    how: str, tmp_path: Path
+) -> None:
+    """nats-py goes on in plain text when the server's INFO does not require TLS, whatever the
+    URL or the TLS settings said: the user and password went to an impostor in the clear."""
+    from tests.cluster.certs import make_tls_files
+
+    async with _Impostor() as impostor:
+        if how == "tls:// URL":
+            options = ConnectOptions(servers=(f"tls://127.0.0.1:{impostor.port}",))
+        else:
+            ca = make_tls_files(tmp_path).ca
+            options = ConnectOptions(
+                servers=(f"nats://127.0.0.1:{impostor.port}",), tls_ca_file=str(ca)
+            )
+        options = dataclasses.replace(options, user="bob", password="hunter2", initial_deadline=5.0)
+        with pytest.raises(ConnectionFailed, match="does not require TLS"):
+            await connect(options)
+        assert b"hunter2" not in impostor.received and b"CONNECT" not in impostor.received
