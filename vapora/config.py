@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import importlib.resources
+import importlib.util
 import ipaddress
 import json
 import math
@@ -567,17 +568,42 @@ def key_not_set(variable: str) -> str:
 # --- checks -------------------------------------------------------------------------------------
 
 
+_URL_UNSAFE = re.compile(r"[\x00-\x20\x7f-\x9f]")
+
+
 def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in schemes or not parts.hostname:
-        allowed = "|".join(sorted(schemes))
-        shown = redact_url(url)
-        raise _Invalid(path, f"{shown!r} is not a valid URL (expected {allowed}://host[:port])")
+    allowed = "|".join(sorted(schemes - _NEEDS_AIOHTTP if not _has_aiohttp() else schemes))
+    unsafe = _URL_UNSAFE.search(url)
+    if unsafe is not None:  # a CR/LF passed the check and stopped `vapora up` with a traceback
+        raise _Invalid(
+            path,
+            f"{redact_url(url)!r} holds a space or a control character "
+            f"(U+{ord(unsafe.group()):04X} at {unsafe.start()})",
+        )
     try:
+        parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise _Invalid(path, f"{redact_url(url)!r} has a bad port") from exc
+    except ValueError as exc:  # a bad port, or `[::1` (an IPv6 address left open)
+        raise _Invalid(path, f"{redact_url(url)!r} is not a valid URL ({exc})") from exc
+    if parts.scheme not in schemes or not parts.hostname:
+        raise _Invalid(
+            path, f"{redact_url(url)!r} is not a valid URL (expected {allowed}://host[:port])"
+        )
+    if parts.scheme in _NEEDS_AIOHTTP and not _has_aiohttp():
+        raise _Invalid(
+            path,
+            f"{redact_url(url)!r}: NATS over WebSocket needs aiohttp, which is not installed "
+            "(pip install aiohttp), or use nats:// or tls://",
+        )
     return url.rstrip("/")
+
+
+#: URL schemes nats-py reaches only through aiohttp (not a dependency of vapora).
+_NEEDS_AIOHTTP: Final = frozenset({"ws", "wss"})
+
+
+def _has_aiohttp() -> bool:
+    return importlib.util.find_spec("aiohttp") is not None
 
 
 def _check_unit(path: str, value: float) -> None:
@@ -674,6 +700,13 @@ def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:
         raise _Invalid(f"{path}.name", f"{raw.name!r} must be letters, digits, '-' or '_'")
     if not raw.model.strip():
         raise _Invalid(f"{path}.model", "must not be empty")
+    unsafe = _URL_UNSAFE.search(raw.model)
+    if unsafe is not None:  # it goes into request URLs (Gemini's path), events and log lines
+        raise _Invalid(
+            f"{path}.model",
+            f"must not hold a space or a control character (U+{ord(unsafe.group()):04X} at "
+            f"{unsafe.start()})",
+        )
     if raw.api_key_env is not None and not _ENV_NAME.fullmatch(raw.api_key_env):
         # Not echoed: a key pasted here instead of its variable's name would be printed in
         # every message, health event and decision that names the variable.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -425,7 +426,7 @@ BAD = [
     (
         "bad endpoint port",
         BASE.replace("localhost:11434", "localhost:99999"),
-        "providers[2].endpoint: 'http://localhost:99999' has a bad port",
+        "providers[2].endpoint: 'http://localhost:99999' is not a valid URL (Port out of range 0-65535)",
     ),
     (
         "base_url and endpoint disagree",
@@ -740,3 +741,42 @@ def test_breaker_settings_are_per_provider_and_validated() -> None:
     )
     with pytest.raises(_ConfigError, match=r"providers\[0\].breaker_threshold: must be > 0"):
         parse_config(broken, source="b.toml", at=AT)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("nats://[::1", "Invalid IPv6 URL"),  # urlsplit's ValueError was a traceback
+        ("nats://h:99999", "Port out of range"),
+        ("nats://h:4222\r\nINFO {}", "U+000D"),
+        ("nats://h :4222", "U+0020"),
+        ("ws://h:4222", "needs aiohttp"),  # offered, and failed 5 s later on an ImportError
+    ],
+)
+def test_a_nats_url_vapora_cannot_use_is_a_config_error_naming_why(url: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        apply_env(parse(BASE), {ENV_NATS_URL: url})
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        parse(BASE + f"[nats]\nurl = {json.dumps(url)}\n")
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ('base_url = "http://[::1"', "Invalid IPv6 URL"),
+        ('base_url = "http://127.0.0.1:1/v1\\r\\nX-Inj: 1\\r\\n"', "U+000D"),
+        ('model = "claude-opus-4-5\\nforged log line"', "U+000A"),
+        ('model = "claude-opus-4-5\\u0000"', "U+0000"),
+    ],
+)
+def test_a_provider_url_or_model_with_a_control_character_is_refused(line: str, named: str) -> None:
+    # A CR/LF base_url passed `vapora config` and stopped `vapora up` with a traceback; a model
+    # name with one was printed raw by `vapora config` and `vapora ask`.
+    key = line.partition(" ")[0]
+    text = BASE.replace(
+        'model = "claude-opus-4-5"',
+        line if key == "model" else line + '\nmodel = "claude-opus-4-5"',
+        1,
+    )
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        parse(text)
