@@ -370,14 +370,15 @@ class StreamError(_Reply, tag="error", tag_field="type", frozen=True, kw_only=Tr
 StreamMessage = StreamChunk | StreamEnd | StreamError
 
 
-class ErrorReply(_Reply, frozen=True, kw_only=True):
+class ErrorReply(_Reply, frozen=True, kw_only=True, omit_defaults=True):
     """The body of every error reply (with ``Nats-Service-Error(-Code)`` headers).
 
     An extension (2026-11-27): a ``vapora.complete`` error once its task is made (the request
     was read) names the task (``task_id``: a caller that let vapora make the id up can find the
     task's events); a 502 ``provider_error`` whose one attempt's cost is known says what it cost
     (``usage``, ``cost_usd``: the provider answered, and billed, but the answer cannot be
-    delivered, or it refused the request), as a stream's ``error`` message does."""
+    delivered, or it refused the request), as a stream's ``error`` message does. Each is left
+    out when not known, so an error before any task is the plain body it always was."""
 
     error: ErrorBody
     task_id: str | None = None

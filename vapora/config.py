@@ -1019,11 +1019,22 @@ def load_config(
 ) -> Config:
     """Read and validate the config file at ``path`` (see :func:`parse_config`)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:  # /dev/zero was read until memory ran out
+            raise ConfigError(
+                f"{path}: the config file is larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB: "
+                "not a config file"
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{path}: cannot read the config file: {reason}") from exc
     return parse_config(text, source=str(path), at=at, resolve_price=resolve_price)
+
+
+#: The largest config file read (a config of a hundred providers is ~20 KB).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def default_config(*, at: datetime, resolve_price: PriceResolver | None = None) -> Config:

@@ -339,3 +339,83 @@ def test_a_provider_actor_without_a_known_provider_is_refused_before_any_connect
     assert missing.returncode == 2 and "needs --provider NAME" in missing.stderr
     assert unknown.returncode == 2 and "unknown provider 'nope'; configured:" in unknown.stderr
     assert "cannot connect" not in missing.stderr + unknown.stderr
+
+
+def test_sigterm_stops_an_offline_follow_and_the_server_it_started(tmp_path: Path) -> None:
+    """SIGTERM killed `vapora events --follow --data-dir D` (and `vapora demo`) at once: the
+    nats-server it had started ran on, holding the directory's lock, so the next offline
+    command on D was refused as if another were running."""
+    (tmp_path / "nats").mkdir()
+    assert run("stream", "--data-dir", str(tmp_path)).returncode == 0
+    follow = subprocess.Popen(
+        [*VAPORA, "events", "--data-dir", str(tmp_path), "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = tmp_path / "nats" / "server.lock"  # names the server's pid and its command's
+    deadline = time.monotonic() + 30
+    while _holder(lock).get("pid") != follow.pid or not _holder(lock).get("server_pid"):
+        assert follow.poll() is None and time.monotonic() < deadline, follow.stderr
+        time.sleep(0.1)
+    server_pid = int(_holder(lock)["server_pid"])
+    time.sleep(0.5)  # following
+    follow.send_signal(signal.SIGTERM)
+    _, stderr = follow.communicate(timeout=30)
+    assert follow.returncode == 143 and "Traceback" not in stderr, stderr
+    deadline = time.monotonic() + 10
+    while _alive(server_pid):
+        assert time.monotonic() < deadline, f"nats-server {server_pid} outlived its command"
+        time.sleep(0.1)
+    again = run("events", "--data-dir", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+
+
+def _holder(lock: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads(lock.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat")
+    return not (state.exists() and state.read_text().split(") ")[-1].startswith("Z"))
+
+
+def test_empty_flags_bad_waits_and_unusable_outputs_are_named_not_defaults_or_tracebacks(
+    tmp_path: Path,
+) -> None:
+    """An empty flag was taken as not given (`up --data-dir ""` ran on ./.vapora, `--config ""`
+    on the built-in config); `health --timeout -1` blamed a healthy server; `config /dev/zero`
+    read until memory ran out; `report --html F --json` dropped --json; a full output and a
+    data directory that cannot be made were tracebacks; a demo of 10^11 requests ran out of
+    memory before its first."""
+    for argv, said, code in (
+        (["up", "--data-dir", ""], "--data-dir: must not be empty", 2),
+        (["ask", "hi", "--config", ""], "--config: must not be empty", 2),
+        (["ask", "hi", "--nats-url", " "], "--nats-url: must not be empty", 2),
+        (["health", "--timeout", "-1"], "--timeout: must be more than 0", 2),
+        (["health", "--timeout", "nan"], "--timeout: must be more than 0", 2),
+        (["health", "--service", ""], "--service: must not be empty", 2),
+        (["config", "/dev/zero"], "larger than 1 MiB: not a config file", 2),
+        (["report", "--html", "f.html", "--json"], "not allowed with argument", 2),
+        (["demo", "--requests", "100000000000"], "--requests: at most 1,000,000", 2),
+        (["up", "--port", "0", "--data-dir", "/proc/vapora"], "/proc/vapora", 1),
+    ):
+        done = run(*argv, timeout=30)
+        assert (done.returncode, "Traceback" in done.stderr) == (code, False), (argv, done.stderr)
+        assert said in done.stderr, (argv, done.stderr)
+    full = subprocess.run(
+        f"{sys.executable} -m vapora.cli config > /dev/full",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
+    assert "Traceback" not in full.stderr

@@ -12,8 +12,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -578,19 +579,26 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_, description=help_)
         if config:
             sub.add_argument(
-                "--config", metavar="FILE", help="config file (default: $VAPORA_CONFIG or built in)"
+                "--config",
+                metavar="FILE",
+                type=_given,
+                help="config file (default: $VAPORA_CONFIG or built in)",
             )
         if nats:
             sub.add_argument(
                 "--nats-url",
                 metavar="URL",
+                type=_given,
                 help="NATS server URL(s), comma-separated (default: $VAPORA_NATS_URL)",
             )
         return sub
 
     up = command("up", "run every actor (and the embedded nats-server unless a URL is given)")
     up.add_argument(
-        "--data-dir", metavar="DIR", help="where the server, ledger and snapshots keep files"
+        "--data-dir",
+        metavar="DIR",
+        type=_given,
+        help="where the server, ledger and snapshots keep files",
     )
     up.add_argument(
         "--port",
@@ -601,8 +609,10 @@ def _parser() -> argparse.ArgumentParser:
 
     actor = command("actor", "run one actor in this process")
     actor.add_argument("kind", choices=["router", "provider", "budget", "ledger"])
-    actor.add_argument("--provider", metavar="NAME", help="which provider (for `provider`)")
-    actor.add_argument("--data-dir", metavar="DIR")
+    actor.add_argument(
+        "--provider", metavar="NAME", type=_given, help="which provider (for `provider`)"
+    )
+    actor.add_argument("--data-dir", metavar="DIR", type=_given)
 
     ask = command("ask", "send one request through vapora.complete / vapora.stream")
     ask.add_argument("prompt")
@@ -610,7 +620,7 @@ def _parser() -> argparse.ArgumentParser:
         "--task-type", default="GeneralQuery", choices=[t.value for t in TaskType], metavar="TYPE"
     )
     ask.add_argument("--quality", default="Medium", choices=[q.value for q in Quality])
-    ask.add_argument("--provider", help="manual override")
+    ask.add_argument("--provider", type=_given, help="manual override")
     ask.add_argument("--budget-cents", type=_non_negative_decimal)
     ask.add_argument("--stream", action="store_true")
     ask.add_argument("--json", action="store_true")
@@ -620,31 +630,33 @@ def _parser() -> argparse.ArgumentParser:
         "--since", type=_timestamp, help="ISO 8601 time, e.g. 2026-11-01 or 2026-11-27T09:00Z"
     )
     report.add_argument("--until", type=_timestamp, help="ISO 8601 time, the end excluded")
-    report.add_argument("--json", action="store_true")
-    report.add_argument(
+    shown = report.add_mutually_exclusive_group()  # --json was dropped without a word
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument(
         "--html",
         metavar="FILE",
+        type=_given,
         help="write a page with charts, from the log (--since/--until apply)",
     )
-    report.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
+    report.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
 
     budget = command("budget", "the budget status and tier")
     budget.add_argument("--json", action="store_true")
-    budget.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
+    budget.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
 
     audit = command("audit", "replay the log, compare with the ledger; exit 1 on any difference")
-    audit.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
+    audit.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
 
     events = command("events", "print the event log")
-    events.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
+    events.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
     events.add_argument("--follow", action="store_true")
     events.add_argument("--type", choices=sorted(EVENT_TYPES), metavar="TYPE")
-    events.add_argument("--task-id")
+    events.add_argument("--task-id", type=_given)
 
     stream = command(
         "stream", "make the event stream or bring its settings up to date, and print them"
     )
-    stream.add_argument("--data-dir", metavar="DIR", help=_OFFLINE_HELP)
+    stream.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
 
     config = command(
         "config", "validate a config file and print what it resolves to", nats=False, config=False
@@ -670,15 +682,39 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--config",
         metavar="FILE",
+        type=_given,
         help="with --real: the providers to call (default: $VAPORA_CONFIG or built in); "
         "the simulated demo runs its own config",
     )
-    demo.add_argument("--data-dir", metavar="DIR", default="vapora-demo")
+    demo.add_argument("--data-dir", metavar="DIR", type=_given, default="vapora-demo")
     demo.add_argument(
-        "--requests", type=_positive_int, default=400, help="how many requests (default 400)"
+        "--requests",
+        type=_demo_requests,
+        default=400,
+        help=f"how many requests (default 400, at most {MAX_DEMO_REQUESTS:,})",
     )
     demo.add_argument("--real", action="store_true", help="send a small workload to real providers")
     return parser
+
+
+def _given(text: str) -> str:
+    """A flag's value that must say something: an empty one was taken as not given (``--data-dir
+    ""`` ran on ``./.vapora``, ``--config ""`` on the built-in config)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+#: The most requests ``vapora demo --requests`` sends: its workload is made up front, and 10^11
+#: of them ran out of memory before the first went out.
+MAX_DEMO_REQUESTS = 1_000_000
+
+
+def _demo_requests(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_DEMO_REQUESTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_DEMO_REQUESTS:,}, got {value:,}")
+    return value
 
 
 _OFFLINE_HELP = "a data directory (e.g. the demo's); without a NATS URL its log is opened offline"
@@ -774,7 +810,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "config":
             return cmd_config(args)
-        return int(run_loop(_ASYNC[args.command], args))
+        if args.command in ("up", "actor"):  # they stop in order on SIGTERM themselves
+            return int(run_loop(_ASYNC[args.command], args))
+        return int(run_loop(_until_terminated, _ASYNC[args.command], args))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -791,7 +829,43 @@ def _run(args: argparse.Namespace) -> int:
             raise  # not one of ours: a bug, with its traceback
         for leaf in leaves:
             print(f"vapora {args.command}: {leaf}", file=sys.stderr)
+        _drop_unwritable_stdout()
         return max(code for code in codes if code is not None)
+
+
+#: The exit status of a command stopped by SIGTERM (128 + 15, as a shell reports it).
+_TERMINATED = 143
+
+
+async def _until_terminated(
+    command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
+    """``command(args)``, cancelled by SIGTERM as Ctrl-C cancels it: what it started (the
+    embedded nats-server of ``demo`` or of an offline ``events --follow``) is stopped on the
+    way out. SIGTERM killed the process at once, and the server it had started ran on, holding
+    the data directory's lock."""
+    outcome: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def on_sigterm() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as received:
+                async for _ in received:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(on_sigterm)
+        outcome.append(int(await command(args)))
+        tg.cancel_scope.cancel()
+    return outcome[0] if outcome else _TERMINATED
+
+
+def _drop_unwritable_stdout() -> None:
+    """After an error writing the output (a full disk: ``vapora report > /dev/full``), the
+    buffered rest must not be flushed again at exit, a second error with a traceback."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -811,6 +885,8 @@ def _exit_code(exc: BaseException) -> int | None:
         return 1
     if isinstance(exc, KeyboardInterrupt):
         return 130
+    if isinstance(exc, OSError):  # the machine's: a full disk or output, a directory not made
+        return 1
     return None
 
 

@@ -42,10 +42,39 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="config file (default: $VAPORA_CONFIG)")
-    parser.add_argument("--nats-url", metavar="URL", help="default: $VAPORA_NATS_URL")
-    parser.add_argument("--service", metavar="NAME", help="ping only services called NAME")
-    parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    parser.add_argument(
+        "--config", metavar="FILE", type=_given, help="config file (default: $VAPORA_CONFIG)"
+    )
+    parser.add_argument("--nats-url", metavar="URL", type=_given, help="default: $VAPORA_NATS_URL")
+    parser.add_argument(
+        "--service", metavar="NAME", type=_given, help="ping only services called NAME"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long to wait (default 3; more than 0, at most 3600)",
+    )
+
+
+def _given(text: str) -> str:
+    """A value that says something (``--service ""`` pinged every service)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _seconds(text: str) -> float:
+    """A wait: a number more than 0 and at most an hour (``--timeout -1`` reported a healthy
+    server as unreachable "within -1.0 s"; ``nan`` failed inside the event loop)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600, got {text}")
+    return value
 
 
 async def cmd_health(args: argparse.Namespace) -> int:
