@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = render_schema()
     if args.check:
-        current = args.out.read_text() if args.out.exists() else ""
+        if not args.out.exists():  # said "is stale" as if it were there
+            print(f"{args.out} is missing: run `python -m events.schema`", file=sys.stderr)
+            return 1
+        current = args.out.read_text()
         if current != text:
             print(f"{args.out} is stale: run `python -m events.schema`", file=sys.stderr)
             return 1

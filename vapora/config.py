@@ -945,6 +945,8 @@ def _check_misc(storage: StorageConfig, telemetry: TelemetryConfig) -> None:
         raise _Invalid("telemetry.sample_ratio", f"must be in 0..1, got {telemetry.sample_ratio}")
     if telemetry.exporter == "jsonl" and not telemetry.jsonl_path:
         raise _Invalid("telemetry.jsonl_path", 'is required with exporter = "jsonl"')
+    if telemetry.otlp_endpoint is not None:  # "not a url" failed every export, once started
+        _check_url("telemetry.otlp_endpoint", telemetry.otlp_endpoint, _HTTP_SCHEMES)
 
 
 def _resolve(doc: _ConfigFile, source: str, at: datetime, resolve: PriceResolver) -> Config:

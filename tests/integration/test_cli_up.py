@@ -406,6 +406,9 @@ def test_empty_flags_bad_waits_and_unusable_outputs_are_named_not_defaults_or_tr
         (["report", "--html", "f.html", "--json"], "not allowed with argument", 2),
         (["demo", "--requests", "100000000000"], "--requests: at most 1,000,000", 2),
         (["up", "--port", "0", "--data-dir", "/proc/vapora"], "/proc/vapora", 1),
+        (["simulate", "--latency-ms", "-10"], "--latency-ms: must be 0 to", 2),
+        (["simulate", "--host", ""], "--host: must not be empty", 2),
+        (["schema", "--check", "--out", str(tmp_path / "none.json")], "is missing", 1),
     ):
         done = run(*argv, timeout=30)
         assert (done.returncode, "Traceback" in done.stderr) == (code, False), (argv, done.stderr)

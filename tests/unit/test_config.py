@@ -426,7 +426,8 @@ BAD = [
     (
         "bad endpoint port",
         BASE.replace("localhost:11434", "localhost:99999"),
-        "providers[2].endpoint: 'http://localhost:99999' is not a valid URL (Port out of range 0-65535)",
+        "providers[2].endpoint: 'http://localhost:99999' is not a valid URL "
+        "(Port out of range 0-65535)",
     ),
     (
         "base_url and endpoint disagree",
@@ -780,3 +781,10 @@ def test_a_provider_url_or_model_with_a_control_character_is_refused(line: str, 
     )
     with pytest.raises(ConfigError, match=re.escape(named)):
         parse(text)
+
+
+def test_a_collector_endpoint_that_is_no_url_is_refused() -> None:
+    # It passed `vapora config`; `vapora up` then logged a failed export for every batch.
+    with pytest.raises(ConfigError, match=re.escape("telemetry.otlp_endpoint: 'not a url'")):
+        parse(BASE + '[telemetry]\notlp_endpoint = "not a url"\n')
+    assert parse(BASE + '[telemetry]\notlp_endpoint = "http://collector:4318"\n')

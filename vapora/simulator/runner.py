@@ -107,14 +107,31 @@ def _port(text: str) -> int:
     return value
 
 
+def _host(text: str) -> str:
+    """A host to serve on (``""`` served on every interface and printed ``http://:PORT``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (0.0.0.0 serves every interface)")
+    return text
+
+
+def _latency(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of ms: {text!r}") from None
+    if not 0 <= value <= 3_600_000:  # -10 was taken without a word
+        raise argparse.ArgumentTypeError(f"must be 0 to 3600000 ms, got {value}")
+    return value
+
+
 def cli_main(argv: list[str]) -> int:
     """``vapora simulate [--host H] [--port P] [--latency-ms N]``; SIGTERM/Ctrl-C stop it."""
     parser = argparse.ArgumentParser(
         prog="vapora simulate", description="Run the Anthropic/OpenAI/Gemini/Ollama simulator."
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", type=_host, default="127.0.0.1")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
-    parser.add_argument("--latency-ms", type=int, default=None, help="default latency")
+    parser.add_argument("--latency-ms", type=_latency, default=None, help="default latency")
     args = parser.parse_args(argv)
     try:
         run_loop(_serve_until_signalled, args.host, args.port, args.latency_ms)
