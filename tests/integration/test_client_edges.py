@@ -186,3 +186,32 @@ async def test_a_command_reaches_a_cluster_whose_first_server_hangs(tmp_path: Pa
                     )
                 )
                 assert made.returncode == 0, made.stderr
+
+
+async def test_an_audit_of_another_logs_ledger_says_so_not_that_it_lags(tmp_path: Path) -> None:
+    """A ledger file another deployment left in the directory (./.vapora, the default) was
+    audited against this log: every row a difference, and the advice to wait for the ledger
+    to catch up, where the exit-2 "wrong data directory" case belonged."""
+    from actors.cost_ledger import CostLedger
+
+    async def calls_with_a_ledger(where: Path, n: int) -> None:
+        async with deployment(where, config_text) as dep:
+            ledger = CostLedger(dep.runtime)
+            async with anyio.create_task_group() as tg:
+                await tg.start(ledger.run)
+                for _ in range(n):
+                    await dep.client.complete(prompt="hi", provider="openai")
+                last = await dep.log.last_sequence()
+                with anyio.fail_after(10):
+                    while ledger.position < last:  # noqa: ASYNC110 - the ledger's own task
+                        await anyio.sleep(0.01)
+                ledger.stop()
+
+    (tmp_path / "a").mkdir()
+    await calls_with_a_ledger(tmp_path / "a", 2)
+    (tmp_path / "b").mkdir()
+    async with deployment(tmp_path / "b", config_text) as other:
+        await other.client.complete(prompt="hi", provider="openai")
+        code, text = await audit_command(other.nc, other.log, tmp_path / "a")
+    assert code == 2, text
+    assert "was written from another event log" in text and "--data-dir" in text

@@ -199,6 +199,9 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
             f"with --config (the event log holds {events} events). A ledger whose file was "
             "lost is rebuilt from the log when the ledger actor starts again."
         )
+    other = await _another_logs(path, log)
+    if other is not None:
+        return 2, other
     fold = await keeper_status(nc) is not None  # the fold is for a keeper to compare with
     for attempt in range(_AUDIT_ATTEMPTS):
         notes, result = await _audit_once(nc, log, path, fold=fold)
@@ -210,6 +213,37 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
         await anyio.sleep(0.5)
     text = "\n".join([*notes, render_audit(result).rstrip("\n")])
     return (0 if result.ok else 1), text
+
+
+#: How many of the ledger's first events are looked up in the log to tell whose ledger it is.
+_SAME_LOG_PROBES = 10
+
+
+async def _another_logs(path: Path, log: EventLog) -> str | None:
+    """Why the ledger at ``path`` was written from another event log (None: from this one, as
+    far as its first events tell). A ledger file left in the directory by another deployment
+    (`./.vapora`, the default) was audited against this log: its every row a difference, and
+    the advice to wait for the ledger to catch up. Its first events are looked up in the log by
+    sequence: the same log stored the same event (id) there."""
+    async with _ledger_at(path) as ledger:
+        if ledger is None:
+            return None
+        _, logged = await ledger.snapshot(through=_SAME_LOG_PROBES)
+    for entry in logged:
+        if entry.event_id.startswith("unreadable-"):  # what the ledger could not store
+            continue
+        stored = await log.stored(entry.seq)
+        if stored is None:  # aged out of a stream with limits: nothing to tell by
+            continue
+        logged_id = (stored.headers or {}).get("Nats-Msg-Id")
+        if logged_id is not None and logged_id != entry.event_id:
+            return (
+                f"audit: the ledger database at {path} was written from another event log: its "
+                f"event at sequence {entry.seq} is {entry.event_id}, the log's is {logged_id}. "
+                "This is most often the wrong data directory (the default, ./.vapora, is "
+                "relative to where the command runs): pass the deployment's with --data-dir"
+            )
+    return None
 
 
 async def _audit_once(
