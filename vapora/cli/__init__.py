@@ -290,10 +290,20 @@ async def cmd_actor(args: argparse.Namespace) -> int:
     await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
     url = _url(config)
     telemetry = _telemetry(config, f"vapora-{args.kind}")
-    nc = await connect(_connect_options(config, url, f"vapora-{args.kind}"))
+    options = _connect_options(config, url, f"vapora-{args.kind}")
+    # Said before the wait (an actor gives a server longer than a command: it is a service,
+    # started with its server perhaps): it waited up to 15 s without a word.
+    log.info(
+        "%s: connecting to NATS at %s%s (up to %g s)",
+        args.kind,
+        ", ".join(redact_url(u) for u in options.servers),
+        "" if config.nats.urls else " (the default: no --nats-url, VAPORA_NATS_URL or [nats] url)",
+        options.initial_deadline,
+    )
+    nc = await connect(options)
     try:
-        log = await _event_log(nc, config)
-        runtime = Runtime(nc=nc, config=config, log=log, data_dir=data_dir, env=dict(os.environ))
+        events = await _event_log(nc, config)
+        runtime = Runtime(nc=nc, config=config, log=events, data_dir=data_dir, env=dict(os.environ))
         await _serve([build(args.kind, runtime, provider=args.provider)], url)
     finally:
         await nc.close()
