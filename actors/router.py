@@ -1102,7 +1102,7 @@ class RouterActor:
             lease = self.lease
             if lease is not None and lease.usable_until is not None and now >= lease.usable_until:
                 self.lease = None
-                self._spawn(self._return_lease, lease, "returned")  # out of time: start afresh
+                await self._return_lease(lease, "returned")  # out of time: start afresh
                 lease = None
             lease_id = lease.lease_id if lease is not None else _new_id()
             reply = await self._ask_lease(lease_id, amount, new=lease is None)
@@ -1137,7 +1137,7 @@ class RouterActor:
                 # A stalled keeper may still grant it when it comes back: give it back then
                 # (the keeper takes this connection's requests in order). An unanswered
                 # extension needs nothing: the next grant's total includes it.
-                self._spawn(self._return_lease, _Lease(lease_id), "returned")
+                await self._return_lease(_Lease(lease_id), "returned")
             return None
         if header(message, _SERVICE_ERROR_CODE):
             return None
@@ -1177,49 +1177,67 @@ class RouterActor:
         )
 
     async def _give_back(self, subject: str, payload: bytes, what: str, *, traced: bool) -> None:
-        """Send a release or a lease's return until a budget keeper answers it, for as long as
-        the hold could still be held (:data:`_GIVE_BACK_S`). A keeper restarting, overloaded
-        (503) or fenced out (409, another takes its place) does not lose it: before, a release
-        sent while no keeper listened was dropped and its hold stayed until it expired, its
-        budget unusable meanwhile. Both are idempotent at the keeper (an id already closed
-        changes nothing), so sending one again is safe. The first try goes out on this
-        connection right away, so it still follows the grant it gives back."""
+        """Send a release or a lease's return; if no budget keeper takes it, send it again in
+        the background for as long as the hold could still be held (:data:`_GIVE_BACK_S`). A
+        keeper restarting, overloaded (503) or fenced out (409, another takes its place) does not
+        lose it: before, a release sent while no keeper listened was dropped and its hold stayed
+        until it expired, its budget unusable meanwhile. Both are idempotent at the keeper (an
+        id already closed changes nothing), so sending one again is safe. The first try is
+        made here, on this connection, so it follows the grant it gives back and goes ahead of
+        whatever the caller sends next (a fresh lease's request after an old one's return)."""
+        why = await self._give_back_once(subject, payload, what, traced=traced)
+        if why is not None and self._loop is not None:  # (a stopping router tries once)
+            self._spawn(self._give_back_again, subject, payload, what, traced, why)
+
+    async def _give_back_once(
+        self, subject: str, payload: bytes, what: str, *, traced: bool
+    ) -> tuple[str, bool] | None:
+        """One try: None when it is done with (taken, or refused for good), else why not and
+        whether the keeper was silent (it may still have it queued: a stalled keeper)."""
+        try:
+            with tracing.publish_span(subject) if traced else contextlib.nullcontext():
+                reply = await self.runtime.nc.request(
+                    subject,
+                    payload,
+                    timeout=self.keeper_timeout_s,
+                    headers=tracing.inject() if traced else None,
+                )
+        except NoRespondersError:
+            return "no budget keeper answered", False
+        except nats_errors.TimeoutError:
+            return f"the budget keeper did not answer in {self.keeper_timeout_s:g} s", True
+        except Exception as exc:  # the connection closed (a stop), a permission refused
+            log.warning("router: %s not given back (%s); it is freed when it expires", what, exc)
+            return None
+        code = header(reply, _SERVICE_ERROR_CODE)
+        if code is None:
+            return None
+        if code not in _GIVE_BACK_AGAIN:  # refused for good (a bad request): say so
+            log.warning(
+                "router: the budget keeper refused to take %s back (%s: %s); it is freed when "
+                "it expires",
+                what,
+                code,
+                header(reply, _SERVICE_ERROR) or "",
+            )
+            return None
+        return f"the budget keeper answered {code} ({header(reply, _SERVICE_ERROR) or ''})", False
+
+    async def _give_back_again(
+        self, subject: str, payload: bytes, what: str, traced: bool, first: tuple[str, bool]
+    ) -> None:
+        """:meth:`_give_back`'s further tries: the pause doubles from
+        :data:`_GIVE_BACK_FIRST_PAUSE_S` to :data:`_GIVE_BACK_MAX_PAUSE_S`; after a silent
+        keeper it is :data:`_GIVE_BACK_SILENT_PAUSE_S` at least (the request it did not answer
+        may still wait in its queue: a try every 0.25-5 s sent each hold back 20 times to a
+        stalled keeper)."""
         deadline = time.monotonic() + _GIVE_BACK_S
+        why, silent = first
         pause = _GIVE_BACK_FIRST_PAUSE_S
+        log.info("router: %s not given back yet (%s); trying again", what, why)
         while True:
-            try:
-                with tracing.publish_span(subject) if traced else contextlib.nullcontext():
-                    reply = await self.runtime.nc.request(
-                        subject,
-                        payload,
-                        timeout=self.keeper_timeout_s,
-                        headers=tracing.inject() if traced else None,
-                    )
-            except (nats_errors.TimeoutError, NoRespondersError) as exc:
-                why = (
-                    "no budget keeper answered"
-                    if isinstance(exc, NoRespondersError)
-                    else (f"the budget keeper did not answer in {self.keeper_timeout_s:g} s")
-                )
-            except Exception as exc:  # the connection closed (a stop), a permission refused
-                log.warning(
-                    "router: %s not given back (%s); it is freed when it expires", what, exc
-                )
-                return
-            else:
-                code = header(reply, _SERVICE_ERROR_CODE)
-                if code is None or code not in _GIVE_BACK_AGAIN:
-                    if code is not None:  # refused for good (a bad request): say so
-                        log.warning(
-                            "router: the budget keeper refused to take %s back (%s: %s); it "
-                            "is freed when it expires",
-                            what,
-                            code,
-                            header(reply, _SERVICE_ERROR) or "",
-                        )
-                    return
-                why = f"the budget keeper answered {code} ({header(reply, _SERVICE_ERROR) or ''})"
-            if time.monotonic() + pause >= deadline:
+            wait = max(pause, _GIVE_BACK_SILENT_PAUSE_S) if silent else pause
+            if time.monotonic() + wait >= deadline:
                 log.warning(
                     "router: %s not given back after %.0f s (%s); it is freed when it expires",
                     what,
@@ -1227,8 +1245,12 @@ class RouterActor:
                     why,
                 )
                 return
-            log.info("router: %s not given back yet (%s); trying again in %g s", what, why, pause)
-            await anyio.sleep(pause)
+            await anyio.sleep(wait)
+            outcome = await self._give_back_once(subject, payload, what, traced=traced)
+            if outcome is None:
+                return
+            why, silent = outcome
+            log.debug("router: %s not given back yet (%s)", what, why)
             pause = min(pause * 2, _GIVE_BACK_MAX_PAUSE_S)
 
     async def _call(
@@ -1368,6 +1390,7 @@ _NEVER_RAN = frozenset({"400", "503"})
 _GIVE_BACK_S = 120.0
 _GIVE_BACK_FIRST_PAUSE_S = 0.25
 _GIVE_BACK_MAX_PAUSE_S = 5.0
+_GIVE_BACK_SILENT_PAUSE_S = 15.0
 #: Error replies after which a keeper may take it later (overloaded or not yet caught up: 503;
 #: fenced out, so another keeper will: 409; a failure inside it, such as the log's: 500).
 _GIVE_BACK_AGAIN = frozenset({"409", "500", "503", "504"})

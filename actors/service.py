@@ -699,7 +699,10 @@ class ActorService:
         counters.by_code[error.code] = counters.by_code.get(error.code, 0) + 1
         micro = served.micro
         micro._num_errors += 1
-        setattr(micro, "_last_error", f"{error.status}: {error.message}")  # noqa: B010 - typed None
+        # Cut as the answer's message is: $SRV.STATS carries it (whole, a 600 KB bad field's
+        # name made the stats past a 1 MB server's max_payload, unanswerable).
+        last = f"{error.status}: {shown_message(error.message)}"
+        setattr(micro, "_last_error", last)  # noqa: B010 - typed None
 
     async def _reply_error(
         self, served: _Served, reply_to: str, error: VaporaError, *, outcome_unknown: bool = False

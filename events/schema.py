@@ -51,7 +51,14 @@ _DECIMAL_STRING = {"type": "string", "format": "decimal"}
 #: What a request's amount in cents (``budget_cents``) may be: a decimal string or a JSON number
 #: (the decoder takes both, a number read from its text, never through a float; contract.md:
 #: ``"2.5"`` or ``2.5``). Amounts in USD are described as strings (DESIGN: never a float).
-_AMOUNT_IN = {"anyOf": [_DECIMAL_STRING, {"type": "number"}]}
+_AMOUNT_IN = {
+    "anyOf": [
+        # Plain or scientific decimal digits, not negative (vapora's decoder also takes
+        # Python's laxer forms, `1_000` or ` 5 `; a portable client should not send them).
+        {**_DECIMAL_STRING, "pattern": "^\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][+-]?[0-9]+)?$"},
+        {"type": "number", "minimum": 0, "maximum": int(contract.MAX_AMOUNT)},
+    ]
+}
 #: A task id a request may name (``contract.check_task_id``): 1 to 200 characters, none of them
 #: a control character (C0, C1, DEL, U+2028, U+2029).
 _TASK_ID_IN = {
@@ -70,13 +77,14 @@ def _requests_as_decoded(components: dict[str, Any]) -> None:
             continue
         properties = components[message.__name__]["properties"]
         for name, field in properties.items():
+            amounts: list[Any] = _AMOUNT_IN["anyOf"]
             if field == _DECIMAL_STRING:
-                properties[name] = dict(_AMOUNT_IN)
+                properties[name] = {"anyOf": list(amounts)}
             elif field.get("anyOf") and _DECIMAL_STRING in field["anyOf"]:  # optional: | null
                 field["anyOf"] = [
                     choice
                     for f in field["anyOf"]
-                    for choice in (_AMOUNT_IN["anyOf"] if f == _DECIMAL_STRING else [f])
+                    for choice in (amounts if f == _DECIMAL_STRING else [f])
                 ]
     request = components["CompletionRequest"]
     fields = request["properties"]
@@ -84,6 +92,8 @@ def _requests_as_decoded(components: dict[str, Any]) -> None:
     for choice in fields["messages"]["anyOf"]:
         if choice.get("type") == "array":
             choice["minItems"] = 1
+            # Some text in one of them (all blank: nothing to answer, a 400).
+            choice["contains"] = {"properties": {"content": {"pattern": "\\S"}}}
     for choice in fields["prompt"]["anyOf"]:
         if choice.get("type") == "string":
             choice["pattern"] = "\\S"  # some text, not only whitespace

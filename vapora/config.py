@@ -569,17 +569,29 @@ def key_not_set(variable: str) -> str:
 
 
 _URL_UNSAFE = re.compile(r"[\x00-\x20\x7f-\x9f]")
+_URL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _authority_end(url: str, start: int) -> int:
+    """Where the URL's authority (``user:password@host:port``) ends: its first ``/``, ``?`` or
+    ``#`` after ``start``, or the end."""
+    ends = [i for i in (url.find(c, start) for c in "/?#") if i >= 0]
+    return min(ends) if ends else len(url)
 
 
 def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
     allowed = "|".join(sorted(schemes - _NEEDS_AIOHTTP if not _has_aiohttp() else schemes))
-    unsafe = _URL_UNSAFE.search(url)
+    # A space is taken in the user-info (a password may hold one), nowhere else.
+    scheme_end = url.find("://")
+    at = url.rfind("@", 0, _authority_end(url, scheme_end + 3 if scheme_end >= 0 else 0))
+    unsafe = _URL_UNSAFE.search(url, at + 1 if at >= 0 else 0) or _URL_CONTROL.search(url)
     if unsafe is not None:  # a CR/LF passed the check and stopped `vapora up` with a traceback
-        raise _Invalid(
-            path,
-            f"{redact_url(url)!r} holds a space or a control character "
-            f"(U+{ord(unsafe.group()):04X} at {unsafe.start()})",
+        where = (
+            "in its user-info (not shown)"  # nothing of a password is told, not even where
+            if unsafe.start() < at
+            else f"(U+{ord(unsafe.group()):04X} at {unsafe.start()})"
         )
+        raise _Invalid(path, f"{redact_url(url)!r} holds a space or a control character {where}")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -1028,7 +1040,8 @@ def load_config(
                 f"{path}: the config file is larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB: "
                 "not a config file"
             )
-        text = data.decode("utf-8")
+        # Newlines as reading it as text took them (a file of bare CRs loaded before).
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{path}: cannot read the config file: {reason}") from exc

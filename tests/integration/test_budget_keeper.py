@@ -478,7 +478,7 @@ async def test_malformed_requests_get_400_and_leave_the_state_unchanged(
     async with running(keeper):
         held = await reserve(conn, Decimal("0.10"))
         before, last = await status(conn), await keeper.log.last_sequence()
-        # An empty body asks for the status as `{}` does (`nats req vapora.budget ""`: a 400).
+        # An empty body asks for the status as `{}` does (`nats req vapora.budget ""` was a 400).
         assert (await ask(conn, subjects.BUDGET, b"")).as_(BudgetStatus) == before
         answer = await ask(conn, subject, body)
         assert answer.status == "400"

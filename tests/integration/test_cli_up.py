@@ -308,18 +308,27 @@ def test_a_data_directory_or_output_that_is_a_file_and_a_host_that_is_none_are_n
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
-    # `vapora events | head -3` printed a BrokenPipeError traceback.
-    code = (
+    # `vapora events | head -3` printed a BrokenPipeError traceback; an async command's, once
+    # wrapped in the exception group of the task group that hears SIGTERM, exited 1 saying it.
+    sync = (
         "import sys, vapora.cli as cli\n"
         "def config(args):\n"
         "    raise BrokenPipeError(32, 'Broken pipe')\n"
         "cli.cmd_config = config\n"
         "sys.exit(cli.main(['config']))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    run_async = (
+        "import sys, vapora.cli as cli\n"
+        "async def budget(args):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli._ASYNC['budget'] = budget\n"
+        "sys.exit(cli.main(['budget']))\n"
     )
-    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr
+    for code in (sync, run_async):
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        assert (result.returncode, result.stderr) == (141, ""), result.stderr
 
 
 def test_an_option_the_actor_does_not_take_is_refused() -> None:

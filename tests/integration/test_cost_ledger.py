@@ -110,7 +110,7 @@ async def test_the_ledger_has_every_event_once_across_restarts_and_reports_the_s
             spent += await _paid_calls(conn, clock, 5, seed=3)
             await eventually(lambda: _caught_up(ledger))
             report = (await ask(conn, subjects.REPORT, b"{}")).as_(CostReport)
-            # An empty body (what `nats req vapora.report ""` sends) asks the same (a 400).
+            # An empty body (what `nats req vapora.report ""` sends) asks the same (was a 400).
             assert (await ask(conn, subjects.REPORT, b"")).as_(CostReport) == report
             first = spent[0].at
             window = ReportRequest(since=first, until=first + timedelta(hours=1))

@@ -477,6 +477,9 @@ async def test_a_huge_bad_request_on_a_1_mb_server_gets_a_short_400_and_vapora_s
             assert headers["Nats-Service-Error-Code"] in ("400", "404")
             assert len(headers["Nats-Service-Error"]) < 2_100 and len(reply.data) < 2_300
             assert "more characters)" in reply.data.decode()
+        # $SRV.STATS carries each endpoint's last error: cut too (whole, it was past 1 MB).
+        stats = await dep.client.nc.request("$SRV.STATS.router", b"", timeout=10)
+        assert b"more characters)" in stats.data and len(stats.data) < 20_000
         assert (await dep.client.complete(prompt="still here")).text
 
 

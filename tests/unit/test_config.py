@@ -788,3 +788,16 @@ def test_a_collector_endpoint_that_is_no_url_is_refused() -> None:
     with pytest.raises(ConfigError, match=re.escape("telemetry.otlp_endpoint: 'not a url'")):
         parse(BASE + '[telemetry]\notlp_endpoint = "not a url"\n')
     assert parse(BASE + '[telemetry]\notlp_endpoint = "http://collector:4318"\n')
+
+
+def test_a_password_in_a_url_may_hold_a_space_and_a_file_of_bare_crs_loads(
+    tmp_path: Path,
+) -> None:
+    # Both worked before the URLs' and the file's checks were tightened, and must still.
+    config = parse(BASE + '[nats]\nurl = "nats://user:pa ss@host:4222"\n')
+    assert config.nats.urls == ("nats://user:pa ss@host:4222",)
+    with pytest.raises(ConfigError, match="in its user-info \\(not shown\\)"):
+        parse(BASE + '[nats]\nurl = "nats://user:pa\\rss@host:4222"\n')
+    crs = tmp_path / "cr.toml"
+    crs.write_bytes(BASE.replace("\n", "\r").encode())
+    assert [p.name for p in load_config(crs, at=AT).providers] == ["claude", "gemini", "ollama"]

@@ -288,14 +288,24 @@ def test_json_schema_describes_every_event_and_request() -> None:
         {"prompt": "hi", "colour": "blue"},
         {"prompt": "hi", "max_tokens": 0},
         {"prompt": "hi", "budget_cents": True},
+        {"messages": [{"role": "user", "content": "  "}, {"role": "system", "content": ""}]},
+        {"messages": [{"role": "user", "content": " "}, {"role": "user", "content": "hi"}]},
+        {"prompt": "hi", "budget_cents": -1},
+        {"prompt": "hi", "budget_cents": "-1"},
+        {"prompt": "hi", "budget_cents": "abc"},
+        {"prompt": "hi", "budget_cents": "NaN"},
+        {"prompt": "hi", "budget_cents": 1e16},
+        {"prompt": "hi", "budget_cents": "1.5e3"},
     ],
 )
-def test_the_json_schema_takes_a_completion_request_exactly_when_vapora_does(
+def test_the_json_schema_agrees_with_vapora_on_each_of_these_completion_requests(
     body: dict[str, object],
 ) -> None:
     """Services in other languages validate with the exported schema: it refused a number for
-    ``budget_cents`` (the README's example) and took ``{}``, ``messages: []`` and a task id of
-    any length or with a newline, all of which vapora answers with a 400."""
+    ``budget_cents`` (the README's example) and took ``{}``, ``messages: []``, blank messages,
+    a negative or non-numeric amount and a task id of any length or with a newline, all of which
+    vapora answers with a 400. (A schema cannot say all vapora checks: an amount string's
+    digits past 50 or its size past 10^15, and Python's lax decimal forms, are vapora's.)"""
     import jsonschema
 
     schema = json.loads(SCHEMA_PATH.read_text())

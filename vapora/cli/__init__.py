@@ -825,15 +825,18 @@ def _run(args: argparse.Namespace) -> int:
         return int(run_loop(_until_terminated, _ASYNC[args.command], args))
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # The reader went away (`vapora events | head`): quiet, as a pipeline's writer is. The
-        # output still buffered must not be flushed again at exit (a second traceback).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # a shell's code for a writer ended by SIGPIPE (128 + 13)
     except BaseException as exc:
-        # An actor that fails at start fails inside the task group that runs them all: its
-        # error comes wrapped in an exception group, and is said the same way as a bare one.
+        # An actor that fails at start fails inside the task group that runs them all (and a
+        # command inside the one that hears SIGTERM): its error comes wrapped in an exception
+        # group, and is said the same way as a bare one.
         leaves = _leaves(exc)
+        if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+            # The reader went away (`vapora events | head`): quiet, as a pipeline's writer is.
+            # The output still buffered must not be flushed again at exit (a second traceback).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # a shell's code for a writer ended by SIGPIPE (128 + 13)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
         codes = [_exit_code(leaf) for leaf in leaves]
         if not leaves or None in codes:
             raise  # not one of ours: a bug, with its traceback
