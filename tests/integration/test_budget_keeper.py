@@ -4,6 +4,7 @@ expiry, snapshots, and 400s for malformed requests that leave the state alone.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import uuid
@@ -704,3 +705,56 @@ async def test_a_lease_returned_after_its_spend_is_closed_as_a_replay_closes_it(
         live = keeper.state
     entries = await read_log(keeper.log)
     assert audit.check_budget([(e.event, e.seq) for e in entries], live) == []
+
+
+async def test_give_backs_wait_for_the_tail_side_by_side_and_reservations_do_not_wait(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A give-back waits for the tail to read the log to its end. Waiting under the keeper's
+    lock, each waited for the one before's own append and every reservation waited behind
+    them (20 give-backs a second with the tail 50 ms behind); and of two waiting at once, the
+    first was never woken (each waiter replaced the other's event)."""
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=100), clock=clock))
+    opened = anyio.Event()
+    opened.set()
+    gate = [opened]  # the tail folds each batch once gate[0] is set
+    fold = keeper._apply_tail
+
+    async def held_back(batch: list[Any]) -> None:
+        await gate[0].wait()
+        await fold(batch)
+
+    keeper._apply_tail = held_back  # type: ignore[method-assign]
+    async with running(keeper):
+        holds = [await reserve(conn, Decimal("0.01"), task_id=f"t{i}") for i in range(2)]
+        await eventually(lambda: _caught_up(keeper))
+        gate[0] = anyio.Event()  # closed: the tail reads nothing more until it is set
+        await keeper.log.append(
+            spend(task_id="t0", usage=exact_usage(Decimal("0.003")), at=clock())
+        )
+        answered: list[str] = []
+        with anyio.fail_after(10), contextlib.ExitStack() as opened_at_the_end:
+            # However it fails, the tail is let go: the keeper must be able to stop.
+            opened_at_the_end.callback(lambda: gate[0].set())
+            await _side_by_side(conn, holds, answered, gate)
+        assert sorted(answered) == sorted(h.reservation_id for h in holds)
+
+
+async def _side_by_side(
+    conn: Client, holds: list[BudgetReserveReply], answered: list[str], gate: list[anyio.Event]
+) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def give_back(rid: str) -> None:
+            answer = await release(conn, rid, "failed")
+            assert answer.status is None, answer
+            answered.append(rid)
+
+        for hold in holds:
+            tg.start_soon(give_back, hold.reservation_id)
+        await anyio.sleep(0.2)  # both are waiting for the tail now
+        # A reservation is answered meanwhile: no give-back holds the lock while it waits.
+        assert (await reserve(conn, Decimal("0.01"), task_id="t2", wait_s=1.0)).admitted
+        assert answered == []
+        gate[0].set()  # the tail moves: both give-backs go on
