@@ -813,7 +813,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # httpx logs every request at INFO: one line per provider call is noise, not information.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return _run(args)
+    code = _run(args)
+    # What is still buffered is written now, where an error can be said (at exit it was a
+    # traceback and status 120: `vapora config > /dev/full`).
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"vapora {args.command}: cannot write the output: {exc}", file=sys.stderr)
+        return max(code, 1)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
