@@ -132,9 +132,9 @@ log = logging.getLogger("vapora.budget")
 
 SNAPSHOT_FILE = "budget.snapshot"
 _RELEASE_REASONS = frozenset(get_args(get_type_hints(BudgetReleased)["reason"]))
-#: The endpoints that write (a fenced-out keeper withdraws them); ``status`` only reads.
 #: How long a give-back waits for the tail to read the log to its end (see _read_to_end).
 _READ_TO_END_S = 1.5
+#: The endpoints that write (a fenced-out keeper withdraws them); ``status`` only reads.
 _WRITING_ENDPOINTS = ("reserve", "release", "lease", "lease_return")
 _MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased, BudgetLeased, BudgetLeaseReturned)
 #: An event stamped further ahead of the keeper's clock than this names a host with a wrong clock.

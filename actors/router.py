@@ -959,8 +959,15 @@ class RouterActor:
             self._settle_on_lease(lease, amount, outcome)
         elif isinstance(outcome, _Failure) and not outcome.holds and reservation_id is not None:
             # Answered with a failure (nothing to bill), or no actor to call (never made).
-            reason = "not_called" if outcome.error_class == "no_responders" else "failed"
-            self._release(reservation_id, reason)
+            if outcome.error_class == "no_responders":
+                self._release(reservation_id, "not_called")
+            else:
+                # Given back before the next provider's reservation: in the background, that
+                # one went first and the keeper still counted this hold against the task's cap
+                # (or the day's limit), and a fallback that fitted was refused.
+                await self._publish_release(
+                    BudgetRelease(reservation_id=reservation_id, reason="failed")
+                )
         return outcome
 
     def _over_task_cap(self, task: _Task, provider: ProviderConfig) -> str | None:
@@ -1186,7 +1193,7 @@ class RouterActor:
         made here, on this connection, so it follows the grant it gives back and goes ahead of
         whatever the caller sends next (a fresh lease's request after an old one's return)."""
         why = await self._give_back_once(subject, payload, what, traced=traced)
-        if why is not None and self._loop is not None:  # (a stopping router tries once)
+        if why is not None and self._loop is not None:  # (the stop cancels what is left)
             self._spawn(self._give_back_again, subject, payload, what, traced, why)
 
     async def _give_back_once(

@@ -48,6 +48,13 @@ PUBLIC_MESSAGES: tuple[Any, ...] = (
 
 #: A decimal string, as msgspec describes a ``Decimal`` field.
 _DECIMAL_STRING = {"type": "string", "format": "decimal"}
+#: A decimal string's digits, plain or scientific, not negative (a negative zero is zero).
+_DIGITS = "([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][+-]?[0-9]+)?"
+_AMOUNT_PATTERN = f"^(\\+?{_DIGITS}|-(0+(\\.0*)?|\\.0+)([eE][+-]?[0-9]+)?)$"
+#: "Holds a character that is not whitespace", whitespace as Python's ``str.strip`` takes it
+#: (what vapora checks), spelt out: ``\\S`` differs between regex dialects (JavaScript's
+#: takes U+001C-U+001F and U+0085 as text, U+FEFF as space).
+_TEXT = "[^" + "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x10000)) if c.isspace()) + "]"
 #: What a request's amount in cents (``budget_cents``) may be: a decimal string or a JSON number
 #: (the decoder takes both, a number read from its text, never through a float; contract.md:
 #: ``"2.5"`` or ``2.5``). Amounts in USD are described as strings (DESIGN: never a float).
@@ -55,7 +62,7 @@ _AMOUNT_IN = {
     "anyOf": [
         # Plain or scientific decimal digits, not negative (vapora's decoder also takes
         # Python's laxer forms, `1_000` or ` 5 `; a portable client should not send them).
-        {**_DECIMAL_STRING, "pattern": "^\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][+-]?[0-9]+)?$"},
+        {**_DECIMAL_STRING, "pattern": _AMOUNT_PATTERN},
         {"type": "number", "minimum": 0, "maximum": int(contract.MAX_AMOUNT)},
     ]
 }
@@ -93,10 +100,10 @@ def _requests_as_decoded(components: dict[str, Any]) -> None:
         if choice.get("type") == "array":
             choice["minItems"] = 1
             # Some text in one of them (all blank: nothing to answer, a 400).
-            choice["contains"] = {"properties": {"content": {"pattern": "\\S"}}}
+            choice["contains"] = {"properties": {"content": {"pattern": _TEXT}}}
     for choice in fields["prompt"]["anyOf"]:
         if choice.get("type") == "string":
-            choice["pattern"] = "\\S"  # some text, not only whitespace
+            choice["pattern"] = _TEXT  # some text, not only whitespace
     # Exactly one of `prompt` or `messages` (a null one is none).
     request["oneOf"] = [
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},

@@ -581,14 +581,20 @@ def _authority_end(url: str, start: int) -> int:
 
 def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
     allowed = "|".join(sorted(schemes - _NEEDS_AIOHTTP if not _has_aiohttp() else schemes))
-    # A space is taken in the user-info (a password may hold one), nowhere else.
+    # A space is taken in the user-info (a password may hold one), nowhere else: the user-info
+    # is what lies between `://` and the authority's last `@`.
     scheme_end = url.find("://")
-    at = url.rfind("@", 0, _authority_end(url, scheme_end + 3 if scheme_end >= 0 else 0))
-    unsafe = _URL_UNSAFE.search(url, at + 1 if at >= 0 else 0) or _URL_CONTROL.search(url)
+    start = scheme_end + 3 if scheme_end >= 0 else -1
+    at = url.rfind("@", start, _authority_end(url, start)) if start >= 0 else -1
+    unsafe = (
+        _URL_UNSAFE.search(url, 0, start if at >= 0 else len(url))
+        or (_URL_UNSAFE.search(url, at + 1) if at >= 0 else None)
+        or _URL_CONTROL.search(url)
+    )
     if unsafe is not None:  # a CR/LF passed the check and stopped `vapora up` with a traceback
         where = (
             "in its user-info (not shown)"  # nothing of a password is told, not even where
-            if unsafe.start() < at
+            if start <= unsafe.start() < at
             else f"(U+{ord(unsafe.group()):04X} at {unsafe.start()})"
         )
         raise _Invalid(path, f"{redact_url(url)!r} holds a space or a control character {where}")

@@ -329,6 +329,16 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
             [sys.executable, "-c", code], capture_output=True, text=True, check=False
         )
         assert (result.returncode, result.stderr) == (141, ""), result.stderr
+    # Beside another error, that error is still said (it was hidden by the quiet exit).
+    mixed = run_async.replace(
+        "    raise BrokenPipeError(32, 'Broken pipe')\n",
+        "    from vapora.errors import ConfigError\n"
+        "    raise ExceptionGroup('g', [BrokenPipeError(32, 'pipe'), ConfigError('bad config')])\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", mixed], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stderr) == (2, "vapora budget: bad config\n")
 
 
 def test_an_option_the_actor_does_not_take_is_refused() -> None:

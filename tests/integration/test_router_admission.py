@@ -374,3 +374,28 @@ async def test_a_hold_for_a_provider_with_no_actor_is_released_as_never_called(
     }
     released = [e for e in events if isinstance(e, BudgetReleased) and e.reservation_id in claude]
     assert claude and [e.reason for e in released] == ["not_called"]
+
+
+async def test_a_capped_tasks_fallback_fits_once_its_failed_attempt_is_given_back(
+    tmp_path: Path,
+) -> None:
+    """The first provider answers a failure (nothing billed); the cap fits one attempt's hold,
+    not two. The failed hold's release went out in the background, after the next provider's
+    reservation, so the keeper still counted it and refused that fallback: every such task
+    fell past the provider it could afford (a review: 30 of 30)."""
+
+    def config(base_url: str) -> str:
+        text = config_text(base_url, budget=BUDGET, models={"claude": "claude-opus-4-5-error-503"})
+        return text.replace('name = "claude"', 'name = "claude"\nbreaker_threshold = 100000')
+
+    async with deployment(tmp_path, config, keeper=True) as dep:
+        ask = {"prompt": "hello", "task_type": "CodeReview", "max_tokens": 16}
+        probe = await dep.client.complete(task_id="probe", budget_cents=Decimal(1000), **ask)
+        assert probe.provider == "openai"
+        held = [e for e in await dep.events_of("probe") if isinstance(e, BudgetReserved)]
+        amounts = {e.provider: e.amount_usd for e in held}
+        cap_cents = (amounts["openai"] + amounts["claude"]) * 100 - Decimal("0.0001")
+        for i in range(5):
+            result = await dep.client.complete(task_id=f"capped-{i}", budget_cents=cap_cents, **ask)
+            attempts = [(a.provider, a.outcome) for a in result.attempts]
+            assert attempts[0][0] == "claude" and result.provider == "openai", attempts

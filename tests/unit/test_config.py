@@ -798,6 +798,9 @@ def test_a_password_in_a_url_may_hold_a_space_and_a_file_of_bare_crs_loads(
     assert config.nats.urls == ("nats://user:pa ss@host:4222",)
     with pytest.raises(ConfigError, match="in its user-info \\(not shown\\)"):
         parse(BASE + '[nats]\nurl = "nats://user:pa\\rss@host:4222"\n')
+    # A space before the scheme is no user-info's (it was taken, and every call then failed).
+    with pytest.raises(ConfigError, match="U\\+0020 at 0"):
+        parse(BASE.replace('endpoint = "http://localhost:11434"', 'endpoint = " http://u:p@h:1"'))
     crs = tmp_path / "cr.toml"
     crs.write_bytes(BASE.replace("\n", "\r").encode())
     assert [p.name for p in load_config(crs, at=AT).providers] == ["claude", "gemini", "ollama"]

@@ -296,6 +296,10 @@ def test_json_schema_describes_every_event_and_request() -> None:
         {"prompt": "hi", "budget_cents": "NaN"},
         {"prompt": "hi", "budget_cents": 1e16},
         {"prompt": "hi", "budget_cents": "1.5e3"},
+        {"prompt": "hi", "budget_cents": "-0"},  # vapora.Client sends Decimal("-0") so
+        {"prompt": "\u001c\u0085"},  # whitespace to Python (and vapora), not to JavaScript
+        {"prompt": "\ufeff"},  # text to Python (and vapora), whitespace to JavaScript
+        {"messages": [{"role": "user", "content": "\u001f"}]},
     ],
 )
 def test_the_json_schema_agrees_with_vapora_on_each_of_these_completion_requests(

@@ -841,13 +841,16 @@ def _run(args: argparse.Namespace) -> int:
         # An actor that fails at start fails inside the task group that runs them all (and a
         # command inside the one that hears SIGTERM): its error comes wrapped in an exception
         # group, and is said the same way as a bare one.
-        leaves = _leaves(exc)
-        if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
-            # The reader went away (`vapora events | head`): quiet, as a pipeline's writer is.
-            # The output still buffered must not be flushed again at exit (a second traceback).
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141  # a shell's code for a writer ended by SIGPIPE (128 + 13)
-        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        everything = _leaves(exc)
+        # A reader that went away, or Ctrl-C, ends the command quietly when it is all there
+        # is; beside another error, that error is said (a bug's traceback among them).
+        leaves = [e for e in everything if not isinstance(e, BrokenPipeError | KeyboardInterrupt)]
+        if everything and not leaves:
+            if any(isinstance(leaf, BrokenPipeError) for leaf in everything):
+                # The reader went away (`vapora events | head`): quiet, as a pipeline's writer
+                # is. The output still buffered must not be flushed again at exit.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 141  # a shell's code for a writer ended by SIGPIPE (128 + 13)
             return 130
         codes = [_exit_code(leaf) for leaf in leaves]
         if not leaves or None in codes:
