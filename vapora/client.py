@@ -394,6 +394,12 @@ class TextStream:
                             await self._nc.publish(subjects.STREAM_CANCEL, cancel, headers=headers)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+                # Another task waiting for the next chunk ends now (it waited out its idle
+                # timeout, then said the stream had sent nothing).
+                for waiting in list(
+                    (getattr(sub, "_pending_next_msgs_calls", None) or {}).values()
+                ):
+                    waiting.cancel()
         finally:
             end_request(span, self.error)  # once, however the awaits above ended
 
@@ -424,8 +430,11 @@ class TextStream:
         return sub
 
     async def __anext__(self) -> str:
-        if self._closed and self._sub is None and not self._early:
-            raise StopAsyncIteration  # closed (or ended): iterated again, never sent again
+        if self._closed:
+            # Closed (or ended): iterated again, never sent again. Chunks that came ahead of a
+            # gap are dropped with the rest (they kept it iterating, and it sent the request
+            # again: a second paid stream).
+            raise StopAsyncIteration
         while True:
             if self._next_seq in self._early:
                 return self._take(self._early.pop(self._next_seq))
@@ -463,6 +472,11 @@ class TextStream:
     async def _receive(self, sub: Subscription) -> Msg:
         try:
             return await sub.next_msg(timeout=self._idle_timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise StopAsyncIteration from None  # closed by another task (see aclose)
+            raise
         except TimeoutError as exc:
             if self.result is not None and self.result.chunks is not None:
                 self.error = RequestTimeout(

@@ -10,7 +10,9 @@ import re
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -305,3 +307,54 @@ async def test_a_stream_cancelled_while_its_provider_actor_drains_is_still_stopp
                 await anyio.sleep(0.05)
         [failed] = await recorded()
     assert isinstance(failed, CallFailed) and failed.error_code == "cancelled_by_caller"
+
+
+async def test_a_closed_stream_is_never_sent_again_even_with_chunks_held_ahead_of_a_gap(
+    tmp_path: Path,
+) -> None:
+    """Chunks that came ahead of a gap kept a closed stream iterating, and iterating it again
+    sent the request again: a second paid stream."""
+    async with deployment(tmp_path, guide(), router=False, providers=[]) as dep:
+        nc = dep.client.nc
+        asked: list[str] = []
+
+        async def answer(msg: Any) -> None:  # seq 0 then 2: 2 is held until 1 comes
+            asked.append(msg.reply)
+            await nc.publish(
+                msg.reply, msgspec.json.encode(StreamChunk(task_id="t", seq=0, text="a "))
+            )
+            await nc.publish(
+                msg.reply, msgspec.json.encode(StreamChunk(task_id="t", seq=2, text="c "))
+            )
+
+        await nc.subscribe("vapora.stream", cb=answer)
+        stream = dep.client.stream(prompt="x", idle_timeout=1)
+        assert await stream.__anext__() == "a "
+        with anyio.move_on_after(0.3):  # seq 2 arrives and is held
+            await stream.__anext__()
+        await stream.aclose()
+        assert [text async for text in stream] == []
+        await nc.flush()
+        assert len(asked) == 1
+
+
+async def test_closing_a_stream_another_task_reads_ends_that_task_at_once(tmp_path: Path) -> None:
+    """The reader waited out its idle timeout, then raised that the stream had sent nothing."""
+    models = {"claude": "claude-opus-4-5-len-40-ttft-3000"}
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        stream = dep.client.stream(
+            prompt="a b", task_type="CodeGeneration", quality="High", idle_timeout=30
+        )
+        read: list[str] = []
+
+        async def reader() -> None:
+            async for text in stream:
+                read.append(text)
+            read.append("ended")
+
+        with anyio.fail_after(10):  # the idle timeout is 30 s: ended by the close, not by it
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                await anyio.sleep(0.5)  # the reader waits for the first chunk (3 s away)
+                await stream.aclose()
+        assert read == ["ended"] and stream.error is None
