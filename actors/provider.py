@@ -78,6 +78,7 @@ import msgspec
 from opentelemetry import context as otel_context
 
 from actors import tracing
+from actors.connection import raw_header
 from actors.held import HeldEvents
 from actors.runner import Runtime
 from actors.service import (
@@ -165,6 +166,11 @@ _STALE_MARGIN_S = 0.05
 _DRAIN_MARGIN_S = 5.0
 #: How many cancels of streams not (yet) streaming here are remembered, and for how long.
 _CANCELS_REMEMBERED = 10_000
+#: A stream's caller is looked for (see ProviderActor._on_gone) after this long, and again each
+#: this long; it is gone once the server has said so this many times.
+_PROBE_AFTER_S = 1.0
+_PROBE_EVERY_S = 1.0
+_GONE_AFTER = 2
 _CANCEL_REMEMBERED_S = 600.0
 
 # A 429 without a usable wait closes the provider this long; a huge wait is capped.
@@ -383,6 +389,10 @@ class ProviderActor:
         #: (``vapora.stream.cancel``); and the subjects cancelled before their call came.
         self._streaming: dict[str, anyio.CancelScope] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
+        #: Where the server says a stream's caller no longer listens (None: not looked for),
+        #: and how many times it said so, by stream (:meth:`_on_gone`).
+        self._gone_subject: str | None = None
+        self._gone: dict[str, int] = {}
         self.durable_reply = durable_reply
         self._task_group: anyio.abc.TaskGroup | None = None
         #: A call's events the event log did not take, kept on disk and appended again every
@@ -442,6 +452,7 @@ class ProviderActor:
                     cancels = await self.runtime.nc.subscribe(
                         subjects.STREAM_CANCEL, cb=self._on_cancel
                     )
+                    await self._listen_for_gone_callers()
                     await serving.start(self.service.run)
                     task_status.started()
                     await self._stop.wait()
@@ -495,6 +506,34 @@ class ProviderActor:
             or next(iter(cancelled.values())) < now - _CANCEL_REMEMBERED_S
         ):
             cancelled.popitem(last=False)
+
+    async def _listen_for_gone_callers(self) -> None:
+        """Subscribe to where the server answers a chunk nobody listens for (see _on_gone)."""
+        nc = self.runtime.nc
+        if not hasattr(nc, "subscribe_raw"):  # a plain client (tests): no one is looked for
+            return
+        subject = f"{nc.new_inbox()}.gone"
+        await nc.subscribe_raw(subject, self._on_gone)
+        self._gone_subject = subject
+
+    def _on_gone(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        """The server's 503 for a chunk sent with our reply subject: nobody listens on the
+        stream's subject (``Nats-Subject``) any more. A caller that goes away without a cancel
+        (killed, its network lost) was not noticed: NATS tells a publisher nothing, and the
+        provider generated to the end of the answer, billed for text nobody read. Said twice
+        (a second chunk, a second later, found nobody either), the stream is stopped as a
+        cancel stops it, and what was received is billed."""
+        if not headers or not headers.startswith(b"NATS/1.0 503"):
+            return
+        stream_to = raw_header(headers, "Nats-Subject")
+        if stream_to is None or stream_to not in self._streaming:
+            return
+        said = self._gone[stream_to] = self._gone.get(stream_to, 0) + 1
+        if said >= _GONE_AFTER:
+            log.info(
+                "%s: nobody reads the stream to %s any more: stopping it", self.name, stream_to
+            )
+            self._streaming[stream_to].cancel()
 
     def _cancelled_before(self, stream_to: str) -> bool:
         when = self._cancelled.pop(stream_to, None)
@@ -649,18 +688,25 @@ class ProviderActor:
             seq = 0
             # The caller may stop reading (vapora.stream.cancel): the provider's generation
             # is stopped with the stream, and what was received is billed.
+            # A chunk now and then goes with a reply subject: if nobody listens on the stream's
+            # subject, the server answers there (a 503), and the caller is gone (_on_gone).
+            look_at = time.monotonic() + _PROBE_AFTER_S if self._gone_subject else math.inf
             with anyio.CancelScope() as caller:
                 self._streaming[call.stream_to] = caller
                 try:
                     async for text in stream:
+                        reply = ""
+                        if look_at <= (now := time.monotonic()):
+                            reply, look_at = self._gone_subject or "", now + _PROBE_EVERY_S
                         try:
                             chunk = StreamChunk(task_id=call.task_id, seq=seq, text=text)
-                            await ctx.publish(call.stream_to, chunk)
+                            await ctx.publish(call.stream_to, chunk, reply=reply)
                         except Exception as exc:  # NATS closed, its buffer full: billed
                             raise stream.abandoned(exc) from exc
                         seq += 1
                 finally:
                     self._streaming.pop(call.stream_to, None)
+                    self._gone.pop(call.stream_to, None)
             if caller.cancelled_caught:
                 raise stream.cancelled()
         assert stream.completion is not None

@@ -138,10 +138,13 @@ class RequestContext:
         """One header's value (None: absent), without parsing the whole block."""
         return raw_header(self.raw_headers, name)
 
-    async def publish(self, subject: str, message: msgspec.Struct | bytes) -> None:
-        """Publish to ``subject`` (e.g. stream chunks to the reply subject) with trace context."""
+    async def publish(
+        self, subject: str, message: msgspec.Struct | bytes, *, reply: str = ""
+    ) -> None:
+        """Publish to ``subject`` (e.g. stream chunks to the reply subject) with trace context;
+        ``reply``: where the server says when nobody listens on ``subject`` (a 503 status)."""
         data = message if isinstance(message, bytes) else encode(message)
-        await self.nc.publish(subject, data, headers=tracing.inject() or None)
+        await self.nc.publish(subject, data, reply=reply, headers=tracing.inject() or None)
 
 
 @dataclass

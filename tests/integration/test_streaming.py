@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from events.contract import Outcome, StreamChunk, StreamEnd, StreamError, StreamMessage
-from events.log import CallFailed, FallbackTriggered, SpendRecorded
+from events.log import CallFailed, CallSucceeded, FallbackTriggered, SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
 from vapora.cli.ask import ask_command
 from vapora.client import Client
@@ -358,3 +358,39 @@ async def test_closing_a_stream_another_task_reads_ends_that_task_at_once(tmp_pa
                 await anyio.sleep(0.5)  # the reader waits for the first chunk (3 s away)
                 await stream.aclose()
         assert read == ["ended"] and stream.error is None
+
+
+async def test_a_stream_whose_caller_went_away_without_a_cancel_is_stopped_and_billed_what_came(
+    tmp_path: Path,
+) -> None:
+    """NATS tells a publisher nothing when nobody reads a reply subject any more: a caller
+    killed mid-stream (no cancel sent) had the provider generate to the end, billed for text
+    nobody read. Now and then a chunk carries a reply subject, the server answers it with a
+    503 when nobody listens, and the provider actor stops the stream."""
+    import nats
+
+    models = {"claude": "claude-opus-4-5-len-60-tps-10"}  # 6 s to stream in full
+    async with deployment(tmp_path, guide(models=models)) as dep:
+        caller = await nats.connect(dep.server.url, name="goes-away")
+        inbox = caller.new_inbox()
+        sub = await caller.subscribe(inbox)
+        body = msgspec.json.encode(
+            {"prompt": "a b c", "task_type": "CodeGeneration", "quality": "High", "task_id": "gone"}
+        )
+        await caller.publish("vapora.stream", body, reply=inbox)
+        first = await sub.next_msg(timeout=10)
+        assert b'"chunk"' in first.data
+        await caller.close()  # killed, as far as vapora can tell: no cancel
+
+        async def ended() -> list[Any]:
+            events = await dep.events_of("gone")
+            return [e for e in events if isinstance(e, CallFailed | CallSucceeded)]
+
+        with anyio.fail_after(15):
+            while not (done := await ended()):  # noqa: ASYNC110 - polling the event log
+                await anyio.sleep(0.1)
+        [call] = done
+        assert isinstance(call, CallFailed), call
+        assert call.error_code == "cancelled_by_caller" and call.usage.output_tokens < 60
+        [spend] = [e for e in await dep.events_of("gone") if isinstance(e, SpendRecorded)]
+        assert spend.output_tokens == call.usage.output_tokens and spend.cost_usd == call.cost_usd
