@@ -108,6 +108,23 @@ def test_a_node_routes_to_every_node_and_fsyncs_always() -> None:
     text = deploy.render_node(1, nodes=3)
     assert 'server_name: "nats-2"' in text and "sync_interval: always" in text
     assert text.count("nats-route://") == 3 and "tls {" not in text
+    # Routes and monitoring are not authenticated as generated: the file says so (a server that
+    # reached :6222 joined and wrote the event log in a review), and where to read how to.
+    header = text.split("server_name")[0]
+    assert "no authentication" in header and "docs/operations-cluster.md" in header
+
+
+def test_asyncios_tls_eof_warning_is_not_said_and_other_lines_are() -> None:
+    import logging
+
+    from vapora.cli import _NotTlsEofNoise
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.WARNING, "x", 1, message, None, None)
+
+    noise = "returning true from eof_received() has no effect when using ssl"
+    assert not _NotTlsEofNoise().filter(record(noise))
+    assert _NotTlsEofNoise().filter(record("Task exception was never retrieved"))
 
 
 def test_nats_credentials_come_from_the_environment() -> None:

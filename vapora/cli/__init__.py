@@ -813,6 +813,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # httpx logs every request at INFO: one line per provider call is noise, not information.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # asyncio warns on every TLS connection nats-py closes (its stream reader's protocol says
+    # it keeps the connection half open, which TLS cannot): said by every command on a TLS
+    # cluster, and nothing an operator can act on.
+    logging.getLogger("asyncio").addFilter(_NotTlsEofNoise())
     code = _run(args)
     # What is still buffered is written now, where an error can be said (at exit it was a
     # traceback and status 120: `vapora config > /dev/full`).
@@ -826,6 +830,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vapora {args.command}: cannot write the output: {exc}", file=sys.stderr)
         return max(code, 1)
     return code
+
+
+class _NotTlsEofNoise(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using ssl"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
 
 
 def _run(args: argparse.Namespace) -> int:
