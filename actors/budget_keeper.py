@@ -66,7 +66,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -803,34 +803,39 @@ class BudgetKeeper:
         give-backs a second with the tail 50 ms behind). Not read in time
         (:data:`_READ_TO_END_S`, within the router's 2 s): 503, the hold kept (the router
         sends it again)."""
+        await self._read_to(
+            self.log.last_sequence,
+            _READ_TO_END_S,
+            "the budget keeper has not yet read the event log to its end; try again",
+        )
+        if self.fenced_out is not None:
+            raise self._stopped_writing()
+
+    async def _read_to(
+        self, last_of: Callable[[], Awaitable[int]], within: float, late: str
+    ) -> int:
+        """Wait until the tail has folded the log up to ``await last_of()`` (or the keeper is
+        fenced out); that sequence. Not within ``within`` seconds: a 503 saying ``late``."""
         try:
-            with anyio.fail_after(_READ_TO_END_S):
-                last = await self.log.last_sequence()
+            with anyio.fail_after(within):
+                last = await last_of()
                 await self._until(
                     lambda: self.state.last_sequence >= last or self.fenced_out is not None
                 )
         except TimeoutError:
-            raise NoProviderAvailable(
-                "the budget keeper has not yet read the event log to its end; try again"
-            ) from None
-        if self.fenced_out is not None:
-            raise self._stopped_writing()
+            raise NoProviderAvailable(late) from None
+        return last
 
     def _stopped_writing(self) -> ConcurrencyConflict:
         return ConcurrencyConflict(f"this budget keeper stopped writing: {self.fenced_out}")
 
     async def _resync(self) -> None:
         """Catch up with everything on the budget subject; fenced out if any of it is not ours."""
-        try:
-            with anyio.fail_after(self.resync_timeout_s):
-                last = await self._last_on_subject()
-                await self._until(
-                    lambda: self.state.last_sequence >= last or self.fenced_out is not None
-                )
-        except TimeoutError:
-            raise NoProviderAvailable(
-                "the budget keeper cannot confirm its position in the event log; try again"
-            ) from None
+        last = await self._read_to(
+            self._last_on_subject,
+            self.resync_timeout_s,
+            "the budget keeper cannot confirm its position in the event log; try again",
+        )
         if self.fenced_out is None:
             self.fence = max(self.fence, last)
             self._needs_resync = False

@@ -6,7 +6,7 @@ holding budget that nobody will use until they expire."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -25,20 +25,29 @@ KEEPER_TIMEOUT_S = 0.3
 
 
 @contextlib.asynccontextmanager
-async def stalled_keeper(tmp_path: Path) -> AsyncIterator[tuple[Deployment, MoneyProcess]]:
-    """The provider actors, a real keeper in its own process, stopped (SIGSTOP); no router."""
-    async with deployment(tmp_path, config_text, router=False, providers=["claude"]) as dep:
+async def keeper_process(
+    tmp_path: Path, config: Callable[[str], str] = config_text
+) -> AsyncIterator[tuple[Deployment, MoneyProcess]]:
+    """The claude provider actor and a real keeper in its own process, serving; no router."""
+    async with deployment(tmp_path, config, router=False, providers=["claude"]) as dep:
         data_dir = tmp_path / "money"
         data_dir.mkdir()
         money = MoneyProcess(dep.server.url, data_dir, daily_cents=10_000)
         await money.start()
         try:
             await status(dep.nc)
-            money.pause()
             yield dep, money
         finally:
             money.resume()
             await money.stop()
+
+
+@contextlib.asynccontextmanager
+async def stalled_keeper(tmp_path: Path) -> AsyncIterator[tuple[Deployment, MoneyProcess]]:
+    """:func:`keeper_process`, its keeper stopped (SIGSTOP)."""
+    async with keeper_process(tmp_path) as (dep, money):
+        money.pause()
+        yield dep, money
 
 
 @contextlib.asynccontextmanager
@@ -108,45 +117,40 @@ async def test_a_release_sent_while_no_keeper_runs_reaches_the_keeper_that_comes
     # The keeper is killed while the call runs, so the release finds no keeper; before, it was
     # lost and the hold stayed until it expired (120 s), its budget unusable meanwhile.
     models = {"claude": "claude-opus-4-5-slow-1500-error-400"}
-    text = lambda url: config_text(url, models=models)  # noqa: E731
-    async with deployment(tmp_path, text, router=False, providers=["claude"]) as dep:
-        data_dir = tmp_path / "money"
-        data_dir.mkdir()
-        money = MoneyProcess(dep.server.url, data_dir, daily_cents=10_000)
-        await money.start()
-        try:
-            await status(dep.nc)
-            # A keeper that answers (this test is not about a slow one).
-            async with router(dep, lease=False, keeper_timeout_s=5):
-                async with anyio.create_task_group() as tg:
+    config = lambda url: config_text(url, models=models)  # noqa: E731
+    async with (
+        keeper_process(tmp_path, config) as (dep, money),
+        # A keeper that answers (this test is not about a slow one).
+        router(dep, lease=False, keeper_timeout_s=5),
+    ):
+        async with anyio.create_task_group() as tg:
 
-                    async def call() -> None:
-                        with pytest.raises(ProviderRejected):
-                            await dep.client.complete(
-                                prompt="hi", provider="claude", task_id="gone"
-                            )
+            async def call() -> None:
+                with pytest.raises(ProviderRejected):
+                    await dep.client.complete(prompt="hi", provider="claude", task_id="gone")
 
-                    tg.start_soon(call)
+            tg.start_soon(call)
 
-                    async def reserved() -> list[BudgetReserved]:
-                        events = await dep.events_of("gone")
-                        return [e for e in events if isinstance(e, BudgetReserved)]
-
-                    [held] = await eventually(reserved, within=10)
-                    money.kill()
-                # The call failed and its release went out while no keeper listened.
+            async def reserved() -> list[BudgetReserved]:
                 events = await dep.events_of("gone")
-                assert not [e for e in events if isinstance(e, BudgetReleased)]
-                money = MoneyProcess(dep.server.url, data_dir, daily_cents=10_000)
-                await money.start()
+                return [e for e in events if isinstance(e, BudgetReserved)]
 
-                async def released() -> list[BudgetReleased]:
-                    events = await dep.events_of("gone")
-                    return [e for e in events if isinstance(e, BudgetReleased)]
+            [held] = await eventually(reserved, within=10)
+            money.kill()
+        # The call failed and its release went out while no keeper listened.
+        events = await dep.events_of("gone")
+        assert not [e for e in events if isinstance(e, BudgetReleased)]
+        again = MoneyProcess(dep.server.url, money.data_dir, daily_cents=10_000)
+        await again.start()
+        try:
 
-                [back] = await eventually(released, within=20)
-                assert (back.reservation_id, back.reason) == (held.reservation_id, "failed")
-                after = await status(dep.nc)
-                assert (after.open_reservations, after.reserved_usd) == (0, 0)
+            async def released() -> list[BudgetReleased]:
+                events = await dep.events_of("gone")
+                return [e for e in events if isinstance(e, BudgetReleased)]
+
+            [back] = await eventually(released, within=20)
+            assert (back.reservation_id, back.reason) == (held.reservation_id, "failed")
+            after = await status(dep.nc)
+            assert (after.open_reservations, after.reserved_usd) == (0, 0)
         finally:
-            await money.stop()
+            await again.stop()

@@ -7,6 +7,7 @@ the provider bills), from stub servers over real HTTP."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -363,7 +364,26 @@ async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-def _at(port: int, kind: str, timeout: float, max_connections: int = 100) -> Any:
+def _stalling_after(head: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+    """A server's handler that reads the request, sends ``head`` (a status line, headers and
+    the start of a body) and then nothing more, the connection left open."""
+
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(head)
+        await writer.drain()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            writer.close()
+
+    return stalling
+
+
+def _at(
+    port: int, kind: str, timeout: float, max_connections: int = 100, transport: Any = None
+) -> Any:
+    """A ``kind`` client of model gpt-4o for a server on ``port`` (``transport``: its own)."""
     from tests.providers.conftest import price_of
     from vapora.providers import make_client
 
@@ -376,25 +396,31 @@ def _at(port: int, kind: str, timeout: float, max_connections: int = 100) -> Any
         base_url=f"http://127.0.0.1:{port}/v1",
         timeout=timeout,
         max_connections=max_connections,
+        **({"transport": transport} if transport is not None else {}),
     )
 
 
-async def test_a_call_timed_out_after_sending_is_billed_at_its_upper_bound() -> None:
-    """A call the provider had when its time ran out was recorded at $0 (its hold kept, then
-    expired at $0) though the provider finishes and bills it: now at the attempt's upper bound,
-    class ``timeout`` (the router falls back)."""
+async def _timed_out_unanswered(transport: Any = None) -> ProviderTimeout:
+    """The time-out of an openai client's call (0.3 s) to a server that never answers."""
     server = await asyncio.start_server(_silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    made = _at(port, "openai", 0.3)
+    made = _at(server.sockets[0].getsockname()[1], "openai", 0.3, transport=transport)
     try:
         with pytest.raises(ProviderTimeout) as late:
             await made.complete(REQUEST)
     finally:
         await made.aclose()
         server.close()
-    assert late.value.error_type == "timeout" and late.value.fallback
-    assert late.value.usage == upper_bound_usage(REQUEST)
-    assert "upper bound" in late.value.message
+    return late.value
+
+
+async def test_a_call_timed_out_after_sending_is_billed_at_its_upper_bound() -> None:
+    """A call the provider had when its time ran out was recorded at $0 (its hold kept, then
+    expired at $0) though the provider finishes and bills it: now at the attempt's upper bound,
+    class ``timeout`` (the router falls back)."""
+    late = await _timed_out_unanswered()
+    assert late.error_type == "timeout" and late.fallback
+    assert late.usage == upper_bound_usage(REQUEST)
+    assert "upper bound" in late.message
 
 
 async def test_a_call_timed_out_before_sending_is_billed_nothing() -> None:
@@ -604,29 +630,9 @@ async def test_through_httpxs_transport_a_call_sent_is_billed_when_its_time_runs
     out: a time-out after it is billed as with vapora's transport."""
     import httpx
 
-    from tests.providers.conftest import price_of
-    from vapora.providers import make_client
-
-    server = await asyncio.start_server(_silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    made = make_client(
-        name="openai",
-        kind="openai",
-        model="gpt-4o",
-        price=price_of("openai"),
-        api_key="sk-test",
-        base_url=f"http://127.0.0.1:{port}/v1",
-        timeout=0.3,
-        transport=httpx.AsyncHTTPTransport(),
-    )
-    try:
-        with pytest.raises(ProviderTimeout) as late:
-            await made.complete(REQUEST)
-    finally:
-        await made.aclose()
-        server.close()
-    assert late.value.error_type == "timeout"
-    assert late.value.usage == upper_bound_usage(REQUEST)
+    late = await _timed_out_unanswered(httpx.AsyncHTTPTransport())
+    assert late.error_type == "timeout"
+    assert late.usage == upper_bound_usage(REQUEST)
 
 
 async def test_a_stream_cancelled_before_it_went_out_is_billed_nothing() -> None:
@@ -711,28 +717,9 @@ async def test_a_transport_that_does_not_say_when_it_sends_is_taken_as_having_se
         async def aclose(self) -> None:
             await self.inner.aclose()
 
-    from tests.providers.conftest import price_of
-    from vapora.providers import make_client
-
-    server = await asyncio.start_server(_silent, "127.0.0.1", 0)
-    made = make_client(
-        name="openai",
-        kind="openai",
-        model="gpt-4o",
-        price=price_of("openai"),
-        api_key="sk-test",
-        base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1",
-        timeout=0.3,
-        transport=Wrapped(),
-    )
-    try:
-        with pytest.raises(ProviderTimeout) as late:
-            await made.complete(REQUEST)
-    finally:
-        await made.aclose()
-        server.close()
-    assert late.value.error_type == "timeout"
-    assert late.value.usage == upper_bound_usage(REQUEST)
+    late = await _timed_out_unanswered(Wrapped())
+    assert late.error_type == "timeout"
+    assert late.usage == upper_bound_usage(REQUEST)
 
 
 # --- the fourth review's cases ------------------------------------------------------------------
@@ -923,18 +910,8 @@ async def test_a_redirect_whose_body_stalls_past_the_time_limit_bills_nothing() 
     """A refusal (a redirect, a 429 ...) whose body stalled past the time limit was billed as a
     call that went out and timed out: its upper bound."""
 
-    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(65536)
-        writer.write(
-            b"HTTP/1.1 302 Found\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
-        )
-        await writer.drain()
-        try:
-            await asyncio.sleep(30)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+    head = b"HTTP/1.1 302 Found\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+    server = await asyncio.start_server(_stalling_after(head), "127.0.0.1", 0)
     made = _at(server.sockets[0].getsockname()[1], "openai", 0.5)
     try:
         with pytest.raises(ProviderError) as raised:
@@ -953,19 +930,11 @@ async def test_a_refusal_cancelled_by_its_caller_while_its_body_stalls_bills_not
     bound; its whole upper bound for a model that may reason)."""
     import anyio
 
-    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(65536)
-        writer.write(
-            b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
-            b"content-length: 100\r\n\r\n{"
-        )
-        await writer.drain()
-        try:
-            await asyncio.sleep(30)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+    head = (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+        b"content-length: 100\r\n\r\n{"
+    )
+    server = await asyncio.start_server(_stalling_after(head), "127.0.0.1", 0)
     made = _at(server.sockets[0].getsockname()[1], "openai", 5.0)
     try:
         async with made.stream(REQUEST) as stream:

@@ -24,6 +24,7 @@ import anyio
 from events.contract import Quality, TaskType
 from events.log import EVENT_TYPES
 from vapora import __version__
+from vapora.cli.args import given
 from vapora.config import redact_url
 from vapora.errors import ConfigError, VaporaError
 from vapora.eventloop import run as run_loop
@@ -591,14 +592,14 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--config",
                 metavar="FILE",
-                type=_given,
+                type=given,
                 help="config file (default: $VAPORA_CONFIG or built in)",
             )
         if nats:
             sub.add_argument(
                 "--nats-url",
                 metavar="URL",
-                type=_given,
+                type=given,
                 help="NATS server URL(s), comma-separated (default: $VAPORA_NATS_URL)",
             )
         return sub
@@ -607,7 +608,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--data-dir",
         metavar="DIR",
-        type=_given,
+        type=given,
         help="where the server, ledger and snapshots keep files",
     )
     up.add_argument(
@@ -620,9 +621,9 @@ def _parser() -> argparse.ArgumentParser:
     actor = command("actor", "run one actor in this process")
     actor.add_argument("kind", choices=["router", "provider", "budget", "ledger"])
     actor.add_argument(
-        "--provider", metavar="NAME", type=_given, help="which provider (for `provider`)"
+        "--provider", metavar="NAME", type=given, help="which provider (for `provider`)"
     )
-    actor.add_argument("--data-dir", metavar="DIR", type=_given)
+    actor.add_argument("--data-dir", metavar="DIR", type=given)
 
     ask = command("ask", "send one request through vapora.complete / vapora.stream")
     ask.add_argument("prompt")
@@ -630,7 +631,7 @@ def _parser() -> argparse.ArgumentParser:
         "--task-type", default="GeneralQuery", choices=[t.value for t in TaskType], metavar="TYPE"
     )
     ask.add_argument("--quality", default="Medium", choices=[q.value for q in Quality])
-    ask.add_argument("--provider", type=_given, help="manual override")
+    ask.add_argument("--provider", type=given, help="manual override")
     ask.add_argument("--budget-cents", type=_non_negative_decimal)
     ask.add_argument("--stream", action="store_true")
     ask.add_argument("--json", action="store_true")
@@ -645,28 +646,28 @@ def _parser() -> argparse.ArgumentParser:
     shown.add_argument(
         "--html",
         metavar="FILE",
-        type=_given,
+        type=given,
         help="write a page with charts, from the log (--since/--until apply)",
     )
-    report.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
+    report.add_argument("--data-dir", metavar="DIR", type=given, help=_OFFLINE_HELP)
 
     budget = command("budget", "the budget status and tier")
     budget.add_argument("--json", action="store_true")
-    budget.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
+    budget.add_argument("--data-dir", metavar="DIR", type=given, help=_OFFLINE_HELP)
 
     audit = command("audit", "replay the log, compare with the ledger; exit 1 on any difference")
-    audit.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
+    audit.add_argument("--data-dir", metavar="DIR", type=given, help=_OFFLINE_HELP)
 
     events = command("events", "print the event log")
-    events.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
+    events.add_argument("--data-dir", metavar="DIR", type=given, help=_OFFLINE_HELP)
     events.add_argument("--follow", action="store_true")
     events.add_argument("--type", choices=sorted(EVENT_TYPES), metavar="TYPE")
-    events.add_argument("--task-id", type=_given)
+    events.add_argument("--task-id", type=given)
 
     stream = command(
         "stream", "make the event stream or bring its settings up to date, and print them"
     )
-    stream.add_argument("--data-dir", metavar="DIR", type=_given, help=_OFFLINE_HELP)
+    stream.add_argument("--data-dir", metavar="DIR", type=given, help=_OFFLINE_HELP)
 
     config = command(
         "config", "validate a config file and print what it resolves to", nats=False, config=False
@@ -692,11 +693,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--config",
         metavar="FILE",
-        type=_given,
+        type=given,
         help="with --real: the providers to call (default: $VAPORA_CONFIG or built in); "
         "the simulated demo runs its own config",
     )
-    demo.add_argument("--data-dir", metavar="DIR", type=_given, default="vapora-demo")
+    demo.add_argument("--data-dir", metavar="DIR", type=given, default="vapora-demo")
     demo.add_argument(
         "--requests",
         type=_demo_requests,
@@ -705,14 +706,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--real", action="store_true", help="send a small workload to real providers")
     return parser
-
-
-def _given(text: str) -> str:
-    """A flag's value that must say something: an empty one was taken as not given (``--data-dir
-    ""`` ran on ``./.vapora``, ``--config ""`` on the built-in config)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
 
 
 #: The most requests ``vapora demo --requests`` sends: its workload is made up front, and 10^11

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from vapora.cli.args import given
 from vapora.eventloop import run as run_loop
 
 __all__ = ["add_parser", "cmd_health", "local_instances", "main", "ping_subject"]
@@ -43,11 +44,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="FILE", type=_given, help="config file (default: $VAPORA_CONFIG)"
+        "--config", metavar="FILE", type=given, help="config file (default: $VAPORA_CONFIG)"
     )
-    parser.add_argument("--nats-url", metavar="URL", type=_given, help="default: $VAPORA_NATS_URL")
+    parser.add_argument("--nats-url", metavar="URL", type=given, help="default: $VAPORA_NATS_URL")
     parser.add_argument(
-        "--service", metavar="NAME", type=_given, help="ping only services called NAME"
+        "--service", metavar="NAME", type=given, help="ping only services called NAME"
     )
     parser.add_argument(
         "--timeout",
@@ -56,13 +57,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long to wait (default 3; more than 0, at most 3600)",
     )
-
-
-def _given(text: str) -> str:
-    """A value that says something (``--service ""`` pinged every service)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
 
 
 def _seconds(text: str) -> float:
