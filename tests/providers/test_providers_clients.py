@@ -119,6 +119,39 @@ async def test_messages_with_system_reach_the_model(kind: str, client_for: Clien
     assert done.usage.input_tokens == 11
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_conversation_of_system_messages_only_is_answered(
+    kind: str, streaming: bool, client_for: ClientFactory, sim: Simulator
+) -> None:
+    """OpenAI and Ollama answer a conversation of system messages alone; Anthropic and Gemini
+    refuse one with no turn (400: "at least one message is required", "contents is not
+    specified"), so the provider a task was routed to decided whether it failed. Their
+    clients send the system text as the one user turn."""
+    client = client_for(kind)
+    request = ProviderRequest(
+        messages=[ChatMessage(role="system", content="alpha beta")], system="gamma"
+    )
+
+    if streaming:
+        async with client.stream(request) as stream:
+            _ = [text async for text in stream]
+        done = stream.completion
+    else:
+        done = await client.complete(request)
+
+    assert done is not None and done.text
+    body = msgspec.json.decode(sim.app.requests[-1].body)
+    if kind == "anthropic":
+        assert body["messages"] == [{"role": "user", "content": "gamma\n\nalpha beta"}]
+        assert "system" not in body
+    elif kind == "gemini":
+        assert body["contents"] == [{"role": "user", "parts": [{"text": "gamma\n\nalpha beta"}]}]
+        assert "systemInstruction" not in body
+    if kind in ("anthropic", "gemini"):
+        assert done.text == "gamma alpha beta"  # the simulator echoes the user turn's words
+
+
 @pytest.mark.parametrize(("kind", "suffix"), [("openai", "nousage"), ("ollama", "nocounts")])
 async def test_unreported_usage_is_estimated_and_flagged(
     kind: str, suffix: str, client_for: ClientFactory

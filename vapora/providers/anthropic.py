@@ -83,16 +83,12 @@ class AnthropicClient(ProviderClient):
         return "/v1/messages"
 
     def _body(self, request: ProviderRequest, model: str, stream: bool) -> dict[str, Any]:
+        system, turns = request.system_and_turns()
         body: dict[str, Any] = {
             "model": model,
             "max_tokens": request.output_limit,
-            "messages": [
-                {"role": role, "content": content}
-                for role, content in request.turns()
-                if role != "system"
-            ],
+            "messages": [{"role": role, "content": content} for role, content in turns],
         }
-        system = request.system_text()
         if system is not None:
             body["system"] = system
         if stream:

@@ -95,16 +95,12 @@ class GeminiClient(ProviderClient):
         return f"{prefix}/models/{name}:{method}"
 
     def _body(self, request: ProviderRequest, model: str, stream: bool) -> dict[str, Any]:
-        contents = [
-            {"role": _ROLES[role], "parts": [{"text": content}]}
-            for role, content in request.turns()
-            if role != "system"
-        ]
+        system, turns = request.system_and_turns()
+        contents = [{"role": _ROLES[role], "parts": [{"text": content}]} for role, content in turns]
         config: dict[str, Any] = {"maxOutputTokens": request.output_limit}
         if request.temperature is not None:
             config["temperature"] = request.temperature
         body: dict[str, Any] = {"contents": contents}
-        system = request.system_text()
         if system is not None:
             body["systemInstruction"] = {"parts": [{"text": system}], "role": "user"}
         body["generationConfig"] = config

@@ -148,6 +148,18 @@ class ProviderRequest:
         parts += [content for role, content in self.turns() if role == "system"]
         return "\n\n".join(parts) if parts else None
 
+    def system_and_turns(self) -> tuple[str | None, list[tuple[str, str]]]:
+        """For APIs with a separate system field (Anthropic's ``system``, Gemini's
+        ``systemInstruction``): :meth:`system_text` and the other turns. A conversation of
+        system messages only (which OpenAI and Ollama answer) is sent as one user turn of that
+        text and no system field: those APIs refuse a conversation with no turn (HTTP 400,
+        "at least one message is required", "contents is not specified")."""
+        system = self.system_text()
+        turns = [(role, content) for role, content in self.turns() if role != "system"]
+        if not turns and system is not None:
+            return None, [("user", system)]
+        return system, turns
+
     def input_chars(self) -> int:
         return len(self.system or "") + sum(len(content) for _, content in self.turns())
 
