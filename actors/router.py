@@ -165,6 +165,9 @@ log = logging.getLogger("vapora.router")
 _SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 _SERVICE_ERROR = "Nats-Service-Error"
 _TASK_SPEND_ENTRIES = 100_000
+#: Recent events' tasks kept for the tier changes they may cause (the keeper appends the change
+#: right after it reads the event).
+_EVENT_TASKS = 4096
 #: How far back a starting router reads the tasks' spend (for their per-task caps).
 TASK_SPEND_WINDOW = timedelta(hours=1)
 LEASE_TTL_S = 300.0
@@ -389,6 +392,9 @@ class RouterActor:
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
         self.tier = Tier.NORMAL
         self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
+        # The task of each recent event that names one (a spend, a reservation), by event id:
+        # a tier change's log line names the task whose event moved the tier (its causation).
+        self._event_tasks: OrderedDict[str, str] = OrderedDict()
         # Capped tasks' money this router has committed and not yet seen recorded in the log:
         # upper bounds of attempts in flight (and of silent ones, which may have been billed),
         # actual costs of answered attempts until their spend_recorded reaches the tail. With
@@ -604,12 +610,19 @@ class RouterActor:
                 if live:
                     _observe_enforcement(event.to_tier, "tier_changed")
                     # Its line in the trace the change was made in (the task that moved it).
-                    with (
-                        tracing.process_span(*stored, group="router")
-                        if tracing.enabled()
-                        else contextlib.nullcontext()
-                    ):
-                        log.info("budget tier %s -> %s", event.from_tier.value, event.to_tier.value)
+                    cause = event.causation_id
+                    token = TASK_ID.set(self._event_tasks.get(cause) if cause else None)
+                    try:
+                        with (
+                            tracing.process_span(*stored, group="router")
+                            if tracing.enabled()
+                            else contextlib.nullcontext()
+                        ):
+                            log.info(
+                                "budget tier %s -> %s", event.from_tier.value, event.to_tier.value
+                            )
+                    finally:
+                        TASK_ID.reset(token)
             case SpendRecorded():
                 spend = self.task_spend
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
@@ -620,6 +633,12 @@ class RouterActor:
                     self._add_pending(event.task_id, -min(pending, event.cost_usd))
             case _:
                 pass
+        task_id = getattr(event, "task_id", None)
+        if task_id is not None and live:
+            tasks = self._event_tasks
+            tasks[event.id] = task_id
+            if len(tasks) > _EVENT_TASKS:
+                tasks.popitem(last=False)
 
     def _view(self, event: ProviderHealthChanged) -> ProviderView:
         """The provider's view from what each of its instances said last

@@ -201,17 +201,18 @@ def _producer(
     build: Callable[[], tuple[str, messaging.Attributes]],
 ) -> tuple[Span, dict[str, str]]:
     """A started PRODUCER span named and attributed by ``build`` under the current span, and
-    the headers carrying its context; in a trace sampled out, no span (the current one, whose
-    ending is a no-op) and the unsampled context's headers."""
+    the headers carrying its W3C trace context (stored with the events: never the caller's
+    baggage); in a trace sampled out, no span (the current one, whose ending is a no-op) and
+    the unsampled context's headers."""
     headers: dict[str, str] = {}
     current = current_span()
     parent = current.get_span_context()
     if sampled_out(parent):
-        w3c.inject(headers, current)
+        w3c.inject_trace_context(headers, current)
         return current, headers
     name, attributes = build()
     span = STATE.start_span(name, SpanKind.PRODUCER, attributes, parent, ())
-    w3c.inject(headers, span)
+    w3c.inject_trace_context(headers, span)  # stored with the event: no baggage
     return span, headers
 
 

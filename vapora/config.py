@@ -616,6 +616,16 @@ def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
     return url.rstrip("/")
 
 
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` is not an ``http(s)://host[:port]`` URL (its password never shown), or None:
+    the check of the file's ``telemetry.otlp_endpoint``, for a variable that names one."""
+    try:
+        _check_url("", url, _HTTP_SCHEMES)
+    except _Invalid as exc:
+        return exc.problem
+    return None
+
+
 #: URL schemes nats-py reaches only through aiohttp (not a dependency of vapora).
 _NEEDS_AIOHTTP: Final = frozenset({"ws", "wss"})
 

@@ -184,6 +184,10 @@ class ProviderError(VaporaError):
         # text included); anything else is no type.
         self.error_type = error_type if is_error_type(error_type) else None
         self.usage = usage or Usage()
+        # Whether vapora estimated (bounded) any of ``usage``'s counts: the provider stated
+        # none (a cut stream, a time-out, a body that broke off). The GenAI token metric leaves
+        # such counts out, as the conventions ask; the spend is recorded either way.
+        self.usage_estimated = False
 
     def __repr__(self) -> str:
         return (

@@ -268,6 +268,29 @@ async def test_each_providers_span_follows_the_genai_conventions(
         assert "error.type" not in a
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_reasoning_tokens_a_provider_reports_are_on_the_span(
+    tmp_path: Path, recorded: Recorded, stream: bool
+) -> None:
+    """``gen_ai.usage.reasoning.output_tokens`` (v1.41, "recommended when applicable"): OpenAI's
+    ``reasoning_tokens`` and Gemini's ``thoughtsTokenCount``, a subset of the output. Claude
+    counts its thinking in the output without a count of its own, Ollama reports none."""
+    models = {name: f"{model}-thoughts-7" for name, model in MODELS.items()}
+    async with deployment(tmp_path, lambda url: config_text(url, models=models)) as dep:
+        for name in SPEC_PROVIDER:
+            if stream:
+                async with dep.client.stream(prompt=PROMPT, provider=name) as s:
+                    assert "".join([t async for t in s])
+            else:
+                assert (await dep.client.complete(prompt=PROMPT, provider=name)).text
+    spans = {str(s.attributes["vapora.provider"]): s.attributes for s in recorded.genai_spans()}
+    key = "gen_ai.usage.reasoning.output_tokens"
+    for name in ("openai", "gemini"):
+        assert spans[name][key] == 7, name
+        assert spans[name]["gen_ai.usage.output_tokens"] > 7  # the answer's own tokens too
+    assert key not in spans["claude"] and key not in spans["ollama"]
+
+
 async def test_anthropics_input_tokens_include_its_cache_tokens(
     tmp_path: Path, recorded: Recorded
 ) -> None:
@@ -337,6 +360,30 @@ async def test_a_failed_call_has_error_type_and_the_duration_metric_says_so(
     assert point.attributes["error.type"] == span.attributes["error.type"]
     assert point.attributes["gen_ai.provider.name"] == SPEC_PROVIDER[name][0]
     assert recorded.metric("gen_ai.client.token.usage") is None  # no usage: not reported
+
+
+async def test_counts_vapora_estimated_are_billed_but_not_in_the_genai_token_metric(
+    tmp_path: Path, recorded: Recorded
+) -> None:
+    """A stream that ended without its usage chunk: vapora bounds the counts (billed, flagged)
+    and the GenAI token histogram took them as the provider's, though the conventions say it
+    "MUST NOT" be reported when usage cannot be obtained."""
+    models = {**MODELS, "openai": "gpt-4-nousage"}
+    async with (
+        deployment(tmp_path, lambda url: config_text(url, models=models)) as dep,
+        dep.client.stream(prompt="one two three", provider="openai") as s,
+    ):
+        async for _ in s:
+            pass
+    [span] = recorded.genai_spans()
+    assert span.attributes["vapora.usage.estimated"] is True
+    assert span.attributes["gen_ai.usage.output_tokens"] > 0  # billed, on the span
+    assert recorded.metric("gen_ai.client.token.usage") is None
+    tokens = recorded.metric("vapora_llm_provider_tokens_total")  # what the ledger bills
+    assert tokens is not None
+    assert sum(p.value for p in tokens.data.data_points) == (
+        span.attributes["gen_ai.usage.input_tokens"] + span.attributes["gen_ai.usage.output_tokens"]
+    )
 
 
 # --- the metrics ------------------------------------------------------------------------------

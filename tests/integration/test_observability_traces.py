@@ -250,6 +250,36 @@ async def test_a_sampled_out_task_records_no_span_anywhere_but_keeps_one_trace_i
     assert all(int(h["traceparent"].split("-")[3], 16) & 1 == 0 for h in stored)  # not sampled
 
 
+@pytest.mark.parametrize("ratio", [1.0, 0.0], ids=["sampled", "sampled-out"])
+async def test_a_callers_baggage_reaches_the_actors_but_is_never_stored_with_the_events(
+    tmp_path: Path, ratio: float
+) -> None:
+    """The events of a task whose caller sent baggage (a user or tenant id, up to 8 KB) each
+    stored it, in a stream that is never deleted; they carry their trace context alone."""
+    from opentelemetry import baggage, context
+
+    telemetry = setup(TelemetryConfig(enabled=True, sample_ratio=ratio), env={}, span_exporters=[])
+    try:
+        async with separate_deployment(tmp_path, guide()) as dep:
+            tracer = telemetry.tracer_provider.get_tracer("a-service")  # type: ignore[union-attr]
+            token = context.attach(baggage.set_baggage("user", "alice" * 100))
+            try:
+                with tracer.start_as_current_span("caller") as caller:
+                    await dep.client.complete(
+                        prompt="hi", task_type="CodeGeneration", task_id="b-0"
+                    )
+            finally:
+                context.detach(token)
+            await dep.ledger_caught_up()
+            stored = [h for _, e, h in await dep.events() if e_task(e) == "b-0"]
+    finally:
+        telemetry.shutdown()
+    assert len(stored) >= 4
+    assert all("baggage" not in h for h in stored), [sorted(h) for h in stored]
+    trace_hex = f"{caller.get_span_context().trace_id:032x}"
+    assert {h["traceparent"].split("-")[1] for h in stored} == {trace_hex}
+
+
 async def test_a_stream_its_caller_cancels_keeps_the_cancel_in_its_trace(
     tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
@@ -325,6 +355,9 @@ async def test_a_tier_change_a_settled_spend_caused_is_in_that_tasks_trace(
     lines = [r for r in caplog.records if "budget tier" in r.getMessage()]
     keeper = [r for r in lines if r.name == "vapora.budget"]
     assert keeper and all(r.task_id == "tiered" for r in keeper)  # type: ignore[attr-defined]
+    # The router's line for the same change names the task too (it said `task=-`).
+    router = [r for r in lines if r.name == "vapora.router"]
+    assert router and all(r.task_id == "tiered" for r in router)  # type: ignore[attr-defined]
     assert all(r.trace_id != "-" for r in lines)  # type: ignore[attr-defined]
 
 

@@ -420,6 +420,7 @@ async def test_a_call_timed_out_after_sending_is_billed_at_its_upper_bound() -> 
     late = await _timed_out_unanswered()
     assert late.error_type == "timeout" and late.fallback
     assert late.usage == upper_bound_usage(REQUEST)
+    assert late.usage_estimated is True
     assert "upper bound" in late.message
 
 
@@ -576,6 +577,7 @@ async def test_a_whole_json_answer_to_a_stream_cut_while_read_is_billed_as_a_cut
     failed = await _stream_outcome("openai", cut, request)
     assert failed.error_type == "answer_cut" and failed.fallback
     assert failed.usage == upper_bound_usage(request)
+    assert failed.usage_estimated is True
 
 
 async def test_through_an_https_proxy_a_call_stuck_at_connect_is_billed_nothing(

@@ -271,6 +271,37 @@ def test_an_uninstalled_propagator_is_said_and_trace_context_still_travels(
     assert repr(value) in said and "b3" in said and used in said
 
 
+_HOPS = """
+from opentelemetry import baggage, context, trace
+from opentelemetry.sdk.trace import TracerProvider
+from vapora.telemetry import w3c
+from vapora.telemetry.messaging import request_span
+tracer = TracerProvider().get_tracer("a-service")
+token = context.attach(baggage.set_baggage("user", "alice"))  # through the propagators' path
+with tracer.start_as_current_span("caller") as span:
+    with request_span("vapora.complete") as headers:
+        sent = dict(headers)
+context.detach(token)
+parent = trace.get_current_span(w3c.extract(sent)).get_span_context()
+print(sent["traceparent"].split("-")[1] == f"{span.get_span_context().trace_id:032x}")
+print(parent.trace_id == span.get_span_context().trace_id, "baggage" in sent)
+"""
+
+
+@pytest.mark.parametrize("value", ["none", "baggage"])
+def test_a_propagator_set_without_trace_context_still_makes_one_trace_per_task(
+    value: str,
+) -> None:
+    """``OTEL_PROPAGATORS=none`` (a valid value) split every task into a trace per actor: no
+    hop carried the context, and nothing said so."""
+    env = {**os.environ, "OTEL_PROPAGATORS": value, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _HOPS], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", str(value == "baggage")]
+
+
 def test_a_trace_context_header_past_the_w3c_limits_is_not_read_nor_logged_whole(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -136,6 +137,62 @@ def test_otlp_exports_spans_and_metrics_to_the_collector_in_the_environment(
     assert received.span_names() == ["publish vapora.otlp-test"]
     metrics = b"".join(body for path, body in received if path == "/v1/metrics")
     assert b"vapora_llm_routing_decisions_total" in metrics
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+)
+def test_an_otlp_endpoint_variable_that_is_no_url_is_said_and_not_used(
+    variable: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``collector:4318`` (no scheme) failed every export ("No connection adapters were
+    found"), the variable never named; the file's ``otlp_endpoint`` is refused in that case."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    monkeypatch.setenv(variable, "collector:4318")  # the SDK's exporter reads it too
+    with collector() as (endpoint, received), caplog.at_level(logging.WARNING):
+        telemetry = setup(
+            TelemetryConfig(enabled=True, exporter="otlp", otlp_endpoint=endpoint),
+            env={**os.environ, "OTEL_METRICS_EXPORTER": "none"},
+        )
+        with tracing.publish_span("vapora.otlp-test"):
+            pass
+        telemetry.shutdown()
+    assert received.span_names() == ["publish vapora.otlp-test"]  # to the file's collector
+    [said] = [r.getMessage() for r in caplog.records if variable + " " in r.getMessage()]
+    assert "collector:4318" in said and "not used" in said
+
+
+@pytest.mark.parametrize("value", ["grpc", "http/json"])
+def test_an_otlp_protocol_other_than_http_protobuf_is_said(
+    value: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``grpc`` was ignored without a word: an operator pointing at a gRPC collector got no
+    traces and no reason."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    with caplog.at_level(logging.WARNING):
+        telemetry = setup(
+            TelemetryConfig(enabled=True, exporter="otlp", otlp_endpoint="http://127.0.0.1:9"),
+            env={"OTEL_EXPORTER_OTLP_PROTOCOL": value, "OTEL_METRICS_EXPORTER": "otlp"},
+        )
+    telemetry.shutdown()
+    said = [
+        r.getMessage() for r in caplog.records if "OTEL_EXPORTER_OTLP_PROTOCOL" in r.getMessage()
+    ]
+    assert len(said) == 2 and all(repr(value) in w and "http/protobuf" in w for w in said)
+    assert {"spans" in w for w in said} == {True, False}  # one for each signal
+
+
+def test_the_otlp_protocol_http_protobuf_is_said_nothing_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    with caplog.at_level(logging.WARNING):
+        telemetry = setup(
+            TelemetryConfig(enabled=True, exporter="otlp", otlp_endpoint="http://127.0.0.1:9"),
+            env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"},
+        )
+    telemetry.shutdown()
+    assert not [r for r in caplog.records if "PROTOCOL" in r.getMessage()]
 
 
 def test_a_malformed_otlp_header_is_said_without_its_value(

@@ -45,7 +45,7 @@ import anyio
 import httpx
 import msgspec
 
-from events.contract import Price
+from events.contract import Price, Usage
 from vapora.config import redact_url
 from vapora.errors import (
     ConfigError,
@@ -463,8 +463,7 @@ class ProviderClient(ABC):
         output limit: what the answer held is not known); the router falls back as for the
         failure itself (before 2026-11-27: recorded at $0)."""
         turn.unseen_output = True
-        usage, _ = turn.usage(request)
-        error.usage = usage
+        error.usage, error.usage_estimated = turn.usage(request)
         return error
 
     def _unread(self, error: ProviderError, request: ProviderRequest) -> ProviderError:
@@ -474,15 +473,15 @@ class ProviderClient(ABC):
         output limit), so that the spend is recorded and the budget keeps it; the router falls
         back as for the failure itself."""
         kind = type(error) if isinstance(error, ProviderTimeout) else ProviderUnavailable
-        return self._fail(
-            kind(
-                f"{error.message}, reading the body of its answer (HTTP 2xx): billed by the "
-                "provider, recorded at the attempt's upper bound",
-                provider=self.name,
-                error_type="answer_cut" if kind is ProviderUnavailable else error.error_type,
-                usage=upper_bound_usage(request, request.model or self.model),
-            )
+        bounded = kind(
+            f"{error.message}, reading the body of its answer (HTTP 2xx): billed by the "
+            "provider, recorded at the attempt's upper bound",
+            provider=self.name,
+            error_type="answer_cut" if kind is ProviderUnavailable else error.error_type,
+            usage=upper_bound_usage(request, request.model or self.model),
         )
+        bounded.usage_estimated = True
+        return self._fail(bounded)
 
     def _timeout(self, limit: float, sent: bool = True) -> ProviderError:
         """The time limit ran out: after the request went out (``timeout``: the provider may
@@ -510,15 +509,15 @@ class ProviderClient(ABC):
         attempt's upper bound (its whole input bound and output limit), so that the spend is
         recorded and the budget keeps it (before 2026-11-27: recorded at $0, and the attempt's
         hold expired); the router falls back as for any time-out."""
-        return self._fail(
-            ProviderTimeout(
-                f"{error.message}; the provider had the request and may still answer and bill "
-                "it: recorded at the attempt's upper bound",
-                provider=self.name,
-                error_type=error.error_type,
-                usage=upper_bound_usage(request, request.model or self.model),
-            )
+        bounded = ProviderTimeout(
+            f"{error.message}; the provider had the request and may still answer and bill "
+            "it: recorded at the attempt's upper bound",
+            provider=self.name,
+            error_type=error.error_type,
+            usage=upper_bound_usage(request, request.model or self.model),
         )
+        bounded.usage_estimated = True
+        return self._fail(bounded)
 
     def _decode(self, content: bytes) -> Any:
         try:
@@ -635,6 +634,7 @@ class ProviderClient(ABC):
             response_id=turn.response_id,
             chunks=chunks,
             usage_estimated=estimated,
+            reasoning_tokens=_reasoning(turn, usage, estimated),
         )
 
     def _read_frames(self, frames: list[Frame], turn: Turn) -> None:
@@ -1070,3 +1070,12 @@ def _status_class(status: int) -> type[ProviderError]:
     if status < 400:
         return ProviderConfigError
     return ProviderUnavailable if status >= 500 else ProviderRejected
+
+
+def _reasoning(turn: Turn, usage: Usage, estimated: bool) -> int | None:
+    """The reasoning count the provider reported, when it is one of the output counted:
+    at most the output, whose count is the provider's too."""
+    count = turn.reasoning_tokens
+    if count is None or estimated or count > usage.output_tokens:
+        return None
+    return count

@@ -233,6 +233,7 @@ def _output(turn: Turn, candidates: Any, thoughts: Any, text: str) -> None:
     may think stays bounded."""
     if thoughts is not None and (text or turn.parts):
         turn.unseen_output = False
+    turn.reasoning_tokens = count_sum(thoughts) if thoughts is not None else None
     turn.running_output = not turn.done  # every chunk's counts so far; the last one's final
     if candidates is None:
         turn.output_tokens = None

@@ -55,6 +55,7 @@ class _Usage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: Any = None  # read as it comes: only its reasoning count is used
 
 
 class _Chunk(msgspec.Struct):
@@ -192,6 +193,7 @@ def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
         turn.output_tokens = count_sum(usage.completion_tokens)
         turn.cache_read = (details.cached_tokens or 0) if details else 0
         turn.cache_write = (details.cache_write_tokens or 0) if details else 0
+        turn.reasoning_tokens = _reasoning(usage.completion_tokens_details)
         _running(turn)
     if choice is None:
         return None
@@ -253,3 +255,10 @@ def _apply_usage(turn: Turn, usage: Any) -> None:
     # As reported: a count that is not one is the usage's check to catch (Turn.usage).
     turn.cache_read = details.get("cached_tokens") or 0
     turn.cache_write = details.get("cache_write_tokens") or 0
+    turn.reasoning_tokens = _reasoning(usage.get("completion_tokens_details"))
+
+
+def _reasoning(details: Any) -> int | None:
+    """``completion_tokens_details.reasoning_tokens`` (of the output: o-series, GPT-5), or None."""
+    count = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return count_sum(count) if count is not None else None

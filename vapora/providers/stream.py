@@ -215,7 +215,7 @@ class CompletionStream:
         turn = self._turn
         # Nothing went out (cancelled while connecting): nothing to bill.
         billed = turn.answered or (turn.sent and not turn.refused)  # (a refusal bills nothing)
-        usage = turn.usage(self._request)[0] if billed else Usage()
+        usage, estimated = turn.usage(self._request) if billed else (Usage(), False)
         broken = StreamBroken(
             f"{self._client.name}: the caller stopped reading the stream "
             f"(after {self._count} chunks)",
@@ -225,6 +225,7 @@ class CompletionStream:
             error_type=CALLER_CANCELLED,
             usage=usage,
         )
+        broken.usage_estimated = estimated
         return self._client._fail(broken)
 
     def _failed(self, error: ProviderError) -> ProviderError:
@@ -240,9 +241,9 @@ class CompletionStream:
             # provider may still make and bill (before 2026-11-27: recorded at $0).
             billed = turn.answered or (turn.sent and not turn.refused and sent_timeout(error))
             if billed and not (error.usage.input_tokens or error.usage.output_tokens):
-                error.usage, _ = turn.usage(self._request)
+                error.usage, error.usage_estimated = turn.usage(self._request)
             return self._client._fail(error)
-        usage, _ = turn.usage(self._request)
+        usage, estimated = turn.usage(self._request)
         broken = StreamBroken(
             f"{error.message} (after {self._count} chunks)",
             partial_text=self.text,
@@ -252,5 +253,6 @@ class CompletionStream:
             error_type=error.error_type,
             usage=usage,
         )
+        broken.usage_estimated = estimated
         broken.__cause__ = error
         return self._client._fail(broken)

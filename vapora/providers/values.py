@@ -252,6 +252,10 @@ class Completion:
     response_id: str | None = None
     chunks: int = 0
     usage_estimated: bool = False
+    #: Of the output, the tokens the model spent reasoning, as the provider reported them
+    #: (OpenAI's ``reasoning_tokens``, Gemini's ``thoughtsTokenCount``); None when it did not
+    #: (Anthropic counts thinking in the output without a count of its own).
+    reasoning_tokens: int | None = None
 
     def to_call_result(self) -> ProviderCallResult:
         """This completion as the provider actor's reply to the router."""
@@ -292,6 +296,8 @@ class Turn:
     output_tokens: int | None = None
     cache_read: int = 0
     cache_write: int = 0
+    # Of the output, the reasoning tokens as reported (None: not reported).
+    reasoning_tokens: int | None = None
     #: Of ``cache_write``, written for an hour (Anthropic's ``ephemeral_1h_input_tokens``).
     cache_write_1h: int = 0
     #: Output counted apart from the text's, added when the text's count is estimated (Gemini's

@@ -193,6 +193,8 @@ def response_attributes(done: Completion, names: GenAINames) -> dict[str, Any]:
         attributes[names.response_finish_reasons] = (done.finish_reason,)
     if done.usage_estimated:
         attributes[VAPORA.usage_estimated] = True
+    if done.reasoning_tokens is not None:
+        attributes[names.usage_reasoning_output_tokens] = done.reasoning_tokens
     return attributes
 
 
@@ -305,6 +307,7 @@ class ProviderCallTelemetry:
                     time_to_first_chunk_s=first if self.spec.stream else None,
                     usage=done.usage,
                     cost_usd=done.cost_usd,
+                    usage_estimated=done.usage_estimated,
                 )
             )
 
@@ -332,6 +335,8 @@ class ProviderCallTelemetry:
                 attributes[names.usage_cache_read_input_tokens] = billed.cache_read_tokens
                 attributes[names.usage_cache_creation_input_tokens] = billed.cache_write_tokens
                 attributes[VAPORA.cost_usd] = plain_decimal(billed_usd)
+                if getattr(exc, "usage_estimated", False):
+                    attributes[VAPORA.usage_estimated] = True
             if first is not None:
                 attributes[names.response_time_to_first_chunk] = first
             self.span.set_attributes(attributes)
@@ -349,6 +354,7 @@ class ProviderCallTelemetry:
                     usage=billed,
                     cost_usd=billed_usd,
                     error_type=kind,
+                    usage_estimated=getattr(exc, "usage_estimated", False),
                 )
             )
 

@@ -34,7 +34,8 @@ class CallOutcome:
 
     ``genai``: the GenAI metric attributes (operation, provider, request model, server, and the
     response model on success). ``status``: ``ok`` or the error class. ``error_type``: the
-    GenAI ``error.type`` on failure. ``usage``: billed tokens (``None`` when unknown).
+    GenAI ``error.type`` on failure. ``usage``: billed tokens (``None`` when unknown);
+    ``usage_estimated``: some of its counts are vapora's bounds, not the provider's.
     """
 
     genai: Attributes
@@ -46,6 +47,7 @@ class CallOutcome:
     usage: Usage | None = None
     cost_usd: Decimal = Decimal(0)
     error_type: str | None = None
+    usage_estimated: bool = False
 
 
 Key = tuple[tuple[str, str], ...]
@@ -193,8 +195,13 @@ class Instruments:
             self.spend.add(call.cost_usd, (provider, task_type))
 
     def _tokens(self, call: CallOutcome, usage: Usage, key: tuple[object, ...]) -> None:
+        """The GenAI token histogram takes the provider's counts only ("if usage cannot be
+        obtained, the metric MUST NOT be reported" unless offline counting is asked for);
+        vapora's token counter takes what was billed, estimates included, as the ledger does."""
         for kind, count in ((TOKEN_INPUT, usage.input_tokens), (TOKEN_OUTPUT, usage.output_tokens)):
-            self.token_usage.record(count, (key, kind), {**call.genai, self.names.token_type: kind})
+            if not call.usage_estimated:
+                attributes = {**call.genai, self.names.token_type: kind}
+                self.token_usage.record(count, (key, kind), attributes)
             if count:
                 self.tokens.add(count, ((METRICS.provider, call.provider), (METRICS.type, kind)))
 

@@ -59,7 +59,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 
-from vapora.config import TelemetryConfig
+from vapora.config import TelemetryConfig, http_url_problem
 from vapora.errors import ConfigError
 from vapora.telemetry import logs
 from vapora.telemetry.export import SpanBatcher
@@ -298,11 +298,54 @@ def _otlp_endpoint(config: TelemetryConfig, env: Mapping[str, str], signal: str)
     """The collector URL for ``signal`` (``TRACES``/``METRICS``): the signal's own variable as
     it is, else the general variable or the file's ``otlp_endpoint`` plus ``/v1/<signal>``;
     None: the exporter's default (``http://localhost:4318``)."""
-    own = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    _protocol(env, signal)
+    own_name, general_name = f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+    own = _endpoint_variable(env, own_name)
     if own:
         return own
-    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or config.otlp_endpoint
+    base = _endpoint_variable(env, general_name) or config.otlp_endpoint
+    if not base and (env.get(own_name) or env.get(general_name)):
+        base = _DEFAULT_COLLECTOR  # given explicitly: the SDK would read the refused variable
     return f"{base.rstrip('/')}/v1/{signal.lower()}" if base else None
+
+
+_DEFAULT_COLLECTOR = "http://localhost:4318"
+
+
+def _endpoint_variable(env: Mapping[str, str], name: str) -> str | None:
+    """Variable ``name``'s collector URL, or None: unset, or not an ``http(s)://host`` URL (named
+    in the log: ``collector:4318`` failed every export, the variable never named)."""
+    value = env.get(name)
+    if not value:
+        return None
+    problem = http_url_problem(value)
+    if problem is None:
+        return value
+    log.warning("telemetry: %s %s; it is not used", name, problem)
+    return None
+
+
+_PROTOCOL = "http/protobuf"
+
+
+def _protocol(env: Mapping[str, str], signal: str) -> None:
+    """Say that a protocol other than OTLP over HTTP/protobuf is not spoken: ``grpc`` or
+    ``http/json`` in ``OTEL_EXPORTER_OTLP_[<signal>_]PROTOCOL`` were ignored without a word, and
+    an operator pointing at a gRPC collector got no traces and no reason."""
+    for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = env.get(name)
+        if value:
+            if value.strip().lower() != _PROTOCOL:
+                log.warning(
+                    "telemetry: %s=%r is not supported: vapora exports OTLP over %s only (a "
+                    "collector's HTTP port, 4318 by default, path /v1/%s); %s go out so",
+                    name,
+                    value[:64],
+                    _PROTOCOL,
+                    signal.lower(),
+                    "spans" if signal == "TRACES" else "metrics",
+                )
+            return  # the signal's own variable wins over the general one
 
 
 def _missing_otlp(signal: str) -> None:

@@ -51,6 +51,7 @@ class GenAINames:
     usage_output_tokens: str = "gen_ai.usage.output_tokens"
     usage_cache_read_input_tokens: str = "gen_ai.usage.cache_read.input_tokens"
     usage_cache_creation_input_tokens: str = "gen_ai.usage.cache_creation.input_tokens"
+    usage_reasoning_output_tokens: str = "gen_ai.usage.reasoning.output_tokens"
     input_messages: str = "gen_ai.input.messages"
     output_messages: str = "gen_ai.output.messages"
     system_instructions: str = "gen_ai.system_instructions"

@@ -7,7 +7,9 @@ injection, and vapora does each several times per task. When the global propagat
 default one and there is no baggage to carry, the result is exactly a ``traceparent`` (plus
 ``tracestate`` when the span context has one), so these functions write and read that
 themselves. Any other propagator, or baggage in the context or in the headers, goes through
-the global propagator unchanged.
+the global propagator unchanged; when it writes no ``traceparent`` (``OTEL_PROPAGATORS=none``,
+or a set without ``tracecontext``), W3C trace context is added (and read when the propagators
+read no parent): a task is one trace whatever the variable says.
 
 ``opentelemetry.propagate`` is imported on first use, not with this module: importing it loads
 the propagators ``OTEL_PROPAGATORS`` names and raises when one is not installed, which would
@@ -41,6 +43,7 @@ __all__ = [
     "extract",
     "extract_raw",
     "inject",
+    "inject_trace_context",
     "parse_traceparent",
     "plain",
     "raw_traceparent",
@@ -58,6 +61,7 @@ _checked: tuple[TextMapPropagator | None, bool] = (None, False)
 _BAGGAGE_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
 _RAW_TRACEPARENT = b"\r\ntraceparent:"
 _PROPAGATORS_ENV = "OTEL_PROPAGATORS"
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 log = logging.getLogger("vapora.telemetry")
 
@@ -120,8 +124,10 @@ def _plain_w3c() -> bool:
     textmap = _global_textmap()
     if textmap is not _checked[0]:  # checked once per propagator set
         parts = textmap._propagators if isinstance(textmap, CompositePropagator) else [textmap]
-        plain = all(type(p) in _W3C for p in parts) and any(
-            type(p) is TraceContextTextMapPropagator for p in parts
+        # No propagator at all (``OTEL_PROPAGATORS=none``): vapora's hops carry W3C trace
+        # context anyway (see inject), and nothing else.
+        plain = all(type(p) in _W3C for p in parts) and (
+            not parts or any(type(p) is TraceContextTextMapPropagator for p in parts)
         )
         _checked = (textmap, plain)
     return _checked[1]
@@ -153,21 +159,34 @@ def inject(headers: MutableMapping[str, str], span: Span, context: Context | Non
     """Add ``span``'s context to ``headers``; ``context`` is the one ``span`` lives in (the
     current one when None), whose baggage travels too."""
     if _plain_w3c() and not _has_baggage(context):
-        # A span injected before keeps its headers (an unsampled message's context goes out
-        # on every message its handler sends: formatted once).
-        made = getattr(span, "_vapora_headers", None)
-        if made is None:
-            made = _headers_of(span.get_span_context())
-            try:  # noqa: SIM105 - contextlib.suppress makes an object per span
-                span._vapora_headers = made  # type: ignore[attr-defined]
-            except AttributeError:  # a class with slots: formatted each time
-                pass
-        if made:
-            headers[TRACEPARENT] = made[0]
-            if made[1] is not None:
-                headers[TRACESTATE] = made[1]
+        inject_trace_context(headers, span)
         return
-    _global_textmap().inject(headers, context=trace.set_span_in_context(span, context))
+    in_context = trace.set_span_in_context(span, context)
+    _global_textmap().inject(headers, context=in_context)
+    if TRACEPARENT not in headers:
+        # vapora's own hops always carry W3C trace context: with ``OTEL_PROPAGATORS=none`` (or
+        # a set without ``tracecontext``) every actor's spans started a trace of their own.
+        _TRACE_CONTEXT.inject(headers, context=in_context)
+
+
+def inject_trace_context(headers: MutableMapping[str, str], span: Span) -> None:
+    """Add ``span``'s W3C trace context alone (``traceparent``, and ``tracestate`` when it has
+    one) to ``headers``, whatever the propagators: what an event stored in the log carries.
+    Baggage is the caller's (a user or tenant id, up to 8 KB), not the event's: it was stored
+    with every event of the task, in a log that is never deleted."""
+    # A span injected before keeps its headers (an unsampled message's context goes out on
+    # every message its handler sends: formatted once).
+    made = getattr(span, "_vapora_headers", None)
+    if made is None:
+        made = _headers_of(span.get_span_context())
+        try:  # noqa: SIM105 - contextlib.suppress makes an object per span
+            span._vapora_headers = made  # type: ignore[attr-defined]
+        except AttributeError:  # a class with slots: formatted each time
+            pass
+    if made:
+        headers[TRACEPARENT] = made[0]
+        if made[1] is not None:
+            headers[TRACESTATE] = made[1]
 
 
 def _headers_of(span_context: SpanContext) -> tuple[str, str | None] | tuple[()]:
@@ -224,7 +243,12 @@ def extract(headers: Mapping[str, str] | None) -> Context:
     if match is None or "baggage" in headers or not _plain_w3c():
         if value is None and "baggage" not in headers and _plain_w3c():
             return Context()  # nothing to extract
-        return _global_textmap().extract(headers)  # other versions, padding, baggage, ...
+        context = _global_textmap().extract(headers)  # other versions, padding, baggage, ...
+        if value is not None and not trace.get_current_span(context).get_span_context().is_valid:
+            # The configured propagators read no parent (none of them W3C trace context):
+            # the traceparent vapora's own hops always carry (see inject) still joins the trace.
+            context = _TRACE_CONTEXT.extract(headers, context=context)
+        return context
     trace_hex, span_hex, flags = match.groups()
     if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
         return Context()
