@@ -18,7 +18,13 @@ from vapora.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from vapora.providers import ProviderClient, ProviderRequest, StreamBroken, make_client
+from vapora.providers import (
+    Completion,
+    ProviderClient,
+    ProviderRequest,
+    StreamBroken,
+    make_client,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -379,6 +385,77 @@ async def test_gemini_thinking_tokens_do_not_stand_for_a_left_out_candidates_cou
     assert done.usage_estimated  # type: ignore[attr-defined]
     # The text's bound with the thinking, up to the request's limit of 50: not the 20 alone.
     assert done.usage.output_tokens == 50  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize(
+    ("response", "output"),
+    [
+        # A safety stop before any text: Gemini leaves the zero candidates count out.
+        (
+            {
+                "candidates": [{"finishReason": "SAFETY"}],
+                "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
+            },
+            0,
+        ),
+        # A prompt it blocked, with no total either.
+        (
+            {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 9}},
+            0,
+        ),
+        # The limit reached while thinking: the thinking is the whole output.
+        (
+            {
+                "candidates": [{"content": {"role": "model"}, "finishReason": "MAX_TOKENS"}],
+                "usageMetadata": {
+                    "promptTokenCount": 9,
+                    "thoughtsTokenCount": 40,
+                    "totalTokenCount": 49,
+                },
+            },
+            40,
+        ),
+        # Text, and a total that gives the candidates' count the answer left out.
+        (
+            {
+                "candidates": [
+                    {"content": {"parts": [{"text": "one two"}]}, "finishReason": "STOP"}
+                ],
+                "usageMetadata": {
+                    "promptTokenCount": 9,
+                    "thoughtsTokenCount": 4,
+                    "totalTokenCount": 15,
+                },
+            },
+            6,
+        ),
+    ],
+    ids=["safety", "blocked", "thinking", "total"],
+)
+async def test_a_finished_gemini_answer_missing_its_zero_candidates_count_is_not_bounded(
+    response: dict[str, object], output: int, streamed: bool
+) -> None:
+    """Gemini's JSON leaves zero counts out: a finished answer that made no text has no
+    ``candidatesTokenCount``. For a model that may think (2.5 and later) it was billed its
+    whole output limit (50 here; $0.04 instead of $0.0001 at 4,096 on Gemini 2.5 Pro)."""
+    body = msgspec.json.encode(response)
+    if streamed:
+        frame = b"data: " + body + b"\r\n\r\n"
+        async with stub(answer("200 OK", frame, "content-type: text/event-stream\r\n")) as port:
+            made = client("gemini", port)
+            try:
+                request = ProviderRequest(prompt="a b c d", max_tokens=50)
+                async with made.stream(request) as stream:
+                    _ = [text async for text in stream]
+            finally:
+                await made.aclose()
+        done: object = stream.completion
+    else:
+        done = await complete("gemini", answer("200 OK", body))
+    assert isinstance(done, Completion)
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (9, output)
+    assert done.usage_estimated is False
 
 
 async def test_a_blocked_gemini_prompt_ends_the_same_streamed_or_not() -> None:

@@ -59,6 +59,7 @@ class _UsageMetadata(msgspec.Struct):
     candidatesTokenCount: int | None = None
     thoughtsTokenCount: int | None = None
     cachedContentTokenCount: int | None = None
+    totalTokenCount: int | None = None
 
 
 class _PromptFeedback(msgspec.Struct):
@@ -202,7 +203,9 @@ def _read_response(data: _Response, turn: Turn) -> str:
     usage = data.usageMetadata
     if usage is not None:
         turn.input_tokens = count_sum(usage.promptTokenCount, usage.toolUsePromptTokenCount)
-        _output(turn, usage.candidatesTokenCount, usage.thoughtsTokenCount, text)
+        _output(
+            turn, usage.candidatesTokenCount, usage.thoughtsTokenCount, text, usage.totalTokenCount
+        )
         turn.cache_read = (
             (usage.cachedContentTokenCount or 0) if turn.input_tokens is not None else 0
         )
@@ -223,14 +226,23 @@ def _blocked(turn: Turn) -> None:
     turn.done = True
 
 
-def _output(turn: Turn, candidates: Any, thoughts: Any, text: str) -> None:
+def _output(turn: Turn, candidates: Any, thoughts: Any, text: str, total: Any = None) -> None:
     """Output = the candidates' tokens plus the thinking tokens; with the candidates' count left
     out, the text's count is estimated and the thinking tokens are added to it. The thinking
     is over once text comes: with its count reported by then, the answer holds no output it
     does not show, and a stream cut after it is estimated from its text and that count, not
     bounded by the output limit (:attr:`Turn.unseen_output`). Without it (a model that did
     not think says nothing, and a stream may give the count only at its end) a model that
-    may think stays bounded."""
+    may think stays bounded.
+
+    Gemini leaves a count of zero out of its JSON (proto3): the final answer of a prompt it
+    blocked, or one that ended before any text (a safety stop, the limit reached while
+    thinking), has no ``candidatesTokenCount``. Once the answer is done, that count is what
+    ``totalTokenCount`` leaves past the input and the thinking, or, without a total, 0 when no
+    text came (before 2026-11-27 it was unknown, and a model that may think was billed its
+    whole output limit: $0.04 instead of $0.0001 for a blocked prompt to Gemini 2.5 Pro)."""
+    if candidates is None and turn.done:
+        candidates = _final_candidates(turn, thoughts, total, bool(text or turn.parts))
     if thoughts is not None and (text or turn.parts):
         turn.unseen_output = False
     turn.reasoning_tokens = count_sum(thoughts) if thoughts is not None else None
@@ -242,11 +254,29 @@ def _output(turn: Turn, candidates: Any, thoughts: Any, text: str) -> None:
         turn.output_tokens = count_sum(candidates, thoughts)
 
 
+def _final_candidates(turn: Turn, thoughts: Any, total: Any, any_text: bool) -> int | None:
+    """The candidates' count a finished answer left out (see :func:`_output`), or None."""
+    inputs, spent = turn.input_tokens, count_sum(total)
+    thought = count_sum(thoughts) if thoughts is not None else 0
+    if spent is not None and inputs is not None and thought is not None:
+        rest = spent - inputs - thought
+        if rest > 0 or (rest == 0 and not any_text):
+            return rest
+        return None  # a total that does not add up: the count stays unknown (bounded)
+    return None if any_text else 0
+
+
 def _apply_usage(turn: Turn, usage: dict[str, Any], text: str) -> None:
     """Gemini usage in our semantics: input includes cached and tool-use prompt tokens."""
     turn.input_tokens = count_sum(
         usage.get("promptTokenCount"), usage.get("toolUsePromptTokenCount")
     )
-    _output(turn, usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount"), text)
+    _output(
+        turn,
+        usage.get("candidatesTokenCount"),
+        usage.get("thoughtsTokenCount"),
+        text,
+        usage.get("totalTokenCount"),
+    )
     cached = usage.get("cachedContentTokenCount") or 0  # checked with the rest (Turn.usage)
     turn.cache_read = cached if turn.input_tokens is not None else 0

@@ -146,12 +146,14 @@ def _usage(reply: Reply, *, final: bool, words: int | None = None) -> dict[str, 
     prompt = reply.prompt_tokens + reply.cache_read
     candidates = reply.words if words is None else words
     thoughts = reply.thoughts if final else 0
+    # As the API writes it (proto3 JSON): a count of zero is left out.
     usage: dict[str, Any] = {
         "promptTokenCount": prompt,
-        "candidatesTokenCount": candidates,
         "totalTokenCount": prompt + candidates + thoughts,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}],
     }
+    if candidates:
+        usage["candidatesTokenCount"] = candidates
     if reply.cache_read:
         usage["cachedContentTokenCount"] = reply.cache_read
     if thoughts:
