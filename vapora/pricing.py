@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
+import msgspec
+
 from events.contract import Price, PriceTier, Usage
 from vapora.errors import ConfigError
 
@@ -47,6 +49,7 @@ __all__ = [
     "rates_for",
     "upper_bound_cost",
     "resolve_price",
+    "tier_price",
     "zero_price",
 ]
 
@@ -271,13 +274,41 @@ def price_at(kind: str, model: str, loaded: Price, at: datetime) -> Price:
 
 
 @functools.lru_cache(maxsize=1024)
-def _table_price_in_minute(kind: str, model: str, minute: datetime) -> Price | None:
-    return _table_price(kind, model, minute)
+def _table_price_in_minute(
+    kind: str, model: str, minute: datetime, service_tier: str | None = None
+) -> Price | None:
+    return _table_price(kind, model, minute, service_tier)
 
 
-def _table_price(kind: str, model: str, at: datetime) -> Price | None:
+#: The service tiers a provider reports that bill the standard rates (OpenAI's ``default``).
+STANDARD_TIERS: Final = frozenset({"default", "auto", "standard"})
+
+
+def tier_price(kind: str, model: str, loaded: Price, tier: str, at: datetime) -> Price | None:
+    """The price of a call the provider says it served at service tier ``tier`` (OpenAI's
+    ``service_tier``: ``priority`` bills about twice the standard rates, ``flex`` half), from
+    the genai-prices table's variant for that tier at ``at``; ``loaded`` itself for a standard
+    tier; None when the table has no such variant or ``loaded`` is not the table's (a price
+    from the config is the standard one: its tiers are not known)."""
+    if tier in STANDARD_TIERS:
+        return loaded
+    if loaded.source != "genai-prices":
+        return None
+    minute = at.astimezone(UTC).replace(second=0, microsecond=0)
+    variant = _table_price_in_minute(kind, model, minute, tier)
+    standard = _table_price_in_minute(kind, model, minute)
+    if variant is None or variant == standard:
+        return None  # no rates of that tier's own
+    # Said in the price the spend event records: its rates are not the model's usual ones.
+    return msgspec.structs.replace(variant, source=f"{variant.source} service_tier={tier}")
+
+
+def _table_price(
+    kind: str, model: str, at: datetime, service_tier: str | None = None
+) -> Price | None:
     """The genai-prices price of ``model`` at ``at``, with its long-context tiers, or None when
-    the table does not know it."""
+    the table does not know it; with ``service_tier``, the table's variant for that tier (its
+    rates where it has them, the standard ones elsewhere)."""
     import genai_prices
     from genai_prices import data_snapshot
 
@@ -287,7 +318,7 @@ def _table_price(kind: str, model: str, at: datetime) -> Price | None:
         )
     except LookupError:
         return None
-    prices = info.get_prices(at)
+    prices = info.get_prices(at, {"service_tier": service_tier} if service_tier else None)
     base = _table_rates(kind, prices, None)
     if base is None:
         return None

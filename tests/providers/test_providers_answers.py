@@ -5,6 +5,9 @@ error's class. Each was billed, classified or retried wrongly."""
 from __future__ import annotations
 
 import json
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import anyio
 import msgspec
@@ -18,6 +21,7 @@ from vapora.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
+from vapora.pricing import _table_price, cost
 from vapora.providers import (
     Completion,
     ProviderClient,
@@ -695,3 +699,82 @@ async def test_json_nested_too_deep_is_a_malformed_answer_not_a_crash(kind: str)
     assert type(whole) is ProviderUnavailable and "malformed" in whole.message
     refused = await complete(kind, answer("400 Bad Request", _DEEP))
     assert type(refused) is ProviderRejected
+
+
+@pytest.mark.parametrize(
+    ("tier", "factor"), [("default", 1), ("priority", 2), ("flex", Decimal("0.5"))]
+)
+async def test_an_openai_call_is_priced_at_the_service_tier_it_was_served_at(
+    tier: str, factor: Decimal
+) -> None:
+    """A request that names no ``service_tier`` is served at the project's default, which may
+    be priority (about twice the standard rates) or flex (half): the response says which, and
+    it was recorded at the standard rates whatever it said."""
+    standard = _table_price("openai", "gpt-5", datetime.now(UTC))
+    assert standard is not None
+    body = msgspec.json.encode(
+        {
+            "id": "c",
+            "model": "gpt-5",
+            "service_tier": tier,
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2000, "completion_tokens": 300},
+        }
+    )
+    async with stub(answer("200 OK", body)) as port:
+        made = make_client(
+            name="openai", kind="openai", model="gpt-5", price=standard, api_key="sk-test",
+            base_url=f"http://127.0.0.1:{port}/v1", timeout=5.0,
+        )  # fmt: skip
+        try:
+            done = await made.complete(ProviderRequest(prompt="a b c d", max_tokens=400))
+        finally:
+            await made.aclose()
+    assert done.cost_usd == cost(done.usage, standard) * factor
+    assert done.price.source == (
+        "genai-prices" if tier == "default" else f"genai-prices service_tier={tier}"
+    )
+
+
+async def test_a_streamed_openai_call_is_priced_at_the_service_tier_its_chunks_name() -> None:
+    standard = _table_price("openai", "gpt-5", datetime.now(UTC))
+    assert standard is not None
+    tier = {"id": "c", "service_tier": "priority"}
+    chunks = [
+        {**tier, "choices": [{"delta": {"content": "hi"}}]},
+        {**tier, "choices": [{"delta": {}, "finish_reason": "stop"}]},
+        {**tier, "choices": [], "usage": {"prompt_tokens": 2000, "completion_tokens": 300}},
+    ]
+    frames = b"".join(b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks)
+    frames += b"data: [DONE]\n\n"
+    async with stub(answer("200 OK", frames, "content-type: text/event-stream\r\n")) as port:
+        made = make_client(
+            name="openai", kind="openai", model="gpt-5", price=standard, api_key="sk-test",
+            base_url=f"http://127.0.0.1:{port}/v1", timeout=5.0,
+        )  # fmt: skip
+        try:
+            async with made.stream(ProviderRequest(prompt="a b c d", max_tokens=400)) as stream:
+                assert [t async for t in stream] == ["hi"]
+        finally:
+            await made.aclose()
+    done = stream.completion
+    assert done is not None and done.cost_usd == cost(done.usage, standard) * 2
+
+
+async def test_a_service_tier_vapora_has_no_price_for_is_said_once_and_priced_as_standard(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = msgspec.json.encode(
+        {
+            "id": "c",
+            "service_tier": "scale",
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 3},
+        }
+    )
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            done = await complete("openai", answer("200 OK", body))
+            assert isinstance(done, Completion) and done.price == price_of("openai")
+    said = [r.getMessage() for r in caplog.records if "service tier" in r.getMessage()]
+    assert len(said) == 1 and "'scale'" in said[0] and "standard rates" in said[0]

@@ -59,7 +59,7 @@ from vapora.errors import (
     ProviderUnavailable,
     is_error_type,
 )
-from vapora.pricing import cost, upper_bound_cost
+from vapora.pricing import STANDARD_TIERS, cost, tier_price, upper_bound_cost
 from vapora.providers.stream import CALLER_CANCELLED, FORWARD_FAILED, CompletionStream
 from vapora.providers.transport import SENT_HOOK, KeepAliveTransport
 from vapora.providers.values import (
@@ -621,6 +621,8 @@ class ProviderClient(ABC):
     ) -> Completion:
         usage, estimated = turn.usage(request)
         price = request.price or self.price
+        if turn.service_tier is not None and turn.service_tier not in STANDARD_TIERS:
+            price = self._tier_price(price, model, turn.service_tier)
         return Completion(
             provider=self.name,
             model=turn.model or model,
@@ -636,6 +638,26 @@ class ProviderClient(ABC):
             usage_estimated=estimated,
             reasoning_tokens=_reasoning(turn, usage, estimated),
         )
+
+    def _tier_price(self, price: Price, model: str, tier: str) -> Price:
+        """The price of a call served at service tier ``tier`` (see :func:`tier_price`); the
+        standard ``price``, said once per provider and tier in the log, when vapora has no
+        rates of that tier (the spend is then recorded at the standard rates: before
+        2026-11-27 always, a priority call at half what OpenAI bills)."""
+        priced = tier_price(self.kind, model, price, tier, datetime.now(UTC))
+        if priced is not None:
+            return priced
+        if (self.name, tier) not in _UNPRICED_TIERS and len(_UNPRICED_TIERS) < 64:
+            _UNPRICED_TIERS.add((self.name, tier))
+            _log.warning(
+                "%s answered at service tier %r, which vapora has no price of its own for "
+                "(model %s, price from %s): recorded at the standard rates",
+                self.name,
+                tier,
+                model,
+                price.source,
+            )
+        return price
 
     def _read_frames(self, frames: list[Frame], turn: Turn) -> None:
         """Stream frames applied to ``turn`` in order, their text appended to its parts; a
@@ -1070,6 +1092,10 @@ def _status_class(status: int) -> type[ProviderError]:
     if status < 400:
         return ProviderConfigError
     return ProviderUnavailable if status >= 500 else ProviderRejected
+
+
+#: (provider, service tier) pairs already said to have no price of their own.
+_UNPRICED_TIERS: set[tuple[str, str]] = set()
 
 
 def _reasoning(turn: Turn, usage: Usage, estimated: bool) -> int | None:

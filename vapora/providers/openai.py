@@ -65,6 +65,7 @@ class _Chunk(msgspec.Struct):
     model: str | None = None
     choices: list[_Choice] | None = None
     usage: _Usage | None = None
+    service_tier: str | None = None
 
 
 _CHUNK = msgspec.json.Decoder(_Chunk)
@@ -110,6 +111,7 @@ class OpenAIClient(ProviderClient):
         turn.finish_reason = choices[0].get("finish_reason")
         turn.model = data.get("model")
         turn.response_id = data.get("id")
+        turn.service_tier = _tier(data.get("service_tier"))
         _apply_usage(turn, data.get("usage"))
         turn.done = True
 
@@ -138,6 +140,7 @@ class OpenAIClient(ProviderClient):
             raise self._http_error(_stream_status(chunk), {}, frame.data)
         turn.model = chunk.get("model") or turn.model
         turn.response_id = chunk.get("id") or turn.response_id
+        turn.service_tier = _tier(chunk.get("service_tier")) or turn.service_tier
         choices = chunk.get("choices") or []
         if choices and choices[0].get("finish_reason"):
             turn.finish_reason = choices[0]["finish_reason"]
@@ -183,6 +186,7 @@ def _read_chunk(chunk: _Chunk, turn: Turn) -> str | None:
     """A chunk of the usual shape applied to ``turn``; its text."""
     turn.model = chunk.model or turn.model
     turn.response_id = chunk.id or turn.response_id
+    turn.service_tier = _tier(chunk.service_tier) or turn.service_tier
     choice = chunk.choices[0] if chunk.choices else None
     if choice is not None and choice.finish_reason:
         turn.finish_reason = choice.finish_reason
@@ -256,6 +260,14 @@ def _apply_usage(turn: Turn, usage: Any) -> None:
     turn.cache_read = details.get("cached_tokens") or 0
     turn.cache_write = details.get("cache_write_tokens") or 0
     turn.reasoning_tokens = _reasoning(usage.get("completion_tokens_details"))
+
+
+def _tier(value: Any) -> str | None:
+    """The response's ``service_tier`` (``default``, ``flex``, ``priority``, ``scale``), or None:
+    a short identifier only (it goes to the logs)."""
+    if isinstance(value, str) and 0 < len(value) <= 32 and value.replace("_", "").isalnum():
+        return value.lower()
+    return None
 
 
 def _reasoning(details: Any) -> int | None:

@@ -298,6 +298,8 @@ class Turn:
     cache_write: int = 0
     # Of the output, the reasoning tokens as reported (None: not reported).
     reasoning_tokens: int | None = None
+    # The service tier the provider says it served the call at (OpenAI's ``service_tier``).
+    service_tier: str | None = None
     #: Of ``cache_write``, written for an hour (Anthropic's ``ephemeral_1h_input_tokens``).
     cache_write_1h: int = 0
     #: Output counted apart from the text's, added when the text's count is estimated (Gemini's
