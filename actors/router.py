@@ -99,6 +99,7 @@ from events.contract import (
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
+    BudgetPending,
     BudgetRelease,
     BudgetReserve,
     BudgetReserveReply,
@@ -118,6 +119,7 @@ from events.contract import (
 from events.log import (
     INSTANCE_FORGOTTEN_S,
     INSTANCE_STOPPED,
+    BudgetReleased,
     BudgetTierChanged,
     Event,
     FallbackTriggered,
@@ -181,6 +183,12 @@ _RESERVATION_TTL_MAX_S = 3600.0  # and its bound
 _DRAIN_MARGIN_S = 10.0  # a stop's margin past an attempt's timeout and grace (the spend append)
 _APPEND_MARGIN_S = 60.0  # the provider's spend append (its 30 s acknowledgement timeout) and more
 _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per attempt this long
+#: A silent attempt's hold (its provider actor never answered: stopped, paused, cut off) is said
+#: to be pending (``vapora.budget.pending``) this often until its spend is recorded, for at most
+#: :data:`SILENT_HOLD_S`: the keeper expires none of them meanwhile (its word stands 60 s).
+_SILENT_WORD_S = 20.0
+SILENT_HOLD_S = 3600.0
+_SILENT_HOLDS_KEPT = 10_000
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -395,6 +403,11 @@ class RouterActor:
         # The task of each recent event that names one (a spend, a reservation), by event id:
         # a tier change's log line names the task whose event moved the tier (its causation).
         self._event_tasks: OrderedDict[str, str] = OrderedDict()
+        # Reservations of silent attempts, and until when (this router's clock) they are said
+        # to be pending: a provider actor that was paused or cut off past the hold's life
+        # records the call's spend when it resumes, and the keeper had let the room go.
+        self._silent_holds: OrderedDict[str, float] = OrderedDict()
+        self.silent_word_s = _SILENT_WORD_S
         # Capped tasks' money this router has committed and not yet seen recorded in the log:
         # upper bounds of attempts in flight (and of silent ones, which may have been billed),
         # actual costs of answered attempts until their spend_recorded reaches the tail. With
@@ -459,6 +472,7 @@ class RouterActor:
             try:
                 for view in ("health.>", "budget", "spend.>"):
                     await tg.start(self._follower(f"{prefix}.{view}", last).run)
+                tg.start_soon(self._say_silent_holds)
                 if self.leasing:  # a lease before the first paid request, if the keeper grants one
                     self._ask_in_background(Decimal(0), self.runtime.clock())
                 async with anyio.create_task_group() as serving:
@@ -623,7 +637,11 @@ class RouterActor:
                             )
                     finally:
                         TASK_ID.reset(token)
+            case BudgetReleased():
+                self._silent_holds.pop(event.reservation_id, None)
             case SpendRecorded():
+                if event.reservation_id is not None:
+                    self._silent_holds.pop(event.reservation_id, None)
                 spend = self.task_spend
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
                 if len(spend) > _TASK_SPEND_ENTRIES:
@@ -917,6 +935,37 @@ class RouterActor:
             kept = amount * unanswered
             self._add_pending(task.task_id, task.spent - spent_before + kept - amount)
 
+    def _keep_silent_hold(self, reservation_id: str) -> None:
+        """Say that ``reservation_id``'s hold is pending (at once, then every
+        :attr:`silent_word_s`) until its spend reaches this router's tail, or for
+        :data:`SILENT_HOLD_S`: its call may have been billed, and its provider actor may record
+        it much later (a process paused past the hold's life: the keeper released the hold as
+        expired, admitted other work into that room, then the spend landed, 50 % past a
+        day's limit in a review)."""
+        holds = self._silent_holds
+        holds[reservation_id] = self._clock() + SILENT_HOLD_S
+        while len(holds) > _SILENT_HOLDS_KEPT:
+            holds.popitem(last=False)
+        if self._loop is not None:
+            self._spawn(self._say_pending, [reservation_id])
+
+    async def _say_silent_holds(self) -> None:
+        """Every :attr:`silent_word_s`: the silent attempts' holds still pending (see
+        :meth:`_keep_silent_hold`)."""
+        while True:
+            await anyio.sleep(self.silent_word_s)
+            now, holds = self._clock(), self._silent_holds
+            for rid in [rid for rid, until in holds.items() if until <= now]:
+                del holds[rid]  # its provider never recorded it: the keeper may expire it
+            if holds:
+                await self._say_pending(list(holds))
+
+    async def _say_pending(self, holds: list[str]) -> None:
+        for start in range(0, len(holds), 1000):
+            with contextlib.suppress(Exception):  # best effort: said again shortly
+                pending = BudgetPending(holds=holds[start : start + 1000])
+                await self.runtime.nc.publish(subjects.BUDGET_PENDING, encode(pending))
+
     def _add_pending(self, task_id: str, delta: Decimal) -> None:
         pending = self.task_pending
         total = pending.pop(task_id, Decimal(0)) + delta
@@ -963,6 +1012,7 @@ class RouterActor:
             if lease is not None:
                 retry = self._take_again(lease, amount)
             elif reservation_id is not None:
+                self._keep_silent_hold(reservation_id)
                 reservation_id, refusal, _ = await self._reserve(task, provider)
                 if refusal is not None:  # nothing held for a retry: the silent attempt stands
                     retry, reservation_id = False, None
@@ -974,6 +1024,8 @@ class RouterActor:
                 outcome = await self._call(task, provider, reservation_id)
         if isinstance(outcome, _Failure) and outcome.holds:
             task.held += 1
+            if lease is None and reservation_id is not None:
+                self._keep_silent_hold(reservation_id)
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
         elif isinstance(outcome, _Failure) and not outcome.holds and reservation_id is not None:

@@ -144,6 +144,7 @@ def permissions(clients: Sequence[str] = ()) -> dict[str, Permissions]:
             subjects.BUDGET_RELEASE,
             subjects.BUDGET_LEASE,
             subjects.BUDGET_LEASE_RETURN,
+            subjects.BUDGET_PENDING,  # silent attempts' holds (their spend may come late)
             subjects.BUDGET,
         ),
         "provider": (

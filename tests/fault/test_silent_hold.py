@@ -1,0 +1,132 @@
+"""A provider actor paused mid-call (SIGSTOP: ``docker pause``, a frozen VM, a stalled disk)
+for longer than the call's hold lives: the keeper released the hold as expired, admitted other
+work into that room, and when the actor resumed it recorded the call's spend, 50 % past a
+day's limit in a review. The router that reserved the hold now says it is pending
+(``vapora.budget.pending``) until its spend arrives, and the keeper expires none of it. Real
+nats-server, the simulator over HTTP, the provider actor a real OS process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import pytest
+
+from actors.budget_keeper import BudgetKeeper
+from actors.router import RouterActor
+from events.log import BudgetReleased, BudgetReserved, Event, SpendRecorded
+from tests.fault.money import FakeClock, running
+from tests.fault.provider_harness import KEYS, config_text, deployment, wait_until_served
+from vapora.errors import VaporaError
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(url: str) -> str:
+    return config_text(
+        url,
+        models={"openai": "gpt-4-slow-800"},  # answered 0.8 s after the request
+        timeouts={"openai": 1000},  # the router gives up on a silent actor after ~2 s
+        budget="[budget]\ndaily_limit_cents = 8\nlease_cents = 0\n",
+    )
+
+
+async def _provider_process(url: str, tmp_path: Path, base_url: str) -> subprocess.Popen[bytes]:
+    config_file = tmp_path / "vapora.toml"
+    config_file.write_text(_config(base_url))
+    data_dir = tmp_path / "provider"
+    data_dir.mkdir()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fault.provider_process",
+            url,
+            str(config_file),
+            "openai",
+            str(data_dir),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    with anyio.fail_after(30):
+        assert worker.stdout is not None
+        line = await anyio.to_thread.run_sync(worker.stdout.readline)
+        assert line.strip() == b"ready"
+    return worker
+
+
+async def _spent(events: Callable[[], Awaitable[list[Event]]], reservation_id: str) -> bool:
+    return any(
+        isinstance(e, SpendRecorded) and e.reservation_id == reservation_id for e in await events()
+    )
+
+
+async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_runs(
+    tmp_path: Path,
+) -> None:
+    async with deployment(tmp_path, _config, router=False, providers=[]) as dep:
+        worker = await _provider_process(dep.server.url, tmp_path, dep.sim.base_url)
+        try:
+            clock = FakeClock(datetime.now(UTC))
+            keeper = BudgetKeeper(dataclasses.replace(dep.runtime, clock=clock), tick_s=0.2)
+
+            async def events() -> list[Event]:
+                return [e.event async for b in dep.log.replay() for e in b]
+
+            async with running(keeper), anyio.create_task_group() as tg:
+                router = RouterActor(dep.runtime, reserve=True)
+                router.silent_word_s = 0.1  # said often, as the keeper's clock runs fast
+                await tg.start(router.run)
+                await wait_until_served(dep.client.nc, "vapora.complete")
+                answered: list[object] = []
+
+                async def call() -> None:
+                    try:
+                        await dep.client.complete(
+                            prompt="write a function", provider="openai", max_tokens=2000,
+                            task_id="P1",
+                        )  # fmt: skip
+                    except VaporaError as exc:
+                        answered.append(exc)
+
+                tg.start_soon(call)
+                with anyio.fail_after(10):
+                    while not [e for e in await events() if isinstance(e, BudgetReserved)]:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                await anyio.sleep(0.3)  # the actor has the call; the simulator answers later
+                worker.send_signal(signal.SIGSTOP)
+                with anyio.fail_after(20):  # the router gives up on the silent attempts
+                    while not answered:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                for _ in range(10):  # the pause outlasts the hold (120 s): 200 s pass
+                    clock.advance(20)
+                    await anyio.sleep(0.3)
+                holds = [e for e in await events() if isinstance(e, BudgetReserved)]
+                released = [e for e in await events() if isinstance(e, BudgetReleased)]
+                assert holds and not released, [e.reason for e in released]
+                first = holds[0].reservation_id
+                worker.send_signal(signal.SIGCONT)  # the actor records what it was billed
+                with anyio.fail_after(20):
+                    while not await _spent(events, first):  # noqa: ASYNC110
+                        await anyio.sleep(0.1)
+                router.stop()
+            logged = await events()
+        finally:
+            worker.send_signal(signal.SIGCONT)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+    expired = {e.reservation_id for e in logged if isinstance(e, BudgetReleased)
+               and e.reason == "expired"}  # fmt: skip
+    assert first not in expired
