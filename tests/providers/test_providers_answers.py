@@ -420,7 +420,8 @@ async def test_gemini_thinking_tokens_do_not_stand_for_a_left_out_candidates_cou
             },
             40,
         ),
-        # Text, and a total that gives the candidates' count the answer left out.
+        # Text, and a total that would leave the candidates' count: not taken (a count left
+        # out of an answer with text is not a zero; the total may be a running one), bounded.
         (
             {
                 "candidates": [
@@ -432,10 +433,18 @@ async def test_gemini_thinking_tokens_do_not_stand_for_a_left_out_candidates_cou
                     "totalTokenCount": 15,
                 },
             },
-            6,
+            -11,  # its text's bound (7 bytes) and the thinking
+        ),
+        # A candidate with no text and no total: nothing says how much it thought, bounded.
+        (
+            {
+                "candidates": [{"finishReason": "MAX_TOKENS"}],
+                "usageMetadata": {"promptTokenCount": 9},
+            },
+            -50,  # the output limit: a model that may think
         ),
     ],
-    ids=["safety", "blocked", "thinking", "total"],
+    ids=["safety", "blocked", "thinking", "text-and-total", "no-total"],
 )
 async def test_a_finished_gemini_answer_missing_its_zero_candidates_count_is_not_bounded(
     response: dict[str, object], output: int, streamed: bool
@@ -458,8 +467,9 @@ async def test_a_finished_gemini_answer_missing_its_zero_candidates_count_is_not
     else:
         done = await complete("gemini", answer("200 OK", body))
     assert isinstance(done, Completion)
-    assert (done.usage.input_tokens, done.usage.output_tokens) == (9, output)
-    assert done.usage_estimated is False
+    # A negative ``output``: not known, so bounded at that (and flagged as estimated).
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (9, abs(output))
+    assert done.usage_estimated is (output < 0)
 
 
 async def test_a_blocked_gemini_prompt_ends_the_same_streamed_or_not() -> None:

@@ -157,7 +157,7 @@ class GeminiClient(ProviderClient):
         turn.response_id = data.get("responseId") or turn.response_id
         usage = data.get("usageMetadata")
         if isinstance(usage, dict):
-            _apply_usage(turn, usage, text)
+            _apply_usage(turn, usage, text, blocked=not data.get("candidates"))
         return text
 
     def _error_fields(self, payload: Any) -> tuple[str | None, str]:
@@ -203,8 +203,14 @@ def _read_response(data: _Response, turn: Turn) -> str:
     usage = data.usageMetadata
     if usage is not None:
         turn.input_tokens = count_sum(usage.promptTokenCount, usage.toolUsePromptTokenCount)
+        blocked = candidate is None and data.promptFeedback is not None
         _output(
-            turn, usage.candidatesTokenCount, usage.thoughtsTokenCount, text, usage.totalTokenCount
+            turn,
+            usage.candidatesTokenCount,
+            usage.thoughtsTokenCount,
+            text,
+            usage.totalTokenCount,
+            blocked,
         )
         turn.cache_read = (
             (usage.cachedContentTokenCount or 0) if turn.input_tokens is not None else 0
@@ -226,7 +232,14 @@ def _blocked(turn: Turn) -> None:
     turn.done = True
 
 
-def _output(turn: Turn, candidates: Any, thoughts: Any, text: str, total: Any = None) -> None:
+def _output(
+    turn: Turn,
+    candidates: Any,
+    thoughts: Any,
+    text: str,
+    total: Any = None,
+    blocked: bool = False,
+) -> None:
     """Output = the candidates' tokens plus the thinking tokens; with the candidates' count left
     out, the text's count is estimated and the thinking tokens are added to it. The thinking
     is over once text comes: with its count reported by then, the answer holds no output it
@@ -237,12 +250,14 @@ def _output(turn: Turn, candidates: Any, thoughts: Any, text: str, total: Any = 
 
     Gemini leaves a count of zero out of its JSON (proto3): the final answer of a prompt it
     blocked, or one that ended before any text (a safety stop, the limit reached while
-    thinking), has no ``candidatesTokenCount``. Once the answer is done, that count is what
-    ``totalTokenCount`` leaves past the input and the thinking, or, without a total, 0 when no
-    text came (before 2026-11-27 it was unknown, and a model that may think was billed its
-    whole output limit: $0.04 instead of $0.0001 for a blocked prompt to Gemini 2.5 Pro)."""
-    if candidates is None and turn.done:
-        candidates = _final_candidates(turn, thoughts, total, bool(text or turn.parts))
+    thinking), has no ``candidatesTokenCount``. Once such an answer is done with no text at
+    all, that count is what ``totalTokenCount`` leaves past the input and the thinking, and 0
+    for a prompt it blocked (no candidate) that states no total (before 2026-11-27 it was
+    unknown, and a model that may think was billed its whole output limit: $0.04 instead of
+    $0.0001 for a blocked prompt to Gemini 2.5 Pro). An answer with text and no count, or no
+    total to read one from, stays bounded: the count is not known."""
+    if candidates is None and turn.done and not (text or turn.parts):
+        candidates = _final_candidates(turn, thoughts, total, blocked)
     if thoughts is not None and (text or turn.parts):
         turn.unseen_output = False
     turn.reasoning_tokens = count_sum(thoughts) if thoughts is not None else None
@@ -254,19 +269,18 @@ def _output(turn: Turn, candidates: Any, thoughts: Any, text: str, total: Any = 
         turn.output_tokens = count_sum(candidates, thoughts)
 
 
-def _final_candidates(turn: Turn, thoughts: Any, total: Any, any_text: bool) -> int | None:
-    """The candidates' count a finished answer left out (see :func:`_output`), or None."""
+def _final_candidates(turn: Turn, thoughts: Any, total: Any, blocked: bool) -> int | None:
+    """The candidates' count a finished answer with no text left out (see :func:`_output`),
+    or None: not known."""
     inputs, spent = turn.input_tokens, count_sum(total)
     thought = count_sum(thoughts) if thoughts is not None else 0
     if spent is not None and inputs is not None and thought is not None:
         rest = spent - inputs - thought
-        if rest > 0 or (rest == 0 and not any_text):
-            return rest
-        return None  # a total that does not add up: the count stays unknown (bounded)
-    return None if any_text else 0
+        return rest if rest >= 0 else None  # a total that does not add up: not known
+    return 0 if blocked and total is None else None
 
 
-def _apply_usage(turn: Turn, usage: dict[str, Any], text: str) -> None:
+def _apply_usage(turn: Turn, usage: dict[str, Any], text: str, blocked: bool = False) -> None:
     """Gemini usage in our semantics: input includes cached and tool-use prompt tokens."""
     turn.input_tokens = count_sum(
         usage.get("promptTokenCount"), usage.get("toolUsePromptTokenCount")
@@ -277,6 +291,7 @@ def _apply_usage(turn: Turn, usage: dict[str, Any], text: str) -> None:
         usage.get("thoughtsTokenCount"),
         text,
         usage.get("totalTokenCount"),
+        blocked,
     )
     cached = usage.get("cachedContentTokenCount") or 0  # checked with the rest (Turn.usage)
     turn.cache_read = cached if turn.input_tokens is not None else 0
