@@ -185,8 +185,9 @@ _APPEND_MARGIN_S = 60.0  # the provider's spend append (its 30 s acknowledgement
 _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per attempt this long
 #: A silent attempt's hold (its provider actor never answered: stopped, paused, cut off) is said
 #: to be pending (``vapora.budget.pending``) this often until its spend is recorded, for at most
-#: :data:`SILENT_HOLD_S`: the keeper expires none of them meanwhile (its word stands 60 s).
-_SILENT_WORD_S = 20.0
+#: :data:`SILENT_HOLD_S`: the keeper expires none of them meanwhile (its word stands 60 s; a
+#: keeper that starts expires nothing for 15 s, so a word comes well within that).
+_SILENT_WORD_S = 5.0
 SILENT_HOLD_S = 3600.0
 _SILENT_HOLDS_KEPT = 10_000
 
@@ -406,7 +407,11 @@ class RouterActor:
         # Reservations of silent attempts, and until when (this router's clock) they are said
         # to be pending: a provider actor that was paused or cut off past the hold's life
         # records the call's spend when it resumes, and the keeper had let the room go.
-        self._silent_holds: OrderedDict[str, float] = OrderedDict()
+        # Keyed by (hold, task, attempt): a lease holds many attempts, one spend each.
+        self._silent_holds: OrderedDict[tuple[str, str, int], float] = OrderedDict()
+        # The same keys of spends this router's tail read lately: a silent attempt whose spend
+        # came before the attempt ended (an actor that appended, then failed to reply).
+        self._recent_spends: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self.silent_word_s = _SILENT_WORD_S
         # Capped tasks' money this router has committed and not yet seen recorded in the log:
         # upper bounds of attempts in flight (and of silent ones, which may have been billed),
@@ -638,10 +643,16 @@ class RouterActor:
                     finally:
                         TASK_ID.reset(token)
             case BudgetReleased():
-                self._silent_holds.pop(event.reservation_id, None)
+                holds = self._silent_holds
+                for key in [k for k in holds if k[0] == event.reservation_id]:
+                    del holds[key]
             case SpendRecorded():
                 if event.reservation_id is not None:
-                    self._silent_holds.pop(event.reservation_id, None)
+                    key = (event.reservation_id, event.task_id, event.attempt)
+                    self._silent_holds.pop(key, None)
+                    self._recent_spends[key] = None
+                    if len(self._recent_spends) > _EVENT_TASKS:
+                        self._recent_spends.popitem(last=False)
                 spend = self.task_spend
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
                 if len(spend) > _TASK_SPEND_ENTRIES:
@@ -935,19 +946,23 @@ class RouterActor:
             kept = amount * unanswered
             self._add_pending(task.task_id, task.spent - spent_before + kept - amount)
 
-    def _keep_silent_hold(self, reservation_id: str) -> None:
-        """Say that ``reservation_id``'s hold is pending (at once, then every
-        :attr:`silent_word_s`) until its spend reaches this router's tail, or for
-        :data:`SILENT_HOLD_S`: its call may have been billed, and its provider actor may record
-        it much later (a process paused past the hold's life: the keeper released the hold as
-        expired, admitted other work into that room, then the spend landed, 50 % past a
-        day's limit in a review)."""
+    def _keep_silent_hold(self, hold_id: str, task: _Task) -> None:
+        """Say that the hold ``hold_id`` (a reservation, or a lease the attempt was admitted
+        against) is pending, at once and then every :attr:`silent_word_s`, until the spend of
+        ``task``'s latest attempt reaches this router's tail, or for :data:`SILENT_HOLD_S`: the
+        call may have been billed, and its provider actor may record it much later (a process
+        paused past the hold's life: the keeper released the hold as expired, admitted other
+        work into that room, then the spend landed, 50 % past a day's limit in a review). A
+        router that stops forgets them: the keeper may then expire them as before."""
+        key = (hold_id, task.task_id, task.number)
+        if key in self._recent_spends:
+            return  # its spend is in the log already
         holds = self._silent_holds
-        holds[reservation_id] = self._clock() + SILENT_HOLD_S
+        holds[key] = self._clock() + SILENT_HOLD_S
         while len(holds) > _SILENT_HOLDS_KEPT:
             holds.popitem(last=False)
         if self._loop is not None:
-            self._spawn(self._say_pending, [reservation_id])
+            self._spawn(self._say_pending, [hold_id])
 
     async def _say_silent_holds(self) -> None:
         """Every :attr:`silent_word_s`: the silent attempts' holds still pending (see
@@ -955,10 +970,10 @@ class RouterActor:
         while True:
             await anyio.sleep(self.silent_word_s)
             now, holds = self._clock(), self._silent_holds
-            for rid in [rid for rid, until in holds.items() if until <= now]:
-                del holds[rid]  # its provider never recorded it: the keeper may expire it
+            for key in [key for key, until in holds.items() if until <= now]:
+                del holds[key]  # its provider never recorded it: the keeper may expire it
             if holds:
-                await self._say_pending(list(holds))
+                await self._say_pending(list(dict.fromkeys(key[0] for key in holds)))
 
     async def _say_pending(self, holds: list[str]) -> None:
         for start in range(0, len(holds), 1000):
@@ -1009,10 +1024,11 @@ class RouterActor:
         # expires it), and the retry needs a hold of its own.
         if isinstance(outcome, _Failure) and outcome.no_reply and task.stream_to is None:
             retry = True
+            if reservation_id is not None:
+                self._keep_silent_hold(reservation_id, task)  # a lease's id, or its own
             if lease is not None:
                 retry = self._take_again(lease, amount)
             elif reservation_id is not None:
-                self._keep_silent_hold(reservation_id)
                 reservation_id, refusal, _ = await self._reserve(task, provider)
                 if refusal is not None:  # nothing held for a retry: the silent attempt stands
                     retry, reservation_id = False, None
@@ -1024,8 +1040,8 @@ class RouterActor:
                 outcome = await self._call(task, provider, reservation_id)
         if isinstance(outcome, _Failure) and outcome.holds:
             task.held += 1
-            if lease is None and reservation_id is not None:
-                self._keep_silent_hold(reservation_id)
+            if reservation_id is not None:
+                self._keep_silent_hold(reservation_id, task)
         if lease is not None:
             self._settle_on_lease(lease, amount, outcome)
         elif isinstance(outcome, _Failure) and not outcome.holds and reservation_id is not None:

@@ -390,10 +390,10 @@ class BudgetPending(_Message, frozen=True, kw_only=True):
     """On ``vapora.budget.pending`` (an extension; a provider actor or a router to the budget
     keeper, no reply): the reservations or leases (``holds``, their ids) whose calls' spend this
     provider actor holds on disk because the event log refused it, and appends again every 2 s;
-    or, from a router, the reservations of its attempts that got no answer, said every 20 s
-    until their spend reaches it (their provider actor may record it late). The keeper expires
-    none of them for a minute after each such word: the money they hold is spent, or may be,
-    only not yet in the log."""
+    or, from a router, the reservations and leases of its attempts that got no answer, said
+    every 5 s until their spend reaches it (their provider actor may record it late). The
+    keeper expires none of them for a minute after each such word: the money they hold is
+    spent, or may be, only not yet in the log."""
 
     holds: Annotated[
         list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]],

@@ -21,7 +21,15 @@ import pytest
 
 from actors.budget_keeper import BudgetKeeper
 from actors.router import RouterActor
-from events.log import BudgetReleased, BudgetReserved, Event, SpendRecorded
+from events.log import (
+    BudgetLeased,
+    BudgetLeaseReturned,
+    BudgetReleased,
+    BudgetReserved,
+    Event,
+    RouteDecided,
+    SpendRecorded,
+)
 from tests.fault.money import FakeClock, running
 from tests.fault.provider_harness import KEYS, config_text, deployment, wait_until_served
 from vapora.errors import VaporaError
@@ -31,18 +39,27 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(url: str) -> str:
-    return config_text(
-        url,
-        models={"openai": "gpt-4-slow-800"},  # answered 0.8 s after the request
-        timeouts={"openai": 1000},  # the router gives up on a silent actor after ~2 s
-        budget="[budget]\ndaily_limit_cents = 8\nlease_cents = 0\n",
-    )
+RESERVED = "[budget]\ndaily_limit_cents = 8\nlease_cents = 0\n"
+LEASED = "[budget]\ndaily_limit_cents = 100\nlease_cents = 50\n"  # a lease covers the bound
 
 
-async def _provider_process(url: str, tmp_path: Path, base_url: str) -> subprocess.Popen[bytes]:
+def _config(budget: str) -> Callable[[str], str]:
+    def text(url: str) -> str:
+        return config_text(
+            url,
+            models={"openai": "gpt-4-slow-800"},  # answered 0.8 s after the request
+            timeouts={"openai": 1000},  # the router gives up on a silent actor after ~2 s
+            budget=budget,
+        )
+
+    return text
+
+
+async def _provider_process(
+    url: str, tmp_path: Path, base_url: str, budget: str
+) -> subprocess.Popen[bytes]:
     config_file = tmp_path / "vapora.toml"
-    config_file.write_text(_config(base_url))
+    config_file.write_text(_config(budget)(base_url))
     data_dir = tmp_path / "provider"
     data_dir.mkdir()
     worker = subprocess.Popen(
@@ -67,17 +84,26 @@ async def _provider_process(url: str, tmp_path: Path, base_url: str) -> subproce
     return worker
 
 
+async def _called(events: Callable[[], Awaitable[list[Event]]]) -> bool:
+    """The router decided the task's route (its attempt goes out next)."""
+    return any(isinstance(e, RouteDecided) for e in await events())
+
+
 async def _spent(events: Callable[[], Awaitable[list[Event]]], reservation_id: str) -> bool:
     return any(
         isinstance(e, SpendRecorded) and e.reservation_id == reservation_id for e in await events()
     )
 
 
+@pytest.mark.parametrize("leased", [False, True], ids=["reserved", "leased"])
 async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_runs(
-    tmp_path: Path,
+    tmp_path: Path, leased: bool
 ) -> None:
-    async with deployment(tmp_path, _config, router=False, providers=[]) as dep:
-        worker = await _provider_process(dep.server.url, tmp_path, dep.sim.base_url)
+    """Reserved: the attempt's own reservation (120 s). Leased (the default): the router's lease
+    the attempt was admitted against (300 s), whose expiry freed what the attempt committed."""
+    budget = LEASED if leased else RESERVED
+    async with deployment(tmp_path, _config(budget), router=False, providers=[]) as dep:
+        worker = await _provider_process(dep.server.url, tmp_path, dep.sim.base_url, budget)
         try:
             clock = FakeClock(datetime.now(UTC))
             keeper = BudgetKeeper(dataclasses.replace(dep.runtime, clock=clock), tick_s=0.2)
@@ -101,22 +127,32 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
                     except VaporaError as exc:
                         answered.append(exc)
 
+                held = BudgetLeased if leased else BudgetReserved
+                if leased:
+                    with anyio.fail_after(10):
+                        while not [e for e in await events() if isinstance(e, held)]:  # noqa: ASYNC110
+                            await anyio.sleep(0.02)
                 tg.start_soon(call)
                 with anyio.fail_after(10):
-                    while not [e for e in await events() if isinstance(e, BudgetReserved)]:  # noqa: ASYNC110
+                    while not await _called(events):  # noqa: ASYNC110
                         await anyio.sleep(0.02)
                 await anyio.sleep(0.3)  # the actor has the call; the simulator answers later
                 worker.send_signal(signal.SIGSTOP)
                 with anyio.fail_after(20):  # the router gives up on the silent attempts
                     while not answered:  # noqa: ASYNC110
                         await anyio.sleep(0.05)
-                for _ in range(10):  # the pause outlasts the hold (120 s): 200 s pass
+                for _ in range(20):  # the pause outlasts the hold (at most 300 s): 400 s pass
                     clock.advance(20)
                     await anyio.sleep(0.3)
-                holds = [e for e in await events() if isinstance(e, BudgetReserved)]
-                released = [e for e in await events() if isinstance(e, BudgetReleased)]
-                assert holds and not released, [e.reason for e in released]
-                first = holds[0].reservation_id
+                logged = await events()
+                freed = [e for e in logged if isinstance(e, BudgetReleased | BudgetLeaseReturned)]
+                assert not freed, [e.reason for e in freed]
+                first = next(
+                    e.lease_id if isinstance(e, BudgetLeased) else e.reservation_id
+                    for e in logged
+                    if isinstance(e, held)
+                )
+                assert leased is not any(isinstance(e, BudgetReserved) for e in logged)
                 worker.send_signal(signal.SIGCONT)  # the actor records what it was billed
                 with anyio.fail_after(20):
                     while not await _spent(events, first):  # noqa: ASYNC110
@@ -127,6 +163,6 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
             worker.send_signal(signal.SIGCONT)
             worker.send_signal(signal.SIGKILL)
             worker.wait()
-    expired = {e.reservation_id for e in logged if isinstance(e, BudgetReleased)
-               and e.reason == "expired"}  # fmt: skip
-    assert first not in expired
+    expired = [e for e in logged if isinstance(e, BudgetReleased | BudgetLeaseReturned)
+               and e.reason == "expired"]  # fmt: skip
+    assert not expired
