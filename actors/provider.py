@@ -122,7 +122,7 @@ from vapora.errors import (
     ProviderStreamBroken,
     ProviderUnavailable,
 )
-from vapora.pricing import cost, price_at
+from vapora.pricing import TIER_MARK, cost, price_at, tier_price
 from vapora.providers import (
     Completion,
     ProviderClient,
@@ -380,6 +380,9 @@ class ProviderActor:
             breaker_cooldown_s or config.breaker_cooldown_ms / 1000,
         )
         self.health_interval_s = health_interval_s
+        # The service tier the provider last said it served a call at, when not the standard
+        # one: a call whose cost is not known is recorded at that tier's rates.
+        self._served_tier: str | None = None
         self._healthy: tuple[bool, str] = (True, "")
         self._published: _HealthSignature | None = None
         self._published_latency: float | None = None
@@ -570,12 +573,19 @@ class ProviderActor:
         # Priced at the call's time (DESIGN §4): a table price may have changed since the start.
         # The call's own price: other calls of this actor run at the same time.
         config = self.config
-        price = price_at(config.kind.value, config.model, config.price, self.runtime.clock())
+        now = self.runtime.clock()
+        price = price_at(config.kind.value, config.model, config.price, now)
         request = ProviderRequest.from_call(call, price)
+        # The dearer rates of a service tier the provider said it serves at, for a call whose
+        # cost is not known (what it bills is at that tier's rates).
+        bound_price = price
+        if self._served_tier is not None:
+            tiered = tier_price(config.kind.value, config.model, price, self._served_tier, now)
+            bound_price = tiered or price
         # What the call is recorded as should this actor die before it ends, on disk before
         # the provider has it (the instance that adopts a dead one's files appends it). The
         # call's own events take its ids, so that they replace it wherever both are found.
-        unended = self._unended(call, request, price)
+        unended = self._unended(call, request, bound_price)
         self.held.begin(unended)
         started = time.perf_counter()
         try:
@@ -588,6 +598,9 @@ class ProviderActor:
             raise
         except ProviderError as error:
             latency_ms = (time.perf_counter() - started) * 1000
+            if error.price is None and error.usage_estimated:
+                error.price = bound_price if bound_price is not price else None
+            self._note_tier(error.price, estimated=error.usage_estimated)
             await self._failed(call, error, latency_ms, price, unended)
             await self._reply_error(ctx, error, called=True, price=price)
             return None
@@ -716,6 +729,7 @@ class ProviderActor:
 
     async def _succeeded(self, call: ProviderCall, done: Completion, unended: list[Event]) -> None:
         self.breaker.success()
+        self._note_tier(done.price, estimated=False)  # the tier the answer said, or none
         now = self.runtime.clock()
         succeeded = CallSucceeded(
             id=unended[0].id,
@@ -758,6 +772,7 @@ class ProviderActor:
         else:
             self.breaker.success()
         now = self.runtime.clock()
+        price = error.price or price  # the service tier the provider said, before it failed
         billed = cost(error.usage, price)
         events: list[Event] = [
             CallFailed(
@@ -804,6 +819,18 @@ class ProviderActor:
         if self.held.hold(cut, _traces(cut)):
             self.held.end(unended)  # held on disk now: no longer on their way
         # (Else in memory only: still on their way in the write-ahead file, for an adopter.)
+
+    def _note_tier(self, price: Price | None, *, estimated: bool) -> None:
+        """The service tier ``price`` is for (its ``source`` names it), as the provider said it
+        served a call; a price of the standard rates on counts the provider gave says the
+        standard tier."""
+        if price is None:
+            return
+        at = price.source.rfind(TIER_MARK)
+        if at >= 0:
+            self._served_tier = price.source[at + len(TIER_MARK) :]
+        elif not estimated:
+            self._served_tier = None
 
     def _unended(self, call: ProviderCall, request: ProviderRequest, price: Price) -> list[Event]:
         """What a call that never ends here (this actor killed or stopped during it, or a bug
@@ -1005,7 +1032,8 @@ class ProviderActor:
             headers[HTTP_STATUS_HEADER] = str(error.http_status)
         if _has_tokens(error.usage):
             headers[USAGE_HEADER] = encode(error.usage).decode()
-            headers[COST_HEADER] = plain_decimal(cost(error.usage, price or self.client.price))
+            billed_at = error.price or price or self.client.price
+            headers[COST_HEADER] = plain_decimal(cost(error.usage, billed_at))
         elif called and _maybe_billed(error):
             # The provider had the request when the time ran out: it may finish it and bill
             # it. What it billed is unknown here, so the router keeps the attempt's hold.

@@ -139,7 +139,7 @@ from vapora.errors import (
     VaporaError,
     request_error,
 )
-from vapora.pricing import price_at, upper_bound_cost
+from vapora.pricing import TIER_MARK, price_at, tier_price, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
 from vapora.providers.stream import CALLER_CANCELLED
 from vapora.routing import (
@@ -384,6 +384,10 @@ class RouterActor:
             self.leasing = False
         self._price_minute: datetime | None = None
         self._prices: dict[str, Price] = {}
+        # The service tier each provider last said it served a call at, when not the standard
+        # one (an OpenAI project whose default tier is priority): reservations are bounded at
+        # its rates, which its calls are billed at.
+        self._served_tiers: dict[str, str] = {}
         self.first_token_timeout_ms = first_token_timeout_ms
         self.keeper_timeout_s = keeper_timeout_s
         # Until a provider actor says otherwise, a provider is taken as usable: whether its API
@@ -647,6 +651,8 @@ class RouterActor:
                 for key in [k for k in holds if k[0] == event.reservation_id]:
                     del holds[key]
             case SpendRecorded():
+                if live:
+                    self._note_tier(event)
                 if event.reservation_id is not None:
                     key = (event.reservation_id, event.task_id, event.attempt)
                     self._silent_holds.pop(key, None)
@@ -1085,15 +1091,37 @@ class RouterActor:
 
     def _prices_now(self) -> dict[str, Price]:
         """Each provider's price in force now (DESIGN §4: a table price may change while the
-        router runs), worked out once a minute."""
+        router runs), worked out once a minute; at the rates of the service tier the provider
+        last said it served at, when it said one (:meth:`_note_tier`)."""
         now = self.runtime.clock()
         minute = now.replace(second=0, microsecond=0)
         if minute != self._price_minute:
             self._price_minute = minute
-            self._prices = {
-                p.name: price_at(p.kind.value, p.model, p.price, now) for p in self.config.providers
-            }
+            self._prices = {p.name: self._price_of(p, now) for p in self.config.providers}
         return self._prices
+
+    def _price_of(self, provider: ProviderConfig, now: datetime) -> Price:
+        price = price_at(provider.kind.value, provider.model, provider.price, now)
+        tier = self._served_tiers.get(provider.name)
+        if tier is None:
+            return price
+        return tier_price(provider.kind.value, provider.model, price, tier, now) or price
+
+    def _note_tier(self, spend: SpendRecorded) -> None:
+        """The service tier ``spend``'s price names (``genai-prices service_tier=priority``): its
+        provider's calls are billed at that tier's rates, so its attempts are bounded at them
+        from now on (the first such call could settle above its standard-rate hold)."""
+        source = spend.price.source
+        at = source.rfind(TIER_MARK)
+        tier = source[at + len(TIER_MARK) :] if at >= 0 else None
+        if tier is None and spend.usage_estimated:
+            return  # a bound at the standard rates says nothing of the tier
+        if self._served_tiers.get(spend.provider) != tier:
+            if tier is None:
+                self._served_tiers.pop(spend.provider, None)
+            elif spend.provider in self._providers:
+                self._served_tiers[spend.provider] = tier
+            self._price_minute = None  # worked out again at the next attempt
 
     def _hold_s(self, provider: ProviderConfig) -> float:
         """How long a reservation is held: past the attempt's whole life (its timeout, the

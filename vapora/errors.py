@@ -34,7 +34,7 @@ import re
 from decimal import Decimal
 from typing import Self
 
-from events.contract import TaskType, Usage
+from events.contract import Price, TaskType, Usage
 
 __all__ = [
     "BudgetExceeded",
@@ -188,6 +188,9 @@ class ProviderError(VaporaError):
         # none (a cut stream, a time-out, a body that broke off). The GenAI token metric leaves
         # such counts out, as the conventions ask; the spend is recorded either way.
         self.usage_estimated = False
+        # The price ``usage`` is billed at when not the call's usual one (an OpenAI answer that
+        # said it was served at another service tier before the call failed); None: the usual.
+        self.price: Price | None = None
 
     def __repr__(self) -> str:
         return (

@@ -282,6 +282,8 @@ def _table_price_in_minute(
 
 #: The service tiers a provider reports that bill the standard rates (OpenAI's ``default``).
 STANDARD_TIERS: Final = frozenset({"default", "auto", "standard"})
+#: How a price's ``source`` names the service tier it is for (``genai-prices service_tier=flex``).
+TIER_MARK: Final = " service_tier="
 
 
 def tier_price(kind: str, model: str, loaded: Price, tier: str, at: datetime) -> Price | None:
@@ -300,7 +302,7 @@ def tier_price(kind: str, model: str, loaded: Price, tier: str, at: datetime) ->
     if variant is None or variant == standard:
         return None  # no rates of that tier's own
     # Said in the price the spend event records: its rates are not the model's usual ones.
-    return msgspec.structs.replace(variant, source=f"{variant.source} service_tier={tier}")
+    return msgspec.structs.replace(variant, source=f"{variant.source}{TIER_MARK}{tier}")
 
 
 def _table_price(

@@ -771,6 +771,29 @@ async def test_a_streamed_openai_call_is_priced_at_the_service_tier_its_chunks_n
     assert done is not None and done.cost_usd == cost(done.usage, standard) * 2
 
 
+async def test_a_stream_cut_after_its_service_tier_was_said_is_billed_at_that_tier() -> None:
+    """Only a whole answer was priced at its tier: a stream cut after chunks that said
+    ``priority`` was recorded at the standard rates (half what OpenAI bills)."""
+    standard = _table_price("openai", "gpt-5", datetime.now(UTC))
+    assert standard is not None
+    text = {**_TEXT, "service_tier": "priority"}
+    async with stub(_CUT_HEAD + _frames(text)) as port:
+        made = make_client(
+            name="openai", kind="openai", model="gpt-5", price=standard, api_key="sk-test",
+            base_url=f"http://127.0.0.1:{port}/v1", timeout=5.0,
+        )  # fmt: skip
+        try:
+            with pytest.raises(StreamBroken) as broken:
+                async with made.stream(REQUEST_100, time_limit=5) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await made.aclose()
+    error = broken.value
+    assert error.price is not None and error.price.source.endswith("service_tier=priority")
+    assert cost(error.usage, error.price) == cost(error.usage, standard) * 2
+
+
 async def test_a_service_tier_vapora_has_no_price_for_is_said_once_and_priced_as_standard(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -464,6 +464,7 @@ class ProviderClient(ABC):
         failure itself (before 2026-11-27: recorded at $0)."""
         turn.unseen_output = True
         error.usage, error.usage_estimated = turn.usage(request)
+        self._billed_at(error, turn, request)
         return error
 
     def _unread(self, error: ProviderError, request: ProviderRequest) -> ProviderError:
@@ -620,9 +621,7 @@ class ProviderClient(ABC):
         chunks: int,
     ) -> Completion:
         usage, estimated = turn.usage(request)
-        price = request.price or self.price
-        if turn.service_tier is not None and turn.service_tier not in STANDARD_TIERS:
-            price = self._tier_price(price, model, turn.service_tier)
+        price = self._turn_price(turn, request, model)
         return Completion(
             provider=self.name,
             model=turn.model or model,
@@ -638,6 +637,19 @@ class ProviderClient(ABC):
             usage_estimated=estimated,
             reasoning_tokens=_reasoning(turn, usage, estimated),
         )
+
+    def _turn_price(self, turn: Turn, request: ProviderRequest, model: str) -> Price:
+        """The price the call of ``turn`` is billed at: the request's (or this client's), or
+        that of the service tier the provider said it served the call at."""
+        price = request.price or self.price
+        if turn.service_tier is not None and turn.service_tier not in STANDARD_TIERS:
+            price = self._tier_price(price, model, turn.service_tier)
+        return price
+
+    def _billed_at(self, error: ProviderError, turn: Turn, request: ProviderRequest) -> None:
+        """A failure billed what ``turn`` received: at the service tier the provider said."""
+        if turn.service_tier is not None and turn.service_tier not in STANDARD_TIERS:
+            error.price = self._turn_price(turn, request, request.model or self.model)
 
     def _tier_price(self, price: Price, model: str, tier: str) -> Price:
         """The price of a call served at service tier ``tier`` (see :func:`tier_price`); the

@@ -226,6 +226,7 @@ class CompletionStream:
             usage=usage,
         )
         broken.usage_estimated = estimated
+        self._client._billed_at(broken, turn, self._request)
         return self._client._fail(broken)
 
     def _failed(self, error: ProviderError) -> ProviderError:
@@ -242,6 +243,7 @@ class CompletionStream:
             billed = turn.answered or (turn.sent and not turn.refused and sent_timeout(error))
             if billed and not (error.usage.input_tokens or error.usage.output_tokens):
                 error.usage, error.usage_estimated = turn.usage(self._request)
+            self._client._billed_at(error, turn, self._request)
             return self._client._fail(error)
         usage, estimated = turn.usage(self._request)
         broken = StreamBroken(
@@ -254,5 +256,6 @@ class CompletionStream:
             usage=usage,
         )
         broken.usage_estimated = estimated
+        self._client._billed_at(broken, turn, self._request)
         broken.__cause__ = error
         return self._client._fail(broken)

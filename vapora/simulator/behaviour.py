@@ -100,6 +100,9 @@ class Behaviour:
     context_window: int | None = None
     no_usage: bool = False
     no_counts: bool = False
+    #: OpenAI's ``service_tier`` in the answer (``default`` unless set: a project's default
+    #: tier may be ``priority`` or ``flex``); set through the controls, not a model name.
+    service_tier: str | None = None
 
     def over(self, base: Behaviour) -> Behaviour:
         """This behaviour with ``base``'s values where this one sets nothing."""

@@ -324,7 +324,8 @@ class ProviderCallTelemetry:
             error_class = _CANCELLED
         usage = exc.usage if isinstance(exc, ProviderError) else None
         billed = usage if usage is not None and _has_tokens(usage) else None
-        billed_usd = cost(billed, self.spec.price) if billed else Decimal(0)
+        price = (exc.price if isinstance(exc, ProviderError) else None) or self.spec.price
+        billed_usd = cost(billed, price) if billed else Decimal(0)
         first_ms = exc.first_token_ms if isinstance(exc, StreamBroken) else None
         first = first_ms / 1000 if first_ms is not None and self.spec.stream else None
         if self.span is not None:

@@ -85,7 +85,7 @@ class OpenAIDialect(Dialect):
                     }
                 ],
                 "usage": _usage(reply),
-                "service_tier": "default",
+                "service_tier": behaviour.service_tier or "default",
                 "system_fingerprint": _FINGERPRINT,
             }
         )
@@ -94,14 +94,15 @@ class OpenAIDialect(Dialect):
         created = int(time.time())
         with_usage = turn.include_usage
         first = {"role": "assistant", "content": "", "refusal": None}
-        head = [sse(_chunk(reply, created, first, None, with_usage))]
+        tier = behaviour.service_tier or "default"
+        head = [sse(_chunk(reply, created, first, None, with_usage, tier))]
         chunks = [
-            sse(_chunk(reply, created, {"content": text}, None, with_usage))
+            sse(_chunk(reply, created, {"content": text}, None, with_usage, tier))
             for text in reply.chunks
         ]
-        tail = [sse(_chunk(reply, created, {}, _finish(reply), with_usage))]
+        tail = [sse(_chunk(reply, created, {}, _finish(reply), with_usage, tier))]
         if with_usage and not behaviour.no_usage:
-            usage_chunk = _chunk(reply, created, None, None, with_usage)
+            usage_chunk = _chunk(reply, created, None, None, with_usage, tier)
             usage_chunk["usage"] = _usage(reply)
             tail.append(sse(usage_chunk))
         tail.append(_DONE)
@@ -173,7 +174,12 @@ def _usage(reply: Reply) -> dict[str, Any]:
 
 
 def _chunk(
-    reply: Reply, created: int, delta: dict[str, Any] | None, finish: str | None, usage: bool
+    reply: Reply,
+    created: int,
+    delta: dict[str, Any] | None,
+    finish: str | None,
+    usage: bool,
+    tier: str = "default",
 ) -> dict[str, Any]:
     choices = (
         []
@@ -185,7 +191,7 @@ def _chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": reply.model,
-        "service_tier": "default",
+        "service_tier": tier,
         "system_fingerprint": _FINGERPRINT,
         "choices": choices,
     }
