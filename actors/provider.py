@@ -95,6 +95,7 @@ from events import subjects
 from events.codec import DecodeError, decode, encode, plain_decimal
 from events.contract import (
     BudgetPending,
+    BudgetRelease,
     Price,
     ProviderCall,
     StreamCancel,
@@ -553,6 +554,7 @@ class ProviderActor:
         stale = _stale(call, ctx.queued_s, self.config.name)
         if stale is not None:
             await self._reply_error(ctx, stale, called=False)
+            self._give_back_unbilled(call, "not_called")
             return None
         if call.stream_to is not None and self._cancelled_before(call.stream_to):
             # Its caller stopped reading before the call came: not called, and no fallback
@@ -569,6 +571,7 @@ class ProviderActor:
         if refusal is not None:
             await self._publish_health()
             await self._reply_error(ctx, refusal, called=False)
+            self._give_back_unbilled(call, "not_called")
             return None
         # Priced at the call's time (DESIGN §4): a table price may have changed since the start.
         # The call's own price: other calls of this actor run at the same time.
@@ -603,6 +606,8 @@ class ProviderActor:
             self._note_tier(error.price, estimated=error.usage_estimated)
             await self._failed(call, error, latency_ms, price, unended)
             await self._reply_error(ctx, error, called=True, price=price)
+            if not _has_tokens(error.usage):
+                self._give_back_unbilled(call, "failed")
             return None
         except Exception as exc:  # a bug of ours, mid-call: the provider may have billed it
             latency_ms = (time.perf_counter() - started) * 1000
@@ -819,6 +824,33 @@ class ProviderActor:
         if self.held.hold(cut, _traces(cut)):
             self.held.end(unended)  # held on disk now: no longer on their way
         # (Else in memory only: still on their way in the write-ahead file, for an adopter.)
+
+    def _give_back_unbilled(self, call: ProviderCall, reason: str) -> None:
+        """Release ``call``'s reservation (in the background; the keeper ignores an id it does
+        not hold, a lease's or one already closed): a call that ended with nothing billed, or
+        was not made. Its router gives the hold back too when it hears the answer; but a
+        router that stopped waiting (the actor stalled, the call sat in its backlog) keeps a
+        silent attempt's hold from expiring until it sees the hold's spend or its release, up
+        to an hour, and this actor cannot tell whether it still waits (a call read after a
+        pause looks fresh): without this, a stall whose backlog then failed unbilled locked
+        the budget's room for that hour."""
+        if call.reservation_id is None or self._task_group is None:
+            return
+        release = BudgetRelease(reservation_id=call.reservation_id, reason=reason)
+
+        async def send() -> None:  # (in the call's context: its trace goes on)
+            with (
+                contextlib.suppress(Exception),  # best effort: the hold expires otherwise
+                tracing.request_span(subjects.BUDGET_RELEASE) as headers,
+            ):
+                await self.runtime.nc.request(
+                    subjects.BUDGET_RELEASE,
+                    encode(release),
+                    timeout=_GIVE_BACK_TIMEOUT_S,
+                    headers=headers,
+                )
+
+        self._task_group.start_soon(send)
 
     def _note_tier(self, price: Price | None, *, estimated: bool) -> None:
         """The service tier ``price`` is for (its ``source`` names it), as the provider said it
@@ -1151,6 +1183,10 @@ def _latency_moved(old: float | None, new: float | None) -> bool:
     if old is None:
         return True
     return abs(new - old) > 0.2 * max(old, 1.0)
+
+
+#: How long a provider actor waits for the keeper to take a release it sends (best effort).
+_GIVE_BACK_TIMEOUT_S = 5.0
 
 
 def _time_left(call: ProviderCall, queued_s: float) -> float | None:

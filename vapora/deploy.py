@@ -152,6 +152,7 @@ def permissions(clients: Sequence[str] = ()) -> dict[str, Permissions]:
             f"{_EVENTS}.spend.>",
             f"{_EVENTS}.health.>",
             subjects.BUDGET_PENDING,
+            subjects.BUDGET_RELEASE,  # a call it ended unbilled after its router gave up
         ),
         "budget": (f"{_EVENTS}.budget",),
         "ledger": (),

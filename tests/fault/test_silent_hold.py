@@ -7,6 +7,7 @@ nats-server, the simulator over HTTP, the provider actor a real OS process."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -55,11 +56,10 @@ def _config(budget: str) -> Callable[[str], str]:
     return text
 
 
-async def _provider_process(
-    url: str, tmp_path: Path, base_url: str, budget: str
-) -> subprocess.Popen[bytes]:
+async def _provider_process(url: str, tmp_path: Path, config: str) -> subprocess.Popen[bytes]:
+    """The openai provider actor in a process of its own, with ``config``, ready."""
     config_file = tmp_path / "vapora.toml"
-    config_file.write_text(_config(budget)(base_url))
+    config_file.write_text(config)
     data_dir = tmp_path / "provider"
     data_dir.mkdir()
     worker = subprocess.Popen(
@@ -103,7 +103,9 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
     the attempt was admitted against (300 s), whose expiry freed what the attempt committed."""
     budget = LEASED if leased else RESERVED
     async with deployment(tmp_path, _config(budget), router=False, providers=[]) as dep:
-        worker = await _provider_process(dep.server.url, tmp_path, dep.sim.base_url, budget)
+        worker = await _provider_process(
+            dep.server.url, tmp_path, _config(budget)(dep.sim.base_url)
+        )
         try:
             clock = FakeClock(datetime.now(UTC))
             keeper = BudgetKeeper(dataclasses.replace(dep.runtime, clock=clock), tick_s=0.2)
@@ -166,3 +168,68 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
     expired = [e for e in logged if isinstance(e, BudgetReleased | BudgetLeaseReturned)
                and e.reason == "expired"]  # fmt: skip
     assert not expired
+
+
+async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
+    tmp_path: Path,
+) -> None:
+    """The router keeps a silent attempt's hold for up to an hour; when the actor resumes and
+    a call ends with nothing billed (a 429 here), the actor releases the hold itself: the
+    router that stopped waiting would not, and the budget's room stayed locked that hour."""
+    budget = RESERVED
+
+    def config(url: str) -> str:
+        return config_text(
+            url,
+            models={"openai": "gpt-4-slow-800-error-429"},  # refused, 0.8 s after the request
+            timeouts={"openai": 1000},
+            budget=budget,
+        )
+
+    async with deployment(tmp_path, config, router=False, providers=[]) as dep:
+        worker = await _provider_process(dep.server.url, tmp_path, config(dep.sim.base_url))
+        try:
+            async with (
+                running(BudgetKeeper(dep.runtime, tick_s=0.2)),
+                anyio.create_task_group() as tg,
+            ):
+                router = RouterActor(dep.runtime, reserve=True)
+                await tg.start(router.run)
+                await wait_until_served(dep.client.nc, "vapora.complete")
+
+                async def events() -> list[Event]:
+                    return [e.event async for b in dep.log.replay() for e in b]
+
+                async def call() -> None:
+                    with contextlib.suppress(VaporaError):
+                        await dep.client.complete(
+                            prompt="hi", provider="openai", max_tokens=500, task_id="P2"
+                        )
+
+                tg.start_soon(call)
+                with anyio.fail_after(10):
+                    while not await _called(events):  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                await anyio.sleep(0.3)
+                worker.send_signal(signal.SIGSTOP)
+                with anyio.fail_after(20):  # silent: kept by the router
+                    while not router._silent_holds:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                await anyio.sleep(2)
+                worker.send_signal(signal.SIGCONT)  # the 429: nothing billed, past its wait
+                with anyio.fail_after(20):
+                    while router._silent_holds:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                logged = await events()
+                router.stop()
+        finally:
+            worker.send_signal(signal.SIGCONT)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+    # The first call timed out in the actor's own clock while it was paused (it may have been
+    # billed: recorded at its bound, settling its hold); the retry, read after the pause, got
+    # the 429 (nothing billed) and the actor released its hold. None waits for the hour.
+    first, retry = (e.reservation_id for e in logged if isinstance(e, BudgetReserved))
+    spent = {e.reservation_id for e in logged if isinstance(e, SpendRecorded)}
+    released = {e.reservation_id: e.reason for e in logged if isinstance(e, BudgetReleased)}
+    assert spent == {first} and released == {retry: "failed"}

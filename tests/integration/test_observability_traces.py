@@ -122,10 +122,17 @@ async def test_a_fallback_task_is_one_trace_across_connections_with_correct_pare
     # The failed attempt's hold given back: the router's PRODUCER span, the keeper's under it
     # (the keeper's was parented by the router's own span, with no publish between).
     releases = _named(task, "publish vapora.budget.release")
-    assert len(releases) == (0 if leased else 1)
-    assert all(_parent(s, index) is router and s.kind is SpanKind.PRODUCER for s in releases)
+    assert all(s.kind is SpanKind.PRODUCER for s in releases)
+    by_router = [s for s in releases if _parent(s, index) is router]
+    assert len(by_router) == (0 if leased else 1)
+    # The provider actor gives back the hold of a call it ended unbilled too (its router may
+    # have stopped waiting), in the call's trace: under its processing of the call.
+    [by_provider] = [s for s in releases if s not in by_router]
+    assert _parent(by_provider, index) is claude_call
     handled = _named(task, "process vapora.budget.release")
-    assert [_parent(s, index) for s in handled] == releases
+    assert sorted(_parent(s, index).context.span_id for s in handled) == sorted(  # type: ignore[union-attr]
+        s.context.span_id for s in releases
+    )
     assert _parent(_parent(second_call, index), index) is router  # type: ignore[arg-type]
     [failed] = _named(task, "chat claude-opus-4-5-error-529")
     operation = "generate_content" if following == "gemini" else "chat"
