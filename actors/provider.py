@@ -123,7 +123,7 @@ from vapora.errors import (
     ProviderStreamBroken,
     ProviderUnavailable,
 )
-from vapora.pricing import TIER_MARK, cost, price_at, tier_price
+from vapora.pricing import TIER_MARK, cost, price_at, served_bound
 from vapora.providers import (
     Completion,
     ProviderClient,
@@ -381,9 +381,10 @@ class ProviderActor:
             breaker_cooldown_s or config.breaker_cooldown_ms / 1000,
         )
         self.health_interval_s = health_interval_s
-        # The service tier the provider last said it served a call at, when not the standard
-        # one: a call whose cost is not known is recorded at that tier's rates.
-        self._served_tier: str | None = None
+        # The service tiers other than the standard one the provider said it served calls at:
+        # a call whose cost is not known is recorded at the dearest of their rates and the
+        # standard ones.
+        self._served_tiers: set[str] = set()
         self._healthy: tuple[bool, str] = (True, "")
         self._published: _HealthSignature | None = None
         self._published_latency: float | None = None
@@ -566,6 +567,7 @@ class ProviderActor:
                 error_type=CALLER_CANCELLED,
             )
             await self._reply_error(ctx, gone, called=False)
+            self._give_back_unbilled(call, "not_called")
             return None
         refusal = self._admit()
         if refusal is not None:
@@ -582,9 +584,9 @@ class ProviderActor:
         # The dearer rates of a service tier the provider said it serves at, for a call whose
         # cost is not known (what it bills is at that tier's rates).
         bound_price = price
-        if self._served_tier is not None:
-            tiered = tier_price(config.kind.value, config.model, price, self._served_tier, now)
-            bound_price = tiered or price
+        if self._served_tiers:
+            kind = config.kind.value
+            bound_price = served_bound(kind, config.model, price, self._served_tiers, now)
         # What the call is recorded as should this actor die before it ends, on disk before
         # the provider has it (the instance that adopts a dead one's files appends it). The
         # call's own events take its ids, so that they replace it wherever both are found.
@@ -603,7 +605,7 @@ class ProviderActor:
             latency_ms = (time.perf_counter() - started) * 1000
             if error.price is None and error.usage_estimated:
                 error.price = bound_price if bound_price is not price else None
-            self._note_tier(error.price, estimated=error.usage_estimated)
+            self._note_tier(error.price)
             await self._failed(call, error, latency_ms, price, unended)
             await self._reply_error(ctx, error, called=True, price=price)
             if not _has_tokens(error.usage):
@@ -734,7 +736,7 @@ class ProviderActor:
 
     async def _succeeded(self, call: ProviderCall, done: Completion, unended: list[Event]) -> None:
         self.breaker.success()
-        self._note_tier(done.price, estimated=False)  # the tier the answer said, or none
+        self._note_tier(done.price)
         now = self.runtime.clock()
         succeeded = CallSucceeded(
             id=unended[0].id,
@@ -801,7 +803,10 @@ class ProviderActor:
         ending: list[Event] = []
         if billed > 0 or _has_tokens(error.usage):
             model = call.model or self.config.model
-            events.append(self._spend(call, model, error.usage, billed, now, price, unended[1].id))
+            spend = self._spend(call, model, error.usage, billed, now, price, unended[1].id)
+            if error.usage_estimated:  # a bound (a time-out, a cut): said, as for an answer
+                spend = msgspec.structs.replace(spend, usage_estimated=True)
+            events.append(spend)
         else:
             ending = [unended[1]]  # nothing billed: the spend written ahead is no longer due
         await self._record(events, ending=ending)
@@ -852,17 +857,14 @@ class ProviderActor:
 
         self._task_group.start_soon(send)
 
-    def _note_tier(self, price: Price | None, *, estimated: bool) -> None:
+    def _note_tier(self, price: Price | None) -> None:
         """The service tier ``price`` is for (its ``source`` names it), as the provider said it
-        served a call; a price of the standard rates on counts the provider gave says the
-        standard tier."""
+        served a call: kept while this actor runs (see :meth:`RouterActor._note_tier`)."""
         if price is None:
             return
         at = price.source.rfind(TIER_MARK)
-        if at >= 0:
-            self._served_tier = price.source[at + len(TIER_MARK) :]
-        elif not estimated:
-            self._served_tier = None
+        if at >= 0 and len(self._served_tiers) < 8:
+            self._served_tiers.add(price.source[at + len(TIER_MARK) :])
 
     def _unended(self, call: ProviderCall, request: ProviderRequest, price: Price) -> list[Event]:
         """What a call that never ends here (this actor killed or stopped during it, or a bug
@@ -892,7 +894,8 @@ class ProviderActor:
             usage=usage,
             cost_usd=amount,
         )
-        return [failed, self._spend(call, model, usage, amount, now, price)]
+        spend = self._spend(call, model, usage, amount, now, price, call.spend_id)
+        return [failed, msgspec.structs.replace(spend, usage_estimated=True)]
 
     def _spend(
         self,

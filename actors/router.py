@@ -139,7 +139,7 @@ from vapora.errors import (
     VaporaError,
     request_error,
 )
-from vapora.pricing import TIER_MARK, price_at, tier_price, upper_bound_cost
+from vapora.pricing import TIER_MARK, price_at, served_bound, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
 from vapora.providers.stream import CALLER_CANCELLED
 from vapora.routing import (
@@ -282,6 +282,7 @@ class _Task:
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
     held: int = 0  # attempts whose holds stay: silent, or billed an unknown amount
+    spend_id: str | None = None  # the id the latest attempt's spend takes (a held attempt's)
     shared: bool = False  # capped, and its task id may name other requests on other routers
     reasons: list[str] = field(default_factory=list)  # why each attempt failed ("" if it did not)
     spent: Decimal = Decimal(0)
@@ -384,10 +385,10 @@ class RouterActor:
             self.leasing = False
         self._price_minute: datetime | None = None
         self._prices: dict[str, Price] = {}
-        # The service tier each provider last said it served a call at, when not the standard
-        # one (an OpenAI project whose default tier is priority): reservations are bounded at
-        # its rates, which its calls are billed at.
-        self._served_tiers: dict[str, str] = {}
+        # The service tiers other than the standard one each provider said it served calls at
+        # (an OpenAI project whose default tier is priority): its attempts are bounded at the
+        # dearest of their rates and the standard ones from then on.
+        self._served_tiers: dict[str, set[str]] = {}
         self.first_token_timeout_ms = first_token_timeout_ms
         self.keeper_timeout_s = keeper_timeout_s
         # Until a provider actor says otherwise, a provider is taken as usable: whether its API
@@ -411,12 +412,13 @@ class RouterActor:
         # Reservations of silent attempts, and until when (this router's clock) they are said
         # to be pending: a provider actor that was paused or cut off past the hold's life
         # records the call's spend when it resumes, and the keeper had let the room go.
-        # Keyed by (hold, task, attempt): a lease holds many attempts, one spend each.
-        self._silent_holds: OrderedDict[tuple[str, str, int], float] = OrderedDict()
-        # The same keys of spends this router's tail read lately: a silent attempt whose spend
-        # came before the attempt ended (an actor that appended, then failed to reply).
-        self._recent_spends: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        # By the id the attempt's spend takes (ProviderCall.spend_id): its hold and until when.
+        self._silent_holds: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # The ids of spends this router's tail read lately: a silent attempt whose spend came
+        # before the attempt ended (an actor that appended, then failed to reply).
+        self._recent_spends: OrderedDict[str, None] = OrderedDict()
         self.silent_word_s = _SILENT_WORD_S
+        self._silent_cap_said = False
         # Capped tasks' money this router has committed and not yet seen recorded in the log:
         # upper bounds of attempts in flight (and of silent ones, which may have been billed),
         # actual costs of answered attempts until their spend_recorded reaches the tail. With
@@ -648,15 +650,14 @@ class RouterActor:
                         TASK_ID.reset(token)
             case BudgetReleased():
                 holds = self._silent_holds
-                for key in [k for k in holds if k[0] == event.reservation_id]:
+                for key in [k for k, (hold, _) in holds.items() if hold == event.reservation_id]:
                     del holds[key]
             case SpendRecorded():
                 if live:
                     self._note_tier(event)
                 if event.reservation_id is not None:
-                    key = (event.reservation_id, event.task_id, event.attempt)
-                    self._silent_holds.pop(key, None)
-                    self._recent_spends[key] = None
+                    self._silent_holds.pop(event.id, None)
+                    self._recent_spends[event.id] = None
                     if len(self._recent_spends) > _EVENT_TASKS:
                         self._recent_spends.popitem(last=False)
                 spend = self.task_spend
@@ -960,13 +961,20 @@ class RouterActor:
         paused past the hold's life: the keeper released the hold as expired, admitted other
         work into that room, then the spend landed, 50 % past a day's limit in a review). A
         router that stops forgets them: the keeper may then expire them as before."""
-        key = (hold_id, task.task_id, task.number)
-        if key in self._recent_spends:
+        key = task.spend_id
+        if key is None or key in self._recent_spends:
             return  # its spend is in the log already
         holds = self._silent_holds
-        holds[key] = self._clock() + SILENT_HOLD_S
+        holds[key] = (hold_id, self._clock() + SILENT_HOLD_S)
         while len(holds) > _SILENT_HOLDS_KEPT:
             holds.popitem(last=False)
+            if not self._silent_cap_said:
+                self._silent_cap_said = True
+                log.warning(
+                    "router: more than %d attempts got no answer from their provider actor; "
+                    "the oldest of their holds are no longer said to be pending",
+                    _SILENT_HOLDS_KEPT,
+                )
         if self._loop is not None:
             self._spawn(self._say_pending, [hold_id])
 
@@ -976,10 +984,10 @@ class RouterActor:
         while True:
             await anyio.sleep(self.silent_word_s)
             now, holds = self._clock(), self._silent_holds
-            for key in [key for key, until in holds.items() if until <= now]:
+            for key in [key for key, (_, until) in holds.items() if until <= now]:
                 del holds[key]  # its provider never recorded it: the keeper may expire it
             if holds:
-                await self._say_pending(list(dict.fromkeys(key[0] for key in holds)))
+                await self._say_pending(list(dict.fromkeys(hold for hold, _ in holds.values())))
 
     async def _say_pending(self, holds: list[str]) -> None:
         for start in range(0, len(holds), 1000):
@@ -1091,8 +1099,8 @@ class RouterActor:
 
     def _prices_now(self) -> dict[str, Price]:
         """Each provider's price in force now (DESIGN §4: a table price may change while the
-        router runs), worked out once a minute; at the rates of the service tier the provider
-        last said it served at, when it said one (:meth:`_note_tier`)."""
+        router runs), worked out once a minute; for a provider that said it serves at service
+        tiers of their own rates, the dearest of those and the standard (:meth:`_note_tier`)."""
         now = self.runtime.clock()
         minute = now.replace(second=0, microsecond=0)
         if minute != self._price_minute:
@@ -1102,25 +1110,25 @@ class RouterActor:
 
     def _price_of(self, provider: ProviderConfig, now: datetime) -> Price:
         price = price_at(provider.kind.value, provider.model, provider.price, now)
-        tier = self._served_tiers.get(provider.name)
-        if tier is None:
+        tiers = self._served_tiers.get(provider.name)
+        if not tiers:
             return price
-        return tier_price(provider.kind.value, provider.model, price, tier, now) or price
+        return served_bound(provider.kind.value, provider.model, price, tiers, now)
 
     def _note_tier(self, spend: SpendRecorded) -> None:
-        """The service tier ``spend``'s price names (``genai-prices service_tier=priority``): its
-        provider's calls are billed at that tier's rates, so its attempts are bounded at them
-        from now on (the first such call could settle above its standard-rate hold)."""
+        """The service tier ``spend``'s price names (``genai-prices service_tier=priority``):
+        its provider serves calls at that tier, billed at its rates, so its attempts are bounded
+        at them too from now on (the first such call could settle above its standard-rate
+        hold). Kept while this router runs: a project that served one call at the standard
+        tier may serve the next at priority."""
         source = spend.price.source
         at = source.rfind(TIER_MARK)
-        tier = source[at + len(TIER_MARK) :] if at >= 0 else None
-        if tier is None and spend.usage_estimated:
-            return  # a bound at the standard rates says nothing of the tier
-        if self._served_tiers.get(spend.provider) != tier:
-            if tier is None:
-                self._served_tiers.pop(spend.provider, None)
-            elif spend.provider in self._providers:
-                self._served_tiers[spend.provider] = tier
+        if at < 0 or spend.provider not in self._providers:
+            return
+        tier = source[at + len(TIER_MARK) :]
+        tiers = self._served_tiers.setdefault(spend.provider, set())
+        if tier not in tiers and len(tiers) < 8:
+            tiers.add(tier)
             self._price_minute = None  # worked out again at the next attempt
 
     def _hold_s(self, provider: ProviderConfig) -> float:
@@ -1400,7 +1408,9 @@ class RouterActor:
             timeout_ms=total_ms,
             first_token_timeout_ms=first_ms,
             stream_to=task.stream_to,
+            spend_id=_new_id() if reservation_id is not None else None,
         )
+        task.spend_id = call.spend_id
         started = time.perf_counter()
         outcome = await self._request(
             provider, call, total_ms / 1000 + self.grace_s, task.route_reason

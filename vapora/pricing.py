@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import decimal
 import functools
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
@@ -49,6 +50,7 @@ __all__ = [
     "rates_for",
     "upper_bound_cost",
     "resolve_price",
+    "served_bound",
     "tier_price",
     "zero_price",
 ]
@@ -284,6 +286,26 @@ def _table_price_in_minute(
 STANDARD_TIERS: Final = frozenset({"default", "auto", "standard"})
 #: How a price's ``source`` names the service tier it is for (``genai-prices service_tier=flex``).
 TIER_MARK: Final = " service_tier="
+
+
+def served_bound(kind: str, model: str, price: Price, tiers: Iterable[str], at: datetime) -> Price:
+    """``price`` for bounding a call's cost (a reservation, a cost not known) of a provider
+    that has said it serves at the service ``tiers``: rate by rate the dearest of the standard
+    rates and those of each tier (it may serve the next call at any of them; a flex tier's
+    cheaper rates never lower the bound). ``price`` itself when no tier has rates of its own."""
+    dearer = [p for t in tiers if (p := tier_price(kind, model, price, t, at)) is not None]
+    if not dearer:
+        return price
+    every = [price, *dearer]
+    return msgspec.structs.replace(
+        price,
+        input_per_mtok=max(p.input_per_mtok for p in every),
+        output_per_mtok=max(p.output_per_mtok for p in every),
+        cache_read_per_mtok=max(p.cache_read_per_mtok for p in every),
+        cache_write_per_mtok=max(p.cache_write_per_mtok for p in every),
+        cache_write_1h_per_mtok=max((p.cache_write_1h_per_mtok or 0) for p in every) or None,
+        source=f"{price.source} bound over service tiers {','.join(sorted(tiers))}",
+    )
 
 
 def tier_price(kind: str, model: str, loaded: Price, tier: str, at: datetime) -> Price | None:

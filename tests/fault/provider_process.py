@@ -13,8 +13,10 @@ stops it (SIGKILL does not).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +28,28 @@ from actors.provider import ProviderActor
 from actors.runner import Runtime, run_until_signalled
 from events.subjects import EVENTS_PREFIX
 from vapora.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def started(
+    url: str, config_file: Path, data_dir: Path, env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    """This module run as the ``openai`` provider actor, in a process of its own, with the
+    config in ``config_file`` and ``env`` (its keys and settings), once it serves."""
+    command = [sys.executable, "-m", "tests.fault.provider_process", url, str(config_file)]
+    worker = subprocess.Popen(
+        [*command, "openai", str(data_dir)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    with anyio.fail_after(30):
+        assert worker.stdout is not None
+        line = await anyio.to_thread.run_sync(worker.stdout.readline)
+        assert line.strip() == b"ready"
+    return worker
 
 
 async def main(url: str, config_file: str, provider: str, data_dir: str | None = None) -> None:

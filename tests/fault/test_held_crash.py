@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,9 @@ from events.codec import decode, encode
 from events.contract import ProviderCall, ProviderCallResult, TaskType
 from events.log import CallFailed, CallSucceeded, Event, SpendRecorded
 from tests.fault.provider_harness import KEYS, config_text, deployment, until
+from tests.fault.provider_process import started
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def held_files(data_dir: Path) -> list[Path]:
@@ -92,26 +89,7 @@ async def _worker(dep: Any, tmp_path: Path, data_dir: Path, **env: str) -> subpr
     """The openai provider actor in a process of its own (``env``: its settings), ready."""
     config_file = tmp_path / "vapora.toml"
     config_file.write_text(config_text(dep.sim.base_url))
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.fault.provider_process",
-            dep.server.url,
-            str(config_file),
-            "openai",
-            str(data_dir),
-        ],
-        cwd=ROOT,
-        env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    with anyio.fail_after(30):
-        assert worker.stdout is not None
-        line = await anyio.to_thread.run_sync(worker.stdout.readline)
-        assert line.strip() == b"ready"
-    return worker
+    return await started(dep.server.url, config_file, data_dir, {**KEYS, **env})
 
 
 async def test_spend_held_by_a_killed_provider_actor_is_appended_by_the_next(

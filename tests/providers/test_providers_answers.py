@@ -13,6 +13,7 @@ import anyio
 import msgspec
 import pytest
 
+from events.contract import Price
 from tests.providers.conftest import price_of, stub
 from vapora.errors import (
     ProviderContextOverflow,
@@ -711,6 +712,20 @@ async def test_json_nested_too_deep_is_a_malformed_answer_not_a_crash(kind: str)
     assert type(refused) is ProviderRejected
 
 
+def _gpt5_price() -> Price:
+    """gpt-5's standard price from the genai-prices table (which has its service tiers)."""
+    price = _table_price("openai", "gpt-5", datetime.now(UTC))
+    assert price is not None
+    return price
+
+
+def _gpt5(port: int, price: Price) -> ProviderClient:
+    return make_client(
+        name="openai", kind="openai", model="gpt-5", price=price, api_key="sk-test",
+        base_url=f"http://127.0.0.1:{port}/v1", timeout=5.0,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("tier", "factor"), [("default", 1), ("priority", 2), ("flex", Decimal("0.5"))]
 )
@@ -720,8 +735,7 @@ async def test_an_openai_call_is_priced_at_the_service_tier_it_was_served_at(
     """A request that names no ``service_tier`` is served at the project's default, which may
     be priority (about twice the standard rates) or flex (half): the response says which, and
     it was recorded at the standard rates whatever it said."""
-    standard = _table_price("openai", "gpt-5", datetime.now(UTC))
-    assert standard is not None
+    standard = _gpt5_price()
     body = msgspec.json.encode(
         {
             "id": "c",
@@ -732,10 +746,7 @@ async def test_an_openai_call_is_priced_at_the_service_tier_it_was_served_at(
         }
     )
     async with stub(answer("200 OK", body)) as port:
-        made = make_client(
-            name="openai", kind="openai", model="gpt-5", price=standard, api_key="sk-test",
-            base_url=f"http://127.0.0.1:{port}/v1", timeout=5.0,
-        )  # fmt: skip
+        made = _gpt5(port, standard)
         try:
             done = await made.complete(ProviderRequest(prompt="a b c d", max_tokens=400))
         finally:
@@ -747,8 +758,7 @@ async def test_an_openai_call_is_priced_at_the_service_tier_it_was_served_at(
 
 
 async def test_a_streamed_openai_call_is_priced_at_the_service_tier_its_chunks_name() -> None:
-    standard = _table_price("openai", "gpt-5", datetime.now(UTC))
-    assert standard is not None
+    standard = _gpt5_price()
     tier = {"id": "c", "service_tier": "priority"}
     chunks = [
         {**tier, "choices": [{"delta": {"content": "hi"}}]},
@@ -758,10 +768,7 @@ async def test_a_streamed_openai_call_is_priced_at_the_service_tier_its_chunks_n
     frames = b"".join(b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks)
     frames += b"data: [DONE]\n\n"
     async with stub(answer("200 OK", frames, "content-type: text/event-stream\r\n")) as port:
-        made = make_client(
-            name="openai", kind="openai", model="gpt-5", price=standard, api_key="sk-test",
-            base_url=f"http://127.0.0.1:{port}/v1", timeout=5.0,
-        )  # fmt: skip
+        made = _gpt5(port, standard)
         try:
             async with made.stream(ProviderRequest(prompt="a b c d", max_tokens=400)) as stream:
                 assert [t async for t in stream] == ["hi"]
@@ -774,14 +781,10 @@ async def test_a_streamed_openai_call_is_priced_at_the_service_tier_its_chunks_n
 async def test_a_stream_cut_after_its_service_tier_was_said_is_billed_at_that_tier() -> None:
     """Only a whole answer was priced at its tier: a stream cut after chunks that said
     ``priority`` was recorded at the standard rates (half what OpenAI bills)."""
-    standard = _table_price("openai", "gpt-5", datetime.now(UTC))
-    assert standard is not None
+    standard = _gpt5_price()
     text = {**_TEXT, "service_tier": "priority"}
     async with stub(_CUT_HEAD + _frames(text)) as port:
-        made = make_client(
-            name="openai", kind="openai", model="gpt-5", price=standard, api_key="sk-test",
-            base_url=f"http://127.0.0.1:{port}/v1", timeout=5.0,
-        )  # fmt: skip
+        made = _gpt5(port, standard)
         try:
             with pytest.raises(StreamBroken) as broken:
                 async with made.stream(REQUEST_100, time_limit=5) as stream:

@@ -42,6 +42,15 @@ COST = {
 }
 
 
+async def _answer(client: Any, request: ProviderRequest, streaming: bool) -> Any:
+    """``client``'s completion of ``request``, streamed (read to the end) or not."""
+    if not streaming:
+        return await client.complete(request)
+    async with client.stream(request) as stream:
+        _ = [text async for text in stream]
+    return stream.completion
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_complete_returns_text_usage_and_cost(kind: str, client_for: ClientFactory) -> None:
     client = client_for(kind, "cached-8")
@@ -84,15 +93,7 @@ async def test_stream_yields_chunks_then_the_same_usage_and_cost(
 async def test_max_tokens_truncates_with_finish_reason_length(
     kind: str, streaming: bool, client_for: ClientFactory
 ) -> None:
-    client = client_for(kind)
-    request = ProviderRequest(prompt=PROMPT, max_tokens=3)
-
-    if streaming:
-        async with client.stream(request) as stream:
-            _ = [text async for text in stream]
-        done = stream.completion
-    else:
-        done = await client.complete(request)
+    done = await _answer(client_for(kind), ProviderRequest(prompt=PROMPT, max_tokens=3), streaming)
 
     assert done is not None
     assert done.text == "one two three"
@@ -128,17 +129,10 @@ async def test_a_conversation_of_system_messages_only_is_answered(
     refuse one with no turn (400: "at least one message is required", "contents is not
     specified"), so the provider a task was routed to decided whether it failed. Their
     clients send the system text as the one user turn."""
-    client = client_for(kind)
     request = ProviderRequest(
         messages=[ChatMessage(role="system", content="alpha beta")], system="gamma"
     )
-
-    if streaming:
-        async with client.stream(request) as stream:
-            _ = [text async for text in stream]
-        done = stream.completion
-    else:
-        done = await client.complete(request)
+    done = await _answer(client_for(kind), request, streaming)
 
     assert done is not None and done.text
     body = msgspec.json.decode(sim.app.requests[-1].body)

@@ -409,3 +409,26 @@ def test_a_reservation_bounds_input_written_to_the_cache_for_an_hour() -> None:
     assert cost(usage, price) == upper_bound_cost(1_000_000, 0, price)
     tiered = resolve_price("anthropic", "claude-sonnet-4-5", at=AT)
     assert upper_bound_cost(300_000, 0, tiered) == Decimal("3.6")  # 300k at the tier's $12
+
+
+def test_a_bound_over_service_tiers_is_the_dearest_of_their_rates_and_never_below_standard() -> (
+    None
+):
+    """A provider that served a call at flex (half the standard rates) may serve the next at
+    the standard tier: a bound at flex rates under-reserved it (a review)."""
+    from vapora.pricing import _table_price, served_bound
+
+    now = datetime.now(UTC)
+    standard = _table_price("openai", "gpt-5", now)
+    assert standard is not None
+    flex = served_bound("openai", "gpt-5", standard, {"flex"}, now)
+    both = served_bound("openai", "gpt-5", standard, {"flex", "priority"}, now)
+    assert (flex.input_per_mtok, flex.output_per_mtok) == (
+        standard.input_per_mtok,
+        standard.output_per_mtok,
+    )
+    assert (both.input_per_mtok, both.output_per_mtok) == (
+        2 * standard.input_per_mtok,
+        2 * standard.output_per_mtok,
+    )
+    assert served_bound("openai", "gpt-5", standard, set(), now) is standard
