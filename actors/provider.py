@@ -61,6 +61,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import ssl
 import time
 from collections import OrderedDict
@@ -141,6 +142,7 @@ __all__ = [
     "RETRY_AFTER_HEADER",
     "COST_HEADER",
     "ROUTE_REASON_HEADER",
+    "SPEND_ID_HEADER",
     "USAGE_HEADER",
     "CircuitBreaker",
     "ProviderActor",
@@ -161,6 +163,12 @@ CALLED_HEADER = "Vapora-Called"
 ERROR_TYPE_HEADER = "Vapora-Error-Type"
 #: Sent by the router with tracing on: why this provider (the provider span's route reason).
 ROUTE_REASON_HEADER = "Vapora-Route-Reason"
+#: Sent by the router with a call that holds budget: the id (32 lowercase hex digits) the call's
+#: ``spend_recorded`` takes, so that a router that stopped waiting for the call knows its spend
+#: when it comes. A header, not a field: an older provider actor refuses a call with a field it
+#: does not know, and ignores a header.
+SPEND_ID_HEADER = "Vapora-Spend-Id"
+_SPEND_ID = re.compile(r"[0-9a-f]{32}")
 #: A call with less than this left of its time limit after waiting in the backlog is refused.
 _STALE_MARGIN_S = 0.05
 #: Seconds a stopping provider actor allows past its timeout for the calls' events to append.
@@ -590,7 +598,10 @@ class ProviderActor:
         # What the call is recorded as should this actor die before it ends, on disk before
         # the provider has it (the instance that adopts a dead one's files appends it). The
         # call's own events take its ids, so that they replace it wherever both are found.
-        unended = self._unended(call, request, bound_price)
+        spend_id = ctx.header(SPEND_ID_HEADER)
+        if spend_id is not None and not _SPEND_ID.fullmatch(spend_id):
+            spend_id = None  # not one of a router's: the actor's own id
+        unended = self._unended(call, request, bound_price, spend_id)
         self.held.begin(unended)
         started = time.perf_counter()
         try:
@@ -866,7 +877,9 @@ class ProviderActor:
         if at >= 0 and len(self._served_tiers) < 8:
             self._served_tiers.add(price.source[at + len(TIER_MARK) :])
 
-    def _unended(self, call: ProviderCall, request: ProviderRequest, price: Price) -> list[Event]:
+    def _unended(
+        self, call: ProviderCall, request: ProviderRequest, price: Price, spend_id: str | None
+    ) -> list[Event]:
         """What a call that never ends here (this actor killed or stopped during it, or a bug
         of ours) is recorded as: a ``call_failed`` of class ``cancelled`` and a spend at the
         attempt's upper bound, its whole input and output limit (the provider may have billed
@@ -894,7 +907,7 @@ class ProviderActor:
             usage=usage,
             cost_usd=amount,
         )
-        spend = self._spend(call, model, usage, amount, now, price, call.spend_id)
+        spend = self._spend(call, model, usage, amount, now, price, spend_id)
         return [failed, msgspec.structs.replace(spend, usage_estimated=True)]
 
     def _spend(

@@ -81,6 +81,7 @@ from actors.provider import (
     ERROR_TYPE_HEADER,
     RETRY_AFTER_HEADER,
     ROUTE_REASON_HEADER,
+    SPEND_ID_HEADER,
     USAGE_HEADER,
 )
 from actors.runner import Runtime
@@ -412,7 +413,7 @@ class RouterActor:
         # Reservations of silent attempts, and until when (this router's clock) they are said
         # to be pending: a provider actor that was paused or cut off past the hold's life
         # records the call's spend when it resumes, and the keeper had let the room go.
-        # By the id the attempt's spend takes (ProviderCall.spend_id): its hold and until when.
+        # By the id the attempt's spend takes (``Vapora-Spend-Id``): its hold and until when.
         self._silent_holds: OrderedDict[str, tuple[str, float]] = OrderedDict()
         # The ids of spends this router's tail read lately: a silent attempt whose spend came
         # before the attempt ended (an actor that appended, then failed to reply).
@@ -1408,12 +1409,11 @@ class RouterActor:
             timeout_ms=total_ms,
             first_token_timeout_ms=first_ms,
             stream_to=task.stream_to,
-            spend_id=_new_id() if reservation_id is not None else None,
         )
-        task.spend_id = call.spend_id
+        task.spend_id = _new_id() if reservation_id is not None else None
         started = time.perf_counter()
         outcome = await self._request(
-            provider, call, total_ms / 1000 + self.grace_s, task.route_reason
+            provider, call, total_ms / 1000 + self.grace_s, task.route_reason, task.spend_id
         )
         latency = (time.perf_counter() - started) * 1000
         task.attempts.append(self._attempt(provider, outcome, latency))
@@ -1428,15 +1428,23 @@ class RouterActor:
         return outcome
 
     async def _request(
-        self, provider: ProviderConfig, call: ProviderCall, wait_s: float, route_reason: str
+        self,
+        provider: ProviderConfig,
+        call: ProviderCall,
+        wait_s: float,
+        route_reason: str,
+        spend_id: str | None = None,
     ) -> ProviderCallResult | _Failure:
         subject = subjects.provider_call(provider.name)
         try:
             with tracing.request_span(subject) as headers:
                 if headers is not None and tracing.recording():  # for the call's span
                     headers[ROUTE_REASON_HEADER] = route_reason
+                sent = headers
+                if spend_id is not None:
+                    sent = {**(headers or {}), SPEND_ID_HEADER: spend_id}
                 message = await self.runtime.nc.request(
-                    subject, encode(call), timeout=wait_s, headers=headers
+                    subject, encode(call), timeout=wait_s, headers=sent
                 )
                 if (
                     headers is not None

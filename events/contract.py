@@ -479,10 +479,6 @@ class ProviderCall(_Message, frozen=True, kw_only=True):
     timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     first_token_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     stream_to: str | None = None
-    # An extension: the id the call's ``spend_recorded`` takes (32 lowercase hex digits), so
-    # that the router that made the call knows its spend when it comes, however late (a
-    # router that stopped waiting keeps the call's hold until then). None: the actor's own.
-    spend_id: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")] | None = None
 
     def __post_init__(self) -> None:
         check_task_id(self.task_id)
