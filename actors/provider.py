@@ -65,7 +65,7 @@ import re
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -124,7 +124,7 @@ from vapora.errors import (
     ProviderStreamBroken,
     ProviderUnavailable,
 )
-from vapora.pricing import TIER_MARK, cost, price_at, served_bound
+from vapora.pricing import cost, price_at, served_bound, served_tier
 from vapora.providers import (
     Completion,
     ProviderClient,
@@ -143,6 +143,7 @@ __all__ = [
     "COST_HEADER",
     "ROUTE_REASON_HEADER",
     "SPEND_ID_HEADER",
+    "say_pending",
     "USAGE_HEADER",
     "CircuitBreaker",
     "ProviderActor",
@@ -871,11 +872,9 @@ class ProviderActor:
     def _note_tier(self, price: Price | None) -> None:
         """The service tier ``price`` is for (its ``source`` names it), as the provider said it
         served a call: kept while this actor runs (see :meth:`RouterActor._note_tier`)."""
-        if price is None:
-            return
-        at = price.source.rfind(TIER_MARK)
-        if at >= 0 and len(self._served_tiers) < 8:
-            self._served_tiers.add(price.source[at + len(TIER_MARK) :])
+        tier = served_tier(price) if price is not None else None
+        if tier is not None and len(self._served_tiers) < 8:
+            self._served_tiers.add(tier)
 
     def _unended(
         self, call: ProviderCall, request: ProviderRequest, price: Price, spend_id: str | None
@@ -1043,10 +1042,7 @@ class ProviderActor:
                 if isinstance(e, SpendRecorded) and e.reservation_id is not None
             }
         )
-        for start in range(0, len(holds), 1000):
-            with contextlib.suppress(Exception):
-                pending = BudgetPending(holds=holds[start : start + 1000])
-                await self.runtime.nc.publish(subjects.BUDGET_PENDING, encode(pending))
+        await say_pending(self.runtime.nc, holds)
 
     async def _load_held(self) -> None:
         """Events earlier instances held and did not append (stopped or crashed during an event
@@ -1203,6 +1199,16 @@ def _latency_moved(old: float | None, new: float | None) -> bool:
 
 #: How long a provider actor waits for the keeper to take a release it sends (best effort).
 _GIVE_BACK_TIMEOUT_S = 5.0
+
+
+async def say_pending(nc: Any, holds: Sequence[str]) -> None:
+    """Tell the budget keeper that ``holds`` (reservation or lease ids) have spend on its way
+    (``vapora.budget.pending``): it expires none of them for a minute. Best effort: core NATS,
+    no reply, said again by the callers."""
+    for start in range(0, len(holds), 1000):
+        with contextlib.suppress(Exception):
+            pending = BudgetPending(holds=list(holds[start : start + 1000]))
+            await nc.publish(subjects.BUDGET_PENDING, encode(pending))
 
 
 def _time_left(call: ProviderCall, queued_s: float) -> float | None:

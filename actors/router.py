@@ -83,6 +83,7 @@ from actors.provider import (
     ROUTE_REASON_HEADER,
     SPEND_ID_HEADER,
     USAGE_HEADER,
+    say_pending,
 )
 from actors.runner import Runtime
 from actors.service import (
@@ -100,7 +101,6 @@ from events.contract import (
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
-    BudgetPending,
     BudgetRelease,
     BudgetReserve,
     BudgetReserveReply,
@@ -140,7 +140,7 @@ from vapora.errors import (
     VaporaError,
     request_error,
 )
-from vapora.pricing import TIER_MARK, price_at, served_bound, upper_bound_cost
+from vapora.pricing import price_at, served_bound, served_tier, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
 from vapora.providers.stream import CALLER_CANCELLED
 from vapora.routing import (
@@ -408,16 +408,14 @@ class RouterActor:
         self.tier = Tier.NORMAL
         self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
         # The task of each recent event that names one (a spend, a reservation), by event id:
-        # a tier change's log line names the task whose event moved the tier (its causation).
+        # a tier change's log line names the task whose event moved the tier (its causation),
+        # and a silent attempt whose spend was read before it ended is not waited for.
         self._event_tasks: OrderedDict[str, str] = OrderedDict()
-        # Reservations of silent attempts, and until when (this router's clock) they are said
-        # to be pending: a provider actor that was paused or cut off past the hold's life
-        # records the call's spend when it resumes, and the keeper had let the room go.
-        # By the id the attempt's spend takes (``Vapora-Spend-Id``): its hold and until when.
+        # Silent attempts (no answer from their provider actor), by the id their spend takes
+        # (``Vapora-Spend-Id``): their hold (a reservation or a lease) and until when (this
+        # router's clock) it is said to be pending. A provider actor paused past the hold's
+        # life records the call's spend when it resumes, after the keeper let the room go.
         self._silent_holds: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        # The ids of spends this router's tail read lately: a silent attempt whose spend came
-        # before the attempt ended (an actor that appended, then failed to reply).
-        self._recent_spends: OrderedDict[str, None] = OrderedDict()
         self.silent_word_s = _SILENT_WORD_S
         self._silent_cap_said = False
         # Capped tasks' money this router has committed and not yet seen recorded in the log:
@@ -658,9 +656,6 @@ class RouterActor:
                     self._note_tier(event)
                 if event.reservation_id is not None:
                     self._silent_holds.pop(event.id, None)
-                    self._recent_spends[event.id] = None
-                    if len(self._recent_spends) > _EVENT_TASKS:
-                        self._recent_spends.popitem(last=False)
                 spend = self.task_spend
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
                 if len(spend) > _TASK_SPEND_ENTRIES:
@@ -963,8 +958,8 @@ class RouterActor:
         work into that room, then the spend landed, 50 % past a day's limit in a review). A
         router that stops forgets them: the keeper may then expire them as before."""
         key = task.spend_id
-        if key is None or key in self._recent_spends:
-            return  # its spend is in the log already
+        if key is None or key in self._event_tasks:
+            return  # its spend is in the log already (read before the attempt ended)
         holds = self._silent_holds
         holds[key] = (hold_id, self._clock() + SILENT_HOLD_S)
         while len(holds) > _SILENT_HOLDS_KEPT:
@@ -977,7 +972,7 @@ class RouterActor:
                     _SILENT_HOLDS_KEPT,
                 )
         if self._loop is not None:
-            self._spawn(self._say_pending, [hold_id])
+            self._spawn(say_pending, self.runtime.nc, [hold_id])
 
     async def _say_silent_holds(self) -> None:
         """Every :attr:`silent_word_s`: the silent attempts' holds still pending (see
@@ -988,13 +983,9 @@ class RouterActor:
             for key in [key for key, (_, until) in holds.items() if until <= now]:
                 del holds[key]  # its provider never recorded it: the keeper may expire it
             if holds:
-                await self._say_pending(list(dict.fromkeys(hold for hold, _ in holds.values())))
-
-    async def _say_pending(self, holds: list[str]) -> None:
-        for start in range(0, len(holds), 1000):
-            with contextlib.suppress(Exception):  # best effort: said again shortly
-                pending = BudgetPending(holds=holds[start : start + 1000])
-                await self.runtime.nc.publish(subjects.BUDGET_PENDING, encode(pending))
+                await say_pending(
+                    self.runtime.nc, list(dict.fromkeys(h for h, _ in holds.values()))
+                )
 
     def _add_pending(self, task_id: str, delta: Decimal) -> None:
         pending = self.task_pending
@@ -1122,11 +1113,9 @@ class RouterActor:
         at them too from now on (the first such call could settle above its standard-rate
         hold). Kept while this router runs: a project that served one call at the standard
         tier may serve the next at priority."""
-        source = spend.price.source
-        at = source.rfind(TIER_MARK)
-        if at < 0 or spend.provider not in self._providers:
+        tier = served_tier(spend.price)
+        if tier is None or spend.provider not in self._providers:
             return
-        tier = source[at + len(TIER_MARK) :]
         tiers = self._served_tiers.setdefault(spend.provider, set())
         if tier not in tiers and len(tiers) < 8:
             tiers.add(tier)

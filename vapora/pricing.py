@@ -51,6 +51,7 @@ __all__ = [
     "upper_bound_cost",
     "resolve_price",
     "served_bound",
+    "served_tier",
     "tier_price",
     "zero_price",
 ]
@@ -286,6 +287,12 @@ def _table_price_in_minute(
 STANDARD_TIERS: Final = frozenset({"default", "auto", "standard"})
 #: How a price's ``source`` names the service tier it is for (``genai-prices service_tier=flex``).
 TIER_MARK: Final = " service_tier="
+
+
+def served_tier(price: Price) -> str | None:
+    """The service tier ``price`` is for, as :func:`tier_price` names it in its ``source``."""
+    at = price.source.rfind(TIER_MARK)
+    return price.source[at + len(TIER_MARK) :] if at >= 0 else None
 
 
 def served_bound(kind: str, model: str, price: Price, tiers: Iterable[str], at: datetime) -> Price:

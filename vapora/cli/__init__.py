@@ -24,7 +24,7 @@ import anyio
 from events.contract import Quality, TaskType
 from events.log import EVENT_TYPES
 from vapora import __version__
-from vapora.cli.args import given
+from vapora.cli.args import given, port, whole_number
 from vapora.config import redact_url
 from vapora.errors import ConfigError, VaporaError
 from vapora.eventloop import run as run_loop
@@ -613,7 +613,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--port",
-        type=_port,
+        type=port,
         default=None,
         help=f"embedded server port (default {DEFAULT_EMBEDDED_PORT}; 0: any free port)",
     )
@@ -738,22 +738,8 @@ def _timestamp(text: str) -> datetime:
         ) from None
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-
-
-def _port(text: str) -> int:
-    value = _integer(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {value}")
-    return value
-
-
 def _positive_int(text: str) -> int:
-    value = _integer(text)
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from vapora.cli.args import port, whole_number
 from vapora.errors import ConfigError
 from vapora.eventloop import run as run_loop
 from vapora.simulator.http import HTTPServer
@@ -97,16 +98,6 @@ async def serve(
         await anyio.sleep_forever()
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {value}")
-    return value
-
-
 def _host(text: str) -> str:
     """A host to serve on (``""`` served on every interface and printed ``http://:PORT``)."""
     if not text.strip():
@@ -115,10 +106,7 @@ def _host(text: str) -> str:
 
 
 def _latency(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of ms: {text!r}") from None
+    value = whole_number(text)
     if not 0 <= value <= 3_600_000:  # -10 was taken without a word
         raise argparse.ArgumentTypeError(f"must be 0 to 3600000 ms, got {value}")
     return value
@@ -130,7 +118,7 @@ def cli_main(argv: list[str]) -> int:
         prog="vapora simulate", description="Run the Anthropic/OpenAI/Gemini/Ollama simulator."
     )
     parser.add_argument("--host", type=_host, default="127.0.0.1")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
+    parser.add_argument("--port", type=port, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=_latency, default=None, help="default latency")
     args = parser.parse_args(argv)
     try:
