@@ -19,7 +19,10 @@ import anyio
 import pytest
 
 from actors.budget_keeper import BudgetKeeper
+from actors.provider import SPEND_ID_HEADER
 from actors.router import RouterActor
+from events.codec import decode, encode
+from events.contract import ProviderCall, ProviderCallResult, TaskType
 from events.log import (
     BudgetLeased,
     BudgetLeaseReturned,
@@ -228,3 +231,27 @@ async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
     spent = {e.reservation_id for e in logged if isinstance(e, SpendRecorded)}
     released = {e.reservation_id: e.reason for e in logged if isinstance(e, BudgetReleased)}
     assert spent == {first} and released == {retry: "failed"}
+
+
+@pytest.mark.parametrize("given", ["not-an-id", "A" * 32, "0" * 33, ""])
+async def test_a_spend_id_header_that_is_not_one_is_not_taken(tmp_path: Path, given: str) -> None:
+    """``Vapora-Spend-Id`` comes from whoever publishes the call: a value that is not 32
+    lowercase hex digits is not used as the spend's event id (the actor's own is), and the call
+    is served as any other."""
+    async with deployment(tmp_path, _config(RESERVED), router=False, providers=["openai"]) as dep:
+        call = ProviderCall(
+            task_id="S1", task_type=TaskType.GENERAL_QUERY, attempt=1, model="gpt-4-slow-800",
+            prompt="hi", max_tokens=16, reservation_id="r-1",
+        )  # fmt: skip
+        reply = await dep.nc.request(
+            "vapora.provider.openai.call",
+            encode(call),
+            timeout=10,
+            headers={SPEND_ID_HEADER: given},
+        )
+        assert decode(reply.data, ProviderCallResult).text
+        with anyio.fail_after(10):
+            while not [e for e in await dep.events_of("S1") if isinstance(e, SpendRecorded)]:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        [spend] = [e for e in await dep.events_of("S1") if isinstance(e, SpendRecorded)]
+    assert spend.id != given and len(spend.id) == 32
