@@ -95,6 +95,7 @@ from actors.service import (
 from events import subjects
 from events.codec import DecodeError, decode, encode, plain_decimal
 from events.contract import (
+    AttemptsUnbilled,
     BudgetPending,
     BudgetRelease,
     Price,
@@ -564,7 +565,7 @@ class ProviderActor:
         stale = _stale(call, ctx.queued_s, self.config.name)
         if stale is not None:
             await self._reply_error(ctx, stale, called=False)
-            self._give_back_unbilled(call, "not_called")
+            self._give_back_unbilled(call, "not_called", ctx)
             return None
         if call.stream_to is not None and self._cancelled_before(call.stream_to):
             # Its caller stopped reading before the call came: not called, and no fallback
@@ -576,13 +577,13 @@ class ProviderActor:
                 error_type=CALLER_CANCELLED,
             )
             await self._reply_error(ctx, gone, called=False)
-            self._give_back_unbilled(call, "not_called")
+            self._give_back_unbilled(call, "not_called", ctx)
             return None
         refusal = self._admit()
         if refusal is not None:
             await self._publish_health()
             await self._reply_error(ctx, refusal, called=False)
-            self._give_back_unbilled(call, "not_called")
+            self._give_back_unbilled(call, "not_called", ctx)
             return None
         # Priced at the call's time (DESIGN §4): a table price may have changed since the start.
         # The call's own price: other calls of this actor run at the same time.
@@ -621,7 +622,7 @@ class ProviderActor:
             await self._failed(call, error, latency_ms, price, unended)
             await self._reply_error(ctx, error, called=True, price=price)
             if not _has_tokens(error.usage):
-                self._give_back_unbilled(call, "failed")
+                self._give_back_unbilled(call, "failed", ctx)
             return None
         except Exception as exc:  # a bug of ours, mid-call: the provider may have billed it
             latency_ms = (time.perf_counter() - started) * 1000
@@ -842,20 +843,31 @@ class ProviderActor:
             self.held.end(unended)  # held on disk now: no longer on their way
         # (Else in memory only: still on their way in the write-ahead file, for an adopter.)
 
-    def _give_back_unbilled(self, call: ProviderCall, reason: str) -> None:
+    def _give_back_unbilled(self, call: ProviderCall, reason: str, ctx: RequestContext) -> None:
         """Release ``call``'s reservation (in the background; the keeper ignores an id it does
-        not hold, a lease's or one already closed): a call that ended with nothing billed, or
-        was not made. Its router gives the hold back too when it hears the answer; but a
-        router that stopped waiting (the actor stalled, the call sat in its backlog) keeps a
-        silent attempt's hold from expiring until it sees the hold's spend or its release, up
-        to an hour, and this actor cannot tell whether it still waits (a call read after a
-        pause looks fresh): without this, a stall whose backlog then failed unbilled locked
-        the budget's room for that hour."""
+        not hold, a lease's or one already closed), and tell the routers the spend its router
+        named will not come (``vapora.budget.unbilled``): a call that ended with nothing
+        billed, or was not made. Its router gives the hold back too when it hears the answer;
+        but a router that stopped waiting (the actor stalled, the call sat in its backlog)
+        keeps a silent attempt's hold, a reservation or the lease it was admitted against,
+        from expiring until it sees the attempt's spend, its release or this word, up to an
+        hour, and this actor cannot tell whether it still waits (a call read after a pause
+        looks fresh): without this, a stall whose backlog then failed unbilled locked the
+        budget's room for that hour."""
         if call.reservation_id is None or self._task_group is None:
             return
         release = BudgetRelease(reservation_id=call.reservation_id, reason=reason)
+        spend_id = ctx.header(SPEND_ID_HEADER)
+        unbilled = (
+            AttemptsUnbilled(spend_ids=[spend_id])
+            if spend_id is not None and _SPEND_ID.fullmatch(spend_id)
+            else None
+        )
 
         async def send() -> None:  # (in the call's context: its trace goes on)
+            if unbilled is not None:
+                with contextlib.suppress(Exception):  # best effort, as the release
+                    await self.runtime.nc.publish(subjects.BUDGET_UNBILLED, encode(unbilled))
             with (
                 contextlib.suppress(Exception),  # best effort: the hold expires otherwise
                 tracing.request_span(subjects.BUDGET_RELEASE) as headers,

@@ -98,6 +98,7 @@ from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, decode_event, encode
 from events.contract import (
     Attempt,
+    AttemptsUnbilled,
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
@@ -483,6 +484,10 @@ class RouterActor:
                 for view in ("health.>", "budget", "spend.>"):
                     await tg.start(self._follower(f"{prefix}.{view}", last).run)
                 tg.start_soon(self._say_silent_holds)
+                # Provider actors say which attempts ended unbilled (AttemptsUnbilled).
+                unbilled = await self.runtime.nc.subscribe(
+                    subjects.BUDGET_UNBILLED, cb=self._on_unbilled
+                )
                 if self.leasing:  # a lease before the first paid request, if the keeper grants one
                     self._ask_in_background(Decimal(0), self.runtime.clock())
                 async with anyio.create_task_group() as serving:
@@ -493,6 +498,8 @@ class RouterActor:
                 if self.lease is not None:  # every attempt has ended: give back what is left
                     with anyio.move_on_after(self.keeper_timeout_s):
                         await self._return_lease(self.lease, "returned")
+                with contextlib.suppress(Exception):  # (a closed connection: gone already)
+                    await unbilled.unsubscribe()
             finally:
                 await self._cancel_background()
             tg.cancel_scope.cancel()
@@ -973,6 +980,22 @@ class RouterActor:
                 )
         if self._loop is not None:
             self._spawn(say_pending, self.runtime.nc, [hold_id])
+
+    async def _on_unbilled(self, message: Any) -> None:
+        """``vapora.budget.unbilled``: attempts whose provider actor ended them with nothing
+        billed, or did not make them. A silent one's hold is no longer said to be pending (its
+        spend will not come); one not silent yet is remembered, so that it is not kept later."""
+        try:
+            unbilled = decode(message.data, AttemptsUnbilled)
+        except DecodeError as exc:
+            log.warning("router: an unbilled notice that is not one: %s", exc)
+            return
+        holds, tasks = self._silent_holds, self._event_tasks
+        for spend_id in unbilled.spend_ids:
+            holds.pop(spend_id, None)
+            tasks[spend_id] = tasks.get(spend_id, "")
+        while len(tasks) > _EVENT_TASKS:
+            tasks.popitem(last=False)
 
     async def _say_silent_holds(self) -> None:
         """Every :attr:`silent_word_s`: the silent attempts' holds still pending (see

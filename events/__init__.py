@@ -17,6 +17,8 @@ from events.codec import (
 )
 from events.contract import (
     Attempt,
+    AttemptsUnbilled,
+    BudgetPending,
     BudgetRelease,
     BudgetReserve,
     BudgetReserveReply,
@@ -65,6 +67,8 @@ __all__ = [
     "EVENT_TYPES",
     "MAX_MESSAGE_BYTES",
     "Attempt",
+    "AttemptsUnbilled",
+    "BudgetPending",
     "BudgetRelease",
     "BudgetReleased",
     "BudgetReserve",
@@ -93,7 +97,6 @@ __all__ = [
     "ProviderCallResult",
     "ProviderHealthChanged",
     "Quality",
-    "BudgetPending",
     "ReportRequest",
     "StreamCancel",
     "RouteDecided",

@@ -401,6 +401,20 @@ class BudgetPending(_Message, frozen=True, kw_only=True):
     ]
 
 
+class AttemptsUnbilled(_Message, frozen=True, kw_only=True):
+    """On ``vapora.budget.unbilled`` (an extension; a provider actor to every router, no
+    reply): attempts that ended with nothing billed or were not made (``spend_ids``: the ids
+    their routers sent as ``Vapora-Spend-Id``, which their spend would have taken). A router
+    that stopped waiting for one of them (silent: its provider actor did not answer in time)
+    stops saying its hold is pending (``vapora.budget.pending``): the keeper may expire it as
+    any other, instead of an hour later."""
+
+    spend_ids: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]],
+        msgspec.Meta(min_length=1, max_length=1000),
+    ]
+
+
 class StreamCancel(_Message, frozen=True, kw_only=True):
     """On ``vapora.stream.cancel`` (an extension): the caller of the stream whose messages go to
     ``stream_to`` (the reply subject it sent ``vapora.stream`` with) stopped reading it. The

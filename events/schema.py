@@ -42,6 +42,7 @@ PUBLIC_MESSAGES: tuple[Any, ...] = (
     contract.BudgetLeaseReply,
     contract.BudgetLeaseReturn,
     contract.BudgetPending,
+    contract.AttemptsUnbilled,
     log.Event,
 )
 

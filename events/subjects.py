@@ -18,6 +18,7 @@ __all__ = [
     "BUDGET_LEASE",
     "BUDGET_LEASE_RETURN",
     "BUDGET_PENDING",
+    "BUDGET_UNBILLED",
     "BUDGET_RELEASE",
     "BUDGET_RESERVE",
     "COMPLETE",
@@ -48,6 +49,10 @@ BUDGET_LEASE_RETURN = "vapora.budget.lease.return"
 #: Provider actors -> budget keeper (published, no reply): holds whose spend a provider actor
 #: keeps on disk because the event log refused it (``BudgetPending``); not expired meanwhile.
 BUDGET_PENDING = "vapora.budget.pending"
+#: Provider actors -> routers (published, no reply): attempts whose call ended with nothing
+#: billed, or was not made, by the spend ids their routers named (``AttemptsUnbilled``): a
+#: router that stopped waiting for one no longer says its hold is pending.
+BUDGET_UNBILLED = "vapora.budget.unbilled"
 
 EVENT_STREAM = "VAPORA_EVENTS"
 EVENTS_PREFIX = "vapora.events"

@@ -89,7 +89,8 @@ _ACTOR_PUBLISH: Final = (*_JS_API, "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", "$SRV.>"
 _ACTOR_SUBSCRIBE: Final = ("$SRV.>",)
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 _SERVES: Final = {
-    "router": (subjects.COMPLETE, subjects.STREAM),
+    # (and the word of attempts that ended unbilled, which only routers read)
+    "router": (subjects.COMPLETE, subjects.STREAM, subjects.BUDGET_UNBILLED),
     "provider": ("vapora.provider.*.call", subjects.STREAM_CANCEL),
     "budget": (subjects.BUDGET, f"{subjects.BUDGET}.>"),
     "ledger": (subjects.REPORT,),
@@ -153,6 +154,7 @@ def permissions(clients: Sequence[str] = ()) -> dict[str, Permissions]:
             f"{_EVENTS}.health.>",
             subjects.BUDGET_PENDING,
             subjects.BUDGET_RELEASE,  # a call it ended unbilled after its router gave up
+            subjects.BUDGET_UNBILLED,  # and which of its router's attempts that was
         ),
         "budget": (f"{_EVENTS}.budget",),
         "ledger": (),

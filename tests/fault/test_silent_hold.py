@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from actors.budget_keeper import BudgetKeeper
 from actors.provider import SPEND_ID_HEADER
 from actors.router import RouterActor
 from events.codec import decode, encode
-from events.contract import ProviderCall, ProviderCallResult, TaskType
+from events.contract import AttemptsUnbilled, ProviderCall, ProviderCallResult, TaskType
 from events.log import (
     BudgetLeased,
     BudgetLeaseReturned,
@@ -168,13 +169,16 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
     assert not expired
 
 
+@pytest.mark.parametrize("leased", [False, True], ids=["reserved", "leased"])
 async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
-    tmp_path: Path,
+    tmp_path: Path, leased: bool
 ) -> None:
     """The router keeps a silent attempt's hold for up to an hour; when the actor resumes and
-    a call ends with nothing billed (a 429 here), the actor releases the hold itself: the
-    router that stopped waiting would not, and the budget's room stayed locked that hour."""
-    budget = RESERVED
+    a call ends with nothing billed (a 429 here), the actor releases the hold itself and tells
+    the routers (``vapora.budget.unbilled``): the router that stopped waiting would not, and
+    the budget's room stayed locked that hour (a lease's until the night of 2026-11-27: the
+    keeper ignores a release of a lease, and only the router can stop saying it pending)."""
+    budget = LEASED if leased else RESERVED
 
     def config(url: str) -> str:
         return config_text(
@@ -204,6 +208,10 @@ async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
                             prompt="hi", provider="openai", max_tokens=500, task_id="P2"
                         )
 
+                if leased:
+                    with anyio.fail_after(10):
+                        while not [e for e in await events() if isinstance(e, BudgetLeased)]:  # noqa: ASYNC110
+                            await anyio.sleep(0.02)
                 tg.start_soon(call)
                 with anyio.fail_after(10):
                     while not await _called(events):  # noqa: ASYNC110
@@ -211,7 +219,7 @@ async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
                 await anyio.sleep(0.3)
                 worker.send_signal(signal.SIGSTOP)
                 with anyio.fail_after(20):  # silent: kept by the router
-                    while not router._silent_holds:  # noqa: ASYNC110
+                    while len(router._silent_holds) < 2:  # noqa: ASYNC110
                         await anyio.sleep(0.05)
                 await anyio.sleep(2)
                 worker.send_signal(signal.SIGCONT)  # the 429: nothing billed, past its wait
@@ -226,11 +234,16 @@ async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
             worker.wait()
     # The first call timed out in the actor's own clock while it was paused (it may have been
     # billed: recorded at its bound, settling its hold); the retry, read after the pause, got
-    # the 429 (nothing billed) and the actor released its hold. None waits for the hour.
-    first, retry = (e.reservation_id for e in logged if isinstance(e, BudgetReserved))
-    spent = {e.reservation_id for e in logged if isinstance(e, SpendRecorded)}
+    # the 429 (nothing billed) and the actor released its hold (a reservation) and said so (a
+    # lease's: the keeper ignores its release). None waits for the hour.
+    spent = [e.reservation_id for e in logged if isinstance(e, SpendRecorded)]
     released = {e.reservation_id: e.reason for e in logged if isinstance(e, BudgetReleased)}
-    assert spent == {first} and released == {retry: "failed"}
+    if leased:
+        [lease] = {e.lease_id for e in logged if isinstance(e, BudgetLeased)}
+        assert spent == [lease] and not released
+    else:
+        first, retry = (e.reservation_id for e in logged if isinstance(e, BudgetReserved))
+        assert spent == [first] and released == {retry: "failed"}
 
 
 @pytest.mark.parametrize("given", ["not-an-id", "A" * 32, "0" * 33, ""])
@@ -255,3 +268,38 @@ async def test_a_spend_id_header_that_is_not_one_is_not_taken(tmp_path: Path, gi
                 await anyio.sleep(0.02)
         [spend] = [e for e in await dep.events_of("S1") if isinstance(e, SpendRecorded)]
     assert spend.id != given and len(spend.id) == 32
+
+
+async def test_notices_that_are_not_ones_are_named_and_change_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``vapora.budget.unbilled`` (to routers) and ``vapora.budget.pending`` (to the keeper)
+    come from whoever may publish on them: a body that is not a notice is logged, naming what
+    is wrong, and drops no hold; a notice of an attempt the router does not wait for changes
+    nothing; one that it waits for ends its hold's word."""
+    caplog.set_level(logging.WARNING)
+    async with deployment(tmp_path, _config(RESERVED), providers=["openai"], keeper=True) as dep:
+        assert dep.router is not None
+        waiting = "a" * 32
+        dep.router._silent_holds[waiting] = ("r-1", float("inf"))
+        bad = [b"", b"[]", b'{"spend_ids": []}', b'{"spend_ids": ["xyz"]}', b"\xff", b'{"x": 1}']
+        for body in bad:
+            await dep.client.nc.publish("vapora.budget.unbilled", body)
+            await dep.client.nc.publish("vapora.budget.pending", body)
+        other = encode(AttemptsUnbilled(spend_ids=["b" * 32]))
+        await dep.client.nc.publish("vapora.budget.unbilled", other)
+        await dep.client.nc.flush()
+        with anyio.fail_after(10):
+            while sum("notice that is not one" in r.message for r in caplog.records) < 2 * len(bad):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        assert dep.router._silent_holds == {waiting: ("r-1", float("inf"))}
+        await dep.client.nc.publish(
+            "vapora.budget.unbilled", encode(AttemptsUnbilled(spend_ids=[waiting]))
+        )
+        with anyio.fail_after(10):
+            while dep.router._silent_holds:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        answer = await dep.client.complete(prompt="hi", provider="openai", max_tokens=16)
+        assert answer.text
+    said = [r.message for r in caplog.records if "notice that is not one" in r.message]
+    assert any("spend_ids" in line and "xyz" not in line for line in said), said

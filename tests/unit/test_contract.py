@@ -377,3 +377,25 @@ def test_an_event_with_a_count_past_a_stored_integer_does_not_decode() -> None:
     # spend would be dropped from the budget and the ledger on every replay).
     payload["input_tokens"] = 2**60
     assert decode_event(json.dumps(payload).encode()).input_tokens == 2**60  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("package", ["events", "actors", "vapora"])
+def test_every_name_a_module_exports_is_there(package: str) -> None:
+    """``from events import *`` failed on a name in ``__all__`` that was never imported
+    (``BudgetPending``): every module's ``__all__`` names what it has."""
+    import importlib
+    import pkgutil
+
+    root = importlib.import_module(package)
+    found = [
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}.")
+        if not info.name.endswith("__main__")
+    ]
+    missing = [
+        f"{module.__name__}.{name}"
+        for module in [root, *found]
+        for name in getattr(module, "__all__", ())
+        if not hasattr(module, name)
+    ]
+    assert len(found) > 3 and not missing, missing
