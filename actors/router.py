@@ -659,8 +659,7 @@ class RouterActor:
                 for key in [k for k, (hold, _) in holds.items() if hold == event.reservation_id]:
                     del holds[key]
             case SpendRecorded():
-                if live:
-                    self._note_tier(event)
+                self._note_tier(event)  # (the last hour's, read at the start, too)
                 if event.reservation_id is not None:
                     self._silent_holds.pop(event.id, None)
                 spend = self.task_spend
@@ -1135,7 +1134,8 @@ class RouterActor:
         its provider serves calls at that tier, billed at its rates, so its attempts are bounded
         at them too from now on (the first such call could settle above its standard-rate
         hold). Kept while this router runs: a project that served one call at the standard
-        tier may serve the next at priority."""
+        tier may serve the next at priority. A router that starts learns them from the spend
+        it reads at its start (the last :data:`TASK_SPEND_WINDOW`)."""
         tier = served_tier(spend.price)
         if tier is None or spend.provider not in self._providers:
             return
