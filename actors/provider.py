@@ -144,6 +144,7 @@ __all__ = [
     "COST_HEADER",
     "ROUTE_REASON_HEADER",
     "SPEND_ID_HEADER",
+    "DEADLINE_HEADER",
     "say_pending",
     "USAGE_HEADER",
     "CircuitBreaker",
@@ -171,6 +172,15 @@ ROUTE_REASON_HEADER = "Vapora-Route-Reason"
 #: does not know, and ignores a header.
 SPEND_ID_HEADER = "Vapora-Spend-Id"
 _SPEND_ID = re.compile(r"[0-9a-f]{32}")
+#: Sent by the router with every call: when it stops waiting for the call's answer, in whole
+#: milliseconds since the Unix epoch by its clock. A call read past it (an actor paused with
+#: the call in its socket, SIGSTOP or ``docker pause``, measures no wait of its own) is refused,
+#: not called: nobody waits for it, and the router may be paying another provider for it.
+DEADLINE_HEADER = "Vapora-Deadline"
+#: How far the routers' and provider actors' clocks may disagree (NTP keeps them well within):
+#: a call is refused only this long past its deadline by the actor's clock.
+_CLOCK_TOLERANCE_S = 1.0
+_DEADLINE = re.compile(r"[0-9]{1,15}")
 #: A call with less than this left of its time limit after waiting in the backlog is refused.
 _STALE_MARGIN_S = 0.05
 #: Seconds a stopping provider actor allows past its timeout for the calls' events to append.
@@ -562,7 +572,9 @@ class ProviderActor:
             problem = reply_problem(call.stream_to, self.service.reserved_replies)
             if problem is not None:
                 raise InvalidRequest(f"`stream_to` {call.stream_to[:64]!r} {problem}")
-        stale = _stale(call, ctx.queued_s, self.config.name)
+        stale = _stale(call, ctx.queued_s, self.config.name) or _past_deadline(
+            ctx.header(DEADLINE_HEADER), self.config.name
+        )
         if stale is not None:
             await self._reply_error(ctx, stale, called=False)
             self._give_back_unbilled(call, "not_called", ctx)
@@ -1257,6 +1269,24 @@ def _stale(call: ProviderCall, queued_s: float, provider: str) -> ProviderError 
                 error_type="expired_in_queue",
             )
     return None
+
+
+def _past_deadline(deadline: str | None, provider: str) -> ProviderError | None:
+    """A call read when its router had stopped waiting for it (its ``Vapora-Deadline``, by
+    this actor's clock, less :data:`_CLOCK_TOLERANCE_S`): the backlog's own wait does not see
+    the time the actor was paused with the call unread. Refused, not called, as a stale call.
+    A header that is not a number of milliseconds is not taken (the call is served)."""
+    if deadline is None or not _DEADLINE.fullmatch(deadline):
+        return None
+    late_s = time.time() - int(deadline) / 1000
+    if late_s <= _CLOCK_TOLERANCE_S:
+        return None
+    return ProviderUnavailable(
+        f"{provider}: the call was read {late_s:.1f} s after its router stopped waiting for it "
+        "(by this actor's clock: the actor was paused, or the clocks disagree); not called",
+        provider=provider,
+        error_type="expired_in_queue",
+    )
 
 
 def _maybe_billed(error: ProviderError) -> bool:

@@ -77,6 +77,7 @@ from actors.eventlog import LogEntry
 from actors.follow import LogFollower
 from actors.provider import (
     COST_HEADER,
+    DEADLINE_HEADER,
     ERROR_CLASS_HEADER,
     ERROR_TYPE_HEADER,
     RETRY_AFTER_HEADER,
@@ -114,6 +115,7 @@ from events.contract import (
     ProviderCall,
     ProviderCallResult,
     RouteDecision,
+    StreamCancel,
     StreamEnd,
     Tier,
     Usage,
@@ -885,6 +887,11 @@ class RouterActor:
                     # have recorded nothing either. The log keeps the attempt and why it ended
                     # the task (to no other provider: chunks may have reached the caller).
                     task.appends.add(self._fallback(task, name, None, outcome))
+                    if task.stream_to is not None:
+                        # An actor that was paused, not dead, stops streaming to a caller
+                        # already told the stream failed (its chunks came after the error).
+                        cancel = encode(StreamCancel(stream_to=task.stream_to))
+                        self._spawn(self.runtime.nc.publish, subjects.STREAM_CANCEL, cancel)
                 raise _Broken(outcome, name)  # chunks may have reached the caller: no fallback
             if outcome.error_class == _OVERFLOW and self.config.routing.context_overflow_fallback:
                 too_long.add(provider.model)  # another model, with a larger window, may take it
@@ -1452,9 +1459,10 @@ class RouterActor:
             with tracing.request_span(subject) as headers:
                 if headers is not None and tracing.recording():  # for the call's span
                     headers[ROUTE_REASON_HEADER] = route_reason
-                sent = headers
+                # When this router stops waiting: a call read later is not made.
+                sent = {**(headers or {}), DEADLINE_HEADER: f"{(time.time() + wait_s) * 1000:.0f}"}
                 if spend_id is not None:
-                    sent = {**(headers or {}), SPEND_ID_HEADER: spend_id}
+                    sent[SPEND_ID_HEADER] = spend_id
                 message = await self.runtime.nc.request(
                     subject, encode(call), timeout=wait_s, headers=sent
                 )

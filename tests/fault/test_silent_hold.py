@@ -18,17 +18,26 @@ from pathlib import Path
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 
 from actors.budget_keeper import BudgetKeeper
 from actors.provider import SPEND_ID_HEADER
 from actors.router import RouterActor
 from events.codec import decode, encode
-from events.contract import AttemptsUnbilled, ProviderCall, ProviderCallResult, TaskType
+from events.contract import (
+    AttemptsUnbilled,
+    ProviderCall,
+    ProviderCallResult,
+    StreamCancel,
+    TaskType,
+)
 from events.log import (
     BudgetLeased,
     BudgetLeaseReturned,
     BudgetReleased,
     BudgetReserved,
+    CallFailed,
+    CallSucceeded,
     Event,
     RouteDecided,
     SpendRecorded,
@@ -98,6 +107,12 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
             async def events() -> list[Event]:
                 return [e.event async for b in dep.log.replay() for e in b]
 
+            cancels: list[StreamCancel] = []
+
+            async def cancelled(message: Msg) -> None:
+                cancels.append(decode(message.data, StreamCancel))
+
+            await dep.nc.subscribe("vapora.stream.cancel", cb=cancelled)
             async with running(keeper), anyio.create_task_group() as tg:
                 router = RouterActor(dep.runtime, reserve=True)
                 router.silent_word_s = 0.1  # said often, as the keeper's clock runs fast
@@ -141,6 +156,12 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
                 with anyio.fail_after(20):  # the router gives up on the silent attempts
                     while not answered:  # noqa: ASYNC110
                         await anyio.sleep(0.05)
+                # ...and cancels the stream: the actor, paused and not dead, stops streaming
+                # to a caller told it failed (its chunks came after the error, in a review).
+                with anyio.fail_after(5):
+                    while not cancels:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                assert cancels[0].stream_to.startswith("_INBOX.")
                 for _ in range(20):  # the pause outlasts the hold (at most 300 s): 400 s pass
                     clock.advance(20)
                     await anyio.sleep(0.3)
@@ -170,11 +191,12 @@ async def test_a_paused_provider_actors_hold_does_not_expire_while_its_router_ru
 
 
 @pytest.mark.parametrize("leased", [False, True], ids=["reserved", "leased"])
-async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
+async def test_a_call_the_paused_actor_then_ends_unbilled_gives_its_hold_back(
     tmp_path: Path, leased: bool
 ) -> None:
     """The router keeps a silent attempt's hold for up to an hour; when the actor resumes and
-    a call ends with nothing billed (a 429 here), the actor releases the hold itself and tells
+    a call ends with nothing billed (here the retry, read past its router's deadline: not made;
+    before deadlines, a 429), the actor releases the hold itself and tells
     the routers (``vapora.budget.unbilled``): the router that stopped waiting would not, and
     the budget's room stayed locked that hour (a lease's until the night of 2026-11-27: the
     keeper ignores a release of a lease, and only the router can stop saying it pending)."""
@@ -233,9 +255,9 @@ async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
             worker.send_signal(signal.SIGKILL)
             worker.wait()
     # The first call timed out in the actor's own clock while it was paused (it may have been
-    # billed: recorded at its bound, settling its hold); the retry, read after the pause, got
-    # the 429 (nothing billed) and the actor released its hold (a reservation) and said so (a
-    # lease's: the keeper ignores its release). None waits for the hour.
+    # billed: recorded at its bound, settling its hold); the retry, read after the pause past
+    # its deadline, was not made, and the actor released its hold (a reservation) and said so
+    # (a lease's: the keeper ignores its release). None waits for the hour.
     spent = [e.reservation_id for e in logged if isinstance(e, SpendRecorded)]
     released = {e.reservation_id: e.reason for e in logged if isinstance(e, BudgetReleased)}
     if leased:
@@ -243,7 +265,7 @@ async def test_a_call_the_paused_actor_then_fails_unbilled_gives_its_hold_back(
         assert spent == [lease] and not released
     else:
         first, retry = (e.reservation_id for e in logged if isinstance(e, BudgetReserved))
-        assert spent == [first] and released == {retry: "failed"}
+        assert spent == [first] and released == {retry: "not_called"}
 
 
 @pytest.mark.parametrize("given", ["not-an-id", "A" * 32, "0" * 33, ""])
@@ -303,3 +325,53 @@ async def test_notices_that_are_not_ones_are_named_and_change_nothing(
         assert answer.text
     said = [r.message for r in caplog.records if "notice that is not one" in r.message]
     assert any("spend_ids" in line and "xyz" not in line for line in said), said
+
+
+async def test_a_call_read_after_its_router_stopped_waiting_is_not_made(tmp_path: Path) -> None:
+    """An actor paused before the call reached it: the call sat unread in its socket, so the
+    actor's own measure of its wait saw none, and when it resumed it made the call (billed)
+    for a task whose caller had had its error long before (a review). The router's
+    ``Vapora-Deadline`` says when it stopped waiting: such a call is refused, not made, and
+    its hold given back."""
+    async with deployment(tmp_path, _config(RESERVED), router=False, providers=[]) as dep:
+        worker = await _provider_process(
+            dep.server.url, tmp_path, _config(RESERVED)(dep.sim.base_url)
+        )
+        try:
+            async with (
+                running(BudgetKeeper(dep.runtime, tick_s=0.2)),
+                anyio.create_task_group() as tg,
+            ):
+                router = RouterActor(dep.runtime, reserve=True)
+                await tg.start(router.run)
+                await wait_until_served(dep.client.nc, "vapora.complete")
+                worker.send_signal(signal.SIGSTOP)
+                with pytest.raises(VaporaError):  # both attempts silent: no provider answered
+                    await dep.client.complete(
+                        prompt="hi", provider="openai", max_tokens=500, task_id="P4"
+                    )
+                # Past the clocks' tolerance of the retry's deadline (the first one's is 2 s
+                # earlier), it reads both calls.
+                await anyio.sleep(1.5)
+                worker.send_signal(signal.SIGCONT)
+
+                async def released() -> list[BudgetReleased]:
+                    return [e for e in await dep.events_of("P4") if isinstance(e, BudgetReleased)]
+
+                with anyio.fail_after(20):
+                    while len(await released()) < 2:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                await anyio.sleep(1.5)  # (a call made would have been answered by now)
+                logged = await dep.events_of("P4")
+                router.stop()
+        finally:
+            worker.send_signal(signal.SIGCONT)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+    made = [e for e in logged if isinstance(e, CallSucceeded | CallFailed | SpendRecorded)]
+    assert not made, made
+    reserved = [e.reservation_id for e in logged if isinstance(e, BudgetReserved)]
+    assert len(reserved) == 2
+    assert {
+        e.reservation_id: e.reason for e in logged if isinstance(e, BudgetReleased)
+    } == dict.fromkeys(reserved, "not_called")
