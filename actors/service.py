@@ -227,12 +227,12 @@ MAX_ERROR_MESSAGE = 2_000
 
 
 def shown_message(message: str) -> str:
-    """``message``, cut to :data:`MAX_ERROR_MESSAGE` characters (saying how many were cut)."""
+    """``message``, cut to :data:`MAX_ERROR_MESSAGE` characters, the note saying how many were
+    cut included (the contract's bound is on what a caller receives)."""
     if len(message) <= MAX_ERROR_MESSAGE:
         return message
-    return (
-        f"{message[:MAX_ERROR_MESSAGE]}... ({len(message) - MAX_ERROR_MESSAGE:,} more characters)"
-    )
+    note = f"... ({len(message):,} characters in all)"  # (its length does not depend on the cut)
+    return message[: MAX_ERROR_MESSAGE - len(note)] + note
 
 
 def error_payload(error: VaporaError, *, stream: bool = False) -> bytes:
