@@ -724,6 +724,7 @@ class RouterActor:
             latency_ms=(time.perf_counter() - task.started) * 1000,
             attempts=task.attempts,
             route=decision,
+            usage_estimated=result.usage_estimated,
         )
 
     async def _on_stream(self, request: CompletionRequest, ctx: RequestContext) -> None:
@@ -757,6 +758,7 @@ class RouterActor:
             attempts=task.attempts,
             route=decision,
             chunks=result.chunks,
+            usage_estimated=result.usage_estimated,
         )
         await ctx.publish(ctx.reply, end)
         return None

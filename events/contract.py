@@ -327,6 +327,10 @@ class CompletionResult(_Reply, frozen=True, kw_only=True):
     latency_ms: Milliseconds
     attempts: list[Attempt]
     route: RouteDecision
+    #: An extension (the 2026-11-27 night version): ``true`` when the answering attempt's counts
+    #: are vapora's estimate from above (the provider stated none, or one past what the request
+    #: could be billed for), as its ``spend_recorded`` says; absent otherwise.
+    usage_estimated: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 class StreamChunk(_Reply, tag="chunk", tag_field="type", frozen=True, kw_only=True):
@@ -353,6 +357,7 @@ class StreamEnd(_Reply, tag="end", tag_field="type", frozen=True, kw_only=True):
     attempts: list[Attempt]
     route: RouteDecision
     chunks: int | None = None
+    usage_estimated: bool | msgspec.UnsetType = msgspec.UNSET  # (as CompletionResult's)
 
 
 class ErrorBody(_Reply, frozen=True, kw_only=True):
@@ -511,6 +516,7 @@ class ProviderCallResult(_Reply, frozen=True, kw_only=True):
     latency_ms: Milliseconds
     first_token_ms: Milliseconds | None = None
     chunks: int = 0
+    usage_estimated: bool | msgspec.UnsetType = msgspec.UNSET  # (as CompletionResult's)
 
 
 class BudgetReserve(_Message, frozen=True, kw_only=True):

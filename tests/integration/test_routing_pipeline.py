@@ -496,6 +496,19 @@ async def test_counts_vapora_estimated_are_flagged_in_the_events_and_stated_ones
         guessed = await dep.client.complete(prompt="hi", provider="ollama", task_id="t-guess")
         stated = await dep.client.complete(prompt="hi", provider="claude", task_id="t-stated")
         assert guessed.text and stated.text
+        # The answer says so too (a review: only the events did), a stream's end as well.
+        assert guessed.usage_estimated is True and stated.usage_estimated is msgspec.UNSET
+        ends = []
+        for provider in ("ollama", "claude"):
+            async with dep.client.stream(prompt="hi", provider=provider) as stream:
+                async for _ in stream:
+                    pass
+            ends.append(stream.result)
+        assert [end.usage_estimated for end in ends] == [True, msgspec.UNSET]
+        raw = await dep.client.nc.request(
+            "vapora.complete", b'{"prompt": "hi", "provider": "claude"}', timeout=10
+        )
+        assert b"usage_estimated" not in raw.data
         for task, flag in (("t-guess", True), ("t-stated", msgspec.UNSET)):
             events = await dep.events_of(task)
             [call] = [e for e in events if isinstance(e, CallSucceeded)]

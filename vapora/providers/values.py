@@ -269,6 +269,7 @@ class Completion:
             latency_ms=self.latency_ms,
             first_token_ms=self.first_token_ms,
             chunks=self.chunks,
+            usage_estimated=True if self.usage_estimated else msgspec.UNSET,
         )
 
 
