@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,7 +43,13 @@ from events.log import (
     SpendRecorded,
 )
 from tests.fault.money import FakeClock, running
-from tests.fault.provider_harness import KEYS, config_text, deployment, wait_until_served
+from tests.fault.provider_harness import (
+    KEYS,
+    Deployment,
+    config_text,
+    deployment,
+    wait_until_served,
+)
 from tests.fault.provider_process import started
 from vapora.errors import VaporaError
 
@@ -72,6 +78,30 @@ async def _provider_process(url: str, tmp_path: Path, config: str) -> subprocess
     config_file.write_text(config)
     data_dir.mkdir()
     return await started(url, config_file, data_dir, KEYS)
+
+
+@contextlib.asynccontextmanager
+async def _paused_later(
+    tmp_path: Path, config: Callable[[str], str]
+) -> AsyncIterator[tuple[Deployment, subprocess.Popen[bytes], RouterActor]]:
+    """The keeper, a router and the openai provider actor in a process of its own (for the
+    test to pause), serving; the router stopped and the process killed on the way out."""
+    async with deployment(tmp_path, config, router=False, providers=[]) as dep:
+        worker = await _provider_process(dep.server.url, tmp_path, config(dep.sim.base_url))
+        try:
+            async with (
+                running(BudgetKeeper(dep.runtime, tick_s=0.2)),
+                anyio.create_task_group() as tg,
+            ):
+                router = RouterActor(dep.runtime, reserve=True)
+                await tg.start(router.run)
+                await wait_until_served(dep.client.nc, "vapora.complete")
+                yield dep, worker, router
+                router.stop()
+        finally:
+            worker.send_signal(signal.SIGCONT)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
 
 
 async def _called(events: Callable[[], Awaitable[list[Event]]]) -> int:
@@ -210,50 +240,37 @@ async def test_a_call_the_paused_actor_then_ends_unbilled_gives_its_hold_back(
             budget=budget,
         )
 
-    async with deployment(tmp_path, config, router=False, providers=[]) as dep:
-        worker = await _provider_process(dep.server.url, tmp_path, config(dep.sim.base_url))
-        try:
-            async with (
-                running(BudgetKeeper(dep.runtime, tick_s=0.2)),
-                anyio.create_task_group() as tg,
-            ):
-                router = RouterActor(dep.runtime, reserve=True)
-                await tg.start(router.run)
-                await wait_until_served(dep.client.nc, "vapora.complete")
+    async with _paused_later(tmp_path, config) as (dep, worker, router):
 
-                async def events() -> list[Event]:
-                    return [e.event async for b in dep.log.replay() for e in b]
+        async def events() -> list[Event]:
+            return [e.event async for b in dep.log.replay() for e in b]
 
-                async def call() -> None:
-                    with contextlib.suppress(VaporaError):
-                        await dep.client.complete(
-                            prompt="hi", provider="openai", max_tokens=500, task_id="P2"
-                        )
+        async def call() -> None:
+            with contextlib.suppress(VaporaError):
+                await dep.client.complete(
+                    prompt="hi", provider="openai", max_tokens=500, task_id="P2"
+                )
 
-                if leased:
-                    with anyio.fail_after(10):
-                        while not [e for e in await events() if isinstance(e, BudgetLeased)]:  # noqa: ASYNC110
-                            await anyio.sleep(0.02)
-                tg.start_soon(call)
-                with anyio.fail_after(10):
-                    while not await _called(events):  # noqa: ASYNC110
-                        await anyio.sleep(0.02)
-                await anyio.sleep(0.3)
-                worker.send_signal(signal.SIGSTOP)
-                with anyio.fail_after(20):  # silent: kept by the router
-                    while len(router._silent_holds) < 2:  # noqa: ASYNC110
-                        await anyio.sleep(0.05)
-                await anyio.sleep(2)
-                worker.send_signal(signal.SIGCONT)  # the 429: nothing billed, past its wait
-                with anyio.fail_after(20):
-                    while router._silent_holds:  # noqa: ASYNC110
-                        await anyio.sleep(0.05)
-                logged = await events()
-                router.stop()
-        finally:
-            worker.send_signal(signal.SIGCONT)
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
+        if leased:
+            with anyio.fail_after(10):
+                while not [e for e in await events() if isinstance(e, BudgetLeased)]:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            with anyio.fail_after(10):
+                while not await _called(events):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.3)
+            worker.send_signal(signal.SIGSTOP)
+            with anyio.fail_after(20):  # silent: kept by the router
+                while len(router._silent_holds) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            await anyio.sleep(2)
+            worker.send_signal(signal.SIGCONT)  # nothing billed, past its wait
+            with anyio.fail_after(20):
+                while router._silent_holds:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+        logged = await events()
     # The first call timed out in the actor's own clock while it was paused (it may have been
     # billed: recorded at its bound, settling its hold); the retry, read after the pause past
     # its deadline, was not made, and the actor released its hold (a reservation) and said so
@@ -333,41 +350,23 @@ async def test_a_call_read_after_its_router_stopped_waiting_is_not_made(tmp_path
     for a task whose caller had had its error long before (a review). The router's
     ``Vapora-Deadline`` says when it stopped waiting: such a call is refused, not made, and
     its hold given back."""
-    async with deployment(tmp_path, _config(RESERVED), router=False, providers=[]) as dep:
-        worker = await _provider_process(
-            dep.server.url, tmp_path, _config(RESERVED)(dep.sim.base_url)
-        )
-        try:
-            async with (
-                running(BudgetKeeper(dep.runtime, tick_s=0.2)),
-                anyio.create_task_group() as tg,
-            ):
-                router = RouterActor(dep.runtime, reserve=True)
-                await tg.start(router.run)
-                await wait_until_served(dep.client.nc, "vapora.complete")
-                worker.send_signal(signal.SIGSTOP)
-                with pytest.raises(VaporaError):  # both attempts silent: no provider answered
-                    await dep.client.complete(
-                        prompt="hi", provider="openai", max_tokens=500, task_id="P4"
-                    )
-                # Past the clocks' tolerance of the retry's deadline (the first one's is 2 s
-                # earlier), it reads both calls.
-                await anyio.sleep(1.5)
-                worker.send_signal(signal.SIGCONT)
+    async with _paused_later(tmp_path, _config(RESERVED)) as (dep, worker, _):
+        worker.send_signal(signal.SIGSTOP)
+        with pytest.raises(VaporaError):  # both attempts silent: no provider answered
+            await dep.client.complete(prompt="hi", provider="openai", max_tokens=500, task_id="P4")
+        # Past the clocks' tolerance of the retry's deadline (the first one's is 2 s earlier),
+        # it reads both calls.
+        await anyio.sleep(1.5)
+        worker.send_signal(signal.SIGCONT)
 
-                async def released() -> list[BudgetReleased]:
-                    return [e for e in await dep.events_of("P4") if isinstance(e, BudgetReleased)]
+        async def released() -> list[BudgetReleased]:
+            return [e for e in await dep.events_of("P4") if isinstance(e, BudgetReleased)]
 
-                with anyio.fail_after(20):
-                    while len(await released()) < 2:  # noqa: ASYNC110
-                        await anyio.sleep(0.05)
-                await anyio.sleep(1.5)  # (a call made would have been answered by now)
-                logged = await dep.events_of("P4")
-                router.stop()
-        finally:
-            worker.send_signal(signal.SIGCONT)
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
+        with anyio.fail_after(20):
+            while len(await released()) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await anyio.sleep(1.5)  # (a call made would have been answered by now)
+        logged = await dep.events_of("P4")
     made = [e for e in logged if isinstance(e, CallSucceeded | CallFailed | SpendRecorded)]
     assert not made, made
     reserved = [e.reservation_id for e in logged if isinstance(e, BudgetReserved)]
