@@ -109,6 +109,25 @@ async def stop_orphan(data_dir: Path, pid: int, *, within_s: float = 15.0) -> No
     raise NatsServerError(f"the orphaned nats-server {pid} on {data_dir} did not stop")
 
 
+def in_use(data_dir: Path) -> DataDirInUse | None:
+    """Who holds ``data_dir``'s lock (an embedded server's directory), if anyone does: for a
+    command about to remove the directory (``vapora demo`` empties its own), which must not
+    pull a running server's store from under it."""
+    try:
+        fd = os.open(Path(data_dir) / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return DataDirInUse(Path(data_dir), *_holder(fd))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -189,11 +189,17 @@ class Client:
         options.setdefault("inbox_prefix", prefix)
         # The last error of the tries, to say why none connected (the deadline's TimeoutError
         # says nothing); passed on to the caller's callback, or to nats-py's own.
+        # nats-py's own callback logs each failed try with its traceback (about 60 while no
+        # server answers): not until the client is connected, the error raised then says why.
         errors: list[Exception] = []
-        passed_on = options.get("error_cb") or _nats_default_error_cb
+        own = options.get("error_cb")
+        passed_on = own or _nats_default_error_cb
+        connected = False
 
         async def error_cb(exc: Exception) -> None:
             errors[:] = [exc]
+            if own is None and not connected:
+                return
             said = passed_on(exc)  # any callable: a coroutine function, or one returning none
             if inspect.isawaitable(said):
                 await said
@@ -202,6 +208,7 @@ class Client:
         try:
             with anyio.fail_after(options.pop("initial_deadline_s", 15.0)):
                 nc = await nats.connect(servers=servers, **options)
+            connected = True
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             cause = errors[0] if errors and isinstance(exc, TimeoutError) else exc
             shown = ",".join(redact_url(server) for server in servers)  # no password shown

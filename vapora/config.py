@@ -945,6 +945,14 @@ def _inbox_prefix(prefix: str | None) -> str | None:
 _SYNC_INTERVAL = re.compile(r"always|[1-9][0-9]*(ms|s|m|h)")
 
 
+def _tls_said(nats: NatsConfig) -> str:
+    if nats.tls is None:
+        return "no"
+    if not nats.urls:  # (a URL may still come from --nats-url or VAPORA_NATS_URL)
+        return "yes, for a NATS URL only (the embedded server has none: it refuses to start)"
+    return "yes"
+
+
 def _check_path(path: str, value: str | None) -> None:
     """A file or directory name: no NUL (no system call takes one: it passed ``vapora config``
     and stopped ``vapora up`` with a traceback)."""
@@ -1221,7 +1229,7 @@ def _tail_lines(config: Config) -> list[str]:
         f"per task {_money(b.per_task_limit_usd)} (an idle task kept "
         f"{b.task_retention_hours:g} h), warn at {b.warn_threshold_percent:g}%; "
         + (f"router leases up to {_money(b.lease_usd)}" if b.lease_usd else "no router leases"),
-        f"nats: {nats}; auth {auth}; tls {'yes' if n.tls else 'no'}; replies under {replies}",
+        f"nats: {nats}; auth {auth}; tls {_tls_said(n)}; replies under {replies}",
         f"storage: {config.storage.data_dir} (embedded server sync_interval: "
         f"{config.storage.sync_interval}); event stream replicas "
         + (str(config.storage.replicas) if config.storage.replicas else "3 on a cluster, else 1"),

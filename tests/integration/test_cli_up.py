@@ -447,3 +447,45 @@ def test_empty_flags_bad_waits_and_unusable_outputs_are_named_not_defaults_or_tr
         )
         assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
         assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr
+
+
+def test_services_say_where_they_connect_before_waiting_for_the_server(tmp_path: Path) -> None:
+    """A service gives its server 15 s (it may be started with it): `vapora up --nats-url`
+    waited without a word, though the README says it says first where it connects."""
+    data = str(tmp_path / "d")
+    for argv in (["up"], ["actor", "router"]):
+        service = subprocess.Popen(
+            [*VAPORA, *argv, "--nats-url", "nats://u:secret@127.0.0.1:1", "--data-dir", data],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert service.stderr is not None
+            line = service.stderr.readline()  # (before the wait: a test that hangs fails)
+            assert "connecting to NATS at nats://u:***@127.0.0.1:1 (up to 15 s)" in line, line
+            assert "secret" not in line
+        finally:
+            service.kill()
+            service.wait()
+
+
+def test_tls_without_a_nats_url_is_refused_before_the_embedded_server_starts(
+    tmp_path: Path,
+) -> None:
+    """``[nats.tls]`` with no URL passed ``vapora config`` and then failed every start with
+    "NATS ... refused the connection: the server does not require TLS": vapora's own client
+    refusing vapora's own embedded server, said as the server's doing."""
+    config = tmp_path / "tls.toml"
+    tls = '[nats.tls]\nca = "/etc/ssl/certs/ca-certificates.crt"\n'
+    config.write_text(config_text("http://127.0.0.1:1", budget="") + tls)
+    checked = run("config", str(config))
+    assert checked.returncode == 0 and "for a NATS URL only" in checked.stdout
+    data = str(tmp_path / "d")
+    (tmp_path / "d" / "nats").mkdir(parents=True)  # (an offline command reads a store)
+    for argv in (["up", "--port", "1"], ["events", "--data-dir", data]):
+        done = run(
+            *argv, "--config", str(config), *(["--data-dir", data] if argv[0] == "up" else [])
+        )
+        assert done.returncode == 2, (argv, done.stderr)
+        assert "[nats.tls] is set but no NATS URL is" in done.stderr, done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from decimal import Decimal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vapora.cli.demo import plan_workload
+from vapora.cli.demo import MARKER, plan_workload
 
 VAPORA = [sys.executable, "-m", "vapora.cli"]
 
@@ -145,6 +146,38 @@ def test_a_directory_that_is_not_a_demo_is_never_deleted(tmp_path: Path) -> None
     assert done.returncode == 2
     assert "not a vapora demo directory" in done.stderr
     assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_a_demo_directory_a_running_vapora_serves_is_not_emptied(tmp_path: Path) -> None:
+    """The demo empties its data directory first: with `vapora up` serving it, it removed the
+    running server's store (a review: the log went from 121 events to 71 under it)."""
+    data_dir = tmp_path / "demo"
+    data_dir.mkdir()
+    (data_dir / MARKER).write_text("made by `vapora demo`\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    up = subprocess.Popen(
+        [*VAPORA, "up", "--data-dir", str(data_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert up.stdout is not None
+        assert up.stdout.readline().startswith("vapora ready ")
+        store = sorted(p.name for p in (data_dir / "nats").iterdir())
+        done = run("demo", "--data-dir", str(data_dir), "--requests", "5")
+        assert done.returncode == 2, done.stderr
+        assert "in use by a running vapora" in done.stderr
+        assert "choose another --data-dir" in done.stderr
+        assert sorted(p.name for p in (data_dir / "nats").iterdir()) == store
+        assert up.poll() is None
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+    # Stopped, the directory is the demo's again to empty.
+    assert run("demo", "--data-dir", str(data_dir), "--requests", "5").returncode == 0
 
 
 def test_real_mode_refuses_without_any_provider_key(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ async def _connected(args: argparse.Namespace, name: str) -> AsyncIterator[tuple
             if not await anyio.Path(data_dir / "nats").is_dir():
                 raise ConfigError(f"{data_dir} holds no vapora data (no {data_dir / 'nats'})")
             try:
-                url = await _embedded(stack, data_dir, 0, config.storage.sync_interval)
+                url = await _embedded(stack, data_dir, 0, _embedded_sync(config))
             except DataDirInUse as exc:
                 if exc.url is None or not exc.serving:  # starting, or another command's own
                     raise
@@ -204,7 +204,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         url = (
             _url(config)
             if config.nats.urls
-            else await _embedded(stack, data_dir, port, config.storage.sync_interval, serving=True)
+            else await _embedded(stack, data_dir, port, _embedded_sync(config), serving=True)
         )
         await _serve(await _all_actors(stack, config, url, data_dir), url)
     return 0
@@ -249,18 +249,46 @@ async def _embedded(
     return started.url
 
 
+def _embedded_sync(config: Config) -> str:
+    """The embedded server's ``sync_interval``, for a config that may use that server: one
+    asking for TLS is refused (the embedded server has none, and the client's refusal of it
+    was said as the server's)."""
+    if config.nats.tls is not None:
+        raise ConfigError(
+            "[nats.tls] is set but no NATS URL is (--nats-url, VAPORA_NATS_URL or [nats] "
+            "url): the embedded nats-server runs without TLS; name the server it is for, or "
+            "drop [nats.tls]"
+        )
+    return config.storage.sync_interval
+
+
 async def _all_actors(
     stack: contextlib.AsyncExitStack, config: Config, url: str, data_dir: Path
 ) -> list[Any]:
     from actors.connection import connect
     from actors.runner import Runtime, all_actors
 
-    nc = await connect(_connect_options(config, url, "vapora-up"))
+    options = _connect_options(config, url, "vapora-up")
+    if config.nats.urls:  # (not the embedded server, just started)
+        _say_connecting("vapora up", options, config)
+    nc = await connect(options)
     stack.push_async_callback(nc.close)
     await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
     log = await _event_log(nc, config)
     runtime = Runtime(nc=nc, config=config, log=log, data_dir=data_dir, env=dict(os.environ))
     return list(all_actors(runtime))
+
+
+def _say_connecting(who: str, options: Any, config: Config) -> None:
+    """Said before a service's wait for its server (it gives one longer than a command does:
+    it may be started with its server): it waited up to 15 s without a word."""
+    log.info(
+        "%s: connecting to NATS at %s%s (up to %g s)",
+        who,
+        ", ".join(redact_url(u) for u in options.servers),
+        "" if config.nats.urls else " (the default: no --nats-url, VAPORA_NATS_URL or [nats] url)",
+        options.initial_deadline,
+    )
 
 
 async def _serve(actors: Sequence[Any], url: str) -> None:
@@ -292,15 +320,7 @@ async def cmd_actor(args: argparse.Namespace) -> int:
     url = _url(config)
     telemetry = _telemetry(config, f"vapora-{args.kind}")
     options = _connect_options(config, url, f"vapora-{args.kind}")
-    # Said before the wait (an actor gives a server longer than a command: it is a service,
-    # started with its server perhaps): it waited up to 15 s without a word.
-    log.info(
-        "%s: connecting to NATS at %s%s (up to %g s)",
-        args.kind,
-        ", ".join(redact_url(u) for u in options.servers),
-        "" if config.nats.urls else " (the default: no --nats-url, VAPORA_NATS_URL or [nats] url)",
-        options.initial_deadline,
-    )
+    _say_connecting(args.kind, options, config)
     nc = await connect(options)
     try:
         events = await _event_log(nc, config)

@@ -235,10 +235,21 @@ def _log_to_file(path: Path, *, verbose: bool) -> None:
 
 
 def _fresh_data_dir(path: Path) -> Path:
+    """``path`` emptied (a previous demo's) and marked as the demo's. A directory the demo did
+    not make, or one a running server uses (``vapora up`` on it, or another demo: its store
+    was removed under it), is refused."""
+    from actors.server import in_use
+
     if path.exists():
         if not (path / MARKER).exists():
             raise ConfigError(
                 f"{path} exists and is not a vapora demo directory; choose another --data-dir"
+            )
+        holder = in_use(path / "nats")
+        if holder is not None:
+            raise ConfigError(
+                f"{holder}; the demo empties its data directory first: choose another "
+                "--data-dir, or stop that first"
             )
         shutil.rmtree(path)
     path.mkdir(parents=True)
