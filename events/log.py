@@ -8,7 +8,7 @@ new tag. Unknown fields are tolerated on decode so that an older reader can repl
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -51,10 +51,31 @@ Money = Annotated[Decimal, msgspec.Meta(description="USD as a decimal string, ne
 # gc=False: events are frozen trees of strings, numbers, timestamps and other frozen structs (no
 # reference cycles possible), so the cycle collector need not track them. A replay decodes them
 # by the million; tracked, they made the collector run over and over (~12 % of a budget replay).
+def check_times(event: msgspec.Struct) -> None:
+    """Raise ``ValueError`` naming the field unless ``event``'s ``at`` (and ``expires_at``, if
+    it has one) is a time in the years 1 to 9999 once in UTC. ``9999-12-31T23:30:00-01:00`` is
+    valid ISO 8601 and decodes, and every reader that put it in UTC (the budget fold's day,
+    the audit, a comparison with now) then failed with an ``OverflowError``: the keeper's tail
+    retried it forever, counting no spend after it, and no keeper could start again."""
+    for name in ("at", "expires_at"):
+        value = getattr(event, name, None)
+        if value is None:
+            continue
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(
+                f"`{name}` {value.isoformat()} is outside the years 1 to 9999 once in UTC"
+            ) from None
+
+
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     id: str
     at: datetime
     causation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_times(self)
 
 
 class RouteDecided(_Event, tag="route_decided", frozen=True, kw_only=True):
@@ -83,6 +104,7 @@ class CallSucceeded(_Event, tag="call_succeeded", frozen=True, kw_only=True):
     usage_estimated: bool | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_amount("cost_usd", self.cost_usd)
 
 
@@ -103,6 +125,7 @@ class CallFailed(_Event, tag="call_failed", frozen=True, kw_only=True):
     after_first_chunk: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_amount("cost_usd", self.cost_usd)
 
 
@@ -123,6 +146,7 @@ class BudgetReserved(_Event, tag="budget_reserved", frozen=True, kw_only=True):
     task_limit_usd: Money | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_amount("amount_usd", self.amount_usd)
         check_amount("task_limit_usd", self.task_limit_usd)
 
@@ -149,6 +173,7 @@ class SpendRecorded(_Event, tag="spend_recorded", frozen=True, kw_only=True):
     usage_estimated: bool | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_amount("cost_usd", self.cost_usd)
 
 
@@ -173,6 +198,7 @@ class BudgetLeased(_Event, tag="budget_leased", frozen=True, kw_only=True):
     version: Annotated[int, msgspec.Meta(ge=1)] = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_amount("granted_usd", self.granted_usd)
 
 
@@ -187,6 +213,7 @@ class BudgetLeaseReturned(_Event, tag="budget_lease_returned", frozen=True, kw_o
     version: Annotated[int, msgspec.Meta(ge=1)] = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_amount("kept_usd", self.kept_usd)
 
 

@@ -31,7 +31,7 @@ import msgspec
 
 from events.codec import DecodeError, decode_with
 from events.contract import Tier
-from events.log import Event, Money
+from events.log import Event, Money, check_times
 
 __all__ = [
     "BudgetLeasedView",
@@ -51,6 +51,9 @@ _Version = Annotated[int, msgspec.Meta(ge=1)]
 
 class View(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Part of one event, as the budget fold reads it."""
+
+    def __post_init__(self) -> None:
+        check_times(self)  # (as the whole event's: unreadable alike)
 
 
 class BudgetReservedView(View, tag="budget_reserved", frozen=True, kw_only=True):

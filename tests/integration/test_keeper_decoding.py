@@ -242,3 +242,23 @@ async def test_a_message_that_cannot_be_read_again_is_passed_by_not_waited_on(
             live = await status(conn)
     assert live.spent_today_usd == Decimal("0.30")  # the whole spend after it counts
     assert any("could not be read again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("at", ["9999-12-31T23:30:00-01:00", "0001-01-01T00:30:00+01:00"])
+async def test_an_event_time_outside_the_utc_years_is_unreadable_not_a_stall(
+    conn: Client, tmp_path: Path, at: str
+) -> None:
+    """Valid ISO 8601, but past the year 9999 (or before the year 1) once in UTC: it decoded,
+    and every reader that put it in UTC failed with an OverflowError. The keeper's tail
+    retried it for good (spend after it uncounted: $15 past a $10 limit admitted in a review),
+    no keeper could start again, and the audit crashed. It is unreadable, as any event that
+    is not one: passed by live and on a restart, and named by the audit."""
+    keeper = BudgetKeeper(runtime(conn, tmp_path / "live", cfg=config(daily_cents=100)))
+    async with running(keeper):
+        await _store(keeper, _spend_json(cost="0.12", at=at), _spend_json(cost="0.30"))
+        live = await status(conn)
+        entries = [(e.event, e.seq) for e in await read_log(keeper.log)]
+    restarted, _ = await _restarted(conn, tmp_path / "again")
+    assert live.spent_today_usd == restarted.spent_today_usd == Decimal("0.30")
+    limits = budget.BudgetLimits.from_cents(daily_cents=100)
+    assert audit.check_budget(entries, live, limits) == []
