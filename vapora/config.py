@@ -512,6 +512,14 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    # The user-info first: a password holding `?` (`alice:pa?ss=X@host`) showed its start
+    # and lost the host when the query was looked for first.
+    at = rest.rfind("@")
+    masked = ""
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        masked = (f"{user}:{_MASK}" if colon else _MASK) + "@"
+        rest = rest[at + 1 :]
     rest, question, query = rest.partition("?")
     if question:  # a query's values (`?api_key=...`, a collector's token) masked too
         query, hash_, fragment = query.partition("#")
@@ -520,12 +528,7 @@ def redact_url(url: str) -> str:
             for part in query.split("&")
         ]
         rest = f"{rest}?{'&'.join(names)}{hash_}{fragment}"
-    at = rest.rfind("@")
-    if at < 0:
-        return f"{scheme}{sep}{rest}"
-    user, colon, _ = rest[:at].partition(":")
-    masked = f"{user}:{_MASK}" if colon else _MASK
-    return f"{scheme}{sep}{masked}{rest[at:]}"
+    return f"{scheme}{sep}{masked}{rest}"
 
 
 def api_key(provider: ProviderConfig, env: Mapping[str, str]) -> str | None:
@@ -720,7 +723,23 @@ def _base_url(path: str, raw: _ProviderFile, kind: ProviderKind) -> str:
     key = "base_url" if raw.base_url is not None else "endpoint"
     if given is None:
         return DEFAULT_BASE_URLS[kind]
-    return _check_url(f"{path}.{key}", given, _HTTP_SCHEMES)
+    url = _check_url(f"{path}.{key}", given, _HTTP_SCHEMES)
+    # Neither was ever sent as meant: the user-info went nowhere (no Basic auth), and a query
+    # ended up before the API's path (`/v1?key=K/chat/completions`, a review).
+    start = url.find("://") + 3
+    if "@" in url[start : _authority_end(url, start)]:
+        raise _Invalid(
+            f"{path}.{key}",
+            "must not hold a user or password (not shown): vapora does not send them; the "
+            "provider's key goes in the variable api_key_env names",
+        )
+    if "?" in url or "#" in url:
+        raise _Invalid(
+            f"{path}.{key}",
+            "must not hold a query or a fragment: vapora adds the API's path after the base "
+            "URL, which would put it inside the query",
+        )
+    return url
 
 
 def _check_provider_scalars(path: str, raw: _ProviderFile) -> None:

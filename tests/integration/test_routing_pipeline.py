@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -426,17 +427,31 @@ async def test_a_caller_gets_its_answer_across_a_short_restart_of_the_nats_serve
     assert answer.provider == "openai" and answer.text == "hi"
 
 
+_CODE = 'def check(pw):\n    if pw == "hunter2":\n        return True\n    return False\n'
+_RUSSIAN = "Сведи квартальные цифры по счёту Занзибар"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "escaped"),
+    [
+        ("Summarise the quarterly numbers for the Zanzibar account", False),
+        # Quoted as JSON (a gateway's, a pydantic-style error's `input_value=`): code's short
+        # lines (`\n`, `\"` between them) and a non-Latin text (all `\u...`) matched no run
+        # of the prompt, and went into the log whole (a review).
+        (_CODE, True),
+        (_RUSSIAN, True),
+    ],
+    ids=["plain", "code-json", "russian-json"],
+)
 async def test_a_provider_error_quoting_the_prompt_keeps_it_out_of_the_log_and_the_reply(
-    tmp_path: Path,
+    tmp_path: Path, prompt: str, escaped: bool
 ) -> None:
     # A provider that echoes the request in its 400 (as gateways and some APIs do): the prompt
     # went into call_failed.message in the log (which cannot be deleted), the router's log
     # line, $SRV.STATS and the caller's error, though prompts stay out unless opted in.
-    prompt = "Summarise the quarterly numbers for the Zanzibar account"
-    body = (
-        b'{"type": "error", "error": {"type": "invalid_request_error", "message": '
-        b'"messages.0.content: invalid value: ' + prompt.encode() + b'"}}'
-    )
+    quoted = json.dumps(prompt) if escaped else prompt
+    error = {"type": "invalid_request_error", "message": f"messages.0.content: invalid: {quoted}"}
+    body = json.dumps({"type": "error", "error": error}).encode()
     answer = (
         b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
@@ -457,7 +472,9 @@ async def test_a_provider_error_quoting_the_prompt_keeps_it_out_of_the_log_and_t
     [failed] = [e for e in events if isinstance(e, CallFailed)]
     assert failed.status == 400 and failed.error_code == "invalid_request_error"
     for said in (failed.message, str(refused.value)):
-        assert "Zanzibar" not in said and "quoted the request's text" in said
+        assert "quoted the request's text" in said
+        for canary in ("Zanzibar", "hunter2", "Занзибар", "\\u0417\\u0430\\u043d"):
+            assert canary not in said
 
 
 async def test_a_huge_bad_request_on_a_1_mb_server_gets_a_short_400_and_vapora_serves_on(
@@ -515,3 +532,57 @@ async def test_counts_vapora_estimated_are_flagged_in_the_events_and_stated_ones
             [spend] = [e for e in events if isinstance(e, SpendRecorded)]
             assert call.usage_estimated == spend.usage_estimated == flag, task
             assert (b'"usage_estimated"' in msgspec.json.encode(spend)) == (flag is True)
+
+
+@pytest.mark.parametrize(
+    "stated",
+    [
+        "<script>alert(1)</script>\n",
+        "gpt-4\nBy model: forged 0.00",
+        "m" * 1_500_000,
+        7,
+        "gpt-4o-2024-08-06",  # a model's name: kept
+    ],
+)
+async def test_a_model_name_the_provider_states_that_is_not_one_is_not_recorded(
+    tmp_path: Path, stated: object
+) -> None:
+    """The answering model a provider states goes into events, spans, metric labels and the
+    text report: markup, a newline that forges a report line, 1.5 MB were stored whole (a
+    review). The model asked for is recorded instead; a model's name stays as stated."""
+    body = json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": stated,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        }
+    ).encode()
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    async with stub(answer) as port:
+
+        def with_stub(base_url: str) -> str:
+            text = config_text(base_url)
+            simulated = f'base_url = "{base_url}/v1"'  # (the openai kind's)
+            url = text.index(simulated, text.index('name = "openai"'))
+            stubbed = f'base_url = "http://127.0.0.1:{port}/v1"'
+            return text[:url] + stubbed + text[url + len(simulated) :]
+
+        async with deployment(tmp_path, with_stub, providers=["openai"]) as dep:
+            answered = await dep.client.complete(prompt="hi", provider="openai", task_id="t-m")
+            events = await dep.events_of("t-m")
+    asked = dep.runtime.config.provider("openai").model  # type: ignore[union-attr]
+    [call] = [e for e in events if isinstance(e, CallSucceeded)]
+    [spend] = [e for e in events if isinstance(e, SpendRecorded)]
+    kept = stated if stated == "gpt-4o-2024-08-06" else asked
+    assert answered.model == call.model == spend.model == kept

@@ -865,8 +865,10 @@ def _run(args: argparse.Namespace) -> int:
         codes = [_exit_code(leaf) for leaf in leaves]
         if not leaves or None in codes:
             raise  # not one of ours: a bug, with its traceback
+        from vapora.telemetry.logs import printable
+
         for leaf in leaves:
-            print(f"vapora {args.command}: {leaf}", file=sys.stderr)
+            print(f"vapora {args.command}: {printable(str(leaf))}", file=sys.stderr)
         _drop_unwritable_stdout()
         return max(code for code in codes if code is not None)
 

@@ -28,6 +28,7 @@ from events.contract import (
 )
 from vapora.client import Client, TextStream
 from vapora.errors import VaporaError
+from vapora.telemetry.logs import printable
 
 __all__ = ["ask_command", "summary_lines"]
 
@@ -97,10 +98,11 @@ async def ask_command(
         else:
             _print_result(await client.complete(request), as_json=as_json, out=out)
     except msgspec.ValidationError as exc:
-        print(f"vapora: invalid_request: {exc}", file=errors)
+        print(f"vapora: invalid_request: {printable(str(exc))}", file=errors)
         return 1
     except VaporaError as exc:
-        print(f"vapora: {exc.code}: {exc.message}", file=errors)
+        # (a provider's words, through the router: no control character reaches the terminal)
+        print(f"vapora: {printable(exc.code)}: {printable(exc.message)}", file=errors)
         return 1
     return 0
 
@@ -166,6 +168,6 @@ def _print_partial(
     price = f"${cost:f}" if cost is not None else "cost unknown"
     print(
         f"vapora: the stream broke after {len(chunks.text)} characters; billed {billed}, "
-        f"{price} (task {chunks.task_id})",
+        f"{price} (task {printable(str(chunks.task_id))})",
         file=err,
     )

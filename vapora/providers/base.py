@@ -624,7 +624,7 @@ class ProviderClient(ABC):
         price = self._turn_price(turn, request, model)
         return Completion(
             provider=self.name,
-            model=turn.model or model,
+            model=stated_model(turn.model, model),
             text=turn.text,
             finish_reason=turn.finish_reason,
             usage=usage,
@@ -1061,10 +1061,63 @@ _QUOTE_SHORTEST = 10
 _QUOTE_WHOLE = _QUOTE_RUN + _QUOTE_STEP - 1
 
 
+#: An escape a provider (or a gateway before it) may quote the request's text with: JSON's and
+#: Python's (``repr``) string escapes.
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|.)", re.DOTALL)
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "0": "\0"}
+_SPACES = re.compile(r"\s+")
+
+
+def _unescaped(match: re.Match[str]) -> str:
+    code = match[1]
+    if len(code) > 1:
+        try:
+            return chr(int(code[1:], 16))
+        except (ValueError, OverflowError):  # (past U+10FFFF)
+            return match[0]
+    return _ESCAPED.get(code, code)
+
+
+def _plain(text: str) -> str:
+    """``text`` as it would be compared for a quote: escapes undone, case and runs of
+    whitespace set aside."""
+    return _SPACES.sub(" ", _ESCAPE.sub(_unescaped, text)).casefold()
+
+
+#: A model name as providers write them (``gpt-4o-2024-08-06``, ``models/gemini-2.5-pro``,
+#: ``llama3:8b``, ``anthropic.claude-3-5-sonnet-20240620-v1:0``).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+
+
+def stated_model(stated: object, asked: str) -> str:
+    """The model the provider says answered, when it looks like a model's name; else the one
+    asked for. It goes into events, span attributes, metric labels and the text report: a
+    server's ``"model"`` of 1.5 MB, or holding a newline or markup, was stored and shown whole
+    (a review: report lines forged by a newline)."""
+    if isinstance(stated, str) and _MODEL_NAME.fullmatch(stated):
+        return stated
+    if stated:
+        _log.warning(
+            "the provider named the answering model with something that is not a model's name "
+            "(%d characters); recorded as the model asked for, %s",
+            len(stated) if isinstance(stated, str) else 0,
+            asked,
+        )
+    return asked
+
+
 def quotes_request(text: str, sources: Sequence[str]) -> bool:
     """Whether ``text`` (a provider's error message) quotes one of ``sources`` (the request's
     prompt, system text and messages): a run of :data:`_QUOTE_RUN` characters of one (see
-    there), or the whole of one shorter than that."""
+    there), or the whole of one shorter than that; as it is, or escaped (``\\n``, ``\\"``,
+    ``\\u041f``: a JSON or ``repr`` quote, which matched nothing of code or of a non-Latin
+    text), with its case or its whitespace changed."""
+    if _quotes(text, sources):
+        return True
+    return _quotes(_plain(text), [_plain(source) for source in sources])
+
+
+def _quotes(text: str, sources: Sequence[str]) -> bool:
     for source in sources:
         if len(source) < _QUOTE_WHOLE:
             if len(source) >= _QUOTE_SHORTEST and source in text:

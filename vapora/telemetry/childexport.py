@@ -65,6 +65,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from vapora.telemetry.export import call_alive
+from vapora.telemetry.logs import CleanFilter
 from vapora.telemetry.spans import VaporaSpan
 
 __all__ = ["ChildSpanExporter", "main"]
@@ -646,6 +647,8 @@ def main() -> int:
     logging.basicConfig(
         level=logging.WARNING, format="vapora span export: %(levelname)s %(message)s"
     )
+    for handler in logging.getLogger().handlers:  # (an endpoint's query, quoted by urllib3)
+        handler.addFilter(CleanFilter())
     # The parent said what is wrong with the OTLP headers already (without their values).
     logging.getLogger("opentelemetry.util.re").setLevel(logging.CRITICAL)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer

@@ -1,0 +1,81 @@
+"""What reaches a log line or a terminal from outside: a provider's error message (through the
+router's fallback line, or `vapora ask`), a URL urllib3 quotes with its query. Control
+characters are escaped (a newline wrote whole fake log lines, a review), a query's values are
+masked (an OTLP endpoint's `?api_key=` was logged on each failed export, a review), and a URL's
+password is masked whole, `?` and all."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from vapora.config import redact_url
+from vapora.telemetry.logs import FORMAT, TaskContextFilter, clean, printable
+
+
+def _cleaned(message: str, *args: object) -> str:
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, message, args, None)
+    clean(record)
+    return record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("boom\n2026-01-01 WARNING vapora: FAKE", "boom\\n2026-01-01 WARNING vapora: FAKE"),
+        ("a\r\nNats-Service-Error-Code: 200", "a\\r\\nNats-Service-Error-Code: 200"),
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("line\u2028sep\x85nel\x00nul", "line\\u2028sep\\x85nel\\x00nul"),
+        ("tab\tand Привет stay", "tab\tand Привет stay"),
+    ],
+)
+def test_control_characters_are_escaped_and_text_stays(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert _cleaned("fallback claude -> none (%s)", text) == f"fallback claude -> none ({shown})"
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "Max retries exceeded with url: /v1/traces?api_key=CANARY (Caused by X('y'))",
+            "Max retries exceeded with url: /v1/traces?api_key=*** (Caused by X('y'))",
+        ),
+        ("url: /v1/metrics?a=1&token=CANARY&b", "url: /v1/metrics?a=***&token=***&b"),
+        ("is this a question? yes=no", "is this a question? yes=no"),
+        ("route openai: manual override", "route openai: manual override"),
+    ],
+)
+def test_a_urls_query_values_are_masked(message: str, shown: str) -> None:
+    assert _cleaned(message) == shown
+
+
+def test_the_handlers_filter_cleans_every_record_whatever_its_logger() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(TaskContextFilter())
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logger = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    logger.addHandler(handler)
+    try:
+        logger.warning("failed: %s", "/v1/traces?api_key=CANARY\nFAKE LINE")
+    finally:
+        logger.removeHandler(handler)
+    [line] = out.getvalue().splitlines()
+    assert "CANARY" not in line and line.endswith("?api_key=***\\nFAKE LINE")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://alice:pa?ss=SECRET@host:4222", "nats://alice:***@host:4222"),
+        ("nats://u:p/w@d@host:1", "nats://u:***@host:1"),
+        ("nats://token@host", "nats://***@host"),
+        ("http://host/v1/traces?api_key=SECRET#f", "http://host/v1/traces?api_key=***#f"),
+        ("nats://host:4222", "nats://host:4222"),
+    ],
+)
+def test_a_urls_password_is_masked_whole(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
