@@ -150,7 +150,7 @@ class CostLedger:
         stored = await self._stored(seq)
         if stored is _AGED:
             return  # aged out of a stream with limits: nothing to compare
-        stored_id = (stored.headers or {}).get("Nats-Msg-Id") if stored is not None else None
+        stored_id = _stored_id(stored) if stored is not None else None
         if stored_id != event_id:
             found = f"event {stored_id}" if stored_id else "no event"
             raise self._other_stream(f"event {event_id} at sequence {seq}", found)
@@ -225,6 +225,19 @@ _STOP_CATCH_UP_S = 5.0
 
 #: The stream no longer holds the sequence asked for (limits retention aged it out).
 _AGED: Any = object()
+
+
+def _stored_id(stored: Any) -> str | None:
+    """The event id of a stored message: its ``Nats-Msg-Id``, or for one stored without it (a
+    writer outside vapora: the ledger refused to start again after recording it, a review) the
+    ``id`` in its body."""
+    held: str | None = (stored.headers or {}).get("Nats-Msg-Id")
+    if held is not None:
+        return held
+    try:
+        return decode_event(stored.data).id
+    except DecodeError:
+        return None
 
 
 def _is_event(data: bytes) -> bool:

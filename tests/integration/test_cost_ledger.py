@@ -367,6 +367,35 @@ async def test_audit_names_what_the_ledger_holds_past_the_logs_end(
     assert "spend_recorded of $0.09" in line and spent[2].id in line
 
 
+@pytest.mark.parametrize("where", [0, -5, "past the end"])
+async def test_audit_names_a_spend_row_added_where_no_event_is(
+    conn: Client, tmp_path: Path, where: int | str
+) -> None:
+    """A spend row written into the ledger's file by hand, at a sequence no event has (0 or
+    below, or past the log's end with the ledger's position left as it was): every report
+    counted it, and the audit, reading rows only within the log's sequences and past the
+    ledger's own position, said "no differences" (a review)."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    for n, cost in enumerate(("0.03", "0.06")):
+        await rt.log.append(spend(task_id=f"t{n}", usage=exact_usage(Decimal(cost)), at=clock()))
+    async with running(CostLedger(rt)) as ledger:
+        await eventually(lambda: _caught_up(ledger))
+    assert (await audit_command(conn, rt.log, tmp_path))[0] == 0
+    seq = 3 if where == "past the end" else where
+    with sqlite3.connect(tmp_path / LEDGER_FILE) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(spend)")]
+        copied = ", ".join(
+            "? AS seq" if c == "seq" else "'forged' AS event_id" if c == "event_id" else c
+            for c in columns
+        )
+        db.execute(f"INSERT INTO spend SELECT {copied} FROM spend WHERE seq = 1", (seq,))
+    code, text = await audit_command(conn, rt.log, tmp_path)
+    assert code == 1, text
+    assert "forged" in text and "$0.03" in text, text
+
+
 async def test_the_audit_reads_the_log_and_the_ledger_a_chunk_at_a_time(
     conn: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -470,3 +499,23 @@ async def test_events_prints_json_lines_filtered_by_type_and_task_and_follows(
 
 async def _has(out: io.StringIO, text: str) -> bool:
     return text in out.getvalue()
+
+
+async def test_the_ledger_starts_again_after_an_event_stored_without_its_message_id(
+    conn: Client, tmp_path: Path
+) -> None:
+    """An event a writer outside vapora stored without ``Nats-Msg-Id``: the ledger applied it,
+    then refused every start, taking the log for another stream (its check read the id from
+    the header alone, a review). The id in the body is the event's."""
+    from events.codec import encode
+
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    outside = spend(task_id="outside", usage=exact_usage(Decimal("0.03")), at=clock())
+    async with running(CostLedger(rt)) as ledger:
+        await rt.log.js.publish(f"{rt.log.settings.prefix}.spend.claude", encode(outside))
+        await eventually(lambda: _caught_up(ledger))
+    async with running(CostLedger(rt)) as again:  # (refused: ConfigError, "another stream")
+        report = (await ask(conn, subjects.REPORT, b"{}")).as_(CostReport)
+        assert again is not None and report.total_usd == outside.cost_usd

@@ -269,7 +269,7 @@ async def _audit_once(
                     "With the ledger running again (vapora up, or vapora actor ledger) and "
                     "caught up, audit again: what it then finds is real"
                 )
-        fed = 0
+        fed = _BEFORE_ANY  # (rows at sequence 0 or below, which no event has, are read too)
         async for chunk in _chunks(log, end):
             high = chunk[-1][1]
             rows, logged = await _ledger_between(ledger, fed, high)
@@ -362,12 +362,20 @@ async def _ledger_beyond(
     last writes (a crash within ``sync_interval``, a restored backup) or another log's ledger."""
     if ledger is None:
         return None
-    position = await ledger.last_sequence()
-    end = await log.last_sequence()
-    if position <= end:
+    # Whatever the ledger's own position says (a row added past it was not looked at): what
+    # it holds past the log's end, then the end read again, so that what a live ledger
+    # applied meanwhile, which the log has, is not counted.
+    rows, logged = await ledger.snapshot(after=await log.last_sequence())
+    if not rows and not logged:
         return None
-    rows, logged = await ledger.snapshot(after=end)
-    return end, rows, logged
+    end = await log.last_sequence()
+    rows = [row for row in rows if row.seq > end]
+    logged = [entry for entry in logged if entry.seq > end]
+    return (end, rows, logged) if rows or logged else None
+
+
+#: Below every sequence a ledger row may be stored at (SQLite's least integer).
+_BEFORE_ANY = -(2**63)
 
 
 async def _ledger_reached(ledger: Ledger, last: int) -> None:
