@@ -497,6 +497,48 @@ async def test_events_prints_json_lines_filtered_by_type_and_task_and_follows(
     assert commands_money.LEDGER_FILE == LEDGER_FILE
 
 
+async def test_the_events_behind_a_reports_figure_are_printed_by_provider_and_time(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A cost shown can be traced to the events that made it: `vapora events` took only a type
+    and a task id, so finding the spends behind one provider's hour of a report meant reading
+    the whole log (a review). With --provider, --since and --until (the report's window),
+    the spends printed sum to the report's figure for that window, to the last decimal."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    spent = []
+    for n, (provider, cost) in enumerate(
+        [("claude", "0.03"), ("openai", "0.06"), ("claude", "0.09")] * 2
+    ):
+        event = spend(
+            task_id=f"t{n}", usage=exact_usage(Decimal(cost)), at=clock(), provider=provider
+        )
+        await rt.log.append(event)
+        spent.append(event)
+        clock.advance(1800)  # two spends an hour
+    since, until = spent[2].at, spent[2].at + timedelta(hours=1)  # spends 2 and 3 (claude's)
+    async with running(CostLedger(rt)) as ledger:
+        await eventually(lambda: _caught_up(ledger))
+        window = ReportRequest(since=since, until=until)
+        report = (await ask(conn, subjects.REPORT, window)).as_(CostReport)
+    out = io.StringIO()
+    printed = await events_command(
+        rt.log, follow=False, type_="spend_recorded", task_id=None, provider="claude",
+        since=since, until=until, out=out,
+    )  # fmt: skip
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert printed == 2 and [line["id"] for line in lines] == [spent[2].id, spent[3].id]
+    assert sum(Decimal(line["cost_usd"]) for line in lines) == report.by_provider["claude"]
+    # The window is the report's: its end excluded.
+    out = io.StringIO()
+    await events_command(
+        rt.log, follow=False, type_=None, task_id=None, since=spent[5].at, until=spent[5].at,
+        out=out,
+    )  # fmt: skip
+    assert out.getvalue() == ""
+
+
 async def _has(out: io.StringIO, text: str) -> bool:
     return text in out.getvalue()
 

@@ -525,6 +525,9 @@ async def cmd_events(args: argparse.Namespace) -> int:
             follow=args.follow,
             type_=args.type,
             task_id=args.task_id,
+            provider=args.provider,
+            since=args.since,
+            until=args.until,
             out=sys.stdout,
         )
     return 0
@@ -683,6 +686,11 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", action="store_true")
     events.add_argument("--type", choices=sorted(EVENT_TYPES), metavar="TYPE")
     events.add_argument("--task-id", type=given)
+    events.add_argument(
+        "--provider", type=given, help="only events of this provider (a fallback's from or to)"
+    )
+    events.add_argument("--since", type=_timestamp, help="ISO 8601 time: events at or after it")
+    events.add_argument("--until", type=_timestamp, help="ISO 8601 time, the end excluded")
 
     stream = command(
         "stream", "make the event stream or bring its settings up to date, and print them"

@@ -24,7 +24,7 @@ from actors import tracing
 from events import subjects
 from events.codec import DecodeError, decode, encode, event_tag
 from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
-from events.log import EVENT_TYPES, Event
+from events.log import EVENT_TYPES, Event, FallbackTriggered
 from vapora.audit import Auditor, AuditResult, render_audit, render_report, usd
 from vapora.budget import TIER_HYSTERESIS_PERCENT, BudgetLimits
 from vapora.errors import (
@@ -420,14 +420,20 @@ async def events_command(
     type_: str | None,
     task_id: str | None,
     out: TextIO,
+    provider: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> int:
-    """Print the log's events (one JSON object per line), filtered by type tag and task id;
-    with ``follow``, keep printing new events until cancelled. Returns how many were printed."""
+    """Print the log's events (one JSON object per line), filtered by type tag, task id,
+    provider and time (``since <= at < until``, the report's window: the spends behind a
+    report's figure, by provider and hour, are ``--type spend_recorded --provider P --since H
+    --until H+1h``); with ``follow``, keep printing new events until cancelled. Returns how
+    many were printed."""
     if type_ is not None and type_ not in EVENT_TYPES:
         raise InvalidRequest(
             f"unknown event type {type_!r}; choose one of {', '.join(sorted(EVENT_TYPES))}"
         )
-    wanted = _filter(type_, task_id)
+    wanted = _filter(type_, task_id, provider, since, until)
     printed = 0
     position = 0
 
@@ -450,10 +456,29 @@ async def events_command(
     return printed
 
 
-def _filter(type_: str | None, task_id: str | None) -> Callable[[Event], bool]:
+def _filter(
+    type_: str | None,
+    task_id: str | None,
+    provider: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Callable[[Event], bool]:
     def wanted(event: Event) -> bool:
         if type_ is not None and event_tag(event) != type_:
             return False
-        return task_id is None or getattr(event, "task_id", None) == task_id
+        if task_id is not None and getattr(event, "task_id", None) != task_id:
+            return False
+        if provider is not None and provider not in _providers_of(event):
+            return False
+        if since is not None and event.at < since:
+            return False
+        return until is None or event.at < until
 
     return wanted
+
+
+def _providers_of(event: Event) -> tuple[object, ...]:
+    """The providers an event is about: its ``provider``, a fallback's two."""
+    if isinstance(event, FallbackTriggered):
+        return (event.from_provider, event.to_provider)
+    return (getattr(event, "provider", None),)
