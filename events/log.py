@@ -59,7 +59,9 @@ def check_times(event: msgspec.Struct) -> None:
     retried it forever, counting no spend after it, and no keeper could start again."""
     for name in ("at", "expires_at"):
         value = getattr(event, name, None)
-        if value is None:
+        # (only the first and the last year can leave the range: every other time is read as
+        # it is, without the conversion, on each event every reader decodes)
+        if value is None or 1 < value.year < 9999:
             continue
         try:
             value.astimezone(UTC)
@@ -75,7 +77,10 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=Fal
     causation_id: str | None = None
 
     def __post_init__(self) -> None:
-        check_times(self)
+        # (inline: every reader decodes every event; a hold's `expires_at` is checked by its
+        # event's own __post_init__)
+        if not 1 < self.at.year < 9999:
+            check_times(self)
 
 
 class RouteDecided(_Event, tag="route_decided", frozen=True, kw_only=True):
@@ -147,6 +152,8 @@ class BudgetReserved(_Event, tag="budget_reserved", frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 1 < self.expires_at.year < 9999:
+            check_times(self)
         check_amount("amount_usd", self.amount_usd)
         check_amount("task_limit_usd", self.task_limit_usd)
 
@@ -199,6 +206,8 @@ class BudgetLeased(_Event, tag="budget_leased", frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 1 < self.expires_at.year < 9999:
+            check_times(self)
         check_amount("granted_usd", self.granted_usd)
 
 

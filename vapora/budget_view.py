@@ -53,7 +53,7 @@ class View(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False
     """Part of one event, as the budget fold reads it."""
 
     def __post_init__(self) -> None:
-        check_times(self)  # (as the whole event's: unreadable alike)
+        check_times(self)  # (as the whole event's: unreadable alike; a view is read at a start)
 
 
 class BudgetReservedView(View, tag="budget_reserved", frozen=True, kw_only=True):

@@ -399,3 +399,35 @@ def test_every_name_a_module_exports_is_there(package: str) -> None:
         if not hasattr(module, name)
     ]
     assert len(found) > 3 and not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("budget_reserved", "at"),
+        ("budget_reserved", "expires_at"),
+        ("budget_leased", "expires_at"),
+        ("spend_recorded", "at"),
+    ],
+)
+@pytest.mark.parametrize("when", ["9999-12-31T23:30:00-01:00", "0001-01-01T00:30:00+01:00"])
+def test_an_event_time_outside_the_utc_years_is_refused_naming_it(
+    name: str, field: str, when: str
+) -> None:
+    """Valid ISO 8601 past the year 9999 (or before the year 1) once in UTC: every reader that
+    put it in UTC failed (the keeper's tail retried it for good). The event and the budget
+    fold's view of it are unreadable, naming the field."""
+    from vapora.budget_view import decode_view
+
+    stored = json.loads(
+        (Path(__file__).parents[1] / "golden" / "events" / f"{name}.json").read_text()
+    )
+    assert field in stored
+    stored[field] = when
+    data = json.dumps(stored).encode()
+    with pytest.raises(DecodeError, match=f"`{field}` {re.escape(when)} is outside the years"):
+        decode_event(data)
+    with pytest.raises(DecodeError, match=f"`{field}` .* is outside the years"):
+        decode_view(data)
+    stored[field] = "9999-12-31T22:30:00-01:00"  # the last hour of the range: read
+    decode_event(json.dumps(stored).encode())
