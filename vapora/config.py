@@ -504,6 +504,10 @@ def default_quality(kind: ProviderKind, model: str) -> float:
     return _KIND_QUALITY[kind] if match is None else match
 
 
+#: An `@` followed by a host (and port) up to the URL's end, its path, query or fragment.
+_HOST_AFTER_AT = re.compile(r"@[A-Za-z0-9._\-\[\]:]*(?=$|[/?#])")
+
+
 def redact_url(url: str) -> str:
     """``url`` with the secret in its user-info masked, for anything shown, logged or raised:
     ``nats://user:***@host:4222`` (a password), ``nats://***@host:4222`` (a token). Everything
@@ -512,14 +516,16 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    # The user-info first: a password holding `?` (`alice:pa?ss=X@host`) showed its start
-    # and lost the host when the query was looked for first.
-    at = rest.rfind("@")
+    # The user-info first, up to the last `@` that a host follows: a password holding `?`
+    # (`alice:pa?ss=X@host`) showed its start and lost the host when the query was looked
+    # for first; an `@` inside a query (`?to=ops@example.com&api_key=X`) is no user-info's.
+    # (An `@` in a path that a host-like word follows masks more than it must, never less.)
+    ends = [m.start() for m in _HOST_AFTER_AT.finditer(rest)]
     masked = ""
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(":")
+    if ends:
+        user, colon, _ = rest[: ends[-1]].partition(":")
         masked = (f"{user}:{_MASK}" if colon else _MASK) + "@"
-        rest = rest[at + 1 :]
+        rest = rest[ends[-1] + 1 :]
     rest, question, query = rest.partition("?")
     if question:  # a query's values (`?api_key=...`, a collector's token) masked too
         query, hash_, fragment = query.partition("#")

@@ -21,7 +21,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from actors.budget_keeper import BudgetKeeper
-from actors.provider import SPEND_ID_HEADER
+from actors.provider import DEADLINE_HEADER, SPEND_ID_HEADER
 from actors.router import RouterActor
 from events.codec import decode, encode
 from events.contract import (
@@ -374,3 +374,41 @@ async def test_a_call_read_after_its_router_stopped_waiting_is_not_made(tmp_path
     assert {
         e.reservation_id: e.reason for e in logged if isinstance(e, BudgetReleased)
     } == dict.fromkeys(reserved, "not_called")
+
+
+@pytest.mark.parametrize(
+    ("model", "deadline"), [("gpt-4-error-429", 10**13), ("gpt-4", 1)], ids=["429", "deadline"]
+)
+async def test_a_call_ended_unbilled_is_said_to_the_routers_by_its_spend_id(
+    tmp_path: Path, model: str, deadline: int
+) -> None:
+    """A provider actor names the spend id of a call it ended with nothing billed (a 429) or
+    did not make (read past its deadline) on ``vapora.budget.unbilled``, for a router that
+    stopped waiting for it; a call it made and billed is not named."""
+    async with deployment(tmp_path, _config(RESERVED), router=False, providers=["openai"]) as dep:
+        said: list[AttemptsUnbilled] = []
+
+        async def heard(message: Msg) -> None:
+            said.append(decode(message.data, AttemptsUnbilled))
+
+        await dep.nc.subscribe("vapora.budget.unbilled", cb=heard)
+        # (the billed one first: after a 429 the actor calls no one for a second)
+        calls = [("U2", "b" * 32, "gpt-4", 10**13), ("U1", "a" * 32, model, deadline)]
+        for task_id, spend_id, asked, by in calls:
+            call = ProviderCall(
+                task_id=task_id, task_type=TaskType.GENERAL_QUERY, attempt=1, model=asked,
+                prompt="hi", max_tokens=16, reservation_id=f"r-{task_id}",
+            )  # fmt: skip
+            headers = {SPEND_ID_HEADER: spend_id, DEADLINE_HEADER: str(by)}
+            await dep.nc.request(
+                "vapora.provider.openai.call", encode(call), timeout=10, headers=headers
+            )
+
+        async def billed() -> bool:
+            return any(isinstance(e, SpendRecorded) for e in await dep.events_of("U2"))
+
+        with anyio.fail_after(10):
+            while not said or not await billed():  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.2)  # (a word for the billed call would have come by now)
+    assert said == [AttemptsUnbilled(spend_ids=["a" * 32])]

@@ -428,7 +428,8 @@ async def test_a_caller_gets_its_answer_across_a_short_restart_of_the_nats_serve
 
 
 _CODE = 'def check(pw):\n    if pw == "hunter2":\n        return True\n    return False\n'
-_RUSSIAN = "Сведи квартальные цифры по счёту Занзибар"
+_RUSSIAN = "Сведи квартальные цифры по счёту Занзибар 😀"  # (an emoji: a surrogate pair in JSON)
+_LATEX = "Solve \\frac{Zanzibar}{b} + \\sqrt{x^2} = \\alpha for x"  # (its own backslashes)
 
 
 @pytest.mark.parametrize(
@@ -440,8 +441,9 @@ _RUSSIAN = "Сведи квартальные цифры по счёту Зан�
         # of the prompt, and went into the log whole (a review).
         (_CODE, True),
         (_RUSSIAN, True),
+        (_LATEX, True),
     ],
-    ids=["plain", "code-json", "russian-json"],
+    ids=["plain", "code-json", "russian-json", "latex-json"],
 )
 async def test_a_provider_error_quoting_the_prompt_keeps_it_out_of_the_log_and_the_reply(
     tmp_path: Path, prompt: str, escaped: bool

@@ -44,6 +44,7 @@ def test_control_characters_are_escaped_and_text_stays(text: str, shown: str) ->
             "Max retries exceeded with url: /v1/traces?api_key=*** (Caused by X('y'))",
         ),
         ("url: /v1/metrics?a=1&token=CANARY&b", "url: /v1/metrics?a=***&token=***&b"),
+        ("url /x?flag&api_key=CANARY then", "url /x?flag&api_key=*** then"),
         ("is this a question? yes=no", "is this a question? yes=no"),
         ("route openai: manual override", "route openai: manual override"),
     ],
@@ -75,7 +76,33 @@ def test_the_handlers_filter_cleans_every_record_whatever_its_logger() -> None:
         ("nats://token@host", "nats://***@host"),
         ("http://host/v1/traces?api_key=SECRET#f", "http://host/v1/traces?api_key=***#f"),
         ("nats://host:4222", "nats://host:4222"),
+        # An `@` in the query is no user-info's (the token after it was shown, the host lost).
+        (
+            "https://otel.example/v1/traces?to=ops@example.com&api_key=SECRET",
+            "https://otel.example/v1/traces?to=***&api_key=***",
+        ),
+        ("https://user:p@ss@host/v1", "https://user:***@host/v1"),
+        ("nats://u:p@[::1]:4222", "nats://u:***@[::1]:4222"),
     ],
 )
 def test_a_urls_password_is_masked_whole(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_a_bad_logging_call_is_not_raised_into_its_caller() -> None:
+    """The filter formats the message to clean it: a call whose arguments do not fit its
+    format raised there, out of the handler and into the actor's code (a review), where the
+    logging module says "--- Logging error ---" and goes on."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(TaskContextFilter())
+    logger = logging.getLogger("vapora.test.bad-call")
+    logger.addHandler(handler)
+    logger.propagate = False  # (pytest's own handler raises what a handler meets)
+    try:
+        logger.warning("%d items", "x")  # (the logging module prints its own error)
+        logger.warning("after: %s", "fine")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert out.getvalue().splitlines()[-1] == "after: fine"

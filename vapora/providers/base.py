@@ -1062,26 +1062,25 @@ _QUOTE_WHOLE = _QUOTE_RUN + _QUOTE_STEP - 1
 
 
 #: An escape a provider (or a gateway before it) may quote the request's text with: JSON's and
-#: Python's (``repr``) string escapes.
-_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|.)", re.DOTALL)
+#: Python's (``repr``) string escapes; a UTF-16 surrogate pair (JSON's escape of an emoji) first.
+_ESCAPE = re.compile(
+    r"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|.)",
+    re.DOTALL,
+)
 _ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "0": "\0"}
-_SPACES = re.compile(r"\s+")
 
 
 def _unescaped(match: re.Match[str]) -> str:
-    code = match[1]
+    high, low, code = match[1], match[2], match[3]
+    if high is not None:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
     if len(code) > 1:
         try:
             return chr(int(code[1:], 16))
         except (ValueError, OverflowError):  # (past U+10FFFF)
             return match[0]
     return _ESCAPED.get(code, code)
-
-
-def _plain(text: str) -> str:
-    """``text`` as it would be compared for a quote: escapes undone, case and runs of
-    whitespace set aside."""
-    return _SPACES.sub(" ", _ESCAPE.sub(_unescaped, text)).casefold()
 
 
 #: A model name as providers write them (``gpt-4o-2024-08-06``, ``models/gemini-2.5-pro``,
@@ -1110,11 +1109,12 @@ def quotes_request(text: str, sources: Sequence[str]) -> bool:
     """Whether ``text`` (a provider's error message) quotes one of ``sources`` (the request's
     prompt, system text and messages): a run of :data:`_QUOTE_RUN` characters of one (see
     there), or the whole of one shorter than that; as it is, or escaped (``\\n``, ``\\"``,
-    ``\\u041f``: a JSON or ``repr`` quote, which matched nothing of code or of a non-Latin
-    text), with its case or its whitespace changed."""
+    ``\\u041f``: a JSON or ``repr`` quote of code, or of any non-Latin text, matched no run
+    of it and went into the log whole, a review). Only the message's escapes are undone (the
+    request's own backslashes stay as they are, as they are in its quote once undone)."""
     if _quotes(text, sources):
         return True
-    return _quotes(_plain(text), [_plain(source) for source in sources])
+    return "\\" in text and _quotes(_ESCAPE.sub(_unescaped, text), sources)
 
 
 def _quotes(text: str, sources: Sequence[str]) -> bool:

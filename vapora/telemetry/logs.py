@@ -54,7 +54,7 @@ def printable(text: str) -> str:
 
 #: A URL's query in a log line (``/v1/traces?api_key=...``: urllib3 quotes the URL it failed
 #: to reach, an OTLP endpoint's token with it).
-_QUERY = re.compile(r"(?<=[\w/.])\?([\w.~%+-]+=[^\s#'\"<>()]*)")
+_QUERY = re.compile(r"(?<=[\w/.])\?([^\s#'\"<>()=]*=[^\s#'\"<>()]*)")
 _QUERY_VALUE = re.compile(r"=[^&;]*")
 
 
@@ -67,7 +67,10 @@ def clean(record: logging.LogRecord) -> None:
     provider's error message, logged with a fallback, wrote whole fake lines into the log, a
     review) and the values of any URL query in it masked (a collector's token in an OTLP
     endpoint's query, quoted by urllib3 on each failed export, a review)."""
-    message = record.getMessage()
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad logging call: the handler says so when it formats the record
+        return
     cleaned = _QUERY.sub(_masked_query, message) if "?" in message else message
     if _CONTROL.search(cleaned):
         cleaned = printable(cleaned)
