@@ -112,13 +112,23 @@ def combined_view(live: Sequence[ProviderHealthChanged], api_key_env: str | None
         if not (e.available or e.breaker == "open" or e.rate_limited_until is not None)
     ]
     latencies = [e.latency_estimate_ms for e in serving if e.latency_estimate_ms is not None]
+    open_ = sum(e.breaker == "open" for e in serving)  # (none of them counted unhealthy)
+    # Healthy while one instance can take a call: neither unhealthy nor its breaker open. (One
+    # instance unhealthy and the other's breaker open left none, and the provider was taken
+    # for available, its first attempt failing before the fallback: a review.)
+    healthy = not unhealthy or len(unhealthy) + open_ < len(serving)
+    reason = ""
+    if not healthy:
+        reason = unhealthy[-1].reason
+        if open_:
+            reason += f" (and {open_} instance(s) with the breaker open)"
     return ProviderView(
         # The provider's limit (its 429s are the key's, shared): any instance's stands.
         rate_limited_until=max(limits) if limits else None,
         # Each instance's own breaker: the provider is closed off when all of them are.
-        breaker_open=all(e.breaker == "open" for e in serving),
-        healthy=len(unhealthy) < len(serving),
-        health_reason=unhealthy[-1].reason if len(unhealthy) == len(serving) else "",
+        breaker_open=open_ == len(serving),
+        healthy=healthy,
+        health_reason=reason,
         latency_ms=latencies[-1] if latencies else None,
     )
 
@@ -501,7 +511,10 @@ def _reason(chosen: _Slot, slots: Sequence[_Slot], ctx: _Context) -> str:
         why = "only zero-cost providers are admitted in the Exceeded tier"
     elif ctx.tier is Tier.NEAR_THRESHOLD:
         adequate = "adequate " if _adequate(chosen, ctx) else ""
-        why = f"the cheapest {adequate}candidate near the budget threshold"
+        # Of the mapped ones: a kept last resort comes after them whatever its cost (the
+        # reason said "the cheapest" of a free last resort's dearer peer, a review).
+        mapped = "mapped " if any(s.kept and s.last_resort for s in slots) else ""
+        why = f"the cheapest {adequate}{mapped}candidate near the budget threshold"
     else:
         why = f"the best score ({chosen.score:.3f}) of {sum(s.kept for s in slots)} kept"
     return f"{chosen.name} for {what}: {why}{_dropped_summary(slots)}"

@@ -282,7 +282,13 @@ def test_near_threshold_prefers_the_cheapest_adequate_candidate() -> None:
     medium = route(request(quality=Quality.MEDIUM), tier=Tier.NEAR_THRESHOLD)
     assert medium.chain[:3] == ["gemini", "claude", "openai"]
     assert medium.tier is Tier.NEAR_THRESHOLD
-    assert "cheapest adequate" in medium.reason
+    # Of the mapped candidates: the free last resort (ollama) comes after them whatever its
+    # cost, and the reason said "the cheapest" of one dearer than it (a review).
+    assert medium.chain[-1] == "ollama"
+    assert "the cheapest adequate mapped candidate near the budget threshold" in medium.reason
+    config = config_from(GUIDE_TOML.read_text() + "\n[routing]\nzero_cost_last_resort = false\n")
+    alone = route(request(quality=Quality.MEDIUM), config, tier=Tier.NEAR_THRESHOLD)
+    assert "the cheapest adequate candidate near the budget threshold" in alone.reason
 
 
 def test_exceeded_admits_only_zero_cost_providers() -> None:
@@ -519,3 +525,43 @@ def test_a_cap_in_cents_is_its_exact_amount_in_usd_at_every_digit_a_request_may_
     assert task_cap_usd(GUIDE, request(budget_cents=cents)) == Decimal(
         "0.0099999999999999999999999999999"
     )
+
+
+def _instance(name: str, *, available: bool, breaker: str, reason: str) -> object:
+    from events.log import ProviderHealthChanged
+
+    return ProviderHealthChanged(
+        id=name, at=datetime(2026, 11, 27, tzinfo=UTC), provider="claude", available=available,
+        reason=reason, breaker=breaker, instance=name,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "usable"),
+    [
+        # One unhealthy, the other's breaker open: no instance can take a call (it was taken
+        # for available, a review).
+        (("closed", False, "health check failed: 500"), ("open", False, "breaker open"), False),
+        (("open", False, "breaker open"), ("closed", False, "health check failed: 500"), False),
+        # One of them able to: available.
+        (("closed", False, "health check failed: 500"), ("closed", True, "ok"), True),
+        (("open", False, "breaker open"), ("half_open", True, "probing"), True),
+        (("open", False, "breaker open"), ("closed", True, "ok"), True),
+    ],
+)
+def test_a_provider_of_several_instances_is_available_while_one_can_take_a_call(
+    first: tuple[str, bool, str], second: tuple[str, bool, str], usable: bool
+) -> None:
+    from vapora.routing import combined_view
+
+    live = [
+        _instance(name, breaker=breaker, available=available, reason=reason)
+        for name, (breaker, available, reason) in (("a", first), ("b", second))
+    ]
+    view = combined_view(live, None)  # type: ignore[arg-type]
+    assert (view.healthy and not view.breaker_open) is usable
+    if not usable:
+        assert (
+            "health check failed: 500" in view.health_reason
+            and "breaker open" in view.health_reason
+        )
