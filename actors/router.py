@@ -119,11 +119,13 @@ from events.contract import (
     StreamEnd,
     Tier,
     Usage,
+    cents_to_usd,
 )
 from events.log import (
     INSTANCE_FORGOTTEN_S,
     INSTANCE_STOPPED,
     BudgetReleased,
+    BudgetReserved,
     BudgetTierChanged,
     Event,
     FallbackTriggered,
@@ -153,7 +155,6 @@ from vapora.routing import (
     combined_view,
     decide,
     task_cap_usd,
-    task_remaining_usd,
 )
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.messaging import current_failed
@@ -410,6 +411,12 @@ class RouterActor:
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
         self.tier = Tier.NORMAL
         self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
+        #: The lowest cap a request of each task asked for, as the keeper's reservations of
+        #: it say (``budget_reserved.task_limit_usd``): a later request of the task naming no
+        #: cap is held to it too (it was admitted on a lease, unchecked: $0.58 spent against a
+        #: remembered $0.15 in a review). The keeper remembers longer; a router that starts
+        #: reads the last :data:`TASK_SPEND_WINDOW`.
+        self.task_caps: OrderedDict[str, Decimal] = OrderedDict()
         # The task of each recent event that names one (a spend, a reservation), by event id:
         # a tier change's log line names the task whose event moved the tier (its causation),
         # and a silent attempt whose spend was read before it ended is not waited for.
@@ -585,17 +592,21 @@ class RouterActor:
         capped task spend its whole cap again. Older tasks are not looked at (a restart reads
         an hour of spend, not the whole log); without the log the router starts anyway."""
         since = datetime.now(UTC) - TASK_SPEND_WINDOW  # the server's storing time
-        subject = f"{self.runtime.log.settings.prefix}.spend.>"
-        replay = self.runtime.log.replay_since(since, filter_subject=subject)
-        try:
-            async with contextlib.aclosing(replay):  # its consumer deleted at once on return
-                async for batch in replay:
-                    for entry in batch:
-                        if entry.seq > last:
-                            return
-                        self._apply(entry.event)
-        except Exception as exc:
-            log.warning("router: the recent spend of tasks could not be read (%s)", exc)
+        prefix = self.runtime.log.settings.prefix
+        for view in ("spend.>", "budget"):  # (the budget's: the caps tasks asked for)
+            replay = self.runtime.log.replay_since(since, filter_subject=f"{prefix}.{view}")
+            try:
+                async with contextlib.aclosing(replay):  # its consumer deleted at once on return
+                    await self._apply_until(replay, last)
+            except Exception as exc:
+                log.warning("router: the recent %s of tasks could not be read (%s)", view, exc)
+
+    async def _apply_until(self, replay: Any, last: int) -> None:
+        async for batch in replay:
+            for entry in batch:
+                if entry.seq > last:
+                    return  # (the followers go on from there)
+                self._apply(entry.event)
 
     async def _load_tier(self) -> None:
         try:
@@ -656,6 +667,8 @@ class RouterActor:
                             )
                     finally:
                         TASK_ID.reset(token)
+            case BudgetReserved(task_limit_usd=limit) if limit is not None:
+                self._lower_cap(event.task_id, limit)
             case BudgetReleased():
                 holds = self._silent_holds
                 for key in [k for k, (hold, _) in holds.items() if hold == event.reservation_id]:
@@ -795,7 +808,13 @@ class RouterActor:
                 "one is 'request' (its task_id names this request alone): send that or none"
             )
         cap = task_cap_usd(self.config, request)
-        shared = cap is not None and request.task_id is not None and scope != "request"
+        named = request.task_id is not None and scope != "request"
+        if named:
+            self._remember_cap(task_id, request)
+            remembered = self.task_caps.get(task_id)
+            if remembered is not None:  # the lowest cap a request of the task asked for
+                cap = remembered if cap is None else min(cap, remembered)
+        shared = cap is not None and named
         TASK_ID.set(task_id)
         if tracing.enabled():
             span = trace.get_current_span()
@@ -825,6 +844,20 @@ class RouterActor:
             shared=shared,
         )
 
+    def _remember_cap(self, task_id: str, request: CompletionRequest) -> None:
+        """The cap ``request`` asks for its task, at once: this router's next request of the
+        task needs no reservation's event to know it (another router's learns it from the
+        log, as the keeper's reservation of it goes by)."""
+        if request.budget_cents is not None:
+            self._lower_cap(task_id, cents_to_usd(request.budget_cents))
+
+    def _lower_cap(self, task_id: str, limit: Decimal) -> None:
+        caps = self.task_caps
+        known = caps.pop(task_id, None)
+        caps[task_id] = limit if known is None else min(known, limit)
+        if len(caps) > _TASK_SPEND_ENTRIES:
+            caps.popitem(last=False)
+
     def _decide(self, task: _Task) -> RouteDecision:
         spent = self.task_spend.get(task.task_id, Decimal(0))
         now = self.runtime.clock()
@@ -836,7 +869,7 @@ class RouterActor:
                 views=self.views,
                 estimated_costs=task.costs,
                 tier=self.tier,
-                task_remaining_usd=task_remaining_usd(self.config, task.request, spent),
+                task_remaining_usd=None if task.cap is None else max(task.cap - spent, Decimal(0)),
             )
         except (RouteOverBudget, RouteUnavailable) as refused:
             task.appends.add(self._decided(task, refused.decision, now))

@@ -405,6 +405,48 @@ async def test_concurrent_requests_of_one_task_keep_to_its_cap_with_a_lease_held
     assert answered and Decimal(0) < spent <= Decimal("0.005")
 
 
+async def test_a_later_request_naming_no_cap_keeps_to_the_cap_its_task_asked_for(
+    tmp_path: Path,
+) -> None:
+    """A task keeps the lowest cap any of its requests asked for (docs/configuration.md): the
+    keeper holds a reservation to it, but a later request of the task naming no cap was admitted
+    on the router's lease, unchecked ($0.58 against a remembered $0.15 in a review, with no
+    per-task limit in the config). The router takes the cap from the task's reservations, the
+    same after it starts again."""
+    models = {"claude": "claude-opus-4-5-len-100"}
+    budget = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 100\n"  # (no per-task limit)
+    async with deployment(
+        tmp_path, lambda url: config_text(url, models=models, budget=budget), keeper=True
+    ) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100, "task_id": "C1"}
+        # A cap of one call and a half: the first is admitted, a second would pass it.
+        one = (await dep.client.complete(**{**ask_, "task_id": "other"})).cost_usd
+        first = await dep.client.complete(**ask_, budget_cents=one * 150)
+        assert first.cost_usd == one
+        refused = []
+        for restarted in (False, True):
+            if restarted:  # a router that starts reads the cap from the log
+                router.stop()
+                again = RouterActor(dep.runtime, reserve=True)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(again.run)
+                    with pytest.raises(BudgetExceeded) as out:
+                        await dep.client.complete(**ask_)
+                    refused.append(out.value)
+                    again.stop()
+            else:
+                with pytest.raises(BudgetExceeded) as out:
+                    await dep.client.complete(**ask_)
+                refused.append(out.value)
+        events = await dep.events()
+    spent = [e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "C1"]
+    assert spent == [first.cost_usd]
+    assert all("remaining" in str(e) or "cap" in str(e) for e in refused), refused
+
+
 async def test_a_retry_after_a_silent_provider_actor_holds_budget_of_its_own(
     tmp_path: Path,
 ) -> None:
