@@ -119,7 +119,6 @@ from events.contract import (
     StreamEnd,
     Tier,
     Usage,
-    cents_to_usd,
 )
 from events.log import (
     INSTANCE_FORGOTTEN_S,
@@ -411,12 +410,13 @@ class RouterActor:
         self._paid = {p.name for p in runtime.config.providers if not p.zero_cost}
         self.tier = Tier.NORMAL
         self.task_spend: OrderedDict[str, Decimal] = OrderedDict()
-        #: The lowest cap a request of each task asked for, as the keeper's reservations of
-        #: it say (``budget_reserved.task_limit_usd``): a later request of the task naming no
-        #: cap is held to it too (it was admitted on a lease, unchecked: $0.58 spent against a
-        #: remembered $0.15 in a review). The keeper remembers longer; a router that starts
-        #: reads the last :data:`TASK_SPEND_WINDOW`.
-        self.task_caps: OrderedDict[str, Decimal] = OrderedDict()
+        #: The lowest cap the keeper admitted a reservation of each task under
+        #: (``budget_reserved.task_limit_usd``: what the keeper remembers of it), with when the
+        #: task was last heard of: a later request of the task naming no cap is held to it too
+        #: (it was admitted on a lease, unchecked: $0.58 spent against a remembered $0.15 in a
+        #: review). Forgotten, as the keeper forgets, after ``task_retention_hours`` without a
+        #: word of the task; a router that starts reads the last :data:`TASK_SPEND_WINDOW`.
+        self.task_caps: OrderedDict[str, tuple[Decimal, datetime]] = OrderedDict()
         # The task of each recent event that names one (a spend, a reservation), by event id:
         # a tier change's log line names the task whose event moved the tier (its causation),
         # and a silent attempt whose spend was read before it ended is not waited for.
@@ -595,18 +595,22 @@ class RouterActor:
         prefix = self.runtime.log.settings.prefix
         for view in ("spend.>", "budget"):  # (the budget's: the caps tasks asked for)
             replay = self.runtime.log.replay_since(since, filter_subject=f"{prefix}.{view}")
+            # (of the budget's, the reservations alone: an hour-old tier change would undo the
+            # tier the keeper said it enforces now)
+            only = BudgetReserved if view == "budget" else None
             try:
                 async with contextlib.aclosing(replay):  # its consumer deleted at once on return
-                    await self._apply_until(replay, last)
+                    await self._apply_until(replay, last, only)
             except Exception as exc:
                 log.warning("router: the recent %s of tasks could not be read (%s)", view, exc)
 
-    async def _apply_until(self, replay: Any, last: int) -> None:
+    async def _apply_until(self, replay: Any, last: int, only: type | None = None) -> None:
         async for batch in replay:
             for entry in batch:
                 if entry.seq > last:
                     return  # (the followers go on from there)
-                self._apply(entry.event)
+                if only is None or isinstance(entry.event, only):
+                    self._apply(entry.event)
 
     async def _load_tier(self) -> None:
         try:
@@ -668,7 +672,7 @@ class RouterActor:
                     finally:
                         TASK_ID.reset(token)
             case BudgetReserved(task_limit_usd=limit) if limit is not None:
-                self._lower_cap(event.task_id, limit)
+                self._lower_cap(event.task_id, limit, event.at)
             case BudgetReleased():
                 holds = self._silent_holds
                 for key in [k for k, (hold, _) in holds.items() if hold == event.reservation_id]:
@@ -677,6 +681,8 @@ class RouterActor:
                 self._note_tier(event)  # (the last hour's, read at the start, too)
                 if event.reservation_id is not None:
                     self._silent_holds.pop(event.id, None)
+                if event.task_id in self.task_caps:  # heard of: its cap kept on
+                    self._lower_cap(event.task_id, None, event.at)
                 spend = self.task_spend
                 spend[event.task_id] = spend.pop(event.task_id, Decimal(0)) + event.cost_usd
                 if len(spend) > _TASK_SPEND_ENTRIES:
@@ -809,11 +815,9 @@ class RouterActor:
             )
         cap = task_cap_usd(self.config, request)
         named = request.task_id is not None and scope != "request"
-        if named:
-            self._remember_cap(task_id, request)
-            remembered = self.task_caps.get(task_id)
-            if remembered is not None:  # the lowest cap a request of the task asked for
-                cap = remembered if cap is None else min(cap, remembered)
+        remembered = self._cap_of(task_id) if named else None
+        if remembered is not None:  # the lowest cap a request of the task asked for
+            cap = remembered if cap is None else min(cap, remembered)
         shared = cap is not None and named
         TASK_ID.set(task_id)
         if tracing.enabled():
@@ -844,17 +848,26 @@ class RouterActor:
             shared=shared,
         )
 
-    def _remember_cap(self, task_id: str, request: CompletionRequest) -> None:
-        """The cap ``request`` asks for its task, at once: this router's next request of the
-        task needs no reservation's event to know it (another router's learns it from the
-        log, as the keeper's reservation of it goes by)."""
-        if request.budget_cents is not None:
-            self._lower_cap(task_id, cents_to_usd(request.budget_cents))
+    def _cap_of(self, task_id: str) -> Decimal | None:
+        held = self.task_caps.get(task_id)
+        if held is None:
+            return None
+        if self.runtime.clock() - held[1] > self.config.budget.task_retention:
+            del self.task_caps[task_id]  # idle past the keeper's memory of it: forgotten
+            return None
+        return held[0]
 
-    def _lower_cap(self, task_id: str, limit: Decimal) -> None:
+    def _lower_cap(self, task_id: str, limit: Decimal | None, at: datetime) -> None:
+        """The task was heard of at ``at``, under ``limit`` (None: a spend of it)."""
         caps = self.task_caps
         known = caps.pop(task_id, None)
-        caps[task_id] = limit if known is None else min(known, limit)
+        if known is not None and limit is not None:
+            limit = min(known[0], limit)
+        elif known is not None:
+            limit = known[0]
+        if limit is None:
+            return  # (a task with no cap known: nothing kept)
+        caps[task_id] = (limit, max(at, known[1]) if known is not None else at)
         if len(caps) > _TASK_SPEND_ENTRIES:
             caps.popitem(last=False)
 
@@ -1235,6 +1248,8 @@ class RouterActor:
         if not reply.admitted:
             _observe_enforcement(reply.tier, "reservation_refused")
             return reservation_id, reply.reason or "refused", "budget_refused"
+        if task.cap is not None:  # the keeper holds the task to it now: so does this router
+            self._lower_cap(task.task_id, task.cap, self.runtime.clock())
         return reservation_id, None, "budget_refused"
 
     # --- the budget lease ---------------------------------------------------------------------

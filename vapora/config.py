@@ -521,6 +521,9 @@ def redact_url(url: str) -> str:
     # for first; an `@` inside a query (`?to=ops@example.com&api_key=X`) is no user-info's.
     # (An `@` in a path that a host-like word follows masks more than it must, never less.)
     ends = [m.start() for m in _HOST_AFTER_AT.finditer(rest)]
+    if not ends:  # (a host of other characters, a space: the authority's last `@`, as ever)
+        at = rest.rfind("@", 0, _authority_end(rest, 0))
+        ends = [at] if at >= 0 else []
     masked = ""
     if ends:
         user, colon, _ = rest[: ends[-1]].partition(":")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -445,6 +445,33 @@ async def test_a_later_request_naming_no_cap_keeps_to_the_cap_its_task_asked_for
     spent = [e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "C1"]
     assert spent == [first.cost_usd]
     assert all("remaining" in str(e) or "cap" in str(e) for e in refused), refused
+
+
+async def test_a_cap_the_keeper_never_held_is_not_kept_and_a_kept_one_is_forgotten_in_time(
+    tmp_path: Path,
+) -> None:
+    """The router keeps a task's cap as the keeper does: from a reservation admitted under it
+    (a cap refused before any reservation, a mistyped `budget_cents`, is held by no one: kept
+    by the router alone, it refused the task's later requests for good, a review), and not
+    past ``task_retention_hours`` without a word of the task (the keeper forgets it then)."""
+    models = {"claude": "claude-opus-4-5-len-100"}
+    budget = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 100\n"
+    async with deployment(
+        tmp_path, lambda url: config_text(url, models=models, budget=budget), keeper=True
+    ) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100, "task_id": "C2"}
+        with pytest.raises(BudgetExceeded):
+            await dep.client.complete(**ask_, budget_cents=Decimal("0.00001"))
+        assert "C2" not in router.task_caps
+        assert (await dep.client.complete(**ask_, budget_cents=50)).cost_usd > 0
+        assert router.task_caps["C2"][0] == Decimal("0.5")
+        cap, heard = router.task_caps["C2"]
+        retention = dep.runtime.config.budget.task_retention
+        router.task_caps["C2"] = (cap, heard - retention - timedelta(seconds=1))
+        assert router._cap_of("C2") is None and "C2" not in router.task_caps
 
 
 async def test_a_retry_after_a_silent_provider_actor_holds_budget_of_its_own(

@@ -1069,6 +1069,7 @@ _ESCAPE = re.compile(
     re.DOTALL,
 )
 _ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "0": "\0"}
+_SPACES = re.compile(r"\s+")
 
 
 def _unescaped(match: re.Match[str]) -> str:
@@ -1114,7 +1115,11 @@ def quotes_request(text: str, sources: Sequence[str]) -> bool:
     request's own backslashes stay as they are, as they are in its quote once undone)."""
     if _quotes(text, sources):
         return True
-    return "\\" in text and _quotes(_ESCAPE.sub(_unescaped, text), sources)
+    said = _ESCAPE.sub(_unescaped, text) if "\\" in text else text
+    if said is not text and _quotes(said, sources):
+        return True
+    # Its whitespace changed (runs collapsed, lines joined): both sides' runs made one space.
+    return _quotes(_SPACES.sub(" ", said), [_SPACES.sub(" ", source) for source in sources])
 
 
 def _quotes(text: str, sources: Sequence[str]) -> bool:

@@ -54,7 +54,7 @@ def printable(text: str) -> str:
 
 #: A URL's query in a log line (``/v1/traces?api_key=...``: urllib3 quotes the URL it failed
 #: to reach, an OTLP endpoint's token with it).
-_QUERY = re.compile(r"(?<=[\w/.])\?([^\s#'\"<>()=]*=[^\s#'\"<>()]*)")
+_QUERY = re.compile(r"(?<=[\w/.])\?([^\s#'\"<>()=?]*=[^\s#'\"<>()]*)")
 _QUERY_VALUE = re.compile(r"=[^&;]*")
 
 
