@@ -199,6 +199,13 @@ _SILENT_HOLDS_KEPT = 10_000
 # --- pure helpers ---------------------------------------------------------------------------------
 
 
+_A_DAY = timedelta(days=1)
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 def attempt_timeouts(
     provider: ProviderConfig,
     request: CompletionRequest,
@@ -593,7 +600,9 @@ class RouterActor:
         an hour of spend, not the whole log); without the log the router starts anyway."""
         since = datetime.now(UTC) - TASK_SPEND_WINDOW  # the server's storing time
         prefix = self.runtime.log.settings.prefix
-        for view in ("spend.>", "budget"):  # (the budget's: the caps tasks asked for)
+        # The budget's first (the caps tasks asked for), so that a spend read after a task's
+        # reservation keeps its cap on from the spend's time.
+        for view in ("budget", "spend.>"):
             replay = self.runtime.log.replay_since(since, filter_subject=f"{prefix}.{view}")
             # (of the budget's, the reservations alone: an hour-old tier change would undo the
             # tier the keeper said it enforces now)
@@ -852,13 +861,17 @@ class RouterActor:
         held = self.task_caps.get(task_id)
         if held is None:
             return None
-        if self.runtime.clock() - held[1] > self.config.budget.task_retention:
-            del self.task_caps[task_id]  # idle past the keeper's memory of it: forgotten
+        # The keeper forgets an idle task on the first event of a UTC day past its retention:
+        # up to a day later than the retention. Kept that long (longer rather than shorter:
+        # forgotten first here, a request naming no cap went on the lease unchecked).
+        if _utc(self.runtime.clock()) - held[1] > self.config.budget.task_retention + _A_DAY:
+            del self.task_caps[task_id]
             return None
         return held[0]
 
     def _lower_cap(self, task_id: str, limit: Decimal | None, at: datetime) -> None:
         """The task was heard of at ``at``, under ``limit`` (None: a spend of it)."""
+        at = _utc(at)  # (an event's time may have no zone: taken as UTC, as the keeper does)
         caps = self.task_caps
         known = caps.pop(task_id, None)
         if known is not None and limit is not None:
@@ -1091,7 +1104,9 @@ class RouterActor:
                 reservation_id, refusal, code = await self._reserve(task, provider)
                 if refusal is not None and code == _KEEPER_AWAY and not self.reserve:
                     # No daily or monthly limit, and no keeper answering: the task's cap is
-                    # this router's to check alone (as it was checked above).
+                    # this router's to check alone (as it was checked above), and to keep.
+                    if task.cap is not None:
+                        self._lower_cap(task.task_id, task.cap, self.runtime.clock())
                     log.warning(
                         "task %s: no budget keeper answered (%s); its cap is checked by this "
                         "router alone",

@@ -504,40 +504,31 @@ def default_quality(kind: ProviderKind, model: str) -> float:
     return _KIND_QUALITY[kind] if match is None else match
 
 
-#: An `@` followed by a host (and port) up to the URL's end, its path, query or fragment.
-_HOST_AFTER_AT = re.compile(r"@[A-Za-z0-9._\-\[\]:]*(?=$|[/?#])")
+#: A value in a URL (a query's, or any other `name=value`): up to the next `&`, `#`, `;`,
+#: whitespace or `@` (so that an `@` after it still ends a user-info).
+_URL_VALUE = re.compile(r"=[^&#;@\s]*")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the secret in its user-info masked, for anything shown, logged or raised:
-    ``nats://user:***@host:4222`` (a password), ``nats://***@host:4222`` (a token). Everything
-    up to the last ``@`` before the host counts as user-info, so a password holding ``/`` or
-    ``@`` is masked whole."""
+    """``url`` with its secrets masked, for anything shown, logged or raised: every value
+    (``?api_key=***``, a collector's token) and the password of its user-info
+    (``nats://user:***@host:4222``), or the whole user-info when it has no colon
+    (``nats://***@host:4222``, a token). The values first, then everything up to the URL's
+    last ``@`` counts as user-info: a password holding ``/``, ``?``, ``#`` or ``@`` is masked
+    whole, whatever host follows; an ``@`` left in a path or a query masks more than it must,
+    never less (earlier versions showed a password before a host of other characters, and a
+    query's token after an ``@``)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    # The user-info first, up to the last `@` that a host follows: a password holding `?`
-    # (`alice:pa?ss=X@host`) showed its start and lost the host when the query was looked
-    # for first; an `@` inside a query (`?to=ops@example.com&api_key=X`) is no user-info's.
-    # (An `@` in a path that a host-like word follows masks more than it must, never less.)
-    ends = [m.start() for m in _HOST_AFTER_AT.finditer(rest)]
-    if not ends:  # (a host of other characters, a space: the authority's last `@`, as ever)
-        at = rest.rfind("@", 0, _authority_end(rest, 0))
-        ends = [at] if at >= 0 else []
-    masked = ""
-    if ends:
-        user, colon, _ = rest[: ends[-1]].partition(":")
-        masked = (f"{user}:{_MASK}" if colon else _MASK) + "@"
-        rest = rest[ends[-1] + 1 :]
-    rest, question, query = rest.partition("?")
-    if question:  # a query's values (`?api_key=...`, a collector's token) masked too
-        query, hash_, fragment = query.partition("#")
-        names = [
-            part.partition("=")[0] + (f"={_MASK}" if "=" in part else "")
-            for part in query.split("&")
-        ]
-        rest = f"{rest}?{'&'.join(names)}{hash_}{fragment}"
-    return f"{scheme}{sep}{masked}{rest}"
+    if "=" in rest:
+        rest = _URL_VALUE.sub(f"={_MASK}", rest)
+    at = rest.rfind("@")
+    if at < 0:
+        return f"{scheme}{sep}{rest}"
+    user, colon, _ = rest[:at].partition(":")
+    masked = f"{user}:{_MASK}" if colon else _MASK
+    return f"{scheme}{sep}{masked}{rest[at:]}"
 
 
 def api_key(provider: ProviderConfig, env: Mapping[str, str]) -> str | None:

@@ -470,8 +470,32 @@ async def test_a_cap_the_keeper_never_held_is_not_kept_and_a_kept_one_is_forgott
         assert router.task_caps["C2"][0] == Decimal("0.5")
         cap, heard = router.task_caps["C2"]
         retention = dep.runtime.config.budget.task_retention
-        router.task_caps["C2"] = (cap, heard - retention - timedelta(seconds=1))
+        # The keeper forgets it on the first event of a UTC day past the retention: up to a
+        # day later. Kept by the router until then (first forgotten here, it went unchecked).
+        router.task_caps["C2"] = (cap, heard - retention - timedelta(hours=23))
+        assert router._cap_of("C2") == cap
+        router.task_caps["C2"] = (cap, heard - retention - timedelta(days=1, seconds=1))
         assert router._cap_of("C2") is None and "C2" not in router.task_caps
+        # An event's time without a zone (the contract does not ask one) is taken as UTC.
+        router._lower_cap("C3", Decimal(1), datetime(2026, 11, 27, 10, 0))
+        router._lower_cap("C3", None, datetime(2026, 11, 27, 11, 0, tzinfo=UTC))
+        assert router.task_caps["C3"] == (Decimal(1), datetime(2026, 11, 27, 11, 0, tzinfo=UTC))
+
+
+async def test_with_no_keeper_a_router_keeps_the_cap_it_checks_alone(tmp_path: Path) -> None:
+    """No daily or monthly limit and no keeper: a router checks a named task's cap alone, and
+    keeps it for the task's later requests naming none (forgotten when caps were taken from
+    the keeper's reservations alone, a review: 2.7 times the cap spent)."""
+    models = {"claude": "claude-opus-4-5-len-100"}
+    async with deployment(tmp_path, lambda url: config_text(url, models=models)) as dep:
+        ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100, "task_id": "K1"}
+        one = (await dep.client.complete(**{**ask_, "task_id": "other"})).cost_usd
+        await dep.client.complete(**ask_, budget_cents=one * 150)
+        with pytest.raises(BudgetExceeded):
+            await dep.client.complete(**ask_)
+        events = await dep.events()
+    spent = [e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "K1"]
+    assert spent == [one]
 
 
 async def test_a_retry_after_a_silent_provider_actor_holds_budget_of_its_own(

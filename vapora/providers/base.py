@@ -1070,6 +1070,7 @@ _ESCAPE = re.compile(
 )
 _ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "0": "\0"}
 _SPACES = re.compile(r"\s+")
+_SPACED = re.compile(r"\s\s|[^\S ]")  # (a run, or whitespace other than a space)
 
 
 def _unescaped(match: re.Match[str]) -> str:
@@ -1118,8 +1119,12 @@ def quotes_request(text: str, sources: Sequence[str]) -> bool:
     said = _ESCAPE.sub(_unescaped, text) if "\\" in text else text
     if said is not text and _quotes(said, sources):
         return True
-    # Its whitespace changed (runs collapsed, lines joined): both sides' runs made one space.
-    return _quotes(_SPACES.sub(" ", said), [_SPACES.sub(" ", source) for source in sources])
+    # Its whitespace changed (runs collapsed, lines joined): both sides' runs made one space,
+    # for a text whose whitespace that changes, and long enough to be looked for by runs (a
+    # short one collapsed, "retry  after 20s", is the provider's own words as often).
+    spaced = [_SPACES.sub(" ", x) for x in sources if _SPACED.search(x)]
+    spaced = [x for x in spaced if len(x) >= _QUOTE_WHOLE]
+    return bool(spaced) and _quotes(_SPACES.sub(" ", said), spaced)
 
 
 def _quotes(text: str, sources: Sequence[str]) -> bool:

@@ -54,12 +54,11 @@ def printable(text: str) -> str:
 
 #: A URL's query in a log line (``/v1/traces?api_key=...``: urllib3 quotes the URL it failed
 #: to reach, an OTLP endpoint's token with it).
-_QUERY = re.compile(r"(?<=[\w/.])\?([^\s#'\"<>()=?]*=[^\s#'\"<>()]*)")
-_QUERY_VALUE = re.compile(r"=[^&;]*")
+_QUERY = re.compile(r"(?<=[?&])([^\s#'\"<>()=?&]+)=[^\s&#'\"<>()]*")
 
 
 def _masked_query(match: re.Match[str]) -> str:
-    return "?" + _QUERY_VALUE.sub("=***", match[1])
+    return match[1] + "=***"
 
 
 def clean(record: logging.LogRecord) -> None:
