@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -363,6 +363,24 @@ async def test_a_malformed_lease_reply_leaves_the_router_serving_and_reserving_p
     assert len(spends) == 2 and {e.reservation_id for e in spends} <= reserved
 
 
+@contextlib.asynccontextmanager
+async def _leased(
+    tmp_path: Path,
+    models: dict[str, str] | None = None,
+    budget: str = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 100\n",
+) -> AsyncIterator[tuple[Any, RouterActor]]:
+    """The keeper and a router holding a lease (claude answering 100 words by default; no
+    per-task limit unless ``budget`` sets one)."""
+    models = models or {"claude": "claude-opus-4-5-len-100"}
+    async with deployment(
+        tmp_path, lambda url: config_text(url, models=models, budget=budget), keeper=True
+    ) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        yield dep, router
+
+
 async def test_concurrent_requests_of_one_task_keep_to_its_cap_with_a_lease_held(
     tmp_path: Path,
 ) -> None:
@@ -372,12 +390,7 @@ async def test_concurrent_requests_of_one_task_keep_to_its_cap_with_a_lease_held
     cap (they spent six times it, checked against the task's recorded spend alone)."""
     models = {"claude": "claude-opus-4-5-len-100-slow-300", "openai": "gpt-4-len-100-slow-300"}
     budget = "[budget]\ndaily_limit_cents = 1000\nper_task_limit_cents = 0.5\nlease_cents = 100\n"
-    async with deployment(
-        tmp_path, lambda url: config_text(url, models=models, budget=budget), keeper=True
-    ) as dep:
-        router = dep.router
-        assert router is not None
-        await until(lambda: router.lease is not None)
+    async with _leased(tmp_path, models, budget) as (dep, router):
         answered: list[object] = []
 
         async def one(i: int) -> None:
@@ -413,14 +426,7 @@ async def test_a_later_request_naming_no_cap_keeps_to_the_cap_its_task_asked_for
     on the router's lease, unchecked ($0.58 against a remembered $0.15 in a review, with no
     per-task limit in the config). The router takes the cap from the task's reservations, the
     same after it starts again."""
-    models = {"claude": "claude-opus-4-5-len-100"}
-    budget = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 100\n"  # (no per-task limit)
-    async with deployment(
-        tmp_path, lambda url: config_text(url, models=models, budget=budget), keeper=True
-    ) as dep:
-        router = dep.router
-        assert router is not None
-        await until(lambda: router.lease is not None)
+    async with _leased(tmp_path) as (dep, router):
         ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100, "task_id": "C1"}
         # A cap of one call and a half: the first is admitted, a second would pass it.
         one = (await dep.client.complete(**{**ask_, "task_id": "other"})).cost_usd
@@ -454,14 +460,7 @@ async def test_a_cap_the_keeper_never_held_is_not_kept_and_a_kept_one_is_forgott
     (a cap refused before any reservation, a mistyped `budget_cents`, is held by no one: kept
     by the router alone, it refused the task's later requests for good, a review), and not
     past ``task_retention_hours`` without a word of the task (the keeper forgets it then)."""
-    models = {"claude": "claude-opus-4-5-len-100"}
-    budget = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 100\n"
-    async with deployment(
-        tmp_path, lambda url: config_text(url, models=models, budget=budget), keeper=True
-    ) as dep:
-        router = dep.router
-        assert router is not None
-        await until(lambda: router.lease is not None)
+    async with _leased(tmp_path) as (dep, router):
         ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100, "task_id": "C2"}
         with pytest.raises(BudgetExceeded):
             await dep.client.complete(**ask_, budget_cents=Decimal("0.00001"))
