@@ -612,9 +612,7 @@ class ProviderActor:
         # What the call is recorded as should this actor die before it ends, on disk before
         # the provider has it (the instance that adopts a dead one's files appends it). The
         # call's own events take its ids, so that they replace it wherever both are found.
-        spend_id = ctx.header(SPEND_ID_HEADER)
-        if spend_id is not None and not _SPEND_ID.fullmatch(spend_id):
-            spend_id = None  # not one of a router's: the actor's own id
+        spend_id = _spend_id(ctx)  # (None: the actor's own id)
         unended = self._unended(call, request, bound_price, spend_id)
         self.held.begin(unended)
         started = time.perf_counter()
@@ -869,12 +867,8 @@ class ProviderActor:
         if call.reservation_id is None or self._task_group is None:
             return
         release = BudgetRelease(reservation_id=call.reservation_id, reason=reason)
-        spend_id = ctx.header(SPEND_ID_HEADER)
-        unbilled = (
-            AttemptsUnbilled(spend_ids=[spend_id])
-            if spend_id is not None and _SPEND_ID.fullmatch(spend_id)
-            else None
-        )
+        spend_id = _spend_id(ctx)
+        unbilled = AttemptsUnbilled(spend_ids=[spend_id]) if spend_id is not None else None
 
         async def send() -> None:  # (in the call's context: its trace goes on)
             if unbilled is not None:
@@ -1269,6 +1263,12 @@ def _stale(call: ProviderCall, queued_s: float, provider: str) -> ProviderError 
                 error_type="expired_in_queue",
             )
     return None
+
+
+def _spend_id(ctx: RequestContext) -> str | None:
+    """The call's ``Vapora-Spend-Id``, if it is one of a router's (32 lowercase hex digits)."""
+    spend_id = ctx.header(SPEND_ID_HEADER)
+    return spend_id if spend_id is not None and _SPEND_ID.fullmatch(spend_id) else None
 
 
 def _past_deadline(deadline: str | None, provider: str) -> ProviderError | None:

@@ -133,6 +133,7 @@ from events.log import (
     SpendRecorded,
 )
 from vapora import telemetry
+from vapora.budget import as_utc
 from vapora.config import Config, ProviderConfig
 from vapora.errors import (
     BudgetExceeded,
@@ -153,6 +154,7 @@ from vapora.routing import (
     RouteUnavailable,
     combined_view,
     decide,
+    remaining_usd,
     task_cap_usd,
 )
 from vapora.telemetry import TASK_ID
@@ -200,10 +202,6 @@ _SILENT_HOLDS_KEPT = 10_000
 
 
 _A_DAY = timedelta(days=1)
-
-
-def _utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def attempt_timeouts(
@@ -862,14 +860,14 @@ class RouterActor:
         # The keeper forgets an idle task on the first event of a UTC day past its retention:
         # up to a day later than the retention. Kept that long (longer rather than shorter:
         # forgotten first here, a request naming no cap went on the lease unchecked).
-        if _utc(self.runtime.clock()) - held[1] > self.config.budget.task_retention + _A_DAY:
+        if as_utc(self.runtime.clock()) - held[1] > self.config.budget.task_retention + _A_DAY:
             del self.task_caps[task_id]
             return None
         return held[0]
 
     def _lower_cap(self, task_id: str, limit: Decimal | None, at: datetime) -> None:
         """The task was heard of at ``at``, under ``limit`` (None: a spend of it)."""
-        at = _utc(at)  # (an event's time may have no zone: taken as UTC, as the keeper does)
+        at = as_utc(at)  # (an event's time may have no zone: taken as UTC, as the keeper does)
         caps = self.task_caps
         known = caps.pop(task_id, None)
         if known is not None and limit is not None:
@@ -893,7 +891,7 @@ class RouterActor:
                 views=self.views,
                 estimated_costs=task.costs,
                 tier=self.tier,
-                task_remaining_usd=None if task.cap is None else max(task.cap - spent, Decimal(0)),
+                task_remaining_usd=remaining_usd(task.cap, spent),
             )
         except (RouteOverBudget, RouteUnavailable) as refused:
             task.appends.add(self._decided(task, refused.decision, now))

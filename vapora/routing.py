@@ -68,6 +68,7 @@ __all__ = [
     "RouteUnavailable",
     "decide",
     "task_cap_usd",
+    "remaining_usd",
     "task_remaining_usd",
 ]
 
@@ -165,7 +166,11 @@ def task_remaining_usd(
     config: Config, request: CompletionRequest, spent_usd: Decimal = Decimal(0)
 ) -> Decimal | None:
     """What the task may still spend after ``spent_usd`` (earlier attempts); None: no cap."""
-    cap = task_cap_usd(config, request)
+    return remaining_usd(task_cap_usd(config, request), spent_usd)
+
+
+def remaining_usd(cap: Decimal | None, spent_usd: Decimal) -> Decimal | None:
+    """What a cap leaves after ``spent_usd``, never below zero; None: no cap."""
     return None if cap is None else max(Decimal(0), cap - spent_usd)
 
 
