@@ -351,9 +351,14 @@ class Client(NATS):
             return False
         writer = getattr(self._transport, "_io_writer", None)
         transport = getattr(writer, "transport", None)
-        if transport is None or transport.get_write_buffer_size():
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            # Closing: the server or the network ended the connection and nats-py's reader has
+            # not noticed yet. Queued, the command is sent to the server reconnected to.
             return False
-        transport.write(command)
+        try:
+            transport.write(command)
+        except RuntimeError:  # uvloop: the handle closed under us within this turn
+            return False
         self._wrote_this_turn = True
         asyncio.get_running_loop().call_soon(self._next_turn)
         return True
@@ -370,8 +375,14 @@ class Client(NATS):
         just before it existed, and a message published then, from any connection, found no
         subscriber and was dropped (an actor's service is "started" after such a flush). Written
         first, everything sent before a ``flush()`` has been read by the server when it returns.
-        Not while disconnected: what waits then is for the server reconnected to.
+        Not while disconnected: what waits then is for the server reconnected to; nor while
+        the socket closes under a connection nats-py has not seen drop yet (uvloop raises on
+        any write then): the PONG never comes and ``flush()`` times out, as on a lost network.
         """
+        writer = getattr(self._transport, "_io_writer", None)
+        if writer is not None and writer.transport.is_closing():
+            self._pongs.append(future if future is not None else asyncio.Future())
+            return
         if self._pending and self.is_connected and self._transport is not None:
             self._transport.writelines(self._pending)
             self._pending = []

@@ -9,10 +9,11 @@ pipelined), replay from any sequence at full speed, and tail it for projections.
   one future per event), so a task's events cost one round trip, not one each.
 * An append rides through a NATS node's loss (cluster mode): an event whose acknowledgement has
   not come within ``resend_after`` seconds, or that met no stream leader (a "no responders"
-  status, a 503 from JetStream during a leader election), is sent again with the same
-  ``Nats-Msg-Id`` until it is acknowledged or ``ack_timeout`` has passed, so it is stored once.
-  A publish the server refuses for lack of permission fails at once with
-  :class:`actors.connection.PermissionDenied`.
+  status, a 503 from JetStream during a leader election, "duplicate message id is in
+  process" while a new leader still proposes an earlier send, "too many requests"), is sent
+  again with the same ``Nats-Msg-Id`` until it is acknowledged or ``ack_timeout`` has
+  passed, so it is stored once. A publish the server refuses for lack of permission fails
+  at once with :class:`actors.connection.PermissionDenied`.
 * ``ensure_stream`` gives the stream ``settings.replicas`` replicas, or when that is None, 3 on
   a clustered server and 1 otherwise (:func:`actors.cluster.stream_replicas`).
 * ``replay`` and ``tail`` read through an ordered push consumer whose callback only buffers raw
@@ -937,18 +938,24 @@ _UNREADABLE_KEPT = 10_000
 
 # 503s that waiting does not cure: JetStream is not enabled (for the account, or at all).
 _PERMANENT_503 = {10039, 10076}
+# Answers that are not a decision about the event, whatever their status code: "duplicate
+# message id is in process" (409: a clustered leader still proposes an earlier send of this
+# event, which may yet be stored; sent again once it is, the answer is a duplicate's
+# acknowledgement with its sequence) and "too many requests" (429: the stream's ingest queue
+# was full and stored nothing).
+_TRANSIENT = {10158, 10167}
 
 
 def _retriable(data: bytes) -> bool:
-    """A JetStream 503 (e.g. "JetStream system temporarily unavailable"): no leader yet."""
+    """A JetStream 503 (e.g. "JetStream system temporarily unavailable": no leader yet), or an
+    answer that the event is still being stored or that the stream is too busy to take it."""
     if b'"error"' not in data:
         return False
     error = _ack_decoder.decode(data).error
-    return (
-        error is not None
-        and error.get("code") == 503
-        and error.get("err_code") not in _PERMANENT_503
-    )
+    if error is None:
+        return False
+    code = error.get("err_code")
+    return code in _TRANSIENT or (error.get("code") == 503 and code not in _PERMANENT_503)
 
 
 def _error_text(ack: _Ack) -> str:

@@ -381,3 +381,28 @@ async def test_a_connection_to_use_tls_sends_no_credentials_to_a_server_without_
         with pytest.raises(ConnectionFailed, match="does not require TLS"):
             await connect(options)
         assert b"hunter2" not in impostor.received and b"CONNECT" not in impostor.received
+
+
+async def test_a_publish_on_a_socket_closed_under_the_connection_is_sent_after_the_reconnect(
+    nats_server: EmbeddedNats, unique: str
+) -> None:
+    """The server (or the network) closes the socket; until nats-py's reader sees it, the
+    connection still says "connected". A publish then raised uvloop's "handler is closed" out of
+    the publisher (an event log append in the cluster test, a node killed); it is queued and
+    sent to the server reconnected to, and a flush meanwhile times out, as on a lost network."""
+    client = await connect(ConnectOptions.from_url(nats_server.url, reconnect_wait=0.1))
+    plain = await nats.connect(nats_server.url)
+    try:
+        sub = await subscribed(plain, f"t{unique}.>")
+        await anyio.sleep(0.05)  # a fresh turn: the publish would be written at once
+        client._transport._io_writer.transport.abort()  # type: ignore[union-attr]
+        assert client.is_connected
+        await client.publish(f"t{unique}.a", b"kept")
+        with pytest.raises(nats.errors.FlushTimeoutError):
+            await client.flush(timeout=0.5)
+        with anyio.fail_after(10):
+            assert (await sub.next_msg(timeout=10)).data == b"kept"
+        assert client.stats["reconnects"] >= 1
+    finally:
+        await plain.close()
+        await client.close()

@@ -16,7 +16,7 @@ from actors.follow import LogFollower
 from events import BudgetReleased, Event
 from tests.samples import EVENTS
 from vapora.budget_view import decode_views
-from vapora.errors import ConcurrencyConflict
+from vapora.errors import ConcurrencyConflict, InternalError
 
 pytestmark = pytest.mark.anyio
 
@@ -332,3 +332,47 @@ async def test_a_replay_read_slowly_gives_every_event_to_the_end(
             seqs.extend(entry.seq for entry in batch)
             await anyio.sleep(pause)  # a reader doing its work: the server sends meanwhile
     assert seqs == list(range(1, total + 1))
+
+
+IN_PROCESS = (
+    b'{"error":{"code":409,"err_code":10158,"description":"duplicate message id is in process"}}'
+)
+TOO_MANY = b'{"error":{"code":429,"err_code":10167,"description":"too many requests"}}'
+REFUSED = b'{"error":{"code":400,"err_code":10077,"description":"maximum messages exceeded"}}'
+
+
+@pytest.mark.parametrize(
+    ("answers", "outcome"),
+    [
+        # A clustered leader still proposing an earlier send of the event (seen in the cluster
+        # test, its leader killed): refused at once before, though it was stored a moment later.
+        ([IN_PROCESS, IN_PROCESS], "stored"),
+        ([TOO_MANY], "stored"),  # the stream's ingest queue was full: nothing stored yet
+        ([REFUSED], "maximum messages exceeded"),  # a decision: not asked again
+    ],
+)
+async def test_an_answer_that_is_no_decision_about_the_event_is_asked_again(
+    nc: Client, unique: str, answers: list[bytes], outcome: str
+) -> None:
+    """The stream's answers are scripted by a subscriber on the log's subjects (one server
+    cannot be driven into them); after the script, it acknowledges as a leader does."""
+    log = EventLog(nc, StreamSettings(name=f"S_{unique}", prefix=f"s{unique}.events"))
+    script = list(answers)
+    ids: list[str] = []
+
+    async def leader(msg: object) -> None:
+        ids.append(msg.headers["Nats-Msg-Id"])  # type: ignore[attr-defined]
+        answer = script.pop(0) if script else b'{"stream":"S","seq":7,"duplicate":true}'
+        await nc.publish(msg.reply, answer)  # type: ignore[attr-defined]
+
+    await nc.subscribe(f"s{unique}.events.>", cb=leader)
+    await nc.flush()
+    event = released(1)
+    if outcome == "stored":
+        appended = await log.append(event)
+        assert (appended.seq, appended.duplicate) == (7, True)
+        assert ids == [event.id] * (len(answers) + 1)  # the same message id each time
+    else:
+        with pytest.raises(InternalError, match=outcome):
+            await log.append(event)
+        assert ids == [event.id]
