@@ -16,6 +16,8 @@ Endpoints (one micro service, queue group ``budget``):
 * ``vapora.budget.lease.return`` (:class:`BudgetLeaseReturn` -> :class:`BudgetLeaseReply`):
   appends ``budget_lease_returned``: the holder keeps what it spent or has in flight, the rest
   is free again.
+* ``vapora.budget.caps`` (:class:`BudgetCapsRequest` -> :class:`BudgetCaps`): the task caps it
+  enforces, a page at a time: a router reads them before it admits anything on a lease.
 * ``vapora.budget`` (``{}`` -> :class:`BudgetStatus`).
 
 State and the log
@@ -86,6 +88,8 @@ from events import subjects
 from events.codec import DecodeError, decode, event_tag
 from events.contract import (
     MAX_ID_LENGTH,
+    BudgetCaps,
+    BudgetCapsRequest,
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
@@ -95,6 +99,7 @@ from events.contract import (
     BudgetReserveReply,
     BudgetStatus,
     BudgetStatusRequest,
+    TaskCap,
     Tier,
     check_amount,
 )
@@ -353,6 +358,14 @@ class BudgetKeeper:
                     subject=subjects.BUDGET_LEASE_RETURN,
                     request_type=BudgetLeaseReturn,
                     handler=self.lease_return,
+                    queue_group=group,
+                    timeout=30.0,
+                ),
+                Endpoint(
+                    name="caps",
+                    subject=subjects.BUDGET_CAPS,
+                    request_type=BudgetCapsRequest,
+                    handler=self.caps,
                     queue_group=group,
                     timeout=30.0,
                 ),
@@ -724,6 +737,22 @@ class BudgetKeeper:
             expires_at=held.expires_at if held else None,
             tier=self._tier_now(self.clock()),
             reason=reason,
+        )
+
+    async def caps(self, request: BudgetCapsRequest, ctx: RequestContext) -> BudgetCaps:
+        """A page of the task caps this keeper enforces. The first page is answered once the
+        keeper has read the log to its end: everything the asking router read at its start
+        is in it, or in the events the router follows from there."""
+        if not request.after:
+            await self._read_to_end()
+        page, more = self.state.capped_tasks(request.after, request.limit)
+        return BudgetCaps(
+            caps=[
+                TaskCap(task_id=task_id, cap_usd=task.cap_usd, last_at=task.last_at)
+                for task_id, task in page
+                if task.cap_usd is not None
+            ],
+            more=more,
         )
 
     async def status(self, request: BudgetStatusRequest, ctx: RequestContext) -> BudgetStatus:

@@ -33,7 +33,10 @@ every attempt ends before the keeper reclaims it), and returns what it does not 
 stops, when the lease runs out of time, or when the tier becomes Exceeded (and again, keeping only
 what they cost, when the attempts in flight at that return have ended). With no lease, or one
 too small for the attempt, it reserves per attempt as before; near a limit the keeper grants no
-leases, so admission is exact there. An attempt whose provider actor never replied keeps its
+leases, so admission is exact there. Before its first lease it reads the task caps the keeper
+enforces (``vapora.budget.caps``): a task's request naming no cap goes to the keeper when any
+request of the task named one, however long ago (the router's start reads only the last hour
+of the log). An attempt whose provider actor never replied keeps its
 upper bound committed (it may have been billed).
 
 **Timeouts per attempt** (milliseconds, sent in :class:`ProviderCall` and enforced by the provider
@@ -100,6 +103,8 @@ from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, decode_event, e
 from events.contract import (
     Attempt,
     AttemptsUnbilled,
+    BudgetCaps,
+    BudgetCapsRequest,
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
@@ -189,6 +194,7 @@ _RESERVATION_TTL_MAX_S = 3600.0  # and its bound
 _DRAIN_MARGIN_S = 10.0  # a stop's margin past an attempt's timeout and grace (the spend append)
 _APPEND_MARGIN_S = 60.0  # the provider's spend append (its 30 s acknowledgement timeout) and more
 _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per attempt this long
+_CAPS_PAGE = 10_000  # task caps asked of the keeper at a time (vapora.budget.caps)
 #: A silent attempt's hold (its provider actor never answered: stopped, paused, cut off) is said
 #: to be pending (``vapora.budget.pending``) this often until its spend is recorded, for at most
 #: :data:`SILENT_HOLD_S`: the keeper expires none of them meanwhile (its word stands 60 s; a
@@ -384,6 +390,7 @@ class RouterActor:
         self.lease: _Lease | None = None
         self._asking = False
         self._lease_retry_at: datetime | None = None
+        self._caps_read = False  # the keeper's task caps (read before the first lease)
         # Nothing is admitted against a lease this close to its expiry: every attempt (its
         # timeout plus the grace, plus the provider's spend append) ends before the keeper
         # reclaims the lease.
@@ -1315,6 +1322,11 @@ class RouterActor:
                 self.lease = None
                 await self._return_lease(lease, "returned")  # out of time: start afresh
                 lease = None
+            if not self._caps_read:
+                self._caps_read = await self._read_caps()
+                if not self._caps_read:
+                    self._lease_retry_at = now + timedelta(seconds=_LEASE_RETRY_S)
+                    return
             lease_id = lease.lease_id if lease is not None else _new_id()
             reply = await self._ask_lease(lease_id, amount, new=lease is None)
             if reply is None or not reply.granted or reply.expires_at is None:
@@ -1331,6 +1343,38 @@ class RouterActor:
             self._set_tier(reply.tier)
         finally:
             self._asking = False
+
+    async def _read_caps(self) -> bool:
+        """Learn every task cap the keeper enforces (:meth:`_lower_cap`), the most recently
+        heard of kept when there are more than the router keeps; False (no lease asked for,
+        every attempt reserved with the keeper meanwhile) when the keeper did not give them
+        all: a lease admits requests naming no cap whose task's cap only the keeper knew."""
+        caps: list[tuple[datetime, str, Decimal]] = []
+        after = ""
+        while True:
+            ask = BudgetCapsRequest(after=after, limit=_CAPS_PAGE)
+            why = None
+            try:
+                message = await self.runtime.nc.request(
+                    subjects.BUDGET_CAPS, encode(ask), timeout=self.keeper_timeout_s
+                )
+                if header(message, _SERVICE_ERROR_CODE):
+                    why = header(message, _SERVICE_ERROR) or "an error"
+                else:
+                    page = decode(message.data, BudgetCaps)
+            except (NoRespondersError, TimeoutError, DecodeError) as exc:
+                why = str(exc) or type(exc).__name__
+            if why is not None:
+                log.info("router: the keeper's task caps not read (%s); no lease yet", why)
+                return False
+            caps.extend((as_utc(c.last_at), c.task_id, c.cap_usd) for c in page.caps)
+            if not (page.more and page.caps):
+                break
+            after = page.caps[-1].task_id
+        for last_at, task_id, cap in sorted(caps)[-_TASK_SPEND_ENTRIES:]:
+            self._lower_cap(task_id, cap, last_at)
+        log.info("router: %d task caps read from the budget keeper", len(caps))
+        return True
 
     async def _ask_lease(
         self, lease_id: str, amount: Decimal, *, new: bool

@@ -27,6 +27,8 @@ __all__ = [
     "check_amount",
     "check_task_id",
     "Attempt",
+    "BudgetCaps",
+    "BudgetCapsRequest",
     "BudgetLeaseReply",
     "BudgetLeaseRequest",
     "BudgetLeaseReturn",
@@ -56,6 +58,7 @@ __all__ = [
     "StreamError",
     "StreamMessage",
     "TaskType",
+    "TaskCap",
     "Tier",
     "Usage",
 ]
@@ -574,6 +577,34 @@ class BudgetLeaseReply(_Reply, frozen=True, kw_only=True):
     expires_at: datetime | None = None
     tier: Tier = Tier.NORMAL
     reason: str = ""
+
+
+class BudgetCapsRequest(_Message, frozen=True, kw_only=True):
+    """Router -> budget keeper on ``vapora.budget.caps`` (an extension, 2026-11-27): the task
+    caps the keeper holds tasks to, in task id order, from the first id after ``after``, at
+    most ``limit`` of them. A router reads them all before it admits anything on a lease: a
+    request naming no cap, of a task whose cap the router had not seen (asked more than an
+    hour before the router started), went on its lease past the cap the keeper knew."""
+
+    after: Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10_000
+
+
+class TaskCap(_Reply, frozen=True, kw_only=True):
+    """A task's cap as the keeper enforces it (the lowest any of its requests asked for) and
+    when the keeper last heard of the task (an event of it, or its hold)."""
+
+    task_id: str
+    cap_usd: Money
+    last_at: datetime
+
+
+class BudgetCaps(_Reply, frozen=True, kw_only=True):
+    """The keeper's answer on ``vapora.budget.caps``: a page of caps; ``more``: ask again with
+    ``after`` set to the last one's ``task_id``."""
+
+    caps: list[TaskCap]
+    more: bool = False
 
 
 class BudgetLeaseReturn(_Message, frozen=True, kw_only=True):

@@ -41,6 +41,8 @@ PUBLIC_MESSAGES: tuple[Any, ...] = (
     contract.BudgetLeaseRequest,
     contract.BudgetLeaseReply,
     contract.BudgetLeaseReturn,
+    contract.BudgetCapsRequest,
+    contract.BudgetCaps,
     contract.BudgetPending,
     contract.AttemptsUnbilled,
     log.Event,

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "BUDGET",
+    "BUDGET_CAPS",
     "BUDGET_LEASE",
     "BUDGET_LEASE_RETURN",
     "BUDGET_PENDING",
@@ -46,6 +47,9 @@ BUDGET_RESERVE = "vapora.budget.reserve"
 BUDGET_RELEASE = "vapora.budget.release"
 BUDGET_LEASE = "vapora.budget.lease"
 BUDGET_LEASE_RETURN = "vapora.budget.lease.return"
+#: Router -> budget keeper: the task caps the keeper enforces (``BudgetCapsRequest`` ->
+#: ``BudgetCaps``, a page at a time), read by a router before its first lease.
+BUDGET_CAPS = "vapora.budget.caps"
 #: Provider actors -> budget keeper (published, no reply): holds whose spend a provider actor
 #: keeps on disk because the event log refused it (``BudgetPending``); not expired meanwhile.
 BUDGET_PENDING = "vapora.budget.pending"

@@ -307,6 +307,17 @@ class BudgetState:
         """Every tracked task's spend (a fresh dict)."""
         return _merged(self._tasks)
 
+    def capped_tasks(self, after: str, limit: int) -> tuple[list[tuple[str, TaskSpend]], bool]:
+        """Up to ``limit`` tracked tasks with a cap, in task id order from the first id after
+        ``after``, and whether more follow."""
+        capped = sorted(
+            (task_id, task)
+            for shard in self._tasks
+            for task_id, task in shard.items()
+            if task.cap_usd is not None and task_id > after
+        )
+        return capped[:limit], len(capped) > limit
+
     def closed_reservations(self) -> dict[str, datetime]:
         """Ids of reservations closed within retention, with when they closed (a fresh dict)."""
         return _merged(self._closed)

@@ -145,6 +145,7 @@ def permissions(clients: Sequence[str] = ()) -> dict[str, Permissions]:
             subjects.BUDGET_RELEASE,
             subjects.BUDGET_LEASE,
             subjects.BUDGET_LEASE_RETURN,
+            subjects.BUDGET_CAPS,  # the task caps the keeper enforces, before its first lease
             subjects.BUDGET_PENDING,  # silent attempts' holds (their spend may come late)
             subjects.STREAM_CANCEL,  # a stream it ended because its provider actor went silent
             subjects.BUDGET,

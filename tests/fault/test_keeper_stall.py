@@ -55,6 +55,9 @@ async def router(
     dep: Deployment, *, lease: bool, keeper_timeout_s: float = KEEPER_TIMEOUT_S
 ) -> AsyncIterator[RouterActor]:
     actor = RouterActor(dep.runtime, reserve=True, lease=lease, keeper_timeout_s=keeper_timeout_s)
+    # As if it had read the keeper's task caps (vapora.budget.caps) before the keeper stalled:
+    # its first lease request goes to the stalled keeper (otherwise it would ask for none).
+    actor._caps_read = True
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
         try:

@@ -19,7 +19,15 @@ from actors.budget_keeper import BudgetKeeper
 from actors.connection import Client
 from actors.router import RouterActor
 from events import subjects
-from events.contract import BudgetLeaseReply, BudgetLeaseRequest, BudgetLeaseReturn
+from events.contract import (
+    BudgetCaps,
+    BudgetCapsRequest,
+    BudgetLeaseReply,
+    BudgetLeaseRequest,
+    BudgetLeaseReturn,
+    BudgetReserve,
+    BudgetReserveReply,
+)
 from events.log import BudgetLeased, BudgetLeaseReturned, FallbackTriggered, SpendRecorded
 from tests.fault.money import (
     NOON,
@@ -363,6 +371,46 @@ async def test_a_malformed_lease_reply_leaves_the_router_serving_and_reserving_p
     assert len(spends) == 2 and {e.reservation_id for e in spends} <= reserved
 
 
+async def test_a_router_that_cannot_read_the_keepers_caps_takes_no_lease_until_it_can(
+    tmp_path: Path,
+) -> None:
+    """Without the caps the keeper enforces, a lease would admit a task's request naming no cap
+    past its cap: a router whose caps request fails (nonsense here; an older keeper without the
+    endpoint: no responders) serves, every paid attempt reserved with the keeper, and takes a
+    lease once the caps come."""
+    models = {"claude": "claude-opus-4-5-len-100"}
+    budget_toml = "[budget]\ndaily_limit_cents = 1000\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
+        assert dep.router is not None
+        dep.router.stop()
+        answers = [b'{"caps": "none"}']
+
+        async def stand_in(msg: Any) -> None:
+            await msg.respond(answers[0])
+
+        keeper_caps = next(
+            sid for sid, sub in dep.nc._subs.items() if sub.subject == subjects.BUDGET_CAPS
+        )
+        await dep.nc._subs[keeper_caps].unsubscribe()
+        await dep.nc.subscribe(subjects.BUDGET_CAPS, cb=stand_in)
+        again = RouterActor(dep.runtime, reserve=True)
+        async with anyio.create_task_group() as tg:
+            await tg.start(again.run)
+            ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100}
+            first = await dep.client.complete(**ask_)
+            assert again.lease is None and not again._caps_read
+            answers[0] = b'{"caps": [], "more": false}'
+            with anyio.fail_after(10):
+                while again.lease is None:  # a paid attempt asks again, past the retry's wait
+                    await dep.client.complete(**ask_)
+                    await anyio.sleep(0.2)
+            again.stop()
+        events = await dep.events()
+    reserved = {e.reservation_id for e in events if type(e).__name__ == "BudgetReserved"}
+    [spent] = [e for e in events if isinstance(e, SpendRecorded) and e.task_id == first.task_id]
+    assert spent.reservation_id in reserved  # reserved with the keeper, not on a lease
+
+
 @contextlib.asynccontextmanager
 async def _leased(
     tmp_path: Path,
@@ -451,6 +499,63 @@ async def test_a_later_request_naming_no_cap_keeps_to_the_cap_its_task_asked_for
     spent = [e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "C1"]
     assert spent == [first.cost_usd]
     assert all("remaining" in str(e) or "cap" in str(e) for e in refused), refused
+
+
+async def test_a_router_that_starts_takes_the_caps_the_keeper_enforces_before_its_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router's start reads the last hour of the log: a task whose capped request came
+    before that had its next request naming no cap admitted on the new router's lease, past
+    the cap the keeper held the task to. The router now reads the keeper's caps
+    (``vapora.budget.caps``) before it asks for a lease. The hour is made nothing here."""
+    monkeypatch.setattr("actors.router.TASK_SPEND_WINDOW", timedelta(0))
+    async with _leased(tmp_path) as (dep, router):
+        ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100, "task_id": "C4"}
+        one = (await dep.client.complete(**{**ask_, "task_id": "other"})).cost_usd
+        first = await dep.client.complete(**ask_, budget_cents=one * 150)
+        router.stop()
+        again = RouterActor(dep.runtime, reserve=True)
+        async with anyio.create_task_group() as tg:
+            await tg.start(again.run)
+            await until(lambda: again.lease is not None)  # admitted on it, but for the cap
+            with pytest.raises(BudgetExceeded, match="limit"):  # (the keeper's refusal)
+                await dep.client.complete(**ask_)
+            assert again.task_caps["C4"][0] == one * Decimal("1.5")
+            again.stop()
+        events = await dep.events()
+    spent = [e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "C4"]
+    assert spent == [first.cost_usd]
+
+
+async def test_the_keeper_gives_its_task_caps_a_page_at_a_time(
+    conn: Client, tmp_path: Path
+) -> None:
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=FakeClock()))
+    async with running(keeper):
+        for n, cap in enumerate(["0.5", "0.2", "0.3"]):
+            held = BudgetReserve(
+                reservation_id=uuid.uuid4().hex,
+                task_id=f"T{n}",
+                provider="claude",
+                amount_usd=Decimal("0.01"),
+                task_limit_usd=Decimal(cap),
+            )
+            assert (await ask(conn, subjects.BUDGET_RESERVE, held)).as_(BudgetReserveReply).admitted
+        await reserve(conn, Decimal("0.01"), task_id="T9")  # no cap: not among them
+        pages, after = [], ""
+        while True:
+            request = BudgetCapsRequest(after=after, limit=2)
+            page = (await ask(conn, subjects.BUDGET_CAPS, request)).as_(BudgetCaps)
+            pages.append([(c.task_id, c.cap_usd) for c in page.caps])
+            if not page.more:
+                break
+            after = page.caps[-1].task_id
+        assert pages == [
+            [("T0", Decimal("0.5")), ("T1", Decimal("0.2"))],
+            [("T2", Decimal("0.3"))],
+        ]
+        refused = await ask(conn, subjects.BUDGET_CAPS, b'{"limit": 0}')
+        assert refused.status == "400" and "limit" in refused.error().error.message
 
 
 async def test_a_cap_the_keeper_never_held_is_not_kept_and_a_kept_one_is_forgotten_in_time(
