@@ -83,9 +83,9 @@ from actors import tracing
 from actors.eventlog import LogEntry, ReplayBatch, Unreadable
 from actors.follow import LogFollower
 from actors.runner import Runtime
-from actors.service import ActorService, Endpoint, RequestContext
+from actors.service import ActorService, Endpoint, RequestContext, reply_room
 from events import subjects
-from events.codec import DecodeError, decode, event_tag
+from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode, event_tag
 from events.contract import (
     MAX_ID_LENGTH,
     BudgetCaps,
@@ -139,6 +139,8 @@ SNAPSHOT_FILE = "budget.snapshot"
 _RELEASE_REASONS = frozenset(get_args(get_type_hints(BudgetReleased)["reason"]))
 #: How long a give-back waits for the tail to read the log to its end (see _read_to_end).
 _READ_TO_END_S = 1.5
+#: Room kept in a page of task caps (vapora.budget.caps) below the largest reply.
+_CAPS_MARGIN = 4096
 #: The endpoints that write (a fenced-out keeper withdraws them); ``status`` only reads.
 _WRITING_ENDPOINTS = ("reserve", "release", "lease", "lease_return")
 _MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased, BudgetLeased, BudgetLeaseReturned)
@@ -230,6 +232,7 @@ class BudgetKeeper:
         #: How long an idle task's spend and cap are kept (``[budget] task_retention_hours``).
         self.task_retention = runtime.config.budget.task_retention
         self._fold = budget.Fold(self._retaining(budget.EMPTY))
+        self._run = uuid.uuid4().hex[:12]  # names this run in the caps' cursors
         self._view: BudgetState | None = None
         self.fence = 0  # the last sequence on the budget subject that `state` includes
         self.fenced_out: str | None = None  # why we stopped writing, once another keeper wrote
@@ -740,20 +743,41 @@ class BudgetKeeper:
         )
 
     async def caps(self, request: BudgetCapsRequest, ctx: RequestContext) -> BudgetCaps:
-        """A page of the task caps this keeper enforces. The first page is answered once the
-        keeper has read the log to its end: everything the asking router read at its start
-        is in it, or in the events the router follows from there."""
-        if not request.after:
+        """A page of the task caps this keeper enforces: as many as fit in a reply, the state's
+        shards one after the other, each in task id order; the cursor names where the next
+        page starts (and this keeper's run: another run's shards are not these). The first page
+        is answered once the keeper has read the log to its end: every cap the asking router's
+        start did not read is in the pages, or in the events it follows from there."""
+        if request.cursor:
+            shard, after = self._caps_cursor(request.cursor)
+        else:
             await self._read_to_end()
-        page, more = self.state.capped_tasks(request.after, request.limit)
-        return BudgetCaps(
-            caps=[
-                TaskCap(task_id=task_id, cap_usd=task.cap_usd, last_at=task.last_at)
-                for task_id, task in page
-                if task.cap_usd is not None
-            ],
-            more=more,
-        )
+            shard, after = 0, ""
+        room = min(reply_room(self.runtime.nc), MAX_MESSAGE_BYTES) - _CAPS_MARGIN
+        used, caps = 0, list[TaskCap]()
+        state = self.state  # (no await below: one state for the page)
+        while shard < budget.SHARDS:
+            for task_id, task in state.capped_tasks(shard, after):
+                assert task.cap_usd is not None  # (capped_tasks: only those)
+                cap = TaskCap(task_id=task_id, cap_usd=task.cap_usd, last_at=task.last_at)
+                used += len(encode(cap)) + 1
+                if used > room and caps:
+                    return BudgetCaps(caps=caps, cursor=f"{self._run}:{shard}:{caps[-1].task_id}")
+                caps.append(cap)
+            shard, after = shard + 1, ""
+        return BudgetCaps(caps=caps)
+
+    def _caps_cursor(self, cursor: str) -> tuple[int, str]:
+        run, _, rest = cursor.partition(":")
+        shard, _, after = rest.partition(":")
+        if not (shard.isdigit() and int(shard) < budget.SHARDS and after):
+            raise InvalidRequest(f"`cursor` {_shown(cursor)} is not one a page of caps gave")
+        if run != self._run:
+            raise ConcurrencyConflict(
+                "`cursor` is of another budget keeper run (it restarted, or another answered): "
+                "read the caps again from the first page"
+            )
+        return int(shard), after
 
     async def status(self, request: BudgetStatusRequest, ctx: RequestContext) -> BudgetStatus:
         """The limits, spend, holds, percentages and tier now."""

@@ -366,6 +366,40 @@ class Client(NATS):
     def _next_turn(self) -> None:
         self._wrote_this_turn = False
 
+    def _socket_closing(self) -> bool:
+        """Whether the socket is closing under a connection nats-py still says is up (the
+        server or the network ended it; nats-py's reader has not seen the end yet)."""
+        writer = getattr(self._transport, "_io_writer", None)
+        transport = getattr(writer, "transport", None)
+        return transport is not None and transport.is_closing()
+
+    async def _flusher(self) -> None:
+        """nats-py's flusher, which writes nothing while the socket closes: what waits is kept
+        for the server reconnected to (nats-py writes it there). nats-py's wrote it into the
+        closing socket, where asyncio's transport drops it without a word (uvloop's raises,
+        and the flusher stopped: the next flush wrote inline, and raised to the publisher)."""
+        assert self._flush_queue is not None, "Client.connect must be called first"
+        while True:
+            if not self.is_connected or self.is_connecting:
+                break
+            future: asyncio.Future[Any] = await self._flush_queue.get()
+            try:
+                if self._pending_data_size > 0 and not self._socket_closing():
+                    assert self._transport is not None
+                    self._transport.writelines(self._pending[:])
+                    self._pending = []
+                    self._pending_data_size = 0
+                    await self._transport.drain()  # type: ignore[no-untyped-call]
+            except OSError as exc:
+                await self._error_cb(exc)
+                await self._process_op_err(exc)
+                break
+            except (asyncio.CancelledError, RuntimeError, AttributeError):
+                break
+            finally:
+                if not future.done():
+                    future.set_result(None)
+
     async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
         """nats-py's ``_send_ping``, with the commands still queued written before the PING.
 
@@ -379,8 +413,7 @@ class Client(NATS):
         the socket closes under a connection nats-py has not seen drop yet (uvloop raises on
         any write then): the PONG never comes and ``flush()`` times out, as on a lost network.
         """
-        writer = getattr(self._transport, "_io_writer", None)
-        if writer is not None and writer.transport.is_closing():
+        if self._socket_closing():
             self._pongs.append(future if future is not None else asyncio.Future())
             return
         if self._pending and self.is_connected and self._transport is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -90,7 +91,8 @@ _NO_PEERS = 10005
 _WRONG_LAST_SEQUENCE = {10071, 10164}
 # A status reply instead of an acknowledgement: no stream leader is listening (yet).
 _NO_RESPONDERS = b"NATS/1.0 503"
-# How long to wait before re-sending after a status reply or a retriable error.
+# How long to wait before re-sending after a status reply or a retriable error (the first time;
+# doubled each time after, up to 8 times it).
 _RESEND_PAUSE_S = 0.25
 
 
@@ -543,7 +545,10 @@ class EventLog:
                     await self._wait_or_resend(ack, event, deadline)
                     continue
                 if _retriable(ack.data) and anyio.current_time() < deadline:
-                    log.info("event log: %s for event %s; re-sending", _error_text(ack), event.id)
+                    if len(ack.tokens) == 1:  # (said once per event, however many times sent)
+                        log.info(
+                            "event log: %s for event %s; re-sending", _error_text(ack), event.id
+                        )
                     ack.data = None
                     await self._pause_and_resend(ack, deadline)
                     continue
@@ -581,7 +586,10 @@ class EventLog:
             await self._send(await self._reply_inbox(), ack)
 
     async def _pause_and_resend(self, ack: _Ack, deadline: float) -> None:
-        await anyio.sleep(max(0.0, min(_RESEND_PAUSE_S, deadline - anyio.current_time())))
+        # Doubling from a quarter of a second to two, each shortened by up to half at random:
+        # publishers that met the same full queue or election do not all come back at once.
+        pause = _RESEND_PAUSE_S * 2 ** min(len(ack.tokens) - 1, 3) * (0.5 + random.random() / 2)
+        await anyio.sleep(max(0.0, min(pause, deadline - anyio.current_time())))
         ack.retry = False
         await self._send(await self._reply_inbox(), ack)
 

@@ -75,7 +75,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from actors import tracing
-from actors.connection import header
+from actors.connection import ConnectionFailed, header
 from actors.eventlog import LogEntry
 from actors.follow import LogFollower
 from actors.provider import (
@@ -194,7 +194,8 @@ _RESERVATION_TTL_MAX_S = 3600.0  # and its bound
 _DRAIN_MARGIN_S = 10.0  # a stop's margin past an attempt's timeout and grace (the spend append)
 _APPEND_MARGIN_S = 60.0  # the provider's spend append (its 30 s acknowledgement timeout) and more
 _LEASE_RETRY_S = 1.0  # after a refused or failed lease request, reserve per attempt this long
-_CAPS_PAGE = 10_000  # task caps asked of the keeper at a time (vapora.budget.caps)
+_CAPS_RESTARTS = 3  # reads of the keeper's caps begun again when the keeper restarted midway
+_CAPS_RETRY_MAX_S = 60.0  # the longest wait before asking for the caps again
 #: A silent attempt's hold (its provider actor never answered: stopped, paused, cut off) is said
 #: to be pending (``vapora.budget.pending``) this often until its spend is recorded, for at most
 #: :data:`SILENT_HOLD_S`: the keeper expires none of them meanwhile (its word stands 60 s; a
@@ -391,6 +392,8 @@ class RouterActor:
         self._asking = False
         self._lease_retry_at: datetime | None = None
         self._caps_read = False  # the keeper's task caps (read before the first lease)
+        self._caps_failures = 0
+        self._caps_denied = False  # (said once in the log)
         # Nothing is admitted against a lease this close to its expiry: every attempt (its
         # timeout plus the grace, plus the provider's spend append) ends before the keeper
         # reclaims the lease.
@@ -1325,7 +1328,11 @@ class RouterActor:
             if not self._caps_read:
                 self._caps_read = await self._read_caps()
                 if not self._caps_read:
-                    self._lease_retry_at = now + timedelta(seconds=_LEASE_RETRY_S)
+                    # Asked again after a wait that doubles up to a minute, from when it failed
+                    # (a read may take longer than the wait).
+                    wait = min(_CAPS_RETRY_MAX_S, _LEASE_RETRY_S * 2**self._caps_failures)
+                    self._caps_failures += 1
+                    self._lease_retry_at = self.runtime.clock() + timedelta(seconds=wait)
                     return
             lease_id = lease.lease_id if lease is not None else _new_id()
             reply = await self._ask_lease(lease_id, amount, new=lease is None)
@@ -1350,27 +1357,46 @@ class RouterActor:
         every attempt reserved with the keeper meanwhile) when the keeper did not give them
         all: a lease admits requests naming no cap whose task's cap only the keeper knew."""
         caps: list[tuple[datetime, str, Decimal]] = []
-        after = ""
+        cursor, restarts = "", 0
         while True:
-            ask = BudgetCapsRequest(after=after, limit=_CAPS_PAGE)
-            why = None
+            why, page = None, None
             try:
                 message = await self.runtime.nc.request(
-                    subjects.BUDGET_CAPS, encode(ask), timeout=self.keeper_timeout_s
+                    subjects.BUDGET_CAPS,
+                    encode(BudgetCapsRequest(cursor=cursor)),
+                    timeout=self.keeper_timeout_s,
                 )
-                if header(message, _SERVICE_ERROR_CODE):
-                    why = header(message, _SERVICE_ERROR) or "an error"
+                code = header(message, _SERVICE_ERROR_CODE)
+                if code == "409" and cursor and restarts < _CAPS_RESTARTS:
+                    # Another run of the keeper answered (it restarted): from the first page.
+                    caps, cursor, restarts = [], "", restarts + 1
+                    continue
+                if code:
+                    why = header(message, _SERVICE_ERROR) or f"error {code}"
                 else:
                     page = decode(message.data, BudgetCaps)
             except (NoRespondersError, TimeoutError, DecodeError) as exc:
                 why = str(exc) or type(exc).__name__
-            if why is not None:
+            except ConnectionFailed as exc:  # the server's permissions refuse the subject
+                if not self._caps_denied:
+                    log.warning("router: %s; it takes no lease (regenerate the permissions)", exc)
+                self._caps_denied = True
+                return False
+            if page is None:
                 log.info("router: the keeper's task caps not read (%s); no lease yet", why)
                 return False
             caps.extend((as_utc(c.last_at), c.task_id, c.cap_usd) for c in page.caps)
-            if not (page.more and page.caps):
+            if not page.cursor:
                 break
-            after = page.caps[-1].task_id
+            cursor = page.cursor
+        if len(caps) > _TASK_SPEND_ENTRIES:
+            log.warning(
+                "router: the keeper enforces %d task caps; this router keeps the %d heard of "
+                "last (a request naming no cap, of a task among the others, may be admitted on "
+                "its lease)",
+                len(caps),
+                _TASK_SPEND_ENTRIES,
+            )
         for last_at, task_id, cap in sorted(caps)[-_TASK_SPEND_ENTRIES:]:
             self._lower_cap(task_id, cap, last_at)
         log.info("router: %d task caps read from the budget keeper", len(caps))

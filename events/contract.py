@@ -581,13 +581,12 @@ class BudgetLeaseReply(_Reply, frozen=True, kw_only=True):
 
 class BudgetCapsRequest(_Message, frozen=True, kw_only=True):
     """Router -> budget keeper on ``vapora.budget.caps`` (an extension, 2026-11-27): the task
-    caps the keeper holds tasks to, in task id order, from the first id after ``after``, at
-    most ``limit`` of them. A router reads them all before it admits anything on a lease: a
-    request naming no cap, of a task whose cap the router had not seen (asked more than an
-    hour before the router started), went on its lease past the cap the keeper knew."""
+    caps the keeper holds tasks to, a page at a time: the first page with no ``cursor``, each
+    next one with the ``cursor`` the page before gave. A router reads them all before it admits
+    anything on a lease: a request naming no cap, of a task whose cap the router had not seen
+    (asked more than an hour before the router started), went on its lease past the cap."""
 
-    after: Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] = ""
-    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10_000
+    cursor: Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH + 64)] = ""
 
 
 class TaskCap(_Reply, frozen=True, kw_only=True):
@@ -600,11 +599,11 @@ class TaskCap(_Reply, frozen=True, kw_only=True):
 
 
 class BudgetCaps(_Reply, frozen=True, kw_only=True):
-    """The keeper's answer on ``vapora.budget.caps``: a page of caps; ``more``: ask again with
-    ``after`` set to the last one's ``task_id``."""
+    """The keeper's answer on ``vapora.budget.caps``: a page of caps (as many as fit in a
+    message) and the ``cursor`` to ask the next page with; none: this was the last."""
 
     caps: list[TaskCap]
-    more: bool = False
+    cursor: str = ""
 
 
 class BudgetLeaseReturn(_Message, frozen=True, kw_only=True):

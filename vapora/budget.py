@@ -103,6 +103,7 @@ __all__ = [
     "Reservation",
     "TASK_RETENTION",
     "TaskSpend",
+    "SHARDS",
     "ZERO",
     "admit",
     "catch_up",
@@ -139,6 +140,7 @@ TIER_HYSTERESIS_PERCENT = Decimal(5)
 _RANK = {Tier.NORMAL: 0, Tier.NEAR_THRESHOLD: 1, Tier.EXCEEDED: 2}
 _SHARDS = 64  # a power of two; one event copies 1/64 of a big map in `evolve`
 _MASK = _SHARDS - 1
+SHARDS = _SHARDS
 LEASE_FRACTION = Decimal("0.5")  # of the headroom to the next tier boundary, split among holders
 _MICRO = Decimal("0.000001")
 
@@ -307,16 +309,15 @@ class BudgetState:
         """Every tracked task's spend (a fresh dict)."""
         return _merged(self._tasks)
 
-    def capped_tasks(self, after: str, limit: int) -> tuple[list[tuple[str, TaskSpend]], bool]:
-        """Up to ``limit`` tracked tasks with a cap, in task id order from the first id after
-        ``after``, and whether more follow."""
-        capped = sorted(
+    def capped_tasks(self, shard: int, after: str = "") -> list[tuple[str, TaskSpend]]:
+        """The tasks with a cap in shard ``shard`` (0 to :data:`SHARDS` - 1), in task id order
+        from the first id after ``after``: every shard, one after the other, is every task with
+        a cap, each sorted alone (a page of them costs a sort of one 64th of the tasks)."""
+        return sorted(
             (task_id, task)
-            for shard in self._tasks
-            for task_id, task in shard.items()
+            for task_id, task in self._tasks[shard].items()
             if task.cap_usd is not None and task_id > after
         )
-        return capped[:limit], len(capped) > limit
 
     def closed_reservations(self) -> dict[str, datetime]:
         """Ids of reservations closed within retention, with when they closed (a fresh dict)."""

@@ -191,6 +191,7 @@ async def test_a_strict_update_by_a_user_that_may_not_is_an_error(
     [
         "vapora.budget.reserve",
         "vapora.budget.lease",
+        "vapora.budget.caps",
         "vapora.provider.claude.call",
         "vapora.events.route",
     ],
@@ -204,6 +205,26 @@ async def test_a_client_may_not_publish_to_internal_subjects(
             await nc.request(subject, b"{}", timeout=30)
     finally:
         await nc.close()
+
+
+async def test_a_router_may_ask_the_keeper_for_its_task_caps(
+    secured_server: EmbeddedNats, tls_files: TlsFiles
+) -> None:
+    """Denied, a router would take no lease at all (it reads the caps before its first)."""
+    keeper = await connect_as(secured_server.url, "budget", tls_files)
+    router = await connect_as(secured_server.url, "router", tls_files)
+    try:
+
+        async def answer(msg: Msg) -> None:
+            await msg.respond(b'{"caps": []}')
+
+        await keeper.subscribe("vapora.budget.caps", queue="budget", cb=answer)
+        await keeper.flush()
+        reply = await router.request("vapora.budget.caps", b"{}", timeout=10)
+        assert reply.data == b'{"caps": []}'
+    finally:
+        await router.close()
+        await keeper.close()
 
 
 async def test_a_client_may_not_take_requests_meant_for_the_router(

@@ -16,19 +16,25 @@ import anyio
 import pytest
 
 from actors.budget_keeper import BudgetKeeper
-from actors.connection import Client
+from actors.connection import Client, ConnectOptions, PermissionDenied, connect
 from actors.router import RouterActor
+from actors.server import EmbeddedNats
 from events import subjects
+from events.codec import decode, encode
 from events.contract import (
     BudgetCaps,
     BudgetCapsRequest,
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
-    BudgetReserve,
-    BudgetReserveReply,
 )
-from events.log import BudgetLeased, BudgetLeaseReturned, FallbackTriggered, SpendRecorded
+from events.log import (
+    BudgetLeased,
+    BudgetLeaseReturned,
+    BudgetReserved,
+    FallbackTriggered,
+    SpendRecorded,
+)
 from tests.fault.money import (
     NOON,
     FakeClock,
@@ -399,7 +405,7 @@ async def test_a_router_that_cannot_read_the_keepers_caps_takes_no_lease_until_i
             ask_ = {"prompt": "hello", "provider": "claude", "max_tokens": 100}
             first = await dep.client.complete(**ask_)
             assert again.lease is None and not again._caps_read
-            answers[0] = b'{"caps": [], "more": false}'
+            answers[0] = b'{"caps": []}'
             with anyio.fail_after(10):
                 while again.lease is None:  # a paid attempt asks again, past the retry's wait
                     await dep.client.complete(**ask_)
@@ -409,6 +415,40 @@ async def test_a_router_that_cannot_read_the_keepers_caps_takes_no_lease_until_i
     reserved = {e.reservation_id for e in events if type(e).__name__ == "BudgetReserved"}
     [spent] = [e for e in events if isinstance(e, SpendRecorded) and e.task_id == first.task_id]
     assert spent.reservation_id in reserved  # reserved with the keeper, not on a lease
+
+
+async def test_a_router_refused_the_caps_subject_says_so_once_and_reserves_per_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Permissions generated before ``vapora.budget.caps`` (a rolling upgrade): the server
+    refuses the router's request. That escaped the router's read: an ERROR and a traceback per
+    paid attempt, each asking again at once. (The refusal is the connection's, as a secured
+    server's would be: tests/cluster/test_permissions.py has the real one.)"""
+    models = {"claude": "claude-opus-4-5-len-100"}
+    budget_toml = "[budget]\ndaily_limit_cents = 1000\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
+        assert dep.router is not None
+        dep.router.stop()
+        real_request = dep.nc.request
+        asked: list[str] = []
+
+        async def request(subject: str, *args: Any, **kw: Any) -> Any:
+            if subject == subjects.BUDGET_CAPS:
+                asked.append(subject)
+                raise PermissionDenied(f'permissions violation for publish to "{subject}"')
+            return await real_request(subject, *args, **kw)
+
+        monkeypatch.setattr(dep.nc, "request", request)
+        again = RouterActor(dep.runtime, reserve=True)
+        async with anyio.create_task_group() as tg:
+            await tg.start(again.run)
+            for _ in range(5):
+                await dep.client.complete(prompt="hello", provider="claude", max_tokens=100)
+            again.stop()
+    assert again.lease is None and 1 <= len(asked) <= 2  # (then a second's wait, doubling)
+    warned = [r for r in caplog.records if "budget.caps" in r.getMessage()]
+    assert [r.levelname for r in warned] == ["WARNING"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 @contextlib.asynccontextmanager
@@ -527,35 +567,61 @@ async def test_a_router_that_starts_takes_the_caps_the_keeper_enforces_before_it
     assert spent == [first.cost_usd]
 
 
-async def test_the_keeper_gives_its_task_caps_a_page_at_a_time(
-    conn: Client, tmp_path: Path
+async def test_the_keepers_task_caps_come_a_message_at_a_time_and_a_router_reads_them_all(
+    tmp_path: Path,
 ) -> None:
-    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=FakeClock()))
-    async with running(keeper):
-        for n, cap in enumerate(["0.5", "0.2", "0.3"]):
-            held = BudgetReserve(
-                reservation_id=uuid.uuid4().hex,
-                task_id=f"T{n}",
-                provider="claude",
-                amount_usd=Decimal("0.01"),
-                task_limit_usd=Decimal(cap),
-            )
-            assert (await ask(conn, subjects.BUDGET_RESERVE, held)).as_(BudgetReserveReply).admitted
-        await reserve(conn, Decimal("0.01"), task_id="T9")  # no cap: not among them
-        pages, after = [], ""
-        while True:
-            request = BudgetCapsRequest(after=after, limit=2)
-            page = (await ask(conn, subjects.BUDGET_CAPS, request)).as_(BudgetCaps)
-            pages.append([(c.task_id, c.cap_usd) for c in page.caps])
-            if not page.more:
-                break
-            after = page.caps[-1].task_id
-        assert pages == [
-            [("T0", Decimal("0.5")), ("T1", Decimal("0.2"))],
-            [("T2", Decimal("0.3"))],
-        ]
-        refused = await ask(conn, subjects.BUDGET_CAPS, b'{"limit": 0}')
-        assert refused.status == "400" and "limit" in refused.error().error.message
+    """12,000 capped tasks on a server with nats-server's default 1 MB ``max_payload``: the
+    keeper gives as many as fit in a reply (a first version gave 10,000 at a time, 1.08 MB:
+    every read failed and no router took a lease again), and a router reads every page."""
+    async with EmbeddedNats(tmp_path / "nats", extra_config="max_payload: 1048576\n") as server:
+        nc = await connect(ConnectOptions.from_url(server.url, name="caps"))
+        try:
+            rt = runtime(nc, tmp_path, cfg=config(daily_cents=1000))
+            await rt.log.ensure_stream()
+            wanted = {f"{uuid.UUID(int=n)}": Decimal(n % 97 + 1) / 100 for n in range(12_000)}
+            held = [
+                BudgetReserved(
+                    id=uuid.uuid4().hex,
+                    at=NOON,
+                    task_id=task_id,
+                    reservation_id=uuid.uuid4().hex,
+                    provider="claude",
+                    amount_usd=Decimal("0.000001"),
+                    expires_at=NOON + timedelta(hours=1),
+                    task_limit_usd=cap,
+                )
+                for task_id, cap in [*wanted.items(), ("uncapped", None)]
+            ]
+            for start in range(0, len(held), 2000):
+                await rt.log.append_many(held[start : start + 2000])
+            keeper = BudgetKeeper(rt)
+            async with running(keeper):
+                got: dict[str, Decimal] = {}
+                pages, cursor = 0, ""
+                while True:
+                    message = await nc.request(
+                        subjects.BUDGET_CAPS, encode(BudgetCapsRequest(cursor=cursor)), timeout=10
+                    )
+                    assert len(message.data) <= 1_048_576 - 16 * 1024
+                    page = decode(message.data, BudgetCaps)
+                    pages += 1
+                    assert not got.keys() & {c.task_id for c in page.caps}  # none twice
+                    got.update((c.task_id, c.cap_usd) for c in page.caps)
+                    if not page.cursor:
+                        break
+                    cursor = page.cursor
+                assert got == wanted and pages > 1
+                refused = await ask(nc, subjects.BUDGET_CAPS, BudgetCapsRequest(cursor="x"))
+                assert refused.status == "400" and "cursor" in refused.error().error.message
+                other_run = "0" * 12 + cursor[12:] if cursor else "000000000000:0:a"
+                restarted = await ask(nc, subjects.BUDGET_CAPS, BudgetCapsRequest(cursor=other_run))
+                assert restarted.status == "409"
+                router = RouterActor(rt, reserve=True, lease=True)
+                async with running(router):
+                    await until(lambda: router._caps_read)
+                    assert {t: cap for t, (cap, _) in router.task_caps.items()} == wanted
+        finally:
+            await nc.close()
 
 
 async def test_a_cap_the_keeper_never_held_is_not_kept_and_a_kept_one_is_forgotten_in_time(

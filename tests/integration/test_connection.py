@@ -3,6 +3,7 @@ is what nats-py would, as read by a plain nats-py client."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 from pathlib import Path
@@ -383,26 +384,45 @@ async def test_a_connection_to_use_tls_sends_no_credentials_to_a_server_without_
         assert b"hunter2" not in impostor.received and b"CONNECT" not in impostor.received
 
 
-async def test_a_publish_on_a_socket_closed_under_the_connection_is_sent_after_the_reconnect(
-    nats_server: EmbeddedNats, unique: str
+async def _publish_on_a_socket_closed_under_the_connection(directory: Path) -> None:
+    async with EmbeddedNats(directory) as server:
+        client = await connect(ConnectOptions.from_url(server.url, reconnect_wait=0.1))
+        plain = await nats.connect(server.url)
+        try:
+            sub = await subscribed(plain, "t.closed.>")
+            await anyio.sleep(0.05)  # a fresh turn: the publish would be written at once
+            client._transport._io_writer.transport.abort()  # type: ignore[union-attr]
+            assert client.is_connected
+            await client.publish("t.closed.a", b"kept")
+            await client.publish("t.closed.b", b"kept too")  # (queued for the flusher)
+            with pytest.raises(nats.errors.FlushTimeoutError):
+                await client.flush(timeout=0.5)
+            with anyio.fail_after(10):
+                got = [(await sub.next_msg(timeout=10)).data for _ in range(2)]
+            assert got == [b"kept", b"kept too"]
+            assert client.stats["reconnects"] >= 1
+        finally:
+            await plain.close()
+            await client.close()
+
+
+@pytest.mark.parametrize("uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_a_publish_on_a_socket_closed_under_the_connection_is_sent_after_the_reconnect(
+    tmp_path: Path, uvloop: bool
 ) -> None:
     """The server (or the network) closes the socket; until nats-py's reader sees it, the
-    connection still says "connected". A publish then raised uvloop's "handler is closed" out of
-    the publisher (an event log append in the cluster test, a node killed); it is queued and
-    sent to the server reconnected to, and a flush meanwhile times out, as on a lost network."""
-    client = await connect(ConnectOptions.from_url(nats_server.url, reconnect_wait=0.1))
-    plain = await nats.connect(nats_server.url)
-    try:
-        sub = await subscribed(plain, f"t{unique}.>")
-        await anyio.sleep(0.05)  # a fresh turn: the publish would be written at once
-        client._transport._io_writer.transport.abort()  # type: ignore[union-attr]
-        assert client.is_connected
-        await client.publish(f"t{unique}.a", b"kept")
-        with pytest.raises(nats.errors.FlushTimeoutError):
-            await client.flush(timeout=0.5)
-        with anyio.fail_after(10):
-            assert (await sub.next_msg(timeout=10)).data == b"kept"
-        assert client.stats["reconnects"] >= 1
-    finally:
-        await plain.close()
-        await client.close()
+    connection still says "connected". A publish then was lost (written into the closed
+    socket: asyncio's transport drops it without a word) or raised uvloop's "handler is
+    closed" out of the publisher (an event log append in the cluster test, a node killed). It
+    is queued and sent to the server reconnected to; a flush meanwhile times out, as on a lost
+    network. On both loops vapora runs on (each run in a thread of its own)."""
+    if uvloop:
+        pytest.importorskip("uvloop")
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:  # (the suite's loop runs here)
+        thread.submit(
+            anyio.run,
+            _publish_on_a_socket_closed_under_the_connection,
+            tmp_path / "nats",
+            backend="asyncio",
+            backend_options={"use_uvloop": uvloop},
+        ).result()
