@@ -25,6 +25,7 @@ from events.contract import (
     ErrorReply,
     Tier,
 )
+from events.log import SpendRecorded
 from tests.fault.provider_harness import config_text, deployment
 from vapora.cli.ask import ask_command
 from vapora.errors import (
@@ -129,6 +130,37 @@ async def test_silence_is_a_request_timeout(tmp_path: Path) -> None:
         with pytest.raises(RequestTimeout):
             async for _ in client.stream(prompt="anyone?"):
                 pass
+
+
+async def test_ask_prints_what_the_task_cost_when_an_earlier_attempt_was_billed(
+    tmp_path: Path,
+) -> None:
+    """Claude hangs past its timeout (billed at its upper bound: the request went out) and the
+    next provider answers: `cost:` is the answer's alone, and the task cost more; the line
+    under it says how much and where (the figure printed hid the first attempt's spend)."""
+    config = guide(models={"claude": "claude-opus-4-5-hang"}, timeouts={"claude": 300})
+    async with deployment(tmp_path, config) as dep:
+        out = io.StringIO()
+        status = await ask_command(
+            dep.client,
+            "write a sort",
+            task_type="CodeGeneration",
+            quality="High",
+            provider=None,
+            budget_cents=None,
+            stream=False,
+            as_json=False,
+            out=out,
+        )
+        spends = [e for e in await dep.events() if isinstance(e, SpendRecorded)]
+    assert status == 0
+    text = out.getvalue()
+    by_provider = {e.provider: e.cost_usd for e in spends}
+    assert by_provider["claude"] > 0 and len(by_provider) == 2
+    total = sum(by_provider.values(), Decimal(0))
+    assert f"task:     ${total:f} in all, with claude ${by_provider['claude']:f} (timeout)" in text
+    answer = next(cost for provider, cost in by_provider.items() if provider != "claude")
+    assert f"cost:     ${answer:f}\n" in text
 
 
 async def test_ask_prints_text_then_provider_model_tokens_cost_latency(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ message with the text added.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, TextIO
 
@@ -19,6 +20,7 @@ import msgspec
 
 from events.codec import encode
 from events.contract import (
+    Attempt,
     CompletionRequest,
     CompletionResult,
     ErrorBody,
@@ -54,20 +56,32 @@ def _request(
 
 
 def summary_lines(
-    provider: str, model: str, usage: Usage, cost_usd: Decimal, latency_ms: float
+    provider: str,
+    model: str,
+    usage: Usage,
+    cost_usd: Decimal,
+    latency_ms: float,
+    attempts: Sequence[Attempt] = (),
 ) -> list[str]:
-    """The lines printed under the text."""
+    """The lines printed under the text; with a line for the whole task when an earlier
+    attempt was billed too (the answer's cost alone hid it)."""
     tokens = f"tokens:   {usage.input_tokens} in, {usage.output_tokens} out"
     if usage.cache_read_tokens or usage.cache_write_tokens:
         hour = f", {usage.cache_write_1h_tokens} for 1 h" if usage.cache_write_1h_tokens else ""
         tokens += f" (cache read {usage.cache_read_tokens}, write {usage.cache_write_tokens}{hour})"
-    return [
+    lines = [
         f"provider: {provider}",
         f"model:    {model}",
         tokens,
         f"cost:     ${cost_usd:f}",
-        f"latency:  {latency_ms:.1f} ms",
     ]
+    earlier = [a for a in attempts[:-1] if a.cost_usd > 0]  # (the last one answered)
+    if earlier:
+        total = sum((a.cost_usd for a in attempts), Decimal(0))
+        billed = ", ".join(f"{a.provider} ${a.cost_usd:f} ({a.outcome.value})" for a in earlier)
+        lines.append(f"task:     ${total:f} in all, with {billed}")
+    lines.append(f"latency:  {latency_ms:.1f} ms")
+    return lines
 
 
 async def ask_command(
@@ -114,7 +128,12 @@ def _print_result(result: CompletionResult, *, as_json: bool, out: TextIO) -> No
     print(result.text, file=out)
     print(file=out)
     lines = summary_lines(
-        result.provider, result.model, result.usage, result.cost_usd, result.latency_ms
+        result.provider,
+        result.model,
+        result.usage,
+        result.cost_usd,
+        result.latency_ms,
+        result.attempts,
     )
     print("\n".join(lines), file=out)
 
@@ -140,7 +159,9 @@ async def _ask_streaming(
         print(encode(document).decode(), file=out)
         return
     print("\n", file=out)
-    lines = summary_lines(end.provider, end.model, end.usage, end.cost_usd, end.latency_ms)
+    lines = summary_lines(
+        end.provider, end.model, end.usage, end.cost_usd, end.latency_ms, end.attempts
+    )
     print("\n".join(lines), file=out)
 
 
