@@ -608,7 +608,9 @@ class RouterActor:
         an hour of spend, not the whole log); without the log the router starts anyway."""
         since = datetime.now(UTC) - TASK_SPEND_WINDOW  # the server's storing time
         prefix = self.runtime.log.settings.prefix
-        for view in ("spend.>", "budget"):  # (the budget's: the caps tasks asked for)
+        # The budget's first (the caps tasks asked for), so that a spend read after a task's
+        # reservation keeps its cap on from the spend's time.
+        for view in ("budget", "spend.>"):
             replay = self.runtime.log.replay_since(since, filter_subject=f"{prefix}.{view}")
             # (of the budget's, the reservations alone: an hour-old tier change would undo the
             # tier the keeper said it enforces now)

@@ -139,6 +139,15 @@ async def test_a_release_sent_while_no_keeper_runs_reaches_the_keeper_that_comes
                 return [e for e in events if isinstance(e, BudgetReserved)]
 
             [held] = await eventually(reserved, within=10)
+
+            async def calling() -> bool:
+                return any(r.provider == "anthropic" for r in dep.sim.requests)
+
+            # Killed once the call runs (its provider takes 1.5 s), not as soon as the
+            # reservation is in the log: the keeper answers only after the log acknowledged its
+            # append, and killed in between, it answered nobody (the router waited out its 5 s
+            # and failed the call as the keeper's, not the provider's: 1 run in 10 or so).
+            await eventually(calling, within=10)
             money.kill()
         # The call failed and its release went out while no keeper listened.
         events = await dep.events_of("gone")
