@@ -125,7 +125,7 @@ from vapora.errors import (
     ProviderStreamBroken,
     ProviderUnavailable,
 )
-from vapora.pricing import cost, price_at, served_bound, served_tier
+from vapora.pricing import cost, price_at, served_bound, served_tier, tiers_left_out
 from vapora.providers import (
     Completion,
     ProviderClient,
@@ -466,6 +466,12 @@ class ProviderActor:
             await self._load_held()
             if self.key_missing is not None:
                 log.warning("%s: %s: it takes no calls", self.name, self.key_missing)
+            config = self.config
+            left_out = tiers_left_out(
+                config.kind.value, config.model, config.price, self.runtime.clock()
+            )
+            if left_out is not None:
+                log.warning("%s: %s", self.name, left_out)
             await self._check_health()
             await self._publish_health(force=True)
             async with anyio.create_task_group() as tg:

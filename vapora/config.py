@@ -1198,7 +1198,7 @@ def _provider_lines(p: ProviderConfig, env: Mapping[str, str] | None) -> list[st
         state = "set" if reason is None else "missing" if reason.endswith("not set") else "unusable"
         key = f"key from ${p.api_key_env} ({state})"
     price = p.price
-    return [
+    lines = [
         f"  {p.name}: {p.kind.value} {p.model} at {redact_url(p.base_url)}",
         f"    {key}; quality {p.quality:g}; priority {p.priority}; timeout {p.timeout_ms} ms;"
         + (f" rate limit {p.rate_limit_rpm} rpm" if p.rate_limit_rpm else " no rate limit"),
@@ -1207,6 +1207,10 @@ def _provider_lines(p: ProviderConfig, env: Mapping[str, str] | None) -> list[st
         f"    price per Mtok: input ${price.input_per_mtok} output ${price.output_per_mtok}"
         f" ({price.source} {price.version})",
     ]
+    left_out = pricing.tiers_left_out(p.kind.value, p.model, price, datetime.now(UTC))
+    if left_out is not None:
+        lines.append(f"    note: {left_out}")
+    return lines
 
 
 def _routing_lines(config: Config) -> list[str]:

@@ -54,6 +54,7 @@ __all__ = [
     "served_tier",
     "tier_price",
     "zero_price",
+    "tiers_left_out",
 ]
 
 PAID_KINDS: Final = frozenset({"anthropic", "openai", "gemini"})
@@ -274,6 +275,26 @@ def price_at(kind: str, model: str, loaded: Price, at: datetime) -> Price:
         return loaded
     minute = at.astimezone(UTC).replace(second=0, microsecond=0)
     return _table_price_in_minute(kind, model, minute) or loaded
+
+
+def tiers_left_out(kind: str, model: str, price: Price, at: datetime) -> str | None:
+    """What a flat configured ``price`` leaves out, when the genai-prices table prices ``model``
+    higher above an input size (long-context tiers) at ``at``: a sentence naming the first such
+    threshold and its rates (calls past it are recorded at ``price``, below the bill); else
+    None. The config's price wins (DESIGN §5); this is said, not changed."""
+    if price.source != "config" or price.tiers or kind not in PAID_KINDS:
+        return None
+    table = _table_price(kind, model, at)
+    if table is None or not table.tiers:
+        return None
+    tier = table.tiers[0]
+    return (
+        f"the configured price is flat, but {model}'s provider bills a call of more than "
+        f"{tier.above_input_tokens:,} input tokens at ${tier.input_per_mtok} in / "
+        f"${tier.output_per_mtok} out per Mtok (genai-prices {table.version}); such calls are "
+        "recorded at the configured price, below the bill (without a price in the config, the "
+        "table's is used)"
+    )
 
 
 @functools.lru_cache(maxsize=1024)

@@ -17,7 +17,7 @@ from events import SpendRecorded, TaskType, decode_event, encode
 from events.contract import Price, PriceTier, Usage
 from vapora.audit import recompute_cost
 from vapora.errors import ConfigError
-from vapora.pricing import cost, resolve_price, zero_price
+from vapora.pricing import cost, resolve_price, tiers_left_out, zero_price
 from vapora.providers import ProviderRequest, make_client
 from vapora.providers.values import input_token_bound
 
@@ -279,6 +279,26 @@ def test_a_configured_price_has_no_tiers_and_stays_flat_past_any_threshold() -> 
 
     assert price.tiers == ()
     assert cost(Usage(input_tokens=300_000, output_tokens=2_000), price) == Decimal("0.395")
+
+
+def test_a_configured_flat_price_says_which_long_context_rates_it_leaves_out() -> None:
+    """A configured price wins over the table (DESIGN §5) and is flat: a call past the model's
+    long-context threshold is recorded below the bill (0.395 against Google's 0.78 above). The
+    operator is told at `vapora config` and at the provider actor's start."""
+    flat = resolve_price(
+        "gemini", "gemini-2.5-pro", input_per_mtok="1.25", output_per_mtok="10", at=AT
+    )
+    said = tiers_left_out("gemini", "gemini-2.5-pro", flat, AT)
+    table = resolve_price("gemini", "gemini-2.5-pro", at=AT)
+    [tier, *_] = table.tiers
+    assert said is not None
+    assert f"{tier.above_input_tokens:,} input tokens" in said
+    assert f"${tier.input_per_mtok} in / ${tier.output_per_mtok} out" in said
+    assert tiers_left_out("gemini", "gemini-2.5-pro", table, AT) is None  # the table's: tiered
+    plain = resolve_price("openai", "gpt-4o", input_per_mtok="2.5", output_per_mtok="10", at=AT)
+    assert resolve_price("openai", "gpt-4o", at=AT).tiers == ()  # (no tiers to leave out)
+    assert tiers_left_out("openai", "gpt-4o", plain, AT) is None
+    assert tiers_left_out("ollama", "llama3", zero_price(), AT) is None
 
 
 def test_a_gemini_model_named_with_the_models_prefix_has_the_tables_price() -> None:

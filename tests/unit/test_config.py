@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from events.contract import Price, TaskType
+from vapora import pricing
 from vapora.config import (
     DEFAULT_MAPPINGS,
     ENV_CONFIG,
@@ -811,3 +812,26 @@ def test_a_password_in_a_url_may_hold_a_space_and_a_file_of_bare_crs_loads(
     crs = tmp_path / "cr.toml"
     crs.write_bytes(BASE.replace("\n", "\r").encode())
     assert [p.name for p in load_config(crs, at=AT).providers] == ["claude", "gemini", "ollama"]
+
+
+def test_vapora_config_notes_the_long_context_rates_a_configured_price_leaves_out() -> None:
+    text = """
+[[providers]]
+name = "gem"
+kind = "gemini"
+model = "gemini-2.5-pro"
+api_key_env = "GEMINI_API_KEY"
+input_price_per_mtok = 1.25
+output_price_per_mtok = 10
+
+[[providers]]
+name = "table"
+kind = "gemini"
+model = "gemini-2.5-pro"
+api_key_env = "GEMINI_API_KEY"
+"""
+    config = parse_config(text, source="t.toml", at=AT, resolve_price=pricing.resolve_price)
+    shown = render_text(config, {}).splitlines()
+    notes = [i for i, line in enumerate(shown) if line.strip().startswith("note:")]
+    assert len(notes) == 1 and "200,000 input tokens" in shown[notes[0]]
+    assert "gem:" in "\n".join(shown[: notes[0]]) and "table:" in shown[notes[0] + 1]
