@@ -132,6 +132,23 @@ async def test_silence_is_a_request_timeout(tmp_path: Path) -> None:
                 pass
 
 
+async def _ask_a_sort(client: vapora.Client, *, budget_cents: int | None) -> tuple[int, str]:
+    """`vapora ask` for code at High quality, not streamed: its status and what it printed."""
+    out = io.StringIO()
+    status = await ask_command(
+        client,
+        "write a sort",
+        task_type="CodeGeneration",
+        quality="High",
+        provider=None,
+        budget_cents=budget_cents,
+        stream=False,
+        as_json=False,
+        out=out,
+    )
+    return status, out.getvalue()
+
+
 async def test_ask_prints_what_the_task_cost_when_an_earlier_attempt_was_billed(
     tmp_path: Path,
 ) -> None:
@@ -140,21 +157,9 @@ async def test_ask_prints_what_the_task_cost_when_an_earlier_attempt_was_billed(
     under it says how much and where (the figure printed hid the first attempt's spend)."""
     config = guide(models={"claude": "claude-opus-4-5-hang"}, timeouts={"claude": 300})
     async with deployment(tmp_path, config) as dep:
-        out = io.StringIO()
-        status = await ask_command(
-            dep.client,
-            "write a sort",
-            task_type="CodeGeneration",
-            quality="High",
-            provider=None,
-            budget_cents=None,
-            stream=False,
-            as_json=False,
-            out=out,
-        )
+        status, text = await _ask_a_sort(dep.client, budget_cents=None)
         spends = [e for e in await dep.events() if isinstance(e, SpendRecorded)]
     assert status == 0
-    text = out.getvalue()
     by_provider = {e.provider: e.cost_usd for e in spends}
     assert by_provider["claude"] > 0 and len(by_provider) == 2
     total = sum(by_provider.values(), Decimal(0))
@@ -165,20 +170,8 @@ async def test_ask_prints_what_the_task_cost_when_an_earlier_attempt_was_billed(
 
 async def test_ask_prints_text_then_provider_model_tokens_cost_latency(tmp_path: Path) -> None:
     async with deployment(tmp_path, guide()) as dep:
-        out = io.StringIO()
-        status = await ask_command(
-            dep.client,
-            "write a sort",
-            task_type="CodeGeneration",
-            quality="High",
-            provider=None,
-            budget_cents=500,
-            stream=False,
-            as_json=False,
-            out=out,
-        )
+        status, text = await _ask_a_sort(dep.client, budget_cents=500)
         assert status == 0
-        text = out.getvalue()
         for label in ("provider: claude", "model:", "tokens:", "cost:     $", "latency:"):
             assert label in text
         out = io.StringIO()
