@@ -219,6 +219,8 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     expires_at: datetime
     version: int
     returned: bool = False
+    #: When the keeper last granted or extended it (its clock; None in snapshots from before).
+    granted_at: datetime | None = None
 
     @property
     def outstanding_usd(self) -> Decimal:
@@ -256,6 +258,10 @@ class BudgetState:
     last_sequence: int = 0
     announced: Tier = Tier.NORMAL
     watermark: datetime | None = None
+    #: The latest time taken from the keeper's clock (a budget event's, or a spend's brought
+    #: within its hold's life): a spend that settles no hold moves the watermark to at most an
+    #: hour past it.
+    anchor: datetime | None = None
     total_spent_usd: Decimal = _ZERO
     spend_events: int = 0
     reserved_usd: Decimal = _ZERO
@@ -431,6 +437,7 @@ class _Books:
     """The fold's working copy: mutated in place, frozen once into a :class:`BudgetState`."""
 
     __slots__ = (
+        "anchor",
         "announced",
         "closed",
         "counted",
@@ -451,6 +458,7 @@ class _Books:
         "task_retention",
         "tasks",
         "total",
+        "unanchored",
         "watermark",
         "watermark_limit",
     )
@@ -462,6 +470,8 @@ class _Books:
         # Past this, an event's time is checked against MAX_WATERMARK_STEP (a comparison per
         # event instead of a subtraction; so one event moves it at most twice the step).
         self.watermark_limit = _LONG_AGO
+        self.anchor = state.anchor
+        self.unanchored = False  # set by a spend that settled no hold (see apply)
         self.next_prune = state.next_prune
         self.task_retention = state.task_retention
         self.total = state.total_spent_usd
@@ -489,6 +499,7 @@ class _Books:
             last_sequence=self.last_sequence,
             announced=self.announced,
             watermark=self.watermark,
+            anchor=self.anchor,
             total_spent_usd=self.total,
             spend_events=self.spend_events,
             reserved_usd=self.reserved,
@@ -515,10 +526,23 @@ class _Books:
         if at.tzinfo is not UTC:
             at = _utc(at)
         try:
-            handler(self, event, at)
+            counted_at = handler(self, event, at)
         except (_Unusable, decimal.InvalidOperation):
             return  # an amount no sum can take (NaN compares as invalid): passed by, as the
             # live path's decoder makes such an event unreadable
+        if counted_at is not None:
+            at = counted_at  # (a spend: brought within its hold's life)
+        # Event time moves on with the keeper's clock: a spend that settled no hold (its
+        # writer's clock alone) moves it to at most MAX_WATERMARK_STEP past the latest time of
+        # the keeper's (many such spends from a host ahead dragged it an hour each, and the
+        # prune dropped the month's spend).
+        if self.unanchored:
+            self.unanchored = False
+            anchor = self.anchor
+            if anchor is not None and at > anchor + MAX_WATERMARK_STEP:
+                at = anchor + MAX_WATERMARK_STEP
+        elif self.anchor is None or at > self.anchor:
+            self.anchor = at
         # The tick, inlined: it runs for every money event of every replay. Event time moves
         # on by at most about MAX_WATERMARK_STEP per event (see there).
         mark = self.watermark
@@ -548,6 +572,7 @@ class _Books:
                 granted_usd=event.granted_usd,
                 expires_at=_utc(event.expires_at),
                 version=event.version,
+                granted_at=at,
             )
             self.put_lease(lid, None, new)
         elif old is not None and event.version > old.version:
@@ -558,6 +583,7 @@ class _Books:
                 expires_at=_utc(event.expires_at),
                 version=event.version,
                 returned=old.returned,
+                granted_at=at,
             )
             self.put_lease(lid, old, new)
 
@@ -576,6 +602,7 @@ class _Books:
             expires_at=old.expires_at,
             version=event.version,
             returned=True,
+            granted_at=old.granted_at,
         )
         if event.reason == "expired" or new.outstanding_usd == 0:
             self.put_lease(lid, old, None)
@@ -605,6 +632,7 @@ class _Books:
                 expires_at=lease.expires_at,
                 version=lease.version,
                 returned=lease.returned,
+                granted_at=lease.granted_at,
             ),
         )
 
@@ -638,15 +666,34 @@ class _Books:
         # Touched even when ignored, so the task's cap and last activity do not depend on order.
         self.touch_task(event.task_id, at, _ZERO, amount, event.task_limit_usd)
 
-    def spend(self, event: SpendRecorded, at: datetime) -> None:
+    def spend(self, event: SpendRecorded, at: datetime) -> datetime | None:
+        """Count a spend, in the day of its time brought within the life of the hold it settles
+        (from its admission to its expiry, by the keeper's clock): a provider actor whose clock
+        was a day behind had its spend counted yesterday, past every limit checked today
+        ($180 against a $10 day in a review). The time it counts at (None: not counted)."""
         cost = event.cost_usd
         if not _ZERO <= cost <= MAX_AMOUNT:
             raise _Unusable
+        rid = event.reservation_id
+        lease = self.leases.get(rid) if self.leases and rid is not None else None
+        if lease is not None:
+            start, end = lease.granted_at, lease.expires_at
+        else:
+            held = self.open.get(rid) if rid is not None else None
+            if held is None:
+                start = end = None
+                self.unanchored = True
+            else:
+                start, end = held.reserved_at, held.expires_at
+        if start is not None and at < start:
+            at = start
+        elif end is not None and at > end:
+            at = end
         eid, counted = event.id, self.counted
         index = hash(eid) & _MASK
         shard = counted._shards[index]
         if eid in shard:
-            return
+            return None
         (shard if counted._owned[index] else counted.writable(index))[eid] = at
         day = at.date()
         if day != self.last_day:
@@ -662,13 +709,12 @@ class _Books:
         months[month] = cost if spent is None else spent + cost
         self.total += cost
         self.spend_events += 1
-        rid = event.reservation_id
-        lease = self.leases.get(rid) if self.leases and rid is not None else None
         if lease is not None:
             self.spend_on_lease(rid, lease, cost)  # type: ignore[arg-type]
             self.touch_task(event.task_id, at, cost, _ZERO, None)
         else:
             self.close(rid, event.task_id, at, cost)
+        return at
 
     def close(self, rid: str | None, task_id: str, at: datetime, cost: Decimal) -> None:
         """Close ``rid`` (if given and open) and add ``cost`` to ``task_id``'s spend."""
@@ -731,7 +777,7 @@ class _Books:
         self.counted.drop_before(closed_before)
 
 
-_Handler = Callable[[_Books, Any, datetime], None]
+_Handler = Callable[[_Books, Any, datetime], datetime | None]
 # Each event type, and its view (``vapora.budget_view``: only the fields read, for bulk replays).
 _HANDLERS: dict[type, _Handler] = {
     SpendRecorded: _Books.spend,
@@ -1165,6 +1211,7 @@ class _Snapshot(msgspec.Struct, kw_only=True):
     leased_usd: Decimal = _ZERO
     leases: dict[str, Lease] = {}
     announced: Tier = Tier.NORMAL  # Normal in snapshots written before it was kept
+    anchor: datetime | None = None  # None in snapshots written before it was kept
 
 
 _snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
@@ -1190,6 +1237,7 @@ def snapshot(state: BudgetState) -> bytes:
             leased_usd=state.leased_usd,
             leases=dict(state.leases),
             announced=state.announced,
+            anchor=state.anchor,
         )
     )
 
@@ -1201,6 +1249,7 @@ def restore(data: bytes) -> BudgetState:
         last_sequence=snap.last_sequence,
         announced=snap.announced,
         watermark=snap.watermark,
+        anchor=snap.anchor,
         total_spent_usd=snap.total_spent_usd,
         spend_events=snap.spend_events,
         reserved_usd=snap.reserved_usd,
