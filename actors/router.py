@@ -1337,7 +1337,20 @@ class RouterActor:
                     self._lease_retry_at = self.runtime.clock() + timedelta(seconds=wait)
                     return
             lease_id = lease.lease_id if lease is not None else _new_id()
+            asked_at = self.runtime.clock()
             reply = await self._ask_lease(lease_id, amount, new=lease is None)
+            gone = reply is not None and not reply.granted and reply.expires_at is None
+            if gone and lease is not None and self.lease is lease:
+                # The keeper holds it no more: it expired by the keeper's clock (ahead of this
+                # router's), or was taken back. Nothing more is admitted on it.
+                log.warning(
+                    "router: the budget keeper holds lease %s no more (%s); nothing more is "
+                    "admitted on it",
+                    lease.lease_id,
+                    reply.reason if reply is not None else "",  # (gone: a reply)
+                )
+                self.lease = None
+                await self._return_lease(lease, "returned")
             if reply is None or not reply.granted or reply.expires_at is None:
                 self._lease_retry_at = now + timedelta(seconds=_LEASE_RETRY_S)
                 return
@@ -1348,7 +1361,11 @@ class RouterActor:
             current.last_grant = reply.granted_usd - current.granted
             current.granted = max(current.granted, reply.granted_usd)
             current.granted_at = now
-            current.usable_until = reply.expires_at - self.lease_margin
+            # By this router's clock, from when it asked (the keeper's expiry is the keeper's
+            # clock: a router behind it by two minutes admitted on a lease the keeper had
+            # expired and freed, $1.107 spent of a $1.00 day in a review).
+            ttl = timedelta(seconds=self.lease_ttl_s)
+            current.usable_until = asked_at + ttl - self.lease_margin
             self._set_tier(reply.tier)
         finally:
             self._asking = False

@@ -5,6 +5,7 @@ concurrent paid requests never overspend the daily limit."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -449,6 +450,37 @@ async def test_a_router_refused_the_caps_subject_says_so_once_and_reserves_per_a
     warned = [r for r in caplog.records if "budget.caps" in r.getMessage()]
     assert [r.levelname for r in warned] == ["WARNING"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_router_whose_clock_is_behind_the_keepers_keeps_to_the_lease_the_keeper_holds(
+    tmp_path: Path,
+) -> None:
+    """A lease's expiry is the keeper's clock: a router two minutes behind it took the keeper's
+    expiry as its own and admitted on a lease the keeper had already expired and freed ($1.107
+    spent of a $1.00 day in a review). The router times a lease by its own clock from when it
+    asked, and drops a lease the keeper no longer holds when it asks to extend it."""
+    models = {"claude": "claude-opus-4-5-len-100"}
+    budget_toml = "[budget]\ndaily_limit_cents = 1000\n"
+    async with deployment(tmp_path, guide(models=models, budget=budget_toml), keeper=True) as dep:
+        assert dep.router is not None
+        dep.router.stop()
+        behind = timedelta(minutes=2)
+        keeper_clock = dep.runtime.clock
+        router_clock = lambda: keeper_clock() - behind  # noqa: E731
+        late = RouterActor(dataclasses.replace(dep.runtime, clock=router_clock), reserve=True)
+        async with anyio.create_task_group() as tg:
+            await tg.start(late.run)
+            await until(lambda: late.lease is not None)
+            lease = late.lease
+            assert lease is not None and lease.usable_until is not None
+            life = timedelta(seconds=late.lease_ttl_s) - late.lease_margin
+            assert lease.usable_until <= router_clock() + life  # (the keeper's: 2 minutes more)
+            # The keeper takes it back (as when it expires it by its clock): asked to extend
+            # it, the keeper answers that it holds no such lease, and the router drops it.
+            await give_back(dep.nc, lease.lease_id, kept="0", holder=late.holder)
+            await late._renew_lease(Decimal(0))
+            assert late.lease is not lease
+            late.stop()
 
 
 @contextlib.asynccontextmanager
