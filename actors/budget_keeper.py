@@ -82,7 +82,7 @@ from nats.js.errors import NotFoundError
 from actors import tracing
 from actors.eventlog import LogEntry, ReplayBatch, Unreadable
 from actors.follow import LogFollower
-from actors.runner import Runtime
+from actors.runner import Runtime, utc_now
 from actors.service import ActorService, Endpoint, RequestContext, reply_room
 from events import subjects
 from events.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode, event_tag
@@ -207,10 +207,19 @@ class BudgetKeeper:
         snapshot_interval_s: float = 30.0,
         resync_timeout_s: float = 5.0,
         expiry_grace_s: float = 15.0,
+        steady: Callable[[], float] | None = None,
     ) -> None:
         self.runtime = runtime
         self.log = runtime.log
         self.clock = runtime.clock
+        #: Seconds that only ever move on at their pace (``time.monotonic`` with the real
+        #: clock): holds expire by the wall clock only as far as these seconds say time has
+        #: passed since the start, so a wall clock stepped forward (NTP, a VM resumed) does not
+        #: expire holds whose calls still run. None with another clock (tests move theirs).
+        if steady is None and runtime.clock is utc_now:
+            steady = time.monotonic
+        self._steady = steady
+        self._steady_base: tuple[datetime, float] | None = None  # (wall, steady) at the start
         self.limits = limits_of(runtime.config.budget)
         self.lease_usd = runtime.config.budget.lease_usd
         self.subject = subjects.event_subject("budget_reserved", None, runtime.log.settings.prefix)
@@ -978,8 +987,17 @@ class BudgetKeeper:
             self._wake = anyio.Event()
             await self._withdraw_if_fenced()
             try:
+                expire = True
+                if self._holds_due():
+                    # A hold's spend may be in the log, not yet folded: freed before it, its
+                    # money would be neither held nor spent meanwhile.
+                    try:
+                        await self._read_to_end()
+                    except VaporaError as exc:
+                        expire = False
+                        log.info("budget keeper: no hold expired this time: %s", exc)
                 async with self._lock:
-                    await self._tick()
+                    await self._tick(expire=expire)
             except VaporaError as exc:
                 log.warning("budget keeper: housekeeping deferred: %s", exc)
             except Exception:
@@ -992,13 +1010,32 @@ class BudgetKeeper:
     def _spent(self) -> tuple[tuple[str, Decimal], ...]:
         return self._spent_now
 
-    async def _tick(self) -> None:
+    def _holds_due(self) -> bool:
+        now = self._expiry_now()
+        return bool(budget.expired(self.state, now) or budget.expired_leases(self.state, now))
+
+    def _expiry_now(self) -> datetime:
+        """The time holds expire by: the wall clock, but no later than the start's wall time
+        plus the steady seconds since (a wall clock stepped forward by five minutes expired a
+        $9 hold whose call still ran, and a second $9 was admitted under a $10 day, in a
+        review). A wall clock stepped back delays expiry, which only holds money longer."""
+        now = self.clock()
+        if self._steady is None:
+            return now
+        steady = self._steady()
+        if self._steady_base is None:
+            self._steady_base = (now, steady)
+        wall, base = self._steady_base
+        return min(now, wall + timedelta(seconds=steady - base))
+
+    async def _tick(self, *, expire: bool = True) -> None:
         self._note_spend()
         if self.fenced_out is None:
             await self._writable()
-            now = self.clock()
+            now = self._expiry_now()
             self._pending = {rid: until for rid, until in self._pending.items() if until > now}
-            if self._quiet_since is None or now - self._quiet_since >= self.expiry_grace:
+            quiet = self._quiet_since is None or now - self._quiet_since >= self.expiry_grace
+            if expire and quiet:
                 for rid in budget.expired(self.state, now):
                     if rid not in self._pending:  # spent, only not in the log yet
                         await self._release(rid, "expired")

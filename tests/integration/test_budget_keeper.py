@@ -312,6 +312,35 @@ async def test_a_reservation_never_settled_is_released_as_expired_after_its_ttl(
         assert keeper.state.reservation(kept.reservation_id) is not None
 
 
+async def test_a_wall_clock_stepped_forward_expires_no_hold_whose_time_has_not_passed(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The keeper's clock stepped five minutes forward (NTP, a VM resumed) while a $9 hold's
+    call ran: the hold expired, a second $9 was admitted under a $10 day, and both calls billed
+    ($18, a review). Holds expire by the wall clock only as far as steady seconds (monotonic)
+    say time has passed since the keeper started."""
+    clock, seconds = FakeClock(), [0.0]
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock),
+        tick_s=0.05,
+        expiry_grace_s=0,
+        steady=lambda: seconds[0],
+    )
+    async with running(keeper):
+        held = await reserve(conn, Decimal(9), ttl_s=120)
+        assert held.admitted and not (await reserve(conn, Decimal(9))).admitted
+        clock.advance(300)  # the step; one second of steady time passes
+        seconds[0] += 1
+        await anyio.sleep(0.3)  # ticks
+        assert keeper.state.reservation(held.reservation_id) is not None
+        assert not (await reserve(conn, Decimal(9))).admitted
+        seconds[0] += 120  # the hold's time has passed: it expires
+        released = await eventually(lambda: events_of(keeper.log, BudgetReleased))
+        assert [(e.reservation_id, e.reason) for e, _ in released] == [
+            (held.reservation_id, "expired")
+        ]
+
+
 # --- snapshots -----------------------------------------------------------------------------------
 
 
