@@ -187,6 +187,17 @@ class _SnapshotFile(msgspec.Struct, kw_only=True):
     # When the stream was made: a stream of the same name made again (or another server's) is
     # not the one snapshotted. None in snapshots written before it was kept.
     stream_created: datetime | None = None
+    #: Sequences of money messages this keeper could not read and passed by (a newer
+    #: writer's): read again at the next start (version 2 on).
+    passed_by: list[int] = []
+
+
+#: The snapshot version this keeper writes. An earlier one does not say what its keeper passed
+#: by unread: the log is replayed from its start instead (once, at the upgrade).
+_SNAPSHOT_VERSION = 2
+#: Money messages passed by unread, remembered to be read again at a start (past it, the
+#: oldest are forgotten and said in the log).
+_PASSED_BY_KEPT = 10_000
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
@@ -234,6 +245,8 @@ class BudgetKeeper:
         #: not heard it yet.
         self.expiry_grace = timedelta(seconds=expiry_grace_s)
         self._quiet_since: datetime | None = None  # the start, or the last refused append
+        #: Money messages passed by unread (see _SnapshotFile.passed_by), oldest first.
+        self._passed_by: dict[int, None] = {}
         #: Holds whose spend a provider actor holds, and until when that word stands.
         self._pending: dict[str, datetime] = {}
         # The live budget: one fold the tail and our own appends write in place; ``state`` is a
@@ -283,6 +296,7 @@ class BudgetKeeper:
         await self.log.ensure_stream()
         self._restore_snapshot()
         await self._catch_up()
+        await self._read_passed_by()
         follower = LogFollower(
             self.log, name="budget keeper", apply=self._apply_tail, position=self._position
         )
@@ -439,6 +453,17 @@ class BudgetKeeper:
         if saved.stream != self.log.settings.name:
             log.warning("budget keeper: snapshot is of stream %s; ignoring it", saved.stream)
             return
+        if saved.version < _SNAPSHOT_VERSION:
+            # Its keeper may have passed by a newer writer's spend it could not read, and its
+            # snapshot moved past it: restored, that spend would never count (a review, an
+            # upgrade from a day-old version: the day's spend short by three calls for good).
+            log.warning(
+                "budget keeper: snapshot %s was written by an earlier version; replaying the "
+                "log from its start (once)",
+                self.snapshot_path,
+            )
+            return
+        self._passed_by = dict.fromkeys(saved.passed_by)
         # The keeper's own record of the tier (snapshots of the state before it kept one).
         self._reset(dataclasses.replace(state, announced=saved.announced))
         self.fence = saved.fence
@@ -466,11 +491,57 @@ class BudgetKeeper:
         fold = self._fold
         async for batch in self.log.replay_batches(decode_views, fold.last_sequence + 1):
             self._note_batch(batch)
+            self._note_passed_by(batch)
             fold.apply_sequenced(batch.seqs, batch.events)
             self._view = None
             self.replayed_events += len(batch)
             self._changed += len(batch)
             self._tier_cause = _last_money_event(batch.events) or self._tier_cause
+
+    def _note_passed_by(self, batch: ReplayBatch[View]) -> None:
+        """Remember the money messages of a replay's batch that did not read (to read again)."""
+        events: list[Any] = batch.events  # (a message that did not read: Unreadable)
+        if Unreadable not in set(map(type, events)):  # (the common case, at C speed)
+            return
+        for seq, message, event in zip(batch.seqs, batch.messages, events, strict=True):
+            if type(event) is Unreadable and message[0].decode().startswith(_MONEY_SUBJECTS):
+                self._pass_by(seq)
+
+    def _pass_by(self, seq: int) -> None:
+        self._passed_by[seq] = None
+        if len(self._passed_by) > _PASSED_BY_KEPT:
+            oldest = next(iter(self._passed_by))
+            del self._passed_by[oldest]
+            log.error(
+                "budget keeper: more than %d money messages passed by unread; sequence %d is "
+                "no longer read again at a start",
+                _PASSED_BY_KEPT,
+                oldest,
+            )
+
+    async def _read_passed_by(self) -> None:
+        """Fold the money messages passed by unread that read now (this version knows what an
+        earlier one did not); the others stay remembered."""
+        folded = 0
+        for seq in list(self._passed_by):
+            try:
+                data = await self._stored(seq)
+            except Exception as exc:  # read again at the next start
+                log.warning("budget keeper: sequence %d not read again: %s", seq, exc)
+                continue
+            try:
+                view = decode_view(data) if data else None
+            except DecodeError:
+                continue
+            del self._passed_by[seq]
+            if view is not None and isinstance(view, FOLDED):
+                self._fold_in(view)
+                folded += 1
+        if folded:
+            log.warning(
+                "budget keeper: %d money events passed by unread before read now; counted",
+                folded,
+            )
 
     def _note_batch(self, batch: ReplayBatch[View]) -> None:
         """:meth:`_note` for the events on the budget subject (a replay's fast path)."""
@@ -562,13 +633,16 @@ class BudgetKeeper:
                 exc,
                 tries,
             )
+            self._pass_by(entry.seq)
             return entry
         self._rereads = (0, 0)
         try:
             view = decode_view(data)
         except DecodeError:
+            self._pass_by(entry.seq)
             return entry  # not readable for its money either: passed by on both paths
         if not isinstance(view, FOLDED):
+            self._pass_by(entry.seq)
             return entry
         self.money_only += 1
         log.warning(
@@ -1082,11 +1156,13 @@ class BudgetKeeper:
         if self.fenced_out is not None or not self._ready:
             return
         saved = _SnapshotFile(
+            version=_SNAPSHOT_VERSION,
             stream=self.log.settings.name,
             fence=self.fence,
             announced=self.announced,
             state=b"",
             stream_created=self._stream_created,
+            passed_by=list(self._passed_by),
         )
         state, path = self._fold.state(), self.snapshot_path  # frozen: read off the loop
         self._changed, self._snapshot_time = 0, time.monotonic()

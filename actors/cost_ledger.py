@@ -77,7 +77,8 @@ class CostLedger:
         ):
             self._ledger, self._reader = ledger, reader
             self.position = await ledger.last_sequence()
-            await self._check_same_stream(ledger)
+            if await self._check_same_stream(ledger):
+                await self._read_again(ledger)
             wildcard = self.log.settings.wildcard
             async for batch in self.log.replay(self.position + 1):
                 # A replay links to the events' traces, never adds spans under them.
@@ -128,32 +129,57 @@ class CostLedger:
             while self.position < end:  # noqa: ASYNC110 - the follower moves it: polled
                 await anyio.sleep(0.02)
 
-    async def _check_same_stream(self, ledger: Ledger) -> None:
+    async def _read_again(self, ledger: Ledger) -> None:
+        """Record the events an earlier version of the ledger passed by as messages that were
+        no event (a newer writer's: a field or a type it did not know), now that they read: an
+        upgraded ledger never stored their spend, and when the last thing recorded was one, it
+        refused to start ("built from another event stream") though the stream was its own."""
+        found: list[tuple[Event, int]] = []
+        for seq in await ledger.unreadable_sequences():
+            stored = await self._stored(seq)
+            if stored is None or stored is _AGED:
+                continue
+            try:
+                found.append((decode_event(stored.data), seq))
+            except DecodeError:
+                continue  # (still no event this version reads)
+        if found:
+            recorded = await ledger.replace_unreadable(found)
+            log.warning(
+                "cost ledger: %d events an earlier version recorded as unreadable read now; "
+                "recorded (sequences %s)",
+                recorded,
+                ", ".join(str(seq) for _, seq in found[:10]) + (" ..." if len(found) > 10 else ""),
+            )
+
+    async def _check_same_stream(self, ledger: Ledger) -> bool:
         """The ledger resumes after its last sequence: that must be the stream it was built
         from. A stream made again, or a data directory pointed at another server, would have
         the ledger skip the new stream's first events (or take them for others). Checked on
-        the last event recorded: the stream must hold the same event id at that sequence; and,
-        when the last thing recorded was a message that was no event, the stream must not hold
-        an event at its sequence."""
-        last_row = await ledger.last_row()
-        if last_row is not None and last_row[1] == f"unreadable-{last_row[0]}":
-            # A message that was no event: the stream must still hold one at that sequence.
-            stored = await self._stored(last_row[0])
-            if stored is not None and stored is not _AGED and _is_event(stored.data):
-                held = (stored.headers or {}).get("Nats-Msg-Id")
-                recorded = f"a message that was no event at sequence {last_row[0]}"
-                raise self._other_stream(recorded, f"event {held}")
+        the last event recorded: the stream must hold the same event id at that sequence. With
+        no event recorded, only messages that were none, the stream must not hold an event at
+        the last one's sequence (nothing else tells the stream apart). True when an event
+        recorded was found where it was: the stream is the ledger's own, and a message it
+        recorded as no event that reads now is a newer writer's event (:meth:`_read_again`)."""
         last = await ledger.last_event()
         if last is None:
-            return
+            last_row = await ledger.last_row()
+            if last_row is not None and last_row[1] == f"unreadable-{last_row[0]}":
+                stored = await self._stored(last_row[0])
+                if stored is not None and stored is not _AGED and _is_event(stored.data):
+                    held = (stored.headers or {}).get("Nats-Msg-Id")
+                    recorded = f"a message that was no event at sequence {last_row[0]}"
+                    raise self._other_stream(recorded, f"event {held}")
+            return False
         seq, event_id = last
         stored = await self._stored(seq)
         if stored is _AGED:
-            return  # aged out of a stream with limits: nothing to compare
+            return False  # aged out of a stream with limits: nothing to compare
         stored_id = _stored_id(stored) if stored is not None else None
         if stored_id != event_id:
             found = f"event {stored_id}" if stored_id else "no event"
             raise self._other_stream(f"event {event_id} at sequence {seq}", found)
+        return True
 
     async def _stored(self, seq: int) -> Any:
         """The stream's message at ``seq``; None if it has none; :data:`_AGED` if it aged out."""

@@ -343,6 +343,34 @@ class Ledger:
             self._last = last
             return applied
 
+    async def unreadable_sequences(self) -> list[int]:
+        """The sequences recorded as messages that were no event (``unreadable-<seq>``)."""
+        async with self._reading() as db:
+            cursor = await db.execute(
+                "SELECT seq FROM events WHERE event_id = 'unreadable-' || seq ORDER BY seq"
+            )
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def replace_unreadable(self, pairs: list[tuple[Event, int]]) -> int:
+        """Record ``(event, seq)`` pairs at sequences recorded as messages that were no event:
+        events of a newer writer, read now by a newer ledger than the one that passed them
+        by. Each placeholder is replaced by the event's row (and a spend's row), in one
+        transaction; the last sequence is unchanged. Returns how many were recorded."""
+        pairs = sorted(pairs, key=lambda pair: pair[1])
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.executemany(
+                    "DELETE FROM events WHERE seq = ? AND event_id = 'unreadable-' || seq",
+                    [(seq,) for _, seq in pairs],
+                )
+                applied, _ = await self._write(iter(pairs), 0)
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+            return applied
+
     async def _rollback(self) -> None:
         # The original error matters more than a failed rollback (say, on a closed connection);
         # SQLite discards an uncommitted transaction on close or crash anyway.

@@ -190,6 +190,37 @@ async def test_a_ledger_whose_last_record_is_a_message_that_is_no_event_starts_a
     assert "was built from another event stream" in str(await _refusal_to_start(rt))
 
 
+async def test_events_an_older_ledger_recorded_as_unreadable_are_recorded_when_they_read(
+    conn: Client, tmp_path: Path
+) -> None:
+    """An older ledger passes by a newer writer's spend it cannot read (a field it does not
+    know), recording a placeholder. Upgraded, the ledger never stored that spend, and when the
+    placeholder was the last thing recorded it refused to start, "built from another event
+    stream" (a review, upgrading from a day-old version). The placeholders that read now are
+    recorded as the events they are. (The older ledger's file is made here by hand.)"""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(), clock=clock)
+    async with running(CostLedger(rt)) as ledger:
+        for n in range(3):
+            await rt.log.append(
+                spend(task_id=f"t{n}", usage=exact_usage(Decimal("0.3")), at=clock())
+            )
+        await eventually(lambda: _caught_up(ledger))
+    with sqlite3.connect(tmp_path / LEDGER_FILE) as db:  # as the older ledger recorded them
+        for seq in (2, 3):
+            db.execute("DELETE FROM spend WHERE seq = ?", (seq,))
+            db.execute(
+                "UPDATE events SET event_id = ?, type = 'unreadable', task_id = NULL WHERE seq = ?",
+                (f"unreadable-{seq}", seq),
+            )
+    async with running(CostLedger(rt)) as again:  # it starts
+        report = (await ask(conn, subjects.REPORT, b"{}")).as_(CostReport)
+        assert again.position == 3
+    assert (report.calls, report.total_usd) == (3, Decimal("0.9"))
+    status, said = await audit_command(conn, rt.log, tmp_path)
+    assert status == 0, said
+
+
 async def test_a_ledger_whose_only_record_is_a_message_that_was_no_event_still_checks_its_stream(
     conn: Client, tmp_path: Path
 ) -> None:
