@@ -128,6 +128,7 @@ CLOSED_RETENTION = timedelta(days=1)
 #: this much, not to its stamp (one spend a quarter ahead used to drop the month's spend).
 MAX_WATERMARK_STEP = timedelta(hours=1)
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
+_LOOK = object()  # (close: the reservation not looked up yet)
 _ZERO = Decimal(0)
 #: The fold's arithmetic: amounts are sums and differences of the events' (up to the pricing's
 #: 50 digits each); the default 28 digits rounded them (a hold of 31 digits, released, left
@@ -470,7 +471,7 @@ class _Books:
         # Past this, an event's time is checked against MAX_WATERMARK_STEP (a comparison per
         # event instead of a subtraction; so one event moves it at most twice the step).
         self.watermark_limit = _LONG_AGO
-        self.anchor = state.anchor
+        self.anchor = state.anchor or _LONG_AGO  # (None: none yet; a sentinel, one compare)
         self.unanchored = False  # set by a spend that settled no hold (see apply)
         self.next_prune = state.next_prune
         self.task_retention = state.task_retention
@@ -499,7 +500,7 @@ class _Books:
             last_sequence=self.last_sequence,
             announced=self.announced,
             watermark=self.watermark,
-            anchor=self.anchor,
+            anchor=None if self.anchor is _LONG_AGO else self.anchor,
             total_spent_usd=self.total,
             spend_events=self.spend_events,
             reserved_usd=self.reserved,
@@ -539,9 +540,9 @@ class _Books:
         if self.unanchored:
             self.unanchored = False
             anchor = self.anchor
-            if anchor is not None and at > anchor + MAX_WATERMARK_STEP:
+            if anchor is not _LONG_AGO and at > anchor + MAX_WATERMARK_STEP:
                 at = anchor + MAX_WATERMARK_STEP
-        elif self.anchor is None or at > self.anchor:
+        elif at > self.anchor:
             self.anchor = at
         # The tick, inlined: it runs for every money event of every replay. Event time moves
         # on by at most about MAX_WATERMARK_STEP per event (see there).
@@ -678,17 +679,18 @@ class _Books:
         lease = self.leases.get(rid) if self.leases and rid is not None else None
         if lease is not None:
             start, end = lease.granted_at, lease.expires_at
+            if start is not None and at < start:
+                at = start
+            elif at > end:
+                at = end
         else:
-            held = self.open.get(rid) if rid is not None else None
+            held = self.open._shards[hash(rid) & _MASK].get(rid) if rid is not None else None
             if held is None:
-                start = end = None
                 self.unanchored = True
-            else:
-                start, end = held.reserved_at, held.expires_at
-        if start is not None and at < start:
-            at = start
-        elif end is not None and at > end:
-            at = end
+            elif at < held.reserved_at:
+                at = held.reserved_at
+            elif at > held.expires_at:
+                at = held.expires_at
         eid, counted = event.id, self.counted
         index = hash(eid) & _MASK
         shard = counted._shards[index]
@@ -713,19 +715,23 @@ class _Books:
             self.spend_on_lease(rid, lease, cost)  # type: ignore[arg-type]
             self.touch_task(event.task_id, at, cost, _ZERO, None)
         else:
-            self.close(rid, event.task_id, at, cost)
+            self.close(rid, event.task_id, at, cost, held)
         return at
 
-    def close(self, rid: str | None, task_id: str, at: datetime, cost: Decimal) -> None:
-        """Close ``rid`` (if given and open) and add ``cost`` to ``task_id``'s spend."""
+    def close(
+        self, rid: str | None, task_id: str, at: datetime, cost: Decimal, held: Any = _LOOK
+    ) -> None:
+        """Close ``rid`` (if given and open) and add ``cost`` to ``task_id``'s spend; ``held``:
+        its open reservation (or None) when the caller looked it up already."""
         if rid is None:
             self.touch_task(task_id, at, cost, _ZERO, None)
             return
         index, opened, closed = hash(rid) & _MASK, self.open, self.closed
-        held = None
-        if rid in opened._shards[index]:
+        if held is _LOOK:
+            held = opened._shards[index].get(rid)
+        if held is not None:
             shard = opened._shards[index] if opened._owned[index] else opened.writable(index)
-            held = shard.pop(rid)
+            del shard[rid]
         times = closed._shards[index]
         if rid not in times:
             (times if closed._owned[index] else closed.writable(index))[rid] = at
