@@ -128,7 +128,6 @@ CLOSED_RETENTION = timedelta(days=1)
 #: this much, not to its stamp (one spend a quarter ahead used to drop the month's spend).
 MAX_WATERMARK_STEP = timedelta(hours=1)
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
-_LOOK = object()  # (close: the reservation not looked up yet)
 _ZERO = Decimal(0)
 #: The fold's arithmetic: amounts are sums and differences of the events' (up to the pricing's
 #: 50 digits each); the default 28 digits rounded them (a hold of 31 digits, released, left
@@ -220,8 +219,6 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     expires_at: datetime
     version: int
     returned: bool = False
-    #: When the keeper last granted or extended it (its clock; None in snapshots from before).
-    granted_at: datetime | None = None
 
     @property
     def outstanding_usd(self) -> Decimal:
@@ -259,10 +256,6 @@ class BudgetState:
     last_sequence: int = 0
     announced: Tier = Tier.NORMAL
     watermark: datetime | None = None
-    #: The latest time taken from the keeper's clock (a budget event's, or a spend's brought
-    #: within its hold's life): a spend that settles no hold moves the watermark to at most an
-    #: hour past it.
-    anchor: datetime | None = None
     total_spent_usd: Decimal = _ZERO
     spend_events: int = 0
     reserved_usd: Decimal = _ZERO
@@ -438,7 +431,6 @@ class _Books:
     """The fold's working copy: mutated in place, frozen once into a :class:`BudgetState`."""
 
     __slots__ = (
-        "anchor",
         "announced",
         "closed",
         "counted",
@@ -459,7 +451,6 @@ class _Books:
         "task_retention",
         "tasks",
         "total",
-        "unanchored",
         "watermark",
         "watermark_limit",
     )
@@ -471,8 +462,6 @@ class _Books:
         # Past this, an event's time is checked against MAX_WATERMARK_STEP (a comparison per
         # event instead of a subtraction; so one event moves it at most twice the step).
         self.watermark_limit = _LONG_AGO
-        self.anchor = state.anchor or _LONG_AGO  # (None: none yet; a sentinel, one compare)
-        self.unanchored = False  # set by a spend that settled no hold (see apply)
         self.next_prune = state.next_prune
         self.task_retention = state.task_retention
         self.total = state.total_spent_usd
@@ -500,7 +489,6 @@ class _Books:
             last_sequence=self.last_sequence,
             announced=self.announced,
             watermark=self.watermark,
-            anchor=None if self.anchor is _LONG_AGO else self.anchor,
             total_spent_usd=self.total,
             spend_events=self.spend_events,
             reserved_usd=self.reserved,
@@ -527,23 +515,10 @@ class _Books:
         if at.tzinfo is not UTC:
             at = _utc(at)
         try:
-            counted_at = handler(self, event, at)
+            handler(self, event, at)
         except (_Unusable, decimal.InvalidOperation):
             return  # an amount no sum can take (NaN compares as invalid): passed by, as the
             # live path's decoder makes such an event unreadable
-        if counted_at is not None:
-            at = counted_at  # (a spend: brought within its hold's life)
-        # Event time moves on with the keeper's clock: a spend that settled no hold (its
-        # writer's clock alone) moves it to at most MAX_WATERMARK_STEP past the latest time of
-        # the keeper's (many such spends from a host ahead dragged it an hour each, and the
-        # prune dropped the month's spend).
-        if self.unanchored:
-            self.unanchored = False
-            anchor = self.anchor
-            if anchor is not _LONG_AGO and at > anchor + MAX_WATERMARK_STEP:
-                at = anchor + MAX_WATERMARK_STEP
-        elif at > self.anchor:
-            self.anchor = at
         # The tick, inlined: it runs for every money event of every replay. Event time moves
         # on by at most about MAX_WATERMARK_STEP per event (see there).
         mark = self.watermark
@@ -573,7 +548,6 @@ class _Books:
                 granted_usd=event.granted_usd,
                 expires_at=_utc(event.expires_at),
                 version=event.version,
-                granted_at=at,
             )
             self.put_lease(lid, None, new)
         elif old is not None and event.version > old.version:
@@ -584,7 +558,6 @@ class _Books:
                 expires_at=_utc(event.expires_at),
                 version=event.version,
                 returned=old.returned,
-                granted_at=at,
             )
             self.put_lease(lid, old, new)
 
@@ -603,7 +576,6 @@ class _Books:
             expires_at=old.expires_at,
             version=event.version,
             returned=True,
-            granted_at=old.granted_at,
         )
         if event.reason == "expired" or new.outstanding_usd == 0:
             self.put_lease(lid, old, None)
@@ -633,7 +605,6 @@ class _Books:
                 expires_at=lease.expires_at,
                 version=lease.version,
                 returned=lease.returned,
-                granted_at=lease.granted_at,
             ),
         )
 
@@ -667,35 +638,15 @@ class _Books:
         # Touched even when ignored, so the task's cap and last activity do not depend on order.
         self.touch_task(event.task_id, at, _ZERO, amount, event.task_limit_usd)
 
-    def spend(self, event: SpendRecorded, at: datetime) -> datetime | None:
-        """Count a spend, in the day of its time brought within the life of the hold it settles
-        (from its admission to its expiry, by the keeper's clock): a provider actor whose clock
-        was a day behind had its spend counted yesterday, past every limit checked today
-        ($180 against a $10 day in a review). The time it counts at (None: not counted)."""
+    def spend(self, event: SpendRecorded, at: datetime) -> None:
         cost = event.cost_usd
         if not _ZERO <= cost <= MAX_AMOUNT:
             raise _Unusable
-        rid = event.reservation_id
-        lease = self.leases.get(rid) if self.leases and rid is not None else None
-        if lease is not None:
-            start, end = lease.granted_at, lease.expires_at
-            if start is not None and at < start:
-                at = start
-            elif at > end:
-                at = end
-        else:
-            held = self.open._shards[hash(rid) & _MASK].get(rid) if rid is not None else None
-            if held is None:
-                self.unanchored = True
-            elif at < held.reserved_at:
-                at = held.reserved_at
-            elif at > held.expires_at:
-                at = held.expires_at
         eid, counted = event.id, self.counted
         index = hash(eid) & _MASK
         shard = counted._shards[index]
         if eid in shard:
-            return None
+            return
         (shard if counted._owned[index] else counted.writable(index))[eid] = at
         day = at.date()
         if day != self.last_day:
@@ -711,27 +662,24 @@ class _Books:
         months[month] = cost if spent is None else spent + cost
         self.total += cost
         self.spend_events += 1
+        rid = event.reservation_id
+        lease = self.leases.get(rid) if self.leases and rid is not None else None
         if lease is not None:
             self.spend_on_lease(rid, lease, cost)  # type: ignore[arg-type]
             self.touch_task(event.task_id, at, cost, _ZERO, None)
         else:
-            self.close(rid, event.task_id, at, cost, held)
-        return at
+            self.close(rid, event.task_id, at, cost)
 
-    def close(
-        self, rid: str | None, task_id: str, at: datetime, cost: Decimal, held: Any = _LOOK
-    ) -> None:
-        """Close ``rid`` (if given and open) and add ``cost`` to ``task_id``'s spend; ``held``:
-        its open reservation (or None) when the caller looked it up already."""
+    def close(self, rid: str | None, task_id: str, at: datetime, cost: Decimal) -> None:
+        """Close ``rid`` (if given and open) and add ``cost`` to ``task_id``'s spend."""
         if rid is None:
             self.touch_task(task_id, at, cost, _ZERO, None)
             return
         index, opened, closed = hash(rid) & _MASK, self.open, self.closed
-        if held is _LOOK:
-            held = opened._shards[index].get(rid)
-        if held is not None:
+        held = None
+        if rid in opened._shards[index]:
             shard = opened._shards[index] if opened._owned[index] else opened.writable(index)
-            del shard[rid]
+            held = shard.pop(rid)
         times = closed._shards[index]
         if rid not in times:
             (times if closed._owned[index] else closed.writable(index))[rid] = at
@@ -783,7 +731,7 @@ class _Books:
         self.counted.drop_before(closed_before)
 
 
-_Handler = Callable[[_Books, Any, datetime], datetime | None]
+_Handler = Callable[[_Books, Any, datetime], None]
 # Each event type, and its view (``vapora.budget_view``: only the fields read, for bulk replays).
 _HANDLERS: dict[type, _Handler] = {
     SpendRecorded: _Books.spend,
@@ -1217,7 +1165,6 @@ class _Snapshot(msgspec.Struct, kw_only=True):
     leased_usd: Decimal = _ZERO
     leases: dict[str, Lease] = {}
     announced: Tier = Tier.NORMAL  # Normal in snapshots written before it was kept
-    anchor: datetime | None = None  # None in snapshots written before it was kept
 
 
 _snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
@@ -1243,7 +1190,6 @@ def snapshot(state: BudgetState) -> bytes:
             leased_usd=state.leased_usd,
             leases=dict(state.leases),
             announced=state.announced,
-            anchor=state.anchor,
         )
     )
 
@@ -1255,7 +1201,6 @@ def restore(data: bytes) -> BudgetState:
         last_sequence=snap.last_sequence,
         announced=snap.announced,
         watermark=snap.watermark,
-        anchor=snap.anchor,
         total_spent_usd=snap.total_spent_usd,
         spend_events=snap.spend_events,
         reserved_usd=snap.reserved_usd,
