@@ -139,6 +139,18 @@ SNAPSHOT_FILE = "budget.snapshot"
 _RELEASE_REASONS = frozenset(get_args(get_type_hints(BudgetReleased)["reason"]))
 #: How long a give-back waits for the tail to read the log to its end (see _read_to_end).
 _READ_TO_END_S = 1.5
+#: How long (steady seconds) the wall clock must stay ahead of the steady one before the keeper
+#: takes it as it is: the longest a hold lives (a reservation's TTL is at most an hour).
+_STEP_TRUSTED_S = 3600.0
+
+
+def _boot_seconds() -> float:
+    """Seconds that move on at their pace and count a suspended machine's sleep too (Linux's
+    ``CLOCK_BOOTTIME``; ``time.monotonic`` elsewhere): a VM resumed is not a step."""
+    return time.clock_gettime(_BOOT_CLOCK)
+
+
+_BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 #: Room kept in a page of task caps (vapora.budget.caps) below the largest reply.
 _CAPS_MARGIN = 4096
 #: The endpoints that write (a fenced-out keeper withdraws them); ``status`` only reads.
@@ -228,9 +240,10 @@ class BudgetKeeper:
         #: passed since the start, so a wall clock stepped forward (NTP, a VM resumed) does not
         #: expire holds whose calls still run. None with another clock (tests move theirs).
         if steady is None and runtime.clock is utc_now:
-            steady = time.monotonic
+            steady = _boot_seconds
         self._steady = steady
         self._steady_base: tuple[datetime, float] | None = None  # (wall, steady) at the start
+        self._ahead_since: float | None = None  # (steady) since when the wall clock is ahead
         self.limits = limits_of(runtime.config.budget)
         self.lease_usd = runtime.config.budget.lease_usd
         self.subject = subjects.event_subject("budget_reserved", None, runtime.log.settings.prefix)
@@ -293,6 +306,7 @@ class BudgetKeeper:
     ) -> None:
         """Rebuild from the snapshot and the log, then serve until :meth:`stop`."""
         started = time.monotonic()
+        self._expiry_now()  # (the steady clock's base: the start)
         await self.log.ensure_stream()
         self._restore_snapshot()
         await self._catch_up()
@@ -463,7 +477,8 @@ class BudgetKeeper:
                 self.snapshot_path,
             )
             return
-        self._passed_by = dict.fromkeys(saved.passed_by)
+        # (a sequence past the state's is read again by the replay that follows)
+        self._passed_by = dict.fromkeys(q for q in saved.passed_by if q <= state.last_sequence)
         # The keeper's own record of the tier (snapshots of the state before it kept one).
         self._reset(dataclasses.replace(state, announced=saved.announced))
         self.fence = saved.fence
@@ -483,6 +498,7 @@ class BudgetKeeper:
             if why is not None:  # the stream is not the one we snapshotted
                 log.warning("budget keeper: snapshot %s; replaying the log from its start", why)
                 self._reset(budget.EMPTY)
+                self._passed_by = {}  # (the discarded snapshot's: the replay finds its own)
                 self.fence = 0
                 self.restored_sequence = None
         # Each event is decoded into the view of the fields the fold reads (vapora/budget_view.py).
@@ -1085,8 +1101,10 @@ class BudgetKeeper:
         return self._spent_now
 
     def _holds_due(self) -> bool:
-        now = self._expiry_now()
-        return bool(budget.expired(self.state, now) or budget.expired_leases(self.state, now))
+        """Whether a hold that no provider actor says is pending is past its expiry."""
+        now, pending = self._expiry_now(), self._pending
+        due = [*budget.expired(self.state, now), *budget.expired_leases(self.state, now)]
+        return any(hold not in pending for hold in due)
 
     def _expiry_now(self) -> datetime:
         """The time holds expire by: the wall clock, but no later than the start's wall time
@@ -1100,7 +1118,19 @@ class BudgetKeeper:
         if self._steady_base is None:
             self._steady_base = (now, steady)
         wall, base = self._steady_base
-        return min(now, wall + timedelta(seconds=steady - base))
+        projected = wall + timedelta(seconds=steady - base)
+        if now <= projected:
+            self._ahead_since = None
+            return now
+        # The wall clock ahead of the steady one: a step forward, or a clock set right that was
+        # behind at the start. Taken as it is once every hold that could have been in flight at
+        # the step has ended (the longest a hold lives, an hour: then none expires early).
+        if self._ahead_since is None:
+            self._ahead_since = steady
+        elif steady - self._ahead_since >= _STEP_TRUSTED_S:
+            self._steady_base, self._ahead_since = (now, steady), None
+            return now
+        return projected
 
     async def _tick(self, *, expire: bool = True) -> None:
         self._note_spend()
@@ -1108,7 +1138,9 @@ class BudgetKeeper:
             await self._writable()
             now = self._expiry_now()
             self._pending = {rid: until for rid, until in self._pending.items() if until > now}
-            quiet = self._quiet_since is None or now - self._quiet_since >= self.expiry_grace
+            quiet = (  # (by the wall clock, as _quiet_since was taken)
+                self._quiet_since is None or self.clock() - self._quiet_since >= self.expiry_grace
+            )
             if expire and quiet:
                 for rid in budget.expired(self.state, now):
                     if rid not in self._pending:  # spent, only not in the log yet
