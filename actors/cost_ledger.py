@@ -143,8 +143,8 @@ class CostLedger:
                 found.append((decode_event(stored.data), seq))
             except DecodeError:
                 continue  # (still no event this version reads)
-        if found:
-            recorded = await ledger.replace_unreadable(found)
+        recorded = await ledger.replace_unreadable(found) if found else 0
+        if recorded:
             log.warning(
                 "cost ledger: %d events an earlier version recorded as unreadable read now; "
                 "recorded (sequences %s)",

@@ -355,21 +355,26 @@ class Ledger:
         """Record ``(event, seq)`` pairs at sequences recorded as messages that were no event:
         events of a newer writer, read now by a newer ledger than the one that passed them
         by. Each placeholder is replaced by the event's row (and a spend's row), in one
-        transaction; the last sequence is unchanged. Returns how many were recorded."""
+        transaction; the last sequence is unchanged. Returns how many were recorded as events
+        (one holding a value SQLite cannot hold stays a placeholder)."""
         pairs = sorted(pairs, key=lambda pair: pair[1])
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
+                placeholders = "SELECT count(*) FROM events WHERE event_id = 'unreadable-' || seq"
+                before = (await (await self._db.execute(placeholders)).fetchone() or (0,))[0]
                 await self._db.executemany(
                     "DELETE FROM events WHERE seq = ? AND event_id = 'unreadable-' || seq",
                     [(seq,) for _, seq in pairs],
                 )
-                applied, _ = await self._write(iter(pairs), 0)
+                # (an event holding a value SQLite cannot is written back as a placeholder)
+                await self._write(iter(pairs), 0)
+                after = (await (await self._db.execute(placeholders)).fetchone() or (0,))[0]
                 await self._db.execute("COMMIT")
             except BaseException:
                 await self._rollback()
                 raise
-            return applied
+            return int(before - after)
 
     async def _rollback(self) -> None:
         # The original error matters more than a failed rollback (say, on a closed connection);
