@@ -158,6 +158,7 @@ _WRITING_ENDPOINTS = ("reserve", "release", "lease", "lease_return")
 _MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased, BudgetLeased, BudgetLeaseReturned)
 #: An event stamped further ahead of the keeper's clock than this names a host with a wrong clock.
 _AHEAD = timedelta(minutes=5)
+_BEHIND = timedelta(minutes=1)  # a spend stamped this long before its reservation's admission
 _AHEAD_EVERY = timedelta(minutes=1)  # said at most this often
 _MONEY_VIEWS = (
     SpendRecordedView,
@@ -282,6 +283,8 @@ class BudgetKeeper:
         self._snapshot_stream_created: datetime | None = None  # of the one the snapshot read
         self.ahead = 0  # events stamped more than _AHEAD past the keeper's clock
         self._ahead_said: datetime | None = None
+        self.behind = 0  # spends stamped more than _BEHIND before their reservation
+        self._behind_said: datetime | None = None
         self._lock = anyio.Lock()
         self._own: OrderedDict[str, None] = OrderedDict()
         self._ready = False
@@ -696,12 +699,35 @@ class BudgetKeeper:
             self.ahead,
         )
 
+    def _say_behind(self, spend: SpendRecorded | SpendRecordedView, admitted: datetime) -> None:
+        """A spend stamped before its reservation was admitted (by this keeper's clock): its
+        writer's clock is behind. It counts in the day it names (DESIGN §4): a day behind, in
+        a day no limit checks any more. Counted; said once a minute at most."""
+        self.behind += 1
+        now = self.clock()
+        if self._behind_said is not None and now - self._behind_said < _AHEAD_EVERY:
+            return
+        self._behind_said = now
+        log.warning(
+            "budget keeper: spend %s is stamped %s, %s before its reservation %s was admitted: "
+            "the clock of the host that wrote it is behind; it counts in the day it names, "
+            "where the limits may no longer hold it (%d such spends so far)",
+            spend.id,
+            spend.at.isoformat(),
+            admitted - budget.as_utc(spend.at),
+            spend.reservation_id,
+            self.behind,
+        )
+
     def _check_overrun(self, spend: SpendRecorded | SpendRecordedView) -> None:
         """A spend past the reservation it settles: the hold was meant to be the attempt's
         upper bound, so the limits may now be exceeded. Counted, and said once per spend.
-        (A view's cost is unchecked: one no sum can take is passed by by the fold, not here.)"""
+        (A view's cost is unchecked: one no sum can take is passed by by the fold, not here.)
+        Also a spend stamped before its reservation was admitted (:meth:`_say_behind`)."""
         assert spend.reservation_id is not None
         held = self.state.reservation(spend.reservation_id)
+        if held is not None and budget.as_utc(spend.at) < held.reserved_at - _BEHIND:
+            self._say_behind(spend, held.reserved_at)
         if held is None or not _usable(spend.cost_usd) or spend.cost_usd <= held.amount_usd:
             return
         self.overruns += 1

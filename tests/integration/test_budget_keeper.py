@@ -658,6 +658,39 @@ async def test_an_event_stamped_ahead_of_the_keepers_clock_is_said_and_prunes_no
         assert now.spent_today_usd == Decimal(6) and now.tier is Tier.NEAR_THRESHOLD
 
 
+async def test_a_spend_stamped_before_its_reservation_was_admitted_is_said(
+    conn: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider actor whose clock is a day behind: its spend counts in the day it names, a
+    day no limit checks any more (DESIGN §4; a review: $180 spent under a $10 day). Nothing
+    said it; the keeper names a spend stamped before its own reservation was admitted."""
+    clock = FakeClock()
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock))
+    async with running(keeper):
+        held = await reserve(conn, Decimal(9), task_id="T-behind")
+        behind = spend(
+            task_id="T-behind",
+            usage=exact_usage(Decimal(9)),
+            at=clock() - timedelta(days=1),
+            reservation_id=held.reservation_id,
+        )
+        on_time = await reserve(conn, Decimal("0.03"), task_id="T-on-time")
+        with caplog.at_level(logging.WARNING, logger="vapora.budget"):
+            await keeper.log.append(behind)
+            await keeper.log.append(
+                spend(
+                    task_id="T-on-time",
+                    usage=exact_usage(Decimal("0.03")),
+                    at=clock() - timedelta(seconds=2),  # (a clock a little behind: not said)
+                    reservation_id=on_time.reservation_id,
+                )
+            )
+            await eventually(lambda: _at_end(keeper))
+        assert keeper.behind == 1
+        assert f"spend {behind.id} is stamped" in caplog.text
+        assert "before its reservation" in caplog.text
+
+
 async def test_an_event_stamped_without_an_offset_is_folded_not_a_stall(
     conn: Client, tmp_path: Path
 ) -> None:
