@@ -170,9 +170,6 @@ _MONEY_VIEWS = (
 _MONEY = _MONEY_EVENTS + _MONEY_VIEWS
 _TIER_CHANGES = (BudgetTierChanged, BudgetTierChangedView)
 _PROBLEM_SHOWN = 200  # characters of a decoding problem in the log
-# Subjects whose events carry money (spend_recorded; the budget's own): an unreadable message
-# on any other is passed by without being read again.
-_MONEY_SUBJECTS = (f"{subjects.EVENTS_PREFIX}.spend.", f"{subjects.EVENTS_PREFIX}.budget")
 _REREADS = 3  # tries at reading an unreadable money message again before passing it by
 _OWN_IDS_KEPT = 100_000  # ids of our appends not yet seen back in the log (bounded)
 _PENDING_S = 60.0  # a provider actor's word that it holds a hold's spend stands this long
@@ -248,6 +245,10 @@ class BudgetKeeper:
         self.limits = limits_of(runtime.config.budget)
         self.lease_usd = runtime.config.budget.lease_usd
         self.subject = subjects.event_subject("budget_reserved", None, runtime.log.settings.prefix)
+        # Subjects whose events carry money (spend_recorded; the budget's own): an unreadable
+        # message on any other is passed by without being read again.
+        prefix = runtime.log.settings.prefix
+        self._money_subjects = (f"{prefix}.spend.", f"{prefix}.budget")
         self.snapshot_path = Path(runtime.data_dir) / SNAPSHOT_FILE
         self.tick_s = tick_s
         self.snapshot_every = snapshot_every
@@ -523,7 +524,7 @@ class BudgetKeeper:
         if Unreadable not in set(map(type, events)):  # (the common case, at C speed)
             return
         for seq, message, event in zip(batch.seqs, batch.messages, events, strict=True):
-            if type(event) is Unreadable and message[0].decode().startswith(_MONEY_SUBJECTS):
+            if type(event) is Unreadable and message[0].decode().startswith(self._money_subjects):
                 self._pass_by(seq)
 
     def _pass_by(self, seq: int) -> None:
@@ -629,7 +630,7 @@ class BudgetKeeper:
         at start folds (``vapora/budget_view.py``): its money counts live as after a restart.
         A view whose amounts no sum can take is passed by by the fold on both paths alike."""
         unreadable: Any = entry.event
-        if not entry.subject.startswith(_MONEY_SUBJECTS):
+        if not entry.subject.startswith(self._money_subjects):
             return entry  # only spend and budget events carry money: the others are passed by
         try:
             with anyio.fail_after(self.resync_timeout_s):

@@ -457,6 +457,25 @@ async def test_spend_a_keeper_passed_by_unread_is_counted_by_the_keeper_that_rea
     assert len(read_again) == (written_by == "this version")
 
 
+async def test_a_money_message_that_does_not_read_is_remembered_live_and_in_a_replay(
+    conn: Client, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
+    first = BudgetKeeper(rt)
+    async with running(first):
+        await first.log.js.publish("vapora.events.spend.x", b"not json")  # a spend subject
+        await first.log.js.publish("vapora.events.route", b"not json")  # no money: not kept
+        await eventually(lambda: _caught_up_with(first))
+        [spend_seq] = list(first._passed_by)
+    again = BudgetKeeper(rt)  # from the snapshot, which names it: still unread, still kept
+    async with running(again):
+        assert list(again._passed_by) == [spend_seq]
+    replayed = BudgetKeeper(runtime(conn, tmp_path / "elsewhere", cfg=rt.config, clock=clock))
+    async with running(replayed):  # no snapshot: the replay notes it
+        assert list(replayed._passed_by) == [spend_seq]
+
+
 async def _caught_up_with(keeper: BudgetKeeper) -> bool:
     return keeper.state.last_sequence == await keeper.log.last_sequence()
 
