@@ -457,6 +457,41 @@ async def test_spend_a_keeper_passed_by_unread_is_counted_by_the_keeper_that_rea
     assert len(read_again) == (written_by == "this version")
 
 
+async def test_an_audit_that_finds_the_keeper_off_the_log_says_how_to_rebuild_it(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A keeper whose snapshot is wrong (by hand here: a spend left out, as an older keeper's
+    could be) differs from the fold of the log; `vapora audit` said so and not what to do."""
+    from actors import budget_keeper as module
+    from actors.cost_ledger import CostLedger
+    from vapora.cli.money import audit_command
+
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
+    first = BudgetKeeper(rt)
+    async with running(first), running(CostLedger(rt)):
+        held = await reserve(conn, Decimal("0.50"), task_id="t1")
+        usage = exact_usage(Decimal("0.30"))
+        await first.log.append(
+            spend(task_id="t1", usage=usage, at=clock(), reservation_id=held.reservation_id)
+        )
+        await eventually(lambda: _caught_up_with(first))
+    entries = await read_log(first.log)
+    [spent] = [e.seq for e in entries if isinstance(e.event, SpendRecorded)]
+    without = budget.catch_up(budget.EMPTY, [(e.event, e.seq) for e in entries if e.seq != spent])
+    data = (tmp_path / SNAPSHOT_FILE).read_bytes()
+    saved = msgspec.msgpack.decode(data, type=module._SnapshotFile)
+    saved.state = budget.snapshot(dataclasses.replace(without, last_sequence=entries[-1].seq))
+    (tmp_path / SNAPSHOT_FILE).write_bytes(msgspec.msgpack.encode(saved))
+    async with running(BudgetKeeper(rt)), running(CostLedger(rt)):
+        code, text = await audit_command(conn, rt.log, tmp_path)
+    assert code == 1 and "move budget.snapshot out of its data directory" in text, text
+    (tmp_path / SNAPSHOT_FILE).rename(tmp_path / "old.snapshot")  # as the audit says
+    async with running(BudgetKeeper(rt)), running(CostLedger(rt)):
+        code, text = await audit_command(conn, rt.log, tmp_path)
+    assert code == 0, text
+
+
 async def test_a_money_message_that_does_not_read_is_remembered_live_and_in_a_replay(
     conn: Client, tmp_path: Path
 ) -> None:

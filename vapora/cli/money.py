@@ -212,7 +212,24 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
             break
         await anyio.sleep(0.5)
     text = "\n".join([*notes, render_audit(result).rstrip("\n")])
+    if not result.ok and _only_keeper(result) and _against_the_fold(result):
+        text += "\n" + _KEEPER_ADVICE
     return (0 if result.ok else 1), text
+
+
+#: What an operator can do when only the budget keeper's state differs from the fold of the
+#: log (not when its spend differs from the ledger's rows: a fold of the log counts as the
+#: keeper does, an event id stored again after a day twice, say).
+_KEEPER_ADVICE = (
+    "only the keeper's state differs from the fold of the log: it is rebuilt from the log when "
+    "it starts without its snapshot (stop it, move budget.snapshot out of its data directory, "
+    "start it again; reservations wait for it meanwhile)"
+)
+
+
+def _against_the_fold(result: AuditResult) -> bool:
+    """Whether the keeper differs from the fold of the log (and not only from the ledger)."""
+    return any(not d.where.endswith("vs the ledger's rows") for d in result.discrepancies)
 
 
 #: How many of the ledger's first events are looked up in the log to tell whose ledger it is.
