@@ -171,6 +171,7 @@ _MONEY = _MONEY_EVENTS + _MONEY_VIEWS
 _TIER_CHANGES = (BudgetTierChanged, BudgetTierChangedView)
 _PROBLEM_SHOWN = 200  # characters of a decoding problem in the log
 _REREADS = 3  # tries at reading an unreadable money message again before passing it by
+_REREADS_AT_ONCE = 64  # money messages passed by read again at a start, at once
 _OWN_IDS_KEPT = 100_000  # ids of our appends not yet seen back in the log (bounded)
 _PENDING_S = 60.0  # a provider actor's word that it holds a hold's spend stands this long
 _PENDING_REMEMBERED = 100_000
@@ -233,7 +234,7 @@ class BudgetKeeper:
         self.runtime = runtime
         self.log = runtime.log
         self.clock = runtime.clock
-        #: Seconds that only ever move on at their pace (``time.monotonic`` with the real
+        #: Seconds that only ever move on at their pace (:func:`_boot_seconds` with the real
         #: clock): holds expire by the wall clock only as far as these seconds say time has
         #: passed since the start, so a wall clock stepped forward (NTP, a VM resumed) does not
         #: expire holds whose calls still run. None with another clock (tests move theirs).
@@ -242,6 +243,7 @@ class BudgetKeeper:
         self._steady = steady
         self._steady_base: tuple[datetime, float] | None = None  # (wall, steady) at the start
         self._ahead_since: float | None = None  # (steady) since when the wall clock is ahead
+        self._ahead_gap = 0.0  # by how much (seconds), then
         self.limits = limits_of(runtime.config.budget)
         self.lease_usd = runtime.config.budget.lease_usd
         self.subject = subjects.event_subject("budget_reserved", None, runtime.log.settings.prefix)
@@ -259,7 +261,7 @@ class BudgetKeeper:
         #: every 2 s and says so (``vapora.budget.pending``); a keeper that just started has
         #: not heard it yet.
         self.expiry_grace = timedelta(seconds=expiry_grace_s)
-        self._quiet_since: datetime | None = None  # the start, or the last refused append
+        self._quiet_since: float | None = None  # (steady) the start, or the last refused append
         #: Money messages passed by unread (see _SnapshotFile.passed_by), oldest first.
         self._passed_by: dict[int, None] = {}
         #: Holds whose spend a provider actor holds, and until when that word stands.
@@ -321,7 +323,7 @@ class BudgetKeeper:
         async with anyio.create_task_group() as tg:
             await tg.start(follower.run)
             self._ready = True
-            self._quiet_since = self.clock()
+            self._quiet_since = self._steady_now()
             async with self._lock:
                 with contextlib.suppress(VaporaError):  # retried by the housekeeping
                     await self._announce_tier(self._tier_cause)
@@ -543,12 +545,20 @@ class BudgetKeeper:
         """Fold the money messages passed by unread that read now (this version knows what an
         earlier one did not); the others stay remembered."""
         folded = 0
-        for seq in list(self._passed_by):
-            try:
-                data = await self._stored(seq)
-            except Exception as exc:  # read again at the next start
-                log.warning("budget keeper: sequence %d not read again: %s", seq, exc)
-                continue
+        read: dict[int, bytes] = {}
+        limiter = anyio.CapacityLimiter(_REREADS_AT_ONCE)  # (10,000 one by one: a minute)
+
+        async def read_one(seq: int) -> None:
+            async with limiter:
+                try:
+                    read[seq] = await self._stored(seq)
+                except Exception as exc:  # read again at the next start
+                    log.warning("budget keeper: sequence %d not read again: %s", seq, exc)
+
+        async with anyio.create_task_group() as tg:
+            for seq in self._passed_by:
+                tg.start_soon(read_one, seq)
+        for seq, data in sorted(read.items()):
             try:
                 view = decode_view(data) if data else None
             except DecodeError:
@@ -958,7 +968,7 @@ class BudgetKeeper:
                 raise
             except BaseException:
                 self._needs_resync = True  # it may have landed: look before the next write
-                self._quiet_since = self.clock()  # held spend may follow: see expiry_grace
+                self._quiet_since = self._steady_now()  # held spend may follow: expiry_grace
                 raise
             self.fence = max(self.fence, appended.seq)
             if isinstance(event, (*_MONEY_EVENTS, BudgetTierChanged)):
@@ -1105,7 +1115,7 @@ class BudgetKeeper:
             await self._withdraw_if_fenced()
             try:
                 expire = True
-                if self._holds_due():
+                if self.fenced_out is None and self._holds_due():
                     # A hold's spend may be in the log, not yet folded: freed before it, its
                     # money would be neither held nor spent meanwhile.
                     try:
@@ -1133,6 +1143,10 @@ class BudgetKeeper:
         due = [*budget.expired(self.state, now), *budget.expired_leases(self.state, now)]
         return any(hold not in pending for hold in due)
 
+    def _steady_now(self) -> float:
+        """Steady seconds (the wall clock's, as seconds, with a clock moved by hand)."""
+        return self._steady() if self._steady is not None else self.clock().timestamp()
+
     def _expiry_now(self) -> datetime:
         """The time holds expire by: the wall clock, but no later than the start's wall time
         plus the steady seconds since (a wall clock stepped forward by five minutes expired a
@@ -1152,8 +1166,11 @@ class BudgetKeeper:
         # The wall clock ahead of the steady one: a step forward, or a clock set right that was
         # behind at the start. Taken as it is once every hold that could have been in flight at
         # the step has ended (the longest a hold lives, an hour: then none expires early).
-        if self._ahead_since is None:
-            self._ahead_since = steady
+        gap = (now - projected).total_seconds()
+        if self._ahead_since is None or gap > self._ahead_gap + 1:
+            # (a step, or a further one: the hour counts from the last; a second step within
+            # the hour was trusted with the first, and expired holds it had just moved past)
+            self._ahead_since, self._ahead_gap = steady, gap
         elif steady - self._ahead_since >= _STEP_TRUSTED_S:
             self._steady_base, self._ahead_since = (now, steady), None
             return now
@@ -1165,8 +1182,9 @@ class BudgetKeeper:
             await self._writable()
             now = self._expiry_now()
             self._pending = {rid: until for rid, until in self._pending.items() if until > now}
-            quiet = (  # (by the wall clock, as _quiet_since was taken)
-                self._quiet_since is None or self.clock() - self._quiet_since >= self.expiry_grace
+            quiet = (  # (in steady seconds: a wall clock stepped back does not stretch it)
+                self._quiet_since is None
+                or self._steady_now() - self._quiet_since >= self.expiry_grace.total_seconds()
             )
             if expire and quiet:
                 for rid in budget.expired(self.state, now):

@@ -147,9 +147,8 @@ class CostLedger:
         if recorded:
             log.warning(
                 "cost ledger: %d events an earlier version recorded as unreadable read now; "
-                "recorded (sequences %s)",
+                "recorded",
                 recorded,
-                ", ".join(str(seq) for _, seq in found[:10]) + (" ..." if len(found) > 10 else ""),
             )
 
     async def _check_same_stream(self, ledger: Ledger) -> bool:

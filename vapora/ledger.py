@@ -346,10 +346,13 @@ class Ledger:
     async def unreadable_sequences(self) -> list[int]:
         """The sequences recorded as messages that were no event (``unreadable-<seq>``)."""
         async with self._reading() as db:
+            # (a range of the unique index on event_id: no scan of the table at each start)
             cursor = await db.execute(
-                "SELECT seq FROM events WHERE event_id = 'unreadable-' || seq ORDER BY seq"
+                "SELECT seq, event_id FROM events"
+                " WHERE event_id >= 'unreadable-' AND event_id < 'unreadable.'"
             )
-            return [row[0] for row in await cursor.fetchall()]
+            found = [seq for seq, eid in await cursor.fetchall() if eid == f"unreadable-{seq}"]
+            return sorted(found)
 
     async def replace_unreadable(self, pairs: list[tuple[Event, int]]) -> int:
         """Record ``(event, seq)`` pairs at sequences recorded as messages that were no event:
@@ -361,20 +364,24 @@ class Ledger:
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
-                placeholders = "SELECT count(*) FROM events WHERE event_id = 'unreadable-' || seq"
-                before = (await (await self._db.execute(placeholders)).fetchone() or (0,))[0]
                 await self._db.executemany(
                     "DELETE FROM events WHERE seq = ? AND event_id = 'unreadable-' || seq",
                     [(seq,) for _, seq in pairs],
                 )
                 # (an event holding a value SQLite cannot is written back as a placeholder)
                 await self._write(iter(pairs), 0)
-                after = (await (await self._db.execute(placeholders)).fetchone() or (0,))[0]
+                recorded = 0
+                for event, seq in pairs:
+                    cursor = await self._db.execute(
+                        "SELECT event_id FROM events WHERE seq = ?", (seq,)
+                    )
+                    row = await cursor.fetchone()
+                    recorded += row is not None and row[0] == event.id
                 await self._db.execute("COMMIT")
             except BaseException:
                 await self._rollback()
                 raise
-            return int(before - after)
+            return recorded
 
     async def _rollback(self) -> None:
         # The original error matters more than a failed rollback (say, on a closed connection);

@@ -350,6 +350,54 @@ async def test_a_wall_clock_stepped_forward_expires_no_hold_whose_time_has_not_p
         assert keeper._expiry_now() == clock()
 
 
+async def test_a_second_step_forward_within_the_hour_is_not_trusted_with_the_first(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The wall clock stepped 5 minutes forward, then 10 more 59 minutes later: at the first
+    step's hour the keeper took the wall clock as it was, the second step with it, and a hold
+    admitted just before that step expired after a minute (a review)."""
+    clock, seconds = FakeClock(), [0.0]
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(), clock=clock), steady=lambda: seconds[0]
+    )
+
+    def moved(steady_s: float, wall_s: float) -> datetime:
+        seconds[0] += steady_s
+        clock.advance(wall_s)
+        return keeper._expiry_now()
+
+    assert moved(0, 0) == clock()
+    assert moved(1, 301) < clock()  # the first step
+    assert moved(59 * 60, 59 * 60) < clock()
+    assert moved(1, 601) < clock()  # the second
+    assert moved(60, 60) < clock()  # the first's hour: not the second's
+    assert moved(3600, 3600) == clock()  # the second's hour: taken as it is
+
+
+async def test_a_wall_clock_stepped_back_at_the_start_does_not_hold_off_every_expiry(
+    conn: Client, tmp_path: Path
+) -> None:
+    """The grace after the start (no hold expires within it) was measured by the wall clock: a
+    clock stepped back an hour just after the start kept every hold from expiring for an hour
+    (holds admitted after the step too), refusing reservations meanwhile (a review)."""
+    clock, seconds = FakeClock(), [0.0]
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock),
+        tick_s=0.05,
+        expiry_grace_s=15,
+        steady=lambda: seconds[0],
+    )
+    async with running(keeper):
+        clock.advance(-3600)
+        held = await reserve(conn, Decimal(1), ttl_s=30)
+        seconds[0] += 40
+        clock.advance(40)
+        released = await eventually(lambda: events_of(keeper.log, BudgetReleased))
+        assert [(e.reservation_id, e.reason) for e, _ in released] == [
+            (held.reservation_id, "expired")
+        ]
+
+
 # --- snapshots -----------------------------------------------------------------------------------
 
 
@@ -509,6 +557,24 @@ async def test_a_money_message_that_does_not_read_is_remembered_live_and_in_a_re
     replayed = BudgetKeeper(runtime(conn, tmp_path / "elsewhere", cfg=rt.config, clock=clock))
     async with running(replayed):  # no snapshot: the replay notes it
         assert list(replayed._passed_by) == [spend_seq]
+
+
+async def test_the_money_subjects_are_under_the_logs_own_prefix(
+    conn: Client, tmp_path: Path, unique: str
+) -> None:
+    """The keeper took its money subjects under the default prefix whatever its log's: on a
+    log of another prefix, a spend that did not read was not read again for its money."""
+    from actors.eventlog import EventLog, StreamSettings
+
+    settings = StreamSettings(name=f"K_{unique}", prefix=f"k{unique}.events")
+    rt = dataclasses.replace(
+        runtime(conn, tmp_path, cfg=config(daily_cents=10_000)), log=EventLog(conn, settings)
+    )
+    keeper = BudgetKeeper(rt)
+    async with running(keeper):
+        await keeper.log.js.publish(f"k{unique}.events.spend.x", b"not json")
+        await eventually(lambda: _caught_up_with(keeper))
+        assert len(keeper._passed_by) == 1
 
 
 async def _caught_up_with(keeper: BudgetKeeper) -> bool:
