@@ -893,6 +893,35 @@ def _lagging(keeper: BudgetKeeper, seconds: float = 0.05) -> None:
     keeper._apply_tail = late  # type: ignore[method-assign]
 
 
+async def test_a_hold_due_is_expired_only_after_the_log_is_read_to_its_end(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A hold's spend in the log but not yet folded (the tail late) when the hold falls due:
+    expired first, its money was neither held nor spent until the spend landed, and a
+    reservation admitted meanwhile could pass the limit. The keeper reads the log to its end
+    before it expires a hold: the spend settles it, and no expiry is written."""
+    clock = FakeClock()
+    keeper = BudgetKeeper(
+        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock), tick_s=0.05
+    )
+    _lagging(keeper, 0.5)
+    async with running(keeper):
+        held = await reserve(conn, Decimal(1), ttl_s=30)
+        await keeper.log.append(
+            spend(
+                task_id="t",
+                usage=exact_usage(Decimal("0.30")),
+                at=clock(),
+                reservation_id=held.reservation_id,
+            )
+        )
+        clock.advance(31)  # due now; its spend is in the log, folded half a second later
+        await eventually(lambda: _caught_up_with(keeper))
+        await anyio.sleep(0.2)  # (more ticks)
+        assert await events_of(keeper.log, BudgetReleased) == []
+        assert (await status(conn)).spent_today_usd == Decimal("0.30")
+
+
 async def test_a_release_after_a_billed_failure_folds_its_spend_first_so_the_limit_holds(
     conn: Client, tmp_path: Path
 ) -> None:
