@@ -313,20 +313,24 @@ async def test_a_reservation_never_settled_is_released_as_expired_after_its_ttl(
         assert keeper.state.reservation(kept.reservation_id) is not None
 
 
+def _two_clocks(
+    conn: Client, tmp_path: Path, **kw: Any
+) -> tuple[BudgetKeeper, FakeClock, list[float]]:
+    """A keeper ($10 a day, ticking every 50 ms) whose wall clock and steady seconds the test
+    moves apart: the keeper, its wall clock, and its steady seconds (``[0.0]``, moved in place)."""
+    clock, seconds = FakeClock(), [0.0]
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock)
+    return BudgetKeeper(rt, tick_s=0.05, steady=lambda: seconds[0], **kw), clock, seconds
+
+
 async def test_a_wall_clock_stepped_forward_expires_no_hold_whose_time_has_not_passed(
     conn: Client, tmp_path: Path
 ) -> None:
     """The keeper's clock stepped five minutes forward (NTP, a VM resumed) while a $9 hold's
     call ran: the hold expired, a second $9 was admitted under a $10 day, and both calls billed
-    ($18, a review). Holds expire by the wall clock only as far as steady seconds (monotonic)
-    say time has passed since the keeper started."""
-    clock, seconds = FakeClock(), [0.0]
-    keeper = BudgetKeeper(
-        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock),
-        tick_s=0.05,
-        expiry_grace_s=0,
-        steady=lambda: seconds[0],
-    )
+    ($18, a review). Holds expire by the wall clock only as far as steady seconds (the boot
+    clock) say time has passed since the keeper started."""
+    keeper, clock, seconds = _two_clocks(conn, tmp_path, expiry_grace_s=0)
     async with running(keeper):
         held = await reserve(conn, Decimal(9), ttl_s=120)
         assert held.admitted and not (await reserve(conn, Decimal(9))).admitted
@@ -356,10 +360,7 @@ async def test_a_second_step_forward_within_the_hour_is_not_trusted_with_the_fir
     """The wall clock stepped 5 minutes forward, then 10 more 59 minutes later: at the first
     step's hour the keeper took the wall clock as it was, the second step with it, and a hold
     admitted just before that step expired after a minute (a review)."""
-    clock, seconds = FakeClock(), [0.0]
-    keeper = BudgetKeeper(
-        runtime(conn, tmp_path, cfg=config(), clock=clock), steady=lambda: seconds[0]
-    )
+    keeper, clock, seconds = _two_clocks(conn, tmp_path)
 
     def moved(steady_s: float, wall_s: float) -> datetime:
         seconds[0] += steady_s
@@ -380,13 +381,7 @@ async def test_a_wall_clock_stepped_back_at_the_start_does_not_hold_off_every_ex
     """The grace after the start (no hold expires within it) was measured by the wall clock: a
     clock stepped back an hour just after the start kept every hold from expiring for an hour
     (holds admitted after the step too), refusing reservations meanwhile (a review)."""
-    clock, seconds = FakeClock(), [0.0]
-    keeper = BudgetKeeper(
-        runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock),
-        tick_s=0.05,
-        expiry_grace_s=15,
-        steady=lambda: seconds[0],
-    )
+    keeper, clock, seconds = _two_clocks(conn, tmp_path, expiry_grace_s=15)
     async with running(keeper):
         clock.advance(-3600)
         held = await reserve(conn, Decimal(1), ttl_s=30)
