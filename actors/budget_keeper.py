@@ -898,15 +898,18 @@ class BudgetKeeper:
                 cap = TaskCap(task_id=task_id, cap_usd=task.cap_usd, last_at=task.last_at)
                 used += len(encode(cap)) + 1
                 if used > room and caps:
-                    return BudgetCaps(caps=caps, cursor=f"{self._run}:{shard}:{caps[-1].task_id}")
+                    # The next page starts after the last one of *this* shard taken ("": the
+                    # shard from its start; the last cap taken may be of the shard before).
+                    return BudgetCaps(caps=caps, cursor=f"{self._run}:{shard}:{after}")
                 caps.append(cap)
+                after = task_id
             shard, after = shard + 1, ""
         return BudgetCaps(caps=caps)
 
     def _caps_cursor(self, cursor: str) -> tuple[int, str]:
         run, _, rest = cursor.partition(":")
         shard, _, after = rest.partition(":")
-        if not (shard.isdigit() and int(shard) < budget.SHARDS and after):
+        if not (rest and shard.isdigit() and int(shard) < budget.SHARDS):
             raise InvalidRequest(f"`cursor` {_shown(cursor)} is not one a page of caps gave")
         if run != self._run:
             raise ConcurrencyConflict(

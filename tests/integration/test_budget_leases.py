@@ -28,6 +28,7 @@ from events.contract import (
     BudgetLeaseReply,
     BudgetLeaseRequest,
     BudgetLeaseReturn,
+    BudgetReserve,
 )
 from events.log import (
     BudgetLeased,
@@ -597,6 +598,43 @@ async def test_a_router_that_starts_takes_the_caps_the_keeper_enforces_before_it
         events = await dep.events()
     spent = [e.cost_usd for e in events if isinstance(e, SpendRecorded) and e.task_id == "C4"]
     assert spent == [first.cost_usd]
+
+
+async def test_pages_of_caps_that_end_at_a_shards_first_cap_miss_none(
+    conn: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of one cap each, so that pages end at every place, a shard's first cap included:
+    the next page resumed in the new shard after the last cap taken, which was the previous
+    shard's, and skipped the new shard's caps ordered before it (a read-through)."""
+    from actors import budget_keeper as keeper_module
+    from actors.service import reply_room
+
+    keeper = BudgetKeeper(runtime(conn, tmp_path, cfg=config(daily_cents=1000)))
+    async with running(keeper):
+        wanted = {f"task-{n:03d}": Decimal(n + 1) / 100 for n in range(60)}
+        for task_id, cap in wanted.items():
+            held = BudgetReserve(
+                reservation_id=uuid.uuid4().hex,
+                task_id=task_id,
+                provider="claude",
+                amount_usd=Decimal("0.001"),
+                task_limit_usd=cap,
+            )
+            await ask(conn, subjects.BUDGET_RESERVE, held)
+        # Room for one cap a page (a cap is about 80 bytes here).
+        monkeypatch.setattr(keeper_module, "_CAPS_MARGIN", reply_room(conn) - 120)
+        got: dict[str, Decimal] = {}
+        cursor, pages = "", 0
+        while True:
+            page = (await ask(conn, subjects.BUDGET_CAPS, BudgetCapsRequest(cursor=cursor))).as_(
+                BudgetCaps
+            )
+            pages += 1
+            got.update((c.task_id, c.cap_usd) for c in page.caps)
+            if not page.cursor:
+                break
+            cursor = page.cursor
+        assert got == wanted and pages >= 60
 
 
 async def test_the_keepers_task_caps_come_a_message_at_a_time_and_a_router_reads_them_all(
