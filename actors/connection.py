@@ -349,8 +349,7 @@ class Client(NATS):
         """
         if self._pending or self._wrote_this_turn or not self.is_connected:
             return False
-        writer = getattr(self._transport, "_io_writer", None)
-        transport = getattr(writer, "transport", None)
+        transport = self._socket()
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             # Closing: the server or the network ended the connection and nats-py's reader has
             # not noticed yet. Queued, the command is sent to the server reconnected to.
@@ -366,12 +365,15 @@ class Client(NATS):
     def _next_turn(self) -> None:
         self._wrote_this_turn = False
 
+    def _socket(self) -> Any:
+        """The asyncio transport under nats-py's (None before a connection)."""
+        return getattr(getattr(self._transport, "_io_writer", None), "transport", None)
+
     def _socket_closing(self) -> bool:
         """Whether the socket is closing under a connection nats-py still says is up (the
         server or the network ended it; nats-py's reader has not seen the end yet)."""
-        writer = getattr(self._transport, "_io_writer", None)
-        transport = getattr(writer, "transport", None)
-        return transport is not None and transport.is_closing()
+        transport = self._socket()
+        return transport is not None and bool(transport.is_closing())
 
     async def _flusher(self) -> None:
         """nats-py's flusher, which writes nothing while the socket closes: what waits is kept

@@ -1339,15 +1339,20 @@ class RouterActor:
             lease_id = lease.lease_id if lease is not None else _new_id()
             asked_at = self.runtime.clock()
             reply = await self._ask_lease(lease_id, amount, new=lease is None)
-            gone = reply is not None and not reply.granted and reply.expires_at is None
-            if gone and lease is not None and self.lease is lease:
-                # The keeper holds it no more: it expired by the keeper's clock (ahead of this
-                # router's), or was taken back. Nothing more is admitted on it.
+            if (
+                reply is not None
+                and not reply.granted
+                and reply.expires_at is None  # (the keeper holds no such lease)
+                and lease is not None
+                and self.lease is lease
+            ):
+                # It expired by the keeper's clock (ahead of this router's), or was taken
+                # back. Nothing more is admitted on it.
                 log.warning(
                     "router: the budget keeper holds lease %s no more (%s); nothing more is "
                     "admitted on it",
                     lease.lease_id,
-                    reply.reason if reply is not None else "",  # (gone: a reply)
+                    reply.reason,
                 )
                 self.lease = None
                 await self._return_lease(lease, "returned")

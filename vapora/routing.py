@@ -69,7 +69,6 @@ __all__ = [
     "decide",
     "task_cap_usd",
     "remaining_usd",
-    "task_remaining_usd",
 ]
 
 
@@ -160,13 +159,6 @@ def task_cap_usd(config: Config, request: CompletionRequest) -> Decimal | None:
         limits.append(cents_to_usd(request.budget_cents))
     known = [x for x in limits if x is not None]
     return min(known) if known else None
-
-
-def task_remaining_usd(
-    config: Config, request: CompletionRequest, spent_usd: Decimal = Decimal(0)
-) -> Decimal | None:
-    """What the task may still spend after ``spent_usd`` (earlier attempts); None: no cap."""
-    return remaining_usd(task_cap_usd(config, request), spent_usd)
 
 
 def remaining_usd(cap: Decimal | None, spent_usd: Decimal) -> Decimal | None:
@@ -556,7 +548,8 @@ def decide(
     ``estimated_costs``: this request's estimated cost in USD per provider name (from pricing:
     the reservation estimate); a provider without one is dropped by the budget filter.
     ``tier``: the budget keeper's current tier. ``task_remaining_usd``: what the task may still
-    spend (see :func:`task_remaining_usd`; None: no cap). ``now``: for rate-limit expiry.
+    spend (:func:`remaining_usd` of its :func:`task_cap_usd`; None: no cap). ``now``: for
+    rate-limit expiry.
 
     Raises ``UnknownProvider`` (bad override) or ``UnknownTaskType`` (no mapping). When nothing
     is kept: :class:`RouteOverBudget` (402) if the tier is Exceeded or some candidate was dropped

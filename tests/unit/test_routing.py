@@ -29,8 +29,8 @@ from vapora.routing import (
     RouteOverBudget,
     RouteUnavailable,
     decide,
+    remaining_usd,
     task_cap_usd,
-    task_remaining_usd,
 )
 
 GUIDE_TOML = Path(__file__).parent.parent / "fixtures" / "llm-router.toml"
@@ -131,7 +131,7 @@ def verdict(decision: RouteDecision, name: str, filter_name: str) -> FilterVerdi
 def test_the_guides_example_goes_to_claude() -> None:
     """CodeGeneration, High quality, a 500-cent budget, every key present: Claude."""
     req = request(budget_cents=500, complexity=75, domain="backend", latency_required_ms=30000)
-    decision = route(req, remaining=task_remaining_usd(GUIDE, req))
+    decision = route(req, remaining=task_cap_usd(GUIDE, req))
     assert decision.chain[0] == "claude"
     assert decision.reason.startswith("claude for CodeGeneration at High quality")
     assert all(c.kept for c in decision.candidates)
@@ -249,8 +249,10 @@ def test_the_requests_budget_lowers_the_task_cap_but_never_raises_it() -> None:
     assert task_cap_usd(GUIDE, request(budget_cents=5000)) == Decimal(10)
     assert task_cap_usd(GUIDE, request()) == Decimal(10)
     spent = Decimal("4.5")
-    assert task_remaining_usd(GUIDE, request(budget_cents=500), spent) == Decimal("0.5")
-    assert task_remaining_usd(GUIDE, request(budget_cents=500), Decimal(9)) == 0
+    cap = task_cap_usd(GUIDE, request(budget_cents=500))
+    assert remaining_usd(cap, spent) == Decimal("0.5")
+    assert remaining_usd(cap, Decimal(9)) == 0
+    assert remaining_usd(None, spent) is None
 
 
 def test_nothing_within_the_task_budget_is_402_with_the_decision() -> None:
