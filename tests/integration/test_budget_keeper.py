@@ -458,29 +458,11 @@ async def test_spend_a_keeper_passed_by_unread_is_counted_by_the_keeper_that_rea
     earlier version is not restored (the log is replayed from its start, once); this version's
     says what it passed by, read again at the next start. (The snapshot that passed a spend by
     is made here by hand: the state of the log without it, at the log's end.)"""
-    from actors import budget_keeper as module
-
-    clock = FakeClock()
-    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
-    first = BudgetKeeper(rt)
-    async with running(first):
-        reply = await reserve(conn, Decimal("0.50"), task_id="t1")
-        await first.log.append(
-            spend(
-                task_id="t1",
-                usage=exact_usage(Decimal("0.30")),
-                at=clock(),
-                reservation_id=reply.reservation_id,
-            )
-        )
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=FakeClock())
+    async with running(BudgetKeeper(rt)) as first:
+        await _spend_on_a_reservation(conn, first, Decimal("0.30"))
         await eventually(lambda: _caught_up_with(first))
-    entries = await read_log(first.log)
-    [passed] = [e.seq for e in entries if isinstance(e.event, SpendRecorded)]
-    without = budget.catch_up(budget.EMPTY, [(e.event, e.seq) for e in entries if e.seq != passed])
-    saved = msgspec.msgpack.decode(
-        (tmp_path / SNAPSHOT_FILE).read_bytes(), type=module._SnapshotFile
-    )
-    saved.state = budget.snapshot(dataclasses.replace(without, last_sequence=entries[-1].seq))
+    saved, passed, without = await _snapshot_without_its_spend(first, tmp_path)
     if written_by == "an earlier version":
         saved.version, saved.passed_by = 1, []
     elif written_by == "this version":
@@ -489,8 +471,7 @@ async def test_spend_a_keeper_passed_by_unread_is_counted_by_the_keeper_that_rea
         saved.state = budget.snapshot(dataclasses.replace(without, last_sequence=0))
         saved.passed_by, saved.stream_created = [passed], datetime(2020, 1, 1, tzinfo=UTC)
     (tmp_path / SNAPSHOT_FILE).write_bytes(msgspec.msgpack.encode(saved))
-    again = BudgetKeeper(rt)
-    async with running(again):
+    async with running(BudgetKeeper(rt)) as again:
         current = await status(conn)
         assert (current.spent_today_usd, current.open_reservations) == (Decimal("0.30"), 0)
         assert again._passed_by == {}
@@ -505,26 +486,14 @@ async def test_an_audit_that_finds_the_keeper_off_the_log_says_how_to_rebuild_it
 ) -> None:
     """A keeper whose snapshot is wrong (by hand here: a spend left out, as an older keeper's
     could be) differs from the fold of the log; `vapora audit` said so and not what to do."""
-    from actors import budget_keeper as module
     from actors.cost_ledger import CostLedger
     from vapora.cli.money import audit_command
 
-    clock = FakeClock()
-    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=clock)
-    first = BudgetKeeper(rt)
-    async with running(first), running(CostLedger(rt)):
-        held = await reserve(conn, Decimal("0.50"), task_id="t1")
-        usage = exact_usage(Decimal("0.30"))
-        await first.log.append(
-            spend(task_id="t1", usage=usage, at=clock(), reservation_id=held.reservation_id)
-        )
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=10_000), clock=FakeClock())
+    async with running(BudgetKeeper(rt)) as first, running(CostLedger(rt)):
+        await _spend_on_a_reservation(conn, first, Decimal("0.30"))
         await eventually(lambda: _caught_up_with(first))
-    entries = await read_log(first.log)
-    [spent] = [e.seq for e in entries if isinstance(e.event, SpendRecorded)]
-    without = budget.catch_up(budget.EMPTY, [(e.event, e.seq) for e in entries if e.seq != spent])
-    data = (tmp_path / SNAPSHOT_FILE).read_bytes()
-    saved = msgspec.msgpack.decode(data, type=module._SnapshotFile)
-    saved.state = budget.snapshot(dataclasses.replace(without, last_sequence=entries[-1].seq))
+    saved, _, _ = await _snapshot_without_its_spend(first, tmp_path)
     (tmp_path / SNAPSHOT_FILE).write_bytes(msgspec.msgpack.encode(saved))
     async with running(BudgetKeeper(rt)), running(CostLedger(rt)):
         code, text = await audit_command(conn, rt.log, tmp_path)
@@ -570,6 +539,36 @@ async def test_the_money_subjects_are_under_the_logs_own_prefix(
         await keeper.log.js.publish(f"k{unique}.events.spend.x", b"not json")
         await eventually(lambda: _caught_up_with(keeper))
         assert len(keeper._passed_by) == 1
+
+
+async def _spend_on_a_reservation(
+    conn: Client, keeper: BudgetKeeper, cost: Decimal, ttl_s: float = 120.0
+) -> None:
+    """A reservation of $1 admitted by ``keeper`` and settled by a spend of ``cost`` appended
+    to its log at its clock's time."""
+    held = await reserve(conn, Decimal(1), task_id="t1", ttl_s=ttl_s)
+    usage = exact_usage(cost)
+    await keeper.log.append(
+        spend(task_id="t1", usage=usage, at=keeper.clock(), reservation_id=held.reservation_id)
+    )
+
+
+async def _snapshot_without_its_spend(
+    keeper: BudgetKeeper, data_dir: Path
+) -> tuple[Any, int, budget.BudgetState]:
+    """``keeper``'s snapshot (stopped: written) made to pass by its log's one spend, as an
+    older keeper could: ``(the snapshot file, the spend's sequence, the state without it)``;
+    the caller writes it back."""
+    from actors import budget_keeper as module
+
+    entries = await read_log(keeper.log)
+    [passed] = [e.seq for e in entries if isinstance(e.event, SpendRecorded)]
+    without = budget.catch_up(budget.EMPTY, [(e.event, e.seq) for e in entries if e.seq != passed])
+    saved = msgspec.msgpack.decode(
+        (data_dir / SNAPSHOT_FILE).read_bytes(), type=module._SnapshotFile
+    )
+    saved.state = budget.snapshot(dataclasses.replace(without, last_sequence=entries[-1].seq))
+    return saved, passed, without
 
 
 async def _caught_up_with(keeper: BudgetKeeper) -> bool:
@@ -901,15 +900,7 @@ async def test_a_hold_due_is_expired_only_after_the_log_is_read_to_its_end(
     )
     _lagging(keeper, 0.5)
     async with running(keeper):
-        held = await reserve(conn, Decimal(1), ttl_s=30)
-        await keeper.log.append(
-            spend(
-                task_id="t",
-                usage=exact_usage(Decimal("0.30")),
-                at=clock(),
-                reservation_id=held.reservation_id,
-            )
-        )
+        await _spend_on_a_reservation(conn, keeper, Decimal("0.30"), ttl_s=30)
         clock.advance(31)  # due now; its spend is in the log, folded half a second later
         await eventually(lambda: _caught_up_with(keeper))
         await anyio.sleep(0.2)  # (more ticks)
