@@ -125,7 +125,14 @@ from vapora.errors import (
     ProviderStreamBroken,
     ProviderUnavailable,
 )
-from vapora.pricing import cost, price_at, served_bound, served_tier, tiers_left_out
+from vapora.pricing import (
+    cost,
+    price_at,
+    served_bound,
+    served_tier,
+    tiers_left_out,
+    unsaid_tiers,
+)
 from vapora.providers import (
     Completion,
     ProviderClient,
@@ -394,6 +401,7 @@ class ProviderActor:
             # docstring); see vapora/providers/transport.py and docs/http-transport.md. But
             # httpx's through a proxy the environment configures (an egress proxy).
             transport=default_transport(config.base_url, max_concurrency),
+            **({"service_tier": config.service_tier} if config.service_tier else {}),
         )
         self.limiter = RateLimiter(config.rate_limit_rpm)
         self.breaker = CircuitBreaker(
@@ -403,8 +411,14 @@ class ProviderActor:
         self.health_interval_s = health_interval_s
         # The service tiers other than the standard one the provider said it served calls at:
         # a call whose cost is not known is recorded at the dearest of their rates and the
-        # standard ones.
-        self._served_tiers: set[str] = set()
+        # standard ones. A tier its config asks for counts as said from the start (``default``,
+        # the standard one, adds none); ``auto`` or none: the project's, known once said.
+        asked = config.service_tier
+        self._served_tiers: set[str] = (
+            set(unsaid_tiers(config.kind.value, config.model, asked))
+            if asked not in (None, "auto")
+            else set()
+        )
         self._healthy: tuple[bool, str] = (True, "")
         self._published: _HealthSignature | None = None
         self._published_latency: float | None = None

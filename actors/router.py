@@ -150,7 +150,7 @@ from vapora.errors import (
     VaporaError,
     request_error,
 )
-from vapora.pricing import price_at, served_bound, served_tier, upper_bound_cost
+from vapora.pricing import price_at, served_bound, served_tier, unsaid_tiers, upper_bound_cost
 from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
 from vapora.providers.stream import CALLER_CANCELLED
 from vapora.routing import (
@@ -1192,7 +1192,9 @@ class RouterActor:
     def _prices_now(self) -> dict[str, Price]:
         """Each provider's price in force now (DESIGN §4: a table price may change while the
         router runs), worked out once a minute; for a provider that said it serves at service
-        tiers of their own rates, the dearest of those and the standard (:meth:`_note_tier`)."""
+        tiers of their own rates (:meth:`_note_tier`), or that may serve at one before saying so
+        (an OpenAI project's default tier: ``pricing.unsaid_tiers``), the dearest of those and
+        the standard."""
         now = self.runtime.clock()
         minute = now.replace(second=0, microsecond=0)
         if minute != self._price_minute:
@@ -1201,11 +1203,14 @@ class RouterActor:
         return self._prices
 
     def _price_of(self, provider: ProviderConfig, now: datetime) -> Price:
-        price = price_at(provider.kind.value, provider.model, provider.price, now)
-        tiers = self._served_tiers.get(provider.name)
+        kind = provider.kind.value
+        price = price_at(kind, provider.model, provider.price, now)
+        tiers = self._served_tiers.get(provider.name, set()) | unsaid_tiers(
+            kind, provider.model, provider.service_tier
+        )
         if not tiers:
             return price
-        return served_bound(provider.kind.value, provider.model, price, tiers, now)
+        return served_bound(kind, provider.model, price, tiers, now)
 
     def _note_tier(self, spend: SpendRecorded) -> None:
         """The service tier ``spend``'s price names (``genai-prices service_tier=priority``):

@@ -198,6 +198,8 @@ class ProviderConfig(_Section, frozen=True, kw_only=True):
     output_price_per_mtok: Decimal | None = None
     breaker_threshold: int = 5
     breaker_cooldown_ms: int = 30_000
+    #: OpenAI's ``service_tier`` sent with every call (None: not sent, the project's default).
+    service_tier: str | None = None
 
     def __repr__(self) -> str:
         # A gateway's URL may carry credentials (user-info, a key in the query): masked.
@@ -459,6 +461,7 @@ class _ProviderFile(_Section, frozen=True, kw_only=True):
     rate_limit_rpm: int | None = None
     breaker_threshold: int = 5
     breaker_cooldown_ms: int = 30_000
+    service_tier: str | None = None
 
 
 class _NatsFile(_Section, frozen=True, kw_only=True):
@@ -822,7 +825,26 @@ def _provider(
         output_price_per_mtok=raw.output_price_per_mtok,
         breaker_threshold=raw.breaker_threshold,
         breaker_cooldown_ms=raw.breaker_cooldown_ms,
+        service_tier=_service_tier(path, raw, kind),
     )
+
+
+def _service_tier(path: str, raw: _ProviderFile, kind: ProviderKind) -> str | None:
+    """OpenAI's ``service_tier`` as the API takes it; an error for another kind (none reads it)
+    or a value the API does not take."""
+    if raw.service_tier is None:
+        return None
+    if kind is not ProviderKind.OPENAI:
+        raise _Invalid(
+            f"{path}.service_tier",
+            f"is an OpenAI setting; a provider of kind {kind.value!r} takes none",
+        )
+    if raw.service_tier not in pricing.REQUEST_TIERS:
+        raise _Invalid(
+            f"{path}.service_tier",
+            f"must be one of {', '.join(pricing.REQUEST_TIERS)}, got {raw.service_tier[:40]!r}",
+        )
+    return raw.service_tier
 
 
 def _providers(
@@ -1207,10 +1229,31 @@ def _provider_lines(p: ProviderConfig, env: Mapping[str, str] | None) -> list[st
         f"    price per Mtok: input ${price.input_per_mtok} output ${price.output_per_mtok}"
         f" ({price.source} {price.version})",
     ]
+    if p.kind is ProviderKind.OPENAI:
+        lines.append(_tier_line(p))
     left_out = pricing.tiers_left_out(p.kind.value, p.model, price, datetime.now(UTC))
     if left_out is not None:
         lines.append(f"    note: {left_out}")
     return lines
+
+
+def _tier_line(p: ProviderConfig) -> str:
+    """What an OpenAI provider's calls ask for as service tier, and what bounds their holds."""
+    tier = p.service_tier
+    sent = (
+        f"service tier {tier} sent with every call"
+        if tier is not None
+        else "no service tier sent (the project's default serves)"
+    )
+    unsaid = (
+        pricing.unsaid_tiers(p.kind.value, p.model, tier)
+        if p.price.source == "genai-prices"
+        else frozenset()
+    )
+    if not unsaid:
+        return f"    {sent}"
+    dearer = ", ".join(sorted(unsaid))
+    return f"    {sent}; holds bounded at the dearest of its standard, {dearer} rates"
 
 
 def _routing_lines(config: Config) -> list[str]:

@@ -52,6 +52,8 @@ __all__ = [
     "resolve_price",
     "served_bound",
     "served_tier",
+    "table_service_tiers",
+    "unsaid_tiers",
     "tier_price",
     "zero_price",
     "tiers_left_out",
@@ -334,6 +336,44 @@ def served_bound(kind: str, model: str, price: Price, tiers: Iterable[str], at: 
         cache_write_1h_per_mtok=max((p.cache_write_1h_per_mtok or 0) for p in every) or None,
         source=f"{price.source} bound over service tiers {','.join(sorted(tiers))}",
     )
+
+
+#: The service tiers OpenAI's ``service_tier`` request field takes (``auto``: the project's).
+REQUEST_TIERS: Final = ("auto", "default", "flex", "priority", "scale")
+
+
+@functools.lru_cache(maxsize=256)
+def table_service_tiers(kind: str, model: str) -> frozenset[str]:
+    """The service tiers other than the standard one that the genai-prices table has rates of
+    their own for, for ``model`` (OpenAI's ``flex``, ``priority``, ``fast``); empty when the
+    table does not know the model or has none. A call that names no tier is served at the
+    project's default, any of these: :func:`served_bound` over them bounds it."""
+    from genai_prices import data_snapshot
+
+    if kind not in GENAI_PRICES_PROVIDER:
+        return frozenset()
+    try:
+        _, info = data_snapshot.get_snapshot().find_provider_model(
+            _table_model(kind, model), None, GENAI_PRICES_PROVIDER[kind], None
+        )
+    except LookupError:
+        return frozenset()
+    tiers = set()
+    for variant in getattr(info, "price_variants", None) or ():
+        tier = (getattr(variant, "when", None) or {}).get("service_tier")
+        if isinstance(tier, str) and tier not in STANDARD_TIERS:
+            tiers.add(tier)
+    return frozenset(tiers)
+
+
+def unsaid_tiers(kind: str, model: str, requested: str | None) -> frozenset[str]:
+    """The service tiers a call may be served at before the provider has said any, for its
+    upper bound: the tier a provider's config asks for (``service_tier``; ``default`` asks for
+    the standard rates), else (none asked, or ``auto``: the project's default tier, unknown
+    here) every tier the table has rates of its own for, for an OpenAI model."""
+    if requested is not None and requested != "auto":
+        return frozenset() if requested in STANDARD_TIERS else frozenset({requested})
+    return table_service_tiers(kind, model) if kind == "openai" else frozenset()
 
 
 def tier_price(kind: str, model: str, loaded: Price, tier: str, at: datetime) -> Price | None:

@@ -1,10 +1,13 @@
 """An OpenAI project whose default service tier is ``priority`` (a request that names no tier is
 served at the project's default): its calls were recorded at the standard rates, half what
-OpenAI bills, and its reservations bounded at them. Real nats-server, the budget keeper, the
-simulator over HTTP answering ``service_tier: priority``."""
+OpenAI bills, and its reservations bounded at them (the first call's still, until 2026-11-28).
+A provider whose config names a tier sends it, and is bounded at its rates. Real nats-server,
+the budget keeper, the simulator over HTTP serving the project's default tier, ``priority``, or
+the tier a request asks for."""
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,21 +16,33 @@ import pytest
 
 from actors.router import RouterActor
 from events.log import BudgetReserved, SpendRecorded
-from tests.fault.provider_harness import config_text, deployment
-from vapora.pricing import cost
+from tests.fault.provider_harness import Deployment, config_text, deployment
+from vapora.pricing import cost, upper_bound_cost
+from vapora.providers import input_token_bound, output_ceiling
+from vapora.providers.values import ProviderRequest
 from vapora.simulator.behaviour import Behaviour
 
 pytestmark = pytest.mark.anyio
 
 
-def _config(url: str) -> str:
+def _config(url: str, tier: str | None = None) -> str:
     # gpt-5 priced from the genai-prices table (no price in the file), which has its tiers.
     text = config_text(
         url,
         models={"openai": "gpt-5"},
         budget="[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n",
     )
-    return text.replace("cost_per_1k_tokens = 0.030\n", "")
+    asked = f'service_tier = "{tier}"\n' if tier is not None else ""
+    return text.replace("cost_per_1k_tokens = 0.030\n", asked)
+
+
+async def _spend_of(dep: Deployment, task_id: str) -> SpendRecorded:
+    with anyio.fail_after(10):
+        while True:
+            spends = [e for e in await dep.events_of(task_id) if isinstance(e, SpendRecorded)]
+            if spends:
+                return spends[0]
+            await anyio.sleep(0.02)
 
 
 async def test_a_priority_tier_call_is_billed_and_then_bounded_at_its_rates(
@@ -66,9 +81,55 @@ async def test_a_priority_tier_call_is_billed_and_then_bounded_at_its_rates(
     first, second = (
         next(e for e in events[t] if isinstance(e, BudgetReserved)) for t in ("t-1", "t-2")
     )
-    # The first was bounded at the standard rates (the tier was not known yet); once a spend
-    # said priority, the next attempt's bound is at its rates.
-    assert second.amount_usd == first.amount_usd * 2
+    # Every attempt, the first too (before any spend said a tier), is bounded at the dearest
+    # tier gpt-5 has rates for (priority, twice the standard rates): its bill never passes
+    # its hold. (The first was bounded at the standard rates before, half its bill.)
+    for spend, hold in ((spends[0], first), (spends[1], second)):
+        assert spend.cost_usd <= hold.amount_usd
+    assert second.amount_usd == first.amount_usd
     [restarted] = [e for e in events["t-3"] if isinstance(e, BudgetReserved)]
     assert restarted.amount_usd == second.amount_usd
-    assert first.amount_usd > Decimal(0)
+    assert first.amount_usd == _standard_bound(dep, first) * 2 > Decimal(0)
+
+
+def _standard_bound(dep: Deployment, hold: BudgetReserved) -> Decimal:
+    """The hold the router makes for the test's call at gpt-5's standard rates."""
+    request = ProviderRequest(prompt="one two three", max_tokens=500)
+    price = dep.runtime.config.provider("openai").price  # type: ignore[union-attr]
+    return upper_bound_cost(
+        input_token_bound(request), output_ceiling("gpt-5", request.output_limit), price
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_provider_that_names_its_tier_sends_it_and_is_bounded_at_its_rates(
+    tmp_path: Path, stream: bool
+) -> None:
+    """``service_tier = "default"`` on a project whose default is priority: every call is
+    served, billed and bounded at the standard rates (the bound is the bill's, not twice it);
+    ``"priority"``: bounded at the priority rates from the first call."""
+    bounds: dict[str, Decimal] = {}
+    for tier in ("default", "priority"):
+        config = functools.partial(_config, tier=tier)
+        async with deployment(tmp_path / tier, config, keeper=True) as dep:
+            dep.sim.app.controls["openai"].defaults = Behaviour(service_tier="priority")
+            asked = {"prompt": "one two three", "provider": "openai", "max_tokens": 500}
+            if stream:
+                async with dep.client.stream(**asked, task_id="t-1") as chunks:
+                    async for _ in chunks:
+                        pass
+            else:
+                await dep.client.complete(**asked, task_id="t-1")
+            spend = await _spend_of(dep, "t-1")
+            [hold] = [e for e in await dep.events_of("t-1") if isinstance(e, BudgetReserved)]
+            bounds[tier] = hold.amount_usd
+            standard = dep.runtime.config.provider("openai").price  # type: ignore[union-attr]
+            if tier == "default":
+                assert spend.price.source == "genai-prices"  # served at the tier it asked for
+                assert spend.cost_usd == cost(spend, standard)  # type: ignore[arg-type]
+                assert hold.amount_usd == _standard_bound(dep, hold)
+            else:
+                assert spend.price.source == "genai-prices service_tier=priority"
+                assert spend.cost_usd == cost(spend, standard) * 2  # type: ignore[arg-type]
+            assert Decimal(0) < spend.cost_usd <= hold.amount_usd
+    assert bounds["priority"] == bounds["default"] * 2

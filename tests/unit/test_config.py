@@ -835,3 +835,41 @@ api_key_env = "GEMINI_API_KEY"
     notes = [i for i, line in enumerate(shown) if line.strip().startswith("note:")]
     assert len(notes) == 1 and "200,000 input tokens" in shown[notes[0]]
     assert "gem:" in "\n".join(shown[: notes[0]]) and "table:" in shown[notes[0] + 1]
+
+
+# --- OpenAI's service tier ----------------------------------------------------------------------
+
+_OPENAI = (
+    '\n[[providers]]\nname = "gpt"\nkind = "openai"\nmodel = "gpt-5"\ncost_per_1k_tokens = 0.01\n'
+)
+
+
+@pytest.mark.parametrize("tier", ["auto", "default", "flex", "priority", "scale"])
+def test_an_openai_provider_takes_a_service_tier_to_send(tier: str) -> None:
+    config = parse(BASE + _OPENAI + f'service_tier = "{tier}"\n')
+    assert config.provider("gpt").service_tier == tier  # type: ignore[union-attr]
+    assert config.provider("claude").service_tier is None  # type: ignore[union-attr]
+    assert f"service tier {tier}" in render_text(config, {})
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "said"),
+    [
+        ("gpt", "Priority", "providers[3].service_tier: must be one of auto, default, flex"),
+        ("gpt", "fast", "providers[3].service_tier: must be one of auto, default, flex"),
+        ("claude", "priority", "providers[0].service_tier: is an OpenAI setting; a provider of"),
+    ],
+)
+def test_a_service_tier_openai_does_not_take_or_on_another_kind_is_refused(
+    where: str, value: str, said: str
+) -> None:
+    text = BASE + _OPENAI
+    if where == "gpt":
+        text += f'service_tier = "{value}"\n'
+    else:
+        text = text.replace(
+            "timeout_ms = 30000\n", f'timeout_ms = 30000\nservice_tier = "{value}"\n'
+        )
+    message = rejected(text)
+    assert said in message, message
+    assert message.startswith("test.toml: ")

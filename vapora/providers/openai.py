@@ -77,6 +77,12 @@ class OpenAIClient(ProviderClient):
     kind: ClassVar[str] = "openai"
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
 
+    def __init__(self, *, service_tier: str | None = None, **options: Any) -> None:
+        """``service_tier``: sent with every call (``[[providers]] service_tier``); None sends
+        none, and the project's default tier serves the call."""
+        super().__init__(**options)
+        self.service_tier = service_tier
+
     @classmethod
     def _headers(cls, api_key: str | None) -> dict[str, str]:
         headers = {"accept": "application/json"}
@@ -97,6 +103,8 @@ class OpenAIClient(ProviderClient):
         }
         if request.temperature is not None:
             body["temperature"] = request.temperature
+        if self.service_tier is not None:
+            body["service_tier"] = self.service_tier
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

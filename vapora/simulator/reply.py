@@ -28,6 +28,7 @@ class Turn:
     max_tokens: int | None = None
     include_usage: bool = False
     endpoint: str = ""
+    service_tier: str | None = None  # the tier the request asked for (OpenAI), None: none
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ _ERRORS: dict[int, tuple[str, str | None]] = {
     429: ("requests", "rate_limit_exceeded"),
 }
 _DONE = b"data: [DONE]\n\n"
+_TIERS = ("auto", "default", "flex", "priority", "scale")
 _FINGERPRINT = "fp_sim0000001"
 
 
@@ -54,6 +55,11 @@ class OpenAIDialect(Dialect):
         users = [text_of(m.get("content")) for m in messages if m.get("role") == "user"]
         options = body.get("stream_options") or {}
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        tier = body.get("service_tier")
+        if tier is not None and tier not in _TIERS:
+            raise BadRequest(
+                f"Invalid value for 'service_tier': {tier!r}; expected one of {', '.join(_TIERS)}"
+            )
         return Turn(
             model=body["model"],
             stream=bool(body.get("stream")),
@@ -61,6 +67,7 @@ class OpenAIDialect(Dialect):
             last_user=users[-1] if users else "",
             max_tokens=limit if isinstance(limit, int) else None,
             include_usage=bool(options.get("include_usage")),
+            service_tier=tier,
         )
 
     def completion(self, reply: Reply, turn: Turn, behaviour: Behaviour) -> bytes:
@@ -85,7 +92,7 @@ class OpenAIDialect(Dialect):
                     }
                 ],
                 "usage": _usage(reply),
-                "service_tier": behaviour.service_tier or "default",
+                "service_tier": _served(turn, behaviour),
                 "system_fingerprint": _FINGERPRINT,
             }
         )
@@ -94,7 +101,7 @@ class OpenAIDialect(Dialect):
         created = int(time.time())
         with_usage = turn.include_usage
         first = {"role": "assistant", "content": "", "refusal": None}
-        tier = behaviour.service_tier or "default"
+        tier = _served(turn, behaviour)
         head = [sse(_chunk(reply, created, first, None, with_usage, tier))]
         chunks = [
             sse(_chunk(reply, created, {"content": text}, None, with_usage, tier))
@@ -209,3 +216,11 @@ def _rate_limit_headers(behaviour: Behaviour) -> list[tuple[str, str]]:
         ("x-ratelimit-remaining-requests", "0"),
         ("x-ratelimit-reset-requests", f"{wait_ms}ms"),
     ]
+
+
+def _served(turn: Turn, behaviour: Behaviour) -> str:
+    """The tier a call is served at: the one it asked for; with none (or ``auto``), the
+    project's default (the behaviour's ``service_tier``, else ``default``), as OpenAI does."""
+    if turn.service_tier is not None and turn.service_tier != "auto":
+        return turn.service_tier
+    return behaviour.service_tier or "default"
