@@ -160,6 +160,12 @@ _MONEY_EVENTS = (SpendRecorded, BudgetReserved, BudgetReleased, BudgetLeased, Bu
 _AHEAD = timedelta(minutes=5)
 _BEHIND = timedelta(minutes=1)  # a spend stamped this long before its reservation's admission
 _AHEAD_EVERY = timedelta(minutes=1)  # said at most this often
+#: The keeper's clock against the NATS server's: compared at most this often (steady seconds),
+#: said when they differ by more than ``_SKEWED`` (at most every ``_SKEW_EVERY_S``).
+_SKEW_CHECK_S = 60.0
+_SKEWED = timedelta(minutes=1)
+_SKEW_EVERY_S = 600.0
+_SKEW_SAMPLE_S = 5.0  # an event whose append took longer is not compared (resent, queued)
 _MONEY_VIEWS = (
     SpendRecordedView,
     BudgetReservedView,
@@ -230,6 +236,7 @@ class BudgetKeeper:
         resync_timeout_s: float = 5.0,
         expiry_grace_s: float = 15.0,
         steady: Callable[[], float] | None = None,
+        check_clock: bool | None = None,
     ) -> None:
         self.runtime = runtime
         self.log = runtime.log
@@ -288,6 +295,16 @@ class BudgetKeeper:
         self._ahead_said: datetime | None = None
         self.behind = 0  # spends stamped more than _BEHIND before their reservation
         self._behind_said: datetime | None = None
+        #: Whether this keeper's clock is compared with the NATS server's (:meth:`_check_clock`;
+        #: None: with the real clock only, tests set theirs anywhere), and what it found: the
+        #: last event it wrote ``(sequence, its time)``, the last compared, when (steady), the
+        #: difference (keeper minus server) and when it was last said.
+        self._check_clock = runtime.clock is utc_now if check_clock is None else check_clock
+        self._written: tuple[int, datetime] | None = None
+        self._compared: int | None = None
+        self._compared_at: float | None = None
+        self.clock_skew: timedelta | None = None
+        self._skew_said: float | None = None
         self._lock = anyio.Lock()
         self._own: OrderedDict[str, None] = OrderedDict()
         self._ready = False
@@ -957,6 +974,7 @@ class BudgetKeeper:
     async def _append(self, event: Event) -> None:
         """Append fenced, then fold the event in (see the module docstring)."""
         self._remember(event.id)
+        sent = self._steady_now()
         # Shielded: a reply timeout must not leave an acknowledged event unfolded.
         with anyio.CancelScope(shield=True):
             try:
@@ -974,6 +992,10 @@ class BudgetKeeper:
                 self._quiet_since = self._steady_now()  # held spend may follow: expiry_grace
                 raise
             self.fence = max(self.fence, appended.seq)
+            at = getattr(event, "at", None)
+            quick = self._steady_now() - sent < _SKEW_SAMPLE_S  # not stored long after its time
+            if quick and not appended.duplicate and isinstance(at, datetime):
+                self._written = (appended.seq, at)
             if isinstance(event, (*_MONEY_EVENTS, BudgetTierChanged)):
                 self._fold_in(event)  # a tier change: now the tier announced
             self._changed += 1
@@ -1128,10 +1150,57 @@ class BudgetKeeper:
                         log.info("budget keeper: no hold expired this time: %s", exc)
                 async with self._lock:
                     await self._tick(expire=expire)
+                await self._compare_clocks()
             except VaporaError as exc:
                 log.warning("budget keeper: housekeeping deferred: %s", exc)
             except Exception:
                 log.exception("budget keeper: housekeeping failed")
+
+    async def _compare_clocks(self) -> None:
+        """Compare this keeper's clock with the NATS server's, once a minute at most: the time
+        it stamped on the last event it wrote against the time the server stored it at. The
+        day and month a reservation or a lease is admitted against are by the keeper's clock,
+        and a spend counts in the day its own time names: a keeper a day ahead admitted against
+        an empty day while the day's spend went on (nothing compared its clock with any other).
+        Said at ERROR, every ten minutes while it lasts (``clock_skew``: keeper minus server);
+        a skew is not corrected (which clock is wrong is not known here)."""
+        written = self._written
+        if not self._check_clock or written is None or written[0] == self._compared:
+            return
+        now = self._steady_now()
+        if self._compared_at is not None and now - self._compared_at < _SKEW_CHECK_S:
+            return
+        self._compared_at = now
+        seq, at = written
+        self._compared = seq
+        try:
+            stored = await self.log.stored(seq)
+        except Exception as exc:  # no server to ask now: the next minute's event is compared
+            log.debug("budget keeper: its clock was not compared: %s", exc)
+            return
+        server_at = getattr(stored, "time", None)
+        if not isinstance(server_at, datetime):
+            return  # aged out of the stream, or a server that says no time
+        skew = budget.as_utc(at) - budget.as_utc(server_at)
+        was, self.clock_skew = self.clock_skew, skew
+        if abs(skew) <= _SKEWED:
+            if was is not None and abs(was) > _SKEWED:
+                log.info("budget keeper: its clock agrees with the NATS server's again")
+            return
+        if self._skew_said is not None and now - self._skew_said < _SKEW_EVERY_S:
+            return
+        self._skew_said = now
+        log.error(
+            "budget keeper: its clock is %s s %s the NATS server's (event %d stamped %s, stored "
+            "at %s by the server): it admits reservations and leases against the day and month "
+            "its clock names, while spend counts in the day its writer's clock names; set the "
+            "clocks right (NTP) on this host or the server's",
+            f"{abs(skew.total_seconds()):,.0f}",
+            "ahead of" if skew > timedelta(0) else "behind",
+            seq,
+            budget.as_utc(at).isoformat(),
+            budget.as_utc(server_at).isoformat(),
+        )
 
     def _note_spend(self) -> None:
         status = budget.status(self.state, self.limits, self.clock())

@@ -21,6 +21,7 @@ from nats.errors import NoRespondersError
 
 from actors.budget_keeper import SNAPSHOT_FILE, BudgetKeeper
 from actors.connection import Client
+from actors.runner import utc_now
 from actors.server import EmbeddedNats
 from events import subjects
 from events.codec import encode
@@ -1022,3 +1023,38 @@ async def _side_by_side(
         assert (await reserve(conn, Decimal("0.01"), task_id="t2", wait_s=1.0)).admitted
         assert answered == []
         gate[0].set()  # the tail moves: both give-backs go on
+
+
+@pytest.mark.parametrize("off_by", [timedelta(days=1), timedelta(hours=-2), timedelta(0)])
+async def test_a_keeper_clock_off_the_nats_servers_is_said_at_error(
+    conn: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture, off_by: timedelta
+) -> None:
+    """A keeper whose clock is a day ahead admits against an empty day while the day's spend
+    goes on: nothing compared its clock with another. It compares the time it stamped on an
+    event it wrote with the time the server stored it at, and says a difference past a minute
+    (a clock right by the server's: nothing said)."""
+
+    def clock() -> datetime:
+        return utc_now() + off_by
+
+    rt = runtime(conn, tmp_path, cfg=config(daily_cents=1000), clock=clock)
+    keeper = BudgetKeeper(rt, tick_s=0.05, check_clock=True)
+    async with running(keeper):
+        with caplog.at_level(logging.INFO, logger="vapora.budget"):
+            assert (await reserve(conn, Decimal("0.10"), task_id="T-clock")).admitted
+
+            async def compared() -> bool:
+                return keeper.clock_skew is not None
+
+            await eventually(compared)
+    assert keeper.clock_skew is not None
+    assert abs(keeper.clock_skew - off_by) < timedelta(seconds=5)
+    said = [r for r in caplog.records if "the NATS server's" in r.getMessage()]
+    if off_by:
+        [record] = said
+        assert record.levelno == logging.ERROR
+        where = "ahead of" if off_by > timedelta(0) else "behind"
+        seconds = f"{abs(off_by.total_seconds()):,.0f} s"
+        assert f"its clock is {seconds} {where} the NATS server's" in record.getMessage()
+    else:
+        assert not said
