@@ -76,6 +76,9 @@ class ConnectOptions:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    #: TLS asked for (a ``[nats.tls]`` table, even an empty one): verified against the
+    #: system's CAs when no CA file is named.
+    tls_required: bool = False
     connect_timeout: float = 5.0
     # How long the *first* connection may take, all servers and retries included.
     initial_deadline: float = 15.0
@@ -101,8 +104,10 @@ class ConnectOptions:
         return cls(servers=servers, **kw)
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """A verifying TLS context when a CA or client certificate is configured."""
-        if not (self.tls_ca_file or self.tls_cert_file):
+        """A verifying TLS context when TLS is asked for (``tls_required``) or a CA or client
+        certificate is configured: the system's CAs when no CA file is named (an empty
+        ``[nats.tls]`` connected in plain text, the config saying "tls yes")."""
+        if not (self.tls_required or self.tls_ca_file or self.tls_cert_file):
             return None
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file)
         if self.tls_cert_file:

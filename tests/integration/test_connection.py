@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -362,17 +363,28 @@ class _Impostor:
                     self.received += await stream.receive()
 
 
-@pytest.mark.parametrize("how", ["tls:// URL", "[nats.tls] ca"])
+@pytest.mark.parametrize("how", ["tls:// URL", "[nats.tls] ca", "an empty [nats.tls]"])
 async def test_a_connection_to_use_tls_sends_no_credentials_to_a_server_without_it(
     how: str, tmp_path: Path
 ) -> None:
     """nats-py goes on in plain text when the server's INFO does not require TLS, whatever the
-    URL or the TLS settings said: the user and password went to an impostor in the clear."""
+    URL or the TLS settings said: the user and password went to an impostor in the clear. An
+    empty ``[nats.tls]`` (the system's CAs) asked for no TLS at all: `vapora config` said
+    "tls yes" and the password went in the clear (a review)."""
     from tests.cluster.certs import make_tls_files
+    from vapora.cli import _connect_options
+    from vapora.config import parse_config
 
     async with _Impostor() as impostor:
         if how == "tls:// URL":
             options = ConnectOptions(servers=(f"tls://127.0.0.1:{impostor.port}",))
+        elif how == "an empty [nats.tls]":
+            url = f"nats://127.0.0.1:{impostor.port}"
+            text = (
+                f'[[providers]]\nname = "ollama"\nmodel = "m"\n[nats]\nurl = "{url}"\n[nats.tls]\n'
+            )
+            config = parse_config(text, source="t.toml", at=datetime.now(UTC))
+            options = _connect_options(config, url, "t")
         else:
             ca = make_tls_files(tmp_path).ca
             options = ConnectOptions(

@@ -81,6 +81,7 @@ def _connect_options(config: Config, url: str, name: str) -> ConnectOptions:
         tls_ca_file=tls.ca if tls else None,
         tls_cert_file=tls.cert if tls else None,
         tls_key_file=tls.key if tls else None,
+        tls_required=tls is not None,
         inbox_prefix=config.nats.inbox_prefix,
     )
 

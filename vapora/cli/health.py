@@ -16,6 +16,7 @@ Services are named ``router``, ``provider-<name>``, ``vapora-budget`` and ``vapo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -75,23 +76,16 @@ async def cmd_health(args: argparse.Namespace) -> int:
     """Ping; 0 when a service answered in time, 1 otherwise."""
     from nats.errors import NoRespondersError
 
-    from actors.connection import ConnectionFailed, ConnectOptions, connect
+    from actors.connection import ConnectionFailed, connect
+    from vapora.cli import _connect_options
     from vapora.config import load
     from vapora.errors import ConfigError
 
     config = load(args.config, env=os.environ, at=datetime.now(UTC), nats_url=args.nats_url)
-    tls = config.nats.tls
-    options = ConnectOptions.from_url(
-        ",".join(config.nats.urls) or "nats://127.0.0.1:4222",
-        name="vapora-health",
-        user=config.nats.user,
-        password=config.nats.password,
-        token=config.nats.token,
-        creds_file=config.nats.creds,
-        tls_ca_file=tls.ca if tls else None,
-        tls_cert_file=tls.cert if tls else None,
-        tls_key_file=tls.key if tls else None,
-        inbox_prefix=config.nats.inbox_prefix,
+    options = dataclasses.replace(
+        _connect_options(
+            config, ",".join(config.nats.urls) or "nats://127.0.0.1:4222", "vapora-health"
+        ),
         initial_deadline=args.timeout,
         max_reconnect_attempts=0,
     )
