@@ -604,11 +604,35 @@ def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
             else f"(U+{ord(unsafe.group()):04X} at {unsafe.start()})"
         )
         raise _Invalid(path, f"{redact_url(url)!r} holds a space or a control character {where}")
+    if start >= 0 and "@" in url[_authority_end(url, start) :]:
+        # A password holding `/`, `?` or `#` ends the authority there: the host is what came
+        # before (`nats://h:1/pw@db:4222` connected to h:1, shown as going to db), or the
+        # password was read as a port and quoted in the error (a review).
+        nats = url[:scheme_end].lower() in _NATS_SCHEMES  # nats-py sends it as written
+        how = (
+            "give it as [nats] user and password instead"
+            if nats
+            else "percent-encode them (%2F, %3F, %23)"
+        )
+        raise _Invalid(
+            path,
+            f"{redact_url(url)!r} holds an '@' after its host: a user or password holding "
+            f"'/', '?' or '#' ends the host there; {how}",
+        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:  # a bad port, or `[::1` (an IPv6 address left open)
-        raise _Invalid(path, f"{redact_url(url)!r} is not a valid URL ({exc})") from exc
+        # Not the exception's text: it quotes the port as written.
+        text = str(exc)
+        why = (
+            "an IPv6 address not closed with ']'"
+            if "IPv6" in text
+            else "its port is out of range 0-65535"
+            if "out of range" in text
+            else "its port is not a number"
+        )
+        raise _Invalid(path, f"{redact_url(url)!r} is not a valid URL ({why})") from exc
     if parts.scheme not in schemes or not parts.hostname:
         raise _Invalid(
             path, f"{redact_url(url)!r} is not a valid URL (expected {allowed}://host[:port])"
