@@ -165,6 +165,7 @@ _AHEAD_EVERY = timedelta(minutes=1)  # said at most this often
 _SKEW_CHECK_S = 60.0
 _SKEWED = timedelta(minutes=1)
 _SKEW_EVERY_S = 600.0
+_SKEW_ASK_S = 1.0  # how long the stored time is waited for
 _SKEW_SAMPLE_S = 5.0  # an event whose append took longer is not compared (resent, queued)
 _MONEY_VIEWS = (
     SpendRecordedView,
@@ -1173,8 +1174,11 @@ class BudgetKeeper:
         self._compared_at = now
         seq, at = written
         self._compared = seq
+        stored = None
         try:
-            stored = await self.log.stored(seq)
+            # Bounded: the housekeeping that expires holds waits for it.
+            with anyio.move_on_after(_SKEW_ASK_S):
+                stored = await self.log.stored(seq)
         except Exception as exc:  # no server to ask now: the next minute's event is compared
             log.debug("budget keeper: its clock was not compared: %s", exc)
             return

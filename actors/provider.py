@@ -411,13 +411,12 @@ class ProviderActor:
         self.health_interval_s = health_interval_s
         # The service tiers other than the standard one the provider said it served calls at:
         # a call whose cost is not known is recorded at the dearest of their rates and the
-        # standard ones. A tier its config asks for counts as said from the start (``default``,
-        # the standard one, adds none); ``auto`` or none: the project's, known once said.
-        asked = config.service_tier
-        self._served_tiers: set[str] = (
-            set(unsaid_tiers(config.kind.value, config.model, asked))
-            if asked not in (None, "auto")
-            else set()
+        # standard ones. From the start, the tiers a call may be served at before any is said,
+        # as the router bounds its hold (``pricing.unsaid_tiers``: the tier the config asks for,
+        # else every tier the table has for the model): such a call recorded at the standard
+        # rates settled the router's hold below a priority bill, and released the rest.
+        self._served_tiers: set[str] = set(
+            unsaid_tiers(config.kind.value, config.model, config.service_tier)
         )
         self._healthy: tuple[bool, str] = (True, "")
         self._published: _HealthSignature | None = None

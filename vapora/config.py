@@ -1269,14 +1269,24 @@ def _tier_line(p: ProviderConfig) -> str:
         if tier is not None
         else "no service tier sent (the project's default serves)"
     )
-    unsaid = (
-        pricing.unsaid_tiers(p.kind.value, p.model, tier)
-        if p.price.source == "genai-prices"
-        else frozenset()
+    kind, now = p.kind.value, datetime.now(UTC)
+    if p.price.source != "genai-prices":
+        # A configured price is the call's whatever the tier: said where it likely differs.
+        other = tier is not None and tier not in pricing.STANDARD_TIERS
+        return f"    {sent}" + ("; the configured price is used at that tier" if other else "")
+    standard = p.price
+    dearer_tiers = sorted(
+        t
+        for t in pricing.unsaid_tiers(kind, p.model, tier)
+        if (q := pricing.tier_price(kind, p.model, standard, t, now)) is not None
+        and (
+            q.input_per_mtok > standard.input_per_mtok
+            or q.output_per_mtok > standard.output_per_mtok
+        )
     )
-    if not unsaid:
+    if not dearer_tiers:
         return f"    {sent}"
-    dearer = ", ".join(sorted(unsaid))
+    dearer = ", ".join(dearer_tiers)
     return f"    {sent}; holds bounded at the dearest of its standard, {dearer} rates"
 
 

@@ -322,19 +322,44 @@ def served_bound(kind: str, model: str, price: Price, tiers: Iterable[str], at: 
     """``price`` for bounding a call's cost (a reservation, a cost not known) of a provider
     that has said it serves at the service ``tiers``: rate by rate the dearest of the standard
     rates and those of each tier (it may serve the next call at any of them; a flex tier's
-    cheaper rates never lower the bound). ``price`` itself when no tier has rates of its own."""
+    cheaper rates never lower the bound), long-context tiers included: at every threshold any
+    of them has, the dearest rates any of them bills past it (a tier variant's own long-context
+    rates were dropped: a priority call past 272k input tokens settled above its hold). ``price``
+    itself when no tier has rates of its own."""
     dearer = [p for t in tiers if (p := tier_price(kind, model, price, t, at)) is not None]
     if not dearer:
         return price
     every = [price, *dearer]
+    base = _dearest(every)
+    thresholds = sorted({tier.above_input_tokens for p in every for tier in p.tiers})
     return msgspec.structs.replace(
         price,
-        input_per_mtok=max(p.input_per_mtok for p in every),
-        output_per_mtok=max(p.output_per_mtok for p in every),
-        cache_read_per_mtok=max(p.cache_read_per_mtok for p in every),
-        cache_write_per_mtok=max(p.cache_write_per_mtok for p in every),
-        cache_write_1h_per_mtok=max((p.cache_write_1h_per_mtok or 0) for p in every) or None,
+        input_per_mtok=base.input_per_mtok,
+        output_per_mtok=base.output_per_mtok,
+        cache_read_per_mtok=base.cache_read_per_mtok,
+        cache_write_per_mtok=base.cache_write_per_mtok,
+        cache_write_1h_per_mtok=base.cache_write_1h_per_mtok,
+        tiers=tuple(
+            msgspec.structs.replace(
+                _dearest([rates_for(p, above + 1) for p in every]), above_input_tokens=above
+            )
+            for above in thresholds
+        ),
         source=f"{price.source} bound over service tiers {','.join(sorted(tiers))}",
+    )
+
+
+def _dearest(rates: list[Price] | list[Price | PriceTier]) -> PriceTier:
+    """Rate by rate the dearest of ``rates`` (an hour-long write's own rate only where one of
+    them has one: else such writes bill as the other writes, as they do in each)."""
+    hour = any(r.cache_write_1h_per_mtok is not None for r in rates)
+    return PriceTier(
+        above_input_tokens=0,
+        input_per_mtok=max(r.input_per_mtok for r in rates),
+        output_per_mtok=max(r.output_per_mtok for r in rates),
+        cache_read_per_mtok=max(r.cache_read_per_mtok for r in rates),
+        cache_write_per_mtok=max(r.cache_write_per_mtok for r in rates),
+        cache_write_1h_per_mtok=max(_hour_rate(r) for r in rates) if hour else None,
     )
 
 

@@ -17,6 +17,7 @@ import pytest
 from actors.router import RouterActor
 from events.log import BudgetReserved, SpendRecorded
 from tests.fault.provider_harness import Deployment, config_text, deployment
+from vapora.errors import VaporaError
 from vapora.pricing import cost, upper_bound_cost
 from vapora.providers import input_token_bound, output_ceiling
 from vapora.providers.values import ProviderRequest
@@ -107,12 +108,15 @@ async def test_a_provider_that_names_its_tier_sends_it_and_is_bounded_at_its_rat
 ) -> None:
     """``service_tier = "default"`` on a project whose default is priority: every call is
     served, billed and bounded at the standard rates (the bound is the bill's, not twice it);
-    ``"priority"``: bounded at the priority rates from the first call."""
+    ``"priority"`` on a project whose default is the standard tier: served and billed at
+    priority, bounded at its rates from the first call."""
     bounds: dict[str, Decimal] = {}
     for tier in ("default", "priority"):
         config = functools.partial(_config, tier=tier)
         async with deployment(tmp_path / tier, config, keeper=True) as dep:
-            dep.sim.app.controls["openai"].defaults = Behaviour(service_tier="priority")
+            # The project's default is the other tier: only the request's makes it this one.
+            other = "default" if tier == "priority" else "priority"
+            dep.sim.app.controls["openai"].defaults = Behaviour(service_tier=other)
             asked = {"prompt": "one two three", "provider": "openai", "max_tokens": 500}
             if stream:
                 async with dep.client.stream(**asked, task_id="t-1") as chunks:
@@ -133,3 +137,32 @@ async def test_a_provider_that_names_its_tier_sends_it_and_is_bounded_at_its_rat
                 assert spend.cost_usd == cost(spend, standard) * 2  # type: ignore[arg-type]
             assert Decimal(0) < spend.cost_usd <= hold.amount_usd
     assert bounds["priority"] == bounds["default"] * 2
+
+
+async def test_a_call_whose_cost_is_not_known_is_recorded_at_the_dearest_tier(
+    tmp_path: Path,
+) -> None:
+    """A call that timed out after it was sent (billed, its usage never read), before any spend
+    said a tier: the provider actor recorded it at the standard rates, the keeper settled the
+    router's hold (at the dearest tier) at that and freed the rest, and a priority project was
+    billed twice what was recorded (a review). It is recorded at the hold's rates."""
+
+    def config(url: str) -> str:
+        text = config_text(
+            url,
+            models={"openai": "gpt-5"},
+            timeouts={"openai": 500},
+            budget="[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n",
+        )
+        return text.replace("cost_per_1k_tokens = 0.030\n", "")
+
+    async with deployment(tmp_path, config, keeper=True) as dep:
+        dep.sim.app.controls["openai"].defaults = Behaviour(service_tier="priority", hang=True)
+        with pytest.raises(VaporaError):
+            await dep.client.complete(
+                prompt="one two three", provider="openai", max_tokens=500, task_id="t-1"
+            )
+        spend = await _spend_of(dep, "t-1")
+        [hold] = [e for e in await dep.events_of("t-1") if isinstance(e, BudgetReserved)]
+    assert spend.usage_estimated
+    assert spend.cost_usd == hold.amount_usd == _standard_bound(dep, hold) * 2

@@ -17,7 +17,7 @@ from events import SpendRecorded, TaskType, decode_event, encode
 from events.contract import Price, PriceTier, Usage
 from vapora.audit import recompute_cost
 from vapora.errors import ConfigError
-from vapora.pricing import cost, resolve_price, tiers_left_out, zero_price
+from vapora.pricing import cost, resolve_price, tiers_left_out, upper_bound_cost, zero_price
 from vapora.providers import ProviderRequest, make_client
 from vapora.providers.values import input_token_bound
 
@@ -452,3 +452,44 @@ def test_a_bound_over_service_tiers_is_the_dearest_of_their_rates_and_never_belo
         2 * standard.output_per_mtok,
     )
     assert served_bound("openai", "gpt-5", standard, set(), now) is standard
+
+
+def _openai_models_with_tiers() -> list[str]:
+    from genai_prices import data_snapshot
+
+    from vapora.pricing import table_service_tiers
+
+    [openai] = [p for p in data_snapshot.get_snapshot().providers if p.id == "openai"]
+    return sorted(m.id for m in openai.models if table_service_tiers("openai", m.id))
+
+
+def test_a_bound_over_service_tiers_is_no_lower_than_any_tiers_bill_at_any_input_size() -> None:
+    """A tier variant's own long-context rates were dropped from the bound: a priority call of
+    300,000 input tokens to a model whose priority rates double past 272k settled at $2.43
+    against a $1.52 hold (a review). For every OpenAI model the table has tiers for, at inputs
+    on each side of every threshold, the bound's cost is no lower than any tier's bill."""
+    from vapora.pricing import _table_price, served_bound, table_service_tiers, tier_price
+
+    now = datetime.now(UTC)
+    models = _openai_models_with_tiers()
+    assert len(models) > 10
+    checked = 0
+    for model in models:
+        standard = _table_price("openai", model, now)
+        if standard is None:
+            continue
+        tiers = table_service_tiers("openai", model)
+        bound = served_bound("openai", model, standard, tiers, now)
+        prices = [standard, *(tier_price("openai", model, standard, t, now) for t in tiers)]
+        thresholds = {t.above_input_tokens for p in prices if p is not None for t in p.tiers}
+        sizes = {1_000, 2_000_000, *(n + d for n in thresholds for d in (0, 1, 5_000))}
+        for size in sorted(sizes):
+            usage = Usage(input_tokens=size, output_tokens=1_000, cache_read_tokens=size // 4)
+            for price in prices:
+                if price is not None:
+                    assert cost(usage, bound) >= cost(usage, price), (model, size, price.source)
+                    checked += 1
+            assert upper_bound_cost(size, 1_000, bound) >= max(
+                cost(Usage(input_tokens=size, output_tokens=1_000), p) for p in prices if p
+            )
+    assert checked > 100
