@@ -682,11 +682,21 @@ async def connect(options: ConnectOptions) -> Client:
         ) from exc
     except Exception as exc:
         await _abandon(client)
-        raise ConnectionFailed(f"cannot connect to NATS at {servers}: {exc}") from exc
+        raise ConnectionFailed(f"cannot connect to NATS at {servers}: {_cause(exc)}") from exc
     if refusal.error is not None and not client.is_connected:
         await _abandon(client)
         raise ConnectionFailed(f"NATS at {servers} refused the connection: {refusal.reason()}")
     return client
+
+
+def _cause(exc: BaseException) -> str:
+    """What stopped a connection, as said: the one error inside a group of one (a task
+    group's "unhandled errors in a TaskGroup (1 sub-exception)" said nothing), with its type."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions[:3])
+    return describe(exc)
 
 
 def _inbox_prefix(options: ConnectOptions) -> str:

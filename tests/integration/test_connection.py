@@ -438,3 +438,45 @@ def test_a_publish_on_a_socket_closed_under_the_connection_is_sent_after_the_rec
             backend="asyncio",
             backend_options={"use_uvloop": uvloop},
         ).result()
+
+
+async def test_a_creds_file_authenticates_with_an_operator_mode_server(tmp_path: Path) -> None:
+    """`[nats] creds` (a JWT and an NKey seed, the usual credentials of a managed NATS) never
+    worked: nats-py needs the `nkeys` package to sign the server's nonce, which vapora did not
+    depend on ("No module named 'nkeys'", shown as "unhandled errors in a TaskGroup")."""
+    from tests.cluster.creds import make_creds
+    from vapora.cli import _connect_options
+    from vapora.config import parse_config
+
+    creds = make_creds(tmp_path / "creds")
+    async with EmbeddedNats(tmp_path / "nats", extra_config=creds.server_config) as server:
+        text = (
+            '[[providers]]\nname = "ollama"\nmodel = "m"\n'
+            f'[nats]\nurl = "{server.url}"\ncreds = "{creds.creds_file}"\n'
+        )
+        config = parse_config(text, source="t.toml", at=datetime.now(UTC))
+        client = await connect(_connect_options(config, server.url, "t"))
+        try:
+            sub = await client.subscribe("t.creds")
+            await client.publish("t.creds", b"signed in")
+            assert (await sub.next_msg(timeout=5)).data == b"signed in"
+        finally:
+            await client.close()
+        without = dataclasses.replace(
+            _connect_options(config, server.url, "t"), creds_file=None, initial_deadline=5.0
+        )
+        with pytest.raises(ConnectionFailed, match="authentication failed") as refused:
+            await connect(without)
+        assert creds.seed not in str(refused.value)
+
+
+def test_a_connection_error_in_a_group_of_one_is_said_as_itself() -> None:
+    from actors.connection import _cause
+
+    missing = ModuleNotFoundError("No module named 'nkeys'")
+    group = ExceptionGroup("unhandled errors in a TaskGroup", [missing])
+    assert (
+        _cause(ExceptionGroup("outer", [group])) == "ModuleNotFoundError: No module named 'nkeys'"
+    )
+    two = ExceptionGroup("g", [OSError("refused"), TimeoutError()])
+    assert _cause(two) == "OSError: refused; TimeoutError"
