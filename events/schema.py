@@ -137,7 +137,7 @@ def render_schema() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vapora schema", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=SCHEMA_PATH, help="file to write")
+    parser.add_argument("--out", type=_file, default=SCHEMA_PATH, help="file to write")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
     args = parser.parse_args(argv)
     text = render_schema()
@@ -145,16 +145,39 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out.exists():  # said "is stale" as if it were there
             print(f"{args.out} is missing: run `python -m events.schema`", file=sys.stderr)
             return 1
-        current = args.out.read_text()
+        try:
+            current = args.out.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"vapora schema: cannot read {args.out}: {_why(exc)}", file=sys.stderr)
+            return 1
         if current != text:
             print(f"{args.out} is stale: run `python -m events.schema`", file=sys.stderr)
             return 1
         print(f"{args.out} is current")
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"vapora schema: cannot write {args.out}: {_why(exc)}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out} ({len(export_schema()['$defs'])} definitions)")
     return 0
+
+
+def _file(text: str) -> Path:
+    """``--out``: a file's path (an empty one named the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -1008,6 +1008,20 @@ def _inbox_prefix(prefix: str | None) -> str | None:
 
 
 _SYNC_INTERVAL = re.compile(r"always|[1-9][0-9]*(ms|s|m|h)")
+#: The longest duration nats-server reads (Go's ``time.Duration``: 2^63 - 1 ns): a longer
+#: sync_interval passed `vapora config` and stopped the server's start.
+_MAX_DURATION_NS = 2**63 - 1
+_UNIT_NS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+def _duration_ns(text: str) -> int:
+    """A ``_SYNC_INTERVAL`` duration in nanoseconds (``always``: 0)."""
+    if text == "always":
+        return 0
+    match = _SYNC_INTERVAL.fullmatch(text)
+    assert match is not None and match.group(1) is not None
+    unit = match.group(1)
+    return int(text[: -len(unit)]) * _UNIT_NS[unit]
 
 
 def _tls_said(nats: NatsConfig) -> str:
@@ -1035,6 +1049,12 @@ def _check_misc(storage: StorageConfig, telemetry: TelemetryConfig) -> None:
             "storage.sync_interval",
             f'must be "always" or a duration such as "500ms", "1s", "2m"; '
             f"got {storage.sync_interval!r}",
+        )
+    if _duration_ns(storage.sync_interval) > _MAX_DURATION_NS:
+        raise _Invalid(
+            "storage.sync_interval",
+            f"must be at most 2562047h (nats-server's longest duration), got "
+            f"{storage.sync_interval!r}",
         )
     if storage.replicas is not None and not 1 <= storage.replicas <= 5:
         raise _Invalid("storage.replicas", f"must be in 1..5, got {storage.replicas}")

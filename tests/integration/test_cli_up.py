@@ -414,6 +414,8 @@ def test_empty_flags_bad_waits_and_unusable_outputs_are_named_not_defaults_or_tr
     read until memory ran out; `report --html F --json` dropped --json; a full output and a
     data directory that cannot be made were tracebacks; a demo of 10^11 requests ran out of
     memory before its first."""
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00schema")
     for argv, said, code in (
         (["up", "--data-dir", ""], "--data-dir: must not be empty", 2),
         (["ask", "hi", "--config", ""], "--config: must not be empty", 2),
@@ -428,6 +430,19 @@ def test_empty_flags_bad_waits_and_unusable_outputs_are_named_not_defaults_or_tr
         (["simulate", "--latency-ms", "-10"], "--latency-ms: must be 0 to", 2),
         (["simulate", "--host", ""], "--host: must not be empty", 2),
         (["schema", "--check", "--out", str(tmp_path / "none.json")], "is missing", 1),
+        # Found in a review: each was a traceback, a default, or a wait for NATS first.
+        (["config", ""], "argument file: must not be empty", 2),
+        (["schema", "--out", str(tmp_path)], f"cannot write {tmp_path}: Is a directory", 1),
+        (["schema", "--out", ""], "--out: must not be empty", 2),
+        (["schema", "--check", "--out", str(binary)], "not UTF-8 text", 1),
+        (["ask", "", "--nats-url", "nats://127.0.0.1:1"], "`prompt` must hold some text", 1),
+        (
+            ["ask", "hi", "--budget-cents", "1e400", "--nats-url", "nats://127.0.0.1:1"],
+            "`budget_cents` must be a finite",
+            1,
+        ),
+        (["health", "--service", "a b"], "'a b' is not a service name", 2),
+        (["health", "--service", ">"], "'>' is not a service name", 2),
     ):
         done = run(*argv, timeout=30)
         assert (done.returncode, "Traceback" in done.stderr) == (code, False), (argv, done.stderr)

@@ -4,6 +4,7 @@ agrees with the events it produced, the audit passes, and the data stays usable 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -18,9 +19,11 @@ from vapora.cli.demo import MARKER, plan_workload
 VAPORA = [sys.executable, "-m", "vapora.cli"]
 
 
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*VAPORA, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [*VAPORA, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
 
 
@@ -241,6 +244,12 @@ def test_offline_budget_uses_the_demo_config_and_says_when_it_has_none(
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["per_task_limit_usd"] == "1"  # demo.toml's 100 cents
     assert "built-in defaults" not in done.stderr
+    # An empty VAPORA_CONFIG (`VAPORA_CONFIG=$CFG`, CFG unset) is unset: it ran on the
+    # built-in limits, unsaid (a review).
+    emptied = {**os.environ, "VAPORA_CONFIG": ""}
+    done = run("budget", "--data-dir", str(data_dir), "--json", env=emptied)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["per_task_limit_usd"] == "1"
     bare = tmp_path / "bare"
     shutil.copytree(data_dir, bare)
     (bare / "config.toml").unlink()

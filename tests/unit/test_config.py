@@ -905,3 +905,10 @@ def test_a_url_whose_port_is_no_number_is_refused_naming_that() -> None:
     message = info.value.message
     assert "'nats://u:***@h:42x' is not a valid URL (its port is not a number)" in message
     assert "cast" not in message
+
+
+def test_a_sync_interval_past_what_nats_server_reads_is_refused() -> None:
+    """`vapora config` took "9999999h"; nats-server refused it at its start (a review)."""
+    assert parse(BASE + '[storage]\nsync_interval = "2562047h"\n').storage.sync_interval
+    message = rejected(BASE + '[storage]\nsync_interval = "2562048h"\n')
+    assert "storage.sync_interval: must be at most 2562047h" in message

@@ -61,7 +61,7 @@ def _config(args: argparse.Namespace) -> Config:
 
     flag = getattr(args, "config", None)
     data_dir = getattr(args, "data_dir", None)
-    if flag is None and ENV_CONFIG not in os.environ and data_dir:
+    if flag is None and not os.environ.get(ENV_CONFIG) and data_dir:  # (empty: unset)
         kept = Path(data_dir) / "config.toml"
         flag = str(kept) if kept.is_file() else None
     return load(flag, env=os.environ, at=_now(), nats_url=args.nats_url)
@@ -334,9 +334,19 @@ async def cmd_actor(args: argparse.Namespace) -> int:
 
 
 async def cmd_ask(args: argparse.Namespace) -> int:
-    from vapora.cli.ask import ask_command
+    from vapora.cli.ask import ask_command, invalid_request
     from vapora.client import Client as VaporaClient
 
+    problem = invalid_request(
+        args.prompt,
+        task_type=args.task_type,
+        quality=args.quality,
+        provider=args.provider,
+        budget_cents=args.budget_cents,
+    )
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     async with _connected(args, "vapora-ask") as (_, nc):
         client = VaporaClient(nc)
         return int(
@@ -481,7 +491,7 @@ async def _offline_budget(args: argparse.Namespace, config: Config) -> str:
             file=sys.stderr,
         )
         return json_text(live) if args.json else render_budget(live)
-    named = args.config is not None or ENV_CONFIG in os.environ
+    named = args.config is not None or bool(os.environ.get(ENV_CONFIG))
     if not named and not (data_dir / "config.toml").is_file():
         print(
             f"vapora budget: {data_dir} holds no config.toml and no --config was given: "
@@ -701,7 +711,9 @@ def _parser() -> argparse.ArgumentParser:
     config = command(
         "config", "validate a config file and print what it resolves to", nats=False, config=False
     )
-    config.add_argument("file", nargs="?", help="default: $VAPORA_CONFIG or the built-in config")
+    config.add_argument(
+        "file", nargs="?", type=given, help="default: $VAPORA_CONFIG or the built-in config"
+    )
     config.add_argument("--json", action="store_true")
 
     commands.add_parser("simulate", help="run the provider simulators", add_help=False)
@@ -877,7 +889,10 @@ def _run(args: argparse.Namespace) -> int:
         from vapora.telemetry.logs import printable
 
         for leaf in leaves:
-            print(f"vapora {args.command}: {printable(str(leaf))}", file=sys.stderr)
+            # Line by line (a server's log quoted in it): each line's control characters
+            # escaped, its line breaks kept (they were printed as `\n`).
+            text = "\n".join(printable(line) for line in str(leaf).strip().splitlines())
+            print(f"vapora {args.command}: {text}", file=sys.stderr)
         _drop_unwritable_stdout()
         return max(code for code in codes if code is not None)
 

@@ -32,7 +32,7 @@ from vapora.client import Client, TextStream
 from vapora.errors import VaporaError
 from vapora.telemetry.logs import printable
 
-__all__ = ["ask_command", "summary_lines"]
+__all__ = ["ask_command", "invalid_request", "summary_lines"]
 
 
 def _request(
@@ -53,6 +53,29 @@ def _request(
     if budget_cents is not None:
         fields["budget_cents"] = str(budget_cents)
     return msgspec.convert(fields, CompletionRequest, strict=False)
+
+
+def invalid_request(
+    prompt: str,
+    *,
+    task_type: str | None,
+    quality: str | None,
+    provider: str | None,
+    budget_cents: Decimal | int | str | None,
+) -> str | None:
+    """Why the request these flags make is not one vapora takes (the line ``ask_command``
+    prints), or None: checked before connecting (an empty prompt waited for NATS first)."""
+    try:
+        _request(
+            prompt,
+            task_type=task_type,
+            quality=quality,
+            provider=provider,
+            budget_cents=budget_cents,
+        )
+    except msgspec.ValidationError as exc:
+        return f"vapora: invalid_request: {printable(str(exc))}"
+    return None
 
 
 def summary_lines(

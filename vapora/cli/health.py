@@ -19,16 +19,34 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from vapora.cli.args import given
 from vapora.eventloop import run as run_loop
+from vapora.telemetry.logs import printable
 
 __all__ = ["add_parser", "cmd_health", "local_instances", "main", "ping_subject"]
 
 PING = "$SRV.PING"
+
+
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _service(text: str) -> str:
+    """``--service``: a NATS service's name (letters, digits, ``-`` and ``_``, as the Services
+    API has them): ``a b`` was pinged as an invalid subject and said "no answer", ``*`` and
+    ``>`` were wildcard pings."""
+    given(text)
+    if not _SERVICE_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{printable(text[:64])!r} is not a service name (letters, digits, '-' and '_'; "
+            "vapora's are router, budget, ledger, provider-<name>)"
+        )
+    return text
 
 
 def ping_subject(service: str | None) -> str:
@@ -49,7 +67,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nats-url", metavar="URL", type=given, help="default: $VAPORA_NATS_URL")
     parser.add_argument(
-        "--service", metavar="NAME", type=given, help="ping only services called NAME"
+        "--service", metavar="NAME", type=_service, help="ping only services called NAME"
     )
     parser.add_argument(
         "--timeout",
