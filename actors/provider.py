@@ -144,6 +144,7 @@ from vapora.providers.base import default_transport, without_request_text
 from vapora.providers.stream import CALLER_CANCELLED, FORWARD_FAILED
 from vapora.telemetry import TASK_ID
 from vapora.telemetry.genai import CallSpec, ProviderCallTelemetry
+from vapora.telemetry.logs import printable
 
 __all__ = [
     "ERROR_CLASS_HEADER",
@@ -427,6 +428,8 @@ class ProviderActor:
         #: (``vapora.stream.cancel``); and the subjects cancelled before their call came.
         self._streaming: dict[str, anyio.CancelScope] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._bad_cancels = 0  # messages on vapora.stream.cancel that were not cancels
+        self._bad_cancel_said = -math.inf  # when that was last said (monotonic)
         #: Where the server says a stream's caller no longer listens (None: not looked for),
         #: and how many times it said so, by stream (:meth:`_on_gone`).
         self._gone_subject: str | None = None
@@ -531,7 +534,19 @@ class ProviderActor:
         try:
             cancel = decode(message.data, StreamCancel)
         except DecodeError as exc:
-            log.warning("%s: a stream cancel that is not one: %s", self.name, exc)
+            # Anyone may publish here: said once a minute at most, its text cut short (a
+            # message of 300,000 characters was written whole, by every provider actor).
+            self._bad_cancels += 1
+            now = time.monotonic()
+            if now - self._bad_cancel_said >= 60:
+                log.warning(
+                    "%s: a stream cancel that is not one: %s (%d such messages since the last "
+                    "such line)",
+                    self.name,
+                    printable(str(exc)[:300]),
+                    self._bad_cancels,
+                )
+                self._bad_cancel_said, self._bad_cancels = now, 0
             return
         scope = self._streaming.get(cancel.stream_to)
         if scope is not None:

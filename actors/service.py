@@ -74,7 +74,32 @@ def reply_problem(reply: str, reserved: tuple[str, ...]) -> str | None:
         return "is not a literal subject outside the system's ($...)"
     if reply.startswith(reserved):
         return "is under the event log's subjects"
+    if reply in _REQUEST_SUBJECTS or (
+        reply.startswith("vapora.provider.") and reply.endswith(".call")
+    ):
+        # Each answer (each chunk of a stream) would land as a request on vapora's actors:
+        # a stream answered to vapora.stream.cancel had every provider actor log every chunk.
+        return "is one of vapora's own request subjects"
     return None
+
+
+#: vapora's request subjects: none may be a reply subject (:func:`reply_problem`).
+_REQUEST_SUBJECTS = frozenset(
+    {
+        subjects.COMPLETE,
+        subjects.STREAM,
+        subjects.STREAM_CANCEL,
+        subjects.REPORT,
+        subjects.BUDGET,
+        subjects.BUDGET_RESERVE,
+        subjects.BUDGET_RELEASE,
+        subjects.BUDGET_LEASE,
+        subjects.BUDGET_LEASE_RETURN,
+        subjects.BUDGET_CAPS,
+        subjects.BUDGET_PENDING,
+        subjects.BUDGET_UNBILLED,
+    }
+)
 
 
 T = TypeVar("T")

@@ -143,7 +143,18 @@ async def test_a_request_whose_reply_subject_is_not_utf8_is_dropped_and_the_acto
 
 @pytest.mark.parametrize(
     "reply",
-    ["vapora.events.route", "$JS.API.STREAM.DELETE.VAPORA_EVENTS", "_INBOX.*", "a.>", "a..b"],
+    [
+        "vapora.events.route",
+        "$JS.API.STREAM.DELETE.VAPORA_EVENTS",
+        "_INBOX.*",
+        "a.>",
+        "a..b",
+        # vapora's own request subjects: each answer landed there as a request (a stream
+        # answered to vapora.stream.cancel had every provider actor log every chunk)
+        "vapora.stream.cancel",
+        "vapora.complete",
+        "vapora.provider.openai.call",
+    ],
 )
 async def test_a_request_whose_answer_must_not_be_published_is_dropped(
     nc: NATS, service: tuple[ActorService, str], reply: str, caplog: pytest.LogCaptureFixture
@@ -155,10 +166,12 @@ async def test_a_request_whose_answer_must_not_be_published_is_dropped(
     actor, subject = service
     events = await nc.subscribe("vapora.events.>")
     system = await nc.subscribe("$JS.API.>")
+    own = [await nc.subscribe(reply)] if reply.startswith(("vapora.stream", "vapora.co")) else []
+    provider = await nc.subscribe("vapora.provider.>")
     await nc.publish(subject, b'{"prompt": "hello"}', reply=reply)
     _, good = await ask(nc, subject, b'{"prompt": "still here"}')
     assert json.loads(good)["text"] == "still here"
-    for sub in (events, system):
+    for sub in (events, system, provider, *own):
         with pytest.raises(TimeoutError):
             await sub.next_msg(timeout=0.2)
     assert actor._served["echo"].counters.dropped == 1

@@ -260,7 +260,9 @@ async def test_a_stream_its_caller_stops_reading_stops_the_provider_and_bills_wh
     assert not [e for e in events if isinstance(e, FallbackTriggered)]
 
 
-async def test_a_stream_cancelled_before_its_call_came_is_not_called(tmp_path: Path) -> None:
+async def test_a_stream_cancelled_before_its_call_came_is_not_called(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from events.codec import encode
     from events.contract import StreamCancel
 
@@ -268,8 +270,21 @@ async def test_a_stream_cancelled_before_its_call_came_is_not_called(tmp_path: P
         nc = dep.client.nc
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        for garbage in (b"not json", b"{}", b'{"stream_to": ""}'):  # passed by, logged
-            await nc.publish("vapora.stream.cancel", garbage)
+        huge = msgspec.json.encode({"Q" * 300_000: 1})
+        with caplog.at_level("WARNING", logger="vapora.provider"):
+            for garbage in (b"not json", b"{}", b'{"stream_to": ""}', huge):  # passed by
+                await nc.publish("vapora.stream.cancel", garbage)
+            await nc.flush()
+            await anyio.sleep(0.2)
+        # Said once a minute per actor, cut short (anyone may publish there: a message of
+        # 300,000 characters was written whole by every provider actor, each time).
+        said = [
+            r.getMessage()
+            for r in caplog.records
+            if "a stream cancel that is not" in r.getMessage()
+        ]
+        assert 1 <= len(said) <= len(dep.providers), said
+        assert all(len(line) < 1_000 for line in said)
         await nc.publish("vapora.stream.cancel", encode(StreamCancel(stream_to=inbox)))
         await nc.flush()
         body = {"prompt": "hi", "task_type": "CodeGeneration", "quality": "High", "task_id": "c0"}

@@ -814,3 +814,59 @@ async def test_a_service_tier_vapora_has_no_price_for_is_said_once_and_priced_as
             assert isinstance(done, Completion) and done.price == price_of("openai")
     said = [r.getMessage() for r in caplog.records if "service tier" in r.getMessage()]
     assert len(said) == 1 and "'scale'" in said[0] and "standard rates" in said[0]
+
+
+def _openai(message: dict[str, object], finish: object = "stop") -> bytes:
+    body = {
+        "id": "chatcmpl-1",
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+    }
+    return answer("200 OK", json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    "finish", [{"nested": [1, 2]}, 12, "a b c d: the prompt quoted", "x" * 200, "stop\n"]
+)
+async def test_a_finish_reason_that_is_no_identifier_is_not_taken(finish: object) -> None:
+    """A provider's `finish_reason` went to the call's event as it came: an object made the
+    event unreadable to every reader (the audit failed from then on), and the caller had a 502
+    for an answer billed; the prompt there was stored in the event log (a review)."""
+    outcome = await complete("openai", _openai({"content": "hi"}, finish))
+    assert isinstance(outcome, Completion), outcome
+    assert outcome.text == "hi" and outcome.finish_reason is None
+    assert (await complete("openai", _openai({"content": "hi"}))).finish_reason == "stop"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ([{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}], "hi there"),
+        (["hi ", "there"], "hi there"),
+        ([{"type": "refusal", "refusal": "no"}, {"type": "text", "text": "ok"}], "ok"),
+        (None, ""),
+    ],
+)
+async def test_content_given_as_parts_is_their_text(content: object, text: str) -> None:
+    """OpenAI-compatible servers may send `content` as a list of parts: its Python repr was
+    taken as the answer's text (`[{'type': 'text', ...}]`), and billed."""
+    outcome = await complete("openai", _openai({"content": content}))
+    assert isinstance(outcome, Completion), outcome
+    assert outcome.text == text
+
+
+@pytest.mark.parametrize("content", [{"a": 1}, [{"type": "text", "text": 3}], 7])
+async def test_content_that_is_no_text_is_a_malformed_answer(content: object) -> None:
+    outcome = await complete("openai", _openai({"content": content}))
+    assert isinstance(outcome, ProviderError), outcome
+    assert "{'a': 1}" not in str(outcome)
+
+
+async def test_an_openai_error_whose_code_is_an_object_is_the_refusal_it_is() -> None:
+    """`code` an object raised out of the classification (unhashable): a 400 refusal was an
+    internal error, billed at the attempt's upper bound (a review)."""
+    body = json.dumps({"error": {"message": "m", "code": {"a": 1}, "type": ["x"]}}).encode()
+    outcome = await complete("openai", answer("400 Bad Request", body))
+    assert isinstance(outcome, ProviderRejected), outcome
+    assert outcome.usage is None or outcome.usage.output_tokens == 0

@@ -626,7 +626,9 @@ class ProviderClient(ABC):
             provider=self.name,
             model=stated_model(turn.model, model),
             text=turn.text,
-            finish_reason=turn.finish_reason,
+            # An identifier only: it goes to the call's event, the caller, spans and metrics (a
+            # provider's object there made the event unreadable; its prompt there was stored).
+            finish_reason=turn.finish_reason if is_error_type(turn.finish_reason) else None,
             usage=usage,
             cost_usd=cost(usage, price),
             price=price,

@@ -16,7 +16,7 @@ import httpx
 import msgspec
 
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn, count_sum
+from vapora.providers.values import ProviderRequest, Turn, content_text, count_sum
 from vapora.providers.wire import Frame
 
 __all__ = ["OllamaClient"]
@@ -143,8 +143,8 @@ class OllamaClient(ProviderClient):
 def _text(data: dict[str, Any]) -> str:
     message = data.get("message")
     if isinstance(message, dict):
-        return str(message.get("content") or "")
-    return str(data.get("response") or "")
+        return content_text(message.get("content"))
+    return content_text(data.get("response"))
 
 
 def _apply_final(data: dict[str, Any], turn: Turn) -> None:

@@ -14,7 +14,7 @@ import msgspec
 
 from vapora.errors import ProviderError, ProviderQuotaExhausted
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn, count_sum
+from vapora.providers.values import ProviderRequest, Turn, content_text, count_sum
 from vapora.providers.wire import Frame
 
 __all__ = ["OpenAIClient"]
@@ -115,7 +115,7 @@ class OpenAIClient(ProviderClient):
         if not isinstance(choices, list) or not choices:
             raise ValueError("no `choices`")
         message = choices[0].get("message") or {}
-        turn.parts = [str(message.get("content") or "")]
+        turn.parts = [content_text(message.get("content"))]
         turn.finish_reason = choices[0].get("finish_reason")
         turn.model = data.get("model")
         turn.response_id = data.get("id")
@@ -161,7 +161,7 @@ class OpenAIClient(ProviderClient):
         if isinstance(delta, dict) and (delta.get("reasoning_content") or delta.get("reasoning")):
             turn.unseen_output = True
         content = delta.get("content") if isinstance(delta, dict) else None
-        return str(content) if content else None
+        return content_text(content) or None
 
     def _error_fields(self, payload: Any) -> tuple[str | None, str]:
         error = payload.get("error") if isinstance(payload, dict) else None
@@ -179,7 +179,11 @@ class OpenAIClient(ProviderClient):
         error = payload.get("error") if isinstance(payload, dict) else None
         if not isinstance(error, dict):
             return None
-        if error.get("code") in _QUOTA_CODES or error.get("type") in _QUOTA_CODES:
+        # Strings only: a code that was an object raised out of here (unhashable), and the
+        # refusal was billed as an internal error at its upper bound (a review).
+        if any(
+            isinstance(v, str) and v in _QUOTA_CODES for v in (error.get("code"), error.get("type"))
+        ):
             return ProviderQuotaExhausted
         return None
 

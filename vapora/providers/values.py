@@ -285,6 +285,28 @@ class StreamBroken(ProviderStreamBroken):
         self.first_token_ms = first_token_ms
 
 
+def content_text(value: Any) -> str:
+    """A message's ``content`` as text: a string as it is, nothing as "", a list of content
+    parts (OpenAI-compatible servers send ``[{"type": "text", "text": ...}]``) as their texts
+    joined. Anything else raises ``ValueError`` (a malformed answer): a dict's Python repr was
+    taken as the answer's text, and billed."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif not (isinstance(part, dict) and part.get("type") not in (None, "text")):
+                raise ValueError("a `content` part holds no text")
+        return "".join(texts)
+    raise ValueError(f"`content` is {type(value).__name__}, not text")
+
+
 @dataclass(slots=True)
 class Turn:
     """What one call has produced so far; filled by the provider's parser, frame by frame."""
