@@ -592,6 +592,19 @@ def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
     scheme_end = url.find("://")
     start = scheme_end + 3 if scheme_end >= 0 else -1
     at = url.rfind("@", start, _authority_end(url, start)) if start >= 0 else -1
+    nats = url[: max(scheme_end, 0)].lower() in _NATS_SCHEMES
+    if nats and at < 0 <= start and "@" in url[start:]:
+        # A password holding `/`, `?` or `#` ends the authority there: the host is what came
+        # before (`nats://h:1/pw@db:4222` connected to h:1, shown as going to db), or the
+        # password was read as a port and quoted in the error (a review). Checked first: the
+        # check below would say where in it a space is. (A NATS URL has no path: an HTTP
+        # one's may hold an `@`, a gateway's `/@cf/...`.)
+        raise _Invalid(
+            path,
+            f"{redact_url(url)!r} holds an '@' after its host: a user or password holding "
+            "'/', '?' or '#' ends the host there; give it as [nats] user and password instead",
+        )
+    last_at = url.rfind("@", start) if start >= 0 else -1  # where user-info may end, at most
     unsafe = (
         _URL_UNSAFE.search(url, 0, start if at >= 0 else len(url))
         or (_URL_UNSAFE.search(url, at + 1) if at >= 0 else None)
@@ -600,25 +613,10 @@ def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
     if unsafe is not None:  # a CR/LF passed the check and stopped `vapora up` with a traceback
         where = (
             "in its user-info (not shown)"  # nothing of a password is told, not even where
-            if start <= unsafe.start() < at
+            if start <= unsafe.start() < max(at, last_at)
             else f"(U+{ord(unsafe.group()):04X} at {unsafe.start()})"
         )
         raise _Invalid(path, f"{redact_url(url)!r} holds a space or a control character {where}")
-    if start >= 0 and "@" in url[_authority_end(url, start) :]:
-        # A password holding `/`, `?` or `#` ends the authority there: the host is what came
-        # before (`nats://h:1/pw@db:4222` connected to h:1, shown as going to db), or the
-        # password was read as a port and quoted in the error (a review).
-        nats = url[:scheme_end].lower() in _NATS_SCHEMES  # nats-py sends it as written
-        how = (
-            "give it as [nats] user and password instead"
-            if nats
-            else "percent-encode them (%2F, %3F, %23)"
-        )
-        raise _Invalid(
-            path,
-            f"{redact_url(url)!r} holds an '@' after its host: a user or password holding "
-            f"'/', '?' or '#' ends the host there; {how}",
-        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -627,10 +625,12 @@ def _check_url(path: str, url: str, schemes: frozenset[str]) -> str:
         text = str(exc)
         why = (
             "an IPv6 address not closed with ']'"
-            if "IPv6" in text
+            if "Invalid IPv6 URL" in text
             else "its port is out of range 0-65535"
             if "out of range" in text
             else "its port is not a number"
+            if "could not be cast" in text
+            else "its host or port cannot be read"
         )
         raise _Invalid(path, f"{redact_url(url)!r} is not a valid URL ({why})") from exc
     if parts.scheme not in schemes or not parts.hostname:

@@ -870,3 +870,26 @@ async def test_an_openai_error_whose_code_is_an_object_is_the_refusal_it_is() ->
     outcome = await complete("openai", answer("400 Bad Request", body))
     assert isinstance(outcome, ProviderRejected), outcome
     assert outcome.usage is None or outcome.usage.output_tokens == 0
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_text_that_is_no_text_is_a_malformed_answer_from_each_provider(kind: str) -> None:
+    """Gemini took a part's `text` object as its Python repr, billed; Anthropic raised a bare
+    TypeError out of the client (a review)."""
+    if kind == "anthropic":
+        body = {
+            "id": "msg_1",
+            "type": "message",
+            "model": "claude-sonnet-4-6",
+            "content": [{"type": "text", "text": {"a": 1}}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5, "output_tokens": 2},
+        }
+    else:
+        body = {
+            "candidates": [{"content": {"parts": [{"text": {"a": 1}}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2},
+        }
+    outcome = await complete(kind, answer("200 OK", json.dumps(body).encode()))
+    assert isinstance(outcome, ProviderError), outcome
+    assert "{'a': 1}" not in str(outcome)

@@ -891,7 +891,7 @@ def _run(args: argparse.Namespace) -> int:
         for leaf in leaves:
             # Line by line (a server's log quoted in it): each line's control characters
             # escaped, its line breaks kept (they were printed as `\n`).
-            text = "\n".join(printable(line) for line in str(leaf).strip().splitlines())
+            text = "\n".join(printable(line) for line in str(leaf).strip().split("\n"))
             print(f"vapora {args.command}: {text}", file=sys.stderr)
         _drop_unwritable_stdout()
         return max(code for code in codes if code is not None)

@@ -44,7 +44,7 @@ def _service(text: str) -> str:
     if not _SERVICE_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"{printable(text[:64])!r} is not a service name (letters, digits, '-' and '_'; "
-            "vapora's are router, budget, ledger, provider-<name>)"
+            "vapora's are router, vapora-budget, vapora-ledger, provider-<name>)"
         )
     return text
 

@@ -19,7 +19,7 @@ import msgspec
 
 from vapora.errors import ProviderError, ProviderQuotaExhausted
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn, count_sum
+from vapora.providers.values import ProviderRequest, Turn, content_text, count_sum
 from vapora.providers.wire import Frame
 
 __all__ = ["AnthropicClient"]
@@ -99,7 +99,7 @@ class AnthropicClient(ProviderClient):
         content = data["content"]  # a message has one, possibly empty; no answer has none
         if not isinstance(content, list):
             raise TypeError("`content` is not a list")
-        turn.parts = [b.get("text", "") for b in content if b.get("type") == "text"]
+        turn.parts = [content_text(b.get("text")) for b in content if b.get("type") == "text"]
         if len(turn.parts) < len(content):  # thinking or a tool call: output the text omits
             turn.unseen_output = True
         turn.model = data.get("model")

@@ -16,7 +16,7 @@ import msgspec
 
 from vapora.errors import ProviderConfigError, ProviderError, ProviderQuotaExhausted
 from vapora.providers.base import ProviderClient
-from vapora.providers.values import ProviderRequest, Turn, count_sum
+from vapora.providers.values import ProviderRequest, Turn, content_text, count_sum
 from vapora.providers.wire import Frame, parse_duration
 
 __all__ = ["GeminiClient"]
@@ -148,7 +148,7 @@ class GeminiClient(ProviderClient):
         candidates = data.get("candidates") or [{}]
         candidate = candidates[0]
         parts = (candidate.get("content") or {}).get("parts") or []
-        text = "".join(str(p.get("text") or "") for p in parts if not p.get("thought"))
+        text = "".join(content_text(p.get("text")) for p in parts if not p.get("thought"))
         if candidate.get("finishReason"):
             reason = str(candidate["finishReason"])
             turn.finish_reason = _FINISH.get(reason, reason.lower())
