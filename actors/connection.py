@@ -667,6 +667,12 @@ async def connect(options: ConnectOptions) -> Client:
             f"nats.tls: cannot load {', '.join(files)}: {getattr(exc, 'strerror', None) or exc}"
         ) from exc
     if tls is not None:
+        plain = [s for s in options.servers if s.strip().lower().startswith("ws://")]
+        if plain:  # a WebSocket's TLS is the URL's (wss://): ws:// went in the clear
+            raise ConfigError(
+                f"nats.tls: TLS is asked for, but {redact_url(plain[0])} is a plain WebSocket "
+                "URL: use wss:// (or leave [nats.tls] out)"
+            )
         kwargs["tls"] = tls
     client = Client()
     servers = ", ".join(redact_url(server) for server in options.servers)

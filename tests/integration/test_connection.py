@@ -480,3 +480,15 @@ def test_a_connection_error_in_a_group_of_one_is_said_as_itself() -> None:
     )
     two = ExceptionGroup("g", [OSError("refused"), TimeoutError()])
     assert _cause(two) == "OSError: refused; TimeoutError"
+
+
+async def test_tls_asked_for_with_a_plain_websocket_url_is_refused_before_connecting() -> None:
+    """A ws:// URL's traffic is plain whatever [nats.tls] says (a WebSocket's TLS is wss://):
+    it went in the clear while `vapora config` said "tls yes" (a review)."""
+    options = ConnectOptions(
+        servers=("ws://127.0.0.1:1",), tls_required=True, user="u", password="pw"
+    )
+    from vapora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plain WebSocket URL: use wss://"):
+        await connect(options)
