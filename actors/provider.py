@@ -87,6 +87,7 @@ from actors.service import (
     ActorService,
     Endpoint,
     RequestContext,
+    Sparing,
     error_headers,
     error_payload,
     reply_problem,
@@ -428,8 +429,7 @@ class ProviderActor:
         #: (``vapora.stream.cancel``); and the subjects cancelled before their call came.
         self._streaming: dict[str, anyio.CancelScope] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
-        self._bad_cancels = 0  # messages on vapora.stream.cancel that were not cancels
-        self._bad_cancel_said = -math.inf  # when that was last said (monotonic)
+        self._bad_cancels = Sparing()  # messages on vapora.stream.cancel that were not cancels
         #: Where the server says a stream's caller no longer listens (None: not looked for),
         #: and how many times it said so, by stream (:meth:`_on_gone`).
         self._gone_subject: str | None = None
@@ -536,17 +536,15 @@ class ProviderActor:
         except DecodeError as exc:
             # Anyone may publish here: said once a minute at most, its text cut short (a
             # message of 300,000 characters was written whole, by every provider actor).
-            self._bad_cancels += 1
-            now = time.monotonic()
-            if now - self._bad_cancel_said >= 60:
+            count = self._bad_cancels.count()
+            if count is not None:
                 log.warning(
                     "%s: a stream cancel that is not one: %s (%d such messages since the last "
                     "such line)",
                     self.name,
                     printable(str(exc)[:300]),
-                    self._bad_cancels,
+                    count,
                 )
-                self._bad_cancel_said, self._bad_cancels = now, 0
             return
         scope = self._streaming.get(cancel.stream_to)
         if scope is not None:

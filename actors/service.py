@@ -54,6 +54,7 @@ __all__ = [
     "ActorService",
     "Endpoint",
     "Overloaded",
+    "Sparing",
     "RequestContext",
     "error_headers",
     "error_payload",
@@ -100,6 +101,27 @@ _REQUEST_SUBJECTS = frozenset(
         subjects.BUDGET_UNBILLED,
     }
 )
+
+
+class Sparing:
+    """Counts what happens too often to say each time (anyone may send it): :meth:`count`
+    gives how many since the last time it was said when it may be said again (once every
+    ``every_s`` seconds), else None."""
+
+    __slots__ = ("every_s", "said_at", "unsaid")
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.said_at = -math.inf
+        self.unsaid = 0
+
+    def count(self) -> int | None:
+        self.unsaid += 1
+        now = time.monotonic()
+        if now - self.said_at < self.every_s:
+            return None
+        count, self.said_at, self.unsaid = self.unsaid, now, 0
+        return count
 
 
 T = TypeVar("T")
@@ -310,8 +332,7 @@ class ActorService:
         self.name = name
         #: Subject prefixes a reply subject must not fall under (:func:`reply_problem`).
         self.reserved_replies = reserved_replies
-        self._drop_said_at = -math.inf
-        self._drops_unsaid = 0
+        self._drops = Sparing()  # requests dropped unanswerable, said once a minute
         self.endpoints = endpoints
         self.version = version
         self.description = description
@@ -553,18 +574,16 @@ class ActorService:
         """Count a request that must not be answered; say so once a minute at most (anyone
         allowed to publish could send a flood of them)."""
         served.counters.dropped += 1
-        self._drops_unsaid += 1
-        now = time.monotonic()
-        if now - self._drop_said_at >= 60:
+        count = self._drops.count()
+        if count is not None:
             log.warning(
                 "%s: a request on %s dropped: %s (%d dropped since the last such line; "
                 "$SRV.STATS counts them as dropped_unanswerable)",
                 self.name,
                 message[0],
                 why,
-                self._drops_unsaid,
+                count,
             )
-            self._drop_said_at, self._drops_unsaid = now, 0
 
     def _start(
         self,
