@@ -641,11 +641,28 @@ def render_report(report: CostReport) -> str:
         ("hour (UTC)", report.by_hour),
     ):
         lines += ["", *_table(f"By {title}", groups, report.total_usd)]
+    # Where a figure comes from: its spend events, listed (each once) by the same window.
+    window = "".join(
+        f" --{name} {_utc(at).isoformat().replace('+00:00', 'Z')}"
+        for name, at in (("since", report.since), ("until", report.until))
+        if at is not None
+    )
+    lines += [
+        "",
+        f"The spend events behind a figure: vapora events --type spend_recorded{window}",
+        "  with --provider P, --model M or --task-type T for a row (--since/--until its day or",
+        "  hour for those rows)",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def _when(at: datetime | None, default: str) -> str:
-    return default if at is None else f"{_utc(at):%Y-%m-%d %H:%M:%S} UTC"
+    """``at`` in UTC to the second, or to the microsecond when it has a fraction (a window's
+    bound shown to the second could not be copied: it counted other events)."""
+    if at is None:
+        return default
+    utc = _utc(at)
+    return f"{utc:%Y-%m-%d %H:%M:%S}{f'.{utc:%f}' if utc.microsecond else ''} UTC"
 
 
 def _table(title: str, groups: dict[str, Decimal], total: Decimal) -> list[str]:

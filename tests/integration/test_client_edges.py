@@ -5,6 +5,7 @@ corrupt ledger file, an audit of an empty log, out-of-range ports."""
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -222,3 +223,12 @@ async def test_an_audit_of_another_logs_ledger_says_so_not_that_it_lags(tmp_path
         code, text = await audit_command(other.nc, other.log, tmp_path / "a")
     assert code == 2, text
     assert "was written from another event log" in text and "--data-dir" in text
+    # `vapora report` over the same mix added the other ledger's rows to this log's spend and
+    # printed the sum (a review): refused as the audit refuses it.
+    shutil.copy(tmp_path / "a" / "ledger.sqlite3", tmp_path / "b" / "ledger.sqlite3")
+    done = await anyio.run_process(
+        [*VAPORA, "report", "--data-dir", str(tmp_path / "b")], check=False
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert "was written from another event log" in stderr and b"Total" not in done.stdout

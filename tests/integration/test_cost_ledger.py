@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from actors.budget_keeper import BudgetKeeper
 from actors.connection import Client
 from actors.cost_ledger import LEDGER_FILE, CostLedger
 from events import subjects
+from events.codec import encode
 from events.contract import CostReport, ReportRequest
 from events.log import FallbackTriggered, SpendRecorded
 from tests.fault.money import (
@@ -568,6 +570,57 @@ async def test_the_events_behind_a_reports_figure_are_printed_by_provider_and_ti
         out=out,
     )  # fmt: skip
     assert out.getvalue() == ""
+
+
+async def test_the_events_behind_each_report_row_are_listed_once_each(
+    conn: Client, tmp_path: Path
+) -> None:
+    """A review: a spend stored twice (appended again after the log's duplicate window) was
+    listed twice, so the events behind a figure summed past it; the report's model and task
+    type rows could not be listed (no such filters); an event time without an offset stopped
+    `--since` with a TypeError (every other reader takes it as UTC)."""
+    clock = FakeClock()
+    rt = runtime(conn, tmp_path, clock=clock)
+    await rt.log.ensure_stream()
+    spent = [
+        spend(task_id=f"t{n}", usage=exact_usage(Decimal(cost)), at=clock(), provider=provider)
+        for n, (provider, cost) in enumerate([("claude", "0.03"), ("openai", "0.06")])
+    ]
+    for event in spent:
+        await rt.log.append(event)
+    subject = subjects.event_subject("spend_recorded", "claude", rt.log.settings.prefix)
+    await rt.log.js.publish(subject, encode(spent[0]))  # stored again, no message id
+    naive = msgspec.json.decode(
+        encode(spend(task_id="t-naive", usage=exact_usage(Decimal("0.03")), at=clock()))
+    )
+    naive["at"] = clock().replace(tzinfo=None).isoformat()  # no offset
+    naive["model"] = "other-model"
+    await rt.log.js.publish(subject, msgspec.json.encode(naive))
+    async with running(CostLedger(rt)) as ledger:
+        await eventually(lambda: _caught_up(ledger))
+        report = (await ask(conn, subjects.REPORT, ReportRequest())).as_(CostReport)
+
+    async def listed(**filters: Any) -> list[dict[str, Any]]:
+        out, err = io.StringIO(), io.StringIO()
+        await events_command(
+            rt.log, follow=False, type_="spend_recorded", task_id=None, out=out, err=err,
+            since=clock() - timedelta(hours=1), **filters,
+        )  # fmt: skip
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def total(lines: list[dict[str, Any]]) -> Decimal:
+        return sum((Decimal(line["cost_usd"]) for line in lines), Decimal(0))
+
+    assert total(await listed()) == report.total_usd == Decimal("0.12")
+    assert total(await listed(provider="claude")) == report.by_provider["claude"]
+    assert total(await listed(model="claude-test")) == report.by_model["claude-test"]
+    assert [line["task_id"] for line in await listed(model="other-model")] == ["t-naive"]
+    by_type = await listed(task_type="CodeGeneration")
+    assert total(by_type) == report.by_task_type["CodeGeneration"]
+    assert await listed(task_type="Documentation") == []
+    err = io.StringIO()
+    await events_command(rt.log, follow=False, type_=None, task_id=None, out=io.StringIO(), err=err)
+    assert "1 events stored again under an id already listed" in err.getvalue()
 
 
 async def _has(out: io.StringIO, text: str) -> bool:

@@ -296,6 +296,15 @@ async def test_the_report_renders_as_a_readable_table(tmp_path: Path):
     assert "By provider" in text and "claude" in text and "gemini" in text
     assert "2026-03-31" in text and "2026-04-01" in text
     assert "over 2 day(s) observed" in text
+    # Where each figure comes from, and a window's bound to the microsecond (shown to the
+    # second it could not be copied: it counted other events; a review).
+    assert "The spend events behind a figure: vapora events --type spend_recorded" in text
+    async with await Ledger.open(path) as ledger:
+        since = T + timedelta(microseconds=1)
+        windowed = await ledger.report(since, since + timedelta(hours=1), now=T + timedelta(days=1))
+    text = render_report(windowed)
+    assert f"{since:%Y-%m-%d %H:%M:%S}.000001 UTC" in text
+    assert f"--since {since.isoformat().replace('+00:00', 'Z')}" in text
 
 
 def leased_log() -> list[tuple[Event, int]]:

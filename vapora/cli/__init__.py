@@ -368,6 +368,12 @@ async def cmd_report(args: argparse.Namespace) -> int:
     from vapora.cli.money import report_command
 
     config = _config(args)
+    if args.since is not None and args.since > _now():  # a mistyped year read as no spend
+        print(
+            f"vapora report: --since {args.since.isoformat()} is in the future: no spend is in "
+            "the window yet",
+            file=sys.stderr,
+        )
     if args.html:
         return await _html_report(args)
     if _offline(args, config):
@@ -408,11 +414,17 @@ async def _spend_after(
     """The log's spend events past ``position`` (the ledger file's), with their sequences;
     none when the directory holds the ledger's file alone."""
     from events.log import SpendRecorded
+    from vapora.cli.money import another_logs
 
     if not await anyio.Path(data_dir / "nats").is_dir():
         return []
     async with _connected(args, "vapora-report") as (_, nc):
         log = await _reading(nc)
+        # A ledger file of another deployment's: its rows and this log's spend were added up
+        # into one report (the audit refused it).
+        other = await another_logs(data_dir / "ledger.sqlite3", log)
+        if other is not None:
+            raise ConfigError(other)
         if await log.last_sequence() <= position:
             return []
         return [
@@ -539,6 +551,8 @@ async def cmd_events(args: argparse.Namespace) -> int:
             provider=args.provider,
             since=args.since,
             until=args.until,
+            model=args.model,
+            task_type=args.task_type,
             out=sys.stdout,
         )
     return 0
@@ -700,6 +714,10 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument(
         "--provider", type=given, help="only events of this provider (a fallback's from or to)"
     )
+    events.add_argument("--model", type=given, help="only events of this model")
+    events.add_argument(
+        "--task-type", choices=[t.value for t in TaskType], metavar="TYPE", help="only this type"
+    )
     events.add_argument("--since", type=_timestamp, help="ISO 8601 time: events at or after it")
     events.add_argument("--until", type=_timestamp, help="ISO 8601 time, the end excluded")
 
@@ -766,7 +784,8 @@ _OFFLINE_HELP = "a data directory (e.g. the demo's); without a NATS URL its log 
 
 def _timestamp(text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text)
+        # RFC 3339 allows a lower-case `t` and `z` (as the report's request accepts them)
+        value = datetime.fromisoformat(text.upper())
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 timestamp: {text!r}") from None
     if value.tzinfo is None:

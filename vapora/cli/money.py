@@ -10,6 +10,8 @@ line.
 from __future__ import annotations
 
 import contextlib
+import sys
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from decimal import Decimal
@@ -26,7 +28,7 @@ from events.codec import DecodeError, decode, encode, event_tag
 from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
 from events.log import EVENT_TYPES, Event, FallbackTriggered
 from vapora.audit import Auditor, AuditResult, render_audit, render_report, usd
-from vapora.budget import TIER_HYSTERESIS_PERCENT, BudgetLimits
+from vapora.budget import TIER_HYSTERESIS_PERCENT, BudgetLimits, as_utc
 from vapora.errors import (
     InternalError,
     InvalidRequest,
@@ -199,9 +201,9 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
             f"with --config (the event log holds {events} events). A ledger whose file was "
             "lost is rebuilt from the log when the ledger actor starts again."
         )
-    other = await _another_logs(path, log)
+    other = await another_logs(path, log)
     if other is not None:
-        return 2, other
+        return 2, f"audit: {other}"
     fold = await keeper_status(nc) is not None  # the fold is for a keeper to compare with
     for attempt in range(_AUDIT_ATTEMPTS):
         notes, result = await _audit_once(nc, log, path, fold=fold)
@@ -236,7 +238,7 @@ def _against_the_fold(result: AuditResult) -> bool:
 _SAME_LOG_PROBES = 10
 
 
-async def _another_logs(path: Path, log: EventLog) -> str | None:
+async def another_logs(path: Path, log: EventLog) -> str | None:
     """Why the ledger at ``path`` was written from another event log (None: from this one, as
     far as its first events tell). A ledger file left in the directory by another deployment
     (`./.vapora`, the default) was audited against this log: its every row a difference, and
@@ -255,7 +257,7 @@ async def _another_logs(path: Path, log: EventLog) -> str | None:
         logged_id = (stored.headers or {}).get("Nats-Msg-Id")
         if logged_id is not None and logged_id != entry.event_id:
             return (
-                f"audit: the ledger database at {path} was written from another event log: its "
+                f"the ledger database at {path} was written from another event log: its "
                 f"event at sequence {entry.seq} is {entry.event_id}, the log's is {logged_id}. "
                 "This is most often the wrong data directory (the default, ./.vapora, is "
                 "relative to where the command runs): pass the deployment's with --data-dir"
@@ -440,23 +442,41 @@ async def events_command(
     provider: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    model: str | None = None,
+    task_type: str | None = None,
+    err: TextIO | None = None,
 ) -> int:
     """Print the log's events (one JSON object per line), filtered by type tag, task id,
-    provider and time (``since <= at < until``, the report's window: the spends behind a
-    report's figure, by provider and hour, are ``--type spend_recorded --provider P --since H
-    --until H+1h``); with ``follow``, keep printing new events until cancelled. Returns how
-    many were printed."""
+    provider, model, task type and time (``since <= at < until``, the report's window: the
+    spends behind a report's figure are ``--type spend_recorded`` with the figure's window and
+    its ``--provider``, ``--model`` or ``--task-type``); with ``follow``, keep printing new
+    events until cancelled. An event stored again (the same id: a held event appended after
+    the log's duplicate window) is printed once, as every reader counts it once, and the
+    repeats are said on ``err``. Returns how many were printed."""
     if type_ is not None and type_ not in EVENT_TYPES:
         raise InvalidRequest(
             f"unknown event type {type_!r}; choose one of {', '.join(sorted(EVENT_TYPES))}"
         )
-    wanted = _filter(type_, task_id, provider, since, until)
+    wanted = _filter(type_, task_id, provider, since, until, model, task_type)
     printed = 0
     position = 0
+    seen: OrderedDict[str, int] = OrderedDict()  # printed event ids, and their sequences
+    repeats: list[tuple[int, int]] = []  # (repeat's sequence, the first's)
 
     async def show(batch: list[LogEntry[Event]]) -> None:
         nonlocal printed, position
-        lines = [encode(entry.event).decode() for entry in batch if wanted(entry.event)]
+        lines = []
+        for entry in batch:
+            if not wanted(entry.event):
+                continue
+            first = seen.get(entry.event.id)
+            if first is not None:
+                repeats.append((entry.seq, first))
+                continue
+            seen[entry.event.id] = entry.seq
+            if len(seen) > _IDS_REMEMBERED:
+                seen.popitem(last=False)
+            lines.append(encode(entry.event).decode())
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()
@@ -470,7 +490,19 @@ async def events_command(
         await follower.run()
     async for batch in log.replay(1):
         await show(batch)
+    if repeats:
+        shown = ", ".join(f"{seq} (of {first})" for seq, first in repeats[:5])
+        more = f" and {len(repeats) - 5} more" if len(repeats) > 5 else ""
+        print(
+            f"vapora events: {len(repeats)} events stored again under an id already listed, "
+            f"not listed again (every reader counts each once): sequences {shown}{more}",
+            file=err if err is not None else sys.stderr,
+        )
     return printed
+
+
+#: Event ids ``vapora events`` remembers to list each once (a follow runs for ever).
+_IDS_REMEMBERED = 1_000_000
 
 
 def _filter(
@@ -479,6 +511,8 @@ def _filter(
     provider: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    model: str | None = None,
+    task_type: str | None = None,
 ) -> Callable[[Event], bool]:
     def wanted(event: Event) -> bool:
         if type_ is not None and event_tag(event) != type_:
@@ -487,11 +521,23 @@ def _filter(
             return False
         if provider is not None and provider not in _providers_of(event):
             return False
-        if since is not None and event.at < since:
+        if model is not None and getattr(event, "model", None) != model:
             return False
-        return until is None or event.at < until
+        if task_type is not None and _task_type_of(event) != task_type:
+            return False
+        # An event's time without an offset is UTC, as every other reader takes it (compared
+        # as it was, it stopped the command with a TypeError).
+        at = as_utc(event.at)
+        if since is not None and at < since:
+            return False
+        return until is None or at < until
 
     return wanted
+
+
+def _task_type_of(event: Event) -> str | None:
+    value = getattr(event, "task_type", None)
+    return getattr(value, "value", value)
 
 
 def _providers_of(event: Event) -> tuple[object, ...]:
