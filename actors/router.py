@@ -1134,6 +1134,17 @@ class RouterActor:
                 self._keep_silent_hold(reservation_id, task)  # a lease's id, or its own
             if lease is not None:
                 retry = self._take_again(lease, amount)
+                if not retry:
+                    # The lease cannot hold the retry too (other attempts' bounds fill it): the
+                    # silent attempt ends on it, its bound kept, and the retry is reserved
+                    # with the keeper. (Not sent at all, the request failed 503 with a healthy
+                    # instance serving: 6 of 8 calls in flight in a killed actor, a review.)
+                    self._settle_on_lease(lease, amount, outcome)
+                    lease = None
+                    reservation_id, refusal, _ = await self._reserve(task, provider)
+                    retry = refusal is None
+                    if not retry:
+                        reservation_id = None
             elif reservation_id is not None:
                 reservation_id, refusal, _ = await self._reserve(task, provider)
                 if refusal is not None:  # nothing held for a retry: the silent attempt stands

@@ -52,7 +52,13 @@ from tests.fault.money import (
     spend,
     status,
 )
-from tests.fault.provider_harness import config_text, deployment, until, wait_until_served
+from tests.fault.provider_harness import (
+    config_text,
+    deployment,
+    make_config,
+    until,
+    wait_until_served,
+)
 from vapora import audit, budget
 from vapora.errors import BudgetExceeded, VaporaError
 
@@ -811,3 +817,56 @@ async def test_a_stream_whose_provider_actor_goes_silent_leaves_the_attempt_in_t
     [ended] = [e for e in events if isinstance(e, FallbackTriggered)]
     assert (ended.from_provider, ended.to_provider) == ("openai", None)
     assert ended.reason.startswith("no_reply")
+
+
+async def test_a_silent_attempt_is_sent_again_when_the_lease_cannot_hold_the_retry(
+    tmp_path: Path,
+) -> None:
+    """A call in flight in a provider actor that died is sent again (docs/operations-cluster):
+    a retry taken only from the router's lease was not sent when the lease was full (eight
+    calls' bounds filled a $1 lease), and the request failed 503 with a healthy instance
+    serving (6 of 8, a review). The retry is reserved with the keeper instead."""
+    from vapora.pricing import upper_bound_cost
+    from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
+
+    price = make_config(config_text("http://x")).provider("openai").price  # type: ignore[union-attr]
+    asked = ProviderRequest(prompt="hello", max_tokens=200)
+    bound = upper_bound_cost(input_token_bound(asked), output_ceiling("gpt-4", 200), price)
+    cents = bound * 150  # the lease holds one attempt's bound, not two
+    budget = f"[budget]\ndaily_limit_cents = 1000\nlease_cents = {cents}\n"
+    async with deployment(
+        tmp_path,
+        lambda url: config_text(url, timeouts={"openai": 500}, budget=budget),
+        keeper=True,
+        router_options={"grace_s": 0.2},
+    ) as dep:
+        router = dep.router
+        assert router is not None
+        await until(lambda: router.lease is not None)
+        provider = dep.providers["openai"]
+        complete = provider.client.complete
+        slow = [True]
+
+        async def late_once(*args: Any, **kw: Any) -> Any:
+            if slow.pop() if slow else False:
+                await anyio.sleep(1.5)  # past the router's wait (0.5 s + 0.2 s), then billed
+            return await complete(*args, **kw)
+
+        provider.client.complete = late_once  # type: ignore[method-assign]
+        answer = await dep.client.complete(
+            prompt="hello", provider="openai", max_tokens=200, task_id="T-full"
+        )
+        assert answer.text
+        spends: list[SpendRecorded] = []
+        with anyio.fail_after(20):
+            while len(spends) < 2:  # the late call ends and appends its spend too
+                await anyio.sleep(0.05)
+                spends = [
+                    e for e in await _events_of(dep, "T-full") if isinstance(e, SpendRecorded)
+                ]
+        events = await _events_of(dep, "T-full")
+    lease_id = router.lease.lease_id if router.lease is not None else None
+    held = {s.reservation_id for s in spends}
+    assert len(held) == 2 and lease_id in held  # the silent one on the lease, the retry reserved
+    [reserved] = [e for e in events if isinstance(e, BudgetReserved)]
+    assert reserved.amount_usd == bound and reserved.reservation_id in held
