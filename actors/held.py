@@ -68,7 +68,7 @@ import msgspec
 from events.codec import DecodeError, decode_event, encode
 from events.log import Event
 
-__all__ = ["HeldEvents"]
+__all__ = ["HeldEvents", "orphaned"]
 
 log = logging.getLogger("vapora.actors")
 
@@ -132,6 +132,54 @@ def _trace_in(line: bytes) -> dict[str, str]:
         return _held_trace.decode(line).held_trace
     except msgspec.DecodeError:
         return {}
+
+
+def _on_their_way(name: str, data: bytes) -> list[bytes]:
+    """The lines of a held (``held-*``) or write-ahead (``inflight-*``) file whose events are
+    still to be appended: all of a held file's; of a write-ahead file's, the last line of each
+    event id none of its ``{"done": ...}`` lines names."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    if not name.startswith("inflight-"):
+        return lines
+    done = {i for line in lines if line.startswith(b'{"done"') for i in _done(line)}
+    last: dict[str, bytes] = {}  # an id begun again: its last line replaces it
+    for number, line in enumerate(lines):
+        if not line.startswith(b'{"done"'):
+            # (A line that is no event is kept as it is, each on its own.)
+            last[_event_id(line) or f"line {number}"] = line
+    return [line for event_id, line in last.items() if event_id not in done]
+
+
+_ORPHAN_NAME = re.compile(r"(held|inflight)-.+\.jsonl")
+
+
+def orphaned(directory: Path) -> list[tuple[Path, list[Event]]]:
+    """The events in ``directory``'s held and write-ahead files that no live provider actor
+    holds (its process stopped or was killed with them on their way to the log), per file,
+    read only: a provider actor that starts on the directory adopts and appends them. A file
+    a live instance locks is its own, passed by; an unreadable line is left out."""
+    found: list[tuple[Path, list[Event]]] = []
+    if not directory.is_dir():
+        return found
+    for path in sorted(directory.iterdir()):
+        if not _ORPHAN_NAME.fullmatch(path.name):
+            continue
+        try:
+            with path.open("rb") as file:
+                try:  # shared and at once: never waits for, nor keeps out, a live one's
+                    fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live instance's
+                lines = _on_their_way(path.name, file.read())
+        except OSError:
+            continue
+        events = []
+        for line in lines:
+            with contextlib.suppress(DecodeError):
+                events.append(decode_event(line))
+        if events:
+            found.append((path, events))
+    return found
 
 
 def _lock(file: BinaryIO) -> bool:
@@ -521,15 +569,7 @@ class HeldEvents:
             taken = (path.name, os.fstat(file.fileno()).st_ino)
             if taken in self._adopted:
                 return 0  # taken already (its removal failed: emptied)
-            lines = [line for line in file.read().splitlines() if line.strip()]
-            if path.name.startswith("inflight-"):  # only what never reached an end
-                done = {i for line in lines if line.startswith(b'{"done"') for i in _done(line)}
-                last: dict[str, bytes] = {}  # an id begun again: its last line replaces it
-                for number, line in enumerate(lines):
-                    if not line.startswith(b'{"done"'):
-                        # (A line that is no event is kept as it is, each on its own.)
-                        last[_event_id(line) or f"line {number}"] = line
-                lines = [line for event_id, line in last.items() if event_id not in done]
+            lines = _on_their_way(path.name, file.read())
             events: list[Event] = []
             traces: dict[str, dict[str, str]] = {}
             unreadable: list[bytes] = []

@@ -354,6 +354,16 @@ class Ledger:
             found = [seq for seq, eid in await cursor.fetchall() if eid == f"unreadable-{seq}"]
             return sorted(found)
 
+    async def recorded(self, event_ids: Iterable[str]) -> set[str]:
+        """Which of ``event_ids`` the ledger has recorded (through the unique index)."""
+        found: set[str] = set()
+        async with self._reading() as db:
+            for event_id in event_ids:
+                cursor = await db.execute("SELECT 1 FROM events WHERE event_id = ?", (event_id,))
+                if await cursor.fetchone() is not None:
+                    found.add(event_id)
+        return found
+
     async def replace_unreadable(self, pairs: list[tuple[Event, int]]) -> int:
         """Record ``(event, seq)`` pairs at sequences recorded as messages that were no event:
         events of a newer writer, read now by a newer ledger than the one that passed them

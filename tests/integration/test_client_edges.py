@@ -9,6 +9,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +234,46 @@ async def test_an_audit_of_another_logs_ledger_says_so_not_that_it_lags(tmp_path
     stderr = done.stderr.decode()
     assert done.returncode == 2, stderr
     assert "was written from another event log" in stderr and b"Total" not in done.stdout
+
+
+async def test_an_audit_names_spend_a_stopped_provider_actor_left_on_its_way(
+    tmp_path: Path,
+) -> None:
+    """A provider actor killed mid-call leaves the call's spend (at its upper bound) in its
+    write-ahead file until an actor adopts it: the audit of the log said "no differences" and
+    exited 0 meanwhile (a review). A file a live actor locks is its own: not named. (The files
+    are a provider this deployment has not: none of its actors adopts them meanwhile.)"""
+    import fcntl
+
+    from actors.cost_ledger import CostLedger
+    from events.codec import encode
+    from tests.fault.money import exact_usage, spend
+
+    async with deployment(tmp_path, config_text) as dep:
+        ledger = CostLedger(dep.runtime)
+        async with anyio.create_task_group() as tg:
+            await tg.start(ledger.run)
+            await dep.client.complete(prompt="hi", provider="openai")
+            last = await dep.log.last_sequence()
+            with anyio.fail_after(10):
+                while ledger.position < last:  # noqa: ASYNC110 - the ledger's own task
+                    await anyio.sleep(0.01)
+            clean, _ = await audit_command(dep.nc, dep.log, tmp_path)
+            left = spend(
+                task_id="t-killed", usage=exact_usage(Decimal("0.06")), at=datetime.now(UTC)
+            )
+            orphan = tmp_path / "inflight-provider-gone-0123456789ab.jsonl"
+            orphan.write_bytes(encode(left) + b"\n")
+            live = tmp_path / "inflight-provider-gone-ba9876543210.jsonl"
+            other = spend(
+                task_id="t-live", usage=exact_usage(Decimal("0.03")), at=datetime.now(UTC)
+            )
+            live.write_bytes(encode(other) + b"\n")
+            with live.open("rb") as held:
+                fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # a live instance's file
+                code, text = await audit_command(dep.nc, dep.log, tmp_path)
+            ledger.stop()
+    assert clean == 0
+    assert code == 1, text
+    assert "1 spend events ($0.06) are not in the log yet" in text
+    assert orphan.name in text and live.name not in text

@@ -396,6 +396,17 @@ async def _offline_report(args: argparse.Namespace, config: Config) -> str:
         position = await ledger.last_sequence()
         tail = await _spend_after(args, data_dir, position)
         report = await ledger.report(args.since, args.until, now=_now(), tail=tail)
+    from actors.held import orphaned
+    from events.log import SpendRecorded
+
+    left = [e for _, events in orphaned(data_dir) for e in events if isinstance(e, SpendRecorded)]
+    if left:
+        print(
+            f"vapora report: {len(left)} spend events lie in files of provider actors that "
+            "stopped with them on their way to the log (run `vapora audit` for which are not "
+            "in it yet; a provider actor started on this directory appends them)",
+            file=sys.stderr,
+        )
     if tail:
         print(
             f"vapora report: the ledger's file stops at log sequence {position} (its actor "

@@ -26,7 +26,7 @@ from actors import tracing
 from events import subjects
 from events.codec import DecodeError, decode, encode, event_tag
 from events.contract import BudgetStatus, BudgetStatusRequest, CostReport, ReportRequest
-from events.log import EVENT_TYPES, Event, FallbackTriggered
+from events.log import EVENT_TYPES, Event, FallbackTriggered, SpendRecorded
 from vapora.audit import Auditor, AuditResult, render_audit, render_report, usd
 from vapora.budget import TIER_HYSTERESIS_PERCENT, BudgetLimits, as_utc
 from vapora.errors import (
@@ -216,7 +216,39 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
     text = "\n".join([*notes, render_audit(result).rstrip("\n")])
     if not result.ok and _only_keeper(result) and _against_the_fold(result):
         text += "\n" + _KEEPER_ADVICE
+    unlogged = await _unlogged(Path(data_dir), path)
+    if unlogged:
+        text += "\n" + unlogged
+        return 1, text
     return (0 if result.ok else 1), text
+
+
+async def _unlogged(data_dir: Path, ledger_path: Path) -> str | None:
+    """What spend lies in files of provider actors that stopped with it on its way to the log
+    (killed mid-call, or during an outage), and is not in the ledger: the audit of the log
+    alone said "no differences" while it waited there (a review: four calls' upper bounds).
+    None when there is none."""
+    from actors.held import orphaned
+
+    files = await anyio.to_thread.run_sync(orphaned, data_dir)
+    spends = {
+        e.id: (e, path) for path, events in files for e in events if isinstance(e, SpendRecorded)
+    }
+    if not spends:
+        return None
+    async with await Ledger.open_read_only(ledger_path) as ledger:
+        recorded = await ledger.recorded(spends)
+    missing = [(e, path) for event_id, (e, path) in spends.items() if event_id not in recorded]
+    if not missing:
+        return None
+    total = sum((e.cost_usd for e, _ in missing), Decimal(0))
+    named = sorted({path.name for _, path in missing})
+    return (
+        f"audit: {len(missing)} spend events ({usd(total)}) are not in the log yet: held in "
+        f"{', '.join(named)} by provider actors that stopped with them on their way (killed "
+        "mid-call, or during an outage). A provider actor that starts on this data directory "
+        "appends them; audit again then"
+    )
 
 
 #: What an operator can do when only the budget keeper's state differs from the fold of the
