@@ -159,9 +159,11 @@ def orphaned(directory: Path) -> list[tuple[Path, list[Event]]]:
     read only: a provider actor that starts on the directory adopts and appends them. A file
     a live instance locks is its own, passed by; an unreadable line is left out."""
     found: list[tuple[Path, list[Event]]] = []
-    if not directory.is_dir():
+    try:
+        paths = sorted(directory.iterdir())
+    except OSError:  # no directory (or none readable): nothing to tell
         return found
-    for path in sorted(directory.iterdir()):
+    for path in paths:
         if not _ORPHAN_NAME.fullmatch(path.name):
             continue
         try:
@@ -170,6 +172,8 @@ def orphaned(directory: Path) -> list[tuple[Path, list[Event]]]:
                     fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live instance's
+                if not _still_named(file, path):
+                    continue  # replaced (a rotation) or removed since it was opened: unlocked
                 lines = _on_their_way(path.name, file.read())
         except OSError:
             continue

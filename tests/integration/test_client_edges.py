@@ -275,5 +275,5 @@ async def test_an_audit_names_spend_a_stopped_provider_actor_left_on_its_way(
             ledger.stop()
     assert clean == 0
     assert code == 1, text
-    assert "1 spend events ($0.06) are not in the log yet" in text
+    assert "1 spend events ($0.06) are not in the ledger" in text
     assert orphan.name in text and live.name not in text

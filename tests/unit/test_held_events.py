@@ -449,3 +449,31 @@ def test_an_orphan_this_user_cannot_write_is_adopted_all_the_same(
     assert adopter.adopt() == 1 and list(adopter) == [SPEND]
     assert not dead.inflight_path.exists()
     adopter.close()
+
+
+def test_the_audit_finds_a_stopped_instances_events_and_not_a_live_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`orphaned` (what `vapora audit` names as spend on its way): a closed instance's held
+    events, never a live one's; nor a live one's file replaced between the audit's open and its
+    lock (a rotation: the old file's lock gone with it, its stale lines were read as a stopped
+    actor's, a review)."""
+    stopped = HeldEvents(tmp_path, "provider-gone")
+    stopped.hold([SPEND])
+    stopped.close()
+    live = HeldEvents(tmp_path, "provider-openai")
+    live.hold([CALL])
+    found = held_module.orphaned(tmp_path)
+    assert [(path.name, events) for path, events in found] == [(stopped.path.name, [SPEND])]
+    flock = held_module.fcntl.flock
+
+    def replaced_first(fd: int, operation: int) -> None:
+        if operation & held_module.fcntl.LOCK_SH:  # the audit's: the live file replaced first
+            live.hold([SPEND])
+            live.taken(1)  # (replaced under its name: the file the audit opened, unlinked)
+        flock(fd, operation)
+
+    monkeypatch.setattr(held_module.fcntl, "flock", replaced_first)
+    names = [path.name for path, _ in held_module.orphaned(tmp_path)]
+    assert live.path.name not in names
+    live.close()

@@ -236,18 +236,22 @@ async def _unlogged(data_dir: Path, ledger_path: Path) -> str | None:
     }
     if not spends:
         return None
-    async with await Ledger.open_read_only(ledger_path) as ledger:
-        recorded = await ledger.recorded(spends)
+    try:
+        async with await Ledger.open_read_only(ledger_path) as ledger:
+            recorded = await ledger.recorded(spends)
+    except VaporaError:  # the ledger gone or busy meanwhile: the files are named all the same
+        recorded = set()
     missing = [(e, path) for event_id, (e, path) in spends.items() if event_id not in recorded]
     if not missing:
         return None
     total = sum((e.cost_usd for e, _ in missing), Decimal(0))
     named = sorted({path.name for _, path in missing})
     return (
-        f"audit: {len(missing)} spend events ({usd(total)}) are not in the log yet: held in "
-        f"{', '.join(named)} by provider actors that stopped with them on their way (killed "
-        "mid-call, or during an outage). A provider actor that starts on this data directory "
-        "appends them; audit again then"
+        f"audit: {len(missing)} spend events ({usd(total)}) are not in the ledger: held in "
+        f"{', '.join(named)} by provider actors that stopped with them on their way to the log "
+        "(killed mid-call, or during an outage; the last seconds' may be in the log already, "
+        "the ledger behind). A provider actor that starts on this data directory appends "
+        "them; audit again then"
     )
 
 
