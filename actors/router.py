@@ -1031,6 +1031,11 @@ class RouterActor:
             kept = amount * unanswered
             self._add_pending(task.task_id, task.spent - spent_before + kept - amount)
 
+    def _spend_heard(self, spend_id: str | None) -> bool:
+        """Whether the spend ``spend_id`` names (an attempt's) has reached this router's tail:
+        its call was made and billed (an attempt ended unbilled is remembered with no task)."""
+        return spend_id is not None and bool(self._event_tasks.get(spend_id))
+
     def _keep_silent_hold(self, hold_id: str, task: _Task) -> None:
         """Say that the hold ``hold_id`` (a reservation, or a lease the attempt was admitted
         against) is pending, at once and then every :attr:`silent_word_s`, until the spend of
@@ -1132,7 +1137,21 @@ class RouterActor:
             retry = True
             if reservation_id is not None:
                 self._keep_silent_hold(reservation_id, task)  # a lease's id, or its own
-            if lease is not None:
+            if self._spend_heard(task.spend_id):
+                # The call was made and billed (its spend is in the log), its answer lost on
+                # the way back: sent again, the provider bills it twice (a nats-server killed
+                # and restarted a second later: 12 of 36 calls billed twice, a review). Said,
+                # not sent again, and no other provider tried (it would bill again too).
+                retry = False
+                outcome = _Failure(
+                    outcome.error_class,
+                    f"{provider.name}: the call was made and billed (its spend {task.spend_id} "
+                    "is in the log), but its answer was lost on the way back: not sent again, "
+                    "so as not to bill it twice",
+                    fallback=False,
+                    no_reply=True,
+                )
+            elif lease is not None:
                 retry = self._take_again(lease, amount)
                 if not retry:
                     # The lease cannot hold the retry too (other attempts' bounds fill it): the

@@ -870,3 +870,43 @@ async def test_a_silent_attempt_is_sent_again_when_the_lease_cannot_hold_the_ret
     assert len(held) == 2 and lease_id in held  # the silent one on the lease, the retry reserved
     [reserved] = [e for e in events if isinstance(e, BudgetReserved)]
     assert reserved.amount_usd == bound and reserved.reservation_id in held
+
+
+@pytest.mark.parametrize("lease_cents", [0, 100])
+async def test_a_call_whose_spend_came_but_not_its_answer_is_not_sent_again(
+    tmp_path: Path, lease_cents: int
+) -> None:
+    """The call was made and billed (its spend in the log), its answer lost on the way back
+    (a nats-server killed and restarted a second later, in a review): sent again, the provider
+    billed it twice, 12 of 36 calls. The router, hearing the attempt's spend, says so and sends
+    nothing more (another provider would bill again too)."""
+    from vapora.errors import ProviderRejected
+
+    budget = f"[budget]\ndaily_limit_cents = 1000\nlease_cents = {lease_cents}\n"
+    async with deployment(
+        tmp_path,
+        lambda url: config_text(url, timeouts={"openai": 500}, budget=budget),
+        keeper=True,
+        router_options={"grace_s": 0.2},
+    ) as dep:
+        provider = dep.providers["openai"]
+        handle = provider.service._served["call"].endpoint.handler
+        lost = [True]
+
+        async def answer_lost_once(*args: Any, **kw: Any) -> Any:
+            answer = await handle(*args, **kw)  # made, billed, its spend appended
+            if lost.pop() if lost else False:
+                await anyio.sleep(1.5)  # past the router's wait (0.5 s + 0.2 s)
+            return answer
+
+        served = provider.service._served["call"]
+        served.endpoint = dataclasses.replace(served.endpoint, handler=answer_lost_once)
+        if lease_cents:
+            assert dep.router is not None
+            await until(lambda: dep.router.lease is not None)  # type: ignore[union-attr]
+        with pytest.raises(ProviderRejected, match="its answer was lost on the way back"):
+            await dep.client.complete(prompt="hello", provider="openai", task_id="T-lost")
+        await anyio.sleep(1.0)  # the late answer, and anything sent again, would be in by now
+        events = await _events_of(dep, "T-lost")
+    assert len([e for e in events if isinstance(e, SpendRecorded)]) == 1
+    assert len([r for r in dep.sim.requests if r.provider == "openai"]) == 1
