@@ -753,32 +753,11 @@ async def test_a_retry_after_a_silent_provider_actor_holds_budget_of_its_own(
     call that bills was held for (the retry reused the first reservation, which the first
     call's spend had already closed, and a failed retry released it while both could bill)."""
     budget = "[budget]\ndaily_limit_cents = 1000\nlease_cents = 0\n"
-    async with deployment(
-        tmp_path,
-        lambda url: config_text(url, timeouts={"openai": 500}, budget=budget),
-        keeper=True,
-        router_options={"grace_s": 0.2},
-    ) as dep:
+    async with _impatient(tmp_path, budget) as dep:
         provider = dep.providers["openai"]
-        complete = provider.client.complete
-        slow = [True]
-
-        async def late_once(*args: Any, **kw: Any) -> Any:
-            if slow.pop() if slow else False:
-                await anyio.sleep(1.5)  # past the router's wait (0.5 s + 0.2 s), then billed
-            return await complete(*args, **kw)
-
-        provider.client.complete = late_once  # type: ignore[method-assign]
+        _late_first_call(provider)
         await dep.client.complete(prompt="hello", provider="openai", task_id="T-silent")
-        spends: list[SpendRecorded] = []
-        with anyio.fail_after(20):
-            while len(spends) < 2:  # the late call ends and appends its spend too
-                await anyio.sleep(0.05)
-                spends = [
-                    e
-                    for e in await dep.events()
-                    if isinstance(e, SpendRecorded) and e.task_id == "T-silent"
-                ]
+        spends = await _both_spends(dep, "T-silent")
         events = await _events_of(dep, "T-silent")
     assert len({s.reservation_id for s in spends}) == 2  # each against a hold of its own
     # The silent attempt is in the log, as a fallback to the same provider (nothing recorded
@@ -786,6 +765,41 @@ async def test_a_retry_after_a_silent_provider_actor_holds_budget_of_its_own(
     silent = [e for e in events if isinstance(e, FallbackTriggered)]
     assert [(e.from_provider, e.to_provider) for e in silent] == [("openai", "openai")]
     assert silent[0].reason.startswith("no_reply")
+
+
+def _impatient(tmp_path: Path, budget: str) -> Any:
+    """A deployment (with the keeper) whose router waits 0.7 s for an openai answer: its 0.5 s
+    time limit and 0.2 s of grace."""
+    return deployment(
+        tmp_path,
+        lambda url: config_text(url, timeouts={"openai": 500}, budget=budget),
+        keeper=True,
+        router_options={"grace_s": 0.2},
+    )
+
+
+def _late_first_call(provider: Any) -> None:
+    """The provider actor's first call waits past the router's wait (0.5 s + 0.2 s in these
+    tests), then is made and billed."""
+    complete = provider.client.complete
+    slow = [True]
+
+    async def late_once(*args: Any, **kw: Any) -> Any:
+        if slow.pop() if slow else False:
+            await anyio.sleep(1.5)
+        return await complete(*args, **kw)
+
+    provider.client.complete = late_once
+
+
+async def _both_spends(dep: Any, task_id: str) -> list[SpendRecorded]:
+    """The task's two spends, once the late call has ended and appended its own too."""
+    with anyio.fail_after(20):
+        while True:
+            spends = [e for e in await _events_of(dep, task_id) if isinstance(e, SpendRecorded)]
+            if len(spends) >= 2:
+                return spends
+            await anyio.sleep(0.05)
 
 
 async def _events_of(dep: Any, task_id: str) -> list[Any]:
@@ -834,36 +848,17 @@ async def test_a_silent_attempt_is_sent_again_when_the_lease_cannot_hold_the_ret
     bound = upper_bound_cost(input_token_bound(asked), output_ceiling("gpt-4", 200), price)
     cents = bound * 150  # the lease holds one attempt's bound, not two
     budget = f"[budget]\ndaily_limit_cents = 1000\nlease_cents = {cents}\n"
-    async with deployment(
-        tmp_path,
-        lambda url: config_text(url, timeouts={"openai": 500}, budget=budget),
-        keeper=True,
-        router_options={"grace_s": 0.2},
-    ) as dep:
+    async with _impatient(tmp_path, budget) as dep:
         router = dep.router
         assert router is not None
         await until(lambda: router.lease is not None)
         provider = dep.providers["openai"]
-        complete = provider.client.complete
-        slow = [True]
-
-        async def late_once(*args: Any, **kw: Any) -> Any:
-            if slow.pop() if slow else False:
-                await anyio.sleep(1.5)  # past the router's wait (0.5 s + 0.2 s), then billed
-            return await complete(*args, **kw)
-
-        provider.client.complete = late_once  # type: ignore[method-assign]
+        _late_first_call(provider)
         answer = await dep.client.complete(
             prompt="hello", provider="openai", max_tokens=200, task_id="T-full"
         )
         assert answer.text
-        spends: list[SpendRecorded] = []
-        with anyio.fail_after(20):
-            while len(spends) < 2:  # the late call ends and appends its spend too
-                await anyio.sleep(0.05)
-                spends = [
-                    e for e in await _events_of(dep, "T-full") if isinstance(e, SpendRecorded)
-                ]
+        spends = await _both_spends(dep, "T-full")
         events = await _events_of(dep, "T-full")
     lease_id = router.lease.lease_id if router.lease is not None else None
     held = {s.reservation_id for s in spends}
@@ -883,12 +878,7 @@ async def test_a_call_whose_spend_came_but_not_its_answer_is_not_sent_again(
     from vapora.errors import ProviderRejected
 
     budget = f"[budget]\ndaily_limit_cents = 1000\nlease_cents = {lease_cents}\n"
-    async with deployment(
-        tmp_path,
-        lambda url: config_text(url, timeouts={"openai": 500}, budget=budget),
-        keeper=True,
-        router_options={"grace_s": 0.2},
-    ) as dep:
+    async with _impatient(tmp_path, budget) as dep:
         provider = dep.providers["openai"]
         handle = provider.service._served["call"].endpoint.handler
         lost = [True]
