@@ -1138,19 +1138,21 @@ class RouterActor:
             if reservation_id is not None:
                 self._keep_silent_hold(reservation_id, task)  # a lease's id, or its own
             if self._spend_heard(task.spend_id):
-                # The call was made and billed (its spend is in the log), its answer lost on
-                # the way back: sent again, the provider bills it twice (a nats-server killed
-                # and restarted a second later: 12 of 36 calls billed twice, a review). Said,
-                # not sent again, and no other provider tried (it would bill again too).
+                # The call was made and billed (its spend is in the log; it may have succeeded
+                # or failed), its answer lost on the way back: sent to the same provider again,
+                # it is billed twice (a nats-server killed and restarted a second later: 12 of
+                # 36 calls billed twice, a review). Not sent again; the chain goes on as after
+                # a failure (the actor's answer may have been one, to fall back on).
                 retry = False
                 outcome = _Failure(
                     outcome.error_class,
-                    f"{provider.name}: the call was made and billed (its spend {task.spend_id} "
-                    "is in the log), but its answer was lost on the way back: not sent again, "
-                    "so as not to bill it twice",
-                    fallback=False,
+                    f"the {provider.name} call was made and billed (its spend {task.spend_id} "
+                    "is in the log), but its answer was lost on the way back: not sent to it "
+                    "again, so as not to bill it twice",
+                    fallback=True,
                     no_reply=True,
                 )
+                task.reasons[-1] = f"{outcome.error_class}: {outcome.message}"  # (the 503's)
             elif lease is not None:
                 retry = self._take_again(lease, amount)
                 if not retry:
