@@ -230,3 +230,33 @@ async def test_a_replay_goes_on_through_a_server_restart(
                 await server.start()  # same port, same data directory
     assert seqs == list(range(1, total + 1))
     assert log.replay_resumes >= 1
+
+
+async def test_events_follow_says_an_event_stored_again_as_it_comes(
+    server: EmbeddedNats, conn: Client
+) -> None:
+    """Listed once; a repeat was said only at the end of the listing, which a follow never
+    reaches (a review)."""
+    from events.codec import encode
+    from events.subjects import event_subject
+
+    log = EventLog(conn)
+    await log.ensure_stream()
+    first = released(1)
+    await log.append(first)
+    out, err = io.StringIO(), io.StringIO()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: events_command(log, follow=True, type_=None, task_id=None, out=out, err=err)
+            )
+            await lines_reach(out, 1)
+            subject = event_subject("budget_released", None, log.settings.prefix)
+            await log.js.publish(subject, encode(first))  # stored again, no message id
+            await log.append(released(2))
+            await lines_reach(out, 2)
+            while "stores event" not in err.getvalue():  # noqa: ASYNC110 - the follower's task
+                await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    assert out.getvalue().count(first.id) == 1
+    assert f"stores event {first.id} again (listed at " in err.getvalue()

@@ -508,6 +508,12 @@ async def events_command(
             first = seen.get(entry.event.id)
             if first is not None:
                 repeats.append((entry.seq, first))
+                if follow:  # a follow never ends: said as it comes
+                    print(
+                        f"vapora events: sequence {entry.seq} stores event {entry.event.id} "
+                        f"again (listed at {first}): not listed again",
+                        file=err if err is not None else sys.stderr,
+                    )
                 continue
             seen[entry.event.id] = entry.seq
             if len(seen) > _IDS_REMEMBERED:
@@ -526,7 +532,7 @@ async def events_command(
         await follower.run()
     async for batch in log.replay(1):
         await show(batch)
-    if repeats:
+    if repeats and not follow:
         shown = ", ".join(f"{seq} (of {first})" for seq, first in repeats[:5])
         more = f" and {len(repeats) - 5} more" if len(repeats) > 5 else ""
         print(
