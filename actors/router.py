@@ -1153,6 +1153,11 @@ class RouterActor:
                     no_reply=True,
                 )
                 task.reasons[-1] = f"{outcome.error_class}: {outcome.message}"  # (the 503's)
+            elif self._over_task_cap(task, provider) is not None:
+                # The silent attempt's bound is the task's pending money (it may have been
+                # billed): a retry past the task's cap is not sent (taken from the lease, it
+                # was never checked against the cap: two bounds under a cap of one and a half).
+                retry = False
             elif lease is not None:
                 retry = self._take_again(lease, amount)
                 if not retry:

@@ -900,3 +900,27 @@ async def test_a_call_whose_spend_came_but_not_its_answer_is_not_sent_again(
         events = await _events_of(dep, "T-lost")
     assert len([e for e in events if isinstance(e, SpendRecorded)]) == 1
     assert len([r for r in dep.sim.requests if r.provider == "openai"]) == 1
+
+
+async def test_a_silent_attempts_retry_past_the_requests_cap_is_not_sent(tmp_path: Path) -> None:
+    """A request's cap (`budget_cents`, no task id) holds the silent attempt's bound as
+    pending: its retry, taken from the router's lease, was never checked against the cap (two
+    bounds sent under a cap of one and a half; a review's suspicion, shown here)."""
+    from vapora.pricing import upper_bound_cost
+    from vapora.providers import ProviderRequest, input_token_bound, output_ceiling
+
+    price = make_config(config_text("http://x")).provider("openai").price  # type: ignore[union-attr]
+    asked = ProviderRequest(prompt="hello", max_tokens=200)
+    bound = upper_bound_cost(input_token_bound(asked), output_ceiling("gpt-4", 200), price)
+    async with _impatient(
+        tmp_path, "[budget]\ndaily_limit_cents = 1000\nlease_cents = 100\n"
+    ) as dep:
+        assert dep.router is not None
+        await until(lambda: dep.router.lease is not None)  # type: ignore[union-attr]
+        _late_first_call(dep.providers["openai"])
+        with pytest.raises(VaporaError):
+            await dep.client.complete(
+                prompt="hello", provider="openai", max_tokens=200, budget_cents=bound * 150
+            )
+        await anyio.sleep(1.5)  # the late call is made meanwhile; a retry would be too
+    assert len([r for r in dep.sim.requests if r.provider == "openai"]) == 1
