@@ -296,7 +296,7 @@ class BudgetKeeper:
         self._ahead_said: datetime | None = None
         self.behind = 0  # spends stamped more than _BEHIND before their reservation
         self._behind_said: datetime | None = None
-        #: Whether this keeper's clock is compared with the NATS server's (:meth:`_check_clock`;
+        #: Whether this keeper's clock is compared with the NATS server's (:meth:`_compare_clocks`;
         #: None: with the real clock only, tests set theirs anywhere), and what it found: the
         #: last event it wrote ``(sequence, its time)``, the last compared, when (steady), the
         #: difference (keeper minus server) and when it was last said.

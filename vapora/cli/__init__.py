@@ -396,12 +396,9 @@ async def _offline_report(args: argparse.Namespace, config: Config) -> str:
         position = await ledger.last_sequence()
         tail = await _spend_after(args, data_dir, position)
         report = await ledger.report(args.since, args.until, now=_now(), tail=tail)
-    from actors.held import orphaned
-    from events.log import SpendRecorded
+    from vapora.cli.money import left_on_the_way
 
-    left = {  # an event in two files (a kill between a rotation's two steps) is one
-        e.id for _, events in orphaned(data_dir) for e in events if isinstance(e, SpendRecorded)
-    }
+    left = left_on_the_way(data_dir)
     if left:
         print(
             f"vapora report: {len(left)} spend events lie in files of provider actors that "

@@ -223,17 +223,26 @@ async def audit_command(nc: Client, log: EventLog, data_dir: str | Path) -> tupl
     return (0 if result.ok else 1), text
 
 
+def left_on_the_way(data_dir: Path) -> dict[str, tuple[SpendRecorded, Path]]:
+    """The spend events in ``data_dir``'s files of provider actors that stopped with them on
+    their way to the log, by id (an event in two files, a kill between a rotation's two steps,
+    is one), with a file holding each (``actors.held.orphaned``)."""
+    from actors.held import orphaned
+
+    return {
+        e.id: (e, path)
+        for path, events in orphaned(data_dir)
+        for e in events
+        if isinstance(e, SpendRecorded)
+    }
+
+
 async def _unlogged(data_dir: Path, ledger_path: Path) -> str | None:
     """What spend lies in files of provider actors that stopped with it on its way to the log
     (killed mid-call, or during an outage), and is not in the ledger: the audit of the log
     alone said "no differences" while it waited there (a review: four calls' upper bounds).
     None when there is none."""
-    from actors.held import orphaned
-
-    files = await anyio.to_thread.run_sync(orphaned, data_dir)
-    spends = {
-        e.id: (e, path) for path, events in files for e in events if isinstance(e, SpendRecorded)
-    }
+    spends = await anyio.to_thread.run_sync(left_on_the_way, data_dir)
     if not spends:
         return None
     try:
@@ -565,7 +574,7 @@ def _filter(
             return False
         if model is not None and getattr(event, "model", None) != model:
             return False
-        if task_type is not None and _task_type_of(event) != task_type:
+        if task_type is not None and getattr(event, "task_type", None) != task_type:
             return False
         # An event's time without an offset is UTC, as every other reader takes it (compared
         # as it was, it stopped the command with a TypeError).
@@ -575,11 +584,6 @@ def _filter(
         return until is None or at < until
 
     return wanted
-
-
-def _task_type_of(event: Event) -> str | None:
-    value = getattr(event, "task_type", None)
-    return getattr(value, "value", value)
 
 
 def _providers_of(event: Event) -> tuple[object, ...]:
